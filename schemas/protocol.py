@@ -1,0 +1,235 @@
+"""The claim protocol as pure functions over job records (no I/O).
+
+Every function takes the record as read (at some revision), and returns the record to write
+back with a compare-and-set on that revision, or raises. The broker code around these
+functions is thin: read, decide here, ``update(key, value, last=revision)``. That keeps the
+protocol testable with plain values, and lets the deterministic simulation drive exactly the
+code that runs in production.
+
+Fencing: a factory's every write after its claim goes through :func:`check_fence`, which
+refuses unless the record still names that factory as the lease holder at that epoch. The
+epoch is bumped by every claim, reclaim, requeue and cancel, so a holder whose lease was
+taken away can never write again: its compare-and-set either loses on the revision, or, on
+a fresh read, fails the fence.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import msgspec
+
+from .lifecycle import LEASED, Event, Stage, transition
+from .manifest import FailureClass, Reviewers, parse_duration
+from .records import MAX_ATTEMPTS_KEPT, AttemptRecord, Attribution, JobRecord, Lease
+
+BACKOFF_CAP_S = 3600.0
+
+
+class NotClaimable(Exception):
+    """The job cannot be claimed now (someone else has it, or it is not queued)."""
+
+
+class Fenced(Exception):
+    """A write by a holder whose lease was taken away (stale epoch). Never retried."""
+
+    def __init__(self, job_id: str, factory: str, held_epoch: int, rec: JobRecord | None) -> None:
+        now = f"epoch {rec.epoch}, stage {rec.stage}, holder {rec.lease.factory if rec and rec.lease else None}" if rec else "gone"
+        super().__init__(f"job {job_id}: {factory} holds stale epoch {held_epoch}; record is at {now}")
+        self.job_id, self.factory, self.held_epoch, self.record = job_id, factory, held_epoch, rec
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """A transition to write, and the event that explains it."""
+
+    record: JobRecord
+    event: Event
+    stage_from: Stage
+    reason: str
+
+
+def _replace(rec: JobRecord, **kw) -> JobRecord:
+    return msgspec.structs.replace(rec, **kw)
+
+
+def _move(rec: JobRecord, event: Event, now: float, reason: str, **kw) -> Outcome:
+    to = transition(rec.stage, event, rec.id)
+    return Outcome(_replace(rec, stage=to, reason=reason, updated_at=now, **kw), event, rec.stage, reason)
+
+
+def _update_attempt(rec: JobRecord, epoch: int, **kw) -> list[AttemptRecord]:
+    out = list(rec.attempts)
+    for i in range(len(out) - 1, -1, -1):
+        if out[i].epoch == epoch:
+            out[i] = msgspec.structs.replace(out[i], **kw)
+            break
+    return out
+
+
+def claim(rec: JobRecord, factory: str, station: int, now: float) -> Outcome:
+    """``queued -> assigned`` with a new lease at ``epoch + 1``. Exactly one compare-and-set on the
+    revision this record was read at can win; every other claimer gets a revision conflict."""
+    if rec.stage != Stage.QUEUED:
+        raise NotClaimable(f"job {rec.id} is {rec.stage}, not queued")
+    epoch = rec.epoch + 1
+    attempt = rec.attempt + 1
+    attempts = [*rec.attempts, AttemptRecord(attempt=attempt, epoch=epoch, factory=factory, station=station, started_at=now)]
+    return _move(
+        rec, Event.CLAIM, now, f"claimed by {factory}/{station}",
+        epoch=epoch, attempt=attempt, lease=Lease(factory=factory, station=station, epoch=epoch),
+        attempts=attempts[-MAX_ATTEMPTS_KEPT:], backoff_s=0.0,
+    )
+
+
+def check_fence(rec: JobRecord | None, job_id: str, factory: str, epoch: int) -> JobRecord:
+    """Raise :class:`Fenced` unless ``factory`` still holds the lease at ``epoch``."""
+    if (
+        rec is None
+        or rec.lease is None
+        or rec.epoch != epoch
+        or rec.lease.epoch != epoch
+        or rec.lease.factory != factory
+        or rec.stage not in LEASED
+    ):
+        raise Fenced(job_id, factory, epoch, rec)
+    return rec
+
+
+def renew(rec: JobRecord, factory: str, epoch: int, now: float) -> JobRecord:
+    """A lease renewal: any write by the holder restamps the record with broker time."""
+    check_fence(rec, rec.id, factory, epoch)
+    assert rec.lease is not None
+    return _replace(rec, lease=msgspec.structs.replace(rec.lease, renewals=rec.lease.renewals + 1), updated_at=now)
+
+
+def start(rec: JobRecord, factory: str, epoch: int, now: float) -> Outcome:
+    """``assigned -> building``: the engine is about to run."""
+    check_fence(rec, rec.id, factory, epoch)
+    return _move(rec, Event.START, now, f"running on {factory}/{rec.lease.station if rec.lease else '?'}")
+
+
+def hand_back(rec: JobRecord, factory: str, epoch: int, now: float, reason: str, backoff_s: float = 0.0) -> Outcome:
+    """Give a leased job back to the queue without charging it a retry (drain, lock busy)."""
+    check_fence(rec, rec.id, factory, epoch)
+    attempts = _update_attempt(rec, epoch, outcome="handed_back", ended_at=now, detail=reason)
+    return _move(
+        rec, Event.REQUEUE, now, f"handed back by {factory}: {reason}",
+        epoch=rec.epoch + 1, lease=None, attempt=rec.attempt - 1, attempts=attempts, backoff_s=backoff_s,
+    )
+
+
+def retry_backoff_s(rec: JobRecord) -> float:
+    """Delay before the next retry: ``backoff * 2**retries_used``, capped at one hour."""
+    base = parse_duration(rec.manifest.retry.backoff)
+    return min(base * (2 ** rec.retries_used), BACKOFF_CAP_S)
+
+
+def _after_failure(rec: JobRecord, cls: FailureClass, now: float, detail: str, **kw) -> Outcome:
+    """Apply the retry policy to a failed attempt: requeue with backoff, ``failed`` or ``dead_letter``."""
+    policy = rec.manifest.retry
+    common = dict(epoch=rec.epoch + 1, lease=None, last_failure=cls, **kw)
+    if cls not in policy.on:
+        return _move(rec, Event.FAIL, now, f"{cls}: {detail} (retry.on does not include {cls})", **common)
+    if rec.retries_used >= policy.max:
+        return _move(
+            rec, Event.DEAD_LETTER, now,
+            f"{cls}: {detail} (retries exhausted: {rec.retries_used} of {policy.max} used)", **common,
+        )
+    backoff_s = retry_backoff_s(rec)
+    return _move(
+        rec, Event.REQUEUE, now,
+        f"{cls}: {detail}; retry {rec.retries_used + 1} of {policy.max} after {backoff_s:g}s",
+        retries_used=rec.retries_used + 1, backoff_s=backoff_s, **common,
+    )
+
+
+def finish(
+    rec: JobRecord,
+    factory: str,
+    epoch: int,
+    now: float,
+    *,
+    failure: FailureClass | None,
+    detail: str = "",
+    exit_code: int | None = None,
+    verify_exit_code: int | None = None,
+    log: str | None = None,
+    attribution: Attribution | None = None,
+) -> Outcome:
+    """The holder reports the attempt's result. Passed: ``testing`` (``manual``), ``review``
+    (reviewers) or straight to ``shipped`` (``auto``). Failed: the retry policy decides."""
+    check_fence(rec, rec.id, factory, epoch)
+    attempts = _update_attempt(
+        rec, epoch, outcome=str(failure) if failure else "passed", ended_at=now, exit_code=exit_code,
+        verify_exit_code=verify_exit_code, detail=detail, log=log,
+        attribution=attribution or Attribution(job=rec.id, lane=f"{factory}/{rec.lease.station if rec.lease else 0}"),
+    )
+    if failure is not None:
+        return _after_failure(rec, failure, now, detail, attempts=attempts)
+    policy = rec.manifest.review_policy
+    if isinstance(policy, Reviewers):
+        return _move(
+            rec, Event.NEEDS_REVIEW, now, "verify passed; waiting for " + ", ".join(policy.reviewers),
+            attempts=attempts, lease=None,
+        )
+    out = _move(rec, Event.VERIFIED, now, "verify passed; waiting for ship", attempts=attempts, lease=None)
+    if policy == "auto":
+        shipped = _move(out.record, Event.SHIP, now, "verify passed; shipped by review-policy auto")
+        return Outcome(shipped.record, Event.SHIP, rec.stage, shipped.reason)
+    return out
+
+
+def expire(rec: JobRecord, record_ts: float, broker_now: float, lease_ttl_s: float) -> Outcome | None:
+    """The reaper's decision for one record. ``record_ts`` is the broker's timestamp of the
+    revision read (the last renewal); ``broker_now`` comes from the broker too. Returns None
+    while the lease is live."""
+    if rec.stage not in LEASED or broker_now - record_ts <= lease_ttl_s:
+        return None
+    holder = f"{rec.lease.factory}/{rec.lease.station}" if rec.lease else "?"
+    detail = f"lease of {holder} at epoch {rec.epoch} expired ({broker_now - record_ts:.1f}s since last renewal > {lease_ttl_s:g}s)"
+    attempts = _update_attempt(rec, rec.epoch, outcome=str(FailureClass.LEASE_EXPIRED), ended_at=broker_now, detail=detail)
+    return _after_failure(rec, FailureClass.LEASE_EXPIRED, broker_now, detail, attempts=attempts)
+
+
+def cancel(rec: JobRecord, now: float, actor: str, reason: str = "") -> Outcome:
+    """Operator cancel. Bumps the epoch, so a running holder is fenced on its next write."""
+    why = f"cancelled by {actor}" + (f": {reason}" if reason else "")
+    return _move(rec, Event.CANCEL, now, why, epoch=rec.epoch + 1, lease=None)
+
+
+def fail(rec: JobRecord, now: float, reason: str) -> Outcome:
+    """End a job that has not run (a dependency failed)."""
+    return _move(rec, Event.FAIL, now, reason, epoch=rec.epoch + 1, lease=None)
+
+
+def operator_requeue(rec: JobRecord, now: float, actor: str) -> Outcome:
+    """Operator requeue: from any stage but ``shipped``; a fresh retry budget."""
+    return _move(
+        rec, Event.REQUEUE, now, f"requeued by {actor}",
+        epoch=rec.epoch + 1, lease=None, retries_used=0, backoff_s=0.0,
+    )
+
+
+def ship(rec: JobRecord, now: float, actor: str) -> Outcome:
+    """The human gate: ``testing``/``review`` -> ``shipped``."""
+    return _move(rec, Event.SHIP, now, f"shipped by {actor}")
+
+
+def set_blocked(rec: JobRecord, now: float, waiting_on: list[str]) -> Outcome:
+    return _move(rec, Event.DEPS_UNMET, now, "waiting for " + ", ".join(waiting_on))
+
+
+def unblock(rec: JobRecord, now: float) -> Outcome:
+    return _move(rec, Event.DEPS_MET, now, "dependencies satisfied")
+
+
+def dep_satisfied(dep_stage: Stage, mode: str) -> bool:
+    if dep_stage == Stage.SHIPPED:
+        return True
+    return mode == "soft" and dep_stage == Stage.TESTING
+
+
+def dep_doomed(dep_stage: Stage) -> bool:
+    """A dependency that ended without shipping can no longer satisfy anyone."""
+    return dep_stage in (Stage.FAILED, Stage.DEAD_LETTER)

@@ -1,0 +1,227 @@
+"""Records stored on the broker. Values are JSON (msgspec), readable with ``nats kv get``.
+
+Economics are part of the data model: every attempt carries an :class:`Attribution`
+(lane, job, tracker item, repo, provider, model, funding window, tokens, cost with an
+``estimated`` flag), and every station that is not working carries an idle reason.
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import Any
+
+import msgspec
+
+from .lifecycle import Stage
+from .manifest import FailureClass, Manifest
+
+MAX_ATTEMPTS_KEPT = 20
+"""Attempt history kept on the job record; older attempts stay in ``GF_EVENTS``."""
+
+
+class Lease(msgspec.Struct, forbid_unknown_fields=False):
+    """Who holds a job. ``epoch`` is the fencing token: every write by the holder checks it."""
+
+    factory: str
+    station: int
+    epoch: int
+    renewals: int = 0
+
+
+class Attribution(msgspec.Struct, omit_defaults=True):
+    """Where the money and tokens of one attempt went. ``cost_estimated`` is True when the
+    cost was computed from token counts and list prices rather than read from an invoice."""
+
+    lane: str = ""
+    """factory id x station index, as ``<factory>/<station>``."""
+    job: str = ""
+    tracker_item: str | None = None
+    repo: str | None = None
+    product: str = "default"
+    provider: str | None = None
+    model: str | None = None
+    funding_window: str | None = None
+    tokens_in: int = 0
+    tokens_out: int = 0
+    tokens_cached: int = 0
+    cost_usd: float = 0.0
+    cost_estimated: bool = True
+
+
+class AttemptRecord(msgspec.Struct, omit_defaults=True):
+    """One execution attempt of a job (a new one for every claim)."""
+
+    attempt: int
+    epoch: int
+    factory: str
+    station: int
+    started_at: float = 0.0
+    ended_at: float = 0.0
+    outcome: str = "running"
+    """``running``, ``passed``, a :class:`FailureClass` value, ``handed_back`` or ``fenced``."""
+    exit_code: int | None = None
+    verify_exit_code: int | None = None
+    detail: str = ""
+    log: str | None = None
+    """Object name of the captured log in ``gf_artifacts``."""
+    attribution: Attribution = msgspec.field(default_factory=Attribution)
+
+
+class JobRecord(msgspec.Struct, omit_defaults=False):
+    """The durable source of truth for a job (``gf_jobs``, key = job id)."""
+
+    id: str
+    manifest: Manifest
+    body: str
+    source: str
+    """Where it came from: a file path, ``inbox:<name>`` or ``api``."""
+    content_hash: str
+    submitted_at: float
+    pool: str
+    requirements: list[str]
+    deps: list[str] = msgspec.field(default_factory=list)
+    """Resolved dependency job ids."""
+    stage: Stage = Stage.QUEUED
+    reason: str = ""
+    """Why the job is in its stage, in words an operator can act on."""
+    epoch: int = 0
+    """Fencing token. Bumped by every claim and every reclaim/requeue/cancel."""
+    lease: Lease | None = None
+    attempt: int = 0
+    """Claims so far (the current or last attempt's number)."""
+    retries_used: int = 0
+    backoff_s: float = 0.0
+    """Retry backoff: the job is not dispatched until this long after the broker timestamp of
+    the revision that requeued it (broker time, never a factory's clock)."""
+    last_failure: FailureClass | None = None
+    attempts: list[AttemptRecord] = msgspec.field(default_factory=list)
+    superseded: int = 0
+    """How many times a new submission of the same idempotency key replaced this one."""
+    updated_at: float = 0.0
+
+    @property
+    def priority_rank(self) -> int:
+        from .manifest import PRIORITY_RANK
+
+        return PRIORITY_RANK[self.manifest.priority]
+
+
+class StationState(enum.StrEnum):
+    BUSY = "busy"
+    IDLE = "idle"
+
+
+class IdleReason(enum.StrEnum):
+    """Why a station is not working. Every idle station has one (no dark idle)."""
+
+    NO_WORK = "no-work"
+    """Pulling, but no queued job in any pool this factory serves."""
+    STARTING = "starting"
+    DRAINING = "draining"
+    SEAT_LIMIT = "seat-limit"
+    """The engine's seat limit is reached on this factory."""
+    LOCK_WAIT = "lock-wait"
+    """The last job offered waits on a lock held elsewhere."""
+    DISPATCH_DOWN = "dispatch-down"
+    """Push dispatch is unavailable; polling the queue index instead."""
+    BROKER_DOWN = "broker-down"
+    """Disconnected from the broker; results wait in the local outbox."""
+
+
+class Station(msgspec.Struct, omit_defaults=True):
+    index: int
+    state: StationState = StationState.IDLE
+    job: str | None = None
+    epoch: int | None = None
+    idle_reason: IdleReason | None = IdleReason.STARTING
+    since: float = 0.0
+
+
+class FactoryRecord(msgspec.Struct, omit_defaults=True):
+    """A factory's descriptor and heartbeat (``gf_factories``, key = factory id)."""
+
+    id: str
+    host: str
+    os: str
+    arch: str
+    capabilities: list[str]
+    stations: list[Station]
+    seats: dict[str, int] = msgspec.field(default_factory=dict)
+    status: str = "up"
+    """``up``, ``draining`` or ``down``."""
+    dispatch_mode: str = "push"
+    """``push`` (pool consumers) or ``poll`` (fallback)."""
+    pools: list[str] = msgspec.field(default_factory=list)
+    started_at: float = 0.0
+    heartbeat_at: float = 0.0
+    heartbeat_interval_s: float = 5.0
+    pid: int = 0
+    version: str = ""
+    outbox_pending: int = 0
+    quarantined: int = 0
+
+
+class PoolRecord(msgspec.Struct):
+    id: str
+    requirements: list[str]
+    created_at: float
+
+
+class LockRecord(msgspec.Struct):
+    lock: str
+    job: str
+    epoch: int
+    factory: str
+
+
+class IdempotencyRecord(msgspec.Struct):
+    key: str
+    job: str
+    content_hash: str
+
+
+class QueueEntry(msgspec.Struct):
+    """``gf_queue`` value: enough to order candidates without reading every job."""
+
+    job: str
+    priority_rank: int
+    submitted_at: float
+    epoch: int
+
+
+class DispatchMessage(msgspec.Struct):
+    """What travels on ``gf.dispatch.<pool>``: only a pointer; the job record is the truth."""
+
+    job: str
+    epoch: int
+    pool: str
+
+
+class EventRecord(msgspec.Struct, omit_defaults=True):
+    """One entry of the ``GF_EVENTS`` audit stream."""
+
+    kind: str
+    at: float
+    job: str | None = None
+    stage_from: str | None = None
+    stage_to: str | None = None
+    epoch: int | None = None
+    factory: str | None = None
+    actor: str = ""
+    reason: str = ""
+    data: dict[str, Any] = msgspec.field(default_factory=dict)
+
+
+_ENC = msgspec.json.Encoder()
+_DECODERS: dict[type, msgspec.json.Decoder] = {}
+
+
+def encode(obj: msgspec.Struct) -> bytes:
+    return _ENC.encode(obj)
+
+
+def decode(data: bytes, typ: type[Any]) -> Any:
+    dec = _DECODERS.get(typ)
+    if dec is None:
+        dec = _DECODERS[typ] = msgspec.json.Decoder(typ)
+    return dec.decode(data)
