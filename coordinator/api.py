@@ -1,0 +1,250 @@
+"""The coordinator's request/reply API, a ``nats.micro`` service (``nats micro ls``).
+
+Endpoints (subjects ``gf.api.<name>``), JSON in and out:
+
+- ``submit``    ``{"files": [{"path", "text"}], "source"}`` -> ``{"jobs": [...]}``
+- ``cancel``    ``{"job", "reason"?}``   any stage but shipped/failed/dead_letter -> failed
+- ``requeue``   ``{"job"}``              any stage but shipped -> queued (fresh retry budget)
+- ``ship``      ``{"job"}``              testing/review -> shipped (the human gate)
+- ``status``    ``{"job"}``              the record, why it is where it is, and its events
+- ``list``      ``{"stage"?, "limit"?}`` job summaries, newest first
+- ``factories`` ``{}``                   factory records with liveness
+
+Errors come back as a micro error (``Nats-Service-Error-Code`` 400/404/409) with a body
+``{"error": message, "errors": [...]}`` naming the file, line and field where there is one.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Awaitable, Callable
+
+import msgspec
+import orjson
+from nats.micro import add_service
+from nats.micro.request import Request
+
+from gigafactory import __version__
+from gigafactory.broker import Broker, Conflict
+from gigafactory.schemas import names, protocol
+from gigafactory.schemas.lifecycle import LEASED, IllegalTransition, Stage
+from gigafactory.schemas.records import EventRecord, JobRecord, LockRecord, decode, encode
+
+from . import intake
+from .scheduler import capability_gap
+from .view import FleetView
+
+log = logging.getLogger("gigafactory.coordinator")
+MAX_CAS_RETRIES = 20
+
+
+class ApiError(Exception):
+    def __init__(self, code: int, message: str, errors: list[dict] | None = None) -> None:
+        super().__init__(message)
+        self.code, self.message, self.errors = code, message, errors or []
+
+
+def job_summary(rec: JobRecord) -> dict:
+    return {
+        "id": rec.id, "stage": str(rec.stage), "priority": str(rec.manifest.priority),
+        "product": rec.manifest.product, "attempt": rec.attempt, "epoch": rec.epoch,
+        "holder": rec.lease.factory if rec.lease else None, "reason": rec.reason,
+        "submitted_at": rec.submitted_at, "source": rec.source,
+        "idempotency_key": rec.manifest.idempotency_key, "lock": rec.manifest.lock,
+        "deps": rec.deps, "requirements": rec.requirements,
+    }
+
+
+async def read_events(broker: Broker, job_id: str, limit: int = 200) -> list[dict]:
+    """The job's audit trail from ``GF_EVENTS``, oldest first (at most ``limit``)."""
+    from nats.js import api
+
+    out: list[dict] = []
+    psub = await broker.js.pull_subscribe(
+        f"{names.EVENTS_PREFIX}.{job_id}.>", stream=names.EVENTS_STREAM,
+        config=api.ConsumerConfig(
+            ack_policy=api.AckPolicy.NONE, deliver_policy=api.DeliverPolicy.ALL,
+            inactive_threshold=10.0, mem_storage=True,
+        ),
+    )
+    try:
+        while len(out) < limit:
+            try:
+                msgs = await psub.fetch(min(100, limit - len(out)), timeout=0.5)
+            except Exception:
+                break
+            for m in msgs:
+                out.append(orjson.loads(m.data))
+            if msgs and msgs[-1].metadata.num_pending == 0:
+                break
+    finally:
+        try:
+            await psub.unsubscribe()
+        except Exception:
+            pass
+    return out
+
+
+class Api:
+    def __init__(self, broker: Broker, view: FleetView, scheduler, actor: str) -> None:
+        self.b = broker
+        self.view = view
+        self.sched = scheduler
+        self.actor = actor
+        self.service = None
+
+    async def start(self) -> None:
+        self.service = await add_service(
+            self.b.nc, name=names.API_SERVICE, version=__version__,
+            description="Gigafactory coordinator API", queue_group="gf-coordinators",
+        )
+        group = self.service.add_group(name=names.API_PREFIX)
+        for name, fn in (
+            ("submit", self.submit), ("cancel", self.cancel), ("requeue", self.requeue), ("ship", self.ship),
+            ("status", self.status), ("list", self.list), ("factories", self.factories),
+        ):
+            await group.add_endpoint(name=name, handler=self._wrap(name, fn))
+
+    async def stop(self) -> None:
+        if self.service is not None:
+            await self.service.stop()
+
+    def _wrap(self, name: str, fn: Callable[[dict], Awaitable[dict]]):
+        async def handler(req: Request) -> None:
+            try:
+                body = orjson.loads(req.data) if req.data else {}
+                if not isinstance(body, dict):
+                    raise ApiError(400, "request body must be a JSON object")
+                resp = await fn(body)
+                await req.respond(orjson.dumps(resp))
+            except ApiError as e:
+                await req.respond_error(str(e.code), e.message, orjson.dumps({"error": e.message, "errors": e.errors}))
+            except intake.SubmitError as e:
+                await req.respond_error("400", str(e), orjson.dumps({"error": str(e), "errors": e.errors}))
+            except orjson.JSONDecodeError as e:
+                await req.respond_error("400", f"request is not JSON: {e}", b"")
+            except Exception as e:  # report, never crash the service
+                log.exception("api %s failed", name)
+                await req.respond_error("500", f"{type(e).__name__}: {e}", orjson.dumps({"error": str(e)}))
+
+        return handler
+
+    # -- endpoints --------------------------------------------------------------------------
+
+    async def submit(self, body: dict) -> dict:
+        files = body.get("files")
+        if not isinstance(files, list) or not all(isinstance(f, dict) and "text" in f for f in files):
+            raise ApiError(400, "'files' must be a list of {path, text}")
+        results = await intake.submit(
+            self.b, [(str(f.get("path") or "<api>"), str(f["text"])) for f in files],
+            source=str(body.get("source") or "api"),
+        )
+        self.view.changed.set()
+        return {"jobs": [r.to_dict() for r in results]}
+
+    async def _job_id(self, body: dict) -> str:
+        job = body.get("job")
+        if not isinstance(job, str) or not job:
+            raise ApiError(400, "'job' (a job id) is required")
+        return job
+
+    async def _transition(self, job: str, decide) -> JobRecord:
+        for _ in range(MAX_CAS_RETRIES):
+            e = await self.b.jobs.get(job)
+            if e is None:
+                raise ApiError(404, f"no job {job!r}; 'gigafactory jobs' lists them")
+            rec = decode(e.value, JobRecord)
+            try:
+                out = decide(rec)
+            except IllegalTransition as ex:
+                raise ApiError(409, str(ex)) from None
+            try:
+                await self.b.jobs.update(job, encode(out.record), last=e.revision)
+            except Conflict:
+                continue
+            await self.b.publish_event(EventRecord(
+                kind=str(out.event), at=time.time(), job=job, stage_from=str(out.stage_from),
+                stage_to=str(out.record.stage), epoch=out.record.epoch, actor=self.actor, reason=out.reason,
+            ))
+            self.view.changed.set()
+            return out.record
+        raise ApiError(409, f"job {job} kept changing; try again")
+
+    async def cancel(self, body: dict) -> dict:
+        job = await self._job_id(body)
+        who = str(body.get("actor") or "operator")
+        rec = await self._transition(job, lambda r: protocol.cancel(r, time.time(), who, str(body.get("reason") or "")))
+        return {"job": job_summary(rec)}
+
+    async def requeue(self, body: dict) -> dict:
+        job = await self._job_id(body)
+        who = str(body.get("actor") or "operator")
+        rec = await self._transition(job, lambda r: protocol.operator_requeue(r, time.time(), who))
+        return {"job": job_summary(rec)}
+
+    async def ship(self, body: dict) -> dict:
+        job = await self._job_id(body)
+        who = str(body.get("actor") or "operator")
+        rec = await self._transition(job, lambda r: protocol.ship(r, time.time(), who))
+        return {"job": job_summary(rec)}
+
+    async def status(self, body: dict) -> dict:
+        job = await self._job_id(body)
+        e = await self.b.jobs.get(job)
+        if e is None:
+            raise ApiError(404, f"no job {job!r}; 'gigafactory jobs' lists them")
+        rec = decode(e.value, JobRecord)
+        now = await self.b.broker_now()
+        live = self.view.live_factories(now, self.b.settings.heartbeat_s)
+        why = rec.reason
+        serving = [f.record.id for f in live if not f.offers.missing(rec.requirements)]
+        info: dict = {"serving_factories": serving}
+        if rec.stage == Stage.QUEUED:
+            if not serving:
+                why = capability_gap(rec.requirements, live)
+                info["missing_capabilities"] = sorted({
+                    r for r in rec.requirements if all(f.offers.missing([r]) for f in live)
+                }) if live else list(rec.requirements)
+            if e.ts + rec.backoff_s > now:
+                info["retry_in_s"] = round(e.ts + rec.backoff_s - now, 3)
+            if rec.manifest.lock:
+                lk = await self.b.locks.get(names.safe_key(rec.manifest.lock))
+                if lk is not None:
+                    holder = decode(lk.value, LockRecord)
+                    if holder.job != rec.id:
+                        info["lock_holder"] = holder.job
+        if rec.stage == Stage.BLOCKED:
+            deps = {}
+            for d in rec.deps:
+                de = await self.b.jobs.get(d)
+                deps[d] = str(decode(de.value, JobRecord).stage) if de else "missing"
+            info["deps"] = deps
+        if rec.stage in LEASED:
+            info["lease_age_s"] = round(now - e.ts, 3)
+        return {
+            "job": job_summary(rec), "why": why, "info": info,
+            "record": msgspec.to_builtins(rec), "revision": e.revision,
+            "events": await read_events(self.b, job, limit=int(body.get("events", 50))),
+        }
+
+    async def list(self, body: dict) -> dict:
+        stage = body.get("stage")
+        limit = int(body.get("limit") or 500)
+        if stage is not None and stage not in {s.value for s in Stage}:
+            raise ApiError(400, f"unknown stage {stage!r}; stages: {', '.join(s.value for s in Stage)}")
+        jobs = [st.record for st in self.view.jobs.values() if stage is None or st.record.stage == stage]
+        jobs.sort(key=lambda r: (r.submitted_at, r.id), reverse=True)
+        counts = {s.value: len(self.view.by_stage[s]) for s in Stage}
+        return {"jobs": [job_summary(r) for r in jobs[:limit]], "counts": counts, "total": len(self.view.jobs)}
+
+    async def factories(self, body: dict) -> dict:
+        now = await self.b.broker_now()
+        out = []
+        for f in sorted(self.view.factories.values(), key=lambda f: f.record.id):
+            d = msgspec.to_builtins(f.record)
+            period = f.record.heartbeat_interval_s or self.b.settings.heartbeat_s
+            d["heartbeat_age_s"] = round(now - f.ts, 3)
+            d["live"] = f.record.status == "up" and now - f.ts <= 3 * period
+            out.append(d)
+        return {"factories": out}

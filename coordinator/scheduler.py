@@ -1,0 +1,354 @@
+"""The coordinator's decisions: unblock, dispatch, reap. Each is written with a CAS.
+
+Dispatch keeps each pool's stream shallow: it publishes, in priority-then-age order, only
+as many jobs as the live stations that serve the pool could take now. The rest wait in
+``queued`` on the broker (and in the ``gf_queue`` index for the polling fallback), so a
+critical job that arrives into a backlog is the next one published, not the last.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import defaultdict
+from dataclasses import dataclass
+
+import msgspec
+
+from gigafactory.broker import TRANSIENT, Broker, Conflict
+from gigafactory.config import Settings
+from gigafactory.schemas import names, protocol
+from gigafactory.schemas.lifecycle import LEASED, Stage
+from gigafactory.schemas.records import (
+    DispatchMessage,
+    EventRecord,
+    JobRecord,
+    LockRecord,
+    PoolRecord,
+    QueueEntry,
+    decode,
+    encode,
+)
+
+from .intake import ensure_pool
+from .view import FactoryState, FleetView
+
+log = logging.getLogger("gigafactory.coordinator")
+
+
+@dataclass(slots=True)
+class _Published:
+    epoch: int
+    at_mono: float
+
+
+def capability_gap(reqs: list[str], live: list[FactoryState]) -> str:
+    """Why no live factory serves ``reqs``, in words an operator can act on."""
+    if not live:
+        return "no live factory is connected"
+    best = min(live, key=lambda f: (len(f.offers.missing(reqs)), f.record.id))
+    missing_anywhere = [r for r in reqs if all(f.offers.missing([r]) for f in live)]
+    if missing_anywhere:
+        return "no live factory offers " + ", ".join(missing_anywhere)
+    return f"no single live factory offers all of {', '.join(reqs)} (closest: {best.record.id}, missing {', '.join(best.offers.missing(reqs))})"
+
+
+class Scheduler:
+    def __init__(self, broker: Broker, view: FleetView, settings: Settings, actor: str) -> None:
+        self.b = broker
+        self.view = view
+        self.s = settings
+        self.actor = actor
+        self.published: dict[str, _Published] = {}
+        self.held: dict[str, str] = {}
+        self.index: dict[str, int] = {}
+        """gf_queue keys this coordinator knows to exist -> the epoch written."""
+        self.pools_ready: set[str] = set()
+        self.clock_offset_s = 0.0
+        self._seq = 0
+        self.dispatch_errors = 0
+
+    # -- clock --------------------------------------------------------------------------------
+
+    async def sync_clock(self) -> float:
+        """Measure the broker's clock; returns broker now and remembers the offset."""
+        t0 = time.time()
+        now = await self.b.broker_now()
+        t1 = time.time()
+        self.clock_offset_s = now - (t0 + t1) / 2
+        return now
+
+    def broker_now_estimate(self) -> float:
+        return time.time() + self.clock_offset_s
+
+    # -- deps ---------------------------------------------------------------------------------
+
+    async def resolve_deps(self) -> None:
+        now = time.time()
+        for jid in list(self.view.by_stage[Stage.BLOCKED]):
+            st = self.view.jobs.get(jid)
+            if st is None:
+                continue
+            rec = st.record
+            doomed, waiting = None, []
+            for d in rec.deps:
+                dst = self.view.jobs.get(d)
+                if dst is None:
+                    waiting.append(d)
+                    continue
+                if protocol.dep_doomed(dst.record.stage):
+                    doomed = (d, dst.record.stage)
+                    break
+                if not protocol.dep_satisfied(dst.record.stage, rec.manifest.deps_mode):
+                    waiting.append(d)
+            if doomed:
+                out = protocol.fail(rec, now, f"dependency {doomed[0]} ended {doomed[1]}")
+            elif not waiting:
+                out = protocol.unblock(rec, now)
+                out = protocol.Outcome(msgspec.structs.replace(out.record, reason="waiting for a factory"),
+                                       out.event, out.stage_from, out.reason)
+            else:
+                continue
+            await self._write(st.record, st.revision, out)
+
+    async def _write(self, rec: JobRecord, revision: int, out: protocol.Outcome, **data) -> bool:
+        try:
+            await self.b.jobs.update(rec.id, encode(out.record), last=revision)
+        except Conflict:
+            return False
+        await self.b.publish_event(EventRecord(
+            kind=str(out.event), at=out.record.updated_at, job=rec.id, stage_from=str(out.stage_from),
+            stage_to=str(out.record.stage), epoch=out.record.epoch, actor=self.actor, reason=out.reason, data=data,
+        ))
+        return True
+
+    # -- dispatch -----------------------------------------------------------------------------
+
+    async def dispatch(self) -> int:
+        """One dispatch pass. Returns how many jobs were published."""
+        broker_now = self.broker_now_estimate()
+        live = self.view.live_factories(broker_now, self.s.heartbeat_s)
+        mono = time.monotonic()
+        queued = [self.view.jobs[j] for j in self.view.by_stage[Stage.QUEUED] if j in self.view.jobs]
+        queued.sort(key=lambda st: (st.record.priority_rank, st.record.submitted_at, st.record.id))
+
+        locks_taken: dict[str, str] = {}
+        busy: dict[str, int] = defaultdict(int)
+        for jid in self.view.stage_ids(*LEASED):
+            st = self.view.jobs.get(jid)
+            if st and st.record.lease:
+                busy[st.record.lease.factory] += 1
+            if st and st.record.manifest.lock:
+                locks_taken[st.record.manifest.lock] = jid
+        inflight: dict[str, int] = defaultdict(int)
+        queued_ids = {st.record.id for st in queued}
+        for jid in list(self.published):
+            if jid not in queued_ids:
+                del self.published[jid]
+        for st in queued:
+            p = self.published.get(st.record.id)
+            if p and p.epoch == st.record.epoch:
+                inflight[st.record.pool] += 1
+                if st.record.manifest.lock:
+                    locks_taken.setdefault(st.record.manifest.lock, st.record.id)
+
+        capacity: dict[str, int] = {}
+        serving: dict[str, list[FactoryState]] = {}
+        depth: dict[str, int] = defaultdict(int)
+        for st in queued:
+            depth[st.record.pool] += 1
+        sent = 0
+        position: dict[str, int] = defaultdict(int)
+        for st in queued:
+            rec = st.record
+            position[rec.pool] += 1
+            p = self.published.get(rec.id)
+            if p and p.epoch == rec.epoch and mono - p.at_mono < self.s.redispatch_s:
+                continue
+            if rec.pool not in serving:
+                serving[rec.pool] = [f for f in live if not f.offers.missing(rec.requirements)]
+                # Free stations now, from the jobs watch (live), not from heartbeats (seconds old).
+                capacity[rec.pool] = sum(
+                    max(0, len(f.record.stations) - busy[f.record.id]) for f in serving[rec.pool]
+                )
+            hold = None
+            if st.ts + rec.backoff_s > broker_now:
+                hold = ""  # retry backoff: the record's reason already says when
+            elif rec.manifest.lock and locks_taken.get(rec.manifest.lock, rec.id) != rec.id:
+                hold = f"waiting for lock {rec.manifest.lock!r} held by job {locks_taken[rec.manifest.lock]}"
+            elif not serving[rec.pool]:
+                hold = capability_gap(rec.requirements, live)
+            elif inflight[rec.pool] >= capacity[rec.pool] and not (p and p.epoch == rec.epoch):
+                hold = ""  # every station of the pool has an offer outstanding
+            if hold is not None:
+                if hold:
+                    await self._hold(st, hold)
+                continue
+            if not await self._publish(rec):
+                continue
+            sent += 1
+            if not (p and p.epoch == rec.epoch):
+                inflight[rec.pool] += 1
+            self.published[rec.id] = _Published(rec.epoch, mono)
+            if rec.manifest.lock:
+                locks_taken[rec.manifest.lock] = rec.id
+            self.held.pop(rec.id, None)
+            await self.b.publish_event(EventRecord(
+                kind="dispatched", at=time.time(), job=rec.id, stage_from="queued", stage_to="queued",
+                epoch=rec.epoch, actor=self.actor,
+                reason=f"priority {rec.manifest.priority}, waited {max(0.0, broker_now - rec.submitted_at):.1f}s; "
+                       f"#{position[rec.pool]} of {depth[rec.pool]} queued in pool {rec.pool}",
+                data={"pool": rec.pool, "priority": str(rec.manifest.priority), "position": position[rec.pool],
+                      "queued_in_pool": depth[rec.pool], "pool_capacity": capacity[rec.pool],
+                      "serving_factories": [f.record.id for f in serving[rec.pool]],
+                      "redispatch": bool(p and p.epoch == rec.epoch)},
+            ))
+        return sent
+
+    async def _publish(self, rec: JobRecord) -> bool:
+        self._seq += 1
+        msg = DispatchMessage(job=rec.id, epoch=rec.epoch, pool=rec.pool)
+        try:
+            if rec.pool not in self.pools_ready:
+                await ensure_pool(self.b, rec.pool, rec.requirements)
+                self.pools_ready.add(rec.pool)
+            await self.b.js.publish(
+                names.dispatch_subject(rec.pool), encode(msg),
+                headers={"Nats-Msg-Id": f"{rec.id}:{rec.epoch}:{self._seq}"},
+                timeout=self.s.request_timeout_s,
+            )
+            return True
+        except Exception as e:  # the push path is down: repair it; jobs stay queued (poll fallback)
+            self.dispatch_errors += 1
+            self.pools_ready.discard(rec.pool)
+            log.warning("dispatch of %s to pool %s failed: %s", rec.id, rec.pool, e)
+            return False
+
+    async def _hold(self, st, reason: str) -> None:
+        rec = st.record
+        if self.held.get(rec.id) == reason:
+            return
+        self.held[rec.id] = reason
+        if rec.reason != reason:
+            new = msgspec.structs.replace(rec, reason=reason)
+            try:
+                await self.b.jobs.update(rec.id, encode(new), last=st.revision)
+            except Conflict:
+                return
+        await self.b.publish_event(EventRecord(
+            kind="held", at=time.time(), job=rec.id, stage_from="queued", stage_to="queued",
+            epoch=rec.epoch, actor=self.actor, reason=reason,
+        ))
+
+    async def repair_dispatch(self) -> None:
+        """Recreate the dispatch stream and pool consumers if something deleted them."""
+        try:
+            await self.b.js.stream_info(names.DISPATCH_STREAM)
+        except Exception:
+            log.warning("dispatch stream %s missing; recreating it", names.DISPATCH_STREAM)
+            await self.b.ensure_dispatch_stream()
+            self.pools_ready.clear()
+        async for e in self.b.pools.scan():
+            try:
+                pool = decode(e.value, PoolRecord)
+            except msgspec.DecodeError:
+                continue
+            try:
+                await self.b.js.consumer_info(names.DISPATCH_STREAM, names.pool_consumer(pool.id))
+            except Exception:
+                log.warning("consumer for pool %s missing; recreating it", pool.id)
+                await ensure_pool(self.b, pool.id, pool.requirements)
+                # Everything published for that pool is gone with it: publish again.
+                for jid, p in list(self.published.items()):
+                    st = self.view.jobs.get(jid)
+                    if st and st.record.pool == pool.id:
+                        del self.published[jid]
+
+    # -- queue index (poll fallback) ------------------------------------------------------------
+
+    async def load_index(self) -> None:
+        self.index = {k: -1 for k in await self.b.queue.keys()}
+
+    async def sync_index(self) -> None:
+        want: dict[str, JobRecord] = {}
+        for jid in self.view.by_stage[Stage.QUEUED]:
+            st = self.view.jobs.get(jid)
+            if st:
+                want[names.queue_key(st.record.pool, jid)] = st.record
+        for key in [k for k in self.index if k not in want]:
+            try:
+                await self.b.queue.delete(key)
+            except Conflict:
+                pass
+            self.index.pop(key, None)
+        for key, rec in want.items():
+            if self.index.get(key) == rec.epoch:
+                continue
+            await self.b.queue.put(key, encode(QueueEntry(
+                job=rec.id, priority_rank=rec.priority_rank, submitted_at=rec.submitted_at, epoch=rec.epoch,
+            )))
+            self.index[key] = rec.epoch
+
+    # -- reaper -------------------------------------------------------------------------------
+
+    async def reap(self) -> int:
+        """Requeue, fail or dead-letter every job whose lease expired (broker time)."""
+        broker_now = await self.sync_clock()
+        n = 0
+        for jid in list(self.view.stage_ids(*LEASED)):
+            st = self.view.jobs.get(jid)
+            if st is None:
+                continue
+            out = protocol.expire(st.record, st.ts, broker_now, self.s.lease_ttl_s)
+            if out is None:
+                continue
+            holder = st.record.lease.factory if st.record.lease else None
+            if await self._write(st.record, st.revision, out, holder=holder, old_epoch=st.record.epoch):
+                n += 1
+        return n
+
+    async def release_stale_locks(self) -> int:
+        """Delete lock records whose job no longer runs at the epoch that took them."""
+        n = 0
+        async for e in self.b.locks.scan():
+            try:
+                lock = decode(e.value, LockRecord)
+            except msgspec.DecodeError:
+                continue
+            st = self.view.jobs.get(lock.job)
+            if st and st.record.stage in LEASED and st.record.epoch == lock.epoch:
+                continue
+            fresh = await self.b.jobs.get(lock.job)
+            if fresh is not None:
+                rec = decode(fresh.value, JobRecord)
+                if rec.stage in LEASED and rec.epoch == lock.epoch:
+                    continue
+            try:
+                await self.b.locks.delete(e.key, last=e.revision)
+                n += 1
+            except Conflict:
+                pass
+        return n
+
+
+async def loop(name: str, interval_s: float, body, stop: asyncio.Event, wake: asyncio.Event | None = None) -> None:
+    """Run ``body`` every ``interval_s`` (or sooner when ``wake`` is set) until ``stop``;
+    broker trouble is logged and retried on the next round, never fatal."""
+    while not stop.is_set():
+        try:
+            await body()
+        except asyncio.CancelledError:
+            raise
+        except TRANSIENT as e:
+            log.info("%s: broker not answering (%s); next round", name, e)
+        except Exception:
+            log.exception("%s failed; next round", name)
+        waiters = [asyncio.ensure_future(stop.wait())]
+        if wake is not None:
+            waiters.append(asyncio.ensure_future(wake.wait()))
+        done, pending = await asyncio.wait(waiters, timeout=interval_s, return_when=asyncio.FIRST_COMPLETED)
+        for p in pending:
+            p.cancel()
+        if wake is not None:
+            wake.clear()

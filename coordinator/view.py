@@ -1,0 +1,134 @@
+"""The coordinator's in-memory view of the fleet, fed by KV watches.
+
+The view is a cache for decisions (what to dispatch, what to reap, what to unblock); every
+decision is then written with a compare-and-set against the broker, so a stale view costs a
+lost CAS, never a wrong state. Several coordinators may each hold their own view.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass, field
+
+import msgspec
+
+from gigafactory.broker import Broker
+from gigafactory.schemas import capabilities as caps
+from gigafactory.schemas.lifecycle import Stage
+from gigafactory.schemas.records import FactoryRecord, JobRecord, decode
+
+log = logging.getLogger("gigafactory.coordinator")
+
+
+@dataclass(slots=True)
+class JobState:
+    record: JobRecord
+    revision: int
+    ts: float
+    """Broker timestamp of ``revision``."""
+
+
+@dataclass(slots=True)
+class FactoryState:
+    record: FactoryRecord
+    ts: float
+    offers: caps.Offers
+
+
+@dataclass
+class FleetView:
+    jobs: dict[str, JobState] = field(default_factory=dict)
+    factories: dict[str, FactoryState] = field(default_factory=dict)
+    by_stage: dict[Stage, set[str]] = field(default_factory=lambda: {s: set() for s in Stage})
+    dependents: dict[str, set[str]] = field(default_factory=dict)
+    """job id -> ids of jobs that list it in ``deps``."""
+    changed: asyncio.Event = field(default_factory=asyncio.Event)
+    jobs_synced: asyncio.Event = field(default_factory=asyncio.Event)
+    factories_synced: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def apply_job(self, key: str, value: bytes | None, revision: int, ts: float) -> None:
+        old = self.jobs.get(key)
+        if old is not None:
+            self.by_stage[old.record.stage].discard(key)
+            for d in old.record.deps:
+                self.dependents.get(d, set()).discard(key)
+        if not value:
+            self.jobs.pop(key, None)
+            return
+        try:
+            rec = decode(value, JobRecord)
+        except msgspec.DecodeError as e:
+            log.error("gf_jobs/%s revision %d is not a job record: %s", key, revision, e)
+            return
+        self.jobs[key] = JobState(rec, revision, ts)
+        self.by_stage[rec.stage].add(key)
+        for d in rec.deps:
+            self.dependents.setdefault(d, set()).add(key)
+        self.changed.set()
+
+    def apply_factory(self, key: str, value: bytes | None, ts: float) -> None:
+        if not value:
+            self.factories.pop(key, None)
+            self.changed.set()
+            return
+        try:
+            rec = decode(value, FactoryRecord)
+            offers = caps.Offers(rec.capabilities)
+        except (msgspec.DecodeError, caps.CapabilityError) as e:
+            log.error("gf_factories/%s is not a factory record: %s", key, e)
+            return
+        self.factories[key] = FactoryState(rec, ts, offers)
+        self.changed.set()
+
+    def live_factories(self, broker_now: float, heartbeat_s: float) -> list[FactoryState]:
+        """Factories that are up and heartbeated within three periods (broker time)."""
+        out = []
+        for f in self.factories.values():
+            period = f.record.heartbeat_interval_s or heartbeat_s
+            if f.record.status == "up" and broker_now - f.ts <= 3 * period:
+                out.append(f)
+        return out
+
+    def stage_ids(self, *stages: Stage) -> set[str]:
+        out: set[str] = set()
+        for s in stages:
+            out |= self.by_stage[s]
+        return out
+
+
+async def follow(broker: Broker, view: FleetView, stop: asyncio.Event) -> None:
+    """Keep ``view`` in step with ``gf_jobs`` and ``gf_factories`` until ``stop`` is set.
+    Watches are re-established (with a full replay of latest values) if they fail."""
+
+    async def run(bucket, apply, synced: asyncio.Event) -> None:
+        while not stop.is_set():
+            try:
+                w = await bucket.watch(">")
+                try:
+                    while not stop.is_set():
+                        try:
+                            e = await w.updates(timeout=1.0)
+                        except (asyncio.TimeoutError, TimeoutError):
+                            continue
+                        if e is None:
+                            synced.set()
+                            continue
+                        deleted = e.operation in ("DEL", "PURGE")
+                        ts = e.created.timestamp() if e.created else 0.0
+                        apply(e.key, None if deleted else e.value, e.revision or 0, ts)
+                finally:
+                    try:
+                        await w.stop()
+                    except Exception:
+                        pass
+            except asyncio.CancelledError:
+                raise
+            except Exception as ex:  # connection trouble: back off and replay
+                log.warning("watch on %s failed (%s); re-watching", bucket.name, ex)
+                await asyncio.sleep(1.0)
+
+    await asyncio.gather(
+        run(broker.jobs, view.apply_job, view.jobs_synced),
+        run(broker.factories, lambda k, v, _r, ts: view.apply_factory(k, v, ts), view.factories_synced),
+    )

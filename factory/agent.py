@@ -1,0 +1,771 @@
+"""The factory: one long-running agent per machine.
+
+Probe, register, heartbeat; bind to the dispatch pools this machine can serve and pull only
+when a station is free; claim with a compare-and-set; run the engine in its own process
+group; gate with ``verify``; report under the lease's epoch. A write refused for a stale
+epoch stops the run, and its result goes to quarantine, never to the broker.
+
+When push dispatch is unavailable (stream or consumer gone, or stalled while jobs wait in
+the queue index), a pool falls back to polling the ``gf_queue`` index with jittered
+back-off, and returns to push once its consumer answers again. When the broker is down,
+running jobs go on and their results wait in the local durable outbox.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import random
+import socket
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import msgspec
+import nats.errors
+import nats.js.errors
+
+from gigafactory import __version__
+from gigafactory.broker import TRANSIENT, Broker, Conflict
+from gigafactory.config import Settings
+from gigafactory.schemas import capabilities as caps
+from gigafactory.schemas import names, protocol
+from gigafactory.schemas.lifecycle import Stage
+from gigafactory.schemas.manifest import FailureClass, parse_duration, shell_script
+from gigafactory.schemas.records import (
+    Attribution,
+    DispatchMessage,
+    EventRecord,
+    FactoryRecord,
+    IdleReason,
+    JobRecord,
+    LockRecord,
+    PoolRecord,
+    QueueEntry,
+    Station,
+    StationState,
+    decode,
+    encode,
+)
+
+from . import probe as probe_mod
+from . import shell
+from .outbox import Outbox, OutboxItem
+
+log = logging.getLogger("gigafactory.factory")
+
+CONSUMER_CHECK_S = 30.0
+"""An idle pool puller checks that its consumer exists, and that no queued job of its pool
+has waited unclaimed, this often; either problem switches the pool to polling."""
+MAX_CAS_RETRIES = 10
+
+
+class ResultPayload(msgspec.Struct):
+    """What the outbox keeps for a finished attempt until the broker takes it."""
+
+    job: str
+    epoch: int
+    failure: FailureClass | None
+    detail: str
+    exit_code: int | None
+    verify_exit_code: int | None
+    log_path: str
+    log_object: str | None
+    attribution: Attribution
+    finished_at: float
+
+
+@dataclass
+class Run:
+    job: str
+    epoch: int
+    station: int
+    revision: int
+    record: JobRecord
+    cancel: asyncio.Event = field(default_factory=asyncio.Event)
+    fenced: bool = False
+    lock_key: str | None = None
+    lock_rev: int = 0
+    write_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+
+@dataclass
+class PoolState:
+    id: str
+    requirements: list[str]
+    engine: str | None
+    mode: str = "push"
+    task: asyncio.Task | None = None
+
+
+class Factory:
+    def __init__(
+        self,
+        broker: Broker,
+        *,
+        factory_id: str | None = None,
+        stations: int = 2,
+        seats: dict[str, int] | None = None,
+        extra_capabilities: list[str] | tuple[str, ...] = (),
+        probe: bool = True,
+        workspace: str | None = None,
+        data_dir: str | None = None,
+        settings: Settings | None = None,
+    ) -> None:
+        assert stations >= 1
+        self.b = broker
+        self.s = settings or broker.settings
+        self.id = factory_id or socket.gethostname().split(".")[0].lower()
+        assert names.is_job_id(self.id) or all(c.isalnum() or c in "-_" for c in self.id), self.id
+        desc = probe_mod.describe()
+        tokens = probe_mod.probe(extra_capabilities) if probe else list(extra_capabilities) + ["engine:shell"]
+        tokens = sorted(set(tokens) | {f"factory:{self.id}"})
+        self.offers = caps.Offers(tokens)
+        self.record = FactoryRecord(
+            id=self.id, host=desc.get("host", socket.gethostname()), os=desc.get("os", ""),
+            arch=desc.get("arch", ""), capabilities=sorted(self.offers.tokens),
+            stations=[Station(index=i, since=time.time()) for i in range(stations)],
+            seats=dict(seats or {}), started_at=time.time(), heartbeat_interval_s=self.s.heartbeat_s,
+            pid=os.getpid(), version=__version__,
+        )
+        base = Path(data_dir) if data_dir else Path.home() / ".gigafactory" / "factories"
+        self.dir = base / self.id
+        self.logs_dir = self.dir / "logs"
+        self.logs_dir.mkdir(parents=True, exist_ok=True)
+        self.workspace = Path(workspace) if workspace else self.dir / "work"
+        self.workspace.mkdir(parents=True, exist_ok=True)
+        self.outbox = Outbox(str(self.dir / "outbox"))
+        self.free: set[int] = set(range(stations))
+        self.station_cv = asyncio.Condition()
+        self.engine_running: dict[str, int] = {}
+        self.runs: dict[str, Run] = {}
+        self.pools: dict[str, PoolState] = {}
+        self.draining = asyncio.Event()
+        self.ready = asyncio.Event()
+        self.stats = {"claims": 0, "claim_conflicts": 0, "claim_skipped": 0, "fenced_writes": 0,
+                      "handed_back": 0, "finished": 0, "quarantined": 0, "polled_claims": 0}
+        self._tasks: set[asyncio.Task] = set()
+
+    # -- stations -----------------------------------------------------------------------------
+
+    def _idle_reason(self) -> IdleReason:
+        if self.draining.is_set():
+            return IdleReason.DRAINING
+        if not self.b.nc.is_connected:
+            return IdleReason.BROKER_DOWN
+        if self.pools and all(p.mode == "poll" for p in self.pools.values()):
+            return IdleReason.DISPATCH_DOWN
+        return IdleReason.NO_WORK
+
+    def _set_station(self, index: int, job: str | None, epoch: int | None, reason: IdleReason | None = None) -> None:
+        st = self.record.stations[index]
+        st.state = StationState.BUSY if job else StationState.IDLE
+        st.job, st.epoch = job, epoch
+        st.idle_reason = None if job else (reason or self._idle_reason())
+        st.since = time.time()
+
+    async def _take_station(self, engine: str | None) -> int | None:
+        """Reserve a free station (and an engine seat) without waiting; None if none."""
+        async with self.station_cv:
+            if not self.free or self.draining.is_set():
+                return None
+            if engine and engine in self.record.seats and self.engine_running.get(engine, 0) >= self.record.seats[engine]:
+                return None
+            idx = min(self.free)
+            self.free.discard(idx)
+            if engine:
+                self.engine_running[engine] = self.engine_running.get(engine, 0) + 1
+            return idx
+
+    async def _release_station(self, index: int, engine: str | None, reason: IdleReason | None = None) -> None:
+        async with self.station_cv:
+            self.free.add(index)
+            if engine:
+                self.engine_running[engine] = max(0, self.engine_running.get(engine, 0) - 1)
+            self._set_station(index, None, None, reason)
+            self.station_cv.notify_all()
+
+    async def _wait_capacity(self, engine: str | None) -> None:
+        def ok() -> bool:
+            if self.draining.is_set():
+                return True
+            if not self.free:
+                return False
+            return not (engine and engine in self.record.seats
+                        and self.engine_running.get(engine, 0) >= self.record.seats[engine])
+
+        async with self.station_cv:
+            await self.station_cv.wait_for(ok)
+
+    # -- lifecycle ------------------------------------------------------------------------------
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Run until ``stop`` is set, then drain: stop claiming, let in-flight work finish
+        (up to ``drain_timeout_s``), hand back what is left, deregister."""
+        await self._heartbeat()
+        for st in self.record.stations:
+            st.idle_reason = IdleReason.NO_WORK
+        self._spawn(self._heartbeat_loop(stop), "heartbeat")
+        self._spawn(self._pools_loop(stop), "pools")
+        self._spawn(self._outbox_loop(stop), "outbox")
+        await self._event("factory_up", reason=f"{len(self.record.stations)} stations",
+                          data={"capabilities": self.record.capabilities})
+        self.ready.set()
+        await stop.wait()
+        await self.drain()
+
+    def _spawn(self, coro, name: str) -> asyncio.Task:
+        t = asyncio.create_task(coro, name=f"{self.id}:{name}")
+        self._tasks.add(t)
+        t.add_done_callback(self._tasks.discard)
+        return t
+
+    async def drain(self) -> None:
+        log.info("%s draining: %d jobs in flight", self.id, len(self.runs))
+        self.draining.set()
+        self.record.status = "draining"
+        async with self.station_cv:
+            self.station_cv.notify_all()
+        for p in self.pools.values():
+            if p.task:
+                p.task.cancel()
+        await self._safe(self._heartbeat())
+        deadline = time.monotonic() + self.s.drain_timeout_s
+        while self.runs and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        for run in list(self.runs.values()):
+            run.cancel.set()
+            await self._safe(self._hand_back(run, "factory draining"))
+        deadline = time.monotonic() + 10
+        while self.runs and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        await self._safe(self._flush_outbox())
+        for t in list(self._tasks):
+            t.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self.record.status = "down"
+        await self._safe(self.b.factories.delete(self.id))
+        await self._event("factory_down", reason="drained")
+        self.outbox.close()
+
+    async def _safe(self, coro):
+        try:
+            return await asyncio.wait_for(coro, timeout=self.s.request_timeout_s * 2)
+        except Exception as e:
+            log.info("%s: %s during drain (%s)", self.id, type(e).__name__, e)
+            return None
+
+    async def _heartbeat(self) -> None:
+        self.record.heartbeat_at = time.time()
+        self.record.outbox_pending = self.outbox.count()
+        self.record.pools = sorted(self.pools)
+        self.record.dispatch_mode = "poll" if any(p.mode == "poll" for p in self.pools.values()) else "push"
+        for st in self.record.stations:
+            if st.state == StationState.IDLE:
+                st.idle_reason = self._idle_reason()
+        await self.b.factories.put(self.id, encode(self.record))
+
+    async def _heartbeat_loop(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            try:
+                await asyncio.wait_for(stop.wait(), timeout=self.s.heartbeat_s)
+            except asyncio.TimeoutError:
+                pass
+            if stop.is_set() or self.draining.is_set():
+                return
+            try:
+                await self._heartbeat()
+            except Exception as e:
+                log.info("%s: heartbeat failed (%s)", self.id, e)
+
+    async def _event(self, kind: str, *, job: str | None = None, epoch: int | None = None,
+                     stage_from: str | None = None, stage_to: str | None = None, reason: str = "",
+                     data: dict | None = None) -> None:
+        try:
+            await self.b.publish_event(EventRecord(
+                kind=kind, at=time.time(), job=job, epoch=epoch, factory=self.id, actor=self.id,
+                stage_from=stage_from, stage_to=stage_to, reason=reason, data=data or {},
+            ))
+        except Exception as e:  # events follow a successful record write; losing one is logged
+            log.info("%s: event %s for %s not published (%s)", self.id, kind, job, e)
+
+    # -- pools ------------------------------------------------------------------------------------
+
+    async def _pools_loop(self, stop: asyncio.Event) -> None:
+        """Bind to every pool this factory can serve, as pools appear."""
+        while not stop.is_set():
+            try:
+                w = await self.b.pools.watch(">")
+                while not stop.is_set():
+                    try:
+                        e = await w.updates(timeout=1.0)
+                    except (asyncio.TimeoutError, nats.errors.TimeoutError):
+                        continue
+                    if e is None or not e.value or e.key in self.pools:
+                        continue
+                    try:
+                        pool = decode(e.value, PoolRecord)
+                    except msgspec.DecodeError:
+                        continue
+                    if self.offers.missing(pool.requirements):
+                        continue
+                    engine = next((r.split(":", 1)[1] for r in pool.requirements if r.startswith("engine:")), None)
+                    ps = PoolState(pool.id, pool.requirements, engine)
+                    self.pools[pool.id] = ps
+                    ps.task = self._spawn(self._puller(ps, stop), f"pool-{pool.id}")
+                    log.info("%s serves pool %s (%s)", self.id, pool.id, " ".join(pool.requirements))
+            except asyncio.CancelledError:
+                raise
+            except Exception as ex:
+                log.info("%s: pools watch failed (%s); re-watching", self.id, ex)
+                await asyncio.sleep(1.0)
+
+    async def _puller(self, ps: PoolState, stop: asyncio.Event) -> None:
+        psub = None
+        errors = 0
+        last_check = time.monotonic()
+        backoff = 0.5
+        while not stop.is_set() and not self.draining.is_set():
+            await self._wait_capacity(ps.engine)
+            if self.draining.is_set():
+                return
+            if ps.mode == "poll":
+                claimed = await self._poll_pass(ps)
+                if await self._consumer_ok(ps) and not await self._stalled(ps):
+                    log.info("%s: pool %s back to push dispatch", self.id, ps.id)
+                    ps.mode, psub, errors, backoff = "push", None, 0, 0.5
+                    continue
+                if not claimed:
+                    backoff = min(backoff * 2, self.s.poll_backoff_max_s)
+                    await asyncio.sleep(random.uniform(backoff / 2, backoff))
+                else:
+                    backoff = 0.5
+                continue
+            try:
+                if psub is None:
+                    psub = await self.b.js.pull_subscribe_bind(
+                        durable=names.pool_consumer(ps.id), stream=names.DISPATCH_STREAM,
+                    )
+                msgs = await asyncio.wait_for(
+                    psub.fetch(1, timeout=self.s.long_poll_s),
+                    timeout=self.s.long_poll_s + self.s.request_timeout_s,
+                )
+                errors = 0
+            except (asyncio.TimeoutError, nats.errors.TimeoutError):
+                errors = 0
+                if time.monotonic() - last_check > CONSUMER_CHECK_S:
+                    last_check = time.monotonic()
+                    if not await self._consumer_ok(ps) or await self._stalled(ps):
+                        self._to_poll(ps, "dispatch consumer missing or stalled")
+                        psub = None
+                continue
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:
+                errors += 1
+                psub = None
+                log.info("%s: fetch on pool %s failed (%s)", self.id, ps.id, e)
+                if errors >= 3 or not await self._consumer_ok(ps):
+                    self._to_poll(ps, f"fetch failed: {e}")
+                else:
+                    await asyncio.sleep(random.uniform(0.2, 1.0))
+                continue
+            for msg in msgs:
+                await self._on_dispatch(ps, msg)
+
+    def _to_poll(self, ps: PoolState, why: str) -> None:
+        if ps.mode != "poll":
+            log.warning("%s: pool %s falls back to polling: %s", self.id, ps.id, why)
+            ps.mode = "poll"
+
+    async def _consumer_ok(self, ps: PoolState) -> bool:
+        try:
+            await self.b.js.consumer_info(names.DISPATCH_STREAM, names.pool_consumer(ps.id))
+            return True
+        except Exception:
+            return False
+
+    async def _stalled(self, ps: PoolState) -> bool:
+        """Queued jobs of this pool have waited unclaimed longer than a redispatch period
+        while this factory had a free station: push is not delivering."""
+        try:
+            now = await self.b.broker_now()
+            async for e in self.b.queue.scan(f"{ps.id}.>"):
+                if now - e.ts > 2 * self.s.redispatch_s + self.s.long_poll_s:
+                    return True
+        except Exception:
+            return True
+        return False
+
+    async def _poll_pass(self, ps: PoolState) -> bool:
+        """Try to claim queued jobs of a pool straight from the index, best first."""
+        try:
+            entries = []
+            async for e in self.b.queue.scan(f"{ps.id}.>"):
+                try:
+                    entries.append(decode(e.value, QueueEntry))
+                except msgspec.DecodeError:
+                    continue
+        except Exception as e:
+            log.info("%s: polling pool %s failed (%s)", self.id, ps.id, e)
+            return False
+        entries.sort(key=lambda q: (q.priority_rank, q.submitted_at))
+        claimed = False
+        for q in entries:
+            station = await self._take_station(ps.engine)
+            if station is None:
+                break
+            if await self._claim_and_run(q.job, station, ps.engine):
+                claimed = True
+                self.stats["polled_claims"] += 1
+        return claimed
+
+    async def _on_dispatch(self, ps: PoolState, msg) -> None:
+        try:
+            d = decode(msg.data, DispatchMessage)
+        except msgspec.DecodeError:
+            await msg.term()  # not ours to understand; never redeliver garbage
+            return
+        station = await self._take_station(ps.engine)
+        if station is None:
+            await msg.nak()  # another factory (or this one, later) takes it
+            return
+        try:
+            await self._claim_and_run(d.job, station, ps.engine)
+        finally:
+            try:
+                await msg.ack()
+            except Exception:
+                pass  # redelivery is harmless: the claim is a CAS on the record
+
+    # -- one job ------------------------------------------------------------------------------------
+
+    async def _claim_and_run(self, job_id: str, station: int, engine: str | None) -> bool:
+        """Claim ``job_id`` on ``station``; on success the run continues in the background.
+        Returns True if this factory won the claim."""
+        try:
+            e = await self.b.jobs.get(job_id)
+            if e is None:
+                self.stats["claim_skipped"] += 1
+                await self._release_station(station, engine)
+                return False
+            rec = decode(e.value, JobRecord)
+            if rec.stage != Stage.QUEUED or self.offers.missing(rec.requirements):
+                self.stats["claim_skipped"] += 1
+                await self._release_station(station, engine)
+                return False
+            if rec.backoff_s and (await self.b.broker_now()) < e.ts + rec.backoff_s:
+                self.stats["claim_skipped"] += 1
+                await self._release_station(station, engine)
+                return False
+            out = protocol.claim(rec, self.id, station, time.time())
+            self.stats["claims"] += 1
+            try:
+                rev = await self.b.jobs.update(job_id, encode(out.record), last=e.revision)
+            except Conflict:
+                self.stats["claim_conflicts"] += 1
+                await self._release_station(station, engine)
+                return False
+        except Exception as ex:
+            log.info("%s: claim of %s failed (%s)", self.id, job_id, ex)
+            await self._release_station(station, engine)
+            return False
+        run = Run(job_id, out.record.epoch, station, rev, out.record)
+        self.runs[job_id] = run
+        self._set_station(station, job_id, run.epoch)
+        await self._event("claimed", job=job_id, epoch=run.epoch, stage_from="queued", stage_to="assigned",
+                          reason=out.reason, data={"station": station, "attempt": out.record.attempt})
+        self._spawn(self._execute(run, engine), f"job-{job_id}")
+        return True
+
+    async def _write(self, run: Run, decide, *, renewal: bool = False) -> JobRecord | None:
+        """A fenced write: ``decide(record) -> record|Outcome``, CAS on the revision we hold.
+        On a conflict, re-read: a stale epoch means fenced (returns None), anything else retries."""
+        async with run.write_lock:
+            rec, rev = run.record, run.revision
+            for _ in range(MAX_CAS_RETRIES):
+                if run.fenced:
+                    return None
+                try:
+                    new = decide(rec)
+                except protocol.Fenced:
+                    await self._fenced(run, rec)
+                    return None
+                new_rec = new.record if isinstance(new, protocol.Outcome) else new
+                try:
+                    run.revision = await self.b.jobs.update(run.job, encode(new_rec), last=rev)
+                    run.record = new_rec
+                    return new_rec
+                except Conflict:
+                    fresh = await self.b.jobs.get(run.job)
+                    if fresh is None:
+                        await self._fenced(run, None)
+                        return None
+                    rec, rev = decode(fresh.value, JobRecord), fresh.revision
+            raise Conflict(f"{run.job}: could not write after {MAX_CAS_RETRIES} tries")
+
+    async def _fenced(self, run: Run, rec: JobRecord | None) -> None:
+        if run.fenced:
+            return
+        run.fenced = True
+        run.cancel.set()
+        self.stats["fenced_writes"] += 1
+        now = f"epoch {rec.epoch}, {rec.stage}" if rec else "gone"
+        log.warning("%s: fenced on %s: held epoch %d, record at %s", self.id, run.job, run.epoch, now)
+        await self._event("fenced", job=run.job, epoch=run.epoch,
+                          reason=f"write with stale epoch {run.epoch} refused (record at {now})",
+                          data={"held_epoch": run.epoch, "record_epoch": rec.epoch if rec else None})
+
+    async def _renew_loop(self, run: Run) -> None:
+        while not run.cancel.is_set():
+            try:
+                await asyncio.wait_for(run.cancel.wait(), timeout=self.s.lease_renew_s)
+                return
+            except asyncio.TimeoutError:
+                pass
+            try:
+                await self._write(run, lambda r: protocol.renew(r, self.id, run.epoch, time.time()), renewal=True)
+            except Exception as e:  # broker trouble: keep running; the lease may expire, the epoch decides
+                log.info("%s: renewal of %s failed (%s)", self.id, run.job, e)
+
+    def _resolve_cwd(self, cwd: str) -> Path:
+        p = Path(os.path.expandvars(os.path.expanduser(cwd)))
+        return p if p.is_absolute() else self.workspace / p
+
+    async def _acquire_lock(self, run: Run, lock: str) -> str | None:
+        """Take the job's lock; returns None when taken, else the holder's job id."""
+        key = names.safe_key(lock)
+        value = encode(LockRecord(lock=lock, job=run.job, epoch=run.epoch, factory=self.id))
+        for _ in range(MAX_CAS_RETRIES):
+            try:
+                run.lock_rev = await self.b.locks.create(key, value)
+                run.lock_key = key
+                return None
+            except Conflict:
+                pass
+            cur = await self.b.locks.get(key)
+            if cur is None:
+                continue
+            holder = decode(cur.value, LockRecord)
+            if holder.job == run.job and holder.epoch == run.epoch:
+                run.lock_key, run.lock_rev = key, cur.revision
+                return None
+            he = await self.b.jobs.get(holder.job)
+            hrec = decode(he.value, JobRecord) if he else None
+            if hrec is not None and hrec.stage in (Stage.ASSIGNED, Stage.BUILDING) and hrec.epoch == holder.epoch:
+                return holder.job
+            try:  # the holder no longer runs at that epoch: the lock is stale
+                run.lock_rev = await self.b.locks.update(key, value, last=cur.revision)
+                run.lock_key = key
+                return None
+            except Conflict:
+                continue
+        return "?"
+
+    async def _release_lock(self, run: Run) -> None:
+        if run.lock_key:
+            try:
+                await self.b.locks.delete(run.lock_key, last=run.lock_rev)
+            except Exception as e:  # stale-lock cleanup takes it later
+                log.info("%s: lock %s not released (%s)", self.id, run.lock_key, e)
+            run.lock_key = None
+
+    async def _hand_back(self, run: Run, reason: str, backoff_s: float = 0.0) -> None:
+        rec = await self._write(run, lambda r: protocol.hand_back(r, self.id, run.epoch, time.time(), reason, backoff_s))
+        if rec is not None:
+            self.stats["handed_back"] += 1
+            await self._event("handed_back", job=run.job, epoch=run.epoch, stage_to="queued", reason=reason)
+            run.fenced = True  # the lease is given up: nothing more may be written under it
+
+    async def _execute(self, run: Run, engine: str | None) -> None:
+        renewer: asyncio.Task | None = None
+        try:
+            m = run.record.manifest
+            if m.lock:
+                holder = await self._acquire_lock(run, m.lock)
+                if holder is not None:
+                    await self._event("lock_wait", job=run.job, epoch=run.epoch,
+                                      reason=f"lock {m.lock!r} held by job {holder}")
+                    await self._hand_back(run, f"lock {m.lock!r} held by job {holder}", backoff_s=1.0)
+                    return
+            started = await self._write(run, lambda r: protocol.start(r, self.id, run.epoch, time.time()))
+            if started is None:
+                return
+            await self._event("started", job=run.job, epoch=run.epoch, stage_from="assigned", stage_to="building",
+                              reason=started.reason)
+            renewer = asyncio.create_task(self._renew_loop(run))
+            payload = await self._run_engine(run, engine)
+            run.cancel.set()
+            await renewer
+            renewer = None
+            if run.fenced:
+                self._quarantine_local(run, payload, "lease lost while running (stale epoch)")
+                return
+            await self._report(run, payload)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("%s: job %s failed inside the factory", self.id, run.job)
+        finally:
+            if renewer is not None:
+                renewer.cancel()
+            await self._release_lock(run)
+            self.runs.pop(run.job, None)
+            await self._release_station(run.station, engine)
+
+    async def _run_engine(self, run: Run, engine: str | None) -> ResultPayload:
+        rec = run.record
+        m = rec.manifest
+        log_path = str(self.logs_dir / f"{run.job}-attempt-{rec.attempt}-epoch-{run.epoch}.log")
+        cwd = self._resolve_cwd(m.cwd)
+        attribution = Attribution(
+            lane=f"{self.id}/{run.station}", job=run.job, tracker_item=m.tracker_item, repo=str(cwd),
+            product=m.product, provider="local" if (m.engine or "") == "shell" else None, model=m.model,
+            cost_usd=0.0, cost_estimated=False,
+        )
+
+        def result(failure, detail, code=None, vcode=None) -> ResultPayload:
+            return ResultPayload(job=run.job, epoch=run.epoch, failure=failure, detail=detail, exit_code=code,
+                                 verify_exit_code=vcode, log_path=log_path, log_object=None,
+                                 attribution=attribution, finished_at=time.time())
+
+        if (m.engine or "shell") != "shell":
+            Path(log_path).write_text(f"engine {m.engine!r} has no runner on factory {self.id}\n")
+            return result(FailureClass.SETUP_FAILED, f"engine {m.engine!r} is not runnable on {self.id}")
+        if not cwd.is_dir():
+            Path(log_path).write_text(f"cwd {cwd} does not exist on factory {self.id}\n")
+            return result(FailureClass.SETUP_FAILED, f"cwd {cwd} does not exist on {self.id}")
+        env = dict(os.environ)
+        env.update({
+            "GF_JOB_ID": run.job, "GF_EPOCH": str(run.epoch), "GF_ATTEMPT": str(rec.attempt),
+            "GF_FACTORY": self.id, "GF_STATION": str(run.station), "GF_WORKSPACE": str(self.workspace),
+            "GF_BRANCH": f"gf/{run.job}/e{run.epoch}",
+        })
+        subject = names.logs_subject(run.job)
+
+        def on_output(chunk: bytes) -> None:
+            if self.b.nc.is_connected:
+                try:
+                    asyncio.get_running_loop().create_task(self.b.nc.publish(subject, chunk))
+                except Exception:
+                    pass
+
+        limit_s = m.timeout_s()
+        wall_binds = m.budget.wall is not None and parse_duration(m.budget.wall) <= parse_duration(m.timeout)
+        t0 = time.monotonic()
+        try:
+            res = await shell.run_script(
+                shell_script(rec.body), cwd=str(cwd), env=env, timeout_s=limit_s, log_path=log_path,
+                on_output=on_output, cancel=run.cancel, kill_grace_s=5.0,
+                header=f"# gigafactory: job {run.job} attempt {rec.attempt} epoch {run.epoch} on {self.id}/{run.station}\n",
+            )
+        except FileNotFoundError as e:
+            return result(FailureClass.SETUP_FAILED, str(e))
+        timeout_class = FailureClass.BUDGET_EXCEEDED if wall_binds else FailureClass.TIMEOUT
+        if res.cancelled:
+            return result(FailureClass.CRASH, "cancelled (lease lost or factory draining)", res.exit_code)
+        if res.timed_out:
+            return result(timeout_class, f"engine ran past {limit_s:g}s and was killed", res.exit_code)
+        if res.exit_code != 0:
+            why = f"signal {res.signal}" if res.signal else f"exit code {res.exit_code}"
+            return result(FailureClass.CRASH, f"engine ended with {why}", res.exit_code)
+        if not m.verify:
+            return result(None, "engine exited 0; no verify command", 0)
+        remaining = max(1.0, limit_s - (time.monotonic() - t0))
+        v = await shell.run_command(
+            m.verify, cwd=str(cwd), env=env, timeout_s=remaining, log_path=log_path, on_output=on_output,
+            cancel=run.cancel, kill_grace_s=5.0, header=f"# gigafactory: verify: {m.verify}\n",
+        )
+        if v.cancelled:
+            return result(FailureClass.CRASH, "cancelled during verify", 0, v.exit_code)
+        if v.timed_out:
+            return result(timeout_class, f"verify ran past the remaining {remaining:g}s", 0, v.exit_code)
+        if v.exit_code != 0:
+            return result(FailureClass.VERIFY_FAILED, f"verify exited {v.exit_code}: {m.verify}", 0, v.exit_code)
+        return result(None, f"verify passed: {m.verify}", 0, 0)
+
+    async def _upload_log(self, run: Run, payload: ResultPayload) -> ResultPayload:
+        name = names.log_object_name(run.job, run.record.attempt, run.epoch)
+        try:
+            data = Path(payload.log_path).read_bytes()
+        except OSError:
+            return payload
+        await asyncio.wait_for(self.b.artifacts.put(name, data), timeout=self.s.request_timeout_s * 4)
+        return msgspec.structs.replace(payload, log_object=name)
+
+    async def _report(self, run: Run, payload: ResultPayload) -> None:
+        """Publish the result under the epoch, or keep it in the outbox until the broker answers."""
+        try:
+            await self._publish_result(run, payload)
+        except TRANSIENT + (Conflict, nats.errors.Error, OSError) as e:
+            log.warning("%s: result of %s waits in the outbox (%s)", self.id, run.job, e)
+            self.outbox.put("result", run.job, run.epoch, msgspec.json.encode(payload))
+
+    async def _publish_result(self, run: Run, payload: ResultPayload, item: OutboxItem | None = None) -> None:
+        if payload.log_object is None:
+            payload = await self._upload_log(run, payload)
+        rec = await self._write(run, lambda r: protocol.finish(
+            r, self.id, run.epoch, time.time(), failure=payload.failure, detail=payload.detail,
+            exit_code=payload.exit_code, verify_exit_code=payload.verify_exit_code, log=payload.log_object,
+            attribution=payload.attribution,
+        ))
+        if rec is None:
+            if item is not None:
+                self.outbox.quarantine(item, "result refused: stale epoch", payload.log_path)
+                self.stats["quarantined"] += 1
+            else:
+                self._quarantine_local(run, payload, "result refused: stale epoch")
+            return
+        self.stats["finished"] += 1
+        await self._event("finished", job=run.job, epoch=run.epoch, stage_from="building", stage_to=str(rec.stage),
+                          reason=rec.reason, data={"outcome": str(payload.failure or "passed"),
+                                                   "exit_code": payload.exit_code, "log": payload.log_object,
+                                                   "attribution": msgspec.to_builtins(payload.attribution)})
+
+    def _quarantine_local(self, run: Run, payload: ResultPayload, reason: str) -> None:
+        item_id = self.outbox.put("result", run.job, run.epoch, msgspec.json.encode(payload))
+        item = next((i for i in self.outbox.pending(1000) if i.id == item_id), None)
+        if item is not None:
+            self.outbox.quarantine(item, reason, payload.log_path)
+        self.stats["quarantined"] += 1
+        log.warning("%s: result of %s (epoch %d) quarantined: %s", self.id, run.job, run.epoch, reason)
+
+    # -- outbox -------------------------------------------------------------------------------------
+
+    async def _outbox_loop(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            try:
+                await asyncio.wait_for(stop.wait(), timeout=1.0)
+            except asyncio.TimeoutError:
+                pass
+            if self.outbox.count() and self.b.nc.is_connected:
+                try:
+                    await self._flush_outbox()
+                except Exception as e:
+                    log.info("%s: outbox flush failed (%s)", self.id, e)
+
+    async def _flush_outbox(self) -> None:
+        for item in self.outbox.pending(100):
+            await self._flush_item(item)
+
+    async def _flush_item(self, item: OutboxItem) -> None:
+        payload = msgspec.json.decode(item.payload, type=ResultPayload)
+        self.outbox.mark_attempt(item.id)
+        e = await self.b.jobs.get(item.job)
+        rec = decode(e.value, JobRecord) if e else None
+        try:
+            protocol.check_fence(rec, item.job, self.id, item.epoch)
+        except protocol.Fenced:
+            self.stats["fenced_writes"] += 1
+            self.stats["quarantined"] += 1
+            self.outbox.quarantine(item, "result refused on reconnect: the job was reclaimed (stale epoch)", payload.log_path)
+            await self._event("fenced", job=item.job, epoch=item.epoch,
+                              reason=f"outbox result with stale epoch {item.epoch} refused; quarantined",
+                              data={"held_epoch": item.epoch, "record_epoch": rec.epoch if rec else None})
+            return
+        assert rec is not None and e is not None
+        run = Run(item.job, item.epoch, rec.lease.station if rec.lease else 0, e.revision, rec)
+        await self._publish_result(run, payload, item)
+        if not run.fenced:
+            self.outbox.mark_done(item.id)

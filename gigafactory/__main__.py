@@ -1,0 +1,3 @@
+from gigafactory.cli import main
+
+main()

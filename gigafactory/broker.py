@@ -1,0 +1,329 @@
+"""The shared JetStream layer: connection, the broker layout, and a KV wrapper whose reads
+carry the broker's timestamp and whose writes are compare-and-set.
+
+Client pitfalls handled here, once (see DESIGN.md):
+- ``update(last=None)`` means "must not exist": :meth:`Bucket.update` refuses a None revision.
+- every request, publish ack and fetch is bounded by ``settings.request_timeout_s``.
+- nats-py has no reconnect jitter: :func:`connect` supplies it through
+  ``reconnect_to_server_handler``.
+- ``keys()`` filters on the client: :meth:`Bucket.keys` uses a server-side subject filter.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import random
+import socket
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+
+import nats
+import nats.errors
+import nats.js.errors
+from nats.js import api
+from nats.js.kv import KV_DEL, KV_OP, KV_PURGE, KeyValue
+
+from gigafactory.config import Settings
+from gigafactory.schemas import names
+from gigafactory.schemas.records import EventRecord, encode
+
+log = logging.getLogger("gigafactory.broker")
+
+
+class Conflict(Exception):
+    """A compare-and-set lost: the key changed since it was read (or exists, for create)."""
+
+
+class BrokerUnavailable(Exception):
+    """The broker did not answer within the bound; the caller decides (retry, outbox, poll)."""
+
+
+TRANSIENT = (
+    asyncio.TimeoutError,
+    TimeoutError,
+    nats.errors.TimeoutError,
+    nats.errors.NoRespondersError,
+    nats.errors.ConnectionClosedError,
+    nats.errors.StaleConnectionError,
+    nats.errors.ConnectionReconnectingError,
+    nats.errors.OutboundBufferLimitError,
+    nats.js.errors.ServiceUnavailableError,
+    nats.js.errors.ServerError,
+)
+"""Errors that mean "the broker is not answering right now", not "your request is wrong"."""
+
+
+@dataclass(slots=True, frozen=True)
+class Entry:
+    key: str
+    value: bytes
+    revision: int
+    ts: float
+    """Broker timestamp (unix seconds) of this revision: the server's clock, not ours."""
+
+
+class Bucket:
+    """A KV bucket with compare-and-set writes and broker-timestamped reads."""
+
+    def __init__(self, js, kv: KeyValue, name: str, timeout_s: float) -> None:
+        self._js = js
+        self.kv = kv
+        self.name = name
+        self.stream = f"KV_{name}"
+        self._timeout = timeout_s
+
+    async def get(self, key: str) -> Entry | None:
+        """The latest value of ``key`` with its revision and broker timestamp; None if absent or deleted."""
+        try:
+            msg = await self._js.get_msg(self.stream, subject=f"$KV.{self.name}.{key}", direct=True)
+        except nats.js.errors.NotFoundError:
+            return None
+        if msg.headers and msg.headers.get(KV_OP) in (KV_DEL, KV_PURGE):
+            return None
+        ts = msg.time.timestamp() if msg.time else 0.0
+        return Entry(key=key, value=msg.data or b"", revision=msg.seq or 0, ts=ts)
+
+    async def create(self, key: str, value: bytes) -> int:
+        """Write ``key`` only if it does not exist (or was deleted). Raises :class:`Conflict`."""
+        try:
+            return await self.kv.create(key, value)
+        except nats.js.errors.KeyWrongLastSequenceError as e:
+            raise Conflict(f"{self.name}/{key} exists") from e
+
+    async def update(self, key: str, value: bytes, last: int) -> int:
+        """Write ``key`` only if its latest revision is ``last``. Raises :class:`Conflict`."""
+        assert last, "update(last=None) would mean 'must not exist'; use create()"
+        try:
+            return await self.kv.update(key, value, last=last)
+        except nats.js.errors.KeyWrongLastSequenceError as e:
+            raise Conflict(f"{self.name}/{key} changed since revision {last}") from e
+
+    async def put(self, key: str, value: bytes) -> int:
+        return await self.kv.put(key, value)
+
+    async def delete(self, key: str, last: int | None = None) -> None:
+        """Delete ``key``; with ``last``, only if it is still at that revision (raises Conflict)."""
+        try:
+            await self.kv.delete(key, last=last)
+        except nats.js.errors.KeyWrongLastSequenceError as e:
+            raise Conflict(f"{self.name}/{key} changed since revision {last}") from e
+
+    async def watch(self, pattern: str = ">", *, include_history: bool = False, meta_only: bool = False):
+        return await self.kv.watch(pattern, include_history=include_history, meta_only=meta_only)
+
+    async def scan(self, pattern: str = ">", *, meta_only: bool = False) -> AsyncIterator[Entry]:
+        """Every live key matching ``pattern`` once (latest values), filtered by the server."""
+        w = await self.kv.watch(pattern, meta_only=meta_only, ignore_deletes=True)
+        try:
+            while True:
+                e = await w.updates(timeout=self._timeout * 4)
+                if e is None:
+                    return
+                ts = e.created.timestamp() if e.created else 0.0
+                yield Entry(key=e.key, value=e.value or b"", revision=e.revision or 0, ts=ts)
+        finally:
+            try:
+                await w.stop()
+            except Exception:  # the connection may be gone; the watcher dies with it
+                pass
+
+    async def keys(self, pattern: str = ">") -> list[str]:
+        return [e.key async for e in self.scan(pattern, meta_only=True)]
+
+
+def _jittered(settings: Settings) -> Callable:
+    def handler(servers, _info):
+        # Pick any server (a cluster spreads load), and wait a random share of the window.
+        return random.choice(servers), settings.reconnect_wait_s + random.uniform(0, settings.reconnect_jitter_s)
+
+    return handler
+
+
+async def connect(
+    urls: str | list[str],
+    name: str,
+    settings: Settings,
+    *,
+    on_disconnect: Callable | None = None,
+    on_reconnect: Callable | None = None,
+    max_reconnect_attempts: int = -1,
+    connect_timeout_s: float = 5.0,
+):
+    """A nats-py connection with jittered reconnects that never gives up by default."""
+    if isinstance(urls, str):
+        urls = [u.strip() for u in urls.split(",") if u.strip()]
+
+    async def _disc():
+        if on_disconnect:
+            await on_disconnect()
+
+    async def _rec():
+        if on_reconnect:
+            await on_reconnect()
+
+    async def _err(e):
+        log.debug("nats client error: %s", e)
+
+    return await nats.connect(
+        servers=urls,
+        name=name,
+        connect_timeout=connect_timeout_s,
+        max_reconnect_attempts=max_reconnect_attempts,
+        reconnect_time_wait=settings.reconnect_wait_s,
+        reconnect_to_server_handler=_jittered(settings),
+        disconnected_cb=_disc,
+        reconnected_cb=_rec,
+        error_cb=_err,
+        allow_reconnect=True,
+        ping_interval=10,
+        max_outstanding_pings=3,
+        pending_size=16 * 1024 * 1024,
+    )
+
+
+class Broker:
+    """One connection plus handles on every bucket and stream of the layout."""
+
+    def __init__(self, nc, settings: Settings) -> None:
+        self.nc = nc
+        self.settings = settings
+        self.js = nc.jetstream(timeout=settings.request_timeout_s)
+        self.client_id = f"{socket.gethostname()}-{os.getpid()}-{random.getrandbits(24):06x}"
+        self.jobs: Bucket
+        self.queue: Bucket
+        self.factories: Bucket
+        self.pools: Bucket
+        self.locks: Bucket
+        self.idempotency: Bucket
+        self.clock: Bucket
+        self.artifacts = None
+
+    @classmethod
+    async def open(
+        cls, urls: str | list[str], name: str, settings: Settings | None = None, *, ensure: bool = True, **kw
+    ) -> "Broker":
+        settings = settings or Settings.from_env()
+        nc = await connect(urls, name, settings, **kw)
+        b = cls(nc, settings)
+        try:
+            if ensure:
+                await b.ensure_layout()
+            else:
+                await b.bind_layout()
+        except BaseException:
+            await nc.close()
+            raise
+        return b
+
+    async def close(self) -> None:
+        try:
+            await asyncio.wait_for(self.nc.drain(), timeout=self.settings.request_timeout_s)
+        except Exception:
+            await self.nc.close()
+
+    # -- layout ---------------------------------------------------------------------------
+
+    async def _kv(self, bucket: str, *, history: int = 1, ttl: float | None = None, description: str = "") -> Bucket:
+        cfg = api.KeyValueConfig(
+            bucket=bucket,
+            description=description,
+            history=history,
+            ttl=ttl,
+            storage=api.StorageType.FILE,
+            replicas=self.settings.replicas,
+            direct=True,
+        )
+        try:
+            kv = await self.js.create_key_value(cfg)
+        except nats.js.errors.BadRequestError:
+            # Exists with a different config (e.g. created by an older version): use it as is.
+            kv = await self.js.key_value(bucket)
+        return Bucket(self.js, kv, bucket, self.settings.request_timeout_s)
+
+    async def ensure_layout(self) -> None:
+        """Create (idempotently) every bucket, stream and store, with explicit options."""
+        r = self.settings.replicas
+        self.jobs = await self._kv(names.JOBS_BUCKET, history=5, description="job records")
+        self.queue = await self._kv(names.QUEUE_BUCKET, description="queued jobs by pool (poll fallback index)")
+        self.factories = await self._kv(names.FACTORIES_BUCKET, description="factory descriptors and heartbeats")
+        self.pools = await self._kv(names.POOLS_BUCKET, description="dispatch pools")
+        self.locks = await self._kv(names.LOCKS_BUCKET, description="distributed job locks")
+        self.idempotency = await self._kv(names.IDEMPOTENCY_BUCKET, description="idempotency keys")
+        self.clock = await self._kv(names.CLOCK_BUCKET, ttl=3600, description="broker time probes")
+        await self.ensure_dispatch_stream()
+        await self._stream(
+            api.StreamConfig(
+                name=names.EVENTS_STREAM,
+                subjects=[f"{names.EVENTS_PREFIX}.>"],
+                retention=api.RetentionPolicy.LIMITS,
+                storage=api.StorageType.FILE,
+                num_replicas=r,
+                max_age=self.settings.events_max_age_s,
+                discard=api.DiscardPolicy.OLD,
+                duplicate_window=120,
+                description="append-only audit of every transition and decision",
+            )
+        )
+        try:
+            self.artifacts = await self.js.create_object_store(
+                names.ARTIFACTS_STORE,
+                config=api.ObjectStoreConfig(
+                    bucket=names.ARTIFACTS_STORE, storage=api.StorageType.FILE, replicas=r,
+                    description="run logs and artifacts",
+                ),
+            )
+        except nats.js.errors.BadRequestError:
+            self.artifacts = await self.js.object_store(names.ARTIFACTS_STORE)
+
+    async def ensure_dispatch_stream(self) -> None:
+        await self._stream(
+            api.StreamConfig(
+                name=names.DISPATCH_STREAM,
+                subjects=[f"{names.DISPATCH_PREFIX}.>"],
+                retention=api.RetentionPolicy.WORK_QUEUE,
+                storage=api.StorageType.FILE,
+                num_replicas=self.settings.replicas,
+                discard=api.DiscardPolicy.OLD,
+                duplicate_window=120,
+                max_age=86400,
+                description="dispatch pointers by capability pool; the job record is the truth",
+            )
+        )
+
+    async def _stream(self, cfg: api.StreamConfig) -> None:
+        try:
+            await self.js.add_stream(cfg)
+        except nats.js.errors.BadRequestError:
+            await self.js.update_stream(cfg)
+
+    async def bind_layout(self) -> None:
+        """Bind to an existing layout without creating anything (read-only tools)."""
+
+        async def b(name: str) -> Bucket:
+            return Bucket(self.js, await self.js.key_value(name), name, self.settings.request_timeout_s)
+
+        self.jobs = await b(names.JOBS_BUCKET)
+        self.queue = await b(names.QUEUE_BUCKET)
+        self.factories = await b(names.FACTORIES_BUCKET)
+        self.pools = await b(names.POOLS_BUCKET)
+        self.locks = await b(names.LOCKS_BUCKET)
+        self.idempotency = await b(names.IDEMPOTENCY_BUCKET)
+        self.clock = await b(names.CLOCK_BUCKET)
+        self.artifacts = await self.js.object_store(names.ARTIFACTS_STORE)
+
+    # -- helpers ----------------------------------------------------------------------------
+
+    async def broker_now(self) -> float:
+        """The broker's clock: write a probe key and read back the server's timestamp of it."""
+        key = names.safe_key(self.client_id)
+        await self.clock.put(key, b"")
+        e = await self.clock.get(key)
+        assert e is not None
+        return e.ts
+
+    async def publish_event(self, ev: EventRecord, *, msg_id: str | None = None) -> None:
+        subject = names.events_subject(ev.job, ev.kind) if ev.job else names.fleet_events_subject(ev.kind)
+        headers = {"Nats-Msg-Id": msg_id} if msg_id else None
+        await self.js.publish(subject, encode(ev), headers=headers, timeout=self.settings.request_timeout_s)

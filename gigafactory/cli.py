@@ -1,0 +1,505 @@
+"""The ``gigafactory`` command line.
+
+Every command takes ``--nats URL`` (default ``$GIGAFACTORY_NATS_URL``, else the embedded
+broker started by ``gigafactory up``/``server`` on this machine) and ``--json`` for scripts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+import click
+import orjson
+
+from gigafactory import __version__
+from gigafactory.config import (
+    Settings,
+    clear_server_state,
+    home,
+    resolve_url,
+    write_server_state,
+)
+
+
+def _emit_json(obj) -> None:
+    click.echo(orjson.dumps(obj, option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS).decode())
+
+
+def _fail(message: str, code: int = 1, *, as_json: bool = False, errors: list | None = None) -> None:
+    if as_json:
+        _emit_json({"error": message, "errors": errors or []})
+    else:
+        click.secho(f"error: {message}", fg="red", err=True)
+        for e in errors or []:
+            where = e.get("file", "") + (f":{e['line']}" if e.get("line") else "")
+            field = f" field '{e['field']}':" if e.get("field") else ""
+            click.echo(f"  {where}:{field} {e.get('message')}", err=True)
+    sys.exit(code)
+
+
+def common(fn):
+    """--nats and --json on every command."""
+
+    @click.option("--nats", "nats_url", envvar="GIGAFACTORY_NATS_URL", default=None, metavar="URL",
+                  help="NATS URL or comma-separated cluster URLs (default: $GIGAFACTORY_NATS_URL, "
+                       "else the embedded broker).")
+    @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        return fn(*args, **kwargs)
+
+    return wrapper
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    logging.getLogger("nats").setLevel(logging.WARNING)
+
+
+def _need_url(nats_url: str | None, as_json: bool) -> str:
+    url = resolve_url(nats_url)
+    if not url:
+        _fail("no broker: pass --nats URL, set GIGAFACTORY_NATS_URL, or start the embedded one "
+              "with 'gigafactory up' (or 'gigafactory server')", 2, as_json=as_json)
+    return url  # type: ignore[return-value]
+
+
+def _install_stop(stop: asyncio.Event) -> None:
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        try:
+            loop.add_signal_handler(sig, stop.set)
+        except (NotImplementedError, RuntimeError):  # Windows: Ctrl-C raises KeyboardInterrupt instead
+            pass
+
+
+def _start_embedded(store_dir: Path, sync_interval: str | None, port: int = 0):
+    from gigafactory.embedded import EmbeddedServer
+
+    srv = EmbeddedServer(store_dir=str(store_dir), port=port, sync_interval=sync_interval,
+                         log_file=str(store_dir.parent / "nats-server.log")).start()
+    write_server_state(srv.url, srv.proc.pid if srv.proc else 0)
+    return srv
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="gigafactory")
+def main() -> None:
+    """Gigafactory: job files in, fenced shipped work out, across a fleet of agent machines."""
+
+
+# -- services ---------------------------------------------------------------------------------
+
+
+@main.command()
+@click.option("--port", type=int, default=4222, show_default=True, help="Client port (0: any free port).")
+@click.option("--store", type=click.Path(file_okay=False), default=None, help="JetStream store folder.")
+@click.option("--sync-interval", default=None, help="'always' for fsync on every write, or a duration.")
+def server(port: int, store: str | None, sync_interval: str | None) -> None:
+    """Run the embedded nats-server (JetStream on) in the foreground."""
+    store_dir = Path(store) if store else home() / "nats"
+    srv = _start_embedded(store_dir, sync_interval or Settings.from_env().sync_interval, port)
+    click.echo(f"nats-server listening on {srv.url} (store {store_dir}); Ctrl-C stops it")
+    try:
+        assert srv.proc is not None
+        srv.proc.wait()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        srv.stop()
+        clear_server_state(srv.proc.pid if srv.proc else 0)
+
+
+async def _run_coordinator(url: str, inbox: str | None, settings: Settings) -> None:
+    from gigafactory.broker import Broker
+    from gigafactory.coordinator.service import Coordinator
+
+    stop = asyncio.Event()
+    _install_stop(stop)
+    broker = await Broker.open(url, "gigafactory-coordinator", settings)
+    try:
+        coord = Coordinator(broker, settings, inbox=inbox)
+        await coord.run(stop)
+    finally:
+        await broker.close()
+
+
+async def _run_factory(url: str, settings: Settings, **kw) -> None:
+    from gigafactory.broker import Broker
+    from gigafactory.factory.agent import Factory
+
+    stop = asyncio.Event()
+    _install_stop(stop)
+    broker = await Broker.open(url, f"gigafactory-factory-{kw.get('factory_id') or ''}", settings)
+    try:
+        f = Factory(broker, settings=settings, **kw)
+        logging.getLogger("gigafactory.factory").info(
+            "factory %s up: %d stations, capabilities %s", f.id, len(f.record.stations), " ".join(f.record.capabilities))
+        await f.run(stop)
+    finally:
+        await broker.close()
+
+
+@main.command()
+@common
+@click.option("--inbox", type=click.Path(file_okay=False), default=None, help="Watch this folder for job files.")
+@click.option("--log-level", default="info", show_default=True)
+def coordinator(nats_url, as_json, inbox, log_level) -> None:
+    """Run a coordinator: intake, dispatch, reaper and the gf.api service."""
+    _setup_logging(log_level)
+    settings = Settings.from_env()
+    url = resolve_url(nats_url)
+    srv = None
+    if not url:
+        srv = _start_embedded(home() / "nats", settings.sync_interval)
+        url = srv.url
+        logging.getLogger("gigafactory").info("started the embedded broker on %s", url)
+    try:
+        asyncio.run(_run_coordinator(url, inbox, settings))
+    finally:
+        if srv:
+            srv.stop()
+            clear_server_state(srv.proc.pid if srv.proc else 0)
+
+
+def _parse_seats(seats: tuple[str, ...]) -> dict[str, int]:
+    out = {}
+    for s in seats:
+        engine, _, n = s.partition("=")
+        if not engine or not n.isdigit():
+            raise click.BadParameter(f"{s!r}: expected ENGINE=N, like claude=2", param_hint="--seat")
+        out[engine] = int(n)
+    return out
+
+
+@main.command()
+@common
+@click.option("--id", "factory_id", default=None, help="Factory id (default: the host name).")
+@click.option("--stations", type=click.IntRange(1, 256), default=2, show_default=True, help="Concurrent job slots.")
+@click.option("--seat", "seats", multiple=True, metavar="ENGINE=N", help="Per-engine seat limit (repeatable).")
+@click.option("--cap", "caps", multiple=True, metavar="TOKEN", help="Extra capability token (repeatable).")
+@click.option("--no-probe", is_flag=True, help="Do not probe this machine; offer only --cap tokens and engine:shell.")
+@click.option("--workspace", type=click.Path(file_okay=False), default=None, help="Where relative job cwds live.")
+@click.option("--data-dir", type=click.Path(file_okay=False), default=None, help="Outbox, quarantine and logs.")
+@click.option("--log-level", default="info", show_default=True)
+def factory(nats_url, as_json, factory_id, stations, seats, caps, no_probe, workspace, data_dir, log_level) -> None:
+    """Run a factory on this machine: probe, register, claim and run jobs."""
+    _setup_logging(log_level)
+    url = _need_url(nats_url, as_json)
+    from gigafactory.schemas.capabilities import CapabilityError, parse_offer
+
+    for c in caps:
+        try:
+            parse_offer(c)
+        except CapabilityError as e:
+            raise click.BadParameter(str(e), param_hint="--cap") from None
+    asyncio.run(_run_factory(
+        url, Settings.from_env(), factory_id=factory_id, stations=stations, seats=_parse_seats(seats),
+        extra_capabilities=list(caps), probe=not no_probe, workspace=workspace, data_dir=data_dir,
+    ))
+
+
+@main.command()
+@common
+@click.option("--inbox", type=click.Path(file_okay=False), default=None, help="Watch this folder for job files.")
+@click.option("--stations", type=click.IntRange(1, 256), default=2, show_default=True)
+@click.option("--cap", "caps", multiple=True, metavar="TOKEN", help="Extra capability token for the local factory.")
+@click.option("--log-level", default="info", show_default=True)
+def up(nats_url, as_json, inbox, stations, caps, log_level) -> None:
+    """Broker (embedded unless --nats), a coordinator and a local factory, until Ctrl-C."""
+    _setup_logging(log_level)
+    settings = Settings.from_env()
+    url = resolve_url(nats_url)
+    srv = None
+    if not url:
+        srv = _start_embedded(home() / "nats", settings.sync_interval)
+        url = srv.url
+    click.echo(f"gigafactory up on {url}" + (f", watching {inbox}" if inbox else ""), err=True)
+
+    async def run() -> None:
+        from gigafactory.broker import Broker
+        from gigafactory.coordinator.service import Coordinator
+        from gigafactory.factory.agent import Factory
+
+        stop = asyncio.Event()
+        _install_stop(stop)
+        cb = await Broker.open(url, "gigafactory-coordinator", settings)
+        fb = await Broker.open(url, "gigafactory-factory", settings)
+        try:
+            coord = Coordinator(cb, settings, inbox=inbox)
+            fac = Factory(fb, settings=settings, stations=stations, extra_capabilities=list(caps),
+                          data_dir=str(home() / "factories"))
+            await asyncio.gather(coord.run(stop), fac.run(stop))
+        finally:
+            await fb.close()
+            await cb.close()
+
+    try:
+        asyncio.run(run())
+    finally:
+        if srv:
+            srv.stop()
+            clear_server_state(srv.proc.pid if srv.proc else 0)
+
+
+# -- client commands --------------------------------------------------------------------------
+
+
+def _client_call(nats_url, as_json, fn):
+    """Connect, run ``fn(client)``, print API errors clearly, close."""
+    from gigafactory.client import ApiError, Client
+
+    url = _need_url(nats_url, as_json)
+
+    async def run():
+        try:
+            client = await Client.connect(url)
+        except Exception as e:
+            _fail(f"cannot connect to {url}: {e}", 2, as_json=as_json)
+        try:
+            return await fn(client)
+        except ApiError as e:
+            _fail(e.message, 1 if e.code.startswith("4") else 2, as_json=as_json, errors=e.errors)
+        finally:
+            await client.close()
+
+    return asyncio.run(run())
+
+
+def _progress_line(counts: dict[str, int], elapsed_s: float) -> str:
+    order = ["blocked", "queued", "assigned", "building", "review", "testing", "shipped", "failed", "dead_letter"]
+    parts = [f"{counts[s]} {s}" for s in order if counts.get(s)]
+    return f"[{elapsed_s:5.1f}s] " + " · ".join(parts)
+
+
+def _progress_printer(as_json: bool):
+    t0 = time.monotonic()
+    tty = sys.stderr.isatty()
+    last = [""]
+
+    def show(jobs: dict[str, dict]) -> None:
+        if as_json:
+            return
+        counts: dict[str, int] = {}
+        for j in jobs.values():
+            counts[j["stage"]] = counts.get(j["stage"], 0) + 1
+        line = _progress_line(counts, time.monotonic() - t0)
+        if tty:
+            click.echo("\r" + line.ljust(len(last[0])), nl=False, err=True)
+        elif line.split("] ", 1)[1] != last[0].split("] ", 1)[-1]:
+            click.echo(line, err=True)
+        last[0] = line
+
+    def done() -> None:
+        if tty and not as_json and last[0]:
+            click.echo("", err=True)
+
+    return show, done
+
+
+@main.command()
+@common
+@click.argument("files", nargs=-1, required=True, type=click.Path(dir_okay=False))
+@click.option("--wait", is_flag=True, help="Wait until every job is shipped, failed, dead-lettered or waits for a human.")
+@click.option("--timeout", "timeout_s", type=float, default=3600.0, show_default=True, help="With --wait: give up after this many seconds.")
+def submit(nats_url, as_json, files, wait, timeout_s) -> None:
+    """Submit job files (all or nothing: one invalid file submits none)."""
+
+    async def fn(client):
+        jobs = await client.submit_files(list(files))
+        if not wait:
+            return {"jobs": jobs}
+        if not as_json:
+            for j in jobs:
+                click.echo(f"{j['file']}: {j['job']} ({j['status']}, {j['stage']})", err=True)
+        show, done = _progress_printer(as_json)
+        final = await client.wait([j["job"] for j in jobs], timeout_s=timeout_s, on_progress=show)
+        done()
+        return {"jobs": jobs, "final": final}
+
+    out = _client_call(nats_url, as_json, fn)
+    if as_json:
+        _emit_json(out)
+    else:
+        if "final" not in out:
+            for j in out["jobs"]:
+                click.echo(f"{j['job']}\t{j['status']}\t{j['stage']}\t{j['file']}")
+        else:
+            for j in out["jobs"]:
+                f = out["final"].get(j["job"], {})
+                click.echo(f"{j['job']}\t{f.get('stage', '?')}\t{f.get('reason', '')}")
+    if "final" in out:
+        from gigafactory.client import RESTING
+
+        stages = [out["final"].get(j["job"], {}).get("stage") for j in out["jobs"]]
+        if any(s not in RESTING for s in stages):
+            sys.exit(3)
+        if any(s in ("failed", "dead_letter") for s in stages):
+            sys.exit(1)
+
+
+@main.command()
+@common
+@click.option("--stage", default=None, help="Only jobs in this stage.")
+@click.option("--limit", type=int, default=200, show_default=True)
+def jobs(nats_url, as_json, stage, limit) -> None:
+    """List jobs, newest first."""
+    out = _client_call(nats_url, as_json, lambda c: c.call("list", {"stage": stage, "limit": limit}))
+    if as_json:
+        _emit_json(out)
+        return
+    counts = " · ".join(f"{v} {k}" for k, v in out["counts"].items() if v)
+    click.echo(f"{out['total']} jobs: {counts or 'none'}")
+    for j in out["jobs"]:
+        holder = f" on {j['holder']}" if j["holder"] else ""
+        click.echo(f"{j['id']:<32} {j['stage']:<11} {j['priority']:<8} a{j['attempt']} e{j['epoch']}{holder}  {j['reason']}")
+
+
+@main.command()
+@common
+@click.argument("job")
+def status(nats_url, as_json, job) -> None:
+    """Show one job: stage, why it is there, its attempts and its events."""
+    out = _client_call(nats_url, as_json, lambda c: c.call("status", {"job": job}))
+    if as_json:
+        _emit_json(out)
+        return
+    j, rec = out["job"], out["record"]
+    click.echo(f"job {j['id']}  stage {j['stage']}  priority {j['priority']}  attempt {j['attempt']}  epoch {j['epoch']}")
+    click.echo(f"  why: {out['why']}")
+    for k, v in out["info"].items():
+        click.echo(f"  {k}: {v}")
+    click.echo(f"  source: {rec['source']}  pool: {rec['pool']}  requirements: {' '.join(rec['requirements'])}")
+    if rec["deps"]:
+        click.echo(f"  deps ({rec['manifest'].get('deps-mode', 'hard')}): {', '.join(rec['deps'])}")
+    for a in rec["attempts"]:
+        click.echo(f"  attempt {a['attempt']} epoch {a['epoch']} on {a['factory']}/{a['station']}: "
+                   f"{a.get('outcome', 'running')} {a.get('detail', '')}".rstrip())
+    click.echo("  events:")
+    for ev in out["events"][-20:]:
+        t = time.strftime("%H:%M:%S", time.localtime(ev["at"]))
+        move = f"{ev.get('stage_from', '')}->{ev.get('stage_to', '')}" if ev.get("stage_to") else ""
+        click.echo(f"    {t} {ev['kind']:<13} {move:<22} {ev.get('actor', '')}: {ev.get('reason', '')}")
+
+
+@main.command()
+@common
+def factories(nats_url, as_json) -> None:
+    """List factories with their stations and idle reasons."""
+    out = _client_call(nats_url, as_json, lambda c: c.call("factories"))
+    if as_json:
+        _emit_json(out)
+        return
+    for f in out["factories"]:
+        live = "live" if f["live"] else f"silent {f['heartbeat_age_s']:.0f}s"
+        click.echo(f"{f['id']}  {f['status']} ({live}, {f['dispatch_mode']})  {f['os']}/{f['arch']}  "
+                   f"outbox {f.get('outbox_pending', 0)}")
+        for st in f["stations"]:
+            what = f"busy {st.get('job')} e{st.get('epoch')}" if st.get("state") == "busy" else f"idle: {st.get('idle_reason')}"
+            click.echo(f"  station {st['index']}: {what}")
+        click.echo(f"  capabilities: {' '.join(f['capabilities'])}")
+
+
+def _simple(endpoint: str, verb: str):
+    @common
+    @click.argument("job")
+    def cmd(nats_url, as_json, job) -> None:
+        out = _client_call(nats_url, as_json, lambda c: c.call(endpoint, {"job": job, "actor": os.environ.get("USER", "operator")}))
+        if as_json:
+            _emit_json(out)
+        else:
+            j = out["job"]
+            click.echo(f"{j['id']} {verb}: now {j['stage']} (epoch {j['epoch']})")
+
+    return cmd
+
+
+main.command("cancel", help="Cancel a job; a running one is fenced and stopped.")(_simple("cancel", "cancelled"))
+main.command("requeue", help="Requeue a job (any stage but shipped) with a fresh retry budget.")(_simple("requeue", "requeued"))
+main.command("ship", help="The human gate: ship a job waiting in testing or review.")(_simple("ship", "shipped"))
+
+
+@main.command()
+@common
+@click.argument("job")
+@click.option("--follow", "-f", is_flag=True, help="Stream live output until the job comes to rest.")
+def logs(nats_url, as_json, job, follow) -> None:
+    """Print a job's captured logs (every attempt), optionally following live output."""
+    from gigafactory.client import RESTING
+    from gigafactory.schemas import names
+
+    async def fn(client):
+        import nats as _nats
+
+        st = await client.call("status", {"job": job, "events": 0})
+        js = client.nc.jetstream(timeout=10)
+        store = await js.object_store(names.ARTIFACTS_STORE)
+        printed = set()
+
+        async def print_stored(rec) -> None:
+            for a in rec["attempts"]:
+                name = a.get("log")
+                if name and name not in printed:
+                    printed.add(name)
+                    try:
+                        obj = await store.get(name)
+                    except _nats.js.errors.ObjectNotFoundError:
+                        continue
+                    sys.stdout.write(obj.data.decode(errors="replace"))
+                    sys.stdout.flush()
+
+        await print_stored(st["record"])
+        if not follow:
+            return
+        q: asyncio.Queue = asyncio.Queue(maxsize=10000)
+
+        async def on_msg(msg):
+            if not q.full():
+                q.put_nowait(msg.data)
+
+        sub = await client.nc.subscribe(names.logs_subject(job), cb=on_msg)
+        try:
+            while True:
+                try:
+                    chunk = await asyncio.wait_for(q.get(), timeout=1.0)
+                    sys.stdout.write(chunk.decode(errors="replace"))
+                    sys.stdout.flush()
+                    continue
+                except asyncio.TimeoutError:
+                    pass
+                st = await client.call("status", {"job": job, "events": 0})
+                if st["job"]["stage"] in RESTING:
+                    await print_stored(st["record"]) if not printed else None
+                    break
+        finally:
+            await sub.unsubscribe()
+
+    _client_call(nats_url, as_json, fn)
+
+
+@main.command()
+@click.option("--examples", type=click.Path(file_okay=False, exists=True), default=None,
+              help="Folder of example jobs with a demo.yaml of expected end stages (default: the bundled ones).")
+@click.option("--dir", "workdir", type=click.Path(file_okay=False), default=None,
+              help="Where the demo keeps its broker store, factories and scratch repos (default: a temp folder).")
+@click.option("--timeout", "timeout_s", type=float, default=180.0, show_default=True)
+@click.option("--json", "as_json", is_flag=True)
+@click.option("--nats", "nats_url", default=None, help="Use this broker instead of starting the embedded one.")
+def demo(examples, workdir, timeout_s, as_json, nats_url) -> None:
+    """Embedded broker, a coordinator and two factories run the example jobs; exits 0 only if
+    every job ends where its example says it should."""
+    from gigafactory.demo import run_demo
+
+    sys.exit(run_demo(examples_dir=examples, workdir=workdir, timeout_s=timeout_s, as_json=as_json, nats_url=nats_url))
+
+
+if __name__ == "__main__":
+    main()
