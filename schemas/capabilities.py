@@ -78,12 +78,20 @@ def parse_offer(token: str) -> tuple[str, str | None]:
     return req.key, req.value
 
 
+def _not_one_string(tokens: object, what: str) -> None:
+    # A bare string is iterable too, and would be read one character at a time as tokens
+    # ('node>=20' -> 'n', 'o', ...): a programmer error, refused loudly.
+    if isinstance(tokens, str):
+        raise TypeError(f"{what} must be a list of tokens, not one string: {tokens!r}")
+
+
 class Offers:
     """A factory's capability set, indexed for matching."""
 
     __slots__ = ("tokens", "_by_key")
 
     def __init__(self, tokens: Iterable[str]) -> None:
+        _not_one_string(tokens, "a factory's capabilities")
         by_key: dict[str, set[str | None]] = {}
         norm: set[str] = set()
         for t in tokens:
@@ -119,7 +127,9 @@ class Offers:
         return False
 
     def missing(self, requirements: Iterable[str | Requirement]) -> list[str]:
-        """The requirement tokens this factory does not satisfy (empty list: it matches)."""
+        """The requirement tokens this factory does not satisfy (empty list: it matches), in
+        their normalized form (lower case, no surrounding space)."""
+        _not_one_string(requirements, "requirements")
         out = []
         for r in requirements:
             req = r if isinstance(r, Requirement) else parse_requirement(r)
@@ -130,12 +140,14 @@ class Offers:
 
 def matches(requirements: Iterable[str], offers: Iterable[str] | Offers) -> bool:
     """True iff every requirement is satisfied by the offered tokens."""
+    _not_one_string(requirements, "requirements")
     o = offers if isinstance(offers, Offers) else Offers(offers)
     return not o.missing(requirements)
 
 
 def canonical(requirements: Iterable[str]) -> tuple[str, ...]:
     """Sorted, deduplicated, lower-cased requirement tokens; ``os:any`` is dropped (it matches all)."""
+    _not_one_string(requirements, "requirements")
     out = {str(parse_requirement(r)) for r in requirements}
     out.discard("os:any")
     return tuple(sorted(out))

@@ -17,8 +17,10 @@ sends it to ``review`` (review policy names reviewers) or ``testing``; a human
 ``ship`` moves it to ``shipped``, or the ``auto`` review policy ships it at once.
 Failures go back to ``queued`` while the retry policy allows, then to
 ``dead_letter``; a failure class the policy does not retry, a cancel, or a
-failed dependency ends in ``failed``. An operator may ``requeue`` a job from any
-stage but ``shipped``, which is final.
+failed dependency ends in ``failed``. An operator may ``requeue`` a job that has
+left the queue (``assigned``, ``building``, ``review``, ``testing``, ``failed``,
+``dead_letter``); a ``blocked`` job waits for its dependencies, and ``shipped`` is
+final.
 """
 
 from __future__ import annotations

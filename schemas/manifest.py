@@ -18,6 +18,7 @@ from __future__ import annotations
 import difflib
 import enum
 import hashlib
+import math
 import re
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -29,9 +30,12 @@ from . import capabilities as caps
 
 
 class Priority(enum.StrEnum):
+    """Dispatch order: among queued jobs a factory could take, the higher priority goes first."""
+
     CRITICAL = "critical"
     HIGH = "high"
     MEDIUM = "medium"
+    """The default."""
     LOW = "low"
 
 
@@ -40,6 +44,8 @@ PRIORITY_RANK = {Priority.CRITICAL: 0, Priority.HIGH: 1, Priority.MEDIUM: 2, Pri
 
 
 class EngineClass(enum.StrEnum):
+    """A kind of engine, for jobs that can run on any engine of that kind (``engine-class``)."""
+
     AGENTIC_CODER = "agentic-coder"
     CHAT_CODER = "chat-coder"
     REVIEW_ONLY = "review-only"
@@ -114,36 +120,57 @@ class Manifest(msgspec.Struct, rename="kebab", forbid_unknown_fields=True, omit_
     """The front matter of a job file. Field names are kebab-case in YAML."""
 
     cwd: str
-    """Working directory on the factory; a relative path is under the factory's workspace."""
+    """Working directory on the factory; a relative path is under the factory's workspace. Required."""
     engine: str | None = None
     """Concrete engine (``shell``, ``claude``, ``codex``, ...). Required unless ``engine-class`` is set."""
     model: str | None = None
+    """The model the engine should use; default: the engine's own default."""
     product: str = "default"
     """Which product (funding line) this job belongs to; used for fairness and attribution."""
     engine_class: EngineClass | None = None
+    """Any engine of this class will do (``agentic-coder``, ``chat-coder``, ``review-only``);
+    ignored when ``engine`` is set."""
     profile: str | None = None
+    """A named engine profile to run the engine with."""
     yolo: bool = False
-    """Let the engine act without asking (dangerous/auto-approve mode)."""
+    """Let the engine act without asking (dangerous/auto-approve mode). Only ``true`` and
+    ``false`` are booleans (YAML 1.2): ``yes`` and ``on`` are refused."""
     lock: str | None = None
     """Jobs sharing a lock never run at the same time anywhere in the fleet."""
     timeout: str = "30m"
+    """Hard wall-clock limit for one attempt, as a duration with a unit (``90s``, ``5m``, ``1h30m``)."""
     verify: str | None = None
     """A shell command run in ``cwd`` after the engine; exit 0 passes the gate."""
     capabilities: list[str] = msgspec.field(default_factory=list)
+    """Required factory capabilities: ``key``, ``key:value`` or ``key<op>version`` with op one of
+    ``>= > = <= <`` (``has:git``, ``os:mac``, ``node>=20``)."""
     prefers: list[str] = msgspec.field(default_factory=list)
     """Soft routing hints (``factory:mac-2``); never required."""
     priority: Priority = Priority.MEDIUM
+    """``critical``, ``high``, ``medium`` (default) or ``low``; higher priorities are dispatched first."""
     budget: Budget = msgspec.field(default_factory=Budget)
+    """Ceilings for one attempt: ``usd``, ``tokens``, ``wall`` (a duration). Default: none."""
     deps: list[str] = msgspec.field(default_factory=list)
     """Job ids or idempotency keys that must reach ``shipped`` (or ``testing`` if soft) first."""
     deps_mode: Literal["hard", "soft"] = "hard"
+    """``hard`` (default): dependencies must be ``shipped``; ``soft``: ``testing`` is enough."""
     idempotency_key: str | None = None
+    """Submitting the same key again returns the existing job (same content) or supersedes it
+    while it still waits (changed content)."""
     retry: Retry = msgspec.field(default_factory=Retry)
+    """``max`` retries (default 2), ``backoff`` (default ``5s``, doubled per retry, capped at one
+    hour), ``on``: the failure classes retried (default timeout, verify_failed, crash, lease_expired)."""
     review_policy: ReviewPolicy = "manual"
+    """``manual`` (default): verify pass -> ``testing``, then a human ``ship``; ``auto``: ships at
+    once; ``{reviewers: [...]}``: waits in ``review`` for a reviewer."""
     artifacts: list[str] = msgspec.field(default_factory=list)
+    """Paths under ``cwd`` to capture into the artifact store after the attempt."""
     tracker_item: str | None = None
+    """The issue-tracker item this job works on, for attribution."""
     kind: Literal["leaf", "composite"] = "leaf"
+    """``leaf`` (default) or ``composite`` (a job that other jobs name as their ``parent``)."""
     parent: str | None = None
+    """The composite job this one belongs to."""
 
     def requirements(self) -> tuple[str, ...]:
         """The canonical requirement set: capabilities plus the engine (or engine class)."""
@@ -164,19 +191,22 @@ _NESTED = {
     "retry": tuple(f.encode_name for f in msgspec.structs.fields(Retry)),
 }
 
-_DURATION_RE = re.compile(r"^\s*(?:(\d+(?:\.\d+)?)\s*(ms|s|m|h|d))+\s*$")
+_DURATION_RE = re.compile(r"^\s*(?:(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)\s*)+$")
 _DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)")
 _UNIT_S = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 
 
 def parse_duration(text: str | int | float) -> float:
-    """``'90s'``, ``'5m'``, ``'1h30m'``, ``'250ms'`` or a number of seconds -> seconds."""
+    """``'90s'``, ``'5m'``, ``'1h30m'`` (or ``'1h 30m'``), ``'250ms'`` or a number of seconds ->
+    seconds. Raises ValueError saying what a duration looks like."""
     if isinstance(text, bool):
         raise ValueError(f"{text!r} is not a duration")
     if isinstance(text, (int, float)):
-        if text < 0:
-            raise ValueError(f"{text!r} is negative")
+        if not math.isfinite(text) or text < 0:
+            raise ValueError(f"{text!r} is not a duration: expected a finite number of seconds, 0 or more")
         return float(text)
+    if not isinstance(text, str):
+        raise ValueError(f"{text!r} is not a duration: expected text like 90s, 5m, 1h30m")
     if not _DURATION_RE.match(text):
         raise ValueError(f"{text!r} is not a duration: expected a number with a unit, like 90s, 5m, 1h30m")
     return sum(float(n) * _UNIT_S[u] for n, u in _DURATION_PART.findall(text))
@@ -210,60 +240,136 @@ class JobFile:
 
 
 def content_hash(manifest: Manifest, body: str) -> str:
-    h = hashlib.sha256(msgspec.json.encode(manifest, order="sorted"))
+    """SHA-256 of the manifest without its defaults (stated or not) and of the body: two
+    submissions that mean the same job hash the same, whatever their key order."""
+    h = hashlib.sha256(msgspec.json.encode(_without_defaults(manifest), order="sorted"))
     h.update(b"\0")
     h.update(body.encode())
     return h.hexdigest()
 
 
-_FRONT = re.compile(r"\A(?:\ufeff)?---[ \t]*\r?\n(.*?\r?\n)?---[ \t]*(?:\r?\n|\Z)", re.S)
-
-
-class _LineLoader(yaml.SafeLoader):
-    """SafeLoader that records the 1-based line of every mapping key."""
-
-
-def _construct_mapping(loader: _LineLoader, node: yaml.MappingNode) -> dict:
-    mapping = {}
-    lines = {}
-    for key_node, value_node in node.value:
-        key = loader.construct_object(key_node, deep=True)
-        if not isinstance(key, str) or not key:
-            raise yaml.constructor.ConstructorError(
-                None, None, f"field names must be text, got {key!r}", key_node.start_mark
-            )
-        if key in mapping:
-            raise yaml.constructor.ConstructorError(
-                None, None, f"field '{key}' appears twice", key_node.start_mark
-            )
-        mapping[key] = loader.construct_object(value_node, deep=True)
-        lines[key] = key_node.start_mark.line + 1
-    mapping["\0lines"] = lines
-    return mapping
-
-
-_LineLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
-
-# YAML 1.1 reads on/off/yes/no as booleans, which would turn ``retry: {on: [...]}`` into a
-# ``True`` key. Job files follow YAML 1.2 here: only true/false are booleans.
-_LineLoader.yaml_implicit_resolvers = {
-    first: [(tag, rx) for tag, rx in resolvers if tag != "tag:yaml.org,2002:bool"]
-    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
-}
-_LineLoader.add_implicit_resolver(
-    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
-)
-
-
-def _strip_lines(obj: Any) -> Any:
-    if isinstance(obj, dict):
-        return {k: _strip_lines(v) for k, v in obj.items() if k != "\0lines"}
+def _without_defaults(obj: Any) -> Any:
+    # Not ``omit_defaults`` encoding: msgspec omits a default by identity for some types, so a
+    # stated ``timeout: 30m`` would hash differently from an omitted one. Compare by equality.
+    if isinstance(obj, msgspec.Struct):
+        out = {}
+        for f in msgspec.structs.fields(obj):
+            value = getattr(obj, f.name)
+            if f.default is not msgspec.NODEFAULT:
+                default = f.default
+            elif f.default_factory is not msgspec.NODEFAULT:
+                default = f.default_factory()
+            else:
+                default = msgspec.NODEFAULT
+            if default is msgspec.NODEFAULT or value != default:
+                out[f.encode_name] = _without_defaults(value)
+        return out
     if isinstance(obj, list):
-        return [_strip_lines(v) for v in obj]
+        return [_without_defaults(v) for v in obj]
     return obj
 
 
+_FRONT = re.compile(r"\A(?:\ufeff)?---[ \t]*\r?\n(.*?\r?\n)?---[ \t]*(?:\r?\n|\Z)", re.S)
+_OPENING = re.compile(r"\A(?:\ufeff)?---[ \t]*(?:\r?\n|\Z)")
+_FRONT_FIRST_LINE = 2
+"""The front matter's first line is the line after the opening ``---``."""
+
+_STR_TAG = "tag:yaml.org,2002:str"
+
+
+class _Loader(yaml.SafeLoader):
+    """SafeLoader reading YAML 1.2 booleans."""
+
+
+# YAML 1.1 reads on/off/yes/no as booleans, which would turn ``retry: {on: [...]}`` into a
+# ``True`` key and ``yolo: no`` into a silent ``False``. Job files follow YAML 1.2 here: only
+# true/false are booleans, so ``yolo: yes`` is refused with a hint instead of guessed at.
+_Loader.yaml_implicit_resolvers = {
+    first: [(tag, rx) for tag, rx in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
+)
+_YAML11_BOOLEANS = frozenset({"yes", "no", "on", "off", "y", "n"})
+
+# A field path as reported in errors: ``retry.on[1]``, ``budget.wall``, ``capabilities[0]``.
+_PATH_PART = re.compile(r"\[\d+\]|[^.\[\]]+")
+_LAST_PART = re.compile(r"(?:^|\.)[^.\[\]]+$|\[\d+\]$")
+
+
+def _child(path: str, key: str) -> str:
+    return f"{path}.{key}" if path else key
+
+
+def _node_lines(node: yaml.Node, path: str, lines: dict[str, int], seen: set[int], file: str) -> None:
+    """Record the 1-based line of every field and list item under ``node``, by field path, and
+    refuse what the mapping constructor would silently accept (a repeated field) or what no
+    field name can be (a number, a list). Aliases are walked once, so a recursive alias ends."""
+    if id(node) in seen:
+        return
+    seen.add(id(node))
+    if isinstance(node, yaml.MappingNode):
+        first_line: dict[str, int] = {}
+        for key_node, value_node in node.value:
+            line = key_node.start_mark.line + _FRONT_FIRST_LINE
+            if not isinstance(key_node, yaml.ScalarNode):
+                raise ManifestError(
+                    file, line, path or None, f"a field name must be text, like 'engine', not a {key_node.id}"
+                )
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                raise ManifestError(
+                    file, line, _child(path, key_node.value),
+                    "YAML merge keys are not supported in job files; write the fields out",
+                )
+            if key_node.tag != _STR_TAG or not key_node.value:
+                raise ManifestError(
+                    file, line, _child(path, key_node.value),
+                    f"a field name must be text, like 'engine', not {key_node.value!r}",
+                )
+            key = key_node.value
+            field = _child(path, key)
+            if key in first_line:
+                raise ManifestError(
+                    file, line, field,
+                    f"given twice (first on line {first_line[key]}); keep one of them",
+                )
+            first_line[key] = line
+            lines[field] = line
+            _node_lines(value_node, field, lines, seen, file)
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            field = f"{path}[{i}]"
+            lines[field] = item.start_mark.line + _FRONT_FIRST_LINE
+            _node_lines(item, field, lines, seen, file)
+
+
+def _field_near(front: str, line: int) -> str | None:
+    """Best guess at the field a YAML syntax error is in: the keys on the error's line and the
+    less-indented keys above it (``retry.max``). Only used when the YAML cannot be parsed."""
+    rows = front.splitlines()
+    index = min(line - _FRONT_FIRST_LINE, len(rows) - 1)
+    parts: list[str] = []
+    indent_limit: int | None = None
+    for row in reversed(rows[: index + 1]):
+        m = re.match(r"^([ \t-]*)([A-Za-z0-9_][A-Za-z0-9_\-]*)[ \t]*:(?:[ \t]|$)", row)
+        if not m:
+            continue
+        if "\t" in m.group(1) and not parts:
+            return m.group(2)  # a tab-indented key: the indentation is the mistake, not the nesting
+        indent = len(m.group(1).expandtabs(2))
+        if indent_limit is None or indent < indent_limit:
+            parts.append(m.group(2))
+            indent_limit = indent
+            if indent == 0:
+                break
+    return ".".join(reversed(parts)) or None
+
+
 def _suggest(name: str, choices: tuple[str, ...]) -> str:
+    kebab = name.replace("_", "-").lower()
+    if kebab != name and kebab in choices:
+        return f"did you mean '{kebab}'? (field names are kebab-case)"
     close = difflib.get_close_matches(name, choices, n=1, cutoff=0.6)
     if close:
         return f"did you mean '{close[0]}'?"
@@ -271,9 +377,20 @@ def _suggest(name: str, choices: tuple[str, ...]) -> str:
 
 
 def parse_job_text(text: str, path: str = "<job>") -> JobFile:
-    """Parse and validate one job file's text. Raises :class:`ManifestError`."""
+    """Parse and validate one job file's text (``path`` only names it in errors).
+
+    Raises :class:`ManifestError` naming the file, the line and the field; nothing is
+    guessed: unknown fields, YAML 1.1 booleans (``yes``/``on``) and durations without a unit
+    are refused with the fix in the message.
+    """
     m = _FRONT.match(text)
     if not m:
+        if _OPENING.match(text):
+            raise ManifestError(
+                path, 1, None,
+                "the front matter opened on line 1 is never closed: add a line '---' after the "
+                "manifest, before the prompt",
+            )
         raise ManifestError(
             path, 1, None,
             "no YAML front matter: a job file starts with a line '---', the manifest "
@@ -281,119 +398,279 @@ def parse_job_text(text: str, path: str = "<job>") -> JobFile:
         )
     front = m.group(1) or ""
     body = text[m.end():]
-    # Front matter starts on line 2 of the file.
-    offset = 1
+
+    lines: dict[str, int] = {}
+    loader = _Loader(front)
     try:
-        raw = yaml.load(front, Loader=_LineLoader)  # noqa: S506 - SafeLoader subclass
+        node = loader.get_single_node()
+        if node is not None:
+            _node_lines(node, "", lines, set(), path)
+        raw = loader.construct_document(node) if node is not None else None
     except yaml.MarkedYAMLError as e:
-        line = (e.problem_mark.line + 1 + offset) if e.problem_mark else None
-        raise ManifestError(path, line, None, f"invalid YAML: {e.problem or e}") from None
+        mark = e.problem_mark or e.context_mark
+        if mark is e.problem_mark and e.context_mark is not None and mark.index >= len(front):
+            # "got <stream end>": the closing '---' line is not where the mistake is.
+            mark = e.context_mark
+        line = mark.line + _FRONT_FIRST_LINE if mark else None
+        field = _field_near(front, line) if line is not None else None
+        problem = e.problem or str(e)
+        if "'\\t'" in problem:
+            problem += "; indent with spaces, YAML does not allow tabs"
+        if e.context and e.context_mark and e.context_mark is not mark:
+            problem = f"{problem} ({e.context} on line {e.context_mark.line + _FRONT_FIRST_LINE})"
+        raise ManifestError(path, line, field, f"invalid YAML: {problem}") from None
     except yaml.YAMLError as e:
         raise ManifestError(path, None, None, f"invalid YAML: {e}") from None
-    if raw is None:
-        raw = {"\0lines": {}}
-    if not isinstance(raw, dict):
-        raise ManifestError(path, 1 + offset, None, "the front matter must be a mapping of fields, like 'engine: shell'")
-    lines: dict[str, int] = {k: v + offset for k, v in raw.get("\0lines", {}).items()}
+    finally:
+        loader.dispose()
 
     def line_of(field: str | None) -> int | None:
-        return lines.get(field) if field else None
+        """The line of ``field``, or of the nearest enclosing field that has one."""
+        while field:
+            if field in lines:
+                return lines[field]
+            field = _LAST_PART.sub("", field)
+        return None
+
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ManifestError(
+            path, _FRONT_FIRST_LINE, None,
+            "the front matter must be a mapping of fields, like 'engine: shell', "
+            f"not {_describe_value(raw)}",
+        )
 
     for key in raw:
-        if key == "\0lines":
-            continue
         if key not in FIELD_NAMES:
             raise ManifestError(path, line_of(key), key, f"unknown field; {_suggest(key, FIELD_NAMES)}")
     for parent, names in _NESTED.items():
         sub = raw.get(parent)
         if isinstance(sub, dict):
-            sub_lines = sub.get("\0lines", {})
             for key in sub:
-                if key != "\0lines" and key not in names:
-                    raise ManifestError(
-                        path, sub_lines.get(key, 0) + offset if key in sub_lines else line_of(parent),
-                        f"{parent}.{key}", f"unknown field; {_suggest(key, names)}",
-                    )
+                if key not in names:
+                    field = f"{parent}.{key}"
+                    raise ManifestError(path, line_of(field), field, f"unknown field; {_suggest(key, names)}")
 
-    data = _strip_lines(raw)
-    for required in ("cwd",):
-        if required not in data or data[required] in (None, ""):
-            raise ManifestError(path, None, required, f"'{required}' is required (the directory the job runs in)")
-    if not data.get("engine") and not data.get("engine-class"):
+    cwd = raw.get("cwd")
+    if cwd is None or (isinstance(cwd, str) and not cwd.strip()):
         raise ManifestError(
-            path, None, "engine",
+            path, line_of("cwd"), "cwd",
+            "'cwd' is required: the directory the job runs in, like 'cwd: my-repo'",
+        )
+    if not raw.get("engine") and not raw.get("engine-class"):
+        raise ManifestError(
+            path, line_of("engine") or line_of("engine-class"), "engine",
             "'engine' is required (for example 'engine: shell'), unless 'engine-class' names a class "
             f"({', '.join(c.value for c in EngineClass)})",
         )
     try:
-        manifest = msgspec.convert(data, Manifest, strict=True)
+        manifest = msgspec.convert(raw, Manifest, strict=True)
     except msgspec.ValidationError as e:
-        field, msg = _field_of_validation_error(str(e))
-        top = field.split(".")[0].split("[")[0] if field else None
-        raise ManifestError(path, line_of(top), field, msg) from None
+        field, msg = _explain_validation_error(str(e), raw)
+        raise ManifestError(path, line_of(field), field, msg) from None
 
     _check_semantics(manifest, path, line_of)
     return JobFile(path=path, manifest=manifest, body=body)
 
 
-def _field_of_validation_error(text: str) -> tuple[str | None, str]:
+_MANIFEST_INFO = msgspec.inspect.type_info(Manifest)
+
+_NOUNS = {"retry.on": "failure class"}
+"""How an enum error names what the value is not, where the field name reads badly."""
+
+
+def _type_at(field: str) -> msgspec.inspect.Type | None:
+    """The msgspec type of the manifest field at ``field`` (``retry.on[1]`` -> FailureClass)."""
+    t: msgspec.inspect.Type | None = _MANIFEST_INFO
+    for part in _PATH_PART.findall(field):
+        options = t.types if isinstance(t, msgspec.inspect.UnionType) else (t,)
+        nxt = None
+        for option in options:
+            if part.startswith("[") and isinstance(option, msgspec.inspect.ListType):
+                nxt = option.item_type
+            elif isinstance(option, msgspec.inspect.StructType):
+                nxt = next((f.type for f in option.fields if f.encode_name == part), None)
+            if nxt is not None:
+                break
+        t = nxt
+        if t is None:
+            return None
+    return t
+
+
+def _allowed_values(t: msgspec.inspect.Type | None) -> tuple[list[str], list[str]]:
+    """The literal values a field accepts, and the mapping shapes it also accepts."""
+    values: list[str] = []
+    shapes: list[str] = []
+    options = t.types if isinstance(t, msgspec.inspect.UnionType) else (t,)
+    for option in options:
+        if isinstance(option, msgspec.inspect.EnumType):
+            values += [str(member.value) for member in option.cls]
+        elif isinstance(option, msgspec.inspect.LiteralType):
+            values += [str(v) for v in option.values]
+        elif isinstance(option, msgspec.inspect.StructType):
+            required = [f for f in option.fields if f.required]
+            inner = ", ".join(
+                f.encode_name + (": [...]" if isinstance(f.type, msgspec.inspect.ListType) else ": ...")
+                for f in required
+            )
+            shapes.append("{" + inner + "}")
+    return values, shapes
+
+
+def _expected_choices(values: list[str], shapes: list[str]) -> str:
+    text = "one of " + ", ".join(values)
+    if shapes:
+        text += " or a mapping " + " or ".join(shapes)
+    return text
+
+
+def _value_at(data: Any, field: str | None) -> Any:
+    for part in _PATH_PART.findall(field or ""):
+        try:
+            data = data[int(part[1:-1])] if part.startswith("[") else data[part]
+        except (KeyError, IndexError, TypeError, ValueError):
+            return None
+    return data
+
+
+def _describe_value(value: Any) -> str:
+    if value is None:
+        return "an empty value"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return f"the number {value!r}"
+    if isinstance(value, str):
+        return f"the text {value!r}"
+    if isinstance(value, list):
+        return "a list"
+    if isinstance(value, dict):
+        return "a mapping"
+    return type(value).__name__
+
+
+_TYPE_WORDS = {
+    "str": "text",
+    "int": "a whole number",
+    "float": "a number",
+    "bool": "true or false",
+    "array": "a list",
+    "object": "a mapping",
+}
+_DURATION_FIELDS = ("timeout", "budget.wall", "retry.backoff")
+
+
+def _explain_validation_error(text: str, data: Any) -> tuple[str | None, str]:
+    """Turn a msgspec validation error into (field path, message a user can act on)."""
     # msgspec: "Expected `int`, got `str` - at `$.retry.max`"
     m = re.match(r"^(.*?)(?: - at `\$(.*)`)?$", text, re.S)
     assert m is not None
     msg, at = m.group(1), m.group(2)
-    field = at.lstrip(".") if at else None
-    msg = msg.replace("`", "'")
-    if msg.startswith("Invalid enum value"):
-        msg = f"{msg}; expected one of the documented values"
-    return field or None, msg
+    field = (at or "").lstrip(".") or None
+    value = _value_at(data, field)
+    t = _type_at(field) if field else None
+    values, shapes = _allowed_values(t)
+
+    if msg.startswith("Invalid enum value") and field:
+        base = re.sub(r"\[\d+\]$", "", field)
+        noun = _NOUNS.get(base, base)
+        article = "an" if noun[0] in "aeiou" else "a"
+        return field, f"{value!r} is not {article} {noun}; expected {_expected_choices(values, shapes)}"
+
+    unknown = re.match(r"^Object contains unknown field `(.*)`$", msg)
+    if unknown:
+        names = tuple(
+            f.encode_name
+            for option in (t.types if isinstance(t, msgspec.inspect.UnionType) else (t,))
+            if isinstance(option, msgspec.inspect.StructType)
+            for f in option.fields
+        )
+        key = unknown.group(1)
+        return _child(field or "", key), f"unknown field; {_suggest(key, names)}"
+
+    missing = re.match(r"^Object missing required field `(.*)`$", msg)
+    if missing:
+        key = missing.group(1)
+        return _child(field or "", key), f"'{key}' is required here; expected {_expected_choices(values, shapes)}"
+
+    wrong = re.match(r"^Expected `(.*)`, got `(.*)`$", msg)
+    if wrong:
+        got = _describe_value(value)
+        if field in _DURATION_FIELDS and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return field, f"{value!r} has no unit; write a duration like '{value}s', '5m' or '1h30m'"
+        if values:
+            return field, f"expected {_expected_choices(values, shapes)}, got {got}"
+        wanted = [w for w in wrong.group(1).split(" | ") if w != "null"]
+        expected = " or ".join(_TYPE_WORDS.get(w, w) for w in wanted) or "nothing"
+        hint = ""
+        if "bool" in wanted and isinstance(value, str) and value.lower() in _YAML11_BOOLEANS:
+            hint = " (job files use YAML 1.2: write true or false, not yes/no/on/off)"
+        return field, f"expected {expected}, got {got}{hint}"
+
+    return field, msg.replace("`", "'")
 
 
 def _check_semantics(m: Manifest, path: str, line_of) -> None:
-    def fail(field: str, message: str) -> None:
-        raise ManifestError(path, line_of(field.split(".")[0]), field, message)
+    """Checks the types alone cannot express. Raises :class:`ManifestError` for the first."""
+    problem = _first_semantic_problem(m)
+    if problem is not None:
+        field, message = problem
+        raise ManifestError(path, line_of(field), field, message)
 
+
+def _first_semantic_problem(m: Manifest) -> tuple[str, str] | None:
     if m.engine is not None and not re.fullmatch(r"[a-z0-9][a-z0-9_\-]*", m.engine):
-        fail("engine", f"{m.engine!r} is not an engine name (lower-case letters, digits, '-' and '_')")
+        return "engine", f"{m.engine!r} is not an engine name (lower-case letters, digits, '-' and '_')"
     for field, value in (("timeout", m.timeout), ("budget.wall", m.budget.wall), ("retry.backoff", m.retry.backoff)):
         if value is None:
             continue
         try:
             seconds = parse_duration(value)
         except ValueError as e:
-            fail(field, str(e))
+            return field, str(e)
         if field != "retry.backoff" and seconds <= 0:
-            fail(field, f"{value!r} must be longer than zero")
+            return field, f"{value!r} must be longer than zero"
     if m.retry.max < 0 or m.retry.max > 100:
-        fail("retry.max", f"{m.retry.max} is out of range: expected 0 to 100 retries")
-    if m.budget.usd is not None and m.budget.usd < 0:
-        fail("budget.usd", "must not be negative")
+        return "retry.max", f"{m.retry.max} is out of range: expected 0 to 100 retries"
+    if m.budget.usd is not None and not (m.budget.usd >= 0 and math.isfinite(m.budget.usd)):
+        return "budget.usd", f"{m.budget.usd:g} is not a spend limit: expected a number of dollars, 0 or more"
     if m.budget.tokens is not None and m.budget.tokens < 0:
-        fail("budget.tokens", "must not be negative")
+        return "budget.tokens", f"{m.budget.tokens} must not be negative; leave it out for no limit"
     for i, token in enumerate(m.capabilities):
         try:
             caps.parse_requirement(token)
         except caps.CapabilityError as e:
-            fail(f"capabilities[{i}]", str(e))
+            return f"capabilities[{i}]", str(e)
     for i, dep in enumerate(m.deps):
-        if not isinstance(dep, str) or not dep.strip():
-            fail(f"deps[{i}]", "a dependency is a job id or an idempotency key")
+        if not dep.strip():
+            return f"deps[{i}]", "a dependency is a job id or an idempotency key, not empty text"
     if m.lock is not None and not m.lock.strip():
-        fail("lock", "must not be empty; leave it out for no lock")
+        return "lock", "must not be empty; leave it out for no lock"
     if m.idempotency_key is not None and not m.idempotency_key.strip():
-        fail("idempotency-key", "must not be empty; leave it out for no deduplication")
+        return "idempotency-key", "must not be empty; leave it out for no deduplication"
     if isinstance(m.review_policy, Reviewers) and not m.review_policy.reviewers:
-        fail("review-policy", "'reviewers' needs at least one name, like {reviewers: ['@alice']}")
+        return "review-policy.reviewers", "needs at least one name, like {reviewers: ['@alice']}"
+    return None
 
 
 def parse_job_file(path: str) -> JobFile:
-    """Read and parse one job file from disk."""
+    """Read and parse one job file from disk. Raises :class:`ManifestError`, also when the
+    file cannot be read or is not UTF-8 text."""
     try:
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
-    except UnicodeDecodeError:
-        raise ManifestError(path, None, None, "not UTF-8 text; save the job file as UTF-8") from None
+        with open(path, "rb") as f:
+            data = f.read()
     except OSError as e:
-        raise ManifestError(path, None, None, f"cannot read: {e.strerror}") from None
+        raise ManifestError(path, None, None, f"cannot read the job file: {e.strerror or e}") from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise ManifestError(
+            path, line, None,
+            f"not UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start}); save the job file as UTF-8",
+        ) from None
     return parse_job_text(text, path)
 
 

@@ -204,7 +204,9 @@ def fail(rec: JobRecord, now: float, reason: str) -> Outcome:
 
 
 def operator_requeue(rec: JobRecord, now: float, actor: str) -> Outcome:
-    """Operator requeue: from any stage but ``shipped``; a fresh retry budget."""
+    """Operator requeue with a fresh retry budget, from any stage the lifecycle table allows
+    (everything that has left the queue but ``shipped``). Bumps the epoch, so a running
+    holder is fenced on its next write."""
     return _move(
         rec, Event.REQUEUE, now, f"requeued by {actor}",
         epoch=rec.epoch + 1, lease=None, retries_used=0, backoff_s=0.0,
