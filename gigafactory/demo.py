@@ -1,0 +1,229 @@
+"""``gigafactory demo``: the whole system on one machine, as separate processes.
+
+An embedded nats-server, one coordinator process and two factory processes with different
+capability sets run the example jobs (``examples/``). Live progress is shown; the demo prints
+a summary and exits 0 only if every job ended in the stage its example says it should.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from importlib import resources
+from pathlib import Path
+
+import click
+import orjson
+import yaml
+
+from gigafactory.client import RESTING, Client
+from gigafactory.embedded import EmbeddedServer
+
+DEMO_SETTINGS = {
+    # Short enough that the demo's retries and reclaims happen while you watch.
+    "GIGAFACTORY_HEARTBEAT_S": "1",
+    "GIGAFACTORY_LEASE_TTL_S": "10",
+    "GIGAFACTORY_LEASE_RENEW_S": "2",
+    "GIGAFACTORY_LONG_POLL_S": "2",
+    "GIGAFACTORY_DRAIN_TIMEOUT_S": "10",
+}
+
+
+def bundled_examples() -> Path:
+    return Path(str(resources.files("gigafactory.examples")))
+
+
+def _git(cwd: Path, *args: str) -> None:
+    subprocess.run(["git", *args], cwd=cwd, check=True, capture_output=True, timeout=30)
+
+
+def make_scratch_repo(path: Path) -> None:
+    """A small git repository for the example jobs to change."""
+    path.mkdir(parents=True, exist_ok=True)
+    _git(path, "init", "-q")
+    _git(path, "checkout", "-q", "-B", "main")
+    (path / "README.md").write_text("# scratch repo for the gigafactory demo\n")
+    _git(path, "add", "README.md")
+    _git(path, "-c", "user.name=gigafactory", "-c", "user.email=demo@gigafactory.local", "commit", "-q", "-m", "init")
+
+
+class _Procs:
+    def __init__(self) -> None:
+        self.procs: list[tuple[str, subprocess.Popen]] = []
+
+    def start(self, name: str, args: list[str], env: dict, log: Path) -> None:
+        out = open(log, "ab")
+        p = subprocess.Popen([sys.executable, "-m", "gigafactory", *args], env=env, stdout=out,
+                             stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+        out.close()
+        self.procs.append((name, p))
+
+    def dead(self) -> list[str]:
+        return [f"{n} (exit {p.returncode})" for n, p in self.procs if p.poll() is not None]
+
+    def stop(self, timeout_s: float = 20.0) -> None:
+        # Factories first (they drain and deregister), then the coordinator.
+        for n, p in reversed(self.procs):
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + timeout_s
+        for _, p in self.procs:
+            try:
+                p.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait(timeout=5)
+
+
+def _table(rows: list[list[str]]) -> str:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)
+
+
+def run_demo(*, examples_dir: str | None, workdir: str | None, timeout_s: float, as_json: bool,
+             nats_url: str | None) -> int:
+    ex = Path(examples_dir) if examples_dir else bundled_examples()
+    spec_path = ex / "demo.yaml"
+    if not spec_path.is_file():
+        click.secho(f"error: {spec_path} is missing: it lists each example's expected end stage", fg="red", err=True)
+        return 2
+    spec = yaml.safe_load(spec_path.read_text())
+    expect: dict[str, str] = spec["expect"]
+    missing = [f for f in expect if not (ex / f).is_file()]
+    if missing:
+        click.secho(f"error: {spec_path} names files that are not there: {', '.join(missing)}", fg="red", err=True)
+        return 2
+    if shutil.which("git") is None:
+        click.secho("error: the demo's example jobs change a git repository: install git", fg="red", err=True)
+        return 2
+
+    temp = workdir is None
+    root = Path(workdir or tempfile.mkdtemp(prefix="gigafactory-demo-")).resolve()
+    root.mkdir(parents=True, exist_ok=True)
+    workspace = root / "workspace"
+    make_scratch_repo(workspace / "scratch-repo")
+    say = (lambda *a, **k: None) if as_json else (lambda m: click.echo(m, err=True))
+
+    srv = None
+    procs = _Procs()
+    try:
+        if nats_url:
+            url = nats_url
+        else:
+            srv = EmbeddedServer(store_dir=str(root / "nats"), log_file=str(root / "nats-server.log")).start()
+            url = srv.url
+        say(f"broker   {url}  (data in {root})")
+        env = dict(os.environ, **DEMO_SETTINGS)
+        env.pop("GIGAFACTORY_NATS_URL", None)
+        procs.start("coordinator", ["coordinator", "--nats", url, "--log-level", "warning"], env, root / "coordinator.log")
+        factories = spec.get("factories") or [{"id": "alpha", "stations": 2, "caps": []}]
+        for f in factories:
+            args = ["factory", "--nats", url, "--id", f["id"], "--stations", str(f.get("stations", 2)), "--no-probe",
+                    "--workspace", str(workspace), "--data-dir", str(root / "factories"), "--log-level", "warning"]
+            for c in f.get("caps", []):
+                args += ["--cap", c]
+            procs.start(f["id"], args, env, root / f"factory-{f['id']}.log")
+            say(f"factory  {f['id']}: {f.get('stations', 2)} stations, capabilities {' '.join(f.get('caps', [])) or '-'}")
+        result = asyncio.run(_drive(url, ex, expect, len(factories), timeout_s, as_json, procs))
+    finally:
+        procs.stop()
+        if srv:
+            srv.stop()
+    ok = all(r["ok"] for r in result["jobs"])
+    if as_json:
+        click.echo(orjson.dumps({**result, "ok": ok, "dir": str(root)}, option=orjson.OPT_INDENT_2).decode())
+    else:
+        rows = [["example", "job", "expected", "ended", "attempts", ""]]
+        for r in result["jobs"]:
+            rows.append([r["file"], r["job"], r["expected"], r["stage"], str(r["attempt"]), "ok" if r["ok"] else "MISMATCH"])
+        click.echo("\n" + _table(rows))
+        for r in result["jobs"]:
+            if r["stage"] in ("queued", "blocked", "testing", "review", "dead_letter", "failed"):
+                click.echo(f"  {r['job']}: {r['why']}")
+        if result.get("error"):
+            click.secho(f"\n{result['error']}", fg="red")
+        click.secho(f"\n{'all' if ok else 'NOT all'} {len(result['jobs'])} jobs ended where expected "
+                    f"in {result['elapsed_s']:.1f}s", fg="green" if ok else "red")
+        if not ok:
+            click.echo(f"logs: {root}/coordinator.log, {root}/factory-*.log")
+    if ok and temp:
+        shutil.rmtree(root, ignore_errors=True)
+    return 0 if ok else 1
+
+
+async def _drive(url: str, ex: Path, expect: dict[str, str], n_factories: int, timeout_s: float, as_json: bool,
+                 procs: _Procs) -> dict:
+    t0 = time.monotonic()
+    deadline = t0 + timeout_s
+    client = None
+    while client is None:
+        try:
+            client = await Client.connect(url)
+        except Exception:
+            if time.monotonic() > deadline:
+                raise
+            await asyncio.sleep(0.2)
+    try:
+        # Wait for the coordinator's API and both factories.
+        while True:
+            if procs.dead():
+                return {"jobs": [], "elapsed_s": time.monotonic() - t0, "error": "died: " + ", ".join(procs.dead())}
+            try:
+                fl = await client.call("factories", timeout_s=2)
+                if sum(1 for f in fl["factories"] if f["live"]) >= n_factories:
+                    break
+            except Exception:
+                pass
+            if time.monotonic() > deadline:
+                return {"jobs": [], "elapsed_s": time.monotonic() - t0, "error": "fleet did not come up"}
+            await asyncio.sleep(0.2)
+
+        files = [str(ex / f) for f in sorted(expect)]
+        submitted = await client.submit_files(files, source="demo")
+        by_job = {s["job"]: Path(s["file"]).name for s in submitted}
+        if not as_json:
+            click.echo(f"submitted {len(submitted)} example jobs", err=True)
+        tty = sys.stderr.isatty() and not as_json
+        last = ""
+        while True:
+            resp = await client.call("list", {"limit": 100000})
+            jobs = {j["id"]: j for j in resp["jobs"] if j["id"] in by_job}
+            # Done when every job expected at rest is at rest, and every job expected to wait
+            # (queued/blocked) is waiting there.
+            done = len(jobs) == len(by_job) and all(
+                (jobs[j]["stage"] in RESTING) if expect[f] in RESTING else (jobs[j]["stage"] == expect[f])
+                for j, f in by_job.items()
+            )
+            counts: dict[str, int] = {}
+            for j in jobs.values():
+                counts[j["stage"]] = counts.get(j["stage"], 0) + 1
+            line = f"[{time.monotonic() - t0:5.1f}s] " + " · ".join(f"{v} {k}" for k, v in sorted(counts.items()))
+            if not as_json:
+                if tty:
+                    click.echo("\r" + line.ljust(len(last)), nl=False, err=True)
+                elif line.split("] ")[1] != last.split("] ")[-1]:
+                    click.echo(line, err=True)
+            last = line
+            settled = done and time.monotonic() - t0 > 1.0
+            if settled or time.monotonic() > deadline or procs.dead():
+                break
+            await asyncio.sleep(0.25)
+        if tty:
+            click.echo("", err=True)
+        out = []
+        for job, f in sorted(by_job.items(), key=lambda kv: kv[1]):
+            st = await client.call("status", {"job": job, "events": 0})
+            stage = st["job"]["stage"]
+            out.append({"file": f, "job": job, "expected": expect[f], "stage": stage,
+                        "attempt": st["job"]["attempt"], "ok": stage == expect[f], "why": st["why"],
+                        "info": st["info"]})
+        err = ("died: " + ", ".join(procs.dead())) if procs.dead() else None
+        return {"jobs": out, "elapsed_s": time.monotonic() - t0, **({"error": err} if err else {})}
+    finally:
+        await client.close()
