@@ -231,7 +231,9 @@ class Scheduler:
             return
         self.held[rec.id] = reason
         if rec.reason != reason:
-            new = msgspec.structs.replace(rec, reason=reason)
+            # The backoff has elapsed (holds are decided after it): clear it, or this write's
+            # new broker timestamp would start it again.
+            new = msgspec.structs.replace(rec, reason=reason, backoff_s=0.0)
             try:
                 await self.b.jobs.update(rec.id, encode(new), last=st.revision)
             except Conflict:

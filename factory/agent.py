@@ -85,6 +85,8 @@ class Run:
     record: JobRecord
     cancel: asyncio.Event = field(default_factory=asyncio.Event)
     fenced: bool = False
+    draining: bool = False
+    """Set by drain: the run is stopped and handed back, not reported as a failure."""
     lock_key: str | None = None
     lock_rev: int = 0
     write_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
@@ -235,8 +237,8 @@ class Factory:
         while self.runs and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
         for run in list(self.runs.values()):
+            run.draining = True  # _execute hands it back once the engine has stopped
             run.cancel.set()
-            await self._safe(self._hand_back(run, "factory draining"))
         deadline = time.monotonic() + 10
         while self.runs and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
@@ -599,6 +601,10 @@ class Factory:
             run.cancel.set()
             await renewer
             renewer = None
+            if run.draining and not run.fenced:
+                # Stopped by a drain: give the job back without charging it a retry.
+                await self._hand_back(run, "factory draining")
+                return
             if run.fenced:
                 self._quarantine_local(run, payload, "lease lost while running (stale epoch)")
                 return
