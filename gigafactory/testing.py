@@ -1,0 +1,66 @@
+"""Brokers for tests, chaos scenarios and load runs.
+
+The default is a real ``nats-server`` subprocess on a free loopback port (the embedded
+broker). Where a Docker engine answers, ``GIGAFACTORY_TEST_BROKER=docker`` runs the same
+fixtures against a ``nats`` container through testcontainers instead; nothing is mocked
+either way.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from collections.abc import Iterator
+
+from gigafactory.embedded import EmbeddedServer
+
+NATS_IMAGE = os.environ.get("GIGAFACTORY_NATS_IMAGE", "nats:2.12-alpine")
+
+
+def docker_available() -> bool:
+    """True when a Docker engine answers (the client alone is not enough)."""
+    try:
+        import docker  # testcontainers depends on it
+
+        docker.from_env(timeout=3).ping()
+        return True
+    except Exception:
+        return False
+
+
+def broker_kind() -> str:
+    """``embedded`` (default) or ``docker`` (asked for with GIGAFACTORY_TEST_BROKER=docker)."""
+    want = os.environ.get("GIGAFACTORY_TEST_BROKER", "embedded")
+    if want not in ("embedded", "docker"):
+        raise ValueError(f"GIGAFACTORY_TEST_BROKER={want!r}: expected 'embedded' or 'docker'")
+    if want == "docker" and not docker_available():
+        raise RuntimeError("GIGAFACTORY_TEST_BROKER=docker but no Docker engine answers; unset it to use "
+                           "the embedded nats-server")
+    return want
+
+
+@contextlib.contextmanager
+def docker_broker() -> Iterator[str]:
+    from testcontainers.core.container import DockerContainer
+    from testcontainers.core.waiting_utils import wait_for_logs
+
+    with DockerContainer(NATS_IMAGE).with_command("-js").with_exposed_ports(4222) as c:
+        wait_for_logs(c, "Server is ready", timeout=30)
+        yield f"nats://{c.get_container_host_ip()}:{c.get_exposed_port(4222)}"
+
+
+@contextlib.contextmanager
+def broker_url(**kw) -> Iterator[str]:
+    """A running broker for one test, by URL. Tests that kill or restart the broker use
+    :class:`EmbeddedServer` directly."""
+    if broker_kind() == "docker":
+        with docker_broker() as url:
+            yield url
+        return
+    with tempfile.TemporaryDirectory(prefix="gf-nats-") as tmp:
+        srv = EmbeddedServer(store_dir=os.path.join(tmp, "store"), **kw).start()
+        try:
+            yield srv.url
+        finally:
+            srv.stop()
