@@ -1,0 +1,507 @@
+"""The shell engine and the verify gate: run a script or a command, bounded, in its own
+process group, with its output appended to a log file and streamed to a callback.
+
+Theory of operation:
+
+- The child runs as the leader of a new session (``start_new_session=True``), so its process
+  group contains everything it starts (``sleep 1000 &``, a dev server, an agent's tool calls)
+  unless something deliberately escapes with ``setsid``.
+- stdout and stderr share one pipe that this module owns (not asyncio's ``PIPE``): in Python
+  3.11 ``Process.wait()`` only returns once every pipe is closed, and a background grandchild
+  holding stdout would make it wait forever.
+- On timeout or cancel the whole group gets SIGTERM, then SIGKILL after ``kill_grace_s``.
+  When the leader exits on its own, whatever it left running in its group is stopped the same
+  way: a finished job leaves nothing behind on the factory.
+- Every wait is bounded. If the caller cancels the coroutine, the group is SIGKILLed at once.
+  The leader is always reaped (asyncio's child watcher), so no zombie is left. Grandchildren
+  are reparented to init, which reaps them; a zombie is dead, so the group counts as stopped
+  once only zombies remain.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import BinaryIO
+
+log = logging.getLogger(__name__)
+
+_POSIX = os.name == "posix"
+_HAS_PROC = sys.platform.startswith("linux") and os.path.isdir("/proc")
+
+# SIGKILL cannot be ignored, but a process stuck in the kernel (D state) can outlive it for
+# a while; we stop waiting after this and report what we know.
+_KILL_WAIT_S = 5.0
+# Once the group is gone, its last output is already in the pipe; only a process that
+# escaped the group (setsid, a daemon) can keep the pipe open longer than this.
+_DRAIN_TIMEOUT_S = 1.0
+_POLL_MIN_S = 0.005
+_POLL_MAX_S = 0.05
+_READ_CHUNK_BYTES = 65536
+
+
+@dataclass(frozen=True)
+class ProcessResult:
+    """How a script or command ended."""
+
+    exit_code: int | None
+    """The exit status, or None when a signal ended the process (see ``signal``)."""
+    timed_out: bool
+    """``timeout_s`` elapsed and the process group was stopped."""
+    cancelled: bool
+    """The ``cancel`` event was set and the process group was stopped."""
+    signal: int | None
+    """The signal that ended the process, if one did."""
+    duration_s: float
+    """From start to the exit of the process (including the kill grace, if it was stopped)."""
+
+    @property
+    def ok(self) -> bool:
+        """Exited 0 on its own."""
+        return self.exit_code == 0 and not self.timed_out and not self.cancelled
+
+
+class WorkdirNotFoundError(FileNotFoundError):
+    """The working directory of a job does not exist on this factory."""
+
+
+class ShellNotFoundError(FileNotFoundError):
+    """Neither bash nor sh is on the search path."""
+
+
+OutputCallback = Callable[[bytes], None]
+
+
+async def run_script(
+    script: str,
+    *,
+    cwd: str,
+    env: Mapping[str, str],
+    timeout_s: float,
+    log_path: str,
+    on_output: OutputCallback | None = None,
+    cancel: asyncio.Event | None = None,
+    kill_grace_s: float = 5.0,
+    header: str | None = None,
+) -> ProcessResult:
+    """Run ``script`` with ``bash <file>`` (``sh`` if there is no bash) and wait for it, bounded.
+
+    :param script: the script text; written to a temporary file next to ``log_path``, removed
+        afterwards.
+    :param cwd: working directory; :class:`WorkdirNotFoundError` if it does not exist.
+    :param env: the complete environment of the child (the caller merges it).
+    :param timeout_s: wall-clock limit; then the process group is stopped and ``timed_out`` set.
+    :param log_path: stdout and stderr are appended here (the file is opened in append mode, so
+        a later ``run_command`` for verify follows the engine's output).
+    :param on_output: called with each chunk of output, in order, on the event loop. If it
+        raises, the error is logged and it is not called again; the log file still gets all.
+    :param cancel: when set, the process group is stopped and ``cancelled`` set.
+    :param kill_grace_s: time between SIGTERM and SIGKILL to the process group.
+    :param header: written to the log before the output (a newline is added if missing).
+    """
+    _check_cwd(cwd)
+    shell = _find_shell(env)
+    log_dir = os.path.dirname(os.path.abspath(log_path))
+    os.makedirs(log_dir, exist_ok=True)
+    fd, script_path = tempfile.mkstemp(prefix=".gf-script-", suffix=".sh", dir=log_dir)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(script.encode("utf-8"))
+        return await _run(
+            [shell, script_path],
+            cwd=cwd,
+            env=env,
+            timeout_s=timeout_s,
+            log_path=log_path,
+            on_output=on_output,
+            cancel=cancel,
+            kill_grace_s=kill_grace_s,
+            header=header,
+        )
+    finally:
+        try:
+            os.unlink(script_path)
+        except FileNotFoundError:
+            pass
+
+
+async def run_command(
+    command: str,
+    *,
+    cwd: str,
+    env: Mapping[str, str],
+    timeout_s: float,
+    log_path: str,
+    on_output: OutputCallback | None = None,
+    cancel: asyncio.Event | None = None,
+    kill_grace_s: float = 5.0,
+    header: str | None = None,
+) -> ProcessResult:
+    """Run ``bash -c command`` (``sh -c`` if there is no bash): the verify gate.
+
+    Parameters as for :func:`run_script`.
+    """
+    _check_cwd(cwd)
+    shell = _find_shell(env)
+    log_dir = os.path.dirname(os.path.abspath(log_path))
+    os.makedirs(log_dir, exist_ok=True)
+    return await _run(
+        [shell, "-c", command],
+        cwd=cwd,
+        env=env,
+        timeout_s=timeout_s,
+        log_path=log_path,
+        on_output=on_output,
+        cancel=cancel,
+        kill_grace_s=kill_grace_s,
+        header=header,
+    )
+
+
+def _check_cwd(cwd: str) -> None:
+    if not os.path.isdir(cwd):
+        raise WorkdirNotFoundError(
+            errno.ENOENT,
+            "the job's working directory does not exist on this factory "
+            "(check the manifest's cwd and that the repository is checked out here)",
+            cwd,
+        )
+
+
+def _find_shell(env: Mapping[str, str]) -> str:
+    # The job's own PATH first, so a job can pin its shell; then the factory's.
+    for search in (env.get("PATH"), os.environ.get("PATH", os.defpath)):
+        if not search:
+            continue
+        for name in ("bash", "sh"):
+            found = shutil.which(name, path=search)
+            if found:
+                return found
+    raise ShellNotFoundError(errno.ENOENT, "neither bash nor sh is on PATH; install one to run shell jobs", "bash")
+
+
+class _Sink:
+    """Appends output to the log and forwards it to the callback; never raises into asyncio."""
+
+    def __init__(self, log_file: BinaryIO, on_output: OutputCallback | None) -> None:
+        self._log = log_file
+        self._on_output = on_output
+        self._log_failed = False
+
+    def note(self, text: str) -> None:
+        """A line of our own in the log (not passed to on_output: it is not the job's output)."""
+        self._write(f"[gigafactory] {text}\n".encode())
+
+    def log_only(self, data: bytes) -> None:
+        self._write(data)
+
+    def __call__(self, chunk: bytes) -> None:
+        self._write(chunk)
+        if self._on_output is not None:
+            try:
+                self._on_output(chunk)
+            except Exception:  # noqa: BLE001 - a broken observer must not stop the job
+                log.exception("on_output callback failed; not calling it again for this run")
+                self._on_output = None
+
+    def _write(self, data: bytes) -> None:
+        if self._log_failed:
+            return
+        try:
+            self._log.write(data)
+            self._log.flush()
+        except (OSError, ValueError):  # ValueError: written after the run closed the log
+            # Disk full or similar: keep the job and on_output going rather than SIGPIPE it.
+            log.exception("cannot write to the job log; further output goes to on_output only")
+            self._log_failed = True
+
+
+class _PipeProtocol(asyncio.Protocol):
+    def __init__(self, sink: _Sink, closed: asyncio.Future) -> None:
+        self._sink = sink
+        self._closed = closed
+
+    def data_received(self, data: bytes) -> None:
+        self._sink(data)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self._closed.done():
+            self._closed.set_result(None)
+
+
+class _PipeReader:
+    """Reads the child's output pipe until EOF; can be closed early."""
+
+    def __init__(self, closed: asyncio.Future, transport: asyncio.BaseTransport | None) -> None:
+        self._closed = closed
+        self._transport = transport
+
+    @classmethod
+    async def start(cls, loop: asyncio.AbstractEventLoop, read_fd: int, sink: _Sink) -> _PipeReader:
+        closed = loop.create_future()
+        # From here on the reader owns read_fd.
+        if _POSIX:
+            pipe = os.fdopen(read_fd, "rb", buffering=0)
+            try:
+                transport, _ = await loop.connect_read_pipe(lambda: _PipeProtocol(sink, closed), pipe)
+            except BaseException:
+                pipe.close()
+                raise
+            return cls(closed, transport)
+        # The Windows proactor cannot read an anonymous pipe asynchronously: use a thread.
+        threading.Thread(target=_read_in_thread, args=(loop, read_fd, sink, closed), daemon=True).start()
+        return cls(closed, None)
+
+    async def wait_closed(self, timeout_s: float) -> bool:
+        try:
+            await asyncio.wait_for(asyncio.shield(self._closed), timeout=timeout_s)
+            return True
+        except asyncio.TimeoutError:
+            return False
+
+    def close(self) -> None:
+        if self._transport is not None:
+            self._transport.close()
+
+
+def _read_in_thread(loop: asyncio.AbstractEventLoop, fd: int, sink: _Sink, closed: asyncio.Future) -> None:
+    def finish() -> None:
+        if not closed.done():
+            closed.set_result(None)
+
+    try:
+        while chunk := os.read(fd, _READ_CHUNK_BYTES):
+            loop.call_soon_threadsafe(sink, chunk)
+    except (OSError, RuntimeError):  # RuntimeError: the loop is closed
+        pass
+    finally:
+        os.close(fd)
+        try:
+            loop.call_soon_threadsafe(finish)
+        except RuntimeError:  # the loop is closed
+            pass
+
+
+async def _run(
+    argv: list[str],
+    *,
+    cwd: str,
+    env: Mapping[str, str],
+    timeout_s: float,
+    log_path: str,
+    on_output: OutputCallback | None,
+    cancel: asyncio.Event | None,
+    kill_grace_s: float,
+    header: str | None,
+) -> ProcessResult:
+    if not timeout_s > 0:
+        raise ValueError(f"timeout_s must be positive, got {timeout_s!r}")
+    if not kill_grace_s >= 0:
+        raise ValueError(f"kill_grace_s must be zero or positive, got {kill_grace_s!r}")
+    loop = asyncio.get_running_loop()
+    with open(log_path, "ab") as log_file:
+        sink = _Sink(log_file, on_output)
+        if header:
+            sink.log_only(header.encode("utf-8") + (b"" if header.endswith("\n") else b"\n"))
+        if cancel is not None and cancel.is_set():
+            sink.note("cancelled before start")
+            return ProcessResult(exit_code=None, timed_out=False, cancelled=True, signal=None, duration_s=0.0)
+
+        read_fd, write_fd = os.pipe()
+        started = time.monotonic()
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                *argv,
+                stdin=subprocess.DEVNULL,
+                stdout=write_fd,
+                stderr=write_fd,
+                cwd=cwd,
+                env=dict(env),
+                **_group_kwargs(),
+            )
+        except BaseException:
+            os.close(read_fd)
+            raise
+        finally:
+            # The child has its copy; ours must go, or the pipe never reaches EOF.
+            os.close(write_fd)
+
+        ended: list[float] = []
+        exit_task = asyncio.ensure_future(proc.wait())
+        exit_task.add_done_callback(lambda _: ended.append(time.monotonic()))
+        reader: _PipeReader | None = None
+        try:
+            reader = await _PipeReader.start(loop, read_fd, sink)
+            why = await _wait_exit_or_stop(exit_task, cancel, timeout_s)
+            if why == "timeout":
+                sink.note(f"timed out after {timeout_s:g} s: stopping the process group")
+            elif why == "cancelled":
+                sink.note("cancelled: stopping the process group")
+            elif _POSIX and _group_alive(proc.pid):
+                sink.note("the job exited but left processes running in its group: stopping them")
+            if not await _stop_group(proc, exit_task, kill_grace_s):
+                sink.note(f"process group {proc.pid} still has live processes after SIGKILL")
+            if not await reader.wait_closed(_DRAIN_TIMEOUT_S):
+                sink.note("output pipe still open after the process group ended (a process escaped the group)")
+        except BaseException:
+            # Cancelled by our caller (or a bug): nothing may outlive the job, and there is no
+            # time for a grace period.
+            _kill_now(proc)
+            # Reap it here, bounded: if the caller's loop closed first, the exit would never
+            # be delivered and asyncio would complain about a running subprocess.
+            try:
+                await asyncio.wait({exit_task}, timeout=_KILL_WAIT_S)
+            except BaseException:  # cancelled again: the first error is the one to raise
+                pass
+            raise
+        finally:
+            if reader is not None:
+                reader.close()
+
+        rc = proc.returncode
+        return ProcessResult(
+            exit_code=rc if rc is not None and rc >= 0 else None,
+            timed_out=why == "timeout",
+            cancelled=why == "cancelled",
+            signal=-rc if rc is not None and rc < 0 else None,
+            duration_s=(ended[0] if ended else time.monotonic()) - started,
+        )
+
+
+def _group_kwargs() -> dict:
+    if _POSIX:
+        return {"start_new_session": True}
+    return {"creationflags": subprocess.CREATE_NEW_PROCESS_GROUP}  # type: ignore[attr-defined]
+
+
+async def _wait_exit_or_stop(exit_task: asyncio.Future, cancel: asyncio.Event | None, timeout_s: float) -> str:
+    """``exited``, ``cancelled`` or ``timeout``: whichever comes first."""
+    cancel_task = asyncio.ensure_future(cancel.wait()) if cancel is not None else None
+    waiters = {exit_task} if cancel_task is None else {exit_task, cancel_task}
+    try:
+        done, _ = await asyncio.wait(waiters, timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        if cancel_task is not None:
+            cancel_task.cancel()
+    if exit_task in done:
+        return "exited"
+    if cancel_task is not None and cancel_task in done:
+        return "cancelled"
+    return "timeout"
+
+
+async def _stop_group(proc: asyncio.subprocess.Process, exit_task: asyncio.Future, grace_s: float) -> bool:
+    """Stop the leader and everything left in its group: SIGTERM, grace, SIGKILL.
+
+    Also called after a normal exit, to stop what the job left running in the background.
+    Returns False if live processes remain after SIGKILL and the bounded wait.
+    """
+    if not _POSIX:
+        return await _stop_windows(proc, exit_task, grace_s)
+    pgid = proc.pid
+
+    def stopped() -> bool:
+        return exit_task.done() and not _group_alive(pgid)
+
+    if stopped():
+        return True
+    _signal_group(pgid, signal.SIGTERM)
+    if await _poll_until(stopped, grace_s):
+        return True
+    _signal_group(pgid, signal.SIGKILL)
+    return await _poll_until(stopped, _KILL_WAIT_S)
+
+
+async def _stop_windows(proc: asyncio.subprocess.Process, exit_task: asyncio.Future, grace_s: float) -> bool:
+    # Windows has no process groups to signal; CTRL_BREAK reaches the console group, and
+    # taskkill /T takes the tree. Leftovers of a leader that already exited cannot be found.
+    if exit_task.done():
+        return True
+    try:
+        proc.send_signal(signal.CTRL_BREAK_EVENT)  # type: ignore[attr-defined]
+    except (ProcessLookupError, OSError):
+        pass
+    if await _poll_until(exit_task.done, grace_s):
+        return True
+    _kill_now(proc)
+    return await _poll_until(exit_task.done, _KILL_WAIT_S)
+
+
+def _kill_now(proc: asyncio.subprocess.Process) -> None:
+    if _POSIX:
+        _signal_group(proc.pid, signal.SIGKILL)
+        return
+    try:
+        subprocess.run(
+            ["taskkill", "/F", "/T", "/PID", str(proc.pid)],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            timeout=_KILL_WAIT_S,
+            check=False,
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        pass
+    try:
+        proc.kill()
+    except ProcessLookupError:
+        pass
+
+
+def _signal_group(pgid: int, sig: int) -> None:
+    try:
+        os.killpg(pgid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def _group_alive(pgid: int) -> bool:
+    """True while a process of the group is alive (zombies awaiting their reaper are dead)."""
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    if not _HAS_PROC:
+        return True
+    # killpg also finds zombies; an init that reaps lazily (as in some containers) would make
+    # us wait out the grace period for processes that are already dead.
+    with os.scandir("/proc") as entries:
+        for entry in entries:
+            if not entry.name.isdigit():
+                continue
+            try:
+                with open(f"/proc/{entry.name}/stat", "rb") as f:
+                    stat = f.read()
+            except OSError:
+                continue
+            fields = stat[stat.rfind(b")") + 2 :].split()
+            if len(fields) > 2 and int(fields[2]) == pgid and fields[0] not in (b"Z", b"X"):
+                return True
+    return False
+
+
+async def _poll_until(predicate: Callable[[], bool], timeout_s: float) -> bool:
+    # There is no event for "a process group is empty", so we poll, with a short backoff.
+    deadline = time.monotonic() + timeout_s
+    delay_s = _POLL_MIN_S
+    while True:
+        if predicate():
+            return True
+        remaining_s = deadline - time.monotonic()
+        if remaining_s <= 0:
+            return False
+        await asyncio.sleep(min(delay_s, remaining_s))
+        delay_s = min(delay_s * 2, _POLL_MAX_S)
