@@ -1,0 +1,1 @@
+"""Chaos: fault scenarios, injectors, the invariant checker and the deterministic simulation."""
