@@ -99,6 +99,8 @@ class PoolState:
     engine: str | None
     mode: str = "push"
     task: asyncio.Task | None = None
+    psub: object | None = None
+    """The pool consumer's pull subscription while in push mode."""
 
 
 class Factory:
@@ -324,7 +326,24 @@ class Factory:
                 await asyncio.sleep(1.0)
 
     async def _puller(self, ps: PoolState, stop: asyncio.Event) -> None:
-        psub = None
+        try:
+            await self._pull_loop(ps, stop)
+        finally:
+            # A fetch cut short (drain cancels this task) leaves its subscription buffering
+            # messages that no one takes; nats-py's connection drain then waits for them until
+            # its timeout. Dropping the subscription lets the factory shut down at once.
+            await self._drop_psub(ps)
+
+    async def _drop_psub(self, ps: PoolState) -> None:
+        psub, ps.psub = ps.psub, None
+        if psub is None:
+            return
+        try:
+            await asyncio.wait_for(psub.unsubscribe(), timeout=self.s.request_timeout_s)
+        except Exception as e:  # the connection may be gone; the subscription goes with it
+            log.debug("%s: dropping the pull subscription of pool %s: %s", self.id, ps.id, e)
+
+    async def _pull_loop(self, ps: PoolState, stop: asyncio.Event) -> None:
         errors = 0
         last_check = time.monotonic()
         backoff = 0.5
@@ -336,7 +355,7 @@ class Factory:
                 claimed = await self._poll_pass(ps)
                 if await self._consumer_ok(ps) and not await self._stalled(ps):
                     log.info("%s: pool %s back to push dispatch", self.id, ps.id)
-                    ps.mode, psub, errors, backoff = "push", None, 0, 0.5
+                    ps.mode, errors, backoff = "push", 0, 0.5
                     continue
                 if not claimed:
                     backoff = min(backoff * 2, self.s.poll_backoff_max_s)
@@ -345,12 +364,12 @@ class Factory:
                     backoff = 0.5
                 continue
             try:
-                if psub is None:
-                    psub = await self.b.js.pull_subscribe_bind(
+                if ps.psub is None:
+                    ps.psub = await self.b.js.pull_subscribe_bind(
                         durable=names.pool_consumer(ps.id), stream=names.DISPATCH_STREAM,
                     )
                 msgs = await asyncio.wait_for(
-                    psub.fetch(1, timeout=self.s.long_poll_s),
+                    ps.psub.fetch(1, timeout=self.s.long_poll_s),
                     timeout=self.s.long_poll_s + self.s.request_timeout_s,
                 )
                 errors = 0
@@ -360,13 +379,13 @@ class Factory:
                     last_check = time.monotonic()
                     if not await self._consumer_ok(ps) or await self._stalled(ps):
                         self._to_poll(ps, "dispatch consumer missing or stalled")
-                        psub = None
+                        await self._drop_psub(ps)
                 continue
             except asyncio.CancelledError:
                 raise
             except Exception as e:
                 errors += 1
-                psub = None
+                await self._drop_psub(ps)
                 log.info("%s: fetch on pool %s failed (%s)", self.id, ps.id, e)
                 if errors >= 3 or not await self._consumer_ok(ps):
                     self._to_poll(ps, f"fetch failed: {e}")
