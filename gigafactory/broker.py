@@ -116,11 +116,17 @@ class Bucket:
     async def scan(self, pattern: str = ">", *, meta_only: bool = False) -> AsyncIterator[Entry]:
         """Every live key matching ``pattern`` once (latest values), filtered by the server."""
         w = await self.kv.watch(pattern, meta_only=meta_only, ignore_deletes=True)
+        # The watcher's "caught up" marker comes once nothing is pending, so a key written
+        # while the scan runs is delivered again before it: yield each key only once.
+        seen: set[str] = set()
         try:
             while True:
                 e = await w.updates(timeout=self._timeout * 4)
                 if e is None:
                     return
+                if e.key in seen:
+                    continue
+                seen.add(e.key)
                 ts = e.created.timestamp() if e.created else 0.0
                 yield Entry(key=e.key, value=e.value or b"", revision=e.revision or 0, ts=ts)
         finally:
