@@ -1,0 +1,302 @@
+"""Helpers for the tests that cross a real broker.
+
+- :func:`eventually` awaits a condition with a bounded poll: tests never sleep to wait for
+  an event, they wait for its visible outcome and fail with the last value seen.
+- :class:`Fleet` runs a coordinator and factories in-process as asyncio tasks, each on its
+  own connection, with the short timings of :func:`fast_settings`.
+- :func:`job_text` writes a job file (YAML front matter + script) from keyword fields.
+- :class:`Proc` runs ``python -m gigafactory ...`` as a real process, its output in a file.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from gigafactory.broker import Broker
+from gigafactory.client import Client
+from gigafactory.config import Settings
+from gigafactory.coordinator.api import read_events
+from gigafactory.coordinator.service import Coordinator
+from gigafactory.factory.agent import Factory
+from gigafactory.schemas.records import JobRecord, decode
+
+FAST = dict(
+    heartbeat_s=0.5,
+    lease_ttl_s=2.0,
+    lease_renew_s=0.5,
+    reaper_interval_s=0.25,
+    long_poll_s=1.0,
+    drain_timeout_s=1.0,
+    request_timeout_s=5.0,
+    reconnect_wait_s=0.2,
+    reconnect_jitter_s=0.2,
+)
+"""Timings short enough that a lease expires in two seconds and an idle pull renews every second."""
+
+
+def fast_settings(**overrides: Any) -> Settings:
+    return Settings(**{**FAST, **overrides})
+
+
+def fast_env(**overrides: Any) -> dict[str, str]:
+    """The same timings as ``GIGAFACTORY_<FIELD>`` variables, for real processes."""
+    s = fast_settings(**overrides)
+    env = dict(os.environ)
+    for f in fields(Settings):
+        v = getattr(s, f.name)
+        if v is not None:
+            env[f"GIGAFACTORY_{f.name.upper()}"] = str(v)
+    return env
+
+
+# -- waiting ----------------------------------------------------------------------------------
+
+
+async def eventually(pred: Callable[[], Any], timeout_s: float = 10.0, *, interval_s: float = 0.05,
+                     what: str | None = None) -> Any:
+    """Poll ``pred`` (sync or async) until it returns something truthy, and return that.
+    Raises AssertionError after ``timeout_s`` naming ``what`` and the last value seen."""
+    deadline = time.monotonic() + timeout_s
+    last: Any = None
+    while True:
+        last = pred()
+        if inspect.isawaitable(last):
+            last = await last
+        if last:
+            return last
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not true within {timeout_s:g}s: {what or getattr(pred, '__name__', pred)}; "
+                                 f"last value: {last!r}")
+        await asyncio.sleep(interval_s)
+
+
+def wait_until(pred: Callable[[], Any], timeout_s: float = 10.0, *, interval_s: float = 0.1,
+               what: str | None = None) -> Any:
+    """:func:`eventually` for synchronous tests (bounded poll, never a bare sleep)."""
+    return asyncio.run(eventually(pred, timeout_s, interval_s=interval_s, what=what))
+
+
+def run(coro, timeout_s: float = 60.0) -> Any:
+    """Run an async test body with a bound, so a hang fails the test instead of the suite."""
+    return asyncio.run(asyncio.wait_for(coro, timeout_s))
+
+
+# -- job files -------------------------------------------------------------------------------
+
+
+def job_text(script: str = "echo ok", **manifest: Any) -> str:
+    """A job file. Keyword names are the manifest's fields with ``_`` for ``-``
+    (``review_policy='auto'``); ``engine`` defaults to ``shell``."""
+    front = {"engine": "shell"}
+    front.update({k.replace("_", "-"): v for k, v in manifest.items()})
+    return "---\n" + yaml.safe_dump(front, sort_keys=False, default_flow_style=False) + "---\n" + script.rstrip() + "\n"
+
+
+def write_job(directory: Path, name: str, script: str = "echo ok", **manifest: Any) -> Path:
+    p = Path(directory) / name
+    p.parent.mkdir(parents=True, exist_ok=True)
+    p.write_text(job_text(script, **manifest), encoding="utf-8")
+    return p
+
+
+# -- an in-process fleet ---------------------------------------------------------------------
+
+
+@dataclass
+class _Member:
+    broker: Broker
+    stop: asyncio.Event
+    task: asyncio.Task
+
+
+class Fleet:
+    """A coordinator and any number of factories, in-process, against a real broker.
+
+    ``repo`` is a folder every job may use as ``cwd`` (absolute, so it is the same on every
+    factory). ``client`` calls the coordinator's API; ``admin`` is a broker connection of the
+    test's own for reading records and events."""
+
+    def __init__(self, url: str, root: Path, settings: Settings | None = None) -> None:
+        self.url = url
+        self.root = Path(root)
+        self.settings = settings or fast_settings()
+        self.repo = self.root / "repo"
+        self.repo.mkdir(parents=True, exist_ok=True)
+        self.factories: dict[str, Factory] = {}
+        self._members: dict[str, _Member] = {}
+        self.coordinator: Coordinator | None = None
+        self.client: Client
+        self.admin: Broker
+
+    async def __aenter__(self) -> "Fleet":
+        self.admin = await Broker.open(self.url, "test-admin", self.settings)
+        cb = await Broker.open(self.url, "test-coordinator", self.settings)
+        self.coordinator = Coordinator(cb, self.settings)
+        stop = asyncio.Event()
+        task = asyncio.create_task(self.coordinator.run(stop), name="coordinator")
+        self._members["<coordinator>"] = _Member(cb, stop, task)
+        await self._ready(self.coordinator.ready, task, "coordinator")
+        self.client = await Client.connect(self.url)
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        for name in [n for n in self._members if n != "<coordinator>"] + ["<coordinator>"]:
+            if name in self._members:
+                await self.stop(name)
+        await self.client.close()
+        await self.admin.close()
+
+    @staticmethod
+    async def _ready(ev: asyncio.Event, task: asyncio.Task, what: str) -> None:
+        waiter = asyncio.ensure_future(ev.wait())
+        done, _ = await asyncio.wait({waiter, task}, timeout=30, return_when=asyncio.FIRST_COMPLETED)
+        if waiter not in done:
+            waiter.cancel()
+            if task.done():
+                task.result()  # raises what killed it
+            raise AssertionError(f"{what} not ready within 30s")
+
+    async def add_factory(self, factory_id: str, *, stations: int = 1, caps: list[str] | tuple[str, ...] = (),
+                          settings: Settings | None = None) -> Factory:
+        """Start a factory and wait until it is registered and the coordinator counts it live."""
+        s = settings or self.settings
+        b = await Broker.open(self.url, f"test-factory-{factory_id}", s)
+        f = Factory(b, factory_id=factory_id, stations=stations, extra_capabilities=list(caps), probe=False,
+                    workspace=str(self.root / "work"), data_dir=str(self.root / "factories"), settings=s)
+        stop = asyncio.Event()
+        task = asyncio.create_task(f.run(stop), name=f"factory-{factory_id}")
+        self._members[factory_id] = _Member(b, stop, task)
+        self.factories[factory_id] = f
+        await self._ready(f.ready, task, f"factory {factory_id}")
+        assert self.coordinator is not None
+        view = self.coordinator.view
+        await eventually(lambda: factory_id in view.factories, 10, what=f"coordinator sees factory {factory_id}")
+        return f
+
+    async def stop(self, name: str, timeout_s: float = 20.0) -> None:
+        """Set the member's stop event (what SIGTERM does) and wait for it to finish draining."""
+        m = self._members.pop(name)
+        m.stop.set()
+        try:
+            await asyncio.wait_for(m.task, timeout_s)
+        finally:
+            await m.broker.close()
+
+    # -- the API and the records ---------------------------------------------------------------
+
+    def job(self, script: str = "echo ok", **manifest: Any) -> str:
+        manifest.setdefault("cwd", str(self.repo))
+        return job_text(script, **manifest)
+
+    async def submit(self, *texts: str | tuple[str, str]) -> list[dict]:
+        """Submit one batch; each item is a job text or ``(path, text)``. Returns the API's jobs."""
+        files = []
+        for i, t in enumerate(texts):
+            path, text = t if isinstance(t, tuple) else (f"job-{i}.md", t)
+            files.append({"path": path, "text": text})
+        return (await self.client.call("submit", {"files": files}))["jobs"]
+
+    async def submit_one(self, text: str, path: str = "job.md") -> str:
+        return (await self.submit((path, text)))[0]["job"]
+
+    async def record(self, job: str) -> tuple[JobRecord, int]:
+        e = await self.admin.jobs.get(job)
+        assert e is not None, f"no record for job {job}"
+        return decode(e.value, JobRecord), e.revision
+
+    async def wait_stage(self, job: str, *stages: str, timeout_s: float = 15.0) -> JobRecord:
+        async def reached():
+            rec, _ = await self.record(job)
+            return rec if str(rec.stage) in stages else None
+
+        try:
+            return await eventually(reached, timeout_s, what=f"job {job} in {stages}")
+        except AssertionError:
+            rec, _ = await self.record(job)
+            raise AssertionError(f"job {job} did not reach {stages} within {timeout_s:g}s; it is "
+                                 f"{rec.stage}: {rec.reason}; attempts {rec.attempts}") from None
+
+    async def events(self, job: str) -> list[dict]:
+        return await read_events(self.admin, job, limit=1000)
+
+
+# -- real processes --------------------------------------------------------------------------
+
+
+class Proc:
+    """A real subprocess with its stdout and stderr in ``log``; killed on :meth:`close`."""
+
+    def __init__(self, args: list[str], log: Path, env: dict[str, str] | None = None) -> None:
+        self.args = args
+        self.log = Path(log)
+        with open(self.log, "wb") as out:
+            self.p = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                      env=env, start_new_session=True)
+
+    @property
+    def pid(self) -> int:
+        return self.p.pid
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def alive(self) -> bool:
+        return self.p.poll() is None
+
+    def signal(self, sig: int) -> None:
+        if self.alive():
+            self.p.send_signal(sig)
+
+    def wait(self, timeout_s: float = 20.0) -> int:
+        return self.p.wait(timeout=timeout_s)
+
+    def close(self, timeout_s: float = 20.0) -> None:
+        """SIGTERM (a clean drain), then SIGKILL if it does not end in time."""
+        if self.alive():
+            self.p.send_signal(signal.SIGTERM)
+            try:
+                self.p.wait(timeout=timeout_s)
+            except subprocess.TimeoutExpired:
+                self.p.kill()
+                self.p.wait(timeout=10)
+
+
+def gigafactory_cmd() -> list[str]:
+    """The installed ``gigafactory`` console script (next to this Python), else ``python -m``."""
+    script = Path(sys.executable).parent / "gigafactory"
+    return [str(script)] if script.exists() else [sys.executable, "-m", "gigafactory"]
+
+
+def kill_group(pid: int) -> None:
+    """SIGKILL a process group left behind by a factory that was itself SIGKILLed."""
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # A zombie still answers kill(0); it is dead for our purpose.
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False

@@ -1,0 +1,151 @@
+"""The ``gigafactory`` command line as a user runs it: real processes for the coordinator,
+the factory and every CLI call, against the test's own broker."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+from helpers import Proc, fast_env, gigafactory_cmd, wait_until, write_job
+
+pytestmark = pytest.mark.timeout(120)
+
+FACTORY = "cli-f1"
+
+
+class CliFleet:
+    def __init__(self, url: str, root: Path) -> None:
+        self.url = url
+        self.root = root
+        self.repo = root / "repo"
+        self.repo.mkdir()
+        self.env = fast_env()
+        self.env["GIGAFACTORY_HOME"] = str(root / "home")  # never the user's ~/.gigafactory
+        self.env.pop("GIGAFACTORY_NATS_URL", None)
+        self.procs: list[Proc] = []
+
+    def start(self) -> None:
+        base = gigafactory_cmd()
+        self.procs.append(Proc([*base, "coordinator", "--nats", self.url], self.root / "coordinator.log", self.env))
+        self.procs.append(Proc(
+            [*base, "factory", "--nats", self.url, "--id", FACTORY, "--no-probe", "--stations", "2",
+             "--data-dir", str(self.root / "factory-data"), "--workspace", str(self.root / "work")],
+            self.root / "factory.log", self.env,
+        ))
+
+        def factory_live():
+            r = self.cli("factories", "--json", check=False)
+            if r.returncode != 0:
+                return None
+            return any(f["id"] == FACTORY and f["live"] for f in json.loads(r.stdout)["factories"])
+
+        try:
+            wait_until(factory_live, 30, what="coordinator answers and the factory process is live")
+        except AssertionError as e:
+            raise AssertionError(f"{e}\n{self.logs()}") from None
+
+    def stop(self) -> None:
+        for p in reversed(self.procs):
+            p.close()
+
+    def logs(self) -> str:
+        return "\n".join(f"--- {p.log.name} ---\n{p.output()[-3000:]}" for p in self.procs)
+
+    def cli(self, *args: str, check: bool = True, timeout_s: float = 60) -> subprocess.CompletedProcess:
+        r = subprocess.run([*gigafactory_cmd(), *args, "--nats", self.url], env=self.env, capture_output=True,
+                           text=True, timeout=timeout_s, stdin=subprocess.DEVNULL)
+        if check and r.returncode != 0:
+            raise AssertionError(f"gigafactory {' '.join(args)} exited {r.returncode}\nstdout: {r.stdout}\n"
+                                 f"stderr: {r.stderr}\n{self.logs()}")
+        return r
+
+    def cli_json(self, *args: str) -> dict:
+        return json.loads(self.cli(*args, "--json").stdout)
+
+    def job_file(self, name: str, script: str = "echo ok", **manifest) -> Path:
+        manifest.setdefault("cwd", str(self.repo))
+        return write_job(self.root / "jobs", name, script, **manifest)
+
+
+@pytest.fixture(scope="module")
+def cli_fleet(module_nats_server, tmp_path_factory):
+    fleet = CliFleet(module_nats_server.url, tmp_path_factory.mktemp("cli"))
+    try:
+        fleet.start()
+        yield fleet
+    finally:
+        fleet.stop()
+
+
+def test_submit_wait_json_exits_zero_and_reports_the_final_stage(cli_fleet):
+    f = cli_fleet.job_file("hello.md", 'echo "hello from $GF_FACTORY" > hello.txt', verify="test -f hello.txt",
+                           review_policy="auto")
+    out = cli_fleet.cli_json("submit", "--wait", "--timeout", "30", str(f))
+    [job] = out["jobs"]
+    assert job["file"] == str(f) and job["status"] == "created"
+    assert out["final"][job["job"]]["stage"] == "shipped"
+    assert (cli_fleet.repo / "hello.txt").read_text().strip() == f"hello from {FACTORY}"
+
+
+def test_submit_of_an_invalid_file_exits_nonzero_naming_file_line_and_field(cli_fleet):
+    before = cli_fleet.cli_json("jobs")["total"]
+    good = cli_fleet.job_file("fine.md", "echo fine")
+    bad = cli_fleet.job_file("typo.md", "echo typo", prioirty="high")
+    assert bad.read_text().splitlines()[2] == "prioirty: high"  # line 3 of the file
+    r = cli_fleet.cli("submit", str(good), str(bad), check=False)
+    assert r.returncode != 0
+    assert f"{bad}:3" in r.stderr and "prioirty" in r.stderr and "priority" in r.stderr, r.stderr
+    assert str(good) not in r.stderr
+    assert cli_fleet.cli_json("jobs")["total"] == before, "one invalid file submits none"
+
+
+def test_jobs_status_factories_and_logs_show_a_finished_job(cli_fleet):
+    f = cli_fleet.job_file("marker.md", 'echo "marker-7f3a on $GF_FACTORY attempt $GF_ATTEMPT"',
+                           review_policy="auto")
+    out = cli_fleet.cli_json("submit", "--wait", "--timeout", "30", str(f))
+    job = out["jobs"][0]["job"]
+    assert out["final"][job]["stage"] == "shipped"
+
+    listed = {j["id"]: j for j in cli_fleet.cli_json("jobs")["jobs"]}
+    assert listed[job]["stage"] == "shipped" and listed[job]["attempt"] == 1
+
+    st = cli_fleet.cli_json("status", job)
+    assert st["job"]["id"] == job and st["job"]["stage"] == "shipped"
+    assert [a["factory"] for a in st["record"]["attempts"]] == [FACTORY]
+    kinds = [e["kind"] for e in st["events"]]
+    assert kinds[0] == "submitted" and "claimed" in kinds and "finished" in kinds
+
+    facs = {x["id"]: x for x in cli_fleet.cli_json("factories")["factories"]}
+    assert facs[FACTORY]["live"] and len(facs[FACTORY]["stations"]) == 2
+    assert "engine:shell" in facs[FACTORY]["capabilities"]
+
+    r = cli_fleet.cli("logs", job)
+    assert f"marker-7f3a on {FACTORY} attempt 1" in r.stdout
+
+    r = cli_fleet.cli("status", "no-such-job", check=False)
+    assert r.returncode != 0 and "no-such-job" in r.stderr
+
+
+def test_cancel_requeue_and_ship(cli_fleet):
+    stuck = cli_fleet.job_file("stuck.md", "echo never", capabilities=["has:unobtainium"])
+    job = cli_fleet.cli_json("submit", str(stuck))["jobs"][0]["job"]
+
+    cancelled = cli_fleet.cli_json("cancel", job)["job"]
+    assert cancelled["stage"] == "failed" and cancelled["epoch"] == 1
+    requeued = cli_fleet.cli_json("requeue", job)["job"]
+    assert requeued["stage"] == "queued" and requeued["epoch"] == 2
+    r = cli_fleet.cli("ship", job, check=False)
+    assert r.returncode == 1 and "queued" in r.stderr, r.stderr
+    assert cli_fleet.cli_json("status", job)["job"]["stage"] == "queued"
+
+    gated = cli_fleet.job_file("gated.md", "echo gated", verify="true", review_policy="manual")
+    out = cli_fleet.cli_json("submit", "--wait", "--timeout", "30", str(gated))
+    gjob = out["jobs"][0]["job"]
+    assert out["final"][gjob]["stage"] == "testing"
+    r = cli_fleet.cli("ship", gjob)
+    assert f"{gjob} shipped: now shipped" in r.stdout
+    assert cli_fleet.cli_json("status", gjob)["job"]["stage"] == "shipped"
+    assert os.path.isdir(cli_fleet.root / "factory-data" / FACTORY)
