@@ -749,10 +749,11 @@ class Factory:
                                                    "attribution": msgspec.to_builtins(payload.attribution)})
 
     def _quarantine_local(self, run: Run, payload: ResultPayload, reason: str) -> None:
-        item_id = self.outbox.put("result", run.job, run.epoch, msgspec.json.encode(payload))
-        item = next((i for i in self.outbox.pending(1000) if i.id == item_id), None)
-        if item is not None:
-            self.outbox.quarantine(item, reason, payload.log_path)
+        data = msgspec.json.encode(payload)
+        item_id = self.outbox.put("result", run.job, run.epoch, data)
+        item = OutboxItem(id=item_id, kind="result", job=run.job, epoch=run.epoch, payload=data,
+                          created_at=time.time(), attempts=0)
+        self.outbox.quarantine(item, reason, payload.log_path)
         self.stats["quarantined"] += 1
         log.warning("%s: result of %s (epoch %d) quarantined: %s", self.id, run.job, run.epoch, reason)
 

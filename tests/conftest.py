@@ -8,32 +8,40 @@ import logging
 import pytest
 
 from gigafactory.embedded import EmbeddedServer
+from gigafactory.testing import broker_kind, docker_broker
 
 # nats-py logs every reconnect attempt at INFO; keep test output to what matters.
 logging.getLogger("nats").setLevel(logging.WARNING)
 
 
-def _start(root) -> EmbeddedServer:
+class _DockerBroker:
+    """A nats container run by testcontainers (GIGAFACTORY_TEST_BROKER=docker)."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+
+
+def _serve(root):
+    if broker_kind() == "docker":
+        with docker_broker() as url:
+            yield _DockerBroker(url)
+        return
     root.mkdir(parents=True, exist_ok=True)
-    return EmbeddedServer(store_dir=str(root / "store"), log_file=str(root / "nats-server.log")).start()
+    srv = EmbeddedServer(store_dir=str(root / "store"), log_file=str(root / "nats-server.log")).start()
+    try:
+        yield srv
+    finally:
+        srv.stop()
 
 
 @pytest.fixture
 def nats_server(tmp_path):
     """A fresh JetStream server for one test (port 0: the OS picks a free one)."""
-    srv = _start(tmp_path / "nats")
-    try:
-        yield srv
-    finally:
-        srv.stop()
+    yield from _serve(tmp_path / "nats")
 
 
 @pytest.fixture(scope="module")
 def module_nats_server(tmp_path_factory):
     """One server shared by a module whose tests each use their own jobs (the CLI tests,
     which pay for starting real coordinator and factory processes once)."""
-    srv = _start(tmp_path_factory.mktemp("nats"))
-    try:
-        yield srv
-    finally:
-        srv.stop()
+    yield from _serve(tmp_path_factory.mktemp("nats"))
