@@ -68,6 +68,8 @@ class Scheduler:
         self.clock_offset_s = 0.0
         self._seq = 0
         self.dispatch_errors = 0
+        self.reap_rounds = 0
+        """Completed reaper passes (tests await it to know a pass has happened)."""
 
     # -- clock --------------------------------------------------------------------------------
 
@@ -308,6 +310,7 @@ class Scheduler:
             holder = st.record.lease.factory if st.record.lease else None
             if await self._write(st.record, st.revision, out, holder=holder, old_epoch=st.record.epoch):
                 n += 1
+        self.reap_rounds += 1
         return n
 
     async def release_stale_locks(self) -> int:

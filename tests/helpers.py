@@ -169,11 +169,11 @@ class Fleet:
             raise AssertionError(f"{what} not ready within 30s")
 
     async def add_factory(self, factory_id: str, *, stations: int = 1, caps: list[str] | tuple[str, ...] = (),
-                          settings: Settings | None = None) -> Factory:
+                          settings: Settings | None = None, seats: dict[str, int] | None = None) -> Factory:
         """Start a factory and wait until it is registered and the coordinator counts it live."""
         s = settings or self.settings
         b = await Broker.open(self.url, f"test-factory-{factory_id}", s)
-        f = Factory(b, factory_id=factory_id, stations=stations, extra_capabilities=list(caps), probe=False,
+        f = Factory(b, factory_id=factory_id, stations=stations, extra_capabilities=list(caps), probe=False, seats=seats,
                     workspace=str(self.root / "work"), data_dir=str(self.root / "factories"), settings=s)
         stop = asyncio.Event()
         task = asyncio.create_task(f.run(stop), name=f"factory-{factory_id}")
@@ -300,3 +300,30 @@ def pid_alive(pid: int) -> bool:
             return f.read().rsplit(")", 1)[1].split()[0] != "Z"
     except OSError:
         return False
+
+
+# -- overlap probes ---------------------------------------------------------------------------
+
+
+def rendezvous_script(log: Path) -> str:
+    """Record start and end times; after starting, give a partner job up to 1.5s to start
+    too. Two jobs that may run together therefore overlap; two that may not, do not."""
+    return (
+        f'log="{log}"\n'
+        'echo "start $(date +%s.%N) $GF_JOB_ID" >> "$log"\n'
+        'for i in $(seq 1 30); do [ "$(grep -c ^start "$log")" -ge 2 ] && break; sleep 0.05; done\n'
+        'echo "end $(date +%s.%N) $GF_JOB_ID" >> "$log"\n'
+    )
+
+
+def intervals(log: Path) -> dict[str, tuple[float, float]]:
+    start, end = {}, {}
+    for line in log.read_text().splitlines():
+        what, t, job = line.split()
+        (start if what == "start" else end)[job] = float(t)
+    assert start.keys() == end.keys(), log.read_text()
+    return {j: (start[j], end[j]) for j in start}
+
+
+def overlap(a: tuple[float, float], b: tuple[float, float]) -> bool:
+    return a[0] < b[1] and b[0] < a[1]

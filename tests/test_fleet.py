@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from helpers import Fleet, eventually, fast_settings, kill_group, pid_alive, run
+from helpers import Fleet, eventually, fast_settings, intervals as _intervals, kill_group, overlap as _overlap, pid_alive, rendezvous_script as _rendezvous_script, run
 
 from gigafactory.client import ApiError
 from gigafactory.schemas.lifecycle import Stage
@@ -15,30 +15,6 @@ pytestmark = pytest.mark.timeout(60)
 
 
 # -- locks -----------------------------------------------------------------------------------
-
-
-def _rendezvous_script(log: Path) -> str:
-    """Record start and end times; after starting, give a partner job up to 1.5s to start
-    too. Two jobs that may run together therefore overlap; two that may not, do not."""
-    return (
-        f'log="{log}"\n'
-        'echo "start $(date +%s.%N) $GF_JOB_ID" >> "$log"\n'
-        'for i in $(seq 1 30); do [ "$(grep -c ^start "$log")" -ge 2 ] && break; sleep 0.05; done\n'
-        'echo "end $(date +%s.%N) $GF_JOB_ID" >> "$log"\n'
-    )
-
-
-def _intervals(log: Path) -> dict[str, tuple[float, float]]:
-    start, end = {}, {}
-    for line in log.read_text().splitlines():
-        what, t, job = line.split()
-        (start if what == "start" else end)[job] = float(t)
-    assert start.keys() == end.keys(), log.read_text()
-    return {j: (start[j], end[j]) for j in start}
-
-
-def _overlap(a: tuple[float, float], b: tuple[float, float]) -> bool:
-    return a[0] < b[1] and b[0] < a[1]
 
 
 def test_jobs_sharing_a_lock_never_overlap_across_factories(nats_server, tmp_path):
