@@ -7,12 +7,12 @@ import time
 
 from helpers import Fleet, eventually, intervals, job_text, overlap, rendezvous_script, run
 
-from gigafactory.broker import Broker
+from gigafactory.broker import Broker, Conflict
 from gigafactory.coordinator.inbox import Inbox
 from gigafactory.coordinator.service import Coordinator
 from gigafactory.schemas import protocol
 from gigafactory.schemas.lifecycle import Stage
-from gigafactory.schemas.records import encode
+from gigafactory.schemas.records import JobRecord, decode, encode
 
 # -- inbox ------------------------------------------------------------------------------------
 
@@ -148,11 +148,17 @@ def test_two_coordinators_share_the_work_and_two_reapers_cannot_both_win(nats_se
 
                 # A ghost holder that never renews: both reapers see the lease expire; one wins.
                 ghost = await fleet.submit_one(fleet.job("echo never", capabilities=["has:nothing-serves-this"]))
-                e = await fleet.admin.jobs.get(ghost)
-                from gigafactory.schemas.records import JobRecord, decode
+                async def ghost_claims() -> bool:
+                    # A CAS like any claimer's: the coordinator may write the hold reason in between.
+                    e = await fleet.admin.jobs.get(ghost)
+                    out = protocol.claim(decode(e.value, JobRecord), "ghost", 0, time.time())
+                    try:
+                        await fleet.admin.jobs.update(ghost, encode(out.record), last=e.revision)
+                        return True
+                    except Conflict:
+                        return False
 
-                out = protocol.claim(decode(e.value, JobRecord), "ghost", 0, time.time())
-                await fleet.admin.jobs.update(ghost, encode(out.record), last=e.revision)
+                await eventually(ghost_claims, 5, what="the ghost's claim")
                 rec = await fleet.wait_stage(ghost, "queued", timeout_s=15)
                 assert rec.epoch == 2 and rec.last_failure == "lease_expired"
 
