@@ -1,0 +1,1274 @@
+"""Deterministic simulation of the claim protocol, after TigerBeetle's VOPR.
+
+One seed is one complete, reproducible schedule: jobs are submitted, two coordinators dispatch,
+unblock and reap, N factories with S stations claim, start, renew, run, report, retry, hand back
+on drain, flush their outbox after a partition; an operator ships, cancels and requeues; and
+seeded faults hit all of it. Afterwards :func:`gigafactory.chaos.invariants.check` judges the
+final records and the audit trail, exactly as it judges a real broker.
+
+What is real and what is modelled
+---------------------------------
+- Every decision goes through the pure functions of ``schemas/protocol.py`` that production
+  uses (claim, check_fence, renew, start, hand_back, finish, expire, cancel, fail,
+  operator_requeue, ship, unblock); nothing here re-implements the protocol. The control flow
+  around them mirrors ``factory/agent.py`` (``_claim_and_run``, ``_write``, ``_execute``,
+  ``_report``, ``_flush_item``, drain) and ``coordinator/scheduler.py`` (``resolve_deps``,
+  ``dispatch``, ``reap``), and writes the same :class:`EventRecord` kinds with the same fields.
+- ``gf_jobs`` is a :class:`Store`: compare-and-set on the revision, every revision stamped with
+  the store's clock (sim time) like JetStream's server timestamps. Lease expiry is judged with
+  these stamps only; factory clocks (which jump) only stamp ``updated_at`` and events' ``at``.
+- A factory's request lands after a latency, and its reply comes back after another. A reply
+  can be lost (the client times out after ``request_timeout_s``, though the write landed); a
+  partition either drops requests or holds them in the client's buffer until it heals, so a
+  write can land long after its client gave up (and dies with the process if it crashes first).
+- A factory publishes an event after its write's reply, so a write whose reply was lost lands
+  without its event, as in production. The event takes the write's position in the audit
+  (production publishes it a moment later, which can reorder it with a racing writer's event).
+- Coordinators and the operator sit next to the broker: their reads and writes take a latency
+  and race with everyone else's, but they do not crash or lose replies.
+- Faults come only within ``FaultConfig.window_s`` (plus the durations they started); after
+  that the fleet is healthy and every run must quiesce: no job queued, blocked, assigned or
+  building, no write in flight, every outbox empty. A run that does not quiesce within
+  ``limit_s`` of sim time is a liveness failure (``SimResult.settled`` is False).
+
+Determinism: one ``random.Random(seed)`` draws everything, actions run in (time, sequence)
+order from one priority queue, and nothing iterates a set or reads a real clock. The same seed
+gives the same trace, records and events, bit for bit.
+
+Breaking it on purpose (to show the checker catches it): ``broken="no_revision_check"`` makes the
+store's compare-and-set ignore the revision; ``broken="no_fence"`` makes reports skip
+``check_fence``; ``broken="epoch_blind_fence"`` keeps the fence but drops its epoch test, a subtle
+flaw that only shows when a factory reclaims a job while its own stale run is still going.
+
+CLI: ``python -m gigafactory.chaos.sim --seeds 0:2000 [--json] [--broken no_fence]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import heapq
+import random
+import sys
+import time
+from collections import Counter, deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import msgspec
+
+from gigafactory.config import Settings
+from gigafactory.schemas import protocol
+from gigafactory.schemas.lifecycle import LEASED, IllegalTransition, Stage
+from gigafactory.schemas.manifest import FailureClass, Manifest, Retry, Reviewers
+from gigafactory.schemas.records import EventRecord, JobRecord
+
+from . import invariants
+
+BROKEN = ("no_revision_check", "no_fence", "epoch_blind_fence")
+"""Deliberately broken protocol variants, for testing the checker (see :func:`simulate`)."""
+
+MAX_CAS_RETRIES = 10
+"""As ``factory/agent.py``: a fenced write gives up (and raises) after this many conflicts."""
+MAX_OPERATOR_RETRIES = 20
+"""As ``coordinator/api.py``: an operator transition gives up after this many conflicts."""
+MAX_OUTBOX_ATTEMPTS = 50
+"""Production retries an outbox item forever; the simulation stops after this many tries so a
+poison item (possible only in a broken variant) cannot keep a run from quiescing."""
+MAX_POOL_QUEUE = 1000
+"""Dispatch messages a pool keeps; the oldest are discarded (``DiscardPolicy.OLD``)."""
+POOL = "p-sim"
+LATENCY_S = (0.001, 0.02)
+"""One network leg between a client and the broker."""
+
+# Request outcomes that are not values.
+TIMEOUT = "timeout"
+CONFLICT = "conflict"
+ILLEGAL = "illegal"
+
+
+# -- configuration ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class FaultConfig:
+    """Seeded faults. Rates are expectations per factory (or per job, or per message) within
+    ``window_s``; a rate of 0 turns a fault off."""
+
+    window_s: float = 120.0
+    """Faults start within [0, window_s); after they end the fleet must settle."""
+    msg_loss: float = 0.1
+    """Probability that a dispatch message is lost."""
+    msg_dup: float = 0.1
+    """Probability that a dispatch message is delivered twice (a redelivery)."""
+    msg_delay_s: float = 3.0
+    """Dispatch messages arrive after up to this long, so messages published together arrive in
+    any order; 0 delivers them in publication order after one network leg."""
+    reply_loss: float = 0.02
+    """Probability that a factory's request lands but its reply is lost (the client times out)."""
+    crashes: float = 0.6
+    """Expected hard crashes per factory (runs and in-memory state lost; the outbox survives)."""
+    drains: float = 0.3
+    """Expected graceful restarts per factory: stop claiming, wait ``drain_timeout_s``, hand back."""
+    restart_s: tuple[float, float] = (1.0, 30.0)
+    partitions: float = 0.8
+    """Expected partitions per factory: its requests are dropped, or held in its client's buffer
+    until the partition heals, while its engines keep running."""
+    partition_s: tuple[float, float] = (2.0, 45.0)
+    clock_jumps: float = 1.0
+    """Expected jumps of a factory's clock (its ``time.time()``), each by up to ``clock_jump_s``."""
+    clock_jump_s: float = 3600.0
+    slow_report: float = 0.1
+    """Probability that a result is uploaded slowly after the engine ends (no renewals then, as in
+    production), so the report can arrive after the lease expired."""
+    slow_report_s: tuple[float, float] = (5.0, 40.0)
+    dispatch_stalls: float = 0.3
+    """Expected push-dispatch stalls per factory; it polls the queue meanwhile (the fallback)."""
+    stall_s: tuple[float, float] = (5.0, 40.0)
+    cancels: float = 0.05
+    """Probability per job that an operator cancels it at a random time in the window."""
+    requeues: float = 0.05
+    """Probability per job that an operator requeues it at a random time in the window."""
+
+    @classmethod
+    def none(cls) -> "FaultConfig":
+        """No faults at all: a healthy fleet."""
+        return cls(msg_loss=0.0, msg_dup=0.0, msg_delay_s=0.0, reply_loss=0.0, crashes=0.0, drains=0.0,
+                   partitions=0.0, clock_jumps=0.0, slow_report=0.0, dispatch_stalls=0.0, cancels=0.0,
+                   requeues=0.0)
+
+
+def sim_settings() -> Settings:
+    """Production timings, but a short drain so drains do hand jobs back within the runs' lengths."""
+    return Settings(drain_timeout_s=5.0)
+
+
+@dataclass(slots=True)
+class JobSpec:
+    """What the simulation knows about a job and the protocol does not: how its attempts go."""
+
+    id: str
+    fail_p: float
+    fail_classes: tuple[FailureClass, ...]
+    run_s: tuple[float, float]
+    human_ships: bool
+    """The operator ships it from ``testing``/``review``; otherwise it waits there for good."""
+
+
+_RETRIED = (FailureClass.CRASH, FailureClass.VERIFY_FAILED, FailureClass.TIMEOUT)
+_NOT_RETRIED = (FailureClass.SETUP_FAILED, FailureClass.BUDGET_EXCEEDED)
+
+
+# -- the store -------------------------------------------------------------------------------------
+
+
+class Store:
+    """``gf_jobs`` in memory: compare-and-set on the revision, revisions stamped with sim time.
+
+    Revisions come from one sequence, as a KV bucket's come from its stream. Records are kept as
+    the immutable values the protocol returns (it never mutates a record it is given)."""
+
+    __slots__ = ("recs", "seq", "check_revision", "by_stage")
+
+    def __init__(self, check_revision: bool = True) -> None:
+        self.recs: dict[str, tuple[JobRecord, int, float]] = {}
+        self.seq = 0
+        self.check_revision = check_revision
+        self.by_stage: dict[Stage, dict[str, None]] = {s: {} for s in Stage}
+        """Insertion-ordered index of keys by stage (a coordinator's watch-fed view)."""
+
+    def get(self, key: str) -> tuple[JobRecord, int, float] | None:
+        return self.recs.get(key)
+
+    def create(self, key: str, rec: JobRecord, now: float) -> int | None:
+        if key in self.recs:
+            return None
+        self.seq += 1
+        self.recs[key] = (rec, self.seq, now)
+        self.by_stage[rec.stage][key] = None
+        return self.seq
+
+    def update(self, key: str, rec: JobRecord, last: int, now: float) -> int | None:
+        """The new revision, or None on a conflict (the key changed since ``last``)."""
+        cur = self.recs.get(key)
+        if cur is None or (self.check_revision and cur[1] != last):
+            return None
+        self.seq += 1
+        if cur[0].stage is not rec.stage:
+            del self.by_stage[cur[0].stage][key]
+            self.by_stage[rec.stage][key] = None
+        self.recs[key] = (rec, self.seq, now)
+        return self.seq
+
+    def keys(self, *stages: Stage) -> list[str]:
+        out: list[str] = []
+        for s in stages:
+            out.extend(self.by_stage[s])
+        return out
+
+
+# -- actors ----------------------------------------------------------------------------------------
+
+
+class Run:
+    """A factory's claim of one job at one epoch (``factory/agent.py`` ``Run``)."""
+
+    __slots__ = ("job", "epoch", "station", "revision", "record", "fenced", "draining", "writing",
+                 "write_q", "engine_done", "ended")
+
+    def __init__(self, job: str, epoch: int, station: int, revision: int, record: JobRecord) -> None:
+        self.job, self.epoch, self.station, self.revision, self.record = job, epoch, station, revision, record
+        self.fenced = False
+        self.draining = False
+        self.writing = False
+        self.write_q: list[tuple] = []
+        self.engine_done = False
+        self.ended = False
+
+
+class OutboxItem:
+    __slots__ = ("job", "epoch", "station", "failure", "detail", "attempts")
+
+    def __init__(self, job: str, epoch: int, station: int, failure: FailureClass | None, detail: str) -> None:
+        self.job, self.epoch, self.station, self.failure, self.detail = job, epoch, station, failure, detail
+        self.attempts = 0
+
+
+class Factory:
+    __slots__ = ("id", "stations", "free", "inc", "alive", "draining", "clock_offset", "partition_until",
+                 "partition_drop", "mode", "runs", "outbox", "claiming", "waiting", "flush_scheduled",
+                 "flushing", "poll_scheduled")
+
+    def __init__(self, fid: str, stations: int) -> None:
+        self.id = fid
+        self.stations = stations
+        self.free: list[int] = list(range(stations))
+        self.inc = 0
+        """Incarnation: bumped by every crash or restart; callbacks of an older one are dropped."""
+        self.alive = True
+        self.draining = False
+        self.clock_offset = 0.0
+        self.partition_until = 0.0
+        self.partition_drop = False
+        self.mode = "push"
+        self.runs: dict[tuple[str, int], Run] = {}
+        self.outbox: list[OutboxItem] = []
+        """Durable: survives crashes (SQLite in production)."""
+        self.claiming = False
+        self.waiting = False
+        self.flush_scheduled = False
+        self.flushing = False
+        self.poll_scheduled = False
+
+
+class Coordinator:
+    __slots__ = ("id", "published")
+
+    def __init__(self, cid: str) -> None:
+        self.id = cid
+        self.published: dict[str, tuple[int, float]] = {}
+
+
+class Req:
+    """One request of a factory to the broker, answered once: by its reply or by its timeout."""
+
+    __slots__ = ("f", "inc", "on_reply", "done", "slot")
+
+    def __init__(self, f: Factory, on_reply: Callable) -> None:
+        self.f, self.inc, self.on_reply = f, f.inc, on_reply
+        self.done = False
+        self.slot: int | None = None
+
+
+# -- results ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class SimResult:
+    seed: int
+    jobs: dict[str, JobRecord]
+    events: list[EventRecord]
+    report: invariants.Report
+    trace: list[tuple]
+    """Compact: ``(time_us, actor, action, job, epoch)`` for every decision and fault."""
+    stats: dict[str, int]
+    settled: bool
+    """The run quiesced within its limits (liveness); False is a failure too."""
+    end_s: float
+    steps: int
+    acknowledged: set[str] = field(default_factory=set)
+
+    @property
+    def ok(self) -> bool:
+        return self.report.ok and self.settled
+
+    def digest(self) -> str:
+        """A fingerprint of the trace, the final records and the audit: equal for equal runs."""
+        h = hashlib.sha256(repr(self.trace).encode())
+        h.update(msgspec.json.encode([self.jobs[k] for k in sorted(self.jobs)]))
+        h.update(msgspec.json.encode(self.events))
+        return h.hexdigest()[:16]
+
+    def trace_text(self, limit: int | None = None) -> str:
+        rows = self.trace if limit is None else self.trace[:limit]
+        return "\n".join(f"{t / 1e6:11.6f} {actor:<6} {what:<22} {job or '-':<5} {'' if ep is None else ep}"
+                         for t, actor, what, job, ep in rows)
+
+    def summary(self) -> str:
+        verdict = "ok" if self.ok else "FAILED"
+        live = "" if self.settled else " (did not settle: liveness)"
+        return (f"seed {self.seed}: {verdict}{live}; {self.steps} steps, {self.end_s:.1f}s simulated, "
+                f"digest {self.digest()}\n" + self.report.to_text())
+
+
+# -- the simulation --------------------------------------------------------------------------------
+
+
+class Sim:
+    def __init__(self, seed: int, *, jobs: int, factories: int, stations: int, coordinators: int,
+                 faults: FaultConfig, settings: Settings, broken: str | None, limit_s: float,
+                 max_steps: int) -> None:
+        assert jobs >= 1 and factories >= 1 and stations >= 1 and coordinators >= 1
+        assert broken is None or broken in BROKEN, f"broken must be one of {BROKEN}, not {broken!r}"
+        assert settings.lease_renew_s < settings.lease_ttl_s
+        self.seed = seed
+        self.rng = random.Random(seed)
+        self.random = self.rng.random
+        self.fc = faults
+        self.s = settings
+        self.broken = broken
+        self.limit_s = limit_s
+        self.max_steps = max_steps
+        self.t = 0.0
+        self.q: list[tuple] = []
+        self.qseq = 0
+        self.steps = 0
+        self.done = False
+        self.store = Store(check_revision=broken != "no_revision_check")
+        self.events: list[EventRecord | None] = []
+        """The audit in stream order; a reserved slot stays None if its event was never published."""
+        self.trace: list[tuple] = []
+        self.stats: Counter[str] = Counter()
+        self.pool: deque[tuple[str, int]] = deque()
+        self.fetchers: deque[Factory] = deque()
+        self.landing = 0
+        """Requests sent that have not landed yet (a buffered write can still change a record)."""
+        self.quiet_after = 0.0
+        self.acknowledged: set[str] = set()
+        self.specs: dict[str, JobSpec] = {}
+        self.factories = [Factory(f"f{i}", stations) for i in range(factories)]
+        self.coordinators = [Coordinator(f"c{i}") for i in range(coordinators)]
+        self._plan(jobs)
+
+    # -- the loop ------------------------------------------------------------------------------
+
+    def at(self, t: float, fn: Callable, *args) -> None:
+        self.qseq += 1
+        heapq.heappush(self.q, (t, self.qseq, fn, args))
+
+    def run(self) -> bool:
+        """Run to quiescence or a limit; True if the run quiesced."""
+        q, pop, limit_s, max_steps = self.q, heapq.heappop, self.limit_s, self.max_steps
+        steps = self.steps
+        while q and not self.done:
+            if steps >= max_steps or q[0][0] > limit_s:
+                break
+            t, _, fn, args = pop(q)
+            self.t = t
+            steps += 1
+            fn(*args)
+        self.steps = steps
+        return self.done
+
+    def note(self, actor: str, what: str, job: str | None = None, epoch: int | None = None) -> None:
+        self.trace.append((round(self.t * 1e6), actor, what, job, epoch))
+
+    def lat(self) -> float:
+        return LATENCY_S[0] + (LATENCY_S[1] - LATENCY_S[0]) * self.random()
+
+    def faulty(self) -> bool:
+        return self.t < self.fc.window_s
+
+    def emit(self, ev: EventRecord, slot: int | None = None) -> None:
+        if slot is None:
+            self.events.append(ev)
+        else:
+            self.events[slot] = ev
+
+    # -- the plan: jobs, ticks, faults ----------------------------------------------------------
+
+    def _plan(self, n_jobs: int) -> None:
+        rng, fc = self.rng, self.fc
+        submit_at = sorted(rng.uniform(0.0, 10.0) for _ in range(n_jobs))
+        for i, t in enumerate(submit_at):
+            jid = f"j{i:03d}"
+            kind = rng.random()
+            fail_p = 0.0 if kind < 0.5 else (0.4 if kind < 0.85 else 1.0)
+            classes = _RETRIED if rng.random() < 0.8 else _RETRIED + _NOT_RETRIED
+            spec = JobSpec(jid, fail_p, classes, (1.0, rng.choice((5.0, 15.0, 40.0))), rng.random() < 0.9)
+            self.specs[jid] = spec
+            policy = rng.random()
+            review = "auto" if policy < 0.3 else ("manual" if policy < 0.9 else Reviewers(reviewers=["@sim-reviewer"]))
+            manifest = Manifest(cwd="w", engine="shell", retry=Retry(max=rng.randint(0, 3), backoff="2s"),
+                                review_policy=review)
+            candidates = [d for d in list(self.specs)[:-1] if self.specs[d].human_ships]
+            deps = [rng.choice(candidates)] if candidates and rng.random() < 0.2 else []
+            self._fault_at(t, 0.0, self._submit, jid, manifest, deps)  # not quiet before every job is in
+            if fc.cancels and rng.random() < fc.cancels:
+                self._fault_at(t + rng.uniform(0.0, max(0.0, fc.window_s - t)), 0.0, self._operator, jid, "cancel")
+            if fc.requeues and rng.random() < fc.requeues:
+                self._fault_at(t + rng.uniform(0.0, max(0.0, fc.window_s - t)), 0.0, self._operator, jid, "requeue")
+        for i, c in enumerate(self.coordinators):
+            self.at(rng.uniform(0.0, self.s.reaper_interval_s), self._tick, c, i == 0)
+        self.at(rng.uniform(0.0, 2.0), self._operator_tick)
+        for f in self.factories:
+            self.at(0.0, self._fetch, f)
+            for _ in range(self._count(fc.crashes)):
+                self._fault_at(rng.uniform(0, fc.window_s), fc.restart_s[1], self._crash, f)
+            for _ in range(self._count(fc.drains)):
+                self._fault_at(rng.uniform(0, fc.window_s), fc.restart_s[1] + self.s.drain_timeout_s + 10,
+                               self._drain, f)
+            for _ in range(self._count(fc.partitions)):
+                d = rng.uniform(*fc.partition_s)
+                self._fault_at(rng.uniform(0, fc.window_s), d, self._partition, f, d, rng.random() < 0.5)
+            for _ in range(self._count(fc.clock_jumps)):
+                self._fault_at(rng.uniform(0, fc.window_s), 0.0, self._clock_jump, f,
+                               rng.uniform(-fc.clock_jump_s, fc.clock_jump_s))
+            for _ in range(self._count(fc.dispatch_stalls)):
+                d = rng.uniform(*fc.stall_s)
+                self._fault_at(rng.uniform(0, fc.window_s), d, self._stall, f, d)
+
+    def _count(self, rate: float) -> int:
+        n = int(rate)
+        return n + (1 if self.rng.random() < rate - n else 0)
+
+    def _fault_at(self, t: float, lasts_s: float, fn: Callable, *args) -> None:
+        self.quiet_after = max(self.quiet_after, t + lasts_s)
+        self.at(t, fn, *args)
+
+    # -- intake ---------------------------------------------------------------------------------
+
+    def _submit(self, jid: str, manifest: Manifest, deps: list[str]) -> None:
+        """``coordinator/intake.py`` ``submit``: create the record, then audit it."""
+        waiting = [d for d in deps if not protocol.dep_satisfied(self.store.get(d)[0].stage, manifest.deps_mode)]
+        stage = Stage.BLOCKED if waiting else Stage.QUEUED
+        reason = ("waiting for " + ", ".join(waiting)) if waiting else "waiting for a factory"
+        rec = JobRecord(id=jid, manifest=manifest, body="echo sim\n", source=f"sim:{jid}.md",
+                        content_hash=jid, submitted_at=self.t, pool=POOL, requirements=["engine:shell"],
+                        deps=list(deps), stage=stage, reason=reason, updated_at=self.t)
+        assert self.store.create(jid, rec, self.t) is not None
+        self.acknowledged.add(jid)
+        self.emit(EventRecord(kind="submitted", at=self.t, job=jid, stage_to=str(stage), actor="sim",
+                              reason=reason, data={"pool": POOL, "deps": list(deps)}))
+        self.note("intake", "submitted", jid, 0)
+
+    # -- coordinators -----------------------------------------------------------------------------
+
+    def _tick(self, c: Coordinator, judge_quiet: bool) -> None:
+        """One pass of a coordinator's loops: deps, reap, dispatch (``coordinator/scheduler.py``)."""
+        now = self.t
+        recs, by = self.store.recs, self.store.by_stage
+        # Writes are scheduled, not made, while the index is iterated: it does not change under us.
+        for jid in by[Stage.BLOCKED]:
+            rec, rev, _ = recs[jid]
+            doomed, waiting = None, False
+            for d in rec.deps:
+                dstage = recs[d][0].stage
+                if protocol.dep_doomed(dstage):
+                    doomed = (d, dstage)
+                    break
+                if not protocol.dep_satisfied(dstage, rec.manifest.deps_mode):
+                    waiting = True
+            if doomed:
+                out = protocol.fail(rec, now, f"dependency {doomed[0]} ended {doomed[1]}")
+            elif not waiting:
+                out = protocol.unblock(rec, now)
+                out = protocol.Outcome(msgspec.structs.replace(out.record, reason="waiting for a factory"),
+                                       out.event, out.stage_from, out.reason)
+            else:
+                continue
+            self.at(now + self.lat(), self._coord_write, c, jid, rev, out, None)
+        ttl_s = self.s.lease_ttl_s
+        for stage in (Stage.ASSIGNED, Stage.BUILDING):
+            for jid in by[stage]:
+                rec, rev, ts = recs[jid]
+                out = protocol.expire(rec, ts, now, ttl_s)
+                if out is not None:
+                    data = {"holder": rec.lease.factory if rec.lease else None, "old_epoch": rec.epoch}
+                    self.at(now + self.lat(), self._coord_write, c, jid, rev, out, data)
+        if by[Stage.QUEUED] or c.published:
+            self._dispatch(c, now)
+        if judge_quiet and self._quiet():
+            self.done = True
+            return
+        self.at(now + self.s.reaper_interval_s, self._tick, c, judge_quiet)
+
+    def _coord_write(self, c: Coordinator, jid: str, rev: int, out: protocol.Outcome, data: dict | None) -> None:
+        """``Scheduler._write``: compare-and-set, then the event (the coordinator is next to the broker)."""
+        if self.store.update(jid, out.record, rev, self.t) is None:
+            self.stats["coordinator_conflicts"] += 1
+            return
+        kind = str(out.event)
+        self.emit(EventRecord(kind=kind, at=out.record.updated_at, job=jid, stage_from=str(out.stage_from),
+                              stage_to=str(out.record.stage), epoch=out.record.epoch, actor=c.id,
+                              reason=out.reason, data=data or {}))
+        self.note(c.id, kind if data is None else f"reap:{kind}", jid, out.record.epoch)
+
+    def _dispatch(self, c: Coordinator, now: float) -> None:
+        recs = self.store.recs
+        queued = [recs[j] for j in self.store.by_stage[Stage.QUEUED]]
+        # Production sorts by (priority, age, id); every simulated job has the same priority.
+        queued.sort(key=lambda e: (e[0].submitted_at, e[0].id))
+        live = {e[0].id for e in queued}
+        for jid in [j for j in c.published if j not in live]:
+            del c.published[jid]
+        for rec, _, ts in queued:
+            if ts + rec.backoff_s > now:
+                continue  # retry backoff, judged with the store's clock
+            p = c.published.get(rec.id)
+            if p is not None and p[0] == rec.epoch and now - p[1] < self.s.redispatch_s:
+                continue
+            c.published[rec.id] = (rec.epoch, now)
+            self.emit(EventRecord(kind="dispatched", at=now, job=rec.id, stage_from="queued", stage_to="queued",
+                                  epoch=rec.epoch, actor=c.id, data={"pool": POOL,
+                                                                     "redispatch": p is not None}))
+            self._publish((rec.id, rec.epoch))
+
+    def _publish(self, msg: tuple[str, int]) -> None:
+        """A dispatch message on its way to the pool's work queue, through the faults."""
+        rng, fc = self.rng, self.fc
+        if not self.faulty() or not fc.msg_delay_s:
+            self.at(self.t + self.lat(), self._deliver, msg)
+            return
+        if rng.random() < fc.msg_loss:
+            self.stats["msg_lost"] += 1
+            return
+        copies = 2 if rng.random() < fc.msg_dup else 1
+        self.stats["msg_duplicated"] += copies - 1
+        for _ in range(copies):
+            self.at(self.t + rng.uniform(0.0, fc.msg_delay_s), self._deliver, msg)
+
+    def _deliver(self, msg: tuple[str, int]) -> None:
+        if len(self.pool) >= MAX_POOL_QUEUE:
+            self.pool.popleft()
+            self.stats["msg_discarded"] += 1
+        self.pool.append(msg)
+        while self.fetchers:
+            f = self.fetchers.popleft()
+            f.waiting = False
+            if self._can_fetch(f):
+                self.at(self.t + self.lat(), self._fetch, f)
+                break
+
+    def _quiet(self) -> bool:
+        if self.t < self.quiet_after or self.landing:
+            return False
+        by = self.store.by_stage
+        if by[Stage.QUEUED] or by[Stage.BLOCKED] or by[Stage.ASSIGNED] or by[Stage.BUILDING]:
+            return False
+        if any(self.specs[j].human_ships for j in self.store.keys(Stage.TESTING, Stage.REVIEW)):
+            return False
+        for f in self.factories:
+            if not f.alive or f.runs or f.outbox or f.claiming or f.partition_until > self.t:
+                return False
+        return True
+
+    # -- operator ------------------------------------------------------------------------------------
+
+    def _operator_tick(self) -> None:
+        """A human at the ship gate: ships what waits in testing or review, after a while."""
+        for jid in self.store.keys(Stage.TESTING, Stage.REVIEW):
+            if self.specs[jid].human_ships and self.rng.random() < 0.5:
+                self.at(self.t + self.lat(), self._operator, jid, "ship")
+        if not self.done:
+            self.at(self.t + 2.0, self._operator_tick)
+
+    def _operator(self, jid: str, action: str, tries: int = 0) -> None:
+        """``coordinator/api.py`` ``_transition``: read, decide, compare-and-set, retry on conflict."""
+        rec, rev, _ = self.store.get(jid)
+        decide = {"ship": protocol.ship, "cancel": protocol.cancel, "requeue": protocol.operator_requeue}[action]
+        try:
+            out = decide(rec, self.t, "operator")
+        except IllegalTransition:
+            self.stats[f"operator_{action}_refused"] += 1
+            return
+        self.at(self.t + self.lat(), self._operator_write, jid, action, rev, out, tries)
+
+    def _operator_write(self, jid: str, action: str, rev: int, out: protocol.Outcome, tries: int) -> None:
+        if self.store.update(jid, out.record, rev, self.t) is None:
+            if tries + 1 < MAX_OPERATOR_RETRIES:
+                self._operator(jid, action, tries + 1)
+            return
+        self.emit(EventRecord(kind=str(out.event), at=self.t, job=jid, stage_from=str(out.stage_from),
+                              stage_to=str(out.record.stage), epoch=out.record.epoch, actor="operator",
+                              reason=out.reason))
+        self.note("op", action, jid, out.record.epoch)
+
+    # -- factory: requests -------------------------------------------------------------------------------
+
+    def _send(self, f: Factory, op: str, key: str | None, on_reply: Callable, value: JobRecord | None = None,
+              last: int = 0, audit: bool = False) -> None:
+        """A request from ``f``: lands after a latency (or when a partition heals, or never), and
+        its reply or its timeout reaches ``on_reply(result, slot)`` exactly once."""
+        t = self.t
+        req = Req(f, on_reply)
+        timeout_at = t + self.s.request_timeout_s
+        lost = bool(self.fc.reply_loss) and self.faulty() and self.rng.random() < self.fc.reply_loss
+        if f.partition_until > t:
+            if f.partition_drop:
+                self.at(timeout_at, self._timeout, req)
+                return
+            land, buffered = f.partition_until + self.lat(), True
+        else:
+            land, buffered = t + self.lat(), False
+        if lost or land + LATENCY_S[1] >= timeout_at:
+            self.at(timeout_at, self._timeout, req)
+        self.landing += 1
+        self.at(land, self._land, req, op, key, value, last, audit, buffered, lost)
+
+    def _land(self, req: Req, op: str, key: str | None, value: JobRecord | None, last: int, audit: bool,
+              buffered: bool, lost: bool) -> None:
+        self.landing -= 1
+        if buffered and req.f.inc != req.inc:
+            self.stats["buffered_lost_in_crash"] += 1  # the client's buffer died with its process
+            return
+        store = self.store
+        if op == "get":
+            got = store.get(key)
+            result = None if got is None else (*got, self.t)
+        elif op == "update":
+            rev = store.update(key, value, last, self.t)
+            result = CONFLICT if rev is None else rev
+            if rev is not None and audit:
+                req.slot = len(self.events)
+                self.events.append(None)
+        else:  # "scan": the queue index of the pool, best first
+            entries = [store.get(j)[0] for j in store.keys(Stage.QUEUED)]
+            entries.sort(key=lambda r: (r.submitted_at, r.id))
+            result = [r.id for r in entries]
+        if lost:
+            self.stats["reply_lost"] += 1
+            if req.slot is not None:
+                self.stats["write_without_event"] += 1  # landed, but its writer never learns it
+            return
+        self.at(self.t + self.lat(), self._reply, req, result)
+
+    def _reply(self, req: Req, result) -> None:
+        if req.done or req.f.inc != req.inc:
+            if req.slot is not None:
+                self.stats["write_without_event"] += 1
+            return
+        req.done = True
+        req.on_reply(result, req.slot)
+
+    def _timeout(self, req: Req) -> None:
+        if req.done:
+            return
+        req.done = True
+        if req.f.inc == req.inc:
+            req.on_reply(TIMEOUT, None)
+
+    # -- factory: fetching and claiming ----------------------------------------------------------------
+
+    def _can_fetch(self, f: Factory) -> bool:
+        return (f.alive and not f.draining and not f.claiming and bool(f.free)
+                and f.partition_until <= self.t and f.mode == "push")
+
+    def _fetch(self, f: Factory) -> None:
+        """The pool puller: with a free station, take the next dispatch message, or wait for one."""
+        if not self._can_fetch(f):
+            return
+        if not self.pool:
+            if not f.waiting:
+                f.waiting = True
+                self.fetchers.append(f)
+            return
+        jid, _ = self.pool.popleft()
+        self._claim(f, jid, f.free.pop(0), lambda: self._fetch(f))
+
+    def _stall(self, f: Factory, duration_s: float) -> None:
+        """Push dispatch stalls for ``f``: it falls back to polling the queue index."""
+        self.note(f.id, "dispatch_stall")
+        f.mode = "poll"
+        self.at(self.t + duration_s, self._unstall, f)
+        if not f.poll_scheduled:
+            f.poll_scheduled = True
+            self.at(self.t + self.rng.uniform(0.5, 2.0), self._poll, f)
+
+    def _unstall(self, f: Factory) -> None:
+        f.mode = "push"
+        self._fetch(f)
+
+    def _poll(self, f: Factory) -> None:
+        """``Factory._poll_pass``: claim queued jobs from the index, best first, while stations are free."""
+        f.poll_scheduled = False
+        if f.mode != "poll":
+            return
+        f.poll_scheduled = True
+        self.at(self.t + self.rng.uniform(1.0, 4.0), self._poll, f)
+        if f.alive and not f.draining and not f.claiming and f.free:
+            f.claiming = True  # one pass at a time, as the puller awaits it
+            self._send(f, "scan", None, lambda res, _slot, inc=f.inc: self._polled(f, inc, res))
+
+    def _polled(self, f: Factory, inc: int, res) -> None:
+        f.claiming = False
+        if res == TIMEOUT or f.inc != inc:
+            return
+        self._poll_next(f, list(res))
+
+    def _poll_next(self, f: Factory, ids: list[str]) -> None:
+        if ids and f.free and f.alive and not f.draining:
+            jid = ids.pop(0)
+            self.stats["polled"] += 1
+            self._claim(f, jid, f.free.pop(0), lambda: self._poll_next(f, ids))
+
+    def _claim(self, f: Factory, jid: str, station: int, then: Callable) -> None:
+        """``Factory._claim_and_run``: read, check, claim with a compare-and-set on that revision."""
+        f.claiming = True
+        inc = f.inc
+        self._send(f, "get", jid, lambda res, _slot: self._claim_read(f, inc, jid, station, then, res))
+
+    def _claim_skip(self, f: Factory, inc: int, station: int, then: Callable, why: str) -> None:
+        self.stats[f"claim_{why}"] += 1
+        if f.inc != inc:
+            return
+        f.claiming = False
+        self._release(f, station)
+        then()
+
+    def _claim_read(self, f: Factory, inc: int, jid: str, station: int, then: Callable, res) -> None:
+        if res == TIMEOUT or res is None:
+            return self._claim_skip(f, inc, station, then, "error" if res == TIMEOUT else "gone")
+        rec, rev, ts, store_now = res
+        if rec.stage is not Stage.QUEUED:
+            return self._claim_skip(f, inc, station, then, "skipped")
+        if rec.backoff_s and store_now < ts + rec.backoff_s:
+            return self._claim_skip(f, inc, station, then, "backoff")
+        out = protocol.claim(rec, f.id, station, self.t + f.clock_offset)
+        self._send(f, "update", jid, lambda r, slot: self._claimed(f, inc, jid, station, then, out, r, slot),
+                   out.record, rev, audit=True)
+
+    def _claimed(self, f: Factory, inc: int, jid: str, station: int, then: Callable, out: protocol.Outcome,
+                 res, slot: int | None) -> None:
+        if res == TIMEOUT or res == CONFLICT:
+            return self._claim_skip(f, inc, station, then, "timeout" if res == TIMEOUT else "conflict")
+        f.claiming = False
+        rec = out.record
+        run = Run(jid, rec.epoch, station, res, rec)
+        f.runs[(jid, rec.epoch)] = run
+        self.emit(EventRecord(kind="claimed", at=self.t + f.clock_offset, job=jid, stage_from="queued",
+                              stage_to="assigned", epoch=rec.epoch, factory=f.id, actor=f.id, reason=out.reason,
+                              data={"station": station, "attempt": rec.attempt}), slot)
+        self.note(f.id, "claimed", jid, rec.epoch)
+        self._write(f, run, lambda r: protocol.start(r, f.id, run.epoch, self.t + f.clock_offset), True,
+                    lambda res, slot: self._started(f, inc, run, res, slot))
+        then()
+
+    def _release(self, f: Factory, station: int) -> None:
+        f.free.append(station)
+        f.free.sort()
+
+    # -- factory: the fenced write (``Factory._write``) -------------------------------------------------
+
+    def _write(self, f: Factory, run: Run, decide: Callable, audit: bool, done: Callable) -> None:
+        """``decide(record) -> record | Outcome`` under the fence, compare-and-set on the revision
+        held; on a conflict re-read and decide again. ``done(result, slot)`` gets the new record,
+        None (fenced), TIMEOUT, CONFLICT (retries exhausted) or ILLEGAL. One write at a time per
+        run, like production's ``write_lock``."""
+        if run.ended:
+            return done(None, None)  # production's _execute has returned: nothing writes for this run
+        if run.writing:
+            run.write_q.append((decide, audit, done))
+            return
+        run.writing = True
+        self._write_step(f, f.inc, run, decide, audit, done, run.record, run.revision, 0)
+
+    def _write_done(self, f: Factory, inc: int, run: Run, done: Callable, result, slot: int | None = None) -> None:
+        run.writing = False
+        if f.inc != inc:
+            return
+        done(result, slot)
+        if run.write_q and not run.writing:
+            decide, audit, nxt = run.write_q.pop(0)
+            self._write(f, run, decide, audit, nxt)
+
+    def _write_step(self, f: Factory, inc: int, run: Run, decide: Callable, audit: bool, done: Callable,
+                    rec: JobRecord, rev: int, tries: int) -> None:
+        if f.inc != inc:
+            return
+        if tries >= MAX_CAS_RETRIES:
+            return self._write_done(f, inc, run, done, CONFLICT)
+        if run.fenced:
+            return self._write_done(f, inc, run, done, None)
+        try:
+            new = decide(rec)
+        except protocol.Fenced:
+            self._fenced(f, run, rec)
+            return self._write_done(f, inc, run, done, None)
+        except IllegalTransition:
+            # Production lets this escape _write (only Fenced is caught there): the caller's run
+            # ends with a logged error. Only a broken variant can get here.
+            self.stats["illegal_transition"] += 1
+            return self._write_done(f, inc, run, done, ILLEGAL)
+        new_rec = new.record if isinstance(new, protocol.Outcome) else new
+
+        def on_update(res, slot):
+            if res == TIMEOUT:
+                return self._write_done(f, inc, run, done, TIMEOUT)
+            if res == CONFLICT:
+                self.stats["write_conflicts"] += 1
+                return self._send(f, "get", run.job, on_fresh)
+            run.revision, run.record = res, new_rec
+            self._write_done(f, inc, run, done, new if isinstance(new, protocol.Outcome) else new_rec, slot)
+
+        def on_fresh(res, _slot):
+            if res == TIMEOUT:
+                return self._write_done(f, inc, run, done, TIMEOUT)
+            if res is None:
+                self._fenced(f, run, None)
+                return self._write_done(f, inc, run, done, None)
+            self._write_step(f, inc, run, decide, audit, done, res[0], res[1], tries + 1)
+
+        self._send(f, "update", run.job, on_update, new_rec, rev, audit=audit)
+
+    def _fenced(self, f: Factory, run: Run, rec: JobRecord | None) -> None:
+        """``Factory._fenced``: stop the run and say so; its result will be quarantined."""
+        if run.fenced:
+            return
+        run.fenced = True
+        self.stats["fenced"] += 1
+        self.note(f.id, "fenced", run.job, run.epoch)
+        self._publish_fenced(f, run.job, run.epoch, rec, f"write with stale epoch {run.epoch} refused")
+        if not run.engine_done:  # the engine is killed at once (run.cancel)
+            self.at(self.t + 0.1, self._engine_end, f, f.inc, run)
+
+    def _publish_fenced(self, f: Factory, jid: str, epoch: int, rec: JobRecord | None, why: str) -> None:
+        if f.partition_until > self.t:
+            self.stats["event_lost"] += 1  # production's _event logs a failed publish and moves on
+            return
+        self.emit(EventRecord(kind="fenced", at=self.t + f.clock_offset, job=jid, epoch=epoch, factory=f.id,
+                              actor=f.id, reason=why,
+                              data={"held_epoch": epoch, "record_epoch": rec.epoch if rec else None}))
+
+    # -- factory: running a job (``Factory._execute``) --------------------------------------------------
+
+    def _started(self, f: Factory, inc: int, run: Run, res, slot: int | None) -> None:
+        if not isinstance(res, protocol.Outcome):
+            return self._end_run(f, run)  # fenced, or an error: production logs it and frees the station
+        self.emit(EventRecord(kind="started", at=self.t + f.clock_offset, job=run.job, stage_from="assigned",
+                              stage_to="building", epoch=run.epoch, factory=f.id, actor=f.id,
+                              reason=res.reason), slot)
+        spec = self.specs[run.job]
+        self.at(self.t + self.rng.uniform(*spec.run_s), self._engine_end, f, inc, run)
+        self.at(self.t + self.s.lease_renew_s, self._renew, f, inc, run)
+
+    def _renew(self, f: Factory, inc: int, run: Run) -> None:
+        if f.inc != inc or run.engine_done or run.fenced:
+            return
+        self._write(f, run, lambda r: protocol.renew(r, f.id, run.epoch, self.t + f.clock_offset), False,
+                    lambda res, _slot: self._renewed(f, inc, run))
+
+    def _renewed(self, f: Factory, inc: int, run: Run) -> None:
+        # Errors are logged and the loop goes on: the lease may expire, and the epoch decides.
+        if not run.engine_done and not run.fenced:
+            self.at(self.t + self.s.lease_renew_s, self._renew, f, inc, run)
+
+    def _engine_end(self, f: Factory, inc: int, run: Run) -> None:
+        if f.inc != inc or run.engine_done:
+            return
+        run.engine_done = True  # stops the renewer; a renewal in flight completes first
+        if run.draining and not run.fenced:
+            return self._hand_back(f, inc, run, "factory draining")
+        if run.fenced:
+            return self._quarantine(f, run, "lease lost while running (stale epoch)")
+        spec = self.specs[run.job]
+        failure = self.rng.choice(spec.fail_classes) if self.rng.random() < spec.fail_p else None
+        upload_s = self.rng.uniform(0.01, 0.5)
+        if self.faulty() and self.rng.random() < self.fc.slow_report:
+            upload_s = self.rng.uniform(*self.fc.slow_report_s)
+            self.stats["slow_report"] += 1
+        self.at(self.t + upload_s, self._report, f, inc, run, failure)
+
+    def _report(self, f: Factory, inc: int, run: Run, failure: FailureClass | None) -> None:
+        """``Factory._report``: the result under the epoch, or into the outbox if the broker does not answer."""
+        if f.inc != inc:
+            return
+        detail = f"sim: {failure or 'passed'}"
+        self._write(f, run, self._finisher(f, run.epoch, failure, detail), True,
+                    lambda res, slot: self._reported(f, run, failure, detail, res, slot))
+
+    def _finisher(self, f: Factory, epoch: int, failure: FailureClass | None, detail: str) -> Callable:
+        def decide(rec: JobRecord) -> protocol.Outcome:
+            now = self.t + f.clock_offset
+            if self.broken == "no_fence":
+                return _finish_unfenced(rec, f.id, epoch, now, failure=failure, detail=detail)
+            return protocol.finish(rec, f.id, epoch, now, failure=failure, detail=detail)
+
+        return decide
+
+    def _reported(self, f: Factory, run: Run, failure: FailureClass | None, detail: str, res, slot) -> None:
+        if isinstance(res, protocol.Outcome):
+            self._emit_finished(f, run, failure, res, slot)
+        elif res is None:
+            self._quarantine(f, run, "result refused: stale epoch")
+            return
+        elif res == ILLEGAL:
+            self.stats["result_lost"] += 1
+        else:  # TIMEOUT or CONFLICT: production keeps it in the outbox until the broker answers
+            self.stats["outbox_put"] += 1
+            self.note(f.id, "outbox_put", run.job, run.epoch)
+            f.outbox.append(OutboxItem(run.job, run.epoch, run.station, failure, detail))
+            self._schedule_flush(f)
+        self._end_run(f, run)
+
+    def _emit_finished(self, f: Factory, run: Run, failure: FailureClass | None, out: protocol.Outcome,
+                       slot: int | None) -> None:
+        self.stats["finished"] += 1
+        self.emit(EventRecord(kind="finished", at=self.t + f.clock_offset, job=run.job, epoch=run.epoch,
+                              factory=f.id, actor=f.id, stage_from="building", stage_to=str(out.record.stage),
+                              reason=out.reason, data={"outcome": str(failure or "passed")}), slot)
+        self.note(f.id, f"finished:{out.record.stage}", run.job, run.epoch)
+
+    def _quarantine(self, f: Factory, run: Run, why: str) -> None:
+        self.stats["quarantined"] += 1
+        self.note(f.id, "quarantined", run.job, run.epoch)
+        self._end_run(f, run)
+
+    def _end_run(self, f: Factory, run: Run) -> None:
+        if run.ended:
+            return
+        run.ended = True
+        run.engine_done = True
+        if f.runs.get((run.job, run.epoch)) is run:
+            del f.runs[(run.job, run.epoch)]
+            self._release(f, run.station)
+        if f.draining and not f.runs:
+            self._down(f, f.inc)
+        else:
+            self._fetch(f)
+
+    def _hand_back(self, f: Factory, inc: int, run: Run, reason: str) -> None:
+        def done(res, slot):
+            if isinstance(res, protocol.Outcome):
+                self.emit(EventRecord(kind="handed_back", at=self.t + f.clock_offset, job=run.job, epoch=run.epoch,
+                                      factory=f.id, actor=f.id, stage_to="queued", reason=reason), slot)
+                self.note(f.id, "handed_back", run.job, run.epoch)
+                run.fenced = True  # the lease is given up: nothing more may be written under it
+            self._end_run(f, run)
+
+        self._write(f, run, lambda r: protocol.hand_back(r, f.id, run.epoch, self.t + f.clock_offset, reason),
+                    True, done)
+
+    # -- factory: the outbox (``Factory._flush_item``) ---------------------------------------------------
+
+    def _schedule_flush(self, f: Factory) -> None:
+        if f.alive and not f.flush_scheduled and f.outbox:
+            f.flush_scheduled = True
+            self.at(self.t + 1.0, self._flush, f, f.inc)
+
+    def _flush(self, f: Factory, inc: int) -> None:
+        f.flush_scheduled = False
+        if f.inc != inc or not f.alive:
+            return  # a restart schedules its own flush
+        if f.flushing or (f.partition_drop and f.partition_until > self.t):
+            return self._schedule_flush(f)  # not connected: the loop checks again in a second
+        f.flushing = True
+        self._flush_next(f, inc, list(f.outbox))
+
+    def _flush_next(self, f: Factory, inc: int, items: list[OutboxItem]) -> None:
+        if f.inc != inc:
+            return
+        if not items:
+            f.flushing = False
+            return self._schedule_flush(f)
+        item = items.pop(0)
+        item.attempts += 1
+        if item.attempts > MAX_OUTBOX_ATTEMPTS:
+            self.stats["outbox_given_up"] += 1
+            f.outbox.remove(item)
+            return self._flush_next(f, inc, items)
+        self._send(f, "get", item.job, lambda res, _slot: self._flush_read(f, inc, item, items, res))
+
+    def _flush_read(self, f: Factory, inc: int, item: OutboxItem, items: list[OutboxItem], res) -> None:
+        if res == TIMEOUT:  # the round stops at the first error (the exception ends _flush_outbox)
+            f.flushing = False
+            return self._schedule_flush(f)
+        rec, rev = (None, 0) if res is None else (res[0], res[1])
+        if self.broken != "no_fence":
+            try:
+                protocol.check_fence(rec, item.job, f.id, item.epoch)
+            except protocol.Fenced:
+                self.stats["fenced"] += 1
+                self.stats["quarantined"] += 1
+                self.note(f.id, "outbox_fenced", item.job, item.epoch)
+                f.outbox.remove(item)
+                self._publish_fenced(f, item.job, item.epoch, rec,
+                                     f"outbox result with stale epoch {item.epoch} refused; quarantined")
+                return self._flush_next(f, inc, items)
+        if rec is None:
+            f.outbox.remove(item)
+            return self._flush_next(f, inc, items)
+        run = Run(item.job, item.epoch, item.station, rev, rec)
+        run.engine_done = True  # no engine behind an outbox item: nothing to kill if it is fenced
+
+        def done(res, slot):
+            if isinstance(res, protocol.Outcome):
+                self._emit_finished(f, run, item.failure, res, slot)
+                f.outbox.remove(item)
+            elif res is None:
+                self.stats["quarantined"] += 1
+                self.note(f.id, "quarantined", item.job, item.epoch)
+                f.outbox.remove(item)
+            elif res != ILLEGAL:  # TIMEOUT or CONFLICT: stays pending, next round
+                f.flushing = False
+                return self._schedule_flush(f)
+            self._flush_next(f, inc, items)
+
+        self._write(f, run, self._finisher(f, item.epoch, item.failure, item.detail), True, done)
+
+    # -- faults -----------------------------------------------------------------------------------------
+
+    def _crash(self, f: Factory) -> None:
+        if not f.alive:
+            return
+        self.stats["crashes"] += 1
+        self.note(f.id, "crash")
+        self._down(f, f.inc, crashed=True)
+
+    def _down(self, f: Factory, inc: int, crashed: bool = False) -> None:
+        if f.inc != inc or not f.alive:
+            return
+        f.alive = False
+        f.inc += 1  # every callback of the old process is dropped
+        f.runs.clear()
+        f.claiming = f.waiting = f.flushing = f.draining = f.flush_scheduled = False
+        f.free = list(range(f.stations))
+        if not crashed:
+            self.note(f.id, "down")
+        self.at(self.t + self.rng.uniform(*self.fc.restart_s), self._restart, f)
+
+    def _restart(self, f: Factory) -> None:
+        f.alive = True
+        f.inc += 1
+        self.note(f.id, "restart")
+        self._fetch(f)
+        self._schedule_flush(f)
+
+    def _drain(self, f: Factory) -> None:
+        """SIGTERM: stop claiming, let runs finish for ``drain_timeout_s``, hand back the rest."""
+        if not f.alive or f.draining:
+            return
+        self.stats["drains"] += 1
+        self.note(f.id, "drain")
+        f.draining = True
+        if not f.runs:
+            return self._down(f, f.inc)
+        self.at(self.t + self.s.drain_timeout_s, self._drain_deadline, f, f.inc)
+
+    def _drain_deadline(self, f: Factory, inc: int) -> None:
+        if f.inc != inc:
+            return
+        for run in list(f.runs.values()):
+            run.draining = True
+            self._engine_end(f, inc, run)
+        self.at(self.t + 10.0, self._down, f, inc)  # production waits at most 10 s more
+
+    def _partition(self, f: Factory, duration_s: float, drop: bool) -> None:
+        self.stats["partitions"] += 1
+        self.note(f.id, "partition_drop" if drop else "partition_stall")
+        end = self.t + duration_s
+        if end > f.partition_until:
+            f.partition_until, f.partition_drop = end, drop
+        self.at(end, self._heal, f)
+
+    def _heal(self, f: Factory) -> None:
+        if f.partition_until <= self.t:
+            self.note(f.id, "healed")
+            self._fetch(f)
+            self._schedule_flush(f)
+
+    def _clock_jump(self, f: Factory, by_s: float) -> None:
+        self.stats["clock_jumps"] += 1
+        self.note(f.id, "clock_jump")
+        f.clock_offset += by_s
+
+
+def _epoch_blind_fence(rec: JobRecord | None, job_id: str, factory: str, epoch: int) -> JobRecord:
+    """``protocol.check_fence`` without its epoch test: the ``epoch_blind_fence`` variant."""
+    if rec is None or rec.lease is None or rec.lease.factory != factory or rec.stage not in LEASED:
+        raise protocol.Fenced(job_id, factory, epoch, rec)
+    return rec
+
+
+def _finish_unfenced(rec: JobRecord, factory: str, epoch: int, now: float, **kw) -> protocol.Outcome:
+    """``protocol.finish`` with its fence removed: the ``no_fence`` variant, for testing the checker.
+    The simulation is single-threaded, so swapping the module's ``check_fence`` for one call is safe."""
+    saved = protocol.check_fence
+    protocol.check_fence = lambda rec, *_: rec
+    try:
+        return protocol.finish(rec, factory, epoch, now, **kw)
+    finally:
+        protocol.check_fence = saved
+
+
+# -- API -------------------------------------------------------------------------------------------
+
+
+def simulate(
+    seed: int,
+    *,
+    jobs: int = 20,
+    factories: int = 4,
+    stations: int = 2,
+    coordinators: int = 2,
+    faults: FaultConfig | None = None,
+    settings: Settings | None = None,
+    broken: str | None = None,
+    limit_s: float = 4 * 3600.0,
+    max_steps: int = 500_000,
+    strict_audit: bool = False,
+) -> SimResult:
+    """Run one seeded schedule to quiescence and judge it with :func:`invariants.check`.
+
+    ``jobs``, ``factories`` (each with ``stations``) and ``coordinators`` size the fleet;
+    ``faults`` defaults to :class:`FaultConfig` (every fault on), ``FaultConfig.none()`` is a
+    healthy fleet; ``settings`` defaults to :func:`sim_settings` (production timings);
+    ``broken`` is None or one of :data:`BROKEN` (``epoch_blind_fence`` swaps the protocol module's
+    ``check_fence`` for the run, and puts it back); ``limit_s`` (sim time) and ``max_steps``
+    bound the run, and a run that hits them has not settled. ``strict_audit`` is passed to
+    :func:`invariants.check` (a write that landed without its event becomes a violation).
+    """
+    sim = Sim(seed, jobs=jobs, factories=factories, stations=stations, coordinators=coordinators,
+              faults=faults if faults is not None else FaultConfig(), settings=settings or sim_settings(),
+              broken=broken, limit_s=limit_s, max_steps=max_steps)
+    if broken == "epoch_blind_fence":
+        # Every fenced write looks check_fence up in the protocol module at call time; the
+        # simulation is single-threaded, so swapping it for one run and restoring it is safe.
+        saved, protocol.check_fence = protocol.check_fence, _epoch_blind_fence
+        try:
+            settled = sim.run()
+        finally:
+            protocol.check_fence = saved
+    else:
+        settled = sim.run()
+    records = {k: v[0] for k, v in sim.store.recs.items()}
+    events = [e for e in sim.events if e is not None]
+    report = invariants.check(records, events, submitted=set(sim.specs), acknowledged=sim.acknowledged,
+                              allow_in_flight=False, strict_audit=strict_audit)
+    stats = dict(sorted(sim.stats.items()))
+    return SimResult(seed=seed, jobs=records, events=events, report=report, trace=sim.trace, stats=stats,
+                     settled=settled, end_s=sim.t, steps=sim.steps, acknowledged=set(sim.acknowledged))
+
+
+def run_many(seeds: range | list[int], **kw) -> list[int]:
+    """The seeds whose run broke an invariant or did not settle (``kw`` as :func:`simulate`)."""
+    return [seed for seed in seeds if not simulate(seed, **kw).ok]
+
+
+# -- CLI -------------------------------------------------------------------------------------------
+
+
+def _seed_range(text: str) -> range:
+    try:
+        if ":" in text:
+            a, b = text.split(":", 1)
+            return range(int(a), int(b))
+        return range(int(text), int(text) + 1)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a seed range: expected START:STOP (like 0:2000) or one seed") from None
+
+
+def _fault_setting(text: str) -> tuple[str, object]:
+    """``NAME=VALUE`` for one :class:`FaultConfig` field; a range is ``LOW:HIGH``."""
+    fields = {f.name: f for f in dataclasses.fields(FaultConfig)}
+    name, sep, raw = text.partition("=")
+    name = name.strip().replace("-", "_")
+    if not sep or name not in fields:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected NAME=VALUE with NAME one of {', '.join(fields)}")
+    try:
+        if "tuple" in str(fields[name].type):
+            low, high = raw.split(":", 1)
+            return name, (float(low), float(high))
+        return name, float(raw)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: {name} takes a number"
+                                         + (" range LOW:HIGH" if "tuple" in str(fields[name].type) else "")) from None
+
+
+def argv_flags(args: argparse.Namespace) -> list[str]:
+    """The options of a run other than its seeds, to print a command that reproduces one seed."""
+    out = [f"--{k}={getattr(args, k)}" for k in ("jobs", "factories", "stations", "coordinators")
+           if getattr(args, k) != {"jobs": 20, "factories": 4, "stations": 2, "coordinators": 2}[k]]
+    if args.no_faults:
+        out.append("--no-faults")
+    out += [f"--fault={name}={value if not isinstance(value, tuple) else f'{value[0]:g}:{value[1]:g}'}"
+            for name, value in args.fault]
+    if args.broken:
+        out.append(f"--broken={args.broken}")
+    if args.strict_audit:
+        out.append("--strict-audit")
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m gigafactory.chaos.sim",
+                                 description="Run seeded deterministic simulations of the claim protocol and "
+                                             "check the invariants after each; exit 1 on any violation.")
+    ap.add_argument("--seeds", type=_seed_range, default=range(0, 200), help="START:STOP or one seed (default 0:200)")
+    ap.add_argument("--jobs", type=int, default=20)
+    ap.add_argument("--factories", type=int, default=4)
+    ap.add_argument("--stations", type=int, default=2)
+    ap.add_argument("--coordinators", type=int, default=2)
+    ap.add_argument("--no-faults", action="store_true", help="a healthy fleet (then --fault turns single faults on)")
+    ap.add_argument("--fault", type=_fault_setting, action="append", default=[], metavar="NAME=VALUE",
+                    help="set one FaultConfig field, e.g. --fault slow_report=0.3 --fault slow_report_s=5:20")
+    ap.add_argument("--broken", choices=BROKEN, help="break the protocol on purpose (the checker must object)")
+    ap.add_argument("--strict-audit", action="store_true",
+                    help="also require every record's stage to be audited (see invariants.audit_matches_record)")
+    ap.add_argument("--json", action="store_true", help="print one JSON document")
+    ap.add_argument("--trace", type=int, default=0, metavar="N",
+                    help="print the first N trace rows of the first failing seed")
+    args = ap.parse_args(argv)
+
+    faults = FaultConfig.none() if args.no_faults else FaultConfig()
+    faults = dataclasses.replace(faults, **dict(args.fault))
+    kw = dict(jobs=args.jobs, factories=args.factories, stations=args.stations, coordinators=args.coordinators,
+              faults=faults, broken=args.broken, strict_audit=args.strict_audit)
+    t0 = time.perf_counter()
+    failing: list[int] = []
+    first: SimResult | None = None
+    for seed in args.seeds:
+        res = simulate(seed, **kw)
+        if not res.ok:
+            failing.append(seed)
+            first = first or res
+    elapsed_s = time.perf_counter() - t0
+    n = len(args.seeds)
+    rate = n / elapsed_s if elapsed_s > 0 else float("inf")
+    if args.json:
+        print(msgspec.json.encode({
+            "seeds": [args.seeds.start, args.seeds.stop], "runs": n, "failing": failing,
+            "elapsed_s": round(elapsed_s, 3), "seeds_per_s": round(rate, 1), "broken": args.broken,
+            "first_failure": None if first is None else {
+                "seed": first.seed, "settled": first.settled, "digest": first.digest(),
+                "report": msgspec.json.decode(first.report.to_json()), "stats": first.stats,
+            },
+        }).decode())
+    else:
+        print(f"{n} seeds in {elapsed_s:.2f}s ({rate:.0f} seeds/s); {len(failing)} failing")
+        if failing:
+            shown = ", ".join(map(str, failing[:50])) + (" ..." if len(failing) > 50 else "")
+            print(f"failing seeds: {shown}")
+            assert first is not None
+            print(first.summary())
+            flags = "".join(f" {a}" for a in argv_flags(args))
+            print(f"reproduce: python -m gigafactory.chaos.sim --seeds {first.seed}{flags}")
+            if args.trace:
+                print(first.trace_text(args.trace))
+    return 1 if failing else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

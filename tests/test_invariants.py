@@ -1,0 +1,478 @@
+"""The invariant checker (chaos/invariants.py) over hand-built records and audit trails.
+
+Each invariant is shown holding on a valid history, then broken by one change to that history
+(valid data becoming invalid). The records come from the real protocol functions; the events
+are written the way the coordinator and the factory publish them. One test reads a real
+``nats-server`` with ``collect``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import msgspec
+import pytest
+
+from gigafactory.chaos import invariants as inv
+from gigafactory.chaos.invariants import Report, check
+from gigafactory.schemas import protocol as p
+from gigafactory.schemas.lifecycle import Stage
+from gigafactory.schemas.manifest import FailureClass, Manifest
+from gigafactory.schemas.records import EventRecord, JobRecord, Lease
+
+T0 = 1_000.0
+
+
+def queued(jid: str = "j1", **fields) -> JobRecord:
+    rec = JobRecord(id=jid, manifest=Manifest(cwd="w", engine="shell"), body="echo hi\n", source="t",
+                    content_hash="h", submitted_at=T0, pool="p", requirements=["engine:shell"],
+                    reason="waiting for a factory")
+    return msgspec.structs.replace(rec, **fields)
+
+
+def ev(kind: str, job: str = "j1", epoch: int | None = None, factory: str | None = None,
+       stage_from: str | None = None, stage_to: str | None = None, actor: str = "", **data) -> EventRecord:
+    return EventRecord(kind=kind, at=T0, job=job, epoch=epoch, factory=factory, actor=actor or factory or "c0",
+                       stage_from=stage_from, stage_to=stage_to, data=data)
+
+
+def submitted(job: str = "j1") -> EventRecord:
+    return ev("submitted", job, stage_to="queued", actor="api")
+
+
+def claimed(epoch: int, factory: str = "f1", job: str = "j1", station: int = 0) -> EventRecord:
+    return ev("claimed", job, epoch, factory, "queued", "assigned", station=station)
+
+
+def started(epoch: int, factory: str = "f1", job: str = "j1") -> EventRecord:
+    return ev("started", job, epoch, factory, "assigned", "building")
+
+
+def finished(epoch: int, factory: str = "f1", stage_to: str = "testing", job: str = "j1") -> EventRecord:
+    return ev("finished", job, epoch, factory, "building", stage_to, outcome="passed")
+
+
+def reaped(new_epoch: int, holder: str = "f1", job: str = "j1", stage_to: str = "queued") -> EventRecord:
+    """The reaper's event for an expired lease: kind by retry policy, the *new* epoch."""
+    kind = {"queued": "requeue", "dead_letter": "dead_letter", "failed": "fail"}[stage_to]
+    return ev(kind, job, new_epoch, None, "building", stage_to, actor="c0", holder=holder, old_epoch=new_epoch - 1)
+
+
+def shipped_history() -> tuple[dict[str, JobRecord], list[EventRecord]]:
+    """j1: submitted, dispatched, claimed by f1 at epoch 1, built, passed, shipped by a human."""
+    rec = queued()
+    rec = p.claim(rec, "f1", 0, T0 + 1).record
+    rec = p.start(rec, "f1", 1, T0 + 2).record
+    rec = p.finish(rec, "f1", 1, T0 + 3, failure=None).record
+    rec = p.ship(rec, T0 + 4, "alice").record
+    events = [
+        submitted(),
+        ev("dispatched", epoch=0, stage_from="queued", stage_to="queued"),
+        claimed(1), started(1), finished(1),
+        ev("ship", epoch=1, stage_from="testing", stage_to="shipped", actor="operator"),
+    ]
+    return {"j1": rec}, events
+
+
+def reclaimed_history() -> tuple[dict[str, JobRecord], list[EventRecord]]:
+    """j1: f1's lease at epoch 1 expires (requeue to epoch 2), f2 claims at epoch 3 and passes;
+    f1's late report is refused (fenced)."""
+    rec = queued()
+    rec = p.claim(rec, "f1", 0, T0).record
+    rec = p.start(rec, "f1", 1, T0).record
+    rec = p.expire(rec, T0, T0 + 100, 15.0).record
+    rec = p.claim(rec, "f2", 1, T0 + 101).record
+    rec = p.start(rec, "f2", 3, T0 + 102).record
+    rec = p.finish(rec, "f2", 3, T0 + 103, failure=None).record
+    events = [
+        submitted(), claimed(1), started(1), reaped(2),
+        claimed(3, "f2", station=1), started(3, "f2"),
+        ev("fenced", epoch=1, factory="f1", held_epoch=1, record_epoch=3),
+        finished(3, "f2"),
+    ]
+    return {"j1": rec}, events
+
+
+def names(report: Report) -> list[str]:
+    return [v.invariant for v in report.violations]
+
+
+# --- valid histories ----------------------------------------------------------------------------
+
+
+def test_a_shipped_history_satisfies_every_invariant_and_is_counted():
+    jobs, events = shipped_history()
+
+    report = check(jobs, events, submitted={"j1"}, acknowledged={"j1"})
+
+    assert report.ok, report.to_text()
+    assert report.counts["claims"] == 1
+    assert report.counts["finished"] == 1
+    assert report.counts["ship"] == 1
+    assert report.counts["stage_shipped"] == 1
+    assert report.counts["audit_gaps"] == 0
+
+
+def test_a_reclaimed_job_with_a_refused_stale_report_is_valid_and_the_refusal_is_counted():
+    jobs, events = reclaimed_history()
+
+    report = check(jobs, events, acknowledged={"j1"})
+
+    assert report.ok, report.to_text()
+    assert report.counts["fenced"] == 1
+    assert report.counts["lease_expired"] == 1
+    assert report.counts["claims"] == 2
+
+
+def test_events_without_a_job_are_ignored():
+    jobs, events = shipped_history()
+    fleet = EventRecord(kind="factory_up", at=T0, factory="f1", actor="f1")
+
+    report = check(jobs, [fleet, *events])
+
+    assert report.ok
+    assert report.counts["events"] == len(events) + 1
+
+
+# --- no_lost_submission -------------------------------------------------------------------------
+
+
+def test_an_acknowledged_submission_without_a_record_is_lost():
+    jobs, events = shipped_history()
+
+    report = check(jobs, events, acknowledged={"j1", "j2"})
+
+    assert names(report) == ["no_lost_submission"]
+    assert report.violations[0].job == "j2"
+
+
+def test_an_audited_submission_without_a_record_is_lost():
+    jobs, events = shipped_history()
+
+    report = check(jobs, [*events, submitted("j9")])
+
+    assert names(report) == ["no_lost_submission"]
+    assert report.violations[0].job == "j9"
+
+
+def test_a_submission_never_acknowledged_may_be_missing_and_is_only_counted():
+    jobs, events = shipped_history()
+
+    report = check(jobs, events, submitted={"j1", "j2"}, acknowledged={"j1"})
+
+    assert report.ok
+    assert report.counts["submitted_unacknowledged_missing"] == 1
+
+
+# --- settled ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("stage", [Stage.QUEUED, Stage.BLOCKED, Stage.TESTING, Stage.REVIEW,
+                                   Stage.SHIPPED, Stage.FAILED, Stage.DEAD_LETTER])
+def test_a_job_waiting_with_a_reason_or_terminal_is_settled(stage):
+    report = check({"j1": queued(stage=stage, reason="waiting for something")}, [])
+
+    assert report.ok
+
+
+@pytest.mark.parametrize("stage", [Stage.QUEUED, Stage.BLOCKED, Stage.TESTING, Stage.REVIEW])
+def test_a_waiting_job_without_a_reason_is_not_settled(stage):
+    report = check({"j1": queued(stage=stage, reason="  ")}, [])
+
+    assert names(report) == ["settled"]
+    assert "no reason" in report.violations[0].detail
+
+
+def test_a_held_job_is_not_settled_once_the_run_quiesced_but_is_while_it_is_live():
+    rec = p.start(p.claim(queued(), "f1", 0, T0).record, "f1", 1, T0).record
+    events = [submitted(), claimed(1), started(1)]
+
+    quiesced = check({"j1": rec}, events)
+    live = check({"j1": rec}, events, allow_in_flight=True)
+
+    assert names(quiesced) == ["settled"]
+    assert "still building (holder f1/0, epoch 1)" in quiesced.violations[0].detail
+    assert live.ok
+
+
+def test_only_the_submitted_jobs_are_judged_settled():
+    unsettled = queued("j2", reason="")
+
+    assert check({"j2": unsettled}, [], submitted=set()).ok
+    assert names(check({"j2": unsettled}, [], submitted={"j2"})) == ["settled"]
+
+
+# --- single_terminal and shipped_once ------------------------------------------------------------
+
+
+def test_an_operator_requeue_may_take_a_failed_job_out_and_it_may_end_again():
+    rec = p.cancel(queued(), T0, "op").record
+    rec = p.operator_requeue(rec, T0 + 1, "op").record
+    rec = p.cancel(rec, T0 + 2, "op").record
+    events = [submitted(),
+              ev("cancel", epoch=1, stage_from="queued", stage_to="failed", actor="operator"),
+              ev("requeue", epoch=2, stage_from="failed", stage_to="queued", actor="operator"),
+              ev("cancel", epoch=3, stage_from="queued", stage_to="failed", actor="operator")]
+
+    assert check({"j1": rec}, events).ok
+
+
+def test_a_job_that_ended_and_moves_on_without_a_requeue_breaks_single_terminal():
+    jobs, events = shipped_history()
+    # The job is cancelled (failed) before its result arrives; the result is then accepted anyway.
+    events.insert(4, ev("cancel", epoch=2, stage_from="building", stage_to="failed", actor="operator"))
+
+    report = check(jobs, events)
+
+    assert names(report) == ["stale_write_accepted", "single_terminal"]
+    assert "ended by cancel (operator, epoch 2)" in report.violations[0].detail
+    assert "moved the job to testing after it ended failed" in report.violations[1].detail
+
+
+def test_nothing_takes_a_job_out_of_shipped_not_even_a_requeue():
+    jobs, events = shipped_history()
+    events.append(ev("requeue", epoch=2, stage_from="shipped", stage_to="queued", actor="operator"))
+
+    assert names(check(jobs, events)) == ["single_terminal"]
+
+
+def test_a_job_shipped_twice_breaks_shipped_once():
+    jobs, events = shipped_history()
+    events += [ev("requeue", epoch=2, stage_from="testing", stage_to="queued", actor="operator"),
+               claimed(3), started(3), finished(3, stage_to="shipped")]
+
+    report = check(jobs, events)
+
+    assert "shipped_once" in names(report)
+    assert "shipped again by event #9 (finished)" in report.violations[names(report).index("shipped_once")].detail
+
+
+# --- single_report --------------------------------------------------------------------------------
+
+
+def test_a_result_reported_twice_at_one_epoch_breaks_single_report():
+    jobs, events = shipped_history()
+    events.insert(5, finished(1))
+
+    report = check(jobs, events)
+
+    assert "single_report" in names(report)
+    assert "reported twice at epoch 1" in report.violations[names(report).index("single_report")].detail
+
+
+def test_a_ship_twice_at_one_epoch_breaks_single_report_and_shipped_once():
+    jobs, events = shipped_history()
+    events.append(events[-1])
+
+    assert set(names(check(jobs, events))) == {"single_report", "shipped_once", "single_terminal"}
+
+
+def test_results_at_two_epochs_of_two_leases_are_two_reports_not_a_double_report():
+    rec = queued()
+    events = [submitted()]
+    for epoch, factory, outcome in ((1, "f1", FailureClass.CRASH), (3, "f2", None)):
+        rec = p.claim(rec, factory, 0, T0).record
+        rec = p.start(rec, factory, epoch, T0).record
+        rec = p.finish(rec, factory, epoch, T0, failure=outcome).record
+        events += [claimed(epoch, factory), started(epoch, factory),
+                   finished(epoch, factory, stage_to=str(rec.stage))]
+
+    report = check({"j1": rec}, events)
+
+    assert report.ok, report.to_text()
+    assert report.counts["finished"] == 2
+
+
+# --- unique_holder and claim_epochs_increase ------------------------------------------------------
+
+
+def test_two_claims_at_one_epoch_break_unique_holder():
+    jobs, events = shipped_history()
+    events.insert(3, claimed(1, "f2", station=1))
+
+    report = check(jobs, events)
+
+    # The second claim is the one the audit follows from there on, so f1's writes read as stale too.
+    assert names(report) == ["unique_holder", "stale_write_accepted", "stale_write_accepted"]
+    assert report.violations[0].detail == "epoch 1 claimed by f1/0 and again by f2/1"
+
+
+def test_the_same_factory_claiming_one_epoch_twice_also_breaks_unique_holder():
+    jobs, events = shipped_history()
+    events.insert(3, claimed(1, "f1", station=1))
+
+    assert "unique_holder" in names(check(jobs, events))
+
+
+def test_claim_epochs_that_go_back_break_claim_epochs_increase():
+    jobs, events = reclaimed_history()
+    events.insert(6, claimed(2, "f3"))  # after the claim at epoch 3
+
+    report = check(jobs, events)
+
+    assert names(report)[0] == "claim_epochs_increase"
+    assert "claim at epoch 2 by f3/0 after a claim at epoch 3" in report.violations[0].detail
+
+
+# --- stale_write_accepted --------------------------------------------------------------------------
+
+
+def test_a_result_from_a_stale_epoch_accepted_after_a_reclaim_is_a_stale_write():
+    jobs, events = reclaimed_history()
+    events[6] = finished(1, "f1")  # the late report was accepted instead of fenced
+
+    report = check(jobs, events)
+
+    assert names(report) == ["stale_write_accepted"]
+    assert "latest claim is epoch 3 by f2" in report.violations[0].detail
+    assert report.counts["fenced"] == 0
+
+
+def test_a_result_accepted_after_the_reaper_ended_the_lease_is_a_stale_write():
+    # f1's lease expired and the job was requeued at epoch 2; f1's failure report still went in.
+    failed = queued(stage=Stage.FAILED, epoch=3, reason="setup_failed: sim")
+    events = [submitted(), claimed(1), started(1), reaped(2), finished(1, stage_to="failed")]
+
+    report = check({"j1": failed}, events)
+
+    assert names(report) == ["stale_write_accepted"]
+    assert "after that lease was ended by requeue (c0, epoch 2)" in report.violations[0].detail
+
+
+def test_a_write_by_another_factory_at_the_holders_epoch_is_a_stale_write():
+    jobs, events = shipped_history()
+    events[3] = started(1, "f2")
+
+    assert names(check(jobs, events)) == ["stale_write_accepted"]
+
+
+def test_a_holder_write_with_no_claim_before_it_is_a_stale_write():
+    jobs, events = shipped_history()
+    del events[2]  # the claim
+
+    assert "stale_write_accepted" in names(check(jobs, events))
+
+
+def test_a_hand_back_ends_the_lease_so_a_later_result_under_it_is_a_stale_write():
+    rec = p.hand_back(p.start(p.claim(queued(), "f1", 0, T0).record, "f1", 1, T0).record, "f1", 1, T0, "drain").record
+    valid = [submitted(), claimed(1), started(1), ev("handed_back", epoch=1, factory="f1", stage_to="queued")]
+
+    assert check({"j1": rec}, valid).ok
+    assert names(check({"j1": rec}, [*valid, finished(1)])) == ["stale_write_accepted"]
+
+
+# --- record_consistent and audit_well_formed --------------------------------------------------------
+
+
+@pytest.mark.parametrize("fields, detail", [
+    (dict(stage=Stage.BUILDING, lease=None, epoch=1), "without a lease"),
+    (dict(stage=Stage.QUEUED, lease=Lease("f1", 0, 1), epoch=1), "still names lease holder f1"),
+    (dict(stage=Stage.BUILDING, lease=Lease("f1", 0, 1), epoch=2), "lease of f1 is at epoch 1"),
+])
+def test_a_lease_outside_the_leased_stages_or_at_another_epoch_is_inconsistent(fields, detail):
+    report = check({"j1": queued(**fields)}, [], allow_in_flight=True)
+
+    assert names(report) == ["record_consistent"]
+    assert detail in report.violations[0].detail
+
+
+def test_a_record_under_another_key_is_inconsistent():
+    assert names(check({"j2": queued("j1")}, [], submitted=set())) == ["record_consistent"]
+
+
+def test_a_record_whose_epoch_went_below_a_claimed_epoch_is_inconsistent():
+    jobs, events = shipped_history()
+    jobs["j1"] = msgspec.structs.replace(jobs["j1"], epoch=0)
+
+    report = check(jobs, events)
+
+    assert names(report) == ["record_consistent"]
+    assert "an epoch went backwards" in report.violations[0].detail
+
+
+def test_a_claim_without_an_epoch_is_malformed():
+    jobs, events = shipped_history()
+    events[2] = ev("claimed", epoch=None, factory="f1", stage_to="assigned")
+
+    assert "audit_well_formed" in names(check(jobs, events))
+
+
+# --- audit_matches_record ----------------------------------------------------------------------------
+
+
+def test_a_record_ahead_of_its_audit_is_counted_and_judged_only_when_asked():
+    jobs, events = shipped_history()
+    del events[-1]  # the ship landed but its event was never published
+
+    lenient = check(jobs, events)
+    strict = check(jobs, events, strict_audit=True)
+
+    assert lenient.ok and lenient.counts["audit_gaps"] == 1
+    assert names(strict) == ["audit_matches_record"]
+    assert "record is shipped but the audit's last transition says testing" in strict.violations[0].detail
+
+
+# --- the report ---------------------------------------------------------------------------------------
+
+
+def test_the_report_renders_as_text_and_json():
+    jobs, events = shipped_history()
+
+    report = check(jobs, events, acknowledged={"j1", "j2"})
+    text = report.to_text()
+    doc = msgspec.json.decode(report.to_json())
+
+    assert not report.ok
+    assert text.startswith("invariants: 1 VIOLATION(S)")
+    assert "[no_lost_submission] j2: submission was acknowledged but the job has no record" in text
+    assert doc["ok"] is False
+    assert doc["by_invariant"] == {"no_lost_submission": 1}
+    assert doc["violations"] == [{"invariant": "no_lost_submission", "job": "j2",
+                                  "detail": "submission was acknowledged but the job has no record"}]
+    assert doc["counts"]["claims"] == 1
+    assert check(*shipped_history()).to_text().startswith("invariants: OK")
+
+
+def test_the_report_keeps_a_bounded_number_of_violations_and_counts_the_rest():
+    n = inv.MAX_VIOLATIONS + 5
+    jobs = {f"j{i}": queued(f"j{i}", reason="") for i in range(n)}
+
+    report = check(jobs, [])
+
+    assert len(report.violations) == inv.MAX_VIOLATIONS
+    assert report.counts["violations_dropped"] == 5
+
+
+# --- collect: a real broker ---------------------------------------------------------------------------
+
+
+def test_collect_reads_every_record_and_every_event_of_a_real_broker_in_stream_order():
+    from gigafactory.broker import Broker
+    from gigafactory.config import Settings
+    from gigafactory.schemas.records import encode
+    from gigafactory.testing import broker_url
+
+    jobs, events = reclaimed_history()
+    many = [ev("dispatched", f"k{i}", epoch=0, stage_to="queued") for i in range(300)]  # > one batch
+
+    async def scenario(url: str):
+        b = await Broker.open(url, "test-invariants", Settings(request_timeout_s=2.0))
+        try:
+            empty = await inv.collect(b)
+            for jid, rec in jobs.items():
+                await b.jobs.create(jid, encode(rec))
+            for e in [*events, *many]:
+                await b.publish_event(e)
+            await b.publish_event(EventRecord(kind="factory_up", at=T0, factory="f1"))
+            return empty, await inv.collect(b, batch=128)
+        finally:
+            await b.close()
+
+    with broker_url() as url:
+        empty, (got_jobs, got_events) = asyncio.run(asyncio.wait_for(scenario(url), timeout=60))
+
+    assert empty == ({}, [])
+    assert got_jobs == jobs
+    assert got_events[: len(events)] == events
+    assert len(got_events) == len(events) + len(many) + 1
+    assert check(got_jobs, got_events, submitted={"j1"}, acknowledged={"j1"}).ok

@@ -1,0 +1,232 @@
+"""The deterministic simulation (chaos/sim.py): seeded schedules of the real protocol functions
+under seeded faults, judged by the invariant checker. No broker, no sleeps: sim time only."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections import Counter
+
+import msgspec
+import pytest
+
+from gigafactory.chaos import sim
+from gigafactory.chaos.sim import FaultConfig, run_many, simulate
+from gigafactory.config import Settings
+from gigafactory.schemas import protocol
+from gigafactory.schemas.lifecycle import TERMINAL, Stage
+from gigafactory.schemas.protocol import check_fence as REAL_CHECK_FENCE
+
+SEEDS = range(500)
+
+
+def test_every_seed_of_500_with_every_fault_keeps_every_invariant_and_settles():
+    failing = run_many(SEEDS)
+
+    assert failing == [], f"reproduce with: python -m gigafactory.chaos.sim --seeds {failing[0]}"
+
+
+def test_the_faults_really_happen_in_those_runs():
+    stats: Counter[str] = Counter()
+    counts: Counter[str] = Counter()
+    for seed in range(100):
+        res = simulate(seed)
+        stats.update(res.stats)
+        counts.update(res.report.counts)
+
+    for fault in ("msg_lost", "msg_duplicated", "reply_lost", "crashes", "drains", "partitions", "clock_jumps",
+                  "slow_report", "polled", "buffered_lost_in_crash", "claim_conflict", "write_conflicts"):
+        assert stats[fault] > 0, fault
+    # ...and the protocol's answers to them show in the audit.
+    for answer in ("fenced", "lease_expired", "handed_back", "cancel", "dead_letter", "deps_met"):
+        assert counts[answer] > 0, answer
+    assert stats["outbox_put"] > 0 and stats["quarantined"] > 0
+
+
+def test_every_refused_stale_write_is_audited_as_fenced_unless_its_publish_failed():
+    for seed in range(100):
+        res = simulate(seed)
+
+        refused = res.stats.get("fenced", 0)
+        assert res.report.counts["fenced"] == refused - res.stats.get("event_lost", 0), res.seed
+
+
+def test_a_harsher_fleet_with_tight_leases_keeps_every_invariant():
+    harsh = FaultConfig(msg_loss=0.4, msg_dup=0.4, reply_loss=0.2, crashes=2, drains=1, partitions=3,
+                        slow_report=0.4, dispatch_stalls=1, cancels=0.2, requeues=0.3, window_s=200)
+    tight = Settings(lease_ttl_s=5.0, lease_renew_s=4.0, drain_timeout_s=2.0, request_timeout_s=3.0)
+
+    assert run_many(range(100), faults=harsh, settings=tight) == []
+    assert run_many(range(100), jobs=40, factories=8, stations=1, coordinators=3, faults=harsh) == []
+
+
+def test_a_healthy_fleet_finishes_every_job_without_a_fence_or_an_expired_lease():
+    for seed in range(50):
+        res = simulate(seed, faults=FaultConfig.none())
+
+        assert res.ok, res.summary()
+        assert res.report.counts["fenced"] == 0
+        assert res.report.counts["lease_expired"] == 0
+        assert res.report.counts["audit_gaps"] == 0
+        assert all(r.stage in TERMINAL or r.stage in (Stage.TESTING, Stage.REVIEW) for r in res.jobs.values())
+
+
+def test_factory_clock_jumps_alone_never_expire_a_lease_because_the_store_clock_judges():
+    jumps = dataclasses.replace(FaultConfig.none(), clock_jumps=3.0, clock_jump_s=1e6)
+
+    for seed in range(50):
+        res = simulate(seed, faults=jumps)
+
+        assert res.stats["clock_jumps"] > 0
+        assert res.ok, res.summary()
+        assert res.report.counts["lease_expired"] == 0
+        assert res.report.counts["fenced"] == 0
+
+
+# --- determinism ----------------------------------------------------------------------------------
+
+
+def test_the_same_seed_gives_the_same_trace_records_and_audit():
+    a, b = simulate(7), simulate(7)
+
+    assert a.trace == b.trace
+    assert len(a.trace) > 50
+    assert msgspec.json.encode(a.jobs) == msgspec.json.encode(b.jobs)
+    assert a.events == b.events
+    assert a.stats == b.stats
+    assert a.digest() == b.digest()
+
+
+def test_different_seeds_give_different_schedules():
+    digests = {simulate(seed).digest() for seed in range(20)}
+
+    assert len(digests) == 20
+    assert simulate(1).trace != simulate(2).trace
+
+
+# --- the checker catches a broken protocol --------------------------------------------------------
+
+
+def test_a_store_whose_compare_and_set_ignores_the_revision_lets_two_holders_share_an_epoch():
+    seeds = range(30)
+
+    results = [simulate(seed, broken="no_revision_check") for seed in seeds]
+
+    caught = [r.seed for r in results if "unique_holder" in r.report.by_invariant()]
+    assert caught, "no double claim at one epoch in 30 seeds"
+    assert run_many(seeds) == []  # the same schedules with the real compare-and-set are fine
+
+
+def test_reports_that_skip_the_fence_let_a_stale_epoch_write_a_result():
+    seeds = range(30)
+
+    results = [simulate(seed, broken="no_fence") for seed in seeds]
+
+    caught = [r for r in results if "stale_write_accepted" in r.report.by_invariant()]
+    assert caught, "no stale result accepted in 30 seeds"
+    detail = next(v.detail for v in caught[0].report.violations if v.invariant == "stale_write_accepted")
+    assert detail.startswith("finished by ")
+
+
+def test_a_fence_that_forgets_the_epoch_lets_a_factorys_own_stale_run_write_over_its_new_lease():
+    # Subtle: it takes a lease lost (partition, slow report) and then reclaimed by the *same*
+    # factory while its old run still goes; holder and stage then match, only the epoch differs.
+    results = [simulate(seed, broken="epoch_blind_fence") for seed in range(40)]
+
+    caught = [r for r in results if not r.ok]
+    assert caught, "an epoch-blind fence went unnoticed in 40 seeds"
+    assert {inv for r in caught for inv in r.report.by_invariant()} == {"stale_write_accepted"}
+    assert protocol.check_fence is REAL_CHECK_FENCE  # put back after every run
+    assert run_many(range(40)) == []
+
+
+def test_a_failing_seed_reproduces_exactly():
+    seed = run_many(range(30), broken="no_revision_check")[0]
+
+    first, again = simulate(seed, broken="no_revision_check"), simulate(seed, broken="no_revision_check")
+
+    assert not first.ok
+    assert first.report.violations == again.report.violations
+    assert first.trace == again.trace
+    assert first.digest() == again.digest()
+
+
+def test_an_unknown_broken_variant_is_refused():
+    with pytest.raises(AssertionError, match="broken must be one of"):
+        simulate(0, broken="no_such_thing")
+
+
+# --- liveness and the audit -------------------------------------------------------------------------
+
+
+def test_a_run_that_cannot_quiesce_within_its_limit_is_a_failure():
+    res = simulate(0, limit_s=5.0)
+
+    assert not res.settled
+    assert not res.ok
+    assert "did not settle" in res.summary()
+
+
+def test_a_report_that_lands_after_its_client_timed_out_has_no_event_and_strict_audit_says_so():
+    # Production publishes an event after its write's reply. A report whose reply is lost has
+    # landed, but the factory replays it from its outbox, the fence refuses the replay (the job
+    # is no longer leased), and the audit shows 'fenced' where the result actually went in.
+    lenient = [simulate(seed) for seed in range(60)]
+    gaps = [r.seed for r in lenient if r.report.counts["audit_gaps"]]
+
+    assert all(r.ok for r in lenient)
+    assert gaps
+    strict = simulate(gaps[0], strict_audit=True)
+    assert set(strict.report.by_invariant()) == {"audit_matches_record"}
+
+
+# --- the command line -----------------------------------------------------------------------------
+
+
+def test_the_cli_passes_healthy_seeds_and_exits_zero(capsys):
+    assert sim.main(["--seeds", "0:20"]) == 0
+
+    out = capsys.readouterr().out
+    assert out.startswith("20 seeds in ")
+    assert "; 0 failing" in out
+
+
+def test_the_cli_reports_failing_seeds_as_json_and_exits_one(capsys):
+    assert sim.main(["--seeds", "0:10", "--broken", "no_revision_check", "--json"]) == 1
+
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["runs"] == 10
+    assert doc["failing"] and doc["failing"][0] == doc["first_failure"]["seed"]
+    assert doc["first_failure"]["report"]["ok"] is False
+    assert doc["failing"] == run_many(range(10), broken="no_revision_check")
+
+
+def test_the_cli_prints_the_first_failure_and_how_to_reproduce_it(capsys):
+    assert sim.main(["--seeds", "0:5", "--broken", "no_fence", "--trace", "5"]) == 1
+
+    out = capsys.readouterr().out
+    assert "failing seeds: " in out
+    assert "FAILED" in out and "[stale_write_accepted]" in out
+    assert "reproduce: python -m gigafactory.chaos.sim --seeds " in out and "--broken=no_fence" in out
+
+
+def test_the_cli_sets_single_faults_on_a_healthy_fleet(capsys):
+    # Slow log uploads alone (within production's own upload bound) cost leases: renewals stop
+    # when the engine ends, so results are fenced; the seeds still pass, and the CLI says so.
+    assert sim.main(["--seeds", "0:5", "--no-faults", "--fault", "slow_report=0.3",
+                     "--fault", "slow_report_s=5:20", "--json"]) == 0
+
+    assert json.loads(capsys.readouterr().out)["failing"] == []
+    only_slow = dataclasses.replace(FaultConfig.none(), slow_report=0.3, slow_report_s=(5.0, 20.0))
+    res = simulate(0, faults=only_slow)
+    assert res.ok and res.stats["slow_report"] > 0 and res.report.counts["fenced"] > 0
+
+
+def test_the_cli_refuses_an_unknown_fault():
+    with pytest.raises(SystemExit):
+        sim.main(["--fault", "meteor_strike=1"])
+
+
+def test_the_cli_refuses_a_malformed_seed_range():
+    with pytest.raises(SystemExit):
+        sim.main(["--seeds", "a:b"])
