@@ -120,8 +120,8 @@ class FaultConfig:
     """Expected jumps of a factory's clock (its ``time.time()``), each by up to ``clock_jump_s``."""
     clock_jump_s: float = 3600.0
     slow_report: float = 0.1
-    """Probability that a result is uploaded slowly after the engine ends (no renewals then, as in
-    production), so the report can arrive after the lease expired."""
+    """Probability that a result is uploaded slowly after the engine ends (renewals go on meanwhile, as in
+    production, so a slow upload alone no longer costs the lease)."""
     slow_report_s: tuple[float, float] = (5.0, 40.0)
     dispatch_stalls: float = 0.3
     """Expected push-dispatch stalls per factory; it polls the queue meanwhile (the fallback)."""
@@ -215,7 +215,7 @@ class Run:
     """A factory's claim of one job at one epoch (``factory/agent.py`` ``Run``)."""
 
     __slots__ = ("job", "epoch", "station", "revision", "record", "fenced", "draining", "writing",
-                 "write_q", "engine_done", "ended")
+                 "write_q", "engine_done", "ended", "stop_renewing")
 
     def __init__(self, job: str, epoch: int, station: int, revision: int, record: JobRecord) -> None:
         self.job, self.epoch, self.station, self.revision, self.record = job, epoch, station, revision, record
@@ -224,6 +224,7 @@ class Run:
         self.writing = False
         self.write_q: list[tuple] = []
         self.engine_done = False
+        self.stop_renewing = False
         self.ended = False
 
 
@@ -811,6 +812,8 @@ class Sim:
             # ends with a logged error. Only a broken variant can get here.
             self.stats["illegal_transition"] += 1
             return self._write_done(f, inc, run, done, ILLEGAL)
+        if new is None:  # production's _write: nothing to write (a renewal after the result)
+            return self._write_done(f, inc, run, done, rec)
         new_rec = new.record if isinstance(new, protocol.Outcome) else new
 
         def on_update(res, slot):
@@ -864,20 +867,24 @@ class Sim:
         self.at(self.t + self.s.lease_renew_s, self._renew, f, inc, run)
 
     def _renew(self, f: Factory, inc: int, run: Run) -> None:
-        if f.inc != inc or run.engine_done or run.fenced:
+        if f.inc != inc or run.stop_renewing or run.fenced:
             return
-        self._write(f, run, lambda r: protocol.renew(r, f.id, run.epoch, self.t + f.clock_offset), False,
+        # Like production: re-checked under the write lock, so no renewal follows the result.
+        self._write(f, run, lambda r: None if run.stop_renewing
+                    else protocol.renew(r, f.id, run.epoch, self.t + f.clock_offset), False,
                     lambda res, _slot: self._renewed(f, inc, run))
 
     def _renewed(self, f: Factory, inc: int, run: Run) -> None:
         # Errors are logged and the loop goes on: the lease may expire, and the epoch decides.
-        if not run.engine_done and not run.fenced:
+        if not run.stop_renewing and not run.fenced:
             self.at(self.t + self.s.lease_renew_s, self._renew, f, inc, run)
 
     def _engine_end(self, f: Factory, inc: int, run: Run) -> None:
         if f.inc != inc or run.engine_done:
             return
-        run.engine_done = True  # stops the renewer; a renewal in flight completes first
+        run.engine_done = True  # renewals go on through the upload (production's stop_renewing)
+        if run.draining or run.fenced:
+            run.stop_renewing = True
         if run.draining and not run.fenced:
             return self._hand_back(f, inc, run, "factory draining")
         if run.fenced:
@@ -895,6 +902,7 @@ class Sim:
         if f.inc != inc:
             return
         detail = f"sim: {failure or 'passed'}"
+        run.stop_renewing = True
         self._write(f, run, self._finisher(f, run.epoch, failure, detail), True,
                     lambda res, slot: self._reported(f, run, failure, detail, res, slot))
 
@@ -940,6 +948,7 @@ class Sim:
             return
         run.ended = True
         run.engine_done = True
+        run.stop_renewing = True
         if f.runs.get((run.job, run.epoch)) is run:
             del f.runs[(run.job, run.epoch)]
             self._release(f, run.station)
@@ -999,6 +1008,14 @@ class Sim:
             try:
                 protocol.check_fence(rec, item.job, f.id, item.epoch)
             except protocol.Fenced:
+                if rec is not None and protocol.already_applied(rec, item.epoch, str(item.failure or "passed")):
+                    # ``Factory._flush_item``: the write had landed, its reply was lost.
+                    f.outbox.remove(item)
+                    self.stats["report_confirmed"] += 1
+                    self.emit(EventRecord(kind="report_confirmed", at=self.t + f.clock_offset, job=item.job,
+                                          epoch=item.epoch, factory=f.id, actor=f.id,
+                                          reason=f"outbox result of epoch {item.epoch} was already applied"))
+                    return self._flush_next(f, inc, items)
                 self.stats["fenced"] += 1
                 self.stats["quarantined"] += 1
                 self.note(f.id, "outbox_fenced", item.job, item.epoch)

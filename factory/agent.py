@@ -84,6 +84,10 @@ class Run:
     revision: int
     record: JobRecord
     cancel: asyncio.Event = field(default_factory=asyncio.Event)
+    """Stops the engine (fenced, draining)."""
+    stop_renewing: asyncio.Event = field(default_factory=asyncio.Event)
+    """Set just before the result (or hand-back) is written: renewals go on through the log
+    upload, so a slow upload cannot let the lease expire under a good result."""
     fenced: bool = False
     draining: bool = False
     """Set by drain: the run is stopped and handed back, not reported as a failure."""
@@ -143,7 +147,8 @@ class Factory:
         self.free: set[int] = set(range(stations))
         self.station_cv = asyncio.Condition()
         self.engine_running: dict[str, int] = {}
-        self.runs: dict[str, Run] = {}
+        self.runs: dict[tuple[str, int], Run] = {}
+        """In-flight runs by (job, epoch): a stale run of a job never shadows a newer one."""
         self.pools: dict[str, PoolState] = {}
         self.draining = asyncio.Event()
         self.ready = asyncio.Event()
@@ -493,7 +498,7 @@ class Factory:
             await self._release_station(station, engine)
             return False
         run = Run(job_id, out.record.epoch, station, rev, out.record)
-        self.runs[job_id] = run
+        self.runs[(job_id, run.epoch)] = run
         self._set_station(station, job_id, run.epoch)
         await self._event("claimed", job=job_id, epoch=run.epoch, stage_from="queued", stage_to="assigned",
                           reason=out.reason, data={"station": station, "attempt": out.record.attempt})
@@ -513,6 +518,8 @@ class Factory:
                 except protocol.Fenced:
                     await self._fenced(run, rec)
                     return None
+                if new is None:
+                    return rec
                 new_rec = new.record if isinstance(new, protocol.Outcome) else new
                 try:
                     run.revision = await self.b.jobs.update(run.job, encode(new_rec), last=rev)
@@ -530,6 +537,7 @@ class Factory:
         if run.fenced:
             return
         run.fenced = True
+        run.stop_renewing.set()
         run.cancel.set()
         self.stats["fenced_writes"] += 1
         now = f"epoch {rec.epoch}, {rec.stage}" if rec else "gone"
@@ -539,14 +547,17 @@ class Factory:
                           data={"held_epoch": run.epoch, "record_epoch": rec.epoch if rec else None})
 
     async def _renew_loop(self, run: Run) -> None:
-        while not run.cancel.is_set():
+        while not run.stop_renewing.is_set():
             try:
-                await asyncio.wait_for(run.cancel.wait(), timeout=self.s.lease_renew_s)
+                await asyncio.wait_for(run.stop_renewing.wait(), timeout=self.s.lease_renew_s)
                 return
             except asyncio.TimeoutError:
                 pass
             try:
-                await self._write(run, lambda r: protocol.renew(r, self.id, run.epoch, time.time()), renewal=True)
+                # Checked again under the write lock: a renewal after the result would be refused
+                # by the fence and miscounted as a stale write.
+                await self._write(run, lambda r: None if run.stop_renewing.is_set()
+                                  else protocol.renew(r, self.id, run.epoch, time.time()), renewal=True)
             except Exception as e:  # broker trouble: keep running; the lease may expire, the epoch decides
                 log.info("%s: renewal of %s failed (%s)", self.id, run.job, e)
 
@@ -593,6 +604,7 @@ class Factory:
             run.lock_key = None
 
     async def _hand_back(self, run: Run, reason: str, backoff_s: float = 0.0) -> None:
+        run.stop_renewing.set()
         rec = await self._write(run, lambda r: protocol.hand_back(r, self.id, run.epoch, time.time(), reason, backoff_s))
         if rec is not None:
             self.stats["handed_back"] += 1
@@ -617,9 +629,6 @@ class Factory:
                               reason=started.reason)
             renewer = asyncio.create_task(self._renew_loop(run))
             payload = await self._run_engine(run, engine)
-            run.cancel.set()
-            await renewer
-            renewer = None
             if run.draining and not run.fenced:
                 # Stopped by a drain: give the job back without charging it a retry.
                 await self._hand_back(run, "factory draining")
@@ -633,10 +642,14 @@ class Factory:
         except Exception:
             log.exception("%s: job %s failed inside the factory", self.id, run.job)
         finally:
+            run.stop_renewing.set()
             if renewer is not None:
-                renewer.cancel()
+                try:
+                    await asyncio.wait_for(renewer, timeout=self.s.request_timeout_s * 2)
+                except Exception:
+                    renewer.cancel()
             await self._release_lock(run)
-            self.runs.pop(run.job, None)
+            self.runs.pop((run.job, run.epoch), None)
             await self._release_station(run.station, engine)
 
     async def _run_engine(self, run: Run, engine: str | None) -> ResultPayload:
@@ -667,7 +680,7 @@ class Factory:
             "GF_FACTORY": self.id, "GF_STATION": str(run.station), "GF_WORKSPACE": str(self.workspace),
             "GF_BRANCH": f"gf/{run.job}/e{run.epoch}",
         })
-        subject = names.logs_subject(run.job)
+        subject = names.logs_subject(run.job, run.epoch)
 
         def on_output(chunk: bytes) -> None:
             if self.b.nc.is_connected:
@@ -724,12 +737,14 @@ class Factory:
         try:
             await self._publish_result(run, payload)
         except TRANSIENT + (Conflict, nats.errors.Error, OSError) as e:
+            run.stop_renewing.set()  # the outbox flusher takes over; the epoch decides on replay
             log.warning("%s: result of %s waits in the outbox (%s)", self.id, run.job, e)
             self.outbox.put("result", run.job, run.epoch, msgspec.json.encode(payload))
 
     async def _publish_result(self, run: Run, payload: ResultPayload, item: OutboxItem | None = None) -> None:
         if payload.log_object is None:
             payload = await self._upload_log(run, payload)
+        run.stop_renewing.set()
         rec = await self._write(run, lambda r: protocol.finish(
             r, self.id, run.epoch, time.time(), failure=payload.failure, detail=payload.detail,
             exit_code=payload.exit_code, verify_exit_code=payload.verify_exit_code, log=payload.log_object,
@@ -783,6 +798,16 @@ class Factory:
         try:
             protocol.check_fence(rec, item.job, self.id, item.epoch)
         except protocol.Fenced:
+            if rec is not None and protocol.already_applied(rec, item.epoch, str(payload.failure or "passed")):
+                # The earlier write landed but its reply was lost: nothing to quarantine. Say so
+                # (not as a transition: the job may have moved on since, e.g. shipped by a human).
+                self.outbox.mark_done(item.id)
+                await self._event("report_confirmed", job=item.job, epoch=item.epoch,
+                                  reason=f"outbox result of epoch {item.epoch} was already applied; "
+                                         f"the job is now {rec.stage}",
+                                  data={"outcome": str(payload.failure or "passed"), "log": payload.log_object,
+                                        "attribution": msgspec.to_builtins(payload.attribution)})
+                return
             self.stats["fenced_writes"] += 1
             self.stats["quarantined"] += 1
             self.outbox.quarantine(item, "result refused on reconnect: the job was reclaimed (stale epoch)", payload.log_path)

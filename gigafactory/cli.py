@@ -442,42 +442,52 @@ def logs(nats_url, as_json, job, follow) -> None:
         st = await client.call("status", {"job": job, "events": 0})
         js = client.nc.jetstream(timeout=10)
         store = await js.object_store(names.ARTIFACTS_STORE)
-        printed = set()
+        printed: set[str] = set()
+        live_epochs: set[int] = set()
 
         async def print_stored(rec) -> None:
+            """Stored logs of finished attempts not yet shown (stored or live)."""
             for a in rec["attempts"]:
                 name = a.get("log")
-                if name and name not in printed:
-                    printed.add(name)
-                    try:
-                        obj = await store.get(name)
-                    except _nats.js.errors.ObjectNotFoundError:
-                        continue
-                    sys.stdout.write(obj.data.decode(errors="replace"))
-                    sys.stdout.flush()
+                if not name or name in printed or a["epoch"] in live_epochs:
+                    continue
+                printed.add(name)
+                try:
+                    obj = await store.get(name)
+                except _nats.js.errors.ObjectNotFoundError:
+                    continue
+                sys.stdout.write(obj.data.decode(errors="replace"))
+                sys.stdout.flush()
 
-        await print_stored(st["record"])
         if not follow:
+            await print_stored(st["record"])
             return
         q: asyncio.Queue = asyncio.Queue(maxsize=10000)
 
         async def on_msg(msg):
             if not q.full():
-                q.put_nowait(msg.data)
+                q.put_nowait(msg)
 
+        # Subscribe before reading what is stored, so no output falls between the two.
         sub = await client.nc.subscribe(names.logs_subject(job), cb=on_msg)
+        await client.nc.flush()
         try:
+            await print_stored(st["record"])
+            if st["job"]["stage"] == "building":
+                click.echo(f"# following {job} from now on; 'gigafactory logs {job}' shows the whole "
+                           "log once the attempt ends", err=True)
             while True:
                 try:
-                    chunk = await asyncio.wait_for(q.get(), timeout=1.0)
-                    sys.stdout.write(chunk.decode(errors="replace"))
+                    msg = await asyncio.wait_for(q.get(), timeout=1.0)
+                    live_epochs.add(int(msg.subject.rsplit(".", 1)[1]))
+                    sys.stdout.write(msg.data.decode(errors="replace"))
                     sys.stdout.flush()
                     continue
                 except asyncio.TimeoutError:
                     pass
                 st = await client.call("status", {"job": job, "events": 0})
+                await print_stored(st["record"])
                 if st["job"]["stage"] in RESTING:
-                    await print_stored(st["record"]) if not printed else None
                     break
         finally:
             await sub.unsubscribe()

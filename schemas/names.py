@@ -60,8 +60,9 @@ def fleet_events_subject(kind: str) -> str:
     return f"{EVENTS_PREFIX}._fleet.{kind}"
 
 
-def logs_subject(job_id: str) -> str:
-    return f"{LOGS_PREFIX}.{job_id}"
+def logs_subject(job_id: str, epoch: int | str = ">") -> str:
+    """Live output of one attempt (by epoch); the default is the wildcard for every attempt."""
+    return f"{LOGS_PREFIX}.{job_id}.{epoch}"
 
 
 def log_object_name(job_id: str, attempt: int, epoch: int) -> str:

@@ -180,6 +180,13 @@ def finish(
     return out
 
 
+def already_applied(rec: JobRecord, epoch: int, outcome: str) -> bool:
+    """A replayed report (from a factory's outbox) whose write had already landed, its reply
+    lost: the attempt at ``epoch`` ended with this ``outcome``. Such a replay is published as
+    the missing event, not quarantined as stale."""
+    return any(a.epoch == epoch and a.outcome == outcome for a in rec.attempts)
+
+
 def expire(rec: JobRecord, record_ts: float, broker_now: float, lease_ttl_s: float) -> Outcome | None:
     """The reaper's decision for one record. ``record_ts`` is the broker's timestamp of the
     revision read (the last renewal); ``broker_now`` comes from the broker too. Returns None

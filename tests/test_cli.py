@@ -149,3 +149,53 @@ def test_cancel_requeue_and_ship(cli_fleet):
     assert f"{gjob} shipped: now shipped" in r.stdout
     assert cli_fleet.cli_json("status", gjob)["job"]["stage"] == "shipped"
     assert os.path.isdir(cli_fleet.root / "factory-data" / FACTORY)
+
+
+def test_logs_follow_streams_live_output_until_the_job_comes_to_rest(cli_fleet):
+    gate = cli_fleet.root / "follow.gate"
+    job = cli_fleet.cli_json("submit", str(cli_fleet.job_file(
+        "follow.md", f'echo first-line\nwhile [ ! -e "{gate}" ]; do sleep 0.05; done\necho second-line',
+        review_policy="auto")))["jobs"][0]["job"]
+    wait_until(lambda: cli_fleet.cli_json("status", job)["job"]["stage"] == "building", 20, what="job building")
+    follower = subprocess.Popen([*gigafactory_cmd(), "logs", job, "--follow", "--nats", cli_fleet.url],
+                                env=cli_fleet.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        # The follower is subscribed once it is waiting; release the job and collect everything.
+        wait_until(lambda: follower.poll() is None, 5)
+        gate.write_text("go")
+        out, err = follower.communicate(timeout=30)
+    finally:
+        if follower.poll() is None:
+            follower.kill()
+    assert follower.returncode == 0, err
+    assert "second-line" in out, f"live or stored output missing: {out!r}"
+    assert cli_fleet.cli_json("status", job)["job"]["stage"] == "shipped"
+
+
+def test_up_with_an_inbox_runs_a_dropped_job_file(module_nats_server, tmp_path):
+    env = fast_env()
+    env["GIGAFACTORY_HOME"] = str(tmp_path / "home")
+    env.pop("GIGAFACTORY_NATS_URL", None)
+    inbox = tmp_path / "inbox"
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    up = Proc([*gigafactory_cmd(), "up", "--nats", module_nats_server.url, "--inbox", str(inbox),
+               "--cap", "up-test:yes"], tmp_path / "up.log", env)
+    try:
+        wait_until(lambda: inbox.is_dir(), 30, what="the inbox folder exists")
+        write_job(inbox, "dropped.md", f'echo dropped > "{repo}/dropped.txt"', cwd=str(repo),
+                  capabilities=["up-test:yes"], review_policy="auto")
+        job_file = inbox / ".submitted" / "dropped.md.job"
+        wait_until(job_file.exists, 30, what="the inbox picked the file up")
+        job = job_file.read_text().strip()
+
+        def shipped():
+            r = subprocess.run([*gigafactory_cmd(), "status", job, "--json", "--nats", module_nats_server.url],
+                               env=env, capture_output=True, text=True, timeout=30)
+            return r.returncode == 0 and json.loads(r.stdout)["job"]["stage"] == "shipped"
+
+        wait_until(shipped, 30, what="the dropped job shipped")
+        assert (repo / "dropped.txt").read_text().strip() == "dropped"
+    finally:
+        up.close()
+    assert "Traceback" not in up.output(), up.output()

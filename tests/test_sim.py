@@ -131,10 +131,10 @@ def test_reports_that_skip_the_fence_let_a_stale_epoch_write_a_result():
 def test_a_fence_that_forgets_the_epoch_lets_a_factorys_own_stale_run_write_over_its_new_lease():
     # Subtle: it takes a lease lost (partition, slow report) and then reclaimed by the *same*
     # factory while its old run still goes; holder and stage then match, only the epoch differs.
-    results = [simulate(seed, broken="epoch_blind_fence") for seed in range(40)]
+    results = [simulate(seed, broken="epoch_blind_fence") for seed in range(200)]
 
     caught = [r for r in results if not r.ok]
-    assert caught, "an epoch-blind fence went unnoticed in 40 seeds"
+    assert caught, "an epoch-blind fence went unnoticed in 200 seeds"
     assert {inv for r in caught for inv in r.report.by_invariant()} == {"stale_write_accepted"}
     assert protocol.check_fence is REAL_CHECK_FENCE  # put back after every run
     assert run_many(range(40)) == []
@@ -211,15 +211,16 @@ def test_the_cli_prints_the_first_failure_and_how_to_reproduce_it(capsys):
 
 
 def test_the_cli_sets_single_faults_on_a_healthy_fleet(capsys):
-    # Slow log uploads alone (within production's own upload bound) cost leases: renewals stop
-    # when the engine ends, so results are fenced; the seeds still pass, and the CLI says so.
+    # Slow log uploads alone (within production's own upload bound) cost no lease: renewals go
+    # on until the result is written. The CLI sets the single fault and reports no failure.
     assert sim.main(["--seeds", "0:5", "--no-faults", "--fault", "slow_report=0.3",
                      "--fault", "slow_report_s=5:20", "--json"]) == 0
 
     assert json.loads(capsys.readouterr().out)["failing"] == []
     only_slow = dataclasses.replace(FaultConfig.none(), slow_report=0.3, slow_report_s=(5.0, 20.0))
     res = simulate(0, faults=only_slow)
-    assert res.ok and res.stats["slow_report"] > 0 and res.report.counts["fenced"] > 0
+    assert res.ok and res.stats["slow_report"] > 0
+    assert res.report.counts["fenced"] == 0 and res.report.counts["lease_expired"] == 0
 
 
 def test_the_cli_refuses_an_unknown_fault():
