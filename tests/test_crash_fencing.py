@@ -142,3 +142,43 @@ def test_cancel_while_running_stops_the_engine_and_quarantines_the_result(nats_s
                     kill_group(int(pidfile.read_text()))
 
     run(main(), 50)
+
+
+@pytest.mark.timeout(60)
+def test_sigterm_drains_a_real_factory_process_and_hands_its_job_back(nats_server, tmp_path):
+    async def main():
+        async with Fleet(nats_server.url, tmp_path) as fleet:
+            env = fast_env(drain_timeout_s=0.5)
+            worker = Proc(
+                [sys.executable, "-m", "gigafactory", "factory", "--nats", nats_server.url, "--id", "drained",
+                 "--no-probe", "--stations", "1", "--cap", "drain-test",
+                 "--data-dir", str(tmp_path / "drained-data"), "--workspace", str(tmp_path / "drained-work")],
+                tmp_path / "drained.log", env=env,
+            )
+            try:
+                view = fleet.coordinator.view
+                await eventually(lambda: "drained" in view.factories, 30, what="factory registered")
+                job = await fleet.submit_one(fleet.job(
+                    'if [ "$GF_FACTORY" = drained ]; then exec sleep 30; fi\necho done',
+                    capabilities=["drain-test"], review_policy="auto"))
+
+                async def building():
+                    rec, _ = await fleet.record(job)
+                    return rec.stage == Stage.BUILDING and rec.lease and rec.lease.factory == "drained"
+
+                await eventually(building, 20, what="job building on the factory process")
+                worker.signal(signal.SIGTERM)
+                assert worker.wait(20) == 0, worker.output()[-2000:]
+                rec, _ = await fleet.record(job)
+                assert rec.stage == Stage.QUEUED, f"{rec.stage}: {rec.reason}"
+                assert rec.retries_used == 0 and rec.attempts[-1].outcome == "handed_back"
+                assert await fleet.admin.factories.get("drained") is None, "a drained factory deregisters"
+                kinds = [e["kind"] for e in await fleet.events(job)]
+                assert "handed_back" in kinds and "fenced" not in kinds
+                await fleet.add_factory("after", caps=["drain-test"])
+                final = await fleet.wait_stage(job, "shipped", timeout_s=20)
+                assert final.attempts[-1].factory == "after"
+            finally:
+                worker.close()
+
+    run(main(), 55)
