@@ -473,21 +473,8 @@ class Sim:
         # Writes are scheduled, not made, while the index is iterated: it does not change under us.
         for jid in by[Stage.BLOCKED]:
             rec, rev, _ = recs[jid]
-            doomed, waiting = None, False
-            for d in rec.deps:
-                dstage = recs[d][0].stage
-                if protocol.dep_doomed(dstage):
-                    doomed = (d, dstage)
-                    break
-                if not protocol.dep_satisfied(dstage, rec.manifest.deps_mode):
-                    waiting = True
-            if doomed:
-                out = protocol.fail(rec, now, f"dependency {doomed[0]} ended {doomed[1]}")
-            elif not waiting:
-                out = protocol.unblock(rec, now)
-                out = protocol.Outcome(msgspec.structs.replace(out.record, reason="waiting for a factory"),
-                                       out.event, out.stage_from, out.reason)
-            else:
+            out = protocol.resolve_blocked(rec, {d: recs[d][0].stage for d in rec.deps}, now)
+            if out is None:
                 continue
             self.at(now + self.lat(), self._coord_write, c, jid, rev, out, None)
         ttl_s = self.s.lease_ttl_s

@@ -92,25 +92,9 @@ class Scheduler:
             st = self.view.jobs.get(jid)
             if st is None:
                 continue
-            rec = st.record
-            doomed, waiting = None, []
-            for d in rec.deps:
-                dst = self.view.jobs.get(d)
-                if dst is None:
-                    waiting.append(d)
-                    continue
-                if protocol.dep_doomed(dst.record.stage):
-                    doomed = (d, dst.record.stage)
-                    break
-                if not protocol.dep_satisfied(dst.record.stage, rec.manifest.deps_mode):
-                    waiting.append(d)
-            if doomed:
-                out = protocol.fail(rec, now, f"dependency {doomed[0]} ended {doomed[1]}")
-            elif not waiting:
-                out = protocol.unblock(rec, now)
-                out = protocol.Outcome(msgspec.structs.replace(out.record, reason="waiting for a factory"),
-                                       out.event, out.stage_from, out.reason)
-            else:
+            stages = {d: (self.view.jobs[d].record.stage if d in self.view.jobs else None) for d in st.record.deps}
+            out = protocol.resolve_blocked(st.record, stages, now)
+            if out is None:
                 continue
             await self._write(st.record, st.revision, out)
 

@@ -35,6 +35,8 @@ import threading
 import time
 from dataclasses import dataclass
 
+from gigafactory.procs import pid_alive
+
 DB_NAME = "outbox.sqlite3"
 QUARANTINE_DIR = "quarantine"
 RESULT_NAME = "result.json"
@@ -245,7 +247,7 @@ class Outbox:
                 pid = int(entry.name[len(_TMP_PREFIX) :].split("-", 1)[0])
             except ValueError:
                 continue
-            if pid != os.getpid() and not _pid_alive(pid):
+            if pid != os.getpid() and not pid_alive(pid):
                 shutil.rmtree(entry.path, ignore_errors=True)
 
 
@@ -291,14 +293,3 @@ def _fsync_dir(path: str) -> None:
     finally:
         os.close(fd)
 
-
-def _pid_alive(pid: int) -> bool:
-    if os.name != "posix":
-        return True  # keep the folder; it is hidden and small
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True

@@ -11,6 +11,8 @@ import os
 from dataclasses import dataclass, fields
 from pathlib import Path
 
+from gigafactory.procs import pid_alive
+
 ENV_URL = "GIGAFACTORY_NATS_URL"
 ENV_HOME = "GIGAFACTORY_HOME"
 
@@ -92,23 +94,13 @@ def clear_server_state(pid: int) -> None:
         pass
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def running_embedded_url() -> str | None:
     """The URL of an embedded broker started by ``gigafactory up``/``server`` on this machine."""
     try:
         state = json.loads(server_state_path().read_text())
     except (OSError, ValueError):
         return None
-    if state.get("pid") and _alive(int(state["pid"])):
+    if state.get("pid") and pid_alive(int(state["pid"])):
         return state.get("url")
     return None
 

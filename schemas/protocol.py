@@ -242,3 +242,23 @@ def dep_satisfied(dep_stage: Stage, mode: str) -> bool:
 def dep_doomed(dep_stage: Stage) -> bool:
     """A dependency that ended without shipping can no longer satisfy anyone."""
     return dep_stage in (Stage.FAILED, Stage.DEAD_LETTER)
+
+
+def resolve_blocked(rec: JobRecord, dep_stages: dict[str, Stage | None], now: float) -> Outcome | None:
+    """The decision for a ``blocked`` job given its dependencies' stages (None: not known yet):
+    fail it if a dependency ended without shipping, unblock it once every dependency is
+    satisfied (``shipped``, or ``testing`` with ``deps-mode: soft``), else None (still waiting)."""
+    waiting = False
+    for d in rec.deps:
+        stage = dep_stages.get(d)
+        if stage is None:
+            waiting = True
+            continue
+        if dep_doomed(stage):
+            return fail(rec, now, f"dependency {d} ended {stage}")
+        if not dep_satisfied(stage, rec.manifest.deps_mode):
+            waiting = True
+    if waiting:
+        return None
+    out = unblock(rec, now)
+    return Outcome(_replace(out.record, reason="waiting for a factory"), out.event, out.stage_from, out.reason)

@@ -24,6 +24,7 @@ from typing import Any
 
 import yaml
 
+from gigafactory.procs import pid_alive  # noqa: F401 (tests import it from here)
 from gigafactory.broker import Broker
 from gigafactory.client import Client
 from gigafactory.config import Settings
@@ -285,21 +286,6 @@ def kill_group(pid: int) -> None:
         os.killpg(pid, signal.SIGKILL)
     except (ProcessLookupError, PermissionError):
         pass
-
-
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    # A zombie still answers kill(0); it is dead for our purpose.
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
 
 
 # -- overlap probes ---------------------------------------------------------------------------
