@@ -7,6 +7,7 @@ broker started by ``gigafactory up``/``server`` on this machine) and ``--json`` 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import os
@@ -79,6 +80,22 @@ def _install_stop(stop: asyncio.Event) -> None:
             loop.add_signal_handler(sig, stop.set)
         except (NotImplementedError, RuntimeError):  # Windows: Ctrl-C raises KeyboardInterrupt instead
             pass
+
+
+@contextlib.contextmanager
+def _url_or_embedded(nats_url: str | None, settings: Settings):
+    """The configured broker's URL, else an embedded broker's, started here and stopped on exit."""
+    url = resolve_url(nats_url)
+    if url:
+        yield url
+        return
+    srv = _start_embedded(home() / "nats", settings.sync_interval)
+    logging.getLogger("gigafactory").info("started the embedded broker on %s", srv.url)
+    try:
+        yield srv.url
+    finally:
+        srv.stop()
+        clear_server_state(srv.proc.pid if srv.proc else 0)
 
 
 def _start_embedded(store_dir: Path, sync_interval: str | None, port: int = 0):
@@ -156,18 +173,8 @@ def coordinator(nats_url, as_json, inbox, log_level) -> None:
     """Run a coordinator: intake, dispatch, reaper and the gf.api service."""
     _setup_logging(log_level)
     settings = Settings.from_env()
-    url = resolve_url(nats_url)
-    srv = None
-    if not url:
-        srv = _start_embedded(home() / "nats", settings.sync_interval)
-        url = srv.url
-        logging.getLogger("gigafactory").info("started the embedded broker on %s", url)
-    try:
+    with _url_or_embedded(nats_url, settings) as url:
         asyncio.run(_run_coordinator(url, inbox, settings))
-    finally:
-        if srv:
-            srv.stop()
-            clear_server_state(srv.proc.pid if srv.proc else 0)
 
 
 def _parse_seats(seats: tuple[str, ...]) -> dict[str, int]:
@@ -217,14 +224,8 @@ def up(nats_url, as_json, inbox, stations, caps, log_level) -> None:
     """Broker (embedded unless --nats), a coordinator and a local factory, until Ctrl-C."""
     _setup_logging(log_level)
     settings = Settings.from_env()
-    url = resolve_url(nats_url)
-    srv = None
-    if not url:
-        srv = _start_embedded(home() / "nats", settings.sync_interval)
-        url = srv.url
-    click.echo(f"gigafactory up on {url}" + (f", watching {inbox}" if inbox else ""), err=True)
 
-    async def run() -> None:
+    async def run(url: str) -> None:
         from gigafactory.broker import Broker
         from gigafactory.coordinator.service import Coordinator
         from gigafactory.factory.agent import Factory
@@ -242,12 +243,9 @@ def up(nats_url, as_json, inbox, stations, caps, log_level) -> None:
             await fb.close()
             await cb.close()
 
-    try:
-        asyncio.run(run())
-    finally:
-        if srv:
-            srv.stop()
-            clear_server_state(srv.proc.pid if srv.proc else 0)
+    with _url_or_embedded(nats_url, settings) as url:
+        click.echo(f"gigafactory up on {url}" + (f", watching {inbox}" if inbox else ""), err=True)
+        asyncio.run(run(url))
 
 
 # -- client commands --------------------------------------------------------------------------

@@ -128,7 +128,7 @@ class IdleReason(enum.StrEnum):
     """Disconnected from the broker; results wait in the local outbox."""
 
 
-class Station(msgspec.Struct, omit_defaults=True):
+class Station(msgspec.Struct):
     index: int
     state: StationState = StationState.IDLE
     job: str | None = None
@@ -137,7 +137,7 @@ class Station(msgspec.Struct, omit_defaults=True):
     since: float = 0.0
 
 
-class FactoryRecord(msgspec.Struct, omit_defaults=True):
+class FactoryRecord(msgspec.Struct):
     """A factory's descriptor and heartbeat (``gf_factories``, key = factory id)."""
 
     id: str

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 from pathlib import Path
 
@@ -121,6 +122,18 @@ def test_jobs_status_factories_and_logs_show_a_finished_job(cli_fleet):
     facs = {x["id"]: x for x in cli_fleet.cli_json("factories")["factories"]}
     assert facs[FACTORY]["live"] and len(facs[FACTORY]["stations"]) == 2
     assert "engine:shell" in facs[FACTORY]["capabilities"]
+
+    # The human-readable forms, as an operator reads them.
+    text = cli_fleet.cli("factories").stdout
+    assert f"{FACTORY}  up (live, push)" in text
+    # Every station is either busy with a job or idle with a reason (no dark idle).
+    stations = re.findall(r"station (\d+): (busy \S+ e\d+|idle: [a-z-]+)", text)
+    assert sorted(i for i, _ in stations) == ["0", "1"], text
+    assert "idle: None" not in text
+    text = cli_fleet.cli("jobs").stdout
+    assert job in text and "shipped" in text
+    text = cli_fleet.cli("status", job).stdout
+    assert f"job {job}  stage shipped" in text and "claimed" in text and "why:" in text
 
     r = cli_fleet.cli("logs", job)
     assert f"marker-7f3a on {FACTORY} attempt 1" in r.stdout
