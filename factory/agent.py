@@ -18,6 +18,7 @@ import logging
 import os
 import random
 import socket
+import sysconfig
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -679,7 +680,11 @@ class Factory:
             "GF_JOB_ID": run.job, "GF_EPOCH": str(run.epoch), "GF_ATTEMPT": str(rec.attempt),
             "GF_FACTORY": self.id, "GF_STATION": str(run.station), "GF_WORKSPACE": str(self.workspace),
             "GF_BRANCH": f"gf/{run.job}/e{run.epoch}",
+            # For `gigafactory fence` right before a push or merge request (side effects are fenced too).
+            "GIGAFACTORY_NATS_URL": self.b.urls,
         })
+        # This installation's `gigafactory` first on PATH, so scripts can call `gigafactory fence`.
+        env["PATH"] = os.pathsep.join([sysconfig.get_path("scripts"), env.get("PATH", "")])
         subject = names.logs_subject(run.job, run.epoch)
 
         def on_output(chunk: bytes) -> None:

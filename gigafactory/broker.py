@@ -197,6 +197,8 @@ class Broker:
         self.settings = settings
         self.js = nc.jetstream(timeout=settings.request_timeout_s)
         self.client_id = f"{socket.gethostname()}-{os.getpid()}-{random.getrandbits(24):06x}"
+        self.urls = ""
+        """The URL(s) this connection was opened with (handed to job scripts for ``gigafactory fence``)."""
         self.jobs: Bucket
         self.queue: Bucket
         self.factories: Bucket
@@ -213,6 +215,7 @@ class Broker:
         settings = settings or Settings.from_env()
         nc = await connect(urls, name, settings, **kw)
         b = cls(nc, settings)
+        b.urls = urls if isinstance(urls, str) else ",".join(urls)
         try:
             if ensure:
                 await b.ensure_layout()

@@ -427,6 +427,46 @@ main.command("ship", help="The human gate: ship a job waiting in testing or revi
 
 @main.command()
 @common
+@click.option("--job", envvar="GF_JOB_ID", required=True, help="Default: $GF_JOB_ID (set for job scripts).")
+@click.option("--epoch", envvar="GF_EPOCH", type=int, required=True, help="Default: $GF_EPOCH.")
+@click.option("--factory", "factory_id", envvar="GF_FACTORY", required=True, help="Default: $GF_FACTORY.")
+def fence(nats_url, as_json, job, epoch, factory_id) -> None:
+    """Exit 0 only while this factory still holds the job's lease at this epoch.
+
+    A job script calls it immediately before a side effect outside the broker (a push, a merge
+    request): `gigafactory fence && git push origin "$GF_BRANCH"`. Exit 1: fenced, do not push."""
+    url = _need_url(nats_url, as_json)
+
+    async def run() -> tuple[bool, str]:
+        from gigafactory.broker import Broker
+        from gigafactory.schemas import protocol
+        from gigafactory.schemas.records import JobRecord, decode
+
+        b = await Broker.open(url, "gigafactory-fence", Settings.from_env(), ensure=False, max_reconnect_attempts=2)
+        try:
+            e = await b.jobs.get(job)
+            rec = decode(e.value, JobRecord) if e else None
+            try:
+                protocol.check_fence(rec, job, factory_id, epoch)
+                return True, f"{factory_id} holds {job} at epoch {epoch}"
+            except protocol.Fenced as f:
+                return False, str(f)
+        finally:
+            await b.close()
+
+    try:
+        ok, why = asyncio.run(run())
+    except Exception as e:  # cannot tell: treat as fenced, a push must not go out on a guess
+        ok, why = False, f"cannot check the fence ({type(e).__name__}: {e}); treat as fenced"
+    if as_json:
+        _emit_json({"held": ok, "reason": why})
+    else:
+        click.echo(why, err=True)
+    sys.exit(0 if ok else 1)
+
+
+@main.command()
+@common
 @click.argument("job")
 @click.option("--follow", "-f", is_flag=True, help="Stream live output until the job comes to rest.")
 def logs(nats_url, as_json, job, follow) -> None:

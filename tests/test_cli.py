@@ -212,3 +212,17 @@ def test_up_with_an_inbox_runs_a_dropped_job_file(module_nats_server, tmp_path):
     finally:
         up.close()
     assert "Traceback" not in up.output(), up.output()
+
+
+def test_fence_lets_a_script_push_only_while_it_holds_the_lease(cli_fleet):
+    f = cli_fleet.job_file("fenced-push.md", 'gigafactory fence && echo "fence-ok $GF_EPOCH" > fence.txt',
+                           review_policy="auto", verify="grep -q fence-ok fence.txt")
+    out = cli_fleet.cli_json("submit", "--wait", "--timeout", "30", str(f))
+    job = out["jobs"][0]["job"]
+    assert out["final"][job]["stage"] == "shipped"
+    assert (cli_fleet.repo / "fence.txt").read_text().strip() == "fence-ok 1"
+    # Once the job has moved on, the same question gets a no: a late push must not go out.
+    r = cli_fleet.cli("fence", "--job", job, "--epoch", "1", "--factory", FACTORY, check=False)
+    assert r.returncode == 1 and "stale epoch 1" in r.stderr
+    r = cli_fleet.cli("fence", "--job", "no-such-job", "--epoch", "1", "--factory", FACTORY, check=False)
+    assert r.returncode == 1
