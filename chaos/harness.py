@@ -1,0 +1,776 @@
+"""The chaos lab: a real broker, a real coordinator and real factories on loopback, and the
+registry of scenarios that torment them.
+
+A :class:`Lab` runs one ``nats-server`` (:class:`~gigafactory.embedded.EmbeddedServer`), one
+``python -m gigafactory coordinator`` and N ``python -m gigafactory factory`` processes, all
+bound to 127.0.0.1, with short timings passed as ``GIGAFACTORY_*`` variables. It can SIGKILL,
+SIGTERM, pause (SIGSTOP) and restart any of them, kill -9 and restart the broker on the same
+store and the same port (so clients reconnect to where they were), submit jobs through the
+API (a submission counts as *acknowledged* once the API replied), wait, boundedly, for the
+fleet to settle, and judge the broker's records with the one invariant checker
+(:func:`gigafactory.chaos.invariants.check`).
+
+Rules every scenario keeps, and the lab enforces where it can:
+
+- Real processes and a real ``nats-server``; nothing is mocked.
+- Every wait is bounded and fails with what it last saw; waiting is for an observable
+  outcome (a record, an event, a file), never a bare sleep. Sleeping is only ever the chaos
+  *schedule* itself ("kill a factory every 2 s"), which is the workload, not synchronization.
+- Every chaos decision is drawn from one ``random.Random(seed)``, so a run's schedule is
+  reproducible (which factory is hit still depends on what the fleet is doing at that moment).
+- Processes are always cleaned up, including the engine process groups that a SIGKILLed
+  factory leaves behind: every factory runs with ``GF_CHAOS_LAB=<lab id>`` in its environment,
+  which its engines inherit, and :meth:`Lab.close` kills every process that carries it.
+
+A scenario is an ``async def`` registered with :func:`scenario`; it takes a
+:class:`ScenarioConfig` and returns a :class:`ScenarioResult`. :func:`run_scenario` runs one by
+name under an overall time limit (``gigafactory chaos run NAME``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import random
+import secrets
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import yaml
+
+from gigafactory.broker import Broker
+from gigafactory.client import ApiError, Client
+from gigafactory.config import Settings
+from gigafactory.embedded import EmbeddedServer
+from gigafactory.procs import pid_alive
+from gigafactory.schemas import names
+from gigafactory.schemas.lifecycle import LEASED, TERMINAL
+from gigafactory.schemas.records import EventRecord, FactoryRecord, JobRecord, decode
+
+from . import invariants
+
+log = logging.getLogger("gigafactory.chaos")
+
+LAB_ENV = "GF_CHAOS_LAB"
+"""Set in every factory's environment (and so in every engine's): how cleanup finds them."""
+
+HOST = "127.0.0.1"
+"""The lab runs on loopback only."""
+
+LAB_TIMINGS: dict[str, float] = dict(
+    heartbeat_s=0.5,
+    lease_ttl_s=2.0,
+    lease_renew_s=0.5,
+    reaper_interval_s=0.25,
+    long_poll_s=1.0,
+    # A dispatch message taken by a factory that is then SIGKILLed is redelivered only after
+    # the consumer's ack wait (30 s); a short redispatch period republishes it sooner.
+    redispatch_s=3.0,
+    drain_timeout_s=1.0,
+    request_timeout_s=2.0,
+    reconnect_wait_s=0.2,
+    reconnect_jitter_s=0.3,
+)
+"""Short timings, so a lease expires in seconds and a scenario fits in well under a minute."""
+
+READY_TIMEOUT_S = 30.0
+"""Bound on a process becoming ready (a factory registered, the coordinator's API answering)."""
+STOP_TIMEOUT_S = 15.0
+"""Bound on a SIGTERMed process draining before it is SIGKILLed."""
+
+
+# -- scenarios: configuration, result, registry ---------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ScenarioConfig:
+    """How to run one scenario.
+
+    ``seed``: draws every chaos decision. ``duration_s``: how long the full form applies its
+    chaos (ignored by the bounded form). ``bounded``: the short form CI runs, well under a
+    minute on two cores. ``workdir``: where the broker store, factory data dirs and every
+    process's log go (kept after the run)."""
+
+    seed: int = 0
+    duration_s: float = 60.0
+    bounded: bool = True
+    workdir: Path = Path(".")
+
+
+@dataclass
+class ScenarioResult:
+    """What a scenario found. ``ok`` is True only if the invariant check passed *and* every
+    expectation of the scenario held (``failures`` lists those that did not). ``figures`` are
+    measurements (reclaim times, fenced counts, ...); ``notes`` say what happened."""
+
+    name: str
+    seed: int
+    ok: bool
+    report: invariants.Report | None
+    figures: dict[str, Any] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+    failures: list[str] = field(default_factory=list)
+    elapsed_s: float = 0.0
+    workdir: str = ""
+
+    def to_dict(self) -> dict:
+        return {
+            "scenario": self.name, "seed": self.seed, "ok": self.ok, "elapsed_s": round(self.elapsed_s, 3),
+            "failures": self.failures, "figures": self.figures, "notes": self.notes, "workdir": self.workdir,
+            "report": None if self.report is None else msgspec.json.decode(self.report.to_json()),
+        }
+
+    def to_text(self) -> str:
+        verdict = "PASS" if self.ok else "FAIL"
+        lines = [f"scenario {self.name} (seed {self.seed}): {verdict} in {self.elapsed_s:.1f}s"]
+        for f in self.failures:
+            lines.append(f"  expectation failed: {f}")
+        if self.figures:
+            lines.append("figures:")
+            width = max(len(k) for k in self.figures)
+            for k, v in self.figures.items():
+                lines.append(f"  {k:<{width}}  {_fmt_figure(v)}")
+        if self.notes:
+            lines.append("notes:")
+            lines += [f"  - {n}" for n in self.notes]
+        lines.append(self.report.to_text() if self.report is not None else "invariants: not checked (see failures)")
+        if self.workdir:
+            lines.append(f"workdir: {self.workdir}")
+        return "\n".join(lines)
+
+
+def _fmt_figure(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.3f}"
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(_fmt_figure(x) for x in v) + "]"
+    return str(v)
+
+
+ScenarioFn = Callable[[ScenarioConfig], Awaitable[ScenarioResult]]
+
+
+@dataclass(frozen=True)
+class Scenario:
+    name: str
+    summary: str
+    fn: ScenarioFn
+
+
+SCENARIOS: dict[str, Scenario] = {}
+"""Registered scenarios by name (filled by importing ``gigafactory.chaos.scenarios``)."""
+
+
+def scenario(name: str, summary: str) -> Callable[[ScenarioFn], ScenarioFn]:
+    """Register ``async def fn(config) -> ScenarioResult`` as scenario ``name``."""
+
+    def register(fn: ScenarioFn) -> ScenarioFn:
+        assert name not in SCENARIOS, f"scenario {name!r} registered twice"
+        SCENARIOS[name] = Scenario(name, summary, fn)
+        return fn
+
+    return register
+
+
+def registry() -> dict[str, Scenario]:
+    """Every implemented scenario, by name."""
+    from . import scenarios  # noqa: F401 (registers them)
+
+    return SCENARIOS
+
+
+def time_limit_s(config: ScenarioConfig) -> float:
+    """The overall bound on one run: generous, so only a hang reaches it."""
+    return 240.0 if config.bounded else config.duration_s + 300.0
+
+
+async def run_scenario(name: str, config: ScenarioConfig) -> ScenarioResult:
+    """Run scenario ``name`` under :func:`time_limit_s`. A scenario that raises or overruns
+    becomes a failed result naming why, never an exception."""
+    scen = registry().get(name)
+    if scen is None:
+        raise KeyError(f"no scenario {name!r}; 'gigafactory chaos list' names them: {', '.join(sorted(SCENARIOS))}")
+    config.workdir.mkdir(parents=True, exist_ok=True)
+    t0 = time.monotonic()
+    try:
+        res = await asyncio.wait_for(scen.fn(config), timeout=time_limit_s(config))
+    except asyncio.TimeoutError:
+        res = ScenarioResult(name, config.seed, False, None,
+                             failures=[f"did not finish within {time_limit_s(config):g}s"])
+    except Exception as e:  # a scenario that breaks reports why; the CLI exits non-zero
+        log.exception("scenario %s failed", name)
+        res = ScenarioResult(name, config.seed, False, None, failures=[f"{type(e).__name__}: {e}"])
+    res.elapsed_s = time.monotonic() - t0
+    res.workdir = str(config.workdir)
+    res.ok = res.ok and not res.failures and (res.report is not None and res.report.ok)
+    return res
+
+
+class Expectations:
+    """A scenario's own claims beside the invariant check (reclaim time, nothing left in an
+    outbox, ...): each :meth:`expect` that fails is kept, with its message, for the result."""
+
+    def __init__(self) -> None:
+        self.failures: list[str] = []
+
+    def expect(self, ok: bool, message: str) -> bool:
+        if not ok:
+            self.failures.append(message)
+        return ok
+
+
+# -- job files --------------------------------------------------------------------------------------
+
+
+def job_text(script: str, **manifest: Any) -> str:
+    """A job file: YAML front matter (keyword names with ``_`` for ``-``) and the script."""
+    front = {"engine": "shell"}
+    front.update({k.replace("_", "-"): v for k, v in manifest.items()})
+    return "---\n" + yaml.safe_dump(front, sort_keys=False, default_flow_style=False) + "---\n" + script.rstrip() + "\n"
+
+
+# -- processes --------------------------------------------------------------------------------------
+
+
+class LabProc:
+    """One real process of the lab, its output in ``log`` (appended across restarts)."""
+
+    def __init__(self, name: str, args: list[str], log_path: Path, env: dict[str, str]) -> None:
+        self.name = name
+        self.args = args
+        self.log = log_path
+        self.env = env
+        self.p: subprocess.Popen | None = None
+        self.paused = False
+        self.starts = 0
+
+    def start(self) -> None:
+        assert self.p is None or self.p.poll() is not None, f"{self.name} is already running"
+        with open(self.log, "ab") as out:
+            out.write(f"--- {self.name} start #{self.starts + 1} at {time.time():.3f}\n".encode())
+            out.flush()
+            # A session of its own: a Ctrl-C of the operator's terminal is for the lab, not for it.
+            self.p = subprocess.Popen(self.args, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                      env=self.env, start_new_session=True)
+        self.starts += 1
+        self.paused = False
+
+    @property
+    def pid(self) -> int:
+        assert self.p is not None
+        return self.p.pid
+
+    def alive(self) -> bool:
+        return self.p is not None and self.p.poll() is None
+
+    def signal(self, sig: int) -> None:
+        if self.alive():
+            assert self.p is not None
+            self.p.send_signal(sig)
+
+    async def wait(self, timeout_s: float) -> int | None:
+        """The exit code, or None if it is still running after ``timeout_s``."""
+        assert self.p is not None
+        deadline = time.monotonic() + timeout_s
+        while self.p.poll() is None and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        return self.p.poll()
+
+    async def kill(self) -> None:
+        """SIGKILL and reap it (bounded)."""
+        if self.alive():
+            self.signal(signal.SIGKILL)
+            if await self.wait(10.0) is None:
+                raise RuntimeError(f"{self.name} (pid {self.pid}) survived SIGKILL for 10s")
+        self.paused = False
+
+    async def terminate(self, timeout_s: float = STOP_TIMEOUT_S) -> int | None:
+        """SIGTERM (a clean drain); SIGKILL if it has not ended within ``timeout_s``."""
+        if not self.alive():
+            return self.p.poll() if self.p else None
+        if self.paused:
+            self.resume()
+        self.signal(signal.SIGTERM)
+        code = await self.wait(timeout_s)
+        if code is None:
+            await self.kill()
+            return None
+        return code
+
+    def pause(self) -> None:
+        """SIGSTOP: the process holds its leases but cannot renew them (a GC pause, a VM stall)."""
+        self.signal(signal.SIGSTOP)
+        self.paused = True
+
+    def resume(self) -> None:
+        self.signal(signal.SIGCONT)
+        self.paused = False
+
+    def tail(self, n_chars: int = 3000) -> str:
+        try:
+            return self.log.read_text(errors="replace")[-n_chars:]
+        except OSError:
+            return ""
+
+
+def _processes_with_marker(marker: str) -> list[int]:
+    """Pids of our processes whose environment carries ``GF_CHAOS_LAB=<marker>`` (Linux /proc)."""
+    needle = f"{LAB_ENV}={marker}".encode()
+    out = []
+    if not os.path.isdir("/proc"):
+        return out
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        pid = int(entry)
+        if pid == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{pid}/environ", "rb") as f:
+                env = f.read()
+        except OSError:
+            continue
+        if needle in env.split(b"\0"):
+            out.append(pid)
+    return out
+
+
+# -- what a chaos action saw ------------------------------------------------------------------------
+
+
+@dataclass
+class Hit:
+    """One chaos action against a factory: what it was, when (broker time), and the leases
+    the factory held at that moment (read from ``gf_jobs`` after the signal)."""
+
+    action: str
+    factory: str
+    at_broker: float
+    held: list[tuple[str, int]]
+    ended_at_broker: float | None = None
+    """For a pause: when it was resumed."""
+
+
+@dataclass
+class AuditEntry:
+    ts: float
+    """The broker's timestamp of the stored event (server time, not the publisher's clock)."""
+    event: EventRecord
+
+
+# -- the lab ----------------------------------------------------------------------------------------
+
+
+class Lab:
+    """A broker, a coordinator and factories as real processes on loopback. Use as
+    ``async with Lab(workdir, seed=...) as lab:``; everything is stopped on exit.
+
+    ``timings`` override :data:`LAB_TIMINGS` (every process gets them as ``GIGAFACTORY_*``
+    variables, and the lab's own connections use them too). ``sync_interval`` is passed to the
+    embedded broker (``always``: fsync before every acknowledgement)."""
+
+    def __init__(self, workdir: Path, *, seed: int, timings: dict[str, float] | None = None,
+                 sync_interval: str | None = None) -> None:
+        self.workdir = Path(workdir).resolve()
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.rng = random.Random(seed)
+        self.seed = seed
+        self.id = secrets.token_hex(6)
+        self.timings = {**LAB_TIMINGS, **(timings or {})}
+        self.settings = Settings(**self.timings)
+        self.sync_interval = sync_interval
+        self.repo = self.workdir / "repo"
+        self.repo.mkdir(exist_ok=True)
+        (self.repo / "out").mkdir(exist_ok=True)
+        self.server = EmbeddedServer(store_dir=str(self.workdir / "nats-store"), host=HOST,
+                                     sync_interval=sync_interval, log_file=str(self.workdir / "nats-server.log"))
+        self.coordinator: LabProc | None = None
+        self.factories: dict[str, LabProc] = {}
+        self.factory_data: dict[str, Path] = {}
+        self.admin: Broker | None = None
+        self.client: Client | None = None
+        self.acknowledged: set[str] = set()
+        """Job ids whose submission the API acknowledged."""
+        self.unacknowledged_submits = 0
+        """Submissions that got no reply (the broker or the coordinator was down)."""
+        self.hits: list[Hit] = []
+        self.broker_restarts = 0
+
+    # -- setup and teardown -------------------------------------------------------------------
+
+    async def __aenter__(self) -> "Lab":
+        try:
+            await self.start_broker()
+            self.admin = await Broker.open(self.url, "chaos-lab-admin", self.settings)
+            nc = await self._connect_client()
+            self.client = Client(nc, timeout_s=10.0)
+            await self.start_coordinator()
+        except BaseException:
+            await self.close()
+            raise
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.close()
+
+    async def _connect_client(self):
+        from gigafactory.broker import connect
+
+        # The lab's API client reconnects forever, like every other client: a broker restart
+        # must not end the scenario's submissions.
+        return await connect(self.url, "chaos-lab-client", self.settings)
+
+    @property
+    def url(self) -> str:
+        return self.server.url
+
+    def env(self, **extra: str) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("GIGAFACTORY_")}
+        for k, v in self.timings.items():
+            env[f"GIGAFACTORY_{k.upper()}"] = str(v)
+        env["GIGAFACTORY_NATS_URL"] = self.url
+        env["GIGAFACTORY_HOME"] = str(self.workdir / "home")
+        env["PYTHONUNBUFFERED"] = "1"
+        env.update(extra)
+        return env
+
+    async def close(self) -> None:
+        """Stop everything the lab started: factories (drain, then SIGKILL), the coordinator,
+        the lab's connections, the broker, and any engine left behind."""
+        for fid, proc in list(self.factories.items()):
+            try:
+                await proc.terminate(timeout_s=5.0)
+            except Exception as e:
+                log.warning("stopping factory %s: %s", fid, e)
+        if self.coordinator is not None:
+            try:
+                await self.coordinator.terminate(timeout_s=5.0)
+            except Exception as e:
+                log.warning("stopping the coordinator: %s", e)
+        for conn in (self.client, self.admin):
+            if conn is None:
+                continue
+            try:
+                await asyncio.wait_for(conn.close(), timeout=5.0)
+            except Exception:
+                pass
+        self.client = self.admin = None
+        await asyncio.to_thread(self.server.stop)
+        self.kill_leftovers()
+
+    def kill_leftovers(self) -> int:
+        """SIGKILL every process group that carries this lab's marker: engines whose factory
+        was SIGKILLed (they run in process groups of their own) and anything they started."""
+        n = 0
+        for pid in _processes_with_marker(self.id):
+            try:
+                pgid = os.getpgid(pid)
+            except ProcessLookupError:
+                continue
+            if pgid == os.getpgid(0):
+                try:  # never our own group: kill only that process
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            else:
+                try:
+                    os.killpg(pgid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+            n += 1
+        return n
+
+    # -- the broker ---------------------------------------------------------------------------
+
+    async def start_broker(self) -> None:
+        """Start (or restart, on the same store and the same port) the nats-server."""
+        await asyncio.to_thread(self.server.start)
+
+    async def kill_broker(self) -> None:
+        """``kill -9`` the nats-server; its store stays for :meth:`start_broker`."""
+        await asyncio.to_thread(self.server.kill)
+        self.server.stop()  # removes its config file; the process is already gone
+
+    async def stop_broker(self) -> None:
+        """Stop the nats-server cleanly (SIGTERM)."""
+        await asyncio.to_thread(self.server.stop)
+
+    async def restart_broker(self) -> float:
+        """Start the broker again on the same port and store; returns how long until the lab's
+        own connection could write again (s)."""
+        t0 = time.monotonic()
+        await self.start_broker()
+        self.broker_restarts += 1
+        await self.wait_for(self._broker_answers, 30.0, what="the lab's connection writes to the restarted broker")
+        return time.monotonic() - t0
+
+    async def _broker_answers(self) -> bool:
+        try:
+            await asyncio.wait_for(self.admin_().broker_now(), timeout=1.0)
+            return True
+        except Exception:
+            return False
+
+    def admin_(self) -> Broker:
+        assert self.admin is not None, "the lab is not started"
+        return self.admin
+
+    async def broker_now(self) -> float:
+        return await self.admin_().broker_now()
+
+    # -- the coordinator ----------------------------------------------------------------------
+
+    async def start_coordinator(self) -> None:
+        if self.coordinator is None:
+            self.coordinator = LabProc(
+                "coordinator",
+                [sys.executable, "-m", "gigafactory", "coordinator", "--nats", self.url, "--log-level", "info"],
+                self.workdir / "coordinator.log", self.env(),
+            )
+        self.coordinator.start()
+        await self.wait_for(self._api_answers, READY_TIMEOUT_S, what="the coordinator's API answers",
+                            proc=self.coordinator)
+
+    async def _api_answers(self) -> bool:
+        assert self.client is not None
+        try:
+            await self.client.call("list", {"limit": 1}, timeout_s=1.0)
+            return True
+        except (ApiError, Exception):
+            return False
+
+    # -- factories ----------------------------------------------------------------------------
+
+    async def start_factory(self, fid: str, *, stations: int = 2, caps: list[str] | tuple[str, ...] = (),
+                            env: dict[str, str] | None = None) -> LabProc:
+        """Start factory ``fid`` (its own data dir, so its outbox survives a restart) and wait
+        until its record on the broker names this process."""
+        data = self.workdir / "factories" / fid
+        self.factory_data[fid] = data
+        args = [sys.executable, "-m", "gigafactory", "factory", "--nats", self.url, "--id", fid, "--no-probe",
+                "--stations", str(stations), "--data-dir", str(data), "--workspace", str(self.workdir / "work"),
+                "--log-level", "info"]
+        for c in caps:
+            args += ["--cap", c]
+        proc = LabProc(f"factory {fid}", args, self.workdir / f"factory-{fid}.log",
+                       self.env(**{LAB_ENV: self.id}, **(env or {})))
+        self.factories[fid] = proc
+        proc.start()
+        await self.wait_registered(fid)
+        return proc
+
+    async def wait_registered(self, fid: str) -> None:
+        proc = self.factories[fid]
+
+        async def registered() -> bool:
+            e = await self.admin_().factories.get(fid)
+            if e is None:
+                return False
+            rec = decode(e.value, FactoryRecord)
+            return rec.pid == proc.pid and rec.status == "up"
+
+        await self.wait_for(registered, READY_TIMEOUT_S, what=f"factory {fid} registered", proc=proc)
+
+    async def restart_factory(self, fid: str) -> None:
+        """Start a stopped or killed factory again with the same id and data dir."""
+        proc = self.factories[fid]
+        if proc.alive():
+            raise RuntimeError(f"factory {fid} is still running (pid {proc.pid})")
+        proc.start()
+        await self.wait_registered(fid)
+
+    async def leases_of(self, fid: str) -> list[tuple[str, int]]:
+        """(job, epoch) of every job whose record names ``fid`` as lease holder now."""
+        out = []
+        for jid, (rec, _rev, _ts) in (await self.records()).items():
+            if rec.stage in LEASED and rec.lease is not None and rec.lease.factory == fid:
+                out.append((jid, rec.epoch))
+        return sorted(out)
+
+    async def kill_factory(self, fid: str) -> Hit:
+        """SIGKILL factory ``fid``; the hit says when (broker time) and which leases it held."""
+        await self.factories[fid].kill()
+        hit = Hit("kill", fid, await self.broker_now(), await self.leases_of(fid))
+        self.hits.append(hit)
+        return hit
+
+    async def pause_factory(self, fid: str) -> Hit:
+        """SIGSTOP factory ``fid`` (it becomes a zombie holding leases it cannot renew)."""
+        self.factories[fid].pause()
+        hit = Hit("pause", fid, await self.broker_now(), await self.leases_of(fid))
+        self.hits.append(hit)
+        return hit
+
+    async def resume_factory(self, hit: Hit) -> None:
+        self.factories[hit.factory].resume()
+        hit.ended_at_broker = await self.broker_now()
+
+    async def factories_with_work(self) -> list[str]:
+        """Live, unpaused factories that hold a lease now, sorted (for seeded choices)."""
+        busy = set()
+        for rec, _rev, _ts in (await self.records()).values():
+            if rec.stage in LEASED and rec.lease is not None:
+                busy.add(rec.lease.factory)
+        return sorted(f for f in busy if f in self.factories and self.factories[f].alive()
+                      and not self.factories[f].paused)
+
+    def outbox_path(self, fid: str) -> Path:
+        return self.factory_data[fid] / fid / "outbox"
+
+    def outbox_items(self, fid: str) -> list[tuple[str, int]]:
+        """(job, epoch) of the items pending in factory ``fid``'s durable outbox, read straight
+        from its SQLite file (works while the broker, or the factory, is down)."""
+        db = self.outbox_path(fid) / "outbox.sqlite3"
+        if not db.exists():
+            return []
+        conn = sqlite3.connect(str(db), timeout=5.0)
+        try:
+            return [(r[0], int(r[1])) for r in conn.execute("SELECT job, epoch FROM outbox ORDER BY id")]
+        except sqlite3.OperationalError:  # the factory has not created its table yet
+            return []
+        finally:
+            conn.close()
+
+    def quarantined(self, fid: str) -> list[str]:
+        """Names of factory ``fid``'s quarantine folders (``<job>-epoch-<epoch>-<id>``)."""
+        q = self.outbox_path(fid) / "quarantine"
+        if not q.is_dir():
+            return []
+        return sorted(p.name for p in q.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+    # -- jobs ---------------------------------------------------------------------------------
+
+    def job(self, script: str, **manifest: Any) -> str:
+        """A job file whose ``cwd`` is the lab's shared repo folder."""
+        manifest.setdefault("cwd", str(self.repo))
+        return job_text(script, **manifest)
+
+    async def submit(self, texts: list[str], timeout_s: float = 10.0) -> list[str]:
+        """Submit one batch through the API. Returns the acknowledged job ids; a batch that got
+        no reply (broker or coordinator down) returns [] and is counted as unacknowledged."""
+        assert self.client is not None
+        files = [{"path": f"chaos-{i}.md", "text": t} for i, t in enumerate(texts)]
+        try:
+            resp = await asyncio.wait_for(self.client.call("submit", {"files": files, "source": "chaos"},
+                                                           timeout_s=timeout_s), timeout=timeout_s + 1)
+        except ApiError as e:
+            if e.code.startswith("4"):
+                raise  # a job file the scenario wrote is wrong: that is a bug, not chaos
+            self.unacknowledged_submits += len(texts)
+            return []
+        except Exception:
+            self.unacknowledged_submits += len(texts)
+            return []
+        ids = [j["job"] for j in resp["jobs"]]
+        self.acknowledged.update(ids)
+        return ids
+
+    async def records(self) -> dict[str, tuple[JobRecord, int, float]]:
+        """Every job record: (record, revision, broker timestamp)."""
+        out = {}
+        async for e in self.admin_().jobs.scan():
+            out[e.key] = (decode(e.value, JobRecord), e.revision, e.ts)
+        return out
+
+    async def stages(self) -> dict[str, str]:
+        return {j: str(r[0].stage) for j, r in (await self.records()).items()}
+
+    async def settle(self, timeout_s: float, *, until: frozenset = frozenset(str(s) for s in TERMINAL)) -> dict[str, str]:
+        """Wait (bounded) until every job on record, and every acknowledged one, is in a stage of
+        ``until``. Returns the jobs that are not, with their stage ({} when settled)."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                stages = await self.stages()
+            except Exception as e:  # the broker may be coming back
+                log.info("settle: reading records failed (%s)", e)
+                stages = None
+            if stages is not None:
+                pending = {j: s for j, s in stages.items() if s not in until}
+                pending.update({j: "missing" for j in self.acknowledged if j not in stages})
+                if not pending:
+                    return {}
+            if time.monotonic() > deadline:
+                return pending if stages is not None else {"?": "broker not answering"}
+            await asyncio.sleep(0.25)
+
+    async def wait_for(self, pred: Callable[[], Any], timeout_s: float, *, what: str,
+                       proc: LabProc | None = None, interval_s: float = 0.05) -> Any:
+        """Poll ``pred`` (sync or async) until it returns something truthy, and return that.
+        Raises TimeoutError naming ``what`` after ``timeout_s``, or at once if ``proc`` died."""
+        deadline = time.monotonic() + timeout_s
+        last: Any = None
+        while True:
+            last = pred()
+            if asyncio.iscoroutine(last) or isinstance(last, asyncio.Future):
+                last = await last
+            if last:
+                return last
+            if proc is not None and proc.p is not None and proc.p.poll() is not None:
+                raise RuntimeError(f"{proc.name} exited with {proc.p.returncode} while waiting for {what}; "
+                                   f"its log ends:\n{proc.tail()}")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"not within {timeout_s:g}s: {what} (last: {last!r})")
+            await asyncio.sleep(interval_s)
+
+    # -- the audit and the check --------------------------------------------------------------
+
+    async def audit(self, subject: str = f"{names.EVENTS_PREFIX}.>", max_events: int = 1_000_000) -> list[AuditEntry]:
+        """Events of ``GF_EVENTS`` matching ``subject`` with the broker's timestamps, in stream order."""
+        from nats.js import api
+
+        b = self.admin_()
+        wait_s = b.settings.request_timeout_s
+        info = await asyncio.wait_for(b.js.stream_info(names.EVENTS_STREAM), timeout=wait_s * 2)
+        out: list[AuditEntry] = []
+        if info.state.messages == 0:
+            return out
+        last_seq = info.state.last_seq
+        psub = await b.js.pull_subscribe(
+            subject, stream=names.EVENTS_STREAM,
+            config=api.ConsumerConfig(ack_policy=api.AckPolicy.NONE, deliver_policy=api.DeliverPolicy.ALL,
+                                      inactive_threshold=30.0, mem_storage=True, num_replicas=1),
+        )
+        try:
+            while len(out) < max_events:
+                try:
+                    msgs = await asyncio.wait_for(psub.fetch(256, timeout=1.0), timeout=2 * wait_s + 1)
+                except TimeoutError:  # nothing (more) matches the filter
+                    break
+                for m in msgs:
+                    out.append(AuditEntry(m.metadata.timestamp.timestamp(), decode(m.data, EventRecord)))
+                meta = msgs[-1].metadata
+                if meta.num_pending == 0 or meta.sequence.stream >= last_seq:
+                    break
+        finally:
+            try:
+                await asyncio.wait_for(psub.unsubscribe(), timeout=wait_s)
+            except Exception:
+                pass
+        return out
+
+    async def check(self, *, allow_in_flight: bool = False) -> invariants.Report:
+        """The invariant check over the broker's records, with the acknowledged submissions."""
+        jobs, events = await invariants.collect(self.admin_())
+        return invariants.check(jobs, events, acknowledged=set(self.acknowledged), allow_in_flight=allow_in_flight)
+
+    # -- reclaims -----------------------------------------------------------------------------
+
+    async def reclaims(self) -> dict[tuple[str, int], AuditEntry]:
+        """The reaper's events that ended an expired lease, by (job, the epoch it took away)."""
+        out: dict[tuple[str, int], AuditEntry] = {}
+        for kind in ("requeue", "dead_letter", "fail"):
+            for a in await self.audit(f"{names.EVENTS_PREFIX}.*.{kind}"):
+                old = a.event.data.get("old_epoch")
+                if a.event.job and isinstance(old, int):
+                    out.setdefault((a.event.job, old), a)
+        return out

@@ -1,0 +1,253 @@
+"""The real-process chaos scenarios (see ``harness.py`` for the lab they run in).
+
+Each scenario has a bounded form (``ScenarioConfig.bounded``: what CI runs, well under a
+minute on two cores) and a full form that applies its chaos for ``duration_s``. Each ends with
+the one invariant check over the broker's records, and adds the claims of its own (reclaim
+within the lease TTL plus a reaper interval, nothing left in an outbox, ...) as expectations.
+
+Implemented: ``factory-churn`` (1), ``broker-crash`` (2), ``total-outage`` (7). The cluster,
+partition, push-path and thundering-herd scenarios (3-6) register here the same way once
+their injectors (a 3-node embedded cluster, the fault-injecting proxy) exist.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+
+from gigafactory.schemas.lifecycle import Stage
+
+from .harness import Expectations, Hit, Lab, ScenarioConfig, ScenarioResult, scenario
+
+RECLAIM_SLACK_S = 0.5
+"""Allowance on top of ``lease_ttl_s + reaper_interval_s`` for the reaper's own pass (a clock
+probe, the compare-and-set) and the publish of its event, on a loaded two-core machine."""
+
+SETTLE_TIMEOUT_S = 60.0
+"""Bound on the fleet finishing every acknowledged job once the chaos has stopped."""
+
+
+def _stream(seed: int, name: str) -> random.Random:
+    """An independent seeded stream per concern (load, chaos), so one concern's draws do not
+    shift another's when the two run concurrently."""
+    return random.Random(f"{seed}:{name}")
+
+
+def _short_job(lab: Lab, rng: random.Random, lo_s: float, hi_s: float, **manifest) -> str:
+    """A job that sleeps, writes a marker named by its job and epoch, and is verified by it;
+    review-policy auto (so it ships) and a generous retry budget (so chaos does not
+    dead-letter it: every reclaim costs one retry)."""
+    sleep_s = round(rng.uniform(lo_s, hi_s), 2)
+    manifest.setdefault("retry", {"max": 50, "backoff": "0.1s"})
+    return lab.job(
+        f'sleep {sleep_s}\necho "$GF_FACTORY $GF_EPOCH" > "out/$GF_JOB_ID-e$GF_EPOCH"',
+        verify='test -s "out/$GF_JOB_ID-e$GF_EPOCH"', review_policy="auto", **manifest,
+    )
+
+
+async def _trickle(lab: Lab, rng: random.Random, until_mono: float, *, batch: tuple[int, int],
+                   gap_s: tuple[float, float], sleep_s: tuple[float, float], stats: dict) -> None:
+    """Submit batches of short jobs until ``until_mono`` (the load; its pauses are the schedule)."""
+    while time.monotonic() < until_mono:
+        texts = [_short_job(lab, rng, *sleep_s) for _ in range(rng.randint(*batch))]
+        ids = await lab.submit(texts)
+        stats["batches"] += 1
+        stats["submitted"] += len(texts)
+        stats["acknowledged"] += len(ids)
+        await asyncio.sleep(rng.uniform(*gap_s))
+
+
+def _own_leases(hit: Hit, hits: list[Hit]) -> list[tuple[str, int]]:
+    """The leases a paused factory holds in *this* incarnation: a lease left by an earlier
+    incarnation that was SIGKILLed (and not reaped yet) names the same factory id, but the
+    restarted process knows nothing of it, so there is nothing to fence; the reaper takes it."""
+    inherited = {lease for h in hits if h.action == "kill" and h.factory == hit.factory
+                 and h.at_broker < hit.at_broker for lease in h.held}
+    return [lease for lease in hit.held if lease not in inherited]
+
+
+def _held_outcomes(hits: list[Hit], reclaims: dict, audit_by_job: dict) -> tuple[list[float], list[str], int]:
+    """For every lease a hit factory held: the time from the hit to the reaper's reclaim
+    (broker time). A lease whose holder's own result or hand-back was already on its way when
+    the signal landed is not a reclaim; it is counted apart. Returns (reclaim times,
+    leases neither reclaimed nor ended by their holder, in-flight endings)."""
+    times, missing, in_flight = [], [], 0
+    seen: set[tuple[str, int]] = set()
+    for hit in sorted(hits, key=lambda h: h.at_broker):
+        for job, epoch in hit.held:
+            if (job, epoch) in seen:
+                continue  # held again at a later hit (restarted, then hit again before the reaper ran)
+            seen.add((job, epoch))
+            rec = reclaims.get((job, epoch))
+            if rec is not None:
+                times.append(rec.ts - hit.at_broker)
+                continue
+            own = [a for a in audit_by_job.get(job, ()) if a.event.kind in ("finished", "handed_back")
+                   and a.event.epoch == epoch and a.event.factory == hit.factory]
+            if own:
+                in_flight += 1
+            else:
+                missing.append(f"{job} epoch {epoch} held by {hit.factory} at its {hit.action}")
+    return times, missing, in_flight
+
+
+# -- 1. factory churn -----------------------------------------------------------------------------
+
+
+@scenario("factory-churn",
+          "factories SIGKILLed (and restarted with the same id) or paused past their lease at random "
+          "during a load of short jobs: leases reclaimed within lease TTL + one reaper interval, "
+          "zombies fenced, every job shipped once")
+async def factory_churn(cfg: ScenarioConfig) -> ScenarioResult:
+    load_rng, chaos_rng = _stream(cfg.seed, "load"), _stream(cfg.seed, "chaos")
+    n_factories = 3 if cfg.bounded else 4
+    window_s = 12.0 if cfg.bounded else cfg.duration_s
+    exp = Expectations()
+    notes: list[str] = []
+    async with Lab(cfg.workdir, seed=cfg.seed) as lab:
+        ttl, reaper = lab.settings.lease_ttl_s, lab.settings.reaper_interval_s
+        pause_s = ttl + reaper + 1.0  # long enough that the paused factory's leases expire and are reaped
+        fids = [f"f{i}" for i in range(1, n_factories + 1)]
+        for fid in fids:
+            await lab.start_factory(fid, stations=2)
+        out_of_play: set[str] = set()  # killed, paused, or recovering: not a target until back
+        side_tasks: list[asyncio.Task] = []
+        zombie_evidence: dict[tuple[str, int, str], str] = {}
+
+        async def restart_later(fid: str, delay_s: float) -> None:
+            await asyncio.sleep(delay_s)  # the schedule: how long the machine stays down
+            await lab.restart_factory(fid)
+            out_of_play.discard(fid)
+
+        async def resume_later(hit: Hit, delay_s: float) -> None:
+            await asyncio.sleep(delay_s)  # the schedule: how long the pause lasts
+            await lab.resume_factory(hit)
+
+            async def fenced_all() -> bool:
+                # The zombie, woken, must refuse itself: a 'fenced' event for each lease it lost,
+                # or its result kept in quarantine.
+                ok = True
+                fenced = {(a.event.job, a.event.epoch) for a in await lab.audit("gf.events.*.fenced")
+                          if a.event.factory == hit.factory}
+                quarantined = lab.quarantined(hit.factory)
+                for job, epoch in _own_leases(hit, lab.hits):
+                    key = (job, epoch, hit.factory)
+                    if (job, epoch) in fenced:
+                        zombie_evidence[key] = "fenced"
+                    elif any(q.startswith(f"{job}-epoch-{epoch}-") for q in quarantined):
+                        zombie_evidence[key] = "quarantined"
+                    else:
+                        ok = False
+                return ok
+
+            try:
+                await lab.wait_for(fenced_all, 15.0, what=f"zombie {hit.factory} fenced on {hit.held}",
+                                   interval_s=0.2)
+            except TimeoutError as e:
+                notes.append(f"zombie {hit.factory} not fenced: {e}")
+            out_of_play.discard(hit.factory)
+
+        stats = {"batches": 0, "submitted": 0, "acknowledged": 0}
+        t_end = time.monotonic() + window_s
+        load = asyncio.create_task(_trickle(lab, load_rng, t_end, batch=(1, 3), gap_s=(0.3, 0.8),
+                                            sleep_s=(0.2, 1.5), stats=stats))
+        try:
+            while time.monotonic() < t_end - 1.0:
+                await asyncio.sleep(chaos_rng.uniform(1.0, 2.2))  # the chaos schedule
+                action = chaos_rng.choices(["kill", "pause"], weights=[3, 1])[0]
+                if cfg.bounded and len(lab.hits) == 2 and not any(h.action == "pause" for h in lab.hits):
+                    action = "pause"  # the short form shows a zombie every time
+                in_play = [f for f in fids if f not in out_of_play]
+                if len(in_play) <= 1:
+                    continue  # keep one factory working, or nothing would be left to reclaim onto
+                working = [f for f in await lab.factories_with_work() if f in in_play]
+                target = chaos_rng.choice(working or in_play)
+                out_of_play.add(target)
+                if action == "kill":
+                    await lab.kill_factory(target)
+                    side_tasks.append(asyncio.create_task(restart_later(target, chaos_rng.uniform(0.2, 1.5))))
+                else:
+                    hit = await lab.pause_factory(target)
+                    side_tasks.append(asyncio.create_task(resume_later(hit, pause_s)))
+            await load
+        finally:
+            load.cancel()
+            for t in side_tasks:
+                try:
+                    await asyncio.wait_for(t, timeout=READY_BOUND_S)
+                except Exception as e:
+                    exp.expect(False, f"a restart or resume did not complete: {type(e).__name__}: {e}")
+
+        unsettled = await lab.settle(SETTLE_TIMEOUT_S if cfg.bounded else 2 * SETTLE_TIMEOUT_S)
+        report = await lab.check()
+        records = await lab.records()
+        audit = await lab.audit()
+        by_job: dict[str, list] = {}
+        for a in audit:
+            if a.event.job:
+                by_job.setdefault(a.event.job, []).append(a)
+        reclaims = await lab.reclaims()
+
+        kills = [h for h in lab.hits if h.action == "kill"]
+        pauses = [h for h in lab.hits if h.action == "pause"]
+        bound_s = ttl + reaper + RECLAIM_SLACK_S
+        kill_times, kill_missing, kill_inflight = _held_outcomes(kills, reclaims, by_job)
+        pause_times, pause_missing, pause_inflight = _held_outcomes(pauses, reclaims, by_job)
+        exp.expect(not kill_missing, f"leases of killed factories never reclaimed: {kill_missing}")
+        exp.expect(not pause_missing, f"leases of paused factories never reclaimed: {pause_missing}")
+        all_times = kill_times + pause_times
+        exp.expect(all(t <= bound_s for t in all_times),
+                   f"a lease took {max(all_times, default=0):.2f}s from the hit to its reclaim; bound is "
+                   f"lease_ttl_s {ttl:g} + reaper_interval_s {reaper:g} + {RECLAIM_SLACK_S:g}s slack")
+
+        # A zombie never ships under the epoch it lost: no holder write of the hit factory at a
+        # held epoch after the reclaim (the invariant check judges every such write, too).
+        zombie_ships = 0
+        for hit in lab.hits:
+            for job, epoch in hit.held:
+                rec = reclaims.get((job, epoch))
+                if rec is None:
+                    continue
+                zombie_ships += sum(1 for a in by_job.get(job, ()) if a.ts > rec.ts and a.event.epoch == epoch
+                                    and a.event.factory == hit.factory
+                                    and a.event.kind in ("finished", "started", "handed_back"))
+        exp.expect(zombie_ships == 0, f"{zombie_ships} write(s) by a factory under an epoch it had lost")
+        paused_leases = sum(len(_own_leases(h, lab.hits)) for h in pauses) - pause_inflight
+        exp.expect(len(zombie_evidence) >= paused_leases,
+                   f"only {len(zombie_evidence)} of {paused_leases} leases lost by paused factories were fenced")
+
+        shipped = sum(1 for j in lab.acknowledged if j in records and records[j][0].stage == Stage.SHIPPED)
+        exp.expect(not unsettled, f"not settled within the bound: {unsettled}")
+        exp.expect(shipped == len(lab.acknowledged),
+                   f"{shipped} of {len(lab.acknowledged)} acknowledged jobs shipped")
+        quarantined = sum(len(lab.quarantined(f)) for f in fids)
+        figures = {
+            "factories": n_factories,
+            "chaos_window_s": window_s,
+            "kills": len(kills),
+            "pauses": len(pauses),
+            "leases_held_at_hits": sum(len(h.held) for h in lab.hits),
+            "reclaims_measured": len(all_times),
+            "reclaim_s_max": max(all_times, default=0.0),
+            "reclaim_s_mean": sum(all_times) / len(all_times) if all_times else 0.0,
+            "reclaim_bound_s": bound_s,
+            "ended_by_holder_in_flight": kill_inflight + pause_inflight,
+            "zombie_leases_fenced": len(zombie_evidence),
+            "zombie_ships": zombie_ships,
+            "fenced_events": report.counts.get("fenced", 0),
+            "quarantined_results": quarantined,
+            "jobs_acknowledged": len(lab.acknowledged),
+            "jobs_unacknowledged": lab.unacknowledged_submits,
+            "jobs_shipped": shipped,
+            "claims": report.counts.get("claims", 0),
+            "lease_expired": report.counts.get("lease_expired", 0),
+        }
+        notes.append(f"{len(kills)} SIGKILL+restart and {len(pauses)} SIGSTOP/SIGCONT of {pause_s:g}s over "
+                     f"{window_s:g}s of load ({stats['batches']} batches)")
+        return ScenarioResult("factory-churn", cfg.seed, report.ok and not exp.failures, report, figures, notes,
+                              exp.failures)
+
+
+READY_BOUND_S = 60.0
+"""Bound on a scheduled restart or resume (including its wait for evidence) completing."""
