@@ -241,6 +241,7 @@ def test_reset_and_drop_make_the_client_reconnect_and_drop_is_seeded(nats_server
 
             # drop 1.0 then reset: every reconnect attempt is accepted and closed at once.
             watch.reconnected.clear()
+            watch.disconnected.clear()
             proxy.drop(1.0)
             proxy.reset()
             await watch.wait(watch.disconnected, "disconnect")
