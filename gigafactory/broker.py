@@ -51,6 +51,9 @@ TRANSIENT = (
     nats.errors.OutboundBufferLimitError,
     nats.js.errors.ServiceUnavailableError,
     nats.js.errors.ServerError,
+    # What a write gets while a clustered stream elects a leader: a 503 "no responders" that
+    # is neither a timeout nor a ServiceUnavailableError.
+    nats.js.errors.NoStreamResponseError,
 )
 """Errors that mean "the broker is not answering right now", not "your request is wrong"."""
 
