@@ -104,9 +104,17 @@ async def follow(broker: Broker, view: FleetView, stop: asyncio.Event) -> None:
     async def run(bucket, apply, synced: asyncio.Event) -> None:
         while not stop.is_set():
             try:
+                reconnects = broker.nc.stats["reconnects"]
                 w = await bucket.watch(">")
                 try:
                     while not stop.is_set():
+                        if broker.nc.stats["reconnects"] != reconnects:
+                            # A broker restart drops the watch's ephemeral consumer; nats-py only
+                            # notices after two missed idle heartbeats (10-20 s), and until then
+                            # the view sees no change: nothing new is dispatched. Watch again now
+                            # (a full replay of the latest values).
+                            log.info("reconnected to the broker; re-watching %s", bucket.name)
+                            break
                         try:
                             e = await w.updates(timeout=1.0)
                         except (asyncio.TimeoutError, TimeoutError):
