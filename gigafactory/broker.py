@@ -118,20 +118,43 @@ class Bucket:
 
     async def scan(self, pattern: str = ">", *, meta_only: bool = False) -> AsyncIterator[Entry]:
         """Every live key matching ``pattern`` once (latest values), filtered by the server."""
-        w = await self.kv.watch(pattern, meta_only=meta_only, ignore_deletes=True)
+        # Deletes are read too (and skipped here), so that every message the server delivers
+        # is counted: see caught_up().
+        w = await self.kv.watch(pattern, meta_only=meta_only)
         # The watcher's "caught up" marker comes once nothing is pending, so a key written
         # while the scan runs is delivered again before it: yield each key only once.
         seen: set[str] = set()
+        consumed = 0
+        trailing = False
+
+        async def caught_up() -> bool:
+            # nats-py puts the marker first when the consumer's info says nothing is pending and
+            # nothing was received yet; but the server counts messages as delivered before they
+            # reach us (seen after a broker restart), so they can follow the marker, and a scan
+            # that stopped there would miss every key. Done only when all it delivered was read.
+            info = await w._sub.consumer_info()
+            return info.num_pending == 0 and consumed >= info.delivered.consumer_seq
+
         try:
             while True:
-                e = await w.updates(timeout=self._timeout * 4)
+                try:
+                    e = await w.updates(timeout=self._timeout * 4)
+                except TimeoutError:
+                    if trailing and await caught_up():
+                        return
+                    raise
                 if e is None:
-                    return
-                if e.key in seen:
+                    if await caught_up():
+                        return
+                    trailing = True
                     continue
-                seen.add(e.key)
-                ts = e.created.timestamp() if e.created else 0.0
-                yield Entry(key=e.key, value=e.value or b"", revision=e.revision or 0, ts=ts)
+                consumed += 1
+                if e.operation not in (KV_DEL, KV_PURGE) and e.key not in seen:
+                    seen.add(e.key)
+                    ts = e.created.timestamp() if e.created else 0.0
+                    yield Entry(key=e.key, value=e.value or b"", revision=e.revision or 0, ts=ts)
+                if trailing and e.delta == 0 and await caught_up():
+                    return
         finally:
             try:
                 await w.stop()
