@@ -549,5 +549,78 @@ def demo(examples, workdir, timeout_s, as_json, nats_url) -> None:
     sys.exit(run_demo(examples_dir=examples, workdir=workdir, timeout_s=timeout_s, as_json=as_json, nats_url=nats_url))
 
 
+# -- chaos ------------------------------------------------------------------------------------------
+
+
+@main.group()
+def chaos() -> None:
+    """Chaos scenarios on real processes (loopback only), and the deterministic simulation."""
+
+
+@chaos.command("list")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def chaos_list(as_json) -> None:
+    """List the implemented scenarios."""
+    from gigafactory.chaos.harness import registry
+
+    scenarios = sorted(registry().values(), key=lambda s: s.name)
+    if as_json:
+        _emit_json({"scenarios": [{"name": s.name, "summary": s.summary} for s in scenarios]})
+        return
+    width = max(len(s.name) for s in scenarios)
+    for s in scenarios:
+        click.echo(f"{s.name:<{width}}  {s.summary}")
+
+
+@chaos.command("run")
+@click.argument("scenario_name", metavar="SCENARIO")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seeds every chaos decision (a run's schedule).")
+@click.option("--duration", "duration_s", type=click.FloatRange(min=1.0), default=None, metavar="S",
+              help="Run the full form, applying chaos for S seconds (default: the bounded form CI runs).")
+@click.option("--dir", "workdir", type=click.Path(file_okay=False), default=None,
+              help="Keep the broker store, factory data and process logs here (default: a temp folder, "
+                   "kept only if the scenario fails).")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def chaos_run(scenario_name, seed, duration_s, workdir, as_json) -> None:
+    """Run one scenario and check the invariants; exit 1 on any violation or failed expectation."""
+    import shutil
+    import tempfile
+
+    from gigafactory.chaos.harness import ScenarioConfig, registry, run_scenario
+
+    known = registry()
+    if scenario_name not in known:
+        _fail(f"no scenario {scenario_name!r}; 'gigafactory chaos list' names them: {', '.join(sorted(known))}",
+              2, as_json=as_json)
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        stream=sys.stderr)
+    logging.getLogger("nats").setLevel(logging.CRITICAL)
+    temp = workdir is None
+    root = Path(workdir or tempfile.mkdtemp(prefix=f"gigafactory-chaos-{scenario_name}-")).resolve()
+    cfg = ScenarioConfig(seed=seed, duration_s=duration_s or 0.0, bounded=duration_s is None, workdir=root)
+    if not as_json:
+        form = f"full form, {duration_s:g}s" if duration_s else "bounded form"
+        click.echo(f"running {scenario_name} ({form}, seed {seed}) in {root}", err=True)
+    res = asyncio.run(run_scenario(scenario_name, cfg))
+    if temp and res.ok:
+        shutil.rmtree(root, ignore_errors=True)
+        res.workdir = ""
+    if as_json:
+        _emit_json(res.to_dict())
+    else:
+        click.echo(res.to_text())
+    sys.exit(0 if res.ok else 1)
+
+
+@chaos.command("sim", context_settings={"ignore_unknown_options": True, "allow_extra_args": True,
+                                        "help_option_names": []})
+@click.argument("args", nargs=-1, type=click.UNPROCESSED)
+def chaos_sim(args) -> None:
+    """The deterministic simulation: every argument goes to it (try 'gigafactory chaos sim --help')."""
+    from gigafactory.chaos.sim import main as sim_main
+
+    sys.exit(sim_main(list(args)))
+
+
 if __name__ == "__main__":
     main()
