@@ -1,0 +1,215 @@
+"""The chaos suite on real processes: a real nats-server, a coordinator process and factory
+processes on loopback, tormented by the scenarios of ``chaos/scenarios.py`` and judged by the
+one invariant checker.
+
+Each implemented scenario passes its invariant check in its bounded form (what CI runs), and
+its figures show that the chaos really happened (a kill, a zombie, a crash with jobs in
+flight, results in an outbox). A fleet broken on purpose (a rogue claim that skips the
+revision check) is caught by the same checker. The full forms are marked ``slow``; their
+duration is ``$GIGAFACTORY_CHAOS_DURATION_S`` (default 20 s).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+from gigafactory.chaos.harness import Lab, ScenarioConfig, registry, run_scenario
+from gigafactory.procs import pid_alive
+from gigafactory.schemas import protocol
+from gigafactory.schemas.lifecycle import Stage
+from gigafactory.schemas.records import EventRecord, JobRecord, decode, encode
+
+IMPLEMENTED = ["broker-crash", "factory-churn", "total-outage"]
+FULL_DURATION_S = float(os.environ.get("GIGAFACTORY_CHAOS_DURATION_S", "20"))
+
+
+def run_bounded(name: str, tmp_path, seed: int = 0):
+    return asyncio.run(run_scenario(name, ScenarioConfig(seed=seed, bounded=True, workdir=tmp_path / name)))
+
+
+def cli(*args: str, timeout_s: float = 180.0) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "gigafactory", *args], capture_output=True, text=True,
+                          timeout=timeout_s)
+
+
+# -- the bounded forms ------------------------------------------------------------------------------
+
+
+@pytest.mark.timeout(180)
+def test_factory_churn_reclaims_every_lease_in_time_fences_the_zombies_and_ships_every_job(tmp_path):
+    res = run_bounded("factory-churn", tmp_path)
+
+    assert res.ok, res.to_text()
+    f = res.figures
+    assert f["kills"] >= 1 and f["pauses"] >= 1, res.to_text()
+    assert f["reclaims_measured"] >= 1
+    assert f["reclaim_s_max"] <= f["reclaim_bound_s"]
+    assert f["zombie_leases_fenced"] >= 1, "a paused factory woke up holding a lost lease and refused itself"
+    assert f["zombie_ships"] == 0
+    assert f["fenced_events"] >= f["zombie_leases_fenced"] or f["quarantined_results"] >= 1
+    assert f["jobs_shipped"] == f["jobs_acknowledged"] > 0
+    assert res.report.counts["lease_expired"] >= 1
+
+
+@pytest.mark.timeout(180)
+def test_broker_crash_through_the_cli_loses_no_acknowledged_job_and_dispatch_resumes(tmp_path):
+    out = cli("chaos", "run", "broker-crash", "--seed", "1", "--json", "--dir", str(tmp_path / "bc"))
+
+    assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:]
+    res = json.loads(out.stdout)
+    assert res["scenario"] == "broker-crash" and res["ok"] and res["seed"] == 1
+    f = res["figures"]
+    assert f["crashes"] == 1 and f["jobs_in_flight_at_crash"][0] > 0
+    assert f["acknowledged_lost"] == 0
+    assert f["jobs_shipped"] == f["jobs_acknowledged"] > 0
+    assert all(s is not None and s <= 5.0 for s in f["claim_after_restart_s"])
+    assert res["report"]["ok"] and res["report"]["counts"]["stage_shipped"] == f["jobs_on_record"]
+    assert (tmp_path / "bc" / "nats-server.log").exists(), "--dir keeps the run's data"
+
+
+@pytest.mark.timeout(180)
+def test_total_outage_keeps_results_in_the_outbox_then_publishes_or_quarantines_them(tmp_path):
+    res = run_bounded("total-outage", tmp_path)
+
+    assert res.ok, res.to_text()
+    f = res.figures
+    assert f["round_kinds"] == ["prompt", "late"]
+    assert f["outbox_pending_max"] > 0
+    assert f["results_published"] >= 1, "a prompt return finds its lease and publishes"
+    assert f["results_quarantined"] >= 1, "a late return finds its lease reclaimed and quarantines"
+    assert f["quarantine_folders"] == f["results_quarantined"]
+    assert f["jobs_shipped"] == f["jobs_acknowledged"] > 0
+
+
+# -- broken on purpose --------------------------------------------------------------------------------
+
+
+@pytest.mark.timeout(120)
+def test_a_rogue_claim_without_the_revision_check_is_caught_by_the_checker(tmp_path):
+    """A claimer that read the job while it was queued, and writes its claim without the
+    compare-and-set (a put), takes the lease at the same epoch as the factory that really won
+    it, runs, and ships the job a second time. The checker, run over the broker's records,
+    must name it."""
+
+    async def main():
+        async with Lab(tmp_path / "lab", seed=0) as lab:
+            # No factory yet: the job waits in queued, where the rogue reads it.
+            [job] = await lab.submit([lab.job("echo ok", review_policy="auto")])
+            stale = await lab.admin_().jobs.get(job)
+            stale_rec = decode(stale.value, JobRecord)
+            assert stale_rec.stage == Stage.QUEUED
+
+            await lab.start_factory("honest", stations=1)
+
+            async def shipped() -> bool:
+                e = await lab.admin_().jobs.get(job)
+                return decode(e.value, JobRecord).stage == Stage.SHIPPED
+
+            await lab.wait_for(shipped, 30.0, what="the honest factory ships the job")
+            before = await lab.check()
+            assert before.ok, before.to_text()
+
+            # The rogue: claim from the stale queued read, written without the revision check.
+            b, now = lab.admin_(), time.time()
+            claim = protocol.claim(stale_rec, "rogue", 0, now)
+            await b.jobs.put(job, encode(claim.record))
+            await b.publish_event(EventRecord(kind="claimed", at=now, job=job, epoch=claim.record.epoch,
+                                              factory="rogue", actor="rogue", stage_from="queued",
+                                              stage_to="assigned", data={"station": 0}))
+            start = protocol.start(claim.record, "rogue", claim.record.epoch, now)
+            await b.jobs.put(job, encode(start.record))
+            await b.publish_event(EventRecord(kind="started", at=now, job=job, epoch=start.record.epoch,
+                                              factory="rogue", actor="rogue", stage_from="assigned",
+                                              stage_to="building"))
+            done = protocol.finish(start.record, "rogue", start.record.epoch, now, failure=None)
+            await b.jobs.put(job, encode(done.record))
+            await b.publish_event(EventRecord(kind="finished", at=now, job=job, epoch=done.record.epoch,
+                                              factory="rogue", actor="rogue", stage_from="building",
+                                              stage_to=str(done.record.stage)))
+            return before, await lab.check(), claim.record.epoch
+
+    before, after, epoch = asyncio.run(asyncio.wait_for(main(), 100))
+
+    assert before.ok
+    assert not after.ok
+    found = after.by_invariant()
+    assert found.get("unique_holder") == 1, after.to_text()
+    assert found.get("shipped_once") == 1, after.to_text()
+    assert found.get("single_report") == 1, after.to_text()  # two results at one epoch
+    [holder] = [v for v in after.violations if v.invariant == "unique_holder"]
+    assert f"epoch {epoch} claimed by honest/0 and again by rogue/0" in holder.detail
+
+
+# -- the lab itself ---------------------------------------------------------------------------------
+
+
+@pytest.mark.timeout(120)
+def test_the_lab_kills_engines_left_behind_by_a_sigkilled_factory(tmp_path):
+    pidfile = tmp_path / "engine.pid"
+
+    async def main():
+        async with Lab(tmp_path / "lab", seed=0) as lab:
+            await lab.start_factory("victim", stations=1)
+            await lab.submit([lab.job(f"echo $$ > {pidfile}\nexec sleep 120")])
+            await lab.wait_for(pidfile.exists, 30.0, what="the engine started")
+            engine = int(pidfile.read_text())
+            hit = await lab.kill_factory("victim")
+            assert hit.held and hit.held[0][1] == 1, hit
+            assert pid_alive(engine), "the engine outlives its SIGKILLed factory (its own process group)"
+            return engine, lab.factories["victim"].pid
+
+    engine, factory_pid = asyncio.run(asyncio.wait_for(main(), 100))
+
+    assert not pid_alive(factory_pid)
+    deadline = time.monotonic() + 5
+    while pid_alive(engine) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not pid_alive(engine), "closing the lab kills what the dead factory left behind"
+
+
+def test_chaos_list_names_exactly_the_implemented_scenarios():
+    out = cli("chaos", "list", "--json", timeout_s=60)
+
+    assert out.returncode == 0, out.stderr
+    names = [s["name"] for s in json.loads(out.stdout)["scenarios"]]
+    assert names == IMPLEMENTED == sorted(registry())
+    text = cli("chaos", "list", timeout_s=60).stdout
+    assert all(line.split()[0] in IMPLEMENTED for line in text.splitlines())
+
+
+def test_chaos_run_refuses_an_unknown_scenario_and_names_the_known_ones():
+    out = cli("chaos", "run", "partition-everything", timeout_s=60)
+
+    assert out.returncode == 2
+    assert "no scenario 'partition-everything'" in out.stderr and "factory-churn" in out.stderr
+
+
+def test_chaos_sim_forwards_to_the_simulation_and_its_exit_code():
+    ok = cli("chaos", "sim", "--seeds", "0:5", "--json", timeout_s=120)
+    broken = cli("chaos", "sim", "--seeds", "0:5", "--broken", "no_revision_check", timeout_s=120)
+
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    assert json.loads(ok.stdout)["failing"] == []
+    assert broken.returncode == 1 and "failing seeds" in broken.stdout
+
+
+# -- the full forms -----------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(int(FULL_DURATION_S) + 420)
+@pytest.mark.parametrize("name", IMPLEMENTED)
+def test_full_form_keeps_every_invariant(name, tmp_path):
+    cfg = ScenarioConfig(seed=7, duration_s=FULL_DURATION_S, bounded=False, workdir=tmp_path / name)
+
+    res = asyncio.run(run_scenario(name, cfg))
+
+    assert res.ok, res.to_text()
+    assert res.report.counts["jobs"] > 0
