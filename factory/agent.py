@@ -511,6 +511,9 @@ class Factory:
         On a conflict, re-read: a stale epoch means fenced (returns None), anything else retries."""
         async with run.write_lock:
             rec, rev = run.record, run.revision
+            # Writes sent without a reply (a lost reply, or the timer fired while this process
+            # was paused): each may have landed, and a record read later that is one says so.
+            unanswered: dict[bytes, JobRecord] = {}
             for _ in range(MAX_CAS_RETRIES):
                 if run.fenced:
                     return None
@@ -522,16 +525,26 @@ class Factory:
                 if new is None:
                     return rec
                 new_rec = new.record if isinstance(new, protocol.Outcome) else new
+                data = encode(new_rec)
                 try:
-                    run.revision = await self.b.jobs.update(run.job, encode(new_rec), last=rev)
+                    run.revision = await self.b.jobs.update(run.job, data, last=rev)
                     run.record = new_rec
                     return new_rec
                 except Conflict:
                     fresh = await self.b.jobs.get(run.job)
-                    if fresh is None:
-                        await self._fenced(run, None)
-                        return None
-                    rec, rev = decode(fresh.value, JobRecord), fresh.revision
+                except TRANSIENT:
+                    # Read the record to learn the outcome (if the broker does not answer the
+                    # read either, that raises as the write used to). The read can overtake the
+                    # write; then the write lands, the retry conflicts, and the next read tells.
+                    unanswered[data] = new_rec
+                    fresh = await self.b.jobs.get(run.job)
+                if fresh is not None and fresh.value in unanswered:
+                    run.revision, run.record = fresh.revision, unanswered[fresh.value]
+                    return run.record
+                if fresh is None:
+                    await self._fenced(run, None)
+                    return None
+                rec, rev = decode(fresh.value, JobRecord), fresh.revision
             raise Conflict(f"{run.job}: could not write after {MAX_CAS_RETRIES} tries")
 
     async def _fenced(self, run: Run, rec: JobRecord | None) -> None:
