@@ -376,7 +376,12 @@ class Lab:
 
     ``timings`` override :data:`LAB_TIMINGS` (every process gets them as ``GIGAFACTORY_*``
     variables, and the lab's own connections use them too). ``sync_interval`` is passed to the
-    embedded broker (``always``: fsync before every acknowledgement)."""
+    embedded broker (``always``: fsync before every acknowledgement).
+
+    The broker is one :class:`EmbeddedServer`; everything else reaches it through :attr:`url`
+    and the ``*_broker`` methods, so a lab on a cluster overrides those (with
+    :class:`gigafactory.embedded.Cluster` and ``replicas`` in ``timings``), and a factory behind
+    a fault-injecting proxy is started with ``start_factory(..., url=proxy_url)``."""
 
     def __init__(self, workdir: Path, *, seed: int, timings: dict[str, float] | None = None,
                  sync_interval: str | None = None) -> None:
@@ -551,18 +556,19 @@ class Lab:
     # -- factories ----------------------------------------------------------------------------
 
     async def start_factory(self, fid: str, *, stations: int = 2, caps: list[str] | tuple[str, ...] = (),
-                            env: dict[str, str] | None = None) -> LabProc:
+                            env: dict[str, str] | None = None, url: str | None = None) -> LabProc:
         """Start factory ``fid`` (its own data dir, so its outbox survives a restart) and wait
-        until its record on the broker names this process."""
+        until its record on the broker names this process. ``url`` connects it elsewhere than
+        the broker (through a fault-injecting proxy, say); ``env`` adds to its environment."""
         data = self.workdir / "factories" / fid
         self.factory_data[fid] = data
-        args = [sys.executable, "-m", "gigafactory", "factory", "--nats", self.url, "--id", fid, "--no-probe",
+        args = [sys.executable, "-m", "gigafactory", "factory", "--nats", url or self.url, "--id", fid, "--no-probe",
                 "--stations", str(stations), "--data-dir", str(data), "--workspace", str(self.workdir / "work"),
                 "--log-level", "info"]
         for c in caps:
             args += ["--cap", c]
         proc = LabProc(f"factory {fid}", args, self.workdir / f"factory-{fid}.log",
-                       self.env(**{LAB_ENV: self.id}, **(env or {})))
+                       self.env(**{LAB_ENV: self.id, "GIGAFACTORY_NATS_URL": url or self.url}, **(env or {})))
         self.factories[fid] = proc
         proc.start()
         await self.wait_registered(fid)
