@@ -147,6 +147,59 @@ def test_a_rogue_claim_without_the_revision_check_is_caught_by_the_checker(tmp_p
     assert f"epoch {epoch} claimed by honest/0 and again by rogue/0" in holder.detail
 
 
+# -- what the chaos suite found ---------------------------------------------------------------------
+
+
+@pytest.mark.timeout(60)
+def test_a_factory_paused_in_the_middle_of_a_write_reads_the_record_to_learn_its_outcome(nats_server, tmp_path):
+    """Found by factory-churn: a factory SIGSTOPped between sending its ``start`` write and
+    reading the reply wakes up to a request timeout (its timer fired first). It used to drop
+    the run there, silently, leaving the lease to expire; it now reads the record, which says
+    whether the write landed. Here it did land, so the run goes on under its lease."""
+    from gigafactory.broker import Broker
+    from gigafactory.config import Settings
+    from gigafactory.factory.agent import Factory, Run
+
+    async def main():
+        settings = Settings(request_timeout_s=0.5)
+        b = await Broker.open(nats_server.url, "paused-writer", settings)
+        try:
+            f = Factory(b, factory_id="sleepy", probe=False, data_dir=str(tmp_path), settings=settings)
+            lab_job = job_text_record("paused-1")
+            await b.jobs.create(lab_job.id, encode(lab_job))
+            claim = protocol.claim(lab_job, "sleepy", 0, time.time())
+            rev = await b.jobs.update(lab_job.id, encode(claim.record), last=1)
+            run = Run(lab_job.id, claim.record.epoch, 0, rev, claim.record)
+
+            write = asyncio.create_task(f._write(run, lambda r: protocol.start(r, "sleepy", run.epoch, time.time())))
+            # The process stops right after the write was handed to the client (its reply
+            # timer armed), for longer than the request timeout: a SIGSTOP, in-process.
+            asyncio.get_running_loop().call_soon(time.sleep, 1.0)
+            started = await asyncio.wait_for(write, 10)
+            renewed = await f._write(run, lambda r: protocol.renew(r, "sleepy", run.epoch, time.time()))
+            f.outbox.close()
+            e = await b.jobs.get(lab_job.id)
+            return started, renewed, decode(e.value, JobRecord), run
+        finally:
+            await b.close()
+
+    started, renewed, final, run = asyncio.run(asyncio.wait_for(main(), 30))
+
+    assert started is not None and started.stage == Stage.BUILDING
+    assert renewed is not None and renewed.lease.renewals == 1, "the revision it learnt lets the next write in"
+    assert final.stage == Stage.BUILDING and final.lease.factory == "sleepy" and final.lease.renewals == 1
+    assert not run.fenced
+
+
+def job_text_record(job_id: str) -> JobRecord:
+    """A queued job record written straight to gf_jobs (no coordinator needed)."""
+    from gigafactory.schemas.manifest import Manifest
+
+    return JobRecord(id=job_id, manifest=Manifest(cwd="w", engine="shell"), body="echo hi\n", source="test",
+                     content_hash="h", submitted_at=time.time(), pool="p", requirements=["engine:shell"],
+                     reason="waiting for a factory")
+
+
 # -- the lab itself ---------------------------------------------------------------------------------
 
 
