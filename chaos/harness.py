@@ -16,8 +16,9 @@ Rules every scenario keeps, and the lab enforces where it can:
 - Every wait is bounded and fails with what it last saw; waiting is for an observable
   outcome (a record, an event, a file), never a bare sleep. Sleeping is only ever the chaos
   *schedule* itself ("kill a factory every 2 s"), which is the workload, not synchronization.
-- Every chaos decision is drawn from one ``random.Random(seed)``, so a run's schedule is
-  reproducible (which factory is hit still depends on what the fleet is doing at that moment).
+- Every chaos decision is drawn from ``random.Random`` streams seeded by the run's seed
+  (:meth:`Lab.random`), so a run's schedule is reproducible (which factory is hit still
+  depends on what the fleet is doing at that moment).
 - Processes are always cleaned up, including the engine process groups that a SIGKILLed
   factory leaves behind: every factory runs with ``GF_CHAOS_LAB=<lab id>`` in its environment,
   which its engines inherit, and :meth:`Lab.close` kills every process that carries it.
@@ -51,7 +52,6 @@ from gigafactory.broker import Broker
 from gigafactory.client import ApiError, Client
 from gigafactory.config import Settings
 from gigafactory.embedded import EmbeddedServer
-from gigafactory.procs import pid_alive
 from gigafactory.schemas import names
 from gigafactory.schemas.lifecycle import LEASED, TERMINAL
 from gigafactory.schemas.records import EventRecord, FactoryRecord, JobRecord, decode
@@ -387,7 +387,6 @@ class Lab:
                  sync_interval: str | None = None) -> None:
         self.workdir = Path(workdir).resolve()
         self.workdir.mkdir(parents=True, exist_ok=True)
-        self.rng = random.Random(seed)
         self.seed = seed
         self.id = secrets.token_hex(6)
         self.timings = {**LAB_TIMINGS, **(timings or {})}
@@ -437,6 +436,12 @@ class Lab:
     @property
     def url(self) -> str:
         return self.server.url
+
+    def random(self, concern: str) -> random.Random:
+        """The seeded stream of chaos decisions for one concern ("load", "chaos", ...). One
+        stream per concern, so the draws of one (say the load, running concurrently) never
+        shift another's: the schedule of a seed stays the same from run to run."""
+        return random.Random(f"{self.seed}:{concern}")
 
     def env(self, **extra: str) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith("GIGAFACTORY_")}

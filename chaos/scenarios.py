@@ -33,12 +33,6 @@ READY_BOUND_S = 60.0
 """Bound on a scheduled restart or resume (including its wait for evidence) completing."""
 
 
-def _stream(seed: int, name: str) -> random.Random:
-    """An independent seeded stream per concern (load, chaos), so one concern's draws do not
-    shift another's when the two run concurrently."""
-    return random.Random(f"{seed}:{name}")
-
-
 def _short_job(lab: Lab, rng: random.Random, lo_s: float, hi_s: float, **manifest) -> str:
     """A job that sleeps, writes a marker named by its job and epoch, and is verified by it;
     review-policy auto (so it ships) and a generous retry budget (so chaos does not
@@ -107,12 +101,12 @@ def _held_outcomes(hits: list[Hit], reclaims: dict, audit_by_job: dict) -> tuple
           "during a load of short jobs: leases reclaimed within lease TTL + one reaper interval, "
           "zombies fenced, every job shipped once")
 async def factory_churn(cfg: ScenarioConfig) -> ScenarioResult:
-    load_rng, chaos_rng = _stream(cfg.seed, "load"), _stream(cfg.seed, "chaos")
     n_factories = 3 if cfg.bounded else 4
     window_s = 12.0 if cfg.bounded else cfg.duration_s
     exp = Expectations()
     notes: list[str] = []
     async with Lab(cfg.workdir, seed=cfg.seed) as lab:
+        load_rng, chaos_rng = lab.random("load"), lab.random("chaos")
         ttl, reaper = lab.settings.lease_ttl_s, lab.settings.reaper_interval_s
         pause_s = ttl + reaper + 1.0  # long enough that the paused factory's leases expire and are reaped
         fids = [f"f{i}" for i in range(1, n_factories + 1)]
@@ -283,7 +277,6 @@ async def _reconnected(lab: Lab, since_broker: float, fids: list[str]) -> bool:
           "kill -9 of the single nats-server during load, restarted on the same store and port: "
           "clients reconnect, no acknowledged job is lost, every job ships once")
 async def broker_crash(cfg: ScenarioConfig) -> ScenarioResult:
-    load_rng, chaos_rng = _stream(cfg.seed, "load"), _stream(cfg.seed, "chaos")
     window_s = 10.0 if cfg.bounded else cfg.duration_s
     exp = Expectations()
     notes: list[str] = []
@@ -294,6 +287,7 @@ async def broker_crash(cfg: ScenarioConfig) -> ScenarioResult:
     # this scenario stands for the crash of a broker's machine, and its claim "no acknowledged
     # job lost" must not rest on the luck of a page cache.
     async with Lab(cfg.workdir, seed=cfg.seed, sync_interval="always") as lab:
+        load_rng, chaos_rng = lab.random("load"), lab.random("chaos")
         fids = ["f1", "f2"]
         for fid in fids:
             await lab.start_factory(fid, stations=2)
@@ -397,7 +391,6 @@ async def broker_crash(cfg: ScenarioConfig) -> ScenarioResult:
           "the broker stopped while jobs run: jobs finish anyway, results wait in each factory's durable "
           "outbox, and on reconnect are published, or quarantined if the lease was reclaimed meanwhile")
 async def total_outage(cfg: ScenarioConfig) -> ScenarioResult:
-    load_rng, chaos_rng = _stream(cfg.seed, "load"), _stream(cfg.seed, "chaos")
     exp = Expectations()
     notes: list[str] = []
     # A lease long enough that a prompt return finds it still held (results published), and a
@@ -405,6 +398,7 @@ async def total_outage(cfg: ScenarioConfig) -> ScenarioResult:
     timings = {"lease_ttl_s": 10.0, "lease_renew_s": 1.0, "request_timeout_s": 1.5}
     fids, stations = ["f1", "f2"], 2
     async with Lab(cfg.workdir, seed=cfg.seed, timings=timings) as lab:
+        load_rng, chaos_rng = lab.random("load"), lab.random("chaos")
         ttl = lab.settings.lease_ttl_s
         for fid in fids:
             await lab.start_factory(fid, stations=stations)
