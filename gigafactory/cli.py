@@ -601,6 +601,11 @@ def chaos_run(scenario_name, seed, duration_s, workdir, as_json) -> None:
     if not as_json:
         form = f"full form, {duration_s:g}s" if duration_s else "bounded form"
         click.echo(f"running {scenario_name} ({form}, seed {seed}) in {root}", err=True)
+
+    def interrupted(*_):
+        raise KeyboardInterrupt  # as Ctrl-C: the lab stops every process it started on the way out
+
+    signal.signal(signal.SIGTERM, interrupted)
     res = asyncio.run(run_scenario(scenario_name, cfg))
     if temp and res.ok:
         shutil.rmtree(root, ignore_errors=True)
