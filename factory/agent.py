@@ -26,6 +26,7 @@ from pathlib import Path
 import msgspec
 import nats.errors
 import nats.js.errors
+from nats.js.client import JetStreamContext
 
 from gigafactory import __version__
 from gigafactory.broker import TRANSIENT, Broker, Conflict
@@ -196,7 +197,9 @@ class Factory:
             self._set_station(index, None, None, reason)
             self.station_cv.notify_all()
 
-    async def _wait_capacity(self, engine: str | None) -> None:
+    async def _wait_capacity(self, engine: str | None, timeout_s: float | None = None) -> bool:
+        """Wait until a station (and a seat of ``engine``) is free, or draining; False if
+        ``timeout_s`` passed first."""
         def ok() -> bool:
             if self.draining.is_set():
                 return True
@@ -206,7 +209,11 @@ class Factory:
                         and self.engine_running.get(engine, 0) >= self.record.seats[engine])
 
         async with self.station_cv:
-            await self.station_cv.wait_for(ok)
+            try:
+                await asyncio.wait_for(self.station_cv.wait_for(ok), timeout_s)
+            except asyncio.TimeoutError:
+                return False
+        return True
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -354,7 +361,8 @@ class Factory:
         last_check = time.monotonic()
         backoff = 0.5
         while not stop.is_set() and not self.draining.is_set():
-            await self._wait_capacity(ps.engine)
+            while not await self._wait_capacity(ps.engine, timeout_s=self.s.long_poll_s):
+                await self._hand_back_stranded(ps)
             if self.draining.is_set():
                 return
             if ps.mode == "poll":
@@ -399,6 +407,24 @@ class Factory:
                     await asyncio.sleep(random.uniform(0.2, 1.0))
                 continue
             for msg in msgs:
+                await self._on_dispatch(ps, msg)
+
+    async def _hand_back_stranded(self, ps: PoolState) -> None:
+        """A pull request this factory no longer waits on (a long poll that timed out as its
+        message arrived, or one buffered while disconnected and sent on reconnect) still takes
+        a dispatch message on the server, and the message waits in the subscription until the
+        next fetch, which with every station busy may be long. Take such messages now: with a
+        station free again they are claimed, else nak'd, so a factory with a free one can.
+        Reads only what already waits (no new pull request), skipping the status replies."""
+        psub = ps.psub
+        if psub is None:
+            return
+        for _ in range(min(psub.pending_msgs, 1000)):
+            try:
+                msg = await psub._sub.next_msg(timeout=0.01)  # nats-py's queue under the pull subscription
+            except Exception:  # drained meanwhile, or the connection is gone
+                return
+            if not JetStreamContext.is_status_msg(msg):  # 408/404 replies to expired requests
                 await self._on_dispatch(ps, msg)
 
     def _to_poll(self, ps: PoolState, why: str) -> None:
