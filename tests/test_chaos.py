@@ -19,6 +19,7 @@ import sys
 import time
 
 import pytest
+from helpers import Fleet
 
 from gigafactory.chaos.harness import Lab, ScenarioConfig, registry, run_scenario
 from gigafactory.procs import pid_alive
@@ -189,6 +190,37 @@ def test_a_factory_paused_in_the_middle_of_a_write_reads_the_record_to_learn_its
     assert renewed is not None and renewed.lease.renewals == 1, "the revision it learnt lets the next write in"
     assert final.stage == Stage.BUILDING and final.lease.factory == "sleepy" and final.lease.renewals == 1
     assert not run.fenced
+
+
+@pytest.mark.timeout(90)
+def test_a_dispatch_stranded_at_a_busy_factory_is_handed_back_to_an_idle_one(nats_server, tmp_path):
+    """Found by total-outage: a pull request the factory no longer waits on (sent while it was
+    disconnected and flushed on reconnect, or a long poll that timed out as its message
+    arrived) still takes a dispatch message on the server. The message then waited in the
+    busy factory's subscription until its next fetch, when a station freed (or until the
+    coordinator's redispatch period), while another factory sat idle."""
+    async def main():
+        async with Fleet(nats_server.url, tmp_path) as fleet:
+            assert fleet.settings.redispatch_s >= 10.0
+            busy = await fleet.add_factory("busy", caps=["strand"])
+            long_job = await fleet.submit_one(fleet.job("sleep 30", capabilities=["strand"]))
+            await fleet.wait_stage(long_job, "building")
+            [ps] = busy.pools.values()
+            assert ps.psub is not None and ps.mode == "push"
+            # A pull request of busy's that nothing of busy's waits on any more, first in line.
+            await busy.b.nc.publish(ps.psub._nms, json.dumps({"batch": 1, "expires": 20_000_000_000}).encode(),
+                                    reply=ps.psub._deliver)
+            await busy.b.nc.flush()
+            await fleet.add_factory("idle", caps=["strand"])
+            t0 = time.monotonic()
+            job = await fleet.submit_one(fleet.job("echo ok", capabilities=["strand"], review_policy="auto"))
+            final = await fleet.wait_stage(job, "shipped", timeout_s=40)
+            return final, time.monotonic() - t0
+
+    final, took_s = asyncio.run(asyncio.wait_for(main(), 80))
+
+    assert [a.factory for a in final.attempts] == ["idle"]
+    assert took_s < 5.0, f"the job waited {took_s:.1f}s behind a busy factory"
 
 
 def job_text_record(job_id: str) -> JobRecord:
