@@ -201,11 +201,22 @@ async def run_scenario(name: str, config: ScenarioConfig) -> ScenarioResult:
         raise KeyError(f"no scenario {name!r}; 'gigafactory chaos list' names them: {', '.join(sorted(SCENARIOS))}")
     config.workdir.mkdir(parents=True, exist_ok=True)
     t0 = time.monotonic()
+    task = asyncio.ensure_future(scen.fn(config))
     try:
-        res = await asyncio.wait_for(scen.fn(config), timeout=time_limit_s(config))
-    except asyncio.TimeoutError:
-        res = ScenarioResult(name, config.seed, False, None,
-                             failures=[f"did not finish within {time_limit_s(config):g}s"])
+        # asyncio.wait, not wait_for: a bounded wait inside the scenario that runs out raises
+        # TimeoutError too, and must be reported as itself, not as the overall limit.
+        done, _ = await asyncio.wait({task}, timeout=time_limit_s(config))
+        if not done:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)  # the lab cleans up on cancel
+            res = ScenarioResult(name, config.seed, False, None,
+                                 failures=[f"did not finish within {time_limit_s(config):g}s"])
+        else:
+            res = task.result()
+    except asyncio.CancelledError:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        raise
     except Exception as e:  # a scenario that breaks reports why; the CLI exits non-zero
         log.exception("scenario %s failed", name)
         res = ScenarioResult(name, config.seed, False, None, failures=[f"{type(e).__name__}: {e}"])

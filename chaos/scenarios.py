@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import random
 import time
+from pathlib import Path
 
 from gigafactory.schemas.lifecycle import Stage
 from gigafactory.schemas.records import JobRecord, decode
@@ -33,14 +34,17 @@ READY_BOUND_S = 60.0
 """Bound on a scheduled restart or resume (including its wait for evidence) completing."""
 
 
-def _short_job(lab: Lab, rng: random.Random, lo_s: float, hi_s: float, **manifest) -> str:
+def _short_job(lab: Lab, rng: random.Random, lo_s: float, hi_s: float, *, gate: Path | None = None,
+               **manifest) -> str:
     """A job that sleeps, writes a marker named by its job and epoch, and is verified by it;
     review-policy auto (so it ships) and a generous retry budget (so chaos does not
-    dead-letter it: every reclaim costs one retry)."""
+    dead-letter it: every reclaim costs one retry). With ``gate``, it first waits (at most a
+    minute) for that file to exist, so the lab decides when it may end."""
     sleep_s = round(rng.uniform(lo_s, hi_s), 2)
     manifest.setdefault("retry", {"max": 50, "backoff": "0.1s"})
+    wait = f'for i in $(seq 1 600); do [ -e "{gate}" ] && break; sleep 0.1; done\n' if gate else ""
     return lab.job(
-        f'sleep {sleep_s}\necho "$GF_FACTORY $GF_EPOCH" > "out/$GF_JOB_ID-e$GF_EPOCH"',
+        f'{wait}sleep {sleep_s}\necho "$GF_FACTORY $GF_EPOCH" > "out/$GF_JOB_ID-e$GF_EPOCH"',
         verify='test -s "out/$GF_JOB_ID-e$GF_EPOCH"', review_policy="auto", **manifest,
     )
 
@@ -395,7 +399,7 @@ async def total_outage(cfg: ScenarioConfig) -> ScenarioResult:
     notes: list[str] = []
     # A lease long enough that a prompt return finds it still held (results published), and a
     # short request timeout so a result meets the dead broker, and the outbox, soon after its job.
-    timings = {"lease_ttl_s": 10.0, "lease_renew_s": 1.0, "request_timeout_s": 1.5}
+    timings = {"lease_ttl_s": 8.0, "lease_renew_s": 1.0, "request_timeout_s": 1.5}
     fids, stations = ["f1", "f2"], 2
     async with Lab(cfg.workdir, seed=cfg.seed, timings=timings) as lab:
         load_rng, chaos_rng = lab.random("load"), lab.random("chaos")
@@ -423,7 +427,10 @@ async def total_outage(cfg: ScenarioConfig) -> ScenarioResult:
                     break
                 kind = chaos_rng.choice(["prompt", "late"])
             n_jobs = len(fids) * stations  # one per station: every job runs through the outage
-            ids = await lab.submit([_short_job(lab, load_rng, 2.0, 3.0) for _ in range(n_jobs)])
+            # Each job waits for the round's gate, which opens once the broker is down: so
+            # every one of them ends during the outage, however late it was dispatched.
+            gate = lab.workdir / f"gate-{len(rounds) + 1}"
+            ids = await lab.submit([_short_job(lab, load_rng, 0.5, 1.5, gate=gate) for _ in range(n_jobs)])
             exp.expect(len(ids) == n_jobs, f"round {len(rounds) + 1}: only {len(ids)} of {n_jobs} submissions acknowledged")
 
             async def all_building() -> bool:
@@ -436,13 +443,14 @@ async def total_outage(cfg: ScenarioConfig) -> ScenarioResult:
                     if j in ids and r.lease is not None}
             await lab.stop_broker()
             t_stop = time.monotonic()
+            gate.touch()
 
             def outbox_full() -> list[tuple[str, str, int]]:
                 items = [(fid, job, epoch) for fid in fids for job, epoch in lab.outbox_items(fid)]
                 return items if len(items) >= len(ids) else []
 
             # The jobs end with the broker down; each result meets the dead broker and is kept.
-            items = await lab.wait_for(outbox_full, 3.0 + 10 * lab.settings.request_timeout_s + 10.0,
+            items = await lab.wait_for(outbox_full, 1.5 + 10 * lab.settings.request_timeout_s + 10.0,
                                        what="every result waits in a factory's outbox", interval_s=0.1)
             outbox_max = max(outbox_max, len(items))
             exp.expect(not lab.server.proc or lab.server.proc.poll() is not None,
@@ -511,8 +519,8 @@ async def total_outage(cfg: ScenarioConfig) -> ScenarioResult:
             "jobs_acknowledged": len(lab.acknowledged),
             "jobs_shipped": shipped,
         }
-        notes.append(f"lease_ttl_s {ttl:g}; jobs sleep 2-3 s, one per station, so every one of them ends while "
-                     "the broker is down")
+        notes.append(f"lease_ttl_s {ttl:g}; one job per station, each held until the broker is down, then "
+                     "0.5-1.5 s more, so every one of them ends during the outage")
         for i, r in enumerate(rounds, 1):
             notes.append(f"round {i} ({r['kind']}): {r['outbox_items']} results in outboxes, broker down "
                          f"{r['broker_down_s']:.1f}s, factories away {r['factories_away_s']:.1f}s, "
