@@ -215,6 +215,18 @@ async def connect(
     )
 
 
+BUCKETS: tuple[tuple[str, str, dict], ...] = (
+    ("jobs", names.JOBS_BUCKET, {"history": 5, "description": "job records"}),
+    ("queue", names.QUEUE_BUCKET, {"description": "queued jobs by pool (poll fallback index)"}),
+    ("factories", names.FACTORIES_BUCKET, {"description": "factory descriptors and heartbeats"}),
+    ("pools", names.POOLS_BUCKET, {"description": "dispatch pools"}),
+    ("locks", names.LOCKS_BUCKET, {"description": "distributed job locks"}),
+    ("idempotency", names.IDEMPOTENCY_BUCKET, {"description": "idempotency keys"}),
+    ("clock", names.CLOCK_BUCKET, {"ttl": 3600, "description": "broker time probes"}),
+)
+"""Every KV bucket of the layout: the Broker attribute, the bucket name, its create options."""
+
+
 class Broker:
     """One connection plus handles on every bucket and stream of the layout."""
 
@@ -280,13 +292,8 @@ class Broker:
     async def ensure_layout(self) -> None:
         """Create (idempotently) every bucket, stream and store, with explicit options."""
         r = self.settings.replicas
-        self.jobs = await self._kv(names.JOBS_BUCKET, history=5, description="job records")
-        self.queue = await self._kv(names.QUEUE_BUCKET, description="queued jobs by pool (poll fallback index)")
-        self.factories = await self._kv(names.FACTORIES_BUCKET, description="factory descriptors and heartbeats")
-        self.pools = await self._kv(names.POOLS_BUCKET, description="dispatch pools")
-        self.locks = await self._kv(names.LOCKS_BUCKET, description="distributed job locks")
-        self.idempotency = await self._kv(names.IDEMPOTENCY_BUCKET, description="idempotency keys")
-        self.clock = await self._kv(names.CLOCK_BUCKET, ttl=3600, description="broker time probes")
+        for attr, bucket, opts in BUCKETS:
+            setattr(self, attr, await self._kv(bucket, **opts))
         await self.ensure_dispatch_stream()
         await self._stream(
             api.StreamConfig(
@@ -336,16 +343,9 @@ class Broker:
     async def bind_layout(self) -> None:
         """Bind to an existing layout without creating anything (read-only tools)."""
 
-        async def b(name: str) -> Bucket:
-            return Bucket(self.js, await self.js.key_value(name), name, self.settings.request_timeout_s)
-
-        self.jobs = await b(names.JOBS_BUCKET)
-        self.queue = await b(names.QUEUE_BUCKET)
-        self.factories = await b(names.FACTORIES_BUCKET)
-        self.pools = await b(names.POOLS_BUCKET)
-        self.locks = await b(names.LOCKS_BUCKET)
-        self.idempotency = await b(names.IDEMPOTENCY_BUCKET)
-        self.clock = await b(names.CLOCK_BUCKET)
+        for attr, bucket, _ in BUCKETS:
+            kv = await self.js.key_value(bucket)
+            setattr(self, attr, Bucket(self.js, kv, bucket, self.settings.request_timeout_s))
         self.artifacts = await self.js.object_store(names.ARTIFACTS_STORE)
 
     # -- helpers ----------------------------------------------------------------------------
