@@ -1,0 +1,258 @@
+"""A fleet host: many real factories in one process, each on a NATS connection of its own.
+
+The load suite and the thundering-herd chaos scenario need hundreds to a thousand connected
+factories on a two-core machine. A Python process per factory would spend the machine on
+interpreters; a fleet host runs N :class:`~gigafactory.factory.agent.Factory` instances in one
+event loop instead. Each is the real agent (its own connection, heartbeat, pools watch, pull
+subscriptions, outbox and data dir), only the interpreter is shared::
+
+    python -m gigafactory.loadtest.fleet --nats URL --count 200 --prefix herd- \\
+        --data-dir DIR --workspace DIR --stats-file DIR/fleet.json
+
+Timings come from ``GIGAFACTORY_*`` like every other process. Factories start with at most
+``--concurrency`` connecting at once; the host prints ``fleet ready: N factories`` once every
+one has registered, and writes its figures as JSON to ``--stats-file`` (atomically: a reader
+never sees half a file) every ``--stats-interval-s``, on SIGUSR1, and once more at exit. The
+figures: each factory's counters (claims, conflicts, fenced writes, ...), the connection
+events with wall-clock times (disconnects, reconnects: how a reconnect storm spreads), the
+warnings and errors logged by kind (an error storm shows there), and the process's CPU
+seconds and resident memory.
+
+SIGTERM or SIGINT drains every factory as the single-factory process does, then exits 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import collections
+import logging
+import os
+import resource
+import signal
+import sys
+import time
+from pathlib import Path
+
+import orjson
+
+from gigafactory.broker import Broker
+from gigafactory.config import Settings
+from gigafactory.factory.agent import Factory
+
+log = logging.getLogger("gigafactory.fleet")
+
+MAX_EVENT_TIMES = 100_000
+"""Connection event times kept per kind (a bound on memory, far above any storm we make)."""
+
+
+class LogCounter(logging.Handler):
+    """Counts warnings and errors by logger and level; keeps the last few messages."""
+
+    def __init__(self) -> None:
+        super().__init__(level=logging.WARNING)
+        self.counts: collections.Counter[str] = collections.Counter()
+        self.last: collections.deque[str] = collections.deque(maxlen=20)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.counts[f"{record.levelname.lower()}:{record.name}"] += 1
+        try:
+            self.last.append(f"{record.levelname} {record.name}: {record.getMessage()}"[:300])
+        except Exception:  # a record whose message cannot be formatted is still counted
+            pass
+
+
+def rss_bytes() -> int:
+    """Resident memory of this process now (Linux /proc; the peak elsewhere)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        ru = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return ru if sys.platform == "darwin" else ru * 1024
+
+
+def cpu_seconds() -> float:
+    ru = resource.getrusage(resource.RUSAGE_SELF)
+    return ru.ru_utime + ru.ru_stime
+
+
+class FleetHost:
+    """``count`` factories named ``<prefix><index>`` (index from ``start``, four digits)."""
+
+    def __init__(self, url: str, *, count: int, prefix: str, start: int = 0, stations: int = 1,
+                 caps: list[str] | None = None, data_dir: str, workspace: str, settings: Settings,
+                 concurrency: int = 32) -> None:
+        self.url = url
+        self.ids = [f"{prefix}{i:04d}" for i in range(start, start + count)]
+        self.stations = stations
+        self.caps = list(caps or [])
+        self.data_dir = data_dir
+        self.workspace = workspace
+        self.settings = settings
+        self.concurrency = max(1, concurrency)
+        self.factories: dict[str, Factory] = {}
+        self.brokers: dict[str, Broker] = {}
+        self.tasks: dict[str, asyncio.Task] = {}
+        self.events: dict[str, list[float]] = {"disconnect": [], "reconnect": []}
+        self.start_failures: list[str] = []
+        self.logs = LogCounter()
+        self.started_at = time.time()
+        self.ready_at: float | None = None
+
+    def _conn_event(self, kind: str):
+        async def cb() -> None:
+            times = self.events[kind]
+            if len(times) < MAX_EVENT_TIMES:
+                times.append(time.time())
+
+        return cb
+
+    async def _start_one(self, fid: str, sem: asyncio.Semaphore, stop: asyncio.Event) -> None:
+        async with sem:
+            if stop.is_set():
+                return
+            try:
+                b = await Broker.open(self.url, f"gigafactory-factory-{fid}", self.settings,
+                                      on_disconnect=self._conn_event("disconnect"),
+                                      on_reconnect=self._conn_event("reconnect"))
+            except Exception as e:
+                self.start_failures.append(f"{fid}: {type(e).__name__}: {e}")
+                log.error("factory %s could not connect: %s", fid, e)
+                return
+            f = Factory(b, factory_id=fid, stations=self.stations, extra_capabilities=self.caps, probe=False,
+                        workspace=self.workspace, data_dir=self.data_dir, settings=self.settings)
+            self.brokers[fid], self.factories[fid] = b, f
+            self.tasks[fid] = asyncio.create_task(f.run(stop), name=f"factory {fid}")
+            ready = asyncio.create_task(f.ready.wait())
+            done, _ = await asyncio.wait({ready, self.tasks[fid]}, return_when=asyncio.FIRST_COMPLETED)
+            ready.cancel()
+            if self.tasks[fid] in done and not f.ready.is_set():
+                exc = self.tasks[fid].exception()
+                self.start_failures.append(f"{fid}: {type(exc).__name__}: {exc}")
+
+    async def run(self, stop: asyncio.Event, on_ready=None) -> None:
+        sem = asyncio.Semaphore(self.concurrency)
+        await asyncio.gather(*(self._start_one(fid, sem, stop) for fid in self.ids))
+        if not stop.is_set():
+            self.ready_at = time.time()
+            if on_ready is not None:
+                on_ready()
+            await stop.wait()
+        # The factories saw ``stop`` too and drain; wait for them, then close the connections.
+        if self.tasks:
+            await asyncio.gather(*self.tasks.values(), return_exceptions=True)
+        await asyncio.gather(*(b.close() for b in self.brokers.values()), return_exceptions=True)
+
+    def figures(self) -> dict:
+        totals: collections.Counter[str] = collections.Counter()
+        per: dict[str, dict] = {}
+        for fid, f in self.factories.items():
+            per[fid] = dict(f.stats)
+            totals.update(f.stats)
+        return {
+            "pid": os.getpid(),
+            "count": len(self.ids),
+            "started": len(self.factories),
+            "ready": sum(1 for f in self.factories.values() if f.ready.is_set()),
+            "ready_at": self.ready_at,
+            "started_at": self.started_at,
+            "start_failures": self.start_failures,
+            "connected": sum(1 for b in self.brokers.values() if b.nc.is_connected),
+            "disconnects": len(self.events["disconnect"]),
+            "reconnects": len(self.events["reconnect"]),
+            "disconnect_times": self.events["disconnect"],
+            "reconnect_times": self.events["reconnect"],
+            "log_counts": dict(self.logs.counts),
+            "log_last": list(self.logs.last),
+            "totals": dict(totals),
+            "factories": per,
+            "cpu_s": cpu_seconds(),
+            "rss_bytes": rss_bytes(),
+            "at": time.time(),
+        }
+
+
+def write_json_atomic(path: Path, data: dict) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_bytes(orjson.dumps(data))
+    os.replace(tmp, path)
+
+
+def read_stats(path: str | Path) -> dict | None:
+    """A fleet host's last figures, or None before its first write."""
+    try:
+        return orjson.loads(Path(path).read_bytes())
+    except (OSError, orjson.JSONDecodeError):
+        return None
+
+
+async def amain(a: argparse.Namespace) -> int:
+    settings = Settings.from_env()
+    host = FleetHost(a.nats, count=a.count, prefix=a.prefix, start=a.start, stations=a.stations, caps=a.cap,
+                     data_dir=a.data_dir, workspace=a.workspace, settings=settings, concurrency=a.concurrency)
+    logging.getLogger().addHandler(host.logs)
+    stats_path = Path(a.stats_file) if a.stats_file else None
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    loop.add_signal_handler(signal.SIGINT, stop.set)
+
+    def dump() -> None:
+        if stats_path is not None:
+            write_json_atomic(stats_path, host.figures())
+
+    loop.add_signal_handler(signal.SIGUSR1, dump)
+
+    async def dumper() -> None:
+        while not stop.is_set():
+            dump()
+            try:
+                await asyncio.wait_for(stop.wait(), timeout=a.stats_interval_s)
+            except asyncio.TimeoutError:
+                pass
+
+    def ready() -> None:
+        dump()
+        print(f"fleet ready: {len(host.factories)} factories"
+              + (f", {len(host.start_failures)} failed to start" if host.start_failures else ""), flush=True)
+
+    d = asyncio.create_task(dumper()) if stats_path is not None and a.stats_interval_s > 0 else None
+    try:
+        await host.run(stop, on_ready=ready)
+    finally:
+        stop.set()
+        if d is not None:
+            await d
+        dump()
+    return 1 if host.start_failures else 0
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m gigafactory.loadtest.fleet", description=__doc__.split("\n\n")[0])
+    p.add_argument("--nats", required=True, help="broker URL(s), comma-separated")
+    p.add_argument("--count", type=int, required=True, help="how many factories")
+    p.add_argument("--prefix", default="fleet-", help="factory id prefix (ids are <prefix><index:04d>)")
+    p.add_argument("--start", type=int, default=0, help="first index")
+    p.add_argument("--stations", type=int, default=1, help="stations per factory")
+    p.add_argument("--cap", action="append", default=[], metavar="TOKEN", help="extra capability (repeatable)")
+    p.add_argument("--data-dir", required=True, help="parent of every factory's data dir (outbox, logs)")
+    p.add_argument("--workspace", required=True, help="working directory for jobs without cwd")
+    p.add_argument("--stats-file", default=None, help="write the figures here as JSON")
+    p.add_argument("--stats-interval-s", type=float, default=1.0)
+    p.add_argument("--concurrency", type=int, default=32, help="factories connecting at once at start")
+    p.add_argument("--log-level", default="warning")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = parser().parse_args(argv)
+    if a.count < 1:
+        parser().error("--count must be at least 1")
+    logging.basicConfig(level=getattr(logging, a.log_level.upper(), logging.WARNING),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return asyncio.run(amain(a))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
