@@ -51,12 +51,13 @@ import yaml
 from gigafactory.broker import Broker
 from gigafactory.client import ApiError, Client
 from gigafactory.config import Settings
-from gigafactory.embedded import EmbeddedServer
+from gigafactory.embedded import EmbeddedServer, free_ports
 from gigafactory.schemas import names
 from gigafactory.schemas.lifecycle import LEASED, TERMINAL
 from gigafactory.schemas.records import EventRecord, FactoryRecord, JobRecord, decode
 
 from . import invariants
+from .proxy import ProxyControl, ProxyControlError
 
 log = logging.getLogger("gigafactory.chaos")
 
@@ -355,6 +356,26 @@ def _processes_with_marker(marker: str) -> list[int]:
     return out
 
 
+@dataclass
+class LabProxy:
+    """A fault-injecting proxy process (``chaos/proxy.py``) between some clients and a broker
+    node: clients connect to :attr:`url`, the lab steers it through :attr:`control`."""
+
+    proc: LabProc
+    port: int
+    control: ProxyControl
+    target: str
+
+    @property
+    def url(self) -> str:
+        return f"nats://{HOST}:{self.port}"
+
+    async def send(self, command: str) -> dict:
+        """One control command (``blackhole``, ``delay 200 50``, ``drop 0.7 3``, ``reset``,
+        ``heal``, ``stats``); the reply carries the mode and the proxy's counters."""
+        return await self.control.send(command)
+
+
 # -- what a chaos action saw ------------------------------------------------------------------------
 
 
@@ -419,6 +440,7 @@ class Lab:
         """Submissions that got no reply (the broker or the coordinator was down)."""
         self.hits: list[Hit] = []
         self.broker_restarts = 0
+        self.proxies: list[LabProxy] = []
 
     # -- setup and teardown -------------------------------------------------------------------
 
@@ -472,6 +494,8 @@ class Lab:
                 await proc.terminate(timeout_s=5.0)
             except Exception as e:
                 log.warning("stopping factory %s: %s", fid, e)
+        for proxy in self.proxies:
+            await proxy.proc.kill()
         if self.coordinator is not None:
             try:
                 await self.coordinator.terminate(timeout_s=5.0)
@@ -485,7 +509,7 @@ class Lab:
             except Exception:
                 pass
         self.client = self.admin = None
-        await asyncio.to_thread(self.server.stop)
+        await self.stop_broker()
         self.kill_leftovers()
 
     def kill_leftovers(self) -> int:
@@ -568,6 +592,31 @@ class Lab:
             return True
         except (ApiError, Exception):
             return False
+
+    # -- fault proxies ------------------------------------------------------------------------
+
+    async def start_proxy(self, name: str, target_url: str | None = None) -> LabProxy:
+        """Start a fault-injecting proxy process in front of ``target_url`` (default: the
+        lab's broker; on a cluster, name one node) and wait until its control port answers.
+        Connect a factory through it with ``start_factory(..., url=proxy.url)``."""
+        target = (target_url or self.url).split(",")[0].removeprefix("nats://")
+        port, control = free_ports(2, HOST)
+        proc = LabProc(f"proxy {name}", [sys.executable, "-m", "gigafactory.chaos.proxy", "--listen", str(port),
+                                         "--listen-host", HOST, "--target", target, "--control", str(control)],
+                       self.workdir / f"proxy-{name}.log", self.env())
+        proc.start()
+        lp = LabProxy(proc, port, ProxyControl(control, timeout_s=5.0), target)
+        self.proxies.append(lp)
+
+        async def answers() -> bool:
+            try:
+                return bool(await lp.send("stats"))
+            except ProxyControlError:
+                return False
+
+        await self.wait_for(answers, READY_TIMEOUT_S, what=f"proxy {name} answers on its control port {control}",
+                            proc=proc, interval_s=0.1)
+        return lp
 
     # -- factories ----------------------------------------------------------------------------
 

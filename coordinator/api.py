@@ -138,7 +138,7 @@ class Api:
             raise ApiError(400, "'files' must be a list of {path, text}")
         results = await intake.submit(
             self.b, [(str(f.get("path") or "<api>"), str(f["text"])) for f in files],
-            source=str(body.get("source") or "api"),
+            source=str(body.get("source") or "api"), ready_pools=getattr(self.sched, "pools_ready", None),
         )
         self.view.changed.set()
         return {"jobs": [r.to_dict() for r in results]}

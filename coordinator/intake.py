@@ -123,8 +123,15 @@ async def submit(
     files: list[tuple[str, str]],
     *,
     source: str = "api",
+    ready_pools: set[str] | None = None,
 ) -> list[SubmitResult]:
-    """Submit a batch of ``(path, text)`` job files. Raises :class:`SubmitError` (nothing written)."""
+    """Submit a batch of ``(path, text)`` job files. Raises :class:`SubmitError` (nothing written).
+
+    ``ready_pools``: pools whose dispatch consumer this process already made sure of (the
+    scheduler's set); their consumer is not created again. Creating one is a JetStream
+    meta-layer request: on a cluster it waits out a meta leader election (seconds after a
+    node's kill -9), and every submission would wait with it, though the job bucket itself
+    still takes writes. A consumer deleted later is recreated by the dispatcher's repair."""
     if not files:
         raise SubmitError([{"file": "<batch>", "line": None, "field": None, "message": "no job files given"}])
     if len(files) > MAX_BATCH:
@@ -244,7 +251,10 @@ async def submit(
         m = plan.jf.manifest
         reqs = list(m.requirements())
         pool = caps.pool_id(reqs)
-        await ensure_pool(broker, pool, reqs)
+        if ready_pools is None or pool not in ready_pools:
+            await ensure_pool(broker, pool, reqs)
+            if ready_pools is not None:
+                ready_pools.add(pool)
         waiting = await _unmet(broker, plan.deps, m.deps_mode)
         if plan.action == "create":
             rec = JobRecord(
