@@ -125,10 +125,18 @@ async def cluster_failover(cfg: ScenarioConfig) -> ScenarioResult:
                     pass  # counted as 0 below, and failed as an expectation
                 in_flight = await _in_flight(lab)
                 leader, followers = await lab.peers_of(stream)
-                victim = leader if role == "leader" else chaos_rng.choice(followers)
-                # Which watched streams the victim leads: a node often leads several, and each
-                # of them holds an election of its own after a kill -9.
-                led = [s for s in WATCHED_STREAMS if (await lab.peers_of(s))[0] == victim]
+                # Which watched streams each node leads: a node often leads several, and each of
+                # them holds an election of its own after a kill -9. A follower kill takes, when
+                # there is one, a node that leads none of them, so what it shows is that losing a
+                # pure follower stalls nothing (the leader kill shows the elections).
+                stream_leaders = {s: (await lab.peers_of(s))[0] for s in WATCHED_STREAMS}
+                leads = {i: [s for s, at in stream_leaders.items() if at == i] for i in [leader, *followers]}
+                if role == "leader":
+                    victim = leader
+                else:
+                    fewest = min(len(leads[i]) for i in followers)
+                    victim = chaos_rng.choice([i for i in followers if len(leads[i]) == fewest])
+                led = leads[victim]
                 exp.expect(victim == leader if role == "leader" else victim in followers and victim != leader,
                            f"kill {len(kills) + 1}: node {victim} is not the {role} of {stream} "
                            f"(leader {leader}, followers {followers})")
@@ -187,6 +195,7 @@ async def cluster_failover(cfg: ScenarioConfig) -> ScenarioResult:
             "claim_after_follower_kill_s_max": max((k["claim_after_kill_s"] or 0.0 for k in kills
                                                     if k["role"] == "follower"), default=0.0),
             "claim_after_leader_kill_s_max": max((k["claim_after_kill_s"] or 0.0 for k in leader_kills), default=0.0),
+            "streams_led_by_victim": [k["streams_led_by_victim"] for k in kills],
             "rejoin_s": [k["rejoin_s"] for k in kills],
             "jobs_acknowledged": len(lab.acknowledged),
             "jobs_unacknowledged": lab.unacknowledged_submits,
