@@ -27,12 +27,22 @@ TIMINGS = {"lease_ttl_s": 12.0, "lease_renew_s": 1.0}
 loaded machine): a cluster is deployed so that losing one node costs no lease, and the
 scenario shows it (``lease_expired``). A shorter lease would be legal too; the reaper would
 then reclaim every job in flight at each leader kill, and fencing would keep each shipped once."""
-FOLLOWER_CLAIM_BOUND_S = 10.0
-"""Bound on a job submitted right after a follower's kill being claimed: a quorum is left,
-so dispatch goes on; the slack covers clients on the killed node reconnecting."""
-LEADER_CLAIM_BOUND_S = 30.0
-"""Bound on a job submitted right after the job bucket leader's kill being claimed: an election
-(4-8 s), the clients' reconnects, and their next pull, on two loaded cores."""
+ALL_STREAMS = (*(f"KV_{b}" for b in (names.JOBS_BUCKET, names.QUEUE_BUCKET, names.FACTORIES_BUCKET,
+                                       names.POOLS_BUCKET, names.LOCKS_BUCKET, names.IDEMPOTENCY_BUCKET,
+                                       names.CLOCK_BUCKET)),
+               names.DISPATCH_STREAM, names.EVENTS_STREAM, f"OBJ_{names.ARTIFACTS_STORE}")
+"""Every stream of the layout. A node leads some of them: its kill -9 costs each of those an
+election (4-8 s), so a follower of the job bucket is no pure follower, and the figures name
+what the victim led."""
+CLAIM_BOUND_S = 30.0
+"""Bound on a job submitted right after a kill being claimed: the elections of whatever the
+victim led (4-8 s each, in parallel), the clients' reconnects, their next pull, on two loaded
+cores."""
+LOAD_CAP, PROBE_CAP = "load", "probe"
+"""Two lanes: the load runs on the load factories only, and the probe job that measures
+dispatch after a kill runs on a factory of its own, idle but for it. So the probe's claim
+time says when dispatch resumed, not how long it queued behind the load."""
+PROBE_FACTORY = "fprobe"
 PROBE_SUBMIT_TIMEOUT_S = 3.0
 """A probe submission that gets no reply within this is tried again (the API cannot write a
 record while the job bucket has no leader)."""
@@ -53,7 +63,8 @@ async def _dispatch_probe(lab: ClusterLab, t_ref: float, bound_s: float) -> tupl
     deadline = t_ref + bound_s
     ids: list[str] = []
     while not ids and time.monotonic() < deadline:
-        ids = await lab.submit([_short_job(lab, random.Random(0), 0.1, 0.1)], timeout_s=PROBE_SUBMIT_TIMEOUT_S)
+        ids = await lab.submit([_short_job(lab, random.Random(0), 0.1, 0.1, capabilities=[PROBE_CAP])],
+                               timeout_s=PROBE_SUBMIT_TIMEOUT_S)
         if not ids:
             await asyncio.sleep(0.2)  # the schedule of retries, not a synchronization
     if not ids:
@@ -86,7 +97,11 @@ async def cluster_failover(cfg: ScenarioConfig) -> ScenarioResult:
     async with ClusterLab(cfg.workdir, seed=cfg.seed, timings=TIMINGS) as lab:
         load_rng, chaos_rng = lab.random("load"), lab.random("chaos")
         for fid in fids:
-            await lab.start_factory(fid, stations=2)
+            await lab.start_factory(fid, stations=2, caps=[LOAD_CAP])
+        await lab.start_factory(PROBE_FACTORY, stations=1, caps=[PROBE_CAP])
+        # One probe before any chaos: its pool and consumer exist, and the probe factory is bound.
+        _acked, warm_s = await _dispatch_probe(lab, time.monotonic(), CLAIM_BOUND_S)
+        exp.expect(warm_s is not None, "the probe lane did not claim a job before any chaos")
         stats = {"batches": 0, "submitted": 0, "acknowledged": 0}
         t0 = time.monotonic()
         # Bounded: the load runs until both kills are done. Full: until the duration is spent.
@@ -96,7 +111,7 @@ async def cluster_failover(cfg: ScenarioConfig) -> ScenarioResult:
         async def load() -> None:
             until = t_load_end
             task = asyncio.create_task(_trickle(lab, load_rng, until, batch=(1, 3), gap_s=(0.3, 0.8),
-                                                sleep_s=(0.3, 1.5), stats=stats))
+                                                sleep_s=(0.3, 1.5), stats=stats, capabilities=[LOAD_CAP]))
             await asyncio.wait([task, asyncio.create_task(stop_load.wait())], return_when=asyncio.FIRST_COMPLETED)
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
@@ -125,11 +140,9 @@ async def cluster_failover(cfg: ScenarioConfig) -> ScenarioResult:
                     pass  # counted as 0 below, and failed as an expectation
                 in_flight = await _in_flight(lab)
                 leader, followers = await lab.peers_of(stream)
-                # Which watched streams each node leads: a node often leads several, and each of
-                # them holds an election of its own after a kill -9. A follower kill takes, when
-                # there is one, a node that leads none of them, so what it shows is that losing a
-                # pure follower stalls nothing (the leader kill shows the elections).
-                stream_leaders = {s: (await lab.peers_of(s))[0] for s in WATCHED_STREAMS}
+                # Which streams each node leads: each of them holds an election of its own after
+                # the node's kill -9. A follower kill takes the follower that leads the fewest.
+                stream_leaders = {s: (await lab.peers_of(s))[0] for s in ALL_STREAMS}
                 leads = {i: [s for s, at in stream_leaders.items() if at == i] for i in [leader, *followers]}
                 if role == "leader":
                     victim = leader
@@ -146,10 +159,10 @@ async def cluster_failover(cfg: ScenarioConfig) -> ScenarioResult:
                         "leader_before": lab.node_name(leader), "jobs_in_flight": in_flight,
                         "streams_led_by_victim": led}
                 if role == "leader":
-                    new = await lab.leader_of(stream, not_on=victim, timeout_s=LEADER_CLAIM_BOUND_S)
+                    new = await lab.leader_of(stream, not_on=victim, timeout_s=CLAIM_BOUND_S)
                     kill["failover_s"] = round(time.monotonic() - t_kill, 2)
                     kill["leader_after"] = lab.node_name(new)
-                bound = LEADER_CLAIM_BOUND_S if role == "leader" else FOLLOWER_CLAIM_BOUND_S
+                bound = CLAIM_BOUND_S
                 acked_s, claim_s = await _dispatch_probe(lab, t_kill, bound)
                 kill["submit_acked_after_kill_s"] = None if acked_s is None else round(acked_s, 2)
                 kill["claim_after_kill_s"] = None if claim_s is None else round(claim_s, 2)
@@ -191,6 +204,7 @@ async def cluster_failover(cfg: ScenarioConfig) -> ScenarioResult:
             "leader_after": [k.get("leader_after", k["leader_before"]) for k in kills],
             "failover_s": [k["failover_s"] for k in leader_kills],
             "submit_acked_after_kill_s": [k["submit_acked_after_kill_s"] for k in kills],
+            "claim_before_chaos_s": None if warm_s is None else round(warm_s, 2),
             "claim_after_kill_s": [k["claim_after_kill_s"] for k in kills],
             "claim_after_follower_kill_s_max": max((k["claim_after_kill_s"] or 0.0 for k in kills
                                                     if k["role"] == "follower"), default=0.0),

@@ -38,10 +38,11 @@ def _short_job(lab: Lab, rng: random.Random, lo_s: float, hi_s: float, *, gate: 
 
 
 async def _trickle(lab: Lab, rng: random.Random, until_mono: float, *, batch: tuple[int, int],
-                   gap_s: tuple[float, float], sleep_s: tuple[float, float], stats: dict) -> None:
-    """Submit batches of short jobs until ``until_mono`` (the load; its pauses are the schedule)."""
+                   gap_s: tuple[float, float], sleep_s: tuple[float, float], stats: dict, **manifest) -> None:
+    """Submit batches of short jobs until ``until_mono`` (the load; its pauses are the schedule).
+    ``manifest`` adds to each job's manifest (``capabilities=[...]`` to keep it in one lane)."""
     while time.monotonic() < until_mono:
-        texts = [_short_job(lab, rng, *sleep_s) for _ in range(rng.randint(*batch))]
+        texts = [_short_job(lab, rng, *sleep_s, **manifest) for _ in range(rng.randint(*batch))]
         ids = await lab.submit(texts)
         stats["batches"] += 1
         stats["submitted"] += len(texts)
