@@ -61,6 +61,9 @@ CONSUMER_CHECK_S = 30.0
 """An idle pool puller checks that its consumer exists, and that no queued job of its pool
 has waited unclaimed, this often; either problem switches the pool to polling."""
 MAX_CAS_RETRIES = 10
+WRITE_BACKOFF_MAX_S = 2.0
+"""Upper bound of the pause between tries of a write that got no answer (a conflict retries at
+once). Ten tries then span about ten seconds: longer than a JetStream leader election."""
 
 
 class ResultPayload(msgspec.Struct):
@@ -540,7 +543,7 @@ class Factory:
             # Writes sent without a reply (a lost reply, or the timer fired while this process
             # was paused): each may have landed, and a record read later that is one says so.
             unanswered: dict[bytes, JobRecord] = {}
-            for _ in range(MAX_CAS_RETRIES):
+            for attempt in range(MAX_CAS_RETRIES):
                 if run.fenced:
                     return None
                 try:
@@ -564,6 +567,10 @@ class Factory:
                     # write; then the write lands, the retry conflicts, and the next read tells.
                     unanswered[data] = new_rec
                     fresh = await self.b.jobs.get(run.job)
+                    if fresh is not None and fresh.value not in unanswered:
+                        # No stream answered (a leader election, say): the read came from a
+                        # replica. Back off, so the tries outlast an election, not a burst.
+                        await asyncio.sleep(random.uniform(0.5, 1.0) * min(WRITE_BACKOFF_MAX_S, 0.1 * 2 ** attempt))
                 if fresh is not None and fresh.value in unanswered:
                     run.revision, run.record = fresh.revision, unanswered[fresh.value]
                     return run.record
