@@ -119,7 +119,7 @@ async def ensure_pool(broker: Broker, pool: str, requirements: list[str]) -> boo
             ),
         )
     except nats.js.errors.NotFoundError:  # the stream is gone: submissions go on (poll fallback)
-        log.warning("dispatch stream %s missing: pool %s has no consumer until it is repaired",
+        log.info("dispatch stream %s missing: pool %s has no consumer until it is repaired",
                     names.DISPATCH_STREAM, pool)
         ok = False
     except Exception as e:  # exists with another config: leave it; the dispatcher repairs deleted ones

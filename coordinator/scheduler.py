@@ -70,6 +70,8 @@ class Scheduler:
         self._seq = 0
         self.dispatch_errors = 0
         self.dispatch_repairs = 0
+        self.publish_failing: set[str] = set()
+        """Pools whose last publish failed (logged once until one succeeds again)."""
         """Streams and consumers this coordinator recreated (``repair_dispatch``)."""
         self.reap_rounds = 0
         """Completed reaper passes (tests await it to know a pass has happened)."""
@@ -206,11 +208,18 @@ class Scheduler:
                 headers={"Nats-Msg-Id": f"{rec.id}:{rec.epoch}:{self._seq}"},
                 timeout=self.s.request_timeout_s,
             )
+            if rec.pool in self.publish_failing:
+                self.publish_failing.discard(rec.pool)
+                log.info("dispatch to pool %s publishes again", rec.pool)
             return True
         except Exception as e:  # the push path is down: repair it; jobs stay queued (poll fallback)
             self.dispatch_errors += 1
             self.pools_ready.discard(rec.pool)
-            log.warning("dispatch of %s to pool %s failed: %s", rec.id, rec.pool, e)
+            # Every pass tries every queued job again: say it once per outage, not per job and pass.
+            first = rec.pool not in self.publish_failing
+            self.publish_failing.add(rec.pool)
+            log.log(logging.WARNING if first else logging.DEBUG, "dispatch of %s to pool %s failed: %s%s",
+                    rec.id, rec.pool, type(e).__name__, f" {e}" if str(e) else "")
             return False
 
     async def _hold(self, st, reason: str) -> None:

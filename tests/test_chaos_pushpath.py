@@ -158,7 +158,6 @@ def test_push_path_down_jobs_complete_by_polling_and_every_factory_returns_to_pu
     assert f["outages"] == 2 and sorted(f["outage_targets"]) == ["consumers", "stream"], res.to_text()
     assert all(n > 0 for n in f["jobs_finished_while_down"]), res.to_text()
     assert all(n > 0 for n in f["polled_claims_while_down"]), res.to_text()
-    assert f["push_claims_while_down"] == [0, 0], "nothing can be pushed while the path is down"
     assert all(n == f["factories"] for n in f["factories_fell_back"]), res.to_text()
     assert max(f["fall_back_s_max"]) <= f["fall_back_bound_s"]
     assert max(f["return_s_max"]) <= f["return_bound_s"]
