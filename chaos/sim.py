@@ -21,9 +21,13 @@ What is real and what is modelled
   can be lost (the client times out after ``request_timeout_s``, though the write landed); a
   partition either drops requests or holds them in the client's buffer until it heals, so a
   write can land long after its client gave up (and dies with the process if it crashes first).
-- A factory publishes an event after its write's reply, so a write whose reply was lost lands
-  without its event, as in production. The event takes the write's position in the audit
-  (production publishes it a moment later, which can reorder it with a racing writer's event).
+  A fenced write that timed out re-reads the record, as ``Factory._write`` does: a record equal
+  to what it wrote means the write landed, and the run goes on (a read that times out too ends
+  the write with an error, as production's exception does).
+- A factory publishes an event after its write's reply (or after the read that learned it
+  landed), so a write whose outcome it never learns lands without its event, as in production.
+  The event takes the write's position in the audit (production publishes it a moment later,
+  which can reorder it with a racing writer's event).
 - Coordinators and the operator sit next to the broker: their reads and writes take a latency
   and race with everyone else's, but they do not crash or lose replies.
 - Faults come only within ``FaultConfig.window_s`` (plus the durations they started); after
