@@ -21,9 +21,13 @@ What is real and what is modelled
   can be lost (the client times out after ``request_timeout_s``, though the write landed); a
   partition either drops requests or holds them in the client's buffer until it heals, so a
   write can land long after its client gave up (and dies with the process if it crashes first).
-- A factory publishes an event after its write's reply, so a write whose reply was lost lands
-  without its event, as in production. The event takes the write's position in the audit
-  (production publishes it a moment later, which can reorder it with a racing writer's event).
+  A fenced write that timed out re-reads the record, as ``Factory._write`` does: a record equal
+  to what it wrote means the write landed, and the run goes on (a read that times out too ends
+  the write with an error, as production's exception does).
+- A factory publishes an event after its write's reply (or after the read that learned it
+  landed), so a write whose outcome it never learns lands without its event, as in production.
+  The event takes the write's position in the audit (production publishes it a moment later,
+  which can reorder it with a racing writer's event).
 - Coordinators and the operator sit next to the broker: their reads and writes take a latency
   and race with everyone else's, but they do not crash or lose replies.
 - Faults come only within ``FaultConfig.window_s`` (plus the durations they started); after
@@ -596,9 +600,10 @@ class Sim:
     # -- factory: requests -------------------------------------------------------------------------------
 
     def _send(self, f: Factory, op: str, key: str | None, on_reply: Callable, value: JobRecord | None = None,
-              last: int = 0, audit: bool = False) -> None:
+              last: int = 0, audit: bool = False) -> Req:
         """A request from ``f``: lands after a latency (or when a partition heals, or never), and
-        its reply or its timeout reaches ``on_reply(result, slot)`` exactly once."""
+        its reply or its timeout reaches ``on_reply(result, slot)`` exactly once. Returns the
+        request (its ``slot`` is set if it lands as an audited write)."""
         t = self.t
         req = Req(f, on_reply)
         timeout_at = t + self.s.request_timeout_s
@@ -606,7 +611,7 @@ class Sim:
         if f.partition_until > t:
             if f.partition_drop:
                 self.at(timeout_at, self._timeout, req)
-                return
+                return req
             land, buffered = f.partition_until + self.lat(), True
         else:
             land, buffered = t + self.lat(), False
@@ -614,6 +619,7 @@ class Sim:
             self.at(timeout_at, self._timeout, req)
         self.landing += 1
         self.at(land, self._land, req, op, key, value, last, audit, buffered, lost)
+        return req
 
     def _land(self, req: Req, op: str, key: str | None, value: JobRecord | None, last: int, audit: bool,
               buffered: bool, lost: bool) -> None:
@@ -638,7 +644,7 @@ class Sim:
         if lost:
             self.stats["reply_lost"] += 1
             if req.slot is not None:
-                self.stats["write_without_event"] += 1  # landed, but its writer never learns it
+                self.stats["write_without_event"] += 1  # landed, but its reply never reaches the writer
             return
         self.at(self.t + self.lat(), self._reply, req, result)
 
@@ -761,16 +767,20 @@ class Sim:
 
     def _write(self, f: Factory, run: Run, decide: Callable, audit: bool, done: Callable) -> None:
         """``decide(record) -> record | Outcome`` under the fence, compare-and-set on the revision
-        held; on a conflict re-read and decide again. ``done(result, slot)`` gets the new record,
-        None (fenced), TIMEOUT, CONFLICT (retries exhausted) or ILLEGAL. One write at a time per
-        run, like production's ``write_lock``."""
+        held; on a conflict re-read and decide again. A write that got no reply (its timeout
+        fired: the reply was lost, or the request still waits in a partitioned client's buffer)
+        may have landed, so the record is re-read to learn it, as production's ``_write`` does:
+        a record equal to one of this call's unanswered writes means that write landed.
+        ``done(result, slot)`` gets the new record (or Outcome), None (fenced), TIMEOUT (a
+        re-read unanswered too: production's exception), CONFLICT (retries exhausted) or
+        ILLEGAL. One write at a time per run, like production's ``write_lock``."""
         if run.ended:
             return done(None, None)  # production's _execute has returned: nothing writes for this run
         if run.writing:
             run.write_q.append((decide, audit, done))
             return
         run.writing = True
-        self._write_step(f, f.inc, run, decide, audit, done, run.record, run.revision, 0)
+        self._write_step(f, f.inc, run, decide, audit, done, run.record, run.revision, 0, [])
 
     def _write_done(self, f: Factory, inc: int, run: Run, done: Callable, result, slot: int | None = None) -> None:
         run.writing = False
@@ -782,7 +792,7 @@ class Sim:
             self._write(f, run, decide, audit, nxt)
 
     def _write_step(self, f: Factory, inc: int, run: Run, decide: Callable, audit: bool, done: Callable,
-                    rec: JobRecord, rev: int, tries: int) -> None:
+                    rec: JobRecord, rev: int, tries: int, unanswered: list[tuple[JobRecord, object, Req]]) -> None:
         if f.inc != inc:
             return
         if tries >= MAX_CAS_RETRIES:
@@ -805,7 +815,11 @@ class Sim:
 
         def on_update(res, slot):
             if res == TIMEOUT:
-                return self._write_done(f, inc, run, done, TIMEOUT)
+                # Production: read the record to learn the outcome (the read may overtake the
+                # write; then the retry conflicts once it lands, and the next read tells).
+                self.stats["write_unanswered"] += 1
+                unanswered.append((new_rec, new, req))
+                return self._send(f, "get", run.job, on_fresh)
             if res == CONFLICT:
                 self.stats["write_conflicts"] += 1
                 return self._send(f, "get", run.job, on_fresh)
@@ -818,9 +832,18 @@ class Sim:
             if res is None:
                 self._fenced(f, run, None)
                 return self._write_done(f, inc, run, done, None)
-            self._write_step(f, inc, run, decide, audit, done, res[0], res[1], tries + 1)
+            for sent_rec, sent, sent_req in unanswered:
+                if res[0] == sent_rec:  # production compares the encoded values
+                    self.stats["write_learned"] += 1
+                    self.note(f.id, "write_learned", run.job, run.epoch)
+                    run.revision, run.record = res[1], sent_rec
+                    # The event takes the slot the landed write reserved, as if its reply had come.
+                    slot, sent_req.slot = sent_req.slot, None
+                    return self._write_done(f, inc, run, done,
+                                            sent if isinstance(sent, protocol.Outcome) else sent_rec, slot)
+            self._write_step(f, inc, run, decide, audit, done, res[0], res[1], tries + 1, unanswered)
 
-        self._send(f, "update", run.job, on_update, new_rec, rev, audit=audit)
+        req = self._send(f, "update", run.job, on_update, new_rec, rev, audit=audit)
 
     def _fenced(self, f: Factory, run: Run, rec: JobRecord | None) -> None:
         """``Factory._fenced``: stop the run and say so; its result will be quarantined."""

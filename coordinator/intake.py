@@ -12,12 +12,14 @@ still ``queued`` or ``blocked``, and is refused otherwise.
 
 from __future__ import annotations
 
+import logging
 import re
 import secrets
 import time
 from dataclasses import dataclass
 
 import msgspec
+import nats.js.errors
 
 from gigafactory.broker import Broker, Conflict
 from gigafactory.schemas import capabilities as caps
@@ -32,6 +34,8 @@ from gigafactory.schemas.records import (
     decode,
     encode,
 )
+
+log = logging.getLogger("gigafactory.coordinator")
 
 MAX_BATCH = 1000
 MAX_CAS_RETRIES = 20
@@ -89,11 +93,16 @@ async def _read_job(broker: Broker, job_id: str) -> tuple[JobRecord, int, float]
     return decode(e.value, JobRecord), e.revision, e.ts
 
 
-async def ensure_pool(broker: Broker, pool: str, requirements: list[str]) -> None:
-    """Register the pool and its one durable pull consumer (idempotent)."""
+async def ensure_pool(broker: Broker, pool: str, requirements: list[str]) -> bool:
+    """Register the pool and its one durable pull consumer (idempotent). Returns False when
+    the dispatch stream is missing, so the consumer could not be created: the pool record is
+    written anyway, because the job record is the truth and the push path only a pointer to
+    it. Factories bind to the pool, find the push path down and poll the queue index, and the
+    coordinator's ``repair_dispatch`` recreates the stream and the consumer."""
     from nats.js import api
 
     # The consumer first, then the pool record: factories bind when they see the record.
+    ok = True
     try:
         await broker.js.add_consumer(
             names.DISPATCH_STREAM,
@@ -109,6 +118,10 @@ async def ensure_pool(broker: Broker, pool: str, requirements: list[str]) -> Non
                 description=f"pool {pool}: " + " ".join(requirements),
             ),
         )
+    except nats.js.errors.NotFoundError:  # the stream is gone: submissions go on (poll fallback)
+        log.info("dispatch stream %s missing: pool %s has no consumer until it is repaired",
+                    names.DISPATCH_STREAM, pool)
+        ok = False
     except Exception as e:  # exists with another config: leave it; the dispatcher repairs deleted ones
         if "consumer already exists" not in str(e).lower() and "already in use" not in str(e).lower():
             raise
@@ -116,6 +129,7 @@ async def ensure_pool(broker: Broker, pool: str, requirements: list[str]) -> Non
         await broker.pools.create(pool, encode(PoolRecord(id=pool, requirements=requirements, created_at=time.time())))
     except Conflict:
         pass
+    return ok
 
 
 async def submit(

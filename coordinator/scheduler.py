@@ -15,6 +15,7 @@ from collections import defaultdict
 from dataclasses import dataclass
 
 import msgspec
+import nats.js.errors
 
 from gigafactory.broker import TRANSIENT, Broker, Conflict
 from gigafactory.config import Settings
@@ -68,6 +69,10 @@ class Scheduler:
         self.clock_offset_s = 0.0
         self._seq = 0
         self.dispatch_errors = 0
+        self.dispatch_repairs = 0
+        self.publish_failing: set[str] = set()
+        """Pools whose last publish failed (logged once until one succeeds again)."""
+        """Streams and consumers this coordinator recreated (``repair_dispatch``)."""
         self.reap_rounds = 0
         """Completed reaper passes (tests await it to know a pass has happened)."""
 
@@ -196,19 +201,25 @@ class Scheduler:
         self._seq += 1
         msg = DispatchMessage(job=rec.id, epoch=rec.epoch, pool=rec.pool)
         try:
-            if rec.pool not in self.pools_ready:
-                await ensure_pool(self.b, rec.pool, rec.requirements)
+            if rec.pool not in self.pools_ready and await ensure_pool(self.b, rec.pool, rec.requirements):
                 self.pools_ready.add(rec.pool)
             await self.b.js.publish(
                 names.dispatch_subject(rec.pool), encode(msg),
                 headers={"Nats-Msg-Id": f"{rec.id}:{rec.epoch}:{self._seq}"},
                 timeout=self.s.request_timeout_s,
             )
+            if rec.pool in self.publish_failing:
+                self.publish_failing.discard(rec.pool)
+                log.info("dispatch to pool %s publishes again", rec.pool)
             return True
         except Exception as e:  # the push path is down: repair it; jobs stay queued (poll fallback)
             self.dispatch_errors += 1
             self.pools_ready.discard(rec.pool)
-            log.warning("dispatch of %s to pool %s failed: %s", rec.id, rec.pool, e)
+            # Every pass tries every queued job again: say it once per outage, not per job and pass.
+            first = rec.pool not in self.publish_failing
+            self.publish_failing.add(rec.pool)
+            log.log(logging.WARNING if first else logging.DEBUG, "dispatch of %s to pool %s failed: %s%s",
+                    rec.id, rec.pool, type(e).__name__, f" {e}" if str(e) else "")
             return False
 
     async def _hold(self, st, reason: str) -> None:
@@ -229,14 +240,22 @@ class Scheduler:
             epoch=rec.epoch, actor=self.actor, reason=reason,
         ))
 
-    async def repair_dispatch(self) -> None:
-        """Recreate the dispatch stream and pool consumers if something deleted them."""
+    async def repair_dispatch(self) -> int:
+        """Recreate the dispatch stream and pool consumers if something deleted them; returns
+        how many it recreated. Each repair is published as a ``dispatch_repaired`` event.
+
+        Only a definite "not found" counts as missing: a broker that does not answer raises
+        (the loop logs it and tries again), so a slow broker is not mistaken for a deleted
+        stream. Jobs published to a pool whose consumer was recreated are forgotten, so the
+        next dispatch pass publishes them again at once, not after ``redispatch_s``."""
+        repaired: list[str] = []
         try:
             await self.b.js.stream_info(names.DISPATCH_STREAM)
-        except Exception:
+        except nats.js.errors.NotFoundError:
             log.warning("dispatch stream %s missing; recreating it", names.DISPATCH_STREAM)
             await self.b.ensure_dispatch_stream()
             self.pools_ready.clear()
+            repaired.append(f"stream {names.DISPATCH_STREAM}")
         async for e in self.b.pools.scan():
             try:
                 pool = decode(e.value, PoolRecord)
@@ -244,14 +263,25 @@ class Scheduler:
                 continue
             try:
                 await self.b.js.consumer_info(names.DISPATCH_STREAM, names.pool_consumer(pool.id))
-            except Exception:
-                log.warning("consumer for pool %s missing; recreating it", pool.id)
-                await ensure_pool(self.b, pool.id, pool.requirements)
-                # Everything published for that pool is gone with it: publish again.
-                for jid, p in list(self.published.items()):
-                    st = self.view.jobs.get(jid)
-                    if st and st.record.pool == pool.id:
-                        del self.published[jid]
+                continue
+            except nats.js.errors.NotFoundError:
+                pass
+            log.warning("consumer for pool %s missing; recreating it", pool.id)
+            if not await ensure_pool(self.b, pool.id, pool.requirements):
+                continue  # the stream went again meanwhile: the next round recreates both
+            repaired.append(f"consumer {names.pool_consumer(pool.id)}")
+            # Everything published for that pool is gone with it: publish again.
+            for jid in list(self.published):
+                st = self.view.jobs.get(jid)
+                if st and st.record.pool == pool.id:
+                    del self.published[jid]
+        if repaired:
+            self.dispatch_repairs += len(repaired)
+            await self.b.publish_event(EventRecord(
+                kind="dispatch_repaired", at=time.time(), actor=self.actor,
+                reason="recreated " + ", ".join(repaired), data={"recreated": repaired},
+            ))
+        return len(repaired)
 
     # -- queue index (poll fallback) ------------------------------------------------------------
 

@@ -62,7 +62,7 @@ class Coordinator:
                 asyncio.create_task(loop("schedule", 0.5, schedule, stop, self.view.changed), name="schedule"),
                 asyncio.create_task(loop("reaper", self.s.reaper_interval_s, self.sched.reap, stop), name="reaper"),
                 asyncio.create_task(loop("locks", 5.0, self.sched.release_stale_locks, stop), name="locks"),
-                asyncio.create_task(loop("repair", 5.0, self.sched.repair_dispatch, stop), name="repair"),
+                asyncio.create_task(loop("repair", self.s.dispatch_repair_s, self.sched.repair_dispatch, stop), name="repair"),
                 asyncio.create_task(loop("clock", 5.0, clock, stop), name="clock"),
             ]
             if self.inbox is not None:

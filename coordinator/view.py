@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import msgspec
 
-from gigafactory.broker import Broker
+from gigafactory.broker import Broker, WatchProgress
 from gigafactory.schemas import capabilities as caps
 from gigafactory.schemas.lifecycle import Stage
 from gigafactory.schemas.records import FactoryRecord, JobRecord, decode
@@ -106,6 +106,12 @@ async def follow(broker: Broker, view: FleetView, stop: asyncio.Event) -> None:
             try:
                 reconnects = broker.nc.stats["reconnects"]
                 w = await bucket.watch(">")
+                # The initial load ends when the watch has delivered everything its consumer
+                # had to, not at nats-py's marker alone (see broker.caught_up): after a broker
+                # restart the marker can come first, and a view marked synced then is empty,
+                # so the coordinator would call itself ready, and sync_index delete every entry
+                # of the queue index, before a single job was loaded.
+                progress, trailing = WatchProgress(w), False
                 try:
                     while not stop.is_set():
                         if broker.nc.stats["reconnects"] != reconnects:
@@ -118,13 +124,23 @@ async def follow(broker: Broker, view: FleetView, stop: asyncio.Event) -> None:
                         try:
                             e = await w.updates(timeout=1.0)
                         except (asyncio.TimeoutError, TimeoutError):
+                            if trailing and await progress.caught_up():
+                                trailing = False
+                                synced.set()
                             continue
                         if e is None:
-                            synced.set()
+                            if synced.is_set() or await progress.caught_up():
+                                synced.set()
+                            else:
+                                trailing = True
                             continue
+                        progress.consumed += 1
                         deleted = e.operation in ("DEL", "PURGE")
                         ts = e.created.timestamp() if e.created else 0.0
                         apply(e.key, None if deleted else e.value, e.revision or 0, ts)
+                        if trailing and e.delta == 0 and await progress.caught_up():
+                            trailing = False
+                            synced.set()
                 finally:
                     try:
                         await w.stop()

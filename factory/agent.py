@@ -57,9 +57,20 @@ from .outbox import Outbox, OutboxItem
 
 log = logging.getLogger("gigafactory.factory")
 
-CONSUMER_CHECK_S = 30.0
-"""An idle pool puller checks that its consumer exists, and that no queued job of its pool
-has waited unclaimed, this often; either problem switches the pool to polling."""
+STALL_CHECKS_PER_REDISPATCH = 1 / 3
+"""An idle pool puller checks that its consumer exists, and that no queued job of its pool has
+waited unclaimed (a stall), every ``redispatch_s / STALL_CHECKS_PER_REDISPATCH`` (30 s with the
+default 10 s). A deleted stream or consumer needs no check: the next fetch is refused at once
+(503, no responders) and the pool falls back within a long poll. The check is for push that
+stays silent while jobs wait (a coordinator that is gone, say); a stall is only visible after
+``2 * redispatch_s + long_poll_s`` anyway, so checking more often would cost an idle fleet a
+scan per factory and pool for nothing."""
+STALL_READS_MAX = 8
+"""Index entries old enough to look stalled are confirmed against their job records, at most
+this many per check (a healthy pool has none: each read costs one request)."""
+POLL_BACKOFF_MIN_S = 0.5
+"""First back-off between polling passes that claimed nothing; doubles up to
+``poll_backoff_max_s``."""
 MAX_CAS_RETRIES = 10
 WRITE_BACKOFF_MAX_S = 2.0
 """Upper bound of the pause between tries of a write that got no answer (a conflict retries at
@@ -359,10 +370,27 @@ class Factory:
         except Exception as e:  # the connection may be gone; the subscription goes with it
             log.debug("%s: dropping the pull subscription of pool %s: %s", self.id, ps.id, e)
 
+    @property
+    def stall_after_s(self) -> float:
+        """A queued, dispatchable job of a pool that has waited this long (broker time) while
+        a station of this factory was free says push is not delivering: the coordinator
+        republishes an unclaimed offer after ``redispatch_s``, so two periods and a long poll
+        are only ever exceeded when dispatch itself is broken."""
+        return 2 * self.s.redispatch_s + self.s.long_poll_s
+
+    @property
+    def stall_check_s(self) -> float:
+        """How often an idle push puller checks for a stall (see STALL_CHECKS_PER_REDISPATCH)."""
+        return self.s.redispatch_s / STALL_CHECKS_PER_REDISPATCH
+
     async def _pull_loop(self, ps: PoolState, stop: asyncio.Event) -> None:
+        """One pool's dispatch: push (a long-poll fetch on the pool consumer) while it works,
+        else polling the ``gf_queue`` index with jittered back-off until the consumer answers
+        and nothing waits stalled. Each switch is logged and published as a ``dispatch_mode``
+        event."""
         errors = 0
         last_check = time.monotonic()
-        backoff = 0.5
+        backoff = POLL_BACKOFF_MIN_S
         while not stop.is_set() and not self.draining.is_set():
             while not await self._wait_capacity(ps.engine, timeout_s=self.s.long_poll_s):
                 await self._hand_back_stranded(ps)
@@ -370,15 +398,15 @@ class Factory:
                 return
             if ps.mode == "poll":
                 claimed = await self._poll_pass(ps)
-                if await self._consumer_ok(ps) and not await self._stalled(ps):
-                    log.info("%s: pool %s back to push dispatch", self.id, ps.id)
-                    ps.mode, errors, backoff = "push", 0, 0.5
+                if await self._push_healthy(ps):
+                    await self._switch(ps, "push", "the pool consumer answers and no queued job waits stalled")
+                    errors, backoff, last_check = 0, POLL_BACKOFF_MIN_S, time.monotonic()
                     continue
                 if not claimed:
                     backoff = min(backoff * 2, self.s.poll_backoff_max_s)
                     await asyncio.sleep(random.uniform(backoff / 2, backoff))
                 else:
-                    backoff = 0.5
+                    backoff = POLL_BACKOFF_MIN_S
                 continue
             try:
                 if ps.psub is None:
@@ -392,20 +420,26 @@ class Factory:
                 errors = 0
             except (asyncio.TimeoutError, nats.errors.TimeoutError):
                 errors = 0
-                if time.monotonic() - last_check > CONSUMER_CHECK_S:
+                if time.monotonic() - last_check > self.stall_check_s:
                     last_check = time.monotonic()
-                    if not await self._consumer_ok(ps) or await self._stalled(ps):
-                        self._to_poll(ps, "dispatch consumer missing or stalled")
+                    if not await self._consumer_ok(ps):
                         await self._drop_psub(ps)
+                        await self._switch(ps, "poll", "the pool consumer does not answer")
+                    elif await self._stalled(ps):
+                        await self._drop_psub(ps)
+                        await self._switch(ps, "poll", f"a queued job waited over {self.stall_after_s:g}s "
+                                                       "while a station was free (push is not delivering)")
                 continue
             except asyncio.CancelledError:
                 raise
             except Exception as e:
+                # A deleted consumer or stream answers a fetch at once with 503 (no responders).
                 errors += 1
                 await self._drop_psub(ps)
                 log.info("%s: fetch on pool %s failed (%s)", self.id, ps.id, e)
                 if errors >= 3 or not await self._consumer_ok(ps):
-                    self._to_poll(ps, f"fetch failed: {e}")
+                    await self._switch(ps, "poll", f"fetch failed: {type(e).__name__} {e}".strip())
+                    backoff = POLL_BACKOFF_MIN_S
                 else:
                     await asyncio.sleep(random.uniform(0.2, 1.0))
                 continue
@@ -430,10 +464,36 @@ class Factory:
             if not JetStreamContext.is_status_msg(msg):  # 408/404 replies to expired requests
                 await self._on_dispatch(ps, msg)
 
-    def _to_poll(self, ps: PoolState, why: str) -> None:
-        if ps.mode != "poll":
+    async def _switch(self, ps: PoolState, mode: str, why: str) -> None:
+        """Set pool ``ps`` to ``mode`` ("push" or "poll"); a change is logged and published
+        (event ``dispatch_mode``, with the pool, from, to, why and this factory's polled claims
+        so far), and shows in the factory record's ``dispatch_mode`` at the next heartbeat."""
+        assert mode in ("push", "poll"), mode
+        if ps.mode == mode:
+            return
+        old, ps.mode = ps.mode, mode
+        if mode == "poll":
             log.warning("%s: pool %s falls back to polling: %s", self.id, ps.id, why)
-            ps.mode = "poll"
+        else:
+            log.info("%s: pool %s back to push dispatch: %s", self.id, ps.id, why)
+        await self._event("dispatch_mode", reason=f"pool {ps.id}: {old} -> {mode}: {why}",
+                          data={"pool": ps.id, "from": old, "to": mode, "why": why,
+                                "polled_claims": self.stats["polled_claims"]})
+
+    def _has_capacity(self, engine: str | None) -> bool:
+        if not self.free:
+            return False
+        return not (engine and engine in self.record.seats
+                    and self.engine_running.get(engine, 0) >= self.record.seats[engine])
+
+    async def _push_healthy(self, ps: PoolState) -> bool:
+        """Whether a polling pool may go back to push: its consumer answers, and no queued job
+        waits stalled. With every station busy right after a polling pass, a backlog says
+        nothing about push (this factory could not have taken more), so only the consumer
+        counts; push mode checks for stalls again while idle."""
+        if not await self._consumer_ok(ps):
+            return False
+        return not self._has_capacity(ps.engine) or not await self._stalled(ps)
 
     async def _consumer_ok(self, ps: PoolState) -> bool:
         try:
@@ -443,14 +503,32 @@ class Factory:
             return False
 
     async def _stalled(self, ps: PoolState) -> bool:
-        """Queued jobs of this pool have waited unclaimed longer than a redispatch period
-        while this factory had a free station: push is not delivering."""
+        """A queued job of this pool that it could take has waited longer than
+        ``stall_after_s`` (broker time): push is not delivering. One filtered scan of the
+        pool's index; only the entries old enough are confirmed against their records (at
+        most STALL_READS_MAX), so jobs that wait by design (in retry back-off, for a lock,
+        or already claimed but not yet out of the index) do not count."""
         try:
             now = await self.b.broker_now()
+            old = []
             async for e in self.b.queue.scan(f"{ps.id}.>"):
-                if now - e.ts > 2 * self.s.redispatch_s + self.s.long_poll_s:
+                if now - e.ts > self.stall_after_s:
+                    old.append(e)
+            for e in old[:STALL_READS_MAX]:
+                try:
+                    q = decode(e.value, QueueEntry)
+                except msgspec.DecodeError:
+                    continue
+                je = await self.b.jobs.get(q.job)
+                if je is None:
+                    continue
+                rec = decode(je.value, JobRecord)
+                if rec.stage != Stage.QUEUED or rec.epoch != q.epoch or rec.manifest.lock:
+                    continue
+                if now - max(e.ts, je.ts + rec.backoff_s) > self.stall_after_s:
                     return True
-        except Exception:
+        except Exception as ex:  # the broker does not answer: push cannot be working either
+            log.info("%s: stall check of pool %s failed (%s)", self.id, ps.id, ex)
             return True
         return False
 
@@ -472,7 +550,7 @@ class Factory:
             station = await self._take_station(ps.engine)
             if station is None:
                 break
-            if await self._claim_and_run(q.job, station, ps.engine):
+            if await self._claim_and_run(q.job, station, ps.engine, via="poll"):
                 claimed = True
                 self.stats["polled_claims"] += 1
         return claimed
@@ -488,7 +566,7 @@ class Factory:
             await msg.nak()  # another factory (or this one, later) takes it
             return
         try:
-            await self._claim_and_run(d.job, station, ps.engine)
+            await self._claim_and_run(d.job, station, ps.engine, via="push")
         finally:
             try:
                 await msg.ack()
@@ -497,9 +575,10 @@ class Factory:
 
     # -- one job ------------------------------------------------------------------------------------
 
-    async def _claim_and_run(self, job_id: str, station: int, engine: str | None) -> bool:
+    async def _claim_and_run(self, job_id: str, station: int, engine: str | None, *, via: str = "push") -> bool:
         """Claim ``job_id`` on ``station``; on success the run continues in the background.
-        Returns True if this factory won the claim."""
+        ``via`` says how the job was found ("push": a dispatch message, "poll": the queue
+        index), for the ``claimed`` event. Returns True if this factory won the claim."""
         try:
             e = await self.b.jobs.get(job_id)
             if e is None:
@@ -531,7 +610,7 @@ class Factory:
         self.runs[(job_id, run.epoch)] = run
         self._set_station(station, job_id, run.epoch)
         await self._event("claimed", job=job_id, epoch=run.epoch, stage_from="queued", stage_to="assigned",
-                          reason=out.reason, data={"station": station, "attempt": out.record.attempt})
+                          reason=out.reason, data={"station": station, "attempt": out.record.attempt, "via": via})
         self._spawn(self._execute(run, engine), f"job-{job_id}")
         return True
 

@@ -67,6 +67,31 @@ class Entry:
     """Broker timestamp (unix seconds) of this revision: the server's clock, not ours."""
 
 
+def caught_up(num_pending: int, delivered: int, consumed: int) -> bool:
+    """Whether a KV watch has read everything its consumer had to deliver: nothing pending on
+    the server, and at least as many messages read (deletes included) as the server says it
+    delivered. nats-py's "caught up" marker (a None from ``updates()``) only checks the first
+    half, when nothing was received yet; but the server counts messages as delivered before
+    they reach the client (seen after a broker restart: the marker came first and every entry
+    after it), so the marker alone can end an initial load that has not started."""
+    return num_pending == 0 and consumed >= delivered
+
+
+class WatchProgress:
+    """Counts what a KV watcher delivered (``consumed``, every message, deletes included) and
+    asks its consumer whether that is everything (:func:`caught_up`)."""
+
+    __slots__ = ("w", "consumed")
+
+    def __init__(self, watcher) -> None:
+        self.w = watcher
+        self.consumed = 0
+
+    async def caught_up(self) -> bool:
+        info = await self.w._sub.consumer_info()  # nats-py's subscription under the watcher
+        return caught_up(info.num_pending, info.delivered.consumer_seq, self.consumed)
+
+
 class Bucket:
     """A KV bucket with compare-and-set writes and broker-timestamped reads."""
 
@@ -124,36 +149,27 @@ class Bucket:
         # The watcher's "caught up" marker comes once nothing is pending, so a key written
         # while the scan runs is delivered again before it: yield each key only once.
         seen: set[str] = set()
-        consumed = 0
+        progress = WatchProgress(w)
         trailing = False
-
-        async def caught_up() -> bool:
-            # nats-py puts the marker first when the consumer's info says nothing is pending and
-            # nothing was received yet; but the server counts messages as delivered before they
-            # reach us (seen after a broker restart), so they can follow the marker, and a scan
-            # that stopped there would miss every key. Done only when all it delivered was read.
-            info = await w._sub.consumer_info()
-            return info.num_pending == 0 and consumed >= info.delivered.consumer_seq
-
         try:
             while True:
                 try:
                     e = await w.updates(timeout=self._timeout * 4)
                 except TimeoutError:
-                    if trailing and await caught_up():
+                    if trailing and await progress.caught_up():
                         return
                     raise
                 if e is None:
-                    if await caught_up():
+                    if await progress.caught_up():
                         return
                     trailing = True
                     continue
-                consumed += 1
+                progress.consumed += 1
                 if e.operation not in (KV_DEL, KV_PURGE) and e.key not in seen:
                     seen.add(e.key)
                     ts = e.created.timestamp() if e.created else 0.0
                     yield Entry(key=e.key, value=e.value or b"", revision=e.revision or 0, ts=ts)
-                if trailing and e.delta == 0 and await caught_up():
+                if trailing and e.delta == 0 and await progress.caught_up():
                     return
         finally:
             try:

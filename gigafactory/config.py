@@ -33,6 +33,10 @@ class Settings:
     """A queued job whose dispatch message went unclaimed this long is published again."""
     poll_backoff_max_s: float = 10.0
     """Upper bound of the jittered back-off while polling (push dispatch down)."""
+    dispatch_repair_s: float = 5.0
+    """How often the coordinator checks that the dispatch stream and every pool consumer exist,
+    and recreates what is missing. With ``poll_backoff_max_s`` it bounds how long factories
+    poll after the push path was deleted."""
     reconnect_wait_s: float = 1.0
     reconnect_jitter_s: float = 2.0
     """Reconnects are spread over this window so a thousand factories do not return at once."""
