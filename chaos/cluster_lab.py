@@ -90,9 +90,14 @@ class ClusterLab(Lab):
 
     async def peers_of(self, stream: str) -> tuple[int, list[int]]:
         """(leader, followers) of ``stream`` as node indexes, from the stream's cluster info;
-        a follower is a replica the leader reports current and online."""
-        info = await self.cluster.stream_info(stream, timeout_s=2.0)
-        c = info.get("cluster") or {}
+        a follower is a replica the leader reports current and online. Retried (bounded): on
+        a loaded machine one stream-info request can miss its short timeout."""
+
+        async def info():
+            got = await self.cluster.stream_info(stream, timeout_s=2.0)
+            return got if (got.get("cluster") or {}).get("leader") else None
+
+        c = (await self.cluster._poll(info, f"the peers of {stream}", 20.0)).get("cluster") or {}
         leader = self.cluster.index_of(c["leader"])
         followers = sorted(self.cluster.index_of(p["name"]) for p in c.get("replicas") or []
                            if p.get("current") and not p.get("offline"))
