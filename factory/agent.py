@@ -358,7 +358,9 @@ class Factory:
 
     async def _pull_loop(self, ps: PoolState, stop: asyncio.Event) -> None:
         errors = 0
-        last_check = time.monotonic()
+        # A random phase: factories started together would otherwise all check at once, every
+        # CONSUMER_CHECK_S, a herd of consumer lookups and index scans on the broker.
+        last_check = time.monotonic() - random.uniform(0.0, CONSUMER_CHECK_S)
         backoff = 0.5
         while not stop.is_set() and not self.draining.is_set():
             while not await self._wait_capacity(ps.engine, timeout_s=self.s.long_poll_s):
@@ -377,6 +379,14 @@ class Factory:
                 else:
                     backoff = 0.5
                 continue
+            if not self.b.nc.is_connected:
+                # A pull request sent now would wait in the client's buffer and reach the
+                # broker on reconnect with every other one sent during the outage: a fleet of
+                # idle stations would return with several stale requests each on every pool
+                # consumer (past its max_waiting, for a big fleet and a long outage). Wait for
+                # the connection instead; the request goes out as soon as it is back.
+                await self.b.wait_connected(self.s.long_poll_s)
+                continue
             try:
                 if ps.psub is None:
                     ps.psub = await self.b.js.pull_subscribe_bind(
@@ -389,9 +399,16 @@ class Factory:
                 errors = 0
             except (asyncio.TimeoutError, nats.errors.TimeoutError):
                 errors = 0
-                if time.monotonic() - last_check > CONSUMER_CHECK_S:
+                # Only with the connection up: a broker that is not answering says nothing
+                # about the consumer, and a fleet checking during an outage would all fall back.
+                if time.monotonic() - last_check > CONSUMER_CHECK_S and self.b.nc.is_connected:
                     last_check = time.monotonic()
-                    if not await self._consumer_ok(ps) or await self._stalled(ps):
+                    reconnects = self.b.nc.stats["reconnects"]
+                    bad = not await self._consumer_ok(ps) or await self._stalled(ps)
+                    # A check the connection dropped under (its requests timed out) is no
+                    # verdict on the consumer: a fleet checking when the broker died would
+                    # all fall back at once.
+                    if bad and self.b.nc.is_connected and self.b.nc.stats["reconnects"] == reconnects:
                         self._to_poll(ps, "dispatch consumer missing or stalled")
                         await self._drop_psub(ps)
                 continue
