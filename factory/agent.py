@@ -389,7 +389,9 @@ class Factory:
         and nothing waits stalled. Each switch is logged and published as a ``dispatch_mode``
         event."""
         errors = 0
-        last_check = time.monotonic()
+        # A random phase: factories started together would otherwise all check at once, every
+        # stall_check_s, a herd of consumer lookups and index scans on the broker.
+        last_check = time.monotonic() - random.uniform(0.0, self.stall_check_s)
         backoff = POLL_BACKOFF_MIN_S
         while not stop.is_set() and not self.draining.is_set():
             while not await self._wait_capacity(ps.engine, timeout_s=self.s.long_poll_s):
@@ -408,6 +410,14 @@ class Factory:
                 else:
                     backoff = POLL_BACKOFF_MIN_S
                 continue
+            if not self.b.nc.is_connected:
+                # A pull request sent now would wait in the client's buffer and reach the
+                # broker on reconnect with every other one sent during the outage: a fleet of
+                # idle stations would return with several stale requests each on every pool
+                # consumer (past its max_waiting, for a big fleet and a long outage). Wait for
+                # the connection instead; the request goes out as soon as it is back.
+                await self.b.wait_connected(self.s.long_poll_s)
+                continue
             try:
                 if ps.psub is None:
                     ps.psub = await self.b.js.pull_subscribe_bind(
@@ -420,12 +430,23 @@ class Factory:
                 errors = 0
             except (asyncio.TimeoutError, nats.errors.TimeoutError):
                 errors = 0
-                if time.monotonic() - last_check > self.stall_check_s:
+                # Only with the connection up: a broker that is not answering says nothing
+                # about the consumer, and a fleet checking during an outage would all fall back.
+                if time.monotonic() - last_check > self.stall_check_s and self.b.nc.is_connected:
                     last_check = time.monotonic()
+                    reconnects = self.b.nc.stats["reconnects"]
+
+                    def verdict_holds() -> bool:
+                        # A check the connection dropped under (its requests timed out) is no
+                        # verdict on the consumer: a fleet checking when the broker died would
+                        # all fall back at once.
+                        return self.b.nc.is_connected and self.b.nc.stats["reconnects"] == reconnects
+
                     if not await self._consumer_ok(ps):
-                        await self._drop_psub(ps)
-                        await self._switch(ps, "poll", "the pool consumer does not answer")
-                    elif await self._stalled(ps):
+                        if verdict_holds():
+                            await self._drop_psub(ps)
+                            await self._switch(ps, "poll", "the pool consumer does not answer")
+                    elif await self._stalled(ps) and verdict_holds():
                         await self._drop_psub(ps)
                         await self._switch(ps, "poll", f"a queued job waited over {self.stall_after_s:g}s "
                                                        "while a station was free (push is not delivering)")
@@ -434,8 +455,10 @@ class Factory:
                 raise
             except Exception as e:
                 # A deleted consumer or stream answers a fetch at once with 503 (no responders).
-                errors += 1
                 await self._drop_psub(ps)
+                if not self.b.nc.is_connected:
+                    continue  # the connection went, not the consumer: wait for it (above)
+                errors += 1
                 log.info("%s: fetch on pool %s failed (%s)", self.id, ps.id, e)
                 if errors >= 3 or not await self._consumer_ok(ps):
                     await self._switch(ps, "poll", f"fetch failed: {type(e).__name__} {e}".strip())

@@ -32,6 +32,13 @@ from gigafactory.schemas.records import EventRecord, encode
 log = logging.getLogger("gigafactory.broker")
 
 
+SCAN_INACTIVE_S = 15.0
+"""A scan's consumer is deleted when the scan ends; should that fail, the server drops it after
+this long without interest (nats-py's default for a watcher is five minutes)."""
+CONNECTED_POLL_S = 0.1
+"""How often :meth:`Broker.wait_connected` looks when it has no callback to wait on."""
+
+
 class Conflict(Exception):
     """A compare-and-set lost: the key changed since it was read (or exists, for create)."""
 
@@ -145,7 +152,7 @@ class Bucket:
         """Every live key matching ``pattern`` once (latest values), filtered by the server."""
         # Deletes are read too (and skipped here), so that every message the server delivers
         # is counted: see caught_up().
-        w = await self.kv.watch(pattern, meta_only=meta_only)
+        w = await self.kv.watch(pattern, meta_only=meta_only, inactive_threshold=SCAN_INACTIVE_S)
         # The watcher's "caught up" marker comes once nothing is pending, so a key written
         # while the scan runs is delivered again before it: yield each key only once.
         seen: set[str] = set()
@@ -176,6 +183,18 @@ class Bucket:
                 await w.stop()
             except Exception:  # the connection may be gone; the watcher dies with it
                 pass
+            # Stopping a watcher leaves its consumer on the server until it has been inactive
+            # for the threshold, and the server refuses new consumers on a stream past its
+            # limit (1000): a fleet that scans often (the polling fallback, the stall check)
+            # would exhaust it, and every later scan and watch of the bucket would fail with
+            # "maximum consumers limit reached". Delete it now; the short threshold is the
+            # backstop for when that fails.
+            consumer = getattr(w._sub, "_consumer", None)
+            if consumer:
+                try:
+                    await asyncio.wait_for(self._js.delete_consumer(self.stream, consumer), timeout=self._timeout)
+                except Exception:  # gone already, or the broker is not answering: the threshold takes it
+                    pass
 
     async def keys(self, pattern: str = ">") -> list[str]:
         return [e.key async for e in self.scan(pattern, meta_only=True)]
@@ -253,6 +272,9 @@ class Broker:
         self.client_id = f"{socket.gethostname()}-{os.getpid()}-{random.getrandbits(24):06x}"
         self.urls = ""
         """The URL(s) this connection was opened with (handed to job scripts for ``gigafactory fence``)."""
+        self._up = asyncio.Event()
+        """Set while connected, by the connection's own callbacks (see :meth:`open`)."""
+        self._up.set()
         self.jobs: Bucket
         self.queue: Bucket
         self.factories: Bucket
@@ -267,8 +289,24 @@ class Broker:
         cls, urls: str | list[str], name: str, settings: Settings | None = None, *, ensure: bool = True, **kw
     ) -> "Broker":
         settings = settings or Settings.from_env()
-        nc = await connect(urls, name, settings, **kw)
+        opened: list[Broker] = []
+        on_disconnect, on_reconnect = kw.pop("on_disconnect", None), kw.pop("on_reconnect", None)
+
+        async def disconnected() -> None:
+            if opened:
+                opened[0]._up.clear()
+            if on_disconnect:
+                await on_disconnect()
+
+        async def reconnected() -> None:
+            if opened:
+                opened[0]._up.set()
+            if on_reconnect:
+                await on_reconnect()
+
+        nc = await connect(urls, name, settings, on_disconnect=disconnected, on_reconnect=reconnected, **kw)
         b = cls(nc, settings)
+        opened.append(b)
         b.urls = urls if isinstance(urls, str) else ",".join(urls)
         try:
             if ensure:
@@ -365,6 +403,28 @@ class Broker:
         self.artifacts = await self.js.object_store(names.ARTIFACTS_STORE)
 
     # -- helpers ----------------------------------------------------------------------------
+
+    async def wait_connected(self, timeout_s: float) -> bool:
+        """Wait, at most ``timeout_s``, until the connection is up; True if it is.
+
+        For a caller about to send something that is only worth sending to a live server: a
+        request sent while reconnecting waits in the client's buffer and reaches the server on
+        reconnect, stale, together with every other one sent meanwhile."""
+        deadline = asyncio.get_running_loop().time() + timeout_s
+        while not self.nc.is_connected:
+            remaining = deadline - asyncio.get_running_loop().time()
+            if remaining <= 0 or self.nc.is_closed:
+                return False
+            if self._up.is_set():
+                # Between the drop and its callback, or a connection not made by open():
+                # no event to wait on yet; look again shortly.
+                await asyncio.sleep(min(remaining, CONNECTED_POLL_S))
+                continue
+            try:
+                await asyncio.wait_for(self._up.wait(), timeout=remaining)
+            except asyncio.TimeoutError:
+                return False
+        return True
 
     async def broker_now(self) -> float:
         """The broker's clock: write a probe key and read back the server's timestamp of it."""

@@ -14,7 +14,9 @@ Timings come from ``GIGAFACTORY_*`` like every other process. Factories start wi
 one has registered, and writes its figures as JSON to ``--stats-file`` (atomically: a reader
 never sees half a file) every ``--stats-interval-s``, on SIGUSR1, and once more at exit. The
 figures: each factory's counters (claims, conflicts, fenced writes, ...), the connection
-events with wall-clock times (disconnects, reconnects: how a reconnect storm spreads), the
+events with wall-clock times (disconnects, reconnects: how a reconnect storm spreads) and per
+factory (did each come back, and once), the pools each factory serves and whether by push or
+by polling, the
 warnings and errors logged by kind (an error storm shows there), and the process's CPU
 seconds and resident memory.
 
@@ -95,16 +97,24 @@ class FleetHost:
         self.brokers: dict[str, Broker] = {}
         self.tasks: dict[str, asyncio.Task] = {}
         self.events: dict[str, list[float]] = {"disconnect": [], "reconnect": []}
+        self.conn: dict[str, dict[str, float | int | None]] = {}
+        """Per factory: how many disconnects and reconnects it saw, and when the last of each was
+        (wall clock): whether every factory came back, and exactly once, after a broker restart."""
         self.start_failures: list[str] = []
         self.logs = LogCounter()
         self.started_at = time.time()
         self.ready_at: float | None = None
 
-    def _conn_event(self, kind: str):
+    def _conn_event(self, kind: str, fid: str):
         async def cb() -> None:
+            now = time.time()
             times = self.events[kind]
             if len(times) < MAX_EVENT_TIMES:
-                times.append(time.time())
+                times.append(now)
+            c = self.conn.setdefault(fid, {"disconnects": 0, "reconnects": 0,
+                                           "last_disconnect_at": None, "last_reconnect_at": None})
+            c[f"{kind}s"] += 1
+            c[f"last_{kind}_at"] = now
 
         return cb
 
@@ -114,8 +124,8 @@ class FleetHost:
                 return
             try:
                 b = await Broker.open(self.url, f"gigafactory-factory-{fid}", self.settings,
-                                      on_disconnect=self._conn_event("disconnect"),
-                                      on_reconnect=self._conn_event("reconnect"))
+                                      on_disconnect=self._conn_event("disconnect", fid),
+                                      on_reconnect=self._conn_event("reconnect", fid))
             except Exception as e:
                 self.start_failures.append(f"{fid}: {type(e).__name__}: {e}")
                 log.error("factory %s could not connect: %s", fid, e)
@@ -167,6 +177,9 @@ class FleetHost:
             "log_last": list(self.logs.last),
             "totals": dict(totals),
             "factories": per,
+            "factory_connection": {fid: dict(c) for fid, c in self.conn.items()},
+            "factory_pools": {fid: {p.id: p.mode for p in f.pools.values()} for fid, f in self.factories.items()},
+            "pools_polling": sum(1 for f in self.factories.values() for p in f.pools.values() if p.mode == "poll"),
             "cpu_s": cpu_seconds(),
             "rss_bytes": rss_bytes(),
             "at": time.time(),

@@ -27,7 +27,8 @@ from gigafactory.schemas import protocol
 from gigafactory.schemas.lifecycle import Stage
 from gigafactory.schemas.records import EventRecord, JobRecord, decode, encode
 
-IMPLEMENTED = ["broker-crash", "cluster-failover", "factory-churn", "partition", "push-path-down", "total-outage"]
+IMPLEMENTED = ["broker-crash", "cluster-failover", "factory-churn", "partition", "push-path-down", "thundering-herd",
+               "total-outage"]
 FULL_DURATION_S = float(os.environ.get("GIGAFACTORY_CHAOS_DURATION_S", "20"))
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 
-from helpers import Fleet, eventually, intervals, job_text, overlap, rendezvous_script, run
+from helpers import Fleet, eventually, intervals, overlap, rendezvous_script, run
 
 from gigafactory.broker import Broker, Conflict
 from gigafactory.coordinator.inbox import Inbox

@@ -3,7 +3,6 @@ and the human ship gate."""
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import pytest
 from helpers import Fleet, eventually, fast_settings, intervals as _intervals, kill_group, overlap as _overlap, pid_alive, rendezvous_script as _rendezvous_script, run
