@@ -244,7 +244,12 @@ async def submit(
         m = plan.jf.manifest
         reqs = list(m.requirements())
         pool = caps.pool_id(reqs)
-        await ensure_pool(broker, pool, reqs)
+        if pool not in broker.pools_known:
+            # Two broker requests (a consumer create, a pool record create) that only the
+            # first job of a pool needs: a submission's path to dispatch is shorter without
+            # them. A consumer deleted later is recreated by the scheduler's repair pass.
+            await ensure_pool(broker, pool, reqs)
+            broker.pools_known.add(pool)
         waiting = await _unmet(broker, plan.deps, m.deps_mode)
         if plan.action == "create":
             rec = JobRecord(

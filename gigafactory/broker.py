@@ -265,6 +265,8 @@ class Broker:
         self.idempotency: Bucket
         self.clock: Bucket
         self.artifacts = None
+        self.pools_known: set[str] = set()
+        """Dispatch pools this process has made sure exist (intake skips re-creating them)."""
 
     @classmethod
     async def open(
