@@ -265,10 +265,13 @@ async def submit(
         m = plan.jf.manifest
         reqs = list(m.requirements())
         pool = caps.pool_id(reqs)
-        if ready_pools is None or pool not in ready_pools:
+        known = ready_pools if ready_pools is not None else broker.pools_known
+        if pool not in known:
+            # Two broker requests (a consumer create, a pool record create) that only the
+            # first job of a pool needs; each also waits on the cluster's meta leader. A
+            # consumer deleted later is recreated by the scheduler's repair pass.
             await ensure_pool(broker, pool, reqs)
-            if ready_pools is not None:
-                ready_pools.add(pool)
+            known.add(pool)
         waiting = await _unmet(broker, plan.deps, m.deps_mode)
         if plan.action == "create":
             rec = JobRecord(

@@ -1,7 +1,8 @@
 """The coordinator's decisions: unblock, dispatch, reap. Each is written with a CAS.
 
-Dispatch keeps each pool's stream shallow: it publishes, in priority-then-age order, only
-as many jobs as the live stations that serve the pool could take now. The rest wait in
+Dispatch keeps each pool's stream shallow: it publishes, in the order of
+:func:`dispatch_order` (priority first; within a priority, products take turns, each in age
+order), only as many jobs as the live stations that serve the pool could take now. The rest wait in
 ``queued`` on the broker (and in the ``gf_queue`` index for the polling fallback), so a
 critical job that arrives into a backlog is the next one published, not the last.
 """
@@ -55,6 +56,29 @@ def capability_gap(reqs: list[str], live: list[FactoryState]) -> str:
     return f"no single live factory offers all of {', '.join(reqs)} (closest: {best.record.id}, missing {', '.join(best.offers.missing(reqs))})"
 
 
+def dispatch_order(queued: list, last_served: dict[str, int]) -> list:
+    """The order in which queued jobs (``JobState``) are offered to the stations.
+
+    Priority dominates: every critical job comes before any high one, and so on. Within a
+    priority, products take turns, so a product that submitted a thousand jobs does not make
+    another's few wait behind all of them: each product's jobs are numbered in age order
+    (its oldest is its turn 0), and turn 0 of every product comes before turn 1 of any. At
+    the same turn, the product served least recently (``last_served``: product -> a sequence
+    number of its last dispatch; never served comes first) goes first, then the older job.
+    Pure: the scheduler passes its own memory of who was served."""
+    by_age = sorted(queued, key=lambda st: (st.record.priority_rank, st.record.submitted_at, st.record.id))
+    turn: dict[tuple[int, str], int] = defaultdict(int)
+    keyed = []
+    for st in by_age:
+        rec = st.record
+        k = (rec.priority_rank, rec.manifest.product)
+        keyed.append(((rec.priority_rank, turn[k], last_served.get(rec.manifest.product, -1),
+                       rec.submitted_at, rec.id), st))
+        turn[k] += 1
+    keyed.sort(key=lambda x: x[0])
+    return [st for _, st in keyed]
+
+
 class Scheduler:
     def __init__(self, broker: Broker, view: FleetView, settings: Settings, actor: str) -> None:
         self.b = broker
@@ -75,6 +99,9 @@ class Scheduler:
         """Streams and consumers this coordinator recreated (``repair_dispatch``)."""
         self.reap_rounds = 0
         """Completed reaper passes (tests await it to know a pass has happened)."""
+        self.last_served: dict[str, int] = {}
+        """product -> the dispatch sequence number of its latest dispatched job (fair turns)."""
+        self._served_seq = 0
 
     # -- clock --------------------------------------------------------------------------------
 
@@ -121,8 +148,8 @@ class Scheduler:
         broker_now = self.broker_now_estimate()
         live = self.view.live_factories(broker_now, self.s.heartbeat_s)
         mono = time.monotonic()
-        queued = [self.view.jobs[j] for j in self.view.by_stage[Stage.QUEUED] if j in self.view.jobs]
-        queued.sort(key=lambda st: (st.record.priority_rank, st.record.submitted_at, st.record.id))
+        queued = dispatch_order(
+            [self.view.jobs[j] for j in self.view.by_stage[Stage.QUEUED] if j in self.view.jobs], self.last_served)
 
         locks_taken: dict[str, str] = {}
         busy: dict[str, int] = defaultdict(int)
@@ -182,6 +209,8 @@ class Scheduler:
             if not (p and p.epoch == rec.epoch):
                 inflight[rec.pool] += 1
             self.published[rec.id] = _Published(rec.epoch, mono)
+            self._served_seq += 1
+            self.last_served[rec.manifest.product] = self._served_seq
             if rec.manifest.lock:
                 locks_taken[rec.manifest.lock] = rec.id
             self.held.pop(rec.id, None)

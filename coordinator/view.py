@@ -46,6 +46,9 @@ class FleetView:
     changed: asyncio.Event = field(default_factory=asyncio.Event)
     jobs_synced: asyncio.Event = field(default_factory=asyncio.Event)
     factories_synced: asyncio.Event = field(default_factory=asyncio.Event)
+    heartbeats_quiet: int = 0
+    """Heartbeats that changed nothing dispatch depends on, so did not wake the scheduler
+    (1,000 factories heartbeat 100 times a second; each would be a dispatch pass)."""
 
     def apply_job(self, key: str, value: bytes | None, revision: int, ts: float) -> None:
         old = self.jobs.get(key)
@@ -78,8 +81,12 @@ class FleetView:
         except (msgspec.DecodeError, caps.CapabilityError) as e:
             log.error("gf_factories/%s is not a factory record: %s", key, e)
             return
+        old = self.factories.get(key)
         self.factories[key] = FactoryState(rec, ts, offers)
-        self.changed.set()
+        if old is None or _dispatch_relevant(old, rec, ts):
+            self.changed.set()
+        else:
+            self.heartbeats_quiet += 1
 
     def live_factories(self, broker_now: float, heartbeat_s: float) -> list[FactoryState]:
         """Factories that are up and heartbeated within three periods (broker time)."""
@@ -95,6 +102,17 @@ class FleetView:
         for s in stages:
             out |= self.by_stage[s]
         return out
+
+
+def _dispatch_relevant(old: FactoryState, new: FactoryRecord, ts: float) -> bool:
+    """Whether a factory's new record can change a dispatch decision: its status, stations,
+    capabilities or pools changed, or it comes back after long enough to have been counted
+    dead. Busy and free stations are read from the job records, not from heartbeats."""
+    o = old.record
+    period = new.heartbeat_interval_s or o.heartbeat_interval_s or 0.0
+    return (o.status != new.status or len(o.stations) != len(new.stations) or o.capabilities != new.capabilities
+            or o.pools != new.pools or o.seats != new.seats or o.dispatch_mode != new.dispatch_mode
+            or o.heartbeat_interval_s != new.heartbeat_interval_s or ts - old.ts > 2 * period)
 
 
 async def follow(broker: Broker, view: FleetView, stop: asyncio.Event) -> None:
@@ -128,19 +146,28 @@ async def follow(broker: Broker, view: FleetView, stop: asyncio.Event) -> None:
                                 trailing = False
                                 synced.set()
                             continue
-                        if e is None:
-                            if synced.is_set() or await progress.caught_up():
-                                synced.set()
+                        # Take every update already received without awaiting each: a
+                        # restart replays every record (100,000 jobs), and a timed wait per
+                        # record (a task and a timer each) was a quarter of the replay's cost.
+                        # ``_updates`` is nats-py's queue behind ``updates()``.
+                        while True:
+                            if e is None:
+                                if synced.is_set() or await progress.caught_up():
+                                    synced.set()
+                                else:
+                                    trailing = True
                             else:
-                                trailing = True
-                            continue
-                        progress.consumed += 1
-                        deleted = e.operation in ("DEL", "PURGE")
-                        ts = e.created.timestamp() if e.created else 0.0
-                        apply(e.key, None if deleted else e.value, e.revision or 0, ts)
-                        if trailing and e.delta == 0 and await progress.caught_up():
-                            trailing = False
-                            synced.set()
+                                progress.consumed += 1
+                                deleted = e.operation in ("DEL", "PURGE")
+                                ts = e.created.timestamp() if e.created else 0.0
+                                apply(e.key, None if deleted else e.value, e.revision or 0, ts)
+                                if trailing and e.delta == 0 and await progress.caught_up():
+                                    trailing = False
+                                    synced.set()
+                            try:
+                                e = w._updates.get_nowait()
+                            except asyncio.QueueEmpty:
+                                break
                 finally:
                     try:
                         await w.stop()

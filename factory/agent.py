@@ -75,6 +75,8 @@ MAX_CAS_RETRIES = 10
 WRITE_BACKOFF_MAX_S = 2.0
 """Upper bound of the pause between tries of a write that got no answer (a conflict retries at
 once). Ten tries then span about ten seconds: longer than a JetStream leader election."""
+OUTBOX_RETRY_S = 1.0
+"""While results wait in the outbox, publishing them is tried this often."""
 
 
 class ResultPayload(msgspec.Struct):
@@ -169,7 +171,15 @@ class Factory:
         self.draining = asyncio.Event()
         self.ready = asyncio.Event()
         self.stats = {"claims": 0, "claim_conflicts": 0, "claim_skipped": 0, "fenced_writes": 0,
-                      "handed_back": 0, "finished": 0, "quarantined": 0, "polled_claims": 0}
+                      "handed_back": 0, "finished": 0, "quarantined": 0, "polled_claims": 0,
+                      "pool_scans": 0, "pool_records": 0, "outbox_wakeups": 0}
+        """Counters. ``pool_scans``/``pool_records``/``outbox_wakeups`` say how much work an
+        idle factory does (none beyond its heartbeat and long polls is the goal)."""
+        self._stop: asyncio.Event | None = None
+        self._pools_rescan = asyncio.Event()
+        """Set when the pools must be read again (after a reconnect)."""
+        self._outbox_kick = asyncio.Event()
+        """Set when an item is put in the outbox: the flusher sleeps until then."""
         self._tasks: set[asyncio.Task] = set()
 
     # -- stations -----------------------------------------------------------------------------
@@ -234,6 +244,7 @@ class Factory:
     async def run(self, stop: asyncio.Event) -> None:
         """Run until ``stop`` is set, then drain: stop claiming, let in-flight work finish
         (up to ``drain_timeout_s``), hand back what is left, deregister."""
+        self._stop = stop
         await self._heartbeat()
         for st in self.record.stations:
             st.idle_reason = IdleReason.NO_WORK
@@ -298,6 +309,7 @@ class Factory:
         await self.b.factories.put(self.id, encode(self.record))
 
     async def _heartbeat_loop(self, stop: asyncio.Event) -> None:
+        self._heartbeat_reconnects = self.b.nc.stats["reconnects"]
         while not stop.is_set():
             try:
                 await asyncio.wait_for(stop.wait(), timeout=self.s.heartbeat_s)
@@ -309,6 +321,9 @@ class Factory:
                 await self._heartbeat()
             except Exception as e:
                 log.info("%s: heartbeat failed (%s)", self.id, e)
+            if self.b.nc.stats["reconnects"] != self._heartbeat_reconnects:
+                self._heartbeat_reconnects = self.b.nc.stats["reconnects"]
+                self._pools_rescan.set()
 
     async def _event(self, kind: str, *, job: str | None = None, epoch: int | None = None,
                      stage_from: str | None = None, stage_to: str | None = None, reason: str = "",
@@ -324,33 +339,60 @@ class Factory:
     # -- pools ------------------------------------------------------------------------------------
 
     async def _pools_loop(self, stop: asyncio.Event) -> None:
-        """Bind to every pool this factory can serve, as pools appear."""
+        """Bind to every pool this factory can serve, as pools appear.
+
+        A plain subscription to the bucket's subjects hears each pool as it is written, and
+        costs nothing while none is: an idle fleet's traffic stays heartbeats and long polls.
+        (A long-lived KV watch is an ordered consumer: an idle-heartbeat message every 5 s and
+        a flow-control timer every 0.25 s per factory, with nothing to say.) A scan reads the
+        pools written before, and again after a reconnect (the subscription missed whatever
+        was written while the connection was down); the heartbeat loop asks for that one."""
+        sub = None
+        scanned_at = -1
         while not stop.is_set():
             try:
-                w = await self.b.pools.watch(">")
-                while not stop.is_set():
-                    try:
-                        e = await w.updates(timeout=1.0)
-                    except (asyncio.TimeoutError, nats.errors.TimeoutError):
-                        continue
-                    if e is None or not e.value or e.key in self.pools:
-                        continue
-                    try:
-                        pool = decode(e.value, PoolRecord)
-                    except msgspec.DecodeError:
-                        continue
-                    if self.offers.missing(pool.requirements):
-                        continue
-                    engine = next((r.split(":", 1)[1] for r in pool.requirements if r.startswith("engine:")), None)
-                    ps = PoolState(pool.id, pool.requirements, engine)
-                    self.pools[pool.id] = ps
-                    ps.task = self._spawn(self._puller(ps, stop), f"pool-{pool.id}")
-                    log.info("%s serves pool %s (%s)", self.id, pool.id, " ".join(pool.requirements))
+                if sub is None:
+                    sub = await self.b.nc.subscribe(f"$KV.{names.POOLS_BUCKET}.>", cb=self._on_pool_msg)
+                self._pools_rescan.clear()
+                reconnects = self.b.nc.stats["reconnects"]
+                if reconnects != scanned_at:
+                    self.stats["pool_scans"] += 1
+                    async for e in self.b.pools.scan():
+                        self._bind_pool(e.key, e.value, stop)
+                    scanned_at = reconnects
+                await self._pools_rescan.wait()
             except asyncio.CancelledError:
                 raise
             except Exception as ex:
-                log.info("%s: pools watch failed (%s); re-watching", self.id, ex)
+                log.info("%s: reading the pools failed (%s); reading again", self.id, ex)
                 await asyncio.sleep(1.0)
+        if sub is not None:
+            try:
+                await sub.unsubscribe()
+            except Exception:  # the connection may be gone; the subscription goes with it
+                pass
+
+    async def _on_pool_msg(self, msg) -> None:
+        if msg.headers and msg.headers.get("KV-Operation") in ("DEL", "PURGE"):
+            return
+        key = msg.subject[len(f"$KV.{names.POOLS_BUCKET}."):]
+        self._bind_pool(key, msg.data, self._stop)
+
+    def _bind_pool(self, key: str, value: bytes, stop: asyncio.Event | None) -> None:
+        self.stats["pool_records"] += 1
+        if stop is None or stop.is_set() or self.draining.is_set() or not value or key in self.pools:
+            return
+        try:
+            pool = decode(value, PoolRecord)
+        except msgspec.DecodeError:
+            return
+        if self.offers.missing(pool.requirements):
+            return
+        engine = next((r.split(":", 1)[1] for r in pool.requirements if r.startswith("engine:")), None)
+        ps = PoolState(pool.id, pool.requirements, engine)
+        self.pools[pool.id] = ps
+        ps.task = self._spawn(self._puller(ps, stop), f"pool-{pool.id}")
+        log.info("%s serves pool %s (%s)", self.id, pool.id, " ".join(pool.requirements))
 
     async def _puller(self, ps: PoolState, stop: asyncio.Event) -> None:
         try:
@@ -893,6 +935,7 @@ class Factory:
             run.stop_renewing.set()  # the outbox flusher takes over; the epoch decides on replay
             log.warning("%s: result of %s waits in the outbox (%s)", self.id, run.job, e)
             self.outbox.put("result", run.job, run.epoch, msgspec.json.encode(payload))
+            self._outbox_kick.set()
 
     async def _publish_result(self, run: Run, payload: ResultPayload, item: OutboxItem | None = None) -> None:
         if payload.log_object is None:
@@ -928,16 +971,34 @@ class Factory:
     # -- outbox -------------------------------------------------------------------------------------
 
     async def _outbox_loop(self, stop: asyncio.Event) -> None:
+        """Publish what waits in the outbox. While it holds items (the broker was down), try
+        every ``OUTBOX_RETRY_S``; while it is empty, sleep until an item is put in it."""
+        pending = self.outbox.count() > 0  # items left by an earlier run of this factory
         while not stop.is_set():
-            try:
-                await asyncio.wait_for(stop.wait(), timeout=1.0)
-            except asyncio.TimeoutError:
-                pass
-            if self.outbox.count() and self.b.nc.is_connected:
+            if not pending:
+                kick = asyncio.ensure_future(self._outbox_kick.wait())
+                stopped = asyncio.ensure_future(stop.wait())
+                try:
+                    await asyncio.wait({kick, stopped}, return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    kick.cancel()
+                    stopped.cancel()
+                if stop.is_set():
+                    return
+            else:
+                try:
+                    await asyncio.wait_for(stop.wait(), timeout=OUTBOX_RETRY_S)
+                    return
+                except asyncio.TimeoutError:
+                    pass
+            self._outbox_kick.clear()
+            self.stats["outbox_wakeups"] += 1
+            if self.b.nc.is_connected:
                 try:
                     await self._flush_outbox()
                 except Exception as e:
                     log.info("%s: outbox flush failed (%s)", self.id, e)
+            pending = self.outbox.count() > 0
 
     async def _flush_outbox(self) -> None:
         for item in self.outbox.pending(100):

@@ -200,6 +200,26 @@ class Bucket:
         return [e.key async for e in self.scan(pattern, meta_only=True)]
 
 
+PING_MIN_S = 10.0
+"""Client pings never come more often than this (nats-py's own default is 2 minutes): a
+loaded machine that answers a ping late must not be mistaken for a dead connection."""
+PING_HEARTBEATS = 2
+"""A connection pings its server once every this many heartbeats."""
+MAX_OUTSTANDING_PINGS = 3
+"""Pings without a reply before the client drops the connection as stale and reconnects."""
+
+
+def ping_interval_s(settings: Settings) -> float:
+    """How often a connection pings its server, derived from ``heartbeat_s``.
+
+    Pings are the only way a client notices a connection that went silent without closing
+    (a partition, a blackholed route), after ``MAX_OUTSTANDING_PINGS`` unanswered ones. They
+    are also traffic that is neither a heartbeat nor a long poll, so an idle fleet's traffic
+    scales with the two settings an operator tunes for it: at the default 10 s heartbeat, a
+    ping every 20 s and a silent connection noticed within about a minute."""
+    return max(PING_MIN_S, PING_HEARTBEATS * settings.heartbeat_s)
+
+
 def _jittered(settings: Settings) -> Callable:
     def handler(servers, _info):
         # Pick any server (a cluster spreads load), and wait a random share of the window.
@@ -244,8 +264,8 @@ async def connect(
         reconnected_cb=_rec,
         error_cb=_err,
         allow_reconnect=True,
-        ping_interval=10,
-        max_outstanding_pings=3,
+        ping_interval=ping_interval_s(settings),
+        max_outstanding_pings=MAX_OUTSTANDING_PINGS,
         pending_size=16 * 1024 * 1024,
     )
 
@@ -283,6 +303,8 @@ class Broker:
         self.idempotency: Bucket
         self.clock: Bucket
         self.artifacts = None
+        self.pools_known: set[str] = set()
+        """Dispatch pools this process has made sure exist (intake skips re-creating them)."""
 
     @classmethod
     async def open(

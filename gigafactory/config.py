@@ -23,12 +23,22 @@ class Settings:
     """A lease not renewed for this long (broker time) is reclaimed by the reaper."""
     lease_renew_s: float = 4.0
     """How often a holder renews its lease; keep well under ``lease_ttl_s``."""
-    heartbeat_s: float = 5.0
-    """Factory heartbeat period. A factory silent for 3 heartbeats is not counted as live."""
+    heartbeat_s: float = 10.0
+    """Factory heartbeat period. A factory silent for 3 heartbeats is not counted as live.
+    Each heartbeat is one KV write the coordinator reads: 1,000 factories at 10 s are 100
+    writes a second. Liveness only steers dispatch (leases expire on their own clock), so
+    noticing a dead factory within 30 s is enough; client pings follow it (see
+    ``broker.ping_interval_s``)."""
     reaper_interval_s: float = 1.0
-    long_poll_s: float = 5.0
+    long_poll_s: float = 30.0
     """How long an idle station's pull request waits on the broker before it is renewed.
-    With ``heartbeat_s`` this sets the broker traffic of an idle fleet."""
+    With ``heartbeat_s`` this sets the broker traffic of an idle fleet: per factory, one
+    heartbeat every ``heartbeat_s`` and, per pool it serves, one pull renewal every
+    ``long_poll_s`` (1,000 factories: 100 heartbeats and 33 renewals a second). A waiting
+    pull request is answered the moment a job is published, so a longer poll costs no
+    dispatch latency; it only bounds how long a request outlives a factory that vanished
+    without closing its connection (a dispatch message it took is redelivered after the
+    consumer's ack wait, and the coordinator re-publishes after ``redispatch_s``)."""
     redispatch_s: float = 10.0
     """A queued job whose dispatch message went unclaimed this long is published again."""
     poll_backoff_max_s: float = 10.0

@@ -87,6 +87,9 @@ class EmbeddedServer:
     no_advertise: bool = False
     """Cluster only: do not tell clients the other nodes' URLs. A client behind a fault proxy
     would otherwise learn them from INFO and reconnect around the proxy."""
+    monitor_port: int | None = None
+    """Serve nats-server's HTTP monitoring (``/varz``: message counts, CPU) on this loopback
+    port; for measuring what a fleet costs the broker. None: no monitoring endpoint."""
     proc: subprocess.Popen | None = None
     _conf_path: str | None = None
 
@@ -112,6 +115,7 @@ class EmbeddedServer:
         lines = [
             f'listen: "{self.host}:{self.port}"',
             f'server_name: "{self.name}"',
+            *([f'http: "{self.host}:{self.monitor_port}"'] if self.monitor_port else []),
             "jetstream {",
             f'  store_dir: "{Path(self.store_dir).as_posix()}"',
         ]
