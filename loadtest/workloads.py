@@ -595,7 +595,8 @@ def _restart(ctx: Context) -> st.Table:
     assert r is not None
     t = st.Table(f"coordinator restart with {r.get('jobs_in_bucket', 0):,} jobs in gf_jobs")
     if "error" in r:
-        t.add(st.row("restart", r["error"]))
+        t.add(st.row("restart", "failed", note=r["error"].splitlines()[-1][:300] if r["error"] else ""))
+        t.rows[-1].verdict = "missed"
         return t
     t.add(st.row("fill rate (direct KV writes)", r["filled"] / r["fill_s"] if r["fill_s"] else None, "records/s"))
     t.add(st.row("API answers", r["api_s"], "s"))
