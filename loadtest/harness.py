@@ -54,7 +54,7 @@ from gigafactory.client import ApiError, Client
 from gigafactory.config import Settings
 from gigafactory.embedded import EmbeddedServer
 from gigafactory.schemas import names
-from gigafactory.schemas.records import JobRecord, decode, encode
+from gigafactory.schemas.records import FactoryRecord, JobRecord, decode, encode
 
 from . import baseline as bl
 from .fleet import read_stats
@@ -674,7 +674,14 @@ class LoadRun:
         await asyncio.sleep(window_s)  # the measurement window itself
         v1, c1, dt = await self.varz(), self._cpu(), time.monotonic() - t0
         pools = await self.admin_().pools.keys()
+        polling = 0
+        async for e in self.admin_().factories.scan():
+            if not e.key.startswith("lt-"):
+                continue
+            with contextlib.suppress(msgspec.DecodeError):
+                polling += decode(e.value, FactoryRecord).dispatch_mode == "poll"
         return {
+            "factories_polling": polling,
             "window_s": round(dt, 3),
             "cpu_s": {k: round(c1[k] - c0.get(k, 0.0), 4) for k in c1},
             "in_msgs_per_s": (v1["in_msgs"] - v0["in_msgs"]) / dt,
@@ -704,8 +711,6 @@ class LoadRun:
 
         async def bound() -> bool:
             # Registered, and a heartbeat has named the pools it serves: it is fully up.
-            from gigafactory.schemas.records import FactoryRecord
-
             e = await self.admin_().factories.get(fid)
             if e is None:
                 return False

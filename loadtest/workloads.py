@@ -173,8 +173,8 @@ async def priorities(ctx: Context) -> None:
                 backlog += await run.submit([run.job(priority="low") for _ in range(k)])
             critical = await run.submit([run.job(priority="critical") for _ in range(n_crit)])
         finally:
+            resumed = time.time()  # before the signals: a woken host may claim before this process runs again
             run.resume_fleet()
-            resumed = time.time()
         ph.ids = backlog + critical
         ph.extra.update(backlog=backlog, critical=critical, resumed_at=resumed)
         ph.missing = await run.wait_done(ph.ids, run.done_timeout_s(len(ph.ids)))
@@ -212,16 +212,21 @@ async def multi_product(ctx: Context) -> None:
         run.pause_fleet()
         t0 = time.monotonic()
         products: dict[str, list[str]] = {}
+        budget_s = 1.5 * run.settings.heartbeat_s  # the pause must stay under two heartbeats
         try:
+            cum = 0.0
             for prod, share in shares.items():  # one product after another, the big one first
+                cum += share
                 want = max(3, int(cfg.jobs * share))
                 got: list[str] = []
-                while len(got) < want and time.monotonic() - t0 < 1.5 * run.settings.heartbeat_s:
+                # Each product gets its share of the pause, so a slow intake shortens every
+                # product instead of leaving the last one out.
+                while len(got) < want and (len(got) < 3 or time.monotonic() - t0 < budget_s * cum):
                     got += await run.submit([run.job(product=prod) for _ in range(min(cfg.batch, want - len(got)))])
                 products[prod] = got
         finally:
+            resumed = time.time()  # before the signals: a woken host may claim before this process runs again
             run.resume_fleet()
-            resumed = time.time()
         ph.ids = [j for ids in products.values() for j in ids]
         ph.extra.update(products=products, resumed_at=resumed)
         ph.missing = await run.wait_done(ph.ids, run.done_timeout_s(len(ph.ids)))
@@ -386,7 +391,10 @@ def report(ctx: Context) -> dict:
         r = st.row("stations busy under a backlog", None if u["busy_pct"] is None else round(u["busy_pct"], 2), "%",
                    target=UTIL_TARGET,
                    note=f"mean gap between a station's jobs {fmt_ms(u['gap_ms_mean'])} against jobs of "
-                        f"{u['hold_s']:g}s; ramp to all stations busy {u['ramp_s']}s")
+                        f"{u['hold_s']:g}s; ramp to all stations busy {u['ramp_s']}s; keeping "
+                        f"{cfg.total_stations} stations busy takes {cfg.total_stations / u['hold_s']:.0f} "
+                        f"dispatches/s against a saturated noop throughput of "
+                        f"{st.fmt((ours or {}).get('throughput_jobs_per_s'))} jobs/s")
         t.add(r)
     _memory_rows(ctx, t)
     if t.rows:
@@ -577,10 +585,16 @@ def _idle(ctx: Context) -> st.Table:
                     f"{100 * i['cpu_s'].get('coordinator', 0) / i['window_s']:.2f}%; per factory "
                     f"{pct / cfg.factories:.4f}%: heartbeats every {s.heartbeat_s:g}s and long polls renewed every "
                     f"{s.long_poll_s:g}s per pool ({i['pools']} pools)")
+    polling = i.get("factories_polling", 0)
+    if polling:
+        r.note += (f"; {polling} of {cfg.factories} factories were polling gf_queue (push judged stalled), "
+                   "not waiting on long polls")
     if cfg.factories < 1000:
         r.verdict = "n/a"
-        r.note = f"target is for 1,000 factories; this run had {cfg.factories} ({pct / cfg.factories:.4f}% per factory)"
+        r.note = (f"target is for 1,000 factories; this run had {cfg.factories} ({pct / cfg.factories:.4f}% per "
+                  f"factory)" + (f"; {polling} of them were polling gf_queue (push judged stalled)" if polling else ""))
     t.add(r)
+    t.add(st.row("factories in poll mode during the window", polling))
     t.add(st.row("broker CPU", round(100 * i["cpu_s"].get("broker", 0) / i["window_s"], 3), "% of a core"))
     t.add(st.row("broker messages in", round(i["in_msgs_per_s"], 2), "msg/s"))
     t.add(st.row("broker messages out", round(i["out_msgs_per_s"], 2), "msg/s"))
