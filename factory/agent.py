@@ -77,6 +77,8 @@ WRITE_BACKOFF_MAX_S = 2.0
 once). Ten tries then span about ten seconds: longer than a JetStream leader election."""
 OUTBOX_RETRY_S = 1.0
 """While results wait in the outbox, publishing them is tried this often."""
+NOOP_ENGINE = "noop"
+"""The built-in engine that does nothing (see :meth:`Factory._run_noop`)."""
 
 
 class ResultPayload(msgspec.Struct):
@@ -859,6 +861,8 @@ class Factory:
                                  verify_exit_code=vcode, log_path=log_path, log_object=None,
                                  attribution=attribution, finished_at=time.time())
 
+        if m.engine == NOOP_ENGINE:
+            return self._run_noop(run, result)
         if (m.engine or "shell") != "shell":
             Path(log_path).write_text(f"engine {m.engine!r} has no runner on factory {self.id}\n")
             return result(FailureClass.SETUP_FAILED, f"engine {m.engine!r} is not runnable on {self.id}")
@@ -917,6 +921,19 @@ class Factory:
         if v.exit_code != 0:
             return result(FailureClass.VERIFY_FAILED, f"verify exited {v.exit_code}: {m.verify}", 0, v.exit_code)
         return result(None, f"verify passed: {m.verify}", 0, 0)
+
+    def _run_noop(self, run: Run, result) -> ResultPayload:
+        """The built-in ``noop`` engine, for the load suite: it completes at once, starts no
+        process and writes no log, so a run measures the claim protocol, not the cost of a fork.
+        ``verify`` is skipped too (nothing ran, so there is nothing to verify): the attempt
+        passes with no verify exit code, and its detail says so. Only a factory started with
+        the ``engine:noop`` capability token runs it; elsewhere it fails as any engine this
+        factory does not offer, so real work can never be swallowed by it."""
+        if f"engine:{NOOP_ENGINE}" not in self.offers.tokens:
+            return result(FailureClass.SETUP_FAILED,
+                          f"engine 'noop' is not offered by {self.id} (start it with --cap engine:noop)")
+        skipped = "; verify skipped (noop engine)" if run.record.manifest.verify else ""
+        return result(None, f"noop engine: completed at once{skipped}", 0)
 
     async def _upload_log(self, run: Run, payload: ResultPayload) -> ResultPayload:
         name = names.log_object_name(run.job, run.record.attempt, run.epoch)

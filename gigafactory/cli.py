@@ -627,5 +627,110 @@ def chaos_sim(args) -> None:
     sys.exit(sim_main(list(args)))
 
 
+# -- load suite -------------------------------------------------------------------------------------
+
+
+@main.group()
+def loadtest() -> None:
+    """The load suite: our figures beside a minimal CAS work queue on the same broker."""
+
+
+@loadtest.command("workloads")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def loadtest_workloads(as_json) -> None:
+    """List the workloads."""
+    from gigafactory.loadtest.workloads import WORKLOADS
+
+    if as_json:
+        _emit_json({"workloads": [{"name": w.name, "summary": w.summary} for w in WORKLOADS.values()]})
+        return
+    width = max(len(n) for n in WORKLOADS)
+    for w in WORKLOADS.values():
+        click.echo(f"{w.name:<{width}}  {w.summary}")
+
+
+@loadtest.command("run")
+@click.option("--factories", type=click.IntRange(min=1), default=100, show_default=True, help="Connected factories.")
+@click.option("--jobs", type=click.IntRange(min=1), default=1000, show_default=True, help="Jobs per workload phase.")
+@click.option("--stations", type=click.IntRange(1, 256), default=2, show_default=True, help="Stations per factory.")
+@click.option("--workload", "workload_names", multiple=True, default=("all",), show_default=True,
+              help="A workload ('gigafactory loadtest workloads'), repeatable, or 'all'.")
+@click.option("--idle-s", type=click.FloatRange(min=0), default=60.0, show_default=True,
+              help="Idle-fleet window (0 skips it).")
+@click.option("--restart-jobs", type=click.IntRange(min=0), default=100_000, show_default=True,
+              help="Records in gf_jobs for the coordinator restart (0 skips it).")
+@click.option("--pace-fraction", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=0.4,
+              show_default=True, help="Paced rate as a share of the slower saturated throughput.")
+@click.option("--busy-job-s", type=click.FloatRange(min=0, min_open=True), default=1.0, show_default=True,
+              help="How long each utilisation-phase job holds its station (at least).")
+@click.option("--fleet-hosts", type=click.IntRange(min=1), default=2, show_default=True,
+              help="Processes the bulk of the fleet is split over.")
+@click.option("--batch", type=click.IntRange(1, 1000), default=100, show_default=True, help="Jobs per submit call.")
+@click.option("--dir", "workdir", type=click.Path(file_okay=False), default=None,
+              help="Broker store and process logs (default: a temp folder, removed after a good run).")
+@click.option("--out", "out_file", type=click.Path(dir_okay=False), default=None,
+              help="Write the JSON result here (default: $GIGAFACTORY_HOME/loadtest-results/<time>.json).")
+@click.option("--markdown", is_flag=True, help="Print the tables as markdown (the README's results table).")
+@click.option("--json", "as_json", is_flag=True, help="Print the JSON result instead of the table.")
+def loadtest_run(factories, jobs, stations, workload_names, idle_s, restart_jobs, pace_fraction, busy_job_s,
+                 fleet_hosts, batch, workdir, out_file, markdown, as_json) -> None:
+    """Run the load suite: its own broker, coordinator, fleet and baseline; prints the figures
+    with the issue's targets (reported, never asserted) and writes the JSON result. Exits 1 only
+    if the harness itself failed (a job did not complete, a process did not start)."""
+    import shlex
+    import shutil
+    import tempfile
+    import time as _time
+
+    from gigafactory.loadtest.harness import LoadConfig, run_load
+    from gigafactory.loadtest.workloads import WORKLOADS
+
+    names_ = list(WORKLOADS) if "all" in workload_names else list(dict.fromkeys(workload_names))
+    unknown = [w for w in names_ if w not in WORKLOADS]
+    if unknown:
+        _fail(f"no workload {', '.join(unknown)}; 'gigafactory loadtest workloads' lists them: "
+              f"{', '.join(WORKLOADS)} (or 'all')", 2, as_json=as_json)
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        stream=sys.stderr)
+    logging.getLogger("nats").setLevel(logging.CRITICAL)
+    temp = workdir is None
+    root = Path(workdir or tempfile.mkdtemp(prefix="gigafactory-loadtest-")).resolve()
+    cfg = LoadConfig(factories=factories, stations=stations, jobs=jobs, workloads=tuple(names_), idle_s=idle_s,
+                     restart_jobs=restart_jobs, pace_fraction=pace_fraction, busy_job_s=busy_job_s,
+                     fleet_hosts=fleet_hosts, batch=batch, workdir=root, settings=Settings.from_env())
+    try:
+        cfg.validate()
+    except ValueError as e:
+        _fail(str(e), 2, as_json=as_json)
+
+    def progress(text: str) -> None:
+        if not as_json:
+            click.echo(f"# {text}", err=True)
+
+    def interrupted(*_):
+        raise KeyboardInterrupt  # as Ctrl-C: the run stops every process it started on the way out
+
+    signal.signal(signal.SIGTERM, interrupted)
+    try:
+        result = asyncio.run(run_load(cfg, progress))
+    except (RuntimeError, TimeoutError, OSError) as e:
+        _fail(f"the load run failed: {e} (logs in {root})", 1, as_json=as_json)
+    result["command"] = "gigafactory loadtest run " + " ".join(shlex.quote(a) for a in sys.argv[3:])
+    out = Path(out_file) if out_file else home() / "loadtest-results" / _time.strftime("%Y%m%d-%H%M%S.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_bytes(orjson.dumps(result, option=orjson.OPT_INDENT_2))
+    if temp and result["ok"]:
+        shutil.rmtree(root, ignore_errors=True)
+        result["workdir"] = ""
+    if as_json:
+        _emit_json(result)
+    else:
+        click.echo(result["markdown"] if markdown else result["text"])
+        if result["incomplete"]:
+            click.echo(f"NOT COMPLETED: {result['incomplete']} (logs in {root})", err=True)
+        click.echo(f"result: {out}", err=True)
+    sys.exit(0 if result["ok"] else 1)
+
+
 if __name__ == "__main__":
     main()

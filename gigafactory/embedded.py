@@ -87,15 +87,21 @@ class EmbeddedServer:
     no_advertise: bool = False
     """Cluster only: do not tell clients the other nodes' URLs. A client behind a fault proxy
     would otherwise learn them from INFO and reconnect around the proxy."""
-    monitor_port: int | None = None
-    """Serve nats-server's HTTP monitoring (``/varz``: message counts, CPU) on this loopback
-    port; for measuring what a fleet costs the broker. None: no monitoring endpoint."""
+    http_port: int | None = None
+    """Serve the monitoring endpoints (``/varz``: message counts, CPU, memory) on this port;
+    0 picks a free one at start, None (the default) serves none. The load suite reads it."""
     proc: subprocess.Popen | None = None
     _conf_path: str | None = None
 
     @property
     def url(self) -> str:
         return f"nats://{self.host}:{self.port}"
+
+    @property
+    def monitor_url(self) -> str:
+        """Base URL of the monitoring endpoints (``monitor_url + '/varz'``)."""
+        assert self.http_port, "monitor_url needs http_port (0 picks a free one at start)"
+        return f"http://{self.host}:{self.http_port}"
 
     @property
     def route_url(self) -> str:
@@ -115,7 +121,10 @@ class EmbeddedServer:
         lines = [
             f'listen: "{self.host}:{self.port}"',
             f'server_name: "{self.name}"',
-            *([f'http: "{self.host}:{self.monitor_port}"'] if self.monitor_port else []),
+        ]
+        if self.http_port:
+            lines.append(f'http: "{self.host}:{self.http_port}"')
+        lines += [
             "jetstream {",
             f'  store_dir: "{Path(self.store_dir).as_posix()}"',
         ]
@@ -138,6 +147,8 @@ class EmbeddedServer:
         """Start the server and wait until it accepts connections (bounded)."""
         if self.port == 0:
             self.port = free_port(self.host)
+        if self.http_port == 0:
+            self.http_port = free_port(self.host)
         os.makedirs(self.store_dir, exist_ok=True)
         self._remove_conf()  # a restart after kill() writes a fresh one
         fd, self._conf_path = tempfile.mkstemp(prefix="gf-nats-", suffix=".conf")

@@ -1,0 +1,633 @@
+"""The workloads of the load suite, and what the run reports about them.
+
+Every job is a no-op (the factory's built-in ``noop`` engine: no process, no log), except the
+utilisation phase of ``noop``, whose jobs must hold their station for a while: those run
+``sleep`` under the shell engine, at most about a hundred starts a second, so the machine's
+fork rate does not become the figure.
+
+Two workloads need a backlog by construction (``priorities``, ``multi-product``): the fleet
+hosts are paused (SIGSTOP) while the backlog is submitted, for less than two heartbeat
+periods so no factory is counted dead, then resumed. Their waits are counted from the
+resume (or from submission, if later): time in the queue while the fleet could work.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections import defaultdict
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from gigafactory.schemas import names
+from gigafactory.schemas.records import JobRecord, decode
+
+from . import baseline as bl
+from . import stats as st
+from .harness import LoadRun, Phase, Timeline, proc_rss_bytes, read_history, timelines_from
+
+MB = 1024 * 1024
+THROUGHPUT_RATIO_TARGET = st.Target(">=", 0.70, ">= 0.70x baseline")
+PACED_P99_TARGET = st.Target("<", 10.0, "< 10 ms (100 factories)")
+IDLE_CPU_TARGET = st.Target("<", 5.0, "< 5% (1,000 factories)")
+UTIL_TARGET = st.Target(">=", 95.0, ">= 95%")
+FAIRNESS_TARGET = st.Target("<=", 1.5, "<= 1.5x")
+RESTART_TARGET = st.Target("<", 10.0, "< 10 s (100,000 jobs)")
+MAX_FORKS_PER_S = 100.0
+"""Bound on shell starts in the utilisation phase: job length grows with the fleet instead."""
+
+
+@dataclass
+class Context:
+    """What the workloads share during a run, and what :func:`report` reads afterwards."""
+
+    run: LoadRun
+    timelines: dict[str, Timeline] = field(default_factory=dict)
+    phases: dict[str, Phase] = field(default_factory=dict)
+    """By ``<side>:<name>``."""
+    paced_rate: float | None = None
+    paced_count: int = 0
+    idle: dict | None = None
+    restart: dict | None = None
+    info: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def cfg(self):
+        return self.run.cfg
+
+    def keep(self, ph: Phase) -> Phase:
+        self.phases[f"{ph.side}:{ph.name}"] = ph
+        return ph
+
+    async def refresh(self) -> None:
+        js = self.run.admin_().js
+        self.timelines.update(timelines_from(await read_history(js, f"KV_{names.JOBS_BUCKET}",
+                                                                f"$KV.{names.JOBS_BUCKET}.>")))
+        self.timelines.update(timelines_from(await read_history(js, f"KV_{bl.BUCKET}", f"$KV.{bl.BUCKET}.>")))
+
+
+@dataclass(frozen=True)
+class Workload:
+    name: str
+    summary: str
+    run: Callable[[Context], Awaitable[None]]
+
+
+# -- figures of a phase -------------------------------------------------------------------------
+
+
+def phase_figures(ctx: Context, ph: Phase, *, wait_from: float | None = None) -> dict[str, Any]:
+    """Throughput, latencies, claim counters and CPU per job of one phase, from the broker's
+    timelines. ``wait_from``: dispatch waits count from this time if it is later than the
+    job's becoming queued (the fleet was paused until then)."""
+    tls = [ctx.timelines[j] for j in ph.ids if j in ctx.timelines]
+    done = [t for t in tls if t.done is not None]
+    n = len(ph.ids)
+    first = min((t.submitted for t in tls), default=None)
+    last = max((t.done for t in done), default=None)
+    window = (last - first) if first is not None and last is not None else None
+
+    def queued_at(t: Timeline) -> float:
+        q = t.queued if t.queued is not None else t.submitted
+        return max(q, wait_from) if wait_from is not None else q
+
+    dispatch = [t.claimed - queued_at(t) for t in tls if t.claimed is not None]
+    completion = [t.done - t.submitted for t in done]
+    coord = [t.dispatched - queued_at(t) for t in tls if t.dispatched is not None and t.claimed is not None]
+    fact = [t.claimed - t.dispatched for t in tls if t.dispatched is not None and t.claimed is not None]
+    claims = ph.counters.get("claims", 0)
+    return {
+        "jobs": n, "completed": len(done), "not_completed": n - len(done), "untracked": n - len(tls),
+        "failed": sum(1 for t in done if t.stage in ("failed", "dead_letter")),
+        "window_s": None if window is None else round(window, 4),
+        "throughput_jobs_per_s": st.rate(len(done), window),
+        "dispatch": st.summary_ms(dispatch), "completion": st.summary_ms(completion),
+        "dispatch_coordinator_part": st.summary_ms(coord), "dispatch_factory_part": st.summary_ms(fact),
+        "claim_attempts": claims, "claim_conflicts": ph.counters.get("claim_conflicts", 0),
+        "claim_skipped": ph.counters.get("claim_skipped", 0),
+        "attempts_per_job": st.per_job(claims, n), "conflicts_per_job": st.per_job(ph.counters.get("claim_conflicts", 0), n),
+        "cpu_s": ph.cpu_s, "cpu_ms_per_job": {k: (v * 1000 / n if n else None) for k, v in ph.cpu_s.items()},
+        "wall_s": round(ph.wall_s, 3), "extra": ph.extra,
+    }
+
+
+# -- the baseline ---------------------------------------------------------------------------------
+
+
+async def baseline_phase(ctx: Context, name: str, count: int, rate: float | None) -> Phase:
+    run = ctx.run
+    async with run.phase(name, "baseline") as ph:
+        keys = [f"b-{name}-{i:06d}" for i in range(count)]
+        ph.ids = keys
+        await run.baseline_submit(keys, rate)
+        ph.missing = await run.wait_done(keys, run.done_timeout_s(count))
+    ctx.keep(ph)
+    if name == "saturated":
+        await ctx.refresh()
+        ctx.info["baseline_saturated_tp"] = phase_figures(ctx, ph)["throughput_jobs_per_s"]
+    return ph
+
+
+# -- workloads ------------------------------------------------------------------------------------
+
+
+async def _ours(ctx: Context, name: str, texts: list[str], *, rate: float | None = None) -> Phase:
+    run = ctx.run
+    async with run.phase(name) as ph:
+        ph.ids = await (run.submit_paced(texts, rate) if rate else run.submit(texts))
+        ph.missing = await run.wait_done(ph.ids, run.done_timeout_s(len(texts)))
+    return ctx.keep(ph)
+
+
+async def noop(ctx: Context) -> None:
+    run, cfg = ctx.run, ctx.cfg
+    sat = await _ours(ctx, "noop saturated", [run.job() for _ in range(cfg.jobs)])
+    await ctx.refresh()
+    ours_tp = phase_figures(ctx, sat)["throughput_jobs_per_s"]
+    base_tp = ctx.info.get("baseline_saturated_tp")
+    slower = min(x for x in (ours_tp, base_tp) if x) if (ours_tp or base_tp) else 10.0
+    ctx.paced_rate = max(1.0, cfg.pace_fraction * slower)
+    ctx.paced_count = max(20, min(cfg.jobs, int(ctx.paced_rate * 20)))
+    paced = await _ours(ctx, "noop paced", [run.job() for _ in range(ctx.paced_count)], rate=ctx.paced_rate)
+    paced.extra["rate_jobs_per_s"] = ctx.paced_rate
+    # Utilisation: jobs that hold a station, three rounds of the whole fleet, as a backlog.
+    stations = cfg.total_stations
+    hold_s = max(cfg.busy_job_s, stations / MAX_FORKS_PER_S)
+    texts = [run.job(engine="shell", script=f"sleep {hold_s:g}") for _ in range(3 * stations)]
+    util = await _ours(ctx, "utilisation", texts)
+    util.extra["hold_s"] = hold_s
+
+
+async def priorities(ctx: Context) -> None:
+    run, cfg = ctx.run, ctx.cfg
+    n_crit = max(3, cfg.jobs // 20)
+    async with run.phase("priorities") as ph:
+        run.pause_fleet()
+        t0 = time.monotonic()
+        backlog: list[str] = []
+        try:
+            # Bounded: a pause of two heartbeat periods would make the fleet look dead.
+            while len(backlog) < cfg.jobs and time.monotonic() - t0 < 1.5 * run.settings.heartbeat_s:
+                k = min(cfg.batch, cfg.jobs - len(backlog))
+                backlog += await run.submit([run.job(priority="low") for _ in range(k)])
+            critical = await run.submit([run.job(priority="critical") for _ in range(n_crit)])
+        finally:
+            resumed = time.time()  # before the signals: a woken host may claim before this process runs again
+            run.resume_fleet()
+        ph.ids = backlog + critical
+        ph.extra.update(backlog=backlog, critical=critical, resumed_at=resumed)
+        ph.missing = await run.wait_done(ph.ids, run.done_timeout_s(len(ph.ids)))
+    ctx.keep(ph)
+
+
+async def dag(ctx: Context) -> None:
+    run, cfg = ctx.run, ctx.cfg
+    depth = max(3, min(20, cfg.jobs // 10))
+    width = max(2, min(cfg.jobs // 4, cfg.total_stations, 400))
+    p = f"lt-{run.id}-dag"
+    texts, chains = [], []
+    for c in range(2):  # two deep chains
+        keys = [f"{p}-c{c}-{i}" for i in range(depth)]
+        chains.append(keys)
+        texts += [run.job(key=k, deps=[keys[i - 1]] if i else None) for i, k in enumerate(keys)]
+    wide = [f"{p}-w-{i}" for i in range(width)]  # fan-out from a root, fan-in to a join
+    texts.append(run.job(key=f"{p}-root"))
+    texts += [run.job(key=k, deps=[f"{p}-root"]) for k in wide]
+    texts.append(run.job(key=f"{p}-join", deps=wide))
+    async with run.phase("dag") as ph:
+        ids = await run.submit(texts, batch=len(texts))
+        ph.ids = ids
+        ph.missing = await run.wait_done(ids, run.done_timeout_s(len(ids)))
+        by_key = dict(zip([k for ch in chains for k in ch] + [f"{p}-root"] + wide + [f"{p}-join"], ids))
+        ph.extra.update(depth=depth, width=width, chains=[[by_key[k] for k in ch] for ch in chains],
+                        root=by_key[f"{p}-root"], wide=[by_key[k] for k in wide], join=by_key[f"{p}-join"])
+    ctx.keep(ph)
+
+
+async def multi_product(ctx: Context) -> None:
+    run, cfg = ctx.run, ctx.cfg
+    shares = {"prod-a": 0.5, "prod-b": 0.3, "prod-c": 0.2}
+    async with run.phase("multi-product") as ph:
+        run.pause_fleet()
+        t0 = time.monotonic()
+        products: dict[str, list[str]] = {}
+        budget_s = 1.5 * run.settings.heartbeat_s  # the pause must stay under two heartbeats
+        try:
+            cum = 0.0
+            for prod, share in shares.items():  # one product after another, the big one first
+                cum += share
+                want = max(3, int(cfg.jobs * share))
+                got: list[str] = []
+                # Each product gets its share of the pause, so a slow intake shortens every
+                # product instead of leaving the last one out.
+                while len(got) < want and (len(got) < 3 or time.monotonic() - t0 < budget_s * cum):
+                    got += await run.submit([run.job(product=prod) for _ in range(min(cfg.batch, want - len(got)))])
+                products[prod] = got
+        finally:
+            resumed = time.time()  # before the signals: a woken host may claim before this process runs again
+            run.resume_fleet()
+        ph.ids = [j for ids in products.values() for j in ids]
+        ph.extra.update(products=products, resumed_at=resumed)
+        ph.missing = await run.wait_done(ph.ids, run.done_timeout_s(len(ph.ids)))
+    ctx.keep(ph)
+
+
+async def mixed_capabilities(ctx: Context) -> None:
+    run, cfg = ctx.run, ctx.cfg
+    rng = random.Random(0)
+    mix = [("common", ("tier:common",), 0.6), ("gpu", ("gpu",), 0.3), ("rare", ("hsm",), 0.1)]
+    if cfg.factories < 3:
+        mix = [("common", ("tier:common",), 1.0)]
+    plan = [name for name, _caps, share in mix for _ in range(max(2, int(cfg.jobs * share)))]
+    rng.shuffle(plan)
+    capmap = {name: c for name, c, _ in mix}
+    texts = [run.job(caps=capmap[name]) for name in plan]
+    async with run.phase("mixed-capabilities") as ph:
+        ph.ids = await run.submit(texts)
+        ph.missing = await run.wait_done(ph.ids, run.done_timeout_s(len(texts)))
+        pools: dict[str, list[str]] = defaultdict(list)
+        for name, jid in zip(plan, ph.ids):
+            pools[name].append(jid)
+        sizes = {"common": cfg.factories}
+        for spec in run.layout:
+            if "gpu" in spec.caps:
+                sizes["gpu"] = sizes.get("gpu", 0) + spec.count
+            if "hsm" in spec.caps:
+                sizes["rare"] = sizes.get("rare", 0) + spec.count
+        ph.extra.update(pools=dict(pools), pool_factories=sizes)
+    ctx.keep(ph)
+
+
+async def herd(ctx: Context) -> None:
+    run, cfg = ctx.run, ctx.cfg
+    k = max(3, min(20, cfg.jobs))
+    async with run.phase("herd") as ph:
+        for _ in range(k):  # one at a time into the idle fleet
+            ids = await run.submit([run.job()])
+            ph.ids += ids
+            ph.missing += await run.wait_done(ids, 60.0)
+    ctx.keep(ph)
+
+
+WORKLOADS: dict[str, Workload] = {w.name: w for w in (
+    Workload("noop", "no-op jobs saturated and paced, beside the baseline; station utilisation under a backlog", noop),
+    Workload("mixed-capabilities", "pools of very different sizes, including a capability one factory holds",
+             mixed_capabilities),
+    Workload("priorities", "critical jobs arriving into a low-priority backlog", priorities),
+    Workload("dag", "two deep dependency chains and a wide fan-out/fan-in", dag),
+    Workload("multi-product", "three products of different volumes competing for the same stations", multi_product),
+    Workload("herd", "one job at a time into a large idle fleet", herd),
+)}
+
+
+# -- the restart ----------------------------------------------------------------------------------
+
+
+async def restart_measure(ctx: Context, count: int) -> dict:
+    """A coordinator restart with ``count`` more records in ``gf_jobs``: seconds until its API
+    answers, until it logs ready (view replayed), and until a job submitted as soon as the API
+    answered is claimed (its first dispatch pass). And a factory's memory before and after."""
+    run = ctx.run
+    single = await run.start_single_factory()
+    rss = {"single_before": proc_rss_bytes(single.pid),
+           "fleet_before": sum(proc_rss_bytes(p.pid) or 0 for p in run.hosts.values())}
+    template = None
+    async for e in run.admin_().jobs.scan():
+        rec = decode(e.value, JobRecord)
+        if str(rec.stage) == "shipped":
+            template = rec
+            break
+    if template is None:
+        return {"error": "no shipped job to copy as the fill's template (run a workload first)"}
+    assert run.coordinator is not None
+    await run.coordinator.terminate(timeout_s=20.0)
+    fill_s = await run.fill_jobs(count, template)
+    ready_before = run.coordinator_ready_count()
+    t0 = time.monotonic()
+    api_s = await run.start_coordinator()
+    job = (await run.submit([run.job()]))[0]
+    await run.wait_until(lambda: run.coordinator_ready_count() > ready_before, 120.0, "the coordinator ready",
+                         proc=run.coordinator, interval_s=0.01)
+    ready_s = time.monotonic() - t0
+    await run.wait_until(lambda: run.stages.get(job) not in (None, "queued", "blocked"), 120.0,
+                         "the first job after the restart claimed", interval_s=0.005)
+    first_claim_s = time.monotonic() - t0
+    missing = await run.wait_done([job], 60.0)
+    rss.update(single_after=proc_rss_bytes(single.pid),
+               fleet_after=sum(proc_rss_bytes(p.pid) or 0 for p in run.hosts.values()),
+               coordinator_after=proc_rss_bytes(run.coordinator.pid))
+    return {"jobs_in_bucket": count + len(ctx.timelines), "filled": count, "fill_s": round(fill_s, 3),
+            "api_s": round(api_s, 3), "ready_s": round(ready_s, 3), "first_claim_s": round(first_claim_s, 3),
+            "first_job_done": not missing, "rss_bytes": rss}
+
+
+# -- the report -----------------------------------------------------------------------------------
+
+
+def _ms(summary: dict, q: str) -> float | None:
+    return summary.get(f"{q}_ms")
+
+
+def _bound_note(f: dict) -> str:
+    """What bounds throughput, from the CPU each component spent per job."""
+    per = {k: v for k, v in f["cpu_ms_per_job"].items() if v is not None}
+    if not per:
+        return ""
+    total = sum(per.values())
+    top = max(per, key=per.get)
+    cores = 2
+    return (f"CPU per job {total:.2f} ms in all ({', '.join(f'{k} {v:.2f}' for k, v in per.items())}): "
+            f"the machine's {cores} cores allow ~{cores * 1000 / total:.0f} jobs/s; the {top} alone, on one core, "
+            f"~{1000 / per[top]:.0f} jobs/s")
+
+
+def report(ctx: Context) -> dict:
+    """The result: figures per phase, the tables (as rows) and notes."""
+    cfg = ctx.cfg
+    tables: list[st.Table] = []
+    figures: dict[str, Any] = {}
+    for key, ph in ctx.phases.items():
+        wait_from = ph.extra.get("resumed_at")
+        figures[key] = phase_figures(ctx, ph, wait_from=wait_from)
+    ours, base = figures.get("ours:noop saturated"), figures.get("baseline:saturated")
+    paced, base_paced = figures.get("ours:noop paced"), figures.get("baseline:paced")
+    t = st.Table(f"noop: ours vs the baseline ({cfg.factories} factories x {cfg.stations} stations)")
+    if ours and base:
+        t.add(st.row("saturated jobs completed", ours["completed"], baseline=base["completed"]))
+        t.add(st.row("saturated throughput", ours["throughput_jobs_per_s"], "jobs/s",
+                     baseline=base["throughput_jobs_per_s"], target=THROUGHPUT_RATIO_TARGET, judge_on="ratio",
+                     note=_bound_note(ours)))
+        for label, k in (("dispatch", "dispatch"), ("completion", "completion")):
+            for q in ("p50", "p95", "p99"):
+                t.add(st.row(f"saturated {label} latency {q}", _ms(ours[k], q), "ms", baseline=_ms(base[k], q)))
+        t.add(st.row("claim attempts per job", ours["attempts_per_job"], baseline=base["attempts_per_job"]))
+        t.add(st.row("CAS conflicts per job", ours["conflicts_per_job"], baseline=base["conflicts_per_job"]))
+        t.add(st.row("coordinator CPU per job", ours["cpu_ms_per_job"].get("coordinator"), "ms"))
+        t.add(st.row("factory CPU per job", ours["cpu_ms_per_job"].get("factories"), "ms",
+                     baseline=base["cpu_ms_per_job"].get("baseline")))
+        t.add(st.row("broker CPU per job", ours["cpu_ms_per_job"].get("broker"), "ms",
+                     baseline=base["cpu_ms_per_job"].get("broker")))
+    if paced:
+        t.add(st.row("paced rate", ctx.paced_rate, "jobs/s"))
+        for q in ("p50", "p95", "p99"):
+            r = st.row(f"paced dispatch latency {q}", _ms(paced["dispatch"], q), "ms",
+                       baseline=_ms(base_paced["dispatch"], q) if base_paced else None,
+                       target=PACED_P99_TARGET if q == "p99" else None)
+            if q == "p99":
+                coord, fact = paced["dispatch_coordinator_part"], paced["dispatch_factory_part"]
+                r.note = (f"p99 split: submit->dispatched (coordinator) {fmt_ms(coord['p99_ms'])}, "
+                          f"dispatched->claimed (factory) {fmt_ms(fact['p99_ms'])}")
+                if cfg.factories < 100:
+                    r.verdict, r.note = "n/a", f"target is for 100 factories; this run had {cfg.factories}"
+            t.add(r)
+        for q in ("p50", "p99"):
+            t.add(st.row(f"paced completion latency {q}", _ms(paced["completion"], q), "ms",
+                         baseline=_ms(base_paced["completion"], q) if base_paced else None))
+    util = figures.get("ours:utilisation")
+    if util:
+        u = utilisation(ctx, ctx.phases["ours:utilisation"])
+        util["utilisation"] = u
+        r = st.row("stations busy under a backlog", None if u["busy_pct"] is None else round(u["busy_pct"], 2), "%",
+                   target=UTIL_TARGET,
+                   note=f"mean gap between a station's jobs {fmt_ms(u['gap_ms_mean'])} against jobs of "
+                        f"{u['hold_s']:g}s; ramp to all stations busy {u['ramp_s']}s; keeping "
+                        f"{cfg.total_stations} stations busy takes {cfg.total_stations / u['hold_s']:.0f} "
+                        f"dispatches/s against a saturated noop throughput of "
+                        f"{st.fmt((ours or {}).get('throughput_jobs_per_s'))} jobs/s")
+        t.add(r)
+    _memory_rows(ctx, t)
+    if t.rows:
+        tables.append(t)
+    for name, fn in (("priorities", _priorities), ("dag", _dag), ("multi-product", _multi_product),
+                     ("mixed-capabilities", _mixed), ("herd", _herd)):
+        f = figures.get(f"ours:{name}")
+        if f:
+            tables.append(fn(ctx, ctx.phases[f"ours:{name}"], f))
+    if ctx.idle:
+        tables.append(_idle(ctx))
+    if ctx.restart:
+        tables.append(_restart(ctx))
+    incomplete = {k: f["not_completed"] for k, f in figures.items() if f["not_completed"]}
+    return {"tables": [{"title": x.title, "rows": [r.to_dict() for r in x.rows]} for x in tables],
+            "text": st.to_text(tables), "markdown": st.to_markdown(tables), "figures": figures,
+            "idle": ctx.idle, "restart": ctx.restart, "paced_rate": ctx.paced_rate,
+            "incomplete": incomplete, "ok": not incomplete and (ctx.restart or {}).get("error") is None}
+
+
+def fmt_ms(v: float | None) -> str:
+    return "-" if v is None else f"{v:.1f} ms"
+
+
+def utilisation(ctx: Context, ph: Phase) -> dict:
+    stations = ctx.cfg.total_stations
+    tls = [ctx.timelines[j] for j in ph.ids if j in ctx.timelines and ctx.timelines[j].claimed is not None]
+    hold_s = ph.extra.get("hold_s", 0.0)
+    if not tls:
+        return {"busy_pct": None, "gap_ms_mean": None, "hold_s": hold_s, "ramp_s": None}
+    ivs = [(t.claimed, t.done if t.done is not None else t.claimed) for t in tls]
+    first_claim = min(a for a, _ in ivs)
+    last_claim = max(a for a, _ in ivs)
+    # The window is the steady backlog: from the moment every station was busy (or the peak)
+    # to the last claim (after it nothing waited).
+    marks = sorted([(a, 1) for a, _ in ivs] + [(b, -1) for _, b in ivs])
+    busy, peak, full_at = 0, 0, None
+    for ts, d in marks:
+        busy += d
+        if busy > peak:
+            peak, peak_at = busy, ts
+        if busy >= stations and full_at is None:
+            full_at = ts
+    start = full_at if full_at is not None else peak_at
+    frac = st.busy_fraction(ivs, stations, start, last_claim)
+    held = sum(b - a for a, b in ivs)
+    jobs_per_station = len(ivs) / stations
+    gap = None
+    if frac is not None and jobs_per_station:
+        gap = ((1 - frac) * (last_claim - start) * stations / max(1, len(ivs))) * 1000
+    return {"busy_pct": None if frac is None else frac * 100, "window_s": round(last_claim - start, 3),
+            "ramp_s": round(start - first_claim, 3), "peak_busy": peak, "stations": stations,
+            "gap_ms_mean": gap, "hold_s": hold_s, "busy_s": round(held, 3)}
+
+
+def _priorities(ctx: Context, ph: Phase, f: dict) -> st.Table:
+    t = st.Table("priorities: critical jobs into a low-priority backlog")
+    tl = ctx.timelines
+    resumed = ph.extra["resumed_at"]
+    crit = [tl[j] for j in ph.extra["critical"] if j in tl and tl[j].claimed is not None]
+    back_claims = [tl[j].claimed for j in ph.extra["backlog"] if j in tl and tl[j].claimed is not None]
+    ahead = st.overtaken([(max(c.submitted, resumed), c.claimed) for c in crit], back_claims)
+    remaining = [sum(1 for b in back_claims if b > c.claimed) for c in crit]
+    waits = [c.claimed - max(c.submitted, resumed) for c in crit]
+    allowance = ctx.cfg.total_stations
+    ok = bool(crit) and min(remaining) > 0 and max(ahead) <= allowance
+    f["critical"] = {"dispatched_ahead_of": remaining, "overtaken_by": ahead, "wait": st.summary_ms(waits)}
+    t.add(st.row("backlog (low) jobs", len(ph.extra["backlog"])))
+    t.add(st.row("critical jobs", len(ph.extra["critical"])))
+    t.add(st.row("critical wait p50 (from resume)", _ms(st.summary_ms(waits), "p50"), "ms"))
+    t.add(st.row("critical wait max", _ms(st.summary_ms(waits), "max"), "ms"))
+    t.add(st.row("backlog jobs claimed before a critical one (max)", max(ahead, default=None),
+                 note=f"allowance: the {allowance} offers already out when the criticals arrived"))
+    r = st.row("backlog still waiting when the last critical was claimed", min(remaining, default=None))
+    r.target = st.Target(">", 0, "critical ahead")
+    r.verdict = "met" if ok else ("n/a" if not crit else "missed")
+    r.note = f"{max(ahead, default=0)} backlog jobs went first (allowance {allowance})"
+    t.add(r)
+    t.add(st.row("throughput", f["throughput_jobs_per_s"], "jobs/s"))
+    return t
+
+
+def _dag(ctx: Context, ph: Phase, f: dict) -> st.Table:
+    t = st.Table("dag: two deep chains and a wide fan-out/fan-in")
+    tl = ctx.timelines
+    hops = []
+    for chain in ph.extra["chains"]:
+        for a, b in zip(chain, chain[1:]):
+            if a in tl and b in tl and tl[a].done and tl[b].claimed:
+                hops.append(tl[b].claimed - tl[a].done)
+    root, join = tl.get(ph.extra["root"]), tl.get(ph.extra["join"])
+    wide = [tl[j] for j in ph.extra["wide"] if j in tl]
+    fan_out = [w.claimed - root.done for w in wide if root and root.done and w.claimed]
+    fan_in = (join.claimed - max(w.done for w in wide)) if join and join.claimed and wide and all(w.done for w in wide) else None
+    hop_s = st.summary_ms(hops)
+    f["dag"] = {"hop": hop_s, "fan_out": st.summary_ms(fan_out), "fan_in_s": fan_in}
+    depth = ph.extra["depth"]
+    paced = ctx.phases.get("ours:noop paced")
+    single = None
+    if paced:
+        single = phase_figures(ctx, paced)["completion"]["p50_ms"]
+    t.add(st.row("jobs", f["jobs"]))
+    t.add(st.row("critical path (jobs)", depth))
+    t.add(st.row("makespan", None if f["window_s"] is None else f["window_s"] * 1000, "ms"))
+    r = st.row("makespan per critical-path job", None if f["window_s"] is None else f["window_s"] * 1000 / depth, "ms",
+               baseline=single)
+    r.note = "baseline column: one paced job's completion p50 (the least a hop can cost)"
+    t.add(r)
+    t.add(st.row("dependency hop (dep shipped -> dependent claimed) p50", hop_s["p50_ms"], "ms"))
+    t.add(st.row("dependency hop p99", hop_s["p99_ms"], "ms"))
+    t.add(st.row(f"fan-out to {len(wide)} p99", st.summary_ms(fan_out)["p99_ms"], "ms"))
+    t.add(st.row("fan-in (last of the wide shipped -> join claimed)", None if fan_in is None else fan_in * 1000, "ms"))
+    return t
+
+
+def _multi_product(ctx: Context, ph: Phase, f: dict) -> st.Table:
+    t = st.Table("multi-product: three products of different volumes, same stations")
+    tl = ctx.timelines
+    resumed = ph.extra["resumed_at"]
+    medians = {}
+    for prod, ids in ph.extra["products"].items():
+        waits = [tl[j].claimed - max(tl[j].submitted, resumed) for j in ids if j in tl and tl[j].claimed]
+        medians[prod] = st.percentile(waits, 50)
+        t.add(st.row(f"{prod}: jobs / median wait", f"{len(ids)} / {fmt_ms(None if medians[prod] is None else medians[prod] * 1000)}"))
+    vals = [m for m in medians.values() if m is not None and m > 0]
+    worst = (max(vals) / min(vals)) if len(vals) >= 2 else None
+    f["products"] = {k: (None if v is None else v * 1000) for k, v in medians.items()}
+    order = list(medians)  # submission order: the biggest product first
+    known = [medians[p] for p in order if medians[p] is not None]
+    fifo = len(known) >= 2 and all(a <= b for a, b in zip(known, known[1:]))
+    slow = max(medians, key=lambda k: medians[k] or 0) if medians else "-"
+    note = (f"waits grow in submission order ({' < '.join(order)}): the backlog was served first come, first "
+            f"served, with no per-product share" if fifo else f"{slow} waited longest")
+    t.add(st.row("max ratio of product median waits", None if worst is None else round(worst, 3), "x",
+                 target=FAIRNESS_TARGET, note=note))
+    t.add(st.row("throughput", f["throughput_jobs_per_s"], "jobs/s"))
+    return t
+
+
+def _mixed(ctx: Context, ph: Phase, f: dict) -> st.Table:
+    t = st.Table("mixed-capabilities: pools of very different sizes")
+    tl = ctx.timelines
+    per = {}
+    for pool, ids in ph.extra["pools"].items():
+        ts = [tl[j] for j in ids if j in tl]
+        d = st.summary_ms([x.claimed - x.submitted for x in ts if x.claimed])
+        c = st.summary_ms([x.done - x.submitted for x in ts if x.done])
+        per[pool] = {"jobs": len(ids), "dispatch": d, "completion": c}
+        nf = ph.extra["pool_factories"].get(pool)
+        t.add(st.row(f"{pool} pool ({nf} factories): jobs", len(ids)))
+        t.add(st.row(f"{pool} pool: dispatch p50 / p99", f"{fmt_ms(d['p50_ms'])} / {fmt_ms(d['p99_ms'])}"))
+        t.add(st.row(f"{pool} pool: completion p99", c["p99_ms"], "ms"))
+    f["pools"] = per
+    t.add(st.row("completed", f["completed"], note="every job must complete"))
+    t.add(st.row("throughput", f["throughput_jobs_per_s"], "jobs/s"))
+    return t
+
+
+def _herd(ctx: Context, ph: Phase, f: dict) -> st.Table:
+    t = st.Table(f"herd: one job at a time into {ctx.cfg.factories} idle factories")
+    t.add(st.row("jobs", f["jobs"]))
+    t.add(st.row("claim attempts per job", f["attempts_per_job"]))
+    t.add(st.row("CAS conflicts per job", f["conflicts_per_job"]))
+    t.add(st.row("claims skipped per job", st.per_job(f["claim_skipped"], f["jobs"])))
+    t.add(st.row("dispatch latency p50", f["dispatch"]["p50_ms"], "ms"))
+    t.add(st.row("dispatch latency p99", f["dispatch"]["p99_ms"], "ms"))
+    t.add(st.row("completion latency p50", f["completion"]["p50_ms"], "ms"))
+    return t
+
+
+def _memory_rows(ctx: Context, t: st.Table) -> None:
+    run = ctx.run
+    rss = sum(proc_rss_bytes(p.pid) or 0 for p in run.hosts.values() if p.alive())
+    if rss:
+        t.add(st.row("resident memory per factory (fleet host / N)", rss / ctx.cfg.factories / MB, "MB"))
+    if ctx.restart and "rss_bytes" in ctx.restart:
+        t.add(st.row("resident memory of one factory process", ctx.restart["rss_bytes"]["single_before"] / MB, "MB"))
+
+
+def _idle(ctx: Context) -> st.Table:
+    i, cfg, s = ctx.idle, ctx.cfg, ctx.run.settings
+    assert i is not None
+    t = st.Table(f"idle fleet: {cfg.factories} factories over {i['window_s']:g}s")
+    fleet_cpu = i["cpu_s"].get("factories", 0.0) + i["cpu_s"].get("coordinator", 0.0)
+    pct = 100 * fleet_cpu / i["window_s"]
+    r = st.row("fleet + coordinator CPU", round(pct, 3), "% of a core", target=IDLE_CPU_TARGET,
+               note=f"factories {100 * i['cpu_s'].get('factories', 0) / i['window_s']:.2f}%, coordinator "
+                    f"{100 * i['cpu_s'].get('coordinator', 0) / i['window_s']:.2f}%; per factory "
+                    f"{pct / cfg.factories:.4f}%: heartbeats every {s.heartbeat_s:g}s and long polls renewed every "
+                    f"{s.long_poll_s:g}s per pool ({i['pools']} pools)")
+    polling = i.get("factories_polling", 0)
+    if polling:
+        r.note += (f"; {polling} of {cfg.factories} factories were polling gf_queue (push judged stalled), "
+                   "not waiting on long polls")
+    if cfg.factories < 1000:
+        r.verdict = "n/a"
+        r.note = (f"target is for 1,000 factories; this run had {cfg.factories} ({pct / cfg.factories:.4f}% per "
+                  f"factory)" + (f"; {polling} of them were polling gf_queue (push judged stalled)" if polling else ""))
+    t.add(r)
+    t.add(st.row("factories in poll mode during the window", polling))
+    t.add(st.row("broker CPU", round(100 * i["cpu_s"].get("broker", 0) / i["window_s"], 3), "% of a core"))
+    t.add(st.row("broker messages in", round(i["in_msgs_per_s"], 2), "msg/s"))
+    t.add(st.row("broker messages out", round(i["out_msgs_per_s"], 2), "msg/s"))
+    model = cfg.factories / s.heartbeat_s + cfg.factories * i["pools"] / s.long_poll_s
+    t.add(st.row("model: N/heartbeat_s + N x pools/long_poll_s", round(model, 2), "msg/s",
+                 note="heartbeat puts plus long-poll renewals; each has a reply out"))
+    return t
+
+
+def _restart(ctx: Context) -> st.Table:
+    r = ctx.restart
+    assert r is not None
+    t = st.Table(f"coordinator restart with {r.get('jobs_in_bucket', 0):,} jobs in gf_jobs")
+    if "error" in r:
+        t.add(st.row("restart", "failed", note=r["error"].splitlines()[-1][:300] if r["error"] else ""))
+        t.rows[-1].verdict = "missed"
+        return t
+    t.add(st.row("fill rate (direct KV writes)", r["filled"] / r["fill_s"] if r["fill_s"] else None, "records/s"))
+    t.add(st.row("API answers", r["api_s"], "s"))
+    t.add(st.row("view replayed (logged ready)", r["ready_s"], "s"))
+    row = st.row("first job claimed (ready to dispatch)", r["first_claim_s"], "s", target=RESTART_TARGET)
+    if r["jobs_in_bucket"] < 100_000:
+        row.verdict, row.note = "n/a", f"target is for 100,000 jobs; this run had {r['jobs_in_bucket']:,}"
+    else:
+        row.note = "a job submitted as soon as the API answered waits for the view's replay, then one dispatch pass"
+    t.add(row)
+    rss = r["rss_bytes"]
+    grow = (rss["single_after"] - rss["single_before"]) / MB if rss["single_after"] and rss["single_before"] else None
+    t.add(st.row("one factory's memory before / after the fill",
+                 f"{rss['single_before'] / MB:.1f} / {rss['single_after'] / MB:.1f} MB"))
+    t.add(st.row("its growth", None if grow is None else round(grow, 2), "MB", target=st.Target("<", 5.0, "< 5 MB"),
+                 note="a factory reads no job it is not dispatched"))
+    t.add(st.row("fleet hosts' memory growth", round((rss["fleet_after"] - rss["fleet_before"]) / MB, 2), "MB"))
+    t.add(st.row("coordinator memory after the restart", rss["coordinator_after"] / MB if rss["coordinator_after"] else None, "MB"))
+    return t
+
