@@ -14,9 +14,11 @@ running jobs go on and their results wait in the local durable outbox.
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import os
 import random
+import secrets
 import socket
 import sysconfig
 import time
@@ -75,6 +77,11 @@ MAX_CAS_RETRIES = 10
 WRITE_BACKOFF_MAX_S = 2.0
 """Upper bound of the pause between tries of a write that got no answer (a conflict retries at
 once). Ten tries then span about ten seconds: longer than a JetStream leader election."""
+EVENT_QUEUE_MAX = 10_000
+"""Audit events waiting to be stored (the broker away) beyond this drop the oldest, logged."""
+EVENT_RETRY_MIN_S = 0.05
+EVENT_RETRY_MAX_S = 2.0
+"""Back-off between tries of an audit event the stream did not store."""
 OUTBOX_RETRY_S = 1.0
 """While results wait in the outbox, publishing them is tried this often."""
 NOOP_ENGINE = "noop"
@@ -174,6 +181,7 @@ class Factory:
         self.ready = asyncio.Event()
         self.stats = {"claims": 0, "claim_conflicts": 0, "claim_skipped": 0, "fenced_writes": 0,
                       "handed_back": 0, "finished": 0, "quarantined": 0, "polled_claims": 0,
+                      "events_published": 0, "events_dropped": 0,
                       "pool_scans": 0, "pool_records": 0, "outbox_wakeups": 0}
         """Counters. ``pool_scans``/``pool_records``/``outbox_wakeups`` say how much work an
         idle factory does (none beyond its heartbeat and long polls is the goal)."""
@@ -183,6 +191,9 @@ class Factory:
         self._outbox_kick = asyncio.Event()
         """Set when an item is put in the outbox: the flusher sleeps until then."""
         self._tasks: set[asyncio.Task] = set()
+        self._events: collections.deque[tuple[EventRecord, str]] = collections.deque()
+        """Audit events not stored yet, oldest first, each with its message id."""
+        self._events_waiting = asyncio.Event()
 
     # -- stations -----------------------------------------------------------------------------
 
@@ -250,6 +261,7 @@ class Factory:
         await self._heartbeat()
         for st in self.record.stations:
             st.idle_reason = IdleReason.NO_WORK
+        self._spawn(self._events_loop(), "events")
         self._spawn(self._heartbeat_loop(stop), "heartbeat")
         self._spawn(self._pools_loop(stop), "pools")
         self._spawn(self._outbox_loop(stop), "outbox")
@@ -291,6 +303,8 @@ class Factory:
         self.record.status = "down"
         await self._safe(self.b.factories.delete(self.id))
         await self._event("factory_down", reason="drained")
+        if not await self._publish_events(time.monotonic() + self.s.request_timeout_s * 2):
+            log.warning("%s: %d audit events not stored at exit", self.id, len(self._events))
         self.outbox.close()
 
     async def _safe(self, coro):
@@ -330,13 +344,56 @@ class Factory:
     async def _event(self, kind: str, *, job: str | None = None, epoch: int | None = None,
                      stage_from: str | None = None, stage_to: str | None = None, reason: str = "",
                      data: dict | None = None) -> None:
-        try:
-            await self.b.publish_event(EventRecord(
-                kind=kind, at=time.time(), job=job, epoch=epoch, factory=self.id, actor=self.id,
-                stage_from=stage_from, stage_to=stage_to, reason=reason, data=data or {},
-            ))
-        except Exception as e:  # events follow a successful record write; losing one is logged
-            log.info("%s: event %s for %s not published (%s)", self.id, kind, job, e)
+        """Queue an audit event; :meth:`_events_loop` publishes the queue in order.
+
+        An event follows the record write it describes, and the write may have reached the job
+        bucket while ``GF_EVENTS`` has no leader (an election on a cluster) or the broker went
+        away just after: published inline, such an event was lost, and the audit showed a
+        result with no claim before it. Queued, it is retried until stored (with one message id,
+        so a retry of a publish whose reply was lost is stored once), and the events after it
+        wait their turn, so the audit keeps the order of the writes. The run never waits on it."""
+        ev = EventRecord(
+            kind=kind, at=time.time(), job=job, epoch=epoch, factory=self.id, actor=self.id,
+            stage_from=stage_from, stage_to=stage_to, reason=reason, data=data or {},
+        )
+        if len(self._events) >= EVENT_QUEUE_MAX:
+            lost, _ = self._events.popleft()
+            self.stats["events_dropped"] += 1
+            log.warning("%s: audit queue full (%d); event %s for %s dropped", self.id, EVENT_QUEUE_MAX,
+                        lost.kind, lost.job)
+        self._events.append((ev, f"{self.id}-{secrets.token_hex(8)}"))
+        self._events_waiting.set()
+
+    async def _publish_events(self, deadline: float | None = None) -> bool:
+        """Publish queued events in order until the queue is empty (True) or ``deadline``
+        (monotonic) passes (False). A failed publish is retried, with back-off, before any
+        later event is sent."""
+        delay, failures = EVENT_RETRY_MIN_S, 0
+        while self._events:
+            ev, msg_id = self._events[0]
+            try:
+                await self.b.publish_event(ev, msg_id=msg_id)
+            except Exception as e:
+                failures += 1
+                if failures == 1 or failures % 20 == 0:
+                    log.info("%s: event %s for %s not stored yet (%s); %d queued, retrying", self.id, ev.kind,
+                             ev.job, e, len(self._events))
+                pause = random.uniform(delay / 2, delay)
+                if deadline is not None and time.monotonic() + pause > deadline:
+                    return False
+                await asyncio.sleep(pause)
+                delay = min(delay * 2, EVENT_RETRY_MAX_S)
+                continue
+            self._events.popleft()
+            self.stats["events_published"] += 1
+            delay, failures = EVENT_RETRY_MIN_S, 0
+        return True
+
+    async def _events_loop(self) -> None:
+        while True:
+            self._events_waiting.clear()
+            await self._publish_events()
+            await self._events_waiting.wait()
 
     # -- pools ------------------------------------------------------------------------------------
 
