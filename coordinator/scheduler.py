@@ -34,9 +34,14 @@ from gigafactory.schemas.records import (
 )
 
 from .intake import ensure_pool
-from .view import FactoryState, FleetView
+from .view import FactoryState, FleetView, JobState
 
 log = logging.getLogger("gigafactory.coordinator")
+
+INDEX_IN_FLIGHT = 64
+"""``gf_queue`` writes :meth:`Scheduler.sync_index` keeps in flight at once."""
+INDEX_AFTER_REDISPATCH = 0.1
+"""A job gets a ``gf_queue`` entry once queued this share of ``redispatch_s`` (see sync_index)."""
 
 
 @dataclass(slots=True)
@@ -176,8 +181,10 @@ class Scheduler:
         depth: dict[str, int] = defaultdict(int)
         for st in queued:
             depth[st.record.pool] += 1
-        sent = 0
         position: dict[str, int] = defaultdict(int)
+        holds: list[tuple] = []
+        offers: list[tuple[JobState, bool, int]] = []
+        """(job, redispatch, position in its pool) of this pass, published together below."""
         for st in queued:
             rec = st.record
             position[rec.pool] += 1
@@ -200,38 +207,59 @@ class Scheduler:
             elif inflight[rec.pool] >= capacity[rec.pool] and not (p and p.epoch == rec.epoch):
                 hold = ""  # every station of the pool has an offer outstanding
             if hold is not None:
-                if hold:
-                    await self._hold(st, hold)
+                if hold and self.held.get(rec.id) != hold:
+                    holds.append((st, hold))
                 continue
-            if not await self._publish(rec):
-                continue
-            sent += 1
-            if not (p and p.epoch == rec.epoch):
+            redispatch = bool(p and p.epoch == rec.epoch)
+            if not redispatch:
                 inflight[rec.pool] += 1
+            if rec.manifest.lock:
+                locks_taken[rec.manifest.lock] = rec.id
+            offers.append((st, redispatch, position[rec.pool]))
+        return await self._offer(offers, holds, broker_now, mono, depth, capacity, serving)
+
+    async def _offer(self, offers: list, holds: list, broker_now: float, mono: float, depth: dict[str, int],
+                     capacity: dict[str, int], serving: dict[str, list[FactoryState]]) -> int:
+        """Publish a pass's offers, then its ``dispatched`` events, then its holds, each group
+        concurrently: one broker round trip per group instead of one per job and message
+        (the client writes the messages of a group together). Dispatch messages go out in
+        the pass's order (the client sends them in the order they were started)."""
+        for pool in {st.record.pool for st, _r, _p in offers} - self.pools_ready:
+            rec = next(st.record for st, _r, _p in offers if st.record.pool == pool)
+            try:
+                if await ensure_pool(self.b, pool, rec.requirements):
+                    self.pools_ready.add(pool)
+            except Exception as e:  # the publish below fails too and is handled there
+                log.info("dispatch pool %s not ensured: %s", pool, e)
+        results = await asyncio.gather(*(self._publish(st.record) for st, _r, _p in offers))
+        events = []
+        for (st, redispatch, pos), ok in zip(offers, results):
+            if not ok:
+                continue
+            rec = st.record
             self.published[rec.id] = _Published(rec.epoch, mono)
             self._served_seq += 1
             self.last_served[rec.manifest.product] = self._served_seq
-            if rec.manifest.lock:
-                locks_taken[rec.manifest.lock] = rec.id
             self.held.pop(rec.id, None)
-            await self.b.publish_event(EventRecord(
+            events.append(self.b.publish_event(EventRecord(
                 kind="dispatched", at=time.time(), job=rec.id, stage_from="queued", stage_to="queued",
                 epoch=rec.epoch, actor=self.actor,
                 reason=f"priority {rec.manifest.priority}, waited {max(0.0, broker_now - rec.submitted_at):.1f}s; "
-                       f"#{position[rec.pool]} of {depth[rec.pool]} queued in pool {rec.pool}",
-                data={"pool": rec.pool, "priority": str(rec.manifest.priority), "position": position[rec.pool],
+                       f"#{pos} of {depth[rec.pool]} queued in pool {rec.pool}",
+                data={"pool": rec.pool, "priority": str(rec.manifest.priority), "position": pos,
                       "queued_in_pool": depth[rec.pool], "pool_capacity": capacity[rec.pool],
                       "serving_factories": [f.record.id for f in serving[rec.pool]],
-                      "redispatch": bool(p and p.epoch == rec.epoch)},
-            ))
+                      "redispatch": redispatch},
+            )))
+        sent = len(events)
+        await _gather_raising(events)
+        await _gather_raising([self._hold(st, reason) for st, reason in holds])
         return sent
 
     async def _publish(self, rec: JobRecord) -> bool:
         self._seq += 1
         msg = DispatchMessage(job=rec.id, epoch=rec.epoch, pool=rec.pool)
         try:
-            if rec.pool not in self.pools_ready and await ensure_pool(self.b, rec.pool, rec.requirements):
-                self.pools_ready.add(rec.pool)
             await self.b.js.publish(
                 names.dispatch_subject(rec.pool), encode(msg),
                 headers={"Nats-Msg-Id": f"{rec.id}:{rec.epoch}:{self._seq}"},
@@ -318,24 +346,48 @@ class Scheduler:
         self.index = {k: -1 for k in await self.b.queue.keys()}
 
     async def sync_index(self) -> None:
+        """Bring ``gf_queue`` in step with the queued jobs of the view: an entry for every job
+        queued for at least :meth:`index_after_s`, none for any other.
+
+        The index is only the polling fallback's pointer (the job record is the truth), so a
+        job that push dispatches and a factory claims within that time never gets an entry:
+        that spares the broker two writes per job (the put and its delete) on the normal
+        path. Writes go out :data:`INDEX_IN_FLIGHT` at a time."""
         want: dict[str, JobRecord] = {}
+        due = self.broker_now_estimate() - self.index_after_s
         for jid in self.view.by_stage[Stage.QUEUED]:
             st = self.view.jobs.get(jid)
-            if st:
-                want[names.queue_key(st.record.pool, jid)] = st.record
-        for key in [k for k in self.index if k not in want]:
+            if st is None:
+                continue
+            key = names.queue_key(st.record.pool, jid)
+            if key in self.index or st.ts <= due:
+                want[key] = st.record
+        gone = [k for k in self.index if k not in want]
+        stale = [(k, rec) for k, rec in want.items() if self.index.get(k) != rec.epoch]
+
+        async def delete(key: str) -> None:
             try:
                 await self.b.queue.delete(key)
             except Conflict:
                 pass
             self.index.pop(key, None)
-        for key, rec in want.items():
-            if self.index.get(key) == rec.epoch:
-                continue
+
+        async def put(key: str, rec: JobRecord) -> None:
             await self.b.queue.put(key, encode(QueueEntry(
                 job=rec.id, priority_rank=rec.priority_rank, submitted_at=rec.submitted_at, epoch=rec.epoch,
             )))
             self.index[key] = rec.epoch
+
+        writes = [(delete, (k,)) for k in gone] + [(put, (k, rec)) for k, rec in stale]
+        for i in range(0, len(writes), INDEX_IN_FLIGHT):
+            await _gather_raising([fn(*args) for fn, args in writes[i:i + INDEX_IN_FLIGHT]])
+
+    @property
+    def index_after_s(self) -> float:
+        """How long a job is queued before it gets a ``gf_queue`` entry: a tenth of
+        ``redispatch_s``, far below the time after which a factory judges push stalled
+        and polls the index (two redispatch periods and a long poll)."""
+        return self.s.redispatch_s * INDEX_AFTER_REDISPATCH
 
     # -- reaper -------------------------------------------------------------------------------
 
@@ -378,6 +430,16 @@ class Scheduler:
             except Conflict:
                 pass
         return n
+
+
+async def _gather_raising(coros: list) -> None:
+    """Await every coroutine concurrently; when any failed, raise the first failure only after
+    all have finished (a failed event publish must not leave the others unawaited)."""
+    if not coros:
+        return
+    for r in await asyncio.gather(*coros, return_exceptions=True):
+        if isinstance(r, BaseException):
+            raise r
 
 
 async def loop(name: str, interval_s: float, body, stop: asyncio.Event, wake: asyncio.Event | None = None) -> None:
