@@ -12,6 +12,7 @@ still ``queued`` or ``blocked``, and is refused otherwise.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 import secrets
@@ -39,6 +40,8 @@ log = logging.getLogger("gigafactory.coordinator")
 
 MAX_BATCH = 1000
 MAX_CAS_RETRIES = 20
+WRITES_IN_FLIGHT = 128
+"""Jobs of one batch written concurrently (each its record, then its event)."""
 
 
 class SubmitError(Exception):
@@ -257,21 +260,26 @@ async def submit(
     if errors:
         raise SubmitError(errors)
 
-    # Write, dependencies first.
+    # Write, dependencies first: in waves of jobs none of which depends on another of its
+    # wave, each wave's writes concurrently (one round trip per wave, not two per job).
     order = _topo([p for p in plans if p.action != "existing"])
     results: dict[int, SubmitResult] = {}
     now = time.time()
+    known = ready_pools if ready_pools is not None else broker.pools_known
     for plan in order:
-        m = plan.jf.manifest
-        reqs = list(m.requirements())
+        reqs = list(plan.jf.manifest.requirements())
         pool = caps.pool_id(reqs)
-        known = ready_pools if ready_pools is not None else broker.pools_known
         if pool not in known:
             # Two broker requests (a consumer create, a pool record create) that only the
             # first job of a pool needs; each also waits on the cluster's meta leader. A
             # consumer deleted later is recreated by the scheduler's repair pass.
             await ensure_pool(broker, pool, reqs)
             known.add(pool)
+
+    async def write(plan: _Plan) -> None:
+        m = plan.jf.manifest
+        reqs = list(m.requirements())
+        pool = caps.pool_id(reqs)
         waiting = await _unmet(broker, plan.deps, m.deps_mode)
         if plan.action == "create":
             rec = JobRecord(
@@ -294,6 +302,14 @@ async def submit(
         else:
             stage = await _supersede(broker, plan, pool, reqs, waiting, now, source)
             results[id(plan)] = SubmitResult(plan.jf.path, plan.job_id, "superseded", str(stage))
+
+    for wave in _waves(order):
+        for i in range(0, len(wave), WRITES_IN_FLIGHT):
+            failures = [r for r in await asyncio.gather(*(write(p) for p in wave[i:i + WRITES_IN_FLIGHT]),
+                                                        return_exceptions=True)
+                        if isinstance(r, BaseException)]
+            if failures:
+                raise failures[0]
     out = []
     for plan in plans:
         if plan.action == "existing":
@@ -382,6 +398,20 @@ async def _find_cycle(start: str, deps_of) -> list[str] | None:
                 seen.add(d)
                 stack.append((d, [*path, d]))
     return None
+
+
+def _waves(order: list[_Plan]) -> list[list[_Plan]]:
+    """Split a dependency-first order into runs of consecutive plans none of which depends on
+    another of the same run: each run can be written concurrently once the earlier ones are."""
+    waves: list[list[_Plan]] = []
+    ids: set[str] = set()
+    for plan in order:
+        if not waves or any(d in ids for d in plan.deps):
+            waves.append([])
+            ids = set()
+        waves[-1].append(plan)
+        ids.add(plan.job_id)
+    return waves
 
 
 def _topo(plans: list[_Plan]) -> list[_Plan]:

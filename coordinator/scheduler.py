@@ -10,8 +10,11 @@ critical job that arrives into a backlog is the next one published, not the last
 from __future__ import annotations
 
 import asyncio
+import bisect
+import heapq
 import logging
 import time
+from collections.abc import Iterator
 from collections import defaultdict
 from dataclasses import dataclass
 
@@ -34,9 +37,14 @@ from gigafactory.schemas.records import (
 )
 
 from .intake import ensure_pool
-from .view import FactoryState, FleetView
+from .view import FactoryState, FleetView, JobState
 
 log = logging.getLogger("gigafactory.coordinator")
+
+INDEX_IN_FLIGHT = 64
+"""``gf_queue`` writes :meth:`Scheduler.sync_index` keeps in flight at once."""
+INDEX_AFTER_REDISPATCH = 0.1
+"""A job gets a ``gf_queue`` entry once queued this share of ``redispatch_s`` (see sync_index)."""
 
 
 @dataclass(slots=True)
@@ -79,6 +87,86 @@ def dispatch_order(queued: list, last_served: dict[str, int]) -> list:
     return [st for _, st in keyed]
 
 
+class QueueOrder:
+    """The queued jobs, kept sorted as the view changes, so a dispatch pass reads them in
+    :func:`dispatch_order` lazily, one pool at a time, and stops where the pool's free
+    stations do: its cost follows the offers it makes, not the backlog.
+
+    Per (priority rank, product), every queued job in age order (a job's fair turn is its
+    index there), and per pool the same lists restricted to the pool. A pool's next job is
+    the smallest head of its lists by the ``dispatch_order`` key; the pools merged by the
+    same key give exactly ``dispatch_order`` of all queued jobs."""
+
+    def __init__(self) -> None:
+        self.by_turn: dict[tuple[int, str], list[tuple[float, str]]] = defaultdict(list)
+        self.by_pool: dict[str, dict[tuple[int, str], list[tuple[float, str]]]] = defaultdict(lambda: defaultdict(list))
+        self.where: dict[str, tuple[int, str, str, tuple[float, str]]] = {}
+        """job id -> (rank, product, pool, age key) as inserted (a record can change)."""
+        self.states: dict[str, JobState] = {}
+        self.requirements: dict[str, list[str]] = {}
+        """pool -> its requirements (from the jobs that entered it)."""
+        self.added: dict[str, int] = defaultdict(int)
+        """pool -> how many jobs ever entered it (tells a pass whether a pool has new jobs)."""
+
+    def __len__(self) -> int:
+        return len(self.where)
+
+    def depth(self, pool: str) -> int:
+        return sum(len(v) for v in self.by_pool.get(pool, {}).values())
+
+    def on_job(self, old: JobState | None, new: JobState | None) -> None:
+        if old is not None:
+            self._remove(old.record.id)
+        if new is not None and new.record.stage == Stage.QUEUED:
+            rec = new.record
+            rank, product, age = rec.priority_rank, rec.manifest.product, (rec.submitted_at, rec.id)
+            bisect.insort(self.by_turn[(rank, product)], age)
+            bisect.insort(self.by_pool[rec.pool][(rank, product)], age)
+            self.where[rec.id] = (rank, product, rec.pool, age)
+            self.states[rec.id] = new
+            self.requirements.setdefault(rec.pool, rec.requirements)
+            self.added[rec.pool] += 1
+
+    def _remove(self, jid: str) -> None:
+        got = self.where.pop(jid, None)
+        if got is None:
+            return
+        self.states.pop(jid, None)
+        rank, product, pool, age = got
+        for lists, k in ((self.by_turn, (rank, product)), (self.by_pool[pool], (rank, product))):
+            lst = lists[k]
+            i = bisect.bisect_left(lst, age)
+            if i < len(lst) and lst[i] == age:
+                del lst[i]
+            if not lst:
+                del lists[k]
+        if not self.by_pool[pool]:
+            del self.by_pool[pool]
+
+    def _key(self, rank: int, product: str, age: tuple[float, str], last_served: dict[str, int]) -> tuple:
+        turn = bisect.bisect_left(self.by_turn[(rank, product)], age)
+        return (rank, turn, last_served.get(product, -1), age[0], age[1])
+
+    def pool_order(self, pool: str, last_served: dict[str, int]) -> Iterator[tuple[tuple, JobState]]:
+        """A pool's queued jobs in dispatch order, with their keys, lazily."""
+        lists = self.by_pool.get(pool)
+        if not lists:
+            return
+        heap = []
+        for (rank, product), lst in lists.items():
+            heap.append((self._key(rank, product, lst[0], last_served), rank, product, 0))
+        heapq.heapify(heap)
+        # Read synchronously by a pass (no await in between), so the lists do not change under it.
+        while heap:
+            key, rank, product, i = heapq.heappop(heap)
+            lst = lists[(rank, product)]
+            st = self.states.get(lst[i][1])
+            if i + 1 < len(lst):
+                heapq.heappush(heap, (self._key(rank, product, lst[i + 1], last_served), rank, product, i + 1))
+            if st is not None:
+                yield key, st
+
+
 class Scheduler:
     def __init__(self, broker: Broker, view: FleetView, settings: Settings, actor: str) -> None:
         self.b = broker
@@ -102,6 +190,16 @@ class Scheduler:
         self.last_served: dict[str, int] = {}
         """product -> the dispatch sequence number of its latest dispatched job (fair turns)."""
         self._served_seq = 0
+        self.queue = QueueOrder()
+        for jid in view.by_stage[Stage.QUEUED]:
+            if jid in view.jobs:
+                self.queue.on_job(None, view.jobs[jid])
+        view.job_listeners.append(self.queue.on_job)
+        self._gap_seen: dict[str, tuple[int, str | None]] = {}
+        """Pools nothing serves, fully held: (jobs that entered it, the reason) at that pass."""
+        self.visited = 0
+        """Queued jobs the latest dispatch pass looked at (offers, holds, jobs passed over)."""
+        self.passes = 0
 
     # -- clock --------------------------------------------------------------------------------
 
@@ -144,12 +242,17 @@ class Scheduler:
     # -- dispatch -----------------------------------------------------------------------------
 
     async def dispatch(self) -> int:
-        """One dispatch pass. Returns how many jobs were published."""
+        """One dispatch pass. Returns how many jobs were published.
+
+        Reads the queue in :func:`dispatch_order` (from :class:`QueueOrder`, no sort), pool by
+        pool merged, and leaves a pool as soon as every one of its free stations has an offer:
+        it visits the offers it makes, the jobs it passes over (held by a lock or a backoff,
+        or offered already) and, for a pool nothing serves, each new job once to hold it with
+        the reason (``visited`` counts them)."""
         broker_now = self.broker_now_estimate()
         live = self.view.live_factories(broker_now, self.s.heartbeat_s)
         mono = time.monotonic()
-        queued = dispatch_order(
-            [self.view.jobs[j] for j in self.view.by_stage[Stage.QUEUED] if j in self.view.jobs], self.last_served)
+        q = self.queue
 
         locks_taken: dict[str, str] = {}
         busy: dict[str, int] = defaultdict(int)
@@ -160,78 +263,169 @@ class Scheduler:
             if st and st.record.manifest.lock:
                 locks_taken[st.record.manifest.lock] = jid
         inflight: dict[str, int] = defaultdict(int)
-        queued_ids = {st.record.id for st in queued}
-        for jid in list(self.published):
-            if jid not in queued_ids:
+        due: list[tuple[tuple, JobState]] = []
+        """Offers out for longer than redispatch_s: published again, whatever the capacity."""
+        for jid, p in list(self.published.items()):
+            st = q.states.get(jid)
+            if st is None:
                 del self.published[jid]
-        for st in queued:
-            p = self.published.get(st.record.id)
-            if p and p.epoch == st.record.epoch:
-                inflight[st.record.pool] += 1
-                if st.record.manifest.lock:
-                    locks_taken.setdefault(st.record.manifest.lock, st.record.id)
+                continue
+            if p.epoch != st.record.epoch:
+                continue
+            inflight[st.record.pool] += 1
+            if st.record.manifest.lock:
+                locks_taken.setdefault(st.record.manifest.lock, jid)
+            if mono - p.at_mono >= self.s.redispatch_s:
+                rank, product, _pool, age = q.where[jid]
+                due.append((q._key(rank, product, age, self.last_served), st))
+        due.sort(key=lambda x: x[0])
 
         capacity: dict[str, int] = {}
         serving: dict[str, list[FactoryState]] = {}
-        depth: dict[str, int] = defaultdict(int)
-        for st in queued:
-            depth[st.record.pool] += 1
-        sent = 0
+        gaps: dict[str, str] = {}
+        partial: set[str] = set()
+        """Pools nothing serves where some job was not held with the pool's reason this pass."""
+        holds: list[tuple] = []
+        offers: list[tuple[JobState, bool, int]] = []
+        """(job, redispatch, position in its pool) of this pass, published together below."""
         position: dict[str, int] = defaultdict(int)
-        for st in queued:
+        depth: dict[str, int] = {}
+        visited = 0
+
+        def pool_of(st: JobState) -> str:
             rec = st.record
-            position[rec.pool] += 1
-            p = self.published.get(rec.id)
-            if p and p.epoch == rec.epoch and mono - p.at_mono < self.s.redispatch_s:
-                continue
             if rec.pool not in serving:
                 serving[rec.pool] = [f for f in live if not f.offers.missing(rec.requirements)]
                 # Free stations now, from the jobs watch (live), not from heartbeats (seconds old).
                 capacity[rec.pool] = sum(
                     max(0, len(f.record.stations) - busy[f.record.id]) for f in serving[rec.pool]
                 )
+                depth[rec.pool] = q.depth(rec.pool)
+                if not serving[rec.pool]:
+                    gaps[rec.pool] = capability_gap(rec.requirements, live)
+            return rec.pool
+
+        def decide(st: JobState, redispatch: bool, pos: int) -> None:
+            """Offer ``st`` or hold it (with a reason, or silently)."""
+            rec = st.record
+            pool = pool_of(st)
             hold = None
             if st.ts + rec.backoff_s > broker_now:
                 hold = ""  # retry backoff: the record's reason already says when
             elif rec.manifest.lock and locks_taken.get(rec.manifest.lock, rec.id) != rec.id:
                 hold = f"waiting for lock {rec.manifest.lock!r} held by job {locks_taken[rec.manifest.lock]}"
-            elif not serving[rec.pool]:
-                hold = capability_gap(rec.requirements, live)
-            elif inflight[rec.pool] >= capacity[rec.pool] and not (p and p.epoch == rec.epoch):
+            elif not serving[pool]:
+                hold = gaps[pool]
+            elif not redispatch and inflight[pool] >= capacity[pool]:
                 hold = ""  # every station of the pool has an offer outstanding
             if hold is not None:
-                if hold:
-                    await self._hold(st, hold)
+                if hold and self.held.get(rec.id) != hold:
+                    holds.append((st, hold))
+                if pool in gaps and hold != gaps[pool]:
+                    partial.add(pool)  # held for another reason (a backoff): look again next pass
+                return
+            if not redispatch:
+                inflight[pool] += 1
+            if rec.manifest.lock:
+                locks_taken[rec.manifest.lock] = rec.id
+            offers.append((st, redispatch, pos))
+
+        for _key, st in due:
+            visited += 1
+            decide(st, True, 0)
+
+        def open_(pool: str) -> bool:
+            """Whether a pass still has something to do in ``pool``."""
+            if not serving[pool]:
+                return True  # every job gets its capability-gap hold (once: see gap_seen)
+            return inflight[pool] < capacity[pool]
+
+        heap: list = []
+        iters: dict[str, Iterator] = {}
+        for pool in list(q.by_pool):
+            seen = self._gap_seen.get(pool)
+            if seen is not None and seen == (q.added[pool], self._gap_reason(pool, live)):
+                continue  # nothing serves it, and every job in it was held with that reason already
+            it = q.pool_order(pool, self.last_served)
+            first = next(it, None)
+            if first is not None:
+                iters[pool] = it
+                heap.append((first[0], pool, first[1]))
+        heapq.heapify(heap)
+        while heap:
+            _k, pool, st = heapq.heappop(heap)
+            pool_of(st)
+            if not open_(pool):
                 continue
-            if not await self._publish(rec):
+            visited += 1
+            position[pool] += 1
+            p = self.published.get(st.record.id)
+            if not (p and p.epoch == st.record.epoch):
+                decide(st, False, position[pool])
+            nxt = next(iters[pool], None)
+            if nxt is not None:
+                heapq.heappush(heap, (nxt[0], pool, nxt[1]))
+            elif not serving.get(pool, True) and pool not in partial:
+                self._gap_seen[pool] = (q.added[pool], gaps[pool])
+        for pool in serving:
+            if serving[pool]:
+                self._gap_seen.pop(pool, None)
+        self.visited = visited
+        self.passes += 1
+        return await self._offer(offers, holds, broker_now, mono, depth, capacity, serving)
+
+    def _gap_reason(self, pool: str, live: list[FactoryState]) -> str | None:
+        """The capability-gap reason of ``pool`` now (None if a live factory serves it)."""
+        reqs = self.queue.requirements.get(pool)
+        if reqs is None:
+            return None
+        if any(not f.offers.missing(reqs) for f in live):
+            return None
+        return capability_gap(reqs, live)
+
+    async def _offer(self, offers: list, holds: list, broker_now: float, mono: float, depth: dict[str, int],
+                     capacity: dict[str, int], serving: dict[str, list[FactoryState]]) -> int:
+        """Publish a pass's offers, then its ``dispatched`` events, then its holds, each group
+        concurrently: one broker round trip per group instead of one per job and message
+        (the client writes the messages of a group together). Dispatch messages go out in
+        the pass's order (the client sends them in the order they were started)."""
+        for pool in {st.record.pool for st, _r, _p in offers} - self.pools_ready:
+            rec = next(st.record for st, _r, _p in offers if st.record.pool == pool)
+            try:
+                if await ensure_pool(self.b, pool, rec.requirements):
+                    self.pools_ready.add(pool)
+            except Exception as e:  # the publish below fails too and is handled there
+                log.info("dispatch pool %s not ensured: %s", pool, e)
+        results = await asyncio.gather(*(self._publish(st.record) for st, _r, _p in offers))
+        events = []
+        for (st, redispatch, pos), ok in zip(offers, results):
+            if not ok:
                 continue
-            sent += 1
-            if not (p and p.epoch == rec.epoch):
-                inflight[rec.pool] += 1
+            rec = st.record
             self.published[rec.id] = _Published(rec.epoch, mono)
             self._served_seq += 1
             self.last_served[rec.manifest.product] = self._served_seq
-            if rec.manifest.lock:
-                locks_taken[rec.manifest.lock] = rec.id
             self.held.pop(rec.id, None)
-            await self.b.publish_event(EventRecord(
+            events.append(self.b.publish_event(EventRecord(
                 kind="dispatched", at=time.time(), job=rec.id, stage_from="queued", stage_to="queued",
                 epoch=rec.epoch, actor=self.actor,
                 reason=f"priority {rec.manifest.priority}, waited {max(0.0, broker_now - rec.submitted_at):.1f}s; "
-                       f"#{position[rec.pool]} of {depth[rec.pool]} queued in pool {rec.pool}",
-                data={"pool": rec.pool, "priority": str(rec.manifest.priority), "position": position[rec.pool],
+                       + (f"offered again: not taken within {self.s.redispatch_s:g}s" if redispatch else
+                          f"#{pos} of {depth[rec.pool]} queued in pool {rec.pool}"),
+                data={"pool": rec.pool, "priority": str(rec.manifest.priority), "position": pos,
                       "queued_in_pool": depth[rec.pool], "pool_capacity": capacity[rec.pool],
                       "serving_factories": [f.record.id for f in serving[rec.pool]],
-                      "redispatch": bool(p and p.epoch == rec.epoch)},
-            ))
+                      "redispatch": redispatch},
+            )))
+        sent = len(events)
+        await _gather_raising(events)
+        await _gather_raising([self._hold(st, reason) for st, reason in holds])
         return sent
 
     async def _publish(self, rec: JobRecord) -> bool:
         self._seq += 1
         msg = DispatchMessage(job=rec.id, epoch=rec.epoch, pool=rec.pool)
         try:
-            if rec.pool not in self.pools_ready and await ensure_pool(self.b, rec.pool, rec.requirements):
-                self.pools_ready.add(rec.pool)
             await self.b.js.publish(
                 names.dispatch_subject(rec.pool), encode(msg),
                 headers={"Nats-Msg-Id": f"{rec.id}:{rec.epoch}:{self._seq}"},
@@ -263,6 +457,9 @@ class Scheduler:
             try:
                 await self.b.jobs.update(rec.id, encode(new), last=st.revision)
             except Conflict:
+                # The view was behind the record: forget the hold, so the next pass (on the
+                # record's change) decides again instead of believing it written.
+                self.held.pop(rec.id, None)
                 return
         await self.b.publish_event(EventRecord(
             kind="held", at=time.time(), job=rec.id, stage_from="queued", stage_to="queued",
@@ -318,24 +515,48 @@ class Scheduler:
         self.index = {k: -1 for k in await self.b.queue.keys()}
 
     async def sync_index(self) -> None:
+        """Bring ``gf_queue`` in step with the queued jobs of the view: an entry for every job
+        queued for at least :meth:`index_after_s`, none for any other.
+
+        The index is only the polling fallback's pointer (the job record is the truth), so a
+        job that push dispatches and a factory claims within that time never gets an entry:
+        that spares the broker two writes per job (the put and its delete) on the normal
+        path. Writes go out :data:`INDEX_IN_FLIGHT` at a time."""
         want: dict[str, JobRecord] = {}
+        due = self.broker_now_estimate() - self.index_after_s
         for jid in self.view.by_stage[Stage.QUEUED]:
             st = self.view.jobs.get(jid)
-            if st:
-                want[names.queue_key(st.record.pool, jid)] = st.record
-        for key in [k for k in self.index if k not in want]:
+            if st is None:
+                continue
+            key = names.queue_key(st.record.pool, jid)
+            if key in self.index or st.ts <= due:
+                want[key] = st.record
+        gone = [k for k in self.index if k not in want]
+        stale = [(k, rec) for k, rec in want.items() if self.index.get(k) != rec.epoch]
+
+        async def delete(key: str) -> None:
             try:
                 await self.b.queue.delete(key)
             except Conflict:
                 pass
             self.index.pop(key, None)
-        for key, rec in want.items():
-            if self.index.get(key) == rec.epoch:
-                continue
+
+        async def put(key: str, rec: JobRecord) -> None:
             await self.b.queue.put(key, encode(QueueEntry(
                 job=rec.id, priority_rank=rec.priority_rank, submitted_at=rec.submitted_at, epoch=rec.epoch,
             )))
             self.index[key] = rec.epoch
+
+        writes = [(delete, (k,)) for k in gone] + [(put, (k, rec)) for k, rec in stale]
+        for i in range(0, len(writes), INDEX_IN_FLIGHT):
+            await _gather_raising([fn(*args) for fn, args in writes[i:i + INDEX_IN_FLIGHT]])
+
+    @property
+    def index_after_s(self) -> float:
+        """How long a job is queued before it gets a ``gf_queue`` entry: a tenth of
+        ``redispatch_s``, far below the time after which a factory judges push stalled
+        and polls the index (two redispatch periods and a long poll)."""
+        return self.s.redispatch_s * INDEX_AFTER_REDISPATCH
 
     # -- reaper -------------------------------------------------------------------------------
 
@@ -378,6 +599,16 @@ class Scheduler:
             except Conflict:
                 pass
         return n
+
+
+async def _gather_raising(coros: list) -> None:
+    """Await every coroutine concurrently; when any failed, raise the first failure only after
+    all have finished (a failed event publish must not leave the others unawaited)."""
+    if not coros:
+        return
+    for r in await asyncio.gather(*coros, return_exceptions=True):
+        if isinstance(r, BaseException):
+            raise r
 
 
 async def loop(name: str, interval_s: float, body, stop: asyncio.Event, wake: asyncio.Event | None = None) -> None:

@@ -53,13 +53,17 @@ class Coordinator:
             async def schedule() -> None:
                 await self.sched.resolve_deps()
                 await self.sched.dispatch()
-                await self.sched.sync_index()
 
             async def clock() -> None:
                 await self.sched.sync_clock()
 
             tasks += [
                 asyncio.create_task(loop("schedule", 0.5, schedule, stop, self.view.changed), name="schedule"),
+                # The queue index (the polling fallback's pointer) on a period of its own: a
+                # dispatch pass never waits behind index writes, and entries are due only
+                # after index_after_s anyway.
+                asyncio.create_task(loop("index", min(0.5, self.sched.index_after_s), self.sched.sync_index, stop),
+                                    name="index"),
                 asyncio.create_task(loop("reaper", self.s.reaper_interval_s, self.sched.reap, stop), name="reaper"),
                 asyncio.create_task(loop("locks", 5.0, self.sched.release_stale_locks, stop), name="locks"),
                 asyncio.create_task(loop("repair", self.s.dispatch_repair_s, self.sched.repair_dispatch, stop), name="repair"),

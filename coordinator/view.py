@@ -46,6 +46,9 @@ class FleetView:
     changed: asyncio.Event = field(default_factory=asyncio.Event)
     jobs_synced: asyncio.Event = field(default_factory=asyncio.Event)
     factories_synced: asyncio.Event = field(default_factory=asyncio.Event)
+    job_listeners: list = field(default_factory=list)
+    """Called as ``fn(old, new)`` (each a :class:`JobState` or None) on every job change, so a
+    consumer (the scheduler's dispatch order) keeps its own structures without rescanning."""
     heartbeats_quiet: int = 0
     """Heartbeats that changed nothing dispatch depends on, so did not wake the scheduler
     (1,000 factories heartbeat 100 times a second; each would be a dispatch pass)."""
@@ -58,17 +61,24 @@ class FleetView:
                 self.dependents.get(d, set()).discard(key)
         if not value:
             self.jobs.pop(key, None)
+            self._tell(old, None)
             return
         try:
             rec = decode(value, JobRecord)
         except msgspec.DecodeError as e:
             log.error("gf_jobs/%s revision %d is not a job record: %s", key, revision, e)
+            self._tell(old, None)
             return
-        self.jobs[key] = JobState(rec, revision, ts)
+        new = self.jobs[key] = JobState(rec, revision, ts)
         self.by_stage[rec.stage].add(key)
         for d in rec.deps:
             self.dependents.setdefault(d, set()).add(key)
+        self._tell(old, new)
         self.changed.set()
+
+    def _tell(self, old: JobState | None, new: JobState | None) -> None:
+        for fn in self.job_listeners:
+            fn(old, new)
 
     def apply_factory(self, key: str, value: bytes | None, ts: float) -> None:
         if not value:

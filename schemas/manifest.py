@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import difflib
 import enum
+import functools
 import hashlib
 import math
 import re
@@ -248,12 +249,19 @@ def content_hash(manifest: Manifest, body: str) -> str:
     return h.hexdigest()
 
 
+@functools.lru_cache(maxsize=None)
+def _struct_fields(cls: type) -> tuple:
+    # msgspec.structs.fields() evaluates the class's annotations on every call (a tenth of the
+    # coordinator's CPU under load was spent there, hashing manifests at intake).
+    return msgspec.structs.fields(cls)
+
+
 def _without_defaults(obj: Any) -> Any:
     # Not ``omit_defaults`` encoding: msgspec omits a default by identity for some types, so a
     # stated ``timeout: 30m`` would hash differently from an omitted one. Compare by equality.
     if isinstance(obj, msgspec.Struct):
         out = {}
-        for f in msgspec.structs.fields(obj):
+        for f in _struct_fields(type(obj)):
             value = getattr(obj, f.name)
             if f.default is not msgspec.NODEFAULT:
                 default = f.default
