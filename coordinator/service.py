@@ -8,9 +8,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import socket
+import time
 
-from gigafactory.broker import Broker
+import nats.errors
+import nats.js.errors
+
+from gigafactory.broker import TRANSIENT, Broker
 from gigafactory.config import Settings
 
 from .api import Api
@@ -19,6 +24,16 @@ from .scheduler import Scheduler, loop
 from .view import FleetView, follow
 
 log = logging.getLogger("gigafactory.coordinator")
+
+STARTUP_RETRY_MAX_S = 5.0
+"""Longest pause between tries of a startup read the broker refused for now."""
+STARTUP_LOG_EVERY_S = 30.0
+"""While a startup read keeps failing, it is logged once, then at most this often."""
+STARTUP_TRANSIENT = TRANSIENT + (nats.errors.Error, nats.js.errors.APIError)
+"""What a startup read retries rather than exits on: the broker not answering, and refusals
+that pass with time ("maximum consumers limit reached" while a fleet's scans hold the
+stream's consumers, a stream without a leader yet). A coordinator that exits on them takes
+the API down with it, for a condition that clears by itself."""
 
 
 class Coordinator:
@@ -35,6 +50,8 @@ class Coordinator:
         self.api = Api(broker, self.view, self.sched, self.name)
         self.inbox = Inbox(broker, inbox) if inbox else None
         self.ready = asyncio.Event()
+        self.startup_retries = 0
+        """Startup reads retried after a transient broker error (see :meth:`_until_done`)."""
 
     async def run(self, stop: asyncio.Event) -> None:
         follower = asyncio.create_task(follow(self.b, self.view, stop), name="view")
@@ -45,8 +62,10 @@ class Coordinator:
                 asyncio.gather(self.view.jobs_synced.wait(), self.view.factories_synced.wait()),
                 timeout=max(60.0, self.s.request_timeout_s * 4),
             )
-            await self.sched.sync_clock()
-            await self.sched.load_index()
+            await self._until_done("reading the broker clock", self.sched.sync_clock, stop)
+            await self._until_done("loading the queue index", self.sched.load_index, stop)
+            if stop.is_set():
+                return
             self.ready.set()
             log.info("%s ready: %d jobs, %d factories", self.name, len(self.view.jobs), len(self.view.factories))
 
@@ -80,3 +99,28 @@ class Coordinator:
                 await self.api.stop()
             except Exception:
                 pass
+
+    async def _until_done(self, what: str, step, stop: asyncio.Event) -> None:
+        """Run the startup ``step`` until it succeeds or ``stop`` is set; a transient broker
+        error is retried with jittered back-off (up to STARTUP_RETRY_MAX_S), logged when it
+        first happens and then at most every STARTUP_LOG_EVERY_S, never the reason to exit.
+        Anything else is a bug and raises."""
+        tries, logged_at = 0, float("-inf")
+        while not stop.is_set():
+            try:
+                await step()
+                if tries:
+                    log.info("%s: %s succeeded after %d failed tries", self.name, what, tries)
+                return
+            except STARTUP_TRANSIENT as e:
+                tries += 1
+                self.startup_retries += 1
+                if time.monotonic() - logged_at >= STARTUP_LOG_EVERY_S:
+                    logged_at = time.monotonic()
+                    log.warning("%s: %s failed (%s: %s); retrying (try %d)", self.name, what,
+                                type(e).__name__, e, tries)
+                pause = min(STARTUP_RETRY_MAX_S, 0.1 * 2 ** min(tries, 10))
+                try:
+                    await asyncio.wait_for(stop.wait(), timeout=random.uniform(pause / 2, pause))
+                except asyncio.TimeoutError:
+                    pass

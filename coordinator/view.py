@@ -8,6 +8,7 @@ lost CAS, never a wrong state. Several coordinators may each hold their own view
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 from dataclasses import dataclass, field
 
@@ -125,6 +126,38 @@ def _dispatch_relevant(old: FactoryState, new: FactoryRecord, ts: float) -> bool
             or o.heartbeat_interval_s != new.heartbeat_interval_s or ts - old.ts > 2 * period)
 
 
+class _ReplayGC:
+    """Python's cyclic garbage collector held off while watches replay, for the whole process.
+
+    A replay builds the view: 100,000 job records of about ten tracked containers each. Every
+    700 allocations the collector runs, and each older-generation pass walks what the replay
+    built so far: measured, 17 us of a record's 21 us of decoding went to it. The records hold
+    no reference cycles (plain data, freed by reference counting as they are replaced), so
+    nothing waits for the collector meanwhile. When the last replay is done, one full
+    collection, then ``gc.freeze()``: what exists now (the view) moves to the permanent
+    generation, so later collections no longer walk it again and again either."""
+
+    depth = 0
+    paused = False
+
+    @classmethod
+    def hold(cls) -> None:
+        if cls.depth == 0 and gc.isenabled():
+            gc.disable()
+            cls.paused = True
+        cls.depth += 1
+
+    @classmethod
+    def release(cls) -> None:
+        assert cls.depth > 0
+        cls.depth -= 1
+        if cls.depth == 0 and cls.paused:
+            cls.paused = False
+            gc.enable()
+            gc.collect()
+            gc.freeze()
+
+
 async def follow(broker: Broker, view: FleetView, stop: asyncio.Event) -> None:
     """Keep ``view`` in step with ``gf_jobs`` and ``gf_factories`` until ``stop`` is set.
     Watches are re-established (with a full replay of latest values) if they fail."""
@@ -140,6 +173,8 @@ async def follow(broker: Broker, view: FleetView, stop: asyncio.Event) -> None:
                 # so the coordinator would call itself ready, and sync_index delete every entry
                 # of the queue index, before a single job was loaded.
                 progress, trailing = WatchProgress(w), False
+                replaying = True
+                _ReplayGC.hold()
                 try:
                     while not stop.is_set():
                         if broker.nc.stats["reconnects"] != reconnects:
@@ -155,6 +190,9 @@ async def follow(broker: Broker, view: FleetView, stop: asyncio.Event) -> None:
                             if trailing and await progress.caught_up():
                                 trailing = False
                                 synced.set()
+                            if replaying and synced.is_set():
+                                replaying = False
+                                _ReplayGC.release()
                             continue
                         # Take every update already received without awaiting each: a
                         # restart replays every record (100,000 jobs), and a timed wait per
@@ -178,7 +216,12 @@ async def follow(broker: Broker, view: FleetView, stop: asyncio.Event) -> None:
                                 e = w._updates.get_nowait()
                             except asyncio.QueueEmpty:
                                 break
+                        if replaying and synced.is_set():
+                            replaying = False
+                            _ReplayGC.release()
                 finally:
+                    if replaying:
+                        _ReplayGC.release()
                     try:
                         await w.stop()
                     except Exception:

@@ -60,13 +60,18 @@ from .outbox import Outbox, OutboxItem
 log = logging.getLogger("gigafactory.factory")
 
 STALL_CHECKS_PER_REDISPATCH = 1 / 3
-"""An idle pool puller checks that its consumer exists, and that no queued job of its pool has
-waited unclaimed (a stall), every ``redispatch_s / STALL_CHECKS_PER_REDISPATCH`` (30 s with the
-default 10 s). A deleted stream or consumer needs no check: the next fetch is refused at once
-(503, no responders) and the pool falls back within a long poll. The check is for push that
-stays silent while jobs wait (a coordinator that is gone, say); a stall is only visible after
-``2 * redispatch_s + long_poll_s`` anyway, so checking more often would cost an idle fleet a
-scan per factory and pool for nothing."""
+"""An idle pool puller checks that no queued job of its pool has waited unclaimed (a stall)
+every ``redispatch_s / STALL_CHECKS_PER_REDISPATCH`` (30 s with the default 10 s). A deleted
+stream or consumer needs no check: the next fetch is refused at once (503, no responders) and
+the pool falls back within a long poll. The check is for push that stays silent while jobs
+wait (a coordinator that is gone, say); a stall is only visible after
+``2 * redispatch_s + long_poll_s`` anyway, so checking more often would cost for nothing.
+
+What a check costs: while the pool's queue index stays as a check last found it, empty (the
+idle fleet), one direct get that asks whether anything was written to it since (no consumer,
+no clock probe, no JetStream API request). Otherwise a full check: one scan of the pool's
+index and, only when something is queued, a broker-clock probe, the consumer lookup and up to
+STALL_READS_MAX record reads."""
 STALL_READS_MAX = 8
 """Index entries old enough to look stalled are confirmed against their job records, at most
 this many per check (a healthy pool has none: each read costs one request)."""
@@ -132,6 +137,11 @@ class PoolState:
     task: asyncio.Task | None = None
     psub: object | None = None
     """The pool consumer's pull subscription while in push mode."""
+    index_quiet: tuple[int, int] | None = None
+    """``(sequence, reconnects)``: a stall check found the pool's queue index empty, and the
+    newest message on its keys then had this stream sequence (on this connection, counted by
+    its reconnects). While nothing is written after it, nothing of the pool waits, and an idle
+    check costs one direct get (see :meth:`Factory._index_quiet`). None: not known empty."""
 
 
 class Factory:
@@ -182,9 +192,12 @@ class Factory:
         self.stats = {"claims": 0, "claim_conflicts": 0, "claim_skipped": 0, "fenced_writes": 0,
                       "handed_back": 0, "finished": 0, "quarantined": 0, "polled_claims": 0,
                       "events_published": 0, "events_dropped": 0,
-                      "pool_scans": 0, "pool_records": 0, "outbox_wakeups": 0}
+                      "pool_scans": 0, "pool_records": 0, "outbox_wakeups": 0,
+                      "stall_probes": 0, "stall_checks": 0}
         """Counters. ``pool_scans``/``pool_records``/``outbox_wakeups`` say how much work an
-        idle factory does (none beyond its heartbeat and long polls is the goal)."""
+        idle factory does (none beyond its heartbeat and long polls is the goal);
+        ``stall_probes`` counts the one-request checks of a quiet pool index, ``stall_checks``
+        the full ones (an index scan, and a consumer lookup when something is queued)."""
         self._stop: asyncio.Event | None = None
         self._pools_rescan = asyncio.Event()
         """Set when the pools must be read again (after a reconnect)."""
@@ -543,11 +556,17 @@ class Factory:
                         # all fall back at once.
                         return self.b.nc.is_connected and self.b.nc.stats["reconnects"] == reconnects
 
+                    if await self._index_quiet(ps):
+                        continue
+                    self.stats["stall_checks"] += 1
+                    stalled = await self._stalled(ps)
+                    if ps.index_quiet is not None:
+                        continue  # nothing queued: nothing for push to deliver, nothing to check
                     if not await self._consumer_ok(ps):
                         if verdict_holds():
                             await self._drop_psub(ps)
                             await self._switch(ps, "poll", "the pool consumer does not answer")
-                    elif await self._stalled(ps) and verdict_holds():
+                    elif stalled and verdict_holds():
                         await self._drop_psub(ps)
                         await self._switch(ps, "poll", f"a queued job waited over {self.stall_after_s:g}s "
                                                        "while a station was free (push is not delivering)")
@@ -626,18 +645,47 @@ class Factory:
         except Exception:
             return False
 
+    async def _index_quiet(self, ps: PoolState) -> bool:
+        """Whether the pool's queue index is still as a stall check last found it, empty:
+        nothing written to its keys since (one direct get; a reply of a 404 status while
+        idle). Unknown (never checked, or checked on an earlier connection: a broker that
+        came back without its store numbers messages from 1 again), or a probe that fails,
+        is False: the caller does the full check, with its own guards for a broker that is
+        not answering. The index is the coordinator's, so a quiet index is also what a
+        fleet sees while the coordinator is down and nothing waits."""
+        q = ps.index_quiet
+        if q is None or q[1] != self.b.nc.stats["reconnects"]:
+            return False
+        self.stats["stall_probes"] += 1
+        try:
+            if not await self.b.queue.written_after(f"{ps.id}.>", q[0]):
+                return True
+        except Exception as ex:
+            log.info("%s: probing the index of pool %s failed (%s)", self.id, ps.id, ex)
+        ps.index_quiet = None
+        return False
+
     async def _stalled(self, ps: PoolState) -> bool:
         """A queued job of this pool that it could take has waited longer than
         ``stall_after_s`` (broker time): push is not delivering. One filtered scan of the
         pool's index; only the entries old enough are confirmed against their records (at
         most STALL_READS_MAX), so jobs that wait by design (in retry back-off, for a lock,
-        or already claimed but not yet out of the index) do not count."""
+        or already claimed but not yet out of the index) do not count. An index found empty
+        sets ``ps.index_quiet`` (and costs no clock probe); anything in it clears it."""
+        ps.index_quiet = None
         try:
-            now = await self.b.broker_now()
+            # Read before the scan: a key written between the two is seen by the scan, one
+            # written after it has a later sequence, so the next probe sees it.
+            mark, reconnects = await self.b.queue.newest_seq(f"{ps.id}.>"), self.b.nc.stats["reconnects"]
+            now: float | None = None
             old = []
             async for e in self.b.queue.scan(f"{ps.id}.>"):
+                if now is None:
+                    now = await self.b.broker_now()
                 if now - e.ts > self.stall_after_s:
                     old.append(e)
+            ps.index_quiet = (mark, reconnects) if now is None else None
+            assert now is not None or not old
             for e in old[:STALL_READS_MAX]:
                 try:
                     q = decode(e.value, QueueEntry)

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 import nats
 import nats.errors
+import orjson
 import nats.js.errors
 from nats.js import api
 from nats.js.kv import KV_DEL, KV_OP, KV_PURGE, KeyValue
@@ -35,6 +36,9 @@ log = logging.getLogger("gigafactory.broker")
 SCAN_INACTIVE_S = 15.0
 """A scan's consumer is deleted when the scan ends; should that fail, the server drops it after
 this long without interest (nats-py's default for a watcher is five minutes)."""
+DIRECT_GET_PREFIX = "$JS.API.DIRECT.GET"
+"""Direct gets are answered by the stream's own subscription: no JetStream API request (and
+no API advisory), the cheapest read the broker offers."""
 CONNECTED_POLL_S = 0.1
 """How often :meth:`Broker.wait_connected` looks when it has no callback to wait on."""
 
@@ -119,6 +123,31 @@ class Bucket:
             return None
         ts = msg.time.timestamp() if msg.time else 0.0
         return Entry(key=key, value=msg.data or b"", revision=msg.seq or 0, ts=ts)
+
+    async def newest_seq(self, pattern: str = ">") -> int:
+        """The stream sequence of the newest message (a put or a delete) on the keys matching
+        ``pattern``; 0 if there is none. One direct get, no consumer."""
+        msg = await self._direct_get({"last_by_subj": f"$KV.{self.name}.{pattern}"})
+        return int(msg.headers.get("Nats-Sequence", 0)) if msg is not None and msg.headers else 0
+
+    async def written_after(self, pattern: str, seq: int) -> bool:
+        """Whether any key matching ``pattern`` was written (put, deleted or purged) after the
+        stream sequence ``seq``. One direct get, no consumer: the cheap question "did
+        anything change since I last looked" (the answer to it costs a reply of one message
+        or a 404 status, whatever the bucket holds)."""
+        return await self._direct_get({"seq": seq + 1, "next_by_subj": f"$KV.{self.name}.{pattern}"}) is not None
+
+    async def _direct_get(self, body: dict):
+        """A direct get with a JSON request body (wildcard subjects need one); the reply
+        message, or None for "no such message". Other errors raise as nats-py's do."""
+        resp = await self._js._nc.request(f"{DIRECT_GET_PREFIX}.{self.stream}", orjson.dumps(body),
+                                          timeout=self._timeout)
+        status = resp.headers.get("Status") if resp.headers else None
+        if status == "404":
+            return None
+        if status:
+            raise nats.js.errors.APIError.from_msg(resp)
+        return resp
 
     async def create(self, key: str, value: bytes) -> int:
         """Write ``key`` only if it does not exist (or was deleted). Raises :class:`Conflict`."""

@@ -20,6 +20,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from gigafactory.factory.agent import STALL_CHECKS_PER_REDISPATCH
 from gigafactory.schemas import names
 from gigafactory.schemas.records import JobRecord, decode
 
@@ -598,9 +599,14 @@ def _idle(ctx: Context) -> st.Table:
     t.add(st.row("broker CPU", round(100 * i["cpu_s"].get("broker", 0) / i["window_s"], 3), "% of a core"))
     t.add(st.row("broker messages in", round(i["in_msgs_per_s"], 2), "msg/s"))
     t.add(st.row("broker messages out", round(i["out_msgs_per_s"], 2), "msg/s"))
-    model = cfg.factories / s.heartbeat_s + cfg.factories * i["pools"] / s.long_poll_s
-    t.add(st.row("model: N/heartbeat_s + N x pools/long_poll_s", round(model, 2), "msg/s",
-                 note="heartbeat puts plus long-poll renewals; each has a reply out"))
+    # The stall check of an idle pool whose queue index stays empty is one direct get (see
+    # factory.agent.STALL_CHECKS_PER_REDISPATCH); client PINGs are protocol, not messages.
+    stall_check_s = s.redispatch_s / STALL_CHECKS_PER_REDISPATCH
+    model = (cfg.factories / s.heartbeat_s + cfg.factories * i["pools"] / s.long_poll_s
+             + cfg.factories * i["pools"] / stall_check_s)
+    t.add(st.row("model: N/heartbeat_s + N x pools x (1/long_poll_s + 1/stall_check_s)", round(model, 2), "msg/s",
+                 note=f"heartbeat puts, long-poll renewals and stall probes (every {stall_check_s:g}s); each has "
+                      "a reply out, and a heartbeat a second copy out to the coordinator's view"))
     return t
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 
-from helpers import Fleet, eventually, intervals, overlap, rendezvous_script, run
+from helpers import Fleet, eventually, fast_settings, intervals, overlap, rendezvous_script, run
 
 from gigafactory.broker import Broker, Conflict
 from gigafactory.coordinator.inbox import Inbox
@@ -181,3 +181,54 @@ def test_two_coordinators_share_the_work_and_two_reapers_cannot_both_win(nats_se
                 await second_broker.close()
 
     run(main())
+
+
+# -- startup ----------------------------------------------------------------------------------
+
+
+def test_a_coordinator_retries_a_startup_read_the_broker_refuses_for_now_and_then_becomes_ready(
+        nats_server, tmp_path, caplog):
+    """The load suite saw a coordinator exit at startup: loading the queue index (a scan, so a
+    consumer) was refused with "maximum consumers limit reached" while a fleet's scans held
+    the stream's consumers. Such a refusal passes; the coordinator waits it out, not ready and
+    not exiting, says so in its log (once, not per try), and is ready once it clears."""
+    import logging
+
+    import nats
+    from nats.js import api
+
+    from gigafactory.schemas import names
+
+    caplog.set_level(logging.INFO, logger="gigafactory.coordinator")
+
+    async def main():
+        # The queue index's stream, as a KV bucket that allows a single consumer.
+        nc = await nats.connect(nats_server.url)
+        js = nc.jetstream()
+        stream = f"KV_{names.QUEUE_BUCKET}"
+        await js.add_stream(api.StreamConfig(
+            name=stream, subjects=[f"$KV.{names.QUEUE_BUCKET}.>"], max_msgs_per_subject=1, allow_direct=True,
+            allow_rollup_hdrs=True, deny_delete=True, discard=api.DiscardPolicy.NEW, max_consumers=1))
+        await js.add_consumer(stream, api.ConsumerConfig(durable_name="holder", ack_policy=api.AckPolicy.NONE))
+        b = await Broker.open(nats_server.url, "test-coordinator", fast_settings())
+        c = Coordinator(b)
+        stop = asyncio.Event()
+        task = asyncio.create_task(c.run(stop))
+        try:
+            await eventually(lambda: c.startup_retries >= 3, 30, what="the coordinator retries loading the index")
+            assert not task.done(), "the coordinator exited on a transient refusal"
+            assert not c.ready.is_set()
+            await js.delete_consumer(stream, "holder")
+            await asyncio.wait_for(c.ready.wait(), 30)
+            return c.startup_retries
+        finally:
+            stop.set()
+            await asyncio.wait_for(task, 20)
+            await b.close()
+            await nc.close()
+
+    retries = run(main())
+
+    failed = [r.getMessage() for r in caplog.records if "loading the queue index failed" in r.getMessage()]
+    assert len(failed) == 1 and "maximum consumers" in failed[0], failed
+    assert any(f"succeeded after {retries} failed tries" in r.getMessage() for r in caplog.records)

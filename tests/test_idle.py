@@ -10,14 +10,19 @@ from __future__ import annotations
 
 import asyncio
 
+import msgspec
+
 from gigafactory.broker import PING_MIN_S, Broker, ping_interval_s
 from gigafactory.chaos.proxy import FaultProxy
 from gigafactory.config import Settings
 from gigafactory.coordinator.intake import ensure_pool
 from gigafactory.factory.agent import Factory
 from gigafactory.schemas import capabilities as caps
+from gigafactory.schemas import names
+from gigafactory.schemas.records import QueueEntry, encode
 
 from helpers import Fleet, eventually, fast_settings
+from test_chaos import job_text_record
 
 
 async def _heartbeats(f: Factory, n: int) -> None:
@@ -83,3 +88,82 @@ def test_client_pings_follow_the_heartbeat_and_never_come_faster_than_the_floor(
     assert ping_interval_s(Settings(heartbeat_s=10.0)) == 20.0
     assert ping_interval_s(Settings(heartbeat_s=60.0)) == 120.0
     assert ping_interval_s(Settings(heartbeat_s=0.5)) == PING_MIN_S
+
+
+# -- the stall check of an idle pool ----------------------------------------------------------------
+
+STALL_SETTINGS = dict(redispatch_s=0.5, long_poll_s=0.5)
+"""A stall check every 1.5 s (three redispatch periods), a stall visible after 1.5 s."""
+
+
+def test_an_idle_factory_whose_pool_has_nothing_queued_sends_no_stall_check_requests(nats_server, tmp_path):
+    """Once a check has found the pool's queue index empty, each later check is one direct get
+    ("written since?"): no index scan (a consumer created and deleted), no consumer lookup,
+    no broker-clock probe. Attributed to the factory by the reply subjects of its requests."""
+    settings = fast_settings(**STALL_SETTINGS)
+
+    async def main():
+        async with Fleet(nats_server.url, tmp_path, settings) as fleet:
+            f = await fleet.add_factory("quiet", caps=["quiet"])
+            job = await fleet.submit_one(fleet.job(capabilities=["quiet"], review_policy="auto"))
+            await fleet.wait_stage(job, "shipped")
+            await eventually(lambda: f.stats["stall_probes"] >= 1, 30, what="a probe of the quiet index")
+            [ps] = f.pools.values()
+
+            sent: list[str] = []
+            prefix = bytes(f.b.nc._resp_sub_prefix).decode()  # nats-py's inbox for this connection's requests
+
+            async def heard(msg) -> None:
+                if msg.reply.startswith(prefix):
+                    sent.append(msg.subject)
+
+            clock_key = f"$KV.gf_clock.{names.safe_key(f.b.client_id)}"
+            subs = [await fleet.admin.nc.subscribe("$JS.API.>", cb=heard),
+                    await fleet.admin.nc.subscribe(clock_key, cb=heard)]
+            await fleet.admin.nc.flush()
+            checks, probes = f.stats["stall_checks"], f.stats["stall_probes"]
+            await eventually(lambda: f.stats["stall_probes"] >= probes + 3, 30, what="three more probes")
+            await fleet.admin.nc.flush()
+            window_probes = f.stats["stall_probes"] - probes
+            for s in subs:
+                await s.unsubscribe()
+            return ps, sent, f.stats["stall_checks"] - checks, window_probes, f.stats["polled_claims"]
+
+    ps, sent, checks, probes, polled = asyncio.run(asyncio.wait_for(main(), 80))
+
+    assert checks == 0, "a full stall check ran although nothing was written to the index"
+    direct = [s for s in sent if s == "$JS.API.DIRECT.GET.KV_gf_queue"]
+    others = [s for s in sent if s != "$JS.API.DIRECT.GET.KV_gf_queue"]
+    assert others == [], f"an idle factory sent more than its probes: {sorted(set(others))}"
+    assert probes <= len(direct) <= probes + 1, (probes, len(direct))
+    assert ps.mode == "push" and polled == 0
+
+
+def test_a_job_left_waiting_in_a_quiet_index_by_a_dead_coordinator_is_found_and_polled(nats_server, tmp_path):
+    """The cheap probe must not hide a stall: with the coordinator gone, a queued job whose
+    dispatch message was never published (its index entry written, nothing pushed) is seen
+    by the next probe, judged stalled once it has waited ``stall_after_s``, and claimed by
+    polling."""
+    settings = fast_settings(**STALL_SETTINGS)
+
+    async def main():
+        async with Fleet(nats_server.url, tmp_path, settings) as fleet:
+            f = await fleet.add_factory("watcher", caps=["orphan"])
+            job = await fleet.submit_one(fleet.job(capabilities=["orphan"], review_policy="auto"))
+            shipped = await fleet.wait_stage(job, "shipped")
+            await eventually(lambda: f.stats["stall_probes"] >= 1, 30, what="a probe of the quiet index")
+            [ps] = f.pools.values()
+            await fleet.stop("<coordinator>")
+
+            rec = msgspec.structs.replace(job_text_record("orphan-1"), pool=ps.id, requirements=ps.requirements,
+                                          manifest=msgspec.structs.replace(shipped.manifest, cwd=str(fleet.repo)))
+            await fleet.admin.jobs.put(rec.id, encode(rec))
+            await fleet.admin.queue.put(names.queue_key(ps.id, rec.id), encode(QueueEntry(
+                job=rec.id, priority_rank=rec.priority_rank, submitted_at=rec.submitted_at, epoch=rec.epoch)))
+            await eventually(lambda: f.stats["polled_claims"] == 1, 30, what="the orphaned job is claimed by polling")
+            return f.stats["stall_checks"], f.stats["claims"]
+
+    checks, claims = asyncio.run(asyncio.wait_for(main(), 80))
+
+    assert claims == 2, "the submitted job by push, the orphaned one by polling"
+    assert checks >= 2, "the entry was seen young once, then stalled"

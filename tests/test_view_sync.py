@@ -18,6 +18,7 @@ from gigafactory.config import Settings
 from gigafactory.coordinator.view import FleetView, follow
 from gigafactory.embedded import EmbeddedServer
 
+from helpers import eventually
 from test_chaos import job_text_record
 
 N_JOBS = 300
@@ -80,3 +81,33 @@ def test_after_broker_restarts_the_view_is_never_synced_before_its_jobs_are_load
         srv.stop()
 
     assert counts == [N_JOBS] * len(counts), [i for i, n in enumerate(counts) if n != N_JOBS]
+
+
+@pytest.mark.timeout(60)
+def test_the_garbage_collector_is_held_off_only_while_the_view_replays(nats_server):
+    """The replay holds Python's cyclic collector off (it walked the records built so far,
+    most of a record's cost); once synced, the collector runs again, and the view it built
+    is frozen out of later collections."""
+    import gc
+
+    asyncio.run(_fill(nats_server.url))
+
+    async def main():
+        b = await Broker.open(nats_server.url, "view", Settings(request_timeout_s=5.0), ensure=False)
+        view, stop = FleetView(), asyncio.Event()
+        frozen_before = gc.get_freeze_count()
+        task = asyncio.create_task(follow(b, view, stop))
+        try:
+            await asyncio.wait_for(asyncio.gather(view.jobs_synced.wait(), view.factories_synced.wait()), 30)
+            await eventually(gc.isenabled, 10, what="the collector runs again once the view is synced")
+            return len(view.jobs), gc.get_freeze_count() - frozen_before
+        finally:
+            stop.set()
+            await asyncio.wait_for(task, 10)
+            await b.close()
+
+    assert gc.isenabled()
+    jobs, frozen = asyncio.run(main())
+    assert jobs == N_JOBS
+    assert frozen > N_JOBS, "the replayed records were not frozen out of later collections"
+    assert gc.isenabled()
