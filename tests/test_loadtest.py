@@ -178,7 +178,7 @@ def test_a_ci_sized_run_of_every_workload_completes_and_produces_every_figure(tm
     assert figs["ours:noop saturated"]["cpu_s"]["coordinator"] > 0
     assert figs["ours:utilisation"]["utilisation"]["busy_pct"] > 0
     # Workload specifics: critical jobs and products were measured, the dag has its hops.
-    assert len(figs["ours:priorities"]["critical"]["overtaken_by"]) >= 3
+    assert len(figs["ours:priorities"]["critical"]["offered_ahead_of"]) >= 3
     assert set(figs["ours:multi-product"]["products"]) == {"prod-a", "prod-b", "prod-c"}
     assert figs["ours:dag"]["dag"]["hop"]["n"] > 0
     assert figs["ours:herd"]["attempts_per_job"] >= 1
