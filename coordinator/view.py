@@ -88,7 +88,10 @@ class FleetView:
             return
         try:
             rec = decode(value, FactoryRecord)
-            offers = caps.Offers(rec.capabilities)
+            old = self.factories.get(key)
+            # A heartbeat rarely changes the capabilities: keep the parsed set (and its cache).
+            offers = (old.offers if old is not None and old.record.capabilities == rec.capabilities
+                      else caps.Offers(rec.capabilities))
         except (msgspec.DecodeError, caps.CapabilityError) as e:
             log.error("gf_factories/%s is not a factory record: %s", key, e)
             return

@@ -18,6 +18,7 @@ overlap (a WorkQueue stream refuses overlapping consumer filters).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import operator
 import re
@@ -57,6 +58,14 @@ def parse_requirement(token: str) -> Requirement:
     """Parse one requirement token, or raise :class:`CapabilityError` saying what is expected."""
     if not isinstance(token, str):
         raise CapabilityError(f"capability must be a string like 'os:linux' or 'node>=20', got {token!r}")
+    return _parse_requirement(token)
+
+
+@functools.lru_cache(maxsize=4096)
+def _parse_requirement(token: str) -> Requirement:
+    # Cached: the scheduler matches every job's pool against every live factory, and a fleet
+    # uses a few dozen distinct tokens. Requirement is frozen, so sharing one is safe; a token
+    # that does not parse raises every time (lru_cache keeps no exceptions).
     text = token.strip().lower()
     m = _TOKEN_RE.match(text)
     if not m:
@@ -88,7 +97,7 @@ def _not_one_string(tokens: object, what: str) -> None:
 class Offers:
     """A factory's capability set, indexed for matching."""
 
-    __slots__ = ("tokens", "_by_key")
+    __slots__ = ("tokens", "_by_key", "_missing")
 
     def __init__(self, tokens: Iterable[str]) -> None:
         _not_one_string(tokens, "a factory's capabilities")
@@ -100,6 +109,9 @@ class Offers:
             norm.add(key if value is None else f"{key}:{value}")
         self.tokens: frozenset[str] = frozenset(norm)
         self._by_key = by_key
+        self._missing: dict[tuple, list[str]] = {}
+        """missing() by requirement tuple: a factory's offers do not change, its pools' needs
+        are a handful, and the scheduler asks each pass for every live factory."""
 
     def satisfies(self, req: Requirement) -> bool:
         values = self._by_key.get(req.key)
@@ -130,12 +142,21 @@ class Offers:
         """The requirement tokens this factory does not satisfy (empty list: it matches), in
         their normalized form (lower case, no surrounding space)."""
         _not_one_string(requirements, "requirements")
+        key = tuple(requirements)
+        try:
+            known = self._missing.get(key)
+        except TypeError:  # an unhashable token: parse_requirement says what is wrong with it
+            known, key = None, None
+        if known is not None:
+            return list(known)
         out = []
         for r in requirements:
             req = r if isinstance(r, Requirement) else parse_requirement(r)
             if not self.satisfies(req):
                 out.append(str(req))
-        return out
+        if key is not None and len(self._missing) < 256:
+            self._missing[key] = out
+        return list(out)
 
 
 def matches(requirements: Iterable[str], offers: Iterable[str] | Offers) -> bool:

@@ -190,3 +190,15 @@ def test_matches_accepts_a_prebuilt_offers_index():
 
     assert matches(["has:git"], offers)
     assert not matches(["has:svn"], offers)
+
+
+def test_missing_answers_the_same_from_its_cache_and_a_caller_cannot_change_it():
+    o = Offers(["os:linux", "node:20"])
+
+    first = o.missing(["os:mac", "node>=18"])
+    first.append("scribbled")
+
+    assert o.missing(["os:mac", "node>=18"]) == ["os:mac"]
+    assert o.missing(["os:linux"]) == []
+    with pytest.raises(CapabilityError):
+        o.missing([{"not": "a token"}])
