@@ -376,6 +376,26 @@ class LabProxy:
         return await self.control.send(command)
 
 
+async def wait_for(pred: Callable[[], Any], timeout_s: float, *, what: str, proc: LabProc | None = None,
+                   interval_s: float = 0.05) -> Any:
+    """Poll ``pred`` (sync or async) until it returns something truthy, and return that.
+    Raises TimeoutError naming ``what`` after ``timeout_s``, or at once if ``proc`` died."""
+    deadline = time.monotonic() + timeout_s
+    last: Any = None
+    while True:
+        last = pred()
+        if asyncio.iscoroutine(last) or isinstance(last, asyncio.Future):
+            last = await last
+        if last:
+            return last
+        if proc is not None and proc.p is not None and proc.p.poll() is not None:
+            raise RuntimeError(f"{proc.name} exited with {proc.p.returncode} while waiting for {what}; "
+                               f"its log ends:\n{proc.tail()}")
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"not within {timeout_s:g}s: {what} (last: {last!r})")
+        await asyncio.sleep(interval_s)
+
+
 # -- what a chaos action saw ------------------------------------------------------------------------
 
 
@@ -778,20 +798,7 @@ class Lab:
                        proc: LabProc | None = None, interval_s: float = 0.05) -> Any:
         """Poll ``pred`` (sync or async) until it returns something truthy, and return that.
         Raises TimeoutError naming ``what`` after ``timeout_s``, or at once if ``proc`` died."""
-        deadline = time.monotonic() + timeout_s
-        last: Any = None
-        while True:
-            last = pred()
-            if asyncio.iscoroutine(last) or isinstance(last, asyncio.Future):
-                last = await last
-            if last:
-                return last
-            if proc is not None and proc.p is not None and proc.p.poll() is not None:
-                raise RuntimeError(f"{proc.name} exited with {proc.p.returncode} while waiting for {what}; "
-                                   f"its log ends:\n{proc.tail()}")
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"not within {timeout_s:g}s: {what} (last: {last!r})")
-            await asyncio.sleep(interval_s)
+        return await wait_for(pred, timeout_s, what=what, proc=proc, interval_s=interval_s)
 
     # -- the audit and the check --------------------------------------------------------------
 

@@ -49,7 +49,7 @@ import orjson
 from nats.js import api
 
 from gigafactory.broker import Broker
-from gigafactory.chaos.harness import LabProc
+from gigafactory.chaos.harness import LabProc, wait_for
 from gigafactory.client import ApiError, Client
 from gigafactory.config import Settings
 from gigafactory.embedded import EmbeddedServer
@@ -435,19 +435,7 @@ class LoadRun:
 
     async def wait_until(self, pred, timeout_s: float, what: str, proc: LabProc | None = None,
                          interval_s: float = 0.05):
-        deadline = time.monotonic() + timeout_s
-        while True:
-            got = pred()
-            if asyncio.iscoroutine(got):
-                got = await got
-            if got:
-                return got
-            if proc is not None and proc.p is not None and proc.p.poll() is not None:
-                raise RuntimeError(f"{proc.name} exited with {proc.p.returncode} while waiting for {what}; "
-                                   f"its log ends:\n{proc.tail()}")
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"not within {timeout_s:g}s: {what}")
-            await asyncio.sleep(interval_s)
+        return await wait_for(pred, timeout_s, what=what, proc=proc, interval_s=interval_s)
 
     # -- processes ----------------------------------------------------------------------------
 
