@@ -74,6 +74,7 @@ async def factory_churn(cfg: ScenarioConfig) -> ScenarioResult:
             out_of_play.discard(hit.factory)
 
         stats = {"batches": 0, "submitted": 0, "acknowledged": 0}
+        empty_pauses = 0
         t_end = time.monotonic() + window_s
         load = asyncio.create_task(_trickle(lab, load_rng, t_end, batch=(1, 3), gap_s=(0.3, 0.8),
                                             sleep_s=(0.2, 1.5), stats=stats))
@@ -103,6 +104,15 @@ async def factory_churn(cfg: ScenarioConfig) -> ScenarioResult:
                     side_tasks.append(asyncio.create_task(restart_later(target, chaos_rng.uniform(0.2, 1.5))))
                 else:
                     hit = await lab.pause_factory(target)
+                    if not _own_leases(hit, lab.hits):
+                        # Its job ended between the choice and the signal: a pause that holds no
+                        # lease proves nothing. Wake it now and try again at the next hit (the
+                        # bounded form insists on one real zombie).
+                        await lab.resume_factory(hit)
+                        lab.hits.remove(hit)
+                        out_of_play.discard(target)
+                        empty_pauses += 1
+                        continue
                     side_tasks.append(asyncio.create_task(resume_later(hit, pause_s)))
             await load
         finally:
@@ -160,6 +170,7 @@ async def factory_churn(cfg: ScenarioConfig) -> ScenarioResult:
             "chaos_window_s": window_s,
             "kills": len(kills),
             "pauses": len(pauses),
+            "pauses_retried_holding_nothing": empty_pauses,
             "leases_held_at_hits": sum(len(h.held) for h in lab.hits),
             "reclaims_measured": len(all_times),
             "reclaim_s_max": max(all_times, default=0.0),
