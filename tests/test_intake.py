@@ -398,3 +398,17 @@ def test_a_batch_over_the_file_limit_is_refused_naming_the_setting(nats_server, 
             await _total(fleet, 0)
 
     run(main())
+
+
+def test_a_cancel_reason_over_the_limit_is_refused_and_the_job_left_alone(nats_server, tmp_path):
+    async def main():
+        async with Fleet(nats_server.url, tmp_path, fast_settings(max_reason_chars=100)) as fleet:
+            job = await fleet.submit_one(fleet.job("echo x", capabilities=UNOBTAINABLE))
+            with pytest.raises(ApiError) as ei:
+                await fleet.client.call("cancel", {"job": job, "reason": "r" * 101})
+            assert ei.value.code == "400" and "max_reason_chars = 100" in ei.value.message
+            assert (await fleet.record(job))[0].stage == Stage.QUEUED
+            await fleet.client.call("cancel", {"job": job, "reason": "r" * 100})
+            assert (await fleet.record(job))[0].stage == Stage.FAILED
+
+    run(main())
