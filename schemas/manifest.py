@@ -781,8 +781,11 @@ def parse_job_file(path: str) -> JobFile:
     return parse_job_text(text, path)
 
 
-_SHELL_OPENING = re.compile(r"```[ \t]*(?:sh|bash|shell|zsh)[ \t]*\r?")
-_CLOSING = re.compile(r"```[ \t]*\r?")
+_FENCE_LINE = re.compile(r"^```([^\n]*)(\n?)", re.M)
+"""A line that starts with three backticks, up to its newline: matched anchored at line
+starts, each line at most once, so one pass over the body in C."""
+_SHELL_INFO = re.compile(r"[ \t]*(?:sh|bash|shell|zsh)[ \t]*\r?")
+_CLOSING_INFO = re.compile(r"[ \t]*\r?")
 
 
 def shell_script(body: str) -> str:
@@ -791,22 +794,19 @@ def shell_script(body: str) -> str:
     body. A block opens with a line like ```` ```sh ```` and ends at the next line that is only
     ```` ``` ````; an opening never closed is not a block.
 
-    One pass over the lines, each looked at once: a regular expression searching for
-    "opening, anything, closing" rescans the rest of the body from every unclosed opening,
+    Linear: only fence lines are looked at, each once. A regular expression searching for
+    "opening, anything, closing" rescanned the rest of the body from every unclosed opening,
     and a body of 8,000 of them took 5.6 s, long enough to stall a factory's event loop past
     its leases."""
     blocks: list[str] = []
     start: int | None = None  # where the open block's content begins
-    pos, n = 0, len(body)
-    while pos < n:
-        newline = body.find("\n", pos)
-        end = n if newline < 0 else newline
+    for m in _FENCE_LINE.finditer(body):
+        info = m.group(1)
         if start is None:
-            # An opening needs its newline: content starts on the next line.
-            if newline >= 0 and _SHELL_OPENING.fullmatch(body, pos, end):
-                start = newline + 1
-        elif _CLOSING.fullmatch(body, pos, end):
-            blocks.append(body[start:pos])
+            # An opening needs its newline: the content starts on the next line.
+            if m.group(2) and _SHELL_INFO.fullmatch(info):
+                start = m.end()
+        elif _CLOSING_INFO.fullmatch(info):
+            blocks.append(body[start:m.start()])
             start = None
-        pos = end + 1
     return "\n".join(blocks) if blocks else body
