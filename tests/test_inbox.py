@@ -166,3 +166,36 @@ def test_files_tried_one_at_a_time_go_after_the_files_they_depend_on(tmp_path):
     assert sorted(order) == sorted(p.name for p, _, _ in items)
     assert order.index("b.md") < order.index("c.md") < order.index("a.md")
     assert {"d.md", "e.md"} <= set(order)  # a cycle is cut, not looped on
+
+
+def test_a_file_that_keeps_failing_unexpectedly_is_isolated_then_rejected_with_its_error(nats_server, tmp_path):
+    """A real refusal intake does not foresee: the dispatch stream takes one consumer only, so
+    the file needing a new pool fails every time. The batch is split, the good file goes
+    through, and the bad one is rejected after inbox_max_failures tries, with the error."""
+    from nats.js import api
+
+    async def main():
+        settings = fast_settings(inbox_max_failures=2, inbox_retry_max_s=0.05)
+        async with Fleet(nats_server.url, tmp_path, settings) as fleet:
+            await fleet.admin.js.delete_stream("GF_DISPATCH")
+            await fleet.admin.js.add_stream(api.StreamConfig(
+                name="GF_DISPATCH", subjects=["gf.dispatch.>"], retention=api.RetentionPolicy.WORK_QUEUE,
+                storage=api.StorageType.FILE, max_consumers=1))
+            await fleet.submit(fleet.job("echo first", capabilities=UNOBTAINABLE))  # the one consumer
+            d = tmp_path / "inbox"
+            inbox = Inbox(fleet.admin, d)
+            (d / "good.md").write_text(fleet.job("echo good", capabilities=UNOBTAINABLE))
+            (d / "bad.md").write_text(fleet.job("echo bad", capabilities=["has:another-pool"]))
+
+            async def settled():
+                await inbox.scan()
+                return not list(d.glob("*.md"))
+
+            await eventually(settled, 20, what="both files leave the inbox")
+            assert (d / ".submitted" / "good.md").exists()
+            error = (d / ".rejected" / "bad.md.error.txt").read_text()
+            assert "could not be submitted (2 attempts" in error and "inbox_max_failures = 2" in error
+            assert "maximum consumers" in error.lower()
+            assert await _jobs(fleet) == 2
+
+    run(main())

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 
+import msgspec
 import pytest
 from helpers import Fleet, eventually, fast_settings, run
 
@@ -13,6 +14,7 @@ from gigafactory.client import ApiError
 from gigafactory.coordinator import intake
 from gigafactory.schemas import names
 from gigafactory.schemas.lifecycle import Stage
+from gigafactory.schemas.records import IdempotencyRecord, JobRecord, decode, encode
 
 pytestmark = pytest.mark.timeout(150)
 
@@ -410,5 +412,33 @@ def test_a_cancel_reason_over_the_limit_is_refused_and_the_job_left_alone(nats_s
             assert (await fleet.record(job))[0].stage == Stage.QUEUED
             await fleet.client.call("cancel", {"job": job, "reason": "r" * 100})
             assert (await fleet.record(job))[0].stage == Stage.FAILED
+
+    run(main())
+
+
+def test_a_key_stored_by_an_older_coordinator_still_finds_its_job(nats_server, tmp_path):
+    """Before ids were derived from keys, a key's job had a random id, found through its
+    gf_idempotency entry (written under the old, ambiguous escaping). Such a key still
+    returns its job; an entry whose stored key is another text is not trusted."""
+    async def main():
+        async with Fleet(nats_server.url, tmp_path) as fleet:
+            text = fleet.job("echo old", idempotency_key="team_a/old", capabilities=UNOBTAINABLE)
+            [new] = await fleet.submit(("old.md", text))
+            # Move the job to a random id, as an older coordinator would have stored it.
+            e = await fleet.admin.jobs.get(new["job"])
+            old_id = names.new_job_id("old")
+            rec = msgspec.structs.replace(decode(e.value, JobRecord), id=old_id)
+            await fleet.admin.jobs.create(old_id, encode(rec))
+            await fleet.admin.jobs.delete(new["job"])
+            await fleet.admin.idempotency.delete(names.safe_key("team_a/old"))
+            await fleet.admin.idempotency.put(names.legacy_safe_key("team_a/old"), encode(IdempotencyRecord(
+                key="team_a/old", job=old_id, content_hash=rec.content_hash)))
+
+            [again] = await fleet.submit(("old-again.md", text))
+            assert (again["job"], again["status"]) == (old_id, "existing")
+            # "team_a_2fold" had the same old KV key; its entry names another key: a new job.
+            [other] = await fleet.submit(("other.md", fleet.job("echo other", idempotency_key="team_a_2fold",
+                                                                capabilities=UNOBTAINABLE)))
+            assert other["status"] == "created" and other["job"] != old_id
 
     run(main())
