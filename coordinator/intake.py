@@ -60,6 +60,11 @@ READS_IN_FLIGHT = 128
 dependencies are 79 round trips, not 30,000, and one submission cannot flood the broker."""
 MAX_GRAPH_READS = 100_000
 """Stored jobs a cycle check may read before it gives up (with a named error)."""
+SUBMITTED_REPLAY_S = 90.0
+"""A job found already written (a retried batch) gets its ``submitted`` event published again
+if it is younger than this: the event carries a message id, and the events stream drops a
+duplicate id within its 120 s window, so a retry fills the gap a failed first try left and
+never doubles the event."""
 KEY_NAMESPACE = "idempotency-key"
 FILE_NAMESPACE = "file"
 
@@ -414,17 +419,14 @@ async def submit(
                 raise SubmitError([{"file": plan.jf.path, "line": None,
                                     "field": "idempotency-key" if plan.key else None, "message": problem}]) from None
             if plan.action == "existing":
+                await _replay_submitted(broker, got[0], source)
                 results[id(plan)] = SubmitResult(plan.jf.path, plan.job_id, "existing", str(got[0].stage))
                 return
             await write(plan)  # now a supersede
             return
         if plan.key is not None:
             await _index_key(broker, plan.key, plan.job_id, plan.jf.content_hash)
-        await broker.publish_event(EventRecord(
-            kind="submitted", at=now, job=plan.job_id, stage_to=str(rec.stage), actor=source,
-            reason=rec.reason, data={"file": plan.jf.path, "pool": rec.pool, "requirements": rec.requirements,
-                                     "priority": str(rec.manifest.priority), "deps": plan.deps},
-        ))
+        await _publish_submitted(broker, rec, source)
         results[id(plan)] = SubmitResult(plan.jf.path, plan.job_id, "created", str(rec.stage))
 
     # Write, dependencies first: in waves of jobs none of which depends on another of its
@@ -436,6 +438,8 @@ async def submit(
                         if isinstance(r, BaseException)]
             if failures:
                 raise failures[0]
+    found = {p.prior.id: p.prior for p in plans if p.action == "existing" and p.prior is not None}
+    await _bounded(found.values(), lambda r: _replay_submitted(broker, r, source), WRITES_IN_FLIGHT)
     out = []
     for plan in plans:
         if id(plan) in results:
@@ -447,6 +451,24 @@ async def submit(
                 str(rec.stage) if rec is not None else "unknown")
             out.append(SubmitResult(plan.jf.path, plan.job_id, "existing", stage))
     return out
+
+
+async def _publish_submitted(broker: Broker, rec: JobRecord, source: str) -> None:
+    """The ``submitted`` audit event of a new record, with a message id (see SUBMITTED_REPLAY_S)."""
+    await broker.publish_event(EventRecord(
+        kind="submitted", at=rec.submitted_at, job=rec.id, stage_to=str(rec.stage), actor=source,
+        reason=rec.reason, data={"file": rec.source.split(":", 1)[-1], "pool": rec.pool,
+                                 "requirements": rec.requirements, "priority": str(rec.manifest.priority),
+                                 "deps": rec.deps},
+    ), msg_id=f"submitted-{rec.id}-{rec.content_hash[:16]}")
+
+
+async def _replay_submitted(broker: Broker, rec: JobRecord, source: str) -> None:
+    """Publish again the ``submitted`` event of a job a retried submission found: the first
+    try may have written the record and died before its event. Only while the events
+    stream would still drop the copy (a young, untouched record)."""
+    if rec.epoch == 0 and rec.stage in WAITING and time.time() - rec.submitted_at < SUBMITTED_REPLAY_S:
+        await _publish_submitted(broker, rec, source)
 
 
 def _batch_error(message: str) -> dict:

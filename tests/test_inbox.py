@@ -86,6 +86,14 @@ def test_a_half_written_batch_is_finished_on_retry_without_a_second_job(nats_ser
             assert len(set(ids.values())) == 5
             rec, _ = await fleet.record(ids["app.md"])
             assert rec.deps == [ids["lib.md"]]
+            # The audit has each job's submission once: the retry filled the events the first try
+            # lost, and a third submission of the same files adds none.
+            for job in ids.values():
+                assert [e["kind"] for e in await fleet.events(job)].count("submitted") == 1, job
+            files = [(str(d / n), (done / n).read_text()) for n in ("lib.md",)]
+            [again] = await intake.submit(fleet.admin, files)
+            assert again.status == "existing"
+            assert [e["kind"] for e in await fleet.events(ids["lib.md"])].count("submitted") == 1
 
     run(main())
 
