@@ -29,6 +29,7 @@ from gigafactory import __version__
 from gigafactory.broker import Broker, Conflict
 from gigafactory.schemas import names, protocol
 from gigafactory.schemas.lifecycle import LEASED, IllegalTransition, Stage
+from gigafactory.schemas.limits import hint
 from gigafactory.schemas.records import EventRecord, JobRecord, LockRecord, decode, encode
 
 from . import intake
@@ -174,7 +175,13 @@ class Api:
     async def cancel(self, body: dict) -> dict:
         job = await self._job_id(body)
         who = str(body.get("actor") or "operator")
-        rec = await self._transition(job, lambda r: protocol.cancel(r, time.time(), who, str(body.get("reason") or "")))
+        reason = str(body.get("reason") or "")
+        max_chars = self.b.settings.max_reason_chars
+        if len(reason) > max_chars or len(who) > max_chars:
+            # Both are stored on the job record, which must stay claimable and readable.
+            raise ApiError(400, f"the reason is {len(reason):,} characters and the actor {len(who):,}; at most "
+                                f"{max_chars:,} each {hint('max_reason_chars', max_chars)}")
+        rec = await self._transition(job, lambda r: protocol.cancel(r, time.time(), who, reason))
         return {"job": job_summary(rec)}
 
     async def requeue(self, body: dict) -> dict:

@@ -10,6 +10,7 @@ import nats.errors
 import orjson
 
 from gigafactory.schemas import names
+from gigafactory.schemas.limits import Limits, hint
 from gigafactory.schemas.lifecycle import TERMINAL, Stage
 
 RESTING = frozenset(TERMINAL | {Stage.TESTING, Stage.REVIEW})
@@ -44,6 +45,9 @@ class Client:
         try:
             msg = await self.nc.request(f"{names.API_PREFIX}.{endpoint}", orjson.dumps(body or {}),
                                         timeout=timeout_s or self.timeout_s)
+        except nats.errors.MaxPayloadError:
+            raise ApiError("400", f"the {endpoint} request is larger than the broker's max payload "
+                                  f"({self.nc.max_payload:,} bytes); send less at once") from None
         except nats.errors.NoRespondersError:
             raise NoCoordinator("503", "no coordinator is answering on gf.api.*: start one with "
                                        "'gigafactory coordinator' (or 'gigafactory up')") from None
@@ -60,9 +64,31 @@ class Client:
             raise ApiError(code, data.get("error") or text, data.get("errors"))
         return orjson.loads(msg.data)
 
-    async def submit_files(self, paths: list[str], source: str = "cli") -> list[dict]:
+    async def submit_files(self, paths: list[str], source: str = "cli", limits: Limits | None = None) -> list[dict]:
+        """Submit job files as one batch. Refuses, before sending anything, a batch or a file
+        over ``limits`` (default: from ``GIGAFACTORY_*``) and a request larger than the
+        broker's max payload, naming the file and the limit (:class:`ApiError`, code 400)."""
+        from gigafactory.config import Settings
+
+        try:
+            lim = limits or Limits.from_settings(Settings.from_env())
+        except ValueError as e:  # a limit set to nonsense in the environment
+            raise ApiError("400", f"invalid setting: {e}") from None
+        if len(paths) > lim.max_batch_files:
+            msg = (f"{len(paths):,} files in one batch, more than {lim.max_batch_files:,} "
+                   f"{hint('max_batch_files', lim.max_batch_files)}; submit them in smaller batches")
+            raise ApiError("400", msg, [{"file": "<batch>", "line": None, "field": None, "message": msg}])
         files = []
         for p in paths:
+            try:
+                size = Path(p).stat().st_size
+            except OSError as e:
+                raise ApiError("400", f"{p}: cannot read: {e.strerror}",
+                               [{"file": p, "line": None, "field": None, "message": f"cannot read: {e.strerror}"}]) from None
+            if size > lim.max_job_file_bytes:
+                msg = lim.refusal("max_job_file_bytes", "the job file", size, "bytes",
+                                  "keep large inputs in the repository and name them in the prompt")
+                raise ApiError("400", f"{p}: {msg}", [{"file": p, "line": None, "field": None, "message": msg}])
             try:
                 text = Path(p).read_text(encoding="utf-8")
             except UnicodeDecodeError:
@@ -72,7 +98,14 @@ class Client:
                 raise ApiError("400", f"{p}: cannot read: {e.strerror}",
                                [{"file": p, "line": None, "field": None, "message": f"cannot read: {e.strerror}"}]) from None
             files.append({"path": p, "text": text})
-        return (await self.call("submit", {"files": files, "source": source}, timeout_s=max(self.timeout_s, 30)))["jobs"]
+        body = {"files": files, "source": source}
+        request_bytes = len(orjson.dumps(body))
+        if request_bytes > self.nc.max_payload:
+            msg = (f"the {len(files)} files make a request of {request_bytes:,} bytes, more than the broker's max "
+                   f"payload ({self.nc.max_payload:,} bytes); submit them in smaller batches (a file that depends "
+                   "on another's idempotency-key can go in a later batch)")
+            raise ApiError("400", msg, [{"file": "<batch>", "line": None, "field": None, "message": msg}])
+        return (await self.call("submit", body, timeout_s=max(self.timeout_s, 30)))["jobs"]
 
     async def wait(self, job_ids: list[str], *, timeout_s: float, on_progress=None, until=RESTING) -> dict[str, dict]:
         """Poll ``list`` until every job is in ``until`` (bounded by ``timeout_s``)."""

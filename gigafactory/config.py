@@ -12,6 +12,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 
 from gigafactory.procs import pid_alive
+from gigafactory.schemas import limits
 
 ENV_URL = "GIGAFACTORY_NATS_URL"
 ENV_HOME = "GIGAFACTORY_HOME"
@@ -60,6 +61,51 @@ class Settings:
     """Embedded broker only: ``always`` fsyncs every write (durable, slower); default is the
     server's (2 minutes), which can lose acknowledged writes on power failure."""
     events_max_age_s: float = 30 * 86400.0
+
+    # -- intake limits (issue 8, section 3; owner: intake) ------------------------------------
+    # Every refusal names the setting and its variable. Defaults fit the embedded broker's
+    # 1 MiB max payload; the record check below reads the real max payload from the server.
+    max_job_file_bytes: int = limits.MAX_JOB_FILE_BYTES
+    """Largest job file, in UTF-8 bytes (default 512 KiB), refused by ``gigafactory submit``
+    before sending and by the inbox before reading. Raising it past the broker's max payload
+    only moves the refusal to the record check."""
+    max_manifest_bytes: int = limits.MAX_MANIFEST_BYTES
+    """Largest front matter, in UTF-8 bytes (default 64 KiB), also counted with every YAML alias
+    written out: an alias repeated thousands of times would otherwise expand to gigabytes."""
+    max_manifest_depth: int = limits.MAX_MANIFEST_DEPTH
+    """Deepest YAML nesting in a front matter (default 16; a valid manifest needs 3). Checked
+    while parsing; at most 200, because the parser recurses once per level."""
+    max_body_bytes: int = limits.MAX_BODY_BYTES
+    """Largest prompt or script (everything after the front matter), in UTF-8 bytes (default
+    384 KiB): the body is stored in the job record and read by every factory that claims it."""
+    max_deps: int = limits.MAX_DEPS
+    """Most entries in a job's ``deps`` (default 1,000). Each is read at intake and whenever
+    the job is checked for unblocking; a job needing more should depend on composite jobs."""
+    max_key_chars: int = limits.MAX_KEY_CHARS
+    """Longest ``idempotency-key``, ``lock`` or ``deps`` entry, in characters (default 256):
+    keys become KV keys, escaped to up to 8 characters each."""
+    max_reason_chars: int = limits.MAX_REASON_CHARS
+    """Longest reason stored on a job record (default 2,000 characters): an operator's cancel
+    reason is refused past it; a generated one ("waiting for a, b, ...") is cut, saying so."""
+    max_batch_files: int = limits.MAX_BATCH_FILES
+    """Most files in one submission (default 1,000): one ``submit`` call, one inbox batch (the
+    inbox leaves the rest for its next scan)."""
+    max_batch_bytes: int = limits.MAX_BATCH_BYTES
+    """Most bytes the inbox reads into one batch (default 16 MiB); later files wait for the
+    next scan. Bounds the coordinator's memory while a large drop is submitted."""
+    record_headroom_bytes: int = limits.RECORD_HEADROOM_BYTES
+    """Room a new job record must leave under the broker's max payload (default 64 KiB) for what
+    the protocol adds later (lease, up to 20 attempts with their results, reasons). A record
+    without it could be stored but never claimed (a claim that grows it past the max payload
+    fails) and would be redispatched forever. At least 4 x ``max_reason_chars``."""
+    inbox_retry_max_s: float = 60.0
+    """Longest pause before the inbox retries a batch that failed for a passing reason (the
+    broker not answering); the pause doubles from 0.5 s up to this, jittered. Files stay in
+    the inbox meanwhile: a passing failure never rejects a file."""
+    inbox_max_failures: int = 5
+    """Unexpected failures (neither a refusal nor the broker being away) after which the inbox
+    moves a file to ``.rejected/`` with the last error, so one file that keeps breaking intake
+    cannot hold the others back."""
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None, **overrides) -> "Settings":

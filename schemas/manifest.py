@@ -28,6 +28,7 @@ import msgspec
 import yaml
 
 from . import capabilities as caps
+from .limits import Limits
 
 
 class Priority(enum.StrEnum):
@@ -285,8 +286,35 @@ _FRONT_FIRST_LINE = 2
 _STR_TAG = "tag:yaml.org,2002:str"
 
 
+class _TooDeep(Exception):
+    """The front matter nests deeper than the limit (raised while composing, with the mark)."""
+
+    def __init__(self, mark) -> None:
+        self.mark = mark
+
+
 class _Loader(yaml.SafeLoader):
-    """SafeLoader reading YAML 1.2 booleans."""
+    """SafeLoader reading YAML 1.2 booleans, refusing nesting deeper than ``max_depth``.
+
+    PyYAML composes nested collections recursively (one Python frame group per level): 500
+    levels of ``[[[...`` end in a RecursionError, which no caller expects from a parser and
+    which once left a file in the inbox forever. Counting levels as they are composed stops
+    at the limit, before the stack is at risk; scanning and parsing are iterative."""
+
+    max_depth = 16
+    _depth = 0
+
+    def compose_node(self, parent, index):
+        # Levels are collections (a scalar or an alias is a leaf, never deeper).
+        if not self.check_event(yaml.CollectionStartEvent):
+            return super().compose_node(parent, index)
+        self._depth += 1
+        try:
+            if self._depth > self.max_depth:
+                raise _TooDeep(self.peek_event().start_mark)
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
 
 
 # YAML 1.1 reads on/off/yes/no as booleans, which would turn ``retry: {on: [...]}`` into a
@@ -352,6 +380,35 @@ def _node_lines(node: yaml.Node, path: str, lines: dict[str, int], seen: set[int
             _node_lines(item, field, lines, seen, file)
 
 
+def _limit_hint(lim: Limits, name: str) -> str:
+    from .limits import hint
+
+    return hint(name, getattr(lim, name))
+
+
+def _expanded_size(node: yaml.Node, memo: dict[int, int], ceiling: int) -> int:
+    """About how many bytes ``node`` stands for with every alias written out (scalars by their
+    length, 2 for each item or entry). Shared nodes are sized once (``memo``), so this costs
+    one pass over the document however often an alias repeats them; the sum stops growing
+    past ``ceiling``. A node met again while being sized (a recursive alias) counts 0 here:
+    the type checks refuse it with its field named."""
+    key = id(node)
+    if key in memo:
+        return memo[key]
+    memo[key] = 0
+    if isinstance(node, yaml.ScalarNode):
+        size = len(node.value) + 2
+    else:
+        size = 2
+        children = node.value if isinstance(node, yaml.SequenceNode) else [c for kv in node.value for c in kv]
+        for child in children:
+            size += _expanded_size(child, memo, ceiling)
+            if size > ceiling:
+                break
+    memo[key] = size
+    return size
+
+
 def _field_near(front: str, line: int) -> str | None:
     """Best guess at the field a YAML syntax error is in: the keys on the error's line and the
     less-indented keys above it (``retry.max``). Only used when the YAML cannot be parsed."""
@@ -384,13 +441,21 @@ def _suggest(name: str, choices: tuple[str, ...]) -> str:
     return "known fields: " + ", ".join(choices)
 
 
-def parse_job_text(text: str, path: str = "<job>") -> JobFile:
-    """Parse and validate one job file's text (``path`` only names it in errors).
+def parse_job_text(text: str, path: str = "<job>", limits: Limits | None = None) -> JobFile:
+    """Parse and validate one job file's text (``path`` only names it in errors) within
+    ``limits`` (default: :class:`~gigafactory.schemas.limits.Limits` defaults).
 
     Raises :class:`ManifestError` naming the file, the line and the field; nothing is
     guessed: unknown fields, YAML 1.1 booleans (``yes``/``on``) and durations without a unit
-    are refused with the fix in the message.
+    are refused with the fix in the message, and so is anything over a limit, naming it.
     """
+    lim = limits or Limits()
+    # Sizes first, before any parsing: the cheapest refusal, and the parser never sees a
+    # file it could spend seconds on.
+    if len(text) > lim.max_job_file_bytes or len(text.encode()) > lim.max_job_file_bytes:
+        raise ManifestError(path, None, None, lim.refusal(
+            "max_job_file_bytes", "the job file", len(text.encode()), "bytes",
+            "keep large inputs in the repository and name them in the prompt"))
     m = _FRONT.match(text)
     if not m:
         if _OPENING.match(text):
@@ -406,14 +471,36 @@ def parse_job_text(text: str, path: str = "<job>") -> JobFile:
         )
     front = m.group(1) or ""
     body = text[m.end():]
+    front_bytes = len(front.encode())
+    if front_bytes > lim.max_manifest_bytes:
+        raise ManifestError(path, _FRONT_FIRST_LINE, None, lim.refusal(
+            "max_manifest_bytes", "the front matter", front_bytes, "bytes",
+            "a manifest needs a few lines; move long text into the prompt"))
+    body_bytes = len(body.encode())
+    if body_bytes > lim.max_body_bytes:
+        body_line = text.count("\n", 0, m.end()) + 1
+        raise ManifestError(path, body_line, None, lim.refusal(
+            "max_body_bytes", "the prompt (everything after the closing '---')", body_bytes, "bytes",
+            "keep large inputs in the repository and name them in the prompt"))
 
     lines: dict[str, int] = {}
     loader = _Loader(front)
+    loader.max_depth = lim.max_manifest_depth
     try:
         node = loader.get_single_node()
         if node is not None:
             _node_lines(node, "", lines, set(), path)
+            expanded = _expanded_size(node, {}, lim.max_manifest_bytes)
+            if expanded > lim.max_manifest_bytes:
+                raise ManifestError(path, _FRONT_FIRST_LINE, None, lim.refusal(
+                    "max_manifest_bytes", "the front matter with its YAML aliases written out", expanded,
+                    "bytes (at least)", "write the values out instead of repeating an alias"))
         raw = loader.construct_document(node) if node is not None else None
+    except _TooDeep as e:
+        line = e.mark.line + _FRONT_FIRST_LINE
+        raise ManifestError(path, line, _field_near(front, line), (
+            f"nested more than {lim.max_manifest_depth} levels deep {_limit_hint(lim, 'max_manifest_depth')}; "
+            "a manifest needs 3 at most (retry.on is a list in a mapping)")) from None
     except yaml.MarkedYAMLError as e:
         mark = e.problem_mark or e.context_mark
         if mark is e.problem_mark and e.context_mark is not None and mark.index >= len(front):
@@ -478,7 +565,7 @@ def parse_job_text(text: str, path: str = "<job>") -> JobFile:
         field, msg = _explain_validation_error(str(e), raw)
         raise ManifestError(path, line_of(field), field, msg) from None
 
-    _check_semantics(manifest, path, line_of)
+    _check_semantics(manifest, path, line_of, lim)
     return JobFile(path=path, manifest=manifest, body=body)
 
 
@@ -620,9 +707,9 @@ def _explain_validation_error(text: str, data: Any) -> tuple[str | None, str]:
     return field, msg.replace("`", "'")
 
 
-def _check_semantics(m: Manifest, path: str, line_of) -> None:
+def _check_semantics(m: Manifest, path: str, line_of, lim: Limits) -> None:
     """Checks the types alone cannot express. Raises :class:`ManifestError` for the first."""
-    problem = _first_semantic_problem(m)
+    problem = _first_semantic_problem(m) or _first_limit_problem(m, lim)
     if problem is not None:
         field, message = problem
         raise ManifestError(path, line_of(field), field, message)
@@ -663,6 +750,18 @@ def _first_semantic_problem(m: Manifest) -> tuple[str, str] | None:
     return None
 
 
+def _first_limit_problem(m: Manifest, lim: Limits) -> tuple[str, str] | None:
+    if len(m.deps) > lim.max_deps:
+        return "deps", lim.refusal("max_deps", "the list", len(m.deps), "entries",
+                                   "depend on a few composite jobs instead of every job")
+    keyed = [("idempotency-key", m.idempotency_key), ("lock", m.lock)]
+    keyed += [(f"deps[{i}]", dep) for i, dep in enumerate(m.deps)]
+    for field, value in keyed:
+        if value is not None and len(value) > lim.max_key_chars:
+            return field, lim.refusal("max_key_chars", "this key", len(value), "characters", "use a shorter name")
+    return None
+
+
 def parse_job_file(path: str) -> JobFile:
     """Read and parse one job file from disk. Raises :class:`ManifestError`, also when the
     file cannot be read or is not UTF-8 text."""
@@ -682,8 +781,32 @@ def parse_job_file(path: str) -> JobFile:
     return parse_job_text(text, path)
 
 
+_FENCE_LINE = re.compile(r"^```([^\n]*)(\n?)", re.M)
+"""A line that starts with three backticks, up to its newline: matched anchored at line
+starts, each line at most once, so one pass over the body in C."""
+_SHELL_INFO = re.compile(r"[ \t]*(?:sh|bash|shell|zsh)[ \t]*\r?")
+_CLOSING_INFO = re.compile(r"[ \t]*\r?")
+
+
 def shell_script(body: str) -> str:
-    """The script the ``shell`` engine runs: the fenced ``sh``/``bash``/``shell`` blocks of the
-    body if it has any (so a job file can carry prose around its code), else the whole body."""
-    blocks = re.findall(r"^```[ \t]*(?:sh|bash|shell|zsh)[ \t]*\r?\n(.*?)^```[ \t]*$", body, re.S | re.M)
+    """The script the ``shell`` engine runs: the fenced ``sh``/``bash``/``shell``/``zsh`` blocks
+    of the body if it has any (so a job file can carry prose around its code), else the whole
+    body. A block opens with a line like ```` ```sh ```` and ends at the next line that is only
+    ```` ``` ````; an opening never closed is not a block.
+
+    Linear: only fence lines are looked at, each once. A regular expression searching for
+    "opening, anything, closing" rescanned the rest of the body from every unclosed opening,
+    and a body of 8,000 of them took 5.6 s, long enough to stall a factory's event loop past
+    its leases."""
+    blocks: list[str] = []
+    start: int | None = None  # where the open block's content begins
+    for m in _FENCE_LINE.finditer(body):
+        info = m.group(1)
+        if start is None:
+            # An opening needs its newline: the content starts on the next line.
+            if m.group(2) and _SHELL_INFO.fullmatch(info):
+                start = m.end()
+        elif _CLOSING_INFO.fullmatch(info):
+            blocks.append(body[start:m.start()])
+            start = None
     return "\n".join(blocks) if blocks else body

@@ -22,6 +22,9 @@ from gigafactory.schemas.manifest import (
     parse_job_text,
     shell_script,
 )
+from gigafactory.schemas.limits import (
+    Limits,
+)
 
 
 def job(front: str, body: str = "echo hello\n") -> str:
@@ -407,3 +410,116 @@ def test_content_hash_treats_a_stated_default_like_an_omitted_one():
     explicit = parse_job_text(job("engine: shell\ncwd: x\npriority: medium\ntimeout: 30m\n"))
 
     assert implicit.content_hash == explicit.content_hash
+
+
+# --- limits: one bad file is a clean, named refusal ------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("nested", "line", "field"),
+    [
+        ("a: " + "[" * 500 + "]" * 500, 4, "a"),
+        ("a: " + "{a: " * 500 + "1" + "}" * 500, 4, "a"),
+        # 45 KB of indentation: under the size limit, so it reaches the parser. The 17th
+        # mapping opens on the 17th line of the nest.
+        ("a:\n" + "".join(" " * (i + 1) + "a:\n" for i in range(300)) + " " * 301 + "b: 1\n", 20, ".".join(["a"] * 17)),
+    ],
+    ids=["flow-lists", "flow-mappings", "block-mappings"],
+)
+def test_front_matter_nested_hundreds_of_levels_deep_is_refused_naming_the_limit(nested, line, field):
+    error = refused(job("engine: shell\ncwd: x\n" + nested + "\n"), "jobs/deep.md")
+
+    assert isinstance(error, ManifestError)  # not a RecursionError
+    assert (error.path, error.line, error.field) == ("jobs/deep.md", line, field)
+    assert "nested more than 16 levels deep" in error.message
+    assert "max_manifest_depth" in error.message and "GIGAFACTORY_MAX_MANIFEST_DEPTH" in error.message
+
+
+def test_the_depth_limit_is_a_setting_and_a_manifest_within_it_parses():
+    deep = "budget: {usd: 1}\nretry: {on: [crash]}\n"
+
+    assert parse_job_text(job("engine: shell\ncwd: x\n" + deep), limits=Limits(max_manifest_depth=3)).manifest.retry.on == [
+        FailureClass.CRASH]
+    error = refused_with(job("engine: shell\ncwd: x\n" + deep), Limits(max_manifest_depth=2))
+    assert error.field == "retry" and "nested more than 2 levels" in error.message
+
+
+def refused_with(text: str, limits: Limits, path: str = "jobs/bad.md") -> ManifestError:
+    with pytest.raises(ManifestError) as caught:
+        parse_job_text(text, path, limits)
+    return caught.value
+
+
+def test_a_depth_limit_past_what_the_parser_can_recurse_is_refused_as_a_setting():
+    with pytest.raises(ValueError, match="max_manifest_depth = 500: at most 200"):
+        Limits(max_manifest_depth=500)
+
+
+def test_an_alias_repeated_into_gigabytes_is_refused_by_its_written_out_size():
+    # 5,000 aliases of a 1 KB text: 6 KB of YAML that would be 5 MB in the record.
+    front = 'engine: shell\ncwd: x\nmodel: &m "' + "y" * 1000 + '"\nprefers: [' + ", ".join(["*m"] * 5000) + "]\n"
+
+    error = refused(job(front))
+
+    assert error.line == 2 and "with its YAML aliases written out" in error.message
+    assert "max_manifest_bytes" in error.message
+
+
+def test_a_job_file_over_the_file_limit_is_refused_before_it_is_parsed():
+    text = job("engine: shell\ncwd: x\n", "x" * 600_000)
+
+    error = refused(text)
+
+    assert (error.line, error.field) == (None, None)
+    assert "the job file is 600," in error.message and "max_job_file_bytes = 524,288" in error.message
+
+
+def test_a_body_and_a_front_matter_over_their_limits_are_refused_naming_each():
+    small = Limits(max_body_bytes=100, max_manifest_bytes=60)
+
+    body = refused_with(job("engine: shell\ncwd: x\n", "é" * 60), small)
+    assert body.line == 5 and "the prompt (everything after the closing '---') is 120 bytes" in body.message
+    assert "max_body_bytes = 100" in body.message
+    front = refused_with(job("engine: shell\ncwd: x\nverify: " + "t" * 60 + "\n"), small)
+    assert front.line == 2 and "the front matter is" in front.message and "max_manifest_bytes = 60" in front.message
+    assert parse_job_text(job("engine: shell\ncwd: x\n", "é" * 50), limits=small).body == "é" * 50
+
+
+def test_deps_over_the_limit_and_keys_over_their_length_are_refused_naming_the_field():
+    deps = "deps: [" + ", ".join(f"d{i}" for i in range(1001)) + "]\n"
+    error = refused(job("engine: shell\ncwd: x\n" + deps))
+    assert (error.line, error.field) == (4, "deps")
+    assert "1,001 entries" in error.message and "max_deps = 1,000" in error.message
+
+    for field, front in (("idempotency-key", "idempotency-key: "), ("lock", "lock: "), ("deps[1]", "deps: [ok, ")):
+        text = front + "k" * 257 + ("]" if front.startswith("deps") else "") + "\n"
+        error = refused(job("engine: shell\ncwd: x\n" + text))
+        assert error.field == field and "257 characters" in error.message and "max_key_chars = 256" in error.message
+
+
+# --- shell_script on pathological bodies -------------------------------------------------------
+
+
+def test_shell_script_on_thousands_of_unclosed_fences_returns_the_whole_body():
+    # 20,000 openings and no closing: no block, so the whole body runs (as with one opening).
+    body = "```sh\n" * 20_000 + "echo x\n"
+
+    assert shell_script(body) == body
+
+
+def test_shell_script_on_thousands_of_openings_closed_once_takes_the_first_block():
+    body = "```bash\n" * 20_000 + "echo x\n```\nprose\n```sh\necho y\n```\n"
+
+    assert shell_script(body) == "```bash\n" * 19_999 + "echo x\n" + "\n" + "echo y\n"
+
+
+def test_shell_script_on_many_blocks_keeps_every_one_in_order():
+    body = "".join(f"step {i}\n```sh\necho {i}\n```\n" for i in range(10_000))
+
+    assert shell_script(body) == "\n".join(f"echo {i}\n" for i in range(10_000))
+
+
+def test_shell_script_reads_blocks_of_a_crlf_file():
+    body = "Prose.\r\n```sh\r\necho one\r\n```\r\nMore prose.\r\n```bash\r\necho two\r\n```\r\n"
+
+    assert shell_script(body) == "echo one\r\n\necho two\r\n"
