@@ -9,6 +9,8 @@ Endpoints (subjects ``gf.api.<name>``), JSON in and out:
 - ``status``    ``{"job"}``              the record, why it is where it is, and its events
 - ``list``      ``{"stage"?, "limit"?}`` job summaries, newest first
 - ``factories`` ``{}``                   factory records with liveness
+- ``stats``     ``{}``                   the answering coordinator's counters: per-job errors,
+                                         failed events, quarantined (poison) records
 
 Errors come back as a micro error (``Nats-Service-Error-Code`` 400/404/409) with a body
 ``{"error": message, "errors": [...]}`` naming the file, line and field where there is one.
@@ -103,6 +105,7 @@ class Api:
         for name, fn in (
             ("submit", self.submit), ("cancel", self.cancel), ("requeue", self.requeue), ("ship", self.ship),
             ("status", self.status), ("list", self.list), ("factories", self.factories),
+            ("stats", self.stats),
         ):
             await group.add_endpoint(name=name, handler=self._wrap(name, fn))
 
@@ -248,3 +251,10 @@ class Api:
             d["live"] = f.record.status == "up" and now - f.ts <= 3 * period
             out.append(d)
         return {"factories": out}
+
+    async def stats(self, body: dict) -> dict:
+        """The answering coordinator's counters (with several coordinators, each keeps its
+        own; ``nats micro stats`` shows which one answered how often)."""
+        out = {"coordinator": self.actor, "jobs": len(self.view.jobs), "unreadable_records": len(self.view.poison)}
+        out.update(self.sched.stats())
+        return out
