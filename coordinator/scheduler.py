@@ -400,8 +400,8 @@ class Scheduler:
         log.warning("%s of job %s (revision %d) failed: %s: %s; the pass goes on, the job is tried again next pass",
                     during, rec.id, st.revision, type(exc).__name__, exc, exc_info=exc)
         await self._event(EventRecord(
-            kind="job_error", at=time.time(), job=rec.id, stage_from=str(rec.stage), stage_to=str(rec.stage),
-            epoch=rec.epoch, actor=self.actor,
+            # No stage_from/stage_to: not a transition (the audit and its checker follow those).
+            kind="job_error", at=time.time(), job=rec.id, epoch=rec.epoch, actor=self.actor,
             reason=f"{during} failed: {type(exc).__name__}: {exc}"[:1000] + "; tried again on the next pass",
             data={"during": during, "error": type(exc).__name__, "revision": st.revision},
         ))

@@ -10,11 +10,13 @@ and not tried again every pass. An event whose publish fails is kept and publish
 
 from __future__ import annotations
 
+import asyncio
+import subprocess
 import time
 
 import msgspec
 import pytest
-from helpers import Fleet, eventually, run
+from helpers import Fleet, eventually, gigafactory_cmd, run
 
 from gigafactory.broker import poison_object_name
 from gigafactory.schemas import capabilities as caps
@@ -161,6 +163,13 @@ def test_dispatch_offers_the_good_jobs_and_quarantines_one_no_factory_can_claim(
             assert not [k for k in await fleet.admin.queue.keys() if k.endswith("big-queued")], \
                 "no queue-index entry for the polling fallback to try forever"
             assert len(await poisoned_events(fleet, "big-queued")) == 1
+            # The operator's view of it: `gigafactory stats`.
+            out = await asyncio.to_thread(subprocess.run, [*gigafactory_cmd(), "stats", "--nats", nats_server.url],
+                                          capture_output=True, text=True, timeout=60)
+            assert out.returncode == 0, out.stderr
+            assert "quarantined records: 2 now" in out.stdout, out.stdout
+            line = next(ln for ln in out.stdout.splitlines() if "big-queued" in ln)
+            assert "found by dispatch" in line and poison_object_name(names.JOBS_BUCKET, "big-queued", big_rev) in line
 
     run(main(), 110)
 
@@ -190,3 +199,25 @@ def test_a_failed_event_publish_neither_stops_the_reaper_nor_loses_the_event(nat
             assert (await fleet.client.call("stats"))["events_dropped"] == 0
 
     run(main(), 110)
+
+
+def test_only_errors_that_are_the_records_own_fault_quarantine_it():
+    import nats.errors
+    import nats.js.errors
+
+    from gigafactory.coordinator.scheduler import RecordTooLarge, poison_reason
+    from gigafactory.schemas.lifecycle import Event, IllegalTransition
+
+    assert "maximum message size" in poison_reason(RecordTooLarge("j", 2_000_000, 1_048_576))
+    assert poison_reason(nats.errors.MaxPayloadError()) is not None
+    assert poison_reason(nats.js.errors.APIError(err_code=10054, description="message size exceeds maximum allowed"))
+    try:
+        decode(GARBAGE, JobRecord)
+    except msgspec.DecodeError as e:
+        assert poison_reason(e).startswith("not a valid job record")
+    assert poison_reason(IllegalTransition(Stage.SHIPPED, Event.REQUEUE, "j")) is not None
+    # Not the record's fault: a full disk or a broker that does not answer would otherwise
+    # quarantine every job that needed a write.
+    assert poison_reason(nats.js.errors.APIError(err_code=10047, description="insufficient resources")) is None
+    assert poison_reason(nats.errors.TimeoutError()) is None
+    assert poison_reason(RuntimeError("a bug elsewhere")) is None
