@@ -221,3 +221,37 @@ def test_only_errors_that_are_the_records_own_fault_quarantine_it():
     assert poison_reason(nats.js.errors.APIError(err_code=10047, description="insufficient resources")) is None
     assert poison_reason(nats.errors.TimeoutError()) is None
     assert poison_reason(RuntimeError("a bug elsewhere")) is None
+
+
+def test_the_view_leaves_out_a_bad_revision_and_takes_the_next_good_one():
+    from gigafactory.coordinator.view import FleetView
+
+    view = FleetView()
+    good = encode(record("j1", Stage.QUEUED))
+    view.apply_job("j1", good, 1, 10.0)
+    assert "j1" in view.by_stage[Stage.QUEUED] and view.jobs["j1"].size_bytes == len(good)
+    # A later revision that does not decode: the old record must not linger as if current.
+    view.apply_job("j1", GARBAGE, 2, 11.0)
+    assert "j1" not in view.jobs and "j1" not in view.by_stage[Stage.QUEUED]
+    assert view.poison["j1"].revision == 2 and "not a job record" in view.poison["j1"].reason
+    # A record stored under another job's key would make every write go to the wrong key.
+    view.apply_job("j2", good, 3, 12.0)
+    assert "j2" not in view.jobs and "is not its key" in view.poison["j2"].reason
+    view.apply_job("j1", good, 4, 13.0)
+    assert view.jobs["j1"].revision == 4 and "j1" not in view.poison
+
+
+def test_a_record_a_consumer_of_the_view_refuses_is_left_out_not_fatal():
+    from gigafactory.coordinator.view import FleetView
+
+    view = FleetView()
+
+    def picky(old, new):
+        if new is not None and new.record.id == "bad":
+            raise TypeError("cannot order it")
+
+    view.job_listeners.append(picky)
+    view.apply_job("bad", encode(record("bad", Stage.QUEUED)), 1, 10.0)
+    view.apply_job("ok", encode(record("ok", Stage.QUEUED)), 2, 10.0)
+    assert "bad" not in view.jobs and "refused by the coordinator" in view.poison["bad"].reason
+    assert "ok" in view.jobs
