@@ -501,7 +501,10 @@ class Broker:
         message (each bounded by ``request_timeout_s``), so a large file never sits in
         memory whole and its disk reads never block the event loop. ``description`` and
         ``headers`` show in ``nats object info gf_artifacts <name>``."""
-        meta = api.ObjectMeta(name=name, description=description or None, headers=headers or None,
+        # Headers as lists of values: Go clients (the nats CLI) read them as http.Header-style
+        # map[string][]string, and a plain string there would make the object unreadable to them.
+        meta = api.ObjectMeta(name=name, description=description or None,
+                              headers={k: [v] for k, v in headers.items()} if headers else None,
                               options=api.ObjectMetaOptions(max_chunk_size=OBJECT_CHUNK_BYTES))
         return await self.artifacts.put(name, data, meta=meta)
 

@@ -97,6 +97,9 @@ def test_a_log_over_the_cap_is_stored_capped_and_the_job_finishes(nats_server, t
             assert ev["data"]["log_dropped_bytes"] == int(m.group(1))
             assert ev["data"]["log_stored_bytes"] == len(stored)
             assert f.stats["logs_capped"] == 1
+            info = await fleet.admin.artifacts.get_info(a.log)
+            assert info.headers["Gf-Log-Dropped-Bytes"] == [m.group(1).decode()]
+            assert "dropped from the middle" in info.description
 
     run(main(), 110)
 

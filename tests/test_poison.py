@@ -113,6 +113,10 @@ def test_bad_records_are_quarantined_and_the_reaper_and_deps_go_on(nats_server, 
                 name = poison_object_name(names.JOBS_BUCKET, key, revs[key])
                 assert got[key]["object"] == name and got[key]["revision"] == revs[key]
                 assert await object_bytes(fleet, name) == raw
+                info = await fleet.admin.artifacts.get_info(name)
+                assert info.headers["Gf-Key"] == [key] and info.headers["Gf-Revision"] == [str(revs[key])], \
+                    "header values are lists, as Go clients (the nats CLI) read them"
+                assert got[key]["reason"] in info.description
                 e = await jobs.get(key)
                 assert e.revision == revs[key] and e.value == raw, f"{key} was rewritten"
                 evs = await eventually(lambda k=key: poisoned_events(fleet, k), 10, what=f"poisoned event of {key}")
