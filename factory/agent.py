@@ -1050,8 +1050,10 @@ class Factory:
         lease. The store is given a reader (:class:`CappedLog`), never the bytes: it reads
         one chunk at a time on a worker thread, at most ``log_upload_max_bytes`` in all
         (head, marker, tail). An upload that fails or runs past its bound costs the log, not
-        the result: the result goes out without it, its detail naming where the log is; if
-        the broker is down, that write fails too and the result waits in the outbox."""
+        the result: the result goes out without it (``log_upload_error`` in the returned dict
+        says why and where the log is; the attempt's detail gets it too); if the broker is
+        down, that write fails too and the result waits in the outbox, whose replay tries
+        the upload again."""
         name = names.log_object_name(run.job, run.record.attempt, run.epoch)
         where = f"{self.id}:{payload.log_path}"
         bound_s = self.s.log_upload_timeout_s
@@ -1079,8 +1081,8 @@ class Factory:
                 else f"failed ({type(e).__name__}: {e})"
             log.warning("%s: log of %s (%d bytes) not uploaded: %s; the result goes without it",
                         self.id, run.job, reader.size_bytes, why)
-            note = f"; log not uploaded ({why}), the whole log is at {where}"
-            return msgspec.structs.replace(payload, detail=payload.detail + note), {"log_upload_error": why}
+            # The payload stays as it was: a result that waits in the outbox tries the upload again.
+            return payload, {"log_upload_error": f"log not uploaded ({why}), the whole log is at {where}"}
         finally:
             reader.close()
         self.stats["log_read_max_bytes"] = max(self.stats.get("log_read_max_bytes", 0), reader.max_read_bytes)
@@ -1105,8 +1107,9 @@ class Factory:
         if payload.log_object is None:
             payload, upload = await self._upload_log(run, payload)
         run.stop_renewing.set()  # not before: the lease is renewed through the upload
+        detail = payload.detail + (f"; {upload['log_upload_error']}" if "log_upload_error" in upload else "")
         rec = await self._write(run, lambda r: protocol.finish(
-            r, self.id, run.epoch, time.time(), failure=payload.failure, detail=payload.detail,
+            r, self.id, run.epoch, time.time(), failure=payload.failure, detail=detail,
             exit_code=payload.exit_code, verify_exit_code=payload.verify_exit_code, log=payload.log_object,
             attribution=payload.attribution,
         ))

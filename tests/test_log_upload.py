@@ -167,3 +167,20 @@ def test_an_upload_slower_than_the_old_bound_keeps_the_lease_and_the_result(nats
             assert b"slow upload" in stored
 
     run(main(), 110)
+
+
+def test_a_failed_upload_costs_the_log_not_the_result(nats_server, tmp_path):
+    async def main():
+        async with Fleet(nats_server.url, tmp_path) as fleet:
+            f = await fleet.add_factory("f1")
+            await fleet.admin.js.delete_object_store("gf_artifacts")  # every upload fails now
+            job = await fleet.submit_one(fleet.job("echo result without its log"))
+            rec = await fleet.wait_stage(job, "testing", "shipped", timeout_s=30)
+            a = rec.attempts[-1]
+            assert rec.epoch == 1 and a.outcome == "passed" and a.log is None, a
+            assert "log not uploaded" in a.detail and f"f1:{tmp_path}" in a.detail, a.detail
+            assert f.stats["log_upload_failures"] == 1 and f.stats["quarantined"] == 0
+            ev = await _finished_event(fleet, job)
+            assert "log not uploaded" in ev["data"]["log_upload_error"]
+
+    run(main(), 110)
