@@ -141,7 +141,6 @@ def test_bad_records_are_quarantined_and_the_reaper_and_deps_go_on(nats_server, 
 def test_dispatch_offers_the_good_jobs_and_quarantines_one_no_factory_can_claim(nats_server, tmp_path):
     async def main():
         async with Fleet(nats_server.url, tmp_path) as fleet:
-            coord = fleet.coordinator
             jobs = fleet.admin.jobs
             max_bytes = fleet.admin.nc.max_payload
             big = sized(record("big-queued", Stage.QUEUED, cwd=str(fleet.repo)), max_bytes - 100)
