@@ -41,6 +41,19 @@ log = logging.getLogger("gigafactory.coordinator")
 MAX_CAS_RETRIES = 20
 
 
+STATUS_BODY_MAX_CHARS = 64 * 1024
+"""A job body longer than this is cut in ``status`` replies (a reply cannot exceed the broker's
+maximum message size, and a record may come close to it); ``nats kv get`` shows it whole."""
+
+
+def _with_body_cut(record: dict, job: str) -> dict:
+    body = record.get("body") or ""
+    if len(body) > STATUS_BODY_MAX_CHARS:
+        record["body"] = (body[:STATUS_BODY_MAX_CHARS] + f"\n[... {len(body) - STATUS_BODY_MAX_CHARS} more characters "
+                          f"cut from this reply: 'nats kv get gf_jobs {job}' shows the whole record]")
+    return record
+
+
 class ApiError(Exception):
     def __init__(self, code: int, message: str, errors: list[dict] | None = None) -> None:
         super().__init__(message)
@@ -197,7 +210,15 @@ class Api:
         e = await self.b.jobs.get(job)
         if e is None:
             raise ApiError(404, f"no job {job!r}; 'gigafactory jobs' lists them")
-        rec = decode(e.value, JobRecord)
+        poisoned = self.sched.poison.get(job) if hasattr(self.sched, "poison") else None
+        poisoned = poisoned if poisoned is not None and poisoned.revision == e.revision else None
+        try:
+            rec = decode(e.value, JobRecord)
+        except msgspec.DecodeError as ex:
+            where = f"; its bytes are kept as {poisoned.object} in gf_artifacts" if poisoned and poisoned.object else ""
+            raise ApiError(409, f"gf_jobs/{job} revision {e.revision} is not a job record ({ex}); the coordinator "
+                                f"leaves it alone (quarantined{where}): fix it with 'nats kv put gf_jobs {job}' or "
+                                f"delete it with 'nats kv del gf_jobs {job}'") from None
         now = await self.b.broker_now()
         live = self.view.live_factories(now, self.b.settings.heartbeat_s)
         why = rec.reason
@@ -225,9 +246,13 @@ class Api:
             info["deps"] = deps
         if rec.stage in LEASED:
             info["lease_age_s"] = round(now - e.ts, 3)
+        if poisoned is not None:
+            why = (f"quarantined: {poisoned.reason} (the coordinator leaves revision {poisoned.revision} alone; "
+                   f"fix or delete the record to release it)")
+            info["quarantined_as"] = poisoned.object
         return {
             "job": job_summary(rec), "why": why, "info": info,
-            "record": msgspec.to_builtins(rec), "revision": e.revision,
+            "record": _with_body_cut(msgspec.to_builtins(rec), job), "revision": e.revision,
             "events": await read_events(self.b, job, limit=int(body.get("events", 50))),
         }
 

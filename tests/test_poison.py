@@ -122,6 +122,11 @@ def test_bad_records_are_quarantined_and_the_reaper_and_deps_go_on(nats_server, 
                 evs = await eventually(lambda k=key: poisoned_events(fleet, k), 10, what=f"poisoned event of {key}")
                 assert len(evs) == 1 and evs[0]["data"]["object"] == name and evs[0]["data"]["revision"] == revs[key]
             assert "big-leased" not in coord.view.by_stage[Stage.QUEUED]
+            # `gigafactory status` says so, for a record it can read and for one it cannot.
+            status = await fleet.client.call("status", {"job": "big-leased", "events": 0})
+            assert status["why"].startswith("quarantined: ") and status["info"]["quarantined_as"] == got["big-leased"]["object"]
+            with pytest.raises(Exception, match="not a job record.*quarantined.*nats kv del gf_jobs junk-1"):
+                await fleet.client.call("status", {"job": "junk-1"})
 
             # Not a hot loop: more passes do not try them again.
             mark = coord.sched.reap_rounds
