@@ -9,6 +9,8 @@ Endpoints (subjects ``gf.api.<name>``), JSON in and out:
 - ``status``    ``{"job"}``              the record, why it is where it is, and its events
 - ``list``      ``{"stage"?, "limit"?}`` job summaries, newest first
 - ``factories`` ``{}``                   factory records with liveness
+- ``stats``     ``{}``                   the answering coordinator's counters: per-job errors,
+                                         failed events, quarantined (poison) records
 
 Errors come back as a micro error (``Nats-Service-Error-Code`` 400/404/409) with a body
 ``{"error": message, "errors": [...]}`` naming the file, line and field where there is one.
@@ -38,6 +40,19 @@ from .view import FleetView
 
 log = logging.getLogger("gigafactory.coordinator")
 MAX_CAS_RETRIES = 20
+
+
+STATUS_BODY_MAX_CHARS = 64 * 1024
+"""A job body longer than this is cut in ``status`` replies (a reply cannot exceed the broker's
+maximum message size, and a record may come close to it); ``nats kv get`` shows it whole."""
+
+
+def _with_body_cut(record: dict, job: str) -> dict:
+    body = record.get("body") or ""
+    if len(body) > STATUS_BODY_MAX_CHARS:
+        record["body"] = (body[:STATUS_BODY_MAX_CHARS] + f"\n[... {len(body) - STATUS_BODY_MAX_CHARS} more characters "
+                          f"cut from this reply: 'nats kv get gf_jobs {job}' shows the whole record]")
+    return record
 
 
 class ApiError(Exception):
@@ -104,6 +119,7 @@ class Api:
         for name, fn in (
             ("submit", self.submit), ("cancel", self.cancel), ("requeue", self.requeue), ("ship", self.ship),
             ("status", self.status), ("list", self.list), ("factories", self.factories),
+            ("stats", self.stats),
         ):
             await group.add_endpoint(name=name, handler=self._wrap(name, fn))
 
@@ -201,7 +217,15 @@ class Api:
         e = await self.b.jobs.get(job)
         if e is None:
             raise ApiError(404, f"no job {job!r}; 'gigafactory jobs' lists them")
-        rec = decode(e.value, JobRecord)
+        poisoned = self.sched.poison.get(job) if hasattr(self.sched, "poison") else None
+        poisoned = poisoned if poisoned is not None and poisoned.revision == e.revision else None
+        try:
+            rec = decode(e.value, JobRecord)
+        except msgspec.DecodeError as ex:
+            where = f"; its bytes are kept as {poisoned.object} in gf_artifacts" if poisoned and poisoned.object else ""
+            raise ApiError(409, f"gf_jobs/{job} revision {e.revision} is not a job record ({ex}); the coordinator "
+                                f"leaves it alone (quarantined{where}): fix it with 'nats kv put gf_jobs {job}' or "
+                                f"delete it with 'nats kv del gf_jobs {job}'") from None
         now = await self.b.broker_now()
         live = self.view.live_factories(now, self.b.settings.heartbeat_s)
         why = rec.reason
@@ -229,9 +253,13 @@ class Api:
             info["deps"] = deps
         if rec.stage in LEASED:
             info["lease_age_s"] = round(now - e.ts, 3)
+        if poisoned is not None:
+            why = (f"quarantined: {poisoned.reason} (the coordinator leaves revision {poisoned.revision} alone; "
+                   f"fix or delete the record to release it)")
+            info["quarantined_as"] = poisoned.object
         return {
             "job": job_summary(rec), "why": why, "info": info,
-            "record": msgspec.to_builtins(rec), "revision": e.revision,
+            "record": _with_body_cut(msgspec.to_builtins(rec), job), "revision": e.revision,
             "events": await read_events(self.b, job, limit=int(body.get("events", 50))),
         }
 
@@ -255,3 +283,10 @@ class Api:
             d["live"] = f.record.status == "up" and now - f.ts <= 3 * period
             out.append(d)
         return {"factories": out}
+
+    async def stats(self, body: dict) -> dict:
+        """The answering coordinator's counters (with several coordinators, each keeps its
+        own; ``nats micro stats`` shows which one answered how often)."""
+        out = {"coordinator": self.actor, "jobs": len(self.view.jobs), "unreadable_records": len(self.view.poison)}
+        out.update(self.sched.stats())
+        return out

@@ -15,16 +15,17 @@ import heapq
 import logging
 import time
 from collections.abc import Iterator
-from collections import defaultdict
+from collections import defaultdict, deque
 from dataclasses import dataclass
 
 import msgspec
+import nats.errors
 import nats.js.errors
 
 from gigafactory.broker import TRANSIENT, Broker, Conflict
 from gigafactory.config import Settings
 from gigafactory.schemas import names, protocol
-from gigafactory.schemas.lifecycle import LEASED, Stage
+from gigafactory.schemas.lifecycle import LEASED, IllegalTransition, Stage
 from gigafactory.schemas.records import (
     DispatchMessage,
     EventRecord,
@@ -47,10 +48,79 @@ INDEX_AFTER_REDISPATCH = 0.1
 """A job gets a ``gf_queue`` entry once queued this share of ``redispatch_s`` (see sync_index)."""
 
 
+RECORD_HEADER_BYTES = 512
+"""Room left for a write's subject and headers on top of the record: the server counts them
+against its maximum message size, and a message over it closes the whole connection
+(nats-py checks only the payload), so a record is refused here with a margin."""
+RECORD_HEADROOM_BYTES = 16 * 1024
+"""A queued record closer than this to the broker's maximum message size cannot be carried
+through a claim, its renewals and a result with its attempt history (each adds to it), so
+dispatch quarantines it instead of offering it again every ``redispatch_s`` forever."""
+EVENT_RETRY_MAX = 1000
+"""Events whose publish failed, kept to publish again on the next reaper pass; beyond this
+the oldest is dropped and counted (``events_dropped``)."""
+POISON_FLUSH_MAX = 100
+"""Quarantines a reaper pass stores at most (each is a read and an object upload), so a
+flood of bad records delays the pass by a bounded amount; the rest wait for the next pass."""
+POISON_LISTED_MAX = 100
+"""Quarantined records listed by :meth:`Scheduler.stats` (all are counted)."""
+ERRORS_TOLD_MAX = 10_000
+"""Distinct per-job errors remembered so each is logged and published once, not every pass."""
+STREAM_MSG_TOO_LARGE = 10054
+"""JetStream's error code for "message size exceeds maximum allowed" (a stream's max_msg_size)."""
+
+
 @dataclass(slots=True)
 class _Published:
     epoch: int
     at_mono: float
+
+
+class RecordTooLarge(Exception):
+    """A job record whose next write would exceed the broker's maximum message size."""
+
+    def __init__(self, key: str, size_bytes: int, max_bytes: int) -> None:
+        super().__init__(f"gf_jobs/{key}: the record's next write is {size_bytes} bytes, over the broker's maximum "
+                         f"message size of {max_bytes} bytes ({RECORD_HEADER_BYTES} of them kept for headers)")
+        self.size_bytes = size_bytes
+        self.max_bytes = max_bytes
+
+
+@dataclass(slots=True)
+class Poisoned:
+    """A ``gf_jobs`` revision the coordinator quarantined: it leaves it alone (no reaping,
+    unblocking, dispatching, holding) until the key gets a new revision."""
+
+    key: str
+    revision: int
+    reason: str
+    during: str
+    """The pass that found it: ``view``, ``reap``, ``deps``, ``dispatch`` or ``hold``."""
+    size_bytes: int
+    at: float
+    object: str | None = None
+    """Where its bytes are kept in ``gf_artifacts`` (None until stored)."""
+    reported: bool = False
+    """Stored and its ``poisoned`` event published (or found stored already)."""
+
+
+def poison_reason(exc: BaseException) -> str | None:
+    """Why ``exc``, raised while deciding or writing one job record, is that record's own
+    fault, so that trying it again would fail the same way every pass; None when it is not
+    known to be (the broker refusing for now, a bug elsewhere): such a job is retried on
+    the next pass and the error counted, never quarantined, since a full disk would
+    otherwise quarantine every job that needed a write."""
+    if isinstance(exc, RecordTooLarge):
+        return str(exc)
+    if isinstance(exc, nats.errors.MaxPayloadError):
+        return "the record's next write is larger than the broker's maximum message size"
+    if isinstance(exc, nats.js.errors.APIError) and exc.err_code == STREAM_MSG_TOO_LARGE:
+        return f"the record's next write is larger than gf_jobs' maximum message size ({exc.description})"
+    if isinstance(exc, (msgspec.DecodeError, msgspec.EncodeError)):
+        return f"not a valid job record ({type(exc).__name__}: {exc})"
+    if isinstance(exc, IllegalTransition):
+        return f"its stage does not allow the transition ({exc})"
+    return None
 
 
 def capability_gap(reqs: list[str], live: list[FactoryState]) -> str:
@@ -187,6 +257,18 @@ class Scheduler:
         """Streams and consumers this coordinator recreated (``repair_dispatch``)."""
         self.reap_rounds = 0
         """Completed reaper passes (tests await it to know a pass has happened)."""
+        self.poison: dict[str, Poisoned] = {}
+        """gf_jobs key -> its quarantined revision (see :class:`Poisoned`)."""
+        self.poisoned_total = 0
+        """Quarantines this coordinator made (a key quarantined at two revisions counts twice)."""
+        self.job_errors: dict[str, int] = defaultdict(int)
+        """Per pass (``reap``, ``deps``, ``hold``): jobs whose step failed while the pass went on."""
+        self.events_failed = 0
+        """Event publishes that failed (each is kept and published again, see EVENT_RETRY_MAX)."""
+        self.events_dropped = 0
+        """Failed events given up: the retry queue was full, or the broker refused one outright."""
+        self._event_retry: deque[tuple[EventRecord, str | None]] = deque()
+        self._errors_told: set[tuple] = set()
         self.last_served: dict[str, int] = {}
         """product -> the dispatch sequence number of its latest dispatched job (fair turns)."""
         self._served_seq = 0
@@ -217,27 +299,191 @@ class Scheduler:
     # -- deps ---------------------------------------------------------------------------------
 
     async def resolve_deps(self) -> None:
+        """Unblock (or fail) every blocked job whose dependencies decided it. One job's error
+        never stops the pass: see :meth:`_job_failed`."""
         now = time.time()
         for jid in list(self.view.by_stage[Stage.BLOCKED]):
             st = self.view.jobs.get(jid)
-            if st is None:
+            if st is None or self.is_poisoned(st):
                 continue
-            stages = {d: (self.view.jobs[d].record.stage if d in self.view.jobs else None) for d in st.record.deps}
-            out = protocol.resolve_blocked(st.record, stages, now)
-            if out is None:
-                continue
-            await self._write(st.record, st.revision, out)
+            try:
+                stages = {d: (self.view.jobs[d].record.stage if d in self.view.jobs else None) for d in st.record.deps}
+                out = protocol.resolve_blocked(st.record, stages, now)
+                if out is None:
+                    continue
+                await self._write(st.record, st.revision, out)
+            except TRANSIENT:
+                raise  # the broker is not answering: every other write would wait out its timeout too
+            except Exception as e:
+                await self._job_failed("deps", st, e)
 
     async def _write(self, rec: JobRecord, revision: int, out: protocol.Outcome, **data) -> bool:
+        """CAS ``out`` over ``revision``; False if the record changed meanwhile. Its event is
+        published after the write; a failed publish is kept for the next pass (:meth:`_event`)."""
         try:
-            await self.b.jobs.update(rec.id, encode(out.record), last=revision)
+            await self.b.jobs.update(rec.id, self._fits(rec.id, encode(out.record)), last=revision)
         except Conflict:
             return False
-        await self.b.publish_event(EventRecord(
+        await self._event(EventRecord(
             kind=str(out.event), at=out.record.updated_at, job=rec.id, stage_from=str(out.stage_from),
             stage_to=str(out.record.stage), epoch=out.record.epoch, actor=self.actor, reason=out.reason, data=data,
         ))
         return True
+
+    def _fits(self, key: str, value: bytes) -> bytes:
+        """``value``, if a write of it fits the broker's maximum message size; else raises
+        :class:`RecordTooLarge` (before sending: the server would close the connection)."""
+        max_bytes = self.b.nc.max_payload
+        if len(value) + RECORD_HEADER_BYTES > max_bytes:
+            raise RecordTooLarge(key, len(value), max_bytes)
+        return value
+
+    # -- errors, events, quarantine ----------------------------------------------------------------
+
+    def is_poisoned(self, st: JobState) -> bool:
+        """Whether ``st``'s revision is quarantined (the coordinator leaves it alone)."""
+        p = self.poison.get(st.record.id)
+        return p is not None and p.revision == st.revision
+
+    async def _event(self, ev: EventRecord, msg_id: str | None = None) -> bool:
+        """Publish ``ev``; a failure is counted and the event kept (up to EVENT_RETRY_MAX) for
+        the next reaper pass, never raised: a failed publish must not stop a pass."""
+        try:
+            await self.b.publish_event(ev, msg_id=msg_id)
+            return True
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:
+            self.events_failed += 1
+            if len(self._event_retry) >= EVENT_RETRY_MAX:
+                self._event_retry.popleft()
+                self.events_dropped += 1
+            self._event_retry.append((ev, msg_id))
+            log.log(logging.WARNING if len(self._event_retry) == 1 else logging.DEBUG,
+                    "event %s of %s not published (%s: %s); kept for the next pass (%d waiting)",
+                    ev.kind, ev.job or "the fleet", type(e).__name__, e, len(self._event_retry))
+            return False
+
+    async def _retry_events(self) -> None:
+        """Publish the events kept by :meth:`_event`, oldest first; stop at the first the
+        broker does not answer (the rest wait for the next pass). An event the broker refuses
+        outright is dropped and counted: it would be refused every pass."""
+        for _ in range(len(self._event_retry)):
+            ev, msg_id = self._event_retry[0]
+            try:
+                await self.b.publish_event(ev, msg_id=msg_id)
+            except TRANSIENT:
+                return
+            except Exception as e:
+                self.events_dropped += 1
+                log.error("event %s of %s dropped: the broker refuses it (%s: %s)", ev.kind, ev.job, type(e).__name__, e)
+            self._event_retry.popleft()
+
+    async def _job_failed(self, during: str, st: JobState, exc: Exception) -> None:
+        """One job's step failed in a pass; the pass goes on with the next job. A record that
+        is itself the cause (:func:`poison_reason`) is quarantined; any other error is
+        counted, logged and published once (``job_error``), and the job is tried again on
+        the next pass (the pass's period bounds how often)."""
+        self.job_errors[during] += 1
+        rec = st.record
+        reason = poison_reason(exc)
+        if reason is not None:
+            await self.quarantine(rec.id, st.revision, reason, during=during, size_bytes=st.size_bytes)
+            return
+        told = (rec.id, st.revision, during, type(exc).__name__)
+        if told in self._errors_told:
+            log.debug("%s of job %s failed again: %s: %s", during, rec.id, type(exc).__name__, exc)
+            return
+        if len(self._errors_told) >= ERRORS_TOLD_MAX:
+            self._errors_told.clear()
+        self._errors_told.add(told)
+        log.warning("%s of job %s (revision %d) failed: %s: %s; the pass goes on, the job is tried again next pass",
+                    during, rec.id, st.revision, type(exc).__name__, exc, exc_info=exc)
+        await self._event(EventRecord(
+            # No stage_from/stage_to: not a transition (the audit and its checker follow those).
+            kind="job_error", at=time.time(), job=rec.id, epoch=rec.epoch, actor=self.actor,
+            reason=f"{during} failed: {type(exc).__name__}: {exc}"[:1000] + "; tried again on the next pass",
+            data={"during": during, "error": type(exc).__name__, "revision": st.revision},
+        ))
+
+    async def quarantine(self, key: str, revision: int, reason: str, *, during: str, size_bytes: int = 0) -> None:
+        """Quarantine revision ``revision`` of ``gf_jobs/<key>``: from now on no pass touches
+        it, its exact bytes are kept in ``gf_artifacts`` (``poison/gf_jobs/<key>/rev-<n>``)
+        and a ``poisoned`` event says why. The record itself is left as it is (rewriting a
+        record that cannot be read or written would lose what it holds); an operator fixes
+        or deletes it, and its next revision is judged afresh."""
+        p = self.poison.get(key)
+        if p is not None and p.revision == revision:
+            return
+        p = self.poison[key] = Poisoned(key, revision, reason, during, size_bytes, time.time())
+        self.poisoned_total += 1
+        log.error("gf_jobs/%s revision %d quarantined (found by %s): %s", key, revision, during, reason)
+        await self._report_poison(p)
+
+    async def _report_poison(self, p: Poisoned) -> None:
+        """Keep ``p``'s bytes and publish its event; if the broker fails, :meth:`flush`
+        tries again on the next reaper pass (the record stays out of every pass meanwhile)."""
+        try:
+            e = await self.b.jobs.get(p.key)
+            if e is None or e.revision != p.revision:
+                # Changed or deleted meanwhile: its new revision is judged afresh.
+                if self.poison.get(p.key) is p:
+                    del self.poison[p.key]
+                return
+            p.size_bytes = len(e.value)
+            p.object, fresh = await self.b.quarantine_record(names.JOBS_BUCKET, p.key, p.revision, e.value,
+                                                             p.reason, found_by=self.actor)
+        except asyncio.CancelledError:
+            raise
+        except Exception as ex:
+            log.warning("poison record gf_jobs/%s revision %d not stored yet (%s: %s); next reaper pass tries again",
+                        p.key, p.revision, type(ex).__name__, ex)
+            return
+        p.reported = True
+        if fresh:  # stored by an earlier run or another coordinator: its event went out then
+            await self._event(EventRecord(
+                kind="poisoned", at=time.time(), job=p.key, actor=self.actor,
+                reason=f"gf_jobs/{p.key} revision {p.revision} quarantined: {p.reason}; its bytes are kept "
+                       f"as {p.object} in {names.ARTIFACTS_STORE}; fix or delete the record to release it",
+                data={"bucket": names.JOBS_BUCKET, "revision": p.revision, "size_bytes": p.size_bytes,
+                      "object": p.object, "during": p.during},
+            ), msg_id=f"poisoned:{p.key}:{p.revision}")
+
+    async def flush(self) -> None:
+        """Quarantine what the view could not take in, store quarantines the broker refused
+        before (at most POISON_FLUSH_MAX), forget those whose key changed since, and publish
+        the events kept by :meth:`_event`. Runs at the start of every reaper pass."""
+        budget = POISON_FLUSH_MAX
+        for key, note in list(self.view.poison.items()):
+            if budget <= 0:
+                break
+            p = self.poison.get(key)
+            if p is None or p.revision != note.revision:
+                budget -= 1
+                await self.quarantine(key, note.revision, note.reason, during="view", size_bytes=note.size_bytes)
+        for p in [p for p in self.poison.values() if not p.reported][:max(0, budget)]:
+            await self._report_poison(p)
+        for key, p in list(self.poison.items()):
+            st, note = self.view.jobs.get(key), self.view.poison.get(key)
+            current = st.revision if st is not None else (note.revision if note is not None else None)
+            if current != p.revision and p.reported:
+                del self.poison[key]  # fixed, replaced or deleted: the next revision is judged afresh
+        await self._retry_events()
+
+    def stats(self) -> dict:
+        """The scheduler's counters, and the records it keeps quarantined (the API's ``stats``)."""
+        return {
+            "reap_rounds": self.reap_rounds, "dispatch_passes": self.passes,
+            "dispatch_errors": self.dispatch_errors, "dispatch_repairs": self.dispatch_repairs,
+            "job_errors": dict(self.job_errors), "events_failed": self.events_failed,
+            "events_waiting": len(self._event_retry), "events_dropped": self.events_dropped,
+            "poisoned_total": self.poisoned_total, "poisoned_now": len(self.poison),
+            "poisoned": [
+                {"job": p.key, "revision": p.revision, "reason": p.reason, "found_by": p.during,
+                 "size_bytes": p.size_bytes, "object": p.object, "at": p.at, "stored": p.reported}
+                for p in sorted(self.poison.values(), key=lambda p: p.at)[:POISON_LISTED_MAX]
+            ],
+        }
 
     # -- dispatch -----------------------------------------------------------------------------
 
@@ -258,6 +504,8 @@ class Scheduler:
         busy: dict[str, int] = defaultdict(int)
         for jid in self.view.stage_ids(*LEASED):
             st = self.view.jobs.get(jid)
+            if st and self.is_poisoned(st):
+                continue  # quarantined: its holder is gone (its lease expired) or it never had one
             if st and st.record.lease:
                 busy[st.record.lease.factory] += 1
             if st and st.record.manifest.lock:
@@ -291,6 +539,8 @@ class Scheduler:
         position: dict[str, int] = defaultdict(int)
         depth: dict[str, int] = {}
         visited = 0
+        max_record_bytes = self.b.nc.max_payload - RECORD_HEADROOM_BYTES - RECORD_HEADER_BYTES
+        too_large: list[JobState] = []
 
         def pool_of(st: JobState) -> str:
             rec = st.record
@@ -308,6 +558,11 @@ class Scheduler:
         def decide(st: JobState, redispatch: bool, pos: int) -> None:
             """Offer ``st`` or hold it (with a reason, or silently)."""
             rec = st.record
+            if self.is_poisoned(st):
+                return
+            if st.size_bytes > max_record_bytes:
+                too_large.append(st)
+                return
             pool = pool_of(st)
             hold = None
             if st.ts + rec.backoff_s > broker_now:
@@ -372,6 +627,12 @@ class Scheduler:
                 self._gap_seen.pop(pool, None)
         self.visited = visited
         self.passes += 1
+        for st in too_large:
+            await self.quarantine(
+                st.record.id, st.revision, during="dispatch", size_bytes=st.size_bytes,
+                reason=f"the record is {st.size_bytes} bytes: a claim and its attempt history need up to "
+                       f"{RECORD_HEADROOM_BYTES} more, and the broker takes at most {self.b.nc.max_payload} "
+                       f"bytes per message, so no factory could ever claim it")
         return await self._offer(offers, holds, broker_now, mono, depth, capacity, serving)
 
     def _gap_reason(self, pool: str, live: list[FactoryState]) -> str | None:
@@ -406,7 +667,7 @@ class Scheduler:
             self._served_seq += 1
             self.last_served[rec.manifest.product] = self._served_seq
             self.held.pop(rec.id, None)
-            events.append(self.b.publish_event(EventRecord(
+            events.append(self._event(EventRecord(
                 kind="dispatched", at=time.time(), job=rec.id, stage_from="queued", stage_to="queued",
                 epoch=rec.epoch, actor=self.actor,
                 reason=f"priority {rec.manifest.priority}, waited {max(0.0, broker_now - rec.submitted_at):.1f}s; "
@@ -418,7 +679,7 @@ class Scheduler:
                       "redispatch": redispatch},
             )))
         sent = len(events)
-        await _gather_raising(events)
+        await asyncio.gather(*events)  # never raises: a failed event is kept for the next pass
         await _gather_raising([self._hold(st, reason) for st, reason in holds])
         return sent
 
@@ -446,6 +707,9 @@ class Scheduler:
             return False
 
     async def _hold(self, st, reason: str) -> None:
+        """Write ``reason`` into a job the pass does not offer, and say so in a ``held``
+        event. One job's failure is that job's (:meth:`_job_failed`); only a broker that
+        does not answer raises, after the other holds of the pass are done."""
         rec = st.record
         if self.held.get(rec.id) == reason:
             return
@@ -455,13 +719,20 @@ class Scheduler:
             # new broker timestamp would start it again.
             new = msgspec.structs.replace(rec, reason=reason, backoff_s=0.0)
             try:
-                await self.b.jobs.update(rec.id, encode(new), last=st.revision)
+                await self.b.jobs.update(rec.id, self._fits(rec.id, encode(new)), last=st.revision)
             except Conflict:
                 # The view was behind the record: forget the hold, so the next pass (on the
                 # record's change) decides again instead of believing it written.
                 self.held.pop(rec.id, None)
                 return
-        await self.b.publish_event(EventRecord(
+            except TRANSIENT:
+                self.held.pop(rec.id, None)
+                raise
+            except Exception as e:
+                self.held.pop(rec.id, None)
+                await self._job_failed("hold", st, e)
+                return
+        await self._event(EventRecord(
             kind="held", at=time.time(), job=rec.id, stage_from="queued", stage_to="queued",
             epoch=rec.epoch, actor=self.actor, reason=reason,
         ))
@@ -526,8 +797,8 @@ class Scheduler:
         due = self.broker_now_estimate() - self.index_after_s
         for jid in self.view.by_stage[Stage.QUEUED]:
             st = self.view.jobs.get(jid)
-            if st is None:
-                continue
+            if st is None or self.is_poisoned(st):
+                continue  # a quarantined job gets no index entry: polling factories would try it forever
             key = names.queue_key(st.record.pool, jid)
             if key in self.index or st.ts <= due:
                 want[key] = st.record
@@ -561,19 +832,27 @@ class Scheduler:
     # -- reaper -------------------------------------------------------------------------------
 
     async def reap(self) -> int:
-        """Requeue, fail or dead-letter every job whose lease expired (broker time)."""
+        """Requeue, fail or dead-letter every job whose lease expired (broker time). First
+        :meth:`flush` (quarantines and kept events). One job's error never stops the pass:
+        see :meth:`_job_failed`; only a broker that does not answer ends it early."""
         broker_now = await self.sync_clock()
+        await self.flush()
         n = 0
         for jid in list(self.view.stage_ids(*LEASED)):
             st = self.view.jobs.get(jid)
-            if st is None:
+            if st is None or self.is_poisoned(st):
                 continue
-            out = protocol.expire(st.record, st.ts, broker_now, self.s.lease_ttl_s)
-            if out is None:
-                continue
-            holder = st.record.lease.factory if st.record.lease else None
-            if await self._write(st.record, st.revision, out, holder=holder, old_epoch=st.record.epoch):
-                n += 1
+            try:
+                out = protocol.expire(st.record, st.ts, broker_now, self.s.lease_ttl_s)
+                if out is None:
+                    continue
+                holder = st.record.lease.factory if st.record.lease else None
+                if await self._write(st.record, st.revision, out, holder=holder, old_epoch=st.record.epoch):
+                    n += 1
+            except TRANSIENT:
+                raise  # the broker is not answering: every other write would wait out its timeout too
+            except Exception as e:
+                await self._job_failed("reap", st, e)
         self.reap_rounds += 1
         return n
 

@@ -28,6 +28,20 @@ class JobState:
     revision: int
     ts: float
     """Broker timestamp of ``revision``."""
+    size_bytes: int = 0
+    """Size of the stored value: a record too close to the broker's maximum message size
+    cannot take a claim and its attempt history (see ``Scheduler.dispatch``)."""
+
+
+@dataclass(slots=True)
+class PoisonNote:
+    """A ``gf_jobs`` revision the view could not take in (it does not decode, or its id is
+    not its key). The scheduler quarantines it (``Scheduler.flush``); the view leaves it
+    out, so no decision ever reads it again, until the key gets a new revision."""
+
+    revision: int
+    reason: str
+    size_bytes: int
 
 
 @dataclass(slots=True)
@@ -50,31 +64,53 @@ class FleetView:
     job_listeners: list = field(default_factory=list)
     """Called as ``fn(old, new)`` (each a :class:`JobState` or None) on every job change, so a
     consumer (the scheduler's dispatch order) keeps its own structures without rescanning."""
+    poison: dict[str, PoisonNote] = field(default_factory=dict)
+    """gf_jobs keys whose latest revision is not a usable job record (see :class:`PoisonNote`)."""
     heartbeats_quiet: int = 0
     """Heartbeats that changed nothing dispatch depends on, so did not wake the scheduler
     (1,000 factories heartbeat 100 times a second; each would be a dispatch pass)."""
 
     def apply_job(self, key: str, value: bytes | None, revision: int, ts: float) -> None:
-        old = self.jobs.get(key)
+        """Take in one ``gf_jobs`` change (``value`` None: deleted). A value that is not a
+        usable job record is left out of the view and noted in :attr:`poison`: one bad
+        record must never stop the watch (an exception here would end it, and every
+        re-watch would replay into the same record)."""
+        old = self.jobs.pop(key, None)
         if old is not None:
             self.by_stage[old.record.stage].discard(key)
             for d in old.record.deps:
                 self.dependents.get(d, set()).discard(key)
+        self.poison.pop(key, None)
         if not value:
-            self.jobs.pop(key, None)
             self._tell(old, None)
+            self.changed.set()
             return
         try:
             rec = decode(value, JobRecord)
-        except msgspec.DecodeError as e:
-            log.error("gf_jobs/%s revision %d is not a job record: %s", key, revision, e)
-            self._tell(old, None)
+            if rec.id != key:
+                raise ValueError(f"its id {rec.id!r} is not its key")
+        except (msgspec.DecodeError, ValueError) as e:
+            self._poisoned(key, revision, f"not a job record: {e}", len(value), old)
             return
-        new = self.jobs[key] = JobState(rec, revision, ts)
+        new = JobState(rec, revision, ts, len(value))
+        try:
+            self._tell(old, new)
+        except Exception as e:  # a consumer cannot take this record: keep it out of every decision
+            log.exception("gf_jobs/%s revision %d refused by the scheduler's queue", key, revision)
+            self._tell(new, None)
+            self._poisoned(key, revision, f"refused by the coordinator ({type(e).__name__}: {e})", len(value), None)
+            return
+        self.jobs[key] = new
         self.by_stage[rec.stage].add(key)
         for d in rec.deps:
             self.dependents.setdefault(d, set()).add(key)
-        self._tell(old, new)
+        self.changed.set()
+
+    def _poisoned(self, key: str, revision: int, reason: str, size_bytes: int, old: JobState | None) -> None:
+        log.error("gf_jobs/%s revision %d left out of the view: %s", key, revision, reason)
+        self.poison[key] = PoisonNote(revision, reason, size_bytes)
+        if old is not None:
+            self._tell(old, None)
         self.changed.set()
 
     def _tell(self, old: JobState | None, new: JobState | None) -> None:

@@ -55,6 +55,7 @@ from gigafactory.schemas.records import (
 
 from . import probe as probe_mod
 from . import shell
+from .logs import CappedLog, LogUploadTimeout
 from .outbox import Outbox, OutboxItem
 
 log = logging.getLogger("gigafactory.factory")
@@ -1040,14 +1041,56 @@ class Factory:
         skipped = "; verify skipped (noop engine)" if run.record.manifest.verify else ""
         return result(None, f"noop engine: completed at once{skipped}", 0)
 
-    async def _upload_log(self, run: Run, payload: ResultPayload) -> ResultPayload:
+    async def _upload_log(self, run: Run, payload: ResultPayload) -> tuple[ResultPayload, dict]:
+        """Store the attempt's log in ``gf_artifacts``; returns the payload (with ``log_object``
+        once stored) and what the ``finished`` event says about the log.
+
+        Called while the lease is still renewed (renewals stop only when the result is
+        written), so an upload may take as long as ``log_upload_timeout_s`` without losing the
+        lease. The store is given a reader (:class:`CappedLog`), never the bytes: it reads
+        one chunk at a time on a worker thread, at most ``log_upload_max_bytes`` in all
+        (head, marker, tail). An upload that fails or runs past its bound costs the log, not
+        the result: the result goes out without it (``log_upload_error`` in the returned dict
+        says why and where the log is; the attempt's detail gets it too); if the broker is
+        down, that write fails too and the result waits in the outbox, whose replay tries
+        the upload again."""
         name = names.log_object_name(run.job, run.record.attempt, run.epoch)
+        where = f"{self.id}:{payload.log_path}"
+        bound_s = self.s.log_upload_timeout_s
         try:
-            data = Path(payload.log_path).read_bytes()
+            reader = CappedLog(payload.log_path, self.s.log_upload_max_bytes, where,
+                               deadline=time.monotonic() + bound_s)
         except OSError:
-            return payload
-        await asyncio.wait_for(self.b.artifacts.put(name, data), timeout=self.s.request_timeout_s * 4)
-        return msgspec.structs.replace(payload, log_object=name)
+            return payload, {}
+        try:
+            desc = (f"log of job {run.job} attempt {run.record.attempt} epoch {run.epoch} on {self.id}: "
+                    f"{reader.size_bytes} bytes" + (f", {reader.dropped_bytes} dropped from the middle "
+                                                    f"(cap {self.s.log_upload_max_bytes})" if reader.dropped_bytes else ""))
+            # Each chunk's publish is bounded by request_timeout_s and the reader ends the
+            # upload at its deadline; this outer bound only catches a hang between the two.
+            await asyncio.wait_for(
+                self.b.put_object(name, reader, description=desc, headers={
+                    "Gf-Log-Bytes": str(reader.size_bytes), "Gf-Log-Dropped-Bytes": str(reader.dropped_bytes)}),
+                timeout=bound_s + 3 * self.s.request_timeout_s,
+            )
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:
+            self.stats["log_upload_failures"] = self.stats.get("log_upload_failures", 0) + 1
+            why = "ran past log_upload_timeout_s" if isinstance(e, (LogUploadTimeout, asyncio.TimeoutError)) \
+                else f"failed ({type(e).__name__}: {e})"
+            log.warning("%s: log of %s (%d bytes) not uploaded: %s; the result goes without it",
+                        self.id, run.job, reader.size_bytes, why)
+            # The payload stays as it was: a result that waits in the outbox tries the upload again.
+            return payload, {"log_upload_error": f"log not uploaded ({why}), the whole log is at {where}"}
+        finally:
+            reader.close()
+        self.stats["log_read_max_bytes"] = max(self.stats.get("log_read_max_bytes", 0), reader.max_read_bytes)
+        if reader.dropped_bytes:
+            self.stats["logs_capped"] = self.stats.get("logs_capped", 0) + 1
+        return (msgspec.structs.replace(payload, log_object=name),
+                {"log_bytes": reader.size_bytes, "log_stored_bytes": reader.stored_bytes,
+                 "log_dropped_bytes": reader.dropped_bytes})
 
     async def _report(self, run: Run, payload: ResultPayload) -> None:
         """Publish the result under the epoch, or keep it in the outbox until the broker answers."""
@@ -1060,11 +1103,13 @@ class Factory:
             self._outbox_kick.set()
 
     async def _publish_result(self, run: Run, payload: ResultPayload, item: OutboxItem | None = None) -> None:
+        upload: dict = {}
         if payload.log_object is None:
-            payload = await self._upload_log(run, payload)
-        run.stop_renewing.set()
+            payload, upload = await self._upload_log(run, payload)
+        run.stop_renewing.set()  # not before: the lease is renewed through the upload
+        detail = payload.detail + (f"; {upload['log_upload_error']}" if "log_upload_error" in upload else "")
         rec = await self._write(run, lambda r: protocol.finish(
-            r, self.id, run.epoch, time.time(), failure=payload.failure, detail=payload.detail,
+            r, self.id, run.epoch, time.time(), failure=payload.failure, detail=detail,
             exit_code=payload.exit_code, verify_exit_code=payload.verify_exit_code, log=payload.log_object,
             attribution=payload.attribution,
         ))
@@ -1079,7 +1124,7 @@ class Factory:
         await self._event("finished", job=run.job, epoch=run.epoch, stage_from="building", stage_to=str(rec.stage),
                           reason=rec.reason, data={"outcome": str(payload.failure or "passed"),
                                                    "exit_code": payload.exit_code, "log": payload.log_object,
-                                                   "attribution": msgspec.to_builtins(payload.attribution)})
+                                                   "attribution": msgspec.to_builtins(payload.attribution), **upload})
 
     def _quarantine_local(self, run: Run, payload: ResultPayload, reason: str) -> None:
         data = msgspec.json.encode(payload)

@@ -12,6 +12,7 @@ Client pitfalls handled here, once (see DESIGN.md):
 from __future__ import annotations
 
 import asyncio
+import io
 import logging
 import os
 import random
@@ -489,3 +490,56 @@ class Broker:
         subject = names.events_subject(ev.job, ev.kind) if ev.job else names.fleet_events_subject(ev.kind)
         headers = {"Nats-Msg-Id": msg_id} if msg_id else None
         await self.js.publish(subject, encode(ev), headers=headers, timeout=self.settings.request_timeout_s)
+
+    # -- object store (gf_artifacts) ------------------------------------------------------------
+
+    async def put_object(self, name: str, data: bytes | io.RawIOBase, *, description: str = "",
+                         headers: dict[str, str] | None = None) -> api.ObjectInfo:
+        """Store ``data`` as object ``name`` in ``gf_artifacts`` (replacing an object of that
+        name). ``data`` may be bytes or a reader with ``readinto``: nats-py reads a reader in
+        chunks of ``OBJECT_CHUNK_BYTES`` on a worker thread and publishes each chunk as one
+        message (each bounded by ``request_timeout_s``), so a large file never sits in
+        memory whole and its disk reads never block the event loop. ``description`` and
+        ``headers`` show in ``nats object info gf_artifacts <name>``."""
+        # Headers as lists of values: Go clients (the nats CLI) read them as http.Header-style
+        # map[string][]string, and a plain string there would make the object unreadable to them.
+        meta = api.ObjectMeta(name=name, description=description or None,
+                              headers={k: [v] for k, v in headers.items()} if headers else None,
+                              options=api.ObjectMetaOptions(max_chunk_size=OBJECT_CHUNK_BYTES))
+        return await self.artifacts.put(name, data, meta=meta)
+
+    async def object_exists(self, name: str) -> bool:
+        """Whether ``gf_artifacts`` holds a (not deleted) object ``name``."""
+        try:
+            info = await self.artifacts.get_info(name)
+        except nats.js.errors.NotFoundError:
+            return False
+        return not info.deleted
+
+    async def quarantine_record(self, bucket: str, key: str, revision: int, value: bytes, reason: str,
+                                *, found_by: str) -> tuple[str, bool]:
+        """Keep the exact bytes of a poison record (one a coordinator could not decode or
+        write) in ``gf_artifacts`` as ``poison/<bucket>/<key>/rev-<revision>``, with the
+        reason in its description and headers. Returns ``(object name, stored now)``:
+        ``stored now`` is False when that revision was quarantined already (by this or
+        another coordinator, or before a restart), so the caller reports it once."""
+        name = poison_object_name(bucket, key, revision)
+        if await self.object_exists(name):
+            return name, False
+        await self.put_object(name, value, description=f"poison record {bucket}/{key} revision {revision}: {reason}"[:1000],
+                              headers={"Gf-Bucket": bucket, "Gf-Key": key, "Gf-Revision": str(revision),
+                                       "Gf-Found-By": found_by, "Gf-Reason": reason[:500]})
+        return name, True
+
+
+OBJECT_CHUNK_BYTES = 128 * 1024
+"""Chunk size of objects written to ``gf_artifacts`` (nats-py's default, stated explicitly):
+the most a log upload holds in memory at once, and the size of each published message."""
+
+POISON_PREFIX = "poison"
+
+
+def poison_object_name(bucket: str, key: str, revision: int) -> str:
+    """Where :meth:`Broker.quarantine_record` keeps a poison record's bytes
+    (``nats object ls gf_artifacts`` lists them; ``nats object get`` fetches one)."""
+    return f"{POISON_PREFIX}/{bucket}/{key}/rev-{revision}"

@@ -406,6 +406,26 @@ def factories(nats_url, as_json) -> None:
         click.echo(f"  capabilities: {' '.join(f['capabilities'])}")
 
 
+@main.command()
+@common
+def stats(nats_url, as_json) -> None:
+    """The coordinator's counters: per-job errors, failed events, quarantined records."""
+    out = _client_call(nats_url, as_json, lambda c: c.call("stats"))
+    if as_json:
+        _emit_json(out)
+        return
+    errors = " · ".join(f"{v} {k}" for k, v in out["job_errors"].items() if v) or "none"
+    click.echo(f"{out['coordinator']}: {out['jobs']} jobs, reaper passes {out['reap_rounds']}, "
+               f"dispatch passes {out['dispatch_passes']}")
+    click.echo(f"  per-job errors: {errors}; events failed {out['events_failed']} "
+               f"(waiting {out['events_waiting']}, dropped {out['events_dropped']})")
+    click.echo(f"  quarantined records: {out['poisoned_now']} now, {out['poisoned_total']} since start")
+    for p in out["poisoned"]:
+        where = p["object"] or "not stored yet"
+        click.echo(f"    {p['job']} rev {p['revision']} ({p['size_bytes']} bytes, found by {p['found_by']}): "
+                   f"{p['reason']}  [{where}]")
+
+
 def _simple(endpoint: str, verb: str):
     @common
     @click.argument("job")

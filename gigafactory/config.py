@@ -107,6 +107,18 @@ class Settings:
     moves a file to ``.rejected/`` with the last error, so one file that keeps breaking intake
     cannot hold the others back."""
 
+    # -- run log uploads (one bad record / one big log must not stall everyone) -----------------
+    log_upload_max_bytes: int = 32 * 1024 * 1024
+    """Bytes of one attempt's log stored in ``gf_artifacts`` (at least 64 KiB). A longer log is
+    stored as its first quarter and its last three quarters with a marker line between that
+    says how many bytes were dropped; the whole log stays on the factory's disk. Bounds what
+    one flooding engine costs the object store; too small a cap hides the middle of long logs."""
+    log_upload_timeout_s: float = 300.0
+    """Longest a log upload may take (each chunk is bounded by ``request_timeout_s`` too). The
+    lease is renewed throughout, so a slow upload does not lose it; past this bound the result
+    is written without the log (its detail says where the log is). Too short loses logs on a
+    slow link; too long keeps a finished job's station and lease for that long."""
+
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None, **overrides) -> "Settings":
         env = os.environ if environ is None else environ
@@ -125,7 +137,25 @@ class Settings:
         for k, v in overrides.items():
             if v is not None:
                 setattr(s, k, v)
+        s.__post_init__()
         return s
+
+    def __post_init__(self) -> None:
+        check_log_upload(self)
+
+
+LOG_UPLOAD_MIN_BYTES = 64 * 1024
+"""Smallest ``log_upload_max_bytes``: room for a head, the marker line and a tail."""
+
+
+def check_log_upload(s: Settings) -> None:
+    """Refuse log upload settings that would store nothing useful or never finish."""
+    if s.log_upload_max_bytes < LOG_UPLOAD_MIN_BYTES:
+        raise ValueError(f"log_upload_max_bytes (GIGAFACTORY_LOG_UPLOAD_MAX_BYTES) is {s.log_upload_max_bytes}; "
+                         f"it must be at least {LOG_UPLOAD_MIN_BYTES} bytes (64 KiB)")
+    if not s.log_upload_timeout_s > 0:
+        raise ValueError(f"log_upload_timeout_s (GIGAFACTORY_LOG_UPLOAD_TIMEOUT_S) is {s.log_upload_timeout_s}; "
+                         f"it must be a positive number of seconds")
 
 
 def home() -> Path:
