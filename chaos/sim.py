@@ -63,6 +63,7 @@ from dataclasses import dataclass, field
 import msgspec
 
 from gigafactory.config import Settings
+from gigafactory.factory import lease
 from gigafactory.schemas import protocol
 from gigafactory.schemas.lifecycle import LEASED, IllegalTransition, Stage
 from gigafactory.schemas.manifest import FailureClass, Manifest, Retry, Reviewers
@@ -73,8 +74,6 @@ from . import invariants
 BROKEN = ("no_revision_check", "no_fence", "epoch_blind_fence")
 """Deliberately broken protocol variants, for testing the checker (see :func:`simulate`)."""
 
-MAX_CAS_RETRIES = 10
-"""As ``factory/agent.py``: a fenced write gives up (and raises) after this many conflicts."""
 MAX_OPERATOR_RETRIES = 20
 """As ``coordinator/api.py``: an operator transition gives up after this many conflicts."""
 MAX_OUTBOX_ATTEMPTS = 50
@@ -766,21 +765,75 @@ class Sim:
     # -- factory: the fenced write (``Factory._write``) -------------------------------------------------
 
     def _write(self, f: Factory, run: Run, decide: Callable, audit: bool, done: Callable) -> None:
-        """``decide(record) -> record | Outcome`` under the fence, compare-and-set on the revision
-        held; on a conflict re-read and decide again. A write that got no reply (its timeout
-        fired: the reply was lost, or the request still waits in a partitioned client's buffer)
-        may have landed, so the record is re-read to learn it, as production's ``_write`` does:
-        a record equal to one of this call's unanswered writes means that write landed.
+        """``Factory._write``: drive :class:`lease.FencedWrite` (the machine production drives)
+        with this simulation's requests. ``decide(record) -> record | Outcome`` under the fence.
         ``done(result, slot)`` gets the new record (or Outcome), None (fenced), TIMEOUT (a
-        re-read unanswered too: production's exception), CONFLICT (retries exhausted) or
-        ILLEGAL. One write at a time per run, like production's ``write_lock``."""
+        read unanswered too: production's exception), CONFLICT (retries exhausted) or ILLEGAL.
+        One write at a time per run, like production's ``write_lock``; a crash (a new
+        incarnation) drops the write wherever it is, as it kills production's coroutine."""
         if run.ended:
             return done(None, None)  # production's _execute has returned: nothing writes for this run
         if run.writing:
             run.write_q.append((decide, audit, done))
             return
         run.writing = True
-        self._write_step(f, f.inc, run, decide, audit, done, run.record, run.revision, 0, [])
+        machine = lease.FencedWrite(run.record, run.revision, decide, stopped=lambda: run.fenced,
+                                    jitter=self.random, encode=_same, decode=_same)
+        sent: dict[int, Req] = {}
+        self._write_act(f, f.inc, run, machine, audit, done, sent, lambda: machine.start())
+
+    def _write_act(self, f: Factory, inc: int, run: Run, machine: lease.FencedWrite, audit: bool, done: Callable,
+                   sent: dict[int, Req], feed: Callable[[], lease.Action]) -> None:
+        """Feed one result into the machine (``feed``) and perform the action it returns."""
+        if f.inc != inc:
+            return
+        try:
+            act = feed()
+        except IllegalTransition:
+            # Production lets this escape _write (only Fenced is handled there): the caller's run
+            # ends with a logged error. Only a broken variant can get here.
+            self.stats["illegal_transition"] += 1
+            return self._write_done(f, inc, run, done, ILLEGAL)
+        step = self._write_act
+        if isinstance(act, lease.Send):
+            def on_update(res, slot):
+                if res == TIMEOUT:
+                    self.stats["write_unanswered"] += 1
+                    return step(f, inc, run, machine, audit, done, sent, machine.no_answer)
+                if res == CONFLICT:
+                    self.stats["write_conflicts"] += 1
+                    return step(f, inc, run, machine, audit, done, sent, machine.conflict)
+                step(f, inc, run, machine, audit, done, sent, lambda: machine.stored(res))
+
+            sent[act.attempt] = self._send(f, "update", run.job, on_update, act.data, act.last, audit=audit)
+        elif isinstance(act, lease.Read):
+            def on_fresh(res, _slot):
+                if res == TIMEOUT:
+                    return step(f, inc, run, machine, audit, done, sent, machine.read_unanswered)
+                step(f, inc, run, machine, audit, done, sent,
+                     lambda: machine.read(None) if res is None else machine.read(res[0], res[1]))
+
+            self._send(f, "get", run.job, on_fresh)
+        elif isinstance(act, lease.BackOff):
+            self.stats["write_backoffs"] += 1
+            self.at(self.t + act.delay_s, step, f, inc, run, machine, audit, done, sent, machine.backed_off)
+        elif isinstance(act, lease.Done):
+            slot = None
+            if act.revision is not None:
+                run.revision, run.record = act.revision, act.record
+                req = sent[act.attempt]
+                slot, req.slot = req.slot, None  # the landed write's audit slot goes to its event
+                if act.learned:
+                    self.stats["write_learned"] += 1
+                    self.note(f.id, "write_learned", run.job, run.epoch)
+            self._write_done(f, inc, run, done, act.outcome or act.record, slot)
+        elif isinstance(act, lease.Fenced):
+            if act.noticed:
+                self._fenced(f, run, act.record)
+            self._write_done(f, inc, run, done, None)
+        else:
+            assert isinstance(act, lease.GiveUp), act
+            self._write_done(f, inc, run, done, TIMEOUT if act.reason == "unanswered" else CONFLICT)
 
     def _write_done(self, f: Factory, inc: int, run: Run, done: Callable, result, slot: int | None = None) -> None:
         run.writing = False
@@ -790,60 +843,6 @@ class Sim:
         if run.write_q and not run.writing:
             decide, audit, nxt = run.write_q.pop(0)
             self._write(f, run, decide, audit, nxt)
-
-    def _write_step(self, f: Factory, inc: int, run: Run, decide: Callable, audit: bool, done: Callable,
-                    rec: JobRecord, rev: int, tries: int, unanswered: list[tuple[JobRecord, object, Req]]) -> None:
-        if f.inc != inc:
-            return
-        if tries >= MAX_CAS_RETRIES:
-            return self._write_done(f, inc, run, done, CONFLICT)
-        if run.fenced:
-            return self._write_done(f, inc, run, done, None)
-        try:
-            new = decide(rec)
-        except protocol.Fenced:
-            self._fenced(f, run, rec)
-            return self._write_done(f, inc, run, done, None)
-        except IllegalTransition:
-            # Production lets this escape _write (only Fenced is caught there): the caller's run
-            # ends with a logged error. Only a broken variant can get here.
-            self.stats["illegal_transition"] += 1
-            return self._write_done(f, inc, run, done, ILLEGAL)
-        if new is None:  # production's _write: nothing to write (a renewal after the result)
-            return self._write_done(f, inc, run, done, rec)
-        new_rec = new.record if isinstance(new, protocol.Outcome) else new
-
-        def on_update(res, slot):
-            if res == TIMEOUT:
-                # Production: read the record to learn the outcome (the read may overtake the
-                # write; then the retry conflicts once it lands, and the next read tells).
-                self.stats["write_unanswered"] += 1
-                unanswered.append((new_rec, new, req))
-                return self._send(f, "get", run.job, on_fresh)
-            if res == CONFLICT:
-                self.stats["write_conflicts"] += 1
-                return self._send(f, "get", run.job, on_fresh)
-            run.revision, run.record = res, new_rec
-            self._write_done(f, inc, run, done, new if isinstance(new, protocol.Outcome) else new_rec, slot)
-
-        def on_fresh(res, _slot):
-            if res == TIMEOUT:
-                return self._write_done(f, inc, run, done, TIMEOUT)
-            if res is None:
-                self._fenced(f, run, None)
-                return self._write_done(f, inc, run, done, None)
-            for sent_rec, sent, sent_req in unanswered:
-                if res[0] == sent_rec:  # production compares the encoded values
-                    self.stats["write_learned"] += 1
-                    self.note(f.id, "write_learned", run.job, run.epoch)
-                    run.revision, run.record = res[1], sent_rec
-                    # The event takes the slot the landed write reserved, as if its reply had come.
-                    slot, sent_req.slot = sent_req.slot, None
-                    return self._write_done(f, inc, run, done,
-                                            sent if isinstance(sent, protocol.Outcome) else sent_rec, slot)
-            self._write_step(f, inc, run, decide, audit, done, res[0], res[1], tries + 1, unanswered)
-
-        req = self._send(f, "update", run.job, on_update, new_rec, rev, audit=audit)
 
     def _fenced(self, f: Factory, run: Run, rec: JobRecord | None) -> None:
         """``Factory._fenced``: stop the run and say so; its result will be quarantined."""
@@ -1119,6 +1118,12 @@ class Sim:
         self.stats["clock_jumps"] += 1
         self.note(f.id, "clock_jump")
         f.clock_offset += by_s
+
+
+def _same(value):
+    """The store keeps records, not bytes: the fenced write compares records (equal records have
+    equal encodings), so its encode and decode are the identity here."""
+    return value
 
 
 def _epoch_blind_fence(rec: JobRecord | None, job_id: str, factory: str, epoch: int) -> JobRecord:
