@@ -38,7 +38,8 @@ def test_the_faults_really_happen_in_those_runs():
 
     for fault in ("msg_lost", "msg_duplicated", "reply_lost", "crashes", "drains", "partitions", "clock_jumps",
                   "slow_report", "polled", "buffered_lost_in_crash", "claim_conflict", "write_conflicts",
-                  "write_unanswered", "write_learned"):
+                  "write_unanswered", "write_learned", "write_backoffs", "pauses", "loop_stalls", "power_losses",
+                  "engines", "self_fenced", "pause_window", "lock_wait", "pushes", "submit_existing"):
         assert stats[fault] > 0, fault
     # ...and the protocol's answers to them show in the audit.
     for answer in ("fenced", "lease_expired", "handed_back", "cancel", "dead_letter", "deps_met"):
@@ -84,6 +85,71 @@ def test_factory_clock_jumps_alone_never_expire_a_lease_because_the_store_clock_
         assert res.ok, res.summary()
         assert res.report.counts["lease_expired"] == 0
         assert res.report.counts["fenced"] == 0
+
+
+# --- engines, locks, intake, replicas, the store: the faults of issue 8 ------------------------------
+
+# Each broken variant, the faults that make it show, the seeds, and the invariant it must break.
+# The same seeds with the same faults and the real rules must keep every invariant.
+CAUGHT = [
+    ("unfenced_engines", FaultConfig(), range(12), "side_effect_after_lease_lost"),
+    ("deadline_on_loop", FaultConfig(loop_stalls=1.0), range(20), "side_effect_after_lease_lost"),
+    ("lock_free_on_epoch", FaultConfig(cancels=0.3, requeues=0.3, locked=0.6), range(20), "lock_shared"),
+    ("intake_reuse_missing", FaultConfig(), range(10), "one_job_per_key"),
+    ("fence_from_read", FaultConfig(follower_lag_s=6.0, requeues=0.3, cancels=0.3), range(20),
+     "fence_from_stale_read"),
+    ("unsynced_store", FaultConfig(), range(12), "epoch_handed_out_twice"),
+    ("reap_blind_retry", FaultConfig(view_lag_s=10.0), range(10), "side_effect_after_lease_lost"),
+]
+
+
+@pytest.mark.parametrize("broken,faults,seeds,invariant", CAUGHT, ids=[c[0] for c in CAUGHT])
+def test_each_broken_rule_is_caught_and_the_real_rule_is_not(broken, faults, seeds, invariant):
+    results = [simulate(seed, broken=broken, faults=faults) for seed in seeds]
+
+    caught = [r.seed for r in results if invariant in r.report.by_invariant()]
+    assert caught, f"{broken}: no {invariant} in seeds {seeds}"
+    assert run_many(seeds, faults=faults) == []
+
+
+def test_a_paused_holder_is_the_only_allowance_and_it_is_counted_not_judged():
+    pauses = dataclasses.replace(FaultConfig.none(), pauses=2.0, pause_s=(20.0, 60.0))
+
+    results = [simulate(seed, faults=pauses) for seed in range(30)]
+
+    assert all(r.ok for r in results), [r.summary() for r in results if not r.ok][:1]
+    assert sum(r.stats.get("pause_window", 0) for r in results) > 0
+    # Without pauses nothing needs the allowance, even with every other fault on.
+    assert all(simulate(seed, faults=dataclasses.replace(FaultConfig(), pauses=0.0)).stats.get("pause_window", 0) == 0
+               for seed in range(30))
+
+
+def test_a_holder_cut_off_from_the_broker_stops_its_engine_before_the_reaper_takes_the_lease():
+    cut = dataclasses.replace(FaultConfig.none(), partitions=2.0, partition_s=(30.0, 60.0))
+
+    results = [simulate(seed, faults=cut) for seed in range(30)]
+
+    assert all(r.ok for r in results)
+    assert sum(r.stats.get("self_fenced", 0) for r in results) > 0
+    assert sum(r.report.counts.get("lease_expired", 0) for r in results) > 0
+    assert any(e.kind == "self_fenced" for r in results for e in r.events)
+
+
+def test_the_simulation_drives_the_factorys_own_fenced_write_machine(monkeypatch):
+    from gigafactory.factory import lease
+
+    made = []
+    real = lease.FencedWrite
+
+    class Counting(real):
+        def __init__(self, *a, **kw):
+            made.append(1)
+            super().__init__(*a, **kw)
+
+    monkeypatch.setattr(lease, "FencedWrite", Counting)
+    res = simulate(3)
+
+    assert res.ok and len(made) > 20
 
 
 # --- determinism ----------------------------------------------------------------------------------
