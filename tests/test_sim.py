@@ -132,7 +132,16 @@ def test_a_holder_cut_off_from_the_broker_stops_its_engine_before_the_reaper_tak
     assert all(r.ok for r in results)
     assert sum(r.stats.get("self_fenced", 0) for r in results) > 0
     assert sum(r.report.counts.get("lease_expired", 0) for r in results) > 0
-    assert any(e.kind == "self_fenced" for r in results for e in r.events)
+
+
+def test_a_frozen_event_loop_cannot_keep_an_engine_past_its_lease_because_the_supervisor_fences_it():
+    stalls = dataclasses.replace(FaultConfig.none(), loop_stalls=2.0, loop_stall_s=(20.0, 40.0))
+
+    results = [simulate(seed, faults=stalls) for seed in range(20)]
+
+    assert all(r.ok for r in results)
+    fenced = [e for r in results for e in r.events if e.kind == "self_fenced"]
+    assert fenced and all(e.epoch is not None and e.factory and "no successful renewal" in e.reason for e in fenced)
 
 
 def test_the_simulation_drives_the_factorys_own_fenced_write_machine(monkeypatch):
