@@ -10,10 +10,13 @@ What is real and what is modelled
 ---------------------------------
 - Every decision goes through the pure functions of ``schemas/protocol.py`` that production
   uses (claim, check_fence, renew, start, hand_back, finish, expire, cancel, fail,
-  operator_requeue, ship, unblock); nothing here re-implements the protocol. The control flow
-  around them mirrors ``factory/agent.py`` (``_claim_and_run``, ``_write``, ``_execute``,
-  ``_report``, ``_flush_item``, drain) and ``coordinator/scheduler.py`` (``resolve_deps``,
-  ``dispatch``, ``reap``), and writes the same :class:`EventRecord` kinds with the same fields.
+  operator_requeue, ship, unblock); nothing here re-implements the protocol. A holder's fenced
+  write is production's own state machine, :class:`gigafactory.factory.lease.FencedWrite`
+  (retry on conflict, learn an unanswered write by reading, back off, fenced, give up), driven
+  here with simulated requests as ``Factory._write`` drives it with real ones. The control flow
+  around them mirrors ``factory/agent.py`` (``_claim_and_run``, ``_execute``, ``_report``,
+  ``_flush_item``, drain) and ``coordinator/scheduler.py`` (``resolve_deps``, ``dispatch``,
+  ``reap``), and writes the same :class:`EventRecord` kinds with the same fields.
 - ``gf_jobs`` is a :class:`Store`: compare-and-set on the revision, every revision stamped with
   the store's clock (sim time) like JetStream's server timestamps. Lease expiry is judged with
   these stamps only; factory clocks (which jump) only stamp ``updated_at`` and events' ``at``.
@@ -34,6 +37,49 @@ What is real and what is modelled
   that the fleet is healthy and every run must quiesce: no job queued, blocked, assigned or
   building, no write in flight, every outbox empty. A run that does not quiesce within
   ``limit_s`` of sim time is a liveness failure (``SimResult.settled`` is False).
+
+Engines, locks, intake, replicas, the store (issue 8)
+----------------------------------------------------
+- An engine is a process: it starts after the ``start`` write, makes side effects while it
+  lives, and ends by itself, or when it is killed. It dies with its factory (the parent-death
+  signal, within ``PARENT_DEATH_S``), and a holder's supervisor stops it (SIGTERM, then SIGKILL
+  within a third of the margin) once ``lease_ttl_s - fence_margin_s`` have passed on the
+  factory's own monotonic clock (which drifts by up to ``FaultConfig.clock_drift``) since the
+  last successful lease write was *sent*; a reply that comes after that deadline starts no
+  engine. Invariant ``side_effect_after_lease_lost``: when a reaper's write ends an epoch's
+  lease, no engine of that epoch is alive. An operator's requeue or cancel is a revocation the
+  holder learns at its next renewal; engines alive then are counted
+  (``engine_alive_after_revocation``), not judged.
+- SIGSTOP pauses (``pauses``) stop the loop, the supervisor and the engines; after SIGCONT an
+  engine can run until the supervisor, late, stops it. That window is the only allowance:
+  counted in ``stats['pause_window']``, never a violation. A stalled event loop
+  (``loop_stalls``) stops renewals and reply handling only; the supervisor's deadline does not
+  depend on the loop.
+- Locks (``locked``): taken before ``start`` (a held lock hands the job back with a back-off),
+  re-written on every successful renewal, released when the run ends. A lock is free only when
+  released, or when its holder is known stopped: its record at its epoch has its result, or the
+  lock entry is older than ``lease_ttl_s + fence_margin_s`` (broker time). Invariant
+  ``lock_shared``: no engine holding a lock starts while another engine of that lock lives.
+- Intake (``dup_submits``): two submitters send one job with one idempotency key at once; the
+  job id derives from the key and the create is "must not exist". Invariant
+  ``one_job_per_key``.
+- Replicas: a factory's read may be answered by a replica that lags (``follower_reads``,
+  ``follower_lag_s``); the compare-and-set after it is judged by the leader. Before a push the
+  holder fences by a compare-and-set renewal; invariant ``fence_from_stale_read``: no push
+  authorised by a view the leader did not hold then. A coordinator's view lags too
+  (``view_lag_s``): it decides deps and expiry from it and writes by compare-and-set.
+- Power loss of the broker's node (``power_losses``): a durable store (``sync_interval:
+  always``) loses nothing and its clients see an outage. Invariant ``epoch_handed_out_twice``:
+  an epoch acknowledged to two claims.
+
+The broken variants of these rules: ``unfenced_engines`` (no parent-death kill, no self-fence:
+``unsafe_unfenced_engines``), ``deadline_on_loop`` (the self-fence deadline is enforced from the
+event loop, so a frozen loop delays it), ``lock_free_on_epoch`` (main's rule: free as soon as the
+record left the holder's epoch), ``intake_reuse_missing`` (main's intake: a key reserved for a job
+that does not exist yet is taken over), ``fence_from_read`` (the pre-push fence is a read a lagging
+replica may answer), ``unsynced_store`` (fsync every ``UNSYNCED_SYNC_INTERVAL_S``: a power loss
+rolls the store back) and ``reap_blind_retry`` (a reaper whose compare-and-set conflicts re-applies
+the decision it made on its lagging view to the fresh revision).
 
 Determinism: one ``random.Random(seed)`` draws everything, actions run in (time, sequence)
 order from one priority queue, and nothing iterates a set or reads a real clock. The same seed
@@ -172,6 +218,8 @@ class FaultConfig:
     """Expected power losses of the broker's node per run: a durable store loses nothing (its
     clients see an outage); a non-fsynced one (``unsynced_store``) loses its unsynced writes."""
     outage_s: tuple[float, float] = (1.0, 5.0)
+    follower_reads: float = 0.1
+    """Probability that a factory's read of a job record is answered by a replica that lags."""
     follower_lag_s: float = 2.0
     """A read answered by a replica shows the record as it was up to this long ago."""
     view_lag_s: float = 3.0
@@ -183,7 +231,7 @@ class FaultConfig:
         return cls(msg_loss=0.0, msg_dup=0.0, msg_delay_s=0.0, reply_loss=0.0, crashes=0.0, drains=0.0,
                    partitions=0.0, clock_jumps=0.0, slow_report=0.0, dispatch_stalls=0.0, cancels=0.0,
                    requeues=0.0, pauses=0.0, loop_stalls=0.0, clock_drift=0.0, locked=0.0, dup_submits=0.0,
-                   power_losses=0.0, follower_lag_s=0.0, view_lag_s=0.0)
+                   power_losses=0.0, follower_reads=0.0, follower_lag_s=0.0, view_lag_s=0.0)
 
 
 def sim_settings() -> Settings:
@@ -236,10 +284,12 @@ class Store:
 
     def get_as_of(self, key: str, t: float) -> tuple[JobRecord, int, float] | None:
         """The entry a replica that lags until ``t`` shows (None: not there yet)."""
-        for at, entry in reversed(self.hist.get(key, ())):
+        h = self.hist.get(key, ())
+        for at, entry in reversed(h):
             if at <= t:
                 return entry
-        return None
+        # Older than what is kept: the oldest kept (a replica lags by seconds, not by history).
+        return h[0][1] if len(h) >= HISTORY_PER_KEY else None
 
     def _put(self, key: str, entry: tuple[JobRecord, int, float], prev, now: float, durable: bool) -> None:
         self.recs[key] = entry
@@ -852,6 +902,11 @@ class Sim:
         store = self.store
         if op == "get":
             got = store.get(key)
+            if self.fc.follower_reads and self.faulty() and self.rng.random() < self.fc.follower_reads:
+                # A direct get answered by a replica that lags (ADR-31): never decide a fence
+                # from it; the compare-and-set that follows is judged by the leader.
+                self.stats["stale_reads"] += 1
+                got = store.get_as_of(key, self.t - self.rng.uniform(0.0, self.fc.follower_lag_s))
             result = None if got is None else (*got, self.t)
         elif op == "update":
             rev = store.update(key, value, last, self.t, self.durable)
@@ -1211,7 +1266,7 @@ class Sim:
                     lambda res, _slot: self._renewed(f, inc, run, res))
 
     def _renewed(self, f: Factory, inc: int, run: Run, res=None) -> None:
-        if run.lock is not None and isinstance(res, JobRecord) and not run.fenced:
+        if run.lock is not None and isinstance(res, JobRecord) and not run.fenced and not run.stop_renewing:
             # The lock entry is re-written on every successful renewal: its age tells a holder stopped.
             self._send(f, "lock_refresh", run.lock, lambda *_: None, (run.job, run.epoch))
         # Errors are logged and the loop goes on: the lease may expire, and the epoch decides.
