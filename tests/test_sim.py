@@ -213,7 +213,10 @@ def test_a_fence_that_forgets_the_epoch_lets_a_factorys_own_stale_run_write_over
 
     caught = [r for r in results if not r.ok]
     assert caught, "an epoch-blind fence went unnoticed in 200 seeds"
-    assert {inv for r in caught for inv in r.report.by_invariant()} == {"stale_write_accepted"}
+    found = {inv for r in caught for inv in r.report.by_invariant()}
+    # A stale result written over the new lease also ends it early for the lock rule: the lock
+    # goes free while the new holder's engine runs (a consequence, seen as lock_shared).
+    assert "stale_write_accepted" in found and found <= {"stale_write_accepted", "lock_shared"}
     assert protocol.check_fence is REAL_CHECK_FENCE  # put back after every run
     assert run_many(range(40)) == []
 
