@@ -228,3 +228,69 @@ def test_events_out_of_order_are_a_driver_bug_named_with_the_state():
     m.stored(6)
     with pytest.raises(lease.LeaseProtocolError, match="read fed in state over"):
         m.read(None)
+
+
+# --- Factory._write drives the machine against a real broker ------------------------------------------
+
+
+def _write_on_broker(url: str, tmp_path, race) -> tuple:
+    """Claim a job as "f1", let ``race(b, job_id, claimed, revision)`` write behind the factory's
+    back, then start the run through ``Factory._write``; returns what it returned, the run and
+    the stored record."""
+    import asyncio
+    import time
+
+    from gigafactory.broker import Broker
+    from gigafactory.config import Settings
+    from gigafactory.factory.agent import Factory, Run
+
+    async def main():
+        settings = Settings(request_timeout_s=2.0)
+        b = await Broker.open(url, "lease-driver", settings)
+        try:
+            f = Factory(b, factory_id=FACTORY, probe=False, data_dir=str(tmp_path), settings=settings)
+            queued = JobRecord(id="j1", manifest=Manifest(cwd="w", engine="shell"), body="true\n", source="t.md",
+                               content_hash="h", submitted_at=time.time(), pool="p", requirements=["engine:shell"])
+            await b.jobs.create("j1", encode(queued))
+            claim = protocol.claim(queued, FACTORY, 0, time.time()).record
+            rev = await b.jobs.update("j1", encode(claim), last=1)
+            await race(b, claim, rev)
+            run = Run("j1", claim.epoch, 0, rev, claim)
+            got = await f._write(run, lambda r: protocol.start(r, FACTORY, run.epoch, time.time()))
+            f.outbox.close()
+            e = await b.jobs.get("j1")
+            return got, run, None if e is None else decode(e.value, JobRecord)
+        finally:
+            await b.close()
+
+    return asyncio.run(asyncio.wait_for(main(), 30))
+
+
+def test_the_factory_retries_a_conflict_with_its_own_lease_and_stores_the_start(nats_server, tmp_path):
+    async def renew_behind(b, claim, rev):  # e.g. its own renewal that raced the start
+        await b.jobs.update("j1", encode(protocol.renew(claim, FACTORY, claim.epoch, 5.0)), last=rev)
+
+    got, run, stored = _write_on_broker(nats_server.url, tmp_path, renew_behind)
+
+    assert got is not None and got.stage == Stage.BUILDING and got.lease.renewals == 1
+    assert stored == got == run.record and not run.fenced
+
+
+def test_the_factory_is_fenced_when_its_lease_was_taken_meanwhile(nats_server, tmp_path):
+    async def reclaim(b, claim, rev):
+        again = protocol.claim(protocol.expire(claim, 0.0, 1e12, 15.0).record, "f2", 0, 9.0).record
+        await b.jobs.update("j1", encode(again), last=rev)
+
+    got, run, stored = _write_on_broker(nats_server.url, tmp_path, reclaim)
+
+    assert got is None and run.fenced and run.cancel.is_set()
+    assert stored.lease.factory == "f2" and stored.stage == Stage.ASSIGNED
+
+
+def test_the_factory_is_fenced_when_its_record_is_gone(nats_server, tmp_path):
+    async def delete(b, claim, rev):
+        await b.jobs.delete("j1")
+
+    got, run, stored = _write_on_broker(nats_server.url, tmp_path, delete)
+
+    assert got is None and run.fenced and stored is None
