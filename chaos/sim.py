@@ -350,7 +350,8 @@ class Run:
     """A factory's claim of one job at one epoch (``factory/agent.py`` ``Run``)."""
 
     __slots__ = ("job", "epoch", "station", "revision", "record", "fenced", "draining", "writing",
-                 "write_q", "engine_done", "ended", "stop_renewing", "engine", "lease_sent_at", "lock")
+                 "write_q", "engine_done", "ended", "stop_renewing", "engine", "lease_sent_at", "lock",
+                 "lock_sent_at")
 
     def __init__(self, job: str, epoch: int, station: int, revision: int, record: JobRecord) -> None:
         self.job, self.epoch, self.station, self.revision, self.record = job, epoch, station, revision, record
@@ -366,6 +367,13 @@ class Run:
         """When the last lease write that succeeded (claim, start, renewal, ...) was sent: the
         self-fence counts from here (sent, not acknowledged: conservative)."""
         self.lock: str | None = None
+        self.lock_sent_at = 0.0
+        """When the last lock write that landed (acquisition or refresh) was sent."""
+
+    def fence_base(self) -> float:
+        """The self-fence counts from the older of the run's two leases: its job record's and,
+        if it holds a lock, its lock entry's (which frees the lock when it ages out)."""
+        return self.lease_sent_at if self.lock is None else min(self.lease_sent_at, self.lock_sent_at)
 
 
 class Engine:
@@ -383,7 +391,7 @@ class Engine:
         self.inc = inc
         self.pause_end = -1.0
         """When the last SIGSTOP of its factory ended."""
-        self.lease_sent_at = run.lease_sent_at
+        self.lease_sent_at = run.fence_base()
 
 
 class OutboxItem:
@@ -924,9 +932,9 @@ class Sim:
             result = self._lock_land(key, *value)
         elif op == "lock_refresh":
             cur = self.locks.get(key)
-            if cur is not None and cur[:2] == value[:2]:
+            result = cur is not None and cur[:2] == value[:2]
+            if result:
                 self.locks[key] = (*cur[:3], self.t)
-            result = True
         elif op == "lock_release":
             cur = self.locks.get(key)
             if cur is not None and cur[:2] == value[:2]:
@@ -1064,7 +1072,8 @@ class Sim:
                               data={"station": station, "attempt": rec.attempt}), slot)
         self.note(f.id, "claimed", jid, rec.epoch)
         if rec.manifest.lock:
-            self._send(f, "lock", rec.manifest.lock, lambda r, _s: self._locked(f, inc, run, r),
+            lock_sent_at = self.t
+            self._send(f, "lock", rec.manifest.lock, lambda r, _s: self._locked(f, inc, run, r, lock_sent_at),
                        (run.job, run.epoch, f.id))
         else:
             self._start(f, inc, run)
@@ -1100,11 +1109,12 @@ class Sim:
             return True  # the holder's result (or a cancel at its epoch) is written
         return self.t - ts > self.s.lease_ttl_s + self.margin_s
 
-    def _locked(self, f: Factory, inc: int, run: Run, res) -> None:
+    def _locked(self, f: Factory, inc: int, run: Run, res, sent_at: float) -> None:
         if f.inc != inc:
             return
         if res == "ok":
             run.lock = run.record.manifest.lock
+            run.lock_sent_at = sent_at
             return self._start(f, inc, run)
         holder = "?" if res == TIMEOUT else res
         self.stats["lock_wait"] += 1
@@ -1179,9 +1189,7 @@ class Sim:
                 run.revision, run.record = act.revision, act.record
                 if t0 > run.lease_sent_at and act.record.stage in LEASED:  # the lease runs from t0 on
                     run.lease_sent_at = t0
-                    if run.engine is not None and run.engine.alive:
-                        run.engine.lease_sent_at = t0
-                        self._arm_self_fence(f, run)
+                    self._rearm(f, run)
                 req = sent[act.attempt]
                 slot, req.slot = req.slot, None  # the landed write's audit slot goes to its event
                 if act.learned:
@@ -1232,6 +1240,12 @@ class Sim:
         self.emit(EventRecord(kind="started", at=self.t + f.clock_offset, job=run.job, stage_from="assigned",
                               stage_to="building", epoch=run.epoch, factory=f.id, actor=f.id,
                               reason=res.reason), slot)
+        # Stopped while the start was in flight (a drain, a fence): production's run.cancel is
+        # set before the engine is spawned, so it is killed at once.
+        if run.engine_done:
+            return
+        if run.fenced:
+            return self._engine_end(f, inc, run)
         if self.broken != "unfenced_engines" and self.t >= self._fence_deadline(f, run):
             # The reply came too late (a stalled loop, a pause): the self-fence deadline has
             # passed, so the engine is not started at all (the supervisor checks before spawning).
@@ -1253,6 +1267,7 @@ class Sim:
         self.stats["engines"] += 1
         self.at(eng.end_at, self._engine_exit, eng, eng.end_at)
         self._arm_self_fence(f, run)
+        self._refresh_lock(f, inc, run)
         self.at(self.t + self.s.lease_renew_s, self._renew, f, inc, run)
 
     def _renew(self, f: Factory, inc: int, run: Run) -> None:
@@ -1266,12 +1281,25 @@ class Sim:
                     lambda res, _slot: self._renewed(f, inc, run, res))
 
     def _renewed(self, f: Factory, inc: int, run: Run, res=None) -> None:
-        if run.lock is not None and isinstance(res, JobRecord) and not run.fenced and not run.stop_renewing:
-            # The lock entry is re-written on every successful renewal: its age tells a holder stopped.
-            self._send(f, "lock_refresh", run.lock, lambda *_: None, (run.job, run.epoch))
+        if isinstance(res, JobRecord) and not run.fenced and not run.stop_renewing:
+            self._refresh_lock(f, inc, run)
         # Errors are logged and the loop goes on: the lease may expire, and the epoch decides.
         if not run.stop_renewing and not run.fenced:
             self.at(self.t + self.s.lease_renew_s, self._renew, f, inc, run)
+
+    def _refresh_lock(self, f: Factory, inc: int, run: Run) -> None:
+        """The lock entry is re-written after every successful lease write (start, renewals): its
+        age tells others the holder has stopped. A refresh that lands moves the self-fence on."""
+        if run.lock is None:
+            return
+        sent_at = self.t
+
+        def landed(res, _slot):
+            if f.inc == inc and res is True and sent_at > run.lock_sent_at:
+                run.lock_sent_at = sent_at
+                self._rearm(f, run)
+
+        self._send(f, "lock_refresh", run.lock, landed, (run.job, run.epoch))
 
     def _engine_end(self, f: Factory, inc: int, run: Run) -> None:
         """The factory's loop learns that the run's engine has exited (or was stopped)."""
@@ -1505,16 +1533,21 @@ class Sim:
         was sent, on the factory's own monotonic clock (which runs off by ``f.drift``)."""
         if self.broken == "unfenced_engines":
             return
-        self.at(self._fence_deadline(f, run), self._self_fence, f, f.inc, run, run.lease_sent_at)
+        self.at(self._fence_deadline(f, run), self._self_fence, f, f.inc, run, run.fence_base())
+
+    def _rearm(self, f: Factory, run: Run) -> None:
+        if run.engine is not None and run.engine.alive:
+            run.engine.lease_sent_at = run.fence_base()
+            self._arm_self_fence(f, run)
 
     def _fence_deadline(self, f: Factory, run: Run) -> float:
         """Sim time at which ``f``'s monotonic clock says ``lease_ttl_s - margin`` have passed
         since the run's last successful lease write was sent."""
-        return run.lease_sent_at + (self.s.lease_ttl_s - self.margin_s) / (1.0 + f.drift)
+        return run.fence_base() + (self.s.lease_ttl_s - self.margin_s) / (1.0 + f.drift)
 
     def _self_fence(self, f: Factory, inc: int, run: Run, armed_for: float) -> None:
         eng = run.engine
-        if f.inc != inc or run.lease_sent_at != armed_for or eng is None or not eng.alive or run.fenced:
+        if f.inc != inc or run.fence_base() != armed_for or eng is None or not eng.alive or run.fenced:
             return
         if f.paused_until > self.t:  # SIGSTOP stops the supervisor too
             return self.at(f.paused_until, self._self_fence, f, inc, run, armed_for)
@@ -1603,9 +1636,8 @@ class Sim:
             return
         f.alive = False
         f.inc += 1  # every callback of the old process is dropped
-        for run in f.runs.values():
-            eng = run.engine
-            if eng is not None and eng.alive:
+        for eng in list(self.engines.values()):
+            if eng.fid == f.id and eng.run is not None:  # an engine of this process
                 eng.run = None
                 if self.broken != "unfenced_engines":  # parent-death signal: the group dies with it
                     self.at(self.t + PARENT_DEATH_S, self._engine_gone, eng)
