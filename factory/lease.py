@@ -28,12 +28,12 @@ of ``schemas/protocol.py``, such as ``renew`` or ``finish``) returns the new rec
 
     start() ──> decide ──> Send(data, last=rev) ──┬─ stored(rev')  ──> Done
                   │  ^                            ├─ conflict()    ──> Read
-                  │  │                            └─ no_answer()   ──> Read   (the write may have landed)
-                  │  │   Read ──┬─ read(None)                       ──> Fenced (record gone)
-                  │  │          ├─ read(v) with v one of our writes  ──> Done   (it landed; reply lost)
-                  │  └──────────┼─ read(v) after a conflict          ──> decide again on v
-                  │             ├─ read(v) after no answer           ──> BackOff ── backed_off() ──> decide
-                  │             └─ read_unanswered()                 ──> GiveUp("unanswered")
+                  │  │                            └─ no_answer()   ──> Read  (it may have landed)
+                  │  │   Read ──┬─ read(None)                    ──> Fenced (record gone)
+                  │  │          ├─ read(v), v one of our writes  ──> Done   (landed; reply lost)
+                  │  └──────────┼─ read(v) after a conflict      ──> decide again on v
+                  │             ├─ read(v) after no answer       ──> BackOff ─ backed_off() ─> decide
+                  │             └─ read_unanswered()             ──> GiveUp("unanswered")
                   ├─ Fenced (decide raised protocol.Fenced, or the run was stopped meanwhile)
                   ├─ Done (decide returned None: nothing to write)
                   └─ GiveUp("conflicts") after ``max_tries`` decisions
