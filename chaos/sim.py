@@ -10,10 +10,13 @@ What is real and what is modelled
 ---------------------------------
 - Every decision goes through the pure functions of ``schemas/protocol.py`` that production
   uses (claim, check_fence, renew, start, hand_back, finish, expire, cancel, fail,
-  operator_requeue, ship, unblock); nothing here re-implements the protocol. The control flow
-  around them mirrors ``factory/agent.py`` (``_claim_and_run``, ``_write``, ``_execute``,
-  ``_report``, ``_flush_item``, drain) and ``coordinator/scheduler.py`` (``resolve_deps``,
-  ``dispatch``, ``reap``), and writes the same :class:`EventRecord` kinds with the same fields.
+  operator_requeue, ship, unblock); nothing here re-implements the protocol. A holder's fenced
+  write is production's own state machine, :class:`gigafactory.factory.lease.FencedWrite`
+  (retry on conflict, learn an unanswered write by reading, back off, fenced, give up), driven
+  here with simulated requests as ``Factory._write`` drives it with real ones. The control flow
+  around them mirrors ``factory/agent.py`` (``_claim_and_run``, ``_execute``, ``_report``,
+  ``_flush_item``, drain) and ``coordinator/scheduler.py`` (``resolve_deps``, ``dispatch``,
+  ``reap``), and writes the same :class:`EventRecord` kinds with the same fields.
 - ``gf_jobs`` is a :class:`Store`: compare-and-set on the revision, every revision stamped with
   the store's clock (sim time) like JetStream's server timestamps. Lease expiry is judged with
   these stamps only; factory clocks (which jump) only stamp ``updated_at`` and events' ``at``.
@@ -34,6 +37,49 @@ What is real and what is modelled
   that the fleet is healthy and every run must quiesce: no job queued, blocked, assigned or
   building, no write in flight, every outbox empty. A run that does not quiesce within
   ``limit_s`` of sim time is a liveness failure (``SimResult.settled`` is False).
+
+Engines, locks, intake, replicas, the store (issue 8)
+----------------------------------------------------
+- An engine is a process: it starts after the ``start`` write, makes side effects while it
+  lives, and ends by itself, or when it is killed. It dies with its factory (the parent-death
+  signal, within ``PARENT_DEATH_S``), and a holder's supervisor stops it (SIGTERM, then SIGKILL
+  within a third of the margin) once ``lease_ttl_s - fence_margin_s`` have passed on the
+  factory's own monotonic clock (which drifts by up to ``FaultConfig.clock_drift``) since the
+  last successful lease write was *sent*; a reply that comes after that deadline starts no
+  engine. Invariant ``side_effect_after_lease_lost``: when a reaper's write ends an epoch's
+  lease, no engine of that epoch is alive. An operator's requeue or cancel is a revocation the
+  holder learns at its next renewal; engines alive then are counted
+  (``engine_alive_after_revocation``), not judged.
+- SIGSTOP pauses (``pauses``) stop the loop, the supervisor and the engines; after SIGCONT an
+  engine can run until the supervisor, late, stops it. That window is the only allowance:
+  counted in ``stats['pause_window']``, never a violation. A stalled event loop
+  (``loop_stalls``) stops renewals and reply handling only; the supervisor's deadline does not
+  depend on the loop.
+- Locks (``locked``): taken before ``start`` (a held lock hands the job back with a back-off),
+  re-written on every successful renewal, released when the run ends. A lock is free only when
+  released, or when its holder is known stopped: its record at its epoch has its result, or the
+  lock entry is older than ``lease_ttl_s + fence_margin_s`` (broker time). Invariant
+  ``lock_shared``: no engine holding a lock starts while another engine of that lock lives.
+- Intake (``dup_submits``): two submitters send one job with one idempotency key at once; the
+  job id derives from the key and the create is "must not exist". Invariant
+  ``one_job_per_key``.
+- Replicas: a factory's read may be answered by a replica that lags (``follower_reads``,
+  ``follower_lag_s``); the compare-and-set after it is judged by the leader. Before a push the
+  holder fences by a compare-and-set renewal; invariant ``fence_from_stale_read``: no push
+  authorised by a view the leader did not hold then. A coordinator's view lags too
+  (``view_lag_s``): it decides deps and expiry from it and writes by compare-and-set.
+- Power loss of the broker's node (``power_losses``): a durable store (``sync_interval:
+  always``) loses nothing and its clients see an outage. Invariant ``epoch_handed_out_twice``:
+  an epoch acknowledged to two claims.
+
+The broken variants of these rules: ``unfenced_engines`` (no parent-death kill, no self-fence:
+``unsafe_unfenced_engines``), ``deadline_on_loop`` (the self-fence deadline is enforced from the
+event loop, so a frozen loop delays it), ``lock_free_on_epoch`` (main's rule: free as soon as the
+record left the holder's epoch), ``intake_reuse_missing`` (main's intake: a key reserved for a job
+that does not exist yet is taken over), ``fence_from_read`` (the pre-push fence is a read a lagging
+replica may answer), ``unsynced_store`` (fsync every ``UNSYNCED_SYNC_INTERVAL_S``: a power loss
+rolls the store back) and ``reap_blind_retry`` (a reaper whose compare-and-set conflicts re-applies
+the decision it made on its lagging view to the fresh revision).
 
 Determinism: one ``random.Random(seed)`` draws everything, actions run in (time, sequence)
 order from one priority queue, and nothing iterates a set or reads a real clock. The same seed
@@ -63,6 +109,7 @@ from dataclasses import dataclass, field
 import msgspec
 
 from gigafactory.config import Settings
+from gigafactory.factory import lease
 from gigafactory.schemas import protocol
 from gigafactory.schemas.lifecycle import LEASED, IllegalTransition, Stage
 from gigafactory.schemas.manifest import FailureClass, Manifest, Retry, Reviewers
@@ -70,11 +117,30 @@ from gigafactory.schemas.records import EventRecord, JobRecord
 
 from . import invariants
 
-BROKEN = ("no_revision_check", "no_fence", "epoch_blind_fence")
-"""Deliberately broken protocol variants, for testing the checker (see :func:`simulate`)."""
+BROKEN = ("no_revision_check", "no_fence", "epoch_blind_fence", "unfenced_engines", "deadline_on_loop",
+          "lock_free_on_epoch", "intake_reuse_missing", "fence_from_read", "unsynced_store", "reap_blind_retry")
+"""Deliberately broken variants, for testing the checker (see the module docstring and :func:`simulate`)."""
+SIM_INVARIANTS = ("side_effect_after_lease_lost", "lock_shared", "one_job_per_key", "epoch_handed_out_twice",
+                  "fence_from_stale_read")
+"""Invariants only the simulation can judge, because only it sees engines, submitters and the
+replicas' lag (the chaos lab's side-effect ledger judges the first on real processes)."""
+FENCE_MARGIN_S = 3.0
+"""The holder's self-fence margin when ``Settings`` has no ``fence_margin_s``: it stops its engine
+``lease_ttl_s - margin`` after its last successful lease write was sent (its own clock)."""
+KILL_GRACE_FRACTION = 1 / 3
+"""SIGTERM then SIGKILL: an engine is dead within this fraction of the margin after the
+self-fence decides (the margin must cover the grace and the clock drift)."""
+PARENT_DEATH_S = 0.05
+"""An engine dies this soon after its factory (parent-death signal)."""
+ENGINE_KILL_S = 0.1
+"""A fenced run's engine dies this soon after the fence (``run.cancel``)."""
+IDEMPOTENT_SUBMIT_GAP_S = (0.0, 3.0)
+"""A submitter's pause between reserving an idempotency key and writing the job (a slow one)."""
+UNSYNCED_SYNC_INTERVAL_S = 30.0
+"""How often a non-fsynced store (``unsynced_store``) makes its writes durable."""
+HISTORY_PER_KEY = 16
+"""Revisions of a key a replica or a lagging view can still show."""
 
-MAX_CAS_RETRIES = 10
-"""As ``factory/agent.py``: a fenced write gives up (and raises) after this many conflicts."""
 MAX_OPERATOR_RETRIES = 20
 """As ``coordinator/api.py``: an operator transition gives up after this many conflicts."""
 MAX_OUTBOX_ATTEMPTS = 50
@@ -134,13 +200,38 @@ class FaultConfig:
     """Probability per job that an operator cancels it at a random time in the window."""
     requeues: float = 0.05
     """Probability per job that an operator requeues it at a random time in the window."""
+    pauses: float = 0.15
+    """Expected SIGSTOP-style pauses per factory: its loop, its supervisor and its engines all stop
+    (a VM freeze). The only case where an engine may outlive its lease: counted, not judged."""
+    pause_s: tuple[float, float] = (5.0, 40.0)
+    loop_stalls: float = 0.3
+    """Expected freezes of a factory's event loop (CPU-bound work on it): no renewal, no reply is
+    handled; its engines and its supervisor go on."""
+    loop_stall_s: tuple[float, float] = (2.0, 40.0)
+    clock_drift: float = 0.01
+    """Bound of the rate error of each factory's monotonic clock (0.01: 1 %)."""
+    locked: float = 0.25
+    """Probability per job that it takes one of two shared locks."""
+    dup_submits: float = 0.1
+    """Probability per job that two submitters send it at once with one idempotency key."""
+    power_losses: float = 0.5
+    """Expected power losses of the broker's node per run: a durable store loses nothing (its
+    clients see an outage); a non-fsynced one (``unsynced_store``) loses its unsynced writes."""
+    outage_s: tuple[float, float] = (1.0, 5.0)
+    follower_reads: float = 0.1
+    """Probability that a factory's read of a job record is answered by a replica that lags."""
+    follower_lag_s: float = 2.0
+    """A read answered by a replica shows the record as it was up to this long ago."""
+    view_lag_s: float = 3.0
+    """A coordinator's watch-fed view shows records as they were up to this long ago."""
 
     @classmethod
     def none(cls) -> "FaultConfig":
         """No faults at all: a healthy fleet."""
         return cls(msg_loss=0.0, msg_dup=0.0, msg_delay_s=0.0, reply_loss=0.0, crashes=0.0, drains=0.0,
                    partitions=0.0, clock_jumps=0.0, slow_report=0.0, dispatch_stalls=0.0, cancels=0.0,
-                   requeues=0.0)
+                   requeues=0.0, pauses=0.0, loop_stalls=0.0, clock_drift=0.0, locked=0.0, dup_submits=0.0,
+                   power_losses=0.0, follower_reads=0.0, follower_lag_s=0.0, view_lag_s=0.0)
 
 
 def sim_settings() -> Settings:
@@ -173,7 +264,7 @@ class Store:
     Revisions come from one sequence, as a KV bucket's come from its stream. Records are kept as
     the immutable values the protocol returns (it never mutates a record it is given)."""
 
-    __slots__ = ("recs", "seq", "check_revision", "by_stage")
+    __slots__ = ("recs", "seq", "check_revision", "by_stage", "hist", "journal")
 
     def __init__(self, check_revision: bool = True) -> None:
         self.recs: dict[str, tuple[JobRecord, int, float]] = {}
@@ -181,19 +272,43 @@ class Store:
         self.check_revision = check_revision
         self.by_stage: dict[Stage, dict[str, None]] = {s: {} for s in Stage}
         """Insertion-ordered index of keys by stage (a coordinator's watch-fed view)."""
+        self.hist: dict[str, list[tuple[float, tuple[JobRecord, int, float]]]] = {}
+        """The last revisions of each key with the time they were stored: what a lagging replica
+        or view still shows."""
+        self.journal: list[tuple[str, tuple[JobRecord, int, float] | None, int]] = []
+        """Writes not yet synced to disk (only a non-fsynced store keeps any): key, the entry it
+        replaced, the sequence before it."""
 
     def get(self, key: str) -> tuple[JobRecord, int, float] | None:
         return self.recs.get(key)
 
-    def create(self, key: str, rec: JobRecord, now: float) -> int | None:
+    def get_as_of(self, key: str, t: float) -> tuple[JobRecord, int, float] | None:
+        """The entry a replica that lags until ``t`` shows (None: not there yet)."""
+        h = self.hist.get(key, ())
+        for at, entry in reversed(h):
+            if at <= t:
+                return entry
+        # Older than what is kept: the oldest kept (a replica lags by seconds, not by history).
+        return h[0][1] if len(h) >= HISTORY_PER_KEY else None
+
+    def _put(self, key: str, entry: tuple[JobRecord, int, float], prev, now: float, durable: bool) -> None:
+        self.recs[key] = entry
+        h = self.hist.setdefault(key, [])
+        h.append((now, entry))
+        if len(h) > HISTORY_PER_KEY:
+            del h[0]
+        if not durable:
+            self.journal.append((key, prev, entry[1] - 1))
+
+    def create(self, key: str, rec: JobRecord, now: float, durable: bool = True) -> int | None:
         if key in self.recs:
             return None
         self.seq += 1
-        self.recs[key] = (rec, self.seq, now)
+        self._put(key, (rec, self.seq, now), None, now, durable)
         self.by_stage[rec.stage][key] = None
         return self.seq
 
-    def update(self, key: str, rec: JobRecord, last: int, now: float) -> int | None:
+    def update(self, key: str, rec: JobRecord, last: int, now: float, durable: bool = True) -> int | None:
         """The new revision, or None on a conflict (the key changed since ``last``)."""
         cur = self.recs.get(key)
         if cur is None or (self.check_revision and cur[1] != last):
@@ -202,8 +317,24 @@ class Store:
         if cur[0].stage is not rec.stage:
             del self.by_stage[cur[0].stage][key]
             self.by_stage[rec.stage][key] = None
-        self.recs[key] = (rec, self.seq, now)
+        self._put(key, (rec, self.seq, now), cur, now, durable)
         return self.seq
+
+    def roll_back(self) -> int:
+        """Power loss of a non-fsynced store: every unsynced write is lost, newest first, and the
+        sequence goes back with them (revisions are handed out again). Returns how many."""
+        n = len(self.journal)
+        for key, prev, seq in reversed(self.journal):
+            cur = self.recs.pop(key)
+            del self.by_stage[cur[0].stage][key]
+            if self.hist.get(key):
+                self.hist[key].pop()
+            if prev is not None:
+                self.recs[key] = prev
+                self.by_stage[prev[0].stage][key] = None
+            self.seq = seq
+        self.journal.clear()
+        return n
 
     def keys(self, *stages: Stage) -> list[str]:
         out: list[str] = []
@@ -219,7 +350,8 @@ class Run:
     """A factory's claim of one job at one epoch (``factory/agent.py`` ``Run``)."""
 
     __slots__ = ("job", "epoch", "station", "revision", "record", "fenced", "draining", "writing",
-                 "write_q", "engine_done", "ended", "stop_renewing")
+                 "write_q", "engine_done", "ended", "stop_renewing", "engine", "lease_sent_at", "lock",
+                 "lock_sent_at")
 
     def __init__(self, job: str, epoch: int, station: int, revision: int, record: JobRecord) -> None:
         self.job, self.epoch, self.station, self.revision, self.record = job, epoch, station, revision, record
@@ -230,6 +362,36 @@ class Run:
         self.engine_done = False
         self.stop_renewing = False
         self.ended = False
+        self.engine: Engine | None = None
+        self.lease_sent_at = 0.0
+        """When the last lease write that succeeded (claim, start, renewal, ...) was sent: the
+        self-fence counts from here (sent, not acknowledged: conservative)."""
+        self.lock: str | None = None
+        self.lock_sent_at = 0.0
+        """When the last lock write that landed (acquisition or refresh) was sent."""
+
+    def fence_base(self) -> float:
+        """The self-fence counts from the older of the run's two leases: its job record's and,
+        if it holds a lock, its lock entry's (which frees the lock when it ages out)."""
+        return self.lease_sent_at if self.lock is None else min(self.lease_sent_at, self.lock_sent_at)
+
+
+class Engine:
+    """A job's engine process: it makes side effects while it lives. It belongs to its factory's
+    process group (it dies with it, unless ``unfenced_engines``) and outlives nothing else."""
+
+    __slots__ = ("job", "epoch", "fid", "lock", "alive", "end_at", "run", "inc", "pause_end", "lease_sent_at")
+
+    def __init__(self, run: Run, fid: str, inc: int, end_at: float) -> None:
+        self.job, self.epoch, self.fid, self.lock = run.job, run.epoch, fid, run.lock
+        self.alive = True
+        self.end_at = end_at
+        self.run: Run | None = run
+        """None once its factory is gone (a leftover engine)."""
+        self.inc = inc
+        self.pause_end = -1.0
+        """When the last SIGSTOP of its factory ended."""
+        self.lease_sent_at = run.fence_base()
 
 
 class OutboxItem:
@@ -243,7 +405,7 @@ class OutboxItem:
 class Factory:
     __slots__ = ("id", "stations", "free", "inc", "alive", "draining", "clock_offset", "partition_until",
                  "partition_drop", "mode", "runs", "outbox", "claiming", "waiting", "flush_scheduled",
-                 "flushing", "poll_scheduled")
+                 "flushing", "poll_scheduled", "frozen_until", "paused_until", "drift")
 
     def __init__(self, fid: str, stations: int) -> None:
         self.id = fid
@@ -265,6 +427,12 @@ class Factory:
         self.flush_scheduled = False
         self.flushing = False
         self.poll_scheduled = False
+        self.frozen_until = 0.0
+        """The event loop handles nothing before this (a stalled loop, or a pause)."""
+        self.paused_until = 0.0
+        """SIGSTOP: the whole process (supervisor and engines too) is stopped until then."""
+        self.drift = 0.0
+        """Rate error of its monotonic clock: its ``x`` seconds take ``x / (1 + drift)``."""
 
 
 class Coordinator:
@@ -363,7 +531,24 @@ class Sim:
         self.acknowledged: set[str] = set()
         self.specs: dict[str, JobSpec] = {}
         self.factories = [Factory(f"f{i}", stations) for i in range(factories)]
+        self.by_id = {f.id: f for f in self.factories}
         self.coordinators = [Coordinator(f"c{i}") for i in range(coordinators)]
+        self.durable = broken != "unsynced_store"
+        self.engines: dict[tuple[str, int], Engine] = {}
+        """Engines alive now, by (job, epoch), wherever they run (leftovers too)."""
+        self.locks: dict[str, tuple[str, int, str, float]] = {}
+        """``gf_locks``: lock -> (job, epoch, factory, broker time of its last write)."""
+        self.granted: Counter[tuple[str, int]] = Counter()
+        """Claims acknowledged to a factory, by (job, epoch): the epochs handed out."""
+        self.keyed: dict[str, str] = {}
+        """Idempotency key -> the job id of its first submission (to tell jobs per key)."""
+        self.idem: dict[str, str] = {}
+        """``gf_idempotency``: key -> job id (only the broken intake uses reservations)."""
+        self.found: list[invariants.Violation] = []
+        """Violations of :data:`SIM_INVARIANTS`."""
+        ttl_s = settings.lease_ttl_s
+        self.margin_s = getattr(settings, "fence_margin_s", None) or min(FENCE_MARGIN_S, ttl_s / 5)
+        self.kill_grace_s = self.margin_s * KILL_GRACE_FRACTION
         self._plan(jobs)
 
     # -- the loop ------------------------------------------------------------------------------
@@ -415,11 +600,21 @@ class Sim:
             self.specs[jid] = spec
             policy = rng.random()
             review = "auto" if policy < 0.3 else ("manual" if policy < 0.9 else Reviewers(reviewers=["@sim-reviewer"]))
+            lock = f"lock-{rng.randrange(2)}" if fc.locked and rng.random() < fc.locked else None
             manifest = Manifest(cwd="w", engine="shell", retry=Retry(max=rng.randint(0, 3), backoff="2s"),
-                                review_policy=review)
-            candidates = [d for d in list(self.specs)[:-1] if self.specs[d].human_ships]
+                                review_policy=review, lock=lock)
+            candidates = [d for d in list(self.specs)[:-1]
+                          if self.specs[d].human_ships and f"key-{d}" not in self.keyed]
             deps = [rng.choice(candidates)] if candidates and rng.random() < 0.2 else []
-            self._fault_at(t, 0.0, self._submit, jid, manifest, deps)  # not quiet before every job is in
+            if fc.dup_submits and not deps and rng.random() < fc.dup_submits:
+                # Two submitters, one idempotency key, at nearly the same time.
+                manifest = msgspec.structs.replace(manifest, idempotency_key=f"key-{jid}")
+                self.keyed[f"key-{jid}"] = jid
+                for who in (0, 1):
+                    self._fault_at(t + rng.uniform(0.0, 0.5), IDEMPOTENT_SUBMIT_GAP_S[1] + 1.0,
+                                   self._submit_keyed, jid, manifest, who)
+            else:
+                self._fault_at(t, 0.0, self._submit, jid, manifest, deps)  # not quiet before every job is in
             if fc.cancels and rng.random() < fc.cancels:
                 self._fault_at(t + rng.uniform(0.0, max(0.0, fc.window_s - t)), 0.0, self._operator, jid, "cancel")
             if fc.requeues and rng.random() < fc.requeues:
@@ -427,7 +622,19 @@ class Sim:
         for i, c in enumerate(self.coordinators):
             self.at(rng.uniform(0.0, self.s.reaper_interval_s), self._tick, c, i == 0)
         self.at(rng.uniform(0.0, 2.0), self._operator_tick)
+        for _ in range(self._count(fc.power_losses)):
+            d = rng.uniform(*fc.outage_s)
+            self._fault_at(rng.uniform(0, fc.window_s), d, self._power_loss, d)
+        if not self.durable:
+            self.at(UNSYNCED_SYNC_INTERVAL_S, self._sync)
         for f in self.factories:
+            f.drift = rng.uniform(-fc.clock_drift, fc.clock_drift)
+            for _ in range(self._count(fc.pauses)):
+                d = rng.uniform(*fc.pause_s)
+                self._fault_at(rng.uniform(0, fc.window_s), d, self._pause, f, d)
+            for _ in range(self._count(fc.loop_stalls)):
+                d = rng.uniform(*fc.loop_stall_s)
+                self._fault_at(rng.uniform(0, fc.window_s), d, self._loop_stall, f, d)
             self.at(0.0, self._fetch, f)
             for _ in range(self._count(fc.crashes)):
                 self._fault_at(rng.uniform(0, fc.window_s), fc.restart_s[1], self._crash, f)
@@ -456,17 +663,57 @@ class Sim:
 
     def _submit(self, jid: str, manifest: Manifest, deps: list[str]) -> None:
         """``coordinator/intake.py`` ``submit``: create the record, then audit it."""
-        waiting = [d for d in deps if not protocol.dep_satisfied(self.store.get(d)[0].stage, manifest.deps_mode)]
+        waiting = [d for d in deps if self.store.get(d) is None  # lost by a non-fsynced store
+                   or not protocol.dep_satisfied(self.store.get(d)[0].stage, manifest.deps_mode)]
         stage = Stage.BLOCKED if waiting else Stage.QUEUED
         reason = ("waiting for " + ", ".join(waiting)) if waiting else "waiting for a factory"
         rec = JobRecord(id=jid, manifest=manifest, body="echo sim\n", source=f"sim:{jid}.md",
                         content_hash=jid, submitted_at=self.t, pool=POOL, requirements=["engine:shell"],
                         deps=list(deps), stage=stage, reason=reason, updated_at=self.t)
-        assert self.store.create(jid, rec, self.t) is not None
+        assert self.store.create(jid, rec, self.t, self.durable) is not None
         self.acknowledged.add(jid)
         self.emit(EventRecord(kind="submitted", at=self.t, job=jid, stage_to=str(stage), actor="sim",
                               reason=reason, data={"pool": POOL, "deps": list(deps)}))
         self.note("intake", "submitted", jid, 0)
+
+    def _submit_keyed(self, jid: str, manifest: Manifest, who: int) -> None:
+        """One of two concurrent submitters of one idempotency key (``coordinator/intake.py``).
+
+        Real (the fix): the job id is derived from the key, and the job is created with "must
+        not exist": the second create conflicts and gets the first one's job. Broken
+        (``intake_reuse_missing``, the logic of main): reserve the key for a fresh id, then write
+        the job; a submitter that finds the key reserved for a job that does not exist (yet)
+        takes the key over, unable to tell a dead submitter from a slow one."""
+        key = manifest.idempotency_key
+        assert key is not None
+        rec = JobRecord(id=jid, manifest=manifest, body="echo sim\n", source=f"sim:{jid}.md",
+                        content_hash=jid, submitted_at=self.t, pool=POOL, requirements=["engine:shell"],
+                        stage=Stage.QUEUED, reason="waiting for a factory", updated_at=self.t)
+        if self.broken != "intake_reuse_missing":
+            return self.at(self.t + self.lat(), self._create_job, rec, who)
+        mine = jid if who == 0 else f"{jid}-{who}"
+        rec = msgspec.structs.replace(rec, id=mine)
+        self.at(self.t + self.lat(), self._reserve_key, key, rec, who)
+
+    def _reserve_key(self, key: str, rec: JobRecord, who: int) -> None:
+        idem = self.idem
+        cur = idem.get(key)
+        if cur is None or cur == rec.id or self.store.get(cur) is None:
+            idem[key] = rec.id  # main's _claim_key: a reservation whose job is missing is reused
+            gap = self.rng.uniform(*IDEMPOTENT_SUBMIT_GAP_S)
+            return self.at(self.t + gap, self._create_job, rec, who)
+        self.stats["submit_key_taken"] += 1
+
+    def _create_job(self, rec: JobRecord, who: int) -> None:
+        if self.store.create(rec.id, rec, self.t, self.durable) is None:
+            self.stats["submit_existing"] += 1  # the other submitter's job: acknowledged with its id
+            return
+        if rec.id not in self.specs:
+            self.specs[rec.id] = dataclasses.replace(self.specs[rec.id.split("-")[0]], id=rec.id)
+        self.acknowledged.add(rec.id)
+        self.emit(EventRecord(kind="submitted", at=self.t, job=rec.id, stage_to="queued", actor=f"submitter{who}",
+                              reason=rec.reason, data={"pool": POOL, "deps": []}))
+        self.note("intake", "submitted", rec.id, 0)
 
     # -- coordinators -----------------------------------------------------------------------------
 
@@ -474,17 +721,31 @@ class Sim:
         """One pass of a coordinator's loops: deps, reap, dispatch (``coordinator/scheduler.py``)."""
         now = self.t
         recs, by = self.store.recs, self.store.by_stage
+        # The coordinator decides from its watch-fed view, which may lag the store; its writes
+        # are compare-and-sets on the revision it saw, so a stale decision conflicts.
+        lag_s = self.rng.uniform(0.0, self.fc.view_lag_s) if self.fc.view_lag_s and self.faulty() else 0.0
+        view = (lambda j: recs.get(j)) if not lag_s else (lambda j: self.store.get_as_of(j, now - lag_s))
         # Writes are scheduled, not made, while the index is iterated: it does not change under us.
         for jid in by[Stage.BLOCKED]:
-            rec, rev, _ = recs[jid]
-            out = protocol.resolve_blocked(rec, {d: recs[d][0].stage for d in rec.deps}, now)
+            entry = view(jid)
+            if entry is None or entry[0].stage is not Stage.BLOCKED:
+                continue
+            rec, rev, _ = entry
+            stages = {}
+            for d in rec.deps:
+                de = view(d)
+                stages[d] = de[0].stage if de is not None else None
+            out = protocol.resolve_blocked(rec, stages, now)
             if out is None:
                 continue
             self.at(now + self.lat(), self._coord_write, c, jid, rev, out, None)
         ttl_s = self.s.lease_ttl_s
         for stage in (Stage.ASSIGNED, Stage.BUILDING):
             for jid in by[stage]:
-                rec, rev, ts = recs[jid]
+                entry = view(jid)
+                if entry is None or entry[0].stage not in LEASED:
+                    continue
+                rec, rev, ts = entry
                 out = protocol.expire(rec, ts, now, ttl_s)
                 if out is not None:
                     data = {"holder": rec.lease.factory if rec.lease else None, "old_epoch": rec.epoch}
@@ -498,9 +759,20 @@ class Sim:
 
     def _coord_write(self, c: Coordinator, jid: str, rev: int, out: protocol.Outcome, data: dict | None) -> None:
         """``Scheduler._write``: compare-and-set, then the event (the coordinator is next to the broker)."""
-        if self.store.update(jid, out.record, rev, self.t) is None:
+        lost_epoch = data["old_epoch"] if data is not None else None
+        if self.store.update(jid, out.record, rev, self.t, self.durable) is None:
             self.stats["coordinator_conflicts"] += 1
-            return
+            cur = self.store.get(jid)
+            if self.broken != "reap_blind_retry" or data is None or cur is None or cur[0].stage not in LEASED:
+                return
+            # Broken: the reaper re-applies the decision it made on its (lagging) view to the
+            # fresh revision instead of judging the fresh record: it reaps a renewed lease.
+            if self.store.update(jid, out.record, cur[1], self.t) is None:
+                return
+            self.stats["blind_reaps"] += 1
+            lost_epoch = cur[0].epoch
+        if lost_epoch is not None:
+            self._lease_lost(jid, lost_epoch)
         kind = str(out.event)
         self.emit(EventRecord(kind=kind, at=out.record.updated_at, job=jid, stage_from=str(out.stage_from),
                               stage_to=str(out.record.stage), epoch=out.record.epoch, actor=c.id,
@@ -578,7 +850,10 @@ class Sim:
 
     def _operator(self, jid: str, action: str, tries: int = 0) -> None:
         """``coordinator/api.py`` ``_transition``: read, decide, compare-and-set, retry on conflict."""
-        rec, rev, _ = self.store.get(jid)
+        got = self.store.get(jid)
+        if got is None:  # never written (a lost submission in a broken variant)
+            return
+        rec, rev, _ = got
         decide = {"ship": protocol.ship, "cancel": protocol.cancel, "requeue": protocol.operator_requeue}[action]
         try:
             out = decide(rec, self.t, "operator")
@@ -588,10 +863,15 @@ class Sim:
         self.at(self.t + self.lat(), self._operator_write, jid, action, rev, out, tries)
 
     def _operator_write(self, jid: str, action: str, rev: int, out: protocol.Outcome, tries: int) -> None:
-        if self.store.update(jid, out.record, rev, self.t) is None:
+        before = self.store.get(jid)
+        if self.store.update(jid, out.record, rev, self.t, self.durable) is None:
             if tries + 1 < MAX_OPERATOR_RETRIES:
                 self._operator(jid, action, tries + 1)
             return
+        if before is not None and (jid, before[0].epoch) in self.engines and out.record.epoch != before[0].epoch:
+            # A revocation: the holder learns it at its next renewal (fenced), not before; its
+            # engine runs until then. Counted, not judged: no lease expired under it.
+            self.stats["engine_alive_after_revocation"] += 1
         self.emit(EventRecord(kind=str(out.event), at=self.t, job=jid, stage_from=str(out.stage_from),
                               stage_to=str(out.record.stage), epoch=out.record.epoch, actor="operator",
                               reason=out.reason))
@@ -630,13 +910,36 @@ class Sim:
         store = self.store
         if op == "get":
             got = store.get(key)
+            if self.fc.follower_reads and self.faulty() and self.rng.random() < self.fc.follower_reads:
+                # A direct get answered by a replica that lags (ADR-31): never decide a fence
+                # from it; the compare-and-set that follows is judged by the leader.
+                self.stats["stale_reads"] += 1
+                got = store.get_as_of(key, self.t - self.rng.uniform(0.0, self.fc.follower_lag_s))
             result = None if got is None else (*got, self.t)
         elif op == "update":
-            rev = store.update(key, value, last, self.t)
+            rev = store.update(key, value, last, self.t, self.durable)
             result = CONFLICT if rev is None else rev
             if rev is not None and audit:
                 req.slot = len(self.events)
                 self.events.append(None)
+        elif op == "follower_get":  # a replica that lags; value is (factory, epoch) asking
+            lag_s = self.rng.uniform(0.0, self.fc.follower_lag_s) if self.fc.follower_lag_s else 0.0
+            got = store.get_as_of(key, self.t - lag_s)
+            leader = store.get(key)
+            truth = leader is not None and _holds(leader[0], *value)
+            result = (None if got is None else got[0], truth)
+        elif op == "lock":
+            result = self._lock_land(key, *value)
+        elif op == "lock_refresh":
+            cur = self.locks.get(key)
+            result = cur is not None and cur[:2] == value[:2]
+            if result:
+                self.locks[key] = (*cur[:3], self.t)
+        elif op == "lock_release":
+            cur = self.locks.get(key)
+            if cur is not None and cur[:2] == value[:2]:
+                del self.locks[key]
+            result = True
         else:  # "scan": the queue index of the pool, best first
             entries = [store.get(j)[0] for j in store.keys(Stage.QUEUED)]
             entries.sort(key=lambda r: (r.submitted_at, r.id))
@@ -649,6 +952,8 @@ class Sim:
         self.at(self.t + self.lat(), self._reply, req, result)
 
     def _reply(self, req: Req, result) -> None:
+        if req.f.frozen_until > self.t and req.f.inc == req.inc and not req.done:
+            return self.at(req.f.frozen_until, self._reply, req, result)  # the loop handles it later
         if req.done or req.f.inc != req.inc:
             if req.slot is not None:
                 self.stats["write_without_event"] += 1
@@ -659,6 +964,8 @@ class Sim:
     def _timeout(self, req: Req) -> None:
         if req.done:
             return
+        if req.f.frozen_until > self.t and req.f.inc == req.inc:
+            return self.at(req.f.frozen_until, self._timeout, req)
         req.done = True
         if req.f.inc == req.inc:
             req.on_reply(TIMEOUT, None)
@@ -673,6 +980,8 @@ class Sim:
         """The pool puller: with a free station, take the next dispatch message, or wait for one."""
         if not self._can_fetch(f):
             return
+        if f.frozen_until > self.t:
+            return self.at(f.frozen_until, self._fetch, f)
         if not self.pool:
             if not f.waiting:
                 f.waiting = True
@@ -740,24 +1049,79 @@ class Sim:
         if rec.backoff_s and store_now < ts + rec.backoff_s:
             return self._claim_skip(f, inc, station, then, "backoff")
         out = protocol.claim(rec, f.id, station, self.t + f.clock_offset)
-        self._send(f, "update", jid, lambda r, slot: self._claimed(f, inc, jid, station, then, out, r, slot),
+        sent_at = self.t
+        self._send(f, "update", jid,
+                   lambda r, slot: self._claimed(f, inc, jid, station, then, out, r, slot, sent_at),
                    out.record, rev, audit=True)
 
     def _claimed(self, f: Factory, inc: int, jid: str, station: int, then: Callable, out: protocol.Outcome,
-                 res, slot: int | None) -> None:
+                 res, slot: int | None, sent_at: float = 0.0) -> None:
         if res == TIMEOUT or res == CONFLICT:
             return self._claim_skip(f, inc, station, then, "timeout" if res == TIMEOUT else "conflict")
         f.claiming = False
         rec = out.record
         run = Run(jid, rec.epoch, station, res, rec)
+        run.lease_sent_at = sent_at
         f.runs[(jid, rec.epoch)] = run
+        self.granted[(jid, rec.epoch)] += 1
+        if self.granted[(jid, rec.epoch)] == 2:
+            self._violation("epoch_handed_out_twice", jid,
+                            f"epoch {rec.epoch} was handed out again (to {f.id}): the store lost the first claim")
         self.emit(EventRecord(kind="claimed", at=self.t + f.clock_offset, job=jid, stage_from="queued",
                               stage_to="assigned", epoch=rec.epoch, factory=f.id, actor=f.id, reason=out.reason,
                               data={"station": station, "attempt": rec.attempt}), slot)
         self.note(f.id, "claimed", jid, rec.epoch)
+        if rec.manifest.lock:
+            lock_sent_at = self.t
+            self._send(f, "lock", rec.manifest.lock, lambda r, _s: self._locked(f, inc, run, r, lock_sent_at),
+                       (run.job, run.epoch, f.id))
+        else:
+            self._start(f, inc, run)
+        then()
+
+    def _start(self, f: Factory, inc: int, run: Run) -> None:
         self._write(f, run, lambda r: protocol.start(r, f.id, run.epoch, self.t + f.clock_offset), True,
                     lambda res, slot: self._started(f, inc, run, res, slot))
-        then()
+
+    # -- factory: locks (``Factory._acquire_lock``) ------------------------------------------------------
+
+    def _lock_land(self, name: str, job: str, epoch: int, fid: str) -> str:
+        """The lock taken (``"ok"``) or the job holding it, decided where the request lands (the
+        acquisition's reads and compare-and-set in one step)."""
+        cur = self.locks.get(name)
+        if cur is None or cur[:2] == (job, epoch) or self._lock_free(cur):
+            self.locks[name] = (job, epoch, fid, self.t)
+            return "ok"
+        return cur[0]
+
+    def _lock_free(self, cur: tuple[str, int, str, float]) -> bool:
+        """The rule of interfaces.md: a lock is free when released, or when its holder is known
+        stopped: its job record at its epoch has its result, or the lock entry (re-written on
+        every successful renewal) is older than ``lease_ttl_s + fence_margin_s`` (broker time).
+        ``lock_free_on_epoch`` (main's rule) frees it as soon as the record left that epoch."""
+        job, epoch, _, ts = cur
+        got = self.store.get(job)
+        rec = None if got is None else got[0]
+        if self.broken == "lock_free_on_epoch":
+            return rec is None or rec.stage not in LEASED or rec.epoch != epoch
+        if rec is not None and rec.epoch == epoch and rec.stage not in LEASED and rec.stage not in (
+                Stage.QUEUED, Stage.BLOCKED):
+            return True  # the holder's result (or a cancel at its epoch) is written
+        return self.t - ts > self.s.lease_ttl_s + self.margin_s
+
+    def _locked(self, f: Factory, inc: int, run: Run, res, sent_at: float) -> None:
+        if f.inc != inc:
+            return
+        if res == "ok":
+            run.lock = run.record.manifest.lock
+            run.lock_sent_at = sent_at
+            return self._start(f, inc, run)
+        holder = "?" if res == TIMEOUT else res
+        self.stats["lock_wait"] += 1
+        self.emit(EventRecord(kind="lock_wait", at=self.t + f.clock_offset, job=run.job, epoch=run.epoch,
+                              factory=f.id, actor=f.id, reason=f"lock held by job {holder}"))
+        run.engine_done = True  # nothing started
+        self._hand_back(f, inc, run, f"lock held by job {holder}", backoff_s=1.0)
 
     def _release(self, f: Factory, station: int) -> None:
         f.free.append(station)
@@ -766,21 +1130,79 @@ class Sim:
     # -- factory: the fenced write (``Factory._write``) -------------------------------------------------
 
     def _write(self, f: Factory, run: Run, decide: Callable, audit: bool, done: Callable) -> None:
-        """``decide(record) -> record | Outcome`` under the fence, compare-and-set on the revision
-        held; on a conflict re-read and decide again. A write that got no reply (its timeout
-        fired: the reply was lost, or the request still waits in a partitioned client's buffer)
-        may have landed, so the record is re-read to learn it, as production's ``_write`` does:
-        a record equal to one of this call's unanswered writes means that write landed.
+        """``Factory._write``: drive :class:`lease.FencedWrite` (the machine production drives)
+        with this simulation's requests. ``decide(record) -> record | Outcome`` under the fence.
         ``done(result, slot)`` gets the new record (or Outcome), None (fenced), TIMEOUT (a
-        re-read unanswered too: production's exception), CONFLICT (retries exhausted) or
-        ILLEGAL. One write at a time per run, like production's ``write_lock``."""
+        read unanswered too: production's exception), CONFLICT (retries exhausted) or ILLEGAL.
+        One write at a time per run, like production's ``write_lock``; a crash (a new
+        incarnation) drops the write wherever it is, as it kills production's coroutine."""
         if run.ended:
             return done(None, None)  # production's _execute has returned: nothing writes for this run
         if run.writing:
             run.write_q.append((decide, audit, done))
             return
         run.writing = True
-        self._write_step(f, f.inc, run, decide, audit, done, run.record, run.revision, 0, [])
+        t0 = self.t  # before any try is sent: conservative for the self-fence
+        machine = lease.FencedWrite(run.record, run.revision, decide, stopped=lambda: run.fenced,
+                                    jitter=self.random, encode=_same, decode=_same)
+        sent: dict[int, Req] = {}
+        self._write_act(f, f.inc, run, machine, audit, done, sent, lambda: machine.start(), t0)
+
+    def _write_act(self, f: Factory, inc: int, run: Run, machine: lease.FencedWrite, audit: bool, done: Callable,
+                   sent: dict[int, Req], feed: Callable[[], lease.Action], t0: float = 0.0) -> None:
+        """Feed one result into the machine (``feed``) and perform the action it returns."""
+        if f.inc != inc:
+            return
+        try:
+            act = feed()
+        except IllegalTransition:
+            # Production lets this escape _write (only Fenced is handled there): the caller's run
+            # ends with a logged error. Only a broken variant can get here.
+            self.stats["illegal_transition"] += 1
+            return self._write_done(f, inc, run, done, ILLEGAL)
+        step = self._write_act
+        if isinstance(act, lease.Send):
+            def on_update(res, slot):
+                if res == TIMEOUT:
+                    self.stats["write_unanswered"] += 1
+                    return step(f, inc, run, machine, audit, done, sent, t0=t0, feed=machine.no_answer)
+                if res == CONFLICT:
+                    self.stats["write_conflicts"] += 1
+                    return step(f, inc, run, machine, audit, done, sent, t0=t0, feed=machine.conflict)
+                step(f, inc, run, machine, audit, done, sent, t0=t0, feed=lambda: machine.stored(res))
+
+            sent[act.attempt] = self._send(f, "update", run.job, on_update, act.data, act.last, audit=audit)
+        elif isinstance(act, lease.Read):
+            def on_fresh(res, _slot):
+                if res == TIMEOUT:
+                    return step(f, inc, run, machine, audit, done, sent, t0=t0, feed=machine.read_unanswered)
+                step(f, inc, run, machine, audit, done, sent, t0=t0,
+                     feed=lambda: machine.read(None) if res is None else machine.read(res[0], res[1]))
+
+            self._send(f, "get", run.job, on_fresh)
+        elif isinstance(act, lease.BackOff):
+            self.stats["write_backoffs"] += 1
+            self.at(self.t + act.delay_s, step, f, inc, run, machine, audit, done, sent, machine.backed_off, t0)
+        elif isinstance(act, lease.Done):
+            slot = None
+            if act.revision is not None:
+                run.revision, run.record = act.revision, act.record
+                if t0 > run.lease_sent_at and act.record.stage in LEASED:  # the lease runs from t0 on
+                    run.lease_sent_at = t0
+                    self._rearm(f, run)
+                req = sent[act.attempt]
+                slot, req.slot = req.slot, None  # the landed write's audit slot goes to its event
+                if act.learned:
+                    self.stats["write_learned"] += 1
+                    self.note(f.id, "write_learned", run.job, run.epoch)
+            self._write_done(f, inc, run, done, act.outcome or act.record, slot)
+        elif isinstance(act, lease.Fenced):
+            if act.noticed:
+                self._fenced(f, run, act.record)
+            self._write_done(f, inc, run, done, None)
+        else:
+            assert isinstance(act, lease.GiveUp), act
+            self._write_done(f, inc, run, done, TIMEOUT if act.reason == "unanswered" else CONFLICT)
 
     def _write_done(self, f: Factory, inc: int, run: Run, done: Callable, result, slot: int | None = None) -> None:
         run.writing = False
@@ -791,60 +1213,6 @@ class Sim:
             decide, audit, nxt = run.write_q.pop(0)
             self._write(f, run, decide, audit, nxt)
 
-    def _write_step(self, f: Factory, inc: int, run: Run, decide: Callable, audit: bool, done: Callable,
-                    rec: JobRecord, rev: int, tries: int, unanswered: list[tuple[JobRecord, object, Req]]) -> None:
-        if f.inc != inc:
-            return
-        if tries >= MAX_CAS_RETRIES:
-            return self._write_done(f, inc, run, done, CONFLICT)
-        if run.fenced:
-            return self._write_done(f, inc, run, done, None)
-        try:
-            new = decide(rec)
-        except protocol.Fenced:
-            self._fenced(f, run, rec)
-            return self._write_done(f, inc, run, done, None)
-        except IllegalTransition:
-            # Production lets this escape _write (only Fenced is caught there): the caller's run
-            # ends with a logged error. Only a broken variant can get here.
-            self.stats["illegal_transition"] += 1
-            return self._write_done(f, inc, run, done, ILLEGAL)
-        if new is None:  # production's _write: nothing to write (a renewal after the result)
-            return self._write_done(f, inc, run, done, rec)
-        new_rec = new.record if isinstance(new, protocol.Outcome) else new
-
-        def on_update(res, slot):
-            if res == TIMEOUT:
-                # Production: read the record to learn the outcome (the read may overtake the
-                # write; then the retry conflicts once it lands, and the next read tells).
-                self.stats["write_unanswered"] += 1
-                unanswered.append((new_rec, new, req))
-                return self._send(f, "get", run.job, on_fresh)
-            if res == CONFLICT:
-                self.stats["write_conflicts"] += 1
-                return self._send(f, "get", run.job, on_fresh)
-            run.revision, run.record = res, new_rec
-            self._write_done(f, inc, run, done, new if isinstance(new, protocol.Outcome) else new_rec, slot)
-
-        def on_fresh(res, _slot):
-            if res == TIMEOUT:
-                return self._write_done(f, inc, run, done, TIMEOUT)
-            if res is None:
-                self._fenced(f, run, None)
-                return self._write_done(f, inc, run, done, None)
-            for sent_rec, sent, sent_req in unanswered:
-                if res[0] == sent_rec:  # production compares the encoded values
-                    self.stats["write_learned"] += 1
-                    self.note(f.id, "write_learned", run.job, run.epoch)
-                    run.revision, run.record = res[1], sent_rec
-                    # The event takes the slot the landed write reserved, as if its reply had come.
-                    slot, sent_req.slot = sent_req.slot, None
-                    return self._write_done(f, inc, run, done,
-                                            sent if isinstance(sent, protocol.Outcome) else sent_rec, slot)
-            self._write_step(f, inc, run, decide, audit, done, res[0], res[1], tries + 1, unanswered)
-
-        req = self._send(f, "update", run.job, on_update, new_rec, rev, audit=audit)
-
     def _fenced(self, f: Factory, run: Run, rec: JobRecord | None) -> None:
         """``Factory._fenced``: stop the run and say so; its result will be quarantined."""
         if run.fenced:
@@ -854,7 +1222,7 @@ class Sim:
         self.note(f.id, "fenced", run.job, run.epoch)
         self._publish_fenced(f, run.job, run.epoch, rec, f"write with stale epoch {run.epoch} refused")
         if not run.engine_done:  # the engine is killed at once (run.cancel)
-            self.at(self.t + 0.1, self._engine_end, f, f.inc, run)
+            self._kill(run, ENGINE_KILL_S)
 
     def _publish_fenced(self, f: Factory, jid: str, epoch: int, rec: JobRecord | None, why: str) -> None:
         if f.partition_until > self.t:
@@ -872,26 +1240,73 @@ class Sim:
         self.emit(EventRecord(kind="started", at=self.t + f.clock_offset, job=run.job, stage_from="assigned",
                               stage_to="building", epoch=run.epoch, factory=f.id, actor=f.id,
                               reason=res.reason), slot)
+        # Stopped while the start was in flight (a drain, a fence): production's run.cancel is
+        # set before the engine is spawned, so it is killed at once.
+        if run.engine_done:
+            return
+        if run.fenced:
+            return self._engine_end(f, inc, run)
+        if self.broken != "unfenced_engines" and self.t >= self._fence_deadline(f, run):
+            # The reply came too late (a stalled loop, a pause): the self-fence deadline has
+            # passed, so the engine is not started at all (the supervisor checks before spawning).
+            run.fenced = run.stop_renewing = True
+            self.stats["self_fenced_before_start"] += 1
+            return self._quarantine(f, run, "self-fenced before the engine started")
         spec = self.specs[run.job]
-        self.at(self.t + self.rng.uniform(*spec.run_s), self._engine_end, f, inc, run)
+        eng = Engine(run, f.id, inc, self.t + self.rng.uniform(*spec.run_s))
+        eng.pause_end = f.paused_until if f.paused_until else -1.0
+        run.engine = eng
+        if eng.lock is not None:
+            for other in self.engines.values():
+                if other.lock == eng.lock:
+                    paused = eng if eng.pause_end >= eng.lease_sent_at else other
+                    self._side_effect_overlap(paused, f"lock {eng.lock!r}: engine of {other.job} epoch "
+                                                      f"{other.epoch} still runs as {run.job} epoch {run.epoch} starts",
+                                              "lock_shared", run.job)
+        self.engines[(run.job, run.epoch)] = eng
+        self.stats["engines"] += 1
+        self.at(eng.end_at, self._engine_exit, eng, eng.end_at)
+        self._arm_self_fence(f, run)
+        self._refresh_lock(f, inc, run)
         self.at(self.t + self.s.lease_renew_s, self._renew, f, inc, run)
 
     def _renew(self, f: Factory, inc: int, run: Run) -> None:
         if f.inc != inc or run.stop_renewing or run.fenced:
             return
+        if f.frozen_until > self.t:
+            return self.at(f.frozen_until, self._renew, f, inc, run)
         # Like production: re-checked under the write lock, so no renewal follows the result.
         self._write(f, run, lambda r: None if run.stop_renewing
                     else protocol.renew(r, f.id, run.epoch, self.t + f.clock_offset), False,
-                    lambda res, _slot: self._renewed(f, inc, run))
+                    lambda res, _slot: self._renewed(f, inc, run, res))
 
-    def _renewed(self, f: Factory, inc: int, run: Run) -> None:
+    def _renewed(self, f: Factory, inc: int, run: Run, res=None) -> None:
+        if isinstance(res, JobRecord) and not run.fenced and not run.stop_renewing:
+            self._refresh_lock(f, inc, run)
         # Errors are logged and the loop goes on: the lease may expire, and the epoch decides.
         if not run.stop_renewing and not run.fenced:
             self.at(self.t + self.s.lease_renew_s, self._renew, f, inc, run)
 
+    def _refresh_lock(self, f: Factory, inc: int, run: Run) -> None:
+        """The lock entry is re-written after every successful lease write (start, renewals): its
+        age tells others the holder has stopped. A refresh that lands moves the self-fence on."""
+        if run.lock is None:
+            return
+        sent_at = self.t
+
+        def landed(res, _slot):
+            if f.inc == inc and res is True and sent_at > run.lock_sent_at:
+                run.lock_sent_at = sent_at
+                self._rearm(f, run)
+
+        self._send(f, "lock_refresh", run.lock, landed, (run.job, run.epoch))
+
     def _engine_end(self, f: Factory, inc: int, run: Run) -> None:
+        """The factory's loop learns that the run's engine has exited (or was stopped)."""
         if f.inc != inc or run.engine_done:
             return
+        if f.frozen_until > self.t:
+            return self.at(f.frozen_until, self._engine_end, f, inc, run)
         run.engine_done = True  # renewals go on through the upload (production's stop_renewing)
         if run.draining or run.fenced:
             run.stop_renewing = True
@@ -899,6 +1314,7 @@ class Sim:
             return self._hand_back(f, inc, run, "factory draining")
         if run.fenced:
             return self._quarantine(f, run, "lease lost while running (stale epoch)")
+        self._push(f, inc, run)
         spec = self.specs[run.job]
         failure = self.rng.choice(spec.fail_classes) if self.rng.random() < spec.fail_p else None
         upload_s = self.rng.uniform(0.01, 0.5)
@@ -907,10 +1323,40 @@ class Sim:
             self.stats["slow_report"] += 1
         self.at(self.t + upload_s, self._report, f, inc, run, failure)
 
+    def _push(self, f: Factory, inc: int, run: Run) -> None:
+        """The run pushes its branch, fenced just before (``gigafactory fence``): by a compare-and-set
+        renewal (the leader decides), or, broken (``fence_from_read``), by a read that a lagging
+        replica may answer. A push whose fence was decided on a view the leader did not hold at
+        that moment is a ``fence_from_stale_read``."""
+        if self.broken != "fence_from_read":
+            def renewed(res, _slot):
+                if isinstance(res, JobRecord | protocol.Outcome):
+                    self.stats["pushes"] += 1  # the leader stored our renewal: we held the lease
+            return self._write(f, run, lambda r: protocol.renew(r, f.id, run.epoch, self.t + f.clock_offset),
+                               False, renewed)
+
+        def read(res, _slot):
+            if f.inc != inc or res == TIMEOUT:
+                return
+            rec, truth = res
+            try:
+                protocol.check_fence(rec, run.job, f.id, run.epoch)
+            except protocol.Fenced:
+                return
+            self.stats["pushes"] += 1
+            if not truth:
+                self._violation("fence_from_stale_read", run.job,
+                                f"{f.id} pushed under epoch {run.epoch}: a replica's read said it held the lease, "
+                                f"the leader's record did not")
+
+        self._send(f, "follower_get", run.job, read, (f.id, run.epoch))
+
     def _report(self, f: Factory, inc: int, run: Run, failure: FailureClass | None) -> None:
         """``Factory._report``: the result under the epoch, or into the outbox if the broker does not answer."""
         if f.inc != inc:
             return
+        if f.frozen_until > self.t:
+            return self.at(f.frozen_until, self._report, f, inc, run, failure)
         detail = f"sim: {failure or 'passed'}"
         run.stop_renewing = True
         self._write(f, run, self._finisher(f, run.epoch, failure, detail), True,
@@ -959,6 +1405,8 @@ class Sim:
         run.ended = True
         run.engine_done = True
         run.stop_renewing = True
+        if run.lock is not None:
+            self._send(f, "lock_release", run.lock, lambda *_: None, (run.job, run.epoch))
         if f.runs.get((run.job, run.epoch)) is run:
             del f.runs[(run.job, run.epoch)]
             self._release(f, run.station)
@@ -967,7 +1415,7 @@ class Sim:
         else:
             self._fetch(f)
 
-    def _hand_back(self, f: Factory, inc: int, run: Run, reason: str) -> None:
+    def _hand_back(self, f: Factory, inc: int, run: Run, reason: str, backoff_s: float = 0.0) -> None:
         def done(res, slot):
             if isinstance(res, protocol.Outcome):
                 self.emit(EventRecord(kind="handed_back", at=self.t + f.clock_offset, job=run.job, epoch=run.epoch,
@@ -976,8 +1424,8 @@ class Sim:
                 run.fenced = True  # the lease is given up: nothing more may be written under it
             self._end_run(f, run)
 
-        self._write(f, run, lambda r: protocol.hand_back(r, f.id, run.epoch, self.t + f.clock_offset, reason),
-                    True, done)
+        self._write(f, run, lambda r: protocol.hand_back(r, f.id, run.epoch, self.t + f.clock_offset, reason,
+                                                         backoff_s), True, done)
 
     # -- factory: the outbox (``Factory._flush_item``) ---------------------------------------------------
 
@@ -1054,7 +1502,127 @@ class Sim:
 
         self._write(f, run, self._finisher(f, item.epoch, item.failure, item.detail), True, done)
 
+    # -- engines, the side-effect ledger and self-fencing ----------------------------------------------
+
+    def _engine_exit(self, eng: Engine, end_at: float) -> None:
+        """The engine finishes its work (its last side effect) and exits."""
+        if not eng.alive or end_at != eng.end_at:
+            return  # killed, or its end moved by a pause
+        self.stats["side_effects"] += 1
+        self._engine_gone(eng)
+
+    def _engine_gone(self, eng: Engine) -> None:
+        """The engine process is gone (exited, or killed): no side effect after this."""
+        if not eng.alive:
+            return
+        eng.alive = False
+        if self.engines.get((eng.job, eng.epoch)) is eng:
+            del self.engines[(eng.job, eng.epoch)]
+        if eng.run is not None:
+            f = self.by_id[eng.fid]
+            self._engine_end(f, eng.inc, eng.run)
+
+    def _kill(self, run: Run, within_s: float) -> None:
+        """Stop the run's engine (``run.cancel``); the loop then learns it ended. A run without a
+        live engine has nothing to stop (its start was refused, or the exit is being handled)."""
+        if run.engine is not None and run.engine.alive:
+            self.at(self.t + within_s, self._engine_gone, run.engine)
+
+    def _arm_self_fence(self, f: Factory, run: Run) -> None:
+        """The supervisor's deadline: ``lease_ttl_s - margin`` after the last successful lease write
+        was sent, on the factory's own monotonic clock (which runs off by ``f.drift``)."""
+        if self.broken == "unfenced_engines":
+            return
+        self.at(self._fence_deadline(f, run), self._self_fence, f, f.inc, run, run.fence_base())
+
+    def _rearm(self, f: Factory, run: Run) -> None:
+        if run.engine is not None and run.engine.alive:
+            run.engine.lease_sent_at = run.fence_base()
+            self._arm_self_fence(f, run)
+
+    def _fence_deadline(self, f: Factory, run: Run) -> float:
+        """Sim time at which ``f``'s monotonic clock says ``lease_ttl_s - margin`` have passed
+        since the run's last successful lease write was sent."""
+        return run.fence_base() + (self.s.lease_ttl_s - self.margin_s) / (1.0 + f.drift)
+
+    def _self_fence(self, f: Factory, inc: int, run: Run, armed_for: float) -> None:
+        eng = run.engine
+        if f.inc != inc or run.fence_base() != armed_for or eng is None or not eng.alive or run.fenced:
+            return
+        if f.paused_until > self.t:  # SIGSTOP stops the supervisor too
+            return self.at(f.paused_until, self._self_fence, f, inc, run, armed_for)
+        if self.broken == "deadline_on_loop" and f.frozen_until > self.t:
+            return self.at(f.frozen_until, self._self_fence, f, inc, run, armed_for)
+        run.fenced = True
+        run.stop_renewing = True
+        self.stats["self_fenced"] += 1
+        self.note(f.id, "self_fenced", run.job, run.epoch)
+        if f.partition_until <= self.t:
+            self.emit(EventRecord(kind="self_fenced", at=self.t + f.clock_offset, job=run.job, epoch=run.epoch,
+                                  factory=f.id, actor=f.id,
+                                  reason=f"no successful renewal for {self.t - armed_for:.1f}s: engine stopped"))
+        self.at(self.t + self.rng.uniform(0.0, self.kill_grace_s), self._engine_gone, eng)  # SIGTERM, SIGKILL
+
+    def _lease_lost(self, jid: str, epoch: int) -> None:
+        """A reaper took the lease of ``epoch``: no engine of that epoch may still run."""
+        eng = self.engines.get((jid, epoch))
+        if eng is not None:
+            self._side_effect_overlap(eng, f"engine of epoch {epoch} on {eng.fid} still running when its lease "
+                                           f"was reaped", "side_effect_after_lease_lost", jid)
+
+    def _side_effect_overlap(self, eng: Engine, detail: str, invariant: str, jid: str) -> None:
+        if eng.pause_end >= eng.lease_sent_at:
+            # Its holder was paused (SIGSTOP) since its last renewal: the documented window.
+            self.stats["pause_window"] += 1
+            return
+        self._violation(invariant, jid, detail)
+
+    def _violation(self, invariant: str, jid: str | None, detail: str) -> None:
+        assert invariant in SIM_INVARIANTS
+        if len(self.found) < invariants.MAX_VIOLATIONS:
+            self.found.append(invariants.Violation(invariant, jid, detail))
+
     # -- faults -----------------------------------------------------------------------------------------
+
+    def _pause(self, f: Factory, duration_s: float) -> None:
+        """SIGSTOP, then SIGCONT: the loop, the supervisor and the engines all stand still."""
+        if not f.alive:
+            return
+        self.stats["pauses"] += 1
+        self.note(f.id, "pause")
+        end = self.t + duration_s
+        f.paused_until = max(f.paused_until, end)
+        f.frozen_until = max(f.frozen_until, end)
+        for run in f.runs.values():
+            eng = run.engine
+            if eng is not None and eng.alive:
+                eng.end_at += duration_s
+                eng.pause_end = end
+                self.at(eng.end_at, self._engine_exit, eng, eng.end_at)
+
+    def _loop_stall(self, f: Factory, duration_s: float) -> None:
+        """The event loop is busy (CPU-bound work on it); engines and the supervisor go on."""
+        if not f.alive:
+            return
+        self.stats["loop_stalls"] += 1
+        self.note(f.id, "loop_stall")
+        f.frozen_until = max(f.frozen_until, self.t + duration_s)
+
+    def _power_loss(self, outage_s: float) -> None:
+        """The broker's node loses power: its clients see an outage; a non-fsynced store also loses
+        every write since its last sync, so revisions and epochs are handed out again."""
+        self.stats["power_losses"] += 1
+        self.note("broker", "power_loss")
+        lost = self.store.roll_back()
+        self.stats["writes_rolled_back"] += lost
+        for f in self.factories:
+            self._partition(f, outage_s, True)
+
+    def _sync(self) -> None:
+        self.store.journal.clear()
+        if not self.done:
+            self.at(self.t + UNSYNCED_SYNC_INTERVAL_S, self._sync)
+
 
     def _crash(self, f: Factory) -> None:
         if not f.alive:
@@ -1068,6 +1636,13 @@ class Sim:
             return
         f.alive = False
         f.inc += 1  # every callback of the old process is dropped
+        for eng in list(self.engines.values()):
+            if eng.fid == f.id and eng.run is not None:  # an engine of this process
+                eng.run = None
+                if self.broken != "unfenced_engines":  # parent-death signal: the group dies with it
+                    self.at(self.t + PARENT_DEATH_S, self._engine_gone, eng)
+                else:
+                    self.stats["leftover_engines"] += 1
         f.runs.clear()
         f.claiming = f.waiting = f.flushing = f.draining = f.flush_scheduled = False
         f.free = list(range(f.stations))
@@ -1098,6 +1673,8 @@ class Sim:
             return
         for run in list(f.runs.values()):
             run.draining = True
+            if run.engine is not None and run.engine.alive:
+                self._engine_gone(run.engine)  # stopped (SIGTERM) before it is handed back
             self._engine_end(f, inc, run)
         self.at(self.t + 10.0, self._down, f, inc)  # production waits at most 10 s more
 
@@ -1119,6 +1696,17 @@ class Sim:
         self.stats["clock_jumps"] += 1
         self.note(f.id, "clock_jump")
         f.clock_offset += by_s
+
+
+def _holds(rec: JobRecord, factory: str, epoch: int) -> bool:
+    """The record is leased to ``factory`` at ``epoch`` (what a fence must establish)."""
+    return rec.stage in LEASED and rec.lease is not None and rec.lease.factory == factory and rec.epoch == epoch
+
+
+def _same(value):
+    """The store keeps records, not bytes: the fenced write compares records (equal records have
+    equal encodings), so its encode and decode are the identity here."""
+    return value
 
 
 def _epoch_blind_fence(rec: JobRecord | None, job_id: str, factory: str, epoch: int) -> JobRecord:
@@ -1183,6 +1771,11 @@ def simulate(
     events = [e for e in sim.events if e is not None]
     report = invariants.check(records, events, submitted=set(sim.specs), acknowledged=sim.acknowledged,
                               allow_in_flight=False, strict_audit=strict_audit)
+    per_key = Counter(r.manifest.idempotency_key for r in records.values() if r.manifest.idempotency_key)
+    for key, n in per_key.items():
+        if n > 1:
+            sim._violation("one_job_per_key", sim.keyed.get(key), f"idempotency key {key!r} has {n} jobs")
+    report.violations.extend(sim.found)
     stats = dict(sorted(sim.stats.items()))
     return SimResult(seed=seed, jobs=records, events=events, report=report, trace=sim.trace, stats=stats,
                      settled=settled, end_s=sim.t, steps=sim.steps, acknowledged=set(sim.acknowledged))

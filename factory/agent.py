@@ -53,6 +53,7 @@ from gigafactory.schemas.records import (
     encode,
 )
 
+from . import lease
 from . import probe as probe_mod
 from . import shell
 from .logs import CappedLog, LogUploadTimeout
@@ -789,48 +790,45 @@ class Factory:
 
     async def _write(self, run: Run, decide, *, renewal: bool = False) -> JobRecord | None:
         """A fenced write: ``decide(record) -> record|Outcome``, CAS on the revision we hold.
-        On a conflict, re-read: a stale epoch means fenced (returns None), anything else retries."""
+        Returns the record the run holds afterwards, or None if the run is fenced; raises
+        ``Conflict`` after ``MAX_CAS_RETRIES`` refused tries, and the broker's error when a
+        read after a conflict or an unanswered write gets no answer either.
+
+        This is only the I/O: every decision (retry, learn that an unanswered write landed,
+        back off, fenced, give up) is :class:`lease.FencedWrite`'s, the machine the
+        deterministic simulation drives too."""
         async with run.write_lock:
-            rec, rev = run.record, run.revision
-            # Writes sent without a reply (a lost reply, or the timer fired while this process
-            # was paused): each may have landed, and a record read later that is one says so.
-            unanswered: dict[bytes, JobRecord] = {}
-            for attempt in range(MAX_CAS_RETRIES):
-                if run.fenced:
+            machine = lease.FencedWrite(run.record, run.revision, decide, stopped=lambda: run.fenced)
+            act = machine.start()
+            while True:
+                if isinstance(act, lease.Send):
+                    try:
+                        act = machine.stored(await self.b.jobs.update(run.job, act.data, last=act.last))
+                    except Conflict:
+                        act = machine.conflict()
+                    except TRANSIENT:
+                        act = machine.no_answer()
+                elif isinstance(act, lease.Read):
+                    try:
+                        fresh = await self.b.jobs.get(run.job)
+                    except TRANSIENT:
+                        machine.read_unanswered()
+                        raise
+                    act = machine.read(None) if fresh is None else machine.read(fresh.value, fresh.revision)
+                elif isinstance(act, lease.BackOff):
+                    await asyncio.sleep(act.delay_s)
+                    act = machine.backed_off()
+                elif isinstance(act, lease.Done):
+                    if act.revision is not None:
+                        run.revision, run.record = act.revision, act.record
+                    return act.record
+                elif isinstance(act, lease.Fenced):
+                    if act.noticed:
+                        await self._fenced(run, act.record)
                     return None
-                try:
-                    new = decide(rec)
-                except protocol.Fenced:
-                    await self._fenced(run, rec)
-                    return None
-                if new is None:
-                    return rec
-                new_rec = new.record if isinstance(new, protocol.Outcome) else new
-                data = encode(new_rec)
-                try:
-                    run.revision = await self.b.jobs.update(run.job, data, last=rev)
-                    run.record = new_rec
-                    return new_rec
-                except Conflict:
-                    fresh = await self.b.jobs.get(run.job)
-                except TRANSIENT:
-                    # Read the record to learn the outcome (if the broker does not answer the
-                    # read either, that raises as the write used to). The read can overtake the
-                    # write; then the write lands, the retry conflicts, and the next read tells.
-                    unanswered[data] = new_rec
-                    fresh = await self.b.jobs.get(run.job)
-                    if fresh is not None and fresh.value not in unanswered:
-                        # No stream answered (a leader election, say): the read came from a
-                        # replica. Back off, so the tries outlast an election, not a burst.
-                        await asyncio.sleep(random.uniform(0.5, 1.0) * min(WRITE_BACKOFF_MAX_S, 0.1 * 2 ** attempt))
-                if fresh is not None and fresh.value in unanswered:
-                    run.revision, run.record = fresh.revision, unanswered[fresh.value]
-                    return run.record
-                if fresh is None:
-                    await self._fenced(run, None)
-                    return None
-                rec, rev = decode(fresh.value, JobRecord), fresh.revision
-            raise Conflict(f"{run.job}: could not write after {MAX_CAS_RETRIES} tries")
+                else:
+                    assert isinstance(act, lease.GiveUp), act
+                    raise Conflict(f"{run.job}: could not write after {lease.MAX_CAS_RETRIES} tries")
 
     async def _fenced(self, run: Run, rec: JobRecord | None) -> None:
         if run.fenced:

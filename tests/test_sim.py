@@ -38,7 +38,8 @@ def test_the_faults_really_happen_in_those_runs():
 
     for fault in ("msg_lost", "msg_duplicated", "reply_lost", "crashes", "drains", "partitions", "clock_jumps",
                   "slow_report", "polled", "buffered_lost_in_crash", "claim_conflict", "write_conflicts",
-                  "write_unanswered", "write_learned"):
+                  "write_unanswered", "write_learned", "write_backoffs", "pauses", "loop_stalls", "power_losses",
+                  "engines", "self_fenced", "pause_window", "lock_wait", "pushes", "submit_existing"):
         assert stats[fault] > 0, fault
     # ...and the protocol's answers to them show in the audit.
     for answer in ("fenced", "lease_expired", "handed_back", "cancel", "dead_letter", "deps_met"):
@@ -84,6 +85,80 @@ def test_factory_clock_jumps_alone_never_expire_a_lease_because_the_store_clock_
         assert res.ok, res.summary()
         assert res.report.counts["lease_expired"] == 0
         assert res.report.counts["fenced"] == 0
+
+
+# --- engines, locks, intake, replicas, the store: the faults of issue 8 ------------------------------
+
+# Each broken variant, the faults that make it show, the seeds, and the invariant it must break.
+# The same seeds with the same faults and the real rules must keep every invariant.
+CAUGHT = [
+    ("unfenced_engines", FaultConfig(), range(12), "side_effect_after_lease_lost"),
+    ("deadline_on_loop", FaultConfig(loop_stalls=1.0), range(20), "side_effect_after_lease_lost"),
+    ("lock_free_on_epoch", FaultConfig(cancels=0.3, requeues=0.3, locked=0.6), range(20), "lock_shared"),
+    ("intake_reuse_missing", FaultConfig(), range(10), "one_job_per_key"),
+    ("fence_from_read", FaultConfig(follower_lag_s=6.0, requeues=0.3, cancels=0.3), range(20),
+     "fence_from_stale_read"),
+    ("unsynced_store", FaultConfig(), range(12), "epoch_handed_out_twice"),
+    ("reap_blind_retry", FaultConfig(view_lag_s=10.0), range(10), "side_effect_after_lease_lost"),
+]
+
+
+@pytest.mark.parametrize("broken,faults,seeds,invariant", CAUGHT, ids=[c[0] for c in CAUGHT])
+def test_each_broken_rule_is_caught_and_the_real_rule_is_not(broken, faults, seeds, invariant):
+    results = [simulate(seed, broken=broken, faults=faults) for seed in seeds]
+
+    caught = [r.seed for r in results if invariant in r.report.by_invariant()]
+    assert caught, f"{broken}: no {invariant} in seeds {seeds}"
+    assert run_many(seeds, faults=faults) == []
+
+
+def test_a_paused_holder_is_the_only_allowance_and_it_is_counted_not_judged():
+    pauses = dataclasses.replace(FaultConfig.none(), pauses=2.0, pause_s=(20.0, 60.0))
+
+    results = [simulate(seed, faults=pauses) for seed in range(30)]
+
+    assert all(r.ok for r in results), [r.summary() for r in results if not r.ok][:1]
+    assert sum(r.stats.get("pause_window", 0) for r in results) > 0
+    # Without pauses nothing needs the allowance, even with every other fault on.
+    assert all(simulate(seed, faults=dataclasses.replace(FaultConfig(), pauses=0.0)).stats.get("pause_window", 0) == 0
+               for seed in range(30))
+
+
+def test_a_holder_cut_off_from_the_broker_stops_its_engine_before_the_reaper_takes_the_lease():
+    cut = dataclasses.replace(FaultConfig.none(), partitions=2.0, partition_s=(30.0, 60.0))
+
+    results = [simulate(seed, faults=cut) for seed in range(30)]
+
+    assert all(r.ok for r in results)
+    assert sum(r.stats.get("self_fenced", 0) for r in results) > 0
+    assert sum(r.report.counts.get("lease_expired", 0) for r in results) > 0
+
+
+def test_a_frozen_event_loop_cannot_keep_an_engine_past_its_lease_because_the_supervisor_fences_it():
+    stalls = dataclasses.replace(FaultConfig.none(), loop_stalls=2.0, loop_stall_s=(20.0, 40.0))
+
+    results = [simulate(seed, faults=stalls) for seed in range(20)]
+
+    assert all(r.ok for r in results)
+    fenced = [e for r in results for e in r.events if e.kind == "self_fenced"]
+    assert fenced and all(e.epoch is not None and e.factory and "no successful renewal" in e.reason for e in fenced)
+
+
+def test_the_simulation_drives_the_factorys_own_fenced_write_machine(monkeypatch):
+    from gigafactory.factory import lease
+
+    made = []
+    real = lease.FencedWrite
+
+    class Counting(real):
+        def __init__(self, *a, **kw):
+            made.append(1)
+            super().__init__(*a, **kw)
+
+    monkeypatch.setattr(lease, "FencedWrite", Counting)
+    res = simulate(3)
+
+    assert res.ok and len(made) > 20
 
 
 # --- determinism ----------------------------------------------------------------------------------
@@ -138,7 +213,10 @@ def test_a_fence_that_forgets_the_epoch_lets_a_factorys_own_stale_run_write_over
 
     caught = [r for r in results if not r.ok]
     assert caught, "an epoch-blind fence went unnoticed in 200 seeds"
-    assert {inv for r in caught for inv in r.report.by_invariant()} == {"stale_write_accepted"}
+    found = {inv for r in caught for inv in r.report.by_invariant()}
+    # A stale result written over the new lease also ends it early for the lock rule: the lock
+    # goes free while the new holder's engine runs (a consequence, seen as lock_shared).
+    assert "stale_write_accepted" in found and found <= {"stale_write_accepted", "lock_shared"}
     assert protocol.check_fence is REAL_CHECK_FENCE  # put back after every run
     assert run_many(range(40)) == []
 
@@ -174,12 +252,15 @@ def test_a_report_that_lands_after_its_client_timed_out_has_no_event_and_strict_
     # Production publishes an event after its write's reply. A report whose reply is lost has
     # landed, but the factory replays it from its outbox, the fence refuses the replay (the job
     # is no longer leased), and the audit shows 'fenced' where the result actually went in.
-    lenient = [simulate(seed) for seed in range(60)]
+    # A gap takes a lost reply to a report that is not learned by the read after it; with the
+    # default faults that is rare (2 seeds of the first 300), so lost replies are frequent here.
+    lossy = FaultConfig(reply_loss=0.2)
+    lenient = [simulate(seed, faults=lossy) for seed in range(40)]
     gaps = [r.seed for r in lenient if r.report.counts["audit_gaps"]]
 
     assert all(r.ok for r in lenient)
     assert gaps
-    strict = simulate(gaps[0], strict_audit=True)
+    strict = simulate(gaps[0], faults=lossy, strict_audit=True)
     assert set(strict.report.by_invariant()) == {"audit_matches_record"}
 
 
