@@ -402,7 +402,7 @@ async def thundering_herd(cfg: ScenarioConfig) -> ScenarioResult:
     per_host = FACTORIES_PER_HOST_BOUNDED if cfg.bounded else FACTORIES_PER_HOST_FULL
     trickle_jobs = 20 if cfg.bounded else 40
     storms = 1 if cfg.bounded else max(2, round(cfg.duration_s / 60))
-    async with Lab(cfg.workdir, seed=cfg.seed, timings=HERD_TIMINGS) as lab:
+    async with Lab(cfg.workdir, seed=cfg.seed, timings=HERD_TIMINGS, factory_env=cfg.factory_env) as lab:
         load_rng, chaos_rng = lab.random("load"), lab.random("chaos")
         hosts = [FleetHostProc(lab, f"fleet-host-{k}", prefix="herd-", start=k * per_host, count=per_host)
                  for k in range(HOSTS)]
