@@ -573,6 +573,9 @@ class Lab:
         self.proxies: list[LabProxy] = []
         self.factory_env: dict[str, str] = dict(factory_env or {})
         """Added to every factory's environment (see :attr:`ScenarioConfig.factory_env`)."""
+        self.hosts: list[LabProc] = []
+        """Processes a scenario started that run factories in-process (fleet hosts), marked
+        like factories: what they start is theirs while they live (see :meth:`leftover_engines`)."""
         self.ledger = self.workdir / LEDGER_NAME
         """The side-effect ledger every job of the lab appends to (see :func:`ledger_script`)."""
         self.ledger.touch()
@@ -1015,7 +1018,7 @@ class Lab:
         """The processes carrying this lab's marker whose factory is dead: neither a factory
         of the lab nor descended from a live one. A paused factory is alive; a factory
         restarted with the same id is a new process, so its predecessor's engines count."""
-        live = {p.pid for p in self.factories.values() if p.alive()}
+        live = {p.pid for p in [*self.factories.values(), *self.hosts] if p.alive()}
         out = []
         for pid in _processes_with_marker(self.id):
             if pid in live:
