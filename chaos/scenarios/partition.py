@@ -22,9 +22,12 @@ DIRECT = "fd"
 PROXIED_CAP = "proxied"
 """Only the factory behind the proxy has it: a job that requires it can run nowhere else."""
 
-DELAY_MS, DELAY_JITTER_MS = 250.0, 100.0
-"""Each way, so a round trip costs 0.5-0.7 s: several times the lab's usual, well under the
-request timeout (2 s) and the lease TTL (2 s), so a lease renewed through it survives."""
+DELAY_MS, DELAY_JITTER_MS = 100.0, 40.0
+"""Each way, so a round trip costs 0.12-0.28 s: a hundred times the lab's usual, yet short
+enough that a holder renewing through it keeps its lease *and* never fences itself: a holder
+stops its engine once its last renewal that succeeded was sent ``lease_ttl_s -
+fence_margin_s`` ago (1.33 s with the lab's timings), and renewals succeed at most two round
+trips and a renewal period apart (0.5 + 2 x 0.28 = 1.06 s)."""
 DELAY_JOB_S = 4.0
 """The delayed job runs for two lease TTLs: it survives only if its renewals get through."""
 DROP_P = 0.8
