@@ -53,7 +53,8 @@ The invariants (names as they appear in reports):
 ``one_epoch_at_a_time`` (with ``side_effects``)
     A job's side effects come from one epoch at a time: no line of an older epoch is stamped
     after the first line of a newer one (beyond the same pause allowance). This holds even when
-    the audit lacks the event that ended a lease.
+    the audit lacks the event that ended a lease. And one run per epoch: an epoch's ``start``
+    appears once (a lease runs its engine once).
 ``ledger_well_formed`` (with ``side_effects``)
     Every ledger line reads ``<job> <epoch> <phase> <time>``, and the ledger was read whole.
 ``no_leftover_engine`` (with ``side_effects``)
@@ -638,7 +639,13 @@ def _check_side_effects(found: _Findings, counts: Counter, timed: dict[str, list
                           f"{bad[0].line_no}) {bad[0].t - lost_ts:.3f}s after, the last ({bad[-1].phase}) "
                           f"{bad[-1].t - lost_ts:.3f}s after")
 
-        # one_epoch_at_a_time: no older epoch's line after a newer epoch's first.
+        # one_epoch_at_a_time: one run per epoch, and no older epoch's line after a newer epoch's first.
+        for epoch, lines in sorted(epochs.items()):
+            starts = [x for x in lines if x.phase == "start"]
+            if len(starts) > 1:
+                found.add("one_epoch_at_a_time", jid,
+                          f"epoch {epoch} started {len(starts)} times (ledger lines "
+                          f"{', '.join(str(x.line_no) for x in starts[:10])}): one lease ran its engine more than once")
         ordered = sorted(epochs)
         for i, older in enumerate(ordered):
             for newer in ordered[i + 1:]:

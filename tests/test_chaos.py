@@ -4,8 +4,11 @@ one invariant checker.
 
 Each implemented scenario passes its invariant check in its bounded form (what CI runs), and
 its figures show that the chaos really happened (a kill, a zombie, a crash with jobs in
-flight, results in an outbox). A fleet broken on purpose (a rogue claim that skips the
-revision check) is caught by the same checker. The full forms are marked ``slow``; their
+flight, results in an outbox). The check judges the records and what the jobs did: every job
+appends to a side-effect ledger, and no epoch may act after it lost its lease. Fleets broken
+on purpose are caught by the same checker: a rogue claim that skips the revision check, and
+factories whose engines neither die with them nor fence themselves
+(``GIGAFACTORY_UNSAFE_UNFENCED_ENGINES=1``). The full forms are marked ``slow``; their
 duration is ``$GIGAFACTORY_CHAOS_DURATION_S`` (default 20 s).
 """
 

@@ -563,6 +563,15 @@ def test_the_clock_tolerance_is_one_millisecond_either_side_of_the_loss():
     assert names(judged([*within_leases(), line(1, "END", at_loss + 0.002)])) == ["no_side_effect_after_lease_lost"]
 
 
+def test_an_epoch_that_starts_twice_ran_its_engine_twice_under_one_lease():
+    again = line(3, "start", T0 + 16.0, n=30)
+
+    report = judged([*within_leases(), again])
+
+    assert names(report) == ["one_epoch_at_a_time"]
+    assert "epoch 3 started 2 times (ledger lines 0, 30)" in report.violations[0].detail
+
+
 def test_a_later_claim_ends_the_lease_when_the_reapers_event_is_missing():
     # Without the requeue (an audit gap), f2's claim of epoch 3 at T0+11 is when epoch 1 was gone.
     zombie = line(1, "progress", T0 + 11.5)
