@@ -58,7 +58,8 @@ def test_partition_fences_the_stale_factory_after_the_heal_and_its_lease_survive
     # never shipped; the partitioned engine did nothing after its lease was gone.
     [reclaim_s] = f["blackhole_reclaim_s"]
     assert reclaim_s <= f["blackhole_reclaim_bound_s"]
-    assert f["blackhole_shipped_elsewhere_s"][0] < f["blackhole_partitioned_s"][0]
+    # (Equal at the figures' rounding when the holder had fenced itself before the ship.)
+    assert f["blackhole_shipped_elsewhere_s"][0] <= f["blackhole_partitioned_s"][0]
     assert f["blackhole_result_in_outbox_s"][0] <= f["blackhole_partitioned_s"][0]
     assert f["blackhole_run_ended"][0] in ("self-fenced", "outbox")
     assert f["fenced_events"] + f["self_fenced_events"] >= 1 and f["quarantined_results"] >= 1
