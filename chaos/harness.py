@@ -19,9 +19,16 @@ Rules every scenario keeps, and the lab enforces where it can:
 - Every chaos decision is drawn from ``random.Random`` streams seeded by the run's seed
   (:meth:`Lab.random`), so a run's schedule is reproducible (which factory is hit still
   depends on what the fleet is doing at that moment).
-- Processes are always cleaned up, including the engine process groups that a SIGKILLed
-  factory leaves behind: every factory runs with ``GF_CHAOS_LAB=<lab id>`` in its environment,
-  which its engines inherit, and :meth:`Lab.close` kills every process that carries it.
+- Every job a scenario submits appends ``<job> <epoch> <phase> <time>`` lines (``start``,
+  ``progress`` while it works, ``END``) to the lab's side-effect ledger (:attr:`Lab.ledger`,
+  see :func:`ledger_prelude`), and :meth:`Lab.check` judges them against the broker's
+  records: no side effect of an epoch after that epoch lost its lease, the lab's own pauses
+  being the one allowance, counted apart.
+- An engine that outlives its factory is a finding, not a mess to hide: every factory runs
+  with ``GF_CHAOS_LAB=<lab id>`` in its environment, which its engines inherit, and
+  :meth:`Lab.check` counts the marked processes whose factory is dead (each a
+  ``no_leftover_engine`` violation) before anything is cleaned up. Only then does
+  :meth:`Lab.close` kill whatever carries the marker, so nothing is left on the machine.
 
 A scenario is an ``async def`` registered with :func:`scenario`; it takes a
 :class:`ScenarioConfig` and returns a :class:`ScenarioResult`. :func:`run_scenario` runs one by
@@ -32,15 +39,17 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import os
 import random
 import secrets
+import shlex
 import signal
 import sqlite3
 import subprocess
 import sys
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -83,6 +92,16 @@ LAB_TIMINGS: dict[str, float] = dict(
 )
 """Short timings, so a lease expires in seconds and a scenario fits in well under a minute."""
 
+UNFENCED_ENGINES_ENV: dict[str, str] = {"GIGAFACTORY_UNSAFE_UNFENCED_ENGINES": "1"}
+"""A factory environment that turns off both guards against zombie engines (the parent-death
+kill and self-fencing): the broken-on-purpose variant the side-effect invariant must catch."""
+
+LEDGER_NAME = "ledger.txt"
+"""The side-effect ledger's file name in the lab's workdir."""
+PROGRESS_EVERY_S = 0.25
+"""How often a job of the lab writes a ``progress`` line while it works: often enough that an
+engine outliving its lease by a lease TTL leaves several lines after the loss."""
+
 READY_TIMEOUT_S = 30.0
 """Bound on a process becoming ready (a factory registered, the coordinator's API answering)."""
 STOP_TIMEOUT_S = 15.0
@@ -98,13 +117,17 @@ class ScenarioConfig:
 
     ``seed``: draws every chaos decision. ``duration_s``: how long the full form applies its
     chaos (ignored by the bounded form). ``bounded``: the short form CI runs, well under a
-    minute on two cores. ``workdir``: where the broker store, factory data dirs and every
-    process's log go (kept after the run)."""
+    minute on two cores. ``workdir``: where the broker store, factory data dirs, the
+    side-effect ledger and every process's log go (kept after the run). ``factory_env``: see
+    below."""
 
     seed: int = 0
     duration_s: float = 60.0
     bounded: bool = True
     workdir: Path = Path(".")
+    factory_env: Mapping[str, str] = field(default_factory=dict)
+    """Added to every factory's environment: how a broken-on-purpose variant is run (say
+    :data:`UNFENCED_ENGINES_ENV`, engines that neither die with their factory nor are fenced)."""
 
 
 @dataclass
@@ -223,8 +246,21 @@ async def run_scenario(name: str, config: ScenarioConfig) -> ScenarioResult:
         res = ScenarioResult(name, config.seed, False, None, failures=[f"{type(e).__name__}: {e}"])
     res.elapsed_s = time.monotonic() - t0
     res.workdir = str(config.workdir)
+    if res.report is not None:
+        # Every scenario reports what its jobs did, beside its own figures.
+        for key in SIDE_EFFECT_FIGURES:
+            if key in res.report.counts:
+                res.figures.setdefault(key, res.report.counts[key])
+    if config.factory_env:
+        res.notes.append("factories ran with " + " ".join(f"{k}={v}" for k, v in sorted(config.factory_env.items())))
     res.ok = res.ok and not res.failures and (res.report is not None and res.report.ok)
     return res
+
+
+SIDE_EFFECT_FIGURES = ("ledger_lines", "ledger_epochs", "side_effects_after_lease_lost",
+                       "side_effects_overlapping_epochs", "side_effects_in_pause_window", "pause_windows",
+                       "leftover_engines", "leftover_processes")
+"""Counts of the invariant report copied into every scenario's figures."""
 
 
 class Expectations:
@@ -250,6 +286,42 @@ def job_text(script: str, **manifest: Any) -> str:
     return "---\n" + yaml.safe_dump(front, sort_keys=False, default_flow_style=False) + "---\n" + script.rstrip() + "\n"
 
 
+def ledger_prelude(ledger: Path) -> str:
+    """Shell that defines ``gf_ledger PHASE``: append ``$GF_JOB_ID $GF_EPOCH PHASE <time>`` to
+    the side-effect ledger ``ledger``. The time is the machine's wall clock (bash's
+    ``$EPOCHREALTIME``; ``date +%s.%N`` under another sh), the clock the broker stamps with
+    too. The file is opened with ``O_APPEND`` (``>>``) and the builtin ``printf`` writes the
+    short line in one ``write``, so lines of concurrent jobs never interleave."""
+    return (
+        f"GF_LEDGER={shlex.quote(str(ledger))}\n"
+        "gf_ledger() {\n"
+        '  t=$EPOCHREALTIME; [ -n "$t" ] || t=$(date +%s.%N)\n'
+        '  printf \'%s %s %s %s\\n\' "$GF_JOB_ID" "$GF_EPOCH" "$1" "$t" >> "$GF_LEDGER"\n'
+        "}\n"
+    )
+
+
+def ledger_script(ledger: Path, work_s: float, *, gate: Path | str | None = None, then: str = "",
+                  every_s: float = PROGRESS_EVERY_S) -> str:
+    """A job script whose side effects go to ``ledger``: ``start``; then, with ``gate``, a
+    wait (at most a minute) for that file to exist; then ``work_s`` seconds of work; then
+    ``END`` and the shell lines ``then``. It writes a ``progress`` line every ``every_s``
+    while it waits and while it works, so that an engine still running after its lease was
+    lost shows in the ledger. ``gate`` may name ``$GF_FACTORY`` (expanded by the shell)."""
+    out = [ledger_prelude(ledger), "gf_ledger start"]
+    if gate is not None:
+        polls = max(1, round(every_s / 0.1))  # poll the gate every 0.1 s, write progress every every_s
+        out.append(f'i=0; while [ ! -e "{gate}" ] && [ $i -lt 600 ]; do sleep 0.1; i=$((i + 1)); '
+                   f'[ $((i % {polls})) -eq 0 ] && gf_ledger progress; done')
+    if work_s > 0:
+        steps = max(1, math.ceil(work_s / every_s))
+        out.append(f"for _ in $(seq 1 {steps}); do sleep {work_s / steps:.3f}; gf_ledger progress; done")
+    out.append("gf_ledger END")
+    if then:
+        out.append(then.rstrip())
+    return "\n".join(out) + "\n"
+
+
 # -- processes --------------------------------------------------------------------------------------
 
 
@@ -264,6 +336,9 @@ class LabProc:
         self.p: subprocess.Popen | None = None
         self.paused = False
         self.starts = 0
+        self.pauses: list[list[float | None]] = []
+        """[stopped, continued] wall-clock times of every SIGSTOP the lab sent it (continued is
+        None while it is stopped): the pause windows the side-effect invariant allows for."""
 
     def start(self) -> None:
         assert self.p is None or self.p.poll() is not None, f"{self.name} is already running"
@@ -303,6 +378,7 @@ class LabProc:
             self.signal(signal.SIGKILL)
             if await self.wait(10.0) is None:
                 raise RuntimeError(f"{self.name} (pid {self.pid}) survived SIGKILL for 10s")
+        self._pause_ended()
         self.paused = False
 
     async def terminate(self, timeout_s: float = STOP_TIMEOUT_S) -> int | None:
@@ -319,19 +395,51 @@ class LabProc:
         return code
 
     def pause(self) -> None:
-        """SIGSTOP: the process holds its leases but cannot renew them (a GC pause, a VM stall)."""
+        """SIGSTOP: the process holds its leases but cannot renew them (a GC pause, a VM stall).
+        Only this process stops: its engines run on, as beside a stalled factory."""
+        if self.alive() and not self.paused:
+            # Noted before the signal, so the window covers all of the stop.
+            self.pauses.append([time.time(), None])
         self.signal(signal.SIGSTOP)
         self.paused = True
 
     def resume(self) -> None:
         self.signal(signal.SIGCONT)
+        self._pause_ended()
         self.paused = False
+
+    def _pause_ended(self) -> None:
+        if self.pauses and self.pauses[-1][1] is None:
+            self.pauses[-1][1] = time.time()  # noted after the SIGCONT (or the SIGKILL)
 
     def tail(self, n_chars: int = 3000) -> str:
         try:
             return self.log.read_text(errors="replace")[-n_chars:]
         except OSError:
             return ""
+
+
+def _read_proc(pid: int, what: str) -> bytes | None:
+    try:
+        with open(f"/proc/{pid}/{what}", "rb") as f:
+            return f.read()
+    except OSError:  # gone, or not ours to read
+        return None
+
+
+def _ppid(pid: int) -> int | None:
+    """The parent of ``pid`` (Linux /proc), or None if it is gone."""
+    stat = _read_proc(pid, "stat")
+    if not stat:
+        return None
+    try:  # "pid (comm) state ppid ...": comm may hold spaces and parentheses
+        return int(stat[stat.rindex(b")") + 2:].split()[1])
+    except (ValueError, IndexError):
+        return None
+
+
+MAX_ANCESTRY = 64
+"""Bound on the parent chain walked to find a process's factory."""
 
 
 def _processes_with_marker(marker: str) -> list[int]:
@@ -430,13 +538,15 @@ class Lab:
     variables, and the lab's own connections use them too). ``sync_interval`` is passed to the
     embedded broker (``always``: fsync before every acknowledgement).
 
+    ``factory_env`` is added to every factory's environment (a broken-on-purpose variant).
+
     The broker is one :class:`EmbeddedServer`; everything else reaches it through :attr:`url`
     and the ``*_broker`` methods, so a lab on a cluster overrides those (with
     :class:`gigafactory.embedded.Cluster` and ``replicas`` in ``timings``), and a factory behind
     a fault-injecting proxy is started with ``start_factory(..., url=proxy_url)``."""
 
     def __init__(self, workdir: Path, *, seed: int, timings: dict[str, float] | None = None,
-                 sync_interval: str | None = None) -> None:
+                 sync_interval: str | None = None, factory_env: Mapping[str, str] | None = None) -> None:
         self.workdir = Path(workdir).resolve()
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.seed = seed
@@ -461,6 +571,20 @@ class Lab:
         self.hits: list[Hit] = []
         self.broker_restarts = 0
         self.proxies: list[LabProxy] = []
+        self.factory_env: dict[str, str] = dict(factory_env or {})
+        """Added to every factory's environment (see :attr:`ScenarioConfig.factory_env`)."""
+        self.hosts: list[LabProc] = []
+        """Processes a scenario started that run factories in-process (fleet hosts), marked
+        like factories: what they start is theirs while they live (see :meth:`leftover_engines`)."""
+        self.ledger = self.workdir / LEDGER_NAME
+        """The side-effect ledger every job of the lab appends to (see :func:`ledger_script`)."""
+        self.ledger.touch()
+        self.factory_starts: dict[str, list[float]] = {}
+        """Wall-clock time of every start of each factory (its incarnations)."""
+        self.leftovers: list[invariants.LeftoverProcess] = []
+        """Processes that outlived their factory, as the latest :meth:`check` found them."""
+        self.leftovers_killed = 0
+        """Marked processes :meth:`close` had to kill (counted in :meth:`check` first, if it ran)."""
 
     # -- setup and teardown -------------------------------------------------------------------
 
@@ -530,7 +654,12 @@ class Lab:
                 pass
         self.client = self.admin = None
         await self.stop_broker()
-        self.kill_leftovers()
+        # Cleanup, not a verdict: check() counted (and reported) what outlived its factory
+        # before this; every factory is stopped now, so whatever still carries the marker goes.
+        self.leftovers_killed = self.kill_leftovers()
+        if self.leftovers_killed:
+            log.warning("lab %s: killed %d process group(s) left running after their factory stopped",
+                        self.id, self.leftovers_killed)
 
     def kill_leftovers(self) -> int:
         """SIGKILL every process group that carries this lab's marker: engines whose factory
@@ -653,8 +782,10 @@ class Lab:
         for c in caps:
             args += ["--cap", c]
         proc = LabProc(f"factory {fid}", args, self.workdir / f"factory-{fid}.log",
-                       self.env(**{LAB_ENV: self.id, "GIGAFACTORY_NATS_URL": url or self.url}, **(env or {})))
+                       self.env(**{**self.factory_env, LAB_ENV: self.id, "GIGAFACTORY_NATS_URL": url or self.url,
+                                   **(env or {})}))
         self.factories[fid] = proc
+        self.factory_starts.setdefault(fid, []).append(time.time())
         proc.start()
         await self.wait_registered(fid)
         return proc
@@ -676,6 +807,7 @@ class Lab:
         proc = self.factories[fid]
         if proc.alive():
             raise RuntimeError(f"factory {fid} is still running (pid {proc.pid})")
+        self.factory_starts.setdefault(fid, []).append(time.time())
         proc.start()
         await self.wait_registered(fid)
 
@@ -836,9 +968,81 @@ class Lab:
         return out
 
     async def check(self, *, allow_in_flight: bool = False) -> invariants.Report:
-        """The invariant check over the broker's records, with the acknowledged submissions."""
-        jobs, events = await invariants.collect(self.admin_())
-        return invariants.check(jobs, events, acknowledged=set(self.acknowledged), allow_in_flight=allow_in_flight)
+        """The invariant check over the broker's records, with the acknowledged submissions,
+        the side-effect ledger, the lab's pauses and the processes that outlived their factory
+        (counted now, before any cleanup; kept in :attr:`leftovers`)."""
+        jobs, events, stamps = await invariants.collect_timed(self.admin_())
+        self.leftovers = self.leftover_engines()
+        lines, problems = self.read_ledger()
+        effects = invariants.SideEffects(ledger=lines, event_ts=stamps, pauses=self.pause_windows(),
+                                         pause_grace_s=self.pause_grace_s, leftovers=self.leftovers,
+                                         problems=problems)
+        return invariants.check(jobs, events, acknowledged=set(self.acknowledged), allow_in_flight=allow_in_flight,
+                                side_effects=effects)
+
+    # -- side effects -------------------------------------------------------------------------
+
+    @property
+    def pause_grace_s(self) -> float:
+        """How long after the lab resumes a paused factory its engines may still act on a lease
+        it lost while stopped: up to one renewal period until it tries to renew (or checks
+        its self-fence), one request timeout for that write's answer, and half a second for
+        the engine's process group to die of the SIGTERM on a loaded machine."""
+        return self.settings.lease_renew_s + self.settings.request_timeout_s + 0.5
+
+    def pause_windows(self) -> list[invariants.PauseWindow]:
+        """Every SIGSTOP the lab sent a factory, with the start of the incarnation it stopped."""
+        out = []
+        for fid, proc in self.factories.items():
+            starts = self.factory_starts.get(fid, [])
+            for stopped, continued in proc.pauses:
+                assert stopped is not None
+                since = max((t for t in starts if t <= stopped), default=0.0)
+                out.append(invariants.PauseWindow(fid, since, stopped, continued))
+        return out
+
+    def read_ledger(self) -> tuple[list[invariants.LedgerLine], list[str]]:
+        """The side-effect ledger's lines and its problems (see :func:`invariants.parse_ledger`);
+        a ledger over :data:`invariants.LEDGER_MAX_BYTES` is read up to it and says so."""
+        problems = []
+        with open(self.ledger, "rb") as f:
+            data = f.read(invariants.LEDGER_MAX_BYTES + 1)
+        if len(data) > invariants.LEDGER_MAX_BYTES:
+            problems.append(f"{self.ledger}: longer than LEDGER_MAX_BYTES ({invariants.LEDGER_MAX_BYTES}); "
+                            "only the beginning was judged")
+            data = data[: data.rfind(b"\n", 0, invariants.LEDGER_MAX_BYTES) + 1]
+        lines, bad = invariants.parse_ledger(data.decode("utf-8", "replace"), str(self.ledger))
+        return lines, problems + bad
+
+    def leftover_engines(self) -> list[invariants.LeftoverProcess]:
+        """The processes carrying this lab's marker whose factory is dead: neither a factory
+        of the lab nor descended from a live one. A paused factory is alive; a factory
+        restarted with the same id is a new process, so its predecessor's engines count."""
+        live = {p.pid for p in [*self.factories.values(), *self.hosts] if p.alive()}
+        out = []
+        for pid in _processes_with_marker(self.id):
+            if pid in live:
+                continue
+            chain, cur = 0, _ppid(pid)
+            while cur is not None and cur > 1 and cur not in live and chain < MAX_ANCESTRY:
+                cur, chain = _ppid(cur), chain + 1
+            if cur is not None and cur in live:
+                continue
+            env = dict(kv.split(b"=", 1) for kv in (_read_proc(pid, "environ") or b"").split(b"\0") if b"=" in kv)
+            if not env:
+                continue  # gone meanwhile, or a zombie (dead; its parent has not reaped it yet)
+            try:
+                pgid = os.getpgid(pid)
+            except ProcessLookupError:
+                continue
+            epoch = env.get(b"GF_EPOCH", b"").decode(errors="replace")
+            cmd = (_read_proc(pid, "cmdline") or b"").replace(b"\0", b" ").decode(errors="replace").strip()
+            out.append(invariants.LeftoverProcess(
+                pid=pid, pgid=pgid, cmd=cmd,
+                job=env[b"GF_JOB_ID"].decode(errors="replace") if b"GF_JOB_ID" in env else None,
+                epoch=int(epoch) if epoch.isdigit() else None,
+                factory=env[b"GF_FACTORY"].decode(errors="replace") if b"GF_FACTORY" in env else None))
+        return sorted(out, key=lambda p: p.pid)
 
     # -- reclaims -----------------------------------------------------------------------------
 

@@ -4,8 +4,11 @@ one invariant checker.
 
 Each implemented scenario passes its invariant check in its bounded form (what CI runs), and
 its figures show that the chaos really happened (a kill, a zombie, a crash with jobs in
-flight, results in an outbox). A fleet broken on purpose (a rogue claim that skips the
-revision check) is caught by the same checker. The full forms are marked ``slow``; their
+flight, results in an outbox). The check judges the records and what the jobs did: every job
+appends to a side-effect ledger, and no epoch may act after it lost its lease. Fleets broken
+on purpose are caught by the same checker: a rogue claim that skips the revision check, and
+factories whose engines neither die with them nor fence themselves
+(``GIGAFACTORY_UNSAFE_UNFENCED_ENGINES=1``). The full forms are marked ``slow``; their
 duration is ``$GIGAFACTORY_CHAOS_DURATION_S`` (default 20 s).
 """
 
@@ -21,7 +24,7 @@ import time
 import pytest
 from helpers import Fleet
 
-from gigafactory.chaos.harness import Lab, ScenarioConfig, registry, run_scenario
+from gigafactory.chaos.harness import UNFENCED_ENGINES_ENV, Lab, ScenarioConfig, registry, run_scenario
 from gigafactory.procs import pid_alive
 from gigafactory.schemas import protocol
 from gigafactory.schemas.lifecycle import Stage
@@ -58,6 +61,34 @@ def test_factory_churn_reclaims_every_lease_in_time_fences_the_zombies_and_ships
     assert f["fenced_events"] >= f["zombie_leases_fenced"] or f["quarantined_results"] >= 1
     assert f["jobs_shipped"] == f["jobs_acknowledged"] > 0
     assert res.report.counts["lease_expired"] >= 1
+    # What the jobs did, judged against the leases: the killed holder of the long job left no
+    # engine working on after the reaper took its lease, and nothing outlived its factory.
+    assert f["long_jobs"] == 1 and f["ledger_lines"] > f["jobs_acknowledged"]
+    assert f["side_effects_after_lease_lost"] == 0 and f["side_effects_overlapping_epochs"] == 0
+    assert f["leftover_engines"] == 0
+    assert f["pause_windows"] == f["pauses"] + f["pauses_retried_holding_nothing"]
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("name", ["factory-churn", "partition"])
+def test_engines_left_to_outlive_their_factory_or_lease_fail_the_side_effect_invariant(name, tmp_path):
+    """Broken on purpose: factories started with GIGAFACTORY_UNSAFE_UNFENCED_ENGINES=1 (no
+    parent-death kill, no self-fencing). factory-churn's bounded form kills the holder of an
+    8 s job in its first seconds; partition's blackholes a holder whose job works on. Either
+    way the engine keeps writing to the ledger after the reaper took its lease, and the
+    checker must say so, although every record is right."""
+    cfg = ScenarioConfig(seed=0, bounded=True, workdir=tmp_path / name, factory_env=UNFENCED_ENGINES_ENV)
+
+    res = asyncio.run(run_scenario(name, cfg))
+
+    assert not res.ok
+    found = res.report.by_invariant()
+    assert found.get("no_side_effect_after_lease_lost", 0) >= 1, res.to_text()
+    assert set(found) <= {"no_side_effect_after_lease_lost", "one_epoch_at_a_time", "no_leftover_engine"}, \
+        res.to_text()
+    # Not one stray line: an engine working on for seconds (a progress line every 0.25 s).
+    assert res.figures["side_effects_after_lease_lost"] >= 3, res.to_text()
+    assert "GIGAFACTORY_UNSAFE_UNFENCED_ENGINES=1" in " ".join(res.notes)
 
 
 @pytest.mark.timeout(180)
@@ -237,27 +268,45 @@ def job_text_record(job_id: str) -> JobRecord:
 
 
 @pytest.mark.timeout(120)
-def test_the_lab_kills_engines_left_behind_by_a_sigkilled_factory(tmp_path):
-    pidfile = tmp_path / "engine.pid"
+def test_the_lab_reports_an_engine_that_outlived_its_factory_before_it_cleans_it_up(tmp_path):
+    """A factory whose engines may outlive it (unfenced, on purpose) is SIGKILLed: the lab's
+    check names the engine it left (job, epoch, process), while the engine of a live factory,
+    paused or not, is not counted; closing the lab then kills the leftover."""
+    pids = {name: tmp_path / f"{name}.pid" for name in ("victim", "keeper")}
 
     async def main():
         async with Lab(tmp_path / "lab", seed=0) as lab:
-            await lab.start_factory("victim", stations=1)
-            await lab.submit([lab.job(f"echo $$ > {pidfile}\nexec sleep 120")])
-            await lab.wait_for(pidfile.exists, 30.0, what="the engine started")
-            engine = int(pidfile.read_text())
+            for name in pids:
+                env = UNFENCED_ENGINES_ENV if name == "victim" else {}
+                await lab.start_factory(name, stations=1, caps=[f"lane-{name}"], env=env)
+            jobs = {}
+            for name, pidfile in pids.items():
+                [jobs[name]] = await lab.submit([lab.job(f"echo $$ > {pidfile}\nexec sleep 120",
+                                                         capabilities=[f"lane-{name}"])])
+            for name, pidfile in pids.items():
+                await lab.wait_for(pidfile.exists, 30.0, what=f"{name}'s engine started")
+            engines = {name: int(pidfile.read_text()) for name, pidfile in pids.items()}
+            before = await lab.check(allow_in_flight=True)
             hit = await lab.kill_factory("victim")
-            assert hit.held and hit.held[0][1] == 1, hit
-            assert pid_alive(engine), "the engine outlives its SIGKILLed factory (its own process group)"
-            return engine, lab.factories["victim"].pid
+            assert hit.held == [(jobs["victim"], 1)], hit
+            await lab.pause_factory("keeper")
+            after = await lab.check(allow_in_flight=True)
+            await lab.resume_factory(lab.hits[-1])
+            return engines, jobs, before, after, lab.leftovers, lab.factories["victim"].pid
 
-    engine, factory_pid = asyncio.run(asyncio.wait_for(main(), 100))
+    engines, jobs, before, after, leftovers, victim_pid = asyncio.run(asyncio.wait_for(main(), 100))
 
-    assert not pid_alive(factory_pid)
+    assert before.ok and before.counts["leftover_engines"] == 0, before.to_text()
+    assert not pid_alive(victim_pid)
+    assert [(p.pid, p.job, p.epoch, p.factory) for p in leftovers] == [(engines["victim"], jobs["victim"], 1, "victim")]
+    assert after.by_invariant() == {"no_leftover_engine": 1}, after.to_text()
+    assert after.counts["leftover_engines"] == 1 and after.counts["pause_windows"] == 1
+    assert f"pid {engines['victim']}" in after.violations[0].detail and "sleep 120" in after.violations[0].detail
     deadline = time.monotonic() + 5
-    while pid_alive(engine) and time.monotonic() < deadline:
+    while any(pid_alive(p) for p in engines.values()) and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert not pid_alive(engine), "closing the lab kills what the dead factory left behind"
+    assert not pid_alive(engines["victim"]), "closing the lab kills what the dead factory left behind"
+    assert not pid_alive(engines["keeper"]), "nothing of the lab is left on the machine"
 
 
 def test_chaos_list_names_exactly_the_implemented_scenarios():

@@ -9,6 +9,7 @@ are written the way the coordinator and the factory publish them. One test reads
 from __future__ import annotations
 
 import asyncio
+import time
 
 import msgspec
 import pytest
@@ -464,15 +465,265 @@ def test_collect_reads_every_record_and_every_event_of_a_real_broker_in_stream_o
             for e in [*events, *many]:
                 await b.publish_event(e)
             await b.publish_event(EventRecord(kind="factory_up", at=T0, factory="f1"))
-            return empty, await inv.collect(b, batch=128)
+            return empty, await inv.collect(b, batch=128), await inv.collect_timed(b, batch=100), time.time()
         finally:
             await b.close()
 
+    t0 = time.time()
     with broker_url() as url:
-        empty, (got_jobs, got_events) = asyncio.run(asyncio.wait_for(scenario(url), timeout=60))
+        empty, (got_jobs, got_events), timed, t1 = asyncio.run(asyncio.wait_for(scenario(url), timeout=60))
 
     assert empty == ({}, [])
+    # The broker's stamps: one per event, in stream order, from the clock of this machine.
+    assert timed[:2] == (got_jobs, got_events)
+    stamps = timed[2]
+    assert len(stamps) == len(got_events) and stamps == sorted(stamps)
+    assert t0 - 1 <= stamps[0] and stamps[-1] <= t1 + 1
     assert got_jobs == jobs
     assert got_events[: len(events)] == events
     assert len(got_events) == len(events) + len(many) + 1
     assert check(got_jobs, got_events, submitted={"j1"}, acknowledged={"j1"}).ok
+
+
+# --- side effects: the ledger against the broker's timed audit ---------------------------------------
+
+
+def timed_reclaim() -> tuple[dict[str, JobRecord], list[EventRecord], list[float]]:
+    """:func:`reclaimed_history` with broker timestamps: f1 claims epoch 1 at T0+1, the reaper
+    takes it at T0+10 (requeue to epoch 2), f2 claims epoch 3 at T0+11 and passes at T0+20."""
+    jobs, events = reclaimed_history()
+    ts = [T0, T0 + 1, T0 + 2, T0 + 10, T0 + 11, T0 + 12, T0 + 13, T0 + 20]
+    assert len(ts) == len(events)
+    return jobs, events, ts
+
+
+def line(epoch: int, phase: str, t: float, job: str = "j1", n: int = 0) -> inv.LedgerLine:
+    return inv.LedgerLine(job, epoch, phase, t, n)
+
+
+def within_leases() -> list[inv.LedgerLine]:
+    """f1's run of epoch 1 (cut off by the reaper, so no END) and f2's run of epoch 3."""
+    first = [line(1, "start", T0 + 2.1), *(line(1, "progress", T0 + 2.1 + k) for k in range(1, 8))]
+    second = [line(3, "start", T0 + 12.1), line(3, "progress", T0 + 15.0), line(3, "END", T0 + 19.0)]
+    return [*first, *second]
+
+
+def judged(lines, *, drop: int | None = None, pauses=(), grace_s: float = 0.0, leftovers=(), problems=()) -> Report:
+    """Check :func:`timed_reclaim` with ``lines`` as its ledger (``drop``: leave that event out)."""
+    jobs, events, ts = timed_reclaim()
+    if drop is not None:
+        del events[drop], ts[drop]
+    effects = inv.SideEffects(ledger=list(lines), event_ts=ts, pauses=list(pauses), pause_grace_s=grace_s,
+                              leftovers=list(leftovers), problems=list(problems))
+    return check(jobs, events, side_effects=effects)
+
+
+def test_side_effects_of_each_epoch_inside_its_lease_satisfy_the_ledger_invariants():
+    report = judged(within_leases())
+
+    assert report.ok, report.to_text()
+    assert report.counts["ledger_lines"] == 11
+    assert report.counts["ledger_jobs"] == 1 and report.counts["ledger_epochs"] == 2
+    assert report.counts["ledger_epochs_ended"] == 1
+    assert report.counts["side_effects_after_lease_lost"] == 0
+    assert report.counts["side_effects_in_pause_window"] == 0
+    assert report.allowances == []
+
+
+def test_a_side_effect_after_the_reaper_took_the_lease_is_a_violation():
+    zombie = line(1, "progress", T0 + 10.5, n=42)
+
+    report = judged([*within_leases(), zombie])
+
+    assert names(report) == ["no_side_effect_after_lease_lost"]
+    [v] = report.violations
+    assert v.job == "j1"
+    assert "1 side effect(s) of epoch 1 (held by f1)" in v.detail
+    assert "requeue by c0: lease expired" in v.detail and "ledger line 42" in v.detail and "0.500s after" in v.detail
+    assert report.counts["side_effects_after_lease_lost"] == 1
+
+
+def test_an_engine_running_on_beside_the_next_epoch_breaks_both_side_effect_invariants():
+    zombie = [line(1, "progress", T0 + 12.5), line(1, "END", T0 + 13.0)]
+
+    report = judged([*within_leases(), *zombie])
+
+    assert sorted(names(report)) == ["no_side_effect_after_lease_lost", "one_epoch_at_a_time"]
+    overlap = [v for v in report.violations if v.invariant == "one_epoch_at_a_time"][0]
+    assert "epochs 1 and 3 ran side effects at the same time: 2 line(s)" in overlap.detail
+    assert report.counts["side_effects_after_lease_lost"] == 2
+    assert report.counts["side_effects_overlapping_epochs"] == 2
+
+
+def test_the_clock_tolerance_is_one_millisecond_either_side_of_the_loss():
+    assert inv.CLOCK_TOLERANCE_S == 0.001
+    at_loss = T0 + 10
+
+    assert judged([*within_leases(), line(1, "END", at_loss + 0.0005)]).ok
+    assert names(judged([*within_leases(), line(1, "END", at_loss + 0.002)])) == ["no_side_effect_after_lease_lost"]
+
+
+def test_an_epoch_that_starts_twice_ran_its_engine_twice_under_one_lease():
+    again = line(3, "start", T0 + 16.0, n=30)
+
+    report = judged([*within_leases(), again])
+
+    assert names(report) == ["one_epoch_at_a_time"]
+    assert "epoch 3 started 2 times (ledger lines 0, 30)" in report.violations[0].detail
+
+
+def test_a_later_claim_ends_the_lease_when_the_reapers_event_is_missing():
+    # Without the requeue (an audit gap), f2's claim of epoch 3 at T0+11 is when epoch 1 was gone.
+    zombie = line(1, "progress", T0 + 11.5)
+
+    before_claim = judged([*within_leases(), line(1, "progress", T0 + 10.5)], drop=3)
+    after_claim = judged([*within_leases(), zombie], drop=3)
+
+    assert before_claim.ok, before_claim.to_text()
+    assert names(after_claim) == ["no_side_effect_after_lease_lost"]
+    assert "claimed at epoch 3 by f2" in after_claim.violations[0].detail
+
+
+def test_two_epochs_at_once_are_caught_without_any_broker_time():
+    lines = [*within_leases(), line(1, "progress", T0 + 12.5)]
+    jobs, _events, _ts = timed_reclaim()
+
+    report = check(jobs, [], submitted=set(), side_effects=inv.SideEffects(ledger=lines, event_ts=[]))
+
+    assert names(report) == ["one_epoch_at_a_time"]
+
+
+def test_an_operator_cancel_takes_the_lease_of_the_latest_claim():
+    rec = p.claim(queued(), "f1", 0, T0).record
+    rec = p.cancel(rec, T0 + 5, "operator").record
+    events = [submitted(), claimed(1), started(1),
+              ev("cancel", epoch=2, stage_from="building", stage_to="failed", actor="operator")]
+    ts = [T0, T0 + 1, T0 + 2, T0 + 5]
+    lines = [line(1, "start", T0 + 2.1), line(1, "progress", T0 + 4.9)]
+
+    ok = check({"j1": rec}, events, side_effects=inv.SideEffects(ledger=lines, event_ts=ts))
+    late = check({"j1": rec}, events, side_effects=inv.SideEffects(ledger=[*lines, line(1, "progress", T0 + 5.2)],
+                                                                   event_ts=ts))
+
+    assert ok.ok, ok.to_text()
+    assert names(late) == ["no_side_effect_after_lease_lost"]
+    assert "cancel by operator" in late.violations[0].detail
+
+
+def test_a_lease_its_holder_ended_itself_was_not_lost():
+    jobs, events = shipped_history()
+    ts = [T0 + k for k in range(len(events))]
+    lines = [line(1, "start", T0 + 3.1), line(1, "END", T0 + 3.9)]
+
+    report = check(jobs, events, side_effects=inv.SideEffects(ledger=lines, event_ts=ts))
+
+    assert report.ok, report.to_text()
+
+
+def test_the_labs_pause_window_excuses_a_paused_holders_side_effects_and_reports_them():
+    # f1 (started at T0-1, so it claimed epoch 1 at T0+1) was SIGSTOPped at T0+5, resumed at T0+11.
+    pause = inv.PauseWindow("f1", since=T0 - 1, start=T0 + 5, end=T0 + 11)
+    in_window = [line(1, "progress", T0 + 10.5, n=7), line(1, "progress", T0 + 11.9, n=8)]
+
+    report = judged([*within_leases(), *in_window], pauses=[pause], grace_s=1.0)
+
+    assert report.ok, report.to_text()
+    assert report.counts["side_effects_in_pause_window"] == 2  # each line counted once, by both rules
+    assert report.counts["pause_windows"] == 1
+    [allowed] = report.allowances
+    assert allowed.kind == "pause_window" and allowed.job == "j1"
+    assert "2 side effect(s) of epoch 1" in allowed.detail and "holder f1 was paused" in allowed.detail
+    assert "ledger lines 7..8" in allowed.detail
+    text = report.to_text()
+    assert "allowed, not judged: 1" in text and "(pause_window) j1" in text
+    assert msgspec.json.decode(report.to_json())["allowances"][0]["kind"] == "pause_window"
+
+
+def test_the_pause_window_ends_a_grace_after_the_resume():
+    pause = inv.PauseWindow("f1", since=T0 - 1, start=T0 + 5, end=T0 + 11)
+
+    report = judged([*within_leases(), line(1, "progress", T0 + 12.2)], pauses=[pause], grace_s=1.0)
+
+    assert sorted(names(report)) == ["no_side_effect_after_lease_lost", "one_epoch_at_a_time"]
+    assert report.counts["side_effects_in_pause_window"] == 0
+
+
+@pytest.mark.parametrize("pause", [
+    inv.PauseWindow("f2", since=T0 - 1, start=T0 + 5, end=T0 + 11),   # another factory
+    inv.PauseWindow("f1", since=T0 + 3, start=T0 + 5, end=T0 + 11),   # a later incarnation of f1
+    inv.PauseWindow("f1", since=T0 - 1, start=T0 + 10.8, end=T0 + 11),  # stopped after the line
+])
+def test_a_pause_excuses_only_its_own_incarnations_leases_while_it_lasts(pause):
+    report = judged([*within_leases(), line(1, "progress", T0 + 10.5)], pauses=[pause], grace_s=1.0)
+
+    assert names(report) == ["no_side_effect_after_lease_lost"]
+    assert report.allowances == []
+
+
+def test_a_pause_still_going_at_the_check_excuses_until_the_end():
+    pause = inv.PauseWindow("f1", since=T0 - 1, start=T0 + 5, end=None)
+
+    report = judged([*within_leases(), line(1, "progress", T0 + 10.5)], pauses=[pause])
+
+    assert report.ok and report.counts["side_effects_in_pause_window"] == 1
+
+
+def test_parse_ledger_reads_good_lines_and_names_every_bad_one():
+    text = "\n".join([
+        "j1 1 start 1000.5",
+        "j1 1 progress 1001,25",          # bash's $EPOCHREALTIME in a locale with a decimal comma
+        "",
+        "j1 1 END",                       # 3 fields
+        "j1 one progress 1002.0",
+        "j1 1 progress soon",
+        "j1 1 finish 1003.0",
+        "j1 -1 progress 1003.0",
+        "j1 1 progress nan",
+        "j1 1 progress " + "9" * inv.LEDGER_MAX_LINE_BYTES,
+        "j1 1 END 1004.0",
+    ]) + "\n"
+
+    lines, problems = inv.parse_ledger(text, "lab/ledger.txt")
+
+    assert lines == [line(1, "start", 1000.5, n=1), line(1, "progress", 1001.25, n=2), line(1, "END", 1004.0, n=11)]
+    assert [pr.split(":")[0] for pr in problems] == [f"lab/ledger.txt line {n}" for n in (4, 5, 6, 7, 8, 9, 10)]
+    assert "3 fields, expected 4 (job epoch phase time)" in problems[0]
+    assert "epoch 'one' is not an integer" in problems[1]
+    assert "time 'soon' is not a number of seconds" in problems[2]
+    assert "phase 'finish' is not one of END, progress, start" in problems[3]
+    assert "LEDGER_MAX_LINE_BYTES" in problems[6]
+
+
+def test_an_unreadable_ledger_line_is_a_violation():
+    report = judged(within_leases(), problems=["lab/ledger.txt line 4: 3 fields, expected 4"])
+
+    assert names(report) == ["ledger_well_formed"]
+    assert report.violations[0].detail == "lab/ledger.txt line 4: 3 fields, expected 4"
+
+
+def test_an_engine_that_outlived_its_factory_is_a_violation_naming_its_job_and_epoch():
+    left = [inv.LeftoverProcess(pid=4242, pgid=4240, cmd="sleep 120", job="j1", epoch=1, factory="f1"),
+            inv.LeftoverProcess(pid=4240, pgid=4240, cmd="bash job.sh", job="j1", epoch=1, factory="f1")]
+
+    report = judged(within_leases(), leftovers=left)
+
+    assert names(report) == ["no_leftover_engine", "no_leftover_engine"]
+    assert "pid 4242 (process group 4240: sleep 120) of job j1 epoch 1, started by factory f1" in \
+        report.violations[0].detail
+    assert report.counts["leftover_processes"] == 2 and report.counts["leftover_engines"] == 1
+
+
+def test_without_side_effects_nothing_about_them_is_judged_or_counted():
+    jobs, events = reclaimed_history()
+
+    report = check(jobs, events)
+
+    assert report.ok
+    assert "ledger_lines" not in report.counts and report.allowances == []
+
+
+def test_event_timestamps_must_come_with_every_event():
+    jobs, events, ts = timed_reclaim()
+
+    with pytest.raises(AssertionError):
+        check(jobs, events, side_effects=inv.SideEffects(ledger=[], event_ts=ts[:-1]))

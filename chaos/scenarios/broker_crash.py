@@ -42,7 +42,7 @@ async def broker_crash(cfg: ScenarioConfig) -> ScenarioResult:
     # failure). A kill -9 of the process alone leaves written data in the OS page cache, but
     # this scenario stands for the crash of a broker's machine, and its claim "no acknowledged
     # job lost" must not rest on the luck of a page cache.
-    async with Lab(cfg.workdir, seed=cfg.seed, sync_interval="always") as lab:
+    async with Lab(cfg.workdir, seed=cfg.seed, sync_interval="always", factory_env=cfg.factory_env) as lab:
         load_rng, chaos_rng = lab.random("load"), lab.random("chaos")
         fids = ["f1", "f2"]
         for fid in fids:

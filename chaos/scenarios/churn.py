@@ -13,11 +13,20 @@ from .common import (
     RECLAIM_SLACK_S,
     SETTLE_TIMEOUT_S,
     _held_outcomes,
+    _ledger_job,
     _own_leases,
     _trickle,
 )
 
 # -- 1. factory churn -----------------------------------------------------------------------------
+
+LONG_JOB_S = 8.0
+"""A long job among the short ones: its holder, SIGKILLed in its first two seconds, leaves an
+engine that (if nothing stops it) works on for several seconds after the reaper took the
+lease (lease TTL + a reaper interval, about 2.5 s in the lab), writing progress lines the
+side-effect invariant must see. The bounded form always kills that holder first."""
+LONG_EVERY_S = 6.0
+"""The full form submits a long job this often (s), so its random kills hit some."""
 
 
 @scenario("factory-churn",
@@ -29,7 +38,7 @@ async def factory_churn(cfg: ScenarioConfig) -> ScenarioResult:
     window_s = 12.0 if cfg.bounded else cfg.duration_s
     exp = Expectations()
     notes: list[str] = []
-    async with Lab(cfg.workdir, seed=cfg.seed) as lab:
+    async with Lab(cfg.workdir, seed=cfg.seed, factory_env=cfg.factory_env) as lab:
         load_rng, chaos_rng = lab.random("load"), lab.random("chaos")
         ttl, reaper = lab.settings.lease_ttl_s, lab.settings.reaper_interval_s
         pause_s = ttl + reaper + 1.0  # long enough that the paused factory's leases expire and are reaped
@@ -75,9 +84,35 @@ async def factory_churn(cfg: ScenarioConfig) -> ScenarioResult:
 
         stats = {"batches": 0, "submitted": 0, "acknowledged": 0}
         empty_pauses = 0
+        long_jobs: list[str] = []
+        long_kill: dict[str, object] = {}
         t_end = time.monotonic() + window_s
+
+        async def long_load() -> None:
+            # The bounded form: one long job, first in line. The full form: one every LONG_EVERY_S.
+            while True:
+                long_jobs.extend(await lab.submit([_ledger_job(lab, LONG_JOB_S)]))
+                if cfg.bounded or time.monotonic() + LONG_EVERY_S > t_end:
+                    return
+                await asyncio.sleep(LONG_EVERY_S)  # the load's schedule
+
+        if cfg.bounded:
+            await long_load()
+            if not long_jobs:
+                raise RuntimeError("the bounded form's long job was not acknowledged (is the coordinator up?)")
         load = asyncio.create_task(_trickle(lab, load_rng, t_end, batch=(1, 3), gap_s=(0.3, 0.8),
                                             sleep_s=(0.2, 1.5), stats=stats))
+        long_task = None if cfg.bounded else asyncio.create_task(long_load())
+
+        async def long_job_running() -> tuple[str, str, int] | None:
+            # (holder, job, epoch) of the bounded form's long job once its engine has started.
+            [job] = long_jobs
+            rec = (await lab.records()).get(job)
+            if rec is None or rec[0].stage != Stage.BUILDING or rec[0].lease is None:
+                return None
+            started = any(x.job == job and x.epoch == rec[0].epoch and x.phase == "start" for x in lab.read_ledger()[0])
+            return (rec[0].lease.factory, job, rec[0].epoch) if started else None
+
         try:
             while time.monotonic() < t_end - 1.0:
                 await asyncio.sleep(chaos_rng.uniform(1.0, 2.2))  # the chaos schedule
@@ -91,13 +126,21 @@ async def factory_churn(cfg: ScenarioConfig) -> ScenarioResult:
                 async def working() -> list[str]:
                     return [f for f in await lab.factories_with_work() if f in in_play]
 
+                forced = None
+                if cfg.bounded and not lab.hits:
+                    # The short form kills the long job's holder first, every time: an engine
+                    # that outlives its factory then has seconds of work left after the reclaim.
+                    holder, job, epoch = await lab.wait_for(long_job_running, 15.0, interval_s=0.1,
+                                                            what="the long job's engine has started")
+                    action, forced = "kill", holder
+                    long_kill.update(job=job, epoch=epoch, factory=holder)
                 busy = await working()
                 if not busy and action == "pause":
                     try:  # a pause proves something only if the paused factory holds a lease
                         busy = await lab.wait_for(working, 5.0, what="a factory holding a lease", interval_s=0.1)
                     except TimeoutError:
                         pass
-                target = chaos_rng.choice(busy or in_play)
+                target = forced or chaos_rng.choice(busy or in_play)
                 out_of_play.add(target)
                 if action == "kill":
                     await lab.kill_factory(target)
@@ -115,8 +158,12 @@ async def factory_churn(cfg: ScenarioConfig) -> ScenarioResult:
                         continue
                     side_tasks.append(asyncio.create_task(resume_later(hit, pause_s)))
             await load
+            if long_task is not None:
+                await long_task
         finally:
             load.cancel()
+            if long_task is not None:
+                long_task.cancel()
             for t in side_tasks:
                 try:
                     await asyncio.wait_for(t, timeout=READY_BOUND_S)
@@ -187,8 +234,13 @@ async def factory_churn(cfg: ScenarioConfig) -> ScenarioResult:
             "jobs_shipped": shipped,
             "claims": report.counts.get("claims", 0),
             "lease_expired": report.counts.get("lease_expired", 0),
+            "long_jobs": len(long_jobs),
+            "long_job_s": LONG_JOB_S,
         }
         notes.append(f"{len(kills)} SIGKILL+restart and {len(pauses)} SIGSTOP/SIGCONT of {pause_s:g}s over "
                      f"{window_s:g}s of load ({stats['batches']} batches)")
+        if long_kill:
+            notes.append(f"first kill: {long_kill['factory']} while it ran the long job {long_kill['job']} "
+                         f"(epoch {long_kill['epoch']}, {LONG_JOB_S:g}s of work)")
         return ScenarioResult("factory-churn", cfg.seed, report.ok and not exp.failures, report, figures, notes,
                               exp.failures)

@@ -95,6 +95,7 @@ async def cluster_failover(cfg: ScenarioConfig) -> ScenarioResult:
     notes: list[str] = []
     fids = ["f1", "f2"]
     async with ClusterLab(cfg.workdir, seed=cfg.seed, timings=TIMINGS) as lab:
+        lab.factory_env = dict(cfg.factory_env)  # before any factory starts
         load_rng, chaos_rng = lab.random("load"), lab.random("chaos")
         for fid in fids:
             await lab.start_factory(fid, stations=2, caps=[LOAD_CAP])

@@ -8,7 +8,7 @@ import random
 import time
 from pathlib import Path
 
-from ..harness import Hit, Lab
+from ..harness import Hit, Lab, ledger_script
 
 RECLAIM_SLACK_S = 0.5
 """Allowance on top of ``lease_ttl_s + reaper_interval_s`` for the reaper's own pass (a clock
@@ -22,17 +22,24 @@ READY_BOUND_S = 60.0
 """Bound on a scheduled restart or resume (including its wait for evidence) completing."""
 
 
-def _short_job(lab: Lab, rng: random.Random, lo_s: float, hi_s: float, *, gate: Path | None = None,
+def _short_job(lab: Lab, rng: random.Random, lo_s: float, hi_s: float, *, gate: Path | str | None = None,
                **manifest) -> str:
-    """A job that sleeps, writes a marker named by its job and epoch, and is verified by it;
-    review-policy auto (so it ships) and a generous retry budget (so chaos does not
-    dead-letter it: every reclaim costs one retry). With ``gate``, it first waits (at most a
-    minute) for that file to exist, so the lab decides when it may end."""
+    """A job that works (sleeps) for a seeded time in ``[lo_s, hi_s]``, writes a marker named
+    by its job and epoch, and is verified by it; review-policy auto (so it ships) and a
+    generous retry budget (so chaos does not dead-letter it: every reclaim costs one retry).
+    With ``gate``, it first waits (at most a minute) for that file to exist, so the lab
+    decides when it may end. Its side effects go to the lab's ledger (``start``, ``progress``
+    while it waits and works, ``END``: see :func:`ledger_script`)."""
     sleep_s = round(rng.uniform(lo_s, hi_s), 2)
+    return _ledger_job(lab, sleep_s, gate=gate, **manifest)
+
+
+def _ledger_job(lab: Lab, work_s: float, *, gate: Path | str | None = None, **manifest) -> str:
+    """:func:`_short_job` with an exact work time (a long job, say)."""
     manifest.setdefault("retry", {"max": 50, "backoff": "0.1s"})
-    wait = f'for i in $(seq 1 600); do [ -e "{gate}" ] && break; sleep 0.1; done\n' if gate else ""
     return lab.job(
-        f'{wait}sleep {sleep_s}\necho "$GF_FACTORY $GF_EPOCH" > "out/$GF_JOB_ID-e$GF_EPOCH"',
+        ledger_script(lab.ledger, work_s, gate=gate,
+                      then='echo "$GF_FACTORY $GF_EPOCH" > "out/$GF_JOB_ID-e$GF_EPOCH"'),
         verify='test -s "out/$GF_JOB_ID-e$GF_EPOCH"', review_policy="auto", **manifest,
     )
 

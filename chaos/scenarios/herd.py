@@ -94,7 +94,8 @@ SNAPSHOT_TIMEOUT_S = 10.0
 class FleetHostProc(LabProc):
     """A fleet host as a lab process: ``count`` factories ``<prefix><index:04d>`` from ``start``.
     It carries the lab marker, so :meth:`Lab.close` reaps it even if the scenario could not
-    stop it; its figures are read from its stats file."""
+    stop it, and is one of the lab's :attr:`~Lab.hosts`, so its engines are not leftovers while
+    it lives; its figures are read from its stats file."""
 
     def __init__(self, lab: Lab, name: str, *, prefix: str, start: int, count: int) -> None:
         self.stats_path = lab.workdir / f"{name}.json"
@@ -103,7 +104,8 @@ class FleetHostProc(LabProc):
                 "--prefix", prefix, "--start", str(start), "--stations", "1",
                 "--data-dir", str(lab.workdir / "factories"), "--workspace", str(lab.workdir / "work"),
                 "--stats-file", str(self.stats_path), "--stats-interval-s", "1.0", "--log-level", "info"]
-        super().__init__(name, args, lab.workdir / f"{name}.log", lab.env(**{LAB_ENV: lab.id}))
+        super().__init__(name, args, lab.workdir / f"{name}.log", lab.env(**{**lab.factory_env, LAB_ENV: lab.id}))
+        lab.hosts.append(self)  # its factories' engines are its own, not leftovers
 
     def figures(self) -> dict | None:
         return read_stats(self.stats_path)
@@ -402,7 +404,7 @@ async def thundering_herd(cfg: ScenarioConfig) -> ScenarioResult:
     per_host = FACTORIES_PER_HOST_BOUNDED if cfg.bounded else FACTORIES_PER_HOST_FULL
     trickle_jobs = 20 if cfg.bounded else 40
     storms = 1 if cfg.bounded else max(2, round(cfg.duration_s / 60))
-    async with Lab(cfg.workdir, seed=cfg.seed, timings=HERD_TIMINGS) as lab:
+    async with Lab(cfg.workdir, seed=cfg.seed, timings=HERD_TIMINGS, factory_env=cfg.factory_env) as lab:
         load_rng, chaos_rng = lab.random("load"), lab.random("chaos")
         hosts = [FleetHostProc(lab, f"fleet-host-{k}", prefix="herd-", start=k * per_host, count=per_host)
                  for k in range(HOSTS)]

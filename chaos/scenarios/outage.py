@@ -26,7 +26,7 @@ async def total_outage(cfg: ScenarioConfig) -> ScenarioResult:
     # short request timeout so a result meets the dead broker, and the outbox, soon after its job.
     timings = {"lease_ttl_s": 8.0, "lease_renew_s": 1.0, "request_timeout_s": 1.5}
     fids, stations = ["f1", "f2"], 2
-    async with Lab(cfg.workdir, seed=cfg.seed, timings=timings) as lab:
+    async with Lab(cfg.workdir, seed=cfg.seed, timings=timings, factory_env=cfg.factory_env) as lab:
         load_rng, chaos_rng = lab.random("load"), lab.random("chaos")
         ttl = lab.settings.lease_ttl_s
         for fid in fids:

@@ -60,7 +60,7 @@ async def push_path_down(cfg: ScenarioConfig) -> ScenarioResult:
     exp = Expectations()
     notes: list[str] = []
     n_factories, stations = 3, 2
-    async with Lab(cfg.workdir, seed=cfg.seed, timings={"poll_backoff_max_s": LAB_POLL_BACKOFF_MAX_S}) as lab:
+    async with Lab(cfg.workdir, seed=cfg.seed, timings={"poll_backoff_max_s": LAB_POLL_BACKOFF_MAX_S}, factory_env=cfg.factory_env) as lab:
         load_rng, chaos_rng = lab.random("load"), lab.random("chaos")
         s = lab.settings
         # A busy factory fetches (and meets the missing path) once a station frees; an idle one
