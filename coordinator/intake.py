@@ -90,9 +90,14 @@ class _Plan:
 
 
 async def _read_job(broker: Broker, job_id: str) -> tuple[JobRecord, int, float] | None:
+    """The job's record, revision and broker timestamp; a job archived by the retention pass
+    (a final stage, no body) is read from ``gf_archive`` with revision 0."""
     e = await broker.jobs.get(job_id)
     if e is None:
-        return None
+        from .retention import read_archived  # retention imports this module
+
+        rec = await read_archived(broker, job_id)
+        return (rec, 0, 0.0) if rec is not None else None
     return decode(e.value, JobRecord), e.revision, e.ts
 
 
@@ -223,7 +228,7 @@ async def submit(
                 idem = await broker.idempotency.get(names.safe_key(dep))
                 if idem is not None:
                     target = decode(idem.value, IdempotencyRecord).job
-                elif names.is_job_id(dep) and (dep in batch_ids or await broker.jobs.get(dep) is not None):
+                elif names.is_job_id(dep) and (dep in batch_ids or await _read_job(broker, dep) is not None):
                     target = dep
             if target is None:
                 err(plan.jf, f"deps[{i}]",
@@ -335,7 +340,7 @@ async def _claim_key(broker: Broker, key: str, job_id: str, content_hash: str) -
         if rec.job == job_id:
             await broker.idempotency.update(k, value, last=cur.revision)
             return
-        if await broker.jobs.get(rec.job) is None:
+        if await _read_job(broker, rec.job) is None:
             # A reservation whose job was never written (a submitter died in between): reuse it.
             await broker.idempotency.update(k, value, last=cur.revision)
             return

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import msgspec
 import nats.js.errors
 
-from gigafactory.broker import TRANSIENT, Broker, Conflict
+from gigafactory.broker import TRANSIENT, Broker, Conflict, KnownPools
 from gigafactory.config import Settings
 from gigafactory.schemas import names, protocol
 from gigafactory.schemas.lifecycle import LEASED, Stage
@@ -37,6 +37,7 @@ from gigafactory.schemas.records import (
 )
 
 from .intake import ensure_pool
+from .retention import archived_stages
 from .view import FactoryState, FleetView, JobState
 
 log = logging.getLogger("gigafactory.coordinator")
@@ -177,7 +178,9 @@ class Scheduler:
         self.held: dict[str, str] = {}
         self.index: dict[str, int] = {}
         """gf_queue keys this coordinator knows to exist -> the epoch written."""
-        self.pools_ready: set[str] = set()
+        self.pools_ready = KnownPools(settings.pool_idle_gc_s / 2)
+        """Pools this scheduler made sure exist, trusted for a while (the retention pass may
+        delete an idle one: see KnownPools)."""
         self.clock_offset_s = 0.0
         self._seq = 0
         self.dispatch_errors = 0
@@ -218,11 +221,15 @@ class Scheduler:
 
     async def resolve_deps(self) -> None:
         now = time.time()
-        for jid in list(self.view.by_stage[Stage.BLOCKED]):
+        blocked = list(self.view.by_stage[Stage.BLOCKED])
+        # A dependency no longer in gf_jobs may have been archived (coordinator/retention.py).
+        archived = await archived_stages(self.b, {d for jid in blocked if jid in self.view.jobs
+                                                  for d in self.view.jobs[jid].record.deps if d not in self.view.jobs})
+        for jid in blocked:
             st = self.view.jobs.get(jid)
             if st is None:
                 continue
-            stages = {d: (self.view.jobs[d].record.stage if d in self.view.jobs else None) for d in st.record.deps}
+            stages = {d: (self.view.jobs[d].record.stage if d in self.view.jobs else archived.get(d)) for d in st.record.deps}
             out = protocol.resolve_blocked(st.record, stages, now)
             if out is None:
                 continue

@@ -387,6 +387,10 @@ class KnownPools:
     def clear(self) -> None:
         self._at.clear()
 
+    def __rsub__(self, other: set[str]) -> set[str]:
+        """``pools - known``: those of ``pools`` not (or no longer) known."""
+        return {p for p in other if p not in self}
+
     def __len__(self) -> int:
         return len(self._at)
 
@@ -528,6 +532,9 @@ class Broker:
         s = self.settings
         limits = {
             names.ARCHIVE_BUCKET: {"max_bytes": s.archive_max_bytes, "ttl": s.archive_max_age_s},
+            # A key is kept as long as its job can be found (in gf_jobs, then the archive),
+            # counted from the key's last write (its submission): then it is free again.
+            names.IDEMPOTENCY_BUCKET: {"ttl": s.archive_after_s + s.archive_max_age_s},
         }
         for attr, bucket, opts in BUCKETS:
             setattr(self, attr, await self._kv(bucket, **opts, **limits.get(bucket, {})))
