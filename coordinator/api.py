@@ -32,6 +32,7 @@ from gigafactory.schemas.lifecycle import LEASED, IllegalTransition, Stage
 from gigafactory.schemas.records import EventRecord, JobRecord, LockRecord, decode, encode
 
 from . import intake
+from .retention import read_archived
 from .scheduler import capability_gap
 from .view import FleetView
 
@@ -193,7 +194,15 @@ class Api:
         job = await self._job_id(body)
         e = await self.b.jobs.get(job)
         if e is None:
-            raise ApiError(404, f"no job {job!r}; 'gigafactory jobs' lists them")
+            arch = await read_archived(self.b, job)
+            if arch is None:
+                raise ApiError(404, f"no job {job!r}; 'gigafactory jobs' lists them")
+            return {
+                "job": job_summary(arch), "revision": 0, "record": msgspec.to_builtins(arch),
+                "why": f"{arch.stage}, then archived (moved out of {names.JOBS_BUCKET} without its body): {arch.reason}",
+                "info": {"archived": True},
+                "events": await read_events(self.b, job, limit=int(body.get("events", 50))),
+            }
         rec = decode(e.value, JobRecord)
         now = await self.b.broker_now()
         live = self.view.live_factories(now, self.b.settings.heartbeat_s)

@@ -658,7 +658,9 @@ class Broker:
         if cluster.get("replicas") and not cluster.get("leader"):
             # A member of a leaderless group answers with its own clock: not the one that
             # stamps the writes. Nothing is written meanwhile anyway.
-            raise BrokerUnavailable(f"{stream} has no leader; its clock cannot be read")
+            # ServiceUnavailable: a TRANSIENT error, retried like an election's other refusals.
+            raise nats.js.errors.ServiceUnavailableError(
+                code=503, description=f"{stream} has no leader; its clock cannot be read")
         self.clock_source = (stream, cluster.get("leader") or "")
         return parse_server_time(info["ts"])
 

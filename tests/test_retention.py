@@ -137,6 +137,10 @@ def test_a_finished_job_moves_to_the_archive_and_dependencies_and_idempotency_st
             assert arch is not None and arch.stage == Stage.SHIPPED and arch.body == "" and arch.content_hash
             assert "archived" in await eventually(lambda: _kinds(fleet, a), what="the archived event")
 
+            # status still answers, from the archive.
+            st = await fleet.client.call("status", {"job": a})
+            assert st["info"] == {"archived": True} and st["job"]["stage"] == "shipped" and "archived" in st["why"]
+
             # The next pass removes the delete marker from KV_gf_jobs (a watch no longer replays it).
             marker = {"last_by_subj": f"$KV.{names.JOBS_BUCKET}.{a}"}
             assert await fleet.admin.jobs._direct_get(marker) is not None
