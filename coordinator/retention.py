@@ -40,6 +40,7 @@ from dataclasses import dataclass, field
 
 import msgspec
 import nats.js.errors
+from nats.js.kv import KV_DEL, KV_OP, KV_PURGE
 
 from gigafactory.broker import Broker, Conflict
 from gigafactory.config import Settings, check_retention
@@ -307,9 +308,18 @@ class Retention:
         job would otherwise stay in ``KV_gf_jobs`` forever, and be replayed by every watch."""
         keys, self.to_purge = self.to_purge, []
         stream = self.b.jobs.stream
+
+        async def purge(key: str) -> None:
+            subject = f"$KV.{names.JOBS_BUCKET}.{key}"
+            last = await self.b.jobs._direct_get({"last_by_subj": subject})
+            if last is None or not last.headers or last.headers.get(KV_OP) not in (KV_DEL, KV_PURGE):
+                return  # purged already, or written again since: not ours to remove
+            # Up to and including the marker only (``seq`` is exclusive): a write that lands
+            # after it, in between, survives.
+            await self.b.js.purge_stream(stream, subject=subject, seq=int(last.headers["Nats-Sequence"]) + 1)
+
         for i in range(0, len(keys), READS_IN_FLIGHT):
-            got = await asyncio.gather(*(self.b.js.purge_stream(stream, subject=f"$KV.{names.JOBS_BUCKET}.{k}", keep=0)
-                                         for k in keys[i:i + READS_IN_FLIGHT]), return_exceptions=True)
+            got = await asyncio.gather(*(purge(k) for k in keys[i:i + READS_IN_FLIGHT]), return_exceptions=True)
             report.errors += sum(isinstance(g, Exception) for g in got)
 
     # -- pools ------------------------------------------------------------------------------
