@@ -15,6 +15,10 @@ What grows with the work done, and what bounds it:
   unfinished dependent is kept until that dependent finishes. Lookups that miss ``gf_jobs``
   read the archive (:func:`read_archived`): intake's dependency and idempotency checks, the
   scheduler's dependency resolution and ``status``.
+- ``gf_factories``: the record of a factory silent for ``factory_forget_s`` (killed without
+  draining, or a machine gone for good) is deleted; it registers again if it returns.
+- ``gf_idempotency``: keys expire ``archive_after_s + archive_max_age_s`` after their last
+  write (a bucket age limit), when their job can no longer be found anyway.
 - ``gf_pools`` and the dispatch consumers: a pool with no unfinished job and no live
   factory bound to it for ``pool_idle_gc_s`` (as this coordinator saw it, continuously) is
   deleted, entry first (factories unbind on its delete), then its consumer. A later job for
@@ -186,6 +190,7 @@ class PassReport:
     archived: list[str] = field(default_factory=list)
     pools_deleted: list[str] = field(default_factory=list)
     pools_restored: list[str] = field(default_factory=list)
+    factories_forgotten: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     errors: int = 0
 
@@ -215,7 +220,8 @@ class Retention:
         """gf_jobs keys deleted by the previous pass: their delete markers are purged by the
         next one (every watcher has had a pass interval to see the delete)."""
         self.passes = 0
-        self.totals = {"archived": 0, "pools_deleted": 0, "pools_restored": 0, "warnings": 0, "errors": 0}
+        self.totals = {"archived": 0, "pools_deleted": 0, "pools_restored": 0, "factories_forgotten": 0,
+                       "warnings": 0, "errors": 0}
         self.caps = [
             CapSpec(names.EVENTS_STREAM, "GIGAFACTORY_EVENTS_MAX_BYTES", "the oldest events are dropped"),
             CapSpec(f"OBJ_{names.ARTIFACTS_STORE}", "GIGAFACTORY_ARTIFACTS_MAX_BYTES",
@@ -235,7 +241,8 @@ class Retention:
         broker_now = await self.b.broker_now() + ahead_s
         mono_now = time.monotonic() + ahead_s
         for step in (self._purge_markers, lambda r: self._archive(r, broker_now),
-                     lambda r: self._pools(r, broker_now, mono_now), self._caps):
+                     lambda r: self._pools(r, broker_now, mono_now), lambda r: self._factories(r, broker_now),
+                     self._caps):
             try:
                 await step(report)
             except asyncio.CancelledError:
@@ -244,7 +251,7 @@ class Retention:
                 report.errors += 1
                 log.warning("retention step failed (%s: %s); next pass", type(e).__name__, e)
         self.passes += 1
-        for k in ("archived", "pools_deleted", "pools_restored", "warnings"):
+        for k in ("archived", "pools_deleted", "pools_restored", "factories_forgotten", "warnings"):
             self.totals[k] += len(getattr(report, k))
         self.totals["errors"] += report.errors
         return report
@@ -376,6 +383,28 @@ class Retention:
             ))], report)
         if report.pools_deleted:
             log.info("deleted %d idle pools: %s", len(report.pools_deleted), ", ".join(report.pools_deleted))
+
+    # -- factories --------------------------------------------------------------------------
+
+    async def _factories(self, report: PassReport, broker_now: float) -> None:
+        """Delete the records of factories silent for ``factory_forget_s`` (re-read first, and
+        deleted with a compare-and-set: a heartbeat in between keeps the record)."""
+        silent = sorted(fid for fid, f in self.view.factories.items() if broker_now - f.ts >= self.s.factory_forget_s)
+        for fid in silent[: self.s.retention_batch]:
+            e = await self.b.factories.get(fid)
+            if e is None or broker_now - e.ts < self.s.factory_forget_s:
+                continue
+            try:
+                await self.b.factories.delete(fid, last=e.revision)
+            except Conflict:
+                continue
+            self.view.apply_factory(fid, None, e.ts)
+            report.factories_forgotten.append(fid)
+            await _gather_logged([self.b.publish_event(EventRecord(
+                kind="factory_forgotten", at=time.time(), factory=fid, actor=self.actor,
+                reason=f"no heartbeat for {broker_now - e.ts:.0f}s (factory_forget_s {self.s.factory_forget_s:g}); "
+                       "record deleted (the factory registers again if it returns)",
+            ))], report)
 
     # -- caps -------------------------------------------------------------------------------
 

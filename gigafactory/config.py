@@ -106,6 +106,11 @@ class Settings:
     """A dispatch pool with no unfinished job and no live factory bound to it for this long
     (as one coordinator sees it) is deleted: its durable consumer and its ``gf_pools``
     entry. A later job for the same requirements creates it again. Minimum 60 s."""
+    factory_forget_s: float = 7 * 86400.0
+    """A ``gf_factories`` record not written (no heartbeat) for this long (broker time) is
+    deleted: a factory killed without draining leaves its record behind, and a fleet that
+    replaces machines would otherwise keep every one it ever had. A factory that comes back
+    registers again. Minimum 60 s."""
     retention_interval_s: float = 60.0
     """How often a coordinator runs the retention pass (archive, pool GC, cap warnings)."""
     retention_warn_ratio: float = 0.8
@@ -165,7 +170,7 @@ def check_retention(s: Settings) -> None:
     for name in ("artifacts_max_age_s", "archive_max_age_s", "retention_interval_s"):
         if getattr(s, name) <= 0:
             bad.append(f"GIGAFACTORY_{name.upper()}={getattr(s, name)}: must be > 0 seconds")
-    for name in ("archive_after_s", "pool_idle_gc_s"):
+    for name in ("archive_after_s", "pool_idle_gc_s", "factory_forget_s"):
         if getattr(s, name) < RETENTION_MIN_S:
             bad.append(f"GIGAFACTORY_{name.upper()}={getattr(s, name)}: must be at least {RETENTION_MIN_S:g} seconds")
     if s.archive_max_age_s <= s.archive_after_s:

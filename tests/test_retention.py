@@ -324,3 +324,34 @@ def test_a_stream_over_its_warning_share_raises_a_retention_warning_once(nats_se
             assert ev.data["max_bytes"] == cap
 
     run(main(), 60)
+
+
+def test_a_factory_silent_for_the_forget_period_is_forgotten_and_a_live_one_is_not(nats_server, tmp_path):
+    async def main():
+        async with Fleet(nats_server.url, tmp_path, settings(factory_forget_s=3600.0)) as fleet:
+            coord = fleet.coordinator
+            assert coord is not None
+            await fleet.add_factory("alive")
+            # A factory killed without draining: its record stays, its heartbeats stop.
+            ghost = await fleet.admin.factories.get("alive")
+            assert ghost is not None
+            await fleet.admin.factories.put("ghost", ghost.value.replace(b'"alive"', b'"ghost"'))
+            await eventually(lambda: "ghost" in coord.view.factories)
+            assert (await coord.retention.run_pass()).factories_forgotten == []
+
+            # An hour later both are silent as far as the pass can tell: both are forgotten,
+            # and the live one registers again with its next heartbeat; the ghost never does.
+            report = await coord.retention.run_pass(ahead_s=3600.0 + 1)
+            assert "ghost" in report.factories_forgotten
+            assert await fleet.admin.factories.get("ghost") is None and "ghost" not in coord.view.factories
+            assert "factory_forgotten" in [e["kind"] async for e in _fleet_events(fleet)]
+            await eventually(lambda: fleet.admin.factories.get("alive"), what="the live factory's next heartbeat")
+            await eventually(lambda: "alive" in coord.view.factories)
+            assert await fleet.admin.factories.get("ghost") is None
+
+    run(main(), 60)
+
+
+async def _fleet_events(fleet: Fleet):
+    msg = await fleet.admin.js.get_last_msg(names.EVENTS_STREAM, names.fleet_events_subject("factory_forgotten"))
+    yield {"kind": decode(msg.data, EventRecord).kind}
