@@ -161,6 +161,11 @@ def test_a_finished_job_moves_to_the_archive_and_dependencies_and_idempotency_st
             with pytest.raises(Exception, match=a):
                 await fleet.submit(("a.md", fleet.job("echo other", idempotency_key="nightly-report")))
             assert len([j for j in coord.view.jobs if j not in (by_id, by_key)]) == 0
+            assert coord.view.dependents == {a: {by_id, by_key}}
+
+            # Once the dependents are archived too, nothing of them stays in memory.
+            assert sorted((await coord.retention.run_pass(ahead_s=3600.0 + 1)).archived) == sorted([by_id, by_key])
+            assert coord.view.jobs == {} and coord.view.dependents == {}
 
     run(main(), 90)
 
