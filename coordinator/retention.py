@@ -139,6 +139,18 @@ def cap_warning(stream: str, used_bytes: int, max_bytes: int, warn_ratio: float,
             f"the broker's disk), or shorten the matching age setting")
 
 
+def clock_skew(offsets: dict[str, tuple[float, float]]) -> tuple[float, float]:
+    """(skew_s, uncertainty_s) of the servers' clocks: the spread of their offsets from ours,
+    and how much of it the round trips can explain (half the two widest, summed).
+
+    :param offsets: server -> (offset_s, rtt_s), as ``Broker.leader_clocks`` measures them."""
+    if len(offsets) < 2:
+        return 0.0, 0.0
+    hi = max(offsets.values(), key=lambda o: o[0])
+    lo = min(offsets.values(), key=lambda o: o[0])
+    return hi[0] - lo[0], (hi[1] + lo[1]) / 2
+
+
 # -- reading the archive ----------------------------------------------------------------------
 
 
@@ -220,6 +232,8 @@ class Retention:
         """gf_jobs keys deleted by the previous pass: their delete markers are purged by the
         next one (every watcher has had a pass interval to see the delete)."""
         self.passes = 0
+        self.last_offsets: dict[str, tuple[float, float]] = {}
+        """The latest pass's measure of the broker nodes' clocks (see Broker.leader_clocks)."""
         self.totals = {"archived": 0, "pools_deleted": 0, "pools_restored": 0, "factories_forgotten": 0,
                        "warnings": 0, "errors": 0}
         self.caps = [
@@ -242,7 +256,7 @@ class Retention:
         mono_now = time.monotonic() + ahead_s
         for step in (self._purge_markers, lambda r: self._archive(r, broker_now),
                      lambda r: self._pools(r, broker_now, mono_now), lambda r: self._factories(r, broker_now),
-                     self._caps):
+                     self._caps, self._clocks):
             try:
                 await step(report)
             except asyncio.CancelledError:
@@ -405,6 +419,36 @@ class Retention:
                 reason=f"no heartbeat for {broker_now - e.ts:.0f}s (factory_forget_s {self.s.factory_forget_s:g}); "
                        "record deleted (the factory registers again if it returns)",
             ))], report)
+
+    # -- clocks -----------------------------------------------------------------------------
+
+    async def _clocks(self, report: PassReport) -> None:
+        """Measure the broker nodes' clocks against each other; a ``clock_skew`` event (at
+        most hourly) when two differ by more than ``clock_skew_warn_s`` beyond what the
+        round trips explain. One stream info request per stream of the layout."""
+        streams = [self.b.jobs.stream, self.b.queue.stream, self.b.factories.stream, self.b.pools.stream,
+                   self.b.locks.stream, self.b.idempotency.stream, self.b.clock.stream,
+                   names.DISPATCH_STREAM, names.EVENTS_STREAM, f"OBJ_{names.ARTIFACTS_STORE}"]
+        offsets = await self.b.leader_clocks(streams)
+        self.last_offsets = offsets
+        skew_s, uncertainty_s = clock_skew(offsets)
+        if skew_s - uncertainty_s <= self.s.clock_skew_warn_s:
+            self.warned_at.pop("<clocks>", None)
+            return
+        last = self.warned_at.get("<clocks>")
+        if last is not None and time.monotonic() - last < WARN_EVERY_S:
+            return
+        self.warned_at["<clocks>"] = time.monotonic()
+        text = (f"the broker nodes' clocks differ by {skew_s:.3f}s (+-{uncertainty_s:.3f}s), over clock_skew_warn_s "
+                f"{self.s.clock_skew_warn_s:g}s: after a leader change of {names.JOBS_BUCKET} a lease can expire "
+                "that much early; synchronise the nodes' clocks (NTP)")
+        log.warning("retention: %s", text)
+        report.warnings.append(text)
+        await _gather_logged([self.b.publish_event(EventRecord(
+            kind="clock_skew", at=time.time(), actor=self.actor, reason=text,
+            data={"skew_s": round(skew_s, 6), "uncertainty_s": round(uncertainty_s, 6),
+                  "offsets_s": {k: round(v[0], 6) for k, v in offsets.items()}},
+        ))], report)
 
     # -- caps -------------------------------------------------------------------------------
 

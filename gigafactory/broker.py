@@ -664,6 +664,25 @@ class Broker:
         self.clock_source = (stream, cluster.get("leader") or "")
         return parse_server_time(info["ts"])
 
+    async def leader_clocks(self, streams: list[str]) -> dict[str, tuple[float, float]]:
+        """How far each server's clock is from ours: server name -> (offset_s, rtt_s), where
+        ``offset_s`` is its ``ts`` minus the midpoint of our request and ``rtt_s`` the round
+        trip (the offset is known to within half of it). Read through the leaders of
+        ``streams`` (on a cluster they are spread over the nodes); the best round trip per
+        server wins. A stream that does not answer is skipped."""
+        out: dict[str, tuple[float, float]] = {}
+        for stream in streams:
+            t0 = time.time()
+            try:
+                now = await self.broker_now(stream)
+            except Exception:  # noqa: BLE001 -- a leaderless stream says nothing about clocks
+                continue
+            t1 = time.time()
+            server = self.clock_source[1] or "?"
+            if server not in out or t1 - t0 < out[server][1]:
+                out[server] = (now - (t0 + t1) / 2, t1 - t0)
+        return out
+
     async def publish_event(self, ev: EventRecord, *, msg_id: str | None = None) -> None:
         subject = names.events_subject(ev.job, ev.kind) if ev.job else names.fleet_events_subject(ev.kind)
         headers = {"Nats-Msg-Id": msg_id} if msg_id else None

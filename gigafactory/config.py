@@ -111,6 +111,14 @@ class Settings:
     deleted: a factory killed without draining leaves its record behind, and a fleet that
     replaces machines would otherwise keep every one it ever had. A factory that comes back
     registers again. Minimum 60 s."""
+    clock_skew_warn_s: float = 0.5
+    """The reaper judges a lease with the clock of the job bucket's leader, the clock that
+    stamped it, except after a leader change: then the new leader's clock reads the old
+    leader's stamps, and a lease can expire early (or late) by the skew between the two.
+    Each retention pass measures the broker nodes' clocks (through the leaders of the
+    layout's streams) and sends a ``clock_skew`` event when two differ by more than this.
+    Keep it well under ``lease_ttl_s`` and the holders' self-fencing margin; run NTP on the
+    broker nodes."""
     retention_interval_s: float = 60.0
     """How often a coordinator runs the retention pass (archive, pool GC, cap warnings)."""
     retention_warn_ratio: float = 0.8
@@ -167,7 +175,7 @@ def check_retention(s: Settings) -> None:
     for name in ("events_max_bytes", "artifacts_max_bytes", "archive_max_bytes", "retention_batch"):
         if getattr(s, name) <= 0:
             bad.append(f"GIGAFACTORY_{name.upper()}={getattr(s, name)}: must be > 0")
-    for name in ("artifacts_max_age_s", "archive_max_age_s", "retention_interval_s"):
+    for name in ("artifacts_max_age_s", "archive_max_age_s", "retention_interval_s", "clock_skew_warn_s"):
         if getattr(s, name) <= 0:
             bad.append(f"GIGAFACTORY_{name.upper()}={getattr(s, name)}: must be > 0 seconds")
     for name in ("archive_after_s", "pool_idle_gc_s", "factory_forget_s"):

@@ -15,6 +15,7 @@ from helpers import eventually, run
 
 from gigafactory.broker import Broker, ReplicasError
 from gigafactory.config import Settings, check_sync_interval
+from gigafactory.coordinator.retention import clock_skew
 from gigafactory.embedded import BrokerError, Cluster, EmbeddedServer
 from gigafactory.schemas import names
 
@@ -200,6 +201,15 @@ def test_on_a_cluster_now_comes_from_the_leader_that_stamps_the_job_records(tmp_
                 return b.clock_source == (jobs, c.nodes[moved].name)
 
             assert await eventually(follows, 30, what="the clock probe answered by the new leader")
+
+            # The nodes' clocks, measured through the leaders of the layout's streams (one
+            # machine here: no skew beyond what the round trips explain).
+            offsets = await b.leader_clocks([f"KV_{n}" for n in (names.JOBS_BUCKET, names.QUEUE_BUCKET,
+                                             names.FACTORIES_BUCKET, names.POOLS_BUCKET, names.LOCKS_BUCKET,
+                                             names.IDEMPOTENCY_BUCKET, names.CLOCK_BUCKET, names.ARCHIVE_BUCKET)])
+            assert len(offsets) >= 2 and set(offsets) <= {n.name for n in c.nodes}
+            skew_s, unsure_s = clock_skew(offsets)
+            assert skew_s - unsure_s < 0.5
         finally:
             await b.close()
 
