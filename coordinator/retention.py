@@ -3,9 +3,10 @@
 What grows with the work done, and what bounds it:
 
 - ``GF_EVENTS`` and ``gf_artifacts``: byte caps and ages set on the streams themselves
-  (``events_max_bytes``/``events_max_age_s``, ``artifacts_max_bytes``/``artifacts_max_age_s``;
-  see ``Broker.ensure_layout``). This module only watches them: a ``retention_warning`` event
-  when one holds more than ``retention_warn_ratio`` of its cap.
+  (``events_max_bytes``/``events_max_age_s``, ``artifacts_max_bytes``/``artifacts_max_age_s``),
+  applied by a coordinator's first pass (``Broker.apply_limits``; a layout is created with
+  them too). Then watched: a ``retention_warning`` event when one holds more than
+  ``retention_warn_ratio`` of its cap.
 - ``gf_jobs``, held whole in every coordinator's memory: a finished job (``shipped``,
   ``failed``, ``dead_letter``) whose record has not changed for ``archive_after_s`` (broker
   time) is *archived*: copied without its body to ``gf_archive`` (capped by
@@ -204,6 +205,8 @@ class PassReport:
     pools_restored: list[str] = field(default_factory=list)
     factories_forgotten: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    limits_set: dict[str, dict] = field(default_factory=dict)
+    """Stream -> limits changed by this pass (the first of a coordinator process)."""
     errors: int = 0
 
 
@@ -232,6 +235,7 @@ class Retention:
         """gf_jobs keys deleted by the previous pass: their delete markers are purged by the
         next one (every watcher has had a pass interval to see the delete)."""
         self.passes = 0
+        self.limits_applied = False
         self.last_offsets: dict[str, tuple[float, float]] = {}
         """The latest pass's measure of the broker nodes' clocks (see Broker.leader_clocks)."""
         self.totals = {"archived": 0, "pools_deleted": 0, "pools_restored": 0, "factories_forgotten": 0,
@@ -254,7 +258,7 @@ class Retention:
         report = PassReport()
         broker_now = await self.b.broker_now() + ahead_s
         mono_now = time.monotonic() + ahead_s
-        for step in (self._purge_markers, lambda r: self._archive(r, broker_now),
+        for step in (self._limits, self._purge_markers, lambda r: self._archive(r, broker_now),
                      lambda r: self._pools(r, broker_now, mono_now), lambda r: self._factories(r, broker_now),
                      self._caps, self._clocks):
             try:
@@ -269,6 +273,14 @@ class Retention:
             self.totals[k] += len(getattr(report, k))
         self.totals["errors"] += report.errors
         return report
+
+    async def _limits(self, report: PassReport) -> None:
+        """Set the coordinator's retention limits on the streams, once per process (again
+        on the next pass if it failed): a layout made by an older version, or by a factory
+        with other settings, gets the caps this coordinator was configured with."""
+        if not self.limits_applied:
+            report.limits_set = await self.b.apply_limits()
+            self.limits_applied = True
 
     # -- jobs -------------------------------------------------------------------------------
 

@@ -484,19 +484,18 @@ class Broker:
             kv = await self.js.create_key_value(cfg)
         except (nats.js.errors.BadRequestError, nats.js.errors.ServerError) as e:
             # Exists with a different config (an older version's, other limits, other
-            # replicas): reconcile what this version manages, keep the rest as it is.
-            await self._reconcile(f"KV_{bucket}", e, {"max_age": ttl, "max_bytes": max_bytes})
+            # replicas): raise its replicas if it has fewer, keep the rest as it is.
+            await self._reconcile(f"KV_{bucket}", e)
             kv = await self.js.key_value(bucket)
         return Bucket(self.js, kv, bucket, self.settings.request_timeout_s)
 
-    async def _reconcile(self, stream: str, refused: Exception, limits: dict) -> None:
-        """Bring an existing ``stream`` to what this process asks for after a create was
-        ``refused``: its ``limits`` (StreamConfig fields; None leaves one alone) are set, and
-        its replicas raised to ``settings.replicas`` if it has fewer, in one update; never
-        lowered (a tool run with the default replicas=1 against an R3 cluster must not scale
-        the cluster's layout down). Raises :class:`ReplicasError` when the stream does not
-        exist (the create was refused for another reason, e.g. R3 on a single server) or the
-        server refuses to raise its replicas."""
+    async def _reconcile(self, stream: str, refused: Exception) -> None:
+        """Bring an existing ``stream``'s replicas up to ``settings.replicas`` after a create
+        was ``refused`` (it exists with another config); never down (a tool run with the
+        default replicas=1 against an R3 cluster must not scale the cluster's layout down).
+        Raises :class:`ReplicasError` when the stream does not exist (the create was refused
+        for another reason, e.g. R3 on a single server) or the server refuses to raise its
+        replicas. Limits are not touched here: see :meth:`apply_limits`."""
         wanted = self.settings.replicas
         try:
             info = await self.js.stream_info(stream)
@@ -504,36 +503,57 @@ class Broker:
             raise ReplicasError(stream, None, wanted, getattr(refused, "description", None) or str(refused)) from refused
         cfg = info.config
         current = cfg.num_replicas or 1
-        changes = {k: v for k, v in limits.items() if v is not None and not _same_limit(getattr(cfg, k), v)}
-        if current < wanted:
-            changes["num_replicas"] = wanted
-        if not changes:
+        if current >= wanted:
             if current > wanted:
                 log.debug("%s has R%d; keeping it (this process asks for R%d)", stream, current, wanted)
             return
-        for k, v in changes.items():
-            setattr(cfg, k, v)
+        cfg.num_replicas = wanted
         try:
             await self.js.update_stream(cfg)
         except nats.js.errors.APIError as e:
-            if "num_replicas" in changes:
-                raise ReplicasError(stream, current, wanted, e.description or str(e)) from e
-            raise
-        if "num_replicas" in changes:
-            log.warning("%s migrated from R%d to R%d (replicas=%d)", stream, current, wanted, wanted)
-        others = sorted(set(changes) - {"num_replicas"})
-        if others:
-            log.info("%s: updated %s", stream, ", ".join(f"{k}={changes[k]}" for k in others))
+            raise ReplicasError(stream, current, wanted, e.description or str(e)) from e
+        log.warning("%s migrated from R%d to R%d (replicas=%d)", stream, current, wanted, wanted)
+
+    def limits(self) -> dict[str, dict]:
+        """Stream -> the StreamConfig limits the retention settings give it."""
+        s = self.settings
+        return {
+            names.EVENTS_STREAM: {"max_bytes": s.events_max_bytes, "max_age": s.events_max_age_s},
+            f"OBJ_{names.ARTIFACTS_STORE}": {"max_bytes": s.artifacts_max_bytes, "max_age": s.artifacts_max_age_s},
+            f"KV_{names.ARCHIVE_BUCKET}": {"max_bytes": s.archive_max_bytes, "max_age": s.archive_max_age_s},
+            # A key is kept as long as its job can be found (in gf_jobs, then the archive),
+            # counted from the key's last write (its submission): then it is free again.
+            f"KV_{names.IDEMPOTENCY_BUCKET}": {"max_age": s.archive_after_s + s.archive_max_age_s},
+        }
+
+    async def apply_limits(self) -> dict[str, dict]:
+        """Set this process's retention limits on the existing streams (raising or lowering
+        them); returns stream -> the changes made. Only the coordinator calls it (its
+        retention pass): factories and CLI tools open the layout with whatever settings
+        their environment has, and must not shrink a cap the coordinator was given (a
+        lowered ``GF_EVENTS`` cap drops the oldest events at once)."""
+        done: dict[str, dict] = {}
+        for stream, want in self.limits().items():
+            cfg = (await self.js.stream_info(stream)).config
+            changes = {k: v for k, v in want.items() if not _same_limit(getattr(cfg, k), v)}
+            if not changes:
+                continue
+            for k, v in changes.items():
+                setattr(cfg, k, v)
+            await self.js.update_stream(cfg)
+            done[stream] = changes
+            log.info("%s: limits set: %s", stream, ", ".join(f"{k}={v}" for k, v in changes.items()))
+        return done
 
     async def ensure_layout(self) -> None:
         """Create (idempotently) every bucket, stream and store, with explicit options; an
-        existing one gets this version's limits and, if it has fewer, ``replicas``."""
+        existing one gets ``replicas`` if it has fewer (see :meth:`_reconcile`)."""
         r = self.settings.replicas
         s = self.settings
+        # A layout created now gets this process's limits; an existing one keeps its own
+        # until a coordinator applies its settings (apply_limits).
         limits = {
             names.ARCHIVE_BUCKET: {"max_bytes": s.archive_max_bytes, "ttl": s.archive_max_age_s},
-            # A key is kept as long as its job can be found (in gf_jobs, then the archive),
-            # counted from the key's last write (its submission): then it is free again.
             names.IDEMPOTENCY_BUCKET: {"ttl": s.archive_after_s + s.archive_max_age_s},
         }
         for attr, bucket, opts in BUCKETS:
@@ -552,7 +572,6 @@ class Broker:
                 duplicate_window=120,
                 description="append-only audit of every transition and decision",
             ),
-            limits=("max_age", "max_bytes"),
         )
         try:
             self.artifacts = await self.js.create_object_store(
@@ -564,8 +583,7 @@ class Broker:
                 ),
             )
         except (nats.js.errors.BadRequestError, nats.js.errors.ServerError) as e:
-            await self._reconcile(f"OBJ_{names.ARTIFACTS_STORE}", e,
-                                  {"max_bytes": s.artifacts_max_bytes, "max_age": s.artifacts_max_age_s})
+            await self._reconcile(f"OBJ_{names.ARTIFACTS_STORE}", e)
             self.artifacts = await self.js.object_store(names.ARTIFACTS_STORE)
 
     async def ensure_dispatch_stream(self) -> None:
@@ -583,14 +601,14 @@ class Broker:
             )
         )
 
-    async def _stream(self, cfg: api.StreamConfig, limits: tuple[str, ...] = ()) -> None:
-        """Create ``cfg``'s stream; if it exists with another config, reconcile its
-        ``limits`` (fields of ``cfg``) and replicas (see :meth:`_reconcile`)."""
+    async def _stream(self, cfg: api.StreamConfig) -> None:
+        """Create ``cfg``'s stream; if it exists with another config, raise its replicas if
+        it has fewer (see :meth:`_reconcile`) and keep the rest as it is."""
         try:
             await self.js.add_stream(cfg)
         except (nats.js.errors.BadRequestError, nats.js.errors.ServerError) as e:
             assert cfg.name
-            await self._reconcile(cfg.name, e, {k: getattr(cfg, k) for k in limits})
+            await self._reconcile(cfg.name, e)
 
     async def bind_layout(self) -> None:
         """Bind to an existing layout without creating anything (read-only tools)."""

@@ -127,9 +127,10 @@ def test_raising_replicas_on_a_cluster_migrates_every_bucket_and_stream_and_lowe
         run(main(c), 120)
 
 
-def test_new_caps_reach_a_layout_that_exists(nats_server):
-    """A layout made with other limits (an older version's, or other settings) gets the
-    byte caps and ages of the settings of the process that opens it."""
+def test_limits_are_set_by_the_coordinators_settings_never_by_whoever_opens_the_layout(nats_server):
+    """A layout made with other limits (an older version's, or other settings) keeps them
+    when a factory or a tool with other settings opens it (a smaller cap would drop events
+    at once), and gets the coordinator's when it applies them (its first retention pass)."""
     async def main():
         b = await Broker.open(nats_server.url, "old", Settings(events_max_bytes=10**9, artifacts_max_bytes=10**9))
         await b.close()
@@ -137,6 +138,12 @@ def test_new_caps_reach_a_layout_that_exists(nats_server):
                      archive_max_bytes=7 * 10**8, archive_max_age_s=30 * 86400.0)
         b = await Broker.open(nats_server.url, "new", s)
         try:
+            cfg = {si.config.name: si.config for si in await b.js.streams_info()}
+            assert cfg[names.EVENTS_STREAM].max_bytes == 10**9
+            assert cfg[f"OBJ_{names.ARTIFACTS_STORE}"].max_bytes == 10**9
+            changed = await b.apply_limits()
+            assert changed[names.EVENTS_STREAM] == {"max_bytes": 5 * 10**8}
+            assert await b.apply_limits() == {}
             cfg = {si.config.name: si.config for si in await b.js.streams_info()}
             assert cfg[names.EVENTS_STREAM].max_bytes == 5 * 10**8
             assert cfg[f"OBJ_{names.ARTIFACTS_STORE}"].max_bytes == 6 * 10**8
