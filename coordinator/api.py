@@ -35,6 +35,7 @@ from gigafactory.schemas.limits import hint
 from gigafactory.schemas.records import EventRecord, JobRecord, LockRecord, decode, encode
 
 from . import intake
+from .retention import read_archived
 from .scheduler import capability_gap
 from .view import FleetView
 
@@ -216,7 +217,15 @@ class Api:
         job = await self._job_id(body)
         e = await self.b.jobs.get(job)
         if e is None:
-            raise ApiError(404, f"no job {job!r}; 'gigafactory jobs' lists them")
+            arch = await read_archived(self.b, job)
+            if arch is None:
+                raise ApiError(404, f"no job {job!r}; 'gigafactory jobs' lists them")
+            return {
+                "job": job_summary(arch), "revision": 0, "record": msgspec.to_builtins(arch),
+                "why": f"{arch.stage}, then archived (moved out of {names.JOBS_BUCKET} without its body): {arch.reason}",
+                "info": {"archived": True},
+                "events": await read_events(self.b, job, limit=int(body.get("events", 50))),
+            }
         poisoned = self.sched.poison.get(job) if hasattr(self.sched, "poison") else None
         poisoned = poisoned if poisoned is not None and poisoned.revision == e.revision else None
         try:

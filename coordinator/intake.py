@@ -128,9 +128,14 @@ class _Plan:
 
 
 async def _read_job(broker: Broker, job_id: str) -> tuple[JobRecord, int, float] | None:
+    """The job's record, revision and broker timestamp; a job archived by the retention pass
+    (a final stage, no body) is read from ``gf_archive`` with revision 0."""
     e = await broker.jobs.get(job_id)
     if e is None:
-        return None
+        from .retention import read_archived  # retention imports this module
+
+        rec = await read_archived(broker, job_id)
+        return (rec, 0, 0.0) if rec is not None else None
     return decode(e.value, JobRecord), e.revision, e.ts
 
 

@@ -22,7 +22,7 @@ import msgspec
 import nats.errors
 import nats.js.errors
 
-from gigafactory.broker import TRANSIENT, Broker, Conflict
+from gigafactory.broker import TRANSIENT, Broker, Conflict, KnownPools
 from gigafactory.config import Settings
 from gigafactory.schemas import names, protocol
 from gigafactory.schemas.lifecycle import LEASED, IllegalTransition, Stage
@@ -38,6 +38,7 @@ from gigafactory.schemas.records import (
 )
 
 from .intake import ensure_pool
+from .retention import archived_stages
 from .view import FactoryState, FleetView, JobState
 
 log = logging.getLogger("gigafactory.coordinator")
@@ -247,7 +248,9 @@ class Scheduler:
         self.held: dict[str, str] = {}
         self.index: dict[str, int] = {}
         """gf_queue keys this coordinator knows to exist -> the epoch written."""
-        self.pools_ready: set[str] = set()
+        self.pools_ready = KnownPools(settings.pool_idle_gc_s / 2)
+        """Pools this scheduler made sure exist, trusted for a while (the retention pass may
+        delete an idle one: see KnownPools)."""
         self.clock_offset_s = 0.0
         self._seq = 0
         self.dispatch_errors = 0
@@ -302,12 +305,16 @@ class Scheduler:
         """Unblock (or fail) every blocked job whose dependencies decided it. One job's error
         never stops the pass: see :meth:`_job_failed`."""
         now = time.time()
-        for jid in list(self.view.by_stage[Stage.BLOCKED]):
+        blocked = list(self.view.by_stage[Stage.BLOCKED])
+        # A dependency no longer in gf_jobs may have been archived (coordinator/retention.py).
+        archived = await archived_stages(self.b, {d for jid in blocked if jid in self.view.jobs
+                                                  for d in self.view.jobs[jid].record.deps if d not in self.view.jobs})
+        for jid in blocked:
             st = self.view.jobs.get(jid)
             if st is None or self.is_poisoned(st):
                 continue
             try:
-                stages = {d: (self.view.jobs[d].record.stage if d in self.view.jobs else None) for d in st.record.deps}
+                stages = {d: (self.view.jobs[d].record.stage if d in self.view.jobs else archived.get(d)) for d in st.record.deps}
                 out = protocol.resolve_blocked(st.record, stages, now)
                 if out is None:
                     continue

@@ -20,6 +20,7 @@ from gigafactory.config import Settings
 
 from .api import Api
 from .inbox import Inbox
+from .retention import Retention
 from .scheduler import Scheduler, loop
 from .view import FleetView, follow
 
@@ -49,6 +50,7 @@ class Coordinator:
         self.sched = Scheduler(broker, self.view, self.s, self.name)
         self.api = Api(broker, self.view, self.sched, self.name)
         self.inbox = Inbox(broker, inbox) if inbox else None
+        self.retention = Retention(broker, self.view, self.s, self.name, forget_pool=self.sched.pools_ready.discard)
         self.ready = asyncio.Event()
         self.startup_retries = 0
         """Startup reads retried after a transient broker error (see :meth:`_until_done`)."""
@@ -87,6 +89,8 @@ class Coordinator:
                 asyncio.create_task(loop("locks", 5.0, self.sched.release_stale_locks, stop), name="locks"),
                 asyncio.create_task(loop("repair", self.s.dispatch_repair_s, self.sched.repair_dispatch, stop), name="repair"),
                 asyncio.create_task(loop("clock", 5.0, clock, stop), name="clock"),
+                asyncio.create_task(loop("retention", self.s.retention_interval_s, self.retention.run_pass, stop),
+                                    name="retention"),
             ]
             if self.inbox is not None:
                 tasks.append(asyncio.create_task(loop("inbox", 0.5, self.inbox.scan, stop), name="inbox"))

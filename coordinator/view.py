@@ -79,7 +79,11 @@ class FleetView:
         if old is not None:
             self.by_stage[old.record.stage].discard(key)
             for d in old.record.deps:
-                self.dependents.get(d, set()).discard(key)
+                waiting_on_d = self.dependents.get(d)
+                if waiting_on_d is not None:
+                    waiting_on_d.discard(key)
+                    if not waiting_on_d:  # archived jobs leave: keep the map bounded by the live ones
+                        del self.dependents[d]
         self.poison.pop(key, None)
         if not value:
             self._tell(old, None)

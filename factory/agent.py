@@ -139,6 +139,9 @@ class PoolState:
     task: asyncio.Task | None = None
     psub: object | None = None
     """The pool consumer's pull subscription while in push mode."""
+    gone: bool = False
+    """Its ``gf_pools`` entry was deleted (the coordinator's retention collected the idle
+    pool): the puller stops at its next turn and the factory unbinds."""
     index_quiet: tuple[int, int] | None = None
     """``(sequence, reconnects)``: a stall check found the pool's queue index empty, and the
     newest message on its keys then had this stream sequence (on this connection, counted by
@@ -447,14 +450,21 @@ class Factory:
                 pass
 
     async def _on_pool_msg(self, msg) -> None:
-        if msg.headers and msg.headers.get("KV-Operation") in ("DEL", "PURGE"):
-            return
         key = msg.subject[len(f"$KV.{names.POOLS_BUCKET}."):]
+        if msg.headers and msg.headers.get("KV-Operation") in ("DEL", "PURGE"):
+            # The pool was collected as idle: stop pulling from its (deleted) consumer rather
+            # than fall back to polling it forever. It is bound again if it comes back.
+            ps = self.pools.get(key)
+            if ps is not None and not ps.gone:
+                ps.gone = True
+                log.info("%s: pool %s was deleted; unbinding", self.id, key)
+            return
         self._bind_pool(key, msg.data, self._stop)
 
     def _bind_pool(self, key: str, value: bytes, stop: asyncio.Event | None) -> None:
         self.stats["pool_records"] += 1
-        if stop is None or stop.is_set() or self.draining.is_set() or not value or key in self.pools:
+        old = self.pools.get(key)
+        if stop is None or stop.is_set() or self.draining.is_set() or not value or (old is not None and not old.gone):
             return
         try:
             pool = decode(value, PoolRecord)
@@ -472,6 +482,8 @@ class Factory:
         try:
             await self._pull_loop(ps, stop)
         finally:
+            if ps.gone and self.pools.get(ps.id) is ps:  # not rebound meanwhile
+                del self.pools[ps.id]
             # A fetch cut short (drain cancels this task) leaves its subscription buffering
             # messages that no one takes; nats-py's connection drain then waits for them until
             # its timeout. Dropping the subscription lets the factory shut down at once.
@@ -509,7 +521,7 @@ class Factory:
         # stall_check_s, a herd of consumer lookups and index scans on the broker.
         last_check = time.monotonic() - random.uniform(0.0, self.stall_check_s)
         backoff = POLL_BACKOFF_MIN_S
-        while not stop.is_set() and not self.draining.is_set():
+        while not stop.is_set() and not self.draining.is_set() and not ps.gone:
             while not await self._wait_capacity(ps.engine, timeout_s=self.s.long_poll_s):
                 await self._hand_back_stranded(ps)
             if self.draining.is_set():

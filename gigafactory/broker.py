@@ -13,10 +13,13 @@ from __future__ import annotations
 
 import asyncio
 import io
+import datetime
 import logging
 import os
 import random
+import re
 import socket
+import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
@@ -50,6 +53,22 @@ class Conflict(Exception):
 
 class BrokerUnavailable(Exception):
     """The broker did not answer within the bound; the caller decides (retry, outbox, poll)."""
+
+
+class ReplicasError(Exception):
+    """A bucket or stream of the layout has fewer replicas than ``replicas`` asks for, and
+    the server refused to raise them (or to create it with that many)."""
+
+    def __init__(self, stream: str, current: int | None, wanted: int, server_says: str) -> None:
+        self.stream, self.current, self.wanted = stream, current, wanted
+        have = f"has R{current}" if current else "does not exist and cannot be created"
+        super().__init__(
+            f"{stream} {have} but replicas={wanted} (GIGAFACTORY_REPLICAS) asks for R{wanted}, and the server "
+            f"refused: {server_says}. R{wanted} needs a JetStream cluster of at least {wanted} nodes: connect "
+            f"to one (--nats with every node's URL), or set GIGAFACTORY_REPLICAS to {current or 1} to use the "
+            f"layout as it is. Replicas are raised in place on a cluster (nats stream edit {stream} "
+            f"--replicas {wanted} does the same by hand) and never lowered automatically."
+        )
 
 
 TRANSIENT = (
@@ -302,6 +321,7 @@ async def connect(
 
 BUCKETS: tuple[tuple[str, str, dict], ...] = (
     ("jobs", names.JOBS_BUCKET, {"history": 5, "description": "job records"}),
+    ("archive", names.ARCHIVE_BUCKET, {"description": "finished jobs moved out of gf_jobs (coordinator/retention.py)"}),
     ("queue", names.QUEUE_BUCKET, {"description": "queued jobs by pool (poll fallback index)"}),
     ("factories", names.FACTORIES_BUCKET, {"description": "factory descriptors and heartbeats"}),
     ("pools", names.POOLS_BUCKET, {"description": "dispatch pools"}),
@@ -310,6 +330,73 @@ BUCKETS: tuple[tuple[str, str, dict], ...] = (
     ("clock", names.CLOCK_BUCKET, {"ttl": 3600, "description": "broker time probes"}),
 )
 """Every KV bucket of the layout: the Broker attribute, the bucket name, its create options."""
+
+
+_RFC3339 = re.compile(r"^(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)(?:\.(\d+))?(Z|[+-]\d\d:\d\d)$")
+
+
+def parse_server_time(text: str) -> float:
+    """Unix seconds of a server timestamp (RFC 3339, up to nanoseconds, as Go writes it)."""
+    m = _RFC3339.match(text)
+    if m is None:
+        raise ValueError(f"not a server timestamp: {text!r}")
+    base = datetime.datetime.fromisoformat(m.group(1) + ("+00:00" if m.group(3) == "Z" else m.group(3)))
+    return base.timestamp() + (int(m.group(2)) / 10 ** len(m.group(2)) if m.group(2) else 0.0)
+
+
+def _same_limit(current, wanted) -> bool:
+    """Whether a stream's limit is already what is wanted (ages are float seconds)."""
+    if isinstance(wanted, float) or isinstance(current, float):
+        return current is not None and abs(float(current) - float(wanted)) < 1e-3
+    return current == wanted
+
+
+class KnownPools:
+    """Pools this process made sure exist (their consumer and ``gf_pools`` entry), each
+    trusted for ``ttl_s`` after it was added; used like a set (``in``, ``add``, ``discard``).
+
+    A pool idle for ``pool_idle_gc_s`` may be deleted by any coordinator's retention pass.
+    A pool added here had a job at that moment, so no pass can delete it sooner than
+    ``pool_idle_gc_s`` later: an entry younger than half that cannot name a deleted pool,
+    and an older one is checked again (the ensure is idempotent). Bounded: expired entries
+    are dropped as they are looked up and whenever the set doubles."""
+
+    def __init__(self, ttl_s: float) -> None:
+        self.ttl_s = ttl_s
+        self._at: dict[str, float] = {}
+        self._prune_at = 64
+
+    def __contains__(self, pool: object) -> bool:
+        at = self._at.get(pool)  # type: ignore[arg-type]
+        if at is None:
+            return False
+        if time.monotonic() - at >= self.ttl_s:
+            del self._at[pool]  # type: ignore[arg-type]
+            return False
+        return True
+
+    def add(self, pool: str) -> None:
+        self._at[pool] = time.monotonic()
+        if len(self._at) >= self._prune_at:
+            now = time.monotonic()
+            self._at = {p: t for p, t in self._at.items() if now - t < self.ttl_s}
+            self._prune_at = max(64, 2 * len(self._at))
+
+    def discard(self, pool: str) -> None:
+        self._at.pop(pool, None)
+
+    def clear(self) -> None:
+        self._at.clear()
+
+    def __rsub__(self, other: set[str]) -> set[str]:
+        """``pools - known``: those of ``pools`` not (or no longer) known."""
+        return {p for p in other if p not in self}
+
+    def __len__(self) -> int:
+        return len(self._at)
+
+    def __iter__(self):
+        return iter([p for p in list(self._at) if p in self])
 
 
 class Broker:
@@ -332,9 +419,13 @@ class Broker:
         self.locks: Bucket
         self.idempotency: Bucket
         self.clock: Bucket
+        self.archive: Bucket | None = None
         self.artifacts = None
-        self.pools_known: set[str] = set()
-        """Dispatch pools this process has made sure exist (intake skips re-creating them)."""
+        self.pools_known = KnownPools(settings.pool_idle_gc_s / 2)
+        """Dispatch pools this process has made sure exist (intake skips re-creating them),
+        each trusted for half the pool GC's idle time (see :class:`KnownPools`)."""
+        self.clock_source: tuple[str, str] = ("", "")
+        """(stream, server) whose clock the latest :meth:`broker_now` read."""
 
     @classmethod
     async def open(
@@ -378,28 +469,96 @@ class Broker:
 
     # -- layout ---------------------------------------------------------------------------
 
-    async def _kv(self, bucket: str, *, history: int = 1, ttl: float | None = None, description: str = "") -> Bucket:
+    async def _kv(self, bucket: str, *, history: int = 1, ttl: float | None = None, description: str = "",
+                  max_bytes: int | None = None) -> Bucket:
         cfg = api.KeyValueConfig(
             bucket=bucket,
             description=description,
             history=history,
             ttl=ttl,
+            max_bytes=max_bytes,
             storage=api.StorageType.FILE,
             replicas=self.settings.replicas,
             direct=True,
         )
         try:
             kv = await self.js.create_key_value(cfg)
-        except nats.js.errors.BadRequestError:
-            # Exists with a different config (e.g. created by an older version): use it as is.
+        except (nats.js.errors.BadRequestError, nats.js.errors.ServerError) as e:
+            # Exists with a different config (an older version's, other limits, other
+            # replicas): raise its replicas if it has fewer, keep the rest as it is.
+            await self._reconcile(f"KV_{bucket}", e)
             kv = await self.js.key_value(bucket)
         return Bucket(self.js, kv, bucket, self.settings.request_timeout_s)
 
+    async def _reconcile(self, stream: str, refused: Exception) -> None:
+        """Bring an existing ``stream``'s replicas up to ``settings.replicas`` after a create
+        was ``refused`` (it exists with another config); never down (a tool run with the
+        default replicas=1 against an R3 cluster must not scale the cluster's layout down).
+        Raises :class:`ReplicasError` when the stream does not exist (the create was refused
+        for another reason, e.g. R3 on a single server) or the server refuses to raise its
+        replicas. Limits are not touched here: see :meth:`apply_limits`."""
+        wanted = self.settings.replicas
+        try:
+            info = await self.js.stream_info(stream)
+        except nats.js.errors.NotFoundError:
+            raise ReplicasError(stream, None, wanted, getattr(refused, "description", None) or str(refused)) from refused
+        cfg = info.config
+        current = cfg.num_replicas or 1
+        if current >= wanted:
+            if current > wanted:
+                log.debug("%s has R%d; keeping it (this process asks for R%d)", stream, current, wanted)
+            return
+        cfg.num_replicas = wanted
+        try:
+            await self.js.update_stream(cfg)
+        except nats.js.errors.APIError as e:
+            raise ReplicasError(stream, current, wanted, e.description or str(e)) from e
+        log.warning("%s migrated from R%d to R%d (replicas=%d)", stream, current, wanted, wanted)
+
+    def limits(self) -> dict[str, dict]:
+        """Stream -> the StreamConfig limits the retention settings give it."""
+        s = self.settings
+        return {
+            names.EVENTS_STREAM: {"max_bytes": s.events_max_bytes, "max_age": s.events_max_age_s},
+            f"OBJ_{names.ARTIFACTS_STORE}": {"max_bytes": s.artifacts_max_bytes, "max_age": s.artifacts_max_age_s},
+            f"KV_{names.ARCHIVE_BUCKET}": {"max_bytes": s.archive_max_bytes, "max_age": s.archive_max_age_s},
+            # A key is kept as long as its job can be found (in gf_jobs, then the archive),
+            # counted from the key's last write (its submission): then it is free again.
+            f"KV_{names.IDEMPOTENCY_BUCKET}": {"max_age": s.archive_after_s + s.archive_max_age_s},
+        }
+
+    async def apply_limits(self) -> dict[str, dict]:
+        """Set this process's retention limits on the existing streams (raising or lowering
+        them); returns stream -> the changes made. Only the coordinator calls it (its
+        retention pass): factories and CLI tools open the layout with whatever settings
+        their environment has, and must not shrink a cap the coordinator was given (a
+        lowered ``GF_EVENTS`` cap drops the oldest events at once)."""
+        done: dict[str, dict] = {}
+        for stream, want in self.limits().items():
+            cfg = (await self.js.stream_info(stream)).config
+            changes = {k: v for k, v in want.items() if not _same_limit(getattr(cfg, k), v)}
+            if not changes:
+                continue
+            for k, v in changes.items():
+                setattr(cfg, k, v)
+            await self.js.update_stream(cfg)
+            done[stream] = changes
+            log.info("%s: limits set: %s", stream, ", ".join(f"{k}={v}" for k, v in changes.items()))
+        return done
+
     async def ensure_layout(self) -> None:
-        """Create (idempotently) every bucket, stream and store, with explicit options."""
+        """Create (idempotently) every bucket, stream and store, with explicit options; an
+        existing one gets ``replicas`` if it has fewer (see :meth:`_reconcile`)."""
         r = self.settings.replicas
+        s = self.settings
+        # A layout created now gets this process's limits; an existing one keeps its own
+        # until a coordinator applies its settings (apply_limits).
+        limits = {
+            names.ARCHIVE_BUCKET: {"max_bytes": s.archive_max_bytes, "ttl": s.archive_max_age_s},
+            names.IDEMPOTENCY_BUCKET: {"ttl": s.archive_after_s + s.archive_max_age_s},
+        }
         for attr, bucket, opts in BUCKETS:
-            setattr(self, attr, await self._kv(bucket, **opts))
+            setattr(self, attr, await self._kv(bucket, **opts, **limits.get(bucket, {})))
         await self.ensure_dispatch_stream()
         await self._stream(
             api.StreamConfig(
@@ -408,21 +567,24 @@ class Broker:
                 retention=api.RetentionPolicy.LIMITS,
                 storage=api.StorageType.FILE,
                 num_replicas=r,
-                max_age=self.settings.events_max_age_s,
+                max_age=s.events_max_age_s,
+                max_bytes=s.events_max_bytes,
                 discard=api.DiscardPolicy.OLD,
                 duplicate_window=120,
                 description="append-only audit of every transition and decision",
-            )
+            ),
         )
         try:
             self.artifacts = await self.js.create_object_store(
                 names.ARTIFACTS_STORE,
                 config=api.ObjectStoreConfig(
                     bucket=names.ARTIFACTS_STORE, storage=api.StorageType.FILE, replicas=r,
-                    description="run logs and artifacts",
+                    description="run logs and artifacts", max_bytes=s.artifacts_max_bytes,
+                    ttl=s.artifacts_max_age_s,
                 ),
             )
-        except nats.js.errors.BadRequestError:
+        except (nats.js.errors.BadRequestError, nats.js.errors.ServerError) as e:
+            await self._reconcile(f"OBJ_{names.ARTIFACTS_STORE}", e)
             self.artifacts = await self.js.object_store(names.ARTIFACTS_STORE)
 
     async def ensure_dispatch_stream(self) -> None:
@@ -441,16 +603,24 @@ class Broker:
         )
 
     async def _stream(self, cfg: api.StreamConfig) -> None:
+        """Create ``cfg``'s stream; if it exists with another config, raise its replicas if
+        it has fewer (see :meth:`_reconcile`) and keep the rest as it is."""
         try:
             await self.js.add_stream(cfg)
-        except nats.js.errors.BadRequestError:
-            await self.js.update_stream(cfg)
+        except (nats.js.errors.BadRequestError, nats.js.errors.ServerError) as e:
+            assert cfg.name
+            await self._reconcile(cfg.name, e)
 
     async def bind_layout(self) -> None:
         """Bind to an existing layout without creating anything (read-only tools)."""
 
         for attr, bucket, _ in BUCKETS:
-            kv = await self.js.key_value(bucket)
+            try:
+                kv = await self.js.key_value(bucket)
+            except nats.js.errors.BucketNotFoundError:
+                if bucket == names.ARCHIVE_BUCKET:
+                    continue  # a layout made before retention existed: nothing is archived
+                raise
             setattr(self, attr, Bucket(self.js, kv, bucket, self.settings.request_timeout_s))
         self.artifacts = await self.js.object_store(names.ARTIFACTS_STORE)
 
@@ -478,13 +648,59 @@ class Broker:
                 return False
         return True
 
-    async def broker_now(self) -> float:
-        """The broker's clock: write a probe key and read back the server's timestamp of it."""
-        key = names.safe_key(self.client_id)
-        await self.clock.put(key, b"")
-        e = await self.clock.get(key)
-        assert e is not None
-        return e.ts
+    async def broker_now(self, stream: str | None = None) -> float:
+        """The clock of the server that leads ``stream`` (default ``KV_gf_jobs``), now.
+
+        Lease expiry compares this with the timestamps of job records, and those are stamped
+        by the leader of the job bucket's stream when it stores them. On a cluster the
+        leaders of two streams are often two servers, with two wall clocks: so "now" is read
+        from the same leader, as the ``ts`` of a stream info reply (only the stream's leader
+        answers one). A read: nothing is written. Only a leader change between the record's
+        write and this read mixes two clocks (the skew between the nodes; see the README).
+        A server too old to put ``ts`` in the reply (before 2.10) falls back to writing a
+        ``gf_clock`` probe key and reading its stamp (that stream's leader's clock)."""
+        stream = stream or f"KV_{names.JOBS_BUCKET}"
+        resp = await self.nc.request(f"$JS.API.STREAM.INFO.{stream}", b"", timeout=self.settings.request_timeout_s)
+        info = orjson.loads(resp.data or b"{}")
+        if "error" in info:
+            err = info["error"]
+            raise nats.js.errors.APIError(code=err.get("code"), err_code=err.get("err_code"),
+                                          description=f"clock probe on {stream}: {err.get('description')}")
+        cluster = info.get("cluster") or {}
+        if info.get("ts") is None:
+            key = names.safe_key(self.client_id)
+            await self.clock.put(key, b"")
+            e = await self.clock.get(key)
+            assert e is not None
+            self.clock_source = (self.clock.stream, "")
+            return e.ts
+        if cluster.get("replicas") and not cluster.get("leader"):
+            # A member of a leaderless group answers with its own clock: not the one that
+            # stamps the writes. Nothing is written meanwhile anyway.
+            # ServiceUnavailable: a TRANSIENT error, retried like an election's other refusals.
+            raise nats.js.errors.ServiceUnavailableError(
+                code=503, description=f"{stream} has no leader; its clock cannot be read")
+        self.clock_source = (stream, cluster.get("leader") or "")
+        return parse_server_time(info["ts"])
+
+    async def leader_clocks(self, streams: list[str]) -> dict[str, tuple[float, float]]:
+        """How far each server's clock is from ours: server name -> (offset_s, rtt_s), where
+        ``offset_s`` is its ``ts`` minus the midpoint of our request and ``rtt_s`` the round
+        trip (the offset is known to within half of it). Read through the leaders of
+        ``streams`` (on a cluster they are spread over the nodes); the best round trip per
+        server wins. A stream that does not answer is skipped."""
+        out: dict[str, tuple[float, float]] = {}
+        for stream in streams:
+            t0 = time.time()
+            try:
+                now = await self.broker_now(stream)
+            except Exception:  # noqa: BLE001 -- a leaderless stream says nothing about clocks
+                continue
+            t1 = time.time()
+            server = self.clock_source[1] or "?"
+            if server not in out or t1 - t0 < out[server][1]:
+                out[server] = (now - (t0 + t1) / 2, t1 - t0)
+        return out
 
     async def publish_event(self, ev: EventRecord, *, msg_id: str | None = None) -> None:
         subject = names.events_subject(ev.job, ev.kind) if ev.job else names.fleet_events_subject(ev.kind)

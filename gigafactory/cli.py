@@ -22,6 +22,7 @@ import orjson
 from gigafactory import __version__
 from gigafactory.config import (
     Settings,
+    check_sync_interval,
     clear_server_state,
     home,
     resolve_url,
@@ -98,6 +99,13 @@ def _url_or_embedded(nats_url: str | None, settings: Settings):
         clear_server_state(srv.proc.pid if srv.proc else 0)
 
 
+def _sync_interval_option(value: str | None) -> str | None:
+    try:
+        return check_sync_interval(value, "--sync-interval")
+    except ValueError as e:
+        raise click.BadParameter(str(e)) from None
+
+
 def _start_embedded(store_dir: Path, sync_interval: str | None, port: int = 0):
     from gigafactory.embedded import EmbeddedServer
 
@@ -119,7 +127,13 @@ def main() -> None:
 @main.command()
 @click.option("--port", type=int, default=4222, show_default=True, help="Client port (0: any free port).")
 @click.option("--store", type=click.Path(file_okay=False), default=None, help="JetStream store folder.")
-@click.option("--sync-interval", default=None, help="'always' for fsync on every write, or a duration.")
+@click.option("--sync-interval", default=None, callback=lambda _c, _p, v: _sync_interval_option(v),
+              help="When the store is fsynced. 'always' (the default; GIGAFACTORY_SYNC_INTERVAL): "
+                   "before every write is acknowledged, so acknowledged submissions and revisions "
+                   "survive an OS crash or power loss. A duration such as '2m' (nats-server's own "
+                   "default) is faster but RISKS that: an OS crash or power loss can drop the "
+                   "acknowledged writes of the last interval and roll revisions back, so a job can "
+                   "vanish or an epoch be handed out twice.")
 def server(port: int, store: str | None, sync_interval: str | None) -> None:
     """Run the embedded nats-server (JetStream on) in the foreground."""
     store_dir = Path(store) if store else home() / "nats"

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -56,10 +57,20 @@ class Settings:
     request_timeout_s: float = 5.0
     """Bound on every broker request (JetStream API, KV, publish acks)."""
     replicas: int = 1
-    """Replicas of every bucket and stream (3 on a 3-node cluster)."""
-    sync_interval: str | None = None
-    """Embedded broker only: ``always`` fsyncs every write (durable, slower); default is the
-    server's (2 minutes), which can lose acknowledged writes on power failure."""
+    """Replicas of every bucket and stream (3 on a 3-node cluster). Raising it on a layout
+    that exists migrates every bucket and stream up (where the server can: a cluster with
+    that many nodes) or refuses to start with the bucket named; it is never lowered
+    automatically (see ``broker.ReplicasError``)."""
+    sync_interval: str | None = "always"
+    """Embedded broker only: when nats-server fsyncs its store. ``always`` (the default)
+    fsyncs every write before acknowledging it, so an acknowledged submission or revision
+    survives an OS crash or power loss (about 3x the write latency of the alternative:
+    measured 0.9 ms instead of 0.3 ms per KV put on a VM disk). A Go duration (``2m`` is
+    nats-server's own default, ``30s``...) or None (the server's default) is an explicit
+    opt-in to background fsync: faster, but an OS crash or power loss loses the writes of
+    the last interval although they were acknowledged, and rolls revisions back, so a job
+    can be lost, or an epoch handed out twice. A process crash (kill -9 of nats-server)
+    loses nothing either way. Validated (:func:`check_sync_interval`)."""
     events_max_age_s: float = 30 * 86400.0
 
     # -- intake limits (issue 8, section 3; owner: intake) ------------------------------------
@@ -119,6 +130,62 @@ class Settings:
     is written without the log (its detail says where the log is). Too short loses logs on a
     slow link; too long keeps a finished job's station and lease for that long."""
 
+    # -- durability and retention (issue 8 section 5; coordinator/retention.py) -------------
+    # Every stream that grows with the work done has a byte cap and an age limit, so a fleet
+    # runs for months on a bounded disk: at the defaults about 14 GiB per replica
+    # (events 2 + artifacts 10 + archive 2) plus the live job records (every job not yet
+    # archived: at most ``archive_after_s`` of finished work).
+    events_max_bytes: int = 2 * 1024**3
+    """Byte cap of the ``GF_EVENTS`` audit stream (per replica). The oldest events are dropped
+    when it is reached (as they are after ``events_max_age_s``); a ``retention_warning``
+    event goes out at ``retention_warn_ratio`` of it. Risk: a cap too small for the event
+    rate drops audit history sooner than ``events_max_age_s``."""
+    artifacts_max_bytes: int = 10 * 1024**3
+    """Byte cap of the ``gf_artifacts`` object store (run logs; per replica). At the cap
+    uploads are refused (the store never drops an object halfway), so new logs are lost
+    until old ones age out: the ``retention_warning`` event at ``retention_warn_ratio`` is
+    the time to raise it."""
+    artifacts_max_age_s: float = 30 * 86400.0
+    """Run logs older than this are deleted by the broker."""
+    archive_after_s: float = 7 * 86400.0
+    """A ``shipped``, ``failed`` or ``dead_letter`` job whose record has not changed for this
+    long (broker time) is moved from ``gf_jobs`` to ``gf_archive`` (without its body; its
+    content hash stays), and leaves the coordinators' memory. Its dependents, its
+    idempotency key and ``status`` still find it there. A job that still has an unfinished
+    dependent is kept. Minimum 60 s. Risk: a short one makes ``gigafactory jobs`` forget
+    finished work sooner (``status <job>`` still reads the archive)."""
+    archive_max_bytes: int = 2 * 1024**3
+    """Byte cap of ``gf_archive`` (per replica). At the cap nothing more is archived (jobs
+    stay in ``gf_jobs``, nothing is lost) and ``retention_warning`` events say so."""
+    archive_max_age_s: float = 365 * 86400.0
+    """Archived records older than this are deleted by the broker; after that a dependency
+    on the job, or its idempotency key, is unknown again."""
+    pool_idle_gc_s: float = 86400.0
+    """A dispatch pool with no unfinished job and no live factory bound to it for this long
+    (as one coordinator sees it) is deleted: its durable consumer and its ``gf_pools``
+    entry. A later job for the same requirements creates it again. Minimum 60 s."""
+    factory_forget_s: float = 7 * 86400.0
+    """A ``gf_factories`` record not written (no heartbeat) for this long (broker time) is
+    deleted: a factory killed without draining leaves its record behind, and a fleet that
+    replaces machines would otherwise keep every one it ever had. A factory that comes back
+    registers again. Minimum 60 s."""
+    clock_skew_warn_s: float = 0.5
+    """The reaper judges a lease with the clock of the job bucket's leader, the clock that
+    stamped it, except after a leader change: then the new leader's clock reads the old
+    leader's stamps, and a lease can expire early (or late) by the skew between the two.
+    Each retention pass measures the broker nodes' clocks (through the leaders of the
+    layout's streams) and sends a ``clock_skew`` event when two differ by more than this.
+    Keep it well under ``lease_ttl_s`` and the holders' self-fencing margin; run NTP on the
+    broker nodes."""
+    retention_interval_s: float = 60.0
+    """How often a coordinator runs the retention pass (archive, pool GC, cap warnings)."""
+    retention_warn_ratio: float = 0.8
+    """A ``retention_warning`` event (and a log warning) when a capped stream holds more than
+    this share of its byte cap; repeated at most hourly while it stays above."""
+    retention_batch: int = 500
+    """Most jobs archived (and pools deleted) by one retention pass: bounds the pass's
+    broker traffic when a backlog of old jobs is first archived."""
+
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None, **overrides) -> "Settings":
         env = os.environ if environ is None else environ
@@ -129,7 +196,7 @@ class Settings:
                 continue
             typ = type(getattr(s, f.name))
             if f.name == "sync_interval":
-                setattr(s, f.name, raw or None)
+                setattr(s, f.name, check_sync_interval(raw or None, f"GIGAFACTORY_{f.name.upper()}"))
             elif typ is int:
                 setattr(s, f.name, int(raw))
             else:
@@ -156,6 +223,47 @@ def check_log_upload(s: Settings) -> None:
     if not s.log_upload_timeout_s > 0:
         raise ValueError(f"log_upload_timeout_s (GIGAFACTORY_LOG_UPLOAD_TIMEOUT_S) is {s.log_upload_timeout_s}; "
                          f"it must be a positive number of seconds")
+
+
+_GO_DURATION = re.compile(r"^(?:\d+(?:\.\d+)?(?:ns|us|µs|ms|s|m|h))+$")
+
+
+def check_sync_interval(value: str | None, where: str = "sync_interval") -> str | None:
+    """``value`` if it is a valid ``sync_interval`` (``always``, a Go duration such as
+    ``2m`` or ``1m30s``, or None for the server's default), else a ValueError naming
+    ``where`` (the setting or option it came from) and what to write instead."""
+    if value is None or value == "always" or (len(value) <= 32 and _GO_DURATION.match(value)):
+        return value
+    raise ValueError(f"{where}={value!r}: expected 'always' (fsync every write: durable, the default) "
+                     "or a duration such as '2m' or '30s' (background fsync: faster, but an OS crash "
+                     "or power loss can lose acknowledged writes)")
+
+
+RETENTION_MIN_S = 60.0
+"""Floor of ``archive_after_s`` and ``pool_idle_gc_s``: what a retention pass does must not
+race the normal flow of a job (its dependents' unblocking, its pool's next submission)."""
+
+
+def check_retention(s: Settings) -> None:
+    """Raise ValueError naming every retention setting (as its ``GIGAFACTORY_<NAME>``
+    variable) whose value would be dangerous, and what to write instead."""
+    bad = []
+    for name in ("events_max_bytes", "artifacts_max_bytes", "archive_max_bytes", "retention_batch"):
+        if getattr(s, name) <= 0:
+            bad.append(f"GIGAFACTORY_{name.upper()}={getattr(s, name)}: must be > 0")
+    for name in ("artifacts_max_age_s", "archive_max_age_s", "retention_interval_s", "clock_skew_warn_s"):
+        if getattr(s, name) <= 0:
+            bad.append(f"GIGAFACTORY_{name.upper()}={getattr(s, name)}: must be > 0 seconds")
+    for name in ("archive_after_s", "pool_idle_gc_s", "factory_forget_s"):
+        if getattr(s, name) < RETENTION_MIN_S:
+            bad.append(f"GIGAFACTORY_{name.upper()}={getattr(s, name)}: must be at least {RETENTION_MIN_S:g} seconds")
+    if s.archive_max_age_s <= s.archive_after_s:
+        bad.append(f"GIGAFACTORY_ARCHIVE_MAX_AGE_S={s.archive_max_age_s}: must exceed archive_after_s "
+                   f"({s.archive_after_s:g} s), or records would expire as soon as they are archived")
+    if not 0.0 < s.retention_warn_ratio < 1.0:
+        bad.append(f"GIGAFACTORY_RETENTION_WARN_RATIO={s.retention_warn_ratio}: must be between 0 and 1 (e.g. 0.8)")
+    if bad:
+        raise ValueError("invalid retention settings: " + "; ".join(bad))
 
 
 def home() -> Path:

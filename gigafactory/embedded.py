@@ -25,6 +25,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from gigafactory.config import check_sync_interval
+
 
 class BrokerError(RuntimeError):
     """The embedded broker could not be found or started."""
@@ -71,14 +73,19 @@ def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
 
 @dataclass
 class EmbeddedServer:
-    """One ``nats-server`` process. ``sync_interval`` is ``'always'`` for durability at a
-    throughput cost, or a duration like ``'2m'`` (the server default, which can lose
-    acknowledged writes on power failure: see the Jepsen report in DESIGN.md)."""
+    """One ``nats-server`` process.
+
+    ``sync_interval`` is ``'always'`` by default: the server fsyncs every write before it
+    acknowledges it, so what a client was told is stored survives an OS crash or a power
+    loss. A duration (``'2m'``, nats-server's own default) or None (whatever the server's
+    default is) is an explicit opt-in to background fsync: faster, but an OS crash or power
+    loss can drop acknowledged writes of the last interval and roll revisions back (Jepsen,
+    NATS 2.12.1), so a submission can vanish or an epoch be handed out twice."""
 
     store_dir: str
     port: int = 0
     host: str = "127.0.0.1"
-    sync_interval: str | None = None
+    sync_interval: str | None = "always"
     server_name: str | None = None
     cluster_port: int | None = None
     routes: list[str] = field(default_factory=list)
@@ -129,7 +136,13 @@ class EmbeddedServer:
             f'  store_dir: "{Path(self.store_dir).as_posix()}"',
         ]
         if self.sync_interval:
-            lines.append(f"  sync_interval: {self.sync_interval}")
+            try:
+                check_sync_interval(self.sync_interval)
+            except ValueError as e:
+                raise BrokerError(str(e)) from None
+            # Quoted: nats-server's config parser reads a bare ``2m`` as the number 2,000,000
+            # (a size suffix), which it takes as seconds: fsync every 23 days, not every 2 min.
+            lines.append(f'  sync_interval: "{self.sync_interval}"')
         lines.append("}")
         if self.cluster_port:
             lines += [
@@ -256,6 +269,9 @@ class Cluster:
     name: str = "gigafactory"
     host: str = "127.0.0.1"
     sync_interval: str | None = None
+    """A lab cluster keeps the server's default (background fsync): its nodes share one
+    machine, and an R3 write acknowledged by a quorum survives one node's crash anyway; pass
+    ``'always'`` for the durability of a deployment (see :class:`EmbeddedServer`)."""
     no_advertise: bool = False
     nodes: list[EmbeddedServer] = field(default_factory=list)
 

@@ -27,6 +27,10 @@ LOCKS_BUCKET = "gf_locks"
 """Distributed ``lock:`` holders (key: lock key; value: job id and epoch)."""
 IDEMPOTENCY_BUCKET = "gf_idempotency"
 """``idempotency-key:`` -> job id and content hash."""
+ARCHIVE_BUCKET = "gf_archive"
+"""Finished jobs moved out of ``gf_jobs`` after ``archive_after_s`` (key: job id; value: the
+job record without its body). Read on a miss in ``gf_jobs`` by dependency resolution,
+idempotency and ``status``; capped by ``archive_max_bytes`` and ``archive_max_age_s``."""
 CLOCK_BUCKET = "gf_clock"
 """Broker-stamped time: a writer puts a key and reads back the server's timestamp."""
 ARTIFACTS_STORE = "gf_artifacts"
