@@ -425,44 +425,132 @@ main.command("requeue", help="Requeue a job (any stage but shipped) with a fresh
 main.command("ship", help="The human gate: ship a job waiting in testing or review.")(_simple("ship", "shipped"))
 
 
+FENCE_HELD = 0
+"""``gigafactory fence``: the renewal landed and at least ``--min-remaining-s`` of lease is left."""
+FENCE_FENCED = 1
+"""The record does not name this factory as the holder at this epoch (or is gone): never push."""
+FENCE_USAGE = 2
+"""A missing or invalid option, or no broker configured (click's own usage errors exit 2 too)."""
+FENCE_TOO_LATE = 3
+"""The renewal landed but less than ``--min-remaining-s`` of lease is left: do not push now."""
+FENCE_UNKNOWN = 4
+"""The broker did not answer, or the renewal kept losing to other writes: cannot tell, do not push."""
+FENCE_CAS_TRIES = 5
+"""Renewals tried before giving up (each lost one re-reads from the stream leader first). The
+holder's own renewal loop writes every ``lease_renew_s``; two writers rarely collide twice."""
+
+
+async def _fence_renew(url: str, settings: Settings, job: str, factory_id: str, epoch: int) -> dict:
+    """One compare-and-set renewal of ``job``'s lease by its holder; returns what happened:
+    ``outcome`` (``held``, ``fenced``, ``unknown``), ``since_sent_s`` (local monotonic seconds
+    from sending the write that landed to its acknowledgement), the revisions read and written."""
+    import nats.js.errors
+    from nats.js.kv import KV_DEL, KV_OP, KV_PURGE
+
+    from gigafactory.broker import TRANSIENT, Bucket, Conflict, connect
+    from gigafactory.schemas import names, protocol
+    from gigafactory.schemas.records import JobRecord, decode, encode
+
+    nc = await connect(url, "gigafactory-fence", settings, max_reconnect_attempts=2,
+                       connect_timeout_s=settings.request_timeout_s)
+    try:
+        js = nc.jetstream(timeout=settings.request_timeout_s)
+        jobs = Bucket(js, await js.key_value(names.JOBS_BUCKET), names.JOBS_BUCKET, settings.request_timeout_s)
+
+        async def leader_read():
+            # Not a direct get: on a cluster a follower may answer one with an old revision.
+            # The stream leader answers this; the compare-and-set below decides either way.
+            try:
+                m = await js.get_msg(jobs.stream, subject=f"$KV.{names.JOBS_BUCKET}.{job}", direct=False)
+            except nats.js.errors.NotFoundError:
+                return None, 0, b""
+            if m.headers and m.headers.get(KV_OP) in (KV_DEL, KV_PURGE):
+                return None, m.seq or 0, b""
+            return decode(m.data or b"", JobRecord), m.seq or 0, m.data or b""
+
+        rec, rev, _ = await leader_read()
+        for _ in range(FENCE_CAS_TRIES):
+            try:
+                new = protocol.renew(protocol.check_fence(rec, job, factory_id, epoch), factory_id, epoch, time.time())
+            except protocol.Fenced as f:
+                return {"outcome": "fenced", "reason": str(f), "read_revision": rev}
+            data = encode(new)
+            sent = time.monotonic()  # before the write goes out: the broker stamps it later
+            try:
+                written = await jobs.update(job, data, last=rev)
+                return {"outcome": "held", "since_sent_s": time.monotonic() - sent,
+                        "read_revision": rev, "revision": written}
+            except Conflict:
+                pass  # the holder's own renewal, most likely: read again, the fence decides
+            except TRANSIENT as e:
+                # The write may have landed, its reply lost: the leader's record says.
+                _, fresh_rev, raw = await leader_read()
+                if raw == data:  # our bytes: the renewal counter and our own timestamp
+                    return {"outcome": "held", "since_sent_s": time.monotonic() - sent,
+                            "read_revision": rev, "revision": fresh_rev}
+                return {"outcome": "unknown", "reason": f"the renewal got no answer ({type(e).__name__})",
+                        "read_revision": rev}
+            rec, rev, _ = await leader_read()
+        return {"outcome": "unknown", "reason": f"the renewal lost {FENCE_CAS_TRIES} compare-and-sets in a row",
+                "read_revision": rev}
+    finally:
+        await nc.close()
+
+
 @main.command()
 @common
 @click.option("--job", envvar="GF_JOB_ID", required=True, help="Default: $GF_JOB_ID (set for job scripts).")
 @click.option("--epoch", envvar="GF_EPOCH", type=int, required=True, help="Default: $GF_EPOCH.")
 @click.option("--factory", "factory_id", envvar="GF_FACTORY", required=True, help="Default: $GF_FACTORY.")
-def fence(nats_url, as_json, job, epoch, factory_id) -> None:
-    """Exit 0 only while this factory still holds the job's lease at this epoch.
+@click.option("--lease-ttl-s", type=float, envvar="GF_LEASE_TTL_S", default=None,
+              help="The reaper's lease TTL (default: $GF_LEASE_TTL_S, else the lease_ttl_s setting, "
+                   "$GIGAFACTORY_LEASE_TTL_S). Must match the coordinators'.")
+@click.option("--min-remaining-s", type=float, default=None,
+              help="Lease that must be left after the renewal (default: half the lease TTL).")
+def fence(nats_url, as_json, job, epoch, factory_id, lease_ttl_s, min_remaining_s) -> None:
+    """Renew this job's lease (compare-and-set, as its holder); exit 0 only if that landed and
+    at least --min-remaining-s of lease is left.
 
     A job script calls it immediately before a side effect outside the broker (a push, a merge
-    request): `gigafactory fence && git push origin "$GF_BRANCH"`. Exit 1: fenced, do not push."""
-    url = _need_url(nats_url, as_json)
-
-    async def run() -> tuple[bool, str]:
-        from gigafactory.broker import Broker
-        from gigafactory.schemas import protocol
-        from gigafactory.schemas.records import JobRecord, decode
-
-        b = await Broker.open(url, "gigafactory-fence", Settings.from_env(), ensure=False, max_reconnect_attempts=2)
-        try:
-            e = await b.jobs.get(job)
-            rec = decode(e.value, JobRecord) if e else None
-            try:
-                protocol.check_fence(rec, job, factory_id, epoch)
-                return True, f"{factory_id} holds {job} at epoch {epoch}"
-            except protocol.Fenced as f:
-                return False, str(f)
-        finally:
-            await b.close()
+    request): `gigafactory fence && git push origin "$GF_BRANCH"`. Exit codes: 0 held; 1 fenced
+    (another epoch or holder owns the job); 2 usage; 3 renewed but too little lease left; 4
+    cannot tell (broker unreachable, no answer). Only 0 means push. It proves the lease was held
+    at that instant on the stream leader; it cannot stop a process paused after it returns, so
+    the receiving end should check the epoch too (the branch gf/<job>/e<epoch> against the job)."""
+    settings = Settings.from_env()
+    ttl_s = settings.lease_ttl_s if lease_ttl_s is None else lease_ttl_s
+    from gigafactory.schemas import protocol
 
     try:
-        ok, why = asyncio.run(run())
-    except Exception as e:  # cannot tell: treat as fenced, a push must not go out on a guess
-        ok, why = False, f"cannot check the fence ({type(e).__name__}: {e}); treat as fenced"
-    if as_json:
-        _emit_json({"held": ok, "reason": why})
+        want_s = protocol.fence_min_remaining_s(ttl_s, min_remaining_s)
+    except ValueError as e:
+        _fail(str(e), FENCE_USAGE, as_json=as_json)
+    url = _need_url(nats_url, as_json)
+    try:
+        got = asyncio.run(_fence_renew(url, settings, job, factory_id, epoch))
+    except Exception as e:  # cannot tell: a push must not go out on a guess
+        got = {"outcome": "unknown", "reason": f"cannot reach the broker at {url} ({type(e).__name__}: {e})"}
+    out = {"job": job, "epoch": epoch, "factory": factory_id, "lease_ttl_s": ttl_s, "min_remaining_s": want_s, **got}
+    if got["outcome"] == "held":
+        left_s = protocol.fence_remaining_s(ttl_s, got["since_sent_s"])
+        out["remaining_s"] = left_s
+        if left_s >= want_s:
+            code, out["reason"] = FENCE_HELD, (f"{factory_id} holds {job} at epoch {epoch}: lease renewed "
+                                               f"(revision {got['revision']}), at least {left_s:.3f}s left")
+        else:
+            code, out["reason"] = FENCE_TOO_LATE, (f"{factory_id} holds {job} at epoch {epoch}, but only "
+                                                   f"{left_s:.3f}s of lease is sure to be left, less than "
+                                                   f"--min-remaining-s {want_s:g}s: do not push now")
+    elif got["outcome"] == "fenced":
+        code = FENCE_FENCED
     else:
-        click.echo(why, err=True)
-    sys.exit(0 if ok else 1)
+        code, out["reason"] = FENCE_UNKNOWN, f"{got['reason']}; treat as fenced"
+    out["held"] = code == FENCE_HELD
+    out["code"] = code
+    if as_json:
+        _emit_json(out)
+    click.echo(out["reason"], err=True)
+    sys.exit(code)
 
 
 @main.command()
