@@ -82,14 +82,23 @@ def _install_stop(stop: asyncio.Event) -> None:
             pass
 
 
+STORE_WAIT_S = 20.0
+"""How long a start waits for a broker found on its store that is still starting or exiting."""
+
+
 @contextlib.contextmanager
 def _url_or_embedded(nats_url: str | None, settings: Settings):
-    """The configured broker's URL, else an embedded broker's, started here and stopped on exit."""
+    """The configured broker's URL, else an embedded broker's: started here and stopped on
+    exit, or, when one started by another live ``up``/``server`` already serves this home's
+    store, that one's (left running on exit: it is not ours)."""
     url = resolve_url(nats_url)
     if url:
         yield url
         return
-    srv = _start_embedded(home() / "nats", settings.sync_interval)
+    srv = _start_embedded(home() / "nats", settings.sync_interval, reuse=True)
+    if isinstance(srv, str):
+        yield srv
+        return
     logging.getLogger("gigafactory").info("started the embedded broker on %s", srv.url)
     try:
         yield srv.url
@@ -98,13 +107,39 @@ def _url_or_embedded(nats_url: str | None, settings: Settings):
         clear_server_state(srv.proc.pid if srv.proc else 0)
 
 
-def _start_embedded(store_dir: Path, sync_interval: str | None, port: int = 0):
-    from gigafactory.embedded import EmbeddedServer
+def _start_embedded(store_dir: Path, sync_interval: str | None, port: int = 0, *, reuse: bool):
+    """Start the embedded broker on ``store_dir``; never a second one on the same store.
 
-    srv = EmbeddedServer(store_dir=str(store_dir), port=port, sync_interval=sync_interval,
-                         log_file=str(store_dir.parent / "nats-server.log")).start()
-    write_server_state(srv.url, srv.proc.pid if srv.proc else 0)
-    return srv
+    If a broker already holds the store: its URL when its starter is alive and ``reuse``
+    (an ``up`` beside a running ``server``), a clear exit when not ``reuse`` (``server``);
+    an orphan (its starter gone) is stopped first, then ours starts."""
+    from gigafactory.embedded import EmbeddedServer, StoreInUse, inspect_holder, stop_store_holder
+
+    log = logging.getLogger("gigafactory")
+    deadline = time.monotonic() + STORE_WAIT_S
+    while True:
+        try:
+            srv = EmbeddedServer(store_dir=str(store_dir), port=port, sync_interval=sync_interval,
+                                 log_file=str(store_dir.parent / "nats-server.log")).start()
+        except StoreInUse as e:
+            verdict = inspect_holder(e.holder)
+            if verdict == "reuse" and reuse:
+                log.info("%s; using it", e)
+                return str(e.holder["url"])
+            if verdict == "reuse":
+                _fail(f"{e}: use it (--nats {e.holder['url']}), or stop its starter (pid "
+                      f"{e.holder['starter_pid']}) first", 2)
+            if verdict == "stop":
+                log.warning("%s, whose starter is gone (an orphan): stopping it", e)
+                stop_store_holder(str(store_dir), e.holder)
+                continue
+            if time.monotonic() > deadline:
+                _fail(f"{e}: still starting or exiting after {STORE_WAIT_S:g}s; look at it "
+                      f"({store_dir / 'gigafactory-broker.lock'}) and stop it", 2)
+            time.sleep(0.1)
+            continue
+        write_server_state(srv.url, srv.proc.pid if srv.proc else 0)
+        return srv
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -121,9 +156,18 @@ def main() -> None:
 @click.option("--store", type=click.Path(file_okay=False), default=None, help="JetStream store folder.")
 @click.option("--sync-interval", default=None, help="'always' for fsync on every write, or a duration.")
 def server(port: int, store: str | None, sync_interval: str | None) -> None:
-    """Run the embedded nats-server (JetStream on) in the foreground."""
+    """Run the embedded nats-server (JetStream on) in the foreground.
+
+    The broker dies with this command, however it ends (SIGKILL included); a store already
+    served by a live broker is refused, one left by a dead starter is stopped first."""
+    _setup_logging("info")
     store_dir = Path(store) if store else home() / "nats"
-    srv = _start_embedded(store_dir, sync_interval or Settings.from_env().sync_interval, port)
+
+    def stopped(*_):
+        raise KeyboardInterrupt  # SIGTERM as Ctrl-C: stop the broker cleanly on the way out
+
+    signal.signal(signal.SIGTERM, stopped)
+    srv = _start_embedded(store_dir, sync_interval or Settings.from_env().sync_interval, port, reuse=False)
     click.echo(f"nats-server listening on {srv.url} (store {store_dir}); Ctrl-C stops it")
     try:
         assert srv.proc is not None
