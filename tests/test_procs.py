@@ -78,3 +78,33 @@ def test_a_child_started_from_a_thread_that_ends_lives_on_until_the_process_dies
         starter.wait(10)
         if pid_alive(child):
             subprocess.run(["kill", "-9", str(child)])
+
+
+LAB_STARTER = r"""
+import os, sys, time
+from pathlib import Path
+from gigafactory.chaos.harness import LabProc
+p = LabProc("sleeper", ["sleep", "120"], Path(sys.argv[1]), dict(os.environ))
+p.start()
+p.pause()  # a paused lab process must go too (SIGKILL ends a stopped process)
+print(p.pid, flush=True)
+time.sleep(120)
+"""
+
+
+def test_the_chaos_and_load_labs_processes_die_with_a_sigkilled_lab(tmp_path):
+    """LabProc starts every process of the chaos lab and of the load suite (its coordinator,
+    fleet hosts, baseline): none outlives a lab killed with SIGKILL, even one it had paused."""
+    lab = subprocess.Popen([sys.executable, "-c", LAB_STARTER, str(tmp_path / "sleeper.log")],
+                           stdout=subprocess.PIPE, text=True, start_new_session=True)
+    child = int(lab.stdout.readline())
+    try:
+        assert pid_alive(child)
+        lab.send_signal(signal.SIGKILL)
+        lab.wait(10)
+        wait_until(lambda: not pid_alive(child), 10, what="the lab's process died with the lab")
+    finally:
+        lab.kill()
+        lab.wait(10)
+        if pid_alive(child):
+            subprocess.run(["kill", "-9", str(child)])
