@@ -11,6 +11,7 @@ import contextlib
 import functools
 import logging
 import os
+import random
 import signal
 import sys
 import time
@@ -179,13 +180,60 @@ def server(port: int, store: str | None, sync_interval: str | None) -> None:
         clear_server_state(srv.proc.pid if srv.proc else 0)
 
 
+async def _service_broker(url: str, name: str, settings: Settings, stop: asyncio.Event):
+    """The service's broker connection, waiting as long as it takes (see
+    :func:`gigafactory.broker.wait_for_broker`); None if stopped while waiting. Exits 2 when
+    ``connect_timeout_s`` passes first, or a connect setting is invalid."""
+    from gigafactory.broker import BrokerUnavailable, wait_for_broker
+
+    try:
+        return await wait_for_broker(url, name, settings, stop=stop)
+    except (BrokerUnavailable, ValueError) as e:
+        _fail(str(e), 2)
+
+
+async def _local_broker_url(settings: Settings, stop: asyncio.Event) -> str | None:
+    """With no broker configured: wait for an embedded one on this machine (``gigafactory
+    server`` or ``up`` on the same home) and return its URL; None if stopped meanwhile. Exits 2
+    once ``connect_timeout_s`` (0: never) passes first."""
+    from gigafactory.broker import check_connect_settings, connect_backoff_s
+
+    try:
+        check_connect_settings(settings)
+    except ValueError as e:
+        _fail(str(e), 2)
+    log = logging.getLogger("gigafactory")
+    loop = asyncio.get_running_loop()
+    t0, tries, logged_at = loop.time(), 0, float("-inf")
+    while (url := resolve_url(None)) is None:
+        tries += 1
+        waited_s = loop.time() - t0
+        what = (f"no broker configured (--nats, GIGAFACTORY_NATS_URL) and no embedded broker running for "
+                f"{home()}")
+        if settings.connect_timeout_s and waited_s >= settings.connect_timeout_s:
+            _fail(f"{what} after {settings.connect_timeout_s:g}s (connect_timeout_s): start one with "
+                  "'gigafactory up' or 'gigafactory server', or pass --nats URL", 2)
+        if loop.time() - logged_at >= 30.0:
+            logged_at = loop.time()
+            log.warning("%s: waiting for 'gigafactory server' or 'gigafactory up' to start one (%.0fs so far)",
+                        what, waited_s)
+        try:
+            await asyncio.wait_for(stop.wait(), timeout=connect_backoff_s(tries, settings.connect_backoff_max_s,
+                                                                         random.random()))
+            return None
+        except asyncio.TimeoutError:
+            pass
+    return url
+
+
 async def _run_coordinator(url: str, inbox: str | None, settings: Settings) -> None:
-    from gigafactory.broker import Broker
     from gigafactory.coordinator.service import Coordinator
 
     stop = asyncio.Event()
     _install_stop(stop)
-    broker = await Broker.open(url, "gigafactory-coordinator", settings)
+    broker = await _service_broker(url, "gigafactory-coordinator", settings, stop)
+    if broker is None:
+        return
     try:
         coord = Coordinator(broker, settings, inbox=inbox)
         await coord.run(stop)
@@ -193,13 +241,17 @@ async def _run_coordinator(url: str, inbox: str | None, settings: Settings) -> N
         await broker.close()
 
 
-async def _run_factory(url: str, settings: Settings, **kw) -> None:
-    from gigafactory.broker import Broker
+async def _run_factory(url: str | None, settings: Settings, **kw) -> None:
     from gigafactory.factory.agent import Factory
 
     stop = asyncio.Event()
     _install_stop(stop)
-    broker = await Broker.open(url, f"gigafactory-factory-{kw.get('factory_id') or ''}", settings)
+    url = url or await _local_broker_url(settings, stop)
+    if url is None:
+        return
+    broker = await _service_broker(url, f"gigafactory-factory-{kw.get('factory_id') or ''}", settings, stop)
+    if broker is None:
+        return
     try:
         f = Factory(broker, settings=settings, **kw)
         logging.getLogger("gigafactory.factory").info(
@@ -209,14 +261,22 @@ async def _run_factory(url: str, settings: Settings, **kw) -> None:
         await broker.close()
 
 
+_connect_timeout_option = click.option(
+    "--connect-timeout-s", type=click.FloatRange(min=0), default=None,
+    help="Give up if the broker has not answered within this many seconds at start (default: the "
+         "connect_timeout_s setting, $GIGAFACTORY_CONNECT_TIMEOUT_S; 0 waits forever).")
+
+
 @main.command()
 @common
 @click.option("--inbox", type=click.Path(file_okay=False), default=None, help="Watch this folder for job files.")
 @click.option("--log-level", default="info", show_default=True)
-def coordinator(nats_url, as_json, inbox, log_level) -> None:
-    """Run a coordinator: intake, dispatch, reaper and the gf.api service."""
+@_connect_timeout_option
+def coordinator(nats_url, as_json, inbox, log_level, connect_timeout_s) -> None:
+    """Run a coordinator: intake, dispatch, reaper and the gf.api service. Waits for its broker
+    as long as it takes (or --connect-timeout-s), as a service started before it must."""
     _setup_logging(log_level)
-    settings = Settings.from_env()
+    settings = Settings.from_env(connect_timeout_s=connect_timeout_s)
     with _url_or_embedded(nats_url, settings) as url:
         asyncio.run(_run_coordinator(url, inbox, settings))
 
@@ -241,10 +301,14 @@ def _parse_seats(seats: tuple[str, ...]) -> dict[str, int]:
 @click.option("--workspace", type=click.Path(file_okay=False), default=None, help="Where relative job cwds live.")
 @click.option("--data-dir", type=click.Path(file_okay=False), default=None, help="Outbox, quarantine and logs.")
 @click.option("--log-level", default="info", show_default=True)
-def factory(nats_url, as_json, factory_id, stations, seats, caps, no_probe, workspace, data_dir, log_level) -> None:
-    """Run a factory on this machine: probe, register, claim and run jobs."""
+@_connect_timeout_option
+def factory(nats_url, as_json, factory_id, stations, seats, caps, no_probe, workspace, data_dir, log_level,
+            connect_timeout_s) -> None:
+    """Run a factory on this machine: probe, register, claim and run jobs. Waits for its broker
+    (or, with none configured, for 'gigafactory server'/'up' on this machine) as long as it
+    takes, or --connect-timeout-s."""
     _setup_logging(log_level)
-    url = _need_url(nats_url, as_json)
+    url = resolve_url(nats_url)
     from gigafactory.schemas.capabilities import CapabilityError, parse_offer
 
     for c in caps:
@@ -253,7 +317,7 @@ def factory(nats_url, as_json, factory_id, stations, seats, caps, no_probe, work
         except CapabilityError as e:
             raise click.BadParameter(str(e), param_hint="--cap") from None
     asyncio.run(_run_factory(
-        url, Settings.from_env(), factory_id=factory_id, stations=stations, seats=_parse_seats(seats),
+        url, Settings.from_env(connect_timeout_s=connect_timeout_s), factory_id=factory_id, stations=stations, seats=_parse_seats(seats),
         extra_capabilities=list(caps), probe=not no_probe, workspace=workspace, data_dir=data_dir,
     ))
 
@@ -264,20 +328,25 @@ def factory(nats_url, as_json, factory_id, stations, seats, caps, no_probe, work
 @click.option("--stations", type=click.IntRange(1, 256), default=2, show_default=True)
 @click.option("--cap", "caps", multiple=True, metavar="TOKEN", help="Extra capability token for the local factory.")
 @click.option("--log-level", default="info", show_default=True)
-def up(nats_url, as_json, inbox, stations, caps, log_level) -> None:
+@_connect_timeout_option
+def up(nats_url, as_json, inbox, stations, caps, log_level, connect_timeout_s) -> None:
     """Broker (embedded unless --nats), a coordinator and a local factory, until Ctrl-C."""
     _setup_logging(log_level)
-    settings = Settings.from_env()
+    settings = Settings.from_env(connect_timeout_s=connect_timeout_s)
 
     async def run(url: str) -> None:
-        from gigafactory.broker import Broker
         from gigafactory.coordinator.service import Coordinator
         from gigafactory.factory.agent import Factory
 
         stop = asyncio.Event()
         _install_stop(stop)
-        cb = await Broker.open(url, "gigafactory-coordinator", settings)
-        fb = await Broker.open(url, "gigafactory-factory", settings)
+        cb = await _service_broker(url, "gigafactory-coordinator", settings, stop)
+        if cb is None:
+            return
+        fb = await _service_broker(url, "gigafactory-factory", settings, stop)
+        if fb is None:
+            await cb.close()
+            return
         try:
             coord = Coordinator(cb, settings, inbox=inbox)
             fac = Factory(fb, settings=settings, stations=stations, extra_capabilities=list(caps),
