@@ -341,13 +341,17 @@ class LabProc:
         None while it is stopped): the pause windows the side-effect invariant allows for."""
 
     def start(self) -> None:
+        from gigafactory.procs import popen_tied  # here, not at the top: only this method starts processes
+
         assert self.p is None or self.p.poll() is not None, f"{self.name} is already running"
         with open(self.log, "ab") as out:
             out.write(f"--- {self.name} start #{self.starts + 1} at {time.time():.3f}\n".encode())
             out.flush()
             # A session of its own: a Ctrl-C of the operator's terminal is for the lab, not for it.
-            self.p = subprocess.Popen(self.args, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                      env=self.env, start_new_session=True)
+            # Tied to the lab: SIGKILL when the lab dies however it dies, so no run leaves a
+            # process behind (SIGKILL also ends one the lab had paused with SIGSTOP).
+            self.p = popen_tied(self.args, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                env=self.env, start_new_session=True)
         self.starts += 1
         self.paused = False
 

@@ -319,6 +319,117 @@ async def connect(
     )
 
 
+CONNECT_BACKOFF_MIN_S = 0.1
+"""First pause after a failed try while waiting for the broker at start; doubles per try."""
+OPEN_TRY_REQUESTS = 12
+"""One try of :meth:`Broker.open` (connect, then create or bind the layout: a dozen requests) is
+bounded by this many ``request_timeout_s``: a broker that accepts the connection and then stops
+answering costs one bounded try, not a hung start."""
+WAIT_LOG_EVERY_S = 30.0
+"""While waiting for the broker at start: the first failure is logged, then at most this often."""
+
+
+def connect_backoff_s(tries: int, cap_s: float, jitter: float) -> float:
+    """The pause after ``tries`` failed tries (1 or more) while waiting for the broker at start:
+    ``CONNECT_BACKOFF_MIN_S`` doubled per try, capped at ``cap_s``, scaled by ``0.5 + jitter / 2``
+    (``jitter`` uniform in [0, 1)) so a fleet started together spreads its tries. Pure."""
+    assert tries >= 1 and cap_s > 0 and 0 <= jitter <= 1, (tries, cap_s, jitter)
+    return min(cap_s, CONNECT_BACKOFF_MIN_S * 2 ** min(tries - 1, 30)) * (0.5 + jitter / 2)
+
+
+def check_connect_settings(settings: Settings) -> None:
+    """Refuse values that would make the wait for the broker spin or end at once: ValueError
+    naming the setting and its environment variable."""
+    if not settings.connect_timeout_s >= 0:
+        raise ValueError(f"connect_timeout_s (GIGAFACTORY_CONNECT_TIMEOUT_S) must be 0 (wait forever) or a "
+                         f"positive number of seconds, not {settings.connect_timeout_s!r}")
+    if not settings.connect_backoff_max_s > 0:
+        raise ValueError(f"connect_backoff_max_s (GIGAFACTORY_CONNECT_BACKOFF_MAX_S) must be a positive number "
+                         f"of seconds, not {settings.connect_backoff_max_s!r}")
+
+
+START_RETRIED = (OSError, asyncio.TimeoutError, nats.errors.Error, nats.js.errors.APIError)
+"""What a try to reach the broker at start fails with while the broker is not (yet) there or
+not (yet) serving JetStream: retried. Anything else is a bug and raises."""
+
+
+async def _probe(servers: list[str], settings: Settings) -> None:
+    """One bounded connection attempt to any of ``servers`` (nats-py's own connect retries a
+    missing server forever, silently): raises if none answers."""
+    async def quiet(_e):  # every failed try is reported by wait_for_broker, once
+        pass
+
+    nc = await nats.connect(servers=servers, connect_timeout=settings.request_timeout_s, allow_reconnect=False,
+                            max_reconnect_attempts=1, reconnect_time_wait=0, error_cb=quiet)
+    await nc.close()
+
+
+async def wait_for_broker(
+    urls: str | list[str], name: str, settings: Settings, *, stop: asyncio.Event | None = None, **kw,
+) -> "Broker | None":
+    """:meth:`Broker.open`, waiting as long as it takes for the broker to answer, as a service
+    started before its broker must: each try bounded (a probe connection, then the open within
+    ``OPEN_TRY_REQUESTS * request_timeout_s``), jittered back-off between tries (up to
+    ``settings.connect_backoff_max_s``), logged when the wait starts and then every
+    ``WAIT_LOG_EVERY_S``. Returns None if ``stop`` is set meanwhile; raises
+    :class:`BrokerUnavailable` once ``settings.connect_timeout_s`` (0: never) has passed.
+    ``name`` and ``kw`` are :meth:`Broker.open`'s."""
+    check_connect_settings(settings)
+    servers = [u.strip() for u in urls.split(",") if u.strip()] if isinstance(urls, str) else list(urls)
+    loop = asyncio.get_running_loop()
+    t0 = loop.time()
+    tries, logged_at = 0, float("-inf")
+
+    async def one_try() -> Broker:
+        await asyncio.wait_for(_probe(servers, settings), timeout=settings.request_timeout_s * 2 * len(servers))
+        return await asyncio.wait_for(Broker.open(urls, name, settings, **kw),
+                                      timeout=OPEN_TRY_REQUESTS * settings.request_timeout_s)
+
+    while True:
+        try:
+            attempt = asyncio.ensure_future(one_try())
+            if stop is not None:
+                stopped = asyncio.ensure_future(stop.wait())
+                await asyncio.wait({attempt, stopped}, return_when=asyncio.FIRST_COMPLETED)
+                stopped.cancel()
+                if stop.is_set():  # a SIGTERM while waiting ends the wait, at once
+                    attempt.cancel()
+                    got = (await asyncio.gather(attempt, return_exceptions=True))[0]
+                    if isinstance(got, Broker):
+                        await got.close()
+                    return None
+            b = await attempt
+            if tries:
+                log.info("%s: the broker at %s answered after %d failed tries (%.1fs)", name, ",".join(servers),
+                         tries, loop.time() - t0)
+            return b
+        except START_RETRIED as e:
+            tries += 1
+            waited_s = loop.time() - t0
+            why = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
+            if settings.connect_timeout_s and waited_s >= settings.connect_timeout_s:
+                raise BrokerUnavailable(
+                    f"no broker answered at {','.join(servers)} within {settings.connect_timeout_s:g}s "
+                    f"(connect_timeout_s; {tries} tries); last: {why}") from e
+            pause_s = connect_backoff_s(tries, settings.connect_backoff_max_s, random.random())
+            if settings.connect_timeout_s:
+                pause_s = min(pause_s, max(0.0, settings.connect_timeout_s - waited_s))
+            if loop.time() - logged_at >= WAIT_LOG_EVERY_S:
+                logged_at = loop.time()
+                log.warning("%s: waiting for the broker at %s (%s; try %d, %.0fs so far%s); next try in %.1fs",
+                            name, ",".join(servers), why, tries, waited_s,
+                            f", giving up after {settings.connect_timeout_s:g}s" if settings.connect_timeout_s else "",
+                            pause_s)
+        if stop is None:
+            await asyncio.sleep(pause_s)
+            continue
+        try:
+            await asyncio.wait_for(stop.wait(), timeout=pause_s)
+            return None
+        except asyncio.TimeoutError:
+            pass
+
+
 BUCKETS: tuple[tuple[str, str, dict], ...] = (
     ("jobs", names.JOBS_BUCKET, {"history": 5, "description": "job records"}),
     ("archive", names.ARCHIVE_BUCKET, {"description": "finished jobs moved out of gf_jobs (coordinator/retention.py)"}),

@@ -11,6 +11,7 @@ import contextlib
 import functools
 import logging
 import os
+import random
 import signal
 import sys
 import time
@@ -83,14 +84,23 @@ def _install_stop(stop: asyncio.Event) -> None:
             pass
 
 
+STORE_WAIT_S = 20.0
+"""How long a start waits for a broker found on its store that is still starting or exiting."""
+
+
 @contextlib.contextmanager
 def _url_or_embedded(nats_url: str | None, settings: Settings):
-    """The configured broker's URL, else an embedded broker's, started here and stopped on exit."""
+    """The configured broker's URL, else an embedded broker's: started here and stopped on
+    exit, or, when one started by another live ``up``/``server`` already serves this home's
+    store, that one's (left running on exit: it is not ours)."""
     url = resolve_url(nats_url)
     if url:
         yield url
         return
-    srv = _start_embedded(home() / "nats", settings.sync_interval)
+    srv = _start_embedded(home() / "nats", settings.sync_interval, reuse=True)
+    if isinstance(srv, str):
+        yield srv
+        return
     logging.getLogger("gigafactory").info("started the embedded broker on %s", srv.url)
     try:
         yield srv.url
@@ -106,13 +116,39 @@ def _sync_interval_option(value: str | None) -> str | None:
         raise click.BadParameter(str(e)) from None
 
 
-def _start_embedded(store_dir: Path, sync_interval: str | None, port: int = 0):
-    from gigafactory.embedded import EmbeddedServer
+def _start_embedded(store_dir: Path, sync_interval: str | None, port: int = 0, *, reuse: bool):
+    """Start the embedded broker on ``store_dir``; never a second one on the same store.
 
-    srv = EmbeddedServer(store_dir=str(store_dir), port=port, sync_interval=sync_interval,
-                         log_file=str(store_dir.parent / "nats-server.log")).start()
-    write_server_state(srv.url, srv.proc.pid if srv.proc else 0)
-    return srv
+    If a broker already holds the store: its URL when its starter is alive and ``reuse``
+    (an ``up`` beside a running ``server``), a clear exit when not ``reuse`` (``server``);
+    an orphan (its starter gone) is stopped first, then ours starts."""
+    from gigafactory.embedded import EmbeddedServer, StoreInUse, inspect_holder, stop_store_holder
+
+    log = logging.getLogger("gigafactory")
+    deadline = time.monotonic() + STORE_WAIT_S
+    while True:
+        try:
+            srv = EmbeddedServer(store_dir=str(store_dir), port=port, sync_interval=sync_interval,
+                                 log_file=str(store_dir.parent / "nats-server.log")).start()
+        except StoreInUse as e:
+            verdict = inspect_holder(e.holder)
+            if verdict == "reuse" and reuse:
+                log.info("%s; using it", e)
+                return str(e.holder["url"])
+            if verdict == "reuse":
+                _fail(f"{e}: use it (--nats {e.holder['url']}), or stop its starter (pid "
+                      f"{e.holder['starter_pid']}) first", 2)
+            if verdict == "stop":
+                log.warning("%s, whose starter is gone (an orphan): stopping it", e)
+                stop_store_holder(str(store_dir), e.holder)
+                continue
+            if time.monotonic() > deadline:
+                _fail(f"{e}: still starting or exiting after {STORE_WAIT_S:g}s; look at it "
+                      f"({store_dir / 'gigafactory-broker.lock'}) and stop it", 2)
+            time.sleep(0.1)
+            continue
+        write_server_state(srv.url, srv.proc.pid if srv.proc else 0)
+        return srv
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -135,9 +171,18 @@ def main() -> None:
                    "acknowledged writes of the last interval and roll revisions back, so a job can "
                    "vanish or an epoch be handed out twice.")
 def server(port: int, store: str | None, sync_interval: str | None) -> None:
-    """Run the embedded nats-server (JetStream on) in the foreground."""
+    """Run the embedded nats-server (JetStream on) in the foreground.
+
+    The broker dies with this command, however it ends (SIGKILL included); a store already
+    served by a live broker is refused, one left by a dead starter is stopped first."""
+    _setup_logging("info")
     store_dir = Path(store) if store else home() / "nats"
-    srv = _start_embedded(store_dir, sync_interval or Settings.from_env().sync_interval, port)
+
+    def stopped(*_):
+        raise KeyboardInterrupt  # SIGTERM as Ctrl-C: stop the broker cleanly on the way out
+
+    signal.signal(signal.SIGTERM, stopped)
+    srv = _start_embedded(store_dir, sync_interval or Settings.from_env().sync_interval, port, reuse=False)
     click.echo(f"nats-server listening on {srv.url} (store {store_dir}); Ctrl-C stops it")
     try:
         assert srv.proc is not None
@@ -149,13 +194,60 @@ def server(port: int, store: str | None, sync_interval: str | None) -> None:
         clear_server_state(srv.proc.pid if srv.proc else 0)
 
 
+async def _service_broker(url: str, name: str, settings: Settings, stop: asyncio.Event):
+    """The service's broker connection, waiting as long as it takes (see
+    :func:`gigafactory.broker.wait_for_broker`); None if stopped while waiting. Exits 2 when
+    ``connect_timeout_s`` passes first, or a connect setting is invalid."""
+    from gigafactory.broker import BrokerUnavailable, wait_for_broker
+
+    try:
+        return await wait_for_broker(url, name, settings, stop=stop)
+    except (BrokerUnavailable, ValueError) as e:
+        _fail(str(e), 2)
+
+
+async def _local_broker_url(settings: Settings, stop: asyncio.Event) -> str | None:
+    """With no broker configured: wait for an embedded one on this machine (``gigafactory
+    server`` or ``up`` on the same home) and return its URL; None if stopped meanwhile. Exits 2
+    once ``connect_timeout_s`` (0: never) passes first."""
+    from gigafactory.broker import check_connect_settings, connect_backoff_s
+
+    try:
+        check_connect_settings(settings)
+    except ValueError as e:
+        _fail(str(e), 2)
+    log = logging.getLogger("gigafactory")
+    loop = asyncio.get_running_loop()
+    t0, tries, logged_at = loop.time(), 0, float("-inf")
+    while (url := resolve_url(None)) is None:
+        tries += 1
+        waited_s = loop.time() - t0
+        what = (f"no broker configured (--nats, GIGAFACTORY_NATS_URL) and no embedded broker running for "
+                f"{home()}")
+        if settings.connect_timeout_s and waited_s >= settings.connect_timeout_s:
+            _fail(f"{what} after {settings.connect_timeout_s:g}s (connect_timeout_s): start one with "
+                  "'gigafactory up' or 'gigafactory server', or pass --nats URL", 2)
+        if loop.time() - logged_at >= 30.0:
+            logged_at = loop.time()
+            log.warning("%s: waiting for 'gigafactory server' or 'gigafactory up' to start one (%.0fs so far)",
+                        what, waited_s)
+        try:
+            await asyncio.wait_for(stop.wait(), timeout=connect_backoff_s(tries, settings.connect_backoff_max_s,
+                                                                         random.random()))
+            return None
+        except asyncio.TimeoutError:
+            pass
+    return url
+
+
 async def _run_coordinator(url: str, inbox: str | None, settings: Settings) -> None:
-    from gigafactory.broker import Broker
     from gigafactory.coordinator.service import Coordinator
 
     stop = asyncio.Event()
     _install_stop(stop)
-    broker = await Broker.open(url, "gigafactory-coordinator", settings)
+    broker = await _service_broker(url, "gigafactory-coordinator", settings, stop)
+    if broker is None:
+        return
     try:
         coord = Coordinator(broker, settings, inbox=inbox)
         await coord.run(stop)
@@ -163,13 +255,17 @@ async def _run_coordinator(url: str, inbox: str | None, settings: Settings) -> N
         await broker.close()
 
 
-async def _run_factory(url: str, settings: Settings, **kw) -> None:
-    from gigafactory.broker import Broker
+async def _run_factory(url: str | None, settings: Settings, **kw) -> None:
     from gigafactory.factory.agent import Factory
 
     stop = asyncio.Event()
     _install_stop(stop)
-    broker = await Broker.open(url, f"gigafactory-factory-{kw.get('factory_id') or ''}", settings)
+    url = url or await _local_broker_url(settings, stop)
+    if url is None:
+        return
+    broker = await _service_broker(url, f"gigafactory-factory-{kw.get('factory_id') or ''}", settings, stop)
+    if broker is None:
+        return
     try:
         f = Factory(broker, settings=settings, **kw)
         logging.getLogger("gigafactory.factory").info(
@@ -179,14 +275,22 @@ async def _run_factory(url: str, settings: Settings, **kw) -> None:
         await broker.close()
 
 
+_connect_timeout_option = click.option(
+    "--connect-timeout-s", type=click.FloatRange(min=0), default=None,
+    help="Give up if the broker has not answered within this many seconds at start (default: the "
+         "connect_timeout_s setting, $GIGAFACTORY_CONNECT_TIMEOUT_S; 0 waits forever).")
+
+
 @main.command()
 @common
 @click.option("--inbox", type=click.Path(file_okay=False), default=None, help="Watch this folder for job files.")
 @click.option("--log-level", default="info", show_default=True)
-def coordinator(nats_url, as_json, inbox, log_level) -> None:
-    """Run a coordinator: intake, dispatch, reaper and the gf.api service."""
+@_connect_timeout_option
+def coordinator(nats_url, as_json, inbox, log_level, connect_timeout_s) -> None:
+    """Run a coordinator: intake, dispatch, reaper and the gf.api service. Waits for its broker
+    as long as it takes (or --connect-timeout-s), as a service started before it must."""
     _setup_logging(log_level)
-    settings = Settings.from_env()
+    settings = Settings.from_env(connect_timeout_s=connect_timeout_s)
     with _url_or_embedded(nats_url, settings) as url:
         asyncio.run(_run_coordinator(url, inbox, settings))
 
@@ -211,10 +315,14 @@ def _parse_seats(seats: tuple[str, ...]) -> dict[str, int]:
 @click.option("--workspace", type=click.Path(file_okay=False), default=None, help="Where relative job cwds live.")
 @click.option("--data-dir", type=click.Path(file_okay=False), default=None, help="Outbox, quarantine and logs.")
 @click.option("--log-level", default="info", show_default=True)
-def factory(nats_url, as_json, factory_id, stations, seats, caps, no_probe, workspace, data_dir, log_level) -> None:
-    """Run a factory on this machine: probe, register, claim and run jobs."""
+@_connect_timeout_option
+def factory(nats_url, as_json, factory_id, stations, seats, caps, no_probe, workspace, data_dir, log_level,
+            connect_timeout_s) -> None:
+    """Run a factory on this machine: probe, register, claim and run jobs. Waits for its broker
+    (or, with none configured, for 'gigafactory server'/'up' on this machine) as long as it
+    takes, or --connect-timeout-s."""
     _setup_logging(log_level)
-    url = _need_url(nats_url, as_json)
+    url = resolve_url(nats_url)
     from gigafactory.schemas.capabilities import CapabilityError, parse_offer
 
     for c in caps:
@@ -223,7 +331,7 @@ def factory(nats_url, as_json, factory_id, stations, seats, caps, no_probe, work
         except CapabilityError as e:
             raise click.BadParameter(str(e), param_hint="--cap") from None
     asyncio.run(_run_factory(
-        url, Settings.from_env(), factory_id=factory_id, stations=stations, seats=_parse_seats(seats),
+        url, Settings.from_env(connect_timeout_s=connect_timeout_s), factory_id=factory_id, stations=stations, seats=_parse_seats(seats),
         extra_capabilities=list(caps), probe=not no_probe, workspace=workspace, data_dir=data_dir,
     ))
 
@@ -234,20 +342,25 @@ def factory(nats_url, as_json, factory_id, stations, seats, caps, no_probe, work
 @click.option("--stations", type=click.IntRange(1, 256), default=2, show_default=True)
 @click.option("--cap", "caps", multiple=True, metavar="TOKEN", help="Extra capability token for the local factory.")
 @click.option("--log-level", default="info", show_default=True)
-def up(nats_url, as_json, inbox, stations, caps, log_level) -> None:
+@_connect_timeout_option
+def up(nats_url, as_json, inbox, stations, caps, log_level, connect_timeout_s) -> None:
     """Broker (embedded unless --nats), a coordinator and a local factory, until Ctrl-C."""
     _setup_logging(log_level)
-    settings = Settings.from_env()
+    settings = Settings.from_env(connect_timeout_s=connect_timeout_s)
 
     async def run(url: str) -> None:
-        from gigafactory.broker import Broker
         from gigafactory.coordinator.service import Coordinator
         from gigafactory.factory.agent import Factory
 
         stop = asyncio.Event()
         _install_stop(stop)
-        cb = await Broker.open(url, "gigafactory-coordinator", settings)
-        fb = await Broker.open(url, "gigafactory-factory", settings)
+        cb = await _service_broker(url, "gigafactory-coordinator", settings, stop)
+        if cb is None:
+            return
+        fb = await _service_broker(url, "gigafactory-factory", settings, stop)
+        if fb is None:
+            await cb.close()
+            return
         try:
             coord = Coordinator(cb, settings, inbox=inbox)
             fac = Factory(fb, settings=settings, stations=stations, extra_capabilities=list(caps),
@@ -459,44 +572,132 @@ main.command("requeue", help="Requeue a job (any stage but shipped) with a fresh
 main.command("ship", help="The human gate: ship a job waiting in testing or review.")(_simple("ship", "shipped"))
 
 
+FENCE_HELD = 0
+"""``gigafactory fence``: the renewal landed and at least ``--min-remaining-s`` of lease is left."""
+FENCE_FENCED = 1
+"""The record does not name this factory as the holder at this epoch (or is gone): never push."""
+FENCE_USAGE = 2
+"""A missing or invalid option, or no broker configured (click's own usage errors exit 2 too)."""
+FENCE_TOO_LATE = 3
+"""The renewal landed but less than ``--min-remaining-s`` of lease is left: do not push now."""
+FENCE_UNKNOWN = 4
+"""The broker did not answer, or the renewal kept losing to other writes: cannot tell, do not push."""
+FENCE_CAS_TRIES = 5
+"""Renewals tried before giving up (each lost one re-reads from the stream leader first). The
+holder's own renewal loop writes every ``lease_renew_s``; two writers rarely collide twice."""
+
+
+async def _fence_renew(url: str, settings: Settings, job: str, factory_id: str, epoch: int) -> dict:
+    """One compare-and-set renewal of ``job``'s lease by its holder; returns what happened:
+    ``outcome`` (``held``, ``fenced``, ``unknown``), ``since_sent_s`` (local monotonic seconds
+    from sending the write that landed to its acknowledgement), the revisions read and written."""
+    import nats.js.errors
+    from nats.js.kv import KV_DEL, KV_OP, KV_PURGE
+
+    from gigafactory.broker import TRANSIENT, Bucket, Conflict, connect
+    from gigafactory.schemas import names, protocol
+    from gigafactory.schemas.records import JobRecord, decode, encode
+
+    nc = await connect(url, "gigafactory-fence", settings, max_reconnect_attempts=2,
+                       connect_timeout_s=settings.request_timeout_s)
+    try:
+        js = nc.jetstream(timeout=settings.request_timeout_s)
+        jobs = Bucket(js, await js.key_value(names.JOBS_BUCKET), names.JOBS_BUCKET, settings.request_timeout_s)
+
+        async def leader_read():
+            # Not a direct get: on a cluster a follower may answer one with an old revision.
+            # The stream leader answers this; the compare-and-set below decides either way.
+            try:
+                m = await js.get_msg(jobs.stream, subject=f"$KV.{names.JOBS_BUCKET}.{job}", direct=False)
+            except nats.js.errors.NotFoundError:
+                return None, 0, b""
+            if m.headers and m.headers.get(KV_OP) in (KV_DEL, KV_PURGE):
+                return None, m.seq or 0, b""
+            return decode(m.data or b"", JobRecord), m.seq or 0, m.data or b""
+
+        rec, rev, _ = await leader_read()
+        for _ in range(FENCE_CAS_TRIES):
+            try:
+                new = protocol.renew(protocol.check_fence(rec, job, factory_id, epoch), factory_id, epoch, time.time())
+            except protocol.Fenced as f:
+                return {"outcome": "fenced", "reason": str(f), "read_revision": rev}
+            data = encode(new)
+            sent = time.monotonic()  # before the write goes out: the broker stamps it later
+            try:
+                written = await jobs.update(job, data, last=rev)
+                return {"outcome": "held", "since_sent_s": time.monotonic() - sent,
+                        "read_revision": rev, "revision": written}
+            except Conflict:
+                pass  # the holder's own renewal, most likely: read again, the fence decides
+            except TRANSIENT as e:
+                # The write may have landed, its reply lost: the leader's record says.
+                _, fresh_rev, raw = await leader_read()
+                if raw == data:  # our bytes: the renewal counter and our own timestamp
+                    return {"outcome": "held", "since_sent_s": time.monotonic() - sent,
+                            "read_revision": rev, "revision": fresh_rev}
+                return {"outcome": "unknown", "reason": f"the renewal got no answer ({type(e).__name__})",
+                        "read_revision": rev}
+            rec, rev, _ = await leader_read()
+        return {"outcome": "unknown", "reason": f"the renewal lost {FENCE_CAS_TRIES} compare-and-sets in a row",
+                "read_revision": rev}
+    finally:
+        await nc.close()
+
+
 @main.command()
 @common
 @click.option("--job", envvar="GF_JOB_ID", required=True, help="Default: $GF_JOB_ID (set for job scripts).")
 @click.option("--epoch", envvar="GF_EPOCH", type=int, required=True, help="Default: $GF_EPOCH.")
 @click.option("--factory", "factory_id", envvar="GF_FACTORY", required=True, help="Default: $GF_FACTORY.")
-def fence(nats_url, as_json, job, epoch, factory_id) -> None:
-    """Exit 0 only while this factory still holds the job's lease at this epoch.
+@click.option("--lease-ttl-s", type=float, envvar="GF_LEASE_TTL_S", default=None,
+              help="The reaper's lease TTL (default: $GF_LEASE_TTL_S, else the lease_ttl_s setting, "
+                   "$GIGAFACTORY_LEASE_TTL_S). Must match the coordinators'.")
+@click.option("--min-remaining-s", type=float, default=None,
+              help="Lease that must be left after the renewal (default: half the lease TTL).")
+def fence(nats_url, as_json, job, epoch, factory_id, lease_ttl_s, min_remaining_s) -> None:
+    """Renew this job's lease (compare-and-set, as its holder); exit 0 only if that landed and
+    at least --min-remaining-s of lease is left.
 
     A job script calls it immediately before a side effect outside the broker (a push, a merge
-    request): `gigafactory fence && git push origin "$GF_BRANCH"`. Exit 1: fenced, do not push."""
-    url = _need_url(nats_url, as_json)
-
-    async def run() -> tuple[bool, str]:
-        from gigafactory.broker import Broker
-        from gigafactory.schemas import protocol
-        from gigafactory.schemas.records import JobRecord, decode
-
-        b = await Broker.open(url, "gigafactory-fence", Settings.from_env(), ensure=False, max_reconnect_attempts=2)
-        try:
-            e = await b.jobs.get(job)
-            rec = decode(e.value, JobRecord) if e else None
-            try:
-                protocol.check_fence(rec, job, factory_id, epoch)
-                return True, f"{factory_id} holds {job} at epoch {epoch}"
-            except protocol.Fenced as f:
-                return False, str(f)
-        finally:
-            await b.close()
+    request): `gigafactory fence && git push origin "$GF_BRANCH"`. Exit codes: 0 held; 1 fenced
+    (another epoch or holder owns the job); 2 usage; 3 renewed but too little lease left; 4
+    cannot tell (broker unreachable, no answer). Only 0 means push. It proves the lease was held
+    at that instant on the stream leader; it cannot stop a process paused after it returns, so
+    the receiving end should check the epoch too (the branch gf/<job>/e<epoch> against the job)."""
+    settings = Settings.from_env()
+    ttl_s = settings.lease_ttl_s if lease_ttl_s is None else lease_ttl_s
+    from gigafactory.schemas import protocol
 
     try:
-        ok, why = asyncio.run(run())
-    except Exception as e:  # cannot tell: treat as fenced, a push must not go out on a guess
-        ok, why = False, f"cannot check the fence ({type(e).__name__}: {e}); treat as fenced"
-    if as_json:
-        _emit_json({"held": ok, "reason": why})
+        want_s = protocol.fence_min_remaining_s(ttl_s, min_remaining_s)
+    except ValueError as e:
+        _fail(str(e), FENCE_USAGE, as_json=as_json)
+    url = _need_url(nats_url, as_json)
+    try:
+        got = asyncio.run(_fence_renew(url, settings, job, factory_id, epoch))
+    except Exception as e:  # cannot tell: a push must not go out on a guess
+        got = {"outcome": "unknown", "reason": f"cannot reach the broker at {url} ({type(e).__name__}: {e})"}
+    out = {"job": job, "epoch": epoch, "factory": factory_id, "lease_ttl_s": ttl_s, "min_remaining_s": want_s, **got}
+    if got["outcome"] == "held":
+        left_s = protocol.fence_remaining_s(ttl_s, got["since_sent_s"])
+        out["remaining_s"] = left_s
+        if left_s >= want_s:
+            code, out["reason"] = FENCE_HELD, (f"{factory_id} holds {job} at epoch {epoch}: lease renewed "
+                                               f"(revision {got['revision']}), at least {left_s:.3f}s left")
+        else:
+            code, out["reason"] = FENCE_TOO_LATE, (f"{factory_id} holds {job} at epoch {epoch}, but only "
+                                                   f"{left_s:.3f}s of lease is sure to be left, less than "
+                                                   f"--min-remaining-s {want_s:g}s: do not push now")
+    elif got["outcome"] == "fenced":
+        code = FENCE_FENCED
     else:
-        click.echo(why, err=True)
-    sys.exit(0 if ok else 1)
+        code, out["reason"] = FENCE_UNKNOWN, f"{got['reason']}; treat as fenced"
+    out["held"] = code == FENCE_HELD
+    out["code"] = code
+    if as_json:
+        _emit_json(out)
+    click.echo(out["reason"], err=True)
+    sys.exit(code)
 
 
 @main.command()

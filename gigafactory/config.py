@@ -186,6 +186,18 @@ class Settings:
     """Most jobs archived (and pools deleted) by one retention pass: bounds the pass's
     broker traffic when a backlog of old jobs is first archived."""
 
+    # -- services: waiting for the broker at start (issue 8, section 6) --------------------
+    connect_timeout_s: float = 0.0
+    """How long a factory, a coordinator or ``up`` waits at start for its broker to answer
+    (and a factory with no URL configured, for an embedded broker on this machine to appear),
+    in seconds; 0 (the default) waits forever, as a service started by systemd or compose
+    before its broker should. Each try is bounded on its own; the log says what it waits for.
+    Risk of 0: a wrong URL waits forever instead of failing (the log names the URL)."""
+    connect_backoff_max_s: float = 10.0
+    """Longest pause, in seconds, between two tries while waiting for the broker at start (the
+    pause doubles from 0.1 s, each one jittered down by up to half, so a fleet started together
+    does not try together). Larger: a slower start once the broker is up; smaller: more tries."""
+
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None, **overrides) -> "Settings":
         env = os.environ if environ is None else environ

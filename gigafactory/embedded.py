@@ -5,6 +5,22 @@ install. Tests start their own on free loopback ports, never a fixed one.
 
 :class:`Cluster` runs three (or more) of them as one JetStream cluster on loopback, for the
 chaos scenarios that kill a follower or the leader of a stream and restart it on its store.
+
+No orphans, one broker per store:
+
+- Every ``nats-server`` started here dies with the process that started it, however that
+  process dies (:func:`gigafactory.procs.popen_tied`: the kernel's parent-death signal on
+  Linux, a watchdog process elsewhere). It gets SIGKILL then, as in a crash of the broker
+  itself: JetStream recovers its store at the next start, and what it acknowledged is in the
+  OS already (only an OS crash or power loss can lose it: see ``sync_interval``).
+- A store has one broker at a time. The server holds an exclusive ``flock`` on
+  ``<store>/gigafactory-broker.lock`` for its whole life (the descriptor is passed to it, and
+  the kernel releases the lock when it exits, however it exits); the file names its pid, URL
+  and starter. :meth:`EmbeddedServer.start` on a store whose lock is held raises
+  :class:`StoreInUse`, naming the holder, and starts nothing; the CLI then reuses that broker
+  (its starter is alive) or stops it (an orphan: its starter is gone). A ``nats-server``
+  started on the store by anything else (an older version, by hand) holds no lock and is not
+  seen. Windows has no ``flock``: no lock there.
 """
 
 from __future__ import annotations
@@ -26,10 +42,113 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from gigafactory.config import check_sync_interval
+from gigafactory.procs import cmdline, pid_alive, popen_tied
+
+try:
+    import fcntl
+except ImportError:  # Windows: no flock, no store lock (see the module docstring)
+    fcntl = None  # type: ignore[assignment]
+
+STORE_LOCK_NAME = "gigafactory-broker.lock"
+"""In the store folder: locked (``flock``, exclusive) by the ``nats-server`` serving the store,
+for its whole life; its content (JSON) names that server's pid and URL and who started it."""
+STORE_HOLDER_MAX_BYTES = 4096
+"""A lock file bigger than this is not ours: read no more of it."""
 
 
 class BrokerError(RuntimeError):
     """The embedded broker could not be found or started."""
+
+
+class StoreInUse(BrokerError):
+    """Another ``nats-server`` serves this store (it holds the store's lock): none was started.
+    ``holder`` is what its lock file says (``pid``, ``url``, ``starter_pid``, ``starter``), or
+    an empty dict while that server is still starting."""
+
+    def __init__(self, store_dir: str, holder: dict) -> None:
+        self.store_dir, self.holder = store_dir, holder
+        who = (f"nats-server pid {holder.get('pid')} on {holder.get('url')}, started by pid "
+               f"{holder.get('starter_pid')} ({holder.get('starter', '?')})") if holder else "a nats-server still starting"
+        super().__init__(f"the store {store_dir} is in use by {who}; one store serves one broker")
+
+
+def _lock_path(store_dir: str) -> str:
+    return os.path.join(store_dir, STORE_LOCK_NAME)
+
+
+def _read_holder(fd: int) -> dict:
+    try:
+        raw = os.pread(fd, STORE_HOLDER_MAX_BYTES, 0)
+        got = json.loads(raw) if raw.strip() else {}
+    except (OSError, ValueError):
+        return {}
+    return got if isinstance(got, dict) else {}
+
+
+def store_holder(store_dir: str) -> dict | None:
+    """Who serves ``store_dir`` now: None when nobody holds its lock (free), else what the lock
+    file says (an empty dict while the holder is still starting)."""
+    if fcntl is None:
+        return None
+    try:
+        fd = os.open(_lock_path(store_dir), os.O_RDONLY)
+    except FileNotFoundError:
+        return None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return _read_holder(fd)
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return None
+    finally:
+        os.close(fd)
+
+
+def holder_verdict(holder: dict, *, broker_alive: bool, broker_is_nats: bool, starter_alive: bool) -> str:
+    """What a new start does about a store whose lock is held by ``holder`` (pure):
+
+    - ``wait``: the holder is still starting (no pid yet), or its pid is not a live
+      ``nats-server`` (it is exiting, or the pid was reused while the lock is held by a
+      process we cannot name): look again shortly, and never signal that pid;
+    - ``reuse``: a live broker whose starter is alive (another ``up``/``server``): use its URL;
+    - ``stop``: a live broker whose starter is gone (an orphan, left by a version without
+      parent-death signalling or a platform without it): stop it, then start our own."""
+    if not holder.get("pid") or not broker_alive or not broker_is_nats:
+        return "wait"
+    return "reuse" if starter_alive else "stop"
+
+
+def inspect_holder(holder: dict) -> str:
+    """:func:`holder_verdict` for ``holder`` with the facts read from the live system."""
+    pid = int(holder.get("pid") or 0)
+    starter = int(holder.get("starter_pid") or 0)
+    argv = cmdline(pid) if pid else None
+    return holder_verdict(
+        holder, broker_alive=bool(pid) and pid_alive(pid),
+        broker_is_nats=bool(argv) and "nats-server" in os.path.basename(argv[0]),
+        starter_alive=bool(starter) and pid_alive(starter),
+    )
+
+
+def stop_store_holder(store_dir: str, holder: dict, timeout_s: float = 10.0) -> None:
+    """Stop the orphaned broker ``holder`` on ``store_dir`` (SIGTERM, then SIGKILL after
+    ``timeout_s``) and wait, bounded, until the store's lock is free. Signals the pid only
+    while it is a live ``nats-server`` (see :func:`holder_verdict`)."""
+    pid = int(holder["pid"])
+    deadline = time.monotonic() + timeout_s
+    sent_kill = False
+    os.kill(pid, signal.SIGTERM)
+    while store_holder(store_dir) is not None:
+        if time.monotonic() > deadline:
+            if sent_kill:
+                raise BrokerError(f"nats-server pid {pid} still holds the store {store_dir} "
+                                  f"{2 * timeout_s:g}s after SIGTERM and SIGKILL")
+            argv = cmdline(pid)
+            if argv and "nats-server" in os.path.basename(argv[0]):
+                os.kill(pid, signal.SIGKILL)
+            sent_kill, deadline = True, time.monotonic() + timeout_s
+        time.sleep(0.05)
 
 
 def find_nats_server() -> str:
@@ -97,6 +216,9 @@ class EmbeddedServer:
     http_port: int | None = None
     """Serve the monitoring endpoints (``/varz``: message counts, CPU, memory) on this port;
     0 picks a free one at start, None (the default) serves none. The load suite reads it."""
+    die_with_parent: bool = True
+    """Tie the server to the process that starts it (see the module docstring). False only for
+    a server meant to outlive its starter: the tests that make an orphan on purpose."""
     proc: subprocess.Popen | None = None
     _conf_path: str | None = None
 
@@ -156,28 +278,38 @@ class EmbeddedServer:
             lines.append("}")
         return "\n".join(lines) + "\n"
 
+    def _lock_store(self) -> int | None:
+        """Take the store's lock (the fd to hand to the server), or raise :class:`StoreInUse`."""
+        if fcntl is None:
+            return None
+        fd = os.open(_lock_path(self.store_dir), os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _read_holder(fd)
+            os.close(fd)
+            raise StoreInUse(self.store_dir, holder) from None
+        except BaseException:
+            os.close(fd)
+            raise
+        os.ftruncate(fd, 0)  # a previous holder's words are stale now
+        return fd
+
     def start(self, ready_timeout_s: float = 20.0) -> "EmbeddedServer":
-        """Start the server and wait until it accepts connections (bounded)."""
+        """Start the server and wait until it accepts connections (bounded). Raises
+        :class:`StoreInUse` (starting nothing) when another server holds the store."""
         if self.port == 0:
             self.port = free_port(self.host)
         if self.http_port == 0:
             self.http_port = free_port(self.host)
         os.makedirs(self.store_dir, exist_ok=True)
-        self._remove_conf()  # a restart after kill() writes a fresh one
-        fd, self._conf_path = tempfile.mkstemp(prefix="gf-nats-", suffix=".conf")
-        with os.fdopen(fd, "w") as f:
-            f.write(self._config())
-        out = open(self.log_file, "ab") if self.log_file else subprocess.DEVNULL
+        lock_fd = self._lock_store()
         try:
-            self.proc = subprocess.Popen(
-                [find_nats_server(), "-c", self._conf_path],
-                stdout=out, stderr=subprocess.STDOUT if self.log_file else subprocess.DEVNULL,
-                stdin=subprocess.DEVNULL,
-                start_new_session=True,
-            )
+            self._spawn(lock_fd)
         finally:
-            if self.log_file:
-                out.close()
+            if lock_fd is not None:
+                # The server holds the lock now (same open file): it lasts as long as it does.
+                os.close(lock_fd)
         deadline = time.monotonic() + ready_timeout_s
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -194,6 +326,27 @@ class EmbeddedServer:
                 time.sleep(0.02)
         self.stop()
         raise BrokerError(f"nats-server did not accept connections on {self.url} within {ready_timeout_s}s")
+
+    def _spawn(self, lock_fd: int | None) -> None:
+        self._remove_conf()  # a restart after kill() writes a fresh one
+        fd, self._conf_path = tempfile.mkstemp(prefix="gf-nats-", suffix=".conf")
+        with os.fdopen(fd, "w") as f:
+            f.write(self._config())
+        out = open(self.log_file, "ab") if self.log_file else subprocess.DEVNULL
+        args = [find_nats_server(), "-c", self._conf_path]
+        kw = dict(stdout=out, stderr=subprocess.STDOUT if self.log_file else subprocess.DEVNULL,
+                  stdin=subprocess.DEVNULL, start_new_session=True,
+                  pass_fds=(lock_fd,) if lock_fd is not None else ())
+        try:
+            self.proc = popen_tied(args, **kw) if self.die_with_parent else subprocess.Popen(args, **kw)
+        finally:
+            if self.log_file:
+                out.close()
+        if lock_fd is not None:
+            os.pwrite(lock_fd, json.dumps({
+                "pid": self.proc.pid, "url": self.url, "starter_pid": os.getpid(),
+                "starter": " ".join(sys.argv)[:200], "started_at": time.time(),
+            }).encode(), 0)
 
     def kill(self) -> None:
         """``kill -9``: for chaos tests. The store stays for a restart."""

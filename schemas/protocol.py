@@ -103,6 +103,35 @@ def renew(rec: JobRecord, factory: str, epoch: int, now: float) -> JobRecord:
     return _replace(rec, lease=msgspec.structs.replace(rec.lease, renewals=rec.lease.renewals + 1), updated_at=now)
 
 
+FENCE_MIN_REMAINING_SHARE = 0.5
+"""``gigafactory fence`` demands, by default, that at least this share of ``lease_ttl_s`` is left
+after its renewal: room for the push it guards, with the rest of the lease as the margin for
+clock drift and a slow exit."""
+
+
+def fence_min_remaining_s(lease_ttl_s: float, min_remaining_s: float | None) -> float:
+    """The lease ``gigafactory fence`` must find left after its renewal: ``min_remaining_s`` as
+    given, or :data:`FENCE_MIN_REMAINING_SHARE` of ``lease_ttl_s``. Raises ValueError, naming
+    the option, for a TTL that is not positive or a minimum outside ``[0, lease_ttl_s)`` (a
+    minimum of the whole TTL could never be met: some time always passes after the write)."""
+    if not lease_ttl_s > 0:
+        raise ValueError(f"--lease-ttl-s must be a positive number of seconds, not {lease_ttl_s!r}")
+    want = lease_ttl_s * FENCE_MIN_REMAINING_SHARE if min_remaining_s is None else min_remaining_s
+    if not 0 <= want < lease_ttl_s:
+        raise ValueError(f"--min-remaining-s must be at least 0 and less than the lease TTL "
+                         f"({lease_ttl_s:g}s), not {want!r}")
+    return want
+
+
+def fence_remaining_s(lease_ttl_s: float, since_sent_s: float) -> float:
+    """The lease a holder is sure to have left after a successful renewal, ``since_sent_s``
+    after it SENT that write (its local monotonic clock). The broker stamped the write after it
+    was sent, and the reaper reclaims ``lease_ttl_s`` after that stamp, so this is a lower bound
+    (up to the drift between the two clocks' rates over ``lease_ttl_s``)."""
+    assert since_sent_s >= 0, f"a monotonic clock does not go back: {since_sent_s}"
+    return lease_ttl_s - since_sent_s
+
+
 def start(rec: JobRecord, factory: str, epoch: int, now: float) -> Outcome:
     """``assigned -> building``: the engine is about to run."""
     check_fence(rec, rec.id, factory, epoch)

@@ -226,3 +226,88 @@ def test_fence_lets_a_script_push_only_while_it_holds_the_lease(cli_fleet):
     assert r.returncode == 1 and "stale epoch 1" in r.stderr
     r = cli_fleet.cli("fence", "--job", "no-such-job", "--epoch", "1", "--factory", FACTORY, check=False)
     assert r.returncode == 1
+
+
+def test_fence_renews_the_lease_by_compare_and_set_and_demands_lease_left(cli_fleet):
+    """`gigafactory fence` in a real job on a real factory: a renewal of the lease by the holder
+    (the record's revision moves, written by the fence itself), exit 3 when less than
+    --min-remaining-s is left after it, exit 1 for another epoch or another factory; and the
+    factory's own renewal loop goes on beside it: the job ships without a fenced write."""
+    import asyncio
+
+    from gigafactory.broker import Broker
+    from gigafactory.schemas import names
+    from gigafactory.schemas.records import JobRecord, decode
+    from helpers import fast_settings
+
+    ttl_s = fast_settings().lease_ttl_s  # the factory's engines inherit it ($GIGAFACTORY_LEASE_TTL_S)
+    out = cli_fleet.root / "fence-cas.out"
+    gate = cli_fleet.root / "fence-cas.gate"
+    script = (
+        f'out="{out}"\n'
+        'gigafactory fence --json > "$out.good.json"; echo "good $?" > "$out.1"\n'
+        f'while [ ! -e "{gate}" ]; do sleep 0.05; done\n'
+        # A minimum of (nearly) the whole TTL: some microseconds always pass after the write.
+        f'gigafactory fence --json --min-remaining-s {ttl_s * (1 - 1e-6)!r} > "$out.short.json"; echo "short $?" >> "$out.1"\n'
+        'gigafactory fence --epoch $((GF_EPOCH + 7)); echo "other-epoch $?" >> "$out.1"\n'
+        'gigafactory fence --factory someone-else; echo "other-factory $?" >> "$out.1"\n'
+        'mv "$out.1" "$out"\n'
+    )
+    f = cli_fleet.job_file("fence-cas.md", script, review_policy="auto", verify=f'test -f "{out}"')
+    job = cli_fleet.cli_json("submit", str(f))["jobs"][0]["job"]
+    good_json = Path(f"{out}.good.json")
+    wait_until(lambda: Path(f"{out}.1").exists(), 30, what="the job's first fence returned")
+    good = json.loads(good_json.read_text())
+    assert good["code"] == 0 and good["held"] is True, good
+    assert good["remaining_s"] >= good["min_remaining_s"] == ttl_s / 2, good
+    assert good["revision"] > good["read_revision"] > 0, good
+
+    async def written_by_the_fence():
+        b = await Broker.open(cli_fleet.url, "test-fence-reader", fast_settings(), ensure=False)
+        try:
+            got = []
+            for seq in (good["read_revision"], good["revision"]):
+                m = await b.js.get_msg(b.jobs.stream, seq=seq)
+                assert m.subject == f"$KV.{names.JOBS_BUCKET}.{job}", m.subject
+                got.append(decode(m.data, JobRecord))
+            return got
+        finally:
+            await b.close()
+
+    before, after = asyncio.run(written_by_the_fence())
+    assert after.lease.factory == FACTORY and after.lease.epoch == after.epoch == 1
+    assert after.lease.renewals == before.lease.renewals + 1, (before.lease, after.lease)
+    gate.write_text("go")
+
+    wait_until(out.exists, 60, what="the job's fences all returned")
+    assert out.read_text().split("\n")[:-1] == ["good 0", "short 3", "other-epoch 1", "other-factory 1"], out.read_text()
+    short = json.loads(Path(f"{out}.short.json").read_text())
+    assert short["code"] == 3 and short["held"] is False and short["remaining_s"] < short["min_remaining_s"], short
+    assert short["revision"] > short["read_revision"], "a lease too short to use was still renewed, by CAS"
+
+    def at_rest():
+        st = cli_fleet.cli_json("status", job)
+        return st if st["job"]["stage"] in ("shipped", "failed", "dead_letter") else None
+
+    st = wait_until(at_rest, 30, what="the job came to rest")
+    assert st["job"]["stage"] == "shipped", st["job"]
+    assert [(a["factory"], a["epoch"]) for a in st["record"]["attempts"]] == [(FACTORY, 1)]
+    assert "fenced" not in [e["kind"] for e in st["events"]], "the factory's renewals lost to the fence's"
+
+
+def test_fence_exit_codes_without_a_lease_to_renew(tmp_path):
+    """Usage errors exit 2 naming the option; an unreachable broker exits 4 (cannot tell), never 0."""
+    from gigafactory.embedded import free_port
+
+    env = fast_env()
+    env["GIGAFACTORY_HOME"] = str(tmp_path / "home")
+    base = [*gigafactory_cmd(), "fence", "--job", "j", "--epoch", "1", "--factory", "f"]
+    r = subprocess.run([*base, "--nats", "nats://127.0.0.1:1", "--min-remaining-s", "2.0"], env=env,
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "--min-remaining-s" in r.stderr and "less than the lease TTL (2s)" in r.stderr, r.stderr
+    r = subprocess.run([*base, "--nats", f"nats://127.0.0.1:{free_port()}", "--json"], env=env,
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 4, (r.returncode, r.stderr)
+    out = json.loads(r.stdout)
+    assert out["held"] is False and out["code"] == 4 and "treat as fenced" in out["reason"]
+    assert r.stderr.strip().count("\n") == 0 and "treat as fenced" in r.stderr
