@@ -24,6 +24,7 @@ import yaml
 
 from gigafactory.client import RESTING, Client
 from gigafactory.embedded import EmbeddedServer
+from gigafactory.procs import popen_tied
 
 DEMO_SETTINGS = {
     # Short enough that the demo's retries and reclaims happen while you watch.
@@ -59,8 +60,10 @@ class _Procs:
 
     def start(self, name: str, args: list[str], env: dict, log: Path) -> None:
         out = open(log, "ab")
-        p = subprocess.Popen([sys.executable, "-m", "gigafactory", *args], env=env, stdout=out,
-                             stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+        # Tied to the demo: a demo killed by any signal SIGTERMs them, so they drain and exit
+        # instead of running on as orphans holding the demo's broker connection.
+        p = popen_tied([sys.executable, "-m", "gigafactory", *args], death_signal=signal.SIGTERM, env=env,
+                       stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
         out.close()
         self.procs.append((name, p))
 

@@ -24,7 +24,7 @@ from typing import Any
 
 import yaml
 
-from gigafactory.procs import pid_alive  # noqa: F401 (tests import it from here)
+from gigafactory.procs import pid_alive, popen_tied  # noqa: F401 (tests import pid_alive from here)
 from gigafactory.broker import Broker
 from gigafactory.client import Client
 from gigafactory.config import Settings
@@ -243,8 +243,9 @@ class Proc:
         self.args = args
         self.log = Path(log)
         with open(self.log, "wb") as out:
-            self.p = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                      env=env, start_new_session=True)
+            # Tied to the test run: a pytest killed by any signal takes its processes with it.
+            self.p = popen_tied(args, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                env=env, start_new_session=True)
 
     @property
     def pid(self) -> int:
