@@ -1,0 +1,252 @@
+"""The engine supervisor: a tiny process between the factory and an engine, so that an
+engine never outlives its factory, nor its lease.
+
+Run as ``python -I -S supervise.py --control-fd N [--deadline T] [--grace-s G] -- argv...``
+by :mod:`shell` (standard library only, no package imports: it starts in a few tens of
+milliseconds and cannot be broken by the job's ``PYTHONPATH``).
+
+Theory of operation:
+
+- The factory starts the supervisor as the leader of a new session; the supervisor starts the
+  engine as its child, in that same process group, with the output pipe the factory owns. To
+  the factory the supervisor *is* the engine: the group it signals (timeout, cancel, leftovers)
+  is the supervisor's, and the supervisor exits with the engine's status (re-raising the
+  engine's fatal signal on itself, so "killed by SIGTERM" still reads as such).
+- The factory dies, by any signal, SIGKILL included: the supervisor learns it in two
+  independent ways and then stops the whole group (SIGTERM, ``--grace-s``, SIGKILL):
+  1. the control pipe: the factory holds the only write end (non-inheritable), so the kernel
+     closes it when the factory exits however it exits, and the supervisor reads EOF. This
+     works on every POSIX system (Linux, macOS, the BSDs).
+  2. Linux only: ``prctl(PR_SET_PDEATHSIG, SIGTERM)``, re-checked with ``getppid()`` right
+     after it is set (a parent that died before the call would otherwise never signal). It
+     covers a write end leaked to another process (a library that forks without exec).
+     A SIGTERM counts as parent death only when ``getppid()`` changed: the factory itself
+     SIGTERMs the whole group to stop a job, and then the supervisor only waits for the engine.
+- Self-fencing: the factory writes ``d <monotonic seconds>\\n`` lines to the control pipe after
+  each successful lease renewal; the latest is the deadline. When it passes without an
+  extension, the supervisor stops the group itself. The clock is ``CLOCK_MONOTONIC``, one
+  clock for the whole machine (Linux and macOS), so the factory's deadline means the same here;
+  and since the supervisor does not depend on the factory's event loop, a stalled loop or a
+  factory stopped alone (SIGSTOP of the factory process only) cannot keep the engine alive.
+- What it cannot do: a supervisor paused together with its engine (SIGSTOP of the whole
+  group, a frozen VM) runs nothing; it acts when it resumes, at once, because its deadline
+  has passed. Windows has no supervisor (see :mod:`shell`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import ctypes.util
+import errno
+import os
+import selectors
+import signal
+import subprocess
+import sys
+import time
+
+PR_SET_PDEATHSIG = 1
+"""From ``<linux/prctl.h>``."""
+KILL_WAIT_S = 5.0
+"""After SIGKILL to the group, how long the supervisor waits for it to be gone (a process in
+the kernel's D state can take a while) before it exits anyway."""
+POLL_S = 0.02
+"""How often the group is checked while waiting for it to stop (no event says "group empty")."""
+CONTROL_LINE_MAX_BYTES = 4096
+"""A control line longer than this is a protocol error: the supervisor stops the group."""
+EXIT_USAGE = 125
+"""Exit status when the supervisor itself could not start the engine (bad arguments, exec
+failure); 126/127 are the engine's own (not executable, not found), as in a shell."""
+
+
+def _log(msg: str) -> None:
+    # stderr is the job's output pipe: the note lands in the job log, where an operator looks.
+    try:
+        os.write(2, f"[gigafactory supervisor {os.getpid()}] {msg}\n".encode())
+    except OSError:
+        pass
+
+
+def set_parent_death_signal(sig: int) -> bool:
+    """Linux: ask the kernel to send ``sig`` when our parent dies. False elsewhere or on error."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        return libc.prctl(PR_SET_PDEATHSIG, sig, 0, 0, 0) == 0
+    except (OSError, AttributeError):
+        return False
+
+
+def group_others_alive(pgid: int, me: int) -> bool:
+    """True while a process of group ``pgid`` other than ``me`` is alive (zombies are dead).
+    Without ``/proc`` (macOS): True while the group exists at all (we are in it), so the
+    caller waits out the grace, then SIGKILLs."""
+    if not os.path.isdir("/proc/self"):
+        return True
+    try:
+        entries = os.listdir("/proc")
+    except OSError:
+        return True
+    for name in entries:
+        if not name.isdigit() or int(name) == me:
+            continue
+        try:
+            with open(f"/proc/{name}/stat", "rb") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        fields = stat[stat.rfind(b")") + 2:].split()
+        if len(fields) > 2 and int(fields[2]) == pgid and fields[0] not in (b"Z", b"X"):
+            return True
+    return False
+
+
+class Supervisor:
+    """One engine under watch. See the module docstring."""
+
+    def __init__(self, argv: list[str], control_fd: int, deadline: float | None, grace_s: float) -> None:
+        self.argv = argv
+        self.control_fd = control_fd
+        self.deadline = deadline
+        self.grace_s = grace_s
+        self.ppid = os.getppid()
+        self.pgid = os.getpgid(0)
+        self.engine: subprocess.Popen | None = None
+        self._buf = b""
+
+    def run(self) -> int:
+        """Start the engine and watch it; returns the exit status (or re-raises its signal)."""
+        wake_r, wake_w = os.pipe()
+        os.set_blocking(wake_w, False)
+        os.set_blocking(wake_r, False)
+        signal.set_wakeup_fd(wake_w)
+        for sig in (signal.SIGTERM, signal.SIGCHLD, signal.SIGHUP, signal.SIGINT):
+            signal.signal(sig, lambda *_: None)  # wake the loop; the loop decides
+        set_parent_death_signal(signal.SIGTERM)
+        if os.getppid() != self.ppid:
+            # The factory died before prctl took effect: no signal will ever come.
+            return self._stop("the factory died before the engine started")
+        os.set_blocking(self.control_fd, False)
+        try:
+            self.engine = subprocess.Popen(self.argv, close_fds=True, restore_signals=True)
+        except OSError as e:
+            _log(f"cannot start the engine {self.argv[0]!r}: {e}")
+            return 127 if e.errno == errno.ENOENT else 126
+        sel = selectors.DefaultSelector()
+        sel.register(self.control_fd, selectors.EVENT_READ, "control")
+        sel.register(wake_r, selectors.EVENT_READ, "wake")
+        while True:
+            rc = self.engine.poll()
+            if rc is not None:
+                return rc
+            if os.getppid() != self.ppid:
+                return self._stop("the factory died (parent-death signal)")
+            timeout = None
+            if self.deadline is not None:
+                timeout = self.deadline - time.monotonic()
+                if timeout <= 0:
+                    return self._stop("lease deadline passed without a renewal: self-fencing")
+            for key, _ in sel.select(timeout):
+                if key.data == "wake":
+                    _drain(wake_r)
+                elif not self._read_control():
+                    return self._stop("the factory died (control pipe closed)")
+
+    def _read_control(self) -> bool:
+        """Apply what the factory wrote; False on EOF (the factory is gone) or garbage."""
+        try:
+            data = os.read(self.control_fd, 65536)
+        except BlockingIOError:
+            return True
+        except OSError:
+            return False
+        if not data:
+            return False
+        self._buf += data
+        while b"\n" in self._buf:
+            line, self._buf = self._buf.split(b"\n", 1)
+            parts = line.split()
+            if len(parts) != 2 or parts[0] != b"d":
+                _log(f"bad control line {line[:80]!r}")
+                return False
+            try:
+                self.deadline = max(self.deadline or 0.0, float(parts[1]))
+            except ValueError:
+                _log(f"bad deadline {parts[1][:80]!r}")
+                return False
+        if len(self._buf) > CONTROL_LINE_MAX_BYTES:
+            _log("control line too long")
+            return False
+        return True
+
+    def _stop(self, why: str) -> int:
+        """SIGTERM the group, wait up to the grace for the engine and the rest, SIGKILL the group
+        (ourselves included: nothing of the job may remain)."""
+        _log(f"{why}: stopping process group {self.pgid}")
+        _killpg(self.pgid, signal.SIGTERM)
+        end = time.monotonic() + self.grace_s
+        while time.monotonic() < end:
+            engine_done = self.engine is None or self.engine.poll() is not None
+            if engine_done and not group_others_alive(self.pgid, os.getpid()):
+                break
+            time.sleep(POLL_S)
+        if self.engine is not None:
+            self.engine.poll()
+        _killpg(self.pgid, signal.SIGKILL)  # ends us too, unless the group already is only us
+        time.sleep(KILL_WAIT_S)  # not reached on Linux: SIGKILL is delivered before killpg returns
+        return 137
+
+
+def _killpg(pgid: int, sig: int) -> None:
+    try:
+        os.killpg(pgid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def _drain(fd: int) -> None:
+    try:
+        while os.read(fd, 4096):
+            pass
+    except (BlockingIOError, OSError):
+        pass
+
+
+def _exit_like(rc: int) -> None:
+    """Exit with the engine's status: a signal death is re-raised on ourselves (no core file)."""
+    if rc >= 0:
+        os._exit(rc)
+    sig = -rc
+    try:
+        import resource
+
+        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    except (ImportError, ValueError, OSError):
+        pass
+    signal.signal(sig, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, [sig])
+    os.kill(os.getpid(), sig)
+    os._exit(128 + sig)  # a signal whose default is not to terminate
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="supervise", description=__doc__.splitlines()[0])
+    p.add_argument("--control-fd", type=int, required=True)
+    p.add_argument("--deadline", type=float, default=None, help="CLOCK_MONOTONIC seconds")
+    p.add_argument("--grace-s", type=float, default=5.0)
+    p.add_argument("argv", nargs=argparse.REMAINDER)
+    try:
+        a = p.parse_args(argv)
+    except SystemExit:
+        os._exit(EXIT_USAGE)
+    cmd = a.argv[1:] if a.argv[:1] == ["--"] else a.argv
+    if not cmd or a.grace_s < 0:
+        _log("usage: supervise --control-fd N [--deadline T] [--grace-s G] -- argv...")
+        os._exit(EXIT_USAGE)
+    _exit_like(Supervisor(cmd, a.control_fd, a.deadline, a.grace_s).run())
+
+
+if __name__ == "__main__":
+    main()
