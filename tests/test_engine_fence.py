@@ -190,8 +190,12 @@ def test_a_holder_whose_renewals_fail_stops_its_engine_and_quarantines(nats_serv
             old_max = None
             try:
                 await eventually(lambda: (d / "ticks").exists(), 20, what="engine started")
-                await eventually(lambda: worker.runs and next(iter(worker.runs.values())).fence is not None, 10,
-                                 what="run fenced by a deadline")
+
+                async def renewed():
+                    rec, _ = await fleet.record(job)
+                    return rec.lease is not None and rec.lease.renewals >= 1
+
+                await eventually(renewed, 10, what="a first renewal")
                 e = await fleet.admin.jobs.get(job)
                 cfg = (await js.stream_info(stream)).config
                 old_max = cfg.max_msg_size
