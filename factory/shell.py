@@ -407,15 +407,18 @@ async def _run(
                                  fenced=True)
 
         read_fd, write_fd = os.pipe()
-        ctl_r = ctl_w = -1
+        ctl_r = ctl_w = st_r = st_w = -1
         if supervised:
             # Only we hold the write end (os.pipe is non-inheritable): when this process dies,
             # however it dies, the kernel closes it and the supervisor reads EOF.
             ctl_r, ctl_w = os.pipe()
             os.set_blocking(ctl_w, False)
+            st_r, st_w = os.pipe()  # the supervisor says "fenced" here; the engine cannot
+            os.set_blocking(st_r, False)
             grace_s = min(kill_grace_s, fence.grace_s) if fence is not None else kill_grace_s
-            argv = [sys.executable, "-I", "-S", _SUPERVISOR, "--control-fd", str(ctl_r), "--grace-s", repr(grace_s),
-                    *(["--deadline", repr(fence.at_s)] if fence is not None else []), "--", *argv]
+            argv = [sys.executable, "-I", "-S", _SUPERVISOR, "--control-fd", str(ctl_r), "--status-fd", str(st_w),
+                    "--grace-s", repr(grace_s), *(["--deadline", repr(fence.at_s)] if fence is not None else []),
+                    "--", *argv]
         started = time.monotonic()
         try:
             proc = await asyncio.create_subprocess_exec(
@@ -425,19 +428,21 @@ async def _run(
                 stderr=write_fd,
                 cwd=cwd,
                 env=dict(env),
-                pass_fds=(ctl_r,) if supervised else (),
+                pass_fds=(ctl_r, st_w) if supervised else (),
                 **_group_kwargs(),
             )
         except BaseException:
             os.close(read_fd)
             if supervised:
                 os.close(ctl_w)
+                os.close(st_r)
             raise
         finally:
             # The child has its copy; ours must go, or the pipe never reaches EOF.
             os.close(write_fd)
             if supervised:
                 os.close(ctl_r)
+                os.close(st_w)
         if supervised and fence is not None:
             fence._attach(ctl_w)
 
@@ -449,10 +454,9 @@ async def _run(
             reader = await _PipeReader.start(loop, read_fd, sink)
             why = await _wait_exit_or_stop(exit_task, cancel, timeout_s, fence)
             grace_s = kill_grace_s
-            if why == "exited" and fence is not None and proc.returncode is not None and proc.returncode < 0 \
-                    and fence.passed(ended[0] if ended else None):
-                # Killed by a signal once the deadline had passed: the supervisor fenced it
-                # while this event loop was not looking (stalled, or this process stopped).
+            if why == "exited" and supervised and _said_fenced(st_r):
+                # The supervisor fenced it while this event loop was not looking (stalled, or
+                # this process stopped); a renewal since may have moved the deadline again.
                 why = "fenced"
             if why == "timeout":
                 sink.note(f"timed out after {timeout_s:g} s: stopping the process group")
@@ -486,6 +490,7 @@ async def _run(
                 if fence is not None:
                     fence._detach(ctl_w)
                 os.close(ctl_w)
+                os.close(st_r)
 
         rc = proc.returncode
         return ProcessResult(
@@ -496,6 +501,14 @@ async def _run(
             duration_s=(ended[0] if ended else time.monotonic()) - started,
             fenced=why == "fenced",
         )
+
+
+def _said_fenced(status_fd: int) -> bool:
+    """Whether the supervisor wrote ``fenced`` on its status pipe (it exited: all is there)."""
+    try:
+        return b"fenced" in os.read(status_fd, 4096)
+    except (BlockingIOError, OSError):
+        return False
 
 
 def _group_kwargs() -> dict:

@@ -1,7 +1,7 @@
 """The engine supervisor: a tiny process between the factory and an engine, so that an
 engine never outlives its factory, nor its lease.
 
-Run as ``python -I -S supervise.py --control-fd N [--deadline T] [--grace-s G] -- argv...``
+Run as ``python -I -S supervise.py --control-fd N [--status-fd M] [--deadline T] [--grace-s G] -- argv...``
 by :mod:`shell` (standard library only, no package imports: it starts in a few tens of
 milliseconds and cannot be broken by the job's ``PYTHONPATH``).
 
@@ -31,6 +31,10 @@ Theory of operation:
 - What it cannot do: a supervisor paused together with its engine (SIGSTOP of the whole
   group, a frozen VM) runs nothing; it acts when it resumes, at once, because its deadline
   has passed. Windows has no supervisor (see :mod:`shell`).
+- The status pipe (``--status-fd``, write end, not passed on to the engine): before stopping
+  the group for a passed deadline the supervisor writes ``fenced``, so the factory can tell
+  a self-fence from an engine that died of a signal, even if its event loop only looks later
+  (after a stall, by which time a renewal may have moved the deadline again).
 """
 
 from __future__ import annotations
@@ -106,9 +110,11 @@ def group_others_alive(pgid: int, me: int) -> bool:
 class Supervisor:
     """One engine under watch. See the module docstring."""
 
-    def __init__(self, argv: list[str], control_fd: int, deadline: float | None, grace_s: float) -> None:
+    def __init__(self, argv: list[str], control_fd: int, deadline: float | None, grace_s: float,
+                 status_fd: int | None = None) -> None:
         self.argv = argv
         self.control_fd = control_fd
+        self.status_fd = status_fd
         self.deadline = deadline
         self.grace_s = grace_s
         self.ppid = os.getppid()
@@ -130,6 +136,7 @@ class Supervisor:
             return self._stop("the factory died before the engine started")
         os.set_blocking(self.control_fd, False)
         try:
+            # close_fds: the engine gets neither the control pipe nor the status pipe.
             self.engine = subprocess.Popen(self.argv, close_fds=True, restore_signals=True)
         except OSError as e:
             _log(f"cannot start the engine {self.argv[0]!r}: {e}")
@@ -147,6 +154,7 @@ class Supervisor:
             if self.deadline is not None:
                 timeout = self.deadline - time.monotonic()
                 if timeout <= 0:
+                    self._status(b"fenced\n")
                     return self._stop("lease deadline passed without a renewal: self-fencing")
             for key, _ in sel.select(timeout):
                 if key.data == "wake":
@@ -180,6 +188,14 @@ class Supervisor:
             _log("control line too long")
             return False
         return True
+
+    def _status(self, line: bytes) -> None:
+        if self.status_fd is None:
+            return
+        try:
+            os.write(self.status_fd, line)
+        except OSError:  # the factory is gone, or not listening: nothing to tell
+            pass
 
     def _stop(self, why: str) -> int:
         """SIGTERM the group, wait up to the grace for the engine and the rest, SIGKILL the group
@@ -234,6 +250,7 @@ def _exit_like(rc: int) -> None:
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="supervise", description=__doc__.splitlines()[0])
     p.add_argument("--control-fd", type=int, required=True)
+    p.add_argument("--status-fd", type=int, default=None)
     p.add_argument("--deadline", type=float, default=None, help="CLOCK_MONOTONIC seconds")
     p.add_argument("--grace-s", type=float, default=5.0)
     p.add_argument("argv", nargs=argparse.REMAINDER)
@@ -243,9 +260,9 @@ def main(argv: list[str] | None = None) -> None:
         os._exit(EXIT_USAGE)
     cmd = a.argv[1:] if a.argv[:1] == ["--"] else a.argv
     if not cmd or a.grace_s < 0:
-        _log("usage: supervise --control-fd N [--deadline T] [--grace-s G] -- argv...")
+        _log("usage: supervise --control-fd N [--status-fd M] [--deadline T] [--grace-s G] -- argv...")
         os._exit(EXIT_USAGE)
-    _exit_like(Supervisor(cmd, a.control_fd, a.deadline, a.grace_s).run())
+    _exit_like(Supervisor(cmd, a.control_fd, a.deadline, a.grace_s, a.status_fd).run())
 
 
 if __name__ == "__main__":

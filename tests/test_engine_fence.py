@@ -300,3 +300,32 @@ def test_a_passed_deadline_stops_a_running_group_and_starts_nothing_new(tmp_path
     finally:
         _kill_leftovers(tmp_path)
     assert (tmp_path / "ledger").read_text().splitlines() == ["start epoch "]
+
+
+def test_a_stalled_event_loop_cannot_keep_the_engine_alive(tmp_path):
+    """The loop is blocked (a CPU-bound call, a GC pause) past the deadline: the supervisor
+    stops the group on its own, and the run says fenced even though the deadline was extended
+    again once the loop woke up (before it saw the exit)."""
+    import time
+
+    async def main():
+        fence = shell.FenceDeadline(time.monotonic() + 0.5, grace_s=0.2)
+
+        async def stall_then_extend():
+            await asyncio.sleep(0.2)
+            time.sleep(1.5)  # blocks the loop: no in-process fence, no renewal
+            fence.extend(time.monotonic() + 30)  # a renewal that got through after all
+
+        staller = asyncio.create_task(stall_then_extend())
+        res = await shell.run_script(ledger_script(tmp_path, seconds=30), cwd=str(tmp_path), env={"PATH": os.defpath},
+                                     timeout_s=30, log_path=str(tmp_path / "job.log"), fence=fence)
+        await staller
+        return res
+
+    try:
+        res = asyncio.run(main())
+    finally:
+        _kill_leftovers(tmp_path)
+    assert res.fenced and not res.ok
+    assert not pid_alive(int((tmp_path / "engine.pid").read_text()))
+    assert "lease deadline passed without a renewal" in (tmp_path / "job.log").read_text()
