@@ -39,14 +39,11 @@ Theory of operation:
 
 from __future__ import annotations
 
-import argparse
 import ctypes
-import ctypes.util
 import errno
 import os
 import selectors
 import signal
-import subprocess
 import sys
 import time
 
@@ -77,7 +74,8 @@ def set_parent_death_signal(sig: int) -> bool:
     if not sys.platform.startswith("linux"):
         return False
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        # The interpreter's own symbols include libc's (no find_library: it runs ldconfig).
+        libc = ctypes.CDLL(None, use_errno=True)
         return libc.prctl(PR_SET_PDEATHSIG, sig, 0, 0, 0) == 0
     except (OSError, AttributeError):
         return False
@@ -118,8 +116,14 @@ class Supervisor:
         self.deadline = deadline
         self.grace_s = grace_s
         self.ppid = os.getppid()
+        if os.getpgid(0) != os.getpid():
+            # Never signal a group we do not lead (it would be our parent's): lead our own.
+            os.setsid()
         self.pgid = os.getpgid(0)
-        self.engine: subprocess.Popen | None = None
+        assert self.pgid == os.getpid()
+        self.engine: int | None = None
+        """The engine's pid while it is not reaped."""
+        self.engine_rc: int | None = None
         self._buf = b""
 
     def run(self) -> int:
@@ -135,17 +139,21 @@ class Supervisor:
             # The factory died before prctl took effect: no signal will ever come.
             return self._stop("the factory died before the engine started")
         os.set_blocking(self.control_fd, False)
+        # The engine gets neither the control pipe nor the status pipe (our own pipes are
+        # non-inheritable already); a signal we catch is reset to its default by exec.
+        private = [fd for fd in (self.control_fd, self.status_fd) if fd is not None]
         try:
-            # close_fds: the engine gets neither the control pipe nor the status pipe.
-            self.engine = subprocess.Popen(self.argv, close_fds=True, restore_signals=True)
+            self.engine = os.posix_spawnp(self.argv[0], self.argv, os.environ,
+                                          file_actions=[(os.POSIX_SPAWN_CLOSE, fd) for fd in private])
         except OSError as e:
             _log(f"cannot start the engine {self.argv[0]!r}: {e}")
             return 127 if e.errno == errno.ENOENT else 126
-        sel = selectors.DefaultSelector()
+        # poll, not epoll: it takes any descriptor (epoll refuses regular files).
+        sel = selectors.PollSelector() if hasattr(selectors, "PollSelector") else selectors.SelectSelector()
         sel.register(self.control_fd, selectors.EVENT_READ, "control")
         sel.register(wake_r, selectors.EVENT_READ, "wake")
         while True:
-            rc = self.engine.poll()
+            rc = self._poll_engine()
             if rc is not None:
                 return rc
             if os.getppid() != self.ppid:
@@ -176,6 +184,8 @@ class Supervisor:
         while b"\n" in self._buf:
             line, self._buf = self._buf.split(b"\n", 1)
             parts = line.split()
+            if not parts:
+                continue
             if len(parts) != 2 or parts[0] != b"d":
                 _log(f"bad control line {line[:80]!r}")
                 return False
@@ -188,6 +198,19 @@ class Supervisor:
             _log("control line too long")
             return False
         return True
+
+    def _poll_engine(self) -> int | None:
+        """The engine's exit status (``-signal`` if a signal ended it), reaping it; None while it runs."""
+        if self.engine is None:
+            return self.engine_rc
+        try:
+            pid, status = os.waitpid(self.engine, os.WNOHANG)
+        except ChildProcessError:
+            pid, status = self.engine, 0
+        if pid == 0:
+            return None
+        self.engine, self.engine_rc = None, os.waitstatus_to_exitcode(status)
+        return self.engine_rc
 
     def _status(self, line: bytes) -> None:
         if self.status_fd is None:
@@ -204,12 +227,10 @@ class Supervisor:
         _killpg(self.pgid, signal.SIGTERM)
         end = time.monotonic() + self.grace_s
         while time.monotonic() < end:
-            engine_done = self.engine is None or self.engine.poll() is not None
+            engine_done = self.engine is None or self._poll_engine() is not None
             if engine_done and not group_others_alive(self.pgid, os.getpid()):
                 break
             time.sleep(POLL_S)
-        if self.engine is not None:
-            self.engine.poll()
         _killpg(self.pgid, signal.SIGKILL)  # ends us too, unless the group already is only us
         time.sleep(KILL_WAIT_S)  # not reached on Linux: SIGKILL is delivered before killpg returns
         return 137
@@ -247,22 +268,38 @@ def _exit_like(rc: int) -> None:
     os._exit(128 + sig)  # a signal whose default is not to terminate
 
 
+USAGE = "usage: supervise --control-fd N [--status-fd M] [--deadline T] [--grace-s G] -- argv..."
+
+
+def parse_args(argv: list[str]) -> tuple[int, int | None, float | None, float, list[str]]:
+    """``(control_fd, status_fd, deadline, grace_s, engine argv)``; ValueError on bad usage.
+    Parsed by hand: argparse alone costs more start-up time than the rest of the supervisor."""
+    opts: dict[str, str] = {}
+    i = 0
+    while i < len(argv) and argv[i] != "--":
+        if argv[i] not in ("--control-fd", "--status-fd", "--deadline", "--grace-s") or i + 1 >= len(argv):
+            raise ValueError(f"unknown or incomplete option {argv[i]!r}")
+        opts[argv[i]] = argv[i + 1]
+        i += 2
+    cmd = argv[i + 1:]
+    if "--control-fd" not in opts or not cmd:
+        raise ValueError("--control-fd and an engine command after -- are required")
+    grace_s = float(opts.get("--grace-s", "5"))
+    if not grace_s >= 0:
+        raise ValueError(f"--grace-s must be zero or positive, got {grace_s!r}")
+    status = opts.get("--status-fd")
+    deadline = opts.get("--deadline")
+    return (int(opts["--control-fd"]), int(status) if status is not None else None,
+            float(deadline) if deadline is not None else None, grace_s, cmd)
+
+
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="supervise", description=__doc__.splitlines()[0])
-    p.add_argument("--control-fd", type=int, required=True)
-    p.add_argument("--status-fd", type=int, default=None)
-    p.add_argument("--deadline", type=float, default=None, help="CLOCK_MONOTONIC seconds")
-    p.add_argument("--grace-s", type=float, default=5.0)
-    p.add_argument("argv", nargs=argparse.REMAINDER)
     try:
-        a = p.parse_args(argv)
-    except SystemExit:
+        control_fd, status_fd, deadline, grace_s, cmd = parse_args(sys.argv[1:] if argv is None else argv)
+    except ValueError as e:
+        _log(f"{e}; {USAGE}")
         os._exit(EXIT_USAGE)
-    cmd = a.argv[1:] if a.argv[:1] == ["--"] else a.argv
-    if not cmd or a.grace_s < 0:
-        _log("usage: supervise --control-fd N [--status-fd M] [--deadline T] [--grace-s G] -- argv...")
-        os._exit(EXIT_USAGE)
-    _exit_like(Supervisor(cmd, a.control_fd, a.deadline, a.grace_s, a.status_fd).run())
+    _exit_like(Supervisor(cmd, control_fd, deadline, grace_s, status_fd).run())
 
 
 if __name__ == "__main__":
