@@ -93,3 +93,40 @@ def test_a_cancelled_lock_holder_keeps_the_lock_until_its_engine_stopped(nats_se
             assert rec.attempts[-1].outcome == "passed"
 
     run(main(), 80)
+
+
+@pytest.mark.timeout(60)
+def test_the_stale_lock_cleaner_keeps_a_lock_whose_holder_was_cancelled_but_not_stopped(nats_server, tmp_path):
+    """The coordinator's cleaner used to delete a lock as soon as the holder's record left the
+    leased stages at that epoch; now only a report of the holder's attempt, or an entry older
+    than lease_ttl_s + fence_margin_s, frees it."""
+    from gigafactory.schemas import names
+    from gigafactory.schemas.records import encode
+
+    async def main():
+        async with Fleet(nats_server.url, tmp_path) as fleet:
+            await fleet.add_factory("worker")
+            job = await fleet.submit_one(fleet.job("sleep 30", lock="db", retry={"max": 0}))
+            await fleet.wait_stage(job, "building")
+            # Stand in for a holder that is cancelled while its engine runs on (on a factory
+            # that is not answering): our entry replaces the worker's, which then lets it be.
+            key = names.safe_key("db")
+            await fleet.client.call("cancel", {"job": job, "reason": "epoch moves"})
+            held = LockRecord(lock="db", job=job, epoch=1, factory="elsewhere")
+            await fleet.admin.locks.put(key, encode(held))
+            sched = fleet.coordinator.sched
+            assert await sched.release_stale_locks() == 0  # record failed at epoch 2; attempt 1 not reported
+            assert await fleet.admin.locks.get(key) is not None
+            # Once the entry is older than lease_ttl_s + fence_margin_s (broker time), it is free.
+            s = fleet.settings
+            limit_s = s.lease_ttl_s + s.fence_margin_effective_s
+
+            async def aged():
+                e = await fleet.admin.locks.get(key)
+                return e is not None and await fleet.admin.broker_now() - e.ts > limit_s
+
+            await eventually(aged, limit_s + 5, what="lock entry older than the limit")
+            await sched.release_stale_locks()  # (or the coordinator's own round, every 5 s, got there first)
+            assert await fleet.admin.locks.get(key) is None
+
+    run(main(), 50)
