@@ -914,18 +914,31 @@ class Factory:
         """Rewrite the job's lock entry (CAS on its revision), so its broker timestamp says the
         holder is alive. False if it could not: the deadline is then not extended."""
         assert run.lock_key is not None
-        try:
-            run.lock_rev = await asyncio.wait_for(
-                self.b.locks.update(run.lock_key, run.lock_value, last=run.lock_rev), self.s.request_timeout_s)
-            return True
-        except Conflict:
-            # Someone judged us stopped and took it (our entry aged past lease_ttl_s +
-            # fence_margin_s): our deadline has passed long ago. Never write it again.
-            log.warning("%s: lock %s of %s was taken over; the run fences itself at its deadline",
-                        self.id, run.lock_key, run.job)
-            run.lock_key = None
-        except Exception as e:
-            log.info("%s: lock %s of %s not renewed (%s)", self.id, run.lock_key, run.job, e)
+        for _ in range(2):
+            try:
+                run.lock_rev = await asyncio.wait_for(
+                    self.b.locks.update(run.lock_key, run.lock_value, last=run.lock_rev), self.s.request_timeout_s)
+                return True
+            except Conflict:
+                pass
+            except Exception as e:
+                log.info("%s: lock %s of %s not renewed (%s)", self.id, run.lock_key, run.job, e)
+                return False
+            # A rewrite whose reply was lost (or an R3 bucket refusing a CAS spuriously) leaves
+            # our revision behind: an entry that is still ours is adopted and written again.
+            try:
+                cur = await self.b.locks.get(run.lock_key)
+            except Exception as e:
+                log.info("%s: lock %s of %s not read (%s)", self.id, run.lock_key, run.job, e)
+                return False
+            if cur is None or cur.value != run.lock_value:
+                # Someone judged us stopped and took it (our entry aged past lease_ttl_s +
+                # fence_margin_s), or it was deleted: our deadline has passed. Never write it again.
+                log.warning("%s: lock %s of %s was taken over; the run fences itself at its deadline",
+                            self.id, run.lock_key, run.job)
+                run.lock_key = None
+                return False
+            run.lock_rev = cur.revision
         return False
 
     def _resolve_cwd(self, cwd: str) -> Path:

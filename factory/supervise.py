@@ -140,11 +140,15 @@ class Supervisor:
             return self._stop("the factory died before the engine started")
         os.set_blocking(self.control_fd, False)
         # The engine gets neither the control pipe nor the status pipe (our own pipes are
-        # non-inheritable already); a signal we catch is reset to its default by exec.
+        # non-inheritable already). A signal we catch is reset to its default by exec, one we
+        # ignore is not: Python ignores SIGPIPE and SIGXFSZ, so reset them as subprocess does
+        # (``restore_signals``), or ``yes | head`` in a job would never end.
         private = [fd for fd in (self.control_fd, self.status_fd) if fd is not None]
+        restore = [getattr(signal, n) for n in ("SIGPIPE", "SIGXFSZ", "SIGXFZ") if hasattr(signal, n)]
         try:
             self.engine = os.posix_spawnp(self.argv[0], self.argv, os.environ,
-                                          file_actions=[(os.POSIX_SPAWN_CLOSE, fd) for fd in private])
+                                          file_actions=[(os.POSIX_SPAWN_CLOSE, fd) for fd in private],
+                                          setsigdef=restore)
         except OSError as e:
             _log(f"cannot start the engine {self.argv[0]!r}: {e}")
             return 127 if e.errno == errno.ENOENT else 126
