@@ -5,6 +5,15 @@ when a station is free; claim with a compare-and-set; run the engine in its own 
 group; gate with ``verify``; report under the lease's epoch. A write refused for a stale
 epoch stops the run, and its result goes to quarantine, never to the broker.
 
+A holder fences itself too. Each engine runs under a supervisor (:mod:`supervise`) that
+stops the engine's process group when this factory dies by any signal. A run whose lease was
+not renewed successfully for ``lease_ttl_s - fence_margin_s`` (this machine's monotonic clock,
+from when the last successful renewal was sent) stops its engine, SIGTERM then SIGKILL, before
+the reaper may reclaim it; the supervisor enforces that deadline even when this event loop
+is stalled. The result goes to quarantine and a ``self_fenced`` event says why. A job's lock
+entry is rewritten on every successful renewal, so others can tell a live holder from a
+stopped one (:func:`protocol.lock_verdict`).
+
 When push dispatch is unavailable (stream or consumer gone, or stalled while jobs wait in
 the queue index), a pool falls back to polling the ``gf_queue`` index with jittered
 back-off, and returns to push once its consumer answers again. When the broker is down,
