@@ -92,14 +92,15 @@ class Settings:
     # -- engine fencing (issue 8): engines never outlive their factory, nor their lease ------
     fence_margin_s: float | None = None
     """Self-fencing margin, seconds. A holder whose last successful lease renewal was *sent*
-    (factory's monotonic clock) ``lease_ttl_s - fence_margin_s`` ago stops its engine
-    (SIGTERM, then SIGKILL after ``fence_kill_grace_s``) and quarantines the result, so the
-    engine is dead before the reaper may reclaim (``lease_ttl_s`` after the stored write, by
-    broker time). A lock is presumed free once its entry is ``lease_ttl_s + fence_margin_s``
-    old. Default (None): ``min(lease_ttl_s / 3, (lease_ttl_s - lease_renew_s) / 2)`` (5 s with
-    the default timings, 0.67 s at ``lease_ttl_s=2, lease_renew_s=0.5``). Too small: the
-    engine may still run when the job is reclaimed (refused by :meth:`validate`); too large: a
-    brief broker hiccup stops healthy jobs."""
+    (factory's monotonic clock) ``lease_ttl_s - fence_margin_s`` ago stops its engine:
+    SIGTERM, then SIGKILL after ``fence_kill_grace_s`` (derived: half of what the margin leaves
+    after ``fence_drift_allowance_s``), and quarantines the result, so the engine is dead before
+    the reaper may reclaim (``lease_ttl_s`` after the stored write, by broker time). A lock is
+    presumed free once its entry is ``lease_ttl_s + fence_margin_s`` old (broker time).
+    Default (None): ``min(lease_ttl_s / 3, (lease_ttl_s - lease_renew_s) / 2)``: 5 s with the
+    default timings, 0.67 s at ``lease_ttl_s=2, lease_renew_s=0.5``. Too small: an engine may
+    still run when its job is reclaimed (refused by :meth:`validate`); too large: a short
+    broker outage stops healthy jobs (they are retried)."""
     unsafe_unfenced_engines: bool = False
     """UNSAFE, for the chaos suite's broken-on-purpose variant only
     (``GIGAFACTORY_UNSAFE_UNFENCED_ENGINES=1``): engines run without the supervisor (they
@@ -122,9 +123,11 @@ class Settings:
 
     @property
     def fence_kill_grace_s(self) -> float:
-        """SIGTERM to SIGKILL when a deadline stops an engine: the margin minus the drift
-        allowance, at most ``FENCE_KILL_GRACE_MAX_S``."""
-        return min(FENCE_KILL_GRACE_MAX_S, self.fence_margin_effective_s - self.fence_drift_allowance_s)
+        """SIGTERM to SIGKILL when a deadline stops an engine: half of what the margin leaves
+        after the drift allowance (the other half is slack for a loaded machine: the SIGKILL
+        lands ``fence_margin_s - fence_kill_grace_s`` before the lease can be reclaimed), at
+        most ``FENCE_KILL_GRACE_MAX_S``."""
+        return min(FENCE_KILL_GRACE_MAX_S, (self.fence_margin_effective_s - self.fence_drift_allowance_s) / 2)
 
     def validate(self) -> "Settings":
         """Refuse settings under which a lease holder could not fence itself in time; returns
@@ -135,12 +138,13 @@ class Settings:
                                 f"(got lease_ttl_s={ttl!r}, lease_renew_s={renew!r})")
         if self.unsafe_unfenced_engines:
             return self
-        need = FENCE_KILL_GRACE_MIN_S + self.fence_drift_allowance_s
+        need = 2 * FENCE_KILL_GRACE_MIN_S + self.fence_drift_allowance_s
         if not margin >= need:
             raise SettingsError(
                 f"fence_margin_s={margin:g} (GIGAFACTORY_FENCE_MARGIN_S) is too small: it must cover a kill "
-                f"grace of at least {FENCE_KILL_GRACE_MIN_S:g} s plus {self.fence_drift_allowance_s:g} s of clock "
-                f"drift and scheduling allowance (with lease_ttl_s={ttl:g}): set it to {need:g} or more")
+                f"grace of at least {FENCE_KILL_GRACE_MIN_S:g} s, as much slack again, and "
+                f"{self.fence_drift_allowance_s:g} s of clock drift allowance (with lease_ttl_s={ttl:g}): "
+                f"set it to {need:g} or more")
         if not ttl - margin > renew:
             raise SettingsError(
                 f"fence_margin_s={margin:g} (GIGAFACTORY_FENCE_MARGIN_S) leaves lease_ttl_s - fence_margin_s = "
