@@ -329,3 +329,26 @@ def test_a_stalled_event_loop_cannot_keep_the_engine_alive(tmp_path):
     assert res.fenced and not res.ok
     assert not pid_alive(int((tmp_path / "engine.pid").read_text()))
     assert "lease deadline passed without a renewal" in (tmp_path / "job.log").read_text()
+
+
+@pytest.mark.timeout(60)
+def test_a_factory_with_unsafe_unfenced_engines_runs_them_unsupervised_and_says_so(nats_server, tmp_path, caplog):
+    d = tmp_path / "side"
+    d.mkdir()
+
+    async def main():
+        async with Fleet(nats_server.url, tmp_path) as fleet:
+            unsafe = fast_settings(unsafe_unfenced_engines=True)
+            worker = await fleet.add_factory("unsafe", settings=unsafe)
+            job = await fleet.submit_one(fleet.job(ledger_script(d, seconds=2), review_policy="auto"))
+            await eventually(lambda: (d / "engine.pid").exists(), 20, what="engine started")
+            engine_pid = int((d / "engine.pid").read_text())
+            assert os.getpgid(engine_pid) == engine_pid  # the shell leads its group: no supervisor
+            assert all(r.fence is None for r in worker.runs.values())
+            await fleet.wait_stage(job, "shipped", timeout_s=20)
+
+    try:
+        run(main(), 50)
+    finally:
+        _kill_leftovers(d)
+    assert any("UNSAFE: unsafe_unfenced_engines is on" in r.getMessage() for r in caplog.records)
