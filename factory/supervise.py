@@ -39,11 +39,13 @@ Theory of operation:
 
 from __future__ import annotations
 
-import ctypes
+# Only C modules beyond os and sys: ``signal``, ``selectors`` and ``ctypes`` would cost more
+# start-up time (their Python code pulls in enum, collections, struct) than everything else,
+# and a factory starting a hundred engines at once pays it a hundred times.
+import _signal as signal
 import errno
 import os
-import selectors
-import signal
+import select
 import sys
 import time
 
@@ -74,11 +76,18 @@ def set_parent_death_signal(sig: int) -> bool:
     if not sys.platform.startswith("linux"):
         return False
     try:
-        # The interpreter's own symbols include libc's (no find_library: it runs ldconfig).
-        libc = ctypes.CDLL(None, use_errno=True)
-        return libc.prctl(PR_SET_PDEATHSIG, sig, 0, 0, 0) == 0
-    except (OSError, AttributeError):
-        return False
+        import _ctypes
+
+        # The interpreter's own symbols include libc's prctl (no find_library: it runs ldconfig).
+        prctl = _ctypes.dlsym(_ctypes.dlopen(None), "prctl")
+        return _ctypes.call_function(prctl, (PR_SET_PDEATHSIG, sig, 0, 0, 0)) == 0
+    except (ImportError, OSError, AttributeError, TypeError):
+        try:
+            import ctypes
+
+            return ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, sig, 0, 0, 0) == 0
+        except (ImportError, OSError, AttributeError):
+            return False
 
 
 def group_others_alive(pgid: int, me: int) -> bool:
@@ -153,9 +162,9 @@ class Supervisor:
             _log(f"cannot start the engine {self.argv[0]!r}: {e}")
             return 127 if e.errno == errno.ENOENT else 126
         # poll, not epoll: it takes any descriptor (epoll refuses regular files).
-        sel = selectors.PollSelector() if hasattr(selectors, "PollSelector") else selectors.SelectSelector()
-        sel.register(self.control_fd, selectors.EVENT_READ, "control")
-        sel.register(wake_r, selectors.EVENT_READ, "wake")
+        poller = select.poll()
+        poller.register(self.control_fd, select.POLLIN)
+        poller.register(wake_r, select.POLLIN)
         while True:
             rc = self._poll_engine()
             if rc is not None:
@@ -168,10 +177,14 @@ class Supervisor:
                 if timeout <= 0:
                     self._status(b"fenced\n")
                     return self._stop("lease deadline passed without a renewal: self-fencing")
-            for key, _ in sel.select(timeout):
-                if key.data == "wake":
+            try:
+                ready = poller.poll(None if timeout is None else max(1, int(timeout * 1000 + 1)))
+            except InterruptedError:  # PEP 475 retries, but a handler may still surface it
+                ready = []
+            for fd, _ in ready:
+                if fd == wake_r:
                     _drain(wake_r)
-                elif not self._read_control():
+                elif not self._read_control():  # POLLIN, or POLLHUP: the read says EOF
                     return self._stop("the factory died (control pipe closed)")
 
     def _read_control(self) -> bool:
@@ -261,7 +274,7 @@ def _exit_like(rc: int) -> None:
         os._exit(rc)
     sig = -rc
     try:
-        import resource
+        import resource  # only now: not on the start-up path
 
         resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
     except (ImportError, ValueError, OSError):
