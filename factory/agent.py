@@ -7,7 +7,7 @@ epoch stops the run, and its result goes to quarantine, never to the broker.
 
 A holder fences itself too. Each engine runs under a supervisor (:mod:`supervise`) that
 stops the engine's process group when this factory dies by any signal. A run whose lease was
-not renewed successfully for ``lease_ttl_s - fence_margin_s`` (this machine's monotonic clock,
+not renewed successfully for ``lease_ttl_s - fence_margin_s`` (this machine's boot clock,
 from when the last successful renewal was sent) stops its engine, SIGTERM then SIGKILL, before
 the reaper may reclaim it; the supervisor enforces that deadline even when this event loop
 is stalled. The result goes to quarantine and a ``self_fenced`` event says why. A job's lock
@@ -864,12 +864,12 @@ class Factory:
                           data={"held_epoch": run.epoch, "record_epoch": rec.epoch if rec else None})
 
     def _fence_deadline_s(self, sent_s: float) -> float:
-        """The self-fencing deadline for a lease write sent at ``sent_s`` (monotonic)."""
+        """The self-fencing deadline for a lease write sent at ``sent_s`` (:func:`shell.fence_clock`)."""
         return sent_s + self.s.lease_ttl_s - self.s.fence_margin_effective_s
 
     def _self_fence_reason(self, run: Run) -> str:
         assert run.fence is not None
-        since_s = time.monotonic() - (run.fence.at_s - self.s.lease_ttl_s + self.s.fence_margin_effective_s)
+        since_s = shell.fence_clock() - (run.fence.at_s - self.s.lease_ttl_s + self.s.fence_margin_effective_s)
         return (f"no successful lease renewal for {since_s:.1f}s (deadline lease_ttl_s - fence_margin_s = "
                 f"{self.s.lease_ttl_s - self.s.fence_margin_effective_s:g}s): engine stopped before the lease "
                 "could be reclaimed")
@@ -906,7 +906,7 @@ class Factory:
                 decided[0] = None if run.stop_renewing.is_set() else protocol.renew(r, self.id, run.epoch, time.time())
                 return decided[0]
 
-            sent_s = time.monotonic()
+            sent_s = shell.fence_clock()
             try:
                 wrote = await self._write(run, decide, renewal=True)
             except Exception as e:  # broker trouble: keep running until the deadline; the epoch decides
@@ -1020,7 +1020,7 @@ class Factory:
                                       reason=f"lock {m.lock!r} held by job {holder}")
                     await self._hand_back(run, f"lock {m.lock!r} held by job {holder}", backoff_s=1.0)
                     return
-            sent_s = time.monotonic()
+            sent_s = shell.fence_clock()
             started = await self._write(run, lambda r: protocol.start(r, self.id, run.epoch, time.time()))
             if started is None:
                 return

@@ -47,6 +47,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import BinaryIO
 
+from .supervise import fence_clock
+
 log = logging.getLogger(__name__)
 
 _POSIX = os.name == "posix"
@@ -67,15 +69,15 @@ _SUPERVISOR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "supervis
 
 
 class FenceDeadline:
-    """A self-fencing deadline on this machine's monotonic clock (``time.monotonic()``, which
-    is ``CLOCK_MONOTONIC``: one clock for every process of the machine).
+    """A self-fencing deadline on :func:`fence_clock` (``CLOCK_BOOTTIME`` on Linux, else
+    ``time.monotonic()``: one clock for every process of the machine, that never goes back).
 
     The holder of a lease makes one per run, and extends it (:meth:`extend`) after each successful
     renewal. Every supervised process running under it gets each extension through its
     control pipe; when the deadline passes, the process group is stopped (SIGTERM,
     ``grace_s``, SIGKILL) by the supervisor and, if its event loop still runs, by the factory.
 
-    :param at_s: the deadline, in ``time.monotonic()`` seconds.
+    :param at_s: the deadline, in :func:`fence_clock` seconds.
     :param grace_s: SIGTERM to SIGKILL when the deadline stops a group.
     """
 
@@ -88,7 +90,7 @@ class FenceDeadline:
 
     def passed(self, now_s: float | None = None) -> bool:
         """Whether the deadline has passed (at ``now_s``, default now)."""
-        return (time.monotonic() if now_s is None else now_s) >= self.at_s
+        return (fence_clock() if now_s is None else now_s) >= self.at_s
 
     def extend(self, at_s: float) -> None:
         """Move the deadline to ``at_s`` (never back) and tell every supervisor running under it."""
@@ -464,7 +466,8 @@ async def _run(
                 sink.note("cancelled: stopping the process group")
             elif why == "fenced":
                 assert fence is not None
-                grace_s = min(kill_grace_s, fence.grace_s)
+                # SIGKILL due at deadline + grace, however late this loop noticed (a stall).
+                grace_s = max(0.0, min(kill_grace_s, fence.at_s + fence.grace_s - fence_clock()))
                 sink.note("the lease deadline passed without a renewal (self-fenced): stopping the process group")
             elif _POSIX and _group_alive(proc.pid):
                 sink.note("the job exited but left processes running in its group: stopping them")
@@ -541,7 +544,7 @@ async def _wait_exit_or_stop(exit_task: asyncio.Future, cancel: asyncio.Event | 
 async def _deadline_passed(fence: FenceDeadline) -> None:
     """Return once ``fence`` has passed; follows extensions (each wake re-reads the deadline)."""
     while not fence.passed():
-        await asyncio.sleep(max(fence.at_s - time.monotonic(), _POLL_MIN_S))
+        await asyncio.sleep(max(fence.at_s - fence_clock(), _POLL_MIN_S))
 
 
 async def _stop_group(proc: asyncio.subprocess.Process, exit_task: asyncio.Future, grace_s: float) -> bool:

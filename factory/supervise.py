@@ -22,12 +22,14 @@ Theory of operation:
      covers a write end leaked to another process (a library that forks without exec).
      A SIGTERM counts as parent death only when ``getppid()`` changed: the factory itself
      SIGTERMs the whole group to stop a job, and then the supervisor only waits for the engine.
-- Self-fencing: the factory writes ``d <monotonic seconds>\\n`` lines to the control pipe after
-  each successful lease renewal; the latest is the deadline. When it passes without an
-  extension, the supervisor stops the group itself. The clock is ``CLOCK_MONOTONIC``, one
-  clock for the whole machine (Linux and macOS), so the factory's deadline means the same here;
-  and since the supervisor does not depend on the factory's event loop, a stalled loop or a
-  factory stopped alone (SIGSTOP of the factory process only) cannot keep the engine alive.
+- Self-fencing: the factory writes ``d <seconds>\\n`` lines (on :func:`fence_clock`) to the
+  control pipe after each successful lease renewal; the latest is the deadline. When it
+  passes without an extension, the supervisor stops the group itself. The clock is one clock
+  for the whole machine, so the factory's deadline means the same here; and since the
+  supervisor does not depend on the factory's event loop, a stalled loop or a factory stopped
+  alone (SIGSTOP of the factory process only) cannot keep the engine alive. The SIGKILL is due
+  at deadline + grace: a supervisor paused with its group past the deadline has that much
+  less grace left when it resumes, none if it resumes after that.
 - What it cannot do: a supervisor paused together with its engine (SIGSTOP of the whole
   group, a frozen VM) runs nothing; it acts when it resumes, at once, because its deadline
   has passed. Windows has no supervisor (see :mod:`shell`).
@@ -49,11 +51,23 @@ import select
 import sys
 import time
 
+_BOOTTIME = getattr(time, "CLOCK_BOOTTIME", None)
+
+
+def fence_clock() -> float:
+    """The clock of self-fencing deadlines, in seconds, the same in every process of the
+    machine: ``CLOCK_BOOTTIME`` on Linux (monotonic, and it keeps counting while the machine is
+    suspended, as the broker's clock does), else ``time.monotonic()``."""
+    return time.clock_gettime(_BOOTTIME) if _BOOTTIME is not None else time.monotonic()
+
+
 PR_SET_PDEATHSIG = 1
 """From ``<linux/prctl.h>``."""
 KILL_WAIT_S = 5.0
 """After SIGKILL to the group, how long the supervisor waits for it to be gone (a process in
 the kernel's D state can take a while) before it exits anyway."""
+LATE_S = 0.25
+"""Acting this late on a deadline means we did not run (paused): said so in the job log."""
 POLL_S = 0.02
 """How often the group is checked while waiting for it to stop (no event says "group empty")."""
 CONTROL_LINE_MAX_BYTES = 4096
@@ -173,10 +187,17 @@ class Supervisor:
                 return self._stop("the factory died (parent-death signal)")
             timeout = None
             if self.deadline is not None:
-                timeout = self.deadline - time.monotonic()
+                timeout = self.deadline - fence_clock()
                 if timeout <= 0:
                     self._status(b"fenced\n")
-                    return self._stop("lease deadline passed without a renewal: self-fencing")
+                    # The SIGKILL is due at deadline + grace whenever we look: a supervisor that
+                    # was paused (with its group) past the deadline has that much less grace left.
+                    late_s = -timeout
+                    grace_s = max(0.0, self.grace_s - late_s)
+                    if late_s > LATE_S:
+                        return self._stop(f"lease deadline passed {late_s:.1f}s ago (paused?): self-fencing, "
+                                          f"{grace_s:.1f}s of grace left", grace_s)
+                    return self._stop("lease deadline passed without a renewal: self-fencing", grace_s)
             try:
                 ready = poller.poll(None if timeout is None else max(1, int(timeout * 1000 + 1)))
             except InterruptedError:  # PEP 475 retries, but a handler may still surface it
@@ -237,12 +258,12 @@ class Supervisor:
         except OSError:  # the factory is gone, or not listening: nothing to tell
             pass
 
-    def _stop(self, why: str) -> int:
+    def _stop(self, why: str, grace_s: float | None = None) -> int:
         """SIGTERM the group, wait up to the grace for the engine and the rest, SIGKILL the group
         (ourselves included: nothing of the job may remain)."""
         _log(f"{why}: stopping process group {self.pgid}")
         _killpg(self.pgid, signal.SIGTERM)
-        end = time.monotonic() + self.grace_s
+        end = time.monotonic() + (self.grace_s if grace_s is None else grace_s)
         while time.monotonic() < end:
             engine_done = self.engine is None or self._poll_engine() is not None
             if engine_done and not group_others_alive(self.pgid, os.getpid()):

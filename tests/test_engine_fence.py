@@ -269,10 +269,8 @@ def test_fence_settings_are_validated_with_the_setting_named():
 
 
 def test_a_passed_deadline_stops_a_running_group_and_starts_nothing_new(tmp_path):
-    import time
-
     async def main():
-        fence = shell.FenceDeadline(time.monotonic() + 0.5, grace_s=0.2)
+        fence = shell.FenceDeadline(shell.fence_clock() + 0.5, grace_s=0.2)
         res = await shell.run_script(ledger_script(tmp_path, seconds=30), cwd=str(tmp_path), env={"PATH": os.defpath},
                                      timeout_s=30, log_path=str(tmp_path / "job.log"), fence=fence)
         assert res.fenced and not res.ok and not res.timed_out and not res.cancelled
@@ -280,11 +278,11 @@ def test_a_passed_deadline_stops_a_running_group_and_starts_nothing_new(tmp_path
                                         log_path=str(tmp_path / "job.log"), fence=fence)
         assert again.fenced and not (tmp_path / "never").exists()
         # Extended in time, a deadline lets the job finish.
-        ext = shell.FenceDeadline(time.monotonic() + 0.5, grace_s=0.2)
+        ext = shell.FenceDeadline(shell.fence_clock() + 0.5, grace_s=0.2)
 
         async def keep_extending():
             while True:
-                ext.extend(time.monotonic() + 0.5)
+                ext.extend(shell.fence_clock() + 0.5)
                 await asyncio.sleep(0.1)
 
         keeper = asyncio.create_task(keep_extending())
@@ -309,12 +307,12 @@ def test_a_stalled_event_loop_cannot_keep_the_engine_alive(tmp_path):
     import time
 
     async def main():
-        fence = shell.FenceDeadline(time.monotonic() + 0.5, grace_s=0.2)
+        fence = shell.FenceDeadline(shell.fence_clock() + 0.5, grace_s=0.2)
 
         async def stall_then_extend():
             await asyncio.sleep(0.2)
             time.sleep(1.5)  # blocks the loop: no in-process fence, no renewal
-            fence.extend(time.monotonic() + 30)  # a renewal that got through after all
+            fence.extend(shell.fence_clock() + 30)  # a renewal that got through after all
 
         staller = asyncio.create_task(stall_then_extend())
         res = await shell.run_script(ledger_script(tmp_path, seconds=30), cwd=str(tmp_path), env={"PATH": os.defpath},
@@ -352,3 +350,52 @@ def test_a_factory_with_unsafe_unfenced_engines_runs_them_unsupervised_and_says_
     finally:
         _kill_leftovers(d)
     assert any("UNSAFE: unsafe_unfenced_engines is on" in r.getMessage() for r in caplog.records)
+
+
+PAUSED_PARENT = """\
+import asyncio, sys
+from gigafactory.factory import shell
+
+async def main():
+    fence = shell.FenceDeadline(shell.fence_clock() + float(sys.argv[4]), grace_s=float(sys.argv[5]))
+    print(repr(fence.at_s), flush=True)
+    res = await shell.run_script(sys.argv[1], cwd=sys.argv[2], env={"PATH": "/usr/bin:/bin", "GF_EPOCH": "1"},
+                                 timeout_s=60, log_path=sys.argv[3], kill_grace_s=float(sys.argv[5]), fence=fence)
+    print("fenced" if res.fenced else "not fenced", flush=True)
+
+asyncio.run(main())
+"""
+
+
+@pytest.mark.timeout(60)
+def test_a_group_paused_past_its_deadline_is_killed_without_a_grace_when_it_resumes(tmp_path):
+    """The residual window: a supervisor paused together with its engine (SIGSTOP of the whole
+    group, here with the factory stopped too) runs nothing while paused. The SIGKILL is due at
+    deadline + grace: resumed after that (the lease may be someone else's by now), the
+    supervisor SIGKILLs at once, though the engine ignores SIGTERM."""
+    grace_s = 6.0
+    script = "trap '' TERM\n" + ledger_script(tmp_path, seconds=50)  # only SIGKILL stops it
+    parent = subprocess.Popen([sys.executable, "-c", PAUSED_PARENT, script, str(tmp_path), str(tmp_path / "job.log"),
+                               "4.0", str(grace_s)], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                              start_new_session=True)
+    try:
+        at_s = float(parent.stdout.readline())
+        wait_until(lambda: (tmp_path / "ticks").exists(), 20, what="engine started")
+        pgid = os.getpgid(int((tmp_path / "engine.pid").read_text()))
+        parent.send_signal(signal.SIGSTOP)
+        os.killpg(pgid, signal.SIGSTOP)
+        assert shell.fence_clock() < at_s, "paused after the deadline: the test proves nothing (machine too slow?)"
+        wait_until(lambda: shell.fence_clock() > at_s + grace_s + 0.5, 20, what="paused past deadline + grace")
+        os.killpg(pgid, signal.SIGCONT)  # the group only: the factory stays stopped
+        # Gone long before the grace could have run out: SIGKILL without a grace.
+        wait_until(lambda: group_gone(pgid), grace_s / 2, what="the resumed group killed at once")
+        parent.send_signal(signal.SIGCONT)
+        out, _ = parent.communicate(timeout=20)
+        assert out.decode().split() == ["fenced"]
+        assert "(paused?): self-fencing" in (tmp_path / "job.log").read_text()
+        assert (tmp_path / "ledger").read_text().splitlines() == ["start epoch 1"]
+    finally:
+        if parent.poll() is None:
+            parent.send_signal(signal.SIGCONT)
+            parent.kill()
+        _kill_leftovers(tmp_path)
