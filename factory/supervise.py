@@ -185,6 +185,10 @@ class Supervisor:
                 return rc
             if os.getppid() != self.ppid:
                 return self._stop("the factory died (parent-death signal)")
+            # Extensions written while we were not running (paused with our group while the
+            # factory renewed on) count before the deadline is judged.
+            if not self._read_control():
+                return self._stop("the factory died (control pipe closed)")
             timeout = None
             if self.deadline is not None:
                 timeout = self.deadline - fence_clock()
