@@ -399,3 +399,40 @@ def test_a_group_paused_past_its_deadline_is_killed_without_a_grace_when_it_resu
             parent.send_signal(signal.SIGCONT)
             parent.kill()
         _kill_leftovers(tmp_path)
+
+
+def test_a_group_paused_while_its_holder_renews_on_is_not_stopped(tmp_path):
+    """Only the engine's group is paused (the factory keeps renewing): when it resumes, the
+    extensions written meanwhile count, and the job runs to its end."""
+
+    async def main():
+        fence = shell.FenceDeadline(shell.fence_clock() + 0.5, grace_s=0.2)
+
+        async def renew_on():
+            while True:
+                fence.extend(shell.fence_clock() + 0.5)
+                await asyncio.sleep(0.1)
+
+        renewer = asyncio.create_task(renew_on())
+        try:
+            task = asyncio.create_task(shell.run_script(ledger_script(tmp_path, seconds=2), cwd=str(tmp_path),
+                                                        env={"PATH": os.defpath}, timeout_s=30,
+                                                        log_path=str(tmp_path / "job.log"), fence=fence))
+            await eventually(lambda: (tmp_path / "ticks").exists(), 10, what="engine started")
+            pgid = os.getpgid(int((tmp_path / "engine.pid").read_text()))
+            os.killpg(pgid, signal.SIGSTOP)
+            paused_at = shell.fence_clock()
+            try:
+                await eventually(lambda: shell.fence_clock() > paused_at + 1.0, 5, what="paused past a deadline")
+            finally:
+                os.killpg(pgid, signal.SIGCONT)
+            return await asyncio.wait_for(task, 20)
+        finally:
+            renewer.cancel()
+
+    try:
+        res = asyncio.run(main())
+    finally:
+        _kill_leftovers(tmp_path)
+    assert res.ok and not res.fenced
+    assert (tmp_path / "ledger").read_text().splitlines() == ["start epoch ", "END epoch "]
