@@ -912,7 +912,10 @@ class Factory:
             except Exception as e:  # broker trouble: keep running until the deadline; the epoch decides
                 log.info("%s: renewal of %s failed (%s)", self.id, run.job, e)
                 continue
-            if wrote is None or wrote is not decided[0] or run.fenced:
+            # Renewed only if what was written is the renewal last decided (equality, not
+            # identity: whatever drives the write may hand back a copy). A None decision (the
+            # run ended meanwhile) or a fenced write extends nothing.
+            if wrote is None or decided[0] is None or wrote != decided[0] or run.fenced:
                 continue
             if run.lock_key and not await self._renew_lock(run):
                 continue
