@@ -436,3 +436,27 @@ def test_a_group_paused_while_its_holder_renews_on_is_not_stopped(tmp_path):
         _kill_leftovers(tmp_path)
     assert res.ok and not res.fenced
     assert (tmp_path / "ledger").read_text().splitlines() == ["start epoch ", "END epoch "]
+
+
+@pytest.mark.timeout(60)
+def test_a_healthy_holder_renews_past_many_deadlines_and_ships(nats_server, tmp_path):
+    """The other side: renewals that succeed keep moving the deadline, so a job that runs for
+    several lease TTLs is never fenced."""
+    d = tmp_path / "side"
+    d.mkdir()
+
+    async def main():
+        async with Fleet(nats_server.url, tmp_path) as fleet:
+            worker = await fleet.add_factory("worker")
+            seconds = int(3 * fleet.settings.lease_ttl_s)
+            job = await fleet.submit_one(fleet.job(ledger_script(d, seconds=seconds), review_policy="auto"))
+            final = await fleet.wait_stage(job, "shipped", timeout_s=seconds + 20)
+            assert final.attempts[-1].outcome == "passed" and final.attempts[-1].epoch == 1
+            assert worker.stats["self_fenced"] == 0
+            assert not any(e["kind"] == "self_fenced" for e in await fleet.events(job))
+
+    try:
+        run(main(), 50)
+    finally:
+        _kill_leftovers(d)
+    assert (d / "ledger").read_text().splitlines() == ["start epoch 1", "END epoch 1"]
