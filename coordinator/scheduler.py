@@ -864,24 +864,35 @@ class Scheduler:
         return n
 
     async def release_stale_locks(self) -> int:
-        """Delete lock records whose job no longer runs at the epoch that took them."""
+        """Delete lock entries whose holder is known stopped (:func:`protocol.lock_verdict`):
+        it reported its attempt, or its entry (rewritten on each of its lease renewals) is
+        older than ``lease_ttl_s + fence_margin_s`` by broker time. Never because the holder's
+        record moved to another epoch: its engine may still run. The delete is a
+        compare-and-set on the revision read, so a holder's rewrite in between keeps it."""
         n = 0
+        broker_now = await self.sync_clock()
         async for e in self.b.locks.scan():
             try:
                 lock = decode(e.value, LockRecord)
             except msgspec.DecodeError:
                 continue
             st = self.view.jobs.get(lock.job)
-            if st and st.record.stage in LEASED and st.record.epoch == lock.epoch:
+            rec = st.record if st else None
+            verdict = protocol.lock_verdict(lock, rec, broker_now - e.ts, lease_ttl_s=self.s.lease_ttl_s,
+                                            fence_margin_s=self.s.fence_margin_effective_s)
+            if not verdict.free and st is None:
+                # Not in the view (yet): the record itself may already show the report.
+                fresh = await self.b.jobs.get(lock.job)
+                if fresh is not None:
+                    verdict = protocol.lock_verdict(lock, decode(fresh.value, JobRecord), broker_now - e.ts,
+                                                    lease_ttl_s=self.s.lease_ttl_s,
+                                                    fence_margin_s=self.s.fence_margin_effective_s)
+            if not verdict.free:
                 continue
-            fresh = await self.b.jobs.get(lock.job)
-            if fresh is not None:
-                rec = decode(fresh.value, JobRecord)
-                if rec.stage in LEASED and rec.epoch == lock.epoch:
-                    continue
             try:
                 await self.b.locks.delete(e.key, last=e.revision)
                 n += 1
+                log.info("stale lock %s released: %s", lock.lock, verdict.reason)
             except Conflict:
                 pass
         return n

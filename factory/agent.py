@@ -5,6 +5,15 @@ when a station is free; claim with a compare-and-set; run the engine in its own 
 group; gate with ``verify``; report under the lease's epoch. A write refused for a stale
 epoch stops the run, and its result goes to quarantine, never to the broker.
 
+A holder fences itself too. Each engine runs under a supervisor (:mod:`supervise`) that
+stops the engine's process group when this factory dies by any signal. A run whose lease was
+not renewed successfully for ``lease_ttl_s - fence_margin_s`` (this machine's boot clock,
+from when the last successful renewal was sent) stops its engine, SIGTERM then SIGKILL, before
+the reaper may reclaim it; the supervisor enforces that deadline even when this event loop
+is stalled. The result goes to quarantine and a ``self_fenced`` event says why. A job's lock
+entry is rewritten on every successful renewal, so others can tell a live holder from a
+stopped one (:func:`protocol.lock_verdict`).
+
 When push dispatch is unavailable (stream or consumer gone, or stalled while jobs wait in
 the queue index), a pool falls back to polling the ``gf_queue`` index with jittered
 back-off, and returns to push once its consumer answers again. When the broker is down,
@@ -127,7 +136,13 @@ class Run:
     """Set by drain: the run is stopped and handed back, not reported as a failure."""
     lock_key: str | None = None
     lock_rev: int = 0
+    lock_value: bytes = b""
     write_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    fence: shell.FenceDeadline | None = None
+    """The self-fencing deadline (None before the start write, or with
+    ``unsafe_unfenced_engines``): extended after each successful renewal."""
+    self_fenced: str | None = None
+    """Why the run stopped its own engine (the deadline passed without a renewal), if it did."""
 
 
 @dataclass
@@ -165,7 +180,11 @@ class Factory:
     ) -> None:
         assert stations >= 1
         self.b = broker
-        self.s = settings or broker.settings
+        self.s = (settings or broker.settings).validate()
+        if self.s.unsafe_unfenced_engines:
+            log.warning("UNSAFE: unsafe_unfenced_engines is on: engines are not killed when this factory dies "
+                        "and are not stopped when its leases lapse; a job's side effects can happen twice. "
+                        "Use this only for the chaos suite's broken-on-purpose variant.")
         self.id = factory_id or socket.gethostname().split(".")[0].lower()
         assert names.is_job_id(self.id) or all(c.isalnum() or c in "-_" for c in self.id), self.id
         desc = probe_mod.describe()
@@ -198,7 +217,7 @@ class Factory:
                       "handed_back": 0, "finished": 0, "quarantined": 0, "polled_claims": 0,
                       "events_published": 0, "events_dropped": 0,
                       "pool_scans": 0, "pool_records": 0, "outbox_wakeups": 0,
-                      "stall_probes": 0, "stall_checks": 0}
+                      "stall_probes": 0, "stall_checks": 0, "self_fenced": 0}
         """Counters. ``pool_scans``/``pool_records``/``outbox_wakeups`` say how much work an
         idle factory does (none beyond its heartbeat and long polls is the goal);
         ``stall_probes`` counts the one-request checks of a quiet pool index, ``stall_checks``
@@ -855,29 +874,109 @@ class Factory:
                           reason=f"write with stale epoch {run.epoch} refused (record at {now})",
                           data={"held_epoch": run.epoch, "record_epoch": rec.epoch if rec else None})
 
+    def _fence_deadline_s(self, sent_s: float) -> float:
+        """The self-fencing deadline for a lease write sent at ``sent_s`` (:func:`shell.fence_clock`)."""
+        return sent_s + self.s.lease_ttl_s - self.s.fence_margin_effective_s
+
+    def _self_fence_reason(self, run: Run) -> str:
+        assert run.fence is not None
+        since_s = shell.fence_clock() - (run.fence.at_s - self.s.lease_ttl_s + self.s.fence_margin_effective_s)
+        return (f"no successful lease renewal for {since_s:.1f}s (deadline lease_ttl_s - fence_margin_s = "
+                f"{self.s.lease_ttl_s - self.s.fence_margin_effective_s:g}s): engine stopped before the lease "
+                "could be reclaimed")
+
+    async def _self_fence(self, run: Run, payload: ResultPayload) -> None:
+        """The run's deadline passed while its engine ran: the engine is stopped (by the
+        supervisor and by shell), nothing more is written under the lease, the result goes to
+        quarantine, and a ``self_fenced`` event says why."""
+        assert run.self_fenced is not None
+        run.fenced = True
+        run.stop_renewing.set()
+        self.stats["self_fenced"] += 1
+        log.warning("%s: self-fenced on %s (epoch %d): %s", self.id, run.job, run.epoch, run.self_fenced)
+        self._quarantine_local(run, payload, f"self-fenced: {run.self_fenced}")
+        await self._event("self_fenced", job=run.job, epoch=run.epoch, reason=run.self_fenced,
+                          data={"held_epoch": run.epoch, "lease_ttl_s": self.s.lease_ttl_s,
+                                "fence_margin_s": self.s.fence_margin_effective_s})
+
     async def _renew_loop(self, run: Run) -> None:
+        """Renew the lease every ``lease_renew_s``. A renewal counts (extends the self-fencing
+        deadline) only when the record write succeeded and, for a job holding a lock, the lock
+        entry was rewritten too (its age is how others judge the holder stopped)."""
         while not run.stop_renewing.is_set():
             try:
                 await asyncio.wait_for(run.stop_renewing.wait(), timeout=self.s.lease_renew_s)
                 return
             except asyncio.TimeoutError:
                 pass
-            try:
+            decided: list[JobRecord | None] = [None]
+
+            def decide(r: JobRecord) -> JobRecord | None:
                 # Checked again under the write lock: a renewal after the result would be refused
                 # by the fence and miscounted as a stale write.
-                await self._write(run, lambda r: None if run.stop_renewing.is_set()
-                                  else protocol.renew(r, self.id, run.epoch, time.time()), renewal=True)
-            except Exception as e:  # broker trouble: keep running; the lease may expire, the epoch decides
+                decided[0] = None if run.stop_renewing.is_set() else protocol.renew(r, self.id, run.epoch, time.time())
+                return decided[0]
+
+            sent_s = shell.fence_clock()
+            try:
+                wrote = await self._write(run, decide, renewal=True)
+            except Exception as e:  # broker trouble: keep running until the deadline; the epoch decides
                 log.info("%s: renewal of %s failed (%s)", self.id, run.job, e)
+                continue
+            # Renewed only if what was written is the renewal last decided (equality, not
+            # identity: whatever drives the write may hand back a copy). A None decision (the
+            # run ended meanwhile) or a fenced write extends nothing.
+            if wrote is None or decided[0] is None or wrote != decided[0] or run.fenced:
+                continue
+            if run.lock_key and not await self._renew_lock(run):
+                continue
+            if run.fence is not None:
+                run.fence.extend(self._fence_deadline_s(sent_s))
+
+    async def _renew_lock(self, run: Run) -> bool:
+        """Rewrite the job's lock entry (CAS on its revision), so its broker timestamp says the
+        holder is alive. False if it could not: the deadline is then not extended."""
+        assert run.lock_key is not None
+        for _ in range(2):
+            try:
+                run.lock_rev = await asyncio.wait_for(
+                    self.b.locks.update(run.lock_key, run.lock_value, last=run.lock_rev), self.s.request_timeout_s)
+                return True
+            except Conflict:
+                pass
+            except Exception as e:
+                log.info("%s: lock %s of %s not renewed (%s)", self.id, run.lock_key, run.job, e)
+                return False
+            # A rewrite whose reply was lost (or an R3 bucket refusing a CAS spuriously) leaves
+            # our revision behind: an entry that is still ours is adopted and written again.
+            try:
+                cur = await self.b.locks.get(run.lock_key)
+            except Exception as e:
+                log.info("%s: lock %s of %s not read (%s)", self.id, run.lock_key, run.job, e)
+                return False
+            if cur is None or cur.value != run.lock_value:
+                # Someone judged us stopped and took it (our entry aged past lease_ttl_s +
+                # fence_margin_s), or it was deleted: our deadline has passed. Never write it again.
+                log.warning("%s: lock %s of %s was taken over; the run fences itself at its deadline",
+                            self.id, run.lock_key, run.job)
+                run.lock_key = None
+                return False
+            run.lock_rev = cur.revision
+        return False
 
     def _resolve_cwd(self, cwd: str) -> Path:
         p = Path(os.path.expandvars(os.path.expanduser(cwd)))
         return p if p.is_absolute() else self.workspace / p
 
     async def _acquire_lock(self, run: Run, lock: str) -> str | None:
-        """Take the job's lock; returns None when taken, else the holder's job id."""
+        """Take the job's lock; returns None when taken, else the holder's job id.
+
+        A lock is free only when deleted, or when its holder is known stopped
+        (:func:`protocol.lock_verdict`): never because the holder's record moved to another
+        epoch (cancelled, requeued or reclaimed), since its engine may still be running."""
         key = names.safe_key(lock)
         value = encode(LockRecord(lock=lock, job=run.job, epoch=run.epoch, factory=self.id))
+        run.lock_value = value
         for _ in range(MAX_CAS_RETRIES):
             try:
                 run.lock_rev = await self.b.locks.create(key, value)
@@ -894,11 +993,15 @@ class Factory:
                 return None
             he = await self.b.jobs.get(holder.job)
             hrec = decode(he.value, JobRecord) if he else None
-            if hrec is not None and hrec.stage in (Stage.ASSIGNED, Stage.BUILDING) and hrec.epoch == holder.epoch:
+            verdict = protocol.lock_verdict(holder, hrec, await self.b.broker_now() - cur.ts,
+                                            lease_ttl_s=self.s.lease_ttl_s,
+                                            fence_margin_s=self.s.fence_margin_effective_s)
+            if not verdict.free:
                 return holder.job
-            try:  # the holder no longer runs at that epoch: the lock is stale
+            try:
                 run.lock_rev = await self.b.locks.update(key, value, last=cur.revision)
                 run.lock_key = key
+                log.info("%s: lock %r taken over for %s: %s", self.id, lock, run.job, verdict.reason)
                 return None
             except Conflict:
                 continue
@@ -931,13 +1034,21 @@ class Factory:
                                       reason=f"lock {m.lock!r} held by job {holder}")
                     await self._hand_back(run, f"lock {m.lock!r} held by job {holder}", backoff_s=1.0)
                     return
+            sent_s = shell.fence_clock()
             started = await self._write(run, lambda r: protocol.start(r, self.id, run.epoch, time.time()))
             if started is None:
                 return
+            if not self.s.unsafe_unfenced_engines:
+                # Measured from when the write was *sent*: the broker stamped it later, so the
+                # reaper's clock starts later than ours (conservative).
+                run.fence = shell.FenceDeadline(self._fence_deadline_s(sent_s), self.s.fence_kill_grace_s)
             await self._event("started", job=run.job, epoch=run.epoch, stage_from="assigned", stage_to="building",
                               reason=started.reason)
             renewer = asyncio.create_task(self._renew_loop(run))
             payload = await self._run_engine(run, engine)
+            if run.self_fenced is not None:
+                await self._self_fence(run, payload)
+                return
             if run.draining and not run.fenced:
                 # Stopped by a drain: give the job back without charging it a retry.
                 await self._hand_back(run, "factory draining")
@@ -1012,9 +1123,13 @@ class Factory:
                 shell_script(rec.body), cwd=str(cwd), env=env, timeout_s=limit_s, log_path=log_path,
                 on_output=on_output, cancel=run.cancel, kill_grace_s=5.0,
                 header=f"# gigafactory: job {run.job} attempt {rec.attempt} epoch {run.epoch} on {self.id}/{run.station}\n",
+                fence=run.fence, supervised=not self.s.unsafe_unfenced_engines,
             )
         except FileNotFoundError as e:
             return result(FailureClass.SETUP_FAILED, str(e))
+        if res.fenced:
+            run.self_fenced = self._self_fence_reason(run)
+            return result(FailureClass.CRASH, f"self-fenced: {run.self_fenced}", res.exit_code)
         timeout_class = FailureClass.BUDGET_EXCEEDED if wall_binds else FailureClass.TIMEOUT
         if res.cancelled:
             return result(FailureClass.CRASH, "cancelled (lease lost or factory draining)", res.exit_code)
@@ -1029,7 +1144,11 @@ class Factory:
         v = await shell.run_command(
             m.verify, cwd=str(cwd), env=env, timeout_s=remaining, log_path=log_path, on_output=on_output,
             cancel=run.cancel, kill_grace_s=5.0, header=f"# gigafactory: verify: {m.verify}\n",
+            fence=run.fence, supervised=not self.s.unsafe_unfenced_engines,
         )
+        if v.fenced:
+            run.self_fenced = self._self_fence_reason(run)
+            return result(FailureClass.CRASH, f"self-fenced during verify: {run.self_fenced}", 0, v.exit_code)
         if v.cancelled:
             return result(FailureClass.CRASH, "cancelled during verify", 0, v.exit_code)
         if v.timed_out:

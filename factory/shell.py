@@ -16,6 +16,18 @@ Theory of operation:
   The leader is always reaped (asyncio's child watcher), so no zombie is left. Grandchildren
   are reparented to init, which reaps them; a zombie is dead, so the group counts as stopped
   once only zombies remain.
+- Supervised (the default on POSIX): the session leader is not the shell but a small
+  supervisor process (:mod:`supervise`) that starts the shell as its child, in its group, and
+  exits with its status. It stops the whole group when this process dies by any signal
+  (SIGKILL included: it holds the read end of a control pipe whose only write end is ours;
+  on Linux also ``PR_SET_PDEATHSIG``), and when a :class:`FenceDeadline` passes without an
+  extension (self-fencing that does not depend on this process's event loop). Everything
+  above holds unchanged: the group is the supervisor's, and so is the exit status.
+- Platforms: Linux, parent-death signal and control pipe; macOS and other POSIX systems, the
+  control pipe (EOF when the factory dies, any signal); Windows, no supervisor: the engine
+  runs in its own process group and is stopped by the factory while it lives, and the fence
+  deadline is enforced by the factory's event loop only (a Job Object with
+  kill-on-close would be the Windows equivalent; not built).
 """
 
 from __future__ import annotations
@@ -35,6 +47,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import BinaryIO
 
+from .supervise import fence_clock
+
 log = logging.getLogger(__name__)
 
 _POSIX = os.name == "posix"
@@ -49,6 +63,59 @@ _DRAIN_TIMEOUT_S = 1.0
 _POLL_MIN_S = 0.005
 _POLL_MAX_S = 0.05
 _READ_CHUNK_BYTES = 65536
+_SUPERVISOR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "supervise.py")
+"""Run by path with ``python -I -S``: standard library only, so it starts fast and the job's
+``PYTHONPATH`` cannot break it."""
+
+
+class FenceDeadline:
+    """A self-fencing deadline on :func:`fence_clock` (``CLOCK_BOOTTIME`` on Linux, else
+    ``time.monotonic()``: one clock for every process of the machine, that never goes back).
+
+    The holder of a lease makes one per run, and extends it (:meth:`extend`) after each successful
+    renewal. Every supervised process running under it gets each extension through its
+    control pipe; when the deadline passes, the process group is stopped (SIGTERM,
+    ``grace_s``, SIGKILL) by the supervisor and, if its event loop still runs, by the factory.
+
+    :param at_s: the deadline, in :func:`fence_clock` seconds.
+    :param grace_s: SIGTERM to SIGKILL when the deadline stops a group.
+    """
+
+    def __init__(self, at_s: float, grace_s: float) -> None:
+        if not grace_s >= 0:
+            raise ValueError(f"grace_s must be zero or positive, got {grace_s!r}")
+        self.at_s = at_s
+        self.grace_s = grace_s
+        self._pipes: set[int] = set()
+
+    def passed(self, now_s: float | None = None) -> bool:
+        """Whether the deadline has passed (at ``now_s``, default now)."""
+        return (fence_clock() if now_s is None else now_s) >= self.at_s
+
+    def extend(self, at_s: float) -> None:
+        """Move the deadline to ``at_s`` (never back) and tell every supervisor running under it."""
+        if at_s <= self.at_s:
+            return
+        self.at_s = at_s
+        for fd in list(self._pipes):
+            self._send(fd)
+
+    def _attach(self, fd: int) -> None:
+        self._pipes.add(fd)
+        self._send(fd)  # a deadline extended between the spawn and now
+
+    def _detach(self, fd: int) -> None:
+        self._pipes.discard(fd)
+
+    def _send(self, fd: int) -> None:
+        try:
+            os.write(fd, f"d {self.at_s!r}\n".encode())
+        except BlockingIOError:
+            # 64 KiB of unread lines: the supervisor is not reading (paused with its group).
+            # A later extension is sent again; an older one lost is harmless (the latest wins).
+            pass
+        except OSError:  # the supervisor is gone
+            self._pipes.discard(fd)
 
 
 @dataclass(frozen=True)
@@ -65,11 +132,14 @@ class ProcessResult:
     """The signal that ended the process, if one did."""
     duration_s: float
     """From start to the exit of the process (including the kill grace, if it was stopped)."""
+    fenced: bool = False
+    """The :class:`FenceDeadline` passed and the process group was stopped (or was never
+    started, the deadline having passed already)."""
 
     @property
     def ok(self) -> bool:
         """Exited 0 on its own."""
-        return self.exit_code == 0 and not self.timed_out and not self.cancelled
+        return self.exit_code == 0 and not self.timed_out and not self.cancelled and not self.fenced
 
 
 class WorkdirNotFoundError(FileNotFoundError):
@@ -94,6 +164,8 @@ async def run_script(
     cancel: asyncio.Event | None = None,
     kill_grace_s: float = 5.0,
     header: str | None = None,
+    fence: FenceDeadline | None = None,
+    supervised: bool = True,
 ) -> ProcessResult:
     """Run ``script`` with ``bash <file>`` (``sh`` if there is no bash) and wait for it, bounded.
 
@@ -109,6 +181,11 @@ async def run_script(
     :param cancel: when set, the process group is stopped and ``cancelled`` set.
     :param kill_grace_s: time between SIGTERM and SIGKILL to the process group.
     :param header: written to the log before the output (a newline is added if missing).
+    :param fence: a self-fencing deadline: when it passes, the group is stopped with the
+        fence's grace and ``fenced`` set; a deadline already passed starts nothing.
+    :param supervised: run under the supervisor (POSIX only; ignored elsewhere), so the group
+        dies with this process and the fence holds even if this event loop stalls. False only
+        for ``unsafe_unfenced_engines``.
     """
     _check_cwd(cwd)
     shell = _find_shell(env)
@@ -128,6 +205,8 @@ async def run_script(
             cancel=cancel,
             kill_grace_s=kill_grace_s,
             header=header,
+            fence=fence,
+            supervised=supervised,
         )
     finally:
         try:
@@ -147,6 +226,8 @@ async def run_command(
     cancel: asyncio.Event | None = None,
     kill_grace_s: float = 5.0,
     header: str | None = None,
+    fence: FenceDeadline | None = None,
+    supervised: bool = True,
 ) -> ProcessResult:
     """Run ``bash -c command`` (``sh -c`` if there is no bash): the verify gate.
 
@@ -166,6 +247,8 @@ async def run_command(
         cancel=cancel,
         kill_grace_s=kill_grace_s,
         header=header,
+        fence=fence,
+        supervised=supervised,
     )
 
 
@@ -304,11 +387,14 @@ async def _run(
     cancel: asyncio.Event | None,
     kill_grace_s: float,
     header: str | None,
+    fence: FenceDeadline | None = None,
+    supervised: bool = True,
 ) -> ProcessResult:
     if not timeout_s > 0:
         raise ValueError(f"timeout_s must be positive, got {timeout_s!r}")
     if not kill_grace_s >= 0:
         raise ValueError(f"kill_grace_s must be zero or positive, got {kill_grace_s!r}")
+    supervised = supervised and _POSIX
     loop = asyncio.get_running_loop()
     with open(log_path, "ab") as log_file:
         sink = _Sink(log_file, on_output)
@@ -317,8 +403,24 @@ async def _run(
         if cancel is not None and cancel.is_set():
             sink.note("cancelled before start")
             return ProcessResult(exit_code=None, timed_out=False, cancelled=True, signal=None, duration_s=0.0)
+        if fence is not None and fence.passed():
+            sink.note("the lease deadline has passed (self-fenced): not starting")
+            return ProcessResult(exit_code=None, timed_out=False, cancelled=False, signal=None, duration_s=0.0,
+                                 fenced=True)
 
         read_fd, write_fd = os.pipe()
+        ctl_r = ctl_w = st_r = st_w = -1
+        if supervised:
+            # Only we hold the write end (os.pipe is non-inheritable): when this process dies,
+            # however it dies, the kernel closes it and the supervisor reads EOF.
+            ctl_r, ctl_w = os.pipe()
+            os.set_blocking(ctl_w, False)
+            st_r, st_w = os.pipe()  # the supervisor says "fenced" here; the engine cannot
+            os.set_blocking(st_r, False)
+            grace_s = min(kill_grace_s, fence.grace_s) if fence is not None else kill_grace_s
+            argv = [sys.executable, "-I", "-S", _SUPERVISOR, "--control-fd", str(ctl_r), "--status-fd", str(st_w),
+                    "--grace-s", repr(grace_s), *(["--deadline", repr(fence.at_s)] if fence is not None else []),
+                    "--", *argv]
         started = time.monotonic()
         try:
             proc = await asyncio.create_subprocess_exec(
@@ -328,14 +430,23 @@ async def _run(
                 stderr=write_fd,
                 cwd=cwd,
                 env=dict(env),
+                pass_fds=(ctl_r, st_w) if supervised else (),
                 **_group_kwargs(),
             )
         except BaseException:
             os.close(read_fd)
+            if supervised:
+                os.close(ctl_w)
+                os.close(st_r)
             raise
         finally:
             # The child has its copy; ours must go, or the pipe never reaches EOF.
             os.close(write_fd)
+            if supervised:
+                os.close(ctl_r)
+                os.close(st_w)
+        if supervised and fence is not None:
+            fence._attach(ctl_w)
 
         ended: list[float] = []
         exit_task = asyncio.ensure_future(proc.wait())
@@ -343,14 +454,24 @@ async def _run(
         reader: _PipeReader | None = None
         try:
             reader = await _PipeReader.start(loop, read_fd, sink)
-            why = await _wait_exit_or_stop(exit_task, cancel, timeout_s)
+            why = await _wait_exit_or_stop(exit_task, cancel, timeout_s, fence)
+            grace_s = kill_grace_s
+            if why == "exited" and supervised and _said_fenced(st_r):
+                # The supervisor fenced it while this event loop was not looking (stalled, or
+                # this process stopped); a renewal since may have moved the deadline again.
+                why = "fenced"
             if why == "timeout":
                 sink.note(f"timed out after {timeout_s:g} s: stopping the process group")
             elif why == "cancelled":
                 sink.note("cancelled: stopping the process group")
+            elif why == "fenced":
+                assert fence is not None
+                # SIGKILL due at deadline + grace, however late this loop noticed (a stall).
+                grace_s = max(0.0, min(kill_grace_s, fence.at_s + fence.grace_s - fence_clock()))
+                sink.note("the lease deadline passed without a renewal (self-fenced): stopping the process group")
             elif _POSIX and _group_alive(proc.pid):
                 sink.note("the job exited but left processes running in its group: stopping them")
-            if not await _stop_group(proc, exit_task, kill_grace_s):
+            if not await _stop_group(proc, exit_task, grace_s):
                 sink.note(f"process group {proc.pid} still has live processes after SIGKILL")
             if not await reader.wait_closed(_DRAIN_TIMEOUT_S):
                 sink.note("output pipe still open after the process group ended (a process escaped the group)")
@@ -368,6 +489,11 @@ async def _run(
         finally:
             if reader is not None:
                 reader.close()
+            if supervised:
+                if fence is not None:
+                    fence._detach(ctl_w)
+                os.close(ctl_w)
+                os.close(st_r)
 
         rc = proc.returncode
         return ProcessResult(
@@ -376,7 +502,16 @@ async def _run(
             cancelled=why == "cancelled",
             signal=-rc if rc is not None and rc < 0 else None,
             duration_s=(ended[0] if ended else time.monotonic()) - started,
+            fenced=why == "fenced",
         )
+
+
+def _said_fenced(status_fd: int) -> bool:
+    """Whether the supervisor wrote ``fenced`` on its status pipe (it exited: all is there)."""
+    try:
+        return b"fenced" in os.read(status_fd, 4096)
+    except (BlockingIOError, OSError):
+        return False
 
 
 def _group_kwargs() -> dict:
@@ -385,20 +520,31 @@ def _group_kwargs() -> dict:
     return {"creationflags": subprocess.CREATE_NEW_PROCESS_GROUP}  # type: ignore[attr-defined]
 
 
-async def _wait_exit_or_stop(exit_task: asyncio.Future, cancel: asyncio.Event | None, timeout_s: float) -> str:
-    """``exited``, ``cancelled`` or ``timeout``: whichever comes first."""
+async def _wait_exit_or_stop(exit_task: asyncio.Future, cancel: asyncio.Event | None, timeout_s: float,
+                             fence: FenceDeadline | None = None) -> str:
+    """``exited``, ``cancelled``, ``fenced`` or ``timeout``: whichever comes first."""
     cancel_task = asyncio.ensure_future(cancel.wait()) if cancel is not None else None
-    waiters = {exit_task} if cancel_task is None else {exit_task, cancel_task}
+    fence_task = asyncio.ensure_future(_deadline_passed(fence)) if fence is not None else None
+    waiters = {exit_task} | {t for t in (cancel_task, fence_task) if t is not None}
     try:
         done, _ = await asyncio.wait(waiters, timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED)
     finally:
-        if cancel_task is not None:
-            cancel_task.cancel()
+        for t in (cancel_task, fence_task):
+            if t is not None:
+                t.cancel()
     if exit_task in done:
         return "exited"
     if cancel_task is not None and cancel_task in done:
         return "cancelled"
+    if fence_task is not None and fence_task in done:
+        return "fenced"
     return "timeout"
+
+
+async def _deadline_passed(fence: FenceDeadline) -> None:
+    """Return once ``fence`` has passed; follows extensions (each wake re-reads the deadline)."""
+    while not fence.passed():
+        await asyncio.sleep(max(fence.at_s - fence_clock(), _POLL_MIN_S))
 
 
 async def _stop_group(proc: asyncio.subprocess.Process, exit_task: asyncio.Future, grace_s: float) -> bool:

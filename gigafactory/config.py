@@ -19,6 +19,34 @@ ENV_URL = "GIGAFACTORY_NATS_URL"
 ENV_HOME = "GIGAFACTORY_HOME"
 
 
+FENCE_DRIFT_MIN_S = 0.2
+"""Fixed part of the self-fencing drift allowance (see ``Settings.fence_drift_allowance_s``)."""
+FENCE_DRIFT_RATE = 0.01
+"""Part of the allowance proportional to ``lease_ttl_s``."""
+FENCE_KILL_GRACE_MIN_S = 0.1
+"""The shortest SIGTERM-to-SIGKILL grace a fence margin must leave an engine."""
+FENCE_KILL_GRACE_MAX_S = 5.0
+"""A fenced engine never gets more than this (the engine's usual kill grace)."""
+
+_TRUE = ("1", "true", "yes", "on")
+_FALSE = ("0", "false", "no", "off", "")
+
+
+class SettingsError(ValueError):
+    """A setting whose value is invalid or dangerous; the message names it and what to do."""
+
+
+def parse_bool(raw: str, name: str) -> bool:
+    """``1/true/yes/on`` or ``0/false/no/off`` (any case; empty is false). Raises
+    :class:`SettingsError` naming ``name`` otherwise."""
+    v = raw.strip().lower()
+    if v in _TRUE:
+        return True
+    if v in _FALSE:
+        return False
+    raise SettingsError(f"{name}={raw!r} is not a boolean: use 1/true/yes or 0/false/no")
+
+
 @dataclass
 class Settings:
     lease_ttl_s: float = 15.0
@@ -198,6 +226,69 @@ class Settings:
     pause doubles from 0.1 s, each one jittered down by up to half, so a fleet started together
     does not try together). Larger: a slower start once the broker is up; smaller: more tries."""
 
+    # -- engine fencing (issue 8): engines never outlive their factory, nor their lease ------
+    fence_margin_s: float | None = None
+    """Self-fencing margin, seconds. A holder whose last successful lease renewal was *sent*
+    (factory's monotonic clock) ``lease_ttl_s - fence_margin_s`` ago stops its engine:
+    SIGTERM, then SIGKILL after ``fence_kill_grace_s`` (derived: half of what the margin leaves
+    after ``fence_drift_allowance_s``), and quarantines the result, so the engine is dead before
+    the reaper may reclaim (``lease_ttl_s`` after the stored write, by broker time). A lock is
+    presumed free once its entry is ``lease_ttl_s + fence_margin_s`` old (broker time).
+    Default (None): ``min(lease_ttl_s / 3, (lease_ttl_s - lease_renew_s) / 2)``: 5 s with the
+    default timings, 0.67 s at ``lease_ttl_s=2, lease_renew_s=0.5``. Too small: an engine may
+    still run when its job is reclaimed (refused by :meth:`validate`); too large: a short
+    broker outage stops healthy jobs (they are retried)."""
+    unsafe_unfenced_engines: bool = False
+    """UNSAFE, for the chaos suite's broken-on-purpose variant only
+    (``GIGAFACTORY_UNSAFE_UNFENCED_ENGINES=1``): engines run without the supervisor (they
+    outlive a killed factory) and without self-fencing (they outlive a lost lease), so a job's
+    side effects can happen twice. The factory logs a warning at start when it is on."""
+
+    @property
+    def fence_margin_effective_s(self) -> float:
+        """``fence_margin_s``, or its default (see there)."""
+        if self.fence_margin_s is not None:
+            return self.fence_margin_s
+        return min(self.lease_ttl_s / 3, (self.lease_ttl_s - self.lease_renew_s) / 2)
+
+    @property
+    def fence_drift_allowance_s(self) -> float:
+        """Part of the margin kept for what is not the kill grace: the reaper's estimate of
+        broker time (clock offset measured over a round trip), the rate drift between clocks
+        (1% of the TTL is far above any real oscillator) and scheduling delays."""
+        return FENCE_DRIFT_MIN_S + self.lease_ttl_s * FENCE_DRIFT_RATE
+
+    @property
+    def fence_kill_grace_s(self) -> float:
+        """SIGTERM to SIGKILL when a deadline stops an engine: half of what the margin leaves
+        after the drift allowance (the other half is slack for a loaded machine: the SIGKILL
+        lands ``fence_margin_s - fence_kill_grace_s`` before the lease can be reclaimed), at
+        most ``FENCE_KILL_GRACE_MAX_S``."""
+        return min(FENCE_KILL_GRACE_MAX_S, (self.fence_margin_effective_s - self.fence_drift_allowance_s) / 2)
+
+    def validate(self) -> "Settings":
+        """Refuse settings under which a lease holder could not fence itself in time; returns
+        self. Raises :class:`SettingsError` naming the setting and what to do."""
+        ttl, renew, margin = self.lease_ttl_s, self.lease_renew_s, self.fence_margin_effective_s
+        if not ttl > 0 or not renew > 0:
+            raise SettingsError("GIGAFACTORY_LEASE_TTL_S and GIGAFACTORY_LEASE_RENEW_S must be positive "
+                                f"(got lease_ttl_s={ttl!r}, lease_renew_s={renew!r})")
+        if self.unsafe_unfenced_engines:
+            return self
+        need = 2 * FENCE_KILL_GRACE_MIN_S + self.fence_drift_allowance_s
+        if not margin >= need:
+            raise SettingsError(
+                f"fence_margin_s={margin:g} (GIGAFACTORY_FENCE_MARGIN_S) is too small: it must cover a kill "
+                f"grace of at least {FENCE_KILL_GRACE_MIN_S:g} s, as much slack again, and "
+                f"{self.fence_drift_allowance_s:g} s of clock drift allowance (with lease_ttl_s={ttl:g}): "
+                f"set it to {need:g} or more")
+        if not ttl - margin > renew:
+            raise SettingsError(
+                f"fence_margin_s={margin:g} (GIGAFACTORY_FENCE_MARGIN_S) leaves lease_ttl_s - fence_margin_s = "
+                f"{ttl - margin:g} s, not more than lease_renew_s={renew:g}: a holder would fence itself before "
+                "its first renewal. Lower the margin or lease_renew_s, or raise lease_ttl_s")
+        return self
+
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None, **overrides) -> "Settings":
         env = os.environ if environ is None else environ
@@ -206,10 +297,14 @@ class Settings:
             raw = env.get(f"GIGAFACTORY_{f.name.upper()}")
             if raw is None:
                 continue
-            typ = type(getattr(s, f.name))
+            typ = str(f.type)
             if f.name == "sync_interval":
                 setattr(s, f.name, check_sync_interval(raw or None, f"GIGAFACTORY_{f.name.upper()}"))
-            elif typ is int:
+            elif typ == "bool":
+                setattr(s, f.name, parse_bool(raw, f"GIGAFACTORY_{f.name.upper()}"))
+            elif typ.endswith("| None") and not raw.strip():
+                setattr(s, f.name, None)
+            elif typ == "int":
                 setattr(s, f.name, int(raw))
             else:
                 setattr(s, f.name, float(raw))

@@ -21,7 +21,7 @@ import msgspec
 
 from .lifecycle import LEASED, Event, Stage, transition
 from .manifest import FailureClass, Reviewers, parse_duration
-from .records import MAX_ATTEMPTS_KEPT, AttemptRecord, Attribution, JobRecord, Lease
+from .records import MAX_ATTEMPTS_KEPT, AttemptRecord, Attribution, JobRecord, Lease, LockRecord
 
 BACKOFF_CAP_S = 3600.0
 
@@ -291,3 +291,53 @@ def resolve_blocked(rec: JobRecord, dep_stages: dict[str, Stage | None], now: fl
         return None
     out = unblock(rec, now)
     return Outcome(_replace(out.record, reason="waiting for a factory"), out.event, out.stage_from, out.reason)
+
+
+# -- locks -------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class LockVerdict:
+    """Whether a ``lock:`` entry may be taken over (or deleted as stale), and why."""
+
+    free: bool
+    reason: str
+
+
+def lock_verdict(lock: LockRecord, holder: JobRecord | None, lock_age_s: float, *,
+                 lease_ttl_s: float, fence_margin_s: float) -> LockVerdict:
+    """Is the holder of ``lock`` known to be stopped? Used by a factory that finds a lock taken
+    and by the coordinator's stale-lock cleaner; a lock that is not free is left alone.
+
+    A lock is held until its holder is *known stopped*, never merely because the holder's job
+    record moved to another epoch (cancelled, requeued, reclaimed): the record says nothing
+    about whether the holder's engine still runs. Known stopped is one of:
+
+    - the holder wrote the result of its attempt: the record's attempt at ``lock.epoch`` has
+      an outcome (passed, a failure class, handed back) other than ``running`` and
+      ``lease_expired`` (the reaper's, written without the holder); the holder stops its
+      engine before it reports;
+    - the lock entry, which its holder rewrites on every successful lease renewal, is older
+      than ``lease_ttl_s + fence_margin_s`` by broker time: a live holder fences itself
+      (engine stopped) ``lease_ttl_s - fence_margin_s`` after its last successful renewal,
+      which it sent before the lock rewrite.
+
+    A deleted lock is free without asking (the caller creates it). A holder paused with its
+    engine (SIGSTOP, VM freeze) can outlive the age rule; see the design notes.
+
+    :param lock: the entry as read.
+    :param holder: the holder job's record as read, or None if it is gone.
+    :param lock_age_s: broker now minus the broker timestamp of the entry's revision.
+    :param lease_ttl_s: the fleet's lease TTL.
+    :param fence_margin_s: the fleet's self-fencing margin (``Settings.fence_margin_effective_s``).
+    """
+    if holder is not None:
+        for a in holder.attempts:
+            if a.epoch == lock.epoch and a.outcome not in ("running", str(FailureClass.LEASE_EXPIRED)):
+                return LockVerdict(True, f"job {lock.job} reported its attempt at epoch {lock.epoch} ({a.outcome})")
+    limit_s = lease_ttl_s + fence_margin_s
+    if lock_age_s > limit_s:
+        return LockVerdict(True, f"lock entry of job {lock.job} at epoch {lock.epoch} not renewed for "
+                                 f"{lock_age_s:.1f}s > lease_ttl_s + fence_margin_s = {limit_s:g}s")
+    return LockVerdict(False, f"held by job {lock.job} at epoch {lock.epoch} (entry renewed {lock_age_s:.1f}s ago; "
+                              f"free after {limit_s:g}s or when the holder reports)")
