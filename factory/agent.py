@@ -89,10 +89,8 @@ this many per check (a healthy pool has none: each read costs one request)."""
 POLL_BACKOFF_MIN_S = 0.5
 """First back-off between polling passes that claimed nothing; doubles up to
 ``poll_backoff_max_s``."""
-MAX_CAS_RETRIES = 10
-WRITE_BACKOFF_MAX_S = 2.0
-"""Upper bound of the pause between tries of a write that got no answer (a conflict retries at
-once). Ten tries then span about ten seconds: longer than a JetStream leader election."""
+MAX_CAS_RETRIES = lease.MAX_CAS_RETRIES
+"""Tries of a lock write; the job record's writes are bounded by :mod:`lease` itself."""
 EVENT_QUEUE_MAX = 10_000
 """Audit events waiting to be stored (the broker away) beyond this drop the oldest, logged."""
 EVENT_RETRY_MIN_S = 0.05
@@ -137,6 +135,10 @@ class Run:
     lock_key: str | None = None
     lock_rev: int = 0
     lock_value: bytes = b""
+    lock_sent_s: float | None = None
+    """When (:func:`shell.fence_clock`) the write that took or refreshed the lock entry was sent:
+    the lock is presumed free ``lease_ttl_s + fence_margin_s`` after that entry was stored, so
+    the first self-fencing deadline counts from the older of this and the start write."""
     write_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     fence: shell.FenceDeadline | None = None
     """The self-fencing deadline (None before the start write, or with
@@ -978,9 +980,10 @@ class Factory:
         value = encode(LockRecord(lock=lock, job=run.job, epoch=run.epoch, factory=self.id))
         run.lock_value = value
         for _ in range(MAX_CAS_RETRIES):
+            sent_s = shell.fence_clock()
             try:
                 run.lock_rev = await self.b.locks.create(key, value)
-                run.lock_key = key
+                run.lock_key, run.lock_sent_s = key, sent_s
                 return None
             except Conflict:
                 pass
@@ -989,7 +992,14 @@ class Factory:
                 continue
             holder = decode(cur.value, LockRecord)
             if holder.job == run.job and holder.epoch == run.epoch:
-                run.lock_key, run.lock_rev = key, cur.revision
+                # Ours already (a create whose reply was lost), but stored at a time we do not
+                # know: rewrite it, so the entry's age and our deadline count from one send.
+                sent_s = shell.fence_clock()
+                try:
+                    run.lock_rev = await self.b.locks.update(key, value, last=cur.revision)
+                except Conflict:
+                    continue
+                run.lock_key, run.lock_sent_s = key, sent_s
                 return None
             he = await self.b.jobs.get(holder.job)
             hrec = decode(he.value, JobRecord) if he else None
@@ -998,9 +1008,10 @@ class Factory:
                                             fence_margin_s=self.s.fence_margin_effective_s)
             if not verdict.free:
                 return holder.job
+            sent_s = shell.fence_clock()
             try:
                 run.lock_rev = await self.b.locks.update(key, value, last=cur.revision)
-                run.lock_key = key
+                run.lock_key, run.lock_sent_s = key, sent_s
                 log.info("%s: lock %r taken over for %s: %s", self.id, lock, run.job, verdict.reason)
                 return None
             except Conflict:
@@ -1038,6 +1049,10 @@ class Factory:
             started = await self._write(run, lambda r: protocol.start(r, self.id, run.epoch, time.time()))
             if started is None:
                 return
+            if run.lock_sent_s is not None:
+                # The lock entry may be older than the start write (a start that took retries):
+                # the engine must stop before the lock can be presumed free, too.
+                sent_s = min(sent_s, run.lock_sent_s)
             if not self.s.unsafe_unfenced_engines:
                 # Measured from when the write was *sent*: the broker stamped it later, so the
                 # reaper's clock starts later than ours (conservative).

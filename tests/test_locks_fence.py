@@ -4,6 +4,8 @@ while its engine still runs."""
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 from helpers import Fleet, eventually, run
 
@@ -129,5 +131,43 @@ def test_the_stale_lock_cleaner_keeps_a_lock_whose_holder_was_cancelled_but_not_
             await eventually(aged, limit_s + 5, what="lock entry older than the limit")
             await sched.release_stale_locks()  # (or the coordinator's own round, every 5 s, got there first)
             assert await fleet.admin.locks.get(key) is None
+
+    run(main(), 50)
+
+
+@pytest.mark.timeout(60)
+def test_the_first_deadline_counts_from_the_lock_write_when_it_is_older_than_the_start(nats_server, tmp_path):
+    """The lock is presumed free ``lease_ttl_s + fence_margin_s`` after its entry was stored, and
+    the entry is rewritten only by renewals. A lock write whose reply came back late (here:
+    held back longer than ``lease_ttl_s - fence_margin_s``, as a loaded broker or a paused
+    process would) must not give the engine a deadline counted from the later start write:
+    the engine would then run past the moment another job may take the lock. Counted from the
+    lock write, the deadline has passed before the engine starts: it never starts, and the run
+    says it fenced itself."""
+    side = tmp_path / "side.log"
+
+    async def main():
+        async with Fleet(nats_server.url, tmp_path) as fleet:
+            f = await fleet.add_factory("worker")
+            s = fleet.settings
+            hold_s = s.lease_ttl_s - s.fence_margin_effective_s + 0.3
+            real_create = f.b.locks.create
+
+            async def late_reply(key, value):
+                rev = await real_create(key, value)  # stored now, by broker time
+                await asyncio.sleep(hold_s)  # the injected fault: the reply arrives late
+                return rev
+
+            f.b.locks.create = late_reply
+            job = await fleet.submit_one(fleet.job(f"echo ran >> {side}\nsleep 5\n", lock="db",
+                                                   retry={"max": 0}))
+
+            async def self_fenced():
+                return [e for e in await fleet.events(job) if e["kind"] == "self_fenced"]
+
+            evs = await eventually(self_fenced, 20, what="a self_fenced event for the late lock")
+            assert "no successful lease renewal" in evs[0]["reason"]
+            assert not side.exists(), "the engine started after its lock could be presumed free"
+            assert f.stats["self_fenced"] == 1
 
     run(main(), 50)
