@@ -871,10 +871,22 @@ class Scheduler:
         compare-and-set on the revision read, so a holder's rewrite in between keeps it."""
         n = 0
         broker_now = await self.sync_clock()
+        limit_s = self.s.lease_ttl_s + self.s.fence_margin_effective_s
         async for e in self.b.locks.scan():
             try:
                 lock = decode(e.value, LockRecord)
             except msgspec.DecodeError:
+                # Not a lock entry: no holder can be asked. A live holder rewrites its entry on
+                # every renewal, so one that aged past the limit has none: without this it
+                # would keep its lock from every job for good.
+                if broker_now - e.ts > limit_s:
+                    try:
+                        await self.b.locks.delete(e.key, last=e.revision)
+                        n += 1
+                        log.warning("lock entry %s is not a lock record and is %.0fs old: deleted", e.key,
+                                    broker_now - e.ts)
+                    except Conflict:
+                        pass
                 continue
             st = self.view.jobs.get(lock.job)
             rec = st.record if st else None
@@ -883,8 +895,12 @@ class Scheduler:
             if not verdict.free and st is None:
                 # Not in the view (yet): the record itself may already show the report.
                 fresh = await self.b.jobs.get(lock.job)
-                if fresh is not None:
-                    verdict = protocol.lock_verdict(lock, decode(fresh.value, JobRecord), broker_now - e.ts,
+                try:
+                    fresh_rec = decode(fresh.value, JobRecord) if fresh is not None else None
+                except msgspec.DecodeError:
+                    fresh_rec = None  # a poisoned record tells nothing: only the entry's age can
+                if fresh_rec is not None:
+                    verdict = protocol.lock_verdict(lock, fresh_rec, broker_now - e.ts,
                                                     lease_ttl_s=self.s.lease_ttl_s,
                                                     fence_margin_s=self.s.fence_margin_effective_s)
             if not verdict.free:

@@ -990,7 +990,20 @@ class Factory:
             cur = await self.b.locks.get(key)
             if cur is None:
                 continue
-            holder = decode(cur.value, LockRecord)
+            try:
+                holder = decode(cur.value, LockRecord)
+            except msgspec.DecodeError:
+                # Not a lock entry (written by hand or by a broken client): it holds the lock
+                # until it is as old as a holder's entry that stopped being renewed.
+                if await self.b.broker_now() - cur.ts <= self.s.lease_ttl_s + self.s.fence_margin_effective_s:
+                    return f"<an unreadable entry in {names.LOCKS_BUCKET}/{key}>"
+                sent_s = shell.fence_clock()
+                try:
+                    run.lock_rev = await self.b.locks.update(key, value, last=cur.revision)
+                except Conflict:
+                    continue
+                run.lock_key, run.lock_sent_s = key, sent_s
+                return None
             if holder.job == run.job and holder.epoch == run.epoch:
                 # Ours already (a create whose reply was lost), but stored at a time we do not
                 # know: rewrite it, so the entry's age and our deadline count from one send.
@@ -1002,7 +1015,10 @@ class Factory:
                 run.lock_key, run.lock_sent_s = key, sent_s
                 return None
             he = await self.b.jobs.get(holder.job)
-            hrec = decode(he.value, JobRecord) if he else None
+            try:
+                hrec = decode(he.value, JobRecord) if he else None
+            except msgspec.DecodeError:
+                hrec = None  # a poisoned record tells nothing: only the entry's age can
             verdict = protocol.lock_verdict(holder, hrec, await self.b.broker_now() - cur.ts,
                                             lease_ttl_s=self.s.lease_ttl_s,
                                             fence_margin_s=self.s.fence_margin_effective_s)

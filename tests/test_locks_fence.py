@@ -171,3 +171,56 @@ def test_the_first_deadline_counts_from_the_lock_write_when_it_is_older_than_the
             assert f.stats["self_fenced"] == 1
 
     run(main(), 50)
+
+
+@pytest.mark.timeout(60)
+def test_unreadable_lock_entries_and_records_neither_stop_the_cleaner_nor_keep_a_lock_for_good(nats_server, tmp_path):
+    """A lock entry that is not a lock record, and one whose holder's job record is not a job
+    record, used to be skipped forever and to abort the whole cleaning pass (every lock after
+    it kept). Now the pass goes on; an unreadable entry is deleted once it is as old as an entry
+    no holder renews any more; an unreadable holder record is judged by the entry's age."""
+    from gigafactory.schemas import names
+    from gigafactory.schemas.records import encode
+
+    async def main():
+        async with Fleet(nats_server.url, tmp_path) as fleet:
+            sched = fleet.coordinator.sched
+            locks = fleet.admin.locks
+            await fleet.admin.jobs.put("poisoned-job", b"\x00 not a job record")
+            await locks.put(names.safe_key("a"), encode(LockRecord(lock="a", job="poisoned-job", epoch=1,
+                                                                   factory="f")))
+            await locks.put(names.safe_key("b"), b"{not a lock record")
+            # Written after them: a lock whose holder is long gone and never reported.
+            await locks.put(names.safe_key("c"), encode(LockRecord(lock="c", job="never-was", epoch=1, factory="f")))
+            s = fleet.settings
+            limit_s = s.lease_ttl_s + s.fence_margin_effective_s
+
+            async def aged():
+                e = await locks.get(names.safe_key("c"))
+                return e is None or await fleet.admin.broker_now() - e.ts > limit_s
+
+            await eventually(aged, limit_s + 5, what="the entries older than the limit")
+            await sched.release_stale_locks()  # (the coordinator's own round may have got there first)
+            for name in "abc":
+                assert await locks.get(names.safe_key(name)) is None, f"lock {name} kept"
+
+    run(main(), 50)
+
+
+@pytest.mark.timeout(60)
+def test_a_job_waits_out_an_unreadable_entry_of_its_lock_then_runs(nats_server, tmp_path):
+    """The factory read the entry of a taken lock as a lock record and failed the run inside
+    the factory when it was not one; now the entry holds the lock until it has aged like an
+    entry nobody renews, and the job then takes the lock and ships."""
+    from gigafactory.schemas import names
+
+    async def main():
+        async with Fleet(nats_server.url, tmp_path) as fleet:
+            await fleet.admin.locks.put(names.safe_key("db"), b"garbage")
+            await fleet.add_factory("worker")
+            job = await fleet.submit_one(fleet.job("echo ok", lock="db", review_policy="auto", retry={"max": 0}))
+            rec = await fleet.wait_stage(job, "shipped", timeout_s=30)
+            assert rec.attempts[-1].outcome == "passed"
+            assert "failed inside the factory" not in (rec.reason or "")
+
+    run(main(), 50)
