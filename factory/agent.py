@@ -1132,8 +1132,9 @@ class Factory:
             "GF_JOB_ID": run.job, "GF_EPOCH": str(run.epoch), "GF_ATTEMPT": str(rec.attempt),
             "GF_FACTORY": self.id, "GF_STATION": str(run.station), "GF_WORKSPACE": str(self.workspace),
             "GF_BRANCH": f"gf/{run.job}/e{run.epoch}",
-            # For `gigafactory fence` right before a push or merge request (side effects are fenced too).
-            "GIGAFACTORY_NATS_URL": self.b.urls,
+            # For `gigafactory fence` right before a push or merge request (side effects are fenced too):
+            # the lease it computes what is left of must be the one the coordinators reap by.
+            "GIGAFACTORY_NATS_URL": self.b.urls, "GF_LEASE_TTL_S": repr(self.s.lease_ttl_s),
         })
         # This installation's `gigafactory` first on PATH, so scripts can call `gigafactory fence`.
         env["PATH"] = os.pathsep.join([sysconfig.get_path("scripts"), env.get("PATH", "")])

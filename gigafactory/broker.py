@@ -30,7 +30,7 @@ import nats.js.errors
 from nats.js import api
 from nats.js.kv import KV_DEL, KV_OP, KV_PURGE, KeyValue
 
-from gigafactory.config import Settings
+from gigafactory.config import Settings, SettingsError
 from gigafactory.schemas import names
 from gigafactory.schemas.records import EventRecord, encode
 
@@ -341,10 +341,10 @@ def check_connect_settings(settings: Settings) -> None:
     """Refuse values that would make the wait for the broker spin or end at once: ValueError
     naming the setting and its environment variable."""
     if not settings.connect_timeout_s >= 0:
-        raise ValueError(f"connect_timeout_s (GIGAFACTORY_CONNECT_TIMEOUT_S) must be 0 (wait forever) or a "
+        raise SettingsError(f"connect_timeout_s (GIGAFACTORY_CONNECT_TIMEOUT_S) must be 0 (wait forever) or a "
                          f"positive number of seconds, not {settings.connect_timeout_s!r}")
     if not settings.connect_backoff_max_s > 0:
-        raise ValueError(f"connect_backoff_max_s (GIGAFACTORY_CONNECT_BACKOFF_MAX_S) must be a positive number "
+        raise SettingsError(f"connect_backoff_max_s (GIGAFACTORY_CONNECT_BACKOFF_MAX_S) must be a positive number "
                          f"of seconds, not {settings.connect_backoff_max_s!r}")
 
 

@@ -23,6 +23,7 @@ import orjson
 from gigafactory import __version__
 from gigafactory.config import (
     Settings,
+    SettingsError,
     check_sync_interval,
     clear_server_state,
     home,
@@ -151,7 +152,19 @@ def _start_embedded(store_dir: Path, sync_interval: str | None, port: int = 0, *
         return srv
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class _Main(click.Group):
+    """The command group; a setting refused by its validation (a bad ``GIGAFACTORY_*`` value, a
+    fencing margin that cannot fence) ends the command with its one-line message and exit 2,
+    not a traceback."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except SettingsError as e:
+            _fail(f"invalid setting: {e}", 2)
+
+
+@click.group(cls=_Main, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="gigafactory")
 def main() -> None:
     """Gigafactory: job files in, fenced shipped work out, across a fleet of agent machines."""
@@ -331,7 +344,7 @@ def factory(nats_url, as_json, factory_id, stations, seats, caps, no_probe, work
         except CapabilityError as e:
             raise click.BadParameter(str(e), param_hint="--cap") from None
     asyncio.run(_run_factory(
-        url, Settings.from_env(connect_timeout_s=connect_timeout_s), factory_id=factory_id, stations=stations, seats=_parse_seats(seats),
+        url, Settings.from_env(connect_timeout_s=connect_timeout_s).validate(), factory_id=factory_id, stations=stations, seats=_parse_seats(seats),
         extra_capabilities=list(caps), probe=not no_probe, workspace=workspace, data_dir=data_dir,
     ))
 
@@ -346,7 +359,8 @@ def factory(nats_url, as_json, factory_id, stations, seats, caps, no_probe, work
 def up(nats_url, as_json, inbox, stations, caps, log_level, connect_timeout_s) -> None:
     """Broker (embedded unless --nats), a coordinator and a local factory, until Ctrl-C."""
     _setup_logging(log_level)
-    settings = Settings.from_env(connect_timeout_s=connect_timeout_s)
+    # Validated before anything starts: a factory refuses a fencing margin that cannot fence.
+    settings = Settings.from_env(connect_timeout_s=connect_timeout_s).validate()
 
     async def run(url: str) -> None:
         from gigafactory.coordinator.service import Coordinator
@@ -815,13 +829,17 @@ def chaos_list(as_json) -> None:
 @click.option("--dir", "workdir", type=click.Path(file_okay=False), default=None,
               help="Keep the broker store, factory data and process logs here (default: a temp folder, "
                    "kept only if the scenario fails).")
+@click.option("--unsafe-unfenced-engines", "unfenced", is_flag=True,
+              help="Broken on purpose: start the lab's factories with GIGAFACTORY_UNSAFE_UNFENCED_ENGINES=1 "
+                   "(engines neither die with their factory nor stop when the lease is lost). The side-effect "
+                   "invariants must then fail: this shows the checker sees that class of bug.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-def chaos_run(scenario_name, seed, duration_s, workdir, as_json) -> None:
+def chaos_run(scenario_name, seed, duration_s, workdir, unfenced, as_json) -> None:
     """Run one scenario and check the invariants; exit 1 on any violation or failed expectation."""
     import shutil
     import tempfile
 
-    from gigafactory.chaos.harness import ScenarioConfig, registry, run_scenario
+    from gigafactory.chaos.harness import UNFENCED_ENGINES_ENV, ScenarioConfig, registry, run_scenario
 
     known = registry()
     if scenario_name not in known:
@@ -832,7 +850,8 @@ def chaos_run(scenario_name, seed, duration_s, workdir, as_json) -> None:
     logging.getLogger("nats").setLevel(logging.CRITICAL)
     temp = workdir is None
     root = Path(workdir or tempfile.mkdtemp(prefix=f"gigafactory-chaos-{scenario_name}-")).resolve()
-    cfg = ScenarioConfig(seed=seed, duration_s=duration_s or 0.0, bounded=duration_s is None, workdir=root)
+    cfg = ScenarioConfig(seed=seed, duration_s=duration_s or 0.0, bounded=duration_s is None, workdir=root,
+                         factory_env=dict(UNFENCED_ENGINES_ENV) if unfenced else {})
     if not as_json:
         form = f"full form, {duration_s:g}s" if duration_s else "bounded form"
         click.echo(f"running {scenario_name} ({form}, seed {seed}) in {root}", err=True)

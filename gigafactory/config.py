@@ -304,10 +304,13 @@ class Settings:
                 setattr(s, f.name, parse_bool(raw, f"GIGAFACTORY_{f.name.upper()}"))
             elif typ.endswith("| None") and not raw.strip():
                 setattr(s, f.name, None)
-            elif typ == "int":
-                setattr(s, f.name, int(raw))
             else:
-                setattr(s, f.name, float(raw))
+                try:
+                    setattr(s, f.name, int(raw) if typ == "int" else float(raw))
+                except ValueError:
+                    kind = "a whole number" if typ == "int" else "a number"
+                    raise SettingsError(f"GIGAFACTORY_{f.name.upper()}={raw!r} is not {kind} "
+                                        f"(setting {f.name})") from None
         for k, v in overrides.items():
             if v is not None:
                 setattr(s, k, v)
@@ -325,10 +328,10 @@ LOG_UPLOAD_MIN_BYTES = 64 * 1024
 def check_log_upload(s: Settings) -> None:
     """Refuse log upload settings that would store nothing useful or never finish."""
     if s.log_upload_max_bytes < LOG_UPLOAD_MIN_BYTES:
-        raise ValueError(f"log_upload_max_bytes (GIGAFACTORY_LOG_UPLOAD_MAX_BYTES) is {s.log_upload_max_bytes}; "
+        raise SettingsError(f"log_upload_max_bytes (GIGAFACTORY_LOG_UPLOAD_MAX_BYTES) is {s.log_upload_max_bytes}; "
                          f"it must be at least {LOG_UPLOAD_MIN_BYTES} bytes (64 KiB)")
     if not s.log_upload_timeout_s > 0:
-        raise ValueError(f"log_upload_timeout_s (GIGAFACTORY_LOG_UPLOAD_TIMEOUT_S) is {s.log_upload_timeout_s}; "
+        raise SettingsError(f"log_upload_timeout_s (GIGAFACTORY_LOG_UPLOAD_TIMEOUT_S) is {s.log_upload_timeout_s}; "
                          f"it must be a positive number of seconds")
 
 
@@ -341,7 +344,7 @@ def check_sync_interval(value: str | None, where: str = "sync_interval") -> str 
     ``where`` (the setting or option it came from) and what to write instead."""
     if value is None or value == "always" or (len(value) <= 32 and _GO_DURATION.match(value)):
         return value
-    raise ValueError(f"{where}={value!r}: expected 'always' (fsync every write: durable, the default) "
+    raise SettingsError(f"{where}={value!r}: expected 'always' (fsync every write: durable, the default) "
                      "or a duration such as '2m' or '30s' (background fsync: faster, but an OS crash "
                      "or power loss can lose acknowledged writes)")
 
@@ -370,7 +373,7 @@ def check_retention(s: Settings) -> None:
     if not 0.0 < s.retention_warn_ratio < 1.0:
         bad.append(f"GIGAFACTORY_RETENTION_WARN_RATIO={s.retention_warn_ratio}: must be between 0 and 1 (e.g. 0.8)")
     if bad:
-        raise ValueError("invalid retention settings: " + "; ".join(bad))
+        raise SettingsError("invalid retention settings: " + "; ".join(bad))
 
 
 def home() -> Path:

@@ -311,3 +311,20 @@ def test_fence_exit_codes_without_a_lease_to_renew(tmp_path):
     out = json.loads(r.stdout)
     assert out["held"] is False and out["code"] == 4 and "treat as fenced" in out["reason"]
     assert r.stderr.strip().count("\n") == 0 and "treat as fenced" in r.stderr
+
+
+@pytest.mark.parametrize("env, named", [
+    ({"GIGAFACTORY_FENCE_MARGIN_S": "0.01"}, "GIGAFACTORY_FENCE_MARGIN_S"),
+    ({"GIGAFACTORY_LEASE_TTL_S": "fifteen"}, "GIGAFACTORY_LEASE_TTL_S"),
+    ({"GIGAFACTORY_UNSAFE_UNFENCED_ENGINES": "maybe"}, "GIGAFACTORY_UNSAFE_UNFENCED_ENGINES"),
+])
+def test_a_bad_setting_stops_a_factory_at_once_with_one_line_naming_it(tmp_path, env, named):
+    """Refused before the factory waits for any broker (it would wait forever), and as an
+    error a person reads, not a traceback."""
+    full = {**os.environ, "GIGAFACTORY_HOME": str(tmp_path), **env}
+    r = subprocess.run([*gigafactory_cmd(), "factory", "--nats", "nats://127.0.0.1:1"], env=full,
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2, r.stderr
+    assert "Traceback" not in r.stderr
+    assert "invalid setting" in r.stderr and named in r.stderr
+    assert "waiting for the broker" not in r.stderr
