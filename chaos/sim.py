@@ -113,7 +113,7 @@ from gigafactory.factory import lease
 from gigafactory.schemas import protocol
 from gigafactory.schemas.lifecycle import LEASED, IllegalTransition, Stage
 from gigafactory.schemas.manifest import FailureClass, Manifest, Retry, Reviewers
-from gigafactory.schemas.records import EventRecord, JobRecord
+from gigafactory.schemas.records import EventRecord, JobRecord, LockRecord
 
 from . import invariants
 
@@ -124,12 +124,6 @@ SIM_INVARIANTS = ("side_effect_after_lease_lost", "lock_shared", "one_job_per_ke
                   "fence_from_stale_read")
 """Invariants only the simulation can judge, because only it sees engines, submitters and the
 replicas' lag (the chaos lab's side-effect ledger judges the first on real processes)."""
-FENCE_MARGIN_S = 3.0
-"""The holder's self-fence margin when ``Settings`` has no ``fence_margin_s``: it stops its engine
-``lease_ttl_s - margin`` after its last successful lease write was sent (its own clock)."""
-KILL_GRACE_FRACTION = 1 / 3
-"""SIGTERM then SIGKILL: an engine is dead within this fraction of the margin after the
-self-fence decides (the margin must cover the grace and the clock drift)."""
 PARENT_DEATH_S = 0.05
 """An engine dies this soon after its factory (parent-death signal)."""
 ENGINE_KILL_S = 0.1
@@ -546,9 +540,11 @@ class Sim:
         """``gf_idempotency``: key -> job id (only the broken intake uses reservations)."""
         self.found: list[invariants.Violation] = []
         """Violations of :data:`SIM_INVARIANTS`."""
-        ttl_s = settings.lease_ttl_s
-        self.margin_s = getattr(settings, "fence_margin_s", None) or min(FENCE_MARGIN_S, ttl_s / 5)
-        self.kill_grace_s = self.margin_s * KILL_GRACE_FRACTION
+        # Production's margin and kill grace (derived from the lease timings unless set): the
+        # holder stops its engine ``lease_ttl_s - margin`` after its last successful lease write
+        # was sent, on its own clock, and the engine is dead within the grace after that.
+        self.margin_s = settings.fence_margin_effective_s
+        self.kill_grace_s = settings.fence_kill_grace_s
         self._plan(jobs)
 
     # -- the loop ------------------------------------------------------------------------------
@@ -1095,19 +1091,19 @@ class Sim:
         return cur[0]
 
     def _lock_free(self, cur: tuple[str, int, str, float]) -> bool:
-        """The rule of interfaces.md: a lock is free when released, or when its holder is known
-        stopped: its job record at its epoch has its result, or the lock entry (re-written on
-        every successful renewal) is older than ``lease_ttl_s + fence_margin_s`` (broker time).
+        """A lock is free when released, or when its holder is known stopped
+        (:func:`protocol.lock_verdict`): its attempt at the lock's epoch has reported, or the
+        lock entry (rewritten on every successful renewal) is older than ``lease_ttl_s +
+        fence_margin_s`` (broker time).
         ``lock_free_on_epoch`` (main's rule) frees it as soon as the record left that epoch."""
         job, epoch, _, ts = cur
         got = self.store.get(job)
         rec = None if got is None else got[0]
         if self.broken == "lock_free_on_epoch":
             return rec is None or rec.stage not in LEASED or rec.epoch != epoch
-        if rec is not None and rec.epoch == epoch and rec.stage not in LEASED and rec.stage not in (
-                Stage.QUEUED, Stage.BLOCKED):
-            return True  # the holder's result (or a cancel at its epoch) is written
-        return self.t - ts > self.s.lease_ttl_s + self.margin_s
+        # Production's own rule, the one the factory and the stale-lock cleaner decide by.
+        return protocol.lock_verdict(LockRecord(lock="?", job=job, epoch=epoch, factory=cur[2]), rec, self.t - ts,
+                                     lease_ttl_s=self.s.lease_ttl_s, fence_margin_s=self.margin_s).free
 
     def _locked(self, f: Factory, inc: int, run: Run, res, sent_at: float) -> None:
         if f.inc != inc:
