@@ -1,7 +1,7 @@
 """The shared JetStream layer: connection, the broker layout, and a KV wrapper whose reads
 carry the broker's timestamp and whose writes are compare-and-set.
 
-Client pitfalls handled here, once (see DESIGN.md):
+Client pitfalls handled here, once (docs/design.md names them):
 - ``update(last=None)`` means "must not exist": :meth:`Bucket.update` refuses a None revision.
 - every request, publish ack and fetch is bounded by ``settings.request_timeout_s``.
 - nats-py has no reconnect jitter: :func:`connect` supplies it through

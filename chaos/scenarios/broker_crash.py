@@ -38,7 +38,7 @@ async def broker_crash(cfg: ScenarioConfig) -> ScenarioResult:
     notes: list[str] = []
     # sync_interval 'always': the server fsyncs every write before acknowledging it. With the
     # default (2 min) it syncs lazily, and acknowledged writes can be lost when the broker dies
-    # before the next sync: the Jepsen finding in DESIGN.md (NATS 2.12.1, shown there for power
+    # before the next sync: Jepsen's finding on NATS 2.12.1 (docs/operations.md, Durability; shown for power
     # failure). A kill -9 of the process alone leaves written data in the OS page cache, but
     # this scenario stands for the crash of a broker's machine, and its claim "no acknowledged
     # job lost" must not rest on the luck of a page cache.
