@@ -15,8 +15,20 @@ What is real and what is modelled
   (retry on conflict, learn an unanswered write by reading, back off, fenced, give up), driven
   here with simulated requests as ``Factory._write`` drives it with real ones. The control flow
   around them mirrors ``factory/agent.py`` (``_claim_and_run``, ``_execute``, ``_report``,
-  ``_flush_item``, drain) and ``coordinator/scheduler.py`` (``resolve_deps``, ``dispatch``,
-  ``reap``), and writes the same :class:`EventRecord` kinds with the same fields.
+  ``_flush_item``, drain), and writes the same :class:`EventRecord` kinds with the same fields.
+- The coordinators decide with production's own per-job decisions,
+  ``coordinator/decide.py``, which ``Scheduler.resolve_deps``, ``reap`` and ``dispatch`` call
+  too: ``decide.unblock`` (on ``decide.dep_stages``), ``decide.reap`` (outcome and event data),
+  ``decide.dispatch_order`` (production's ordering key), ``decide.offer_turn`` (first offer,
+  redispatch after ``redispatch_s``, or not yet), ``decide.locks_taken`` and
+  ``decide.hold_reason`` (retry back-off by the store's clock, a lock a leased or offered job
+  has), ``decide.dispatched_event``. What the simulation keeps of its own is the I/O around
+  them, simplified: one pool that every factory serves, no capacity limit (every offer the
+  decisions allow is published at once; ``pool_capacity`` is None in its events), a hold is
+  counted (``stats['dispatch_lock_holds']``), not written into the record with a ``held``
+  event, no retention (a dependency is never archived), no quarantine (no record here is
+  unreadable or too large), offers stamped with sim time (production: its monotonic clock), and
+  coordinators that neither crash nor lose a reply.
 - ``gf_jobs`` is a :class:`Store`: compare-and-set on the revision, every revision stamped with
   the store's clock (sim time) like JetStream's server timestamps. Lease expiry is judged with
   these stamps only; factory clocks (which jump) only stamp ``updated_at`` and events' ``at``.
@@ -785,26 +797,38 @@ class Sim:
         """``Scheduler.dispatch`` with production's decisions (``coordinator/decide.py``): the
         offers out for ``redispatch_s`` go again first, then every job up for a first offer, each
         in production's dispatch order, unless :func:`decide.hold_reason` holds it (its retry
-        back-off, by the store's clock). One pool that every factory serves, no capacity limit,
-        no lock holds at dispatch: see the module docstring."""
+        back-off, by the store's clock; a lock a leased or offered job has). One pool that every
+        factory serves, no capacity limit, holds not written: see the module docstring."""
         recs = self.store.recs
         queued = [recs[j] for j in self.store.by_stage[Stage.QUEUED]]
         live = {e[0].id for e in queued}
         for jid in [j for j in c.published if j not in live]:
             del c.published[jid]
         order = decide.dispatch_order(queued, c.last_served, lambda e: e[0])
-        due, new = [], []
+        due, new, offered = [], [], []
         for pos, e in enumerate(order, 1):
             turn = decide.offer_turn(c.published.get(e[0].id), e[0].epoch, now, self.s.redispatch_s)
             if turn is decide.Turn.DUE:
                 due.append((e, True, 0))
             elif turn is decide.Turn.NEW:
                 new.append((e, False, pos))
+            if turn is not decide.Turn.NEW:
+                offered.append((e[0].id, e[0].manifest.lock))
+        leased = [(j, recs[j][0].manifest.lock) for stage in (Stage.ASSIGNED, Stage.BUILDING)
+                  for j in self.store.by_stage[stage]]
+        locks = decide.locks_taken(leased, offered)
         serving = [f.id for f in self.factories if f.alive]
         for (rec, _, ts), redispatch, pos in due + new:
-            if decide.hold_reason(rec, ts, now, redispatch=redispatch, lock_holder=None, gap=None,
-                                  inflight=0, capacity=None) is not None:
-                continue  # only a retry backoff holds here, silently (its record says when)
+            lock = rec.manifest.lock
+            hold = decide.hold_reason(rec, ts, now, redispatch=redispatch,
+                                      lock_holder=locks.get(lock) if lock else None, gap=None,
+                                      inflight=0, capacity=None)
+            if hold is not None:
+                if hold:
+                    self.stats["dispatch_lock_holds"] += 1  # production writes it into the record
+                continue
+            if lock:
+                locks[lock] = rec.id
             c.published[rec.id] = decide.Offered(rec.epoch, now)
             c.served_seq += 1
             c.last_served[rec.manifest.product] = c.served_seq

@@ -155,6 +155,22 @@ def offer_turn(previous: Offered | None, epoch: int, now_s: float, redispatch_s:
     return Turn.PENDING
 
 
+def locks_taken(leased: Iterable[tuple[str, str | None]], offered: Iterable[tuple[str, str | None]]) -> dict[str, str]:
+    """Lock -> the job a dispatch pass treats as holding it, from ``(job, lock or None)``
+    pairs: a ``leased`` job first (its holder may be running under the lock), else a job with
+    an offer of its current epoch out (``offered``: it may be claimed any moment). The pass
+    adds each offer it makes. The factory's lock write stays the authority
+    (:func:`protocol.lock_verdict`): this only spares offers that would be handed back."""
+    taken: dict[str, str] = {}
+    for jid, lock in leased:
+        if lock:
+            taken[lock] = jid
+    for jid, lock in offered:
+        if lock:
+            taken.setdefault(lock, jid)
+    return taken
+
+
 def hold_reason(rec: JobRecord, stored_at_s: float, broker_now_s: float, *, redispatch: bool,
                 lock_holder: str | None, gap: str | None, inflight: int, capacity: int | None) -> str | None:
     """Why a queued job up for an offer (:func:`offer_turn`) is not offered now; None: offer it.

@@ -494,7 +494,7 @@ class Scheduler:
         mono = time.monotonic()
         q = self.queue
 
-        locks_taken: dict[str, str] = {}
+        leased_locks: list[tuple[str, str | None]] = []
         busy: dict[str, int] = defaultdict(int)
         for jid in self.view.stage_ids(*LEASED):
             st = self.view.jobs.get(jid)
@@ -502,8 +502,9 @@ class Scheduler:
                 continue  # quarantined: its holder is gone (its lease expired) or it never had one
             if st and st.record.lease:
                 busy[st.record.lease.factory] += 1
-            if st and st.record.manifest.lock:
-                locks_taken[st.record.manifest.lock] = jid
+            if st:
+                leased_locks.append((jid, st.record.manifest.lock))
+        offered_locks: list[tuple[str, str | None]] = []
         inflight: dict[str, int] = defaultdict(int)
         due: list[tuple[tuple, JobState]] = []
         """Offers out for longer than redispatch_s: published again, whatever the capacity."""
@@ -516,12 +517,12 @@ class Scheduler:
             if turn is decide.Turn.NEW:
                 continue  # an offer of an earlier epoch: the job is offered afresh below
             inflight[st.record.pool] += 1
-            if st.record.manifest.lock:
-                locks_taken.setdefault(st.record.manifest.lock, jid)
+            offered_locks.append((jid, st.record.manifest.lock))
             if turn is decide.Turn.DUE:
                 rank, product, _pool, age = q.where[jid]
                 due.append((q._key(rank, product, age, self.last_served), st))
         due.sort(key=lambda x: x[0])
+        locks_taken = decide.locks_taken(leased_locks, offered_locks)
 
         capacity: dict[str, int] = {}
         serving: dict[str, list[FactoryState]] = {}

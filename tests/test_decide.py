@@ -152,6 +152,14 @@ def test_offer_turn_new_pending_due():
     assert decide.offer_turn(Offered(epoch=1, at_s=0.0), 1, 100.0, 15.0) is Turn.DUE
 
 
+def test_locks_taken_a_leased_holder_wins_over_an_offer_and_jobs_without_a_lock_take_none():
+    taken = decide.locks_taken(leased=[("run-1", "db"), ("run-2", None)],
+                               offered=[("offer-1", "db"), ("offer-2", "cache"), ("offer-3", "cache")])
+
+    assert taken == {"db": "run-1", "cache": "offer-2"}
+    assert decide.locks_taken([], []) == {}
+
+
 def hold(rec: JobRecord, stored_at: float = T0, now: float = T0 + 1, **kw):
     args = {"redispatch": False, "lock_holder": None, "gap": None, "inflight": 0, "capacity": 4, **kw}
     return decide.hold_reason(rec, stored_at, now, **args)
