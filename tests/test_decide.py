@@ -21,9 +21,8 @@ from gigafactory.coordinator import decide, scheduler
 from gigafactory.coordinator.decide import Offered, Turn
 from gigafactory.coordinator.scheduler import Scheduler
 from gigafactory.coordinator.view import FleetView
-from gigafactory.schemas import names
 from gigafactory.schemas.lifecycle import Event, Stage
-from gigafactory.schemas.records import DispatchMessage, FactoryRecord, JobRecord, Station, decode, encode
+from gigafactory.schemas.records import FactoryRecord, JobRecord, Station, encode
 
 TTL_S = 30.0
 
