@@ -15,8 +15,20 @@ What is real and what is modelled
   (retry on conflict, learn an unanswered write by reading, back off, fenced, give up), driven
   here with simulated requests as ``Factory._write`` drives it with real ones. The control flow
   around them mirrors ``factory/agent.py`` (``_claim_and_run``, ``_execute``, ``_report``,
-  ``_flush_item``, drain) and ``coordinator/scheduler.py`` (``resolve_deps``, ``dispatch``,
-  ``reap``), and writes the same :class:`EventRecord` kinds with the same fields.
+  ``_flush_item``, drain), and writes the same :class:`EventRecord` kinds with the same fields.
+- The coordinators decide with production's own per-job decisions,
+  ``coordinator/decide.py``, which ``Scheduler.resolve_deps``, ``reap`` and ``dispatch`` call
+  too: ``decide.unblock`` (on ``decide.dep_stages``), ``decide.reap`` (outcome and event data),
+  ``decide.dispatch_order`` (production's ordering key), ``decide.offer_turn`` (first offer,
+  redispatch after ``redispatch_s``, or not yet), ``decide.locks_taken`` and
+  ``decide.hold_reason`` (retry back-off by the store's clock, a lock a leased or offered job
+  has), ``decide.dispatched_event``. What the simulation keeps of its own is the I/O around
+  them, simplified: one pool that every factory serves, no capacity limit (every offer the
+  decisions allow is published at once; ``pool_capacity`` is None in its events), a hold is
+  counted (``stats['dispatch_lock_holds']``), not written into the record with a ``held``
+  event, no retention (a dependency is never archived), no quarantine (no record here is
+  unreadable or too large), offers stamped with sim time (production: its monotonic clock), and
+  coordinators that neither crash nor lose a reply.
 - ``gf_jobs`` is a :class:`Store`: compare-and-set on the revision, every revision stamped with
   the store's clock (sim time) like JetStream's server timestamps. Lease expiry is judged with
   these stamps only; factory clocks (which jump) only stamp ``updated_at`` and events' ``at``.
@@ -109,6 +121,7 @@ from dataclasses import dataclass, field
 import msgspec
 
 from gigafactory.config import Settings
+from gigafactory.coordinator import decide
 from gigafactory.factory import lease
 from gigafactory.schemas import protocol
 from gigafactory.schemas.lifecycle import LEASED, IllegalTransition, Stage
@@ -430,11 +443,15 @@ class Factory:
 
 
 class Coordinator:
-    __slots__ = ("id", "published")
+    __slots__ = ("id", "published", "last_served", "served_seq")
 
     def __init__(self, cid: str) -> None:
         self.id = cid
-        self.published: dict[str, tuple[int, float]] = {}
+        self.published: dict[str, decide.Offered] = {}
+        """As ``Scheduler.published``: job -> its latest offer (``at_s`` in sim time)."""
+        self.last_served: dict[str, int] = {}
+        """As ``Scheduler.last_served``: product -> sequence number of its latest offer."""
+        self.served_seq = 0
 
 
 class Req:
@@ -722,30 +739,30 @@ class Sim:
         lag_s = self.rng.uniform(0.0, self.fc.view_lag_s) if self.fc.view_lag_s and self.faulty() else 0.0
         view = (lambda j: recs.get(j)) if not lag_s else (lambda j: self.store.get_as_of(j, now - lag_s))
         # Writes are scheduled, not made, while the index is iterated: it does not change under us.
+        # The decisions are production's (coordinator/decide.py), on the (lagging) view.
+        def live_stage(d: str) -> Stage | None:
+            de = view(d)
+            return de[0].stage if de is not None else None
+
         for jid in by[Stage.BLOCKED]:
             entry = view(jid)
-            if entry is None or entry[0].stage is not Stage.BLOCKED:
+            if entry is None:
                 continue
             rec, rev, _ = entry
-            stages = {}
-            for d in rec.deps:
-                de = view(d)
-                stages[d] = de[0].stage if de is not None else None
-            out = protocol.resolve_blocked(rec, stages, now)
-            if out is None:
-                continue
-            self.at(now + self.lat(), self._coord_write, c, jid, rev, out, None)
+            # No retention here: a dependency is never archived, so nothing is looked up there.
+            w = decide.unblock(rec, decide.dep_stages(rec, live_stage, {}), now)
+            if w is not None:
+                self.at(now + self.lat(), self._coord_write, c, jid, rev, w, False)
         ttl_s = self.s.lease_ttl_s
         for stage in (Stage.ASSIGNED, Stage.BUILDING):
             for jid in by[stage]:
                 entry = view(jid)
-                if entry is None or entry[0].stage not in LEASED:
+                if entry is None:
                     continue
                 rec, rev, ts = entry
-                out = protocol.expire(rec, ts, now, ttl_s)
-                if out is not None:
-                    data = {"holder": rec.lease.factory if rec.lease else None, "old_epoch": rec.epoch}
-                    self.at(now + self.lat(), self._coord_write, c, jid, rev, out, data)
+                w = decide.reap(rec, ts, now, ttl_s)
+                if w is not None:
+                    self.at(now + self.lat(), self._coord_write, c, jid, rev, w, True)
         if by[Stage.QUEUED] or c.published:
             self._dispatch(c, now)
         if judge_quiet and self._quiet():
@@ -753,13 +770,14 @@ class Sim:
             return
         self.at(now + self.s.reaper_interval_s, self._tick, c, judge_quiet)
 
-    def _coord_write(self, c: Coordinator, jid: str, rev: int, out: protocol.Outcome, data: dict | None) -> None:
+    def _coord_write(self, c: Coordinator, jid: str, rev: int, w: decide.Write, reaping: bool) -> None:
         """``Scheduler._write``: compare-and-set, then the event (the coordinator is next to the broker)."""
-        lost_epoch = data["old_epoch"] if data is not None else None
+        out = w.out
+        lost_epoch = w.data["old_epoch"] if reaping else None
         if self.store.update(jid, out.record, rev, self.t, self.durable) is None:
             self.stats["coordinator_conflicts"] += 1
             cur = self.store.get(jid)
-            if self.broken != "reap_blind_retry" or data is None or cur is None or cur[0].stage not in LEASED:
+            if self.broken != "reap_blind_retry" or not reaping or cur is None or cur[0].stage not in LEASED:
                 return
             # Broken: the reaper re-applies the decision it made on its (lagging) view to the
             # fresh revision instead of judging the fresh record: it reaps a renewed lease.
@@ -772,27 +790,52 @@ class Sim:
         kind = str(out.event)
         self.emit(EventRecord(kind=kind, at=out.record.updated_at, job=jid, stage_from=str(out.stage_from),
                               stage_to=str(out.record.stage), epoch=out.record.epoch, actor=c.id,
-                              reason=out.reason, data=data or {}))
-        self.note(c.id, kind if data is None else f"reap:{kind}", jid, out.record.epoch)
+                              reason=out.reason, data=dict(w.data)))
+        self.note(c.id, f"reap:{kind}" if reaping else kind, jid, out.record.epoch)
 
     def _dispatch(self, c: Coordinator, now: float) -> None:
+        """``Scheduler.dispatch`` with production's decisions (``coordinator/decide.py``): the
+        offers out for ``redispatch_s`` go again first, then every job up for a first offer, each
+        in production's dispatch order, unless :func:`decide.hold_reason` holds it (its retry
+        back-off, by the store's clock; a lock a leased or offered job has). One pool that every
+        factory serves, no capacity limit, holds not written: see the module docstring."""
         recs = self.store.recs
         queued = [recs[j] for j in self.store.by_stage[Stage.QUEUED]]
-        # Production sorts by (priority, age, id); every simulated job has the same priority.
-        queued.sort(key=lambda e: (e[0].submitted_at, e[0].id))
         live = {e[0].id for e in queued}
         for jid in [j for j in c.published if j not in live]:
             del c.published[jid]
-        for rec, _, ts in queued:
-            if ts + rec.backoff_s > now:
-                continue  # retry backoff, judged with the store's clock
-            p = c.published.get(rec.id)
-            if p is not None and p[0] == rec.epoch and now - p[1] < self.s.redispatch_s:
+        order = decide.dispatch_order(queued, c.last_served, lambda e: e[0])
+        due, new, offered = [], [], []
+        for pos, e in enumerate(order, 1):
+            turn = decide.offer_turn(c.published.get(e[0].id), e[0].epoch, now, self.s.redispatch_s)
+            if turn is decide.Turn.DUE:
+                due.append((e, True, 0))
+            elif turn is decide.Turn.NEW:
+                new.append((e, False, pos))
+            if turn is not decide.Turn.NEW:
+                offered.append((e[0].id, e[0].manifest.lock))
+        leased = [(j, recs[j][0].manifest.lock) for stage in (Stage.ASSIGNED, Stage.BUILDING)
+                  for j in self.store.by_stage[stage]]
+        locks = decide.locks_taken(leased, offered)
+        serving = [f.id for f in self.factories if f.alive]
+        for (rec, _, ts), redispatch, pos in due + new:
+            lock = rec.manifest.lock
+            hold = decide.hold_reason(rec, ts, now, redispatch=redispatch,
+                                      lock_holder=locks.get(lock) if lock else None, gap=None,
+                                      inflight=0, capacity=None)
+            if hold is not None:
+                if hold:
+                    self.stats["dispatch_lock_holds"] += 1  # production writes it into the record
                 continue
-            c.published[rec.id] = (rec.epoch, now)
-            self.emit(EventRecord(kind="dispatched", at=now, job=rec.id, stage_from="queued", stage_to="queued",
-                                  epoch=rec.epoch, actor=c.id, data={"pool": POOL,
-                                                                     "redispatch": p is not None}))
+            if lock:
+                locks[lock] = rec.id
+            c.published[rec.id] = decide.Offered(rec.epoch, now)
+            c.served_seq += 1
+            c.last_served[rec.manifest.product] = c.served_seq
+            self.emit(decide.dispatched_event(
+                rec, at=now, actor=c.id, broker_now_s=now, redispatch=redispatch,
+                redispatch_s=self.s.redispatch_s, position=pos, queued_in_pool=len(queued), pool_capacity=None,
+                serving_factories=serving))
             self._publish((rec.id, rec.epoch))
 
     def _publish(self, msg: tuple[str, int]) -> None:

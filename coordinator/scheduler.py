@@ -37,6 +37,7 @@ from gigafactory.schemas.records import (
     encode,
 )
 
+from . import decide
 from .intake import ensure_pool
 from .retention import archived_stages
 from .view import FactoryState, FleetView, JobState
@@ -69,12 +70,6 @@ ERRORS_TOLD_MAX = 10_000
 """Distinct per-job errors remembered so each is logged and published once, not every pass."""
 STREAM_MSG_TOO_LARGE = 10054
 """JetStream's error code for "message size exceeds maximum allowed" (a stream's max_msg_size)."""
-
-
-@dataclass(slots=True)
-class _Published:
-    epoch: int
-    at_mono: float
 
 
 class RecordTooLarge(Exception):
@@ -136,26 +131,12 @@ def capability_gap(reqs: list[str], live: list[FactoryState]) -> str:
 
 
 def dispatch_order(queued: list, last_served: dict[str, int]) -> list:
-    """The order in which queued jobs (``JobState``) are offered to the stations.
-
-    Priority dominates: every critical job comes before any high one, and so on. Within a
-    priority, products take turns, so a product that submitted a thousand jobs does not make
-    another's few wait behind all of them: each product's jobs are numbered in age order
-    (its oldest is its turn 0), and turn 0 of every product comes before turn 1 of any. At
-    the same turn, the product served least recently (``last_served``: product -> a sequence
-    number of its last dispatch; never served comes first) goes first, then the older job.
-    Pure: the scheduler passes its own memory of who was served."""
-    by_age = sorted(queued, key=lambda st: (st.record.priority_rank, st.record.submitted_at, st.record.id))
-    turn: dict[tuple[int, str], int] = defaultdict(int)
-    keyed = []
-    for st in by_age:
-        rec = st.record
-        k = (rec.priority_rank, rec.manifest.product)
-        keyed.append(((rec.priority_rank, turn[k], last_served.get(rec.manifest.product, -1),
-                       rec.submitted_at, rec.id), st))
-        turn[k] += 1
-    keyed.sort(key=lambda x: x[0])
-    return [st for _, st in keyed]
+    """The order in which queued jobs (``JobState``) are offered to the stations:
+    :func:`decide.dispatch_order` (priority first; within a priority, products take turns,
+    each in age order; the product served least recently first). Pure: the scheduler passes
+    its own memory of who was served (``last_served``: product -> a sequence number of its
+    last dispatch)."""
+    return decide.dispatch_order(queued, last_served, lambda st: st.record)
 
 
 class QueueOrder:
@@ -166,7 +147,7 @@ class QueueOrder:
     Per (priority rank, product), every queued job in age order (a job's fair turn is its
     index there), and per pool the same lists restricted to the pool. A pool's next job is
     the smallest head of its lists by the ``dispatch_order`` key; the pools merged by the
-    same key give exactly ``dispatch_order`` of all queued jobs."""
+    same key (:func:`decide.order_key`) give exactly ``dispatch_order`` of all queued jobs."""
 
     def __init__(self) -> None:
         self.by_turn: dict[tuple[int, str], list[tuple[float, str]]] = defaultdict(list)
@@ -190,7 +171,7 @@ class QueueOrder:
             self._remove(old.record.id)
         if new is not None and new.record.stage == Stage.QUEUED:
             rec = new.record
-            rank, product, age = rec.priority_rank, rec.manifest.product, (rec.submitted_at, rec.id)
+            rank, product, age = rec.priority_rank, rec.manifest.product, decide.age_key(rec)
             bisect.insort(self.by_turn[(rank, product)], age)
             bisect.insort(self.by_pool[rec.pool][(rank, product)], age)
             self.where[rec.id] = (rank, product, rec.pool, age)
@@ -216,7 +197,7 @@ class QueueOrder:
 
     def _key(self, rank: int, product: str, age: tuple[float, str], last_served: dict[str, int]) -> tuple:
         turn = bisect.bisect_left(self.by_turn[(rank, product)], age)
-        return (rank, turn, last_served.get(product, -1), age[0], age[1])
+        return decide.order_key(rank, turn, last_served.get(product, -1), age[0], age[1])
 
     def pool_order(self, pool: str, last_served: dict[str, int]) -> Iterator[tuple[tuple, JobState]]:
         """A pool's queued jobs in dispatch order, with their keys, lazily."""
@@ -244,7 +225,8 @@ class Scheduler:
         self.view = view
         self.s = settings
         self.actor = actor
-        self.published: dict[str, _Published] = {}
+        self.published: dict[str, decide.Offered] = {}
+        """job id -> this coordinator's latest offer of it (``at_s`` on the monotonic clock)."""
         self.held: dict[str, str] = {}
         self.index: dict[str, int] = {}
         """gf_queue keys this coordinator knows to exist -> the epoch written."""
@@ -314,15 +296,20 @@ class Scheduler:
             if st is None or self.is_poisoned(st):
                 continue
             try:
-                stages = {d: (self.view.jobs[d].record.stage if d in self.view.jobs else archived.get(d)) for d in st.record.deps}
-                out = protocol.resolve_blocked(st.record, stages, now)
-                if out is None:
+                stages = decide.dep_stages(st.record, self._live_stage, archived)
+                w = decide.unblock(st.record, stages, now)
+                if w is None:
                     continue
-                await self._write(st.record, st.revision, out)
+                await self._write(st.record, st.revision, w.out, **w.data)
             except TRANSIENT:
                 raise  # the broker is not answering: every other write would wait out its timeout too
             except Exception as e:
                 await self._job_failed("deps", st, e)
+
+    def _live_stage(self, jid: str) -> Stage | None:
+        """The stage of ``jid`` in the view (None: not in ``gf_jobs`` as far as it knows)."""
+        st = self.view.jobs.get(jid)
+        return st.record.stage if st is not None else None
 
     async def _write(self, rec: JobRecord, revision: int, out: protocol.Outcome, **data) -> bool:
         """CAS ``out`` over ``revision``; False if the record changed meanwhile. Its event is
@@ -507,7 +494,7 @@ class Scheduler:
         mono = time.monotonic()
         q = self.queue
 
-        locks_taken: dict[str, str] = {}
+        leased_locks: list[tuple[str, str | None]] = []
         busy: dict[str, int] = defaultdict(int)
         for jid in self.view.stage_ids(*LEASED):
             st = self.view.jobs.get(jid)
@@ -515,8 +502,9 @@ class Scheduler:
                 continue  # quarantined: its holder is gone (its lease expired) or it never had one
             if st and st.record.lease:
                 busy[st.record.lease.factory] += 1
-            if st and st.record.manifest.lock:
-                locks_taken[st.record.manifest.lock] = jid
+            if st:
+                leased_locks.append((jid, st.record.manifest.lock))
+        offered_locks: list[tuple[str, str | None]] = []
         inflight: dict[str, int] = defaultdict(int)
         due: list[tuple[tuple, JobState]] = []
         """Offers out for longer than redispatch_s: published again, whatever the capacity."""
@@ -525,15 +513,16 @@ class Scheduler:
             if st is None:
                 del self.published[jid]
                 continue
-            if p.epoch != st.record.epoch:
-                continue
+            turn = decide.offer_turn(p, st.record.epoch, mono, self.s.redispatch_s)
+            if turn is decide.Turn.NEW:
+                continue  # an offer of an earlier epoch: the job is offered afresh below
             inflight[st.record.pool] += 1
-            if st.record.manifest.lock:
-                locks_taken.setdefault(st.record.manifest.lock, jid)
-            if mono - p.at_mono >= self.s.redispatch_s:
+            offered_locks.append((jid, st.record.manifest.lock))
+            if turn is decide.Turn.DUE:
                 rank, product, _pool, age = q.where[jid]
                 due.append((q._key(rank, product, age, self.last_served), st))
         due.sort(key=lambda x: x[0])
+        locks_taken = decide.locks_taken(leased_locks, offered_locks)
 
         capacity: dict[str, int] = {}
         serving: dict[str, list[FactoryState]] = {}
@@ -562,7 +551,7 @@ class Scheduler:
                     gaps[rec.pool] = capability_gap(rec.requirements, live)
             return rec.pool
 
-        def decide(st: JobState, redispatch: bool, pos: int) -> None:
+        def decide_one(st: JobState, redispatch: bool, pos: int) -> None:
             """Offer ``st`` or hold it (with a reason, or silently)."""
             rec = st.record
             if self.is_poisoned(st):
@@ -571,15 +560,10 @@ class Scheduler:
                 too_large.append(st)
                 return
             pool = pool_of(st)
-            hold = None
-            if st.ts + rec.backoff_s > broker_now:
-                hold = ""  # retry backoff: the record's reason already says when
-            elif rec.manifest.lock and locks_taken.get(rec.manifest.lock, rec.id) != rec.id:
-                hold = f"waiting for lock {rec.manifest.lock!r} held by job {locks_taken[rec.manifest.lock]}"
-            elif not serving[pool]:
-                hold = gaps[pool]
-            elif not redispatch and inflight[pool] >= capacity[pool]:
-                hold = ""  # every station of the pool has an offer outstanding
+            hold = decide.hold_reason(
+                rec, st.ts, broker_now, redispatch=redispatch,
+                lock_holder=locks_taken.get(rec.manifest.lock) if rec.manifest.lock else None,
+                gap=gaps.get(pool), inflight=inflight[pool], capacity=capacity[pool])
             if hold is not None:
                 if hold and self.held.get(rec.id) != hold:
                     holds.append((st, hold))
@@ -594,7 +578,7 @@ class Scheduler:
 
         for _key, st in due:
             visited += 1
-            decide(st, True, 0)
+            decide_one(st, True, 0)
 
         def open_(pool: str) -> bool:
             """Whether a pass still has something to do in ``pool``."""
@@ -621,9 +605,9 @@ class Scheduler:
                 continue
             visited += 1
             position[pool] += 1
-            p = self.published.get(st.record.id)
-            if not (p and p.epoch == st.record.epoch):
-                decide(st, False, position[pool])
+            if decide.offer_turn(self.published.get(st.record.id), st.record.epoch, mono,
+                                 self.s.redispatch_s) is decide.Turn.NEW:
+                decide_one(st, False, position[pool])
             nxt = next(iters[pool], None)
             if nxt is not None:
                 heapq.heappush(heap, (nxt[0], pool, nxt[1]))
@@ -670,21 +654,14 @@ class Scheduler:
             if not ok:
                 continue
             rec = st.record
-            self.published[rec.id] = _Published(rec.epoch, mono)
+            self.published[rec.id] = decide.Offered(rec.epoch, mono)
             self._served_seq += 1
             self.last_served[rec.manifest.product] = self._served_seq
             self.held.pop(rec.id, None)
-            events.append(self._event(EventRecord(
-                kind="dispatched", at=time.time(), job=rec.id, stage_from="queued", stage_to="queued",
-                epoch=rec.epoch, actor=self.actor,
-                reason=f"priority {rec.manifest.priority}, waited {max(0.0, broker_now - rec.submitted_at):.1f}s; "
-                       + (f"offered again: not taken within {self.s.redispatch_s:g}s" if redispatch else
-                          f"#{pos} of {depth[rec.pool]} queued in pool {rec.pool}"),
-                data={"pool": rec.pool, "priority": str(rec.manifest.priority), "position": pos,
-                      "queued_in_pool": depth[rec.pool], "pool_capacity": capacity[rec.pool],
-                      "serving_factories": [f.record.id for f in serving[rec.pool]],
-                      "redispatch": redispatch},
-            )))
+            events.append(self._event(decide.dispatched_event(
+                rec, at=time.time(), actor=self.actor, broker_now_s=broker_now, redispatch=redispatch,
+                redispatch_s=self.s.redispatch_s, position=pos, queued_in_pool=depth[rec.pool],
+                pool_capacity=capacity[rec.pool], serving_factories=[f.record.id for f in serving[rec.pool]])))
         sent = len(events)
         await asyncio.gather(*events)  # never raises: a failed event is kept for the next pass
         await _gather_raising([self._hold(st, reason) for st, reason in holds])
@@ -850,11 +827,10 @@ class Scheduler:
             if st is None or self.is_poisoned(st):
                 continue
             try:
-                out = protocol.expire(st.record, st.ts, broker_now, self.s.lease_ttl_s)
-                if out is None:
+                w = decide.reap(st.record, st.ts, broker_now, self.s.lease_ttl_s)
+                if w is None:
                     continue
-                holder = st.record.lease.factory if st.record.lease else None
-                if await self._write(st.record, st.revision, out, holder=holder, old_epoch=st.record.epoch):
+                if await self._write(st.record, st.revision, w.out, **w.data):
                     n += 1
             except TRANSIENT:
                 raise  # the broker is not answering: every other write would wait out its timeout too
