@@ -9,6 +9,7 @@ in this package and one line in :func:`_builtin`; nothing outside this package c
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from types import MappingProxyType
 
@@ -17,21 +18,24 @@ from gigafactory.schemas.capabilities import parse_offer
 from .base import Engine, EngineJob, Outcome, OutputParser, Prepared, ProbeResult, Progress, SetupFailed
 
 _REGISTRY: dict[str, Engine] = {}
+_ENGINE_NAME_RE = re.compile(r"[a-z0-9][a-z0-9_\-]*")
 
 
 def register(engine: Engine, *, replace: bool = False) -> Engine:
     """Add ``engine`` to the registry; returns it.
 
-    :param engine: the engine; its ``name`` must be a valid capability value
-        (``engine:<name>``), its ``engine_class`` non-empty.
+    :param engine: the engine; its ``name`` must be one a job's ``engine:`` can say (lower-case
+        letters, digits, ``-`` and ``_``), its ``engine_class`` non-empty.
     :param replace: replace an engine of the same name (else that is a :class:`ValueError`).
     """
     if not isinstance(engine, Engine):
         raise TypeError(f"an engine must be an Engine, not {type(engine).__name__}")
-    key, value = parse_offer(f"engine:{engine.name}")
-    if key != "engine" or value != engine.name:
-        raise ValueError(f"engine name {engine.name!r} is not a valid capability value: use lower-case "
-                         "letters, digits, '-', '_' and '.'")
+    name = getattr(engine, "name", None)
+    # What a job's `engine:` may say (schemas/manifest.py checks the same), so jobs can name it.
+    if not isinstance(name, str) or not _ENGINE_NAME_RE.fullmatch(name):
+        raise ValueError(f"engine name {name!r} is not one a job can name: use lower-case letters, digits, "
+                         "'-' and '_', starting with a letter or digit")
+    parse_offer(f"engine:{name}")  # and a valid capability token (raises CapabilityError naming it)
     if not getattr(engine, "engine_class", ""):
         raise ValueError(f"engine {engine.name!r} has no engine_class")
     if engine.name in _REGISTRY and not replace:
