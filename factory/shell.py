@@ -1,5 +1,7 @@
-"""The shell engine and the verify gate: run a script or a command, bounded, in its own
-process group, with its output appended to a log file and streamed to a callback.
+"""Running an engine's process: a script (the ``shell`` engine), a command (the verify gate)
+or a program's argv (an engine that is a CLI of its own), bounded, in its own process group,
+with its output appended to a log file and streamed to a callback. The engines themselves are
+in :mod:`engines`; this module is what every one of them runs through.
 
 Theory of operation:
 
