@@ -23,6 +23,7 @@ from gigafactory.factory.engines.base import (
     require_cwd,
 )
 from gigafactory.factory.probe import probe
+from gigafactory.schemas import names
 from gigafactory.schemas.manifest import FailureClass
 
 from helpers import Fleet, eventually, run
@@ -193,6 +194,45 @@ def test_an_engine_registered_in_a_test_is_offered_and_ships_a_job_with_the_shar
             evs = await eventually(progress, 10, what="the engine's progress events in the audit")
             assert [e["data"]["step"] for e in evs] == [1, 2]
             assert all(e["factory"] == "py-1" for e in evs)
+
+    run(main())
+
+
+class BrokenParser(OutputParser):
+    def feed(self, chunk: bytes) -> list[Progress]:
+        raise ValueError("this parser cannot read anything")
+
+
+class PythonEngineWithABrokenParser(PythonEngine):
+    def parser(self) -> OutputParser:
+        return BrokenParser()
+
+
+def test_an_engine_whose_output_parser_raises_still_runs_its_job_to_the_end(nats_server, tmp_path, registered):
+    """A parser that raises costs the run's progress events, never the run: the job ships, its
+    whole output is in the log, and the live log stream goes on after the parser failed (the
+    output is written in two chunks, apart in time)."""
+    _register(registered, PythonEngineWithABrokenParser("pyparse"))
+    program = "import time\nprint('progress: 1', flush=True)\ntime.sleep(0.3)\nprint('all done', flush=True)"
+
+    async def main():
+        async with Fleet(nats_server.url, tmp_path) as fleet:
+            f = await fleet.add_factory("py-3", probe=True)
+            live: list[bytes] = []
+
+            async def heard(msg) -> None:
+                live.append(msg.data)
+
+            sub = await fleet.admin.nc.subscribe(f"{names.LOGS_PREFIX}.>", cb=heard)
+            job = await fleet.submit_one(fleet.job(program, engine="pyparse", review_policy="auto"))
+            rec = await fleet.wait_stage(job, "shipped")
+            assert rec.attempts[-1].detail == "engine exited 0; no verify command"
+            [log_file] = (tmp_path / "factories" / "py-3" / "logs").iterdir()
+            assert "all done" in log_file.read_text()
+            await eventually(lambda: b"all done" in b"".join(live), 10, what="the live log after the parser failed")
+            await sub.unsubscribe()
+            assert not [e for e in await fleet.events(job) if e["kind"] == "progress"]
+            assert f.stats["finished"] == 1
 
     run(main())
 
