@@ -132,14 +132,13 @@ class Execute:
             self.runs.pop((run.job, run.epoch), None)
             await self._release_station(run.station, engine)
 
-
-
     async def _run_engine(self, run: Run, engine: str | None) -> ResultPayload:
         """Run the job's engine and the verify gate; the result to report (never raises for
         what the job did: an engine that cannot start here is ``setup_failed``).
 
         :param run: the run (it holds the lease; its ``fence`` and ``cancel`` bound the engine).
-        :param engine: the engine of the pool the job came from (seats are counted by it).
+        :param engine: the engine of the pool the job came from (it counts the seats; the engine
+            run is the one the manifest names).
         """
         rec = run.record
         m = rec.manifest
@@ -205,7 +204,7 @@ class Execute:
             timeout_class=FailureClass.BUDGET_EXCEEDED if wall_binds else FailureClass.TIMEOUT,
             header=f"# gigafactory: job {run.job} attempt {rec.attempt} epoch {run.epoch} on {self.id}/{run.station}\n",
             on_output=on_output, cancel=run.cancel, fence=run.fence, supervised=not self.s.unsafe_unfenced_engines,
-            kill_grace_s=5.0, offered=frozenset(self.offers.tokens),
+            kill_grace_s=5.0,
         )
         try:
             prepared = eng.prepare(job)

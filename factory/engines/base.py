@@ -80,7 +80,6 @@ class EngineJob:
     :param fence: the self-fencing deadline (None with ``unsafe_unfenced_engines``).
     :param supervised: run under the supervisor (False only with ``unsafe_unfenced_engines``).
     :param kill_grace_s: SIGTERM to SIGKILL when the engine is stopped.
-    :param offered: the factory's capability tokens (an opt-in engine checks it is offered).
     """
 
     job: str
@@ -101,7 +100,6 @@ class EngineJob:
     fence: shell.FenceDeadline | None
     supervised: bool
     kill_grace_s: float = 5.0
-    offered: frozenset[str] = frozenset()
 
 
 @dataclass
