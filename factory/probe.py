@@ -7,7 +7,9 @@ this module, so a factory can never register a token the router cannot parse.
 What is probed:
 
 - ``os:linux|mac|windows`` and ``arch:x86_64|arm64`` (``aarch64`` and ``amd64`` normalized);
-- ``engine:shell``: the shell engine is built in (on Windows only when bash or sh exists);
+- ``engine:<name>`` (and ``<name>:<version>``) for each registered engine (:mod:`engines`)
+  whose own probe says it can run here: ``engine:shell`` is built in (on Windows only when bash
+  or sh exists); opt-in engines (``noop``) are offered only by ``--cap``;
 - ``has:<tool>`` for agent CLIs and tools found on the search path;
 - ``node:<v>``, ``python:<v>``, ``git:<v>``, ``go:<v>`` read from the tools' version output,
   each run with a hard timeout in its own process group; a tool that hangs, fails or prints
@@ -20,6 +22,7 @@ What is probed:
 
 from __future__ import annotations
 
+import logging
 import os
 import platform
 import re
@@ -32,6 +35,10 @@ from collections.abc import Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 
 from gigafactory.schemas.capabilities import CapabilityError, parse_offer
+
+from . import engines
+
+log = logging.getLogger("gigafactory.factory")
 
 # Agent CLIs and tools reported as ``has:<token>`` when found on the search path.
 TOOLS: dict[str, str] = {
@@ -169,9 +176,7 @@ def probe(
     found = {exe: shutil.which(exe, path=search_path) for exe in TOOLS}
     tokens.update(f"has:{TOOLS[exe]}" for exe, where in found.items() if where)
 
-    has_posix_shell = any(shutil.which(sh, path=search_path) for sh in ("bash", "sh"))
-    if host["os"] != "windows" or has_posix_shell:
-        tokens.add("engine:shell")
+    tokens.update(engine_tokens(environ=tool_env, path=search_path, timeout_s=timeout_s))
 
     commands: dict[str, list[str]] = {}
     for key, (exe, args) in VERSIONED.items():
@@ -198,6 +203,32 @@ def probe(
         # Every token, probed or not, must be one the router can parse.
         parse_offer(t)
     return sorted(tokens)
+
+
+def engine_tokens(*, environ: Mapping[str, str], path: str, timeout_s: float) -> list[str]:
+    """``engine:<name>`` (and ``<name>:<version>``) for every registered engine
+    (:func:`engines.registry`) whose own probe says it can run here, except the opt-in ones
+    (``noop``), which only an operator's ``--cap engine:<name>`` offers. An engine whose probe
+    raises is not offered, and is logged: one broken engine never breaks the probe.
+
+    :param environ: the environment engines will run with (credentials are looked up here).
+    :param path: the search path for the engines' programs.
+    :param timeout_s: hard limit for each engine's version command.
+    """
+    out: list[str] = []
+    for eng in engines.registry().values():
+        if eng.opt_in:
+            continue
+        try:
+            found = eng.probe(environ=environ, path=path, timeout_s=timeout_s)
+        except Exception:  # noqa: BLE001 - a broken engine must not break the probe
+            log.exception("probing engine %s failed; it is not offered", eng.name)
+            continue
+        if found.runnable:
+            out.extend(eng.tokens(found))
+        else:
+            log.info("engine %s is not offered: %s", eng.name, found.why or "its probe says it cannot run here")
+    return out
 
 
 def _normalize_extra(token: object) -> str:

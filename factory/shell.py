@@ -1,5 +1,7 @@
-"""The shell engine and the verify gate: run a script or a command, bounded, in its own
-process group, with its output appended to a log file and streamed to a callback.
+"""Running an engine's process: a script (the ``shell`` engine), a command (the verify gate)
+or a program's argv (an engine that is a CLI of its own), bounded, in its own process group,
+with its output appended to a log file and streamed to a callback. The engines themselves are
+in :mod:`engines`; this module is what every one of them runs through.
 
 Theory of operation:
 
@@ -239,6 +241,54 @@ async def run_command(
     os.makedirs(log_dir, exist_ok=True)
     return await _run(
         [shell, "-c", command],
+        cwd=cwd,
+        env=env,
+        timeout_s=timeout_s,
+        log_path=log_path,
+        on_output=on_output,
+        cancel=cancel,
+        kill_grace_s=kill_grace_s,
+        header=header,
+        fence=fence,
+        supervised=supervised,
+    )
+
+
+async def run_argv(
+    argv: list[str],
+    *,
+    cwd: str,
+    env: Mapping[str, str],
+    timeout_s: float,
+    log_path: str,
+    on_output: OutputCallback | None = None,
+    cancel: asyncio.Event | None = None,
+    kill_grace_s: float = 5.0,
+    header: str | None = None,
+    fence: FenceDeadline | None = None,
+    supervised: bool = True,
+) -> ProcessResult:
+    """Run ``argv`` as it is (no shell): an engine that is a program of its own (an agent CLI).
+
+    :param argv: the program and its arguments; ``argv[0]``, when it is not a path, is looked
+        up on ``env``'s ``PATH`` here (a program that is not found raises
+        :class:`FileNotFoundError` naming it, before anything is started: under the supervisor
+        it would otherwise show only as exit code 127).
+
+    Other parameters as for :func:`run_script`.
+    """
+    assert argv, "run_argv needs a program to run"
+    _check_cwd(cwd)
+    program = argv[0]
+    if os.path.dirname(program) == "":
+        found = shutil.which(program, path=env.get("PATH", os.defpath))
+        if found is None:
+            raise FileNotFoundError(errno.ENOENT, f"{program} is not on the engine's PATH", program)
+        argv = [found, *argv[1:]]
+    log_dir = os.path.dirname(os.path.abspath(log_path))
+    os.makedirs(log_dir, exist_ok=True)
+    return await _run(
+        list(argv),
         cwd=cwd,
         env=env,
         timeout_s=timeout_s,

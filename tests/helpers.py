@@ -170,11 +170,14 @@ class Fleet:
             raise AssertionError(f"{what} not ready within 30s")
 
     async def add_factory(self, factory_id: str, *, stations: int = 1, caps: list[str] | tuple[str, ...] = (),
-                          settings: Settings | None = None, seats: dict[str, int] | None = None) -> Factory:
-        """Start a factory and wait until it is registered and the coordinator counts it live."""
+                          settings: Settings | None = None, seats: dict[str, int] | None = None,
+                          probe: bool = False) -> Factory:
+        """Start a factory and wait until it is registered and the coordinator counts it live.
+        ``probe``: probe this machine (tools, versions, engines) instead of offering only
+        ``caps`` and ``engine:shell``."""
         s = settings or self.settings
         b = await Broker.open(self.url, f"test-factory-{factory_id}", s)
-        f = Factory(b, factory_id=factory_id, stations=stations, extra_capabilities=list(caps), probe=False, seats=seats,
+        f = Factory(b, factory_id=factory_id, stations=stations, extra_capabilities=list(caps), probe=probe, seats=seats,
                     workspace=str(self.root / "work"), data_dir=str(self.root / "factories"), settings=s)
         stop = asyncio.Event()
         task = asyncio.create_task(f.run(stop), name=f"factory-{factory_id}")

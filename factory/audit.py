@@ -1,0 +1,82 @@
+"""The factory's audit: events queued in order and stored in ``GF_EVENTS`` by one task.
+
+State it uses, set up by :class:`~gigafactory.factory.agent.Factory`: ``_events`` (the queue),
+``_events_waiting``, ``stats``, ``id`` and the broker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import secrets
+import time
+
+from gigafactory.schemas.records import EventRecord
+
+log = logging.getLogger("gigafactory.factory")
+
+EVENT_QUEUE_MAX = 10_000
+"""Audit events waiting to be stored (the broker away) beyond this drop the oldest, logged."""
+EVENT_RETRY_MIN_S = 0.05
+EVENT_RETRY_MAX_S = 2.0
+"""Back-off between tries of an audit event the stream did not store."""
+
+
+class AuditQueue:
+    """Mixin of :class:`~gigafactory.factory.agent.Factory`: queueing and publishing audit events."""
+
+    async def _event(self, kind: str, *, job: str | None = None, epoch: int | None = None,
+                     stage_from: str | None = None, stage_to: str | None = None, reason: str = "",
+                     data: dict | None = None) -> None:
+        """Queue an audit event; :meth:`_events_loop` publishes the queue in order.
+
+        An event follows the record write it describes, and the write may have reached the job
+        bucket while ``GF_EVENTS`` has no leader (an election on a cluster) or the broker went
+        away just after: published inline, such an event was lost, and the audit showed a
+        result with no claim before it. Queued, it is retried until stored (with one message id,
+        so a retry of a publish whose reply was lost is stored once), and the events after it
+        wait their turn, so the audit keeps the order of the writes. The run never waits on it."""
+        ev = EventRecord(
+            kind=kind, at=time.time(), job=job, epoch=epoch, factory=self.id, actor=self.id,
+            stage_from=stage_from, stage_to=stage_to, reason=reason, data=data or {},
+        )
+        if len(self._events) >= EVENT_QUEUE_MAX:
+            lost, _ = self._events.popleft()
+            self.stats["events_dropped"] += 1
+            log.warning("%s: audit queue full (%d); event %s for %s dropped", self.id, EVENT_QUEUE_MAX,
+                        lost.kind, lost.job)
+        self._events.append((ev, f"{self.id}-{secrets.token_hex(8)}"))
+        self._events_waiting.set()
+
+    async def _publish_events(self, deadline: float | None = None) -> bool:
+        """Publish queued events in order until the queue is empty (True) or ``deadline``
+        (monotonic) passes (False). A failed publish is retried, with back-off, before any
+        later event is sent."""
+        delay, failures = EVENT_RETRY_MIN_S, 0
+        while self._events:
+            ev, msg_id = self._events[0]
+            try:
+                await self.b.publish_event(ev, msg_id=msg_id)
+            except Exception as e:
+                failures += 1
+                if failures == 1 or failures % 20 == 0:
+                    log.info("%s: event %s for %s not stored yet (%s); %d queued, retrying", self.id, ev.kind,
+                             ev.job, e, len(self._events))
+                pause = random.uniform(delay / 2, delay)
+                if deadline is not None and time.monotonic() + pause > deadline:
+                    return False
+                await asyncio.sleep(pause)
+                delay = min(delay * 2, EVENT_RETRY_MAX_S)
+                continue
+            self._events.popleft()
+            self.stats["events_published"] += 1
+            delay, failures = EVENT_RETRY_MIN_S, 0
+        return True
+
+    async def _events_loop(self) -> None:
+        while True:
+            self._events_waiting.clear()
+            await self._publish_events()
+            await self._events_waiting.wait()
+

@@ -1,0 +1,270 @@
+"""The one interface every engine implements, and what the factory hands an engine to run.
+
+An engine is what runs inside a station: a shell script, an agent CLI, nothing at all. The
+factory knows engines only through :class:`Engine`:
+
+- ``name`` and ``engine_class``: the ``engine:`` a job names, and the ``engine-class`` it
+  belongs to (``shell`` is a ``script``; an agent CLI is an ``agentic-coder``).
+- :meth:`Engine.probe`: is it installed, which version, which credentials it needs and whether
+  they are set. The factory's probe (:mod:`gigafactory.factory.probe`) turns a runnable result
+  into the capability tokens ``engine:<name>`` and ``<name>:<version>`` (:meth:`Engine.tokens`).
+- :meth:`Engine.prepare`: the command line, environment and working directory, from the
+  resolved manifest and only what the engine needs (:class:`EngineJob`); refuses with
+  :class:`SetupFailed` when the job cannot start here.
+- :meth:`Engine.run`: run what was prepared through :mod:`gigafactory.factory.shell` (its own
+  process group under the supervisor, the timeout, cancel, the self-fencing deadline, output
+  appended to the log and streamed), and classify how it ended (:class:`Outcome`, with a
+  :class:`FailureClass`). The default runs ``Prepared.argv``; an engine overrides it only if it
+  runs differently (the shell engine runs a script file).
+- :meth:`Engine.parser`: turns the output stream into progress and usage (:class:`Progress`);
+  the default reads nothing from it (the shell engine's output is only a log).
+
+What an engine does not do: claim, renew, fence, verify, report. The factory holds the lease
+(:mod:`gigafactory.factory.holder`), runs the ``verify`` gate after any engine that passed
+(:mod:`.verify`), and reports (:mod:`gigafactory.factory.reporting`). An engine's code is pure
+apart from the process it starts, so adding one touches only this package: a module with an
+:class:`Engine` subclass and one line in :func:`gigafactory.factory.engines._builtin`.
+"""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+import os
+import sysconfig
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from gigafactory.schemas.manifest import FailureClass, Manifest
+
+from .. import shell
+
+
+@dataclass(frozen=True)
+class ProbeResult:
+    """What :meth:`Engine.probe` found on this machine."""
+
+    runnable: bool
+    """Installed and with every credential it needs: the factory offers ``engine:<name>``."""
+    version: str | None = None
+    """The engine's version (``2.1.3``), offered as ``<name>:<version>``; None if it has none."""
+    credentials: Mapping[str, bool] = field(default_factory=dict)
+    """Each credential variable the engine needs, and whether it is set (never its value)."""
+    why: str = ""
+    """Why it is not runnable (not installed, a credential missing), for logs and operators."""
+
+
+@dataclass
+class EngineJob:
+    """One attempt, as an engine sees it: only what it needs to run, nothing of the lease.
+
+    :param job: the job id.
+    :param epoch: the epoch of the attempt (the fencing token; for names such as the branch).
+    :param attempt: the attempt number.
+    :param factory: this factory's id.
+    :param station: the station the attempt runs on.
+    :param manifest: the resolved manifest (``engine``, ``model``, ``verify``, ``budget``, ...).
+    :param body: the job's markdown body (the prompt; for ``shell``, where the script is).
+    :param cwd: the working directory, resolved (``~`` and variables expanded, relative to the
+        factory's workspace); it may not exist (:meth:`Engine.prepare` checks).
+    :param log_path: the attempt's log file; output is appended to it.
+    :param gf_env: the ``GF_*`` variables (and the broker URL, for ``gigafactory fence``) the
+        factory gives every engine.
+    :param timeout_s: the wall-clock limit of the engine and the verify gate together.
+    :param timeout_class: how running past ``timeout_s`` is classed: ``budget_exceeded`` when
+        ``budget.wall`` is what binds, else ``timeout``.
+    :param header: the line written to the log before the engine's output.
+    :param on_output: called with each chunk of output, in order, on the event loop.
+    :param cancel: set when the engine must stop (the lease was lost, the factory drains).
+    :param fence: the self-fencing deadline (None with ``unsafe_unfenced_engines``).
+    :param supervised: run under the supervisor (False only with ``unsafe_unfenced_engines``).
+    :param kill_grace_s: SIGTERM to SIGKILL when the engine is stopped.
+    """
+
+    job: str
+    epoch: int
+    attempt: int
+    factory: str
+    station: int
+    manifest: Manifest
+    body: str
+    cwd: Path
+    log_path: str
+    gf_env: Mapping[str, str]
+    timeout_s: float
+    timeout_class: FailureClass
+    header: str
+    on_output: Callable[[bytes], None]
+    cancel: asyncio.Event
+    fence: shell.FenceDeadline | None
+    supervised: bool
+    kill_grace_s: float = 5.0
+
+
+@dataclass
+class Prepared:
+    """What :meth:`Engine.prepare` built: how to start the engine."""
+
+    cwd: Path
+    """Where it runs (checked to exist)."""
+    env: dict[str, str]
+    """Its complete environment; the verify gate runs with the same one."""
+    argv: list[str] = field(default_factory=list)
+    """The command line, for engines that are programs (the default :meth:`Engine.run`)."""
+    script: str | None = None
+    """A script to run with bash (or sh), for the shell engine."""
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """How an engine's run ended."""
+
+    failure: FailureClass | None
+    """None: it passed (the verify gate decides next); else why it failed."""
+    detail: str
+    """One line for the attempt's record."""
+    exit_code: int | None = None
+    """The engine's exit code (None: it never ran, or a signal ended it)."""
+    verify_exit_code: int | None = None
+    """The ``verify`` command's exit code, when the gate ran."""
+    self_fenced: bool = False
+    """Its self-fencing deadline stopped it: the factory appends why (``detail: why``) and
+    quarantines the result."""
+
+
+@dataclass(frozen=True)
+class Progress:
+    """Something an engine's output said while it ran (a turn, a tool call, token usage)."""
+
+    kind: str
+    """``progress`` or ``usage``."""
+    data: Mapping[str, object]
+
+
+class OutputParser:
+    """Reads an engine's output stream as it arrives; the default reads nothing from it."""
+
+    def feed(self, chunk: bytes) -> list[Progress]:
+        """Take the next chunk of output; returns what it said (a line may span chunks)."""
+        return []
+
+
+class SetupFailed(Exception):
+    """The job cannot start on this factory (``setup_failed``); the message says why.
+
+    :param detail: the attempt's detail (one line).
+    :param log_line: written to the attempt's log, if given (so ``gigafactory logs`` says it too).
+    """
+
+    def __init__(self, detail: str, log_line: str | None = None) -> None:
+        super().__init__(detail)
+        self.detail = detail
+        self.log_line = log_line
+
+
+class Engine(abc.ABC):
+    """One kind of engine. Instances are stateless and shared by every run of the factory."""
+
+    name: str
+    """The ``engine:`` value jobs name (``shell``); a valid capability value."""
+    engine_class: str
+    """The class it belongs to (``script``, ``agentic-coder``)."""
+    opt_in: bool = False
+    """Offered only when the operator names ``engine:<name>`` (``--cap``), never by the probe,
+    and run only where offered (``noop``: it could swallow real work)."""
+    verifies: bool = True
+    """Whether the ``verify`` gate runs after this engine passed (``noop`` ran nothing)."""
+
+    @abc.abstractmethod
+    def probe(self, *, environ: Mapping[str, str], path: str, timeout_s: float) -> ProbeResult:
+        """Whether this engine can run here. Never raises (a broken tool is simply not runnable).
+
+        :param environ: the environment engines will run with (credentials are looked up here).
+        :param path: the search path for the engine's program.
+        :param timeout_s: hard limit for any command run to learn the version.
+        """
+
+    def tokens(self, found: ProbeResult) -> list[str]:
+        """The capability tokens a runnable probe result offers: ``engine:<name>``, and
+        ``<name>:<version>`` when the engine has a version.
+
+        :param found: what :meth:`probe` returned (runnable).
+        """
+        out = [f"engine:{self.name}"]
+        if found.version:
+            out.append(f"{self.name}:{found.version}")
+        return out
+
+    def prepare(self, job: EngineJob) -> Prepared:
+        """Build the command line, environment and working directory for ``job``; raise
+        :class:`SetupFailed` if it cannot start here. Called on a worker thread (never on the
+        factory's event loop), so it may block briefly. The default checks the working directory
+        and gives the engine :func:`engine_environment`; an engine that is a program overrides
+        it to set ``argv``.
+
+        :param job: the attempt (:class:`EngineJob`).
+        """
+        require_cwd(job)
+        return Prepared(cwd=job.cwd, env=engine_environment(job))
+
+    async def run(self, job: EngineJob, prepared: Prepared) -> Outcome:
+        """Run what :meth:`prepare` built and say how it ended. The default runs
+        ``prepared.argv`` with :func:`shell.run_argv` and classifies it with
+        :func:`classify_exit`.
+
+        :param job: the attempt.
+        :param prepared: what :meth:`prepare` returned for it.
+        """
+        try:
+            res = await shell.run_argv(
+                prepared.argv, cwd=str(prepared.cwd), env=prepared.env, timeout_s=job.timeout_s,
+                log_path=job.log_path, on_output=job.on_output, cancel=job.cancel, kill_grace_s=job.kill_grace_s,
+                header=job.header, fence=job.fence, supervised=job.supervised,
+            )
+        except FileNotFoundError as e:
+            return Outcome(FailureClass.SETUP_FAILED, str(e))
+        return classify_exit(res, job)
+
+    def parser(self) -> OutputParser:
+        """A fresh reader of one run's output stream (:class:`OutputParser`)."""
+        return OutputParser()
+
+
+def require_cwd(job: EngineJob) -> None:
+    """Raise :class:`SetupFailed` when the job's working directory does not exist here."""
+    if not job.cwd.is_dir():
+        raise SetupFailed(f"cwd {job.cwd} does not exist on {job.factory}",
+                          f"cwd {job.cwd} does not exist on factory {job.factory}\n")
+
+
+def engine_environment(job: EngineJob) -> dict[str, str]:
+    """The environment an engine runs with: the factory's own, the ``GF_*`` variables, and this
+    installation's ``gigafactory`` first on ``PATH`` (so a script can call ``gigafactory fence``).
+
+    :param job: the attempt.
+    """
+    env = dict(os.environ)
+    env.update(job.gf_env)
+    # This installation's `gigafactory` first on PATH, so scripts can call `gigafactory fence`.
+    env["PATH"] = os.pathsep.join([sysconfig.get_path("scripts"), env.get("PATH", "")])
+    return env
+
+
+def classify_exit(res: shell.ProcessResult, job: EngineJob) -> Outcome:
+    """How a process engine ended, from its :class:`shell.ProcessResult`: self-fenced, cancelled,
+    past its time (``job.timeout_class``), a non-zero exit or a signal (``crash``), or passed.
+
+    :param res: what the engine's process did.
+    :param job: the attempt (its limit and timeout class).
+    """
+    if res.fenced:
+        return Outcome(FailureClass.CRASH, "self-fenced", res.exit_code, self_fenced=True)
+    if res.cancelled:
+        return Outcome(FailureClass.CRASH, "cancelled (lease lost or factory draining)", res.exit_code)
+    if res.timed_out:
+        return Outcome(job.timeout_class, f"engine ran past {job.timeout_s:g}s and was killed", res.exit_code)
+    if res.exit_code != 0:
+        why = f"signal {res.signal}" if res.signal else f"exit code {res.exit_code}"
+        return Outcome(FailureClass.CRASH, f"engine ended with {why}", res.exit_code)
+    return Outcome(None, "engine exited 0", 0)

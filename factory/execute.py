@@ -1,0 +1,230 @@
+"""One job on this factory: claim, lock, start, engine, verify, report.
+
+The claim is a compare-and-set on the record's revision (exactly one claimer of a revision
+wins); the lock, the start write, renewals and the result are the holder's fenced writes
+(:mod:`holder`). The engine is whatever :mod:`engines` registers under the job's ``engine``:
+this module builds what the engine needs (:class:`~engines.base.EngineJob`), runs it, runs the
+shared ``verify`` gate after an engine that passed (:mod:`engines.verify`), and hands the
+result to :mod:`reporting`. It knows no engine by name.
+
+State it uses, set up by :class:`~gigafactory.factory.agent.Factory`: ``runs``, ``offers``,
+``workspace``, ``logs_dir``, ``stats``, ``s``, ``id``, the broker; the stations
+(:mod:`stations`), the holder (:mod:`holder`), reporting (:mod:`reporting`), ``_event``
+(:mod:`audit`) and ``_spawn``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from pathlib import Path
+
+from gigafactory.broker import Conflict
+from gigafactory.schemas import names, protocol
+from gigafactory.schemas.lifecycle import Stage
+from gigafactory.schemas.manifest import FailureClass, parse_duration
+from gigafactory.schemas.records import Attribution, JobRecord, decode, encode
+
+from . import engines, shell
+from .engines.base import EngineJob, SetupFailed
+from .engines.verify import verify_gate
+from .holder import Run
+from .reporting import ResultPayload
+
+log = logging.getLogger("gigafactory.factory")
+
+
+class Execute:
+    """Mixin of :class:`~gigafactory.factory.agent.Factory`: one job's lifecycle."""
+
+    async def _claim_and_run(self, job_id: str, station: int, engine: str | None, *, via: str = "push") -> bool:
+        """Claim ``job_id`` on ``station``; on success the run continues in the background.
+        ``via`` says how the job was found ("push": a dispatch message, "poll": the queue
+        index), for the ``claimed`` event. Returns True if this factory won the claim."""
+        try:
+            e = await self.b.jobs.get(job_id)
+            if e is None:
+                self.stats["claim_skipped"] += 1
+                await self._release_station(station, engine)
+                return False
+            rec = decode(e.value, JobRecord)
+            if rec.stage != Stage.QUEUED or self.offers.missing(rec.requirements):
+                self.stats["claim_skipped"] += 1
+                await self._release_station(station, engine)
+                return False
+            if rec.backoff_s and (await self.b.broker_now()) < e.ts + rec.backoff_s:
+                self.stats["claim_skipped"] += 1
+                await self._release_station(station, engine)
+                return False
+            out = protocol.claim(rec, self.id, station, time.time())
+            self.stats["claims"] += 1
+            try:
+                rev = await self.b.jobs.update(job_id, encode(out.record), last=e.revision)
+            except Conflict:
+                self.stats["claim_conflicts"] += 1
+                await self._release_station(station, engine)
+                return False
+        except Exception as ex:
+            log.info("%s: claim of %s failed (%s)", self.id, job_id, ex)
+            await self._release_station(station, engine)
+            return False
+        run = Run(job_id, out.record.epoch, station, rev, out.record)
+        self.runs[(job_id, run.epoch)] = run
+        self._set_station(station, job_id, run.epoch)
+        await self._event("claimed", job=job_id, epoch=run.epoch, stage_from="queued", stage_to="assigned",
+                          reason=out.reason, data={"station": station, "attempt": out.record.attempt, "via": via})
+        self._spawn(self._execute(run, engine), f"job-{job_id}")
+        return True
+
+
+    async def _execute(self, run: Run, engine: str | None) -> None:
+        renewer: asyncio.Task | None = None
+        try:
+            m = run.record.manifest
+            if m.lock:
+                holder = await self._acquire_lock(run, m.lock)
+                if holder is not None:
+                    await self._event("lock_wait", job=run.job, epoch=run.epoch,
+                                      reason=f"lock {m.lock!r} held by job {holder}")
+                    await self._hand_back(run, f"lock {m.lock!r} held by job {holder}", backoff_s=1.0)
+                    return
+            sent_s = shell.fence_clock()
+            started = await self._write(run, lambda r: protocol.start(r, self.id, run.epoch, time.time()))
+            if started is None:
+                return
+            if run.lock_sent_s is not None:
+                # The lock entry may be older than the start write (a start that took retries):
+                # the engine must stop before the lock can be presumed free, too.
+                sent_s = min(sent_s, run.lock_sent_s)
+            if not self.s.unsafe_unfenced_engines:
+                # Measured from when the write was *sent*: the broker stamped it later, so the
+                # reaper's clock starts later than ours (conservative).
+                run.fence = shell.FenceDeadline(self._fence_deadline_s(sent_s), self.s.fence_kill_grace_s)
+            await self._event("started", job=run.job, epoch=run.epoch, stage_from="assigned", stage_to="building",
+                              reason=started.reason)
+            renewer = asyncio.create_task(self._renew_loop(run))
+            payload = await self._run_engine(run, engine)
+            if run.self_fenced is not None:
+                await self._self_fence(run, payload)
+                return
+            if run.draining and not run.fenced:
+                # Stopped by a drain: give the job back without charging it a retry.
+                await self._hand_back(run, "factory draining")
+                return
+            if run.fenced:
+                self._quarantine_local(run, payload, "lease lost while running (stale epoch)")
+                return
+            await self._report(run, payload)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("%s: job %s failed inside the factory", self.id, run.job)
+        finally:
+            run.stop_renewing.set()
+            if renewer is not None:
+                try:
+                    await asyncio.wait_for(renewer, timeout=self.s.request_timeout_s * 2)
+                except Exception:
+                    renewer.cancel()
+            await self._release_lock(run)
+            self.runs.pop((run.job, run.epoch), None)
+            await self._release_station(run.station, engine)
+
+    async def _run_engine(self, run: Run, engine: str | None) -> ResultPayload:
+        """Run the job's engine and the verify gate; the result to report (never raises for
+        what the job did: an engine that cannot start here is ``setup_failed``).
+
+        :param run: the run (it holds the lease; its ``fence`` and ``cancel`` bound the engine).
+        :param engine: the engine of the pool the job came from (it counts the seats; the engine
+            run is the one the manifest names).
+        """
+        rec = run.record
+        m = rec.manifest
+        log_path = str(self.logs_dir / f"{run.job}-attempt-{rec.attempt}-epoch-{run.epoch}.log")
+        cwd = self._resolve_cwd(m.cwd)
+        attribution = Attribution(
+            lane=f"{self.id}/{run.station}", job=run.job, tracker_item=m.tracker_item, repo=str(cwd),
+            product=m.product, provider="local" if (m.engine or "") == "shell" else None, model=m.model,
+            cost_usd=0.0, cost_estimated=False,
+        )
+
+        def result(failure, detail, code=None, vcode=None) -> ResultPayload:
+            return ResultPayload(job=run.job, epoch=run.epoch, failure=failure, detail=detail, exit_code=code,
+                                 verify_exit_code=vcode, log_path=log_path, log_object=None,
+                                 attribution=attribution, finished_at=time.time())
+
+        name = m.engine or "shell"
+        eng = engines.get(name)
+        if eng is None:
+            Path(log_path).write_text(f"engine {m.engine!r} has no runner on factory {self.id}\n")
+            return result(FailureClass.SETUP_FAILED, f"engine {m.engine!r} is not runnable on {self.id}")
+        if eng.opt_in and f"engine:{name}" not in self.offers.tokens:
+            # An opt-in engine (noop) runs only where the operator offered it, so real work can
+            # never be swallowed by it; the claim's requirement check already keeps it away.
+            return result(FailureClass.SETUP_FAILED,
+                          f"engine {name!r} is not offered by {self.id} (start it with --cap engine:{name})")
+        subject = names.logs_subject(run.job, run.epoch)
+        # The run's output reader; dropped if it raises (that costs its progress events, never the run).
+        parsers = [eng.parser()]
+
+        def on_output(chunk: bytes) -> None:
+            if self.b.nc.is_connected:
+                try:
+                    asyncio.get_running_loop().create_task(self.b.nc.publish(subject, chunk))
+                except Exception:
+                    pass
+            for parser in parsers:
+                try:
+                    said = parser.feed(chunk)
+                except Exception:
+                    log.exception("%s: engine %s could not read its output; not reading it further", self.id, name)
+                    parsers.clear()
+                    return
+                for p in said:
+                    # Queued in order like every audit event (:meth:`_event` only queues).
+                    self._spawn(self._event(p.kind, job=run.job, epoch=run.epoch, data=dict(p.data)),
+                                f"{p.kind}-{run.job}")
+
+        limit_s = m.timeout_s()
+        wall_binds = m.budget.wall is not None and parse_duration(m.budget.wall) <= parse_duration(m.timeout)
+        job = EngineJob(
+            job=run.job, epoch=run.epoch, attempt=rec.attempt, factory=self.id, station=run.station, manifest=m,
+            body=rec.body, cwd=cwd, log_path=log_path,
+            gf_env={
+                "GF_JOB_ID": run.job, "GF_EPOCH": str(run.epoch), "GF_ATTEMPT": str(rec.attempt),
+                "GF_FACTORY": self.id, "GF_STATION": str(run.station), "GF_WORKSPACE": str(self.workspace),
+                "GF_BRANCH": f"gf/{run.job}/e{run.epoch}",
+                # For `gigafactory fence` right before a push or merge request (side effects are fenced
+                # too): the lease it computes what is left of must be the one the coordinators reap by.
+                "GIGAFACTORY_NATS_URL": self.b.urls, "GF_LEASE_TTL_S": repr(self.s.lease_ttl_s),
+            },
+            timeout_s=limit_s,
+            timeout_class=FailureClass.BUDGET_EXCEEDED if wall_binds else FailureClass.TIMEOUT,
+            header=f"# gigafactory: job {run.job} attempt {rec.attempt} epoch {run.epoch} on {self.id}/{run.station}\n",
+            on_output=on_output, cancel=run.cancel, fence=run.fence, supervised=not self.s.unsafe_unfenced_engines,
+            kill_grace_s=5.0,
+        )
+        try:
+            # Off the event loop: preparing may read files and scan the body (the shell engine's
+            # script extraction is linear, but a body of up to max_body_bytes still costs tens of
+            # milliseconds the loop owes to every other run's renewals).
+            prepared = await asyncio.to_thread(eng.prepare, job)
+        except SetupFailed as e:
+            if e.log_line is not None:
+                Path(log_path).write_text(e.log_line)
+            return result(FailureClass.SETUP_FAILED, e.detail)
+        t0 = time.monotonic()
+        out = await eng.run(job, prepared)
+        if out.failure is None and eng.verifies:
+            out = await verify_gate(job, prepared, out, t0)
+        if out.self_fenced:
+            run.self_fenced = self._self_fence_reason(run)
+            return result(out.failure, f"{out.detail}: {run.self_fenced}", out.exit_code, out.verify_exit_code)
+        return result(out.failure, out.detail, out.exit_code, out.verify_exit_code)
+
+    def _resolve_cwd(self, cwd: str) -> Path:
+        p = Path(os.path.expandvars(os.path.expanduser(cwd)))
+        return p if p.is_absolute() else self.workspace / p
+
