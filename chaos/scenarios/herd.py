@@ -46,8 +46,11 @@ HERD_TIMINGS: dict[str, float] = dict(
     heartbeat_s=3.0,
     long_poll_s=5.0,
     # Leases long enough that a loaded event loop (a hundred factories share one) never lets a
-    # short job's lease lapse: a reclaim would add a claim attempt that is not the herd's.
-    lease_ttl_s=10.0,
+    # short job's lease lapse: a reclaim would add a claim attempt that is not the herd's. A
+    # holder stops its engine lease_ttl_s - fence_margin_s after its last renewal (10 s here,
+    # margin 5 s), so that, not the TTL, is what a late renewal must beat: 300 pinned jobs
+    # starting at once on three loops delayed renewals past the 6.7 s a 10 s lease left.
+    lease_ttl_s=15.0,
     lease_renew_s=2.0,
     reaper_interval_s=0.5,
     redispatch_s=10.0,
