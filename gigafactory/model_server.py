@@ -285,7 +285,7 @@ _COMMAND_KEYS = ("command", "cmd", "commandLine", "script")
 
 # Where CLIs state their working directory in the prompt (Claude Code, Codex, Gemini, Copilot).
 _CWD_PATTERNS = (
-    re.compile(r"Working directory: (/[^\s<>\"']+)"),
+    re.compile(r"[Ww]orking directory: (/[^\s<>\"'\\]+)"),
     re.compile(r"<cwd>(/[^<]+)</cwd>"),
     re.compile(r"working in the directory:?\s+(/[^\s<>\"']+)"),
     re.compile(r"[Cc]urrent working directory[^/\n]{0,20}(/[^\s<>\"'`]+)"),
