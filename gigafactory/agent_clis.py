@@ -119,9 +119,9 @@ def scripted_run(name: str, *, prompt: str, base_url: str, home: Path, api_key: 
                     f'stream_max_retries=2}}')
         argv = [binary, "exec", "--json", "--skip-git-repo-check", "-m", model or "scripted-model",
                 "-c", "model_provider=scripted", "-c", provider]
-        # Without yolo: --full-auto (workspace-write sandbox, no approval prompts); it needs a
-        # working sandbox (Landlock/seccomp) on the host.
-        argv += ["--dangerously-bypass-approvals-and-sandbox"] if yolo else ["--full-auto"]
+        # Without yolo: the workspace-write sandbox (exec never asks for approval); it needs a
+        # working sandbox (Landlock/seccomp, or bubblewrap) on the host.
+        argv += ["--dangerously-bypass-approvals-and-sandbox"] if yolo else ["--sandbox", "workspace-write"]
         argv.append(prompt)
         return RunSpec(argv, env)
     if name == "gemini":
@@ -144,6 +144,10 @@ def scripted_run(name: str, *, prompt: str, base_url: str, home: Path, api_key: 
         if yolo:
             env["COPILOT_ALLOW_ALL"] = "true"
             argv.append("--allow-all-tools")
+        else:
+            # File edits only: without any allow flag, -p denies every tool ("no interactive user
+            # response was available") and still exits 0.
+            argv += ["--allow-tool", "write"]
         return RunSpec(argv, env)
     if name == "aider":
         env.update(OPENAI_API_KEY=api_key, OPENAI_API_BASE=f"{base_url}/v1", LITELLM_LOCAL_MODEL_COST_MAP="True")

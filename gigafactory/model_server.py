@@ -731,6 +731,8 @@ class ModelServer:
         self._ids = _ids()
         self._lock = threading.Lock()
         self._server: asyncio.base_events.Server | None = None
+        # Open connections' handler tasks: stop() cancels them (keep-alive clients hold them).
+        self._tasks: set[asyncio.Task] = set()
 
     @property
     def url(self) -> str:
@@ -743,11 +745,17 @@ class ModelServer:
     async def stop(self) -> None:
         if self._server is not None:
             self._server.close()
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._server is not None:
             await self._server.wait_closed()
 
     # -- connection loop
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        self._tasks.add(task)
         try:
             while True:
                 try:
@@ -768,6 +776,7 @@ class ModelServer:
                 if close:
                     return
         finally:
+            self._tasks.discard(task)
             with contextlib.suppress(Exception):
                 writer.close()
 

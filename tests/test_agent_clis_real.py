@@ -33,6 +33,7 @@ WRITE_SCRIPT = {"turns": [
 RATE_LIMITED_SCRIPT = {"turns": [{"error": {"status": 429, "retry_after_s": 1}}] + WRITE_SCRIPT["turns"]}
 # Enough 401s that a CLI which retries them still ends on one.
 AUTH_FAILED_SCRIPT = {"turns": [{"error": {"status": 401, "times": 50}}]}
+RUN_PYTHON = "python3 -c \"open('ran.txt', 'w').close()\""
 # Aider edits through its reply text: its requests declare no tools, so each one is a turn.
 AIDER = {"tool_less_requests": "turn"}
 
@@ -232,3 +233,31 @@ def test_aider_ends_a_401_with_an_error(tmp_path):
     proc, repo, exchanges = _run("aider", AUTH_FAILED_SCRIPT, tmp_path, "auth_failed")
     assert 401 in _statuses(exchanges)
     assert not (repo / "hello.txt").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# Without yolo: each CLI's safest non-interactive mode that can still edit files
+
+
+@pytest.mark.parametrize("cli", ["claude", "codex", "gemini", "copilot", "aider"])
+def test_without_yolo_each_cli_still_edits_files(cli, tmp_path):
+    script = WRITE_SCRIPT if cli != "aider" else {"turns": WRITE_SCRIPT["turns"][:1]}
+    proc, repo, _exchanges = _run(cli, script, tmp_path, "write_no_yolo", yolo=False)
+    _assert_wrote(proc, repo)
+
+
+def test_claude_without_yolo_denies_a_shell_command(tmp_path):
+    # acceptEdits auto-approves file-system commands (touch, mkdir, ...): run something else.
+    script = {"turns": [{"tool_calls": [{"run_command": {"command": RUN_PYTHON}}]}, {"text": "Gave up."}]}
+    proc, repo, _exchanges = _run("claude", script, tmp_path, "command_no_yolo", yolo=False)
+    assert proc.returncode == 0
+    result = [e for e in _jsonl(proc.stdout) if e.get("type") == "result"][-1]
+    assert [d["tool_name"] for d in result["permission_denials"]] == ["Bash"]
+    assert not (repo / "ran.txt").exists()
+
+
+def test_claude_with_yolo_runs_a_shell_command(tmp_path):
+    script = {"turns": [{"tool_calls": [{"run_command": {"command": RUN_PYTHON}}]}, {"text": "Ran it."}]}
+    proc, repo, _exchanges = _run("claude", script, tmp_path, "command")
+    assert proc.returncode == 0
+    assert (repo / "ran.txt").exists()
