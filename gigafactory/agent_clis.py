@@ -153,7 +153,10 @@ def scripted_run(name: str, *, prompt: str, base_url: str, home: Path, api_key: 
         env.update(OPENAI_API_KEY=api_key, OPENAI_API_BASE=f"{base_url}/v1", LITELLM_LOCAL_MODEL_COST_MAP="True")
         argv = [binary, "--model", f"openai/{model or 'scripted-model'}", "--edit-format", "diff",
                 "--message", prompt, "--no-check-update", "--no-analytics", "--no-show-release-notes",
-                "--no-gitignore", "--no-auto-commits", "--no-pretty", "--no-show-model-warnings"]
+                "--no-gitignore", "--no-auto-commits", "--no-pretty", "--no-show-model-warnings",
+                # Streaming requests carry no stream_options.include_usage, so aider counts the
+                # reply's tokens with its own tokenizer; unary replies give the provider's usage.
+                "--no-stream"]
         if yolo:
             argv.append("--yes-always")
         return RunSpec(argv, env)
