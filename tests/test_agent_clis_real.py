@@ -292,3 +292,34 @@ def test_claude_with_yolo_runs_a_shell_command(tmp_path):
     proc, repo, _exchanges = _run("claude", script, tmp_path, "command")
     assert proc.returncode == 0
     assert (repo / "ran.txt").exists()
+
+
+
+# ---------------------------------------------------------------------------------------------
+# A 429 that never clears: how each CLI gives up (gemini retries for minutes and aider for about
+# 95 s before exiting 0: an adapter bounds them with its own timeout; not run here for CI time)
+
+RATE_LIMIT_FOREVER = {"turns": [{"error": {"status": 429, "retry_after_s": 1, "times": 100}}]}
+
+
+def test_claude_gives_up_on_a_lasting_429_with_a_rate_limit_result(tmp_path):
+    proc, _repo, exchanges = _run("claude", RATE_LIMIT_FOREVER, tmp_path, "rate_limit_exhausted")
+    assert proc.returncode == 1
+    result = [e for e in _jsonl(proc.stdout) if e.get("type") == "result"][-1]
+    assert (result["is_error"], result["api_error_status"], result["api_error_type"]) == (True, 429, "rate_limit_error")
+    assert len(exchanges) == 3  # CLAUDE_CODE_MAX_RETRIES=2
+
+
+def test_codex_gives_up_on_a_lasting_429_with_turn_failed(tmp_path):
+    proc, _repo, exchanges = _run("codex", RATE_LIMIT_FOREVER, tmp_path, "rate_limit_exhausted")
+    assert proc.returncode == 1
+    failed = [e for e in _jsonl(proc.stdout) if e.get("type") == "turn.failed"][-1]
+    assert "429" in failed["error"]["message"]
+    assert len(exchanges) == 3  # stream_max_retries=2
+
+
+def test_copilot_gives_up_on_a_lasting_429_with_a_rate_limit_error(tmp_path):
+    proc, _repo, _exchanges = _run("copilot", RATE_LIMIT_FOREVER, tmp_path, "rate_limit_exhausted")
+    assert proc.returncode == 1
+    errors = [e["data"] for e in _jsonl(proc.stdout) if e.get("type") == "session.error"]
+    assert (errors[-1]["errorType"], errors[-1]["statusCode"]) == ("rate_limit", 429)
