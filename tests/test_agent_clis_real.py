@@ -287,6 +287,14 @@ def test_claude_without_yolo_denies_a_shell_command(tmp_path):
     assert not (repo / "ran.txt").exists()
 
 
+@pytest.mark.parametrize("cli", ["codex", "gemini", "copilot"])
+def test_with_yolo_each_cli_runs_a_scripted_shell_command(cli, tmp_path):
+    script = {"turns": [{"tool_calls": [{"run_command": {"command": RUN_PYTHON}}]}, {"text": "Ran it."}]}
+    proc, repo, exchanges = _run(cli, script, tmp_path, "command")
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert (repo / "ran.txt").exists()
+
+
 def test_claude_with_yolo_runs_a_shell_command(tmp_path):
     script = {"turns": [{"tool_calls": [{"run_command": {"command": RUN_PYTHON}}]}, {"text": "Ran it."}]}
     proc, repo, _exchanges = _run("claude", script, tmp_path, "command")
