@@ -719,10 +719,13 @@ class ModelServer:
     """The scripted model server on 127.0.0.1.
 
     Parameters: `script` the parsed script; `port` the port (0: any free port); `log_path` the JSONL
-    log to append every exchange to (None: keep in memory only, see `exchanges`).
+    log to append every exchange to (None: keep in memory only, see `exchanges`);
+    `max_request_body_bytes` larger bodies are answered 413 and the connection closed.
     """
 
-    def __init__(self, script: Script, port: int = 0, log_path: str | Path | None = None):
+    def __init__(self, script: Script, port: int = 0, log_path: str | Path | None = None,
+                 max_request_body_bytes: int = MAX_REQUEST_BODY_BYTES):
+        self.max_request_body_bytes = max_request_body_bytes
         self.script = script
         self.replay = Replay(script)
         self.port = port
@@ -767,6 +770,11 @@ class ModelServer:
                 method, target, headers, body_or_error = request
                 if isinstance(body_or_error, tuple):
                     status, message = body_or_error
+                    self._log({"seq": int(next(self._ids)), "time": time.time(), "method": method,
+                               "path": target.partition("?")[0], "query": target.partition("?")[2],
+                               "headers": {}, "request_bytes": int(headers.get("content-length") or 0),
+                               "body": None, "kind": "refused", "status": status,
+                               "response": {"error": {"message": message}}})
                     await self._write(writer, status, {"content-type": "application/json"},
                                       json.dumps({"error": {"message": message}}).encode(), close=True)
                     return
@@ -807,15 +815,15 @@ class ModelServer:
                 if size == 0:
                     await reader.readuntil(b"\r\n")
                     break
-                if len(body) + size > MAX_REQUEST_BODY_BYTES:
-                    return method, target, headers, (413, f"request body over {MAX_REQUEST_BODY_BYTES} bytes")
+                if len(body) + size > self.max_request_body_bytes:
+                    return method, target, headers, (413, f"request body over {self.max_request_body_bytes} bytes")
                 body += await reader.readexactly(size)
                 await reader.readexactly(2)
             raw = bytes(body)
         else:
             length = int(headers.get("content-length", "0") or 0)
-            if length > MAX_REQUEST_BODY_BYTES:
-                return method, target, headers, (413, f"request body over {MAX_REQUEST_BODY_BYTES} bytes")
+            if length > self.max_request_body_bytes:
+                return method, target, headers, (413, f"request body over {self.max_request_body_bytes} bytes")
             raw = await reader.readexactly(length) if length else b""
         if headers.get("content-encoding", "").lower() == "gzip":
             raw = gzip.decompress(raw)
@@ -851,11 +859,14 @@ class ModelServer:
                 payload = json.dumps(logged).encode()
                 entry["kind"] = "script_error"
             entry.update(status=status, response_headers=out_headers, response=logged)
-            self.exchanges.append(entry)
-            if self.log_path is not None:
-                with self.log_path.open("a", encoding="utf-8") as f:
-                    f.write(json.dumps(entry) + "\n")
+            self._log(entry)
         return status, out_headers, payload
+
+    def _log(self, entry: dict) -> None:
+        self.exchanges.append(entry)
+        if self.log_path is not None:
+            with self.log_path.open("a", encoding="utf-8") as f:
+                f.write(json.dumps(entry) + "\n")
 
     def _answer(self, method, path, query, body, request_bytes, seq, entry):
         json_headers = {"content-type": "application/json"}
@@ -949,12 +960,13 @@ class ModelServer:
 
 
 @contextlib.contextmanager
-def serve_in_thread(script: Script, log_path: str | Path | None = None, port: int = 0):
+def serve_in_thread(script: Script, log_path: str | Path | None = None, port: int = 0, **options):
     """Run a ModelServer on its own event loop in a thread; yields the started server.
 
-    Parameters: `script` the parsed script; `log_path` the JSONL log (optional); `port` (0: any).
+    Parameters: `script` the parsed script; `log_path` the JSONL log (optional); `port` (0: any);
+    `options` further ModelServer keyword arguments.
     """
-    server = ModelServer(script, port=port, log_path=log_path)
+    server = ModelServer(script, port=port, log_path=log_path, **options)
     loop = asyncio.new_event_loop()
     started = threading.Event()
     failure: list[BaseException] = []

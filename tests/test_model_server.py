@@ -241,6 +241,18 @@ def test_every_exchange_is_logged_as_jsonl_with_credentials_reduced(tmp_path):
     assert entries[0]["body"] == {"messages": []} and entries[0]["response"][0]["type"] == "message"
 
 
+def test_oversized_and_non_json_bodies_are_refused_without_consuming_a_turn(tmp_path):
+    with serve_in_thread(parse_script({"turns": ["x"]}), max_request_body_bytes=1000) as srv:
+        status, _h, raw, _ = _post(f"{srv.url}/v1/messages", {"pad": "x" * 2000})
+        assert status == 413 and json.loads(raw)["error"]["message"] == "request body over 1000 bytes"
+        req = urllib.request.Request(f"{srv.url}/v1/messages", data=b"{not json", method="POST")
+        with pytest.raises(urllib.error.HTTPError) as err:
+            urllib.request.urlopen(req, timeout=10)
+        assert err.value.code == 400
+        assert [(e["kind"], e["status"]) for e in srv.exchanges] == [("refused", 413), ("bad_request", 400)]
+        assert not srv.replay._next  # the script is untouched
+
+
 @pytest.mark.parametrize("doc, message", [
     ({"turns": []}, "turns: expected a non-empty list"),
     ({"turns": [{"txt": "x"}]}, "turns[0].txt: unknown field"),
