@@ -294,6 +294,36 @@ _connect_timeout_option = click.option(
          "connect_timeout_s setting, $GIGAFACTORY_CONNECT_TIMEOUT_S; 0 waits forever).")
 
 
+@main.command("model-server")
+@click.option("--script", "script_path", required=True, type=click.Path(dir_okay=False),
+              help="YAML or JSON script of turns to replay (see gigafactory/model_server.py).")
+@click.option("--port", type=click.IntRange(0, 65535), default=0, show_default=True,
+              help="Loopback port (0: any free port; the URL is printed).")
+@click.option("--log", "log_path", type=click.Path(dir_okay=False), default=None,
+              help="Append every request and response to this JSONL file.")
+def model_server(script_path: str, port: int, log_path: str | None) -> None:
+    """Serve a scripted model on 127.0.0.1: agent CLIs run against it with no keys and no spend.
+
+    Speaks Anthropic Messages, OpenAI Responses and Chat Completions, and Gemini
+    generateContent (streaming and not); point a CLI at it with its own base-URL setting."""
+    from gigafactory.model_server import ScriptError, load_script, serve_forever
+
+    try:
+        load_script(script_path)  # fail before binding a port, with the file and field named
+    except ScriptError as exc:
+        _fail(str(exc), 2)
+
+    async def run() -> None:
+        stop = asyncio.Event()
+        _install_stop(stop)
+        await serve_forever(script_path, port, log_path, stop)
+
+    try:
+        asyncio.run(run())
+    except OSError as exc:
+        _fail(f"model-server: cannot listen on 127.0.0.1:{port}: {exc.strerror}", 1)
+
+
 @main.command()
 @common
 @click.option("--inbox", type=click.Path(file_okay=False), default=None, help="Watch this folder for job files.")
