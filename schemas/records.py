@@ -48,6 +48,29 @@ class Attribution(msgspec.Struct, omit_defaults=True):
     cost_estimated: bool = True
 
 
+class Usage(msgspec.Struct, omit_defaults=True):
+    """What one attempt of an engine consumed, as parsed from its output while it ran.
+
+    A count the engine did not report is None, never a made-up zero; ``cost_source`` says where
+    ``cost_usd`` came from: ``reported`` (the CLI's own figure), ``priced`` (token counts times
+    the shipped price table, whose version is ``price_table``), ``estimated`` (priced from
+    counts the CLI only rounded, or from a proxy such as premium requests), or ``unknown``
+    (``cost_usd`` None)."""
+
+    model: str | None = None
+    input_tokens: int | None = None
+    output_tokens: int | None = None
+    cache_read_tokens: int | None = None
+    cache_write_tokens: int | None = None
+    turns: int | None = None
+    tool_calls: int | None = None
+    cost_usd: float | None = None
+    cost_source: str = "unknown"
+    """``reported``, ``priced``, ``estimated`` or ``unknown``."""
+    price_table: str | None = None
+    """The version of the price table a ``priced`` or ``estimated`` cost came from."""
+
+
 class AttemptRecord(msgspec.Struct, omit_defaults=True):
     """One execution attempt of a job (a new one for every claim)."""
 

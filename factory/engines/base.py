@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from gigafactory.schemas.manifest import FailureClass, Manifest
+from gigafactory.schemas.records import Usage
 
 from .. import shell
 
@@ -131,6 +132,9 @@ class Outcome:
     self_fenced: bool = False
     """Its self-fencing deadline stopped it: the factory appends why (``detail: why``) and
     quarantines the result."""
+    usage: Usage | None = None
+    """What the run consumed, parsed from its output (None: the engine reports nothing, as
+    ``shell``)."""
 
 
 @dataclass(frozen=True)
