@@ -15,8 +15,14 @@ import pytest
 
 from gigafactory import agent_clis
 from gigafactory.factory import engines, shell
-from gigafactory.factory.engines.base import EngineJob
-from gigafactory.factory.engines.claude import ClaudeEngine, ClaudeStream, classify_result, claude_environment
+from gigafactory.factory.engines.base import EngineJob, SetupFailed
+from gigafactory.factory.engines.claude import (
+    MAX_PROMPT_BYTES,
+    ClaudeEngine,
+    ClaudeStream,
+    classify_result,
+    claude_environment,
+)
 from gigafactory.model_server import parse_script, serve_in_thread, tokens_for
 from gigafactory.schemas.manifest import FailureClass, parse_job_text
 from gigafactory.schemas.records import Usage
@@ -144,12 +150,19 @@ def test_yolo_on_and_off_build_the_documented_flags(tmp_path, monkeypatch):
     monkeypatch.setenv("PATH", os.environ["PATH"] + os.pathsep + str(Path(_claude()).parent))
     eng = ClaudeEngine()
     safe = eng.prepare(_job(tmp_path, "---\nengine: claude\ncwd: .\nmodel: m-9\n---\nFix the bug.\n"))
-    assert safe.argv[1:] == ["-p", "Fix the bug.\n", "--output-format", "stream-json", "--verbose",
-                             "--model", "m-9", "--permission-mode", "acceptEdits"]
+    assert safe.argv[1:] == ["-p", "--output-format", "stream-json", "--verbose", "--model", "m-9",
+                             "--permission-mode", "acceptEdits", "--", "Fix the bug.\n"]
     assert "IS_SANDBOX" not in safe.env
-    yolo = eng.prepare(_job(tmp_path, "---\nengine: claude\ncwd: .\nyolo: true\n---\nFix the bug.\n"))
-    assert yolo.argv[-1] == "--dangerously-skip-permissions" and "--model" not in yolo.argv
+    yolo = eng.prepare(_job(tmp_path, "---\nengine: claude\ncwd: .\nyolo: true\n---\n--Fix the bug.\n"))
+    assert yolo.argv[-3:] == ["--dangerously-skip-permissions", "--", "--Fix the bug.\n"]
+    assert "--model" not in yolo.argv and "acceptEdits" not in yolo.argv
     assert ("IS_SANDBOX" in yolo.env) == (os.geteuid() == 0)
+
+
+def test_a_prompt_too_long_for_one_argument_is_setup_failed_naming_the_limit(tmp_path):
+    _claude()
+    with pytest.raises(SetupFailed, match="over the 122880-byte prompt limit of the claude engine"):
+        ClaudeEngine().prepare(_job(tmp_path, "---\nengine: claude\ncwd: .\n---\n" + "x" * (MAX_PROMPT_BYTES + 1)))
 
 
 def test_the_environment_is_only_what_claude_needs():
@@ -234,6 +247,7 @@ def test_a_claude_job_edits_its_repo_ships_and_records_the_servers_token_counts(
                 assert (fleet.repo / "hello.txt").read_text() == CONTENT
                 turns = _turns(server.exchanges)
                 assert len(turns) == 2
+                assert "Create hello.txt as scripted." in json.dumps(turns[0]["body"]["messages"])
                 u = last.usage
                 assert u.input_tokens == sum(tokens_for(e["request_bytes"]) for e in turns)
                 assert u.output_tokens == _output_tokens(server.exchanges)

@@ -3,7 +3,8 @@
 - **probe**: ``claude`` on ``PATH``, else in the agent-CLI cache
   (:func:`gigafactory.agent_clis.find_cli`); its version from ``claude --version`` (bounded by
   the probe's timeout); it needs ``ANTHROPIC_API_KEY``.
-- **prepare**: ``claude -p <job body> --output-format stream-json --verbose [--model M]``;
+- **prepare**: ``claude -p --output-format stream-json --verbose [--model M] <flags> -- <job
+  body>`` (a body over :data:`MAX_PROMPT_BYTES` is ``setup_failed``);
   ``yolo: true`` adds ``--dangerously-skip-permissions`` (and ``IS_SANDBOX=1`` when the factory
   runs as root: the CLI refuses the flag as root otherwise); without it
   ``--permission-mode acceptEdits`` (file edits are approved, any other tool needing approval,
@@ -67,6 +68,10 @@ PROGRESS_TEXT_CHARS = 200
 CLI_MAX_RETRIES = 2
 """``CLAUDE_CODE_MAX_RETRIES``: the CLI's default retries (ten, 401s included) take minutes
 before a refused key is reported; the factory retries rate-limited attempts itself."""
+MAX_PROMPT_BYTES = 120 * 1024
+"""The prompt is one argument of the command line, and Linux refuses a single argument over
+128 KiB (``MAX_ARG_STRLEN``); a body over this is ``setup_failed`` with this limit named, not an
+exec error."""
 VERSION_OUTPUT_BYTES = 4096
 """At most this much of ``claude --version``'s output is read."""
 
@@ -271,7 +276,13 @@ class ClaudeEngine(Engine):
         binary = _find(environ.get("PATH", os.defpath))
         if binary is None:
             raise SetupFailed(agent_clis.missing_message("claude"))
-        argv = [binary, "-p", job.body, "--output-format", "stream-json", "--verbose"]
+        prompt_bytes = len(job.body.encode())
+        if prompt_bytes > MAX_PROMPT_BYTES:
+            raise SetupFailed(
+                f"the job body ({prompt_bytes} bytes) is over the {MAX_PROMPT_BYTES}-byte prompt limit of the "
+                "claude engine: shorten it, or put the long part in a file in the job's cwd and name it",
+                f"job body of {prompt_bytes} bytes is over the claude engine's {MAX_PROMPT_BYTES}-byte prompt limit\n")
+        argv = [binary, "-p", "--output-format", "stream-json", "--verbose"]
         if job.manifest.model:
             argv += ["--model", job.manifest.model]
         env = claude_environment(environ, job.gf_env, binary)
@@ -281,6 +292,8 @@ class ClaudeEngine(Engine):
                 env["IS_SANDBOX"] = "1"  # the CLI refuses the flag as root unless told it is sandboxed
         else:
             argv += ["--permission-mode", "acceptEdits"]
+        # After `--`: a body starting with `-` is the prompt, never an option of the CLI.
+        argv += ["--", job.body]
         return Prepared(cwd=job.cwd, env=env, argv=argv)
 
     async def run(self, job: EngineJob, prepared: Prepared) -> Outcome:
