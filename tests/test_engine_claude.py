@@ -74,9 +74,11 @@ def test_the_parser_reads_a_recorded_write_run_whatever_the_chunking(chunk_bytes
     assert {"text": "Writing the file."} in progress and {"text": "All done."} in progress
     assert [d["tool"] for d in progress if "tool" in d] == ["Write"]
     usages = [s.data for s in said if s.kind == "usage"]
-    # Streamed while it ran: the first message's usage (counted once though the CLI repeats it
-    # on each of its content blocks), both messages, then the result's.
-    assert [u["input_tokens"] for u in usages] == [22052, 22052, 44264, 44264]
+    # Streamed while it ran, said only when it changed: the first message's usage (counted once
+    # though the CLI repeats it on each of its content blocks: its tool call changes only the
+    # tool count), both messages, then the result's (exact output tokens and cost).
+    assert [(u["input_tokens"], u["output_tokens"], u["tool_calls"]) for u in usages] == [
+        (22052, 1, 0), (22052, 1, 1), (44264, 2, 1), (44264, 44, 1)]
     assert usages[-1]["cost_source"] == "reported" and "cost_usd" not in usages[0]
 
 

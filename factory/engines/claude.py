@@ -109,6 +109,8 @@ class ClaudeStream(OutputParser):
         self.result: dict | None = None
         """The final ``result`` event, once seen."""
         self.dropped_lines = 0
+        self.said_usage: Usage | None = None
+        """The usage last said as a ``usage`` item."""
 
     def feed(self, chunk: bytes) -> list[Progress]:
         out: list[Progress] = []
@@ -144,7 +146,7 @@ class ClaudeStream(OutputParser):
             return self._assistant(ev["message"])
         if kind == "result":
             self.result = ev
-            return [Progress("usage", _usage_data(self.usage()))]
+            return self._usage_changed()
         if kind == "system" and ev.get("subtype") == "api_retry":
             return [Progress("progress", {"retry": ev.get("attempt"), "status": ev.get("error_status"),
                                           "error": str(ev.get("error"))[:PROGRESS_TEXT_CHARS]})]
@@ -169,8 +171,16 @@ class ClaudeStream(OutputParser):
         usage = msg.get("usage")
         if isinstance(usage, dict) and msg.get("id"):
             self.messages[str(msg["id"])] = usage
-            out.append(Progress("usage", _usage_data(self.usage())))
-        return out
+        return out + self._usage_changed()
+
+    def _usage_changed(self) -> list[Progress]:
+        """A ``usage`` item when the usage differs from the last one said (the CLI repeats a
+        message's usage on each of its content blocks: one audit event per change, not per line)."""
+        now = self.usage()
+        if now is None or now == self.said_usage:
+            return []
+        self.said_usage = now
+        return [Progress("usage", msgspec.to_builtins(now))]
 
     def usage(self) -> Usage | None:
         """The final result's usage once it has come; before it, the sum over the messages so
@@ -200,10 +210,6 @@ class ClaudeStream(OutputParser):
 
 def _int(v: object) -> int | None:
     return v if isinstance(v, int) and not isinstance(v, bool) else None
-
-
-def _usage_data(u: Usage | None) -> dict:
-    return msgspec.to_builtins(u) if u is not None else {}
 
 
 def classify_result(result: dict | None, res: shell.ProcessResult, job: EngineJob) -> Outcome:
