@@ -179,3 +179,27 @@ def test_the_attribution_takes_its_spend_from_usage_and_is_unchanged_without_it(
     assert priced.model == "asked-for" and priced.lane == "f/0"
     reported = attributed(base, Usage(model="m", cost_usd=0.2, cost_source="reported"))
     assert reported.cost_estimated is False and reported.model == "m"
+
+
+def test_finish_keeps_the_usage_on_the_attempt_and_it_survives_the_record_encoding():
+    from gigafactory.schemas import protocol
+    from gigafactory.schemas.manifest import parse_job_text
+    from gigafactory.schemas.records import JobRecord, decode, encode
+
+    jf = parse_job_text("---\nengine: shell\ncwd: .\nreview-policy: auto\n---\necho hi\n", "job.md")
+    rec = JobRecord(id="j1", manifest=jf.manifest, body=jf.body, source="t", content_hash="h", submitted_at=1.0,
+                    pool="p", requirements=[])
+    rec = protocol.claim(rec, "f1", 0, 2.0).record
+    rec = protocol.start(rec, "f1", rec.epoch, 3.0).record
+    done = protocol.finish(rec, "f1", rec.epoch, 4.0, failure=None, usage=Usage(**FINAL)).record
+    assert decode(encode(done), JobRecord).attempts[-1].usage == Usage(**FINAL)
+    plain = protocol.finish(rec, "f1", rec.epoch, 4.0, failure=None).record
+    assert b'"usage"' not in encode(plain) and decode(encode(plain), JobRecord).attempts[-1].usage is None
+
+
+def test_a_result_kept_in_an_outbox_before_usage_existed_still_decodes():
+    from gigafactory.factory.reporting import ResultPayload
+
+    old = {"job": "j", "epoch": 1, "failure": None, "detail": "d", "exit_code": 0, "verify_exit_code": None,
+           "log_path": "/l", "log_object": None, "attribution": {}, "finished_at": 1.0}
+    assert msgspec.json.decode(json.dumps(old), type=ResultPayload).usage is None
