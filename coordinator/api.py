@@ -48,6 +48,17 @@ STATUS_BODY_MAX_CHARS = 64 * 1024
 maximum message size, and a record may come close to it); ``nats kv get`` shows it whole."""
 
 
+def _with_usage(record: dict) -> dict:
+    """``record`` with ``usage`` on every attempt, ``null`` where the engine reported none (the
+    stored record omits it then): ``status --json`` readers see no usage, never a missing key.
+
+    :param record: a job record as builtins.
+    """
+    for a in record.get("attempts", []):
+        a.setdefault("usage", None)
+    return record
+
+
 def _with_body_cut(record: dict, job: str) -> dict:
     body = record.get("body") or ""
     if len(body) > STATUS_BODY_MAX_CHARS:
@@ -221,7 +232,7 @@ class Api:
             if arch is None:
                 raise ApiError(404, f"no job {job!r}; 'gigafactory jobs' lists them")
             return {
-                "job": job_summary(arch), "revision": 0, "record": msgspec.to_builtins(arch),
+                "job": job_summary(arch), "revision": 0, "record": _with_usage(msgspec.to_builtins(arch)),
                 "why": f"{arch.stage}, then archived (moved out of {names.JOBS_BUCKET} without its body): {arch.reason}",
                 "info": {"archived": True},
                 "events": await read_events(self.b, job, limit=int(body.get("events", 50))),
@@ -268,7 +279,7 @@ class Api:
             info["quarantined_as"] = poisoned.object
         return {
             "job": job_summary(rec), "why": why, "info": info,
-            "record": _with_body_cut(msgspec.to_builtins(rec), job), "revision": e.revision,
+            "record": _with_usage(_with_body_cut(msgspec.to_builtins(rec), job)), "revision": e.revision,
             "events": await read_events(self.b, job, limit=int(body.get("events", 50))),
         }
 

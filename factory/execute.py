@@ -16,6 +16,7 @@ State it uses, set up by :class:`~gigafactory.factory.agent.Factory`: ``runs``, 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 import time
@@ -25,10 +26,10 @@ from gigafactory.broker import Conflict
 from gigafactory.schemas import names, protocol
 from gigafactory.schemas.lifecycle import Stage
 from gigafactory.schemas.manifest import FailureClass, parse_duration
-from gigafactory.schemas.records import Attribution, JobRecord, decode, encode
+from gigafactory.schemas.records import Attribution, JobRecord, Usage, attributed, decode, encode
 
 from . import engines, shell
-from .engines.base import EngineJob, SetupFailed
+from .engines.base import EngineJob, SetupFailed, budget_crossed
 from .engines.verify import verify_gate
 from .holder import Run
 from .reporting import ResultPayload
@@ -150,10 +151,10 @@ class Execute:
             cost_usd=0.0, cost_estimated=False,
         )
 
-        def result(failure, detail, code=None, vcode=None) -> ResultPayload:
+        def result(failure, detail, code=None, vcode=None, usage: Usage | None = None) -> ResultPayload:
             return ResultPayload(job=run.job, epoch=run.epoch, failure=failure, detail=detail, exit_code=code,
                                  verify_exit_code=vcode, log_path=log_path, log_object=None,
-                                 attribution=attribution, finished_at=time.time())
+                                 attribution=attributed(attribution, usage), finished_at=time.time(), usage=usage)
 
         name = m.engine or "shell"
         eng = engines.get(name)
@@ -168,6 +169,7 @@ class Execute:
         subject = names.logs_subject(run.job, run.epoch)
         # The run's output reader; dropped if it raises (that costs its progress events, never the run).
         parsers = [eng.parser()]
+        budget_stop: list[str] = []  # why the run was stopped for its spend budget, once it is
 
         def on_output(chunk: bytes) -> None:
             if self.b.nc.is_connected:
@@ -186,6 +188,19 @@ class Execute:
                     # Queued in order like every audit event (:meth:`_event` only queues).
                     self._spawn(self._event(p.kind, job=run.job, epoch=run.epoch, data=dict(p.data)),
                                 f"{p.kind}-{run.job}")
+                if not budget_stop and any(p.kind == "usage" for p in said):
+                    try:
+                        crossed = budget_crossed(m.budget, parser.usage())
+                    except Exception:
+                        log.exception("%s: engine %s could not say its usage; not reading it further", self.id, name)
+                        parsers.clear()
+                        return
+                    if crossed:
+                        # Stopped through the path a cancel takes (its process group is signalled,
+                        # its output so far stays in the log); the outcome is rewritten below.
+                        budget_stop.append(crossed)
+                        log.info("%s: job %s stopped: %s", self.id, run.job, crossed)
+                        run.cancel.set()
 
         limit_s = m.timeout_s()
         wall_binds = m.budget.wall is not None and parse_duration(m.budget.wall) <= parse_duration(m.timeout)
@@ -204,7 +219,7 @@ class Execute:
             timeout_class=FailureClass.BUDGET_EXCEEDED if wall_binds else FailureClass.TIMEOUT,
             header=f"# gigafactory: job {run.job} attempt {rec.attempt} epoch {run.epoch} on {self.id}/{run.station}\n",
             on_output=on_output, cancel=run.cancel, fence=run.fence, supervised=not self.s.unsafe_unfenced_engines,
-            kill_grace_s=5.0,
+            kill_grace_s=5.0, parser=parsers[0],
         )
         try:
             # Off the event loop: preparing may read files and scan the body (the shell engine's
@@ -217,12 +232,21 @@ class Execute:
             return result(FailureClass.SETUP_FAILED, e.detail)
         t0 = time.monotonic()
         out = await eng.run(job, prepared)
+        if out.usage is None and parsers:
+            try:
+                out = dataclasses.replace(out, usage=parsers[0].usage())
+            except Exception:
+                log.exception("%s: engine %s could not say its usage", self.id, name)
+        if budget_stop and not out.self_fenced and not run.fenced and not run.draining:
+            out = dataclasses.replace(out, failure=FailureClass.BUDGET_EXCEEDED, detail=budget_stop[0])
         if out.failure is None and eng.verifies:
-            out = await verify_gate(job, prepared, out, t0)
+            # The gate's outcome knows nothing of the engine's usage: keep what the engine reported.
+            out = dataclasses.replace(await verify_gate(job, prepared, out, t0), usage=out.usage)
         if out.self_fenced:
             run.self_fenced = self._self_fence_reason(run)
-            return result(out.failure, f"{out.detail}: {run.self_fenced}", out.exit_code, out.verify_exit_code)
-        return result(out.failure, out.detail, out.exit_code, out.verify_exit_code)
+            return result(out.failure, f"{out.detail}: {run.self_fenced}", out.exit_code, out.verify_exit_code,
+                          out.usage)
+        return result(out.failure, out.detail, out.exit_code, out.verify_exit_code, out.usage)
 
     def _resolve_cwd(self, cwd: str) -> Path:
         p = Path(os.path.expandvars(os.path.expanduser(cwd)))

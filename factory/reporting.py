@@ -22,7 +22,7 @@ import nats.errors
 from gigafactory.broker import TRANSIENT, Conflict
 from gigafactory.schemas import names, protocol
 from gigafactory.schemas.manifest import FailureClass
-from gigafactory.schemas.records import Attribution, JobRecord, decode
+from gigafactory.schemas.records import Attribution, JobRecord, Usage, decode
 
 from .holder import Run
 from .logs import CappedLog, LogUploadTimeout
@@ -47,6 +47,9 @@ class ResultPayload(msgspec.Struct):
     log_object: str | None
     attribution: Attribution
     finished_at: float
+    usage: Usage | None = None
+    """What the engine reported it consumed (None: it reports nothing). Defaulted, so results
+    kept in an outbox by an older factory still decode."""
 
 
 class Reporting:
@@ -123,7 +126,7 @@ class Reporting:
         rec = await self._write(run, lambda r: protocol.finish(
             r, self.id, run.epoch, time.time(), failure=payload.failure, detail=detail,
             exit_code=payload.exit_code, verify_exit_code=payload.verify_exit_code, log=payload.log_object,
-            attribution=payload.attribution,
+            attribution=payload.attribution, usage=payload.usage,
         ))
         if rec is None:
             if item is not None:
@@ -136,7 +139,8 @@ class Reporting:
         await self._event("finished", job=run.job, epoch=run.epoch, stage_from="building", stage_to=str(rec.stage),
                           reason=rec.reason, data={"outcome": str(payload.failure or "passed"),
                                                    "exit_code": payload.exit_code, "log": payload.log_object,
-                                                   "attribution": msgspec.to_builtins(payload.attribution), **upload})
+                                                   "attribution": msgspec.to_builtins(payload.attribution),
+                                                   "usage": msgspec.to_builtins(payload.usage), **upload})
 
     def _quarantine_local(self, run: Run, payload: ResultPayload, reason: str) -> None:
         data = msgspec.json.encode(payload)

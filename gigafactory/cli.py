@@ -532,6 +532,27 @@ def jobs(nats_url, as_json, stage, limit) -> None:
         click.echo(f"{j['id']:<32} {j['stage']:<11} {j['priority']:<8} a{j['attempt']} e{j['epoch']}{holder}  {j['reason']}")
 
 
+def format_usage(u: dict) -> str:
+    """One line for an attempt's ``usage`` (as in ``status --json``): the counts the engine
+    reported (a count it did not report is left out, never shown as 0) and the cost with its
+    source.
+
+    :param u: the attempt's usage.
+    """
+    parts = [u["model"]] if u.get("model") else []
+    for key, label in (("input_tokens", "in"), ("output_tokens", "out"), ("cache_read_tokens", "cache-read"),
+                       ("cache_write_tokens", "cache-write"), ("turns", "turns"), ("tool_calls", "tool calls")):
+        if u.get(key) is not None:
+            parts.append(f"{label} {u[key]}")
+    source = u.get("cost_source", "unknown")
+    if u.get("cost_usd") is not None:
+        table = f" {u['price_table']}" if u.get("price_table") else ""
+        parts.append(f"${u['cost_usd']:.4f} ({source}{table})")
+    else:
+        parts.append("cost unknown")
+    return ", ".join(parts)
+
+
 @main.command()
 @common
 @click.argument("job")
@@ -552,6 +573,8 @@ def status(nats_url, as_json, job) -> None:
     for a in rec["attempts"]:
         click.echo(f"  attempt {a['attempt']} epoch {a['epoch']} on {a['factory']}/{a['station']}: "
                    f"{a.get('outcome', 'running')} {a.get('detail', '')}".rstrip())
+        if a.get("usage"):
+            click.echo(f"    usage: {format_usage(a['usage'])}")
     click.echo("  events:")
     for ev in out["events"][-20:]:
         t = time.strftime("%H:%M:%S", time.localtime(ev["at"]))

@@ -79,6 +79,13 @@ class FailureClass(enum.StrEnum):
     """``budget.wall`` (or a spend budget) ran out. Not retried by default."""
     SETUP_FAILED = "setup_failed"
     """The job could not start on the factory (``cwd`` missing, engine not runnable)."""
+    RATE_LIMITED = "rate_limited"
+    """The engine's model provider refused it for its rate limit (HTTP 429) after the engine's
+    own retries."""
+    AUTH_FAILED = "auth_failed"
+    """The engine's credential was refused (HTTP 401/403)."""
+    CONTEXT_OVERFLOW = "context_overflow"
+    """The conversation no longer fit the model's context window."""
 
 
 class Budget(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):

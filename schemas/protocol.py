@@ -21,7 +21,7 @@ import msgspec
 
 from .lifecycle import LEASED, Event, Stage, transition
 from .manifest import FailureClass, Reviewers, parse_duration
-from .records import MAX_ATTEMPTS_KEPT, AttemptRecord, Attribution, JobRecord, Lease, LockRecord
+from .records import MAX_ATTEMPTS_KEPT, AttemptRecord, Attribution, JobRecord, Lease, LockRecord, Usage
 
 BACKOFF_CAP_S = 3600.0
 
@@ -185,14 +185,18 @@ def finish(
     verify_exit_code: int | None = None,
     log: str | None = None,
     attribution: Attribution | None = None,
+    usage: Usage | None = None,
 ) -> Outcome:
     """The holder reports the attempt's result. Passed: ``testing`` (``manual``), ``review``
-    (reviewers) or straight to ``shipped`` (``auto``). Failed: the retry policy decides."""
+    (reviewers) or straight to ``shipped`` (``auto``). Failed: the retry policy decides.
+    ``usage`` is what the engine reported it consumed (None: it reports nothing), kept on the
+    attempt as given."""
     check_fence(rec, rec.id, factory, epoch)
     attempts = _update_attempt(
         rec, epoch, outcome=str(failure) if failure else "passed", ended_at=now, exit_code=exit_code,
         verify_exit_code=verify_exit_code, detail=detail, log=log,
         attribution=attribution or Attribution(job=rec.id, lane=f"{factory}/{rec.lease.station if rec.lease else 0}"),
+        usage=usage,
     )
     if failure is not None:
         return _after_failure(rec, failure, now, detail, attempts=attempts)

@@ -71,6 +71,38 @@ class Usage(msgspec.Struct, omit_defaults=True):
     """The version of the price table a ``priced`` or ``estimated`` cost came from."""
 
 
+def usage_tokens(usage: Usage) -> int:
+    """Every token a run's model processed: input, output, cache-read and cache-write (a count
+    the engine did not report adds nothing). What ``budget.tokens`` is compared with.
+
+    :param usage: what the engine reported so far.
+    """
+    return sum(n or 0 for n in (usage.input_tokens, usage.output_tokens, usage.cache_read_tokens,
+                                usage.cache_write_tokens))
+
+
+def attributed(attribution: Attribution, usage: Usage | None) -> Attribution:
+    """``attribution`` with its spend fields taken from ``usage``: tokens in (input plus
+    cache-write, what was sent and billed as input), out, cached (cache reads), the model, and
+    the cost, ``cost_estimated`` unless the engine reported the cost itself. Without usage
+    (the engine reports nothing) it is returned unchanged.
+
+    :param attribution: the attempt's attribution (lane, job, repo, ...).
+    :param usage: what the engine reported, or None.
+    """
+    if usage is None:
+        return attribution
+    return msgspec.structs.replace(
+        attribution,
+        model=usage.model or attribution.model,
+        tokens_in=(usage.input_tokens or 0) + (usage.cache_write_tokens or 0),
+        tokens_out=usage.output_tokens or 0,
+        tokens_cached=usage.cache_read_tokens or 0,
+        cost_usd=usage.cost_usd or 0.0,
+        cost_estimated=usage.cost_source != "reported",
+    )
+
+
 class AttemptRecord(msgspec.Struct, omit_defaults=True):
     """One execution attempt of a job (a new one for every claim)."""
 
@@ -88,6 +120,9 @@ class AttemptRecord(msgspec.Struct, omit_defaults=True):
     log: str | None = None
     """Object name of the captured log in ``gf_artifacts``."""
     attribution: Attribution = msgspec.field(default_factory=Attribution)
+    usage: Usage | None = None
+    """What the engine consumed (tokens, turns, tool calls, cost and its source), as it reported
+    it; None when the engine reports nothing (``shell``, ``noop``) or the attempt never ran one."""
 
 
 class JobRecord(msgspec.Struct, omit_defaults=False):

@@ -116,6 +116,7 @@ def test_jobs_status_factories_and_logs_show_a_finished_job(cli_fleet):
     st = cli_fleet.cli_json("status", job)
     assert st["job"]["id"] == job and st["job"]["stage"] == "shipped"
     assert [a["factory"] for a in st["record"]["attempts"]] == [FACTORY]
+    assert st["record"]["attempts"][0]["usage"] is None  # a shell run reports no usage: null, not zeros
     kinds = [e["kind"] for e in st["events"]]
     assert kinds[0] == "submitted" and "claimed" in kinds and "finished" in kinds
 
@@ -328,3 +329,15 @@ def test_a_bad_setting_stops_a_factory_at_once_with_one_line_naming_it(tmp_path,
     assert "Traceback" not in r.stderr
     assert "invalid setting" in r.stderr and named in r.stderr
     assert "waiting for the broker" not in r.stderr
+
+
+def test_an_attempts_usage_reads_as_one_line_without_made_up_counts():
+    from gigafactory.cli import format_usage
+
+    assert format_usage({"model": "claude-sonnet-4-5", "input_tokens": 44264, "output_tokens": 44,
+                         "cache_read_tokens": 0, "turns": 2, "tool_calls": 1, "cost_usd": 0.133452,
+                         "cost_source": "reported"}) == (
+        "claude-sonnet-4-5, in 44264, out 44, cache-read 0, turns 2, tool calls 1, $0.1335 (reported)")
+    assert format_usage({"input_tokens": 5, "cost_source": "unknown"}) == "in 5, cost unknown"
+    assert format_usage({"output_tokens": 1, "cost_usd": 0.5, "cost_source": "priced", "price_table": "2026-11"}) == (
+        "out 1, $0.5000 (priced 2026-11)")

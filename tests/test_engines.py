@@ -97,7 +97,7 @@ def test_the_built_in_engines_are_registered_with_their_class():
     assert engines.get("shell").engine_class == "script"
     assert engines.get("noop").opt_in and not engines.get("noop").verifies
     assert not engines.get("shell").opt_in and engines.get("shell").verifies
-    assert engines.get("claude") is None
+    assert engines.get("claude").engine_class == "agentic-coder"
 
 
 def test_the_registry_view_is_read_only():

@@ -66,11 +66,13 @@ def get(name: str) -> Engine | None:
 
 
 def _builtin() -> None:
+    from .claude import ClaudeEngine
     from .noop import NoopEngine
     from .shell import ShellEngine
 
     register(ShellEngine())
     register(NoopEngine())
+    register(ClaudeEngine())
 
 
 _builtin()

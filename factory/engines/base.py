@@ -36,8 +36,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from gigafactory.schemas.manifest import FailureClass, Manifest
-from gigafactory.schemas.records import Usage
+from gigafactory.schemas.manifest import Budget, FailureClass, Manifest
+from gigafactory.schemas.records import Usage, usage_tokens
 
 from .. import shell
 
@@ -81,6 +81,7 @@ class EngineJob:
     :param fence: the self-fencing deadline (None with ``unsafe_unfenced_engines``).
     :param supervised: run under the supervisor (False only with ``unsafe_unfenced_engines``).
     :param kill_grace_s: SIGTERM to SIGKILL when the engine is stopped.
+    :param parser: the reader of this run's output, set by the factory.
     """
 
     job: str
@@ -101,6 +102,10 @@ class EngineJob:
     fence: shell.FenceDeadline | None
     supervised: bool
     kill_grace_s: float = 5.0
+    parser: "OutputParser | None" = None
+    """The reader the factory feeds this run's output to (:meth:`Engine.parser`), so that
+    :meth:`Engine.run` can classify from what it read (None: no reader, or it raised and was
+    dropped)."""
 
 
 @dataclass
@@ -152,6 +157,12 @@ class OutputParser:
     def feed(self, chunk: bytes) -> list[Progress]:
         """Take the next chunk of output; returns what it said (a line may span chunks)."""
         return []
+
+    def usage(self) -> Usage | None:
+        """What the run has consumed so far, from what was fed (None: nothing said). The
+        factory compares it with ``budget.tokens`` and ``budget.usd`` after every ``usage``
+        item, and records it on the attempt when the engine's :class:`Outcome` has none."""
+        return None
 
 
 class SetupFailed(Exception):
@@ -233,6 +244,23 @@ class Engine(abc.ABC):
     def parser(self) -> OutputParser:
         """A fresh reader of one run's output stream (:class:`OutputParser`)."""
         return OutputParser()
+
+
+def budget_crossed(budget: Budget, usage: Usage | None) -> str | None:
+    """Why a run's streamed ``usage`` has crossed its spend budget (``budget.tokens``: every
+    token processed, :func:`usage_tokens`; ``budget.usd``: the cost so far, when known), or
+    None while it has not. The limit is crossed when the usage exceeds it, not when it equals it.
+
+    :param budget: the manifest's budget.
+    :param usage: what the run has reported so far (None: nothing yet).
+    """
+    if usage is None:
+        return None
+    if budget.tokens is not None and usage_tokens(usage) > budget.tokens:
+        return f"budget.tokens exceeded: {usage_tokens(usage)} tokens used > {budget.tokens}"
+    if budget.usd is not None and usage.cost_usd is not None and usage.cost_usd > budget.usd:
+        return f"budget.usd exceeded: ${usage.cost_usd:.4f} spent > ${budget.usd:g}"
+    return None
 
 
 def require_cwd(job: EngineJob) -> None:
