@@ -66,11 +66,15 @@ def get(name: str) -> Engine | None:
 
 
 def _builtin() -> None:
+    from .codex import CodexEngine
+    from .gemini import GeminiEngine
     from .noop import NoopEngine
     from .shell import ShellEngine
 
     register(ShellEngine())
     register(NoopEngine())
+    register(CodexEngine())
+    register(GeminiEngine())
 
 
 _builtin()
