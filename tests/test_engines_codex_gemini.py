@@ -189,6 +189,10 @@ def _repo(tmp_path: Path) -> Path:
 
 def _job(tmp_path: Path, repo: Path, engine: str, *, model: str | None, yolo: bool = True,
          timeout_s: float = 180.0, outputs: list | None = None) -> EngineJob:
+    if model is None and engine == "codex":
+        # Codex 0.169's own default model sends no tools the scripted server recognises (it is
+        # answered as an auxiliary call); name one, as an operator would to get a priced cost.
+        model = "gpt-5"
     logs = tmp_path / "factory" / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     return EngineJob(
