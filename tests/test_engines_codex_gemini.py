@@ -353,3 +353,43 @@ def test_probe_offers_the_engine_only_with_its_credential(monkeypatch):
     missing = engines.get("gemini").probe(environ={}, path=path, timeout_s=30)
     assert not missing.runnable and "GEMINI_API_KEY" in missing.why
     assert missing.credentials == {"GEMINI_API_KEY": False}
+
+
+def _fake_cli(tmp_path: Path, name: str, version_line: str) -> str:
+    """A real executable named like the CLI that prints ``version_line`` for ``--version``."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    exe = bin_dir / name
+    exe.write_text(f"#!/bin/sh\necho '{version_line}'\n")
+    exe.chmod(0o755)
+    return str(bin_dir)
+
+
+@pytest.mark.parametrize("engine,line,runnable", [
+    ("codex", "codex-cli 0.12.0", False),
+    ("codex", "codex-cli 1.0.0", False),
+    ("codex", "codex-cli 0.170.3", True),
+    ("gemini", "0.60.9", False),
+    ("gemini", "0.62.0", True),
+])
+def test_probe_bounds_the_version(engine, line, runnable, tmp_path):
+    path = _fake_cli(tmp_path, engine, line)
+    creds = {"OPENAI_API_KEY": "k", "GEMINI_API_KEY": "k"}
+    found = engines.get(engine).probe(environ=creds, path=path, timeout_s=10)
+    assert found.runnable is runnable, found.why
+    if not runnable:
+        assert "outside the tested range" in found.why and agent_clis.INSTALL_SCRIPT in found.why
+
+
+@pytest.mark.parametrize("engine", ["codex", "gemini"])
+def test_a_missing_cli_is_not_offered_and_fails_prepare_with_the_install_hint(engine, tmp_path, monkeypatch):
+    monkeypatch.setenv("GIGAFACTORY_AGENT_CLIS", str(tmp_path / "empty-cache"))
+    monkeypatch.setenv("PATH", str(tmp_path / "nothing-here"))
+    found = engines.get(engine).probe(environ={"OPENAI_API_KEY": "k", "GEMINI_API_KEY": "k"},
+                                      path=str(tmp_path / "nothing-here"), timeout_s=10)
+    assert not found.runnable and agent_clis.INSTALL_SCRIPT in found.why
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    with pytest.raises(SetupFailed) as e:
+        engines.get(engine).prepare(_job(tmp_path, repo, engine, model=None))
+    assert agent_clis.INSTALL_SCRIPT in e.value.detail and agent_clis.INSTALL_SCRIPT in e.value.log_line

@@ -8,6 +8,7 @@ Pure helpers apart from :func:`probe_cli` (runs ``<cli> --version``) and :func:`
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import shutil
@@ -75,26 +76,36 @@ def probe_cli(cli: str, *, path: str, timeout_s: float, min_version: tuple[int, 
     binary = shutil.which(cli, path=path) or agent_clis.find_cli(cli)
     if binary is None:
         return ProbeResult(False, credentials=credentials, why=agent_clis.missing_message(cli))
+    missing = [k for k, ok in credentials.items() if not ok]
+    if missing:
+        # Checked before the version: starting a node CLI costs seconds (gemini: ~2 s), which
+        # every factory start would pay for an engine it cannot offer anyway.
+        return ProbeResult(False, credentials=credentials,
+                           why=f"{cli}: credential variable(s) {', '.join(missing)} not set in the factory's environment")
     try:
-        out = subprocess.run([binary, "--version"], capture_output=True, text=True, timeout=timeout_s,
-                             stdin=subprocess.DEVNULL, env=_version_env(binary))
+        st = os.stat(binary)
+        out_text, code = _version_output(binary, st.st_mtime_ns, st.st_size, timeout_s)
     except (OSError, subprocess.SubprocessError) as e:
         return ProbeResult(False, credentials=credentials, why=f"{binary} --version failed: {e}")
-    version = parse_version(out.stdout + out.stderr)
-    if out.returncode != 0 or version is None:
+    version = parse_version(out_text)
+    if code != 0 or version is None:
         return ProbeResult(False, credentials=credentials,
-                           why=f"{binary} --version exited {out.returncode} without a version")
+                           why=f"{binary} --version exited {code} without a version")
     shown = ".".join(map(str, version))
     if not min_version <= version < below_version:
         return ProbeResult(False, version=shown, credentials=credentials,
                            why=f"{cli} {shown} is outside the tested range "
                                f"[{'.'.join(map(str, min_version))}, {'.'.join(map(str, below_version))}): "
                                f"install the pinned one with {agent_clis.INSTALL_SCRIPT}")
-    missing = [k for k, ok in credentials.items() if not ok]
-    if missing:
-        return ProbeResult(False, version=shown, credentials=credentials,
-                           why=f"{cli}: credential variable(s) {', '.join(missing)} not set in the factory's environment")
     return ProbeResult(True, version=shown, credentials=credentials)
+
+
+@functools.lru_cache(maxsize=32)
+def _version_output(binary: str, mtime_ns: int, size: int, timeout_s: float) -> tuple[str, int]:
+    # Cached per binary file (path, mtime, size): a reinstalled CLI is asked again.
+    out = subprocess.run([binary, "--version"], capture_output=True, text=True, timeout=timeout_s,
+                         stdin=subprocess.DEVNULL, env=_version_env(binary))
+    return out.stdout + out.stderr, out.returncode
 
 
 def _version_env(binary: str) -> dict[str, str]:
