@@ -198,7 +198,8 @@ def _job(tmp_path: Path, repo: Path, engine: str, *, model: str | None, yolo: bo
     return EngineJob(
         job="j1", epoch=3, attempt=1, factory="fx", station=0,
         manifest=Manifest(engine=engine, cwd=str(repo), model=model, yolo=yolo),
-        body="Create hello.txt as scripted.", cwd=repo, log_path=str(logs / "attempt.log"),
+        # A body starting with "-" (a markdown list) must reach the CLI as the prompt, not an option.
+        body="- Create hello.txt as scripted.\n- Then stop.", cwd=repo, log_path=str(logs / "attempt.log"),
         gf_env={"GF_JOB_ID": "j1", "GF_EPOCH": "3"}, timeout_s=timeout_s, timeout_class=FailureClass.TIMEOUT,
         header="# test\n", on_output=(outputs.append if outputs is not None else (lambda _c: None)),
         cancel=asyncio.Event(), fence=None, supervised=True,
@@ -393,3 +394,12 @@ def test_a_missing_cli_is_not_offered_and_fails_prepare_with_the_install_hint(en
     with pytest.raises(SetupFailed) as e:
         engines.get(engine).prepare(_job(tmp_path, repo, engine, model=None))
     assert agent_clis.INSTALL_SCRIPT in e.value.detail and agent_clis.INSTALL_SCRIPT in e.value.log_line
+
+
+def test_a_codex_base_url_that_is_not_http_is_refused_naming_the_variable(tmp_path, monkeypatch):
+    _require("codex")
+    monkeypatch.setenv("GIGAFACTORY_CODEX_BASE_URL", "127.0.0.1:8080/v1")
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-x")
+    monkeypatch.delenv("GIGAFACTORY_CODEX_API_KEY_VAR", raising=False)
+    with pytest.raises(SetupFailed, match="GIGAFACTORY_CODEX_BASE_URL"):
+        engines.get("codex").prepare(_job(tmp_path, _repo(tmp_path), "codex", model=None))

@@ -1,6 +1,6 @@
 """The ``codex`` engine: OpenAI's Codex CLI (``codex exec --json``), an ``agentic-coder``.
 
-Command line: ``codex exec --json --skip-git-repo-check [-m MODEL] [provider] <sandbox> PROMPT``
+Command line: ``codex exec --json --skip-git-repo-check [-m MODEL] [provider] <sandbox> -- PROMPT``
 in the job's ``cwd``, stdin closed, with a private per-attempt ``CODEX_HOME``/``HOME``
 (:func:`.agentcli.attempt_home`).
 
@@ -208,6 +208,10 @@ class CodexEngine(Engine):
         except ValueError as e:
             raise SetupFailed(str(e), f"{e}\n") from None
         base_url = factory_env.get(BASE_URL_VAR)
+        if base_url and not base_url.startswith(("http://", "https://")):
+            msg = (f"{BASE_URL_VAR}={base_url!r} is not an http(s) URL: set it to the provider's Responses API "
+                   "root, e.g. http://127.0.0.1:8080/v1, or unset it for OpenAI")
+            raise SetupFailed(msg, msg + "\n")
         home = agentcli.attempt_home(job, self.name)
         (home / ".codex").mkdir()
         env = agentcli.base_environment(job, binary, home, factory_env,
@@ -223,7 +227,8 @@ class CodexEngine(Engine):
                         f"env_key=\"{key_var}\", wire_api=\"responses\", stream_max_retries={STREAM_MAX_RETRIES}}}")
             argv += ["-c", "model_provider=gigafactory", "-c", provider]
         argv += ["--dangerously-bypass-approvals-and-sandbox"] if job.manifest.yolo else ["--sandbox", "workspace-write"]
-        argv.append(prompt)
+        # After "--": a body starting with "-" (a markdown list) is the prompt, not an option.
+        argv += ["--", prompt]
         return Prepared(cwd=job.cwd, env=env, argv=argv)
 
     def parser(self) -> OutputParser:

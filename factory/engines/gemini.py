@@ -1,7 +1,7 @@
 """The ``gemini`` engine: Google's Gemini CLI (``gemini -p … --output-format json``), an
 ``agentic-coder``.
 
-Command line: ``gemini -p PROMPT --output-format json -m MODEL <approval>`` in the job's
+Command line: ``gemini --prompt=PROMPT --output-format json -m MODEL <approval>`` in the job's
 ``cwd``, stdin closed, with a private per-attempt HOME (:func:`.agentcli.attempt_home`) whose
 ``.gemini/settings.json`` selects API-key auth (else the CLI asks interactively) and turns off
 auto-update and usage statistics; ``GEMINI_CLI_TRUST_WORKSPACE=true`` (a headless run cannot
@@ -34,6 +34,8 @@ import json
 import os
 import re
 from collections.abc import Mapping
+
+import msgspec
 
 from gigafactory.schemas.manifest import FailureClass
 from gigafactory.schemas.records import Usage
@@ -177,8 +179,6 @@ class GeminiParser(OutputParser):
 
 def msgspec_to_dict(usage: Usage) -> dict:
     """The usage's fields as a plain dict (for a ``usage`` event)."""
-    import msgspec
-
     return msgspec.structs.asdict(usage)
 
 
@@ -225,7 +225,8 @@ class GeminiEngine(Engine):
         env = agentcli.base_environment(job, binary, home, factory_env, (KEY_VAR, BASE_URL_VAR))
         env["GEMINI_CLI_TRUST_WORKSPACE"] = "true"
         model = job.manifest.model or factory_env.get(MODEL_VAR) or DEFAULT_MODEL
-        argv = [binary, "-p", prompt, "--output-format", "json", "-m", model]
+        # --prompt=TEXT, one argument: a body starting with "-" (a markdown list) is not an option.
+        argv = [binary, f"--prompt={prompt}", "--output-format", "json", "-m", model]
         argv += ["--yolo"] if job.manifest.yolo else ["--approval-mode", "auto_edit"]
         return Prepared(cwd=job.cwd, env=env, argv=argv)
 
