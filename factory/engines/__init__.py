@@ -67,12 +67,16 @@ def get(name: str) -> Engine | None:
 
 def _builtin() -> None:
     from .claude import ClaudeEngine
+    from .codex import CodexEngine
+    from .gemini import GeminiEngine
     from .noop import NoopEngine
     from .shell import ShellEngine
 
     register(ShellEngine())
     register(NoopEngine())
     register(ClaudeEngine())
+    register(CodexEngine())
+    register(GeminiEngine())
 
 
 _builtin()

@@ -1,0 +1,56 @@
+"""A job through the whole fleet on a real broker, run by a real agent CLI (codex, gemini)
+against the scripted model server: the factory's probe offers the engine because the CLI is
+installed and its credential is set, the job is claimed, the CLI edits the repository, the
+verify gate passes and the job ships; usage streams as events while it runs."""
+
+from __future__ import annotations
+
+import subprocess
+
+import pytest
+from helpers import Fleet, run
+
+from gigafactory import agent_clis
+from gigafactory.model_server import parse_script, serve_in_thread
+
+pytestmark = pytest.mark.timeout(240)
+
+CONTENT = "hello from the scripted model\n"
+WRITE_SCRIPT = {"turns": [
+    {"text": "Writing the file.", "tool_calls": [{"write_file": {"path": "hello.txt", "content": CONTENT}}]},
+    {"text": "All done."},
+]}
+
+
+@pytest.mark.parametrize("engine,model", [("codex", "gpt-5"), ("gemini", "gemini-2.5-flash")])
+def test_an_agent_job_ships_through_the_fleet(engine, model, nats_server, tmp_path, monkeypatch):
+    if agent_clis.find_cli(engine) is None:
+        pytest.fail(agent_clis.missing_message(engine))
+    with serve_in_thread(parse_script(WRITE_SCRIPT), log_path=tmp_path / "server.jsonl") as server:
+        if engine == "codex":
+            monkeypatch.setenv("GIGAFACTORY_CODEX_BASE_URL", f"{server.url}/v1")
+            monkeypatch.setenv("OPENAI_API_KEY", "sk-scripted")
+            monkeypatch.delenv("GIGAFACTORY_CODEX_API_KEY_VAR", raising=False)
+        else:
+            monkeypatch.setenv("GOOGLE_GEMINI_BASE_URL", server.url)
+            monkeypatch.setenv("GEMINI_API_KEY", "sk-scripted")
+
+        async def main():
+            async with Fleet(nats_server.url, tmp_path) as fleet:
+                for args in (["init", "-q"], ["config", "user.email", "t@example.com"], ["config", "user.name", "t"]):
+                    subprocess.run(["git", *args], cwd=fleet.repo, check=True)
+                f = await fleet.add_factory("agents-1", probe=True)
+                assert f"engine:{engine}" in f.offers.tokens
+                job = await fleet.submit_one(fleet.job(
+                    "Create hello.txt as scripted.", engine=engine, model=model, yolo=True,
+                    verify="test -f hello.txt", review_policy="auto"))
+                rec = await fleet.wait_stage(job, "shipped", "failed", "dead_letter", timeout_s=180)
+                assert str(rec.stage) == "shipped", rec.attempts
+                assert [a.outcome for a in rec.attempts] == ["passed"]
+                assert (fleet.repo / "hello.txt").read_text() == CONTENT
+                usage = [e for e in await fleet.events(job) if e["kind"] == "usage"]
+                assert usage, "no usage event streamed"
+                data = usage[-1].get("data") or {}
+                assert data.get("input_tokens", 0) > 0 and data.get("output_tokens", 0) > 0, usage[-1]
+
+        run(main())
