@@ -251,6 +251,35 @@ def remove_home(prepared: Prepared) -> None:
         shutil.rmtree(home, ignore_errors=True)
 
 
+async def run_reading(job: EngineJob, prepared: Prepared, feed) -> shell.ProcessResult | Outcome:
+    """Run the CLI as :meth:`prepare` built it, giving every chunk of its output to ``feed``
+    (the engine's own reader, for how the run ended) before the factory's callback, and
+    remove the attempt's private home afterwards. Returns the process result, or a
+    ``setup_failed`` :class:`Outcome` when the program is missing.
+
+    :param job: the attempt.
+    :param prepared: what ``prepare`` built.
+    :param feed: called with each chunk, in order; if it raises, the factory still gets the chunk.
+    """
+
+    def on_output(chunk: bytes) -> None:
+        try:
+            feed(chunk)
+        finally:
+            job.on_output(chunk)
+
+    try:
+        return await shell.run_argv(
+            prepared.argv, cwd=str(prepared.cwd), env=prepared.env, timeout_s=job.timeout_s,
+            log_path=job.log_path, on_output=on_output, cancel=job.cancel, kill_grace_s=job.kill_grace_s,
+            header=job.header, fence=job.fence, supervised=job.supervised,
+        )
+    except FileNotFoundError as e:
+        return Outcome(FailureClass.SETUP_FAILED, str(e))
+    finally:
+        remove_home(prepared)
+
+
 def classify_run(res: shell.ProcessResult, job: EngineJob, usage: Usage | None, error: str | None) -> Outcome:
     """How an agent CLI's run ended: stopped by us (fenced, cancelled, timed out) as
     :func:`classify_exit` says; else the class its error message names (``rate_limited``,

@@ -36,10 +36,8 @@ import os
 import re
 from collections.abc import Mapping
 
-from gigafactory.schemas.manifest import FailureClass
 from gigafactory.schemas.records import Usage
 
-from .. import shell
 from . import agentcli, pricing
 from .base import Engine, EngineJob, Outcome, OutputParser, Prepared, ProbeResult, Progress, SetupFailed, require_cwd
 
@@ -243,23 +241,9 @@ class CodexEngine(Engine):
         """
         model = prepared.argv[prepared.argv.index("-m") + 1] if "-m" in prepared.argv else None
         reader = CodexParser(model)
-
-        def on_output(chunk: bytes) -> None:
-            try:
-                reader.feed(chunk)
-            finally:
-                job.on_output(chunk)
-
-        try:
-            res = await shell.run_argv(
-                prepared.argv, cwd=str(prepared.cwd), env=prepared.env, timeout_s=job.timeout_s,
-                log_path=job.log_path, on_output=on_output, cancel=job.cancel, kill_grace_s=job.kill_grace_s,
-                header=job.header, fence=job.fence, supervised=job.supervised,
-            )
-        except FileNotFoundError as e:
-            return Outcome(FailureClass.SETUP_FAILED, str(e))
-        finally:
-            agentcli.remove_home(prepared)
+        res = await agentcli.run_reading(job, prepared, reader.feed)
+        if isinstance(res, Outcome):
+            return res
         reader.finish()
         return agentcli.classify_run(res, job, reader.usage(), reader.failed or (reader.last_error if res.exit_code else None))
 

@@ -37,10 +37,8 @@ from collections.abc import Mapping
 
 import msgspec
 
-from gigafactory.schemas.manifest import FailureClass
 from gigafactory.schemas.records import Usage
 
-from .. import shell
 from . import agentcli, pricing
 from .base import Engine, EngineJob, Outcome, OutputParser, Prepared, ProbeResult, Progress, require_cwd
 
@@ -241,23 +239,9 @@ class GeminiEngine(Engine):
         :param prepared: what :meth:`prepare` built.
         """
         reader = GeminiParser()
-
-        def on_output(chunk: bytes) -> None:
-            try:
-                reader.feed(chunk)
-            finally:
-                job.on_output(chunk)
-
-        try:
-            res = await shell.run_argv(
-                prepared.argv, cwd=str(prepared.cwd), env=prepared.env, timeout_s=job.timeout_s,
-                log_path=job.log_path, on_output=on_output, cancel=job.cancel, kill_grace_s=job.kill_grace_s,
-                header=job.header, fence=job.fence, supervised=job.supervised,
-            )
-        except FileNotFoundError as e:
-            return Outcome(FailureClass.SETUP_FAILED, str(e))
-        finally:
-            agentcli.remove_home(prepared)
+        res = await agentcli.run_reading(job, prepared, reader.feed)
+        if isinstance(res, Outcome):
+            return res
         reader.finish()
         error = None
         if reader.error is not None:
