@@ -74,8 +74,10 @@ def test_a_cancelled_lock_holder_keeps_the_lock_until_its_engine_stopped(nats_se
         async with Fleet(nats_server.url, tmp_path) as fleet:
             await fleet.add_factory("worker", stations=2)
             job_a = await fleet.submit_one(fleet.job(
-                f"echo $$ > {a_pid}\n"
+                # The trap first: a cancel that lands right after A says it started must find it.
                 f"trap 'echo \"A term $(date +%s.%N)\" >> {side}' TERM\n"
+                f"echo \"A tick $(date +%s.%N)\" >> {side}\n"
+                f"echo $$ > {a_pid}\n"
                 f"for i in $(seq 1 600); do echo \"A tick $(date +%s.%N)\" >> {side}; sleep 0.05; done\n",
                 lock="db", retry={"max": 0}), path="a.md")
             await fleet.wait_stage(job_a, "building")
@@ -84,7 +86,8 @@ def test_a_cancelled_lock_holder_keeps_the_lock_until_its_engine_stopped(nats_se
                 f'echo "B start $(date +%s.%N)" >> {side}\n', lock="db", review_policy="auto"), path="b.md")
             resp = await fleet.client.call("cancel", {"job": job_a, "reason": "epoch moves, engine lingers"})
             assert resp["job"]["stage"] == "failed"
-            await eventually(lambda: "A term" in side.read_text(), 10, what="A got SIGTERM and lingers")
+            await eventually(lambda: side.exists() and "A term" in side.read_text(), 10,
+                             what="A got SIGTERM and lingers")
             await fleet.wait_stage(job_b, "shipped", timeout_s=30)
 
             # A tick whose `date` the SIGTERM killed has no time: it cannot be placed.
