@@ -160,8 +160,10 @@ class AiderParser(OutputParser):
         if self.error is None:
             return None
         name, message = self.error
-        status = {"auth_failed": "401", "rate_limited": "429"}.get(_ERROR_CLASSES.get(name, ""), "")
-        return f"{status} litellm.{name}: {message}".strip()
+        # Words classify_error_text reads the same class from, whatever litellm's message says.
+        said = {"auth_failed": "401", "rate_limited": "429",
+                "context_overflow": "context window exceeded"}.get(_ERROR_CLASSES.get(name, ""), "")
+        return f"{said} litellm.{name}: {message}".strip()
 
     def error_class(self) -> str | None:
         """The failure class of the last litellm error (``auth_failed``, ``rate_limited``,

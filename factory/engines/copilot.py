@@ -13,7 +13,8 @@ Provider and credential, from the factory's environment:
 - else GitHub's service with a token in ``COPILOT_GITHUB_TOKEN``, ``GH_TOKEN`` or ``GITHUB_TOKEN``.
 
 The model: the manifest's ``model``, else ``GIGAFACTORY_COPILOT_MODEL``, else ``COPILOT_MODEL``
-(passed as ``COPILOT_MODEL``), else the CLI's default.
+(passed as ``COPILOT_MODEL``), else the CLI's default; with ``COPILOT_PROVIDER_BASE_URL`` a model
+is required (the CLI refuses to start without one), so its absence is ``setup_failed`` at prepare.
 
 ``yolo: true`` -> ``--allow-all-tools`` and ``COPILOT_ALLOW_ALL=true`` (every tool, shell
 commands included); without it ``--allow-tool write`` (file edits only: any other tool is
@@ -32,6 +33,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from collections.abc import Mapping
 
 from gigafactory.schemas.records import Usage
@@ -113,7 +115,7 @@ class CopilotParser(OutputParser):
                 self.model = data["model"]
             tools = [t.get("name") for t in data.get("toolRequests") or [] if isinstance(t, dict)]
             progress = {"event": kind, "text": str(data.get("content") or "")[:2000], "tools": tools}
-            return [Progress("progress", progress), self._usage_event()]
+            return [Progress("progress", progress), *self._usage_event()]
         if kind == "tool.execution_complete":
             result = data.get("result") if isinstance(data.get("result"), dict) else {}
             if data.get("success") is True:
@@ -122,7 +124,7 @@ class CopilotParser(OutputParser):
                 self.denied.append(str(result.get("content") or data.get("error") or "a tool")[:300])
             return [Progress("progress", {"event": kind, "success": data.get("success") is True,
                                           "message": str(result.get("content") or "")[:2000]}),
-                    self._usage_event()]
+                    *self._usage_event()]
         if kind == "assistant.turn_retry":
             return [Progress("progress", {"event": "retry", "reason": str(data.get("reason"))})]
         if kind == "session.error":
@@ -140,11 +142,13 @@ class CopilotParser(OutputParser):
                                           "lines_removed": changes.get("linesRemoved")})]
         return []
 
-    def _usage_event(self) -> Progress:
+    def _usage_event(self) -> list[Progress]:
         u = self.usage()
-        return Progress("usage", {k: v for k, v in {
+        if u is None:
+            return []
+        return [Progress("usage", {k: v for k, v in {
             "model": u.model, "turns": u.turns, "tool_calls": u.tool_calls, "cost_source": u.cost_source,
-        }.items() if v is not None})
+        }.items() if v is not None})]
 
     def usage(self) -> Usage | None:
         """What the run showed so far: model, turns, tool calls; no tokens and so no cost
@@ -196,7 +200,13 @@ class CopilotEngine(Engine):
         env = agentcli.base_environment(job, binary, home, factory_env, OWN_VARS)
         if base_url:
             env["COPILOT_OFFLINE"] = "true"  # bring-your-own-key: no GitHub login, no telemetry
-        model = job.manifest.model or factory_env.get(MODEL_VAR)
+        model = job.manifest.model or factory_env.get(MODEL_VAR) or factory_env.get("COPILOT_MODEL")
+        if base_url and not model:
+            # The CLI would exit 1 with "BYOK providers require an explicit model", before any call.
+            msg = (f"copilot with {BASE_URL_VAR} needs a model: set the job's `model:`, or "
+                   f"{MODEL_VAR} (or COPILOT_MODEL) in the factory's environment")
+            shutil.rmtree(home, ignore_errors=True)
+            raise SetupFailed(msg, msg + "\n")
         if model:
             env["COPILOT_MODEL"] = model
         # --prompt=TEXT, one argument: a body starting with "-" (a markdown list) is not an option.
