@@ -217,7 +217,7 @@ def test_engine_edits_the_repo_through_the_real_cli_and_reports_usage(engine, tm
         assert out.usage.cost_source == "estimated" and out.usage.cost_usd > 0
         assert out.usage.price_table == load_table().version
         # Its history files went to the private home, not into the repository.
-        assert not list(repo.glob(".aider.*history*"))
+        assert not list(repo.glob(".aider*")), list(repo.glob(".aider*"))
     assert b"".join(outputs) and log.startswith("# test\n")  # streamed and logged
     assert "GIGAFACTORY_TEST_SECRET" not in prepared.env and prepared.env["GF_JOB_ID"] == "j1"
     assert Path(prepared.env["HOME"]).parent == tmp_path / "factory" / "cli-homes"

@@ -5,8 +5,9 @@ Command line: ``aider --model openai/M --edit-format diff --message=PROMPT --no-
 --no-analytics --no-show-release-notes --no-gitignore --no-auto-commits --no-dirty-commits
 --no-pretty --no-show-model-warnings --no-stream --chat-history-file H --input-history-file H
 <approval>`` in the job's ``cwd``, stdin closed, with a private per-attempt ``HOME``
-(:func:`.agentcli.attempt_home`; the history files go there, not into the repository). Aider
-never commits: the factory does. It runs from its own virtualenv (``scripts/install-agent-clis``).
+(:func:`.agentcli.attempt_home`; the history files go there, not into the repository; the
+repo-map cache it writes into the repository's root is removed after the run). Aider never
+commits: the factory does. It runs from its own virtualenv (``scripts/install-agent-clis``).
 
 Credential and base URL, from the factory's environment: ``OPENAI_API_KEY`` (required) and
 ``OPENAI_API_BASE`` when set (an OpenAI-compatible Chat Completions endpoint, e.g.
@@ -34,6 +35,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 from collections.abc import Mapping
 
 import msgspec
@@ -50,6 +52,8 @@ KEY_VAR = "OPENAI_API_KEY"
 BASE_URL_VAR = "OPENAI_API_BASE"
 MODEL_VAR = "GIGAFACTORY_AIDER_MODEL"
 DEFAULT_MODEL = "gpt-4.1"
+TAGS_CACHE_DIRS = (".aider.tags.cache.v4",)
+"""Aider's repo-map cache folder(s) in the repository's root (0.86: v4), removed after the run."""
 _TOKENS_RE = re.compile(r"^Tokens: (.*?)\.?\s*(?:Cost:.*)?$")
 _COUNT_RE = re.compile(r"([\d.]+)(k?) (sent|cache write|cache hit|received)")
 # At the start of a line, or after a confirmation prompt that took its default ("…[Yes]: Applied …").
@@ -231,7 +235,14 @@ class AiderEngine(Engine):
         :param prepared: what :meth:`prepare` built.
         """
         reader = AiderParser(prepared.argv[prepared.argv.index("--model") + 1])
-        res = await agentcli.run_reading(job, prepared, reader.feed)
+        # Aider keeps its repo-map cache in the repository's root (no option moves it): remove
+        # the one this run made, so it never ends up in the job's commit.
+        made = [d for d in TAGS_CACHE_DIRS if not (prepared.cwd / d).exists()]
+        try:
+            res = await agentcli.run_reading(job, prepared, reader.feed)
+        finally:
+            for d in made:
+                shutil.rmtree(prepared.cwd / d, ignore_errors=True)
         if isinstance(res, Outcome):
             return res
         reader.finish()
