@@ -77,9 +77,13 @@ def test_copilot_parser_counts_a_passing_429_as_no_error():
 
 def test_copilot_parser_names_a_denied_tool():
     p = CopilotParser()
-    p.feed(b'{"type":"tool.execution_complete","data":{"toolCallId":"c1","success":false,'
-           b'"result":{"content":"Permission denied: bash"}}}\n')
-    assert p.denied == ["Permission denied: bash"] and p.tool_calls == 0
+    # As 1.0.102 prints a tool that -p denied (no interactive user to ask).
+    p.feed(b'{"type":"tool.execution_start","data":{"toolCallId":"c1","toolName":"bash"}}\n'
+           b'{"type":"tool.execution_complete","data":{"toolCallId":"c1","success":false,'
+           b'"error":{"message":"Permission denied because no interactive user response was available.",'
+           b'"code":"denied"}}}\n')
+    assert p.denied == ["bash: Permission denied because no interactive user response was available."]
+    assert p.tool_calls == 0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -263,6 +267,7 @@ def test_copilot_runs_a_shell_command_only_with_yolo(yolo, tmp_path, monkeypatch
     # It exits 0 either way; without yolo the attempt's detail names the denial.
     assert out.failure is None, out.detail
     assert ("denied" in out.detail) is (not yolo), out.detail
+    assert ("bash: Permission denied" in out.detail) is (not yolo), out.detail
 
 
 @pytest.mark.parametrize("engine", ["copilot", "aider"])
@@ -343,3 +348,14 @@ def test_copilot_byok_without_a_model_is_refused_at_prepare_naming_the_settings(
     with pytest.raises(SetupFailed, match="GIGAFACTORY_COPILOT_MODEL"):
         engines.get("copilot").prepare(_job(tmp_path, _repo(tmp_path), "copilot", model=None))
     assert not list((tmp_path / "factory" / "cli-homes").iterdir())  # its home is not left behind
+
+
+def test_copilot_ends_a_lasting_429_as_rate_limited(tmp_path, monkeypatch):
+    repo = _repo(tmp_path)
+    job = _job(tmp_path, repo, "copilot", model="scripted-model")
+    script = {"turns": [{"error": {"status": 429, "retry_after_s": 1, "times": 100}}]}
+    out, _prepared, exchanges = _run("copilot", job, script, tmp_path, monkeypatch)
+    assert out.failure == agentcli.failure_class("rate_limited"), out.detail
+    assert out.detail.startswith("rate limited") and "429" in out.detail
+    assert exchanges and all(e["status"] == 429 for e in exchanges)
+    assert out.usage is None  # no model reply: nothing reported, no made-up zeros

@@ -48,6 +48,8 @@ KEY_VAR = "COPILOT_PROVIDER_API_KEY"
 MODEL_VAR = "GIGAFACTORY_COPILOT_MODEL"
 GITHUB_TOKEN_VARS = ("COPILOT_GITHUB_TOKEN", "GH_TOKEN", "GITHUB_TOKEN")
 OWN_VARS = (BASE_URL_VAR, KEY_VAR, "COPILOT_PROVIDER_TYPE", "COPILOT_MODEL", *GITHUB_TOKEN_VARS)
+MAX_OPEN_TOOL_CALLS = 1000
+"""Tool calls started and not yet completed whose names are kept (to name a denied one)."""
 _ERROR_TYPES = {"rate_limit": "429 rate limit", "authentication": "401 authentication"}
 
 
@@ -76,6 +78,7 @@ class CopilotParser(OutputParser):
         """The last ``session.error`` event's data, if the session failed."""
         self.result: dict | None = None
         """The final ``result`` event, once read."""
+        self._tool_names: dict[str, str] = {}
 
     def feed(self, chunk: bytes) -> list[Progress]:
         """Take the next chunk; returns the progress and usage it completed.
@@ -118,13 +121,20 @@ class CopilotParser(OutputParser):
             return [Progress("progress", progress), *self._usage_event()]
         if kind == "tool.execution_complete":
             result = data.get("result") if isinstance(data.get("result"), dict) else {}
+            tool = self._tool_names.pop(str(data.get("toolCallId")), "a tool")
             if data.get("success") is True:
                 self.tool_calls += 1
             else:
-                self.denied.append(str(result.get("content") or data.get("error") or "a tool")[:300])
+                err = data.get("error")
+                why = err.get("message") if isinstance(err, dict) else (err or result.get("content") or "not run")
+                self.denied.append(f"{tool}: {why}"[:300])
             return [Progress("progress", {"event": kind, "success": data.get("success") is True,
                                           "message": str(result.get("content") or "")[:2000]}),
                     *self._usage_event()]
+        if kind == "tool.execution_start":
+            if len(self._tool_names) < MAX_OPEN_TOOL_CALLS:
+                self._tool_names[str(data.get("toolCallId"))] = str(data.get("toolName"))[:100]
+            return [Progress("progress", {"event": kind, "tool": str(data.get("toolName"))[:100]})]
         if kind == "assistant.turn_retry":
             return [Progress("progress", {"event": "retry", "reason": str(data.get("reason"))})]
         if kind == "session.error":
