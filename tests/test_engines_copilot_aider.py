@@ -19,6 +19,7 @@ from gigafactory.factory.engines.base import SetupFailed
 from gigafactory.factory.engines.copilot import CopilotParser
 from gigafactory.factory.engines.pricing import load_table
 from gigafactory.model_server import parse_script, serve_in_thread, tokens_for
+from gigafactory.schemas.manifest import FailureClass
 
 FIXTURES = Path(__file__).parent / "fixtures" / "agent-transcripts"
 CONTENT = "hello from the scripted model\n"
@@ -359,3 +360,15 @@ def test_copilot_ends_a_lasting_429_as_rate_limited(tmp_path, monkeypatch):
     assert out.detail.startswith("rate limited") and "429" in out.detail
     assert exchanges and all(e["status"] == 429 for e in exchanges)
     assert out.usage is None  # no model reply: nothing reported, no made-up zeros
+
+
+def test_aider_lasting_429_is_bounded_by_the_jobs_timeout_and_named(tmp_path, monkeypatch):
+    # Aider retries a 429 for about 95 s and then exits 0: the job's timeout bounds it here.
+    repo = _repo(tmp_path)
+    job = _job(tmp_path, repo, "aider", model="scripted-model", timeout_s=20.0)
+    job.kill_grace_s = 1.0
+    script = {"turns": [{"error": {"status": 429, "retry_after_s": 1, "times": 100}}]}
+    out, _prepared, exchanges = _run("aider", job, script, tmp_path, monkeypatch)
+    assert out.failure == FailureClass.TIMEOUT, out.detail
+    assert "429" in out.detail, out.detail
+    assert exchanges and all(e["status"] == 429 for e in exchanges)

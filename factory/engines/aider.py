@@ -247,6 +247,10 @@ class AiderEngine(Engine):
             return res
         reader.finish()
         out = agentcli.classify_run(res, job, reader.usage(), reader.error_text())
+        if res.timed_out and reader.error_class() == "rate_limited":
+            # It retries 429s for about 95 s: say why it ran out of time.
+            return Outcome(out.failure, f"{out.detail} while the provider kept answering 429 (rate limited)",
+                           out.exit_code, usage=out.usage)
         cls = reader.error_class()
         if out.failure is None and cls is not None and not (res.fenced or res.cancelled or res.timed_out):
             # Exit 0 after an API error the words did not classify: still a failed run.
