@@ -28,7 +28,9 @@ write`` / ``N cache hit`` when the provider reports them); counts of 1,000 and m
 ``Applied edit to F`` counts as a tool call. Aider exits 0 on a 401 and after giving up on a
 lasting 429 (about 95 s of retries): how it ended is read from its text, ``litellm.
 AuthenticationError`` -> ``auth_failed``, ``litellm.RateLimitError`` -> ``rate_limited``,
-``litellm.ContextWindowExceededError`` -> ``context_overflow``, another ``litellm.*Error`` -> ``crash``.
+``litellm.ContextWindowExceededError`` -> ``context_overflow``, another ``litellm.*Error`` -> ``crash``
+(an error a later reply followed, a 429 retried away, is forgotten). The job's ``timeout`` bounds
+its 429 retries; the attempt then ends ``timeout`` with the rate limit named in its detail.
 """
 
 from __future__ import annotations
