@@ -66,7 +66,9 @@ def get(name: str) -> Engine | None:
 
 
 def _builtin() -> None:
+    from .aider import AiderEngine
     from .claude import ClaudeEngine
+    from .copilot import CopilotEngine
     from .codex import CodexEngine
     from .gemini import GeminiEngine
     from .noop import NoopEngine
@@ -77,6 +79,8 @@ def _builtin() -> None:
     register(ClaudeEngine())
     register(CodexEngine())
     register(GeminiEngine())
+    register(CopilotEngine())
+    register(AiderEngine())
 
 
 _builtin()
