@@ -242,6 +242,9 @@ class Execute:
         if out.failure is None and eng.verifies:
             # The gate's outcome knows nothing of the engine's usage: keep what the engine reported.
             out = dataclasses.replace(await verify_gate(job, prepared, out, t0), usage=out.usage)
+        if out.failure == FailureClass.AUTH_FAILED and not out.self_fenced and not run.fenced:
+            # Before the report: the retry it may queue must never land here with the same key.
+            self._withdraw_engine(name, f"auth_failed on job {run.job} attempt {rec.attempt}: {out.detail}"[:300])
         if out.self_fenced:
             run.self_fenced = self._self_fence_reason(run)
             return result(out.failure, f"{out.detail}: {run.self_fenced}", out.exit_code, out.verify_exit_code,

@@ -598,6 +598,8 @@ def factories(nats_url, as_json) -> None:
             what = f"busy {st.get('job')} e{st.get('epoch')}" if st.get("state") == "busy" else f"idle: {st.get('idle_reason')}"
             click.echo(f"  station {st['index']}: {what}")
         click.echo(f"  capabilities: {' '.join(f['capabilities'])}")
+        for name, why in sorted((f.get("withdrawn_engines") or {}).items()):
+            click.echo(f"  withdrawn: engine:{name} ({why}); offered again when its credential changes")
 
 
 @main.command()

@@ -335,3 +335,61 @@ def test_yolo_decides_whether_a_non_file_shell_command_runs(nats_server, tmp_pat
                 assert ("denied: Bash" in last.detail) == (not yolo)
 
     run(main(), timeout_s=200)
+
+
+def test_a_refused_key_withdraws_claude_from_that_factory_until_the_key_changes(nats_server, tmp_path, claude_env,
+                                                                                monkeypatch):
+    """auth_failed: the factory stops offering engine:claude (its record says why), the job's
+    retry is claimed by another factory, and a changed ANTHROPIC_API_KEY restores the engine."""
+    async def main():
+        refused = {"turns": [{"error": {"status": 401, "times": 50}}]}
+        with serve_in_thread(parse_script(refused)) as bad, serve_in_thread(parse_script(WRITE_SCRIPT)) as good:
+            async with Fleet(nats_server.url, tmp_path) as fleet:
+                _git_repo(fleet.repo)
+                claude_env(bad.url)
+                a = await fleet.add_factory("c-bad", probe=True)
+                assert "engine:claude" in a.record.capabilities
+                job = await fleet.submit_one(fleet.job(
+                    "Create hello.txt as scripted.", engine="claude", review_policy="auto",
+                    model="claude-sonnet-4-5", retry={"max": 1, "backoff": "1s"}, timeout="120s"))
+
+                async def requeued():
+                    rec, _ = await fleet.record(job)
+                    return rec if rec.attempts and rec.attempts[0].outcome == "auth_failed" else None
+
+                rec = await eventually(requeued, 150, what="the first attempt ends auth_failed")
+                assert rec.stage in ("queued", "assigned", "building"), rec.reason  # retried, not failed
+                assert rec.attempts[0].factory == "c-bad"
+                assert "engine:claude" not in a.record.capabilities
+                assert "claude" in a.record.withdrawn_engines and "auth_failed" in a.record.withdrawn_engines["claude"]
+                listed = await fleet.client.call("factories")
+                mine = next(f for f in listed["factories"] if f["id"] == "c-bad")
+                assert "engine:claude" not in mine["capabilities"] and "claude" in mine["withdrawn_engines"]
+
+                # Another factory (same key, but pointed at a server that accepts it) takes the retry.
+                claude_env(good.url)
+                await fleet.add_factory("c-good", probe=True)
+                rec = await fleet.wait_stage(job, "shipped", "failed", "dead_letter", timeout_s=150)
+                assert rec.stage == "shipped", rec.attempts[-1].detail
+                assert [x.factory for x in rec.attempts] == ["c-bad", "c-good"]
+                assert "engine:claude" not in a.record.capabilities  # the key did not change
+
+                monkeypatch.setenv("ANTHROPIC_API_KEY", "sk-rotated")
+                await eventually(lambda: "engine:claude" in a.record.capabilities and not a.record.withdrawn_engines,
+                                 10, what="engine:claude offered again after the key changed")
+                await eventually(lambda: any(p.engine == "claude" and not p.gone for p in a.pools.values()), 10,
+                                 what="the factory binds to the claude pool again")
+
+    run(main(), timeout_s=400)
+
+
+def test_the_credential_fingerprint_changes_with_the_key_only():
+    from gigafactory.factory.engines import get
+    from gigafactory.factory.engines.base import credential_fingerprint
+
+    names = get("claude").credential_vars({})
+    assert names == ("ANTHROPIC_API_KEY",)
+    one = credential_fingerprint(names, {"ANTHROPIC_API_KEY": "sk-1", "OTHER": "x"})
+    assert one == credential_fingerprint(names, {"ANTHROPIC_API_KEY": "sk-1", "OTHER": "y"})
+    assert one != credential_fingerprint(names, {"ANTHROPIC_API_KEY": "sk-2"})
+    assert "sk-1" not in one

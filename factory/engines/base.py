@@ -30,9 +30,10 @@ from __future__ import annotations
 
 import abc
 import asyncio
+import hashlib
 import os
 import sysconfig
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -200,6 +201,19 @@ class Engine(abc.ABC):
         :param timeout_s: hard limit for any command run to learn the version.
         """
 
+    def credential_vars(self, environ: Mapping[str, str]) -> tuple[str, ...]:
+        """The environment variables whose values are this engine's credential. After an
+        ``auth_failed`` the factory withdraws the engine until a hash of these values changes
+        (:func:`credential_fingerprint`). The default is every well-known credential variable
+        (:data:`gigafactory.factory.probe.CREDENTIAL_VARS`): wider than needed, so a change of
+        any of them restores the engine (at worst one more refused attempt, never a stuck one).
+
+        :param environ: the environment the engine runs with.
+        """
+        from ..probe import CREDENTIAL_VARS  # the probe imports the engines: import when asked
+
+        return CREDENTIAL_VARS
+
     def tokens(self, found: ProbeResult) -> list[str]:
         """The capability tokens a runnable probe result offers: ``engine:<name>``, and
         ``<name>:<version>`` when the engine has a version.
@@ -261,6 +275,20 @@ def budget_crossed(budget: Budget, usage: Usage | None) -> str | None:
     if budget.usd is not None and usage.cost_usd is not None and usage.cost_usd > budget.usd:
         return f"budget.usd exceeded: ${usage.cost_usd:.4f} spent > ${budget.usd:g}"
     return None
+
+
+def credential_fingerprint(names: Iterable[str], environ: Mapping[str, str]) -> str:
+    """A hash of the values of the variables ``names`` in ``environ`` (an unset variable and
+    an empty one hash alike), so a credential's change can be noticed without keeping it. Cheap
+    enough for every heartbeat.
+
+    :param names: the credential variables (:meth:`Engine.credential_vars`).
+    :param environ: the environment to read them from.
+    """
+    h = hashlib.sha256()
+    for name in sorted(set(names)):
+        h.update(name.encode() + b"\0" + environ.get(name, "").encode("utf-8", "surrogateescape") + b"\0")
+    return h.hexdigest()
 
 
 def require_cwd(job: EngineJob) -> None:

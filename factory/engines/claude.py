@@ -251,6 +251,13 @@ class ClaudeEngine(Engine):
     name = "claude"
     engine_class = "agentic-coder"
 
+    def credential_vars(self, environ: Mapping[str, str]) -> tuple[str, ...]:
+        """Only ``ANTHROPIC_API_KEY``: a change of it restores the engine after an ``auth_failed``.
+
+        :param environ: unused (the variable's name is fixed).
+        """
+        return (CREDENTIAL,)
+
     def probe(self, *, environ: Mapping[str, str], path: str, timeout_s: float) -> ProbeResult:
         """Runnable when ``claude`` is found and ``ANTHROPIC_API_KEY`` is set.
 
