@@ -151,10 +151,12 @@ class Execute:
             cost_usd=0.0, cost_estimated=False,
         )
 
-        def result(failure, detail, code=None, vcode=None, usage: Usage | None = None) -> ResultPayload:
+        def result(failure, detail, code=None, vcode=None, usage: Usage | None = None,
+                   retry_after_s: float | None = None) -> ResultPayload:
             return ResultPayload(job=run.job, epoch=run.epoch, failure=failure, detail=detail, exit_code=code,
                                  verify_exit_code=vcode, log_path=log_path, log_object=None,
-                                 attribution=attributed(attribution, usage), finished_at=time.time(), usage=usage)
+                                 attribution=attributed(attribution, usage), finished_at=time.time(), usage=usage,
+                                 retry_after_s=retry_after_s)
 
         name = m.engine or "shell"
         eng = engines.get(name)
@@ -249,7 +251,8 @@ class Execute:
             run.self_fenced = self._self_fence_reason(run)
             return result(out.failure, f"{out.detail}: {run.self_fenced}", out.exit_code, out.verify_exit_code,
                           out.usage)
-        return result(out.failure, out.detail, out.exit_code, out.verify_exit_code, out.usage)
+        return result(out.failure, out.detail, out.exit_code, out.verify_exit_code, out.usage,
+                      out.retry_after_s if out.failure == FailureClass.RATE_LIMITED else None)
 
     def _resolve_cwd(self, cwd: str) -> Path:
         p = Path(os.path.expandvars(os.path.expanduser(cwd)))

@@ -17,6 +17,7 @@ from gigafactory import agent_clis
 from gigafactory.factory import engines, shell
 from gigafactory.factory.engines.base import EngineJob, SetupFailed
 from gigafactory.factory.engines.claude import (
+    CLI_MAX_RETRIES,
     MAX_PROMPT_BYTES,
     ClaudeEngine,
     ClaudeStream,
@@ -124,6 +125,12 @@ def _job(tmp_path: Path, text: str = "---\nengine: claude\ncwd: .\n---\nDo it.\n
 def test_recorded_results_are_classified_by_is_error_and_status_not_subtype(tmp_path, case, code, failure):
     out = classify_result(_result(case), _proc(code), _job(tmp_path))
     assert out.failure == failure
+
+
+def test_the_delay_of_the_clis_last_rate_limited_retry_is_read_as_the_retry_after():
+    stream, _ = _parse(_fixture("rate_limit_exhausted"))
+    assert stream.retry_delay_s == 1.246  # the second api_retry event's retry_delay_ms
+    assert _parse(_fixture("write"))[0].retry_delay_s is None
 
 
 def test_other_endings_are_classified(tmp_path):
@@ -393,3 +400,42 @@ def test_the_credential_fingerprint_changes_with_the_key_only():
     assert one == credential_fingerprint(names, {"ANTHROPIC_API_KEY": "sk-1", "OTHER": "y"})
     assert one != credential_fingerprint(names, {"ANTHROPIC_API_KEY": "sk-2"})
     assert "sk-1" not in one
+
+
+def test_a_rate_limited_attempt_is_retried_after_the_providers_retry_after_not_the_policys_backoff(
+        nats_server, tmp_path, claude_env):
+    """The CLI gives up after its own retries (CLI_MAX_RETRIES + 1 requests, all 429 with
+    retry-after 2s); the factory reports the delay the CLI read and the retry waits that long,
+    not the policy's 30 minutes, and then ships."""
+    script = {"turns": [{"error": {"status": 429, "retry_after_s": 2, "times": CLI_MAX_RETRIES + 1}},
+                        *WRITE_SCRIPT["turns"]]}
+
+    async def main():
+        with serve_in_thread(parse_script(script)) as server:
+            async with Fleet(nats_server.url, tmp_path) as fleet:
+                _git_repo(fleet.repo)
+                claude_env(server.url)
+                await fleet.add_factory("c-429", probe=True)
+                job = await fleet.submit_one(fleet.job(
+                    "Create hello.txt as scripted.", engine="claude", review_policy="auto",
+                    model="claude-sonnet-4-5", retry={"max": 1, "backoff": "30m"}, timeout="120s"))
+
+                async def requeued():
+                    rec, _ = await fleet.record(job)
+                    return rec if rec.attempts and rec.attempts[0].outcome == "rate_limited" else None
+
+                rec = await eventually(requeued, 150, what="the first attempt ends rate_limited")
+                assert rec.stage != "failed", (rec.stage, rec.reason)
+
+                async def requeue_reason():
+                    evs = await fleet.events(job)
+                    return next((e["reason"] for e in evs if e.get("stage_to") == "queued"
+                                 and "rate_limited" in (e.get("reason") or "")), None)
+
+                reason = await eventually(requeue_reason, 10, what="the requeue event of the rate-limited attempt")
+                assert "(the provider's retry-after)" in reason and "after 1800s" not in reason, reason
+                rec = await fleet.wait_stage(job, "shipped", "failed", "dead_letter", timeout_s=150)
+                assert rec.stage == "shipped", rec.attempts[-1].detail
+                assert [a.outcome for a in rec.attempts] == ["rate_limited", "passed"]
+
+    run(main(), timeout_s=400)

@@ -141,6 +141,10 @@ class Outcome:
     usage: Usage | None = None
     """What the run consumed, parsed from its output (None: the engine reports nothing, as
     ``shell``)."""
+    retry_after_s: float | None = None
+    """For ``rate_limited``: how long the provider asked to wait, when the engine could read it
+    from its output (None: unknown; the retry policy's back-off applies). The retry is queued
+    after this instead of the policy's back-off (:func:`gigafactory.schemas.protocol.finish`)."""
 
 
 @dataclass(frozen=True)
