@@ -29,7 +29,8 @@ from gigafactory.schemas.manifest import FailureClass, parse_duration
 from gigafactory.schemas.records import Attribution, JobRecord, Usage, attributed, decode, encode
 
 from . import engines, shell
-from .engines.base import EngineJob, SetupFailed, budget_crossed
+from . import probe
+from .engines.base import EngineJob, SetupFailed, budget_crossed, cred_variables
 from .engines.verify import verify_gate
 from .holder import Run
 from .reporting import ResultPayload
@@ -222,6 +223,8 @@ class Execute:
             header=f"# gigafactory: job {run.job} attempt {rec.attempt} epoch {run.epoch} on {self.id}/{run.station}\n",
             on_output=on_output, cancel=run.cancel, fence=run.fence, supervised=not self.s.unsafe_unfenced_engines,
             kill_grace_s=5.0, parser=parsers[0],
+            env_passthrough=(*cred_variables(rec.requirements, probe.CREDENTIAL_VARS),
+                             *self.s.engine_env_passthrough_names),
         )
         try:
             # Off the event loop: preparing may read files and scan the body (the shell engine's

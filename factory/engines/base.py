@@ -107,6 +107,10 @@ class EngineJob:
     """The reader the factory feeds this run's output to (:meth:`Engine.parser`), so that
     :meth:`Engine.run` can classify from what it read (None: no reader, or it raised and was
     dropped)."""
+    env_passthrough: tuple[str, ...] = ()
+    """Names of the factory's variables this run may see beyond the base set
+    (:func:`engine_environment`): the credential variables of the ``cred:`` capabilities the
+    job requires, and the operator's ``engine_env_passthrough``."""
 
 
 @dataclass
@@ -302,13 +306,49 @@ def require_cwd(job: EngineJob) -> None:
                           f"cwd {job.cwd} does not exist on factory {job.factory}\n")
 
 
+BASE_ENV_VARS: frozenset[str] = frozenset({
+    "PATH", "HOME", "USER", "LOGNAME", "SHELL", "TMPDIR", "LANG", "LANGUAGE", "TERM", "TZ",
+    # Proxies and certificate authorities: a machine behind a proxy needs them to reach anything.
+    "HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY", "ALL_PROXY", "http_proxy", "https_proxy", "no_proxy", "all_proxy",
+    "SSL_CERT_FILE", "SSL_CERT_DIR", "REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE", "NODE_EXTRA_CA_CERTS", "GIT_SSL_CAINFO",
+})
+"""Variables of the factory's environment every engine gets (none is a secret), with the
+``LC_*`` and ``GF_*`` ones (:func:`base_environment`)."""
+
+
+def base_environment(environ: Mapping[str, str], passthrough: Iterable[str] = ()) -> dict[str, str]:
+    """The variables of ``environ`` an engine may see: :data:`BASE_ENV_VARS`, ``LC_*``,
+    ``GF_*``, ``GIGAFACTORY_NATS_URL``, and the names in ``passthrough``. Nothing else (API keys
+    and other secrets of the factory stay out unless named).
+
+    :param environ: the factory's environment.
+    :param passthrough: further names to pass (credential variables, the operator's allowlist).
+    """
+    extra = set(passthrough)
+    return {k: v for k, v in environ.items()
+            if k in BASE_ENV_VARS or k in extra or k.startswith(("LC_", "GF_")) or k == "GIGAFACTORY_NATS_URL"}
+
+
+def cred_variables(requirements: Iterable[str], known: Iterable[str]) -> list[str]:
+    """The variable names behind the ``cred:<name>`` tokens among ``requirements``: the probe
+    offers ``cred:<variable lower-case>`` for each variable in ``known`` that is set, so each
+    such token maps back to that variable.
+
+    :param requirements: the job's requirement tokens (``cred:github_token``, ``os:linux``, ...).
+    :param known: the credential variables the probe reports (``CREDENTIAL_VARS``).
+    """
+    by_token = {f"cred:{v.lower()}": v for v in known}
+    return [by_token[r] for r in requirements if r in by_token]
+
+
 def engine_environment(job: EngineJob) -> dict[str, str]:
-    """The environment an engine runs with: the factory's own, the ``GF_*`` variables, and this
-    installation's ``gigafactory`` first on ``PATH`` (so a script can call ``gigafactory fence``).
+    """The environment an engine runs with: :func:`base_environment` of the factory's (with the
+    job's ``env_passthrough``), the ``GF_*`` variables of the attempt, and this installation's
+    ``gigafactory`` first on ``PATH`` (so a script can call ``gigafactory fence``).
 
     :param job: the attempt.
     """
-    env = dict(os.environ)
+    env = base_environment(os.environ, job.env_passthrough)
     env.update(job.gf_env)
     # This installation's `gigafactory` first on PATH, so scripts can call `gigafactory fence`.
     env["PATH"] = os.pathsep.join([sysconfig.get_path("scripts"), env.get("PATH", "")])
