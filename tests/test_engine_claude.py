@@ -372,6 +372,15 @@ def test_a_refused_key_withdraws_claude_from_that_factory_until_the_key_changes(
                 listed = await fleet.client.call("factories")
                 mine = next(f for f in listed["factories"] if f["id"] == "c-bad")
                 assert "engine:claude" not in mine["capabilities"] and "claude" in mine["withdrawn_engines"]
+                import asyncio
+
+                from helpers import gigafactory_cmd
+                cli = await asyncio.create_subprocess_exec(
+                    *gigafactory_cmd(), "factories", "--nats", nats_server.url, stdout=asyncio.subprocess.PIPE,
+                    stderr=asyncio.subprocess.PIPE, stdin=asyncio.subprocess.DEVNULL)
+                shown, err = await asyncio.wait_for(cli.communicate(), 60)
+                assert cli.returncode == 0, err
+                assert "withdrawn: engine:claude (auth_failed on job" in shown.decode(), shown.decode()
 
                 # Another factory (same key, but pointed at a server that accepts it) takes the retry.
                 claude_env(good.url)
@@ -439,3 +448,51 @@ def test_a_rate_limited_attempt_is_retried_after_the_providers_retry_after_not_t
                 assert [a.outcome for a in rec.attempts] == ["rate_limited", "passed"]
 
     run(main(), timeout_s=400)
+
+
+def test_logs_follow_shows_a_claude_run_as_turns_tool_calls_and_usage_not_json(nats_server, tmp_path, claude_env):
+    import asyncio
+
+    from helpers import gigafactory_cmd
+
+    async def main():
+        with serve_in_thread(parse_script(WRITE_SCRIPT)) as server:
+            async with Fleet(nats_server.url, tmp_path) as fleet:
+                _git_repo(fleet.repo)
+                claude_env(server.url)
+                job = await fleet.submit_one(_station_job(fleet, claude_env, server))  # queued: no factory yet
+                follower = await asyncio.create_subprocess_exec(
+                    *gigafactory_cmd(), "logs", job, "--follow", "--nats", nats_server.url,
+                    stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, stdin=asyncio.subprocess.DEVNULL)
+                try:
+                    said = await asyncio.wait_for(follower.stderr.readline(), 30)
+                    assert b"# following" in said, said  # subscribed before any output exists
+                    await fleet.add_factory("c-logs", probe=True)
+                    rec = await fleet.wait_stage(job, "shipped", "failed", "dead_letter", timeout_s=150)
+                    assert rec.stage == "shipped", rec.attempts[-1].detail
+                    out, err = await asyncio.wait_for(follower.communicate(), 30)
+                finally:
+                    if follower.returncode is None:
+                        follower.kill()
+                        await follower.wait()
+                assert follower.returncode == 0, err
+                lines = out.decode().splitlines()
+                assert "text: Writing the file." in lines, lines
+                assert any(x.startswith("tool Write: ") and "hello.txt" in x for x in lines), lines
+                assert any(x.startswith("usage: ") and "(reported)" in x for x in lines), lines
+                assert not any(x.startswith("{") for x in lines), lines  # no raw stream-json
+
+    run(main(), timeout_s=250)
+
+
+def test_a_progress_item_renders_as_one_line():
+    from gigafactory.factory.engines.base import Progress, render_progress
+
+    assert render_progress(Progress("progress", {"text": "two\nlines"})) == "text: two lines"
+    assert render_progress(Progress("progress", {"tool": "Bash", "input": '{"command": "ls"}'})) == \
+        'tool Bash: {"command": "ls"}'
+    assert render_progress(Progress("usage", {"input_tokens": 10, "output_tokens": 5, "turns": 2, "cost_usd": 0.01,
+                                              "cost_source": "reported", "model": "m"})) == \
+        "usage: input 10, output 5, turns 2, $0.0100 (reported) [m]"
+    assert render_progress(Progress("progress", {"retry": 1, "status": 429})) == "retry=1 status=429"
+    assert len(render_progress(Progress("progress", {"text": "x" * 10_000}))) == 300

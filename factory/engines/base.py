@@ -174,6 +174,34 @@ class OutputParser:
         return None
 
 
+PROGRESS_LINE_CHARS = 300
+"""A rendered progress line is cut to this many characters."""
+
+
+def render_progress(p: Progress) -> str:
+    """One readable line for something an engine's output said (``gigafactory logs --follow``):
+    a turn's text, a tool call with its input, token usage and cost, or the item's fields.
+
+    :param p: the item (:meth:`OutputParser.feed`).
+    """
+    d = dict(p.data)
+    if p.kind == "usage":
+        parts = [f"{k.removesuffix('_tokens').replace('_', '-')} {d[k]}" for k in
+                 ("input_tokens", "output_tokens", "cache_read_tokens", "cache_write_tokens") if d.get(k)]
+        parts += [f"{k.replace('_', ' ')} {d[k]}" for k in ("turns", "tool_calls") if d.get(k)]
+        if d.get("cost_usd") is not None:
+            parts.append(f"${float(d['cost_usd']):.4f} ({d.get('cost_source') or 'unknown'})")
+        line = "usage: " + (", ".join(parts) or "none yet") + (f" [{d['model']}]" if d.get("model") else "")
+    elif "tool" in d:
+        line = f"tool {d['tool']}: {d.get('input', '')}".rstrip(": ")
+    elif "text" in d and len(d) == 1:
+        line = "text: " + str(d["text"])
+    else:
+        line = " ".join(f"{k}={v}" for k, v in d.items())
+    line = " ".join(line.split())  # one line: an agent's text has newlines
+    return line[:PROGRESS_LINE_CHARS]
+
+
 class SetupFailed(Exception):
     """The job cannot start on this factory (``setup_failed``); the message says why.
 
