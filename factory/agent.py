@@ -253,10 +253,12 @@ class Factory(Stations, AuditQueue, Pools, Holder, Execute, Reporting):
 
     # -- engines withdrawn after auth_failed ----------------------------------------------------
 
-    def _credential_fingerprint(self, name: str) -> str:
+    def _credential_vars(self, name: str) -> tuple[str, ...]:
         eng = engines.get(name)
-        env = os.environ
-        return credential_fingerprint(eng.credential_vars(env) if eng is not None else probe_mod.CREDENTIAL_VARS, env)
+        return tuple(eng.credential_vars(os.environ) if eng is not None else probe_mod.CREDENTIAL_VARS)
+
+    def _credential_fingerprint(self, name: str) -> str:
+        return credential_fingerprint(self._credential_vars(name), os.environ)
 
     def _apply_withdrawn(self) -> None:
         """Rebuild ``offers`` and the record's capabilities from the probed tokens less the
@@ -293,7 +295,17 @@ class Factory(Stations, AuditQueue, Pools, Holder, Execute, Reporting):
     def _recheck_withdrawn(self) -> None:
         """Offer again each withdrawn engine whose credential variables changed (a hash compare:
         no probe runs), and bind again to the pools it serves."""
-        back = [n for n, (_, fp) in self.withdrawn.items() if self._credential_fingerprint(n) != fp]
+        back = []
+        for n, (why, fp) in list(self.withdrawn.items()):
+            now = self._credential_fingerprint(n)
+            if now == fp:
+                continue
+            if not any(os.environ.get(v) for v in self._credential_vars(n)):
+                # Changed to nothing (the key was unset): offering the engine now would only fail setup.
+                self.withdrawn[n] = (f"{why}; its credential is now unset", now)
+                self.record.withdrawn_engines[n] = self.withdrawn[n][0]
+                continue
+            back.append(n)
         if not back:
             return
         for n in back:

@@ -390,6 +390,11 @@ def test_a_refused_key_withdraws_claude_from_that_factory_until_the_key_changes(
                 assert [x.factory for x in rec.attempts] == ["c-bad", "c-good"]
                 assert "engine:claude" not in a.record.capabilities  # the key did not change
 
+                # Unsetting the key is a change, but to nothing: the engine stays withdrawn.
+                monkeypatch.setenv("ANTHROPIC_API_KEY", "")
+                await eventually(lambda: "now unset" in a.record.withdrawn_engines.get("claude", ""), 10,
+                                 what="the withdrawal noting the unset key")
+                assert "engine:claude" not in a.record.capabilities
                 monkeypatch.setenv("ANTHROPIC_API_KEY", "sk-rotated")
                 await eventually(lambda: "engine:claude" in a.record.capabilities and not a.record.withdrawn_engines,
                                  10, what="engine:claude offered again after the key changed")
