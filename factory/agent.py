@@ -48,8 +48,10 @@ from gigafactory.schemas import capabilities as caps
 from gigafactory.schemas import names
 from gigafactory.schemas.records import EventRecord, FactoryRecord, IdleReason, Station, StationState, encode
 
+from . import engines
 from . import probe as probe_mod
 from .audit import EVENT_QUEUE_MAX, EVENT_RETRY_MAX_S, EVENT_RETRY_MIN_S, AuditQueue
+from .engines.base import credential_fingerprint
 from .engines.noop import NOOP_ENGINE
 from .execute import Execute
 from .holder import MAX_CAS_RETRIES, Holder, Run
@@ -108,6 +110,12 @@ class Factory(Stations, AuditQueue, Pools, Holder, Execute, Reporting):
         tokens = probe_mod.probe(extra_capabilities) if probe else list(extra_capabilities) + ["engine:shell"]
         tokens = sorted(set(tokens) | {f"factory:{self.id}"})
         self.offers = caps.Offers(tokens)
+        self._probed_tokens: list[str] = tokens
+        """Everything the probe and the operator offered; ``offers`` is this less the tokens of
+        withdrawn engines."""
+        self.withdrawn: dict[str, tuple[str, str]] = {}
+        """Engines withdrawn after an ``auth_failed``: name -> (why, fingerprint of their
+        credential variables then). Restored when the fingerprint changes (checked each heartbeat)."""
         self.record = FactoryRecord(
             id=self.id, host=desc.get("host", socket.gethostname()), os=desc.get("os", ""),
             arch=desc.get("arch", ""), capabilities=sorted(self.offers.tokens),
@@ -142,6 +150,8 @@ class Factory(Stations, AuditQueue, Pools, Holder, Execute, Reporting):
         self._stop: asyncio.Event | None = None
         self._pools_rescan = asyncio.Event()
         """Set when the pools must be read again (after a reconnect)."""
+        self._pools_rescan_all = False
+        """Read every pool again even without a reconnect (an engine was offered again)."""
         self._outbox_kick = asyncio.Event()
         """Set when an item is put in the outbox: the flusher sleeps until then."""
         self._tasks: set[asyncio.Task] = set()
@@ -213,6 +223,7 @@ class Factory(Stations, AuditQueue, Pools, Holder, Execute, Reporting):
             return None
 
     async def _heartbeat(self) -> None:
+        self._recheck_withdrawn()
         self.record.heartbeat_at = time.time()
         self.record.outbox_pending = self.outbox.count()
         self.record.pools = sorted(self.pools)
@@ -239,6 +250,72 @@ class Factory(Stations, AuditQueue, Pools, Holder, Execute, Reporting):
                 self._heartbeat_reconnects = self.b.nc.stats["reconnects"]
                 self._pools_rescan.set()
 
+
+    # -- engines withdrawn after auth_failed ----------------------------------------------------
+
+    def _credential_vars(self, name: str) -> tuple[str, ...]:
+        eng = engines.get(name)
+        return tuple(eng.credential_vars(os.environ) if eng is not None else probe_mod.CREDENTIAL_VARS)
+
+    def _credential_fingerprint(self, name: str) -> str:
+        return credential_fingerprint(self._credential_vars(name), os.environ)
+
+    def _apply_withdrawn(self) -> None:
+        """Rebuild ``offers`` and the record's capabilities from the probed tokens less the
+        withdrawn engines' (``engine:<name>`` and its version token ``<name>:<version>``), and
+        stop pulling from pools that needed them (a puller in a long poll stops at its next
+        turn; a dispatch message it gets meanwhile is given back, see :meth:`_on_dispatch`)."""
+        gone = {f"engine:{n}" for n in self.withdrawn}
+        kept = [t for t in self._probed_tokens
+                if t not in gone and caps.parse_offer(t)[0] not in self.withdrawn]
+        self.offers = caps.Offers(kept)
+        self.record.capabilities = sorted(self.offers.tokens)
+        self.record.withdrawn_engines = {n: why for n, (why, _) in sorted(self.withdrawn.items())}
+        for ps in self.pools.values():
+            if not ps.gone and self.offers.missing(ps.requirements):
+                ps.gone = True
+                log.info("%s: no longer serves pool %s (%s)", self.id, ps.id, " ".join(ps.requirements))
+
+    def _withdraw_engine(self, name: str, why: str) -> None:
+        """Stop offering engine ``name`` until its credential variables change: called when an
+        attempt ended ``auth_failed``, before that attempt is reported (so its retry is never
+        claimed here again with the same credential).
+
+        :param name: the engine.
+        :param why: for the factory record and the ``engine_withdrawn`` event.
+        """
+        if name in self.withdrawn:
+            return
+        self.withdrawn[name] = (why, self._credential_fingerprint(name))
+        self._apply_withdrawn()
+        log.warning("%s: engine %s withdrawn: %s", self.id, name, why)
+        self._spawn(self._event("engine_withdrawn", reason=why, data={"engine": name}), f"withdraw-{name}")
+        self._spawn(self._safe(self._heartbeat()), f"heartbeat-withdraw-{name}")
+
+    def _recheck_withdrawn(self) -> None:
+        """Offer again each withdrawn engine whose credential variables changed (a hash compare:
+        no probe runs), and bind again to the pools it serves."""
+        back = []
+        for n, (why, fp) in list(self.withdrawn.items()):
+            now = self._credential_fingerprint(n)
+            if now == fp:
+                continue
+            if not any(os.environ.get(v) for v in self._credential_vars(n)):
+                # Changed to nothing (the key was unset): offering the engine now would only fail setup.
+                self.withdrawn[n] = (f"{why}; its credential is now unset", now)
+                self.record.withdrawn_engines[n] = self.withdrawn[n][0]
+                continue
+            back.append(n)
+        if not back:
+            return
+        for n in back:
+            del self.withdrawn[n]
+            log.info("%s: engine %s offered again: its credential changed", self.id, n)
+            self._spawn(self._event("engine_restored", reason="its credential changed", data={"engine": n}),
+                        f"restore-{n}")
+        self._apply_withdrawn()
+        self._pools_rescan_all = True
+        self._pools_rescan.set()
 
     @property
     def stall_check_s(self) -> float:

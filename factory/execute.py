@@ -29,7 +29,8 @@ from gigafactory.schemas.manifest import FailureClass, parse_duration
 from gigafactory.schemas.records import Attribution, JobRecord, Usage, attributed, decode, encode
 
 from . import engines, shell
-from .engines.base import EngineJob, SetupFailed, budget_crossed
+from . import probe
+from .engines.base import EngineJob, SetupFailed, budget_crossed, cred_variables
 from .engines.verify import verify_gate
 from .holder import Run
 from .reporting import ResultPayload
@@ -151,10 +152,12 @@ class Execute:
             cost_usd=0.0, cost_estimated=False,
         )
 
-        def result(failure, detail, code=None, vcode=None, usage: Usage | None = None) -> ResultPayload:
+        def result(failure, detail, code=None, vcode=None, usage: Usage | None = None,
+                   retry_after_s: float | None = None) -> ResultPayload:
             return ResultPayload(job=run.job, epoch=run.epoch, failure=failure, detail=detail, exit_code=code,
                                  verify_exit_code=vcode, log_path=log_path, log_object=None,
-                                 attribution=attributed(attribution, usage), finished_at=time.time(), usage=usage)
+                                 attribution=attributed(attribution, usage), finished_at=time.time(), usage=usage,
+                                 retry_after_s=retry_after_s)
 
         name = m.engine or "shell"
         eng = engines.get(name)
@@ -220,6 +223,8 @@ class Execute:
             header=f"# gigafactory: job {run.job} attempt {rec.attempt} epoch {run.epoch} on {self.id}/{run.station}\n",
             on_output=on_output, cancel=run.cancel, fence=run.fence, supervised=not self.s.unsafe_unfenced_engines,
             kill_grace_s=5.0, parser=parsers[0],
+            env_passthrough=(*cred_variables(rec.requirements, probe.CREDENTIAL_VARS),
+                             *self.s.engine_env_passthrough_names),
         )
         try:
             # Off the event loop: preparing may read files and scan the body (the shell engine's
@@ -242,11 +247,15 @@ class Execute:
         if out.failure is None and eng.verifies:
             # The gate's outcome knows nothing of the engine's usage: keep what the engine reported.
             out = dataclasses.replace(await verify_gate(job, prepared, out, t0), usage=out.usage)
+        if out.failure == FailureClass.AUTH_FAILED and not out.self_fenced and not run.fenced:
+            # Before the report: the retry it may queue must never land here with the same key.
+            self._withdraw_engine(name, f"auth_failed on job {run.job} attempt {rec.attempt}: {out.detail}"[:300])
         if out.self_fenced:
             run.self_fenced = self._self_fence_reason(run)
             return result(out.failure, f"{out.detail}: {run.self_fenced}", out.exit_code, out.verify_exit_code,
                           out.usage)
-        return result(out.failure, out.detail, out.exit_code, out.verify_exit_code, out.usage)
+        return result(out.failure, out.detail, out.exit_code, out.verify_exit_code, out.usage,
+                      out.retry_after_s if out.failure == FailureClass.RATE_LIMITED else None)
 
     def _resolve_cwd(self, cwd: str) -> Path:
         p = Path(os.path.expandvars(os.path.expanduser(cwd)))

@@ -92,7 +92,8 @@ class Pools:
                     sub = await self.b.nc.subscribe(f"$KV.{names.POOLS_BUCKET}.>", cb=self._on_pool_msg)
                 self._pools_rescan.clear()
                 reconnects = self.b.nc.stats["reconnects"]
-                if reconnects != scanned_at:
+                if reconnects != scanned_at or self._pools_rescan_all:
+                    self._pools_rescan_all = False
                     self.stats["pool_scans"] += 1
                     async for e in self.b.pools.scan():
                         self._bind_pool(e.key, e.value, stop)
@@ -397,6 +398,10 @@ class Pools:
             d = decode(msg.data, DispatchMessage)
         except msgspec.DecodeError:
             await msg.term()  # not ours to understand; never redeliver garbage
+            return
+        if ps.gone or self.offers.missing(ps.requirements):
+            # Unbound meanwhile (an engine withdrawn after auth_failed): another factory takes it.
+            await msg.nak()
             return
         station = await self._take_station(ps.engine)
         if station is None:

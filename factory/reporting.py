@@ -50,6 +50,8 @@ class ResultPayload(msgspec.Struct):
     usage: Usage | None = None
     """What the engine reported it consumed (None: it reports nothing). Defaulted, so results
     kept in an outbox by an older factory still decode."""
+    retry_after_s: float | None = None
+    """For ``rate_limited``: the provider's retry-after as the engine read it (None: unknown)."""
 
 
 class Reporting:
@@ -126,7 +128,7 @@ class Reporting:
         rec = await self._write(run, lambda r: protocol.finish(
             r, self.id, run.epoch, time.time(), failure=payload.failure, detail=detail,
             exit_code=payload.exit_code, verify_exit_code=payload.verify_exit_code, log=payload.log_object,
-            attribution=payload.attribution, usage=payload.usage,
+            attribution=payload.attribution, usage=payload.usage, retry_after_s=payload.retry_after_s,
         ))
         if rec is None:
             if item is not None:

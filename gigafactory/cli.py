@@ -598,6 +598,8 @@ def factories(nats_url, as_json) -> None:
             what = f"busy {st.get('job')} e{st.get('epoch')}" if st.get("state") == "busy" else f"idle: {st.get('idle_reason')}"
             click.echo(f"  station {st['index']}: {what}")
         click.echo(f"  capabilities: {' '.join(f['capabilities'])}")
+        for name, why in sorted((f.get("withdrawn_engines") or {}).items()):
+            click.echo(f"  withdrawn: engine:{name} ({why}); offered again when its credential changes")
 
 
 @main.command()
@@ -771,9 +773,14 @@ def fence(nats_url, as_json, job, epoch, factory_id, lease_ttl_s, min_remaining_
 @common
 @click.argument("job")
 @click.option("--follow", "-f", is_flag=True, help="Stream live output until the job comes to rest.")
-def logs(nats_url, as_json, job, follow) -> None:
-    """Print a job's captured logs (every attempt), optionally following live output."""
+@click.option("--raw", is_flag=True, help="With --follow: print an agent's output stream as it is (JSON lines), "
+                                          "not one readable line per turn, tool call and usage.")
+def logs(nats_url, as_json, job, follow, raw) -> None:
+    """Print a job's captured logs (every attempt), optionally following live output. The
+    stored log is the engine's raw output; following an agent engine shows it readably."""
     from gigafactory.client import RESTING
+    from gigafactory.factory import engines
+    from gigafactory.factory.engines.base import render_progress
     from gigafactory.schemas import names
 
     async def fn(client):
@@ -802,6 +809,27 @@ def logs(nats_url, as_json, job, follow) -> None:
         if not follow:
             await print_stored(st["record"])
             return
+        eng = engines.get((st["record"].get("manifest") or {}).get("engine") or "shell")
+        readers: dict[int, object] = {}
+        """The engine's output reader per live epoch (None: print raw: shell, --raw, or it raised)."""
+
+        def show_live(epoch: int, data: bytes) -> None:
+            if epoch not in readers:
+                readers[epoch] = eng.parser() if eng is not None and eng.engine_class != "script" and not raw else None
+            parser = readers[epoch]
+            if parser is not None:
+                try:
+                    said = parser.feed(data)
+                except Exception:
+                    readers[epoch] = parser = None
+                    click.echo("# cannot read this engine's output; printing it raw", err=True)
+                else:
+                    for p in said:
+                        click.echo(render_progress(p))
+                    return
+            sys.stdout.write(data.decode(errors="replace"))
+            sys.stdout.flush()
+
         q: asyncio.Queue = asyncio.Queue(maxsize=10000)
 
         async def on_msg(msg):
@@ -816,12 +844,14 @@ def logs(nats_url, as_json, job, follow) -> None:
             if st["job"]["stage"] == "building":
                 click.echo(f"# following {job} from now on; 'gigafactory logs {job}' shows the whole "
                            "log once the attempt ends", err=True)
+            elif st["job"]["stage"] not in RESTING:
+                click.echo(f"# following {job}: waiting for it to run", err=True)
             while True:
                 try:
                     msg = await asyncio.wait_for(q.get(), timeout=1.0)
-                    live_epochs.add(int(msg.subject.rsplit(".", 1)[1]))
-                    sys.stdout.write(msg.data.decode(errors="replace"))
-                    sys.stdout.flush()
+                    epoch = int(msg.subject.rsplit(".", 1)[1])
+                    live_epochs.add(epoch)
+                    show_live(epoch, msg.data)
                     continue
                 except asyncio.TimeoutError:
                     pass

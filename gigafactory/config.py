@@ -238,6 +238,13 @@ class Settings:
     default timings, 0.67 s at ``lease_ttl_s=2, lease_renew_s=0.5``. Too small: an engine may
     still run when its job is reclaimed (refused by :meth:`validate`); too large: a short
     broker outage stops healthy jobs (they are retried)."""
+    # -- engine environment (issue 9): engines get only the variables they need ---------------
+    engine_env_passthrough: str = ""
+    """Comma-separated names of further environment variables of the factory that engines get
+    (``GIGAFACTORY_ENGINE_ENV_PASSTHROUGH=NPM_TOKEN,PIP_INDEX_URL``). By default an engine gets
+    only ``PATH``, ``HOME``, the locale, ``TERM``, ``TZ``, the proxy and CA variables, the
+    ``GF_*`` variables and the credentials of the ``cred:`` capabilities its job requires; every
+    name listed here reaches every job's engine on this factory, secrets included."""
     unsafe_unfenced_engines: bool = False
     """UNSAFE, for the chaos suite's broken-on-purpose variant only
     (``GIGAFACTORY_UNSAFE_UNFENCED_ENGINES=1``): engines run without the supervisor (they
@@ -266,9 +273,24 @@ class Settings:
         most ``FENCE_KILL_GRACE_MAX_S``."""
         return min(FENCE_KILL_GRACE_MAX_S, (self.fence_margin_effective_s - self.fence_drift_allowance_s) / 2)
 
+    @property
+    def engine_env_passthrough_names(self) -> tuple[str, ...]:
+        """``engine_env_passthrough`` as variable names (checked by :meth:`validate`)."""
+        return tuple(n.strip() for n in self.engine_env_passthrough.split(",") if n.strip())
+
     def validate(self) -> "Settings":
-        """Refuse settings under which a lease holder could not fence itself in time; returns
-        self. Raises :class:`SettingsError` naming the setting and what to do."""
+        """Refuse settings under which a lease holder could not fence itself in time, and
+        passthrough names that are not variable names; returns self. Raises
+        :class:`SettingsError` naming the setting and what to do."""
+        if len(self.engine_env_passthrough) > ENGINE_ENV_PASSTHROUGH_MAX_CHARS:
+            raise SettingsError(f"engine_env_passthrough (GIGAFACTORY_ENGINE_ENV_PASSTHROUGH) is "
+                                f"{len(self.engine_env_passthrough)} characters; at most "
+                                f"{ENGINE_ENV_PASSTHROUGH_MAX_CHARS} are allowed")
+        for name in self.engine_env_passthrough_names:
+            if not _ENV_NAME_RE.fullmatch(name):
+                raise SettingsError(f"engine_env_passthrough (GIGAFACTORY_ENGINE_ENV_PASSTHROUGH) names {name!r}, "
+                                    "which is not an environment variable name: give comma-separated names "
+                                    "such as NPM_TOKEN,PIP_INDEX_URL")
         ttl, renew, margin = self.lease_ttl_s, self.lease_renew_s, self.fence_margin_effective_s
         if not ttl > 0 or not renew > 0:
             raise SettingsError("GIGAFACTORY_LEASE_TTL_S and GIGAFACTORY_LEASE_RENEW_S must be positive "
@@ -304,6 +326,8 @@ class Settings:
                 setattr(s, f.name, parse_bool(raw, f"GIGAFACTORY_{f.name.upper()}"))
             elif typ.endswith("| None") and not raw.strip():
                 setattr(s, f.name, None)
+            elif typ in ("str", "str | None"):
+                setattr(s, f.name, raw)
             else:
                 try:
                     setattr(s, f.name, int(raw) if typ == "int" else float(raw))
@@ -320,6 +344,10 @@ class Settings:
     def __post_init__(self) -> None:
         check_log_upload(self)
 
+
+ENGINE_ENV_PASSTHROUGH_MAX_CHARS = 4096
+"""Longest ``engine_env_passthrough`` accepted."""
+_ENV_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 LOG_UPLOAD_MIN_BYTES = 64 * 1024
 """Smallest ``log_upload_max_bytes``: room for a head, the marker line and a tail."""

@@ -112,6 +112,9 @@ class Retry(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
             FailureClass.VERIFY_FAILED,
             FailureClass.CRASH,
             FailureClass.LEASE_EXPIRED,
+            # Retried elsewhere: the refusing factory withdraws the engine until its key changes.
+            FailureClass.AUTH_FAILED,
+            FailureClass.RATE_LIMITED,
         ]
     )
 

@@ -154,8 +154,25 @@ def retry_backoff_s(rec: JobRecord) -> float:
     return min(base * (2 ** rec.retries_used), BACKOFF_CAP_S)
 
 
-def _after_failure(rec: JobRecord, cls: FailureClass, now: float, detail: str, **kw) -> Outcome:
-    """Apply the retry policy to a failed attempt: requeue with backoff, ``failed`` or ``dead_letter``."""
+def failure_backoff_s(rec: JobRecord, cls: FailureClass, retry_after_s: float | None = None) -> float:
+    """Delay before retrying an attempt that failed with ``cls``: for ``rate_limited`` with a
+    known ``retry_after_s`` (the provider's retry-after, as the engine read it), that delay,
+    capped at :data:`BACKOFF_CAP_S`; else the policy's :func:`retry_backoff_s`.
+
+    :param rec: the record (its retry policy and retries used).
+    :param cls: the attempt's failure class.
+    :param retry_after_s: the provider's retry-after in seconds (None: unknown; a negative or
+        non-finite value is treated as unknown).
+    """
+    if cls == FailureClass.RATE_LIMITED and retry_after_s is not None and 0 <= retry_after_s < float("inf"):
+        return min(float(retry_after_s), BACKOFF_CAP_S)
+    return retry_backoff_s(rec)
+
+
+def _after_failure(rec: JobRecord, cls: FailureClass, now: float, detail: str, *,
+                   retry_after_s: float | None = None, **kw) -> Outcome:
+    """Apply the retry policy to a failed attempt: requeue with backoff (:func:`failure_backoff_s`),
+    ``failed`` or ``dead_letter``."""
     policy = rec.manifest.retry
     common = dict(epoch=rec.epoch + 1, lease=None, last_failure=cls, **kw)
     if cls not in policy.on:
@@ -165,10 +182,11 @@ def _after_failure(rec: JobRecord, cls: FailureClass, now: float, detail: str, *
             rec, Event.DEAD_LETTER, now,
             f"{cls}: {detail} (retries exhausted: {rec.retries_used} of {policy.max} used)", **common,
         )
-    backoff_s = retry_backoff_s(rec)
+    backoff_s = failure_backoff_s(rec, cls, retry_after_s)
+    why = " (the provider's retry-after)" if backoff_s != retry_backoff_s(rec) else ""
     return _move(
         rec, Event.REQUEUE, now,
-        f"{cls}: {detail}; retry {rec.retries_used + 1} of {policy.max} after {backoff_s:g}s",
+        f"{cls}: {detail}; retry {rec.retries_used + 1} of {policy.max} after {backoff_s:g}s{why}",
         retries_used=rec.retries_used + 1, backoff_s=backoff_s, **common,
     )
 
@@ -186,11 +204,13 @@ def finish(
     log: str | None = None,
     attribution: Attribution | None = None,
     usage: Usage | None = None,
+    retry_after_s: float | None = None,
 ) -> Outcome:
     """The holder reports the attempt's result. Passed: ``testing`` (``manual``), ``review``
     (reviewers) or straight to ``shipped`` (``auto``). Failed: the retry policy decides.
     ``usage`` is what the engine reported it consumed (None: it reports nothing), kept on the
-    attempt as given."""
+    attempt as given. ``retry_after_s``: for ``rate_limited``, the provider's retry-after as the
+    engine read it; the retry waits that long instead of the policy's back-off."""
     check_fence(rec, rec.id, factory, epoch)
     attempts = _update_attempt(
         rec, epoch, outcome=str(failure) if failure else "passed", ended_at=now, exit_code=exit_code,
@@ -199,7 +219,7 @@ def finish(
         usage=usage,
     )
     if failure is not None:
-        return _after_failure(rec, failure, now, detail, attempts=attempts)
+        return _after_failure(rec, failure, now, detail, attempts=attempts, retry_after_s=retry_after_s)
     policy = rec.manifest.review_policy
     if isinstance(policy, Reviewers):
         return _move(

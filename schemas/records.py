@@ -217,6 +217,9 @@ class FactoryRecord(msgspec.Struct):
     version: str = ""
     outbox_pending: int = 0
     quarantined: int = 0
+    withdrawn_engines: dict[str, str] = msgspec.field(default_factory=dict)
+    """Engines this factory stopped offering, each with why (an ``auth_failed`` attempt): it
+    offers them again once their credential variables change."""
 
 
 class PoolRecord(msgspec.Struct):

@@ -17,6 +17,7 @@ from gigafactory import agent_clis
 from gigafactory.factory import engines, shell
 from gigafactory.factory.engines.base import EngineJob, SetupFailed
 from gigafactory.factory.engines.claude import (
+    CLI_MAX_RETRIES,
     MAX_PROMPT_BYTES,
     ClaudeEngine,
     ClaudeStream,
@@ -124,6 +125,12 @@ def _job(tmp_path: Path, text: str = "---\nengine: claude\ncwd: .\n---\nDo it.\n
 def test_recorded_results_are_classified_by_is_error_and_status_not_subtype(tmp_path, case, code, failure):
     out = classify_result(_result(case), _proc(code), _job(tmp_path))
     assert out.failure == failure
+
+
+def test_the_delay_of_the_clis_last_rate_limited_retry_is_read_as_the_retry_after():
+    stream, _ = _parse(_fixture("rate_limit_exhausted"))
+    assert stream.retry_delay_s == 1.246  # the second api_retry event's retry_delay_ms
+    assert _parse(_fixture("write"))[0].retry_delay_s is None
 
 
 def test_other_endings_are_classified(tmp_path):
@@ -335,3 +342,162 @@ def test_yolo_decides_whether_a_non_file_shell_command_runs(nats_server, tmp_pat
                 assert ("denied: Bash" in last.detail) == (not yolo)
 
     run(main(), timeout_s=200)
+
+
+def test_a_refused_key_withdraws_claude_from_that_factory_until_the_key_changes(nats_server, tmp_path, claude_env,
+                                                                                monkeypatch):
+    """auth_failed: the factory stops offering engine:claude (its record says why), the job's
+    retry is claimed by another factory, and a changed ANTHROPIC_API_KEY restores the engine."""
+    async def main():
+        refused = {"turns": [{"error": {"status": 401, "times": 50}}]}
+        with serve_in_thread(parse_script(refused)) as bad, serve_in_thread(parse_script(WRITE_SCRIPT)) as good:
+            async with Fleet(nats_server.url, tmp_path) as fleet:
+                _git_repo(fleet.repo)
+                claude_env(bad.url)
+                a = await fleet.add_factory("c-bad", probe=True)
+                assert "engine:claude" in a.record.capabilities
+                job = await fleet.submit_one(fleet.job(
+                    "Create hello.txt as scripted.", engine="claude", review_policy="auto",
+                    model="claude-sonnet-4-5", retry={"max": 1, "backoff": "1s"}, timeout="120s"))
+
+                async def requeued():
+                    rec, _ = await fleet.record(job)
+                    return rec if rec.attempts and rec.attempts[0].outcome == "auth_failed" else None
+
+                rec = await eventually(requeued, 150, what="the first attempt ends auth_failed")
+                assert rec.stage in ("queued", "assigned", "building"), rec.reason  # retried, not failed
+                assert rec.attempts[0].factory == "c-bad"
+                assert "engine:claude" not in a.record.capabilities
+                assert "claude" in a.record.withdrawn_engines and "auth_failed" in a.record.withdrawn_engines["claude"]
+                listed = await fleet.client.call("factories")
+                mine = next(f for f in listed["factories"] if f["id"] == "c-bad")
+                assert "engine:claude" not in mine["capabilities"] and "claude" in mine["withdrawn_engines"]
+                import asyncio
+
+                from helpers import gigafactory_cmd
+                cli = await asyncio.create_subprocess_exec(
+                    *gigafactory_cmd(), "factories", "--nats", nats_server.url, stdout=asyncio.subprocess.PIPE,
+                    stderr=asyncio.subprocess.PIPE, stdin=asyncio.subprocess.DEVNULL)
+                shown, err = await asyncio.wait_for(cli.communicate(), 60)
+                assert cli.returncode == 0, err
+                assert "withdrawn: engine:claude (auth_failed on job" in shown.decode(), shown.decode()
+
+                # Another factory (same key, but pointed at a server that accepts it) takes the retry.
+                claude_env(good.url)
+                await fleet.add_factory("c-good", probe=True)
+                rec = await fleet.wait_stage(job, "shipped", "failed", "dead_letter", timeout_s=150)
+                assert rec.stage == "shipped", rec.attempts[-1].detail
+                assert [x.factory for x in rec.attempts] == ["c-bad", "c-good"]
+                assert "engine:claude" not in a.record.capabilities  # the key did not change
+
+                # Unsetting the key is a change, but to nothing: the engine stays withdrawn.
+                monkeypatch.setenv("ANTHROPIC_API_KEY", "")
+                await eventually(lambda: "now unset" in a.record.withdrawn_engines.get("claude", ""), 10,
+                                 what="the withdrawal noting the unset key")
+                assert "engine:claude" not in a.record.capabilities
+                monkeypatch.setenv("ANTHROPIC_API_KEY", "sk-rotated")
+                await eventually(lambda: "engine:claude" in a.record.capabilities and not a.record.withdrawn_engines,
+                                 10, what="engine:claude offered again after the key changed")
+                await eventually(lambda: any(p.engine == "claude" and not p.gone for p in a.pools.values()), 10,
+                                 what="the factory binds to the claude pool again")
+
+    run(main(), timeout_s=400)
+
+
+def test_the_credential_fingerprint_changes_with_the_key_only():
+    from gigafactory.factory.engines import get
+    from gigafactory.factory.engines.base import credential_fingerprint
+
+    names = get("claude").credential_vars({})
+    assert names == ("ANTHROPIC_API_KEY",)
+    one = credential_fingerprint(names, {"ANTHROPIC_API_KEY": "sk-1", "OTHER": "x"})
+    assert one == credential_fingerprint(names, {"ANTHROPIC_API_KEY": "sk-1", "OTHER": "y"})
+    assert one != credential_fingerprint(names, {"ANTHROPIC_API_KEY": "sk-2"})
+    assert "sk-1" not in one
+
+
+def test_a_rate_limited_attempt_is_retried_after_the_providers_retry_after_not_the_policys_backoff(
+        nats_server, tmp_path, claude_env):
+    """The CLI gives up after its own retries (CLI_MAX_RETRIES + 1 requests, all 429 with
+    retry-after 2s); the factory reports the delay the CLI read and the retry waits that long,
+    not the policy's 30 minutes, and then ships."""
+    script = {"turns": [{"error": {"status": 429, "retry_after_s": 2, "times": CLI_MAX_RETRIES + 1}},
+                        *WRITE_SCRIPT["turns"]]}
+
+    async def main():
+        with serve_in_thread(parse_script(script)) as server:
+            async with Fleet(nats_server.url, tmp_path) as fleet:
+                _git_repo(fleet.repo)
+                claude_env(server.url)
+                await fleet.add_factory("c-429", probe=True)
+                job = await fleet.submit_one(fleet.job(
+                    "Create hello.txt as scripted.", engine="claude", review_policy="auto",
+                    model="claude-sonnet-4-5", retry={"max": 1, "backoff": "30m"}, timeout="120s"))
+
+                async def requeued():
+                    rec, _ = await fleet.record(job)
+                    return rec if rec.attempts and rec.attempts[0].outcome == "rate_limited" else None
+
+                rec = await eventually(requeued, 150, what="the first attempt ends rate_limited")
+                assert rec.stage != "failed", (rec.stage, rec.reason)
+
+                async def requeue_reason():
+                    evs = await fleet.events(job)
+                    return next((e["reason"] for e in evs if e.get("stage_to") == "queued"
+                                 and "rate_limited" in (e.get("reason") or "")), None)
+
+                reason = await eventually(requeue_reason, 10, what="the requeue event of the rate-limited attempt")
+                assert "(the provider's retry-after)" in reason and "after 1800s" not in reason, reason
+                rec = await fleet.wait_stage(job, "shipped", "failed", "dead_letter", timeout_s=150)
+                assert rec.stage == "shipped", rec.attempts[-1].detail
+                assert [a.outcome for a in rec.attempts] == ["rate_limited", "passed"]
+
+    run(main(), timeout_s=400)
+
+
+def test_logs_follow_shows_a_claude_run_as_turns_tool_calls_and_usage_not_json(nats_server, tmp_path, claude_env):
+    import asyncio
+
+    from helpers import gigafactory_cmd
+
+    async def main():
+        with serve_in_thread(parse_script(WRITE_SCRIPT)) as server:
+            async with Fleet(nats_server.url, tmp_path) as fleet:
+                _git_repo(fleet.repo)
+                claude_env(server.url)
+                job = await fleet.submit_one(_station_job(fleet, claude_env, server))  # queued: no factory yet
+                follower = await asyncio.create_subprocess_exec(
+                    *gigafactory_cmd(), "logs", job, "--follow", "--nats", nats_server.url,
+                    stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, stdin=asyncio.subprocess.DEVNULL)
+                try:
+                    said = await asyncio.wait_for(follower.stderr.readline(), 30)
+                    assert b"# following" in said, said  # subscribed before any output exists
+                    await fleet.add_factory("c-logs", probe=True)
+                    rec = await fleet.wait_stage(job, "shipped", "failed", "dead_letter", timeout_s=150)
+                    assert rec.stage == "shipped", rec.attempts[-1].detail
+                    out, err = await asyncio.wait_for(follower.communicate(), 30)
+                finally:
+                    if follower.returncode is None:
+                        follower.kill()
+                        await follower.wait()
+                assert follower.returncode == 0, err
+                lines = out.decode().splitlines()
+                assert "text: Writing the file." in lines, lines
+                assert any(x.startswith("tool Write: ") and "hello.txt" in x for x in lines), lines
+                assert any(x.startswith("usage: ") and "(reported)" in x for x in lines), lines
+                assert not any(x.startswith("{") for x in lines), lines  # no raw stream-json
+
+    run(main(), timeout_s=250)
+
+
+def test_a_progress_item_renders_as_one_line():
+    from gigafactory.factory.engines.base import Progress, render_progress
+
+    assert render_progress(Progress("progress", {"text": "two\nlines"})) == "text: two lines"
+    assert render_progress(Progress("progress", {"tool": "Bash", "input": '{"command": "ls"}'})) == \
+        'tool Bash: {"command": "ls"}'
+    assert render_progress(Progress("usage", {"input_tokens": 10, "output_tokens": 5, "turns": 2, "cost_usd": 0.01,
+                                              "cost_source": "reported", "model": "m"})) == \
+        "usage: input 10, output 5, turns 2, $0.0100 (reported) [m]"
+    assert render_progress(Progress("progress", {"retry": 1, "status": 429})) == "retry=1 status=429"
+    assert len(render_progress(Progress("progress", {"text": "x" * 10_000}))) == 300

@@ -293,3 +293,58 @@ def _engine_job(tmp_path, cwd=None) -> EngineJob:
         timeout_s=10.0, timeout_class=FailureClass.TIMEOUT, header="# test\n", on_output=lambda _c: None,
         cancel=asyncio.Event(), fence=None, supervised=True,
     )
+
+
+# -- what environment an engine gets ------------------------------------------------------------
+
+ENV_PROBE_SCRIPT = """```sh
+printf '%s|%s|%s|%s\\n' "${GF_TEST_SECRET_KEY-unset}" "${GF_TEST_ALLOWED-unset}" "${GITHUB_TOKEN-unset}" \\
+  "${GF_JOB_ID-unset}" > "env-$GF_JOB_ID.txt"
+```
+"""
+
+
+def test_a_shell_job_sees_no_factory_secret_unless_allowed_and_a_cred_job_gets_its_credential(
+        nats_server, tmp_path, monkeypatch):
+    monkeypatch.setenv("MY_FACTORY_SECRET_KEY", "hunter2")
+    monkeypatch.setenv("OPERATOR_ALLOWED", "passed")
+    monkeypatch.setenv("GITHUB_TOKEN", "ghp-scripted")
+    script = ENV_PROBE_SCRIPT.replace("GF_TEST_SECRET_KEY", "MY_FACTORY_SECRET_KEY").replace(
+        "GF_TEST_ALLOWED", "OPERATOR_ALLOWED")
+    from helpers import fast_settings
+
+    async def main():
+        async with Fleet(nats_server.url, tmp_path, fast_settings(engine_env_passthrough="OPERATOR_ALLOWED")) as fleet:
+            await fleet.add_factory("env-1", caps=["cred:github_token"])
+            plain = await fleet.submit_one(fleet.job(script, engine="shell", review_policy="auto"))
+            cred = await fleet.submit_one(fleet.job(script, engine="shell", review_policy="auto",
+                                                    capabilities=["cred:github_token"]), path="cred.md")
+            for job in (plain, cred):
+                rec = await fleet.wait_stage(job, "shipped", "failed", "dead_letter")
+                assert rec.stage == "shipped", rec.attempts[-1].detail
+            assert (fleet.repo / f"env-{plain}.txt").read_text() == f"unset|passed|unset|{plain}\n"
+            assert (fleet.repo / f"env-{cred}.txt").read_text() == f"unset|passed|ghp-scripted|{cred}\n"
+
+    run(main())
+
+
+def test_the_base_environment_keeps_only_what_is_not_secret():
+    from gigafactory.factory.engines.base import base_environment, cred_variables
+
+    environ = {"PATH": "/bin", "HOME": "/h", "LC_ALL": "C", "HTTPS_PROXY": "http://p", "GF_X": "1",
+               "GIGAFACTORY_NATS_URL": "nats://x", "ANTHROPIC_API_KEY": "sk", "AWS_SECRET_ACCESS_KEY": "s",
+               "NPM_TOKEN": "n"}
+    assert base_environment(environ) == {"PATH": "/bin", "HOME": "/h", "LC_ALL": "C", "HTTPS_PROXY": "http://p",
+                                         "GF_X": "1", "GIGAFACTORY_NATS_URL": "nats://x"}
+    assert base_environment(environ, ["NPM_TOKEN"])["NPM_TOKEN"] == "n"
+    assert cred_variables(["os:linux", "cred:github_token", "cred:nope"], ["GITHUB_TOKEN", "GH_TOKEN"]) == \
+        ["GITHUB_TOKEN"]
+
+
+def test_engine_env_passthrough_is_read_from_the_environment_and_checked():
+    from gigafactory.config import Settings, SettingsError
+
+    s = Settings.from_env({"GIGAFACTORY_ENGINE_ENV_PASSTHROUGH": "NPM_TOKEN, PIP_INDEX_URL"})
+    assert s.engine_env_passthrough_names == ("NPM_TOKEN", "PIP_INDEX_URL")
+    with pytest.raises(SettingsError, match="GIGAFACTORY_ENGINE_ENV_PASSTHROUGH.*'BAD-NAME'"):
+        Settings.from_env({"GIGAFACTORY_ENGINE_ENV_PASSTHROUGH": "OK,BAD-NAME"}).validate()

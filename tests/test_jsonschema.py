@@ -95,7 +95,8 @@ def test_enums_are_listed_in_declaration_order():
     defs = gen.generate()["$defs"]
 
     assert defs["Priority"]["enum"] == ["critical", "high", "medium", "low"]
-    assert defs["Retry"]["properties"]["on"]["default"] == ["timeout", "verify_failed", "crash", "lease_expired"]
+    assert defs["Retry"]["properties"]["on"]["default"] == ["timeout", "verify_failed", "crash", "lease_expired",
+                                                        "auth_failed", "rate_limited"]
 
 
 def test_the_schema_accepts_a_good_manifest(validator):

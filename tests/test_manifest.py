@@ -65,7 +65,8 @@ def test_a_file_with_only_engine_and_cwd_is_valid_and_every_default_is_as_docume
     assert m.retry == Retry(
         max=2,
         backoff="5s",
-        on=[FailureClass.TIMEOUT, FailureClass.VERIFY_FAILED, FailureClass.CRASH, FailureClass.LEASE_EXPIRED],
+        on=[FailureClass.TIMEOUT, FailureClass.VERIFY_FAILED, FailureClass.CRASH, FailureClass.LEASE_EXPIRED,
+            FailureClass.AUTH_FAILED, FailureClass.RATE_LIMITED],
     )
     assert FailureClass.BUDGET_EXCEEDED not in m.retry.on
     assert m.review_policy == "manual"

@@ -237,6 +237,36 @@ def test_backoff_is_capped_at_one_hour():
     assert p.retry_backoff_s(rec) == p.BACKOFF_CAP_S == 3600.0
 
 
+def test_a_rate_limited_retry_waits_the_providers_retry_after_when_known():
+    rec = building("retry: {max: 3, backoff: 10s}\n")
+
+    told = p.finish(rec, "f1", rec.epoch, T0 + 10, failure=FailureClass.RATE_LIMITED, detail="429",
+                    retry_after_s=42.5)
+    unknown = p.finish(rec, "f1", rec.epoch, T0 + 10, failure=FailureClass.RATE_LIMITED, detail="429")
+
+    assert (told.event, told.record.stage, told.record.backoff_s) == (Event.REQUEUE, Stage.QUEUED, 42.5)
+    assert "retry-after" in told.reason
+    assert unknown.record.backoff_s == 10.0  # the policy's back-off
+
+
+def test_retry_after_is_ignored_for_other_classes_and_bounded():
+    rec = building("retry: {max: 3, backoff: 10s}\n")
+
+    assert p.failure_backoff_s(rec, FailureClass.CRASH, 42.5) == 10.0
+    assert p.failure_backoff_s(rec, FailureClass.RATE_LIMITED, 10 * 86400) == p.BACKOFF_CAP_S
+    assert p.failure_backoff_s(rec, FailureClass.RATE_LIMITED, -1) == 10.0
+    assert p.failure_backoff_s(rec, FailureClass.RATE_LIMITED, float("nan")) == 10.0
+    assert p.failure_backoff_s(rec, FailureClass.RATE_LIMITED, 0) == 0.0
+
+
+def test_rate_limited_and_auth_failed_are_retried_by_default():
+    rec = building()
+
+    for cls in (FailureClass.RATE_LIMITED, FailureClass.AUTH_FAILED):
+        out = p.finish(rec, "f1", rec.epoch, T0 + 10, failure=cls, detail="refused")
+        assert (out.event, out.record.stage) == (Event.REQUEUE, Stage.QUEUED), cls
+
+
 def test_a_failure_class_not_in_retry_on_fails_the_job():
     rec = building("retry: {on: [crash]}\n")
 

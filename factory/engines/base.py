@@ -30,9 +30,10 @@ from __future__ import annotations
 
 import abc
 import asyncio
+import hashlib
 import os
 import sysconfig
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -106,6 +107,10 @@ class EngineJob:
     """The reader the factory feeds this run's output to (:meth:`Engine.parser`), so that
     :meth:`Engine.run` can classify from what it read (None: no reader, or it raised and was
     dropped)."""
+    env_passthrough: tuple[str, ...] = ()
+    """Names of the factory's variables this run may see beyond the base set
+    (:func:`engine_environment`): the credential variables of the ``cred:`` capabilities the
+    job requires, and the operator's ``engine_env_passthrough``."""
 
 
 @dataclass
@@ -140,6 +145,10 @@ class Outcome:
     usage: Usage | None = None
     """What the run consumed, parsed from its output (None: the engine reports nothing, as
     ``shell``)."""
+    retry_after_s: float | None = None
+    """For ``rate_limited``: how long the provider asked to wait, when the engine could read it
+    from its output (None: unknown; the retry policy's back-off applies). The retry is queued
+    after this instead of the policy's back-off (:func:`gigafactory.schemas.protocol.finish`)."""
 
 
 @dataclass(frozen=True)
@@ -163,6 +172,34 @@ class OutputParser:
         factory compares it with ``budget.tokens`` and ``budget.usd`` after every ``usage``
         item, and records it on the attempt when the engine's :class:`Outcome` has none."""
         return None
+
+
+PROGRESS_LINE_CHARS = 300
+"""A rendered progress line is cut to this many characters."""
+
+
+def render_progress(p: Progress) -> str:
+    """One readable line for something an engine's output said (``gigafactory logs --follow``):
+    a turn's text, a tool call with its input, token usage and cost, or the item's fields.
+
+    :param p: the item (:meth:`OutputParser.feed`).
+    """
+    d = dict(p.data)
+    if p.kind == "usage":
+        parts = [f"{k.removesuffix('_tokens').replace('_', '-')} {d[k]}" for k in
+                 ("input_tokens", "output_tokens", "cache_read_tokens", "cache_write_tokens") if d.get(k)]
+        parts += [f"{k.replace('_', ' ')} {d[k]}" for k in ("turns", "tool_calls") if d.get(k)]
+        if d.get("cost_usd") is not None:
+            parts.append(f"${float(d['cost_usd']):.4f} ({d.get('cost_source') or 'unknown'})")
+        line = "usage: " + (", ".join(parts) or "none yet") + (f" [{d['model']}]" if d.get("model") else "")
+    elif "tool" in d:
+        line = f"tool {d['tool']}: {d.get('input', '')}".rstrip(": ")
+    elif "text" in d and len(d) == 1:
+        line = "text: " + str(d["text"])
+    else:
+        line = " ".join(f"{k}={v}" for k, v in d.items())
+    line = " ".join(line.split())  # one line: an agent's text has newlines
+    return line[:PROGRESS_LINE_CHARS]
 
 
 class SetupFailed(Exception):
@@ -199,6 +236,19 @@ class Engine(abc.ABC):
         :param path: the search path for the engine's program.
         :param timeout_s: hard limit for any command run to learn the version.
         """
+
+    def credential_vars(self, environ: Mapping[str, str]) -> tuple[str, ...]:
+        """The environment variables whose values are this engine's credential. After an
+        ``auth_failed`` the factory withdraws the engine until a hash of these values changes
+        (:func:`credential_fingerprint`). The default is every well-known credential variable
+        (:data:`gigafactory.factory.probe.CREDENTIAL_VARS`): wider than needed, so a change of
+        any of them restores the engine (at worst one more refused attempt, never a stuck one).
+
+        :param environ: the environment the engine runs with.
+        """
+        from ..probe import CREDENTIAL_VARS  # the probe imports the engines: import when asked
+
+        return CREDENTIAL_VARS
 
     def tokens(self, found: ProbeResult) -> list[str]:
         """The capability tokens a runnable probe result offers: ``engine:<name>``, and
@@ -263,6 +313,20 @@ def budget_crossed(budget: Budget, usage: Usage | None) -> str | None:
     return None
 
 
+def credential_fingerprint(names: Iterable[str], environ: Mapping[str, str]) -> str:
+    """A hash of the values of the variables ``names`` in ``environ`` (an unset variable and
+    an empty one hash alike), so a credential's change can be noticed without keeping it. Cheap
+    enough for every heartbeat.
+
+    :param names: the credential variables (:meth:`Engine.credential_vars`).
+    :param environ: the environment to read them from.
+    """
+    h = hashlib.sha256()
+    for name in sorted(set(names)):
+        h.update(name.encode() + b"\0" + environ.get(name, "").encode("utf-8", "surrogateescape") + b"\0")
+    return h.hexdigest()
+
+
 def require_cwd(job: EngineJob) -> None:
     """Raise :class:`SetupFailed` when the job's working directory does not exist here."""
     if not job.cwd.is_dir():
@@ -270,13 +334,49 @@ def require_cwd(job: EngineJob) -> None:
                           f"cwd {job.cwd} does not exist on factory {job.factory}\n")
 
 
+BASE_ENV_VARS: frozenset[str] = frozenset({
+    "PATH", "HOME", "USER", "LOGNAME", "SHELL", "TMPDIR", "LANG", "LANGUAGE", "TERM", "TZ",
+    # Proxies and certificate authorities: a machine behind a proxy needs them to reach anything.
+    "HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY", "ALL_PROXY", "http_proxy", "https_proxy", "no_proxy", "all_proxy",
+    "SSL_CERT_FILE", "SSL_CERT_DIR", "REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE", "NODE_EXTRA_CA_CERTS", "GIT_SSL_CAINFO",
+})
+"""Variables of the factory's environment every engine gets (none is a secret), with the
+``LC_*`` and ``GF_*`` ones (:func:`base_environment`)."""
+
+
+def base_environment(environ: Mapping[str, str], passthrough: Iterable[str] = ()) -> dict[str, str]:
+    """The variables of ``environ`` an engine may see: :data:`BASE_ENV_VARS`, ``LC_*``,
+    ``GF_*``, ``GIGAFACTORY_NATS_URL``, and the names in ``passthrough``. Nothing else (API keys
+    and other secrets of the factory stay out unless named).
+
+    :param environ: the factory's environment.
+    :param passthrough: further names to pass (credential variables, the operator's allowlist).
+    """
+    extra = set(passthrough)
+    return {k: v for k, v in environ.items()
+            if k in BASE_ENV_VARS or k in extra or k.startswith(("LC_", "GF_")) or k == "GIGAFACTORY_NATS_URL"}
+
+
+def cred_variables(requirements: Iterable[str], known: Iterable[str]) -> list[str]:
+    """The variable names behind the ``cred:<name>`` tokens among ``requirements``: the probe
+    offers ``cred:<variable lower-case>`` for each variable in ``known`` that is set, so each
+    such token maps back to that variable.
+
+    :param requirements: the job's requirement tokens (``cred:github_token``, ``os:linux``, ...).
+    :param known: the credential variables the probe reports (``CREDENTIAL_VARS``).
+    """
+    by_token = {f"cred:{v.lower()}": v for v in known}
+    return [by_token[r] for r in requirements if r in by_token]
+
+
 def engine_environment(job: EngineJob) -> dict[str, str]:
-    """The environment an engine runs with: the factory's own, the ``GF_*`` variables, and this
-    installation's ``gigafactory`` first on ``PATH`` (so a script can call ``gigafactory fence``).
+    """The environment an engine runs with: :func:`base_environment` of the factory's (with the
+    job's ``env_passthrough``), the ``GF_*`` variables of the attempt, and this installation's
+    ``gigafactory`` first on ``PATH`` (so a script can call ``gigafactory fence``).
 
     :param job: the attempt.
     """
-    env = dict(os.environ)
+    env = base_environment(os.environ, job.env_passthrough)
     env.update(job.gf_env)
     # This installation's `gigafactory` first on PATH, so scripts can call `gigafactory fence`.
     env["PATH"] = os.pathsep.join([sysconfig.get_path("scripts"), env.get("PATH", "")])

@@ -111,6 +111,10 @@ class ClaudeStream(OutputParser):
         self.dropped_lines = 0
         self.said_usage: Usage | None = None
         """The usage last said as a ``usage`` item."""
+        self.retry_delay_s: float | None = None
+        """The delay of the CLI's last retry after a 429 (``system/api_retry`` ``retry_delay_ms``):
+        the CLI follows the provider's retry-after (plus jitter), and stream-json carries no
+        other trace of it. None: no rate-limited retry seen."""
 
     def feed(self, chunk: bytes) -> list[Progress]:
         out: list[Progress] = []
@@ -148,6 +152,9 @@ class ClaudeStream(OutputParser):
             self.result = ev
             return self._usage_changed()
         if kind == "system" and ev.get("subtype") == "api_retry":
+            delay_ms = ev.get("retry_delay_ms")
+            if ev.get("error_status") == 429 and isinstance(delay_ms, (int, float)) and 0 <= delay_ms < 86_400_000:
+                self.retry_delay_s = delay_ms / 1000.0
             return [Progress("progress", {"retry": ev.get("attempt"), "status": ev.get("error_status"),
                                           "error": str(ev.get("error"))[:PROGRESS_TEXT_CHARS]})]
         if kind == "system" and ev.get("subtype") == "permission_denied":
@@ -251,6 +258,13 @@ class ClaudeEngine(Engine):
     name = "claude"
     engine_class = "agentic-coder"
 
+    def credential_vars(self, environ: Mapping[str, str]) -> tuple[str, ...]:
+        """Only ``ANTHROPIC_API_KEY``: a change of it restores the engine after an ``auth_failed``.
+
+        :param environ: unused (the variable's name is fixed).
+        """
+        return (CREDENTIAL,)
+
     def probe(self, *, environ: Mapping[str, str], path: str, timeout_s: float) -> ProbeResult:
         """Runnable when ``claude`` is found and ``ANTHROPIC_API_KEY`` is set.
 
@@ -319,7 +333,9 @@ class ClaudeEngine(Engine):
         stream = job.parser if isinstance(job.parser, ClaudeStream) else None
         out = classify_result(stream.result if stream else None, res, job)
         usage = stream.usage() if stream else None
-        return Outcome(out.failure, out.detail, out.exit_code, self_fenced=out.self_fenced, usage=usage)
+        retry_after_s = stream.retry_delay_s if stream and out.failure == FailureClass.RATE_LIMITED else None
+        return Outcome(out.failure, out.detail, out.exit_code, self_fenced=out.self_fenced, usage=usage,
+                       retry_after_s=retry_after_s)
 
     def parser(self) -> OutputParser:
         """A fresh :class:`ClaudeStream`."""
