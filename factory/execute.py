@@ -161,9 +161,10 @@ class Execute:
                                   if f"engine:{n}" in self.offers.tokens}) or ("" if m.engine_class else "shell")
         eng = engines.get(name)
         if eng is None:
-            what = f"engine {m.engine!r}" if m.engine else f"no engine of class {str(m.engine_class)!r}"
-            Path(log_path).write_text(f"{what} has no runner on factory {self.id}\n")
-            return result(FailureClass.SETUP_FAILED, f"{what} is not runnable on {self.id}")
+            what = (f"engine {m.engine!r} is not runnable on {self.id}" if m.engine else
+                    f"no engine of class {str(m.engine_class)!r} is offered by {self.id}")
+            Path(log_path).write_text(f"{what}\n")
+            return result(FailureClass.SETUP_FAILED, what)
         if eng.opt_in and f"engine:{name}" not in self.offers.tokens:
             # An opt-in engine (noop) runs only where the operator offered it, so real work can
             # never be swallowed by it; the claim's requirement check already keeps it away.

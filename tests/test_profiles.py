@@ -230,3 +230,20 @@ def test_a_profile_job_runs_on_an_engine_of_its_class_honouring_prefers_with_the
             assert "unknown profile 'wizard'" in str(e.value) and "tester" in str(e.value)
 
     run(main())
+
+
+def test_an_engine_class_job_on_a_factory_without_an_engine_of_that_class_is_setup_failed_never_run_as_shell(
+        nats_server, tmp_path):
+    # The factory claims the pool (an operator's --cap says it serves the class) but has no such
+    # engine: the prompt must not be run as a shell script (it was, before resolve_engine).
+    async def main():
+        async with Fleet(nats_server.url, tmp_path) as fleet:
+            await fleet.add_factory("plain-1", caps=["engine-class:agentic-coder"])
+            job = await fleet.submit_one(f"---\nengine-class: agentic-coder\ncwd: {fleet.repo}\nretry: {{max: 0}}\n"
+                                         "---\ntouch ran-as-shell\n")
+            rec = await fleet.wait_stage(job, "failed", "dead_letter")
+            assert rec.attempts[-1].outcome == "setup_failed"
+            assert "no engine of class 'agentic-coder' is offered by plain-1" in rec.attempts[-1].detail
+            assert not (fleet.repo / "ran-as-shell").exists()
+
+    run(main())
