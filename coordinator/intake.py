@@ -40,6 +40,7 @@ from gigafactory.schemas import capabilities as caps
 from gigafactory.schemas import names, protocol
 from gigafactory.schemas.lifecycle import WAITING, Stage
 from gigafactory.schemas.limits import Limits, clip_reason, hint
+from gigafactory.schemas import profiles
 from gigafactory.schemas.manifest import JobFile, ManifestError, parse_job_text
 from gigafactory.schemas.records import (
     EventRecord,
@@ -252,6 +253,9 @@ async def submit(
             errors.append(e.to_dict())
     if errors:
         raise SubmitError(errors)
+    parsed = _apply_profiles(parsed, broker.settings, errors)
+    if errors:
+        raise SubmitError(errors)
     idents = identities or [None] * len(parsed)
 
     def err(jf: JobFile, field: str | None, message: str) -> None:
@@ -362,7 +366,7 @@ async def submit(
         rec = JobRecord(
             id=plan.job_id, manifest=m, body=plan.jf.body, source=f"{source}:{plan.jf.path}",
             content_hash=plan.jf.content_hash, submitted_at=now, pool=caps.pool_id(reqs), requirements=reqs,
-            deps=plan.deps, updated_at=now,
+            deps=plan.deps, updated_at=now, profile=plan.jf.profile,
         )
         if plan.action == "create":
             plan.record = rec
@@ -458,6 +462,31 @@ async def submit(
     return out
 
 
+def _apply_profiles(parsed: list[JobFile], settings, errors: list[dict]) -> list[JobFile]:
+    """Each job file with its profile resolved (:func:`profiles.resolve`); the catalog is read
+    only when a file names a profile. Problems are appended to ``errors`` (nothing written).
+
+    :param parsed: the batch's parsed job files.
+    :param settings: the coordinator's settings (``profiles_dir``).
+    :param errors: where refusals go, one per file (or one for a broken catalog).
+    """
+    if not any(jf.manifest.profile for jf in parsed):
+        return parsed
+    try:
+        catalog = profiles.load_catalog(getattr(settings, "profiles_dir", None))
+    except profiles.ProfileError as e:
+        errors.append({"file": e.path, "line": None, "field": e.field,
+                       "message": f"the profile catalog is invalid: {e.message}"})
+        return parsed
+    out = []
+    for jf in parsed:
+        try:
+            out.append(profiles.resolve(jf, catalog))
+        except ManifestError as e:
+            errors.append(e.to_dict())
+    return out
+
+
 async def _publish_submitted(broker: Broker, rec: JobRecord, source: str) -> None:
     """The ``submitted`` audit event of a new record, with a message id (see SUBMITTED_REPLAY_S)."""
     await broker.publish_event(EventRecord(
@@ -525,7 +554,7 @@ async def _supersede(broker: Broker, plan: _Plan, waiting: list[str], now: float
                                 "message": f"job {rec.id} was claimed ({rec.stage}) while this submission was "
                                            "being checked; it can no longer be superseded"}])
         new = msgspec.structs.replace(
-            rec, manifest=m, body=plan.jf.body, content_hash=plan.jf.content_hash,
+            rec, manifest=m, body=plan.jf.body, content_hash=plan.jf.content_hash, profile=plan.jf.profile,
             source=f"{source}:{plan.jf.path}", pool=pool, requirements=reqs, deps=plan.deps,
             superseded=rec.superseded + 1, epoch=rec.epoch + 1, backoff_s=0.0,
         )

@@ -26,6 +26,7 @@ from gigafactory.broker import Conflict
 from gigafactory.schemas import names, protocol
 from gigafactory.schemas.lifecycle import Stage
 from gigafactory.schemas.manifest import FailureClass, parse_duration
+from gigafactory.schemas.profiles import engine_prompt, resolve_engine
 from gigafactory.schemas.records import Attribution, JobRecord, Usage, attributed, decode, encode
 
 from . import engines, shell
@@ -159,11 +160,14 @@ class Execute:
                                  attribution=attributed(attribution, usage), finished_at=time.time(), usage=usage,
                                  retry_after_s=retry_after_s)
 
-        name = m.engine or "shell"
+        name = resolve_engine(m, {n: e.engine_class for n, e in engines.registry().items()
+                                  if f"engine:{n}" in self.offers.tokens}) or ("" if m.engine_class else "shell")
         eng = engines.get(name)
         if eng is None:
-            Path(log_path).write_text(f"engine {m.engine!r} has no runner on factory {self.id}\n")
-            return result(FailureClass.SETUP_FAILED, f"engine {m.engine!r} is not runnable on {self.id}")
+            what = (f"engine {m.engine!r} is not runnable on {self.id}" if m.engine else
+                    f"no engine of class {str(m.engine_class)!r} is offered by {self.id}")
+            Path(log_path).write_text(f"{what}\n")
+            return result(FailureClass.SETUP_FAILED, what)
         if eng.opt_in and f"engine:{name}" not in self.offers.tokens:
             # An opt-in engine (noop) runs only where the operator offered it, so real work can
             # never be swallowed by it; the claim's requirement check already keeps it away.
@@ -209,7 +213,7 @@ class Execute:
         wall_binds = m.budget.wall is not None and parse_duration(m.budget.wall) <= parse_duration(m.timeout)
         job = EngineJob(
             job=run.job, epoch=run.epoch, attempt=rec.attempt, factory=self.id, station=run.station, manifest=m,
-            body=rec.body, cwd=cwd, log_path=log_path,
+            body=engine_prompt(rec.profile, rec.body, eng.engine_class), cwd=cwd, log_path=log_path,
             gf_env={
                 "GF_JOB_ID": run.job, "GF_EPOCH": str(run.epoch), "GF_ATTEMPT": str(rec.attempt),
                 "GF_FACTORY": self.id, "GF_STATION": str(run.station), "GF_WORKSPACE": str(self.workspace),

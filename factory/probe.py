@@ -225,7 +225,7 @@ def engine_tokens(*, environ: Mapping[str, str], path: str, timeout_s: float) ->
             log.exception("probing engine %s failed; it is not offered", eng.name)
             continue
         if found.runnable:
-            out.extend(eng.tokens(found))
+            out.extend([*eng.tokens(found), f"engine-class:{eng.engine_class}"])  # for engine-class jobs
         else:
             log.info("engine %s is not offered: %s", eng.name, found.why or "its probe says it cannot run here")
     return out

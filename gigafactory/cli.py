@@ -622,6 +622,29 @@ def stats(nats_url, as_json) -> None:
                    f"{p['reason']}  [{where}]")
 
 
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def profiles(as_json) -> None:
+    """List the profiles a job can name (``profile: NAME``): the shipped catalog and the folder
+    in GIGAFACTORY_PROFILES_DIR, as read on this machine (the coordinator resolves jobs against
+    its own setting)."""
+    from gigafactory.schemas import profiles as prof
+
+    try:
+        catalog = prof.load_catalog(Settings.from_env().profiles_dir)
+    except prof.ProfileError as e:
+        _fail("a profile is invalid", 2, as_json=as_json,
+              errors=[{"file": e.path, "line": None, "field": e.field, "message": e.message}])
+    rows = prof.summaries(catalog)
+    if as_json:
+        _emit_json(rows)
+        return
+    width = max(len(r["name"]) for r in rows)
+    for r in rows:
+        prefers = ",".join(r["prefers"]) or "-"
+        click.echo(f"{r['name']:<{width}}  {r['engine-class'] or '-':<13}  {prefers:<14}  {r['summary']}")
+
+
 def _simple(endpoint: str, verb: str):
     @common
     @click.argument("job")

@@ -101,6 +101,13 @@ class Settings:
     loses nothing either way. Validated (:func:`check_sync_interval`)."""
     events_max_age_s: float = 30 * 86400.0
 
+    # -- profiles (issue 9, "Profiles and personas"; owner: profiles) ---------------------------
+    profiles_dir: str | None = None
+    """A folder of the operator's own profiles (``<name>.md``), read by the coordinator at
+    submit in addition to the shipped catalog; a profile there of a shipped name replaces it.
+    None (default): the shipped catalog only. An invalid file in it refuses every submission
+    that names a profile (naming the file), never silently drops the profile."""
+
     # -- intake limits (issue 8, section 3; owner: intake) ------------------------------------
     # Every refusal names the setting and its variable. Defaults fit the embedded broker's
     # 1 MiB max payload; the record check below reads the real max payload from the server.

@@ -166,7 +166,8 @@ def generate() -> dict[str, Any]:
     # A lambda default_factory is invisible to msgspec's schema; state the default here.
     defs["Retry"]["properties"]["on"]["default"] = [str(c) for c in m.Retry().on]
     defs["Reviewers"]["properties"]["reviewers"]["minItems"] = 1
-    root["anyOf"] = [{"required": ["engine"]}, {"required": ["engine-class"]}]
+    # A profile may supply the engine class (profiles.resolve refuses the job at submit if not).
+    root["anyOf"] = [{"required": ["engine"]}, {"required": ["engine-class"]}, {"required": ["profile"]}]
 
     schema: dict[str, Any] = {
         "$schema": SCHEMA_DIALECT,
@@ -175,7 +176,7 @@ def generate() -> dict[str, Any]:
         "description": (
             "The YAML front matter of a gigafactory job file: the lines between the opening and "
             "closing '---' above the prompt. Field names are kebab-case. Only 'cwd' and 'engine' "
-            "(or 'engine-class') are required; every other field has the default shown."
+            "(or 'engine-class', or a 'profile' that names one) are required; every other field has the default shown."
         ),
         "examples": [EXAMPLE],
         "$defs": defs,

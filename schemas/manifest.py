@@ -143,7 +143,8 @@ class Manifest(msgspec.Struct, rename="kebab", forbid_unknown_fields=True, omit_
     """Any engine of this class will do (``agentic-coder``, ``chat-coder``, ``review-only``);
     ignored when ``engine`` is set."""
     profile: str | None = None
-    """A named engine profile to run the engine with."""
+    """A profile from the catalog (``gigafactory profiles``): its persona is prepended to the
+    prompt and its fields fill in what the job does not state. Resolved at submit."""
     yolo: bool = False
     """Let the engine act without asking (dangerous/auto-approve mode). Only ``true`` and
     ``false`` are booleans (YAML 1.2): ``yes`` and ``on`` are refused."""
@@ -157,7 +158,8 @@ class Manifest(msgspec.Struct, rename="kebab", forbid_unknown_fields=True, omit_
     """Required factory capabilities: ``key``, ``key:value`` or ``key<op>version`` with op one of
     ``>= > = <= <`` (``has:git``, ``os:mac``, ``node>=20``)."""
     prefers: list[str] = msgspec.field(default_factory=list)
-    """Soft routing hints (``factory:mac-2``); never required."""
+    """Engines in order of preference for an ``engine-class`` job (``claude``, ``codex``): a
+    factory offering several of the class runs the first it offers. Never required."""
     priority: Priority = Priority.MEDIUM
     """``critical``, ``high``, ``medium`` (default) or ``low``; higher priorities are dispatched first."""
     budget: Budget = msgspec.field(default_factory=Budget)
@@ -186,7 +188,12 @@ class Manifest(msgspec.Struct, rename="kebab", forbid_unknown_fields=True, omit_
 
     def requirements(self) -> tuple[str, ...]:
         """The canonical requirement set: capabilities plus the engine (or engine class)."""
-        extra = [f"engine:{self.engine}"] if self.engine else [f"engine-class:{self.engine_class}"]
+        if self.engine:
+            extra = [f"engine:{self.engine}"]
+        elif self.engine_class is not None:
+            extra = [f"engine-class:{self.engine_class}"]
+        else:
+            extra = []  # a profile job before :func:`profiles.resolve` (intake refuses it after)
         return caps.canonical([*self.capabilities, *extra])
 
     def timeout_s(self) -> float:
@@ -244,11 +251,19 @@ class JobFile:
     path: str
     manifest: Manifest
     body: str
+    stated: frozenset[str] = frozenset()
+    """The top-level fields the file wrote (a profile fills in only the others)."""
+    profile: Any = None
+    """The profile snapshot (:class:`profiles.ProfileSnapshot`) once :func:`profiles.resolve` ran."""
 
     @property
     def content_hash(self) -> str:
-        """What idempotency compares: the normalized manifest and the body."""
-        return content_hash(self.manifest, self.body)
+        """What idempotency compares: the normalized manifest and the body (and the profile's
+        content hash, so a job resubmitted after its profile changed is new content)."""
+        h = content_hash(self.manifest, self.body)
+        if self.profile is not None:
+            h = hashlib.sha256(f"{h}\0{self.profile.content_hash}".encode()).hexdigest()
+        return h
 
 
 def content_hash(manifest: Manifest, body: str) -> str:
@@ -563,11 +578,11 @@ def parse_job_text(text: str, path: str = "<job>", limits: Limits | None = None)
             path, line_of("cwd"), "cwd",
             "'cwd' is required: the directory the job runs in, like 'cwd: my-repo'",
         )
-    if not raw.get("engine") and not raw.get("engine-class"):
+    if not raw.get("engine") and not raw.get("engine-class") and not raw.get("profile"):
         raise ManifestError(
             path, line_of("engine") or line_of("engine-class"), "engine",
             "'engine' is required (for example 'engine: shell'), unless 'engine-class' names a class "
-            f"({', '.join(c.value for c in EngineClass)})",
+            f"({', '.join(c.value for c in EngineClass)}) or 'profile' names a profile that has one",
         )
     try:
         manifest = msgspec.convert(raw, Manifest, strict=True)
@@ -576,7 +591,7 @@ def parse_job_text(text: str, path: str = "<job>", limits: Limits | None = None)
         raise ManifestError(path, line_of(field), field, msg) from None
 
     _check_semantics(manifest, path, line_of, lim)
-    return JobFile(path=path, manifest=manifest, body=body)
+    return JobFile(path=path, manifest=manifest, body=body, stated=frozenset(raw))
 
 
 _MANIFEST_INFO = msgspec.inspect.type_info(Manifest)
@@ -728,6 +743,8 @@ def _check_semantics(m: Manifest, path: str, line_of, lim: Limits) -> None:
 def _first_semantic_problem(m: Manifest) -> tuple[str, str] | None:
     if m.engine is not None and not re.fullmatch(r"[a-z0-9][a-z0-9_\-]*", m.engine):
         return "engine", f"{m.engine!r} is not an engine name (lower-case letters, digits, '-' and '_')"
+    if m.profile is not None and not re.fullmatch(r"[a-z0-9][a-z0-9_\-]{0,63}", m.profile):
+        return "profile", f"{m.profile!r} is not a profile name (lower-case letters, digits, '-' and '_')"
     for field, value in (("timeout", m.timeout), ("budget.wall", m.budget.wall), ("retry.backoff", m.retry.backoff)):
         if value is None:
             continue

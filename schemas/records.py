@@ -14,6 +14,7 @@ import msgspec
 
 from .lifecycle import Stage
 from .manifest import FailureClass, Manifest
+from .profiles import ProfileSnapshot
 
 MAX_ATTEMPTS_KEPT = 20
 """Attempt history kept on the job record; older attempts stay in ``GF_EVENTS``."""
@@ -156,6 +157,9 @@ class JobRecord(msgspec.Struct, omit_defaults=False):
     superseded: int = 0
     """How many times a new submission of the same idempotency key replaced this one."""
     updated_at: float = 0.0
+    profile: ProfileSnapshot | None = None
+    """The profile the job named, as it was at submit (name, content hash, persona, scope); the
+    manifest above is already resolved against it. Factories read this, never profile files."""
 
     @property
     def priority_rank(self) -> int:
