@@ -171,11 +171,18 @@ async def _drive(url: str, engines: list[str], repos: dict[str, Path], timeout_s
             if time.monotonic() > up_deadline:
                 return {"jobs": [], "elapsed_s": time.monotonic() - t0, "error": "fleet did not come up"}
             await asyncio.sleep(0.2)
-        not_offered = [e for e in engines if e not in offered]
-        files = [{"path": f"demo-{e}.md", "text": _job_text(e, repos[e])} for e in engines]
+        # An engine the probe does not offer (its --version failed, say) would wait queued
+        # until the timeout: report it at once instead of submitting its job.
+        out: list[dict] = [{"engine": e, "job": None, "version": versions.get(e, ""), "stage": "not offered",
+                            "usage": None, "ok": False, "edited": False,
+                            "why": f"the factory's probe did not offer engine:{e} (see {e} in factory-agents.log)"}
+                           for e in engines if e not in offered]
+        if not offered:
+            return {"jobs": out, "elapsed_s": time.monotonic() - t0}
+        files = [{"path": f"demo-{e}.md", "text": _job_text(e, repos[e])} for e in offered]
         submitted = (await client.call("submit", {"files": files}))["jobs"]
-        by_engine = {e: s["job"] for e, s in zip(engines, submitted)}
-        say(f"submitted {len(by_engine)} agent jobs: {', '.join(engines)}")
+        by_engine = {e: s["job"] for e, s in zip(offered, submitted)}
+        say(f"submitted {len(by_engine)} agent jobs: {', '.join(offered)}")
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline and not procs.dead():
             resp = await client.call("list", {"limit": 100000})
@@ -183,7 +190,6 @@ async def _drive(url: str, engines: list[str], repos: dict[str, Path], timeout_s
             if all(stages.get(j) in TERMINAL for j in by_engine.values()):
                 break
             await asyncio.sleep(0.5)
-        out = []
         for e, job in by_engine.items():
             st = await client.call("status", {"job": job, "events": 0})
             stage = st["job"]["stage"]
@@ -192,11 +198,10 @@ async def _drive(url: str, engines: list[str], repos: dict[str, Path], timeout_s
             has_usage = bool(usage) and (usage.get("input_tokens", 0) > 0 and usage.get("output_tokens", 0) > 0
                                          or e == "copilot" and usage.get("turns", 0) > 0)
             why = st["why"] if stage != "shipped" else ("no usage recorded" if not has_usage else "")
-            if e in not_offered:
-                why = f"the factory's probe did not offer engine:{e}; {why}"
             out.append({"engine": e, "job": job, "version": versions.get(e, ""), "stage": stage, "usage": usage,
                         "ok": stage == "shipped" and has_usage, "why": why,
                         "edited": (repos[e] / "hello.txt").is_file()})
+        out.sort(key=lambda r: agent_clis.CLIS.index(r["engine"]))
         err = ("died: " + ", ".join(procs.dead())) if procs.dead() else None
         return {"jobs": out, "elapsed_s": time.monotonic() - t0, **({"error": err} if err else {})}
     finally:
