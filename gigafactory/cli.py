@@ -903,6 +903,8 @@ def demo(examples, workdir, timeout_s, as_json, nats_url, agents) -> None:
     """Embedded broker, a coordinator and two factories run the example jobs; exits 0 only if
     every job ends where its example says it should."""
     if agents:
+        if examples or nats_url:
+            raise click.UsageError("--agents runs its own jobs on its own embedded broker: drop --examples and --nats")
         from gigafactory.demo_agents import run_demo_agents
 
         sys.exit(run_demo_agents(workdir=workdir, timeout_s=timeout_s, as_json=as_json))

@@ -119,7 +119,8 @@ def run_demo_agents(*, workdir: str | None, timeout_s: float, as_json: bool) -> 
             cost = u.get("cost_usd")
             rows.append([r["engine"], r["version"] or "?", str(u.get("turns", "-")), str(u.get("input_tokens", "-")),
                          str(u.get("output_tokens", "-")), "-" if cost is None else f"${cost:.4f}",
-                         str(u.get("cost_source", "-")), r["stage"]])
+                         # Copilot's stored usage omits cost_source: no cost is "unknown" (README).
+                         str(u.get("cost_source") or ("unknown" if u else "-")), r["stage"]])
         click.echo("\n" + _table(rows))
         for r in result["jobs"]:
             if not r["ok"]:

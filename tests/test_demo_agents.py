@@ -54,3 +54,11 @@ def test_without_any_agent_cli_it_exits_1_saying_how_to_install(tmp_path):
     assert agent_clis.INSTALL_SCRIPT in p.stderr
     assert "@anthropic-ai/claude-code@2.1.328" in p.stderr and "aider-chat@0.86.2" in p.stderr
     assert not (tmp_path / "demo").exists(), "it started a demo with nothing to run"
+
+
+def test_agents_refuses_the_plain_demos_broker_and_examples_options(tmp_path):
+    for extra in (["--nats", "nats://127.0.0.1:1"], ["--examples", str(tmp_path)]):
+        p = subprocess.run([sys.executable, "-m", "gigafactory", "demo", "--agents", *extra], capture_output=True,
+                           text=True, timeout=60)
+        assert p.returncode == 2, p.stdout + p.stderr
+        assert "drop --examples and --nats" in p.stderr
