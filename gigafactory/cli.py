@@ -896,9 +896,18 @@ def logs(nats_url, as_json, job, follow, raw) -> None:
 @click.option("--timeout", "timeout_s", type=float, default=180.0, show_default=True)
 @click.option("--json", "as_json", is_flag=True)
 @click.option("--nats", "nats_url", default=None, help="Use this broker instead of starting the embedded one.")
-def demo(examples, workdir, timeout_s, as_json, nats_url) -> None:
+@click.option("--agents", is_flag=True,
+              help="Instead: one job per installed agent CLI edits a git repo through the real CLI, driven by "
+                   "the scripted model server; exits 1 if no agent CLI is installed.")
+def demo(examples, workdir, timeout_s, as_json, nats_url, agents) -> None:
     """Embedded broker, a coordinator and two factories run the example jobs; exits 0 only if
     every job ends where its example says it should."""
+    if agents:
+        if examples or nats_url:
+            raise click.UsageError("--agents runs its own jobs on its own embedded broker: drop --examples and --nats")
+        from gigafactory.demo_agents import run_demo_agents
+
+        sys.exit(run_demo_agents(workdir=workdir, timeout_s=timeout_s, as_json=as_json))
     from gigafactory.demo import run_demo
 
     sys.exit(run_demo(examples_dir=examples, workdir=workdir, timeout_s=timeout_s, as_json=as_json, nats_url=nats_url))
