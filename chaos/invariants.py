@@ -685,6 +685,11 @@ async def collect(broker, *, batch: int = 256, timeout_s: float | None = None,
     return jobs, events
 
 
+COLLECT_UNAVAILABLE_TRIES = 10
+"""Consecutive 503 replies (no leader for the events stream or the reading consumer, as right
+after a cluster node's restart) a read of the audit waits out, with back-off up to 2 s each."""
+
+
 async def collect_timed(broker, *, batch: int = 256, timeout_s: float | None = None,
                         max_events: int = 1_000_000) -> tuple[dict[str, JobRecord], list[EventRecord], list[float]]:
     """What :func:`collect` reads, and the broker's timestamp of each event (seconds, the
@@ -696,6 +701,7 @@ async def collect_timed(broker, *, batch: int = 256, timeout_s: float | None = N
     read by ``max_events``. A read that stalls raises rather than return a partial audit,
     because a checker fed half the events passes scenarios it should fail.
     """
+    import nats.js.errors
     from nats.js import api
 
     from gigafactory.schemas import names
@@ -718,6 +724,7 @@ async def collect_timed(broker, *, batch: int = 256, timeout_s: float | None = N
             inactive_threshold=max(10.0, 4 * wait_s), mem_storage=True, num_replicas=1,
         ),
     )
+    unavailable = 0
     try:
         while len(events) < max_events:
             try:
@@ -726,6 +733,15 @@ async def collect_timed(broker, *, batch: int = 256, timeout_s: float | None = N
             except TimeoutError as e:  # asyncio's and nats-py's timeouts both derive from it
                 raise TimeoutError(f"reading {names.EVENTS_STREAM} stalled after {len(events)} events "
                                    f"(stream last sequence {last_seq}); is the broker answering?") from e
+            except nats.js.errors.ServiceUnavailableError:
+                # A 503 on a cluster just after a node came back: the stream or the consumer has
+                # no leader yet. It answers once one is elected; retry, bounded, the same read.
+                unavailable += 1
+                if unavailable > COLLECT_UNAVAILABLE_TRIES:
+                    raise
+                await asyncio.sleep(min(2.0, 0.1 * 2 ** unavailable))
+                continue
+            unavailable = 0
             for m in msgs:
                 events.append(decode(m.data, EventRecord))
                 stamps.append(m.metadata.timestamp.timestamp())

@@ -204,13 +204,15 @@ class Fleet:
         manifest.setdefault("cwd", str(self.repo))
         return job_text(script, **manifest)
 
-    async def submit(self, *texts: str | tuple[str, str]) -> list[dict]:
-        """Submit one batch; each item is a job text or ``(path, text)``. Returns the API's jobs."""
+    async def submit(self, *texts: str | tuple[str, str], timeout_s: float | None = None) -> list[dict]:
+        """Submit one batch; each item is a job text or ``(path, text)``. Returns the API's jobs.
+        ``timeout_s``: the API call's bound (default the client's), for batches whose intake
+        writes take longer than one request's worth."""
         files = []
         for i, t in enumerate(texts):
             path, text = t if isinstance(t, tuple) else (f"job-{i}.md", t)
             files.append({"path": path, "text": text})
-        return (await self.client.call("submit", {"files": files}))["jobs"]
+        return (await self.client.call("submit", {"files": files}, timeout_s=timeout_s))["jobs"]
 
     async def submit_one(self, text: str, path: str = "job.md") -> str:
         return (await self.submit((path, text)))[0]["job"]

@@ -341,7 +341,9 @@ def test_an_in_batch_chain_of_a_thousand_dependencies_is_written_in_order(nats_s
             chain = [(f"c{i}.md", fleet.job(f"echo {i}", idempotency_key=f"c{i}", capabilities=UNOBTAINABLE,
                                             **({"deps": [f"c{i - 1}"]} if i else {})))
                      for i in range(1000)]
-            jobs = await fleet.submit(*reversed(chain))  # worst order: every dependency last
+            # Worst order: every dependency last. A chain is written one wave per job, a thousand
+            # fsynced writes in a row: on a loaded machine that outlasts one request's 10 s.
+            jobs = await fleet.submit(*reversed(chain), timeout_s=60)
             by_file = {j["file"]: j for j in jobs}
             assert by_file["c0.md"]["stage"] == "queued"
             assert {j["stage"] for f, j in by_file.items() if f != "c0.md"} == {"blocked"}
