@@ -22,7 +22,7 @@ from gigafactory.schemas.manifest import FailureClass
 from gigafactory.schemas.records import Usage
 
 from .. import shell
-from .base import EngineJob, Outcome, Prepared, ProbeResult, SetupFailed, classify_exit
+from .base import EngineJob, Outcome, OutputParser, Prepared, ProbeResult, Progress, SetupFailed, classify_exit
 
 MAX_PROMPT_BYTES = 120 * 1024
 """The prompt is passed as one argument (stdin is closed): Linux refuses a single argument over
@@ -304,3 +304,30 @@ def classify_run(res: shell.ProcessResult, job: EngineJob, usage: Usage | None, 
 
 __all__ = ["MAX_LINE_BYTES", "MAX_PROMPT_BYTES", "LineSplitter", "attempt_home", "base_environment",
            "classify_error_text", "classify_run", "failure_class", "parse_version", "probe_cli", "remove_home", "require_binary", "require_prompt"]
+
+
+class LineParser(OutputParser):
+    """An output parser that reads the stream a line at a time: a subclass sets ``_lines`` (a
+    :class:`LineSplitter`) and reads each complete line in ``_line``."""
+
+    _lines: LineSplitter
+
+    def feed(self, chunk: bytes) -> list[Progress]:
+        """Take the next chunk; returns the progress and usage it completed.
+
+        :param chunk: bytes of the merged stdout/stderr stream.
+        """
+        out: list[Progress] = []
+        for line in self._lines.feed(chunk):
+            out += self._line(line)
+        return out
+
+    def finish(self) -> list[Progress]:
+        """Read a last line that had no newline."""
+        out: list[Progress] = []
+        for line in self._lines.flush():
+            out += self._line(line)
+        return out
+
+    def _line(self, line: str) -> list[Progress]:
+        raise NotImplementedError

@@ -72,7 +72,7 @@ def _count(number: str, k: str) -> tuple[int, bool]:
     return round(float(number) * 1000), True
 
 
-class AiderParser(OutputParser):
+class AiderParser(agentcli.LineParser):
     """Reads aider's text output: token lines, applied edits, and litellm errors.
 
     :param model: the model the run asked for (aider's token lines do not name it), for pricing.
@@ -93,23 +93,6 @@ class AiderParser(OutputParser):
         self.error: tuple[str, str] | None = None
         """(litellm error class, the rest of the line and the next) of the last error printed."""
         self._error_open = False
-
-    def feed(self, chunk: bytes) -> list[Progress]:
-        """Take the next chunk; returns the progress and usage it completed.
-
-        :param chunk: bytes of the merged stdout/stderr stream.
-        """
-        out: list[Progress] = []
-        for line in self._lines.feed(chunk):
-            out += self._line(line)
-        return out
-
-    def finish(self) -> list[Progress]:
-        """Read a last line that had no newline."""
-        out: list[Progress] = []
-        for line in self._lines.flush():
-            out += self._line(line)
-        return out
 
     def _line(self, line: str) -> list[Progress]:
         line = line.rstrip()

@@ -60,7 +60,7 @@ def _key_var(environ: Mapping[str, str]) -> str:
     return name
 
 
-class CodexParser(OutputParser):
+class CodexParser(agentcli.LineParser):
     """Reads ``codex exec --json`` output: progress, usage, and how a failed run ended.
 
     :param model: the model the run asked for (Codex's events do not name it), for pricing.
@@ -79,23 +79,6 @@ class CodexParser(OutputParser):
         self.failed: str | None = None
         """The message of ``turn.failed`` (else of the last ``error`` event), if the run failed."""
         self.last_error: str | None = None
-
-    def feed(self, chunk: bytes) -> list[Progress]:
-        """Take the next chunk; returns the progress and usage it completed.
-
-        :param chunk: bytes of the merged stdout/stderr stream.
-        """
-        out: list[Progress] = []
-        for line in self._lines.feed(chunk):
-            out += self._line(line)
-        return out
-
-    def finish(self) -> list[Progress]:
-        """Read a last line that had no newline."""
-        out: list[Progress] = []
-        for line in self._lines.flush():
-            out += self._line(line)
-        return out
 
     def _line(self, line: str) -> list[Progress]:
         line = line.strip()

@@ -63,7 +63,7 @@ def _credentials(environ: Mapping[str, str]) -> dict[str, bool]:
     return {"/".join(GITHUB_TOKEN_VARS): False}
 
 
-class CopilotParser(OutputParser):
+class CopilotParser(agentcli.LineParser):
     """Reads ``copilot -p --output-format json`` output: progress, the usage it shows, and how a
     failed run ended."""
 
@@ -79,23 +79,6 @@ class CopilotParser(OutputParser):
         self.result: dict | None = None
         """The final ``result`` event, once read."""
         self._tool_names: dict[str, str] = {}
-
-    def feed(self, chunk: bytes) -> list[Progress]:
-        """Take the next chunk; returns the progress and usage it completed.
-
-        :param chunk: bytes of the merged stdout/stderr stream.
-        """
-        out: list[Progress] = []
-        for line in self._lines.feed(chunk):
-            out += self._line(line)
-        return out
-
-    def finish(self) -> list[Progress]:
-        """Read a last line that had no newline."""
-        out: list[Progress] = []
-        for line in self._lines.flush():
-            out += self._line(line)
-        return out
 
     def _line(self, line: str) -> list[Progress]:
         line = line.strip()
