@@ -150,6 +150,14 @@ def test_gemini_parser_prices_each_model_and_refuses_to_guess_an_unknown_one():
     ("unexpected status 401 Unauthorized: Invalid API key", "auth_failed"),
     ("Your input exceeds the context window of this model", "context_overflow"),
     ("stream disconnected before completion", None),
+    # A status-like number inside a port, an address or an id is not a status (CI once hit a
+    # model server on port 45429 and called a 401 a rate limit).
+    ("unexpected status 401 Unauthorized: Invalid API key, url: http://127.0.0.1:45429/v1/responses",
+     "auth_failed"),
+    ("stream disconnected, url: http://127.0.0.1:40429/v1/responses", None),
+    ("request req-429abc failed after 1429 bytes from 10.0.429.1", None),
+    ("server said 429.", "rate_limited"),
+    ("HTTP 403 Forbidden", "auth_failed"),
 ])
 def test_error_messages_are_classified_by_their_words(text, cls):
     assert agentcli.classify_error_text(text) == cls

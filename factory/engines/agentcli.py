@@ -222,6 +222,10 @@ class LineSplitter:
         return [line]
 
 
+# A three-digit number standing alone (not part of a port, a byte count or an id).
+_STATUS_CODE = re.compile(r"(?<![\w.:/-])(\d{3})(?!\w|\.\d)")
+
+
 def classify_error_text(text: str) -> str | None:
     """The failure class an agent CLI's error message says, by its words, or None.
 
@@ -231,11 +235,13 @@ def classify_error_text(text: str) -> str | None:
     :param text: the error message.
     """
     t = text.lower()
-    if "429" in t or "rate limit" in t or "rate_limit" in t or "too many requests" in t or "resource_exhausted" in t \
-            or "exceeded retry limit" in t or "quota" in t:
+    # Status codes count as whole numbers only: "http://127.0.0.1:45429/v1" is not a 429.
+    codes = set(_STATUS_CODE.findall(t))
+    if "429" in codes or "rate limit" in t or "rate_limit" in t or "too many requests" in t \
+            or "resource_exhausted" in t or "exceeded retry limit" in t or "quota" in t:
         return "rate_limited"
-    if "401" in t or "unauthorized" in t or "unauthenticated" in t or "invalid api key" in t \
-            or "authentication" in t or "403" in t and "forbidden" in t:
+    if "401" in codes or "unauthorized" in t or "unauthenticated" in t or "invalid api key" in t \
+            or "authentication" in t or "403" in codes and "forbidden" in t:
         return "auth_failed"
     if "context_length_exceeded" in t or "context window" in t or "maximum context length" in t \
             or "prompt is too long" in t or "input token count" in t and "exceeds" in t:
