@@ -1039,7 +1039,7 @@ def loadtest_workloads(as_json) -> None:
               help="Broker store and process logs (default: a temp folder, removed after a good run).")
 @click.option("--out", "out_file", type=click.Path(dir_okay=False), default=None,
               help="Write the JSON result here (default: $GIGAFACTORY_HOME/loadtest-results/<time>.json).")
-@click.option("--markdown", is_flag=True, help="Print the tables as markdown (the README's results table).")
+@click.option("--markdown", is_flag=True, help="Print the tables as markdown (the tables of docs/load-results.md).")
 @click.option("--json", "as_json", is_flag=True, help="Print the JSON result instead of the table.")
 def loadtest_run(factories, jobs, stations, workload_names, idle_s, restart_jobs, pace_fraction, busy_job_s,
                  fleet_hosts, batch, workdir, out_file, markdown, as_json) -> None:

@@ -180,7 +180,7 @@ def to_text(tables: list[Table]) -> str:
 
 
 def to_markdown(tables: list[Table]) -> str:
-    """One markdown table per section, for the README."""
+    """One markdown table per section, for docs/load-results.md."""
     out: list[str] = []
     for t in tables:
         out.append(f"**{t.title}**\n")
