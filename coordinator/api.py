@@ -32,6 +32,7 @@ from gigafactory.broker import Broker, Conflict
 from gigafactory.schemas import names, protocol
 from gigafactory.schemas.lifecycle import LEASED, IllegalTransition, Stage
 from gigafactory.schemas.limits import hint
+from gigafactory.schemas.api import job_summary
 from gigafactory.schemas.records import EventRecord, JobRecord, LockRecord, decode, encode
 
 from . import intake
@@ -73,20 +74,12 @@ class ApiError(Exception):
         self.code, self.message, self.errors = code, message, errors or []
 
 
-def job_summary(rec: JobRecord) -> dict:
-    return {
-        "id": rec.id, "stage": str(rec.stage), "priority": str(rec.manifest.priority),
-        "product": rec.manifest.product, "attempt": rec.attempt, "epoch": rec.epoch,
-        "holder": rec.lease.factory if rec.lease else None, "reason": rec.reason,
-        "submitted_at": rec.submitted_at, "source": rec.source,
-        "idempotency_key": rec.manifest.idempotency_key, "lock": rec.manifest.lock,
-        "deps": rec.deps, "requirements": rec.requirements,
-    }
-
-
 async def read_events(broker: Broker, job_id: str, limit: int = 200) -> list[dict]:
     """The job's audit trail from ``GF_EVENTS``, oldest first (at most ``limit``)."""
     from nats.js import api
+
+    if limit <= 0:
+        return []
 
     out: list[dict] = []
     psub = await broker.js.pull_subscribe(

@@ -10,11 +10,19 @@ import nats.errors
 import orjson
 
 from gigafactory.schemas import names
+from gigafactory.schemas.api import job_summary
+from gigafactory.schemas.records import JobRecord, decode
 from gigafactory.schemas.limits import Limits, hint
 from gigafactory.schemas.lifecycle import TERMINAL, Stage
 
 RESTING = frozenset(TERMINAL | {Stage.TESTING, Stage.REVIEW})
 """Stages where a job waits for a human or is done: ``submit --wait`` stops there."""
+
+MAX_WAIT_JOBS = 100_000
+"""The most jobs one :meth:`Client.wait` follows (a batch is at most ``max_batch_files``)."""
+
+WATCH_PER_KEY_MAX = 16
+"""Up to this many jobs, :meth:`Client.wait` watches each job's key; above, the whole bucket."""
 
 
 class ApiError(Exception):
@@ -108,17 +116,104 @@ class Client:
         return (await self.call("submit", body, timeout_s=max(self.timeout_s, 30)))["jobs"]
 
     async def wait(self, job_ids: list[str], *, timeout_s: float, on_progress=None, until=RESTING) -> dict[str, dict]:
-        """Poll ``list`` until every job is in ``until`` (bounded by ``timeout_s``)."""
+        """Follow the jobs' records until every one is in ``until``, or ``timeout_s`` passed.
+
+        Watches the jobs' keys in ``gf_jobs`` (one watch, filtered to these keys; the broker
+        pushes each change), so a wait costs nothing while nothing happens and does not depend
+        on the coordinator answering. A job whose record is no longer in ``gf_jobs`` (archived
+        after it ended) is read once through the ``status`` API. Returns each job's summary as
+        last seen (a job never seen is missing from the result). When the broker refuses the
+        watch (no JetStream access), it falls back to asking ``status`` for each job.
+
+        :param job_ids: the jobs to follow (at most :data:`MAX_WAIT_JOBS`).
+        :param timeout_s: give up after this many seconds, returning what was seen.
+        :param on_progress: called with the summaries (id -> summary) after each change.
+        :param until: the stages that end the wait.
+        """
+        if len(job_ids) > MAX_WAIT_JOBS:
+            raise ApiError("400", f"cannot wait for {len(job_ids):,} jobs at once (at most {MAX_WAIT_JOBS:,}); "
+                                  "wait for them in smaller groups")
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout_s
         want = set(job_ids)
+        seen: dict[str, dict] = {}
+
+        def done() -> bool:
+            return len(seen) == len(want) and all(j["stage"] in until for j in seen.values())
+
+        try:
+            kv = await self.nc.jetstream(timeout=self.timeout_s).key_value(names.JOBS_BUCKET)
+            # A few jobs: one watch per key. More: one watch on the bucket, keeping ours (it
+            # replays every record once, but costs one consumer instead of thousands).
+            watchers = ([await kv.watch(job) for job in sorted(want)] if len(want) <= WATCH_PER_KEY_MAX
+                        else [await kv.watchall()])
+        except Exception:
+            return await self._wait_by_status(want, seen, deadline, on_progress, until)
+        changes: asyncio.Queue = asyncio.Queue()
+
+        async def pump(w) -> None:
+            while True:
+                try:
+                    changes.put_nowait(await w.updates(timeout=60.0))
+                except (nats.errors.TimeoutError, asyncio.TimeoutError):
+                    continue
+
+        pumps = [asyncio.create_task(pump(w)) for w in watchers]
+        try:
+            replays_left = len(watchers)
+            while not (replays_left == 0 and done()):
+                left_s = deadline - loop.time()
+                if left_s <= 0:
+                    break
+                try:
+                    e = await asyncio.wait_for(changes.get(), timeout=left_s)
+                except asyncio.TimeoutError:
+                    break
+                if e is None:
+                    replays_left -= 1
+                    if replays_left:
+                        continue
+                    # The end of what the bucket held when the watch began: a job not in it was
+                    # archived after it ended (or never existed): ask the coordinator once.
+                    for job in sorted(want - seen.keys()):
+                        try:
+                            seen[job] = (await self.call("status", {"job": job, "events": 0}))["job"]
+                        except ApiError:
+                            pass
+                elif e.key in want and e.value and e.operation is None:
+                    try:
+                        seen[e.key] = job_summary(decode(e.value, JobRecord))
+                    except Exception:
+                        continue  # an undecodable record: the coordinator quarantines it
+                else:
+                    continue
+                if on_progress:
+                    on_progress(dict(seen))
+        finally:
+            for t in pumps:
+                t.cancel()
+            for w in watchers:
+                try:
+                    await w.stop()
+                except Exception:
+                    pass
+        return seen
+
+    async def _wait_by_status(self, want: set[str], seen: dict[str, dict], deadline: float, on_progress,
+                              until) -> dict[str, dict]:
+        loop = asyncio.get_running_loop()
         while True:
-            resp = await self.call("list", {"limit": 100000})
-            seen = {j["id"]: j for j in resp["jobs"] if j["id"] in want}
+            for job in sorted(want):
+                if job in seen and seen[job]["stage"] in until:
+                    continue
+                try:
+                    seen[job] = (await self.call("status", {"job": job, "events": 0}))["job"]
+                except ApiError as e:
+                    if isinstance(e, NoCoordinator):
+                        raise
             if on_progress:
-                on_progress(seen)
-            if len(seen) == len(want) and all(j["stage"] in until for j in seen.values()):
+                on_progress(dict(seen))
+            if (len(seen) == len(want) and all(j["stage"] in until for j in seen.values())) \
+                    or loop.time() > deadline:
                 return seen
-            if loop.time() > deadline:
-                return seen
-            await asyncio.sleep(0.25)
+            await asyncio.sleep(0.5)
