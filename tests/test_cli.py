@@ -341,3 +341,16 @@ def test_an_attempts_usage_reads_as_one_line_without_made_up_counts():
     assert format_usage({"input_tokens": 5, "cost_source": "unknown"}) == "in 5, cost unknown"
     assert format_usage({"output_tokens": 1, "cost_usd": 0.5, "cost_source": "priced", "price_table": "2026-11"}) == (
         "out 1, $0.5000 (priced 2026-11)")
+
+
+@pytest.mark.parametrize("args", [["jobs", "--json"], ["jobs"], ["status", "some-job", "--json"]])
+def test_an_unreachable_broker_is_one_clean_error_not_tracebacks(args):
+    """Every API command connects through one path: no nats-py traceback reaches the user,
+    the error names the URL, and --json stays JSON."""
+    r = subprocess.run([*gigafactory_cmd(), *args, "--nats", "nats://127.0.0.1:1"], env=fast_env(),
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2, r.stderr
+    assert "Traceback" not in r.stderr + r.stdout
+    assert "cannot connect to nats://127.0.0.1:1" in r.stderr + r.stdout
+    if "--json" in args:
+        assert "cannot connect" in json.loads(r.stdout)["error"]
