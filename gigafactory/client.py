@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
-import nats
 import nats.errors
 import orjson
 
@@ -42,8 +41,22 @@ class Client:
 
     @classmethod
     async def connect(cls, url: str, timeout_s: float = 10.0, name: str = "gigafactory-cli") -> "Client":
-        nc = await nats.connect(servers=[u.strip() for u in url.split(",")], name=name, connect_timeout=5,
-                                max_reconnect_attempts=3, reconnect_time_wait=0.5)
+        """Connect through the one connect path every part uses (:func:`gigafactory.broker.connect`:
+        connection errors are logged at debug level, never printed as tracebacks), giving up
+        after a few reconnect attempts: a CLI call should fail, not hang, on a broker that is gone.
+
+        :param url: the broker URL(s), comma-separated.
+        :param timeout_s: how long each API request may take.
+        :param name: the connection's name, as the broker's monitoring shows it.
+        """
+        from gigafactory.broker import connect
+        from gigafactory.config import Settings
+
+        try:
+            settings = Settings.from_env()
+        except ValueError:
+            settings = Settings()  # a bad setting is reported by the command that needs it
+        nc = await connect(url, name, settings, max_reconnect_attempts=3, connect_timeout_s=5.0)
         return cls(nc, timeout_s)
 
     async def close(self) -> None:
