@@ -890,7 +890,7 @@ class Lab:
             resp = await asyncio.wait_for(self.client.call("submit", {"files": files, "source": "chaos"},
                                                            timeout_s=timeout_s), timeout=timeout_s + 1)
         except ApiError as e:
-            if e.code.startswith("4"):
+            if e.is_client_error:
                 raise  # a job file the scenario wrote is wrong: that is a bug, not chaos
             self.unacknowledged_submits += len(texts)
             return []

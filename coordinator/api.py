@@ -32,7 +32,7 @@ from gigafactory.broker import Broker, Conflict
 from gigafactory.schemas import names, protocol
 from gigafactory.schemas.lifecycle import LEASED, IllegalTransition, Stage
 from gigafactory.schemas.limits import hint
-from gigafactory.schemas.api import job_summary
+from gigafactory.schemas.api import ApiError, job_summary
 from gigafactory.schemas.records import EventRecord, JobRecord, LockRecord, decode, encode
 
 from . import intake
@@ -66,12 +66,6 @@ def _with_body_cut(record: dict, job: str) -> dict:
         record["body"] = (body[:STATUS_BODY_MAX_CHARS] + f"\n[... {len(body) - STATUS_BODY_MAX_CHARS} more characters "
                           f"cut from this reply: 'nats kv get gf_jobs {job}' shows the whole record]")
     return record
-
-
-class ApiError(Exception):
-    def __init__(self, code: int, message: str, errors: list[dict] | None = None) -> None:
-        super().__init__(message)
-        self.code, self.message, self.errors = code, message, errors or []
 
 
 async def read_events(broker: Broker, job_id: str, limit: int = 200) -> list[dict]:

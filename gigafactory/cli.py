@@ -436,7 +436,7 @@ def _client_call(nats_url, as_json, fn):
         try:
             return await fn(client)
         except ApiError as e:
-            _fail(e.message, 1 if e.code.startswith("4") else 2, as_json=as_json, errors=e.errors)
+            _fail(e.message, 1 if e.is_client_error else 2, as_json=as_json, errors=e.errors)
         finally:
             await client.close()
 

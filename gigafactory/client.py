@@ -9,7 +9,7 @@ import nats.errors
 import orjson
 
 from gigafactory.schemas import names
-from gigafactory.schemas.api import job_summary
+from gigafactory.schemas.api import ApiError, job_summary
 from gigafactory.schemas.records import JobRecord, decode
 from gigafactory.schemas.limits import Limits, hint
 from gigafactory.schemas.lifecycle import TERMINAL, Stage
@@ -24,14 +24,8 @@ WATCH_PER_KEY_MAX = 16
 """Up to this many jobs, :meth:`Client.wait` watches each job's key; above, the whole bucket."""
 
 
-class ApiError(Exception):
-    def __init__(self, code: str, message: str, errors: list[dict] | None = None) -> None:
-        super().__init__(message)
-        self.code, self.message, self.errors = code, message, errors or []
-
-
 class NoCoordinator(ApiError):
-    pass
+    """No coordinator answered (503: none listening; 504: none in time)."""
 
 
 class Client:
@@ -67,13 +61,13 @@ class Client:
             msg = await self.nc.request(f"{names.API_PREFIX}.{endpoint}", orjson.dumps(body or {}),
                                         timeout=timeout_s or self.timeout_s)
         except nats.errors.MaxPayloadError:
-            raise ApiError("400", f"the {endpoint} request is larger than the broker's max payload "
+            raise ApiError(400, f"the {endpoint} request is larger than the broker's max payload "
                                   f"({self.nc.max_payload:,} bytes); send less at once") from None
         except nats.errors.NoRespondersError:
-            raise NoCoordinator("503", "no coordinator is answering on gf.api.*: start one with "
+            raise NoCoordinator(503, "no coordinator is answering on gf.api.*: start one with "
                                        "'gigafactory coordinator' (or 'gigafactory up')") from None
         except (nats.errors.TimeoutError, asyncio.TimeoutError):
-            raise NoCoordinator("504", f"the coordinator did not answer {endpoint} within "
+            raise NoCoordinator(504, f"the coordinator did not answer {endpoint} within "
                                        f"{timeout_s or self.timeout_s:g}s") from None
         code = msg.headers.get("Nats-Service-Error-Code") if msg.headers else None
         if code:
@@ -82,7 +76,7 @@ class Client:
                 data = orjson.loads(msg.data) if msg.data else {}
             except orjson.JSONDecodeError:
                 data = {}
-            raise ApiError(code, data.get("error") or text, data.get("errors"))
+            raise ApiError(int(code) if code.isdigit() else 500, data.get("error") or text, data.get("errors"))
         return orjson.loads(msg.data)
 
     async def submit_files(self, paths: list[str], source: str = "cli", limits: Limits | None = None) -> list[dict]:
@@ -94,29 +88,29 @@ class Client:
         try:
             lim = limits or Limits.from_settings(Settings.from_env())
         except ValueError as e:  # a limit set to nonsense in the environment
-            raise ApiError("400", f"invalid setting: {e}") from None
+            raise ApiError(400, f"invalid setting: {e}") from None
         if len(paths) > lim.max_batch_files:
             msg = (f"{len(paths):,} files in one batch, more than {lim.max_batch_files:,} "
                    f"{hint('max_batch_files', lim.max_batch_files)}; submit them in smaller batches")
-            raise ApiError("400", msg, [{"file": "<batch>", "line": None, "field": None, "message": msg}])
+            raise ApiError(400, msg, [{"file": "<batch>", "line": None, "field": None, "message": msg}])
         files = []
         for p in paths:
             try:
                 size = Path(p).stat().st_size
             except OSError as e:
-                raise ApiError("400", f"{p}: cannot read: {e.strerror}",
+                raise ApiError(400, f"{p}: cannot read: {e.strerror}",
                                [{"file": p, "line": None, "field": None, "message": f"cannot read: {e.strerror}"}]) from None
             if size > lim.max_job_file_bytes:
                 msg = lim.refusal("max_job_file_bytes", "the job file", size, "bytes",
                                   "keep large inputs in the repository and name them in the prompt")
-                raise ApiError("400", f"{p}: {msg}", [{"file": p, "line": None, "field": None, "message": msg}])
+                raise ApiError(400, f"{p}: {msg}", [{"file": p, "line": None, "field": None, "message": msg}])
             try:
                 text = Path(p).read_text(encoding="utf-8")
             except UnicodeDecodeError:
-                raise ApiError("400", f"{p}: not UTF-8 text; save the job file as UTF-8",
+                raise ApiError(400, f"{p}: not UTF-8 text; save the job file as UTF-8",
                                [{"file": p, "line": None, "field": None, "message": "not UTF-8 text"}]) from None
             except OSError as e:
-                raise ApiError("400", f"{p}: cannot read: {e.strerror}",
+                raise ApiError(400, f"{p}: cannot read: {e.strerror}",
                                [{"file": p, "line": None, "field": None, "message": f"cannot read: {e.strerror}"}]) from None
             files.append({"path": p, "text": text})
         body = {"files": files, "source": source}
@@ -125,7 +119,7 @@ class Client:
             msg = (f"the {len(files)} files make a request of {request_bytes:,} bytes, more than the broker's max "
                    f"payload ({self.nc.max_payload:,} bytes); submit them in smaller batches (a file that depends "
                    "on another's idempotency-key can go in a later batch)")
-            raise ApiError("400", msg, [{"file": "<batch>", "line": None, "field": None, "message": msg}])
+            raise ApiError(400, msg, [{"file": "<batch>", "line": None, "field": None, "message": msg}])
         return (await self.call("submit", body, timeout_s=max(self.timeout_s, 30)))["jobs"]
 
     async def wait(self, job_ids: list[str], *, timeout_s: float, on_progress=None, until=RESTING) -> dict[str, dict]:
@@ -144,7 +138,7 @@ class Client:
         :param until: the stages that end the wait.
         """
         if len(job_ids) > MAX_WAIT_JOBS:
-            raise ApiError("400", f"cannot wait for {len(job_ids):,} jobs at once (at most {MAX_WAIT_JOBS:,}); "
+            raise ApiError(400, f"cannot wait for {len(job_ids):,} jobs at once (at most {MAX_WAIT_JOBS:,}); "
                                   "wait for them in smaller groups")
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout_s

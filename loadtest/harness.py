@@ -457,7 +457,7 @@ class LoadRun:
             await self.client.call("status", {"job": "lt-ping"}, timeout_s=1.0)
             return True
         except ApiError as e:
-            return e.code == "404"  # answered: there is no such job
+            return e.code == 404  # answered: there is no such job
         except Exception:
             return False
 

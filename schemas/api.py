@@ -5,6 +5,22 @@ from __future__ import annotations
 from .records import JobRecord
 
 
+class ApiError(Exception):
+    """An API request refused or failed: ``code`` is an HTTP-like status (400 bad request,
+    404 unknown job, 409 wrong stage, 503/504 no coordinator), ``errors`` the per-file details
+    of a refused submit ({file, line, field, message}). The coordinator raises it, the
+    service sends it as a NATS micro error, and the client raises the same class again."""
+
+    def __init__(self, code: int, message: str, errors: list[dict] | None = None) -> None:
+        super().__init__(message)
+        self.code, self.message, self.errors = int(code), message, errors or []
+
+    @property
+    def is_client_error(self) -> bool:
+        """The request was wrong (4xx): sending it again will not help."""
+        return 400 <= self.code < 500
+
+
 def job_summary(rec: JobRecord) -> dict:
     """One job as ``list``, ``status`` and the client's ``wait`` show it.
 

@@ -229,12 +229,12 @@ def test_manual_review_waits_in_testing_until_shipped_and_a_queued_job_cannot_sh
 
             with pytest.raises(ApiError) as ei:
                 await fleet.client.call("ship", {"job": job})
-            assert ei.value.code == "409" and "shipped" in ei.value.message
+            assert ei.value.code == 409 and "shipped" in ei.value.message
 
             waiting = await fleet.submit_one(fleet.job("echo later", capabilities=["has:unobtainium"]))
             with pytest.raises(ApiError) as ei:
                 await fleet.client.call("ship", {"job": waiting})
-            assert ei.value.code == "409" and "queued" in ei.value.message
+            assert ei.value.code == 409 and "queued" in ei.value.message
             rec, _ = await fleet.record(waiting)
             assert rec.stage == Stage.QUEUED
 
