@@ -434,3 +434,33 @@ def test_a_declared_engine_ships_a_job_and_is_stopped_by_its_budget(fakecli, nat
             assert not (fleet.repo / "loop-finished.txt").exists()  # stopped, not finished
 
     run(main(), timeout_s=110)
+
+
+def test_the_opencode_example_reads_its_documented_event_stream():
+    """The shipped example against a stream written from OpenCode's documented ``run --format
+    json`` events (step_finish carries tokens and cost; a 0 cost means no price known)."""
+    f = Path(__file__).resolve().parent.parent / "examples" / "engines" / "opencode.yaml"
+    eng = DeclaredEngine(read_declaration(f, reserved=sorted(engines.builtin_names())))
+    events = [
+        {"type": "step_start", "part": {"type": "step-start"}},
+        {"type": "text", "part": {"type": "text", "text": "Editing hello.txt"}},
+        {"type": "tool_use", "part": {"type": "tool", "tool": "write", "state": {"status": "completed",
+                                                                                 "input": {"filePath": "hello.txt"}}}},
+        {"type": "step_finish", "part": {"reason": "tool-calls", "cost": 0, "tokens": {
+            "input": 1000, "output": 50, "reasoning": 10, "cache": {"read": 200, "write": 0}}}},
+        {"type": "step_finish", "part": {"reason": "stop", "cost": 0, "tokens": {
+            "input": 100, "output": 20, "reasoning": 0, "cache": {"read": 1200, "write": 0}}}},
+    ]
+    p = eng.parser()
+    p.model = "anthropic/claude-sonnet-4-5"
+    said = p.feed("".join(json.dumps(e) + "\n" for e in events).encode())
+    u = p.usage()
+    assert (u.input_tokens, u.output_tokens, u.cache_read_tokens, u.cache_write_tokens, u.turns, u.tool_calls) == \
+        (1100, 80, 1400, 0, 2, 1)
+    assert u.cost_source == "priced" and u.cost_usd > 0  # a printed 0 is not a reported zero
+    assert {"tool": "write", "input": '{"filePath": "hello.txt"}'} in [s.data for s in said]
+    p.feed(b'{"type":"error","error":{"name":"APIError","data":{"message":"401 invalid x-api-key"}}}\n')
+    assert p.failure()[0] == "auth_failed"
+    # Its safe-mode configuration is valid JSON once its doubled braces are expanded.
+    safe = json.loads(declared.expand(eng.dec.safe_env["OPENCODE_CONFIG_CONTENT"], {}))
+    assert safe["permission"]["bash"] == "deny"

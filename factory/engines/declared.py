@@ -102,13 +102,15 @@ _INT_RE = re.compile(r"\d[\d,]*")
 
 _FIELDS = ("name", "engine-class", "description", "binary", "version-args", "version-regex", "min-version",
            "below-version", "args", "prompt", "model-args", "default-model", "yolo-args", "safe-args", "env",
+           "yolo-env", "safe-env",
            "credentials", "credentials-required", "base-url-env", "passthrough-env", "home", "output",
            "error-patterns", "error-patterns-on-success", "retry-after-pattern")
 _REQUIRED = ("name", "engine-class", "binary", "args")
 _OUTPUT_FIELDS = ("format", "event-type", "usage-events", "usage-counts", *USAGE_FIELDS, "input-includes-cache",
+                  "ignore-zero-cost", "usage-events-are-turns",
                   "tool-events", "tool-name", "tool-input", "tool-pattern", "text-events", "text", "error-events",
                   "error")
-_JSONL_ONLY = ("event-type", "usage-events", "tool-events", "tool-name", "tool-input", "text-events", "text",
+_JSONL_ONLY = ("event-type", "usage-events", "usage-events-are-turns", "tool-events", "tool-name", "tool-input", "text-events", "text",
                "error-events", "error")
 _DEFAULT_VERSION_RE = r"(\d+(?:\.\d+)+)"
 
@@ -146,8 +148,14 @@ class OutputSpec:
     """``add``: each usage event reports one turn's counts (they are summed); ``total``: each
     reports the run's totals so far (the last one counts)."""
     extract: Mapping[str, Any] = field(default_factory=dict)
-    """Usage field (``input_tokens``, ``cost_usd``, ...) -> a path (``jsonl``) or a compiled
-    regex with one group (``text``)."""
+    """Usage field (``input_tokens``, ``cost_usd``, ...) -> a tuple of paths whose values are
+    summed (``jsonl``; the model: the first one present) or a compiled regex with one group
+    (``text``)."""
+    ignore_zero_cost: bool = False
+    """A reported cost of exactly 0 means "not known" (a CLI that prints 0 for a model it has no
+    price for): the cost is then priced from the table instead of recorded as a reported zero."""
+    usage_events_are_turns: bool = False
+    """Each usage event is one model request: ``turns`` counts them (``jsonl``)."""
     input_includes_cache: bool = False
     """The CLI's input count includes cache reads and writes (OpenAI's convention): they are
     taken out, so ``input_tokens`` is the uncached input."""
@@ -182,6 +190,8 @@ class Declaration:
     yolo_args: tuple[str, ...] = ()
     safe_args: tuple[str, ...] = ()
     env: Mapping[str, str] = field(default_factory=dict)
+    yolo_env: Mapping[str, str] = field(default_factory=dict)
+    safe_env: Mapping[str, str] = field(default_factory=dict)
     credentials: tuple[str, ...] = ()
     credentials_required: str = "any"
     base_url_env: str | None = None
@@ -218,7 +228,8 @@ def parse_declaration(doc: object, source: str, *, reserved: Sequence[str] = ())
     - ``model-args``, ``default-model``: how a model is passed; the job's ``model`` wins over
       ``default-model``.
     - ``yolo-args`` / ``safe-args``: what ``yolo: true`` / ``false`` add (at ``{mode_args}``).
-    - ``env``: fixed variables (values are templates like ``args``; never ``GF_*``).
+    - ``env``: fixed variables (values are templates like ``args``; never ``GF_*``, ``PATH``,
+      ``HOME``); ``yolo-env`` / ``safe-env``: further variables by the job's ``yolo``.
     - ``credentials``: variables holding its credential, passed through when set;
       ``credentials-required``: ``any`` (default: the probe offers it only when one is set),
       ``all``, or ``none``.
@@ -228,7 +239,9 @@ def parse_declaration(doc: object, source: str, *, reserved: Sequence[str] = ())
       ``inherit`` (the factory's ``HOME``: the CLI's own login and settings).
     - ``output``: see :class:`OutputSpec` (``format``, ``event-type``, ``usage-events``,
       ``usage-counts``, ``input-tokens``, ``output-tokens``, ``cache-read-tokens``,
-      ``cache-write-tokens``, ``cost-usd``, ``model``, ``turns``, ``input-includes-cache``,
+      ``cache-write-tokens``, ``cost-usd``, ``model``, ``turns`` (for ``jsonl`` each a dotted
+      path or a list of paths that are summed), ``input-includes-cache``, ``ignore-zero-cost``,
+      ``usage-events-are-turns``,
       ``tool-events``, ``tool-name``, ``tool-input``, ``tool-pattern``, ``text-events``,
       ``text``, ``error-events``, ``error``).
     - ``error-patterns``: failure class (``rate_limited``, ``auth_failed``,
@@ -297,22 +310,9 @@ def parse_declaration(doc: object, source: str, *, reserved: Sequence[str] = ())
         raise DeclarationError(source, "model-args", "'args' has '{model_args}' but model-args is empty: "
                                                      "declare it (e.g. ['-m', '{model}'])")
 
-    env_raw = doc.get("env", {}) or {}
-    if not isinstance(env_raw, dict):
-        raise DeclarationError(source, "env", "must be a mapping of variable names to values")
-    if len(env_raw) > MAX_LIST_ITEMS:
-        raise DeclarationError(source, "env", f"has {len(env_raw)} variables; at most {MAX_LIST_ITEMS}")
-    env: dict[str, str] = {}
-    for k, v in env_raw.items():
-        if not isinstance(k, str) or not _ENV_NAME_RE.fullmatch(k):
-            raise DeclarationError(source, "env", f"{k!r} is not an environment variable name")
-        if k.startswith("GF_") or k in ("PATH", "GIGAFACTORY_NATS_URL"):
-            raise DeclarationError(source, f"env.{k}", "is set by the factory for every engine: remove it")
-        if isinstance(v, bool) or not isinstance(v, (str, int, float)):
-            raise DeclarationError(source, f"env.{k}", f"must be text (quote it), not {type(v).__name__}")
-        v = str(v)
-        _check_template(v, source, f"env.{k}")
-        env[k] = v
+    env = _env(doc, "env", source)
+    yolo_env = _env(doc, "yolo-env", source)
+    safe_env = _env(doc, "safe-env", source)
 
     credentials = _env_names(doc, "credentials", source)
     required = _string(doc, "credentials-required", source, default="any")
@@ -365,7 +365,7 @@ def parse_declaration(doc: object, source: str, *, reserved: Sequence[str] = ())
         description=_string(doc, "description", source, default=""),
         version_args=_strings(doc, "version-args", source, default=("--version",)), version_regex=version_regex,
         min_version=min_version, below_version=below_version, model_args=model_args, default_model=default_model,
-        yolo_args=yolo_args, safe_args=safe_args, env=env, credentials=credentials, credentials_required=required,
+        yolo_args=yolo_args, safe_args=safe_args, env=env, yolo_env=yolo_env, safe_env=safe_env, credentials=credentials, credentials_required=required,
         base_url_env=base_url_env, passthrough_env=_env_names(doc, "passthrough-env", source), home=home,
         output=_output(doc.get("output"), source), error_patterns=tuple(patterns),
         error_patterns_on_success=on_success, retry_after_pattern=retry_after,
@@ -391,14 +391,16 @@ def _output(raw: object, source: str) -> OutputSpec:
     else:
         if "tool-pattern" in raw:
             raise DeclarationError(source, "output.tool-pattern", "applies to format: text only; use tool-events")
-        extract = {k.replace("-", "_"): _path(raw[k], source, f"output.{k}") for k in USAGE_FIELDS if k in raw}
+        extract = {k.replace("-", "_"): _paths(raw[k], source, f"output.{k}") for k in USAGE_FIELDS if k in raw}
+        if raw.get("usage-events-are-turns") and "turns" in raw:
+            raise DeclarationError(source, "output.usage-events-are-turns", "and output.turns both say how turns are "
+                                                                             "counted: keep one")
     counts = _string(raw, "usage-counts", source, default="add", prefix="output.")
     if counts not in ("add", "total"):
         raise DeclarationError(source, "output.usage-counts", f"{counts!r}: use add (each usage event is one "
                                                               "turn's) or total (each is the run's so far)")
-    includes = raw.get("input-includes-cache", False)
-    if not isinstance(includes, bool):
-        raise DeclarationError(source, "output.input-includes-cache", "must be true or false")
+    includes, zero_cost, are_turns = (_bool(raw, k, source, "output.") for k in
+                                      ("input-includes-cache", "ignore-zero-cost", "usage-events-are-turns"))
 
     def kinds(key: str) -> frozenset[str]:
         return frozenset(_strings(raw, key, source, prefix="output."))
@@ -410,11 +412,28 @@ def _output(raw: object, source: str) -> OutputSpec:
     return OutputSpec(
         format=fmt, event_type=_path(raw.get("event-type", "type"), source, "output.event-type"),
         usage_events=kinds("usage-events"), usage_counts=counts, extract=extract, input_includes_cache=includes,
+        ignore_zero_cost=zero_cost, usage_events_are_turns=are_turns,
         tool_events=kinds("tool-events"), tool_name=opt_path("tool-name"), tool_input=opt_path("tool-input"),
         tool_pattern=None if tool_pattern is None else _compile(tool_pattern, source, "output.tool-pattern"),
         text_events=kinds("text-events"), text=opt_path("text"), error_events=kinds("error-events"),
         error=opt_path("error"),
     )
+
+
+def _bool(doc: dict, key: str, source: str, prefix: str = "") -> bool:
+    v = doc.get(key, False)
+    if not isinstance(v, bool):
+        raise DeclarationError(source, prefix + key, "must be true or false")
+    return v
+
+
+def _paths(raw: object, source: str, where: str) -> tuple[tuple[str, ...], ...]:
+    """One dotted path, or a list of them (their values are summed)."""
+    if isinstance(raw, list):
+        if not raw or len(raw) > MAX_PATH_SEGMENTS:
+            raise DeclarationError(source, where, f"must be a path or a list of 1 to {MAX_PATH_SEGMENTS} paths")
+        return tuple(_path(r, source, f"{where}[{i}]") for i, r in enumerate(raw))
+    return (_path(raw, source, where),)
 
 
 def _refuse_unknown(doc: dict, known: Sequence[str], source: str, prefix: str) -> None:
@@ -434,6 +453,28 @@ def _string(doc: dict, key: str, source: str, *, default: str | None = None, pre
     if len(v) > MAX_STRING_CHARS:
         raise DeclarationError(source, prefix + key, f"is {len(v)} characters; at most {MAX_STRING_CHARS}")
     return v
+
+
+def _env(doc: dict, key: str, source: str) -> dict[str, str]:
+    raw = doc.get(key, {}) or {}
+    if not isinstance(raw, dict):
+        raise DeclarationError(source, key, "must be a mapping of variable names to values")
+    if len(raw) > MAX_LIST_ITEMS:
+        raise DeclarationError(source, key, f"has {len(raw)} variables; at most {MAX_LIST_ITEMS}")
+    env: dict[str, str] = {}
+    for k, v in raw.items():
+        if not isinstance(k, str) or not _ENV_NAME_RE.fullmatch(k):
+            raise DeclarationError(source, key, f"{k!r} is not an environment variable name")
+        if k.startswith("GF_") or k in ("PATH", "HOME", "GIGAFACTORY_NATS_URL"):
+            raise DeclarationError(source, f"{key}.{k}", "is set by the factory for every engine: remove it")
+        if isinstance(v, bool) or not isinstance(v, (str, int, float)):
+            raise DeclarationError(source, f"{key}.{k}", f"must be text (quote it), not {type(v).__name__}")
+        v = str(v)
+        if len(v) > MAX_STRING_CHARS:
+            raise DeclarationError(source, f"{key}.{k}", f"is {len(v)} characters; at most {MAX_STRING_CHARS}")
+        _check_template(v, source, f"{key}.{k}")
+        env[k] = v
+    return env
 
 
 def _strings(doc: dict, key: str, source: str, *, default: tuple[str, ...] = (), prefix: str = "",
@@ -625,6 +666,18 @@ def _get(obj: object, path: tuple[str, ...]) -> object:
     return obj
 
 
+def _pick(ev: dict, paths: tuple[tuple[str, ...], ...], first: bool) -> object:
+    """The value at ``paths`` in ``ev``: the first present one (``first``), else their sum
+    (numbers only; None when none is present)."""
+    found = [v for v in (_get(ev, p) for p in paths) if v is not None]
+    if not found:
+        return None
+    if first or len(found) == 1:
+        return found[0]
+    nums = [n for n in (_money(v) for v in found) if n is not None]
+    return sum(nums) if nums else None
+
+
 def _count(v: object) -> int | None:
     if isinstance(v, bool):
         return None
@@ -712,7 +765,8 @@ class DeclaredParser(agentcli.LineParser):
         said: list[Progress] = []
         if kind is not None and kind in out.error_events:
             msg = _get(ev, out.error) if out.error else None
-            self.error_message = str(msg if msg is not None else json.dumps(ev)[:2000])[:2000]
+            msg = ev if msg is None else msg
+            self.error_message = (msg if isinstance(msg, str) else json.dumps(msg))[:2000]
             self._match_error(self.error_message)
             said.append(Progress("progress", {"event": kind, "message": self.error_message}))
         if kind is not None and kind in out.tool_events:
@@ -728,14 +782,14 @@ class DeclaredParser(agentcli.LineParser):
             if isinstance(text, str) and text:
                 said.append(Progress("progress", {"text": text[:2000]}))
         if (kind in out.usage_events) if out.usage_events else self._has_usage(ev):
-            values = {k: _get(ev, p) for k, p in out.extract.items()}
+            values = {k: _pick(ev, paths, k == "model") for k, paths in out.extract.items()}
             if self._take_usage(values):
                 said.append(self._usage_progress())
         return said
 
     def _has_usage(self, ev: dict) -> bool:
-        return any(_get(ev, self.dec.output.extract[k]) is not None
-                   for k in ("input_tokens", "output_tokens", "cost_usd") if k in self.dec.output.extract)
+        return any(_get(ev, p) is not None for k in ("input_tokens", "output_tokens", "cost_usd")
+                   for p in self.dec.output.extract.get(k, ()))
 
     def _text_line(self, s: str) -> list[Progress]:
         out = self.dec.output
@@ -766,6 +820,8 @@ class DeclaredParser(agentcli.LineParser):
             prev = self.counts[k]
             self.counts[k] = n + (prev or 0) if add else n
         cost = _money(values.get("cost_usd"))
+        if cost == 0.0 and self.dec.output.ignore_zero_cost:
+            cost = None
         if cost is not None:
             took = True
             self.reported_cost = cost + (self.reported_cost or 0.0) if add else cost
@@ -774,6 +830,8 @@ class DeclaredParser(agentcli.LineParser):
             self.reported_model = model[:200]
         if took:
             self.usage_events += 1
+            if self.dec.output.usage_events_are_turns:
+                self.counts["turns"] = self.usage_events
         return took
 
     def _usage_progress(self) -> Progress:
@@ -950,7 +1008,8 @@ class DeclaredEngine(Engine):
                 raise SetupFailed("the job's body is empty: an agent engine needs a prompt",
                                   "the job's body is empty: write the task for the agent below the front matter\n")
         model = self.model(job)
-        uses_model = "model" in _placeholders_in((*dec.args, *dec.yolo_args, *dec.safe_args, *dec.env.values()))
+        uses_model = "model" in _placeholders_in((*dec.args, *dec.yolo_args, *dec.safe_args, *dec.env.values(),
+                                                  *dec.yolo_env.values(), *dec.safe_env.values()))
         if uses_model and not model:
             msg = (f"{dec.name} needs a model: set 'model:' in the job, or 'default-model' in {dec.source}")
             raise SetupFailed(msg, msg + "\n")
@@ -978,6 +1037,7 @@ class DeclaredEngine(Engine):
         home = scratch if dec.home == "private" else Path(factory_env.get("HOME") or scratch)
         env = agentcli.base_environment(job, binary, home, factory_env, own)
         env.update({k: expand(v, values) for k, v in dec.env.items()})
+        env.update({k: expand(v, values) for k, v in (dec.yolo_env if job.manifest.yolo else dec.safe_env).items()})
         env["GF_ENGINE_SCRATCH"] = str(scratch)
         if dec.prompt == "stdin":
             # run_argv closes stdin; a POSIX shell gives the prompt file as the CLI's stdin
