@@ -464,3 +464,70 @@ def test_the_opencode_example_reads_its_documented_event_stream():
     # Its safe-mode configuration is valid JSON once its doubled braces are expanded.
     safe = json.loads(declared.expand(eng.dec.safe_env["OPENCODE_CONFIG_CONTENT"], {}))
     assert safe["permission"]["bash"] == "deny"
+
+
+# ---------------------------------------------------------------------------------------------
+# A declaration drives a real agent CLI: Codex, against the scripted model server
+
+CODEX_DECLARATION = {
+    "name": "codex-declared",
+    "engine-class": "agentic-coder",
+    "binary": "codex",
+    "args": ["exec", "--json", "--skip-git-repo-check", "{model_args}", "{base_url_args}", "{mode_args}", "--",
+             "{prompt}"],
+    "model-args": ["-m", "{model}"],
+    "default-model": "gpt-5",
+    "base-url-env": "GF_TEST_CODEX_BASE_URL",
+    "base-url-args": ["-c", "model_provider=gf", "-c",
+                      'model_providers.gf={{name="gf", base_url="{base_url}", env_key="OPENAI_API_KEY", '
+                      'wire_api="responses", stream_max_retries=0}}'],
+    "yolo-args": ["--dangerously-bypass-approvals-and-sandbox"],
+    "safe-args": ["--sandbox", "workspace-write"],
+    "credentials": ["OPENAI_API_KEY"],
+    "env": {"CODEX_HOME": "{home}"},
+    "output": {
+        "format": "jsonl", "event-type": ["type", "item.type"], "usage-events": ["turn.completed"],
+        "input-tokens": "usage.input_tokens", "cache-read-tokens": "usage.cached_input_tokens",
+        "output-tokens": "usage.output_tokens", "input-includes-cache": True,
+        "tool-events": ["item.completed/command_execution", "item.completed/file_change"],
+        "tool-name": "item.type", "tool-input": "item.command",
+        "text-events": ["item.completed/agent_message"], "text": "item.text",
+        "error-events": ["turn.failed", "error"], "error": ["message", "error.message"],
+    },
+}
+
+
+def test_a_declaration_drives_the_real_codex_cli(tmp_path, monkeypatch):
+    from gigafactory import agent_clis
+    from gigafactory.model_server import parse_script, serve_in_thread
+
+    cli = agent_clis.find_cli("codex")
+    if cli is None:
+        pytest.fail(agent_clis.missing_message("codex"))
+    monkeypatch.setenv("PATH", f"{Path(cli).parent}{os.pathsep}{os.environ.get('PATH', '')}")
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-scripted")
+    monkeypatch.setenv("GIGAFACTORY_TEST_SECRET", "must-not-leak")
+    d = tmp_path / "engines"
+    d.mkdir()
+    eng = DeclaredEngine(read_declaration(write_decl(d, CODEX_DECLARATION), reserved=sorted(engines.builtin_names())))
+    found = eng.probe(environ=os.environ, path=os.environ["PATH"], timeout_s=30)
+    assert found.runnable and found.version, found
+    script = {"turns": [{"text": "Writing the file.", "tool_calls": [{"write_file": {"path": "hello.txt",
+                                                                                    "content": "hi from codex\n"}}]},
+                        {"text": "All done."}]}
+    with serve_in_thread(parse_script(script), log_path=tmp_path / "server.jsonl") as server:
+        monkeypatch.setenv("GF_TEST_CODEX_BASE_URL", f"{server.url}/v1")
+        outputs: list[bytes] = []
+        job = make_job(tmp_path, yolo=True, body="Create hello.txt as scripted.", outputs=outputs)
+        prepared, out = asyncio.run(run_engine(eng, job))
+    assert out.failure is None, (out, b"".join(outputs)[-2000:])
+    assert (job.cwd / "hello.txt").read_text() == "hi from codex\n"
+    u = out.usage
+    assert u.model == "gpt-5" and u.input_tokens > 0 and u.output_tokens > 0 and u.tool_calls == 1
+    assert u.cost_source == "priced" and u.cost_usd > 0
+    assert "OPENAI_API_KEY" in prepared.env and "GIGAFACTORY_TEST_SECRET" not in prepared.env
+
+    with serve_in_thread(parse_script({"turns": [{"error": {"status": 401, "times": 50}}]})) as server:
+        monkeypatch.setenv("GF_TEST_CODEX_BASE_URL", f"{server.url}/v1")
+        _, out = asyncio.run(run_engine(eng, make_job(tmp_path, yolo=True, body="Create hello.txt.")))
+    assert out.failure == FailureClass.AUTH_FAILED, out

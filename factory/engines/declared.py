@@ -81,11 +81,12 @@ SUFFIXES = (".yaml", ".yml", ".toml")
 
 PROMPT_MODES = ("argv", "stdin", "file")
 ERROR_CLASSES = ("rate_limited", "auth_failed", "context_overflow", "crash")
-PLACEHOLDERS = ("prompt", "prompt_file", "model", "cwd", "home", "job", "epoch", "attempt", "branch")
+PLACEHOLDERS = ("prompt", "prompt_file", "model", "cwd", "home", "job", "epoch", "attempt", "branch", "base_url")
 """What ``{...}`` may name inside an argument or an ``env`` value."""
-SPLICES = ("{model_args}", "{mode_args}")
-"""Whole elements of ``args`` replaced by a list: ``model-args`` (only when a model is known) and
-``yolo-args`` or ``safe-args`` (by the job's ``yolo``)."""
+SPLICES = ("{model_args}", "{mode_args}", "{base_url_args}")
+"""Whole elements of ``args`` replaced by a list: ``model-args`` (only when a model is known),
+``yolo-args`` or ``safe-args`` (by the job's ``yolo``), and ``base-url-args`` (only when the
+``base-url-env`` variable is set)."""
 USAGE_FIELDS = ("input-tokens", "output-tokens", "cache-read-tokens", "cache-write-tokens", "cost-usd", "model", "turns")
 """Where a usage event carries each count (a dotted path for ``jsonl``, a regex for ``text``)."""
 
@@ -103,7 +104,7 @@ _INT_RE = re.compile(r"\d[\d,]*")
 _FIELDS = ("name", "engine-class", "description", "binary", "version-args", "version-regex", "min-version",
            "below-version", "args", "prompt", "model-args", "default-model", "yolo-args", "safe-args", "env",
            "yolo-env", "safe-env",
-           "credentials", "credentials-required", "base-url-env", "passthrough-env", "home", "output",
+           "credentials", "credentials-required", "base-url-env", "base-url-args", "passthrough-env", "home", "output",
            "error-patterns", "error-patterns-on-success", "retry-after-pattern")
 _REQUIRED = ("name", "engine-class", "binary", "args")
 _OUTPUT_FIELDS = ("format", "event-type", "usage-events", "usage-counts", *USAGE_FIELDS, "input-includes-cache",
@@ -140,8 +141,9 @@ class OutputSpec:
 
     format: str = "text"
     """``text`` (lines; usage by regex) or ``jsonl`` (one JSON object a line)."""
-    event_type: tuple[str, ...] = ("type",)
-    """The path of an event's kind (``jsonl``)."""
+    event_type: tuple[tuple[str, ...], ...] = (("type",),)
+    """The paths of an event's kind (``jsonl``): the kind is the text values found at them,
+    joined by ``/`` (``[type, item.type]`` gives ``item.completed/command_execution``)."""
     usage_events: frozenset[str] = frozenset()
     """Event kinds that carry usage (``jsonl``; empty: every event that has a usage field)."""
     usage_counts: str = "add"
@@ -160,14 +162,15 @@ class OutputSpec:
     """The CLI's input count includes cache reads and writes (OpenAI's convention): they are
     taken out, so ``input_tokens`` is the uncached input."""
     tool_events: frozenset[str] = frozenset()
-    tool_name: tuple[str, ...] | None = None
-    tool_input: tuple[str, ...] | None = None
+    tool_name: tuple[tuple[str, ...], ...] | None = None
+    """Where a tool event names its tool (paths: the first one present)."""
+    tool_input: tuple[tuple[str, ...], ...] | None = None
     tool_pattern: re.Pattern[str] | None = None
     """``text``: a line matching it is a tool call (its first group, if any, the tool's name)."""
     text_events: frozenset[str] = frozenset()
-    text: tuple[str, ...] | None = None
+    text: tuple[tuple[str, ...], ...] | None = None
     error_events: frozenset[str] = frozenset()
-    error: tuple[str, ...] | None = None
+    error: tuple[tuple[str, ...], ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -189,6 +192,7 @@ class Declaration:
     default_model: str | None = None
     yolo_args: tuple[str, ...] = ()
     safe_args: tuple[str, ...] = ()
+    base_url_args: tuple[str, ...] = ()
     env: Mapping[str, str] = field(default_factory=dict)
     yolo_env: Mapping[str, str] = field(default_factory=dict)
     safe_env: Mapping[str, str] = field(default_factory=dict)
@@ -233,17 +237,21 @@ def parse_declaration(doc: object, source: str, *, reserved: Sequence[str] = ())
     - ``credentials``: variables holding its credential, passed through when set;
       ``credentials-required``: ``any`` (default: the probe offers it only when one is set),
       ``all``, or ``none``.
-    - ``base-url-env``: the CLI's base-URL variable, passed through when set;
+    - ``base-url-env``: the CLI's base-URL variable, passed through when set; ``base-url-args``:
+      what ``{base_url_args}`` in ``args`` becomes when it is set (``{base_url}``: its value),
+      for CLIs that take the base URL as a flag;
       ``passthrough-env``: further non-secret variables passed through when set.
     - ``home``: ``private`` (default: a fresh folder per attempt, removed afterwards) or
       ``inherit`` (the factory's ``HOME``: the CLI's own login and settings).
-    - ``output``: see :class:`OutputSpec` (``format``, ``event-type``, ``usage-events``,
+    - ``output``: see :class:`OutputSpec` (``format``, ``event-type`` (a path, or a list of
+      paths whose values joined by ``/`` are the event's kind), ``usage-events``,
       ``usage-counts``, ``input-tokens``, ``output-tokens``, ``cache-read-tokens``,
       ``cache-write-tokens``, ``cost-usd``, ``model``, ``turns`` (for ``jsonl`` each a dotted
       path or a list of paths that are summed), ``input-includes-cache``, ``ignore-zero-cost``,
       ``usage-events-are-turns``,
       ``tool-events``, ``tool-name``, ``tool-input``, ``tool-pattern``, ``text-events``,
-      ``text``, ``error-events``, ``error``).
+      ``text``, ``error-events``, ``error``; ``tool-name``, ``tool-input``, ``text`` and
+      ``error`` are a path or a list of paths, the first one present is taken).
     - ``error-patterns``: failure class (``rate_limited``, ``auth_failed``,
       ``context_overflow``, ``crash``) -> regexes matched against its error messages and
       plain-text lines; ``error-patterns-on-success``: a match fails even a run that exited 0;
@@ -289,9 +297,10 @@ def parse_declaration(doc: object, source: str, *, reserved: Sequence[str] = ())
 
     args = _strings(doc, "args", source, splices=True)
     model_args = _strings(doc, "model-args", source)
+    base_url_args = _strings(doc, "base-url-args", source)
     yolo_args = _strings(doc, "yolo-args", source)
     safe_args = _strings(doc, "safe-args", source)
-    used = _placeholders_in((*args, *model_args, *yolo_args, *safe_args))
+    used = _placeholders_in((*args, *model_args, *yolo_args, *safe_args, *base_url_args))
     if prompt == "argv" and "prompt" not in used:
         raise DeclarationError(source, "args", "prompt is 'argv' but no argument holds '{prompt}': add it "
                                                "(e.g. '{prompt}' or '--message={prompt}'), or use prompt: stdin")
@@ -306,6 +315,11 @@ def parse_declaration(doc: object, source: str, *, reserved: Sequence[str] = ())
     if model_args and "{model_args}" not in args:
         raise DeclarationError(source, "args", "model-args is declared but 'args' has no '{model_args}' element: "
                                                "add it where the model flags go")
+    if base_url_args and "{base_url_args}" not in args:
+        raise DeclarationError(source, "args", "base-url-args is declared but 'args' has no '{base_url_args}' "
+                                               "element: add it where the base-URL flags go")
+    if "{base_url_args}" in args and not base_url_args:
+        raise DeclarationError(source, "base-url-args", "'args' has '{base_url_args}' but base-url-args is empty")
     if "{model_args}" in args and not model_args:
         raise DeclarationError(source, "model-args", "'args' has '{model_args}' but model-args is empty: "
                                                      "declare it (e.g. ['-m', '{model}'])")
@@ -325,6 +339,12 @@ def parse_declaration(doc: object, source: str, *, reserved: Sequence[str] = ())
         base_url_env = _string(doc, "base-url-env", source)
         if not _ENV_NAME_RE.fullmatch(base_url_env):
             raise DeclarationError(source, "base-url-env", f"{base_url_env!r} is not an environment variable name")
+    if "base_url" in used and base_url_env is None:
+        raise DeclarationError(source, "base-url-env", "'{base_url}' is used but base-url-env does not say which "
+                                                       "variable holds the base URL: declare it")
+    if "base_url" in _placeholders_in((*args, *model_args, *yolo_args, *safe_args)):
+        raise DeclarationError(source, "args", "'{base_url}' may only be used in base-url-args (added only when "
+                                               "the base URL is set)")
     home = _string(doc, "home", source, default="private")
     if home not in ("private", "inherit"):
         raise DeclarationError(source, "home", f"{home!r}: use private (a fresh HOME per attempt) or inherit")
@@ -365,7 +385,7 @@ def parse_declaration(doc: object, source: str, *, reserved: Sequence[str] = ())
         description=_string(doc, "description", source, default=""),
         version_args=_strings(doc, "version-args", source, default=("--version",)), version_regex=version_regex,
         min_version=min_version, below_version=below_version, model_args=model_args, default_model=default_model,
-        yolo_args=yolo_args, safe_args=safe_args, env=env, yolo_env=yolo_env, safe_env=safe_env, credentials=credentials, credentials_required=required,
+        yolo_args=yolo_args, safe_args=safe_args, base_url_args=base_url_args, env=env, yolo_env=yolo_env, safe_env=safe_env, credentials=credentials, credentials_required=required,
         base_url_env=base_url_env, passthrough_env=_env_names(doc, "passthrough-env", source), home=home,
         output=_output(doc.get("output"), source), error_patterns=tuple(patterns),
         error_patterns_on_success=on_success, retry_after_pattern=retry_after,
@@ -405,12 +425,12 @@ def _output(raw: object, source: str) -> OutputSpec:
     def kinds(key: str) -> frozenset[str]:
         return frozenset(_strings(raw, key, source, prefix="output."))
 
-    def opt_path(key: str) -> tuple[str, ...] | None:
-        return _path(raw[key], source, f"output.{key}") if key in raw else None
+    def opt_path(key: str) -> tuple[tuple[str, ...], ...] | None:
+        return _paths(raw[key], source, f"output.{key}") if key in raw else None
 
     tool_pattern = raw.get("tool-pattern")
     return OutputSpec(
-        format=fmt, event_type=_path(raw.get("event-type", "type"), source, "output.event-type"),
+        format=fmt, event_type=_paths(raw.get("event-type", "type"), source, "output.event-type"),
         usage_events=kinds("usage-events"), usage_counts=counts, extract=extract, input_includes_cache=includes,
         ignore_zero_cost=zero_cost, usage_events_are_turns=are_turns,
         tool_events=kinds("tool-events"), tool_name=opt_path("tool-name"), tool_input=opt_path("tool-input"),
@@ -760,25 +780,24 @@ class DeclaredParser(agentcli.LineParser):
 
     def _event(self, ev: dict) -> list[Progress]:
         out = self.dec.output
-        kind = _get(ev, out.event_type)
-        kind = kind if isinstance(kind, str) else None
+        kind = "/".join(v for v in (_get(ev, p) for p in out.event_type) if isinstance(v, str)) or None
         said: list[Progress] = []
         if kind is not None and kind in out.error_events:
-            msg = _get(ev, out.error) if out.error else None
+            msg = _pick(ev, out.error, True) if out.error else None
             msg = ev if msg is None else msg
             self.error_message = (msg if isinstance(msg, str) else json.dumps(msg))[:2000]
             self._match_error(self.error_message)
             said.append(Progress("progress", {"event": kind, "message": self.error_message}))
         if kind is not None and kind in out.tool_events:
             self.tool_calls += 1
-            data: dict[str, object] = {"tool": str(_get(ev, out.tool_name) if out.tool_name else kind)[:200]}
+            data: dict[str, object] = {"tool": str((_pick(ev, out.tool_name, True) if out.tool_name else None) or kind)[:200]}
             if out.tool_input:
-                inp = _get(ev, out.tool_input)
+                inp = _pick(ev, out.tool_input, True)
                 if inp is not None:
                     data["input"] = (inp if isinstance(inp, str) else json.dumps(inp))[:2000]
             said.append(Progress("progress", data))
         if kind is not None and kind in out.text_events and out.text:
-            text = _get(ev, out.text)
+            text = _pick(ev, out.text, True)
             if isinstance(text, str) and text:
                 said.append(Progress("progress", {"text": text[:2000]}))
         if (kind in out.usage_events) if out.usage_events else self._has_usage(ev):
@@ -1018,6 +1037,7 @@ class DeclaredEngine(Engine):
             "prompt": prompt if dec.prompt == "argv" else "", "prompt_file": "", "model": model or "",
             "cwd": str(job.cwd), "home": str(scratch), "job": job.job, "epoch": str(job.epoch),
             "attempt": str(job.attempt), "branch": job.gf_env.get("GF_BRANCH", ""),
+            "base_url": factory_env.get(dec.base_url_env, "") if dec.base_url_env else "",
         }
         if dec.prompt in ("stdin", "file"):
             pf = scratch / "prompt.md"
@@ -1028,6 +1048,9 @@ class DeclaredEngine(Engine):
             if a == "{model_args}":
                 if model:
                     argv += [expand(x, values) for x in dec.model_args]
+            elif a == "{base_url_args}":
+                if values["base_url"]:
+                    argv += [expand(x, values) for x in dec.base_url_args]
             elif a == "{mode_args}":
                 argv += [expand(x, values) for x in (dec.yolo_args if job.manifest.yolo else dec.safe_args)]
             else:
