@@ -14,7 +14,6 @@ import json
 import os
 import stat
 import sys
-import textwrap
 from pathlib import Path
 
 import pytest
@@ -57,6 +56,10 @@ if "FAIL-RATE" in prompt:
 if "FAIL-AUTH" in prompt:
     say({"type": "error", "message": "request failed: 401 invalid api key"})
     sys.exit(2)
+if "SOFT-FAIL" in prompt:
+    # Some CLIs exit 0 after giving up on an error (Aider does): only the words say it failed.
+    print("litellm.RateLimitError: quota exhausted", file=sys.stderr, flush=True)
+    sys.exit(0)
 if "LOOP" in prompt:
     # Reports usage every few milliseconds for up to 60 s: only a budget stop ends it early.
     for i in range(1200):
@@ -239,6 +242,14 @@ def test_without_a_declared_pattern_a_failure_is_a_crash_with_its_message(fakecl
     assert out.failure == FailureClass.RATE_LIMITED, out
     _, out = asyncio.run(run_engine(eng, make_job(tmp_path, body="FAIL-AUTH")))
     assert out.failure == FailureClass.AUTH_FAILED, out
+
+
+@pytest.mark.parametrize("on_success,failure", [(True, FailureClass.RATE_LIMITED), (False, None)])
+def test_error_patterns_on_success_fail_a_run_that_exited_0(fakecli, tmp_path, on_success, failure):
+    eng = engine_from(fakecli, **{"error-patterns": {"rate_limited": ["RateLimitError"]},
+                                  "error-patterns-on-success": on_success})
+    _, out = asyncio.run(run_engine(eng, make_job(tmp_path, body="SOFT-FAIL")))
+    assert out.exit_code == 0 and out.failure == failure, out
 
 
 def test_a_missing_model_is_refused_at_prepare(fakecli, tmp_path):

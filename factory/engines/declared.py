@@ -903,11 +903,6 @@ def _version_output(argv: tuple[str, ...], mtime_ns: int, size: int, timeout_s: 
     return text[:VERSION_OUTPUT_CHARS], out.returncode
 
 
-class _Values(dict):
-    def __missing__(self, key: str) -> str:  # never reached: placeholders are checked at load
-        raise KeyError(key)
-
-
 def expand(template: str, values: Mapping[str, str]) -> str:
     """``template`` with each ``{placeholder}`` replaced from ``values`` and ``{{``/``}}`` made
     single braces (one pass: a value's own braces are never expanded again).
