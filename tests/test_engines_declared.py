@@ -420,11 +420,14 @@ def test_the_shipped_example_is_a_valid_declaration():
 
 def test_a_declared_engine_ships_a_job_and_is_stopped_by_its_budget(fakecli, nats_server, tmp_path):
     settings = fast_settings(engines_dir=str(fakecli))
+    # A bad declaration beside the good one: reported and skipped, the factory starts anyway.
+    (fakecli / "broken.yaml").write_text("name: broken\nengine-class: agentic-coder\nbinary: x\nargs: [oops\n")
 
     async def main():
         async with Fleet(nats_server.url, tmp_path, settings) as fleet:
             f = await fleet.add_factory("decl-1", probe=True)
             assert "engine:fakecli" in f.offers.tokens and "fakecli:1.4.2" in f.offers.tokens
+            assert "is not valid YAML" in engines.declaration_errors()[str(fakecli / "broken.yaml")]
             job = await fleet.submit_one(fleet.job("Create hello.txt.", engine="fakecli", verify="test -f hello.txt",
                                                    review_policy="auto"))
             rec = await fleet.wait_stage(job, "shipped", "failed", "dead_letter", timeout_s=60)
