@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import os
 import re
 import shutil
@@ -645,7 +646,8 @@ def load_dir(directory: str | Path, *, reserved: Sequence[str] = ()) -> LoadRepo
                                  "create it or correct the setting")
         return report
     try:
-        files = sorted(p for p in d.iterdir() if p.suffix in SUFFIXES and not p.name.startswith("."))
+        # Regular files only: opening a FIFO named like a declaration would block the factory's start.
+        files = sorted(p for p in d.iterdir() if p.suffix in SUFFIXES and not p.name.startswith(".") and p.is_file())
     except OSError as e:
         report.errors[str(d)] = f"{d}: the engines folder cannot be listed ({e.strerror or e})"
         return report
@@ -705,23 +707,27 @@ def _count(v: object) -> int | None:
         return v if v >= 0 else None
     if isinstance(v, float) and v.is_integer() and v >= 0:
         return int(v)
-    if isinstance(v, str) and _INT_RE.fullmatch(v.strip()):
+    if isinstance(v, str) and len(v) <= 32 and _INT_RE.fullmatch(v.strip()):  # int() refuses 4,300+ digits
         return int(v.strip().replace(",", ""))
     return None
 
 
 def _money(v: object) -> float | None:
+    """A non-negative finite amount (a number, or text such as ``$0.02``), else None."""
     if isinstance(v, bool):
         return None
     if isinstance(v, (int, float)):
-        return float(v) if v >= 0 else None
-    if isinstance(v, str):
+        f = float(v)
+    elif isinstance(v, str):
+        if len(v) > 32:
+            return None
         try:
             f = float(v.strip().lstrip("$"))
         except ValueError:
             return None
-        return f if f >= 0 else None
-    return None
+    else:
+        return None
+    return f if math.isfinite(f) and f >= 0 else None
 
 
 _COUNTS = ("input_tokens", "output_tokens", "cache_read_tokens", "cache_write_tokens", "turns")
