@@ -545,3 +545,10 @@ def test_a_declaration_drives_the_real_codex_cli(tmp_path, monkeypatch):
         monkeypatch.setenv("GF_TEST_CODEX_BASE_URL", f"{server.url}/v1")
         _, out = asyncio.run(run_engine(eng, make_job(tmp_path, yolo=True, body="Create hello.txt.")))
     assert out.failure == FailureClass.AUTH_FAILED, out
+
+
+def test_the_parser_takes_no_garbage_for_usage(fakecli):
+    p = engine_from(fakecli).parser()
+    p.feed(b'{"type":"usage","usage":{"input":"1e400","output":-5},"cost":"inf"}\n[1,2]\n"text"\n'
+           b'{"type":"usage","usage":{"input":"' + b"9" * 5000 + b'","output":true}}\n{"type":"usage","usage":7}\n')
+    assert p.usage() is None  # no count, no cost: nothing made up
