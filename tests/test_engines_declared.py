@@ -552,3 +552,11 @@ def test_the_parser_takes_no_garbage_for_usage(fakecli):
     p.feed(b'{"type":"usage","usage":{"input":"1e400","output":-5},"cost":"inf"}\n[1,2]\n"text"\n'
            b'{"type":"usage","usage":{"input":"' + b"9" * 5000 + b'","output":true}}\n{"type":"usage","usage":7}\n')
     assert p.usage() is None  # no count, no cost: nothing made up
+
+
+def test_version_bounds_compare_missing_parts_as_zero(fakecli):
+    assert engine_from(fakecli, **{"min-version": "1.4.2.0", "below-version": "1.4.3"}).probe(
+        environ=os.environ, path=os.environ["PATH"], timeout_s=10).runnable
+    found = engine_from(fakecli, **{"min-version": "1.0", "below-version": "1.4.2.0"}).probe(
+        environ=os.environ, path=os.environ["PATH"], timeout_s=10)
+    assert not found.runnable and "outside the declared range" in found.why

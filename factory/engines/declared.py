@@ -32,12 +32,14 @@ version command) and the run itself.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import math
 import os
 import re
 import shutil
+import signal
 import subprocess
 import tomllib
 from collections.abc import Mapping, Sequence
@@ -353,7 +355,7 @@ def parse_declaration(doc: object, source: str, *, reserved: Sequence[str] = ())
     version_regex = _regex(doc, "version-regex", source, default=_DEFAULT_VERSION_RE, groups=1)
     min_version = _version(doc, "min-version", source)
     below_version = _version(doc, "below-version", source)
-    if min_version and below_version and not parse_cap_version(min_version) < parse_cap_version(below_version):
+    if min_version and below_version and _vcmp(parse_cap_version(min_version), below_version) >= 0:
         raise DeclarationError(source, "below-version", f"{below_version} is not above min-version {min_version}")
 
     patterns: list[tuple[re.Pattern[str], str]] = []
@@ -899,14 +901,34 @@ class DeclaredParser(agentcli.LineParser):
 
 
 @functools.lru_cache(maxsize=64)
-def _version_output(argv: tuple[str, ...], mtime_ns: int, size: int, timeout_s: float) -> tuple[str, int]:
-    # Cached per binary file (path, mtime, size): a reinstalled CLI is asked again.
-    env = {"PATH": os.pathsep.join([str(Path(argv[0]).parent), os.environ.get("PATH", os.defpath)]),
-           "HOME": os.environ.get("HOME", "/"), "LANG": "C.UTF-8", "NO_COLOR": "1", "TERM": "dumb"}
-    out = subprocess.run(list(argv), capture_output=True, timeout=timeout_s, stdin=subprocess.DEVNULL, env=env,
-                         start_new_session=True)
-    text = (out.stdout + out.stderr).decode("utf-8", "replace")
-    return text[:VERSION_OUTPUT_CHARS], out.returncode
+def _version_output(argv: tuple[str, ...], mtime_ns: int, size: int, path: str, timeout_s: float) -> tuple[str, int]:
+    """The version command's output and exit code. Cached per binary file (path, mtime, size):
+    a reinstalled CLI is asked again. It runs in its own process group with a minimal
+    environment; on timeout the whole group is killed and :class:`subprocess.TimeoutExpired`
+    raised."""
+    env = {"PATH": os.pathsep.join([str(Path(argv[0]).parent), path]), "HOME": os.environ.get("HOME", "/"),
+           "LANG": "C.UTF-8", "NO_COLOR": "1", "TERM": "dumb"}
+    proc = subprocess.Popen(list(argv), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            env=env, start_new_session=True)
+    try:
+        out, _ = proc.communicate(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        # Its whole group: a CLI's --version may start helpers (node shims) that hold the pipe.
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.communicate(timeout=2.0)
+        raise
+    return out.decode("utf-8", "replace")[:VERSION_OUTPUT_CHARS], proc.returncode
+
+
+def _vcmp(v: tuple[int, ...], other: str) -> int:
+    """-1, 0 or 1 as version ``v`` is below, at or above ``other`` (missing parts are 0:
+    ``1.0`` is ``1.0.0``)."""
+    o = parse_cap_version(other) or ()
+    n = max(len(v), len(o))
+    a, b = v + (0,) * (n - len(v)), o + (0,) * (n - len(o))
+    return (a > b) - (a < b)
 
 
 def expand(template: str, values: Mapping[str, str]) -> str:
@@ -973,7 +995,7 @@ class DeclaredEngine(Engine):
                                    f"set in the factory's environment; not set: {', '.join(missing)}")
         try:
             st = os.stat(binary)
-            text, code = _version_output((binary, *dec.version_args), st.st_mtime_ns, st.st_size, timeout_s)
+            text, code = _version_output((binary, *dec.version_args), st.st_mtime_ns, st.st_size, path, timeout_s)
         except (OSError, subprocess.SubprocessError) as e:
             return ProbeResult(False, credentials=creds, why=f"{dec.name}: {binary} {' '.join(dec.version_args)} "
                                                             f"failed: {e}")
@@ -992,8 +1014,8 @@ class DeclaredEngine(Engine):
                                why=f"{dec.name}: version {version!r} is not a capability value: make version-regex "
                                    "capture only the version (digits, letters, '.', '-')")
         v = parse_cap_version(version)
-        if dec.min_version and (v is None or v < parse_cap_version(dec.min_version)) \
-                or dec.below_version and (v is None or v >= parse_cap_version(dec.below_version)):
+        if dec.min_version and (v is None or _vcmp(v, dec.min_version) < 0) \
+                or dec.below_version and (v is None or _vcmp(v, dec.below_version) >= 0):
             return ProbeResult(False, version=version, credentials=creds,
                                why=f"{dec.name} {version} is outside the declared range "
                                    f"[{dec.min_version or 'any'}, {dec.below_version or 'any'})")
