@@ -227,8 +227,9 @@ def parse_declaration(doc: object, source: str, *, reserved: Sequence[str] = ())
     - ``args``: the arguments after the binary, each a template with ``{prompt}``,
       ``{prompt_file}``, ``{model}``, ``{cwd}``, ``{home}``, ``{job}``, ``{epoch}``,
       ``{attempt}``, ``{branch}`` (``{{``/``}}`` for a literal brace); an element that is exactly
-      ``{model_args}`` or ``{mode_args}`` is replaced by ``model-args`` (only when a model is
-      known) or by ``yolo-args``/``safe-args``.
+      ``{model_args}``, ``{mode_args}`` or ``{base_url_args}`` is replaced by ``model-args``
+      (only when a model is known), by ``yolo-args``/``safe-args``, or by ``base-url-args``
+      (only when the base URL is set).
     - ``prompt``: ``argv`` (``{prompt}`` in ``args``; at most
       :data:`.agentcli.MAX_PROMPT_BYTES`), ``stdin`` (written to the CLI's standard input) or
       ``file`` (written to a file, ``{prompt_file}`` in ``args``).
