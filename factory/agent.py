@@ -106,6 +106,9 @@ class Factory(Stations, AuditQueue, Pools, Holder, Execute, Reporting):
                         "Use this only for the chaos suite's broken-on-purpose variant.")
         self.id = factory_id or socket.gethostname().split(".")[0].lower()
         assert names.is_job_id(self.id) or all(c.isalnum() or c in "-_" for c in self.id), self.id
+        # Declared engines (engines_dir) join the registry before the probe offers engines; a
+        # bad declaration is logged and skipped, never fatal.
+        engines.load_declared(self.s.engines_dir)
         desc = probe_mod.describe()
         tokens = probe_mod.probe(extra_capabilities) if probe else list(extra_capabilities) + ["engine:shell"]
         tokens = sorted(set(tokens) | {f"factory:{self.id}"})

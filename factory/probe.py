@@ -9,7 +9,9 @@ What is probed:
 - ``os:linux|mac|windows`` and ``arch:x86_64|arm64`` (``aarch64`` and ``amd64`` normalized);
 - ``engine:<name>`` (and ``<name>:<version>``) for each registered engine (:mod:`engines`)
   whose own probe says it can run here: ``engine:shell`` is built in (on Windows only when bash
-  or sh exists); opt-in engines (``noop``) are offered only by ``--cap``;
+  or sh exists); opt-in engines (``noop``) are offered only by ``--cap``; engines declared in
+  the engines folder (:mod:`engines.declared`) are probed like the built-in ones, and each
+  declaration file that was refused is logged with why;
 - ``has:<tool>`` for agent CLIs and tools found on the search path;
 - ``node:<v>``, ``python:<v>``, ``git:<v>``, ``go:<v>`` read from the tools' version output,
   each run with a hard timeout in its own process group; a tool that hangs, fails or prints
@@ -225,9 +227,20 @@ def engine_tokens(*, environ: Mapping[str, str], path: str, timeout_s: float) ->
             log.exception("probing engine %s failed; it is not offered", eng.name)
             continue
         if found.runnable:
-            out.extend([*eng.tokens(found), f"engine-class:{eng.engine_class}"])  # for engine-class jobs
+            toks = [*eng.tokens(found), f"engine-class:{eng.engine_class}"]  # for engine-class jobs
+            try:
+                for t in toks:
+                    parse_offer(t)
+            except CapabilityError as e:
+                # A declared engine's version comes from the operator's regex: never let one
+                # token that the router cannot parse break the whole probe.
+                log.error("engine %s is not offered: its capability token is not valid (%s)", eng.name, e)
+                continue
+            out.extend(toks)
         else:
             log.info("engine %s is not offered: %s", eng.name, found.why or "its probe says it cannot run here")
+    for why in engines.declaration_errors().values():
+        log.error("declared engine not offered: %s", why)
     return out
 
 

@@ -832,7 +832,16 @@ def logs(nats_url, as_json, job, follow, raw) -> None:
         if not follow:
             await print_stored(st["record"])
             return
-        eng = engines.get((st["record"].get("manifest") or {}).get("engine") or "shell")
+        name = (st["record"].get("manifest") or {}).get("engine") or "shell"
+        if engines.get(name) is None:
+            # A declared engine (engines_dir): read its declaration to show its output readably.
+            from gigafactory.config import Settings, SettingsError
+
+            try:
+                engines.load_declared(Settings.from_env().engines_dir)
+            except SettingsError:
+                pass  # then its output is printed raw, as for any engine this CLI does not know
+        eng = engines.get(name)
         readers: dict[int, object] = {}
         """The engine's output reader per live epoch (None: print raw: shell, --raw, or it raised)."""
 

@@ -257,6 +257,15 @@ class Settings:
     (``GIGAFACTORY_UNSAFE_UNFENCED_ENGINES=1``): engines run without the supervisor (they
     outlive a killed factory) and without self-fencing (they outlive a lost lease), so a job's
     side effects can happen twice. The factory logs a warning at start when it is on."""
+    # -- declared engines (issue 9; owner: declared): agent CLIs added without Python ---------
+    engines_dir: str | None = None
+    """Folder of engine declarations (``GIGAFACTORY_ENGINES_DIR``): each ``<name>.yaml``,
+    ``.yml`` or ``.toml`` file declares an agent CLI the factory runs as engine ``<name>``
+    (:mod:`gigafactory.factory.engines.declared`; at most 64 files of 64 KiB). Read when a
+    factory starts (and by ``gigafactory logs --follow``). None (the default): no declared
+    engines. A file that is not a valid declaration is logged and skipped, never fatal; a
+    declaration runs the program it names with the job's prompt and the credentials it declares,
+    so this folder must be writable only by the operator."""
 
     @property
     def fence_margin_effective_s(self) -> float:

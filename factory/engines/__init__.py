@@ -5,19 +5,32 @@ looks engines up here to run them (:func:`get`), and its probe offers ``engine:<
 every registered engine whose :meth:`~.base.Engine.probe` says it can run here, except the
 opt-in ones (``noop``), which only ``--cap engine:<name>`` offers. Adding an engine is a module
 in this package and one line in :func:`_builtin`; nothing outside this package changes.
+
+Operators add engines without Python through declaration files (:mod:`.declared`):
+:func:`load_declared` reads the engines folder (setting ``engines_dir``) and registers each good
+declaration; a bad one is logged and skipped (:func:`declaration_errors`), and none may take a
+built-in engine's name.
 """
 
 from __future__ import annotations
 
+import logging
 import re
 from collections.abc import Mapping
+from pathlib import Path
 from types import MappingProxyType
 
 from gigafactory.schemas.capabilities import parse_offer
 
 from .base import Engine, EngineJob, Outcome, OutputParser, Prepared, ProbeResult, Progress, SetupFailed
 
+log = logging.getLogger("gigafactory.factory")
+
 _REGISTRY: dict[str, Engine] = {}
+_BUILTIN_NAMES: frozenset[str] = frozenset()
+"""The engines that ship with gigafactory (set by :func:`_builtin`); a declaration never replaces one."""
+_DECLARATION_ERRORS: dict[str, str] = {}
+"""Declaration file -> why it was refused, from the last :func:`load_declared`."""
 _ENGINE_NAME_RE = re.compile(r"[a-z0-9][a-z0-9_\-]*")
 
 
@@ -83,7 +96,52 @@ def _builtin() -> None:
     register(AiderEngine())
 
 
+def builtin_names() -> frozenset[str]:
+    """The names of the engines that ship with gigafactory (a declaration may not take one)."""
+    return _BUILTIN_NAMES
+
+
+def load_declared(directory: str | Path | None) -> dict[str, str]:
+    """Register the engines declared in ``directory`` (:func:`.declared.load_dir`), replacing the
+    declared engines a previous load registered under the same names (never a built-in one).
+    Never raises: each file that cannot be used is logged as an error and skipped; returns those
+    (file -> why), which :func:`declaration_errors` also keeps for the probe to report.
+
+    :param directory: the engines folder (setting ``engines_dir``); None: nothing is loaded.
+    """
+    from .declared import DeclaredEngine, load_dir
+
+    if directory is None or str(directory) == "":
+        return {}
+    report = load_dir(directory, reserved=sorted(_BUILTIN_NAMES))
+    for dec in report.declarations:
+        old = _REGISTRY.get(dec.name)
+        if old is not None and not isinstance(old, DeclaredEngine):
+            # Registered from Python by another module: not ours to replace either.
+            report.errors[dec.source] = (f"{dec.source}: field 'name': an engine named {dec.name!r} is registered "
+                                         "already; give the declared one another name")
+            continue
+        try:
+            register(DeclaredEngine(dec), replace=True)
+        except (TypeError, ValueError) as e:
+            report.errors[dec.source] = f"{dec.source}: {e}"
+    _DECLARATION_ERRORS.clear()
+    _DECLARATION_ERRORS.update(report.errors)
+    for why in report.errors.values():
+        log.error("declared engine skipped: %s", why)
+    loaded = [d.name for d in report.declarations if d.source not in report.errors]
+    if loaded:
+        log.info("declared engines loaded from %s: %s", directory, ", ".join(loaded))
+    return dict(report.errors)
+
+
+def declaration_errors() -> Mapping[str, str]:
+    """The declaration files the last :func:`load_declared` refused, and why (read-only)."""
+    return MappingProxyType(_DECLARATION_ERRORS)
+
+
 _builtin()
+_BUILTIN_NAMES = frozenset(_REGISTRY)
 
 __all__ = ["Engine", "EngineJob", "Outcome", "OutputParser", "Prepared", "ProbeResult", "Progress", "SetupFailed",
-           "get", "register", "registry", "unregister"]
+           "builtin_names", "declaration_errors", "get", "load_declared", "register", "registry", "unregister"]
