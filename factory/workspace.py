@@ -35,6 +35,9 @@ GIT_STDERR_MAX_CHARS = 2000
 """What a :class:`GitError` keeps of git's standard error (the tail)."""
 COMMIT_SUBJECT_MAX_CHARS = 72
 """Longest commit subject taken from the job's prompt."""
+LOCK_WAIT_CALLS = 6
+"""A checkout waits for its mirror's lock at most this many ``git_timeout_s`` (the holder makes
+at most this many bounded git calls under it)."""
 CHANGED_PATHS_MAX = 10_000
 """Most changed paths read from one diff (the scope check's input); more is a failure."""
 
@@ -209,8 +212,12 @@ class Store:
         branch = branch_name(job, epoch)
         path = self.worktrees / f"{job}-e{epoch}"
         self._use(key, +1)  # before the lock: an eviction waiting for it must not take it
+        lock = self._lock(key)
         try:
-            with self._lock(key):
+            # Bounded: whoever holds it runs a few git calls, each bounded by timeout_s.
+            if not lock.acquire(timeout=self.timeout_s * LOCK_WAIT_CALLS):
+                raise GitError(["fetch"], f"the mirror of {url} stayed busy for {self.timeout_s * LOCK_WAIT_CALLS:g}s")
+            try:
                 self._ensure_mirror(mirror, url)
                 (self.mirrors / f"{key}.used").touch()
                 git(["fetch", "--prune", "--no-tags", "origin"], git_dir=mirror, timeout_s=self.timeout_s)
@@ -226,6 +233,8 @@ class Store:
                     self._remove_worktree(mirror, path, branch)
                 git(["worktree", "add", "--force", "--no-track", "-B", branch, str(path), base_commit],
                     git_dir=mirror, timeout_s=self.timeout_s)
+            finally:
+                lock.release()
         except BaseException:
             self._use(key, -1)
             raise
@@ -234,10 +243,17 @@ class Store:
 
     def release(self, co: Checkout) -> None:
         """Remove the attempt's worktree and its local branch (the pushed branch stays on the
-        remote), then evict mirrors over the disk bound. Never raises for a worktree already gone."""
+        remote), then evict mirrors over the disk bound. Never raises for a worktree already gone;
+        raises :class:`GitError` if the mirror stays locked past its bound."""
+        lock = self._lock(co.key)
         try:
-            with self._lock(co.key):
+            if not lock.acquire(timeout=self.timeout_s * LOCK_WAIT_CALLS):
+                raise GitError(["worktree", "remove"], f"the mirror of {co.url} stayed busy; {co.path} is left "
+                                                       "for the clean-up at the next start")
+            try:
                 self._remove_worktree(co.mirror, co.path, co.branch)
+            finally:
+                lock.release()
         finally:
             self._use(co.key, -1)
         self.evict()
@@ -424,12 +440,13 @@ def diff_stats(co: Checkout, *, timeout_s: float) -> Stats:
 
 
 def push(co: Checkout, *, timeout_s: float) -> None:
-    """Push the attempt's branch to ``origin`` under the same name, never forced (the branch
-    is the epoch's own: no one else writes it). Raises :class:`GitError`.
+    """Push the worktree's ``HEAD`` (what the diff stats describe, even if the engine switched
+    branches) to ``origin`` as the attempt's branch, never forced (the branch is the epoch's
+    own: no one else writes it). Raises :class:`GitError`.
 
     :param co: the attempt's checkout.
     :param timeout_s: the bound of the push (the factory passes what is left of the lease).
     """
-    git(["push", "--quiet", "--porcelain", "origin", f"refs/heads/{co.branch}:refs/heads/{co.branch}"],
+    git(["push", "--quiet", "--porcelain", "origin", f"HEAD:refs/heads/{co.branch}"],
         cwd=co.path, timeout_s=timeout_s)
 

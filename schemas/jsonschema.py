@@ -176,7 +176,7 @@ def generate() -> dict[str, Any]:
     _string_branch(props["base"]).update(minLength=1, maxLength=m.MAX_BRANCH_CHARS)
     scope = next(o for o in props["scope"].get("anyOf", [props["scope"]]) if o.get("type") == "array")
     scope["maxItems"] = m.MAX_SCOPE_GLOBS
-    scope["items"].update(minLength=1, maxLength=m.MAX_GLOB_CHARS, pattern=r"^[^/~\s]")
+    scope["items"].update(minLength=1, maxLength=m.MAX_GLOB_CHARS, pattern=r"^[^/~\\]")
 
     schema: dict[str, Any] = {
         "$schema": SCHEMA_DIALECT,

@@ -284,3 +284,32 @@ def test_a_crashed_factorys_worktrees_and_branches_are_cleaned_at_its_start(nats
             assert rec.attempts[-1].workspace.pushed and co.mirror.exists()
 
     run(main(), 90)
+
+
+def test_a_failed_attempt_is_committed_but_not_pushed_nor_one_with_too_little_lease_left(nats_server, tmp_path):
+    remote = make_remote(tmp_path)
+    # A minimum no renewal can meet (some time always passes after the write is sent): the
+    # renewal before the push lands, but the push must not go out.
+    greedy = fast_settings(git_push_min_remaining_s=fast_settings().lease_ttl_s - 1e-9)
+
+    async def main():
+        async with Fleet(nats_server.url, tmp_path) as fleet:
+            await fleet.add_factory("f1")
+            await fleet.add_factory("f2", caps=["greedy"], settings=greedy)
+            failed = await fleet.submit_one(repo_job("echo x > f.txt\nexit 3", repo=str(remote), review_policy="auto",
+                                                     retry={"max": 0}), path="failed.md")
+            late = await fleet.submit_one(repo_job("echo y > g.txt", repo=str(remote), review_policy="auto",
+                                                   capabilities=["greedy"], retry={"max": 0}), path="late.md")
+            rec = await fleet.wait_stage(failed, "dead_letter", "failed", timeout_s=30)
+            a = rec.attempts[-1]
+            assert a.outcome == "crash" and a.workspace is not None, a
+            assert a.workspace.head and a.workspace.files_changed == 1 and not a.workspace.pushed
+            rec = await fleet.wait_stage(late, "dead_letter", "failed", timeout_s=30)
+            a = rec.attempts[-1]
+            assert a.outcome == "crash" and "git_push_min_remaining_s" in a.detail, a
+            assert not a.workspace.pushed and a.workspace.head
+            assert set(branches(remote)) == {"main"}  # neither attempt pushed anything
+            refused = [e for e in await fleet.events(late) if e["kind"] == "push_refused"]
+            assert refused and "lease" in refused[0]["reason"]
+
+    run(main(), 90)
