@@ -106,6 +106,27 @@ def test_unused_mirrors_are_evicted_least_recently_used_first_and_one_in_use_nev
     assert store.evict() == [cos[1].key] and store.mirror_sizes() == {}
 
 
+def test_concurrent_checkouts_of_one_repo_are_serialised_per_mirror_and_each_gets_its_own_worktree(tmp_path):
+    from concurrent.futures import ThreadPoolExecutor
+
+    remote = make_remote(tmp_path)
+    store = Store(tmp_path / "git", timeout_s=30, max_bytes=10**9, base_dir=tmp_path)
+    with ThreadPoolExecutor(4) as pool:  # four stations of one factory at once, the first clone included
+        cos = list(pool.map(lambda i: store.checkout(str(remote), None, f"j{i}", 1), range(4)))
+    assert len({co.path for co in cos}) == 4 and len({co.mirror for co in cos}) == 1
+    assert len(list(store.mirrors.glob("*.git"))) == 1
+    for i, co in enumerate(cos):
+        (co.path / f"{i}.txt").write_text(f"{i}\n")
+        assert ws.commit_all(co, ws.commit_message(f"job {i}", {"Gigafactory-Job": f"j{i}"}), author="a",
+                             email="a@example.com", timeout_s=30)
+        st = ws.diff_stats(co, timeout_s=30)
+        assert (st.files_changed, st.lines_added, st.paths) == (1, 1, [f"{i}.txt"])  # only its own change
+    assert ws.commit_all(cos[0], "nothing", author="a", email="a@example.com", timeout_s=30) is None
+    for co in cos:
+        store.release(co)
+    assert not store.in_use(cos[0].key) and list(store.worktrees.iterdir()) == []
+
+
 def test_commit_subjects_come_from_the_prompts_first_line_and_urls_normalise(tmp_path):
     assert ws.subject_from("\n# Fix the login form\nmore", "j") == "Fix the login form"
     assert ws.subject_from("```sh\necho hi\n```", "j") == "echo hi"
