@@ -155,7 +155,7 @@ class Execute:
             try:
                 co = await self._ws_checkout(run)
                 cwd = co.path / m.cwd
-            except GitError as e:
+            except (GitError, OSError) as e:  # OSError: the factory's own disk (full, read-only)
                 ws_error = f"no worktree of {m.repo} on {self.id}: {e}"[:1000]
                 cwd = self.git.worktrees
         else:
@@ -270,7 +270,7 @@ class Execute:
             try:
                 ws, changed = await self._ws_commit(
                     run, co, engine=name, model=(out.usage.model if out.usage else None) or m.model)
-            except GitError as e:
+            except (GitError, OSError) as e:
                 changed = []
                 ws = WorkspaceResult(branch=co.branch, base=co.base, base_commit=co.base_commit,
                                      detail=f"commit failed: {e}"[:500])
