@@ -146,7 +146,8 @@ class Stats:
     lines_added: int = 0
     lines_deleted: int = 0
     paths: list[str] = field(default_factory=list)
-    """Changed paths relative to the repository's root (renames as their new path), POSIX."""
+    """Changed paths relative to the repository's root, POSIX (diffed without rename detection:
+    a renamed file is a deletion and an addition, both paths listed, as the scope check wants)."""
 
 
 class Store:
