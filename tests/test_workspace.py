@@ -334,3 +334,17 @@ def test_a_failed_attempt_is_committed_but_not_pushed_nor_one_with_too_little_le
             assert refused and "lease" in refused[0]["reason"]
 
     run(main(), 90)
+
+
+def test_a_rename_counts_both_paths_and_an_engines_own_commit_is_counted_too(tmp_path):
+    remote = make_remote(tmp_path)
+    store = Store(tmp_path / "git", timeout_s=30, max_bytes=10**9, base_dir=tmp_path)
+    co = store.checkout(str(remote), None, "j", 1)
+    sh_git("mv", "README.md", "docs.md", cwd=co.path)
+    sh_git("commit", "-qm", "the engine committed this itself", cwd=co.path)
+    (co.path / "more.txt").write_text("a\nb\n")
+    head = ws.commit_all(co, "rest", author="a", email="a@example.com", timeout_s=30)
+    st = ws.diff_stats(co, timeout_s=30)
+    assert st.head == head and sorted(st.paths) == ["README.md", "docs.md", "more.txt"]
+    assert (st.files_changed, st.lines_added, st.lines_deleted) == (3, 4, 2)
+    store.release(co)
