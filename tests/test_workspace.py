@@ -348,3 +348,17 @@ def test_a_rename_counts_both_paths_and_an_engines_own_commit_is_counted_too(tmp
     assert st.head == head and sorted(st.paths) == ["README.md", "docs.md", "more.txt"]
     assert (st.files_changed, st.lines_added, st.lines_deleted) == (3, 4, 2)
     store.release(co)
+
+
+@pytest.mark.parametrize("field, value, named", [
+    ("git_timeout_s", 0.0, "GIGAFACTORY_GIT_TIMEOUT_S"),
+    ("git_mirrors_max_bytes", -1, "GIGAFACTORY_GIT_MIRRORS_MAX_BYTES"),
+    ("git_push_min_remaining_s", 2.0, "GIGAFACTORY_GIT_PUSH_MIN_REMAINING_S"),
+    ("git_push_min_remaining_s", -0.5, "GIGAFACTORY_GIT_PUSH_MIN_REMAINING_S"),
+])
+def test_workspace_settings_that_cannot_work_are_refused_naming_the_variable(field, value, named):
+    from gigafactory.config import SettingsError
+
+    with pytest.raises(SettingsError, match=named):
+        fast_settings(**{field: value}).validate()  # lease_ttl_s is 2.0 here
+    fast_settings(git_timeout_s=1.0, git_mirrors_max_bytes=0, git_push_min_remaining_s=1.5).validate()
