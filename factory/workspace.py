@@ -327,8 +327,9 @@ class Store:
 
     def clean_leftovers(self) -> list[str]:
         """At factory start (nothing of ours runs yet): remove every worktree left under this
-        store, prune each mirror's worktree list and delete its local ``gf/*`` branches, and
-        remove clones interrupted halfway. Returns the worktree folders removed."""
+        store, prune each mirror's worktree list and delete its local ``gf/*`` branches, remove
+        clones interrupted halfway, and evict down to ``max_bytes``. Returns the worktree folders
+        removed."""
         removed = []
         for p in sorted(self.worktrees.iterdir()):
             shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
@@ -344,6 +345,7 @@ class Store:
                     git(["update-ref", "-d", ref], git_dir=mirror, timeout_s=self.timeout_s)
             except GitError:
                 shutil.rmtree(mirror, ignore_errors=True)  # unusable: cloned again when needed
+        self.evict()  # the bound may have been lowered since the last run
         return removed
 
 
