@@ -28,7 +28,8 @@ is a module of its own, mixed into it:
 - :mod:`holder`: fenced writes (driving :mod:`lease`), renewal, self-fencing, locks;
 - :mod:`execute`: one job: claim, lock, start, engine, verify, report;
 - :mod:`reporting`: the log upload, the result, the outbox, quarantine;
-- :mod:`engines`: what runs in a station, behind one interface.
+- :mod:`engines`: what runs in a station, behind one interface;
+- :mod:`ship` and :mod:`workspace`: a ``repo`` job's mirror, worktree, commit and fenced push.
 """
 
 from __future__ import annotations
@@ -58,7 +59,9 @@ from .holder import MAX_CAS_RETRIES, Holder, Run
 from .outbox import Outbox
 from .pools import POLL_BACKOFF_MIN_S, STALL_CHECKS_PER_REDISPATCH, STALL_READS_MAX, Pools, PoolState
 from .reporting import OUTBOX_RETRY_S, Reporting, ResultPayload
+from .ship import Ship
 from .stations import Stations
+from .workspace import Checkout, Store
 
 log = logging.getLogger("gigafactory.factory")
 
@@ -69,7 +72,7 @@ __all__ = [
 ]
 
 
-class Factory(Stations, AuditQueue, Pools, Holder, Execute, Reporting):
+class Factory(Stations, AuditQueue, Pools, Holder, Execute, Reporting, Ship):
     """One factory: its state, its loops, and drain. The behaviour is in the mixins (see the
     module's docstring); this class only sets up what they share and starts them.
 
@@ -133,6 +136,11 @@ class Factory(Stations, AuditQueue, Pools, Holder, Execute, Reporting):
         self.workspace = Path(workspace) if workspace else self.dir / "work"
         self.workspace.mkdir(parents=True, exist_ok=True)
         self.outbox = Outbox(str(self.dir / "outbox"))
+        self.git = Store(self.dir / "git", timeout_s=self.s.git_timeout_s, max_bytes=self.s.git_mirrors_max_bytes,
+                         base_dir=self.workspace)
+        """This factory's git mirrors and attempt worktrees (``repo`` jobs; :mod:`ship`)."""
+        self.checkouts: dict[tuple[str, int], Checkout] = {}
+        """The worktree of each in-flight ``repo`` run, by (job, epoch), until it is released."""
         self.free: set[int] = set(range(stations))
         self.station_cv = asyncio.Condition()
         self.engine_running: dict[str, int] = {}
@@ -169,6 +177,7 @@ class Factory(Stations, AuditQueue, Pools, Holder, Execute, Reporting):
         """Run until ``stop`` is set, then drain: stop claiming, let in-flight work finish
         (up to ``drain_timeout_s``), hand back what is left, deregister."""
         self._stop = stop
+        await self._ws_clean_at_start()  # before any claim: nothing of ours uses them yet
         await self._heartbeat()
         for st in self.record.stations:
             st.idle_reason = IdleReason.NO_WORK

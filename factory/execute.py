@@ -27,13 +27,14 @@ from gigafactory.schemas import names, protocol
 from gigafactory.schemas.lifecycle import Stage
 from gigafactory.schemas.manifest import FailureClass, parse_duration
 from gigafactory.schemas.profiles import engine_prompt, resolve_engine
-from gigafactory.schemas.records import Attribution, JobRecord, Usage, attributed, decode, encode
+from gigafactory.schemas.records import Attribution, JobRecord, Usage, WorkspaceResult, attributed, decode, encode
 
 from . import engines, shell
 from . import probe
 from .engines.base import EngineJob, SetupFailed, budget_crossed, cred_variables
 from .engines.verify import verify_gate
 from .holder import Run
+from .workspace import Checkout, GitError
 from .reporting import ResultPayload
 
 log = logging.getLogger("gigafactory.factory")
@@ -132,6 +133,7 @@ class Execute:
                 except Exception:
                     renewer.cancel()
             await self._release_lock(run)
+            await self._ws_release(run)  # after the report: the worktree goes, the pushed branch stays
             self.runs.pop((run.job, run.epoch), None)
             await self._release_station(run.station, engine)
 
@@ -146,9 +148,20 @@ class Execute:
         rec = run.record
         m = rec.manifest
         log_path = str(self.logs_dir / f"{run.job}-attempt-{rec.attempt}-epoch-{run.epoch}.log")
-        cwd = self._resolve_cwd(m.cwd)
+        co: Checkout | None = None  # a repo job's worktree (:mod:`ship`), released after the report
+        ws: WorkspaceResult | None = None
+        ws_error: str | None = None
+        if m.repo is not None:
+            try:
+                co = await self._ws_checkout(run)
+                cwd = co.path / m.cwd
+            except (GitError, OSError) as e:  # OSError: the factory's own disk (full, read-only)
+                ws_error = f"no worktree of {m.repo} on {self.id}: {e}"[:1000]
+                cwd = self.git.worktrees
+        else:
+            cwd = self._resolve_cwd(m.cwd)
         attribution = Attribution(
-            lane=f"{self.id}/{run.station}", job=run.job, tracker_item=m.tracker_item, repo=str(cwd),
+            lane=f"{self.id}/{run.station}", job=run.job, tracker_item=m.tracker_item, repo=m.repo or str(cwd),
             product=m.product, provider="local" if (m.engine or "") == "shell" else None, model=m.model,
             cost_usd=0.0, cost_estimated=False,
         )
@@ -158,7 +171,11 @@ class Execute:
             return ResultPayload(job=run.job, epoch=run.epoch, failure=failure, detail=detail, exit_code=code,
                                  verify_exit_code=vcode, log_path=log_path, log_object=None,
                                  attribution=attributed(attribution, usage), finished_at=time.time(), usage=usage,
-                                 retry_after_s=retry_after_s)
+                                 retry_after_s=retry_after_s, workspace=ws)
+
+        if ws_error is not None:
+            Path(log_path).write_text(f"{ws_error}\n")
+            return result(FailureClass.SETUP_FAILED, ws_error)
 
         name = resolve_engine(m, {n: e.engine_class for n, e in engines.registry().items()
                                   if f"engine:{n}" in self.offers.tokens}) or ("" if m.engine_class else "shell")
@@ -248,9 +265,40 @@ class Execute:
                 log.exception("%s: engine %s could not say its usage", self.id, name)
         if budget_stop and not out.self_fenced and not run.fenced and not run.draining:
             out = dataclasses.replace(out, failure=FailureClass.BUDGET_EXCEEDED, detail=budget_stop[0])
+        if co is not None and not out.self_fenced and not run.fenced and not run.draining:
+            # Whatever the engine's outcome: the commit and its stats say what it did.
+            try:
+                ws, changed = await self._ws_commit(
+                    run, co, engine=name, model=(out.usage.model if out.usage else None) or m.model)
+            except (GitError, OSError) as e:
+                changed = []
+                ws = WorkspaceResult(branch=co.branch, base=co.base, base_commit=co.base_commit,
+                                     detail=f"commit failed: {e}"[:500])
+                if out.failure is None:
+                    out = dataclasses.replace(out, failure=FailureClass.CRASH,
+                                              detail=f"the engine's changes could not be committed: {e}"[:500])
+            # SCOPE CHECK (issue 10): the one call site, to wire once schemas/scope.py (forges) is on
+            # main. ``changed`` is every path the branch changed since base (a rename: both paths).
+            #   try:
+            #       verdict = check_scope(changed, effective_scope(m, rec.profile.scope if rec.profile else None),
+            #                             self.s.protected_paths, m.scope_mode)
+            #   except ValueError as e:  # GlobError too: a glob the manifest let through
+            #       verdict = None; out = <CRASH or SCOPE_VIOLATION with str(e)>
+            #   if verdict.outside or verdict.protected: await self._event("scope_violation", ...detail...)
+            #   if not verdict.ok and out.failure is None:
+            #       out = dataclasses.replace(out, failure=FailureClass.SCOPE_VIOLATION, detail=verdict.detail)
+            # Here, before verify: a refused attempt is neither verified nor pushed.
+            del changed
         if out.failure is None and eng.verifies:
             # The gate's outcome knows nothing of the engine's usage: keep what the engine reported.
+            # It runs in the worktree (prepared.cwd is the job's cwd inside it), after the commit.
             out = dataclasses.replace(await verify_gate(job, prepared, out, t0), usage=out.usage)
+        if (co is not None and ws is not None and out.failure is None and not out.self_fenced and not run.fenced
+                and not run.draining):
+            # Only a passed attempt ships, and only while this holder's epoch is the job's.
+            ws, refused = await self._ws_push(run, co, ws)
+            if refused is not None and not run.fenced:
+                out = dataclasses.replace(out, failure=FailureClass.CRASH, detail=refused)
         if out.failure == FailureClass.AUTH_FAILED and not out.self_fenced and not run.fenced:
             # Before the report: the retry it may queue must never land here with the same key.
             self._withdraw_engine(name, f"auth_failed on job {run.job} attempt {rec.attempt}: {out.detail}"[:300])

@@ -22,7 +22,7 @@ import nats.errors
 from gigafactory.broker import TRANSIENT, Conflict
 from gigafactory.schemas import names, protocol
 from gigafactory.schemas.manifest import FailureClass
-from gigafactory.schemas.records import Attribution, JobRecord, Usage, decode
+from gigafactory.schemas.records import Attribution, JobRecord, Usage, WorkspaceResult, decode
 
 from .holder import Run
 from .logs import CappedLog, LogUploadTimeout
@@ -52,6 +52,8 @@ class ResultPayload(msgspec.Struct):
     kept in an outbox by an older factory still decode."""
     retry_after_s: float | None = None
     """For ``rate_limited``: the provider's retry-after as the engine read it (None: unknown)."""
+    workspace: WorkspaceResult | None = None
+    """A ``repo`` job's branch, head, diff stats and push (None: no repo)."""
 
 
 class Reporting:
@@ -129,6 +131,7 @@ class Reporting:
             r, self.id, run.epoch, time.time(), failure=payload.failure, detail=detail,
             exit_code=payload.exit_code, verify_exit_code=payload.verify_exit_code, log=payload.log_object,
             attribution=payload.attribution, usage=payload.usage, retry_after_s=payload.retry_after_s,
+            workspace=payload.workspace,
         ))
         if rec is None:
             if item is not None:
@@ -142,7 +145,9 @@ class Reporting:
                           reason=rec.reason, data={"outcome": str(payload.failure or "passed"),
                                                    "exit_code": payload.exit_code, "log": payload.log_object,
                                                    "attribution": msgspec.to_builtins(payload.attribution),
-                                                   "usage": msgspec.to_builtins(payload.usage), **upload})
+                                                   "usage": msgspec.to_builtins(payload.usage),
+                                                   **({"workspace": msgspec.to_builtins(payload.workspace)}
+                                                      if payload.workspace else {}), **upload})
 
     def _quarantine_local(self, run: Run, payload: ResultPayload, reason: str) -> None:
         data = msgspec.json.encode(payload)

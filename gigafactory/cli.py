@@ -532,6 +532,15 @@ def jobs(nats_url, as_json, stage, limit) -> None:
         click.echo(f"{j['id']:<32} {j['stage']:<11} {j['priority']:<8} a{j['attempt']} e{j['epoch']}{holder}  {j['reason']}")
 
 
+def format_workspace(w: dict) -> str:
+    """One line for a ``repo`` attempt's workspace: branch, head, diff stats, pushed or why not."""
+    head = (w.get("head") or "")[:12] or "no commit"
+    pushed = "pushed" if w.get("pushed") else "not pushed"
+    why = f" ({w['detail']})" if w.get("detail") and not w.get("pushed") else ""
+    return (f"branch {w['branch']} at {head} from {w.get('base') or '?'}: {w.get('files_changed', 0)} files "
+            f"+{w.get('lines_added', 0)} -{w.get('lines_deleted', 0)}, {pushed}{why}")
+
+
 def format_usage(u: dict) -> str:
     """One line for an attempt's ``usage`` (as in ``status --json``): the counts the engine
     reported (a count it did not report is left out, never shown as 0) and the cost with its
@@ -575,6 +584,8 @@ def status(nats_url, as_json, job) -> None:
                    f"{a.get('outcome', 'running')} {a.get('detail', '')}".rstrip())
         if a.get("usage"):
             click.echo(f"    usage: {format_usage(a['usage'])}")
+        if a.get("workspace"):
+            click.echo(f"    {format_workspace(a['workspace'])}")
     click.echo("  events:")
     for ev in out["events"][-20:]:
         t = time.strftime("%H:%M:%S", time.localtime(ev["at"]))

@@ -267,6 +267,23 @@ class Settings:
     declaration runs the program it names with the job's prompt and the credentials it declares,
     so this folder must be writable only by the operator."""
 
+    # -- the git workspace (issue 10): mirrors, worktrees, commit, fenced push -----------------
+    git_timeout_s: float = 300.0
+    """Bound of each git call a factory makes for a ``repo`` job (clone, fetch, worktree, commit,
+    diff), seconds; a push is bounded by the smaller of this and the lease left after its fence.
+    A call past it is killed and the attempt fails (``setup_failed`` before the engine, ``crash``
+    after). Too small: a first clone of a large repository never completes."""
+    git_mirrors_max_bytes: int = 20 * 1024**3
+    """Disk the bare mirrors of one factory may use together, bytes. Past it, mirrors no
+    worktree uses are deleted, least recently used first, after each attempt (the next job on
+    such a repository clones it again). Mirrors in use are never deleted, so the store can stay
+    over the bound while they are. 0 keeps no mirror between jobs."""
+    git_push_min_remaining_s: float | None = None
+    """Lease that must be left after the compare-and-set renewal that precedes every push,
+    seconds (the ``gigafactory fence`` rule); None: half of ``lease_ttl_s``. Less left: no push,
+    the attempt fails (``crash``, retried). Larger is safer against a holder paused mid-push;
+    it must be less than ``lease_ttl_s``."""
+
     @property
     def fence_margin_effective_s(self) -> float:
         """``fence_margin_s``, or its default (see there)."""
@@ -307,6 +324,17 @@ class Settings:
                 raise SettingsError(f"engine_env_passthrough (GIGAFACTORY_ENGINE_ENV_PASSTHROUGH) names {name!r}, "
                                     "which is not an environment variable name: give comma-separated names "
                                     "such as NPM_TOKEN,PIP_INDEX_URL")
+        if not self.git_timeout_s > 0:
+            raise SettingsError(f"git_timeout_s={self.git_timeout_s!r} (GIGAFACTORY_GIT_TIMEOUT_S) must be a "
+                                "positive number of seconds")
+        if self.git_mirrors_max_bytes < 0:
+            raise SettingsError(f"git_mirrors_max_bytes={self.git_mirrors_max_bytes!r} "
+                                "(GIGAFACTORY_GIT_MIRRORS_MAX_BYTES) must be 0 or more bytes")
+        if self.git_push_min_remaining_s is not None and not (
+                0 <= self.git_push_min_remaining_s < self.lease_ttl_s):
+            raise SettingsError(f"git_push_min_remaining_s={self.git_push_min_remaining_s!r} "
+                                "(GIGAFACTORY_GIT_PUSH_MIN_REMAINING_S) must be at least 0 and less than "
+                                f"lease_ttl_s ({self.lease_ttl_s:g}): a push needs lease left after its fence")
         ttl, renew, margin = self.lease_ttl_s, self.lease_renew_s, self.fence_margin_effective_s
         if not ttl > 0 or not renew > 0:
             raise SettingsError("GIGAFACTORY_LEASE_TTL_S and GIGAFACTORY_LEASE_RENEW_S must be positive "

@@ -167,7 +167,16 @@ def generate() -> dict[str, Any]:
     defs["Retry"]["properties"]["on"]["default"] = [str(c) for c in m.Retry().on]
     defs["Reviewers"]["properties"]["reviewers"]["minItems"] = 1
     # A profile may supply the engine class (profiles.resolve refuses the job at submit if not).
-    root["anyOf"] = [{"required": ["engine"]}, {"required": ["engine-class"]}, {"required": ["profile"]}]
+    engine_or_class = [{"required": ["engine"]}, {"required": ["engine-class"]}, {"required": ["profile"]}]
+    # 'cwd' is required unless 'repo' names a repository (then it defaults to the checkout's root).
+    root.pop("required", None)
+    root["allOf"] = [{"anyOf": engine_or_class}, {"anyOf": [{"required": ["cwd"]}, {"required": ["repo"]}]}]
+    root["dependentRequired"] = {"base": ["repo"], "scope": ["repo"]}
+    _string_branch(props["repo"]).update(minLength=1, maxLength=m.MAX_REPO_CHARS, pattern=r"^[^-\s][^\s]*$")
+    _string_branch(props["base"]).update(minLength=1, maxLength=m.MAX_BRANCH_CHARS)
+    scope = next(o for o in props["scope"].get("anyOf", [props["scope"]]) if o.get("type") == "array")
+    scope["maxItems"] = m.MAX_SCOPE_GLOBS
+    scope["items"].update(minLength=1, maxLength=m.MAX_GLOB_CHARS, pattern=r"^[^/~\\]")
 
     schema: dict[str, Any] = {
         "$schema": SCHEMA_DIALECT,
@@ -175,8 +184,9 @@ def generate() -> dict[str, Any]:
         "title": "Gigafactory job manifest",
         "description": (
             "The YAML front matter of a gigafactory job file: the lines between the opening and "
-            "closing '---' above the prompt. Field names are kebab-case. Only 'cwd' and 'engine' "
-            "(or 'engine-class', or a 'profile' that names one) are required; every other field has the default shown."
+            "closing '---' above the prompt. Field names are kebab-case. Only 'cwd' (or 'repo') and "
+            "'engine' (or 'engine-class', or a 'profile' that names one) are required; every other field has the "
+            "default shown."
         ),
         "examples": [EXAMPLE],
         "$defs": defs,

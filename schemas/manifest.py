@@ -131,8 +131,10 @@ ships at once. ``{reviewers: [...]}``: verify pass -> ``review`` until a reviewe
 class Manifest(msgspec.Struct, rename="kebab", forbid_unknown_fields=True, omit_defaults=True):
     """The front matter of a job file. Field names are kebab-case in YAML."""
 
-    cwd: str
-    """Working directory on the factory; a relative path is under the factory's workspace. Required."""
+    cwd: str = "."
+    """Working directory on the factory; a relative path is under the factory's workspace.
+    Required unless ``repo`` is set; with ``repo`` it is a relative path inside the checkout
+    (no ``..``), default ``.`` (the repository's root)."""
     engine: str | None = None
     """Concrete engine (``shell``, ``claude``, ``codex``, ...). Required unless ``engine-class`` is set."""
     model: str | None = None
@@ -185,6 +187,21 @@ class Manifest(msgspec.Struct, rename="kebab", forbid_unknown_fields=True, omit_
     """``leaf`` (default) or ``composite`` (a job that other jobs name as their ``parent``)."""
     parent: str | None = None
     """The composite job this one belongs to."""
+    # -- the workspace (issue 10) --
+    repo: str | None = None
+    """A git repository the job works on: a URL (``https://``, ``ssh://``, ``git://``,
+    ``file://``, or ``user@host:path``) or a path on the factory (a relative one is under the
+    factory's workspace). Each attempt gets a fresh worktree on branch ``gf/<job>/e<epoch>``
+    from ``base``; what the engine changed is committed, verified and pushed (fenced)."""
+    base: str | None = None
+    """The branch the attempt's worktree starts from (needs ``repo``); default: the remote's HEAD."""
+    scope: list[str] | None = None
+    """Path globs (relative to the repository's root; ``**`` spans directories, ``*`` does not
+    cross ``/``) the job may change (needs ``repo``); default: the profile's ``scope``, else
+    anything."""
+    scope_mode: Literal["warn", "enforce"] = "warn"
+    """``warn`` (default): a change outside ``scope`` ships, with the violation in the events
+    and status; ``enforce``: the attempt ends ``scope_violation`` and nothing is pushed."""
 
     def requirements(self) -> tuple[str, ...]:
         """The canonical requirement set: capabilities plus the engine (or engine class)."""
@@ -573,10 +590,11 @@ def parse_job_text(text: str, path: str = "<job>", limits: Limits | None = None)
                     raise ManifestError(path, line_of(field), field, f"unknown field; {_suggest(key, names)}")
 
     cwd = raw.get("cwd")
-    if cwd is None or (isinstance(cwd, str) and not cwd.strip()):
+    if (cwd is None and raw.get("repo") is None) or (isinstance(cwd, str) and not cwd.strip()):
         raise ManifestError(
             path, line_of("cwd"), "cwd",
-            "'cwd' is required: the directory the job runs in, like 'cwd: my-repo'",
+            "'cwd' is required: the directory the job runs in, like 'cwd: my-repo' "
+            "(or name a git repository with 'repo: URL', and 'cwd' defaults to its root)",
         )
     if not raw.get("engine") and not raw.get("engine-class") and not raw.get("profile"):
         raise ManifestError(
@@ -741,6 +759,9 @@ def _check_semantics(m: Manifest, path: str, line_of, lim: Limits) -> None:
 
 
 def _first_semantic_problem(m: Manifest) -> tuple[str, str] | None:
+    problem = workspace_problem(m)
+    if problem is not None:
+        return problem
     if m.engine is not None and not re.fullmatch(r"[a-z0-9][a-z0-9_\-]*", m.engine):
         return "engine", f"{m.engine!r} is not an engine name (lower-case letters, digits, '-' and '_')"
     if m.profile is not None and not re.fullmatch(r"[a-z0-9][a-z0-9_\-]{0,63}", m.profile):
@@ -787,6 +808,116 @@ def _first_limit_problem(m: Manifest, lim: Limits) -> tuple[str, str] | None:
         if value is not None and len(value) > lim.max_key_chars:
             return field, lim.refusal("max_key_chars", "this key", len(value), "characters", "use a shorter name")
     return None
+
+
+# -- the workspace fields (issue 10) -------------------------------------------------------------
+
+MAX_REPO_CHARS = 2048
+"""Longest ``repo`` (a URL or a path)."""
+MAX_BRANCH_CHARS = 200
+"""Longest ``base`` branch name (the job's own branch ``gf/<job>/e<epoch>`` must fit a ref too)."""
+MAX_CWD_CHARS = 1024
+"""Longest ``cwd`` inside a checkout."""
+MAX_SCOPE_GLOBS = 200
+"""Most entries in ``scope``."""
+MAX_GLOB_CHARS = 512
+"""Longest ``scope`` glob."""
+
+_URL_SCHEMES = ("https://", "http://", "ssh://", "git://", "file://")
+_CONTROL = re.compile(r"[\x00-\x20\x7f]")
+_BAD_REF = re.compile(r"[\x00-\x20\x7f~^:?*\[\\]|\.\.|@\{|//")
+
+
+def repo_problem(repo: str) -> str | None:
+    """What is wrong with a ``repo`` value, or None. Refused: empty, control characters or
+    spaces, a leading ``-`` (git would read it as an option), a ``transport::address`` remote
+    helper (``ext::`` runs commands), and schemes other than https, http, ssh, git, file."""
+    if not repo.strip():
+        return "must not be empty; name a git URL or a path, or leave 'repo' out"
+    if len(repo) > MAX_REPO_CHARS:
+        return f"is {len(repo):,} characters, more than {MAX_REPO_CHARS:,} (MAX_REPO_CHARS); use a shorter URL"
+    if _CONTROL.search(repo):
+        return f"{repo[:80]!r} contains a space or a control character; a git URL or path has none"
+    if repo.startswith("-"):
+        return f"{repo[:80]!r} starts with '-', which git would read as an option"
+    if "://" in repo:
+        if not repo.lower().startswith(_URL_SCHEMES):
+            return (f"{repo[:80]!r} has a scheme git jobs do not use; expected one of "
+                    f"{', '.join(s[:-3] for s in _URL_SCHEMES)}")
+        return None
+    if "::" in repo:
+        return f"{repo[:80]!r} names a git remote helper ('transport::address'), which jobs may not use"
+    return None
+
+
+def branch_problem(name: str) -> str | None:
+    """What is wrong with a branch name (``git check-ref-format --branch`` rules), or None."""
+    if not name.strip():
+        return "must not be empty; leave 'base' out for the remote's default branch"
+    if len(name) > MAX_BRANCH_CHARS:
+        return f"is {len(name):,} characters, more than {MAX_BRANCH_CHARS} (MAX_BRANCH_CHARS)"
+    if (_BAD_REF.search(name) or name.startswith(("-", "/", ".")) or name.endswith(("/", ".", ".lock"))
+            or "/." in name or name == "@"):
+        return (f"{name!r} is not a branch name: no spaces, '..', '~^:?*[\\', '@{{', '//', and no leading "
+                "'-', '/' or '.', nor a trailing '/', '.' or '.lock'")
+    return None
+
+
+def relative_path_problem(path: str, what: str) -> str | None:
+    """What is wrong with a path that must stay inside a checkout, or None: relative, no ``..``."""
+    if re.search(r"[\x00-\x1f\x7f]", path):
+        return f"{path[:80]!r} contains a control character"
+    if path.startswith(("/", "~", "\\")) or re.match(r"^[A-Za-z]:", path):
+        return f"{path[:80]!r} is not relative; {what} is a path inside the repository, like 'src/app'"
+    if ".." in re.split(r"[/\\]", path):
+        return f"{path[:80]!r} leaves the repository ('..'); {what} is a path inside it"
+    return None
+
+
+def workspace_problem(m: Manifest) -> tuple[str, str] | None:
+    """The first problem of the workspace fields (``repo``, ``base``, ``scope``,
+    ``scope-mode``, and ``cwd`` with a repo), as (field, message), or None."""
+    if m.repo is None:
+        if m.base is not None:
+            return "base", "needs 'repo': it is the branch of that repository the job starts from"
+        if m.scope is not None:
+            return "scope", "needs 'repo': it limits the paths the job may change in that repository"
+        if m.scope_mode == "enforce":
+            return "scope-mode", "needs 'repo': only a repository's changes can be checked against a scope"
+        return None
+    problem = repo_problem(m.repo)
+    if problem:
+        return "repo", problem
+    if m.base is not None and (problem := branch_problem(m.base)):
+        return "base", problem
+    if len(m.cwd) > MAX_CWD_CHARS:
+        return "cwd", f"is {len(m.cwd):,} characters, more than {MAX_CWD_CHARS:,} (MAX_CWD_CHARS)"
+    if problem := relative_path_problem(m.cwd, "'cwd' (with 'repo')"):
+        return "cwd", problem
+    if m.scope is not None:
+        if len(m.scope) > MAX_SCOPE_GLOBS:
+            return "scope", (f"has {len(m.scope):,} globs, more than {MAX_SCOPE_GLOBS} (MAX_SCOPE_GLOBS); "
+                             "use '**' to cover a folder")
+        for i, g in enumerate(m.scope):
+            if not g.strip():
+                return f"scope[{i}]", "a glob must not be empty, like 'src/**'"
+            if len(g) > MAX_GLOB_CHARS:
+                return f"scope[{i}]", f"is {len(g):,} characters, more than {MAX_GLOB_CHARS} (MAX_GLOB_CHARS)"
+            if problem := relative_path_problem(g, "a scope glob"):
+                return f"scope[{i}]", problem
+    return None
+
+
+def effective_scope(m: Manifest, profile_scope: list[str] | None) -> list[str] | None:
+    """The globs a job's changes are checked against: its own ``scope`` if it states one, else
+    its profile's (a non-empty list), else None (anything may change).
+
+    :param m: the resolved manifest.
+    :param profile_scope: the scope of the record's profile snapshot, or None.
+    """
+    if m.scope is not None:
+        return list(m.scope)
+    return list(profile_scope) if profile_scope else None
 
 
 def parse_job_file(path: str) -> JobFile:

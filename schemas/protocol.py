@@ -21,7 +21,7 @@ import msgspec
 
 from .lifecycle import LEASED, Event, Stage, transition
 from .manifest import FailureClass, Reviewers, parse_duration
-from .records import MAX_ATTEMPTS_KEPT, AttemptRecord, Attribution, JobRecord, Lease, LockRecord, Usage
+from .records import MAX_ATTEMPTS_KEPT, AttemptRecord, Attribution, JobRecord, Lease, LockRecord, Usage, WorkspaceResult
 
 BACKOFF_CAP_S = 3600.0
 
@@ -205,6 +205,7 @@ def finish(
     attribution: Attribution | None = None,
     usage: Usage | None = None,
     retry_after_s: float | None = None,
+    workspace: WorkspaceResult | None = None,
 ) -> Outcome:
     """The holder reports the attempt's result. Passed: ``testing`` (``manual``), ``review``
     (reviewers) or straight to ``shipped`` (``auto``). Failed: the retry policy decides.
@@ -216,7 +217,7 @@ def finish(
         rec, epoch, outcome=str(failure) if failure else "passed", ended_at=now, exit_code=exit_code,
         verify_exit_code=verify_exit_code, detail=detail, log=log,
         attribution=attribution or Attribution(job=rec.id, lane=f"{factory}/{rec.lease.station if rec.lease else 0}"),
-        usage=usage,
+        usage=usage, workspace=workspace,
     )
     if failure is not None:
         return _after_failure(rec, failure, now, detail, attempts=attempts, retry_after_s=retry_after_s)

@@ -104,6 +104,26 @@ def attributed(attribution: Attribution, usage: Usage | None) -> Attribution:
     )
 
 
+class WorkspaceResult(msgspec.Struct, omit_defaults=True):
+    """What an attempt of a ``repo`` job did to its repository (issue 10): its branch, the head
+    commit, what changed since ``base``, and whether the branch was pushed (fenced)."""
+
+    branch: str
+    """``gf/<job>/e<epoch>``."""
+    base: str = ""
+    """The branch the worktree started from."""
+    base_commit: str | None = None
+    head: str | None = None
+    """The branch's last commit (the factory's commit of the engine's changes, or the engine's
+    own); None when the attempt ended before anything was committed."""
+    files_changed: int = 0
+    lines_added: int = 0
+    lines_deleted: int = 0
+    pushed: bool = False
+    detail: str = ""
+    """Why it was not pushed (failed, fenced, nothing changed, the push failed), or the push."""
+
+
 class AttemptRecord(msgspec.Struct, omit_defaults=True):
     """One execution attempt of a job (a new one for every claim)."""
 
@@ -124,6 +144,8 @@ class AttemptRecord(msgspec.Struct, omit_defaults=True):
     usage: Usage | None = None
     """What the engine consumed (tokens, turns, tool calls, cost and its source), as it reported
     it; None when the engine reports nothing (``shell``, ``noop``) or the attempt never ran one."""
+    workspace: WorkspaceResult | None = None
+    """A ``repo`` job's branch, head commit, diff stats and push (None: no repo, or not reached)."""
 
 
 class JobRecord(msgspec.Struct, omit_defaults=False):

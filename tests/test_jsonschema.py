@@ -65,7 +65,8 @@ def test_the_schema_is_draft_2020_12_with_a_title_and_the_manifest_at_the_root()
     assert "front matter" in schema["description"]
     assert "$ref" not in schema  # draft-07 editors ignore siblings of a root $ref
     assert schema["type"] == "object"
-    assert schema["required"] == ["cwd"]
+    assert "required" not in schema  # 'cwd' or 'repo': see allOf
+    assert {"anyOf": [{"required": ["cwd"]}, {"required": ["repo"]}]} in schema["allOf"]
 
 
 def test_property_names_are_the_kebab_case_names_the_manifest_uses():
@@ -111,6 +112,7 @@ def test_the_schema_accepts_a_good_manifest(validator):
         "idempotency-key": "k", "retry": {"max": 5, "backoff": "10s", "on": ["crash", "timeout"]},
         "review-policy": {"reviewers": ["@alice"]}, "artifacts": ["dist/report.html"],
         "tracker-item": "WEB-42", "kind": "composite", "parent": "epic-7",
+        "repo": "https://git.example.com/web.git", "base": "main", "scope": ["src/**"], "scope-mode": "enforce",
     }
     assert set(full) == set(FIELD_NAMES)
     assert errors(validator, full) == []
@@ -127,6 +129,13 @@ def test_the_schema_rejects_an_unknown_field(validator):
 
 # The parser is the authority; the schema must agree with it on what is a valid manifest.
 AGREEMENT = [
+    "engine: shell\nrepo: /srv/git/web.git\n",
+    "engine: shell\nrepo: /srv/git/web.git\nbase: main\nscope: [src/**]\nscope-mode: enforce\n",
+    "engine: shell\nbase: main\ncwd: x\n",
+    "engine: shell\nscope: [src/**]\ncwd: x\n",
+    "engine: shell\nrepo: /r\nscope: ['/etc/**']\n",
+    "engine: shell\nrepo: '-upload-pack=x'\n",
+    "engine: shell\nrepo: /r\nscope-mode: strict\n",
     "engine: shell\ncwd: x\n",
     "engine-class: chat-coder\ncwd: x\n",
     "cwd: x\n",

@@ -108,6 +108,10 @@ artifacts: [dist/report.html]
 tracker-item: WEB-42
 kind: composite
 parent: epic-7
+repo: https://git.example.com/web.git
+base: release/2.1
+scope: [src/**, '**/*.md']
+scope-mode: enforce
 """
 
 
@@ -137,6 +141,10 @@ def test_a_manifest_with_every_field_parses_each_one():
     assert m.tracker_item == "WEB-42"
     assert m.kind == "composite"
     assert m.parent == "epic-7"
+    assert m.repo == "https://git.example.com/web.git"
+    assert m.base == "release/2.1"
+    assert m.scope == ["src/**", "**/*.md"]
+    assert m.scope_mode == "enforce"
     # the engine wins over the engine class; budget.wall is the tighter ceiling
     assert m.requirements() == ("engine:claude", "has:git", "node>=20", "os:linux")
     assert m.timeout_s() == 45 * 60.0

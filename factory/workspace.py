@@ -1,0 +1,455 @@
+"""A factory's git workspace: one bare mirror per repository, one fresh worktree per attempt.
+
+Layout, under the factory's own folder (``<data_dir>/<factory id>/git``)::
+
+    mirrors/<key>.git     a bare clone per repository, ``key`` = a hash of the normalised URL;
+                          the remote's branches under refs/remotes/origin/*, the attempts'
+                          branches gf/<job>/e<epoch> under refs/heads/*
+    mirrors/<key>.used    touched at every use: the age eviction goes by (least recently used)
+    worktrees/<job>-e<epoch>   the attempt's working tree, on branch gf/<job>/e<epoch>
+
+Lifecycle of one attempt: :meth:`Store.checkout` (fetch the mirror under its lock, add a worktree
+from ``base``), the engine runs in it, :func:`commit_all` and :func:`diff_stats`, verify, the
+fenced :func:`push`, the result is reported, :meth:`Store.release` (worktree and its local branch
+removed). :meth:`Store.clean_leftovers` at factory start removes what a crashed run left.
+
+Every git call is a real ``git`` subprocess with a timeout (:func:`git`); this module is the thin
+I/O around it and is called off the event loop (``asyncio.to_thread``). Locks are per mirror and
+per process (one factory process owns its folder): a fetch, a worktree add and an eviction of the
+same mirror never overlap.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import shutil
+import subprocess
+import threading
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+GIT_STDERR_MAX_CHARS = 2000
+"""What a :class:`GitError` keeps of git's standard error (the tail)."""
+COMMIT_SUBJECT_MAX_CHARS = 72
+"""Longest commit subject taken from the job's prompt."""
+LOCK_WAIT_CALLS = 6
+"""A checkout waits for its mirror's lock at most this many ``git_timeout_s`` (the holder makes
+at most this many bounded git calls under it)."""
+CHANGED_PATHS_MAX = 10_000
+"""Most changed paths read from one diff (the scope check's input); more is a failure."""
+
+TRAILERS = ("Gigafactory-Job", "Gigafactory-Epoch", "Gigafactory-Attempt", "Gigafactory-Engine", "Gigafactory-Model")
+"""The trailers of every commit the factory makes, in this order."""
+
+_GIT_ENV = {
+    # Never prompt: a missing credential fails the call instead of hanging it until its timeout.
+    # The operator's global config is read (credential helpers, url rewrites, ssh commands are
+    # how a fleet reaches its forge); hooks and signing are switched off per mirror and per commit.
+    "GIT_TERMINAL_PROMPT": "0", "GIT_EDITOR": "true", "LC_ALL": "C",
+}
+
+
+class GitError(Exception):
+    """A git call failed or ran past its timeout. ``str()`` says which call and why."""
+
+    def __init__(self, args: Sequence[str], detail: str) -> None:
+        self.args_run = list(args)
+        self.detail = detail
+        super().__init__(f"git {' '.join(args[:3])}: {detail}")
+
+
+def branch_name(job: str, epoch: int) -> str:
+    """The attempt's branch: ``gf/<job>/e<epoch>`` (the epoch is the fencing token)."""
+    return f"gf/{job}/e{epoch}"
+
+
+def git(args: Sequence[str], *, cwd: Path | None = None, git_dir: Path | None = None, timeout_s: float,
+        env: Mapping[str, str] | None = None, check: bool = True) -> subprocess.CompletedProcess:
+    """Run ``git <args>``; returns the completed process (text output). Raises :class:`GitError`
+    when it exits non-zero (with ``check``) or runs past ``timeout_s`` (it is killed).
+
+    :param args: the arguments after ``git``.
+    :param cwd: where it runs.
+    :param git_dir: ``--git-dir`` (for calls on a bare mirror).
+    :param timeout_s: the bound of this one call, seconds.
+    :param env: variables added to the environment (``GIT_AUTHOR_NAME`` ...).
+    """
+    argv = ["git", *([f"--git-dir={git_dir}"] if git_dir else []), *args]
+    full_env = {**os.environ, **_GIT_ENV, **(env or {})}
+    try:
+        p = subprocess.run(argv, cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout_s,
+                           stdin=subprocess.DEVNULL, errors="replace")
+    except subprocess.TimeoutExpired:
+        raise GitError(args, f"ran past its {timeout_s:g}s timeout (git_timeout_s) and was killed") from None
+    except OSError as e:
+        raise GitError(args, f"could not start git ({e}); is git installed on this factory?") from None
+    if check and p.returncode != 0:
+        raise GitError(args, f"exit {p.returncode}: {p.stderr.strip()[-GIT_STDERR_MAX_CHARS:]}")
+    return p
+
+
+def normalise_url(repo: str, base_dir: Path) -> str:
+    """The URL a mirror is keyed by: a local path made absolute (relative to ``base_dir``, the
+    factory's workspace) and without a trailing ``/``; a URL without a trailing ``/`` or ``.git``
+    difference (``https://h/a/b.git`` and ``https://h/a/b/`` are one repository); the scheme and
+    host lower-cased.
+
+    :param repo: the manifest's ``repo``.
+    :param base_dir: the folder a relative path is under.
+    """
+    if "://" in repo:
+        scheme, rest = repo.split("://", 1)
+        host, _, path = rest.partition("/")
+        url = f"{scheme.lower()}://{host.lower()}/{path}"
+        if scheme.lower() == "file":
+            return "file://" + str(Path("/" + path.lstrip("/")).resolve())
+    elif re.match(r"^[A-Za-z0-9._-]+@[A-Za-z0-9.-]+:", repo):
+        url = repo  # scp-like: user@host:path
+    else:
+        p = Path(os.path.expandvars(os.path.expanduser(repo)))
+        return str((p if p.is_absolute() else base_dir / p).resolve())
+    url = url.rstrip("/")
+    return url[:-4] if url.endswith(".git") else url
+
+
+def mirror_key(url: str) -> str:
+    """The mirror folder's name for a normalised URL: 20 hex digits of its SHA-256."""
+    return hashlib.sha256(url.encode()).hexdigest()[:20]
+
+
+@dataclass
+class Checkout:
+    """One attempt's worktree."""
+
+    url: str
+    """The normalised repository URL (what ``origin`` is in the mirror)."""
+    key: str
+    mirror: Path
+    path: Path
+    """The worktree's root."""
+    branch: str
+    base: str
+    """The branch it started from."""
+    base_commit: str
+    """The commit ``base`` pointed to when the worktree was made: what diffs are taken against."""
+
+
+@dataclass
+class Stats:
+    """What an attempt changed: commits ``base_commit..head``."""
+
+    head: str
+    files_changed: int = 0
+    lines_added: int = 0
+    lines_deleted: int = 0
+    paths: list[str] = field(default_factory=list)
+    """Changed paths relative to the repository's root, POSIX (diffed without rename detection:
+    a renamed file is a deletion and an addition, both paths listed, as the scope check wants)."""
+
+
+class Store:
+    """A factory's mirrors and worktrees (see the module's docstring).
+
+    :param root: the folder it owns (created).
+    :param timeout_s: the bound of each git call (setting ``git_timeout_s``).
+    :param max_bytes: the disk the mirrors may use together before unused ones are evicted,
+        least recently used first (setting ``git_mirrors_max_bytes``).
+    :param base_dir: where a relative local ``repo`` path is (the factory's workspace).
+    """
+
+    def __init__(self, root: Path, *, timeout_s: float, max_bytes: int, base_dir: Path) -> None:
+        self.root = Path(root).resolve()
+        self.mirrors = self.root / "mirrors"
+        self.worktrees = self.root / "worktrees"
+        self.mirrors.mkdir(parents=True, exist_ok=True)
+        self.worktrees.mkdir(parents=True, exist_ok=True)
+        self.timeout_s = timeout_s
+        self.max_bytes = max_bytes
+        self.base_dir = Path(base_dir).resolve()
+        self._guard = threading.Lock()
+        self._locks: dict[str, threading.Lock] = {}
+        self._in_use: dict[str, int] = {}
+        """Worktrees (or checkouts being made) per mirror key: a mirror in use is never evicted."""
+        self.evicted: list[str] = []
+        """Keys of the mirrors evicted so far (for logs and tests)."""
+
+    # -- locks and use counts ---------------------------------------------------------------
+
+    def _lock(self, key: str) -> threading.Lock:
+        with self._guard:
+            return self._locks.setdefault(key, threading.Lock())
+
+    def _use(self, key: str, delta: int) -> None:
+        with self._guard:
+            n = self._in_use.get(key, 0) + delta
+            assert n >= 0, (key, n)
+            if n:
+                self._in_use[key] = n
+            else:
+                self._in_use.pop(key, None)
+
+    def in_use(self, key: str) -> bool:
+        with self._guard:
+            return key in self._in_use
+
+    # -- an attempt's worktree ----------------------------------------------------------------
+
+    def checkout(self, repo: str, base: str | None, job: str, epoch: int) -> Checkout:
+        """Fetch ``repo``'s mirror (cloning it the first time) and add a fresh worktree on
+        ``gf/<job>/e<epoch>`` from ``base`` (default: the remote's HEAD). Raises
+        :class:`GitError` (the repository cannot be reached, ``base`` does not exist, ...).
+
+        :param repo: the manifest's ``repo``.
+        :param base: the manifest's ``base``, or None.
+        :param job: the job id.
+        :param epoch: the attempt's epoch.
+        """
+        url = normalise_url(repo, self.base_dir)
+        key = mirror_key(url)
+        mirror = self.mirrors / f"{key}.git"
+        branch = branch_name(job, epoch)
+        path = self.worktrees / f"{job}-e{epoch}"
+        self._use(key, +1)  # before the lock: an eviction waiting for it must not take it
+        lock = self._lock(key)
+        try:
+            # Bounded: whoever holds it runs a few git calls, each bounded by timeout_s.
+            if not lock.acquire(timeout=self.timeout_s * LOCK_WAIT_CALLS):
+                raise GitError(["fetch"], f"the mirror of {url} stayed busy for {self.timeout_s * LOCK_WAIT_CALLS:g}s")
+            try:
+                self._ensure_mirror(mirror, url)
+                (self.mirrors / f"{key}.used").touch()
+                git(["fetch", "--prune", "--no-tags", "origin"], git_dir=mirror, timeout_s=self.timeout_s)
+                if base is None:
+                    base = self._remote_head(mirror)
+                ref = f"refs/remotes/origin/{base}"
+                got = git(["rev-parse", "--verify", "--quiet", f"{ref}^{{commit}}"], git_dir=mirror,
+                          timeout_s=self.timeout_s, check=False)
+                if got.returncode != 0:
+                    raise GitError(["rev-parse", base], f"the repository {url} has no branch {base!r}")
+                base_commit = got.stdout.strip()
+                if path.exists():  # the same attempt again (cannot happen: epochs are unique)
+                    self._remove_worktree(mirror, path, branch)
+                git(["worktree", "add", "--force", "--no-track", "-B", branch, str(path), base_commit],
+                    git_dir=mirror, timeout_s=self.timeout_s)
+            finally:
+                lock.release()
+        except BaseException:
+            self._use(key, -1)
+            raise
+        return Checkout(url=url, key=key, mirror=mirror, path=path, branch=branch, base=base,
+                        base_commit=base_commit)
+
+    def release(self, co: Checkout) -> None:
+        """Remove the attempt's worktree and its local branch (the pushed branch stays on the
+        remote), then evict mirrors over the disk bound. Never raises for a worktree already gone;
+        raises :class:`GitError` if the mirror stays locked past its bound."""
+        lock = self._lock(co.key)
+        try:
+            if not lock.acquire(timeout=self.timeout_s * LOCK_WAIT_CALLS):
+                raise GitError(["worktree", "remove"], f"the mirror of {co.url} stayed busy; {co.path} is left "
+                                                       "for the clean-up at the next start")
+            try:
+                self._remove_worktree(co.mirror, co.path, co.branch)
+            finally:
+                lock.release()
+        finally:
+            self._use(co.key, -1)
+        self.evict()
+
+    def _ensure_mirror(self, mirror: Path, url: str) -> None:
+        if (mirror / "HEAD").exists():
+            return
+        shutil.rmtree(mirror, ignore_errors=True)  # a clone interrupted before its HEAD existed
+        tmp = mirror.with_name(mirror.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        git(["init", "--quiet", "--bare", str(tmp)], timeout_s=self.timeout_s)
+        for args in (["remote", "add", "origin", url],
+                     ["config", "remote.origin.fetch", "+refs/heads/*:refs/remotes/origin/*"],
+                     ["config", "gc.auto", "0"], ["config", "core.hooksPath", os.devnull]):
+            git(args, git_dir=tmp, timeout_s=self.timeout_s)
+        tmp.rename(mirror)  # a mirror exists only once it is complete
+
+    def _remote_head(self, mirror: Path) -> str:
+        out = git(["ls-remote", "--symref", "origin", "HEAD"], git_dir=mirror, timeout_s=self.timeout_s).stdout
+        m = re.search(r"^ref: refs/heads/(\S+)\s+HEAD$", out, re.M)
+        if not m:
+            raise GitError(["ls-remote", "HEAD"], "the remote names no default branch (HEAD); set 'base'")
+        return m.group(1)
+
+    def _remove_worktree(self, mirror: Path, path: Path, branch: str) -> None:
+        git(["worktree", "remove", "--force", "--force", str(path)], git_dir=mirror, timeout_s=self.timeout_s,
+            check=False)
+        shutil.rmtree(path, ignore_errors=True)
+        git(["worktree", "prune"], git_dir=mirror, timeout_s=self.timeout_s, check=False)
+        git(["branch", "-D", branch], git_dir=mirror, timeout_s=self.timeout_s, check=False)
+
+    # -- the disk bound -----------------------------------------------------------------------
+
+    def mirror_sizes(self) -> dict[str, tuple[int, float]]:
+        """Each mirror's key -> (bytes on disk, last use as a timestamp)."""
+        out: dict[str, tuple[int, float]] = {}
+        for m in self.mirrors.glob("*.git"):
+            key = m.name[:-4]
+            used = self.mirrors / f"{key}.used"
+            at = used.stat().st_mtime if used.exists() else 0.0
+            out[key] = (_du(m), at)
+        return out
+
+    def evict(self) -> list[str]:
+        """Remove mirrors no worktree uses, least recently used first, until all of them fit
+        ``max_bytes``; returns the keys removed. A mirror in use (or locked: being fetched) is
+        skipped, so the store may stay over the bound while jobs use it."""
+        sizes = self.mirror_sizes()
+        total = sum(s for s, _ in sizes.values())
+        removed: list[str] = []
+        for key, (size, _) in sorted(sizes.items(), key=lambda kv: kv[1][1]):
+            if total <= self.max_bytes:
+                break
+            lock = self._lock(key)
+            if self.in_use(key) or not lock.acquire(blocking=False):
+                continue
+            try:
+                if self.in_use(key):
+                    continue
+                shutil.rmtree(self.mirrors / f"{key}.git", ignore_errors=True)
+                (self.mirrors / f"{key}.used").unlink(missing_ok=True)
+            finally:
+                lock.release()
+            total -= size
+            removed.append(key)
+        self.evicted += removed
+        return removed
+
+    # -- after a crash ------------------------------------------------------------------------
+
+    def clean_leftovers(self) -> list[str]:
+        """At factory start (nothing of ours runs yet): remove every worktree left under this
+        store, prune each mirror's worktree list and delete its local ``gf/*`` branches, remove
+        clones interrupted halfway, and evict down to ``max_bytes``. Returns the worktree folders
+        removed."""
+        removed = []
+        for p in sorted(self.worktrees.iterdir()):
+            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+            removed.append(p.name)
+        for tmp in self.mirrors.glob("*.git.tmp"):
+            shutil.rmtree(tmp, ignore_errors=True)
+        for mirror in self.mirrors.glob("*.git"):
+            try:
+                git(["worktree", "prune"], git_dir=mirror, timeout_s=self.timeout_s)
+                refs = git(["for-each-ref", "--format=%(refname)", "refs/heads/gf/"], git_dir=mirror,
+                           timeout_s=self.timeout_s).stdout.split()
+                for ref in refs:
+                    git(["update-ref", "-d", ref], git_dir=mirror, timeout_s=self.timeout_s)
+            except GitError:
+                shutil.rmtree(mirror, ignore_errors=True)  # unusable: cloned again when needed
+        self.evict()  # the bound may have been lowered since the last run
+        return removed
+
+
+def _du(path: Path) -> int:
+    total = 0
+    for dirpath, _, files in os.walk(path):
+        for f in files:
+            try:
+                total += os.lstat(os.path.join(dirpath, f)).st_size
+            except OSError:
+                pass
+    return total
+
+
+# -- after the engine: commit, diff, push -------------------------------------------------------
+
+
+def commit_message(subject: str, trailers: Mapping[str, str]) -> str:
+    """The commit message: ``subject``, a blank line, one ``Key: value`` trailer a line.
+
+    :param subject: the first line (already cut to :data:`COMMIT_SUBJECT_MAX_CHARS`).
+    :param trailers: the trailers, in order.
+    """
+    lines = [f"{k}: {' '.join(str(v).split())}" for k, v in trailers.items()]
+    return f"{subject}\n\n" + "\n".join(lines) + "\n"
+
+
+def subject_from(body: str, job: str) -> str:
+    """A commit subject from the job: the prompt's first non-empty line (markdown heading marks
+    and a code fence's opening skipped), cut to :data:`COMMIT_SUBJECT_MAX_CHARS`; else the job id.
+
+    :param body: the job's body (its prompt, or its script).
+    :param job: the job id.
+    """
+    for line in body.splitlines():
+        text = line.strip().lstrip("#").strip()
+        if not text or text.startswith("```"):
+            continue
+        text = " ".join(text.split())
+        if len(text) > COMMIT_SUBJECT_MAX_CHARS:
+            text = text[: COMMIT_SUBJECT_MAX_CHARS - 3].rstrip() + "..."
+        return text
+    return f"gigafactory job {job}"
+
+
+def commit_all(co: Checkout, message: str, *, author: str, email: str, timeout_s: float) -> str | None:
+    """Commit everything changed in the worktree (``git add -A``: ``.gitignore`` is respected);
+    returns the new commit, or None when nothing changed (the engine may have committed itself:
+    the branch's head is what counts, see :func:`diff_stats`).
+
+    :param co: the attempt's checkout.
+    :param message: the commit message (:func:`commit_message`).
+    :param author: author and committer name.
+    :param email: author and committer email.
+    :param timeout_s: the bound of each git call.
+    """
+    ident = {"GIT_AUTHOR_NAME": author, "GIT_AUTHOR_EMAIL": email,
+             "GIT_COMMITTER_NAME": author, "GIT_COMMITTER_EMAIL": email}
+    git(["add", "-A"], cwd=co.path, timeout_s=timeout_s)
+    if git(["diff", "--cached", "--quiet"], cwd=co.path, timeout_s=timeout_s, check=False).returncode == 0:
+        return None
+    msg = co.path.parent / f".{co.path.name}.msg"
+    msg.write_text(message, encoding="utf-8")
+    try:
+        git(["-c", "commit.gpgsign=false", "commit", "--quiet", "--no-verify", "-F", str(msg)], cwd=co.path,
+            timeout_s=timeout_s, env=ident)
+    finally:
+        msg.unlink(missing_ok=True)
+    return git(["rev-parse", "HEAD"], cwd=co.path, timeout_s=timeout_s).stdout.strip()
+
+
+def diff_stats(co: Checkout, *, timeout_s: float) -> Stats:
+    """What the branch changed since ``base_commit``: files, lines added and deleted (a binary
+    file counts as changed with no lines), and the changed paths. Raises :class:`GitError`
+    past :data:`CHANGED_PATHS_MAX` paths.
+
+    :param co: the attempt's checkout.
+    :param timeout_s: the bound of each git call.
+    """
+    head = git(["rev-parse", "HEAD"], cwd=co.path, timeout_s=timeout_s).stdout.strip()
+    out = git(["diff", "--numstat", "-z", "--no-renames", co.base_commit, head], cwd=co.path,
+              timeout_s=timeout_s).stdout
+    st = Stats(head=head)
+    for rec in out.split("\0"):
+        if not rec:
+            continue
+        added, deleted, path = rec.split("\t", 2)
+        st.files_changed += 1
+        st.lines_added += int(added) if added.isdigit() else 0
+        st.lines_deleted += int(deleted) if deleted.isdigit() else 0
+        if len(st.paths) >= CHANGED_PATHS_MAX:
+            raise GitError(["diff", "--numstat"], f"more than {CHANGED_PATHS_MAX:,} changed paths (CHANGED_PATHS_MAX)")
+        st.paths.append(path)
+    return st
+
+
+def push(co: Checkout, *, timeout_s: float) -> None:
+    """Push the worktree's ``HEAD`` (what the diff stats describe, even if the engine switched
+    branches) to ``origin`` as the attempt's branch, never forced (the branch is the epoch's
+    own: no one else writes it). Raises :class:`GitError`.
+
+    :param co: the attempt's checkout.
+    :param timeout_s: the bound of the push (the factory passes what is left of the lease).
+    """
+    git(["push", "--quiet", "--porcelain", "origin", f"HEAD:refs/heads/{co.branch}"],
+        cwd=co.path, timeout_s=timeout_s)
+
