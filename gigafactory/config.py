@@ -9,11 +9,12 @@ from __future__ import annotations
 import json
 import os
 import re
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from gigafactory.procs import pid_alive
 from gigafactory.schemas import limits
+from gigafactory.schemas.scope import validate_globs
 
 ENV_URL = "GIGAFACTORY_NATS_URL"
 ENV_HOME = "GIGAFACTORY_HOME"
@@ -257,6 +258,14 @@ class Settings:
     (``GIGAFACTORY_UNSAFE_UNFENCED_ENGINES=1``): engines run without the supervisor (they
     outlive a killed factory) and without self-fencing (they outlive a lost lease), so a job's
     side effects can happen twice. The factory logs a warning at start when it is on."""
+    # -- repository guardrails and forges (issue 10, helper forges) ---------------------------
+    protected_paths: list[str] = field(default_factory=lambda: list(DEFAULT_PROTECTED_PATHS))
+    """Path globs (repository-relative, the scope grammar of ``schemas/scope.py``) that no job
+    may change on this factory, whatever its ``scope`` and ``scope-mode``: an attempt touching
+    one ends ``scope_violation`` and pushes nothing. Environment: comma-separated
+    (``GIGAFACTORY_PROTECTED_PATHS=.github/workflows/**,deploy/**``; empty: nothing is
+    protected). Risk: an empty list lets an agent edit CI, which may run with the repository's
+    secrets on the next push."""
 
     @property
     def fence_margin_effective_s(self) -> float:
@@ -335,6 +344,8 @@ class Settings:
                 setattr(s, f.name, None)
             elif typ in ("str", "str | None"):
                 setattr(s, f.name, raw)
+            elif typ == "list[str]":
+                setattr(s, f.name, [v.strip() for v in raw.split(",") if v.strip()])
             else:
                 try:
                     setattr(s, f.name, int(raw) if typ == "int" else float(raw))
@@ -350,6 +361,28 @@ class Settings:
 
     def __post_init__(self) -> None:
         check_log_upload(self)
+        check_protected_paths(self)
+
+
+DEFAULT_PROTECTED_PATHS = (".github/workflows/**",)
+"""What ``protected_paths`` protects unless told otherwise: GitHub Actions workflows, which
+run with the repository's secrets."""
+
+
+def check_protected_paths(s: Settings) -> None:
+    """Refuse ``protected_paths`` globs the scope grammar refuses (a typo there would protect
+    nothing, silently): SettingsError naming each bad glob and what to write."""
+    errors = validate_globs(s.protected_paths, "protected_paths (GIGAFACTORY_PROTECTED_PATHS)")
+    if errors:
+        raise SettingsError("; ".join(errors))
+
+
+def env_text(value: object) -> str:
+    """A setting's value as its ``GIGAFACTORY_<NAME>`` variable reads it back (lists are
+    comma-separated), for code that hands its settings to a child process."""
+    if isinstance(value, (list, tuple)):
+        return ",".join(str(v) for v in value)
+    return str(value)
 
 
 ENGINE_ENV_PASSTHROUGH_MAX_CHARS = 4096
