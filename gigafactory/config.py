@@ -266,6 +266,16 @@ class Settings:
     (``GIGAFACTORY_PROTECTED_PATHS=.github/workflows/**,deploy/**``; empty: nothing is
     protected). Risk: an empty list lets an agent edit CI, which may run with the repository's
     secrets on the next push."""
+    forge: str = "auto"
+    """Which forge opens and merges pull requests for a job's ``repo``: ``auto`` (a local path
+    or ``file://`` URL: the local forge; a github.com URL: GitHub), ``local`` or ``github``
+    (needed for a GitHub Enterprise host, with ``github_api_url``)."""
+    github_api_url: str = "https://api.github.com"
+    """GitHub's REST API root; ``https://HOST/api/v3`` for GitHub Enterprise Server. Must be
+    https (http only on a loopback address, for tests): the token goes with every request."""
+    forge_http_timeout_s: float = 30.0
+    """Bound, in seconds, on each request to an HTTP forge (GitHub). Too small: merges of big
+    pull requests time out and are retried; too large: a hung forge holds a station."""
 
     @property
     def fence_margin_effective_s(self) -> float:
@@ -369,10 +379,24 @@ DEFAULT_PROTECTED_PATHS = (".github/workflows/**",)
 run with the repository's secrets."""
 
 
+FORGE_SETTING_KINDS = ("auto", "local", "github")
+"""Values of the ``forge`` setting (factory/forges/base.py: FORGE_KINDS)."""
+
+
 def check_protected_paths(s: Settings) -> None:
     """Refuse ``protected_paths`` globs the scope grammar refuses (a typo there would protect
-    nothing, silently): SettingsError naming each bad glob and what to write."""
+    nothing, silently), and forge settings that would send a token in clear text or never
+    time out: SettingsError naming each bad value and what to write."""
     errors = validate_globs(s.protected_paths, "protected_paths (GIGAFACTORY_PROTECTED_PATHS)")
+    if s.forge not in FORGE_SETTING_KINDS:
+        errors.append(f"forge (GIGAFACTORY_FORGE)={s.forge!r}: expected one of {', '.join(FORGE_SETTING_KINDS)}")
+    url = s.github_api_url
+    if not (url.startswith("https://") or re.match(r"^http://(127\.0\.0\.1|localhost|\[::1\])(:\d+)?(/|$)", url)):
+        errors.append(f"github_api_url (GIGAFACTORY_GITHUB_API_URL)={url!r}: must start with https:// (http:// "
+                      "only on a loopback address): the GitHub token is sent with every request")
+    if not s.forge_http_timeout_s > 0:
+        errors.append(f"forge_http_timeout_s (GIGAFACTORY_FORGE_HTTP_TIMEOUT_S)={s.forge_http_timeout_s!r}: "
+                      "must be a positive number of seconds")
     if errors:
         raise SettingsError("; ".join(errors))
 
