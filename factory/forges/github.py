@@ -246,7 +246,14 @@ class GitHubForge:
 
     async def _call(self, method: str, path: str, body: Any = None,
                     query: Mapping[str, Any] | None = None) -> tuple[int, Any, Mapping[str, str]]:
-        return await asyncio.to_thread(self._request, method, path, body, query)
+        # urllib's timeout bounds each socket operation; this bounds the whole request (a
+        # server dripping bytes). The thread itself ends at its next socket timeout.
+        bound_s = self.http_timeout_s * 2 + 1
+        try:
+            return await asyncio.wait_for(asyncio.to_thread(self._request, method, path, body, query), timeout=bound_s)
+        except asyncio.TimeoutError:
+            raise ForgeError(f"GitHub {method} {path}: no complete answer from {self.api_url} "
+                             f"within {bound_s:g}s") from None
 
     def _fail(self, method: str, path: str, status: int, payload: Any, headers: Mapping[str, str]) -> ForgeError:
         """The exception for an unexpected answer, in GitHub's words, with what to check."""

@@ -60,6 +60,10 @@ MERGE_IDENTITY = {
 """Who the local forge's merge commits are by (the jobs' own commits keep their authors)."""
 
 
+_GIT_LOCATION_VARS = ("GIT_DIR", "GIT_WORK_TREE", "GIT_INDEX_FILE", "GIT_OBJECT_DIRECTORY",
+                      "GIT_ALTERNATE_OBJECT_DIRECTORIES", "GIT_COMMON_DIR", "GIT_NAMESPACE")
+
+
 class LocalPull(msgspec.Struct, omit_defaults=True):
     """The stored record of one local pull request."""
 
@@ -166,7 +170,10 @@ class LocalForge:
     async def _git(self, *args: str, env: dict[str, str] | None = None, ok: tuple[int, ...] = (0,)) -> tuple[int, str]:
         """Run ``git -C <remote> args``; (exit code, stdout). Raises ForgeError on an exit code
         not in ``ok`` (with git's stderr) or when it outlives ``GIT_TIMEOUT_S``."""
-        full_env = {**os.environ, "GIT_TERMINAL_PROMPT": "0", **(env or {})}
+        # A factory started from a git hook inherits GIT_DIR and friends, which would point
+        # git at another repository than -C's: drop them.
+        full_env = {k: v for k, v in os.environ.items() if k not in _GIT_LOCATION_VARS}
+        full_env.update({"GIT_TERMINAL_PROMPT": "0", **(env or {})})
         proc = await asyncio.create_subprocess_exec(
             "git", "-C", self.remote, *args, stdin=asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=full_env)
@@ -320,10 +327,13 @@ class LocalForge:
                     env=MERGE_IDENTITY)
                 merge_sha = out.strip()
                 # Compare-and-swap on the base ref: moved meanwhile -> start over from the new base.
-                rc, _ = await self._git("update-ref", "-m", f"gigafactory: merge pull request #{cur.number}",
-                                        f"refs/heads/{cur.base}", merge_sha, base_sha, ok=(0, 1, 128))
-                if rc != 0:
-                    continue
+                try:
+                    await self._git("update-ref", "-m", f"gigafactory: merge pull request #{cur.number}",
+                                    f"refs/heads/{cur.base}", merge_sha, base_sha)
+                except ForgeError:
+                    if await self._branch_sha(cur.base) != base_sha:
+                        continue  # lost the race to another merge or push
+                    raise
             done = msgspec.structs.replace(rec, pr=msgspec.structs.replace(
                 cur, state="merged", merge_sha=merge_sha, head_sha=head_sha, updated_at=time.time()))
             try:
