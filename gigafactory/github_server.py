@@ -86,7 +86,7 @@ class GitHubServer:
         self.repos: dict[tuple[str, str], Repo] = {}
         self.requests: list[dict[str, Any]] = []
         """Every request: method, path, query, body (JSON), and whether it was authorised."""
-        self._script: list[tuple[str, re.Pattern, int, dict]] = []
+        self._script: list[tuple[str, re.Pattern, int, Any, dict[str, str]]] = []
         self._move_head: dict[tuple[str, str, int], str] = {}
         self.lock = threading.Lock()
         self._httpd: ThreadingHTTPServer | None = None
@@ -175,12 +175,14 @@ class GitHubServer:
                 "url": f"{self.api_url}/repos/{owner}/{name}/statuses/{sha}",
                 "created_at": _now(), "updated_at": _now()})
 
-    def fail_next(self, method: str, path_regex: str, status: int, body: Any = None) -> None:
-        """Answer the next ``method`` request whose path matches ``path_regex`` with ``status``
-        and ``body`` (GitHub's error shape by default) instead of serving it."""
+    def fail_next(self, method: str, path_regex: str, status: int, body: Any = None,
+                  headers: dict[str, str] | None = None) -> None:
+        """Answer the next ``method`` request whose path matches ``path_regex`` with ``status``,
+        ``body`` (GitHub's error shape by default) and ``headers`` instead of serving it."""
         with self.lock:
             self._script.append((method, re.compile(path_regex), status,
-                                 body if body is not None else {"message": "Server Error", "documentation_url": DOCS}))
+                                 body if body is not None else {"message": "Server Error", "documentation_url": DOCS},
+                                 headers or {}))
 
     def move_head_before_merge(self, owner: str, name: str, number: int, sha: str) -> None:
         """When pull request ``number`` is next merged, its head is first pushed to ``sha``
@@ -208,18 +210,20 @@ class GitHubServer:
                                   "authorised": authorised, "accept": h.headers.get("Accept"),
                                   "api_version": h.headers.get("X-GitHub-Api-Version")})
             del self.requests[:-REQUESTS_KEPT]
-            for i, (method, rx, status, out) in enumerate(self._script):
+            for i, (method, rx, status, out, extra) in enumerate(self._script):
                 if method == h.command and rx.search(url.path):
                     del self._script[i]
-                    return self._send(h, status, out)
+                    return self._send(h, status, out, extra)
             if not authorised:
                 return self._send(h, 401, {"message": "Bad credentials", "documentation_url": DOCS})
             status, out = self._route(h.command, url.path, query, body)
         self._send(h, status, out)
 
-    def _send(self, h: BaseHTTPRequestHandler, status: int, out: Any) -> None:
+    def _send(self, h: BaseHTTPRequestHandler, status: int, out: Any, headers: dict[str, str] | None = None) -> None:
         data = json.dumps(out).encode()
         h.send_response(status)
+        for k, v in (headers or {}).items():
+            h.send_header(k, v)
         h.send_header("Content-Type", "application/json; charset=utf-8")
         h.send_header("Content-Length", str(len(data)))
         h.send_header("X-GitHub-Api-Version-Selected", "2022-11-28")

@@ -5,6 +5,7 @@ Not run against github.com."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import socket
 
 import pytest
@@ -276,3 +277,50 @@ def test_check_summary_failure_beats_pending_beats_success(runs, combined, state
 ])
 def test_github_remotes_are_read_as_owner_and_repo(remote, parsed):
     assert parse_remote(remote) == parsed
+
+
+def test_redirects_are_refused_so_the_token_is_never_resent_elsewhere(gh):
+    async def body():
+        gh.fail_next("GET", r"/pulls$", 301, {"message": "Moved Permanently"},
+                     headers={"Location": "https://evil.example.com/repos/acme/app/pulls"})
+        with pytest.raises(ForgeError, match="redirected to https://evil.example.com/.*point the job's repo"):
+            await forge(gh).open_pull_request("r", HEAD, "main", "t", "")
+        assert len(gh.requests) == 1  # nothing followed the redirect
+
+    run(body())
+
+
+def test_a_rate_limit_is_named_with_its_reset_time_not_as_a_permission_problem(gh):
+    async def body():
+        gh.fail_next("GET", r"/pulls$", 403, {"message": "API rate limit exceeded"},
+                     headers={"X-RateLimit-Remaining": "0", "X-RateLimit-Reset": "1767225600"})
+        with pytest.raises(ForgeError, match="API rate limit exceeded: rate limited until 1767225600") as e:
+            await forge(gh).open_pull_request("r", HEAD, "main", "t", "")
+        assert not isinstance(e.value, ForgeAuthError)
+
+    run(body())
+
+
+def test_the_token_appears_in_no_log_line(gh, caplog):
+    async def body():
+        f = forge(gh)
+        pr = await f.open_pull_request("r", HEAD, "main", "t", "")
+        await f.merge(pr)
+
+    with caplog.at_level(logging.DEBUG):
+        run(body())
+    assert any("github" in r.name for r in caplog.records)  # the forge did log
+    assert TOKEN not in caplog.text
+
+
+def test_the_context_reads_the_token_from_the_factorys_credential_variables():
+    from gigafactory.config import Settings
+    from gigafactory.factory.forges.base import context_from
+
+    s = Settings(github_api_url="https://ghe.example.com/api/v3", forge_http_timeout_s=7.0)
+    ctx = context_from(s, store="broker", environ={"GH_TOKEN": "b", "GITHUB_TOKEN": "a"})
+    assert (ctx.github_token, ctx.github_api_url, ctx.http_timeout_s, ctx.store) == (
+        "a", "https://ghe.example.com/api/v3", 7.0, "broker")
+    assert context_from(s, environ={"GH_TOKEN": "b"}).github_token == "b"
+    assert context_from(s, environ={}).github_token is None
+    assert "'a'" not in repr(ctx)
