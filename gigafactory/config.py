@@ -9,11 +9,12 @@ from __future__ import annotations
 import json
 import os
 import re
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from gigafactory.procs import pid_alive
 from gigafactory.schemas import limits
+from gigafactory.schemas.scope import validate_globs
 
 ENV_URL = "GIGAFACTORY_NATS_URL"
 ENV_HOME = "GIGAFACTORY_HOME"
@@ -284,6 +285,25 @@ class Settings:
     the attempt fails (``crash``, retried). Larger is safer against a holder paused mid-push;
     it must be less than ``lease_ttl_s``."""
 
+    # -- repository guardrails and forges (issue 10, helper forges) ---------------------------
+    protected_paths: list[str] = field(default_factory=lambda: list(DEFAULT_PROTECTED_PATHS))
+    """Path globs (repository-relative, the scope grammar of ``schemas/scope.py``) that no job
+    may change on this factory, whatever its ``scope`` and ``scope-mode``: an attempt touching
+    one ends ``scope_violation`` and pushes nothing. Environment: comma-separated
+    (``GIGAFACTORY_PROTECTED_PATHS=.github/workflows/**,deploy/**``; empty: nothing is
+    protected). Risk: an empty list lets an agent edit CI, which may run with the repository's
+    secrets on the next push."""
+    forge: str = "auto"
+    """Which forge opens and merges pull requests for a job's ``repo``: ``auto`` (a local path
+    or ``file://`` URL: the local forge; a github.com URL: GitHub), ``local`` or ``github``
+    (needed for a GitHub Enterprise host, with ``github_api_url``)."""
+    github_api_url: str = "https://api.github.com"
+    """GitHub's REST API root; ``https://HOST/api/v3`` for GitHub Enterprise Server. Must be
+    https (http only on a loopback address, for tests): the token goes with every request."""
+    forge_http_timeout_s: float = 30.0
+    """Bound, in seconds, on each request to an HTTP forge (GitHub). Too small: merges of big
+    pull requests time out and are retried; too large: a hung forge holds a station."""
+
     @property
     def fence_margin_effective_s(self) -> float:
         """``fence_margin_s``, or its default (see there)."""
@@ -372,6 +392,8 @@ class Settings:
                 setattr(s, f.name, None)
             elif typ in ("str", "str | None"):
                 setattr(s, f.name, raw)
+            elif typ == "list[str]":
+                setattr(s, f.name, [v.strip() for v in raw.split(",") if v.strip()])
             else:
                 try:
                     setattr(s, f.name, int(raw) if typ == "int" else float(raw))
@@ -387,6 +409,42 @@ class Settings:
 
     def __post_init__(self) -> None:
         check_log_upload(self)
+        check_protected_paths(self)
+
+
+DEFAULT_PROTECTED_PATHS = (".github/workflows/**",)
+"""What ``protected_paths`` protects unless told otherwise: GitHub Actions workflows, which
+run with the repository's secrets."""
+
+
+FORGE_SETTING_KINDS = ("auto", "local", "github")
+"""Values of the ``forge`` setting (factory/forges/base.py: FORGE_KINDS)."""
+
+
+def check_protected_paths(s: Settings) -> None:
+    """Refuse ``protected_paths`` globs the scope grammar refuses (a typo there would protect
+    nothing, silently), and forge settings that would send a token in clear text or never
+    time out: SettingsError naming each bad value and what to write."""
+    errors = validate_globs(s.protected_paths, "protected_paths (GIGAFACTORY_PROTECTED_PATHS)")
+    if s.forge not in FORGE_SETTING_KINDS:
+        errors.append(f"forge (GIGAFACTORY_FORGE)={s.forge!r}: expected one of {', '.join(FORGE_SETTING_KINDS)}")
+    url = s.github_api_url
+    if not (url.startswith("https://") or re.match(r"^http://(127\.0\.0\.1|localhost|\[::1\])(:\d+)?(/|$)", url)):
+        errors.append(f"github_api_url (GIGAFACTORY_GITHUB_API_URL)={url!r}: must start with https:// (http:// "
+                      "only on a loopback address): the GitHub token is sent with every request")
+    if not s.forge_http_timeout_s > 0:
+        errors.append(f"forge_http_timeout_s (GIGAFACTORY_FORGE_HTTP_TIMEOUT_S)={s.forge_http_timeout_s!r}: "
+                      "must be a positive number of seconds")
+    if errors:
+        raise SettingsError("; ".join(errors))
+
+
+def env_text(value: object) -> str:
+    """A setting's value as its ``GIGAFACTORY_<NAME>`` variable reads it back (lists are
+    comma-separated), for code that hands its settings to a child process."""
+    if isinstance(value, (list, tuple)):
+        return ",".join(str(v) for v in value)
+    return str(value)
 
 
 ENGINE_ENV_PASSTHROUGH_MAX_CHARS = 4096

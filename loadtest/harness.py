@@ -51,7 +51,7 @@ from nats.js import api
 from gigafactory.broker import Broker
 from gigafactory.chaos.harness import LabProc, wait_for
 from gigafactory.client import ApiError, Client
-from gigafactory.config import Settings
+from gigafactory.config import Settings, env_text
 from gigafactory.embedded import EmbeddedServer
 from gigafactory.schemas import names
 from gigafactory.schemas.records import FactoryRecord, JobRecord, decode, encode
@@ -384,7 +384,7 @@ class LoadRun:
         for f in fields(Settings):
             v = getattr(self.settings, f.name)
             if v is not None:
-                env[f"GIGAFACTORY_{f.name.upper()}"] = str(v)
+                env[f"GIGAFACTORY_{f.name.upper()}"] = env_text(v)
         env["GIGAFACTORY_NATS_URL"] = self.url
         env["GIGAFACTORY_HOME"] = str(self.dir / "home")
         env["PYTHONUNBUFFERED"] = "1"

@@ -86,6 +86,13 @@ class FailureClass(enum.StrEnum):
     """The engine's credential was refused (HTTP 401/403)."""
     CONTEXT_OVERFLOW = "context_overflow"
     """The conversation no longer fit the model's context window."""
+    SCOPE_VIOLATION = "scope_violation"
+    """The attempt changed paths outside the job's ``scope`` under ``scope-mode: enforce``, or
+    paths the fleet protects (``protected_paths``) in any mode; nothing was pushed. Not
+    retried by default: the same prompt tends to make the same change."""
+    MERGE_CONFLICT = "merge_conflict"
+    """``base`` moved and the job's branch no longer merges cleanly, after the one
+    ``rebase-needed`` retry from the new base. Not retried by default."""
 
 
 class Budget(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):

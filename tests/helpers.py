@@ -27,7 +27,7 @@ import yaml
 from gigafactory.procs import pid_alive, popen_tied  # noqa: F401 (tests import pid_alive from here)
 from gigafactory.broker import Broker
 from gigafactory.client import Client
-from gigafactory.config import Settings
+from gigafactory.config import Settings, env_text
 from gigafactory.coordinator.api import read_events
 from gigafactory.coordinator.service import Coordinator
 from gigafactory.factory.agent import Factory
@@ -58,7 +58,7 @@ def fast_env(**overrides: Any) -> dict[str, str]:
     for f in fields(Settings):
         v = getattr(s, f.name)
         if v is not None:
-            env[f"GIGAFACTORY_{f.name.upper()}"] = str(v)
+            env[f"GIGAFACTORY_{f.name.upper()}"] = env_text(v)
     return env
 
 

@@ -243,7 +243,7 @@ ENUMS = [
     ("kind", "kind: tree\n", 4, "'tree' is not a kind; expected one of composite, leaf"),
     ("retry.on[1]", "retry:\n  max: 1\n  on:\n    - crash\n    - meteor\n", 8,
      "'meteor' is not a failure class; expected one of timeout, verify_failed, crash, lease_expired, "
-     "budget_exceeded, setup_failed, rate_limited, auth_failed, context_overflow"),
+     "budget_exceeded, setup_failed, rate_limited, auth_failed, context_overflow, scope_violation, merge_conflict"),
     ("review-policy", "review-policy: sometimes\n", 4,
      "'sometimes' is not a review-policy; expected one of auto, manual or a mapping {reviewers: [...]}"),
 ]
