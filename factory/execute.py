@@ -277,18 +277,8 @@ class Execute:
                 if out.failure is None:
                     out = dataclasses.replace(out, failure=FailureClass.CRASH,
                                               detail=f"the engine's changes could not be committed: {e}"[:500])
-            # SCOPE CHECK (issue 10): the one call site, to wire once schemas/scope.py (forges) is on
-            # main. ``changed`` is every path the branch changed since base (a rename: both paths).
-            #   try:
-            #       verdict = check_scope(changed, effective_scope(m, rec.profile.scope if rec.profile else None),
-            #                             self.s.protected_paths, m.scope_mode)
-            #   except ValueError as e:  # GlobError too: a glob the manifest let through
-            #       verdict = None; out = <CRASH or SCOPE_VIOLATION with str(e)>
-            #   if verdict.outside or verdict.protected: await self._event("scope_violation", ...detail...)
-            #   if not verdict.ok and out.failure is None:
-            #       out = dataclasses.replace(out, failure=FailureClass.SCOPE_VIOLATION, detail=verdict.detail)
-            # Here, before verify: a refused attempt is neither verified nor pushed.
-            del changed
+            # The scope guardrail, before verify: a refused attempt is neither verified nor pushed.
+            out, ws = await self._judge_scope(run, out, ws, changed)
         if out.failure is None and eng.verifies:
             # The gate's outcome knows nothing of the engine's usage: keep what the engine reported.
             # It runs in the worktree (prepared.cwd is the job's cwd inside it), after the commit.

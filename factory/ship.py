@@ -21,15 +21,19 @@ State it uses, set up by :class:`~gigafactory.factory.agent.Factory`: ``git`` (t
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 
 import msgspec
 
 from gigafactory.schemas import protocol
+from gigafactory.schemas.manifest import FailureClass, effective_scope
+from gigafactory.schemas.scope import check_scope
 from gigafactory.schemas.records import WorkspaceResult
 
 from . import workspace
+from .engines.base import Outcome
 from .holder import Run
 from .workspace import Checkout, GitError
 
@@ -104,6 +108,41 @@ class Ship:
                                 "lines_deleted": st.lines_deleted, "paths": st.paths[:100],
                                 "paths_total": len(st.paths)})
         return ws, st.paths
+
+    async def _judge_scope(self, run: Run, out: Outcome, ws: WorkspaceResult,
+                           changed: list[str]) -> tuple[Outcome, WorkspaceResult]:
+        """The scope guardrail: judge the attempt's ``changed`` paths against the job's scope
+        (its own, else its profile's), its ``scope-mode`` and the factory's ``protected_paths``.
+        A refusal turns a passing outcome into ``scope_violation`` (so it is neither verified
+        nor pushed); any violation is recorded on the workspace result and in a
+        ``scope_violation`` event, even under ``warn`` or on an attempt that failed anyway.
+
+        :param run: the run.
+        :param out: the engine's outcome so far.
+        :param ws: the attempt's workspace result (after the commit).
+        :param changed: every path the branch changed since base (a rename: both paths).
+        """
+        m = run.record.manifest
+        allowed = effective_scope(m, run.record.profile.scope if run.record.profile else None)
+        if allowed is None and not self.s.protected_paths:
+            return out, ws
+        try:
+            verdict = check_scope(changed, allowed, self.s.protected_paths, m.scope_mode)
+        except ValueError as e:  # GlobError too: a glob the submit check let through (an old record)
+            detail = f"the scope could not be judged: {e}"[:500]
+            ws = msgspec.structs.replace(ws, scope=detail)
+            if out.failure is None:
+                out = dataclasses.replace(out, failure=FailureClass.SCOPE_VIOLATION, detail=detail)
+            return out, ws
+        ws = msgspec.structs.replace(ws, outside_scope=verdict.outside[:100], protected=verdict.protected[:100],
+                                     scope=verdict.detail[:2000] if allowed is not None or verdict.protected else "")
+        if verdict.outside or verdict.protected:
+            await self._event("scope_violation", job=run.job, epoch=run.epoch, reason=verdict.detail[:500],
+                              data={"outside": verdict.outside[:100], "protected": verdict.protected[:100],
+                                    "mode": m.scope_mode, "refused": not verdict.ok})
+        if not verdict.ok and out.failure is None:
+            out = dataclasses.replace(out, failure=FailureClass.SCOPE_VIOLATION, detail=verdict.detail[:500])
+        return out, ws
 
     async def _ws_push(self, run: Run, co: Checkout, ws: WorkspaceResult) -> tuple[WorkspaceResult, str | None]:
         """Push the attempt's branch, fenced; returns the workspace result (``pushed`` and why)

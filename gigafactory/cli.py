@@ -537,8 +537,9 @@ def format_workspace(w: dict) -> str:
     head = (w.get("head") or "")[:12] or "no commit"
     pushed = "pushed" if w.get("pushed") else "not pushed"
     why = f" ({w['detail']})" if w.get("detail") and not w.get("pushed") else ""
+    scope = f"; scope: {w['scope']}" if w.get("outside_scope") or w.get("protected") else ""
     return (f"branch {w['branch']} at {head} from {w.get('base') or '?'}: {w.get('files_changed', 0)} files "
-            f"+{w.get('lines_added', 0)} -{w.get('lines_deleted', 0)}, {pushed}{why}")
+            f"+{w.get('lines_added', 0)} -{w.get('lines_deleted', 0)}, {pushed}{why}{scope}")
 
 
 def format_usage(u: dict) -> str:

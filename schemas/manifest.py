@@ -27,6 +27,7 @@ from typing import Any, Literal
 import msgspec
 import yaml
 
+from .scope import validate_globs
 from . import capabilities as caps
 from .limits import Limits
 
@@ -912,6 +913,11 @@ def workspace_problem(m: Manifest) -> tuple[str, str] | None:
                 return f"scope[{i}]", f"is {len(g):,} characters, more than {MAX_GLOB_CHARS} (MAX_GLOB_CHARS)"
             if problem := relative_path_problem(g, "a scope glob"):
                 return f"scope[{i}]", problem
+        # The glob grammar the factory judges by (a glob it could not compile would refuse the
+        # job's every attempt there: refuse it here, where the file and field can be named).
+        for err in validate_globs(m.scope, "scope")[:1]:
+            field, _, why = err.partition(": ")
+            return field, why
     return None
 
 

@@ -35,6 +35,7 @@ from typing import Any
 import msgspec
 import yaml
 
+from .scope import validate_globs
 from . import capabilities as caps
 from .manifest import (
     Budget,
@@ -86,7 +87,9 @@ class ProfileFields(msgspec.Struct, rename="kebab", forbid_unknown_fields=True, 
     review_policy: ReviewPolicy | None = None
     timeout: str | None = None
     scope: list[str] = msgspec.field(default_factory=list)
-    """Path globs (under ``cwd``) the profile's agent may change; recorded, not enforced yet."""
+    """Path globs (repository-relative, :mod:`~gigafactory.schemas.scope` grammar) the profile's
+    agent may change in a ``repo`` job that states no ``scope`` of its own; judged after each
+    attempt by the scope guardrail (the job's ``scope-mode`` decides warn or enforce)."""
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -177,9 +180,9 @@ def _problem(f: ProfileFields) -> tuple[str, str] | None:
         for i, n in enumerate(names):
             if not re.fullmatch(r"[a-z0-9][a-z0-9_\-:]*", n):
                 return f"{field}[{i}]" if field == "prefers" else field, f"{n!r} is not an engine name"
-    for i, g in enumerate(f.scope):
-        if not g.strip() or g.startswith("/") or ".." in g.split("/"):
-            return f"scope[{i}]", f"{g!r} is not a glob under the job's cwd (relative, no '..')"
+    for err in validate_globs(f.scope, "scope")[:1]:
+        field, _, why = err.partition(": ")
+        return field, why
     return None
 
 

@@ -122,6 +122,14 @@ class WorkspaceResult(msgspec.Struct, omit_defaults=True):
     pushed: bool = False
     detail: str = ""
     """Why it was not pushed (failed, fenced, nothing changed, the push failed), or the push."""
+    outside_scope: list[str] = msgspec.field(default_factory=list)
+    """Changed paths outside the job's ``scope`` (at most 100; shipped under ``scope-mode:
+    warn``, refused under ``enforce``)."""
+    protected: list[str] = msgspec.field(default_factory=list)
+    """Changed paths matching the factory's ``protected_paths`` (at most 100; always refused)."""
+    scope: str = ""
+    """The scope guardrail's verdict in words (empty: the job had no scope and touched nothing
+    protected)."""
 
 
 class AttemptRecord(msgspec.Struct, omit_defaults=True):

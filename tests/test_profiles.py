@@ -48,7 +48,7 @@ def test_the_shipped_catalog_has_the_eight_profiles_each_with_a_persona_and_an_e
     ("---\nsummary: x\nengine-class: robot\n---\nhi\n", "engine-class", "Invalid enum value"),
     ("---\nsummary: x\ncapabilities: ['node>=abc']\n---\nhi\n", "capabilities[0]", "not a version"),
     ("---\nsummary: x\nbudget: {wall: soon}\n---\nhi\n", "budget.wall", "not a duration"),
-    ("---\nsummary: x\nscope: ['../etc/*']\n---\nhi\n", "scope[0]", "no '..'"),
+    ("---\nsummary: x\nscope: ['../etc/*']\n---\nhi\n", "scope[0]", "'..' segment"),
     ("---\nsummary: x\n---\n" + "p" * (profiles.MAX_PERSONA_BYTES + 1), None, "persona is"),
     ("---\nsummary: x\n---\n" + "p" * (profiles.MAX_PROFILE_BYTES + 1), None, "more than the"),
 ])
