@@ -257,6 +257,15 @@ class Settings:
     (``GIGAFACTORY_UNSAFE_UNFENCED_ENGINES=1``): engines run without the supervisor (they
     outlive a killed factory) and without self-fencing (they outlive a lost lease), so a job's
     side effects can happen twice. The factory logs a warning at start when it is on."""
+    # -- engine-class resolution (issue 9; schemas/profiles.py choose_engine, factory/stations.py)
+    prefers_grace_s: float = 5.0
+    """Seconds, broker time. A factory that could run an ``engine-class`` job only on an engine
+    the job does not prefer (none of its ``prefers`` has a free seat there) leaves the job to
+    the rest of the fleet until the job has been claimable this long, so a factory with a
+    preferred engine free wins it; after that any factory may take it, so nothing starves.
+    0: no holding back (the first factory to get the offer takes it on whatever it has). Costs
+    a job whose preferred engines are all busy or absent up to this much extra wait; at most
+    ``PREFERS_GRACE_MAX_S``."""
 
     @property
     def fence_margin_effective_s(self) -> float:
@@ -298,6 +307,10 @@ class Settings:
                 raise SettingsError(f"engine_env_passthrough (GIGAFACTORY_ENGINE_ENV_PASSTHROUGH) names {name!r}, "
                                     "which is not an environment variable name: give comma-separated names "
                                     "such as NPM_TOKEN,PIP_INDEX_URL")
+        if not 0 <= self.prefers_grace_s <= PREFERS_GRACE_MAX_S:
+            raise SettingsError(f"prefers_grace_s={self.prefers_grace_s!r} (GIGAFACTORY_PREFERS_GRACE_S) must be "
+                                f"between 0 and {PREFERS_GRACE_MAX_S:g} seconds: it is how long an engine-class "
+                                "job waits for a factory with a preferred engine before any factory may take it")
         ttl, renew, margin = self.lease_ttl_s, self.lease_renew_s, self.fence_margin_effective_s
         if not ttl > 0 or not renew > 0:
             raise SettingsError("GIGAFACTORY_LEASE_TTL_S and GIGAFACTORY_LEASE_RENEW_S must be positive "
@@ -354,6 +367,8 @@ class Settings:
 
 ENGINE_ENV_PASSTHROUGH_MAX_CHARS = 4096
 """Longest ``engine_env_passthrough`` accepted."""
+PREFERS_GRACE_MAX_S = 600.0
+"""Largest ``prefers_grace_s``: beyond ten minutes a preference would be a hidden queue."""
 _ENV_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 LOG_UPLOAD_MIN_BYTES = 64 * 1024
