@@ -171,6 +171,11 @@ class Pools:
         self.pools[pool.id] = ps
         ps.task = self._spawn(self._puller(ps, stop), f"pool-{pool.id}")
         log.info("%s serves pool %s (%s)", self.id, pool.id, " ".join(pool.requirements))
+        if engine_class and engine_class not in self._offered_engines().values():
+            # Offered by an operator's --cap with no engine of the class behind it: say why the
+            # pool's jobs are never taken here (they wait for a factory that can run them).
+            log.warning("%s offers engine-class:%s but no engine of that class: it takes none of pool %s's jobs",
+                        self.id, engine_class, pool.id)
 
     async def _puller(self, ps: PoolState, stop: asyncio.Event) -> None:
         try:
