@@ -401,7 +401,10 @@ class Pools:
                 rec = decode(je.value, JobRecord)
                 if rec.stage != Stage.QUEUED or rec.epoch != q.epoch or rec.manifest.lock:
                     continue
-                if now - max(e.ts, je.ts + rec.backoff_s) > self.stall_after_s:
+                # A job that prefers engines may be held back by factories without them for up
+                # to prefers_grace_s by design (see Execute._claim_and_run): not a stall until then.
+                held_s = self.s.prefers_grace_s if rec.manifest.prefers and not rec.manifest.engine else 0.0
+                if now - max(e.ts, je.ts + rec.backoff_s) > self.stall_after_s + held_s:
                     return True
         except Exception as ex:  # the broker does not answer: push cannot be working either
             log.info("%s: stall check of pool %s failed (%s)", self.id, ps.id, ex)

@@ -331,3 +331,31 @@ def test_attempt_and_attribution_decode_without_the_engine_fields():
     a = msgspec.json.decode(b'{"attempt":1,"epoch":1,"factory":"f","station":0}', type=AttemptRecord)
     assert (a.engine, a.engine_version, a.attribution.engine) == (None, None, None)
     assert msgspec.json.decode(b'{"lane":"f/0"}', type=Attribution).engine is None
+
+
+def test_a_job_held_back_for_prefers_is_no_stall_of_push_dispatch(fake_agents, nats_server, tmp_path, monkeypatch):
+    """A grace longer than the stall threshold: the job waits by design, so the factory that
+    holds it back must not judge push broken and fall back to polling meanwhile."""
+    from gigafactory.factory import agent
+
+    monkeypatch.setattr(agent, "STALL_CHECKS_PER_REDISPATCH", 4.0)  # a stall check every 0.25 s
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    settings = fast_settings(prefers_grace_s=10.0, redispatch_s=2.0, long_poll_s=0.5)  # stall_after_s = 4.5 s
+
+    async def main():
+        async with Fleet(nats_server.url, tmp_path, settings) as fleet:
+            f = await fleet.add_factory("codex-only", caps=caps("fake-codex"))
+            assert f.stall_after_s < settings.prefers_grace_s
+            job = await fleet.submit_one(fleet.job(held_body(marks), engine=None, engine_class=CLASS,
+                                                   prefers=["fake-claude"], review_policy="auto", timeout="2m"))
+            await eventually(lambda: ran_on(marks, job), 30, what="the job runs after the grace")
+            (marks / f"{job}.go").touch()
+            rec = await fleet.wait_stage(job, "shipped", "failed", timeout_s=30)
+            assert rec.attempts[-1].engine == "fake-codex"
+            assert f.stats["stall_checks"] > 0  # the checks ran while the job was held back
+            claimed = [e for e in await fleet.events(job) if e["kind"] == "claimed"]
+            assert [e["data"]["via"] for e in claimed] == ["push"], claimed
+            assert [p.mode for p in f.pools.values()] == ["push"] and f.stats["polled_claims"] == 0
+
+    run(main(), 120)
