@@ -98,7 +98,7 @@ class Execute:
                     self.stats["claim_skipped"] += 1
                     await self._release_station(station, seat)
                     return Claim(False)
-            if seat is None:
+            if seat is None and (rec.manifest.engine or rec.manifest.engine_class):
                 choice = await self._take_seat(rec.manifest)
                 seat = choice.engine
                 if seat is None:

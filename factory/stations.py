@@ -37,6 +37,9 @@ class Stations:
             return IdleReason.BROKER_DOWN
         if self.pools and all(p.mode == "poll" for p in self.pools.values()):
             return IdleReason.DISPATCH_DOWN
+        if self.pools and not any(self._seat_free(p.engine, p.engine_class) for p in self.pools.values()):
+            # A station is free but no pool this factory serves has a seat left for its jobs.
+            return IdleReason.SEAT_LIMIT
         return IdleReason.NO_WORK
 
     def _set_station(self, index: int, job: str | None, epoch: int | None, reason: IdleReason | None = None) -> None:

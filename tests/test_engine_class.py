@@ -220,6 +220,9 @@ def test_an_engine_class_job_takes_a_free_seat_in_prefers_order_and_gives_back_t
             rec, _ = await fleet.record(c)
             assert str(rec.stage) == "queued" and not rec.attempts, rec
             assert len(f.free) == 1
+            # The free station says why it is idle: no seat, not no work.
+            await eventually(lambda: [str(st.idle_reason) for st in f.record.stations if st.job is None]
+                             == ["seat-limit"], 10, what="the free station is idle for its seat limit")
 
             (marks / f"{a}.go").touch()  # a ends: its fake-claude seat is free again
             await eventually(lambda: ran_on(marks, c), 20, what="job c runs once a seat is free")
