@@ -6,9 +6,9 @@ seat are free, and reserves both before it claims, so a factory never takes a jo
 room for. A job that names its ``engine`` takes a seat of it with the station; an
 ``engine-class`` job takes the seat of the engine chosen for it (:func:`choose_engine`: an
 engine of the class with a free seat, in ``prefers`` order) once its record is read, still
-before the claim, and that same seat is released when the run ends. This is slot management only,
-apart from what runs in the slot (:mod:`execute`, :mod:`engines`), as Temporal's worker keeps its
-slot supplier apart from its activity execution.
+before the claim, and that same seat is released when the run ends. This is slot management
+only, apart from what runs in the slot (:mod:`execute`, :mod:`engines`), as Temporal's worker
+keeps its slot supplier apart from its activity execution.
 
 State it uses, all set up by :class:`~gigafactory.factory.agent.Factory`: ``record`` (the
 stations and seats), ``free``, ``station_cv``, ``engine_running``, ``draining``, ``pools`` and the
