@@ -50,13 +50,16 @@ maximum message size, and a record may come close to it); ``nats kv get`` shows 
 
 
 def _with_usage(record: dict) -> dict:
-    """``record`` with ``usage`` on every attempt, ``null`` where the engine reported none (the
-    stored record omits it then): ``status --json`` readers see no usage, never a missing key.
+    """``record`` with ``usage``, ``engine`` and ``engine_version`` on every attempt, ``null``
+    where there is none (the stored record omits them then): ``status --json`` readers see no
+    usage or no engine, never a missing key.
 
     :param record: a job record as builtins.
     """
     for a in record.get("attempts", []):
         a.setdefault("usage", None)
+        a.setdefault("engine", None)
+        a.setdefault("engine_version", None)
     return record
 
 

@@ -144,6 +144,8 @@ class Factory(Stations, AuditQueue, Pools, Holder, Execute, Reporting, Ship):
         self.free: set[int] = set(range(stations))
         self.station_cv = asyncio.Condition()
         self.engine_running: dict[str, int] = {}
+        self.deferred_said: set[tuple[str, int]] = set()
+        """(job, epoch) this factory said ``claim_deferred`` for (:meth:`Execute._deferred_event`)."""
         self.runs: dict[tuple[str, int], Run] = {}
         """In-flight runs by (job, epoch): a stale run of a job never shadows a newer one."""
         self.pools: dict[str, PoolState] = {}

@@ -22,11 +22,13 @@ import os
 import time
 from pathlib import Path
 
+import msgspec
+
 from gigafactory.broker import Conflict
 from gigafactory.schemas import names, protocol
 from gigafactory.schemas.lifecycle import Stage
 from gigafactory.schemas.manifest import FailureClass, parse_duration
-from gigafactory.schemas.profiles import engine_prompt, resolve_engine
+from gigafactory.schemas.profiles import engine_prompt, prefers_names, prefers_wait_s, resolve_engine
 from gigafactory.schemas.records import Attribution, JobRecord, Usage, WorkspaceResult, attributed, decode, encode
 
 from . import engines, shell
@@ -40,47 +42,117 @@ from .reporting import ResultPayload
 log = logging.getLogger("gigafactory.factory")
 
 
+DEFERRED_SAID_MAX = 4096
+"""Job epochs a factory remembers having said ``claim_deferred`` for (the memory is then cleared)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Claim:
+    """What :meth:`Execute._claim_and_run` did; true when the job was claimed."""
+
+    claimed: bool
+    offer_again_in_s: float | None = None
+    """Not None: not claimed, but the job should be offered again (the dispatch message given
+    back, not acknowledged): at once (0), or after this long, when this factory would take
+    it itself (its claim held back for ``prefers``)."""
+
+    def __bool__(self) -> bool:
+        return self.claimed
+
+
 class Execute:
     """Mixin of :class:`~gigafactory.factory.agent.Factory`: one job's lifecycle."""
 
-    async def _claim_and_run(self, job_id: str, station: int, engine: str | None, *, via: str = "push") -> bool:
+    async def _claim_and_run(self, job_id: str, station: int, engine: str | None, *, via: str = "push") -> "Claim":
         """Claim ``job_id`` on ``station``; on success the run continues in the background.
-        ``via`` says how the job was found ("push": a dispatch message, "poll": the queue
-        index), for the ``claimed`` event. Returns True if this factory won the claim."""
+
+        The engine is decided before the claim: ``engine`` is the one the job's pool names (its
+        seat was taken with the station); for an engine-class job it is chosen here once the
+        record is read (:meth:`_take_seat`: an engine of the class with a free seat, in
+        ``prefers`` order) and its seat taken. If no engine the job prefers has a free seat here,
+        the claim is held back until the job has been claimable ``prefers_grace_s`` (broker
+        time), so a factory with a preferred engine free can win it. The engine is recorded on
+        the attempt, and the same seat is released when the run ends.
+
+        :param job_id: the job offered.
+        :param station: the station reserved for it (released here if nothing is claimed).
+        :param engine: the engine whose seat was reserved with the station, or None.
+        :param via: how the job was found ("push": a dispatch message, "poll": the queue
+            index), for the ``claimed`` event.
+        """
+        seat = engine  # the seat held with the station: released with it on every way out
         try:
             e = await self.b.jobs.get(job_id)
             if e is None:
                 self.stats["claim_skipped"] += 1
-                await self._release_station(station, engine)
-                return False
+                await self._release_station(station, seat)
+                return Claim(False)
             rec = decode(e.value, JobRecord)
             if rec.stage != Stage.QUEUED or self.offers.missing(rec.requirements):
                 self.stats["claim_skipped"] += 1
-                await self._release_station(station, engine)
-                return False
-            if rec.backoff_s and (await self.b.broker_now()) < e.ts + rec.backoff_s:
-                self.stats["claim_skipped"] += 1
-                await self._release_station(station, engine)
-                return False
-            out = protocol.claim(rec, self.id, station, time.time())
+                await self._release_station(station, seat)
+                return Claim(False)
+            now: float | None = None
+            if rec.backoff_s:
+                now = await self.b.broker_now()
+                if now < e.ts + rec.backoff_s:
+                    self.stats["claim_skipped"] += 1
+                    await self._release_station(station, seat)
+                    return Claim(False)
+            if seat is None and (rec.manifest.engine or rec.manifest.engine_class):
+                choice = await self._take_seat(rec.manifest)
+                seat = choice.engine
+                if seat is None:
+                    # No engine of the job's class has a free seat here: give it to the fleet.
+                    self.stats["claim_skipped"] += 1
+                    await self._release_station(station, None)
+                    return Claim(False, offer_again_in_s=0.0)
+                if not choice.preferred and self.s.prefers_grace_s > 0:
+                    if now is None:
+                        now = await self.b.broker_now()
+                    wait_s = prefers_wait_s(choice, now - (e.ts + rec.backoff_s), self.s.prefers_grace_s)
+                    if wait_s > 0:
+                        self.stats["claims_deferred"] = self.stats.get("claims_deferred", 0) + 1
+                        await self._release_station(station, seat)
+                        await self._deferred_event(rec, choice.reason, wait_s)
+                        return Claim(False, offer_again_in_s=wait_s)
+            out = protocol.claim(rec, self.id, station, time.time(), engine=seat,
+                                 engine_version=self._engine_version(seat) if seat else None)
             self.stats["claims"] += 1
             try:
                 rev = await self.b.jobs.update(job_id, encode(out.record), last=e.revision)
             except Conflict:
                 self.stats["claim_conflicts"] += 1
-                await self._release_station(station, engine)
-                return False
+                await self._release_station(station, seat)
+                return Claim(False)
         except Exception as ex:
             log.info("%s: claim of %s failed (%s)", self.id, job_id, ex)
-            await self._release_station(station, engine)
-            return False
+            await self._release_station(station, seat)
+            return Claim(False)
         run = Run(job_id, out.record.epoch, station, rev, out.record)
         self.runs[(job_id, run.epoch)] = run
         self._set_station(station, job_id, run.epoch)
         await self._event("claimed", job=job_id, epoch=run.epoch, stage_from="queued", stage_to="assigned",
-                          reason=out.reason, data={"station": station, "attempt": out.record.attempt, "via": via})
-        self._spawn(self._execute(run, engine), f"job-{job_id}")
-        return True
+                          reason=out.reason, data={"station": station, "attempt": out.record.attempt, "via": via,
+                                                   "engine": seat})
+        self._spawn(self._execute(run, seat), f"job-{job_id}")
+        return Claim(True)
+
+    async def _deferred_event(self, rec: JobRecord, why: str, wait_s: float) -> None:
+        """Say once per job epoch (not at every redelivery) that this factory holds back its
+        claim for ``prefers``; a bounded memory of what it said already."""
+        key = (rec.id, rec.epoch)
+        said = self.deferred_said
+        if key in said:
+            return
+        if len(said) >= DEFERRED_SAID_MAX:
+            said.clear()  # at worst an event said twice
+        said.add(key)
+        await self._event("claim_deferred", job=rec.id, epoch=rec.epoch,
+                          reason=f"{self.id} holds back: {why}; any factory may take it in {wait_s:.1f}s "
+                                 f"(prefers_grace_s={self.s.prefers_grace_s:g})",
+                          data={"factory": self.id, "prefers": prefers_names(rec.manifest.prefers),
+                                "wait_s": round(wait_s, 3)})
 
 
     async def _execute(self, run: Run, engine: str | None) -> None:
@@ -142,8 +214,8 @@ class Execute:
         what the job did: an engine that cannot start here is ``setup_failed``).
 
         :param run: the run (it holds the lease; its ``fence`` and ``cancel`` bound the engine).
-        :param engine: the engine of the pool the job came from (it counts the seats; the engine
-            run is the one the manifest names).
+        :param engine: the engine chosen before the claim, whose seat the run holds (the one
+            the job names, or for an engine-class job the one :meth:`_take_seat` chose).
         """
         rec = run.record
         m = rec.manifest
@@ -177,8 +249,10 @@ class Execute:
             Path(log_path).write_text(f"{ws_error}\n")
             return result(FailureClass.SETUP_FAILED, ws_error)
 
-        name = resolve_engine(m, {n: e.engine_class for n, e in engines.registry().items()
-                                  if f"engine:{n}" in self.offers.tokens}) or ("" if m.engine_class else "shell")
+        # The engine chosen before the claim (its seat is held); resolved here only for a run
+        # that came without one.
+        name = engine or resolve_engine(m, self._offered_engines()) or ("" if m.engine_class else "shell")
+        attribution = msgspec.structs.replace(attribution, engine=name or None)
         eng = engines.get(name)
         if eng is None:
             what = (f"engine {m.engine!r} is not runnable on {self.id}" if m.engine else
@@ -210,7 +284,8 @@ class Execute:
                     return
                 for p in said:
                     # Queued in order like every audit event (:meth:`_event` only queues).
-                    self._spawn(self._event(p.kind, job=run.job, epoch=run.epoch, data=dict(p.data)),
+                    data = {**p.data, "engine": name} if p.kind == "usage" else dict(p.data)
+                    self._spawn(self._event(p.kind, job=run.job, epoch=run.epoch, data=data),
                                 f"{p.kind}-{run.job}")
                 if not budget_stop and any(p.kind == "usage" for p in said):
                     try:

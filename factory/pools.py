@@ -51,6 +51,33 @@ this many per check (a healthy pool has none: each read costs one request)."""
 POLL_BACKOFF_MIN_S = 0.5
 """First back-off between polling passes that claimed nothing; doubles up to
 ``poll_backoff_max_s``."""
+PREFERS_RECHECK_S = 1.0
+"""A dispatch message this factory gives back (its job prefers engines that have no free seat
+here, see ``prefers_grace_s``) is offered again after at most this long: how often a held-back
+job is looked at again, and so at most ``prefers_grace_s / PREFERS_RECHECK_S`` deliveries of
+its message while it is held back."""
+
+
+def redelivery_delay_s(offer_again_in_s: float, deliveries: int) -> float:
+    """How long a message given back is kept from every puller of the pool: not at all on its
+    first delivery (a puller of another factory that already waits gets it at once: the
+    preferred one, if it is idle), then ``PREFERS_RECHECK_S`` at most, and never past the time
+    when this factory would take it itself (``offer_again_in_s``).
+
+    :param offer_again_in_s: when the claim is worth trying here again (0: at once).
+    :param deliveries: how many times the broker has delivered this message (1: the first).
+    """
+    if deliveries <= 1:
+        return 0.0
+    return max(0.0, min(offer_again_in_s, PREFERS_RECHECK_S))
+
+
+def _deliveries(msg) -> int:
+    """The message's delivery count (JetStream metadata); 1 when it cannot be read."""
+    try:
+        return int(msg.metadata.num_delivered)
+    except Exception:
+        return 1
 
 
 @dataclass
@@ -58,6 +85,10 @@ class PoolState:
     id: str
     requirements: list[str]
     engine: str | None
+    """The engine the pool's requirements name (``engine:<name>``): its jobs take its seats."""
+    engine_class: str | None = None
+    """The class an engine-class pool needs (``engine-class:<class>``, no ``engine:``): each job
+    takes a seat of the engine chosen for it (:meth:`Stations._take_seat`)."""
     mode: str = "push"
     task: asyncio.Task | None = None
     psub: object | None = None
@@ -134,10 +165,17 @@ class Pools:
         if self.offers.missing(pool.requirements):
             return
         engine = next((r.split(":", 1)[1] for r in pool.requirements if r.startswith("engine:")), None)
-        ps = PoolState(pool.id, pool.requirements, engine)
+        engine_class = None if engine else next(
+            (r.split(":", 1)[1] for r in pool.requirements if r.startswith("engine-class:")), None)
+        ps = PoolState(pool.id, pool.requirements, engine, engine_class)
         self.pools[pool.id] = ps
         ps.task = self._spawn(self._puller(ps, stop), f"pool-{pool.id}")
         log.info("%s serves pool %s (%s)", self.id, pool.id, " ".join(pool.requirements))
+        if engine_class and engine_class not in self._offered_engines().values():
+            # Offered by an operator's --cap with no engine of the class behind it: say why the
+            # pool's jobs are never taken here (they wait for a factory that can run them).
+            log.warning("%s offers engine-class:%s but no engine of that class: it takes none of pool %s's jobs",
+                        self.id, engine_class, pool.id)
 
     async def _puller(self, ps: PoolState, stop: asyncio.Event) -> None:
         try:
@@ -179,7 +217,7 @@ class Pools:
         last_check = time.monotonic() - random.uniform(0.0, self.stall_check_s)
         backoff = POLL_BACKOFF_MIN_S
         while not stop.is_set() and not self.draining.is_set() and not ps.gone:
-            while not await self._wait_capacity(ps.engine, timeout_s=self.s.long_poll_s):
+            while not await self._wait_capacity(ps.engine, timeout_s=self.s.long_poll_s, engine_class=ps.engine_class):
                 await self._hand_back_stranded(ps)
             if self.draining.is_set():
                 return
@@ -302,7 +340,7 @@ class Pools:
         counts; push mode checks for stalls again while idle."""
         if not await self._consumer_ok(ps):
             return False
-        return not self._has_capacity(ps.engine) or not await self._stalled(ps)
+        return not self._has_capacity(ps.engine, ps.engine_class) or not await self._stalled(ps)
 
     async def _consumer_ok(self, ps: PoolState) -> bool:
         try:
@@ -363,7 +401,10 @@ class Pools:
                 rec = decode(je.value, JobRecord)
                 if rec.stage != Stage.QUEUED or rec.epoch != q.epoch or rec.manifest.lock:
                     continue
-                if now - max(e.ts, je.ts + rec.backoff_s) > self.stall_after_s:
+                # A job that prefers engines may be held back by factories without them for up
+                # to prefers_grace_s by design (see Execute._claim_and_run): not a stall until then.
+                held_s = self.s.prefers_grace_s if rec.manifest.prefers and not rec.manifest.engine else 0.0
+                if now - max(e.ts, je.ts + rec.backoff_s) > self.stall_after_s + held_s:
                     return True
         except Exception as ex:  # the broker does not answer: push cannot be working either
             log.info("%s: stall check of pool %s failed (%s)", self.id, ps.id, ex)
@@ -385,7 +426,7 @@ class Pools:
         entries.sort(key=lambda q: (q.priority_rank, q.submitted_at))
         claimed = False
         for q in entries:
-            station = await self._take_station(ps.engine)
+            station = await self._take_station(ps.engine, ps.engine_class)
             if station is None:
                 break
             if await self._claim_and_run(q.job, station, ps.engine, via="poll"):
@@ -403,15 +444,19 @@ class Pools:
             # Unbound meanwhile (an engine withdrawn after auth_failed): another factory takes it.
             await msg.nak()
             return
-        station = await self._take_station(ps.engine)
+        station = await self._take_station(ps.engine, ps.engine_class)
         if station is None:
             await msg.nak()  # another factory (or this one, later) takes it
             return
+        claim = None
         try:
-            await self._claim_and_run(d.job, station, ps.engine, via="push")
+            claim = await self._claim_and_run(d.job, station, ps.engine, via="push")
         finally:
             try:
-                await msg.ack()
+                if claim is not None and claim.offer_again_in_s is not None:
+                    await msg.nak(delay=redelivery_delay_s(claim.offer_again_in_s, _deliveries(msg)))
+                else:
+                    await msg.ack()
             except Exception:
                 pass  # redelivery is harmless: the claim is a CAS on the record
 

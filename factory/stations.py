@@ -1,10 +1,14 @@
 """A factory's stations: which are free, engine seats, and why an idle one is idle.
 
 A station is one slot that runs one job at a time; ``seats`` caps how many stations may run a
-given engine at once (a licence, a GPU). A pool puller reserves a station (and a seat) before it
-asks for work, so a factory never takes a job it has no room for. This is slot management only,
-apart from what runs in the slot (:mod:`execute`, :mod:`engines`), as Temporal's worker keeps its
-slot supplier apart from its activity execution.
+given engine at once (a licence, a GPU). A pool puller asks for work only while a station and a
+seat are free, and reserves both before it claims, so a factory never takes a job it has no
+room for. A job that names its ``engine`` takes a seat of it with the station; an
+``engine-class`` job takes the seat of the engine chosen for it (:func:`choose_engine`: an
+engine of the class with a free seat, in ``prefers`` order) once its record is read, still
+before the claim, and that same seat is released when the run ends. This is slot management
+only, apart from what runs in the slot (:mod:`execute`, :mod:`engines`), as Temporal's worker
+keeps its slot supplier apart from its activity execution.
 
 State it uses, all set up by :class:`~gigafactory.factory.agent.Factory`: ``record`` (the
 stations and seats), ``free``, ``station_cv``, ``engine_running``, ``draining``, ``pools`` and the
@@ -16,7 +20,11 @@ from __future__ import annotations
 import asyncio
 import time
 
+from gigafactory.schemas.manifest import Manifest
+from gigafactory.schemas.profiles import EngineChoice, choose_engine
 from gigafactory.schemas.records import IdleReason, StationState
+
+from . import engines
 
 
 class Stations:
@@ -29,6 +37,9 @@ class Stations:
             return IdleReason.BROKER_DOWN
         if self.pools and all(p.mode == "poll" for p in self.pools.values()):
             return IdleReason.DISPATCH_DOWN
+        if self.pools and not any(self._seat_free(p.engine, p.engine_class) for p in self.pools.values()):
+            # A station is free but no pool this factory serves has a seat left for its jobs.
+            return IdleReason.SEAT_LIMIT
         return IdleReason.NO_WORK
 
     def _set_station(self, index: int, job: str | None, epoch: int | None, reason: IdleReason | None = None) -> None:
@@ -38,12 +49,56 @@ class Stations:
         st.idle_reason = None if job else (reason or self._idle_reason())
         st.since = time.time()
 
-    async def _take_station(self, engine: str | None) -> int | None:
-        """Reserve a free station (and an engine seat) without waiting; None if none."""
+    # -- engine seats -----------------------------------------------------------------------------
+
+    def _offered_engines(self) -> dict[str, str]:
+        """The registered engines this factory offers now (``engine:<name>``; a withdrawn engine
+        is not), name -> engine class."""
+        return {n: e.engine_class for n, e in engines.registry().items() if f"engine:{n}" in self.offers.tokens}
+
+    def _full_engines(self) -> set[str]:
+        """The engines whose seats are all taken here."""
+        return {n for n, cap in self.record.seats.items() if self.engine_running.get(n, 0) >= cap}
+
+    def _seat_free(self, engine: str | None, engine_class: str | None) -> bool:
+        """Whether a job of a pool could get a seat here now: a seat of ``engine`` (the pool
+        names one), else of any offered engine of ``engine_class`` (an engine-class pool)."""
+        full = self._full_engines()
+        if engine:
+            return engine not in full
+        if engine_class:
+            return any(c == engine_class and n not in full for n, c in self._offered_engines().items())
+        return True
+
+    def _engine_version(self, engine: str) -> str | None:
+        """The version the probe offered for ``engine`` (its ``<engine>:<version>`` token), or None."""
+        prefix = f"{engine}:"
+        return next((t[len(prefix):] for t in sorted(self.offers.tokens) if t.startswith(prefix)), None)
+
+    async def _take_seat(self, manifest: Manifest) -> EngineChoice:
+        """Choose the engine an engine-class job runs on here (:func:`choose_engine`: free seats,
+        then ``prefers``) and take one of its seats, in one step so that no other claim can take
+        the same last seat. The caller releases it (with its station) if it does not claim.
+
+        :param manifest: the job's resolved manifest.
+        """
+        async with self.station_cv:
+            choice = choose_engine(manifest, self._offered_engines(), self._full_engines())
+            if choice.engine:
+                self.engine_running[choice.engine] = self.engine_running.get(choice.engine, 0) + 1
+            return choice
+
+    # -- stations -----------------------------------------------------------------------------------
+
+    async def _take_station(self, engine: str | None, engine_class: str | None = None) -> int | None:
+        """Reserve a free station without waiting; None if none. With ``engine`` (its pool names
+        one) a seat of it is taken too; with ``engine_class`` only a station, and only while some
+        engine of the class has a free seat: the seat is chosen once the job is read
+        (:meth:`_take_seat`), still before the claim."""
         async with self.station_cv:
             if not self.free or self.draining.is_set():
                 return None
-            if engine and engine in self.record.seats and self.engine_running.get(engine, 0) >= self.record.seats[engine]:
+            if not self._seat_free(engine, engine_class):
                 return None
             idx = min(self.free)
             self.free.discard(idx)
@@ -52,6 +107,7 @@ class Stations:
             return idx
 
     async def _release_station(self, index: int, engine: str | None, reason: IdleReason | None = None) -> None:
+        """Free station ``index`` and the seat of ``engine`` it held (None: no seat)."""
         async with self.station_cv:
             self.free.add(index)
             if engine:
@@ -59,16 +115,12 @@ class Stations:
             self._set_station(index, None, None, reason)
             self.station_cv.notify_all()
 
-    async def _wait_capacity(self, engine: str | None, timeout_s: float | None = None) -> bool:
-        """Wait until a station (and a seat of ``engine``) is free, or draining; False if
-        ``timeout_s`` passed first."""
+    async def _wait_capacity(self, engine: str | None, timeout_s: float | None = None,
+                             engine_class: str | None = None) -> bool:
+        """Wait until a station (and a seat of ``engine``, or of an engine of ``engine_class``)
+        is free, or draining; False if ``timeout_s`` passed first."""
         def ok() -> bool:
-            if self.draining.is_set():
-                return True
-            if not self.free:
-                return False
-            return not (engine and engine in self.record.seats
-                        and self.engine_running.get(engine, 0) >= self.record.seats[engine])
+            return self.draining.is_set() or self._has_capacity(engine, engine_class)
 
         async with self.station_cv:
             try:
@@ -77,10 +129,5 @@ class Stations:
                 return False
         return True
 
-
-    def _has_capacity(self, engine: str | None) -> bool:
-        if not self.free:
-            return False
-        return not (engine and engine in self.record.seats
-                    and self.engine_running.get(engine, 0) >= self.record.seats[engine])
-
+    def _has_capacity(self, engine: str | None, engine_class: str | None = None) -> bool:
+        return bool(self.free) and self._seat_free(engine, engine_class)

@@ -581,8 +581,9 @@ def status(nats_url, as_json, job) -> None:
     if rec["deps"]:
         click.echo(f"  deps ({rec['manifest'].get('deps-mode', 'hard')}): {', '.join(rec['deps'])}")
     for a in rec["attempts"]:
-        click.echo(f"  attempt {a['attempt']} epoch {a['epoch']} on {a['factory']}/{a['station']}: "
-                   f"{a.get('outcome', 'running')} {a.get('detail', '')}".rstrip())
+        engine = " ".join(filter(None, (a.get("engine"), a.get("engine_version"))))
+        click.echo(f"  attempt {a['attempt']} epoch {a['epoch']} on {a['factory']}/{a['station']}"
+                   f"{f' with {engine}' if engine else ''}: {a.get('outcome', 'running')} {a.get('detail', '')}".rstrip())
         if a.get("usage"):
             click.echo(f"    usage: {format_usage(a['usage'])}")
         if a.get("workspace"):

@@ -304,6 +304,16 @@ class Settings:
     """Bound, in seconds, on each request to an HTTP forge (GitHub). Too small: merges of big
     pull requests time out and are retried; too large: a hung forge holds a station."""
 
+    # -- engine-class resolution (issue 9; schemas/profiles.py choose_engine, factory/stations.py)
+    prefers_grace_s: float = 5.0
+    """Seconds, broker time. A factory that could run an ``engine-class`` job only on an engine
+    the job does not prefer (none of its ``prefers`` has a free seat there) leaves the job to
+    the rest of the fleet until the job has been claimable this long, so a factory with a
+    preferred engine free wins it; after that any factory may take it, so nothing starves.
+    0: no holding back (the first factory to get the offer takes it on whatever it has). Costs
+    a job whose preferred engines are all busy or absent up to this much extra wait; at most
+    ``PREFERS_GRACE_MAX_S``."""
+
     @property
     def fence_margin_effective_s(self) -> float:
         """``fence_margin_s``, or its default (see there)."""
@@ -355,6 +365,10 @@ class Settings:
             raise SettingsError(f"git_push_min_remaining_s={self.git_push_min_remaining_s!r} "
                                 "(GIGAFACTORY_GIT_PUSH_MIN_REMAINING_S) must be at least 0 and less than "
                                 f"lease_ttl_s ({self.lease_ttl_s:g}): a push needs lease left after its fence")
+        if not 0 <= self.prefers_grace_s <= PREFERS_GRACE_MAX_S:
+            raise SettingsError(f"prefers_grace_s={self.prefers_grace_s!r} (GIGAFACTORY_PREFERS_GRACE_S) must be "
+                                f"between 0 and {PREFERS_GRACE_MAX_S:g} seconds: it is how long an engine-class "
+                                "job waits for a factory with a preferred engine before any factory may take it")
         ttl, renew, margin = self.lease_ttl_s, self.lease_renew_s, self.fence_margin_effective_s
         if not ttl > 0 or not renew > 0:
             raise SettingsError("GIGAFACTORY_LEASE_TTL_S and GIGAFACTORY_LEASE_RENEW_S must be positive "
@@ -449,6 +463,8 @@ def env_text(value: object) -> str:
 
 ENGINE_ENV_PASSTHROUGH_MAX_CHARS = 4096
 """Longest ``engine_env_passthrough`` accepted."""
+PREFERS_GRACE_MAX_S = 600.0
+"""Largest ``prefers_grace_s``: beyond ten minutes a preference would be a hidden queue."""
 _ENV_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 LOG_UPLOAD_MIN_BYTES = 64 * 1024

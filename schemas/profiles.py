@@ -27,7 +27,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -278,25 +278,96 @@ def engine_prompt(profile: ProfileSnapshot | None, body: str, engine_class: str)
 
 
 def resolve_engine(manifest: Manifest, offered: Mapping[str, str]) -> str | None:
-    """Which engine runs a job on a factory: ``engine`` if the job names one; else, for an
-    ``engine-class`` job, the first of ``prefers`` (bare names or ``engine:<name>``) that the
-    factory offers in that class, else the first offered engine of the class (by name, so the
-    choice is stable); None if none fits.
+    """Which engine runs a job on a factory, seats aside: ``engine`` if the job names one; else,
+    for an ``engine-class`` job, the first of ``prefers`` (bare names or ``engine:<name>``) that
+    the factory offers in that class, else the first offered engine of the class (by name, so
+    the choice is stable); None if none fits. :func:`choose_engine` with no seat full.
 
     :param manifest: the resolved manifest.
     :param offered: the engines the factory offers, name -> engine class.
     """
+    return choose_engine(manifest, offered, ()).engine
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class EngineChoice:
+    """What :func:`choose_engine` decided for one job on one factory."""
+
+    engine: str | None
+    """The engine to run, whose seat the factory takes before it claims; None: this factory
+    cannot run the job now (no engine of its class offered, or every such engine's seats taken)."""
+    preferred: bool
+    """True when ``engine`` is what the job asked for: the engine it names, the first engine of
+    its ``prefers`` with a free seat here, or any engine of the class when it prefers none.
+    False for a fallback (the job prefers engines that have no free seat here): such a claim
+    waits until the job has been claimable for ``prefers_grace_s`` (:func:`prefers_wait_s`)."""
+    reason: str
+    """Why, in words an operator can act on."""
+
+
+def prefers_names(prefers: Iterable[str]) -> list[str]:
+    """The engine names of a ``prefers`` list, in order, without repeats (``engine:claude`` and
+    ``claude`` both name ``claude``).
+
+    :param prefers: the manifest's ``prefers`` (the job's entries, then its profile's).
+    """
+    return list(dict.fromkeys(p.split(":", 1)[1] if p.startswith("engine:") else p for p in prefers))
+
+
+def choose_engine(manifest: Manifest, offered: Mapping[str, str], full: Collection[str]) -> EngineChoice:
+    """Which engine a factory runs a job on, given the engines it offers and which of them have
+    every seat taken. Decided before the claim, so the factory takes that engine's seat first.
+
+    - ``engine`` named: that engine, unless its seats are all taken (then None).
+    - ``engine-class``: among the offered engines of the class with a free seat, the first one
+      in ``prefers`` (``preferred``); if none of the preferred engines has a free seat here (or
+      the factory offers none of them), the free engine of the class first by name, marked not
+      ``preferred`` (the caller lets a factory with a preferred engine win first); a job that
+      prefers nothing takes that one as ``preferred``. None when no engine of the class has a
+      free seat.
+
+    :param manifest: the resolved manifest (``engine``, ``engine-class``, ``prefers``).
+    :param offered: the engines the factory offers now, name -> engine class.
+    :param full: the engines whose seats are all taken on the factory.
+    """
     if manifest.engine:
-        return manifest.engine
+        if manifest.engine in full:
+            return EngineChoice(None, True, f"every seat of engine {manifest.engine!r} is taken")
+        return EngineChoice(manifest.engine, True, f"the job names engine {manifest.engine!r}")
     if manifest.engine_class is None:
-        return None
+        return EngineChoice(None, True, "the job names neither an engine nor an engine-class")
     want = str(manifest.engine_class)
-    fits = {n for n, c in offered.items() if c == want}
-    for p in manifest.prefers:
-        name = p.split(":", 1)[1] if p.startswith("engine:") else p
+    of_class = sorted(n for n, c in offered.items() if c == want)
+    fits = [n for n in of_class if n not in full]
+    if not fits:
+        if of_class:
+            return EngineChoice(None, True, f"every seat of the {want} engines here ({', '.join(of_class)}) is taken")
+        return EngineChoice(None, True, f"no engine of class {want!r} is offered here")
+    prefers = prefers_names(manifest.prefers)
+    for name in prefers:
         if name in fits:
-            return name
-    return min(fits) if fits else None
+            return EngineChoice(name, True, f"{name} is the first engine of prefers [{', '.join(prefers)}] "
+                                            "with a free seat")
+    if not prefers:
+        return EngineChoice(fits[0], True, f"{fits[0]} is the first {want} engine with a free seat (no prefers)")
+    return EngineChoice(fits[0], False, f"no engine of prefers [{', '.join(prefers)}] has a free seat here; "
+                                        f"{fits[0]} is the first {want} engine that has one")
+
+
+def prefers_wait_s(choice: EngineChoice, claimable_for_s: float, grace_s: float) -> float:
+    """How long a factory holds back its claim so that a factory with a preferred engine free
+    can win the job first: 0 for a preferred choice (or none), else what is left of
+    ``grace_s`` since the job became claimable. After the grace anyone may claim it, so a job
+    whose preferred engines are busy or absent fleet-wide waits at most ``grace_s``.
+
+    :param choice: what :func:`choose_engine` decided here.
+    :param claimable_for_s: how long the job has been claimable (broker time since its record
+        was last written, plus its retry back-off).
+    :param grace_s: the ``prefers_grace_s`` setting (0: never hold back).
+    """
+    if choice.engine is None or choice.preferred:
+        return 0.0
+    return max(0.0, grace_s - claimable_for_s)
 
 
 def summaries(catalog: Mapping[str, Profile]) -> list[dict[str, Any]]:

@@ -67,14 +67,17 @@ def _update_attempt(rec: JobRecord, epoch: int, **kw) -> list[AttemptRecord]:
     return out
 
 
-def claim(rec: JobRecord, factory: str, station: int, now: float) -> Outcome:
+def claim(rec: JobRecord, factory: str, station: int, now: float, *, engine: str | None = None,
+          engine_version: str | None = None) -> Outcome:
     """``queued -> assigned`` with a new lease at ``epoch + 1``. Exactly one compare-and-set on the
-    revision this record was read at can win; every other claimer gets a revision conflict."""
+    revision this record was read at can win; every other claimer gets a revision conflict.
+    ``engine`` (and its ``engine_version``): the engine the claimer will run, kept on the attempt."""
     if rec.stage != Stage.QUEUED:
         raise NotClaimable(f"job {rec.id} is {rec.stage}, not queued")
     epoch = rec.epoch + 1
     attempt = rec.attempt + 1
-    attempts = [*rec.attempts, AttemptRecord(attempt=attempt, epoch=epoch, factory=factory, station=station, started_at=now)]
+    attempts = [*rec.attempts, AttemptRecord(attempt=attempt, epoch=epoch, factory=factory, station=station,
+                                              started_at=now, engine=engine, engine_version=engine_version)]
     return _move(
         rec, Event.CLAIM, now, f"claimed by {factory}/{station}",
         epoch=epoch, attempt=attempt, lease=Lease(factory=factory, station=station, epoch=epoch),

@@ -40,6 +40,9 @@ class Attribution(msgspec.Struct, omit_defaults=True):
     repo: str | None = None
     product: str = "default"
     provider: str | None = None
+    engine: str | None = None
+    """The engine that ran the attempt (``claude``, ``shell``), resolved at claim for an
+    ``engine-class`` job (None: no engine ran, or a record older than this field)."""
     model: str | None = None
     funding_window: str | None = None
     tokens_in: int = 0
@@ -141,6 +144,12 @@ class AttemptRecord(msgspec.Struct, omit_defaults=True):
     station: int
     started_at: float = 0.0
     ended_at: float = 0.0
+    engine: str | None = None
+    """The engine this attempt runs, chosen by the claiming factory before its claim (for an
+    ``engine-class`` job: by seats and ``prefers``); None in records older than this field."""
+    engine_version: str | None = None
+    """That engine's version as the factory's probe found it (its ``<engine>:<version>`` offer),
+    None when the probe knows none."""
     outcome: str = "running"
     """``running``, ``passed``, a :class:`FailureClass` value, ``handed_back`` or ``fenced``."""
     exit_code: int | None = None

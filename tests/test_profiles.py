@@ -14,11 +14,35 @@ from click.testing import CliRunner
 from gigafactory.cli import main as cli_main
 from gigafactory.config import Settings
 from gigafactory.factory import engines
-from gigafactory.factory.engines.base import Engine, EngineJob, Prepared, ProbeResult, engine_environment, require_cwd
+from gigafactory.factory.engines.base import (
+    Engine,
+    EngineJob,
+    Outcome,
+    Prepared,
+    ProbeResult,
+    engine_environment,
+    require_cwd,
+)
 from gigafactory.schemas import profiles
 from gigafactory.schemas.manifest import EngineClass, ManifestError, parse_job_text
 
-from helpers import Fleet, fast_settings, job_text, run
+from helpers import Fleet, eventually, fast_settings, job_text, run
+
+
+class _PromptEcho(Engine):
+    """An agentic-coder engine of this test that passes at once without running the prompt."""
+
+    name = "prompt-echo"
+    engine_class = "agentic-coder"
+    opt_in = True
+    verifies = False
+
+    def probe(self, *, environ, path, timeout_s):
+        return ProbeResult(True)
+
+    async def run(self, job, prepared):
+        return Outcome(None, "prompt read, nothing run", 0)
+
 
 SHIPPED = ["backend-engineer", "developer", "docs-writer", "frontend-engineer", "planner", "qa", "reviewer",
            "ux-designer"]
@@ -232,18 +256,35 @@ def test_a_profile_job_runs_on_an_engine_of_its_class_honouring_prefers_with_the
     run(main())
 
 
-def test_an_engine_class_job_on_a_factory_without_an_engine_of_that_class_is_setup_failed_never_run_as_shell(
+def test_an_engine_class_job_on_a_factory_without_an_engine_of_that_class_is_never_claimed_nor_run_as_shell(
         nats_server, tmp_path):
-    # The factory claims the pool (an operator's --cap says it serves the class) but has no such
-    # engine: the prompt must not be run as a shell script (it was, before resolve_engine).
+    # The factory serves the pool (an operator's --cap says it serves the class) but has no such
+    # engine: the prompt must not be run as a shell script (it was, before resolve_engine), and
+    # the job is not claimed either (no engine of the class has a seat there), so a factory
+    # that has one can run it, and no retry is spent on a factory that never could.
     async def main():
         async with Fleet(nats_server.url, tmp_path) as fleet:
-            await fleet.add_factory("plain-1", caps=["engine-class:agentic-coder"])
+            f = await fleet.add_factory("plain-1", caps=["engine-class:agentic-coder"])
             job = await fleet.submit_one(f"---\nengine-class: agentic-coder\ncwd: {fleet.repo}\nretry: {{max: 0}}\n"
                                          "---\ntouch ran-as-shell\n")
-            rec = await fleet.wait_stage(job, "failed", "dead_letter")
-            assert rec.attempts[-1].outcome == "setup_failed"
-            assert "no engine of class 'agentic-coder' is offered by plain-1" in rec.attempts[-1].detail
+
+            async def dispatched():
+                return any(e["kind"] == "dispatched" for e in await fleet.events(job))
+
+            await eventually(dispatched, 20, what="the job is offered to the pool")
+            await eventually(lambda: f.pools, 10, what="plain-1 serves the pool")
+            rec, _ = await fleet.record(job)
+            assert str(rec.stage) == "queued" and rec.attempts == [], rec
+            # A factory with an engine of the class takes it: plain-1 never did meanwhile.
+            coder = engines.register(_PromptEcho())
+            try:
+                await fleet.add_factory("coder-1", caps=["engine:prompt-echo", "engine-class:agentic-coder"])
+                rec = await fleet.wait_stage(job, "testing", "failed", "dead_letter")
+            finally:
+                engines.unregister(coder.name)
+            assert (str(rec.stage), rec.attempts[-1].factory, rec.attempts[-1].engine) == (
+                "testing", "coder-1", "prompt-echo"), rec.attempts
+            assert f.stats["claims"] == 0
             assert not (fleet.repo / "ran-as-shell").exists()
 
     run(main())
