@@ -54,8 +54,10 @@ def test_codex_parser_reads_usage_from_turn_completed_whatever_the_chunking(chun
     said = _feed_in_chunks(p, _transcript("codex", "write"), chunk)
     u = p.usage()
     assert (u.input_tokens, u.output_tokens, u.cache_read_tokens, u.cache_write_tokens) == (20083, 44, 0, 0)
-    assert u.tool_calls == 1 and u.model == "gpt-5"
+    assert (u.tool_calls, u.turns, u.model) == (1, 1, "gpt-5")
     assert u.cost_source == "priced" and u.price_table == load_table().version
+    [live] = [s.data for s in said if s.kind == "usage"]
+    assert (live["cost_source"], live["price_table"], live["turns"]) == ("priced", load_table().version, 1)
     assert u.cost_usd == pytest.approx((20083 * 1.25 + 44 * 10) / 1e6)
     assert [s.kind for s in said].count("usage") == 1
     texts = [s.data.get("text") for s in said if s.kind == "progress"]
@@ -254,6 +256,26 @@ def _run(engine: str, job: EngineJob, script: dict, tmp_path: Path, monkeypatch,
         out = asyncio.run(eng.run(job, prepared))
         exchanges = list(server.exchanges)
     return out, prepared, exchanges
+
+
+def test_the_factorys_codex_reader_prices_the_live_usage_events_with_the_jobs_model(tmp_path, monkeypatch):
+    """The factory feeds its own reader (``engine.parser()``, made before the job is known): the
+    engine's prepare tells it the model, so the usage events that stream (and budget.usd) are
+    priced, not only the final record."""
+    _require("codex")
+    repo = _repo(tmp_path)
+    seen: list = []
+    job = _job(tmp_path, repo, "codex", model="gpt-5")
+    job.parser = engines.get("codex").parser()
+    job.on_output = lambda chunk: seen.extend(job.parser.feed(chunk))
+    out, _, exchanges = _run("codex", job, WRITE_SCRIPT, tmp_path, monkeypatch)
+    assert out.failure is None, out.detail
+    live = [p.data for p in seen if p.kind == "usage"]
+    assert live, "no usage event streamed"
+    assert (live[-1]["cost_source"], live[-1]["price_table"], live[-1]["model"]) == (
+        "priced", load_table().version, "gpt-5")
+    assert live[-1]["turns"] == 1 and live[-1]["tool_calls"] >= 1
+    assert live[-1]["cost_usd"] == pytest.approx(out.usage.cost_usd)
 
 
 @pytest.mark.parametrize("engine,model", [("codex", "gpt-5"), ("gemini", "gemini-2.5-flash")])

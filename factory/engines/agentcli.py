@@ -17,11 +17,15 @@ import sysconfig
 from collections.abc import Mapping
 from pathlib import Path
 
+import msgspec
+
 from gigafactory import agent_clis
+from gigafactory.config import Settings
 from gigafactory.schemas.manifest import FailureClass
 from gigafactory.schemas.records import Usage
 
 from .. import shell
+from . import pricing
 from .base import EngineJob, Outcome, OutputParser, Prepared, ProbeResult, Progress, SetupFailed, classify_exit
 
 MAX_PROMPT_BYTES = 120 * 1024
@@ -249,6 +253,40 @@ def classify_error_text(text: str) -> str | None:
     return None
 
 
+def settings_of(job: EngineJob) -> Settings:
+    """The settings an engine runs ``job`` with: the factory's (``job.settings``), else (a job
+    built without them, as in a test) read from the environment.
+
+    :param job: the attempt.
+    """
+    return job.settings if job.settings is not None else Settings.from_env()
+
+
+def price_table(settings: Settings) -> pricing.PriceTable | None:
+    """The operator's price table (setting ``price_table``), or None for the shipped one.
+
+    :param settings: the factory's settings.
+    :raises SetupFailed: naming the file and the field, when the table cannot be used (a factory
+        checks it at start; this is for one edited since).
+    """
+    if not settings.price_table:
+        return None
+    try:
+        return pricing.load_table(settings.price_table)
+    except pricing.PriceTableError as e:
+        msg = f"price_table (GIGAFACTORY_PRICE_TABLE): {e}"
+        raise SetupFailed(msg, msg + "\n") from None
+
+
+def usage_progress(usage: Usage) -> Progress:
+    """A ``usage`` progress item with every field of ``usage`` (an unknown count as None, the
+    ``cost_source`` always), as the attempt's record has it.
+
+    :param usage: what the run consumed so far.
+    """
+    return Progress("usage", msgspec.to_builtins(usage))
+
+
 def remove_home(prepared: Prepared) -> None:
     """Remove the attempt's CLI home (:func:`attempt_home`) once the run ended; only a folder
     under ``cli-homes`` is ever removed."""
@@ -309,7 +347,8 @@ def classify_run(res: shell.ProcessResult, job: EngineJob, usage: Usage | None, 
 
 
 __all__ = ["MAX_LINE_BYTES", "MAX_PROMPT_BYTES", "LineSplitter", "attempt_home", "base_environment",
-           "classify_error_text", "classify_run", "failure_class", "parse_version", "probe_cli", "remove_home", "require_binary", "require_prompt"]
+           "classify_error_text", "classify_run", "failure_class", "parse_version", "probe_cli", "remove_home", "price_table", "require_binary",
+           "require_prompt", "settings_of", "usage_progress"]
 
 
 class LineParser(OutputParser):
