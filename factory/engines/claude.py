@@ -46,7 +46,7 @@ from gigafactory.schemas.manifest import FailureClass
 from gigafactory.schemas.records import Usage
 
 from .. import shell
-from . import pricing
+from . import agentcli, pricing
 from .base import (
     Engine,
     EngineJob,
@@ -317,6 +317,8 @@ class ClaudeEngine(Engine):
         if job.manifest.model:
             argv += ["--model", job.manifest.model]
         env = claude_environment(environ, job.gf_env, binary)
+        if isinstance(job.parser, ClaudeStream):
+            job.parser.table = agentcli.price_table(agentcli.settings_of(job))
         if job.manifest.yolo:
             argv.append("--dangerously-skip-permissions")
             if hasattr(os, "geteuid") and os.geteuid() == 0:
