@@ -366,6 +366,34 @@ def test_budget_usd_stops_a_claude_run_mid_way_on_the_priced_stream(nats_server,
     run(main(), timeout_s=200)
 
 
+def test_the_factorys_price_table_setting_prices_the_stream_and_decides_the_budget(nats_server, tmp_path, claude_env):
+    # The operator's table (setting price_table, given to this factory only) prices Sonnet 4.5
+    # at $1,000 per million input tokens: the first message's ~22k tokens are ~$22, over
+    # budget.usd 1 (the shipped table would say ~$0.07, and the CLI's own cost ~$0.13).
+    from helpers import fast_settings
+
+    table = tmp_path / "ops-prices.json"
+    table.write_text(json.dumps({"version": "ops-claude-1", "models": {
+        "claude-sonnet-4-5": {"input": 1000.0, "cache_read": 1.0, "output": 1000.0}}}))
+    script = {"turns": [{"text": "Waiting.", "tool_calls": [{"run_command": {"command": SLOW_PYTHON}}]},
+                        {"text": "Done."}]}
+
+    async def main():
+        with serve_in_thread(parse_script(script)) as server:
+            async with Fleet(nats_server.url, tmp_path) as fleet:
+                _git_repo(fleet.repo)
+                claude_env(server.url)
+                await fleet.add_factory("c-ops", probe=True, settings=fast_settings(price_table=str(table)))
+                job = await fleet.submit_one(_station_job(fleet, claude_env, server, yolo=True, budget={"usd": 1}))
+                rec = await fleet.wait_stage(job, "failed", "dead_letter", "shipped", timeout_s=150)
+                last = rec.attempts[-1]
+                assert last.outcome == FailureClass.BUDGET_EXCEEDED, last.detail
+                assert (last.usage.cost_source, last.usage.price_table) == ("priced", "ops-claude-1")
+                assert len(_turns(server.exchanges)) == 1
+
+    run(main(), timeout_s=200)
+
+
 @pytest.mark.parametrize("yolo", [False, True])
 def test_yolo_decides_whether_a_non_file_shell_command_runs(nats_server, tmp_path, claude_env, yolo):
     script = {"turns": [{"tool_calls": [{"run_command": {"command": RUN_PYTHON}}]}, {"text": "Over."}]}

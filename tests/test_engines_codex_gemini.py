@@ -433,3 +433,35 @@ def test_a_codex_base_url_that_is_not_http_is_refused_naming_the_variable(tmp_pa
     monkeypatch.delenv("GIGAFACTORY_CODEX_API_KEY_VAR", raising=False)
     with pytest.raises(SetupFailed, match="GIGAFACTORY_CODEX_BASE_URL"):
         engines.get("codex").prepare(_job(tmp_path, _repo(tmp_path), "codex", model=None))
+
+
+def test_codex_runs_with_the_factorys_settings_and_prices_with_the_operators_table(tmp_path, monkeypatch):
+    """The settings reach the engine through the job (no GIGAFACTORY_CODEX_* variable is set),
+    and setting price_table replaces the shipped table: a model only the operator's table knows
+    is priced with its version, live and in the record."""
+    from gigafactory.config import Settings
+
+    _require("codex")
+    for var in ("GIGAFACTORY_CODEX_BASE_URL", "GIGAFACTORY_CODEX_API_KEY_VAR", "GIGAFACTORY_CODEX_MODEL",
+                "OPENAI_BASE_URL", "GIGAFACTORY_PRICE_TABLE"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("GF_TEST_CODEX_KEY", "sk-scripted")
+    table = tmp_path / "ops-prices.json"
+    table.write_text(json.dumps({"version": "ops-7", "models": {
+        "scripted-model": {"input": 2.0, "cache_read": 0.5, "output": 8.0, "source": "our invoice", "as_of": "2026-12"}}}))
+    repo = _repo(tmp_path)
+    seen: list = []
+    job = _job(tmp_path, repo, "codex", model="scripted-model")
+    job.parser = engines.get("codex").parser()
+    job.on_output = lambda chunk: seen.extend(job.parser.feed(chunk))
+    with serve_in_thread(parse_script(WRITE_SCRIPT)) as server:
+        job.settings = Settings(codex_base_url=f"{server.url}/v1", codex_api_key_var="GF_TEST_CODEX_KEY",
+                                price_table=str(table))
+        eng = engines.get("codex")
+        prepared = eng.prepare(job)
+        out = asyncio.run(eng.run(job, prepared))
+    assert out.failure is None, out.detail
+    assert (out.usage.cost_source, out.usage.price_table) == ("priced", "ops-7")
+    assert out.usage.cost_usd == pytest.approx((out.usage.input_tokens * 2.0 + out.usage.output_tokens * 8.0) / 1e6)
+    live = [p.data for p in seen if p.kind == "usage"]
+    assert live and (live[-1]["cost_source"], live[-1]["price_table"]) == ("priced", "ops-7")
