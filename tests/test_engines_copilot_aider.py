@@ -441,3 +441,19 @@ def test_aider_rate_limit_error_carries_the_providers_retry_after(tmp_path):
     job = _job(tmp_path, _repo(tmp_path), "aider", model="gpt-4.1")
     out = agentcli.classify_run(res, job, p.usage(), p.error_text())
     assert out.failure == agentcli.failure_class("rate_limited") and out.retry_after_s == 20.0
+
+
+def test_the_factorys_aider_reader_learns_the_model_and_prices_the_live_usage(tmp_path, monkeypatch):
+    """The factory's reader (``engine.parser()``, made before the job is known) is told the
+    model at prepare: aider's token lines do not name it, and without it the usage events that
+    stream (and budget.usd) would stay unpriced."""
+    _require("aider")
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-scripted")
+    monkeypatch.delenv("GIGAFACTORY_AIDER_MODEL", raising=False)
+    job = _job(tmp_path, _repo(tmp_path), "aider", model="gpt-4.1")
+    job.parser = engines.get("aider").parser()
+    engines.get("aider").prepare(job)
+    [said] = [p for p in job.parser.feed(b"Tokens: 1000 sent, 20 received.\n") if p.kind == "usage"]
+    assert (said.data["model"], said.data["cost_source"], said.data["price_table"]) == (
+        "gpt-4.1", "priced", load_table().version)
+    assert said.data["cost_usd"] == pytest.approx((1000 * 2.0 + 20 * 8.0) / 1e6)
