@@ -321,6 +321,7 @@ class Execute:
             kill_grace_s=5.0, parser=parsers[0],
             env_passthrough=(*cred_variables(rec.requirements, probe.CREDENTIAL_VARS),
                              *self.s.engine_env_passthrough_names),
+            settings=self.s,
         )
         try:
             # Off the event loop: preparing may read files and scan the body (the shell engine's

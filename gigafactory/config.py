@@ -314,6 +314,37 @@ class Settings:
     a job whose preferred engines are all busy or absent up to this much extra wait; at most
     ``PREFERS_GRACE_MAX_S``."""
 
+    # -- agent engines and their pricing (issue 9, usage/cost: helper usage9) ------------------
+    codex_base_url: str | None = None
+    """``GIGAFACTORY_CODEX_BASE_URL``: an OpenAI-compatible Responses API root
+    (``http://127.0.0.1:8080/v1``, ``gigafactory model-server``'s ``/v1``) the ``codex`` engine
+    uses as a custom provider; None: Codex's built-in OpenAI provider. Must be http(s). Risk: a
+    wrong URL fails every codex job (``crash``/``auth_failed``), and the key named by
+    ``codex_api_key_var`` is sent to it."""
+    codex_api_key_var: str = "OPENAI_API_KEY"
+    """``GIGAFACTORY_CODEX_API_KEY_VAR``: the NAME of the variable holding the key for
+    ``codex_base_url`` (not the key); the probe offers ``engine:codex`` only when it is set, and
+    only that variable (with the ``OPENAI_*`` ones) reaches the CLI. Must be a variable name."""
+    codex_model: str | None = None
+    """``GIGAFACTORY_CODEX_MODEL``: the model of a codex job that names none; None: the CLI's own
+    default, whose cost then stays ``unknown`` (Codex's events do not name the model)."""
+    gemini_model: str | None = None
+    """``GIGAFACTORY_GEMINI_MODEL``: the model of a gemini job that names none; None:
+    ``gemini-2.5-pro`` (always passed explicitly: without ``-m`` the CLI's router adds calls)."""
+    copilot_model: str | None = None
+    """``GIGAFACTORY_COPILOT_MODEL``: the model of a copilot job that names none (else
+    ``COPILOT_MODEL``, else the CLI's default); required with ``COPILOT_PROVIDER_BASE_URL``."""
+    aider_model: str | None = None
+    """``GIGAFACTORY_AIDER_MODEL``: the model of an aider job that names none; None:
+    ``gpt-4.1``. A name without a provider prefix is sent as ``openai/<name>``."""
+    price_table: str | None = None
+    """``GIGAFACTORY_PRICE_TABLE``: path of the operator's own price table (the format of the
+    shipped ``prices.json``), used INSTEAD of the shipped one to price token usage
+    (``cost_source: priced``, ``price_table`` = its ``version``). Checked when a factory starts
+    (a named error for a missing file, bad JSON, a missing or negative price). Risk: wrong figures
+    make every priced cost and every ``budget.usd`` stop wrong; a model missing from it stays
+    ``unknown`` and is then never stopped by ``budget.usd``."""
+
     @property
     def fence_margin_effective_s(self) -> float:
         """``fence_margin_s``, or its default (see there)."""
@@ -345,6 +376,7 @@ class Settings:
         """Refuse settings under which a lease holder could not fence itself in time, and
         passthrough names that are not variable names; returns self. Raises
         :class:`SettingsError` naming the setting and what to do."""
+        check_engine_settings(self)
         if len(self.engine_env_passthrough) > ENGINE_ENV_PASSTHROUGH_MAX_CHARS:
             raise SettingsError(f"engine_env_passthrough (GIGAFACTORY_ENGINE_ENV_PASSTHROUGH) is "
                                 f"{len(self.engine_env_passthrough)} characters; at most "
@@ -469,6 +501,28 @@ _ENV_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 LOG_UPLOAD_MIN_BYTES = 64 * 1024
 """Smallest ``log_upload_max_bytes``: room for a head, the marker line and a tail."""
+
+
+def check_engine_settings(s: Settings) -> None:
+    """Refuse agent-engine settings that would fail every job of that engine, or price with a
+    table that cannot be read: ``codex_api_key_var`` not a variable name, ``codex_base_url`` not
+    http(s), ``price_table`` missing, too large or malformed (the price table's own error, naming
+    the file and the field)."""
+    if not _ENV_NAME_RE.fullmatch(s.codex_api_key_var or ""):
+        raise SettingsError(f"codex_api_key_var (GIGAFACTORY_CODEX_API_KEY_VAR)={s.codex_api_key_var!r} is not an "
+                            "environment variable name: name the variable that holds the provider's API key "
+                            "(e.g. OPENAI_API_KEY)")
+    if s.codex_base_url and not s.codex_base_url.startswith(("http://", "https://")):
+        raise SettingsError(f"codex_base_url (GIGAFACTORY_CODEX_BASE_URL)={s.codex_base_url!r} is not an http(s) "
+                            "URL: set it to the provider's Responses API root, e.g. http://127.0.0.1:8080/v1, "
+                            "or unset it for OpenAI")
+    if s.price_table:
+        from gigafactory.factory.engines import pricing  # the engines import this module
+
+        try:
+            pricing.load_table(s.price_table)
+        except (OSError, pricing.PriceTableError) as e:
+            raise SettingsError(f"price_table (GIGAFACTORY_PRICE_TABLE): {e}") from None
 
 
 def check_log_upload(s: Settings) -> None:

@@ -117,9 +117,9 @@ def run_demo_agents(*, workdir: str | None, timeout_s: float, as_json: bool) -> 
         for r in result["jobs"]:
             u = r["usage"] or {}
             cost = u.get("cost_usd")
-            rows.append([r["engine"], r["version"] or "?", str(u.get("turns", "-")), str(u.get("input_tokens", "-")),
-                         str(u.get("output_tokens", "-")), "-" if cost is None else f"${cost:.4f}",
-                         # Copilot's stored usage omits cost_source: no cost is "unknown" (README).
+            shown = lambda k: "-" if u.get(k) is None else str(u[k])  # noqa: E731 - an unknown count is null
+            rows.append([r["engine"], r["version"] or "?", shown("turns"), shown("input_tokens"),
+                         shown("output_tokens"), "-" if cost is None else f"${cost:.4f}",
                          str(u.get("cost_source") or ("unknown" if u else "-")), r["stage"]])
         click.echo("\n" + _table(rows))
         for r in result["jobs"]:
@@ -196,8 +196,9 @@ async def _drive(url: str, engines: list[str], repos: dict[str, Path], timeout_s
             stage = st["job"]["stage"]
             attempts = (st.get("record") or {}).get("attempts") or []
             usage = attempts[-1].get("usage") if attempts else None
-            has_usage = bool(usage) and (usage.get("input_tokens", 0) > 0 and usage.get("output_tokens", 0) > 0
-                                         or e == "copilot" and usage.get("turns", 0) > 0)
+            # A usage record carries every field, an unknown count as null (Copilot reports no tokens).
+            has_usage = bool(usage) and ((usage.get("input_tokens") or 0) > 0 and (usage.get("output_tokens") or 0) > 0
+                                         or e == "copilot" and (usage.get("turns") or 0) > 0)
             why = st["why"] if stage != "shipped" else ("no usage recorded" if not has_usage else "")
             out.append({"engine": e, "job": job, "version": versions.get(e, ""), "stage": stage, "usage": usage,
                         "ok": stage == "shipped" and has_usage, "why": why,

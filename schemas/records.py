@@ -52,8 +52,10 @@ class Attribution(msgspec.Struct, omit_defaults=True):
     cost_estimated: bool = True
 
 
-class Usage(msgspec.Struct, omit_defaults=True):
+class Usage(msgspec.Struct, omit_defaults=False):
     """What one attempt of an engine consumed, as parsed from its output while it ran.
+    Every field is always encoded (an unknown count as null, ``cost_source`` even when it is
+    ``unknown``): a reader never has to guess what a missing key meant.
 
     A count the engine did not report is None, never a made-up zero; ``cost_source`` says where
     ``cost_usd`` came from: ``reported`` (the CLI's own figure), ``priced`` (token counts times
@@ -73,6 +75,10 @@ class Usage(msgspec.Struct, omit_defaults=True):
     """``reported``, ``priced``, ``estimated`` or ``unknown``."""
     price_table: str | None = None
     """The version of the price table a ``priced`` or ``estimated`` cost came from."""
+    premium_requests: float | None = None
+    """Premium requests the CLI reported (GitHub Copilot), when it counts in those, not tokens."""
+    cost_note: str | None = None
+    """How a cost not made from token counts was made (``priced per premium request …``)."""
 
 
 def usage_tokens(usage: Usage) -> int:

@@ -24,6 +24,7 @@ from gigafactory.factory.engines.claude import (
     classify_result,
     claude_environment,
 )
+from gigafactory.factory.engines.pricing import load_table
 from gigafactory.model_server import parse_script, serve_in_thread, tokens_for
 from gigafactory.schemas.manifest import FailureClass, parse_job_text
 from gigafactory.schemas.records import Usage
@@ -80,7 +81,22 @@ def test_the_parser_reads_a_recorded_write_run_whatever_the_chunking(chunk_bytes
     # tool count), both messages, then the result's (exact output tokens and cost).
     assert [(u["input_tokens"], u["output_tokens"], u["tool_calls"]) for u in usages] == [
         (22052, 1, 0), (22052, 1, 1), (44264, 2, 1), (44264, 44, 1)]
-    assert usages[-1]["cost_source"] == "reported" and "cost_usd" not in usages[0]
+    assert usages[-1]["cost_source"] == "reported"
+    # Before the result, the usage so far is priced from the table (Sonnet 4.5: $3 in, $15 out
+    # per million), so budget.usd can stop a run mid-way.
+    assert (usages[0]["cost_source"], usages[0]["price_table"]) == ("priced", load_table().version)
+    assert usages[0]["cost_usd"] == pytest.approx((22052 * 3.0 + 1 * 15.0) / 1e6)
+
+
+def test_streamed_usage_is_priced_before_the_result_and_the_reported_cost_wins_after_it():
+    lines = _fixture("write").splitlines(keepends=True)
+    before = b"".join(line for line in lines if b'"type":"result"' not in line)
+    p, _ = _parse(before)
+    u = p.usage()
+    assert (u.cost_source, u.turns, u.input_tokens) == ("priced", 2, 44264)
+    assert u.cost_usd == pytest.approx((44264 * 3.0 + u.output_tokens * 15.0) / 1e6)
+    p.feed(next(line for line in lines if b'"type":"result"' in line))
+    assert (p.usage().cost_source, p.usage().cost_usd) == ("reported", 0.13345200000000002)
 
 
 def test_the_parser_counts_a_shell_tool_call_and_a_denial():
@@ -320,6 +336,60 @@ def test_budget_tokens_stops_a_claude_run_mid_way(nats_server, tmp_path, claude_
                 [log_file] = (tmp_path / "factories" / "c-3" / "logs").iterdir()
                 assert '"type":"assistant"' in log_file.read_text()
                 assert f.stats["finished"] == 1
+
+    run(main(), timeout_s=200)
+
+
+def test_budget_usd_stops_a_claude_run_mid_way_on_the_priced_stream(nats_server, tmp_path, claude_env):
+    # The first message alone reports ~22k input tokens of claude-sonnet-4-5, ~$0.066 at the
+    # table's price: over budget.usd 0.01 while its 30 s command runs, long before the CLI's own
+    # cost (in the result event, at the end) could be judged.
+    script = {"turns": [{"text": "Waiting.", "tool_calls": [{"run_command": {"command": SLOW_PYTHON}}]},
+                        {"text": "Done."}]}
+
+    async def main():
+        with serve_in_thread(parse_script(script)) as server:
+            async with Fleet(nats_server.url, tmp_path) as fleet:
+                _git_repo(fleet.repo)
+                claude_env(server.url)
+                await fleet.add_factory("c-usd", probe=True)
+                job = await fleet.submit_one(_station_job(fleet, claude_env, server, yolo=True,
+                                                          budget={"usd": 0.01}))
+                rec = await fleet.wait_stage(job, "failed", "dead_letter", "shipped", timeout_s=150)
+                last = rec.attempts[-1]
+                assert last.outcome == FailureClass.BUDGET_EXCEEDED, last.detail
+                assert "budget.usd exceeded" in last.detail
+                assert len(_turns(server.exchanges)) == 1
+                assert not (fleet.repo / "slept.txt").exists()
+                assert last.usage.cost_source == "priced" and last.usage.cost_usd > 0.01
+
+    run(main(), timeout_s=200)
+
+
+def test_the_factorys_price_table_setting_prices_the_stream_and_decides_the_budget(nats_server, tmp_path, claude_env):
+    # The operator's table (setting price_table, given to this factory only) prices Sonnet 4.5
+    # at $1,000 per million input tokens: the first message's ~22k tokens are ~$22, over
+    # budget.usd 1 (the shipped table would say ~$0.07, and the CLI's own cost ~$0.13).
+    from helpers import fast_settings
+
+    table = tmp_path / "ops-prices.json"
+    table.write_text(json.dumps({"version": "ops-claude-1", "models": {
+        "claude-sonnet-4-5": {"input": 1000.0, "cache_read": 1.0, "output": 1000.0}}}))
+    script = {"turns": [{"text": "Waiting.", "tool_calls": [{"run_command": {"command": SLOW_PYTHON}}]},
+                        {"text": "Done."}]}
+
+    async def main():
+        with serve_in_thread(parse_script(script)) as server:
+            async with Fleet(nats_server.url, tmp_path) as fleet:
+                _git_repo(fleet.repo)
+                claude_env(server.url)
+                await fleet.add_factory("c-ops", probe=True, settings=fast_settings(price_table=str(table)))
+                job = await fleet.submit_one(_station_job(fleet, claude_env, server, yolo=True, budget={"usd": 1}))
+                rec = await fleet.wait_stage(job, "failed", "dead_letter", "shipped", timeout_s=150)
+                last = rec.attempts[-1]
+                assert last.outcome == FailureClass.BUDGET_EXCEEDED, last.detail
+                assert (last.usage.cost_source, last.usage.price_table) == ("priced", "ops-claude-1")
+                assert len(_turns(server.exchanges)) == 1
 
     run(main(), timeout_s=200)
 

@@ -54,8 +54,10 @@ def test_codex_parser_reads_usage_from_turn_completed_whatever_the_chunking(chun
     said = _feed_in_chunks(p, _transcript("codex", "write"), chunk)
     u = p.usage()
     assert (u.input_tokens, u.output_tokens, u.cache_read_tokens, u.cache_write_tokens) == (20083, 44, 0, 0)
-    assert u.tool_calls == 1 and u.model == "gpt-5"
+    assert (u.tool_calls, u.turns, u.model) == (1, 1, "gpt-5")
     assert u.cost_source == "priced" and u.price_table == load_table().version
+    [live] = [s.data for s in said if s.kind == "usage"]
+    assert (live["cost_source"], live["price_table"], live["turns"]) == ("priced", load_table().version, 1)
     assert u.cost_usd == pytest.approx((20083 * 1.25 + 44 * 10) / 1e6)
     assert [s.kind for s in said].count("usage") == 1
     texts = [s.data.get("text") for s in said if s.kind == "progress"]
@@ -256,6 +258,26 @@ def _run(engine: str, job: EngineJob, script: dict, tmp_path: Path, monkeypatch,
     return out, prepared, exchanges
 
 
+def test_the_factorys_codex_reader_prices_the_live_usage_events_with_the_jobs_model(tmp_path, monkeypatch):
+    """The factory feeds its own reader (``engine.parser()``, made before the job is known): the
+    engine's prepare tells it the model, so the usage events that stream (and budget.usd) are
+    priced, not only the final record."""
+    _require("codex")
+    repo = _repo(tmp_path)
+    seen: list = []
+    job = _job(tmp_path, repo, "codex", model="gpt-5")
+    job.parser = engines.get("codex").parser()
+    job.on_output = lambda chunk: seen.extend(job.parser.feed(chunk))
+    out, _, exchanges = _run("codex", job, WRITE_SCRIPT, tmp_path, monkeypatch)
+    assert out.failure is None, out.detail
+    live = [p.data for p in seen if p.kind == "usage"]
+    assert live, "no usage event streamed"
+    assert (live[-1]["cost_source"], live[-1]["price_table"], live[-1]["model"]) == (
+        "priced", load_table().version, "gpt-5")
+    assert live[-1]["turns"] == 1 and live[-1]["tool_calls"] >= 1
+    assert live[-1]["cost_usd"] == pytest.approx(out.usage.cost_usd)
+
+
 @pytest.mark.parametrize("engine,model", [("codex", "gpt-5"), ("gemini", "gemini-2.5-flash")])
 def test_engine_edits_the_repo_through_the_real_cli_and_reports_priced_usage(engine, model, tmp_path, monkeypatch):
     repo = _repo(tmp_path)
@@ -411,3 +433,35 @@ def test_a_codex_base_url_that_is_not_http_is_refused_naming_the_variable(tmp_pa
     monkeypatch.delenv("GIGAFACTORY_CODEX_API_KEY_VAR", raising=False)
     with pytest.raises(SetupFailed, match="GIGAFACTORY_CODEX_BASE_URL"):
         engines.get("codex").prepare(_job(tmp_path, _repo(tmp_path), "codex", model=None))
+
+
+def test_codex_runs_with_the_factorys_settings_and_prices_with_the_operators_table(tmp_path, monkeypatch):
+    """The settings reach the engine through the job (no GIGAFACTORY_CODEX_* variable is set),
+    and setting price_table replaces the shipped table: a model only the operator's table knows
+    is priced with its version, live and in the record."""
+    from gigafactory.config import Settings
+
+    _require("codex")
+    for var in ("GIGAFACTORY_CODEX_BASE_URL", "GIGAFACTORY_CODEX_API_KEY_VAR", "GIGAFACTORY_CODEX_MODEL",
+                "OPENAI_BASE_URL", "GIGAFACTORY_PRICE_TABLE"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("GF_TEST_CODEX_KEY", "sk-scripted")
+    table = tmp_path / "ops-prices.json"
+    table.write_text(json.dumps({"version": "ops-7", "models": {
+        "scripted-model": {"input": 2.0, "cache_read": 0.5, "output": 8.0, "source": "our invoice", "as_of": "2026-12"}}}))
+    repo = _repo(tmp_path)
+    seen: list = []
+    job = _job(tmp_path, repo, "codex", model="scripted-model")
+    job.parser = engines.get("codex").parser()
+    job.on_output = lambda chunk: seen.extend(job.parser.feed(chunk))
+    with serve_in_thread(parse_script(WRITE_SCRIPT)) as server:
+        job.settings = Settings(codex_base_url=f"{server.url}/v1", codex_api_key_var="GF_TEST_CODEX_KEY",
+                                price_table=str(table))
+        eng = engines.get("codex")
+        prepared = eng.prepare(job)
+        out = asyncio.run(eng.run(job, prepared))
+    assert out.failure is None, out.detail
+    assert (out.usage.cost_source, out.usage.price_table) == ("priced", "ops-7")
+    assert out.usage.cost_usd == pytest.approx((out.usage.input_tokens * 2.0 + out.usage.output_tokens * 8.0) / 1e6)
+    live = [p.data for p in seen if p.kind == "usage"]
+    assert live and (live[-1]["cost_source"], live[-1]["price_table"]) == ("priced", "ops-7")

@@ -5,9 +5,11 @@ no spend). A missing CLI FAILS with the install hint: CI must not go green witho
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 from pathlib import Path
 
+import msgspec
 import pytest
 from test_engines_codex_gemini import _fake_cli, _feed_in_chunks, _job, _repo
 
@@ -20,6 +22,7 @@ from gigafactory.factory.engines.copilot import CopilotParser
 from gigafactory.factory.engines.pricing import load_table
 from gigafactory.model_server import parse_script, serve_in_thread, tokens_for
 from gigafactory.schemas.manifest import FailureClass
+from gigafactory.schemas.records import Usage
 
 FIXTURES = Path(__file__).parent / "fixtures" / "agent-transcripts"
 CONTENT = "hello from the scripted model\n"
@@ -50,7 +53,10 @@ def test_copilot_parser_reads_turns_and_tool_calls_and_leaves_the_cost_unknown(c
     # Copilot prints no token counts anywhere: none are made up, and no cost either.
     assert (u.input_tokens, u.output_tokens, u.cost_usd, u.cost_source) == (None, None, None, "unknown")
     usage_events = [s.data for s in said if s.kind == "usage"]
-    assert usage_events[-1] == {"model": "scripted-model", "turns": 2, "tool_calls": 1, "cost_source": "unknown"}
+    # Every field, cost_source explicit; the result's premium requests (0 in BYOK mode) recorded.
+    assert usage_events[-1] == msgspec.to_builtins(Usage(model="scripted-model", turns=2, tool_calls=1,
+                                                        cost_source="unknown", premium_requests=0))
+    assert u.premium_requests == 0
     texts = [s.data.get("text") for s in said if s.kind == "progress"]
     assert "Writing the file." in texts and "All done." in texts
     result = [s.data for s in said if s.data.get("event") == "result"]
@@ -68,6 +74,32 @@ def test_copilot_parser_reads_the_session_error(case, cls, status):
     assert p.usage() is None  # no model reply: no usage, not zeros
     if cls == "rate_limited":
         assert [s.data["reason"] for s in said if s.data.get("event") == "retry"] == ["rate_limit"] * 5
+
+
+def _copilot_result(premium_requests) -> bytes:
+    return (b'{"type":"assistant.message","data":{"model":"gpt-5","content":"ok","toolRequests":[]}}\n'
+            + json.dumps({"type": "result", "exitCode": 0,
+                          "usage": {"premiumRequests": premium_requests}}).encode() + b"\n")
+
+
+def test_copilot_on_githubs_service_is_priced_per_premium_request_and_says_so():
+    p = CopilotParser()
+    p.byok = False  # GitHub's service: premium requests are what it bills
+    said = p.feed(_copilot_result(3))
+    u = p.usage()
+    per_request = load_table().requests["copilot-premium-request"].usd
+    assert (u.premium_requests, u.cost_source, u.price_table) == (3, "priced", load_table().version)
+    assert u.cost_usd == pytest.approx(3 * per_request)
+    assert "per premium request" in u.cost_note and u.input_tokens is None
+    assert [s.data for s in said if s.kind == "usage"][-1]["cost_note"] == u.cost_note
+
+
+def test_copilot_in_byok_mode_records_premium_requests_but_leaves_the_cost_unknown():
+    p = CopilotParser()
+    p.feed(_copilot_result(0))
+    u = p.usage()
+    # The provider bills tokens the CLI never reports: 0 premium requests is not a cost of $0.
+    assert (u.premium_requests, u.cost_usd, u.cost_source, u.cost_note) == (0, None, "unknown", None)
 
 
 def test_copilot_parser_counts_a_passing_429_as_no_error():
@@ -372,3 +404,56 @@ def test_aider_lasting_429_is_bounded_by_the_jobs_timeout_and_named(tmp_path, mo
     assert out.failure == FailureClass.TIMEOUT, out.detail
     assert "429" in out.detail, out.detail
     assert exchanges and all(e["status"] == 429 for e in exchanges)
+
+
+def test_copilot_reports_the_providers_retry_after_quoted_in_its_error(tmp_path, monkeypatch):
+    """Copilot's events carry no retry-after of their own, but its session.error quotes the
+    provider's last message ("Last error: 429 …"): an OpenAI-style "try again in 7s" in it is
+    the attempt's retry_after_s (the retry waits that long, not the policy's back-off)."""
+    repo = _repo(tmp_path)
+    job = _job(tmp_path, repo, "copilot", model="scripted-model")
+    script = {"turns": [{"error": {"status": 429, "retry_after_s": 1, "times": 100,
+                                   "message": "Rate limit reached for requests. Please try again in 7s."}}]}
+    out, _prepared, _exchanges = _run("copilot", job, script, tmp_path, monkeypatch)
+    assert out.failure == agentcli.failure_class("rate_limited"), out.detail
+    assert out.retry_after_s == 7.0, out.detail
+
+
+@pytest.mark.parametrize("text,seconds", [
+    ("429 Rate limit reached for gpt-5. Please try again in 7s.", 7.0),
+    ("Rate limit reached. Please try again in 350ms.", 0.35),
+    ('litellm.RateLimitError: {"error": {"code": 429, "details": [{"retryDelay": "31s"}]}}', 31.0),
+    ("429 Too Many Requests; retry-after: 12", 12.0),
+    ("exceeded retry limit, last status: 429 Too Many Requests", None),  # Codex: no delay said
+    ("Please try again in 999999s", None),  # over a day: not believed
+])
+def test_a_retry_after_is_read_from_the_words_providers_use(text, seconds):
+    assert agentcli.retry_after_from_text(text) == seconds
+
+
+def test_aider_rate_limit_error_carries_the_providers_retry_after(tmp_path):
+    from gigafactory.factory import shell
+
+    p = AiderParser("gpt-4.1")
+    p.feed(b"litellm.RateLimitError: RateLimitError: OpenAIException - Rate limit reached. "
+           b"Please try again in 20s.\n\n")
+    res = shell.ProcessResult(exit_code=0, timed_out=False, cancelled=False, signal=None, duration_s=1.0)
+    job = _job(tmp_path, _repo(tmp_path), "aider", model="gpt-4.1")
+    out = agentcli.classify_run(res, job, p.usage(), p.error_text())
+    assert out.failure == agentcli.failure_class("rate_limited") and out.retry_after_s == 20.0
+
+
+def test_the_factorys_aider_reader_learns_the_model_and_prices_the_live_usage(tmp_path, monkeypatch):
+    """The factory's reader (``engine.parser()``, made before the job is known) is told the
+    model at prepare: aider's token lines do not name it, and without it the usage events that
+    stream (and budget.usd) would stay unpriced."""
+    _require("aider")
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-scripted")
+    monkeypatch.delenv("GIGAFACTORY_AIDER_MODEL", raising=False)
+    job = _job(tmp_path, _repo(tmp_path), "aider", model="gpt-4.1")
+    job.parser = engines.get("aider").parser()
+    engines.get("aider").prepare(job)
+    [said] = [p for p in job.parser.feed(b"Tokens: 1000 sent, 20 received.\n") if p.kind == "usage"]
+    assert (said.data["model"], said.data["cost_source"], said.data["price_table"]) == (
+        "gpt-4.1", "priced", load_table().version)
+    assert said.data["cost_usd"] == pytest.approx((1000 * 2.0 + 20 * 8.0) / 1e6)

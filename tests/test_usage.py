@@ -203,3 +203,26 @@ def test_a_result_kept_in_an_outbox_before_usage_existed_still_decodes():
     old = {"job": "j", "epoch": 1, "failure": None, "detail": "d", "exit_code": 0, "verify_exit_code": None,
            "log_path": "/l", "log_object": None, "attribution": {}, "finished_at": 1.0}
     assert msgspec.json.decode(json.dumps(old), type=ResultPayload).usage is None
+
+
+def test_every_usage_record_carries_its_cost_source_even_when_unknown():
+    # omit_defaults would drop "unknown" (the default) and every unknown count: a reader could
+    # not tell an unknown cost from a record written before costs existed.
+    encoded = json.loads(msgspec.json.encode(Usage(model="m", input_tokens=3)))
+    assert encoded["cost_source"] == "unknown" and encoded["cost_usd"] is None
+    assert {"model", "input_tokens", "output_tokens", "cache_read_tokens", "cache_write_tokens", "turns",
+            "tool_calls", "cost_usd", "cost_source"} <= set(encoded)
+
+
+def test_status_json_shows_an_unknown_cost_source_explicitly(nats_server, tmp_path, usage_engine):
+    async def main():
+        async with Fleet(nats_server.url, tmp_path) as fleet:
+            await fleet.add_factory("u-4", probe=True)
+            job = await fleet.submit_one(fleet.job(_program(FIRST), engine="pyusage", review_policy="auto"))
+            rec = await fleet.wait_stage(job, "shipped")
+            assert rec.attempts[-1].usage.cost_source == "unknown"
+            status = await fleet.client.call("status", {"job": job})
+            usage = status["record"]["attempts"][-1]["usage"]
+            assert usage["cost_source"] == "unknown" and usage["cost_usd"] is None, usage
+
+    run(main())

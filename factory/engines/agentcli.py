@@ -17,11 +17,15 @@ import sysconfig
 from collections.abc import Mapping
 from pathlib import Path
 
+import msgspec
+
 from gigafactory import agent_clis
+from gigafactory.config import Settings
 from gigafactory.schemas.manifest import FailureClass
 from gigafactory.schemas.records import Usage
 
 from .. import shell
+from . import pricing
 from .base import EngineJob, Outcome, OutputParser, Prepared, ProbeResult, Progress, SetupFailed, classify_exit
 
 MAX_PROMPT_BYTES = 120 * 1024
@@ -249,6 +253,72 @@ def classify_error_text(text: str) -> str | None:
     return None
 
 
+def settings_of(job: EngineJob) -> Settings:
+    """The settings an engine runs ``job`` with: the factory's (``job.settings``), else (a job
+    built without them, as in a test) read from the environment.
+
+    :param job: the attempt.
+    """
+    return job.settings if job.settings is not None else Settings.from_env()
+
+
+def price_table(settings: Settings) -> pricing.PriceTable | None:
+    """The operator's price table (setting ``price_table``), or None for the shipped one.
+
+    :param settings: the factory's settings.
+    :raises SetupFailed: naming the file and the field, when the table cannot be used (a factory
+        checks it at start; this is for one edited since).
+    """
+    if not settings.price_table:
+        return None
+    try:
+        return pricing.load_table(settings.price_table)
+    except pricing.PriceTableError as e:
+        msg = f"price_table (GIGAFACTORY_PRICE_TABLE): {e}"
+        raise SetupFailed(msg, msg + "\n") from None
+
+
+def usage_progress(usage: Usage) -> Progress:
+    """A ``usage`` progress item with every field of ``usage`` (an unknown count as None, the
+    ``cost_source`` always), as the attempt's record has it.
+
+    :param usage: what the run consumed so far.
+    """
+    return Progress("usage", msgspec.to_builtins(usage))
+
+
+MAX_RETRY_AFTER_S = 86_400.0
+"""A retry-after read from an error message is believed up to a day; a longer one is ignored
+(the retry policy's back-off applies)."""
+# How providers say it in an error body that CLIs echo: OpenAI "Please try again in 7s" / "in
+# 350ms", a "Retry-After: 7" header quoted, Google's RetryInfo "retryDelay": "7s".
+_RETRY_AFTER_RES = (
+    re.compile(r"try again in\s*(\d+(?:\.\d+)?)\s*(ms|s|sec|secs|seconds?)\b", re.IGNORECASE),
+    re.compile(r"retry[-_ ]after(?:[-_ ]ms)?[\"']?\s*[:=]?\s*[\"']?(\d+(?:\.\d+)?)\s*(ms|s|seconds?)?\b", re.IGNORECASE),
+    re.compile(r"[\"']?retryDelay[\"']?\s*:\s*[\"'](\d+(?:\.\d+)?)(s)[\"']"),
+)
+
+
+def retry_after_from_text(text: str | None) -> float | None:
+    """The delay a rate-limited provider asked for, in seconds, as an agent CLI's error message
+    quotes it (``Please try again in 7s``, ``retry-after: 7``, ``"retryDelay": "7s"``), or None
+    when the message says none (or one over :data:`MAX_RETRY_AFTER_S`).
+
+    :param text: the CLI's error message.
+    """
+    if not text:
+        return None
+    for rx in _RETRY_AFTER_RES:
+        m = rx.search(text[:20_000])
+        if m:
+            n = float(m.group(1))
+            unit = (m.group(2) or "s").lower()
+            if unit == "ms" or "retry-after-ms" in m.group(0).lower() or "retry_after_ms" in m.group(0).lower():
+                n /= 1000.0
+            return n if 0 <= n <= MAX_RETRY_AFTER_S else None
+    return None
+
+
 def remove_home(prepared: Prepared) -> None:
     """Remove the attempt's CLI home (:func:`attempt_home`) once the run ended; only a folder
     under ``cli-homes`` is ever removed."""
@@ -288,7 +358,8 @@ async def run_reading(job: EngineJob, prepared: Prepared, feed) -> shell.Process
 
 def classify_run(res: shell.ProcessResult, job: EngineJob, usage: Usage | None, error: str | None) -> Outcome:
     """How an agent CLI's run ended: stopped by us (fenced, cancelled, timed out) as
-    :func:`classify_exit` says; else the class its error message names (``rate_limited``,
+    :func:`classify_exit` says; else the class its error message names (``rate_limited``, with
+    the provider's retry-after when the message quotes one, :func:`retry_after_from_text`;
     ``auth_failed``, ``context_overflow``); else by exit code. ``usage`` is kept in every case.
 
     :param res: what the process did.
@@ -302,14 +373,16 @@ def classify_run(res: shell.ProcessResult, job: EngineJob, usage: Usage | None, 
         cls = classify_error_text(error)
         if cls is not None:
             return Outcome(failure_class(cls), f"{cls.replace('_', ' ')}: {error[:300]}",
-                           res.exit_code, usage=usage)
+                           res.exit_code, usage=usage,
+                           retry_after_s=retry_after_from_text(error) if cls == "rate_limited" else None)
         if res.exit_code != 0:
             return Outcome(FailureClass.CRASH, f"{by_exit.detail}: {error[:300]}", res.exit_code, usage=usage)
     return Outcome(by_exit.failure, by_exit.detail, by_exit.exit_code, self_fenced=by_exit.self_fenced, usage=usage)
 
 
 __all__ = ["MAX_LINE_BYTES", "MAX_PROMPT_BYTES", "LineSplitter", "attempt_home", "base_environment",
-           "classify_error_text", "classify_run", "failure_class", "parse_version", "probe_cli", "remove_home", "require_binary", "require_prompt"]
+           "classify_error_text", "classify_run", "failure_class", "parse_version", "probe_cli", "remove_home", "price_table", "require_binary",
+           "require_prompt", "retry_after_from_text", "settings_of", "usage_progress"]
 
 
 class LineParser(OutputParser):

@@ -14,7 +14,8 @@ Credential and base URL, from the factory's environment: ``OPENAI_API_KEY`` (req
 ``gigafactory model-server``'s ``/v1``). ``LITELLM_LOCAL_MODEL_COST_MAP=True``: litellm reads its
 bundled model map instead of fetching it from GitHub at every start.
 
-The model: the manifest's ``model``, else ``GIGAFACTORY_AIDER_MODEL``, else ``gpt-4.1``; a name
+The model: the manifest's ``model``, else setting ``aider_model`` (``GIGAFACTORY_AIDER_MODEL``),
+else ``gpt-4.1``; a name
 without a provider prefix is sent as ``openai/<name>`` (the OpenAI-compatible endpoint).
 ``--no-stream``: a unary reply carries the provider's own token counts.
 
@@ -24,7 +25,8 @@ defaults, which create and edit files).
 
 Output: plain text. After each model reply ``Tokens: 2.6k sent, 27 received.`` (with ``N cache
 write`` / ``N cache hit`` when the provider reports them); counts of 1,000 and more are rounded
-(``2.6k``), so a cost priced from them is ``estimated`` (else ``priced``) from the shipped table.
+(``2.6k``), so a cost priced from them is ``estimated`` (else ``priced``) from the price table (the
+shipped one, or setting ``price_table``).
 ``Applied edit to F`` counts as a tool call. Aider exits 0 on a 401 and after giving up on a
 lasting 429 (about 95 s of retries): how it ended is read from its text, ``litellm.
 AuthenticationError`` -> ``auth_failed``, ``litellm.RateLimitError`` -> ``rate_limited``,
@@ -42,6 +44,7 @@ from collections.abc import Mapping
 
 import msgspec
 
+from gigafactory.config import Settings
 from gigafactory.schemas.manifest import FailureClass
 from gigafactory.schemas.records import Usage
 
@@ -86,6 +89,8 @@ class AiderParser(agentcli.LineParser):
         self.received = 0
         self.cache_write = 0
         self.cache_hit = 0
+        self.table: pricing.PriceTable | None = None
+        """The price table (None: the shipped one); :meth:`AiderEngine.prepare` sets the operator's."""
         self.rounded = False
         """Some count was printed rounded (``2.6k``)."""
         self.turns = 0
@@ -139,7 +144,7 @@ class AiderParser(agentcli.LineParser):
         usage = pricing.price(Usage(
             model=self.model, input_tokens=max(0, self.sent - self.cache_hit - self.cache_write),
             output_tokens=self.received, cache_read_tokens=self.cache_hit or None,
-            cache_write_tokens=self.cache_write or None, turns=self.turns, tool_calls=self.edits))
+            cache_write_tokens=self.cache_write or None, turns=self.turns, tool_calls=self.edits), self.table)
         if usage.cost_source == "priced" and self.rounded:
             usage = msgspec.structs.replace(usage, cost_source="estimated")
         return usage
@@ -162,8 +167,8 @@ class AiderParser(agentcli.LineParser):
         return _ERROR_CLASSES.get(self.error[0], "crash")
 
 
-def _model(job: EngineJob, environ: Mapping[str, str]) -> str:
-    model = job.manifest.model or environ.get(MODEL_VAR) or DEFAULT_MODEL
+def _model(job: EngineJob, settings: Settings) -> str:
+    model = job.manifest.model or settings.aider_model or DEFAULT_MODEL
     return model if "/" in model else f"openai/{model}"
 
 
@@ -201,7 +206,13 @@ class AiderEngine(Engine):
         env = agentcli.base_environment(job, binary, home, factory_env, (KEY_VAR, BASE_URL_VAR, "OPENAI_ORGANIZATION"))
         env["LITELLM_LOCAL_MODEL_COST_MAP"] = "True"
         # --message=TEXT, one argument: a body starting with "-" (a markdown list) is not an option.
-        argv = [binary, "--model", _model(job, factory_env), "--edit-format", "diff", f"--message={prompt}",
+        settings = agentcli.settings_of(job)
+        model = _model(job, settings)
+        if isinstance(job.parser, AiderParser):
+            # The factory's reader (usage events, the budget) prices what it reads: it must know
+            # the model (aider's token lines do not name it) and the operator's table.
+            job.parser.model, job.parser.table = model.removeprefix("openai/"), agentcli.price_table(settings)
+        argv = [binary, "--model", model, "--edit-format", "diff", f"--message={prompt}",
                 "--no-check-update", "--no-analytics", "--no-show-release-notes", "--no-gitignore",
                 "--no-auto-commits", "--no-dirty-commits", "--no-pretty", "--no-show-model-warnings", "--no-stream",
                 "--chat-history-file", str(home / "chat-history.md"),
@@ -220,6 +231,7 @@ class AiderEngine(Engine):
         :param prepared: what :meth:`prepare` built.
         """
         reader = AiderParser(prepared.argv[prepared.argv.index("--model") + 1])
+        reader.table = agentcli.price_table(agentcli.settings_of(job))
         # Aider keeps its repo-map cache in the repository's root (no option moves it): remove
         # the one this run made, so it never ends up in the job's commit.
         made = [d for d in TAGS_CACHE_DIRS if not (prepared.cwd / d).exists()]

@@ -37,6 +37,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from gigafactory.config import Settings
 from gigafactory.schemas.manifest import Budget, FailureClass, Manifest
 from gigafactory.schemas.records import Usage, usage_tokens
 
@@ -111,6 +112,9 @@ class EngineJob:
     """Names of the factory's variables this run may see beyond the base set
     (:func:`engine_environment`): the credential variables of the ``cred:`` capabilities the
     job requires, and the operator's ``engine_env_passthrough``."""
+    settings: "Settings | None" = None
+    """The factory's settings (the engines' own: ``codex_base_url``, ``*_model``,
+    ``price_table``, ...); None (a test's job): read from the environment when needed."""
 
 
 @dataclass

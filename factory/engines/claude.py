@@ -25,9 +25,10 @@
 
 What the stream carries while it runs: per-message input and cache token counts (and a
 provisional output count of the first delta); the exact output tokens and the cost arrive only
-with the final ``result`` event. So ``budget.tokens`` stops a run mid-way on what the messages
-said so far, and ``budget.usd`` can only be judged at the end (the run is then ``budget_exceeded``
-when its reported cost is over).
+with the final ``result`` event. So while it runs the usage so far is priced from the price table
+(``cost_source: priced``, a lower bound: the output counts are provisional), and both
+``budget.tokens`` and ``budget.usd`` stop a run mid-way on what the messages said so far; once the
+``result`` event came, its cost is the record's (``cost_source: reported``).
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ from gigafactory.schemas.manifest import FailureClass
 from gigafactory.schemas.records import Usage
 
 from .. import shell
+from . import agentcli, pricing
 from .base import (
     Engine,
     EngineJob,
@@ -111,6 +113,9 @@ class ClaudeStream(OutputParser):
         self.dropped_lines = 0
         self.said_usage: Usage | None = None
         """The usage last said as a ``usage`` item."""
+        self.table: pricing.PriceTable | None = None
+        """The price table streamed usage is priced with (None: the shipped one); the engine's
+        ``prepare`` sets the operator's (setting ``price_table``)."""
         self.retry_delay_s: float | None = None
         """The delay of the CLI's last retry after a 429 (``system/api_retry`` ``retry_delay_ms``):
         the CLI follows the provider's retry-after (plus jitter), and stream-json carries no
@@ -197,7 +202,7 @@ class ClaudeStream(OutputParser):
             u = r["usage"]
             models = [k for k in (r.get("modelUsage") or {})]
             cost = r.get("total_cost_usd")
-            return Usage(
+            final = Usage(
                 model=models[0] if len(models) == 1 else self.model,
                 input_tokens=_int(u.get("input_tokens")), output_tokens=_int(u.get("output_tokens")),
                 cache_read_tokens=_int(u.get("cache_read_input_tokens")),
@@ -206,13 +211,19 @@ class ClaudeStream(OutputParser):
                 cost_usd=float(cost) if isinstance(cost, (int, float)) else None,
                 cost_source="reported" if isinstance(cost, (int, float)) else "unknown",
             )
+            # The CLI's figure when it gave one (kept as it is); else priced from the table.
+            return pricing.price(final, self.table)
         if not self.messages:
             return None
         total = lambda key: sum(_int(u.get(key)) or 0 for u in self.messages.values())  # noqa: E731
-        return Usage(model=self.model, input_tokens=total("input_tokens"), output_tokens=total("output_tokens"),
-                     cache_read_tokens=total("cache_read_input_tokens"),
-                     cache_write_tokens=total("cache_creation_input_tokens"),
-                     turns=len(self.messages), tool_calls=self.tool_calls)
+        # Priced from the table while it streams, so that budget.usd can stop the run mid-way
+        # (the CLI's own cost comes only with the result, when the run is over). A lower bound:
+        # a message's output count grows while it streams and the CLI says only what it had.
+        return pricing.price(Usage(model=self.model, input_tokens=total("input_tokens"),
+                                   output_tokens=total("output_tokens"),
+                                   cache_read_tokens=total("cache_read_input_tokens"),
+                                   cache_write_tokens=total("cache_creation_input_tokens"),
+                                   turns=len(self.messages), tool_calls=self.tool_calls), self.table)
 
 
 def _int(v: object) -> int | None:
@@ -306,6 +317,8 @@ class ClaudeEngine(Engine):
         if job.manifest.model:
             argv += ["--model", job.manifest.model]
         env = claude_environment(environ, job.gf_env, binary)
+        if isinstance(job.parser, ClaudeStream):
+            job.parser.table = agentcli.price_table(agentcli.settings_of(job))
         if job.manifest.yolo:
             argv.append("--dangerously-skip-permissions")
             if hasattr(os, "geteuid") and os.geteuid() == 0:

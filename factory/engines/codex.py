@@ -6,16 +6,16 @@ in the job's ``cwd``, stdin closed, with a private per-attempt ``CODEX_HOME``/``
 
 Provider and credential, from the factory's environment:
 
-- ``GIGAFACTORY_CODEX_BASE_URL`` set (an OpenAI-compatible Responses endpoint such as
+- setting ``codex_base_url`` (``GIGAFACTORY_CODEX_BASE_URL``) set (an OpenAI-compatible Responses endpoint such as
   ``http://127.0.0.1:8080/v1``, or ``gigafactory model-server``'s ``/v1``): a custom provider
-  ``gigafactory`` with that base URL whose key is read from the variable named by
-  ``GIGAFACTORY_CODEX_API_KEY_VAR`` (default ``OPENAI_API_KEY``), with at most
+  ``gigafactory`` with that base URL whose key is read from the variable named by setting
+  ``codex_api_key_var`` (``GIGAFACTORY_CODEX_API_KEY_VAR``, default ``OPENAI_API_KEY``), with at most
   ``stream_max_retries=2`` retries of a failed stream (Gigafactory retries rate-limited attempts
   itself);
 - else Codex's built-in OpenAI provider with ``OPENAI_API_KEY`` (and ``OPENAI_BASE_URL`` when set).
 
-The model: the manifest's ``model``, else ``GIGAFACTORY_CODEX_MODEL``, else the CLI's own
-default (then the cost is ``unknown``: Codex's events do not name the model).
+The model: the manifest's ``model``, else setting ``codex_model`` (``GIGAFACTORY_CODEX_MODEL``),
+else the CLI's own default (then the cost is ``unknown``: Codex's events do not name the model).
 
 ``yolo: true`` -> ``--dangerously-bypass-approvals-and-sandbox`` (no sandbox, no approvals);
 without it ``--sandbox workspace-write`` (exec mode never asks for approval; writes are confined
@@ -24,7 +24,10 @@ to the working directory, which needs Landlock/seccomp or bubblewrap on the host
 Output: JSONL events. ``item.started``/``item.completed`` (agent messages, command executions,
 file changes, tool calls) become progress; ``turn.completed.usage`` {input_tokens,
 cached_input_tokens, cache_write_input_tokens, output_tokens, reasoning_output_tokens} becomes
-usage (priced from the shipped table: Codex reports no cost); ``turn.failed`` and ``error``
+usage (priced from the price table, the shipped one or setting ``price_table``: Codex reports no
+cost), with ``turns`` = the ``turn.completed`` events (Codex's own turns: one per ``exec`` prompt;
+its events do not show the model requests inside a turn) and ``tool_calls`` = completed command,
+file-change, MCP and web-search items; ``turn.failed`` and ``error``
 events say how a failed run ended (429 / "exceeded retry limit" -> ``rate_limited``, 401 ->
 ``auth_failed``, context window -> ``context_overflow``).
 """
@@ -36,6 +39,7 @@ import os
 import re
 from collections.abc import Mapping
 
+from gigafactory.config import Settings
 from gigafactory.schemas.records import Usage
 
 from . import agentcli, pricing
@@ -52,8 +56,8 @@ _ENV_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _TOOL_ITEMS = ("command_execution", "file_change", "mcp_tool_call", "web_search")
 
 
-def _key_var(environ: Mapping[str, str]) -> str:
-    name = environ.get(KEY_VAR_VAR) or DEFAULT_KEY_VAR
+def _key_var(settings: Settings) -> str:
+    name = settings.codex_api_key_var or DEFAULT_KEY_VAR
     if not _ENV_NAME_RE.fullmatch(name):
         raise ValueError(f"{KEY_VAR_VAR}={name!r} is not an environment variable name: name the variable "
                          "that holds the provider's API key (e.g. OPENAI_API_KEY)")
@@ -69,6 +73,8 @@ class CodexParser(agentcli.LineParser):
     def __init__(self, model: str | None = None) -> None:
         self._lines = agentcli.LineSplitter()
         self.model = model
+        self.table: pricing.PriceTable | None = None
+        """The price table (None: the shipped one); :meth:`CodexEngine.prepare` sets the operator's."""
         self.input_tokens: int | None = None
         self.cached_input_tokens: int | None = None
         self.cache_write_tokens: int | None = None
@@ -109,12 +115,7 @@ class CodexParser(agentcli.LineParser):
             self.cache_write_tokens = _add(self.cache_write_tokens, u.get("cache_write_input_tokens"))
             self.output_tokens = _add(self.output_tokens, u.get("output_tokens"))
             self.reasoning_tokens = _add(self.reasoning_tokens, u.get("reasoning_output_tokens"))
-            usage = self.usage()
-            return [Progress("usage", {k: v for k, v in {
-                "model": usage.model, "input_tokens": usage.input_tokens, "output_tokens": usage.output_tokens,
-                "cache_read_tokens": usage.cache_read_tokens, "cache_write_tokens": usage.cache_write_tokens,
-                "tool_calls": usage.tool_calls, "cost_usd": usage.cost_usd, "cost_source": usage.cost_source,
-            }.items() if v is not None})]
+            return [agentcli.usage_progress(self.usage())]
         if kind == "turn.failed":
             err = ev.get("error")
             self.failed = str(err.get("message") if isinstance(err, dict) else err)[:2000]
@@ -139,9 +140,10 @@ class CodexParser(agentcli.LineParser):
         return pricing.price(Usage(
             model=self.model, input_tokens=inputs, output_tokens=self.output_tokens,
             cache_read_tokens=self.cached_input_tokens, cache_write_tokens=self.cache_write_tokens,
-            # Codex's events carry no count of model requests; a `turn` of exec is the whole run.
-            turns=None, tool_calls=self.tool_calls,
-        ))
+            # Codex's own turns (``turn.completed``: one per prompt, so 1 for ``codex exec``); its
+            # events carry no count of the model requests inside a turn.
+            turns=self.turns_completed, tool_calls=self.tool_calls,
+        ), self.table)
 
 
 def _add(total: int | None, v: object) -> int | None:
@@ -164,16 +166,21 @@ class CodexEngine(Engine):
         :param timeout_s: limit for ``codex --version``.
         """
         try:
-            key = _key_var(environ)
-        except ValueError as e:
+            key = _key_var(Settings.from_env(dict(environ)))
+        except ValueError as e:  # SettingsError too
             return ProbeResult(False, why=str(e))
         return agentcli.probe_cli("codex", path=path, timeout_s=timeout_s, min_version=MIN_VERSION,
                                   below_version=BELOW_VERSION, credentials={key: bool(environ.get(key))})
 
-    def model(self, job: EngineJob, environ: Mapping[str, str] | None = None) -> str | None:
-        """The model the attempt asks for: the manifest's, else ``GIGAFACTORY_CODEX_MODEL``."""
-        env = os.environ if environ is None else environ
-        return job.manifest.model or env.get(MODEL_VAR) or None
+    def model(self, job: EngineJob, settings: Settings | None = None) -> str | None:
+        """The model the attempt asks for: the manifest's, else setting ``codex_model``
+        (``GIGAFACTORY_CODEX_MODEL``).
+
+        :param job: the attempt.
+        :param settings: the factory's settings (None: :func:`.agentcli.settings_of`).
+        """
+        s = settings or agentcli.settings_of(job)
+        return job.manifest.model or s.codex_model or None
 
     def prepare(self, job: EngineJob) -> Prepared:
         """The argv, the minimal environment and a fresh CLI home (see the module's docstring).
@@ -181,14 +188,15 @@ class CodexEngine(Engine):
         :param job: the attempt.
         """
         require_cwd(job)
-        factory_env = os.environ
+        factory_env = os.environ  # only for the variables passed to the CLI (its key)
+        settings = agentcli.settings_of(job)
         binary = agentcli.require_binary("codex")
         prompt = agentcli.require_prompt(job)
         try:
-            key_var = _key_var(factory_env)
+            key_var = _key_var(settings)
         except ValueError as e:
             raise SetupFailed(str(e), f"{e}\n") from None
-        base_url = factory_env.get(BASE_URL_VAR)
+        base_url = settings.codex_base_url
         if base_url and not base_url.startswith(("http://", "https://")):
             msg = (f"{BASE_URL_VAR}={base_url!r} is not an http(s) URL: set it to the provider's Responses API "
                    "root, e.g. http://127.0.0.1:8080/v1, or unset it for OpenAI")
@@ -199,7 +207,11 @@ class CodexEngine(Engine):
                                         (key_var, "OPENAI_API_KEY", "OPENAI_BASE_URL", "OPENAI_ORG_ID", "OPENAI_PROJECT_ID"))
         env["CODEX_HOME"] = str(home / ".codex")
         argv = [binary, "exec", "--json", "--skip-git-repo-check"]
-        model = self.model(job, factory_env)
+        model = self.model(job, settings)
+        if isinstance(job.parser, CodexParser):
+            # The factory's reader (its usage events, the budget) prices what it reads: it must
+            # know the model (Codex's events do not name it) and the operator's table.
+            job.parser.model, job.parser.table = model, agentcli.price_table(settings)
         if model:
             argv += ["-m", model]
         if base_url:
@@ -224,6 +236,7 @@ class CodexEngine(Engine):
         """
         model = prepared.argv[prepared.argv.index("-m") + 1] if "-m" in prepared.argv else None
         reader = CodexParser(model)
+        reader.table = agentcli.price_table(agentcli.settings_of(job))
         res = await agentcli.run_reading(job, prepared, reader.feed)
         if isinstance(res, Outcome):
             return res

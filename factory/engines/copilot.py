@@ -12,7 +12,8 @@ Provider and credential, from the factory's environment:
   ``COPILOT_PROVIDER_API_KEY``;
 - else GitHub's service with a token in ``COPILOT_GITHUB_TOKEN``, ``GH_TOKEN`` or ``GITHUB_TOKEN``.
 
-The model: the manifest's ``model``, else ``GIGAFACTORY_COPILOT_MODEL``, else ``COPILOT_MODEL``
+The model: the manifest's ``model``, else setting ``copilot_model`` (``GIGAFACTORY_COPILOT_MODEL``),
+else ``COPILOT_MODEL``
 (passed as ``COPILOT_MODEL``), else the CLI's default; with ``COPILOT_PROVIDER_BASE_URL`` a model
 is required (the CLI refuses to start without one), so its absence is ``setup_failed`` at prepare.
 
@@ -22,11 +23,16 @@ denied, the run still exits 0, and the denials are named in the attempt's detail
 
 Output: JSONL events. ``assistant.message`` (text and tool requests), ``tool.execution_complete``
 and ``assistant.turn_retry`` become progress; the final ``result`` event has premium requests,
-durations and lines changed but NO token counts, and no other event has them: usage is the
-model, the turns (model replies) and tool calls it shows, ``cost_source: unknown`` (premium
-requests are kept in the progress events; they are not priced). ``session.error`` {errorType
-``rate_limit`` | ``authentication``, statusCode} says how a failed run ended (exit code 1):
-``rate_limited`` / ``auth_failed``.
+durations and lines changed but NO token counts, and no other event has them (checked with
+1.0.102: ``model.call_*``, ``assistant.*`` and ``session.*`` carry none either): usage is the
+model, the turns (model replies) and tool calls it shows, and the result's premium requests
+(``premium_requests``). On GitHub's service the cost is priced per premium request from the price
+table's ``requests.copilot-premium-request`` (``cost_source: priced``, ``cost_note`` says it is
+per request, not per token); in bring-your-own-key mode it is ``unknown`` (the provider bills
+tokens the CLI does not report). ``session.error`` {errorType ``rate_limit`` | ``authentication``,
+statusCode} says how a failed run ended (exit code 1): ``rate_limited`` (with the provider's
+retry-after when its message, quoted after "Last error:", says one: "try again in 7s") /
+``auth_failed``.
 """
 
 from __future__ import annotations
@@ -36,9 +42,11 @@ import os
 import shutil
 from collections.abc import Mapping
 
+import msgspec
+
 from gigafactory.schemas.records import Usage
 
-from . import agentcli
+from . import agentcli, pricing
 from .base import Engine, EngineJob, Outcome, OutputParser, Prepared, ProbeResult, Progress, SetupFailed, require_cwd
 
 MIN_VERSION = (1, 0, 102)
@@ -48,6 +56,8 @@ KEY_VAR = "COPILOT_PROVIDER_API_KEY"
 MODEL_VAR = "GIGAFACTORY_COPILOT_MODEL"
 GITHUB_TOKEN_VARS = ("COPILOT_GITHUB_TOKEN", "GH_TOKEN", "GITHUB_TOKEN")
 OWN_VARS = (BASE_URL_VAR, KEY_VAR, "COPILOT_PROVIDER_TYPE", "COPILOT_MODEL", *GITHUB_TOKEN_VARS)
+PREMIUM_REQUEST = "copilot-premium-request"
+"""The price-table entry (``requests``) a premium request is priced with."""
 MAX_OPEN_TOOL_CALLS = 1000
 """Tool calls started and not yet completed whose names are kept (to name a denied one)."""
 _ERROR_TYPES = {"rate_limit": "429 rate limit", "authentication": "401 authentication"}
@@ -69,6 +79,12 @@ class CopilotParser(agentcli.LineParser):
 
     def __init__(self) -> None:
         self._lines = agentcli.LineSplitter()
+        self.byok = True
+        """Bring-your-own-key mode (``COPILOT_PROVIDER_BASE_URL``): the provider bills tokens the
+        CLI does not report, so premium requests are recorded but not priced. Set by
+        :meth:`CopilotEngine.prepare`; True until then (never price what may not be GitHub's)."""
+        self.table: pricing.PriceTable | None = None
+        """The price table (None: the shipped one)."""
         self.model: str | None = None
         self.turns = 0
         self.tool_calls = 0
@@ -132,23 +148,34 @@ class CopilotParser(agentcli.LineParser):
             return [Progress("progress", {"event": "result", "exit_code": ev.get("exitCode"),
                                           "premium_requests": usage.get("premiumRequests"),
                                           "lines_added": changes.get("linesAdded"),
-                                          "lines_removed": changes.get("linesRemoved")})]
+                                          "lines_removed": changes.get("linesRemoved")}),
+                    *self._usage_event()]
         return []
 
     def _usage_event(self) -> list[Progress]:
         u = self.usage()
-        if u is None:
-            return []
-        return [Progress("usage", {k: v for k, v in {
-            "model": u.model, "turns": u.turns, "tool_calls": u.tool_calls, "cost_source": u.cost_source,
-        }.items() if v is not None})]
+        return [] if u is None else [agentcli.usage_progress(u)]
+
+    def premium_requests(self) -> float | None:
+        """The premium requests the final ``result`` event reports (None: no result yet, or
+        none said)."""
+        usage = self.result.get("usage") if self.result is not None else None
+        n = usage.get("premiumRequests") if isinstance(usage, dict) else None
+        return float(n) if isinstance(n, (int, float)) and not isinstance(n, bool) and n >= 0 else None
 
     def usage(self) -> Usage | None:
-        """What the run showed so far: model, turns, tool calls; no tokens and so no cost
-        (``unknown``: the CLI reports none). None before the first model reply."""
+        """What the run showed so far: model, turns, tool calls, and once the result came its
+        premium requests. No tokens (the CLI reports none), so the cost is priced per premium
+        request on GitHub's service (``priced``, with ``cost_note`` saying so) and ``unknown`` in
+        bring-your-own-key mode (the provider bills tokens nobody reported). None before the
+        first model reply."""
         if self.turns == 0:
             return None
-        return Usage(model=self.model, turns=self.turns, tool_calls=self.tool_calls, cost_source="unknown")
+        usage = Usage(model=self.model, turns=self.turns, tool_calls=self.tool_calls, cost_source="unknown")
+        requests = self.premium_requests()
+        if self.byok:
+            return msgspec.structs.replace(usage, premium_requests=requests)
+        return pricing.price_per_request(usage, PREMIUM_REQUEST, requests, self.table)
 
     def error_text(self) -> str | None:
         """The failed session's error as one line (``429 rate limit: …``), or None."""
@@ -193,7 +220,10 @@ class CopilotEngine(Engine):
         env = agentcli.base_environment(job, binary, home, factory_env, OWN_VARS)
         if base_url:
             env["COPILOT_OFFLINE"] = "true"  # bring-your-own-key: no GitHub login, no telemetry
-        model = job.manifest.model or factory_env.get(MODEL_VAR) or factory_env.get("COPILOT_MODEL")
+        settings = agentcli.settings_of(job)
+        if isinstance(job.parser, CopilotParser):
+            job.parser.byok, job.parser.table = bool(base_url), agentcli.price_table(settings)
+        model = job.manifest.model or settings.copilot_model or factory_env.get("COPILOT_MODEL")
         if base_url and not model:
             # The CLI would exit 1 with "BYOK providers require an explicit model", before any call.
             msg = (f"copilot with {BASE_URL_VAR} needs a model: set the job's `model:`, or "
@@ -223,6 +253,8 @@ class CopilotEngine(Engine):
         :param prepared: what :meth:`prepare` built.
         """
         reader = CopilotParser()
+        reader.byok = bool(prepared.env.get("COPILOT_OFFLINE"))
+        reader.table = agentcli.price_table(agentcli.settings_of(job))
         res = await agentcli.run_reading(job, prepared, reader.feed)
         if isinstance(res, Outcome):
             return res
@@ -231,7 +263,8 @@ class CopilotEngine(Engine):
         if out.failure is None and reader.denied:
             # It exits 0 when tools were denied: say so (the verify gate judges the work).
             return Outcome(None, f"{out.detail}; {len(reader.denied)} tool call(s) denied (yolo is off): "
-                                 f"{reader.denied[0]}", out.exit_code, usage=out.usage)
+                                 f"{reader.denied[0]}", out.exit_code, usage=out.usage,
+                           retry_after_s=out.retry_after_s)
         return out
 
 

@@ -10,7 +10,8 @@ answer the trust prompt).
 Credential and base URL, from the factory's environment: ``GEMINI_API_KEY`` (required) and
 ``GOOGLE_GEMINI_BASE_URL`` when set (e.g. ``gigafactory model-server``'s root URL).
 
-The model: the manifest's ``model``, else ``GIGAFACTORY_GEMINI_MODEL``, else ``gemini-2.5-pro``.
+The model: the manifest's ``model``, else setting ``gemini_model`` (``GIGAFACTORY_GEMINI_MODEL``),
+else ``gemini-2.5-pro``.
 Always explicit: without ``-m`` the CLI's model router calls the model to classify the prompt
 first (with the scripted model server, the run hung).
 
@@ -22,7 +23,7 @@ Output: one JSON document at the end on stdout, ``{session_id, response, stats: 
 error, ``{session_id, error: {type, message, code}}`` on stderr after a stack trace. stdout and
 stderr share one stream here, so the parser takes a document as the lines from a line ``{`` to a
 line ``}`` (both unindented; a stack trace never has them). Usage is priced per model (the CLI
-may use more than one) from the shipped table. A 401 ends the run with exit code 145 (0.61.0)
+may use more than one) from the price table (the shipped one, or setting ``price_table``). A 401 ends the run with exit code 145 (0.61.0)
 and ``auth_failed``; a 429 is retried by the CLI with back-off, without end while the 429s last:
 the job's ``timeout`` (or ``budget.wall``) is what bounds it, and the attempt then ends
 ``timeout``, with the rate limit named in its detail when the CLI printed one.
@@ -66,6 +67,8 @@ class GeminiParser(OutputParser):
         """The final document with ``stats``, once it was read."""
         self.error: dict | None = None
         """The ``error`` object of the error document, once it was read."""
+        self.table: pricing.PriceTable | None = None
+        """The price table (None: the shipped one); :meth:`GeminiEngine.prepare` sets the operator's."""
         self.retried_status: int | None = None
         """The status of the last request the CLI said it retries (``Attempt N failed with status 429``)."""
 
@@ -155,7 +158,7 @@ class GeminiParser(OutputParser):
             cand = _int(t.get("candidates"))
             outputs = None if cand is None else cand + (_int(t.get("thoughts")) or 0)
             per_model.append(pricing.price(Usage(model=name, input_tokens=inputs, output_tokens=outputs,
-                                                 cache_read_tokens=cached)))
+                                                 cache_read_tokens=cached), self.table))
             api = m.get("api") if isinstance(m.get("api"), dict) else {}
             turns += max(0, (_int(api.get("totalRequests")) or 0) - (_int(api.get("totalErrors")) or 0))
         if not per_model:
@@ -222,7 +225,10 @@ class GeminiEngine(Engine):
             "privacy": {"usageStatisticsEnabled": False}}))
         env = agentcli.base_environment(job, binary, home, factory_env, (KEY_VAR, BASE_URL_VAR))
         env["GEMINI_CLI_TRUST_WORKSPACE"] = "true"
-        model = job.manifest.model or factory_env.get(MODEL_VAR) or DEFAULT_MODEL
+        settings = agentcli.settings_of(job)
+        model = job.manifest.model or settings.gemini_model or DEFAULT_MODEL
+        if isinstance(job.parser, GeminiParser):
+            job.parser.table = agentcli.price_table(settings)
         # --prompt=TEXT, one argument: a body starting with "-" (a markdown list) is not an option.
         argv = [binary, f"--prompt={prompt}", "--output-format", "json", "-m", model]
         argv += ["--yolo"] if job.manifest.yolo else ["--approval-mode", "auto_edit"]
@@ -239,6 +245,7 @@ class GeminiEngine(Engine):
         :param prepared: what :meth:`prepare` built.
         """
         reader = GeminiParser()
+        reader.table = agentcli.price_table(agentcli.settings_of(job))
         res = await agentcli.run_reading(job, prepared, reader.feed)
         if isinstance(res, Outcome):
             return res

@@ -40,14 +40,32 @@ class PriceTableError(ValueError):
     """The price table cannot be used; the message names the file, the field and the fix."""
 
 
+MAX_NOTE_CHARS = 500
+"""A model's ``source``, ``as_of`` or ``note`` longer than this is refused."""
+_META = ("source", "as_of", "note")
+
+
 @dataclass(frozen=True)
 class ModelPrice:
-    """USD per million tokens of each kind for one model (``cache_write`` None: billed as input)."""
+    """USD per million tokens of each kind for one model (``cache_write`` None: billed as input),
+    and where the figures come from (``source``, ``as_of``: the date they were taken)."""
 
     input: float
     cache_read: float
     output: float
     cache_write: float | None = None
+    source: str | None = None
+    as_of: str | None = None
+
+
+@dataclass(frozen=True)
+class RequestPrice:
+    """USD per request of a CLI that bills per request, not per token (GitHub Copilot's premium
+    requests), and where the figure comes from."""
+
+    usd: float
+    source: str | None = None
+    as_of: str | None = None
 
 
 @dataclass(frozen=True)
@@ -57,6 +75,8 @@ class PriceTable:
     version: str
     models: dict[str, ModelPrice]
     aliases: dict[str, str]
+    requests: dict[str, RequestPrice] | None = None
+    """Per-request prices by name (``copilot-premium-request``); None or empty: none known."""
 
     def lookup(self, model: str | None) -> ModelPrice | None:
         """The prices of ``model``, or None when the table does not know it.
@@ -98,10 +118,11 @@ def parse_table(raw: bytes, source: str) -> PriceTable:
     for name, prices in models_raw.items():
         if not isinstance(prices, dict):
             raise PriceTableError(f"{source}: models.{name} must be an object of prices per million tokens")
-        unknown = set(prices) - set(_KINDS)
+        unknown = set(prices) - set(_KINDS) - set(_META)
         if unknown:
             raise PriceTableError(f"{source}: models.{name} has unknown field(s) {sorted(unknown)}; "
-                                  f"known: {', '.join(_KINDS)}")
+                                  f"known: {', '.join(_KINDS + _META)}")
+        _check_meta(prices, f"models.{name}", source)
         for kind in ("input", "cache_read", "output", "cache_write"):
             if kind not in prices and kind != "cache_write":
                 raise PriceTableError(f"{source}: models.{name}.{kind} is missing (USD per million tokens)")
@@ -110,7 +131,8 @@ def parse_table(raw: bytes, source: str) -> PriceTable:
                 raise PriceTableError(f"{source}: models.{name}.{kind} must be a number >= 0, got {v!r}")
         models[name.lower()] = ModelPrice(input=float(prices["input"]), cache_read=float(prices["cache_read"]),
                                           output=float(prices["output"]),
-                                          cache_write=None if prices.get("cache_write") is None else float(prices["cache_write"]))
+                                          cache_write=None if prices.get("cache_write") is None else float(prices["cache_write"]),
+                                          source=prices.get("source"), as_of=prices.get("as_of"))
     aliases_raw = doc.get("aliases", {})
     if not isinstance(aliases_raw, dict):
         raise PriceTableError(f"{source}: field 'aliases' must map model names to names in 'models'")
@@ -119,7 +141,34 @@ def parse_table(raw: bytes, source: str) -> PriceTable:
         if not isinstance(target, str) or target.lower() not in models:
             raise PriceTableError(f"{source}: aliases.{alias} names {target!r}, which is not in 'models'")
         aliases[alias.lower()] = target.lower()
-    return PriceTable(version=doc["version"], models=models, aliases=aliases)
+    requests_raw = doc.get("requests", {})
+    if not isinstance(requests_raw, dict):
+        raise PriceTableError(f"{source}: field 'requests' must map request kinds (copilot-premium-request) "
+                              "to {usd, source, as_of}")
+    requests: dict[str, RequestPrice] = {}
+    for name, entry in requests_raw.items():
+        where = f"requests.{name}"
+        if not isinstance(entry, dict):
+            raise PriceTableError(f"{source}: {where} must be an object {{usd, source, as_of}}")
+        unknown = set(entry) - {"usd", *_META}
+        if unknown:
+            raise PriceTableError(f"{source}: {where} has unknown field(s) {sorted(unknown)}; known: usd, "
+                                  f"{', '.join(_META)}")
+        v = entry.get("usd")
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0:
+            raise PriceTableError(f"{source}: {where}.usd must be a number >= 0 (USD per request), got {v!r}")
+        _check_meta(entry, where, source)
+        requests[name.lower()] = RequestPrice(usd=float(v), source=entry.get("source"), as_of=entry.get("as_of"))
+    return PriceTable(version=doc["version"], models=models, aliases=aliases, requests=requests)
+
+
+def _check_meta(entry: dict, where: str, source: str) -> None:
+    """Refuse a ``source``/``as_of``/``note`` that is not a string of at most :data:`MAX_NOTE_CHARS`."""
+    for key in _META:
+        v = entry.get(key)
+        if v is not None and (not isinstance(v, str) or len(v) > MAX_NOTE_CHARS):
+            raise PriceTableError(f"{source}: {where}.{key} must be a string of at most {MAX_NOTE_CHARS} "
+                                  f"characters, got {str(v)[:60]!r}")
 
 
 def load_table(path: str | Path | None = None) -> PriceTable:
@@ -130,9 +179,44 @@ def load_table(path: str | Path | None = None) -> PriceTable:
     if path is None:
         return _shipped_table()
     p = Path(path)
-    with open(p, "rb") as f:
-        raw = f.read(MAX_TABLE_BYTES + 1)
-    return parse_table(raw, str(p))
+    try:
+        st = p.stat()
+    except OSError as e:
+        raise PriceTableError(f"{p}: the price table cannot be read ({e.strerror}): give the path of a JSON "
+                              "file in the format of the shipped prices.json, or unset price_table") from None
+    return _read_table(str(p), st.st_mtime_ns, st.st_size)
+
+
+@functools.lru_cache(maxsize=8)
+def _read_table(path: str, mtime_ns: int, size: int) -> PriceTable:
+    # Cached per file version (path, mtime, size): every run prices with it, an edited file is read again.
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(MAX_TABLE_BYTES + 1)
+    except OSError as e:
+        raise PriceTableError(f"{path}: the price table cannot be read ({e.strerror})") from None
+    return parse_table(raw, path)
+
+
+def price_per_request(usage: Usage, kind: str, count: float | None, table: PriceTable | None = None) -> Usage:
+    """``usage`` priced per request when it has no token counts to price (GitHub Copilot reports
+    premium requests, not tokens): ``count`` times the table's ``requests.<kind>`` price,
+    ``cost_source="priced"`` with ``cost_note`` saying so; unchanged (``unknown``) when the count
+    or the price is unknown.
+
+    :param usage: what the run consumed (kept; ``premium_requests`` is set to ``count``).
+    :param kind: the request kind in the table (``copilot-premium-request``).
+    :param count: how many such requests the CLI reported (None: it did not say).
+    :param table: the price table; None for the shipped one.
+    """
+    usage = msgspec.structs.replace(usage, premium_requests=count)
+    table = table or load_table()
+    rp = (table.requests or {}).get(kind)
+    if count is None or rp is None:
+        return usage
+    return msgspec.structs.replace(usage, cost_usd=round(count * rp.usd, 9), cost_source="priced",
+                                   price_table=table.version,
+                                   cost_note=f"priced per premium request: {count:g} x ${rp.usd:g} ({kind}), not per token")
 
 
 @functools.lru_cache(maxsize=1)
@@ -176,5 +260,5 @@ def price(usage: Usage, table: PriceTable | None = None) -> Usage:
     return msgspec.structs.replace(usage, cost_usd=round(cost, 9), cost_source="priced", price_table=table.version)
 
 
-__all__ = ["MAX_TABLE_BYTES", "ModelPrice", "PriceTable", "PriceTableError", "cost_usd", "load_table",
-           "parse_table", "price"]
+__all__ = ["MAX_TABLE_BYTES", "ModelPrice", "PriceTable", "PriceTableError", "RequestPrice", "cost_usd",
+           "load_table", "parse_table", "price", "price_per_request"]
