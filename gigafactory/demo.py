@@ -54,6 +54,22 @@ def make_scratch_repo(path: Path) -> None:
     _git(path, "-c", "user.name=gigafactory", "-c", "user.email=demo@gigafactory.local", "commit", "-q", "-m", "init")
 
 
+def make_demo_remote(path: Path) -> None:
+    """A bare repository (the "remote" the ``repo:`` examples name) with one commit on
+    ``main``: a README, a small package and its test."""
+    src = path.with_name(path.name + ".src")
+    make_scratch_repo(src)
+    (src / "app").mkdir()
+    (src / "app" / "greet.py").write_text('def greet(name):\n    return "hello " + name\n')
+    (src / "tests").mkdir()
+    (src / "tests" / "test_greet.sh").write_text('grep -q "hello" app/greet.py\n')
+    _git(src, "add", "-A")
+    _git(src, "-c", "user.name=gigafactory", "-c", "user.email=demo@gigafactory.local", "commit", "-q", "-m",
+         "a small app")
+    _git(path.parent, "clone", "-q", "--bare", str(src), str(path))
+    shutil.rmtree(src)
+
+
 class _Procs:
     def __init__(self) -> None:
         self.procs: list[tuple[str, subprocess.Popen]] = []
@@ -111,6 +127,7 @@ def run_demo(*, examples_dir: str | None, workdir: str | None, timeout_s: float,
     root.mkdir(parents=True, exist_ok=True)
     workspace = root / "workspace"
     make_scratch_repo(workspace / "scratch-repo")
+    make_demo_remote(workspace / "demo-remote.git")
     say = (lambda *a, **k: None) if as_json else (lambda m: click.echo(m, err=True))
 
     srv = None
@@ -149,6 +166,9 @@ def run_demo(*, examples_dir: str | None, workdir: str | None, timeout_s: float,
         for r in result["jobs"]:
             if r["stage"] in ("queued", "blocked", "testing", "review", "dead_letter", "failed"):
                 click.echo(f"  {r['job']}: {r['why']}")
+            elif (w := r.get("workspace")) and w.get("pushed"):
+                click.echo(f"  {r['job']}: pushed {w['branch']} at {(w.get('head') or '')[:12]} "
+                           f"({w.get('files_changed', 0)} files +{w.get('lines_added', 0)} -{w.get('lines_deleted', 0)})")
         if result.get("error"):
             click.secho(f"\n{result['error']}", fg="red")
         click.secho(f"\n{'all' if ok else 'NOT all'} {len(result['jobs'])} jobs ended where expected "
@@ -223,9 +243,10 @@ async def _drive(url: str, ex: Path, expect: dict[str, str], n_factories: int, t
         for job, f in sorted(by_job.items(), key=lambda kv: kv[1]):
             st = await client.call("status", {"job": job, "events": 0})
             stage = st["job"]["stage"]
+            attempts = (st.get("record") or {}).get("attempts") or []
             out.append({"file": f, "job": job, "expected": expect[f], "stage": stage,
                         "attempt": st["job"]["attempt"], "ok": stage == expect[f], "why": st["why"],
-                        "info": st["info"]})
+                        "info": st["info"], "workspace": attempts[-1].get("workspace") if attempts else None})
         err = ("died: " + ", ".join(procs.dead())) if procs.dead() else None
         return {"jobs": out, "elapsed_s": time.monotonic() - t0, **({"error": err} if err else {})}
     finally:
