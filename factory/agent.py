@@ -113,7 +113,8 @@ class Factory(Stations, AuditQueue, Pools, Holder, Execute, Reporting, Ship):
         # bad declaration is logged and skipped, never fatal.
         engines.load_declared(self.s.engines_dir)
         desc = probe_mod.describe()
-        tokens = probe_mod.probe(extra_capabilities) if probe else list(extra_capabilities) + ["engine:shell"]
+        tokens = (probe_mod.probe(extra_capabilities, timeout_s=self.s.probe_timeout_s) if probe
+                  else list(extra_capabilities) + ["engine:shell"])
         tokens = sorted(set(tokens) | {f"factory:{self.id}"})
         self.offers = caps.Offers(tokens)
         self._probed_tokens: list[str] = tokens

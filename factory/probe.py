@@ -40,6 +40,11 @@ from gigafactory.schemas.capabilities import CapabilityError, parse_offer
 
 from . import engines
 
+PROBE_TIMEOUT_S = 30.0
+"""Default hard limit for each version command of the probe (setting ``probe_timeout_s``):
+an agent CLI's ``--version`` takes several seconds on a loaded machine (Gemini CLI's was seen
+at 9 s), and a CLI that misses it is not offered at all."""
+
 log = logging.getLogger("gigafactory.factory")
 
 # Agent CLIs and tools reported as ``has:<token>`` when found on the search path.
@@ -151,7 +156,7 @@ def probe(
     *,
     environ: Mapping[str, str] | None = None,
     path: str | None = None,
-    timeout_s: float = 5.0,
+    timeout_s: float = PROBE_TIMEOUT_S,
 ) -> list[str]:
     """Probe this machine and return its capability tokens, sorted and deduplicated.
 
@@ -160,8 +165,8 @@ def probe(
     :param environ: the environment the engines will run with; credentials are looked up here
         (default: ``os.environ``).
     :param path: the search path for tools (default: ``PATH`` of ``environ``).
-    :param timeout_s: hard limit for each version command; the commands run in parallel, so
-        the probe takes about ``timeout_s`` at worst.
+    :param timeout_s: hard limit for each version command; the engines' commands run in
+        parallel, then the tools', so the probe takes about twice ``timeout_s`` at worst.
     """
     if timeout_s <= 0:
         raise ValueError(f"probe timeout_s must be positive, got {timeout_s!r}")
@@ -218,13 +223,21 @@ def engine_tokens(*, environ: Mapping[str, str], path: str, timeout_s: float) ->
     :param timeout_s: hard limit for each engine's version command.
     """
     out: list[str] = []
-    for eng in engines.registry().values():
-        if eng.opt_in:
-            continue
+    probed = [eng for eng in engines.registry().values() if not eng.opt_in]
+
+    def one(eng):
         try:
-            found = eng.probe(environ=environ, path=path, timeout_s=timeout_s)
+            return eng.probe(environ=environ, path=path, timeout_s=timeout_s)
         except Exception:  # noqa: BLE001 - a broken engine must not break the probe
             log.exception("probing engine %s failed; it is not offered", eng.name)
+            return None
+
+    # In parallel: an agent CLI's `--version` starts a whole Node.js or Python program (seconds
+    # each on a busy machine), so one after another the probe would take their sum.
+    with ThreadPoolExecutor(max_workers=max(1, min(16, len(probed)))) as pool:
+        results = list(pool.map(one, probed))
+    for eng, found in zip(probed, results):
+        if found is None:
             continue
         if found.runnable:
             toks = [*eng.tokens(found), f"engine-class:{eng.engine_class}"]  # for engine-class jobs

@@ -345,6 +345,12 @@ class Settings:
     make every priced cost and every ``budget.usd`` stop wrong; a model missing from it stays
     ``unknown`` and is then never stopped by ``budget.usd``."""
 
+    # -- the probe (lead) ---------------------------------------------------------------------
+    probe_timeout_s: float = 30.0
+    """Hard limit, seconds, for each version command the factory's probe runs at start (tools
+    and agent CLIs, all in parallel). An agent CLI whose ``--version`` misses it is not offered
+    (its jobs wait for another factory); a hung tool delays the factory's start by this much."""
+
     @property
     def fence_margin_effective_s(self) -> float:
         """``fence_margin_s``, or its default (see there)."""
@@ -386,6 +392,9 @@ class Settings:
                 raise SettingsError(f"engine_env_passthrough (GIGAFACTORY_ENGINE_ENV_PASSTHROUGH) names {name!r}, "
                                     "which is not an environment variable name: give comma-separated names "
                                     "such as NPM_TOKEN,PIP_INDEX_URL")
+        if not 0 < self.probe_timeout_s <= 600:
+            raise SettingsError(f"probe_timeout_s={self.probe_timeout_s!r} (GIGAFACTORY_PROBE_TIMEOUT_S) must be "
+                                "more than 0 and at most 600 seconds")
         if not self.git_timeout_s > 0:
             raise SettingsError(f"git_timeout_s={self.git_timeout_s!r} (GIGAFACTORY_GIT_TIMEOUT_S) must be a "
                                 "positive number of seconds")

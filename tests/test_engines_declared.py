@@ -560,3 +560,49 @@ def test_version_bounds_compare_missing_parts_as_zero(fakecli):
     found = engine_from(fakecli, **{"min-version": "1.0", "below-version": "1.4.2.0"}).probe(
         environ=os.environ, path=os.environ["PATH"], timeout_s=10)
     assert not found.runnable and "outside the declared range" in found.why
+
+
+SLOW_VERSION = r'''#!{python}
+"""`--version` that answers only once the other engine's `--version` has started too."""
+import pathlib, sys, time
+here = pathlib.Path({marks!r})
+(here / "{me}.started").touch()
+deadline = time.monotonic() + 20
+while not (here / "{other}.started").exists():
+    if time.monotonic() > deadline:
+        sys.exit(1)
+    time.sleep(0.02)
+print("{me} version 1.0.0")
+'''
+
+
+def test_engines_are_probed_in_parallel(tmp_path, monkeypatch):
+    """Each engine's version command waits for the other's to have started: probed one after
+    the other, the first misses its time limit and is not offered (an agent CLI's `--version`
+    takes seconds on a busy machine, so the sum of them once cost a factory its Gemini CLI)."""
+    bin_dir, marks, d = tmp_path / "bin", tmp_path / "marks", tmp_path / "engines"
+    for p in (bin_dir, marks, d):
+        p.mkdir()
+    for me, other in (("slowa", "slowb"), ("slowb", "slowa")):
+        exe = bin_dir / me
+        exe.write_text(SLOW_VERSION.replace("{python}", sys.executable).replace("{marks!r}", repr(str(marks)))
+                       .replace("{me}", me).replace("{other}", other))
+        exe.chmod(0o755)
+        write_decl(d, {**DECLARATION, "name": me, "binary": me, "credentials-required": "none",
+                       "version-regex": r"version (\d+\.\d+\.\d+)"})
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}")
+    try:
+        assert engines.load_declared(d) == {}
+        toks = probe.engine_tokens(environ=os.environ, path=os.environ["PATH"], timeout_s=5)
+        assert "engine:slowa" in toks and "engine:slowb" in toks, toks
+    finally:
+        engines.unregister("slowa")
+        engines.unregister("slowb")
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "601"])
+def test_probe_timeout_s_out_of_range_is_refused_by_name(value):
+    from gigafactory.config import Settings, SettingsError
+
+    with pytest.raises(SettingsError, match="GIGAFACTORY_PROBE_TIMEOUT_S"):
+        Settings.from_env({"GIGAFACTORY_PROBE_TIMEOUT_S": value}).validate()
