@@ -36,6 +36,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 
 import psutil
@@ -57,6 +58,9 @@ the original (it takes a full cycle of the pid space, so in practice it does not
 KILL_WAIT_S = 5.0
 """After SIGKILL, how long :func:`kill_tree` waits for the processes to be gone (a process in
 the kernel's D state can take a while)."""
+
+KILL_POLL_S = 0.02
+"""How often :func:`kill_tree` looks whether the killed processes are gone."""
 
 MAX_TREE_PROCESSES = 10_000
 """Bound on the processes :func:`descendants` returns (a fork bomb must not exhaust us)."""
@@ -244,13 +248,21 @@ def kill_tree(pid: int, *, created_at: float | None = None, include_root: bool =
             p.kill()
         except (psutil.Error, OSError):
             continue
-    _, alive = psutil.wait_procs(procs, timeout=timeout_s)
-    return [p.pid for p in alive if p.is_running() and _not_zombie(p)]
+    # Not psutil.wait_procs: it reaps the caller's own children, stealing their exit status
+    # from whoever started them (subprocess, asyncio's child watcher). A zombie counts as
+    # gone; there is no event for "a stranger exited", so poll, bounded.
+    deadline = time.monotonic() + timeout_s
+    while True:
+        alive = [p for p in procs if _running(p)]
+        if not alive or time.monotonic() >= deadline:
+            return [p.pid for p in alive]
+        time.sleep(KILL_POLL_S)
 
 
-def _not_zombie(p: psutil.Process) -> bool:
+def _running(p: psutil.Process) -> bool:
+    """Alive and still the same process (psutil compares start times), zombies dead."""
     try:
-        return p.status() != psutil.STATUS_ZOMBIE
+        return p.is_running() and p.status() != psutil.STATUS_ZOMBIE
     except (psutil.NoSuchProcess, psutil.ZombieProcess):
         return False
     except psutil.AccessDenied:
