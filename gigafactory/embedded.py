@@ -362,7 +362,7 @@ class EmbeddedServer:
     def kill(self) -> None:
         """``kill -9``: for chaos tests. The store stays for a restart."""
         if self.proc and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGKILL)
+            self.proc.send_signal(SIGKILL)
             self.proc.wait(timeout=10)
         self._remove_conf()
 

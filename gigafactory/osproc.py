@@ -121,8 +121,8 @@ def pid_alive(pid: int, *, created_at: float | None = None) -> bool:
         if created_at is not None and abs(p.create_time() - created_at) > CREATE_TIME_TOLERANCE_S:
             return False
         return p.status() != psutil.STATUS_ZOMBIE
-    except (psutil.NoSuchProcess, psutil.ZombieProcess):
-        return False
+    except (psutil.NoSuchProcess, psutil.ZombieProcess, ValueError, OverflowError):
+        return False  # gone, or a number no process can have
     except psutil.AccessDenied:
         # Another user's process: it exists. Its start time could not be checked, so it only
         # counts when none was asked for.
