@@ -7,10 +7,12 @@ macOS and Windows use (psutil underneath), not the other platforms themselves.""
 from __future__ import annotations
 
 import json
+import re
 import os
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from helpers import wait_until
@@ -215,3 +217,25 @@ def test_parent_death_signal_is_offered_on_linux_only():
         assert preexec is not None, "Linux has PR_SET_PDEATHSIG"
     else:
         assert preexec is None, "not on this OS: the caller uses the watchdog"
+
+
+OS_SPECIFIC = re.compile(r"""(?:open|listdir|scandir|isdir|Path)\(f?["']/proc|\bos\.killpg\(|\bos\.getpgid\(|\.prctl\b"""
+                         r"""|getrusage\(|CREATE_NEW_PROCESS_GROUP|\bos\.setsid\(""")
+"""Process calls that differ between operating systems."""
+STANDALONE = {"gigafactory/osproc.py", "factory/supervise.py"}
+"""osproc, and the engine supervisor: it runs with ``python -I -S`` and cannot import it."""
+
+
+def test_os_specific_process_calls_live_in_osproc():
+    root = Path(__file__).resolve().parent.parent
+    offenders, seen = {}, set()
+    for d in ("gigafactory", "schemas", "coordinator", "factory", "chaos", "loadtest"):
+        for path in (root / d).rglob("*.py"):
+            rel = str(path.relative_to(root))
+            hits = [m.group(0) for m in OS_SPECIFIC.finditer(path.read_text(encoding="utf-8"))]
+            if hits:
+                seen.add(rel)
+            if hits and rel not in STANDALONE:
+                offenders[rel] = hits
+    assert seen == STANDALONE, "the scan finds the calls where they are"
+    assert offenders == {}, "call gigafactory.osproc instead"
