@@ -163,3 +163,6 @@ def popen_tied(args: list[str], *, death_signal: int = signal.SIGKILL, mechanism
             p.wait()
             raise
     return p
+
+
+__all__ = ["WATCHDOG_CODE", "cmdline", "parent_death_supported", "pid_alive", "popen_tied", "start_watchdog"]
