@@ -27,8 +27,8 @@ Theory of operation:
   above holds unchanged: the group is the supervisor's, and so is the exit status.
 - Platforms (every process call goes through :mod:`gigafactory.osproc`): Linux, parent-death
   signal and control pipe; macOS and other POSIX systems, the control pipe (EOF when the
-  factory dies, any signal); Windows, no supervisor: the engine runs in a new process group
-  (``CREATE_NEW_PROCESS_GROUP``) and is stopped by the factory while the factory lives
+  factory dies, any signal); Windows, no supervisor: the engine runs in a new console process
+  group and is stopped by the factory while the factory lives
   (``CTRL_BREAK_EVENT``, the grace, then the process tree terminated), and the fence deadline
   is enforced by the factory's event loop only. An engine outlives a factory that dies on
   Windows (a Job Object with kill-on-close would be the equivalent; not built).
