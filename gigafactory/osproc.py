@@ -2,7 +2,9 @@
 on psutil: liveness (with protection against a recycled pid), command lines, environments,
 parents, process trees, process groups, CPU time and resident memory, and the Linux
 parent-death signal. Nothing else in the package reads ``/proc``, calls ``killpg`` or
-``getpgid``, or branches on the operating system for a process; it calls this module.
+``getpgid``, or calls ``prctl`` (``tests/test_osproc.py`` checks); a caller that must choose
+(start a supervisor or not) asks this module's constants (:data:`POSIX`,
+:data:`HAS_PROCESS_GROUPS`).
 
 What each operating system gets (the factory's documented support follows from it):
 
@@ -13,10 +15,12 @@ What each operating system gets (the factory's documented support follows from i
   :func:`parent_death_preexec` returns None ("not on this OS") and callers use the pipe-EOF
   mechanisms instead (the engine supervisor's control pipe, :mod:`gigafactory.procs`'s
   watchdog). psutil reads the environment of the user's own processes only, as on Linux.
-- Windows: no process groups and no signals beyond "terminate". :func:`signal_group` and
-  :func:`group_alive` take the *tree* rooted at the leader instead (psutil's children walk,
-  then ``TerminateProcess``), so a grandchild that was re-parented after its parent exited is
-  not found; :func:`new_group_popen_kwargs` gives ``CREATE_NEW_PROCESS_GROUP``.
+- Windows: no process groups to signal. :func:`new_group_popen_kwargs` starts a child in a new
+  console process group; :func:`signal_group` turns SIGTERM into ``CTRL_BREAK_EVENT`` to that
+  group and any other signal into terminating the *tree* rooted at the leader (psutil's
+  children walk, then ``TerminateProcess``); :func:`group_alive` looks at that tree. A process
+  whose parent exited before the walk is not found. :func:`process_group` raises
+  :class:`NotOnThisOS`; :func:`parent_death_preexec` returns None.
 
 Two small standard-library scripts keep their own platform branches because they run with
 ``python -I -S`` and cannot import this package (they must start fast and survive a job's
