@@ -18,6 +18,7 @@ def test_home_follows_gigafactory_home(tmp_path):
     assert factories_dir({"GIGAFACTORY_HOME": str(tmp_path)}) == tmp_path / "factories"
     assert home({}) == Path.home() / ".gigafactory"
     assert home({"GIGAFACTORY_HOME": "  "}) == Path.home() / ".gigafactory", "blank means unset"
+    assert home({"GIGAFACTORY_HOME": "~/gf-data"}) == Path.home() / "gf-data", "a ~ from a config file, unexpanded"
 
 
 def test_a_factory_without_data_dir_keeps_its_folder_under_gigafactory_home(tmp_path, monkeypatch):
