@@ -57,6 +57,7 @@ from typing import Any
 import msgspec
 import yaml
 
+from gigafactory import osproc
 from gigafactory.broker import Broker
 from gigafactory.client import ApiError, Client
 from gigafactory.config import Settings
@@ -423,49 +424,13 @@ class LabProc:
             return ""
 
 
-def _read_proc(pid: int, what: str) -> bytes | None:
-    try:
-        with open(f"/proc/{pid}/{what}", "rb") as f:
-            return f.read()
-    except OSError:  # gone, or not ours to read
-        return None
-
-
-def _ppid(pid: int) -> int | None:
-    """The parent of ``pid`` (Linux /proc), or None if it is gone."""
-    stat = _read_proc(pid, "stat")
-    if not stat:
-        return None
-    try:  # "pid (comm) state ppid ...": comm may hold spaces and parentheses
-        return int(stat[stat.rindex(b")") + 2:].split()[1])
-    except (ValueError, IndexError):
-        return None
-
-
 MAX_ANCESTRY = 64
 """Bound on the parent chain walked to find a process's factory."""
 
 
 def _processes_with_marker(marker: str) -> list[int]:
-    """Pids of our processes whose environment carries ``GF_CHAOS_LAB=<marker>`` (Linux /proc)."""
-    needle = f"{LAB_ENV}={marker}".encode()
-    out = []
-    if not os.path.isdir("/proc"):
-        return out
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        pid = int(entry)
-        if pid == os.getpid():
-            continue
-        try:
-            with open(f"/proc/{pid}/environ", "rb") as f:
-                env = f.read()
-        except OSError:
-            continue
-        if needle in env.split(b"\0"):
-            out.append(pid)
-    return out
+    """Pids of our processes whose environment carries ``GF_CHAOS_LAB=<marker>``."""
+    return osproc.pids_with_env(LAB_ENV, marker)
 
 
 @dataclass
@@ -670,20 +635,13 @@ class Lab:
         was SIGKILLed (they run in process groups of their own) and anything they started."""
         n = 0
         for pid in _processes_with_marker(self.id):
-            try:
-                pgid = os.getpgid(pid)
-            except ProcessLookupError:
+            pgid = osproc.process_group(pid)
+            if pgid is None:
                 continue
-            if pgid == os.getpgid(0):
-                try:  # never our own group: kill only that process
-                    os.kill(pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
+            if pgid == osproc.process_group(0):
+                osproc.kill(pid, osproc.SIGKILL)  # never our own group: kill only that process
             else:
-                try:
-                    os.killpg(pgid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
+                osproc.signal_group(pgid, osproc.SIGKILL)
             n += 1
         return n
 
@@ -1027,25 +985,22 @@ class Lab:
         for pid in _processes_with_marker(self.id):
             if pid in live:
                 continue
-            chain, cur = 0, _ppid(pid)
+            chain, cur = 0, osproc.parent_pid(pid)
             while cur is not None and cur > 1 and cur not in live and chain < MAX_ANCESTRY:
-                cur, chain = _ppid(cur), chain + 1
+                cur, chain = osproc.parent_pid(cur), chain + 1
             if cur is not None and cur in live:
                 continue
-            env = dict(kv.split(b"=", 1) for kv in (_read_proc(pid, "environ") or b"").split(b"\0") if b"=" in kv)
+            env = osproc.environ(pid)
             if not env:
                 continue  # gone meanwhile, or a zombie (dead; its parent has not reaped it yet)
-            try:
-                pgid = os.getpgid(pid)
-            except ProcessLookupError:
+            pgid = osproc.process_group(pid)
+            if pgid is None:
                 continue
-            epoch = env.get(b"GF_EPOCH", b"").decode(errors="replace")
-            cmd = (_read_proc(pid, "cmdline") or b"").replace(b"\0", b" ").decode(errors="replace").strip()
+            epoch = env.get("GF_EPOCH", "")
+            cmd = " ".join(osproc.cmdline(pid) or []).strip()
             out.append(invariants.LeftoverProcess(
-                pid=pid, pgid=pgid, cmd=cmd,
-                job=env[b"GF_JOB_ID"].decode(errors="replace") if b"GF_JOB_ID" in env else None,
-                epoch=int(epoch) if epoch.isdigit() else None,
-                factory=env[b"GF_FACTORY"].decode(errors="replace") if b"GF_FACTORY" in env else None))
+                pid=pid, pgid=pgid, cmd=cmd, job=env.get("GF_JOB_ID"),
+                epoch=int(epoch) if epoch.isdigit() else None, factory=env.get("GF_FACTORY")))
         return sorted(out, key=lambda p: p.pid)
 
     # -- reclaims -----------------------------------------------------------------------------

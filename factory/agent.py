@@ -44,7 +44,7 @@ from pathlib import Path
 
 from gigafactory import __version__
 from gigafactory.broker import Broker
-from gigafactory.config import Settings
+from gigafactory.config import Settings, factories_dir
 from gigafactory.schemas import capabilities as caps
 from gigafactory.schemas import names
 from gigafactory.schemas.records import EventRecord, FactoryRecord, IdleReason, Station, StationState, encode
@@ -130,7 +130,7 @@ class Factory(Stations, AuditQueue, Pools, Holder, Execute, Reporting, Ship):
             seats=dict(seats or {}), started_at=time.time(), heartbeat_interval_s=self.s.heartbeat_s,
             pid=os.getpid(), version=__version__,
         )
-        base = Path(data_dir) if data_dir else Path.home() / ".gigafactory" / "factories"
+        base = Path(data_dir) if data_dir else factories_dir()  # follows GIGAFACTORY_HOME
         self.dir = base / self.id
         self.logs_dir = self.dir / "logs"
         self.logs_dir.mkdir(parents=True, exist_ok=True)

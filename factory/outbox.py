@@ -35,7 +35,7 @@ import threading
 import time
 from dataclasses import dataclass
 
-from gigafactory.procs import pid_alive
+from gigafactory.osproc import pid_alive
 
 DB_NAME = "outbox.sqlite3"
 QUARANTINE_DIR = "quarantine"

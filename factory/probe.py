@@ -29,13 +29,13 @@ import os
 import platform
 import re
 import shutil
-import signal
 import socket
 import subprocess
 import sys
 from collections.abc import Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 
+from gigafactory import osproc
 from gigafactory.schemas.capabilities import CapabilityError, parse_offer
 
 from . import engines
@@ -276,7 +276,6 @@ def _run_all(commands: Mapping[str, list[str]], env: Mapping[str, str], timeout_
 
 def _run_tool(argv: list[str], env: Mapping[str, str], timeout_s: float) -> str | None:
     """stdout+stderr of a short command that exited 0, or None. Never raises."""
-    posix = os.name == "posix"
     try:
         proc = subprocess.Popen(
             argv,
@@ -285,31 +284,25 @@ def _run_tool(argv: list[str], env: Mapping[str, str], timeout_s: float) -> str 
             stderr=subprocess.STDOUT,
             env=dict(env),
             # Its own group, so a tool that hangs is killed with everything it started.
-            start_new_session=posix,
+            **osproc.new_group_popen_kwargs(),
         )
     except OSError:
         return None
     try:
         out, _ = proc.communicate(timeout=timeout_s)
     except subprocess.TimeoutExpired:
-        _kill_tool(proc, posix)
+        _kill_tool(proc)
         return None
     except Exception:  # noqa: BLE001 - a broken tool must not break the probe
-        _kill_tool(proc, posix)
+        _kill_tool(proc)
         return None
     if proc.returncode != 0:
         return None
     return out.decode("utf-8", errors="replace")[:_OUTPUT_LIMIT_CHARS]
 
 
-def _kill_tool(proc: subprocess.Popen, posix: bool) -> None:
-    try:
-        if posix:
-            os.killpg(proc.pid, signal.SIGKILL)
-        else:
-            proc.kill()
-    except (ProcessLookupError, PermissionError):
-        pass
+def _kill_tool(proc: subprocess.Popen) -> None:
+    osproc.signal_group(proc.pid, osproc.SIGKILL)  # Windows: the tree
     try:
         proc.communicate(timeout=_REAP_TIMEOUT_S)
     except Exception:  # noqa: BLE001 - something outside the group holds the pipe open

@@ -25,11 +25,13 @@ Theory of operation:
   on Linux also ``PR_SET_PDEATHSIG``), and when a :class:`FenceDeadline` passes without an
   extension (self-fencing that does not depend on this process's event loop). Everything
   above holds unchanged: the group is the supervisor's, and so is the exit status.
-- Platforms: Linux, parent-death signal and control pipe; macOS and other POSIX systems, the
-  control pipe (EOF when the factory dies, any signal); Windows, no supervisor: the engine
-  runs in its own process group and is stopped by the factory while it lives, and the fence
-  deadline is enforced by the factory's event loop only (a Job Object with
-  kill-on-close would be the Windows equivalent; not built).
+- Platforms (every process call goes through :mod:`gigafactory.osproc`): Linux, parent-death
+  signal and control pipe; macOS and other POSIX systems, the control pipe (EOF when the
+  factory dies, any signal); Windows, no supervisor: the engine runs in a new console process
+  group and is stopped by the factory while the factory lives
+  (``CTRL_BREAK_EVENT``, the grace, then the process tree terminated), and the fence deadline
+  is enforced by the factory's event loop only. An engine outlives a factory that dies on
+  Windows (a Job Object with kill-on-close would be the equivalent; not built).
 """
 
 from __future__ import annotations
@@ -49,12 +51,13 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import BinaryIO
 
+from gigafactory import osproc
+
 from .supervise import fence_clock
 
 log = logging.getLogger(__name__)
 
-_POSIX = os.name == "posix"
-_HAS_PROC = sys.platform.startswith("linux") and os.path.isdir("/proc")
+_POSIX = osproc.POSIX
 
 # SIGKILL cannot be ignored, but a process stuck in the kernel (D state) can outlive it for
 # a while; we stop waiting after this and report what we know.
@@ -481,7 +484,7 @@ async def _run(
                 cwd=cwd,
                 env=dict(env),
                 pass_fds=(ctl_r, st_w) if supervised else (),
-                **_group_kwargs(),
+                **osproc.new_group_popen_kwargs(),
             )
         except BaseException:
             os.close(read_fd)
@@ -519,7 +522,7 @@ async def _run(
                 # SIGKILL due at deadline + grace, however late this loop noticed (a stall).
                 grace_s = max(0.0, min(kill_grace_s, fence.at_s + fence.grace_s - fence_clock()))
                 sink.note("the lease deadline passed without a renewal (self-fenced): stopping the process group")
-            elif _POSIX and _group_alive(proc.pid):
+            elif _POSIX and osproc.group_alive(proc.pid):
                 sink.note("the job exited but left processes running in its group: stopping them")
             if not await _stop_group(proc, exit_task, grace_s):
                 sink.note(f"process group {proc.pid} still has live processes after SIGKILL")
@@ -564,12 +567,6 @@ def _said_fenced(status_fd: int) -> bool:
         return False
 
 
-def _group_kwargs() -> dict:
-    if _POSIX:
-        return {"start_new_session": True}
-    return {"creationflags": subprocess.CREATE_NEW_PROCESS_GROUP}  # type: ignore[attr-defined]
-
-
 async def _wait_exit_or_stop(exit_task: asyncio.Future, cancel: asyncio.Event | None, timeout_s: float,
                              fence: FenceDeadline | None = None) -> str:
     """``exited``, ``cancelled``, ``fenced`` or ``timeout``: whichever comes first."""
@@ -598,95 +595,34 @@ async def _deadline_passed(fence: FenceDeadline) -> None:
 
 
 async def _stop_group(proc: asyncio.subprocess.Process, exit_task: asyncio.Future, grace_s: float) -> bool:
-    """Stop the leader and everything left in its group: SIGTERM, grace, SIGKILL.
+    """Stop the leader and everything left in its group: SIGTERM, grace, SIGKILL (Windows:
+    CTRL_BREAK to the group, grace, the tree terminated; see :mod:`gigafactory.osproc`).
 
     Also called after a normal exit, to stop what the job left running in the background.
     Returns False if live processes remain after SIGKILL and the bounded wait.
     """
-    if not _POSIX:
-        return await _stop_windows(proc, exit_task, grace_s)
     pgid = proc.pid
 
     def stopped() -> bool:
-        return exit_task.done() and not _group_alive(pgid)
+        return exit_task.done() and not osproc.group_alive(pgid)
 
     if stopped():
         return True
-    _signal_group(pgid, signal.SIGTERM)
+    osproc.signal_group(pgid, signal.SIGTERM)
     if await _poll_until(stopped, grace_s):
         return True
-    _signal_group(pgid, signal.SIGKILL)
+    osproc.signal_group(pgid, osproc.SIGKILL)
     return await _poll_until(stopped, _KILL_WAIT_S)
 
 
-async def _stop_windows(proc: asyncio.subprocess.Process, exit_task: asyncio.Future, grace_s: float) -> bool:
-    # Windows has no process groups to signal; CTRL_BREAK reaches the console group, and
-    # taskkill /T takes the tree. Leftovers of a leader that already exited cannot be found.
-    if exit_task.done():
-        return True
-    try:
-        proc.send_signal(signal.CTRL_BREAK_EVENT)  # type: ignore[attr-defined]
-    except (ProcessLookupError, OSError):
-        pass
-    if await _poll_until(exit_task.done, grace_s):
-        return True
-    _kill_now(proc)
-    return await _poll_until(exit_task.done, _KILL_WAIT_S)
-
-
 def _kill_now(proc: asyncio.subprocess.Process) -> None:
-    if _POSIX:
-        _signal_group(proc.pid, signal.SIGKILL)
-        return
-    try:
-        subprocess.run(
-            ["taskkill", "/F", "/T", "/PID", str(proc.pid)],
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            timeout=_KILL_WAIT_S,
-            check=False,
-        )
-    except (OSError, subprocess.TimeoutExpired):
-        pass
-    try:
-        proc.kill()
-    except ProcessLookupError:
-        pass
-
-
-def _signal_group(pgid: int, sig: int) -> None:
-    try:
-        os.killpg(pgid, sig)
-    except (ProcessLookupError, PermissionError):
-        pass
-
-
-def _group_alive(pgid: int) -> bool:
-    """True while a process of the group is alive (zombies awaiting their reaper are dead)."""
-    try:
-        os.killpg(pgid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    if not _HAS_PROC:
-        return True
-    # killpg also finds zombies; an init that reaps lazily (as in some containers) would make
-    # us wait out the grace period for processes that are already dead.
-    with os.scandir("/proc") as entries:
-        for entry in entries:
-            if not entry.name.isdigit():
-                continue
-            try:
-                with open(f"/proc/{entry.name}/stat", "rb") as f:
-                    stat = f.read()
-            except OSError:
-                continue
-            fields = stat[stat.rfind(b")") + 2 :].split()
-            if len(fields) > 2 and int(fields[2]) == pgid and fields[0] not in (b"Z", b"X"):
-                return True
-    return False
+    """SIGKILL the whole group at once (Windows: terminate the tree), no grace."""
+    osproc.signal_group(proc.pid, osproc.SIGKILL)
+    if not osproc.HAS_PROCESS_GROUPS:
+        try:
+            proc.kill()
+        except ProcessLookupError:
+            pass
 
 
 async def _poll_until(predicate: Callable[[], bool], timeout_s: float) -> bool:

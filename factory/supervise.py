@@ -33,6 +33,13 @@ Theory of operation:
 - What it cannot do: a supervisor paused together with its engine (SIGSTOP of the whole
   group, a frozen VM) runs nothing; it acts when it resumes, at once, because its deadline
   has passed. Windows has no supervisor (see :mod:`shell`).
+- Platforms: this script and :data:`gigafactory.procs.WATCHDOG_CODE` are the only places
+  outside :mod:`gigafactory.osproc` with operating-system branches, because they run with
+  ``python -I -S`` and cannot import the package (nor psutil). Linux: both ways of learning
+  the factory died, and :func:`group_others_alive` tells live group members from zombies.
+  macOS and the BSDs: the control pipe only (:func:`set_parent_death_signal` returns False:
+  not on this OS), and without ``/proc`` the supervisor cannot see whether the group emptied
+  early, so a stop always waits out the grace before its SIGKILL.
 - The status pipe (``--status-fd``, write end, not passed on to the engine): before stopping
   the group for a passed deadline the supervisor writes ``fenced``, so the factory can tell
   a self-fence from an engine that died of a signal, even if its event loop only looks later

@@ -9,10 +9,11 @@ from __future__ import annotations
 import json
 import os
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
-from gigafactory.procs import pid_alive
+from gigafactory.osproc import create_time, pid_alive
 from gigafactory.schemas import limits
 from gigafactory.schemas.scope import validate_globs
 
@@ -585,9 +586,30 @@ def check_retention(s: Settings) -> None:
         raise SettingsError("invalid retention settings: " + "; ".join(bad))
 
 
-def home() -> Path:
-    """Where local state lives: the embedded broker's store, factory outboxes and work dirs."""
-    return Path(os.environ.get(ENV_HOME) or Path.home() / ".gigafactory")
+DEFAULT_HOME_DIRNAME = ".gigafactory"
+"""The data folder under the user's home directory when ``GIGAFACTORY_HOME`` is not set."""
+
+
+def home(environ: Mapping[str, str] | None = None) -> Path:
+    """The one data folder of this machine's gigafactory: the embedded broker's store and its
+    state file, each factory's outbox, logs, git mirrors and work folders (``factories/``),
+    load-test results. ``GIGAFACTORY_HOME`` if set (and not empty), else ``~/.gigafactory``.
+    Every default path is under it; nothing else names ``~/.gigafactory``.
+
+    :param environ: the environment to read (default: this process's).
+    """
+    env = os.environ if environ is None else environ
+    raw = env.get(ENV_HOME, "").strip()
+    return Path(raw).expanduser() if raw else Path.home() / DEFAULT_HOME_DIRNAME
+
+
+def factories_dir(environ: Mapping[str, str] | None = None) -> Path:
+    """Where a factory keeps its folder (``<home>/factories/<factory id>``) unless given
+    ``--data-dir``.
+
+    :param environ: the environment to read (default: this process's).
+    """
+    return home(environ) / "factories"
 
 
 def server_state_path() -> Path:
@@ -595,10 +617,12 @@ def server_state_path() -> Path:
 
 
 def write_server_state(url: str, pid: int) -> None:
+    """Record the embedded broker ``pid`` serving ``url``, with the pid's start time, so that a
+    later reader does not trust a pid the kernel has since given to another process."""
     p = server_state_path()
     p.parent.mkdir(parents=True, exist_ok=True)
     tmp = p.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"url": url, "pid": pid}))
+    tmp.write_text(json.dumps({"url": url, "pid": pid, "pid_created_at": create_time(pid) if pid else None}))
     tmp.replace(p)
 
 
@@ -612,12 +636,17 @@ def clear_server_state(pid: int) -> None:
 
 
 def running_embedded_url() -> str | None:
-    """The URL of an embedded broker started by ``gigafactory up``/``server`` on this machine."""
+    """The URL of an embedded broker started by ``gigafactory up``/``server`` on this machine,
+    None if there is none: the state file's pid must be alive *and* have started when the file
+    says (a broker that died without clearing the file leaves a pid the kernel may reuse)."""
     try:
         state = json.loads(server_state_path().read_text())
-    except (OSError, ValueError):
+        pid = int(state.get("pid") or 0)
+        created_at = state.get("pid_created_at")
+        created_at = float(created_at) if created_at is not None else None
+    except (OSError, ValueError, TypeError, AttributeError):
         return None
-    if state.get("pid") and pid_alive(int(state["pid"])):
+    if pid and pid_alive(pid, created_at=created_at):
         return state.get("url")
     return None
 

@@ -42,7 +42,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from gigafactory.config import check_sync_interval
-from gigafactory.procs import cmdline, pid_alive, popen_tied
+from gigafactory.osproc import SIGKILL, cmdline, create_time, kill, pid_alive
+from gigafactory.procs import popen_tied
 
 try:
     import fcntl
@@ -125,10 +126,18 @@ def inspect_holder(holder: dict) -> str:
     starter = int(holder.get("starter_pid") or 0)
     argv = cmdline(pid) if pid else None
     return holder_verdict(
-        holder, broker_alive=bool(pid) and pid_alive(pid),
+        holder, broker_alive=bool(pid) and pid_alive(pid, created_at=_float_or_none(holder.get("pid_created_at"))),
         broker_is_nats=bool(argv) and "nats-server" in os.path.basename(argv[0]),
-        starter_alive=bool(starter) and pid_alive(starter),
+        starter_alive=bool(starter) and pid_alive(starter, created_at=_float_or_none(holder.get("starter_created_at"))),
     )
+
+
+def _float_or_none(v: object) -> float | None:
+    """A recorded start time (older records have none: then the pid alone is checked)."""
+    try:
+        return float(v) if v is not None else None  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return None
 
 
 def stop_store_holder(store_dir: str, holder: dict, timeout_s: float = 10.0) -> None:
@@ -138,7 +147,7 @@ def stop_store_holder(store_dir: str, holder: dict, timeout_s: float = 10.0) -> 
     pid = int(holder["pid"])
     deadline = time.monotonic() + timeout_s
     sent_kill = False
-    os.kill(pid, signal.SIGTERM)
+    kill(pid, signal.SIGTERM)
     while store_holder(store_dir) is not None:
         if time.monotonic() > deadline:
             if sent_kill:
@@ -146,7 +155,7 @@ def stop_store_holder(store_dir: str, holder: dict, timeout_s: float = 10.0) -> 
                                   f"{2 * timeout_s:g}s after SIGTERM and SIGKILL")
             argv = cmdline(pid)
             if argv and "nats-server" in os.path.basename(argv[0]):
-                os.kill(pid, signal.SIGKILL)
+                kill(pid, SIGKILL)
             sent_kill, deadline = True, time.monotonic() + timeout_s
         time.sleep(0.05)
 
@@ -346,12 +355,14 @@ class EmbeddedServer:
             os.pwrite(lock_fd, json.dumps({
                 "pid": self.proc.pid, "url": self.url, "starter_pid": os.getpid(),
                 "starter": " ".join(sys.argv)[:200], "started_at": time.time(),
+                # Start times of both pids: a later reader must not trust a recycled pid.
+                "pid_created_at": create_time(self.proc.pid), "starter_created_at": create_time(os.getpid()),
             }).encode(), 0)
 
     def kill(self) -> None:
         """``kill -9``: for chaos tests. The store stays for a restart."""
         if self.proc and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGKILL)
+            self.proc.send_signal(SIGKILL)
             self.proc.wait(timeout=10)
         self._remove_conf()
 

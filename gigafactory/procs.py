@@ -21,12 +21,14 @@ Theory of operation:
   window a recycled pid is the one (narrow) way it could signal a stranger. A SIGKILLed
   watchdog protects nothing: the fallback is best effort, the Linux path is the guarantee.
 - Windows: neither exists; children are not tied (documented limit).
+
+The parent-death signal itself (the ``prctl`` call) is in :mod:`gigafactory.osproc`, with
+every other OS-specific call; this module decides which mechanism ties a child.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
-import ctypes
 import os
 import queue
 import signal
@@ -36,94 +38,14 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
-PR_SET_PDEATHSIG = 1
-"""From ``<linux/prctl.h>``."""
+# The OS-specific calls live in osproc; pid_alive, cmdline and parent_death_supported are
+# re-exported here for the callers that knew them from this module.
+from gigafactory.osproc import POSIX, cmdline, parent_death_preexec, parent_death_supported, pid_alive  # noqa: F401
+
 WATCHDOG_POLL_S = 0.2
 """How often the fallback watchdog checks that its child is still there."""
 WATCHDOG_GRACE_S = 5.0
 """After the death signal, how long the watchdog waits before SIGKILL (when the signal is not SIGKILL)."""
-
-
-def pid_alive(pid: int) -> bool:
-    """True while process ``pid`` exists and is not a zombie (a zombie still answers
-    ``kill(pid, 0)``, but it is dead for every purpose here). Off POSIX: assume alive."""
-    if os.name != "posix":
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    if not os.path.isdir("/proc/self"):
-        return True  # no /proc (macOS): kill(0) said it exists
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False  # gone between the two looks
-    except (OSError, IndexError):
-        return True
-
-
-def cmdline(pid: int) -> list[str] | None:
-    """The command line of process ``pid`` (Linux ``/proc``; ``ps`` elsewhere), None if it is
-    gone or cannot be read."""
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            raw = f.read()
-        return [a.decode(errors="replace") for a in raw.split(b"\0") if a] or None
-    except FileNotFoundError:
-        if os.path.isdir("/proc/self"):
-            return None
-    except OSError:
-        return None
-    try:  # no /proc (macOS): ask ps, bounded
-        out = subprocess.run(["ps", "-o", "command=", "-p", str(pid)], capture_output=True, text=True, timeout=5)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return out.stdout.split() or None
-
-
-# -- parent-death signalling ------------------------------------------------------------------
-
-_prctl: Callable[..., int] | None = None
-_prctl_looked = False
-
-
-def _load_prctl() -> Callable[..., int] | None:
-    """libc's ``prctl``, looked up once in the starter (never in a forked child: loading a
-    library there could take a lock another thread held at fork time)."""
-    global _prctl, _prctl_looked
-    if not _prctl_looked:
-        _prctl_looked = True
-        if sys.platform.startswith("linux"):
-            try:
-                # The interpreter's own symbols include libc's (no find_library: it runs ldconfig).
-                fn = ctypes.CDLL(None, use_errno=True).prctl
-                fn.restype = ctypes.c_int
-                fn.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
-                _prctl = fn
-            except (OSError, AttributeError):
-                _prctl = None
-    return _prctl
-
-
-def parent_death_supported() -> bool:
-    """True where the kernel signals a child when its starter dies (Linux with ``prctl``)."""
-    return _load_prctl() is not None
-
-
-def _pdeathsig_preexec(parent_pid: int, sig: int, prctl: Callable[..., int]) -> Callable[[], None]:
-    def child() -> None:
-        # Between fork and exec, in the child: only the prctl call and getppid, no imports.
-        if prctl(PR_SET_PDEATHSIG, int(sig), 0, 0, 0) != 0:
-            raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
-        if os.getppid() != parent_pid:
-            # The starter died between fork and prctl: no signal will ever come. Do not start.
-            raise ChildProcessError(f"the starting process {parent_pid} died before the child started")
-
-    return child
 
 
 _spawn_queue: queue.SimpleQueue | None = None
@@ -227,14 +149,13 @@ def popen_tied(args: list[str], *, death_signal: int = signal.SIGKILL, mechanism
     (to test either). A ``preexec_fn`` of the caller's is refused: there is one."""
     assert "preexec_fn" not in popen_kw, "popen_tied sets preexec_fn itself"
     assert mechanism in ("auto", "pdeathsig", "watchdog"), mechanism
-    prctl = _load_prctl() if mechanism in ("auto", "pdeathsig") else None
-    if mechanism == "pdeathsig" and prctl is None:
+    preexec = parent_death_preexec(death_signal) if mechanism in ("auto", "pdeathsig") else None
+    if mechanism == "pdeathsig" and preexec is None:
         raise OSError("PR_SET_PDEATHSIG is not available on this platform")
-    if prctl is not None:
-        preexec = _pdeathsig_preexec(os.getpid(), death_signal, prctl)
+    if preexec is not None:
         return _on_spawner_thread(lambda: subprocess.Popen(args, preexec_fn=preexec, **popen_kw))
     p = subprocess.Popen(args, **popen_kw)
-    if os.name == "posix":
+    if POSIX:  # the watchdog needs pass_fds and signals: POSIX only (Windows: not tied)
         try:
             start_watchdog(p.pid, death_signal)
         except BaseException:
@@ -242,3 +163,6 @@ def popen_tied(args: list[str], *, death_signal: int = signal.SIGKILL, mechanism
             p.wait()
             raise
     return p
+
+
+__all__ = ["WATCHDOG_CODE", "cmdline", "parent_death_supported", "pid_alive", "popen_tied", "start_watchdog"]

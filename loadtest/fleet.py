@@ -30,7 +30,6 @@ import asyncio
 import collections
 import logging
 import os
-import resource
 import signal
 import sys
 import time
@@ -38,6 +37,7 @@ from pathlib import Path
 
 import orjson
 
+from gigafactory import osproc
 from gigafactory.broker import Broker
 from gigafactory.config import Settings
 from gigafactory.factory.agent import Factory
@@ -65,18 +65,13 @@ class LogCounter(logging.Handler):
 
 
 def rss_bytes() -> int:
-    """Resident memory of this process now (Linux /proc; the peak elsewhere)."""
-    try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError, IndexError):
-        ru = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        return ru if sys.platform == "darwin" else ru * 1024
+    """Resident memory of this process now, in bytes (0 if it cannot be read)."""
+    return osproc.rss_bytes(os.getpid()) or 0
 
 
 def cpu_seconds() -> float:
-    ru = resource.getrusage(resource.RUSAGE_SELF)
-    return ru.ru_utime + ru.ru_stime
+    """User + system CPU seconds this process has used."""
+    return osproc.cpu_seconds(os.getpid()) or 0.0
 
 
 class FleetHost:

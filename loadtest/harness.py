@@ -20,7 +20,7 @@ A run (:func:`run_load`), in order:
 Every job's timeline comes from the broker, not from the harness's clock: the KV history
 of ``gf_jobs`` (and of the baseline's bucket) carries the server's timestamp of each
 revision, so "submitted", "claimed" and "shipped" are when those writes were stored, and
-ours and the baseline's are measured the same way. CPU comes from ``/proc/<pid>/stat``.
+ours and the baseline's are measured the same way. CPU and memory come from :mod:`gigafactory.osproc` (psutil).
 
 Processes: every one runs in a session of its own with ``GF_LOADTEST_RUN=<run id>`` in its
 environment; :meth:`LoadRun.close` stops them (SIGTERM, then SIGKILL) and kills anything
@@ -48,6 +48,7 @@ import msgspec
 import orjson
 from nats.js import api
 
+from gigafactory import osproc
 from gigafactory.broker import Broker
 from gigafactory.chaos.harness import LabProc, wait_for
 from gigafactory.client import ApiError, Client
@@ -70,8 +71,6 @@ STATS_TIMEOUT_S = 15.0
 """Bound on a fleet host answering SIGUSR1 with fresh figures (its loop may be busy)."""
 FILL_IN_FLIGHT = 64
 """Publishes in flight while filling ``gf_jobs`` for the restart measurement."""
-CLK_TCK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
-PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 
 
 # -- configuration ----------------------------------------------------------------------------
@@ -168,46 +167,23 @@ def fleet_layout(factories: int, hosts: int) -> list[HostSpec]:
     return out
 
 
-# -- /proc --------------------------------------------------------------------------------------
+# -- processes -----------------------------------------------------------------------------------
 
 
 def proc_cpu_s(pid: int | None) -> float | None:
-    """User + system CPU seconds of process ``pid`` (Linux /proc), None if it is gone."""
-    if not pid:
-        return None
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            rest = f.read().rsplit(")", 1)[1].split()
-        return (int(rest[11]) + int(rest[12])) / CLK_TCK
-    except (OSError, IndexError, ValueError):
-        return None
+    """User + system CPU seconds of process ``pid``, None if it is gone (or no pid).
+
+    :param pid: the process id.
+    """
+    return osproc.cpu_seconds(pid) if pid else None
 
 
 def proc_rss_bytes(pid: int | None) -> int | None:
-    if not pid:
-        return None
-    try:
-        with open(f"/proc/{pid}/statm") as f:
-            return int(f.read().split()[1]) * PAGE
-    except (OSError, IndexError, ValueError):
-        return None
+    """Resident memory of process ``pid`` in bytes, None if it is gone (or no pid).
 
-
-def _pids_with_marker(marker: str) -> list[int]:
-    needle = f"{RUN_ENV}={marker}".encode()
-    out = []
-    if not os.path.isdir("/proc"):
-        return out
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit() or int(entry) == os.getpid():
-            continue
-        try:
-            with open(f"/proc/{entry}/environ", "rb") as f:
-                if needle in f.read().split(b"\0"):
-                    out.append(int(entry))
-        except OSError:
-            continue
-    return out
+    :param pid: the process id.
+    """
+    return osproc.rss_bytes(pid) if pid else None
 
 
 # -- timelines ------------------------------------------------------------------------------------
@@ -403,9 +379,8 @@ class LoadRun:
                 await asyncio.wait_for(self.admin.close(), 10)
         self.admin = self.client = None
         await asyncio.to_thread(self.server.stop)
-        for pid in _pids_with_marker(self.id):
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.kill(pid, signal.SIGKILL)
+        for pid in osproc.pids_with_env(RUN_ENV, self.id):
+            osproc.kill(pid, osproc.SIGKILL)
 
     async def _on_record(self, msg) -> None:
         key = msg.subject.split(".", 2)[2]

@@ -7,32 +7,18 @@ import os
 import signal
 import subprocess
 import sys
-from pathlib import Path
 
 from helpers import pid_alive, wait_until
 
+from gigafactory import osproc
+
 
 def _children(pid: int) -> list[int]:
-    out = []
-    for d in Path("/proc").iterdir():
-        if not d.name.isdigit():
-            continue
-        try:
-            stat = (d / "stat").read_text()
-        except OSError:
-            continue
-        # The command may hold spaces and parentheses: the fields after the last ')' are fixed.
-        ppid = int(stat.rsplit(")", 1)[1].split()[1])
-        if ppid == pid:
-            out.append(int(d.name))
-    return out
+    return [c for c in osproc.descendants(pid) if osproc.parent_pid(c) == pid]
 
 
 def _argv(pid: int) -> list[str]:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
-    except OSError:
-        return []
+    return osproc.cmdline(pid) or []
 
 
 def _role(pid: int) -> str | None:

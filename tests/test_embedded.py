@@ -13,7 +13,15 @@ from pathlib import Path
 import pytest
 from helpers import Proc, fast_env, gigafactory_cmd, pid_alive, wait_until
 
-from gigafactory.embedded import STORE_LOCK_NAME, StoreInUse, EmbeddedServer, holder_verdict, store_holder
+from gigafactory import osproc
+from gigafactory.embedded import (
+    STORE_LOCK_NAME,
+    EmbeddedServer,
+    StoreInUse,
+    holder_verdict,
+    inspect_holder,
+    store_holder,
+)
 from gigafactory.procs import cmdline
 
 pytestmark = pytest.mark.timeout(90)
@@ -39,16 +47,7 @@ def _is_nats(pid: int) -> bool:
 
 
 def _nats_children(pid: int) -> list[int]:
-    out = []
-    for d in Path("/proc").iterdir():
-        if d.name.isdigit():
-            try:
-                stat = (d / "stat").read_text()
-            except OSError:
-                continue
-            if int(stat.rsplit(")", 1)[1].split()[1]) == pid and _is_nats(int(d.name)):
-                out.append(int(d.name))
-    return out
+    return [c for c in osproc.descendants(pid) if osproc.parent_pid(c) == pid and _is_nats(c)]
 
 
 def _kill(pid: int) -> None:
@@ -164,3 +163,25 @@ def test_embedded_server_refuses_a_store_another_server_holds(tmp_path):
 ])
 def test_holder_verdict(holder, facts, verdict):
     assert holder_verdict(holder, **facts) == verdict
+
+
+def test_the_store_lock_records_start_times_so_a_recycled_pid_is_not_trusted(tmp_path):
+    """The lock says which broker holds the store and who started it, each pid with its start
+    time: a pid the kernel has since given to another process counts as dead."""
+    store = str(tmp_path / "nats")
+    server = EmbeddedServer(store_dir=store).start()
+    try:
+        holder = store_holder(store)
+        assert holder["pid"] == server.proc.pid
+        assert holder["pid_created_at"] == osproc.create_time(server.proc.pid)
+        assert holder["starter_created_at"] == osproc.create_time(holder["starter_pid"])
+        assert inspect_holder(holder) == "reuse", "a live broker whose starter is alive"
+        hour_s = 3600.0
+        starter_recycled = {**holder, "starter_created_at": holder["starter_created_at"] - hour_s}
+        assert inspect_holder(starter_recycled) == "stop", "its starter's pid names another process now: an orphan"
+        broker_recycled = {**holder, "pid_created_at": holder["pid_created_at"] - hour_s}
+        assert inspect_holder(broker_recycled) == "wait", "never signal a pid that is not the broker"
+        older = {k: v for k, v in holder.items() if not k.endswith("_created_at")}
+        assert inspect_holder(older) == "reuse", "a lock written by an older version: the pids alone"
+    finally:
+        server.stop()

@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 from helpers import Fleet, Proc, eventually, fast_env, fast_settings, kill_group, pid_alive, run, wait_until
 
+from gigafactory import osproc
 from gigafactory.config import Settings, SettingsError
 from gigafactory.factory import shell
 from gigafactory.schemas import names
@@ -42,7 +43,7 @@ def ledger_script(d: Path, seconds: int = 6) -> str:
 
 
 def group_gone(pgid: int) -> bool:
-    return not shell._group_alive(pgid)
+    return not osproc.group_alive(pgid)
 
 
 def _kill_leftovers(d: Path) -> None:

@@ -39,7 +39,6 @@ import math
 import os
 import re
 import shutil
-import signal
 import subprocess
 import tomllib
 from collections.abc import Mapping, Sequence
@@ -50,6 +49,7 @@ from typing import Any
 import msgspec
 import yaml
 
+from gigafactory import osproc
 from gigafactory.schemas.capabilities import CapabilityError, parse_offer
 from gigafactory.schemas.capabilities import parse_version as parse_cap_version
 from gigafactory.schemas.manifest import EngineClass, FailureClass
@@ -910,13 +910,12 @@ def _version_output(argv: tuple[str, ...], mtime_ns: int, size: int, path: str, 
     env = {"PATH": os.pathsep.join([str(Path(argv[0]).parent), path]), "HOME": os.environ.get("HOME", "/"),
            "LANG": "C.UTF-8", "NO_COLOR": "1", "TERM": "dumb"}
     proc = subprocess.Popen(list(argv), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            env=env, start_new_session=True)
+                            env=env, **osproc.new_group_popen_kwargs())
     try:
         out, _ = proc.communicate(timeout=timeout_s)
     except subprocess.TimeoutExpired:
         # Its whole group: a CLI's --version may start helpers (node shims) that hold the pipe.
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(proc.pid, signal.SIGKILL)
+        osproc.signal_group(proc.pid, osproc.SIGKILL)
         with contextlib.suppress(subprocess.TimeoutExpired):
             proc.communicate(timeout=2.0)
         raise
