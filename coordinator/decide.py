@@ -7,7 +7,7 @@ same functions on its simulated store, the way both drive the holder's ``factory
 So what the simulation checks is the coordinator's own logic, not a copy of it.
 
 What stays in the scheduler because it is I/O or bookkeeping of I/O: the view and its
-incremental :class:`~gigafactory.coordinator.scheduler.QueueOrder` (which orders by
+incremental :class:`~gigafactory.coordinator.plan_dispatch.QueueOrder` (which orders by
 :func:`order_key`, so it gives exactly :func:`dispatch_order`), pools and their free
 stations, per-job error handling and the quarantine of poison records, publishing, events.
 
