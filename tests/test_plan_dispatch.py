@@ -9,6 +9,7 @@ decisions it calls.
 from __future__ import annotations
 
 import copy
+from collections import Counter
 
 import msgspec
 from test_fairness import queued
@@ -155,3 +156,33 @@ def test_offers_of_jobs_no_longer_queued_are_forgotten_and_the_input_is_not_chan
 
     assert plan.forget == ["gone"]
     assert (published, held, gap_seen, served, q.where) == before, "the planner only reads its input"
+
+
+# -- one planner for the scheduler and the simulation -----------------------------------------------
+
+
+def test_the_simulation_dispatches_through_the_same_planner(monkeypatch):
+    from gigafactory.chaos import sim
+    from gigafactory.coordinator import plan_dispatch as module
+    from gigafactory.coordinator import scheduler
+
+    assert sim.plan_dispatch is module and scheduler.plan_dispatch is module
+    healthy = sim.simulate(0, faults=sim.FaultConfig.none(), limit_s=300.0)
+    assert healthy.report.counts.get("dispatched", 0) > 0 and healthy.settled
+
+    monkeypatch.setattr(module, "plan_dispatch", lambda inp: module.DispatchPlan())
+    res = sim.simulate(0, faults=sim.FaultConfig.none(), limit_s=300.0)
+
+    assert res.report.counts.get("dispatched", 0) == 0 and not res.settled
+
+
+def test_the_simulations_offers_respect_the_free_stations():
+    from gigafactory.chaos import sim
+
+    res = sim.simulate(0, faults=sim.FaultConfig.none(), limit_s=300.0, jobs=12, factories=1, stations=2)
+
+    assert res.settled
+    first = [e for e in res.events if e.kind == "dispatched" and not e.data["redispatch"]]
+    per_pass = Counter((e.actor, e.at) for e in first)
+    assert first and max(per_pass.values()) <= 2, "one pass makes at most as many first offers as free stations"
+    assert all(e.data["pool_capacity"] is not None and e.data["pool_capacity"] <= 2 for e in first)
