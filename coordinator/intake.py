@@ -216,11 +216,11 @@ async def submit(
         graph = await _stored_graph(broker, graph, planner.stored)
     planner.check_cycles(graph)
     _raise(planner)
-    known = ready_pools if ready_pools is not None else broker.pools_known
-    plan = planner.build(time.time(), broker.nc.max_payload, known)
+    plan = planner.build(time.time(), broker.nc.max_payload)
     _raise(planner)
     if planned is not None:
         await planned()
+    known = ready_pools if ready_pools is not None else broker.pools_known
     return await _perform(broker, plan, known, source, lim)
 
 
@@ -415,7 +415,9 @@ async def _supersede(broker: Broker, plan: JobPlan, now: float, source: str, lim
             await broker.jobs.update(rec.id, encode(new), last=rev)
         except Conflict:
             got = await _read_job(broker, rec.id)
-            assert got is not None
+            if got is None:  # deleted since planning (an operator): the next submission decides
+                raise SubmitError([plan_submit.file_error(
+                    plan.jf, None, f"job {rec.id} was deleted while being superseded; submit again")]) from None
             rec, rev, _ = got
             continue
         await _index_key(broker, m.idempotency_key or "", rec.id, plan.jf.content_hash)

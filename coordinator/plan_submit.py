@@ -183,7 +183,8 @@ None: nothing."""
 
 @dataclass
 class SubmitPlan:
-    """The writes of a batch, all checked: make sure of ``pools``, write ``waves`` in order
+    """The writes of a batch, all checked: make sure of ``pools`` (those the submitter does not
+    know to exist), write ``waves`` in order
     (each wave's jobs concurrently), publish again the ``submitted`` events of ``found``
     (young jobs a retried batch found), and answer with ``plans`` in file order."""
 
@@ -306,10 +307,11 @@ class SubmitPlanner:
                 cycle = path_back(plan.job_id, graph, comp)
                 self.err(plan.jf, "deps", "would close a dependency cycle: " + " -> ".join(label.get(j, j) for j in cycle))
 
-    def build(self, now: float, max_payload: int, known_pools: set[str] | frozenset[str]) -> SubmitPlan:
-        """The records to create, each refused if it would not leave ``record_headroom_bytes``
-        under the broker's ``max_payload`` for the lease and results the protocol adds later
-        (it would be stored but never claimable); the pools not in ``known_pools``; the waves."""
+    def build(self, now: float, max_payload: int) -> SubmitPlan:
+        """The records to create (stamped ``now``), each refused if it would not leave
+        ``record_headroom_bytes`` under the broker's ``max_payload`` for the lease and results
+        the protocol adds later (it would be stored but never claimable); the pools the
+        writes go to; the waves."""
         writing = self.writing
         in_batch = {p.job_id for p in writing}
         for plan in writing:
@@ -327,9 +329,7 @@ class SubmitPlanner:
         pools: dict[str, list[str]] = {}
         for plan in writing:
             reqs = list(plan.jf.manifest.requirements())
-            pool = caps.pool_id(reqs)
-            if pool not in known_pools:
-                pools.setdefault(pool, reqs)
+            pools.setdefault(caps.pool_id(reqs), reqs)
         found = {p.prior.id: p.prior for p in self.plans if p.action == "existing" and p.prior is not None}
         return SubmitPlan(self.plans, waves(writing) if not self.errors else [], list(pools.items()),
                           list(found.values()), now)

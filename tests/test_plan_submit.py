@@ -73,13 +73,13 @@ def resolve(p, held: dict[str, JobRecord] | None = None):
     p.link(out)
 
 
-def full(files, held=None, identities=None, known=frozenset()):
+def full(files, held=None, identities=None):
     p = planner(files, identities)
     assign(p, held)
     resolve(p, held)
     graph, _follow = p.cycle_graph()
     p.check_cycles(graph)
-    return p, p.build(T0 + 1, BIG, known)
+    return p, p.build(T0 + 1, BIG)
 
 
 # -- the request ---------------------------------------------------------------------------------
@@ -234,18 +234,18 @@ def test_a_record_that_would_not_leave_the_headroom_is_refused_naming_the_settin
     p = planner([jf("a.md", "x" * 5000)])
     assign(p)
     resolve(p)
-    p.build(T0, 5000 + LIM.record_headroom_bytes, frozenset())
+    p.build(T0, 5000 + LIM.record_headroom_bytes)
 
     assert len(p.errors) == 1 and "record_headroom_bytes" in p.errors[0]["message"]
 
 
-def test_only_pools_not_known_are_made_sure_of_once_each():
+def test_the_plan_names_each_pool_its_writes_go_to_once():
     files = [jf("a.md"), jf("b.md"), jf("g.md", capabilities=["has:gpu"])]
-    pool = caps.pool_id(list(files[0].manifest.requirements()))
 
-    _p, plan = full(files, known=frozenset({pool}))
+    _p, plan = full(files)
 
-    assert [name for name, _reqs in plan.pools] == [caps.pool_id(list(files[2].manifest.requirements()))]
+    want = [caps.pool_id(list(f.manifest.requirements())) for f in (files[0], files[2])]
+    assert [name for name, _reqs in plan.pools] == want and want[0] != want[1]
 
 
 def test_a_superseding_record_bumps_the_epoch_and_keeps_the_job_id():
