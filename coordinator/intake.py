@@ -59,6 +59,7 @@ from .plan_submit import (  # noqa: F401  (the API and the inbox use them as int
     SubmitPlan,
     SubmitPlanner,
     SubmitResult,
+    format_error,
     key_job_id,
 )
 
@@ -79,8 +80,8 @@ duplicate id within its 120 s window, so a retry fills the gap a failed first tr
 never doubles the event."""
 
 
-_fmt = plan_submit.format_error
-"""Kept for callers of the old name (the inbox); use :func:`plan_submit.format_error`."""
+_fmt = format_error
+"""The old name, still used by the inbox (``coordinator/inbox.py``); use :func:`format_error`."""
 
 
 def new_job_id(hint: str) -> str:
@@ -287,7 +288,8 @@ async def _read_rec(broker: Broker, job_id: str) -> JobRecord | None:
 
 async def _perform(broker: Broker, plan: SubmitPlan, known: set[str], source: str,
                    lim: Limits) -> list[SubmitResult]:
-    """Make the writes of ``plan``: the pools it needs, its jobs wave by wave (dependencies
+    """Make the writes of ``plan``: the pools it needs that are not in ``known`` (added once
+    made sure of), its jobs wave by wave (dependencies
     first; each wave's writes concurrently, one round trip per wave, not two per job), the
     ``submitted`` events of the jobs found; and the answer per file."""
     for pool, reqs in plan.pools:
