@@ -22,10 +22,11 @@ What is real and what is modelled
   ``decide.dispatch_order`` (production's ordering key), ``decide.offer_turn`` (first offer,
   redispatch after ``redispatch_s``, or not yet), ``decide.locks_taken`` and
   ``decide.hold_reason`` (retry back-off by the store's clock, a lock a leased or offered job
-  has), ``decide.dispatched_event``. What the simulation keeps of its own is the I/O around
-  them, simplified: one pool that every factory serves, no capacity limit (every offer the
-  decisions allow is published at once; ``pool_capacity`` is None in its events), a hold is
-  counted (``stats['dispatch_lock_holds']``), not written into the record with a ``held``
+  has), ``decide.dispatched_event``; and a dispatch pass is production's planner,
+  ``coordinator/plan_dispatch.py`` (redispatches first, then first offers up to the live
+  factories' free stations, in dispatch order), as ``Scheduler.dispatch`` runs it. What the
+  simulation keeps of its own is the I/O around them, simplified: one pool that every factory
+  serves, a hold is counted (``stats['dispatch_lock_holds']``), not written into the record with a ``held``
   event, no retention (a dependency is never archived), no quarantine (no record here is
   unreadable or too large), offers stamped with sim time (production: its monotonic clock), and
   coordinators that neither crash nor lose a reply.
@@ -121,12 +122,14 @@ from dataclasses import dataclass, field
 import msgspec
 
 from gigafactory.config import Settings
-from gigafactory.coordinator import decide
+from gigafactory.coordinator import decide, plan_dispatch
+from gigafactory.coordinator.view import FactoryState, JobState
 from gigafactory.factory import lease
 from gigafactory.schemas import protocol
 from gigafactory.schemas.lifecycle import LEASED, IllegalTransition, Stage
 from gigafactory.schemas.manifest import FailureClass, Manifest, Retry, Reviewers
-from gigafactory.schemas.records import EventRecord, JobRecord, LockRecord
+from gigafactory.schemas import capabilities as caps
+from gigafactory.schemas.records import EventRecord, FactoryRecord, JobRecord, LockRecord, Station
 
 from . import invariants
 
@@ -156,6 +159,8 @@ poison item (possible only in a broken variant) cannot keep a run from quiescing
 MAX_POOL_QUEUE = 1000
 """Dispatch messages a pool keeps; the oldest are discarded (``DiscardPolicy.OLD``)."""
 POOL = "p-sim"
+SIM_OFFERS = caps.Offers(["engine:shell"])
+"""What every simulated factory offers (one pool that every factory serves)."""
 LATENCY_S = (0.001, 0.02)
 """One network leg between a client and the broker."""
 
@@ -794,49 +799,46 @@ class Sim:
         self.note(c.id, f"reap:{kind}" if reaping else kind, jid, out.record.epoch)
 
     def _dispatch(self, c: Coordinator, now: float) -> None:
-        """``Scheduler.dispatch`` with production's decisions (``coordinator/decide.py``): the
-        offers out for ``redispatch_s`` go again first, then every job up for a first offer, each
-        in production's dispatch order, unless :func:`decide.hold_reason` holds it (its retry
-        back-off, by the store's clock; a lock a leased or offered job has). One pool that every
-        factory serves, no capacity limit, holds not written: see the module docstring."""
+        """``Scheduler.dispatch``: production's planner (``coordinator/plan_dispatch.py``, on
+        production's per-job decisions of ``coordinator/decide.py``) on a snapshot of the store,
+        then its plan performed: the offers out for ``redispatch_s`` go again first, then first
+        offers in production's dispatch order up to the live factories' free stations, unless
+        :func:`decide.hold_reason` holds a job (its retry back-off, by the store's clock; a lock a
+        leased or offered job has). One pool that every factory serves, holds counted and not
+        written: see the module docstring."""
         recs = self.store.recs
-        queued = [recs[j] for j in self.store.by_stage[Stage.QUEUED]]
-        live = {e[0].id for e in queued}
-        for jid in [j for j in c.published if j not in live]:
+        queue = plan_dispatch.QueueOrder()
+        for j in self.store.by_stage[Stage.QUEUED]:
+            rec, rev, ts = recs[j]
+            queue.on_job(None, JobState(rec, rev, ts))
+        leased = [recs[j][0] for stage in LEASED for j in self.store.by_stage[stage]]
+        live = [self._factory_state(f, now) for f in self.factories if f.alive]
+        plan = plan_dispatch.plan_dispatch(plan_dispatch.DispatchInput(
+            queue=queue, live=live, leased=leased, published=c.published, held={}, gap_seen={},
+            last_served=c.last_served, quarantined=lambda st: False, broker_now_s=now, now_mono_s=now,
+            redispatch_s=self.s.redispatch_s, max_record_bytes=1 << 62))
+        for jid in plan.forget:
             del c.published[jid]
-        order = decide.dispatch_order(queued, c.last_served, lambda e: e[0])
-        due, new, offered = [], [], []
-        for pos, e in enumerate(order, 1):
-            turn = decide.offer_turn(c.published.get(e[0].id), e[0].epoch, now, self.s.redispatch_s)
-            if turn is decide.Turn.DUE:
-                due.append((e, True, 0))
-            elif turn is decide.Turn.NEW:
-                new.append((e, False, pos))
-            if turn is not decide.Turn.NEW:
-                offered.append((e[0].id, e[0].manifest.lock))
-        leased = [(j, recs[j][0].manifest.lock) for stage in (Stage.ASSIGNED, Stage.BUILDING)
-                  for j in self.store.by_stage[stage]]
-        locks = decide.locks_taken(leased, offered)
+        # Production writes a hold into the record with a ``held`` event; here it is counted.
+        self.stats["dispatch_lock_holds"] += sum(1 for _st, why in plan.holds if why.startswith("waiting for lock"))
         serving = [f.id for f in self.factories if f.alive]
-        for (rec, _, ts), redispatch, pos in due + new:
-            lock = rec.manifest.lock
-            hold = decide.hold_reason(rec, ts, now, redispatch=redispatch,
-                                      lock_holder=locks.get(lock) if lock else None, gap=None,
-                                      inflight=0, capacity=None)
-            if hold is not None:
-                if hold:
-                    self.stats["dispatch_lock_holds"] += 1  # production writes it into the record
-                continue
-            if lock:
-                locks[lock] = rec.id
+        for st, redispatch, pos in plan.offers:
+            rec = st.record
             c.published[rec.id] = decide.Offered(rec.epoch, now)
             c.served_seq += 1
             c.last_served[rec.manifest.product] = c.served_seq
             self.emit(decide.dispatched_event(
                 rec, at=now, actor=c.id, broker_now_s=now, redispatch=redispatch,
-                redispatch_s=self.s.redispatch_s, position=pos, queued_in_pool=len(queued), pool_capacity=None,
-                serving_factories=serving))
+                redispatch_s=self.s.redispatch_s, position=pos, queued_in_pool=plan.depth[rec.pool],
+                pool_capacity=plan.capacity[rec.pool], serving_factories=serving))
             self._publish((rec.id, rec.epoch))
+
+    @staticmethod
+    def _factory_state(f: Factory, now: float) -> FactoryState:
+        """What the coordinator's view holds of a live factory: its stations and capabilities."""
+        return FactoryState(FactoryRecord(id=f.id, host=f.id, os="sim", arch="sim", capabilities=["engine:shell"],
+                                          stations=[Station(index=i, since=0.0) for i in range(f.stations)],
+                                          heartbeat_at=now), now, SIM_OFFERS)
 
     def _publish(self, msg: tuple[str, int]) -> None:
         """A dispatch message on its way to the pool's work queue, through the faults."""

@@ -6,10 +6,13 @@ they decide with a compare-and-set; the deterministic simulation (``chaos/sim.py
 same functions on its simulated store, the way both drive the holder's ``factory/lease.py``.
 So what the simulation checks is the coordinator's own logic, not a copy of it.
 
-What stays in the scheduler because it is I/O or bookkeeping of I/O: the view and its
-incremental :class:`~gigafactory.coordinator.scheduler.QueueOrder` (which orders by
-:func:`order_key`, so it gives exactly :func:`dispatch_order`), pools and their free
-stations, per-job error handling and the quarantine of poison records, publishing, events.
+A dispatch pass over many pools (free stations per pool, the lazy merge of the pools'
+queues, when to leave a pool) is planned by :mod:`.plan_dispatch` on these decisions, and
+intake's decisions by :mod:`.plan_submit`. What stays in the scheduler because it is I/O or
+bookkeeping of I/O: the view (which feeds the incremental
+:class:`~gigafactory.coordinator.plan_dispatch.QueueOrder`, ordered by :func:`order_key`, so
+it gives exactly :func:`dispatch_order`), per-job error handling and the quarantine of poison
+records, publishing, events.
 
 Each function names its clock: ``broker_now_s`` and ``stored_at_s`` are broker time (a
 revision's server timestamp); ``now_s`` of :func:`offer_turn` is whatever clock the caller

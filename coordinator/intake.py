@@ -20,6 +20,10 @@ of a half-written batch finds the jobs it already wrote instead of making new on
 Everything is bounded: files per batch, file, front matter, body, deps and key sizes (see
 :mod:`gigafactory.schemas.limits`), and a job record must leave ``record_headroom_bytes``
 under the broker's max payload for the lease and results added to it later.
+
+Every decision above is made by the pure planner :mod:`.plan_submit` (unit-tested on plain
+values); this module is its I/O: the reads each planning phase needs, then the writes of
+the finished plan (create-if-absent, compare-and-set supersede, key index, events).
 """
 
 from __future__ import annotations
@@ -27,21 +31,16 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
-import re
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
 
-import msgspec
 import nats.js.errors
 
 from gigafactory.broker import Broker, Conflict
-from gigafactory.schemas import capabilities as caps
-from gigafactory.schemas import names, protocol
+from gigafactory.schemas import names, profiles
 from gigafactory.schemas.lifecycle import WAITING, Stage
-from gigafactory.schemas.limits import Limits, clip_reason, hint
-from gigafactory.schemas import profiles
-from gigafactory.schemas.manifest import JobFile, ManifestError, parse_job_text
+from gigafactory.schemas.limits import Limits
+from gigafactory.schemas.manifest import JobFile, ManifestError
 from gigafactory.schemas.records import (
     EventRecord,
     IdempotencyRecord,
@@ -49,6 +48,19 @@ from gigafactory.schemas.records import (
     PoolRecord,
     decode,
     encode,
+)
+
+from . import plan_submit
+from .plan_submit import (  # noqa: F401  (the API and the inbox use them as intake's)
+    FILE_NAMESPACE,
+    KEY_NAMESPACE,
+    JobPlan,
+    SubmitError,
+    SubmitPlan,
+    SubmitPlanner,
+    SubmitResult,
+    format_error,
+    key_job_id,
 )
 
 log = logging.getLogger("gigafactory.coordinator")
@@ -66,34 +78,10 @@ SUBMITTED_REPLAY_S = 90.0
 if it is younger than this: the event carries a message id, and the events stream drops a
 duplicate id within its 120 s window, so a retry fills the gap a failed first try left and
 never doubles the event."""
-KEY_NAMESPACE = "idempotency-key"
-FILE_NAMESPACE = "file"
 
 
-class SubmitError(Exception):
-    """One or more files of a batch were refused; nothing of the batch was written."""
-
-    def __init__(self, errors: list[dict]) -> None:
-        self.errors = errors
-        super().__init__("; ".join(_fmt(e) for e in errors))
-
-
-def _fmt(e: dict) -> str:
-    where = e["file"] + (f":{e['line']}" if e.get("line") else "")
-    field = f" field '{e['field']}':" if e.get("field") else ""
-    return f"{where}:{field} {e['message']}"
-
-
-@dataclass
-class SubmitResult:
-    file: str
-    job: str
-    status: str
-    """``created``, ``existing`` (same key and content) or ``superseded``."""
-    stage: str
-
-    def to_dict(self) -> dict:
-        return {"file": self.file, "job": self.job, "status": self.status, "stage": self.stage}
+_fmt = format_error
+"""The old name, still used by the inbox (``coordinator/inbox.py``); use :func:`format_error`."""
 
 
 def new_job_id(hint: str) -> str:
@@ -101,31 +89,11 @@ def new_job_id(hint: str) -> str:
     return names.new_job_id(hint)
 
 
-def key_job_id(key: str) -> str:
-    """The job id an idempotency key always maps to."""
-    return names.derived_job_id(key, KEY_NAMESPACE, key)
-
-
 def file_identity(name: str, data: bytes, size: int, mtime_ns: int) -> str:
     """What makes one dropped file one submission: its name, size, modification time and
     content. A retried scan of the same file has the same identity (and so the same job id);
     the same content dropped again later is a new file (a new mtime) and a new job."""
     return f"{name}\0{size}\0{mtime_ns}\0{hashlib.sha256(data).hexdigest()}"
-
-
-@dataclass
-class _Plan:
-    jf: JobFile
-    job_id: str
-    action: str  # create | existing | supersede
-    deps: list[str] = field(default_factory=list)
-    key: str | None = None
-    identity: str | None = None
-    """The caller's identity of the file: its id was derived from it."""
-    prior: JobRecord | None = None
-    prior_rev: int = 0
-    record: JobRecord | None = None
-    """The record to create (``create``), built at planning so its size is checked before any write."""
 
 
 async def _read_job(broker: Broker, job_id: str) -> tuple[JobRecord, int, float] | None:
@@ -171,6 +139,8 @@ async def _lookup_key(broker: Broker, key: str) -> tuple[str, JobRecord | None, 
         if prior is not None:
             return rec.job, prior[0], prior[1]
     return det, None, 0
+
+
 async def ensure_pool(broker: Broker, pool: str, requirements: list[str]) -> bool:
     """Register the pool and its one durable pull consumer (idempotent). Returns False when
     the dispatch stream is missing, so the consumer could not be created: the pool record is
@@ -232,258 +202,174 @@ async def submit(
     ``planned``: awaited once everything is checked, before the first write (a seam for tests
     that hold a submitter in the window where two submitters of one key both decide).
 
-    Errors other than :class:`SubmitError` (the broker not answering) may leave part of the
-    batch written; submitting the same batch again is safe for keyed files and files with an
-    identity (they are found, not created twice)."""
+    The decisions are :mod:`.plan_submit`'s; this function makes the reads each phase needs
+    and then the writes of the plan. Errors other than :class:`SubmitError` (the broker not
+    answering) may leave part of the batch written; submitting the same batch again is safe
+    for keyed files and files with an identity (they are found, not created twice)."""
     lim = Limits.from_settings(broker.settings)
-    if not files:
-        raise SubmitError([_batch_error("no job files given")])
-    if len(files) > lim.max_batch_files:
-        raise SubmitError([_batch_error(
-            f"{len(files):,} files in one batch, more than {lim.max_batch_files:,} "
-            f"{hint('max_batch_files', lim.max_batch_files)}; submit them in smaller batches")])
-    if identities is not None and len(identities) != len(files):
-        raise ValueError("identities: one per file (or None)")
-    errors: list[dict] = []
-    parsed: list[JobFile] = []
-    for path, text in files:
-        try:
-            parsed.append(parse_job_text(text, path, lim))
-        except ManifestError as e:
-            errors.append(e.to_dict())
-    if errors:
-        raise SubmitError(errors)
-    parsed = _apply_profiles(parsed, broker.settings, errors)
-    if errors:
-        raise SubmitError(errors)
-    idents = identities or [None] * len(parsed)
+    parsed = _apply_profiles(plan_submit.parse_batch(files, identities, lim), broker.settings)
+    planner = SubmitPlanner(parsed, identities, source=source, lim=lim, new_id=new_job_id)
+    await _read_prior(broker, planner)
+    await _resolve_deps(broker, planner)
+    _raise(planner)
+    graph, follow = planner.cycle_graph()
+    if follow:
+        graph = await _stored_graph(broker, graph, planner.stored)
+    planner.check_cycles(graph)
+    _raise(planner)
+    plan = planner.build(time.time(), broker.nc.max_payload)
+    _raise(planner)
+    if planned is not None:
+        await planned()
+    known = ready_pools if ready_pools is not None else broker.pools_known
+    return await _perform(broker, plan, known, source, lim)
 
-    def err(jf: JobFile, field: str | None, message: str) -> None:
-        errors.append({"file": jf.path, "line": None, "field": field, "message": message})
 
-    # Keys used twice within the batch.
-    seen_keys: dict[str, JobFile] = {}
-    for jf in parsed:
-        k = jf.manifest.idempotency_key
-        if k is None:
-            continue
-        if k in seen_keys and seen_keys[k].content_hash != jf.content_hash:
-            err(jf, "idempotency-key", f"{k!r} is also used by {seen_keys[k].path} in this batch with other content")
-        seen_keys.setdefault(k, jf)
+def _raise(planner: SubmitPlanner) -> None:
+    if planner.errors:
+        raise SubmitError(planner.errors)
 
-    # What each key and each file identity already names on the broker: every read of the
-    # batch at once (bounded), not one after the other.
-    keys = list(seen_keys)
-    by_key_found = dict(zip(keys, await _bounded(keys, lambda k: _lookup_key(broker, k))))
-    ident_ids = {i: names.derived_job_id(_stem(jf.path), FILE_NAMESPACE, i)
-                 for jf, i in zip(parsed, idents) if i is not None and jf.manifest.idempotency_key is None}
-    ident_found = dict(zip(ident_ids, await _bounded(ident_ids.values(), lambda j: _read_job(broker, j))))
 
-    plans: list[_Plan] = []
-    by_key: dict[str, _Plan] = {}
-    for jf, ident in zip(parsed, idents):
-        key = jf.manifest.idempotency_key
-        if key is not None and key in by_key:
-            plans.append(_Plan(jf, by_key[key].job_id, "existing", key=key))
-            continue
-        plan = _Plan(jf, "", "create", key=key)
-        if key is not None:
-            plan.job_id, prior_rec, prior_rev = by_key_found[key]
-            if prior_rec is not None:
-                problem = _decide_existing(plan, prior_rec, prior_rev)
-                if problem:
-                    err(jf, "idempotency-key", problem)
-            by_key[key] = plan
-        elif ident is not None:
-            plan.identity = ident
-            plan.job_id = ident_ids[ident]
-            got = ident_found[ident]
-            if got is not None:
-                if got[0].content_hash == jf.content_hash:
-                    plan.action, plan.prior, plan.prior_rev = "existing", got[0], got[1]
-                else:
-                    err(jf, None, f"job id {plan.job_id} is taken by other content (an id collision); submit again")
-        else:
-            plan.job_id = new_job_id(_stem(jf.path))
-        plans.append(plan)
+async def _read_prior(broker: Broker, planner: SubmitPlanner) -> None:
+    """What each key and each file identity of the batch already names on the broker (every
+    read of the batch at once, bounded), then the planner's assignment of ids and actions."""
+    keys, idents = planner.keys, planner.ident_ids
+    key_found = dict(zip(keys, await _bounded(keys, lambda k: _lookup_key(broker, k))))
+    ident_found = dict(zip(idents, await _bounded(idents.values(), lambda j: _read_job(broker, j))))
+    planner.assign(key_found, ident_found)
 
-    # Dependencies: another file's idempotency key in this batch, a stored key, or a job id.
-    # Each distinct name is resolved once, all of them concurrently.
-    batch_ids = {p.job_id for p in plans}
-    wanted = list(dict.fromkeys(d for p in plans if p.action != "existing" for d in p.jf.manifest.deps
-                                if d not in by_key))
-    stored: dict[str, JobRecord] = {p.job_id: p.prior for p in plans if p.action == "existing" and p.prior}
-    """Records read while planning (by job id): their stages decide blocked or queued."""
 
-    async def resolve(dep: str) -> str | None:
+async def _resolve_deps(broker: Broker, planner: SubmitPlanner) -> None:
+    """Read what each dependency name names (another file's idempotency key in this batch,
+    a stored key, or a job id), each distinct name once, all of them concurrently."""
+    wanted = planner.deps_to_resolve()
+    batch_ids = planner.batch_ids
+
+    async def resolve(dep: str) -> plan_submit.Resolved:
         job_id, rec, _ = await _lookup_key(broker, dep)
         if rec is not None:
-            stored[job_id] = rec
-            return job_id
+            return job_id, rec
         if not names.is_job_id(dep):
             return None
         if dep in batch_ids:
-            return dep
+            return dep, None
         got = await _read_job(broker, dep)
-        if got is None:
-            return None
-        stored[dep] = got[0]
-        return dep
+        return (dep, got[0]) if got is not None else None
 
-    resolved = dict(zip(wanted, await _bounded(wanted, resolve)))
-    for plan in plans:
-        if plan.action == "existing":
-            continue
-        for i, dep in enumerate(plan.jf.manifest.deps):
-            target = by_key[dep].job_id if dep in by_key else resolved[dep]
-            if target is None:
-                err(plan.jf, f"deps[{i}]",
-                    f"{dep!r} is neither a job id nor the idempotency-key of a submitted job or of another "
-                    "file in this batch; submit the dependency first (or in the same batch)")
-                continue
-            if target == plan.job_id:
-                err(plan.jf, f"deps[{i}]", f"{dep!r} is this job itself")
-                continue
-            plan.deps.append(target)
-    if errors:
-        raise SubmitError(errors)
+    planner.link(dict(zip(wanted, await _bounded(wanted, resolve))))
 
-    # Cycles: through the batch, and through stored jobs where one can lead back into it.
-    writing = [p for p in plans if p.action != "existing"]
-    for plan, cycle in await _cycles(broker, writing, stored):
-        label = {p.job_id: (p.jf.manifest.idempotency_key or p.job_id) for p in plans}
-        err(plan.jf, "deps", "would close a dependency cycle: " + " -> ".join(label.get(j, j) for j in cycle))
-    if errors:
-        raise SubmitError(errors)
 
-    # Records, and their size, before the first write: a record that cannot grow by the
-    # lease and results the protocol adds later would be stored but never claimable.
-    now = time.time()
-    max_payload = broker.nc.max_payload
-    for plan in writing:
-        m = plan.jf.manifest
-        reqs = list(m.requirements())
-        rec = JobRecord(
-            id=plan.job_id, manifest=m, body=plan.jf.body, source=f"{source}:{plan.jf.path}",
-            content_hash=plan.jf.content_hash, submitted_at=now, pool=caps.pool_id(reqs), requirements=reqs,
-            deps=plan.deps, updated_at=now, profile=plan.jf.profile,
-        )
-        if plan.action == "create":
-            plan.record = rec
-        size = len(encode(rec))
-        if size + lim.record_headroom_bytes > max_payload:
-            err(plan.jf, None, (
-                f"its job record would be {size:,} bytes; with {lim.record_headroom_bytes:,} bytes kept for the "
-                f"lease and results added later {hint('record_headroom_bytes', lim.record_headroom_bytes)}, the "
-                f"broker's max payload ({max_payload:,} bytes) leaves {max_payload - lim.record_headroom_bytes:,}; "
-                "shorten the prompt (keep large inputs in the repository) or raise the broker's max_payload"))
-    if errors:
-        raise SubmitError(errors)
-    if planned is not None:
-        await planned()
+async def _stored_graph(broker: Broker, graph: dict[str, list[str]],
+                        stored: dict[str, JobRecord]) -> dict[str, list[str]]:
+    """``graph`` extended with the stored jobs it reaches (their deps), read breadth first,
+    at most MAX_GRAPH_READS of them (a named error beyond)."""
+    graph = dict(graph)
+    frontier = {d for deps in list(graph.values()) for d in deps if d not in graph}
+    reads = 0
+    while frontier:
+        reads += len(frontier)
+        if reads > MAX_GRAPH_READS:
+            raise SubmitError([plan_submit.batch_error(
+                f"the dependencies reach more than {MAX_GRAPH_READS:,} stored jobs; a cycle check cannot "
+                "follow them all: depend on fewer, later jobs")])
+        todo = sorted(frontier)
+        got = dict(zip(todo, await _bounded(todo, lambda j: stored.get(j) or _read_rec(broker, j))))
+        frontier = set()
+        for j, rec in got.items():
+            graph[j] = rec.deps if rec is not None else []
+            frontier |= {d for d in graph[j] if d not in graph}
+    return graph
 
-    known = ready_pools if ready_pools is not None else broker.pools_known
-    for plan in writing:
-        reqs = list(plan.jf.manifest.requirements())
-        pool = caps.pool_id(reqs)
+
+async def _read_rec(broker: Broker, job_id: str) -> JobRecord | None:
+    got = await _read_job(broker, job_id)
+    return got[0] if got else None
+
+
+async def _perform(broker: Broker, plan: SubmitPlan, known: set[str], source: str,
+                   lim: Limits) -> list[SubmitResult]:
+    """Make the writes of ``plan``: the pools it needs that are not in ``known`` (added once
+    made sure of), its jobs wave by wave (dependencies
+    first; each wave's writes concurrently, one round trip per wave, not two per job), the
+    ``submitted`` events of the jobs found; and the answer per file."""
+    for pool, reqs in plan.pools:
         if pool not in known:
             # Two broker requests (a consumer create, a pool record create) that only the
             # first job of a pool needs; each also waits on the cluster's meta leader. A
             # consumer deleted later is recreated by the scheduler's repair pass.
             await ensure_pool(broker, pool, reqs)
             known.add(pool)
-
-    in_batch = {p.job_id for p in writing}
     results: dict[int, SubmitResult] = {}
-
-    def unmet(plan: _Plan) -> list[str]:
-        # Stages read while resolving: a dependency that moved on since is caught by the
-        # scheduler's pass over blocked jobs, which re-reads every dependency.
-        mode = plan.jf.manifest.deps_mode
-        return [d for d in plan.deps if d in in_batch or d not in stored
-                or not protocol.dep_satisfied(stored[d].stage, mode)]
-
-    async def write(plan: _Plan) -> None:
-        waiting = unmet(plan)
-        if plan.action == "supersede":
-            stage = await _supersede(broker, plan, waiting, now, source, lim)
-            results[id(plan)] = SubmitResult(plan.jf.path, plan.job_id, "superseded", str(stage))
-            return
-        assert plan.record is not None
-        rec = msgspec.structs.replace(
-            plan.record, stage=Stage.BLOCKED if waiting else Stage.QUEUED,
-            reason=clip_reason("waiting for " + ", ".join(waiting), lim.max_reason_chars) if waiting
-            else "waiting for a factory")
-        try:
-            await broker.jobs.create(plan.job_id, encode(rec))
-        except Conflict:
-            # Another submitter of the same key (or a previous try of this same file) was
-            # first: the record it wrote decides, exactly as if it had been read at planning.
-            got = await _read_job(broker, plan.job_id)
-            if got is None:  # created and deleted since: the next submission decides
-                raise SubmitError([{"file": plan.jf.path, "line": None, "field": None,
-                                    "message": f"job {plan.job_id} changed while being submitted; submit again"}])
-            problem = _decide_existing(plan, got[0], got[1])
-            if problem:
-                raise SubmitError([{"file": plan.jf.path, "line": None,
-                                    "field": "idempotency-key" if plan.key else None, "message": problem}]) from None
-            if plan.action == "existing":
-                await _replay_submitted(broker, got[0], source)
-                results[id(plan)] = SubmitResult(plan.jf.path, plan.job_id, "existing", str(got[0].stage))
-                return
-            await write(plan)  # now a supersede
-            return
-        if plan.key is not None:
-            await _index_key(broker, plan.key, plan.job_id, plan.jf.content_hash)
-        await _publish_submitted(broker, rec, source)
-        results[id(plan)] = SubmitResult(plan.jf.path, plan.job_id, "created", str(rec.stage))
-
-    # Write, dependencies first: in waves of jobs none of which depends on another of its
-    # wave, each wave's writes concurrently (one round trip per wave, not two per job).
-    for wave in _waves(writing):
+    for wave in plan.waves:
         for i in range(0, len(wave), WRITES_IN_FLIGHT):
-            failures = [r for r in await asyncio.gather(*(write(p) for p in wave[i:i + WRITES_IN_FLIGHT]),
-                                                        return_exceptions=True)
-                        if isinstance(r, BaseException)]
+            failures = [r for r in await asyncio.gather(
+                *(_write(broker, p, plan.now, source, lim, results) for p in wave[i:i + WRITES_IN_FLIGHT]),
+                return_exceptions=True) if isinstance(r, BaseException)]
             if failures:
                 raise failures[0]
-    found = {p.prior.id: p.prior for p in plans if p.action == "existing" and p.prior is not None}
-    await _bounded(found.values(), lambda r: _replay_submitted(broker, r, source), WRITES_IN_FLIGHT)
-    out = []
-    for plan in plans:
-        if id(plan) in results:
-            out.append(results[id(plan)])
-        else:  # existing at planning (or another file of this batch with the same key)
-            first = by_key.get(plan.key) if plan.key else None
-            rec = plan.prior if plan.prior is not None else (first.prior if first else None)
-            stage = str(results[id(first)].stage) if first is not None and id(first) in results else (
-                str(rec.stage) if rec is not None else "unknown")
-            out.append(SubmitResult(plan.jf.path, plan.job_id, "existing", stage))
-    return out
+    await _bounded(plan.found, lambda r: _replay_submitted(broker, r, source), WRITES_IN_FLIGHT)
+    return plan_submit.answers(plan, results)
 
 
-def _apply_profiles(parsed: list[JobFile], settings, errors: list[dict]) -> list[JobFile]:
+async def _write(broker: Broker, plan: JobPlan, now: float, source: str, lim: Limits,
+                 results: dict[int, SubmitResult]) -> None:
+    """Write one job of the batch and put its answer in ``results`` (by ``id(plan)``): a
+    supersede is a compare-and-set; a new job is created only if absent, and a job found at
+    its id instead is judged as if it had been read at planning."""
+    if plan.action == "supersede":
+        stage = await _supersede(broker, plan, now, source, lim)
+        results[id(plan)] = SubmitResult(plan.jf.path, plan.job_id, "superseded", str(stage))
+        return
+    rec = plan.record
+    assert rec is not None
+    try:
+        await broker.jobs.create(plan.job_id, encode(rec))
+    except Conflict:
+        # Another submitter of the same key (or a previous try of this same file) was
+        # first: the record it wrote decides, exactly as if it had been read at planning.
+        got = await _read_job(broker, plan.job_id)
+        if got is None:  # created and deleted since: the next submission decides
+            raise SubmitError([plan_submit.file_error(
+                plan.jf, None, f"job {plan.job_id} changed while being submitted; submit again")]) from None
+        problem = plan_submit.decide_existing(plan, got[0], got[1])
+        if problem:
+            raise SubmitError([plan_submit.file_error(
+                plan.jf, "idempotency-key" if plan.key else None, problem)]) from None
+        if plan.action == "existing":
+            await _replay_submitted(broker, got[0], source)
+            results[id(plan)] = SubmitResult(plan.jf.path, plan.job_id, "existing", str(got[0].stage))
+            return
+        await _write(broker, plan, now, source, lim, results)  # now a supersede
+        return
+    if plan.key is not None:
+        await _index_key(broker, plan.key, plan.job_id, plan.jf.content_hash)
+    await _publish_submitted(broker, rec, source)
+    results[id(plan)] = SubmitResult(plan.jf.path, plan.job_id, "created", str(rec.stage))
+
+
+def _apply_profiles(parsed: list[JobFile], settings) -> list[JobFile]:
     """Each job file with its profile resolved (:func:`profiles.resolve`); the catalog is read
-    only when a file names a profile. Problems are appended to ``errors`` (nothing written).
+    (from disk) only when a file names a profile. Raises :class:`SubmitError` with every
+    file's problem (or one for a broken catalog): nothing is written.
 
     :param parsed: the batch's parsed job files.
     :param settings: the coordinator's settings (``profiles_dir``).
-    :param errors: where refusals go, one per file (or one for a broken catalog).
     """
     if not any(jf.manifest.profile for jf in parsed):
         return parsed
     try:
         catalog = profiles.load_catalog(getattr(settings, "profiles_dir", None))
     except profiles.ProfileError as e:
-        errors.append({"file": e.path, "line": None, "field": e.field,
-                       "message": f"the profile catalog is invalid: {e.message}"})
-        return parsed
-    out = []
+        raise SubmitError([{"file": e.path, "line": None, "field": e.field,
+                            "message": f"the profile catalog is invalid: {e.message}"}]) from None
+    out, errors = [], []
     for jf in parsed:
         try:
             out.append(profiles.resolve(jf, catalog))
         except ManifestError as e:
             errors.append(e.to_dict())
+    if errors:
+        raise SubmitError(errors)
     return out
 
 
@@ -505,33 +391,6 @@ async def _replay_submitted(broker: Broker, rec: JobRecord, source: str) -> None
         await _publish_submitted(broker, rec, source)
 
 
-def _batch_error(message: str) -> dict:
-    return {"file": "<batch>", "line": None, "field": None, "message": message}
-
-
-def _stem(path: str) -> str:
-    return re.sub(r"\.md$", "", path.replace("\\", "/").rsplit("/", 1)[-1])
-
-
-def _decide_existing(plan: _Plan, rec: JobRecord, rev: int) -> str | None:
-    """Set ``plan`` to what a stored job ``rec`` at its id means: ``existing`` (same content),
-    ``supersede`` (other content, still waiting). Returns the refusal, or None."""
-    key = plan.key
-    if key is not None and rec.manifest.idempotency_key != key and rec.id == key_job_id(key):
-        return (f"job id {rec.id} (derived from the key {key!r}) is held by a job with another key "
-                f"({rec.manifest.idempotency_key!r}); use another key")
-    if rec.content_hash == plan.jf.content_hash:
-        plan.action, plan.prior, plan.prior_rev = "existing", rec, rev
-        return None
-    if key is None:
-        return f"job id {rec.id} is taken by other content (an id collision); submit again"
-    if rec.stage in WAITING:
-        plan.action, plan.prior, plan.prior_rev = "supersede", rec, rev
-        return None
-    return (f"{key!r} belongs to job {rec.id}, which is {rec.stage} and has other content; "
-            f"use a new key to submit new work, or 'gigafactory requeue {rec.id}' to run it again")
-
-
 async def _index_key(broker: Broker, key: str, job_id: str, content_hash: str) -> None:
     """Point the key's ``gf_idempotency`` entry at its job (after the job is written: the
     entry is an index for people and tools; the derived job id is what intake relies on)."""
@@ -539,33 +398,28 @@ async def _index_key(broker: Broker, key: str, job_id: str, content_hash: str) -
                                  encode(IdempotencyRecord(key=key, job=job_id, content_hash=content_hash)))
 
 
-async def _supersede(broker: Broker, plan: _Plan, waiting: list[str], now: float, source: str,
-                     lim: Limits) -> Stage:
+async def _supersede(broker: Broker, plan: JobPlan, now: float, source: str, lim: Limits) -> Stage:
+    """Replace the waiting job ``plan.prior`` with the plan's content (a compare-and-set on
+    the revision read, retried on a conflict up to MAX_CAS_RETRIES times, judging the record
+    read afresh each time); returns the stage it was written at."""
     rec, rev = plan.prior, plan.prior_rev
     assert rec is not None
     m = plan.jf.manifest
-    reqs = list(m.requirements())
-    pool = caps.pool_id(reqs)
     for _ in range(MAX_CAS_RETRIES):
         if rec.content_hash == plan.jf.content_hash:
             return rec.stage  # a concurrent submitter of the same content was first
         if rec.stage not in WAITING:
-            raise SubmitError([{"file": plan.jf.path, "line": None, "field": "idempotency-key",
-                                "message": f"job {rec.id} was claimed ({rec.stage}) while this submission was "
-                                           "being checked; it can no longer be superseded"}])
-        new = msgspec.structs.replace(
-            rec, manifest=m, body=plan.jf.body, content_hash=plan.jf.content_hash, profile=plan.jf.profile,
-            source=f"{source}:{plan.jf.path}", pool=pool, requirements=reqs, deps=plan.deps,
-            superseded=rec.superseded + 1, epoch=rec.epoch + 1, backoff_s=0.0,
-        )
-        out = protocol.set_blocked(new, now, waiting) if waiting else protocol.unblock(new, now)
-        reason = clip_reason(out.reason, lim.max_reason_chars) if waiting else "waiting for a factory"
-        new = msgspec.structs.replace(out.record, reason=reason)
+            raise SubmitError([plan_submit.file_error(
+                plan.jf, "idempotency-key", f"job {rec.id} was claimed ({rec.stage}) while this submission was "
+                                            "being checked; it can no longer be superseded")])
+        new = plan_submit.superseding_record(rec, plan, now, source, lim)
         try:
             await broker.jobs.update(rec.id, encode(new), last=rev)
         except Conflict:
             got = await _read_job(broker, rec.id)
-            assert got is not None
+            if got is None:  # deleted since planning (an operator): the next submission decides
+                raise SubmitError([plan_submit.file_error(
+                    plan.jf, None, f"job {rec.id} was deleted while being superseded; submit again")]) from None
             rec, rev, _ = got
             continue
         await _index_key(broker, m.idempotency_key or "", rec.id, plan.jf.content_hash)
@@ -575,134 +429,5 @@ async def _supersede(broker: Broker, plan: _Plan, waiting: list[str], now: float
             data={"file": plan.jf.path},
         ))
         return new.stage
-    raise SubmitError([{"file": plan.jf.path, "line": None, "field": None,
-                        "message": f"job {rec.id} kept changing while superseding it; submit again"}])
-
-
-async def _cycles(broker: Broker, plans: list[_Plan], stored: dict[str, JobRecord]) -> list[tuple[_Plan, list[str]]]:
-    """The plans that would sit on a dependency cycle, each with one cycle through it
-    (``[a, b, a]``). Iterative throughout: a chain of 10,000 is no deeper for Python than a
-    chain of 2.
-
-    Stored jobs are followed only when the batch supersedes a job: a stored job's deps were
-    fixed when it was submitted and can only name jobs that existed then, so only an id that
-    already existed (a superseded job) can be the way back into the batch."""
-    graph: dict[str, list[str]] = {p.job_id: p.deps for p in plans}
-    if any(p.action == "supersede" for p in plans):
-        frontier = {d for p in plans for d in p.deps if d not in graph}
-        reads = 0
-        while frontier:
-            reads += len(frontier)
-            if reads > MAX_GRAPH_READS:
-                raise SubmitError([_batch_error(
-                    f"the dependencies reach more than {MAX_GRAPH_READS:,} stored jobs; a cycle check cannot "
-                    "follow them all: depend on fewer, later jobs")])
-            todo = sorted(frontier)
-            got = dict(zip(todo, await _bounded(todo, lambda j: stored.get(j) or _read_rec(broker, j))))
-            frontier = set()
-            for j, rec in got.items():
-                graph[j] = rec.deps if rec is not None else []
-                frontier |= {d for d in graph[j] if d not in graph}
-    on_cycle = _strongly_connected(graph)
-    out = []
-    for plan in plans:
-        comp = on_cycle.get(plan.job_id)
-        if comp is not None:
-            out.append((plan, _path_back(plan.job_id, graph, comp)))
-    return out
-
-
-async def _read_rec(broker: Broker, job_id: str) -> JobRecord | None:
-    got = await _read_job(broker, job_id)
-    return got[0] if got else None
-
-
-def _strongly_connected(graph: dict[str, list[str]]) -> dict[str, frozenset[str]]:
-    """Every node on a cycle, mapped to its strongly connected component (Tarjan's algorithm,
-    with an explicit stack instead of recursion)."""
-    index: dict[str, int] = {}
-    low: dict[str, int] = {}
-    on_stack: set[str] = set()
-    stack: list[str] = []
-    out: dict[str, frozenset[str]] = {}
-    counter = 0
-    for root in graph:
-        if root in index:
-            continue
-        work: list[tuple[str, int]] = [(root, 0)]
-        while work:
-            node, i = work.pop()
-            if i == 0:
-                index[node] = low[node] = counter
-                counter += 1
-                stack.append(node)
-                on_stack.add(node)
-            succ = graph.get(node, [])
-            if i < len(succ):
-                work.append((node, i + 1))
-                nxt = succ[i]
-                if nxt not in index:
-                    work.append((nxt, 0))
-                elif nxt in on_stack:
-                    low[node] = min(low[node], index[nxt])
-                continue
-            if low[node] == index[node]:
-                comp = []
-                while True:
-                    w = stack.pop()
-                    on_stack.discard(w)
-                    comp.append(w)
-                    if w == node:
-                        break
-                if len(comp) > 1 or node in graph.get(node, []):
-                    members = frozenset(comp)
-                    out.update(dict.fromkeys(comp, members))
-            if work:
-                parent = work[-1][0]
-                low[parent] = min(low[parent], low[node])
-    return out
-
-
-def _path_back(start: str, graph: dict[str, list[str]], comp: frozenset[str]) -> list[str]:
-    """A shortest cycle ``start -> ... -> start`` within its component (breadth first)."""
-    parent: dict[str, str] = {}
-    queue = [start]
-    for node in queue:
-        for d in graph.get(node, []):
-            if d not in comp:
-                continue
-            if d == start:
-                path = [node]
-                while path[-1] != start:
-                    path.append(parent[path[-1]])
-                return [*reversed(path), start]
-            if d not in parent:
-                parent[d] = node
-                queue.append(d)
-    return [start, start]
-
-
-def _waves(plans: list[_Plan]) -> list[list[_Plan]]:
-    """The plans in waves, dependencies first: a plan's wave is one past the latest wave of
-    the plans (of this batch) it depends on, so each wave can be written concurrently once
-    the earlier ones are. Kahn's algorithm: iterative, and linear in plans plus deps."""
-    by_id = {p.job_id: p for p in plans}
-    waiting_on = {p.job_id: sum(1 for d in set(p.deps) if d in by_id) for p in plans}
-    dependents: dict[str, list[str]] = {}
-    for p in plans:
-        for d in set(p.deps):
-            if d in by_id:
-                dependents.setdefault(d, []).append(p.job_id)
-    wave = [p.job_id for p in plans if waiting_on[p.job_id] == 0]
-    waves: list[list[_Plan]] = []
-    while wave:
-        waves.append([by_id[j] for j in wave])
-        nxt = []
-        for j in wave:
-            for k in dependents.get(j, []):
-                waiting_on[k] -= 1
-                if waiting_on[k] == 0:
-                    nxt.append(k)
-        wave = nxt
-    assert sum(map(len, waves)) == len(plans), "a cycle reached the write phase"
-    return waves
+    raise SubmitError([plan_submit.file_error(
+        plan.jf, None, f"job {rec.id} kept changing while superseding it; submit again")])

@@ -10,11 +10,8 @@ critical job that arrives into a backlog is the next one published, not the last
 from __future__ import annotations
 
 import asyncio
-import bisect
-import heapq
 import logging
 import time
-from collections.abc import Iterator
 from collections import defaultdict, deque
 from dataclasses import dataclass
 
@@ -37,8 +34,9 @@ from gigafactory.schemas.records import (
     encode,
 )
 
-from . import decide
+from . import decide, plan_dispatch
 from .intake import ensure_pool
+from .plan_dispatch import QueueOrder, capability_gap  # noqa: F401  (re-exported: tests and tools import them here)
 from .retention import archived_stages
 from .view import FactoryState, FleetView, JobState
 
@@ -119,17 +117,6 @@ def poison_reason(exc: BaseException) -> str | None:
     return None
 
 
-def capability_gap(reqs: list[str], live: list[FactoryState]) -> str:
-    """Why no live factory serves ``reqs``, in words an operator can act on."""
-    if not live:
-        return "no live factory is connected"
-    best = min(live, key=lambda f: (len(f.offers.missing(reqs)), f.record.id))
-    missing_anywhere = [r for r in reqs if all(f.offers.missing([r]) for f in live)]
-    if missing_anywhere:
-        return "no live factory offers " + ", ".join(missing_anywhere)
-    return f"no single live factory offers all of {', '.join(reqs)} (closest: {best.record.id}, missing {', '.join(best.offers.missing(reqs))})"
-
-
 def dispatch_order(queued: list, last_served: dict[str, int]) -> list:
     """The order in which queued jobs (``JobState``) are offered to the stations:
     :func:`decide.dispatch_order` (priority first; within a priority, products take turns,
@@ -137,86 +124,6 @@ def dispatch_order(queued: list, last_served: dict[str, int]) -> list:
     its own memory of who was served (``last_served``: product -> a sequence number of its
     last dispatch)."""
     return decide.dispatch_order(queued, last_served, lambda st: st.record)
-
-
-class QueueOrder:
-    """The queued jobs, kept sorted as the view changes, so a dispatch pass reads them in
-    :func:`dispatch_order` lazily, one pool at a time, and stops where the pool's free
-    stations do: its cost follows the offers it makes, not the backlog.
-
-    Per (priority rank, product), every queued job in age order (a job's fair turn is its
-    index there), and per pool the same lists restricted to the pool. A pool's next job is
-    the smallest head of its lists by the ``dispatch_order`` key; the pools merged by the
-    same key (:func:`decide.order_key`) give exactly ``dispatch_order`` of all queued jobs."""
-
-    def __init__(self) -> None:
-        self.by_turn: dict[tuple[int, str], list[tuple[float, str]]] = defaultdict(list)
-        self.by_pool: dict[str, dict[tuple[int, str], list[tuple[float, str]]]] = defaultdict(lambda: defaultdict(list))
-        self.where: dict[str, tuple[int, str, str, tuple[float, str]]] = {}
-        """job id -> (rank, product, pool, age key) as inserted (a record can change)."""
-        self.states: dict[str, JobState] = {}
-        self.requirements: dict[str, list[str]] = {}
-        """pool -> its requirements (from the jobs that entered it)."""
-        self.added: dict[str, int] = defaultdict(int)
-        """pool -> how many jobs ever entered it (tells a pass whether a pool has new jobs)."""
-
-    def __len__(self) -> int:
-        return len(self.where)
-
-    def depth(self, pool: str) -> int:
-        return sum(len(v) for v in self.by_pool.get(pool, {}).values())
-
-    def on_job(self, old: JobState | None, new: JobState | None) -> None:
-        if old is not None:
-            self._remove(old.record.id)
-        if new is not None and new.record.stage == Stage.QUEUED:
-            rec = new.record
-            rank, product, age = rec.priority_rank, rec.manifest.product, decide.age_key(rec)
-            bisect.insort(self.by_turn[(rank, product)], age)
-            bisect.insort(self.by_pool[rec.pool][(rank, product)], age)
-            self.where[rec.id] = (rank, product, rec.pool, age)
-            self.states[rec.id] = new
-            self.requirements.setdefault(rec.pool, rec.requirements)
-            self.added[rec.pool] += 1
-
-    def _remove(self, jid: str) -> None:
-        got = self.where.pop(jid, None)
-        if got is None:
-            return
-        self.states.pop(jid, None)
-        rank, product, pool, age = got
-        for lists, k in ((self.by_turn, (rank, product)), (self.by_pool[pool], (rank, product))):
-            lst = lists[k]
-            i = bisect.bisect_left(lst, age)
-            if i < len(lst) and lst[i] == age:
-                del lst[i]
-            if not lst:
-                del lists[k]
-        if not self.by_pool[pool]:
-            del self.by_pool[pool]
-
-    def _key(self, rank: int, product: str, age: tuple[float, str], last_served: dict[str, int]) -> tuple:
-        turn = bisect.bisect_left(self.by_turn[(rank, product)], age)
-        return decide.order_key(rank, turn, last_served.get(product, -1), age[0], age[1])
-
-    def pool_order(self, pool: str, last_served: dict[str, int]) -> Iterator[tuple[tuple, JobState]]:
-        """A pool's queued jobs in dispatch order, with their keys, lazily."""
-        lists = self.by_pool.get(pool)
-        if not lists:
-            return
-        heap = []
-        for (rank, product), lst in lists.items():
-            heap.append((self._key(rank, product, lst[0], last_served), rank, product, 0))
-        heapq.heapify(heap)
-        # Read synchronously by a pass (no await in between), so the lists do not change under it.
-        while heap:
-            key, rank, product, i = heapq.heappop(heap)
-            lst = lists[(rank, product)]
-            st = self.states.get(lst[i][1])
-            if i + 1 < len(lst):
-                heapq.heappush(heap, (self._key(rank, product, lst[i + 1], last_served), rank, product, i + 1))
-            if st is not None:
-                yield key, st
 
 
 class Scheduler:
@@ -482,158 +389,38 @@ class Scheduler:
     # -- dispatch -----------------------------------------------------------------------------
 
     async def dispatch(self) -> int:
-        """One dispatch pass. Returns how many jobs were published.
-
-        Reads the queue in :func:`dispatch_order` (from :class:`QueueOrder`, no sort), pool by
-        pool merged, and leaves a pool as soon as every one of its free stations has an offer:
-        it visits the offers it makes, the jobs it passes over (held by a lock or a backoff,
-        or offered already) and, for a pool nothing serves, each new job once to hold it with
-        the reason (``visited`` counts them)."""
+        """One dispatch pass: plan it (:func:`plan_dispatch.plan_dispatch`, pure) on a snapshot
+        of the view and this scheduler's memory, then perform the plan: quarantine the records
+        too large to claim, publish the offers and their events, write the holds. Returns how
+        many jobs were published."""
         broker_now = self.broker_now_estimate()
-        live = self.view.live_factories(broker_now, self.s.heartbeat_s)
         mono = time.monotonic()
-        q = self.queue
-
-        leased_locks: list[tuple[str, str | None]] = []
-        busy: dict[str, int] = defaultdict(int)
+        leased = []
         for jid in self.view.stage_ids(*LEASED):
             st = self.view.jobs.get(jid)
-            if st and self.is_poisoned(st):
-                continue  # quarantined: its holder is gone (its lease expired) or it never had one
-            if st and st.record.lease:
-                busy[st.record.lease.factory] += 1
-            if st:
-                leased_locks.append((jid, st.record.manifest.lock))
-        offered_locks: list[tuple[str, str | None]] = []
-        inflight: dict[str, int] = defaultdict(int)
-        due: list[tuple[tuple, JobState]] = []
-        """Offers out for longer than redispatch_s: published again, whatever the capacity."""
-        for jid, p in list(self.published.items()):
-            st = q.states.get(jid)
-            if st is None:
-                del self.published[jid]
-                continue
-            turn = decide.offer_turn(p, st.record.epoch, mono, self.s.redispatch_s)
-            if turn is decide.Turn.NEW:
-                continue  # an offer of an earlier epoch: the job is offered afresh below
-            inflight[st.record.pool] += 1
-            offered_locks.append((jid, st.record.manifest.lock))
-            if turn is decide.Turn.DUE:
-                rank, product, _pool, age = q.where[jid]
-                due.append((q._key(rank, product, age, self.last_served), st))
-        due.sort(key=lambda x: x[0])
-        locks_taken = decide.locks_taken(leased_locks, offered_locks)
-
-        capacity: dict[str, int] = {}
-        serving: dict[str, list[FactoryState]] = {}
-        gaps: dict[str, str] = {}
-        partial: set[str] = set()
-        """Pools nothing serves where some job was not held with the pool's reason this pass."""
-        holds: list[tuple] = []
-        offers: list[tuple[JobState, bool, int]] = []
-        """(job, redispatch, position in its pool) of this pass, published together below."""
-        position: dict[str, int] = defaultdict(int)
-        depth: dict[str, int] = {}
-        visited = 0
-        max_record_bytes = self.b.nc.max_payload - RECORD_HEADROOM_BYTES - RECORD_HEADER_BYTES
-        too_large: list[JobState] = []
-
-        def pool_of(st: JobState) -> str:
-            rec = st.record
-            if rec.pool not in serving:
-                serving[rec.pool] = [f for f in live if not f.offers.missing(rec.requirements)]
-                # Free stations now, from the jobs watch (live), not from heartbeats (seconds old).
-                capacity[rec.pool] = sum(
-                    max(0, len(f.record.stations) - busy[f.record.id]) for f in serving[rec.pool]
-                )
-                depth[rec.pool] = q.depth(rec.pool)
-                if not serving[rec.pool]:
-                    gaps[rec.pool] = capability_gap(rec.requirements, live)
-            return rec.pool
-
-        def decide_one(st: JobState, redispatch: bool, pos: int) -> None:
-            """Offer ``st`` or hold it (with a reason, or silently)."""
-            rec = st.record
-            if self.is_poisoned(st):
-                return
-            if st.size_bytes > max_record_bytes:
-                too_large.append(st)
-                return
-            pool = pool_of(st)
-            hold = decide.hold_reason(
-                rec, st.ts, broker_now, redispatch=redispatch,
-                lock_holder=locks_taken.get(rec.manifest.lock) if rec.manifest.lock else None,
-                gap=gaps.get(pool), inflight=inflight[pool], capacity=capacity[pool])
-            if hold is not None:
-                if hold and self.held.get(rec.id) != hold:
-                    holds.append((st, hold))
-                if pool in gaps and hold != gaps[pool]:
-                    partial.add(pool)  # held for another reason (a backoff): look again next pass
-                return
-            if not redispatch:
-                inflight[pool] += 1
-            if rec.manifest.lock:
-                locks_taken[rec.manifest.lock] = rec.id
-            offers.append((st, redispatch, pos))
-
-        for _key, st in due:
-            visited += 1
-            decide_one(st, True, 0)
-
-        def open_(pool: str) -> bool:
-            """Whether a pass still has something to do in ``pool``."""
-            if not serving[pool]:
-                return True  # every job gets its capability-gap hold (once: see gap_seen)
-            return inflight[pool] < capacity[pool]
-
-        heap: list = []
-        iters: dict[str, Iterator] = {}
-        for pool in list(q.by_pool):
-            seen = self._gap_seen.get(pool)
-            if seen is not None and seen == (q.added[pool], self._gap_reason(pool, live)):
-                continue  # nothing serves it, and every job in it was held with that reason already
-            it = q.pool_order(pool, self.last_served)
-            first = next(it, None)
-            if first is not None:
-                iters[pool] = it
-                heap.append((first[0], pool, first[1]))
-        heapq.heapify(heap)
-        while heap:
-            _k, pool, st = heapq.heappop(heap)
-            pool_of(st)
-            if not open_(pool):
-                continue
-            visited += 1
-            position[pool] += 1
-            if decide.offer_turn(self.published.get(st.record.id), st.record.epoch, mono,
-                                 self.s.redispatch_s) is decide.Turn.NEW:
-                decide_one(st, False, position[pool])
-            nxt = next(iters[pool], None)
-            if nxt is not None:
-                heapq.heappush(heap, (nxt[0], pool, nxt[1]))
-            elif not serving.get(pool, True) and pool not in partial:
-                self._gap_seen[pool] = (q.added[pool], gaps[pool])
-        for pool in serving:
-            if serving[pool]:
-                self._gap_seen.pop(pool, None)
-        self.visited = visited
+            if st and not self.is_poisoned(st):  # quarantined: its holder is gone or it never had one
+                leased.append(st.record)
+        plan = plan_dispatch.plan_dispatch(plan_dispatch.DispatchInput(
+            queue=self.queue, live=self.view.live_factories(broker_now, self.s.heartbeat_s), leased=leased,
+            published=self.published, held=self.held, gap_seen=self._gap_seen, last_served=self.last_served,
+            quarantined=self.is_poisoned, broker_now_s=broker_now, now_mono_s=mono,
+            redispatch_s=self.s.redispatch_s,
+            max_record_bytes=self.b.nc.max_payload - RECORD_HEADROOM_BYTES - RECORD_HEADER_BYTES))
+        for jid in plan.forget:
+            del self.published[jid]
+        self._gap_seen.update(plan.gap_seen_set)
+        for pool in plan.gap_seen_clear:
+            self._gap_seen.pop(pool, None)
+        self.visited = plan.visited
         self.passes += 1
-        for st in too_large:
+        for st in plan.too_large:
             await self.quarantine(
                 st.record.id, st.revision, during="dispatch", size_bytes=st.size_bytes,
                 reason=f"the record is {st.size_bytes} bytes: a claim and its attempt history need up to "
                        f"{RECORD_HEADROOM_BYTES} more, and the broker takes at most {self.b.nc.max_payload} "
                        f"bytes per message, so no factory could ever claim it")
-        return await self._offer(offers, holds, broker_now, mono, depth, capacity, serving)
-
-    def _gap_reason(self, pool: str, live: list[FactoryState]) -> str | None:
-        """The capability-gap reason of ``pool`` now (None if a live factory serves it)."""
-        reqs = self.queue.requirements.get(pool)
-        if reqs is None:
-            return None
-        if any(not f.offers.missing(reqs) for f in live):
-            return None
-        return capability_gap(reqs, live)
+        return await self._offer(plan.offers, plan.holds, broker_now, mono, plan.depth, plan.capacity,
+                                 plan.serving)
 
     async def _offer(self, offers: list, holds: list, broker_now: float, mono: float, depth: dict[str, int],
                      capacity: dict[str, int], serving: dict[str, list[FactoryState]]) -> int:

@@ -444,3 +444,36 @@ def test_a_key_stored_by_an_older_coordinator_still_finds_its_job(nats_server, t
             assert other["status"] == "created" and other["job"] != old_id
 
     run(main())
+
+
+def test_a_job_deleted_while_its_key_is_being_superseded_is_a_named_refusal_not_a_crash(nats_server, tmp_path):
+    """A supersede's compare-and-set meets a job an operator deleted after the planning read:
+    the submitter is told which file and to submit again (it used to fail an assertion)."""
+
+    async def main():
+        async with Fleet(nats_server.url, tmp_path) as fleet:
+            a = await Broker.open(nats_server.url, "submitter-a", fleet.settings)
+            try:
+                v1 = fleet.job("echo v1", idempotency_key="gone", capabilities=UNOBTAINABLE)
+                v2 = fleet.job("echo v2", idempotency_key="gone", capabilities=UNOBTAINABLE)
+                job = await fleet.submit_one(v1)
+                checked, release = asyncio.Event(), asyncio.Event()
+
+                async def hold() -> None:
+                    checked.set()
+                    await release.wait()
+
+                held = asyncio.create_task(intake.submit(a, [("v2.md", v2)], planned=hold))
+                await asyncio.wait_for(checked.wait(), 10)
+                await fleet.admin.jobs.delete(job)
+                release.set()
+                with pytest.raises(intake.SubmitError) as ei:
+                    await held
+
+                [err] = ei.value.errors
+                assert err["file"] == "v2.md" and job in err["message"] and "submit again" in err["message"]
+                assert await fleet.admin.jobs.get(job) is None, "nothing was written in its place"
+            finally:
+                await a.close()
+
+    run(main())
