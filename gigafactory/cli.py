@@ -538,8 +538,25 @@ def format_workspace(w: dict) -> str:
     pushed = "pushed" if w.get("pushed") else "not pushed"
     why = f" ({w['detail']})" if w.get("detail") and not w.get("pushed") else ""
     scope = f"; scope: {w['scope']}" if w.get("outside_scope") or w.get("protected") else ""
-    return (f"branch {w['branch']} at {head} from {w.get('base') or '?'}: {w.get('files_changed', 0)} files "
+    line = (f"branch {w['branch']} at {head} from {w.get('base') or '?'}: {w.get('files_changed', 0)} files "
             f"+{w.get('lines_added', 0)} -{w.get('lines_deleted', 0)}, {pushed}{why}{scope}")
+    return line + format_pull(w)
+
+
+def format_pull(w: dict) -> str:
+    """What shipping did for a ``repo`` attempt (``ship-as``), as a second line, or nothing:
+    the pull request (number, state, url), the merge commit, or why it stopped short."""
+    if w.get("pull_number") is None and not w.get("ship_detail"):
+        return ""
+    parts = []
+    if w.get("pull_number") is not None:
+        state = w.get("pull_state") or "open"
+        parts.append(f"pull request #{w['pull_number']} {state}" + (f" {w['pull_url']}" if w.get("pull_url") else ""))
+    if w.get("merged_commit"):
+        parts.append(f"merged at {w['merged_commit'][:12]}")
+    if w.get("ship_detail") and w.get("pull_state") != "merged":
+        parts.append(w["ship_detail"])
+    return "\n    shipped as " + (w.get("shipped_as") or "nothing") + ": " + "; ".join(parts)
 
 
 def format_usage(u: dict) -> str:
