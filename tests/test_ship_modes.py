@@ -1,0 +1,239 @@
+"""``ship-as`` end to end: real git (a bare "remote" in a temporary folder), a real broker,
+real factories running the ``shell`` engine, the local forge's ``gf_pulls`` records, and the
+loopback GitHub. What ``shipped`` means: a pull request opened, a real merge into ``base``, a
+human's ship that opens or merges, a stale holder that never opens, and a moved ``base``
+that conflicts: ``rebase-needed`` once, then ``merge_conflict``."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import stat
+from pathlib import Path
+
+import msgspec
+from nats.js.errors import BucketNotFoundError
+from click.testing import CliRunner
+
+from gigafactory.cli import main as cli
+from gigafactory.factory.forges.local import LocalForge, LocalPull, PULLS_BUCKET, repo_key
+
+from helpers import Fleet, eventually, fast_settings, run
+from test_workspace import branches, make_remote, repo_job, sh_git
+
+
+async def pulls(fleet: Fleet, remote: Path) -> dict[str, LocalPull]:
+    """The local forge's records for ``remote``, by head branch."""
+    try:
+        kv = await fleet.admin.js.key_value(PULLS_BUCKET)
+    except BucketNotFoundError:  # made on the first pull request: none was opened
+        return {}
+    out = {}
+    prefix = repo_key(remote) + "."
+    for key in await kv.keys():
+        if key.startswith(prefix) and not key.endswith(".next"):
+            rec = msgspec.json.decode((await kv.get(key)).value, type=LocalPull)
+            out[rec.pr.head] = rec
+    return out
+
+
+async def status(url: str, job: str, *json_flag: str):
+    res = await asyncio.to_thread(CliRunner().invoke, cli, ["status", job, *json_flag, "--nats", url])
+    assert res.exit_code == 0, res.output
+    return json.loads(res.output) if json_flag else res.output
+
+
+def test_an_auto_pr_opened_job_opens_a_local_pull_request_that_says_what_ran(nats_server, tmp_path):
+    remote = make_remote(tmp_path)
+
+    async def main():
+        async with Fleet(nats_server.url, tmp_path) as fleet:
+            await fleet.add_factory("f1")
+            job = await fleet.submit_one(repo_job(
+                "# Add the greeting\necho hi > greeting.txt", repo=str(remote), review_policy="auto",
+                ship_as="pr-opened", verify="echo verify-said-ok && test -f greeting.txt"))
+            rec = await fleet.wait_stage(job, "shipped", timeout_s=40)
+            w = rec.attempts[-1].workspace
+            assert w.pushed and w.shipped_as == "pr-opened" and w.pull_number == 1 and w.pull_state == "open", w
+            assert "pull request #1 opened" in rec.reason
+            prs = await pulls(fleet, remote)
+            pr = prs[w.branch].pr
+            assert (pr.number, pr.base, pr.head_sha, pr.state) == (1, "main", w.head, "open")
+            assert pr.title == "Add the greeting (gigafactory %s)" % job
+            for words in (f"`{job}`", "| Engine | shell |", "| Attempts | 1 (epoch 1) |", "| Cost | unknown |",
+                          "**passed**", "verify-said-ok", f"gigafactory logs {job}", "1 files, +1"):
+                assert words in pr.body, (words, pr.body)
+            assert branches(remote)["main"] == w.base_commit  # opened, not merged
+            kinds = [e["kind"] for e in await fleet.events(job)]
+            assert kinds.index("pushed") < kinds.index("pull_request_opened") < kinds.index("finished"), kinds
+            shown = (await status(nats_server.url, job, "--json"))["record"]["attempts"][-1]["workspace"]
+            assert (shown["pull_number"], shown["pull_state"], shown["merged_commit"]) == (1, "open", None)
+            text = await status(nats_server.url, job)
+            assert "shipped as pr-opened: pull request #1 open" in text, text
+
+    run(main(), 90)
+
+
+def test_an_auto_merged_job_really_merges_into_base_in_the_bare_remote(nats_server, tmp_path):
+    remote = make_remote(tmp_path)
+
+    async def main():
+        async with Fleet(nats_server.url, tmp_path) as fleet:
+            await fleet.add_factory("f1")
+            job = await fleet.submit_one(repo_job("echo merged > merged.txt", repo=str(remote), review_policy="auto",
+                                                  ship_as="merged", verify="test -f merged.txt"))
+            rec = await fleet.wait_stage(job, "shipped", timeout_s=40)
+            w = rec.attempts[-1].workspace
+            assert w.shipped_as == "merged" and w.pull_state == "merged" and w.merged_commit, w
+            main_now = branches(remote)["main"]
+            assert main_now == w.merged_commit
+            parents = sh_git("rev-list", "--parents", "-n", "1", main_now, cwd=remote).split()
+            assert parents[1:] == [w.base_commit, w.head]  # a real two-parent merge of the verified head
+            assert "merged.txt" in sh_git("ls-tree", "--name-only", "main", cwd=remote).split()
+            pr = (await pulls(fleet, remote))[w.branch]
+            assert pr.pr.state == "merged" and pr.checks == "success" and pr.checks_sha == w.head
+            text = await status(nats_server.url, job)
+            assert f"merged at {w.merged_commit[:12]}" in text, text
+
+            # Without verify nothing checked it: the local forge's gate stays shut, the job waits
+            # in testing with the pull request open, and base is untouched.
+            before = branches(remote)["main"]
+            unchecked = await fleet.submit_one(repo_job("echo u > u.txt", repo=str(remote), review_policy="auto",
+                                                        ship_as="merged"), path="unchecked.md")
+            rec = await fleet.wait_stage(unchecked, "testing", timeout_s=40)
+            w = rec.attempts[-1].workspace
+            assert w.pull_number is not None and w.pull_state == "open" and w.merged_commit is None
+            assert "not shipped as merged" in rec.reason and "checks are none" in rec.reason, rec.reason
+            assert branches(remote)["main"] == before
+
+    run(main(), 90)
+
+
+def test_a_manual_job_is_opened_and_merged_by_the_coordinator_when_a_human_ships_it(nats_server, tmp_path):
+    remote = make_remote(tmp_path)
+
+    async def main():
+        async with Fleet(nats_server.url, tmp_path) as fleet:
+            await fleet.add_factory("f1")
+            opened, merged = [j["job"] for j in await fleet.submit(
+                ("pr.md", repo_job("echo a > a.txt", repo=str(remote), ship_as="pr-opened", verify="true")),
+                ("merge.md", repo_job("echo b > b.txt", repo=str(remote), review_policy={"reviewers": ["@ann"]},
+                                      ship_as="merged", verify="true")))]
+            rec = await fleet.wait_stage(opened, "testing", timeout_s=40)
+            await fleet.wait_stage(merged, "review", timeout_s=40)
+            # The human gate is in front: pushed, but nothing opened before the ship.
+            assert rec.attempts[-1].workspace.pushed and rec.attempts[-1].workspace.pull_number is None
+            assert await pulls(fleet, remote) == {}
+
+            reply = await fleet.client.call("ship", {"job": opened, "actor": "alice"})
+            assert reply["job"]["stage"] == "shipped" and reply["workspace"]["pull_number"] is not None
+            rec, _ = await fleet.record(opened)
+            w = rec.attempts[-1].workspace
+            assert rec.stage == "shipped" and w.shipped_as == "pr-opened" and "shipped by alice" in rec.reason
+            pr = (await pulls(fleet, remote))[w.branch].pr
+            assert pr.number == w.pull_number and pr.state == "open" and f"gigafactory logs {opened}" in pr.body
+
+            base_before = branches(remote)["main"]
+            reply = await fleet.client.call("ship", {"job": merged, "actor": "ann"})
+            rec, _ = await fleet.record(merged)
+            w = rec.attempts[-1].workspace
+            assert rec.stage == "shipped" and w.pull_state == "merged" and w.merged_commit, (rec.reason, w)
+            assert branches(remote)["main"] == w.merged_commit != base_before
+            ship_events = [e for e in await fleet.events(merged) if e["kind"] == "ship"]
+            assert ship_events and ship_events[-1]["data"]["merged_commit"] == w.merged_commit
+
+    run(main(), 90)
+
+
+def _blocking_hook(remote: Path, gate: Path) -> None:
+    """A pre-receive hook in the remote that, on the first push only, says so and waits
+    (bounded) for the test: the push lands after the job's epoch has moved on."""
+    hook = remote / "hooks" / "pre-receive"
+    hook.write_text(f'#!/bin/sh\ncat > /dev/null\n[ -f "{gate}/held" ] && exit 0\ntouch "{gate}/held"\n'
+                    f'for i in $(seq 1200); do [ -f "{gate}/go" ] && exit 0; sleep 0.05; done\nexit 0\n')
+    hook.chmod(hook.stat().st_mode | stat.S_IXUSR)
+
+
+def test_a_stale_holder_pushes_before_the_requeue_but_never_opens_the_pull_request(nats_server, tmp_path):
+    remote = make_remote(tmp_path)
+    gate = tmp_path / "gate"
+    gate.mkdir()
+    _blocking_hook(remote, gate)
+    # Renewals rare enough that the holder cannot learn of the requeue during its push: the
+    # compare-and-set right before opening is what must refuse it.
+    slow = fast_settings(lease_ttl_s=60.0, lease_renew_s=20.0)
+
+    async def main():
+        async with Fleet(nats_server.url, tmp_path, settings=slow) as fleet:
+            f1 = await fleet.add_factory("f1")
+            job = await fleet.submit_one(repo_job("echo $GF_EPOCH > e.txt", repo=str(remote), review_policy="auto",
+                                                  ship_as="pr-opened"))
+            await eventually(lambda: (gate / "held").exists(), 30, what="epoch 1 pushing")
+            await fleet.client.call("requeue", {"job": job})  # the epoch moves on mid-push
+            (gate / "go").touch()
+            rec = await fleet.wait_stage(job, "shipped", timeout_s=60)
+            refused = [e for e in await fleet.events(job) if e["kind"] == "pull_request_refused"]
+            assert refused and refused[0]["epoch"] == 1 and "stale" in refused[0]["reason"], refused
+            assert f1.stats.get("pull_requests_fenced") == 1
+            assert f"gf/{job}/e1" in branches(remote)  # its push had been fenced in time, and landed
+            prs = await pulls(fleet, remote)
+            assert f"gf/{job}/e1" not in prs, prs  # but it opened nothing
+            w = rec.attempts[-1].workspace
+            assert rec.attempts[-1].epoch > 1 and set(prs) == {w.branch} and prs[w.branch].pr.number == w.pull_number
+
+    run(main(), 120)
+
+
+def _moves_base(remote: Path, tmp_path: Path, *, once: bool) -> str:
+    """A script that (once, or every attempt) pushes a conflicting README.md onto main before
+    changing README.md itself: the attempt's branch then no longer merges into main."""
+    mark = tmp_path / "moved-once"
+    move = (f'tmp=$(mktemp -d) && git clone -q "{remote}" "$tmp/c" && '
+            f'echo "base moved by $GF_EPOCH" > "$tmp/c/README.md" && '
+            f'git -C "$tmp/c" -c user.name=t -c user.email=t@e commit -qam moved && '
+            f'git -C "$tmp/c" push -q origin HEAD:main && rm -rf "$tmp"')
+    guard = f'if [ ! -f "{mark}" ]; then touch "{mark}"; {move}; fi' if once else move
+    return f'{guard}\necho "job $GF_EPOCH" > README.md\n'
+
+
+def test_base_moved_with_a_conflict_requeues_rebase_needed_once_and_the_next_attempt_merges(nats_server, tmp_path):
+    remote = make_remote(tmp_path)
+
+    async def main():
+        async with Fleet(nats_server.url, tmp_path) as fleet:
+            await fleet.add_factory("f1")
+            job = await fleet.submit_one(repo_job(_moves_base(remote, tmp_path, once=True), repo=str(remote),
+                                                  review_policy="auto", ship_as="merged", verify="true",
+                                                  retry={"max": 0}))
+            rec = await fleet.wait_stage(job, "shipped", timeout_s=60)
+            first, last = rec.attempts[0], rec.attempts[-1]
+            assert first.outcome == "merge_conflict" and "README.md" in first.detail, first
+            assert rec.rebases_used == 1 and rec.retries_used == 0 and len(rec.attempts) == 2
+            events = await fleet.events(job)
+            requeued = [e for e in events if e["kind"] == "finished" and e["stage_to"] == "queued"]
+            assert requeued and requeued[0]["reason"].startswith("rebase-needed: "), requeued
+            assert any(e["kind"] == "merge_conflict" and e["epoch"] == first.epoch for e in events)
+            # The new attempt started from the moved base, and its merge is in main.
+            moved = sh_git("rev-parse", f"{last.workspace.merged_commit}^1", cwd=remote).strip()
+            assert last.workspace.base_commit == moved != first.workspace.base_commit
+            assert sh_git("show", "main:README.md", cwd=remote).strip() == f"job {last.epoch}"
+
+    run(main(), 120)
+
+
+def test_a_branch_that_conflicts_again_after_its_rebase_fails_merge_conflict(nats_server, tmp_path):
+    remote = make_remote(tmp_path)
+
+    async def main():
+        async with Fleet(nats_server.url, tmp_path) as fleet:
+            await fleet.add_factory("f1")
+            job = await fleet.submit_one(repo_job(_moves_base(remote, tmp_path, once=False), repo=str(remote),
+                                                  review_policy="auto", ship_as="merged", verify="true"))
+            rec = await fleet.wait_stage(job, "failed", timeout_s=60)
+            assert [a.outcome for a in rec.attempts] == ["merge_conflict", "merge_conflict"]
+            assert rec.last_failure == "merge_conflict" and rec.rebases_used == 1
+            assert rec.reason.startswith("merge_conflict: ") and "rebase-needed retries" in rec.reason
+            assert sh_git("show", "main:README.md", cwd=remote).strip().startswith("base moved by")
+
+    run(main(), 120)
