@@ -26,6 +26,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import subprocess
 import threading
 import time
 import urllib.parse
@@ -72,6 +73,12 @@ class Repo:
     """Pull request reads answering ``mergeable: null`` before GitHub "has computed" it."""
     next_number: int = 1
     next_id: int = 1000
+    git_dir: str | None = None
+    """A real bare repository whose branches this one follows (read at every request): what a
+    factory pushes there is what this GitHub reports. Merges stay in the model (``base`` here
+    moves to a fake merge commit; the bare repository's does not)."""
+    git_seen: dict[str, str] = field(default_factory=dict)
+    """The branch heads last read from ``git_dir`` (only their changes are applied)."""
 
 
 class GitHubServer:
@@ -230,11 +237,30 @@ class GitHubServer:
         h.end_headers()
         h.wfile.write(data)
 
+    def _follow_git(self, repo: Repo) -> None:
+        """Apply what changed in ``repo.git_dir`` since the last read (a push is a push)."""
+        out = subprocess.run(["git", "for-each-ref", "--format=%(refname:short) %(objectname)", "refs/heads/"],
+                             cwd=repo.git_dir, capture_output=True, text=True, timeout=30, check=True).stdout
+        for line in out.splitlines():
+            branch, sha = line.split(" ", 1)
+            if repo.git_seen.get(branch) != sha:
+                repo.git_seen[branch] = sha
+                parents = subprocess.run(["git", "rev-list", "--max-count=1000", sha], cwd=repo.git_dir,
+                                         capture_output=True, text=True, timeout=30, check=True).stdout.split()
+                old = repo.branches.get(branch)
+                repo.branches[branch] = sha
+                repo.ancestry[sha] = {sha, *parents, *([old] if old else [])}
+                for pr in repo.pulls.values():
+                    if pr["head"]["ref"] == branch and pr["state"] == "open":
+                        pr["head"]["sha"] = sha
+
     def _route(self, method: str, path: str, query: dict, body: Any) -> tuple[int, Any]:
         m = re.fullmatch(r"/repos/([^/]+)/([^/]+)(/.*)", path)
         repo = self.repos.get((m[1].lower(), m[2].lower())) if m else None
         if repo is None:
             return 404, {"message": "Not Found", "documentation_url": DOCS}
+        if repo.git_dir:
+            self._follow_git(repo)
         rest = m[3]
         if rest == "/pulls" and method == "GET":
             return 200, self._list(repo, query)

@@ -237,3 +237,57 @@ def test_a_branch_that_conflicts_again_after_its_rebase_fails_merge_conflict(nat
             assert sh_git("show", "main:README.md", cwd=remote).strip().startswith("base moved by")
 
     run(main(), 120)
+
+
+def test_github_mode_opens_with_the_right_head_and_base_and_never_merges_past_a_blocked_state(
+        nats_server, tmp_path, monkeypatch):
+    from gigafactory.github_server import GitHubServer
+
+    remote = make_remote(tmp_path)
+    url = "https://github.com/acme/app"
+    # The fleet's git reaches "github.com" in the bare remote (what an operator's credential
+    # helper and network do for real); the API calls go to the loopback GitHub.
+    monkeypatch.setenv("GIT_CONFIG_COUNT", "1")
+    monkeypatch.setenv("GIT_CONFIG_KEY_0", f"url.{remote}.insteadOf")
+    monkeypatch.setenv("GIT_CONFIG_VALUE_0", url)
+    monkeypatch.setenv("GITHUB_TOKEN", "gh-test-token")
+
+    async def main(gh: GitHubServer):
+        gh.add_repo("acme", "app", git_dir=str(remote), required_checks=["ci"])
+        s = fast_settings(github_api_url=gh.api_url, ship_checks_wait_s=0.0)
+        async with Fleet(nats_server.url, tmp_path, settings=s) as fleet:
+            await fleet.add_factory("f1")
+            job = await fleet.submit_one(repo_job("echo gh > gh.txt", repo=url + ".git", review_policy="auto",
+                                                  ship_as="merged", verify="true"))
+            # Branch protection wants the "ci" check: GitHub says blocked, nothing is merged, the
+            # job waits in testing with its pull request open.
+            rec = await fleet.wait_stage(job, "testing", timeout_s=40)
+            w = rec.attempts[-1].workspace
+            assert w.pull_number == 1 and w.pull_url == "https://github.com/acme/app/pull/1", w
+            assert w.pull_state == "open" and w.merged_commit is None and "merge blocked" in w.ship_detail, w
+            posts = [r for r in gh.requests if r["method"] == "POST" and r["path"].endswith("/pulls")]
+            assert len(posts) == 1 and posts[0]["authorised"]
+            assert (posts[0]["body"]["head"], posts[0]["body"]["base"]) == (f"gf/{job}/e1", "main")
+            assert f"gigafactory logs {job}" in posts[0]["body"]["body"]
+            assert not [r for r in gh.requests if r["method"] == "PUT"]  # blocked: no merge request sent
+            assert gh.repos[("acme", "app")].pulls[1]["state"] == "open"
+
+            # A human ships before CI is green: still blocked, in GitHub's words, 409.
+            try:
+                await fleet.client.call("ship", {"job": job, "actor": "alice"})
+                raise AssertionError("shipped past branch protection")
+            except Exception as e:
+                assert "merge blocked" in str(e) or "not mergeable" in str(e), e
+            assert (await fleet.record(job))[0].stage == "testing"
+            # CI goes green on the pushed head: the human's ship merges it (the coordinator).
+            gh.add_check_run("acme", "app", w.head, "ci")
+            reply = await fleet.client.call("ship", {"job": job, "actor": "alice"})
+            assert reply["job"]["stage"] == "shipped", reply
+            rec, _ = await fleet.record(job)
+            w = rec.attempts[-1].workspace
+            assert w.pull_state == "merged" and w.merged_commit == gh.repos[("acme", "app")].branches["main"]
+            puts = [r for r in gh.requests if r["method"] == "PUT"]
+            assert len(puts) == 1 and puts[0]["body"]["sha"] == w.head  # pinned to the verified head
+
+    with GitHubServer("gh-test-token") as gh:
+        run(main(gh), 120)
