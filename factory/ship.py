@@ -60,6 +60,12 @@ class Ship:
         """The attempt's fresh worktree (raises :class:`GitError`); kept until :meth:`_ws_release`."""
         m = run.record.manifest
         assert m.repo is not None
+        # HOOK rebase-needed (for WIP checkpoints): when protocol.rebase_pending(run.record), the
+        # previous attempt's branch no longer merged into base; this attempt starts from the NEW
+        # base (fetched by the checkout). "Plus the last checkpoint" belongs here: bring the
+        # checkpoint's changes onto the new base (merge or cherry-pick; a conflict there is the
+        # merge_conflict), never check out the checkpoint commit itself (its history holds the
+        # old base and would conflict again). Until then it starts from base alone.
         co = await asyncio.to_thread(self.git.checkout, m.repo, m.base, run.job, run.epoch)
         self.checkouts[(run.job, run.epoch)] = co
         return co

@@ -317,6 +317,16 @@ def rebase_or_fail(rec: JobRecord, now: float, detail: str, **kw) -> Outcome:
                  epoch=rec.epoch + 1, lease=None, last_failure=FailureClass.MERGE_CONFLICT, **kw)
 
 
+def rebase_pending(rec: JobRecord) -> bool:
+    """True for the attempt that follows a ``rebase-needed`` requeue (the record as claimed:
+    the attempt before the current one ended ``merge_conflict``). Its worktree must start from
+    the NEW ``base`` (the checkout fetches it), never from a commit whose history holds the old
+    one; with WIP checkpoints, "the new base plus the last checkpoint" is the checkpoint's work
+    brought onto the new base (see ``factory/ship.py`` ``_ws_checkout``, HOOK rebase-needed)."""
+    ended = [a for a in rec.attempts if a.outcome != "running"]
+    return bool(ended) and ended[-1].outcome == str(FailureClass.MERGE_CONFLICT) and rec.rebases_used > 0
+
+
 def shipped_attempt(rec: JobRecord) -> AttemptRecord | None:
     """The attempt a ``ship`` ships: the last one that passed (None: none did)."""
     return next((a for a in reversed(rec.attempts) if a.outcome == "passed"), None)

@@ -84,8 +84,9 @@ def test_a_conflict_requeues_rebase_needed_once_without_a_retry_then_fails_merge
     assert r.reason.startswith("rebase-needed: #1 does not merge: conflicts in README.md")
     assert (r.rebases_used, r.retries_used, r.backoff_s, r.epoch, r.lease) == (1, 0, 0.0, rec.epoch + 1, None)
     assert r.attempts[-1].outcome == "merge_conflict" and r.last_failure == FailureClass.MERGE_CONFLICT
+    assert not p.rebase_pending(rec)
     again = p.start(p.claim(r, "f2", 0, T0 + 4).record, "f2", r.epoch + 1, T0 + 5).record
-    assert again.attempt == 2
+    assert again.attempt == 2 and p.rebase_pending(again)  # the checkout's start-point hook
     out = p.finish(again, "f2", again.epoch, T0 + 6, failure=FailureClass.MERGE_CONFLICT, detail="still")
     assert (out.event, out.record.stage) == (Event.FAIL, Stage.FAILED)
     assert out.record.reason.startswith("merge_conflict: still") and out.record.rebases_used == 1
@@ -110,3 +111,18 @@ def test_a_humans_ship_records_the_forges_result_or_rebases_once_then_fails_from
     assert (out.event, out.record.stage, out.record.last_failure) == (Event.FAIL, Stage.FAILED,
                                                                        FailureClass.MERGE_CONFLICT)
     assert out.record.epoch == testing.epoch + 1  # a stale holder's write would be fenced
+
+
+def test_a_profile_supplies_ship_as_to_its_repo_jobs_that_state_none_and_never_to_others():
+    from gigafactory.schemas import profiles
+
+    cat = {"p": profiles.parse_profile("---\nsummary: s\nengine-class: agentic-coder\nship-as: merged\n---\nA\n",
+                                       "p.md")}
+    job = "---\nprofile: p\n{}---\nDo it.\n"
+    assert profiles.resolve(parse_job_text(job.format(REPO), "j.md"), cat).manifest.ship_as == "merged"
+    stated = job.format(REPO + "ship-as: pr-opened\n")
+    assert profiles.resolve(parse_job_text(stated, "j.md"), cat).manifest.ship_as == "pr-opened"
+    assert profiles.resolve(parse_job_text(job.format("cwd: r\n"), "j.md"), cat).manifest.ship_as == "branch"
+    with pytest.raises(profiles.ProfileError) as e:
+        profiles.parse_profile("---\nsummary: s\nengine-class: agentic-coder\nship-as: later\n---\nA\n", "bad.md")
+    assert "bad.md" in str(e.value) and "ship-as" in str(e.value)
