@@ -291,3 +291,36 @@ def test_github_mode_opens_with_the_right_head_and_base_and_never_merges_past_a_
 
     with GitHubServer("gh-test-token") as gh:
         run(main(gh), 120)
+
+
+def test_a_merged_job_waits_bounded_for_pending_ci_and_merges_once_it_is_green(nats_server, tmp_path, monkeypatch):
+    from gigafactory.github_server import GitHubServer
+
+    remote = make_remote(tmp_path)
+    url = "https://github.com/acme/app"
+    monkeypatch.setenv("GIT_CONFIG_COUNT", "1")
+    monkeypatch.setenv("GIT_CONFIG_KEY_0", f"url.{remote}.insteadOf")
+    monkeypatch.setenv("GIT_CONFIG_VALUE_0", url)
+    monkeypatch.setenv("GITHUB_TOKEN", "gh-test-token")
+
+    async def main(gh: GitHubServer):
+        repo = gh.add_repo("acme", "app", git_dir=str(remote), required_checks=["ci"], checks_on_push=["ci"])
+        s = fast_settings(github_api_url=gh.api_url, ship_checks_wait_s=120.0, ship_checks_poll_s=0.1)
+        async with Fleet(nats_server.url, tmp_path, settings=s) as fleet:
+            await fleet.add_factory("f1")
+            job = await fleet.submit_one(repo_job("echo ci > ci.txt", repo=url, review_policy="auto",
+                                                  ship_as="merged", verify="true"))
+            await eventually(lambda: 1 in repo.pulls, 40, what="pull request opened")
+            head = repo.pulls[1]["head"]["sha"]
+            # CI runs: the factory keeps reading the checks and sends no merge meanwhile.
+            await eventually(lambda: sum(r["method"] == "GET" and r["path"].endswith("/check-runs")
+                                         for r in gh.requests) >= 3, 30, what="checks read while pending")
+            assert not [r for r in gh.requests if r["method"] == "PUT"]
+            assert (await fleet.record(job))[0].stage == "building"  # the station waits, the lease is renewed
+            gh.complete_check("acme", "app", head, "ci")
+            rec = await fleet.wait_stage(job, "shipped", timeout_s=40)
+            w = rec.attempts[-1].workspace
+            assert w.pull_state == "merged" and w.merged_commit == repo.branches["main"] and w.head == head
+
+    with GitHubServer("gh-test-token") as gh:
+        run(main(gh), 120)
