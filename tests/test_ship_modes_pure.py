@@ -126,3 +126,15 @@ def test_a_profile_supplies_ship_as_to_its_repo_jobs_that_state_none_and_never_t
     with pytest.raises(profiles.ProfileError) as e:
         profiles.parse_profile("---\nsummary: s\nengine-class: agentic-coder\nship-as: later\n---\nA\n", "bad.md")
     assert "bad.md" in str(e.value) and "ship-as" in str(e.value)
+
+
+@pytest.mark.parametrize("field, value", [
+    ("ship_checks_wait_s", -1.0), ("ship_checks_wait_s", 6 * 3600.0 + 1), ("ship_checks_poll_s", 0.0),
+    ("ship_checks_poll_s", -2.0),
+])
+def test_shipping_settings_that_cannot_work_are_refused_naming_the_variable(field, value):
+    from gigafactory.config import Settings, SettingsError
+
+    with pytest.raises(SettingsError, match=f"GIGAFACTORY_{field.upper()}"):
+        Settings(**{field: value}).validate()
+    Settings(ship_checks_wait_s=0.0, ship_checks_poll_s=0.5).validate()
