@@ -740,7 +740,11 @@ def _explain_validation_error(text: str, data: Any) -> tuple[str | None, str]:
         base = re.sub(r"\[\d+\]$", "", field)
         noun = _NOUNS.get(base, base)
         article = "an" if noun[0] in "aeiou" else "a"
-        return field, f"{value!r} is not {article} {noun}; expected {_expected_choices(values, shapes)}"
+        hint = ""
+        if base == "review-policy" and value in SHIP_AS_VALUES:
+            hint = (f" ('{value}' is a ship-as: write 'ship-as: {value}' for what shipped means, and keep "
+                    "review-policy for who ships: auto, manual or reviewers)")
+        return field, f"{value!r} is not {article} {noun}; expected {_expected_choices(values, shapes)}{hint}"
 
     unknown = re.match(r"^Object contains unknown field `(.*)`$", msg)
     if unknown:

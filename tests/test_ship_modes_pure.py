@@ -37,7 +37,7 @@ def test_ship_as_defaults_to_branch_and_takes_the_three_modes_with_a_repo():
     ("cwd: x\nship-as: pr-opened\n", "ship-as", "needs 'repo'"),
     (f"{REPO}ship-as: merge\n", "ship-as", "'merge' is not"),
     (f"{REPO}ship-as: true\n", "ship-as", "expected"),
-    (f"{REPO}review-policy: merged\n", "review-policy", "expected"),
+    (f"{REPO}review-policy: merged\n", "review-policy", "write 'ship-as: merged'"),
 ])
 def test_nonsense_ship_settings_are_refused_naming_the_file_and_field(front, field, words):
     with pytest.raises(ManifestError) as e:
