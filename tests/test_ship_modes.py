@@ -324,3 +324,29 @@ def test_a_merged_job_waits_bounded_for_pending_ci_and_merges_once_it_is_green(n
 
     with GitHubServer("gh-test-token") as gh:
         run(main(gh), 120)
+
+
+def test_a_humans_ship_on_a_record_that_moved_opens_nothing(nats_server, tmp_path):
+    from gigafactory.coordinator import shipping
+    from gigafactory.schemas import protocol
+
+    remote = make_remote(tmp_path)
+
+    async def main():
+        async with Fleet(nats_server.url, tmp_path) as fleet:
+            await fleet.add_factory("f1")
+            job = await fleet.submit_one(repo_job("echo a > a.txt", repo=str(remote), ship_as="pr-opened",
+                                                  verify="true"))
+            await fleet.wait_stage(job, "testing", timeout_s=40)
+            rec, rev = await fleet.record(job)
+            a = protocol.shipped_attempt(rec)
+            await fleet.client.call("cancel", {"job": job, "reason": "changed my mind"})  # after the read
+            try:
+                await shipping.carry_out(fleet.admin, rec, rev, a.epoch, a.workspace)
+                raise AssertionError("shipped a record that had moved")
+            except shipping.ShipStopped as e:
+                assert "changed while it was being shipped" in str(e)
+            assert await pulls(fleet, remote) == {}  # the fence came before the forge
+            assert (await fleet.record(job))[0].stage == "failed"
+
+    run(main(), 90)
