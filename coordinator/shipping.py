@@ -32,7 +32,6 @@ from gigafactory.factory import forges
 from gigafactory.factory.forges import body
 from gigafactory.factory.forges.base import context_from
 from gigafactory.factory.forges.local import LocalForge
-from gigafactory.schemas import protocol
 from gigafactory.schemas.records import JobRecord, WorkspaceResult, encode
 
 log = logging.getLogger("gigafactory.coordinator")
