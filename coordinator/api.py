@@ -5,7 +5,10 @@ Endpoints (subjects ``gf.api.<name>``), JSON in and out:
 - ``submit``    ``{"files": [{"path", "text"}], "source"}`` -> ``{"jobs": [...]}``
 - ``cancel``    ``{"job", "reason"?}``   any stage but shipped/failed/dead_letter -> failed
 - ``requeue``   ``{"job"}``              any stage but shipped -> queued (fresh retry budget)
-- ``ship``      ``{"job"}``              testing/review -> shipped (the human gate)
+- ``ship``      ``{"job"}``              testing/review -> shipped (the human gate); for a ``repo``
+                                         job with ``ship-as: pr-opened|merged``, after the
+                                         coordinator opened (and merged) its pull request
+                                         (:mod:`shipping`); 409 with the forge's reason if not
 - ``status``    ``{"job"}``              the record, why it is where it is, and its events
 - ``list``      ``{"stage"?, "limit"?}`` job summaries, newest first
 - ``factories`` ``{}``                   factory records with liveness
