@@ -349,3 +349,42 @@ def test_a_humans_ship_on_a_record_that_moved_opens_nothing(nats_server, tmp_pat
             assert (await fleet.record(job))[0].stage == "failed"
 
     run(main(), 90)
+
+
+def test_a_holder_made_stale_while_it_waits_for_ci_never_merges(nats_server, tmp_path, monkeypatch):
+    from gigafactory.github_server import GitHubServer
+
+    remote = make_remote(tmp_path)
+    url = "https://github.com/acme/app"
+    monkeypatch.setenv("GIT_CONFIG_COUNT", "1")
+    monkeypatch.setenv("GIT_CONFIG_KEY_0", f"url.{remote}.insteadOf")
+    monkeypatch.setenv("GIT_CONFIG_VALUE_0", url)
+    monkeypatch.setenv("GITHUB_TOKEN", "gh-test-token")
+
+    async def main(gh: GitHubServer):
+        repo = gh.add_repo("acme", "app", git_dir=str(remote), required_checks=["ci"], checks_on_push=["ci"])
+        # Renewals rare enough that the holder does not learn of the requeue while it waits: the
+        # compare-and-set right before the merge is what must refuse it.
+        s = fast_settings(github_api_url=gh.api_url, ship_checks_wait_s=120.0, ship_checks_poll_s=0.1,
+                          lease_ttl_s=60.0, lease_renew_s=20.0)
+        async with Fleet(nats_server.url, tmp_path, settings=s) as fleet:
+            f1 = await fleet.add_factory("f1")
+            job = await fleet.submit_one(repo_job("echo x > x.txt", repo=url, review_policy="auto",
+                                                  ship_as="merged", verify="true"))
+            await eventually(lambda: 1 in repo.pulls, 40, what="pull request #1 opened")
+            await fleet.client.call("requeue", {"job": job})  # epoch 1 is stale from here on
+            gh.complete_check("acme", "app", repo.pulls[1]["head"]["sha"], "ci")
+            await eventually(lambda: f1.stats.get("merges_fenced") == 1, 40, what="the stale merge refused")
+            assert not [r for r in gh.requests if r["method"] == "PUT"]  # no merge request went out
+            assert repo.pulls[1]["state"] == "open"
+            refused = [e for e in await fleet.events(job) if e["kind"] == "merge_refused"]
+            assert refused and refused[0]["epoch"] == 1 and "stale" in refused[0]["reason"]
+            # The next holder opens its own pull request, and merges it once its CI is green.
+            await eventually(lambda: 2 in repo.pulls, 40, what="pull request #2 opened")
+            gh.complete_check("acme", "app", repo.pulls[2]["head"]["sha"], "ci")
+            rec = await fleet.wait_stage(job, "shipped", timeout_s=40)
+            w = rec.attempts[-1].workspace
+            assert w.pull_number == 2 and w.pull_state == "merged" and rec.attempts[-1].epoch > 1
+
+    with GitHubServer("gh-test-token") as gh:
+        run(main(gh), 150)
