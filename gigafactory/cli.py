@@ -822,6 +822,56 @@ def fence(nats_url, as_json, job, epoch, factory_id, lease_ttl_s, min_remaining_
     sys.exit(code)
 
 
+PULLS_LISTED_MAX = 10_000
+"""Most local pull request records ``gigafactory pulls`` reads (newest shown first)."""
+
+
+@main.command()
+@common
+@click.option("--limit", default=100, show_default=True, type=click.IntRange(1, PULLS_LISTED_MAX),
+              help="Show at most this many, newest first.")
+def pulls(nats_url, as_json, limit) -> None:
+    """List the local forge's pull requests (bucket gf_pulls): number, state, head -> base,
+    checks, and the remote. A GitHub pull request is on GitHub; 'gigafactory status JOB' shows
+    any job's pull request and merge."""
+    async def fn(client):
+        import msgspec as _msgspec
+        from nats.js.errors import BucketNotFoundError, NoKeysError
+
+        from gigafactory.factory.forges.local import PULLS_BUCKET, LocalPull
+
+        js = client.nc.jetstream(timeout=10)
+        try:
+            kv = await js.key_value(PULLS_BUCKET)
+            keys = [k for k in await kv.keys() if not k.endswith(".next")]
+        except (BucketNotFoundError, NoKeysError):
+            keys = []
+        rows = []
+        for key in keys[:PULLS_LISTED_MAX]:
+            e = await kv.get(key)
+            try:
+                rec = _msgspec.json.decode(e.value, type=LocalPull)
+            except _msgspec.DecodeError:
+                continue  # not a pull request record (written by hand): 'nats kv get' shows it
+            pr = {f: getattr(rec.pr, f) for f in rec.pr.__struct_fields__}  # every field, defaults too
+            rows.append({**pr, "remote": rec.remote, "checks": rec.checks,
+                         "checks_sha": rec.checks_sha})
+        rows.sort(key=lambda r: r.get("created_at", 0.0), reverse=True)
+        rows = rows[:limit]
+        if as_json:
+            _emit_json({"pulls": rows, "total": len(keys)})
+            return
+        if not rows:
+            click.echo("no local pull requests (a job with ship-as: pr-opened or merged on a local remote opens one)")
+            return
+        for r in rows:
+            merged = f" at {r['merge_sha'][:12]}" if r.get("merge_sha") else ""
+            click.echo(f"#{r['number']:<5} {r['state']:<6}{merged} {r['head']} -> {r['base']}  checks {r['checks']}  "
+                       f"{r['remote']}  {r['title']}")
+
+    _client_call(nats_url, as_json, fn)
+
+
 @main.command()
 @common
 @click.argument("job")

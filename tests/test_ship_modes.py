@@ -70,6 +70,13 @@ def test_an_auto_pr_opened_job_opens_a_local_pull_request_that_says_what_ran(nat
             assert (shown["pull_number"], shown["pull_state"], shown["merged_commit"]) == (1, "open", None)
             text = await status(nats_server.url, job)
             assert "shipped as pr-opened: pull request #1 open" in text, text
+            # The local forge's pull requests, listed.
+            res = await asyncio.to_thread(CliRunner().invoke, cli, ["pulls", "--json", "--nats", nats_server.url])
+            assert res.exit_code == 0, res.output
+            listed = json.loads(res.output)["pulls"]
+            assert [(p["number"], p["head"], p["base"], p["state"]) for p in listed] == [(1, w.branch, "main", "open")]
+            res = await asyncio.to_thread(CliRunner().invoke, cli, ["pulls", "--nats", nats_server.url])
+            assert res.exit_code == 0 and f"#1     open   {w.branch} -> main  checks none" in res.output, res.output
 
     run(main(), 90)
 
