@@ -395,3 +395,33 @@ def test_a_holder_made_stale_while_it_waits_for_ci_never_merges(nats_server, tmp
 
     with GitHubServer("gh-test-token") as gh:
         run(main(gh), 150)
+
+
+def test_a_humans_ship_that_conflicts_requeues_rebase_needed_and_the_new_attempt_is_shipped(nats_server, tmp_path):
+    remote = make_remote(tmp_path)
+
+    def move_base() -> None:
+        clone = tmp_path / "mover"
+        sh_git("clone", "-q", str(remote), str(clone))
+        (clone / "README.md").write_text("moved by a human\n")
+        sh_git("commit", "-qam", "moved", cwd=clone)
+        sh_git("push", "-q", "origin", "HEAD:main", cwd=clone)
+
+    async def main():
+        async with Fleet(nats_server.url, tmp_path) as fleet:
+            await fleet.add_factory("f1")
+            job = await fleet.submit_one(repo_job('echo "job $GF_EPOCH" > README.md', repo=str(remote),
+                                                  ship_as="merged", verify="true"))
+            await fleet.wait_stage(job, "testing", timeout_s=40)
+            await asyncio.to_thread(move_base)  # main moves under the waiting branch
+            reply = await fleet.client.call("ship", {"job": job, "actor": "alice"})
+            assert reply["job"]["stage"] == "queued" and reply["job"]["reason"].startswith("rebase-needed: ")
+            assert "README.md" in reply["job"]["reason"] and "ship by alice" in reply["job"]["reason"]
+            rec = await fleet.wait_stage(job, "testing", timeout_s=40)  # the new attempt, from the new base
+            assert rec.rebases_used == 1 and len(rec.attempts) == 2
+            assert rec.attempts[-1].workspace.base_commit == branches(remote)["main"]
+            reply = await fleet.client.call("ship", {"job": job, "actor": "alice"})
+            assert reply["job"]["stage"] == "shipped", reply
+            assert sh_git("show", "main:README.md", cwd=remote).strip() == f"job {rec.attempts[-1].epoch}"
+
+    run(main(), 120)
