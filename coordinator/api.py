@@ -5,7 +5,10 @@ Endpoints (subjects ``gf.api.<name>``), JSON in and out:
 - ``submit``    ``{"files": [{"path", "text"}], "source"}`` -> ``{"jobs": [...]}``
 - ``cancel``    ``{"job", "reason"?}``   any stage but shipped/failed/dead_letter -> failed
 - ``requeue``   ``{"job"}``              any stage but shipped -> queued (fresh retry budget)
-- ``ship``      ``{"job"}``              testing/review -> shipped (the human gate)
+- ``ship``      ``{"job"}``              testing/review -> shipped (the human gate); for a ``repo``
+                                         job with ``ship-as: pr-opened|merged``, after the
+                                         coordinator opened (and merged) its pull request
+                                         (:mod:`shipping`); 409 with the forge's reason if not
 - ``status``    ``{"job"}``              the record, why it is where it is, and its events
 - ``list``      ``{"stage"?, "limit"?}`` job summaries, newest first
 - ``factories`` ``{}``                   factory records with liveness
@@ -35,7 +38,7 @@ from gigafactory.schemas.limits import hint
 from gigafactory.schemas.api import ApiError, job_summary
 from gigafactory.schemas.records import EventRecord, JobRecord, LockRecord, decode, encode
 
-from . import intake
+from . import intake, shipping
 from .retention import read_archived
 from .scheduler import capability_gap
 from .view import FleetView
@@ -60,6 +63,11 @@ def _with_usage(record: dict) -> dict:
         a.setdefault("usage", None)
         a.setdefault("engine", None)
         a.setdefault("engine_version", None)
+        if a.get("workspace") is not None:
+            # What shipping did (ship-as), present even when nothing was opened or merged.
+            for k, v in (("shipped_as", ""), ("pull_number", None), ("pull_url", ""), ("pull_state", ""),
+                         ("merged_commit", None), ("ship_detail", "")):
+                a["workspace"].setdefault(k, v)
     return record
 
 
@@ -209,10 +217,63 @@ class Api:
         return {"job": job_summary(rec)}
 
     async def ship(self, body: dict) -> dict:
+        """The human gate. A ``repo`` job whose ``ship-as`` is ``pr-opened`` or ``merged`` and
+        whose passed attempt is not there yet is shipped at its forge first (:mod:`shipping`):
+        shipped when the forge did it; a conflict requeues it ``rebase-needed`` once, then fails
+        it ``merge_conflict``; a refusal (checks, protection, a forge error) leaves it where it
+        is, with the reason, and answers 409."""
         job = await self._job_id(body)
         who = str(body.get("actor") or "operator")
-        rec = await self._transition(job, lambda r: protocol.ship(r, time.time(), who))
-        return {"job": job_summary(rec)}
+        if len(who) > self.b.settings.max_reason_chars:
+            raise ApiError(400, f"the actor is {len(who):,} characters; at most {self.b.settings.max_reason_chars:,}")
+        e = await self.b.jobs.get(job)
+        if e is None:
+            raise ApiError(404, f"no job {job!r}; 'gigafactory jobs' lists them")
+        rec = decode(e.value, JobRecord)
+        a = protocol.shipped_attempt(rec)
+        ws = a.workspace if a is not None else None
+        if (rec.stage not in (Stage.TESTING, Stage.REVIEW) or a is None
+                or protocol.ship_shortfall(rec.manifest.ship_as, ws) is None or ws is None or not ws.pushed):
+            rec = await self._transition(job, lambda r: protocol.ship(r, time.time(), who))
+            return {"job": job_summary(rec)}
+        try:
+            done = await shipping.carry_out(self.b, rec, e.revision, a.epoch, ws)
+        except shipping.ShipStopped as ex:
+            raise ApiError(409, str(ex)) from None
+        now = time.time()
+        if done.conflict is not None:
+            out = protocol.ship_conflict(rec, now, who, a.epoch, done.ws)
+        elif protocol.ship_shortfall(rec.manifest.ship_as, done.ws) is None:
+            out = protocol.ship_done(rec, now, who, a.epoch, done.ws)
+        else:
+            out = None
+        if out is None:
+            # Not shipped: the forge refused. Keep what was done (a pull request opened) and why.
+            why = (f"not shipped as {rec.manifest.ship_as}: {done.ws.ship_detail}; 'gigafactory ship {job}' "
+                   "tries again")[:2000]
+            held = msgspec.structs.replace(rec, attempts=protocol.with_ship_result(rec, a.epoch, done.ws),
+                                           reason=why, updated_at=now)
+            try:
+                await self.b.jobs.update(job, encode(held), last=done.revision)
+            except Conflict:
+                pass  # it moved meanwhile: the forge's state is the truth, a new ship reads it again
+            await self.b.publish_event(EventRecord(
+                kind="ship_blocked", at=now, job=job, stage_from=str(rec.stage), stage_to=str(rec.stage),
+                epoch=rec.epoch, actor=self.actor, reason=why))
+            self.view.changed.set()
+            raise ApiError(409, f"job {job}: {why}")
+        try:
+            await self.b.jobs.update(job, encode(out.record), last=done.revision)
+        except Conflict:
+            raise ApiError(409, f"job {job} changed while it was being shipped; what the forge did: "
+                                f"{done.ws.ship_detail}; see 'gigafactory status {job}'") from None
+        await self.b.publish_event(EventRecord(
+            kind=str(out.event), at=now, job=job, stage_from=str(out.stage_from), stage_to=str(out.record.stage),
+            epoch=out.record.epoch, actor=self.actor, reason=out.reason,
+            data={"ship_as": rec.manifest.ship_as, "pull_number": done.ws.pull_number,
+                  "pull_url": done.ws.pull_url, "merged_commit": done.ws.merged_commit}))
+        self.view.changed.set()
+        return {"job": job_summary(out.record), "workspace": msgspec.to_builtins(done.ws)}
 
     async def status(self, body: dict) -> dict:
         job = await self._job_id(body)

@@ -365,6 +365,13 @@ class Execute:
             ws, refused = await self._ws_push(run, co, ws)
             if refused is not None and not run.fenced:
                 out = dataclasses.replace(out, failure=FailureClass.CRASH, detail=refused)
+            elif refused is None and m.review_policy == "auto" and m.ship_as != "branch" and not run.fenced:
+                # The factory ships beyond the branch only what no human gates; for manual and
+                # reviewers the coordinator does it when a human ships (coordinator/api.py).
+                verified = m.verify is not None and out.verify_exit_code == 0
+                ws, conflict = await self._ws_ship(run, co, ws, self._pr_facts(run, out, ws, name, log_path), verified)
+                if conflict is not None and not run.fenced:
+                    out = dataclasses.replace(out, failure=FailureClass.MERGE_CONFLICT, detail=conflict)
         if out.failure == FailureClass.AUTH_FAILED and not out.self_fenced and not run.fenced:
             # Before the report: the retry it may queue must never land here with the same key.
             self._withdraw_engine(name, f"auth_failed on job {run.job} attempt {rec.attempt}: {out.detail}"[:300])
@@ -374,6 +381,21 @@ class Execute:
                           out.usage)
         return result(out.failure, out.detail, out.exit_code, out.verify_exit_code, out.usage,
                       out.retry_after_s if out.failure == FailureClass.RATE_LIMITED else None)
+
+    def _pr_facts(self, run: Run, out, ws: WorkspaceResult, engine: str, log_path: str):
+        """What the pull request of this attempt says (:mod:`forges.body`): the record's
+        attempts with this one's engine, usage and verify result filled in."""
+        from .forges import body
+        from .ship import verify_output
+
+        rec = run.record
+        attempts = [msgspec.structs.replace(a, engine=a.engine or engine, usage=out.usage,
+                                            verify_exit_code=out.verify_exit_code)
+                    if a.epoch == run.epoch else a for a in rec.attempts]
+        facts = body.run_facts(msgspec.structs.replace(rec, attempts=attempts), branch=ws.branch, base=ws.base,
+                               verify_output=verify_output(log_path))
+        return msgspec.structs.replace(facts, files_changed=ws.files_changed, lines_added=ws.lines_added,
+                                       lines_deleted=ws.lines_deleted, scope_detail=ws.scope if ws.outside_scope else "")
 
     def _resolve_cwd(self, cwd: str) -> Path:
         p = Path(os.path.expandvars(os.path.expanduser(cwd)))

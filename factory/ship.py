@@ -11,6 +11,9 @@ in hand. The order for one attempt (:meth:`Execute._run_engine` calls it):
 4. :meth:`_ws_push` only if the attempt passed: a compare-and-set renewal of the lease first
    (the ``gigafactory fence`` rule: epoch unchanged, at least ``git_push_min_remaining_s`` left);
    a holder that is fenced, or has too little lease left, never pushes.
+4b. :meth:`_ws_ship` for a ``review-policy: auto`` job whose ``ship-as`` is ``pr-opened`` or
+   ``merged``: the pull request, and the merge, each behind the same fence
+   (:meth:`_fence_side_effect`). A conflict ends the attempt ``merge_conflict``.
 5. :meth:`_ws_release` after the result is reported (or quarantined): the worktree goes.
 
 State it uses, set up by :class:`~gigafactory.factory.agent.Factory`: ``git`` (the
@@ -32,8 +35,10 @@ from gigafactory.schemas.manifest import FailureClass, effective_scope
 from gigafactory.schemas.scope import check_scope
 from gigafactory.schemas.records import WorkspaceResult
 
-from . import workspace
+from . import forges, workspace
 from .engines.base import Outcome
+from .forges import body
+from .forges.local import LocalForge
 from .holder import Run
 from .workspace import Checkout, GitError
 
@@ -55,6 +60,12 @@ class Ship:
         """The attempt's fresh worktree (raises :class:`GitError`); kept until :meth:`_ws_release`."""
         m = run.record.manifest
         assert m.repo is not None
+        # HOOK rebase-needed (for WIP checkpoints): when protocol.rebase_pending(run.record), the
+        # previous attempt's branch no longer merged into base; this attempt starts from the NEW
+        # base (fetched by the checkout). "Plus the last checkpoint" belongs here: bring the
+        # checkpoint's changes onto the new base (merge or cherry-pick; a conflict there is the
+        # merge_conflict), never check out the checkpoint commit itself (its history holds the
+        # old base and would conflict again). Until then it starts from base alone.
         co = await asyncio.to_thread(self.git.checkout, m.repo, m.base, run.job, run.epoch)
         self.checkouts[(run.job, run.epoch)] = co
         return co
@@ -155,26 +166,10 @@ class Ship:
         was sent); the push is then bounded by what is left."""
         if ws.head is None or ws.head == ws.base_commit:
             return _replace(ws, detail="nothing changed: no commit to push"), None
-        ttl_s = self.s.lease_ttl_s
-        want_s = protocol.fence_min_remaining_s(ttl_s, self.s.git_push_min_remaining_s)
-        sent_s = time.monotonic()
-        try:
-            held = await self._write(run, lambda r: protocol.renew(r, self.id, run.epoch, time.time()))
-        except Exception as e:  # cannot tell: a push must not go out on a guess
-            why = f"push not fenced: the renewal before it failed ({type(e).__name__}: {e})"
-            await self._event("push_refused", job=run.job, epoch=run.epoch, reason=why, data={"branch": co.branch})
-            return _replace(ws, detail=why), why
-        if held is None or run.fenced:
-            why = f"push refused: epoch {run.epoch} is stale (the job was reclaimed or cancelled)"
-            self.stats["pushes_fenced"] = self.stats.get("pushes_fenced", 0) + 1
-            await self._event("push_refused", job=run.job, epoch=run.epoch, reason=why, data={"branch": co.branch})
-            return _replace(ws, detail=why), why
-        left_s = protocol.fence_remaining_s(ttl_s, time.monotonic() - sent_s)
-        if left_s < want_s:
-            why = (f"push not made: only {left_s:.2f}s of lease is sure to be left after the fence, less "
-                   f"than git_push_min_remaining_s {want_s:g}s")
-            await self._event("push_refused", job=run.job, epoch=run.epoch, reason=why, data={"branch": co.branch})
-            return _replace(ws, detail=why), why
+        fenced = await self._fence_side_effect(run, "push", {"branch": co.branch})
+        if isinstance(fenced, str):
+            return _replace(ws, detail=fenced), fenced
+        left_s = fenced
         try:
             await asyncio.to_thread(workspace.push, co, timeout_s=min(self.s.git_timeout_s, left_s))
         except GitError as e:
@@ -186,8 +181,169 @@ class Ship:
         await self._event("pushed", job=run.job, epoch=run.epoch, reason=f"{co.branch} at {ws.head[:12]} pushed",
                           data={"branch": co.branch, "head": ws.head, "remote": co.url,
                                 "lease_left_s": round(left_s, 3)})
-        return _replace(ws, pushed=True, detail=f"pushed to {co.url}"), None
+        return _replace(ws, pushed=True, detail=f"pushed to {co.url}", shipped_as="branch"), None
+
+    async def _fence_side_effect(self, run: Run, what: str, data: dict) -> float | str:
+        """The fence in front of every side effect outside the broker (push, opening a pull
+        request, merging): a compare-and-set renewal of the lease (:meth:`_write` checks the
+        epoch and the holder), and then at least ``git_push_min_remaining_s`` of lease sure to
+        be left (measured from when the write was sent). Returns the lease left in seconds
+        (the bound for the side effect), or why it must not happen (a ``<what>_refused`` event
+        says it too). A stale holder therefore never pushes, opens nor merges.
+
+        :param run: the run.
+        :param what: ``push``, ``pull_request`` or ``merge`` (the event's name and the words).
+        :param data: what the refusal event carries (the branch, the pull request).
+        """
+        ttl_s = self.s.lease_ttl_s
+        want_s = protocol.fence_min_remaining_s(ttl_s, self.s.git_push_min_remaining_s)
+        sent_s = time.monotonic()
+        try:
+            held = await self._write(run, lambda r: protocol.renew(r, self.id, run.epoch, time.time()))
+        except Exception as e:  # cannot tell: a side effect must not go out on a guess
+            why = f"{what} not fenced: the renewal before it failed ({type(e).__name__}: {e})"
+            await self._event(f"{what}_refused", job=run.job, epoch=run.epoch, reason=why, data=data)
+            return why
+        if held is None or run.fenced:
+            why = f"{what} refused: epoch {run.epoch} is stale (the job was reclaimed or cancelled)"
+            key = "pushes_fenced" if what == "push" else f"{what}s_fenced"
+            self.stats[key] = self.stats.get(key, 0) + 1
+            await self._event(f"{what}_refused", job=run.job, epoch=run.epoch, reason=why, data=data)
+            return why
+        left_s = protocol.fence_remaining_s(ttl_s, time.monotonic() - sent_s)
+        if left_s < want_s:
+            why = (f"{what} not made: only {left_s:.2f}s of lease is sure to be left after the fence, less "
+                   f"than git_push_min_remaining_s {want_s:g}s")
+            await self._event(f"{what}_refused", job=run.job, epoch=run.epoch, reason=why, data=data)
+            return why
+        return left_s
+
+    async def _ws_ship(self, run: Run, co: Checkout, ws: WorkspaceResult, facts: "body.RunFacts",
+                       verify_passed: bool) -> tuple[WorkspaceResult, str | None]:
+        """After a passed, pushed attempt of a ``review-policy: auto`` job: make the branch what
+        its ``ship-as`` asks (``pr-opened``: open the pull request; ``merged``: open it, report
+        verify as its checks on the local forge, wait up to ``ship_checks_wait_s`` for pending
+        checks, merge). Each forge call is fenced like the push. Returns the workspace result
+        (pull request, merge, or why not: ``ship_detail``) and, when the merge conflicts, the
+        forge's words (the attempt then ends ``merge_conflict``: :func:`protocol.rebase_or_fail`).
+        A forge that refuses or errs leaves the job verified but not shipped (``testing``).
+
+        :param run: the run; :param co: its checkout; :param ws: the pushed result.
+        :param facts: what the pull request's body says about the run.
+        :param verify_passed: the job's ``verify`` ran and passed (the local forge's checks).
+        """
+        m = run.record.manifest
+        if m.ship_as == "branch" or not ws.pushed:
+            return ws, None
+        data = {"branch": co.branch, "base": co.base}
+        try:
+            forge = forges.forge_for(co.url, forges.base.context_from(self.s, self.b), self.s.forge)
+        except forges.ForgeError as e:
+            return await self._ship_stopped(run, ws, f"no forge: {e}", data), None
+        fenced = await self._fence_side_effect(run, "pull_request", data)
+        if isinstance(fenced, str):
+            return _replace(ws, ship_detail=fenced[:500]), None
+        try:
+            pr = await asyncio.wait_for(forge.open_pull_request(
+                m.repo or co.url, co.branch, co.base, body.pull_request_title(run.job, run.record.body),
+                body.pull_request_body(facts)), timeout=fenced)
+        except (forges.ForgeError, asyncio.TimeoutError) as e:
+            return await self._ship_stopped(run, ws, f"opening the pull request failed: {_words(e)}", data), None
+        ws = _replace(ws, pull_number=pr.number, pull_url=pr.url, pull_state=pr.state, shipped_as="pr-opened",
+                      ship_detail=f"pull request #{pr.number} opened on the {forge.kind} forge")
+        self.stats["pull_requests"] = self.stats.get("pull_requests", 0) + 1
+        await self._event("pull_request_opened", job=run.job, epoch=run.epoch,
+                          reason=f"#{pr.number} {co.branch} -> {co.base}" + (f" {pr.url}" if pr.url else ""),
+                          data={**data, "number": pr.number, "url": pr.url, "forge": forge.kind})
+        if m.ship_as != "merged":
+            return ws, None
+        return await self._ws_merge(run, forge, pr, ws, verify_passed, data)
+
+    async def _ws_merge(self, run: Run, forge, pr, ws: WorkspaceResult, verify_passed: bool,
+                        data: dict) -> tuple[WorkspaceResult, str | None]:
+        """The ``merged`` half of :meth:`_ws_ship`: checks, a bounded wait, the fenced merge."""
+        data = {**data, "number": pr.number}
+        try:
+            if isinstance(forge, LocalForge):
+                # The local forge's checks are this attempt's verify, pinned to the pushed head.
+                await forge.set_checks(pr, "success" if verify_passed else "none", ws.head or "",
+                                       "verify passed" if verify_passed else "the job has no verify")
+            state = await self._wait_for_checks(run, forge, pr)
+        except (forges.ForgeError, asyncio.TimeoutError) as e:
+            return await self._ship_stopped(run, ws, f"reading the checks failed: {_words(e)}", data), None
+        if state in ("pending", "failure"):
+            return await self._ship_stopped(run, ws, f"merge blocked: checks are {state} on {(ws.head or '')[:12]}"
+                                            + (f" after {self.s.ship_checks_wait_s:g}s (ship_checks_wait_s)"
+                                               if state == "pending" else ""), data), None
+        fenced = await self._fence_side_effect(run, "merge", data)
+        if isinstance(fenced, str):
+            return _replace(ws, ship_detail=fenced[:500]), None
+        try:
+            res = await asyncio.wait_for(forge.merge(pr), timeout=fenced)
+        except (forges.ForgeError, asyncio.TimeoutError) as e:
+            return await self._ship_stopped(run, ws, f"the merge failed: {_words(e)}", data), None
+        if res.outcome == "conflict":
+            why = f"#{pr.number} does not merge: {res.reason}"[:500]
+            await self._event("merge_conflict", job=run.job, epoch=run.epoch, reason=why, data=data)
+            return _replace(ws, ship_detail=why), why
+        if res.outcome == "blocked":
+            return await self._ship_stopped(run, ws, f"merge blocked: {res.reason}", data), None
+        self.stats["merges"] = self.stats.get("merges", 0) + 1
+        await self._event("merged", job=run.job, epoch=run.epoch,
+                          reason=f"#{pr.number} merged into {pr.base} at {(res.sha or '')[:12]}",
+                          data={**data, "merged_commit": res.sha})
+        return _replace(ws, pull_state="merged", merged_commit=res.sha, shipped_as="merged",
+                        ship_detail=f"pull request #{pr.number} merged into {pr.base}"), None
+
+    async def _wait_for_checks(self, run: Run, forge, pr) -> str:
+        """The pull request's checks, re-read every ``ship_checks_poll_s`` while ``pending``, for
+        at most ``ship_checks_wait_s`` (the lease is renewed meanwhile); stops early if the run
+        is cancelled or fenced."""
+        deadline_s = time.monotonic() + self.s.ship_checks_wait_s
+        timeout_s = self.s.forge_http_timeout_s * 2 + 1
+        while True:
+            state = await asyncio.wait_for(forge.checks(pr), timeout=timeout_s)
+            left_s = deadline_s - time.monotonic()
+            if state != "pending" or left_s <= 0 or run.fenced:
+                return state
+            try:
+                await asyncio.wait_for(run.cancel.wait(), timeout=min(self.s.ship_checks_poll_s, left_s))
+                return state  # cancelled or fenced: stop waiting
+            except asyncio.TimeoutError:
+                pass
+
+    async def _ship_stopped(self, run: Run, ws: WorkspaceResult, why: str, data: dict) -> WorkspaceResult:
+        """Shipping stopped short of ``ship-as`` without a conflict: say so (a ``ship_blocked``
+        event); the job waits in ``testing`` for a human's ``ship`` to try again."""
+        await self._event("ship_blocked", job=run.job, epoch=run.epoch, reason=why[:500], data=data)
+        return _replace(ws, ship_detail=why[:500])
 
 
 def _replace(ws: WorkspaceResult, **changes) -> WorkspaceResult:
     return msgspec.structs.replace(ws, **changes)
+
+
+def _words(e: BaseException) -> str:
+    return str(e) or type(e).__name__
+
+
+VERIFY_LOG_TAIL_BYTES = 64 * 1024
+"""What of an attempt's log is read for the pull request's verify summary (its end)."""
+VERIFY_HEADER = "# gigafactory: verify: "
+
+
+def verify_output(log_path: str) -> str:
+    """Verify's output from the attempt's log: what follows the last verify header in the
+    log's last ``VERIFY_LOG_TAIL_BYTES`` (empty when verify did not run or the log is gone)."""
+    try:
+        with open(log_path, "rb") as f:
+            f.seek(0, 2)
+            size = f.tell()
+            f.seek(max(0, size - VERIFY_LOG_TAIL_BYTES))
+            text = f.read().decode(errors="replace")
+    except OSError:
+        return ""
+    at = text.rfind(VERIFY_HEADER)
+    if at < 0:
+        return ""
+    return text[at:].partition("\n")[2]

@@ -538,8 +538,25 @@ def format_workspace(w: dict) -> str:
     pushed = "pushed" if w.get("pushed") else "not pushed"
     why = f" ({w['detail']})" if w.get("detail") and not w.get("pushed") else ""
     scope = f"; scope: {w['scope']}" if w.get("outside_scope") or w.get("protected") else ""
-    return (f"branch {w['branch']} at {head} from {w.get('base') or '?'}: {w.get('files_changed', 0)} files "
+    line = (f"branch {w['branch']} at {head} from {w.get('base') or '?'}: {w.get('files_changed', 0)} files "
             f"+{w.get('lines_added', 0)} -{w.get('lines_deleted', 0)}, {pushed}{why}{scope}")
+    return line + format_pull(w)
+
+
+def format_pull(w: dict) -> str:
+    """What shipping did for a ``repo`` attempt (``ship-as``), as a second line, or nothing:
+    the pull request (number, state, url), the merge commit, or why it stopped short."""
+    if w.get("pull_number") is None and not w.get("ship_detail"):
+        return ""
+    parts = []
+    if w.get("pull_number") is not None:
+        state = w.get("pull_state") or "open"
+        parts.append(f"pull request #{w['pull_number']} {state}" + (f" {w['pull_url']}" if w.get("pull_url") else ""))
+    if w.get("merged_commit"):
+        parts.append(f"merged at {w['merged_commit'][:12]}")
+    if w.get("ship_detail") and w.get("pull_state") != "merged":
+        parts.append(w["ship_detail"])
+    return "\n    shipped as " + (w.get("shipped_as") or "nothing") + ": " + "; ".join(parts)
 
 
 def format_usage(u: dict) -> str:
@@ -803,6 +820,56 @@ def fence(nats_url, as_json, job, epoch, factory_id, lease_ttl_s, min_remaining_
         _emit_json(out)
     click.echo(out["reason"], err=True)
     sys.exit(code)
+
+
+PULLS_LISTED_MAX = 10_000
+"""Most local pull request records ``gigafactory pulls`` reads (newest shown first)."""
+
+
+@main.command()
+@common
+@click.option("--limit", default=100, show_default=True, type=click.IntRange(1, PULLS_LISTED_MAX),
+              help="Show at most this many, newest first.")
+def pulls(nats_url, as_json, limit) -> None:
+    """List the local forge's pull requests (bucket gf_pulls): number, state, head -> base,
+    checks, and the remote. A GitHub pull request is on GitHub; 'gigafactory status JOB' shows
+    any job's pull request and merge."""
+    async def fn(client):
+        import msgspec as _msgspec
+        from nats.js.errors import BucketNotFoundError, NoKeysError
+
+        from gigafactory.factory.forges.local import PULLS_BUCKET, LocalPull
+
+        js = client.nc.jetstream(timeout=10)
+        try:
+            kv = await js.key_value(PULLS_BUCKET)
+            keys = [k for k in await kv.keys() if not k.endswith(".next")]
+        except (BucketNotFoundError, NoKeysError):
+            keys = []
+        rows = []
+        for key in keys[:PULLS_LISTED_MAX]:
+            e = await kv.get(key)
+            try:
+                rec = _msgspec.json.decode(e.value, type=LocalPull)
+            except _msgspec.DecodeError:
+                continue  # not a pull request record (written by hand): 'nats kv get' shows it
+            pr = {f: getattr(rec.pr, f) for f in rec.pr.__struct_fields__}  # every field, defaults too
+            rows.append({**pr, "remote": rec.remote, "checks": rec.checks,
+                         "checks_sha": rec.checks_sha})
+        rows.sort(key=lambda r: r.get("created_at", 0.0), reverse=True)
+        rows = rows[:limit]
+        if as_json:
+            _emit_json({"pulls": rows, "total": len(keys)})
+            return
+        if not rows:
+            click.echo("no local pull requests (a job with ship-as: pr-opened or merged on a local remote opens one)")
+            return
+        for r in rows:
+            merged = f" at {r['merge_sha'][:12]}" if r.get("merge_sha") else ""
+            click.echo(f"#{r['number']:<5} {r['state']:<6}{merged} {r['head']} -> {r['base']}  checks {r['checks']}  "
+                       f"{r['remote']}  {r['title']}")
+
+    _client_call(nats_url, as_json, fn)
 
 
 @main.command()

@@ -345,6 +345,17 @@ class Settings:
     (a named error for a missing file, bad JSON, a missing or negative price). Risk: wrong figures
     make every priced cost and every ``budget.usd`` stop wrong; a model missing from it stays
     ``unknown`` and is then never stopped by ``budget.usd``."""
+    # -- shipping: pull requests and merges (issue 10, helper shipmodes) -----------------------
+    ship_checks_wait_s: float = 600.0
+    """``GIGAFACTORY_SHIP_CHECKS_WAIT_S``: how long, in seconds, a factory shipping a
+    ``ship-as: merged`` job waits for the pull request's pending checks (CI) before leaving the
+    job in ``testing`` for a human's ``gigafactory ship`` (0: no wait). The station stays busy
+    and the lease renewed meanwhile. Risk: a long wait holds a station per job waiting on CI; a
+    short one leaves jobs whose CI is slow unmerged. At most ``SHIP_CHECKS_WAIT_MAX_S``."""
+    ship_checks_poll_s: float = 10.0
+    """``GIGAFACTORY_SHIP_CHECKS_POLL_S``: seconds between two reads of a pull request's checks
+    while waiting (``ship_checks_wait_s``). Risk: a short one spends the forge's API rate limit
+    (GitHub: 5,000 requests an hour per token)."""
 
     # -- the probe (lead) ---------------------------------------------------------------------
     probe_timeout_s: float = 30.0
@@ -407,6 +418,12 @@ class Settings:
             raise SettingsError(f"git_push_min_remaining_s={self.git_push_min_remaining_s!r} "
                                 "(GIGAFACTORY_GIT_PUSH_MIN_REMAINING_S) must be at least 0 and less than "
                                 f"lease_ttl_s ({self.lease_ttl_s:g}): a push needs lease left after its fence")
+        if not 0 <= self.ship_checks_wait_s <= SHIP_CHECKS_WAIT_MAX_S:
+            raise SettingsError(f"ship_checks_wait_s={self.ship_checks_wait_s!r} (GIGAFACTORY_SHIP_CHECKS_WAIT_S) "
+                                f"must be 0 to {SHIP_CHECKS_WAIT_MAX_S:g} seconds")
+        if not 0 < self.ship_checks_poll_s <= SHIP_CHECKS_WAIT_MAX_S:
+            raise SettingsError(f"ship_checks_poll_s={self.ship_checks_poll_s!r} (GIGAFACTORY_SHIP_CHECKS_POLL_S) "
+                                f"must be more than 0 and at most {SHIP_CHECKS_WAIT_MAX_S:g} seconds")
         if not 0 <= self.prefers_grace_s <= PREFERS_GRACE_MAX_S:
             raise SettingsError(f"prefers_grace_s={self.prefers_grace_s!r} (GIGAFACTORY_PREFERS_GRACE_S) must be "
                                 f"between 0 and {PREFERS_GRACE_MAX_S:g} seconds: it is how long an engine-class "
@@ -505,6 +522,8 @@ def env_text(value: object) -> str:
 
 ENGINE_ENV_PASSTHROUGH_MAX_CHARS = 4096
 """Longest ``engine_env_passthrough`` accepted."""
+SHIP_CHECKS_WAIT_MAX_S = 6 * 3600.0
+"""Largest ``ship_checks_wait_s`` (and ``ship_checks_poll_s``): a station waits for CI at most six hours."""
 PREFERS_GRACE_MAX_S = 600.0
 """Largest ``prefers_grace_s``: beyond ten minutes a preference would be a hidden queue."""
 _ENV_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")

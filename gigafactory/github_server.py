@@ -26,6 +26,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import subprocess
 import threading
 import time
 import urllib.parse
@@ -72,6 +73,15 @@ class Repo:
     """Pull request reads answering ``mergeable: null`` before GitHub "has computed" it."""
     next_number: int = 1
     next_id: int = 1000
+    git_dir: str | None = None
+    """A real bare repository whose branches this one follows (read at every request): what a
+    factory pushes there is what this GitHub reports. Merges stay in the model (``base`` here
+    moves to a fake merge commit; the bare repository's does not)."""
+    git_seen: dict[str, str] = field(default_factory=dict)
+    """The branch heads last read from ``git_dir`` (only their changes are applied)."""
+    checks_on_push: list[str] = field(default_factory=list)
+    """Check runs started (``in_progress``) on every new head read from ``git_dir``, as a CI
+    would; :meth:`GitHubServer.complete_check` finishes one."""
 
 
 class GitHubServer:
@@ -153,17 +163,27 @@ class GitHubServer:
     def add_check_run(self, owner: str, name: str, sha: str, check: str, status: str = "completed",
                       conclusion: str | None = "success") -> None:
         with self.lock:
-            repo = self.repos[(owner.lower(), name.lower())]
-            repo.next_id += 1
-            repo.check_runs.setdefault(sha, []).append({
-                "id": repo.next_id, "head_sha": sha, "node_id": f"CR_{repo.next_id}", "external_id": "",
-                "url": f"{self.api_url}/repos/{owner}/{name}/check-runs/{repo.next_id}",
-                "html_url": f"https://github.com/{owner}/{name}/runs/{repo.next_id}", "details_url": "",
-                "status": status, "conclusion": conclusion if status == "completed" else None,
-                "started_at": _now(), "completed_at": _now() if status == "completed" else None,
-                "name": check, "output": {"title": None, "summary": None, "text": None,
-                                          "annotations_count": 0, "annotations_url": ""},
-                "check_suite": {"id": 1}, "app": None, "pull_requests": []})
+            self._add_check_run(self.repos[(owner.lower(), name.lower())], sha, check, status, conclusion)
+
+    def complete_check(self, owner: str, name: str, sha: str, check: str, conclusion: str = "success") -> None:
+        """Finish the check runs named ``check`` on ``sha`` with ``conclusion``."""
+        with self.lock:
+            for r in self.repos[(owner.lower(), name.lower())].check_runs.get(sha, []):
+                if r["name"] == check:
+                    r.update(status="completed", conclusion=conclusion, completed_at=_now())
+
+    def _add_check_run(self, repo: Repo, sha: str, check: str, status: str, conclusion: str | None) -> None:
+        owner, name = repo.owner, repo.name
+        repo.next_id += 1
+        repo.check_runs.setdefault(sha, []).append({
+            "id": repo.next_id, "head_sha": sha, "node_id": f"CR_{repo.next_id}", "external_id": "",
+            "url": f"{self.api_url}/repos/{owner}/{name}/check-runs/{repo.next_id}",
+            "html_url": f"https://github.com/{owner}/{name}/runs/{repo.next_id}", "details_url": "",
+            "status": status, "conclusion": conclusion if status == "completed" else None,
+            "started_at": _now(), "completed_at": _now() if status == "completed" else None,
+            "name": check, "output": {"title": None, "summary": None, "text": None,
+                                      "annotations_count": 0, "annotations_url": ""},
+            "check_suite": {"id": 1}, "app": None, "pull_requests": []})
 
     def add_status(self, owner: str, name: str, sha: str, context: str, state: str) -> None:
         with self.lock:
@@ -230,11 +250,32 @@ class GitHubServer:
         h.end_headers()
         h.wfile.write(data)
 
+    def _follow_git(self, repo: Repo) -> None:
+        """Apply what changed in ``repo.git_dir`` since the last read (a push is a push)."""
+        out = subprocess.run(["git", "for-each-ref", "--format=%(refname:short) %(objectname)", "refs/heads/"],
+                             cwd=repo.git_dir, capture_output=True, text=True, timeout=30, check=True).stdout
+        for line in out.splitlines():
+            branch, sha = line.split(" ", 1)
+            if repo.git_seen.get(branch) != sha:
+                repo.git_seen[branch] = sha
+                parents = subprocess.run(["git", "rev-list", "--max-count=1000", sha], cwd=repo.git_dir,
+                                         capture_output=True, text=True, timeout=30, check=True).stdout.split()
+                old = repo.branches.get(branch)
+                repo.branches[branch] = sha
+                repo.ancestry[sha] = {sha, *parents, *([old] if old else [])}
+                for pr in repo.pulls.values():
+                    if pr["head"]["ref"] == branch and pr["state"] == "open":
+                        pr["head"]["sha"] = sha
+                for check in repo.checks_on_push:
+                    self._add_check_run(repo, sha, check, "in_progress", None)
+
     def _route(self, method: str, path: str, query: dict, body: Any) -> tuple[int, Any]:
         m = re.fullmatch(r"/repos/([^/]+)/([^/]+)(/.*)", path)
         repo = self.repos.get((m[1].lower(), m[2].lower())) if m else None
         if repo is None:
             return 404, {"message": "Not Found", "documentation_url": DOCS}
+        if repo.git_dir:
+            self._follow_git(repo)
         rest = m[3]
         if rest == "/pulls" and method == "GET":
             return 200, self._list(repo, query)

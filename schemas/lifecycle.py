@@ -15,6 +15,9 @@ A job is born ``queued`` (or ``blocked`` while a dependency is unmet). A factory
 claims it (``assigned``), starts its engine (``building``), and its verify gate
 sends it to ``review`` (review policy names reviewers) or ``testing``; a human
 ``ship`` moves it to ``shipped``, or the ``auto`` review policy ships it at once.
+What ``shipped`` means for a ``repo`` job is its ``ship-as`` (branch, pull request opened,
+merged); a branch that no longer merges goes back to ``queued`` once (``rebase-needed``, from
+``building``, ``review`` or ``testing``), then ``failed`` with ``merge_conflict``.
 Failures go back to ``queued`` while the retry policy allows, then to
 ``dead_letter``; a failure class the policy does not retry, a cancel, or a
 failed dependency ends in ``failed``. An operator may ``requeue`` a job that has
@@ -111,11 +114,15 @@ TRANSITIONS: dict[Stage, dict[Event, Stage]] = {
     Stage.REVIEW: {
         Event.SHIP: Stage.SHIPPED,
         Event.REQUEUE: Stage.QUEUED,
+        # A human's ship whose merge conflicts after the one rebase-needed retry: merge_conflict.
+        Event.FAIL: Stage.FAILED,
         Event.CANCEL: Stage.FAILED,
     },
     Stage.TESTING: {
         Event.SHIP: Stage.SHIPPED,
         Event.REQUEUE: Stage.QUEUED,
+        # A human's ship whose merge conflicts after the one rebase-needed retry: merge_conflict.
+        Event.FAIL: Stage.FAILED,
         Event.CANCEL: Stage.FAILED,
     },
     Stage.SHIPPED: {},

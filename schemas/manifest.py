@@ -135,6 +135,18 @@ ReviewPolicy = Literal["auto", "manual"] | Reviewers
 """``manual`` (default): verify pass -> ``testing``, then a human ``ship``. ``auto``: verify pass
 ships at once. ``{reviewers: [...]}``: verify pass -> ``review`` until a reviewer ships it."""
 
+ShipAs = Literal["branch", "pr-opened", "merged"]
+"""What ``shipped`` means for a ``repo`` job (``ship-as``), whoever ships it (``review-policy``
+``auto``: the factory after verify; ``manual`` or reviewers: the coordinator when a human runs
+``gigafactory ship``):
+
+- ``branch`` (default): the verified branch ``gf/<job>/e<epoch>`` is pushed; nothing more.
+- ``pr-opened``: a pull request from that branch into ``base`` is opened on the job's forge.
+- ``merged``: the pull request is merged once its checks are green, never past the forge's
+  branch protection; a branch that no longer merges cleanly is retried once from the new base
+  (``rebase-needed``), then the job fails ``merge_conflict``."""
+SHIP_AS_VALUES: tuple[str, ...] = ("branch", "pr-opened", "merged")
+
 
 class Manifest(msgspec.Struct, rename="kebab", forbid_unknown_fields=True, omit_defaults=True):
     """The front matter of a job file. Field names are kebab-case in YAML."""
@@ -210,6 +222,11 @@ class Manifest(msgspec.Struct, rename="kebab", forbid_unknown_fields=True, omit_
     scope_mode: Literal["warn", "enforce"] = "warn"
     """``warn`` (default): a change outside ``scope`` ships, with the violation in the events
     and status; ``enforce``: the attempt ends ``scope_violation`` and nothing is pushed."""
+    ship_as: ShipAs = "branch"
+    """What ``shipped`` means (needs ``repo``): ``branch`` (default: the verified branch is
+    pushed), ``pr-opened`` (a pull request into ``base`` is opened) or ``merged`` (and merged
+    when its checks are green). ``review-policy`` says who ships: ``auto`` the factory at once,
+    ``manual``/reviewers the coordinator when a human runs ``gigafactory ship``."""
 
     def requirements(self) -> tuple[str, ...]:
         """The canonical requirement set: capabilities plus the engine (or engine class)."""
@@ -723,7 +740,11 @@ def _explain_validation_error(text: str, data: Any) -> tuple[str | None, str]:
         base = re.sub(r"\[\d+\]$", "", field)
         noun = _NOUNS.get(base, base)
         article = "an" if noun[0] in "aeiou" else "a"
-        return field, f"{value!r} is not {article} {noun}; expected {_expected_choices(values, shapes)}"
+        hint = ""
+        if base == "review-policy" and value in SHIP_AS_VALUES:
+            hint = (f" ('{value}' is a ship-as: write 'ship-as: {value}' for what shipped means, and keep "
+                    "review-policy for who ships: auto, manual or reviewers)")
+        return field, f"{value!r} is not {article} {noun}; expected {_expected_choices(values, shapes)}{hint}"
 
     unknown = re.match(r"^Object contains unknown field `(.*)`$", msg)
     if unknown:
@@ -892,6 +913,9 @@ def workspace_problem(m: Manifest) -> tuple[str, str] | None:
             return "scope", "needs 'repo': it limits the paths the job may change in that repository"
         if m.scope_mode == "enforce":
             return "scope-mode", "needs 'repo': only a repository's changes can be checked against a scope"
+        if m.ship_as != "branch":
+            return "ship-as", (f"{m.ship_as!r} needs 'repo': only a repository's branch can become a pull "
+                               "request; leave 'ship-as' out for a job without a repository")
         return None
     problem = repo_problem(m.repo)
     if problem:

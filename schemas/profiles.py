@@ -44,6 +44,7 @@ from .manifest import (
     Manifest,
     ManifestError,
     ReviewPolicy,
+    ShipAs,
     _Loader,
     parse_duration,
 )
@@ -85,6 +86,9 @@ class ProfileFields(msgspec.Struct, rename="kebab", forbid_unknown_fields=True, 
     verify: str | None = None
     budget: Budget = msgspec.field(default_factory=Budget)
     review_policy: ReviewPolicy | None = None
+    ship_as: ShipAs | None = None
+    """What ``shipped`` means for the profile's ``repo`` jobs that state no ``ship-as``
+    (``branch``, ``pr-opened``, ``merged``); ignored for a job without ``repo``."""
     timeout: str | None = None
     scope: list[str] = msgspec.field(default_factory=list)
     """Path globs (repository-relative, :mod:`~gigafactory.schemas.scope` grammar) the profile's
@@ -248,6 +252,8 @@ def resolve(jf: JobFile, catalog: Mapping[str, Profile]) -> JobFile:
     take("model", "model", p.model)
     take("verify", "verify", p.verify)
     take("review-policy", "review_policy", p.review_policy)
+    if m.repo is not None:  # a job without a repository has nothing to open or merge
+        take("ship-as", "ship_as", p.ship_as)
     take("timeout", "timeout", p.timeout)
     budget = msgspec.structs.replace(
         m.budget, **{k: v for k in ("usd", "tokens", "wall")

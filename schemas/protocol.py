@@ -222,6 +222,8 @@ def finish(
         attribution=attribution or Attribution(job=rec.id, lane=f"{factory}/{rec.lease.station if rec.lease else 0}"),
         usage=usage, workspace=workspace,
     )
+    if failure == FailureClass.MERGE_CONFLICT:
+        return rebase_or_fail(rec, now, detail, attempts=attempts)
     if failure is not None:
         return _after_failure(rec, failure, now, detail, attempts=attempts, retry_after_s=retry_after_s)
     policy = rec.manifest.review_policy
@@ -232,9 +234,120 @@ def finish(
         )
     out = _move(rec, Event.VERIFIED, now, "verify passed; waiting for ship", attempts=attempts, lease=None)
     if policy == "auto":
-        shipped = _move(out.record, Event.SHIP, now, "verify passed; shipped by review-policy auto")
+        short = ship_shortfall(rec.manifest.ship_as, workspace)
+        if short is not None:
+            # Verify passed and the branch is pushed, but the forge did not (yet) let it become
+            # what ship-as asks: a human (or a later `ship`) takes it from here.
+            why = (f"verify passed; not shipped as {rec.manifest.ship_as}: {short}; "
+                   f"'gigafactory ship {rec.id}' tries again")
+            return Outcome(_replace(out.record, reason=why[:2000]), out.event, out.stage_from, why[:2000])
+        shipped = _move(out.record, Event.SHIP, now, "verify passed; shipped by review-policy auto"
+                        + _shipped_words(rec.manifest.ship_as, workspace))
         return Outcome(shipped.record, Event.SHIP, rec.stage, shipped.reason)
     return out
+
+
+# -- shipping: ship-as and conflicts -----------------------------------------------------------
+
+MAX_REBASES = 1
+"""``rebase-needed`` requeues a job gets (a branch that no longer merges into a moved ``base``)
+before the next conflict fails it ``merge_conflict``."""
+REBASE_NEEDED = "rebase-needed"
+"""The reason's first word when a job is requeued for a conflict (``gigafactory status``)."""
+
+
+def ship_shortfall(ship_as: str, ws: WorkspaceResult | None) -> str | None:
+    """What an attempt's workspace still lacks to count as shipped under ``ship_as``, in words,
+    or None when it is shipped (pure).
+
+    Nothing to ship beyond the push (no ``repo``: ``ws`` None; nothing changed: no commit on
+    the branch) is shipped. ``branch`` needs nothing more than the verified attempt (a push that
+    failed already failed the attempt); ``pr-opened`` needs a pull request; ``merged`` needs
+    the forge to say merged.
+
+    :param ship_as: the manifest's ``ship-as``.
+    :param ws: the passed attempt's workspace result.
+    """
+    if ws is None or ws.head is None or ws.head == ws.base_commit or ship_as == "branch":
+        return None
+    why = ws.ship_detail or ws.detail or "nothing was tried"
+    if not ws.pushed:
+        return f"the branch was not pushed ({why})"
+    if ship_as == "pr-opened":
+        return None if ws.pull_number is not None else f"no pull request was opened ({why})"
+    assert ship_as == "merged", ship_as
+    return None if ws.pull_state == "merged" else f"not merged ({why})"
+
+
+def _shipped_words(ship_as: str, ws: WorkspaceResult | None) -> str:
+    if ws is None or ws.pull_number is None:
+        return ""
+    if ship_as == "merged" and ws.merged_commit:
+        return f" (pull request #{ws.pull_number} merged at {ws.merged_commit[:12]})"
+    return f" (pull request #{ws.pull_number} opened)"
+
+
+def rebase_or_fail(rec: JobRecord, now: float, detail: str, **kw) -> Outcome:
+    """The branch no longer merges cleanly into ``base`` (it moved): back to ``queued`` with
+    reason ``rebase-needed`` while :data:`MAX_REBASES` allows (a new attempt, on a fresh
+    worktree from the new base; no retry of ``retry.max`` is charged and there is no
+    back-off), then ``failed`` with ``merge_conflict`` (or as ``retry.on`` says, if it lists
+    ``merge_conflict``). From ``building`` (the factory's merge) or ``testing``/``review`` (the
+    coordinator's merge after a human's ``ship``). Bumps the epoch either way.
+
+    :param rec: the record as read.
+    :param now: the time to stamp.
+    :param detail: the forge's words for the conflict.
+    :param kw: further record fields to write (the attempts with the conflict recorded).
+    """
+    if rec.rebases_used < MAX_REBASES:
+        return _move(
+            rec, Event.REQUEUE, now,
+            f"{REBASE_NEEDED}: {detail}; a new attempt from the new base "
+            f"(rebase {rec.rebases_used + 1} of {MAX_REBASES})",
+            epoch=rec.epoch + 1, lease=None, rebases_used=rec.rebases_used + 1, backoff_s=0.0,
+            last_failure=FailureClass.MERGE_CONFLICT, **kw,
+        )
+    if rec.stage in LEASED:
+        return _after_failure(rec, FailureClass.MERGE_CONFLICT, now,
+                              f"{detail} (after {rec.rebases_used} rebase-needed retries)", **kw)
+    # From testing/review (the coordinator's merge): the retry policy has nothing to rerun here.
+    return _move(rec, Event.FAIL, now,
+                 f"{FailureClass.MERGE_CONFLICT}: {detail} (after {rec.rebases_used} rebase-needed retries)",
+                 epoch=rec.epoch + 1, lease=None, last_failure=FailureClass.MERGE_CONFLICT, **kw)
+
+
+def rebase_pending(rec: JobRecord) -> bool:
+    """True for the attempt that follows a ``rebase-needed`` requeue (the record as claimed:
+    the attempt before the current one ended ``merge_conflict``). Its worktree must start from
+    the NEW ``base`` (the checkout fetches it), never from a commit whose history holds the old
+    one; with WIP checkpoints, "the new base plus the last checkpoint" is the checkpoint's work
+    brought onto the new base (see ``factory/ship.py`` ``_ws_checkout``, HOOK rebase-needed)."""
+    ended = [a for a in rec.attempts if a.outcome != "running"]
+    return bool(ended) and ended[-1].outcome == str(FailureClass.MERGE_CONFLICT) and rec.rebases_used > 0
+
+
+def shipped_attempt(rec: JobRecord) -> AttemptRecord | None:
+    """The attempt a ``ship`` ships: the last one that passed (None: none did)."""
+    return next((a for a in reversed(rec.attempts) if a.outcome == "passed"), None)
+
+
+def with_ship_result(rec: JobRecord, epoch: int, ws: WorkspaceResult) -> list[AttemptRecord]:
+    """The record's attempts with the attempt at ``epoch`` carrying ``ws`` (what a human's
+    ``ship`` did at the forge)."""
+    return _update_attempt(rec, epoch, workspace=ws)
+
+
+def ship_done(rec: JobRecord, now: float, actor: str, epoch: int, ws: WorkspaceResult) -> Outcome:
+    """A human's ship that the forge carried out (the pull request opened, or merged):
+    ``testing``/``review`` -> ``shipped``, the attempt at ``epoch`` recording ``ws``."""
+    return _move(rec, Event.SHIP, now, f"shipped by {actor}{_shipped_words(rec.manifest.ship_as, ws)}",
+                 attempts=with_ship_result(rec, epoch, ws))
+
+
+def ship_conflict(rec: JobRecord, now: float, actor: str, epoch: int, ws: WorkspaceResult) -> Outcome:
+    """A human's ship whose merge conflicted: :func:`rebase_or_fail`."""
+    return rebase_or_fail(rec, now, f"{ws.ship_detail} (ship by {actor})", attempts=with_ship_result(rec, epoch, ws))
 
 
 def already_applied(rec: JobRecord, epoch: int, outcome: str) -> bool:

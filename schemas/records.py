@@ -139,6 +139,22 @@ class WorkspaceResult(msgspec.Struct, omit_defaults=True):
     scope: str = ""
     """The scope guardrail's verdict in words (empty: the job had no scope and touched nothing
     protected)."""
+    # -- shipping (``ship-as``; issue 10, helper shipmodes) --
+    shipped_as: str = ""
+    """How far shipping got: ``branch`` (pushed), ``pr-opened``, ``merged``; empty until
+    pushed. Written by the factory (``review-policy: auto``) or the coordinator (a human's
+    ``gigafactory ship``)."""
+    pull_number: int | None = None
+    """The pull request opened from ``branch`` into ``base`` (None: none opened)."""
+    pull_url: str = ""
+    """Where a human reads it (GitHub's page; empty for the local forge)."""
+    pull_state: str = ""
+    """``open``, ``merged`` or ``closed`` as the forge last said."""
+    merged_commit: str | None = None
+    """The merge commit on ``base``, once merged."""
+    ship_detail: str = ""
+    """Why shipping stopped short of ``ship-as`` (merge blocked by checks or protection, a
+    conflict, a forge error), or what it did."""
 
 
 class AttemptRecord(msgspec.Struct, omit_defaults=True):
@@ -205,6 +221,9 @@ class JobRecord(msgspec.Struct, omit_defaults=False):
     profile: ProfileSnapshot | None = None
     """The profile the job named, as it was at submit (name, content hash, persona, scope); the
     manifest above is already resolved against it. Factories read this, never profile files."""
+    rebases_used: int = 0
+    """``rebase-needed`` requeues so far (a branch that no longer merged into a moved ``base``);
+    after :data:`~gigafactory.schemas.protocol.MAX_REBASES` the job fails ``merge_conflict``."""
 
     @property
     def priority_rank(self) -> int:

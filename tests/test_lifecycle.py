@@ -42,9 +42,11 @@ LEGAL = {
     (Stage.REVIEW, Event.SHIP): Stage.SHIPPED,
     (Stage.REVIEW, Event.REQUEUE): Stage.QUEUED,
     (Stage.REVIEW, Event.CANCEL): Stage.FAILED,
+    (Stage.REVIEW, Event.FAIL): Stage.FAILED,  # a human's ship whose merge conflicts, rebase spent
     (Stage.TESTING, Event.SHIP): Stage.SHIPPED,
     (Stage.TESTING, Event.REQUEUE): Stage.QUEUED,
     (Stage.TESTING, Event.CANCEL): Stage.FAILED,
+    (Stage.TESTING, Event.FAIL): Stage.FAILED,
     (Stage.FAILED, Event.REQUEUE): Stage.QUEUED,
     (Stage.DEAD_LETTER, Event.REQUEUE): Stage.QUEUED,
 }
@@ -86,7 +88,7 @@ def test_an_illegal_transition_lists_the_events_the_stage_allows():
     with pytest.raises(IllegalTransition) as caught:
         transition(Stage.TESTING, Event.START)
 
-    assert "events allowed from 'testing': cancel, requeue, ship" in str(caught.value)
+    assert "events allowed from 'testing': cancel, fail, requeue, ship" in str(caught.value)
 
 
 def test_shipped_is_final():

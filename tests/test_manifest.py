@@ -112,6 +112,7 @@ repo: https://git.example.com/web.git
 base: release/2.1
 scope: [src/**, '**/*.md']
 scope-mode: enforce
+ship-as: pr-opened
 """
 
 
@@ -145,6 +146,7 @@ def test_a_manifest_with_every_field_parses_each_one():
     assert m.base == "release/2.1"
     assert m.scope == ["src/**", "**/*.md"]
     assert m.scope_mode == "enforce"
+    assert m.ship_as == "pr-opened"
     # the engine wins over the engine class; budget.wall is the tighter ceiling
     assert m.requirements() == ("engine:claude", "has:git", "node>=20", "os:linux")
     assert m.timeout_s() == 45 * 60.0
