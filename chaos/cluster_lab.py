@@ -20,7 +20,7 @@ import asyncio
 import time
 from pathlib import Path
 
-from gigafactory.embedded import Cluster
+from gigafactory.testing import Cluster
 
 from .harness import HOST, Lab
 
@@ -34,7 +34,7 @@ REJOIN_TIMEOUT_S = 45.0
 
 
 class ClusterLab(Lab):
-    """A :class:`Lab` whose broker is a :class:`~gigafactory.embedded.Cluster` of three
+    """A :class:`Lab` whose broker is a :class:`~gigafactory.testing.Cluster` of three
     ``nats-server`` processes. ``no_advertise`` keeps the nodes from telling clients the
     other nodes' URLs (needed when a client reaches the cluster through a fault proxy)."""
 

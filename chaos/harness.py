@@ -31,8 +31,9 @@ Rules every scenario keeps, and the lab enforces where it can:
   :meth:`Lab.close` kill whatever carries the marker, so nothing is left on the machine.
 
 A scenario is an ``async def`` registered with :func:`scenario`; it takes a
-:class:`ScenarioConfig` and returns a :class:`ScenarioResult`. :func:`run_scenario` runs one by
-name under an overall time limit (``gigafactory chaos run NAME``).
+:class:`ScenarioConfig` and returns a :class:`ScenarioResult`.
+:func:`gigafactory.chaos.runner.run_scenario` runs one by name under an overall time limit
+(``gigafactory chaos run NAME``); the scenarios import this module, never the other way round.
 """
 
 from __future__ import annotations
@@ -46,7 +47,6 @@ import secrets
 import shlex
 import signal
 import sqlite3
-import subprocess
 import sys
 import time
 from collections.abc import Awaitable, Callable, Mapping
@@ -65,6 +65,7 @@ from gigafactory.embedded import EmbeddedServer, free_ports
 from gigafactory.schemas import names
 from gigafactory.schemas.lifecycle import LEASED, TERMINAL
 from gigafactory.schemas.records import EventRecord, FactoryRecord, JobRecord, decode
+from gigafactory.testing.procs import LabProc, wait_for
 
 from . import invariants
 from .proxy import ProxyControl, ProxyControlError
@@ -105,8 +106,6 @@ engine outliving its lease by a lease TTL leaves several lines after the loss.""
 
 READY_TIMEOUT_S = 30.0
 """Bound on a process becoming ready (a factory registered, the coordinator's API answering)."""
-STOP_TIMEOUT_S = 15.0
-"""Bound on a SIGTERMed process draining before it is SIGKILLed."""
 
 
 # -- scenarios: configuration, result, registry ---------------------------------------------------
@@ -192,7 +191,8 @@ class Scenario:
 
 
 SCENARIOS: dict[str, Scenario] = {}
-"""Registered scenarios by name (filled by importing ``gigafactory.chaos.scenarios``)."""
+"""Registered scenarios by name (filled by importing ``gigafactory.chaos.scenarios``; read
+them with :func:`gigafactory.chaos.runner.registry`)."""
 
 
 def scenario(name: str, summary: str) -> Callable[[ScenarioFn], ScenarioFn]:
@@ -204,58 +204,6 @@ def scenario(name: str, summary: str) -> Callable[[ScenarioFn], ScenarioFn]:
         return fn
 
     return register
-
-
-def registry() -> dict[str, Scenario]:
-    """Every implemented scenario, by name."""
-    from . import scenarios  # noqa: F401 (registers them)
-
-    return SCENARIOS
-
-
-def time_limit_s(config: ScenarioConfig) -> float:
-    """The overall bound on one run: generous, so only a hang reaches it."""
-    return 240.0 if config.bounded else config.duration_s + 300.0
-
-
-async def run_scenario(name: str, config: ScenarioConfig) -> ScenarioResult:
-    """Run scenario ``name`` under :func:`time_limit_s`. A scenario that raises or overruns
-    becomes a failed result naming why, never an exception."""
-    scen = registry().get(name)
-    if scen is None:
-        raise KeyError(f"no scenario {name!r}; 'gigafactory chaos list' names them: {', '.join(sorted(SCENARIOS))}")
-    config.workdir.mkdir(parents=True, exist_ok=True)
-    t0 = time.monotonic()
-    task = asyncio.ensure_future(scen.fn(config))
-    try:
-        # asyncio.wait, not wait_for: a bounded wait inside the scenario that runs out raises
-        # TimeoutError too, and must be reported as itself, not as the overall limit.
-        done, _ = await asyncio.wait({task}, timeout=time_limit_s(config))
-        if not done:
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)  # the lab cleans up on cancel
-            res = ScenarioResult(name, config.seed, False, None,
-                                 failures=[f"did not finish within {time_limit_s(config):g}s"])
-        else:
-            res = task.result()
-    except asyncio.CancelledError:
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
-        raise
-    except Exception as e:  # a scenario that breaks reports why; the CLI exits non-zero
-        log.exception("scenario %s failed", name)
-        res = ScenarioResult(name, config.seed, False, None, failures=[f"{type(e).__name__}: {e}"])
-    res.elapsed_s = time.monotonic() - t0
-    res.workdir = str(config.workdir)
-    if res.report is not None:
-        # Every scenario reports what its jobs did, beside its own figures.
-        for key in SIDE_EFFECT_FIGURES:
-            if key in res.report.counts:
-                res.figures.setdefault(key, res.report.counts[key])
-    if config.factory_env:
-        res.notes.append("factories ran with " + " ".join(f"{k}={v}" for k, v in sorted(config.factory_env.items())))
-    res.ok = res.ok and not res.failures and (res.report is not None and res.report.ok)
-    return res
 
 
 SIDE_EFFECT_FIGURES = ("ledger_lines", "ledger_epochs", "side_effects_after_lease_lost",
@@ -326,102 +274,6 @@ def ledger_script(ledger: Path, work_s: float, *, gate: Path | str | None = None
 # -- processes --------------------------------------------------------------------------------------
 
 
-class LabProc:
-    """One real process of the lab, its output in ``log`` (appended across restarts)."""
-
-    def __init__(self, name: str, args: list[str], log_path: Path, env: dict[str, str]) -> None:
-        self.name = name
-        self.args = args
-        self.log = log_path
-        self.env = env
-        self.p: subprocess.Popen | None = None
-        self.paused = False
-        self.starts = 0
-        self.pauses: list[list[float | None]] = []
-        """[stopped, continued] wall-clock times of every SIGSTOP the lab sent it (continued is
-        None while it is stopped): the pause windows the side-effect invariant allows for."""
-
-    def start(self) -> None:
-        from gigafactory.procs import popen_tied  # here, not at the top: only this method starts processes
-
-        assert self.p is None or self.p.poll() is not None, f"{self.name} is already running"
-        with open(self.log, "ab") as out:
-            out.write(f"--- {self.name} start #{self.starts + 1} at {time.time():.3f}\n".encode())
-            out.flush()
-            # A session of its own: a Ctrl-C of the operator's terminal is for the lab, not for it.
-            # Tied to the lab: SIGKILL when the lab dies however it dies, so no run leaves a
-            # process behind (SIGKILL also ends one the lab had paused with SIGSTOP).
-            self.p = popen_tied(self.args, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                env=self.env, start_new_session=True)
-        self.starts += 1
-        self.paused = False
-
-    @property
-    def pid(self) -> int:
-        assert self.p is not None
-        return self.p.pid
-
-    def alive(self) -> bool:
-        return self.p is not None and self.p.poll() is None
-
-    def signal(self, sig: int) -> None:
-        if self.alive():
-            assert self.p is not None
-            self.p.send_signal(sig)
-
-    async def wait(self, timeout_s: float) -> int | None:
-        """The exit code, or None if it is still running after ``timeout_s``."""
-        assert self.p is not None
-        deadline = time.monotonic() + timeout_s
-        while self.p.poll() is None and time.monotonic() < deadline:
-            await asyncio.sleep(0.02)
-        return self.p.poll()
-
-    async def kill(self) -> None:
-        """SIGKILL and reap it (bounded)."""
-        if self.alive():
-            self.signal(signal.SIGKILL)
-            if await self.wait(10.0) is None:
-                raise RuntimeError(f"{self.name} (pid {self.pid}) survived SIGKILL for 10s")
-        self._pause_ended()
-        self.paused = False
-
-    async def terminate(self, timeout_s: float = STOP_TIMEOUT_S) -> int | None:
-        """SIGTERM (a clean drain); SIGKILL if it has not ended within ``timeout_s``."""
-        if not self.alive():
-            return self.p.poll() if self.p else None
-        if self.paused:
-            self.resume()
-        self.signal(signal.SIGTERM)
-        code = await self.wait(timeout_s)
-        if code is None:
-            await self.kill()
-            return None
-        return code
-
-    def pause(self) -> None:
-        """SIGSTOP: the process holds its leases but cannot renew them (a GC pause, a VM stall).
-        Only this process stops: its engines run on, as beside a stalled factory."""
-        if self.alive() and not self.paused:
-            # Noted before the signal, so the window covers all of the stop.
-            self.pauses.append([time.time(), None])
-        self.signal(signal.SIGSTOP)
-        self.paused = True
-
-    def resume(self) -> None:
-        self.signal(signal.SIGCONT)
-        self._pause_ended()
-        self.paused = False
-
-    def _pause_ended(self) -> None:
-        if self.pauses and self.pauses[-1][1] is None:
-            self.pauses[-1][1] = time.time()  # noted after the SIGCONT (or the SIGKILL)
-
-    def tail(self, n_chars: int = 3000) -> str:
-        try:
-            return self.log.read_text(errors="replace")[-n_chars:]
-        except OSError:
-            return ""
 
 
 MAX_ANCESTRY = 64
@@ -451,26 +303,6 @@ class LabProxy:
         """One control command (``blackhole``, ``delay 200 50``, ``drop 0.7 3``, ``reset``,
         ``heal``, ``stats``); the reply carries the mode and the proxy's counters."""
         return await self.control.send(command)
-
-
-async def wait_for(pred: Callable[[], Any], timeout_s: float, *, what: str, proc: LabProc | None = None,
-                   interval_s: float = 0.05) -> Any:
-    """Poll ``pred`` (sync or async) until it returns something truthy, and return that.
-    Raises TimeoutError naming ``what`` after ``timeout_s``, or at once if ``proc`` died."""
-    deadline = time.monotonic() + timeout_s
-    last: Any = None
-    while True:
-        last = pred()
-        if asyncio.iscoroutine(last) or isinstance(last, asyncio.Future):
-            last = await last
-        if last:
-            return last
-        if proc is not None and proc.p is not None and proc.p.poll() is not None:
-            raise RuntimeError(f"{proc.name} exited with {proc.p.returncode} while waiting for {what}; "
-                               f"its log ends:\n{proc.tail()}")
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"not within {timeout_s:g}s: {what} (last: {last!r})")
-        await asyncio.sleep(interval_s)
 
 
 # -- what a chaos action saw ------------------------------------------------------------------------
@@ -511,7 +343,7 @@ class Lab:
 
     The broker is one :class:`EmbeddedServer`; everything else reaches it through :attr:`url`
     and the ``*_broker`` methods, so a lab on a cluster overrides those (with
-    :class:`gigafactory.embedded.Cluster` and ``replicas`` in ``timings``), and a factory behind
+    :class:`gigafactory.testing.Cluster` and ``replicas`` in ``timings``), and a factory behind
     a fault-injecting proxy is started with ``start_factory(..., url=proxy_url)``."""
 
     def __init__(self, workdir: Path, *, seed: int, timings: dict[str, float] | None = None,

@@ -103,17 +103,15 @@ store's compare-and-set ignore the revision; ``broken="no_fence"`` makes reports
 ``check_fence``; ``broken="epoch_blind_fence"`` keeps the fence but drops its epoch test, a subtle
 flaw that only shows when a factory reclaims a job while its own stale run is still going.
 
-CLI: ``python -m gigafactory.chaos.sim --seeds 0:2000 [--json] [--broken no_fence]``.
+CLI: ``gigafactory chaos sim --seeds 0:2000 [--json] [--broken no_fence]``.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import hashlib
 import heapq
 import random
-import sys
 import time
 from collections import Counter, deque
 from collections.abc import Callable
@@ -1827,109 +1825,121 @@ def run_many(seeds: range | list[int], **kw) -> list[int]:
     return [seed for seed in seeds if not simulate(seed, **kw).ok]
 
 
-# -- CLI -------------------------------------------------------------------------------------------
+# -- what the command line prints (the command itself: ``gigafactory chaos sim``, chaos/cli.py) -----
 
 
-def _seed_range(text: str) -> range:
+def parse_seed_range(text: str) -> range:
+    """``START:STOP`` (like ``0:2000``) or one seed, as a range.
+
+    :param text: what was given to ``--seeds``.
+    :raises ValueError: naming what is expected.
+    """
     try:
         if ":" in text:
             a, b = text.split(":", 1)
-            return range(int(a), int(b))
-        return range(int(text), int(text) + 1)
+            seeds = range(int(a), int(b))
+        else:
+            seeds = range(int(text), int(text) + 1)
     except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"{text!r} is not a seed range: expected START:STOP (like 0:2000) or one seed") from None
+        raise ValueError(f"{text!r} is not a seed range: expected START:STOP (like 0:2000) or one seed") from None
+    if len(seeds) == 0:
+        raise ValueError(f"{text!r} is an empty seed range: STOP must be greater than START")
+    return seeds
 
 
-def _fault_setting(text: str) -> tuple[str, object]:
-    """``NAME=VALUE`` for one :class:`FaultConfig` field; a range is ``LOW:HIGH``."""
+def parse_fault_setting(text: str) -> tuple[str, object]:
+    """``NAME=VALUE`` for one :class:`FaultConfig` field; a range is ``LOW:HIGH``.
+
+    :param text: what was given to ``--fault``.
+    :raises ValueError: naming the fields or the value expected.
+    """
     fields = {f.name: f for f in dataclasses.fields(FaultConfig)}
     name, sep, raw = text.partition("=")
     name = name.strip().replace("-", "_")
     if not sep or name not in fields:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected NAME=VALUE with NAME one of {', '.join(fields)}")
+        raise ValueError(f"{text!r}: expected NAME=VALUE with NAME one of {', '.join(fields)}")
     try:
         if "tuple" in str(fields[name].type):
             low, high = raw.split(":", 1)
             return name, (float(low), float(high))
         return name, float(raw)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r}: {name} takes a number"
-                                         + (" range LOW:HIGH" if "tuple" in str(fields[name].type) else "")) from None
+        raise ValueError(f"{text!r}: {name} takes a number"
+                         + (" range LOW:HIGH" if "tuple" in str(fields[name].type) else "")) from None
 
 
-def argv_flags(args: argparse.Namespace) -> list[str]:
-    """The options of a run other than its seeds, to print a command that reproduces one seed."""
-    out = [f"--{k}={getattr(args, k)}" for k in ("jobs", "factories", "stations", "coordinators")
-           if getattr(args, k) != {"jobs": 20, "factories": 4, "stations": 2, "coordinators": 2}[k]]
-    if args.no_faults:
+SIM_DEFAULTS = {"jobs": 20, "factories": 4, "stations": 2, "coordinators": 2}
+"""The fleet a run simulates unless told otherwise."""
+
+
+def reproduce_flags(sizes: dict[str, int], no_faults: bool, faults: list[tuple[str, object]], broken: str | None,
+                    strict_audit: bool) -> list[str]:
+    """The options of a run other than its seeds, to print a command that reproduces one seed.
+
+    :param sizes: ``jobs``, ``factories``, ``stations``, ``coordinators`` as run.
+    :param no_faults: the run started from a healthy fleet.
+    :param faults: the ``--fault`` settings, in order.
+    :param broken: the deliberately broken variant, if any.
+    :param strict_audit: the run required every stage to be audited.
+    """
+    out = [f"--{k}={v}" for k, v in sizes.items() if v != SIM_DEFAULTS[k]]
+    if no_faults:
         out.append("--no-faults")
     out += [f"--fault={name}={value if not isinstance(value, tuple) else f'{value[0]:g}:{value[1]:g}'}"
-            for name, value in args.fault]
-    if args.broken:
-        out.append(f"--broken={args.broken}")
-    if args.strict_audit:
+            for name, value in faults]
+    if broken:
+        out.append(f"--broken={broken}")
+    if strict_audit:
         out.append("--strict-audit")
     return out
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m gigafactory.chaos.sim",
-                                 description="Run seeded deterministic simulations of the claim protocol and "
-                                             "check the invariants after each; exit 1 on any violation.")
-    ap.add_argument("--seeds", type=_seed_range, default=range(0, 200), help="START:STOP or one seed (default 0:200)")
-    ap.add_argument("--jobs", type=int, default=20)
-    ap.add_argument("--factories", type=int, default=4)
-    ap.add_argument("--stations", type=int, default=2)
-    ap.add_argument("--coordinators", type=int, default=2)
-    ap.add_argument("--no-faults", action="store_true", help="a healthy fleet (then --fault turns single faults on)")
-    ap.add_argument("--fault", type=_fault_setting, action="append", default=[], metavar="NAME=VALUE",
-                    help="set one FaultConfig field, e.g. --fault slow_report=0.3 --fault slow_report_s=5:20")
-    ap.add_argument("--broken", choices=BROKEN, help="break the protocol on purpose (the checker must object)")
-    ap.add_argument("--strict-audit", action="store_true",
-                    help="also require every record's stage to be audited (see invariants.audit_matches_record)")
-    ap.add_argument("--json", action="store_true", help="print one JSON document")
-    ap.add_argument("--trace", type=int, default=0, metavar="N",
-                    help="print the first N trace rows of the first failing seed")
-    args = ap.parse_args(argv)
+def run_report(seeds: range, *, sizes: dict[str, int], no_faults: bool, faults: list[tuple[str, object]],
+               broken: str | None, strict_audit: bool, as_json: bool, trace_rows: int) -> tuple[str, int]:
+    """Simulate every seed and say what was found: the text (or JSON document) to print and the
+    exit code (1 if any seed failed, else 0).
 
-    faults = FaultConfig.none() if args.no_faults else FaultConfig()
-    faults = dataclasses.replace(faults, **dict(args.fault))
-    kw = dict(jobs=args.jobs, factories=args.factories, stations=args.stations, coordinators=args.coordinators,
-              faults=faults, broken=args.broken, strict_audit=args.strict_audit)
+    :param seeds: the seeds to run.
+    :param sizes: ``jobs``, ``factories``, ``stations``, ``coordinators``.
+    :param no_faults: start from a healthy fleet (``faults`` then turns single faults on).
+    :param faults: :class:`FaultConfig` fields to set, as ``(name, value)``.
+    :param broken: a variant of :data:`BROKEN` (the checker must object), or None.
+    :param strict_audit: also require every record's stage to be audited.
+    :param as_json: one JSON document instead of text.
+    :param trace_rows: trace rows of the first failing seed to print (text only).
+    """
+    config = FaultConfig.none() if no_faults else FaultConfig()
+    config = dataclasses.replace(config, **dict(faults))
+    kw = dict(**sizes, faults=config, broken=broken, strict_audit=strict_audit)
     t0 = time.perf_counter()
     failing: list[int] = []
     first: SimResult | None = None
-    for seed in args.seeds:
+    for seed in seeds:
         res = simulate(seed, **kw)
         if not res.ok:
             failing.append(seed)
             first = first or res
     elapsed_s = time.perf_counter() - t0
-    n = len(args.seeds)
+    n = len(seeds)
     rate = n / elapsed_s if elapsed_s > 0 else float("inf")
-    if args.json:
-        print(msgspec.json.encode({
-            "seeds": [args.seeds.start, args.seeds.stop], "runs": n, "failing": failing,
-            "elapsed_s": round(elapsed_s, 3), "seeds_per_s": round(rate, 1), "broken": args.broken,
+    code = 1 if failing else 0
+    if as_json:
+        return msgspec.json.encode({
+            "seeds": [seeds.start, seeds.stop], "runs": n, "failing": failing,
+            "elapsed_s": round(elapsed_s, 3), "seeds_per_s": round(rate, 1), "broken": broken,
             "first_failure": None if first is None else {
                 "seed": first.seed, "settled": first.settled, "digest": first.digest(),
                 "report": msgspec.json.decode(first.report.to_json()), "stats": first.stats,
             },
-        }).decode())
-    else:
-        print(f"{n} seeds in {elapsed_s:.2f}s ({rate:.0f} seeds/s); {len(failing)} failing")
-        if failing:
-            shown = ", ".join(map(str, failing[:50])) + (" ..." if len(failing) > 50 else "")
-            print(f"failing seeds: {shown}")
-            assert first is not None
-            print(first.summary())
-            flags = "".join(f" {a}" for a in argv_flags(args))
-            print(f"reproduce: python -m gigafactory.chaos.sim --seeds {first.seed}{flags}")
-            if args.trace:
-                print(first.trace_text(args.trace))
-    return 1 if failing else 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+        }).decode(), code
+    lines = [f"{n} seeds in {elapsed_s:.2f}s ({rate:.0f} seeds/s); {len(failing)} failing"]
+    if failing:
+        shown = ", ".join(map(str, failing[:50])) + (" ..." if len(failing) > 50 else "")
+        lines.append(f"failing seeds: {shown}")
+        assert first is not None
+        lines.append(first.summary())
+        flags = "".join(f" {a}" for a in reproduce_flags(sizes, no_faults, faults, broken, strict_audit))
+        lines.append(f"reproduce: gigafactory chaos sim --seeds {first.seed}{flags}")
+        if trace_rows:
+            lines.append(first.trace_text(trace_rows))
+    return "\n".join(lines), code

@@ -101,7 +101,7 @@ async def _read_job(broker: Broker, job_id: str) -> tuple[JobRecord, int, float]
     (a final stage, no body) is read from ``gf_archive`` with revision 0."""
     e = await broker.jobs.get(job_id)
     if e is None:
-        from .retention import read_archived  # retention imports this module
+        from .archive import read_archived
 
         rec = await read_archived(broker, job_id)
         return (rec, 0, 0.0) if rec is not None else None

@@ -53,6 +53,7 @@ from gigafactory.schemas import names
 from gigafactory.schemas.lifecycle import TERMINAL, Stage
 from gigafactory.schemas.records import EventRecord, JobRecord, PoolRecord, decode, encode
 
+from .archive import READS_IN_FLIGHT, archived_stages, read_archived  # noqa: F401 (re-exported)
 from .intake import ensure_pool
 from .view import FleetView, JobState
 
@@ -60,10 +61,6 @@ log = logging.getLogger("gigafactory.coordinator.retention")
 
 WARN_EVERY_S = 3600.0
 """A stream that stays above its warning ratio is warned about again at most this often."""
-READS_IN_FLIGHT = 32
-"""Archive reads and writes one pass keeps in flight at once."""
-ARCHIVE_CACHE_MAX = 10_000
-"""Archived records remembered by :func:`read_archived` (they never change: a bounded cache)."""
 
 
 # -- pure decisions ---------------------------------------------------------------------------
@@ -150,42 +147,6 @@ def clock_skew(offsets: dict[str, tuple[float, float]]) -> tuple[float, float]:
     hi = max(offsets.values(), key=lambda o: o[0])
     lo = min(offsets.values(), key=lambda o: o[0])
     return hi[0] - lo[0], (hi[1] + lo[1]) / 2
-
-
-# -- reading the archive ----------------------------------------------------------------------
-
-
-async def read_archived(broker: Broker, job_id: str) -> JobRecord | None:
-    """The archived record of ``job_id`` (without its body), or None if it was never
-    archived (or has aged out of the archive). For lookups that missed ``gf_jobs``: a job
-    is only ever archived in a final stage, so what is found here does not change (a copy
-    left by an archiving that lost its compare-and-set is shadowed by the live record)."""
-    cache: dict[str, JobRecord] = broker.__dict__.setdefault("_archive_cache", {})
-    hit = cache.get(job_id)
-    if hit is not None:
-        return hit
-    if broker.archive is None or not names.is_job_id(job_id):
-        return None
-    e = await broker.archive.get(job_id)
-    if e is None:
-        return None
-    rec = decode(e.value, JobRecord)
-    if len(cache) >= ARCHIVE_CACHE_MAX:
-        cache.pop(next(iter(cache)))
-    cache[job_id] = rec
-    return rec
-
-
-async def archived_stages(broker: Broker, job_ids: Iterable[str]) -> dict[str, Stage]:
-    """The final stage of each of ``job_ids`` found in the archive (the others are absent)."""
-    ids = sorted(set(job_ids))
-    out: dict[str, Stage] = {}
-    for i in range(0, len(ids), READS_IN_FLIGHT):
-        chunk = ids[i:i + READS_IN_FLIGHT]
-        for jid, rec in zip(chunk, await asyncio.gather(*(read_archived(broker, j) for j in chunk))):
-            if rec is not None:
-                out[jid] = rec.stage
-    return out
 
 
 # -- the pass ---------------------------------------------------------------------------------

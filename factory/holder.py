@@ -23,7 +23,6 @@ import asyncio
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 import msgspec
 
@@ -32,9 +31,7 @@ from gigafactory.schemas import names, protocol
 from gigafactory.schemas.records import JobRecord, LockRecord, decode, encode
 
 from . import lease, shell
-
-if TYPE_CHECKING:
-    from .reporting import ResultPayload
+from .results import ResultPayload
 
 log = logging.getLogger("gigafactory.factory")
 

@@ -39,6 +39,7 @@ from gigafactory import osproc
 from gigafactory.schemas.capabilities import CapabilityError, parse_offer
 
 from . import engines
+from .credentials import CREDENTIAL_VARS
 
 PROBE_TIMEOUT_S = 30.0
 """Default hard limit for each version command of the probe (setting ``probe_timeout_s``):
@@ -74,17 +75,6 @@ VERSIONED: dict[str, tuple[str, tuple[str, ...]]] = {
     "go": ("go", ("version",)),
 }
 
-# Credential variables reported by presence as ``cred:<name lower-case>``.
-CREDENTIAL_VARS: tuple[str, ...] = (
-    "ANTHROPIC_API_KEY",
-    "OPENAI_API_KEY",
-    "GEMINI_API_KEY",
-    "GOOGLE_API_KEY",
-    "GITHUB_TOKEN",
-    "GH_TOKEN",
-    "COPILOT_TOKEN",
-    "AWS_ACCESS_KEY_ID",
-)
 
 _VERSION_IN_TEXT_RE = re.compile(r"(?<![\d.])v?(\d+(?:\.\d+)+)")
 _NVIDIA_GPU_LINE_RE = re.compile(r"^GPU \d+:", re.MULTILINE)

@@ -21,39 +21,17 @@ import nats.errors
 
 from gigafactory.broker import TRANSIENT, Conflict
 from gigafactory.schemas import names, protocol
-from gigafactory.schemas.manifest import FailureClass
-from gigafactory.schemas.records import Attribution, JobRecord, Usage, WorkspaceResult, decode
+from gigafactory.schemas.records import JobRecord, decode
 
 from .holder import Run
 from .logs import CappedLog, LogUploadTimeout
 from .outbox import OutboxItem
+from .results import ResultPayload
 
 log = logging.getLogger("gigafactory.factory")
 
 OUTBOX_RETRY_S = 1.0
 """While results wait in the outbox, publishing them is tried this often."""
-
-
-class ResultPayload(msgspec.Struct):
-    """What the outbox keeps for a finished attempt until the broker takes it."""
-
-    job: str
-    epoch: int
-    failure: FailureClass | None
-    detail: str
-    exit_code: int | None
-    verify_exit_code: int | None
-    log_path: str
-    log_object: str | None
-    attribution: Attribution
-    finished_at: float
-    usage: Usage | None = None
-    """What the engine reported it consumed (None: it reports nothing). Defaulted, so results
-    kept in an outbox by an older factory still decode."""
-    retry_after_s: float | None = None
-    """For ``rate_limited``: the provider's retry-after as the engine read it (None: unknown)."""
-    workspace: WorkspaceResult | None = None
-    """A ``repo`` job's branch, head, diff stats and push (None: no repo)."""
 
 
 class Reporting:

@@ -1,7 +1,11 @@
-"""The ``gigafactory`` command line.
+"""The ``gigafactory`` command line: the main group, the services and the client commands; the
+suites bring their own groups (:mod:`gigafactory.chaos.cli`, :mod:`gigafactory.loadtest.cli`).
 
-Every command takes ``--nats URL`` (default ``$GIGAFACTORY_NATS_URL``, else the embedded
-broker started by ``gigafactory up``/``server`` on this machine) and ``--json`` for scripts.
+Every command that talks to a broker takes ``--nats URL`` (default ``$GIGAFACTORY_NATS_URL``,
+else the embedded broker started by ``gigafactory up``/``server`` on this machine). ``--json``
+means machine-readable output on the client commands and JSON log lines on the services
+(``coordinator``, ``factory``, ``up``). Exit codes mean the same in every command
+(:mod:`gigafactory.clitools`: 0 ok, 1 failed, 2 usage, 3 timed out, 4 unavailable).
 """
 
 from __future__ import annotations
@@ -18,9 +22,22 @@ import time
 from pathlib import Path
 
 import click
-import orjson
 
 from gigafactory import __version__
+from gigafactory.chaos.cli import chaos
+from gigafactory.clitools import (
+    EXIT_FAILED,
+    EXIT_OK,
+    EXIT_TIMEOUT,
+    EXIT_UNAVAILABLE,
+    EXIT_USAGE,
+    LOG_LEVELS,
+    setup_logging,
+)
+from gigafactory.clitools import emit_json as _emit_json
+from gigafactory.clitools import fail as _fail
+from gigafactory.loadtest.cli import loadtest
+from gigafactory.schemas.lifecycle import Stage
 from gigafactory.config import (
     Settings,
     SettingsError,
@@ -32,28 +49,16 @@ from gigafactory.config import (
 )
 
 
-def _emit_json(obj) -> None:
-    click.echo(orjson.dumps(obj, option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS).decode())
-
-
-def _fail(message: str, code: int = 1, *, as_json: bool = False, errors: list | None = None) -> None:
-    if as_json:
-        _emit_json({"error": message, "errors": errors or []})
-    else:
-        click.secho(f"error: {message}", fg="red", err=True)
-        for e in errors or []:
-            where = e.get("file", "") + (f":{e['line']}" if e.get("line") else "")
-            field = f" field '{e['field']}':" if e.get("field") else ""
-            click.echo(f"  {where}:{field} {e.get('message')}", err=True)
-    sys.exit(code)
+def _nats_option(fn):
+    return click.option("--nats", "nats_url", envvar="GIGAFACTORY_NATS_URL", default=None, metavar="URL",
+                        help="NATS URL or comma-separated cluster URLs (default: $GIGAFACTORY_NATS_URL, "
+                             "else the embedded broker).")(fn)
 
 
 def common(fn):
-    """--nats and --json on every command."""
+    """--nats and --json (machine-readable output) on a client command."""
 
-    @click.option("--nats", "nats_url", envvar="GIGAFACTORY_NATS_URL", default=None, metavar="URL",
-                  help="NATS URL or comma-separated cluster URLs (default: $GIGAFACTORY_NATS_URL, "
-                       "else the embedded broker).")
+    @_nats_option
     @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
@@ -62,17 +67,27 @@ def common(fn):
     return wrapper
 
 
-def _setup_logging(level: str) -> None:
-    logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    logging.getLogger("nats").setLevel(logging.WARNING)
+def service(fn):
+    """--nats, --json (log lines as JSON) and --log-level on a long-running service command."""
+
+    @_nats_option
+    @click.option("--json", "as_json", is_flag=True,
+                  help="Log one JSON object per line on stderr (at, level, logger, message, exception) "
+                       "instead of text, for a log shipper.")
+    @click.option("--log-level", type=click.Choice(LOG_LEVELS, case_sensitive=False), default="info",
+                  show_default=True)
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        return fn(*args, **kwargs)
+
+    return wrapper
 
 
 def _need_url(nats_url: str | None, as_json: bool) -> str:
     url = resolve_url(nats_url)
     if not url:
         _fail("no broker: pass --nats URL, set GIGAFACTORY_NATS_URL, or start the embedded one "
-              "with 'gigafactory up' (or 'gigafactory server')", 2, as_json=as_json)
+              "with 'gigafactory up' (or 'gigafactory server')", EXIT_USAGE, as_json=as_json)
     return url  # type: ignore[return-value]
 
 
@@ -138,14 +153,14 @@ def _start_embedded(store_dir: Path, sync_interval: str | None, port: int = 0, *
                 return str(e.holder["url"])
             if verdict == "reuse":
                 _fail(f"{e}: use it (--nats {e.holder['url']}), or stop its starter (pid "
-                      f"{e.holder['starter_pid']}) first", 2)
+                      f"{e.holder['starter_pid']}) first", EXIT_USAGE)
             if verdict == "stop":
                 log.warning("%s, whose starter is gone (an orphan): stopping it", e)
                 stop_store_holder(str(store_dir), e.holder)
                 continue
             if time.monotonic() > deadline:
                 _fail(f"{e}: still starting or exiting after {STORE_WAIT_S:g}s; look at it "
-                      f"({store_dir / 'gigafactory-broker.lock'}) and stop it", 2)
+                      f"({store_dir / 'gigafactory-broker.lock'}) and stop it", EXIT_USAGE)
             time.sleep(0.1)
             continue
         write_server_state(srv.url, srv.proc.pid if srv.proc else 0)
@@ -161,10 +176,24 @@ class _Main(click.Group):
         try:
             return super().invoke(ctx)
         except SettingsError as e:
-            _fail(f"invalid setting: {e}", 2)
+            _fail(f"invalid setting: {e}", EXIT_USAGE)
 
 
-@click.group(cls=_Main, context_settings={"help_option_names": ["-h", "--help"]})
+EPILOG = """\b
+Exit codes (every command):
+  0  ok
+  1  failed: a job failed, a scenario found a violation, the request was refused, fenced
+  2  usage: invalid option, argument or setting; no broker configured
+  3  timed out: submit --wait reached --timeout; fence: too little lease left
+  4  unavailable: the broker or coordinator did not answer (cannot tell)
+
+\b
+Shell completion (bash; zsh and fish likewise with zsh_source, fish_source):
+  eval "$(_GIGAFACTORY_COMPLETE=bash_source gigafactory)"
+"""
+
+
+@click.group(cls=_Main, context_settings={"help_option_names": ["-h", "--help"]}, epilog=EPILOG)
 @click.version_option(__version__, prog_name="gigafactory")
 def main() -> None:
     """Gigafactory: job files in, fenced shipped work out, across a fleet of agent machines."""
@@ -188,7 +217,7 @@ def server(port: int, store: str | None, sync_interval: str | None) -> None:
 
     The broker dies with this command, however it ends (SIGKILL included); a store already
     served by a live broker is refused, one left by a dead starter is stopped first."""
-    _setup_logging("info")
+    setup_logging("info")
     store_dir = Path(store) if store else home() / "nats"
 
     def stopped(*_):
@@ -215,8 +244,10 @@ async def _service_broker(url: str, name: str, settings: Settings, stop: asyncio
 
     try:
         return await wait_for_broker(url, name, settings, stop=stop)
-    except (BrokerUnavailable, ValueError) as e:
-        _fail(str(e), 2)
+    except BrokerUnavailable as e:
+        _fail(str(e), EXIT_UNAVAILABLE)
+    except ValueError as e:
+        _fail(str(e), EXIT_USAGE)
 
 
 async def _local_broker_url(settings: Settings, stop: asyncio.Event) -> str | None:
@@ -228,7 +259,7 @@ async def _local_broker_url(settings: Settings, stop: asyncio.Event) -> str | No
     try:
         check_connect_settings(settings)
     except ValueError as e:
-        _fail(str(e), 2)
+        _fail(str(e), EXIT_USAGE)
     log = logging.getLogger("gigafactory")
     loop = asyncio.get_running_loop()
     t0, tries, logged_at = loop.time(), 0, float("-inf")
@@ -239,7 +270,7 @@ async def _local_broker_url(settings: Settings, stop: asyncio.Event) -> str | No
                 f"{home()}")
         if settings.connect_timeout_s and waited_s >= settings.connect_timeout_s:
             _fail(f"{what} after {settings.connect_timeout_s:g}s (connect_timeout_s): start one with "
-                  "'gigafactory up' or 'gigafactory server', or pass --nats URL", 2)
+                  "'gigafactory up' or 'gigafactory server', or pass --nats URL", EXIT_UNAVAILABLE)
         if loop.time() - logged_at >= 30.0:
             logged_at = loop.time()
             log.warning("%s: waiting for 'gigafactory server' or 'gigafactory up' to start one (%.0fs so far)",
@@ -311,7 +342,7 @@ def model_server(script_path: str, port: int, log_path: str | None) -> None:
     try:
         load_script(script_path)  # fail before binding a port, with the file and field named
     except ScriptError as exc:
-        _fail(str(exc), 2)
+        _fail(str(exc), EXIT_USAGE)
 
     async def run() -> None:
         stop = asyncio.Event()
@@ -321,18 +352,17 @@ def model_server(script_path: str, port: int, log_path: str | None) -> None:
     try:
         asyncio.run(run())
     except OSError as exc:
-        _fail(f"model-server: cannot listen on 127.0.0.1:{port}: {exc.strerror}", 1)
+        _fail(f"model-server: cannot listen on 127.0.0.1:{port}: {exc.strerror}", EXIT_FAILED)
 
 
 @main.command()
-@common
+@service
 @click.option("--inbox", type=click.Path(file_okay=False), default=None, help="Watch this folder for job files.")
-@click.option("--log-level", default="info", show_default=True)
 @_connect_timeout_option
-def coordinator(nats_url, as_json, inbox, log_level, connect_timeout_s) -> None:
+def coordinator(nats_url, as_json, log_level, inbox, connect_timeout_s) -> None:
     """Run a coordinator: intake, dispatch, reaper and the gf.api service. Waits for its broker
     as long as it takes (or --connect-timeout-s), as a service started before it must."""
-    _setup_logging(log_level)
+    setup_logging(log_level, as_json)
     settings = Settings.from_env(connect_timeout_s=connect_timeout_s)
     with _url_or_embedded(nats_url, settings) as url:
         asyncio.run(_run_coordinator(url, inbox, settings))
@@ -349,7 +379,7 @@ def _parse_seats(seats: tuple[str, ...]) -> dict[str, int]:
 
 
 @main.command()
-@common
+@service
 @click.option("--id", "factory_id", default=None, help="Factory id (default: the host name).")
 @click.option("--stations", type=click.IntRange(1, 256), default=2, show_default=True, help="Concurrent job slots.")
 @click.option("--seat", "seats", multiple=True, metavar="ENGINE=N", help="Per-engine seat limit (repeatable).")
@@ -357,14 +387,13 @@ def _parse_seats(seats: tuple[str, ...]) -> dict[str, int]:
 @click.option("--no-probe", is_flag=True, help="Do not probe this machine; offer only --cap tokens and engine:shell.")
 @click.option("--workspace", type=click.Path(file_okay=False), default=None, help="Where relative job cwds live.")
 @click.option("--data-dir", type=click.Path(file_okay=False), default=None, help="Outbox, quarantine and logs.")
-@click.option("--log-level", default="info", show_default=True)
 @_connect_timeout_option
-def factory(nats_url, as_json, factory_id, stations, seats, caps, no_probe, workspace, data_dir, log_level,
+def factory(nats_url, as_json, log_level, factory_id, stations, seats, caps, no_probe, workspace, data_dir,
             connect_timeout_s) -> None:
     """Run a factory on this machine: probe, register, claim and run jobs. Waits for its broker
     (or, with none configured, for 'gigafactory server'/'up' on this machine) as long as it
     takes, or --connect-timeout-s."""
-    _setup_logging(log_level)
+    setup_logging(log_level, as_json)
     url = resolve_url(nats_url)
     from gigafactory.schemas.capabilities import CapabilityError, parse_offer
 
@@ -380,15 +409,14 @@ def factory(nats_url, as_json, factory_id, stations, seats, caps, no_probe, work
 
 
 @main.command()
-@common
+@service
 @click.option("--inbox", type=click.Path(file_okay=False), default=None, help="Watch this folder for job files.")
 @click.option("--stations", type=click.IntRange(1, 256), default=2, show_default=True)
 @click.option("--cap", "caps", multiple=True, metavar="TOKEN", help="Extra capability token for the local factory.")
-@click.option("--log-level", default="info", show_default=True)
 @_connect_timeout_option
-def up(nats_url, as_json, inbox, stations, caps, log_level, connect_timeout_s) -> None:
+def up(nats_url, as_json, log_level, inbox, stations, caps, connect_timeout_s) -> None:
     """Broker (embedded unless --nats), a coordinator and a local factory, until Ctrl-C."""
-    _setup_logging(log_level)
+    setup_logging(log_level, as_json)
     # Validated before anything starts: a factory refuses a fencing margin that cannot fence.
     settings = Settings.from_env(connect_timeout_s=connect_timeout_s).validate()
 
@@ -415,7 +443,7 @@ def up(nats_url, as_json, inbox, stations, caps, log_level, connect_timeout_s) -
             await cb.close()
 
     with _url_or_embedded(nats_url, settings) as url:
-        click.echo(f"gigafactory up on {url}" + (f", watching {inbox}" if inbox else ""), err=True)
+        logging.getLogger("gigafactory").info("gigafactory up on %s%s", url, f", watching {inbox}" if inbox else "")
         asyncio.run(run(url))
 
 
@@ -432,11 +460,12 @@ def _client_call(nats_url, as_json, fn):
         try:
             client = await Client.connect(url)
         except Exception as e:
-            _fail(f"cannot connect to {url}: {e}", 2, as_json=as_json)
+            _fail(f"cannot connect to {url}: {e}", EXIT_UNAVAILABLE, as_json=as_json)
         try:
             return await fn(client)
         except ApiError as e:
-            _fail(e.message, 1 if e.is_client_error else 2, as_json=as_json, errors=e.errors)
+            _fail(e.message, EXIT_FAILED if e.is_client_error else EXIT_UNAVAILABLE, as_json=as_json,
+                  errors=e.errors)
         finally:
             await client.close()
 
@@ -510,14 +539,14 @@ def submit(nats_url, as_json, files, wait, timeout_s) -> None:
 
         stages = [out["final"].get(j["job"], {}).get("stage") for j in out["jobs"]]
         if any(s not in RESTING for s in stages):
-            sys.exit(3)
+            sys.exit(EXIT_TIMEOUT)
         if any(s in ("failed", "dead_letter") for s in stages):
-            sys.exit(1)
+            sys.exit(EXIT_FAILED)
 
 
 @main.command()
 @common
-@click.option("--stage", default=None, help="Only jobs in this stage.")
+@click.option("--stage", type=click.Choice([str(s) for s in Stage]), default=None, help="Only jobs in this stage.")
 @click.option("--limit", type=int, default=200, show_default=True)
 def jobs(nats_url, as_json, stage, limit) -> None:
     """List jobs, newest first."""
@@ -663,7 +692,7 @@ def profiles(as_json) -> None:
     try:
         catalog = prof.load_catalog(Settings.from_env().profiles_dir)
     except prof.ProfileError as e:
-        _fail("a profile is invalid", 2, as_json=as_json,
+        _fail("a profile is invalid", EXIT_USAGE, as_json=as_json,
               errors=[{"file": e.path, "line": None, "field": e.field, "message": e.message}])
     rows = prof.summaries(catalog)
     if as_json:
@@ -694,15 +723,15 @@ main.command("requeue", help="Requeue a job (any stage but shipped) with a fresh
 main.command("ship", help="The human gate: ship a job waiting in testing or review.")(_simple("ship", "shipped"))
 
 
-FENCE_HELD = 0
+FENCE_HELD = EXIT_OK
 """``gigafactory fence``: the renewal landed and at least ``--min-remaining-s`` of lease is left."""
-FENCE_FENCED = 1
+FENCE_FENCED = EXIT_FAILED
 """The record does not name this factory as the holder at this epoch (or is gone): never push."""
-FENCE_USAGE = 2
+FENCE_USAGE = EXIT_USAGE
 """A missing or invalid option, or no broker configured (click's own usage errors exit 2 too)."""
-FENCE_TOO_LATE = 3
+FENCE_TOO_LATE = EXIT_TIMEOUT
 """The renewal landed but less than ``--min-remaining-s`` of lease is left: do not push now."""
-FENCE_UNKNOWN = 4
+FENCE_UNKNOWN = EXIT_UNAVAILABLE
 """The broker did not answer, or the renewal kept losing to other writes: cannot tell, do not push."""
 FENCE_CAS_TRIES = 5
 """Renewals tried before giving up (each lost one re-reads from the stream leader first). The
@@ -873,12 +902,12 @@ def pulls(nats_url, as_json, limit) -> None:
 
 
 @main.command()
-@common
+@_nats_option
 @click.argument("job")
 @click.option("--follow", "-f", is_flag=True, help="Stream live output until the job comes to rest.")
 @click.option("--raw", is_flag=True, help="With --follow: print an agent's output stream as it is (JSON lines), "
                                           "not one readable line per turn, tool call and usage.")
-def logs(nats_url, as_json, job, follow, raw) -> None:
+def logs(nats_url, job, follow, raw) -> None:
     """Print a job's captured logs (every attempt), optionally following live output. The
     stored log is the engine's raw output; following an agent engine shows it readably."""
     from gigafactory.client import RESTING
@@ -974,7 +1003,7 @@ def logs(nats_url, as_json, job, follow, raw) -> None:
         finally:
             await sub.unsubscribe()
 
-    _client_call(nats_url, as_json, fn)
+    _client_call(nats_url, False, fn)
 
 
 @main.command()
@@ -1002,192 +1031,10 @@ def demo(examples, workdir, timeout_s, as_json, nats_url, agents) -> None:
     sys.exit(run_demo(examples_dir=examples, workdir=workdir, timeout_s=timeout_s, as_json=as_json, nats_url=nats_url))
 
 
-# -- chaos ------------------------------------------------------------------------------------------
+# -- the suites' own groups ------------------------------------------------------------------------
 
-
-@main.group()
-def chaos() -> None:
-    """Chaos scenarios on real processes (loopback only), and the deterministic simulation."""
-
-
-@chaos.command("list")
-@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-def chaos_list(as_json) -> None:
-    """List the implemented scenarios."""
-    from gigafactory.chaos.harness import registry
-
-    scenarios = sorted(registry().values(), key=lambda s: s.name)
-    if as_json:
-        _emit_json({"scenarios": [{"name": s.name, "summary": s.summary} for s in scenarios]})
-        return
-    width = max(len(s.name) for s in scenarios)
-    for s in scenarios:
-        click.echo(f"{s.name:<{width}}  {s.summary}")
-
-
-@chaos.command("run")
-@click.argument("scenario_name", metavar="SCENARIO")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seeds every chaos decision (a run's schedule).")
-@click.option("--duration", "duration_s", type=click.FloatRange(min=1.0), default=None, metavar="S",
-              help="Run the full form, applying chaos for S seconds (default: the bounded form CI runs).")
-@click.option("--dir", "workdir", type=click.Path(file_okay=False), default=None,
-              help="Keep the broker store, factory data and process logs here (default: a temp folder, "
-                   "kept only if the scenario fails).")
-@click.option("--unsafe-unfenced-engines", "unfenced", is_flag=True,
-              help="Broken on purpose: start the lab's factories with GIGAFACTORY_UNSAFE_UNFENCED_ENGINES=1 "
-                   "(engines neither die with their factory nor stop when the lease is lost). The side-effect "
-                   "invariants must then fail: this shows the checker sees that class of bug.")
-@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-def chaos_run(scenario_name, seed, duration_s, workdir, unfenced, as_json) -> None:
-    """Run one scenario and check the invariants; exit 1 on any violation or failed expectation."""
-    import shutil
-    import tempfile
-
-    from gigafactory.chaos.harness import UNFENCED_ENGINES_ENV, ScenarioConfig, registry, run_scenario
-
-    known = registry()
-    if scenario_name not in known:
-        _fail(f"no scenario {scenario_name!r}; 'gigafactory chaos list' names them: {', '.join(sorted(known))}",
-              2, as_json=as_json)
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        stream=sys.stderr)
-    logging.getLogger("nats").setLevel(logging.CRITICAL)
-    temp = workdir is None
-    root = Path(workdir or tempfile.mkdtemp(prefix=f"gigafactory-chaos-{scenario_name}-")).resolve()
-    cfg = ScenarioConfig(seed=seed, duration_s=duration_s or 0.0, bounded=duration_s is None, workdir=root,
-                         factory_env=dict(UNFENCED_ENGINES_ENV) if unfenced else {})
-    if not as_json:
-        form = f"full form, {duration_s:g}s" if duration_s else "bounded form"
-        click.echo(f"running {scenario_name} ({form}, seed {seed}) in {root}", err=True)
-
-    def interrupted(*_):
-        raise KeyboardInterrupt  # as Ctrl-C: the lab stops every process it started on the way out
-
-    signal.signal(signal.SIGTERM, interrupted)
-    res = asyncio.run(run_scenario(scenario_name, cfg))
-    if temp and res.ok:
-        shutil.rmtree(root, ignore_errors=True)
-        res.workdir = ""
-    if as_json:
-        _emit_json(res.to_dict())
-    else:
-        click.echo(res.to_text())
-    sys.exit(0 if res.ok else 1)
-
-
-@chaos.command("sim", context_settings={"ignore_unknown_options": True, "allow_extra_args": True,
-                                        "help_option_names": []})
-@click.argument("args", nargs=-1, type=click.UNPROCESSED)
-def chaos_sim(args) -> None:
-    """The deterministic simulation: every argument goes to it (try 'gigafactory chaos sim --help')."""
-    from gigafactory.chaos.sim import main as sim_main
-
-    sys.exit(sim_main(list(args)))
-
-
-# -- load suite -------------------------------------------------------------------------------------
-
-
-@main.group()
-def loadtest() -> None:
-    """The load suite: our figures beside a minimal CAS work queue on the same broker."""
-
-
-@loadtest.command("workloads")
-@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-def loadtest_workloads(as_json) -> None:
-    """List the workloads."""
-    from gigafactory.loadtest.workloads import WORKLOADS
-
-    if as_json:
-        _emit_json({"workloads": [{"name": w.name, "summary": w.summary} for w in WORKLOADS.values()]})
-        return
-    width = max(len(n) for n in WORKLOADS)
-    for w in WORKLOADS.values():
-        click.echo(f"{w.name:<{width}}  {w.summary}")
-
-
-@loadtest.command("run")
-@click.option("--factories", type=click.IntRange(min=1), default=100, show_default=True, help="Connected factories.")
-@click.option("--jobs", type=click.IntRange(min=1), default=1000, show_default=True, help="Jobs per workload phase.")
-@click.option("--stations", type=click.IntRange(1, 256), default=2, show_default=True, help="Stations per factory.")
-@click.option("--workload", "workload_names", multiple=True, default=("all",), show_default=True,
-              help="A workload ('gigafactory loadtest workloads'), repeatable, or 'all'.")
-@click.option("--idle-s", type=click.FloatRange(min=0), default=60.0, show_default=True,
-              help="Idle-fleet window (0 skips it).")
-@click.option("--restart-jobs", type=click.IntRange(min=0), default=100_000, show_default=True,
-              help="Records in gf_jobs for the coordinator restart (0 skips it).")
-@click.option("--pace-fraction", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=0.4,
-              show_default=True, help="Paced rate as a share of the slower saturated throughput.")
-@click.option("--busy-job-s", type=click.FloatRange(min=0, min_open=True), default=1.0, show_default=True,
-              help="How long each utilisation-phase job holds its station (at least).")
-@click.option("--fleet-hosts", type=click.IntRange(min=1), default=2, show_default=True,
-              help="Processes the bulk of the fleet is split over.")
-@click.option("--batch", type=click.IntRange(1, 1000), default=100, show_default=True, help="Jobs per submit call.")
-@click.option("--dir", "workdir", type=click.Path(file_okay=False), default=None,
-              help="Broker store and process logs (default: a temp folder, removed after a good run).")
-@click.option("--out", "out_file", type=click.Path(dir_okay=False), default=None,
-              help="Write the JSON result here (default: $GIGAFACTORY_HOME/loadtest-results/<time>.json).")
-@click.option("--markdown", is_flag=True, help="Print the tables as markdown (the tables of docs/load-results.md).")
-@click.option("--json", "as_json", is_flag=True, help="Print the JSON result instead of the table.")
-def loadtest_run(factories, jobs, stations, workload_names, idle_s, restart_jobs, pace_fraction, busy_job_s,
-                 fleet_hosts, batch, workdir, out_file, markdown, as_json) -> None:
-    """Run the load suite: its own broker, coordinator, fleet and baseline; prints the figures
-    with the issue's targets (reported, never asserted) and writes the JSON result. Exits 1 only
-    if the harness itself failed (a job did not complete, a process did not start)."""
-    import shlex
-    import shutil
-    import tempfile
-    import time as _time
-
-    from gigafactory.loadtest.harness import LoadConfig, run_load
-    from gigafactory.loadtest.workloads import WORKLOADS
-
-    names_ = list(WORKLOADS) if "all" in workload_names else list(dict.fromkeys(workload_names))
-    unknown = [w for w in names_ if w not in WORKLOADS]
-    if unknown:
-        _fail(f"no workload {', '.join(unknown)}; 'gigafactory loadtest workloads' lists them: "
-              f"{', '.join(WORKLOADS)} (or 'all')", 2, as_json=as_json)
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        stream=sys.stderr)
-    logging.getLogger("nats").setLevel(logging.CRITICAL)
-    temp = workdir is None
-    root = Path(workdir or tempfile.mkdtemp(prefix="gigafactory-loadtest-")).resolve()
-    cfg = LoadConfig(factories=factories, stations=stations, jobs=jobs, workloads=tuple(names_), idle_s=idle_s,
-                     restart_jobs=restart_jobs, pace_fraction=pace_fraction, busy_job_s=busy_job_s,
-                     fleet_hosts=fleet_hosts, batch=batch, workdir=root, settings=Settings.from_env())
-    try:
-        cfg.validate()
-    except ValueError as e:
-        _fail(str(e), 2, as_json=as_json)
-
-    def progress(text: str) -> None:
-        if not as_json:
-            click.echo(f"# {text}", err=True)
-
-    def interrupted(*_):
-        raise KeyboardInterrupt  # as Ctrl-C: the run stops every process it started on the way out
-
-    signal.signal(signal.SIGTERM, interrupted)
-    try:
-        result = asyncio.run(run_load(cfg, progress))
-    except (RuntimeError, TimeoutError, OSError) as e:
-        _fail(f"the load run failed: {e} (logs in {root})", 1, as_json=as_json)
-    result["command"] = "gigafactory loadtest run " + " ".join(shlex.quote(a) for a in sys.argv[3:])
-    out = Path(out_file) if out_file else home() / "loadtest-results" / _time.strftime("%Y%m%d-%H%M%S.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_bytes(orjson.dumps(result, option=orjson.OPT_INDENT_2))
-    if temp and result["ok"]:
-        shutil.rmtree(root, ignore_errors=True)
-        result["workdir"] = ""
-    if as_json:
-        _emit_json(result)
-    else:
-        click.echo(result["markdown"] if markdown else result["text"])
-        if result["incomplete"]:
-            click.echo(f"NOT COMPLETED: {result['incomplete']} (logs in {root})", err=True)
-        click.echo(f"result: {out}", err=True)
-    sys.exit(0 if result["ok"] else 1)
+main.add_command(chaos)
+main.add_command(loadtest)
 
 
 if __name__ == "__main__":

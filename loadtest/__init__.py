@@ -1,1 +1,9 @@
-"""The load suite: fleet-scale workloads against a baseline measured in the same run."""
+"""The load suite: fleet-scale workloads against a baseline measured in the same run.
+
+Modules, each importing only those listed before it (``tests/test_layout.py`` checks there is no
+cycle): :mod:`stats` (pure figures), :mod:`fleet` (a fleet host: N factories in one process, run
+as ``python -m gigafactory.loadtest.fleet``), :mod:`baseline` (the minimal CAS work queue, run as
+``python -m gigafactory.loadtest.baseline``), :mod:`harness` (one run's processes and
+measurements), :mod:`workloads`, :mod:`runner` (a whole run, phase after phase), :mod:`cli`
+(``gigafactory loadtest``).
+"""

@@ -22,14 +22,14 @@ CPU seconds and resident memory to ``--stats-file`` on SIGUSR1 and at exit; SIGT
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import logging
 import signal
-import sys
 from pathlib import Path
+from types import SimpleNamespace
 
+import click
 import nats
 import nats.errors
 import nats.js.errors
@@ -137,7 +137,11 @@ class Workers:
                 "cpu_s": cpu_seconds(), "rss_bytes": rss_bytes(), "at": time.time()}
 
 
-async def amain(a: argparse.Namespace) -> int:
+async def amain(a: SimpleNamespace) -> int:
+    """Run the baseline's workers until SIGTERM/SIGINT.
+
+    :param a: the options of :func:`command`.
+    """
     w = Workers(a.nats, a.connections, a.workers, a.long_poll_s)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -162,19 +166,20 @@ async def amain(a: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m gigafactory.loadtest.baseline", description=__doc__.split("\n\n")[0])
-    p.add_argument("--nats", required=True)
-    p.add_argument("--connections", type=int, required=True, help="connections (as many as factories)")
-    p.add_argument("--workers", type=int, default=1, help="pullers per connection (as stations per factory)")
-    p.add_argument("--long-poll-s", type=float, default=5.0)
-    p.add_argument("--stats-file", default=None)
-    a = p.parse_args(argv)
-    if a.connections < 1 or a.workers < 1:
-        p.error("--connections and --workers must be at least 1")
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--nats", required=True, help="Broker URL.")
+@click.option("--connections", type=click.IntRange(min=1), required=True,
+              help="Connections (as many as factories).")
+@click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Pullers per connection (as stations per factory).")
+@click.option("--long-poll-s", type=click.FloatRange(min=0, min_open=True), default=5.0, show_default=True,
+              help="How long one pull waits for work.")
+@click.option("--stats-file", default=None, help="Write the figures here as JSON.")
+def command(**kw) -> None:
+    """The baseline: a minimal compare-and-set work queue on the same broker."""
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    return asyncio.run(amain(a))
+    click.get_current_context().exit(asyncio.run(amain(SimpleNamespace(**kw))))
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    command(prog_name="python -m gigafactory.loadtest.baseline")

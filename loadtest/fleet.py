@@ -25,7 +25,6 @@ SIGTERM or SIGINT drains every factory as the single-factory process does, then 
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import collections
 import logging
@@ -34,11 +33,14 @@ import signal
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
+import click
 import orjson
 
 from gigafactory import osproc
 from gigafactory.broker import Broker
+from gigafactory.clitools import LOG_LEVELS
 from gigafactory.config import Settings
 from gigafactory.factory.agent import Factory
 
@@ -195,7 +197,11 @@ def read_stats(path: str | Path) -> dict | None:
         return None
 
 
-async def amain(a: argparse.Namespace) -> int:
+async def amain(a: SimpleNamespace) -> int:
+    """Run the fleet host until SIGTERM/SIGINT; 1 if a factory failed to start, else 0.
+
+    :param a: the options of :func:`command`.
+    """
     settings = Settings.from_env()
     host = FleetHost(a.nats, count=a.count, prefix=a.prefix, start=a.start, stations=a.stations, caps=a.cap,
                      data_dir=a.data_dir, workspace=a.workspace, settings=settings, concurrency=a.concurrency)
@@ -236,31 +242,29 @@ async def amain(a: argparse.Namespace) -> int:
     return 1 if host.start_failures else 0
 
 
-def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m gigafactory.loadtest.fleet", description=__doc__.split("\n\n")[0])
-    p.add_argument("--nats", required=True, help="broker URL(s), comma-separated")
-    p.add_argument("--count", type=int, required=True, help="how many factories")
-    p.add_argument("--prefix", default="fleet-", help="factory id prefix (ids are <prefix><index:04d>)")
-    p.add_argument("--start", type=int, default=0, help="first index")
-    p.add_argument("--stations", type=int, default=1, help="stations per factory")
-    p.add_argument("--cap", action="append", default=[], metavar="TOKEN", help="extra capability (repeatable)")
-    p.add_argument("--data-dir", required=True, help="parent of every factory's data dir (outbox, logs)")
-    p.add_argument("--workspace", required=True, help="working directory for jobs without cwd")
-    p.add_argument("--stats-file", default=None, help="write the figures here as JSON")
-    p.add_argument("--stats-interval-s", type=float, default=1.0)
-    p.add_argument("--concurrency", type=int, default=32, help="factories connecting at once at start")
-    p.add_argument("--log-level", default="warning")
-    return p
-
-
-def main(argv: list[str] | None = None) -> int:
-    a = parser().parse_args(argv)
-    if a.count < 1:
-        parser().error("--count must be at least 1")
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--nats", required=True, help="Broker URL(s), comma-separated.")
+@click.option("--count", type=click.IntRange(min=1), required=True, help="How many factories.")
+@click.option("--prefix", default="fleet-", show_default=True, help="Factory id prefix (ids are <prefix><index:04d>).")
+@click.option("--start", type=click.IntRange(min=0), default=0, show_default=True, help="First index.")
+@click.option("--stations", type=click.IntRange(1, 256), default=1, show_default=True, help="Stations per factory.")
+@click.option("--cap", multiple=True, metavar="TOKEN", help="Extra capability (repeatable).")
+@click.option("--data-dir", required=True, help="Parent of every factory's data dir (outbox, logs).")
+@click.option("--workspace", required=True, help="Working directory for jobs without cwd.")
+@click.option("--stats-file", default=None, help="Write the figures here as JSON.")
+@click.option("--stats-interval-s", type=click.FloatRange(min=0), default=1.0, show_default=True,
+              help="How often the figures are written (0: only when ready, on SIGUSR1 and at the end).")
+@click.option("--concurrency", type=click.IntRange(min=1), default=32, show_default=True,
+              help="Factories connecting at once at start.")
+@click.option("--log-level", type=click.Choice(LOG_LEVELS, case_sensitive=False), default="warning",
+              show_default=True)
+def command(**kw) -> None:
+    """A fleet host: N real factories in one process, on one broker connection each."""
+    a = SimpleNamespace(**{**kw, "cap": list(kw["cap"])})
     logging.basicConfig(level=getattr(logging, a.log_level.upper(), logging.WARNING),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    return asyncio.run(amain(a))
+    click.get_current_context().exit(asyncio.run(amain(a)))
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    command(prog_name="python -m gigafactory.loadtest.fleet")

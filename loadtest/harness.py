@@ -1,7 +1,7 @@
 """The load suite's harness: one run starts its own broker, coordinator, fleet and baseline,
 drives the workloads through the API, measures, and stops everything it started.
 
-A run (:func:`run_load`), in order:
+A run (:func:`gigafactory.loadtest.runner.run_load`), in order:
 
 1. an embedded ``nats-server`` with its monitoring port (``/varz``) on loopback;
 2. the baseline (:mod:`gigafactory.loadtest.baseline`) as a process of its own with as many
@@ -50,7 +50,7 @@ from nats.js import api
 
 from gigafactory import osproc
 from gigafactory.broker import Broker
-from gigafactory.chaos.harness import LabProc, wait_for
+from gigafactory.testing.procs import LabProc, wait_for
 from gigafactory.client import ApiError, Client
 from gigafactory.config import Settings, env_text
 from gigafactory.embedded import EmbeddedServer
@@ -700,64 +700,3 @@ class LoadRun:
                 futs.append(js.publish(f"$KV.{names.JOBS_BUCKET}.{jid}", encode(rec), timeout=30))
             await asyncio.gather(*futs)
         return time.monotonic() - t0
-
-
-# -- running ----------------------------------------------------------------------------------------
-
-
-async def run_load(cfg: LoadConfig, progress=None) -> dict:
-    """One full run; returns the result (figures, tables as rows, notes). ``progress(text)``
-    is told what the run is doing."""
-    from . import workloads as wl
-
-    cfg.validate()
-    unknown = [w for w in cfg.workloads if w not in wl.WORKLOADS]
-    if unknown:
-        raise ValueError(f"no workload {', '.join(unknown)}; 'gigafactory loadtest workloads' lists them: "
-                         f"{', '.join(wl.WORKLOADS)}")
-    say = progress or (lambda _t: None)
-    started = time.time()
-    t0 = time.monotonic()
-    async with LoadRun(cfg) as run:
-        say(f"broker on {run.url} (monitor {run.server.monitor_url}); baseline with "
-            f"{cfg.total_stations} workers")
-        ctx = wl.Context(run)
-        await run.start_baseline()
-        await wl.baseline_phase(ctx, "saturated", cfg.jobs, rate=None)
-        await run.stop_baseline()
-        say(f"coordinator and {cfg.factories} factories x {cfg.stations} stations in {len(run.layout)} fleet hosts")
-        await run.start_coordinator()
-        await run.start_fleet()
-        for name in cfg.workloads:
-            say(f"workload {name}")
-            await wl.WORKLOADS[name].run(ctx)
-        if ctx.paced_rate:
-            say(f"baseline paced at {ctx.paced_rate:.1f} jobs/s")
-            await run.start_baseline()
-            await wl.baseline_phase(ctx, "paced", ctx.paced_count, rate=ctx.paced_rate)
-            await run.stop_baseline()
-        say("reading the broker's histories")
-        ours = await read_history(run.admin_().js, f"KV_{names.JOBS_BUCKET}", f"$KV.{names.JOBS_BUCKET}.>")
-        base = await read_history(run.admin_().js, f"KV_{bl.BUCKET}", f"$KV.{bl.BUCKET}.>")
-        ctx.timelines = timelines_from(ours)
-        ctx.timelines.update(timelines_from(base))
-        for j, ts in (await read_first_events(run.admin_().js, "dispatched")).items():
-            if j in ctx.timelines:
-                ctx.timelines[j].dispatched = ts
-        if cfg.idle_s > 0:
-            say(f"idle fleet for {cfg.idle_s:g}s")
-            ctx.idle = await run.measure_idle(cfg.idle_s)
-        if cfg.restart_jobs > 0:
-            say(f"restart with {cfg.restart_jobs} jobs in the bucket")
-            try:
-                ctx.restart = await wl.restart_measure(ctx, cfg.restart_jobs)
-            except (RuntimeError, TimeoutError) as e:
-                # Reported, with the figures already taken, rather than losing the whole run.
-                ctx.restart = {"error": f"{type(e).__name__}: {str(e)[-1500:]}"}
-        result = wl.report(ctx)
-    result.update({
-        "command": None, "started_at": started, "elapsed_s": round(time.monotonic() - t0, 2),
-        "config": cfg.to_dict(), "workdir": str(Path(cfg.workdir).resolve()),
-        "machine": {"cpus": os.cpu_count(), "loadavg_at_end": list(os.getloadavg()) if hasattr(os, "getloadavg") else None},
-    })
-    return result

@@ -24,7 +24,8 @@ import time
 import pytest
 from helpers import Fleet
 
-from gigafactory.chaos.harness import UNFENCED_ENGINES_ENV, Lab, ScenarioConfig, registry, run_scenario
+from gigafactory.chaos.harness import UNFENCED_ENGINES_ENV, Lab, ScenarioConfig
+from gigafactory.chaos.runner import registry, run_scenario
 from gigafactory.procs import pid_alive
 from gigafactory.schemas import protocol
 from gigafactory.schemas.lifecycle import Stage

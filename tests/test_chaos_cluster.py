@@ -18,7 +18,8 @@ import pytest
 import nats.js.errors
 from helpers import fast_settings, job_text
 
-from gigafactory.chaos.harness import ScenarioConfig, run_scenario
+from gigafactory.chaos.harness import ScenarioConfig
+from gigafactory.chaos.runner import run_scenario
 
 
 def run_bounded(name: str, tmp_path, seed: int = 0):

@@ -14,7 +14,8 @@ import asyncio
 
 import pytest
 
-from gigafactory.chaos.harness import ScenarioConfig, run_scenario
+from gigafactory.chaos.harness import ScenarioConfig
+from gigafactory.chaos.runner import run_scenario
 from gigafactory.chaos.scenarios import herd
 
 

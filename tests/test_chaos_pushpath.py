@@ -14,7 +14,8 @@ import time
 import pytest
 from helpers import Fleet, eventually, fast_settings
 
-from gigafactory.chaos.harness import ScenarioConfig, run_scenario
+from gigafactory.chaos.harness import ScenarioConfig
+from gigafactory.chaos.runner import run_scenario
 from gigafactory.schemas import names
 from gigafactory.schemas.records import FactoryRecord, decode
 

@@ -346,10 +346,10 @@ def test_an_attempts_usage_reads_as_one_line_without_made_up_counts():
 @pytest.mark.parametrize("args", [["jobs", "--json"], ["jobs"], ["status", "some-job", "--json"]])
 def test_an_unreachable_broker_is_one_clean_error_not_tracebacks(args):
     """Every API command connects through one path: no nats-py traceback reaches the user,
-    the error names the URL, and --json stays JSON."""
+    the error names the URL, and --json stays JSON. Exit 4: unavailable (cannot tell), as fence."""
     r = subprocess.run([*gigafactory_cmd(), *args, "--nats", "nats://127.0.0.1:1"], env=fast_env(),
                        capture_output=True, text=True, timeout=60)
-    assert r.returncode == 2, r.stderr
+    assert r.returncode == 4, r.stderr
     assert "Traceback" not in r.stderr + r.stdout
     assert "cannot connect to nats://127.0.0.1:1" in r.stderr + r.stdout
     if "--json" in args:

@@ -50,5 +50,5 @@ def test_a_file_within_the_limits_is_sent(nats_server, tmp_path):
 
     out = _submit(nats_server.url, small)
 
-    assert out.returncode == 2, out
+    assert out.returncode == 4, out  # unavailable: the request may be retried
     assert "no coordinator is answering" in out.stderr

@@ -20,7 +20,7 @@ from helpers import run
 
 from gigafactory.broker import TRANSIENT, Broker, Bucket, Conflict
 from gigafactory.config import Settings
-from gigafactory.embedded import Cluster
+from gigafactory.testing import Cluster
 from gigafactory.schemas import names
 
 JOBS_STREAM = f"KV_{names.JOBS_BUCKET}"

@@ -16,7 +16,8 @@ from helpers import eventually, run
 from gigafactory.broker import Broker, ReplicasError
 from gigafactory.config import Settings, check_sync_interval
 from gigafactory.coordinator.retention import clock_skew
-from gigafactory.embedded import BrokerError, Cluster, EmbeddedServer
+from gigafactory.embedded import BrokerError, EmbeddedServer
+from gigafactory.testing import Cluster
 from gigafactory.schemas import names
 
 

@@ -12,7 +12,7 @@ from helpers import fast_env, gigafactory_cmd, run
 
 from gigafactory.broker import Broker
 from gigafactory.config import Settings
-from gigafactory.embedded import Cluster
+from gigafactory.testing import Cluster
 from gigafactory.schemas import protocol
 from gigafactory.schemas.manifest import parse_job_text
 from gigafactory.schemas.records import JobRecord, decode, encode

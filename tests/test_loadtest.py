@@ -201,5 +201,5 @@ def test_the_cli_lists_workloads_and_refuses_an_unknown_one(tmp_path):
     assert [w["name"] for w in json.loads(listed.stdout)["workloads"]] == list(WORKLOADS)
     bad = subprocess.run([*gigafactory_cmd(), "loadtest", "run", "--workload", "nope", "--dir", str(tmp_path)],
                          capture_output=True, text=True, timeout=60)
-    assert bad.returncode == 2 and "no workload nope" in bad.stderr and "noop" in bad.stderr
+    assert bad.returncode == 2 and "no workload 'nope'" in bad.stderr and "noop" in bad.stderr
     assert sys.executable  # the console script runs this interpreter's package

@@ -83,7 +83,7 @@ def test_a_child_started_from_a_thread_that_ends_lives_on_until_the_process_dies
 LAB_STARTER = r"""
 import os, sys, time
 from pathlib import Path
-from gigafactory.chaos.harness import LabProc
+from gigafactory.testing.procs import LabProc
 p = LabProc("sleeper", ["sleep", "120"], Path(sys.argv[1]), dict(os.environ))
 p.start()
 p.pause()  # a paused lab process must go too (SIGKILL ends a stopped process)

@@ -5,10 +5,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import subprocess
 from collections import Counter
 
 import msgspec
 import pytest
+
+from helpers import gigafactory_cmd
 
 from gigafactory.chaos import sim
 from gigafactory.chaos.sim import FaultConfig, run_many, simulate
@@ -25,7 +28,7 @@ SEEDS = range(500)
 def test_every_seed_of_500_with_every_fault_keeps_every_invariant_and_settles():
     failing = run_many(SEEDS)
 
-    assert failing == [], f"reproduce with: python -m gigafactory.chaos.sim --seeds {failing[0]}"
+    assert failing == [], f"reproduce with: gigafactory chaos sim --seeds {failing[0]}"
 
 
 def test_the_faults_really_happen_in_those_runs():
@@ -299,8 +302,15 @@ def test_a_write_whose_reply_never_came_is_learned_by_reading_the_record_as_the_
 # --- the command line -----------------------------------------------------------------------------
 
 
+def run_cli(args: list[str]) -> int:
+    """``gigafactory chaos sim ARGS`` in this process (its output to capsys); the exit code."""
+    from gigafactory.chaos.cli import chaos_sim
+
+    return chaos_sim.main(args=args, prog_name="gigafactory chaos sim", standalone_mode=False)
+
+
 def test_the_cli_passes_healthy_seeds_and_exits_zero(capsys):
-    assert sim.main(["--seeds", "0:20"]) == 0
+    assert run_cli(["--seeds", "0:20"]) == 0
 
     out = capsys.readouterr().out
     assert out.startswith("20 seeds in ")
@@ -308,7 +318,7 @@ def test_the_cli_passes_healthy_seeds_and_exits_zero(capsys):
 
 
 def test_the_cli_reports_failing_seeds_as_json_and_exits_one(capsys):
-    assert sim.main(["--seeds", "0:10", "--broken", "no_revision_check", "--json"]) == 1
+    assert run_cli(["--seeds", "0:10", "--broken", "no_revision_check", "--json"]) == 1
 
     doc = json.loads(capsys.readouterr().out)
     assert doc["runs"] == 10
@@ -320,18 +330,18 @@ def test_the_cli_reports_failing_seeds_as_json_and_exits_one(capsys):
 def test_the_cli_prints_the_first_failure_and_how_to_reproduce_it(capsys):
     # Seeds 0-4 no longer expose the missing fence: a result whose reply was lost is now learned
     # by re-reading the record, not replayed from the outbox, where a stale replay met it.
-    assert sim.main(["--seeds", "0:10", "--broken", "no_fence", "--trace", "5"]) == 1
+    assert run_cli(["--seeds", "0:10", "--broken", "no_fence", "--trace", "5"]) == 1
 
     out = capsys.readouterr().out
     assert "failing seeds: " in out
     assert "FAILED" in out and "[stale_write_accepted]" in out
-    assert "reproduce: python -m gigafactory.chaos.sim --seeds " in out and "--broken=no_fence" in out
+    assert "reproduce: gigafactory chaos sim --seeds " in out and "--broken=no_fence" in out
 
 
 def test_the_cli_sets_single_faults_on_a_healthy_fleet(capsys):
     # Slow log uploads alone (within production's own upload bound) cost no lease: renewals go
     # on until the result is written. The CLI sets the single fault and reports no failure.
-    assert sim.main(["--seeds", "0:5", "--no-faults", "--fault", "slow_report=0.3",
+    assert run_cli(["--seeds", "0:5", "--no-faults", "--fault", "slow_report=0.3",
                      "--fault", "slow_report_s=5:20", "--json"]) == 0
 
     assert json.loads(capsys.readouterr().out)["failing"] == []
@@ -341,11 +351,29 @@ def test_the_cli_sets_single_faults_on_a_healthy_fleet(capsys):
     assert res.report.counts["fenced"] == 0 and res.report.counts["lease_expired"] == 0
 
 
+def _sim_process(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([*gigafactory_cmd(), "chaos", "sim", *args], capture_output=True, text=True, timeout=120)
+
+
 def test_the_cli_refuses_an_unknown_fault():
-    with pytest.raises(SystemExit):
-        sim.main(["--fault", "meteor_strike=1"])
+    r = _sim_process("--fault", "meteor_strike=1")
+    assert r.returncode == 2, r.stderr
+    assert "Invalid value for '--fault'" in r.stderr and "'meteor_strike=1': expected NAME=VALUE" in r.stderr
+    assert "slow_report" in r.stderr  # the fields it does know are named
 
 
 def test_the_cli_refuses_a_malformed_seed_range():
-    with pytest.raises(SystemExit):
-        sim.main(["--seeds", "a:b"])
+    r = _sim_process("--seeds", "a:b")
+    assert r.returncode == 2 and "'a:b' is not a seed range" in r.stderr, r.stderr
+    r = _sim_process("--seeds", "5:5")
+    assert r.returncode == 2 and "'5:5' is an empty seed range" in r.stderr, r.stderr
+
+
+def test_the_cli_is_one_click_command_with_choices():
+    """`gigafactory chaos sim --help` is the CLI's own (not a second parser's), and --broken
+    takes only the known variants."""
+    r = _sim_process("--help")
+    assert r.returncode == 0 and r.stdout.startswith("Usage: gigafactory chaos sim [OPTIONS]"), r.stdout
+    assert "python -m" not in r.stdout
+    r = _sim_process("--broken", "no_such_bug")
+    assert r.returncode == 2 and "no broken variant 'no_such_bug'" in r.stderr and "no_fence" in r.stderr, r.stderr

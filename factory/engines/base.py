@@ -42,6 +42,7 @@ from gigafactory.schemas.manifest import Budget, FailureClass, Manifest
 from gigafactory.schemas.records import Usage, usage_tokens
 
 from .. import shell
+from ..credentials import CREDENTIAL_VARS
 
 
 @dataclass(frozen=True)
@@ -245,13 +246,11 @@ class Engine(abc.ABC):
         """The environment variables whose values are this engine's credential. After an
         ``auth_failed`` the factory withdraws the engine until a hash of these values changes
         (:func:`credential_fingerprint`). The default is every well-known credential variable
-        (:data:`gigafactory.factory.probe.CREDENTIAL_VARS`): wider than needed, so a change of
+        (:data:`gigafactory.factory.credentials.CREDENTIAL_VARS`): wider than needed, so a change of
         any of them restores the engine (at worst one more refused attempt, never a stuck one).
 
         :param environ: the environment the engine runs with.
         """
-        from ..probe import CREDENTIAL_VARS  # the probe imports the engines: import when asked
-
         return CREDENTIAL_VARS
 
     def tokens(self, found: ProbeResult) -> list[str]:

@@ -1,4 +1,9 @@
-"""Brokers for tests, chaos scenarios and load runs.
+"""Lab support, as ``temporalio.testing`` is for Temporal: brokers, clusters and processes for
+tests, chaos scenarios and load runs. Nothing in a deployment imports this package.
+
+- :func:`broker_url`, :func:`broker_kind`, :func:`docker_broker`: a broker for one test (here);
+- :class:`Cluster`: a JetStream cluster of embedded brokers on loopback (:mod:`.cluster`);
+- :class:`LabProc`, :func:`wait_for`: a lab's processes and bounded waits (:mod:`.procs`).
 
 The default is a real ``nats-server`` subprocess on a free loopback port (the embedded
 broker). Where a Docker engine answers, ``GIGAFACTORY_TEST_BROKER=docker`` runs the same
@@ -14,6 +19,12 @@ import tempfile
 from collections.abc import Iterator
 
 from gigafactory.embedded import EmbeddedServer
+
+from .cluster import Cluster, ClusterError
+from .procs import LabProc, wait_for
+
+__all__ = ["Cluster", "ClusterError", "LabProc", "broker_kind", "broker_url", "docker_available", "docker_broker",
+           "wait_for"]
 
 NATS_IMAGE = os.environ.get("GIGAFACTORY_NATS_IMAGE", "nats:2.12-alpine")
 

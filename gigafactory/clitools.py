@@ -1,0 +1,124 @@
+"""What every command group of the ``gigafactory`` CLI shares: exit codes, errors, JSON output,
+logging, and choices whose values are only known once a suite is imported.
+
+The main group (:mod:`gigafactory.cli`) and the suites' groups (:mod:`gigafactory.chaos.cli`,
+:mod:`gigafactory.loadtest.cli`) import this module; it imports none of them.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Callable, Iterable
+
+import click
+import orjson
+
+# -- exit codes: the same meaning in every command ---------------------------------------------
+
+EXIT_OK = 0
+"""Done, and the outcome is the one asked for (every job shipped, the scenario passed, ...)."""
+EXIT_FAILED = 1
+"""Done, and the outcome is a failure: a job failed or was dead-lettered, a scenario found a
+violation, the coordinator refused the request (unknown job, wrong stage, invalid job file), a
+fence found the job held by another epoch, the load harness could not complete a run."""
+EXIT_USAGE = 2
+"""Not started: an invalid option or argument (click's own usage errors exit 2 too), an invalid
+``GIGAFACTORY_*`` setting, no broker configured, a store already served by another broker."""
+EXIT_TIMEOUT = 3
+"""Ran out of time: ``submit --wait`` reached ``--timeout`` before every job came to rest;
+``fence`` renewed the lease but less than ``--min-remaining-s`` of it is left."""
+EXIT_UNAVAILABLE = 4
+"""Cannot tell: the broker did not answer (unreachable, ``connect_timeout_s`` passed), no
+coordinator answered the request, or it failed on the coordinator's side. Trying again later
+may succeed; a script must not take it as success or as a definite failure."""
+
+EXIT_CODES: dict[int, str] = {EXIT_OK: "ok", EXIT_FAILED: "failed", EXIT_USAGE: "usage",
+                              EXIT_TIMEOUT: "timed out", EXIT_UNAVAILABLE: "unavailable"}
+
+
+def emit_json(obj) -> None:
+    """Print ``obj`` as indented JSON with sorted keys on stdout.
+
+    :param obj: anything orjson encodes.
+    """
+    click.echo(orjson.dumps(obj, option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS).decode())
+
+
+def fail(message: str, code: int = EXIT_FAILED, *, as_json: bool = False, errors: list | None = None) -> None:
+    """End the command with ``code``: the message (and per-file ``errors``) on stderr, or as a
+    JSON object ``{"error", "errors"}`` on stdout with ``as_json``.
+
+    :param message: one line saying what went wrong and what to do.
+    :param code: one of the ``EXIT_*`` codes.
+    :param as_json: print JSON on stdout instead of text on stderr.
+    :param errors: per-file details ``{file, line, field, message}``.
+    """
+    if as_json:
+        emit_json({"error": message, "errors": errors or []})
+    else:
+        click.secho(f"error: {message}", fg="red", err=True)
+        for e in errors or []:
+            where = e.get("file", "") + (f":{e['line']}" if e.get("line") else "")
+            field = f" field '{e['field']}':" if e.get("field") else ""
+            click.echo(f"  {where}:{field} {e.get('message')}", err=True)
+    sys.exit(code)
+
+
+# -- logging -------------------------------------------------------------------------------------
+
+LOG_LEVELS = ("debug", "info", "warning", "error")
+"""The ``--log-level`` choices of the long-running commands."""
+
+
+class JsonLogFormatter(logging.Formatter):
+    """One JSON object per line: ``at`` (Unix seconds), ``level``, ``logger``, ``message``, and
+    ``exception`` (the formatted traceback) when there is one: what a log shipper reads."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        out = {"at": round(record.created, 6), "level": record.levelname.lower(), "logger": record.name,
+               "message": record.getMessage()}
+        if record.exc_info:
+            out["exception"] = self.formatException(record.exc_info)
+        return orjson.dumps(out).decode()
+
+
+def setup_logging(level: str, as_json: bool = False) -> None:
+    """Log to stderr at ``level``, as text lines or (``as_json``) JSON lines.
+
+    :param level: one of :data:`LOG_LEVELS`.
+    :param as_json: one JSON object per line (:class:`JsonLogFormatter`).
+    """
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonLogFormatter() if as_json else
+                         logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO), handlers=[handler], force=True)
+    logging.getLogger("nats").setLevel(logging.WARNING)
+
+
+# -- choices known once a suite is imported --------------------------------------------------------
+
+
+class LazyChoice(click.Choice):
+    """A :class:`click.Choice` whose values are read on first use (validation, help, shell
+    completion), so that ``gigafactory --help`` does not import every suite to list them.
+
+    :param load: returns the valid values.
+    :param what: names the values in the error (``scenario``, ``workload``).
+    """
+
+    def __init__(self, load: Callable[[], Iterable[str]], what: str) -> None:
+        self._load = load
+        self._choices: tuple[str, ...] | None = None
+        self.case_sensitive = True
+        self.what = what
+
+    @property
+    def choices(self) -> tuple[str, ...]:  # type: ignore[override]
+        if self._choices is None:
+            self._choices = tuple(self._load())
+        return self._choices
+
+    def get_invalid_choice_message(self, value, ctx) -> str:
+        return f"no {self.what} {value!r}; known: {', '.join(self.choices)}"
+
