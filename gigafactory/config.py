@@ -345,6 +345,16 @@ class Settings:
     make every priced cost and every ``budget.usd`` stop wrong; a model missing from it stays
     ``unknown`` and is then never stopped by ``budget.usd``."""
 
+    # -- WIP checkpoints and resume (issue 10, helper checkpoint) -------------------------------
+    checkpoint_s: float = 300.0
+    """While an engine runs on a ``repo`` job, every this many seconds the factory snapshots the
+    worktree (a separate index: the engine's own index and files are untouched) into a commit
+    on ``gf/<job>/wip``, pushes it fenced and records it on the job record; a retry or a
+    reclaimed attempt starts from the last checkpoint instead of ``base``. Only when something
+    changed since the last one. 0: no checkpoints (a reclaimed attempt starts from ``base``).
+    At most this much of an attempt's work is lost when its factory dies; smaller costs a
+    commit, a push and a record write per interval. At least ``CHECKPOINT_MIN_S`` when on."""
+
     @property
     def fence_margin_effective_s(self) -> float:
         """``fence_margin_s``, or its default (see there)."""
@@ -397,6 +407,10 @@ class Settings:
             raise SettingsError(f"git_push_min_remaining_s={self.git_push_min_remaining_s!r} "
                                 "(GIGAFACTORY_GIT_PUSH_MIN_REMAINING_S) must be at least 0 and less than "
                                 f"lease_ttl_s ({self.lease_ttl_s:g}): a push needs lease left after its fence")
+        if self.checkpoint_s != 0 and not CHECKPOINT_MIN_S <= self.checkpoint_s <= CHECKPOINT_MAX_S:
+            raise SettingsError(f"checkpoint_s={self.checkpoint_s!r} (GIGAFACTORY_CHECKPOINT_S) must be 0 (no "
+                                f"checkpoints) or between {CHECKPOINT_MIN_S:g} and {CHECKPOINT_MAX_S:g} seconds: "
+                                "each checkpoint is a commit, a push and a job-record write")
         if not 0 <= self.prefers_grace_s <= PREFERS_GRACE_MAX_S:
             raise SettingsError(f"prefers_grace_s={self.prefers_grace_s!r} (GIGAFACTORY_PREFERS_GRACE_S) must be "
                                 f"between 0 and {PREFERS_GRACE_MAX_S:g} seconds: it is how long an engine-class "
@@ -497,6 +511,10 @@ ENGINE_ENV_PASSTHROUGH_MAX_CHARS = 4096
 """Longest ``engine_env_passthrough`` accepted."""
 PREFERS_GRACE_MAX_S = 600.0
 """Largest ``prefers_grace_s``: beyond ten minutes a preference would be a hidden queue."""
+CHECKPOINT_MIN_S = 0.5
+"""Shortest ``checkpoint_s`` accepted (0 aside): a checkpoint costs git calls, a push and a write."""
+CHECKPOINT_MAX_S = 86_400.0
+"""Longest ``checkpoint_s`` accepted (a day)."""
 _ENV_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 LOG_UPLOAD_MIN_BYTES = 64 * 1024
