@@ -51,11 +51,15 @@ class Ship:
             log.info("%s: removed %d worktrees left by an earlier run: %s", self.id, len(removed),
                      ", ".join(removed[:20]))
 
-    async def _ws_checkout(self, run: Run) -> Checkout:
-        """The attempt's fresh worktree (raises :class:`GitError`); kept until :meth:`_ws_release`."""
+    async def _ws_checkout(self, run: Run, start: workspace.StartPoint | None = None) -> Checkout:
+        """The attempt's fresh worktree (raises :class:`GitError`); kept until :meth:`_ws_release`.
+
+        :param run: the run.
+        :param start: a WIP checkpoint to start from instead of ``base`` (:mod:`checkpoint`).
+        """
         m = run.record.manifest
         assert m.repo is not None
-        co = await asyncio.to_thread(self.git.checkout, m.repo, m.base, run.job, run.epoch)
+        co = await asyncio.to_thread(self.git.checkout, m.repo, m.base, run.job, run.epoch, start=start)
         self.checkouts[(run.job, run.epoch)] = co
         return co
 

@@ -120,6 +120,8 @@ class ClaudeStream(OutputParser):
         """The delay of the CLI's last retry after a 429 (``system/api_retry`` ``retry_delay_ms``):
         the CLI follows the provider's retry-after (plus jitter), and stream-json carries no
         other trace of it. None: no rate-limited retry seen."""
+        self.session_id: str | None = None
+        """The CLI's session id (every stream-json event carries it), once seen."""
 
     def feed(self, chunk: bytes) -> list[Progress]:
         out: list[Progress] = []
@@ -150,6 +152,8 @@ class ClaudeStream(OutputParser):
             return []  # not stream-json (a warning the CLI printed): it stays in the log only
         if not isinstance(ev, dict):
             return []
+        if isinstance(ev.get("session_id"), str) and len(ev["session_id"]) <= 200:
+            self.session_id = ev["session_id"]  # recorded with each WIP checkpoint (resume)
         kind = ev.get("type")
         if kind == "assistant" and isinstance(ev.get("message"), dict):
             return self._assistant(ev["message"])
