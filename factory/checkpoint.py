@@ -170,6 +170,7 @@ class Checkpoints:
                 return None
             return made[0], made[1], workspace.diff_stats(co, timeout_s=timeout_s, head=made[0])
 
+        taken_at = time.time()  # the state captured is the worktree's at about this time
         made = await asyncio.to_thread(snap)
         if made is None:
             self.stats["checkpoints_unchanged"] = self.stats.get("checkpoints_unchanged", 0) + 1
@@ -191,7 +192,7 @@ class Checkpoints:
             await asyncio.to_thread(workspace.push_wip, co, commit, branch, e.actual,
                                     timeout_s=min(timeout_s, left_s))
         st.remote = commit
-        cp = Checkpoint(commit=commit, epoch=run.epoch, attempt=rec.attempt, at=time.time(), branch=branch,
+        cp = Checkpoint(commit=commit, epoch=run.epoch, attempt=rec.attempt, at=taken_at, branch=branch,
                         seq=st.seq, files_changed=stats.files_changed, lines_added=stats.lines_added,
                         lines_deleted=stats.lines_deleted, base_commit=co.base_commit,
                         paths=stats.paths[:CHECKPOINT_PATHS_KEPT], session=session, factory=self.id,

@@ -150,7 +150,8 @@ class Checkpoint(msgspec.Struct, omit_defaults=True):
     epoch: int
     attempt: int
     at: float
-    """When it was taken (the holder's clock, for display)."""
+    """When the worktree was snapshotted (the holder's wall clock, just before the snapshot):
+    what the engine did after it is not in this checkpoint."""
     branch: str
     """``gf/<job>/wip``."""
     seq: int = 1
