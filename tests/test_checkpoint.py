@@ -176,6 +176,53 @@ def test_checkpoints_go_to_the_wip_branch_only_when_something_changed_and_the_ru
     run(main(), 80)
 
 
+@pytest.mark.timeout(120)
+def test_a_stale_holder_never_pushes_nor_records_a_checkpoint_and_the_next_holder_resumes_from_the_last_good_one(
+        nats_server, tmp_path):
+    remote = make_remote(tmp_path)
+    gate = tmp_path / "gate"
+    gate.mkdir()
+    # Renewals too rare for the holder to learn of the requeue by itself: the compare-and-set
+    # before its next checkpoint's push is what must refuse it.
+    slow = fast_settings(lease_ttl_s=60.0, lease_renew_s=20.0, checkpoint_s=0.5)
+    script = (f'if [ -n "${{GF_RESUMING:-}}" ]; then echo "$GF_RESUME_COMMIT" > "{gate}/resumed-from"; exit 0; fi\n'
+              f'for i in $(seq 1200); do echo $i > "tick-$i"; [ -f "{gate}/go" ] && exit 0; sleep 0.05; done; exit 1\n')
+
+    async def main():
+        async with Fleet(nats_server.url, tmp_path, settings=slow) as fleet:
+            f1 = await fleet.add_factory("f1")
+            job = await fleet.submit_one(repo_job(script, repo=str(remote), review_policy="auto",
+                                                  retry={"max": 3, "backoff": "0.1s"}))
+
+            async def checkpointed():
+                rec, _ = await fleet.record(job)
+                return rec.checkpoint
+
+            await eventually(checkpointed, 30, what="a checkpoint of epoch 1")
+            await fleet.client.call("requeue", {"job": job})  # the epoch moves on under the holder
+            after_requeue, _ = await fleet.record(job)
+            good = after_requeue.checkpoint
+            assert good is not None and good.epoch == 1
+
+            async def refused():
+                return [e for e in await fleet.events(job) if e["kind"] == "checkpoint_refused"]
+
+            [ev, *_] = await eventually(refused, 30, what="the stale holder's checkpoint refused")
+            assert ev["epoch"] == 1 and "stale" in ev["reason"], ev
+            # Nothing of the stale epoch after the requeue: not on the remote, not on the record.
+            assert branches(remote)[f"gf/{job}/wip"] == good.commit
+            (gate / "go").touch()
+            final = await fleet.wait_stage(job, "shipped", timeout_s=40)
+            a = final.attempts[-1]
+            assert a.epoch > 2 and a.outcome == "passed" and f1.stats.get("fenced_writes", 0) >= 1
+            assert (gate / "resumed-from").read_text().strip() == good.commit
+            assert sh_git("merge-base", "--is-ancestor", good.commit, a.workspace.head, cwd=remote) == ""
+            ckd = [e for e in await fleet.events(job) if e["kind"] == "checkpointed" and e["epoch"] == 1]
+            assert ckd[-1]["data"]["commit"] == good.commit  # the last one epoch 1 recorded is the good one
+
+    run(main(), 110)
+
+
 # -- pure pieces ---------------------------------------------------------------------------------
 
 
