@@ -9,6 +9,7 @@ branch whose history holds the first epoch's checkpoint.
 
 from __future__ import annotations
 
+import json
 import signal
 import subprocess
 import sys
@@ -23,7 +24,10 @@ from gigafactory.schemas import protocol
 from gigafactory.schemas.lifecycle import Stage
 from gigafactory.schemas.records import Checkpoint, JobRecord, Lease
 
+from gigafactory.model_server import parse_script, serve_in_thread
 from helpers import Fleet, Proc, eventually, fast_env, fast_settings, kill_group, run
+from helpers import job_text
+from test_engine_claude import CONTENT, SLOW_PYTHON, claude_env  # noqa: F401 (a fixture)
 from test_workspace import branches, make_remote, repo_job, sh_git, trailers
 
 STEPS = 14
@@ -221,6 +225,51 @@ def test_a_stale_holder_never_pushes_nor_records_a_checkpoint_and_the_next_holde
             assert ckd[-1]["data"]["commit"] == good.commit  # the last one epoch 1 recorded is the good one
 
     run(main(), 110)
+
+
+@pytest.mark.timeout(300)
+def test_a_claude_attempt_resumed_on_the_same_factory_gets_its_session_back_and_the_note(
+        nats_server, tmp_path, claude_env):
+    """The real ``claude`` CLI against the scripted model server: the first attempt writes a file
+    and starts a long command; a checkpoint records the file and the CLI's session id; the job is
+    requeued under it; the next attempt, on the same factory, starts from the checkpoint with
+    ``--resume`` (its request carries the first attempt's conversation) and the resume note."""
+    remote = make_remote(tmp_path)
+    script = {"turns": [
+        {"text": "Writing the file.", "tool_calls": [{"write_file": {"path": "hello.txt", "content": CONTENT}}]},
+        {"text": "Waiting.", "tool_calls": [{"run_command": {"command": SLOW_PYTHON}}]},
+        {"text": "Resumed; all done."},
+    ]}
+
+    async def main():
+        with serve_in_thread(parse_script(script)) as server:
+            async with Fleet(nats_server.url, tmp_path, settings=fast_settings(checkpoint_s=0.5)) as fleet:
+                claude_env(server.url)
+                await fleet.add_factory("c-1", probe=True)
+                job = await fleet.submit_one(job_text(
+                    "Create hello.txt as scripted.", engine="claude", repo=str(remote), review_policy="auto",
+                    model="claude-sonnet-4-5", yolo=True, retry={"max": 2, "backoff": "0.1s"}, timeout="120s"))
+
+                async def with_session():
+                    rec, _ = await fleet.record(job)
+                    cp = rec.checkpoint
+                    return cp if cp and cp.session and "hello.txt" in cp.paths else None
+
+                cp = await eventually(with_session, 150, what="a checkpoint with hello.txt and the session id")
+                await fleet.client.call("requeue", {"job": job})
+                final = await fleet.wait_stage(job, "shipped", "failed", timeout_s=150)
+                a = final.attempts[-1]
+                assert final.stage == "shipped" and a.epoch > cp.epoch and a.factory == "c-1", a.detail
+                assert sh_git("merge-base", "--is-ancestor", cp.commit, a.workspace.head, cwd=remote) == ""
+                turns = [e for e in server.exchanges if e.get("kind") in ("turn", "final")]
+                last = json.dumps(turns[-1]["body"]["messages"])
+                assert "you are resuming this task" in last  # the note
+                assert "Create hello.txt as scripted." in last and "Writing the file." in last  # the session
+                log = next(p for p in (tmp_path / "factories" / "c-1" / "logs").iterdir()
+                           if f"epoch-{a.epoch}" in p.name)
+                assert cp.session in log.read_text()
+
+    run(main(), timeout_s=280)
 
 
 # -- pure pieces ---------------------------------------------------------------------------------
