@@ -272,6 +272,45 @@ def test_a_claude_attempt_resumed_on_the_same_factory_gets_its_session_back_and_
     run(main(), timeout_s=280)
 
 
+@pytest.mark.timeout(120)
+def test_a_checkpoint_gone_from_the_remote_is_not_resumed_the_attempt_starts_from_base_and_says_why(
+        nats_server, tmp_path):
+    remote = make_remote(tmp_path)
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    script = (f'echo "${{GF_RESUMING:-0}}" > "{marks}/$GF_FACTORY-resuming"; echo "$GF_EPOCH" > "work-$GF_EPOCH"\n'
+              f'[ "$GF_FACTORY" = f2 ] && exit 0\n'
+              f'for i in $(seq 1200); do echo $i > tick; sleep 0.05; done; exit 1\n')
+
+    async def main():
+        async with Fleet(nats_server.url, tmp_path, settings=fast_settings(checkpoint_s=0.5)) as fleet:
+            await fleet.add_factory("f1")
+            job = await fleet.submit_one(repo_job(script, repo=str(remote), review_policy="auto",
+                                                  retry={"max": 3, "backoff": "0.1s"}))
+
+            async def checkpointed():
+                rec, _ = await fleet.record(job)
+                return rec.checkpoint
+
+            await eventually(checkpointed, 30, what="a checkpoint on f1")
+            await fleet.stop("f1")  # drained: the job goes back to the queue, its checkpoint recorded
+            cp = (await fleet.record(job))[0].checkpoint
+            sh_git("update-ref", "-d", f"refs/heads/{cp.branch}", cwd=remote)  # the WIP branch deleted
+            sh_git("-c", "gc.reflogExpire=now", "-c", "gc.pruneExpire=now", "gc", "--quiet", "--prune=now", cwd=remote)
+            await fleet.add_factory("f2")  # a fresh mirror: the commit cannot be found anywhere
+            final = await fleet.wait_stage(job, "shipped", timeout_s=40)
+            a = final.attempts[-1]
+            assert a.factory == "f2" and a.outcome == "passed"
+            missed = [e for e in await fleet.events(job) if e["kind"] == "resume_missed"]
+            assert [(e["epoch"], e["data"]["commit"]) for e in missed] == [(a.epoch, cp.commit)]
+            assert cp.commit[:12] in missed[0]["reason"] and "starting from main" in missed[0]["reason"]
+            assert (marks / "f2-resuming").read_text().strip() == "0"  # not told it resumes
+            assert sh_git("rev-parse", f"{a.workspace.head}^", cwd=remote).strip() == branches(remote)["main"]
+            assert not [e for e in await fleet.events(job) if e["kind"] == "resumed"]
+
+    run(main(), 110)
+
+
 # -- pure pieces ---------------------------------------------------------------------------------
 
 
