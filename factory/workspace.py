@@ -9,9 +9,12 @@ Layout, under the factory's own folder (``<data_dir>/<factory id>/git``)::
     worktrees/<job>-e<epoch>   the attempt's working tree, on branch gf/<job>/e<epoch>
 
 Lifecycle of one attempt: :meth:`Store.checkout` (fetch the mirror under its lock, add a worktree
-from ``base``), the engine runs in it, :func:`commit_all` and :func:`diff_stats`, verify, the
-fenced :func:`push`, the result is reported, :meth:`Store.release` (worktree and its local branch
-removed). :meth:`Store.clean_leftovers` at factory start removes what a crashed run left.
+from ``base``, or from a WIP checkpoint when the attempt resumes one), the engine runs in it
+(while it runs, :func:`snapshot` and :func:`push_wip` take WIP checkpoints to ``gf/<job>/wip``
+without touching its index or files: :mod:`checkpoint`), :func:`commit_all` and
+:func:`diff_stats`, verify, the fenced :func:`push`, the result is reported,
+:meth:`Store.release` (worktree and its local branch removed). :meth:`Store.clean_leftovers` at
+factory start removes what a crashed run left.
 
 Every git call is a real ``git`` subprocess with a timeout (:func:`git`); this module is the thin
 I/O around it and is called off the event loop (``asyncio.to_thread``). Locks are per mirror and

@@ -168,53 +168,14 @@ async def resume(cfg: ScenarioConfig) -> ScenarioResult:
                           cwd=remote).splitlines())
         exp.expect(not unsettled, f"not settled within the bound: {unsettled}")
 
-        shipped_once = 0
-        for job in jobs:
-            rec = records[job][0] if job in records else None
-            passed = [a for a in rec.attempts if a.outcome == "passed"] if rec else []
-            epoch_branches = [b for b in heads if b.startswith(f"gf/{job}/e")]
-            ok = (rec is not None and rec.stage == Stage.SHIPPED and len(passed) == 1 and passed[0].workspace
-                  and passed[0].workspace.pushed and len(epoch_branches) == 1)
-            exp.expect(bool(ok), f"{job} did not ship exactly once: stage {rec.stage if rec else None}, "
-                                 f"{len(passed)} passed attempts, epoch branches {epoch_branches}")
-            shipped_once += bool(ok)
-
+        shipped_once = sum(_judge_shipped_once(exp, job, records, heads) for job in jobs)
         bound_s = CHECKPOINT_S + CHECKPOINT_SLACK_S
         max_bound_steps = math.ceil(bound_s / STEP_S) + 1
-        in_history = lost_max = 0
-        lost_span_max_s = 0.0
-        for k in kills:
-            job, killed, cp = k["job"], k["epoch"], k["checkpoint"]
-            rec = records[job][0] if job in records else None
-            final = rec.attempts[-1] if rec and rec.attempts else None
-            if rec is None or final is None or rec.stage != Stage.SHIPPED or final.workspace is None:
-                continue  # counted above
-            exp.expect(final.epoch > killed, f"{job} shipped from epoch {final.epoch}, not later than {killed}")
-            if cp is None or cp.epoch != killed:
-                exp.expect(False, f"{job}: the killed epoch {killed} had no checkpoint recorded")
-                continue
-            head = final.workspace.head
-            if head and _is_ancestor(remote, cp.commit, head):
-                in_history += 1
-            else:
-                exp.expect(False, f"{job}: checkpoint {cp.commit[:12]} of epoch {killed} is not in the history of "
-                                  f"the shipped {final.workspace.branch} at {str(head)[:12]}")
-            # The work lost: steps the killed epoch did that are not in its last checkpoint.
-            in_cp = {int(p.split("-")[1]) for p in _git("ls-tree", "--name-only", cp.commit, cwd=remote).split()
-                     if p.startswith("step-")}
-            by_killed = [(s, t) for e, s, t in steps.get(job, []) if e == killed]
-            lost = {s for s, _ in by_killed} - in_cp
-            redone = {s for e, s, _ in steps.get(job, []) if e > killed and s in {x for x, _ in by_killed}}
-            exp.expect(redone == lost, f"{job}: steps done again {sorted(redone)} are not exactly the steps the "
-                                       f"killed epoch did after its checkpoint {sorted(lost)}")
-            exp.expect(not redone & in_cp, f"{job}: steps in the checkpoint were done again: {sorted(redone & in_cp)}")
-            lost_times = [t for s, t in by_killed if s in lost]
-            span_s = (k["at"] - cp.at) if lost_times else 0.0
-            exp.expect(span_s <= bound_s and len(lost) <= max_bound_steps,
-                       f"{job}: {len(lost)} steps lost over {span_s:.2f}s since the checkpoint; bound is checkpoint_s "
-                       f"{CHECKPOINT_S:g} + {CHECKPOINT_SLACK_S:g}s ({max_bound_steps} steps)")
-            lost_max = max(lost_max, len(lost))
-            lost_span_max_s = max(lost_span_max_s, span_s)
+        judged = [_judge_kill(exp, k, records, steps, remote, bound_s, max_bound_steps) for k in kills]
+        judged = [j for j in judged if j is not None]
+        in_history = sum(1 for ok, _, _ in judged if ok)
+        lost_max = max((n for _, n, _ in judged), default=0)
+        lost_span_max_s = max((t for _, _, t in judged), default=0.0)
         exp.expect(len(kills) >= 1, "no holder was killed while it had a checkpoint")
 
         figures = {
@@ -236,3 +197,51 @@ async def resume(cfg: ScenarioConfig) -> ScenarioResult:
                      f"{len(jobs)} jobs of {STEPS} steps every {STEP_S:g}s")
         return ScenarioResult("resume", cfg.seed, report.ok and not exp.failures, report, figures, notes,
                               exp.failures)
+
+
+def _judge_shipped_once(exp: Expectations, job: str, records: dict, heads: dict[str, str]) -> bool:
+    """The job shipped exactly once: one passed attempt, pushed, one epoch branch on the remote."""
+    rec = records[job][0] if job in records else None
+    passed = [a for a in rec.attempts if a.outcome == "passed"] if rec else []
+    epoch_branches = [b for b in heads if b.startswith(f"gf/{job}/e")]
+    ok = bool(rec is not None and rec.stage == Stage.SHIPPED and len(passed) == 1 and passed[0].workspace
+              and passed[0].workspace.pushed and len(epoch_branches) == 1)
+    exp.expect(ok, f"{job} did not ship exactly once: stage {rec.stage if rec else None}, "
+                   f"{len(passed)} passed attempts, epoch branches {epoch_branches}")
+    return ok
+
+
+def _judge_kill(exp: Expectations, k: dict, records: dict, steps: dict, remote: Path, bound_s: float,
+                max_bound_steps: int) -> tuple[bool, int, float] | None:
+    """One killed holder's job: shipped from a later epoch, with the killed epoch's last recorded
+    checkpoint in the shipped history, having redone exactly (and only) what the killed epoch did
+    after that checkpoint, within one interval. Returns (checkpoint in history, steps lost,
+    seconds of work lost), or None when the job did not ship (judged by :func:`_judge_shipped_once`)."""
+    job, killed, cp = k["job"], k["epoch"], k["checkpoint"]
+    rec = records[job][0] if job in records else None
+    final = rec.attempts[-1] if rec and rec.attempts else None
+    if rec is None or final is None or rec.stage != Stage.SHIPPED or final.workspace is None:
+        return None
+    exp.expect(final.epoch > killed, f"{job} shipped from epoch {final.epoch}, not later than {killed}")
+    if cp is None or cp.epoch != killed:
+        exp.expect(False, f"{job}: the killed epoch {killed} had no checkpoint recorded")
+        return None
+    head = final.workspace.head
+    in_history = bool(head) and _is_ancestor(remote, cp.commit, head)
+    exp.expect(in_history, f"{job}: checkpoint {cp.commit[:12]} of epoch {killed} is not in the history of "
+                           f"the shipped {final.workspace.branch} at {str(head)[:12]}")
+    # The work lost: steps the killed epoch did that are not in its last checkpoint.
+    in_cp = {int(p.split("-")[1]) for p in _git("ls-tree", "--name-only", cp.commit, cwd=remote).split()
+             if p.startswith("step-")}
+    by_killed = [(s, t) for e, s, t in steps.get(job, []) if e == killed]
+    done_by_killed = {s for s, _ in by_killed}
+    lost = done_by_killed - in_cp
+    redone = {s for e, s, _ in steps.get(job, []) if e > killed and s in done_by_killed}
+    exp.expect(redone == lost, f"{job}: steps done again {sorted(redone)} are not exactly the steps the "
+                               f"killed epoch did after its checkpoint {sorted(lost)}")
+    exp.expect(not redone & in_cp, f"{job}: steps in the checkpoint were done again: {sorted(redone & in_cp)}")
+    span_s = (k["at"] - cp.at) if lost else 0.0
+    exp.expect(span_s <= bound_s and len(lost) <= max_bound_steps,
+               f"{job}: {len(lost)} steps lost over {span_s:.2f}s since the checkpoint; bound is checkpoint_s "
+               f"{CHECKPOINT_S:g} + {CHECKPOINT_SLACK_S:g}s ({max_bound_steps} steps)")
+    return in_history, len(lost), span_s
