@@ -326,6 +326,7 @@ class Store:
         git(["worktree", "remove", "--force", "--force", str(path)], git_dir=mirror, timeout_s=self.timeout_s,
             check=False)
         shutil.rmtree(path, ignore_errors=True)
+        (path.parent / f".{path.name}.wip-index").unlink(missing_ok=True)  # its snapshots' index
         git(["worktree", "prune"], git_dir=mirror, timeout_s=self.timeout_s, check=False)
         git(["branch", "-D", branch], git_dir=mirror, timeout_s=self.timeout_s, check=False)
 
@@ -529,17 +530,21 @@ def snapshot(co: Checkout, parent: str, last_tree: str | None, message: str, *, 
     """
     ident = {"GIT_AUTHOR_NAME": author, "GIT_AUTHOR_EMAIL": email,
              "GIT_COMMITTER_NAME": author, "GIT_COMMITTER_EMAIL": email}
-    index = co.path.parent / f".{co.path.name}.wip-index"
-    index.unlink(missing_ok=True)
+    index = wip_index(co)
     env = {"GIT_INDEX_FILE": str(index)}
     try:
-        # Seeded from HEAD's tree, so the snapshot has what the final commit (`add -A` on the
-        # engine's own index) would have: tracked files kept even if ignored, ignored ones left out.
-        git(["read-tree", "HEAD"], cwd=co.path, timeout_s=timeout_s, env=env)
+        if not index.exists():
+            # Seeded from HEAD's tree, so the snapshot has what the final commit (`add -A` on the
+            # engine's own index) would have: tracked files kept even if ignored, ignored ones
+            # left out. Kept for the attempt's next checkpoints: its stat data spares `add -A`
+            # rehashing every unchanged file at every interval.
+            git(["read-tree", "HEAD"], cwd=co.path, timeout_s=timeout_s, env=env)
         git(["add", "-A"], cwd=co.path, timeout_s=timeout_s, env=env)
         tree = git(["write-tree"], cwd=co.path, timeout_s=timeout_s, env=env).stdout.strip()
+    except GitError:
+        index.unlink(missing_ok=True)  # rebuilt from HEAD next time, whatever state it was left in
+        raise
     finally:
-        index.unlink(missing_ok=True)
         index.with_name(index.name + ".lock").unlink(missing_ok=True)
     if tree == last_tree:
         return None
@@ -551,6 +556,12 @@ def snapshot(co: Checkout, parent: str, last_tree: str | None, message: str, *, 
     commit = git(["-c", "commit.gpgsign=false", "commit-tree", tree, *parents, "-F", "-"], cwd=co.path,
                  timeout_s=timeout_s, env=ident, input_text=message).stdout.strip()
     return commit, tree
+
+
+def wip_index(co: Checkout) -> Path:
+    """The attempt's own index for its snapshots (next to its worktree, never inside it; removed
+    with the worktree)."""
+    return co.path.parent / f".{co.path.name}.wip-index"
 
 
 def tree_of(co: Checkout, commit: str, *, timeout_s: float) -> str:

@@ -381,6 +381,13 @@ def test_a_snapshot_leaves_the_engines_index_and_files_alone_and_skips_an_unchan
     assert e.value.actual == commit
     ws.push_wip(co, c2, "gf/j/wip", commit, timeout_s=30)
     assert branches(remote)["gf/j/wip"] == c2
+    # A file deleted since is gone from the next snapshot (its index is the attempt's, kept).
+    (co.path / "loose.txt").unlink()
+    c3, _ = ws.snapshot(co, c2, None, "WIP 3\n", author="G", email="g@example.com", timeout_s=30)
+    assert "loose.txt" not in sh_git("ls-tree", "--name-only", c3, cwd=co.path).split()
+    assert ws.wip_index(co).exists()
+    store.release(co)
+    assert not ws.wip_index(co).exists() and not co.path.exists()
     # A checkout from a checkpoint whose commit is gone falls back to base, saying why.
     co2 = store.checkout(str(remote), None, "j", 2, start=ws.StartPoint("1" * 40, "gf/j/wip", None))
     assert co2.resumed_from is None and "not on" in co2.resume_missed and co2.start_commit == co2.base_commit
