@@ -16,6 +16,10 @@ stopped around ``eng.run`` by :meth:`Execute._run_engine`):
 4. record it on the job record (:class:`~gigafactory.schemas.records.Checkpoint`) by
    compare-and-set as the holder (:func:`record_checkpoint`); a ``checkpointed`` event.
 
+A drain (the factory stopping with the lease held) takes a final checkpoint before it hands
+the job back (:meth:`Checkpoints._final_checkpoint`); a normal end needs none (the attempt's
+own commit is its work).
+
 A later attempt (a retry, or a reclaim after the holder died) starts its worktree from the
 recorded checkpoint (:func:`start_point`), on its own ``gf/<job>/e<epoch>``, so the earlier
 epoch's checkpoint is in the history of what it ships; if that commit is gone from the remote,
@@ -147,6 +151,27 @@ class Checkpoints:
                                   data={"branch": workspace.wip_branch(run.job), "failures": st.failures})
                 if st.failures >= CHECKPOINT_FAILURES_MAX:
                     return
+
+    async def _final_checkpoint(self, run: Run, co: Checkout, st: WipState, engine: str, model: str | None,
+                                session: str | None) -> None:
+        """A last checkpoint of a run its factory's drain stopped (the lease still held), so the
+        next holder loses nothing; bounded (``git_timeout_s``); never raises.
+
+        :param run: the run.
+        :param co: its worktree.
+        :param st: its checkpoint loop's state.
+        :param engine: the engine that ran.
+        :param model: its model, if known.
+        :param session: the agent CLI's session id, if said.
+        """
+        try:
+            await asyncio.wait_for(self._checkpoint_once(run, co, st, engine, model, session),
+                                   timeout=self.s.git_timeout_s)
+        except Exception as e:
+            why = f"final checkpoint of {run.job} at drain failed: {type(e).__name__}: {e}"[:500]
+            log.warning("%s: %s", self.id, why)
+            await self._event("checkpoint_failed", job=run.job, epoch=run.epoch, reason=why,
+                              data={"branch": workspace.wip_branch(run.job), "final": True})
 
     async def _checkpoint_once(self, run: Run, co: Checkout, st: WipState, engine: str, model: str | None,
                                session: str | None) -> Checkpoint | None:

@@ -351,12 +351,12 @@ class Execute:
         t0 = time.monotonic()
         wip_stop = asyncio.Event()
         wip_task: asyncio.Task | None = None
+        wip = None
+        session = lambda: getattr(parsers[0], "session_id", None) if parsers else None  # noqa: E731
         if co is not None and self.s.checkpoint_s > 0:
             try:
-                st = await asyncio.to_thread(self._wip_state, run, co)
-                wip_task = asyncio.create_task(self._checkpoint_loop(
-                    run, co, st, name, m.model, lambda: getattr(parsers[0], "session_id", None) if parsers else None,
-                    wip_stop))
+                wip = await asyncio.to_thread(self._wip_state, run, co)
+                wip_task = asyncio.create_task(self._checkpoint_loop(run, co, wip, name, m.model, session, wip_stop))
             except (GitError, OSError) as e:  # the run goes on without checkpoints
                 await self._event("checkpoint_failed", job=run.job, epoch=run.epoch,
                                   reason=f"no checkpoints for this attempt: {e}"[:500])
@@ -371,6 +371,10 @@ class Execute:
                     await asyncio.wait_for(wip_task, timeout=self.s.git_timeout_s * 3 + self.s.request_timeout_s * 4)
                 except Exception:
                     wip_task.cancel()
+        if wip is not None and run.draining and not run.fenced and not out.self_fenced:
+            # A drain stopped the engine while the lease is still held: keep its work for the
+            # next holder (a normal end needs no final checkpoint: the attempt's commit is it).
+            await self._final_checkpoint(run, co, wip, name, m.model, session())
         if out.usage is None and parsers:
             try:
                 out = dataclasses.replace(out, usage=parsers[0].usage())

@@ -311,6 +311,36 @@ def test_a_checkpoint_gone_from_the_remote_is_not_resumed_the_attempt_starts_fro
     run(main(), 110)
 
 
+@pytest.mark.timeout(120)
+def test_a_drained_factory_takes_a_final_checkpoint_so_the_next_holder_loses_nothing(nats_server, tmp_path):
+    remote = make_remote(tmp_path)
+    marks = tmp_path / "marks"
+    marks.mkdir()
+    # An interval far longer than the test: the only checkpoint is the drain's.
+    script = (f'if [ -n "${{GF_RESUMING:-}}" ]; then ls > "{marks}/resumed-with"; exit 0; fi\n'
+              f'echo a > a.txt; echo b > b.txt; touch "{marks}/written"\n'
+              f'for i in $(seq 1200); do sleep 0.05; done; exit 1\n')
+
+    async def main():
+        async with Fleet(nats_server.url, tmp_path, settings=fast_settings(checkpoint_s=3600.0)) as fleet:
+            await fleet.add_factory("f1")
+            job = await fleet.submit_one(repo_job(script, repo=str(remote), review_policy="auto",
+                                                  retry={"max": 3, "backoff": "0.1s"}))
+            await eventually(lambda: (marks / "written").exists(), 30, what="the files written")
+            await fleet.stop("f1")  # drain: the engine is stopped with the lease held
+            rec, _ = await fleet.record(job)
+            cp = rec.checkpoint
+            assert rec.stage == Stage.QUEUED and cp is not None and cp.epoch == 1 and cp.seq == 1
+            assert sorted(cp.paths) == ["a.txt", "b.txt"] and branches(remote)[cp.branch] == cp.commit
+            await fleet.add_factory("f2")
+            final = await fleet.wait_stage(job, "shipped", timeout_s=40)
+            assert {"a.txt", "b.txt"} <= set((marks / "resumed-with").read_text().split())
+            assert sh_git("merge-base", "--is-ancestor", cp.commit, final.attempts[-1].workspace.head,
+                          cwd=remote) == ""
+
+    run(main(), 110)
+
+
 # -- pure pieces ---------------------------------------------------------------------------------
 
 
