@@ -34,7 +34,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import msgspec
@@ -43,6 +43,7 @@ from gigafactory.schemas import protocol
 from gigafactory.schemas.records import Checkpoint, JobRecord
 
 from . import workspace
+from .engines.base import OutputParser, Resume
 from .holder import Run
 from .workspace import Checkout, GitError, StartPoint
 
@@ -104,43 +105,95 @@ class WipState:
     """What this holder knows ``gf/<job>/wip`` to be on the remote (None: absent)."""
     seq: int
     """The number the next checkpoint gets."""
+    engine: str = ""
+    """The engine running (the ``Gigafactory-Engine`` trailer)."""
+    model: str | None = None
+    session: Callable[[], str | None] = lambda: None
+    """The agent CLI's session id so far (None: none said)."""
     taken: int = 0
     failures: int = 0
+    task: asyncio.Task | None = None
+    """The loop (:meth:`Checkpoints._checkpoint_loop`)."""
+    stop: asyncio.Event = field(default_factory=asyncio.Event)
+    """Set when the engine ended: the loop ends."""
 
 
 class Checkpoints:
     """Mixin of :class:`~gigafactory.factory.agent.Factory`: a ``repo`` job's WIP checkpoints."""
 
-    def _wip_state(self, run: Run, co: Checkout) -> WipState:
-        """The state a run's checkpoint loop starts with (call it before the engine runs)."""
-        cp = run.record.checkpoint
-        tree = workspace.tree_of(co, co.start_commit, timeout_s=self.s.git_timeout_s)
-        return WipState(parent=co.start_commit, tree=tree, remote=cp.commit if cp else None,
-                        seq=(cp.seq + 1) if cp else 1)
+    async def _resume_of(self, run: Run, co: Checkout) -> Resume | None:
+        """What the engine is told when its worktree started from a checkpoint (None: a fresh
+        start); says where the attempt started (:meth:`_resume_event`).
 
-    async def _checkpoint_loop(self, run: Run, co: Checkout, st: WipState, engine: str, model: str | None,
-                               session: Callable[[], str | None], stop: asyncio.Event) -> None:
-        """Take a checkpoint every ``checkpoint_s`` until ``stop`` is set (the engine ended)
+        :param run: the run.
+        :param co: its worktree.
+        """
+        await self._resume_event(run, co)
+        cp = run.record.checkpoint
+        if co.resumed_from is None or cp is None:
+            return None
+        # A session id is usable only where the session was kept: on the same factory.
+        return Resume(commit=cp.commit, from_epoch=cp.epoch, from_attempt=cp.attempt, seq=cp.seq,
+                      files_changed=cp.files_changed, lines_added=cp.lines_added, lines_deleted=cp.lines_deleted,
+                      paths=tuple(cp.paths), session=cp.session if cp.factory == self.id else None)
+
+    async def _checkpoints_start(self, run: Run, co: Checkout, engine: str, model: str | None,
+                                 parsers: list[OutputParser]) -> WipState | None:
+        """Start the run's checkpoint loop (call it right before the engine runs); None when
+        ``checkpoint_s`` is 0 or the worktree cannot be read (a ``checkpoint_failed`` event: the
+        run goes on without checkpoints).
+
+        :param run: the run.
+        :param co: its worktree.
+        :param engine: the engine about to run.
+        :param model: its model, if known.
+        :param parsers: the run's output reader (empty once dropped); its ``session_id``, if it
+            has one, is recorded with each checkpoint.
+        """
+        if self.s.checkpoint_s <= 0:
+            return None
+        cp = run.record.checkpoint
+        try:
+            tree = await asyncio.to_thread(workspace.tree_of, co, co.start_commit, timeout_s=self.s.git_timeout_s)
+        except (GitError, OSError) as e:
+            await self._event("checkpoint_failed", job=run.job, epoch=run.epoch,
+                              reason=f"no checkpoints for this attempt: {e}"[:500])
+            return None
+        st = WipState(parent=co.start_commit, tree=tree, remote=cp.commit if cp else None,
+                      seq=(cp.seq + 1) if cp else 1, engine=engine, model=model,
+                      session=lambda: getattr(parsers[0], "session_id", None) if parsers else None)
+        st.task = asyncio.create_task(self._checkpoint_loop(run, co, st))
+        return st
+
+    async def _checkpoints_stop(self, run: Run, co: Checkout, st: WipState) -> None:
+        """Stop the loop once the engine ended: a checkpoint under way finishes (its git calls
+        and writes are bounded), so the attempt's own commit comes after it."""
+        st.stop.set()
+        if st.task is None:
+            return
+        try:
+            await asyncio.wait_for(st.task, timeout=self.s.git_timeout_s * 3 + self.s.request_timeout_s * 4)
+        except Exception:
+            st.task.cancel()
+
+    async def _checkpoint_loop(self, run: Run, co: Checkout, st: WipState) -> None:
+        """Take a checkpoint every ``checkpoint_s`` until ``st.stop`` is set (the engine ended)
         or the run is fenced, cancelled, or failed :data:`CHECKPOINT_FAILURES_MAX` times.
 
         :param run: the run (it holds the lease).
         :param co: its worktree.
-        :param st: the loop's state (:meth:`_wip_state`).
-        :param engine: the engine running (the ``Gigafactory-Engine`` trailer).
-        :param model: its model, if known.
-        :param session: returns the agent CLI's session id so far (None: none said).
-        :param stop: set when the engine ended.
+        :param st: the loop's state (:meth:`_checkpoints_start`).
         """
-        while not stop.is_set():
+        while not st.stop.is_set():
             try:
-                await asyncio.wait_for(stop.wait(), timeout=self.s.checkpoint_s)
+                await asyncio.wait_for(st.stop.wait(), timeout=self.s.checkpoint_s)
                 return
             except asyncio.TimeoutError:
                 pass
             if run.fenced or run.cancel.is_set() or run.self_fenced is not None:
                 return
             try:
-                await self._checkpoint_once(run, co, st, engine, model, session())
+                await self._checkpoint_once(run, co, st)
             except asyncio.CancelledError:
                 raise
             except Exception as e:  # git or broker trouble: the run goes on, the next interval tries again
@@ -152,20 +205,16 @@ class Checkpoints:
                 if st.failures >= CHECKPOINT_FAILURES_MAX:
                     return
 
-    async def _final_checkpoint(self, run: Run, co: Checkout, st: WipState, engine: str, model: str | None,
-                                session: str | None) -> None:
+    async def _final_checkpoint(self, run: Run, co: Checkout, st: WipState) -> None:
         """A last checkpoint of a run its factory's drain stopped (the lease still held), so the
         next holder loses nothing; bounded (``git_timeout_s``); never raises.
 
         :param run: the run.
         :param co: its worktree.
         :param st: its checkpoint loop's state.
-        :param engine: the engine that ran.
-        :param model: its model, if known.
-        :param session: the agent CLI's session id, if said.
         """
         try:
-            await asyncio.wait_for(self._checkpoint_once(run, co, st, engine, model, session),
+            await asyncio.wait_for(self._checkpoint_once(run, co, st),
                                    timeout=self.s.git_timeout_s)
         except Exception as e:
             why = f"final checkpoint of {run.job} at drain failed: {type(e).__name__}: {e}"[:500]
@@ -173,13 +222,13 @@ class Checkpoints:
             await self._event("checkpoint_failed", job=run.job, epoch=run.epoch, reason=why,
                               data={"branch": workspace.wip_branch(run.job), "final": True})
 
-    async def _checkpoint_once(self, run: Run, co: Checkout, st: WipState, engine: str, model: str | None,
-                               session: str | None) -> Checkpoint | None:
+    async def _checkpoint_once(self, run: Run, co: Checkout, st: WipState) -> Checkpoint | None:
         """One checkpoint (see the module's docstring); returns it, or None when nothing changed
         since the last one or the holder may not push (fenced, too little lease left)."""
         rec = run.record
         timeout_s = self.s.git_timeout_s
         branch = workspace.wip_branch(run.job)
+        engine, model, session = st.engine, st.model, st.session()
         trailers = {
             "Gigafactory-Job": run.job, "Gigafactory-Epoch": str(run.epoch), "Gigafactory-Attempt": str(rec.attempt),
             "Gigafactory-Engine": engine, "Gigafactory-Model": model or "default",
@@ -281,4 +330,4 @@ class Checkpoints:
                               data={"commit": cp.commit if cp else None, "branch": co.branch})
 
 
-__all__ = ["Checkpoints", "WipState", "record_checkpoint", "start_point", "GitError"]
+__all__ = ["CHECKPOINT_PATHS_KEPT", "Checkpoints", "WipState", "record_checkpoint", "start_point"]

@@ -34,7 +34,7 @@ from gigafactory.schemas.records import Attribution, JobRecord, Usage, Workspace
 from . import engines, shell
 from . import probe
 from .checkpoint import start_point
-from .engines.base import EngineJob, Resume, SetupFailed, budget_crossed, cred_variables, resume_env, resume_note
+from .engines.base import EngineJob, SetupFailed, budget_crossed, cred_variables, resume_env, resume_note
 from .engines.verify import verify_gate
 from .holder import Run
 from .workspace import Checkout, GitError
@@ -250,16 +250,7 @@ class Execute:
         if ws_error is not None:
             Path(log_path).write_text(f"{ws_error}\n")
             return result(FailureClass.SETUP_FAILED, ws_error)
-        resume: Resume | None = None
-        if co is not None:
-            await self._resume_event(run, co)
-            cp = rec.checkpoint
-            if co.resumed_from is not None and cp is not None:
-                # A session id is usable only where the session was kept: on the same factory.
-                resume = Resume(commit=cp.commit, from_epoch=cp.epoch, from_attempt=cp.attempt, seq=cp.seq,
-                                files_changed=cp.files_changed, lines_added=cp.lines_added,
-                                lines_deleted=cp.lines_deleted, paths=tuple(cp.paths),
-                                session=cp.session if cp.factory == self.id else None)
+        resume = await self._resume_of(run, co) if co is not None else None
 
         # The engine chosen before the claim (its seat is held); resolved here only for a run
         # that came without one.
@@ -349,32 +340,17 @@ class Execute:
                 Path(log_path).write_text(e.log_line)
             return result(FailureClass.SETUP_FAILED, e.detail)
         t0 = time.monotonic()
-        wip_stop = asyncio.Event()
-        wip_task: asyncio.Task | None = None
-        wip = None
-        session = lambda: getattr(parsers[0], "session_id", None) if parsers else None  # noqa: E731
-        if co is not None and self.s.checkpoint_s > 0:
-            try:
-                wip = await asyncio.to_thread(self._wip_state, run, co)
-                wip_task = asyncio.create_task(self._checkpoint_loop(run, co, wip, name, m.model, session, wip_stop))
-            except (GitError, OSError) as e:  # the run goes on without checkpoints
-                await self._event("checkpoint_failed", job=run.job, epoch=run.epoch,
-                                  reason=f"no checkpoints for this attempt: {e}"[:500])
+        # WIP checkpoints while the engine runs (a repo job, checkpoint_s on): :mod:`checkpoint`.
+        wip = await self._checkpoints_start(run, co, name, m.model, parsers) if co is not None else None
         try:
             out = await eng.run(job, prepared)
         finally:
-            wip_stop.set()
-            if wip_task is not None:
-                # A checkpoint under way finishes (its git calls and writes are bounded); the
-                # attempt's own commit comes after it. No final checkpoint: the commit is that.
-                try:
-                    await asyncio.wait_for(wip_task, timeout=self.s.git_timeout_s * 3 + self.s.request_timeout_s * 4)
-                except Exception:
-                    wip_task.cancel()
+            if wip is not None:
+                await self._checkpoints_stop(run, co, wip)
         if wip is not None and run.draining and not run.fenced and not out.self_fenced:
             # A drain stopped the engine while the lease is still held: keep its work for the
             # next holder (a normal end needs no final checkpoint: the attempt's commit is it).
-            await self._final_checkpoint(run, co, wip, name, m.model, session())
+            await self._final_checkpoint(run, co, wip)
         if out.usage is None and parsers:
             try:
                 out = dataclasses.replace(out, usage=parsers[0].usage())
