@@ -59,6 +59,7 @@ from .holder import MAX_CAS_RETRIES, Holder, Run
 from .outbox import Outbox
 from .pools import POLL_BACKOFF_MIN_S, STALL_CHECKS_PER_REDISPATCH, STALL_READS_MAX, Pools, PoolState
 from .reporting import OUTBOX_RETRY_S, Reporting, ResultPayload
+from .checkpoint import Checkpoints
 from .ship import Ship
 from .stations import Stations
 from .workspace import Checkout, Store
@@ -72,7 +73,7 @@ __all__ = [
 ]
 
 
-class Factory(Stations, AuditQueue, Pools, Holder, Execute, Reporting, Ship):
+class Factory(Stations, AuditQueue, Pools, Holder, Execute, Reporting, Ship, Checkpoints):
     """One factory: its state, its loops, and drain. The behaviour is in the mixins (see the
     module's docstring); this class only sets up what they share and starts them.
 

@@ -33,7 +33,8 @@ from gigafactory.schemas.records import Attribution, JobRecord, Usage, Workspace
 
 from . import engines, shell
 from . import probe
-from .engines.base import EngineJob, SetupFailed, budget_crossed, cred_variables
+from .checkpoint import start_point
+from .engines.base import EngineJob, SetupFailed, budget_crossed, cred_variables, resume_env, resume_note
 from .engines.verify import verify_gate
 from .holder import Run
 from .workspace import Checkout, GitError
@@ -225,7 +226,8 @@ class Execute:
         ws_error: str | None = None
         if m.repo is not None:
             try:
-                co = await self._ws_checkout(run)
+                # A retry or a reclaim starts from the last WIP checkpoint, when there is one.
+                co = await self._ws_checkout(run, start_point(rec))
                 cwd = co.path / m.cwd
             except (GitError, OSError) as e:  # OSError: the factory's own disk (full, read-only)
                 ws_error = f"no worktree of {m.repo} on {self.id}: {e}"[:1000]
@@ -248,6 +250,7 @@ class Execute:
         if ws_error is not None:
             Path(log_path).write_text(f"{ws_error}\n")
             return result(FailureClass.SETUP_FAILED, ws_error)
+        resume = await self._resume_of(run, co) if co is not None else None
 
         # The engine chosen before the claim (its seat is held); resolved here only for a run
         # that came without one.
@@ -301,11 +304,14 @@ class Execute:
                         log.info("%s: job %s stopped: %s", self.id, run.job, crossed)
                         run.cancel.set()
 
+        body = engine_prompt(rec.profile, rec.body, eng.engine_class)
+        if resume is not None and eng.engine_class != "script":
+            body = resume_note(resume) + body  # an agent is told what the earlier attempt did
         limit_s = m.timeout_s()
         wall_binds = m.budget.wall is not None and parse_duration(m.budget.wall) <= parse_duration(m.timeout)
         job = EngineJob(
             job=run.job, epoch=run.epoch, attempt=rec.attempt, factory=self.id, station=run.station, manifest=m,
-            body=engine_prompt(rec.profile, rec.body, eng.engine_class), cwd=cwd, log_path=log_path,
+            body=body, cwd=cwd, log_path=log_path,
             gf_env={
                 "GF_JOB_ID": run.job, "GF_EPOCH": str(run.epoch), "GF_ATTEMPT": str(rec.attempt),
                 "GF_FACTORY": self.id, "GF_STATION": str(run.station), "GF_WORKSPACE": str(self.workspace),
@@ -313,6 +319,7 @@ class Execute:
                 # For `gigafactory fence` right before a push or merge request (side effects are fenced
                 # too): the lease it computes what is left of must be the one the coordinators reap by.
                 "GIGAFACTORY_NATS_URL": self.b.urls, "GF_LEASE_TTL_S": repr(self.s.lease_ttl_s),
+                **(resume_env(resume) if resume is not None else {}),
             },
             timeout_s=limit_s,
             timeout_class=FailureClass.BUDGET_EXCEEDED if wall_binds else FailureClass.TIMEOUT,
@@ -321,7 +328,7 @@ class Execute:
             kill_grace_s=5.0, parser=parsers[0],
             env_passthrough=(*cred_variables(rec.requirements, probe.CREDENTIAL_VARS),
                              *self.s.engine_env_passthrough_names),
-            settings=self.s,
+            settings=self.s, resume=resume,
         )
         try:
             # Off the event loop: preparing may read files and scan the body (the shell engine's
@@ -333,7 +340,17 @@ class Execute:
                 Path(log_path).write_text(e.log_line)
             return result(FailureClass.SETUP_FAILED, e.detail)
         t0 = time.monotonic()
-        out = await eng.run(job, prepared)
+        # WIP checkpoints while the engine runs (a repo job, checkpoint_s on): :mod:`checkpoint`.
+        wip = await self._checkpoints_start(run, co, name, m.model, parsers) if co is not None else None
+        try:
+            out = await eng.run(job, prepared)
+        finally:
+            if wip is not None:
+                await self._checkpoints_stop(run, co, wip)
+        if wip is not None and run.draining and not run.fenced and not out.self_fenced:
+            # A drain stopped the engine while the lease is still held: keep its work for the
+            # next holder (a normal end needs no final checkpoint: the attempt's commit is it).
+            await self._final_checkpoint(run, co, wip)
         if out.usage is None and parsers:
             try:
                 out = dataclasses.replace(out, usage=parsers[0].usage())

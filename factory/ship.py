@@ -56,17 +56,21 @@ class Ship:
             log.info("%s: removed %d worktrees left by an earlier run: %s", self.id, len(removed),
                      ", ".join(removed[:20]))
 
-    async def _ws_checkout(self, run: Run) -> Checkout:
-        """The attempt's fresh worktree (raises :class:`GitError`); kept until :meth:`_ws_release`."""
+    async def _ws_checkout(self, run: Run, start: workspace.StartPoint | None = None) -> Checkout:
+        """The attempt's fresh worktree (raises :class:`GitError`); kept until :meth:`_ws_release`.
+
+        :param run: the run.
+        :param start: a WIP checkpoint to start from instead of ``base`` (:mod:`checkpoint`).
+        """
         m = run.record.manifest
         assert m.repo is not None
-        # HOOK rebase-needed (for WIP checkpoints): when protocol.rebase_pending(run.record), the
-        # previous attempt's branch no longer merged into base; this attempt starts from the NEW
-        # base (fetched by the checkout). "Plus the last checkpoint" belongs here: bring the
-        # checkpoint's changes onto the new base (merge or cherry-pick; a conflict there is the
-        # merge_conflict), never check out the checkpoint commit itself (its history holds the
-        # old base and would conflict again). Until then it starts from base alone.
-        co = await asyncio.to_thread(self.git.checkout, m.repo, m.base, run.job, run.epoch)
+        if start is not None and protocol.rebase_pending(run.record):
+            # After rebase-needed the previous branch no longer merged into base: start from the
+            # NEW base (fetched by the checkout), never from the checkpoint, whose history holds
+            # the old base and would conflict again. Not done yet: bringing the checkpoint's
+            # changes onto the new base (the issue's "plus the last checkpoint").
+            start = None
+        co = await asyncio.to_thread(self.git.checkout, m.repo, m.base, run.job, run.epoch, start=start)
         self.checkouts[(run.job, run.epoch)] = co
         return co
 

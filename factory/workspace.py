@@ -9,9 +9,12 @@ Layout, under the factory's own folder (``<data_dir>/<factory id>/git``)::
     worktrees/<job>-e<epoch>   the attempt's working tree, on branch gf/<job>/e<epoch>
 
 Lifecycle of one attempt: :meth:`Store.checkout` (fetch the mirror under its lock, add a worktree
-from ``base``), the engine runs in it, :func:`commit_all` and :func:`diff_stats`, verify, the
-fenced :func:`push`, the result is reported, :meth:`Store.release` (worktree and its local branch
-removed). :meth:`Store.clean_leftovers` at factory start removes what a crashed run left.
+from ``base``, or from a WIP checkpoint when the attempt resumes one), the engine runs in it
+(while it runs, :func:`snapshot` and :func:`push_wip` take WIP checkpoints to ``gf/<job>/wip``
+without touching its index or files: :mod:`checkpoint`), :func:`commit_all` and
+:func:`diff_stats`, verify, the fenced :func:`push`, the result is reported,
+:meth:`Store.release` (worktree and its local branch removed). :meth:`Store.clean_leftovers` at
+factory start removes what a crashed run left.
 
 Every git call is a real ``git`` subprocess with a timeout (:func:`git`); this module is the thin
 I/O around it and is called off the event loop (``asyncio.to_thread``). Locks are per mirror and
@@ -67,7 +70,8 @@ def branch_name(job: str, epoch: int) -> str:
 
 
 def git(args: Sequence[str], *, cwd: Path | None = None, git_dir: Path | None = None, timeout_s: float,
-        env: Mapping[str, str] | None = None, check: bool = True) -> subprocess.CompletedProcess:
+        env: Mapping[str, str] | None = None, check: bool = True,
+        input_text: str | None = None) -> subprocess.CompletedProcess:
     """Run ``git <args>``; returns the completed process (text output). Raises :class:`GitError`
     when it exits non-zero (with ``check``) or runs past ``timeout_s`` (it is killed).
 
@@ -76,12 +80,14 @@ def git(args: Sequence[str], *, cwd: Path | None = None, git_dir: Path | None = 
     :param git_dir: ``--git-dir`` (for calls on a bare mirror).
     :param timeout_s: the bound of this one call, seconds.
     :param env: variables added to the environment (``GIT_AUTHOR_NAME`` ...).
+    :param input_text: written to its standard input (else it reads nothing).
     """
     argv = ["git", *([f"--git-dir={git_dir}"] if git_dir else []), *args]
     full_env = {**os.environ, **_GIT_ENV, **(env or {})}
     try:
         p = subprocess.run(argv, cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout_s,
-                           stdin=subprocess.DEVNULL, errors="replace")
+                           errors="replace", **({"input": input_text} if input_text is not None
+                                                else {"stdin": subprocess.DEVNULL}))
     except subprocess.TimeoutExpired:
         raise GitError(args, f"ran past its {timeout_s:g}s timeout (git_timeout_s) and was killed") from None
     except OSError as e:
@@ -134,7 +140,24 @@ class Checkout:
     base: str
     """The branch it started from."""
     base_commit: str
-    """The commit ``base`` pointed to when the worktree was made: what diffs are taken against."""
+    """The commit ``base`` pointed to when the worktree was made: what diffs are taken against
+    (on a resume: the base the checkpoint's work started from)."""
+    start_commit: str = ""
+    """The commit the worktree started from: ``base_commit``, or the checkpoint resumed from."""
+    resumed_from: str | None = None
+    """The checkpoint commit the worktree started from, if it resumed one."""
+    resume_missed: str | None = None
+    """Why a checkpoint asked for was not resumed (its commit is gone from the remote)."""
+
+
+@dataclass(frozen=True)
+class StartPoint:
+    """Where a resumed attempt's worktree starts: a WIP checkpoint."""
+
+    commit: str
+    branch: str
+    """The WIP branch it was pushed to (``gf/<job>/wip``), for messages."""
+    base_commit: str | None = None
 
 
 @dataclass
@@ -197,15 +220,20 @@ class Store:
 
     # -- an attempt's worktree ----------------------------------------------------------------
 
-    def checkout(self, repo: str, base: str | None, job: str, epoch: int) -> Checkout:
+    def checkout(self, repo: str, base: str | None, job: str, epoch: int, *,
+                 start: "StartPoint | None" = None) -> Checkout:
         """Fetch ``repo``'s mirror (cloning it the first time) and add a fresh worktree on
-        ``gf/<job>/e<epoch>`` from ``base`` (default: the remote's HEAD). Raises
+        ``gf/<job>/e<epoch>`` from ``base`` (default: the remote's HEAD), or from ``start`` (a
+        WIP checkpoint) when it is given and its commit is found after the fetch; when it is not
+        found, from ``base``, with :attr:`Checkout.resume_missed` saying why. Raises
         :class:`GitError` (the repository cannot be reached, ``base`` does not exist, ...).
 
         :param repo: the manifest's ``repo``.
         :param base: the manifest's ``base``, or None.
         :param job: the job id.
         :param epoch: the attempt's epoch.
+        :param start: the checkpoint to resume from (its commit and the base commit its work
+            started from), or None.
         """
         url = normalise_url(repo, self.base_dir)
         key = mirror_key(url)
@@ -230,9 +258,19 @@ class Store:
                 if got.returncode != 0:
                     raise GitError(["rev-parse", base], f"the repository {url} has no branch {base!r}")
                 base_commit = got.stdout.strip()
+                from_commit, resumed, missed = base_commit, None, None
+                if start is not None:
+                    if self._has_commit(mirror, start.commit):
+                        from_commit, resumed = start.commit, start.commit
+                        # Diffs stay against the base the work started from (base may have moved).
+                        if start.base_commit and self._has_commit(mirror, start.base_commit):
+                            base_commit = start.base_commit
+                    else:
+                        missed = (f"checkpoint {start.commit[:12]} is not on {url} (its {start.branch} was "
+                                  f"deleted or rewritten): starting from {base} at {base_commit[:12]}")
                 if path.exists():  # the same attempt again (cannot happen: epochs are unique)
                     self._remove_worktree(mirror, path, branch)
-                git(["worktree", "add", "--force", "--no-track", "-B", branch, str(path), base_commit],
+                git(["worktree", "add", "--force", "--no-track", "-B", branch, str(path), from_commit],
                     git_dir=mirror, timeout_s=self.timeout_s)
             finally:
                 lock.release()
@@ -240,7 +278,12 @@ class Store:
             self._use(key, -1)
             raise
         return Checkout(url=url, key=key, mirror=mirror, path=path, branch=branch, base=base,
-                        base_commit=base_commit)
+                        base_commit=base_commit, start_commit=from_commit, resumed_from=resumed,
+                        resume_missed=missed)
+
+    def _has_commit(self, mirror: Path, commit: str) -> bool:
+        return git(["cat-file", "-e", f"{commit}^{{commit}}"], git_dir=mirror, timeout_s=self.timeout_s,
+                   check=False).returncode == 0
 
     def release(self, co: Checkout) -> None:
         """Remove the attempt's worktree and its local branch (the pushed branch stays on the
@@ -283,6 +326,7 @@ class Store:
         git(["worktree", "remove", "--force", "--force", str(path)], git_dir=mirror, timeout_s=self.timeout_s,
             check=False)
         shutil.rmtree(path, ignore_errors=True)
+        (path.parent / f".{path.name}.wip-index").unlink(missing_ok=True)  # its snapshots' index
         git(["worktree", "prune"], git_dir=mirror, timeout_s=self.timeout_s, check=False)
         git(["branch", "-D", branch], git_dir=mirror, timeout_s=self.timeout_s, check=False)
 
@@ -417,15 +461,17 @@ def commit_all(co: Checkout, message: str, *, author: str, email: str, timeout_s
     return git(["rev-parse", "HEAD"], cwd=co.path, timeout_s=timeout_s).stdout.strip()
 
 
-def diff_stats(co: Checkout, *, timeout_s: float) -> Stats:
+def diff_stats(co: Checkout, *, timeout_s: float, head: str | None = None) -> Stats:
     """What the branch changed since ``base_commit``: files, lines added and deleted (a binary
     file counts as changed with no lines), and the changed paths. Raises :class:`GitError`
     past :data:`CHANGED_PATHS_MAX` paths.
 
     :param co: the attempt's checkout.
     :param timeout_s: the bound of each git call.
+    :param head: the commit to describe (default: the worktree's ``HEAD``; a checkpoint's).
     """
-    head = git(["rev-parse", "HEAD"], cwd=co.path, timeout_s=timeout_s).stdout.strip()
+    if head is None:
+        head = git(["rev-parse", "HEAD"], cwd=co.path, timeout_s=timeout_s).stdout.strip()
     out = git(["diff", "--numstat", "-z", "--no-renames", co.base_commit, head], cwd=co.path,
               timeout_s=timeout_s).stdout
     st = Stats(head=head)
@@ -453,3 +499,107 @@ def push(co: Checkout, *, timeout_s: float) -> None:
     git(["push", "--quiet", "--porcelain", "origin", f"HEAD:refs/heads/{co.branch}"],
         cwd=co.path, timeout_s=timeout_s)
 
+
+
+# -- while the engine runs: WIP checkpoints ------------------------------------------------------
+
+
+def wip_branch(job: str) -> str:
+    """The job's work-in-progress branch, ``gf/<job>/wip`` (one per job, across its epochs)."""
+    return f"gf/{job}/wip"
+
+
+def snapshot(co: Checkout, parent: str, last_tree: str | None, message: str, *, author: str, email: str,
+             timeout_s: float) -> tuple[str, str] | None:
+    """A commit of the worktree's files as they are now, made WITHOUT touching the engine's
+    index, ``HEAD`` or files: ``git add -A`` into a separate, temporary index
+    (``GIT_INDEX_FILE``), ``write-tree``, ``commit-tree``. Returns (commit, tree), or None when
+    the tree equals ``last_tree`` (nothing changed since the last checkpoint).
+
+    The commit's first parent is ``parent`` (the previous checkpoint, or the worktree's start);
+    when the engine committed on its own branch meanwhile (``HEAD`` is not in ``parent``'s
+    history), ``HEAD`` is a second parent, so its commits are in the checkpoint's history too.
+
+    :param co: the attempt's checkout.
+    :param parent: the previous checkpoint of this attempt, or :attr:`Checkout.start_commit`.
+    :param last_tree: the tree of the previous checkpoint (or of the start), or None.
+    :param message: the commit message (:func:`commit_message`, with ``Gigafactory-Checkpoint``).
+    :param author: author and committer name.
+    :param email: author and committer email.
+    :param timeout_s: the bound of each git call.
+    """
+    ident = {"GIT_AUTHOR_NAME": author, "GIT_AUTHOR_EMAIL": email,
+             "GIT_COMMITTER_NAME": author, "GIT_COMMITTER_EMAIL": email}
+    index = wip_index(co)
+    env = {"GIT_INDEX_FILE": str(index)}
+    try:
+        if not index.exists():
+            # Seeded from HEAD's tree, so the snapshot has what the final commit (`add -A` on the
+            # engine's own index) would have: tracked files kept even if ignored, ignored ones
+            # left out. Kept for the attempt's next checkpoints: its stat data spares `add -A`
+            # rehashing every unchanged file at every interval.
+            git(["read-tree", "HEAD"], cwd=co.path, timeout_s=timeout_s, env=env)
+        git(["add", "-A"], cwd=co.path, timeout_s=timeout_s, env=env)
+        tree = git(["write-tree"], cwd=co.path, timeout_s=timeout_s, env=env).stdout.strip()
+    except GitError:
+        index.unlink(missing_ok=True)  # rebuilt from HEAD next time, whatever state it was left in
+        raise
+    finally:
+        index.with_name(index.name + ".lock").unlink(missing_ok=True)
+    if tree == last_tree:
+        return None
+    parents = ["-p", parent]
+    head = git(["rev-parse", "HEAD"], cwd=co.path, timeout_s=timeout_s).stdout.strip()
+    if head != parent and git(["merge-base", "--is-ancestor", head, parent], cwd=co.path, timeout_s=timeout_s,
+                              check=False).returncode != 0:
+        parents += ["-p", head]
+    commit = git(["-c", "commit.gpgsign=false", "commit-tree", tree, *parents, "-F", "-"], cwd=co.path,
+                 timeout_s=timeout_s, env=ident, input_text=message).stdout.strip()
+    return commit, tree
+
+
+def wip_index(co: Checkout) -> Path:
+    """The attempt's own index for its snapshots (next to its worktree, never inside it; removed
+    with the worktree)."""
+    return co.path.parent / f".{co.path.name}.wip-index"
+
+
+def tree_of(co: Checkout, commit: str, *, timeout_s: float) -> str:
+    """The tree id of ``commit``."""
+    return git(["rev-parse", f"{commit}^{{tree}}"], cwd=co.path, timeout_s=timeout_s).stdout.strip()
+
+
+class WipRaced(GitError):
+    """The WIP branch on the remote was not what this holder expected (someone else pushed to
+    it since); :attr:`actual` is what it is now (None: it does not exist)."""
+
+    def __init__(self, args: Sequence[str], detail: str, actual: str | None) -> None:
+        super().__init__(args, detail)
+        self.actual = actual
+
+
+def push_wip(co: Checkout, commit: str, branch: str, expected: str | None, *, timeout_s: float) -> None:
+    """Push ``commit`` to ``branch`` on ``origin`` only if the branch is still at ``expected``
+    (None: it must not exist): ``--force-with-lease``, a compare-and-set on the remote ref. A
+    resumed attempt's checkpoints descend from the last one, so the push is a fast-forward;
+    the lease is what keeps a late push of a stale holder from overwriting a newer epoch's
+    checkpoint. Raises :class:`WipRaced` when the branch moved, :class:`GitError` otherwise.
+
+    :param co: the attempt's checkout.
+    :param commit: the checkpoint commit.
+    :param branch: ``gf/<job>/wip``.
+    :param expected: the commit the branch must be at, or None.
+    :param timeout_s: the bound of the push.
+    """
+    ref = f"refs/heads/{branch}"
+    args = ["push", "--quiet", "--porcelain", f"--force-with-lease={ref}:{expected or ''}", "origin",
+            f"{commit}:{ref}"]
+    p = git(args, cwd=co.path, timeout_s=timeout_s, check=False)
+    if p.returncode == 0:
+        return
+    if "stale info" in p.stdout + p.stderr or "rejected" in p.stdout + p.stderr:
+        out = git(["ls-remote", "origin", ref], cwd=co.path, timeout_s=timeout_s).stdout.split()
+        actual = out[0] if out else None
+        if actual != expected:
+            raise WipRaced(args, f"{branch} is at {actual or 'nothing'}, not {expected or 'nothing'}", actual)
+    raise GitError(args, f"exit {p.returncode}: {(p.stderr or p.stdout).strip()[-GIT_STDERR_MAX_CHARS:]}")

@@ -363,6 +363,16 @@ class Settings:
     and agent CLIs, all in parallel). An agent CLI whose ``--version`` misses it is not offered
     (its jobs wait for another factory); a hung tool delays the factory's start by this much."""
 
+    # -- WIP checkpoints and resume (issue 10, helper checkpoint) -------------------------------
+    checkpoint_s: float = 300.0
+    """While an engine runs on a ``repo`` job, every this many seconds the factory snapshots the
+    worktree (a separate index: the engine's own index and files are untouched) into a commit
+    on ``gf/<job>/wip``, pushes it fenced and records it on the job record; a retry or a
+    reclaimed attempt starts from the last checkpoint instead of ``base``. Only when something
+    changed since the last one. 0: no checkpoints (a reclaimed attempt starts from ``base``).
+    At most this much of an attempt's work is lost when its factory dies; smaller costs a
+    commit, a push and a record write per interval. At least ``CHECKPOINT_MIN_S`` when on."""
+
     @property
     def fence_margin_effective_s(self) -> float:
         """``fence_margin_s``, or its default (see there)."""
@@ -424,6 +434,10 @@ class Settings:
         if not 0 < self.ship_checks_poll_s <= SHIP_CHECKS_WAIT_MAX_S:
             raise SettingsError(f"ship_checks_poll_s={self.ship_checks_poll_s!r} (GIGAFACTORY_SHIP_CHECKS_POLL_S) "
                                 f"must be more than 0 and at most {SHIP_CHECKS_WAIT_MAX_S:g} seconds")
+        if self.checkpoint_s != 0 and not CHECKPOINT_MIN_S <= self.checkpoint_s <= CHECKPOINT_MAX_S:
+            raise SettingsError(f"checkpoint_s={self.checkpoint_s!r} (GIGAFACTORY_CHECKPOINT_S) must be 0 (no "
+                                f"checkpoints) or between {CHECKPOINT_MIN_S:g} and {CHECKPOINT_MAX_S:g} seconds: "
+                                "each checkpoint is a commit, a push and a job-record write")
         if not 0 <= self.prefers_grace_s <= PREFERS_GRACE_MAX_S:
             raise SettingsError(f"prefers_grace_s={self.prefers_grace_s!r} (GIGAFACTORY_PREFERS_GRACE_S) must be "
                                 f"between 0 and {PREFERS_GRACE_MAX_S:g} seconds: it is how long an engine-class "
@@ -526,6 +540,10 @@ SHIP_CHECKS_WAIT_MAX_S = 6 * 3600.0
 """Largest ``ship_checks_wait_s`` (and ``ship_checks_poll_s``): a station waits for CI at most six hours."""
 PREFERS_GRACE_MAX_S = 600.0
 """Largest ``prefers_grace_s``: beyond ten minutes a preference would be a hidden queue."""
+CHECKPOINT_MIN_S = 0.5
+"""Shortest ``checkpoint_s`` accepted (0 aside): a checkpoint costs git calls, a push and a write."""
+CHECKPOINT_MAX_S = 86_400.0
+"""Longest ``checkpoint_s`` accepted (a day)."""
 _ENV_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 LOG_UPLOAD_MIN_BYTES = 64 * 1024

@@ -157,6 +157,36 @@ class WorkspaceResult(msgspec.Struct, omit_defaults=True):
     conflict, a forge error), or what it did."""
 
 
+class Checkpoint(msgspec.Struct, omit_defaults=True):
+    """The last work-in-progress snapshot of a ``repo`` job (issue 10): a commit on
+    ``gf/<job>/wip`` that a later attempt starts its worktree from. Written by the holder of
+    ``epoch``, by compare-and-set, only after the commit was pushed (fenced)."""
+
+    commit: str
+    epoch: int
+    attempt: int
+    at: float
+    """When the worktree was snapshotted (the holder's wall clock, just before the snapshot):
+    what the engine did after it is not in this checkpoint."""
+    branch: str
+    """``gf/<job>/wip``."""
+    seq: int = 1
+    """Its number within the job (the ``Gigafactory-Checkpoint`` trailer)."""
+    files_changed: int = 0
+    lines_added: int = 0
+    lines_deleted: int = 0
+    """What the job changed since ``base_commit``, as of this checkpoint."""
+    base_commit: str | None = None
+    """The base the job's work started from (diffs are taken against it)."""
+    paths: list[str] = msgspec.field(default_factory=list)
+    """Some of the changed paths (at most 50), for the resuming engine's note."""
+    session: str | None = None
+    """The agent CLI's session id, when its stream said one (Claude's ``session_id``)."""
+    factory: str = ""
+    """Where it was taken (a session id is usable only there)."""
+    engine: str = ""
+
+
 class AttemptRecord(msgspec.Struct, omit_defaults=True):
     """One execution attempt of a job (a new one for every claim)."""
 
@@ -224,6 +254,8 @@ class JobRecord(msgspec.Struct, omit_defaults=False):
     rebases_used: int = 0
     """``rebase-needed`` requeues so far (a branch that no longer merged into a moved ``base``);
     after :data:`~gigafactory.schemas.protocol.MAX_REBASES` the job fails ``merge_conflict``."""
+    checkpoint: Checkpoint | None = None
+    """The last WIP checkpoint of a ``repo`` job (None: none taken); a later attempt resumes from it."""
 
     @property
     def priority_rank(self) -> int:

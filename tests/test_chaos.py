@@ -31,8 +31,8 @@ from gigafactory.schemas import protocol
 from gigafactory.schemas.lifecycle import Stage
 from gigafactory.schemas.records import EventRecord, JobRecord, decode, encode
 
-IMPLEMENTED = ["broker-crash", "cluster-failover", "factory-churn", "partition", "push-path-down", "thundering-herd",
-               "total-outage"]
+IMPLEMENTED = ["broker-crash", "cluster-failover", "factory-churn", "partition", "push-path-down", "resume",
+               "thundering-herd", "total-outage"]
 FULL_DURATION_S = float(os.environ.get("GIGAFACTORY_CHAOS_DURATION_S", "20"))
 
 
@@ -46,6 +46,20 @@ def cli(*args: str, timeout_s: float = 180.0) -> subprocess.CompletedProcess:
 
 
 # -- the bounded forms ------------------------------------------------------------------------------
+
+
+@pytest.mark.timeout(180)
+def test_resume_ships_a_killed_jobs_work_from_its_checkpoint_losing_at_most_one_interval(tmp_path):
+    res = run_bounded("resume", tmp_path)
+
+    assert res.ok, res.to_text()
+    f = res.figures
+    assert f["kills_mid_run"] == 1 and f["checkpoints_recorded"] == 1
+    assert f["jobs_shipped_once"] == f["jobs_acknowledged"] == 1
+    assert f["checkpoint_in_shipped_history"] == 1
+    assert f["steps_lost_max"] <= f["steps_lost_bound"] and f["lost_span_s_max"] <= f["lost_span_bound_s"]
+    assert res.report.counts["lease_expired"] >= 1
+    assert f["side_effects_after_lease_lost"] == 0 and f["leftover_engines"] == 0
 
 
 @pytest.mark.timeout(180)

@@ -7,4 +7,4 @@ the one invariant check over the broker's records, and adds the claims of its ow
 within the lease TTL plus a reaper interval, nothing left in an outbox, ...) as expectations.
 """
 
-from . import broker_crash, churn, cluster, herd, outage, partition, pushpath  # noqa: F401 (each registers its scenario)
+from . import broker_crash, churn, cluster, herd, outage, partition, pushpath, resume  # noqa: F401 (each registers its scenario)

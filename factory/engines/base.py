@@ -116,6 +116,56 @@ class EngineJob:
     settings: "Settings | None" = None
     """The factory's settings (the engines' own: ``codex_base_url``, ``*_model``,
     ``price_table``, ...); None (a test's job): read from the environment when needed."""
+    resume: "Resume | None" = None
+    """Set when this attempt resumes an earlier one's WIP checkpoint (its worktree starts
+    there): what was done, for the engine to be told. None: a fresh start."""
+
+
+RESUME_NOTE_PATHS_MAX = 20
+"""Changed paths a resume note names (the rest are counted)."""
+
+
+@dataclass(frozen=True)
+class Resume:
+    """An attempt that resumes an earlier one's WIP checkpoint (issue 10)."""
+
+    commit: str
+    """The checkpoint commit the worktree starts from."""
+    from_epoch: int
+    from_attempt: int
+    seq: int
+    files_changed: int = 0
+    lines_added: int = 0
+    lines_deleted: int = 0
+    paths: tuple[str, ...] = ()
+    """Paths changed since base as of the checkpoint (at most 50)."""
+    session: str | None = None
+    """The earlier run's agent session id, when it was said and taken on this same factory."""
+
+
+def resume_env(resume: Resume) -> dict[str, str]:
+    """The variables a resuming attempt's engine gets: ``GF_RESUMING=1`` and
+    ``GF_RESUME_COMMIT`` (the checkpoint commit its worktree starts from)."""
+    return {"GF_RESUMING": "1", "GF_RESUME_COMMIT": resume.commit}
+
+
+def resume_note(resume: Resume) -> str:
+    """A short note an agent's prompt starts with when it resumes: the work so far is in the
+    worktree; what it changed. Plain text, bounded (:data:`RESUME_NOTE_PATHS_MAX` paths).
+
+    :param resume: what the attempt resumes.
+    """
+    shown = list(resume.paths[:RESUME_NOTE_PATHS_MAX])
+    more = resume.files_changed - len(shown)
+    lines = [
+        f"Note: you are resuming this task. An earlier attempt (attempt {resume.from_attempt}) was "
+        f"interrupted; its work in progress (checkpoint {resume.seq}, commit {resume.commit[:12]}) is already "
+        f"in this working tree: {resume.files_changed} files changed, +{resume.lines_added} "
+        f"-{resume.lines_deleted} lines. Review it and continue from there rather than starting over.",
+    ]
+    if shown:
+        lines.append("Changed so far: " + ", ".join(shown) + (f" and {more} more" if more > 0 else "") + ".")
+    return "\n".join(lines) + "\n\n"
 
 
 @dataclass

@@ -12,6 +12,11 @@
   ``permission_denials``). The environment is only what it needs: ``PATH``, ``HOME``, ``LANG``,
   the ``GF_*`` variables, the ``ANTHROPIC_*`` variables present in the factory's environment
   (``ANTHROPIC_BASE_URL`` included), and settings that keep a headless run quiet and bounded.
+- **resume** (issue 10): an attempt that resumes a WIP checkpoint taken on this same factory,
+  whose stream said a ``session_id``, gets ``--resume <session>`` (the transcript the earlier
+  attempt left under ``$HOME/.claude/projects/<its worktree>`` is copied to the new worktree's
+  folder: Claude Code looks sessions up by working directory); without it, only the resume note
+  the factory puts at the head of the prompt.
 - **parser** (:class:`ClaudeStream`): reads the stream-json lines; ``assistant`` events give
   progress (text, tool calls) and the usage so far (each message's ``usage``, counted once per
   message id: the CLI repeats a message's usage on every content block of it); the final
@@ -35,9 +40,11 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 from collections.abc import Mapping
+from pathlib import Path
 
 import msgspec
 
@@ -120,6 +127,8 @@ class ClaudeStream(OutputParser):
         """The delay of the CLI's last retry after a 429 (``system/api_retry`` ``retry_delay_ms``):
         the CLI follows the provider's retry-after (plus jitter), and stream-json carries no
         other trace of it. None: no rate-limited retry seen."""
+        self.session_id: str | None = None
+        """The CLI's session id (every stream-json event carries it), once seen."""
 
     def feed(self, chunk: bytes) -> list[Progress]:
         out: list[Progress] = []
@@ -150,6 +159,8 @@ class ClaudeStream(OutputParser):
             return []  # not stream-json (a warning the CLI printed): it stays in the log only
         if not isinstance(ev, dict):
             return []
+        if isinstance(ev.get("session_id"), str) and len(ev["session_id"]) <= 200:
+            self.session_id = ev["session_id"]  # recorded with each WIP checkpoint (resume)
         kind = ev.get("type")
         if kind == "assistant" and isinstance(ev.get("message"), dict):
             return self._assistant(ev["message"])
@@ -325,6 +336,11 @@ class ClaudeEngine(Engine):
                 env["IS_SANDBOX"] = "1"  # the CLI refuses the flag as root unless told it is sandboxed
         else:
             argv += ["--permission-mode", "acceptEdits"]
+        if job.resume is not None and job.resume.session:
+            # The earlier attempt's conversation, when this factory still has it (a retry or a
+            # reclaim here); else the resume note at the head of the prompt is all it gets.
+            if resume_session(env["HOME"], job.resume.session, job.cwd):
+                argv += ["--resume", job.resume.session]
         # After `--`: a body starting with `-` is the prompt, never an option of the CLI.
         argv += ["--", job.body]
         return Prepared(cwd=job.cwd, env=env, argv=argv)
@@ -353,6 +369,47 @@ class ClaudeEngine(Engine):
     def parser(self) -> OutputParser:
         """A fresh :class:`ClaudeStream`."""
         return ClaudeStream()
+
+
+SESSION_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9-]{0,127}")
+"""What a session id must look like to be looked up (Claude's are UUIDs): never a path."""
+SESSION_MAX_BYTES = 64 * 1024 * 1024
+"""A session transcript larger than this is not copied for a resume (the prompt note is used)."""
+
+
+def project_dir(home: str, cwd: Path | str) -> Path:
+    """Where Claude Code keeps the sessions of working directory ``cwd``:
+    ``<home>/.claude/projects/<cwd, every character but letters and digits as ->``.
+
+    :param home: the CLI's ``HOME``.
+    :param cwd: the working directory (resolved).
+    """
+    real = os.path.realpath(str(cwd))
+    return Path(home) / ".claude" / "projects" / "".join(c if c.isalnum() else "-" for c in real)
+
+
+def resume_session(home: str, session: str, cwd: Path | str) -> bool:
+    """Make session ``session`` resumable from ``cwd`` (the new attempt's worktree): Claude Code
+    looks a session up under the project folder of the working directory, and each attempt has
+    its own worktree, so the transcript the earlier attempt left (under its own worktree's
+    folder, in the same ``HOME``) is copied there. True when the session can be resumed; False
+    (nothing done) when its id is malformed or no transcript of it is found on this machine.
+
+    :param home: the CLI's ``HOME`` (the factory's).
+    :param session: the session id the earlier attempt's stream said.
+    :param cwd: the new attempt's working directory.
+    """
+    if not SESSION_ID_RE.fullmatch(session):
+        return False
+    target = project_dir(home, cwd) / f"{session}.jsonl"
+    if target.is_file():
+        return True
+    found = [p for p in (Path(home) / ".claude" / "projects").glob(f"*/{session}.jsonl") if p.is_file()]
+    if not found or found[0].stat().st_size > SESSION_MAX_BYTES:
+        return False
+    target.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(found[0], target)
+    return True
 
 
 def claude_environment(environ: Mapping[str, str], gf_env: Mapping[str, str], binary: str) -> dict[str, str]:
