@@ -28,10 +28,10 @@ from dataclasses import dataclass
 import msgspec
 
 from gigafactory.broker import Broker, Conflict
-from gigafactory.factory import forges
-from gigafactory.factory.forges import body
-from gigafactory.factory.forges.base import context_from
-from gigafactory.factory.forges.local import LocalForge
+from gigafactory import forges
+from gigafactory.forges import body
+from gigafactory.forges.base import context_from
+from gigafactory.forges.local import LocalForge
 from gigafactory.schemas.records import JobRecord, WorkspaceResult, encode
 
 log = logging.getLogger("gigafactory.coordinator")

@@ -402,7 +402,7 @@ class Execute:
     def _pr_facts(self, run: Run, out, ws: WorkspaceResult, engine: str, log_path: str):
         """What the pull request of this attempt says (:mod:`forges.body`): the record's
         attempts with this one's engine, usage and verify result filled in."""
-        from .forges import body
+        from gigafactory.forges import body
         from .ship import verify_output
 
         rec = run.record

@@ -30,15 +30,16 @@ import time
 
 import msgspec
 
+from gigafactory import forges
+from gigafactory.forges import body
+from gigafactory.forges.local import LocalForge
 from gigafactory.schemas import protocol
 from gigafactory.schemas.manifest import FailureClass, effective_scope
-from gigafactory.schemas.scope import check_scope
 from gigafactory.schemas.records import WorkspaceResult
+from gigafactory.schemas.scope import check_scope
 
-from . import forges, workspace
+from . import workspace
 from .engines.base import Outcome
-from .forges import body
-from .forges.local import LocalForge
 from .holder import Run
 from .workspace import Checkout, GitError
 

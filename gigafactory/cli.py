@@ -867,7 +867,7 @@ def pulls(nats_url, as_json, limit) -> None:
         import msgspec as _msgspec
         from nats.js.errors import BucketNotFoundError, NoKeysError
 
-        from gigafactory.factory.forges.local import PULLS_BUCKET, LocalPull
+        from gigafactory.forges.local import PULLS_BUCKET, LocalPull
 
         js = client.nc.jetstream(timeout=10)
         try:

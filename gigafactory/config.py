@@ -505,7 +505,7 @@ run with the repository's secrets."""
 
 
 FORGE_SETTING_KINDS = ("auto", "local", "github")
-"""Values of the ``forge`` setting (factory/forges/base.py: FORGE_KINDS)."""
+"""Values of the ``forge`` setting (gigafactory/forges/base.py: FORGE_KINDS)."""
 
 
 def check_protected_paths(s: Settings) -> None:

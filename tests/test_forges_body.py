@@ -1,8 +1,8 @@
-"""The pull request's text (factory/forges/body.py): pure, so read exactly."""
+"""The pull request's text (gigafactory/forges/body.py): pure, so read exactly."""
 
 from __future__ import annotations
 
-from gigafactory.factory.forges.body import (
+from gigafactory.forges.body import (
     TITLE_MAX_CHARS,
     VERIFY_TAIL_LINES,
     RunFacts,

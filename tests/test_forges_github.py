@@ -10,9 +10,9 @@ import socket
 
 import pytest
 
-from gigafactory.factory.forges import ForgeAuthError, ForgeError, ForgeNotFound, PullRequest
-from gigafactory.factory.forges import github as gh_mod
-from gigafactory.factory.forges.github import GitHubForge, check_api_url, parse_remote, summarise_checks
+from gigafactory.forges import ForgeAuthError, ForgeError, ForgeNotFound, PullRequest
+from gigafactory.forges import github as gh_mod
+from gigafactory.forges.github import GitHubForge, check_api_url, parse_remote, summarise_checks
 from gigafactory.github_server import GitHubServer, fake_sha
 from helpers import run
 
@@ -315,7 +315,7 @@ def test_the_token_appears_in_no_log_line(gh, caplog):
 
 def test_the_context_reads_the_token_from_the_factorys_credential_variables():
     from gigafactory.config import Settings
-    from gigafactory.factory.forges.base import context_from
+    from gigafactory.forges.base import context_from
 
     s = Settings(github_api_url="https://ghe.example.com/api/v3", forge_http_timeout_s=7.0)
     ctx = context_from(s, store="broker", environ={"GH_TOKEN": "b", "GITHUB_TOKEN": "a"})

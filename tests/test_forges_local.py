@@ -12,9 +12,9 @@ import msgspec
 import pytest
 
 from gigafactory.broker import Broker
-from gigafactory.factory.forges import Forge, ForgeContext, ForgeError, ForgeNotFound, forge_for
-from gigafactory.factory.forges.github import GitHubForge
-from gigafactory.factory.forges.local import PULLS_BUCKET, LocalForge, LocalPull, repo_key
+from gigafactory.forges import Forge, ForgeContext, ForgeError, ForgeNotFound, forge_for
+from gigafactory.forges.github import GitHubForge
+from gigafactory.forges.local import PULLS_BUCKET, LocalForge, LocalPull, repo_key
 from helpers import fast_settings, run
 
 IDENTITY = {"GIT_AUTHOR_NAME": "Agent", "GIT_AUTHOR_EMAIL": "agent@example.com",

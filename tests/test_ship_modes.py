@@ -16,7 +16,7 @@ from nats.js.errors import BucketNotFoundError
 from click.testing import CliRunner
 
 from gigafactory.cli import main as cli
-from gigafactory.factory.forges.local import LocalPull, PULLS_BUCKET, repo_key
+from gigafactory.forges.local import LocalPull, PULLS_BUCKET, repo_key
 
 from helpers import Fleet, eventually, fast_settings, run
 from test_workspace import branches, make_remote, repo_job, sh_git

@@ -2,7 +2,7 @@
 merge. See :mod:`.base` for the interface, :mod:`.local` and :mod:`.github` for the two
 forges, and :mod:`.body` for the pull request's text."""
 
-from gigafactory.factory.forges.base import (  # noqa: F401 (the package's interface)
+from gigafactory.forges.base import (  # noqa: F401 (the package's interface)
     CHECKS_STATES,
     FORGE_KINDS,
     ChecksState,

@@ -147,8 +147,8 @@ def context_from(settings, store=None, environ: dict[str, str] | None = None) ->
 
 
 FORGE_MODULES: dict[str, str] = {
-    "github": "gigafactory.factory.forges.github",
-    "local": "gigafactory.factory.forges.local",
+    "github": "gigafactory.forges.github",
+    "local": "gigafactory.forges.local",
 }
 """Forge kind -> module, in the order :func:`forge_for` asks them to ``detect`` a remote
 (the most specific first; ``local`` takes paths and ``file://`` URLs)."""

@@ -28,7 +28,7 @@ from pathlib import Path
 import msgspec
 
 from gigafactory.broker import Conflict
-from gigafactory.factory.forges.base import (
+from gigafactory.forges.base import (
     ChecksState,
     CHECKS_STATES,
     ForgeContext,
@@ -213,7 +213,7 @@ class LocalForge:
         :param head: the branch to merge (``gf/<job>/e<epoch>``).
         :param base: the branch to merge into.
         :param title: one line.
-        :param body: markdown (see :func:`~gigafactory.factory.forges.body.pull_request_body`).
+        :param body: markdown (see :func:`~gigafactory.forges.body.pull_request_body`).
         :raises ForgeNotFound: the remote is not a repository, or a branch does not exist.
         """
         if not Path(self.remote).is_dir():
@@ -252,7 +252,7 @@ class LocalForge:
         """Record the checks of ``pr`` (the factory's ``verify``) as run on commit ``sha``.
 
         :param pr: the pull request (its ``head`` finds the record).
-        :param state: one of :data:`~gigafactory.factory.forges.base.CHECKS_STATES`.
+        :param state: one of :data:`~gigafactory.forges.base.CHECKS_STATES`.
         :param sha: the head commit the checks ran on.
         :param detail: one line for status displays.
         """

@@ -46,7 +46,7 @@ import urllib.request
 from collections.abc import Mapping
 from typing import Any
 
-from gigafactory.factory.forges.base import (
+from gigafactory.forges.base import (
     ChecksState,
     ForgeAuthError,
     ForgeContext,
