@@ -110,13 +110,8 @@ class Factory(Stations, AuditQueue, Pools, Holder, Execute, Reporting, Ship, Che
                         "Use this only for the chaos suite's broken-on-purpose variant.")
         self.id = factory_id or socket.gethostname().split(".")[0].lower()
         assert names.is_job_id(self.id) or all(c.isalnum() or c in "-_" for c in self.id), self.id
-        # Declared engines (engines_dir) join the registry before the probe offers engines; a
-        # bad declaration is logged and skipped, never fatal.
-        engines.load_declared(self.s.engines_dir)
         desc = probe_mod.describe()
-        tokens = (probe_mod.probe(extra_capabilities, timeout_s=self.s.probe_timeout_s) if probe
-                  else list(extra_capabilities) + ["engine:shell"])
-        tokens = sorted(set(tokens) | {f"factory:{self.id}"})
+        tokens = self._probe_offers(extra_capabilities, probe)
         self.offers = caps.Offers(tokens)
         self._probed_tokens: list[str] = tokens
         """Everything the probe and the operator offered; ``offers`` is this less the tokens of
@@ -131,12 +126,7 @@ class Factory(Stations, AuditQueue, Pools, Holder, Execute, Reporting, Ship, Che
             seats=dict(seats or {}), started_at=time.time(), heartbeat_interval_s=self.s.heartbeat_s,
             pid=os.getpid(), version=__version__,
         )
-        base = Path(data_dir) if data_dir else factories_dir()  # follows GIGAFACTORY_HOME
-        self.dir = base / self.id
-        self.logs_dir = self.dir / "logs"
-        self.logs_dir.mkdir(parents=True, exist_ok=True)
-        self.workspace = Path(workspace) if workspace else self.dir / "work"
-        self.workspace.mkdir(parents=True, exist_ok=True)
+        self._make_folders(workspace, data_dir)
         self.outbox = Outbox(str(self.dir / "outbox"))
         self.git = Store(self.dir / "git", timeout_s=self.s.git_timeout_s, max_bytes=self.s.git_mirrors_max_bytes,
                          base_dir=self.workspace)
@@ -174,6 +164,25 @@ class Factory(Stations, AuditQueue, Pools, Holder, Execute, Reporting, Ship, Che
         """Audit events not stored yet, oldest first, each with its message id."""
         self._events_waiting = asyncio.Event()
 
+
+    def _probe_offers(self, extra_capabilities, probe: bool) -> list[str]:
+        """What this factory offers: the probe's tokens (or only ``engine:shell`` without it),
+        the operator's, and ``factory:<id>``. Declared engines (``engines_dir``) join the
+        registry first, so the probe offers them; a bad declaration is logged and skipped."""
+        engines.load_declared(self.s.engines_dir)
+        tokens = (probe_mod.probe(extra_capabilities, timeout_s=self.s.probe_timeout_s) if probe
+                  else list(extra_capabilities) + ["engine:shell"])
+        return sorted(set(tokens) | {f"factory:{self.id}"})
+
+    def _make_folders(self, workspace: str | None, data_dir: str | None) -> None:
+        """This factory's folder (``data_dir``, default under ``GIGAFACTORY_HOME``), its logs and
+        its workspace (default: ``work`` in its folder)."""
+        base = Path(data_dir) if data_dir else factories_dir()  # follows GIGAFACTORY_HOME
+        self.dir = base / self.id
+        self.logs_dir = self.dir / "logs"
+        self.logs_dir.mkdir(parents=True, exist_ok=True)
+        self.workspace = Path(workspace) if workspace else self.dir / "work"
+        self.workspace.mkdir(parents=True, exist_ok=True)
 
     # -- lifecycle ------------------------------------------------------------------------------
 

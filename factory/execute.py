@@ -61,6 +61,96 @@ class Claim:
         return self.claimed
 
 
+@dataclasses.dataclass
+class Attempt:
+    """One attempt's state through :meth:`Execute._run_engine`."""
+
+    run: Run
+    log_path: str
+    cwd: Path
+    co: Checkout | None
+    attribution: Attribution
+    setup_error: str | None = None
+    name: str = ""
+    """The engine that runs (set by :meth:`Execute._engine_for`)."""
+    ws: WorkspaceResult | None = None
+    """A repo job's workspace result (after its commit)."""
+
+    def result(self, failure, detail, code=None, vcode=None, usage: Usage | None = None,
+               retry_after_s: float | None = None) -> ResultPayload:
+        """The result to report, with the attempt's attribution (and ``usage``) and workspace."""
+        return ResultPayload(job=self.run.job, epoch=self.run.epoch, failure=failure, detail=detail, exit_code=code,
+                             verify_exit_code=vcode, log_path=self.log_path, log_object=None,
+                             attribution=attributed(self.attribution, usage), finished_at=time.time(), usage=usage,
+                             retry_after_s=retry_after_s, workspace=self.ws)
+
+    def setup_failed(self, why: str) -> ResultPayload:
+        """A ``setup_failed`` result, its reason written to the attempt's log."""
+        Path(self.log_path).write_text(f"{why}\n")
+        return self.result(FailureClass.SETUP_FAILED, why)
+
+
+class OutputReader:
+    """An engine's output as it streams: published to the job's live-logs subject, read by the
+    engine's parser into progress and usage events, and judged against the job's spend budget
+    after every usage change (crossing it stops the run as a cancel does). A parser that raises
+    is dropped: that costs the run's progress events, never the run."""
+
+    def __init__(self, factory, run: Run, name: str, eng) -> None:
+        self.factory, self.run, self.name = factory, run, name
+        self.subject = names.logs_subject(run.job, run.epoch)
+        self.parsers = [eng.parser()]
+        self.budget_stop: list[str] = []  # why the run was stopped for its spend budget, once it is
+
+    def on_output(self, chunk: bytes) -> None:
+        f, run = self.factory, self.run
+        if f.b.nc.is_connected:
+            try:
+                asyncio.get_running_loop().create_task(f.b.nc.publish(self.subject, chunk))
+            except Exception:
+                pass
+        for parser in self.parsers:
+            try:
+                said = parser.feed(chunk)
+            except Exception:
+                log.exception("%s: engine %s could not read its output; not reading it further", f.id, self.name)
+                self.parsers.clear()
+                return
+            for p in said:
+                # Queued in order like every audit event (:meth:`_event` only queues).
+                data = {**p.data, "engine": self.name} if p.kind == "usage" else dict(p.data)
+                f._spawn(f._event(p.kind, job=run.job, epoch=run.epoch, data=data), f"{p.kind}-{run.job}")
+            if not self.budget_stop and any(p.kind == "usage" for p in said):
+                self._judge_budget(parser)
+
+    def _judge_budget(self, parser) -> None:
+        f, run = self.factory, self.run
+        try:
+            crossed = budget_crossed(run.record.manifest.budget, parser.usage())
+        except Exception:
+            log.exception("%s: engine %s could not say its usage; not reading it further", f.id, self.name)
+            self.parsers.clear()
+            return
+        if crossed:
+            # Stopped through the path a cancel takes (its process group is signalled, its
+            # output so far stays in the log); the outcome is rewritten by :meth:`finish`.
+            self.budget_stop.append(crossed)
+            log.info("%s: job %s stopped: %s", f.id, run.job, crossed)
+            run.cancel.set()
+
+    def finish(self, out, run: Run):
+        """The engine's outcome with the usage its stream said (when the engine reported
+        none), and ``budget_exceeded`` when the budget stopped it."""
+        if out.usage is None and self.parsers:
+            try:
+                out = dataclasses.replace(out, usage=self.parsers[0].usage())
+            except Exception:
+                log.exception("%s: engine %s could not say its usage", self.factory.id, self.name)
+        if self.budget_stop and not out.self_fenced and not run.fenced and not run.draining:
+            out = dataclasses.replace(out, failure=FailureClass.BUDGET_EXCEEDED, detail=self.budget_stop[0])
+        return out
+
+
 class Execute:
     """Mixin of :class:`~gigafactory.factory.agent.Factory`: one job's lifecycle."""
 
@@ -214,23 +304,72 @@ class Execute:
         """Run the job's engine and the verify gate; the result to report (never raises for
         what the job did: an engine that cannot start here is ``setup_failed``).
 
+        The steps: the attempt's workspace (:meth:`_attempt_for`), the engine
+        (:meth:`_engine_for`), its job (:meth:`_engine_job`, reading its output with
+        :class:`OutputReader`), the run (with WIP checkpoints, :mod:`checkpoint`), then what
+        follows a run: commit, scope, verify, push, ship (:meth:`_after_engine`).
+
         :param run: the run (it holds the lease; its ``fence`` and ``cancel`` bound the engine).
         :param engine: the engine chosen before the claim, whose seat the run holds (the one
             the job names, or for an engine-class job the one :meth:`_take_seat` chose).
         """
-        rec = run.record
-        m = rec.manifest
+        a = await self._attempt_for(run)
+        if a.setup_error is not None:
+            return a.setup_failed(a.setup_error)
+        eng, why = self._engine_for(a, engine)
+        if eng is None:
+            return a.setup_failed(why)
+        resume = await self._resume_of(run, a.co) if a.co is not None else None
+        reader = OutputReader(self, run, a.name, eng)
+        job = self._engine_job(run, a, eng, reader, resume)
+        try:
+            # Off the event loop: preparing may read files and scan the body (the shell engine's
+            # script extraction is linear, but a body of up to max_body_bytes still costs tens of
+            # milliseconds the loop owes to every other run's renewals).
+            prepared = await asyncio.to_thread(eng.prepare, job)
+        except SetupFailed as e:
+            if e.log_line is not None:
+                Path(a.log_path).write_text(e.log_line)
+            return a.result(FailureClass.SETUP_FAILED, e.detail)
+        t0 = time.monotonic()
+        # WIP checkpoints while the engine runs (a repo job, checkpoint_s on): :mod:`checkpoint`.
+        wip = await self._checkpoints_start(run, a.co, a.name, run.record.manifest.model, reader.parsers) \
+            if a.co is not None else None
+        try:
+            out = await eng.run(job, prepared)
+        finally:
+            if wip is not None:
+                await self._checkpoints_stop(run, a.co, wip)
+        if wip is not None and run.draining and not run.fenced and not out.self_fenced:
+            # A drain stopped the engine while the lease is still held: keep its work for the
+            # next holder (a normal end needs no final checkpoint: the attempt's commit is it).
+            await self._final_checkpoint(run, a.co, wip)
+        out = reader.finish(out, run)
+        out = await self._after_engine(run, a, eng, job, prepared, out, t0)
+        if out.failure == FailureClass.AUTH_FAILED and not out.self_fenced and not run.fenced:
+            # Before the report: the retry it may queue must never land here with the same key.
+            self._withdraw_engine(a.name, f"auth_failed on job {run.job} attempt {run.record.attempt}: "
+                                          f"{out.detail}"[:300])
+        if out.self_fenced:
+            run.self_fenced = self._self_fence_reason(run)
+            return a.result(out.failure, f"{out.detail}: {run.self_fenced}", out.exit_code, out.verify_exit_code,
+                            out.usage)
+        return a.result(out.failure, out.detail, out.exit_code, out.verify_exit_code, out.usage,
+                        out.retry_after_s if out.failure == FailureClass.RATE_LIMITED else None)
+
+    async def _attempt_for(self, run: Run) -> "Attempt":
+        """The attempt's log path, its folder (a repo job's fresh worktree, from the last WIP
+        checkpoint when there is one; else ``cwd`` on this factory) and its attribution."""
+        rec, m = run.record, run.record.manifest
         log_path = str(self.logs_dir / f"{run.job}-attempt-{rec.attempt}-epoch-{run.epoch}.log")
         co: Checkout | None = None  # a repo job's worktree (:mod:`ship`), released after the report
-        ws: WorkspaceResult | None = None
-        ws_error: str | None = None
+        error: str | None = None
         if m.repo is not None:
             try:
-                # A retry or a reclaim starts from the last WIP checkpoint, when there is one.
                 co = await self._ws_checkout(run, start_point(rec))
                 cwd = co.path / m.cwd
             except (GitError, OSError) as e:  # OSError: the factory's own disk (full, read-only)
-                ws_error = f"no worktree of {m.repo} on {self.id}: {e}"[:1000]
+                error = f"no worktree of {m.repo} on {self.id}: {e}"[:1000]
                 cwd = self.git.worktrees
         else:
             cwd = self._resolve_cwd(m.cwd)
@@ -239,79 +378,36 @@ class Execute:
             product=m.product, provider="local" if (m.engine or "") == "shell" else None, model=m.model,
             cost_usd=0.0, cost_estimated=False,
         )
+        return Attempt(run=run, log_path=log_path, cwd=cwd, co=co, attribution=attribution, setup_error=error)
 
-        def result(failure, detail, code=None, vcode=None, usage: Usage | None = None,
-                   retry_after_s: float | None = None) -> ResultPayload:
-            return ResultPayload(job=run.job, epoch=run.epoch, failure=failure, detail=detail, exit_code=code,
-                                 verify_exit_code=vcode, log_path=log_path, log_object=None,
-                                 attribution=attributed(attribution, usage), finished_at=time.time(), usage=usage,
-                                 retry_after_s=retry_after_s, workspace=ws)
-
-        if ws_error is not None:
-            Path(log_path).write_text(f"{ws_error}\n")
-            return result(FailureClass.SETUP_FAILED, ws_error)
-        resume = await self._resume_of(run, co) if co is not None else None
-
+    def _engine_for(self, a: "Attempt", engine: str | None):
+        """The engine to run and None, or None and why it cannot run here. Sets ``a.name`` and
+        the attribution's engine."""
+        m = a.run.record.manifest
         # The engine chosen before the claim (its seat is held); resolved here only for a run
         # that came without one.
-        name = engine or resolve_engine(m, self._offered_engines()) or ("" if m.engine_class else "shell")
-        attribution = msgspec.structs.replace(attribution, engine=name or None)
-        eng = engines.get(name)
+        a.name = engine or resolve_engine(m, self._offered_engines()) or ("" if m.engine_class else "shell")
+        a.attribution = msgspec.structs.replace(a.attribution, engine=a.name or None)
+        eng = engines.get(a.name)
         if eng is None:
-            what = (f"engine {m.engine!r} is not runnable on {self.id}" if m.engine else
-                    f"no engine of class {str(m.engine_class)!r} is offered by {self.id}")
-            Path(log_path).write_text(f"{what}\n")
-            return result(FailureClass.SETUP_FAILED, what)
-        if eng.opt_in and f"engine:{name}" not in self.offers.tokens:
+            return None, (f"engine {m.engine!r} is not runnable on {self.id}" if m.engine else
+                          f"no engine of class {str(m.engine_class)!r} is offered by {self.id}")
+        if eng.opt_in and f"engine:{a.name}" not in self.offers.tokens:
             # An opt-in engine (noop) runs only where the operator offered it, so real work can
             # never be swallowed by it; the claim's requirement check already keeps it away.
-            return result(FailureClass.SETUP_FAILED,
-                          f"engine {name!r} is not offered by {self.id} (start it with --cap engine:{name})")
-        subject = names.logs_subject(run.job, run.epoch)
-        # The run's output reader; dropped if it raises (that costs its progress events, never the run).
-        parsers = [eng.parser()]
-        budget_stop: list[str] = []  # why the run was stopped for its spend budget, once it is
+            return None, f"engine {a.name!r} is not offered by {self.id} (start it with --cap engine:{a.name})"
+        return eng, None
 
-        def on_output(chunk: bytes) -> None:
-            if self.b.nc.is_connected:
-                try:
-                    asyncio.get_running_loop().create_task(self.b.nc.publish(subject, chunk))
-                except Exception:
-                    pass
-            for parser in parsers:
-                try:
-                    said = parser.feed(chunk)
-                except Exception:
-                    log.exception("%s: engine %s could not read its output; not reading it further", self.id, name)
-                    parsers.clear()
-                    return
-                for p in said:
-                    # Queued in order like every audit event (:meth:`_event` only queues).
-                    data = {**p.data, "engine": name} if p.kind == "usage" else dict(p.data)
-                    self._spawn(self._event(p.kind, job=run.job, epoch=run.epoch, data=data),
-                                f"{p.kind}-{run.job}")
-                if not budget_stop and any(p.kind == "usage" for p in said):
-                    try:
-                        crossed = budget_crossed(m.budget, parser.usage())
-                    except Exception:
-                        log.exception("%s: engine %s could not say its usage; not reading it further", self.id, name)
-                        parsers.clear()
-                        return
-                    if crossed:
-                        # Stopped through the path a cancel takes (its process group is signalled,
-                        # its output so far stays in the log); the outcome is rewritten below.
-                        budget_stop.append(crossed)
-                        log.info("%s: job %s stopped: %s", self.id, run.job, crossed)
-                        run.cancel.set()
-
+    def _engine_job(self, run: Run, a: "Attempt", eng, reader: "OutputReader", resume) -> EngineJob:
+        """What the engine is given: its prompt, folder, environment, limits and output reader."""
+        rec, m = run.record, run.record.manifest
         body = engine_prompt(rec.profile, rec.body, eng.engine_class)
         if resume is not None and eng.engine_class != "script":
             body = resume_note(resume) + body  # an agent is told what the earlier attempt did
-        limit_s = m.timeout_s()
         wall_binds = m.budget.wall is not None and parse_duration(m.budget.wall) <= parse_duration(m.timeout)
-        job = EngineJob(
+        return EngineJob(
             job=run.job, epoch=run.epoch, attempt=rec.attempt, factory=self.id, station=run.station, manifest=m,
-            body=body, cwd=cwd, log_path=log_path,
+            body=body, cwd=a.cwd, log_path=a.log_path,
             gf_env={
                 "GF_JOB_ID": run.job, "GF_EPOCH": str(run.epoch), "GF_ATTEMPT": str(rec.attempt),
                 "GF_FACTORY": self.id, "GF_STATION": str(run.station), "GF_WORKSPACE": str(self.workspace),
@@ -321,83 +417,55 @@ class Execute:
                 "GIGAFACTORY_NATS_URL": self.b.urls, "GF_LEASE_TTL_S": repr(self.s.lease_ttl_s),
                 **(resume_env(resume) if resume is not None else {}),
             },
-            timeout_s=limit_s,
+            timeout_s=m.timeout_s(),
             timeout_class=FailureClass.BUDGET_EXCEEDED if wall_binds else FailureClass.TIMEOUT,
             header=f"# gigafactory: job {run.job} attempt {rec.attempt} epoch {run.epoch} on {self.id}/{run.station}\n",
-            on_output=on_output, cancel=run.cancel, fence=run.fence, supervised=not self.s.unsafe_unfenced_engines,
-            kill_grace_s=5.0, parser=parsers[0],
+            on_output=reader.on_output, cancel=run.cancel, fence=run.fence,
+            supervised=not self.s.unsafe_unfenced_engines, kill_grace_s=5.0, parser=reader.parsers[0],
             env_passthrough=(*cred_variables(rec.requirements, probe.CREDENTIAL_VARS),
                              *self.s.engine_env_passthrough_names),
             settings=self.s, resume=resume,
         )
-        try:
-            # Off the event loop: preparing may read files and scan the body (the shell engine's
-            # script extraction is linear, but a body of up to max_body_bytes still costs tens of
-            # milliseconds the loop owes to every other run's renewals).
-            prepared = await asyncio.to_thread(eng.prepare, job)
-        except SetupFailed as e:
-            if e.log_line is not None:
-                Path(log_path).write_text(e.log_line)
-            return result(FailureClass.SETUP_FAILED, e.detail)
-        t0 = time.monotonic()
-        # WIP checkpoints while the engine runs (a repo job, checkpoint_s on): :mod:`checkpoint`.
-        wip = await self._checkpoints_start(run, co, name, m.model, parsers) if co is not None else None
-        try:
-            out = await eng.run(job, prepared)
-        finally:
-            if wip is not None:
-                await self._checkpoints_stop(run, co, wip)
-        if wip is not None and run.draining and not run.fenced and not out.self_fenced:
-            # A drain stopped the engine while the lease is still held: keep its work for the
-            # next holder (a normal end needs no final checkpoint: the attempt's commit is it).
-            await self._final_checkpoint(run, co, wip)
-        if out.usage is None and parsers:
+
+    async def _after_engine(self, run: Run, a: "Attempt", eng, job: EngineJob, prepared, out, t0: float):
+        """What follows the engine: a repo job's commit and scope verdict (whatever the
+        engine's outcome: they say what it did), the verify gate, then a passed attempt's
+        fenced push and shipping. Returns the outcome; keeps the workspace result on ``a``."""
+        m = run.record.manifest
+        live = not out.self_fenced and not run.fenced and not run.draining
+        if a.co is not None and live:
             try:
-                out = dataclasses.replace(out, usage=parsers[0].usage())
-            except Exception:
-                log.exception("%s: engine %s could not say its usage", self.id, name)
-        if budget_stop and not out.self_fenced and not run.fenced and not run.draining:
-            out = dataclasses.replace(out, failure=FailureClass.BUDGET_EXCEEDED, detail=budget_stop[0])
-        if co is not None and not out.self_fenced and not run.fenced and not run.draining:
-            # Whatever the engine's outcome: the commit and its stats say what it did.
-            try:
-                ws, changed = await self._ws_commit(
-                    run, co, engine=name, model=(out.usage.model if out.usage else None) or m.model)
+                a.ws, changed = await self._ws_commit(
+                    run, a.co, engine=a.name, model=(out.usage.model if out.usage else None) or m.model)
             except (GitError, OSError) as e:
                 changed = []
-                ws = WorkspaceResult(branch=co.branch, base=co.base, base_commit=co.base_commit,
-                                     detail=f"commit failed: {e}"[:500])
+                a.ws = WorkspaceResult(branch=a.co.branch, base=a.co.base, base_commit=a.co.base_commit,
+                                       detail=f"commit failed: {e}"[:500])
                 if out.failure is None:
                     out = dataclasses.replace(out, failure=FailureClass.CRASH,
                                               detail=f"the engine's changes could not be committed: {e}"[:500])
             # The scope guardrail, before verify: a refused attempt is neither verified nor pushed.
-            out, ws = await self._judge_scope(run, out, ws, changed)
+            out, a.ws = await self._judge_scope(run, out, a.ws, changed)
         if out.failure is None and eng.verifies:
             # The gate's outcome knows nothing of the engine's usage: keep what the engine reported.
             # It runs in the worktree (prepared.cwd is the job's cwd inside it), after the commit.
             out = dataclasses.replace(await verify_gate(job, prepared, out, t0), usage=out.usage)
-        if (co is not None and ws is not None and out.failure is None and not out.self_fenced and not run.fenced
-                and not run.draining):
-            # Only a passed attempt ships, and only while this holder's epoch is the job's.
-            ws, refused = await self._ws_push(run, co, ws)
-            if refused is not None and not run.fenced:
-                out = dataclasses.replace(out, failure=FailureClass.CRASH, detail=refused)
-            elif refused is None and m.review_policy == "auto" and m.ship_as != "branch" and not run.fenced:
-                # The factory ships beyond the branch only what no human gates; for manual and
-                # reviewers the coordinator does it when a human ships (coordinator/api.py).
-                verified = m.verify is not None and out.verify_exit_code == 0
-                ws, conflict = await self._ws_ship(run, co, ws, self._pr_facts(run, out, ws, name, log_path), verified)
-                if conflict is not None and not run.fenced:
-                    out = dataclasses.replace(out, failure=FailureClass.MERGE_CONFLICT, detail=conflict)
-        if out.failure == FailureClass.AUTH_FAILED and not out.self_fenced and not run.fenced:
-            # Before the report: the retry it may queue must never land here with the same key.
-            self._withdraw_engine(name, f"auth_failed on job {run.job} attempt {rec.attempt}: {out.detail}"[:300])
-        if out.self_fenced:
-            run.self_fenced = self._self_fence_reason(run)
-            return result(out.failure, f"{out.detail}: {run.self_fenced}", out.exit_code, out.verify_exit_code,
-                          out.usage)
-        return result(out.failure, out.detail, out.exit_code, out.verify_exit_code, out.usage,
-                      out.retry_after_s if out.failure == FailureClass.RATE_LIMITED else None)
+        if a.co is None or a.ws is None or out.failure is not None or out.self_fenced or run.fenced \
+                or run.draining:
+            return out
+        # Only a passed attempt ships, and only while this holder's epoch is the job's.
+        a.ws, refused = await self._ws_push(run, a.co, a.ws)
+        if refused is not None and not run.fenced:
+            return dataclasses.replace(out, failure=FailureClass.CRASH, detail=refused)
+        if refused is None and m.review_policy == "auto" and m.ship_as != "branch" and not run.fenced:
+            # The factory ships beyond the branch only what no human gates; for manual and
+            # reviewers the coordinator does it when a human ships (coordinator/api.py).
+            verified = m.verify is not None and out.verify_exit_code == 0
+            a.ws, conflict = await self._ws_ship(run, a.co, a.ws, self._pr_facts(run, out, a.ws, a.name, a.log_path),
+                                                 verified)
+            if conflict is not None and not run.fenced:
+                return dataclasses.replace(out, failure=FailureClass.MERGE_CONFLICT, detail=conflict)
+        return out
 
     def _pr_facts(self, run: Run, out, ws: WorkspaceResult, engine: str, log_path: str):
         """What the pull request of this attempt says (:mod:`forges.body`): the record's
