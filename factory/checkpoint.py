@@ -250,7 +250,7 @@ class Checkpoints:
             self.stats["checkpoints_unchanged"] = self.stats.get("checkpoints_unchanged", 0) + 1
             return None
         commit, tree, stats = made
-        left_s = await self._fence_side_effect(run, f"checkpoint {st.seq}", branch)
+        left_s = await self._fence_wip(run, f"checkpoint {st.seq}", branch)
         if left_s is None:
             return None
         try:
@@ -260,7 +260,7 @@ class Checkpoints:
             # Someone pushed since (a stale holder's late push, or this holder's own push whose
             # record write failed): fence again, and only then overwrite what is there now.
             log.info("%s: %s moved under %s (%s); fencing again", self.id, branch, run.job, e)
-            left_s = await self._fence_side_effect(run, f"checkpoint {st.seq}", branch)
+            left_s = await self._fence_wip(run, f"checkpoint {st.seq}", branch)
             if left_s is None:
                 return None
             await asyncio.to_thread(workspace.push_wip, co, commit, branch, e.actual,
@@ -285,7 +285,7 @@ class Checkpoints:
                                 "lease_left_s": round(left_s, 3)})
         return cp
 
-    async def _fence_side_effect(self, run: Run, what: str, branch: str) -> float | None:
+    async def _fence_wip(self, run: Run, what: str, branch: str) -> float | None:
         """The fence before a push: a compare-and-set renewal of the lease; returns the lease
         sure to be left (seconds), or None (with a ``checkpoint_refused`` event) when the holder
         is fenced, the renewal's outcome is unknown, or less than ``git_push_min_remaining_s``

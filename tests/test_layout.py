@@ -253,3 +253,25 @@ def test_no_new_function_over_the_length_limit():
     assert not grown, f"functions over the limit that grew (was, now): {grown}"
     fitted = sorted(k for k in TOO_LONG_TODAY if lengths.get(k, 0) <= FUNCTION_LINES_MAX)
     assert not fitted, f"these fit the limit now: remove them from TOO_LONG_TODAY: {fitted}"
+
+
+def test_the_factorys_mixins_never_define_the_same_method_twice():
+    """The factory is one class made of mixins (stations, pools, holder, execute, reporting,
+    ship, checkpoints, ...): a name two of them define is silently taken from the first in the
+    MRO, and the other's callers get a method with another contract (this once broke WIP
+    checkpoints: two ``_fence_side_effect`` with different return types)."""
+    from gigafactory.factory.agent import Factory
+
+    seen: dict[str, str] = {}
+    clashes = []
+    for base in Factory.__mro__[1:]:
+        if base is object:
+            continue
+        for name in vars(base):
+            if name.startswith("__") and name.endswith("__"):
+                continue
+            if name in seen:
+                clashes.append(f"{name}: {seen[name]} and {base.__name__}")
+            else:
+                seen[name] = base.__name__
+    assert not clashes, "methods defined by two of the factory's mixins:\n" + "\n".join(clashes)
