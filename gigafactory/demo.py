@@ -33,6 +33,8 @@ DEMO_SETTINGS = {
     "GIGAFACTORY_LEASE_RENEW_S": "2",
     "GIGAFACTORY_LONG_POLL_S": "2",
     "GIGAFACTORY_DRAIN_TIMEOUT_S": "10",
+    # A WIP checkpoint every second, so the job the demo kills mid-run has one to resume from.
+    "GIGAFACTORY_CHECKPOINT_S": "1",
 }
 
 
@@ -73,8 +75,22 @@ def make_demo_remote(path: Path) -> None:
 class _Procs:
     def __init__(self) -> None:
         self.procs: list[tuple[str, subprocess.Popen]] = []
+        self.specs: dict[str, tuple[list[str], dict, Path]] = {}
+
+    def kill_and_restart(self, name: str) -> bool:
+        """SIGKILL the process named ``name`` (its engines die with it: the supervisor) and start
+        it again with the same arguments; False if there is none running."""
+        for i, (n, p) in enumerate(self.procs):
+            if n == name and p.poll() is None:
+                p.kill()
+                p.wait(timeout=10)
+                del self.procs[i]
+                self.start(name, *self.specs[name])
+                return True
+        return False
 
     def start(self, name: str, args: list[str], env: dict, log: Path) -> None:
+        self.specs[name] = (args, env, log)
         out = open(log, "ab")
         # Tied to the demo: a demo killed by any signal SIGTERMs them, so they drain and exit
         # instead of running on as orphans holding the demo's broker connection.
@@ -150,7 +166,8 @@ def run_demo(*, examples_dir: str | None, workdir: str | None, timeout_s: float,
                 args += ["--cap", c]
             procs.start(f["id"], args, env, root / f"factory-{f['id']}.log")
             say(f"factory  {f['id']}: {f.get('stations', 2)} stations, capabilities {' '.join(f.get('caps', [])) or '-'}")
-        result = asyncio.run(_drive(url, ex, expect, len(factories), timeout_s, as_json, procs))
+        kills = {k["example"]: k.get("after", "checkpointed") for k in spec.get("kill") or []}
+        result = asyncio.run(_drive(url, ex, expect, len(factories), timeout_s, as_json, procs, kills))
     finally:
         procs.stop()
         if srv:
@@ -167,8 +184,12 @@ def run_demo(*, examples_dir: str | None, workdir: str | None, timeout_s: float,
             if r["stage"] in ("queued", "blocked", "testing", "review", "dead_letter", "failed"):
                 click.echo(f"  {r['job']}: {r['why']}")
             elif (w := r.get("workspace")) and w.get("pushed"):
+                pr = f"; pull request #{w['pull_number']} {w.get('pull_state', '')}" if w.get("pull_number") else ""
                 click.echo(f"  {r['job']}: pushed {w['branch']} at {(w.get('head') or '')[:12]} "
-                           f"({w.get('files_changed', 0)} files +{w.get('lines_added', 0)} -{w.get('lines_deleted', 0)})")
+                           f"({w.get('files_changed', 0)} files +{w.get('lines_added', 0)} -{w.get('lines_deleted', 0)}){pr}")
+            if "killed" in r:
+                click.echo(f"  {r['job']}: its factory {r['killed'] or '(never killed)'} was SIGKILLed mid-run; "
+                           f"{r['resumed'] or 'NOT resumed from a checkpoint'}")
         if result.get("error"):
             click.secho(f"\n{result['error']}", fg="red")
         click.secho(f"\n{'all' if ok else 'NOT all'} {len(result['jobs'])} jobs ended where expected "
@@ -180,8 +201,28 @@ def run_demo(*, examples_dir: str | None, workdir: str | None, timeout_s: float,
     return 0 if ok else 1
 
 
+async def _kill_after(client: Client, procs: _Procs, kills: dict[str, str], by_job: dict[str, str],
+                      killed: dict[str, str], say) -> None:
+    """SIGKILL the factory holding each job of ``kills`` once the job's event named there was
+    published and that factory holds no other job (the other examples must end as they say),
+    and start that factory again: the job must then be resumed elsewhere."""
+    for job, f in by_job.items():
+        if f not in kills or job in killed:
+            continue
+        st = await client.call("status", {"job": job, "events": 100})
+        holder = st["job"].get("holder")
+        if not holder or not any(e.get("kind") == kills[f] for e in st.get("events") or []):
+            continue
+        held = [j["id"] for j in (await client.call("list", {"limit": 100000}))["jobs"]
+                if j.get("holder") == holder and j["stage"] in ("assigned", "building")]
+        if held == [job]:
+            if procs.kill_and_restart(holder):
+                killed[job] = holder
+                say(f"killed factory {holder} (SIGKILL) while it ran {f} after its {kills[f]} event; started it again")
+
+
 async def _drive(url: str, ex: Path, expect: dict[str, str], n_factories: int, timeout_s: float, as_json: bool,
-                 procs: _Procs) -> dict:
+                 procs: _Procs, kills: dict[str, str] | None = None) -> dict:
     t0 = time.monotonic()
     deadline = t0 + timeout_s
     client = None
@@ -214,7 +255,11 @@ async def _drive(url: str, ex: Path, expect: dict[str, str], n_factories: int, t
             click.echo(f"submitted {len(submitted)} example jobs", err=True)
         tty = sys.stderr.isatty() and not as_json
         last = ""
+        killed: dict[str, str] = {}
+        kills = kills or {}
+        say = (lambda m: None) if as_json else (lambda m: click.echo(("\n" if tty else "") + m, err=True))
         while True:
+            await _kill_after(client, procs, kills, by_job, killed, say)
             resp = await client.call("list", {"limit": 100000})
             jobs = {j["id"]: j for j in resp["jobs"] if j["id"] in by_job}
             # Done when every job expected at rest is at rest, and every job expected to wait
@@ -244,9 +289,17 @@ async def _drive(url: str, ex: Path, expect: dict[str, str], n_factories: int, t
             st = await client.call("status", {"job": job, "events": 0})
             stage = st["job"]["stage"]
             attempts = (st.get("record") or {}).get("attempts") or []
+            ok = stage == expect[f]
+            resumed = None
+            if f in kills:
+                # Killed mid-run: it must have been resumed from its checkpoint, not started over.
+                st = await client.call("status", {"job": job, "events": 200})
+                resumed = next((e for e in st.get("events") or [] if e.get("kind") == "resumed"), None)
+                ok = ok and job in killed and resumed is not None
             out.append({"file": f, "job": job, "expected": expect[f], "stage": stage,
-                        "attempt": st["job"]["attempt"], "ok": stage == expect[f], "why": st["why"],
-                        "info": st["info"], "workspace": attempts[-1].get("workspace") if attempts else None})
+                        "attempt": st["job"]["attempt"], "ok": ok, "why": st["why"],
+                        "info": st["info"], "workspace": attempts[-1].get("workspace") if attempts else None,
+                        **({"killed": killed.get(job), "resumed": (resumed or {}).get("reason")} if f in kills else {})})
         err = ("died: " + ", ".join(procs.dead())) if procs.dead() else None
         return {"jobs": out, "elapsed_s": time.monotonic() - t0, **({"error": err} if err else {})}
     finally:
