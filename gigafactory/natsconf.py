@@ -39,8 +39,9 @@ NATS exporter scrapes)."""
 COMPOSE_NODES = ("n1", "n2", "n3")
 """The compose service names of the cluster's nodes, which are also their host names on the
 compose network and their JetStream server names."""
-COMPOSE_STORE_DIR = "/data/jetstream"
-"""Each compose node's store, on its own named volume."""
+COMPOSE_STORE_DIR = "/data"
+"""Each compose node's store: its own named volume (nats-server keeps the streams in
+``<store_dir>/jetstream``)."""
 CLUSTER_NAME = "gigafactory"
 """The cluster name of the lab cluster and the compose cluster."""
 DEPLOYMENT_SYNC_INTERVAL = "always"
