@@ -232,21 +232,23 @@ def test_nats_server_accepts_each_compose_conf_and_refuses_a_broken_one(tmp_path
 
 
 def placed_like_compose(lab: natsconf.NodeConf, compose: natsconf.NodeConf) -> natsconf.NodeConf:
-    """``lab`` moved to where ``compose`` runs: its placement and sync_interval replaced."""
-    return dataclasses.replace(lab, **{f: getattr(compose, f) for f in natsconf.PLACEMENT},
-                               sync_interval=compose.sync_interval)
+    """``lab`` moved to where ``compose`` runs: its placement (addresses, ports, folders, names)
+    replaced, nothing else."""
+    return dataclasses.replace(lab, **{f: getattr(compose, f) for f in natsconf.PLACEMENT})
 
 
 @pytest.mark.timeout(120)
 def test_the_lab_cluster_of_the_chaos_suite_runs_the_compose_configuration(tmp_path):
     """The cluster-failover scenario's cluster (ClusterLab -> Cluster) is the compose cluster
     placed on loopback: moved to the containers' addresses, each node's configuration is the
-    compose file byte for byte. Started for real, each node answers the healthcheck compose
+    compose file byte for byte (fsync policy included). Started for real, each node answers the healthcheck compose
     runs and the JetStream endpoint the exporters scrape, on the monitoring port the template
     gives it."""
     from gigafactory.chaos.cluster_lab import ClusterLab
+    from gigafactory.chaos.scenarios.cluster import DEPLOYED
 
-    lab = ClusterLab(tmp_path / "lab", seed=0)
+    # As the scenario builds it (chaos/scenarios/cluster.py: cluster_failover).
+    lab = ClusterLab(tmp_path / "lab", seed=0, sync_interval=DEPLOYED.sync_interval)
     lab.cluster._build()
     files = natsconf.compose_files()
     for lab_node, compose_node in zip(lab.cluster.node_confs(), natsconf.compose_nodes(), strict=True):
