@@ -159,7 +159,7 @@ def test_observability_services_read_the_files_of_this_folder(config):
     assert "--config.file=/etc/prometheus/prometheus.yml" in prom["command"]
     grafana = services["grafana"]
     assert f"{COMPOSE / 'grafana' / 'provisioning'}:/etc/grafana/provisioning:ro" in grafana["volumes"]
-    assert f"{COMPOSE / 'grafana' / 'dashboards'}:/etc/grafana/dashboards:ro" in grafana["volumes"]
+    assert f"{COMPOSE / 'grafana' / 'dashboards'}:/var/lib/grafana/dashboards:ro" in grafana["volumes"]
     for name in natsconf.COMPOSE_NODES:
         cmd = services[f"nats-exporter-{name}"]["command"]
         assert cmd[-1] == f"http://{name}:{natsconf.MONITOR_PORT}" and "-jsz=all" in cmd
@@ -194,17 +194,17 @@ def test_prometheus_scrapes_the_compose_services_on_their_metrics_ports(config):
     jobs = {j["job_name"]: j for j in prom["scrape_configs"]}
     targets = {job: [t for sc in j.get("static_configs", []) for t in sc["targets"]] for job, j in jobs.items()}
     services = config["services"]
-    assert targets["coordinator"] == [f"coordinator{i}:{COORDINATOR_METRICS_PORT}" for i in (1, 2)]
+    assert targets["gigafactory-coordinator"] == [f"coordinator{i}:{COORDINATOR_METRICS_PORT}" for i in (1, 2)]
     for c in ("coordinator1", "coordinator2"):
         cmd = services[c]["command"]
         assert cmd[cmd.index("--metrics-port") + 1] == str(COORDINATOR_METRICS_PORT)
     # Every factory replica, found by the service's DNS name: scaling needs no edit here.
-    [sd] = jobs["factory"]["dns_sd_configs"]
+    [sd] = jobs["gigafactory-factory"]["dns_sd_configs"]
     assert sd["names"] == ["factory"] and sd["port"] == FACTORY_METRICS_PORT and "factory" in services
     cmd = services["factory"]["command"]
     assert cmd[cmd.index("--metrics-port") + 1] == str(FACTORY_METRICS_PORT)
     assert targets["nats"] == [f"nats-exporter-{n}:{EXPORTER_PORT}" for n in natsconf.COMPOSE_NODES]
-    assert all(t.split(":")[0] in services for job in ("coordinator", "nats") for t in targets[job])
+    assert all(t.split(":")[0] in services for job in ("gigafactory-coordinator", "nats") for t in targets[job])
     assert prom["rule_files"] == ["alerts.yml"]
 
 
@@ -309,3 +309,15 @@ def test_the_compose_example_job_is_valid():
 
     job = parse_job_file(str(COMPOSE / "jobs" / "hello.md"))
     assert job.manifest.engine == "shell" and job.manifest.review_policy == "auto"
+
+
+def test_alert_rules_and_dashboards_name_only_scrape_jobs_prometheus_has():
+    """``up{job="..."}`` in a rule or a panel that names no job of prometheus.yml never fires
+    and never draws: hold the rules and dashboards of compose/ to the scrape configuration."""
+    prom = yaml.safe_load((PROMETHEUS_DIR / "prometheus.yml").read_text())
+    jobs = {j["job_name"] for j in prom["scrape_configs"]}
+    sources = [p for p in PROMETHEUS_DIR.glob("*.yml") if p.name != "prometheus.yml"]
+    sources += list((COMPOSE / "grafana").rglob("*.json"))
+    named = {(p.name, m) for p in sources for m in re.findall(r'job\s*=~?\s*\\?"([^"\\]+)', p.read_text())}
+    assert not {(f, j) for f, j in named if j not in jobs}, f"jobs named but not scraped ({sorted(jobs)}): {named}"
+    assert jobs >= {"gigafactory-coordinator", "gigafactory-factory", "nats"}
