@@ -122,6 +122,9 @@ def test_every_gigafactory_service_is_on_all_three_nodes_at_r3_and_the_factories
     # id is its container's host name).
     assert not {"hostname", "container_name", "ports"} & set(factory), factory
     assert "--id" not in factory["command"]
+    # Scaling down stops replicas: Docker must wait out a factory's drain before it kills.
+    grace_s = float(factory["stop_grace_period"].removesuffix("s"))
+    assert grace_s > Settings.from_env(env_of(factory)).drain_timeout_s + 5
     assert services["nats-box"]["environment"]["NATS_URL"] == urls
 
 
