@@ -55,14 +55,18 @@ until it is merged they are the only names compose may use that the code does no
 Empty this once it is merged: the check then holds every name to the code."""
 
 
-def tool(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run(list(args), cwd=cwd, capture_output=True, text=True, timeout=TOOL_TIMEOUT_S)
+def tool(name: str, *args: str) -> subprocess.CompletedProcess:
+    """Run checker ``name`` (a path, or a command on PATH), bounded by TOOL_TIMEOUT_S."""
+    path = name if "/" in name else shutil.which(name)
+    assert path, (f"{name} is not installed: CI installs it from Debian (.ci/run: apt-get install "
+                  "prometheus docker-compose); on a Debian or Ubuntu machine do the same")
+    return subprocess.run([path, *args], capture_output=True, text=True, timeout=TOOL_TIMEOUT_S)
 
 
 def compose_config(path: Path = COMPOSE_FILE) -> dict:
     """The file as docker-compose resolves it (anchors merged, paths absolute), or fail with
     docker-compose's own words."""
-    got = tool(shutil.which("docker-compose") or "docker-compose", "-f", str(path), "config")
+    got = tool("docker-compose", "-f", str(path), "config")
     assert got.returncode == 0, f"docker-compose config refused {path}:\n{got.stderr}"
     return yaml.safe_load(got.stdout)
 
@@ -86,7 +90,7 @@ def test_docker_compose_accepts_the_file_and_refuses_a_broken_one(tmp_path, conf
     broken.write_text(COMPOSE_FILE.read_text().replace("    command: [\"gigafactory\", \"factory\"",
                                                        "    comand: [\"gigafactory\", \"factory\"", 1))
     assert broken.read_text() != COMPOSE_FILE.read_text()
-    got = tool(shutil.which("docker-compose") or "docker-compose", "-f", str(broken), "config")
+    got = tool("docker-compose", "-f", str(broken), "config")
     assert got.returncode != 0 and "comand" in got.stderr
 
 
@@ -115,6 +119,10 @@ def test_every_gigafactory_service_is_on_all_three_nodes_at_r3_and_the_factories
         assert env["GIGAFACTORY_NATS_URL"] == urls, name
         assert Settings.from_env(env).replicas == 3, name
         assert s["image"] == "gigafactory:local" and Path(s["build"]["context"]) == ROOT
+    for name, port in (("coordinator1", COORDINATOR_METRICS_PORT), ("coordinator2", COORDINATOR_METRICS_PORT),
+                       ("factory", FACTORY_METRICS_PORT)):
+        # The healthcheck asks the service's own metrics endpoint.
+        assert f"http://127.0.0.1:{port}/healthz" in " ".join(services[name]["healthcheck"]["test"]), name
     assert [services[c]["command"][:2] for c in ("coordinator1", "coordinator2")] == [["gigafactory", "coordinator"]] * 2
     factory = services["factory"]
     assert factory["command"][:2] == ["gigafactory", "factory"]
