@@ -37,7 +37,6 @@ import sysconfig
 import tempfile
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from gigafactory import natsconf
 from gigafactory.natsconf import NodeConf
