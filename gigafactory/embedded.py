@@ -37,9 +37,9 @@ import sysconfig
 import tempfile
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
-from gigafactory.config import check_sync_interval
+from gigafactory import natsconf
+from gigafactory.natsconf import NodeConf
 from gigafactory.osproc import SIGKILL, cmdline, create_time, kill, pid_alive
 from gigafactory.procs import popen_tied
 
@@ -253,37 +253,22 @@ class EmbeddedServer:
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
 
+    def node_conf(self) -> NodeConf:
+        """This server's configuration as values of the one template
+        (:mod:`gigafactory.natsconf`, which the compose cluster's files are rendered from too).
+        Ports must be chosen (:meth:`start` chooses the free ones asked for with 0)."""
+        return NodeConf(
+            server_name=self.name, host=self.host, port=self.port, store_dir=self.store_dir,
+            http_port=self.http_port or None, sync_interval=self.sync_interval,
+            cluster_name=self.cluster_name if self.cluster_port else None, cluster_port=self.cluster_port,
+            routes=tuple(self.routes), no_advertise=self.no_advertise,
+        )
+
     def _config(self) -> str:
-        lines = [
-            f'listen: "{self.host}:{self.port}"',
-            f'server_name: "{self.name}"',
-        ]
-        if self.http_port:
-            lines.append(f'http: "{self.host}:{self.http_port}"')
-        lines += [
-            "jetstream {",
-            f'  store_dir: "{Path(self.store_dir).as_posix()}"',
-        ]
-        if self.sync_interval:
-            try:
-                check_sync_interval(self.sync_interval)
-            except ValueError as e:
-                raise BrokerError(str(e)) from None
-            # Quoted: nats-server's config parser reads a bare ``2m`` as the number 2,000,000
-            # (a size suffix), which it takes as seconds: fsync every 23 days, not every 2 min.
-            lines.append(f'  sync_interval: "{self.sync_interval}"')
-        lines.append("}")
-        if self.cluster_port:
-            lines += [
-                "cluster {",
-                f'  name: "{self.cluster_name}"',
-                f'  listen: "{self.host}:{self.cluster_port}"',
-                "  routes: [" + ", ".join(f'"{r}"' for r in self.routes) + "]",
-            ]
-            if self.no_advertise:
-                lines.append("  no_advertise: true")
-            lines.append("}")
-        return "\n".join(lines) + "\n"
+        try:
+            return natsconf.render(self.node_conf())
+        except natsconf.NatsConfError as e:
+            raise BrokerError(str(e)) from None
 
     def _lock_store(self) -> int | None:
         """Take the store's lock (the fd to hand to the server), or raise :class:`StoreInUse`."""

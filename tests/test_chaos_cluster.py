@@ -33,6 +33,8 @@ def test_cluster_failover_elects_a_new_leader_resumes_dispatch_and_ships_every_j
     assert res.ok, res.to_text()
     f = res.figures
     assert f["nodes"] == 3 and f["replicas"] == 3
+    # The nodes ran compose/nats/n<i>.conf's configuration (placed on loopback), fsync included.
+    assert f["nats_conf_as_compose"] and f["sync_interval"] == "always"
     assert f["kills"] == ["follower of KV_gf_jobs", "leader of KV_gf_jobs"], res.to_text()
     assert all(n > 0 for n in f["jobs_in_flight_at_kill"]), "each kill hit jobs in flight"
     # The follower was not the leader; the leader kill moved the leadership to a survivor.

@@ -7,6 +7,7 @@ import asyncio
 import random
 import time
 
+from gigafactory import natsconf
 from gigafactory.schemas import names
 from gigafactory.schemas.lifecycle import Stage
 from gigafactory.schemas.records import JobRecord, decode
@@ -22,6 +23,10 @@ JOBS_STREAM = f"KV_{names.JOBS_BUCKET}"
 WATCHED_STREAMS = (JOBS_STREAM, names.DISPATCH_STREAM)
 """The streams whose leader the full form may kill, and that a restarted node must rejoin."""
 
+DEPLOYED = natsconf.compose_nodes()[0]
+"""The cluster runs compose/nats/n<i>.conf's configuration (one template: gigafactory/natsconf.py),
+placed on loopback, including its ``sync_interval`` (every write fsynced before it is
+acknowledged), so what this scenario shows holds for the compose deployment."""
 TIMINGS = {"lease_ttl_s": 12.0, "lease_renew_s": 1.0}
 """A lease outlives a leader election (4-8 s after a kill -9 on nats-server 2.15, more on a
 loaded machine): a cluster is deployed so that losing one node costs no lease, and the
@@ -94,7 +99,7 @@ async def cluster_failover(cfg: ScenarioConfig) -> ScenarioResult:
     exp = Expectations()
     notes: list[str] = []
     fids = ["f1", "f2"]
-    async with ClusterLab(cfg.workdir, seed=cfg.seed, timings=TIMINGS) as lab:
+    async with ClusterLab(cfg.workdir, seed=cfg.seed, timings=TIMINGS, sync_interval=DEPLOYED.sync_interval) as lab:
         lab.factory_env = dict(cfg.factory_env)  # before any factory starts
         load_rng, chaos_rng = lab.random("load"), lab.random("chaos")
         for fid in fids:
@@ -196,6 +201,10 @@ async def cluster_failover(cfg: ScenarioConfig) -> ScenarioResult:
         leader_kills = [k for k in kills if k["role"] == "leader"]
         figures = {
             "nodes": len(lab.cluster.nodes),
+            # What the nodes ran: the compose cluster's configuration, placed on loopback.
+            "nats_conf_as_compose": all(natsconf.shape(c) == natsconf.shape(d) and c.sync_interval == d.sync_interval
+                                        for c, d in zip(lab.cluster.node_confs(), natsconf.compose_nodes(), strict=True)),
+            "sync_interval": lab.cluster.nodes[0].sync_interval,
             "replicas": lab.settings.replicas,
             "node_kills": len(kills),
             "kills": [f"{k['role']} of {k['stream']}" for k in kills],

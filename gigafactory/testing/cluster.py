@@ -13,7 +13,9 @@ import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from gigafactory import natsconf
 from gigafactory.embedded import BrokerError, EmbeddedServer, free_ports
+from gigafactory.natsconf import NodeConf
 
 
 def _run_sync(coro):
@@ -36,11 +38,13 @@ class ClusterError(BrokerError):
 class Cluster:
     """A JetStream cluster of ``size`` ``nats-server`` processes on loopback.
 
-    Each node has its own client port, cluster port, store and ``server_name``
-    (``<name>-<i>``), routes to every other node, and the same cluster name. Ports are
-    chosen once, at the first :meth:`start`, so :meth:`restart` brings a node back where its
-    peers and clients expect it. Files live under ``root``: ``n<i>/store`` and
-    ``n<i>/nats-server.log``.
+    Each node has its own client port, cluster port, monitoring port, store and
+    ``server_name`` (``<name>-<i>``), routes to every other node, and the same cluster name.
+    Its configuration is rendered from the template of ``compose/nats/n<i>.conf``
+    (:mod:`gigafactory.natsconf`): the lab runs the deployment's configuration, placed on
+    loopback. Ports are chosen once, at the first :meth:`start`, so :meth:`restart` brings a
+    node back where its peers and clients expect it. Files live under ``root``:
+    ``n<i>/store`` and ``n<i>/nats-server.log``.
 
     Synchronous use (fixtures, scripts)::
 
@@ -90,25 +94,32 @@ class Cluster:
 
     # -- processes -------------------------------------------------------------------------
 
+    def node_confs(self) -> list[NodeConf]:
+        """Every node's configuration, from the template the compose cluster's files are
+        rendered from (:func:`gigafactory.natsconf.cluster_nodes`): the same shape as
+        ``compose/nats/n<i>.conf``, placed on loopback (see :func:`gigafactory.natsconf.shape`)."""
+        return [n.node_conf() for n in self.nodes]
+
     def _build(self) -> None:
-        ports = free_ports(2 * self.size, self.host)
-        client, cluster = ports[: self.size], ports[self.size:]
-        for i in range(self.size):
-            d = Path(self.root) / f"n{i}"
+        # Client, route and monitoring ports of every node, chosen together so none repeats.
+        ports = free_ports(3 * self.size, self.host)
+        client, cluster, http = ports[: self.size], ports[self.size: 2 * self.size], ports[2 * self.size:]
+        dirs = [Path(self.root) / f"n{i}" for i in range(self.size)]
+        confs = natsconf.cluster_nodes(
+            names=[f"{self.name}-{i}" for i in range(self.size)], host=self.host,
+            route_hosts=[self.host] * self.size, client_ports=client, cluster_ports=cluster, http_ports=http,
+            store_dirs=[str(d / "store") for d in dirs], cluster_name=self.name,
+            sync_interval=self.sync_interval, no_advertise=self.no_advertise)
+        for d, c in zip(dirs, confs):
             d.mkdir(parents=True, exist_ok=True)
             self.nodes.append(EmbeddedServer(
-                store_dir=str(d / "store"),
-                port=client[i],
-                host=self.host,
-                sync_interval=self.sync_interval,
-                server_name=f"{self.name}-{i}",
-                cluster_port=cluster[i],
-                cluster_name=self.name,
+                store_dir=c.store_dir, port=c.port, host=c.host, sync_interval=c.sync_interval,
+                server_name=c.server_name, cluster_port=c.cluster_port, cluster_name=c.cluster_name,
+                routes=list(c.routes), http_port=c.http_port, no_advertise=c.no_advertise,
                 log_file=str(d / "nats-server.log"),
-                no_advertise=self.no_advertise,
             ))
-        for n in self.nodes:
-            n.routes = [m.route_url for m in self.nodes if m is not n]
+        # Each server renders exactly what the template said for it.
+        assert self.node_confs() == confs, (self.node_confs(), confs)
 
     def start(self, ready_timeout_s: float = 30.0, *, wait_ready: bool = True) -> "Cluster":
         """Start every node; with ``wait_ready`` (default) also wait until JetStream has a
