@@ -19,6 +19,7 @@ import time
 import msgspec
 import nats.errors
 
+from gigafactory import tracing
 from gigafactory.broker import TRANSIENT, Conflict
 from gigafactory.schemas import names, protocol
 from gigafactory.schemas.records import JobRecord, decode
@@ -92,7 +93,8 @@ class Reporting:
     async def _report(self, run: Run, payload: ResultPayload) -> None:
         """Publish the result under the epoch, or keep it in the outbox until the broker answers."""
         try:
-            await self._publish_result(run, payload)
+            with tracing.span("report", outcome=str(payload.failure or "passed")):
+                await self._publish_result(run, payload)
         except TRANSIENT + (Conflict, nats.errors.Error, OSError) as e:
             run.stop_renewing.set()  # the outbox flusher takes over; the epoch decides on replay
             log.warning("%s: result of %s waits in the outbox (%s)", self.id, run.job, e)

@@ -30,6 +30,7 @@ import nats.js.errors
 from nats.js import api
 from nats.js.kv import KV_DEL, KV_OP, KV_PURGE, KeyValue
 
+from gigafactory import tracing
 from gigafactory.config import Settings, SettingsError
 from gigafactory.schemas import names
 from gigafactory.schemas.records import EventRecord, encode
@@ -815,7 +816,8 @@ class Broker:
 
     async def publish_event(self, ev: EventRecord, *, msg_id: str | None = None) -> None:
         subject = names.events_subject(ev.job, ev.kind) if ev.job else names.fleet_events_subject(ev.kind)
-        headers = {"Nats-Msg-Id": msg_id} if msg_id else None
+        # The current trace (the step that says it) travels with the event, for a reader of GF_EVENTS.
+        headers = tracing.inject({"Nats-Msg-Id": msg_id} if msg_id else None)
         await self.js.publish(subject, encode(ev), headers=headers, timeout=self.settings.request_timeout_s)
 
     # -- object store (gf_artifacts) ------------------------------------------------------------
