@@ -236,6 +236,8 @@ class Execute:
         """Take ``run`` in (its station busy), say ``claimed`` and start the attempt's task."""
         self.runs[(run.job, run.epoch)] = run
         self._set_station(run.station, run.job, run.epoch)
+        log.info("%s: claimed %s (attempt %d, epoch %d, via %s, station %d)", self.id, run.job, run.record.attempt,
+                 run.epoch, via, run.station)
         await self._event("claimed", job=run.job, epoch=run.epoch, stage_from="queued", stage_to="assigned",
                           reason=reason, data={"station": run.station, "attempt": run.record.attempt, "via": via,
                                                "engine": seat})

@@ -308,6 +308,7 @@ async def _run_coordinator(url: str, inbox: str | None, settings: Settings) -> N
 
 
 async def _run_factory(url: str | None, settings: Settings, **kw) -> None:
+    from gigafactory import logcontext
     from gigafactory.factory.agent import Factory
 
     stop = asyncio.Event()
@@ -320,6 +321,7 @@ async def _run_factory(url: str | None, settings: Settings, **kw) -> None:
         return
     try:
         f = Factory(broker, settings=settings, **kw)
+        logcontext.bind(factory=f.id)
         logging.getLogger("gigafactory.factory").info(
             "factory %s up: %d stations, capabilities %s", f.id, len(f.record.stations), " ".join(f.record.capabilities))
         await f.run(stop)
