@@ -384,7 +384,7 @@ async def _publish_submitted(broker: Broker, rec: JobRecord, source: str) -> Non
         reason=rec.reason, data={"file": rec.source.split(":", 1)[-1], "pool": rec.pool,
                                  "requirements": rec.requirements, "priority": str(rec.manifest.priority),
                                  "deps": rec.deps},
-    ), msg_id=f"submitted-{rec.id}-{rec.content_hash[:16]}")
+    ), msg_id=f"submitted-{rec.id}-{rec.content_hash[:16]}", trace=rec.trace)
 
 
 async def _replay_submitted(broker: Broker, rec: JobRecord, source: str) -> None:

@@ -160,8 +160,8 @@ class Factory(Stations, AuditQueue, Pools, Holder, Execute, Reporting, Ship, Che
         self._outbox_kick = asyncio.Event()
         """Set when an item is put in the outbox: the flusher sleeps until then."""
         self._tasks: set[asyncio.Task] = set()
-        self._events: collections.deque[tuple[EventRecord, str]] = collections.deque()
-        """Audit events not stored yet, oldest first, each with its message id."""
+        self._events: collections.deque[tuple[EventRecord, tuple[str, str]]] = collections.deque()
+        """Audit events not stored yet, oldest first, each with its message id and trace context."""
         self._events_waiting = asyncio.Event()
 
 

@@ -123,16 +123,20 @@ def shutdown() -> None:
 # -- context in and out ---------------------------------------------------------------------------
 
 
-def inject(headers: dict[str, str] | None = None) -> dict[str, str] | None:
-    """``headers`` with the current context's ``traceparent`` (and ``tracestate``) added; the
-    headers unchanged (None stays None) when there is no valid current context.
+def inject(headers: dict[str, str] | None = None, context: str | None = None) -> dict[str, str] | None:
+    """``headers`` with a trace context added: ``context`` (a ``traceparent`` taken earlier, as
+    :func:`traceparent` gave it) if it is a valid one, else the current context's
+    ``traceparent`` (and ``tracestate``); the headers unchanged (None stays None) when there is
+    neither.
 
     :param headers: the message's other headers (not modified; a copy is returned).
+    :param context: a ``traceparent`` to send instead of the current context.
     """
-    if not trace.get_current_span().get_span_context().is_valid:
+    given = extract(context) if context else None
+    if given is None and not trace.get_current_span().get_span_context().is_valid:
         return headers
     out = dict(headers or {})
-    _PROPAGATOR.inject(out)
+    _PROPAGATOR.inject(out, context=given)
     return out
 
 

@@ -6,6 +6,7 @@ reclaimed job's trace holds both attempts. Without an OTLP endpoint nothing is s
 
 from __future__ import annotations
 
+import asyncio
 import gzip
 import http.server
 import json
@@ -14,6 +15,7 @@ import sys
 import threading
 from pathlib import Path
 
+import nats
 import pytest
 from helpers import Proc, fast_env, gigafactory_cmd, kill_group, wait_until, write_job
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
@@ -21,7 +23,10 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
     ExportTraceServiceResponse,
 )
 
+from nats.js import api
+
 from gigafactory import tracing
+from gigafactory.schemas import names
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -187,8 +192,26 @@ def test_one_job_is_one_trace_from_submit_through_the_factory(traced):
     # The record carries the intake span's context, for the writes that are not messages.
     status = fleet.cli("status", job)
     assert status["record"]["trace"].startswith(f"00-{submit['trace']}-{intake['id']}-")
-    # The audit events carry the trace of the step that published them.
     assert not [s for s in rx.spans if s["trace"] != submit["trace"] and s["attrs"].get("gigafactory.job") == job]
+    # The audit events carry the trace of the step that published them, in their headers.
+    headers = asyncio.run(event_headers(fleet.url, job))
+    kinds = {kind: h.get("traceparent", "") for kind, h in headers}
+    assert kinds["submitted"].startswith(f"00-{submit['trace']}-{intake['id']}-"), kinds
+    assert kinds["claimed"].startswith(f"00-{submit['trace']}-{claim['id']}-"), kinds
+    assert kinds["finished"].startswith(f"00-{submit['trace']}-{report['id']}-"), kinds
+
+
+async def event_headers(url: str, job: str) -> list[tuple[str, dict]]:
+    """(kind, headers) of every GF_EVENTS message about ``job``, oldest first."""
+    nc = await nats.connect(url)
+    try:
+        psub = await nc.jetstream().pull_subscribe(
+            f"{names.EVENTS_PREFIX}.{job}.>", stream=names.EVENTS_STREAM,
+            config=api.ConsumerConfig(ack_policy=api.AckPolicy.NONE, deliver_policy=api.DeliverPolicy.ALL))
+        msgs = await psub.fetch(100, timeout=5)
+        return [(m.subject.rsplit(".", 1)[1], dict(m.headers or {})) for m in msgs]
+    finally:
+        await nc.close()
 
 
 def test_a_reclaimed_job_shows_both_attempts_in_its_trace(traced):
