@@ -3,8 +3,10 @@ suites bring their own groups (:mod:`gigafactory.chaos.cli`, :mod:`gigafactory.l
 
 Every command that talks to a broker takes ``--nats URL`` (default ``$GIGAFACTORY_NATS_URL``,
 else the embedded broker started by ``gigafactory up``/``server`` on this machine). ``--json``
-means machine-readable output on the client commands and JSON log lines on the services
-(``coordinator``, ``factory``, ``up``). Exit codes mean the same in every command
+means machine-readable output on the client commands; every long-running command takes
+``--log-level`` and ``--log-format text|json`` (one logging set-up:
+:func:`gigafactory.clitools.setup_logging`), and on the services (``coordinator``, ``factory``,
+``up``) ``--json`` is an alias of ``--log-format json``. Exit codes mean the same in every command
 (:mod:`gigafactory.clitools`: 0 ok, 1 failed, 2 usage, 3 timed out, 4 unavailable).
 """
 
