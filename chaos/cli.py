@@ -17,7 +17,7 @@ from pathlib import Path
 
 import click
 
-from gigafactory.clitools import EXIT_FAILED, EXIT_OK, LazyChoice, emit_json
+from gigafactory.clitools import EXIT_FAILED, EXIT_OK, LazyChoice, emit_json, log_options, setup_logging
 
 
 def _scenario_names() -> list[str]:
@@ -65,15 +65,14 @@ def chaos_list(as_json: bool) -> None:
                    "(engines neither die with their factory nor stop when the lease is lost). The side-effect "
                    "invariants must then fail: this shows the checker sees that class of bug.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@log_options("warning")
 def chaos_run(scenario_name: str, seed: int, duration_s: float | None, workdir: str | None, unfenced: bool,
-              as_json: bool) -> None:
+              as_json: bool, log_level: str, log_format: str) -> None:
     """Run one scenario and check the invariants; exit 1 on any violation or failed expectation."""
     from .harness import UNFENCED_ENGINES_ENV, ScenarioConfig
     from .runner import run_scenario
 
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        stream=sys.stderr)
-    logging.getLogger("nats").setLevel(logging.CRITICAL)
+    setup_logging(log_level, log_format, nats_level=logging.CRITICAL)
     temp = workdir is None
     root = Path(workdir or tempfile.mkdtemp(prefix=f"gigafactory-chaos-{scenario_name}-")).resolve()
     cfg = ScenarioConfig(seed=seed, duration_s=duration_s or 0.0, bounded=duration_s is None, workdir=root,

@@ -30,7 +30,7 @@ import orjson
 from nats.micro import add_service
 from nats.micro.request import Request
 
-from gigafactory import __version__
+from gigafactory import __version__, tracing
 from gigafactory.broker import Broker, Conflict
 from gigafactory.schemas import names, protocol
 from gigafactory.schemas.lifecycle import LEASED, IllegalTransition, Stage
@@ -143,7 +143,8 @@ class Api:
                 body = orjson.loads(req.data) if req.data else {}
                 if not isinstance(body, dict):
                     raise ApiError(400, "request body must be a JSON object")
-                resp = await fn(body)
+                with tracing.span(f"api {name}", parent=req.headers, kind="server"):
+                    resp = await fn(body)
                 await req.respond(orjson.dumps(resp))
             except ApiError as e:
                 await req.respond_error(str(e.code), e.message, orjson.dumps({"error": e.message, "errors": e.errors}))
@@ -237,7 +238,8 @@ class Api:
             rec = await self._transition(job, lambda r: protocol.ship(r, time.time(), who))
             return {"job": job_summary(rec)}
         try:
-            done = await shipping.carry_out(self.b, rec, e.revision, a.epoch, ws)
+            with tracing.span("ship", parent=rec.trace, job=job, epoch=a.epoch, ship_as=str(rec.manifest.ship_as)):
+                done = await shipping.carry_out(self.b, rec, e.revision, a.epoch, ws)
         except shipping.ShipStopped as ex:
             raise ApiError(409, str(ex)) from None
         now = time.time()

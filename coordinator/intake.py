@@ -34,8 +34,10 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 
+import msgspec
 import nats.js.errors
 
+from gigafactory import tracing
 from gigafactory.broker import Broker, Conflict
 from gigafactory.schemas import names, profiles
 from gigafactory.schemas.lifecycle import WAITING, Stage
@@ -322,6 +324,8 @@ async def _write(broker: Broker, plan: JobPlan, now: float, source: str, lim: Li
         return
     rec = plan.record
     assert rec is not None
+    with tracing.span("intake", job=plan.job_id, product=rec.manifest.product, pool=rec.pool):
+        rec = msgspec.structs.replace(rec, trace=tracing.traceparent())
     try:
         await broker.jobs.create(plan.job_id, encode(rec))
     except Conflict:
@@ -380,7 +384,7 @@ async def _publish_submitted(broker: Broker, rec: JobRecord, source: str) -> Non
         reason=rec.reason, data={"file": rec.source.split(":", 1)[-1], "pool": rec.pool,
                                  "requirements": rec.requirements, "priority": str(rec.manifest.priority),
                                  "deps": rec.deps},
-    ), msg_id=f"submitted-{rec.id}-{rec.content_hash[:16]}")
+    ), msg_id=f"submitted-{rec.id}-{rec.content_hash[:16]}", trace=rec.trace)
 
 
 async def _replay_submitted(broker: Broker, rec: JobRecord, source: str) -> None:

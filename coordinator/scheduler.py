@@ -19,6 +19,7 @@ import msgspec
 import nats.errors
 import nats.js.errors
 
+from gigafactory import tracing
 from gigafactory.broker import TRANSIENT, Broker, Conflict, KnownPools
 from gigafactory.config import Settings
 from gigafactory.schemas import names, protocol
@@ -458,11 +459,13 @@ class Scheduler:
         self._seq += 1
         msg = DispatchMessage(job=rec.id, epoch=rec.epoch, pool=rec.pool)
         try:
-            await self.b.js.publish(
-                names.dispatch_subject(rec.pool), encode(msg),
-                headers={"Nats-Msg-Id": f"{rec.id}:{rec.epoch}:{self._seq}"},
-                timeout=self.s.request_timeout_s,
-            )
+            with tracing.span("dispatch", parent=rec.trace, kind="producer", job=rec.id, epoch=rec.epoch,
+                              pool=rec.pool):
+                await self.b.js.publish(
+                    names.dispatch_subject(rec.pool), encode(msg),
+                    headers=tracing.inject({"Nats-Msg-Id": f"{rec.id}:{rec.epoch}:{self._seq}"}),
+                    timeout=self.s.request_timeout_s,
+                )
             if rec.pool in self.publish_failing:
                 self.publish_failing.discard(rec.pool)
                 log.info("dispatch to pool %s publishes again", rec.pool)
@@ -617,8 +620,11 @@ class Scheduler:
                 w = decide.reap(st.record, st.ts, broker_now, self.s.lease_ttl_s)
                 if w is None:
                     continue
-                if await self._write(st.record, st.revision, w.out, **w.data):
-                    n += 1
+                with tracing.span("reclaim", parent=st.record.trace, job=jid, epoch=w.out.record.epoch,
+                                  factory=st.record.lease.factory if st.record.lease else None,
+                                  stage_to=str(w.out.record.stage)):
+                    if await self._write(st.record, st.revision, w.out, **w.data):
+                        n += 1
             except TRANSIENT:
                 raise  # the broker is not answering: every other write would wait out its timeout too
             except Exception as e:

@@ -42,7 +42,7 @@ import socket
 import time
 from pathlib import Path
 
-from gigafactory import __version__
+from gigafactory import __version__, logcontext
 from gigafactory.broker import Broker
 from gigafactory.config import Settings, factories_dir
 from gigafactory.schemas import capabilities as caps
@@ -160,8 +160,8 @@ class Factory(Stations, AuditQueue, Pools, Holder, Execute, Reporting, Ship, Che
         self._outbox_kick = asyncio.Event()
         """Set when an item is put in the outbox: the flusher sleeps until then."""
         self._tasks: set[asyncio.Task] = set()
-        self._events: collections.deque[tuple[EventRecord, str]] = collections.deque()
-        """Audit events not stored yet, oldest first, each with its message id."""
+        self._events: collections.deque[tuple[EventRecord, tuple[str, str]]] = collections.deque()
+        """Audit events not stored yet, oldest first, each with its message id and trace context."""
         self._events_waiting = asyncio.Event()
 
 
@@ -190,6 +190,7 @@ class Factory(Stations, AuditQueue, Pools, Holder, Execute, Reporting, Ship, Che
         """Run until ``stop`` is set, then drain: stop claiming, let in-flight work finish
         (up to ``drain_timeout_s``), hand back what is left, deregister."""
         self._stop = stop
+        logcontext.bind(factory=self.id)  # this task's and its tasks' log lines name this factory
         await self._ws_clean_at_start()  # before any claim: nothing of ours uses them yet
         await self._heartbeat()
         for st in self.record.stations:

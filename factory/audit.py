@@ -12,6 +12,7 @@ import random
 import secrets
 import time
 
+from gigafactory import tracing
 from gigafactory.schemas.records import EventRecord
 
 log = logging.getLogger("gigafactory.factory")
@@ -46,7 +47,8 @@ class AuditQueue:
             self.stats["events_dropped"] += 1
             log.warning("%s: audit queue full (%d); event %s for %s dropped", self.id, EVENT_QUEUE_MAX,
                         lost.kind, lost.job)
-        self._events.append((ev, f"{self.id}-{secrets.token_hex(8)}"))
+        # The trace of the step that says it, taken now: the events task publishes it later.
+        self._events.append((ev, (f"{self.id}-{secrets.token_hex(8)}", tracing.traceparent())))
         self._events_waiting.set()
 
     async def _publish_events(self, deadline: float | None = None) -> bool:
@@ -55,9 +57,9 @@ class AuditQueue:
         later event is sent."""
         delay, failures = EVENT_RETRY_MIN_S, 0
         while self._events:
-            ev, msg_id = self._events[0]
+            ev, (msg_id, trace) = self._events[0]
             try:
-                await self.b.publish_event(ev, msg_id=msg_id)
+                await self.b.publish_event(ev, msg_id=msg_id, trace=trace)
             except Exception as e:
                 failures += 1
                 if failures == 1 or failures % 20 == 0:

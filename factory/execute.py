@@ -24,6 +24,7 @@ from pathlib import Path
 
 import msgspec
 
+from gigafactory import tracing
 from gigafactory.broker import Conflict
 from gigafactory.schemas import names, protocol
 from gigafactory.schemas.lifecycle import Stage
@@ -154,7 +155,8 @@ class OutputReader:
 class Execute:
     """Mixin of :class:`~gigafactory.factory.agent.Factory`: one job's lifecycle."""
 
-    async def _claim_and_run(self, job_id: str, station: int, engine: str | None, *, via: str = "push") -> "Claim":
+    async def _claim_and_run(self, job_id: str, station: int, engine: str | None, *, via: str = "push",
+                             trace: dict | None = None) -> "Claim":
         """Claim ``job_id`` on ``station``; on success the run continues in the background.
 
         The engine is decided before the claim: ``engine`` is the one the job's pool names (its
@@ -170,7 +172,10 @@ class Execute:
         :param engine: the engine whose seat was reserved with the station, or None.
         :param via: how the job was found ("push": a dispatch message, "poll": the queue
             index), for the ``claimed`` event.
+        :param trace: the dispatch message's headers: its trace context is the claim span's
+            parent (else the record's, :mod:`gigafactory.tracing`).
         """
+        t0_ns = time.time_ns()  # the claim span covers the read and the compare-and-set
         seat = engine  # the seat held with the station: released with it on every way out
         try:
             e = await self.b.jobs.get(job_id)
@@ -220,14 +225,23 @@ class Execute:
             log.info("%s: claim of %s failed (%s)", self.id, job_id, ex)
             await self._release_station(station, seat)
             return Claim(False)
-        run = Run(job_id, out.record.epoch, station, rev, out.record)
-        self.runs[(job_id, run.epoch)] = run
-        self._set_station(station, job_id, run.epoch)
-        await self._event("claimed", job=job_id, epoch=run.epoch, stage_from="queued", stage_to="assigned",
-                          reason=out.reason, data={"station": station, "attempt": out.record.attempt, "via": via,
-                                                   "engine": seat})
-        self._spawn(self._execute(run, seat), f"job-{job_id}")
+        # Only a won claim is a span (a skipped offer is not a step of the job); the attempt's
+        # task starts inside it, so everything the attempt does is below it in the job's trace.
+        with tracing.span("claim", parent=tracing.extract(trace) or rec.trace, start_ns=t0_ns, job=job_id,
+                          epoch=out.record.epoch, factory=self.id, via=via, attempt=out.record.attempt, engine=seat):
+            await self._start_run(Run(job_id, out.record.epoch, station, rev, out.record), out.reason, via, seat)
         return Claim(True)
+
+    async def _start_run(self, run: Run, reason: str, via: str, seat: str | None) -> None:
+        """Take ``run`` in (its station busy), say ``claimed`` and start the attempt's task."""
+        self.runs[(run.job, run.epoch)] = run
+        self._set_station(run.station, run.job, run.epoch)
+        log.info("%s: claimed %s (attempt %d, epoch %d, via %s, station %d)", self.id, run.job, run.record.attempt,
+                 run.epoch, via, run.station)
+        await self._event("claimed", job=run.job, epoch=run.epoch, stage_from="queued", stage_to="assigned",
+                          reason=reason, data={"station": run.station, "attempt": run.record.attempt, "via": via,
+                                               "engine": seat})
+        self._spawn(self._execute(run, seat), f"job-{run.job}")
 
     async def _deferred_event(self, rec: JobRecord, why: str, wait_s: float) -> None:
         """Say once per job epoch (not at every redelivery) that this factory holds back its
@@ -247,6 +261,11 @@ class Execute:
 
 
     async def _execute(self, run: Run, engine: str | None) -> None:
+        with tracing.span("attempt", job=run.job, epoch=run.epoch, factory=self.id, attempt=run.record.attempt,
+                          station=run.station):
+            await self._execute_attempt(run, engine)
+
+    async def _execute_attempt(self, run: Run, engine: str | None) -> None:
         renewer: asyncio.Task | None = None
         try:
             m = run.record.manifest
@@ -336,7 +355,8 @@ class Execute:
         wip = await self._checkpoints_start(run, a.co, a.name, run.record.manifest.model, reader.parsers) \
             if a.co is not None else None
         try:
-            out = await eng.run(job, prepared)
+            with tracing.span("engine", engine=a.name):
+                out = await eng.run(job, prepared)
         finally:
             if wip is not None:
                 await self._checkpoints_stop(run, a.co, wip)
@@ -449,20 +469,23 @@ class Execute:
         if out.failure is None and eng.verifies:
             # The gate's outcome knows nothing of the engine's usage: keep what the engine reported.
             # It runs in the worktree (prepared.cwd is the job's cwd inside it), after the commit.
-            out = dataclasses.replace(await verify_gate(job, prepared, out, t0), usage=out.usage)
+            with tracing.span("verify"):
+                out = dataclasses.replace(await verify_gate(job, prepared, out, t0), usage=out.usage)
         if a.co is None or a.ws is None or out.failure is not None or out.self_fenced or run.fenced \
                 or run.draining:
             return out
         # Only a passed attempt ships, and only while this holder's epoch is the job's.
-        a.ws, refused = await self._ws_push(run, a.co, a.ws)
+        with tracing.span("push", branch=a.ws.branch):
+            a.ws, refused = await self._ws_push(run, a.co, a.ws)
         if refused is not None and not run.fenced:
             return dataclasses.replace(out, failure=FailureClass.CRASH, detail=refused)
         if refused is None and m.review_policy == "auto" and m.ship_as != "branch" and not run.fenced:
             # The factory ships beyond the branch only what no human gates; for manual and
             # reviewers the coordinator does it when a human ships (coordinator/api.py).
             verified = m.verify is not None and out.verify_exit_code == 0
-            a.ws, conflict = await self._ws_ship(run, a.co, a.ws, self._pr_facts(run, out, a.ws, a.name, a.log_path),
-                                                 verified)
+            with tracing.span("ship", ship_as=str(m.ship_as)):
+                a.ws, conflict = await self._ws_ship(run, a.co, a.ws,
+                                                     self._pr_facts(run, out, a.ws, a.name, a.log_path), verified)
             if conflict is not None and not run.fenced:
                 return dataclasses.replace(out, failure=FailureClass.MERGE_CONFLICT, detail=conflict)
         return out

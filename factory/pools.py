@@ -450,7 +450,7 @@ class Pools:
             return
         claim = None
         try:
-            claim = await self._claim_and_run(d.job, station, ps.engine, via="push")
+            claim = await self._claim_and_run(d.job, station, ps.engine, via="push", trace=msg.headers)
         finally:
             try:
                 if claim is not None and claim.offer_again_in_s is not None:

@@ -19,6 +19,7 @@ import time
 import msgspec
 import nats.errors
 
+from gigafactory import tracing
 from gigafactory.broker import TRANSIENT, Conflict
 from gigafactory.schemas import names, protocol
 from gigafactory.schemas.records import JobRecord, decode
@@ -92,7 +93,8 @@ class Reporting:
     async def _report(self, run: Run, payload: ResultPayload) -> None:
         """Publish the result under the epoch, or keep it in the outbox until the broker answers."""
         try:
-            await self._publish_result(run, payload)
+            with tracing.span("report", outcome=str(payload.failure or "passed")):
+                await self._publish_result(run, payload)
         except TRANSIENT + (Conflict, nats.errors.Error, OSError) as e:
             run.stop_renewing.set()  # the outbox flusher takes over; the epoch decides on replay
             log.warning("%s: result of %s waits in the outbox (%s)", self.id, run.job, e)
@@ -119,6 +121,8 @@ class Reporting:
                 self._quarantine_local(run, payload, "result refused: stale epoch")
             return
         self.stats["finished"] += 1
+        log.info("%s: %s attempt %d %s: now %s", self.id, run.job, run.record.attempt,
+                 str(payload.failure or "passed"), rec.stage)
         await self._event("finished", job=run.job, epoch=run.epoch, stage_from="building", stage_to=str(rec.stage),
                           reason=rec.reason, data={"outcome": str(payload.failure or "passed"),
                                                    "exit_code": payload.exit_code, "log": payload.log_object,
@@ -199,7 +203,9 @@ class Reporting:
             return
         assert rec is not None and e is not None
         run = Run(item.job, item.epoch, rec.lease.station if rec.lease else 0, e.revision, rec)
-        await self._publish_result(run, payload, item)
+        with tracing.span("report", parent=rec.trace, job=item.job, epoch=item.epoch, factory=self.id, via="outbox",
+                          outcome=str(payload.failure or "passed")):
+            await self._publish_result(run, payload, item)
         if not run.fenced:
             self.outbox.mark_done(item.id)
 

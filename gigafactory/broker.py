@@ -30,6 +30,7 @@ import nats.js.errors
 from nats.js import api
 from nats.js.kv import KV_DEL, KV_OP, KV_PURGE, KeyValue
 
+from gigafactory import tracing
 from gigafactory.config import Settings, SettingsError
 from gigafactory.schemas import names
 from gigafactory.schemas.records import EventRecord, encode
@@ -813,9 +814,12 @@ class Broker:
                 out[server] = (now - (t0 + t1) / 2, t1 - t0)
         return out
 
-    async def publish_event(self, ev: EventRecord, *, msg_id: str | None = None) -> None:
+    async def publish_event(self, ev: EventRecord, *, msg_id: str | None = None, trace: str | None = None) -> None:
+        """Store ``ev`` in ``GF_EVENTS`` (once per ``msg_id`` within the stream's duplicate window),
+        its headers carrying ``trace`` (a ``traceparent``) or else the current trace context."""
         subject = names.events_subject(ev.job, ev.kind) if ev.job else names.fleet_events_subject(ev.kind)
-        headers = {"Nats-Msg-Id": msg_id} if msg_id else None
+        # The current trace (the step that says it) travels with the event, for a reader of GF_EVENTS.
+        headers = tracing.inject({"Nats-Msg-Id": msg_id} if msg_id else None, trace)
         await self.js.publish(subject, encode(ev), headers=headers, timeout=self.settings.request_timeout_s)
 
     # -- object store (gf_artifacts) ------------------------------------------------------------

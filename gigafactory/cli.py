@@ -3,8 +3,10 @@ suites bring their own groups (:mod:`gigafactory.chaos.cli`, :mod:`gigafactory.l
 
 Every command that talks to a broker takes ``--nats URL`` (default ``$GIGAFACTORY_NATS_URL``,
 else the embedded broker started by ``gigafactory up``/``server`` on this machine). ``--json``
-means machine-readable output on the client commands and JSON log lines on the services
-(``coordinator``, ``factory``, ``up``). Exit codes mean the same in every command
+means machine-readable output on the client commands; every long-running command takes
+``--log-level`` and ``--log-format text|json`` (one logging set-up:
+:func:`gigafactory.clitools.setup_logging`), and on the services (``coordinator``, ``factory``,
+``up``) ``--json`` is an alias of ``--log-format json``. Exit codes mean the same in every command
 (:mod:`gigafactory.clitools`: 0 ok, 1 failed, 2 usage, 3 timed out, 4 unavailable).
 """
 
@@ -31,7 +33,7 @@ from gigafactory.clitools import (
     EXIT_TIMEOUT,
     EXIT_UNAVAILABLE,
     EXIT_USAGE,
-    LOG_LEVELS,
+    log_options,
     setup_logging,
 )
 from gigafactory.clitools import emit_json as _emit_json
@@ -68,19 +70,26 @@ def common(fn):
 
 
 def service(fn):
-    """--nats, --json (log lines as JSON) and --log-level on a long-running service command."""
+    """--nats, --log-level and --log-format (with --json as an alias of --log-format json) on a
+    long-running service command."""
 
     @_nats_option
-    @click.option("--json", "as_json", is_flag=True,
-                  help="Log one JSON object per line on stderr (at, level, logger, message, exception) "
-                       "instead of text, for a log shipper.")
-    @click.option("--log-level", type=click.Choice(LOG_LEVELS, case_sensitive=False), default="info",
-                  show_default=True)
+    @log_options(json_alias=True)
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         return fn(*args, **kwargs)
 
     return wrapper
+
+
+def _setup_service(service_name: str, log_level: str, log_format: str) -> None:
+    """The logging and tracing of a long-running command (:func:`setup_logging`,
+    :func:`gigafactory.tracing.setup`: spans are exported only when OTEL_EXPORTER_OTLP_ENDPOINT is set)."""
+    from gigafactory import tracing
+
+    setup_logging(log_level, log_format)
+    if tracing.setup(service_name):
+        logging.getLogger("gigafactory").info("exporting traces over OTLP as %s", service_name)
 
 
 def _need_url(nats_url: str | None, as_json: bool) -> str:
@@ -212,12 +221,13 @@ def main() -> None:
                    "default) is faster but RISKS that: an OS crash or power loss can drop the "
                    "acknowledged writes of the last interval and roll revisions back, so a job can "
                    "vanish or an epoch be handed out twice.")
-def server(port: int, store: str | None, sync_interval: str | None) -> None:
+@log_options()
+def server(port: int, store: str | None, sync_interval: str | None, log_level: str, log_format: str) -> None:
     """Run the embedded nats-server (JetStream on) in the foreground.
 
     The broker dies with this command, however it ends (SIGKILL included); a store already
     served by a live broker is refused, one left by a dead starter is stopped first."""
-    setup_logging("info")
+    setup_logging(log_level, log_format)
     store_dir = Path(store) if store else home() / "nats"
 
     def stopped(*_):
@@ -300,6 +310,7 @@ async def _run_coordinator(url: str, inbox: str | None, settings: Settings) -> N
 
 
 async def _run_factory(url: str | None, settings: Settings, **kw) -> None:
+    from gigafactory import logcontext
     from gigafactory.factory.agent import Factory
 
     stop = asyncio.Event()
@@ -312,6 +323,7 @@ async def _run_factory(url: str | None, settings: Settings, **kw) -> None:
         return
     try:
         f = Factory(broker, settings=settings, **kw)
+        logcontext.bind(factory=f.id)
         logging.getLogger("gigafactory.factory").info(
             "factory %s up: %d stations, capabilities %s", f.id, len(f.record.stations), " ".join(f.record.capabilities))
         await f.run(stop)
@@ -332,13 +344,15 @@ _connect_timeout_option = click.option(
               help="Loopback port (0: any free port; the URL is printed).")
 @click.option("--log", "log_path", type=click.Path(dir_okay=False), default=None,
               help="Append every request and response to this JSONL file.")
-def model_server(script_path: str, port: int, log_path: str | None) -> None:
+@log_options()
+def model_server(script_path: str, port: int, log_path: str | None, log_level: str, log_format: str) -> None:
     """Serve a scripted model on 127.0.0.1: agent CLIs run against it with no keys and no spend.
 
     Speaks Anthropic Messages, OpenAI Responses and Chat Completions, and Gemini
     generateContent (streaming and not); point a CLI at it with its own base-URL setting."""
     from gigafactory.model_server import ScriptError, load_script, serve_forever
 
+    setup_logging(log_level, log_format)
     try:
         load_script(script_path)  # fail before binding a port, with the file and field named
     except ScriptError as exc:
@@ -359,10 +373,10 @@ def model_server(script_path: str, port: int, log_path: str | None) -> None:
 @service
 @click.option("--inbox", type=click.Path(file_okay=False), default=None, help="Watch this folder for job files.")
 @_connect_timeout_option
-def coordinator(nats_url, as_json, log_level, inbox, connect_timeout_s) -> None:
+def coordinator(nats_url, log_level, log_format, inbox, connect_timeout_s) -> None:
     """Run a coordinator: intake, dispatch, reaper and the gf.api service. Waits for its broker
     as long as it takes (or --connect-timeout-s), as a service started before it must."""
-    setup_logging(log_level, as_json)
+    _setup_service("gigafactory-coordinator", log_level, log_format)
     settings = Settings.from_env(connect_timeout_s=connect_timeout_s)
     with _url_or_embedded(nats_url, settings) as url:
         asyncio.run(_run_coordinator(url, inbox, settings))
@@ -388,12 +402,12 @@ def _parse_seats(seats: tuple[str, ...]) -> dict[str, int]:
 @click.option("--workspace", type=click.Path(file_okay=False), default=None, help="Where relative job cwds live.")
 @click.option("--data-dir", type=click.Path(file_okay=False), default=None, help="Outbox, quarantine and logs.")
 @_connect_timeout_option
-def factory(nats_url, as_json, log_level, factory_id, stations, seats, caps, no_probe, workspace, data_dir,
+def factory(nats_url, log_level, log_format, factory_id, stations, seats, caps, no_probe, workspace, data_dir,
             connect_timeout_s) -> None:
     """Run a factory on this machine: probe, register, claim and run jobs. Waits for its broker
     (or, with none configured, for 'gigafactory server'/'up' on this machine) as long as it
     takes, or --connect-timeout-s."""
-    setup_logging(log_level, as_json)
+    _setup_service("gigafactory-factory", log_level, log_format)
     url = resolve_url(nats_url)
     from gigafactory.schemas.capabilities import CapabilityError, parse_offer
 
@@ -414,9 +428,9 @@ def factory(nats_url, as_json, log_level, factory_id, stations, seats, caps, no_
 @click.option("--stations", type=click.IntRange(1, 256), default=2, show_default=True)
 @click.option("--cap", "caps", multiple=True, metavar="TOKEN", help="Extra capability token for the local factory.")
 @_connect_timeout_option
-def up(nats_url, as_json, log_level, inbox, stations, caps, connect_timeout_s) -> None:
+def up(nats_url, log_level, log_format, inbox, stations, caps, connect_timeout_s) -> None:
     """Broker (embedded unless --nats), a coordinator and a local factory, until Ctrl-C."""
-    setup_logging(log_level, as_json)
+    _setup_service("gigafactory-up", log_level, log_format)
     # Validated before anything starts: a factory refuses a fencing margin that cannot fence.
     settings = Settings.from_env(connect_timeout_s=connect_timeout_s).validate()
 
@@ -452,9 +466,11 @@ def up(nats_url, as_json, log_level, inbox, stations, caps, connect_timeout_s) -
 
 def _client_call(nats_url, as_json, fn):
     """Connect, run ``fn(client)``, print API errors clearly, close."""
+    from gigafactory import tracing
     from gigafactory.client import ApiError, Client
 
     url = _need_url(nats_url, as_json)
+    tracing.setup("gigafactory-cli")  # a submit starts the job's trace (exported if OTEL_* asks)
 
     async def run():
         try:

@@ -8,6 +8,7 @@ from pathlib import Path
 import nats.errors
 import orjson
 
+from gigafactory import tracing
 from gigafactory.schemas import names
 from gigafactory.schemas.api import ApiError, job_summary
 from gigafactory.schemas.records import JobRecord, decode
@@ -59,7 +60,7 @@ class Client:
     async def call(self, endpoint: str, body: dict | None = None, timeout_s: float | None = None) -> dict:
         try:
             msg = await self.nc.request(f"{names.API_PREFIX}.{endpoint}", orjson.dumps(body or {}),
-                                        timeout=timeout_s or self.timeout_s)
+                                        timeout=timeout_s or self.timeout_s, headers=tracing.inject())
         except nats.errors.MaxPayloadError:
             raise ApiError(400, f"the {endpoint} request is larger than the broker's max payload "
                                   f"({self.nc.max_payload:,} bytes); send less at once") from None
@@ -120,7 +121,8 @@ class Client:
                    f"payload ({self.nc.max_payload:,} bytes); submit them in smaller batches (a file that depends "
                    "on another's idempotency-key can go in a later batch)")
             raise ApiError(400, msg, [{"file": "<batch>", "line": None, "field": None, "message": msg}])
-        return (await self.call("submit", body, timeout_s=max(self.timeout_s, 30)))["jobs"]
+        with tracing.span("submit", kind="client", files=len(files), source=source):
+            return (await self.call("submit", body, timeout_s=max(self.timeout_s, 30)))["jobs"]
 
     async def wait(self, job_ids: list[str], *, timeout_s: float, on_progress=None, until=RESTING) -> dict[str, dict]:
         """Follow the jobs' records until every one is in ``until``, or ``timeout_s`` passed.

@@ -7,6 +7,8 @@ The main group (:mod:`gigafactory.cli`) and the suites' groups (:mod:`gigafactor
 
 from __future__ import annotations
 
+import datetime
+import functools
 import logging
 import sys
 from collections.abc import Callable, Iterable
@@ -69,31 +71,83 @@ def fail(message: str, code: int = EXIT_FAILED, *, as_json: bool = False, errors
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
 """The ``--log-level`` choices of the long-running commands."""
+LOG_FORMATS = ("text", "json")
+"""The ``--log-format`` choices of the long-running commands."""
+TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
 class JsonLogFormatter(logging.Formatter):
-    """One JSON object per line: ``at`` (Unix seconds), ``level``, ``logger``, ``message``, and
-    ``exception`` (the formatted traceback) when there is one: what a log shipper reads."""
+    """One JSON object per line, what a log shipper reads: ``time`` (UTC, ISO 8601 with
+    microseconds), ``at`` (the same instant in Unix seconds), ``level``, ``logger``, ``message``,
+    ``job``, ``factory``, ``epoch`` and ``trace_id`` (null when the line is about no job or no
+    trace: see :mod:`gigafactory.logcontext`), and ``exception`` (the formatted traceback) when
+    there is one."""
 
     def format(self, record: logging.LogRecord) -> str:
-        out = {"at": round(record.created, 6), "level": record.levelname.lower(), "logger": record.name,
-               "message": record.getMessage()}
+        at = datetime.datetime.fromtimestamp(record.created, datetime.timezone.utc)
+        out = {"time": at.isoformat(timespec="microseconds").replace("+00:00", "Z"),
+               "at": round(record.created, 6), "level": record.levelname.lower(), "logger": record.name,
+               "message": record.getMessage(), "job": getattr(record, "job", None),
+               "factory": getattr(record, "factory", None), "epoch": getattr(record, "epoch", None),
+               "trace_id": getattr(record, "trace_id", None)}
         if record.exc_info:
             out["exception"] = self.formatException(record.exc_info)
-        return orjson.dumps(out).decode()
+        return orjson.dumps(out, default=str).decode()
 
 
-def setup_logging(level: str, as_json: bool = False) -> None:
-    """Log to stderr at ``level``, as text lines or (``as_json``) JSON lines.
+def setup_logging(level: str = "info", log_format: str = "text", *, nats_level: int = logging.WARNING) -> None:
+    """The one logging set-up of every command: log to stderr at ``level``, as text lines or
+    JSON lines (:class:`JsonLogFormatter`), each record carrying the job, factory, epoch and
+    trace it is about (:class:`gigafactory.logcontext.ContextFilter`). Replaces any handler set
+    up before (a command calls it once, first).
 
-    :param level: one of :data:`LOG_LEVELS`.
-    :param as_json: one JSON object per line (:class:`JsonLogFormatter`).
+    :param level: one of :data:`LOG_LEVELS` (any case).
+    :param log_format: one of :data:`LOG_FORMATS`.
+    :param nats_level: the level of nats-py's own logger (its reconnect chatter).
     """
+    from gigafactory.logcontext import ContextFilter
+
+    if log_format not in LOG_FORMATS:
+        raise ValueError(f"log format {log_format!r}: expected one of {', '.join(LOG_FORMATS)}")
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(JsonLogFormatter() if as_json else
-                         logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO), handlers=[handler], force=True)
-    logging.getLogger("nats").setLevel(logging.WARNING)
+    handler.setFormatter(JsonLogFormatter() if log_format == "json" else logging.Formatter(TEXT_FORMAT))
+    handler.addFilter(ContextFilter())
+    root = logging.getLogger()
+    for h in list(root.handlers):
+        root.removeHandler(h)
+    root.addHandler(handler)
+    root.setLevel(getattr(logging, level.upper(), logging.INFO))
+    logging.getLogger("nats").setLevel(nats_level)
+
+
+def log_options(default_level: str = "info", *, json_alias: bool = False):
+    """``--log-level`` and ``--log-format`` (and, with ``json_alias``, ``--json`` meaning
+    ``--log-format json``, as the services had it) on a long-running command; the command gets
+    ``log_level`` and ``log_format`` (``--json`` folded into it).
+
+    :param default_level: the ``--log-level`` default.
+    :param json_alias: also offer ``--json`` (a command whose ``--json`` means something else
+        must not).
+    """
+
+    def decorate(fn):
+        @click.option("--log-level", type=click.Choice(LOG_LEVELS, case_sensitive=False), default=default_level,
+                      show_default=True, help="Log lines at this level and above, on stderr.")
+        @click.option("--log-format", type=click.Choice(LOG_FORMATS), default="text", show_default=True,
+                      help="text: one readable line per record; json: one JSON object per line (time, at, level, "
+                           "logger, message, job, factory, epoch, trace_id, exception), for a log shipper.")
+        @functools.wraps(fn)
+        def wrapper(*args, **kwargs):
+            if kwargs.pop("json_logs", False):
+                kwargs["log_format"] = "json"
+            return fn(*args, **kwargs)
+
+        if json_alias:
+            wrapper = click.option("--json", "json_logs", is_flag=True,
+                                   help="Same as --log-format json.")(wrapper)
+        return wrapper
+
+    return decorate
 
 
 # -- choices known once a suite is imported --------------------------------------------------------

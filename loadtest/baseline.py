@@ -36,6 +36,7 @@ import nats.js.errors
 import orjson
 from nats.js import api
 
+from gigafactory.clitools import log_options, setup_logging
 from gigafactory.loadtest.fleet import cpu_seconds, rss_bytes, write_json_atomic
 
 log = logging.getLogger("gigafactory.loadtest.baseline")
@@ -175,9 +176,10 @@ async def amain(a: SimpleNamespace) -> int:
 @click.option("--long-poll-s", type=click.FloatRange(min=0, min_open=True), default=5.0, show_default=True,
               help="How long one pull waits for work.")
 @click.option("--stats-file", default=None, help="Write the figures here as JSON.")
+@log_options("warning")
 def command(**kw) -> None:
     """The baseline: a minimal compare-and-set work queue on the same broker."""
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_logging(kw.pop("log_level"), kw.pop("log_format"))
     click.get_current_context().exit(asyncio.run(amain(SimpleNamespace(**kw))))
 
 

@@ -20,7 +20,7 @@ from pathlib import Path
 import click
 import orjson
 
-from gigafactory.clitools import EXIT_FAILED, EXIT_OK, EXIT_USAGE, LazyChoice, emit_json, fail
+from gigafactory.clitools import EXIT_FAILED, EXIT_OK, EXIT_USAGE, LazyChoice, emit_json, fail, log_options, setup_logging
 
 
 def _workload_names() -> list[str]:
@@ -72,8 +72,9 @@ def loadtest_workloads(as_json: bool) -> None:
               help="Write the JSON result here (default: $GIGAFACTORY_HOME/loadtest-results/<time>.json).")
 @click.option("--markdown", is_flag=True, help="Print the tables as markdown (the tables of docs/load-results.md).")
 @click.option("--json", "as_json", is_flag=True, help="Print the JSON result instead of the table.")
+@log_options("warning")
 def loadtest_run(factories, jobs, stations, workload_names, idle_s, restart_jobs, pace_fraction, busy_job_s,
-                 fleet_hosts, batch, workdir, out_file, markdown, as_json) -> None:
+                 fleet_hosts, batch, workdir, out_file, markdown, as_json, log_level, log_format) -> None:
     """Run the load suite: its own broker, coordinator, fleet and baseline; prints the figures
     with the issue's targets (reported, never asserted) and writes the JSON result. Exits 1 only
     if the harness itself failed (a job did not complete, a process did not start)."""
@@ -84,9 +85,7 @@ def loadtest_run(factories, jobs, stations, workload_names, idle_s, restart_jobs
     from .workloads import WORKLOADS
 
     names_ = list(WORKLOADS) if "all" in workload_names else list(dict.fromkeys(workload_names))
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        stream=sys.stderr)
-    logging.getLogger("nats").setLevel(logging.CRITICAL)
+    setup_logging(log_level, log_format, nats_level=logging.CRITICAL)
     temp = workdir is None
     root = Path(workdir or tempfile.mkdtemp(prefix="gigafactory-loadtest-")).resolve()
     cfg = LoadConfig(factories=factories, stations=stations, jobs=jobs, workloads=tuple(names_), idle_s=idle_s,

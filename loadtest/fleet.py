@@ -40,7 +40,7 @@ import orjson
 
 from gigafactory import osproc
 from gigafactory.broker import Broker
-from gigafactory.clitools import LOG_LEVELS
+from gigafactory.clitools import log_options, setup_logging
 from gigafactory.config import Settings
 from gigafactory.factory.agent import Factory
 
@@ -256,13 +256,11 @@ async def amain(a: SimpleNamespace) -> int:
               help="How often the figures are written (0: only when ready, on SIGUSR1 and at the end).")
 @click.option("--concurrency", type=click.IntRange(min=1), default=32, show_default=True,
               help="Factories connecting at once at start.")
-@click.option("--log-level", type=click.Choice(LOG_LEVELS, case_sensitive=False), default="warning",
-              show_default=True)
+@log_options("warning")
 def command(**kw) -> None:
     """A fleet host: N real factories in one process, on one broker connection each."""
     a = SimpleNamespace(**{**kw, "cap": list(kw["cap"])})
-    logging.basicConfig(level=getattr(logging, a.log_level.upper(), logging.WARNING),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_logging(a.log_level, a.log_format)
     click.get_current_context().exit(asyncio.run(amain(a)))
 
 

@@ -256,6 +256,11 @@ class JobRecord(msgspec.Struct, omit_defaults=False):
     after :data:`~gigafactory.schemas.protocol.MAX_REBASES` the job fails ``merge_conflict``."""
     checkpoint: Checkpoint | None = None
     """The last WIP checkpoint of a ``repo`` job (None: none taken); a later attempt resumes from it."""
+    trace: str = ""
+    """The job's trace context, a W3C ``traceparent`` (``00-<trace id>-<span id>-<flags>``) of its
+    ``intake`` span, written at submit ("" when the coordinator that took it did not trace and
+    its submitter sent none). Claims, results and reclaims are writes on this record, not
+    messages, so every later span of the job takes its parent from here (gigafactory/tracing.py)."""
 
     @property
     def priority_rank(self) -> int:
