@@ -315,3 +315,56 @@ def test_hold_reasons_fold_into_their_bounded_classes():
     assert metrics.hold_class("no live factory is connected") == "capability"
     assert metrics.hold_class("something new") == "other"
     assert set(metrics.HOLD_REASONS) >= {"capability", "lock", "deps", "backoff", "budget", "other"}
+
+
+def test_a_fleet_hosts_factories_share_one_registry_labelled_by_factory(nats_server, tmp_path):
+    (tmp_path / "work").mkdir()
+    env = fast_env()
+    coord = Proc([*gigafactory_cmd(), "coordinator", "--nats", nats_server.url], tmp_path / "coordinator.log", env=env)
+    host = Proc([sys.executable, "-m", "gigafactory.loadtest.fleet", "--nats", nats_server.url, "--count", "3",
+                 "--prefix", "mh-", "--data-dir", str(tmp_path / "data"), "--workspace", str(tmp_path / "work"),
+                 "--metrics-port", "0"], tmp_path / "fleet.log", env=env)
+    ids = ["mh-0000", "mh-0001", "mh-0002"]
+    try:
+        async def main():
+            m = await eventually(lambda: re.search(r"metrics on (http://\S+)/metrics", host.output()), 30,
+                                 what="the fleet host prints its metrics address")
+            base = m.group(1)
+            await eventually(lambda: "fleet ready: 3 factories" in host.output(), 60, what="the fleet ready")
+            status, body = await _aget(base + "/readyz")
+            assert status == 200, body
+            assert sorted(p.split()[1] for p in json.loads(body)["parts"]) == ids
+            client = await Client.connect(nats_server.url)
+            try:
+                async def api_answers():
+                    try:
+                        await client.call("factories", {})
+                        return True
+                    except Exception:
+                        return False
+
+                await eventually(api_answers, 30, what="the coordinator answers")
+                resp = await client.call("submit", {"files": [{"path": "p.md", "text": job_text(
+                    "echo ok", cwd=str(tmp_path / "work"), review_policy="auto", capabilities=["factory:mh-0001"])}]})
+                job = resp["jobs"][0]["job"]
+
+                async def claimed():
+                    s = await _scrape(base)
+                    return s if s.value("gigafactory_attempts_finished_total", factory="mh-0001") == 1 else None
+
+                s = await eventually(claimed, 60, what="the pinned factory's metrics count its job")
+                assert {lb["factory"] for lb in s.series("gigafactory_claims_total")} == set(ids)
+                assert s.value("gigafactory_claims_total", factory="mh-0001") == 1
+                assert s.value("gigafactory_claims_total") == 1, "only the pinned factory claimed"
+                assert s.value("gigafactory_ready", role="factory") == 3
+                assert s.value("gigafactory_broker_connected", role="factory") == 3
+                assert s.value("gigafactory_stations", state="idle") == 3
+                _assert_catalogue_exactly(s)
+                _assert_no_job_ids(s, [job])
+            finally:
+                await client.close()
+
+        run(main(), timeout_s=150)
+    finally:
+        host.close()
+        coord.close()
