@@ -107,7 +107,11 @@ CATALOGUE: tuple[Spec, ...] = (
     Spec("gigafactory_queue_depth", "gauge", ("pool",),
          "Queued jobs per dispatch pool.", "view"),
     Spec("gigafactory_queue_oldest_age_seconds", "gauge", ("pool",),
-         "Age of the oldest queued job per pool (broker time now minus its submission); 0 when none.", "view"),
+         "Age of the oldest queued job per pool: broker time now minus its submission (a retried job "
+         "counts from its first submission); the series is absent when the pool has nothing queued.", "view"),
+    Spec("gigafactory_pool_live_factories", "gauge", ("pool",),
+         "Live factories that offer every requirement of a pool with queued jobs (0: nothing can take "
+         "them; their jobs are held for capability).", "view"),
     Spec("gigafactory_jobs_held", "gauge", ("pool", "reason"),
          "Waiting jobs not offered to any factory, by hold reason class: capability, lock, deps, "
          "backoff, budget, other.", "view"),
@@ -298,7 +302,7 @@ class ViewObserver:
             m.counter("gigafactory_jobs_failed_total").labels(product, _failure(rec.last_failure)).inc()
         elif stage == "dead_letter":
             m.counter("gigafactory_dead_letters_total").labels(product, _failure(rec.last_failure)).inc()
-        if stage == "assigned" and rec.attempt == 1:
+        if stage == "assigned" and rec.attempt == 1 and len(rec.attempts) == 1:  # the first claim only
             m.histogram("gigafactory_dispatch_latency_seconds").labels(_label(rec.pool)).observe(
                 max(0.0, new.ts - rec.submitted_at))
         seen = self.entered.get(rec.id)
@@ -476,6 +480,13 @@ class _StateCollector:
         if not view.jobs_synced.is_set():
             return  # half a replay would look like jobs vanishing
         now = sched.broker_now_estimate()
+        depth = self._jobs(c, now, add)
+        self._fleet(c, now, depth, add)
+
+    @staticmethod
+    def _jobs(c, now: float, add) -> dict[str, int]:
+        """Jobs by stage and product, queue depth and age, holds; returns the queue depth by pool."""
+        view, sched = c.view, c.sched
         by: dict[tuple[str, str], int] = defaultdict(int)
         depth: dict[str, int] = defaultdict(int)
         oldest: dict[str, float] = {}
@@ -502,9 +513,21 @@ class _StateCollector:
             add("gigafactory_queue_oldest_age_seconds", (pool,), max(0.0, now - oldest[pool]))
         for (pool, reason), n in sorted(held.items()):
             add("gigafactory_jobs_held", (pool, reason), n)
+        return depth
+
+    @staticmethod
+    def _fleet(c, now: float, depth: dict[str, int], add) -> None:
+        """Live factories by mode, per pool with queued jobs, and their stations."""
+        view, sched = c.view, c.sched
+        live = view.live_factories(now, c.s.heartbeat_s)
+        reqs = sched.queue.requirements
+        for pool in sorted(depth):
+            want = reqs.get(pool)
+            if want is not None:
+                add("gigafactory_pool_live_factories", (pool,), sum(1 for f in live if not f.offers.missing(want)))
         modes = dict.fromkeys(DISPATCH_MODES, 0)
         stations: dict[tuple[str, str], int] = defaultdict(int)
-        for f in view.live_factories(now, c.s.heartbeat_s):
+        for f in live:
             mode = f.record.dispatch_mode if f.record.dispatch_mode in DISPATCH_MODES else "push"
             modes[mode] += 1
             for s in f.record.stations:

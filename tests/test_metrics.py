@@ -210,6 +210,8 @@ def test_a_fleets_jobs_show_in_metrics_with_exact_figures_and_bounded_labels(
                 assert s.value("gigafactory_queue_oldest_age_seconds", pool=gpu_rec.pool) >= 0
                 assert s.value("gigafactory_jobs_held", pool=gpu_rec.pool, reason="capability") == 1
                 assert s.value("gigafactory_jobs_held", reason="lock") == 0
+                assert s.series("gigafactory_pool_live_factories") == [{"pool": gpu_rec.pool}]
+                assert s.value("gigafactory_pool_live_factories", pool=gpu_rec.pool) == 0
                 # latency and durations: one first claim per job that was claimed
                 assert s.value("gigafactory_dispatch_latency_seconds_count") == 3
                 assert s.value("gigafactory_stage_duration_seconds_count", stage="queued") >= 3
