@@ -182,7 +182,8 @@ def test_a_fleets_jobs_show_in_metrics_with_exact_figures_and_bounded_labels(
 
                 async def settled():
                     s = await _scrape(base)
-                    return s if s.value("gigafactory_jobs", stage="dead_letter") == 1 else None
+                    done = s.value("gigafactory_attempts_finished_total", factory="m-1") == 4
+                    return s if done and s.value("gigafactory_jobs", stage="dead_letter") == 1 else None
 
                 s = await eventually(settled, 10, what="the coordinator's view caught up")
                 # jobs by stage and product (from the view)
@@ -285,10 +286,14 @@ def test_real_coordinator_and_factory_processes_serve_metrics_health_and_readine
                 assert s.value("gigafactory_ready", role="coordinator") == 1
                 assert s.value("gigafactory_broker_connected", role="coordinator") == 1
                 assert s.value("gigafactory_claims_total") == 0, "the coordinator process holds no factory"
-                f = await _scrape(fbase)
+                async def idle_again():
+                    f = await _scrape(fbase)
+                    return f if f.value("gigafactory_stations", factory="mp-1", state="idle") == 1 else None
+
+                f = await eventually(idle_again, 30, what="the factory's station idle again")
                 assert f.value("gigafactory_claims_total", factory="mp-1") == 1
                 assert f.value("gigafactory_attempts_finished_total", factory="mp-1") == 1
-                assert f.value("gigafactory_stations", factory="mp-1", state="idle") == 1
+                assert f.value("gigafactory_outbox_depth", factory="mp-1") == 0
                 assert f.value("gigafactory_jobs") == 0, "the factory process holds no view"
                 for scrape in (s, f):
                     _assert_catalogue_exactly(scrape)
@@ -352,7 +357,8 @@ def test_a_fleet_hosts_factories_share_one_registry_labelled_by_factory(nats_ser
 
                 async def claimed():
                     s = await _scrape(base)
-                    return s if s.value("gigafactory_attempts_finished_total", factory="mh-0001") == 1 else None
+                    done = s.value("gigafactory_attempts_finished_total", factory="mh-0001") == 1
+                    return s if done and s.value("gigafactory_stations", state="idle") == 3 else None
 
                 s = await eventually(claimed, 60, what="the pinned factory's metrics count its job")
                 assert {lb["factory"] for lb in s.series("gigafactory_claims_total")} == set(ids)
@@ -360,7 +366,7 @@ def test_a_fleet_hosts_factories_share_one_registry_labelled_by_factory(nats_ser
                 assert s.value("gigafactory_claims_total") == 1, "only the pinned factory claimed"
                 assert s.value("gigafactory_ready", role="factory") == 3
                 assert s.value("gigafactory_broker_connected", role="factory") == 3
-                assert s.value("gigafactory_stations", state="idle") == 3
+                assert s.value("gigafactory_stations", state="busy") == 0
                 _assert_catalogue_exactly(s)
                 _assert_no_job_ids(s, [job])
             finally:
@@ -370,3 +376,64 @@ def test_a_fleet_hosts_factories_share_one_registry_labelled_by_factory(nats_ser
     finally:
         host.close()
         coord.close()
+
+
+def test_up_serves_one_registry_for_its_coordinator_and_factory(nats_server, tmp_path):
+    env = fast_env(metrics_port=_free_port())
+    env["GIGAFACTORY_HOME"] = str(tmp_path / "home")
+    env.pop("GIGAFACTORY_NATS_URL", None)
+    base = f"http://127.0.0.1:{env['GIGAFACTORY_METRICS_PORT']}"
+    up = Proc([*gigafactory_cmd(), "up", "--nats", nats_server.url, "--stations", "1"],
+              tmp_path / "up.log", env)
+    try:
+        async def main():
+            async def ready():
+                try:
+                    status, body = await _aget(base + "/readyz")
+                except OSError:
+                    return None
+                return json.loads(body) if status == 200 else None
+
+            body = await eventually(ready, 60, what="up ready (from GIGAFACTORY_METRICS_PORT)")
+            kinds = sorted(p.split()[0] for p in body["parts"])
+            assert kinds == ["coordinator", "factory"]
+            s = await _scrape(base)
+            assert s.value("gigafactory_ready", role="coordinator") == 1
+            assert s.value("gigafactory_ready", role="factory") == 1
+            assert s.value("gigafactory_view_factories") == 1
+            _assert_catalogue_exactly(s)
+
+        run(main(), timeout_s=90)
+    finally:
+        up.close()
+    assert "Traceback" not in up.output(), up.output()
+
+
+def test_health_says_stalled_when_the_event_loop_has_not_woken_its_probe():
+    m = metrics.Metrics()
+    assert m.health()[0] is True
+    m.loop_tick_at -= metrics.LOOP_STALL_S + 1
+    ok, body = m.health()
+    assert ok is False and body["loop_tick_age_s"] > metrics.LOOP_STALL_S
+
+
+def test_the_endpoint_refuses_oversized_requests_and_other_methods():
+    async def main():
+        async with metrics.MetricsServer(metrics.Metrics(), "127.0.0.1", 0) as srv:
+            async def raw(data: bytes) -> bytes:
+                r, w = await asyncio.open_connection("127.0.0.1", srv.port)
+                w.write(data)
+                await w.drain()
+                out = await r.read()
+                w.close()
+                return out
+
+            big = b"GET /metrics HTTP/1.1\r\nX-Pad: " + b"a" * (metrics.REQUEST_MAX_BYTES * 2) + b"\r\n\r\n"
+            assert (await raw(big)).startswith(b"HTTP/1.1 413 ")
+            assert (await raw(b"POST /metrics HTTP/1.1\r\n\r\n")).startswith(b"HTTP/1.1 405 ")
+            ok = await raw(b"GET /metrics HTTP/1.1\r\n\r\n")
+            assert ok.startswith(b"HTTP/1.1 200 ") and b"gigafactory_event_loop_lag_seconds" in ok
+            # Nothing registered in this registry: not ready.
+            assert (await raw(b"GET /readyz HTTP/1.1\r\n\r\n")).startswith(b"HTTP/1.1 503 ")
+
+    run(main())
