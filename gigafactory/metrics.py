@@ -152,12 +152,13 @@ CATALOGUE: tuple[Spec, ...] = (
     Spec("gigafactory_claim_conflicts_total", "counter", ("factory",),
          "Claims this factory lost to another (the record changed first).", "factory"),
     Spec("gigafactory_claims_skipped_total", "counter", ("factory",),
-         "Dispatch offers this factory passed over without a claim write (the record had moved on, "
-         "or it could not run the job now).", "factory"),
+         "Dispatch offers this factory passed over without a claim write (the job was gone, no longer "
+         "queued, in its back-off, or no engine seat was free here).", "factory"),
     Spec("gigafactory_attempts_finished_total", "counter", ("factory",),
          "Attempts this factory ran to the end and reported.", "factory"),
     Spec("gigafactory_handed_back_total", "counter", ("factory",),
-         "Jobs this factory handed back unfinished (draining).", "factory"),
+         "Jobs this factory handed back unfinished, without using a retry (draining, or the job's lock "
+         "held elsewhere).", "factory"),
     Spec("gigafactory_fenced_writes_refused_total", "counter", ("factory",),
          "Writes this factory made under an epoch that was no longer current, refused by the fence.", "factory"),
     Spec("gigafactory_self_fenced_total", "counter", ("factory",),
@@ -197,6 +198,20 @@ CATALOGUE: tuple[Spec, ...] = (
          "process"),
 )
 """Every metric exported by a gigafactory process: see :class:`Spec`."""
+
+FACTORY_STATS: dict[str, str] = {
+    "gigafactory_claims_total": "claims",
+    "gigafactory_claim_conflicts_total": "claim_conflicts",
+    "gigafactory_claims_skipped_total": "claim_skipped",
+    "gigafactory_attempts_finished_total": "finished",
+    "gigafactory_handed_back_total": "handed_back",
+    "gigafactory_fenced_writes_refused_total": "fenced_writes",
+    "gigafactory_self_fenced_total": "self_fenced",
+    "gigafactory_results_quarantined_total": "quarantined",
+    "gigafactory_events_dropped_total": "events_dropped",
+}
+"""The factory counters read from its ``stats`` (metric name -> key): the load suite maps
+them back to its phase's figures."""
 
 BY_NAME: dict[str, Spec] = {s.name: s for s in CATALOGUE}
 assert len(BY_NAME) == len(CATALOGUE), "a metric name is in the catalogue twice"
@@ -541,14 +556,7 @@ class _StateCollector:
     def _factory(self, fid: str, f, fams) -> None:
         add = lambda name, labels, v: fams[name].add_metric(labels, v)  # noqa: E731
         st = f.stats
-        for name, key in (("gigafactory_claims_total", "claims"), ("gigafactory_claim_conflicts_total", "claim_conflicts"),
-                          ("gigafactory_claims_skipped_total", "claim_skipped"),
-                          ("gigafactory_attempts_finished_total", "finished"),
-                          ("gigafactory_handed_back_total", "handed_back"),
-                          ("gigafactory_fenced_writes_refused_total", "fenced_writes"),
-                          ("gigafactory_self_fenced_total", "self_fenced"),
-                          ("gigafactory_results_quarantined_total", "quarantined"),
-                          ("gigafactory_events_dropped_total", "events_dropped")):
+        for name, key in FACTORY_STATS.items():
             add(name, (fid,), st.get(key, 0))
         add("gigafactory_broker_connected", ("factory", fid), 1 if f.b.nc.is_connected else 0)
         add("gigafactory_broker_reconnects_total", ("factory", fid), f.b.nc.stats["reconnects"])
@@ -677,7 +685,8 @@ class MetricsServer:
                 pass
 
     @staticmethod
-    async def _send(writer: asyncio.StreamWriter, status: int, ctype: str, body: bytes, head_only: bool = False) -> None:
+    async def _send(writer: asyncio.StreamWriter, status: int, ctype: str, body: bytes,
+                    head_only: bool = False) -> None:
         reason = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed",
                   413: "Request Header Fields Too Large", 503: "Service Unavailable"}[status]
         writer.write(f"HTTP/1.1 {status} {reason}\r\nContent-Type: {ctype}\r\nContent-Length: {len(body)}\r\n"

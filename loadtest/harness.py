@@ -53,6 +53,7 @@ from gigafactory.broker import Broker
 from gigafactory.testing.procs import LabProc, wait_for
 from gigafactory.client import ApiError, Client
 from gigafactory.config import Settings, env_text
+from gigafactory.metrics import FACTORY_STATS
 from gigafactory.embedded import EmbeddedServer
 from gigafactory.schemas import names
 from gigafactory.schemas.records import FactoryRecord, JobRecord, decode, encode
@@ -68,16 +69,10 @@ DONE_STAGES = frozenset({"shipped", "testing", "review", "failed", "dead_letter"
 """Where a job of the load suite comes to rest (every workload ships with review-policy auto)."""
 READY_TIMEOUT_S = 60.0
 STATS_TIMEOUT_S = 15.0
-FLEET_COUNTERS = {
-    "gigafactory_claims": "claims",
-    "gigafactory_claim_conflicts": "claim_conflicts",
-    "gigafactory_claims_skipped": "claim_skipped",
-    "gigafactory_attempts_finished": "finished",
-    "gigafactory_fenced_writes_refused": "fenced_writes",
-    "gigafactory_results_quarantined": "quarantined",
-}
-"""Factory counters a phase reports (gigafactory/metrics.py family name -> the phase's key)."""
-"""Bound on a fleet host answering SIGUSR1 with fresh figures (its loop may be busy)."""
+"""Bound on a fleet host answering SIGUSR1 with fresh figures, or a scrape of its /metrics (its
+loop may be busy)."""
+FLEET_COUNTERS = {name[:-len("_total")]: key for name, key in FACTORY_STATS.items()}
+"""Factory counters a phase reports: /metrics family name -> the phase's key (claims, claim_conflicts, ...)."""
 FILL_IN_FLIGHT = 64
 """Publishes in flight while filling ``gf_jobs`` for the restart measurement."""
 

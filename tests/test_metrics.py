@@ -227,6 +227,8 @@ def test_a_fleets_jobs_show_in_metrics_with_exact_figures_and_bounded_labels(
                 assert s.value("gigafactory_ready", role="factory", factory="m-1") == 1
                 assert s.value("gigafactory_broker_connected", role="factory", factory="m-1") == 1
                 assert s.value("gigafactory_view_replay_seconds") > 0
+                assert s.value("gigafactory_jetstream_storage_bytes") > 0  # the fleet's streams and buckets
+                assert s.value("gigafactory_jetstream_storage_limit_bytes") == -1  # the test broker sets none
                 _assert_catalogue_exactly(s)
                 _assert_no_job_ids(s, [shell, metered, crash, gpu])
 
