@@ -439,3 +439,33 @@ def test_the_endpoint_refuses_oversized_requests_and_other_methods():
             assert (await raw(b"GET /readyz HTTP/1.1\r\n\r\n")).startswith(b"HTTP/1.1 503 ")
 
     run(main())
+
+
+def test_a_running_job_shows_busy_stations_seats_and_a_lock_hold(nats_server, tmp_path, fresh_registry):
+    async def main():
+        async with metrics.MetricsServer(fresh_registry, "127.0.0.1", 0) as srv:
+            async with Fleet(nats_server.url, tmp_path) as fleet:
+                await fleet.add_factory("l-1", stations=2)
+                gate = tmp_path / "gate"
+                holder = await fleet.submit_one(fleet.job(f'while [ ! -e "{gate}" ]; do sleep 0.05; done',
+                                                          lock="db", review_policy="auto"), "holder.md")
+                await fleet.wait_stage(holder, "building")
+                waiter = await fleet.submit_one(fleet.job("echo ok", lock="db", review_policy="auto"), "waiter.md")
+
+                async def held():
+                    s = await _scrape(srv.url)
+                    return s if s.value("gigafactory_jobs_held", reason="lock") == 1 else None
+
+                s = await eventually(held, 15, what="the second job held for the lock")
+                assert s.value("gigafactory_jobs", stage="building") == 1
+                assert s.value("gigafactory_stations", factory="l-1", state="busy") == 1
+                assert s.value("gigafactory_stations", factory="l-1", state="idle", idle_reason="no-work") == 1
+                assert s.value("gigafactory_seats_in_use", factory="l-1", engine="shell") == 1
+                assert s.value("gigafactory_jobs_held", reason="capability") == 0
+                _assert_no_job_ids(s, [holder, waiter])
+                gate.touch()
+                await fleet.wait_stage(waiter, "shipped")
+                s = await _scrape(srv.url)
+                assert s.value("gigafactory_jobs_held") == 0 and s.value("gigafactory_jobs_shipped_total") == 2
+
+    run(main(), timeout_s=90)
