@@ -17,6 +17,7 @@ import nats.js.errors
 
 from gigafactory.broker import TRANSIENT, Broker
 from gigafactory.config import Settings
+from gigafactory.metrics import process_metrics
 
 from .api import Api
 from .inbox import Inbox
@@ -54,8 +55,12 @@ class Coordinator:
         self.ready = asyncio.Event()
         self.startup_retries = 0
         """Startup reads retried after a transient broker error (see :meth:`_until_done`)."""
+        self.replay_s: float | None = None
+        """How long the first replay of gf_jobs and gf_factories took (None until done)."""
+        process_metrics().add_coordinator(self)  # metrics: read at scrape time, held weakly
 
     async def run(self, stop: asyncio.Event) -> None:
+        replay_t0 = time.monotonic()
         follower = asyncio.create_task(follow(self.b, self.view, stop), name="view")
         tasks: list[asyncio.Task] = [follower]
         try:
@@ -64,6 +69,7 @@ class Coordinator:
                 asyncio.gather(self.view.jobs_synced.wait(), self.view.factories_synced.wait()),
                 timeout=max(60.0, self.s.request_timeout_s * 4),
             )
+            self.replay_s = time.monotonic() - replay_t0
             await self._until_done("reading the broker clock", self.sched.sync_clock, stop)
             await self._until_done("loading the queue index", self.sched.load_index, stop)
             if stop.is_set():

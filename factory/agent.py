@@ -45,6 +45,7 @@ from pathlib import Path
 from gigafactory import __version__, logcontext
 from gigafactory.broker import Broker
 from gigafactory.config import Settings, factories_dir
+from gigafactory.metrics import process_metrics
 from gigafactory.schemas import capabilities as caps
 from gigafactory.schemas import names
 from gigafactory.schemas.records import EventRecord, FactoryRecord, IdleReason, Station, StationState, encode
@@ -163,6 +164,7 @@ class Factory(Stations, AuditQueue, Pools, Holder, Execute, Reporting, Ship, Che
         self._events: collections.deque[tuple[EventRecord, tuple[str, str]]] = collections.deque()
         """Audit events not stored yet, oldest first, each with its message id and trace context."""
         self._events_waiting = asyncio.Event()
+        process_metrics().add_factory(self)  # metrics: read at scrape time, held weakly
 
 
     def _probe_offers(self, extra_capabilities, probe: bool) -> list[str]:

@@ -147,6 +147,13 @@ class Outbox:
         with self._lock:
             return int(self._conn().execute("SELECT COUNT(*) FROM outbox").fetchone()[0])
 
+    def depth_and_oldest(self) -> tuple[int, float]:
+        """How many items are pending, and the ``created_at`` of the oldest (0.0 when none):
+        the metrics' outbox depth and age, in one read."""
+        with self._lock:
+            n, oldest = self._conn().execute("SELECT COUNT(*), MIN(created_at) FROM outbox").fetchone()
+        return int(n), float(oldest or 0.0)
+
     # -- the quarantine --------------------------------------------------------------------
 
     def quarantine(self, item: OutboxItem, reason: str, log_path: str | None = None) -> str:

@@ -299,14 +299,15 @@ async def _run_coordinator(url: str, inbox: str | None, settings: Settings) -> N
 
     stop = asyncio.Event()
     _install_stop(stop)
-    broker = await _service_broker(url, "gigafactory-coordinator", settings, stop)
-    if broker is None:
-        return
-    try:
-        coord = Coordinator(broker, settings, inbox=inbox)
-        await coord.run(stop)
-    finally:
-        await broker.close()
+    async with _metrics_endpoint(settings):
+        broker = await _service_broker(url, "gigafactory-coordinator", settings, stop)
+        if broker is None:
+            return
+        try:
+            coord = Coordinator(broker, settings, inbox=inbox)
+            await coord.run(stop)
+        finally:
+            await broker.close()
 
 
 async def _run_factory(url: str | None, settings: Settings, **kw) -> None:
@@ -315,26 +316,54 @@ async def _run_factory(url: str | None, settings: Settings, **kw) -> None:
 
     stop = asyncio.Event()
     _install_stop(stop)
-    url = url or await _local_broker_url(settings, stop)
-    if url is None:
-        return
-    broker = await _service_broker(url, f"gigafactory-factory-{kw.get('factory_id') or ''}", settings, stop)
-    if broker is None:
-        return
-    try:
-        f = Factory(broker, settings=settings, **kw)
-        logcontext.bind(factory=f.id)
-        logging.getLogger("gigafactory.factory").info(
-            "factory %s up: %d stations, capabilities %s", f.id, len(f.record.stations), " ".join(f.record.capabilities))
-        await f.run(stop)
-    finally:
-        await broker.close()
+    async with _metrics_endpoint(settings):
+        url = url or await _local_broker_url(settings, stop)
+        if url is None:
+            return
+        broker = await _service_broker(url, f"gigafactory-factory-{kw.get('factory_id') or ''}", settings, stop)
+        if broker is None:
+            return
+        try:
+            f = Factory(broker, settings=settings, **kw)
+            logcontext.bind(factory=f.id)
+            logging.getLogger("gigafactory.factory").info(
+                "factory %s up: %d stations, capabilities %s", f.id, len(f.record.stations),
+                " ".join(f.record.capabilities))
+            await f.run(stop)
+        finally:
+            await broker.close()
 
 
 _connect_timeout_option = click.option(
     "--connect-timeout-s", type=click.FloatRange(min=0), default=None,
     help="Give up if the broker has not answered within this many seconds at start (default: the "
          "connect_timeout_s setting, $GIGAFACTORY_CONNECT_TIMEOUT_S; 0 waits forever).")
+
+# -- metrics endpoint (issue 11, helper metrics) ------------------------------------------------
+_metrics_port_option = click.option(
+    "--metrics-port", type=click.IntRange(0, 65535), default=None,
+    help="Serve /metrics (Prometheus), /healthz and /readyz on this port (0: a free port, logged; "
+         "default: the metrics_port setting, $GIGAFACTORY_METRICS_PORT; unset: no endpoint). "
+         "Listens on $GIGAFACTORY_METRICS_HOST (default 127.0.0.1).")
+
+
+@contextlib.asynccontextmanager
+async def _metrics_endpoint(settings: Settings):
+    """This process's metrics endpoint for the block, if ``metrics_port`` is set; started
+    before the broker is reached, so /healthz answers (and /readyz says not ready) meanwhile."""
+    from gigafactory.metrics import serve
+
+    try:
+        srv = await serve(settings.metrics_host, settings.metrics_port)
+    except OSError as exc:
+        _fail(f"metrics: cannot listen on {settings.metrics_host}:{settings.metrics_port} "
+              f"(--metrics-port, GIGAFACTORY_METRICS_PORT): {exc.strerror or exc}", EXIT_USAGE)
+    try:
+        yield srv
+    finally:
+        if srv is not None:
+            await srv.close()
+
 
 
 @main.command("model-server")
@@ -373,11 +402,12 @@ def model_server(script_path: str, port: int, log_path: str | None, log_level: s
 @service
 @click.option("--inbox", type=click.Path(file_okay=False), default=None, help="Watch this folder for job files.")
 @_connect_timeout_option
-def coordinator(nats_url, log_level, log_format, inbox, connect_timeout_s) -> None:
+@_metrics_port_option
+def coordinator(nats_url, log_level, log_format, inbox, connect_timeout_s, metrics_port) -> None:
     """Run a coordinator: intake, dispatch, reaper and the gf.api service. Waits for its broker
     as long as it takes (or --connect-timeout-s), as a service started before it must."""
     _setup_service("gigafactory-coordinator", log_level, log_format)
-    settings = Settings.from_env(connect_timeout_s=connect_timeout_s)
+    settings = Settings.from_env(connect_timeout_s=connect_timeout_s, metrics_port=metrics_port)
     with _url_or_embedded(nats_url, settings) as url:
         asyncio.run(_run_coordinator(url, inbox, settings))
 
@@ -402,8 +432,9 @@ def _parse_seats(seats: tuple[str, ...]) -> dict[str, int]:
 @click.option("--workspace", type=click.Path(file_okay=False), default=None, help="Where relative job cwds live.")
 @click.option("--data-dir", type=click.Path(file_okay=False), default=None, help="Outbox, quarantine and logs.")
 @_connect_timeout_option
+@_metrics_port_option
 def factory(nats_url, log_level, log_format, factory_id, stations, seats, caps, no_probe, workspace, data_dir,
-            connect_timeout_s) -> None:
+            connect_timeout_s, metrics_port) -> None:
     """Run a factory on this machine: probe, register, claim and run jobs. Waits for its broker
     (or, with none configured, for 'gigafactory server'/'up' on this machine) as long as it
     takes, or --connect-timeout-s."""
@@ -417,7 +448,8 @@ def factory(nats_url, log_level, log_format, factory_id, stations, seats, caps, 
         except CapabilityError as e:
             raise click.BadParameter(str(e), param_hint="--cap") from None
     asyncio.run(_run_factory(
-        url, Settings.from_env(connect_timeout_s=connect_timeout_s).validate(), factory_id=factory_id, stations=stations, seats=_parse_seats(seats),
+        url, Settings.from_env(connect_timeout_s=connect_timeout_s, metrics_port=metrics_port).validate(),
+        factory_id=factory_id, stations=stations, seats=_parse_seats(seats),
         extra_capabilities=list(caps), probe=not no_probe, workspace=workspace, data_dir=data_dir,
     ))
 
@@ -428,11 +460,12 @@ def factory(nats_url, log_level, log_format, factory_id, stations, seats, caps, 
 @click.option("--stations", type=click.IntRange(1, 256), default=2, show_default=True)
 @click.option("--cap", "caps", multiple=True, metavar="TOKEN", help="Extra capability token for the local factory.")
 @_connect_timeout_option
-def up(nats_url, log_level, log_format, inbox, stations, caps, connect_timeout_s) -> None:
+@_metrics_port_option
+def up(nats_url, log_level, log_format, inbox, stations, caps, connect_timeout_s, metrics_port) -> None:
     """Broker (embedded unless --nats), a coordinator and a local factory, until Ctrl-C."""
     _setup_service("gigafactory-up", log_level, log_format)
     # Validated before anything starts: a factory refuses a fencing margin that cannot fence.
-    settings = Settings.from_env(connect_timeout_s=connect_timeout_s).validate()
+    settings = Settings.from_env(connect_timeout_s=connect_timeout_s, metrics_port=metrics_port).validate()
 
     async def run(url: str) -> None:
         from gigafactory.coordinator.service import Coordinator
@@ -440,21 +473,22 @@ def up(nats_url, log_level, log_format, inbox, stations, caps, connect_timeout_s
 
         stop = asyncio.Event()
         _install_stop(stop)
-        cb = await _service_broker(url, "gigafactory-coordinator", settings, stop)
-        if cb is None:
-            return
-        fb = await _service_broker(url, "gigafactory-factory", settings, stop)
-        if fb is None:
-            await cb.close()
-            return
-        try:
-            coord = Coordinator(cb, settings, inbox=inbox)
-            fac = Factory(fb, settings=settings, stations=stations, extra_capabilities=list(caps),
-                          data_dir=str(home() / "factories"))
-            await asyncio.gather(coord.run(stop), fac.run(stop))
-        finally:
-            await fb.close()
-            await cb.close()
+        async with _metrics_endpoint(settings):
+            cb = await _service_broker(url, "gigafactory-coordinator", settings, stop)
+            if cb is None:
+                return
+            fb = await _service_broker(url, "gigafactory-factory", settings, stop)
+            if fb is None:
+                await cb.close()
+                return
+            try:
+                coord = Coordinator(cb, settings, inbox=inbox)
+                fac = Factory(fb, settings=settings, stations=stations, extra_capabilities=list(caps),
+                              data_dir=str(home() / "factories"))
+                await asyncio.gather(coord.run(stop), fac.run(stop))
+            finally:
+                await fb.close()
+                await cb.close()
 
     with _url_or_embedded(nats_url, settings) as url:
         logging.getLogger("gigafactory").info("gigafactory up on %s%s", url, f", watching {inbox}" if inbox else "")

@@ -373,6 +373,17 @@ class Settings:
     At most this much of an attempt's work is lost when its factory dies; smaller costs a
     commit, a push and a record write per interval. At least ``CHECKPOINT_MIN_S`` when on."""
 
+    # -- metrics and health endpoints (issue 11, helper metrics) ---------------------------------
+    metrics_port: int | None = None
+    """``GIGAFACTORY_METRICS_PORT``: TCP port on which ``coordinator``, ``factory`` and ``up``
+    (and the load suite's fleet host) serve ``/metrics`` (Prometheus), ``/healthz`` and
+    ``/readyz``; unset: no endpoint. 0: a free port, logged. Risk: the endpoint answers anyone
+    who can reach it (figures only: no job ids, no secrets); bind it with ``metrics_host``."""
+    metrics_host: str = "127.0.0.1"
+    """``GIGAFACTORY_METRICS_HOST``: the address the metrics endpoint listens on. The default
+    answers this machine only; ``0.0.0.0`` (all interfaces) is what a Prometheus on another host
+    or container needs. Risk: all interfaces exposes the fleet's figures to its network."""
+
     @property
     def fence_margin_effective_s(self) -> float:
         """``fence_margin_s``, or its default (see there)."""
@@ -496,6 +507,7 @@ class Settings:
 
     def __post_init__(self) -> None:
         check_log_upload(self)
+        check_metrics_port(self)
         check_protected_paths(self)
 
 
@@ -570,6 +582,18 @@ def check_engine_settings(s: Settings) -> None:
             pricing.load_table(s.price_table)
         except (OSError, pricing.PriceTableError) as e:
             raise SettingsError(f"price_table (GIGAFACTORY_PRICE_TABLE): {e}") from None
+
+
+def check_metrics_port(s: Settings) -> None:
+    """``metrics_port`` as a whole port number (the environment gives ``int | None`` fields as
+    numbers), 0 to 65535; raises :class:`SettingsError` naming the variable otherwise."""
+    p = s.metrics_port
+    if p is None:
+        return
+    if isinstance(p, bool) or not isinstance(p, (int, float)) or p != int(p) or not 0 <= p <= 65535:
+        raise SettingsError(f"metrics_port={p!r} (GIGAFACTORY_METRICS_PORT, --metrics-port) must be a port number "
+                            "from 0 to 65535 (0: any free port), or unset for no metrics endpoint")
+    s.metrics_port = int(p)
 
 
 def check_log_upload(s: Settings) -> None:

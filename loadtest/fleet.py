@@ -7,7 +7,11 @@ event loop instead. Each is the real agent (its own connection, heartbeat, pools
 subscriptions, outbox and data dir), only the interpreter is shared::
 
     python -m gigafactory.loadtest.fleet --nats URL --count 200 --prefix herd- \\
-        --data-dir DIR --workspace DIR --stats-file DIR/fleet.json
+        --data-dir DIR --workspace DIR --stats-file DIR/fleet.json --metrics-port 0
+
+With ``--metrics-port`` (or ``GIGAFACTORY_METRICS_PORT``) the host serves every factory's
+figures on one ``/metrics`` (each labelled ``factory``), with ``/healthz`` and ``/readyz``, and
+prints ``metrics on URL`` before it starts them: the load suite reads its claim counters there.
 
 Timings come from ``GIGAFACTORY_*`` like every other process. Factories start with at most
 ``--concurrency`` connecting at once; the host prints ``fleet ready: N factories`` once every
@@ -43,6 +47,7 @@ from gigafactory.broker import Broker
 from gigafactory.clitools import log_options, setup_logging
 from gigafactory.config import Settings
 from gigafactory.factory.agent import Factory
+from gigafactory.metrics import serve as serve_metrics
 
 log = logging.getLogger("gigafactory.fleet")
 
@@ -202,7 +207,7 @@ async def amain(a: SimpleNamespace) -> int:
 
     :param a: the options of :func:`command`.
     """
-    settings = Settings.from_env()
+    settings = Settings.from_env(metrics_port=a.metrics_port)
     host = FleetHost(a.nats, count=a.count, prefix=a.prefix, start=a.start, stations=a.stations, caps=a.cap,
                      data_dir=a.data_dir, workspace=a.workspace, settings=settings, concurrency=a.concurrency)
     logging.getLogger().addHandler(host.logs)
@@ -231,6 +236,9 @@ async def amain(a: SimpleNamespace) -> int:
         print(f"fleet ready: {len(host.factories)} factories"
               + (f", {len(host.start_failures)} failed to start" if host.start_failures else ""), flush=True)
 
+    metrics = await serve_metrics(settings.metrics_host, settings.metrics_port)
+    if metrics is not None:
+        print(f"metrics on {metrics.url}/metrics", flush=True)
     d = asyncio.create_task(dumper()) if stats_path is not None and a.stats_interval_s > 0 else None
     try:
         await host.run(stop, on_ready=ready)
@@ -239,6 +247,8 @@ async def amain(a: SimpleNamespace) -> int:
         if d is not None:
             await d
         dump()
+        if metrics is not None:
+            await metrics.close()
     return 1 if host.start_failures else 0
 
 
@@ -256,6 +266,9 @@ async def amain(a: SimpleNamespace) -> int:
               help="How often the figures are written (0: only when ready, on SIGUSR1 and at the end).")
 @click.option("--concurrency", type=click.IntRange(min=1), default=32, show_default=True,
               help="Factories connecting at once at start.")
+@click.option("--metrics-port", type=click.IntRange(0, 65535), default=None,
+              help="Serve /metrics, /healthz and /readyz for every factory here (0: a free port, printed; "
+                   "default: $GIGAFACTORY_METRICS_PORT; unset: none).")
 @log_options("warning")
 def command(**kw) -> None:
     """A fleet host: N real factories in one process, on one broker connection each."""

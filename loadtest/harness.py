@@ -53,6 +53,7 @@ from gigafactory.broker import Broker
 from gigafactory.testing.procs import LabProc, wait_for
 from gigafactory.client import ApiError, Client
 from gigafactory.config import Settings, env_text
+from gigafactory.metrics import FACTORY_STATS
 from gigafactory.embedded import EmbeddedServer
 from gigafactory.schemas import names
 from gigafactory.schemas.records import FactoryRecord, JobRecord, decode, encode
@@ -68,7 +69,10 @@ DONE_STAGES = frozenset({"shipped", "testing", "review", "failed", "dead_letter"
 """Where a job of the load suite comes to rest (every workload ships with review-policy auto)."""
 READY_TIMEOUT_S = 60.0
 STATS_TIMEOUT_S = 15.0
-"""Bound on a fleet host answering SIGUSR1 with fresh figures (its loop may be busy)."""
+"""Bound on a fleet host answering SIGUSR1 with fresh figures, or a scrape of its /metrics (its
+loop may be busy)."""
+FLEET_COUNTERS = {name[:-len("_total")]: key for name, key in FACTORY_STATS.items()}
+"""Factory counters a phase reports: /metrics family name -> the phase's key (claims, claim_conflicts, ...)."""
 FILL_IN_FLIGHT = 64
 """Publishes in flight while filling ``gf_jobs`` for the restart measurement."""
 
@@ -320,6 +324,8 @@ class LoadRun:
                                      log_file=str(self.dir / "nats-server.log"))
         self.coordinator: LabProc | None = None
         self.hosts: dict[str, LabProc] = {}
+        self.metrics_urls: dict[str, str] = {}
+        """Fleet host name -> its /metrics URL (printed by the host at start)."""
         self.layout = fleet_layout(cfg.factories, cfg.fleet_hosts)
         self.baseline: LabProc | None = None
         self.single: LabProc | None = None
@@ -449,7 +455,7 @@ class LoadRun:
             args = [sys.executable, "-m", "gigafactory.loadtest.fleet", "--nats", self.url, "--count",
                     str(spec.count), "--prefix", spec.prefix, "--stations", str(self.cfg.stations),
                     "--data-dir", str(self.dir / "factories"), "--workspace", str(self.dir / "work"),
-                    "--stats-file", str(self.dir / f"fleet-{spec.name}.json"), "--stats-interval-s", "0"]
+                    "--metrics-port", "0"]
             for c in spec.caps:
                 args += ["--cap", c]
             proc = LabProc(f"fleet host {spec.name}", args, self.dir / f"fleet-{spec.name}.log", self.env())
@@ -460,6 +466,10 @@ class LoadRun:
             proc = self.hosts[spec.name]
             await self.wait_until(lambda p=proc: "fleet ready:" in p.tail(2000), bound,
                                   f"{proc.name} ready", proc=proc, interval_s=0.1)
+            m = re.search(r"metrics on (http://\S+)/metrics", proc.tail(100_000))
+            if m is None:
+                raise RuntimeError(f"{proc.name} did not print its metrics address; see {proc.log}")
+            self.metrics_urls[spec.name] = m.group(1) + "/metrics"
 
         async def all_live() -> bool:
             assert self.client is not None
@@ -469,18 +479,22 @@ class LoadRun:
         await self.wait_until(all_live, bound, f"the coordinator counts {self.cfg.factories} factories live",
                               interval_s=0.5)
 
-    async def fleet_stats(self) -> dict[str, dict]:
-        """Fresh figures of every fleet host (SIGUSR1, then wait for the file to be rewritten)."""
-        sent = time.time()
-        for proc in self.hosts.values():
-            proc.signal(signal.SIGUSR1)
-        out = {}
-        for spec in self.layout:
-            path = self.dir / f"fleet-{spec.name}.json"
-            got = await self.wait_until(lambda p=path: (s := read_stats(p)) and s.get("at", 0) >= sent and s,
-                                        STATS_TIMEOUT_S, f"fresh figures from fleet host {spec.name}")
-            out[spec.name] = got
-        return out
+    async def fleet_counters(self) -> dict[str, int]:
+        """The factories' counters summed over every fleet host, scraped from their /metrics
+        (the registry operators scrape; see FLEET_COUNTERS for the names)."""
+        from prometheus_client.parser import text_string_to_metric_families
+
+        def get(url: str) -> str:
+            with urllib.request.urlopen(url, timeout=STATS_TIMEOUT_S) as r:
+                return r.read().decode()
+
+        total: dict[str, int] = defaultdict(int)
+        for url in self.metrics_urls.values():
+            for fam in text_string_to_metric_families(await asyncio.to_thread(get, url)):
+                key = FLEET_COUNTERS.get(fam.name)
+                if key is not None:
+                    total[key] += int(sum(smp.value for smp in fam.samples if smp.name == fam.name + "_total"))
+        return dict(total)
 
     async def baseline_stats(self) -> dict:
         assert self.baseline is not None
@@ -597,11 +611,7 @@ class LoadRun:
     async def _counters(self, side: str) -> dict[str, int]:
         if side == "baseline":
             return dict((await self.baseline_stats())["totals"])
-        total: dict[str, int] = defaultdict(int)
-        for s in (await self.fleet_stats()).values():
-            for k, v in s["totals"].items():
-                total[k] += v
-        return dict(total)
+        return await self.fleet_counters()
 
     @contextlib.asynccontextmanager
     async def phase(self, name: str, side: str = "ours"):
