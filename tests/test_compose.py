@@ -49,10 +49,8 @@ EXPORTER_PORT = 7777
 NOT_SETTINGS = {"GIGAFACTORY_NATS_URL", ENV_HOME, "GIGAFACTORY_AGENT_CLIS"}
 """Variables compose sets that are not ``Settings`` fields: ``--nats``'s variable, the data
 folder, and the agent CLIs' folder."""
-PENDING_FROM_METRICS = {"env": {"GIGAFACTORY_METRICS_HOST"}, "options": {"--metrics-port"}}
-"""Issue 11's metrics branch adds these (the metrics_host setting, the --metrics-port option);
-until it is merged they are the only names compose may use that the code does not know yet.
-Empty this once it is merged: the check then holds every name to the code."""
+PENDING_FROM_METRICS: dict[str, set[str]] = {"env": set(), "options": set()}
+"""Names compose may use that the code does not know yet (none: every name is held to the code)."""
 
 
 def tool(name: str, *args: str) -> subprocess.CompletedProcess:
