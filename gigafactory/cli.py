@@ -545,6 +545,41 @@ def submit(nats_url, as_json, files, wait, timeout_s) -> None:
 
 
 @main.command()
+@_nats_option
+@click.option("--refresh-s", type=click.FloatRange(0.1, 60.0), default=0.5, show_default=True,
+              help="Redraw at most this often (seconds).")
+@click.option("--events", "events_max", type=click.IntRange(1, 10_000), default=200, show_default=True,
+              help="How many of the newest events to keep and show.")
+@click.option("--window-s", type=click.FloatRange(1.0, 3600.0), default=60.0, show_default=True,
+              help="Ships per minute are averaged over this many seconds.")
+def top(nats_url, refresh_s, events_max, window_s) -> None:
+    """A full-screen live view: pools, factories, jobs by stage, events, throughput, spend (q quits).
+
+    Watches the broker (gf_jobs, gf_factories, gf_pools and GF_EVENTS); never polls the API."""
+    from gigafactory.broker import connect
+    from gigafactory.top import TopApp
+
+    url = _need_url(nats_url, False)
+    try:
+        settings = Settings.from_env()
+    except ValueError:
+        settings = Settings()
+
+    async def run() -> None:
+        try:
+            nc = await connect(url, "gigafactory-top", settings, max_reconnect_attempts=-1, connect_timeout_s=5.0)
+        except Exception as e:
+            _fail(f"cannot connect to {url}: {e}", EXIT_UNAVAILABLE)
+        try:
+            await TopApp(nc, url=url, refresh_s=refresh_s, events_max=events_max,
+                         throughput_window_s=window_s).run_async()
+        finally:
+            await nc.close()
+
+    asyncio.run(run())
+
+
+@main.command()
 @common
 @click.option("--stage", type=click.Choice([str(s) for s in Stage]), default=None, help="Only jobs in this stage.")
 @click.option("--limit", type=int, default=200, show_default=True)
