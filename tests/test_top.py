@@ -280,3 +280,46 @@ def test_top_shows_stage_counts_a_factory_row_and_events_of_a_live_fleet_and_q_q
                 await nc.close()
 
     run(main(), 90)
+
+
+# -- submit --wait's progress display (rich, textual's own renderer) ------------------------------
+
+
+def test_submit_wait_progress_on_a_terminal_is_a_rich_display_of_jobs_at_rest_and_counts_by_stage():
+    import io
+
+    from rich.console import Console
+
+    from gigafactory.cli import _progress_printer
+
+    out = io.StringIO()
+    console = Console(file=out, force_terminal=True, width=120, color_system=None)
+    show, done = _progress_printer(False, console)
+    show({"a": {"stage": "queued"}, "b": {"stage": "queued"}, "c": {"stage": "building"}})
+    show({"a": {"stage": "shipped"}, "b": {"stage": "failed"}, "c": {"stage": "building"}})
+    done()
+    text = out.getvalue()
+    last = text.rstrip().rsplit("\r", 1)[-1].rsplit("\x1b[2K", 1)[-1]
+    assert "2/3" in last and "1 building · 1 shipped · 1 failed" in last, repr(text)
+    assert "\x1b[" in text, "drawn in place by rich's cursor control, not a bare \\r line"
+    assert text.endswith("\n\x1b[?25h"), "left on screen, then the next line, with the cursor shown again"
+
+
+def test_submit_wait_progress_off_a_terminal_is_one_plain_line_per_change(capsys):
+    import io
+
+    from rich.console import Console
+
+    from gigafactory.cli import _progress_printer
+
+    show, done = _progress_printer(False, Console(file=io.StringIO(), force_terminal=False))
+    show({"a": {"stage": "queued"}})
+    show({"a": {"stage": "queued"}})  # no change: no line
+    show({"a": {"stage": "shipped"}})
+    done()
+    lines = capsys.readouterr().err.splitlines()
+    assert [line.split("] ", 1)[1] for line in lines] == ["1 queued", "1 shipped"]
+    assert not any("\r" in line or "\x1b" in line for line in lines)
+    show_json, _ = _progress_printer(True, Console(file=io.StringIO(), force_terminal=True))
+    show_json({"a": {"stage": "queued"}})
+    assert capsys.readouterr().err == ""
