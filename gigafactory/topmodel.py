@@ -213,8 +213,9 @@ class TopModel:
         self._pools: dict[str, _PoolGlance] = {}
         self._spend: dict[str, _Spend] = {}
         self._events: collections.deque[EventLine] = collections.deque(maxlen=events_max)
-        self._ships: collections.deque[list] = collections.deque()
-        """[second, ships in it], oldest first, at most ``window_s`` + 1 entries."""
+        self._ships: dict[int, int] = {}
+        """Second (event time) -> ships in it, for the seconds of the window only."""
+        self._newest_ship_s: int | None = None
         self.ships_seen = 0
         self.unreadable = 0
         self._replay: dict[str, set[str]] = {}
@@ -338,27 +339,26 @@ class TopModel:
         if e.stage_to == "shipped" and e.stage_from != "shipped":
             self.ships_seen += 1
             sec = math.floor(e.at)
-            if self._ships and self._ships[-1][0] == sec:
-                self._ships[-1][1] += 1
-            elif not self._ships or sec > self._ships[-1][0]:
-                self._ships.append([sec, 1])
-                self._prune_ships(sec)
-            else:  # out of order (factories' clocks): into its second, if still in the window
-                for slot in self._ships:
-                    if slot[0] == sec:
-                        slot[1] += 1
-                        break
+            # Events arrive in stream order, not in ``at`` order (each factory stamps its own,
+            # and publishes from a queue): count each ship into its own second.
+            if self._newest_ship_s is None or sec > self._newest_ship_s:
+                self._newest_ship_s = sec
+            if sec >= self._newest_ship_s - self.window_s:
+                self._ships[sec] = self._ships.get(sec, 0) + 1
+                self._prune_ships(self._newest_ship_s)
 
     def _prune_ships(self, now: float) -> None:
-        while self._ships and self._ships[0][0] < now - self.window_s:
-            self._ships.popleft()
+        """Drop seconds older than the window (before ``now``): at most ``window_s`` + 1 stay."""
+        if len(self._ships) > self.window_s + 1 or (self._ships and min(self._ships) < now - self.window_s):
+            for sec in [s for s in self._ships if s < now - self.window_s]:
+                del self._ships[sec]
 
     # -- the view ------------------------------------------------------------------------------
 
     def snapshot(self, now: float) -> Snapshot:
         """What to show at ``now`` (seconds since the epoch, the same clock as the timestamps)."""
         self._prune_ships(now)
-        ships = sum(n for sec, n in self._ships if sec >= now - self.window_s)
+        ships = sum(n for sec, n in self._ships.items() if sec >= now - self.window_s)
         factories = [self._factory_row(g, ts, now) for g, ts in self._factories.values()]
         factories.sort(key=lambda r: r.factory)
         serving = collections.Counter(p for g, ts in self._factories.values()

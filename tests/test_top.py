@@ -8,7 +8,8 @@ import tracemalloc
 
 import orjson
 import pytest
-from helpers import Fleet, eventually, run
+from helpers import Fleet, eventually, fast_settings, run
+from test_engines_declared import fakecli  # noqa: F401 (a fixture: an agent CLI that reports usage)
 
 from gigafactory.broker import connect
 from gigafactory.topmodel import STAGE_ORDER, TopModel, format_age
@@ -144,6 +145,15 @@ def test_events_keep_the_newest_n_newest_first_and_ships_per_minute_over_the_win
     assert m.snapshot(T0 + 200).ships_seen == 5
 
 
+def test_ships_arriving_out_of_time_order_each_count_in_the_window():
+    m = TopModel(throughput_window_s=60.0)
+    for at in (T0 + 10, T0 + 12, T0 + 11, T0 + 5, T0 + 12.5, T0 - 100):  # stream order, not time order
+        m.apply_event(event("finished", at, stage_from="building", stage_to="shipped"))
+    s = m.snapshot(T0 + 20)
+    assert (s.ships_seen, s.ships_per_min) == (6, 5.0)  # the one 100 s old is outside the window
+    assert m.snapshot(T0 + 71).ships_per_min == 3.0  # T0+5 and T0+10 left it
+
+
 def test_a_replay_forgets_what_was_deleted_while_the_watch_was_away():
     m = TopModel()
     m.apply_job("a", job("a", "queued"), T0)
@@ -212,15 +222,20 @@ def rows(table) -> list[list[str]]:
     return [[str(c) for c in table.get_row(k)] for k in list(table.rows)]
 
 
-def test_top_shows_stage_counts_a_factory_row_and_events_of_a_live_fleet_and_q_quits(nats_server, tmp_path):
+def test_top_shows_stage_counts_a_factory_row_and_events_of_a_live_fleet_and_q_quits(nats_server, tmp_path, fakecli):
     from textual.widgets import DataTable, Static
     from textual.worker import WorkerState
 
     from gigafactory.top import TopApp
 
     async def main():
-        async with Fleet(nats_server.url, tmp_path) as fleet:
+        async with Fleet(nats_server.url, tmp_path, fast_settings(engines_dir=str(fakecli))) as fleet:
             await fleet.add_factory("top-f1", stations=2, caps=["topcap"])
+            await fleet.add_factory("top-agent", probe=True)
+            # a declared agent CLI that reports tokens: its attempt's usage is priced
+            spender = await fleet.submit_one(fleet.job("Create hello.txt.", engine="fakecli", review_policy="auto"),
+                                             path="spend.md")
+            await fleet.wait_stage(spender, "shipped", timeout_s=60)
             jobs = [j["job"] for j in await fleet.submit(
                 *(fleet.job(f"echo {i}", capabilities=["topcap"], review_policy="auto") for i in range(3)),
                 fleet.job("exit 3", capabilities=["topcap"], review_policy="auto", retry={"max": 0}))]
@@ -240,8 +255,9 @@ def test_top_shows_stage_counts_a_factory_row_and_events_of_a_live_fleet_and_q_q
                     def shown():
                         if "top-f1" not in factories.rows or "shipped" not in stages.rows:
                             return False
-                        return cells(stages, "shipped")[1] == "3" and any(
-                            r[1] == "finished" and r[2] == jobs[0] for r in rows(events))
+                        # a factory publishes its events after the record writes they describe
+                        shipped = {r[2] for r in rows(events) if r[3].endswith("→shipped")}
+                        return cells(stages, "shipped")[1] == "4" and shipped >= {spender, *jobs[:3]}
 
                     try:
                         await eventually(shown, 15, what="stage counts, the factory and the events on screen")
@@ -249,20 +265,28 @@ def test_top_shows_stage_counts_a_factory_row_and_events_of_a_live_fleet_and_q_q
                         raise AssertionError(f"{e}\nsummary: {app.query_one('#summary', Static).render()}\n"
                                              f"stages: {rows(stages)}\nfactories: {rows(factories)}\n"
                                              f"events: {rows(events)[:5]}") from None
-                    assert cells(stages, "shipped") == ["shipped", "3"]
+                    assert cells(stages, "shipped") == ["shipped", "4"]
                     failed = int(cells(stages, "failed")[1]) + int(cells(stages, "dead_letter")[1])
                     assert failed == 1
                     assert cells(stages, "queued") == ["queued", "0"]
+                    # stations change in the factory's record at its next heartbeat
+                    await eventually(lambda: cells(factories, "top-f1")[4] == "0/2 busy", 10,
+                                     what=f"top-f1's stations free: {cells(factories, 'top-f1')}")
                     f = cells(factories, "top-f1")
                     assert f[0] == "top-f1" and f[2] == "yes" and f[3] == "push"
-                    assert f[4] == "0/2 busy" and f[5] == "2 no-work" and f[6] == "shell", f
+                    assert f[5] == "2 no-work" and f[6] == "shell", f
+                    assert "fakecli" in cells(factories, "top-agent")[6]
                     assert any(r[2] == jobs[0] and r[3] == "building→shipped" and r[4] == "top-f1"
                                for r in rows(events)), rows(events)
                     # the factory's record names the pools it serves at its next heartbeat
-                    await eventually(lambda: [r[1:] for r in rows(pools)] == [["engine:shell topcap", "0", "-", "1"]],
+                    await eventually(lambda: ["engine:shell topcap", "0", "-", "1"] in [r[1:] for r in rows(pools)],
                                      10, what=f"the pool served by one live factory: {rows(pools)}")
                     summary = str(app.query_one("#summary", Static).render())
-                    assert "4 jobs" in summary and "3 ships seen" in summary, summary
+                    assert "5 jobs" in summary and "4 ships seen" in summary, (summary, rows(events))
+                    spend = app.query_one("#spend", DataTable)
+                    [[engine, attempts, cost_usd, source]] = rows(spend)
+                    assert (engine, attempts, source) == ("fakecli", "1", "priced") and float(cost_usd) > 0, rows(spend)
+                    assert f"${float(cost_usd):.4f} spent" in summary, summary
 
                     # a job queued with no factory for it shows as the pool's depth, live
                     held = await fleet.submit_one(fleet.job("echo later", capabilities=["nobody-has-this"]))
