@@ -19,7 +19,7 @@ import time
 import nats.errors
 from rich.text import Text
 from textual.app import App, ComposeResult
-from textual.containers import Horizontal
+from textual.containers import Horizontal, Vertical
 from textual.widgets import DataTable, Footer, Header, Static
 
 from gigafactory.schemas import names
@@ -164,10 +164,11 @@ class TopApp(App):
     TITLE = "gigafactory top"
     CSS = """
     #summary { height: auto; padding: 0 1; background: $boost; }
-    #upper { height: auto; max-height: 14; }
-    #stages { width: 26; }
-    #spend { width: 1fr; }
-    #pools { height: auto; max-height: 12; }
+    #upper { height: auto; max-height: 16; }
+    #stages { width: 26; height: auto; }
+    #right { height: auto; }
+    #pools { height: auto; max-height: 9; }
+    #spend { height: auto; max-height: 7; }
     #factories { height: auto; max-height: 16; }
     #events { height: 1fr; }
     DataTable { border: round $primary-darken-2; }
@@ -193,9 +194,10 @@ class TopApp(App):
         yield Static("connecting…", id="summary")
         with Horizontal(id="upper"):
             yield DataTable(id="stages", cursor_type="none", zebra_stripes=True)
-            yield DataTable(id="spend", cursor_type="none", zebra_stripes=True)
-        yield DataTable(id="pools", cursor_type="none", zebra_stripes=True)
-        yield DataTable(id="factories", cursor_type="row", zebra_stripes=True)
+            with Vertical(id="right"):
+                yield DataTable(id="pools", cursor_type="none", zebra_stripes=True)
+                yield DataTable(id="spend", cursor_type="none", zebra_stripes=True)
+        yield DataTable(id="factories", cursor_type="none", zebra_stripes=True)
         yield DataTable(id="events", cursor_type="none", zebra_stripes=True)
         yield Footer()
 
