@@ -4,6 +4,7 @@ real nats-server, the real coordinator and factory), reading what its widgets sh
 
 from __future__ import annotations
 
+import asyncio
 import tracemalloc
 
 import orjson
@@ -349,3 +350,99 @@ def test_submit_wait_progress_off_a_terminal_is_one_plain_line_per_change(capsys
     show_json, _ = _progress_printer(True, Console(file=io.StringIO(), force_terminal=True))
     show_json({"a": {"stage": "queued"}})
     assert capsys.readouterr().err == ""
+
+
+# -- the command in a real terminal ----------------------------------------------------------------
+
+
+class Pty:
+    """A process on a pseudo-terminal of a fixed size: what a user's terminal gives ``top``."""
+
+    def __init__(self, args: list[str], env: dict[str, str], cols: int = 160, rows: int = 48) -> None:
+        import fcntl
+        import os
+        import struct
+        import subprocess
+        import termios
+
+        self.master, slave = os.openpty()
+        fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
+        self.proc = subprocess.Popen(args, stdin=slave, stdout=slave, stderr=slave, env=env, start_new_session=True,
+                                     close_fds=True)
+        os.close(slave)
+        self.screen = b""
+
+    def read_until(self, needles: list[bytes], timeout_s: float) -> bool:
+        """Read the terminal's output until every needle has appeared (True) or ``timeout_s``."""
+        import os
+        import select
+        import time
+
+        deadline = time.monotonic() + timeout_s
+        while not all(n in self.screen for n in needles):
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            ready, _, _ = select.select([self.master], [], [], min(left, 0.5))
+            if ready:
+                try:
+                    self.screen += os.read(self.master, 65536)
+                except OSError:  # the process closed the terminal
+                    return all(n in self.screen for n in needles)
+        return True
+
+    def send(self, data: bytes) -> None:
+        import os
+
+        os.write(self.master, data)
+
+    def close(self) -> None:
+        import os
+
+        from helpers import kill_group
+
+        if self.proc.poll() is None:
+            kill_group(self.proc.pid)
+        self.proc.wait(10)
+        os.close(self.master)
+
+
+def test_the_top_command_draws_the_fleet_in_a_real_terminal_and_q_exits_zero(nats_server, tmp_path):
+    from helpers import fast_env, gigafactory_cmd
+
+    async def main():
+        async with Fleet(nats_server.url, tmp_path) as fleet:
+            await fleet.add_factory("pty-factory-7", caps=["ptycap"])
+            job_id = await fleet.submit_one(fleet.job("echo hi", capabilities=["ptycap"], review_policy="auto"))
+            await fleet.wait_stage(job_id, "shipped")
+            env = fast_env()
+            env.update(TERM="xterm-256color", COLUMNS="160", LINES="48")
+            env.pop("GIGAFACTORY_NATS_URL", None)
+            term = Pty([*gigafactory_cmd(), "top", "--nats", nats_server.url], env)
+            try:
+                seen = await asyncio.to_thread(term.read_until, [b"pty-factory-7", job_id.encode(), b"shipped"], 30)
+                assert seen, f"the fleet did not appear on the terminal: {term.screen[-3000:]!r}"
+                term.send(b"q")
+                code = await asyncio.to_thread(term.proc.wait, 15)
+                assert code == 0, term.screen[-3000:]
+            finally:
+                term.close()
+
+    run(main(), 90)
+
+
+def test_the_top_command_without_a_broker_says_so_and_exits_unavailable(tmp_path):
+    import socket
+    import subprocess
+
+    from helpers import fast_env, gigafactory_cmd
+
+    from gigafactory.clitools import EXIT_UNAVAILABLE
+
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    r = subprocess.run([*gigafactory_cmd(), "top", "--nats", f"nats://127.0.0.1:{port}"], env=fast_env(),
+                       capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL)
+    assert r.returncode == EXIT_UNAVAILABLE, (r.returncode, r.stderr)
+    assert f"cannot connect to nats://127.0.0.1:{port}" in r.stderr, r.stderr
