@@ -254,9 +254,9 @@ class TopApp(App):
             parts.append("loading…")
         if snap.unreadable:
             parts.append(f"{snap.unreadable} unreadable entries")
-        text = "  ·  ".join(parts)
-        for what, why in sorted(self.feed.problems.items()):
-            text += f"\n[yellow]{what}: {why}[/]"
+        text = Text("  ·  ".join(parts))
+        for what, why in sorted(self.feed.problems.items()):  # Text, not markup: errors hold brackets
+            text.append(f"\n{what}: {why}", style="yellow")
         self.query_one("#summary", Static).update(text)
 
     def _fill(self, table_id: str, rows) -> None:

@@ -364,12 +364,13 @@ class TopModel:
         serving = collections.Counter(p for g, ts in self._factories.values()
                                       if _live(g, ts, now) for p in g.pools)
         pools = []
-        for pid in sorted(set(self._pools) | set(self._queued)):
+        for pid in set(self._pools) | set(self._queued):
             q = self._queued.get(pid, {})
             p = self._pools.get(pid)
             pools.append(PoolRow(
                 pool=pid, requirements=" ".join(p.requirements) if p else "?", depth=len(q),
                 oldest_age_s=max(0.0, now - min(q.values())) if q else None, live_factories=serving[pid]))
+        pools.sort(key=lambda p: (-p.depth, p.pool))  # the deepest queues first: what needs a look
         spend = [SpendRow(engine, s.cost_usd, s.attempts,
                           "+".join(src for src, n in sorted(s.sources.items()) if n > 0))
                  for engine, s in sorted(self._spend.items())]

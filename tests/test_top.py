@@ -74,22 +74,22 @@ def test_stage_counts_follow_each_job_from_stage_to_stage_and_out_when_archived(
 def test_pool_depth_and_oldest_age_count_only_queued_jobs_and_keep_a_requeued_jobs_new_wait():
     m = TopModel()
     m.apply_pool("p1", orjson.dumps({"id": "p1", "requirements": ["os:linux"], "created_at": T0}), T0)
-    m.apply_pool("p2", orjson.dumps({"id": "p2", "requirements": ["gpu"], "created_at": T0}), T0)
+    m.apply_pool("p0", orjson.dumps({"id": "p0", "requirements": ["gpu"], "created_at": T0}), T0)
     m.apply_job("old", job("old", "queued", submitted_at=T0 - 100), T0 - 99)
     m.apply_job("new", job("new", "queued", submitted_at=T0 - 10), T0 - 9)
     m.apply_job("run", job("run", "building", attempt=1), T0)
     # a hold's reason changes the record but not the wait
     m.apply_job("old", job("old", "queued", submitted_at=T0 - 100), T0 - 5)
-    [p1, p2] = m.snapshot(T0).pools
+    [p1, p0] = m.snapshot(T0).pools  # the deepest first
     assert (p1.pool, p1.requirements, p1.depth, p1.oldest_age_s) == ("p1", "os:linux", 2, 100.0)
-    assert (p2.pool, p2.depth, p2.oldest_age_s) == ("p2", 0, None)
+    assert (p0.pool, p0.depth, p0.oldest_age_s) == ("p0", 0, None)
     m.apply_job("old", job("old", "building", attempt=1), T0 + 1)
     m.apply_job("old", job("old", "queued", attempt=1), T0 + 2)  # requeued: waits from now
     [p1, _] = m.snapshot(T0 + 12).pools
     assert (p1.depth, p1.oldest_age_s) == (2, 22.0)
     m.apply_job("old", None, 0)
     m.apply_job("new", None, 0)
-    assert m.snapshot(T0 + 12).pools[0].depth == 0
+    assert [(p.pool, p.depth) for p in m.snapshot(T0 + 12).pools] == [("p0", 0), ("p1", 0)]
 
 
 def test_factory_rows_show_stations_idle_reasons_engines_mode_and_liveness():
@@ -305,6 +305,35 @@ def test_top_shows_stage_counts_a_factory_row_and_events_of_a_live_fleet_and_q_q
                 assert app.feed_worker.state == WorkerState.CANCELLED, app.feed_worker.state
             finally:
                 await nc.close()
+
+    run(main(), 90)
+
+
+def test_top_started_before_the_coordinator_says_what_it_cannot_watch_then_follows_the_fleet(nats_server, tmp_path):
+    from textual.widgets import DataTable, Static
+
+    from gigafactory.top import TopApp
+
+    async def main():
+        nc = await connect(nats_server.url, "test-top-early", fast_settings())
+        app = TopApp(nc, url=nats_server.url, refresh_s=0.1)
+        try:
+            async with app.run_test(size=(160, 50)) as pilot:
+                summary = app.query_one("#summary", Static)
+                await eventually(lambda: "gf_jobs: not watched" in str(summary.render()), 15,
+                                 what="the missing bucket named on screen")
+                async with Fleet(nats_server.url, tmp_path) as fleet:
+                    await fleet.add_factory("early-f1")
+                    job_id = await fleet.submit_one(fleet.job("echo hi", review_policy="auto"))
+                    await fleet.wait_stage(job_id, "shipped")
+                    stages = app.query_one("#stages", DataTable)
+                    await eventually(lambda: str(stages.get_row("shipped")[1]) == "1"
+                                     and "early-f1" in app.query_one("#factories", DataTable).rows, 15,
+                                     what="the fleet that started after top, on screen")
+                    assert "not watched" not in str(summary.render())
+                    await pilot.press("q")
+        finally:
+            await nc.close()
 
     run(main(), 90)
 
