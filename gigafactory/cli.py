@@ -528,9 +528,26 @@ def _progress_line(counts: dict[str, int], elapsed_s: float) -> str:
     return f"[{elapsed_s:5.1f}s] " + " · ".join(parts)
 
 
-def _progress_printer(as_json: bool):
+def _progress_printer(as_json: bool, console=None):
+    """``show(jobs)`` and ``done()`` for ``submit --wait``'s progress on stderr.
+
+    On a terminal: a rich progress display (spinner, jobs at rest of all, a bar, the counts by
+    stage, elapsed time), redrawn in place by rich, and left on screen as its last state.
+    Otherwise (a file, a pipe, CI logs): one plain line each time the counts change, as
+    before. With ``--json``: nothing.
+
+    :param as_json: ``--json`` was given (stderr stays quiet).
+    :param console: the rich console to draw on (tests pass one); default stderr's.
+    """
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    from gigafactory.client import RESTING
+
     t0 = time.monotonic()
-    tty = sys.stderr.isatty()
+    console = console or Console(stderr=True)
+    live = console.is_terminal and not as_json
+    bar: list = []  # the Progress and its task, made on the first change
     last = [""]
 
     def show(jobs: dict[str, dict]) -> None:
@@ -540,15 +557,23 @@ def _progress_printer(as_json: bool):
         for j in jobs.values():
             counts[j["stage"]] = counts.get(j["stage"], 0) + 1
         line = _progress_line(counts, time.monotonic() - t0)
-        if tty:
-            click.echo("\r" + line.ljust(len(last[0])), nl=False, err=True)
+        if live:
+            rested = sum(n for stage, n in counts.items() if stage in RESTING)
+            what = dict(total=max(1, len(jobs)), completed=rested, description=line.split("] ", 1)[1])
+            if not bar:
+                p = Progress(SpinnerColumn(), MofNCompleteColumn(), BarColumn(), TextColumn("{task.description}"),
+                             TimeElapsedColumn(), console=console, transient=False)
+                bar.extend([p, p.add_task(**what)])
+                p.start()
+            else:
+                bar[0].update(bar[1], **what)
         elif line.split("] ", 1)[1] != last[0].split("] ", 1)[-1]:
             click.echo(line, err=True)
         last[0] = line
 
     def done() -> None:
-        if tty and not as_json and last[0]:
-            click.echo("", err=True)
+        if bar:
+            bar[0].stop()  # the last state stays on screen, the cursor on the next line
 
     return show, done
 
@@ -569,8 +594,10 @@ def submit(nats_url, as_json, files, wait, timeout_s) -> None:
             for j in jobs:
                 click.echo(f"{j['file']}: {j['job']} ({j['status']}, {j['stage']})", err=True)
         show, done = _progress_printer(as_json)
-        final = await client.wait([j["job"] for j in jobs], timeout_s=timeout_s, on_progress=show)
-        done()
+        try:
+            final = await client.wait([j["job"] for j in jobs], timeout_s=timeout_s, on_progress=show)
+        finally:
+            done()  # stop the display's refresh thread whatever ended the wait
         return {"jobs": jobs, "final": final}
 
     out = _client_call(nats_url, as_json, fn)
@@ -592,6 +619,44 @@ def submit(nats_url, as_json, files, wait, timeout_s) -> None:
             sys.exit(EXIT_TIMEOUT)
         if any(s in ("failed", "dead_letter") for s in stages):
             sys.exit(EXIT_FAILED)
+
+
+@main.command()
+@_nats_option
+@click.option("--refresh-s", type=click.FloatRange(0.1, 60.0), default=0.5, show_default=True,
+              help="Redraw at most this often (seconds).")
+@click.option("--events", "events_max", type=click.IntRange(1, 10_000), default=200, show_default=True,
+              help="How many of the newest events to keep and show.")
+@click.option("--window-s", type=click.FloatRange(1.0, 3600.0), default=60.0, show_default=True,
+              help="Ships per minute are averaged over this many seconds.")
+def top(nats_url, refresh_s, events_max, window_s) -> None:
+    """A full-screen live view: pools, factories, jobs by stage, events, throughput, spend (q quits).
+
+    Watches the broker (gf_jobs, gf_factories, gf_pools and GF_EVENTS); never polls the API."""
+    from gigafactory.broker import _probe, connect
+    from gigafactory.top import TopApp
+
+    url = _need_url(nats_url, False)
+    try:
+        settings = Settings.from_env()
+    except ValueError:
+        settings = Settings()
+
+    async def run() -> None:
+        try:
+            # One bounded try first (nats-py retries a missing server forever, silently); once
+            # connected, top rides out broker restarts with unlimited jittered reconnects.
+            await _probe([u.strip() for u in url.split(",") if u.strip()], settings)
+            nc = await connect(url, "gigafactory-top", settings, max_reconnect_attempts=-1, connect_timeout_s=5.0)
+        except Exception as e:
+            _fail(f"cannot connect to {url}: {e or type(e).__name__}", EXIT_UNAVAILABLE)
+        try:
+            await TopApp(nc, url=url, refresh_s=refresh_s, events_max=events_max,
+                         throughput_window_s=window_s).run_async()
+        finally:
+            await nc.close()
+
+    asyncio.run(run())
 
 
 @main.command()
