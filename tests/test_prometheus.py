@@ -26,7 +26,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from helpers import Proc, fast_env, gigafactory_cmd, wait_until, write_job
+from helpers import Proc, fast_env, gigafactory_cmd, kill_group, wait_until, write_job
 
 from gigafactory.embedded import EmbeddedServer, free_port
 
@@ -52,6 +52,24 @@ PROMETHEUS_OWN = {"up"}
 
 GRAFANA_VARIABLES = {"$__rate_interval": "10s", "$factory": ".+"}
 """What Grafana puts in place of the dashboards' variables (10s: a few 1s scrapes)."""
+
+METER_CLI = """#!/bin/sh
+# An agent CLI stand-in: reports one model request's tokens and cost as a JSON line.
+if [ "$1" = "--version" ]; then echo "meter version 1.0.0"; exit 0; fi
+echo '{"type": "usage", "model": "meter-model", "usage": {"input": 1000, "output": 200}, "cost": 0.25}'
+"""
+METER_DECLARATION = {
+    "name": "meter", "engine-class": "agentic-coder", "description": "reports usage and cost, does nothing else",
+    "binary": "meter", "version-args": ["--version"], "version-regex": r"version (\d+\.\d+\.\d+)",
+    "args": ["{prompt}"], "prompt": "argv", "default-model": "meter-model",
+    "output": {"format": "jsonl", "event-type": "type", "usage-events": ["usage"], "input-tokens": "usage.input",
+               "output-tokens": "usage.output", "cost-usd": "cost", "model": "model"},
+}
+"""A declared engine (``engines_dir``) whose runs carry usage: the tokens and cost families get series."""
+
+METADATA_ONLY: set[str] = set()
+"""Metric names the live test accepts without series (only their TYPE and HELP scraped): none
+today, the jobs above touch every family a dashboard or an alert uses."""
 
 WAIT_S = 60.0
 """Bound of every wait on the live fleet or on Prometheus (scrapes and rule evaluations run every
@@ -269,6 +287,14 @@ class LiveFleet:
         self.env["GIGAFACTORY_HOME"] = str(root / "home")
         self.env.pop("GIGAFACTORY_NATS_URL", None)
         self.env.pop("GIGAFACTORY_METRICS_PORT", None)
+        bin_dir, engines_dir = root / "bin", root / "engines"
+        bin_dir.mkdir()
+        engines_dir.mkdir()
+        (bin_dir / "meter").write_text(METER_CLI)
+        (bin_dir / "meter").chmod(0o755)
+        (engines_dir / "meter.yaml").write_text(yaml.safe_dump(METER_DECLARATION, sort_keys=False))
+        self.env["PATH"] = f"{bin_dir}:{self.env.get('PATH', '')}"
+        self.env["GIGAFACTORY_ENGINES_DIR"] = str(engines_dir)
         self.coordinator_port, self.factory_port = free_port(), free_port()
         self.procs: dict[str, Proc] = {}
         self.prometheus: Prometheus | None = None
@@ -280,7 +306,7 @@ class LiveFleet:
 
     def start_factory(self, n: int = 1) -> None:
         self.procs["factory"] = Proc(
-            [*gigafactory_cmd(), "factory", "--nats", self.nats.url, "--id", self.FACTORY, "--no-probe",
+            [*gigafactory_cmd(), "factory", "--nats", self.nats.url, "--id", self.FACTORY,
              "--stations", "2", "--seat", "shell=2", "--data-dir", str(self.root / "factory-data"),
              "--workspace", str(self.root / "work"), "--metrics-port", str(self.factory_port)],
             self.root / f"factory-{n}.log", self.env)
@@ -302,8 +328,11 @@ class LiveFleet:
         f = write_job(self.root / "jobs", name, script, **manifest)
         return json.loads(self.cli("submit", "--json", str(f)).stdout)["jobs"][0]["job"]
 
+    def record(self, job: str) -> dict:
+        return json.loads(self.cli("status", "--json", job).stdout)["record"]
+
     def stage(self, job: str) -> str:
-        return json.loads(self.cli("status", "--json", job).stdout)["record"]["stage"]
+        return self.record(job)["stage"]
 
     def factory_live(self) -> bool:
         r = self.cli("factories", "--json", check=False)
@@ -366,22 +395,57 @@ def live_fleet(tmp_path):
 def test_live_fleet_every_query_parses_and_its_metrics_exist_and_an_alert_fires_and_resolves(live_fleet):
     fleet, prom = live_fleet, live_fleet.prometheus
     assert prom is not None
-    # Jobs that leave traces in every family they can: shipped, retried then dead-lettered, failed.
+    # Jobs that leave traces in every family they can: shipped, retried then dead-lettered, failed,
+    # and one whose engine reports tokens and cost.
     shipped = fleet.submit("ship.md", "echo ok", review_policy="auto", product="web")
     dead = fleet.submit("dead.md", "echo ok", verify="false", review_policy="auto", product="web",
                         retry={"max": 1, "backoff": "1s"})
     failed = fleet.submit("fail.md", "exit 3", review_policy="auto", product="api", retry={"max": 0, "on": []})
-    for job, want in ((shipped, "shipped"), (dead, "dead_letter"), (failed, "failed")):
+    metered = fleet.submit("meter.md", "Say hello.", engine="meter", review_policy="auto", product="web")
+    for job, want in ((shipped, "shipped"), (dead, "dead_letter"), (failed, "failed"), (metered, "shipped")):
         wait_until(lambda: fleet.stage(job) == want, WAIT_S, what=f"job {job} reaches {want}\n{fleet.logs()}")
+    # An operator's requeue of the dead letter (it dead-letters again).
+    fleet.cli("requeue", dead)
+    wait_until(lambda: fleet.stage(dead) == "dead_letter" and len(fleet.record(dead)["attempts"]) == 4, WAIT_S,
+               what=f"the requeued job {dead} dead-letters again\n{fleet.logs()}")
 
     # Prometheus has scraped both processes after those jobs ended, and evaluated the rules.
-    wait_until(lambda: prom.value('gigafactory_jobs_shipped_total{product="web"}') == 1
-               and prom.value('gigafactory_dead_letters_total{product="web"}') == 1
-               and prom.value("sum(gigafactory_attempts_finished_total)") >= 4, WAIT_S,
+    wait_until(lambda: prom.value('sum(gigafactory_jobs_shipped_total{product="web"})') == 2
+               and prom.value('sum(gigafactory_dead_letters_total{product="web"})') == 2
+               and prom.value('sum(gigafactory_requeues_total{product="web"})') == 1
+               and prom.value('sum(gigafactory_cost_usd_total{engine="meter"})') == 0.25, WAIT_S,
                what=f"prometheus scraped the finished jobs\n{fleet.logs()}")
     wait_until(lambda: prom.value("gigafactory:spend_budget_usd_per_hour") == 25, WAIT_S, what="rules evaluated")
     for job in ("gigafactory-coordinator", "gigafactory-factory"):
         assert prom.value(f'up{{job="{job}"}}') == 1, f"{job} not scraped\n{fleet.logs()}"
+
+    # The alert: the only factory dies (SIGKILL) while it runs a job; the reaper reclaims the lease
+    # and requeues the job, which now waits in a pool without a live factory.
+    marker = fleet.repo / "attempt-started"
+    waiting = fleet.submit("waiting.md", f"test -f {marker} || {{ touch {marker}; sleep 60; }}",
+                           review_policy="auto", product="web")
+    wait_until(marker.exists, WAIT_S, what=f"job {waiting} runs\n{fleet.logs()}")
+    factory = fleet.procs["factory"]
+    kill_group(factory.pid)
+    factory.wait(WAIT_S)
+    firing = wait_until(lambda: [a for a in prom.alerts("GigafactoryPoolWithoutFactory") if a["state"] == "firing"],
+                        WAIT_S, what=f"GigafactoryPoolWithoutFactory fires\n{fleet.logs()}")
+    rec = fleet.record(waiting)
+    assert rec["stage"] == "queued" and [a["outcome"] for a in rec["attempts"]] == ["lease_expired"], rec["attempts"]
+    assert [a["labels"]["pool"] for a in firing] == [rec["pool"]]
+    assert firing[0]["labels"]["severity"] == "critical" and "gigafactory factories" in firing[0]["annotations"]["runbook"]
+    wait_until(lambda: prom.value('sum(gigafactory_leases_reclaimed_total{product="web"})') == 1, WAIT_S,
+               what="the reclaimed lease is scraped")
+
+    # A factory comes back and runs the job: the alert resolves.
+    fleet.start_factory(2)
+    wait_until(lambda: fleet.stage(waiting) == "shipped", WAIT_S, what=f"the waiting job ships\n{fleet.logs()}")
+    wait_until(lambda: prom.alerts("GigafactoryPoolWithoutFactory") == [], WAIT_S,
+               what=f"GigafactoryPoolWithoutFactory resolves\n{fleet.logs()}")
+    # Quiet in the negative space too: nothing else fires on this fleet but the dead letters it made
+    # (a factory's own down-time does not page: only coordinators have an up alert).
+    others = {a["labels"]["alertname"] for a in prom.api("alerts")["data"]["alerts"] if a["state"] == "firing"}
+    assert others <= {"GigafactoryDeadLetters"}, others
 
     # Every query parses on the real server.
     bad = {}
@@ -392,8 +456,8 @@ def test_live_fleet_every_query_parses_and_its_metrics_exist_and_an_alert_fires_
     assert bad == {}
 
     # Every metric name used exists on the live server: it has series, or (a labelled family that
-    # no event has touched yet, like cost for shell jobs) Prometheus scraped its TYPE and HELP.
-    start = time.time() - 600
+    # no event of this test touches) Prometheus scraped its TYPE and HELP from a live target.
+    start = time.time() - 900
     with_series, metadata_only, missing = set(), set(), set()
     for name in sorted({n for _, q in all_queries() for n in metric_names(q)} - set(EXPORTER_METRICS)):
         res = prom.api("series", **{"match[]": name, "start": start})
@@ -407,13 +471,7 @@ def test_live_fleet_every_query_parses_and_its_metrics_exist_and_an_alert_fires_
         else:
             missing.add(name)
     assert missing == set(), f"metrics used but not exported by the live fleet; with series: {sorted(with_series)}"
-    # What the jobs above produce must have real series, not only metadata.
-    assert {"gigafactory_jobs", "gigafactory_jobs_shipped_total", "gigafactory_dead_letters_total",
-            "gigafactory_jobs_failed_total", "gigafactory_retries_total", "gigafactory_attempt_failures_total",
-            "gigafactory_dispatch_latency_seconds_bucket", "gigafactory_stage_duration_seconds_bucket",
-            "gigafactory_factories_live", "gigafactory_stations", "gigafactory_seats_limit",
-            "gigafactory_reaper_passes_total", "gigafactory_outbox_depth", "gigafactory_broker_connected",
-            "gigafactory:spend_budget_usd_per_hour", "up"} <= with_series, sorted(metadata_only)
+    assert metadata_only <= METADATA_ONLY, f"expected series for {sorted(metadata_only - METADATA_ONLY)}"
     # The NATS exporter's names come from these /varz fields of the real server.
     with urllib.request.urlopen(f"{fleet.nats.monitor_url}/varz", timeout=10) as r:
         varz = json.loads(r.read())
@@ -423,24 +481,3 @@ def test_live_fleet_every_query_parses_and_its_metrics_exist_and_an_alert_fires_
             assert isinstance(node, dict) and key in node, f"{name}: /varz has no {'.'.join(path)}"
             node = node[key]
         assert isinstance(node, (int, float)), (name, node)
-
-    # The alert: stop the only factory while a job waits: GigafactoryPoolWithoutFactory fires.
-    fleet.procs["factory"].close()
-    wait_until(lambda: not fleet.factory_live(), WAIT_S, what="the coordinator sees the factory gone")
-    waiting = fleet.submit("waiting.md", "echo ok", review_policy="auto", product="web")
-    firing = wait_until(lambda: [a for a in prom.alerts("GigafactoryPoolWithoutFactory") if a["state"] == "firing"],
-                        WAIT_S, what=f"GigafactoryPoolWithoutFactory fires\n{fleet.logs()}")
-    pool = json.loads(fleet.cli("status", "--json", waiting).stdout)["record"]["pool"]
-    assert [a["labels"]["pool"] for a in firing] == [pool]
-    assert firing[0]["labels"]["severity"] == "critical" and "gigafactory factories" in firing[0]["annotations"]["runbook"]
-    assert fleet.stage(waiting) == "queued"
-
-    # A factory comes back and runs the job: the alert resolves.
-    fleet.start_factory(2)
-    wait_until(lambda: fleet.stage(waiting) == "shipped", WAIT_S, what=f"the waiting job ships\n{fleet.logs()}")
-    wait_until(lambda: prom.alerts("GigafactoryPoolWithoutFactory") == [], WAIT_S,
-               what=f"GigafactoryPoolWithoutFactory resolves\n{fleet.logs()}")
-    # Quiet in the negative space too: no other alert fired on a healthy fleet (the factory's own
-    # down-time does not page: only coordinators have an up alert).
-    others = {a["labels"]["alertname"] for a in prom.api("alerts")["data"]["alerts"] if a["state"] == "firing"}
-    assert others <= {"GigafactoryDeadLetters"}, others
