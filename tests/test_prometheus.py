@@ -417,7 +417,8 @@ def test_live_fleet_every_query_parses_and_its_metrics_exist_and_an_alert_fires_
                what=f"prometheus scraped the finished jobs\n{fleet.logs()}")
     wait_until(lambda: prom.value("gigafactory:spend_budget_usd_per_hour") == 25, WAIT_S, what="rules evaluated")
     for job in ("gigafactory-coordinator", "gigafactory-factory"):
-        assert prom.value(f'up{{job="{job}"}}') == 1, f"{job} not scraped\n{fleet.logs()}"
+        # Prometheus starts its scrape pools a few seconds after it is ready (target updates are batched).
+        wait_until(lambda: prom.value(f'up{{job="{job}"}}') == 1, WAIT_S, what=f"{job} scraped\n{fleet.logs()}")
 
     # The alert: the only factory dies (SIGKILL) while it runs a job; the reaper reclaims the lease
     # and requeues the job, which now waits in a pool without a live factory.
