@@ -7,8 +7,10 @@
 - a live fleet (a real ``nats-server``, a coordinator and a factory as real processes, each with
   ``--metrics-port``) scraped by a real ``prometheus`` on loopback runs jobs; then every panel's
   query and every alert expression must parse on that server and every metric name it uses must
-  exist there; and GigafactoryPoolWithoutFactory is driven to firing (the factory stopped while
-  a job waits) and back to resolved (a factory returns and runs the job).
+  exist there (as series: the jobs are chosen so that every family used has one; the NATS
+  exporter's names are checked as the /varz fields they come from); and
+  GigafactoryPoolWithoutFactory is driven to firing (the only factory SIGKILLed mid-job, its lease
+  reclaimed, the job queued with no factory) and back to resolved (a factory returns and runs it).
 
 Prometheus and promtool come from Debian's ``prometheus`` package (``.ci/run`` installs it)."""
 
@@ -154,7 +156,8 @@ def all_queries() -> list[tuple[str, str]]:
 def test_metric_names_finds_selectors_and_skips_functions_labels_and_keywords():
     expr = ('sum by (pool) (max without (instance, job) (rate(gigafactory_claims_total{factory=~"a.b"}[5m])))'
             ' / on () group_left (x) gigafactory:spend_budget_usd_per_hour > 0.8 unless gigafactory_ready offset 15m')
-    assert metric_names(expr) == {"gigafactory_claims_total", "gigafactory:spend_budget_usd_per_hour", "gigafactory_ready"}
+    assert metric_names(expr) == {"gigafactory_claims_total", "gigafactory:spend_budget_usd_per_hour",
+                                  "gigafactory_ready"}
     assert metric_names('absent(up{job="x"} == 1)') == {"up"}
     assert metric_names("vector(25)") == set()
 
@@ -232,7 +235,8 @@ class Prometheus:
         config = {
             "global": {"scrape_interval": "1s", "scrape_timeout": "1s", "evaluation_interval": "1s"},
             "rule_files": [str(rule_file)],
-            "scrape_configs": [{"job_name": job, "static_configs": [{"targets": addrs}]} for job, addrs in targets.items()],
+            "scrape_configs": [{"job_name": job, "static_configs": [{"targets": addrs}]}
+                               for job, addrs in targets.items()],
         }
         root.mkdir(parents=True, exist_ok=True)
         conf = root / "prometheus.yml"
@@ -320,7 +324,8 @@ class LiveFleet:
     def cli(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
         r = subprocess.run([*gigafactory_cmd(), *args, "--nats", self.nats.url], env=self.env, capture_output=True,
                            text=True, timeout=WAIT_S, stdin=subprocess.DEVNULL)
-        assert r.returncode == 0 or not check, f"gigafactory {' '.join(args)} exited {r.returncode}\n{r.stdout}\n{r.stderr}\n{self.logs()}"
+        assert r.returncode == 0 or not check, (f"gigafactory {' '.join(args)} exited {r.returncode}\n"
+                                                f"{r.stdout}\n{r.stderr}\n{self.logs()}")
         return r
 
     def submit(self, name: str, script: str, **manifest) -> str:
@@ -434,7 +439,8 @@ def test_live_fleet_every_query_parses_and_its_metrics_exist_and_an_alert_fires_
     rec = fleet.record(waiting)
     assert rec["stage"] == "queued" and [a["outcome"] for a in rec["attempts"]] == ["lease_expired"], rec["attempts"]
     assert [a["labels"]["pool"] for a in firing] == [rec["pool"]]
-    assert firing[0]["labels"]["severity"] == "critical" and "gigafactory factories" in firing[0]["annotations"]["runbook"]
+    assert firing[0]["labels"]["severity"] == "critical"
+    assert "gigafactory factories" in firing[0]["annotations"]["runbook"]
     wait_until(lambda: prom.value('sum(gigafactory_leases_reclaimed_total{product="web"})') == 1, WAIT_S,
                what="the reclaimed lease is scraped")
 
