@@ -46,7 +46,10 @@ NOT_OURS = {"PATH", "HOME", "USER", "LANG", "TERM", "NO_COLOR", "PYTHONUNBUFFERE
             "OPENAI_API_KEY", "OPENAI_API_BASE", "OPENAI_ORGANIZATION", "GEMINI_API_KEY", "GOOGLE_GEMINI_BASE_URL",
             "COPILOT_PROVIDER_BASE_URL", "COPILOT_PROVIDER_API_KEY", "COPILOT_MODEL", "COPILOT_OFFLINE",
             "COPILOT_ALLOW_ALL", "CODEX_HOME", "IS_SANDBOX", "GEMINI_CLI_TRUST_WORKSPACE",
-            "LITELLM_LOCAL_MODEL_COST_MAP", "ANTHROPIC_API_KEY", "GIT_TERMINAL_PROMPT"}
+            "LITELLM_LOCAL_MODEL_COST_MAP", "ANTHROPIC_API_KEY", "GIT_TERMINAL_PROMPT",
+            # OpenTelemetry's standard variables (its specification defines them).
+            "OTEL_SDK_DISABLED", "OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
+            "OTEL_SERVICE_NAME", "GITHUB_TOKEN", "GH_TOKEN"}
 
 _READ = re.compile(r"""(?:environ|env|getenv|factory_env)(?:\.get\(|\[|\()\s*["']([A-Za-z_][A-Za-z0-9_]*)["']"""
                    r"""|envvar=["']([A-Za-z_][A-Za-z0-9_]*)["']"""
