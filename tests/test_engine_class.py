@@ -164,7 +164,7 @@ class FakeAgent(Engine):
 
 
 @pytest.fixture
-def fake_agents() -> Iterator[None]:
+def scripted_agents() -> Iterator[None]:
     added = [engines.register(FakeAgent("fake-claude")), engines.register(FakeAgent("fake-codex"))]
     yield
     for e in added:
@@ -190,7 +190,7 @@ def ran_on(root: Path, job: str) -> str | None:
 
 
 def test_an_engine_class_job_takes_a_free_seat_in_prefers_order_and_gives_back_that_seat(
-        fake_agents, nats_server, tmp_path):
+        scripted_agents, nats_server, tmp_path):
     """One factory, three stations, one seat of each agent: the first job takes fake-claude
     (preferred), the second fake-codex (claude's seat is taken: codex is next in prefers), the
     third waits with a station free, and runs on fake-claude once the first job gives that seat
@@ -258,7 +258,7 @@ def test_an_engine_class_job_takes_a_free_seat_in_prefers_order_and_gives_back_t
     run(main(), 150)
 
 
-def test_a_job_preferring_an_engine_goes_to_the_factory_that_has_it_free(fake_agents, nats_server, tmp_path):
+def test_a_job_preferring_an_engine_goes_to_the_factory_that_has_it_free(scripted_agents, nats_server, tmp_path):
     """prefers between factories: a factory with only a non-preferred engine holds back
     (``claim_deferred``) while the job is younger than ``prefers_grace_s``, so the factory with
     the preferred engine, started later, wins it; with both up, the preferred one wins again."""
@@ -295,7 +295,7 @@ def test_a_job_preferring_an_engine_goes_to_the_factory_that_has_it_free(fake_ag
     run(main(), 150)
 
 
-def test_after_the_grace_a_factory_without_the_preferred_engine_takes_the_job(fake_agents, nats_server, tmp_path):
+def test_after_the_grace_a_factory_without_the_preferred_engine_takes_the_job(scripted_agents, nats_server, tmp_path):
     """Nothing starves: no factory offers the preferred engine, so once the job has been
     claimable for ``prefers_grace_s`` the factory that held back runs it on what it has."""
     marks = tmp_path / "marks"
@@ -336,7 +336,7 @@ def test_attempt_and_attribution_decode_without_the_engine_fields():
     assert msgspec.json.decode(b'{"lane":"f/0"}', type=Attribution).engine is None
 
 
-def test_a_job_held_back_for_prefers_is_no_stall_of_push_dispatch(fake_agents, nats_server, tmp_path, monkeypatch):
+def test_a_job_held_back_for_prefers_is_no_stall_of_push_dispatch(scripted_agents, nats_server, tmp_path, monkeypatch):
     """A grace longer than the stall threshold: the job waits by design, so the factory that
     holds it back must not judge push broken and fall back to polling meanwhile."""
     from gigafactory.factory import agent

@@ -109,7 +109,7 @@ DECLARATION = {
 
 
 @pytest.fixture
-def fakecli(tmp_path, monkeypatch):
+def declared_cli(tmp_path, monkeypatch):
     """``fakecli`` on PATH, its credential set, and a folder declaring it; yields that folder.
     The declared engine is removed from the registry afterwards."""
     bin_dir = tmp_path / "bin"
@@ -176,8 +176,8 @@ def trace(job: EngineJob) -> dict:
     ("argv", ["run", "{model_args}", "{mode_args}", "--prompt", "{prompt}"]),
     ("stdin", ["run", "{model_args}", "{mode_args}"]),
 ])
-def test_a_declared_cli_edits_the_file_and_reports_priced_usage(fakecli, tmp_path, mode, args):
-    eng = engine_from(fakecli, prompt=mode, args=args)
+def test_a_declared_cli_edits_the_file_and_reports_priced_usage(declared_cli, tmp_path, mode, args):
+    eng = engine_from(declared_cli, prompt=mode, args=args)
     job = make_job(tmp_path, body="- Create hello.txt.\n- Then stop.")
     prepared, out = asyncio.run(run_engine(eng, job))
     assert out.failure is None, out
@@ -195,8 +195,8 @@ def test_a_declared_cli_edits_the_file_and_reports_priced_usage(fakecli, tmp_pat
     assert not Path(prepared.env["HOME"]).exists()
 
 
-def test_the_engine_sees_only_its_declared_environment(fakecli, tmp_path):
-    eng = engine_from(fakecli)
+def test_the_engine_sees_only_its_declared_environment(declared_cli, tmp_path):
+    eng = engine_from(declared_cli)
     job = make_job(tmp_path, yolo=True, model="gpt-4.1-mini")
     _, out = asyncio.run(run_engine(eng, job))
     assert out.failure is None, out
@@ -211,22 +211,22 @@ def test_the_engine_sees_only_its_declared_environment(fakecli, tmp_path):
     assert t["argv"][t["argv"].index("--model") + 1] == "gpt-4.1-mini"  # the job's model wins
 
 
-def test_a_reported_cost_is_kept_as_reported(fakecli, tmp_path):
-    eng = engine_from(fakecli)
+def test_a_reported_cost_is_kept_as_reported(declared_cli, tmp_path):
+    eng = engine_from(declared_cli)
     _, out = asyncio.run(run_engine(eng, make_job(tmp_path, body="REPORT-COST please")))
     assert out.failure is None, out
     assert (out.usage.cost_usd, out.usage.cost_source) == (0.0421, "reported")
 
 
-def test_an_unknown_model_is_never_priced_as_zero(fakecli, tmp_path):
-    eng = engine_from(fakecli)
+def test_an_unknown_model_is_never_priced_as_zero(declared_cli, tmp_path):
+    eng = engine_from(declared_cli)
     _, out = asyncio.run(run_engine(eng, make_job(tmp_path, model="no-such-model")))
     assert out.failure is None
     assert (out.usage.model, out.usage.cost_usd, out.usage.cost_source) == ("no-such-model", None, "unknown")
 
 
-def test_error_patterns_name_the_failure_class(fakecli, tmp_path):
-    eng = engine_from(fakecli)
+def test_error_patterns_name_the_failure_class(declared_cli, tmp_path):
+    eng = engine_from(declared_cli)
     _, out = asyncio.run(run_engine(eng, make_job(tmp_path, body="FAIL-RATE")))
     assert out.failure == FailureClass.RATE_LIMITED and out.exit_code == 1, out
     assert out.retry_after_s == 7.0 and "429 Too Many Requests" in out.detail
@@ -235,8 +235,8 @@ def test_error_patterns_name_the_failure_class(fakecli, tmp_path):
     assert "invalid api key" in out.detail
 
 
-def test_without_a_declared_pattern_a_failure_is_a_crash_with_its_message(fakecli, tmp_path):
-    eng = engine_from(fakecli, **{"error-patterns": {"context_overflow": ["context window"]}})
+def test_without_a_declared_pattern_a_failure_is_a_crash_with_its_message(declared_cli, tmp_path):
+    eng = engine_from(declared_cli, **{"error-patterns": {"context_overflow": ["context window"]}})
     _, out = asyncio.run(run_engine(eng, make_job(tmp_path, body="FAIL-RATE")))
     # The built-in words still know a 429; a declaration only adds to them.
     assert out.failure == FailureClass.RATE_LIMITED, out
@@ -245,22 +245,22 @@ def test_without_a_declared_pattern_a_failure_is_a_crash_with_its_message(fakecl
 
 
 @pytest.mark.parametrize("on_success,failure", [(True, FailureClass.RATE_LIMITED), (False, None)])
-def test_error_patterns_on_success_fail_a_run_that_exited_0(fakecli, tmp_path, on_success, failure):
-    eng = engine_from(fakecli, **{"error-patterns": {"rate_limited": ["RateLimitError"]},
+def test_error_patterns_on_success_fail_a_run_that_exited_0(declared_cli, tmp_path, on_success, failure):
+    eng = engine_from(declared_cli, **{"error-patterns": {"rate_limited": ["RateLimitError"]},
                                   "error-patterns-on-success": on_success})
     _, out = asyncio.run(run_engine(eng, make_job(tmp_path, body="SOFT-FAIL")))
     assert out.exit_code == 0 and out.failure == failure, out
 
 
-def test_a_missing_model_is_refused_at_prepare(fakecli, tmp_path):
-    eng = engine_from(fakecli, args=["run", "--model", "{model}", "--prompt-file", "{prompt_file}"],
+def test_a_missing_model_is_refused_at_prepare(declared_cli, tmp_path):
+    eng = engine_from(declared_cli, args=["run", "--model", "{model}", "--prompt-file", "{prompt_file}"],
                       **{"default-model": None, "model-args": None, "yolo-args": None, "safe-args": None})
     with pytest.raises(SetupFailed, match="needs a model: set 'model:' in the job, or 'default-model'"):
         eng.prepare(make_job(tmp_path))
 
 
-def test_the_parser_reads_usage_in_any_chunking(fakecli):
-    eng = engine_from(fakecli)
+def test_the_parser_reads_usage_in_any_chunking(declared_cli):
+    eng = engine_from(declared_cli)
     stream = (b'{"type":"text","text":"hi"}\nnot json\n{"type":"usage","model":"gpt-4.1","usage":{"input":10,'
               b'"output":5}}\n{"type":"tool","name":"edit","input":{"path":"a"}}\n{"type":"usage","usage":{"input":1,"output":1}}')
     for size in (1, 7, 1000):
@@ -276,8 +276,8 @@ def test_the_parser_reads_usage_in_any_chunking(fakecli):
     assert DeclaredParser(eng.dec).usage() is None  # nothing read: no usage, not zeros
 
 
-def test_a_text_output_reads_usage_by_regex(fakecli):
-    eng = engine_from(fakecli, output={
+def test_a_text_output_reads_usage_by_regex(declared_cli):
+    eng = engine_from(declared_cli, output={
         "format": "text", "input-tokens": r"Tokens: (\d[\d,]*) sent", "output-tokens": r"(\d+) received",
         "cost-usd": r"Cost: \$(\d+\.\d+)", "tool-pattern": r"^Applied edit to (\S+)"})
     p = eng.parser()
@@ -287,8 +287,8 @@ def test_a_text_output_reads_usage_by_regex(fakecli):
     assert [s.kind for s in said] == ["progress", "usage", "usage"]
 
 
-def test_total_counts_take_the_last_event(fakecli):
-    eng = engine_from(fakecli, output={**DECLARATION["output"], "usage-counts": "total"})
+def test_total_counts_take_the_last_event(declared_cli):
+    eng = engine_from(declared_cli, output={**DECLARATION["output"], "usage-counts": "total"})
     p = eng.parser()
     p.feed(b'{"type":"usage","usage":{"input":10,"output":5}}\n{"type":"usage","usage":{"input":30,"output":9}}\n')
     assert (p.usage().input_tokens, p.usage().output_tokens) == (30, 9)
@@ -298,8 +298,8 @@ def test_total_counts_take_the_last_event(fakecli):
 # The probe
 
 
-def test_the_probe_offers_an_installed_credentialed_declared_engine(fakecli, monkeypatch):
-    assert engines.load_declared(fakecli) == {}
+def test_the_probe_offers_an_installed_credentialed_declared_engine(declared_cli, monkeypatch):
+    assert engines.load_declared(declared_cli) == {}
     eng = engines.get("fakecli")
     assert isinstance(eng, DeclaredEngine)
     toks = probe.engine_tokens(environ=os.environ, path=os.environ["PATH"], timeout_s=10)
@@ -311,21 +311,21 @@ def test_the_probe_offers_an_installed_credentialed_declared_engine(fakecli, mon
     assert "engine:fakecli" not in probe.engine_tokens(environ=env, path=env["PATH"], timeout_s=10)
 
 
-def test_the_probe_refuses_a_version_outside_the_declared_range(fakecli):
-    eng = engine_from(fakecli, **{"min-version": "1.5"})
+def test_the_probe_refuses_a_version_outside_the_declared_range(declared_cli):
+    eng = engine_from(declared_cli, **{"min-version": "1.5"})
     found = eng.probe(environ=os.environ, path=os.environ["PATH"], timeout_s=10)
     assert not found.runnable and found.version == "1.4.2" and "outside the declared range [1.5" in found.why
 
 
-def test_the_probe_says_when_the_binary_is_missing(fakecli):
-    eng = engine_from(fakecli, binary="no-such-cli-here")
+def test_the_probe_says_when_the_binary_is_missing(declared_cli):
+    eng = engine_from(declared_cli, binary="no-such-cli-here")
     found = eng.probe(environ=os.environ, path=os.environ["PATH"], timeout_s=10)
     assert not found.runnable and "'no-such-cli-here' is not on the factory's PATH" in found.why
 
 
-def test_credentials_required_none_runs_without_any(fakecli, monkeypatch):
+def test_credentials_required_none_runs_without_any(declared_cli, monkeypatch):
     monkeypatch.delenv("FAKECLI_API_KEY")
-    eng = engine_from(fakecli, **{"credentials-required": "none"})
+    eng = engine_from(declared_cli, **{"credentials-required": "none"})
     assert eng.probe(environ=os.environ, path=os.environ["PATH"], timeout_s=10).runnable
 
 
@@ -350,39 +350,39 @@ def test_credentials_required_none_runs_without_any(fakecli, monkeypatch):
     ({"output": {"format": "jsonl", "input-tokens": "usage..in"}}, "output.input-tokens", "not a field name"),
     ({"args": ["x"] * 65}, "args", "at most 64"),
 ])
-def test_a_bad_declaration_is_refused_naming_file_and_field(fakecli, change, field, words):
+def test_a_bad_declaration_is_refused_naming_file_and_field(declared_cli, change, field, words):
     doc = {**DECLARATION, **change}
     doc = {k: v for k, v in doc.items() if v is not None}
-    p = write_decl(fakecli, doc, name="fakecli")
+    p = write_decl(declared_cli, doc, name="fakecli")
     with pytest.raises(DeclarationError) as e:
         read_declaration(p)
     assert e.value.field == field and str(p) in str(e.value) and words in str(e.value), str(e.value)
 
 
-def test_a_declaration_never_shadows_a_built_in_engine(fakecli):
-    p = write_decl(fakecli, {**DECLARATION, "name": "claude"})
-    errors = engines.load_declared(fakecli)
+def test_a_declaration_never_shadows_a_built_in_engine(declared_cli):
+    p = write_decl(declared_cli, {**DECLARATION, "name": "claude"})
+    errors = engines.load_declared(declared_cli)
     assert "a declaration may not replace it" in errors[str(p)] and "field 'name'" in errors[str(p)]
     assert not isinstance(engines.get("claude"), DeclaredEngine)
     assert isinstance(engines.get("fakecli"), DeclaredEngine)  # the good file beside it still loads
     assert engines.declaration_errors()[str(p)] == errors[str(p)]
 
 
-def test_size_limits_and_broken_files_are_named_and_skipped(fakecli):
-    big = fakecli / "huge.yaml"
+def test_size_limits_and_broken_files_are_named_and_skipped(declared_cli):
+    big = declared_cli / "huge.yaml"
     big.write_text("name: huge\n# " + "x" * declared.MAX_DECLARATION_BYTES + "\n")
-    broken = fakecli / "broken.toml"
+    broken = declared_cli / "broken.toml"
     broken.write_text("name = [unclosed\n")
-    other = fakecli / "mismatch.yaml"
+    other = declared_cli / "mismatch.yaml"
     other.write_text(yaml.safe_dump({**DECLARATION, "name": "fakecli2"}))
-    errors = engines.load_declared(fakecli)
+    errors = engines.load_declared(declared_cli)
     assert f"over the {declared.MAX_DECLARATION_BYTES}-byte limit" in errors[str(big)]
     assert "is not valid TOML" in errors[str(broken)]
     assert "differs from the file's name 'mismatch'" in errors[str(other)]
     assert isinstance(engines.get("fakecli"), DeclaredEngine)
 
 
-def test_a_toml_declaration_loads(fakecli):
+def test_a_toml_declaration_loads(declared_cli):
     doc = {k: v for k, v in DECLARATION.items()}
     lines = []
     for k, v in doc.items():
@@ -393,8 +393,8 @@ def test_a_toml_declaration_loads(fakecli):
         if isinstance(v, dict):
             lines.append(f"[{json.dumps(k)}]")
             lines += [f"{json.dumps(kk)} = {json.dumps(vv)}" for kk, vv in v.items()]
-    (fakecli / "fakecli.yaml").unlink()
-    p = fakecli / "fakecli.toml"
+    (declared_cli / "fakecli.yaml").unlink()
+    p = declared_cli / "fakecli.toml"
     p.write_text("\n".join(lines) + "\n")
     dec = read_declaration(p)
     assert dec.name == "fakecli" and dec.output.format == "jsonl" and dec.credentials == ("FAKECLI_API_KEY",)
@@ -418,16 +418,16 @@ def test_the_shipped_example_is_a_valid_declaration():
 # Through a whole factory on a real broker
 
 
-def test_a_declared_engine_ships_a_job_and_is_stopped_by_its_budget(fakecli, nats_server, tmp_path):
-    settings = fast_settings(engines_dir=str(fakecli))
+def test_a_declared_engine_ships_a_job_and_is_stopped_by_its_budget(declared_cli, nats_server, tmp_path):
+    settings = fast_settings(engines_dir=str(declared_cli))
     # A bad declaration beside the good one: reported and skipped, the factory starts anyway.
-    (fakecli / "broken.yaml").write_text("name: broken\nengine-class: agentic-coder\nbinary: x\nargs: [oops\n")
+    (declared_cli / "broken.yaml").write_text("name: broken\nengine-class: agentic-coder\nbinary: x\nargs: [oops\n")
 
     async def main():
         async with Fleet(nats_server.url, tmp_path, settings) as fleet:
             f = await fleet.add_factory("decl-1", probe=True)
             assert "engine:fakecli" in f.offers.tokens and "fakecli:1.4.2" in f.offers.tokens
-            assert "is not valid YAML" in engines.declaration_errors()[str(fakecli / "broken.yaml")]
+            assert "is not valid YAML" in engines.declaration_errors()[str(declared_cli / "broken.yaml")]
             job = await fleet.submit_one(fleet.job("Create hello.txt.", engine="fakecli", verify="test -f hello.txt",
                                                    review_policy="auto"))
             rec = await fleet.wait_stage(job, "shipped", "failed", "dead_letter", timeout_s=60)
@@ -547,17 +547,17 @@ def test_a_declaration_drives_the_real_codex_cli(tmp_path, monkeypatch):
     assert out.failure == FailureClass.AUTH_FAILED, out
 
 
-def test_the_parser_takes_no_garbage_for_usage(fakecli):
-    p = engine_from(fakecli).parser()
+def test_the_parser_takes_no_garbage_for_usage(declared_cli):
+    p = engine_from(declared_cli).parser()
     p.feed(b'{"type":"usage","usage":{"input":"1e400","output":-5},"cost":"inf"}\n[1,2]\n"text"\n'
            b'{"type":"usage","usage":{"input":"' + b"9" * 5000 + b'","output":true}}\n{"type":"usage","usage":7}\n')
     assert p.usage() is None  # no count, no cost: nothing made up
 
 
-def test_version_bounds_compare_missing_parts_as_zero(fakecli):
-    assert engine_from(fakecli, **{"min-version": "1.4.2.0", "below-version": "1.4.3"}).probe(
+def test_version_bounds_compare_missing_parts_as_zero(declared_cli):
+    assert engine_from(declared_cli, **{"min-version": "1.4.2.0", "below-version": "1.4.3"}).probe(
         environ=os.environ, path=os.environ["PATH"], timeout_s=10).runnable
-    found = engine_from(fakecli, **{"min-version": "1.0", "below-version": "1.4.2.0"}).probe(
+    found = engine_from(declared_cli, **{"min-version": "1.0", "below-version": "1.4.2.0"}).probe(
         environ=os.environ, path=os.environ["PATH"], timeout_s=10)
     assert not found.runnable and "outside the declared range" in found.why
 

@@ -10,7 +10,7 @@ import tracemalloc
 import orjson
 import pytest
 from helpers import Fleet, eventually, fast_settings, run
-from test_engines_declared import fakecli  # noqa: F401 (a fixture: an agent CLI that reports usage)
+from test_engines_declared import declared_cli  # noqa: F401 (a fixture: an agent CLI that reports usage)
 
 from gigafactory.broker import connect
 from gigafactory.topmodel import STAGE_ORDER, TopModel, format_age
@@ -225,14 +225,14 @@ def rows(table) -> list[list[str]]:
     return [[str(c) for c in table.get_row(k)] for k in list(table.rows)]
 
 
-def test_top_shows_stage_counts_a_factory_row_and_events_of_a_live_fleet_and_q_quits(nats_server, tmp_path, fakecli):
+def test_top_shows_stage_counts_a_factory_row_and_events_of_a_live_fleet_and_q_quits(nats_server, tmp_path, declared_cli):
     from textual.widgets import DataTable, Static
     from textual.worker import WorkerState
 
     from gigafactory.top import TopApp
 
     async def main():
-        async with Fleet(nats_server.url, tmp_path, fast_settings(engines_dir=str(fakecli))) as fleet:
+        async with Fleet(nats_server.url, tmp_path, fast_settings(engines_dir=str(declared_cli))) as fleet:
             await fleet.add_factory("top-f1", stations=2, caps=["topcap"])
             await fleet.add_factory("top-agent", probe=True)
             # a declared agent CLI that reports tokens: its attempt's usage is priced
