@@ -13,9 +13,8 @@ import socket
 import sys
 import urllib.error
 import urllib.request
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 
-import msgspec
 import pytest
 from helpers import Fleet, Proc, eventually, fast_env, gigafactory_cmd, job_text, run
 from prometheus_client.parser import text_string_to_metric_families
@@ -24,17 +23,9 @@ from gigafactory import metrics
 from gigafactory.client import Client
 from gigafactory.config import Settings, SettingsError
 from gigafactory.factory import engines
-from gigafactory.factory.engines.base import (
-    Engine,
-    EngineJob,
-    OutputParser,
-    Prepared,
-    ProbeResult,
-    Progress,
-    engine_environment,
-    require_cwd,
-)
-from gigafactory.schemas.records import Usage
+from gigafactory.factory.engines.base import Engine
+
+from test_usage import UsageEngine
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -99,42 +90,10 @@ def _assert_no_job_ids(scrape: Scrape, job_ids: list[str]) -> None:
 # -- a test engine that reports usage ------------------------------------------------------------
 
 
-class UsageLines(OutputParser):
-    """Reads ``usage: {json}`` lines: each one is the run's usage so far."""
-
-    def __init__(self) -> None:
-        self.buf = b""
-        self.last: Usage | None = None
-
-    def feed(self, chunk: bytes) -> list[Progress]:
-        self.buf += chunk
-        *lines, self.buf = self.buf.split(b"\n")
-        out = []
-        for line in lines:
-            if line.startswith(b"usage: "):
-                self.last = msgspec.json.decode(line[7:], type=Usage)
-                out.append(Progress("usage", msgspec.to_builtins(self.last)))
-        return out
-
-    def usage(self) -> Usage | None:
-        return self.last
-
-
-class MeteredEngine(Engine):
-    """The job's body is a Python program that prints its usage."""
+class MeteredEngine(UsageEngine):
+    """The job's body is a Python program that prints its usage (``usage: {json}`` lines)."""
 
     name = "metered"
-    engine_class = "script"
-
-    def probe(self, *, environ: Mapping[str, str], path: str, timeout_s: float) -> ProbeResult:
-        return ProbeResult(True)
-
-    def prepare(self, job: EngineJob) -> Prepared:
-        require_cwd(job)
-        return Prepared(cwd=job.cwd, env=engine_environment(job), argv=[sys.executable, "-c", job.body])
-
-    def parser(self) -> OutputParser:
-        return UsageLines()
 
 
 @pytest.fixture

@@ -26,7 +26,8 @@ from gigafactory.schemas.records import Usage
 
 from .. import shell
 from . import pricing
-from .base import EngineJob, Outcome, OutputParser, Prepared, ProbeResult, Progress, SetupFailed, classify_exit
+from .base import (EngineJob, Outcome, OutputParser, Prepared, ProbeResult, Progress, SetupFailed, classify_exit,
+                   run_prepared)
 
 MAX_PROMPT_BYTES = 120 * 1024
 """The prompt is passed as one argument (stdin is closed): Linux refuses a single argument over
@@ -345,13 +346,7 @@ async def run_reading(job: EngineJob, prepared: Prepared, feed) -> shell.Process
             job.on_output(chunk)
 
     try:
-        return await shell.run_argv(
-            prepared.argv, cwd=str(prepared.cwd), env=prepared.env, timeout_s=job.timeout_s,
-            log_path=job.log_path, on_output=on_output, cancel=job.cancel, kill_grace_s=job.kill_grace_s,
-            header=job.header, fence=job.fence, supervised=job.supervised,
-        )
-    except FileNotFoundError as e:
-        return Outcome(FailureClass.SETUP_FAILED, str(e))
+        return await run_prepared(job, prepared, on_output)
     finally:
         remove_home(prepared)
 

@@ -334,15 +334,8 @@ class Engine(abc.ABC):
         :param job: the attempt.
         :param prepared: what :meth:`prepare` returned for it.
         """
-        try:
-            res = await shell.run_argv(
-                prepared.argv, cwd=str(prepared.cwd), env=prepared.env, timeout_s=job.timeout_s,
-                log_path=job.log_path, on_output=job.on_output, cancel=job.cancel, kill_grace_s=job.kill_grace_s,
-                header=job.header, fence=job.fence, supervised=job.supervised,
-            )
-        except FileNotFoundError as e:
-            return Outcome(FailureClass.SETUP_FAILED, str(e))
-        return classify_exit(res, job)
+        res = await run_prepared(job, prepared)
+        return res if isinstance(res, Outcome) else classify_exit(res, job)
 
     def parser(self) -> OutputParser:
         """A fresh reader of one run's output stream (:class:`OutputParser`)."""
@@ -453,3 +446,23 @@ def classify_exit(res: shell.ProcessResult, job: EngineJob) -> Outcome:
         why = f"signal {res.signal}" if res.signal else f"exit code {res.exit_code}"
         return Outcome(FailureClass.CRASH, f"engine ended with {why}", res.exit_code)
     return Outcome(None, "engine exited 0", 0)
+
+
+async def run_prepared(job: EngineJob, prepared: Prepared,
+                       on_output: Callable[[bytes], None] | None = None) -> "shell.ProcessResult | Outcome":
+    """Run ``prepared.argv`` as :meth:`Engine.prepare` built it, bounded and fenced as the job
+    says. Returns the process result, or a ``setup_failed`` :class:`Outcome` when the program
+    is missing.
+
+    :param job: the attempt.
+    :param prepared: what ``prepare`` built.
+    :param on_output: the output callback (default: the job's).
+    """
+    try:
+        return await shell.run_argv(
+            prepared.argv, cwd=str(prepared.cwd), env=prepared.env, timeout_s=job.timeout_s,
+            log_path=job.log_path, on_output=on_output or job.on_output, cancel=job.cancel,
+            kill_grace_s=job.kill_grace_s, header=job.header, fence=job.fence, supervised=job.supervised,
+        )
+    except FileNotFoundError as e:
+        return Outcome(FailureClass.SETUP_FAILED, str(e))

@@ -65,6 +65,7 @@ from .base import (
     SetupFailed,
     classify_exit,
     require_cwd,
+    run_prepared,
 )
 
 CREDENTIAL = "ANTHROPIC_API_KEY"
@@ -351,14 +352,9 @@ class ClaudeEngine(Engine):
         :param job: the attempt (``job.parser`` is the :class:`ClaudeStream` fed its output).
         :param prepared: what :meth:`prepare` built.
         """
-        try:
-            res = await shell.run_argv(
-                prepared.argv, cwd=str(prepared.cwd), env=prepared.env, timeout_s=job.timeout_s,
-                log_path=job.log_path, on_output=job.on_output, cancel=job.cancel, kill_grace_s=job.kill_grace_s,
-                header=job.header, fence=job.fence, supervised=job.supervised,
-            )
-        except FileNotFoundError as e:
-            return Outcome(FailureClass.SETUP_FAILED, str(e))
+        res = await run_prepared(job, prepared)
+        if isinstance(res, Outcome):
+            return res
         stream = job.parser if isinstance(job.parser, ClaudeStream) else None
         out = classify_result(stream.result if stream else None, res, job)
         usage = stream.usage() if stream else None

@@ -56,7 +56,7 @@ MAX_DOCUMENT_BYTES = 4 * 1024 * 1024
 _RETRY_RE = re.compile(r"Attempt (\d+) failed with status (\d+)")
 
 
-class GeminiParser(OutputParser):
+class GeminiParser(agentcli.LineParser):
     """Reads ``gemini --output-format json`` output (stdout and stderr merged)."""
 
     def __init__(self) -> None:
@@ -85,13 +85,6 @@ class GeminiParser(OutputParser):
         if self._doc is not None and self._lines.pending().rstrip() == "}":
             for line in self._lines.flush():
                 out += self._line(line)
-        return out
-
-    def finish(self) -> list[Progress]:
-        """Read a last line that had no newline."""
-        out: list[Progress] = []
-        for line in self._lines.flush():
-            out += self._line(line)
         return out
 
     def _line(self, line: str) -> list[Progress]:
