@@ -14,6 +14,7 @@ from helpers import Proc, eventually, fast_env, job_text, run
 from gigafactory.broker import Broker
 from gigafactory.client import Client
 from gigafactory.loadtest.fleet import read_stats
+from gigafactory.schemas import names
 from gigafactory.schemas.records import FactoryRecord, JobRecord, decode
 
 pytestmark = pytest.mark.timeout(120)
@@ -64,6 +65,11 @@ def test_a_fleet_host_runs_its_factories_reports_them_and_drains_on_sigterm(nats
                 rec = await eventually(shipped, 30, what="the pinned job ships")
                 assert [(a.factory, a.outcome) for a in rec.attempts] == [("fh-0005", "passed")]
 
+                # The record can read shipped before the factory has its write's answer and counts it:
+                # its "finished" event comes after the count.
+                await eventually(lambda: _event_factories(b, names.events_subject(job, "finished")), 30,
+                                 what="the factory's finished event")
+
                 # Figures on demand (SIGUSR1), complete and fresh.
                 t = time.time()
                 host.signal(signal.SIGUSR1)
@@ -86,7 +92,7 @@ def test_a_fleet_host_runs_its_factories_reports_them_and_drains_on_sigterm(nats
                 assert host.wait(60) == 0, host.output()[-3000:]
                 left = [e.key async for e in b.factories.scan()]
                 assert left == [], f"records left after the drain: {left}"
-                assert await _factory_downs(b) == set(ids)
+                assert await _event_factories(b, names.fleet_events_subject("factory_down")) == set(ids)
                 final = read_stats(stats)
                 assert final["at"] >= t_term and final["connected"] == 0
             finally:
@@ -107,14 +113,13 @@ async def _api_answers(client: Client) -> bool:
         return False
 
 
-async def _factory_downs(b: Broker) -> set[str]:
-    """Factories with a ``factory_down`` event in the audit."""
+async def _event_factories(b: Broker, subject: str) -> set[str]:
+    """The factories of the audit's events on ``subject``."""
     from nats.js import api
 
-    from gigafactory.schemas import names
     from gigafactory.schemas.records import EventRecord
 
-    psub = await b.js.pull_subscribe(f"{names.EVENTS_PREFIX}._fleet.factory_down", stream=names.EVENTS_STREAM,
+    psub = await b.js.pull_subscribe(subject, stream=names.EVENTS_STREAM,
                                      config=api.ConsumerConfig(ack_policy=api.AckPolicy.NONE,
                                                                deliver_policy=api.DeliverPolicy.ALL))
     out: set[str] = set()
