@@ -39,6 +39,7 @@ from gigafactory.clitools import (
 from gigafactory.clitools import emit_json as _emit_json
 from gigafactory.clitools import fail as _fail
 from gigafactory.loadtest.cli import loadtest
+from gigafactory.economics.cli import invoices, report
 from gigafactory.schemas.lifecycle import Stage
 from gigafactory.config import (
     Settings,
@@ -1150,6 +1151,8 @@ def demo(examples, workdir, timeout_s, as_json, nats_url, agents) -> None:
 
 main.add_command(chaos)
 main.add_command(loadtest)
+main.add_command(report)
+main.add_command(invoices)
 
 
 if __name__ == "__main__":
