@@ -30,7 +30,8 @@ from gigafactory.schemas import names, protocol
 from gigafactory.schemas.lifecycle import Stage
 from gigafactory.schemas.manifest import FailureClass, parse_duration
 from gigafactory.schemas.profiles import engine_prompt, prefers_names, prefers_wait_s, resolve_engine
-from gigafactory.schemas.records import Attribution, JobRecord, Usage, WorkspaceResult, attributed, decode, encode
+from gigafactory.schemas.records import (Attribution, JobRecord, Usage, WorkspaceResult, attributed, decode, encode,
+                                         with_workspace)
 
 from . import engines, shell
 from . import probe
@@ -82,7 +83,7 @@ class Attempt:
         """The result to report, with the attempt's attribution (and ``usage``) and workspace."""
         return ResultPayload(job=self.run.job, epoch=self.run.epoch, failure=failure, detail=detail, exit_code=code,
                              verify_exit_code=vcode, log_path=self.log_path, log_object=None,
-                             attribution=attributed(self.attribution, usage), finished_at=time.time(), usage=usage,
+                             attribution=with_workspace(attributed(self.attribution, usage), self.ws), finished_at=time.time(), usage=usage,
                              retry_after_s=retry_after_s, workspace=self.ws)
 
     def setup_failed(self, why: str) -> ResultPayload:

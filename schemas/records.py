@@ -50,6 +50,30 @@ class Attribution(msgspec.Struct, omit_defaults=True):
     tokens_cached: int = 0
     cost_usd: float = 0.0
     cost_estimated: bool = True
+    # -- the workspace (issue 10): what the money bought, for the usage insights --
+    files_changed: int | None = None
+    """Files a ``repo`` job's attempt changed since ``base`` (its branch's diff; None: no repo,
+    or nothing was committed). Copied from the attempt's :class:`WorkspaceResult`, so a spend
+    reader (tokens, cost) has the work done next to it (cost per changed line)."""
+    lines_added: int | None = None
+    """Lines the attempt added since ``base`` (None as for ``files_changed``)."""
+    lines_deleted: int | None = None
+    """Lines the attempt deleted since ``base`` (None as for ``files_changed``)."""
+    head: str | None = None
+    """The commit those figures describe (the attempt's branch head)."""
+
+
+def with_workspace(attribution: Attribution, ws: "WorkspaceResult | None") -> Attribution:
+    """``attribution`` with the workspace figures of ``ws`` (files changed, lines added and
+    deleted, head commit); unchanged without a workspace or a commit (pure).
+
+    :param attribution: the attempt's attribution.
+    :param ws: the attempt's workspace result, or None (no ``repo``).
+    """
+    if ws is None or ws.head is None:
+        return attribution
+    return msgspec.structs.replace(attribution, files_changed=ws.files_changed, lines_added=ws.lines_added,
+                                   lines_deleted=ws.lines_deleted, head=ws.head)
 
 
 class Usage(msgspec.Struct, omit_defaults=False):

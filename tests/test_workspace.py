@@ -168,6 +168,9 @@ def test_a_repo_job_ships_its_branch_with_the_trailers_and_its_stats_in_the_reco
             assert (w.files_changed, w.lines_added, w.lines_deleted) == (2, 4, 2), w
             assert w.pushed and w.base == "main" and w.base_commit == base
             assert branches(remote)[w.branch] == w.head
+            # The usage insights read the same figures next to the spend (the attribution).
+            at = a.attribution
+            assert (at.files_changed, at.lines_added, at.lines_deleted, at.head) == (2, 4, 2, w.head), at
             assert sh_git("rev-parse", f"{w.head}^", cwd=remote).strip() == base
             assert sh_git("log", "-1", "--format=%s", w.head, cwd=remote).strip() == "Add the numbers file"
             assert trailers(remote, w.head) == {
@@ -199,6 +202,7 @@ def test_a_repo_job_ships_its_branch_with_the_trailers_and_its_stats_in_the_reco
             rec = await fleet.wait_stage(bad, "failed", timeout_s=30)
             assert rec.attempts[-1].outcome == "setup_failed"
             assert "missing.git" in rec.attempts[-1].detail and "no worktree" in rec.attempts[-1].detail
+            assert rec.attempts[-1].attribution.files_changed is None  # no commit: no figures, not zeros
 
     run(main(), 90)
 
