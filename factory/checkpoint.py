@@ -90,6 +90,25 @@ def start_point(rec: JobRecord) -> StartPoint | None:
     return StartPoint(commit=cp.commit, branch=cp.branch, base_commit=cp.base_commit)
 
 
+def carry_candidates(rec: JobRecord) -> list[tuple[str, str]]:
+    """After ``rebase-needed`` (:func:`protocol.rebase_pending`): the earlier work to bring onto
+    the new base, most complete first, as (commit, what it is): the conflicting attempt's
+    pushed branch head, then the last WIP checkpoint (a partial state that may merge where the
+    whole did not). Empty when there is nothing (pure).
+
+    :param rec: the job record at claim.
+    """
+    out: list[tuple[str, str]] = []
+    ended = [a for a in rec.attempts if a.outcome != "running"]
+    w = ended[-1].workspace if ended else None
+    if w is not None and w.pushed and w.head and w.head != w.base_commit:
+        out.append((w.head, f"{w.branch} (attempt {ended[-1].attempt})"))
+    cp = rec.checkpoint
+    if cp is not None and cp.epoch < rec.epoch and all(c != cp.commit for c, _ in out):
+        out.append((cp.commit, f"checkpoint {cp.seq} of attempt {cp.attempt}"))
+    return out
+
+
 # -- the loop ---------------------------------------------------------------------------------
 
 
@@ -121,13 +140,18 @@ class WipState:
 class Checkpoints:
     """Mixin of :class:`~gigafactory.factory.agent.Factory`: a ``repo`` job's WIP checkpoints."""
 
-    async def _resume_of(self, run: Run, co: Checkout) -> Resume | None:
+    async def _resume_of(self, run: Run, co: Checkout, engine_class: str = "agent") -> Resume | None:
         """What the engine is told when its worktree started from a checkpoint (None: a fresh
-        start); says where the attempt started (:meth:`_resume_event`).
+        start); says where the attempt started (:meth:`_resume_event`). After ``rebase-needed``
+        the earlier work is first merged onto the new base (:meth:`_carry_onto_new_base`).
 
         :param run: the run.
         :param co: its worktree.
+        :param engine_class: the engine's class: an agent (not ``script``) is left a conflicting
+            merge to resolve; a script starts from the new base instead.
         """
+        if protocol.rebase_pending(run.record):
+            return await self._carry_onto_new_base(run, co, keep_conflict=engine_class != "script")
         await self._resume_event(run, co)
         cp = run.record.checkpoint
         if co.resumed_from is None or cp is None:
@@ -136,6 +160,59 @@ class Checkpoints:
         return Resume(commit=cp.commit, from_epoch=cp.epoch, from_attempt=cp.attempt, seq=cp.seq,
                       files_changed=cp.files_changed, lines_added=cp.lines_added, lines_deleted=cp.lines_deleted,
                       paths=tuple(cp.paths), session=cp.session if cp.factory == self.id else None)
+
+    async def _carry_onto_new_base(self, run: Run, co: Checkout, *, keep_conflict: bool) -> Resume | None:
+        """The attempt after ``rebase-needed`` starts on the new base (:meth:`_ws_checkout`);
+        bring the earlier work onto it (:func:`workspace.carry` of :func:`carry_candidates`):
+        a clean merge continues from there (event ``rebased``); a conflict is left in the
+        worktree for an agent, named in its resume note (``rebase_conflict``); a script starts
+        from the new base alone (``rebase_dropped``). Git trouble is the last case too. Returns
+        what the engine is told (None: nothing carried)."""
+        rec = run.record
+        cands = carry_candidates(rec)
+        if not cands:
+            return None
+        trailers = {"Gigafactory-Job": run.job, "Gigafactory-Epoch": str(run.epoch),
+                    "Gigafactory-Attempt": str(rec.attempt), "Gigafactory-Rebase": str(rec.rebases_used)}
+        message = workspace.commit_message(f"Carry the earlier work of {run.job} onto the new {co.base}"[:72],
+                                           trailers)
+        try:
+            got = await asyncio.to_thread(
+                workspace.carry, co, [c for c, _ in cands], message, keep_conflict=keep_conflict,
+                author="Gigafactory", email=f"{self.id}@gigafactory.invalid", timeout_s=self.s.git_timeout_s)
+        except (GitError, OSError) as e:
+            got = workspace.Carry(tried=[f"git failed: {e}"[:300]])
+        words = dict(cands)
+        data = {"base": co.base, "base_commit": co.base_commit, "tried": got.tried, "branch": co.branch}
+        if got.commit is None:
+            co.carry_detail = (f"started from the new {co.base} at {co.base_commit[:12]} without the earlier work "
+                               f"({'; '.join(got.tried)})")[:500]
+            await self._event("rebase_dropped", job=run.job, epoch=run.epoch, reason=co.carry_detail, data=data)
+            return None
+        kind = "rebase_conflict" if got.conflicts else "rebased"
+        co.carry_detail = (f"{words[got.commit]} merged onto the new {co.base} at {co.base_commit[:12]}"
+                           + (f", conflicts left for the engine in {', '.join(got.conflicts[:20])}"
+                              if got.conflicts else ""))[:500]
+        await self._event(kind, job=run.job, epoch=run.epoch, reason=co.carry_detail,
+                          data={**data, "commit": got.commit, "conflicts": got.conflicts[:100]})
+        return self._carried_resume(rec, co, got)
+
+    def _carried_resume(self, rec: JobRecord, co: Checkout, got: "workspace.Carry") -> Resume:
+        """What an engine is told about work carried onto the new base (its figures from the
+        attempt or checkpoint it came from)."""
+        cp = rec.checkpoint
+        ended = [a for a in rec.attempts if a.outcome != "running"]
+        w = ended[-1].workspace if ended else None
+        session = cp.session if cp is not None and cp.factory == self.id else None
+        common = dict(commit=got.commit, rebased_onto=co.base_commit, conflicts=tuple(got.conflicts[:50]),
+                      session=session)
+        if cp is not None and cp.commit == got.commit:
+            return Resume(from_epoch=cp.epoch, from_attempt=cp.attempt, seq=cp.seq, files_changed=cp.files_changed,
+                          lines_added=cp.lines_added, lines_deleted=cp.lines_deleted, paths=tuple(cp.paths), **common)
+        assert w is not None and ended, "a carried head comes from the conflicting attempt"
+        return Resume(from_epoch=ended[-1].epoch, from_attempt=ended[-1].attempt, seq=0,
+                      files_changed=w.files_changed, lines_added=w.lines_added, lines_deleted=w.lines_deleted,
+                      paths=tuple(cp.paths) if cp is not None else (), **common)
 
     async def _checkpoints_start(self, run: Run, co: Checkout, engine: str, model: str | None,
                                  parsers: list[OutputParser]) -> WipState | None:
@@ -330,4 +407,4 @@ class Checkpoints:
                               data={"commit": cp.commit if cp else None, "branch": co.branch})
 
 
-__all__ = ["CHECKPOINT_PATHS_KEPT", "Checkpoints", "WipState", "record_checkpoint", "start_point"]
+__all__ = ["CHECKPOINT_PATHS_KEPT", "Checkpoints", "WipState", "carry_candidates", "record_checkpoint", "start_point"]

@@ -339,7 +339,7 @@ class Execute:
         eng, why = self._engine_for(a, engine)
         if eng is None:
             return a.setup_failed(why)
-        resume = await self._resume_of(run, a.co) if a.co is not None else None
+        resume = await self._resume_of(run, a.co, eng.engine_class) if a.co is not None else None
         reader = OutputReader(self, run, a.name, eng)
         job = self._engine_job(run, a, eng, reader, resume)
         try:

@@ -68,8 +68,9 @@ class Ship:
         if start is not None and protocol.rebase_pending(run.record):
             # After rebase-needed the previous branch no longer merged into base: start from the
             # NEW base (fetched by the checkout), never from the checkpoint, whose history holds
-            # the old base and would conflict again. Not done yet: bringing the checkpoint's
-            # changes onto the new base (the "plus the last checkpoint").
+            # the old base. The earlier work is merged onto it once the engine is known
+            # (:meth:`Checkpoints._carry_onto_new_base`: an agent resolves a conflict, a script
+            # starts from the new base).
             start = None
         co = await asyncio.to_thread(self.git.checkout, m.repo, m.base, run.job, run.epoch, start=start)
         self.checkouts[(run.job, run.epoch)] = co
@@ -115,7 +116,7 @@ class Ship:
         st = await asyncio.to_thread(work)
         ws = WorkspaceResult(branch=co.branch, base=co.base, base_commit=co.base_commit, head=st.head,
                              files_changed=st.files_changed, lines_added=st.lines_added,
-                             lines_deleted=st.lines_deleted)
+                             lines_deleted=st.lines_deleted, carried=co.carry_detail)
         await self._event("committed", job=run.job, epoch=run.epoch,
                           reason=f"{co.branch} at {st.head[:12]}: {st.files_changed} files, "
                                  f"+{st.lines_added} -{st.lines_deleted}",

@@ -148,6 +148,14 @@ class Checkout:
     """The checkpoint commit the worktree started from, if it resumed one."""
     resume_missed: str | None = None
     """Why a checkpoint asked for was not resumed (its commit is gone from the remote)."""
+    carried: str | None = None
+    """After ``rebase-needed``: the earlier work merged onto the new base (clean, or left
+    conflicted for an agent), None when none was carried."""
+    conflicts: list[str] = field(default_factory=list)
+    """The paths an in-progress merge of :attr:`carried` left conflicted (empty: clean)."""
+    carry_detail: str = ""
+    """What was carried onto the new base after ``rebase-needed``, in words (the record's
+    :attr:`WorkspaceResult.carried`)."""
 
 
 @dataclass(frozen=True)
@@ -402,6 +410,76 @@ def _du(path: Path) -> int:
             except OSError:
                 pass
     return total
+
+
+# -- after rebase-needed: the earlier work onto the new base -------------------------------------
+
+
+CONFLICT_PATHS_MAX = 200
+"""Conflicted paths a carry reports (the rest are counted, not named)."""
+
+
+@dataclass
+class Carry:
+    """What :func:`carry` did: ``commit`` merged cleanly, or left conflicted (``conflicts``), or
+    nothing carried (``commit`` None); ``tried`` says each candidate's fate, in words."""
+
+    commit: str | None = None
+    conflicts: list[str] = field(default_factory=list)
+    tried: list[str] = field(default_factory=list)
+
+
+def carry(co: Checkout, candidates: Sequence[str], message: str, *, keep_conflict: bool, author: str, email: str,
+          timeout_s: float) -> Carry:
+    """Merge earlier work onto a worktree fresh from the NEW base (the attempt after
+    ``rebase-needed``): the first of ``candidates`` that merges cleanly is committed as a merge
+    (so its commits are in the history of what ships) and becomes :attr:`Checkout.start_commit`.
+    When all conflict: with ``keep_conflict`` (an agent will resolve it) the first candidate's
+    merge is left in progress, its conflicted paths in :attr:`Checkout.conflicts`; without it
+    (a script redoes its work) the worktree stays at the new base. A candidate missing from the
+    mirror is skipped. Raises :class:`GitError` for anything else.
+
+    :param co: the attempt's fresh checkout (at the new base).
+    :param candidates: commits to try, most complete first (the conflicting branch's head, then
+        the last WIP checkpoint).
+    :param message: the merge commit's message (:func:`commit_message`).
+    :param keep_conflict: leave a conflicting merge for the engine.
+    :param author: author and committer name.
+    :param email: author and committer email.
+    :param timeout_s: the bound of each git call.
+    """
+    ident = {"GIT_AUTHOR_NAME": author, "GIT_AUTHOR_EMAIL": email,
+             "GIT_COMMITTER_NAME": author, "GIT_COMMITTER_EMAIL": email}
+    merge = ["-c", "commit.gpgsign=false", "merge", "--no-ff", "--no-verify", "--no-edit", "-m", message]
+    out = Carry()
+    present = [c for c in dict.fromkeys(candidates)
+               if git(["cat-file", "-e", f"{c}^{{commit}}"], cwd=co.path, timeout_s=timeout_s,
+                      check=False).returncode == 0]
+    out.tried += [f"{c[:12]}: not in the mirror" for c in candidates if c not in present]
+    for c in present:
+        p = git([*merge, c], cwd=co.path, timeout_s=timeout_s, env=ident, check=False)
+        if p.returncode == 0:
+            co.start_commit = git(["rev-parse", "HEAD"], cwd=co.path, timeout_s=timeout_s).stdout.strip()
+            co.carried, out.commit = c, c
+            out.tried.append(f"{c[:12]}: merged cleanly")
+            return out
+        conflicted = _conflicted(co, timeout_s)
+        git(["merge", "--abort"], cwd=co.path, timeout_s=timeout_s, check=False)
+        out.tried.append(f"{c[:12]}: conflicts in {', '.join(conflicted[:10]) or 'the merge'}")
+    if keep_conflict and present:
+        git([*merge, present[0]], cwd=co.path, timeout_s=timeout_s, env=ident, check=False)
+        out.conflicts = _conflicted(co, timeout_s)
+        if out.conflicts:
+            co.carried, co.conflicts, out.commit = present[0], out.conflicts, present[0]
+        else:  # it failed for another reason than a conflict: the worktree stays at the base
+            git(["merge", "--abort"], cwd=co.path, timeout_s=timeout_s, check=False)
+    return out
+
+
+def _conflicted(co: Checkout, timeout_s: float) -> list[str]:
+    out = git(["diff", "--name-only", "-z", "--diff-filter=U"], cwd=co.path, timeout_s=timeout_s,
+              check=False).stdout
+    return [p for p in out.split("\0") if p][:CONFLICT_PATHS_MAX]
 
 
 # -- after the engine: commit, diff, push -------------------------------------------------------

@@ -179,6 +179,10 @@ class WorkspaceResult(msgspec.Struct, omit_defaults=True):
     ship_detail: str = ""
     """Why shipping stopped short of ``ship-as`` (merge blocked by checks or protection, a
     conflict, a forge error), or what it did."""
+    carried: str = ""
+    """The attempt after ``rebase-needed``: what of the earlier work its worktree carried onto
+    the new ``base`` (merged cleanly, merged with conflicts left for the agent, or nothing: a
+    script starts from the new base), in words; empty for every other attempt."""
 
 
 class Checkpoint(msgspec.Struct, omit_defaults=True):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import stat
+import subprocess
 from pathlib import Path
 
 import msgspec
@@ -16,6 +17,8 @@ from nats.js.errors import BucketNotFoundError
 from click.testing import CliRunner
 
 from gigafactory.cli import main as cli
+from gigafactory.factory import engines
+from gigafactory.factory.engines.base import Engine, EngineJob, Prepared, ProbeResult, engine_environment, require_cwd
 from gigafactory.forges.local import LocalPull, PULLS_BUCKET, repo_key
 
 from helpers import Fleet, eventually, fast_settings, run
@@ -228,6 +231,77 @@ def test_base_moved_with_a_conflict_requeues_rebase_needed_once_and_the_next_att
     run(main(), 120)
 
 
+def _checkpoints_then_conflicts(remote: Path, tmp_path: Path) -> str:
+    """Epoch 1 writes a.txt, waits (bounded) until a WIP checkpoint of it is on the remote, then
+    moves main and changes README.md (its branch then conflicts); every later epoch writes down
+    what it was told and changes README.md on the new base."""
+    move = _moves_base(remote, tmp_path, once=True).splitlines()[0]
+    seen = tmp_path / "seen"
+    return (f'if [ "$GF_EPOCH" = 1 ]; then\n'
+            f'  echo "work of e1" > a.txt\n'
+            f'  for i in $(seq 400); do git ls-remote --exit-code "{remote}" "refs/heads/gf/$GF_JOB_ID/wip" '
+            f'>/dev/null && break; sleep 0.05; done\n'
+            f'  {move}\n'
+            f'else\n'
+            f'  echo "$GF_RESUMING $GF_RESUME_COMMIT $(cat a.txt)" > "{seen}"\n'
+            f'fi\n'
+            f'echo "job $GF_EPOCH" > README.md\n')
+
+
+def test_after_rebase_needed_the_new_attempt_carries_the_last_checkpoint_onto_the_new_base(nats_server, tmp_path):
+    remote = make_remote(tmp_path)
+
+    async def main():
+        async with Fleet(nats_server.url, tmp_path, settings=fast_settings(checkpoint_s=0.5)) as fleet:
+            await fleet.add_factory("f1")
+            job = await fleet.submit_one(repo_job(_checkpoints_then_conflicts(remote, tmp_path), repo=str(remote),
+                                                  review_policy="auto", ship_as="merged", verify="true",
+                                                  retry={"max": 0}))
+            rec = await fleet.wait_stage(job, "shipped", timeout_s=60)
+            first, last = rec.attempts[0], rec.attempts[-1]
+            assert [a.outcome for a in rec.attempts] == ["merge_conflict", "passed"], rec.attempts
+            cp = rec.checkpoint
+            assert cp is not None and cp.epoch == first.epoch, cp
+            events = await fleet.events(job)
+            rebased = [e for e in events if e["kind"] == "rebased"]
+            # The whole branch conflicts (README.md) on the new base; its checkpoint (a.txt) does not.
+            assert len(rebased) == 1 and rebased[0]["data"]["commit"] == cp.commit, rebased
+            assert "conflicts in README.md" in rebased[0]["data"]["tried"][0], rebased
+            moved = sh_git("rev-parse", f"{last.workspace.merged_commit}^1", cwd=remote).strip()
+            assert last.workspace.base_commit == moved != first.workspace.base_commit
+            assert f"checkpoint {cp.seq} of attempt 1 merged onto the new main" in last.workspace.carried
+            # What shipped holds the earlier epoch's checkpoint on top of the new base.
+            for ancestor in (cp.commit, moved):
+                sh_git("merge-base", "--is-ancestor", ancestor, "main", cwd=remote)
+            assert sh_git("show", "main:a.txt", cwd=remote) == "work of e1\n"
+            assert sh_git("show", "main:README.md", cwd=remote).strip() == f"job {last.epoch}"
+            assert (tmp_path / "seen").read_text().split() == ["1", cp.commit, "work", "of", "e1"]
+
+    run(main(), 120)
+
+
+def test_a_script_whose_earlier_work_conflicts_with_the_new_base_starts_from_it_and_says_so(nats_server, tmp_path):
+    remote = make_remote(tmp_path)
+
+    async def main():
+        async with Fleet(nats_server.url, tmp_path) as fleet:
+            await fleet.add_factory("f1")
+            job = await fleet.submit_one(repo_job(_moves_base(remote, tmp_path, once=True), repo=str(remote),
+                                                  review_policy="auto", ship_as="merged", verify="true",
+                                                  retry={"max": 0}))
+            rec = await fleet.wait_stage(job, "shipped", timeout_s=60)
+            first, last = rec.attempts
+            dropped = [e for e in await fleet.events(job) if e["kind"] == "rebase_dropped"]
+            assert len(dropped) == 1 and dropped[0]["epoch"] == last.epoch, dropped
+            assert f"{first.workspace.head[:12]}: conflicts in README.md" in dropped[0]["data"]["tried"]
+            assert last.workspace.carried.startswith("started from the new main"), last.workspace
+            # Nothing of the conflicting head is in what shipped: the script redid its work.
+            assert subprocess.run(["git", "merge-base", "--is-ancestor", first.workspace.head, "main"],
+                                  cwd=remote).returncode == 1
+
+    run(main(), 120)
+
+
 def test_a_branch_that_conflicts_again_after_its_rebase_fails_merge_conflict(nats_server, tmp_path):
     remote = make_remote(tmp_path)
 
@@ -425,3 +499,61 @@ def test_a_humans_ship_that_conflicts_requeues_rebase_needed_and_the_new_attempt
             assert sh_git("show", "main:README.md", cwd=remote).strip() == f"job {rec.attempts[-1].epoch}"
 
     run(main(), 120)
+
+
+class PromptedAgent(Engine):
+    """An agent engine of this test: it runs ``script`` with bash and keeps each attempt's
+    prompt (the resume note included) in ``prompts/<epoch>.txt`` for the test to read."""
+
+    engine_class = "agentic-coder"
+    opt_in = True
+    name = "prompted-agent"
+
+    def __init__(self, script: str, prompts: Path) -> None:
+        self.script, self.prompts = script, prompts
+
+    def probe(self, *, environ, path, timeout_s) -> ProbeResult:
+        return ProbeResult(True)
+
+    def prepare(self, job: EngineJob) -> Prepared:
+        require_cwd(job)
+        (self.prompts / f"{job.epoch}.txt").write_text(job.body)
+        return Prepared(cwd=job.cwd, env=engine_environment(job), argv=["bash", "-c", self.script])
+
+
+def test_an_agent_gets_the_conflicting_merge_onto_the_new_base_to_resolve_and_its_resolution_ships(
+        nats_server, tmp_path):
+    remote = make_remote(tmp_path)
+    prompts = tmp_path / "prompts"
+    prompts.mkdir()
+    # Epoch 1 moves main and changes README.md (its branch conflicts); later, the "agent"
+    # resolves the conflict left in its worktree by writing README.md without markers.
+    script = (f'if [ "$GF_EPOCH" = 1 ]; then {_moves_base(remote, tmp_path, once=True).splitlines()[0]}; '
+              f'echo "job 1" > README.md; echo "e1 work" > e1.txt\n'
+              f'else grep -q "^<<<<<<<" README.md && echo resolved > README.md; fi\n')
+    engines.register(PromptedAgent(script, prompts))
+    try:
+        async def main():
+            async with Fleet(nats_server.url, tmp_path) as fleet:
+                await fleet.add_factory("f1", caps=["engine:prompted-agent"])
+                job = await fleet.submit_one(repo_job("Change the README", engine="prompted-agent",
+                                                      repo=str(remote), review_policy="auto", ship_as="merged",
+                                                      verify="! grep -rq '^<<<<<<<' .", retry={"max": 0}))
+                rec = await fleet.wait_stage(job, "shipped", timeout_s=60)
+                first, last = rec.attempts
+                assert (first.outcome, last.outcome) == ("merge_conflict", "passed"), rec.attempts
+                left = [e for e in await fleet.events(job) if e["kind"] == "rebase_conflict"]
+                assert len(left) == 1 and left[0]["data"]["conflicts"] == ["README.md"], left
+                assert left[0]["data"]["commit"] == first.workspace.head
+                prompt = (prompts / f"{last.epoch}.txt").read_text()
+                assert "CONFLICTS" in prompt and "README.md" in prompt and prompt.endswith("Change the README\n")
+                assert "CONFLICTS" not in (prompts / f"{first.epoch}.txt").read_text()
+                assert "conflicts left for the engine in README.md" in last.workspace.carried
+                # The resolution shipped, on the new base, with the earlier epoch's commit in its history.
+                sh_git("merge-base", "--is-ancestor", first.workspace.head, "main", cwd=remote)
+                assert sh_git("show", "main:README.md", cwd=remote) == "resolved\n"
+                assert sh_git("show", "main:e1.txt", cwd=remote) == "e1 work\n"
+
+        run(main(), 120)
+    finally:
+        engines.unregister("prompted-agent")

@@ -141,6 +141,11 @@ class Resume:
     """Paths changed since base as of the checkpoint (at most 50)."""
     session: str | None = None
     """The earlier run's agent session id, when it was said and taken on this same factory."""
+    rebased_onto: str | None = None
+    """After ``rebase-needed``: the new base commit the earlier work (``commit``) was merged
+    onto (None: a plain resume)."""
+    conflicts: tuple[str, ...] = ()
+    """Paths that merge left conflicted, for the agent to resolve (empty: it merged cleanly)."""
 
 
 def resume_env(resume: Resume) -> dict[str, str]:
@@ -155,6 +160,8 @@ def resume_note(resume: Resume) -> str:
 
     :param resume: what the attempt resumes.
     """
+    if resume.rebased_onto is not None:
+        return _rebase_note(resume)
     shown = list(resume.paths[:RESUME_NOTE_PATHS_MAX])
     more = resume.files_changed - len(shown)
     lines = [
@@ -165,6 +172,27 @@ def resume_note(resume: Resume) -> str:
     ]
     if shown:
         lines.append("Changed so far: " + ", ".join(shown) + (f" and {more} more" if more > 0 else "") + ".")
+    return "\n".join(lines) + "\n\n"
+
+
+def _rebase_note(resume: Resume) -> str:
+    """The note of an attempt after ``rebase-needed``: the earlier work is merged onto the new
+    base, cleanly or with the conflicts it must resolve."""
+    lines = [
+        f"Note: you are resuming this task. An earlier attempt (attempt {resume.from_attempt}) did it on an older "
+        f"base; the base branch has moved (now {resume.rebased_onto[:12]}) and its branch no longer merged. Its "
+        f"work (commit {resume.commit[:12]}: {resume.files_changed} files changed, +{resume.lines_added} "
+        f"-{resume.lines_deleted} lines) has been merged onto the new base in this working tree.",
+    ]
+    if resume.conflicts:
+        shown = list(resume.conflicts[:RESUME_NOTE_PATHS_MAX])
+        more = len(resume.conflicts) - len(shown)
+        lines.append("That merge has CONFLICTS, left for you to resolve first: " + ", ".join(shown)
+                     + (f" and {more} more" if more > 0 else "") + ". Edit each file to keep both the new base's "
+                     "changes and the task's, remove every conflict marker (<<<<<<<, =======, >>>>>>>), then "
+                     "continue the task. Do not abort the merge; the factory commits your result.")
+    else:
+        lines.append("It merged cleanly. Check that it still fits the new base and continue from there.")
     return "\n".join(lines) + "\n\n"
 
 
