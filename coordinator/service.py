@@ -22,6 +22,7 @@ from gigafactory.metrics import process_metrics
 from .api import Api
 from .inbox import Inbox
 from .retention import Retention
+from .shipping import REF_CLEANUP_INTERVAL_S, RefCleaner
 from .scheduler import Scheduler, loop
 from .view import FleetView, follow
 
@@ -97,6 +98,8 @@ class Coordinator:
                 asyncio.create_task(loop("clock", 5.0, clock, stop), name="clock"),
                 asyncio.create_task(loop("retention", self.s.retention_interval_s, self.retention.run_pass, stop),
                                     name="retention"),
+                asyncio.create_task(loop("refs", REF_CLEANUP_INTERVAL_S, RefCleaner(self.b, self.view).run_pass, stop),
+                                    name="refs"),
             ]
             if self.inbox is not None:
                 tasks.append(asyncio.create_task(loop("inbox", 0.5, self.inbox.scan, stop), name="inbox"))

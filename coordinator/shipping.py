@@ -32,7 +32,8 @@ from gigafactory import forges
 from gigafactory.forges import body
 from gigafactory.forges.base import context_from
 from gigafactory.forges.local import LocalForge
-from gigafactory.schemas.records import JobRecord, WorkspaceResult, encode
+from gigafactory.schemas.lifecycle import TERMINAL, Stage
+from gigafactory.schemas.records import EventRecord, JobRecord, WorkspaceResult, encode
 
 log = logging.getLogger("gigafactory.coordinator")
 
@@ -142,3 +143,134 @@ async def carry_out(b: Broker, rec: JobRecord, revision: int, epoch: int, ws: Wo
     return Shipped(msgspec.structs.replace(ws, pull_state="merged", merged_commit=res.sha, shipped_as="merged",
                                            ship_detail=f"pull request #{pr.number} merged into {pr.base}"),
                    None, revision)
+
+
+# -- after the job ended for good: superseded branches, the WIP branch, their pull requests -------
+
+REF_CLEANUP_INTERVAL_S = 2.0
+"""How often the coordinator looks for ended ``repo`` jobs whose refs are not cleaned yet."""
+REF_CLEANUPS_PER_PASS = 16
+"""Jobs cleaned per pass at most (each costs a few forge requests); the rest wait a pass."""
+REF_CLEANUP_TRIES_MAX = 5
+"""Passes a job's clean-up may fail (forge down, remote gone) before the coordinator records
+that it gave up (and the refs stay)."""
+
+
+@dataclass(frozen=True)
+class RefPlan:
+    """What the clean-up of an ended job keeps and closes (:func:`ref_plan`)."""
+
+    keep: frozenset[str]
+    """Branches never deleted: the shipped attempt's (or, for a job that did not ship, the last
+    pushed attempt's, or its WIP branch when nothing else of its work is on the remote)."""
+    close: tuple[tuple[int, str], ...]
+    """Open pull requests of superseded attempts: (number, head branch)."""
+
+
+def ref_plan(rec: JobRecord) -> RefPlan:
+    """The clean-up of a job in a terminal stage (pure): every ``gf/<job>/...`` branch but
+    :attr:`RefPlan.keep` is deleted, and the pull requests in :attr:`RefPlan.close` closed.
+
+    A shipped job keeps the branch of the attempt that shipped (and its pull request). A job
+    that failed keeps its last pushed branch, or, when no attempt pushed one, its WIP branch:
+    a failed attempt never pushes, so the checkpoint may be the only copy of its work.
+
+    :param rec: the record, in ``shipped``, ``failed`` or ``dead_letter``.
+    """
+    pushed = [a for a in rec.attempts if a.workspace is not None and a.workspace.pushed]
+    keep: set[str] = set()
+    if rec.stage == Stage.SHIPPED:
+        shipped = next((a for a in reversed(rec.attempts) if a.outcome == "passed"), None)
+        if shipped is not None and shipped.workspace is not None:
+            keep.add(shipped.workspace.branch)
+    elif pushed:
+        keep.add(pushed[-1].workspace.branch)
+    elif rec.checkpoint is not None:
+        keep.add(rec.checkpoint.branch)
+    close = tuple((a.workspace.pull_number, a.workspace.branch) for a in rec.attempts
+                  if a.workspace is not None and a.workspace.pull_number is not None
+                  and a.workspace.branch not in keep and a.workspace.pull_state == "open")
+    return RefPlan(frozenset(keep), close)
+
+
+def needs_ref_cleanup(rec: JobRecord) -> bool:
+    """An ended ``repo`` job whose clean-up has not run (pure)."""
+    return rec.stage in TERMINAL and rec.manifest.repo is not None and not rec.refs_cleaned
+
+
+async def clean_up_refs(b: Broker, rec: JobRecord) -> tuple[str, dict]:
+    """Delete an ended job's superseded branches and WIP branch on its remote and close their
+    pull requests (:func:`ref_plan`); returns what it did in words, and the event's data.
+    Raises :class:`forges.ForgeError` (the next pass tries again).
+
+    Safe without a fence: the job is terminal, so no holder may push any more (every push is
+    fenced by a renewal a terminal record refuses), and a deletion on the local forge is a
+    compare-and-swap on the head it listed.
+
+    :param b: the coordinator's broker (settings, the local forge's records).
+    :param rec: the record, terminal.
+    """
+    plan = ref_plan(rec)
+    remote = rec.manifest.repo or ""
+    forge = forges.forge_for(remote, context_from(b.settings, b), b.settings.forge)
+    bound_s = b.settings.forge_http_timeout_s * 4 + 1
+    heads = await asyncio.wait_for(forge.branches(f"gf/{rec.id}/"), timeout=bound_s)
+    deleted, kept = [], sorted(plan.keep & set(heads))
+    for name, sha in sorted(heads.items()):
+        if name not in plan.keep and await asyncio.wait_for(forge.delete_branch(name, sha), timeout=bound_s):
+            deleted.append(name)
+    closed = []
+    for number, head in plan.close:
+        pr = forges.PullRequest(number=number, repo=remote, head=head, base="", title="")
+        if await asyncio.wait_for(forge.close_pull_request(pr), timeout=bound_s) == "closed":
+            closed.append(number)
+    words = (f"deleted {', '.join(deleted) or 'no branch'}; kept {', '.join(kept) or 'none'}"
+             + (f"; closed pull request {', '.join(f'#{n}' for n in closed)}" if closed else ""))
+    return words[:2000], {"deleted": deleted[:100], "kept": kept, "closed": closed[:100], "forge": forge.kind}
+
+
+class RefCleaner:
+    """The coordinator's pass over ended ``repo`` jobs (every :data:`REF_CLEANUP_INTERVAL_S`):
+    :func:`clean_up_refs`, then the record's ``refs_cleaned`` written by compare-and-set (so it
+    runs once) and a ``refs_cleaned`` event. Idempotent: two coordinators doing it at once
+    delete and close the same things.
+
+    :param b: the coordinator's broker.
+    :param view: its fleet view (the records and their revisions).
+    """
+
+    def __init__(self, b: Broker, view) -> None:
+        self.b, self.view = b, view
+        self.failures: dict[str, int] = {}
+        """Job -> failed passes so far (bounded by :data:`REF_CLEANUP_TRIES_MAX`)."""
+
+    async def run_pass(self) -> int:
+        """Clean up to :data:`REF_CLEANUPS_PER_PASS` jobs that ended at least
+        ``ref_cleanup_after_s`` ago (by the broker timestamp of their terminal revision, read
+        against the local clock: a skew moves the clean-up by as much); returns how many."""
+        cutoff = time.time() - self.b.settings.ref_cleanup_after_s
+        due = [st for jid in sorted(self.view.stage_ids(*TERMINAL))
+               if (st := self.view.jobs.get(jid)) is not None and st.ts <= cutoff and needs_ref_cleanup(st.record)]
+        done = 0
+        for st in due[:REF_CLEANUPS_PER_PASS]:
+            done += await self._clean(st.record, st.revision)
+        return done
+
+    async def _clean(self, rec: JobRecord, revision: int) -> int:
+        kind = "refs_cleaned"
+        try:
+            words, data = await clean_up_refs(self.b, rec)
+        except (forges.ForgeError, asyncio.TimeoutError, OSError) as e:
+            n = self.failures[rec.id] = self.failures.get(rec.id, 0) + 1
+            log.warning("refs of %s not cleaned (try %d of %d): %s", rec.id, n, REF_CLEANUP_TRIES_MAX, e)
+            if n < REF_CLEANUP_TRIES_MAX:
+                return 0
+            kind, words, data = "refs_not_cleaned", f"gave up after {n} tries: {e}"[:2000], {}
+        self.failures.pop(rec.id, None)
+        try:
+            await self.b.jobs.update(rec.id, encode(msgspec.structs.replace(rec, refs_cleaned=words)), last=revision)
+        except Conflict:
+            return 0  # it changed (another coordinator cleaned it): the view shows the new revision
+        await self.b.publish_event(EventRecord(kind=kind, at=time.time(), job=rec.id, actor="coordinator",
+                                               reason=words[:500], data=data))
+        return 1

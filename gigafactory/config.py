@@ -384,6 +384,15 @@ class Settings:
     answers this machine only; ``0.0.0.0`` (all interfaces) is what a Prometheus on another host
     or container needs. Risk: all interfaces exposes the fleet's figures to its network."""
 
+    # -- workspace: clean-up of superseded refs (issue 10, helper workspace) --
+    ref_cleanup_after_s: float = 300.0
+    """``GIGAFACTORY_REF_CLEANUP_AFTER_S``: seconds after a ``repo`` job ended for good
+    (shipped, failed, dead-lettered) before the coordinator deletes its superseded epochs'
+    branches and its ``gf/<job>/wip`` branch on the remote and closes their pull requests (the
+    shipped branch and its pull request are never touched). 0: at once; at most 30 days. Risk:
+    short, and a human loses the chance to look at an abandoned epoch's branch; long, and the
+    remote collects ``gf/*`` branches (one per epoch) meanwhile."""
+
     @property
     def fence_margin_effective_s(self) -> float:
         """``fence_margin_s``, or its default (see there)."""
@@ -449,6 +458,7 @@ class Settings:
             raise SettingsError(f"checkpoint_s={self.checkpoint_s!r} (GIGAFACTORY_CHECKPOINT_S) must be 0 (no "
                                 f"checkpoints) or between {CHECKPOINT_MIN_S:g} and {CHECKPOINT_MAX_S:g} seconds: "
                                 "each checkpoint is a commit, a push and a job-record write")
+        check_ref_cleanup(self)
         if not 0 <= self.prefers_grace_s <= PREFERS_GRACE_MAX_S:
             raise SettingsError(f"prefers_grace_s={self.prefers_grace_s!r} (GIGAFACTORY_PREFERS_GRACE_S) must be "
                                 f"between 0 and {PREFERS_GRACE_MAX_S:g} seconds: it is how long an engine-class "
@@ -518,6 +528,18 @@ run with the repository's secrets."""
 
 FORGE_SETTING_KINDS = ("auto", "local", "github")
 """Values of the ``forge`` setting (gigafactory/forges/base.py: FORGE_KINDS)."""
+
+
+REF_CLEANUP_AFTER_MAX_S = 30 * 86400.0
+"""Longest ``ref_cleanup_after_s`` accepted (30 days)."""
+
+
+def check_ref_cleanup(s: Settings) -> None:
+    """Refuse a ``ref_cleanup_after_s`` that is negative or past :data:`REF_CLEANUP_AFTER_MAX_S`."""
+    if not 0 <= s.ref_cleanup_after_s <= REF_CLEANUP_AFTER_MAX_S:
+        raise SettingsError(f"ref_cleanup_after_s={s.ref_cleanup_after_s!r} (GIGAFACTORY_REF_CLEANUP_AFTER_S) must be "
+                            f"between 0 and {REF_CLEANUP_AFTER_MAX_S:g} seconds: how long an ended job's superseded "
+                            "branches stay on the remote")
 
 
 def check_protected_paths(s: Settings) -> None:

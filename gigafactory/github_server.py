@@ -16,7 +16,11 @@ Served endpoints (``{o}/{r}`` a repository added with :meth:`add_repo`)::
     GET  /repos/{o}/{r}/pulls?head=&base=&state=&per_page=&page=
     POST /repos/{o}/{r}/pulls
     GET  /repos/{o}/{r}/pulls/{n}
+    PATCH /repos/{o}/{r}/pulls/{n}                      (title, body, state open/closed)
     PUT  /repos/{o}/{r}/pulls/{n}/merge
+    GET  /repos/{o}/{r}/git/matching-refs/heads/{prefix}
+    GET  /repos/{o}/{r}/git/ref/heads/{branch}
+    DELETE /repos/{o}/{r}/git/refs/heads/{branch}       (204; 422 "Reference does not exist")
     GET  /repos/{o}/{r}/commits/{ref}/check-runs?per_page=&page=
     GET  /repos/{o}/{r}/commits/{ref}/status
 """
@@ -240,7 +244,7 @@ class GitHubServer:
         self._send(h, status, out)
 
     def _send(self, h: BaseHTTPRequestHandler, status: int, out: Any, headers: dict[str, str] | None = None) -> None:
-        data = json.dumps(out).encode()
+        data = b"" if status == 204 else json.dumps(out).encode()  # 204: no body, as GitHub sends
         h.send_response(status)
         for k, v in (headers or {}).items():
             h.send_header(k, v)
@@ -284,6 +288,17 @@ class GitHubServer:
         if (n := re.fullmatch(r"/pulls/(\d+)", rest)) and method == "GET":
             pr = repo.pulls.get(int(n[1]))
             return (200, self._view(repo, pr)) if pr else (404, {"message": "Not Found", "documentation_url": DOCS})
+        if (n := re.fullmatch(r"/pulls/(\d+)", rest)) and method == "PATCH":
+            return self._update(repo, int(n[1]), body or {})
+        if (r := re.fullmatch(r"/git/matching-refs/heads/(.*)", rest)) and method == "GET":
+            prefix = urllib.parse.unquote(r[1])
+            return 200, [self._ref(repo, b) for b in sorted(repo.branches) if b.startswith(prefix)]
+        if (r := re.fullmatch(r"/git/ref/heads/(.+)", rest)) and method == "GET":
+            b = urllib.parse.unquote(r[1])
+            return (200, self._ref(repo, b)) if b in repo.branches else (404, {"message": "Not Found",
+                                                                                "documentation_url": DOCS})
+        if (r := re.fullmatch(r"/git/refs/heads/(.+)", rest)) and method == "DELETE":
+            return self._delete_ref(repo, urllib.parse.unquote(r[1]))
         if (n := re.fullmatch(r"/pulls/(\d+)/merge", rest)) and method == "PUT":
             return self._merge(repo, int(n[1]), body or {})
         if (c := re.fullmatch(r"/commits/([^/]+)/check-runs", rest)) and method == "GET":
@@ -382,6 +397,49 @@ class GitHubServer:
         pr["_reads"] += 1
         out["mergeable"], out["mergeable_state"] = self._mergeability(repo, pr)
         return out
+
+    def _ref(self, repo: Repo, branch: str) -> dict:
+        """A git reference as GitHub shows one (``GET .../git/ref/heads/<branch>``)."""
+        sha = repo.branches[branch]
+        base = f"https://api.github.com/repos/{repo.owner}/{repo.name}/git"
+        return {"ref": f"refs/heads/{branch}", "node_id": f"REF_{fake_sha(branch)[:12]}",
+                "url": f"{base}/refs/heads/{branch}",
+                "object": {"sha": sha, "type": "commit", "url": f"{base}/commits/{sha}"}}
+
+    def _delete_ref(self, repo: Repo, branch: str) -> tuple[int, Any]:
+        """``DELETE .../git/refs/heads/<branch>``: 204, or 422 "Reference does not exist". A repo
+        that follows a real bare repository deletes the branch there too (as a push would)."""
+        if branch not in repo.branches:
+            return 422, {"message": "Reference does not exist", "documentation_url": DOCS}
+        del repo.branches[branch]
+        if repo.git_dir:
+            subprocess.run(["git", "update-ref", "-d", f"refs/heads/{branch}"], cwd=repo.git_dir,
+                           capture_output=True, timeout=30, check=True)
+            repo.git_seen.pop(branch, None)
+        return 204, None
+
+    def _update(self, repo: Repo, n: int, body: dict) -> tuple[int, Any]:
+        """``PATCH .../pulls/{n}``: title, body, and ``state`` open/closed (a merged pull request
+        cannot be reopened: 422, as GitHub answers)."""
+        pr = repo.pulls.get(n)
+        if pr is None:
+            return 404, {"message": "Not Found", "documentation_url": DOCS}
+        state = body.get("state")
+        if state not in (None, "open", "closed"):
+            return 422, {"message": "Validation Failed", "documentation_url": DOCS,
+                         "errors": [{"resource": "PullRequest", "field": "state", "code": "invalid"}]}
+        if state == "open" and pr.get("merged"):
+            return 422, {"message": "Validation Failed", "documentation_url": DOCS,
+                         "errors": [{"resource": "PullRequest", "code": "custom",
+                                     "message": "state cannot be changed. The pull request cannot be reopened."}]}
+        for k in ("title", "body"):
+            if isinstance(body.get(k), str):
+                pr[k] = body[k]
+        if state and state != pr["state"] and not pr.get("merged"):
+            pr["state"] = state
+            pr["closed_at"] = _now() if state == "closed" else None
+        pr["updated_at"] = _now()
+        return 200, self._view(repo, pr)
 
     def _merge(self, repo: Repo, n: int, body: dict) -> tuple[int, Any]:
         pr = repo.pulls.get(n)

@@ -289,6 +289,10 @@ class JobRecord(msgspec.Struct, omit_defaults=False):
     ``intake`` span, written at submit ("" when the coordinator that took it did not trace and
     its submitter sent none). Claims, results and reclaims are writes on this record, not
     messages, so every later span of the job takes its parent from here (gigafactory/tracing.py)."""
+    refs_cleaned: str = ""
+    """What the coordinator's clean-up did once the job ended for good (``repo`` jobs): the
+    superseded epochs' branches and the WIP branch deleted on the remote, their pull requests
+    closed; in words. Empty until it ran (it runs once: this field says it is done)."""
 
     @property
     def priority_rank(self) -> int:

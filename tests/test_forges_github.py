@@ -324,3 +324,38 @@ def test_the_context_reads_the_token_from_the_factorys_credential_variables():
     assert context_from(s, environ={"GH_TOKEN": "b"}).github_token == "b"
     assert context_from(s, environ={}).github_token is None
     assert "'a'" not in repr(ctx)
+
+
+def test_a_superseded_pull_request_is_closed_with_a_patch_and_a_merged_one_is_left_merged(gh):
+    async def body():
+        f = forge(gh)
+        pr = await f.open_pull_request("https://github.com/acme/app", HEAD, "main", "Add a", "b")
+        assert await f.close_pull_request(pr) == "closed"
+        patches = calls(gh, "PATCH", "/repos/acme/app/pulls/1")
+        assert [p["body"] for p in patches] == [{"state": "closed"}] and patches[0]["authorised"]
+        assert (await f._get_pull(pr))["state"] == "closed"
+        assert await f.close_pull_request(pr) == "closed"  # idempotent: no second PATCH
+        assert len(calls(gh, "PATCH")) == 1
+        gh.push("acme", "app", "gf/job1/e2", fake_sha("head2"), contains=(fake_sha("acme/app:main"),))
+        shipped = await f.open_pull_request("https://github.com/acme/app", "gf/job1/e2", "main", "Add b", "b")
+        assert (await f.merge(shipped)).merged
+        assert await f.close_pull_request(shipped) == "merged" and len(calls(gh, "PATCH")) == 1
+
+    run(body())
+
+
+def test_a_jobs_branches_are_listed_by_prefix_and_deleted_only_at_the_head_read(gh):
+    async def body():
+        f = forge(gh)
+        gh.push("acme", "app", "gf/job1/wip", fake_sha("wip"))
+        gh.push("acme", "app", "gf/job10/e1", fake_sha("other job"))
+        heads = await f.branches("gf/job1/")
+        assert heads == {HEAD: fake_sha("head1"), "gf/job1/wip": fake_sha("wip")}
+        assert not await f.delete_branch("gf/job1/wip", fake_sha("not its head"))  # moved: kept
+        assert await f.delete_branch("gf/job1/wip", fake_sha("wip"))
+        assert calls(gh, "DELETE", "/repos/acme/app/git/refs/heads/gf/job1/wip")
+        assert not await f.delete_branch("gf/job1/wip", fake_sha("wip"))  # gone already
+        assert await f.branches("gf/job1/") == {HEAD: fake_sha("head1")}
+        assert "gf/job10/e1" in gh.repos[("acme", "app")].branches
+
+    run(body())

@@ -248,11 +248,17 @@ def _checkpoints_then_conflicts(remote: Path, tmp_path: Path) -> str:
             f'echo "job $GF_EPOCH" > README.md\n')
 
 
+async def _refs_cleaned(fleet: Fleet, job: str) -> str:
+    rec, _ = await fleet.record(job)
+    return rec.refs_cleaned
+
+
 def test_after_rebase_needed_the_new_attempt_carries_the_last_checkpoint_onto_the_new_base(nats_server, tmp_path):
     remote = make_remote(tmp_path)
 
     async def main():
-        async with Fleet(nats_server.url, tmp_path, settings=fast_settings(checkpoint_s=0.5)) as fleet:
+        async with Fleet(nats_server.url, tmp_path,
+                         settings=fast_settings(checkpoint_s=0.5, ref_cleanup_after_s=0)) as fleet:
             await fleet.add_factory("f1")
             job = await fleet.submit_one(repo_job(_checkpoints_then_conflicts(remote, tmp_path), repo=str(remote),
                                                   review_policy="auto", ship_as="merged", verify="true",
@@ -276,6 +282,19 @@ def test_after_rebase_needed_the_new_attempt_carries_the_last_checkpoint_onto_th
             assert sh_git("show", "main:a.txt", cwd=remote) == "work of e1\n"
             assert sh_git("show", "main:README.md", cwd=remote).strip() == f"job {last.epoch}"
             assert (tmp_path / "seen").read_text().split() == ["1", cp.commit, "work", "of", "e1"]
+
+            # Once shipped, the coordinator deletes the superseded epoch's branch and the WIP
+            # branch, and closes the superseded pull request; the shipped ones stay.
+            assert {f"gf/{job}/e{first.epoch}", f"gf/{job}/wip"} <= set(branches(remote))
+            cleaned = await eventually(lambda: _refs_cleaned(fleet, job), 20, what="refs cleaned")
+            assert set(branches(remote)) == {"main", last.workspace.branch}, branches(remote)
+            prs = await pulls(fleet, remote)
+            assert prs[first.workspace.branch].pr.state == "closed"
+            assert prs[last.workspace.branch].pr.state == "merged"
+            assert f"gf/{job}/e{first.epoch}" in cleaned and f"gf/{job}/wip" in cleaned, cleaned
+            assert f"kept {last.workspace.branch}" in cleaned and f"#{first.workspace.pull_number}" in cleaned
+            ev = [e for e in await fleet.events(job) if e["kind"] == "refs_cleaned"]
+            assert len(ev) == 1 and ev[0]["data"]["closed"] == [first.workspace.pull_number], ev
 
     run(main(), 120)
 

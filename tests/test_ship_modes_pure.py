@@ -138,3 +138,35 @@ def test_shipping_settings_that_cannot_work_are_refused_naming_the_variable(fiel
     with pytest.raises(SettingsError, match=f"GIGAFACTORY_{field.upper()}"):
         Settings(**{field: value}).validate()
     Settings(ship_checks_wait_s=0.0, ship_checks_poll_s=0.5).validate()
+
+
+def _ended(stage: str, *attempts: tuple[int, str, WorkspaceResult | None], checkpoint: bool = False):
+    from gigafactory.schemas.records import AttemptRecord, Checkpoint
+    rec = record()
+    atts = [AttemptRecord(attempt=i + 1, epoch=e, factory="f1", station=0, outcome=o, workspace=w)
+            for i, (e, o, w) in enumerate(attempts)]
+    cp = Checkpoint(commit="c" * 40, epoch=1, attempt=1, at=T0, branch="gf/job-1/wip") if checkpoint else None
+    return msgspec.structs.replace(rec, stage=Stage(stage), attempts=atts, checkpoint=cp)
+
+
+def ws(epoch: int, pushed_: bool = True, pull: int | None = None, state: str = "") -> WorkspaceResult:
+    return WorkspaceResult(branch=f"gf/job-1/e{epoch}", base="main", head="b" * 40, pushed=pushed_,
+                           pull_number=pull, pull_state=state)
+
+
+def test_the_clean_up_of_a_shipped_job_keeps_only_the_shipped_branch_and_closes_superseded_pulls():
+    from gigafactory.coordinator.shipping import ref_plan
+    rec = _ended("shipped", (1, "merge_conflict", ws(1, pull=1, state="open")),
+                 (3, "passed", ws(3, pull=2, state="merged")), checkpoint=True)
+    plan = ref_plan(rec)
+    assert plan.keep == {"gf/job-1/e3"} and plan.close == ((1, "gf/job-1/e1"),)
+
+
+def test_the_clean_up_of_a_failed_job_keeps_its_last_pushed_branch_or_else_its_checkpoint():
+    from gigafactory.coordinator.shipping import ref_plan
+    rec = _ended("failed", (1, "merge_conflict", ws(1, pull=1, state="open")),
+                 (3, "merge_conflict", ws(3, pull=2, state="open")), checkpoint=True)
+    assert ref_plan(rec).keep == {"gf/job-1/e3"} and ref_plan(rec).close == ((1, "gf/job-1/e1"),)
+    never_pushed = _ended("dead_letter", (1, "verify_failed", ws(1, pushed_=False)), checkpoint=True)
+    assert ref_plan(never_pushed).keep == {"gf/job-1/wip"}  # the only copy of its work
+    assert ref_plan(_ended("failed", (1, "crash", None))).keep == frozenset()

@@ -359,6 +359,8 @@ def test_a_rename_counts_both_paths_and_an_engines_own_commit_is_counted_too(tmp
     ("git_mirrors_max_bytes", -1, "GIGAFACTORY_GIT_MIRRORS_MAX_BYTES"),
     ("git_push_min_remaining_s", 2.0, "GIGAFACTORY_GIT_PUSH_MIN_REMAINING_S"),
     ("git_push_min_remaining_s", -0.5, "GIGAFACTORY_GIT_PUSH_MIN_REMAINING_S"),
+    ("ref_cleanup_after_s", -1.0, "GIGAFACTORY_REF_CLEANUP_AFTER_S"),
+    ("ref_cleanup_after_s", 31 * 86400.0, "GIGAFACTORY_REF_CLEANUP_AFTER_S"),
 ])
 def test_workspace_settings_that_cannot_work_are_refused_naming_the_variable(field, value, named):
     from gigafactory.config import SettingsError

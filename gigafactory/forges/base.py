@@ -104,6 +104,26 @@ class Forge(Protocol):
         """Merge ``pr`` into its base if the forge's gate is open; never bypasses it."""
         ...
 
+    async def close_pull_request(self, pr: PullRequest) -> PullState:
+        """Close ``pr`` without merging (a superseded epoch's pull request); idempotent: a
+        closed one stays closed, a merged one is left as it is. Returns its state after."""
+        ...
+
+    async def branches(self, prefix: str) -> dict[str, str]:
+        """The remote's branches whose names start with ``prefix`` (``gf/<job>/``): name -> head
+        commit (at most :data:`BRANCHES_LISTED_MAX`)."""
+        ...
+
+    async def delete_branch(self, branch: str, sha: str) -> bool:
+        """Delete ``branch`` from the remote if it is still at ``sha`` (where the forge can
+        compare-and-swap; GitHub cannot and deletes it as it is). False when it was already
+        gone or had moved (then it is kept)."""
+        ...
+
+
+BRANCHES_LISTED_MAX = 1000
+"""Branches one :meth:`Forge.branches` call returns (a job has one per epoch plus its WIP)."""
+
 
 @dataclass
 class ForgeContext:

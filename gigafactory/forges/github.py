@@ -47,6 +47,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from gigafactory.forges.base import (
+    BRANCHES_LISTED_MAX,
     ChecksState,
     ForgeAuthError,
     ForgeContext,
@@ -413,6 +414,56 @@ class GitHubForge:
                 continue  # GitHub's own advice: try again
             raise self._fail("PUT", path, status, out, headers)
         return MergeResult("conflict", f"the base kept moving while merging #{pr.number} (GitHub: {msg})")
+
+    # -- clean-up of superseded work (after the job ended for good) -----------------------------
+
+    async def close_pull_request(self, pr: PullRequest) -> str:
+        """Close ``pr`` (``PATCH .../pulls/{n}`` with ``state: closed``) if it is open; a merged
+        or closed one is left as it is. Returns its state after."""
+        cur = self._pull(await self._get_pull(pr), pr.repo)
+        if cur.state != "open":
+            return cur.state
+        path = f"{self._base}/pulls/{int(pr.number)}"
+        status, data, headers = await self._call("PATCH", path, body={"state": "closed"})
+        if status != 200 or not isinstance(data, dict):
+            raise self._fail("PATCH", path, status, data, headers)
+        return self._pull(data, pr.repo).state
+
+    async def branches(self, prefix: str) -> dict[str, str]:
+        """Branches under ``prefix`` (``GET .../git/matching-refs/heads/<prefix>``): name -> sha."""
+        path = f"{self._base}/git/matching-refs/heads/{urllib.parse.quote(prefix, safe='/')}"
+        status, data, headers = await self._call("GET", path)
+        if status != 200 or not isinstance(data, list):
+            raise self._fail("GET", path, status, data, headers)
+        out: dict[str, str] = {}
+        for ref in data[:BRANCHES_LISTED_MAX]:
+            name = str(ref.get("ref", "")) if isinstance(ref, dict) else ""
+            sha = (ref.get("object") or {}).get("sha") if isinstance(ref, dict) else None
+            if name.startswith("refs/heads/") and isinstance(sha, str):
+                out[name[len("refs/heads/"):]] = sha
+        return out
+
+    async def delete_branch(self, branch: str, sha: str) -> bool:
+        """Delete ``branch`` (``DELETE .../git/refs/heads/<branch>``) if it is still at ``sha``
+        as read just before (GitHub has no compare-and-swap on a deletion: a push between the
+        read and the delete is lost with the branch; the clean-up only deletes branches no
+        holder may push to any more). False when it is gone or moved."""
+        ref = urllib.parse.quote(branch, safe="/")
+        path = f"{self._base}/git/ref/heads/{ref}"
+        status, data, headers = await self._call("GET", path)
+        if status == 404:
+            return False
+        if status != 200 or not isinstance(data, dict):
+            raise self._fail("GET", path, status, data, headers)
+        if (data.get("object") or {}).get("sha") != sha:
+            return False
+        path = f"{self._base}/git/refs/heads/{ref}"
+        status, data, headers = await self._call("DELETE", path)
+        if status == 204:
+            return True
+        if status == 422 and "does not exist" in _message(data).lower():
+            return False
+        raise self._fail("DELETE", path, status, data, headers)
 
 
 def _message(payload: Any, errors: bool = False) -> str:

@@ -29,6 +29,7 @@ import msgspec
 
 from gigafactory.broker import Conflict
 from gigafactory.forges.base import (
+    BRANCHES_LISTED_MAX,
     ChecksState,
     CHECKS_STATES,
     ForgeContext,
@@ -343,3 +344,36 @@ class LocalForge:
             return MergeResult("merged", f"merged {cur.head} into {cur.base}", merge_sha)
         return MergeResult("conflict", f"{cur.base} kept moving while merging #{pr.number} "
                            f"({CAS_TRIES} tries): try again from the new base")
+
+    # -- clean-up of superseded work (after the job ended for good) -----------------------------
+
+    async def close_pull_request(self, pr: PullRequest) -> str:
+        """Mark the record of ``pr`` closed (by compare-and-set); a merged or missing one is left
+        as it is. Returns its state after."""
+        for _ in range(CAS_TRIES):
+            rec, rev = await self._read(pr.head)
+            if rec is None or rec.pr.number != pr.number:
+                return "closed"  # nothing of that number for the branch: nothing open to close
+            if rec.pr.state != "open":
+                return rec.pr.state
+            done = msgspec.structs.replace(rec, pr=msgspec.structs.replace(rec.pr, state="closed",
+                                                                             updated_at=time.time()))
+            try:
+                await (await self._pulls()).update(self._key(pr.head), msgspec.json.encode(done), last=rev)
+                return "closed"
+            except Conflict:
+                continue
+        raise ForgeError(f"local forge {self.remote}: #{pr.number} kept changing while it was being closed")
+
+    async def branches(self, prefix: str) -> dict[str, str]:
+        """Branches of the remote under ``prefix``: name -> head commit."""
+        _, out = await self._git("for-each-ref", f"--count={BRANCHES_LISTED_MAX}",
+                                 "--format=%(refname:lstrip=2) %(objectname)", "--", f"refs/heads/{prefix}")
+        return dict(line.split(" ", 1) for line in out.splitlines() if " " in line)
+
+    async def delete_branch(self, branch: str, sha: str) -> bool:
+        """Delete ``branch`` in the remote only if it is still at ``sha`` (``update-ref -d``
+        with the old value: a compare-and-swap)."""
+        await self._check_branch_name(branch, "branch")
+        rc, _ = await self._git("update-ref", "-d", f"refs/heads/{branch}", sha, ok=(0, 1, 128))
+        return rc == 0
