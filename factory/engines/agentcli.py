@@ -328,7 +328,7 @@ def remove_home(prepared: Prepared) -> None:
         shutil.rmtree(home, ignore_errors=True)
 
 
-async def run_reading(job: EngineJob, prepared: Prepared, feed) -> shell.ProcessResult | Outcome:
+async def run_reading(job: EngineJob, prepared: Prepared, feed, before_removal=None) -> shell.ProcessResult | Outcome:
     """Run the CLI as :meth:`prepare` built it, giving every chunk of its output to ``feed``
     (the engine's own reader, for how the run ended) before the factory's callback, and
     remove the attempt's private home afterwards. Returns the process result, or a
@@ -337,6 +337,8 @@ async def run_reading(job: EngineJob, prepared: Prepared, feed) -> shell.Process
     :param job: the attempt.
     :param prepared: what ``prepare`` built.
     :param feed: called with each chunk, in order; if it raises, the factory still gets the chunk.
+    :param before_removal: called with ``prepared`` once the run ended, before the home is
+        removed (an engine keeps its session there: :mod:`.sessions`); must not raise.
     """
 
     def on_output(chunk: bytes) -> None:
@@ -348,6 +350,8 @@ async def run_reading(job: EngineJob, prepared: Prepared, feed) -> shell.Process
     try:
         return await run_prepared(job, prepared, on_output)
     finally:
+        if before_removal is not None:
+            before_removal(prepared)
         remove_home(prepared)
 
 

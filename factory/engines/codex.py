@@ -38,11 +38,12 @@ import json
 import os
 import re
 from collections.abc import Mapping
+from pathlib import Path
 
 from gigafactory.config import Settings
 from gigafactory.schemas.records import Usage
 
-from . import agentcli, pricing
+from . import agentcli, pricing, sessions
 from .base import Engine, EngineJob, Outcome, OutputParser, Prepared, ProbeResult, Progress, SetupFailed, require_cwd
 
 MIN_VERSION = (0, 169, 0)
@@ -85,6 +86,9 @@ class CodexParser(agentcli.LineParser):
         self.failed: str | None = None
         """The message of ``turn.failed`` (else of the last ``error`` event), if the run failed."""
         self.last_error: str | None = None
+        self.session_id: str | None = None
+        """The thread id of ``thread.started`` (Codex's session: ``codex exec resume <id>``);
+        recorded with each WIP checkpoint."""
 
     def _line(self, line: str) -> list[Progress]:
         line = line.strip()
@@ -97,6 +101,9 @@ class CodexParser(agentcli.LineParser):
         if not isinstance(ev, dict):
             return []
         kind = ev.get("type")
+        if kind == "thread.started" and isinstance(ev.get("thread_id"), str):
+            self.session_id = ev["thread_id"][:128]
+            return []
         if kind in ("item.started", "item.completed") and isinstance(ev.get("item"), dict):
             item = ev["item"]
             itype = item.get("type")
@@ -219,10 +226,36 @@ class CodexEngine(Engine):
             provider = (f"model_providers.gigafactory={{name=\"gigafactory\", base_url={json.dumps(base_url)}, "
                         f"env_key=\"{key_var}\", wire_api=\"responses\", stream_max_retries={STREAM_MAX_RETRIES}}}")
             argv += ["-c", "model_provider=gigafactory", "-c", provider]
-        argv += ["--dangerously-bypass-approvals-and-sandbox"] if job.manifest.yolo else ["--sandbox", "workspace-write"]
+        session = self._resumable(job, home)
+        if job.manifest.yolo:
+            argv += ["--dangerously-bypass-approvals-and-sandbox"]
+        else:  # `exec resume` has no --sandbox: the same policy as a config value
+            argv += ["-c", 'sandbox_mode="workspace-write"'] if session else ["--sandbox", "workspace-write"]
+        if session:
+            # `codex exec resume [OPTIONS] SESSION_ID PROMPT`: the earlier attempt's conversation.
+            argv.insert(2, "resume")
         # After "--": a body starting with "-" (a markdown list) is the prompt, not an option.
-        argv += ["--", prompt]
+        argv += ["--", *([session] if session else []), prompt]
         return Prepared(cwd=job.cwd, env=env, argv=argv)
+
+    def _resumable(self, job: EngineJob, home) -> str | None:
+        """The earlier attempt's session id when its transcript was kept on this factory and is
+        now in the new home (:mod:`.sessions`); else None (the resume note is all it gets)."""
+        sid = job.resume.session if job.resume is not None else None
+        if sid and sessions.restore(sessions.store_dir(job.log_path, self.name), sid, home / ".codex"):
+            return sid
+        return None
+
+    def _keep_session(self, job: EngineJob, reader: "CodexParser"):
+        """What runs before the attempt's home is removed: keep the session's transcript
+        (``$CODEX_HOME/sessions/**/rollout-*-<thread id>.jsonl``) for a later attempt."""
+        def keep(prepared: Prepared) -> None:
+            sid = reader.session_id
+            root = Path(prepared.env.get("CODEX_HOME", "/nonexistent"))
+            if sid and sessions.SESSION_ID_RE.fullmatch(sid):
+                files = [p for p in (root / "sessions").glob(f"**/rollout-*{sid}.jsonl") if p.is_file()]
+                sessions.keep(files, root, sessions.store_dir(job.log_path, self.name), sid)
+        return keep
 
     def parser(self) -> OutputParser:
         """A fresh :class:`CodexParser` (the model unknown to it: progress and token counts)."""
@@ -237,7 +270,7 @@ class CodexEngine(Engine):
         model = prepared.argv[prepared.argv.index("-m") + 1] if "-m" in prepared.argv else None
         reader = CodexParser(model)
         reader.table = agentcli.price_table(agentcli.settings_of(job))
-        res = await agentcli.run_reading(job, prepared, reader.feed)
+        res = await agentcli.run_reading(job, prepared, reader.feed, self._keep_session(job, reader))
         if isinstance(res, Outcome):
             return res
         reader.finish()
