@@ -40,13 +40,15 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import uuid
 from collections.abc import Mapping
+from pathlib import Path
 
 import msgspec
 
 from gigafactory.schemas.records import Usage
 
-from . import agentcli, pricing
+from . import agentcli, pricing, sessions
 from .base import Engine, EngineJob, Outcome, OutputParser, Prepared, ProbeResult, Progress, SetupFailed, require_cwd
 
 MIN_VERSION = (1, 0, 102)
@@ -79,6 +81,9 @@ class CopilotParser(agentcli.LineParser):
 
     def __init__(self) -> None:
         self._lines = agentcli.LineSplitter()
+        self.session_id: str | None = None
+        """The run's session id (:meth:`CopilotEngine.prepare` chose it or resumed it), recorded
+        with each WIP checkpoint."""
         self.byok = True
         """Bring-your-own-key mode (``COPILOT_PROVIDER_BASE_URL``): the provider bills tokens the
         CLI does not report, so premium requests are recorded but not priced. Set by
@@ -240,7 +245,33 @@ class CopilotEngine(Engine):
         else:
             # Without any allow flag -p denies every tool (and exits 0): allow file edits only.
             argv += ["--allow-tool", "write"]
+        # The session id is chosen here (its JSON names it only in the final `result`: a
+        # checkpoint taken mid-run must know it); `--session-id` of a session whose state is in
+        # the home resumes it (the earlier attempt's, kept on this factory: :mod:`.sessions`).
+        session = self._resumable(job, home) or str(uuid.uuid4())
+        argv += ["--session-id", session]
+        if isinstance(job.parser, CopilotParser):
+            job.parser.session_id = session
         return Prepared(cwd=job.cwd, env=env, argv=argv)
+
+    def _resumable(self, job: EngineJob, home: Path) -> str | None:
+        """The earlier attempt's session id when its state was kept on this factory and is now in
+        the new home (``~/.copilot/session-state/<id>/``); else None (the note is all it gets)."""
+        sid = job.resume.session if job.resume is not None else None
+        if sid and sessions.restore(sessions.store_dir(job.log_path, self.name), sid, home / ".copilot"):
+            return sid
+        return None
+
+    def _keep_session(self, job: EngineJob, session: str | None):
+        """What runs before the attempt's home is removed: keep the session's state folder
+        (its events and checkpoints, not its lock files) for a later attempt."""
+        def keep(prepared: Prepared) -> None:
+            root = Path(prepared.env.get("HOME", "/nonexistent"), ".copilot")
+            if session and sessions.SESSION_ID_RE.fullmatch(session):
+                files = [p for p in (root / "session-state" / session).rglob("*")
+                         if p.is_file() and not p.name.endswith(".lock")]
+                sessions.keep(files, root, sessions.store_dir(job.log_path, self.name), session)
+        return keep
 
     def parser(self) -> OutputParser:
         """A fresh :class:`CopilotParser`."""
@@ -255,7 +286,9 @@ class CopilotEngine(Engine):
         reader = CopilotParser()
         reader.byok = bool(prepared.env.get("COPILOT_OFFLINE"))
         reader.table = agentcli.price_table(agentcli.settings_of(job))
-        res = await agentcli.run_reading(job, prepared, reader.feed)
+        argv = prepared.argv
+        session = argv[argv.index("--session-id") + 1] if "--session-id" in argv else None
+        res = await agentcli.run_reading(job, prepared, reader.feed, self._keep_session(job, session))
         if isinstance(res, Outcome):
             return res
         reader.finish()

@@ -34,13 +34,15 @@ from __future__ import annotations
 import json
 import os
 import re
+import uuid
 from collections.abc import Mapping
+from pathlib import Path
 
 import msgspec
 
 from gigafactory.schemas.records import Usage
 
-from . import agentcli, pricing
+from . import agentcli, pricing, sessions
 from .base import Engine, EngineJob, Outcome, OutputParser, Prepared, ProbeResult, Progress, require_cwd
 
 MIN_VERSION = (0, 61, 0)
@@ -49,6 +51,8 @@ KEY_VAR = "GEMINI_API_KEY"
 BASE_URL_VAR = "GOOGLE_GEMINI_BASE_URL"
 MODEL_VAR = "GIGAFACTORY_GEMINI_MODEL"
 DEFAULT_MODEL = "gemini-2.5-pro"
+RESUME_PROJECT = "gigafactory-resumed"
+"""The project name a resumed session is registered under in the new attempt's home."""
 AUTH_EXIT_CODES = (41, 145)
 """Exit codes of an authentication failure: 41 (FatalAuthenticationError), 145 (a 401, 0.61.0)."""
 MAX_DOCUMENT_BYTES = 4 * 1024 * 1024
@@ -61,6 +65,9 @@ class GeminiParser(agentcli.LineParser):
 
     def __init__(self) -> None:
         self._lines = agentcli.LineSplitter()
+        self.session_id: str | None = None
+        """The run's session id (:meth:`GeminiEngine.prepare` chose it or resumed it), recorded
+        with each WIP checkpoint."""
         self._doc: list[str] | None = None
         self._doc_bytes = 0
         self.result: dict | None = None
@@ -225,7 +232,43 @@ class GeminiEngine(Engine):
         # --prompt=TEXT, one argument: a body starting with "-" (a markdown list) is not an option.
         argv = [binary, f"--prompt={prompt}", "--output-format", "json", "-m", model]
         argv += ["--yolo"] if job.manifest.yolo else ["--approval-mode", "auto_edit"]
+        # The session id is chosen here (its JSON names it only at the end: a checkpoint taken
+        # mid-run must know it), or it is the earlier attempt's, resumed (:mod:`.sessions`).
+        resumed = self._resumable(job, home)
+        session = resumed or str(uuid.uuid4())
+        argv += ["--resume", session] if resumed else ["--session-id", session]
+        if isinstance(job.parser, GeminiParser):
+            job.parser.session_id = session
         return Prepared(cwd=job.cwd, env=env, argv=argv)
+
+    def _resumable(self, job: EngineJob, home: Path) -> str | None:
+        """The earlier attempt's session id when its chat was kept on this factory and is now
+        in the new home, registered for the new worktree; else None (the note is all it gets).
+        Gemini looks sessions up per project (``~/.gemini/tmp/<project>/chats``, the project
+        named in ``~/.gemini/projects.json`` by its folder), so the chat goes under a project
+        registered for this attempt's working directory."""
+        sid = job.resume.session if job.resume is not None else None
+        chats = home / ".gemini" / "tmp" / RESUME_PROJECT / "chats"
+        if not sid or not sessions.restore(sessions.store_dir(job.log_path, self.name), sid, chats):
+            return None
+        cwd = os.path.realpath(job.cwd)
+        (home / ".gemini" / "projects.json").write_text(json.dumps({"projects": {cwd: RESUME_PROJECT}}))
+        for where in ("tmp", "history"):
+            (home / ".gemini" / where / RESUME_PROJECT).mkdir(parents=True, exist_ok=True)
+            (home / ".gemini" / where / RESUME_PROJECT / ".project_root").write_text(cwd)
+        return sid
+
+    def _keep_session(self, job: EngineJob, session: str | None):
+        """What runs before the attempt's home is removed: keep the session's chat file
+        (``~/.gemini/tmp/*/chats/session-*-<first 8 of the id>.json[l]``) for a later attempt."""
+        def keep(prepared: Prepared) -> None:
+            if not session or not sessions.SESSION_ID_RE.fullmatch(session):
+                return
+            for chats in Path(prepared.env.get("HOME", "/nonexistent"), ".gemini", "tmp").glob("*/chats"):
+                files = [p for p in chats.glob(f"session-*-{session[:8]}.json*") if p.is_file()]
+                if files and sessions.keep(files, chats, sessions.store_dir(job.log_path, self.name), session):
+                    return
+        return keep
 
     def parser(self) -> OutputParser:
         """A fresh :class:`GeminiParser`."""
@@ -239,7 +282,10 @@ class GeminiEngine(Engine):
         """
         reader = GeminiParser()
         reader.table = agentcli.price_table(agentcli.settings_of(job))
-        res = await agentcli.run_reading(job, prepared, reader.feed)
+        argv = prepared.argv
+        flag = "--resume" if "--resume" in argv else "--session-id" if "--session-id" in argv else None
+        session = argv[argv.index(flag) + 1] if flag else None
+        res = await agentcli.run_reading(job, prepared, reader.feed, self._keep_session(job, session))
         if isinstance(res, Outcome):
             return res
         reader.finish()
