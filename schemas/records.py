@@ -209,7 +209,8 @@ class Checkpoint(msgspec.Struct, omit_defaults=True):
     paths: list[str] = msgspec.field(default_factory=list)
     """Some of the changed paths (at most 50), for the resuming engine's note."""
     session: str | None = None
-    """The agent CLI's session id, when its stream said one (Claude's ``session_id``)."""
+    """The agent CLI's session id (Claude's stream ``session_id``, Codex's ``thread_id``, the id
+    the factory gave Gemini or Copilot), so a later attempt on ``factory`` resumes it."""
     factory: str = ""
     """Where it was taken (a session id is usable only there)."""
     engine: str = ""
