@@ -51,6 +51,8 @@ from gigafactory.config import (
     write_server_state,
 )
 
+log = logging.getLogger(__name__)
+
 
 def _nats_option(fn):
     return click.option("--nats", "nats_url", envvar="GIGAFACTORY_NATS_URL", default=None, metavar="URL",
@@ -90,7 +92,7 @@ def _setup_service(service_name: str, log_level: str, log_format: str) -> None:
 
     setup_logging(log_level, log_format)
     if tracing.setup(service_name):
-        logging.getLogger("gigafactory").info("exporting traces over OTLP as %s", service_name)
+        log.info("exporting traces over OTLP as %s", service_name)
 
 
 def _need_url(nats_url: str | None, as_json: bool) -> str:
@@ -127,7 +129,7 @@ def _url_or_embedded(nats_url: str | None, settings: Settings):
     if isinstance(srv, str):
         yield srv
         return
-    logging.getLogger("gigafactory").info("started the embedded broker on %s", srv.url)
+    log.info("started the embedded broker on %s", srv.url)
     try:
         yield srv.url
     finally:
@@ -150,7 +152,6 @@ def _start_embedded(store_dir: Path, sync_interval: str | None, port: int = 0, *
     an orphan (its starter gone) is stopped first, then ours starts."""
     from gigafactory.embedded import EmbeddedServer, StoreInUse, inspect_holder, stop_store_holder
 
-    log = logging.getLogger("gigafactory")
     deadline = time.monotonic() + STORE_WAIT_S
     while True:
         try:
@@ -271,7 +272,6 @@ async def _local_broker_url(settings: Settings, stop: asyncio.Event) -> str | No
         check_connect_settings(settings)
     except ValueError as e:
         _fail(str(e), EXIT_USAGE)
-    log = logging.getLogger("gigafactory")
     loop = asyncio.get_running_loop()
     t0, tries, logged_at = loop.time(), 0, float("-inf")
     while (url := resolve_url(None)) is None:
@@ -327,7 +327,7 @@ async def _run_factory(url: str | None, settings: Settings, **kw) -> None:
         try:
             f = Factory(broker, settings=settings, **kw)
             logcontext.bind(factory=f.id)
-            logging.getLogger("gigafactory.factory").info(
+            log.info(
                 "factory %s up: %d stations, capabilities %s", f.id, len(f.record.stations),
                 " ".join(f.record.capabilities))
             await f.run(stop)
@@ -492,7 +492,7 @@ def up(nats_url, log_level, log_format, inbox, stations, caps, connect_timeout_s
                 await cb.close()
 
     with _url_or_embedded(nats_url, settings) as url:
-        logging.getLogger("gigafactory").info("gigafactory up on %s%s", url, f", watching {inbox}" if inbox else "")
+        log.info("gigafactory up on %s%s", url, f", watching {inbox}" if inbox else "")
         asyncio.run(run(url))
 
 

@@ -49,7 +49,7 @@ from gigafactory.config import Settings
 from gigafactory.factory.agent import Factory
 from gigafactory.metrics import serve as serve_metrics
 
-log = logging.getLogger("gigafactory.fleet")
+log = logging.getLogger(__spec__.name if __spec__ else __name__)  # run with -m, __name__ is "__main__"
 
 MAX_EVENT_TIMES = 100_000
 """Connection event times kept per kind (a bound on memory, far above any storm we make)."""

@@ -61,7 +61,7 @@ from gigafactory.schemas.records import FactoryRecord, JobRecord, decode, encode
 from . import baseline as bl
 from .fleet import read_stats
 
-log = logging.getLogger("gigafactory.loadtest")
+log = logging.getLogger(__name__)
 
 RUN_ENV = "GF_LOADTEST_RUN"
 HOST = "127.0.0.1"
