@@ -576,7 +576,7 @@ def check_engine_settings(s: Settings) -> None:
                             "URL: set it to the provider's Responses API root, e.g. http://127.0.0.1:8080/v1, "
                             "or unset it for OpenAI")
     if s.price_table:
-        from gigafactory.factory.engines import pricing  # the engines import this module
+        from gigafactory.schemas import pricing
 
         try:
             pricing.load_table(s.price_table)
