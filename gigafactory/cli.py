@@ -42,6 +42,8 @@ from gigafactory.loadtest.cli import loadtest
 from gigafactory.economics.cli import invoices, report
 from gigafactory.schemas.lifecycle import Stage
 from gigafactory.config import (
+    CONFIG_FILE_NAME,
+    ENV_CONFIG,
     Settings,
     SettingsError,
     check_sync_interval,
@@ -205,9 +207,19 @@ Shell completion (bash; zsh and fish likewise with zsh_source, fish_source):
 
 
 @click.group(cls=_Main, context_settings={"help_option_names": ["-h", "--help"]}, epilog=EPILOG)
+@click.option("--config", "config_file", type=click.Path(dir_okay=False), default=None, metavar="FILE",
+              help=f"Read settings from this TOML file (default: ${ENV_CONFIG}, else {CONFIG_FILE_NAME} in "
+                   "$GIGAFACTORY_HOME if it exists). GIGAFACTORY_* variables and options win over it.")
 @click.version_option(__version__, prog_name="gigafactory")
-def main() -> None:
+@click.pass_context
+def main(ctx: click.Context, config_file: str | None) -> None:
     """Gigafactory: job files in, fenced shipped work out, across a fleet of agent machines."""
+    if config_file is not None:
+        # Through the environment, so that every Settings.from_env() of this command reads it,
+        # and the processes it starts (the demo's factories, the labs' services) too.
+        os.environ[ENV_CONFIG] = str(Path(config_file).expanduser().absolute())
+    if not ctx.resilient_parsing:
+        Settings.from_env()  # a bad value or config file ends every command here: one line, exit 2
 
 
 # -- services ---------------------------------------------------------------------------------
