@@ -153,7 +153,7 @@ class Settings(msgspec.Struct):
     max_manifest_bytes: Annotated[int, Meta(ge=1)] = limits.MAX_MANIFEST_BYTES
     """Largest front matter, in UTF-8 bytes (default 64 KiB), also counted with every YAML alias
     written out: an alias repeated thousands of times would otherwise expand to gigabytes."""
-    max_manifest_depth: Annotated[int, Meta(ge=1)] = limits.MAX_MANIFEST_DEPTH
+    max_manifest_depth: Annotated[int, Meta(ge=1, le=limits.DEPTH_CEILING)] = limits.MAX_MANIFEST_DEPTH
     """Deepest YAML nesting in a front matter (default 16; a valid manifest needs 3). Checked
     while parsing; at most 200, because the parser recurses once per level."""
     max_body_bytes: Annotated[int, Meta(ge=1)] = limits.MAX_BODY_BYTES
@@ -189,12 +189,12 @@ class Settings(msgspec.Struct):
     cannot hold the others back."""
 
     # -- run log uploads (one bad record / one big log must not stall everyone) -----------------
-    log_upload_max_bytes: int = 32 * 1024 * 1024
+    log_upload_max_bytes: Annotated[int, Meta(ge=LOG_UPLOAD_MIN_BYTES)] = 32 * 1024 * 1024
     """Bytes of one attempt's log stored in ``gf_artifacts`` (at least 64 KiB). A longer log is
     stored as its first quarter and its last three quarters with a marker line between that
     says how many bytes were dropped; the whole log stays on the factory's disk. Bounds what
     one flooding engine costs the object store; too small a cap hides the middle of long logs."""
-    log_upload_timeout_s: float = 300.0
+    log_upload_timeout_s: Annotated[float, Meta(gt=0)] = 300.0
     """Longest a log upload may take (each chunk is bounded by ``request_timeout_s`` too). The
     lease is renewed throughout, so a slow upload does not lose it; past this bound the result
     is written without the log (its detail says where the log is). Too short loses logs on a
@@ -205,41 +205,41 @@ class Settings(msgspec.Struct):
     # runs for months on a bounded disk: at the defaults about 14 GiB per replica
     # (events 2 + artifacts 10 + archive 2) plus the live job records (every job not yet
     # archived: at most ``archive_after_s`` of finished work).
-    events_max_bytes: int = 2 * 1024**3
+    events_max_bytes: Annotated[int, Meta(ge=1)] = 2 * 1024**3
     """Byte cap of the ``GF_EVENTS`` audit stream (per replica). The oldest events are dropped
     when it is reached (as they are after ``events_max_age_s``); a ``retention_warning``
     event goes out at ``retention_warn_ratio`` of it. Risk: a cap too small for the event
     rate drops audit history sooner than ``events_max_age_s``."""
-    artifacts_max_bytes: int = 10 * 1024**3
+    artifacts_max_bytes: Annotated[int, Meta(ge=1)] = 10 * 1024**3
     """Byte cap of the ``gf_artifacts`` object store (run logs; per replica). At the cap
     uploads are refused (the store never drops an object halfway), so new logs are lost
     until old ones age out: the ``retention_warning`` event at ``retention_warn_ratio`` is
     the time to raise it."""
-    artifacts_max_age_s: float = 30 * 86400.0
+    artifacts_max_age_s: Annotated[float, Meta(gt=0)] = 30 * 86400.0
     """Run logs older than this are deleted by the broker."""
-    archive_after_s: float = 7 * 86400.0
+    archive_after_s: Annotated[float, Meta(ge=RETENTION_MIN_S)] = 7 * 86400.0
     """A ``shipped``, ``failed`` or ``dead_letter`` job whose record has not changed for this
     long (broker time) is moved from ``gf_jobs`` to ``gf_archive`` (without its body; its
     content hash stays), and leaves the coordinators' memory. Its dependents, its
     idempotency key and ``status`` still find it there. A job that still has an unfinished
     dependent is kept. Minimum 60 s. Risk: a short one makes ``gigafactory jobs`` forget
     finished work sooner (``status <job>`` still reads the archive)."""
-    archive_max_bytes: int = 2 * 1024**3
+    archive_max_bytes: Annotated[int, Meta(ge=1)] = 2 * 1024**3
     """Byte cap of ``gf_archive`` (per replica). At the cap nothing more is archived (jobs
     stay in ``gf_jobs``, nothing is lost) and ``retention_warning`` events say so."""
-    archive_max_age_s: float = 365 * 86400.0
+    archive_max_age_s: Annotated[float, Meta(gt=0)] = 365 * 86400.0
     """Archived records older than this are deleted by the broker; after that a dependency
     on the job, or its idempotency key, is unknown again."""
-    pool_idle_gc_s: float = 86400.0
+    pool_idle_gc_s: Annotated[float, Meta(ge=RETENTION_MIN_S)] = 86400.0
     """A dispatch pool with no unfinished job and no live factory bound to it for this long
     (as one coordinator sees it) is deleted: its durable consumer and its ``gf_pools``
     entry. A later job for the same requirements creates it again. Minimum 60 s."""
-    factory_forget_s: float = 7 * 86400.0
+    factory_forget_s: Annotated[float, Meta(ge=RETENTION_MIN_S)] = 7 * 86400.0
     """A ``gf_factories`` record not written (no heartbeat) for this long (broker time) is
     deleted: a factory killed without draining leaves its record behind, and a fleet that
     replaces machines would otherwise keep every one it ever had. A factory that comes back
     registers again. Minimum 60 s."""
-    clock_skew_warn_s: float = 0.5
+    clock_skew_warn_s: Annotated[float, Meta(gt=0)] = 0.5
     """The reaper judges a lease with the clock of the job bucket's leader, the clock that
     stamped it, except after a leader change: then the new leader's clock reads the old
     leader's stamps, and a lease can expire early (or late) by the skew between the two.
@@ -247,29 +247,29 @@ class Settings(msgspec.Struct):
     layout's streams) and sends a ``clock_skew`` event when two differ by more than this.
     Keep it well under ``lease_ttl_s`` and the holders' self-fencing margin; run NTP on the
     broker nodes."""
-    retention_interval_s: float = 60.0
+    retention_interval_s: Annotated[float, Meta(gt=0)] = 60.0
     """How often a coordinator runs the retention pass (archive, pool GC, cap warnings)."""
-    retention_warn_ratio: float = 0.8
+    retention_warn_ratio: Annotated[float, Meta(gt=0, lt=1)] = 0.8
     """A ``retention_warning`` event (and a log warning) when a capped stream holds more than
     this share of its byte cap; repeated at most hourly while it stays above."""
-    retention_batch: int = 500
+    retention_batch: Annotated[int, Meta(ge=1)] = 500
     """Most jobs archived (and pools deleted) by one retention pass: bounds the pass's
     broker traffic when a backlog of old jobs is first archived."""
 
     # -- services: waiting for the broker at start (issue 8, section 6) --------------------
-    connect_timeout_s: float = 0.0
+    connect_timeout_s: Annotated[float, Meta(ge=0)] = 0.0
     """How long a factory, a coordinator or ``up`` waits at start for its broker to answer
     (and a factory with no URL configured, for an embedded broker on this machine to appear),
     in seconds; 0 (the default) waits forever, as a service started by systemd or compose
     before its broker should. Each try is bounded on its own; the log says what it waits for.
     Risk of 0: a wrong URL waits forever instead of failing (the log names the URL)."""
-    connect_backoff_max_s: float = 10.0
+    connect_backoff_max_s: Annotated[float, Meta(gt=0, le=HOUR_S)] = 10.0
     """Longest pause, in seconds, between two tries while waiting for the broker at start (the
     pause doubles from 0.1 s, each one jittered down by up to half, so a fleet started together
     does not try together). Larger: a slower start once the broker is up; smaller: more tries."""
 
     # -- engine fencing (issue 8): engines never outlive their factory, nor their lease ------
-    fence_margin_s: float | None = None
+    fence_margin_s: Annotated[float, Meta(gt=0)] | None = None
     """Self-fencing margin, seconds. A holder whose last successful lease renewal was *sent*
     (factory's monotonic clock) ``lease_ttl_s - fence_margin_s`` ago stops its engine:
     SIGTERM, then SIGKILL after ``fence_kill_grace_s`` (derived: half of what the margin leaves
@@ -303,17 +303,17 @@ class Settings(msgspec.Struct):
     so this folder must be writable only by the operator."""
 
     # -- the git workspace (issue 10): mirrors, worktrees, commit, fenced push -----------------
-    git_timeout_s: float = 300.0
+    git_timeout_s: Annotated[float, Meta(gt=0)] = 300.0
     """Bound of each git call a factory makes for a ``repo`` job (clone, fetch, worktree, commit,
     diff), seconds; a push is bounded by the smaller of this and the lease left after its fence.
     A call past it is killed and the attempt fails (``setup_failed`` before the engine, ``crash``
     after). Too small: a first clone of a large repository never completes."""
-    git_mirrors_max_bytes: int = 20 * 1024**3
+    git_mirrors_max_bytes: Annotated[int, Meta(ge=0)] = 20 * 1024**3
     """Disk the bare mirrors of one factory may use together, bytes. Past it, mirrors no
     worktree uses are deleted, least recently used first, after each attempt (the next job on
     such a repository clones it again). Mirrors in use are never deleted, so the store can stay
     over the bound while they are. 0 keeps no mirror between jobs."""
-    git_push_min_remaining_s: float | None = None
+    git_push_min_remaining_s: Annotated[float, Meta(ge=0)] | None = None
     """Lease that must be left after the compare-and-set renewal that precedes every push,
     seconds (the ``gigafactory fence`` rule); None: half of ``lease_ttl_s``. Less left: no push,
     the attempt fails (``crash``, retried). Larger is safer against a holder paused mid-push;
@@ -334,7 +334,7 @@ class Settings(msgspec.Struct):
     github_api_url: str = "https://api.github.com"
     """GitHub's REST API root; ``https://HOST/api/v3`` for GitHub Enterprise Server. Must be
     https (http only on a loopback address, for tests): the token goes with every request."""
-    forge_http_timeout_s: float = 30.0
+    forge_http_timeout_s: Annotated[float, Meta(gt=0, le=HOUR_S)] = 30.0
     """Bound, in seconds, on each request to an HTTP forge (GitHub). Too small: merges of big
     pull requests time out and are retried; too large: a hung forge holds a station."""
 
@@ -379,25 +379,25 @@ class Settings(msgspec.Struct):
     make every priced cost and every ``budget.usd`` stop wrong; a model missing from it stays
     ``unknown`` and is then never stopped by ``budget.usd``."""
     # -- shipping: pull requests and merges (issue 10, helper shipmodes) -----------------------
-    ship_checks_wait_s: float = 600.0
+    ship_checks_wait_s: Annotated[float, Meta(ge=0, le=SHIP_CHECKS_WAIT_MAX_S)] = 600.0
     """``GIGAFACTORY_SHIP_CHECKS_WAIT_S``: how long, in seconds, a factory shipping a
     ``ship-as: merged`` job waits for the pull request's pending checks (CI) before leaving the
     job in ``testing`` for a human's ``gigafactory ship`` (0: no wait). The station stays busy
     and the lease renewed meanwhile. Risk: a long wait holds a station per job waiting on CI; a
     short one leaves jobs whose CI is slow unmerged. At most ``SHIP_CHECKS_WAIT_MAX_S``."""
-    ship_checks_poll_s: float = 10.0
+    ship_checks_poll_s: Annotated[float, Meta(gt=0, le=SHIP_CHECKS_WAIT_MAX_S)] = 10.0
     """``GIGAFACTORY_SHIP_CHECKS_POLL_S``: seconds between two reads of a pull request's checks
     while waiting (``ship_checks_wait_s``). Risk: a short one spends the forge's API rate limit
     (GitHub: 5,000 requests an hour per token)."""
 
     # -- the probe (lead) ---------------------------------------------------------------------
-    probe_timeout_s: float = 30.0
+    probe_timeout_s: Annotated[float, Meta(gt=0, le=600)] = 30.0
     """Hard limit, seconds, for each version command the factory's probe runs at start (tools
     and agent CLIs, all in parallel). An agent CLI whose ``--version`` misses it is not offered
     (its jobs wait for another factory); a hung tool delays the factory's start by this much."""
 
     # -- WIP checkpoints and resume (issue 10, helper checkpoint) -------------------------------
-    checkpoint_s: float = 300.0
+    checkpoint_s: Annotated[float, Meta(ge=0, le=CHECKPOINT_MAX_S)] = 300.0
     """While an engine runs on a ``repo`` job, every this many seconds the factory snapshots the
     worktree (a separate index: the engine's own index and files are untouched) into a commit
     on ``gf/<job>/wip``, pushes it fenced and records it on the job record; a retry or a
@@ -407,7 +407,7 @@ class Settings(msgspec.Struct):
     commit, a push and a record write per interval. At least ``CHECKPOINT_MIN_S`` when on."""
 
     # -- metrics and health endpoints (issue 11, helper metrics) ---------------------------------
-    metrics_port: int | None = None
+    metrics_port: Annotated[int, Meta(ge=0, le=65535)] | None = None
     """``GIGAFACTORY_METRICS_PORT``: TCP port on which ``coordinator``, ``factory`` and ``up``
     (and the load suite's fleet host) serve ``/metrics`` (Prometheus), ``/healthz`` and
     ``/readyz``; unset: no endpoint. 0: a free port, logged. Risk: the endpoint answers anyone
@@ -487,8 +487,8 @@ class Settings(msgspec.Struct):
             raise SettingsError(f"prefers_grace_s={self.prefers_grace_s!r} (GIGAFACTORY_PREFERS_GRACE_S) must be "
                                 f"between 0 and {PREFERS_GRACE_MAX_S:g} seconds: it is how long an engine-class "
                                 "job waits for a factory with a preferred engine before any factory may take it")
-        check_fencing(self)
         check_timings(self)
+        check_fencing(self)
         return self
 
     @classmethod
@@ -599,11 +599,10 @@ class SettingSpec:
         try:
             if text:
                 value = self._parse_text(raw)
-            if self.name in FIELD_CHECKS:
-                value = FIELD_CHECKS[self.name](value, where)
             if isinstance(value, float) and not math.isfinite(value):
                 raise ValueError("not finite")
-            return msgspec.convert(value, self.annotation)
+            value = msgspec.convert(value, self.annotation)
+            return FIELD_CHECKS[self.name](value, where) if self.name in FIELD_CHECKS else value
         except (ValueError, msgspec.ValidationError) as e:
             if isinstance(e, SettingsError):
                 raise
@@ -657,9 +656,8 @@ def check_fields(s: Settings) -> None:
 def check_timings(s: Settings) -> None:
     """Refuse timings that are each in bounds but dangerous together: a renewal period that
     leaves no second try within the lease, a factory forgotten or its pools deleted while its
-    heartbeats still count it live, a clock-skew warning threshold above the self-fencing
-    margin (a skew that can reclaim a lease before its holder stops would go unreported).
-    :class:`SettingsError` naming every rule broken, with the variables and what to set."""
+    heartbeats still count it live. :class:`SettingsError` naming every rule broken, with the
+    variables and what to set (the self-fencing rules are :func:`check_fencing`'s)."""
     bad = []
     if s.lease_renew_s > s.lease_ttl_s / 2:
         bad.append(f"lease_renew_s={s.lease_renew_s:g} (GIGAFACTORY_LEASE_RENEW_S) is more than half of "
@@ -672,11 +670,6 @@ def check_timings(s: Settings) -> None:
             bad.append(f"{name}={getattr(s, name):g} (GIGAFACTORY_{name.upper()}) must be more than "
                        f"{LIVENESS_HEARTBEATS} x heartbeat_s = {live_s:g} s (GIGAFACTORY_HEARTBEAT_S): {what} "
                        "while its heartbeats still count it live")
-    if not s.unsafe_unfenced_engines and s.clock_skew_warn_s >= s.fence_margin_effective_s:
-        bad.append(f"clock_skew_warn_s={s.clock_skew_warn_s:g} (GIGAFACTORY_CLOCK_SKEW_WARN_S) must be less than "
-                   f"the self-fencing margin ({s.fence_margin_effective_s:g} s, GIGAFACTORY_FENCE_MARGIN_S): a "
-                   "skew between broker nodes that lets a lease be reclaimed before its holder stops must be "
-                   "reported")
     if bad:
         raise SettingsError("; ".join(bad))
 
@@ -734,8 +727,9 @@ def read_config_file(path: Path) -> dict[str, Any]:
 def check_fencing(s: Settings) -> None:
     """Refuse a self-fencing margin under which a lease holder could not stop its engine before
     the reaper may reclaim the job (too small), or would fence itself before its first renewal
-    (too large): :class:`SettingsError` naming ``fence_margin_s`` and what to set. Not checked
-    with ``unsafe_unfenced_engines`` (the chaos suite's broken-on-purpose variant)."""
+    (too large), and a clock-skew warning threshold at or above the margin: :class:`SettingsError`
+    naming the setting and what to set. Not checked with ``unsafe_unfenced_engines`` (the chaos
+    suite's broken-on-purpose variant)."""
     ttl, renew, margin = s.lease_ttl_s, s.lease_renew_s, s.fence_margin_effective_s
     if not ttl > 0 or not renew > 0:
         raise SettingsError("GIGAFACTORY_LEASE_TTL_S and GIGAFACTORY_LEASE_RENEW_S must be positive "
@@ -754,6 +748,13 @@ def check_fencing(s: Settings) -> None:
             f"fence_margin_s={margin:g} (GIGAFACTORY_FENCE_MARGIN_S) leaves lease_ttl_s - fence_margin_s = "
             f"{ttl - margin:g} s, not more than lease_renew_s={renew:g}: a holder would fence itself before "
             "its first renewal. Lower the margin or lease_renew_s, or raise lease_ttl_s")
+    if s.clock_skew_warn_s >= margin:
+        # A skew between broker nodes larger than the margin can reclaim a lease before its
+        # holder has stopped: the warning must come before that, not after.
+        raise SettingsError(
+            f"clock_skew_warn_s={s.clock_skew_warn_s:g} (GIGAFACTORY_CLOCK_SKEW_WARN_S) must be less than the "
+            f"self-fencing margin ({margin:g} s, GIGAFACTORY_FENCE_MARGIN_S): a skew between broker nodes that "
+            "lets a lease be reclaimed before its holder stops must be reported")
 
 
 DEFAULT_PROTECTED_PATHS = (".github/workflows/**",)
