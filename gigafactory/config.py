@@ -1,7 +1,11 @@
 """Settings shared by the coordinator, the factories and the CLI.
 
-Every timing that the protocol depends on is here, named with its unit, and can be set
-from the environment (``GIGAFACTORY_<NAME>``) or the command line.
+Every timing that the protocol depends on is here, named with its unit. A setting comes from,
+each later one winning: its default, the config file (``gigafactory.toml``: ``--config``,
+``GIGAFACTORY_CONFIG``, or in ``GIGAFACTORY_HOME``), the environment (``GIGAFACTORY_<NAME>``),
+the command line. Every value read is checked against its type and bounds
+(:meth:`Settings.from_env`); :meth:`Settings.validate` adds the rules between settings.
+docs/operations.md lists them all (generated from the docstrings below).
 """
 
 from __future__ import annotations
@@ -575,6 +579,10 @@ class SettingSpec:
             text = "a list of strings (comma-separated in the environment)"
         elif isinstance(t, msgspec.inspect.StrType):
             text = "a string"
+        elif isinstance(t, msgspec.inspect.LiteralType):
+            text = "one of " + ", ".join(str(v) for v in t.values)
+        elif isinstance(t, msgspec.inspect.EnumType):
+            text = "one of " + ", ".join(str(m.value) for m in t.cls)
         else:
             text = f"a value of type {self.annotation}"
         bounds = [f"{word} {getattr(t, attr):g}" for attr, word in
@@ -718,7 +726,7 @@ def read_config_file(path: Path) -> dict[str, Any]:
             hint = f" (did you mean {' or '.join(near)}?)" if near else ""
             raise SettingsError(f"config file {path}: unknown setting {key!r}{hint}; the settings are listed in "
                                 "docs/operations.md")
-        if isinstance(value, dict):
+        if isinstance(value, dict) and not isinstance(specs[key].base, msgspec.inspect.DictType):
             raise SettingsError(f"config file {path}: {key} is a table; settings are top-level keys "
                                 f"({key} = value)")
     return doc

@@ -43,7 +43,11 @@ def wrong_value(name: str) -> tuple[str | None, object]:
         return "abc", "abc"
     if isinstance(t, msgspec.inspect.ListType):
         return None, 5
-    assert isinstance(t, msgspec.inspect.StrType), f"{name}: a type this test does not know: {t}"
+    if isinstance(t, (msgspec.inspect.LiteralType, msgspec.inspect.EnumType)):
+        return "not-one-of-them", "not-one-of-them"
+    if isinstance(t, msgspec.inspect.DictType):
+        return "{}", 5
+    assert isinstance(t, msgspec.inspect.StrType), f"{name}: a type this test does not know (add it here): {t}"
     return None, 5
 
 
