@@ -70,7 +70,7 @@ from gigafactory.testing.procs import LabProc, wait_for
 from . import invariants
 from .proxy import ProxyControl, ProxyControlError
 
-log = logging.getLogger("gigafactory.chaos")
+log = logging.getLogger(__name__)
 
 LAB_ENV = "GF_CHAOS_LAB"
 """Set in every factory's environment (and so in every engine's): how cleanup finds them."""

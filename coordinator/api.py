@@ -43,7 +43,7 @@ from .retention import read_archived
 from .scheduler import capability_gap
 from .view import FleetView
 
-log = logging.getLogger("gigafactory.coordinator")
+log = logging.getLogger(__name__)
 MAX_CAS_RETRIES = 20
 
 

@@ -36,7 +36,7 @@ from gigafactory.schemas.limits import Limits, hint
 
 from . import intake
 
-log = logging.getLogger("gigafactory.coordinator")
+log = logging.getLogger(__name__)
 
 RETRY_FIRST_S = 0.5
 """The first back-off after a failed batch; it doubles per failure up to ``inbox_retry_max_s``."""

@@ -65,7 +65,7 @@ from .plan_submit import (  # noqa: F401  (the API and the inbox use them as int
     key_job_id,
 )
 
-log = logging.getLogger("gigafactory.coordinator")
+log = logging.getLogger(__name__)
 
 MAX_CAS_RETRIES = 20
 WRITES_IN_FLIGHT = 128

@@ -57,7 +57,7 @@ from .archive import READS_IN_FLIGHT, archived_stages, read_archived  # noqa: F4
 from .intake import ensure_pool
 from .view import FleetView, JobState
 
-log = logging.getLogger("gigafactory.coordinator.retention")
+log = logging.getLogger(__name__)
 
 WARN_EVERY_S = 3600.0
 """A stream that stays above its warning ratio is warned about again at most this often."""

@@ -41,7 +41,7 @@ from .plan_dispatch import QueueOrder, capability_gap  # noqa: F401  (re-exporte
 from .retention import archived_stages
 from .view import FactoryState, FleetView, JobState
 
-log = logging.getLogger("gigafactory.coordinator")
+log = logging.getLogger(__name__)
 
 INDEX_IN_FLIGHT = 64
 """``gf_queue`` writes :meth:`Scheduler.sync_index` keeps in flight at once."""

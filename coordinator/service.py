@@ -26,7 +26,7 @@ from .shipping import REF_CLEANUP_INTERVAL_S, RefCleaner
 from .scheduler import Scheduler, loop
 from .view import FleetView, follow
 
-log = logging.getLogger("gigafactory.coordinator")
+log = logging.getLogger(__name__)
 
 STARTUP_RETRY_MAX_S = 5.0
 """Longest pause between tries of a startup read the broker refused for now."""

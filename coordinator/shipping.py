@@ -35,7 +35,7 @@ from gigafactory.forges.local import LocalForge
 from gigafactory.schemas.lifecycle import TERMINAL, Stage
 from gigafactory.schemas.records import EventRecord, JobRecord, WorkspaceResult, encode
 
-log = logging.getLogger("gigafactory.coordinator")
+log = logging.getLogger(__name__)
 
 LOG_TAIL_MAX_BYTES = 8 * 1024 * 1024
 """Largest attempt log read back for the pull request's verify summary (a bigger one is not

@@ -19,7 +19,7 @@ from gigafactory.schemas import capabilities as caps
 from gigafactory.schemas.lifecycle import Stage
 from gigafactory.schemas.records import FactoryRecord, JobRecord, decode
 
-log = logging.getLogger("gigafactory.coordinator")
+log = logging.getLogger(__name__)
 
 
 @dataclass(slots=True)

@@ -65,7 +65,7 @@ from .ship import Ship
 from .stations import Stations
 from .workspace import Checkout, Store
 
-log = logging.getLogger("gigafactory.factory")
+log = logging.getLogger(__name__)
 
 __all__ = [
     "EVENT_QUEUE_MAX", "EVENT_RETRY_MAX_S", "EVENT_RETRY_MIN_S", "MAX_CAS_RETRIES", "NOOP_ENGINE", "OUTBOX_RETRY_S",

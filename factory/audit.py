@@ -15,7 +15,7 @@ import time
 from gigafactory import tracing
 from gigafactory.schemas.records import EventRecord
 
-log = logging.getLogger("gigafactory.factory")
+log = logging.getLogger(__name__)
 
 EVENT_QUEUE_MAX = 10_000
 """Audit events waiting to be stored (the broker away) beyond this drop the oldest, logged."""

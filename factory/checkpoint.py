@@ -47,7 +47,7 @@ from .engines.base import OutputParser, Resume
 from .holder import Run
 from .workspace import Checkout, GitError, StartPoint
 
-log = logging.getLogger("gigafactory.factory")
+log = logging.getLogger(__name__)
 
 CHECKPOINT_PATHS_KEPT = 50
 """Changed paths a checkpoint keeps on the record (and so in a resuming agent's note)."""

@@ -42,7 +42,7 @@ from .holder import Run
 from .workspace import Checkout, GitError
 from .reporting import ResultPayload
 
-log = logging.getLogger("gigafactory.factory")
+log = logging.getLogger(__name__)
 
 
 DEFERRED_SAID_MAX = 4096

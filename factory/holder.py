@@ -33,7 +33,7 @@ from gigafactory.schemas.records import JobRecord, LockRecord, decode, encode
 from . import lease, shell
 from .results import ResultPayload
 
-log = logging.getLogger("gigafactory.factory")
+log = logging.getLogger(__name__)
 
 MAX_CAS_RETRIES = lease.MAX_CAS_RETRIES
 """Tries of a lock write; the job record's writes are bounded by :mod:`lease` itself."""

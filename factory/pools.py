@@ -30,7 +30,7 @@ from gigafactory.schemas import names
 from gigafactory.schemas.lifecycle import Stage
 from gigafactory.schemas.records import DispatchMessage, JobRecord, PoolRecord, QueueEntry, decode
 
-log = logging.getLogger("gigafactory.factory")
+log = logging.getLogger(__name__)
 
 STALL_CHECKS_PER_REDISPATCH = 1 / 3
 """An idle pool puller checks that no queued job of its pool has waited unclaimed (a stall)

@@ -46,7 +46,7 @@ PROBE_TIMEOUT_S = 30.0
 an agent CLI's ``--version`` takes several seconds on a loaded machine (Gemini CLI's was seen
 at 9 s), and a CLI that misses it is not offered at all."""
 
-log = logging.getLogger("gigafactory.factory")
+log = logging.getLogger(__name__)
 
 # Agent CLIs and tools reported as ``has:<token>`` when found on the search path.
 TOOLS: dict[str, str] = {

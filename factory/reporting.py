@@ -29,7 +29,7 @@ from .logs import CappedLog, LogUploadTimeout
 from .outbox import OutboxItem
 from .results import ResultPayload
 
-log = logging.getLogger("gigafactory.factory")
+log = logging.getLogger(__name__)
 
 OUTBOX_RETRY_S = 1.0
 """While results wait in the outbox, publishing them is tried this often."""

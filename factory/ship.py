@@ -43,7 +43,7 @@ from .engines.base import Outcome
 from .holder import Run
 from .workspace import Checkout, GitError
 
-log = logging.getLogger("gigafactory.factory")
+log = logging.getLogger(__name__)
 
 
 class Ship:

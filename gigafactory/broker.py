@@ -35,7 +35,7 @@ from gigafactory.config import Settings, SettingsError
 from gigafactory.schemas import names
 from gigafactory.schemas.records import EventRecord, encode
 
-log = logging.getLogger("gigafactory.broker")
+log = logging.getLogger(__name__)
 
 
 SCAN_INACTIVE_S = 15.0

@@ -42,6 +42,8 @@ from gigafactory.loadtest.cli import loadtest
 from gigafactory.economics.cli import invoices, report
 from gigafactory.schemas.lifecycle import Stage
 from gigafactory.config import (
+    CONFIG_FILE_NAME,
+    ENV_CONFIG,
     Settings,
     SettingsError,
     check_sync_interval,
@@ -50,6 +52,8 @@ from gigafactory.config import (
     resolve_url,
     write_server_state,
 )
+
+log = logging.getLogger(__name__)
 
 
 def _nats_option(fn):
@@ -90,7 +94,7 @@ def _setup_service(service_name: str, log_level: str, log_format: str) -> None:
 
     setup_logging(log_level, log_format)
     if tracing.setup(service_name):
-        logging.getLogger("gigafactory").info("exporting traces over OTLP as %s", service_name)
+        log.info("exporting traces over OTLP as %s", service_name)
 
 
 def _need_url(nats_url: str | None, as_json: bool) -> str:
@@ -127,7 +131,7 @@ def _url_or_embedded(nats_url: str | None, settings: Settings):
     if isinstance(srv, str):
         yield srv
         return
-    logging.getLogger("gigafactory").info("started the embedded broker on %s", srv.url)
+    log.info("started the embedded broker on %s", srv.url)
     try:
         yield srv.url
     finally:
@@ -150,7 +154,6 @@ def _start_embedded(store_dir: Path, sync_interval: str | None, port: int = 0, *
     an orphan (its starter gone) is stopped first, then ours starts."""
     from gigafactory.embedded import EmbeddedServer, StoreInUse, inspect_holder, stop_store_holder
 
-    log = logging.getLogger("gigafactory")
     deadline = time.monotonic() + STORE_WAIT_S
     while True:
         try:
@@ -204,9 +207,19 @@ Shell completion (bash; zsh and fish likewise with zsh_source, fish_source):
 
 
 @click.group(cls=_Main, context_settings={"help_option_names": ["-h", "--help"]}, epilog=EPILOG)
+@click.option("--config", "config_file", type=click.Path(dir_okay=False), default=None, metavar="FILE",
+              help=f"Read settings from this TOML file (default: ${ENV_CONFIG}, else {CONFIG_FILE_NAME} in "
+                   "$GIGAFACTORY_HOME if it exists). GIGAFACTORY_* variables and options win over it.")
 @click.version_option(__version__, prog_name="gigafactory")
-def main() -> None:
+@click.pass_context
+def main(ctx: click.Context, config_file: str | None) -> None:
     """Gigafactory: job files in, fenced shipped work out, across a fleet of agent machines."""
+    if config_file is not None:
+        # Through the environment, so that every Settings.from_env() of this command reads it,
+        # and the processes it starts (the demo's factories, the labs' services) too.
+        os.environ[ENV_CONFIG] = str(Path(config_file).expanduser().absolute())
+    if not ctx.resilient_parsing:
+        Settings.from_env()  # a bad value or config file ends every command here: one line, exit 2
 
 
 # -- services ---------------------------------------------------------------------------------
@@ -271,7 +284,6 @@ async def _local_broker_url(settings: Settings, stop: asyncio.Event) -> str | No
         check_connect_settings(settings)
     except ValueError as e:
         _fail(str(e), EXIT_USAGE)
-    log = logging.getLogger("gigafactory")
     loop = asyncio.get_running_loop()
     t0, tries, logged_at = loop.time(), 0, float("-inf")
     while (url := resolve_url(None)) is None:
@@ -327,7 +339,7 @@ async def _run_factory(url: str | None, settings: Settings, **kw) -> None:
         try:
             f = Factory(broker, settings=settings, **kw)
             logcontext.bind(factory=f.id)
-            logging.getLogger("gigafactory.factory").info(
+            log.info(
                 "factory %s up: %d stations, capabilities %s", f.id, len(f.record.stations),
                 " ".join(f.record.capabilities))
             await f.run(stop)
@@ -492,7 +504,7 @@ def up(nats_url, log_level, log_format, inbox, stations, caps, connect_timeout_s
                 await cb.close()
 
     with _url_or_embedded(nats_url, settings) as url:
-        logging.getLogger("gigafactory").info("gigafactory up on %s%s", url, f", watching {inbox}" if inbox else "")
+        log.info("gigafactory up on %s%s", url, f", watching {inbox}" if inbox else "")
         asyncio.run(run(url))
 
 

@@ -1,17 +1,28 @@
 """Settings shared by the coordinator, the factories and the CLI.
 
-Every timing that the protocol depends on is here, named with its unit, and can be set
-from the environment (``GIGAFACTORY_<NAME>``) or the command line.
+Every timing that the protocol depends on is here, named with its unit. A setting comes from,
+each later one winning: its default, the config file (``gigafactory.toml``: ``--config``,
+``GIGAFACTORY_CONFIG``, or in ``GIGAFACTORY_HOME``), the environment (``GIGAFACTORY_<NAME>``),
+the command line. Every value read is checked against its type and bounds
+(:meth:`Settings.from_env`); :meth:`Settings.validate` adds the rules between settings.
+docs/operations.md lists them all (generated from the docstrings below).
 """
 
 from __future__ import annotations
 
+import difflib
 import json
+import math
 import os
 import re
+import tomllib
 from collections.abc import Mapping
-from dataclasses import dataclass, field, fields
+from functools import lru_cache
 from pathlib import Path
+from typing import Annotated, Any
+
+import msgspec
+from msgspec import Meta, field
 
 from gigafactory.osproc import create_time, pid_alive
 from gigafactory.schemas import limits
@@ -34,6 +45,12 @@ _TRUE = ("1", "true", "yes", "on")
 _FALSE = ("0", "false", "no", "off", "")
 
 
+HOUR_S = 3600.0
+"""The longest a protocol timing (lease, renewal, heartbeat, poll) may be: past it a dead
+factory's work or a lost message waits longer than any operator would."""
+DAY_S = 86_400.0
+
+
 class SettingsError(ValueError):
     """A setting whose value is invalid or dangerous; the message names it and what to do."""
 
@@ -49,20 +66,33 @@ def parse_bool(raw: str, name: str) -> bool:
     raise SettingsError(f"{name}={raw!r} is not a boolean: use 1/true/yes or 0/false/no")
 
 
-@dataclass
-class Settings:
-    lease_ttl_s: float = 15.0
-    """A lease not renewed for this long (broker time) is reclaimed by the reaper."""
-    lease_renew_s: float = 4.0
-    """How often a holder renews its lease; keep well under ``lease_ttl_s``."""
-    heartbeat_s: float = 10.0
+class Settings(msgspec.Struct):
+    """Every setting: ``name: type = default`` and a docstring (what it does, its unit, what it
+    risks). A type may carry bounds (``Annotated[float, Meta(gt=0, le=3600)]``), checked with the
+    type wherever a value comes from (:meth:`from_env`, :meth:`validate`); rules that involve two
+    settings are ``check_<concern>(s)`` functions called from :meth:`validate`. Constructing one
+    in code (``Settings(lease_ttl_s=2.0)``) checks only what ``__post_init__`` checks: call
+    :meth:`validate` before relying on it."""
+
+    lease_ttl_s: Annotated[float, Meta(gt=0, le=HOUR_S)] = 15.0
+    """A lease not renewed for this long (broker time) is reclaimed by the reaper, in seconds
+    (at most an hour). Too short: a holder on a loaded machine or a slow link loses jobs it is
+    running (they are retried); too long: a dead factory's jobs wait this long to be reclaimed."""
+    lease_renew_s: Annotated[float, Meta(gt=0, le=HOUR_S)] = 4.0
+    """How often a holder renews its lease, in seconds; at most half of ``lease_ttl_s`` (so a
+    slow or lost renewal is retried before the lease can lapse), and a renewal must come before
+    the holder's self-fencing deadline (``fence_margin_s``)."""
+    heartbeat_s: Annotated[float, Meta(gt=0, le=HOUR_S)] = 10.0
     """Factory heartbeat period. A factory silent for 3 heartbeats is not counted as live.
     Each heartbeat is one KV write the coordinator reads: 1,000 factories at 10 s are 100
     writes a second. Liveness only steers dispatch (leases expire on their own clock), so
     noticing a dead factory within 30 s is enough; client pings follow it (see
     ``broker.ping_interval_s``)."""
-    reaper_interval_s: float = 1.0
-    long_poll_s: float = 30.0
+    reaper_interval_s: Annotated[float, Meta(gt=0, le=HOUR_S)] = 1.0
+    """How often a coordinator's reaper looks for expired leases, in seconds. An expired lease
+    waits up to this long past ``lease_ttl_s`` to be reclaimed; each pass reads the job view
+    (no broker write unless it reclaims)."""
+    long_poll_s: Annotated[float, Meta(gt=0, le=HOUR_S)] = 30.0
     """How long an idle station's pull request waits on the broker before it is renewed.
     With ``heartbeat_s`` this sets the broker traffic of an idle fleet: per factory, one
     heartbeat every ``heartbeat_s`` and, per pool it serves, one pull renewal every
@@ -71,22 +101,27 @@ class Settings:
     dispatch latency; it only bounds how long a request outlives a factory that vanished
     without closing its connection (a dispatch message it took is redelivered after the
     consumer's ack wait, and the coordinator re-publishes after ``redispatch_s``)."""
-    redispatch_s: float = 10.0
-    """A queued job whose dispatch message went unclaimed this long is published again."""
-    poll_backoff_max_s: float = 10.0
-    """Upper bound of the jittered back-off while polling (push dispatch down)."""
-    dispatch_repair_s: float = 5.0
+    redispatch_s: Annotated[float, Meta(gt=0, le=DAY_S)] = 10.0
+    """A queued job whose dispatch message went unclaimed this long (seconds) is published
+    again. Too short: duplicate dispatch messages (harmless, but broker traffic)."""
+    poll_backoff_max_s: Annotated[float, Meta(gt=0, le=HOUR_S)] = 10.0
+    """Upper bound of the jittered back-off while polling (push dispatch down), seconds."""
+    dispatch_repair_s: Annotated[float, Meta(gt=0, le=HOUR_S)] = 5.0
     """How often the coordinator checks that the dispatch stream and every pool consumer exist,
     and recreates what is missing. With ``poll_backoff_max_s`` it bounds how long factories
     poll after the push path was deleted."""
-    reconnect_wait_s: float = 1.0
-    reconnect_jitter_s: float = 2.0
-    """Reconnects are spread over this window so a thousand factories do not return at once."""
-    drain_timeout_s: float = 30.0
-    """On SIGTERM, in-flight jobs get this long to finish before they are handed back."""
-    request_timeout_s: float = 5.0
-    """Bound on every broker request (JetStream API, KV, publish acks)."""
-    replicas: int = 1
+    reconnect_wait_s: Annotated[float, Meta(ge=0, le=600)] = 1.0
+    """Pause before each reconnect to the broker after a lost connection, seconds (plus
+    ``reconnect_jitter_s``)."""
+    reconnect_jitter_s: Annotated[float, Meta(ge=0, le=600)] = 2.0
+    """Reconnects are spread over this window (seconds) so a thousand factories do not return
+    at once."""
+    drain_timeout_s: Annotated[float, Meta(ge=0, le=DAY_S)] = 30.0
+    """On SIGTERM, in-flight jobs get this long (seconds) to finish before they are handed back.
+    A supervisor (systemd, compose) must wait longer than this before SIGKILL."""
+    request_timeout_s: Annotated[float, Meta(gt=0, le=600)] = 5.0
+    """Bound on every broker request (JetStream API, KV, publish acks), seconds."""
+    replicas: Annotated[int, Meta(ge=1, le=5)] = 1
     """Replicas of every bucket and stream (3 on a 3-node cluster). Raising it on a layout
     that exists migrates every bucket and stream up (where the server can: a cluster with
     that many nodes) or refuses to start with the bucket named; it is never lowered
@@ -101,7 +136,9 @@ class Settings:
     the last interval although they were acknowledged, and rolls revisions back, so a job
     can be lost, or an epoch handed out twice. A process crash (kill -9 of nats-server)
     loses nothing either way. Validated (:func:`check_sync_interval`)."""
-    events_max_age_s: float = 30 * 86400.0
+    events_max_age_s: Annotated[float, Meta(gt=0)] = 30 * 86400.0
+    """Audit events older than this (seconds) are dropped by the broker (``GF_EVENTS``'s age
+    limit; see also ``events_max_bytes``)."""
 
     # -- profiles (issue 9, "Profiles and personas"; owner: profiles) ---------------------------
     profiles_dir: str | None = None
@@ -113,55 +150,55 @@ class Settings:
     # -- intake limits (issue 8, section 3; owner: intake) ------------------------------------
     # Every refusal names the setting and its variable. Defaults fit the embedded broker's
     # 1 MiB max payload; the record check below reads the real max payload from the server.
-    max_job_file_bytes: int = limits.MAX_JOB_FILE_BYTES
+    max_job_file_bytes: Annotated[int, Meta(ge=1)] = limits.MAX_JOB_FILE_BYTES
     """Largest job file, in UTF-8 bytes (default 512 KiB), refused by ``gigafactory submit``
     before sending and by the inbox before reading. Raising it past the broker's max payload
     only moves the refusal to the record check."""
-    max_manifest_bytes: int = limits.MAX_MANIFEST_BYTES
+    max_manifest_bytes: Annotated[int, Meta(ge=1)] = limits.MAX_MANIFEST_BYTES
     """Largest front matter, in UTF-8 bytes (default 64 KiB), also counted with every YAML alias
     written out: an alias repeated thousands of times would otherwise expand to gigabytes."""
-    max_manifest_depth: int = limits.MAX_MANIFEST_DEPTH
+    max_manifest_depth: Annotated[int, Meta(ge=1, le=limits.DEPTH_CEILING)] = limits.MAX_MANIFEST_DEPTH
     """Deepest YAML nesting in a front matter (default 16; a valid manifest needs 3). Checked
     while parsing; at most 200, because the parser recurses once per level."""
-    max_body_bytes: int = limits.MAX_BODY_BYTES
+    max_body_bytes: Annotated[int, Meta(ge=1)] = limits.MAX_BODY_BYTES
     """Largest prompt or script (everything after the front matter), in UTF-8 bytes (default
     384 KiB): the body is stored in the job record and read by every factory that claims it."""
-    max_deps: int = limits.MAX_DEPS
+    max_deps: Annotated[int, Meta(ge=1)] = limits.MAX_DEPS
     """Most entries in a job's ``deps`` (default 1,000). Each is read at intake and whenever
     the job is checked for unblocking; a job needing more should depend on composite jobs."""
-    max_key_chars: int = limits.MAX_KEY_CHARS
+    max_key_chars: Annotated[int, Meta(ge=1)] = limits.MAX_KEY_CHARS
     """Longest ``idempotency-key``, ``lock`` or ``deps`` entry, in characters (default 256):
     keys become KV keys, escaped to up to 8 characters each."""
-    max_reason_chars: int = limits.MAX_REASON_CHARS
+    max_reason_chars: Annotated[int, Meta(ge=1)] = limits.MAX_REASON_CHARS
     """Longest reason stored on a job record (default 2,000 characters): an operator's cancel
     reason is refused past it; a generated one ("waiting for a, b, ...") is cut, saying so."""
-    max_batch_files: int = limits.MAX_BATCH_FILES
+    max_batch_files: Annotated[int, Meta(ge=1)] = limits.MAX_BATCH_FILES
     """Most files in one submission (default 1,000): one ``submit`` call, one inbox batch (the
     inbox leaves the rest for its next scan)."""
-    max_batch_bytes: int = limits.MAX_BATCH_BYTES
+    max_batch_bytes: Annotated[int, Meta(ge=1)] = limits.MAX_BATCH_BYTES
     """Most bytes the inbox reads into one batch (default 16 MiB); later files wait for the
     next scan. Bounds the coordinator's memory while a large drop is submitted."""
-    record_headroom_bytes: int = limits.RECORD_HEADROOM_BYTES
+    record_headroom_bytes: Annotated[int, Meta(ge=1)] = limits.RECORD_HEADROOM_BYTES
     """Room a new job record must leave under the broker's max payload (default 64 KiB) for what
     the protocol adds later (lease, up to 20 attempts with their results, reasons). A record
     without it could be stored but never claimed (a claim that grows it past the max payload
     fails) and would be redispatched forever. At least 4 x ``max_reason_chars``."""
-    inbox_retry_max_s: float = 60.0
+    inbox_retry_max_s: Annotated[float, Meta(gt=0, le=HOUR_S)] = 60.0
     """Longest pause before the inbox retries a batch that failed for a passing reason (the
     broker not answering); the pause doubles from 0.5 s up to this, jittered. Files stay in
     the inbox meanwhile: a passing failure never rejects a file."""
-    inbox_max_failures: int = 5
+    inbox_max_failures: Annotated[int, Meta(ge=1)] = 5
     """Unexpected failures (neither a refusal nor the broker being away) after which the inbox
     moves a file to ``.rejected/`` with the last error, so one file that keeps breaking intake
     cannot hold the others back."""
 
     # -- run log uploads (one bad record / one big log must not stall everyone) -----------------
-    log_upload_max_bytes: int = 32 * 1024 * 1024
+    log_upload_max_bytes: Annotated[int, Meta(ge=LOG_UPLOAD_MIN_BYTES)] = 32 * 1024 * 1024
     """Bytes of one attempt's log stored in ``gf_artifacts`` (at least 64 KiB). A longer log is
     stored as its first quarter and its last three quarters with a marker line between that
     says how many bytes were dropped; the whole log stays on the factory's disk. Bounds what
     one flooding engine costs the object store; too small a cap hides the middle of long logs."""
-    log_upload_timeout_s: float = 300.0
+    log_upload_timeout_s: Annotated[float, Meta(gt=0)] = 300.0
     """Longest a log upload may take (each chunk is bounded by ``request_timeout_s`` too). The
     lease is renewed throughout, so a slow upload does not lose it; past this bound the result
     is written without the log (its detail says where the log is). Too short loses logs on a
@@ -172,41 +209,41 @@ class Settings:
     # runs for months on a bounded disk: at the defaults about 14 GiB per replica
     # (events 2 + artifacts 10 + archive 2) plus the live job records (every job not yet
     # archived: at most ``archive_after_s`` of finished work).
-    events_max_bytes: int = 2 * 1024**3
+    events_max_bytes: Annotated[int, Meta(ge=1)] = 2 * 1024**3
     """Byte cap of the ``GF_EVENTS`` audit stream (per replica). The oldest events are dropped
     when it is reached (as they are after ``events_max_age_s``); a ``retention_warning``
     event goes out at ``retention_warn_ratio`` of it. Risk: a cap too small for the event
     rate drops audit history sooner than ``events_max_age_s``."""
-    artifacts_max_bytes: int = 10 * 1024**3
+    artifacts_max_bytes: Annotated[int, Meta(ge=1)] = 10 * 1024**3
     """Byte cap of the ``gf_artifacts`` object store (run logs; per replica). At the cap
     uploads are refused (the store never drops an object halfway), so new logs are lost
     until old ones age out: the ``retention_warning`` event at ``retention_warn_ratio`` is
     the time to raise it."""
-    artifacts_max_age_s: float = 30 * 86400.0
+    artifacts_max_age_s: Annotated[float, Meta(gt=0)] = 30 * 86400.0
     """Run logs older than this are deleted by the broker."""
-    archive_after_s: float = 7 * 86400.0
+    archive_after_s: Annotated[float, Meta(ge=RETENTION_MIN_S)] = 7 * 86400.0
     """A ``shipped``, ``failed`` or ``dead_letter`` job whose record has not changed for this
     long (broker time) is moved from ``gf_jobs`` to ``gf_archive`` (without its body; its
     content hash stays), and leaves the coordinators' memory. Its dependents, its
     idempotency key and ``status`` still find it there. A job that still has an unfinished
     dependent is kept. Minimum 60 s. Risk: a short one makes ``gigafactory jobs`` forget
     finished work sooner (``status <job>`` still reads the archive)."""
-    archive_max_bytes: int = 2 * 1024**3
+    archive_max_bytes: Annotated[int, Meta(ge=1)] = 2 * 1024**3
     """Byte cap of ``gf_archive`` (per replica). At the cap nothing more is archived (jobs
     stay in ``gf_jobs``, nothing is lost) and ``retention_warning`` events say so."""
-    archive_max_age_s: float = 365 * 86400.0
+    archive_max_age_s: Annotated[float, Meta(gt=0)] = 365 * 86400.0
     """Archived records older than this are deleted by the broker; after that a dependency
     on the job, or its idempotency key, is unknown again."""
-    pool_idle_gc_s: float = 86400.0
+    pool_idle_gc_s: Annotated[float, Meta(ge=RETENTION_MIN_S)] = 86400.0
     """A dispatch pool with no unfinished job and no live factory bound to it for this long
     (as one coordinator sees it) is deleted: its durable consumer and its ``gf_pools``
     entry. A later job for the same requirements creates it again. Minimum 60 s."""
-    factory_forget_s: float = 7 * 86400.0
+    factory_forget_s: Annotated[float, Meta(ge=RETENTION_MIN_S)] = 7 * 86400.0
     """A ``gf_factories`` record not written (no heartbeat) for this long (broker time) is
     deleted: a factory killed without draining leaves its record behind, and a fleet that
     replaces machines would otherwise keep every one it ever had. A factory that comes back
     registers again. Minimum 60 s."""
-    clock_skew_warn_s: float = 0.5
+    clock_skew_warn_s: Annotated[float, Meta(gt=0)] = 0.5
     """The reaper judges a lease with the clock of the job bucket's leader, the clock that
     stamped it, except after a leader change: then the new leader's clock reads the old
     leader's stamps, and a lease can expire early (or late) by the skew between the two.
@@ -214,29 +251,29 @@ class Settings:
     layout's streams) and sends a ``clock_skew`` event when two differ by more than this.
     Keep it well under ``lease_ttl_s`` and the holders' self-fencing margin; run NTP on the
     broker nodes."""
-    retention_interval_s: float = 60.0
+    retention_interval_s: Annotated[float, Meta(gt=0)] = 60.0
     """How often a coordinator runs the retention pass (archive, pool GC, cap warnings)."""
-    retention_warn_ratio: float = 0.8
+    retention_warn_ratio: Annotated[float, Meta(gt=0, lt=1)] = 0.8
     """A ``retention_warning`` event (and a log warning) when a capped stream holds more than
     this share of its byte cap; repeated at most hourly while it stays above."""
-    retention_batch: int = 500
+    retention_batch: Annotated[int, Meta(ge=1)] = 500
     """Most jobs archived (and pools deleted) by one retention pass: bounds the pass's
     broker traffic when a backlog of old jobs is first archived."""
 
     # -- services: waiting for the broker at start (issue 8, section 6) --------------------
-    connect_timeout_s: float = 0.0
+    connect_timeout_s: Annotated[float, Meta(ge=0)] = 0.0
     """How long a factory, a coordinator or ``up`` waits at start for its broker to answer
     (and a factory with no URL configured, for an embedded broker on this machine to appear),
     in seconds; 0 (the default) waits forever, as a service started by systemd or compose
     before its broker should. Each try is bounded on its own; the log says what it waits for.
     Risk of 0: a wrong URL waits forever instead of failing (the log names the URL)."""
-    connect_backoff_max_s: float = 10.0
+    connect_backoff_max_s: Annotated[float, Meta(gt=0, le=HOUR_S)] = 10.0
     """Longest pause, in seconds, between two tries while waiting for the broker at start (the
     pause doubles from 0.1 s, each one jittered down by up to half, so a fleet started together
     does not try together). Larger: a slower start once the broker is up; smaller: more tries."""
 
     # -- engine fencing (issue 8): engines never outlive their factory, nor their lease ------
-    fence_margin_s: float | None = None
+    fence_margin_s: Annotated[float, Meta(gt=0)] | None = None
     """Self-fencing margin, seconds. A holder whose last successful lease renewal was *sent*
     (factory's monotonic clock) ``lease_ttl_s - fence_margin_s`` ago stops its engine:
     SIGTERM, then SIGKILL after ``fence_kill_grace_s`` (derived: half of what the margin leaves
@@ -270,17 +307,17 @@ class Settings:
     so this folder must be writable only by the operator."""
 
     # -- the git workspace (issue 10): mirrors, worktrees, commit, fenced push -----------------
-    git_timeout_s: float = 300.0
+    git_timeout_s: Annotated[float, Meta(gt=0)] = 300.0
     """Bound of each git call a factory makes for a ``repo`` job (clone, fetch, worktree, commit,
     diff), seconds; a push is bounded by the smaller of this and the lease left after its fence.
     A call past it is killed and the attempt fails (``setup_failed`` before the engine, ``crash``
     after). Too small: a first clone of a large repository never completes."""
-    git_mirrors_max_bytes: int = 20 * 1024**3
+    git_mirrors_max_bytes: Annotated[int, Meta(ge=0)] = 20 * 1024**3
     """Disk the bare mirrors of one factory may use together, bytes. Past it, mirrors no
     worktree uses are deleted, least recently used first, after each attempt (the next job on
     such a repository clones it again). Mirrors in use are never deleted, so the store can stay
     over the bound while they are. 0 keeps no mirror between jobs."""
-    git_push_min_remaining_s: float | None = None
+    git_push_min_remaining_s: Annotated[float, Meta(ge=0)] | None = None
     """Lease that must be left after the compare-and-set renewal that precedes every push,
     seconds (the ``gigafactory fence`` rule); None: half of ``lease_ttl_s``. Less left: no push,
     the attempt fails (``crash``, retried). Larger is safer against a holder paused mid-push;
@@ -301,7 +338,7 @@ class Settings:
     github_api_url: str = "https://api.github.com"
     """GitHub's REST API root; ``https://HOST/api/v3`` for GitHub Enterprise Server. Must be
     https (http only on a loopback address, for tests): the token goes with every request."""
-    forge_http_timeout_s: float = 30.0
+    forge_http_timeout_s: Annotated[float, Meta(gt=0, le=HOUR_S)] = 30.0
     """Bound, in seconds, on each request to an HTTP forge (GitHub). Too small: merges of big
     pull requests time out and are retried; too large: a hung forge holds a station."""
 
@@ -346,25 +383,25 @@ class Settings:
     make every priced cost and every ``budget.usd`` stop wrong; a model missing from it stays
     ``unknown`` and is then never stopped by ``budget.usd``."""
     # -- shipping: pull requests and merges (issue 10, helper shipmodes) -----------------------
-    ship_checks_wait_s: float = 600.0
+    ship_checks_wait_s: Annotated[float, Meta(ge=0, le=SHIP_CHECKS_WAIT_MAX_S)] = 600.0
     """``GIGAFACTORY_SHIP_CHECKS_WAIT_S``: how long, in seconds, a factory shipping a
     ``ship-as: merged`` job waits for the pull request's pending checks (CI) before leaving the
     job in ``testing`` for a human's ``gigafactory ship`` (0: no wait). The station stays busy
     and the lease renewed meanwhile. Risk: a long wait holds a station per job waiting on CI; a
     short one leaves jobs whose CI is slow unmerged. At most ``SHIP_CHECKS_WAIT_MAX_S``."""
-    ship_checks_poll_s: float = 10.0
+    ship_checks_poll_s: Annotated[float, Meta(gt=0, le=SHIP_CHECKS_WAIT_MAX_S)] = 10.0
     """``GIGAFACTORY_SHIP_CHECKS_POLL_S``: seconds between two reads of a pull request's checks
     while waiting (``ship_checks_wait_s``). Risk: a short one spends the forge's API rate limit
     (GitHub: 5,000 requests an hour per token)."""
 
     # -- the probe (lead) ---------------------------------------------------------------------
-    probe_timeout_s: float = 30.0
+    probe_timeout_s: Annotated[float, Meta(gt=0, le=600)] = 30.0
     """Hard limit, seconds, for each version command the factory's probe runs at start (tools
     and agent CLIs, all in parallel). An agent CLI whose ``--version`` misses it is not offered
     (its jobs wait for another factory); a hung tool delays the factory's start by this much."""
 
     # -- WIP checkpoints and resume (issue 10, helper checkpoint) -------------------------------
-    checkpoint_s: float = 300.0
+    checkpoint_s: Annotated[float, Meta(ge=0, le=CHECKPOINT_MAX_S)] = 300.0
     """While an engine runs on a ``repo`` job, every this many seconds the factory snapshots the
     worktree (a separate index: the engine's own index and files are untouched) into a commit
     on ``gf/<job>/wip``, pushes it fenced and records it on the job record; a retry or a
@@ -374,7 +411,7 @@ class Settings:
     commit, a push and a record write per interval. At least ``CHECKPOINT_MIN_S`` when on."""
 
     # -- metrics and health endpoints (issue 11, helper metrics) ---------------------------------
-    metrics_port: int | None = None
+    metrics_port: Annotated[int, Meta(ge=0, le=65535)] | None = None
     """``GIGAFACTORY_METRICS_PORT``: TCP port on which ``coordinator``, ``factory`` and ``up``
     (and the load suite's fleet host) serve ``/metrics`` (Prometheus), ``/healthz`` and
     ``/readyz``; unset: no endpoint. 0: a free port, logged. Risk: the endpoint answers anyone
@@ -424,6 +461,7 @@ class Settings:
         """Refuse settings under which a lease holder could not fence itself in time, and
         passthrough names that are not variable names; returns self. Raises
         :class:`SettingsError` naming the setting and what to do."""
+        check_fields(self)
         check_engine_settings(self)
         if len(self.engine_env_passthrough) > ENGINE_ENV_PASSTHROUGH_MAX_CHARS:
             raise SettingsError(f"engine_env_passthrough (GIGAFACTORY_ENGINE_ENV_PASSTHROUGH) is "
@@ -463,62 +501,278 @@ class Settings:
             raise SettingsError(f"prefers_grace_s={self.prefers_grace_s!r} (GIGAFACTORY_PREFERS_GRACE_S) must be "
                                 f"between 0 and {PREFERS_GRACE_MAX_S:g} seconds: it is how long an engine-class "
                                 "job waits for a factory with a preferred engine before any factory may take it")
-        ttl, renew, margin = self.lease_ttl_s, self.lease_renew_s, self.fence_margin_effective_s
-        if not ttl > 0 or not renew > 0:
-            raise SettingsError("GIGAFACTORY_LEASE_TTL_S and GIGAFACTORY_LEASE_RENEW_S must be positive "
-                                f"(got lease_ttl_s={ttl!r}, lease_renew_s={renew!r})")
-        if self.unsafe_unfenced_engines:
-            return self
-        need = 2 * FENCE_KILL_GRACE_MIN_S + self.fence_drift_allowance_s
-        if not margin >= need:
-            raise SettingsError(
-                f"fence_margin_s={margin:g} (GIGAFACTORY_FENCE_MARGIN_S) is too small: it must cover a kill "
-                f"grace of at least {FENCE_KILL_GRACE_MIN_S:g} s, as much slack again, and "
-                f"{self.fence_drift_allowance_s:g} s of clock drift allowance (with lease_ttl_s={ttl:g}): "
-                f"set it to {need:g} or more")
-        if not ttl - margin > renew:
-            raise SettingsError(
-                f"fence_margin_s={margin:g} (GIGAFACTORY_FENCE_MARGIN_S) leaves lease_ttl_s - fence_margin_s = "
-                f"{ttl - margin:g} s, not more than lease_renew_s={renew:g}: a holder would fence itself before "
-                "its first renewal. Lower the margin or lease_renew_s, or raise lease_ttl_s")
+        check_timings(self)
+        check_fencing(self)
         return self
 
     @classmethod
-    def from_env(cls, environ: dict[str, str] | None = None, **overrides) -> "Settings":
+    def from_env(cls, environ: Mapping[str, str] | None = None, *, config_file: str | Path | None = None,
+                 **overrides: Any) -> "Settings":
+        """This process's settings: the defaults, then the config file (:func:`config_path`),
+        then the ``GIGAFACTORY_<NAME>`` variables, then ``overrides`` (command-line flags); each
+        later source wins. Every value read is checked against its field's type and bounds,
+        and a bad one raises :class:`SettingsError` naming where it came from (the variable,
+        the file and key, or the option) and what is expected. Rules between settings are
+        :meth:`validate`'s.
+
+        :param environ: the environment to read (default: this process's); ``GIGAFACTORY_CONFIG``
+            and ``GIGAFACTORY_HOME`` are looked up in it too.
+        :param config_file: read this config file instead of the one :func:`config_path` finds.
+        :param overrides: setting name -> value given by a flag; None means "not given".
+        """
         env = os.environ if environ is None else environ
-        s = cls()
-        for f in fields(cls):
-            raw = env.get(f"GIGAFACTORY_{f.name.upper()}")
-            if raw is None:
-                continue
-            typ = str(f.type)
-            if f.name == "sync_interval":
-                setattr(s, f.name, check_sync_interval(raw or None, f"GIGAFACTORY_{f.name.upper()}"))
-            elif typ == "bool":
-                setattr(s, f.name, parse_bool(raw, f"GIGAFACTORY_{f.name.upper()}"))
-            elif typ.endswith("| None") and not raw.strip():
-                setattr(s, f.name, None)
-            elif typ in ("str", "str | None"):
-                setattr(s, f.name, raw)
-            elif typ == "list[str]":
-                setattr(s, f.name, [v.strip() for v in raw.split(",") if v.strip()])
-            else:
-                try:
-                    setattr(s, f.name, int(raw) if typ == "int" else float(raw))
-                except ValueError:
-                    kind = "a whole number" if typ == "int" else "a number"
-                    raise SettingsError(f"GIGAFACTORY_{f.name.upper()}={raw!r} is not {kind} "
-                                        f"(setting {f.name})") from None
-        for k, v in overrides.items():
+        specs = setting_specs()
+        unknown = sorted(set(overrides) - set(specs))
+        assert not unknown, f"Settings.from_env: no such settings {unknown}"  # a caller's typo
+        values: dict[str, Any] = {}
+        path = Path(config_file).expanduser() if config_file is not None else config_path(env)
+        if path is not None:
+            for key, raw in read_config_file(path).items():
+                values[key] = specs[key].check(raw, f"config file {path}: {key}")
+        for name, spec in specs.items():
+            raw = env.get(spec.env)
+            if raw is not None:
+                values[name] = spec.check(raw, spec.env, text=True)
+        for name, v in overrides.items():
             if v is not None:
-                setattr(s, k, v)
-        s.__post_init__()
-        return s
+                values[name] = specs[name].check(v, f"--{name.replace('_', '-')} ({specs[name].env})")
+        return cls(**values)
 
     def __post_init__(self) -> None:
         check_log_upload(self)
         check_metrics_port(self)
         check_protected_paths(self)
+
+
+# -- reading and checking settings: types and bounds, the config file ----------------------------
+
+ENV_CONFIG = "GIGAFACTORY_CONFIG"
+"""The config file to read (``--config FILE`` sets it for the command and the processes it starts)."""
+CONFIG_FILE_NAME = "gigafactory.toml"
+"""The config file looked up in ``GIGAFACTORY_HOME`` when ``GIGAFACTORY_CONFIG`` is not set."""
+CONFIG_MAX_BYTES = 64 * 1024
+"""A config file larger than this is refused (every setting with a long value fits in a tenth)."""
+LIVENESS_HEARTBEATS = 3
+"""A factory is live while its last heartbeat is at most this many ``heartbeat_s`` old
+(:meth:`gigafactory.coordinator.view.View.live_factories`)."""
+
+
+class SettingSpec:
+    """One field of :class:`Settings`: its name, its variable, its type with bounds (the
+    annotation msgspec checks) and a description of what it accepts, for errors.
+
+    :param name: the field's name.
+    :param annotation: its resolved annotation (``Annotated[float, Meta(gt=0)]``, ``str | None``).
+    :param info: its :mod:`msgspec.inspect` type (for the description and for parsing text).
+    """
+
+    def __init__(self, name: str, annotation: Any, info: msgspec.inspect.Type) -> None:
+        self.name = name
+        self.annotation = annotation
+        self.env = f"GIGAFACTORY_{name.upper()}"
+        types = info.types if isinstance(info, msgspec.inspect.UnionType) else (info,)
+        self.optional = any(isinstance(t, msgspec.inspect.NoneType) for t in types)
+        rest = [t for t in types if not isinstance(t, msgspec.inspect.NoneType)]
+        self.base = rest[0] if len(rest) == 1 else info
+
+    @property
+    def expected(self) -> str:
+        """What the setting accepts, in words: ``a number of seconds, more than 0 and at most 3600``."""
+        t = self.base
+        if isinstance(t, msgspec.inspect.BoolType):
+            text = "true or false (1/0, yes/no, on/off)"
+        elif isinstance(t, msgspec.inspect.FloatType):
+            text = "a number of seconds" if self.name.endswith("_s") else "a number"
+        elif isinstance(t, msgspec.inspect.IntType):
+            text = "a whole number of bytes" if self.name.endswith("_bytes") else "a whole number"
+        elif isinstance(t, msgspec.inspect.ListType):
+            text = "a list of strings (comma-separated in the environment)"
+        elif isinstance(t, msgspec.inspect.StrType):
+            text = "a string"
+        elif isinstance(t, msgspec.inspect.LiteralType):
+            text = "one of " + ", ".join(str(v) for v in t.values)
+        elif isinstance(t, msgspec.inspect.EnumType):
+            text = "one of " + ", ".join(str(m.value) for m in t.cls)
+        else:
+            text = f"a value of type {self.annotation}"
+        bounds = [f"{word} {getattr(t, attr):g}" for attr, word in
+                  (("gt", "more than"), ("ge", "at least"), ("lt", "less than"), ("le", "at most"))
+                  if getattr(t, attr, None) is not None]
+        if bounds:
+            text += ", " + " and ".join(bounds)
+        return text + (", or empty for none" if self.optional else "")
+
+    def check(self, raw: Any, where: str, *, text: bool = False) -> Any:
+        """``raw`` as this setting's value, checked against its type and bounds.
+
+        :param raw: the value as given (a string from the environment, a TOML value, a flag's).
+        :param where: where it came from, for the error (``GIGAFACTORY_LEASE_TTL_S``,
+            ``/etc/gigafactory.toml: lease_ttl_s``, ``--metrics-port``).
+        :param text: ``raw`` is an environment variable's text, to be parsed for the type first.
+        :raises SettingsError: ``<where>=<raw>: expected <what> (setting <name>)``.
+        """
+        value = raw
+        if self.optional and isinstance(raw, str) and not raw.strip():
+            return None  # empty (the environment's way, and the file's, to say "unset")
+        try:
+            if text:
+                value = self._parse_text(raw)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ValueError("not finite")
+            value = msgspec.convert(value, self.annotation)
+            return FIELD_CHECKS[self.name](value, where) if self.name in FIELD_CHECKS else value
+        except (ValueError, msgspec.ValidationError) as e:
+            if isinstance(e, SettingsError):
+                raise
+            raise SettingsError(f"{where}={raw!r}: expected {self.expected} (setting {self.name})") from None
+
+    def _parse_text(self, raw: str) -> Any:
+        t = self.base
+        if isinstance(t, msgspec.inspect.BoolType):
+            return parse_bool(raw, self.env)
+        if isinstance(t, msgspec.inspect.IntType):
+            return int(raw.strip())
+        if isinstance(t, msgspec.inspect.FloatType):
+            return float(raw.strip())
+        if isinstance(t, msgspec.inspect.ListType):
+            return [v.strip() for v in raw.split(",") if v.strip()]
+        return raw
+
+
+FIELD_CHECKS: dict[str, Any] = {
+    "sync_interval": lambda value, where: check_sync_interval(value or None, where),
+}
+"""Setting name -> ``check(value, where) -> value`` for a setting whose type alone says too
+little (a Go duration in a string); raises :class:`SettingsError`."""
+
+
+@lru_cache(maxsize=1)
+def setting_specs() -> dict[str, SettingSpec]:
+    """Every setting of :class:`Settings`, by name, in declaration order."""
+    annotations = {f.name: f.type for f in msgspec.structs.fields(Settings)}
+    return {f.name: SettingSpec(f.name, annotations[f.name], f.type)
+            for f in msgspec.inspect.type_info(Settings).fields}
+
+
+def check_fields(s: Settings) -> None:
+    """Refuse a :class:`Settings` (constructed in code, or changed after reading) whose fields
+    do not have their type and bounds: one :class:`SettingsError` naming each bad setting, its
+    variable and what it accepts."""
+    bad = []
+    for name, spec in setting_specs().items():
+        value = getattr(s, name)
+        try:
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ValueError("not finite")
+            msgspec.convert(value, spec.annotation)
+        except (ValueError, msgspec.ValidationError):
+            bad.append(f"{name}={value!r} ({spec.env}): expected {spec.expected}")
+    if bad:
+        raise SettingsError("; ".join(bad))
+
+
+def check_timings(s: Settings) -> None:
+    """Refuse timings that are each in bounds but dangerous together: a renewal period that
+    leaves no second try within the lease, a factory forgotten or its pools deleted while its
+    heartbeats still count it live. :class:`SettingsError` naming every rule broken, with the
+    variables and what to set (the self-fencing rules are :func:`check_fencing`'s)."""
+    bad = []
+    if s.lease_renew_s > s.lease_ttl_s / 2:
+        bad.append(f"lease_renew_s={s.lease_renew_s:g} (GIGAFACTORY_LEASE_RENEW_S) is more than half of "
+                   f"lease_ttl_s={s.lease_ttl_s:g} (GIGAFACTORY_LEASE_TTL_S): a slow or lost renewal must be "
+                   f"retried before the lease can lapse; renew every {s.lease_ttl_s / 2:g} s or less")
+    live_s = LIVENESS_HEARTBEATS * s.heartbeat_s
+    for name, what in (("factory_forget_s", "a factory would be forgotten"),
+                       ("pool_idle_gc_s", "a pool would be deleted under a factory bound to it")):
+        if getattr(s, name) <= live_s:
+            bad.append(f"{name}={getattr(s, name):g} (GIGAFACTORY_{name.upper()}) must be more than "
+                       f"{LIVENESS_HEARTBEATS} x heartbeat_s = {live_s:g} s (GIGAFACTORY_HEARTBEAT_S): {what} "
+                       "while its heartbeats still count it live")
+    if bad:
+        raise SettingsError("; ".join(bad))
+
+
+def config_path(environ: Mapping[str, str] | None = None) -> Path | None:
+    """The config file to read: ``GIGAFACTORY_CONFIG`` if set (it must exist), else
+    ``<GIGAFACTORY_HOME>/gigafactory.toml`` if that exists, else None. Never the current
+    directory: a service started from another folder must not get other timings silently.
+
+    :param environ: the environment to read (default: this process's).
+    """
+    env = os.environ if environ is None else environ
+    raw = env.get(ENV_CONFIG, "").strip()
+    if raw:
+        return Path(raw).expanduser()
+    p = home(env) / CONFIG_FILE_NAME
+    return p if p.is_file() else None
+
+
+def read_config_file(path: Path) -> dict[str, Any]:
+    """The settings in a TOML config file, by name (values not yet checked: see
+    :meth:`SettingSpec.check`).
+
+    :param path: the file.
+    :raises SettingsError: naming the file when it cannot be read, is over
+        :data:`CONFIG_MAX_BYTES`, is not TOML (with the line), or holds a key that is not a
+        setting (naming the key) or a table.
+    """
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(CONFIG_MAX_BYTES + 1)
+    except OSError as e:
+        raise SettingsError(f"config file {path}: cannot be read ({e.strerror}); fix the path given by --config "
+                            f"or {ENV_CONFIG}") from None
+    if len(raw) > CONFIG_MAX_BYTES:
+        raise SettingsError(f"config file {path}: more than {CONFIG_MAX_BYTES:,} bytes; a config file holds "
+                            "settings only")
+    try:
+        doc = tomllib.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, tomllib.TOMLDecodeError) as e:
+        raise SettingsError(f"config file {path}: not valid TOML ({e})") from None
+    specs = setting_specs()
+    for key, value in doc.items():
+        if key not in specs:
+            near = difflib.get_close_matches(key, specs, n=3)
+            hint = f" (did you mean {' or '.join(near)}?)" if near else ""
+            raise SettingsError(f"config file {path}: unknown setting {key!r}{hint}; the settings are listed in "
+                                "docs/operations.md")
+        if isinstance(value, dict) and not isinstance(specs[key].base, msgspec.inspect.DictType):
+            raise SettingsError(f"config file {path}: {key} is a table; settings are top-level keys "
+                                f"({key} = value)")
+    return doc
+
+
+def check_fencing(s: Settings) -> None:
+    """Refuse a self-fencing margin under which a lease holder could not stop its engine before
+    the reaper may reclaim the job (too small), or would fence itself before its first renewal
+    (too large), and a clock-skew warning threshold at or above the margin: :class:`SettingsError`
+    naming the setting and what to set. Not checked with ``unsafe_unfenced_engines`` (the chaos
+    suite's broken-on-purpose variant)."""
+    ttl, renew, margin = s.lease_ttl_s, s.lease_renew_s, s.fence_margin_effective_s
+    if not ttl > 0 or not renew > 0:
+        raise SettingsError("GIGAFACTORY_LEASE_TTL_S and GIGAFACTORY_LEASE_RENEW_S must be positive "
+                            f"(got lease_ttl_s={ttl!r}, lease_renew_s={renew!r})")
+    if s.unsafe_unfenced_engines:
+        return
+    need = 2 * FENCE_KILL_GRACE_MIN_S + s.fence_drift_allowance_s
+    if not margin >= need:
+        raise SettingsError(
+            f"fence_margin_s={margin:g} (GIGAFACTORY_FENCE_MARGIN_S) is too small: it must cover a kill "
+            f"grace of at least {FENCE_KILL_GRACE_MIN_S:g} s, as much slack again, and "
+            f"{s.fence_drift_allowance_s:g} s of clock drift allowance (with lease_ttl_s={ttl:g}): "
+            f"set it to {need:g} or more")
+    if not ttl - margin > renew:
+        raise SettingsError(
+            f"fence_margin_s={margin:g} (GIGAFACTORY_FENCE_MARGIN_S) leaves lease_ttl_s - fence_margin_s = "
+            f"{ttl - margin:g} s, not more than lease_renew_s={renew:g}: a holder would fence itself before "
+            "its first renewal. Lower the margin or lease_renew_s, or raise lease_ttl_s")
+    if s.clock_skew_warn_s >= margin:
+        # A skew between broker nodes larger than the margin can reclaim a lease before its
+        # holder has stopped: the warning must come before that, not after.
+        raise SettingsError(
+            f"clock_skew_warn_s={s.clock_skew_warn_s:g} (GIGAFACTORY_CLOCK_SKEW_WARN_S) must be less than the "
+            f"self-fencing margin ({margin:g} s, GIGAFACTORY_FENCE_MARGIN_S): a skew between broker nodes that "
+            "lets a lease be reclaimed before its holder stops must be reported")
 
 
 DEFAULT_PROTECTED_PATHS = (".github/workflows/**",)
@@ -598,7 +852,7 @@ def check_engine_settings(s: Settings) -> None:
                             "URL: set it to the provider's Responses API root, e.g. http://127.0.0.1:8080/v1, "
                             "or unset it for OpenAI")
     if s.price_table:
-        from gigafactory.factory.engines import pricing  # the engines import this module
+        from gigafactory.schemas import pricing
 
         try:
             pricing.load_table(s.price_table)

@@ -219,7 +219,7 @@ assert len(BY_NAME) == len(CATALOGUE), "a metric name is in the catalogue twice"
 
 # -- the registry ----------------------------------------------------------------------------------
 
-log = logging.getLogger("gigafactory.metrics")
+log = logging.getLogger(__name__)
 
 # A ``<name>_created`` series per counter and histogram doubles what a scrape carries and no
 # dashboard of ours reads it.

@@ -26,7 +26,7 @@ from gigafactory.schemas import names
 from gigafactory.topmodel import (EVENTS_MAX_DEFAULT, THROUGHPUT_WINDOW_S_DEFAULT, Snapshot, TopModel,
                                   format_age)
 
-log = logging.getLogger("gigafactory.top")
+log = logging.getLogger(__name__)
 
 REFRESH_S_DEFAULT = 0.5
 """At most this often the screen is redrawn (and the ages on it move)."""

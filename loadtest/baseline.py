@@ -39,7 +39,7 @@ from nats.js import api
 from gigafactory.clitools import log_options, setup_logging
 from gigafactory.loadtest.fleet import cpu_seconds, rss_bytes, write_json_atomic
 
-log = logging.getLogger("gigafactory.loadtest.baseline")
+log = logging.getLogger(__spec__.name if __spec__ else __name__)  # run with -m, __name__ is "__main__"
 
 STREAM = "LT_BASELINE"
 SUBJECT = "lt.baseline.jobs"

@@ -45,11 +45,11 @@ import orjson
 from gigafactory import osproc
 from gigafactory.broker import Broker
 from gigafactory.clitools import log_options, setup_logging
-from gigafactory.config import Settings
+from gigafactory.config import Settings, SettingsError
 from gigafactory.factory.agent import Factory
 from gigafactory.metrics import serve as serve_metrics
 
-log = logging.getLogger("gigafactory.fleet")
+log = logging.getLogger(__spec__.name if __spec__ else __name__)  # run with -m, __name__ is "__main__"
 
 MAX_EVENT_TIMES = 100_000
 """Connection event times kept per kind (a bound on memory, far above any storm we make)."""
@@ -274,6 +274,10 @@ def command(**kw) -> None:
     """A fleet host: N real factories in one process, on one broker connection each."""
     a = SimpleNamespace(**{**kw, "cap": list(kw["cap"])})
     setup_logging(a.log_level, a.log_format)
+    try:
+        Settings.from_env()  # a bad setting: one line and exit 2, as from the gigafactory command
+    except SettingsError as e:
+        raise click.UsageError(f"invalid setting: {e}") from None
     click.get_current_context().exit(asyncio.run(amain(a)))
 
 

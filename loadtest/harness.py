@@ -40,7 +40,7 @@ import sys
 import time
 import urllib.request
 from collections import defaultdict
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -61,7 +61,7 @@ from gigafactory.schemas.records import FactoryRecord, JobRecord, decode, encode
 from . import baseline as bl
 from .fleet import read_stats
 
-log = logging.getLogger("gigafactory.loadtest")
+log = logging.getLogger(__name__)
 
 RUN_ENV = "GF_LOADTEST_RUN"
 HOST = "127.0.0.1"
@@ -134,7 +134,7 @@ class LoadConfig:
                 "workloads": list(self.workloads), "idle_s": self.idle_s, "restart_jobs": self.restart_jobs,
                 "pace_fraction": self.pace_fraction, "busy_job_s": self.busy_job_s,
                 "fleet_hosts": self.fleet_hosts, "batch": self.batch,
-                "settings": {f.name: getattr(self.settings, f.name) for f in fields(Settings)}}
+                "settings": {f.name: getattr(self.settings, f.name) for f in msgspec.structs.fields(Settings)}}
 
 
 @dataclass(frozen=True)
@@ -363,7 +363,7 @@ class LoadRun:
 
     def env(self) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith("GIGAFACTORY_")}
-        for f in fields(Settings):
+        for f in msgspec.structs.fields(Settings):
             v = getattr(self.settings, f.name)
             if v is not None:
                 env[f"GIGAFACTORY_{f.name.upper()}"] = env_text(v)

@@ -18,10 +18,11 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import yaml
 
 from gigafactory.procs import pid_alive, popen_tied  # noqa: F401 (tests import pid_alive from here)
@@ -55,7 +56,7 @@ def fast_env(**overrides: Any) -> dict[str, str]:
     """The same timings as ``GIGAFACTORY_<FIELD>`` variables, for real processes."""
     s = fast_settings(**overrides)
     env = dict(os.environ)
-    for f in fields(Settings):
+    for f in msgspec.structs.fields(Settings):
         v = getattr(s, f.name)
         if v is not None:
             env[f"GIGAFACTORY_{f.name.upper()}"] = env_text(v)

@@ -48,7 +48,7 @@ def test_a_service_with_json_logs_one_json_object_per_line(nats_server, tmp_path
     lines = [line for line in p.output().splitlines() if line.strip()]
     records = [json.loads(line) for line in lines]  # every line: one JSON object
     up = [r for r in records if r["message"].startswith("factory jsonlog up")]
-    assert len(up) == 1 and up[0]["level"] == "info" and up[0]["logger"] == "gigafactory.factory", records
+    assert len(up) == 1 and up[0]["level"] == "info" and up[0]["logger"] == "gigafactory.cli", records
     assert all(isinstance(r["at"], float) and r["level"] in ("debug", "info", "warning", "error", "critical")
                for r in records)
 

@@ -28,6 +28,7 @@ import urllib.request
 from pathlib import Path
 
 import click
+import msgspec
 import pytest
 import yaml
 
@@ -139,7 +140,7 @@ def test_compose_uses_only_settings_and_options_the_code_has(config):
     at ``up`` on a Docker host: hold each to the code here."""
     from gigafactory.cli import main
 
-    known = {f"GIGAFACTORY_{f.name.upper()}" for f in dataclasses.fields(Settings)} | NOT_SETTINGS
+    known = {f"GIGAFACTORY_{f.name.upper()}" for f in msgspec.structs.fields(Settings)} | NOT_SETTINGS
     unknown_env, unknown_options = set(), set()
     for name in GIGAFACTORY_SERVICES:
         s = config["services"][name]

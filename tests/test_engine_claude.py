@@ -24,7 +24,7 @@ from gigafactory.factory.engines.claude import (
     classify_result,
     claude_environment,
 )
-from gigafactory.factory.engines.pricing import load_table
+from gigafactory.schemas.pricing import load_table
 from gigafactory.model_server import parse_script, serve_in_thread, tokens_for
 from gigafactory.schemas.manifest import FailureClass, parse_job_text
 from gigafactory.schemas.records import Usage

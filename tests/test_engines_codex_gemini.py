@@ -16,7 +16,7 @@ from gigafactory.factory.engines import agentcli
 from gigafactory.factory.engines.base import EngineJob, SetupFailed
 from gigafactory.factory.engines.codex import CodexParser
 from gigafactory.factory.engines.gemini import GeminiParser
-from gigafactory.factory.engines.pricing import load_table
+from gigafactory.schemas.pricing import load_table
 from gigafactory.model_server import parse_script, serve_in_thread, tokens_for
 from gigafactory.schemas.manifest import FailureClass, Manifest
 

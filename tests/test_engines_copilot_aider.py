@@ -19,7 +19,7 @@ from gigafactory.factory.engines import agentcli
 from gigafactory.factory.engines.aider import AiderParser
 from gigafactory.factory.engines.base import SetupFailed
 from gigafactory.factory.engines.copilot import CopilotParser
-from gigafactory.factory.engines.pricing import load_table
+from gigafactory.schemas.pricing import load_table
 from gigafactory.model_server import parse_script, serve_in_thread, tokens_for
 from gigafactory.schemas.manifest import FailureClass
 from gigafactory.schemas.records import Usage

@@ -24,7 +24,7 @@ from gigafactory.factory import engines, probe
 from gigafactory.factory.engines import declared
 from gigafactory.factory.engines.base import EngineJob, SetupFailed
 from gigafactory.factory.engines.declared import DeclarationError, DeclaredEngine, DeclaredParser, read_declaration
-from gigafactory.factory.engines.pricing import load_table
+from gigafactory.schemas.pricing import load_table
 from gigafactory.schemas.manifest import Budget, FailureClass, Manifest
 
 pytestmark = pytest.mark.timeout(120)

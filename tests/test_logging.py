@@ -88,7 +88,8 @@ def test_a_factorys_json_log_lines_name_the_job_factory_epoch_and_trace(nats_ser
     assert any(r["message"].startswith(f"logf: {job} attempt 1 passed") for r in about_job), about_job
     trace_id = record["trace"].split("-")[1]
     for r in about_job:
-        assert (r["factory"], r["epoch"], r["trace_id"], r["logger"]) == ("logf", 1, trace_id, "gigafactory.factory"), r
+        assert (r["factory"], r["epoch"], r["trace_id"]) == ("logf", 1, trace_id), r
+        assert r["logger"].startswith("gigafactory.factory."), r  # the module that logged it (its __name__)
     # Lines about no job say so (null), rather than a job's fields left over from another line.
     assert [r for r in factory_lines if r["job"] is None and "up:" in r["message"]], factory_lines
 
@@ -115,6 +116,25 @@ def test_no_other_logging_set_up_in_the_package():
                  for p in (root / folder).rglob("*.py")
                  for n, line in enumerate(p.read_text().splitlines(), 1) if "basicConfig(" in line]
     assert not offenders, offenders
+
+
+LOGGER_NAME = re.compile(r"getLogger\((?!\)|__name__\)|__spec__\.name if __spec__ else __name__\))")
+"""A ``getLogger`` call that names its logger other than from its module (the root logger,
+``getLogger()``, is allowed: the one set-up configures it)."""
+
+
+def test_every_logger_is_named_after_its_module():
+    """``logging.getLogger(__name__)`` everywhere (``__spec__.name`` in a module also run with
+    ``python -m``), so a log line says which module wrote it and an operator can set levels per
+    package (``gigafactory.factory``, ``gigafactory.coordinator.retention``)."""
+    root = Path(__file__).resolve().parents[1]
+    offenders = [f"{p.relative_to(root)}:{n}: {line.strip()}"
+                 for folder in ("gigafactory", "coordinator", "factory", "chaos", "loadtest", "schemas", "economics")
+                 for p in (root / folder).rglob("*.py")
+                 for n, line in enumerate(p.read_text().splitlines(), 1)
+                 if LOGGER_NAME.search(line) and 'getLogger("nats")' not in line]
+    assert not offenders, offenders
+    assert LOGGER_NAME.search('log = logging.getLogger("gigafactory.factory")'), "the check sees a literal name"
 
 
 def test_the_context_of_a_step_is_on_its_lines_and_gone_after_it():

@@ -7,8 +7,8 @@ import json
 
 import pytest
 
-from gigafactory.factory.engines import pricing
-from gigafactory.factory.engines.pricing import PriceTableError, load_table, parse_table, price
+from gigafactory.schemas import pricing
+from gigafactory.schemas.pricing import PriceTableError, load_table, parse_table, price
 from gigafactory.schemas.records import Usage
 
 DEFAULT_MODELS = ["claude-sonnet-4-5", "claude-opus-4-5", "claude-opus-4-1", "claude-haiku-4-5", "gpt-5",

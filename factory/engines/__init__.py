@@ -24,7 +24,7 @@ from gigafactory.schemas.capabilities import parse_offer
 
 from .base import Engine, EngineJob, Outcome, OutputParser, Prepared, ProbeResult, Progress, SetupFailed
 
-log = logging.getLogger("gigafactory.factory")
+log = logging.getLogger(__name__)
 
 _REGISTRY: dict[str, Engine] = {}
 _BUILTIN_NAMES: frozenset[str] = frozenset()

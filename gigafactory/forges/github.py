@@ -57,7 +57,7 @@ from gigafactory.forges.base import (
     PullRequest,
 )
 
-log = logging.getLogger("gigafactory.forges.github")
+log = logging.getLogger(__name__)
 
 KIND = "github"
 API_URL = "https://api.github.com"
