@@ -21,11 +21,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 FUNCTION_LINES_MAX = 80
 """The longest a function in ``coordinator/`` or ``factory/`` may be (issue 15)."""
-TOO_LONG_TODAY = {
-    "factory/pools.py:_pull_loop": 91,
-    "factory/shell.py:_run": 128,
-    "factory/engines/declared.py:parse_declaration": 184,
-}
+TOO_LONG_TODAY: dict[str, int] = {}
 """Functions over the limit when the check was added, with their length then: each may shrink,
 none may grow, and no other function may pass the limit. Remove an entry once it fits."""
 
