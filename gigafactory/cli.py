@@ -634,7 +634,7 @@ def top(nats_url, refresh_s, events_max, window_s) -> None:
     """A full-screen live view: pools, factories, jobs by stage, events, throughput, spend (q quits).
 
     Watches the broker (gf_jobs, gf_factories, gf_pools and GF_EVENTS); never polls the API."""
-    from gigafactory.broker import _probe, connect
+    from gigafactory.broker import probe_broker, connect
     from gigafactory.top import TopApp
 
     url = _need_url(nats_url, False)
@@ -647,7 +647,7 @@ def top(nats_url, refresh_s, events_max, window_s) -> None:
         try:
             # One bounded try first (nats-py retries a missing server forever, silently); once
             # connected, top rides out broker restarts with unlimited jittered reconnects.
-            await _probe([u.strip() for u in url.split(",") if u.strip()], settings)
+            await probe_broker([u.strip() for u in url.split(",") if u.strip()], settings)
             nc = await connect(url, "gigafactory-top", settings, max_reconnect_attempts=-1, connect_timeout_s=5.0)
         except Exception as e:
             _fail(f"cannot connect to {url}: {e or type(e).__name__}", EXIT_UNAVAILABLE)
