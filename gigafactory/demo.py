@@ -250,7 +250,7 @@ async def _drive(url: str, ex: Path, expect: dict[str, str], n_factories: int, t
 
         files = [str(ex / f) for f in sorted(expect)]
         submitted = await client.submit_files(files, source="demo")
-        by_job = {s["job"]: Path(s["file"]).name for s in submitted}
+        by_job = {s.job: Path(s.file).name for s in submitted}
         if not as_json:
             click.echo(f"submitted {len(submitted)} example jobs", err=True)
         tty = sys.stderr.isatty() and not as_json
