@@ -265,7 +265,11 @@ class Client:
         :param stage: only jobs in this stage.
         :param limit: at most this many summaries.
         """
-        return await self.request("list", ListRequest(stage=Stage(stage) if stage is not None else None, limit=limit))
+        try:
+            wanted = Stage(stage) if stage is not None else None
+        except ValueError:
+            raise ApiError(400, f"unknown stage {stage!r}; stages: {', '.join(s.value for s in Stage)}") from None
+        return await self.request("list", ListRequest(stage=wanted, limit=limit))
 
     async def factories(self) -> FactoriesReply:
         """Every factory's record, with its liveness."""
