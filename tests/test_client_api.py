@@ -239,3 +239,31 @@ def test_watch_ends_at_its_timeout_having_yielded_the_job_as_it_is(nats_server, 
             assert seen == ["queued"]
 
     run(main(), 30)
+
+
+def test_the_design_docs_client_example_runs(nats_server, tmp_path, capsys):
+    """docs/design.md's "Python client" example, run as written against a real fleet (only the
+    broker URL and the job's folder changed): it follows the job to testing, ships it, and
+    prints the 404 of an unknown job."""
+    from pathlib import Path
+
+    doc = (Path(__file__).resolve().parent.parent / "docs" / "design.md").read_text()
+    code = doc.split("## Python client", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
+    assert "asyncio.run(main())" in code
+    code = (code.replace("nats://127.0.0.1:4222", nats_server.url).replace("/srv/repo", str(tmp_path / "repo"))
+            .replace("make test", "echo tested").replace("asyncio.run(main())", ""))
+    example: dict = {}
+    exec(compile(code, "docs/design.md", "exec"), example)
+
+    async def main():
+        async with Fleet(nats_server.url, tmp_path) as fleet:
+            await fleet.add_factory("f1")
+            await example["main"]()
+            [job] = (await fleet.client.list()).jobs
+            assert job.stage == "shipped" and job.reason == "shipped by alice"
+
+    run(main(), 60)
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].split()[0] in ("queued", "assigned", "building", "testing"), out
+    assert [line for line in out if line.startswith("testing")] == [out[-2]], out
+    assert out[-1].startswith("404 no job 'no-such-job'"), out
