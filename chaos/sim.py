@@ -30,7 +30,7 @@ What is real and what is modelled
   event, no retention (a dependency is never archived), no quarantine (no record here is
   unreadable or too large), offers stamped with sim time (production: its monotonic clock), and
   coordinators that neither crash nor lose a reply.
-- ``gf_jobs`` is a :class:`Store`: compare-and-set on the revision, every revision stamped with
+- ``gf_jobs`` is a :class:`SimStore`: compare-and-set on the revision, every revision stamped with
   the store's clock (sim time) like JetStream's server timestamps. Lease expiry is judged with
   these stamps only; factory clocks (which jump) only stamp ``updated_at`` and events' ``at``.
 - A factory's request lands after a latency, and its reply comes back after another. A reply
@@ -268,7 +268,7 @@ _NOT_RETRIED = (FailureClass.SETUP_FAILED, FailureClass.BUDGET_EXCEEDED)
 # -- the store -------------------------------------------------------------------------------------
 
 
-class Store:
+class SimStore:
     """``gf_jobs`` in memory: compare-and-set on the revision, revisions stamped with sim time.
 
     Revisions come from one sequence, as a KV bucket's come from its stream. Records are kept as
@@ -356,7 +356,7 @@ class Store:
 # -- actors ----------------------------------------------------------------------------------------
 
 
-class Run:
+class SimRun:
     """A factory's claim of one job at one epoch (``factory/agent.py`` ``Run``)."""
 
     __slots__ = ("job", "epoch", "station", "revision", "record", "fenced", "draining", "writing",
@@ -372,7 +372,7 @@ class Run:
         self.engine_done = False
         self.stop_renewing = False
         self.ended = False
-        self.engine: Engine | None = None
+        self.engine: SimEngine | None = None
         self.lease_sent_at = 0.0
         """When the last lease write that succeeded (claim, start, renewal, ...) was sent: the
         self-fence counts from here (sent, not acknowledged: conservative)."""
@@ -386,17 +386,17 @@ class Run:
         return self.lease_sent_at if self.lock is None else min(self.lease_sent_at, self.lock_sent_at)
 
 
-class Engine:
+class SimEngine:
     """A job's engine process: it makes side effects while it lives. It belongs to its factory's
     process group (it dies with it, unless ``unfenced_engines``) and outlives nothing else."""
 
     __slots__ = ("job", "epoch", "fid", "lock", "alive", "end_at", "run", "inc", "pause_end", "lease_sent_at")
 
-    def __init__(self, run: Run, fid: str, inc: int, end_at: float) -> None:
+    def __init__(self, run: SimRun, fid: str, inc: int, end_at: float) -> None:
         self.job, self.epoch, self.fid, self.lock = run.job, run.epoch, fid, run.lock
         self.alive = True
         self.end_at = end_at
-        self.run: Run | None = run
+        self.run: SimRun | None = run
         """None once its factory is gone (a leftover engine)."""
         self.inc = inc
         self.pause_end = -1.0
@@ -404,7 +404,7 @@ class Engine:
         self.lease_sent_at = run.fence_base()
 
 
-class OutboxItem:
+class SimOutboxItem:
     __slots__ = ("job", "epoch", "station", "failure", "detail", "attempts")
 
     def __init__(self, job: str, epoch: int, station: int, failure: FailureClass | None, detail: str) -> None:
@@ -412,7 +412,7 @@ class OutboxItem:
         self.attempts = 0
 
 
-class Factory:
+class SimFactory:
     __slots__ = ("id", "stations", "free", "inc", "alive", "draining", "clock_offset", "partition_until",
                  "partition_drop", "mode", "runs", "outbox", "claiming", "waiting", "flush_scheduled",
                  "flushing", "poll_scheduled", "frozen_until", "paused_until", "drift")
@@ -429,8 +429,8 @@ class Factory:
         self.partition_until = 0.0
         self.partition_drop = False
         self.mode = "push"
-        self.runs: dict[tuple[str, int], Run] = {}
-        self.outbox: list[OutboxItem] = []
+        self.runs: dict[tuple[str, int], SimRun] = {}
+        self.outbox: list[SimOutboxItem] = []
         """Durable: survives crashes (SQLite in production)."""
         self.claiming = False
         self.waiting = False
@@ -445,7 +445,7 @@ class Factory:
         """Rate error of its monotonic clock: its ``x`` seconds take ``x / (1 + drift)``."""
 
 
-class Coordinator:
+class SimCoordinator:
     __slots__ = ("id", "published", "last_served", "served_seq")
 
     def __init__(self, cid: str) -> None:
@@ -462,7 +462,7 @@ class Req:
 
     __slots__ = ("f", "inc", "on_reply", "done", "slot")
 
-    def __init__(self, f: Factory, on_reply: Callable) -> None:
+    def __init__(self, f: SimFactory, on_reply: Callable) -> None:
         self.f, self.inc, self.on_reply = f, f.inc, on_reply
         self.done = False
         self.slot: int | None = None
@@ -532,23 +532,23 @@ class Sim:
         self.qseq = 0
         self.steps = 0
         self.done = False
-        self.store = Store(check_revision=broken != "no_revision_check")
+        self.store = SimStore(check_revision=broken != "no_revision_check")
         self.events: list[EventRecord | None] = []
         """The audit in stream order; a reserved slot stays None if its event was never published."""
         self.trace: list[tuple] = []
         self.stats: Counter[str] = Counter()
         self.pool: deque[tuple[str, int]] = deque()
-        self.fetchers: deque[Factory] = deque()
+        self.fetchers: deque[SimFactory] = deque()
         self.landing = 0
         """Requests sent that have not landed yet (a buffered write can still change a record)."""
         self.quiet_after = 0.0
         self.acknowledged: set[str] = set()
         self.specs: dict[str, JobSpec] = {}
-        self.factories = [Factory(f"f{i}", stations) for i in range(factories)]
+        self.factories = [SimFactory(f"f{i}", stations) for i in range(factories)]
         self.by_id = {f.id: f for f in self.factories}
-        self.coordinators = [Coordinator(f"c{i}") for i in range(coordinators)]
+        self.coordinators = [SimCoordinator(f"c{i}") for i in range(coordinators)]
         self.durable = broken != "unsynced_store"
-        self.engines: dict[tuple[str, int], Engine] = {}
+        self.engines: dict[tuple[str, int], SimEngine] = {}
         """Engines alive now, by (job, epoch), wherever they run (leftovers too)."""
         self.locks: dict[str, tuple[str, int, str, float]] = {}
         """``gf_locks``: lock -> (job, epoch, factory, broker time of its last write)."""
@@ -733,7 +733,7 @@ class Sim:
 
     # -- coordinators -----------------------------------------------------------------------------
 
-    def _tick(self, c: Coordinator, judge_quiet: bool) -> None:
+    def _tick(self, c: SimCoordinator, judge_quiet: bool) -> None:
         """One pass of a coordinator's loops: deps, reap, dispatch (``coordinator/scheduler.py``)."""
         now = self.t
         recs, by = self.store.recs, self.store.by_stage
@@ -773,7 +773,7 @@ class Sim:
             return
         self.at(now + self.s.reaper_interval_s, self._tick, c, judge_quiet)
 
-    def _coord_write(self, c: Coordinator, jid: str, rev: int, w: decide.Write, reaping: bool) -> None:
+    def _coord_write(self, c: SimCoordinator, jid: str, rev: int, w: decide.Write, reaping: bool) -> None:
         """``Scheduler._write``: compare-and-set, then the event (the coordinator is next to the broker)."""
         out = w.out
         lost_epoch = w.data["old_epoch"] if reaping else None
@@ -796,7 +796,7 @@ class Sim:
                               reason=out.reason, data=dict(w.data)))
         self.note(c.id, f"reap:{kind}" if reaping else kind, jid, out.record.epoch)
 
-    def _dispatch(self, c: Coordinator, now: float) -> None:
+    def _dispatch(self, c: SimCoordinator, now: float) -> None:
         """``Scheduler.dispatch``: production's planner (``coordinator/plan_dispatch.py``, on
         production's per-job decisions of ``coordinator/decide.py``) on a snapshot of the store,
         then its plan performed: the offers out for ``redispatch_s`` go again first, then first
@@ -832,7 +832,7 @@ class Sim:
             self._publish((rec.id, rec.epoch))
 
     @staticmethod
-    def _factory_state(f: Factory, now: float) -> FactoryState:
+    def _factory_state(f: SimFactory, now: float) -> FactoryState:
         """What the coordinator's view holds of a live factory: its stations and capabilities."""
         return FactoryState(FactoryRecord(id=f.id, host=f.id, os="sim", arch="sim", capabilities=["engine:shell"],
                                           stations=[Station(index=i, since=0.0) for i in range(f.stations)],
@@ -918,7 +918,7 @@ class Sim:
 
     # -- factory: requests -------------------------------------------------------------------------------
 
-    def _send(self, f: Factory, op: str, key: str | None, on_reply: Callable, value: JobRecord | None = None,
+    def _send(self, f: SimFactory, op: str, key: str | None, on_reply: Callable, value: JobRecord | None = None,
               last: int = 0, audit: bool = False) -> Req:
         """A request from ``f``: lands after a latency (or when a partition heals, or never), and
         its reply or its timeout reaches ``on_reply(result, slot)`` exactly once. Returns the
@@ -1011,11 +1011,11 @@ class Sim:
 
     # -- factory: fetching and claiming ----------------------------------------------------------------
 
-    def _can_fetch(self, f: Factory) -> bool:
+    def _can_fetch(self, f: SimFactory) -> bool:
         return (f.alive and not f.draining and not f.claiming and bool(f.free)
                 and f.partition_until <= self.t and f.mode == "push")
 
-    def _fetch(self, f: Factory) -> None:
+    def _fetch(self, f: SimFactory) -> None:
         """The pool puller: with a free station, take the next dispatch message, or wait for one."""
         if not self._can_fetch(f):
             return
@@ -1029,7 +1029,7 @@ class Sim:
         jid, _ = self.pool.popleft()
         self._claim(f, jid, f.free.pop(0), lambda: self._fetch(f))
 
-    def _stall(self, f: Factory, duration_s: float) -> None:
+    def _stall(self, f: SimFactory, duration_s: float) -> None:
         """Push dispatch stalls for ``f``: it falls back to polling the queue index."""
         self.note(f.id, "dispatch_stall")
         f.mode = "poll"
@@ -1038,11 +1038,11 @@ class Sim:
             f.poll_scheduled = True
             self.at(self.t + self.rng.uniform(0.5, 2.0), self._poll, f)
 
-    def _unstall(self, f: Factory) -> None:
+    def _unstall(self, f: SimFactory) -> None:
         f.mode = "push"
         self._fetch(f)
 
-    def _poll(self, f: Factory) -> None:
+    def _poll(self, f: SimFactory) -> None:
         """``Factory._poll_pass``: claim queued jobs from the index, best first, while stations are free."""
         f.poll_scheduled = False
         if f.mode != "poll":
@@ -1053,25 +1053,25 @@ class Sim:
             f.claiming = True  # one pass at a time, as the puller awaits it
             self._send(f, "scan", None, lambda res, _slot, inc=f.inc: self._polled(f, inc, res))
 
-    def _polled(self, f: Factory, inc: int, res) -> None:
+    def _polled(self, f: SimFactory, inc: int, res) -> None:
         f.claiming = False
         if res == TIMEOUT or f.inc != inc:
             return
         self._poll_next(f, list(res))
 
-    def _poll_next(self, f: Factory, ids: list[str]) -> None:
+    def _poll_next(self, f: SimFactory, ids: list[str]) -> None:
         if ids and f.free and f.alive and not f.draining:
             jid = ids.pop(0)
             self.stats["polled"] += 1
             self._claim(f, jid, f.free.pop(0), lambda: self._poll_next(f, ids))
 
-    def _claim(self, f: Factory, jid: str, station: int, then: Callable) -> None:
+    def _claim(self, f: SimFactory, jid: str, station: int, then: Callable) -> None:
         """``Factory._claim_and_run``: read, check, claim with a compare-and-set on that revision."""
         f.claiming = True
         inc = f.inc
         self._send(f, "get", jid, lambda res, _slot: self._claim_read(f, inc, jid, station, then, res))
 
-    def _claim_skip(self, f: Factory, inc: int, station: int, then: Callable, why: str) -> None:
+    def _claim_skip(self, f: SimFactory, inc: int, station: int, then: Callable, why: str) -> None:
         self.stats[f"claim_{why}"] += 1
         if f.inc != inc:
             return
@@ -1079,7 +1079,7 @@ class Sim:
         self._release(f, station)
         then()
 
-    def _claim_read(self, f: Factory, inc: int, jid: str, station: int, then: Callable, res) -> None:
+    def _claim_read(self, f: SimFactory, inc: int, jid: str, station: int, then: Callable, res) -> None:
         if res == TIMEOUT or res is None:
             return self._claim_skip(f, inc, station, then, "error" if res == TIMEOUT else "gone")
         rec, rev, ts, store_now = res
@@ -1093,13 +1093,13 @@ class Sim:
                    lambda r, slot: self._claimed(f, inc, jid, station, then, out, r, slot, sent_at),
                    out.record, rev, audit=True)
 
-    def _claimed(self, f: Factory, inc: int, jid: str, station: int, then: Callable, out: protocol.Outcome,
+    def _claimed(self, f: SimFactory, inc: int, jid: str, station: int, then: Callable, out: protocol.Outcome,
                  res, slot: int | None, sent_at: float = 0.0) -> None:
         if res == TIMEOUT or res == CONFLICT:
             return self._claim_skip(f, inc, station, then, "timeout" if res == TIMEOUT else "conflict")
         f.claiming = False
         rec = out.record
-        run = Run(jid, rec.epoch, station, res, rec)
+        run = SimRun(jid, rec.epoch, station, res, rec)
         run.lease_sent_at = sent_at
         f.runs[(jid, rec.epoch)] = run
         self.granted[(jid, rec.epoch)] += 1
@@ -1118,7 +1118,7 @@ class Sim:
             self._start(f, inc, run)
         then()
 
-    def _start(self, f: Factory, inc: int, run: Run) -> None:
+    def _start(self, f: SimFactory, inc: int, run: SimRun) -> None:
         self._write(f, run, lambda r: protocol.start(r, f.id, run.epoch, self.t + f.clock_offset), True,
                     lambda res, slot: self._started(f, inc, run, res, slot))
 
@@ -1148,7 +1148,7 @@ class Sim:
         return protocol.lock_verdict(LockRecord(lock="?", job=job, epoch=epoch, factory=cur[2]), rec, self.t - ts,
                                      lease_ttl_s=self.s.lease_ttl_s, fence_margin_s=self.margin_s).free
 
-    def _locked(self, f: Factory, inc: int, run: Run, res, sent_at: float) -> None:
+    def _locked(self, f: SimFactory, inc: int, run: SimRun, res, sent_at: float) -> None:
         if f.inc != inc:
             return
         if res == "ok":
@@ -1162,13 +1162,13 @@ class Sim:
         run.engine_done = True  # nothing started
         self._hand_back(f, inc, run, f"lock held by job {holder}", backoff_s=1.0)
 
-    def _release(self, f: Factory, station: int) -> None:
+    def _release(self, f: SimFactory, station: int) -> None:
         f.free.append(station)
         f.free.sort()
 
     # -- factory: the fenced write (``Factory._write``) -------------------------------------------------
 
-    def _write(self, f: Factory, run: Run, decide: Callable, audit: bool, done: Callable) -> None:
+    def _write(self, f: SimFactory, run: SimRun, decide: Callable, audit: bool, done: Callable) -> None:
         """``Factory._write``: drive :class:`lease.FencedWrite` (the machine production drives)
         with this simulation's requests. ``decide(record) -> record | Outcome`` under the fence.
         ``done(result, slot)`` gets the new record (or Outcome), None (fenced), TIMEOUT (a
@@ -1187,7 +1187,7 @@ class Sim:
         sent: dict[int, Req] = {}
         self._write_act(f, f.inc, run, machine, audit, done, sent, lambda: machine.start(), t0)
 
-    def _write_act(self, f: Factory, inc: int, run: Run, machine: lease.FencedWrite, audit: bool, done: Callable,
+    def _write_act(self, f: SimFactory, inc: int, run: SimRun, machine: lease.FencedWrite, audit: bool, done: Callable,
                    sent: dict[int, Req], feed: Callable[[], lease.Action], t0: float = 0.0) -> None:
         """Feed one result into the machine (``feed``) and perform the action it returns."""
         if f.inc != inc:
@@ -1243,7 +1243,7 @@ class Sim:
             assert isinstance(act, lease.GiveUp), act
             self._write_done(f, inc, run, done, TIMEOUT if act.reason == "unanswered" else CONFLICT)
 
-    def _write_done(self, f: Factory, inc: int, run: Run, done: Callable, result, slot: int | None = None) -> None:
+    def _write_done(self, f: SimFactory, inc: int, run: SimRun, done: Callable, result, slot: int | None = None) -> None:
         run.writing = False
         if f.inc != inc:
             return
@@ -1252,7 +1252,7 @@ class Sim:
             decide, audit, nxt = run.write_q.pop(0)
             self._write(f, run, decide, audit, nxt)
 
-    def _fenced(self, f: Factory, run: Run, rec: JobRecord | None) -> None:
+    def _fenced(self, f: SimFactory, run: SimRun, rec: JobRecord | None) -> None:
         """``Factory._fenced``: stop the run and say so; its result will be quarantined."""
         if run.fenced:
             return
@@ -1263,7 +1263,7 @@ class Sim:
         if not run.engine_done:  # the engine is killed at once (run.cancel)
             self._kill(run, ENGINE_KILL_S)
 
-    def _publish_fenced(self, f: Factory, jid: str, epoch: int, rec: JobRecord | None, why: str) -> None:
+    def _publish_fenced(self, f: SimFactory, jid: str, epoch: int, rec: JobRecord | None, why: str) -> None:
         if f.partition_until > self.t:
             self.stats["event_lost"] += 1  # production's _event logs a failed publish and moves on
             return
@@ -1273,7 +1273,7 @@ class Sim:
 
     # -- factory: running a job (``Factory._execute``) --------------------------------------------------
 
-    def _started(self, f: Factory, inc: int, run: Run, res, slot: int | None) -> None:
+    def _started(self, f: SimFactory, inc: int, run: SimRun, res, slot: int | None) -> None:
         if not isinstance(res, protocol.Outcome):
             return self._end_run(f, run)  # fenced, or an error: production logs it and frees the station
         self.emit(EventRecord(kind="started", at=self.t + f.clock_offset, job=run.job, stage_from="assigned",
@@ -1292,7 +1292,7 @@ class Sim:
             self.stats["self_fenced_before_start"] += 1
             return self._quarantine(f, run, "self-fenced before the engine started")
         spec = self.specs[run.job]
-        eng = Engine(run, f.id, inc, self.t + self.rng.uniform(*spec.run_s))
+        eng = SimEngine(run, f.id, inc, self.t + self.rng.uniform(*spec.run_s))
         eng.pause_end = f.paused_until if f.paused_until else -1.0
         run.engine = eng
         if eng.lock is not None:
@@ -1309,7 +1309,7 @@ class Sim:
         self._refresh_lock(f, inc, run)
         self.at(self.t + self.s.lease_renew_s, self._renew, f, inc, run)
 
-    def _renew(self, f: Factory, inc: int, run: Run) -> None:
+    def _renew(self, f: SimFactory, inc: int, run: SimRun) -> None:
         if f.inc != inc or run.stop_renewing or run.fenced:
             return
         if f.frozen_until > self.t:
@@ -1319,14 +1319,14 @@ class Sim:
                     else protocol.renew(r, f.id, run.epoch, self.t + f.clock_offset), False,
                     lambda res, _slot: self._renewed(f, inc, run, res))
 
-    def _renewed(self, f: Factory, inc: int, run: Run, res=None) -> None:
+    def _renewed(self, f: SimFactory, inc: int, run: SimRun, res=None) -> None:
         if isinstance(res, JobRecord) and not run.fenced and not run.stop_renewing:
             self._refresh_lock(f, inc, run)
         # Errors are logged and the loop goes on: the lease may expire, and the epoch decides.
         if not run.stop_renewing and not run.fenced:
             self.at(self.t + self.s.lease_renew_s, self._renew, f, inc, run)
 
-    def _refresh_lock(self, f: Factory, inc: int, run: Run) -> None:
+    def _refresh_lock(self, f: SimFactory, inc: int, run: SimRun) -> None:
         """The lock entry is re-written after every successful lease write (start, renewals): its
         age tells others the holder has stopped. A refresh that lands moves the self-fence on."""
         if run.lock is None:
@@ -1340,7 +1340,7 @@ class Sim:
 
         self._send(f, "lock_refresh", run.lock, landed, (run.job, run.epoch))
 
-    def _engine_end(self, f: Factory, inc: int, run: Run) -> None:
+    def _engine_end(self, f: SimFactory, inc: int, run: SimRun) -> None:
         """The factory's loop learns that the run's engine has exited (or was stopped)."""
         if f.inc != inc or run.engine_done:
             return
@@ -1362,7 +1362,7 @@ class Sim:
             self.stats["slow_report"] += 1
         self.at(self.t + upload_s, self._report, f, inc, run, failure)
 
-    def _push(self, f: Factory, inc: int, run: Run) -> None:
+    def _push(self, f: SimFactory, inc: int, run: SimRun) -> None:
         """The run pushes its branch, fenced just before (``gigafactory fence``): by a compare-and-set
         renewal (the leader decides), or, broken (``fence_from_read``), by a read that a lagging
         replica may answer. A push whose fence was decided on a view the leader did not hold at
@@ -1390,7 +1390,7 @@ class Sim:
 
         self._send(f, "follower_get", run.job, read, (f.id, run.epoch))
 
-    def _report(self, f: Factory, inc: int, run: Run, failure: FailureClass | None) -> None:
+    def _report(self, f: SimFactory, inc: int, run: SimRun, failure: FailureClass | None) -> None:
         """``Factory._report``: the result under the epoch, or into the outbox if the broker does not answer."""
         if f.inc != inc:
             return
@@ -1401,7 +1401,7 @@ class Sim:
         self._write(f, run, self._finisher(f, run.epoch, failure, detail), True,
                     lambda res, slot: self._reported(f, run, failure, detail, res, slot))
 
-    def _finisher(self, f: Factory, epoch: int, failure: FailureClass | None, detail: str) -> Callable:
+    def _finisher(self, f: SimFactory, epoch: int, failure: FailureClass | None, detail: str) -> Callable:
         def decide(rec: JobRecord) -> protocol.Outcome:
             now = self.t + f.clock_offset
             if self.broken == "no_fence":
@@ -1410,7 +1410,7 @@ class Sim:
 
         return decide
 
-    def _reported(self, f: Factory, run: Run, failure: FailureClass | None, detail: str, res, slot) -> None:
+    def _reported(self, f: SimFactory, run: SimRun, failure: FailureClass | None, detail: str, res, slot) -> None:
         if isinstance(res, protocol.Outcome):
             self._emit_finished(f, run, failure, res, slot)
         elif res is None:
@@ -1421,11 +1421,11 @@ class Sim:
         else:  # TIMEOUT or CONFLICT: production keeps it in the outbox until the broker answers
             self.stats["outbox_put"] += 1
             self.note(f.id, "outbox_put", run.job, run.epoch)
-            f.outbox.append(OutboxItem(run.job, run.epoch, run.station, failure, detail))
+            f.outbox.append(SimOutboxItem(run.job, run.epoch, run.station, failure, detail))
             self._schedule_flush(f)
         self._end_run(f, run)
 
-    def _emit_finished(self, f: Factory, run: Run, failure: FailureClass | None, out: protocol.Outcome,
+    def _emit_finished(self, f: SimFactory, run: SimRun, failure: FailureClass | None, out: protocol.Outcome,
                        slot: int | None) -> None:
         self.stats["finished"] += 1
         self.emit(EventRecord(kind="finished", at=self.t + f.clock_offset, job=run.job, epoch=run.epoch,
@@ -1433,12 +1433,12 @@ class Sim:
                               reason=out.reason, data={"outcome": str(failure or "passed")}), slot)
         self.note(f.id, f"finished:{out.record.stage}", run.job, run.epoch)
 
-    def _quarantine(self, f: Factory, run: Run, why: str) -> None:
+    def _quarantine(self, f: SimFactory, run: SimRun, why: str) -> None:
         self.stats["quarantined"] += 1
         self.note(f.id, "quarantined", run.job, run.epoch)
         self._end_run(f, run)
 
-    def _end_run(self, f: Factory, run: Run) -> None:
+    def _end_run(self, f: SimFactory, run: SimRun) -> None:
         if run.ended:
             return
         run.ended = True
@@ -1454,7 +1454,7 @@ class Sim:
         else:
             self._fetch(f)
 
-    def _hand_back(self, f: Factory, inc: int, run: Run, reason: str, backoff_s: float = 0.0) -> None:
+    def _hand_back(self, f: SimFactory, inc: int, run: SimRun, reason: str, backoff_s: float = 0.0) -> None:
         def done(res, slot):
             if isinstance(res, protocol.Outcome):
                 self.emit(EventRecord(kind="handed_back", at=self.t + f.clock_offset, job=run.job, epoch=run.epoch,
@@ -1468,12 +1468,12 @@ class Sim:
 
     # -- factory: the outbox (``Factory._flush_item``) ---------------------------------------------------
 
-    def _schedule_flush(self, f: Factory) -> None:
+    def _schedule_flush(self, f: SimFactory) -> None:
         if f.alive and not f.flush_scheduled and f.outbox:
             f.flush_scheduled = True
             self.at(self.t + 1.0, self._flush, f, f.inc)
 
-    def _flush(self, f: Factory, inc: int) -> None:
+    def _flush(self, f: SimFactory, inc: int) -> None:
         f.flush_scheduled = False
         if f.inc != inc or not f.alive:
             return  # a restart schedules its own flush
@@ -1482,7 +1482,7 @@ class Sim:
         f.flushing = True
         self._flush_next(f, inc, list(f.outbox))
 
-    def _flush_next(self, f: Factory, inc: int, items: list[OutboxItem]) -> None:
+    def _flush_next(self, f: SimFactory, inc: int, items: list[SimOutboxItem]) -> None:
         if f.inc != inc:
             return
         if not items:
@@ -1496,7 +1496,7 @@ class Sim:
             return self._flush_next(f, inc, items)
         self._send(f, "get", item.job, lambda res, _slot: self._flush_read(f, inc, item, items, res))
 
-    def _flush_read(self, f: Factory, inc: int, item: OutboxItem, items: list[OutboxItem], res) -> None:
+    def _flush_read(self, f: SimFactory, inc: int, item: SimOutboxItem, items: list[SimOutboxItem], res) -> None:
         if res == TIMEOUT:  # the round stops at the first error (the exception ends _flush_outbox)
             f.flushing = False
             return self._schedule_flush(f)
@@ -1523,7 +1523,7 @@ class Sim:
         if rec is None:
             f.outbox.remove(item)
             return self._flush_next(f, inc, items)
-        run = Run(item.job, item.epoch, item.station, rev, rec)
+        run = SimRun(item.job, item.epoch, item.station, rev, rec)
         run.engine_done = True  # no engine behind an outbox item: nothing to kill if it is fenced
 
         def done(res, slot):
@@ -1543,14 +1543,14 @@ class Sim:
 
     # -- engines, the side-effect ledger and self-fencing ----------------------------------------------
 
-    def _engine_exit(self, eng: Engine, end_at: float) -> None:
+    def _engine_exit(self, eng: SimEngine, end_at: float) -> None:
         """The engine finishes its work (its last side effect) and exits."""
         if not eng.alive or end_at != eng.end_at:
             return  # killed, or its end moved by a pause
         self.stats["side_effects"] += 1
         self._engine_gone(eng)
 
-    def _engine_gone(self, eng: Engine) -> None:
+    def _engine_gone(self, eng: SimEngine) -> None:
         """The engine process is gone (exited, or killed): no side effect after this."""
         if not eng.alive:
             return
@@ -1561,30 +1561,30 @@ class Sim:
             f = self.by_id[eng.fid]
             self._engine_end(f, eng.inc, eng.run)
 
-    def _kill(self, run: Run, within_s: float) -> None:
+    def _kill(self, run: SimRun, within_s: float) -> None:
         """Stop the run's engine (``run.cancel``); the loop then learns it ended. A run without a
         live engine has nothing to stop (its start was refused, or the exit is being handled)."""
         if run.engine is not None and run.engine.alive:
             self.at(self.t + within_s, self._engine_gone, run.engine)
 
-    def _arm_self_fence(self, f: Factory, run: Run) -> None:
+    def _arm_self_fence(self, f: SimFactory, run: SimRun) -> None:
         """The supervisor's deadline: ``lease_ttl_s - margin`` after the last successful lease write
         was sent, on the factory's own monotonic clock (which runs off by ``f.drift``)."""
         if self.broken == "unfenced_engines":
             return
         self.at(self._fence_deadline(f, run), self._self_fence, f, f.inc, run, run.fence_base())
 
-    def _rearm(self, f: Factory, run: Run) -> None:
+    def _rearm(self, f: SimFactory, run: SimRun) -> None:
         if run.engine is not None and run.engine.alive:
             run.engine.lease_sent_at = run.fence_base()
             self._arm_self_fence(f, run)
 
-    def _fence_deadline(self, f: Factory, run: Run) -> float:
+    def _fence_deadline(self, f: SimFactory, run: SimRun) -> float:
         """Sim time at which ``f``'s monotonic clock says ``lease_ttl_s - margin`` have passed
         since the run's last successful lease write was sent."""
         return run.fence_base() + (self.s.lease_ttl_s - self.margin_s) / (1.0 + f.drift)
 
-    def _self_fence(self, f: Factory, inc: int, run: Run, armed_for: float) -> None:
+    def _self_fence(self, f: SimFactory, inc: int, run: SimRun, armed_for: float) -> None:
         eng = run.engine
         if f.inc != inc or run.fence_base() != armed_for or eng is None or not eng.alive or run.fenced:
             return
@@ -1609,7 +1609,7 @@ class Sim:
             self._side_effect_overlap(eng, f"engine of epoch {epoch} on {eng.fid} still running when its lease "
                                            f"was reaped", "side_effect_after_lease_lost", jid)
 
-    def _side_effect_overlap(self, eng: Engine, detail: str, invariant: str, jid: str) -> None:
+    def _side_effect_overlap(self, eng: SimEngine, detail: str, invariant: str, jid: str) -> None:
         if eng.pause_end >= eng.lease_sent_at:
             # Its holder was paused (SIGSTOP) since its last renewal: the documented window.
             self.stats["pause_window"] += 1
@@ -1623,7 +1623,7 @@ class Sim:
 
     # -- faults -----------------------------------------------------------------------------------------
 
-    def _pause(self, f: Factory, duration_s: float) -> None:
+    def _pause(self, f: SimFactory, duration_s: float) -> None:
         """SIGSTOP, then SIGCONT: the loop, the supervisor and the engines all stand still."""
         if not f.alive:
             return
@@ -1639,7 +1639,7 @@ class Sim:
                 eng.pause_end = end
                 self.at(eng.end_at, self._engine_exit, eng, eng.end_at)
 
-    def _loop_stall(self, f: Factory, duration_s: float) -> None:
+    def _loop_stall(self, f: SimFactory, duration_s: float) -> None:
         """The event loop is busy (CPU-bound work on it); engines and the supervisor go on."""
         if not f.alive:
             return
@@ -1663,14 +1663,14 @@ class Sim:
             self.at(self.t + UNSYNCED_SYNC_INTERVAL_S, self._sync)
 
 
-    def _crash(self, f: Factory) -> None:
+    def _crash(self, f: SimFactory) -> None:
         if not f.alive:
             return
         self.stats["crashes"] += 1
         self.note(f.id, "crash")
         self._down(f, f.inc, crashed=True)
 
-    def _down(self, f: Factory, inc: int, crashed: bool = False) -> None:
+    def _down(self, f: SimFactory, inc: int, crashed: bool = False) -> None:
         if f.inc != inc or not f.alive:
             return
         f.alive = False
@@ -1689,14 +1689,14 @@ class Sim:
             self.note(f.id, "down")
         self.at(self.t + self.rng.uniform(*self.fc.restart_s), self._restart, f)
 
-    def _restart(self, f: Factory) -> None:
+    def _restart(self, f: SimFactory) -> None:
         f.alive = True
         f.inc += 1
         self.note(f.id, "restart")
         self._fetch(f)
         self._schedule_flush(f)
 
-    def _drain(self, f: Factory) -> None:
+    def _drain(self, f: SimFactory) -> None:
         """SIGTERM: stop claiming, let runs finish for ``drain_timeout_s``, hand back the rest."""
         if not f.alive or f.draining:
             return
@@ -1707,7 +1707,7 @@ class Sim:
             return self._down(f, f.inc)
         self.at(self.t + self.s.drain_timeout_s, self._drain_deadline, f, f.inc)
 
-    def _drain_deadline(self, f: Factory, inc: int) -> None:
+    def _drain_deadline(self, f: SimFactory, inc: int) -> None:
         if f.inc != inc:
             return
         for run in list(f.runs.values()):
@@ -1717,7 +1717,7 @@ class Sim:
             self._engine_end(f, inc, run)
         self.at(self.t + 10.0, self._down, f, inc)  # production waits at most 10 s more
 
-    def _partition(self, f: Factory, duration_s: float, drop: bool) -> None:
+    def _partition(self, f: SimFactory, duration_s: float, drop: bool) -> None:
         self.stats["partitions"] += 1
         self.note(f.id, "partition_drop" if drop else "partition_stall")
         end = self.t + duration_s
@@ -1725,13 +1725,13 @@ class Sim:
             f.partition_until, f.partition_drop = end, drop
         self.at(end, self._heal, f)
 
-    def _heal(self, f: Factory) -> None:
+    def _heal(self, f: SimFactory) -> None:
         if f.partition_until <= self.t:
             self.note(f.id, "healed")
             self._fetch(f)
             self._schedule_flush(f)
 
-    def _clock_jump(self, f: Factory, by_s: float) -> None:
+    def _clock_jump(self, f: SimFactory, by_s: float) -> None:
         self.stats["clock_jumps"] += 1
         self.note(f.id, "clock_jump")
         f.clock_offset += by_s

@@ -1,6 +1,8 @@
 """The coordinator's request/reply API, a ``nats.micro`` service (``nats micro ls``).
 
-Endpoints (subjects ``gf.api.<name>``), JSON in and out:
+Endpoints (subjects ``gf.api.<name>``), JSON in and out; each request and reply is a structure
+of :mod:`gigafactory.schemas.api` (the Python client uses the same ones), and a request that does
+not fit its structure is refused with a 400 naming the field:
 
 - ``submit``    ``{"files": [{"path", "text"}], "source"}`` -> ``{"jobs": [...]}``
 - ``cancel``    ``{"job", "reason"?}``   any stage but shipped/failed/dead_letter -> failed
@@ -24,6 +26,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 import msgspec
 import orjson
@@ -35,7 +38,11 @@ from gigafactory.broker import Broker, Conflict
 from gigafactory.schemas import names, protocol
 from gigafactory.schemas.lifecycle import LEASED, IllegalTransition, Stage
 from gigafactory.schemas.limits import hint
-from gigafactory.schemas.api import ApiError, job_summary
+from gigafactory.schemas.api import (
+    ApiError, CancelRequest, ErrorReply, FactoriesReply, FactoriesRequest, JobReply, ListReply, ListRequest,
+    RequeueRequest, ShipReply, ShipRequest, StatsRequest, StatusReply, StatusRequest, SubmitReply, SubmitRequest,
+    SubmittedJob, decode_request, job_summary,
+)
 from gigafactory.schemas.records import EventRecord, JobRecord, LockRecord, decode, encode
 
 from . import intake, shipping
@@ -137,45 +144,41 @@ class Api:
         if self.service is not None:
             await self.service.stop()
 
-    def _wrap(self, name: str, fn: Callable[[dict], Awaitable[dict]]):
+    def _wrap(self, name: str, fn: Callable[[Any], Awaitable[Any]]):
+        """The micro handler of endpoint ``name``: decodes the request into its structure
+        (:data:`~gigafactory.schemas.api.REQUESTS`; a dict for an endpoint not there), calls
+        ``fn`` and encodes what it returns (a reply structure or a dict); every error becomes
+        a micro error with an :class:`ErrorReply` body.
+
+        :param name: the endpoint's name.
+        :param fn: its handler.
+        """
         async def handler(req: Request) -> None:
             try:
-                body = orjson.loads(req.data) if req.data else {}
-                if not isinstance(body, dict):
-                    raise ApiError(400, "request body must be a JSON object")
+                body = decode_request(name, req.data)
                 with tracing.span(f"api {name}", parent=req.headers, kind="server"):
                     resp = await fn(body)
-                await req.respond(orjson.dumps(resp))
+                await req.respond(msgspec.json.encode(resp))
             except ApiError as e:
-                await req.respond_error(str(e.code), e.message, orjson.dumps({"error": e.message, "errors": e.errors}))
+                await req.respond_error(str(e.code), e.message, msgspec.json.encode(ErrorReply(error=e.message,
+                                                                                               errors=e.errors)))
             except intake.SubmitError as e:
-                await req.respond_error("400", str(e), orjson.dumps({"error": str(e), "errors": e.errors}))
-            except orjson.JSONDecodeError as e:
-                await req.respond_error("400", f"request is not JSON: {e}", b"")
+                await req.respond_error("400", str(e), msgspec.json.encode(ErrorReply(error=str(e), errors=e.errors)))
             except Exception as e:  # report, never crash the service
                 log.exception("api %s failed", name)
-                await req.respond_error("500", f"{type(e).__name__}: {e}", orjson.dumps({"error": str(e)}))
+                await req.respond_error("500", f"{type(e).__name__}: {e}", msgspec.json.encode(ErrorReply(error=str(e))))
 
         return handler
 
     # -- endpoints --------------------------------------------------------------------------
 
-    async def submit(self, body: dict) -> dict:
-        files = body.get("files")
-        if not isinstance(files, list) or not all(isinstance(f, dict) and "text" in f for f in files):
-            raise ApiError(400, "'files' must be a list of {path, text}")
+    async def submit(self, req: SubmitRequest) -> SubmitReply:
         results = await intake.submit(
-            self.b, [(str(f.get("path") or "<api>"), str(f["text"])) for f in files],
-            source=str(body.get("source") or "api"), ready_pools=getattr(self.sched, "pools_ready", None),
+            self.b, [(f.path or "<api>", f.text) for f in req.files],
+            source=req.source or "api", ready_pools=getattr(self.sched, "pools_ready", None),
         )
         self.view.changed.set()
-        return {"jobs": [r.to_dict() for r in results]}
-
-    async def _job_id(self, body: dict) -> str:
-        job = body.get("job")
-        if not isinstance(job, str) or not job:
-            raise ApiError(400, "'job' (a job id) is required")
-        return job
+        return SubmitReply(jobs=[SubmittedJob(file=r.file, job=r.job, status=r.status, stage=r.stage) for r in results])
 
     async def _transition(self, job: str, decide) -> JobRecord:
         for _ in range(MAX_CAS_RETRIES):
@@ -199,32 +202,28 @@ class Api:
             return out.record
         raise ApiError(409, f"job {job} kept changing; try again")
 
-    async def cancel(self, body: dict) -> dict:
-        job = await self._job_id(body)
-        who = str(body.get("actor") or "operator")
-        reason = str(body.get("reason") or "")
+    async def cancel(self, req: CancelRequest) -> JobReply:
+        job, who, reason = req.job, req.actor or "operator", req.reason
         max_chars = self.b.settings.max_reason_chars
         if len(reason) > max_chars or len(who) > max_chars:
             # Both are stored on the job record, which must stay claimable and readable.
             raise ApiError(400, f"the reason is {len(reason):,} characters and the actor {len(who):,}; at most "
                                 f"{max_chars:,} each {hint('max_reason_chars', max_chars)}")
         rec = await self._transition(job, lambda r: protocol.cancel(r, time.time(), who, reason))
-        return {"job": job_summary(rec)}
+        return JobReply(job=job_summary(rec))
 
-    async def requeue(self, body: dict) -> dict:
-        job = await self._job_id(body)
-        who = str(body.get("actor") or "operator")
+    async def requeue(self, req: RequeueRequest) -> JobReply:
+        job, who = req.job, req.actor or "operator"
         rec = await self._transition(job, lambda r: protocol.operator_requeue(r, time.time(), who))
-        return {"job": job_summary(rec)}
+        return JobReply(job=job_summary(rec))
 
-    async def ship(self, body: dict) -> dict:
+    async def ship(self, req: ShipRequest) -> ShipReply:
         """The human gate. A ``repo`` job whose ``ship-as`` is ``pr-opened`` or ``merged`` and
         whose passed attempt is not there yet is shipped at its forge first (:mod:`shipping`):
         shipped when the forge did it; a conflict requeues it ``rebase-needed`` once, then fails
         it ``merge_conflict``; a refusal (checks, protection, a forge error) leaves it where it
         is, with the reason, and answers 409."""
-        job = await self._job_id(body)
-        who = str(body.get("actor") or "operator")
+        job, who = req.job, req.actor or "operator"
         if len(who) > self.b.settings.max_reason_chars:
             raise ApiError(400, f"the actor is {len(who):,} characters; at most {self.b.settings.max_reason_chars:,}")
         e = await self.b.jobs.get(job)
@@ -236,7 +235,7 @@ class Api:
         if (rec.stage not in (Stage.TESTING, Stage.REVIEW) or a is None
                 or protocol.ship_shortfall(rec.manifest.ship_as, ws) is None or ws is None or not ws.pushed):
             rec = await self._transition(job, lambda r: protocol.ship(r, time.time(), who))
-            return {"job": job_summary(rec)}
+            return ShipReply(job=job_summary(rec))
         try:
             with tracing.span("ship", parent=rec.trace, job=job, epoch=a.epoch, ship_as=str(rec.manifest.ship_as)):
                 done = await shipping.carry_out(self.b, rec, e.revision, a.epoch, ws)
@@ -275,21 +274,21 @@ class Api:
             data={"ship_as": rec.manifest.ship_as, "pull_number": done.ws.pull_number,
                   "pull_url": done.ws.pull_url, "merged_commit": done.ws.merged_commit}))
         self.view.changed.set()
-        return {"job": job_summary(out.record), "workspace": msgspec.to_builtins(done.ws)}
+        return ShipReply(job=job_summary(out.record), workspace=msgspec.to_builtins(done.ws))
 
-    async def status(self, body: dict) -> dict:
-        job = await self._job_id(body)
+    async def status(self, req: StatusRequest) -> StatusReply:
+        job = req.job
         e = await self.b.jobs.get(job)
         if e is None:
             arch = await read_archived(self.b, job)
             if arch is None:
                 raise ApiError(404, f"no job {job!r}; 'gigafactory jobs' lists them")
-            return {
-                "job": job_summary(arch), "revision": 0, "record": _with_usage(msgspec.to_builtins(arch)),
-                "why": f"{arch.stage}, then archived (moved out of {names.JOBS_BUCKET} without its body): {arch.reason}",
-                "info": {"archived": True},
-                "events": await read_events(self.b, job, limit=int(body.get("events", 50))),
-            }
+            return StatusReply(
+                job=job_summary(arch), revision=0, record=_with_usage(msgspec.to_builtins(arch)),
+                why=f"{arch.stage}, then archived (moved out of {names.JOBS_BUCKET} without its body): {arch.reason}",
+                info={"archived": True},
+                events=await read_events(self.b, job, limit=req.events),
+            )
         poisoned = self.sched.poison.get(job) if hasattr(self.sched, "poison") else None
         poisoned = poisoned if poisoned is not None and poisoned.revision == e.revision else None
         try:
@@ -330,23 +329,20 @@ class Api:
             why = (f"quarantined: {poisoned.reason} (the coordinator leaves revision {poisoned.revision} alone; "
                    f"fix or delete the record to release it)")
             info["quarantined_as"] = poisoned.object
-        return {
-            "job": job_summary(rec), "why": why, "info": info,
-            "record": _with_usage(_with_body_cut(msgspec.to_builtins(rec), job)), "revision": e.revision,
-            "events": await read_events(self.b, job, limit=int(body.get("events", 50))),
-        }
+        return StatusReply(
+            job=job_summary(rec), why=why, info=info,
+            record=_with_usage(_with_body_cut(msgspec.to_builtins(rec), job)), revision=e.revision,
+            events=await read_events(self.b, job, limit=req.events),
+        )
 
-    async def list(self, body: dict) -> dict:
-        stage = body.get("stage")
-        limit = int(body.get("limit") or 500)
-        if stage is not None and stage not in {s.value for s in Stage}:
-            raise ApiError(400, f"unknown stage {stage!r}; stages: {', '.join(s.value for s in Stage)}")
+    async def list(self, req: ListRequest) -> ListReply:
+        stage = req.stage
         jobs = [st.record for st in self.view.jobs.values() if stage is None or st.record.stage == stage]
         jobs.sort(key=lambda r: (r.submitted_at, r.id), reverse=True)
         counts = {s.value: len(self.view.by_stage[s]) for s in Stage}
-        return {"jobs": [job_summary(r) for r in jobs[:limit]], "counts": counts, "total": len(self.view.jobs)}
+        return ListReply(jobs=[job_summary(r) for r in jobs[:req.limit]], counts=counts, total=len(self.view.jobs))
 
-    async def factories(self, body: dict) -> dict:
+    async def factories(self, req: FactoriesRequest) -> FactoriesReply:
         now = await self.b.broker_now()
         out = []
         for f in sorted(self.view.factories.values(), key=lambda f: f.record.id):
@@ -355,9 +351,9 @@ class Api:
             d["heartbeat_age_s"] = round(now - f.ts, 3)
             d["live"] = f.record.status == "up" and now - f.ts <= 3 * period
             out.append(d)
-        return {"factories": out}
+        return FactoriesReply(factories=out)
 
-    async def stats(self, body: dict) -> dict:
+    async def stats(self, req: StatsRequest) -> dict:
         """The answering coordinator's counters (with several coordinators, each keeps its
         own; ``nats micro stats`` shows which one answered how often)."""
         out = {"coordinator": self.actor, "jobs": len(self.view.jobs), "unreadable_records": len(self.view.poison)}

@@ -161,7 +161,7 @@ class Inbox:
                     return submitted
                 for p, _, _ in pending:
                     if str(p) in bad:
-                        self._reject(p, "\n".join(intake._fmt(err) for err in e.errors if err["file"] == str(p)))
+                        self._reject(p, "\n".join(intake.format_error(err) for err in e.errors if err["file"] == str(p)))
                 pending = [item for item in pending if str(item[0]) not in bad]
                 continue
             except TRANSIENT as e:

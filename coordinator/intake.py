@@ -82,10 +82,6 @@ duplicate id within its 120 s window, so a retry fills the gap a failed first tr
 never doubles the event."""
 
 
-_fmt = format_error
-"""The old name, still used by the inbox (``coordinator/inbox.py``); use :func:`format_error`."""
-
-
 def new_job_id(hint: str) -> str:
     """A fresh, readable job id for a file named ``hint`` (see :func:`names.new_job_id`)."""
     return names.new_job_id(hint)

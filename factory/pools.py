@@ -103,6 +103,16 @@ class PoolState:
     check costs one direct get (see :meth:`Factory._index_quiet`). None: not known empty."""
 
 
+@dataclass
+class PullPace:
+    """How one pool's puller is paced: its fetch errors in a row, its polling back-off, and
+    when it last checked push for a stall (``time.monotonic()``)."""
+
+    errors: int
+    backoff_s: float
+    last_check: float
+
+
 class Pools:
     """Mixin of :class:`~gigafactory.factory.agent.Factory`: binding to pools and pulling work."""
 
@@ -210,28 +220,22 @@ class Pools:
         """One pool's dispatch: push (a long-poll fetch on the pool consumer) while it works,
         else polling the ``gf_queue`` index with jittered back-off until the consumer answers
         and nothing waits stalled. Each switch is logged and published as a ``dispatch_mode``
-        event."""
-        errors = 0
+        event.
+
+        :param ps: the pool.
+        :param stop: set when the factory stops.
+        """
         # A random phase: factories started together would otherwise all check at once, every
         # stall_check_s, a herd of consumer lookups and index scans on the broker.
-        last_check = time.monotonic() - random.uniform(0.0, self.stall_check_s)
-        backoff = POLL_BACKOFF_MIN_S
+        pace = PullPace(errors=0, backoff_s=POLL_BACKOFF_MIN_S,
+                        last_check=time.monotonic() - random.uniform(0.0, self.stall_check_s))
         while not stop.is_set() and not self.draining.is_set() and not ps.gone:
             while not await self._wait_capacity(ps.engine, timeout_s=self.s.long_poll_s, engine_class=ps.engine_class):
                 await self._hand_back_stranded(ps)
             if self.draining.is_set():
                 return
             if ps.mode == "poll":
-                claimed = await self._poll_pass(ps)
-                if await self._push_healthy(ps):
-                    await self._switch(ps, "push", "the pool consumer answers and no queued job waits stalled")
-                    errors, backoff, last_check = 0, POLL_BACKOFF_MIN_S, time.monotonic()
-                    continue
-                if not claimed:
-                    backoff = min(backoff * 2, self.s.poll_backoff_max_s)
-                    await asyncio.sleep(random.uniform(backoff / 2, backoff))
-                else:
-                    backoff = POLL_BACKOFF_MIN_S
+                await self._poll_round(ps, pace)
                 continue
             if not self.b.nc.is_connected:
                 # A pull request sent now would wait in the client's buffer and reach the
@@ -241,62 +245,107 @@ class Pools:
                 # the connection instead; the request goes out as soon as it is back.
                 await self.b.wait_connected(self.s.long_poll_s)
                 continue
-            try:
-                if ps.psub is None:
-                    ps.psub = await self.b.js.pull_subscribe_bind(
-                        durable=names.pool_consumer(ps.id), stream=names.DISPATCH_STREAM,
-                    )
-                msgs = await asyncio.wait_for(
-                    ps.psub.fetch(1, timeout=self.s.long_poll_s),
-                    timeout=self.s.long_poll_s + self.s.request_timeout_s,
-                )
-                errors = 0
-            except (asyncio.TimeoutError, nats.errors.TimeoutError):
-                errors = 0
-                # Only with the connection up: a broker that is not answering says nothing
-                # about the consumer, and a fleet checking during an outage would all fall back.
-                if time.monotonic() - last_check > self.stall_check_s and self.b.nc.is_connected:
-                    last_check = time.monotonic()
-                    reconnects = self.b.nc.stats["reconnects"]
-
-                    def verdict_holds() -> bool:
-                        # A check the connection dropped under (its requests timed out) is no
-                        # verdict on the consumer: a fleet checking when the broker died would
-                        # all fall back at once.
-                        return self.b.nc.is_connected and self.b.nc.stats["reconnects"] == reconnects
-
-                    if await self._index_quiet(ps):
-                        continue
-                    self.stats["stall_checks"] += 1
-                    stalled = await self._stalled(ps)
-                    if ps.index_quiet is not None:
-                        continue  # nothing queued: nothing for push to deliver, nothing to check
-                    if not await self._consumer_ok(ps):
-                        if verdict_holds():
-                            await self._drop_psub(ps)
-                            await self._switch(ps, "poll", "the pool consumer does not answer")
-                    elif stalled and verdict_holds():
-                        await self._drop_psub(ps)
-                        await self._switch(ps, "poll", f"a queued job waited over {self.stall_after_s:g}s "
-                                                       "while a station was free (push is not delivering)")
-                continue
-            except asyncio.CancelledError:
-                raise
-            except Exception as e:
-                # A deleted consumer or stream answers a fetch at once with 503 (no responders).
-                await self._drop_psub(ps)
-                if not self.b.nc.is_connected:
-                    continue  # the connection went, not the consumer: wait for it (above)
-                errors += 1
-                log.info("%s: fetch on pool %s failed (%s)", self.id, ps.id, e)
-                if errors >= 3 or not await self._consumer_ok(ps):
-                    await self._switch(ps, "poll", f"fetch failed: {type(e).__name__} {e}".strip())
-                    backoff = POLL_BACKOFF_MIN_S
-                else:
-                    await asyncio.sleep(random.uniform(0.2, 1.0))
-                continue
-            for msg in msgs:
+            for msg in await self._fetch_round(ps, pace):
                 await self._on_dispatch(ps, msg)
+
+    async def _poll_round(self, ps: PoolState, pace: PullPace) -> None:
+        """One polling pass on a pool in ``poll`` mode, then back to push if the consumer
+        answers again, else a jittered back-off (doubling while nothing is claimed).
+
+        :param ps: the pool.
+        :param pace: the pool's pacing, updated.
+        """
+        claimed = await self._poll_pass(ps)
+        if await self._push_healthy(ps):
+            await self._switch(ps, "push", "the pool consumer answers and no queued job waits stalled")
+            pace.errors, pace.backoff_s, pace.last_check = 0, POLL_BACKOFF_MIN_S, time.monotonic()
+            return
+        if not claimed:
+            pace.backoff_s = min(pace.backoff_s * 2, self.s.poll_backoff_max_s)
+            await asyncio.sleep(random.uniform(pace.backoff_s / 2, pace.backoff_s))
+        else:
+            pace.backoff_s = POLL_BACKOFF_MIN_S
+
+    async def _fetch_round(self, ps: PoolState, pace: PullPace) -> list:
+        """One long-poll fetch on the pool consumer: the messages it brought ([] on a timeout,
+        after a stall check when one is due, or on an error, after handling it).
+
+        :param ps: the pool (in ``push`` mode).
+        :param pace: the pool's pacing, updated.
+        """
+        try:
+            if ps.psub is None:
+                ps.psub = await self.b.js.pull_subscribe_bind(
+                    durable=names.pool_consumer(ps.id), stream=names.DISPATCH_STREAM,
+                )
+            msgs = await asyncio.wait_for(
+                ps.psub.fetch(1, timeout=self.s.long_poll_s),
+                timeout=self.s.long_poll_s + self.s.request_timeout_s,
+            )
+        except (asyncio.TimeoutError, nats.errors.TimeoutError):
+            pace.errors = 0
+            # Only with the connection up: a broker that is not answering says nothing
+            # about the consumer, and a fleet checking during an outage would all fall back.
+            if time.monotonic() - pace.last_check > self.stall_check_s and self.b.nc.is_connected:
+                pace.last_check = time.monotonic()
+                await self._check_push(ps)
+            return []
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:
+            await self._fetch_failed(ps, pace, e)
+            return []
+        pace.errors = 0
+        return msgs
+
+    async def _check_push(self, ps: PoolState) -> None:
+        """The stall check of an idle pool in ``push`` mode: falls back to ``poll`` when the
+        pool consumer does not answer, or a queued job waited while a station was free.
+
+        :param ps: the pool.
+        """
+        reconnects = self.b.nc.stats["reconnects"]
+
+        def verdict_holds() -> bool:
+            # A check the connection dropped under (its requests timed out) is no
+            # verdict on the consumer: a fleet checking when the broker died would
+            # all fall back at once.
+            return self.b.nc.is_connected and self.b.nc.stats["reconnects"] == reconnects
+
+        if await self._index_quiet(ps):
+            return
+        self.stats["stall_checks"] += 1
+        stalled = await self._stalled(ps)
+        if ps.index_quiet is not None:
+            return  # nothing queued: nothing for push to deliver, nothing to check
+        if not await self._consumer_ok(ps):
+            if verdict_holds():
+                await self._drop_psub(ps)
+                await self._switch(ps, "poll", "the pool consumer does not answer")
+        elif stalled and verdict_holds():
+            await self._drop_psub(ps)
+            await self._switch(ps, "poll", f"a queued job waited over {self.stall_after_s:g}s "
+                                           "while a station was free (push is not delivering)")
+
+    async def _fetch_failed(self, ps: PoolState, pace: PullPace, e: Exception) -> None:
+        """A fetch that failed: falls back to ``poll`` after three in a row or when the
+        consumer does not answer, else waits a moment before the next fetch.
+
+        :param ps: the pool.
+        :param pace: the pool's pacing, updated.
+        :param e: what the fetch raised.
+        """
+        # A deleted consumer or stream answers a fetch at once with 503 (no responders).
+        await self._drop_psub(ps)
+        if not self.b.nc.is_connected:
+            return  # the connection went, not the consumer: the loop waits for it
+        pace.errors += 1
+        log.info("%s: fetch on pool %s failed (%s)", self.id, ps.id, e)
+        if pace.errors >= 3 or not await self._consumer_ok(ps):
+            await self._switch(ps, "poll", f"fetch failed: {type(e).__name__} {e}".strip())
+            pace.backoff_s = POLL_BACKOFF_MIN_S
+        else:
+            await asyncio.sleep(random.uniform(0.2, 1.0))
 
     async def _hand_back_stranded(self, ps: PoolState) -> None:
         """A pull request this factory no longer waits on (a long poll that timed out as its

@@ -443,6 +443,21 @@ async def _run(
     fence: FenceDeadline | None = None,
     supervised: bool = True,
 ) -> ProcessResult:
+    """Run ``argv`` in its own process group until it exits, times out, is cancelled or
+    fenced; then stop whatever is left of its group (the theory of operation, above).
+
+    :param argv: the program and its arguments.
+    :param cwd: its working folder.
+    :param env: its whole environment.
+    :param timeout_s: stop it after this many seconds.
+    :param log_path: its output is appended here.
+    :param on_output: called with each chunk of output, if given.
+    :param cancel: stop it when this is set.
+    :param kill_grace_s: seconds between SIGTERM and SIGKILL.
+    :param header: a line written to the log (only) before it starts.
+    :param fence: the lease's self-fencing deadline: stop it when that passes.
+    :param supervised: run it under :mod:`supervise` (POSIX only).
+    """
     if not timeout_s > 0:
         raise ValueError(f"timeout_s must be positive, got {timeout_s!r}")
     if not kill_grace_s >= 0:
@@ -453,14 +468,81 @@ async def _run(
         sink = _Sink(log_file, on_output)
         if header:
             sink.log_only(header.encode("utf-8") + (b"" if header.endswith("\n") else b"\n"))
-        if cancel is not None and cancel.is_set():
-            sink.note("cancelled before start")
-            return ProcessResult(exit_code=None, timed_out=False, cancelled=True, signal=None, duration_s=0.0)
-        if fence is not None and fence.passed():
-            sink.note("the lease deadline has passed (self-fenced): not starting")
-            return ProcessResult(exit_code=None, timed_out=False, cancelled=False, signal=None, duration_s=0.0,
-                                 fenced=True)
+        refused = _refuse_to_start(sink, cancel, fence)
+        if refused is not None:
+            return refused
+        started = time.monotonic()
+        child = await _Child.spawn(argv, cwd=cwd, env=env, kill_grace_s=kill_grace_s, fence=fence,
+                                   supervised=supervised)
+        ended: list[float] = []
+        exit_task = asyncio.ensure_future(child.proc.wait())
+        exit_task.add_done_callback(lambda _: ended.append(time.monotonic()))
+        reader: _PipeReader | None = None
+        try:
+            reader = await _PipeReader.start(loop, child.read_fd, sink)
+            why = await _wait_then_stop(child, exit_task, reader, sink, cancel=cancel, timeout_s=timeout_s,
+                                        kill_grace_s=kill_grace_s, fence=fence)
+        except BaseException:
+            # Cancelled by our caller (or a bug): nothing may outlive the job, and there is no
+            # time for a grace period.
+            await _kill_and_reap(child.proc, exit_task)
+            raise
+        finally:
+            if reader is not None:
+                reader.close()
+            child.close_control(fence)
 
+        rc = child.proc.returncode
+        return ProcessResult(
+            exit_code=rc if rc is not None and rc >= 0 else None,
+            timed_out=why == "timeout",
+            cancelled=why == "cancelled",
+            signal=-rc if rc is not None and rc < 0 else None,
+            duration_s=(ended[0] if ended else time.monotonic()) - started,
+            fenced=why == "fenced",
+        )
+
+
+def _refuse_to_start(sink: _Sink, cancel: asyncio.Event | None, fence: FenceDeadline | None) -> ProcessResult | None:
+    """The result of a run that must not start (cancelled, or its fence passed already), else None.
+
+    :param sink: the run's log.
+    :param cancel: the run's cancel event.
+    :param fence: the run's self-fencing deadline.
+    """
+    if cancel is not None and cancel.is_set():
+        sink.note("cancelled before start")
+        return ProcessResult(exit_code=None, timed_out=False, cancelled=True, signal=None, duration_s=0.0)
+    if fence is not None and fence.passed():
+        sink.note("the lease deadline has passed (self-fenced): not starting")
+        return ProcessResult(exit_code=None, timed_out=False, cancelled=False, signal=None, duration_s=0.0,
+                             fenced=True)
+    return None
+
+
+@dataclass
+class _Child:
+    """A started run: the process (the supervisor, when supervised), the read end of its output
+    pipe, and (supervised) our ends of the control and status pipes (-1 otherwise)."""
+
+    proc: asyncio.subprocess.Process
+    read_fd: int
+    supervised: bool
+    ctl_w: int = -1
+    st_r: int = -1
+
+    @classmethod
+    async def spawn(cls, argv: list[str], *, cwd: str, env: Mapping[str, str], kill_grace_s: float,
+                    fence: FenceDeadline | None, supervised: bool) -> _Child:
+        """Start ``argv`` (under the supervisor when ``supervised``) writing to a new pipe.
+
+        :param argv: the program and its arguments.
+        :param cwd: its working folder.
+        :param env: its whole environment.
+        :param kill_grace_s: the supervisor's grace between SIGTERM and SIGKILL.
+        :param fence: the self-fencing deadline the supervisor enforces.
+        :param supervised: start the supervisor, with its control and status pipes.
+        """
         read_fd, write_fd = os.pipe()
         ctl_r = ctl_w = st_r = st_w = -1
         if supervised:
@@ -474,7 +556,6 @@ async def _run(
             argv = [sys.executable, "-I", "-S", _SUPERVISOR, "--control-fd", str(ctl_r), "--status-fd", str(st_w),
                     "--grace-s", repr(grace_s), *(["--deadline", repr(fence.at_s)] if fence is not None else []),
                     "--", *argv]
-        started = time.monotonic()
         try:
             proc = await asyncio.create_subprocess_exec(
                 *argv,
@@ -500,63 +581,72 @@ async def _run(
                 os.close(st_w)
         if supervised and fence is not None:
             fence._attach(ctl_w)
+        return cls(proc, read_fd, supervised, ctl_w, st_r)
 
-        ended: list[float] = []
-        exit_task = asyncio.ensure_future(proc.wait())
-        exit_task.add_done_callback(lambda _: ended.append(time.monotonic()))
-        reader: _PipeReader | None = None
-        try:
-            reader = await _PipeReader.start(loop, read_fd, sink)
-            why = await _wait_exit_or_stop(exit_task, cancel, timeout_s, fence)
-            grace_s = kill_grace_s
-            if why == "exited" and supervised and _said_fenced(st_r):
-                # The supervisor fenced it while this event loop was not looking (stalled, or
-                # this process stopped); a renewal since may have moved the deadline again.
-                why = "fenced"
-            if why == "timeout":
-                sink.note(f"timed out after {timeout_s:g} s: stopping the process group")
-            elif why == "cancelled":
-                sink.note("cancelled: stopping the process group")
-            elif why == "fenced":
-                assert fence is not None
-                # SIGKILL due at deadline + grace, however late this loop noticed (a stall).
-                grace_s = max(0.0, min(kill_grace_s, fence.at_s + fence.grace_s - fence_clock()))
-                sink.note("the lease deadline passed without a renewal (self-fenced): stopping the process group")
-            elif _POSIX and osproc.group_alive(proc.pid):
-                sink.note("the job exited but left processes running in its group: stopping them")
-            if not await _stop_group(proc, exit_task, grace_s):
-                sink.note(f"process group {proc.pid} still has live processes after SIGKILL")
-            if not await reader.wait_closed(_DRAIN_TIMEOUT_S):
-                sink.note("output pipe still open after the process group ended (a process escaped the group)")
-        except BaseException:
-            # Cancelled by our caller (or a bug): nothing may outlive the job, and there is no
-            # time for a grace period.
-            _kill_now(proc)
-            # Reap it here, bounded: if the caller's loop closed first, the exit would never
-            # be delivered and asyncio would complain about a running subprocess.
-            try:
-                await asyncio.wait({exit_task}, timeout=_KILL_WAIT_S)
-            except BaseException:  # cancelled again: the first error is the one to raise
-                pass
-            raise
-        finally:
-            if reader is not None:
-                reader.close()
-            if supervised:
-                if fence is not None:
-                    fence._detach(ctl_w)
-                os.close(ctl_w)
-                os.close(st_r)
+    def close_control(self, fence: FenceDeadline | None) -> None:
+        """Close our ends of the control and status pipes (supervised runs), once the run ended.
 
-        rc = proc.returncode
-        return ProcessResult(
-            exit_code=rc if rc is not None and rc >= 0 else None,
-            timed_out=why == "timeout",
-            cancelled=why == "cancelled",
-            signal=-rc if rc is not None and rc < 0 else None,
-            duration_s=(ended[0] if ended else time.monotonic()) - started,
-            fenced=why == "fenced",
-        )
+        :param fence: the deadline the control pipe was attached to, if any.
+        """
+        if self.supervised:
+            if fence is not None:
+                fence._detach(self.ctl_w)
+            os.close(self.ctl_w)
+            os.close(self.st_r)
+
+
+async def _wait_then_stop(child: _Child, exit_task: asyncio.Future, reader: _PipeReader, sink: _Sink, *,
+                          cancel: asyncio.Event | None, timeout_s: float, kill_grace_s: float,
+                          fence: FenceDeadline | None) -> str:
+    """Wait for the run to exit or be stopped, then stop what is left of its group and drain its
+    output; ``exited``, ``timeout``, ``cancelled`` or ``fenced``.
+
+    :param child: the run.
+    :param exit_task: the leader's exit.
+    :param reader: the output pipe's reader.
+    :param sink: the run's log.
+    :param cancel: the run's cancel event.
+    :param timeout_s: the run's time limit.
+    :param kill_grace_s: seconds between SIGTERM and SIGKILL.
+    :param fence: the run's self-fencing deadline.
+    """
+    why = await _wait_exit_or_stop(exit_task, cancel, timeout_s, fence)
+    grace_s = kill_grace_s
+    if why == "exited" and child.supervised and _said_fenced(child.st_r):
+        # The supervisor fenced it while this event loop was not looking (stalled, or
+        # this process stopped); a renewal since may have moved the deadline again.
+        why = "fenced"
+    if why == "timeout":
+        sink.note(f"timed out after {timeout_s:g} s: stopping the process group")
+    elif why == "cancelled":
+        sink.note("cancelled: stopping the process group")
+    elif why == "fenced":
+        assert fence is not None
+        # SIGKILL due at deadline + grace, however late this loop noticed (a stall).
+        grace_s = max(0.0, min(kill_grace_s, fence.at_s + fence.grace_s - fence_clock()))
+        sink.note("the lease deadline passed without a renewal (self-fenced): stopping the process group")
+    elif _POSIX and osproc.group_alive(child.proc.pid):
+        sink.note("the job exited but left processes running in its group: stopping them")
+    if not await _stop_group(child.proc, exit_task, grace_s):
+        sink.note(f"process group {child.proc.pid} still has live processes after SIGKILL")
+    if not await reader.wait_closed(_DRAIN_TIMEOUT_S):
+        sink.note("output pipe still open after the process group ended (a process escaped the group)")
+    return why
+
+
+async def _kill_and_reap(proc: asyncio.subprocess.Process, exit_task: asyncio.Future) -> None:
+    """SIGKILL the group at once and reap the leader, bounded: if the caller's loop closed
+    first, the exit would never be delivered and asyncio would complain about a running
+    subprocess.
+
+    :param proc: the leader.
+    :param exit_task: its exit.
+    """
+    _kill_now(proc)
+    try:
+        await asyncio.wait({exit_task}, timeout=_KILL_WAIT_S)
+    except BaseException:  # cancelled again: the first error is the one to raise
+        pass
 
 
 def _said_fenced(status_fd: int) -> bool:

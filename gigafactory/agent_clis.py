@@ -20,7 +20,7 @@ from pathlib import Path
 INSTALL_SCRIPT = "scripts/install-agent-clis"
 CLIS = ("claude", "codex", "gemini", "copilot", "aider")
 # name -> (path under the cache folder, package, pinned version); keep in step with the script.
-_CACHE_PATHS = {
+CACHE_PATHS = {
     "claude": ("npm/node_modules/.bin/claude", "@anthropic-ai/claude-code", "2.1.328"),
     "codex": ("npm/node_modules/.bin/codex", "@openai/codex", "0.169.0"),
     "gemini": ("npm/node_modules/.bin/gemini", "@google/gemini-cli", "0.61.0"),
@@ -37,7 +37,7 @@ def cache_dir() -> Path:
 
 def pinned_version(name: str) -> str:
     """The version `scripts/install-agent-clis` installs for CLI `name`."""
-    return _CACHE_PATHS[name][2]
+    return CACHE_PATHS[name][2]
 
 
 def find_cli(name: str) -> str | None:
@@ -45,18 +45,18 @@ def find_cli(name: str) -> str | None:
 
     Parameters: `name` one of CLIS.
     """
-    if name not in _CACHE_PATHS:
+    if name not in CACHE_PATHS:
         raise ValueError(f"unknown agent CLI {name!r}; known: {', '.join(CLIS)}")
     on_path = shutil.which(name)
     if on_path:
         return on_path
-    cached = cache_dir() / _CACHE_PATHS[name][0]
+    cached = cache_dir() / CACHE_PATHS[name][0]
     return str(cached) if cached.is_file() and os.access(cached, os.X_OK) else None
 
 
 def missing_message(name: str) -> str:
     """What to tell a user whose machine lacks CLI `name`."""
-    rel, package, version = _CACHE_PATHS[name]
+    rel, package, version = CACHE_PATHS[name]
     return (f"agent CLI {name!r} ({package} {version}) is not installed: not on PATH and not at "
             f"{cache_dir() / rel}. Run {INSTALL_SCRIPT} (installs the pinned CLIs into the cache folder, "
             f"GIGAFACTORY_AGENT_CLIS).")

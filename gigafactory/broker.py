@@ -354,7 +354,7 @@ START_RETRIED = (OSError, asyncio.TimeoutError, nats.errors.Error, nats.js.error
 not (yet) serving JetStream: retried. Anything else is a bug and raises."""
 
 
-async def _probe(servers: list[str], settings: Settings) -> None:
+async def probe_broker(servers: list[str], settings: Settings) -> None:
     """One bounded connection attempt to any of ``servers`` (nats-py's own connect retries a
     missing server forever, silently): raises if none answers."""
     async def quiet(_e):  # every failed try is reported by wait_for_broker, once
@@ -382,7 +382,7 @@ async def wait_for_broker(
     tries, logged_at = 0, float("-inf")
 
     async def one_try() -> Broker:
-        await asyncio.wait_for(_probe(servers, settings), timeout=settings.request_timeout_s * 2 * len(servers))
+        await asyncio.wait_for(probe_broker(servers, settings), timeout=settings.request_timeout_s * 2 * len(servers))
         return await asyncio.wait_for(Broker.open(urls, name, settings, **kw),
                                       timeout=OPEN_TRY_REQUESTS * settings.request_timeout_s)
 

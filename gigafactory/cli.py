@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 
 import click
+import msgspec
 
 from gigafactory import __version__
 from gigafactory.chaos.cli import chaos
@@ -40,6 +41,7 @@ from gigafactory.clitools import emit_json as _emit_json
 from gigafactory.clitools import fail as _fail
 from gigafactory.loadtest.cli import loadtest
 from gigafactory.economics.cli import invoices, report
+from gigafactory.schemas.api import LIST_LIMIT_MAX
 from gigafactory.schemas.lifecycle import Stage
 from gigafactory.config import (
     CONFIG_FILE_NAME,
@@ -535,6 +537,14 @@ def _client_call(nats_url, as_json, fn):
     return asyncio.run(run())
 
 
+async def _builtins(reply):
+    """An API reply structure as builtins (what ``--json`` prints, and the commands read).
+
+    :param reply: an awaitable of the reply.
+    """
+    return msgspec.to_builtins(await reply)
+
+
 def _progress_line(counts: dict[str, int], elapsed_s: float) -> str:
     order = ["blocked", "queued", "assigned", "building", "review", "testing", "shipped", "failed", "dead_letter"]
     parts = [f"{counts[s]} {s}" for s in order if counts.get(s)]
@@ -600,7 +610,7 @@ def submit(nats_url, as_json, files, wait, timeout_s) -> None:
     """Submit job files (all or nothing: one invalid file submits none)."""
 
     async def fn(client):
-        jobs = await client.submit_files(list(files))
+        jobs = msgspec.to_builtins(await client.submit_files(list(files)))
         if not wait:
             return {"jobs": jobs}
         if not as_json:
@@ -608,10 +618,11 @@ def submit(nats_url, as_json, files, wait, timeout_s) -> None:
                 click.echo(f"{j['file']}: {j['job']} ({j['status']}, {j['stage']})", err=True)
         show, done = _progress_printer(as_json)
         try:
-            final = await client.wait([j["job"] for j in jobs], timeout_s=timeout_s, on_progress=show)
+            final = await client.wait([j["job"] for j in jobs], timeout_s=timeout_s,
+                                      on_progress=lambda seen: show(msgspec.to_builtins(seen)))
         finally:
             done()  # stop the display's refresh thread whatever ended the wait
-        return {"jobs": jobs, "final": final}
+        return {"jobs": jobs, "final": msgspec.to_builtins(final)}
 
     out = _client_call(nats_url, as_json, fn)
     if as_json:
@@ -646,7 +657,7 @@ def top(nats_url, refresh_s, events_max, window_s) -> None:
     """A full-screen live view: pools, factories, jobs by stage, events, throughput, spend (q quits).
 
     Watches the broker (gf_jobs, gf_factories, gf_pools and GF_EVENTS); never polls the API."""
-    from gigafactory.broker import _probe, connect
+    from gigafactory.broker import connect, probe_broker
     from gigafactory.top import TopApp
 
     url = _need_url(nats_url, False)
@@ -659,7 +670,7 @@ def top(nats_url, refresh_s, events_max, window_s) -> None:
         try:
             # One bounded try first (nats-py retries a missing server forever, silently); once
             # connected, top rides out broker restarts with unlimited jittered reconnects.
-            await _probe([u.strip() for u in url.split(",") if u.strip()], settings)
+            await probe_broker([u.strip() for u in url.split(",") if u.strip()], settings)
             nc = await connect(url, "gigafactory-top", settings, max_reconnect_attempts=-1, connect_timeout_s=5.0)
         except Exception as e:
             _fail(f"cannot connect to {url}: {e or type(e).__name__}", EXIT_UNAVAILABLE)
@@ -675,10 +686,10 @@ def top(nats_url, refresh_s, events_max, window_s) -> None:
 @main.command()
 @common
 @click.option("--stage", type=click.Choice([str(s) for s in Stage]), default=None, help="Only jobs in this stage.")
-@click.option("--limit", type=int, default=200, show_default=True)
+@click.option("--limit", type=click.IntRange(1, LIST_LIMIT_MAX), default=200, show_default=True)
 def jobs(nats_url, as_json, stage, limit) -> None:
     """List jobs, newest first."""
-    out = _client_call(nats_url, as_json, lambda c: c.call("list", {"stage": stage, "limit": limit}))
+    out = _client_call(nats_url, as_json, lambda c: _builtins(c.list(stage=stage, limit=limit)))
     if as_json:
         _emit_json(out)
         return
@@ -742,7 +753,7 @@ def format_usage(u: dict) -> str:
 @click.argument("job")
 def status(nats_url, as_json, job) -> None:
     """Show one job: stage, why it is there, its attempts and its events."""
-    out = _client_call(nats_url, as_json, lambda c: c.call("status", {"job": job}))
+    out = _client_call(nats_url, as_json, lambda c: _builtins(c.status(job)))
     if as_json:
         _emit_json(out)
         return
@@ -773,7 +784,7 @@ def status(nats_url, as_json, job) -> None:
 @common
 def factories(nats_url, as_json) -> None:
     """List factories with their stations and idle reasons."""
-    out = _client_call(nats_url, as_json, lambda c: c.call("factories"))
+    out = _client_call(nats_url, as_json, lambda c: _builtins(c.factories()))
     if as_json:
         _emit_json(out)
         return
@@ -793,7 +804,7 @@ def factories(nats_url, as_json) -> None:
 @common
 def stats(nats_url, as_json) -> None:
     """The coordinator's counters: per-job errors, failed events, quarantined records."""
-    out = _client_call(nats_url, as_json, lambda c: c.call("stats"))
+    out = _client_call(nats_url, as_json, lambda c: c.stats())
     if as_json:
         _emit_json(out)
         return
@@ -836,7 +847,8 @@ def _simple(endpoint: str, verb: str):
     @common
     @click.argument("job")
     def cmd(nats_url, as_json, job) -> None:
-        out = _client_call(nats_url, as_json, lambda c: c.call(endpoint, {"job": job, "actor": os.environ.get("USER", "operator")}))
+        actor = os.environ.get("USER") or "operator"
+        out = _client_call(nats_url, as_json, lambda c: _builtins(getattr(c, endpoint)(job, actor=actor)))
         if as_json:
             _emit_json(out)
         else:
@@ -1046,7 +1058,7 @@ def logs(nats_url, job, follow, raw) -> None:
     async def fn(client):
         import nats as _nats
 
-        st = await client.call("status", {"job": job, "events": 0})
+        st = msgspec.to_builtins(await client.status(job, events=0))
         js = client.nc.jetstream(timeout=10)
         store = await js.object_store(names.ARTIFACTS_STORE)
         printed: set[str] = set()
@@ -1124,7 +1136,7 @@ def logs(nats_url, job, follow, raw) -> None:
                     continue
                 except asyncio.TimeoutError:
                     pass
-                st = await client.call("status", {"job": job, "events": 0})
+                st = msgspec.to_builtins(await client.status(job, events=0))
                 await print_stored(st["record"])
                 if st["job"]["stage"] in RESTING:
                     break

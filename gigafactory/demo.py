@@ -72,7 +72,7 @@ def make_demo_remote(path: Path) -> None:
     shutil.rmtree(src)
 
 
-class _Procs:
+class Procs:
     def __init__(self) -> None:
         self.procs: list[tuple[str, subprocess.Popen]] = []
         self.specs: dict[str, tuple[list[str], dict, Path]] = {}
@@ -116,7 +116,7 @@ class _Procs:
                 p.wait(timeout=5)
 
 
-def _table(rows: list[list[str]]) -> str:
+def text_table(rows: list[list[str]]) -> str:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)
 
@@ -147,7 +147,7 @@ def run_demo(*, examples_dir: str | None, workdir: str | None, timeout_s: float,
     say = (lambda *a, **k: None) if as_json else (lambda m: click.echo(m, err=True))
 
     srv = None
-    procs = _Procs()
+    procs = Procs()
     try:
         if nats_url:
             url = nats_url
@@ -179,7 +179,7 @@ def run_demo(*, examples_dir: str | None, workdir: str | None, timeout_s: float,
         rows = [["example", "job", "expected", "ended", "attempts", ""]]
         for r in result["jobs"]:
             rows.append([r["file"], r["job"], r["expected"], r["stage"], str(r["attempt"]), "ok" if r["ok"] else "MISMATCH"])
-        click.echo("\n" + _table(rows))
+        click.echo("\n" + text_table(rows))
         for r in result["jobs"]:
             if r["stage"] in ("queued", "blocked", "testing", "review", "dead_letter", "failed"):
                 click.echo(f"  {r['job']}: {r['why']}")
@@ -201,7 +201,7 @@ def run_demo(*, examples_dir: str | None, workdir: str | None, timeout_s: float,
     return 0 if ok else 1
 
 
-async def _kill_after(client: Client, procs: _Procs, kills: dict[str, str], by_job: dict[str, str],
+async def _kill_after(client: Client, procs: Procs, kills: dict[str, str], by_job: dict[str, str],
                       killed: dict[str, str], say) -> None:
     """SIGKILL the factory holding each job of ``kills`` once the job's event named there was
     published and that factory holds no other job (the other examples must end as they say),
@@ -222,7 +222,7 @@ async def _kill_after(client: Client, procs: _Procs, kills: dict[str, str], by_j
 
 
 async def _drive(url: str, ex: Path, expect: dict[str, str], n_factories: int, timeout_s: float, as_json: bool,
-                 procs: _Procs, kills: dict[str, str] | None = None) -> dict:
+                 procs: Procs, kills: dict[str, str] | None = None) -> dict:
     t0 = time.monotonic()
     deadline = t0 + timeout_s
     client = None
@@ -250,7 +250,7 @@ async def _drive(url: str, ex: Path, expect: dict[str, str], n_factories: int, t
 
         files = [str(ex / f) for f in sorted(expect)]
         submitted = await client.submit_files(files, source="demo")
-        by_job = {s["job"]: Path(s["file"]).name for s in submitted}
+        by_job = {s.job: Path(s.file).name for s in submitted}
         if not as_json:
             click.echo(f"submitted {len(submitted)} example jobs", err=True)
         tty = sys.stderr.isatty() and not as_json

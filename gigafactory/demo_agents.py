@@ -24,7 +24,7 @@ import yaml
 
 from gigafactory import agent_clis
 from gigafactory.client import Client
-from gigafactory.demo import DEMO_SETTINGS, _Procs, _table, make_scratch_repo
+from gigafactory.demo import DEMO_SETTINGS, Procs, text_table, make_scratch_repo
 from gigafactory.embedded import EmbeddedServer
 from gigafactory.model_server import parse_script, serve_in_thread
 
@@ -58,7 +58,7 @@ def _engine_env(engine: str, url: str) -> dict[str, str]:
 
 
 def install_hint() -> str:
-    pkgs = ", ".join(f"{n}: {agent_clis._CACHE_PATHS[n][1]}@{agent_clis.pinned_version(n)}" for n in agent_clis.CLIS)
+    pkgs = ", ".join(f"{n}: {agent_clis.CACHE_PATHS[n][1]}@{agent_clis.pinned_version(n)}" for n in agent_clis.CLIS)
     return (f"no agent CLI is installed (looked on PATH and in {agent_clis.cache_dir()}). From a checkout run "
             f"{agent_clis.INSTALL_SCRIPT} (it installs the pinned CLIs into that folder, GIGAFACTORY_AGENT_CLIS), "
             f"or install them yourself: npm install -g for the npm ones, pip install for aider-chat ({pkgs}).")
@@ -87,7 +87,7 @@ def run_demo_agents(*, workdir: str | None, timeout_s: float, as_json: bool) -> 
             shutil.rmtree(repos[e])
         make_scratch_repo(repos[e])
     srv = None
-    procs = _Procs()
+    procs = Procs()
     with contextlib.ExitStack() as stack:
         servers = {e: stack.enter_context(serve_in_thread(parse_script(_script(e)), log_path=root / f"model-{e}.jsonl"))
                    for e in engines}
@@ -121,7 +121,7 @@ def run_demo_agents(*, workdir: str | None, timeout_s: float, as_json: bool) -> 
             rows.append([r["engine"], r["version"] or "?", shown("turns"), shown("input_tokens"),
                          shown("output_tokens"), "-" if cost is None else f"${cost:.4f}",
                          str(u.get("cost_source") or ("unknown" if u else "-")), r["stage"]])
-        click.echo("\n" + _table(rows))
+        click.echo("\n" + text_table(rows))
         for r in result["jobs"]:
             if not r["ok"]:
                 click.echo(f"  {r['engine']}: {r['why']}")
@@ -142,7 +142,7 @@ def _job_text(engine: str, repo: Path) -> str:
     return "---\n" + yaml.safe_dump(front, sort_keys=False) + "---\nCreate hello.txt as scripted.\n"
 
 
-async def _drive(url: str, engines: list[str], repos: dict[str, Path], timeout_s: float, say, procs: _Procs) -> dict:
+async def _drive(url: str, engines: list[str], repos: dict[str, Path], timeout_s: float, say, procs: Procs) -> dict:
     t0 = time.monotonic()
     up_deadline = t0 + MAX_FLEET_UP_S
     client = None

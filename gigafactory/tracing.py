@@ -92,7 +92,7 @@ def setup(service_name: str) -> bool:
     from opentelemetry.sdk.trace import TracerProvider
     from opentelemetry.sdk.trace.export import BatchSpanProcessor
 
-    from gigafactory import __version__
+    from gigafactory.version import __version__
 
     # Resource.create gives its own attributes precedence over OTEL_SERVICE_NAME and
     # OTEL_RESOURCE_ATTRIBUTES: the name is only this process's default, so the environment's wins.

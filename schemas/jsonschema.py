@@ -41,7 +41,7 @@ SCHEMA_DIALECT = "https://json-schema.org/draft/2020-12/schema"
 OUTPUT_PATH = Path(__file__).resolve().parent / "json" / "job-manifest.schema.json"
 """Where :func:`main` writes the schema: ``schemas/json/`` next to this module."""
 
-DURATION_PATTERN = m._DURATION_RE.pattern
+DURATION_PATTERN = m.DURATION_RE.pattern
 """The parser's own duration grammar (``90s``, ``5m``, ``1h30m``, ``250ms``)."""
 
 CAPABILITY_PATTERN = r"^\s*[A-Za-z0-9][A-Za-z0-9_./-]*(?::\S+|(?:>=|<=|>|<|=)[vV]?[0-9]\S*)?\s*$"

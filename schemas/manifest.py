@@ -252,7 +252,7 @@ _NESTED = {
     "retry": tuple(f.encode_name for f in msgspec.structs.fields(Retry)),
 }
 
-_DURATION_RE = re.compile(r"^\s*(?:(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)\s*)+$")
+DURATION_RE = re.compile(r"^\s*(?:(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)\s*)+$")
 _DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)")
 _UNIT_S = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 
@@ -268,7 +268,7 @@ def parse_duration(text: str | int | float) -> float:
         return float(text)
     if not isinstance(text, str):
         raise ValueError(f"{text!r} is not a duration: expected text like 90s, 5m, 1h30m")
-    if not _DURATION_RE.match(text):
+    if not DURATION_RE.match(text):
         raise ValueError(f"{text!r} is not a duration: expected a number with a unit, like 90s, 5m, 1h30m")
     return sum(float(n) * _UNIT_S[u] for n, u in _DURATION_PART.findall(text))
 
@@ -360,7 +360,7 @@ class _TooDeep(Exception):
         self.mark = mark
 
 
-class _Loader(yaml.SafeLoader):
+class YamlLoader(yaml.SafeLoader):
     """SafeLoader reading YAML 1.2 booleans, refusing nesting deeper than ``max_depth``.
 
     PyYAML composes nested collections recursively (one Python frame group per level): 500
@@ -387,11 +387,11 @@ class _Loader(yaml.SafeLoader):
 # YAML 1.1 reads on/off/yes/no as booleans, which would turn ``retry: {on: [...]}`` into a
 # ``True`` key and ``yolo: no`` into a silent ``False``. Job files follow YAML 1.2 here: only
 # true/false are booleans, so ``yolo: yes`` is refused with a hint instead of guessed at.
-_Loader.yaml_implicit_resolvers = {
+YamlLoader.yaml_implicit_resolvers = {
     first: [(tag, rx) for tag, rx in resolvers if tag != "tag:yaml.org,2002:bool"]
     for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
 }
-_Loader.add_implicit_resolver(
+YamlLoader.add_implicit_resolver(
     "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
 )
 _YAML11_BOOLEANS = frozenset({"yes", "no", "on", "off", "y", "n"})
@@ -551,7 +551,7 @@ def parse_job_text(text: str, path: str = "<job>", limits: Limits | None = None)
             "keep large inputs in the repository and name them in the prompt"))
 
     lines: dict[str, int] = {}
-    loader = _Loader(front)
+    loader = YamlLoader(front)
     loader.max_depth = lim.max_manifest_depth
     try:
         node = loader.get_single_node()

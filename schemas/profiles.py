@@ -45,7 +45,7 @@ from .manifest import (
     ManifestError,
     ReviewPolicy,
     ShipAs,
-    _Loader,
+    YamlLoader,
     parse_duration,
 )
 
@@ -142,7 +142,7 @@ def parse_profile(text: str, path: str, name: str | None = None) -> Profile:
     if len(persona.encode()) > MAX_PERSONA_BYTES:
         raise ProfileError(path, None, f"the persona is {len(persona.encode()):,} bytes, more than "
                                        f"{MAX_PERSONA_BYTES:,}; it is prepended to every prompt, shorten it")
-    loader = _Loader(front)
+    loader = YamlLoader(front)
     try:
         raw = loader.get_single_data()
     except yaml.YAMLError as e:

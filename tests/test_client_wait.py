@@ -55,13 +55,13 @@ def test_wait_follows_the_records_with_no_coordinator(nats_server, n):
             # The wait has seen every job queued before any is shipped.
             await asyncio.wait_for(saw_all.wait(), 20.0)
             assert not waiting.done()
-            assert {j["stage"] for j in progress[-1].values()} == {"queued"}
+            assert {j.stage for j in progress[-1].values()} == {"queued"}
             for r in recs:
                 await b.jobs.update(r.id, encode(_shipped(r)), last=revs[r.id])
             await b.jobs.update(other.id, encode(_shipped(other)), last=await b.jobs.put(other.id, encode(other)))
             final = await asyncio.wait_for(waiting, 30.0)
             assert set(final) == {r.id for r in recs}
-            assert {j["stage"] for j in final.values()} == {"shipped"}
+            assert {j.stage for j in final.values()} == {"shipped"}
         finally:
             await client.close()
             await b.close()
@@ -79,7 +79,7 @@ def test_wait_gives_up_at_its_timeout_with_what_it_saw(nats_server):
             final = await client.wait([rec.id, "never-existed"], timeout_s=1.0)
             # The job that exists is reported as it is; the one that never existed is absent
             # (no coordinator to ask about an archived job: that question fails quietly).
-            assert {k: v["stage"] for k, v in final.items()} == {"stays-queued": "queued"}
+            assert {k: v.stage for k, v in final.items()} == {"stays-queued": "queued"}
         finally:
             await client.close()
             await b.close()

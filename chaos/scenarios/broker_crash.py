@@ -13,8 +13,8 @@ from ..harness import Expectations, Lab, ScenarioConfig, ScenarioResult, scenari
 from .common import (
     DISPATCH_RESUME_S,
     SETTLE_TIMEOUT_S,
-    _short_job,
-    _trickle,
+    short_job,
+    trickle,
 )
 
 # -- 2. broker crash ------------------------------------------------------------------------------
@@ -50,7 +50,7 @@ async def broker_crash(cfg: ScenarioConfig) -> ScenarioResult:
         stats = {"batches": 0, "submitted": 0, "acknowledged": 0}
         t0 = time.monotonic()
         t_end = t0 + window_s
-        load = asyncio.create_task(_trickle(lab, load_rng, t_end, batch=(1, 3), gap_s=(0.2, 0.6),
+        load = asyncio.create_task(trickle(lab, load_rng, t_end, batch=(1, 3), gap_s=(0.2, 0.6),
                                             sleep_s=(0.2, 1.2), stats=stats))
         crashes: list[dict] = []
         try:
@@ -74,7 +74,7 @@ async def broker_crash(cfg: ScenarioConfig) -> ScenarioResult:
                 # Dispatch resumes: a job submitted now is claimed promptly (the coordinator's
                 # view of gf_jobs must follow the restarted broker, not wait out a stale watch).
                 t_probe = time.monotonic()
-                probe = await lab.submit([_short_job(lab, random.Random(0), 0.1, 0.1)])
+                probe = await lab.submit([short_job(lab, random.Random(0), 0.1, 0.1)])
                 claim_s = None
                 if probe:
                     async def claimed() -> bool:

@@ -12,10 +12,10 @@ from .common import (
     READY_BOUND_S,
     RECLAIM_SLACK_S,
     SETTLE_TIMEOUT_S,
-    _held_outcomes,
-    _ledger_job,
-    _own_leases,
-    _trickle,
+    held_outcomes,
+    ledger_job,
+    own_leases,
+    trickle,
 )
 
 # -- 1. factory churn -----------------------------------------------------------------------------
@@ -65,7 +65,7 @@ async def factory_churn(cfg: ScenarioConfig) -> ScenarioResult:
                 fenced = {(a.event.job, a.event.epoch) for a in await lab.audit("gf.events.*.fenced")
                           if a.event.factory == hit.factory}
                 quarantined = lab.quarantined(hit.factory)
-                for job, epoch in _own_leases(hit, lab.hits):
+                for job, epoch in own_leases(hit, lab.hits):
                     key = (job, epoch, hit.factory)
                     if (job, epoch) in fenced:
                         zombie_evidence[key] = "fenced"
@@ -91,7 +91,7 @@ async def factory_churn(cfg: ScenarioConfig) -> ScenarioResult:
         async def long_load() -> None:
             # The bounded form: one long job, first in line. The full form: one every LONG_EVERY_S.
             while True:
-                long_jobs.extend(await lab.submit([_ledger_job(lab, LONG_JOB_S)]))
+                long_jobs.extend(await lab.submit([ledger_job(lab, LONG_JOB_S)]))
                 if cfg.bounded or time.monotonic() + LONG_EVERY_S > t_end:
                     return
                 await asyncio.sleep(LONG_EVERY_S)  # the load's schedule
@@ -100,7 +100,7 @@ async def factory_churn(cfg: ScenarioConfig) -> ScenarioResult:
             await long_load()
             if not long_jobs:
                 raise RuntimeError("the bounded form's long job was not acknowledged (is the coordinator up?)")
-        load = asyncio.create_task(_trickle(lab, load_rng, t_end, batch=(1, 3), gap_s=(0.3, 0.8),
+        load = asyncio.create_task(trickle(lab, load_rng, t_end, batch=(1, 3), gap_s=(0.3, 0.8),
                                             sleep_s=(0.2, 1.5), stats=stats))
         long_task = None if cfg.bounded else asyncio.create_task(long_load())
 
@@ -147,7 +147,7 @@ async def factory_churn(cfg: ScenarioConfig) -> ScenarioResult:
                     side_tasks.append(asyncio.create_task(restart_later(target, chaos_rng.uniform(0.2, 1.5))))
                 else:
                     hit = await lab.pause_factory(target)
-                    if not _own_leases(hit, lab.hits):
+                    if not own_leases(hit, lab.hits):
                         # Its job ended between the choice and the signal: a pause that holds no
                         # lease proves nothing. Wake it now and try again at the next hit (the
                         # bounded form insists on one real zombie).
@@ -183,7 +183,7 @@ async def factory_churn(cfg: ScenarioConfig) -> ScenarioResult:
         kills = [h for h in lab.hits if h.action == "kill"]
         pauses = [h for h in lab.hits if h.action == "pause"]
         bound_s = ttl + reaper + RECLAIM_SLACK_S
-        times, missing, in_flight = _held_outcomes(lab.hits, reclaims, by_job)
+        times, missing, in_flight = held_outcomes(lab.hits, reclaims, by_job)
         exp.expect(not missing, f"leases of killed or paused factories never reclaimed: {missing}")
         all_times = times["kill"] + times["pause"]
         exp.expect(all(t <= bound_s for t in all_times),
@@ -202,7 +202,7 @@ async def factory_churn(cfg: ScenarioConfig) -> ScenarioResult:
                                     and a.event.factory == hit.factory
                                     and a.event.kind in ("finished", "started", "handed_back"))
         exp.expect(zombie_ships == 0, f"{zombie_ships} write(s) by a factory under an epoch it had lost")
-        own_paused = {lease for h in pauses for lease in _own_leases(h, lab.hits)}
+        own_paused = {lease for h in pauses for lease in own_leases(h, lab.hits)}
         paused_leases = sum(1 for job, epoch in own_paused if (job, epoch) in reclaims)
         exp.expect(len(zombie_evidence) >= paused_leases,
                    f"only {len(zombie_evidence)} of {paused_leases} leases lost by paused factories were fenced")

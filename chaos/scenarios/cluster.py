@@ -14,7 +14,7 @@ from gigafactory.schemas.records import JobRecord, decode
 
 from ..cluster_lab import ClusterLab
 from ..harness import Expectations, ScenarioConfig, ScenarioResult, scenario
-from .common import SETTLE_TIMEOUT_S, _short_job, _trickle
+from .common import SETTLE_TIMEOUT_S, short_job, trickle
 
 # -- 3. cluster failover --------------------------------------------------------------------------
 
@@ -68,7 +68,7 @@ async def _dispatch_probe(lab: ClusterLab, t_ref: float, bound_s: float) -> tupl
     deadline = t_ref + bound_s
     ids: list[str] = []
     while not ids and time.monotonic() < deadline:
-        ids = await lab.submit([_short_job(lab, random.Random(0), 0.1, 0.1, capabilities=[PROBE_CAP])],
+        ids = await lab.submit([short_job(lab, random.Random(0), 0.1, 0.1, capabilities=[PROBE_CAP])],
                                timeout_s=PROBE_SUBMIT_TIMEOUT_S)
         if not ids:
             await asyncio.sleep(0.2)  # the schedule of retries, not a synchronization
@@ -116,7 +116,7 @@ async def cluster_failover(cfg: ScenarioConfig) -> ScenarioResult:
 
         async def load() -> None:
             until = t_load_end
-            task = asyncio.create_task(_trickle(lab, load_rng, until, batch=(1, 3), gap_s=(0.3, 0.8),
+            task = asyncio.create_task(trickle(lab, load_rng, until, batch=(1, 3), gap_s=(0.3, 0.8),
                                                 sleep_s=(0.3, 1.5), stats=stats, capabilities=[LOAD_CAP]))
             await asyncio.wait([task, asyncio.create_task(stop_load.wait())], return_when=asyncio.FIRST_COMPLETED)
             task.cancel()

@@ -22,7 +22,7 @@ READY_BOUND_S = 60.0
 """Bound on a scheduled restart or resume (including its wait for evidence) completing."""
 
 
-def _short_job(lab: Lab, rng: random.Random, lo_s: float, hi_s: float, *, gate: Path | str | None = None,
+def short_job(lab: Lab, rng: random.Random, lo_s: float, hi_s: float, *, gate: Path | str | None = None,
                **manifest) -> str:
     """A job that works (sleeps) for a seeded time in ``[lo_s, hi_s]``, writes a marker named
     by its job and epoch, and is verified by it; review-policy auto (so it ships) and a
@@ -31,11 +31,11 @@ def _short_job(lab: Lab, rng: random.Random, lo_s: float, hi_s: float, *, gate: 
     decides when it may end. Its side effects go to the lab's ledger (``start``, ``progress``
     while it waits and works, ``END``: see :func:`ledger_script`)."""
     sleep_s = round(rng.uniform(lo_s, hi_s), 2)
-    return _ledger_job(lab, sleep_s, gate=gate, **manifest)
+    return ledger_job(lab, sleep_s, gate=gate, **manifest)
 
 
-def _ledger_job(lab: Lab, work_s: float, *, gate: Path | str | None = None, **manifest) -> str:
-    """:func:`_short_job` with an exact work time (a long job, say)."""
+def ledger_job(lab: Lab, work_s: float, *, gate: Path | str | None = None, **manifest) -> str:
+    """:func:`short_job` with an exact work time (a long job, say)."""
     manifest.setdefault("retry", {"max": 50, "backoff": "0.1s"})
     return lab.job(
         ledger_script(lab.ledger, work_s, gate=gate,
@@ -44,12 +44,12 @@ def _ledger_job(lab: Lab, work_s: float, *, gate: Path | str | None = None, **ma
     )
 
 
-async def _trickle(lab: Lab, rng: random.Random, until_mono: float, *, batch: tuple[int, int],
+async def trickle(lab: Lab, rng: random.Random, until_mono: float, *, batch: tuple[int, int],
                    gap_s: tuple[float, float], sleep_s: tuple[float, float], stats: dict, **manifest) -> None:
     """Submit batches of short jobs until ``until_mono`` (the load; its pauses are the schedule).
     ``manifest`` adds to each job's manifest (``capabilities=[...]`` to keep it in one lane)."""
     while time.monotonic() < until_mono:
-        texts = [_short_job(lab, rng, *sleep_s, **manifest) for _ in range(rng.randint(*batch))]
+        texts = [short_job(lab, rng, *sleep_s, **manifest) for _ in range(rng.randint(*batch))]
         ids = await lab.submit(texts)
         stats["batches"] += 1
         stats["submitted"] += len(texts)
@@ -57,7 +57,7 @@ async def _trickle(lab: Lab, rng: random.Random, until_mono: float, *, batch: tu
         await asyncio.sleep(rng.uniform(*gap_s))
 
 
-def _own_leases(hit: Hit, hits: list[Hit]) -> list[tuple[str, int]]:
+def own_leases(hit: Hit, hits: list[Hit]) -> list[tuple[str, int]]:
     """The leases a paused factory holds in *this* incarnation: a lease left by an earlier
     incarnation that was SIGKILLed (and not reaped yet) names the same factory id, but the
     restarted process knows nothing of it, so there is nothing to fence; the reaper takes it."""
@@ -66,7 +66,7 @@ def _own_leases(hit: Hit, hits: list[Hit]) -> list[tuple[str, int]]:
     return [lease for lease in hit.held if lease not in inherited]
 
 
-def _held_outcomes(hits: list[Hit], reclaims: dict, audit_by_job: dict) -> tuple[dict[str, list[float]], list[str], int]:
+def held_outcomes(hits: list[Hit], reclaims: dict, audit_by_job: dict) -> tuple[dict[str, list[float]], list[str], int]:
     """For every lease a hit factory held: the time from the first hit that found it to the
     reaper's reclaim (broker time), by the kind of hit. A lease whose holder's own result or
     hand-back was already on its way when the signal landed is not a reclaim; it is counted

@@ -37,7 +37,7 @@ from gigafactory.schemas.manifest import parse_job_text
 from gigafactory.schemas.records import FactoryRecord, JobRecord, decode
 
 from ..harness import LAB_ENV, Expectations, Lab, LabProc, ScenarioConfig, ScenarioResult, scenario
-from .common import SETTLE_TIMEOUT_S, _short_job
+from .common import SETTLE_TIMEOUT_S, short_job
 
 HERD_TIMINGS: dict[str, float] = dict(
     # Two hundred factories heartbeat, renew and long-poll on two cores: a heartbeat every 3 s
@@ -212,7 +212,7 @@ async def _pools_bound(lab: Lab, fids: list[str], pools_of: dict[str, set[str]])
 
 
 def _pinned_job(lab: Lab, fid: str) -> str:
-    return _short_job(lab, random.Random(fid), 0.0, 0.0, capabilities=[f"factory:{fid}"])
+    return short_job(lab, random.Random(fid), 0.0, 0.0, capabilities=[f"factory:{fid}"])
 
 
 # -- phase A: the trickle ---------------------------------------------------------------------------
@@ -231,7 +231,7 @@ async def _trickle_one_at_a_time(lab: Lab, hosts: list[FleetHostProc], rng: rand
     while len(ids) < jobs or (until_mono is not None and time.monotonic() < until_mono):
         if rng.random() < 0.5:
             await asyncio.sleep(rng.uniform(0.2, 1.5))  # the schedule: a spaced trickle
-        got = await lab.submit([_short_job(lab, rng, 0.0, 0.3)])
+        got = await lab.submit([short_job(lab, rng, 0.0, 0.3)])
         if not exp.expect(len(got) == 1, f"{label}: a submission was not acknowledged"):
             continue
         await _wait_claimed(lab, got[0], 3 * lab.settings.redispatch_s)
@@ -426,7 +426,7 @@ async def thundering_herd(cfg: ScenarioConfig) -> ScenarioResult:
             # Every factory's own pool (factory:<id>) exists before the restart, as the first
             # job pinned to it would have made it: after the storm, a pinned job proves that the
             # factory's pull subscription of that pool came through, not a fresh one.
-            any_pool = caps.pool_id(parse_job_text(_short_job(lab, random.Random(0), 0, 0)).manifest.requirements())
+            any_pool = caps.pool_id(parse_job_text(short_job(lab, random.Random(0), 0, 0)).manifest.requirements())
             pools_of: dict[str, set[str]] = {}
             for fid in fids:
                 reqs = list(parse_job_text(_pinned_job(lab, fid)).manifest.requirements())

@@ -10,7 +10,7 @@ from gigafactory.schemas.lifecycle import Stage
 from ..harness import Expectations, Lab, ScenarioConfig, ScenarioResult, scenario
 from .common import (
     SETTLE_TIMEOUT_S,
-    _short_job,
+    short_job,
 )
 
 # -- 7. total outage with work running ------------------------------------------------------------
@@ -55,7 +55,7 @@ async def total_outage(cfg: ScenarioConfig) -> ScenarioResult:
             # Each job waits for the round's gate, which opens once the broker is down: so
             # every one of them ends during the outage, however late it was dispatched.
             gate = lab.workdir / f"gate-{len(rounds) + 1}"
-            ids = await lab.submit([_short_job(lab, load_rng, 0.5, 1.5, gate=gate) for _ in range(n_jobs)])
+            ids = await lab.submit([short_job(lab, load_rng, 0.5, 1.5, gate=gate) for _ in range(n_jobs)])
             exp.expect(len(ids) == n_jobs, f"round {len(rounds) + 1}: only {len(ids)} of {n_jobs} submissions acknowledged")
 
             async def all_building() -> bool:

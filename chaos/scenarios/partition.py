@@ -11,7 +11,7 @@ from gigafactory.schemas.lifecycle import Stage
 from gigafactory.schemas.records import FactoryRecord, JobRecord, decode
 
 from ..harness import Expectations, Lab, LabProxy, ScenarioConfig, ScenarioResult, scenario
-from .common import RECLAIM_SLACK_S, SETTLE_TIMEOUT_S, _short_job
+from .common import RECLAIM_SLACK_S, SETTLE_TIMEOUT_S, short_job
 
 # -- 4. partition ---------------------------------------------------------------------------------
 
@@ -76,7 +76,7 @@ async def _blackhole_round(lab: Lab, proxy: LabProxy, gates: Path, k: int, exp: 
     # from the start; the behind factory's opens only once the job has shipped elsewhere.
     (gates / f"r{k}-{DIRECT}").touch()
     gate_behind = gates / f"r{k}-{BEHIND}"
-    [job] = await lab.submit([_short_job(lab, rng, 0.3, 0.6, gate=gates / f"r{k}-$GF_FACTORY")])
+    [job] = await lab.submit([short_job(lab, rng, 0.3, 0.6, gate=gates / f"r{k}-$GF_FACTORY")])
     held = await _wait_stage(lab, job, ("building",), f"round {k}: {BEHIND} runs {job}")
     exp.expect(held.lease is not None and held.lease.factory == BEHIND,
                f"round {k}: {job} is held by {held.lease and held.lease.factory}, not by {BEHIND}")
@@ -162,7 +162,7 @@ async def _delay_round(lab: Lab, proxy: LabProxy, k: int, exp: Expectations) -> 
     before = await proxy.send("stats")
     await proxy.send(f"delay {DELAY_MS:g} {DELAY_JITTER_MS:g}")
     t0 = await lab.broker_now()
-    [job] = await lab.submit([_short_job(lab, rng, DELAY_JOB_S, DELAY_JOB_S, capabilities=[PROXIED_CAP])])
+    [job] = await lab.submit([short_job(lab, rng, DELAY_JOB_S, DELAY_JOB_S, capabilities=[PROXIED_CAP])])
     rec = await _wait_stage(lab, job, ("shipped", "failed", "dead_letter"),
                             f"round {k}: {job} ships from {BEHIND} through a {DELAY_MS:g} ms delay")
     took_s = await lab.broker_now() - t0
@@ -186,7 +186,7 @@ async def _drop_round(lab: Lab, proxy: LabProxy, k: int, seed: int, exp: Expecta
     It gets back in; the job ships once: under its first epoch if the lease outlived the
     outage, else under a new one after a reclaim (its old run then fenced)."""
     rng = lab.random(f"partition-load-{k}")
-    [job] = await lab.submit([_short_job(lab, rng, DROP_JOB_S, DROP_JOB_S, capabilities=[PROXIED_CAP])])
+    [job] = await lab.submit([short_job(lab, rng, DROP_JOB_S, DROP_JOB_S, capabilities=[PROXIED_CAP])])
     held = await _wait_stage(lab, job, ("building",), f"round {k}: {BEHIND} runs {job}")
     before = await proxy.send(f"drop {DROP_P:g} {seed}")
     t_cut = time.monotonic()

@@ -34,7 +34,7 @@ from gigafactory.schemas.lifecycle import Stage
 from gigafactory.schemas.records import FactoryRecord, PoolRecord, decode
 
 from ..harness import AuditEntry, Expectations, Lab, ScenarioConfig, ScenarioResult, scenario
-from .common import SETTLE_TIMEOUT_S, _short_job
+from .common import SETTLE_TIMEOUT_S, short_job
 
 TARGETS = ("consumers", "stream")
 """What an outage deletes: every pool consumer, or the dispatch stream (and its consumers with it)."""
@@ -191,7 +191,7 @@ async def push_path_down(cfg: ScenarioConfig) -> ScenarioResult:
 async def _load(lab: Lab, rng: random.Random, stop: asyncio.Event, stats: dict) -> None:
     """Batches of short jobs until ``stop`` (the load; its pauses are the schedule)."""
     while not stop.is_set():
-        texts = [_short_job(lab, rng, *JOB_S) for _ in range(rng.randint(1, 3))]
+        texts = [short_job(lab, rng, *JOB_S) for _ in range(rng.randint(1, 3))]
         ids = await lab.submit(texts)
         stats["batches"] += 1
         stats["submitted"] += len(texts)

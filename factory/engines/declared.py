@@ -23,7 +23,7 @@ CA variables, the ``GF_*`` variables, its declared credentials, base-URL and pas
 when set, the ``cred:`` credentials the job requires and the operator's
 ``engine_env_passthrough``, then its fixed ``env``. Never the factory's whole environment.
 
-The file format is documented field by field on :func:`parse_declaration` and in the README's
+The file format is documented field by field on :class:`Declaration` and in the README's
 engine chapter; ``examples/engines/`` ships an example.
 
 Pure apart from :func:`load_dir` (reads the folder), :meth:`DeclaredEngine.probe` (runs the
@@ -178,42 +178,9 @@ class OutputSpec:
 
 @dataclass(frozen=True)
 class Declaration:
-    """One declared engine (see :func:`parse_declaration` for each field)."""
+    """One declared engine, checked and built by :func:`parse_declaration`.
 
-    source: str
-    name: str
-    engine_class: str
-    binary: str
-    args: tuple[str, ...]
-    prompt: str = "argv"
-    description: str = ""
-    version_args: tuple[str, ...] = ("--version",)
-    version_regex: re.Pattern[str] = re.compile(_DEFAULT_VERSION_RE)
-    min_version: str | None = None
-    below_version: str | None = None
-    model_args: tuple[str, ...] = ()
-    default_model: str | None = None
-    yolo_args: tuple[str, ...] = ()
-    safe_args: tuple[str, ...] = ()
-    base_url_args: tuple[str, ...] = ()
-    env: Mapping[str, str] = field(default_factory=dict)
-    yolo_env: Mapping[str, str] = field(default_factory=dict)
-    safe_env: Mapping[str, str] = field(default_factory=dict)
-    credentials: tuple[str, ...] = ()
-    credentials_required: str = "any"
-    base_url_env: str | None = None
-    passthrough_env: tuple[str, ...] = ()
-    home: str = "private"
-    output: OutputSpec = OutputSpec()
-    error_patterns: tuple[tuple[re.Pattern[str], str], ...] = ()
-    error_patterns_on_success: bool = False
-    retry_after_pattern: re.Pattern[str] | None = None
-
-
-def parse_declaration(doc: object, source: str, *, reserved: Sequence[str] = ()) -> Declaration:
-    """Check a declaration's fields and build it.
-
-    Fields (``name``, ``engine-class``, ``binary`` and ``args`` are required):
+    The file's fields (``name``, ``engine-class``, ``binary`` and ``args`` are required):
 
     - ``name``: the ``engine:`` jobs name; lower-case letters, digits, ``-``, ``_``; the file's
       stem; never a built-in engine's name or a capability key the probe offers itself.
@@ -260,6 +227,40 @@ def parse_declaration(doc: object, source: str, *, reserved: Sequence[str] = ())
       ``context_overflow``, ``crash``) -> regexes matched against its error messages and
       plain-text lines; ``error-patterns-on-success``: a match fails even a run that exited 0;
       ``retry-after-pattern``: one group, the seconds a rate-limit message asks to wait.
+    """
+
+    source: str
+    name: str
+    engine_class: str
+    binary: str
+    args: tuple[str, ...]
+    prompt: str = "argv"
+    description: str = ""
+    version_args: tuple[str, ...] = ("--version",)
+    version_regex: re.Pattern[str] = re.compile(_DEFAULT_VERSION_RE)
+    min_version: str | None = None
+    below_version: str | None = None
+    model_args: tuple[str, ...] = ()
+    default_model: str | None = None
+    yolo_args: tuple[str, ...] = ()
+    safe_args: tuple[str, ...] = ()
+    base_url_args: tuple[str, ...] = ()
+    env: Mapping[str, str] = field(default_factory=dict)
+    yolo_env: Mapping[str, str] = field(default_factory=dict)
+    safe_env: Mapping[str, str] = field(default_factory=dict)
+    credentials: tuple[str, ...] = ()
+    credentials_required: str = "any"
+    base_url_env: str | None = None
+    passthrough_env: tuple[str, ...] = ()
+    home: str = "private"
+    output: OutputSpec = OutputSpec()
+    error_patterns: tuple[tuple[re.Pattern[str], str], ...] = ()
+    error_patterns_on_success: bool = False
+    retry_after_pattern: re.Pattern[str] | None = None
+
+
+def parse_declaration(doc: object, source: str, *, reserved: Sequence[str] = ()) -> Declaration:
+    """Check a declaration's fields (the file format: :class:`Declaration`) and build it.
 
     :param doc: the parsed file (a mapping).
     :param source: the file's name, for errors.
@@ -272,6 +273,46 @@ def parse_declaration(doc: object, source: str, *, reserved: Sequence[str] = ())
     for k in _REQUIRED:
         if k not in doc or doc[k] in (None, "", []):
             raise DeclarationError(source, k, "is required (see the example in examples/engines/)")
+    name = _name_field(doc, source, reserved)
+    engine_class, binary, prompt = _program_fields(doc, source)
+    args = _strings(doc, "args", source, splices=True)
+    model_args = _strings(doc, "model-args", source)
+    base_url_args = _strings(doc, "base-url-args", source)
+    yolo_args = _strings(doc, "yolo-args", source)
+    safe_args = _strings(doc, "safe-args", source)
+    used = _check_arg_templates(source, prompt, args, model_args, base_url_args, yolo_args, safe_args)
+    env = _env(doc, "env", source)
+    yolo_env = _env(doc, "yolo-env", source)
+    safe_env = _env(doc, "safe-env", source)
+    credentials, required, base_url_env = _credential_fields(doc, source, used, (*args, *model_args, *yolo_args,
+                                                                                    *safe_args))
+    home = _string(doc, "home", source, default="private")
+    if home not in ("private", "inherit"):
+        raise DeclarationError(source, "home", f"{home!r}: use private (a fresh HOME per attempt) or inherit")
+    version_regex, min_version, below_version = _version_fields(doc, source)
+    patterns, on_success, retry_after = _error_fields(doc, source)
+    default_model = doc.get("default-model")
+    if default_model is not None:
+        default_model = _string(doc, "default-model", source)
+    return Declaration(
+        source=source, name=name, engine_class=engine_class, binary=binary, args=args, prompt=prompt,
+        description=_string(doc, "description", source, default=""),
+        version_args=_strings(doc, "version-args", source, default=("--version",)), version_regex=version_regex,
+        min_version=min_version, below_version=below_version, model_args=model_args, default_model=default_model,
+        yolo_args=yolo_args, safe_args=safe_args, base_url_args=base_url_args, env=env, yolo_env=yolo_env, safe_env=safe_env, credentials=credentials, credentials_required=required,
+        base_url_env=base_url_env, passthrough_env=_env_names(doc, "passthrough-env", source), home=home,
+        output=_output(doc.get("output"), source), error_patterns=patterns,
+        error_patterns_on_success=on_success, retry_after_pattern=retry_after,
+    )
+
+
+def _name_field(doc: dict, source: str, reserved: Sequence[str]) -> str:
+    """``name``, checked: an engine name, not a built-in engine's or a capability key's, the file's stem.
+
+    :param doc: the declaration.
+    :param source: its file.
+    :param reserved: the built-in engines' names.
+    """
     name = _string(doc, "name", source)
     if not _NAME_RE.fullmatch(name):
         raise DeclarationError(source, "name", f"{name!r} is not an engine name: use lower-case letters, digits, "
@@ -286,6 +327,15 @@ def parse_declaration(doc: object, source: str, *, reserved: Sequence[str] = ())
     if stem != name:
         raise DeclarationError(source, "name", f"{name!r} differs from the file's name {stem!r}: "
                                                f"rename the file to {name}{Path(source).suffix} or the engine to {stem!r}")
+    return name
+
+
+def _program_fields(doc: dict, source: str) -> tuple[str, str, str]:
+    """``engine-class``, ``binary`` and ``prompt``, checked.
+
+    :param doc: the declaration.
+    :param source: its file.
+    """
     engine_class = _string(doc, "engine-class", source)
     classes = [c.value for c in EngineClass]
     if engine_class not in classes:
@@ -298,12 +348,18 @@ def parse_declaration(doc: object, source: str, *, reserved: Sequence[str] = ())
     prompt = _string(doc, "prompt", source, default="argv")
     if prompt not in PROMPT_MODES:
         raise DeclarationError(source, "prompt", f"{prompt!r} is not a prompt mode: use argv, stdin or file")
+    return engine_class, binary, prompt
 
-    args = _strings(doc, "args", source, splices=True)
-    model_args = _strings(doc, "model-args", source)
-    base_url_args = _strings(doc, "base-url-args", source)
-    yolo_args = _strings(doc, "yolo-args", source)
-    safe_args = _strings(doc, "safe-args", source)
+
+def _check_arg_templates(source: str, prompt: str, args: tuple[str, ...], model_args: tuple[str, ...],
+                         base_url_args: tuple[str, ...], yolo_args: tuple[str, ...],
+                         safe_args: tuple[str, ...]) -> set[str]:
+    """Check that the argument lists fit together and with the prompt mode; the placeholders they use.
+
+    :param source: the declaration's file.
+    :param prompt: its prompt mode.
+    :param args: ``args``; the others are the lists of the same names.
+    """
     used = _placeholders_in((*args, *model_args, *yolo_args, *safe_args, *base_url_args))
     if prompt == "argv" and "prompt" not in used:
         raise DeclarationError(source, "args", "prompt is 'argv' but no argument holds '{prompt}': add it "
@@ -327,11 +383,19 @@ def parse_declaration(doc: object, source: str, *, reserved: Sequence[str] = ())
     if "{model_args}" in args and not model_args:
         raise DeclarationError(source, "model-args", "'args' has '{model_args}' but model-args is empty: "
                                                      "declare it (e.g. ['-m', '{model}'])")
+    return used
 
-    env = _env(doc, "env", source)
-    yolo_env = _env(doc, "yolo-env", source)
-    safe_env = _env(doc, "safe-env", source)
 
+def _credential_fields(doc: dict, source: str, used: set[str],
+                       always_added: tuple[str, ...]) -> tuple[tuple[str, ...], str, str | None]:
+    """``credentials``, ``credentials-required`` and ``base-url-env``, checked.
+
+    :param doc: the declaration.
+    :param source: its file.
+    :param used: the placeholders the argument lists use.
+    :param always_added: the arguments added whether the base URL is set or not (all but
+        ``base-url-args``): they may not use ``{base_url}``.
+    """
     credentials = _env_names(doc, "credentials", source)
     required = _string(doc, "credentials-required", source, default="any")
     if required not in ("any", "all", "none"):
@@ -346,19 +410,33 @@ def parse_declaration(doc: object, source: str, *, reserved: Sequence[str] = ())
     if "base_url" in used and base_url_env is None:
         raise DeclarationError(source, "base-url-env", "'{base_url}' is used but base-url-env does not say which "
                                                        "variable holds the base URL: declare it")
-    if "base_url" in _placeholders_in((*args, *model_args, *yolo_args, *safe_args)):
+    if "base_url" in _placeholders_in(always_added):
         raise DeclarationError(source, "args", "'{base_url}' may only be used in base-url-args (added only when "
                                                "the base URL is set)")
-    home = _string(doc, "home", source, default="private")
-    if home not in ("private", "inherit"):
-        raise DeclarationError(source, "home", f"{home!r}: use private (a fresh HOME per attempt) or inherit")
+    return credentials, required, base_url_env
 
+
+def _version_fields(doc: dict, source: str) -> tuple[re.Pattern[str], str | None, str | None]:
+    """``version-regex``, ``min-version`` and ``below-version``, checked.
+
+    :param doc: the declaration.
+    :param source: its file.
+    """
     version_regex = _regex(doc, "version-regex", source, default=_DEFAULT_VERSION_RE, groups=1)
     min_version = _version(doc, "min-version", source)
     below_version = _version(doc, "below-version", source)
     if min_version and below_version and _vcmp(parse_cap_version(min_version), below_version) >= 0:
         raise DeclarationError(source, "below-version", f"{below_version} is not above min-version {min_version}")
+    return version_regex, min_version, below_version
 
+
+def _error_fields(doc: dict, source: str) -> tuple[tuple[tuple[re.Pattern[str], str], ...], bool, re.Pattern[str] | None]:
+    """``error-patterns`` (compiled, with their failure class), ``error-patterns-on-success`` and
+    ``retry-after-pattern``, checked.
+
+    :param doc: the declaration.
+    :param source: its file.
+    """
     patterns: list[tuple[re.Pattern[str], str]] = []
     ep = doc.get("error-patterns", {}) or {}
     if not isinstance(ep, dict):
@@ -379,21 +457,7 @@ def parse_declaration(doc: object, source: str, *, reserved: Sequence[str] = ())
     on_success = doc.get("error-patterns-on-success", False)
     if not isinstance(on_success, bool):
         raise DeclarationError(source, "error-patterns-on-success", "must be true or false")
-    retry_after = _regex(doc, "retry-after-pattern", source, default=None, groups=1)
-
-    default_model = doc.get("default-model")
-    if default_model is not None:
-        default_model = _string(doc, "default-model", source)
-    return Declaration(
-        source=source, name=name, engine_class=engine_class, binary=binary, args=args, prompt=prompt,
-        description=_string(doc, "description", source, default=""),
-        version_args=_strings(doc, "version-args", source, default=("--version",)), version_regex=version_regex,
-        min_version=min_version, below_version=below_version, model_args=model_args, default_model=default_model,
-        yolo_args=yolo_args, safe_args=safe_args, base_url_args=base_url_args, env=env, yolo_env=yolo_env, safe_env=safe_env, credentials=credentials, credentials_required=required,
-        base_url_env=base_url_env, passthrough_env=_env_names(doc, "passthrough-env", source), home=home,
-        output=_output(doc.get("output"), source), error_patterns=tuple(patterns),
-        error_patterns_on_success=on_success, retry_after_pattern=retry_after,
-    )
+    return tuple(patterns), on_success, _regex(doc, "retry-after-pattern", source, default=None, groups=1)
 
 
 def _output(raw: object, source: str) -> OutputSpec:
