@@ -1,0 +1,114 @@
+"""The spend ledger on the broker: writing spend records to ``GF_SPEND`` and reading them back.
+
+The records and their arithmetic are pure (:mod:`gigafactory.schemas.spend`); this module is
+the thin I/O around them. A record is published with its ``id`` as ``Nats-Msg-Id`` (the
+stream stores it once within its duplicate window), and :func:`read_spend` counts one record
+per id whatever the window, so a retried or replayed record never adds a dollar twice.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import msgspec
+import nats.js.errors
+from nats.js import api
+
+from gigafactory.broker import Broker
+from gigafactory.schemas import names
+from gigafactory.schemas.spend import SpendKind, SpendRecord, with_deltas
+
+log = logging.getLogger(__name__)
+
+READ_MAX_RECORDS = 2_000_000
+"""At most this many records are read by one :func:`read_spend` (about 1.2 GB of records: the
+default stream cap holds fewer); beyond it the reader stops and logs that it did."""
+READ_BATCH = 500
+READ_FETCH_TIMEOUT_S = 2.0
+
+_DEC = msgspec.json.Decoder(SpendRecord)
+_ENC = msgspec.json.Encoder()
+
+
+def spend_subject(rec: SpendRecord) -> str:
+    """The subject ``rec`` is stored under (per attempt, or per factory for a fixed cost)."""
+    if rec.kind == SpendKind.FIXED:
+        return names.fixed_spend_subject(rec.factory)
+    return names.spend_subject(rec.job, rec.epoch)
+
+
+async def publish_spend(broker: Broker, rec: SpendRecord) -> None:
+    """Store ``rec`` in ``GF_SPEND``, once per ``rec.id`` within the stream's duplicate window.
+    Raises what the publish raises (the caller retries, keeping the record and its id).
+
+    :param broker: an open broker.
+    :param rec: the record (its ``id`` is its identity).
+    """
+    await broker.js.publish(spend_subject(rec), _ENC.encode(rec), headers={"Nats-Msg-Id": rec.id},
+                            timeout=broker.settings.request_timeout_s)
+
+
+async def read_raw_spend(broker: Broker, max_records: int = READ_MAX_RECORDS) -> list[SpendRecord]:
+    """Every record in ``GF_SPEND`` as stored (oldest first, duplicates included), at most
+    ``max_records``; [] when the stream does not exist (a layout older than the ledger).
+
+    :param broker: an open broker.
+    :param max_records: the bound on records read.
+    """
+    try:
+        info = await broker.js.stream_info(names.SPEND_STREAM)
+    except nats.js.errors.NotFoundError:
+        return []
+    last_seq = info.state.last_seq
+    if info.state.messages == 0:
+        return []
+    out: list[SpendRecord] = []
+    psub = await broker.js.pull_subscribe(
+        f"{names.SPEND_PREFIX}.>", stream=names.SPEND_STREAM,
+        config=api.ConsumerConfig(ack_policy=api.AckPolicy.NONE, deliver_policy=api.DeliverPolicy.ALL,
+                                  inactive_threshold=30.0, mem_storage=True),
+    )
+    try:
+        while len(out) < max_records:
+            try:
+                msgs = await psub.fetch(min(READ_BATCH, max_records - len(out)), timeout=READ_FETCH_TIMEOUT_S)
+            except nats.errors.TimeoutError:
+                break
+            for m in msgs:
+                try:
+                    out.append(_DEC.decode(m.data))
+                except msgspec.ValidationError as e:
+                    log.warning("GF_SPEND seq %s is not a spend record (%s); skipped", m.metadata.sequence.stream, e)
+            if not msgs or msgs[-1].metadata.sequence.stream >= last_seq or msgs[-1].metadata.num_pending == 0:
+                break
+        else:
+            log.warning("read_spend stopped at %d records (READ_MAX_RECORDS); older spend is not counted",
+                        max_records)
+    finally:
+        try:
+            await psub.unsubscribe()
+        except Exception:  # noqa: BLE001 -- the consumer is ephemeral and goes on its own
+            pass
+    return out
+
+
+async def read_spend(broker: Broker, since_s: float | None = None,
+                     until_s: float | None = None) -> list[SpendRecord]:
+    """The spend ledger from ``since_s`` to ``until_s`` (Unix seconds, by each record's ``at``;
+    None: unbounded), one record per id, each record's tokens and ``cost_usd`` being what it
+    *adds* (:func:`~gigafactory.schemas.spend.with_deltas`): summing ``cost_usd`` over the
+    result counts every dollar once.
+
+    :param broker: an open broker (``GF_SPEND`` may not exist yet: then []).
+    :param since_s: the earliest ``at`` included.
+    :param until_s: the first ``at`` excluded.
+    """
+    # Deltas need the record before the window too: computed over everything, then filtered.
+    records = with_deltas(await read_raw_spend(broker))
+    return [r for r in records if (since_s is None or r.at >= since_s) and (until_s is None or r.at < until_s)]
+
+
+def now_s() -> float:
+    """The wall clock used for record times (one place, for tests to see)."""
+    return time.time()
