@@ -284,3 +284,82 @@ def fixed_cost_usd(usd_per_s: float, seats: int, interval_s: float) -> float:
     """
     assert usd_per_s >= 0 and interval_s >= 0
     return usd_per_s * max(1, seats) * interval_s
+
+
+# -- funding windows -------------------------------------------------------------------------
+
+
+class FundingWindow(msgspec.Struct, rename="kebab", forbid_unknown_fields=True, frozen=True):
+    """A named budget: ``amount_usd`` to spend from ``start`` (included) to ``end`` (excluded),
+    on the runs it funds. An empty list funds every value (``products: []``: any product).
+    Windows may overlap; :func:`choose_window` picks exactly one per run."""
+
+    name: str
+    start: float
+    """Unix seconds (the file says an ISO date or date-time; a date is midnight UTC)."""
+    end: float
+    amount_usd: float
+    products: tuple[str, ...] = ()
+    providers: tuple[str, ...] = ()
+    lane_kinds: tuple[str, ...] = ()
+
+    @property
+    def specificity(self) -> int:
+        """How many of products, providers and lane kinds it narrows (0 to 3)."""
+        return sum(1 for v in (self.products, self.providers, self.lane_kinds) if v)
+
+    def funds(self, at: float, product: str, provider: str, lane_kind: str) -> bool:
+        """Whether a run at ``at`` of ``product`` on ``provider`` in a ``lane_kind`` lane may
+        draw from this window."""
+        return (self.start <= at < self.end and (not self.products or product in self.products)
+                and (not self.providers or provider in self.providers)
+                and (not self.lane_kinds or lane_kind in self.lane_kinds))
+
+
+def choose_window(windows: list[FundingWindow] | tuple[FundingWindow, ...], at: float, product: str,
+                  provider: str, lane_kind: str) -> str:
+    """The one funding window a run draws from, by this ordered rule:
+
+    1. only windows whose period holds ``at`` and that fund the run's product, provider and
+       lane kind (an empty list funds any);
+    2. the most specific first (narrowing more of products, providers, lane kinds);
+    3. then the one that ends first (spend the money that expires soonest);
+    4. then by name (so the choice never depends on file order).
+
+    No window funds it: :data:`UNFUNDED` (reported, never nothing).
+
+    :param windows: the configured windows.
+    :param at: when the run starts (Unix seconds).
+    :param product: the job's product.
+    :param provider: the provider the run's engine calls.
+    :param lane_kind: the lane kind it runs in.
+    """
+    fit = [w for w in windows if w.funds(at, product, provider, lane_kind)]
+    if not fit:
+        return UNFUNDED
+    return min(fit, key=lambda w: (-w.specificity, w.end, w.name)).name
+
+
+PROVIDER_BY_ENGINE = {"claude": "anthropic", "codex": "openai", "gemini": "google", "copilot": "github",
+                      "shell": "local", "noop": "local"}
+"""The provider an engine's model calls go to, when the engine has only one."""
+PROVIDER_BY_MODEL_PREFIX = (("claude", "anthropic"), ("anthropic/", "anthropic"), ("gpt", "openai"),
+                            ("openai/", "openai"), ("o1", "openai"), ("o3", "openai"), ("o4", "openai"),
+                            ("gemini", "google"), ("models/gemini", "google"), ("google/", "google"))
+
+
+def provider_for(engine: str | None, model: str | None) -> str:
+    """The provider a run's spend belongs to: by its engine when that has one provider, else by
+    its model's name (``aider`` with ``claude-...`` is ``anthropic``), else the engine's own
+    name (a declared CLI: its provider is whatever it calls), ``unknown`` with neither.
+
+    :param engine: the engine that ran.
+    :param model: the model it used (reported, else the manifest's).
+    """
+    if engine in PROVIDER_BY_ENGINE:
+        return PROVIDER_BY_ENGINE[engine]
+    low = (model or "").lower()
+    for prefix, provider in PROVIDER_BY_MODEL_PREFIX:
+        if low.startswith(prefix):
+            return provider
+    return engine or "unknown"
