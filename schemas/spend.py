@@ -363,3 +363,35 @@ def provider_for(engine: str | None, model: str | None) -> str:
         if low.startswith(prefix):
             return provider
     return engine or "unknown"
+
+
+# -- invoices --------------------------------------------------------------------------------
+
+
+class InvoiceLine(msgspec.Struct, omit_defaults=False, frozen=True):
+    """One line of a provider's invoice, as imported (``gf_invoices``, key :attr:`id`)."""
+
+    id: str
+    """A hash of the line's identity (provider, period, model, tokens, amount, and which of
+    several identical lines of one file it is): importing the same file again adds nothing."""
+    provider: str
+    period: str
+    """As the invoice says it: ``2026-11`` (a month) or ``2026-11-01/2026-11-15`` (end excluded)."""
+    start: float
+    end: float
+    model: str
+    tokens: int | None
+    amount_usd: float
+    source: str = ""
+    """``<file>:<line>`` it was imported from."""
+    imported_at: float = 0.0
+
+
+def normal_model(model: str | None) -> str:
+    """A model name as invoices and the ledger are matched on: lower case, without a provider
+    prefix (``anthropic/claude-sonnet-4`` -> ``claude-sonnet-4``).
+
+    :param model: a model name (None: ``unknown``).
+    """
+    m = (model or "unknown").strip().lower()
+    return m.rsplit("/", 1)[-1] or "unknown"
