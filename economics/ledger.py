@@ -112,3 +112,49 @@ async def read_spend(broker: Broker, since_s: float | None = None,
 def now_s() -> float:
     """The wall clock used for record times (one place, for tests to see)."""
     return time.time()
+
+
+# -- the report (pure) ---------------------------------------------------------------------------
+
+BY_KEYS = ("lane", "job", "product", "repo", "provider", "model", "window", "engine", "profile", "lane_kind")
+"""What ``report spend --by`` groups on (``window`` is the record's ``funding_window``)."""
+REPORT_ROWS_MAX = 1000
+"""Groups listed in one report (the largest by cost); the totals cover all."""
+
+
+def group_key(rec: SpendRecord, by: str) -> str:
+    """The value ``rec`` is grouped under for ``by`` (one of :data:`BY_KEYS`)."""
+    value = rec.funding_window if by == "window" else getattr(rec, by)
+    return str(value) if value not in (None, "") else "-"
+
+
+def summarize(records: list[SpendRecord], by: str) -> dict:
+    """The spend report: per group (largest cost first) records, tokens by kind, cost and
+    cost by source; the totals; and attribution coverage with the records that break it.
+
+    :param records: the ledger as :func:`read_spend` returns it (amounts as deltas).
+    :param by: one of :data:`BY_KEYS`.
+    """
+    assert by in BY_KEYS, by
+    from gigafactory.schemas.spend import coverage
+
+    groups: dict[str, dict] = {}
+    for r in records:
+        g = groups.setdefault(group_key(r, by), {"key": group_key(r, by), "records": 0, "tokens_input": 0,
+                                                  "tokens_output": 0, "tokens_cache_read": 0,
+                                                  "tokens_cache_write": 0, "cost_usd": 0.0, "by_source": {}})
+        g["records"] += 1
+        for f in ("tokens_input", "tokens_output", "tokens_cache_read", "tokens_cache_write"):
+            g[f] += getattr(r, f)
+        g["cost_usd"] += r.cost_usd
+        g["by_source"][r.cost_source] = g["by_source"].get(r.cost_source, 0.0) + r.cost_usd
+    rows = sorted(groups.values(), key=lambda g: (-g["cost_usd"], g["key"]))
+    for g in rows:
+        g["cost_usd"] = round(g["cost_usd"], 6)
+        g["by_source"] = {k: round(v, 6) for k, v in sorted(g["by_source"].items())}
+    cov = coverage(records)
+    return {"by": by, "records": len(records), "cost_usd": round(sum(r.cost_usd for r in records), 6),
+            "groups": rows[:REPORT_ROWS_MAX], "groups_total": len(rows),
+            "coverage": {"ratio": cov.ratio, "records": cov.records, "attributed_records": cov.attributed_records,
+                         "cost_usd": round(cov.cost_usd, 6), "attributed_cost_usd": round(cov.attributed_cost_usd, 6),
+                         "unfunded_cost_usd": round(cov.unfunded_cost_usd, 6), "broken": cov.broken}}
