@@ -158,3 +158,44 @@ def summarize(records: list[SpendRecord], by: str) -> dict:
             "coverage": {"ratio": cov.ratio, "records": cov.records, "attributed_records": cov.attributed_records,
                          "cost_usd": round(cov.cost_usd, 6), "attributed_cost_usd": round(cov.attributed_cost_usd, 6),
                          "unfunded_cost_usd": round(cov.unfunded_cost_usd, 6), "broken": cov.broken}}
+
+
+# -- the coordinator's ledger pass (for the metrics) -----------------------------------------------
+
+PASS_MAX_RECORDS = 200_000
+"""Records one ledger pass reads at most (its memory: some hundred bytes each); a larger ledger
+is reported from its oldest part only, and the pass logs that it stopped."""
+
+
+class LedgerPass:
+    """What the coordinator's periodic ledger pass found last, for the metrics: attribution
+    coverage, dollars drawn from ``unfunded``, and invoice drift per provider and model.
+    Every ``spend_metrics_interval_s``; reads the whole ledger (bounded by
+    :data:`PASS_MAX_RECORDS`) and the invoice lines.
+
+    :param broker: the coordinator's broker.
+    """
+
+    def __init__(self, broker: Broker) -> None:
+        self.b = broker
+        self.coverage_ratio: float | None = None
+        self.unfunded_usd: float | None = None
+        self.drift: dict[tuple[str, str], tuple[float, float | None]] = {}
+        """(provider, model) -> (drift in dollars, drift ratio or None)."""
+        self.passes = 0
+
+    async def run_pass(self) -> None:
+        from gigafactory.schemas.spend import coverage
+
+        from .invoices import load_lines, reconcile
+
+        records = with_deltas(await read_raw_spend(self.b, PASS_MAX_RECORDS))
+        cov = coverage(records)
+        lines = await load_lines(self.b)
+        rec = reconcile(lines, records)
+        self.coverage_ratio, self.unfunded_usd = cov.ratio, cov.unfunded_cost_usd
+        self.drift = {(d.provider, d.model): (d.drift_usd, d.drift_ratio) for d in rec.drift}
+        self.passes += 1
+        if cov.broken:
+            log.warning("spend ledger: %d of %d records break attribution (first: %s)",
+                        cov.records - cov.attributed_records, cov.records, cov.broken[0])

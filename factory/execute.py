@@ -125,15 +125,21 @@ class OutputReader:
                 # Queued in order like every audit event (:meth:`_event` only queues).
                 data = {**p.data, "engine": self.name} if p.kind == "usage" else dict(p.data)
                 f._spawn(f._event(p.kind, job=run.job, epoch=run.epoch, data=data), f"{p.kind}-{run.job}")
-            if any(p.kind == "usage" for p in said):
-                self._record_spend(parser)
+            for p in said:
+                if p.kind == "usage":
+                    self._record_spend(parser, p.data)
             if not self.budget_stop and any(p.kind == "usage" for p in said):
                 self._judge_budget(parser)
 
-    def _record_spend(self, parser) -> None:
-        """A spend record of the usage so far (the ledger's one record per usage report)."""
+    def _record_spend(self, parser, said: dict) -> None:
+        """A spend record of the usage so far as one usage report ``said`` it (the ledger's one
+        record per usage report, even when one chunk of output holds several)."""
         try:
-            self.factory.spend.usage(self.spend, parser.usage())
+            try:
+                usage = msgspec.convert(said, Usage)
+            except msgspec.ValidationError:
+                usage = parser.usage()
+            self.factory.spend.usage(self.spend, usage)
         except Exception:  # noqa: BLE001 -- the ledger's final record still carries the totals
             log.exception("%s: spend record of %s not written", self.factory.id, self.run.job)
 

@@ -80,6 +80,8 @@ class AttemptSpend:
     base: SpendRecord
     """The attribution every record of the attempt carries; amounts and ids are set per record."""
     seq: int = 0
+    cost_usd: float = 0.0
+    """The cost of the attempt's last record (what its next record adds is the difference)."""
     finished: bool = False
 
 
@@ -122,6 +124,9 @@ class SpendWriter:
         self.kick = asyncio.Event()
         self.fixed_since = time.time()
         self.stats = {"spend_records": 0, "spend_published": 0, "spend_usage_skipped": 0}
+        self.spend_usd: dict[tuple[str, str, str, str, str], float] = {}
+        """Dollars written, by (provider, model, window, lane kind, cost source): the
+        ``gigafactory_spend_usd_total`` counter (no job in its labels)."""
 
     # -- attempts --------------------------------------------------------------------------
 
@@ -153,14 +158,22 @@ class SpendWriter:
         if self.outbox.count() >= SPEND_OUTBOX_MAX:
             self.stats["spend_usage_skipped"] += 1  # the attempt's next record carries the totals
             return
-        self._write(self._record(a, SpendKind.USAGE, usage))
+        self._write(self._record(a, SpendKind.USAGE, usage), self._added(a, usage))
 
     def final(self, a: AttemptSpend | None, usage: Usage | None, outcome: str) -> None:
         """Write the attempt's last record (its totals and outcome); once per attempt."""
         if a is None or a.finished:
             return
         a.finished = True
-        self._write(msgspec.structs.replace(self._record(a, SpendKind.FINAL, usage), outcome=outcome))
+        rec = msgspec.structs.replace(self._record(a, SpendKind.FINAL, usage), outcome=outcome)
+        self._write(rec, self._added(a, usage))
+
+    @staticmethod
+    def _added(a: AttemptSpend, usage: Usage | None) -> float:
+        """What a record of ``usage`` adds to the attempt's cost (never negative, as readers count it)."""
+        cost = (usage.cost_usd or 0.0) if usage is not None else a.cost_usd
+        added, a.cost_usd = max(0.0, cost - a.cost_usd), max(cost, a.cost_usd)
+        return added
 
     def _record(self, a: AttemptSpend, kind: SpendKind, usage: Usage | None) -> SpendRecord:
         a.seq += 1
@@ -203,7 +216,7 @@ class SpendWriter:
         records = self.fixed_records(self.fixed_since, now)
         self.fixed_since = now
         for r in records:
-            self._write(r)
+            self._write(r, r.cost_usd)
         return len(records)
 
     async def fixed_loop(self, stop: asyncio.Event) -> None:
@@ -217,9 +230,12 @@ class SpendWriter:
 
     # -- publishing ------------------------------------------------------------------------
 
-    def _write(self, rec: SpendRecord) -> None:
+    def _write(self, rec: SpendRecord, added_usd: float) -> None:
+        """Put ``rec`` in the spend outbox (durable when this returns) and count what it adds."""
         self.outbox.put("spend", rec.job or "_fixed", rec.epoch, _ENC.encode(rec))
         self.stats["spend_records"] += 1
+        key = (rec.provider or "", rec.model or "", rec.funding_window, rec.lane_kind, rec.cost_source)
+        self.spend_usd[key] = self.spend_usd.get(key, 0.0) + added_usd
         self.kick.set()
 
     async def publish_pending(self, deadline: float | None = None) -> bool:

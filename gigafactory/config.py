@@ -394,6 +394,11 @@ class Settings:
     """``GIGAFACTORY_SPEND_MAX_AGE_S``: seconds a spend record is kept (default 400 days: a
     year of invoices and a month to import the last). Risk: shorter than the invoice delay
     leaves invoice lines with no ledger dollars to match."""
+    spend_metrics_interval_s: float = 600.0
+    """``GIGAFACTORY_SPEND_METRICS_INTERVAL_S``: how often a coordinator reads the spend ledger
+    and the imported invoices for the attribution-coverage and invoice-drift metrics (0: never;
+    else 30 to 86400 s). Each pass reads up to 200,000 records: shorter costs broker reads
+    and coordinator memory, longer leaves the gauges older."""
     spend_duplicate_window_s: float = 86400.0
     """``GIGAFACTORY_SPEND_DUPLICATE_WINDOW_S``: the ``GF_SPEND`` stream's duplicate window:
     a record published again with the same id (a retry, an outbox replay) within it is stored
@@ -679,6 +684,9 @@ def check_ledger(s: Settings) -> None:
     if s.spend_duplicate_window_s > s.spend_max_age_s:
         bad.append(f"GIGAFACTORY_SPEND_DUPLICATE_WINDOW_S={s.spend_duplicate_window_s:g}: must not exceed "
                    f"spend_max_age_s ({s.spend_max_age_s:g})")
+    if s.spend_metrics_interval_s != 0 and not 30 <= s.spend_metrics_interval_s <= 86400:
+        bad.append(f"GIGAFACTORY_SPEND_METRICS_INTERVAL_S={s.spend_metrics_interval_s:g}: must be 0 (off) or "
+                   "30 to 86400 seconds")
     if not SEAT_COST_INTERVAL_MIN_S <= s.seat_cost_interval_s <= SEAT_COST_INTERVAL_MAX_S:
         bad.append(f"GIGAFACTORY_SEAT_COST_INTERVAL_S={s.seat_cost_interval_s:g}: must be "
                    f"{SEAT_COST_INTERVAL_MIN_S:g} to {SEAT_COST_INTERVAL_MAX_S:g} seconds")

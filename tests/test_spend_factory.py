@@ -144,3 +144,31 @@ def test_a_factory_does_not_start_on_a_bad_funding_windows_file(nats_server, tmp
                 await fleet.add_factory("s-5")
 
     run(main())
+
+
+def test_the_metrics_count_spend_by_provider_model_window_and_lane_kind_and_show_coverage_and_drift(
+        nats_server, tmp_path, usage_engine):
+    from gigafactory.economics.invoices import parse_invoice, store_lines
+    from gigafactory.metrics import process_metrics
+
+    async def main():
+        async with Fleet(nats_server.url, tmp_path) as fleet:
+            f = await fleet.add_factory("s-6", probe=True)
+            job = await fleet.submit_one(fleet.job(_program(FIRST, FINAL), engine="pyusage", review_policy="auto"))
+            await fleet.wait_stage(job, "shipped")
+            await _ledger_of(fleet, job, 3)
+            # The factory counted what its records add: 0.0123 once, not once per record.
+            assert f.spend.spend_usd == {("pyusage", "m-1", UNFUNDED, "live", "unknown"): 0.0,
+                                         ("pyusage", "m-1", UNFUNDED, "live", "reported"): pytest.approx(0.0123)}
+            now = datetime.datetime.now(datetime.timezone.utc)
+            await store_lines(fleet.admin, parse_invoice(
+                f"period,model,amount\n{now:%Y-%m-%d},m-1,0.02\n".encode(), "inv.csv", "pyusage"))
+            await fleet.coordinator.ledger.run_pass()
+            text = process_metrics().exposition().decode()
+            assert ('gigafactory_spend_usd_total{factory="s-6",lane_kind="live",model="m-1",provider="pyusage",'
+                    'source="reported",window="unfunded"} 0.0123') in text
+            assert "gigafactory_spend_attribution_coverage_ratio 1.0" in text
+            assert 'gigafactory_invoice_drift_usd{model="m-1",provider="pyusage"} -0.0077' in text
+            assert job not in text
+
+    run(main())
