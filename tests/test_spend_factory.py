@@ -172,3 +172,36 @@ def test_the_metrics_count_spend_by_provider_model_window_and_lane_kind_and_show
             assert job not in text
 
     run(main())
+
+
+def test_records_a_killed_factory_left_in_its_spend_outbox_go_out_at_its_next_start_with_their_ids(
+        nats_server, tmp_path):
+    """A factory killed after writing a record (durably) and before publishing it: the record
+    waits in its folder's spend outbox, and the next start publishes it under the same id."""
+    from gigafactory.factory.holder import Run
+    from gigafactory.factory.spend import SpendWriter
+    from gigafactory.schemas import protocol
+    from gigafactory.schemas.manifest import parse_job_text
+    from gigafactory.schemas.records import JobRecord, Usage
+
+    jf = parse_job_text("---\nengine: claude\ncwd: .\nproduct: web\nmodel: claude-sonnet-4-5\n---\nhi\n", "j.md")
+    rec = JobRecord(id="j-killed", manifest=jf.manifest, body=jf.body, source="t", content_hash="h",
+                    submitted_at=1.0, pool="p", requirements=[])
+    rec = protocol.claim(rec, "s-7", 0, 2.0).record
+    dead = SpendWriter(None, tmp_path / "factories" / "s-7", "s-7", 1, fast_settings(), [], {})
+    a = dead.begin(Run("j-killed", rec.epoch, 0, 1, rec), "claude")
+    dead.usage(a, Usage(model="claude-sonnet-4-5", input_tokens=10, cost_usd=0.5, cost_source="priced"))
+    dead.usage(a, Usage(model="claude-sonnet-4-5", input_tokens=30, cost_usd=0.75, cost_source="priced"))
+    dead.outbox.close()  # the process dies here: nothing was published
+
+    async def main():
+        async with Fleet(nats_server.url, tmp_path) as fleet:
+            f = await fleet.add_factory("s-7")
+            recs = await _ledger_of(fleet, "j-killed", 2)
+            assert [r.id for r in recs] == ["j-killed.1.1", "j-killed.1.2"]
+            assert [r.cost_usd for r in recs] == [0.5, 0.25]
+            assert {(r.provider, r.product, r.lane, r.funding_window) for r in recs} == {
+                ("anthropic", "web", "s-7/0", UNFUNDED)}
+            assert f.spend.outbox.count() == 0
+
+    run(main())
