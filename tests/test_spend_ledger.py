@@ -94,3 +94,35 @@ def test_a_record_replayed_is_stored_once_and_read_once(nats_server):
             await b.close()
 
     run(go())
+
+
+def test_the_ledger_stream_is_bounded_by_its_settings_and_a_coordinator_applies_new_ones(nats_server):
+    async def go():
+        b = await Broker.open(nats_server.url, "t", fast_settings(spend_max_bytes=10 * 1024**2))
+        try:
+            await b.ensure_layout()
+            cfg = (await b.js.stream_info("GF_SPEND")).config
+            assert (cfg.max_bytes, cfg.max_age, cfg.duplicate_window) == (10 * 1024**2, 400 * 86400.0, 86400.0)
+            assert cfg.subjects == ["gf.spend.>"] and cfg.discard == "old"
+            b.settings.spend_max_bytes, b.settings.spend_max_age_s = 20 * 1024**2, 30 * 86400.0
+            changes = await b.apply_limits()
+            assert changes["GF_SPEND"] == {"max_bytes": 20 * 1024**2, "max_age": 30 * 86400.0}
+        finally:
+            await b.close()
+
+    run(go())
+
+
+@pytest.mark.parametrize("env, says", [
+    ({"GIGAFACTORY_LANE_KIND": "batch"}, "GIGAFACTORY_LANE_KIND='batch'"),
+    ({"GIGAFACTORY_SEAT_COSTS": "claude=20/week"}, "GIGAFACTORY_SEAT_COSTS: 'claude=20/week': period 'week'"),
+    ({"GIGAFACTORY_SEAT_COST_INTERVAL_S": "5"}, "GIGAFACTORY_SEAT_COST_INTERVAL_S=5"),
+    ({"GIGAFACTORY_SPEND_MAX_BYTES": "0"}, "GIGAFACTORY_SPEND_MAX_BYTES=0"),
+    ({"GIGAFACTORY_SPEND_METRICS_INTERVAL_S": "1"}, "GIGAFACTORY_SPEND_METRICS_INTERVAL_S=1"),
+])
+def test_ledger_settings_that_would_misattribute_or_drop_spend_are_refused(env, says):
+    from gigafactory.config import Settings, SettingsError
+
+    with pytest.raises(SettingsError, match="invalid ledger settings") as e:
+        Settings.from_env(env).validate()
+    assert says in str(e.value)
