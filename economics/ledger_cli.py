@@ -80,12 +80,46 @@ _json = click.option("--json", "as_json", is_flag=True, help="Machine-readable o
 def report_spend(since, by, nats_url, as_json) -> None:
     """Spend from the ledger (GF_SPEND), grouped, with attribution coverage: every dollar's owner."""
     since_s = parse_since(since, time.time())
-    out = summarize(_with_broker(nats_url, as_json, lambda b: read_spend(b, since_s=since_s)), by)
+    windows = _windows(as_json) if by == "window" else []
+    everything = _with_broker(nats_url, as_json, read_spend)
+    out = summarize([r for r in everything if since_s is None or r.at >= since_s], by)
     out["since"] = since_s
+    if windows:
+        out["windows"] = window_balances(windows, everything)
     if as_json:
         emit_json(out)
         return
     click.echo(render_spend(out))
+
+
+def _windows(as_json: bool) -> list:
+    """The configured funding windows ([] when no file is set); a bad file ends the command."""
+    from gigafactory.config import Settings
+
+    from .funding import FundingFileError, load_funding_windows
+
+    path = Settings.from_env().funding_windows_file
+    if not path:
+        return []
+    try:
+        return load_funding_windows(path)
+    except FundingFileError as e:
+        fail(str(e), EXIT_USAGE, as_json=as_json)
+    return []
+
+
+def window_balances(windows: list, records: list) -> list[dict]:
+    """Per configured window: its amount, what the whole ledger drew from it, what is left.
+
+    :param windows: the funding windows.
+    :param records: the whole ledger (amounts as deltas), not only the report's period.
+    """
+    drawn: dict[str, float] = {}
+    for r in records:
+        drawn[r.funding_window] = drawn.get(r.funding_window, 0.0) + r.cost_usd
+    return [{"window": w.name, "amount_usd": w.amount_usd, "drawn_usd": round(drawn.get(w.name, 0.0), 6),
+             "remaining_usd": round(w.amount_usd - drawn.get(w.name, 0.0), 6),
+             "start": w.start, "end": w.end} for w in sorted(windows, key=lambda w: (w.end, w.name))]
 
 
 def render_spend(out: dict) -> str:
@@ -101,6 +135,9 @@ def render_spend(out: dict) -> str:
                      f"{g['tokens_output']:>9} {g['tokens_cache_read']:>9} {g['cost_usd']:>11.4f}  {src}")
     if out["groups_total"] > len(out["groups"]):
         lines.append(f"  ... {out['groups_total'] - len(out['groups'])} more groups (see --json)")
+    for w in out.get("windows", ()):
+        lines.append(f"  window {w['window']}: ${w['drawn_usd']:.4f} drawn of ${w['amount_usd']:.2f}, "
+                     f"${w['remaining_usd']:.4f} left")
     c = out["coverage"]
     lines.append(f"attribution coverage: {100 * c['ratio']:.1f}% ({c['attributed_records']} of {c['records']} "
                  f"records; ${c['unfunded_cost_usd']:.4f} drawn from the 'unfunded' window)")

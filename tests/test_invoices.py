@@ -139,3 +139,30 @@ def test_reimporting_the_same_file_stores_nothing_new(nats_server):
             await b.close()
 
     run(go())
+
+
+def test_the_import_command_refuses_a_bad_file_with_its_line_and_exit_code_usage(tmp_path):
+    from click.testing import CliRunner
+
+    from gigafactory.cli import main
+
+    bad = tmp_path / "bad.csv"
+    bad.write_text("period,model,amount\n2026-11,m,1\n2026-11,m,lots\n")
+    res = CliRunner().invoke(main, ["invoices", "import", str(bad), "--provider", "x", "--json",
+                                    "--nats", "nats://127.0.0.1:1"])
+    assert res.exit_code == 2
+    assert f"{bad}:3: field 'amount'" in res.output
+    missing = CliRunner().invoke(main, ["invoices", "import", str(tmp_path / "none.csv"), "--nats", "nats://127.0.0.1:1"])
+    assert missing.exit_code == 2
+
+
+def test_report_since_takes_a_duration_or_a_date():
+    import click
+
+    from gigafactory.economics.ledger_cli import parse_since
+
+    assert parse_since("2h", 10_000.0) == 10_000.0 - 7200
+    assert parse_since("2026-11-01", 0.0) == ts("2026-11-01")
+    assert parse_since(None, 0.0) is None
+    with pytest.raises(click.BadParameter, match="neither a duration"):
+        parse_since("last tuesday", 0.0)

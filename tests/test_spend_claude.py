@@ -35,9 +35,9 @@ windows:
 """
 
 
-def cli(*args: str, url: str) -> dict:
+def cli(*args: str, url: str, **env: str) -> dict:
     out = subprocess.run([*gigafactory_cmd(), *args, "--nats", url, "--json"], capture_output=True, text=True,
-                         env=fast_env(), timeout=60)
+                         env={**fast_env(), **env}, timeout=60)
     assert out.returncode == 0, out.stderr + out.stdout
     return json.loads(out.stdout)
 
@@ -102,10 +102,15 @@ def test_claude_spend_is_in_the_ledger_once_per_window_and_reconciles_against_an
                 assert drift["ledger_usd"] == pytest.approx(total, abs=1e-5)
                 assert rep["unmatched_lines_count"] == 1 and rep["unmatched_ledger_usd"] == 0
 
-                spend = cli("report", "spend", "--by", "window", url=nats_server.url)
+                spend = cli("report", "spend", "--by", "window", url=nats_server.url,
+                            GIGAFACTORY_FUNDING_WINDOWS_FILE=str(tmp_path / "windows.yaml"))
                 assert {g["key"]: g["cost_usd"] for g in spend["groups"]} == pytest.approx(
                     {"web-on-anthropic": usage["web"].cost_usd, "everything": usage["api"].cost_usd}, abs=1e-5)
                 assert spend["cost_usd"] == pytest.approx(total, abs=1e-5)
                 assert spend["coverage"]["ratio"] == 1.0 and spend["coverage"]["broken"] == []
+                balances = {w["window"]: w for w in spend["windows"]}
+                assert balances["web-on-anthropic"]["remaining_usd"] == pytest.approx(50 - usage["web"].cost_usd,
+                                                                                      abs=1e-5)
+                assert balances["everything"]["drawn_usd"] == pytest.approx(usage["api"].cost_usd, abs=1e-5)
 
     run(main(), timeout_s=280)
