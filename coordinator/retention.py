@@ -203,6 +203,8 @@ class Retention:
                        "warnings": 0, "errors": 0}
         self.caps = [
             CapSpec(names.EVENTS_STREAM, "GIGAFACTORY_EVENTS_MAX_BYTES", "the oldest events are dropped"),
+            CapSpec(names.SPEND_STREAM, "GIGAFACTORY_SPEND_MAX_BYTES",
+                    "the oldest spend records are dropped (invoices of their period cannot be reconciled)"),
             CapSpec(f"OBJ_{names.ARTIFACTS_STORE}", "GIGAFACTORY_ARTIFACTS_MAX_BYTES",
                     "run logs are refused (new logs are lost until old ones age out)"),
             CapSpec(f"KV_{names.ARCHIVE_BUCKET}", "GIGAFACTORY_ARCHIVE_MAX_BYTES",

@@ -17,6 +17,7 @@ import nats.js.errors
 
 from gigafactory.broker import TRANSIENT, Broker
 from gigafactory.config import Settings
+from gigafactory.economics.ledger import LedgerPass
 from gigafactory.metrics import process_metrics
 
 from .api import Api
@@ -53,6 +54,8 @@ class Coordinator:
         self.api = Api(broker, self.view, self.sched, self.name)
         self.inbox = Inbox(broker, inbox) if inbox else None
         self.retention = Retention(broker, self.view, self.s, self.name, forget_pool=self.sched.pools_ready.discard)
+        self.ledger = LedgerPass(broker)
+        """The spend ledger's coverage and invoice drift, for the metrics (economics/ledger.py)."""
         self.ready = asyncio.Event()
         self.startup_retries = 0
         """Startup reads retried after a transient broker error (see :meth:`_until_done`)."""
@@ -101,6 +104,9 @@ class Coordinator:
                 asyncio.create_task(loop("refs", REF_CLEANUP_INTERVAL_S, RefCleaner(self.b, self.view).run_pass, stop),
                                     name="refs"),
             ]
+            if self.s.spend_metrics_interval_s:
+                tasks.append(asyncio.create_task(loop("ledger", self.s.spend_metrics_interval_s, self.ledger.run_pass,
+                                                      stop), name="ledger"))
             if self.inbox is not None:
                 tasks.append(asyncio.create_task(loop("inbox", 0.5, self.inbox.scan, stop), name="inbox"))
             await stop.wait()

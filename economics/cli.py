@@ -14,3 +14,11 @@ def report() -> None:
 @click.group()
 def invoices() -> None:
     """Provider invoices: import them and reconcile them against the spend ledger."""
+
+
+# -- the spend ledger and invoices (issue 13, helper ledger) ---------------------------------
+from .ledger_cli import invoices_import, report_invoices, report_spend  # noqa: E402
+
+report.add_command(report_spend)
+report.add_command(report_invoices)
+invoices.add_command(invoices_import)

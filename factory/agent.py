@@ -62,6 +62,7 @@ from .pools import POLL_BACKOFF_MIN_S, STALL_CHECKS_PER_REDISPATCH, STALL_READS_
 from .reporting import OUTBOX_RETRY_S, Reporting, ResultPayload
 from .checkpoint import Checkpoints
 from .ship import Ship
+from .spend import SpendWriter, funding_windows
 from .stations import Stations
 from .workspace import Checkout, Store
 
@@ -129,6 +130,8 @@ class Factory(Stations, AuditQueue, Pools, Holder, Execute, Reporting, Ship, Che
         )
         self._make_folders(workspace, data_dir)
         self.outbox = Outbox(str(self.dir / "outbox"))
+        self.spend = SpendWriter(broker, self.dir, self.id, stations, self.s, funding_windows(self.s), seats or {})
+        """The spend ledger's writer (:mod:`spend`): attempt records, fixed seat costs."""
         self.git = Store(self.dir / "git", timeout_s=self.s.git_timeout_s, max_bytes=self.s.git_mirrors_max_bytes,
                          base_dir=self.workspace)
         """This factory's git mirrors and attempt worktrees (``repo`` jobs; :mod:`ship`)."""
@@ -201,6 +204,8 @@ class Factory(Stations, AuditQueue, Pools, Holder, Execute, Reporting, Ship, Che
         self._spawn(self._heartbeat_loop(stop), "heartbeat")
         self._spawn(self._pools_loop(stop), "pools")
         self._spawn(self._outbox_loop(stop), "outbox")
+        self._spawn(self.spend.publish_loop(), "spend")
+        self._spawn(self.spend.fixed_loop(stop), "seat-costs")
         await self._event("factory_up", reason=f"{len(self.record.stations)} stations",
                           data={"capabilities": self.record.capabilities})
         self.ready.set()
@@ -236,6 +241,7 @@ class Factory(Stations, AuditQueue, Pools, Holder, Execute, Reporting, Ship, Che
         for t in list(self._tasks):
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.spend.close(self.s.request_timeout_s * 2)
         self.record.status = "down"
         await self._safe(self.b.factories.delete(self.id))
         await self._event("factory_down", reason="drained")

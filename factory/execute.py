@@ -39,6 +39,7 @@ from .checkpoint import start_point
 from .engines.base import EngineJob, SetupFailed, budget_crossed, cred_variables, resume_env, resume_note
 from .engines.verify import verify_gate
 from .holder import Run
+from .spend import AttemptSpend
 from .workspace import Checkout, GitError
 from .reporting import ResultPayload
 
@@ -77,6 +78,8 @@ class Attempt:
     """The engine that runs (set by :meth:`Execute._engine_for`)."""
     ws: WorkspaceResult | None = None
     """A repo job's workspace result (after its commit)."""
+    spend: AttemptSpend | None = None
+    """The attempt's spend attribution (:mod:`spend`), resolved before its engine starts."""
 
     def result(self, failure, detail, code=None, vcode=None, usage: Usage | None = None,
                retry_after_s: float | None = None) -> ResultPayload:
@@ -103,6 +106,7 @@ class OutputReader:
         self.subject = names.logs_subject(run.job, run.epoch)
         self.parsers = [eng.parser()]
         self.budget_stop: list[str] = []  # why the run was stopped for its spend budget, once it is
+        self.spend: AttemptSpend | None = None  # the attempt's ledger attribution (:mod:`spend`)
 
     def on_output(self, chunk: bytes) -> None:
         f, run = self.factory, self.run
@@ -122,8 +126,23 @@ class OutputReader:
                 # Queued in order like every audit event (:meth:`_event` only queues).
                 data = {**p.data, "engine": self.name} if p.kind == "usage" else dict(p.data)
                 f._spawn(f._event(p.kind, job=run.job, epoch=run.epoch, data=data), f"{p.kind}-{run.job}")
+            for p in said:
+                if p.kind == "usage":
+                    self._record_spend(parser, p.data)
             if not self.budget_stop and any(p.kind == "usage" for p in said):
                 self._judge_budget(parser)
+
+    def _record_spend(self, parser, said: dict) -> None:
+        """A spend record of the usage so far as one usage report ``said`` it (the ledger's one
+        record per usage report, even when one chunk of output holds several)."""
+        try:
+            try:
+                usage = msgspec.convert(said, Usage)
+            except msgspec.ValidationError:
+                usage = parser.usage()
+            self.factory.spend.usage(self.spend, usage)
+        except Exception:  # noqa: BLE001 -- the ledger's final record still carries the totals
+            log.exception("%s: spend record of %s not written", self.factory.id, self.run.job)
 
     def _judge_budget(self, parser) -> None:
         f, run = self.factory, self.run
@@ -340,7 +359,9 @@ class Execute:
         if eng is None:
             return a.setup_failed(why)
         resume = await self._resume_of(run, a.co, eng.engine_class) if a.co is not None else None
+        a.spend = self.spend.begin(run, a.name)  # attribution resolved before the engine starts
         reader = OutputReader(self, run, a.name, eng)
+        reader.spend = a.spend
         job = self._engine_job(run, a, eng, reader, resume)
         try:
             # Off the event loop: preparing may read files and scan the body (the shell engine's
@@ -350,6 +371,7 @@ class Execute:
         except SetupFailed as e:
             if e.log_line is not None:
                 Path(a.log_path).write_text(e.log_line)
+            self.spend.final(a.spend, None, str(FailureClass.SETUP_FAILED))
             return a.result(FailureClass.SETUP_FAILED, e.detail)
         t0 = time.monotonic()
         # WIP checkpoints while the engine runs (a repo job, checkpoint_s on): :mod:`checkpoint`.
@@ -366,7 +388,10 @@ class Execute:
             # next holder (a normal end needs no final checkpoint: the attempt's commit is it).
             await self._final_checkpoint(run, a.co, wip)
         out = reader.finish(out, run)
-        out = await self._after_engine(run, a, eng, job, prepared, out, t0)
+        try:
+            out = await self._after_engine(run, a, eng, job, prepared, out, t0)
+        finally:
+            self.spend.final(a.spend, out.usage, str(out.failure or "passed"))
         if out.failure == FailureClass.AUTH_FAILED and not out.self_fenced and not run.fenced:
             # Before the report: the retry it may queue must never land here with the same key.
             self._withdraw_engine(a.name, f"auth_failed on job {run.job} attempt {run.record.attempt}: "

@@ -632,6 +632,7 @@ class Broker:
         s = self.settings
         return {
             names.EVENTS_STREAM: {"max_bytes": s.events_max_bytes, "max_age": s.events_max_age_s},
+            names.SPEND_STREAM: {"max_bytes": s.spend_max_bytes, "max_age": s.spend_max_age_s},
             f"OBJ_{names.ARTIFACTS_STORE}": {"max_bytes": s.artifacts_max_bytes, "max_age": s.artifacts_max_age_s},
             f"KV_{names.ARCHIVE_BUCKET}": {"max_bytes": s.archive_max_bytes, "max_age": s.archive_max_age_s},
             # A key is kept as long as its job can be found (in gf_jobs, then the archive),
@@ -686,6 +687,7 @@ class Broker:
                 description="append-only audit of every transition and decision",
             ),
         )
+        await self.ensure_spend_stream()
         try:
             self.artifacts = await self.js.create_object_store(
                 names.ARTIFACTS_STORE,
@@ -698,6 +700,27 @@ class Broker:
         except (nats.js.errors.BadRequestError, nats.js.errors.ServerError) as e:
             await self._reconcile(f"OBJ_{names.ARTIFACTS_STORE}", e)
             self.artifacts = await self.js.object_store(names.ARTIFACTS_STORE)
+
+    async def ensure_spend_stream(self) -> None:
+        """``GF_SPEND``, the spend ledger (schemas/spend.py): append-only, bounded like
+        ``GF_EVENTS`` (``spend_max_bytes``/``spend_max_age_s``), with a long duplicate window
+        so a record retried or replayed from a factory's outbox is stored once (readers
+        count one record per id anyway)."""
+        s = self.settings
+        await self._stream(
+            api.StreamConfig(
+                name=names.SPEND_STREAM,
+                subjects=[f"{names.SPEND_PREFIX}.>"],
+                retention=api.RetentionPolicy.LIMITS,
+                storage=api.StorageType.FILE,
+                num_replicas=s.replicas,
+                max_age=s.spend_max_age_s,
+                max_bytes=s.spend_max_bytes,
+                discard=api.DiscardPolicy.OLD,
+                duplicate_window=s.spend_duplicate_window_s,
+                description="the spend ledger: usage, final and fixed-cost records with full attribution",
+            ),
+        )
 
     async def ensure_dispatch_stream(self) -> None:
         await self._stream(

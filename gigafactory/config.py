@@ -429,6 +429,45 @@ class Settings(msgspec.Struct):
     shipped branch and its pull request are never touched). 0: at once; at most 30 days. Risk:
     short, and a human loses the chance to look at an abandoned epoch's branch; long, and the
     remote collects ``gf/*`` branches (one per epoch) meanwhile."""
+    # -- the spend ledger, seats and funding windows (issue 13, helper ledger) ----------------
+    spend_max_bytes: int = 1024**3
+    """``GIGAFACTORY_SPEND_MAX_BYTES``: byte cap of the ``GF_SPEND`` stream (the spend ledger);
+    the oldest records are dropped when it is reached. A record is about 600 bytes: 1 GiB holds
+    some 1.7 million usage reports. Risk: too small drops spend history that invoices of the
+    period still need to be reconciled against (a ``retention_warning`` says so first)."""
+    spend_max_age_s: float = 400 * 86400.0
+    """``GIGAFACTORY_SPEND_MAX_AGE_S``: seconds a spend record is kept (default 400 days: a
+    year of invoices and a month to import the last). Risk: shorter than the invoice delay
+    leaves invoice lines with no ledger dollars to match."""
+    spend_metrics_interval_s: float = 600.0
+    """``GIGAFACTORY_SPEND_METRICS_INTERVAL_S``: how often a coordinator reads the spend ledger
+    and the imported invoices for the attribution-coverage and invoice-drift metrics (0: never;
+    else 30 to 86400 s). Each pass reads up to 200,000 records: shorter costs broker reads
+    and coordinator memory, longer leaves the gauges older."""
+    spend_duplicate_window_s: float = 86400.0
+    """``GIGAFACTORY_SPEND_DUPLICATE_WINDOW_S``: the ``GF_SPEND`` stream's duplicate window:
+    a record published again with the same id (a retry, an outbox replay) within it is stored
+    once. Readers count one record per id whatever this is; longer costs the server memory
+    (one id per record in the window)."""
+    lane_kind: str = "live"
+    """``GIGAFACTORY_LANE_KIND``: what kind of lane this factory's stations are for the ledger
+    (``live``, ``background``, ``hosted``, ``remote``, ``shadow``); a job's ``lane-kind``
+    overrides it. Funding windows may fund only some kinds."""
+    seat_costs: str = ""
+    """``GIGAFACTORY_SEAT_COSTS``: fixed costs of this factory's engine seats (and hosted
+    services), which cost money while idle: ``engine=amount/period`` comma-separated, period
+    ``month`` (30 days) or ``hour``, in US dollars, per seat (``claude=200/month,codex=0.5/hour``).
+    Spread over the time the factory was up and written to the ledger every
+    ``seat_cost_interval_s`` with ``cost_source`` ``fixed``. Empty: no fixed costs."""
+    seat_cost_interval_s: float = 300.0
+    """``GIGAFACTORY_SEAT_COST_INTERVAL_S``: how often a factory writes its fixed seat costs to
+    the ledger (one record per engine per interval; 60 to 86400 s). Shorter is finer-grained
+    and costs more records; a factory killed loses at most one interval of fixed cost."""
+    funding_windows_file: str | None = None
+    """``GIGAFACTORY_FUNDING_WINDOWS_FILE``: a YAML or TOML file of funding windows (named
+    budgets with a period, an amount, and the products, providers and lane kinds they fund;
+    see docs/economics.md). Read by factories at start (a bad file stops the start, naming
+    file, window and field) and by ``report spend``. Unset: every run draws from ``unfunded``."""
 
     @property
     def fence_margin_effective_s(self) -> float:
@@ -463,6 +502,7 @@ class Settings(msgspec.Struct):
         :class:`SettingsError` naming the setting and what to do."""
         check_fields(self)
         check_engine_settings(self)
+        check_ledger(self)
         if len(self.engine_env_passthrough) > ENGINE_ENV_PASSTHROUGH_MAX_CHARS:
             raise SettingsError(f"engine_env_passthrough (GIGAFACTORY_ENGINE_ENV_PASSTHROUGH) is "
                                 f"{len(self.engine_env_passthrough)} characters; at most "
@@ -899,6 +939,41 @@ def check_sync_interval(value: str | None, where: str = "sync_interval") -> str 
 RETENTION_MIN_S = 60.0
 """Floor of ``archive_after_s`` and ``pool_idle_gc_s``: what a retention pass does must not
 race the normal flow of a job (its dependents' unblocking, its pool's next submission)."""
+
+
+LANE_KINDS = ("live", "background", "hosted", "remote", "shadow")
+"""Values of ``lane_kind`` (schemas/spend.py: LaneKind)."""
+SEAT_COST_INTERVAL_MIN_S = 60.0
+SEAT_COST_INTERVAL_MAX_S = 86400.0
+
+
+def check_ledger(s: Settings) -> None:
+    """Refuse ledger settings that would drop or misattribute spend: SettingsError naming the
+    variable, the value and what to write."""
+    bad = []
+    if s.lane_kind not in LANE_KINDS:
+        bad.append(f"GIGAFACTORY_LANE_KIND={s.lane_kind!r}: expected one of {', '.join(LANE_KINDS)}")
+    for name in ("spend_max_bytes", "spend_max_age_s", "spend_duplicate_window_s"):
+        if getattr(s, name) <= 0:
+            bad.append(f"GIGAFACTORY_{name.upper()}={getattr(s, name)}: must be > 0")
+    if s.spend_duplicate_window_s > s.spend_max_age_s:
+        bad.append(f"GIGAFACTORY_SPEND_DUPLICATE_WINDOW_S={s.spend_duplicate_window_s:g}: must not exceed "
+                   f"spend_max_age_s ({s.spend_max_age_s:g})")
+    if s.spend_metrics_interval_s != 0 and not 30 <= s.spend_metrics_interval_s <= 86400:
+        bad.append(f"GIGAFACTORY_SPEND_METRICS_INTERVAL_S={s.spend_metrics_interval_s:g}: must be 0 (off) or "
+                   "30 to 86400 seconds")
+    if not SEAT_COST_INTERVAL_MIN_S <= s.seat_cost_interval_s <= SEAT_COST_INTERVAL_MAX_S:
+        bad.append(f"GIGAFACTORY_SEAT_COST_INTERVAL_S={s.seat_cost_interval_s:g}: must be "
+                   f"{SEAT_COST_INTERVAL_MIN_S:g} to {SEAT_COST_INTERVAL_MAX_S:g} seconds")
+    if s.seat_costs:
+        from gigafactory.schemas.spend import SeatCostError, parse_seat_costs
+
+        try:
+            parse_seat_costs(s.seat_costs)
+        except SeatCostError as e:
+            bad.append(f"GIGAFACTORY_SEAT_COSTS: {e}")
+    if bad:
+        raise SettingsError("invalid ledger settings: " + "; ".join(bad))
 
 
 def check_retention(s: Settings) -> None:

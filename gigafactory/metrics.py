@@ -196,6 +196,24 @@ CATALOGUE: tuple[Spec, ...] = (
     Spec("gigafactory_ready", "gauge", ("role", "factory"),
          "1 once ready (coordinator: view replayed and the API answers; factory: registered), else 0.",
          "process"),
+    # -- the spend ledger and invoices (issue 13, helper ledger) ------------------------------------
+    Spec("gigafactory_spend_usd_total", "counter", ("factory", "provider", "model", "window", "lane_kind", "source"),
+         "US dollars this factory wrote to the spend ledger (GF_SPEND): usage while attempts run, their final "
+         "records and fixed seat costs, by provider, model, funding window, lane kind and cost source "
+         "(reported, priced, estimated, unknown, fixed).", "factory"),
+    Spec("gigafactory_spend_attribution_coverage_ratio", "gauge", (),
+         "Spend records with a complete attribution (lane, lane kind, job, product, engine, provider, model, "
+         "funding window) over all, at the coordinator's last ledger pass (1 = every dollar has an owner).",
+         "coordinator"),
+    Spec("gigafactory_spend_unfunded_usd", "gauge", (),
+         "US dollars in the ledger drawn from the 'unfunded' window (no funding window funds them), at the "
+         "coordinator's last ledger pass.", "coordinator"),
+    Spec("gigafactory_invoice_drift_usd", "gauge", ("provider", "model"),
+         "Ledger dollars matched to imported invoice lines minus the dollars billed, per provider and model "
+         "(negative: the factories' reported/priced figures undercount), at the last ledger pass.", "coordinator"),
+    Spec("gigafactory_invoice_drift_ratio", "gauge", ("provider", "model"),
+         "Invoice drift over the dollars billed, per provider and model (absent when nothing was billed).",
+         "coordinator"),
 )
 """Every metric exported by a gigafactory process: see :class:`Spec`."""
 
@@ -492,11 +510,24 @@ class _StateCollector:
         add("gigafactory_reaper_passes_total", (), sched.reap_rounds)
         add("gigafactory_dispatch_passes_total", (), sched.passes)
         add("gigafactory_dispatch_errors_total", (), sched.dispatch_errors)
+        self._ledger(getattr(c, "ledger", None), add)
         if not view.jobs_synced.is_set():
             return  # half a replay would look like jobs vanishing
         now = sched.broker_now_estimate()
         depth = self._jobs(c, now, add)
         self._fleet(c, now, depth, add)
+
+    @staticmethod
+    def _ledger(ledger, add) -> None:
+        """The coordinator's last ledger pass (economics/ledger.py): absent until one ran."""
+        if ledger is None or ledger.coverage_ratio is None:
+            return
+        add("gigafactory_spend_attribution_coverage_ratio", (), ledger.coverage_ratio)
+        add("gigafactory_spend_unfunded_usd", (), ledger.unfunded_usd or 0.0)
+        for (provider, model), (usd, ratio) in sorted(ledger.drift.items()):
+            add("gigafactory_invoice_drift_usd", (_label(provider), _label(model)), usd)
+            if ratio is not None:
+                add("gigafactory_invoice_drift_ratio", (_label(provider), _label(model)), ratio)
 
     @staticmethod
     def _jobs(c, now: float, add) -> dict[str, int]:
@@ -579,6 +610,9 @@ class _StateCollector:
                 counts[("idle", idle_now)] += 1
         for (state, reason), n in sorted(counts.items()):
             add("gigafactory_stations", (fid, state, reason), n)
+        spend = getattr(f, "spend", None)
+        for key, usd in sorted(spend.spend_usd.items() if spend is not None else ()):
+            add("gigafactory_spend_usd_total", (fid, *(_label(k) for k in key)), usd)
         for engine, n in sorted(f.engine_running.items()):
             add("gigafactory_seats_in_use", (fid, _label(engine)), n)
         for engine, n in sorted(f.record.seats.items()):

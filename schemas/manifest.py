@@ -227,6 +227,11 @@ class Manifest(msgspec.Struct, rename="kebab", forbid_unknown_fields=True, omit_
     pushed), ``pr-opened`` (a pull request into ``base`` is opened) or ``merged`` (and merged
     when its checks are green). ``review-policy`` says who ships: ``auto`` the factory at once,
     ``manual``/reviewers the coordinator when a human runs ``gigafactory ship``."""
+    # -- the spend ledger (issue 13, helper ledger) --
+    lane_kind: Literal["live", "background", "hosted", "remote", "shadow"] | None = None
+    """What kind of lane this job's spend is booked to (``live``, ``background``, ``hosted``,
+    ``remote``, ``shadow``); default: the factory's ``lane_kind`` setting. Funding windows may
+    fund only some kinds."""
 
     def requirements(self) -> tuple[str, ...]:
         """The canonical requirement set: capabilities plus the engine (or engine class)."""

@@ -40,6 +40,13 @@ DISPATCH_STREAM = "GF_DISPATCH"
 DISPATCH_PREFIX = "gf.dispatch"
 EVENTS_STREAM = "GF_EVENTS"
 EVENTS_PREFIX = "gf.events"
+SPEND_STREAM = "GF_SPEND"
+"""Append-only spend ledger (:mod:`~gigafactory.schemas.spend`): one record per usage report
+of every attempt, a final one per attempt, and fixed costs; each with its ``Nats-Msg-Id``."""
+SPEND_PREFIX = "gf.spend"
+INVOICES_BUCKET = "gf_invoices"
+"""Imported provider invoice lines (key: provider and a hash of the line's identity), so a
+re-import of the same file writes nothing new."""
 LOGS_PREFIX = "gf.logs"
 """Core NATS (not stored): live log lines of running jobs, for ``logs --follow``."""
 API_PREFIX = "gf.api"
@@ -62,6 +69,16 @@ def pool_consumer(pool: str) -> str:
 
 def events_subject(job_id: str, kind: str) -> str:
     return f"{EVENTS_PREFIX}.{job_id}.{kind}"
+
+
+def spend_subject(job_id: str, epoch: int) -> str:
+    """Where an attempt's spend records go: ``gf.spend.<job>.<epoch>``."""
+    return f"{SPEND_PREFIX}.{job_id}.{epoch}"
+
+
+def fixed_spend_subject(factory: str) -> str:
+    """Where a factory's fixed-cost records go: ``gf.spend._fixed.<factory>`` (escaped)."""
+    return f"{SPEND_PREFIX}._fixed.{safe_key(factory)}"
 
 
 def fleet_events_subject(kind: str) -> str:

@@ -1,0 +1,128 @@
+"""The spend ledger (``GF_SPEND``): records with full attribution, one per id however often a
+record is stored, deltas from cumulative totals, and attribution coverage. Pure tables for the
+arithmetic; a real nats-server for the stream."""
+
+from __future__ import annotations
+
+import pytest
+
+from gigafactory.broker import Broker
+from gigafactory.economics.ledger import publish_spend, read_raw_spend, read_spend
+from gigafactory.schemas.spend import (
+    UNFUNDED,
+    SeatCostError,
+    SpendRecord,
+    attempt_record_id,
+    coverage,
+    parse_seat_costs,
+    with_deltas,
+)
+
+from helpers import fast_settings, run
+
+
+def rec(job="j1", epoch=1, seq=1, cost=0.0, tokens_in=0, kind="usage", at=100.0, **kw) -> SpendRecord:
+    base = dict(lane="f1/0", lane_kind="live", funding_window=UNFUNDED, product="default", engine="claude",
+                provider="anthropic", model="claude-sonnet-4")
+    base.update(kw)
+    return SpendRecord(id=attempt_record_id(job, epoch, seq), kind=kind, at=at, job=job, epoch=epoch, seq=seq,
+                       cost_usd=cost, tokens_input=tokens_in, cost_source="priced", **base)
+
+
+def test_deltas_count_every_dollar_once_with_duplicates_and_a_lost_middle_record():
+    records = [rec(seq=1, cost=0.10, tokens_in=100), rec(seq=1, cost=0.10, tokens_in=100),  # a replay
+               rec(seq=3, cost=0.50, tokens_in=500, kind="final"),  # seq 2 lost
+               rec(job="j2", seq=1, cost=1.0), rec(job="j1", epoch=2, seq=1, cost=0.25)]
+    out = with_deltas(records)
+    assert [r.id for r in out] == ["j1.1.1", "j1.1.3", "j2.1.1", "j1.2.1"]
+    assert [round(r.cost_usd, 6) for r in out] == [0.10, 0.40, 1.0, 0.25]
+    assert [r.tokens_input for r in out] == [100, 400, 0, 0]
+    assert round(sum(r.cost_usd for r in out), 6) == 1.75
+
+
+def test_a_total_that_goes_down_adds_nothing_rather_than_a_negative_amount():
+    out = with_deltas([rec(seq=1, cost=0.5), rec(seq=2, cost=0.2)])
+    assert [r.cost_usd for r in out] == [0.5, 0.0]
+
+
+def test_coverage_lists_a_record_that_breaks_attribution():
+    good = rec(seq=1, cost=1.0)
+    bad = rec(job="j2", seq=1, cost=2.0, provider=None, funding_window="")
+    cov = coverage([good, bad])
+    assert cov.records == 2 and cov.attributed_records == 1 and cov.ratio == 0.5
+    assert cov.broken == [{"id": "j2.1.1", "missing": ["funding_window", "provider"]}]
+    assert cov.unfunded_cost_usd == 1.0 and cov.attributed_cost_usd == 1.0
+    assert coverage([good]).ratio == 1.0
+
+
+@pytest.mark.parametrize("text, want", [
+    ("claude=200/month", {"claude": 200 / (30 * 86400)}),
+    ("claude=200/month, codex=0.5/hour", {"claude": 200 / (30 * 86400), "codex": 0.5 / 3600}),
+    ("", {}),
+])
+def test_seat_costs_parse(text, want):
+    assert parse_seat_costs(text) == pytest.approx(want)
+
+
+@pytest.mark.parametrize("text, says", [
+    ("claude=200", "not engine=amount/period"),
+    ("claude=200/week", "period 'week'"),
+    ("claude=1/hour,claude=2/hour", "given twice"),
+    ("claude=-1/hour", "not engine=amount/period"),
+    ("x" * 2001, "at most 2000"),
+])
+def test_seat_costs_refused_with_the_entry_named(text, says):
+    with pytest.raises(SeatCostError, match=says):
+        parse_seat_costs(text)
+
+
+def test_a_record_replayed_is_stored_once_and_read_once(nats_server):
+    async def go():
+        b = await Broker.open(nats_server.url, "t", fast_settings())
+        try:
+            await b.ensure_layout()
+            r1 = rec(seq=1, cost=0.1, at=10.0)
+            await publish_spend(b, r1)
+            await publish_spend(b, r1)  # a retry whose reply was lost: the stream stores it once
+            await publish_spend(b, rec(seq=2, cost=0.3, at=20.0, kind="final"))
+            assert len(await read_raw_spend(b)) == 2
+            got = await read_spend(b)
+            assert [round(r.cost_usd, 6) for r in got] == [0.1, 0.2]
+            assert [r.id for r in await read_spend(b, since_s=15.0)] == ["j1.1.2"]
+            assert [r.id for r in await read_spend(b, until_s=15.0)] == ["j1.1.1"]
+        finally:
+            await b.close()
+
+    run(go())
+
+
+def test_the_ledger_stream_is_bounded_by_its_settings_and_a_coordinator_applies_new_ones(nats_server):
+    async def go():
+        b = await Broker.open(nats_server.url, "t", fast_settings(spend_max_bytes=10 * 1024**2))
+        try:
+            await b.ensure_layout()
+            cfg = (await b.js.stream_info("GF_SPEND")).config
+            assert (cfg.max_bytes, cfg.max_age, cfg.duplicate_window) == (10 * 1024**2, 400 * 86400.0, 86400.0)
+            assert cfg.subjects == ["gf.spend.>"] and cfg.discard == "old"
+            b.settings.spend_max_bytes, b.settings.spend_max_age_s = 20 * 1024**2, 30 * 86400.0
+            changes = await b.apply_limits()
+            assert changes["GF_SPEND"] == {"max_bytes": 20 * 1024**2, "max_age": 30 * 86400.0}
+        finally:
+            await b.close()
+
+    run(go())
+
+
+@pytest.mark.parametrize("env, says", [
+    ({"GIGAFACTORY_LANE_KIND": "batch"}, "GIGAFACTORY_LANE_KIND='batch'"),
+    ({"GIGAFACTORY_SEAT_COSTS": "claude=20/week"}, "GIGAFACTORY_SEAT_COSTS: 'claude=20/week': period 'week'"),
+    ({"GIGAFACTORY_SEAT_COST_INTERVAL_S": "5"}, "GIGAFACTORY_SEAT_COST_INTERVAL_S=5"),
+    ({"GIGAFACTORY_SPEND_MAX_BYTES": "0"}, "GIGAFACTORY_SPEND_MAX_BYTES=0"),
+    ({"GIGAFACTORY_SPEND_METRICS_INTERVAL_S": "1"}, "GIGAFACTORY_SPEND_METRICS_INTERVAL_S=1"),
+])
+def test_ledger_settings_that_would_misattribute_or_drop_spend_are_refused(env, says):
+    from gigafactory.config import Settings, SettingsError
+
+    with pytest.raises(SettingsError, match="invalid ledger settings") as e:
+        Settings.from_env(env).validate()
+    assert says in str(e.value)
