@@ -30,7 +30,8 @@ from gigafactory.schemas import names, protocol
 from gigafactory.schemas.lifecycle import Stage
 from gigafactory.schemas.manifest import FailureClass, parse_duration
 from gigafactory.schemas.profiles import engine_prompt, prefers_names, prefers_wait_s, resolve_engine
-from gigafactory.schemas.records import Attribution, JobRecord, Usage, WorkspaceResult, attributed, decode, encode
+from gigafactory.schemas.records import (Attribution, IdleReason, JobRecord, Usage, WorkspaceResult, attributed, decode,
+                                         encode)
 
 from . import engines, shell
 from . import probe
@@ -267,11 +268,13 @@ class Execute:
 
     async def _execute_attempt(self, run: Run, engine: str | None) -> None:
         renewer: asyncio.Task | None = None
+        idle_after: IdleReason | None = None  # the station's idle reason once this run ends (None: worked out)
         try:
             m = run.record.manifest
             if m.lock:
                 holder = await self._acquire_lock(run, m.lock)
                 if holder is not None:
+                    idle_after = IdleReason.LOCK_WAIT
                     await self._event("lock_wait", job=run.job, epoch=run.epoch,
                                       reason=f"lock {m.lock!r} held by job {holder}")
                     await self._hand_back(run, f"lock {m.lock!r} held by job {holder}", backoff_s=1.0)
@@ -317,7 +320,7 @@ class Execute:
             await self._release_lock(run)
             await self._ws_release(run)  # after the report: the worktree goes, the pushed branch stays
             self.runs.pop((run.job, run.epoch), None)
-            await self._release_station(run.station, engine)
+            await self._release_station(run.station, engine, idle_after)
 
     async def _run_engine(self, run: Run, engine: str | None) -> ResultPayload:
         """Run the job's engine and the verify gate; the result to report (never raises for

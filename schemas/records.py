@@ -289,6 +289,20 @@ class IdleReason(enum.StrEnum):
     """Push dispatch is unavailable; polling the queue index instead."""
     BROKER_DOWN = "broker-down"
     """Disconnected from the broker; results wait in the local outbox."""
+    # The seed's classes (issue 13): set where the fleet knows them, and grouped by
+    # economics/idle.py. Added at the end: old records keep decoding.
+    WAITING_HOSTED = "waiting-hosted"
+    """Its work waits on a hosted service (a hosted CI run, a remote agent) to answer."""
+    WAITING_MERGE = "waiting-merge"
+    """Its work waits on a merge (review, merge queue) before the next can start."""
+    POLICY_PAUSED = "policy-paused"
+    """Paused by policy: the fleet is halted, or the queued work is held for its budget."""
+    BLOCKED = "blocked"
+    """The work it could take is blocked (dependencies, a capability this factory lacks)."""
+    PREWARM = "prewarm"
+    """Getting ready to work (probing, cleaning its workspace, warming a mirror)."""
+    OPERATOR_STEERING = "operator-steering"
+    """An operator holds it (steering a session by hand)."""
 
 
 class Station(msgspec.Struct):
