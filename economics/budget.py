@@ -173,7 +173,9 @@ class Budget:
     @property
     def computation_id(self) -> str:
         """A short hash of the inputs and outputs: the trail from a decision to this budget."""
-        blob = json.dumps(self.to_dict(with_id=False), sort_keys=True).encode()
+        d = self.to_dict(with_id=False)
+        d["signals"].pop("read_at_s")  # the same figures read again are the same computation
+        blob = json.dumps(d, sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 
     def to_dict(self, with_id: bool = True) -> dict:

@@ -26,6 +26,7 @@ import msgspec
 
 from gigafactory import tracing
 from gigafactory.broker import Conflict
+from gigafactory.economics.budget import cap_crossed
 from gigafactory.schemas import names, protocol
 from gigafactory.schemas.lifecycle import Stage
 from gigafactory.schemas.manifest import FailureClass, parse_duration
@@ -128,7 +129,10 @@ class OutputReader:
     def _judge_budget(self, parser) -> None:
         f, run = self.factory, self.run
         try:
-            crossed = budget_crossed(run.record.manifest.budget, parser.usage())
+            usage = parser.usage()
+            crossed = budget_crossed(run.record.manifest.budget, usage)
+            if not crossed and f.s.pipeline_budget_enforcement and usage is not None:
+                crossed = cap_crossed(usage.cost_usd, f.s.max_cost_per_run_usd)  # the fleet's per-run cap
         except Exception:
             log.exception("%s: engine %s could not say its usage; not reading it further", f.id, self.name)
             self.parsers.clear()

@@ -261,6 +261,9 @@ class JobRecord(msgspec.Struct, omit_defaults=False):
     ``intake`` span, written at submit ("" when the coordinator that took it did not trace and
     its submitter sent none). Claims, results and reclaims are writes on this record, not
     messages, so every later span of the job takes its parent from here (gigafactory/tracing.py)."""
+    budget_override: str = ""
+    """Who let this job start over its budget (``gigafactory budget override``; "" for nobody):
+    with budget enforcement on, a job held for ``budget`` is offered once this is set."""
 
     @property
     def priority_rank(self) -> int:
