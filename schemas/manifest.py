@@ -227,6 +227,11 @@ class Manifest(msgspec.Struct, rename="kebab", forbid_unknown_fields=True, omit_
     pushed), ``pr-opened`` (a pull request into ``base`` is opened) or ``merged`` (and merged
     when its checks are green). ``review-policy`` says who ships: ``auto`` the factory at once,
     ``manual``/reviewers the coordinator when a human runs ``gigafactory ship``."""
+    feature: bool = False
+    """This job ships a feature: when it ships it is a ``pipeline_runs`` row (docs/economics.md,
+    "Runs and routing"). A ``composite`` job is one without saying so."""
+    cosmetic: bool = False
+    """Cosmetic or hygiene work: never counted as a feature, whatever ``kind`` or ``feature`` say."""
 
     def requirements(self) -> tuple[str, ...]:
         """The canonical requirement set: capabilities plus the engine (or engine class)."""

@@ -113,6 +113,8 @@ base: release/2.1
 scope: [src/**, '**/*.md']
 scope-mode: enforce
 ship-as: pr-opened
+feature: true
+cosmetic: true
 """
 
 
@@ -147,6 +149,7 @@ def test_a_manifest_with_every_field_parses_each_one():
     assert m.scope == ["src/**", "**/*.md"]
     assert m.scope_mode == "enforce"
     assert m.ship_as == "pr-opened"
+    assert m.feature is True and m.cosmetic is True
     # the engine wins over the engine class; budget.wall is the tighter ceiling
     assert m.requirements() == ("engine:claude", "has:git", "node>=20", "os:linux")
     assert m.timeout_s() == 45 * 60.0
