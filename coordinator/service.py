@@ -17,6 +17,7 @@ import nats.js.errors
 
 from gigafactory.broker import TRANSIENT, Broker
 from gigafactory.config import Settings
+from gigafactory.economics.runs import RunsRecorder
 from gigafactory.metrics import process_metrics
 
 from .api import Api
@@ -24,6 +25,9 @@ from .inbox import Inbox
 from .retention import Retention
 from .scheduler import Scheduler, loop
 from .view import FleetView, follow
+
+RUNS_FLUSH_S = 2.0
+"""How often ended jobs are written to pipeline_runs and job_outcomes."""
 
 log = logging.getLogger("gigafactory.coordinator")
 
@@ -50,6 +54,8 @@ class Coordinator:
         self.view = FleetView()
         self.sched = Scheduler(broker, self.view, self.s, self.name)
         self.api = Api(broker, self.view, self.sched, self.name)
+        self.runs = RunsRecorder(broker, self.view, self.s)  # pipeline_runs (issue 13)
+        self.view.job_listeners.append(self.runs.on_job)
         self.inbox = Inbox(broker, inbox) if inbox else None
         self.retention = Retention(broker, self.view, self.s, self.name, forget_pool=self.sched.pools_ready.discard)
         self.ready = asyncio.Event()
@@ -95,6 +101,7 @@ class Coordinator:
                 asyncio.create_task(loop("locks", 5.0, self.sched.release_stale_locks, stop), name="locks"),
                 asyncio.create_task(loop("repair", self.s.dispatch_repair_s, self.sched.repair_dispatch, stop), name="repair"),
                 asyncio.create_task(loop("clock", 5.0, clock, stop), name="clock"),
+                asyncio.create_task(loop("runs", RUNS_FLUSH_S, self.runs.flush, stop), name="runs"),
                 asyncio.create_task(loop("retention", self.s.retention_interval_s, self.retention.run_pass, stop),
                                     name="retention"),
             ]
