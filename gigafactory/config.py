@@ -642,8 +642,6 @@ def check_engine_settings(s: Settings) -> None:
 def check_budget(s: Settings) -> None:
     """Refuse budget settings the formulas cannot use (docs/economics.md, "Budgets"): raises
     :class:`SettingsError` naming the variable."""
-    from gigafactory.economics.budget import policy_from_settings  # pure; imports nothing of ours back
-
     if s.max_cost_per_run_usd is not None and not s.max_cost_per_run_usd >= 0:
         raise SettingsError(f"max_cost_per_run_usd={s.max_cost_per_run_usd!r} (GIGAFACTORY_MAX_COST_PER_RUN_USD) "
                             "must be 0 or more dollars, or unset for no cap")
@@ -654,11 +652,19 @@ def check_budget(s: Settings) -> None:
         raise SettingsError("budget_signals_max_bytes (GIGAFACTORY_BUDGET_SIGNALS_MAX_BYTES) must be 1 byte to 16 MiB")
     if s.budget_signals_max_age_s < 0:
         raise SettingsError("budget_signals_max_age_s (GIGAFACTORY_BUDGET_SIGNALS_MAX_AGE_S) must be 0 or more")
-    try:
-        policy_from_settings(s).check()
-    except ValueError as e:
-        raise SettingsError(f"{e} (the GIGAFACTORY_BUDGET_* and GIGAFACTORY_MONTHLY_PIPELINE_BUDGET_USD, "
-                            "GIGAFACTORY_EXPECTED_FEATURES_TODAY settings)") from None
+    # The same rules as economics.budget.Policy.check (config imports no economics: no cycle).
+    for name in ("budget_days_per_month", "expected_features_today", "budget_runway_factor_max",
+                 "budget_growth_factor_max"):
+        if not getattr(s, name) > 0:
+            raise SettingsError(f"{name}={getattr(s, name)!r} (GIGAFACTORY_{name.upper()}) must be more than 0")
+    if s.monthly_pipeline_budget_usd < 0:
+        raise SettingsError("monthly_pipeline_budget_usd (GIGAFACTORY_MONTHLY_PIPELINE_BUDGET_USD) must not be negative")
+    if not s.budget_runway_target_months > s.budget_runway_floor_months >= 0:
+        raise SettingsError("budget runway: need runway_target_months > runway_floor_months >= 0 "
+                            "(GIGAFACTORY_BUDGET_RUNWAY_TARGET_MONTHS, GIGAFACTORY_BUDGET_RUNWAY_FLOOR_MONTHS)")
+    if not 0 <= s.budget_growth_factor_min <= 1 <= s.budget_growth_factor_max:
+        raise SettingsError("budget growth factor: need 0 <= GIGAFACTORY_BUDGET_GROWTH_FACTOR_MIN <= 1 <= "
+                            "GIGAFACTORY_BUDGET_GROWTH_FACTOR_MAX")
 
 
 def check_metrics_port(s: Settings) -> None:

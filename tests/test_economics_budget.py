@@ -94,10 +94,19 @@ def test_signals_parse_and_digest():
 
 @pytest.mark.parametrize("kw,var", [
     ({"max_cost_per_run_usd": -1}, "GIGAFACTORY_MAX_COST_PER_RUN_USD"),
-    ({"expected_features_today": 0}, "expected_features_today"),
+    ({"expected_features_today": 0}, "GIGAFACTORY_EXPECTED_FEATURES_TODAY"),
     ({"budget_runway_floor_months": 12}, "runway_target_months > runway_floor_months"),
+    ({"budget_growth_factor_min": 2}, "GROWTH_FACTOR_MIN"),
     ({"budget_signals_timeout_s": 0}, "GIGAFACTORY_BUDGET_SIGNALS_TIMEOUT_S"),
 ])
 def test_bad_budget_settings_are_refused(kw, var):
     with pytest.raises(SettingsError, match=var):
         Settings(**kw).validate()
+
+
+def test_the_settings_checks_and_the_policy_check_agree():
+    with pytest.raises(ValueError, match="expected_features_today"):
+        B.Policy(monthly_pipeline_budget_usd=1, expected_features_today=0).check()
+    with pytest.raises(ValueError, match="runway"):
+        B.Policy(monthly_pipeline_budget_usd=1, runway_floor_months=12).check()
+    B.policy_from_settings(Settings()).check()
