@@ -14,3 +14,10 @@ def report() -> None:
 @click.group()
 def invoices() -> None:
     """Provider invoices: import them and reconcile them against the spend ledger."""
+
+
+# -- the budget helper's reports (issue 13): idle, lanes, budget, runs, routing --------------------
+from .reports import budget_cmd, idle_cmd, lanes_cmd, routing_cmd, runs_cmd  # noqa: E402
+
+for _cmd in (idle_cmd, lanes_cmd, budget_cmd, runs_cmd, routing_cmd):
+    report.add_command(_cmd)

@@ -40,6 +40,7 @@ from gigafactory.clitools import emit_json as _emit_json
 from gigafactory.clitools import fail as _fail
 from gigafactory.loadtest.cli import loadtest
 from gigafactory.economics.cli import invoices, report
+from gigafactory.economics.reports import budget_group
 from gigafactory.schemas.lifecycle import Stage
 from gigafactory.config import (
     Settings,
@@ -1153,6 +1154,7 @@ main.add_command(chaos)
 main.add_command(loadtest)
 main.add_command(report)
 main.add_command(invoices)
+main.add_command(budget_group)
 
 
 if __name__ == "__main__":
