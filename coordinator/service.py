@@ -17,7 +17,7 @@ import nats.js.errors
 
 from gigafactory.broker import TRANSIENT, Broker
 from gigafactory.config import Settings
-from gigafactory.economics.runs import RunsRecorder
+from gigafactory.economics.runs import MergeQueue, RunsRecorder
 from gigafactory.metrics import process_metrics
 
 from .api import Api
@@ -56,6 +56,8 @@ class Coordinator:
         self.api = Api(broker, self.view, self.sched, self.name)
         self.runs = RunsRecorder(broker, self.view, self.s)  # pipeline_runs (issue 13)
         self.view.job_listeners.append(self.runs.on_job)
+        self.merge_queue = MergeQueue()  # occupancy and refill latency (a metric)
+        self.view.job_listeners.append(self.merge_queue.on_job)
         self.inbox = Inbox(broker, inbox) if inbox else None
         self.retention = Retention(broker, self.view, self.s, self.name, forget_pool=self.sched.pools_ready.discard)
         self.ready = asyncio.Event()

@@ -223,6 +223,9 @@ class RunsRecorder:
         self.db: RunsDB | None = None
         self.pending: set[str] = set()
         self.written = 0
+        self.features = 0
+        """Features this recorder wrote (new rows) since it started (a metric)."""
+        self.features_cost_usd = 0.0
 
     def on_job(self, old, new) -> None:
         if new is None or str(new.record.stage) not in ENDED:
@@ -255,7 +258,11 @@ class RunsRecorder:
                 runs.append(run_row(rec, jobs, ledger))
         if self.db is None:
             self.db = await asyncio.to_thread(RunsDB, default_db_path(self.s))
-        self.written += await asyncio.to_thread(self.db.write, runs, outcomes)
+        new = await asyncio.to_thread(self.db.write, runs, outcomes)
+        self.written += new
+        if new and new == len(runs):  # all new: count them (a replay's rows are not)
+            self.features += new
+            self.features_cost_usd += sum(r["cost_usd"] for r in runs)
 
     async def _ledger(self) -> dict[str, tuple[int, float]]:
         try:
@@ -267,3 +274,32 @@ class RunsRecorder:
         except Exception as e:  # the job records' attribution stands in
             log.warning("pipeline_runs: ledger not read (%s); using the job records' attribution", e)
             return {}
+
+
+class MergeQueue:
+    """Merge-queue occupancy (jobs in ``review`` or ``testing``: passed, waiting to ship) and
+    refill latency (how long it last stayed empty), kept from the view's job changes."""
+
+    STAGES = ("review", "testing")
+
+    def __init__(self, clock=time.monotonic) -> None:
+        self.clock = clock
+        self.members: set[str] = set()
+        self.empty_since: float | None = None
+        self.last_refill_s = 0.0
+
+    @property
+    def occupancy(self) -> int:
+        return len(self.members)
+
+    def on_job(self, old, new) -> None:
+        jid = (new or old).record.id
+        inside = new is not None and str(new.record.stage) in self.STAGES
+        if inside and jid not in self.members:
+            if not self.members and self.empty_since is not None:
+                self.last_refill_s = self.clock() - self.empty_since
+            self.members.add(jid)
+        elif not inside and jid in self.members:
+            self.members.discard(jid)
+            if not self.members:
+                self.empty_since = self.clock()
