@@ -35,6 +35,7 @@ from nats.micro.request import Request
 
 from gigafactory import __version__, tracing
 from gigafactory.broker import Broker, Conflict
+from gigafactory.economics import api as budget_api
 from gigafactory.schemas import names, protocol
 from gigafactory.schemas.lifecycle import LEASED, IllegalTransition, Stage
 from gigafactory.schemas.limits import hint
@@ -137,6 +138,7 @@ class Api:
             ("submit", self.submit), ("cancel", self.cancel), ("requeue", self.requeue), ("ship", self.ship),
             ("status", self.status), ("list", self.list), ("factories", self.factories),
             ("stats", self.stats),
+            ("budget", self.budget), ("budget_override", self.budget_override),
         ):
             await group.add_endpoint(name=name, handler=self._wrap(name, fn))
 
@@ -179,6 +181,15 @@ class Api:
         )
         self.view.changed.set()
         return SubmitReply(jobs=[SubmittedJob(file=r.file, job=r.job, status=r.status, stage=r.stage) for r in results])
+
+    async def budget(self, body: dict) -> dict:
+        return await budget_api.state(self, body)
+
+    async def budget_override(self, body: dict) -> dict:
+        try:
+            return await budget_api.override(self, body)
+        except budget_api.OverrideError as e:
+            raise ApiError(e.code, str(e)) from None
 
     async def _transition(self, job: str, decide) -> JobRecord:
         for _ in range(MAX_CAS_RETRIES):

@@ -156,6 +156,9 @@ class DispatchInput:
     redispatch_s: float
     max_record_bytes: int
     """A queued record larger than this cannot be carried through a claim: quarantine it."""
+    budget_hold: Callable[[JobRecord], str | None] | None = None
+    """The budget governor's decision for a job that would be offered (``economics.governor``):
+    a ``budget: ...`` hold reason, or None to offer it. None: no budget check."""
 
 
 @dataclass
@@ -242,6 +245,8 @@ class _Pass:
             rec, st.ts, inp.broker_now_s, redispatch=redispatch,
             lock_holder=self.locks.get(rec.manifest.lock) if rec.manifest.lock else None,
             gap=self.gaps.get(pool), inflight=self.inflight[pool], capacity=plan.capacity[pool])
+        if hold is None and inp.budget_hold is not None:
+            hold = inp.budget_hold(rec)  # last: a job another reason holds is not charged a decision
         if hold is not None:
             if hold and inp.held.get(rec.id) != hold:
                 plan.holds.append((st, hold))

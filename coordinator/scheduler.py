@@ -22,6 +22,8 @@ import nats.js.errors
 from gigafactory import tracing
 from gigafactory.broker import TRANSIENT, Broker, Conflict, KnownPools
 from gigafactory.config import Settings
+from gigafactory.economics.budget import enforcement_line
+from gigafactory.economics.governor import Governor
 from gigafactory.schemas import names, protocol
 from gigafactory.schemas.lifecycle import LEASED, IllegalTransition, Stage
 from gigafactory.schemas.records import (
@@ -175,6 +177,8 @@ class Scheduler:
         self.visited = 0
         """Queued jobs the latest dispatch pass looked at (offers, holds, jobs passed over)."""
         self.passes = 0
+        self.governor = Governor(broker, settings, actor, self._event)
+        """The budget governor (issue 13): reads the signals and ledger, decides per kickoff."""
 
     # -- clock --------------------------------------------------------------------------------
 
@@ -396,6 +400,8 @@ class Scheduler:
         many jobs were published."""
         broker_now = self.broker_now_estimate()
         mono = time.monotonic()
+        if self.queue.states:
+            await self.governor.refresh()  # read before a kickoff, not on an empty queue
         leased = []
         for jid in self.view.stage_ids(*LEASED):
             st = self.view.jobs.get(jid)
@@ -406,7 +412,8 @@ class Scheduler:
             published=self.published, held=self.held, gap_seen=self._gap_seen, last_served=self.last_served,
             quarantined=self.is_poisoned, broker_now_s=broker_now, now_mono_s=mono,
             redispatch_s=self.s.redispatch_s,
-            max_record_bytes=self.b.nc.max_payload - RECORD_HEADROOM_BYTES - RECORD_HEADER_BYTES))
+            max_record_bytes=self.b.nc.max_payload - RECORD_HEADROOM_BYTES - RECORD_HEADER_BYTES,
+            budget_hold=self.governor.decide))
         for jid in plan.forget:
             del self.published[jid]
         self._gap_seen.update(plan.gap_seen_set)
@@ -446,10 +453,14 @@ class Scheduler:
             self._served_seq += 1
             self.last_served[rec.manifest.product] = self._served_seq
             self.held.pop(rec.id, None)
-            events.append(self._event(decide.dispatched_event(
+            ev = decide.dispatched_event(
                 rec, at=time.time(), actor=self.actor, broker_now_s=broker_now, redispatch=redispatch,
                 redispatch_s=self.s.redispatch_s, position=pos, queued_in_pool=depth[rec.pool],
-                pool_capacity=capacity[rec.pool], serving_factories=[f.record.id for f in serving[rec.pool]])))
+                pool_capacity=capacity[rec.pool], serving_factories=[f.record.id for f in serving[rec.pool]])
+            ev.data.update(self.governor.trail(rec.id))  # the kickoff's budget decision and its trail
+            if not redispatch:
+                log.info("kickoff %s: %s", rec.id, enforcement_line(self.governor.enforcement))
+            events.append(self._event(ev))
         sent = len(events)
         await asyncio.gather(*events)  # never raises: a failed event is kept for the next pass
         await _gather_raising([self._hold(st, reason) for st, reason in holds])
@@ -509,6 +520,7 @@ class Scheduler:
         await self._event(EventRecord(
             kind="held", at=time.time(), job=rec.id, stage_from="queued", stage_to="queued",
             epoch=rec.epoch, actor=self.actor, reason=reason,
+            data=self.governor.trail(rec.id) if reason.startswith("budget:") else {},
         ))
 
     async def repair_dispatch(self) -> int:

@@ -18,6 +18,7 @@ import nats.js.errors
 from gigafactory.broker import TRANSIENT, Broker
 from gigafactory.config import Settings
 from gigafactory.economics.ledger import LedgerPass
+from gigafactory.economics.runs import MergeQueue, RunsRecorder
 from gigafactory.metrics import process_metrics
 
 from .api import Api
@@ -26,6 +27,9 @@ from .retention import Retention
 from .shipping import REF_CLEANUP_INTERVAL_S, RefCleaner
 from .scheduler import Scheduler, loop
 from .view import FleetView, follow
+
+RUNS_FLUSH_S = 2.0
+"""How often ended jobs are written to pipeline_runs and job_outcomes."""
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +56,10 @@ class Coordinator:
         self.view = FleetView()
         self.sched = Scheduler(broker, self.view, self.s, self.name)
         self.api = Api(broker, self.view, self.sched, self.name)
+        self.runs = RunsRecorder(broker, self.view, self.s)  # pipeline_runs (issue 13)
+        self.view.job_listeners.append(self.runs.on_job)
+        self.merge_queue = MergeQueue()  # occupancy and refill latency (a metric)
+        self.view.job_listeners.append(self.merge_queue.on_job)
         self.inbox = Inbox(broker, inbox) if inbox else None
         self.retention = Retention(broker, self.view, self.s, self.name, forget_pool=self.sched.pools_ready.discard)
         self.ledger = LedgerPass(broker)
@@ -99,6 +107,7 @@ class Coordinator:
                 asyncio.create_task(loop("locks", 5.0, self.sched.release_stale_locks, stop), name="locks"),
                 asyncio.create_task(loop("repair", self.s.dispatch_repair_s, self.sched.repair_dispatch, stop), name="repair"),
                 asyncio.create_task(loop("clock", 5.0, clock, stop), name="clock"),
+                asyncio.create_task(loop("runs", RUNS_FLUSH_S, self.runs.flush, stop), name="runs"),
                 asyncio.create_task(loop("retention", self.s.retention_interval_s, self.retention.run_pass, stop),
                                     name="retention"),
                 asyncio.create_task(loop("refs", REF_CLEANUP_INTERVAL_S, RefCleaner(self.b, self.view).run_pass, stop),

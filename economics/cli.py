@@ -22,3 +22,9 @@ from .ledger_cli import invoices_import, report_invoices, report_spend  # noqa: 
 report.add_command(report_spend)
 report.add_command(report_invoices)
 invoices.add_command(invoices_import)
+
+# -- the budget helper's reports (issue 13): idle, lanes, budget, runs, routing --------------------
+from .reports import budget_cmd, idle_cmd, lanes_cmd, routing_cmd, runs_cmd  # noqa: E402
+
+for _cmd in (idle_cmd, lanes_cmd, budget_cmd, runs_cmd, routing_cmd):
+    report.add_command(_cmd)

@@ -139,6 +139,10 @@ class Factory(Stations, AuditQueue, Pools, Holder, Execute, Reporting, Ship, Che
         """The worktree of each in-flight ``repo`` run, by (job, epoch), until it is released."""
         self.free: set[int] = set(range(stations))
         self.station_cv = asyncio.Condition()
+        self.sticky_idle: dict[int, tuple[IdleReason, float]] = {}
+        """station -> (idle reason a run gave on release, monotonic time it stands until)."""
+        self.station_class: dict[int, str] = {}
+        """station -> the class its last ``station`` event said (``busy`` or an idle reason)."""
         self.engine_running: dict[str, int] = {}
         self.deferred_said: set[tuple[str, int]] = set()
         """(job, epoch) this factory said ``claim_deferred`` for (:meth:`Execute._deferred_event`)."""
@@ -196,18 +200,23 @@ class Factory(Stations, AuditQueue, Pools, Holder, Execute, Reporting, Ship, Che
         (up to ``drain_timeout_s``), hand back what is left, deregister."""
         self._stop = stop
         logcontext.bind(factory=self.id)  # this task's and its tasks' log lines name this factory
+        # Queued first (published once the events task runs): it opens this factory's station
+        # timeline, and the stations' first class (``starting``, a kind of prewarm) follows it.
+        await self._event("factory_up", reason=f"{len(self.record.stations)} stations",
+                          data={"capabilities": self.record.capabilities})
+        for st in self.record.stations:
+            self._note_station(st.index)
         await self._ws_clean_at_start()  # before any claim: nothing of ours uses them yet
         await self._heartbeat()
         for st in self.record.stations:
             st.idle_reason = IdleReason.NO_WORK
+            self._note_station(st.index)
         self._spawn(self._events_loop(), "events")
         self._spawn(self._heartbeat_loop(stop), "heartbeat")
         self._spawn(self._pools_loop(stop), "pools")
         self._spawn(self._outbox_loop(stop), "outbox")
         self._spawn(self.spend.publish_loop(), "spend")
         self._spawn(self.spend.fixed_loop(stop), "seat-costs")
-        await self._event("factory_up", reason=f"{len(self.record.stations)} stations",
-                          data={"capabilities": self.record.capabilities})
         self.ready.set()
         await stop.wait()
         await self.drain()
@@ -262,9 +271,7 @@ class Factory(Stations, AuditQueue, Pools, Holder, Execute, Reporting, Ship, Che
         self.record.outbox_pending = self.outbox.count()
         self.record.pools = sorted(self.pools)
         self.record.dispatch_mode = "poll" if any(p.mode == "poll" for p in self.pools.values()) else "push"
-        for st in self.record.stations:
-            if st.state == StationState.IDLE:
-                st.idle_reason = self._idle_reason()
+        self._refresh_idle()
         await self.b.factories.put(self.id, encode(self.record))
 
     async def _heartbeat_loop(self, stop: asyncio.Event) -> None:

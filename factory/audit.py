@@ -57,6 +57,7 @@ class AuditQueue:
         later event is sent."""
         delay, failures = EVENT_RETRY_MIN_S, 0
         while self._events:
+            _raise_if_cancelled()
             ev, (msg_id, trace) = self._events[0]
             try:
                 await self.b.publish_event(ev, msg_id=msg_id, trace=trace)
@@ -80,5 +81,15 @@ class AuditQueue:
         while True:
             self._events_waiting.clear()
             await self._publish_events()
+            _raise_if_cancelled()
             await self._events_waiting.wait()
 
+
+def _raise_if_cancelled() -> None:
+    """Raise CancelledError if this task was asked to stop. Python 3.11's ``asyncio.wait_for``
+    (inside nats-py's publish) returns the result instead of raising when the cancel lands as
+    the broker's ack arrives: the cancel was lost, the loop went back to waiting for events, and
+    a drain gathering this task waited forever (seen as a factory that never finished stopping)."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError

@@ -26,12 +26,13 @@ import msgspec
 
 from gigafactory import tracing
 from gigafactory.broker import Conflict
+from gigafactory.economics.budget import cap_crossed
 from gigafactory.schemas import names, protocol
 from gigafactory.schemas.lifecycle import Stage
 from gigafactory.schemas.manifest import FailureClass, parse_duration
 from gigafactory.schemas.profiles import engine_prompt, prefers_names, prefers_wait_s, resolve_engine
-from gigafactory.schemas.records import (Attribution, JobRecord, Usage, WorkspaceResult, attributed, decode, encode,
-                                         with_workspace)
+from gigafactory.schemas.records import (Attribution, IdleReason, JobRecord, Usage, WorkspaceResult, attributed, decode,
+                                         encode, with_workspace)
 
 from . import engines, shell
 from . import probe
@@ -147,7 +148,10 @@ class OutputReader:
     def _judge_budget(self, parser) -> None:
         f, run = self.factory, self.run
         try:
-            crossed = budget_crossed(run.record.manifest.budget, parser.usage())
+            usage = parser.usage()
+            crossed = budget_crossed(run.record.manifest.budget, usage)
+            if not crossed and f.s.pipeline_budget_enforcement and usage is not None:
+                crossed = cap_crossed(usage.cost_usd, f.s.max_cost_per_run_usd)  # the fleet's per-run cap
         except Exception:
             log.exception("%s: engine %s could not say its usage; not reading it further", f.id, self.name)
             self.parsers.clear()
@@ -287,11 +291,13 @@ class Execute:
 
     async def _execute_attempt(self, run: Run, engine: str | None) -> None:
         renewer: asyncio.Task | None = None
+        idle_after: IdleReason | None = None  # the station's idle reason once this run ends (None: worked out)
         try:
             m = run.record.manifest
             if m.lock:
                 holder = await self._acquire_lock(run, m.lock)
                 if holder is not None:
+                    idle_after = IdleReason.LOCK_WAIT
                     await self._event("lock_wait", job=run.job, epoch=run.epoch,
                                       reason=f"lock {m.lock!r} held by job {holder}")
                     await self._hand_back(run, f"lock {m.lock!r} held by job {holder}", backoff_s=1.0)
@@ -337,7 +343,7 @@ class Execute:
             await self._release_lock(run)
             await self._ws_release(run)  # after the report: the worktree goes, the pushed branch stays
             self.runs.pop((run.job, run.epoch), None)
-            await self._release_station(run.station, engine)
+            await self._release_station(run.station, engine, idle_after)
 
     async def _run_engine(self, run: Run, engine: str | None) -> ResultPayload:
         """Run the job's engine and the verify gate; the result to report (never raises for

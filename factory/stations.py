@@ -26,17 +26,29 @@ from gigafactory.schemas.records import IdleReason, StationState
 
 from . import engines
 
+STICKY_IDLE_S = 5.0
+"""How long an idle reason a run gave on release (``lock-wait``) stands before the station's
+reason is worked out afresh: about the hand-back's backoff, after which the job is offered again."""
+
 
 class Stations:
     """Mixin of :class:`~gigafactory.factory.agent.Factory`: reserving and releasing stations."""
 
-    def _idle_reason(self) -> IdleReason:
+    def _idle_reason(self, index: int | None = None) -> IdleReason:
+        """Why a free station is idle now. What the whole factory is in (draining, broker down,
+        dispatch down) wins; then what the station's last job said (``lock-wait``: a reason
+        given on release, kept for ``STICKY_IDLE_S``); then seats, then no work.
+
+        :param index: the station (None: the factory's reason for any free station)."""
         if self.draining.is_set():
             return IdleReason.DRAINING
         if not self.b.nc.is_connected:
             return IdleReason.BROKER_DOWN
         if self.pools and all(p.mode == "poll" for p in self.pools.values()):
             return IdleReason.DISPATCH_DOWN
+        sticky = self.sticky_idle.get(index) if index is not None else None
+        if sticky is not None and time.monotonic() < sticky[1]:
+            return sticky[0]
         if self.pools and not any(self._seat_free(p.engine, p.engine_class) for p in self.pools.values()):
             # A station is free but no pool this factory serves has a seat left for its jobs.
             return IdleReason.SEAT_LIMIT
@@ -46,8 +58,35 @@ class Stations:
         st = self.record.stations[index]
         st.state = StationState.BUSY if job else StationState.IDLE
         st.job, st.epoch = job, epoch
-        st.idle_reason = None if job else (reason or self._idle_reason())
+        if job or reason is None:
+            self.sticky_idle.pop(index, None)
+        else:
+            # Said by the run that just ended (a lock held elsewhere): true until the next
+            # offer is likely (the hand-back's backoff), not forever.
+            self.sticky_idle[index] = (reason, time.monotonic() + STICKY_IDLE_S)
+        st.idle_reason = None if job else (reason or self._idle_reason(index))
         st.since = time.time()
+        self._note_station(index)
+
+    def _refresh_idle(self) -> None:
+        """Recompute every free station's idle reason (at each heartbeat) and say the changes."""
+        for st in self.record.stations:
+            if st.state == StationState.IDLE:
+                st.idle_reason = self._idle_reason(st.index)
+                self._note_station(st.index)
+
+    def _note_station(self, index: int) -> None:
+        """Publish a ``station`` event when station ``index``'s class changed since the last one:
+        ``busy``, or its idle reason. ``economics.idle`` turns these into intervals (idle
+        classes, coverage, lane allocation); only changes are sent, so a steady fleet sends none."""
+        st = self.record.stations[index]
+        cls = "busy" if st.state == StationState.BUSY else (str(st.idle_reason) if st.idle_reason else "")
+        if self.station_class.get(index) == cls:
+            return
+        self.station_class[index] = cls
+        # _event only queues (no await inside): spawned, it runs in creation order.
+        self._spawn(self._event("station", reason=cls, data={"station": index, "class": cls, "job": st.job}),
+                    f"station-{index}")
 
     # -- engine seats -----------------------------------------------------------------------------
 

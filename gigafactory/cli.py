@@ -42,6 +42,7 @@ from gigafactory.clitools import fail as _fail
 from gigafactory.loadtest.cli import loadtest
 from gigafactory.economics.cli import invoices, report
 from gigafactory.schemas.api import LIST_LIMIT_MAX
+from gigafactory.economics.reports import budget_group
 from gigafactory.schemas.lifecycle import Stage
 from gigafactory.config import (
     CONFIG_FILE_NAME,
@@ -1177,6 +1178,7 @@ main.add_command(chaos)
 main.add_command(loadtest)
 main.add_command(report)
 main.add_command(invoices)
+main.add_command(budget_group)
 
 
 if __name__ == "__main__":

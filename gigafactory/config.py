@@ -468,6 +468,59 @@ class Settings(msgspec.Struct):
     budgets with a period, an amount, and the products, providers and lane kinds they fund;
     see docs/economics.md). Read by factories at start (a bad file stops the start, naming
     file, window and field) and by ``report spend``. Unset: every run draws from ``unfunded``."""
+    # -- budgets from business signals, idle and runs (issue 13, helper budget) ------------------
+    pipeline_budget_enforcement: bool = False
+    """``GIGAFACTORY_PIPELINE_BUDGET_ENFORCEMENT``: when on, a job whose projected cost exceeds
+    the residual daily budget or ``max_cost_per_run_usd`` is held (reason ``budget``) before it
+    starts, and a running job is stopped at ``max_cost_per_run_usd``. Off (the default, pilot
+    mode): every job runs and each decision still records what enforcement would have done. Set
+    it on the coordinator and on the factories (the factories stop running jobs at the cap).
+    Risk: on with signals that say no runway holds all work until an operator overrides it."""
+    max_cost_per_run_usd: float | None = None
+    """``GIGAFACTORY_MAX_COST_PER_RUN_USD``: dollars one attempt may cost (with enforcement on):
+    a job projected above it is held, a running one past it is stopped (``budget_exceeded``).
+    Unset: no per-run cap. Risk: too low stops useful work mid-way (its log is kept)."""
+    budget_signals_file: str | None = None
+    """``GIGAFACTORY_BUDGET_SIGNALS_FILE``: a JSON file of business signals (``cash_balance_usd``,
+    ``monthly_burn_usd``, ``revenue_usd``, ``revenue_prev_usd``, ``funnel``) read before a kickoff.
+    Unset (and no command): neutral signals (factors 1). Risk: a stale file is believed."""
+    budget_signals_command: str | None = None
+    """``GIGAFACTORY_BUDGET_SIGNALS_COMMAND``: a command (split like a shell line, run without a
+    shell) printing the same JSON; wins over the file. Risk: it runs on the coordinator's host
+    with the coordinator's rights; bounded by ``budget_signals_timeout_s``."""
+    budget_signals_timeout_s: float = 10.0
+    """``GIGAFACTORY_BUDGET_SIGNALS_TIMEOUT_S``: seconds the signals command may take (killed after)."""
+    budget_signals_max_bytes: int = 64 * 1024
+    """``GIGAFACTORY_BUDGET_SIGNALS_MAX_BYTES``: largest signals document read; a larger one is an error."""
+    budget_signals_max_age_s: float = 60.0
+    """``GIGAFACTORY_BUDGET_SIGNALS_MAX_AGE_S``: a reading older than this is read again before a
+    kickoff (0: before every dispatch pass). Risk: a large value decides on old cash figures."""
+    monthly_pipeline_budget_usd: float = 3000.0
+    """``GIGAFACTORY_MONTHLY_PIPELINE_BUDGET_USD``: dollars a month the pipeline may spend before the
+    signal factors (docs/economics.md, "Budgets"). Risk: the daily budget is its share times the factors."""
+    budget_days_per_month: float = 30.0
+    """``GIGAFACTORY_BUDGET_DAYS_PER_MONTH``: the day's share of the monthly budget is 1/this (1: the
+    seed's formula to the letter)."""
+    budget_runway_floor_months: float = 3.0
+    """``GIGAFACTORY_BUDGET_RUNWAY_FLOOR_MONTHS``: at or below this runway (cash / burn) the runway factor is 0."""
+    budget_runway_target_months: float = 12.0
+    """``GIGAFACTORY_BUDGET_RUNWAY_TARGET_MONTHS``: the runway at which the runway factor is 1."""
+    budget_runway_factor_max: float = 1.5
+    """``GIGAFACTORY_BUDGET_RUNWAY_FACTOR_MAX``: the most the runway factor may be."""
+    budget_growth_sensitivity: float = 1.0
+    """``GIGAFACTORY_BUDGET_GROWTH_SENSITIVITY``: revenue growth factor = 1 + this x growth (clamped)."""
+    budget_growth_factor_min: float = 0.5
+    """``GIGAFACTORY_BUDGET_GROWTH_FACTOR_MIN``: the least the revenue growth factor may be."""
+    budget_growth_factor_max: float = 1.5
+    """``GIGAFACTORY_BUDGET_GROWTH_FACTOR_MAX``: the most the revenue growth factor may be."""
+    expected_features_today: float = 10.0
+    """``GIGAFACTORY_EXPECTED_FEATURES_TODAY``: features expected today; per-feature budget = daily / this."""
+    budget_default_projected_usd: float = 1.0
+    """``GIGAFACTORY_BUDGET_DEFAULT_PROJECTED_USD``: a job's projected cost when it has no ``budget.usd``
+    and no similar job ran recently. Risk: 0 lets every unknown job pass the residual check."""
+    runs_db: str | None = None
+    """``GIGAFACTORY_RUNS_DB``: the coordinator's SQLite database of ``pipeline_runs`` (default
+    ``<GIGAFACTORY_HOME>/coordinator/runs.sqlite``)."""
 
     @property
     def fence_margin_effective_s(self) -> float:
@@ -503,6 +556,7 @@ class Settings(msgspec.Struct):
         check_fields(self)
         check_engine_settings(self)
         check_ledger(self)
+        check_budget(self)
         if len(self.engine_env_passthrough) > ENGINE_ENV_PASSTHROUGH_MAX_CHARS:
             raise SettingsError(f"engine_env_passthrough (GIGAFACTORY_ENGINE_ENV_PASSTHROUGH) is "
                                 f"{len(self.engine_env_passthrough)} characters; at most "
@@ -898,6 +952,34 @@ def check_engine_settings(s: Settings) -> None:
             pricing.load_table(s.price_table)
         except (OSError, pricing.PriceTableError) as e:
             raise SettingsError(f"price_table (GIGAFACTORY_PRICE_TABLE): {e}") from None
+
+
+def check_budget(s: Settings) -> None:
+    """Refuse budget settings the formulas cannot use (docs/economics.md, "Budgets"): raises
+    :class:`SettingsError` naming the variable."""
+    if s.max_cost_per_run_usd is not None and not s.max_cost_per_run_usd >= 0:
+        raise SettingsError(f"max_cost_per_run_usd={s.max_cost_per_run_usd!r} (GIGAFACTORY_MAX_COST_PER_RUN_USD) "
+                            "must be 0 or more dollars, or unset for no cap")
+    if not 0 < s.budget_signals_timeout_s <= 300:
+        raise SettingsError("budget_signals_timeout_s (GIGAFACTORY_BUDGET_SIGNALS_TIMEOUT_S) must be more than 0 "
+                            "and at most 300 seconds")
+    if not 0 < s.budget_signals_max_bytes <= 16 * 1024 * 1024:
+        raise SettingsError("budget_signals_max_bytes (GIGAFACTORY_BUDGET_SIGNALS_MAX_BYTES) must be 1 byte to 16 MiB")
+    if s.budget_signals_max_age_s < 0:
+        raise SettingsError("budget_signals_max_age_s (GIGAFACTORY_BUDGET_SIGNALS_MAX_AGE_S) must be 0 or more")
+    # The same rules as economics.budget.Policy.check (config imports no economics: no cycle).
+    for name in ("budget_days_per_month", "expected_features_today", "budget_runway_factor_max",
+                 "budget_growth_factor_max"):
+        if not getattr(s, name) > 0:
+            raise SettingsError(f"{name}={getattr(s, name)!r} (GIGAFACTORY_{name.upper()}) must be more than 0")
+    if s.monthly_pipeline_budget_usd < 0:
+        raise SettingsError("monthly_pipeline_budget_usd (GIGAFACTORY_MONTHLY_PIPELINE_BUDGET_USD) must not be negative")
+    if not s.budget_runway_target_months > s.budget_runway_floor_months >= 0:
+        raise SettingsError("budget runway: need runway_target_months > runway_floor_months >= 0 "
+                            "(GIGAFACTORY_BUDGET_RUNWAY_TARGET_MONTHS, GIGAFACTORY_BUDGET_RUNWAY_FLOOR_MONTHS)")
+    if not 0 <= s.budget_growth_factor_min <= 1 <= s.budget_growth_factor_max:
+        raise SettingsError("budget growth factor: need 0 <= GIGAFACTORY_BUDGET_GROWTH_FACTOR_MIN <= 1 <= "
+                            "GIGAFACTORY_BUDGET_GROWTH_FACTOR_MAX")
 
 
 def check_metrics_port(s: Settings) -> None:

@@ -214,6 +214,32 @@ CATALOGUE: tuple[Spec, ...] = (
     Spec("gigafactory_invoice_drift_ratio", "gauge", ("provider", "model"),
          "Invoice drift over the dollars billed, per provider and model (absent when nothing was billed).",
          "coordinator"),
+    # -- the fleet as capital: idle, lanes, budgets, throughput per dollar (issue 13, budget) -----
+    Spec("gigafactory_idle_classification_coverage_ratio", "gauge", (),
+         "Idle stations of live factories whose idle reason is a known class, over idle stations (1 when none "
+         "is idle); the floor is 1. Over a window: avg_over_time, or 'gigafactory report idle'.", "view"),
+    Spec("gigafactory_lane_allocation_ratio", "gauge", (),
+         "Busy stations of live factories over their stations, now (0 with none); sustained allocation is "
+         "avg_over_time of it (floor 0.5), or 'gigafactory report lanes'.", "view"),
+    Spec("gigafactory_merge_queue_jobs", "gauge", (),
+         "Jobs waiting between a passed attempt and shipping (review and testing): merge-queue occupancy.", "view"),
+    Spec("gigafactory_merge_queue_refill_seconds", "gauge", (),
+         "How long the merge queue last stayed empty before a job entered it again (0 until it has been empty).",
+         "view"),
+    Spec("gigafactory_budget_enforcement", "gauge", (),
+         "1 when budget enforcement is on (GIGAFACTORY_PIPELINE_BUDGET_ENFORCEMENT), 0 in pilot mode.",
+         "coordinator"),
+    Spec("gigafactory_budget_daily_usd", "gauge", (),
+         "Today's pipeline budget in dollars as last computed from the business signals.", "coordinator"),
+    Spec("gigafactory_budget_residual_usd", "gauge", (),
+         "Today's budget less the ledger's spend since midnight UTC, in dollars.", "coordinator"),
+    Spec("gigafactory_features_shipped_total", "counter", (),
+         "Features this coordinator wrote to pipeline_runs since it started.", "coordinator"),
+    Spec("gigafactory_features_cost_usd_total", "counter", (),
+         "The cost in dollars of those features (their pipeline_runs rows).", "coordinator"),
+    Spec("gigafactory_throughput_per_usd", "gauge", (),
+         "Validated throughput per funded dollar: features shipped per dollar, over this coordinator's runs "
+         "(0 until one cost something).", "coordinator"),
 )
 """Every metric exported by a gigafactory process: see :class:`Spec`."""
 
@@ -516,6 +542,32 @@ class _StateCollector:
         now = sched.broker_now_estimate()
         depth = self._jobs(c, now, add)
         self._fleet(c, now, depth, add)
+        self._capital(c, add)
+
+    @staticmethod
+    def _capital(c, add) -> None:
+        """The fleet-as-capital figures (issue 13): lanes, idle coverage, merge queue, budget, runs."""
+        from gigafactory.economics.idle import CLASSES
+
+        live = c.view.live_factories(c.sched.broker_now_estimate(), c.s.heartbeat_s)
+        stations = [s for f in live for s in f.record.stations]
+        busy = sum(1 for s in stations if str(s.state) == "busy")
+        idle = [s for s in stations if str(s.state) != "busy"]
+        known = sum(1 for s in idle if s.idle_reason is not None and str(s.idle_reason) in CLASSES)
+        add("gigafactory_lane_allocation_ratio", (), busy / len(stations) if stations else 0.0)
+        add("gigafactory_idle_classification_coverage_ratio", (), known / len(idle) if idle else 1.0)
+        mq = c.merge_queue
+        add("gigafactory_merge_queue_jobs", (), mq.occupancy)
+        add("gigafactory_merge_queue_refill_seconds", (), mq.last_refill_s)
+        gov = c.sched.governor
+        add("gigafactory_budget_enforcement", (), 1 if gov.enforcement else 0)
+        daily = gov.budget.daily_pipeline_budget_usd if gov.budget is not None else float("nan")  # NaN: not yet
+        add("gigafactory_budget_daily_usd", (), daily)
+        add("gigafactory_budget_residual_usd", (), daily - gov.spent_today_usd)
+        add("gigafactory_features_shipped_total", (), c.runs.features)
+        add("gigafactory_features_cost_usd_total", (), c.runs.features_cost_usd)
+        add("gigafactory_throughput_per_usd", (), c.runs.features / c.runs.features_cost_usd
+            if c.runs.features_cost_usd > 0 else 0.0)
 
     @staticmethod
     def _ledger(ledger, add) -> None:

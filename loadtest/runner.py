@@ -38,9 +38,12 @@ async def run_load(cfg: LoadConfig, progress=None) -> dict:
         say(f"coordinator and {cfg.factories} factories x {cfg.stations} stations in {len(run.layout)} fleet hosts")
         await run.start_coordinator()
         await run.start_fleet()
+        windows: dict[str, tuple[float, float]] = {}
         for name in cfg.workloads:
             say(f"workload {name}")
+            begun = time.time()
             await wl.WORKLOADS[name].run(ctx)
+            windows[name] = (begun, time.time())
         if ctx.paced_rate:
             say(f"baseline paced at {ctx.paced_rate:.1f} jobs/s")
             await run.start_baseline()
@@ -54,6 +57,8 @@ async def run_load(cfg: LoadConfig, progress=None) -> dict:
         for j, ts in (await read_first_events(run.admin_().js, "dispatched")).items():
             if j in ctx.timelines:
                 ctx.timelines[j].dispatched = ts
+        say("reading the stations' classes")
+        ctx.info["lanes"] = await wl.lane_figures(run.admin_(), windows)
         if cfg.idle_s > 0:
             say(f"idle fleet for {cfg.idle_s:g}s")
             ctx.idle = await run.measure_idle(cfg.idle_s)

@@ -35,6 +35,8 @@ IDLE_CPU_TARGET = st.Target("<", 5.0, "< 5% (1,000 factories)")
 UTIL_TARGET = st.Target(">=", 95.0, ">= 95%")
 FAIRNESS_TARGET = st.Target("<=", 1.5, "<= 1.5x")
 RESTART_TARGET = st.Target("<", 10.0, "< 10 s (100,000 jobs)")
+LANES_TARGET = st.Target(">=", 50.0, ">= 50% (the seed's floor)")
+IDLE_COVERAGE_TARGET = st.Target("==", 100.0, "100% (no dark idle)")
 MAX_FORKS_PER_S = 100.0
 """Bound on shell starts in the utilisation phase: job length grows with the fleet instead."""
 
@@ -405,6 +407,8 @@ def report(ctx: Context) -> dict:
         f = figures.get(f"ours:{name}")
         if f:
             tables.append(fn(ctx, ctx.phases[f"ours:{name}"], f))
+    if ctx.info.get("lanes"):
+        tables.append(_lanes(ctx))
     if ctx.idle:
         tables.append(_idle(ctx))
     if ctx.restart:
@@ -412,8 +416,39 @@ def report(ctx: Context) -> dict:
     incomplete = {k: f["not_completed"] for k, f in figures.items() if f["not_completed"]}
     return {"tables": [{"title": x.title, "rows": [r.to_dict() for r in x.rows]} for x in tables],
             "text": st.to_text(tables), "markdown": st.to_markdown(tables), "figures": figures,
-            "idle": ctx.idle, "restart": ctx.restart, "paced_rate": ctx.paced_rate,
+            "idle": ctx.idle, "restart": ctx.restart, "paced_rate": ctx.paced_rate, "lanes": ctx.info.get("lanes"),
             "incomplete": incomplete, "ok": not incomplete and (ctx.restart or {}).get("error") is None}
+
+
+async def lane_figures(broker, windows: dict[str, tuple[float, float]]) -> dict[str, dict]:
+    """Per workload: lane allocation and idle classification coverage over its window (epoch
+    seconds), from the factories' ``station`` events (:mod:`gigafactory.economics.idle`). The
+    run's broker is its own, so every event in it is this run's: read from the first. A read
+    that fails is reported as the workloads' ``error``, never the end of the run."""
+    from gigafactory.economics import idle
+
+    if not windows:
+        return {}
+    try:
+        evs = await idle.read_station_events(broker, None, max(b for _a, b in windows.values()))
+    except Exception as e:  # the figures are missing, the run's other figures stand
+        return {name: {"error": f"{type(e).__name__}: {e}"} for name in windows}
+    ts = idle.transitions_from_events(evs)
+    return {name: idle.summarise(idle.intervals(ts, a, b))[""].to_dict() for name, (a, b) in windows.items()}
+
+
+def _lanes(ctx: Context) -> st.Table:
+    t = st.Table("lanes and idle per workload (station events)")
+    for name, f in ctx.info["lanes"].items():
+        if "error" in f:
+            t.add(st.row(f"{name}: lane allocation", None, "%", note=f["error"]))
+            continue
+        t.add(st.row(f"{name}: lane allocation", round(f["lane_allocation"] * 100, 2), "%", target=LANES_TARGET,
+                     note=f"{f['busy_s']:.1f}s busy of {f['available_s']:.1f}s over {f['stations']} stations"))
+        t.add(st.row(f"{name}: idle classification coverage", round(f["idle_coverage"] * 100, 2), "%",
+                     target=IDLE_COVERAGE_TARGET,
+                     note=", ".join(f"{k} {v:.1f}s" for k, v in sorted(f["by_class_s"].items())) or "no idle time"))
+    return t
 
 
 def fmt_ms(v: float | None) -> str:

@@ -232,6 +232,11 @@ class Manifest(msgspec.Struct, rename="kebab", forbid_unknown_fields=True, omit_
     """What kind of lane this job's spend is booked to (``live``, ``background``, ``hosted``,
     ``remote``, ``shadow``); default: the factory's ``lane_kind`` setting. Funding windows may
     fund only some kinds."""
+    feature: bool = False
+    """This job ships a feature: when it ships it is a ``pipeline_runs`` row (docs/economics.md,
+    "Runs and routing"). A ``composite`` job is one without saying so."""
+    cosmetic: bool = False
+    """Cosmetic or hygiene work: never counted as a feature, whatever ``kind`` or ``feature`` say."""
 
     def requirements(self) -> tuple[str, ...]:
         """The canonical requirement set: capabilities plus the engine (or engine class)."""

@@ -294,6 +294,9 @@ class JobRecord(msgspec.Struct, omit_defaults=False):
     """What the coordinator's clean-up did once the job ended for good (``repo`` jobs): the
     superseded epochs' branches and the WIP branch deleted on the remote, their pull requests
     closed; in words. Empty until it ran (it runs once: this field says it is done)."""
+    budget_override: str = ""
+    """Who let this job start over its budget (``gigafactory budget override``; "" for nobody):
+    with budget enforcement on, a job held for ``budget`` is offered once this is set."""
 
     @property
     def priority_rank(self) -> int:
@@ -322,6 +325,20 @@ class IdleReason(enum.StrEnum):
     """Push dispatch is unavailable; polling the queue index instead."""
     BROKER_DOWN = "broker-down"
     """Disconnected from the broker; results wait in the local outbox."""
+    # The seed's classes (issue 13): set where the fleet knows them, and grouped by
+    # economics/idle.py. Added at the end: old records keep decoding.
+    WAITING_HOSTED = "waiting-hosted"
+    """Its work waits on a hosted service (a hosted CI run, a remote agent) to answer."""
+    WAITING_MERGE = "waiting-merge"
+    """Its work waits on a merge (review, merge queue) before the next can start."""
+    POLICY_PAUSED = "policy-paused"
+    """Paused by policy: the fleet is halted, or the queued work is held for its budget."""
+    BLOCKED = "blocked"
+    """The work it could take is blocked (dependencies, a capability this factory lacks)."""
+    PREWARM = "prewarm"
+    """Getting ready to work (probing, cleaning its workspace, warming a mirror)."""
+    OPERATOR_STEERING = "operator-steering"
+    """An operator holds it (steering a session by hand)."""
 
 
 class Station(msgspec.Struct):

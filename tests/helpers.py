@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import inspect
 import os
 import signal
@@ -134,6 +135,8 @@ class Fleet:
         self.url = url
         self.root = Path(root)
         self.settings = settings or fast_settings()
+        if self.settings.runs_db is None:  # the coordinator's pipeline_runs database, in the test's folder
+            self.settings = dataclasses.replace(self.settings, runs_db=str(self.root / "runs.sqlite"))
         self.repo = self.root / "repo"
         self.repo.mkdir(parents=True, exist_ok=True)
         self.factories: dict[str, Factory] = {}

@@ -4,6 +4,10 @@ factory's queue, in order, and are retried until stored, once each."""
 
 from __future__ import annotations
 
+import asyncio
+
+import pytest
+
 from helpers import Fleet, eventually, fast_settings, run
 
 from gigafactory.schemas import names
@@ -39,3 +43,26 @@ def test_events_the_stream_refused_are_stored_later_in_order_and_once(nats_serve
             assert f.stats["events_dropped"] == 0
 
     run(main(), timeout_s=90)
+
+
+def test_a_cancel_swallowed_inside_a_publish_still_stops_the_events_task():
+    # Python 3.11's asyncio.wait_for (inside nats-py's publish) returns the ack instead of raising
+    # when a cancel lands as the ack does; the events task must still stop, or a drain that
+    # gathers it waits forever.
+    from gigafactory.factory import audit
+
+    async def body():
+        asyncio.current_task().cancel()
+        try:
+            await asyncio.sleep(0)
+        except asyncio.CancelledError:
+            pass  # swallowed, as wait_for does when its future is done
+        audit._raise_if_cancelled()
+        return "kept going"
+
+    async def main():
+        task = asyncio.create_task(body())
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    asyncio.run(main())

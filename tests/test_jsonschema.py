@@ -113,7 +113,7 @@ def test_the_schema_accepts_a_good_manifest(validator):
         "review-policy": {"reviewers": ["@alice"]}, "artifacts": ["dist/report.html"],
         "tracker-item": "WEB-42", "kind": "composite", "parent": "epic-7",
         "repo": "https://git.example.com/web.git", "base": "main", "scope": ["src/**"], "scope-mode": "enforce",
-            "ship-as": "merged", "lane-kind": "shadow",
+            "ship-as": "merged", "lane-kind": "shadow", "feature": True, "cosmetic": False,
     }
     assert set(full) == set(FIELD_NAMES)
     assert errors(validator, full) == []

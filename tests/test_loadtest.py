@@ -188,7 +188,12 @@ def test_a_ci_sized_run_of_every_workload_completes_and_produces_every_figure(tm
     assert r["rss_bytes"]["single_before"] > 0 and r["rss_bytes"]["single_after"] > 0
     # The table carries every row with a verdict column; the targets are reported, not asserted.
     titles = [t["title"] for t in res["tables"]]
-    assert len(titles) == 8, titles
+    assert len(titles) == 9, titles
+    # Lane allocation and idle coverage per workload, from the stations' events: no dark idle.
+    assert set(res["lanes"]) == set(WORKLOADS)
+    for name, f in res["lanes"].items():
+        assert f["idle_coverage"] == 1.0, (name, f)
+        assert 0 < f["lane_allocation"] <= 1 and f["stations"] > 0, (name, f)
     verdicts = {row["verdict"] for t in res["tables"] for row in t["rows"]}
     assert verdicts <= {"", "met", "missed", "n/a"}
     assert "saturated throughput" in proc.stdout and "| figure |" not in proc.stdout

@@ -114,6 +114,8 @@ scope: [src/**, '**/*.md']
 scope-mode: enforce
 ship-as: pr-opened
 lane-kind: background
+feature: true
+cosmetic: true
 """
 
 
@@ -149,6 +151,7 @@ def test_a_manifest_with_every_field_parses_each_one():
     assert m.scope_mode == "enforce"
     assert m.ship_as == "pr-opened"
     assert m.lane_kind == "background"
+    assert m.feature is True and m.cosmetic is True
     # the engine wins over the engine class; budget.wall is the tighter ceiling
     assert m.requirements() == ("engine:claude", "has:git", "node>=20", "os:linux")
     assert m.timeout_s() == 45 * 60.0

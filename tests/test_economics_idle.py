@@ -1,0 +1,88 @@
+"""Idle classes: every station, every second, has a class, read back from the durable
+``station`` events. The arithmetic is a table test; the figures of a real fleet with churn (a
+lock held elsewhere, a factory stopped and started again) read 100% coverage against a real
+broker."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+
+from gigafactory.economics import idle
+from gigafactory.economics.idle import Transition as T
+from gigafactory.schemas import names
+
+from helpers import Fleet, eventually
+
+
+def test_intervals_close_at_the_next_event_the_factory_leaving_and_the_window():
+    ts = [T(10, "f", 0, "starting"), T(12, "f", 0, "no-work"), T(15, "f", 0, "busy"), T(20, "f", 0, "lock-wait"),
+          T(22, "f", None, None), T(11, "g", 0, "no-work")]
+    ivs = idle.intervals(ts, since_s=11, until_s=30)
+    got = [(iv.factory, iv.cls, iv.reason, iv.start_s, iv.end_s) for iv in ivs]
+    assert ("f", "prewarm", "starting", 11, 12) in got, "clipped to the window's start"
+    assert ("f", "busy", "busy", 15, 20) in got
+    assert ("f", "blocked", "lock-wait", 20, 22) in got, "factory_down ends it"
+    assert ("g", "no-work", "no-work", 11, 30) in got, "an open interval ends at the window's end"
+    s = idle.summarise(ivs)[""]
+    assert (s.busy_s, s.idle_s, s.available_s) == (5, 3 + 2 + 19 + 1, 5 + 25)
+    assert s.coverage == 1.0 and s.lane_allocation == pytest.approx(5 / 30)
+
+
+@pytest.mark.parametrize("cls,covered", [("no-work", 1.0), ("", 0.5), ("made-up", 0.5), (None, 0.5)])
+def test_an_unknown_or_missing_class_is_dark_idle_and_lowers_coverage(cls, covered):
+    ivs = idle.intervals([T(0, "f", 0, "seat-limit"), T(10, "f", 0, cls), T(20, "f", 0, "busy")], 0, 20)
+    s = idle.summarise(ivs)[""]
+    assert s.coverage == covered
+    assert s.lane_allocation == 0.0
+
+
+def test_summaries_by_factory_and_an_empty_window():
+    ivs = idle.intervals([T(0, "a", 0, "busy"), T(0, "b", 0, "no-work"), T(0, "b", 1, "busy")], 0, 10)
+    by = idle.summarise(ivs, by="factory")
+    assert by["a"].lane_allocation == 1.0 and by["b"].lane_allocation == 0.5 and by["b"].stations == 2
+    empty = idle.summarise([])[""]
+    assert empty.coverage == 1.0 and empty.lane_allocation == 0.0
+    with pytest.raises(ValueError, match="factory or station"):
+        idle.summarise(ivs, by="job")
+
+
+def test_every_station_second_of_a_fleet_with_churn_is_classified(nats_server, tmp_path):
+    async def main():
+        async with Fleet(nats_server.url, tmp_path) as fleet:
+            since = time.time() - 1
+            await fleet.add_factory("i-1", stations=2)
+            await fleet.add_factory("i-2")
+            # A lock entry written by hand holds lock L (until it is as old as a dead holder's):
+            # the job that needs it is offered, finds it taken and is handed back, and its
+            # station says lock-wait (a kind of blocked).
+            await fleet.admin.locks.put(names.safe_key("L"), b"held by hand")
+            locked = await fleet.submit_one(fleet.job("echo ok", lock="L", review_policy="auto"), "locked.md")
+            await eventually(lambda: any_kind(fleet, locked, "lock_wait"), 15, what="the lock_wait event")
+            jobs = [j["job"] for j in await fleet.submit(*(fleet.job("sleep 0.2", review_policy="auto")
+                                                           for _ in range(4)))]
+            await fleet.stop("i-2")  # churn: a factory leaves and another joins
+            await fleet.add_factory("i-3")
+            for j in [locked, *jobs]:
+                await fleet.wait_stage(j, "shipped", timeout_s=30)
+
+            async def figures():
+                evs = await idle.read_station_events(fleet.admin, since)
+                ivs = idle.intervals(idle.transitions_from_events(evs), since, time.time())
+                s = idle.summarise(ivs)[""]
+                return (s, evs) if s.busy_s > 0 and s.stations == 4 else None
+
+            s, evs = await eventually(figures, 15, what="station events of every factory")
+            assert s.coverage == 1.0, s.to_dict()
+            assert 0 < s.lane_allocation < 1, s.to_dict()
+            classes = {e["data"]["class"] for e in evs if e["kind"] == "station"}
+            assert {"busy", "no-work", "starting", "lock-wait", "draining"} <= classes, classes
+            assert s.by_class_s.get("blocked", 0) > 0 and s.by_class_s.get("prewarm", 0) > 0, s.to_dict()
+
+    asyncio.run(main())
+
+
+async def any_kind(fleet: Fleet, job: str, kind: str) -> bool:
+    return any(e["kind"] == kind for e in await fleet.events(job))
