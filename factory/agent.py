@@ -75,6 +75,15 @@ __all__ = [
 ]
 
 
+STATS = ("claims", "claim_conflicts", "claim_skipped", "fenced_writes", "handed_back", "finished", "quarantined",
+         "polled_claims", "events_published", "events_dropped", "pool_scans", "pool_records", "outbox_wakeups",
+         "stall_probes", "stall_checks", "self_fenced")
+"""A factory's counters. ``pool_scans``/``pool_records``/``outbox_wakeups`` say how much work an
+idle factory does (none beyond its heartbeat and long polls is the goal); ``stall_probes`` counts
+the one-request checks of a quiet pool index, ``stall_checks`` the full ones (an index scan, and a
+consumer lookup when something is queued)."""
+
+
 class Factory(Stations, AuditQueue, Pools, Holder, Execute, Reporting, Ship, Checkpoints):
     """One factory: its state, its loops, and drain. The behaviour is in the mixins (see the
     module's docstring); this class only sets up what they share and starts them.
@@ -151,15 +160,8 @@ class Factory(Stations, AuditQueue, Pools, Holder, Execute, Reporting, Ship, Che
         self.pools: dict[str, PoolState] = {}
         self.draining = asyncio.Event()
         self.ready = asyncio.Event()
-        self.stats = {"claims": 0, "claim_conflicts": 0, "claim_skipped": 0, "fenced_writes": 0,
-                      "handed_back": 0, "finished": 0, "quarantined": 0, "polled_claims": 0,
-                      "events_published": 0, "events_dropped": 0,
-                      "pool_scans": 0, "pool_records": 0, "outbox_wakeups": 0,
-                      "stall_probes": 0, "stall_checks": 0, "self_fenced": 0}
-        """Counters. ``pool_scans``/``pool_records``/``outbox_wakeups`` say how much work an
-        idle factory does (none beyond its heartbeat and long polls is the goal);
-        ``stall_probes`` counts the one-request checks of a quiet pool index, ``stall_checks``
-        the full ones (an index scan, and a consumer lookup when something is queued)."""
+        self.stats = dict.fromkeys(STATS, 0)
+        """Counters (see :data:`STATS`)."""
         self._stop: asyncio.Event | None = None
         self._pools_rescan = asyncio.Event()
         """Set when the pools must be read again (after a reconnect)."""

@@ -136,7 +136,7 @@ class Fleet:
         self.root = Path(root)
         self.settings = settings or fast_settings()
         if self.settings.runs_db is None:  # the coordinator's pipeline_runs database, in the test's folder
-            self.settings = dataclasses.replace(self.settings, runs_db=str(self.root / "runs.sqlite"))
+            self.settings = msgspec.structs.replace(self.settings, runs_db=str(self.root / "runs.sqlite"))
         self.repo = self.root / "repo"
         self.repo.mkdir(parents=True, exist_ok=True)
         self.factories: dict[str, Factory] = {}

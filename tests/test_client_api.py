@@ -214,7 +214,8 @@ def test_watch_follows_one_job_from_queued_to_shipped(nats_server, tmp_path):
 
             watching = asyncio.create_task(follow())
             await asyncio.wait_for(first.wait(), 20)
-            assert [s.stage for s in seen] == ["queued"]
+            # Queued, and maybe queued again: the scheduler's hold reason is a change of the record.
+            assert {s.stage for s in seen} == {"queued"}
             await fleet.add_factory("f1", caps=["has:later"])
             await asyncio.wait_for(watching, 60)
             stages = [s.stage for s in seen]
@@ -223,7 +224,9 @@ def test_watch_follows_one_job_from_queued_to_shipped(nats_server, tmp_path):
             assert all(isinstance(s, JobSummary) and s.id == sub.job for s in seen)
             assert seen[-1].holder is None and seen[-1].attempt == 1
             order = [s.value for s in Stage]
-            assert all(order.index(a) < order.index(b) for a, b in zip(stages, stages[1:])), stages
+            assert all(order.index(a) <= order.index(b) for a, b in zip(stages, stages[1:])), stages
+            assert all(a != b or x.reason != y.reason for a, b, x, y in zip(stages, stages[1:], seen, seen[1:])), \
+                "a summary is yielded only when it changed"
             # The watch read the job's record: no request went to list (or status) on the way.
             served = {e.name: e.num_requests for e in fleet.coordinator.api.service.stats().endpoints}
             assert served["list"] == 0 and served["status"] == 0, served
@@ -235,8 +238,9 @@ def test_watch_ends_at_its_timeout_having_yielded_the_job_as_it_is(nats_server, 
     async def main():
         async with Fleet(nats_server.url, tmp_path) as fleet:
             [sub] = await fleet.client.submit_text(fleet.job("echo never", capabilities=["has:unobtainium"]))
-            seen = [s.stage async for s in fleet.client.watch(sub.job, timeout_s=1.0)]
-            assert seen == ["queued"]
+            seen = [s async for s in fleet.client.watch(sub.job, timeout_s=1.0)]
+            assert seen and {s.stage for s in seen} == {"queued"}, seen  # the hold reason may change
+            assert all(a != b for a, b in zip(seen, seen[1:])), "a summary is yielded only when it changed"
 
     run(main(), 30)
 
