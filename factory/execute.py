@@ -35,7 +35,8 @@ from gigafactory.schemas.records import Attribution, JobRecord, Usage, Workspace
 from . import engines, shell
 from . import probe
 from .checkpoint import start_point
-from .engines.base import EngineJob, SetupFailed, budget_crossed, cred_variables, resume_env, resume_note
+from .engines.base import (EngineJob, SetupFailed, budget_crossed, cred_variables, resume_env, resume_note,
+                           strip_url_credentials)
 from .engines.verify import verify_gate
 from .holder import Run
 from .workspace import Checkout, GitError
@@ -434,7 +435,8 @@ class Execute:
                 "GF_BRANCH": f"gf/{run.job}/e{run.epoch}",
                 # For `gigafactory fence` right before a push or merge request (side effects are fenced
                 # too): the lease it computes what is left of must be the one the coordinators reap by.
-                "GIGAFACTORY_NATS_URL": self.b.urls, "GF_LEASE_TTL_S": repr(self.s.lease_ttl_s),
+                # The address only: a password in the URL is the factory's, never the job's.
+                "GIGAFACTORY_NATS_URL": strip_url_credentials(self.b.urls), "GF_LEASE_TTL_S": repr(self.s.lease_ttl_s),
                 **(resume_env(resume) if resume is not None else {}),
             },
             timeout_s=m.timeout_s(),

@@ -390,17 +390,45 @@ BASE_ENV_VARS: frozenset[str] = frozenset({
 ``LC_*`` and ``GF_*`` ones (:func:`base_environment`)."""
 
 
+FACTORY_ONLY_PREFIXES: tuple[str, ...] = ("GIGAFACTORY_", "NATS_")
+"""Variables that are the factory's own and never reach an engine, even when named in
+``passthrough``: its settings (``GIGAFACTORY_NATS_URL`` with any password in it,
+``GIGAFACTORY_CREDS``, the credentials path, its identity) and the NATS tools' context
+(``NATS_URL``, ``NATS_CREDS``, ``NATS_NKEY``, ``NATS_PASSWORD``...). A job that runs
+``gigafactory fence`` gets the broker's address without its userinfo from the factory
+(:func:`strip_url_credentials`), never the factory's credentials."""
+
+
 def base_environment(environ: Mapping[str, str], passthrough: Iterable[str] = ()) -> dict[str, str]:
     """The variables of ``environ`` an engine may see: :data:`BASE_ENV_VARS`, ``LC_*``,
-    ``GF_*``, ``GIGAFACTORY_NATS_URL``, and the names in ``passthrough``. Nothing else (API keys
-    and other secrets of the factory stay out unless named).
+    ``GF_*``, and the names in ``passthrough``. Nothing else (API keys and other secrets of the
+    factory stay out unless named), and never the factory's own (:data:`FACTORY_ONLY_PREFIXES`).
 
     :param environ: the factory's environment.
     :param passthrough: further names to pass (credential variables, the operator's allowlist).
     """
     extra = set(passthrough)
     return {k: v for k, v in environ.items()
-            if k in BASE_ENV_VARS or k in extra or k.startswith(("LC_", "GF_")) or k == "GIGAFACTORY_NATS_URL"}
+            if (k in BASE_ENV_VARS or k in extra or k.startswith(("LC_", "GF_")))
+            and not k.startswith(FACTORY_ONLY_PREFIXES)}
+
+
+def strip_url_credentials(urls: str) -> str:
+    """``urls`` (one NATS URL or a comma-separated list) without any ``user:password@`` or
+    token userinfo: the broker's address a job may know, never the factory's secret.
+
+    :param urls: the URLs the factory connected with.
+    """
+    out = []
+    for u in (x.strip() for x in urls.split(",")):
+        if not u:
+            continue
+        scheme, sep, rest = u.partition("://")
+        if not sep:
+            scheme, rest = "", u
+        host = rest.rpartition("@")[2] if "@" in rest.split("/", 1)[0] else rest
+        out.append(f"{scheme}{sep}{host}")
+    return ",".join(out)
 
 
 def cred_variables(requirements: Iterable[str], known: Iterable[str]) -> list[str]:
