@@ -45,6 +45,7 @@ from pathlib import Path
 from gigafactory import __version__, logcontext
 from gigafactory.broker import Broker
 from gigafactory.config import Settings, factories_dir
+from gigafactory.config import home as gf_home
 from gigafactory.metrics import process_metrics
 from gigafactory.schemas import capabilities as caps
 from gigafactory.schemas import names
@@ -58,6 +59,8 @@ from .engines.noop import NOOP_ENGINE
 from .execute import Execute
 from .holder import MAX_CAS_RETRIES, Holder, Run
 from .outbox import Outbox
+from .redact import factory_redactor
+from .sandbox import factory_sandbox
 from .pools import POLL_BACKOFF_MIN_S, STALL_CHECKS_PER_REDISPATCH, STALL_READS_MAX, Pools, PoolState
 from .reporting import OUTBOX_RETRY_S, Reporting, ResultPayload
 from .checkpoint import Checkpoints
@@ -128,6 +131,7 @@ class Factory(Stations, AuditQueue, Pools, Holder, Execute, Reporting, Ship, Che
             pid=os.getpid(), version=__version__,
         )
         self._make_folders(workspace, data_dir)
+        self._guard_setup()
         self.outbox = Outbox(str(self.dir / "outbox"))
         self.git = Store(self.dir / "git", timeout_s=self.s.git_timeout_s, max_bytes=self.s.git_mirrors_max_bytes,
                          base_dir=self.workspace)
@@ -175,6 +179,14 @@ class Factory(Stations, AuditQueue, Pools, Holder, Execute, Reporting, Ship, Che
         tokens = (probe_mod.probe(extra_capabilities, timeout_s=self.s.probe_timeout_s) if probe
                   else list(extra_capabilities) + ["engine:shell"])
         return sorted(set(tokens) | {f"factory:{self.id}"})
+
+    def _guard_setup(self) -> None:
+        """Issue 12: the redactor of whatever leaves this factory (its secrets and token shapes)
+        and the sandbox its engines run in (``engine_sandbox``)."""
+        self.redactor = factory_redactor(os.environ, cred_vars=probe_mod.CREDENTIAL_VARS, urls=getattr(self.b, "urls", ""),
+                                         extra_vars=[n.strip() for n in self.s.redact_extra_vars.split(",")])
+        self.sandbox = factory_sandbox(self.s.engine_sandbox, self.s.engine_sandbox_user, factory_dir=self.dir,
+                                       home_dir=gf_home(), creds_path=os.environ.get("GIGAFACTORY_CREDS", ""))
 
     def _make_folders(self, workspace: str | None, data_dir: str | None) -> None:
         """This factory's folder (``data_dir``, default under ``GIGAFACTORY_HOME``), its logs and

@@ -335,10 +335,10 @@ class Execute:
         """
         a = await self._attempt_for(run)
         if a.setup_error is not None:
-            return a.setup_failed(a.setup_error)
+            return a.setup_failed(self.redactor.text(a.setup_error))
         eng, why = self._engine_for(a, engine)
         if eng is None:
-            return a.setup_failed(why)
+            return a.setup_failed(self.redactor.text(why))
         resume = await self._resume_of(run, a.co) if a.co is not None else None
         reader = OutputReader(self, run, a.name, eng)
         job = self._engine_job(run, a, eng, reader, resume)
@@ -349,7 +349,7 @@ class Execute:
             prepared = await asyncio.to_thread(eng.prepare, job)
         except SetupFailed as e:
             if e.log_line is not None:
-                Path(a.log_path).write_text(e.log_line)
+                Path(a.log_path).write_text(self.redactor.text(e.log_line))
             return a.result(FailureClass.SETUP_FAILED, e.detail)
         t0 = time.monotonic()
         # WIP checkpoints while the engine runs (a repo job, checkpoint_s on): :mod:`checkpoint`.
@@ -446,7 +446,7 @@ class Execute:
             supervised=not self.s.unsafe_unfenced_engines, kill_grace_s=5.0, parser=reader.parsers[0],
             env_passthrough=(*cred_variables(rec.requirements, probe.CREDENTIAL_VARS),
                              *self.s.engine_env_passthrough_names),
-            settings=self.s, resume=resume,
+            settings=self.s, resume=resume, redactor=self.redactor, sandbox=self.sandbox,
         )
 
     async def _after_engine(self, run: Run, a: "Attempt", eng, job: EngineJob, prepared, out, t0: float):

@@ -43,6 +43,8 @@ from gigafactory.schemas.records import Usage, usage_tokens
 
 from .. import shell
 from ..credentials import CREDENTIAL_VARS
+from ..redact import Redactor
+from ..sandbox import Sandbox
 
 
 @dataclass(frozen=True)
@@ -119,6 +121,11 @@ class EngineJob:
     resume: "Resume | None" = None
     """Set when this attempt resumes an earlier one's WIP checkpoint (its worktree starts
     there): what was done, for the engine to be told. None: a fresh start."""
+    redactor: "Redactor | None" = None
+    """Replaces the factory's secrets and token shapes in the output before it reaches the log
+    or the live subject (:mod:`~gigafactory.factory.redact`); None: output as it is."""
+    sandbox: "Sandbox | None" = None
+    """Confines the engine and the verify gate (:mod:`~gigafactory.factory.sandbox`); None: not."""
 
 
 RESUME_NOTE_PATHS_MAX = 20
@@ -491,6 +498,7 @@ async def run_prepared(job: EngineJob, prepared: Prepared,
             prepared.argv, cwd=str(prepared.cwd), env=prepared.env, timeout_s=job.timeout_s,
             log_path=job.log_path, on_output=on_output or job.on_output, cancel=job.cancel,
             kill_grace_s=job.kill_grace_s, header=job.header, fence=job.fence, supervised=job.supervised,
+            redactor=job.redactor, sandbox=job.sandbox,
         )
     except FileNotFoundError as e:
         return Outcome(FailureClass.SETUP_FAILED, str(e))
