@@ -14,6 +14,9 @@ Endpoints (subjects ``gf.api.<name>``), JSON in and out:
 - ``factories`` ``{}``                   factory records with liveness
 - ``stats``     ``{}``                   the answering coordinator's counters: per-job errors,
                                          failed events, quarantined (poison) records
+- ``halt``      ``{"product"?, "mode"?}`` the kill switch (:mod:`halt`): stop dispatching (the
+                                         fleet or one product); ``mode`` ``drain`` or ``stop``
+- ``resume``    ``{"product"?}``         undo a halt
 
 Errors come back as a micro error (``Nats-Service-Error-Code`` 400/404/409) with a body
 ``{"error": message, "errors": [...]}`` naming the file, line and field where there is one.
@@ -38,7 +41,7 @@ from gigafactory.schemas.limits import hint
 from gigafactory.schemas.api import ApiError, job_summary
 from gigafactory.schemas.records import EventRecord, JobRecord, LockRecord, decode, encode
 
-from . import intake, shipping
+from . import halt, intake, shipping
 from .retention import read_archived
 from .scheduler import capability_gap
 from .view import FleetView
@@ -119,6 +122,8 @@ class Api:
         self.sched = scheduler
         self.actor = actor
         self.service = None
+        self.halt_watch: "halt.HaltWatch | None" = None
+        """The coordinator's halt state (set by the service): a halt applies here at once."""
 
     async def start(self) -> None:
         self.service = await add_service(
@@ -130,6 +135,7 @@ class Api:
             ("submit", self.submit), ("cancel", self.cancel), ("requeue", self.requeue), ("ship", self.ship),
             ("status", self.status), ("list", self.list), ("factories", self.factories),
             ("stats", self.stats),
+            ("halt", lambda body: halt.api_halt(self, body)), ("resume", lambda body: halt.api_resume(self, body)),
         ):
             await group.add_endpoint(name=name, handler=self._wrap(name, fn))
 
@@ -305,6 +311,9 @@ class Api:
         serving = [f.record.id for f in live if not f.offers.missing(rec.requirements)]
         info: dict = {"serving_factories": serving}
         if rec.stage == Stage.QUEUED:
+            held = halt.H.hold_reason(getattr(self.sched, "halt", None) or halt.H.HaltState(), rec.manifest.product)
+            if held:
+                info["halted"] = True
             if not serving:
                 why = capability_gap(rec.requirements, live)
                 info["missing_capabilities"] = sorted({
@@ -326,6 +335,8 @@ class Api:
             info["deps"] = deps
         if rec.stage in LEASED:
             info["lease_age_s"] = round(now - e.ts, 3)
+        if rec.stage == Stage.QUEUED and info.get("halted"):
+            why = held
         if poisoned is not None:
             why = (f"quarantined: {poisoned.reason} (the coordinator leaves revision {poisoned.revision} alone; "
                    f"fix or delete the record to release it)")
@@ -355,7 +366,7 @@ class Api:
             d["heartbeat_age_s"] = round(now - f.ts, 3)
             d["live"] = f.record.status == "up" and now - f.ts <= 3 * period
             out.append(d)
-        return {"factories": out}
+        return {"factories": out, "halt": halt.state_dict(getattr(self.sched, "halt", None) or halt.H.HaltState())}
 
     async def stats(self, body: dict) -> dict:
         """The answering coordinator's counters (with several coordinators, each keeps its

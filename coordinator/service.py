@@ -20,6 +20,7 @@ from gigafactory.config import Settings
 from gigafactory.metrics import process_metrics
 
 from .api import Api
+from .halt import HALT_REFRESH_S, HaltWatch
 from .inbox import Inbox
 from .retention import Retention
 from .scheduler import Scheduler, loop
@@ -50,6 +51,8 @@ class Coordinator:
         self.view = FleetView()
         self.sched = Scheduler(broker, self.view, self.s, self.name)
         self.api = Api(broker, self.view, self.sched, self.name)
+        self.halt = HaltWatch(broker, self.sched)
+        self.api.halt_watch = self.halt
         self.inbox = Inbox(broker, inbox) if inbox else None
         self.retention = Retention(broker, self.view, self.s, self.name, forget_pool=self.sched.pools_ready.discard)
         self.ready = asyncio.Event()
@@ -72,6 +75,7 @@ class Coordinator:
             self.replay_s = time.monotonic() - replay_t0
             await self._until_done("reading the broker clock", self.sched.sync_clock, stop)
             await self._until_done("loading the queue index", self.sched.load_index, stop)
+            await self._until_done("reading the halt state", self.halt.refresh, stop)  # before any dispatch
             if stop.is_set():
                 return
             self.ready.set()
@@ -95,6 +99,7 @@ class Coordinator:
                 asyncio.create_task(loop("locks", 5.0, self.sched.release_stale_locks, stop), name="locks"),
                 asyncio.create_task(loop("repair", self.s.dispatch_repair_s, self.sched.repair_dispatch, stop), name="repair"),
                 asyncio.create_task(loop("clock", 5.0, clock, stop), name="clock"),
+                asyncio.create_task(loop("halt", HALT_REFRESH_S, self.halt.refresh, stop), name="halt"),
                 asyncio.create_task(loop("retention", self.s.retention_interval_s, self.retention.run_pass, stop),
                                     name="retention"),
             ]

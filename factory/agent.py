@@ -49,6 +49,7 @@ from gigafactory.config import home as gf_home
 from gigafactory.metrics import process_metrics
 from gigafactory.schemas import capabilities as caps
 from gigafactory.schemas import names
+from gigafactory.schemas.halt import HaltState
 from gigafactory.schemas.records import EventRecord, FactoryRecord, IdleReason, Station, StationState, encode
 
 from . import engines
@@ -58,6 +59,7 @@ from .engines.base import credential_fingerprint
 from .engines.noop import NOOP_ENGINE
 from .execute import Execute
 from .holder import MAX_CAS_RETRIES, Holder, Run
+from .halting import refresh_halt
 from .outbox import Outbox
 from .redact import factory_redactor
 from .sandbox import factory_sandbox
@@ -132,6 +134,8 @@ class Factory(Stations, AuditQueue, Pools, Holder, Execute, Reporting, Ship, Che
         )
         self._make_folders(workspace, data_dir)
         self._guard_setup()
+        self.halt_state = HaltState()
+        """The kill switch as last read (:mod:`halting`)."""
         self.outbox = Outbox(str(self.dir / "outbox"))
         self.git = Store(self.dir / "git", timeout_s=self.s.git_timeout_s, max_bytes=self.s.git_mirrors_max_bytes,
                          base_dir=self.workspace)
@@ -272,6 +276,7 @@ class Factory(Stations, AuditQueue, Pools, Holder, Execute, Reporting, Ship, Che
             if st.state == StationState.IDLE:
                 st.idle_reason = self._idle_reason()
         await self.b.factories.put(self.id, encode(self.record))
+        await refresh_halt(self)  # the kill switch: within one heartbeat
 
     async def _heartbeat_loop(self, stop: asyncio.Event) -> None:
         self._heartbeat_reconnects = self.b.nc.stats["reconnects"]

@@ -35,6 +35,7 @@ from gigafactory.schemas.records import Attribution, JobRecord, Usage, Workspace
 from . import engines, shell
 from . import probe
 from .checkpoint import start_point
+from .halting import claim_refused
 from .engines.base import (EngineJob, SetupFailed, budget_crossed, cred_variables, resume_env, resume_note,
                            strip_url_credentials)
 from .engines.verify import verify_gate
@@ -185,7 +186,8 @@ class Execute:
                 await self._release_station(station, seat)
                 return Claim(False)
             rec = decode(e.value, JobRecord)
-            if rec.stage != Stage.QUEUED or self.offers.missing(rec.requirements):
+            if rec.stage != Stage.QUEUED or self.offers.missing(rec.requirements) or \
+                    claim_refused(self, rec.manifest.product):  # the kill switch (halting.py)
                 self.stats["claim_skipped"] += 1
                 await self._release_station(station, seat)
                 return Claim(False)
@@ -298,7 +300,7 @@ class Execute:
                 return
             if run.draining and not run.fenced:
                 # Stopped by a drain: give the job back without charging it a retry.
-                await self._hand_back(run, "factory draining")
+                await self._hand_back(run, run.handback_reason or "factory draining")
                 return
             if run.fenced:
                 self._quarantine_local(run, payload, "lease lost while running (stale epoch)")

@@ -1,0 +1,63 @@
+"""The kill switch on a factory (issue 12): read the halt state every heartbeat, claim nothing
+it covers, and under ``stop`` stop the runs it covers and hand their jobs back.
+
+The state's rules are :mod:`gigafactory.schemas.halt`; the coordinator holds queued jobs
+(:mod:`gigafactory.coordinator.halt`). A factory checks too, because dispatch messages already
+published, and the polling fallback, would otherwise still be claimed: reading the state on
+each heartbeat bounds that to one heartbeat. A read that fails keeps the last state; a state
+that cannot be decoded halts everything here (a garbled kill switch must not mean "go").
+
+State it uses on :class:`~gigafactory.factory.agent.Factory`: ``halt_state``, ``runs``, ``b``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from gigafactory.schemas import halt as H
+
+log = logging.getLogger(__name__)
+
+
+async def refresh_halt(factory) -> None:
+    """Read the halt state into ``factory.halt_state``; under ``stop``, stop the covered runs.
+
+    :param factory: the factory (its broker's ``control`` bucket, its ``runs``)."""
+    control = factory.b.control
+    if control is None:
+        return
+    try:
+        e = await control.get(H.HALT_KEY)
+        state = H.decode_state(e.value if e is not None else None)
+    except H.HaltError as ex:
+        state = H.HaltState(fleet=H.Halt(mode="drain", at=time.time(), reason=str(ex)))
+    except Exception as ex:
+        log.info("%s: halt state not read (%s); keeping the last one", factory.id, ex)
+        return
+    if state != factory.halt_state:
+        log.warning("%s: halt state changed: fleet=%s products=%s", factory.id,
+                    state.fleet.mode if state.fleet else None, sorted(state.products))
+    factory.halt_state = state
+    stop_covered_runs(factory)
+
+
+def claim_refused(factory, product: str) -> bool:
+    """Whether a job of ``product`` may not be claimed here now (a halt covers it).
+
+    :param factory: the factory.
+    :param product: the job's product."""
+    return H.covering(factory.halt_state, product) is not None
+
+
+def stop_covered_runs(factory) -> None:
+    """Under a ``stop`` halt, stop the engine of every run it covers; the attempt then hands
+    its job back (fenced, no retry charged) through the path a drain takes."""
+    for run in list(factory.runs.values()):
+        h = H.covering(factory.halt_state, run.record.manifest.product)
+        if h is None or h.mode != "stop" or run.draining:
+            continue
+        run.handback_reason = H.hold_reason(factory.halt_state, run.record.manifest.product) or "halted"
+        run.draining = True  # _execute_attempt hands it back once the engine has stopped
+        run.cancel.set()
+        log.warning("%s: stopping %s (epoch %d): %s", factory.id, run.job, run.epoch, run.handback_reason)
