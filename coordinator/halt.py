@@ -97,27 +97,15 @@ class HaltWatch:
     def apply(self, state: H.HaltState) -> None:
         """Take ``state`` as current (the answering coordinator, right after writing it)."""
         if state != self.sched.halt:
-            log.warning("halt state now: %s", describe(state))
+            log.warning("halt state now: %s", H.describe(state))
         self.sched.halt = state
-
-
-def describe(state: H.HaltState) -> str:
-    """One line saying what is halted (``status``, ``factories``, logs)."""
-    if not state.any:
-        return "not halted: dispatching"
-    parts = []
-    if state.fleet is not None:
-        parts.append(f"fleet halted ({state.fleet.mode}{', by ' + state.fleet.actor if state.fleet.actor else ''})")
-    for product, h in sorted(state.products.items()):
-        parts.append(f"product {product} halted ({h.mode}{', by ' + h.actor if h.actor else ''})")
-    return "; ".join(parts)
 
 
 def state_dict(state: H.HaltState) -> dict:
     """The state as a reply's ``halt`` field: ``halted``, ``summary``, ``fleet``, ``products``."""
     import msgspec
 
-    return {"halted": state.any, "summary": describe(state), **msgspec.to_builtins(state)}
+    return {"halted": state.any, "summary": H.describe(state), **msgspec.to_builtins(state)}
 
 
 async def api_halt(api, body: dict) -> dict:

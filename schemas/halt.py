@@ -87,6 +87,22 @@ def hold_reason(state: HaltState, product: str) -> str | None:
     return f"halted: {scope} ({h.mode}){who}{why}; 'gigafactory resume' dispatches again"
 
 
+def describe(state: HaltState) -> str:
+    """One line saying what is halted (``status``, ``factories``, ``top``, logs).
+
+    :param state: the halt state."""
+    if not state.any:
+        return "not halted: dispatching"
+
+    def one(scope: str, h: Halt) -> str:
+        return (f"{scope} halted ({h.mode}{', by ' + h.actor if h.actor else ''})"
+                + (f": {h.reason}" if h.reason else ""))
+
+    parts = [one("fleet", state.fleet)] if state.fleet is not None else []
+    parts += [one(f"product {product}", h) for product, h in sorted(state.products.items())]
+    return "; ".join(parts)
+
+
 def check_product(product: str | None) -> str | None:
     """``product`` checked as a product name (None: the fleet). Raises :class:`HaltError`.
 

@@ -171,3 +171,47 @@ def test_a_restarted_coordinator_keeps_the_halt_and_one_product_halt_leaves_the_
                 await cb.close()
 
     run(main(), 110)
+
+
+# -- top -----------------------------------------------------------------------------------------
+
+
+def test_top_model_shows_the_halt_and_forgets_it_when_deleted():
+    from gigafactory.topmodel import TopModel
+
+    m = TopModel()
+    assert m.snapshot(10.0).halt == ""
+    m.apply_control(H.HALT_KEY, H.encode_state(H.halt(H.HaltState(), product="web", mode="stop", at=1.0,
+                                                        actor="ann")), 1.0)
+    assert m.snapshot(10.0).halt == "product web halted (stop, by ann)"
+    m.apply_control(H.HALT_KEY, b"{nonsense", 2.0)
+    assert "not readable" in m.snapshot(10.0).halt
+    m.apply_control(H.HALT_KEY, None, 3.0)
+    assert m.snapshot(10.0).halt == ""
+
+
+def test_top_shows_a_live_halt_in_its_header(nats_server, tmp_path):
+    from textual.widgets import Static
+
+    from gigafactory.broker import connect
+    from gigafactory.top import TopApp
+
+    async def main():
+        async with Fleet(nats_server.url, tmp_path) as fleet:
+            nc = await connect(nats_server.url, "test-top", fleet.settings)
+            app = TopApp(nc, url=nats_server.url, refresh_s=0.1)
+            try:
+                async with app.run_test(size=(160, 50)) as pilot:
+                    summary = lambda: str(app.query_one("#summary", Static).render())  # noqa: E731
+                    await eventually(lambda: "jobs" in summary(), 15, what="top drawn")
+                    assert "HALTED" not in summary()
+                    await fleet.client.call("halt", {"mode": "stop", "actor": "ops"})
+                    await eventually(lambda: "HALTED: fleet halted (stop, by ops)" in summary(), 15,
+                                     what=f"the halt in top's header: {summary()}")
+                    await fleet.client.call("resume", {})
+                    await eventually(lambda: "HALTED" not in summary(), 15, what="the halt gone from the header")
+                    await pilot.press("q")
+            finally:
+                await nc.close()
+
+    run(main(), 90)
