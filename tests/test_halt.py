@@ -136,6 +136,33 @@ def test_halt_stop_stops_running_jobs_and_hands_them_back_fenced_then_resume_run
     run(main(), 100)
 
 
+def test_a_factory_refuses_a_dispatch_message_already_out_for_a_halted_job(nats_server, tmp_path):
+    """The scheduler holds halted jobs, but a message published before the halt (or by
+    another coordinator that has not read it yet) still reaches a factory: the factory's own
+    check refuses it."""
+    from gigafactory.coordinator.intake import ensure_pool
+    from gigafactory.schemas import names
+    from gigafactory.schemas.records import DispatchMessage, encode
+
+    async def main():
+        async with Fleet(nats_server.url, tmp_path) as fleet:
+            f = await fleet.add_factory("f1")
+            await fleet.client.call("halt", {"product": "web", "mode": "drain"})
+            job = await fleet.submit_one(fleet.job("echo ran > ran.txt", review_policy="auto", product="web"))
+            await eventually(lambda: H.covering(f.halt_state, "web") is not None, 10, what="the factory read the halt")
+            rec, _ = await fleet.record(job)
+            assert await ensure_pool(fleet.admin, rec.pool, rec.requirements)
+            skipped = f.stats["claim_skipped"]
+            await fleet.admin.js.publish(names.dispatch_subject(rec.pool),
+                                         encode(DispatchMessage(job=job, epoch=rec.epoch, pool=rec.pool)))
+            await eventually(lambda: f.stats["claim_skipped"] > skipped, 15, what="the factory looked at the offer")
+            rec, _ = await fleet.record(job)
+            assert str(rec.stage) == "queued" and not rec.attempts, (rec.stage, rec.attempts)
+            assert not (fleet.repo / "ran.txt").exists()
+
+    run(main(), 60)
+
+
 # -- restart and scope ---------------------------------------------------------------------------
 
 
