@@ -27,6 +27,7 @@ signal the whole process group and the self-fencing deadline holds.
 from __future__ import annotations
 
 import os
+import pwd
 import shutil
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -48,7 +49,7 @@ class Sandbox:
     :param hidden: folders and files the engine must not see (the factory's data folder,
         ``GIGAFACTORY_HOME``, the credentials file): replaced by empty ones under ``bwrap``.
     :param program: the ``bwrap`` or ``setpriv`` executable (resolved path).
-    :param user: the user (``user`` mode).
+    :param user: ``uid:gid`` of the user (``user`` mode; the user's primary group).
     """
 
     mode: str
@@ -70,8 +71,9 @@ class Sandbox:
         if self.mode == "bwrap":
             return [self.program, *bwrap_args(cwd, self.hidden, readable, self.shown), "--", *argv]
         if self.mode == "user":
-            return [self.program, f"--reuid={self.user}", f"--regid={self.user}", "--init-groups",
-                    "--inh-caps=-all", "--", *argv]
+            uid, _, gid = self.user.partition(":")
+            return [self.program, f"--reuid={uid}", f"--regid={gid}", "--init-groups", "--inh-caps=-all",
+                    "--", *argv]
         return list(argv)
 
 
@@ -151,7 +153,14 @@ def make_sandbox(mode: str, *, hidden: Iterable[str], shown: Iterable[str] = (),
         if os.geteuid() != 0:
             raise SandboxUnavailable("GIGAFACTORY_ENGINE_SANDBOX=user needs the factory to run as root, to "
                                      f"switch to {user!r}")
-        return Sandbox("user", (), program, user)
+        try:
+            pw = pwd.getpwnam(user)
+        except KeyError:
+            raise SandboxUnavailable(f"GIGAFACTORY_ENGINE_SANDBOX_USER={user!r} is not a user here: create it "
+                                     "(useradd --system --user-group --no-create-home gf-engine)") from None
+        if pw.pw_uid == 0:
+            raise SandboxUnavailable(f"GIGAFACTORY_ENGINE_SANDBOX_USER={user!r} is root: name an unprivileged user")
+        return Sandbox("user", (), program, f"{pw.pw_uid}:{pw.pw_gid}")
     raise SandboxUnavailable(f"GIGAFACTORY_ENGINE_SANDBOX={mode!r}: use one of {', '.join(SANDBOX_MODES)}")
 
 

@@ -209,6 +209,8 @@ async def run_script(
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(script.encode("utf-8"))
+        if sandbox is not None and sandbox.mode == "user":
+            os.chmod(script_path, 0o644)  # the engine's user reads it (the job's text: no secret)
         return await _run(
             _confine(sandbox, [shell, script_path], cwd, readable=(script_path,)),
             cwd=cwd,

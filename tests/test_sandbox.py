@@ -118,3 +118,28 @@ def test_without_the_sandbox_the_same_write_outside_succeeds(nats_server, tmp_pa
             assert (outside / "x.txt").read_text() == "escaped\n"
 
     run(main(), 60)
+
+
+def test_user_mode_runs_the_engine_as_an_unprivileged_user(outside):
+    """As root here: ``nobody`` stands for the dedicated user (no system change needed)."""
+    import os
+
+    assert os.geteuid() == 0, "the user mode is tested where the tests run as root (CI's container)"
+    with pytest.raises(SandboxUnavailable, match="not a user here"):
+        make_sandbox("user", hidden=[], user="no-such-user-gf")
+    with pytest.raises(SandboxUnavailable, match="is root"):
+        make_sandbox("user", hidden=[], user="root")
+    box = make_sandbox("user", hidden=[], user="nobody")
+    outside.chmod(0o711)  # mkdtemp's 0700 would keep the user out of everything
+    shared, private = outside / "shared", outside / "private"
+    shared.mkdir(mode=0o777)
+    shared.chmod(0o777)
+    private.mkdir(mode=0o700)
+    (private / "secret").write_text("factory-private")
+    script = f"id -u; echo in > {shared}/in.txt; echo out > {private}/out.txt; cat {private}/secret"
+    res = subprocess.run(box.wrap(["bash", "-c", script], cwd=str(shared)), capture_output=True, text=True,
+                         timeout=30, cwd=str(shared))
+    assert res.stdout.splitlines()[0] == "65534"
+    assert (shared / "in.txt").read_text() == "in\n" and (shared / "in.txt").stat().st_uid == 65534
+    assert not (private / "out.txt").exists() and "factory-private" not in res.stdout
+    assert res.stderr.count("Permission denied") == 2, res.stderr
