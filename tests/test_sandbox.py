@@ -143,3 +143,29 @@ def test_user_mode_runs_the_engine_as_an_unprivileged_user(outside):
     assert (shared / "in.txt").read_text() == "in\n" and (shared / "in.txt").stat().st_uid == 65534
     assert not (private / "out.txt").exists() and "factory-private" not in res.stdout
     assert res.stderr.count("Permission denied") == 2, res.stderr
+
+
+def test_under_bwrap_a_repo_job_edits_its_worktree_runs_git_status_and_ships_its_branch(nats_server, tmp_path):
+    """A git worktree under the sandbox: the engine edits files and reads git (its worktree's
+    own git metadata is writable, the shared mirror read-only, so its own `git add` fails);
+    the factory commits and pushes."""
+    from test_workspace import branches, make_remote, repo_job
+
+    remote = make_remote(tmp_path)
+
+    async def main():
+        async with Fleet(nats_server.url, tmp_path, fast_settings(engine_sandbox="bwrap")) as fleet:
+            await fleet.add_factory("f1")
+            job = await fleet.submit_one(repo_job(
+                "echo sandboxed > sandboxed.txt && git status --porcelain > status.txt && "
+                "if git add sandboxed.txt; then echo added; else echo 'git add refused'; fi && rm status.txt",
+                repo=str(remote), review_policy="auto"))
+            rec = await fleet.wait_stage(job, "shipped", "failed", "dead_letter", timeout_s=40)
+            assert str(rec.stage) == "shipped", rec.attempts[-1].detail
+            w = rec.attempts[-1].workspace
+            assert w is not None and w.pushed and branches(remote)[w.branch] == w.head
+            assert w.files_changed == 1
+            log = "".join(p.read_text() for p in (tmp_path / "factories" / "f1" / "logs").glob(f"{job}-*.log"))
+            assert "git add refused" in log and "Read-only file system" in log, log
+
+    run(main(), 80)
