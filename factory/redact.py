@@ -15,11 +15,11 @@ with ``[REDACTED:<name>]`` (the variable's name, or the token kind).
 
 Streams: output arrives in chunks cut anywhere, so a secret may be split across two writes.
 :class:`StreamRedactor` keeps back a bounded tail of the raw bytes (``carry_bytes``: the longest
-secret or token prefix that could still be completed by the next chunk) and emits only what no
-later byte can change; :meth:`StreamRedactor.flush` emits the rest at the end. A token shape in
+secret or token prefix that could still be completed by the next chunk, and never a complete
+line when no secret holds a line break) and emits only what no later byte can change; :meth:`StreamRedactor.flush` emits the rest at the end. A token shape in
 progress at the end of the buffer (a PEM block, a JWT, a long key) is held back whole, up to
-its pattern's bound. The cost: the live tail of a log lags by at most ``carry_bytes`` (plus a
-token in progress) until the next write or the end of the run.
+its pattern's bound. The cost: the unfinished last line of a live log lags by at most
+``carry_bytes`` (plus a token in progress) until the next write or the end of the run.
 
 What it does not catch: a secret transformed before it is printed (base64, reversed, one
 character per line with other text between), a value shorter than :data:`SECRET_MIN_CHARS`,
@@ -40,6 +40,9 @@ SECRET_MAX_CHARS = 16_384
 """Longer values are not literals to look for (a credentials file is read line by line)."""
 SECRETS_MAX = 512
 """At most this many distinct secret values (the rest are dropped, longest kept)."""
+PEM_END_MAX_BYTES = 80
+"""Longest ``-----END ... PRIVATE KEY-----`` line: a key block without one is held while
+this much or less follows it."""
 TOKEN_CARRY_BYTES = 512
 """The carry-over kept for token shapes: a token's prefix at least this long already matches
 its pattern, so a split one is held back whole."""
@@ -105,6 +108,9 @@ class Redactor:
     carry_bytes: int
     """The raw tail a stream keeps back: the longest literal minus one, at least
     :data:`TOKEN_CARRY_BYTES`."""
+    lines_safe: bool = True
+    """No literal holds a line break, and no token shape but a PEM block spans one: a stream
+    may emit every complete line at once (a PEM block in progress is still held whole)."""
 
     @classmethod
     def build(cls, secrets: Mapping[str, str], *, tokens: bool = True) -> "Redactor":
@@ -127,7 +133,8 @@ class Redactor:
             names.append(name)
         longest = max((len(v) for _, v in literals), default=0)
         pattern = re.compile(b"|".join(alts) if alts else b"(?!)")
-        return cls(pattern, tuple(names), max(TOKEN_CARRY_BYTES if tokens else 0, longest - 1))
+        return cls(pattern, tuple(names), max(TOKEN_CARRY_BYTES if tokens else 0, longest - 1),
+                   lines_safe=not any(b"\n" in v or b"\r" in v for _, v in literals))
 
     def _replace(self, m: re.Match[bytes]) -> bytes:
         return b"[REDACTED:" + self.names[m.lastindex - 1].encode() + b"]"  # type: ignore[operator]
@@ -179,13 +186,18 @@ class StreamRedactor:
         :param chunk: the next bytes of the stream."""
         buf = self._carry + chunk
         cut = max(0, len(buf) - self.r.carry_bytes)
+        if self.r.lines_safe:
+            # Complete lines go out at once (a live log shows a line when it is written): no
+            # secret or token can run on past a line break, and one in progress is held below.
+            cut = max(cut, buf.rfind(b"\n") + 1)
         out, pos = [], 0
         for m in self.r.pattern.finditer(buf):
             if m.start() >= cut:
                 break
-            if m.end() > cut or m.end() == len(buf):
-                # Straddles the cut, or runs to the end of what we have (a token may go on):
-                # keep it whole for the next chunk to complete.
+            if m.end() > cut or m.end() == len(buf) or self._pem_open(m, len(buf)):
+                # Straddles the cut, or runs to the end of what we have (a token may go on),
+                # or a private key whose END line may be arriving: keep it whole for the next
+                # chunk to complete.
                 cut = m.start()
                 break
             out.append(buf[pos:m.start()])
@@ -195,6 +207,12 @@ class StreamRedactor:
         self._carry = buf[cut:]
         self.max_carry_bytes = max(self.max_carry_bytes, len(self._carry))
         return b"".join(out)
+
+    def _pem_open(self, m: re.Match[bytes], size: int) -> bool:
+        """A private-key match without its END line, close enough to the end of the buffer
+        that the END line may be what follows (else the block is cut short: final as it is)."""
+        return (self.r.names[m.lastindex - 1] == "private_key"  # type: ignore[operator]
+                and b"-----END" not in m.group() and size - m.end() < PEM_END_MAX_BYTES)
 
     def flush(self) -> bytes:
         """The rest of the stream, redacted; the redactor is empty after."""

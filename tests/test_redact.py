@@ -98,3 +98,18 @@ def test_json_like_values_are_redacted_inside():
     r = Redactor.build({"X_TOKEN": "abcdefghij"})
     assert r.value({"a": ["x abcdefghij", 3], "abcdefghij": None}) == \
         {"a": ["x [REDACTED:X_TOKEN]", 3], "[REDACTED:X_TOKEN]": None}
+
+
+def test_complete_lines_go_out_at_once_and_a_pem_block_in_progress_is_held():
+    r = Redactor.build({"X_TOKEN": "abcdefghij"})
+    s = r.stream()
+    assert s.feed(b"hello\nwor") == b"hello\n"
+    assert s.feed(b"ld abcde") == b""
+    assert s.feed(b"fghij\n") == b"world [REDACTED:X_TOKEN]\n"
+    head, body = PEM.split("\n", 1)
+    assert s.feed((head + "\n").encode()) == b"", "a private key block in progress is held, lines or not"
+    end = body.index("-----END")
+    assert s.feed(body[:end].encode()) == b"", "still no END line"
+    assert s.feed(body[end:].encode() + b"\nafter\n") == b"[REDACTED:private_key]\nafter\n"
+    multi = Redactor.build({"X_PEM": "line-one-secret\nline-two-secret"})
+    assert not multi.lines_safe and multi.stream().feed(b"line-one-secret\n") == b""
