@@ -187,7 +187,8 @@ class Factory(Stations, AuditQueue, Pools, Holder, Execute, Reporting, Ship, Che
     def _guard_setup(self) -> None:
         """Issue 12: the redactor of whatever leaves this factory (its secrets and token shapes)
         and the sandbox its engines run in (``engine_sandbox``)."""
-        self.redactor = factory_redactor(os.environ, cred_vars=probe_mod.CREDENTIAL_VARS, urls=getattr(self.b, "urls", ""),
+        self.redactor = factory_redactor(os.environ, cred_vars=probe_mod.CREDENTIAL_VARS,
+                                         urls=getattr(self.b, "urls", ""),
                                          extra_vars=[n.strip() for n in self.s.redact_extra_vars.split(",")])
         self.sandbox = factory_sandbox(self.s.engine_sandbox, self.s.engine_sandbox_user, factory_dir=self.dir,
                                        home_dir=gf_home(), creds_path=os.environ.get("GIGAFACTORY_CREDS", ""))

@@ -35,10 +35,10 @@ from gigafactory.schemas.records import Attribution, JobRecord, Usage, Workspace
 from . import engines, shell
 from . import probe
 from .checkpoint import start_point
-from .halting import claim_refused
 from .engines.base import (EngineJob, SetupFailed, budget_crossed, cred_variables, resume_env, resume_note,
                            strip_url_credentials)
 from .engines.verify import verify_gate
+from .halting import claim_refused
 from .holder import Run
 from .workspace import Checkout, GitError
 from .reporting import ResultPayload

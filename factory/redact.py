@@ -16,9 +16,10 @@ with ``[REDACTED:<name>]`` (the variable's name, or the token kind).
 Streams: output arrives in chunks cut anywhere, so a secret may be split across two writes.
 :class:`StreamRedactor` keeps back a bounded tail of the raw bytes (``carry_bytes``: the longest
 secret or token prefix that could still be completed by the next chunk, and never a complete
-line when no secret holds a line break) and emits only what no later byte can change; :meth:`StreamRedactor.flush` emits the rest at the end. A token shape in
-progress at the end of the buffer (a PEM block, a JWT, a long key) is held back whole, up to
-its pattern's bound. The cost: the unfinished last line of a live log lags by at most
+line when no secret holds a line break) and emits only what no later byte can change;
+:meth:`StreamRedactor.flush` emits the rest at the end. A token shape in progress at the end of
+the buffer (a PEM block until its END line, a JWT, a long key) is held back whole, up to its
+pattern's bound. The cost: the unfinished last line of a live log lags by at most
 ``carry_bytes`` (plus a token in progress) until the next write or the end of the run.
 
 What it does not catch: a secret transformed before it is printed (base64, reversed, one

@@ -354,7 +354,8 @@ def _find_shell(env: Mapping[str, str]) -> str:
 class _Sink:
     """Appends output to the log and forwards it to the callback; never raises into asyncio."""
 
-    def __init__(self, log_file: BinaryIO, on_output: OutputCallback | None, redactor: "Redactor | None" = None) -> None:
+    def __init__(self, log_file: BinaryIO, on_output: OutputCallback | None,
+                 redactor: "Redactor | None" = None) -> None:
         self._log = log_file
         self._on_output = on_output
         self._log_failed = False

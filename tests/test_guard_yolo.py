@@ -12,7 +12,8 @@ from gigafactory.schemas.manifest import ManifestError, parse_job_text
 pytestmark = pytest.mark.timeout(60)
 
 CATALOG = {
-    "strict": profiles.parse_profile("---\nsummary: s\nengine-class: agentic-coder\n---\nYou are careful.\n", "strict.md"),
+    "strict": profiles.parse_profile("---\nsummary: s\nengine-class: agentic-coder\n---\nYou are careful.\n",
+                                     "strict.md"),
     "trusted": profiles.parse_profile("---\nsummary: t\nengine-class: agentic-coder\nyolo: true\n---\nGo.\n",
                                       "trusted.md"),
 }

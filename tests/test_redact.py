@@ -43,7 +43,8 @@ def test_ordinary_text_is_left_alone(text):
 
 
 def test_secret_values_are_named_for_their_variable_and_win_over_their_shape():
-    r = Redactor.build({"ANTHROPIC_API_KEY": "sk-ant-api03-AbCdEfGhIjKlMnOpQrSt", "DB_PASSWORD": "correct-horse-battery"})
+    r = Redactor.build({"ANTHROPIC_API_KEY": "sk-ant-api03-AbCdEfGhIjKlMnOpQrSt",
+                        "DB_PASSWORD": "correct-horse-battery"})
     assert r.text("k=sk-ant-api03-AbCdEfGhIjKlMnOpQrSt p=correct-horse-battery.") == \
         "k=[REDACTED:ANTHROPIC_API_KEY] p=[REDACTED:DB_PASSWORD]."
 

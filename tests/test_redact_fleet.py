@@ -71,7 +71,8 @@ def test_a_job_printing_credentials_leaves_none_on_the_broker_or_the_factory_dis
 
             sub = await fleet.admin.nc.subscribe(names.logs_subject("*"), cb=heard)
             await fleet.add_factory("f1", caps=["cred:anthropic_api_key"])
-            ok = await fleet.submit_one(fleet.job(PRINTS, review_policy="auto", capabilities=["cred:anthropic_api_key"]))
+            ok = await fleet.submit_one(fleet.job(PRINTS, review_policy="auto",
+                                                  capabilities=["cred:anthropic_api_key"]))
             bad = await fleet.submit_one(fleet.job(
                 PRINTS, review_policy="auto", capabilities=["cred:anthropic_api_key"], retry={"max": 0},
                 verify='echo "verify says $ANTHROPIC_API_KEY"; false'), path="bad.md")
