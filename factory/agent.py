@@ -59,7 +59,7 @@ from .engines.base import credential_fingerprint
 from .engines.noop import NOOP_ENGINE
 from .execute import Execute
 from .holder import MAX_CAS_RETRIES, Holder, Run
-from .halting import refresh_halt
+from .halting import follow_halt, refresh_halt
 from .outbox import Outbox
 from .redact import factory_redactor
 from .sandbox import factory_sandbox
@@ -211,6 +211,7 @@ class Factory(Stations, AuditQueue, Pools, Holder, Execute, Reporting, Ship, Che
         self._stop = stop
         logcontext.bind(factory=self.id)  # this task's and its tasks' log lines name this factory
         await self._ws_clean_at_start()  # before any claim: nothing of ours uses them yet
+        await refresh_halt(self)  # the kill switch, before any claim; then followed (halting.py)
         await self._heartbeat()
         for st in self.record.stations:
             st.idle_reason = IdleReason.NO_WORK
@@ -218,6 +219,7 @@ class Factory(Stations, AuditQueue, Pools, Holder, Execute, Reporting, Ship, Che
         self._spawn(self._heartbeat_loop(stop), "heartbeat")
         self._spawn(self._pools_loop(stop), "pools")
         self._spawn(self._outbox_loop(stop), "outbox")
+        self._spawn(follow_halt(self, stop), "halt")
         await self._event("factory_up", reason=f"{len(self.record.stations)} stations",
                           data={"capabilities": self.record.capabilities})
         self.ready.set()
@@ -277,7 +279,6 @@ class Factory(Stations, AuditQueue, Pools, Holder, Execute, Reporting, Ship, Che
             if st.state == StationState.IDLE:
                 st.idle_reason = self._idle_reason()
         await self.b.factories.put(self.id, encode(self.record))
-        await refresh_halt(self)  # the kill switch: within one heartbeat
 
     async def _heartbeat_loop(self, stop: asyncio.Event) -> None:
         self._heartbeat_reconnects = self.b.nc.stats["reconnects"]

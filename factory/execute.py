@@ -38,7 +38,7 @@ from .checkpoint import start_point
 from .engines.base import (EngineJob, SetupFailed, budget_crossed, cred_variables, resume_env, resume_note,
                            strip_url_credentials)
 from .engines.verify import verify_gate
-from .halting import claim_refused
+from .halting import claim_refused, stop_covered_runs
 from .holder import Run
 from .workspace import Checkout, GitError
 from .reporting import ResultPayload
@@ -238,6 +238,7 @@ class Execute:
     async def _start_run(self, run: Run, reason: str, via: str, seat: str | None) -> None:
         """Take ``run`` in (its station busy), say ``claimed`` and start the attempt's task."""
         self.runs[(run.job, run.epoch)] = run
+        stop_covered_runs(self)  # a --stop halt that arrived during the claim hands it back
         self._set_station(run.station, run.job, run.epoch)
         log.info("%s: claimed %s (attempt %d, epoch %d, via %s, station %d)", self.id, run.job, run.record.attempt,
                  run.epoch, via, run.station)

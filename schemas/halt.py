@@ -6,8 +6,8 @@ coordinator restarts and every coordinator and factory reads the same one:
 
 - the scheduler holds every queued job it covers with a reason starting ``halted``
   (:func:`hold_reason`): nothing is offered;
-- a factory claims nothing it covers (it reads the state on every heartbeat, so a dispatch
-  message already out is refused within one heartbeat);
+- a factory claims nothing it covers (it follows the key with a watch, so a dispatch message
+  already out is refused as soon as the change arrives, well within one heartbeat);
 - with ``stop``, a factory stops the engines of the runs it covers and hands the jobs back
   (fenced, without charging a retry); with ``drain`` they finish.
 
