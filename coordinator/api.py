@@ -16,6 +16,9 @@ not fit its structure is refused with a 400 naming the field:
 - ``factories`` ``{}``                   factory records with liveness
 - ``stats``     ``{}``                   the answering coordinator's counters: per-job errors,
                                          failed events, quarantined (poison) records
+- ``halt``      ``{"product"?, "mode"?}`` the kill switch (:mod:`halt`): stop dispatching (the
+                                         fleet or one product); ``mode`` ``drain`` or ``stop``
+- ``resume``    ``{"product"?}``         undo a halt
 
 Errors come back as a micro error (``Nats-Service-Error-Code`` 400/404/409) with a body
 ``{"error": message, "errors": [...]}`` naming the file, line and field where there is one.
@@ -46,7 +49,7 @@ from gigafactory.schemas.api import (
 )
 from gigafactory.schemas.records import EventRecord, JobRecord, LockRecord, decode, encode
 
-from . import intake, shipping
+from . import halt, intake, shipping
 from .retention import read_archived
 from .scheduler import capability_gap
 from .view import FleetView
@@ -127,6 +130,8 @@ class Api:
         self.sched = scheduler
         self.actor = actor
         self.service = None
+        self.halt_watch: "halt.HaltWatch | None" = None
+        """The coordinator's halt state (set by the service): a halt applies here at once."""
 
     async def start(self) -> None:
         self.service = await add_service(
@@ -139,6 +144,7 @@ class Api:
             ("status", self.status), ("list", self.list), ("factories", self.factories),
             ("stats", self.stats),
             ("budget", self.budget), ("budget_override", self.budget_override),
+            ("halt", lambda body: halt.api_halt(self, body)), ("resume", lambda body: halt.api_resume(self, body)),
         ):
             await group.add_endpoint(name=name, handler=self._wrap(name, fn))
 
@@ -315,6 +321,9 @@ class Api:
         serving = [f.record.id for f in live if not f.offers.missing(rec.requirements)]
         info: dict = {"serving_factories": serving}
         if rec.stage == Stage.QUEUED:
+            held = halt.H.hold_reason(getattr(self.sched, "halt", None) or halt.H.HaltState(), rec.manifest.product)
+            if held:
+                info["halted"] = True
             if not serving:
                 why = capability_gap(rec.requirements, live)
                 info["missing_capabilities"] = sorted({
@@ -336,6 +345,8 @@ class Api:
             info["deps"] = deps
         if rec.stage in LEASED:
             info["lease_age_s"] = round(now - e.ts, 3)
+        if rec.stage == Stage.QUEUED and info.get("halted"):
+            why = held
         if poisoned is not None:
             why = (f"quarantined: {poisoned.reason} (the coordinator leaves revision {poisoned.revision} alone; "
                    f"fix or delete the record to release it)")
@@ -362,7 +373,7 @@ class Api:
             d["heartbeat_age_s"] = round(now - f.ts, 3)
             d["live"] = f.record.status == "up" and now - f.ts <= 3 * period
             out.append(d)
-        return FactoriesReply(factories=out)
+        return FactoriesReply(factories=out, halt=halt.state_dict(getattr(self.sched, "halt", None) or halt.H.HaltState()))
 
     async def stats(self, req: StatsRequest) -> dict:
         """The answering coordinator's counters (with several coordinators, each keeps its

@@ -23,6 +23,8 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from gigafactory.schemas.halt import HaltState
+from gigafactory.schemas.halt import hold_reason as halt_hold_reason
 from gigafactory.schemas.lifecycle import Stage
 from gigafactory.schemas.records import JobRecord
 
@@ -159,6 +161,8 @@ class DispatchInput:
     budget_hold: Callable[[JobRecord], str | None] | None = None
     """The budget governor's decision for a job that would be offered (``economics.governor``):
     a ``budget: ...`` hold reason, or None to offer it. None: no budget check."""
+    halt: HaltState | None = None
+    """The kill switch (:mod:`~gigafactory.schemas.halt`): the jobs it covers are held ``halted``."""
 
 
 @dataclass
@@ -241,7 +245,8 @@ class _Pass:
             plan.too_large.append(st)
             return
         pool = self.pool_of(st)
-        hold = decide.hold_reason(
+        hold = halt_hold_reason(inp.halt, rec.manifest.product) if inp.halt is not None else None
+        hold = hold or decide.hold_reason(
             rec, st.ts, inp.broker_now_s, redispatch=redispatch,
             lock_holder=self.locks.get(rec.manifest.lock) if rec.manifest.lock else None,
             gap=self.gaps.get(pool), inflight=self.inflight[pool], capacity=plan.capacity[pool])

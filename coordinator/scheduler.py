@@ -25,6 +25,7 @@ from gigafactory.config import Settings
 from gigafactory.economics.budget import enforcement_line
 from gigafactory.economics.governor import Governor
 from gigafactory.schemas import names, protocol
+from gigafactory.schemas.halt import HaltState
 from gigafactory.schemas.lifecycle import LEASED, IllegalTransition, Stage
 from gigafactory.schemas.records import (
     DispatchMessage,
@@ -174,6 +175,9 @@ class Scheduler:
         view.job_listeners.append(self.queue.on_job)
         self._gap_seen: dict[str, tuple[int, str | None]] = {}
         """Pools nothing serves, fully held: (jobs that entered it, the reason) at that pass."""
+        self.halt = HaltState()
+        """The kill switch's state (kept current by :class:`~gigafactory.coordinator.halt.HaltWatch`):
+        queued jobs it covers are held, not offered."""
         self.visited = 0
         """Queued jobs the latest dispatch pass looked at (offers, holds, jobs passed over)."""
         self.passes = 0
@@ -411,7 +415,7 @@ class Scheduler:
             queue=self.queue, live=self.view.live_factories(broker_now, self.s.heartbeat_s), leased=leased,
             published=self.published, held=self.held, gap_seen=self._gap_seen, last_served=self.last_served,
             quarantined=self.is_poisoned, broker_now_s=broker_now, now_mono_s=mono,
-            redispatch_s=self.s.redispatch_s,
+            redispatch_s=self.s.redispatch_s, halt=self.halt,
             max_record_bytes=self.b.nc.max_payload - RECORD_HEADROOM_BYTES - RECORD_HEADER_BYTES,
             budget_hold=self.governor.decide))
         for jid in plan.forget:

@@ -22,6 +22,7 @@ from gigafactory.economics.runs import MergeQueue, RunsRecorder
 from gigafactory.metrics import process_metrics
 
 from .api import Api
+from .halt import HALT_REFRESH_S, HaltWatch
 from .inbox import Inbox
 from .retention import Retention
 from .shipping import REF_CLEANUP_INTERVAL_S, RefCleaner
@@ -60,6 +61,8 @@ class Coordinator:
         self.view.job_listeners.append(self.runs.on_job)
         self.merge_queue = MergeQueue()  # occupancy and refill latency (a metric)
         self.view.job_listeners.append(self.merge_queue.on_job)
+        self.halt = HaltWatch(broker, self.sched)
+        self.api.halt_watch = self.halt
         self.inbox = Inbox(broker, inbox) if inbox else None
         self.retention = Retention(broker, self.view, self.s, self.name, forget_pool=self.sched.pools_ready.discard)
         self.ledger = LedgerPass(broker)
@@ -84,6 +87,7 @@ class Coordinator:
             self.replay_s = time.monotonic() - replay_t0
             await self._until_done("reading the broker clock", self.sched.sync_clock, stop)
             await self._until_done("loading the queue index", self.sched.load_index, stop)
+            await self._until_done("reading the halt state", self.halt.refresh, stop)  # before any dispatch
             if stop.is_set():
                 return
             self.ready.set()
@@ -108,6 +112,7 @@ class Coordinator:
                 asyncio.create_task(loop("repair", self.s.dispatch_repair_s, self.sched.repair_dispatch, stop), name="repair"),
                 asyncio.create_task(loop("clock", 5.0, clock, stop), name="clock"),
                 asyncio.create_task(loop("runs", RUNS_FLUSH_S, self.runs.flush, stop), name="runs"),
+                asyncio.create_task(loop("halt", HALT_REFRESH_S, self.halt.refresh, stop), name="halt"),
                 asyncio.create_task(loop("retention", self.s.retention_interval_s, self.retention.run_pass, stop),
                                     name="retention"),
                 asyncio.create_task(loop("refs", REF_CLEANUP_INTERVAL_S, RefCleaner(self.b, self.view).run_pass, stop),

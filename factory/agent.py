@@ -45,9 +45,11 @@ from pathlib import Path
 from gigafactory import __version__, logcontext
 from gigafactory.broker import Broker
 from gigafactory.config import Settings, factories_dir
+from gigafactory.config import home as gf_home
 from gigafactory.metrics import process_metrics
 from gigafactory.schemas import capabilities as caps
 from gigafactory.schemas import names
+from gigafactory.schemas.halt import HaltState
 from gigafactory.schemas.records import EventRecord, FactoryRecord, IdleReason, Station, StationState, encode
 
 from . import engines
@@ -57,7 +59,10 @@ from .engines.base import credential_fingerprint
 from .engines.noop import NOOP_ENGINE
 from .execute import Execute
 from .holder import MAX_CAS_RETRIES, Holder, Run
+from .halting import follow_halt, refresh_halt
 from .outbox import Outbox
+from .redact import factory_redactor
+from .sandbox import factory_sandbox
 from .pools import POLL_BACKOFF_MIN_S, STALL_CHECKS_PER_REDISPATCH, STALL_READS_MAX, Pools, PoolState
 from .reporting import OUTBOX_RETRY_S, Reporting, ResultPayload
 from .checkpoint import Checkpoints
@@ -138,6 +143,9 @@ class Factory(Stations, AuditQueue, Pools, Holder, Execute, Reporting, Ship, Che
             pid=os.getpid(), version=__version__,
         )
         self._make_folders(workspace, data_dir)
+        self._guard_setup()
+        self.halt_state = HaltState()
+        """The kill switch as last read (:mod:`halting`)."""
         self.outbox = Outbox(str(self.dir / "outbox"))
         self.spend = SpendWriter(broker, self.dir, self.id, stations, self.s, funding_windows(self.s), seats or {})
         """The spend ledger's writer (:mod:`spend`): attempt records, fixed seat costs."""
@@ -185,6 +193,15 @@ class Factory(Stations, AuditQueue, Pools, Holder, Execute, Reporting, Ship, Che
                   else list(extra_capabilities) + ["engine:shell"])
         return sorted(set(tokens) | {f"factory:{self.id}"})
 
+    def _guard_setup(self) -> None:
+        """Issue 12: the redactor of whatever leaves this factory (its secrets and token shapes)
+        and the sandbox its engines run in (``engine_sandbox``)."""
+        self.redactor = factory_redactor(os.environ, cred_vars=probe_mod.CREDENTIAL_VARS,
+                                         urls=getattr(self.b, "urls", ""),
+                                         extra_vars=[n.strip() for n in self.s.redact_extra_vars.split(",")])
+        self.sandbox = factory_sandbox(self.s.engine_sandbox, self.s.engine_sandbox_user, factory_dir=self.dir,
+                                       home_dir=gf_home(), creds_path=os.environ.get("GIGAFACTORY_CREDS", ""))
+
     def _make_folders(self, workspace: str | None, data_dir: str | None) -> None:
         """This factory's folder (``data_dir``, default under ``GIGAFACTORY_HOME``), its logs and
         its workspace (default: ``work`` in its folder)."""
@@ -209,6 +226,7 @@ class Factory(Stations, AuditQueue, Pools, Holder, Execute, Reporting, Ship, Che
         for st in self.record.stations:
             self._note_station(st.index)
         await self._ws_clean_at_start()  # before any claim: nothing of ours uses them yet
+        await refresh_halt(self)  # the kill switch, before any claim; then followed (halting.py)
         await self._heartbeat()
         for st in self.record.stations:
             st.idle_reason = IdleReason.NO_WORK
@@ -219,6 +237,7 @@ class Factory(Stations, AuditQueue, Pools, Holder, Execute, Reporting, Ship, Che
         self._spawn(self._outbox_loop(stop), "outbox")
         self._spawn(self.spend.publish_loop(), "spend")
         self._spawn(self.spend.fixed_loop(stop), "seat-costs")
+        self._spawn(follow_halt(self, stop), "halt")
         self.ready.set()
         await stop.wait()
         await self.drain()

@@ -38,9 +38,11 @@ class AuditQueue:
         result with no claim before it. Queued, it is retried until stored (with one message id,
         so a retry of a publish whose reply was lost is stored once), and the events after it
         wait their turn, so the audit keeps the order of the writes. The run never waits on it."""
+        # Redacted here, before it is queued: nothing of a secret reaches the queue or GF_EVENTS.
         ev = EventRecord(
             kind=kind, at=time.time(), job=job, epoch=epoch, factory=self.id, actor=self.id,
-            stage_from=stage_from, stage_to=stage_to, reason=reason, data=data or {},
+            stage_from=stage_from, stage_to=stage_to, reason=self.redactor.text(reason),
+            data=self.redactor.value(data or {}),
         )
         if len(self._events) >= EVENT_QUEUE_MAX:
             lost, _ = self._events.popleft()

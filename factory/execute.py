@@ -37,8 +37,10 @@ from gigafactory.schemas.records import (Attribution, IdleReason, JobRecord, Usa
 from . import engines, shell
 from . import probe
 from .checkpoint import start_point
-from .engines.base import EngineJob, SetupFailed, budget_crossed, cred_variables, resume_env, resume_note
+from .engines.base import (EngineJob, SetupFailed, budget_crossed, cred_variables, resume_env, resume_note,
+                           strip_url_credentials)
 from .engines.verify import verify_gate
+from .halting import claim_refused, stop_covered_runs
 from .holder import Run
 from .spend import AttemptSpend
 from .workspace import Checkout, GitError
@@ -208,7 +210,8 @@ class Execute:
                 await self._release_station(station, seat)
                 return Claim(False)
             rec = decode(e.value, JobRecord)
-            if rec.stage != Stage.QUEUED or self.offers.missing(rec.requirements):
+            if rec.stage != Stage.QUEUED or self.offers.missing(rec.requirements) or \
+                    claim_refused(self, rec.manifest.product):  # the kill switch (halting.py)
                 self.stats["claim_skipped"] += 1
                 await self._release_station(station, seat)
                 return Claim(False)
@@ -259,6 +262,7 @@ class Execute:
     async def _start_run(self, run: Run, reason: str, via: str, seat: str | None) -> None:
         """Take ``run`` in (its station busy), say ``claimed`` and start the attempt's task."""
         self.runs[(run.job, run.epoch)] = run
+        stop_covered_runs(self)  # a --stop halt that arrived during the claim hands it back
         self._set_station(run.station, run.job, run.epoch)
         log.info("%s: claimed %s (attempt %d, epoch %d, via %s, station %d)", self.id, run.job, run.record.attempt,
                  run.epoch, via, run.station)
@@ -323,7 +327,7 @@ class Execute:
                 return
             if run.draining and not run.fenced:
                 # Stopped by a drain: give the job back without charging it a retry.
-                await self._hand_back(run, "factory draining")
+                await self._hand_back(run, run.handback_reason or "factory draining")
                 return
             if run.fenced:
                 self._quarantine_local(run, payload, "lease lost while running (stale epoch)")
@@ -360,10 +364,10 @@ class Execute:
         """
         a = await self._attempt_for(run)
         if a.setup_error is not None:
-            return a.setup_failed(a.setup_error)
+            return a.setup_failed(self.redactor.text(a.setup_error))
         eng, why = self._engine_for(a, engine)
         if eng is None:
-            return a.setup_failed(why)
+            return a.setup_failed(self.redactor.text(why))
         resume = await self._resume_of(run, a.co, eng.engine_class) if a.co is not None else None
         a.spend = self.spend.begin(run, a.name)  # attribution resolved before the engine starts
         reader = OutputReader(self, run, a.name, eng)
@@ -376,7 +380,7 @@ class Execute:
             prepared = await asyncio.to_thread(eng.prepare, job)
         except SetupFailed as e:
             if e.log_line is not None:
-                Path(a.log_path).write_text(e.log_line)
+                Path(a.log_path).write_text(self.redactor.text(e.log_line))
             self.spend.final(a.spend, None, str(FailureClass.SETUP_FAILED))
             return a.result(FailureClass.SETUP_FAILED, e.detail)
         t0 = time.monotonic()
@@ -466,7 +470,8 @@ class Execute:
                 "GF_BRANCH": f"gf/{run.job}/e{run.epoch}",
                 # For `gigafactory fence` right before a push or merge request (side effects are fenced
                 # too): the lease it computes what is left of must be the one the coordinators reap by.
-                "GIGAFACTORY_NATS_URL": self.b.urls, "GF_LEASE_TTL_S": repr(self.s.lease_ttl_s),
+                # The address only: a password in the URL is the factory's, never the job's.
+                "GIGAFACTORY_NATS_URL": strip_url_credentials(self.b.urls), "GF_LEASE_TTL_S": repr(self.s.lease_ttl_s),
                 **(resume_env(resume) if resume is not None else {}),
             },
             timeout_s=m.timeout_s(),
@@ -476,7 +481,7 @@ class Execute:
             supervised=not self.s.unsafe_unfenced_engines, kill_grace_s=5.0, parser=reader.parsers[0],
             env_passthrough=(*cred_variables(rec.requirements, probe.CREDENTIAL_VARS),
                              *self.s.engine_env_passthrough_names),
-            settings=self.s, resume=resume,
+            settings=self.s, resume=resume, redactor=self.redactor, sandbox=self.sandbox,
         )
 
     async def _after_engine(self, run: Run, a: "Attempt", eng, job: EngineJob, prepared, out, t0: float):

@@ -54,6 +54,8 @@ class Run:
     fenced: bool = False
     draining: bool = False
     """Set by drain: the run is stopped and handed back, not reported as a failure."""
+    handback_reason: str = ""
+    """Why a stopped run hands its job back (a ``stop`` halt); empty: the factory drains."""
     lock_key: str | None = None
     lock_rev: int = 0
     lock_value: bytes = b""

@@ -16,6 +16,10 @@ from __future__ import annotations
 import io
 import os
 import time
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .redact import Redactor
 
 HEAD_SHARE = 4
 """A capped log keeps its first ``cap // HEAD_SHARE`` bytes, and its tail fills the rest."""
@@ -47,8 +51,13 @@ class CappedLog(io.RawIOBase):
     After reading: ``size_bytes`` (the file), ``dropped_bytes``, ``stored_bytes`` and
     ``max_read_bytes`` (the largest single read: the most held in memory at once)."""
 
-    def __init__(self, path: str, cap_bytes: int, where: str, deadline: float | None = None) -> None:
+    def __init__(self, path: str, cap_bytes: int, where: str, deadline: float | None = None,
+                 redactor: "Redactor | None" = None) -> None:
         super().__init__()
+        # The log on disk is redacted as it is written (the engine's output); this catches
+        # what the factory wrote into it itself, so the stored copy never holds a secret.
+        self._redact = redactor.stream() if redactor is not None else None
+        self._pending = b""
         self._f = open(path, "rb")  # noqa: SIM115 (closed by close())
         self.size_bytes = os.fstat(self._f.fileno()).st_size
         self.deadline = deadline
@@ -67,6 +76,21 @@ class CappedLog(io.RawIOBase):
         return True
 
     def readinto(self, buf) -> int:
+        if self._redact is None:
+            return self._read_raw(buf)
+        raw = bytearray(len(buf))
+        while len(self._pending) < len(buf):
+            n = self._read_raw(raw)
+            if n == 0:
+                self._pending += self._redact.flush()
+                break
+            self._pending += self._redact.feed(bytes(raw[:n]))
+        k = min(len(buf), len(self._pending))
+        memoryview(buf)[:k] = self._pending[:k]
+        self._pending = self._pending[k:]
+        return k
+
+    def _read_raw(self, buf) -> int:
         if self.deadline is not None and time.monotonic() > self.deadline:
             raise LogUploadTimeout("the log upload ran past log_upload_timeout_s")
         view = memoryview(buf)

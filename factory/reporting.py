@@ -27,12 +27,25 @@ from gigafactory.schemas.records import JobRecord, decode
 from .holder import Run
 from .logs import CappedLog, LogUploadTimeout
 from .outbox import OutboxItem
+from .redact import Redactor
 from .results import ResultPayload
 
 log = logging.getLogger(__name__)
 
 OUTBOX_RETRY_S = 1.0
 """While results wait in the outbox, publishing them is tried this often."""
+
+
+def redact_payload(redactor: Redactor, payload: ResultPayload) -> ResultPayload:
+    """``payload`` with its detail and its workspace result's texts redacted (a git error can
+    quote a URL with a token in it).
+
+    :param redactor: the factory's redactor.
+    :param payload: the result to report."""
+    ws = payload.workspace
+    if ws is not None:
+        ws = msgspec.convert(redactor.value(msgspec.to_builtins(ws)), type(ws))
+    return msgspec.structs.replace(payload, detail=redactor.text(payload.detail), workspace=ws)
 
 
 class Reporting:
@@ -57,7 +70,7 @@ class Reporting:
         bound_s = self.s.log_upload_timeout_s
         try:
             reader = CappedLog(payload.log_path, self.s.log_upload_max_bytes, where,
-                               deadline=time.monotonic() + bound_s)
+                               deadline=time.monotonic() + bound_s, redactor=self.redactor)
         except OSError:
             return payload, {}
         try:
@@ -92,6 +105,7 @@ class Reporting:
 
     async def _report(self, run: Run, payload: ResultPayload) -> None:
         """Publish the result under the epoch, or keep it in the outbox until the broker answers."""
+        payload = redact_payload(self.redactor, payload)  # before the record, the outbox, quarantine
         try:
             with tracing.span("report", outcome=str(payload.failure or "passed")):
                 await self._publish_result(run, payload)

@@ -49,11 +49,15 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import BinaryIO
+from typing import TYPE_CHECKING, BinaryIO
 
 from gigafactory import osproc
 
 from .supervise import fence_clock
+
+if TYPE_CHECKING:
+    from .redact import Redactor
+    from .sandbox import Sandbox
 
 log = logging.getLogger(__name__)
 
@@ -171,6 +175,8 @@ async def run_script(
     header: str | None = None,
     fence: FenceDeadline | None = None,
     supervised: bool = True,
+    redactor: "Redactor | None" = None,
+    sandbox: "Sandbox | None" = None,
 ) -> ProcessResult:
     """Run ``script`` with ``bash <file>`` (``sh`` if there is no bash) and wait for it, bounded.
 
@@ -191,6 +197,9 @@ async def run_script(
     :param supervised: run under the supervisor (POSIX only; ignored elsewhere), so the group
         dies with this process and the fence holds even if this event loop stalls. False only
         for ``unsafe_unfenced_engines``.
+    :param redactor: replaces secrets in the output before it reaches the log or
+        ``on_output`` (:mod:`~gigafactory.factory.redact`); None: the output as it is.
+    :param sandbox: confines the process (:mod:`~gigafactory.factory.sandbox`); None: none.
     """
     _check_cwd(cwd)
     shell = _find_shell(env)
@@ -200,8 +209,10 @@ async def run_script(
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(script.encode("utf-8"))
+        if sandbox is not None and sandbox.mode == "user":
+            os.chmod(script_path, 0o644)  # the engine's user reads it (the job's text: no secret)
         return await _run(
-            [shell, script_path],
+            _confine(sandbox, [shell, script_path], cwd, readable=(script_path,)),
             cwd=cwd,
             env=env,
             timeout_s=timeout_s,
@@ -212,6 +223,7 @@ async def run_script(
             header=header,
             fence=fence,
             supervised=supervised,
+            redactor=redactor,
         )
     finally:
         try:
@@ -233,6 +245,8 @@ async def run_command(
     header: str | None = None,
     fence: FenceDeadline | None = None,
     supervised: bool = True,
+    redactor: "Redactor | None" = None,
+    sandbox: "Sandbox | None" = None,
 ) -> ProcessResult:
     """Run ``bash -c command`` (``sh -c`` if there is no bash): the verify gate.
 
@@ -243,7 +257,7 @@ async def run_command(
     log_dir = os.path.dirname(os.path.abspath(log_path))
     os.makedirs(log_dir, exist_ok=True)
     return await _run(
-        [shell, "-c", command],
+        _confine(sandbox, [shell, "-c", command], cwd),
         cwd=cwd,
         env=env,
         timeout_s=timeout_s,
@@ -254,6 +268,7 @@ async def run_command(
         header=header,
         fence=fence,
         supervised=supervised,
+        redactor=redactor,
     )
 
 
@@ -270,6 +285,8 @@ async def run_argv(
     header: str | None = None,
     fence: FenceDeadline | None = None,
     supervised: bool = True,
+    redactor: "Redactor | None" = None,
+    sandbox: "Sandbox | None" = None,
 ) -> ProcessResult:
     """Run ``argv`` as it is (no shell): an engine that is a program of its own (an agent CLI).
 
@@ -291,7 +308,7 @@ async def run_argv(
     log_dir = os.path.dirname(os.path.abspath(log_path))
     os.makedirs(log_dir, exist_ok=True)
     return await _run(
-        list(argv),
+        _confine(sandbox, list(argv), cwd),
         cwd=cwd,
         env=env,
         timeout_s=timeout_s,
@@ -302,7 +319,14 @@ async def run_argv(
         header=header,
         fence=fence,
         supervised=supervised,
+        redactor=redactor,
     )
+
+
+def _confine(sandbox: "Sandbox | None", argv: list[str], cwd: str, readable: tuple[str, ...] = ()) -> list[str]:
+    """``argv`` wrapped by ``sandbox`` (None: as it is). The supervisor wraps the result, so it
+    stays outside the sandbox and can still signal the whole process group."""
+    return argv if sandbox is None else sandbox.wrap(argv, cwd=cwd, readable=readable)
 
 
 def _check_cwd(cwd: str) -> None:
@@ -330,19 +354,48 @@ def _find_shell(env: Mapping[str, str]) -> str:
 class _Sink:
     """Appends output to the log and forwards it to the callback; never raises into asyncio."""
 
-    def __init__(self, log_file: BinaryIO, on_output: OutputCallback | None) -> None:
+    def __init__(self, log_file: BinaryIO, on_output: OutputCallback | None,
+                 redactor: "Redactor | None" = None) -> None:
         self._log = log_file
         self._on_output = on_output
         self._log_failed = False
+        # Secrets are replaced before a byte reaches the log file or the live subject; the
+        # stream keeps back a bounded tail so that a secret split across writes is caught.
+        self._redact = redactor.stream() if redactor is not None else None
+
+    def __enter__(self) -> "_Sink":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        """Emit what the redactor kept back, then close the log."""
+        try:
+            self.flush()
+        finally:
+            self._log.close()
 
     def note(self, text: str) -> None:
         """A line of our own in the log (not passed to on_output: it is not the job's output)."""
+        self.flush()  # the job's output so far comes first
         self._write(f"[gigafactory] {text}\n".encode())
 
     def log_only(self, data: bytes) -> None:
         self._write(data)
 
+    def flush(self) -> None:
+        """Emit the tail the redactor kept back (at a note and when the run ends)."""
+        if self._redact is not None:
+            rest = self._redact.flush()
+            if rest:
+                self._emit(rest)
+
     def __call__(self, chunk: bytes) -> None:
+        if self._redact is not None:
+            chunk = self._redact.feed(chunk)
+            if not chunk:
+                return
+        self._emit(chunk)
+
+    def _emit(self, chunk: bytes) -> None:
         self._write(chunk)
         if self._on_output is not None:
             try:
@@ -442,6 +495,7 @@ async def _run(
     header: str | None,
     fence: FenceDeadline | None = None,
     supervised: bool = True,
+    redactor: "Redactor | None" = None,
 ) -> ProcessResult:
     """Run ``argv`` in its own process group until it exits, times out, is cancelled or
     fenced; then stop whatever is left of its group (the theory of operation, above).
@@ -464,8 +518,7 @@ async def _run(
         raise ValueError(f"kill_grace_s must be zero or positive, got {kill_grace_s!r}")
     supervised = supervised and _POSIX
     loop = asyncio.get_running_loop()
-    with open(log_path, "ab") as log_file:
-        sink = _Sink(log_file, on_output)
+    with _Sink(open(log_path, "ab"), on_output, redactor) as sink:  # noqa: SIM115 (closed by the sink)
         if header:
             sink.log_only(header.encode("utf-8") + (b"" if header.endswith("\n") else b"\n"))
         refused = _refuse_to_start(sink, cancel, fence)

@@ -440,6 +440,7 @@ BUCKETS: tuple[tuple[str, str, dict], ...] = (
     ("locks", names.LOCKS_BUCKET, {"description": "distributed job locks"}),
     ("idempotency", names.IDEMPOTENCY_BUCKET, {"description": "idempotency keys"}),
     ("clock", names.CLOCK_BUCKET, {"ttl": 3600, "description": "broker time probes"}),
+    ("control", names.CONTROL_BUCKET, {"history": 10, "description": "operator controls: the kill switch (halt)"}),
 )
 """Every KV bucket of the layout: the Broker attribute, the bucket name, its create options."""
 
@@ -532,6 +533,8 @@ class Broker:
         self.idempotency: Bucket
         self.clock: Bucket
         self.archive: Bucket | None = None
+        self.control: Bucket | None = None
+        """The kill switch's state (:mod:`gigafactory.schemas.halt`); None: a layout older than it."""
         self.artifacts = None
         self.pools_known = KnownPools(settings.pool_idle_gc_s / 2)
         """Dispatch pools this process has made sure exist (intake skips re-creating them),
@@ -753,8 +756,8 @@ class Broker:
             try:
                 kv = await self.js.key_value(bucket)
             except nats.js.errors.BucketNotFoundError:
-                if bucket == names.ARCHIVE_BUCKET:
-                    continue  # a layout made before retention existed: nothing is archived
+                if bucket in (names.ARCHIVE_BUCKET, names.CONTROL_BUCKET):
+                    continue  # a layout made before retention (or the kill switch) existed
                 raise
             setattr(self, attr, Bucket(self.js, kv, bucket, self.settings.request_timeout_s))
         self.artifacts = await self.js.object_store(names.ARTIFACTS_STORE)

@@ -43,6 +43,7 @@ from gigafactory.loadtest.cli import loadtest
 from gigafactory.economics.cli import invoices, report
 from gigafactory.schemas.api import LIST_LIMIT_MAX
 from gigafactory.economics.reports import budget_group
+from gigafactory.halt_cli import halt, resume
 from gigafactory.schemas.lifecycle import Stage
 from gigafactory.config import (
     CONFIG_FILE_NAME,
@@ -789,6 +790,8 @@ def factories(nats_url, as_json) -> None:
     if as_json:
         _emit_json(out)
         return
+    if (out.get("halt") or {}).get("halted"):
+        click.echo(f"HALTED: {out['halt']['summary']}")  # the kill switch (gigafactory resume)
     for f in out["factories"]:
         live = "live" if f["live"] else f"silent {f['heartbeat_age_s']:.0f}s"
         click.echo(f"{f['id']}  {f['status']} ({live}, {f['dispatch_mode']})  {f['os']}/{f['arch']}  "
@@ -1179,6 +1182,8 @@ main.add_command(loadtest)
 main.add_command(report)
 main.add_command(invoices)
 main.add_command(budget_group)
+main.add_command(halt)
+main.add_command(resume)
 
 
 if __name__ == "__main__":

@@ -521,6 +521,26 @@ class Settings(msgspec.Struct):
     runs_db: str | None = None
     """``GIGAFACTORY_RUNS_DB``: the coordinator's SQLite database of ``pipeline_runs`` (default
     ``<GIGAFACTORY_HOME>/coordinator/runs.sqlite``)."""
+    # -- secrets, kill switch and engine sandbox (issue 12, helper guard) -----------------------
+    engine_sandbox: str = "none"
+    """``GIGAFACTORY_ENGINE_SANDBOX``: how engines (and the verify gate) are confined on this
+    factory: ``none`` (the factory's user, the factory's view of the machine), ``bwrap``
+    (bubblewrap: everything read-only but the job's worktree, a private ``/tmp``, the factory's
+    data folder and credentials hidden; the network open) or ``user`` (a dedicated unprivileged
+    user, ``engine_sandbox_user``; the factory must run as root). See docs/security.md. Risk:
+    ``none`` lets a job write anywhere the factory's user may and read its credentials files;
+    ``bwrap`` makes an engine's own git commits fail (the factory commits for it)."""
+    engine_sandbox_user: str = ""
+    """``GIGAFACTORY_ENGINE_SANDBOX_USER``: the unprivileged user (and its group of the same
+    name) engines run as with ``engine_sandbox=user``. It must be able to write the workspace
+    and must not be able to read the factory's home. Required with ``user``."""
+    redact_extra_vars: str = ""
+    """``GIGAFACTORY_REDACT_EXTRA_VARS``: comma-separated names of further variables of the
+    factory's environment whose values are replaced with ``[REDACTED:<name>]`` in everything
+    that leaves the factory (logs, events, reasons, artifacts); variables whose names say
+    TOKEN, SECRET, PASSWORD, API_KEY, ... and the ``cred:`` variables are redacted anyway.
+    Risk: a short or common value named here (at least 8 characters are needed) blanks out
+    every occurrence of it in every log."""
 
     @property
     def fence_margin_effective_s(self) -> float:
@@ -557,6 +577,7 @@ class Settings(msgspec.Struct):
         check_engine_settings(self)
         check_ledger(self)
         check_budget(self)
+        check_guard(self)
         if len(self.engine_env_passthrough) > ENGINE_ENV_PASSTHROUGH_MAX_CHARS:
             raise SettingsError(f"engine_env_passthrough (GIGAFACTORY_ENGINE_ENV_PASSTHROUGH) is "
                                 f"{len(self.engine_env_passthrough)} characters; at most "
@@ -980,6 +1001,19 @@ def check_budget(s: Settings) -> None:
     if not 0 <= s.budget_growth_factor_min <= 1 <= s.budget_growth_factor_max:
         raise SettingsError("budget growth factor: need 0 <= GIGAFACTORY_BUDGET_GROWTH_FACTOR_MIN <= 1 <= "
                             "GIGAFACTORY_BUDGET_GROWTH_FACTOR_MAX")
+def check_guard(s: Settings) -> None:
+    """The sandbox mode is one of the known ones, and ``user`` names its user."""
+    modes = ("none", "bwrap", "user")  # factory/sandbox.py SANDBOX_MODES (config imports no factory code)
+    if s.engine_sandbox not in modes:
+        raise SettingsError(f"engine_sandbox={s.engine_sandbox!r} (GIGAFACTORY_ENGINE_SANDBOX) must be one of "
+                            f"{', '.join(modes)}")
+    if s.engine_sandbox == "user" and not _ENV_NAME_RE.fullmatch(s.engine_sandbox_user.replace("-", "_") or "-"):
+        raise SettingsError("engine_sandbox=user needs GIGAFACTORY_ENGINE_SANDBOX_USER: the name of a dedicated "
+                            "unprivileged user (for example gf-engine)")
+    for name in (n.strip() for n in s.redact_extra_vars.split(",")):
+        if name and not _ENV_NAME_RE.fullmatch(name):
+            raise SettingsError(f"redact_extra_vars (GIGAFACTORY_REDACT_EXTRA_VARS) names {name!r}, which is not an "
+                                "environment variable name: give comma-separated names such as MY_DB_URL")
 
 
 def check_metrics_port(s: Settings) -> None:

@@ -40,11 +40,11 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
 # Label vocabularies (a value outside one is exported as ``other``).
-HOLD_REASONS = ("capability", "lock", "deps", "backoff", "budget", "other")
+HOLD_REASONS = ("capability", "lock", "deps", "backoff", "budget", "halted", "other")
 """Why a waiting job is not offered: no live factory offers its requirements (capability),
 its ``lock`` is held by another job (lock), it is ``blocked`` on dependencies (deps), its
 retry back-off has not elapsed (backoff), a spend budget holds it (budget; once the
-economics issue lands), or anything else the scheduler wrote (other)."""
+economics issue lands), the kill switch (halted), or anything else the scheduler wrote (other)."""
 TOKEN_KINDS = ("input", "output", "cache_read", "cache_write")
 DISPATCH_MODES = ("push", "poll")
 ROLES = ("coordinator", "factory")
@@ -240,6 +240,10 @@ CATALOGUE: tuple[Spec, ...] = (
     Spec("gigafactory_throughput_per_usd", "gauge", (),
          "Validated throughput per funded dollar: features shipped per dollar, over this coordinator's runs "
          "(0 until one cost something).", "coordinator"),
+    # -- the kill switch (issue 12, helper guard) -------------------------------------------------
+    Spec("gigafactory_halted", "gauge", ("scope", "mode"),
+         "1 per halt in force (scope: 'fleet' or 'product:<name>'; mode: drain or stop), as this coordinator "
+         "read gf_control/halt; no series: nothing is halted.", "coordinator"),
 )
 """Every metric exported by a gigafactory process: see :class:`Spec`."""
 
@@ -298,6 +302,8 @@ def hold_class(reason: str) -> str:
         return "lock"
     if reason.startswith(("no live factory", "no single live factory")):
         return "capability"
+    if reason.startswith("halted"):
+        return "halted"
     if "budget" in reason:
         return "budget"
     return "other"
@@ -537,6 +543,12 @@ class _StateCollector:
         add("gigafactory_dispatch_passes_total", (), sched.passes)
         add("gigafactory_dispatch_errors_total", (), sched.dispatch_errors)
         self._ledger(getattr(c, "ledger", None), add)
+        halt = getattr(sched, "halt", None)
+        if halt is not None:
+            if halt.fleet is not None:
+                add("gigafactory_halted", ("fleet", halt.fleet.mode), 1)
+            for product, h in sorted(halt.products.items()):
+                add("gigafactory_halted", (f"product:{_label(product)}", h.mode), 1)
         if not view.jobs_synced.is_set():
             return  # half a replay would look like jobs vanishing
         now = sched.broker_now_estimate()

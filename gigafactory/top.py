@@ -35,7 +35,8 @@ REWATCH_PAUSE_S = 1.0
 EVENTS_PENDING_MAX = 100_000
 """Events the client buffers before the view has taken them in: a slower view makes the
 ordered consumer start again from the last event it took, never an unbounded buffer."""
-_WATCHED = ((names.JOBS_BUCKET, "jobs"), (names.FACTORIES_BUCKET, "factories"), (names.POOLS_BUCKET, "pools"))
+_WATCHED = ((names.JOBS_BUCKET, "jobs"), (names.FACTORIES_BUCKET, "factories"), (names.POOLS_BUCKET, "pools"),
+            (names.CONTROL_BUCKET, "control"))
 
 
 # -- the feed: broker changes into the model ---------------------------------------------------
@@ -61,7 +62,7 @@ class Feed:
 
     async def _watch(self, bucket: str, kind: str) -> None:
         apply = {"jobs": self.model.apply_job, "factories": self.model.apply_factory,
-                 "pools": self.model.apply_pool}[kind]
+                 "pools": self.model.apply_pool, "control": self.model.apply_control}[kind]
         while True:
             try:
                 reconnects = self.nc.stats["reconnects"]
@@ -255,6 +256,8 @@ class TopApp(App):
         if snap.unreadable:
             parts.append(f"{snap.unreadable} unreadable entries")
         text = Text("  ·  ".join(parts))
+        if snap.halt:  # the kill switch first: an operator must not miss it
+            text = Text(f"HALTED: {snap.halt}  ·  ", style="bold red") + text
         for what, why in sorted(self.feed.problems.items()):  # Text, not markup: errors hold brackets
             text.append(f"\n{what}: {why}", style="yellow")
         self.query_one("#summary", Static).update(text)

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 
 import msgspec
 
+from gigafactory.schemas.halt import HALT_KEY, Halt, HaltError, HaltState, decode_state, describe
 from gigafactory.schemas.lifecycle import Stage
 
 STAGE_ORDER: tuple[str, ...] = tuple(str(s) for s in (
@@ -170,6 +171,8 @@ class Snapshot:
     spend_total_usd: float
     unreadable: int
     """Entries top could not decode (left out of every figure)."""
+    halt: str = ""
+    """What the kill switch halts (``gf_control``/``halt``), in words; empty: nothing."""
 
 
 # -- the model ---------------------------------------------------------------------------------
@@ -211,6 +214,8 @@ class TopModel:
         """pool -> queued job -> since (broker time): depth and oldest age per pool."""
         self._factories: dict[str, tuple[_FactoryGlance, float]] = {}
         self._pools: dict[str, _PoolGlance] = {}
+        self._control: dict[str, HaltState] = {}
+        """``gf_control`` entries (the kill switch's ``halt``)."""
         self._spend: dict[str, _Spend] = {}
         self._events: collections.deque[EventLine] = collections.deque(maxlen=events_max)
         self._ships: dict[int, int] = {}
@@ -234,8 +239,10 @@ class TopModel:
         seen = self._replay.pop(bucket, None)
         if seen is None:
             return
-        held = {"jobs": self._jobs, "factories": self._factories, "pools": self._pools}[bucket]
-        apply = {"jobs": self.apply_job, "factories": self.apply_factory, "pools": self.apply_pool}[bucket]
+        held = {"jobs": self._jobs, "factories": self._factories, "pools": self._pools,
+                "control": self._control}[bucket]
+        apply = {"jobs": self.apply_job, "factories": self.apply_factory, "pools": self.apply_pool,
+                 "control": self.apply_control}[bucket]
         for key in [k for k in held if k not in seen]:
             apply(key, None, 0.0)
 
@@ -311,6 +318,20 @@ class TopModel:
         except msgspec.DecodeError:
             self.unreadable += 1
 
+    def apply_control(self, key: str, value: bytes | None, ts: float) -> None:
+        """One ``gf_control`` change: the kill switch's state (an unreadable one shows as such)."""
+        self._seen("control", key)
+        self.version += 1
+        if key != HALT_KEY:
+            return
+        if value is None:
+            self._control.pop(key, None)
+            return
+        try:
+            self._control[key] = decode_state(value)
+        except HaltError as e:
+            self._control[key] = HaltState(fleet=Halt(mode="?", at=ts, reason=str(e)))
+
     def apply_pool(self, key: str, value: bytes | None, ts: float) -> None:
         """One ``gf_pools`` change (``value`` None: the pool was collected)."""
         self._seen("pools", key)
@@ -381,6 +402,8 @@ class TopModel:
             events=list(reversed(self._events)), ships_per_min=ships * 60.0 / self.window_s,
             ships_seen=self.ships_seen, spend=spend, spend_total_usd=sum(r.cost_usd for r in spend),
             unreadable=self.unreadable,
+            halt=describe(self._control[HALT_KEY]) if HALT_KEY in self._control and self._control[HALT_KEY].any
+            else "",
         )
 
     @staticmethod

@@ -240,6 +240,9 @@ class FactoriesRequest(Request):
 class FactoriesReply(Reply):
     factories: list[dict[str, Any]]
     """Each factory's record, with ``heartbeat_age_s`` and ``live``."""
+    halt: dict[str, Any] = msgspec.field(default_factory=dict)
+    """The kill switch's state (``halted``, ``summary``, ``fleet``, ``products``; see
+    ``gigafactory halt``); empty from a coordinator older than it."""
 
 
 class StatsRequest(Request):

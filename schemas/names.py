@@ -33,6 +33,9 @@ job record without its body). Read on a miss in ``gf_jobs`` by dependency resolu
 idempotency and ``status``; capped by ``archive_max_bytes`` and ``archive_max_age_s``."""
 CLOCK_BUCKET = "gf_clock"
 """Broker-stamped time: a writer puts a key and reads back the server's timestamp."""
+CONTROL_BUCKET = "gf_control"
+"""Fleet-wide operator controls (key ``halt``: the kill switch's state, :mod:`schemas.halt`).
+Created by the first ``gigafactory halt``; absent means nothing is halted."""
 ARTIFACTS_STORE = "gf_artifacts"
 """Object store: run logs and captured artifacts."""
 

@@ -94,6 +94,10 @@ class ProfileFields(msgspec.Struct, rename="kebab", forbid_unknown_fields=True, 
     """Path globs (repository-relative, :mod:`~gigafactory.schemas.scope` grammar) the profile's
     agent may change in a ``repo`` job that states no ``scope`` of its own; judged after each
     attempt by the scope guardrail (the job's ``scope-mode`` decides warn or enforce)."""
+    yolo: bool = False
+    """Whether the profile's jobs may ask for ``yolo: true`` (the agent CLI's auto-approve mode:
+    every tool and shell command without asking). Off by default: a job that asks for it under
+    a profile that does not permit it is refused at intake (issue 12)."""
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -262,6 +266,10 @@ def resolve(jf: JobFile, catalog: Mapping[str, Profile]) -> JobFile:
     changes["capabilities"] = list(dict.fromkeys([*m.capabilities, *p.capabilities]))
     changes["prefers"] = list(dict.fromkeys([*m.prefers, *p.prefers]))
     resolved = msgspec.structs.replace(m, **changes)
+    if resolved.yolo and not p.yolo:
+        raise ManifestError(jf.path, None, "yolo", f"profile {prof.name!r} does not permit yolo (auto-approve of "
+                                                   "every tool and command): drop 'yolo: true' from the job, or use "
+                                                   "a profile whose front matter says 'yolo: true'")
     if resolved.engine is None and resolved.engine_class is None:
         raise ManifestError(jf.path, None, "engine", f"profile {prof.name!r} names no engine-class; "
                                                      "the job must name 'engine' or 'engine-class'")

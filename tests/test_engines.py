@@ -335,7 +335,7 @@ def test_the_base_environment_keeps_only_what_is_not_secret():
                "GIGAFACTORY_NATS_URL": "nats://x", "ANTHROPIC_API_KEY": "sk", "AWS_SECRET_ACCESS_KEY": "s",
                "NPM_TOKEN": "n"}
     assert base_environment(environ) == {"PATH": "/bin", "HOME": "/h", "LC_ALL": "C", "HTTPS_PROXY": "http://p",
-                                         "GF_X": "1", "GIGAFACTORY_NATS_URL": "nats://x"}
+                                         "GF_X": "1"}
     assert base_environment(environ, ["NPM_TOKEN"])["NPM_TOKEN"] == "n"
     assert cred_variables(["os:linux", "cred:github_token", "cred:nope"], ["GITHUB_TOKEN", "GH_TOKEN"]) == \
         ["GITHUB_TOKEN"]

@@ -43,6 +43,8 @@ from gigafactory.schemas.records import Usage, usage_tokens
 
 from .. import shell
 from ..credentials import CREDENTIAL_VARS
+from ..redact import Redactor
+from ..sandbox import Sandbox
 
 
 @dataclass(frozen=True)
@@ -119,6 +121,11 @@ class EngineJob:
     resume: "Resume | None" = None
     """Set when this attempt resumes an earlier one's WIP checkpoint (its worktree starts
     there): what was done, for the engine to be told. None: a fresh start."""
+    redactor: "Redactor | None" = None
+    """Replaces the factory's secrets and token shapes in the output before it reaches the log
+    or the live subject (:mod:`~gigafactory.factory.redact`); None: output as it is."""
+    sandbox: "Sandbox | None" = None
+    """Confines the engine and the verify gate (:mod:`~gigafactory.factory.sandbox`); None: not."""
 
 
 RESUME_NOTE_PATHS_MAX = 20
@@ -418,17 +425,45 @@ BASE_ENV_VARS: frozenset[str] = frozenset({
 ``LC_*`` and ``GF_*`` ones (:func:`base_environment`)."""
 
 
+FACTORY_ONLY_PREFIXES: tuple[str, ...] = ("GIGAFACTORY_", "NATS_")
+"""Variables that are the factory's own and never reach an engine, even when named in
+``passthrough``: its settings (``GIGAFACTORY_NATS_URL`` with any password in it,
+``GIGAFACTORY_CREDS``, the credentials path, its identity) and the NATS tools' context
+(``NATS_URL``, ``NATS_CREDS``, ``NATS_NKEY``, ``NATS_PASSWORD``...). A job that runs
+``gigafactory fence`` gets the broker's address without its userinfo from the factory
+(:func:`strip_url_credentials`), never the factory's credentials."""
+
+
 def base_environment(environ: Mapping[str, str], passthrough: Iterable[str] = ()) -> dict[str, str]:
     """The variables of ``environ`` an engine may see: :data:`BASE_ENV_VARS`, ``LC_*``,
-    ``GF_*``, ``GIGAFACTORY_NATS_URL``, and the names in ``passthrough``. Nothing else (API keys
-    and other secrets of the factory stay out unless named).
+    ``GF_*``, and the names in ``passthrough``. Nothing else (API keys and other secrets of the
+    factory stay out unless named), and never the factory's own (:data:`FACTORY_ONLY_PREFIXES`).
 
     :param environ: the factory's environment.
     :param passthrough: further names to pass (credential variables, the operator's allowlist).
     """
     extra = set(passthrough)
     return {k: v for k, v in environ.items()
-            if k in BASE_ENV_VARS or k in extra or k.startswith(("LC_", "GF_")) or k == "GIGAFACTORY_NATS_URL"}
+            if (k in BASE_ENV_VARS or k in extra or k.startswith(("LC_", "GF_")))
+            and not k.startswith(FACTORY_ONLY_PREFIXES)}
+
+
+def strip_url_credentials(urls: str) -> str:
+    """``urls`` (one NATS URL or a comma-separated list) without any ``user:password@`` or
+    token userinfo: the broker's address a job may know, never the factory's secret.
+
+    :param urls: the URLs the factory connected with.
+    """
+    out = []
+    for u in (x.strip() for x in urls.split(",")):
+        if not u:
+            continue
+        scheme, sep, rest = u.partition("://")
+        if not sep:
+            scheme, rest = "", u
+        host = rest.rpartition("@")[2] if "@" in rest.split("/", 1)[0] else rest
+        out.append(f"{scheme}{sep}{host}")
+    return ",".join(out)
 
 
 def cred_variables(requirements: Iterable[str], known: Iterable[str]) -> list[str]:
@@ -491,6 +526,7 @@ async def run_prepared(job: EngineJob, prepared: Prepared,
             prepared.argv, cwd=str(prepared.cwd), env=prepared.env, timeout_s=job.timeout_s,
             log_path=job.log_path, on_output=on_output or job.on_output, cancel=job.cancel,
             kill_grace_s=job.kill_grace_s, header=job.header, fence=job.fence, supervised=job.supervised,
+            redactor=job.redactor, sandbox=job.sandbox,
         )
     except FileNotFoundError as e:
         return Outcome(FailureClass.SETUP_FAILED, str(e))

@@ -58,6 +58,7 @@ class ShellEngine(Engine):
                 prepared.script, cwd=str(prepared.cwd), env=prepared.env, timeout_s=job.timeout_s,
                 log_path=job.log_path, on_output=job.on_output, cancel=job.cancel, kill_grace_s=job.kill_grace_s,
                 header=job.header, fence=job.fence, supervised=job.supervised,
+                redactor=job.redactor, sandbox=job.sandbox,
             )
         except FileNotFoundError as e:
             return Outcome(FailureClass.SETUP_FAILED, str(e))

@@ -33,6 +33,7 @@ async def verify_gate(job: EngineJob, prepared: Prepared, passed: Outcome, start
         m.verify, cwd=str(prepared.cwd), env=prepared.env, timeout_s=remaining, log_path=job.log_path,
         on_output=job.on_output, cancel=job.cancel, kill_grace_s=job.kill_grace_s,
         header=f"# gigafactory: verify: {m.verify}\n", fence=job.fence, supervised=job.supervised,
+        redactor=job.redactor, sandbox=job.sandbox,
     )
     return classify_verify(v, job, passed.exit_code, remaining)
 
