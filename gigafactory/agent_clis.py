@@ -79,6 +79,25 @@ def _base_env(binary: str, home: Path) -> dict[str, str]:
     return env
 
 
+def codex_bundled_bwrap_dir(binary: str) -> Path | None:
+    """The folder of the bubblewrap that ships with this Codex installation, or None.
+
+    Codex's Linux sandbox (every run without yolo) prefers a ``bwrap`` found on PATH over its
+    own, and runs it with ``--argv0``, which bubblewrap added in 0.9: Debian 12's 0.8.0 then
+    fails every sandboxed command (``execvp codex-linux-sandbox: No such file or directory``)
+    and the agent edits nothing. Putting the bundled one first on the CLI's PATH makes Codex use
+    the bubblewrap it was built and tested with, whatever the machine has installed.
+
+    :param binary: the ``codex`` the factory runs (the npm shim or a link to it).
+    """
+    package = Path(os.path.realpath(binary)).parent.parent  # .../@openai/codex/bin/codex.js
+    for root in (package, *sorted(package.parent.glob("codex-*"))):  # the platform package beside it
+        for found in sorted(root.glob("vendor/*/codex-resources/bwrap")):
+            if os.access(found, os.X_OK):
+                return found.parent
+    return None
+
+
 def scripted_run(name: str, *, prompt: str, base_url: str, home: Path, api_key: str = "sk-scripted",
                  model: str | None = None, yolo: bool = True) -> RunSpec:
     """The argv and environment that run CLI `name` once, non-interactively, against `base_url`.
@@ -119,9 +138,11 @@ def scripted_run(name: str, *, prompt: str, base_url: str, home: Path, api_key: 
                     f'stream_max_retries=2}}')
         argv = [binary, "exec", "--json", "--skip-git-repo-check", "-m", model or "scripted-model",
                 "-c", "model_provider=scripted", "-c", provider]
-        # Without yolo: the workspace-write sandbox (exec never asks for approval); it needs a
-        # working sandbox (Landlock/seccomp, or bubblewrap) on the host.
+        # Without yolo: the workspace-write sandbox (exec never asks for approval), run by the
+        # bubblewrap Codex ships (see codex_bundled_bwrap_dir).
         argv += ["--dangerously-bypass-approvals-and-sandbox"] if yolo else ["--sandbox", "workspace-write"]
+        if not yolo and (bundled := codex_bundled_bwrap_dir(binary)) is not None:
+            env["PATH"] = os.pathsep.join([str(bundled), env["PATH"]])
         argv.append(prompt)
         return RunSpec(argv, env)
     if name == "gemini":

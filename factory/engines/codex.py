@@ -40,6 +40,7 @@ import re
 from collections.abc import Mapping
 from pathlib import Path
 
+from gigafactory import agent_clis
 from gigafactory.config import Settings
 from gigafactory.schemas.records import Usage
 
@@ -159,25 +160,6 @@ def _add(total: int | None, v: object) -> int | None:
     return v if total is None else total + v
 
 
-def bundled_bwrap_dir(binary: str) -> Path | None:
-    """The folder of the bubblewrap that ships with this Codex installation, or None.
-
-    Codex's Linux sandbox (every run without yolo) prefers a ``bwrap`` found on PATH over its
-    own, and runs it with ``--argv0``, which bubblewrap added in 0.9: Debian 12's 0.8.0 then
-    fails every sandboxed command (``execvp codex-linux-sandbox: No such file or directory``)
-    and the agent edits nothing. Putting the bundled one first on the CLI's PATH makes Codex use
-    the bubblewrap it was built and tested with, whatever the machine has installed.
-
-    :param binary: the ``codex`` the factory runs (the npm shim or a link to it).
-    """
-    package = Path(os.path.realpath(binary)).parent.parent  # .../@openai/codex/bin/codex.js
-    for root in (package, *sorted(package.parent.glob("codex-*"))):  # the platform package beside it
-        for found in sorted(root.glob("vendor/*/codex-resources/bwrap")):
-            if os.access(found, os.X_OK):
-                return found.parent
-    return None
-
-
 class CodexEngine(Engine):
     """Runs Codex CLI (see the module's docstring)."""
 
@@ -232,7 +214,7 @@ class CodexEngine(Engine):
         env = agentcli.base_environment(job, binary, home, factory_env,
                                         (key_var, "OPENAI_API_KEY", "OPENAI_BASE_URL", "OPENAI_ORG_ID", "OPENAI_PROJECT_ID"))
         env["CODEX_HOME"] = str(home / ".codex")
-        if not job.manifest.yolo and (bundled := bundled_bwrap_dir(binary)) is not None:
+        if not job.manifest.yolo and (bundled := agent_clis.codex_bundled_bwrap_dir(binary)) is not None:
             env["PATH"] = os.pathsep.join([str(bundled), env["PATH"]])
         argv = [binary, "exec", "--json", "--skip-git-repo-check"]
         model = self.model(job, settings)
