@@ -384,6 +384,23 @@ class Settings:
     answers this machine only; ``0.0.0.0`` (all interfaces) is what a Prometheus on another host
     or container needs. Risk: all interfaces exposes the fleet's figures to its network."""
 
+    # -- identities, permissions and TLS on the broker (issue 12, helper auth) ---------------------
+    creds: str | None = None
+    """``GIGAFACTORY_CREDS``: the credentials file (an nkey seed, written by ``gigafactory creds
+    create``) this process connects with; ``--creds`` wins. Unset: the home's ``admin`` identity
+    when this machine's identity store has one, else no credentials (refused by a broker with
+    authentication on). Risk: the file IS the identity: keep it mode 0600, one per machine."""
+    tls_cert: str | None = None
+    """``GIGAFACTORY_TLS_CERT``: PEM certificate. For ``server``/``up``: the broker's own (TLS on
+    for clients and cluster routes); for a client: its client certificate (mutual TLS).
+    Unset: no TLS (traffic, including job output, crosses the network in the clear)."""
+    tls_key: str | None = None
+    """``GIGAFACTORY_TLS_KEY``: the PEM private key of ``tls_cert``. Risk: whoever reads it can
+    impersonate the broker (server) or the client."""
+    tls_ca: str | None = None
+    """``GIGAFACTORY_TLS_CA``: PEM CA bundle that clients verify the broker with (and the broker
+    verifies client certificates with, when both are set). Unset with TLS on: the system CAs."""
+
     @property
     def fence_margin_effective_s(self) -> float:
         """``fence_margin_s``, or its default (see there)."""
