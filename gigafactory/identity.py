@@ -168,9 +168,10 @@ def permissions(role: str, name: str, *, pools: tuple[str, ...] = ()) -> dict:
         ]
         deny = [*(api(e) for e in ALL_ENDPOINTS), f"{names.API_PREFIX}.>", *_LAYOUT_WRITES,
                 f"$KV.{names.POOLS_BUCKET}.>", f"$KV.{names.IDEMPOTENCY_BUCKET}.>",
-                f"$KV.{names.ARCHIVE_BUCKET}.>", f"{names.EVENTS_PREFIX}._fleet.>"]
+                f"$KV.{names.ARCHIVE_BUCKET}.>"]
         return {"publish": {"allow": allow, "deny": deny},
-                "subscribe": {"allow": ["_INBOX.>"], "deny": [f"{names.API_PREFIX}.>", "$SRV.>"]}}
+                "subscribe": {"allow": ["_INBOX.>", f"$KV.{names.POOLS_BUCKET}.>"],
+                              "deny": [f"{names.API_PREFIX}.>", "$SRV.>"]}}
     endpoints = READ_ENDPOINTS + (SUBMIT_ENDPOINTS if role == "submitter" else GATE_ENDPOINTS)
     denied = [api(e) for e in ALL_ENDPOINTS if e not in endpoints]
     return {"publish": {"allow": [*(api(e) for e in endpoints), *_JS_READ, *_JS_READER_CONSUMERS],

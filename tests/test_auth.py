@@ -1,0 +1,313 @@
+"""Identities and least privilege on the broker (issue 12): the role x API endpoint x subject
+matrix against a real ``nats-server`` with authentication on. Every allowed action is shown to
+work by its effect (a reply, a JetStream ack, a delivered message); every denied one is shown to
+be refused by the SERVER: the client gets nats' ``Permissions Violation`` and the server's log
+names the identity's key and the subject."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+
+import nats
+import pytest
+from helpers import Fleet, eventually, run
+
+from gigafactory.broker import Broker
+from gigafactory.identity import (
+    ADMIN_ENDPOINTS,
+    ALL_ENDPOINTS,
+    GATE_ENDPOINTS,
+    READ_ENDPOINTS,
+    IdentityError,
+    IdentityStore,
+    parse_creds,
+    permissions,
+    read_creds,
+)
+from gigafactory.natsconf import NatsConfError, replace_authorization
+from gigafactory.schemas import names
+
+ALLOWED_ENDPOINTS = {
+    "admin": set(ALL_ENDPOINTS),
+    "coordinator": set(),
+    "factory": set(),
+    "submitter": {*READ_ENDPOINTS, "submit"},
+    "reviewer": {*READ_ENDPOINTS, *GATE_ENDPOINTS},
+}
+"""The API matrix: which role may call which endpoint (everything else is refused)."""
+
+
+class Conn:
+    """A raw connection as one identity, collecting the errors the server sends it."""
+
+    def __init__(self, nc, errors: list[str], key: str) -> None:
+        self.nc, self.errors, self.key = nc, errors, key
+
+    @classmethod
+    async def open(cls, url: str, store: IdentityStore, name: str) -> "Conn":
+        errors: list[str] = []
+
+        async def on_error(e):
+            errors.append(str(e))
+
+        creds = read_creds(store.creds_path(name))
+        nc = await nats.connect(url, nkeys_seed_str=creds.seed, error_cb=on_error, allow_reconnect=False,
+                                max_reconnect_attempts=1, name=f"matrix-{name}")
+        return cls(nc, errors, store.get(name).public_key)
+
+    async def refused_publish(self, subject: str) -> bool:
+        """Publish to ``subject``; True once the server answered with a permissions violation
+        naming it (bounded wait: the violation is asynchronous, it may follow the PONG)."""
+        self.errors.clear()
+        await self.nc.publish(subject, b"{}", reply=self.nc.new_inbox())
+        await self.nc.flush(timeout=5)
+        return await self._violation("publish", subject)
+
+    async def refused_subscribe(self, subject: str) -> bool:
+        self.errors.clear()
+        sub = await self.nc.subscribe(subject)
+        await self.nc.flush(timeout=5)
+        try:
+            return await self._violation("subscription", subject)
+        finally:
+            await sub.unsubscribe()
+
+    async def _violation(self, kind: str, subject: str) -> bool:
+        want = f'permissions violation for {kind} to "{subject.lower()}"'
+        try:
+            await eventually(lambda: any(want in e.lower() for e in self.errors), 5, what=want)
+            return True
+        except AssertionError:
+            return False
+
+
+def server_refused(log_file: str, key: str, kind: str, subject: str) -> bool:
+    """The server's own log line for a refusal: ``"$G/nkey:<key>" - Publish Violation - Subject "<s>"``."""
+    text = open(log_file, encoding="utf-8", errors="replace").read()
+    return re.search(re.escape(f"nkey:{key}") + r'" - ' + kind + r' Violation - Subject "' + re.escape(subject) + '"',
+                     text) is not None
+
+
+def enrol(srv, *entries) -> None:
+    for role, name, kw in entries:
+        srv.identities.create(role, name, **kw)
+    srv.reload(srv.identities.users())
+
+
+# -- pure -------------------------------------------------------------------------------------------
+
+
+def test_permissions_of_each_role_name_what_it_may_publish():
+    fa = permissions("factory", "fa")
+    assert f"$KV.{names.FACTORIES_BUCKET}.fa" in fa["publish"]["allow"]
+    assert not any(s.startswith(f"$KV.{names.FACTORIES_BUCKET}") and s != f"$KV.{names.FACTORIES_BUCKET}.fa"
+                   for s in fa["publish"]["allow"])
+    assert "$JS.API.STREAM.CREATE.>" in fa["publish"]["deny"]
+    pooled = permissions("factory", "fa", pools=("p1",))
+    assert "$JS.API.CONSUMER.MSG.NEXT.GF_DISPATCH.pool-p1" in pooled["publish"]["allow"]
+    assert "$JS.API.CONSUMER.MSG.NEXT.GF_DISPATCH.*" not in pooled["publish"]["allow"]
+    assert permissions("admin", "root") == {"publish": {"allow": [">"]}, "subscribe": {"allow": [">"]}}
+    with pytest.raises(IdentityError, match="role 'root'"):
+        permissions("root", "x")
+    with pytest.raises(IdentityError, match="identity name 'a.b'"):
+        permissions("factory", "a.b")
+
+
+def test_a_credentials_file_never_shows_its_seed_and_a_bad_one_is_named(tmp_path):
+    store = IdentityStore(tmp_path / "ids")
+    ident, path = store.create("factory", "fa")
+    creds = read_creds(path)
+    assert (creds.name, creds.role) == ("fa", "factory") and creds.seed.startswith("SU")
+    assert creds.seed not in repr(creds)
+    assert oct(path.stat().st_mode & 0o777) == "0o600"
+    with pytest.raises(IdentityError, match="exists already"):
+        store.create("factory", "fa")
+    with pytest.raises(IdentityError, match=r"bad\.creds: no nkey seed"):
+        parse_creds("# nothing here\n", "bad.creds")
+    store.revoke("fa")
+    assert not path.exists() and not store.get("fa").active
+    assert store.users() == []
+
+
+def test_replace_authorization_swaps_only_the_users_and_refuses_a_server_without_auth():
+    from gigafactory.natsconf import NodeConf, render
+
+    store_users = ({"nkey": "U" + "A" * 55, "permissions": {"publish": {"allow": [">"]}}},)
+    text = render(NodeConf(server_name="s", host="127.0.0.1", port=4222, store_dir="/d", users=store_users))
+    out = replace_authorization(text, ())
+    assert "U" + "A" * 55 not in out and "jetstream {" in out and "authorization {" in out
+    with pytest.raises(NatsConfError, match="no authorization block"):
+        replace_authorization(render(NodeConf(server_name="s", host="h", port=1, store_dir="/d")), ())
+
+
+# -- against the server -------------------------------------------------------------------------------
+
+
+def test_a_connection_without_credentials_is_refused(nats_server):
+    async def body():
+        with pytest.raises(Exception, match="Authorization Violation"):
+            await nats.connect(nats_server.url, allow_reconnect=False, max_reconnect_attempts=1)
+    run(body(), 30)
+
+
+def test_role_by_endpoint_matrix_every_refusal_comes_from_the_server(nats_server, tmp_path):
+    """Each role calls each API endpoint of a running coordinator (itself connected as
+    ``coordinator``): allowed calls get the coordinator's answer, refused ones a permissions
+    violation from the server, logged by the server with the caller's key."""
+    enrol(nats_server, ("submitter", "alice", {"products": ["p1"]}), ("reviewer", "rita", {}),
+          ("factory", "fa", {}))
+    roles = {"admin": "admin", "coordinator": "coordinator", "factory": "fa", "submitter": "alice",
+             "reviewer": "rita"}
+
+    async def body():
+        async with Fleet(nats_server.url, tmp_path, server=nats_server):
+            for role, name in roles.items():
+                c = await Conn.open(nats_server.url, nats_server.identities, name)
+                try:
+                    for endpoint in ALL_ENDPOINTS:
+                        subject = f"{names.API_PREFIX}.{endpoint}"
+                        if endpoint not in ALLOWED_ENDPOINTS[role]:
+                            assert await c.refused_publish(subject), (role, endpoint, c.errors)
+                            assert server_refused(nats_server.log_file, c.key, "Publish", subject), (role, endpoint)
+                        elif endpoint not in ADMIN_ENDPOINTS:  # halt/resume: guard's endpoints
+                            c.errors.clear()
+                            msg = await c.nc.request(subject, b'{"job": "no-such-job"}', timeout=10)
+                            assert msg.data and not c.errors, (role, endpoint, c.errors)  # the coordinator answered
+                        else:
+                            c.errors.clear()
+                            await c.nc.publish(subject, b"{}")
+                            await c.nc.request("$JS.API.INFO", b"", timeout=5)
+                            assert not server_refused(nats_server.log_file, c.key, "Publish", subject), (role, endpoint)
+                finally:
+                    await c.nc.close()
+    run(body(), 120)
+
+
+def test_factory_subjects_matrix(nats_server):
+    """A factory may write its own descriptor, job records (compare-and-set), events, live logs,
+    and pull its pool's dispatch; it may not write another factory's descriptor, touch the
+    layout (streams, buckets, consumers on the dispatch stream, pools), call the API or serve it."""
+    enrol(nats_server, ("factory", "fa", {}), ("factory", "fb", {}), ("factory", "fp", {"pools": ["p1"]}))
+
+    async def body():
+        admin = await Broker.open(nats_server.url, "matrix-admin")
+        for pool in ("p1", "p2"):
+            await admin.js.add_consumer(names.DISPATCH_STREAM, durable_name=names.pool_consumer(pool),
+                                        filter_subject=names.dispatch_subject(pool), ack_policy="explicit")
+        rev = await admin.jobs.create("j1", b'{"stage": "queued"}')
+        got_logs: list[bytes] = []
+
+        async def on_log(m):
+            got_logs.append(m.data)
+
+        logs_sub = await admin.nc.subscribe(names.logs_subject("j1", 1), cb=on_log)
+        fa = await Conn.open(nats_server.url, nats_server.identities, "fa")
+        fp = await Conn.open(nats_server.url, nats_server.identities, "fp")
+        try:
+            js = fa.nc.jetstream(timeout=5)
+            # Allowed, shown by their effect.
+            assert (await js.publish(f"$KV.{names.FACTORIES_BUCKET}.fa", b"{}")).seq
+            kv = await js.key_value(names.JOBS_BUCKET)
+            assert await kv.update("j1", b'{"stage": "assigned"}', last=rev) > rev
+            assert (await js.publish(names.events_subject("j1", "claimed"), b"{}")).seq
+            await fa.nc.publish(names.logs_subject("j1", 1), b"line")
+            await fa.nc.flush()
+            await eventually(lambda: got_logs == [b"line"], 10, what="the factory's live log line")
+            await admin.js.publish(names.dispatch_subject("p1"), b"j1")
+            psub = await fp.nc.jetstream(timeout=5).pull_subscribe_bind(
+                durable=names.pool_consumer("p1"), stream=names.DISPATCH_STREAM)
+            msgs = await psub.fetch(1, timeout=5)
+            assert [m.data for m in msgs] == [b"j1"]
+            await msgs[0].ack()
+            # Refused by the server.
+            denied = [
+                f"$KV.{names.FACTORIES_BUCKET}.fb",
+                f"$KV.{names.POOLS_BUCKET}.p1",
+                f"$KV.{names.IDEMPOTENCY_BUCKET}.k",
+                "$JS.API.STREAM.CREATE.EVIL",
+                f"$JS.API.STREAM.CREATE.KV_{names.JOBS_BUCKET}",
+                f"$JS.API.STREAM.DELETE.KV_{names.JOBS_BUCKET}",
+                f"$JS.API.STREAM.UPDATE.{names.EVENTS_STREAM}",
+                f"$JS.API.STREAM.PURGE.{names.EVENTS_STREAM}",
+                f"$JS.API.STREAM.MSG.DELETE.{names.EVENTS_STREAM}",
+                f"$JS.API.STREAM.DELETE.{names.DISPATCH_STREAM}",
+                f"$JS.API.CONSUMER.CREATE.{names.DISPATCH_STREAM}.steal",
+                f"$JS.API.CONSUMER.DELETE.{names.DISPATCH_STREAM}.{names.pool_consumer('p1')}",
+                *(f"{names.API_PREFIX}.{e}" for e in ALL_ENDPOINTS),
+            ]
+            for subject in denied:
+                assert await fa.refused_publish(subject), (subject, fa.errors)
+                assert server_refused(nats_server.log_file, fa.key, "Publish", subject), subject
+            for subject in (f"{names.API_PREFIX}.>", names.logs_subject("j1"), "$SRV.>"):
+                assert await fa.refused_subscribe(subject), subject
+                assert server_refused(nats_server.log_file, fa.key, "Subscription", subject), subject
+            # A factory enrolled for pool p1 pulls from p1 only.
+            nxt = f"$JS.API.CONSUMER.MSG.NEXT.{names.DISPATCH_STREAM}.{names.pool_consumer('p2')}"
+            assert await fp.refused_publish(nxt)
+            assert server_refused(nats_server.log_file, fp.key, "Publish", nxt)
+        finally:
+            await logs_sub.unsubscribe()
+            await fa.nc.close()
+            await fp.nc.close()
+            await admin.close()
+    run(body(), 120)
+
+
+@pytest.mark.parametrize("role", ["submitter", "reviewer"])
+def test_people_read_but_never_write_the_broker_directly(nats_server, role):
+    enrol(nats_server, (role, "pat", {}))
+
+    async def body():
+        admin = await Broker.open(nats_server.url, "matrix-admin")
+        await admin.jobs.create("j1", b'{"stage": "queued"}')
+        c = await Conn.open(nats_server.url, nats_server.identities, "pat")
+        try:
+            kv = await c.nc.jetstream(timeout=5).key_value(names.JOBS_BUCKET)
+            assert (await kv.get("j1")).value == b'{"stage": "queued"}'  # reads records
+            assert not await c.refused_subscribe(names.logs_subject("j1"))  # follows live logs
+            for subject in (f"$KV.{names.JOBS_BUCKET}.j1", names.events_subject("j1", "x"),
+                            names.logs_subject("j1", 1), "$JS.API.STREAM.CREATE.EVIL",
+                            f"$JS.API.STREAM.PURGE.{names.EVENTS_STREAM}", f"$KV.{names.FACTORIES_BUCKET}.x"):
+                assert await c.refused_publish(subject), subject
+                assert server_refused(nats_server.log_file, c.key, "Publish", subject), subject
+        finally:
+            await c.nc.close()
+            await admin.close()
+    run(body(), 60)
+
+
+def test_the_coordinator_creates_the_layout_but_calls_no_endpoint(nats_server):
+    async def body():
+        c = await Conn.open(nats_server.url, nats_server.identities, "coordinator")
+        try:
+            assert (await c.nc.jetstream(timeout=5).add_stream(name="COORD_OK", subjects=["coord.ok"])).config
+            for e in GATE_ENDPOINTS:
+                assert await c.refused_publish(f"{names.API_PREFIX}.{e}")
+        finally:
+            await c.nc.close()
+    run(body(), 30)
+
+
+def test_revoking_a_factory_closes_its_connection_and_refuses_it_from_then_on(nats_server):
+    enrol(nats_server, ("factory", "fr", {}))
+
+    async def body():
+        creds = read_creds(nats_server.identities.creds_path("fr"))
+        closed = asyncio.Event()
+
+        async def on_closed():
+            closed.set()
+
+        async def quiet(_e):
+            pass
+
+        nc = await nats.connect(nats_server.url, nkeys_seed_str=creds.seed, closed_cb=on_closed, error_cb=quiet,
+                                max_reconnect_attempts=2, reconnect_time_wait=0.1)
+        nats_server.identities.revoke("fr")
+        nats_server.reload(nats_server.identities.users())
+        await asyncio.wait_for(closed.wait(), 20)  # the server dropped it, and its reconnects were refused
+        with pytest.raises(Exception, match="Authorization Violation"):
+            await nats.connect(nats_server.url, nkeys_seed_str=creds.seed, allow_reconnect=False,
+                               max_reconnect_attempts=1, error_cb=quiet)
+    run(body(), 60)
