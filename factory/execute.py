@@ -26,6 +26,7 @@ import msgspec
 
 from gigafactory import tracing
 from gigafactory.broker import Conflict
+from gigafactory.identity import fence_creds_env
 from gigafactory.schemas import names, protocol
 from gigafactory.schemas.lifecycle import Stage
 from gigafactory.schemas.manifest import FailureClass, parse_duration
@@ -435,6 +436,7 @@ class Execute:
                 # For `gigafactory fence` right before a push or merge request (side effects are fenced
                 # too): the lease it computes what is left of must be the one the coordinators reap by.
                 "GIGAFACTORY_NATS_URL": self.b.urls, "GF_LEASE_TTL_S": repr(self.s.lease_ttl_s),
+                **fence_creds_env(self.s),  # `gigafactory fence` renews as this factory (see identity.py)
                 **(resume_env(resume) if resume is not None else {}),
             },
             timeout_s=m.timeout_s(),

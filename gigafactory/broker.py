@@ -279,7 +279,7 @@ def _jittered(settings: Settings) -> Callable:
     return handler
 
 
-def auth_options(settings: Settings) -> dict:
+def auth_options(settings: Settings | None = None) -> dict:
     """The identity and TLS options of every connection (``nats.connect`` keyword arguments):
     the nkey seed of the credentials file :func:`gigafactory.identity.resolve_creds` picks, and
     an SSL context when ``tls_ca``/``tls_cert`` is set. Raises
@@ -287,6 +287,7 @@ def auth_options(settings: Settings) -> dict:
     never leaves this dict (never logged)."""
     from gigafactory.identity import read_creds, resolve_creds
 
+    settings = settings or Settings.from_env()
     out: dict = {}
     path = resolve_creds(settings.creds)
     if path:

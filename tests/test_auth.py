@@ -311,3 +311,55 @@ def test_revoking_a_factory_closes_its_connection_and_refuses_it_from_then_on(na
             await nats.connect(nats_server.url, nkeys_seed_str=creds.seed, allow_reconnect=False,
                                max_reconnect_attempts=1, error_cb=quiet)
     run(body(), 60)
+
+
+# -- TLS ----------------------------------------------------------------------------------------------
+
+
+def _pki(d) -> dict[str, str]:
+    """A CA and a server certificate for 127.0.0.1, made with the openssl CLI."""
+    import subprocess
+
+    def ssl(*args):
+        subprocess.run(["openssl", *args], cwd=d, check=True, capture_output=True, timeout=60)
+
+    ssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-keyout", "ca.key", "-out", "ca.pem",
+        "-subj", "/CN=gf-test-ca")
+    ssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", "server.key", "-out", "server.csr", "-subj", "/CN=127.0.0.1")
+    (d / "ext.cnf").write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
+    ssl("x509", "-req", "-in", "server.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial", "-days", "2",
+        "-out", "server.pem", "-extfile", "ext.cnf")
+    return {k: str(d / f) for k, f in (("ca", "ca.pem"), ("cert", "server.pem"), ("key", "server.key"))}
+
+
+def test_tls_clients_with_the_ca_connect_and_clients_without_it_are_refused(tmp_path):
+    from gigafactory.config import Settings
+    from gigafactory.embedded import EmbeddedServer
+    from gigafactory.natsconf import TlsConf
+    from gigafactory.testing import lab_identities
+
+    pki = _pki(tmp_path)
+    ids = lab_identities(tmp_path)
+    srv = EmbeddedServer(store_dir=str(tmp_path / "store"), users=ids.users(), log_file=str(tmp_path / "nats.log"),
+                         tls=TlsConf(cert_file=pki["cert"], key_file=pki["key"])).start()
+    admin = str(ids.creds_path("admin"))
+
+    async def body():
+        assert srv.url.startswith("tls://")
+        b = await Broker.open(srv.url, "tls-admin", Settings(creds=admin, tls_ca=pki["ca"], request_timeout_s=5))
+        try:
+            assert (await b.jobs.create("j1", b"{}")) > 0
+        finally:
+            await b.close()
+
+        async def quiet(_e):
+            pass
+
+        # Without the CA the client cannot verify the broker: the handshake fails.
+        with pytest.raises(Exception, match="CERTIFICATE_VERIFY_FAILED|certificate verify failed"):
+            await nats.connect(srv.url, nkeys_seed_str=read_creds(admin).seed, allow_reconnect=False,
+                               max_reconnect_attempts=1, error_cb=quiet, connect_timeout=5)
+    try:
+        run(body(), 60)
+    finally:
+        srv.stop()
