@@ -32,13 +32,14 @@ from nats.micro.request import Request
 
 from gigafactory import __version__, tracing
 from gigafactory.broker import Broker, Conflict
+from gigafactory.identity import caller_of
 from gigafactory.schemas import names, protocol
 from gigafactory.schemas.lifecycle import LEASED, IllegalTransition, Stage
 from gigafactory.schemas.limits import hint
 from gigafactory.schemas.api import ApiError, job_summary
 from gigafactory.schemas.records import EventRecord, JobRecord, LockRecord, decode, encode
 
-from . import intake, shipping
+from . import gate, intake, shipping
 from .retention import read_archived
 from .scheduler import capability_gap
 from .view import FleetView
@@ -132,6 +133,9 @@ class Api:
             ("stats", self.stats),
         ):
             await group.add_endpoint(name=name, handler=self._wrap(name, fn))
+        for name, fn in (("cancel", self.cancel), ("requeue", self.requeue), ("ship", self.ship)):
+            # The human gate on the caller's own subject (gf.api.ship.<role>.<name>): see gate.py.
+            await group.add_endpoint(name=f"{name}-by", subject=f"{name}.*.*", handler=self._wrap(name, fn))
 
     async def stop(self) -> None:
         if self.service is not None:
@@ -143,9 +147,15 @@ class Api:
                 body = orjson.loads(req.data) if req.data else {}
                 if not isinstance(body, dict):
                     raise ApiError(400, "request body must be a JSON object")
+                body.pop(gate.CALLER_KEY, None)  # only the subject names the caller
+                caller = caller_of(req.subject)
+                if caller is not None:
+                    body[gate.CALLER_KEY] = caller
                 with tracing.span(f"api {name}", parent=req.headers, kind="server"):
                     resp = await fn(body)
                 await req.respond(orjson.dumps(resp))
+            except gate.GateRefused as e:
+                await req.respond_error("403", str(e), orjson.dumps({"error": str(e)}))
             except ApiError as e:
                 await req.respond_error(str(e.code), e.message, orjson.dumps({"error": e.message, "errors": e.errors}))
             except intake.SubmitError as e:
@@ -177,7 +187,7 @@ class Api:
             raise ApiError(400, "'job' (a job id) is required")
         return job
 
-    async def _transition(self, job: str, decide) -> JobRecord:
+    async def _transition(self, job: str, decide, audit: dict | None = None) -> JobRecord:
         for _ in range(MAX_CAS_RETRIES):
             e = await self.b.jobs.get(job)
             if e is None:
@@ -194,6 +204,7 @@ class Api:
             await self.b.publish_event(EventRecord(
                 kind=str(out.event), at=time.time(), job=job, stage_from=str(out.stage_from),
                 stage_to=str(out.record.stage), epoch=out.record.epoch, actor=self.actor, reason=out.reason,
+                **({"data": audit} if audit else {}),
             ))
             self.view.changed.set()
             return out.record
@@ -201,20 +212,22 @@ class Api:
 
     async def cancel(self, body: dict) -> dict:
         job = await self._job_id(body)
-        who = str(body.get("actor") or "operator")
+        by = gate.actor(body)
+        who = by.name
         reason = str(body.get("reason") or "")
         max_chars = self.b.settings.max_reason_chars
         if len(reason) > max_chars or len(who) > max_chars:
             # Both are stored on the job record, which must stay claimable and readable.
             raise ApiError(400, f"the reason is {len(reason):,} characters and the actor {len(who):,}; at most "
                                 f"{max_chars:,} each {hint('max_reason_chars', max_chars)}")
-        rec = await self._transition(job, lambda r: protocol.cancel(r, time.time(), who, reason))
+        rec = await self._transition(job, lambda r: protocol.cancel(r, time.time(), who, reason), by.audit())
         return {"job": job_summary(rec)}
 
     async def requeue(self, body: dict) -> dict:
         job = await self._job_id(body)
-        who = str(body.get("actor") or "operator")
-        rec = await self._transition(job, lambda r: protocol.operator_requeue(r, time.time(), who))
+        by = gate.actor(body)
+        who = by.name
+        rec = await self._transition(job, lambda r: protocol.operator_requeue(r, time.time(), who), by.audit())
         return {"job": job_summary(rec)}
 
     async def ship(self, body: dict) -> dict:
@@ -224,18 +237,20 @@ class Api:
         it ``merge_conflict``; a refusal (checks, protection, a forge error) leaves it where it
         is, with the reason, and answers 409."""
         job = await self._job_id(body)
-        who = str(body.get("actor") or "operator")
+        by = gate.actor(body)
+        who = by.name
         if len(who) > self.b.settings.max_reason_chars:
             raise ApiError(400, f"the actor is {len(who):,} characters; at most {self.b.settings.max_reason_chars:,}")
         e = await self.b.jobs.get(job)
         if e is None:
             raise ApiError(404, f"no job {job!r}; 'gigafactory jobs' lists them")
         rec = decode(e.value, JobRecord)
+        gate.check_ship(rec.manifest.review_policy, by)
         a = protocol.shipped_attempt(rec)
         ws = a.workspace if a is not None else None
         if (rec.stage not in (Stage.TESTING, Stage.REVIEW) or a is None
                 or protocol.ship_shortfall(rec.manifest.ship_as, ws) is None or ws is None or not ws.pushed):
-            rec = await self._transition(job, lambda r: protocol.ship(r, time.time(), who))
+            rec = await self._transition(job, lambda r: protocol.ship(r, time.time(), who), by.audit())
             return {"job": job_summary(rec)}
         try:
             with tracing.span("ship", parent=rec.trace, job=job, epoch=a.epoch, ship_as=str(rec.manifest.ship_as)):
@@ -272,7 +287,7 @@ class Api:
         await self.b.publish_event(EventRecord(
             kind=str(out.event), at=now, job=job, stage_from=str(out.stage_from), stage_to=str(out.record.stage),
             epoch=out.record.epoch, actor=self.actor, reason=out.reason,
-            data={"ship_as": rec.manifest.ship_as, "pull_number": done.ws.pull_number,
+            data={**by.audit(), "ship_as": rec.manifest.ship_as, "pull_number": done.ws.pull_number,
                   "pull_url": done.ws.pull_url, "merged_commit": done.ws.merged_commit}))
         self.view.changed.set()
         return {"job": job_summary(out.record), "workspace": msgspec.to_builtins(done.ws)}

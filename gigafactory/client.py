@@ -30,9 +30,12 @@ class NoCoordinator(ApiError):
 
 
 class Client:
-    def __init__(self, nc, timeout_s: float = 10.0) -> None:
+    def __init__(self, nc, timeout_s: float = 10.0, identity: tuple[str, str] | None = None) -> None:
+        """:param identity: (role, name) of the credentials ``nc`` connected with; the human
+            gate's calls then go to the caller's own subject (see :func:`gate_subject`)."""
         self.nc = nc
         self.timeout_s = timeout_s
+        self.identity = identity
 
     @classmethod
     async def connect(cls, url: str, timeout_s: float = 10.0, name: str = "gigafactory-cli") -> "Client":
@@ -51,15 +54,26 @@ class Client:
             settings = Settings.from_env()
         except ValueError:
             settings = Settings()  # a bad setting is reported by the command that needs it
+        from gigafactory.identity import read_creds, resolve_creds
+
         nc = await connect(url, name, settings, max_reconnect_attempts=3, connect_timeout_s=5.0)
-        return cls(nc, timeout_s)
+        path = resolve_creds(settings.creds)
+        creds = read_creds(path) if path else None
+        return cls(nc, timeout_s, identity=(creds.role, creds.name) if creds is not None else None)
 
     async def close(self) -> None:
         await self.nc.close()
 
+    def _subject(self, endpoint: str) -> str:
+        from gigafactory.identity import GATE_ENDPOINTS, gate_subject
+
+        if endpoint in GATE_ENDPOINTS and self.identity is not None and self.identity[0] in ("admin", "reviewer"):
+            return gate_subject(endpoint, *self.identity)
+        return f"{names.API_PREFIX}.{endpoint}"
+
     async def call(self, endpoint: str, body: dict | None = None, timeout_s: float | None = None) -> dict:
         try:
-            msg = await self.nc.request(f"{names.API_PREFIX}.{endpoint}", orjson.dumps(body or {}),
+            msg = await self.nc.request(self._subject(endpoint), orjson.dumps(body or {}),
                                         timeout=timeout_s or self.timeout_s, headers=tracing.inject())
         except nats.errors.MaxPayloadError:
             raise ApiError(400, f"the {endpoint} request is larger than the broker's max payload "

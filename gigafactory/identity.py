@@ -116,6 +116,24 @@ def api_subject(endpoint: str) -> str:
     return f"{names.API_PREFIX}.{endpoint}"
 
 
+def gate_subject(endpoint: str, role: str, name: str) -> str:
+    """The subject a caller with ``role`` and ``name`` calls a human-gate endpoint on:
+    ``gf.api.<endpoint>.<role>.<name>``. The server lets a reviewer publish only to its own
+    (:func:`permissions`), so the subject names the caller as authenticated by the broker: the
+    coordinator takes the actor from it (:func:`caller_of`), not from the request body."""
+    return f"{names.API_PREFIX}.{endpoint}.{role}.{name}"
+
+
+def caller_of(subject: str) -> tuple[str, str] | None:
+    """(role, name) named by a :func:`gate_subject`, None for any other subject (pure)."""
+    parts = subject.split(".")
+    prefix = names.API_PREFIX.split(".")
+    if len(parts) != len(prefix) + 3 or parts[:len(prefix)] != prefix or parts[len(prefix)] not in GATE_ENDPOINTS:
+        return None
+    role, name = parts[-2], parts[-1]
+    return (role, name) if role in ROLES and IDENTITY_NAME_RE.fullmatch(name) else None
+
+
 def check_name(name: str) -> str:
     if not isinstance(name, str) or not IDENTITY_NAME_RE.fullmatch(name):
         raise IdentityError(f"identity name {name!r}: use 1-63 letters, digits or '-', starting with a letter "
@@ -172,9 +190,12 @@ def permissions(role: str, name: str, *, pools: tuple[str, ...] = ()) -> dict:
         return {"publish": {"allow": allow, "deny": deny},
                 "subscribe": {"allow": ["_INBOX.>", f"$KV.{names.POOLS_BUCKET}.>"],
                               "deny": [f"{names.API_PREFIX}.>", "$SRV.>"]}}
-    endpoints = READ_ENDPOINTS + (SUBMIT_ENDPOINTS if role == "submitter" else GATE_ENDPOINTS)
+    # A reviewer calls the gate only on its own subject (gf.api.ship.reviewer.<name>): the
+    # subject tells the coordinator who called, and the server vouches for it.
+    endpoints = READ_ENDPOINTS + (SUBMIT_ENDPOINTS if role == "submitter" else ())
+    own = [gate_subject(e, role, name) for e in GATE_ENDPOINTS] if role == "reviewer" else []
     denied = [api(e) for e in ALL_ENDPOINTS if e not in endpoints]
-    return {"publish": {"allow": [*(api(e) for e in endpoints), *_JS_READ, *_JS_READER_CONSUMERS],
+    return {"publish": {"allow": [*(api(e) for e in endpoints), *own, *_JS_READ, *_JS_READER_CONSUMERS],
                         "deny": [*denied, *_LAYOUT_WRITES]},
             "subscribe": {"allow": ["_INBOX.>", f"{names.LOGS_PREFIX}.>"]}}
 

@@ -33,7 +33,7 @@ ALLOWED_ENDPOINTS = {
     "coordinator": set(),
     "factory": set(),
     "submitter": {*READ_ENDPOINTS, "submit"},
-    "reviewer": {*READ_ENDPOINTS, *GATE_ENDPOINTS},
+    "reviewer": set(READ_ENDPOINTS),  # the gate only on its own subject: see the gate tests
 }
 """The API matrix: which role may call which endpoint (everything else is refused)."""
 
@@ -363,3 +363,61 @@ def test_tls_clients_with_the_ca_connect_and_clients_without_it_are_refused(tmp_
         run(body(), 60)
     finally:
         srv.stop()
+
+
+# -- the human gate --------------------------------------------------------------------------------
+
+
+def test_the_gate_takes_the_actor_from_the_identity_and_only_a_listed_reviewer_ships(nats_server, tmp_path):
+    """A reviewer calls ship on its own subject (the server refuses it any other, and the plain
+    one); the coordinator takes the actor from that subject, not from the body; a reviewer not
+    named by the job's review-policy is refused (403); the audit event carries the identity."""
+    from gigafactory.client import ApiError, Client
+    from gigafactory.identity import gate_subject
+
+    enrol(nats_server, ("reviewer", "rita", {}), ("reviewer", "mallory", {}))
+
+    async def body():
+        async with Fleet(nats_server.url, tmp_path, server=nats_server) as fleet:
+            await fleet.add_factory("f1")
+            job = await fleet.submit_one(fleet.job("echo ok", review_policy={"reviewers": ["@rita"]}))
+            await fleet.wait_stage(job, "review", timeout_s=30)
+            rita = await Conn.open(nats_server.url, nats_server.identities, "rita")
+            mal = await Conn.open(nats_server.url, nats_server.identities, "mallory")
+            try:
+                # Mallory can neither use the plain subject nor Rita's.
+                for subject in (f"{names.API_PREFIX}.ship", gate_subject("ship", "reviewer", "rita")):
+                    assert await mal.refused_publish(subject), subject
+                    assert server_refused(nats_server.log_file, mal.key, "Publish", subject), subject
+                with pytest.raises(ApiError) as refused:
+                    await Client(mal.nc, 10, identity=("reviewer", "mallory")).call(
+                        "ship", {"job": job, "actor": "rita"})
+                assert refused.value.code == 403 and "mallory is not a reviewer" in refused.value.message
+                reply = await Client(rita.nc, 10, identity=("reviewer", "rita")).call(
+                    "ship", {"job": job, "actor": "someone-else"})
+                assert reply["job"]["stage"] == "shipped"
+                rec = await fleet.wait_stage(job, "shipped")
+                assert "rita" in rec.reason and "someone-else" not in rec.reason
+                shipped = [e for e in await fleet.events(job) if e.get("stage_to") == "shipped"]
+                assert shipped and shipped[-1]["data"]["identity"] == "rita"
+                assert shipped[-1]["data"]["authenticated"] is True
+            finally:
+                await rita.nc.close()
+                await mal.nc.close()
+    run(body(), 120)
+
+
+def test_gate_actor_rules_pure():
+    from gigafactory.coordinator import gate
+    from gigafactory.identity import caller_of, gate_subject
+    from gigafactory.schemas.manifest import Reviewers
+
+    assert caller_of(gate_subject("ship", "reviewer", "rita")) == ("reviewer", "rita")
+    assert caller_of("gf.api.ship") is None and caller_of("gf.api.status.reviewer.rita") is None
+    assert gate.actor({"actor": "x", gate.CALLER_KEY: ("reviewer", "rita")}).name == "rita"
+    assert gate.actor({"actor": "alice", gate.CALLER_KEY: ("admin", "admin")}) == gate.Actor("alice", "admin", "admin")
+    assert gate.actor({"actor": "bob"}) == gate.Actor("bob")
+    gate.check_ship(Reviewers(reviewers=["@rita"]), gate.Actor("rita", "rita", "reviewer"))
+    gate.check_ship(Reviewers(reviewers=["@rita"]), gate.Actor("admin", "admin", "admin"))  # operators: all
+    with pytest.raises(gate.GateRefused, match="mallory is not a reviewer"):
+        gate.check_ship(Reviewers(reviewers=["@rita"]), gate.Actor("mallory", "mallory", "reviewer"))
