@@ -35,7 +35,7 @@ from gigafactory.schemas.records import (
     encode,
 )
 
-from . import decide, plan_dispatch
+from . import decide, plan_dispatch, signatures
 from .intake import ensure_pool
 from .plan_dispatch import QueueOrder, capability_gap  # noqa: F401  (re-exported: tests and tools import them here)
 from .retention import archived_stages
@@ -149,6 +149,10 @@ class Scheduler:
         """Pools whose last publish failed (logged once until one succeeds again)."""
         """Streams and consumers this coordinator recreated (``repair_dispatch``)."""
         self.reap_rounds = 0
+        self.forged_total = 0
+        """Job-record revisions quarantined as forged holder writes (coordinator/signatures.py)."""
+        self.sig_verified: dict[str, int] = {}
+        """Job -> the revision whose holder signature was verified last (checked once)."""
         """Completed reaper passes (tests await it to know a pass has happened)."""
         self.poison: dict[str, Poisoned] = {}
         """gf_jobs key -> its quarantined revision (see :class:`Poisoned`)."""
@@ -611,6 +615,7 @@ class Scheduler:
         see :meth:`_job_failed`; only a broker that does not answer ends it early."""
         broker_now = await self.sync_clock()
         await self.flush()
+        await signatures.quarantine_forged(self)  # signed holder writes: before anything acts on one
         n = 0
         for jid in list(self.view.stage_ids(*LEASED)):
             st = self.view.jobs.get(jid)

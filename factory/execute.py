@@ -217,7 +217,7 @@ class Execute:
                                  engine_version=self._engine_version(seat) if seat else None)
             self.stats["claims"] += 1
             try:
-                rev = await self.b.jobs.update(job_id, encode(out.record), last=e.revision)
+                rev = await self.b.jobs.update(job_id, self._encode_held(out.record), last=e.revision)
             except Conflict:
                 self.stats["claim_conflicts"] += 1
                 await self._release_station(station, seat)

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 import msgspec
 
 from gigafactory.broker import TRANSIENT, Conflict
+from gigafactory.identity import holder_signer
 from gigafactory.schemas import names, protocol
 from gigafactory.schemas.records import JobRecord, LockRecord, decode, encode
 
@@ -73,6 +74,11 @@ class Holder:
     """Mixin of :class:`~gigafactory.factory.agent.Factory`: the lease a run holds, written,
     renewed, fenced, and the job's lock."""
 
+    def _encode_held(self, rec: JobRecord) -> bytes:
+        """A job record as this factory writes it: signed by its identity (schemas/signing.py),
+        so the coordinator can tell its writes from anyone else's."""
+        return encode(holder_signer(self.s).sign_record(rec))
+
     async def _write(self, run: Run, decide, *, renewal: bool = False) -> JobRecord | None:
         """A fenced write: ``decide(record) -> record|Outcome``, CAS on the revision we hold.
         Returns the record the run holds afterwards, or None if the run is fenced; raises
@@ -83,7 +89,8 @@ class Holder:
         back off, fenced, give up) is :class:`lease.FencedWrite`'s, the machine the
         deterministic simulation drives too."""
         async with run.write_lock:
-            machine = lease.FencedWrite(run.record, run.revision, decide, stopped=lambda: run.fenced)
+            machine = lease.FencedWrite(run.record, run.revision, decide, stopped=lambda: run.fenced,
+                                        encode=self._encode_held)
             act = machine.start()
             while True:
                 if isinstance(act, lease.Send):

@@ -920,6 +920,7 @@ async def _fence_renew(url: str, settings: Settings, job: str, factory_id: str, 
     from nats.js.kv import KV_DEL, KV_OP, KV_PURGE
 
     from gigafactory.broker import TRANSIENT, Bucket, Conflict, connect
+    from gigafactory.identity import holder_signer
     from gigafactory.schemas import names, protocol
     from gigafactory.schemas.records import JobRecord, decode, encode
 
@@ -946,7 +947,7 @@ async def _fence_renew(url: str, settings: Settings, job: str, factory_id: str, 
                 new = protocol.renew(protocol.check_fence(rec, job, factory_id, epoch), factory_id, epoch, time.time())
             except protocol.Fenced as f:
                 return {"outcome": "fenced", "reason": str(f), "read_revision": rev}
-            data = encode(new)
+            data = encode(holder_signer(settings).sign_record(new))  # a holder write: signed (schemas/signing.py)
             sent = time.monotonic()  # before the write goes out: the broker stamps it later
             try:
                 written = await jobs.update(job, data, last=rev)

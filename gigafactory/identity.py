@@ -283,11 +283,22 @@ def sign(seed: str, data: bytes) -> bytes:
 
 def verify(public_key: str, data: bytes, signature: bytes) -> bool:
     """Whether ``signature`` is ``public_key``'s over ``data``."""
+    import base64
+
     import nkeys
+    from nacl.exceptions import BadSignatureError
+    from nacl.signing import VerifyKey
 
     try:
-        return bool(nkeys.from_public_key(public_key.encode()).verify(data, signature))
-    except Exception:  # nkeys raises its own ErrInvalidSignature, or a decode error
+        # A public nkey is base32(prefix byte, 32-byte Ed25519 key, CRC-16): the nkeys package
+        # has no reader for a bare public key, so decode it here and check the prefix and CRC.
+        text = public_key.encode("ascii")
+        raw = base64.b32decode(text + b"=" * (-len(text) % 8))
+        if len(raw) != 35 or raw[0] != nkeys.PREFIX_BYTE_USER or bytes(nkeys.crc16_checksum(raw[:33])) != raw[33:]:
+            return False
+        VerifyKey(raw[1:33]).verify(data, signature)
+        return True
+    except (BadSignatureError, ValueError, UnicodeError):
         return False
 
 
@@ -457,3 +468,44 @@ def fence_creds_env(settings) -> dict[str, str]:
     :param settings: the factory's settings (``creds``)."""
     path = resolve_creds(settings.creds)
     return {CREDS_ENV: str(path)} if path else {}
+
+
+@dataclass
+class HolderSigner:
+    """Signs the job records a factory writes (schemas/signing.py) with its identity's nkey;
+    with no identity (``public_key`` None) it leaves records unsigned."""
+
+    public_key: str | None = None
+    seed: str | None = field(default=None, repr=False)
+
+    def sign_record(self, rec):
+        if self.seed is None or self.public_key is None:
+            return rec
+        from gigafactory.schemas import signing
+
+        seed = self.seed
+        return signing.signed(rec, self.public_key, lambda data: sign(seed, data))
+
+
+_SIGNERS: dict[str, HolderSigner] = {}
+"""Credentials path -> its signer (the file is read once per process)."""
+
+
+def holder_signer(settings) -> HolderSigner:
+    """The signer of the identity ``settings`` connect with (:func:`resolve_creds`); an unsigned
+    one when there is none or the file is unreadable (the connection then fails on its own)."""
+    path = resolve_creds(settings.creds)
+    if not path:
+        return HolderSigner()
+    if path not in _SIGNERS:
+        try:
+            creds = read_creds(path)
+            _SIGNERS[path] = HolderSigner(public_key_of(creds.seed), creds.seed)
+        except (IdentityError, ValueError):
+            return HolderSigner()
+    return _SIGNERS[path]
+
+
+def verify_holder(public_key: str, data: bytes, signature: bytes) -> bool:
+    """:func:`verify` with the argument order :func:`gigafactory.schemas.signing.holder_verdict` uses."""
+    return verify(public_key, data, signature)

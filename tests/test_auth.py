@@ -421,3 +421,76 @@ def test_gate_actor_rules_pure():
     gate.check_ship(Reviewers(reviewers=["@rita"]), gate.Actor("admin", "admin", "admin"))  # operators: all
     with pytest.raises(gate.GateRefused, match="mallory is not a reviewer"):
         gate.check_ship(Reviewers(reviewers=["@rita"]), gate.Actor("mallory", "mallory", "reviewer"))
+
+
+# -- signed holder writes ------------------------------------------------------------------------------
+
+
+def test_a_job_record_written_by_an_identity_not_holding_the_lease_is_quarantined_within_one_reaper_pass(
+        nats_server, tmp_path):
+    """Factory fb (its own valid credential) rewrites the record of a job factory fa holds: the
+    broker allows it (subject permissions cannot narrow gf_jobs to keys), but the write is not
+    signed by fa's key, so the coordinator's next reaper pass quarantines that revision with a
+    ``poisoned`` event and counts it (gigafactory_forged_writes_total). fa's own signed writes
+    (claim, start, renewals) are never flagged."""
+    import msgspec
+
+    from gigafactory.identity import holder_signer
+    from gigafactory.schemas.records import JobRecord, decode, encode
+
+    async def body():
+        async with Fleet(nats_server.url, tmp_path, server=nats_server) as fleet:
+            await fleet.add_factory("fa")
+            await fleet.add_factory("fb")
+            job = await fleet.submit_one(fleet.job("sleep 30", timeout="2m"))
+            rec = await fleet.wait_stage(job, "building", timeout_s=30)
+            sched = fleet.coordinator.sched
+            rounds = sched.reap_rounds
+            await eventually(lambda: sched.reap_rounds >= rounds + 2, 10, what="two reaper passes")
+            assert sched.forged_total == 0 and rec.sig and rec.sig.startswith(
+                nats_server.identities.get(rec.lease.factory).public_key)
+            other = "fb" if rec.lease.factory == "fa" else "fa"
+            c = await Conn.open(nats_server.url, nats_server.identities, other)
+            try:
+                kv = await c.nc.jetstream(timeout=5).key_value(names.JOBS_BUCKET)
+                e = await kv.get(job)
+                held = decode(e.value, JobRecord)
+                forged = msgspec.structs.replace(held, reason="all good, nothing to see")
+                signer = holder_signer(fleet._as(other, fleet.settings))  # signed, but by the wrong key
+                rev = await kv.update(job, encode(signer.sign_record(forged)), last=e.revision)
+            finally:
+                await c.nc.close()
+            await eventually(lambda: sched.forged_total == 1, 10, what="the forged write quarantined")
+            assert sched.poison[job].revision == rev and "forged holder write" in sched.poison[job].reason
+            assert f"not by the lease holder {rec.lease.factory}" in sched.poison[job].reason
+            events = await eventually(lambda: _poisoned(fleet, job), 10, what="the poisoned event")
+            assert "forged holder write" in events[-1]["reason"]
+    run(body(), 120)
+
+
+async def _poisoned(fleet, job):
+    return [e for e in await fleet.events(job) if e.get("kind") == "poisoned"]
+
+
+def test_holder_verdict_pure():
+    from gigafactory.identity import new_keypair, sign, verify_holder
+    from gigafactory.schemas import signing
+    from gigafactory.schemas.records import JobRecord, Lease
+    import msgspec
+
+    seed, pub = new_keypair()
+    seed2, pub2 = new_keypair()
+    base = msgspec.json.decode(msgspec.json.encode({
+        "id": "j1", "manifest": {}, "body": "", "source": "t", "content_hash": "h", "submitted_at": 0.0,
+        "pool": "p", "requirements": [], "stage": "building", "epoch": 3,
+        "lease": {"factory": "fa", "station": 0, "epoch": 3}}), type=JobRecord)
+    assert isinstance(base.lease, Lease)
+    good = signing.signed(base, pub, lambda d: sign(seed, d))
+    assert signing.holder_verdict(good, pub, verify_holder) is None
+    assert "unsigned" in signing.holder_verdict(base, pub, verify_holder)
+    assert "not by the lease holder fa" in signing.holder_verdict(
+        signing.signed(base, pub2, lambda d: sign(seed2, d)), pub, verify_holder)
+    tampered = msgspec.structs.replace(good, epoch=4)
+    assert "does not match" in signing.holder_verdict(tampered, pub, verify_holder)
+    assert signing.holder_verdict(base, None, verify_holder) is None  # holder without identity: nothing to check
+    assert signing.holder_verdict(msgspec.structs.replace(base, stage="queued"), pub, verify_holder) is None
