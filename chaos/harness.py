@@ -784,8 +784,9 @@ class Lab:
         effects = invariants.SideEffects(ledger=lines, event_ts=stamps, pauses=self.pause_windows(),
                                          pause_grace_s=self.pause_grace_s, leftovers=self.leftovers,
                                          problems=problems)
+        keys = {i.name: i.public_key for i in self.identities.list() if i.role == "factory"}
         return invariants.check(jobs, events, acknowledged=set(self.acknowledged), allow_in_flight=allow_in_flight,
-                                side_effects=effects)
+                                side_effects=effects, holder_keys=keys)
 
     # -- side effects -------------------------------------------------------------------------
 

@@ -622,7 +622,8 @@ class Scheduler:
             if st is None or self.is_poisoned(st):
                 continue
             try:
-                w = decide.reap(st.record, st.ts, broker_now, self.s.lease_ttl_s)
+                # A revoked holder (`gigafactory creds revoke`) can no longer renew: its lease ends now.
+                w = decide.reap(st.record, signatures.lease_stamp(self.view, st), broker_now, self.s.lease_ttl_s)
                 if w is None:
                     continue
                 with tracing.span("reclaim", parent=st.record.trace, job=jid, epoch=w.out.record.epoch,

@@ -50,3 +50,19 @@ async def quarantine_forged(sched) -> int:
         await sched.quarantine(jid, revision, f"forged holder write: {why}", during="signature")
         n += 1
     return n
+
+
+REVOKED = "revoked"
+"""The descriptor status ``gigafactory creds revoke`` writes for a revoked factory (the factory
+itself cannot overwrite it: the broker refuses its connection from then on)."""
+
+
+def lease_stamp(view, st) -> float:
+    """The broker time the reaper judges ``st``'s lease from: the revision's stamp, or minus
+    infinity when its holder was revoked, so the lease is reclaimed (and fenced by the bumped
+    epoch) at the next pass instead of after ``lease_ttl_s``."""
+    lease = st.record.lease
+    holder = view.factories.get(lease.factory) if lease is not None else None
+    if holder is not None and holder.record.status == REVOKED:
+        return float("-inf")
+    return st.ts

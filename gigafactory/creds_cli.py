@@ -105,12 +105,52 @@ def revoke(name: str, as_json: bool) -> None:
     except IdentityError as e:
         fail(str(e), EXIT_USAGE, as_json=as_json)
     reloaded = _reload(store)
+    marked = _mark_revoked(ident.name) if ident.role == "factory" else False
     if as_json:
-        emit_json({"name": ident.name, "role": ident.role, "revoked_at": ident.revoked_at, "reloaded": reloaded})
+        emit_json({"name": ident.name, "role": ident.role, "revoked_at": ident.revoked_at, "reloaded": reloaded,
+                   "leases_reclaimed": marked})
         return
     click.echo(f"revoked {ident.role} {ident.name} at {time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime(ident.revoked_at))}"
                + ("; the broker reloaded its configuration" if reloaded else
                   "; no running embedded broker here: it is refused from the broker's next start"))
+
+
+def _mark_revoked(name: str) -> bool:
+    """Mark factory ``name``'s descriptor ``revoked`` on this home's broker (as its admin), so the
+    coordinator's next reaper pass reclaims its leases at once (coordinator/signatures.py);
+    whether it was marked (False: no broker here, or no descriptor)."""
+    import asyncio
+
+    from gigafactory.config import Settings, running_embedded_url
+
+    url = os.environ.get("GIGAFACTORY_NATS_URL") or running_embedded_url()
+    if not url:
+        return False
+
+    async def mark() -> bool:
+        import msgspec
+
+        from gigafactory.broker import Broker
+        from gigafactory.coordinator.signatures import REVOKED
+        from gigafactory.schemas.records import FactoryRecord, decode, encode
+
+        b = await Broker.open(url, "gigafactory-creds", Settings.from_env(), ensure=False)
+        try:
+            e = await b.factories.get(name)
+            if e is None:
+                return False
+            rec = msgspec.structs.replace(decode(e.value, FactoryRecord), status=REVOKED)
+            await b.factories.put(name, encode(rec))
+            return True
+        finally:
+            await b.close()
+
+    try:
+        return asyncio.run(asyncio.wait_for(mark(), 30))
+    except Exception as e:  # revoked already; the leases then end at their expiry
+        click.echo(f"warning: could not mark {name}'s descriptor revoked ({type(e).__name__}: {e}); its leases "
+                   "are reclaimed when they expire", err=True)
+        return False
 
 
 def _reload(store: IdentityStore) -> bool:

@@ -75,3 +75,45 @@ def test_up_runs_with_authentication_and_creds_enrol_and_revoke_a_machine(tmp_pa
         assert [i["revoked"] for i in listed if i["name"] == "box1"] == [True]
     finally:
         up.close()
+
+
+def test_revoking_a_factory_reclaims_its_leases_at_once_not_at_expiry(tmp_path):
+    """A factory (its own identity, enrolled with creds create) runs a job with a 60 s lease; its
+    revocation makes the coordinator reclaim the job at the next reaper pass, with a bumped
+    epoch (the fence), long before the lease would expire."""
+    from helpers import write_job
+
+    home = tmp_path / "home"
+    env = _env(home)
+    env.update(GIGAFACTORY_LEASE_TTL_S="60", GIGAFACTORY_LEASE_RENEW_S="5")
+    up = Proc([*gigafactory_cmd(), "up", "--stations", "1"], tmp_path / "up.log", env)
+    box = None
+    try:
+        wait_until(lambda: (home / "server.json").exists() and json.loads((home / "server.json").read_text()),
+                   60, what="the embedded broker")
+        assert _gf(env, "creds", "create", "factory", "box1", "--out", str(tmp_path / "box1.creds")).returncode == 0
+        box = Proc([*gigafactory_cmd(), "factory", "--creds", str(tmp_path / "box1.creds"), "--stations", "1",
+                    "--cap", "tier:box1", "--no-probe", "--workspace", str(tmp_path / "w"),
+                    "--data-dir", str(tmp_path / "d")], tmp_path / "box1.log", env)
+        job_file = write_job(tmp_path / "jobs", "long.md", "sleep 120", capabilities=["tier:box1"], timeout="5m",
+                         cwd=str(tmp_path))
+        out = _gf(env, "submit", str(job_file), "--json")
+        assert out.returncode == 0, out.stderr
+        job = json.loads(out.stdout)["jobs"][0]["job"]
+
+        def status():
+            r = _gf(env, "status", job, "--json")
+            return json.loads(r.stdout)["job"] if r.returncode == 0 else None
+
+        held = wait_until(lambda: (s := status()) and s["stage"] == "building" and s, 60, what="box1 runs the job")
+        assert held["holder"] == "box1", held
+        revoked = _gf(env, "creds", "revoke", "box1", "--json")
+        assert json.loads(revoked.stdout)["leases_reclaimed"] is True, revoked.stdout + revoked.stderr
+        # Within a few reaper passes (well inside the 60 s lease): back in the queue, epoch bumped.
+        after = wait_until(lambda: (s := status()) and s["stage"] == "queued" and s, 30,
+                           what="the revoked factory's job reclaimed")
+        assert after["epoch"] > held["epoch"] and after["holder"] is None
+    finally:
+        if box is not None:
+            box.close()
+        up.close()
