@@ -153,6 +153,8 @@ class Scheduler:
         """Job-record revisions quarantined as forged holder writes (coordinator/signatures.py)."""
         self.sig_verified: dict[str, int] = {}
         """Job -> the revision whose holder signature was verified last (checked once)."""
+        self.forged_seen: dict[tuple[str, int], str] = {}
+        """(job, revision) -> why: forged holder writes seen since the last reaper pass."""
         """Completed reaper passes (tests await it to know a pass has happened)."""
         self.poison: dict[str, Poisoned] = {}
         """gf_jobs key -> its quarantined revision (see :class:`Poisoned`)."""
@@ -174,6 +176,7 @@ class Scheduler:
             if jid in view.jobs:
                 self.queue.on_job(None, view.jobs[jid])
         view.job_listeners.append(self.queue.on_job)
+        view.job_listeners.append(signatures.observer(view, self.sig_verified, self.forged_seen))
         self._gap_seen: dict[str, tuple[int, str | None]] = {}
         """Pools nothing serves, fully held: (jobs that entered it, the reason) at that pass."""
         self.visited = 0

@@ -11,9 +11,15 @@ signature check per leased record that changed since the last pass.
 
 from __future__ import annotations
 
+import logging
+import time
+
 from gigafactory.identity import verify_holder
+from gigafactory.schemas.records import EventRecord
 from gigafactory.schemas import signing
 from gigafactory.schemas.lifecycle import LEASED
+
+log = logging.getLogger(__name__)
 
 VERIFIED_MAX = 100_000
 """Most verified (job, revision) pairs remembered; beyond, the memory starts afresh."""
@@ -38,16 +44,62 @@ def forged(view, verified: dict[str, int]) -> list[tuple[str, int, str]]:
     return out
 
 
+SEEN_MAX = 1000
+"""Most forged revisions remembered between two reaper passes (beyond: counted, not reported)."""
+
+
+def observer(view, verified: dict[str, int], seen: dict[tuple[str, int], str]):
+    """A view listener that judges every revision as it arrives (a forged write the holder
+    overwrites before the next reaper pass is caught too): forged ones go into ``seen``."""
+    def on_job(old, new) -> None:
+        if new is None or new.record.stage not in LEASED or len(seen) >= SEEN_MAX:
+            return
+        try:
+            for jid, revision, why in _judge(view, new, verified):
+                seen[(jid, revision)] = why
+        except Exception:  # a listener never raises (the view would take it as the record's fault)
+            log.exception("signature check of gf_jobs/%s failed", new.record.id)
+    return on_job
+
+
+def _judge(view, st, verified: dict[str, int]) -> list[tuple[str, int, str]]:
+    if verified.get(st.record.id) == st.revision or st.record.lease is None:
+        return []
+    holder = view.factories.get(st.record.lease.factory)
+    key = holder.record.nkey if holder is not None else None
+    why = signing.holder_verdict(st.record, key, verify_holder)
+    if why is None:
+        if key is not None:
+            verified[st.record.id] = st.revision
+        return []
+    return [(st.record.id, st.revision, why)]
+
+
 async def quarantine_forged(sched) -> int:
-    """Quarantine the forged writes :func:`forged` finds (see the module doc); how many."""
+    """Quarantine the forged writes seen since the last pass and those :func:`forged` finds in
+    the view now (see the module doc); how many. A forged revision that is still the current one
+    is quarantined (bytes kept, ``poisoned`` event); one overwritten since gets a ``forged_write``
+    event naming it."""
     if len(sched.sig_verified) > VERIFIED_MAX:
         sched.sig_verified.clear()
-    n = 0
+    found = dict(sched.forged_seen)
+    sched.forged_seen.clear()
     for jid, revision, why in forged(sched.view, sched.sig_verified):
-        if sched.is_poisoned(sched.view.jobs[jid]):
-            continue
+        found.setdefault((jid, revision), why)
+    n = 0
+    for (jid, revision), why in sorted(found.items()):
+        st = sched.view.jobs.get(jid)
+        reason = f"forged holder write: {why}"
+        if st is not None and st.revision == revision:
+            if sched.is_poisoned(st):
+                continue
+            await sched.quarantine(jid, revision, reason, during="signature")
+        else:
+            log.error("gf_jobs/%s revision %d: %s (overwritten since)", jid, revision, reason)
+            await sched.b.publish_event(EventRecord(
+                kind="forged_write", at=time.time(), job=jid, epoch=st.record.epoch if st else None,
+                actor=sched.actor, reason=f"revision {revision}: {reason}"[:2000], data={"revision": revision}))
         sched.forged_total += 1
-        await sched.quarantine(jid, revision, f"forged holder write: {why}", during="signature")
         n += 1
     return n
 

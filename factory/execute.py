@@ -213,11 +213,12 @@ class Execute:
                         await self._release_station(station, seat)
                         await self._deferred_event(rec, choice.reason, wait_s)
                         return Claim(False, offer_again_in_s=wait_s)
-            out = protocol.claim(rec, self.id, station, time.time(), engine=seat,
-                                 engine_version=self._engine_version(seat) if seat else None)
+            out = self._signing(lambda r: protocol.claim(
+                r, self.id, station, time.time(), engine=seat,
+                engine_version=self._engine_version(seat) if seat else None))(rec)
             self.stats["claims"] += 1
             try:
-                rev = await self.b.jobs.update(job_id, self._encode_held(out.record), last=e.revision)
+                rev = await self.b.jobs.update(job_id, encode(out.record), last=e.revision)
             except Conflict:
                 self.stats["claim_conflicts"] += 1
                 await self._release_station(station, seat)

@@ -20,6 +20,7 @@ the broker; ``_event`` (:mod:`audit`) and ``_quarantine_local`` (:mod:`reporting
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass, field
@@ -74,10 +75,19 @@ class Holder:
     """Mixin of :class:`~gigafactory.factory.agent.Factory`: the lease a run holds, written,
     renewed, fenced, and the job's lock."""
 
-    def _encode_held(self, rec: JobRecord) -> bytes:
-        """A job record as this factory writes it: signed by its identity (schemas/signing.py),
-        so the coordinator can tell its writes from anyone else's."""
-        return encode(holder_signer(self.s).sign_record(rec))
+    def _signing(self, decide):
+        """``decide`` whose records come out signed by this factory's identity
+        (schemas/signing.py), so the coordinator can tell its writes from anyone else's; the
+        record the run holds afterwards is the one stored, signature included."""
+        signer = holder_signer(self.s)
+
+        def signed(rec: JobRecord):
+            out = decide(rec)
+            if isinstance(out, protocol.Outcome):
+                return dataclasses.replace(out, record=signer.sign_record(out.record))
+            return signer.sign_record(out) if isinstance(out, JobRecord) else out
+
+        return signed
 
     async def _write(self, run: Run, decide, *, renewal: bool = False) -> JobRecord | None:
         """A fenced write: ``decide(record) -> record|Outcome``, CAS on the revision we hold.
@@ -89,8 +99,7 @@ class Holder:
         back off, fenced, give up) is :class:`lease.FencedWrite`'s, the machine the
         deterministic simulation drives too."""
         async with run.write_lock:
-            machine = lease.FencedWrite(run.record, run.revision, decide, stopped=lambda: run.fenced,
-                                        encode=self._encode_held)
+            machine = lease.FencedWrite(run.record, run.revision, self._signing(decide), stopped=lambda: run.fenced)
             act = machine.start()
             while True:
                 if isinstance(act, lease.Send):

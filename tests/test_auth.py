@@ -460,16 +460,18 @@ def test_a_job_record_written_by_an_identity_not_holding_the_lease_is_quarantine
                 rev = await kv.update(job, encode(signer.sign_record(forged)), last=e.revision)
             finally:
                 await c.nc.close()
-            await eventually(lambda: sched.forged_total == 1, 10, what="the forged write quarantined")
-            assert sched.poison[job].revision == rev and "forged holder write" in sched.poison[job].reason
-            assert f"not by the lease holder {rec.lease.factory}" in sched.poison[job].reason
-            events = await eventually(lambda: _poisoned(fleet, job), 10, what="the poisoned event")
-            assert "forged holder write" in events[-1]["reason"]
+            await eventually(lambda: sched.forged_total == 1, 10, what="the forged write detected")
+            # The holder's next renewal may overwrite the forged revision before the pass: then
+            # the pass reports it with a forged_write event, else it quarantines it (poisoned).
+            events = await eventually(lambda: _forged_events(fleet, job), 10, what="the forged write's event")
+            assert "forged holder write" in events[-1]["reason"] and str(rev) in events[-1]["reason"] + str(
+                sched.poison.get(job).revision if job in sched.poison else "")
+            assert f"not by the lease holder {rec.lease.factory}" in events[-1]["reason"]
     run(body(), 120)
 
 
-async def _poisoned(fleet, job):
-    return [e for e in await fleet.events(job) if e.get("kind") == "poisoned"]
+async def _forged_events(fleet, job):
+    return [e for e in await fleet.events(job) if e.get("kind") in ("poisoned", "forged_write")]
 
 
 def test_holder_verdict_pure():
