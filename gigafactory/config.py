@@ -433,6 +433,7 @@ class Settings:
         passthrough names that are not variable names; returns self. Raises
         :class:`SettingsError` naming the setting and what to do."""
         check_engine_settings(self)
+        check_auth(self)
         if len(self.engine_env_passthrough) > ENGINE_ENV_PASSTHROUGH_MAX_CHARS:
             raise SettingsError(f"engine_env_passthrough (GIGAFACTORY_ENGINE_ENV_PASSTHROUGH) is "
                                 f"{len(self.engine_env_passthrough)} characters; at most "
@@ -662,6 +663,20 @@ def check_retention(s: Settings) -> None:
         bad.append(f"GIGAFACTORY_RETENTION_WARN_RATIO={s.retention_warn_ratio}: must be between 0 and 1 (e.g. 0.8)")
     if bad:
         raise SettingsError("invalid retention settings: " + "; ".join(bad))
+
+
+def check_auth(s: "Settings") -> None:
+    """Identities and TLS (issue 12): a key without its certificate, or a credentials or TLS
+    file that does not exist, is refused before anything connects (a typo would otherwise
+    connect without TLS or fail later with a less clear error)."""
+    if s.tls_key and not s.tls_cert:
+        raise SettingsError("tls_key (GIGAFACTORY_TLS_KEY) is set without tls_cert (GIGAFACTORY_TLS_CERT): "
+                            "give the certificate the key belongs to, or unset the key")
+    for name in ("creds", "tls_cert", "tls_key", "tls_ca"):
+        path = getattr(s, name)
+        if path and not os.path.isfile(path):
+            raise SettingsError(f"{name} (GIGAFACTORY_{name.upper()}) names {path!r}, which is not a file: "
+                                "give the path of an existing file")
 
 
 DEFAULT_HOME_DIRNAME = ".gigafactory"

@@ -496,3 +496,14 @@ def test_holder_verdict_pure():
     assert "does not match" in signing.holder_verdict(tampered, pub, verify_holder)
     assert signing.holder_verdict(base, None, verify_holder) is None  # holder without identity: nothing to check
     assert signing.holder_verdict(msgspec.structs.replace(base, stage="queued"), pub, verify_holder) is None
+
+
+def test_auth_settings_refuse_a_key_without_its_certificate_and_missing_files(tmp_path):
+    from gigafactory.config import Settings, SettingsError
+
+    with pytest.raises(SettingsError, match=r"tls_key \(GIGAFACTORY_TLS_KEY\) is set without tls_cert"):
+        Settings(tls_key=str(tmp_path / "k.pem")).validate()
+    with pytest.raises(SettingsError, match=r"creds \(GIGAFACTORY_CREDS\) names .*not a file"):
+        Settings(creds=str(tmp_path / "missing.creds")).validate()
+    (tmp_path / "ok.creds").write_text("x")
+    assert Settings(creds=str(tmp_path / "ok.creds")).validate().creds.endswith("ok.creds")
