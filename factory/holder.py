@@ -196,7 +196,9 @@ class Holder:
             # Renewed only if what was written is the renewal last decided (equality, not
             # identity: whatever drives the write may hand back a copy). A None decision (the
             # run ended meanwhile) or a fenced write extends nothing.
-            if wrote is None or decided[0] is None or wrote != decided[0] or run.fenced:
+            # (The stored record carries the signature the write added: compare without it.)
+            if (wrote is None or decided[0] is None or run.fenced
+                    or msgspec.structs.replace(wrote, sig=None) != msgspec.structs.replace(decided[0], sig=None)):
                 continue
             if run.lock_key and not await self._renew_lock(run):
                 continue
