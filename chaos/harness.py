@@ -65,6 +65,7 @@ from gigafactory.embedded import EmbeddedServer, free_ports
 from gigafactory.schemas import names
 from gigafactory.schemas.lifecycle import LEASED, TERMINAL
 from gigafactory.schemas.records import EventRecord, FactoryRecord, JobRecord, decode
+from gigafactory.testing import lab_identities
 from gigafactory.testing.procs import LabProc, wait_for
 
 from . import invariants
@@ -353,13 +354,18 @@ class Lab:
         self.seed = seed
         self.id = secrets.token_hex(6)
         self.timings = {**LAB_TIMINGS, **(timings or {})}
-        self.settings = Settings(**self.timings)
+        # Authentication on, as every deployment runs: the lab's identity store is its
+        # processes' home's (GIGAFACTORY_HOME), so a process started without credentials acts
+        # as the lab's admin; the coordinator and each factory connect as their own identity.
+        self.identities = lab_identities(self.workdir / "home")
+        self.settings = Settings(**self.timings, creds=str(self.identities.creds_path("admin")))
         self.sync_interval = sync_interval
         self.repo = self.workdir / "repo"
         self.repo.mkdir(exist_ok=True)
         (self.repo / "out").mkdir(exist_ok=True)
         self.server = EmbeddedServer(store_dir=str(self.workdir / "nats-store"), host=HOST,
-                                     sync_interval=sync_interval, log_file=str(self.workdir / "nats-server.log"))
+                                     sync_interval=sync_interval, log_file=str(self.workdir / "nats-server.log"),
+                                     users=self.identities.users())
         self.coordinator: LabProc | None = None
         self.factories: dict[str, LabProc] = {}
         self.factory_data: dict[str, Path] = {}
@@ -522,7 +528,8 @@ class Lab:
             self.coordinator = LabProc(
                 "coordinator",
                 [sys.executable, "-m", "gigafactory", "coordinator", "--nats", self.url, "--log-level", "info"],
-                self.workdir / "coordinator.log", self.env(),
+                self.workdir / "coordinator.log",
+                self.env(GIGAFACTORY_CREDS=str(self.identities.creds_path("coordinator"))),
             )
         self.coordinator.start()
         await self.wait_for(self._api_answers, READY_TIMEOUT_S, what="the coordinator's API answers",
@@ -570,6 +577,12 @@ class Lab:
         the broker (through a fault-injecting proxy, say); ``env`` adds to its environment."""
         data = self.workdir / "factories" / fid
         self.factory_data[fid] = data
+        if self.identities.get(fid) is None:  # enrol it: its own identity, loaded by a reload
+            self.identities.create("factory", fid)
+            if self.server is not None and self.server.alive:
+                self.server.reload(self.identities.users())
+            elif self.server is not None:  # down now (an outage): loaded at its restart
+                self.server.users = self.identities.users()
         args = [sys.executable, "-m", "gigafactory", "factory", "--nats", url or self.url, "--id", fid, "--no-probe",
                 "--stations", str(stations), "--data-dir", str(data), "--workspace", str(self.workdir / "work"),
                 "--log-level", "info"]
@@ -577,7 +590,7 @@ class Lab:
             args += ["--cap", c]
         proc = LabProc(f"factory {fid}", args, self.workdir / f"factory-{fid}.log",
                        self.env(**{**self.factory_env, LAB_ENV: self.id, "GIGAFACTORY_NATS_URL": url or self.url,
-                                   **(env or {})}))
+                                   "GIGAFACTORY_CREDS": str(self.identities.creds_path(fid)), **(env or {})}))
         self.factories[fid] = proc
         self.factory_starts.setdefault(fid, []).append(time.time())
         proc.start()
@@ -771,8 +784,9 @@ class Lab:
         effects = invariants.SideEffects(ledger=lines, event_ts=stamps, pauses=self.pause_windows(),
                                          pause_grace_s=self.pause_grace_s, leftovers=self.leftovers,
                                          problems=problems)
+        keys = {i.name: i.public_key for i in self.identities.list() if i.role == "factory"}
         return invariants.check(jobs, events, acknowledged=set(self.acknowledged), allow_in_flight=allow_in_flight,
-                                side_effects=effects)
+                                side_effects=effects, holder_keys=keys)
 
     # -- side effects -------------------------------------------------------------------------
 

@@ -82,6 +82,8 @@ from collections.abc import Iterable
 
 import msgspec
 
+from gigafactory.identity import verify_holder
+from gigafactory.schemas import signing
 from gigafactory.schemas.lifecycle import LEASED, TERMINAL, Stage
 from gigafactory.schemas.records import EventRecord, JobRecord, decode
 
@@ -95,6 +97,7 @@ INVARIANTS: tuple[str, ...] = (
     "claim_epochs_increase",
     "stale_write_accepted",
     "record_consistent",
+    "holder_signed",
     "audit_well_formed",
     "audit_matches_record",
     "no_side_effect_after_lease_lost",
@@ -329,6 +332,7 @@ def check(
     allow_in_flight: bool = False,
     strict_audit: bool = False,
     side_effects: SideEffects | None = None,
+    holder_keys: dict[str, str] | None = None,
 ) -> Report:
     """Judge one scenario's final records and audit trail.
 
@@ -341,6 +345,9 @@ def check(
     ``side_effects``: the side-effect ledger and what judging it needs (the broker's
     timestamp of every event, the lab's pauses, leftover processes); None judges the records
     alone (the simulation has no side effects outside its store).
+    ``holder_keys``: factory id -> the public nkey of its identity; every record in a leased
+    stage held by one of them must carry that key's valid signature (``holder_signed``, see
+    schemas/signing.py). None: signatures are not judged (the simulation signs nothing).
     """
     found = _Findings()
     counts: Counter[str] = Counter(dict.fromkeys(ALWAYS_COUNTED, 0))
@@ -378,6 +385,10 @@ def check(
         rec = jobs[jid]
         counts[f"stage_{rec.stage}"] += 1
         _check_record(found, jid, rec)
+        if holder_keys is not None and rec.lease is not None:
+            why = signing.holder_verdict(rec, holder_keys.get(rec.lease.factory), verify_holder)
+            if why is not None:
+                found.add("holder_signed", jid, why)
         if jid in expected:
             _check_settled(found, rec, allow_in_flight)
 

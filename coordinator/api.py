@@ -39,6 +39,7 @@ from nats.micro.request import Request
 from gigafactory import __version__, tracing
 from gigafactory.broker import Broker, Conflict
 from gigafactory.economics import api as budget_api
+from gigafactory.identity import caller_of
 from gigafactory.schemas import names, protocol
 from gigafactory.schemas.lifecycle import LEASED, IllegalTransition, Stage
 from gigafactory.schemas.limits import hint
@@ -49,7 +50,7 @@ from gigafactory.schemas.api import (
 )
 from gigafactory.schemas.records import EventRecord, JobRecord, LockRecord, decode, encode
 
-from . import halt, intake, shipping
+from . import gate, halt, intake, shipping
 from .retention import read_archived
 from .scheduler import capability_gap
 from .view import FleetView
@@ -147,6 +148,9 @@ class Api:
             ("halt", lambda body: halt.api_halt(self, body)), ("resume", lambda body: halt.api_resume(self, body)),
         ):
             await group.add_endpoint(name=name, handler=self._wrap(name, fn))
+        for name, fn in (("cancel", self.cancel), ("requeue", self.requeue), ("ship", self.ship)):
+            # The human gate on the caller's own subject (gf.api.ship.<role>.<name>): see gate.py.
+            await group.add_endpoint(name=f"{name}-by", subject=f"{name}.*.*", handler=self._wrap(name, fn))
 
     async def stop(self) -> None:
         if self.service is not None:
@@ -164,9 +168,12 @@ class Api:
         async def handler(req: Request) -> None:
             try:
                 body = decode_request(name, req.data)
+                gate.CALLER.set(caller_of(req.subject))  # only the subject names the caller
                 with tracing.span(f"api {name}", parent=req.headers, kind="server"):
                     resp = await fn(body)
                 await req.respond(msgspec.json.encode(resp))
+            except gate.GateRefused as e:
+                await req.respond_error("403", str(e), msgspec.json.encode(ErrorReply(error=str(e))))
             except ApiError as e:
                 await req.respond_error(str(e.code), e.message, msgspec.json.encode(ErrorReply(error=e.message,
                                                                                                errors=e.errors)))
@@ -197,7 +204,7 @@ class Api:
         except budget_api.OverrideError as e:
             raise ApiError(e.code, str(e)) from None
 
-    async def _transition(self, job: str, decide) -> JobRecord:
+    async def _transition(self, job: str, decide, audit: dict | None = None) -> JobRecord:
         for _ in range(MAX_CAS_RETRIES):
             e = await self.b.jobs.get(job)
             if e is None:
@@ -214,24 +221,27 @@ class Api:
             await self.b.publish_event(EventRecord(
                 kind=str(out.event), at=time.time(), job=job, stage_from=str(out.stage_from),
                 stage_to=str(out.record.stage), epoch=out.record.epoch, actor=self.actor, reason=out.reason,
+                **({"data": audit} if audit else {}),
             ))
             self.view.changed.set()
             return out.record
         raise ApiError(409, f"job {job} kept changing; try again")
 
     async def cancel(self, req: CancelRequest) -> JobReply:
-        job, who, reason = req.job, req.actor or "operator", req.reason
+        by = gate.actor(req.actor)
+        job, who, reason = req.job, by.name, req.reason
         max_chars = self.b.settings.max_reason_chars
         if len(reason) > max_chars or len(who) > max_chars:
             # Both are stored on the job record, which must stay claimable and readable.
             raise ApiError(400, f"the reason is {len(reason):,} characters and the actor {len(who):,}; at most "
                                 f"{max_chars:,} each {hint('max_reason_chars', max_chars)}")
-        rec = await self._transition(job, lambda r: protocol.cancel(r, time.time(), who, reason))
+        rec = await self._transition(job, lambda r: protocol.cancel(r, time.time(), who, reason), by.audit())
         return JobReply(job=job_summary(rec))
 
     async def requeue(self, req: RequeueRequest) -> JobReply:
-        job, who = req.job, req.actor or "operator"
-        rec = await self._transition(job, lambda r: protocol.operator_requeue(r, time.time(), who))
+        by = gate.actor(req.actor)
+        job, who = req.job, by.name
+        rec = await self._transition(job, lambda r: protocol.operator_requeue(r, time.time(), who), by.audit())
         return JobReply(job=job_summary(rec))
 
     async def ship(self, req: ShipRequest) -> ShipReply:
@@ -240,18 +250,20 @@ class Api:
         shipped when the forge did it; a conflict requeues it ``rebase-needed`` once, then fails
         it ``merge_conflict``; a refusal (checks, protection, a forge error) leaves it where it
         is, with the reason, and answers 409."""
-        job, who = req.job, req.actor or "operator"
+        by = gate.actor(req.actor)
+        job, who = req.job, by.name
         if len(who) > self.b.settings.max_reason_chars:
             raise ApiError(400, f"the actor is {len(who):,} characters; at most {self.b.settings.max_reason_chars:,}")
         e = await self.b.jobs.get(job)
         if e is None:
             raise ApiError(404, f"no job {job!r}; 'gigafactory jobs' lists them")
         rec = decode(e.value, JobRecord)
+        gate.check_ship(rec.manifest.review_policy, by)
         a = protocol.shipped_attempt(rec)
         ws = a.workspace if a is not None else None
         if (rec.stage not in (Stage.TESTING, Stage.REVIEW) or a is None
                 or protocol.ship_shortfall(rec.manifest.ship_as, ws) is None or ws is None or not ws.pushed):
-            rec = await self._transition(job, lambda r: protocol.ship(r, time.time(), who))
+            rec = await self._transition(job, lambda r: protocol.ship(r, time.time(), who), by.audit())
             return ShipReply(job=job_summary(rec))
         try:
             with tracing.span("ship", parent=rec.trace, job=job, epoch=a.epoch, ship_as=str(rec.manifest.ship_as)):
@@ -288,7 +300,7 @@ class Api:
         await self.b.publish_event(EventRecord(
             kind=str(out.event), at=now, job=job, stage_from=str(out.stage_from), stage_to=str(out.record.stage),
             epoch=out.record.epoch, actor=self.actor, reason=out.reason,
-            data={"ship_as": rec.manifest.ship_as, "pull_number": done.ws.pull_number,
+            data={**by.audit(), "ship_as": rec.manifest.ship_as, "pull_number": done.ws.pull_number,
                   "pull_url": done.ws.pull_url, "merged_commit": done.ws.merged_commit}))
         self.view.changed.set()
         return ShipReply(job=job_summary(out.record), workspace=msgspec.to_builtins(done.ws))

@@ -38,7 +38,7 @@ from gigafactory.schemas.records import (
     encode,
 )
 
-from . import decide, plan_dispatch
+from . import decide, plan_dispatch, signatures
 from .intake import ensure_pool
 from .plan_dispatch import QueueOrder, capability_gap  # noqa: F401  (re-exported: tests and tools import them here)
 from .retention import archived_stages
@@ -152,6 +152,12 @@ class Scheduler:
         """Pools whose last publish failed (logged once until one succeeds again)."""
         """Streams and consumers this coordinator recreated (``repair_dispatch``)."""
         self.reap_rounds = 0
+        self.forged_total = 0
+        """Job-record revisions quarantined as forged holder writes (coordinator/signatures.py)."""
+        self.sig_verified: dict[str, int] = {}
+        """Job -> the revision whose holder signature was verified last (checked once)."""
+        self.forged_seen: dict[tuple[str, int], str] = {}
+        """(job, revision) -> why: forged holder writes seen since the last reaper pass."""
         """Completed reaper passes (tests await it to know a pass has happened)."""
         self.poison: dict[str, Poisoned] = {}
         """gf_jobs key -> its quarantined revision (see :class:`Poisoned`)."""
@@ -173,6 +179,7 @@ class Scheduler:
             if jid in view.jobs:
                 self.queue.on_job(None, view.jobs[jid])
         view.job_listeners.append(self.queue.on_job)
+        view.job_listeners.append(signatures.observer(view, self.sig_verified, self.forged_seen))
         self._gap_seen: dict[str, tuple[int, str | None]] = {}
         """Pools nothing serves, fully held: (jobs that entered it, the reason) at that pass."""
         self.halt = HaltState()
@@ -627,13 +634,15 @@ class Scheduler:
         see :meth:`_job_failed`; only a broker that does not answer ends it early."""
         broker_now = await self.sync_clock()
         await self.flush()
+        await signatures.quarantine_forged(self)  # signed holder writes: before anything acts on one
         n = 0
         for jid in list(self.view.stage_ids(*LEASED)):
             st = self.view.jobs.get(jid)
             if st is None or self.is_poisoned(st):
                 continue
             try:
-                w = decide.reap(st.record, st.ts, broker_now, self.s.lease_ttl_s)
+                # A revoked holder (`gigafactory creds revoke`) can no longer renew: its lease ends now.
+                w = decide.reap(st.record, signatures.lease_stamp(self.view, st), broker_now, self.s.lease_ttl_s)
                 if w is None:
                     continue
                 with tracing.span("reclaim", parent=st.record.trace, job=jid, epoch=w.out.record.epoch,

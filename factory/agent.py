@@ -44,6 +44,7 @@ from pathlib import Path
 
 from gigafactory import __version__, logcontext
 from gigafactory.broker import Broker
+from gigafactory.identity import holder_signer
 from gigafactory.config import Settings, factories_dir
 from gigafactory.config import home as gf_home
 from gigafactory.metrics import process_metrics
@@ -140,7 +141,7 @@ class Factory(Stations, AuditQueue, Pools, Holder, Execute, Reporting, Ship, Che
             arch=desc.get("arch", ""), capabilities=sorted(self.offers.tokens),
             stations=[Station(index=i, since=time.time()) for i in range(stations)],
             seats=dict(seats or {}), started_at=time.time(), heartbeat_interval_s=self.s.heartbeat_s,
-            pid=os.getpid(), version=__version__,
+            pid=os.getpid(), version=__version__, nkey=holder_signer(self.s).public_key,
         )
         self._make_folders(workspace, data_dir)
         self._guard_setup()

@@ -27,6 +27,7 @@ import msgspec
 from gigafactory import tracing
 from gigafactory.broker import Conflict
 from gigafactory.economics.budget import cap_crossed
+from gigafactory.identity import fence_creds_env
 from gigafactory.schemas import names, protocol
 from gigafactory.schemas.lifecycle import Stage
 from gigafactory.schemas.manifest import FailureClass, parse_duration
@@ -239,8 +240,9 @@ class Execute:
                         await self._release_station(station, seat)
                         await self._deferred_event(rec, choice.reason, wait_s)
                         return Claim(False, offer_again_in_s=wait_s)
-            out = protocol.claim(rec, self.id, station, time.time(), engine=seat,
-                                 engine_version=self._engine_version(seat) if seat else None)
+            out = self._signing(lambda r: protocol.claim(
+                r, self.id, station, time.time(), engine=seat,
+                engine_version=self._engine_version(seat) if seat else None))(rec)
             self.stats["claims"] += 1
             try:
                 rev = await self.b.jobs.update(job_id, encode(out.record), last=e.revision)
@@ -472,6 +474,7 @@ class Execute:
                 # too): the lease it computes what is left of must be the one the coordinators reap by.
                 # The address only: a password in the URL is the factory's, never the job's.
                 "GIGAFACTORY_NATS_URL": strip_url_credentials(self.b.urls), "GF_LEASE_TTL_S": repr(self.s.lease_ttl_s),
+                **fence_creds_env(self.s),  # `gigafactory fence` renews as this factory (see identity.py)
                 **(resume_env(resume) if resume is not None else {}),
             },
             timeout_s=m.timeout_s(),

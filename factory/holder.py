@@ -20,6 +20,7 @@ the broker; ``_event`` (:mod:`audit`) and ``_quarantine_local`` (:mod:`reporting
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass, field
@@ -27,6 +28,7 @@ from dataclasses import dataclass, field
 import msgspec
 
 from gigafactory.broker import TRANSIENT, Conflict
+from gigafactory.identity import holder_signer
 from gigafactory.schemas import names, protocol
 from gigafactory.schemas.records import JobRecord, LockRecord, decode, encode
 
@@ -75,6 +77,20 @@ class Holder:
     """Mixin of :class:`~gigafactory.factory.agent.Factory`: the lease a run holds, written,
     renewed, fenced, and the job's lock."""
 
+    def _signing(self, decide):
+        """``decide`` whose records come out signed by this factory's identity
+        (schemas/signing.py), so the coordinator can tell its writes from anyone else's; the
+        record the run holds afterwards is the one stored, signature included."""
+        signer = holder_signer(self.s)
+
+        def signed(rec: JobRecord):
+            out = decide(rec)
+            if isinstance(out, protocol.Outcome):
+                return dataclasses.replace(out, record=signer.sign_record(out.record))
+            return signer.sign_record(out) if isinstance(out, JobRecord) else out
+
+        return signed
+
     async def _write(self, run: Run, decide, *, renewal: bool = False) -> JobRecord | None:
         """A fenced write: ``decide(record) -> record|Outcome``, CAS on the revision we hold.
         Returns the record the run holds afterwards, or None if the run is fenced; raises
@@ -85,7 +101,7 @@ class Holder:
         back off, fenced, give up) is :class:`lease.FencedWrite`'s, the machine the
         deterministic simulation drives too."""
         async with run.write_lock:
-            machine = lease.FencedWrite(run.record, run.revision, decide, stopped=lambda: run.fenced)
+            machine = lease.FencedWrite(run.record, run.revision, self._signing(decide), stopped=lambda: run.fenced)
             act = machine.start()
             while True:
                 if isinstance(act, lease.Send):
@@ -182,7 +198,9 @@ class Holder:
             # Renewed only if what was written is the renewal last decided (equality, not
             # identity: whatever drives the write may hand back a copy). A None decision (the
             # run ended meanwhile) or a fenced write extends nothing.
-            if wrote is None or decided[0] is None or wrote != decided[0] or run.fenced:
+            # (The stored record carries the signature the write added: compare without it.)
+            if (wrote is None or decided[0] is None or run.fenced
+                    or msgspec.structs.replace(wrote, sig=None) != msgspec.structs.replace(decided[0], sig=None)):
                 continue
             if run.lock_key and not await self._renew_lock(run):
                 continue

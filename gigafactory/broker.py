@@ -31,6 +31,7 @@ from nats.js import api
 from nats.js.kv import KV_DEL, KV_OP, KV_PURGE, KeyValue
 
 from gigafactory import tracing
+from gigafactory.identity import LAYOUT_ROLES
 from gigafactory.config import Settings, SettingsError
 from gigafactory.schemas import names
 from gigafactory.schemas.records import EventRecord, encode
@@ -278,6 +279,37 @@ def _jittered(settings: Settings) -> Callable:
     return handler
 
 
+def auth_options(settings: Settings | None = None) -> dict:
+    """The identity and TLS options of every connection (``nats.connect`` keyword arguments):
+    the nkey seed of the credentials file :func:`gigafactory.identity.resolve_creds` picks, and
+    an SSL context when ``tls_ca``/``tls_cert`` is set. Raises
+    :class:`gigafactory.identity.IdentityError` for an unreadable credentials file. The seed
+    never leaves this dict (never logged)."""
+    from gigafactory.identity import read_creds, resolve_creds
+
+    settings = settings or Settings.from_env()
+    out: dict = {}
+    path = resolve_creds(settings.creds)
+    if path:
+        out["nkeys_seed_str"] = read_creds(path).seed
+    if settings.tls_ca or settings.tls_cert:
+        import ssl
+
+        ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=settings.tls_ca or None)
+        if settings.tls_cert:
+            ctx.load_cert_chain(settings.tls_cert, settings.tls_key or None)
+        out["tls"] = ctx
+    return out
+
+
+def connected_role(settings: Settings) -> str | None:
+    """The role of the identity this process connects as (None: no credentials)."""
+    from gigafactory.identity import read_creds, resolve_creds
+
+    path = resolve_creds(settings.creds)
+    return read_creds(path).role if path else None
+
+
 async def connect(
     urls: str | list[str],
     name: str,
@@ -317,6 +349,7 @@ async def connect(
         ping_interval=ping_interval_s(settings),
         max_outstanding_pings=MAX_OUTSTANDING_PINGS,
         pending_size=16 * 1024 * 1024,
+        **auth_options(settings),
     )
 
 
@@ -361,7 +394,8 @@ async def probe_broker(servers: list[str], settings: Settings) -> None:
         pass
 
     nc = await nats.connect(servers=servers, connect_timeout=settings.request_timeout_s, allow_reconnect=False,
-                            max_reconnect_attempts=1, reconnect_time_wait=0, error_cb=quiet)
+                            max_reconnect_attempts=1, reconnect_time_wait=0, error_cb=quiet,
+                            **auth_options(settings))
     await nc.close()
 
 
@@ -567,7 +601,9 @@ class Broker:
         opened.append(b)
         b.urls = urls if isinstance(urls, str) else ",".join(urls)
         try:
-            if ensure:
+            # Only the roles allowed to create streams and buckets create the layout; the others
+            # bind to it (a denied create would wait out its timeout, bucket after bucket).
+            if ensure and connected_role(settings) in (None, "unknown", *LAYOUT_ROLES):
                 await b.ensure_layout()
             else:
                 await b.bind_layout()

@@ -40,6 +40,7 @@ from gigafactory.clitools import (
 from gigafactory.clitools import emit_json as _emit_json
 from gigafactory.clitools import fail as _fail
 from gigafactory.loadtest.cli import loadtest
+from gigafactory.creds_cli import connection_options, creds
 from gigafactory.economics.cli import invoices, report
 from gigafactory.schemas.api import LIST_LIMIT_MAX
 from gigafactory.economics.reports import budget_group
@@ -61,6 +62,7 @@ log = logging.getLogger(__name__)
 
 
 def _nats_option(fn):
+    fn = connection_options(fn)  # --creds and --tls-*: wherever --nats is
     return click.option("--nats", "nats_url", envvar="GIGAFACTORY_NATS_URL", default=None, metavar="URL",
                         help="NATS URL or comma-separated cluster URLs (default: $GIGAFACTORY_NATS_URL, "
                              "else the embedded broker).")(fn)
@@ -150,6 +152,28 @@ def _sync_interval_option(value: str | None) -> str | None:
         raise click.BadParameter(str(e)) from None
 
 
+def _embedded_security():
+    """The embedded broker's users and TLS: authentication is on by default (the home's identity
+    store, with ``admin``, ``coordinator`` and the local factory created on first start); TLS
+    when ``GIGAFACTORY_TLS_CERT``/``_KEY`` are set (``--tls-cert``/``--tls-key``)."""
+    from gigafactory.identity import IdentityError, IdentityStore
+    from gigafactory.natsconf import TlsConf
+
+    store = IdentityStore.at_home()
+    try:
+        store.ensure_defaults()
+    except (IdentityError, OSError) as e:
+        _fail(f"cannot create the identity store {store.root}: {e}", EXIT_USAGE)
+    s = Settings.from_env()
+    tls = None
+    if s.tls_cert or s.tls_key:
+        if not (s.tls_cert and s.tls_key):
+            _fail("TLS needs both --tls-cert and --tls-key (GIGAFACTORY_TLS_CERT, GIGAFACTORY_TLS_KEY)", EXIT_USAGE)
+        tls = TlsConf(cert_file=os.path.abspath(s.tls_cert), key_file=os.path.abspath(s.tls_key),
+                      ca_file=os.path.abspath(s.tls_ca) if s.tls_ca else None, verify=False)
+    return store.users(), tls
+
+
 def _start_embedded(store_dir: Path, sync_interval: str | None, port: int = 0, *, reuse: bool):
     """Start the embedded broker on ``store_dir``; never a second one on the same store.
 
@@ -161,8 +185,9 @@ def _start_embedded(store_dir: Path, sync_interval: str | None, port: int = 0, *
     deadline = time.monotonic() + STORE_WAIT_S
     while True:
         try:
+            users, tls = _embedded_security()
             srv = EmbeddedServer(store_dir=str(store_dir), port=port, sync_interval=sync_interval,
-                                 log_file=str(store_dir.parent / "nats-server.log")).start()
+                                 log_file=str(store_dir.parent / "nats-server.log"), users=users, tls=tls).start()
         except StoreInUse as e:
             verdict = inspect_holder(e.holder)
             if verdict == "reuse" and reuse:
@@ -240,6 +265,7 @@ def main(ctx: click.Context, config_file: str | None) -> None:
                    "acknowledged writes of the last interval and roll revisions back, so a job can "
                    "vanish or an epoch be handed out twice.")
 @log_options()
+@connection_options
 def server(port: int, store: str | None, sync_interval: str | None, log_level: str, log_format: str) -> None:
     """Run the embedded nats-server (JetStream on) in the foreground.
 
@@ -464,11 +490,42 @@ def factory(nats_url, log_level, log_format, factory_id, stations, seats, caps, 
             parse_offer(c)
         except CapabilityError as e:
             raise click.BadParameter(str(e), param_hint="--cap") from None
+    settings = Settings.from_env(connect_timeout_s=connect_timeout_s, metrics_port=metrics_port).validate()
     asyncio.run(_run_factory(
-        url, Settings.from_env(connect_timeout_s=connect_timeout_s, metrics_port=metrics_port).validate(),
-        factory_id=factory_id, stations=stations, seats=_parse_seats(seats),
+        url, settings, factory_id=factory_id or _factory_identity_name(settings), stations=stations, seats=_parse_seats(seats),
         extra_capabilities=list(caps), probe=not no_probe, workspace=workspace, data_dir=data_dir,
     ))
+
+
+def _factory_identity_name(settings: Settings) -> str | None:
+    """A factory connecting with a ``factory`` identity is that identity (its id is the one
+    descriptor key the broker lets it write); None for any other credentials."""
+    from gigafactory.identity import IdentityError, read_creds, resolve_creds
+
+    path = resolve_creds(settings.creds)
+    try:
+        got = read_creds(path) if path else None
+    except IdentityError as e:
+        _fail(str(e), EXIT_USAGE)
+    return got.name if got is not None and got.role == "factory" else None
+
+
+def _up_identities(settings: Settings) -> tuple[Settings, Settings, str | None]:
+    """``up``'s coordinator and local factory each connect as their own identity (``coordinator``,
+    ``factory-local`` of this home's store) unless credentials were given (``--creds``,
+    ``GIGAFACTORY_CREDS``: then both use those). Returns (coordinator settings, factory settings,
+    the factory id: its identity's name, which is the one descriptor key it may write)."""
+    from gigafactory.identity import CREDS_ENV, DEFAULT_FACTORY, IdentityStore
+
+    if settings.creds or os.environ.get(CREDS_ENV):
+        return settings, settings, None
+    store = IdentityStore.at_home()
+    coord, fac = store.creds_path("coordinator"), store.creds_path(DEFAULT_FACTORY)
+    if not (coord.exists() and fac.exists()):
+        return settings, settings, None
+    over = {"connect_timeout_s": settings.connect_timeout_s, "metrics_port": settings.metrics_port}
+    return (Settings.from_env(**over, creds=str(coord)).validate(),
+            Settings.from_env(**over, creds=str(fac)).validate(), DEFAULT_FACTORY)
 
 
 @main.command()
@@ -491,17 +548,18 @@ def up(nats_url, log_level, log_format, inbox, stations, caps, connect_timeout_s
         stop = asyncio.Event()
         _install_stop(stop)
         async with _metrics_endpoint(settings):
-            cb = await _service_broker(url, "gigafactory-coordinator", settings, stop)
+            c_settings, f_settings, factory_id = _up_identities(settings)
+            cb = await _service_broker(url, "gigafactory-coordinator", c_settings, stop)
             if cb is None:
                 return
-            fb = await _service_broker(url, "gigafactory-factory", settings, stop)
+            fb = await _service_broker(url, "gigafactory-factory", f_settings, stop)
             if fb is None:
                 await cb.close()
                 return
             try:
-                coord = Coordinator(cb, settings, inbox=inbox)
-                fac = Factory(fb, settings=settings, stations=stations, extra_capabilities=list(caps),
-                              data_dir=str(home() / "factories"))
+                coord = Coordinator(cb, c_settings, inbox=inbox)
+                fac = Factory(fb, settings=f_settings, stations=stations, extra_capabilities=list(caps),
+                              data_dir=str(home() / "factories"), factory_id=factory_id)
                 await asyncio.gather(coord.run(stop), fac.run(stop))
             finally:
                 await fb.close()
@@ -890,6 +948,7 @@ async def _fence_renew(url: str, settings: Settings, job: str, factory_id: str, 
     from nats.js.kv import KV_DEL, KV_OP, KV_PURGE
 
     from gigafactory.broker import TRANSIENT, Bucket, Conflict, connect
+    from gigafactory.identity import holder_signer
     from gigafactory.schemas import names, protocol
     from gigafactory.schemas.records import JobRecord, decode, encode
 
@@ -916,7 +975,7 @@ async def _fence_renew(url: str, settings: Settings, job: str, factory_id: str, 
                 new = protocol.renew(protocol.check_fence(rec, job, factory_id, epoch), factory_id, epoch, time.time())
             except protocol.Fenced as f:
                 return {"outcome": "fenced", "reason": str(f), "read_revision": rev}
-            data = encode(new)
+            data = encode(holder_signer(settings).sign_record(new))  # a holder write: signed (schemas/signing.py)
             sent = time.monotonic()  # before the write goes out: the broker stamps it later
             try:
                 written = await jobs.update(job, data, last=rev)
@@ -1184,6 +1243,7 @@ main.add_command(invoices)
 main.add_command(budget_group)
 main.add_command(halt)
 main.add_command(resume)
+main.add_command(creds)
 
 
 if __name__ == "__main__":

@@ -74,11 +74,15 @@ class Client:
 
     :param nc: a connected nats-py client (closed by :meth:`close`).
     :param timeout_s: how long each API request may take.
+    :param identity: (role, name) of the credentials ``nc`` connected with; the human gate's
+        calls (ship, cancel, requeue) then go to the caller's own subject (see
+        :func:`gigafactory.identity.gate_subject`), which tells the coordinator who asks.
     """
 
-    def __init__(self, nc, timeout_s: float = 10.0) -> None:
+    def __init__(self, nc, timeout_s: float = 10.0, identity: tuple[str, str] | None = None) -> None:
         self.nc = nc
         self.timeout_s = timeout_s
+        self.identity = identity
 
     @classmethod
     async def connect(cls, url: str, timeout_s: float = 10.0, name: str = "gigafactory-cli") -> "Client":
@@ -97,8 +101,12 @@ class Client:
             settings = Settings.from_env()
         except ValueError:
             settings = Settings()  # a bad setting is reported by the command that needs it
+        from gigafactory.identity import read_creds, resolve_creds
+
         nc = await connect(url, name, settings, max_reconnect_attempts=3, connect_timeout_s=5.0)
-        return cls(nc, timeout_s)
+        path = resolve_creds(settings.creds)
+        creds = read_creds(path) if path else None
+        return cls(nc, timeout_s, identity=(creds.role, creds.name) if creds is not None else None)
 
     async def close(self) -> None:
         await self.nc.close()
@@ -111,12 +119,20 @@ class Client:
 
     # -- requests ---------------------------------------------------------------------------
 
+    def _subject(self, endpoint: str) -> str:
+        from gigafactory.identity import GATE_ENDPOINTS, gate_subject
+
+        if endpoint in GATE_ENDPOINTS and self.identity is not None and self.identity[0] in ("admin", "reviewer"):
+            return gate_subject(endpoint, *self.identity)
+        return f"{names.API_PREFIX}.{endpoint}"
+
     async def _send(self, endpoint: str, payload: bytes, timeout_s: float | None) -> bytes:
-        """One request to ``gf.api.<endpoint>``: the reply's body, or the coordinator's error
-        raised as :class:`ApiError` (:class:`NoCoordinator` when none answered)."""
+        """One request to ``gf.api.<endpoint>`` (the caller's own subject for the human gate):
+        the reply's body, or the coordinator's error raised as :class:`ApiError`
+        (:class:`NoCoordinator` when none answered)."""
         wait_s = timeout_s or self.timeout_s
         try:
-            msg = await self.nc.request(f"{names.API_PREFIX}.{endpoint}", payload, timeout=wait_s,
+            msg = await self.nc.request(self._subject(endpoint), payload, timeout=wait_s,
                                         headers=tracing.inject())
         except nats.errors.MaxPayloadError:
             raise ApiError(400, f"the {endpoint} request is larger than the broker's max payload "

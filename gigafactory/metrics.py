@@ -140,6 +140,10 @@ CATALOGUE: tuple[Spec, ...] = (
          "coordinator"),
     Spec("gigafactory_records_quarantined_total", "counter", (),
          "gf_jobs revisions this coordinator quarantined (poison records).", "coordinator"),
+    # -- identities and signed holder writes (issue 12, helper auth) ----------------------------
+    Spec("gigafactory_forged_writes_total", "counter", (),
+         "gf_jobs revisions in a leased stage whose holder signature was missing or wrong (written by an "
+         "identity that does not hold the lease), quarantined by this coordinator.", "coordinator"),
     Spec("gigafactory_reaper_passes_total", "counter", (),
          "Reaper passes this coordinator completed (a flat line: the reaper is not running).", "coordinator"),
     Spec("gigafactory_dispatch_passes_total", "counter", (),
@@ -540,6 +544,7 @@ class _StateCollector:
         add("gigafactory_view_replay_seconds", (), c.replay_s or 0.0)
         add("gigafactory_records_quarantined_total", (), sched.poisoned_total)
         add("gigafactory_reaper_passes_total", (), sched.reap_rounds)
+        add("gigafactory_forged_writes_total", (), getattr(sched, "forged_total", 0))
         add("gigafactory_dispatch_passes_total", (), sched.passes)
         add("gigafactory_dispatch_errors_total", (), sched.dispatch_errors)
         self._ledger(getattr(c, "ledger", None), add)

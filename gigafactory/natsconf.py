@@ -65,6 +65,17 @@ class NatsConfError(ValueError):
 
 
 @dataclass(frozen=True)
+class TlsConf:
+    """The broker's TLS: its certificate and key, and the CA that verifies client certificates
+    (``verify``: clients must present one signed by ``ca_file``)."""
+
+    cert_file: str
+    key_file: str
+    ca_file: str | None = None
+    verify: bool = False
+
+
+@dataclass(frozen=True)
 class NodeConf:
     """Everything one node's configuration says.
 
@@ -80,6 +91,8 @@ class NodeConf:
     :param routes: the other nodes' route URLs (cluster only).
     :param no_advertise: do not tell clients the other nodes' URLs (cluster only; the partition
         scenario's clients reach the cluster through a fault proxy).
+    :param users: see the field.
+    :param tls: see the field.
     """
 
     server_name: str
@@ -92,6 +105,12 @@ class NodeConf:
     cluster_port: int | None = None
     routes: tuple[str, ...] = ()
     no_advertise: bool = False
+    users: tuple[dict, ...] | None = None
+    """Authentication: the nkey users (``{"nkey": "U...", "permissions": {...}}``, see
+    :meth:`gigafactory.identity.IdentityStore.users`); None: no ``authorization`` block (anyone
+    who reaches the port may do anything); an empty tuple: every connection is refused."""
+    tls: "TlsConf | None" = None
+    """TLS for clients and cluster routes; None: plain TCP."""
 
 
 def _quoted(value: str, field: str) -> str:
@@ -113,6 +132,70 @@ def _port(value: int, field: str) -> int:
     if not isinstance(value, int) or not 1 <= value <= 65535:
         raise NatsConfError(f"nats-server configuration: {field}={value!r} is not a TCP port (1-65535)")
     return value
+
+
+MAX_USERS = 10_000
+"""Most users one configuration lists."""
+
+
+def _tls_block(tls: TlsConf, indent: str) -> list[str]:
+    q = _quoted
+    out = [f"{indent}tls {{", f"{indent}  cert_file: {q(tls.cert_file, 'tls.cert_file')}",
+           f"{indent}  key_file: {q(tls.key_file, 'tls.key_file')}"]
+    if tls.ca_file:
+        out.append(f"{indent}  ca_file: {q(tls.ca_file, 'tls.ca_file')}")
+    if tls.verify:
+        out.append(f"{indent}  verify: true")
+    return out + [f"{indent}}}"]
+
+
+def _subjects(perm: dict, field: str) -> list[str]:
+    out = []
+    for kind in ("allow", "deny"):
+        subjects = perm.get(kind)
+        if subjects is None:
+            continue
+        out.append(f"{kind}: [" + ", ".join(_quoted(x, f"{field}.{kind}") for x in subjects) + "]")
+    return out
+
+
+def _authorization(users: tuple[dict, ...]) -> list[str]:
+    """The ``authorization`` block: one nkey user per entry, each with its subject permissions
+    (publish, subscribe) and ``allow_responses`` where the role serves requests."""
+    if len(users) > MAX_USERS:
+        raise NatsConfError(f"nats-server configuration: {len(users)} users, more than {MAX_USERS}")
+    lines = ["authorization {", "  users: ["]
+    for u in users:
+        nkey = str(u.get("nkey", ""))
+        if not (nkey.startswith("U") and nkey.isalnum() and len(nkey) == 56):
+            raise NatsConfError(f"nats-server configuration: user nkey {nkey!r} is not a user public key "
+                                "(56 characters starting with U)")
+        perms = u.get("permissions") or {}
+        body = [f"nkey: {q}" for q in [_quoted(nkey, 'nkey')]]
+        parts = []
+        for direction in ("publish", "subscribe"):
+            if direction in perms:
+                parts.append(f"{direction}: {{" + ", ".join(_subjects(perms[direction], direction)) + "}")
+        if parts:
+            body.append("permissions: {" + ", ".join(parts) + "}")
+        lines.append("    {" + ", ".join(body) + "}")
+    lines += ["  ]", "}"]
+    return lines
+
+
+def replace_authorization(text: str, users: tuple[dict, ...] | list[dict]) -> str:
+    """``text`` (a configuration :func:`render` wrote) with its ``authorization`` block replaced
+    by one for ``users`` (pure): how ``gigafactory creds revoke`` updates a running broker's
+    configuration from another process. Raises :class:`NatsConfError` if ``text`` has none
+    (a broker started without authentication cannot be given some by a reload)."""
+    lines = text.splitlines()
+    try:
+        start = lines.index("authorization {")
+        end = lines.index("}", start)
+    except ValueError:
+        raise NatsConfError("the running broker's configuration has no authorization block: it was started "
+                            "without authentication; restart it with `gigafactory server`") from None
+    return "\n".join(lines[:start] + _authorization(tuple(users)) + lines[end + 1:]) + "\n"
 
 
 def render(node: NodeConf) -> str:
@@ -137,6 +220,10 @@ def render(node: NodeConf) -> str:
         # suffix), which it takes as seconds: fsync every 23 days, not every 2 minutes.
         lines.append(f"  sync_interval: {q(node.sync_interval, 'sync_interval')}")
     lines.append("}")
+    if node.tls is not None:
+        lines += _tls_block(node.tls, "")
+    if node.users is not None:
+        lines += _authorization(node.users)
     if node.cluster_name is not None:
         if node.cluster_port is None:
             raise NatsConfError(f"nats-server configuration: node {node.server_name!r} is in cluster "
@@ -150,6 +237,8 @@ def render(node: NodeConf) -> str:
         ]
         if node.no_advertise:
             lines.append("  no_advertise: true")
+        if node.tls is not None:
+            lines += _tls_block(node.tls, "  ")
         lines.append("}")
     return "\n".join(lines) + "\n"
 

@@ -31,6 +31,7 @@ from types import SimpleNamespace
 
 import click
 import nats
+from gigafactory.broker import auth_options
 import nats.errors
 import nats.js.errors
 import orjson
@@ -118,7 +119,7 @@ class Workers:
     async def run(self, stop: asyncio.Event, on_ready) -> None:
         tasks = []
         for i in range(self.connections):
-            nc = await nats.connect(self.url, name=f"lt-baseline-{i}", max_reconnect_attempts=-1)
+            nc = await nats.connect(self.url, name=f"lt-baseline-{i}", max_reconnect_attempts=-1, **auth_options())
             self.ncs.append(nc)
             js = nc.jetstream(timeout=10)
             kv = await js.key_value(BUCKET)

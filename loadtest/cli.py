@@ -70,11 +70,13 @@ def loadtest_workloads(as_json: bool) -> None:
               help="Broker store and process logs (default: a temp folder, removed after a good run).")
 @click.option("--out", "out_file", type=click.Path(dir_okay=False), default=None,
               help="Write the JSON result here (default: $GIGAFACTORY_HOME/loadtest-results/<time>.json).")
+@click.option("--no-auth", is_flag=True, help="Run the broker without authentication (identities, permissions): "
+              "the figures to compare with the default run's, i.e. what security costs per job.")
 @click.option("--markdown", is_flag=True, help="Print the tables as markdown (the tables of docs/load-results.md).")
 @click.option("--json", "as_json", is_flag=True, help="Print the JSON result instead of the table.")
 @log_options("warning")
 def loadtest_run(factories, jobs, stations, workload_names, idle_s, restart_jobs, pace_fraction, busy_job_s,
-                 fleet_hosts, batch, workdir, out_file, markdown, as_json, log_level, log_format) -> None:
+                 fleet_hosts, batch, workdir, out_file, no_auth, markdown, as_json, log_level, log_format) -> None:
     """Run the load suite: its own broker, coordinator, fleet and baseline; prints the figures
     with the issue's targets (reported, never asserted) and writes the JSON result. Exits 1 only
     if the harness itself failed (a job did not complete, a process did not start)."""
@@ -90,7 +92,8 @@ def loadtest_run(factories, jobs, stations, workload_names, idle_s, restart_jobs
     root = Path(workdir or tempfile.mkdtemp(prefix="gigafactory-loadtest-")).resolve()
     cfg = LoadConfig(factories=factories, stations=stations, jobs=jobs, workloads=tuple(names_), idle_s=idle_s,
                      restart_jobs=restart_jobs, pace_fraction=pace_fraction, busy_job_s=busy_job_s,
-                     fleet_hosts=fleet_hosts, batch=batch, workdir=root, settings=Settings.from_env())
+                     fleet_hosts=fleet_hosts, batch=batch, workdir=root, settings=Settings.from_env(),
+                     auth=not no_auth)
     try:
         cfg.validate()
     except ValueError as e:

@@ -30,6 +30,7 @@ left that carries the marker, whatever ended the run.
 from __future__ import annotations
 
 import asyncio
+import copy
 import contextlib
 import logging
 import os
@@ -54,6 +55,7 @@ from gigafactory.testing.procs import LabProc, wait_for
 from gigafactory.client import ApiError, Client
 from gigafactory.config import Settings, env_text
 from gigafactory.metrics import FACTORY_STATS
+from gigafactory.testing import lab_identities
 from gigafactory.embedded import EmbeddedServer
 from gigafactory.schemas import names
 from gigafactory.schemas.records import FactoryRecord, JobRecord, decode, encode
@@ -100,6 +102,10 @@ class LoadConfig:
     batch: int = 100
     workdir: Path = Path("loadtest-run")
     settings: Settings = field(default_factory=Settings)
+    auth: bool = True
+    """Run the broker with authentication on (the default, as every deployment runs): nkey
+    identities, per-role subject permissions, the coordinator as ``coordinator``. False
+    (``--no-auth``) gives the figures without them, to compare: their cost per job."""
 
     def validate(self) -> None:
         """Refuse settings no run could honour, naming the option."""
@@ -133,7 +139,7 @@ class LoadConfig:
         return {"factories": self.factories, "stations": self.stations, "jobs": self.jobs,
                 "workloads": list(self.workloads), "idle_s": self.idle_s, "restart_jobs": self.restart_jobs,
                 "pace_fraction": self.pace_fraction, "busy_job_s": self.busy_job_s,
-                "fleet_hosts": self.fleet_hosts, "batch": self.batch,
+                "fleet_hosts": self.fleet_hosts, "batch": self.batch, "auth": self.auth,
                 "settings": {f.name: getattr(self.settings, f.name) for f in msgspec.structs.fields(Settings)}}
 
 
@@ -319,9 +325,16 @@ class LoadRun:
         self.repo = self.dir / "repo"
         self.repo.mkdir(exist_ok=True)
         self.settings = cfg.settings
+        # With auth (the default) the run's processes share its home's identity store: anything
+        # started without credentials acts as the run's admin; the coordinator is `coordinator`.
+        self.identities = lab_identities(self.dir / "home") if cfg.auth else None
+        if self.identities is not None:
+            self.settings = copy.copy(self.settings)
+            self.settings.creds = str(self.identities.creds_path("admin"))
         self.server = EmbeddedServer(store_dir=str(self.dir / "nats-store"), host=HOST, http_port=0,
                                      sync_interval=self.settings.sync_interval,
-                                     log_file=str(self.dir / "nats-server.log"))
+                                     log_file=str(self.dir / "nats-server.log"),
+                                     users=self.identities.users() if self.identities is not None else None)
         self.coordinator: LabProc | None = None
         self.hosts: dict[str, LabProc] = {}
         self.metrics_urls: dict[str, str] = {}
@@ -361,7 +374,8 @@ class LoadRun:
     def url(self) -> str:
         return self.server.url
 
-    def env(self) -> dict[str, str]:
+    def env(self, role: str = "admin") -> dict[str, str]:
+        """The environment of a process of the run, connecting as identity ``role`` (with auth)."""
         env = {k: v for k, v in os.environ.items() if not k.startswith("GIGAFACTORY_")}
         for f in msgspec.structs.fields(Settings):
             v = getattr(self.settings, f.name)
@@ -371,6 +385,8 @@ class LoadRun:
         env["GIGAFACTORY_HOME"] = str(self.dir / "home")
         env["PYTHONUNBUFFERED"] = "1"
         env[RUN_ENV] = self.id
+        if self.identities is not None:
+            env["GIGAFACTORY_CREDS"] = str(self.identities.creds_path(role))
         return env
 
     async def close(self) -> None:
@@ -425,7 +441,7 @@ class LoadRun:
         if self.coordinator is None:
             self.coordinator = LabProc("coordinator", [sys.executable, "-m", "gigafactory", "coordinator",
                                                        "--nats", self.url, "--log-level", "info"],
-                                       self.dir / "coordinator.log", self.env())
+                                       self.dir / "coordinator.log", self.env(role="coordinator"))
         t0 = time.monotonic()
         self.coordinator.start()
         await self.wait_until(self.api_answers, READY_TIMEOUT_S, "the coordinator's API answers",

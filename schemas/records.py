@@ -297,6 +297,12 @@ class JobRecord(msgspec.Struct, omit_defaults=False):
     budget_override: str = ""
     """Who let this job start over its budget (``gigafactory budget override``; "" for nobody):
     with budget enforcement on, a job held for ``budget`` is offered once this is set."""
+    sig: str | None = None
+    """The lease holder's signature over this write: ``<public nkey>:<base64 Ed25519 signature>``
+    over (job, epoch, stage, content hash) (:mod:`~gigafactory.schemas.signing`). Every write by
+    a factory with an identity carries one; the coordinator verifies it against the holder's
+    descriptor (``FactoryRecord.nkey``), because subject permissions cannot narrow a factory's
+    writes to the jobs it holds. None: a write by the coordinator, or a factory without one."""
 
     @property
     def priority_rank(self) -> int:
@@ -375,6 +381,10 @@ class FactoryRecord(msgspec.Struct):
     withdrawn_engines: dict[str, str] = msgspec.field(default_factory=dict)
     """Engines this factory stopped offering, each with why (an ``auth_failed`` attempt): it
     offers them again once their credential variables change."""
+    nkey: str | None = None
+    """The public nkey this factory signs its job-record writes with (its broker identity). Only
+    the factory itself can write its descriptor (the broker's permissions), so the coordinator
+    trusts this key for records the factory holds. None: no identity, no signatures."""
 
 
 class PoolRecord(msgspec.Struct):

@@ -8,7 +8,7 @@ import logging
 import pytest
 
 from gigafactory.embedded import EmbeddedServer
-from gigafactory.testing import broker_kind, docker_broker
+from gigafactory.testing import broker_kind, docker_broker, lab_identities, use_creds
 
 # nats-py logs every reconnect attempt at INFO; keep test output to what matters.
 logging.getLogger("nats").setLevel(logging.WARNING)
@@ -22,14 +22,22 @@ class _DockerBroker:
 
 
 def _serve(root):
+    """A server with authentication on (the default of every broker Gigafactory starts): its
+    identity store is ``srv.identities`` (admin, coordinator, factory-local; a test enrols more
+    with ``srv.identities.create`` and :meth:`EmbeddedServer.reload`), and the test, with every
+    process it starts, connects as ``admin`` through ``GIGAFACTORY_CREDS``."""
     if broker_kind() == "docker":
         with docker_broker() as url:
             yield _DockerBroker(url)
         return
     root.mkdir(parents=True, exist_ok=True)
-    srv = EmbeddedServer(store_dir=str(root / "store"), log_file=str(root / "nats-server.log")).start()
+    ids = lab_identities(root)
+    srv = EmbeddedServer(store_dir=str(root / "store"), log_file=str(root / "nats-server.log"),
+                         users=ids.users()).start()
+    srv.identities = ids
     try:
-        yield srv
+        with use_creds(ids.creds_path("admin")):
+            yield srv
     finally:
         srv.stop()
 

@@ -131,7 +131,13 @@ class Fleet:
     factory). ``client`` calls the coordinator's API; ``admin`` is a broker connection of the
     test's own for reading records and events."""
 
-    def __init__(self, url: str, root: Path, settings: Settings | None = None) -> None:
+    def __init__(self, url: str, root: Path, settings: Settings | None = None, *, server: Any = None) -> None:
+        """:param server: the test's :class:`EmbeddedServer` with its ``identities`` (the
+            ``nats_server`` fixture): then the coordinator connects as ``coordinator``, each
+            factory as its own ``factory`` identity (enrolled and loaded by a server reload),
+            the client as ``admin``: least privilege, as a deployment runs. None: every
+            connection uses the test's credentials (``GIGAFACTORY_CREDS``, the lab's admin)."""
+        self.server = server if getattr(server, "identities", None) is not None else None
         self.url = url
         self.root = Path(root)
         self.settings = settings or fast_settings()
@@ -147,8 +153,9 @@ class Fleet:
 
     async def __aenter__(self) -> "Fleet":
         self.admin = await Broker.open(self.url, "test-admin", self.settings)
-        cb = await Broker.open(self.url, "test-coordinator", self.settings)
-        self.coordinator = Coordinator(cb, self.settings)
+        cs = self._as("coordinator", self.settings)
+        cb = await Broker.open(self.url, "test-coordinator", cs)
+        self.coordinator = Coordinator(cb, cs)
         stop = asyncio.Event()
         task = asyncio.create_task(self.coordinator.run(stop), name="coordinator")
         self._members["<coordinator>"] = _Member(cb, stop, task)
@@ -162,6 +169,16 @@ class Fleet:
                 await self.stop(name)
         await self.client.close()
         await self.admin.close()
+
+    def _as(self, identity: str, settings: Settings) -> Settings:
+        """``settings`` connecting as ``identity`` (with a server's identities), else as they are."""
+        if self.server is None:
+            return settings
+        import copy
+
+        out = copy.copy(settings)
+        out.creds = str(self.server.identities.creds_path(identity))
+        return out
 
     @staticmethod
     async def _ready(ev: asyncio.Event, task: asyncio.Task, what: str) -> None:
@@ -180,6 +197,10 @@ class Fleet:
         ``probe``: probe this machine (tools, versions, engines) instead of offering only
         ``caps`` and ``engine:shell``."""
         s = settings or self.settings
+        if self.server is not None and self.server.identities.get(factory_id) is None:
+            self.server.identities.create("factory", factory_id)
+            self.server.reload(self.server.identities.users())
+        s = self._as(factory_id, s)
         b = await Broker.open(self.url, f"test-factory-{factory_id}", s)
         f = Factory(b, factory_id=factory_id, stations=stations, extra_capabilities=list(caps), probe=probe, seats=seats,
                     workspace=str(self.root / "work"), data_dir=str(self.root / "factories"), settings=s)

@@ -14,6 +14,7 @@ import socket
 import time
 
 import nats
+from gigafactory.broker import auth_options
 import nats.js.errors
 import pytest
 from helpers import run
@@ -168,7 +169,7 @@ def test_cas_writes_go_on_through_a_follower_kill_and_a_job_bucket_leader_failov
 async def _value_through(url: str, key: str, want: bytes, timeout_s: float = 15.0) -> object:
     """The key's value read through one node (a direct get, which replicas answer too),
     polled until it is ``want``: a restarted replica is caught up once it serves the latest."""
-    nc = await nats.connect(url, connect_timeout=2, allow_reconnect=False)
+    nc = await nats.connect(url, connect_timeout=2, allow_reconnect=False, **auth_options())
     try:
         js = nc.jetstream(timeout=2)
         deadline = time.monotonic() + timeout_s

@@ -7,7 +7,7 @@ import time
 
 from helpers import Fleet, eventually, fast_settings, intervals, overlap, rendezvous_script, run
 
-from gigafactory.broker import Broker, Conflict
+from gigafactory.broker import Broker, Conflict, auth_options
 from gigafactory.coordinator.inbox import Inbox
 from gigafactory.coordinator.service import Coordinator
 from gigafactory.schemas import protocol
@@ -203,7 +203,7 @@ def test_a_coordinator_retries_a_startup_read_the_broker_refuses_for_now_and_the
 
     async def main():
         # The queue index's stream, as a KV bucket that allows a single consumer.
-        nc = await nats.connect(nats_server.url)
+        nc = await nats.connect(nats_server.url, **auth_options())
         js = nc.jetstream()
         stream = f"KV_{names.QUEUE_BUCKET}"
         await js.add_stream(api.StreamConfig(

@@ -727,3 +727,23 @@ def test_event_timestamps_must_come_with_every_event():
 
     with pytest.raises(AssertionError):
         check(jobs, events, side_effects=inv.SideEffects(ledger=[], event_ts=ts[:-1]))
+
+
+def test_a_leased_record_not_signed_by_its_holder_breaks_holder_signed():
+    """The checker verifies signed holder writes too: a record held by f1 must carry f1's valid
+    signature (schemas/signing.py); one signed by another key, or changed after signing, is a
+    ``holder_signed`` violation. Without keys (the simulation) nothing is judged."""
+    from gigafactory.identity import new_keypair, sign
+    from gigafactory.schemas import signing
+
+    seed1, pub1 = new_keypair()
+    seed2, pub2 = new_keypair()
+    held = queued(stage=Stage.BUILDING, epoch=1, lease=Lease(factory="f1", station=0, epoch=1))
+    good = signing.signed(held, pub1, lambda d: sign(seed1, d))
+    events = [submitted(), claimed(1), started(1)]
+    assert "holder_signed" not in check({"j1": good}, events, allow_in_flight=True,
+                                        holder_keys={"f1": pub1}).by_invariant()
+    for bad in (signing.signed(held, pub2, lambda d: sign(seed2, d)), msgspec.structs.replace(good, reason="x"), held):
+        r = check({"j1": bad}, events, allow_in_flight=True, holder_keys={"f1": pub1})
+        assert r.by_invariant().get("holder_signed") == 1, r.to_text()
+    assert "holder_signed" not in check({"j1": held}, events, allow_in_flight=True).by_invariant()

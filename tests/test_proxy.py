@@ -18,6 +18,7 @@ import time
 from urllib.parse import urlparse
 
 import nats
+from gigafactory.broker import auth_options
 import pytest
 from helpers import run
 
@@ -62,13 +63,13 @@ async def through(proxy: FaultProxy, watch: Watch, **kw) -> nats.NATS:
     opts = dict(reconnect_time_wait=0.1, max_reconnect_attempts=-1, connect_timeout=1.0,
                 ping_interval=60, max_outstanding_pings=2)
     opts.update(kw)
-    return await nats.connect(servers=[proxy.url], disconnected_cb=watch.on_disconnect,
+    return await nats.connect(**auth_options(), servers=[proxy.url], disconnected_cb=watch.on_disconnect,
                               reconnected_cb=watch.on_reconnect, error_cb=_quiet, **opts)
 
 
 async def echo_service(url: str) -> nats.NATS:
     """A direct (unproxied) client answering requests on ``echo`` with the request's data."""
-    nc = await nats.connect(url, error_cb=_quiet)
+    nc = await nats.connect(url, error_cb=_quiet, **auth_options())
 
     async def echo(msg):
         await msg.respond(msg.data)
@@ -333,7 +334,7 @@ def test_proxy_process_is_steered_through_its_control_port(nats_server):
             ctl = ProxyControl(ready["control"])
             direct = await echo_service(nats_server.url)
             watch = Watch()
-            nc = await nats.connect(servers=[f"nats://127.0.0.1:{ready['listen']}"], reconnect_time_wait=0.1,
+            nc = await nats.connect(**auth_options(), servers=[f"nats://127.0.0.1:{ready['listen']}"], reconnect_time_wait=0.1,
                                     max_reconnect_attempts=-1, connect_timeout=1.0, error_cb=_quiet,
                                     reconnected_cb=watch.on_reconnect)
             assert (await nc.request("echo", b"1", timeout=5)).data == b"1"

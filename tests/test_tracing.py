@@ -16,6 +16,7 @@ import threading
 from pathlib import Path
 
 import nats
+from gigafactory.broker import auth_options
 import pytest
 from helpers import Proc, fast_env, gigafactory_cmd, kill_group, wait_until, write_job
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
@@ -203,7 +204,7 @@ def test_one_job_is_one_trace_from_submit_through_the_factory(traced):
 
 async def event_headers(url: str, job: str) -> list[tuple[str, dict]]:
     """(kind, headers) of every GF_EVENTS message about ``job``, oldest first."""
-    nc = await nats.connect(url)
+    nc = await nats.connect(url, **auth_options())
     try:
         psub = await nc.jetstream().pull_subscribe(
             f"{names.EVENTS_PREFIX}.{job}.>", stream=names.EVENTS_STREAM,

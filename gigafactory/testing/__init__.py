@@ -19,12 +19,13 @@ import tempfile
 from collections.abc import Iterator
 
 from gigafactory.embedded import EmbeddedServer
+from gigafactory.identity import CREDS_ENV, IdentityStore
 
 from .cluster import Cluster, ClusterError
 from .procs import LabProc, wait_for
 
 __all__ = ["Cluster", "ClusterError", "LabProc", "broker_kind", "broker_url", "docker_available", "docker_broker",
-           "wait_for"]
+           "lab_identities", "use_creds", "wait_for"]
 
 NATS_IMAGE = os.environ.get("GIGAFACTORY_NATS_IMAGE", "nats:2.12-alpine")
 
@@ -61,17 +62,48 @@ def docker_broker() -> Iterator[str]:
         yield f"nats://{c.get_container_host_ip()}:{c.get_exposed_port(4222)}"
 
 
+def lab_identities(root: str | os.PathLike) -> IdentityStore:
+    """An identity store for a lab broker under ``root`` (``admin``, ``coordinator``,
+    ``factory-local``): what ``gigafactory up`` creates on first start. Pass its
+    :meth:`~IdentityStore.users` to :class:`EmbeddedServer` to run it with authentication on,
+    as every lab broker does by default."""
+    store = IdentityStore(os.path.join(str(root), "identities"))
+    store.ensure_defaults()
+    return store
+
+
+@contextlib.contextmanager
+def use_creds(path: str | os.PathLike | None) -> Iterator[None]:
+    """Set ``GIGAFACTORY_CREDS`` to ``path`` for the block (this process and the processes it
+    starts), then restore it: how the fixtures give every connection of a test an identity."""
+    before = os.environ.get(CREDS_ENV)
+    if path is None:
+        os.environ.pop(CREDS_ENV, None)
+    else:
+        os.environ[CREDS_ENV] = str(path)
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(CREDS_ENV, None)
+        else:
+            os.environ[CREDS_ENV] = before
+
+
 @contextlib.contextmanager
 def broker_url(**kw) -> Iterator[str]:
-    """A running broker for one test, by URL. Tests that kill or restart the broker use
+    """A running broker for one test, by URL, with authentication on: the block runs as the
+    lab's ``admin`` (``GIGAFACTORY_CREDS``). Tests that kill or restart the broker use
     :class:`EmbeddedServer` directly."""
     if broker_kind() == "docker":
         with docker_broker() as url:
             yield url
         return
     with tempfile.TemporaryDirectory(prefix="gf-nats-") as tmp:
-        srv = EmbeddedServer(store_dir=os.path.join(tmp, "store"), **kw).start()
+        ids = lab_identities(tmp)
+        srv = EmbeddedServer(store_dir=os.path.join(tmp, "store"), **{"users": ids.users(), **kw}).start()
         try:
-            yield srv.url
+            with use_creds(ids.creds_path("admin")):
+                yield srv.url
         finally:
             srv.stop()

@@ -173,13 +173,15 @@ class Cluster:
         """One JetStream API request; the decoded JSON reply (which may hold ``error``)."""
         import nats  # the embedded single-server path must not need the client
 
+        from gigafactory.broker import auth_options
+
         servers = urls or self.live_urls()
         if not servers:
             raise ClusterError(f"no node of cluster {self.name!r} is running")
         async def quiet(_e):  # a dead node in the list is expected here; the caller retries
             pass
 
-        nc = await nats.connect(servers=servers, connect_timeout=timeout_s, allow_reconnect=False,
+        nc = await nats.connect(**auth_options(), servers=servers, connect_timeout=timeout_s, allow_reconnect=False,
                                 max_reconnect_attempts=1, error_cb=quiet)
         try:
             msg = await nc.request(subject, payload, timeout=timeout_s)
