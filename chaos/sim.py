@@ -523,7 +523,7 @@ class Sim:
         self.rng = random.Random(seed)
         self.random = self.rng.random
         self.fc = faults
-        self.s = settings
+        self.settings = settings
         self.broken = broken
         self.limit_s = limit_s
         self.max_steps = max_steps
@@ -636,7 +636,7 @@ class Sim:
             if fc.requeues and rng.random() < fc.requeues:
                 self._fault_at(t + rng.uniform(0.0, max(0.0, fc.window_s - t)), 0.0, self._operator, jid, "requeue")
         for i, c in enumerate(self.coordinators):
-            self.at(rng.uniform(0.0, self.s.reaper_interval_s), self._tick, c, i == 0)
+            self.at(rng.uniform(0.0, self.settings.reaper_interval_s), self._tick, c, i == 0)
         self.at(rng.uniform(0.0, 2.0), self._operator_tick)
         for _ in range(self._count(fc.power_losses)):
             d = rng.uniform(*fc.outage_s)
@@ -655,7 +655,7 @@ class Sim:
             for _ in range(self._count(fc.crashes)):
                 self._fault_at(rng.uniform(0, fc.window_s), fc.restart_s[1], self._crash, f)
             for _ in range(self._count(fc.drains)):
-                self._fault_at(rng.uniform(0, fc.window_s), fc.restart_s[1] + self.s.drain_timeout_s + 10,
+                self._fault_at(rng.uniform(0, fc.window_s), fc.restart_s[1] + self.settings.drain_timeout_s + 10,
                                self._drain, f)
             for _ in range(self._count(fc.partitions)):
                 d = rng.uniform(*fc.partition_s)
@@ -756,7 +756,7 @@ class Sim:
             w = decide.unblock(rec, decide.dep_stages(rec, live_stage, {}), now)
             if w is not None:
                 self.at(now + self.lat(), self._coord_write, c, jid, rev, w, False)
-        ttl_s = self.s.lease_ttl_s
+        ttl_s = self.settings.lease_ttl_s
         for stage in (Stage.ASSIGNED, Stage.BUILDING):
             for jid in by[stage]:
                 entry = view(jid)
@@ -771,7 +771,7 @@ class Sim:
         if judge_quiet and self._quiet():
             self.done = True
             return
-        self.at(now + self.s.reaper_interval_s, self._tick, c, judge_quiet)
+        self.at(now + self.settings.reaper_interval_s, self._tick, c, judge_quiet)
 
     def _coord_write(self, c: SimCoordinator, jid: str, rev: int, w: decide.Write, reaping: bool) -> None:
         """``Scheduler._write``: compare-and-set, then the event (the coordinator is next to the broker)."""
@@ -814,7 +814,7 @@ class Sim:
         plan = plan_dispatch.plan_dispatch(plan_dispatch.DispatchInput(
             queue=queue, live=live, leased=leased, published=c.published, held={}, gap_seen={},
             last_served=c.last_served, quarantined=lambda st: False, broker_now_s=now, now_mono_s=now,
-            redispatch_s=self.s.redispatch_s, max_record_bytes=1 << 62))
+            redispatch_s=self.settings.redispatch_s, max_record_bytes=1 << 62))
         for jid in plan.forget:
             del c.published[jid]
         # Production writes a hold into the record with a ``held`` event; here it is counted.
@@ -827,7 +827,7 @@ class Sim:
             c.last_served[rec.manifest.product] = c.served_seq
             self.emit(decide.dispatched_event(
                 rec, at=now, actor=c.id, broker_now_s=now, redispatch=redispatch,
-                redispatch_s=self.s.redispatch_s, position=pos, queued_in_pool=plan.depth[rec.pool],
+                redispatch_s=self.settings.redispatch_s, position=pos, queued_in_pool=plan.depth[rec.pool],
                 pool_capacity=plan.capacity[rec.pool], serving_factories=serving))
             self._publish((rec.id, rec.epoch))
 
@@ -925,7 +925,7 @@ class Sim:
         request (its ``slot`` is set if it lands as an audited write)."""
         t = self.t
         req = Req(f, on_reply)
-        timeout_at = t + self.s.request_timeout_s
+        timeout_at = t + self.settings.request_timeout_s
         lost = bool(self.fc.reply_loss) and self.faulty() and self.rng.random() < self.fc.reply_loss
         if f.partition_until > t:
             if f.partition_drop:
@@ -1146,7 +1146,7 @@ class Sim:
             return rec is None or rec.stage not in LEASED or rec.epoch != epoch
         # Production's own rule, the one the factory and the stale-lock cleaner decide by.
         return protocol.lock_verdict(LockRecord(lock="?", job=job, epoch=epoch, factory=cur[2]), rec, self.t - ts,
-                                     lease_ttl_s=self.s.lease_ttl_s, fence_margin_s=self.margin_s).free
+                                     lease_ttl_s=self.settings.lease_ttl_s, fence_margin_s=self.margin_s).free
 
     def _locked(self, f: SimFactory, inc: int, run: SimRun, res, sent_at: float) -> None:
         if f.inc != inc:
@@ -1307,7 +1307,7 @@ class Sim:
         self.at(eng.end_at, self._engine_exit, eng, eng.end_at)
         self._arm_self_fence(f, run)
         self._refresh_lock(f, inc, run)
-        self.at(self.t + self.s.lease_renew_s, self._renew, f, inc, run)
+        self.at(self.t + self.settings.lease_renew_s, self._renew, f, inc, run)
 
     def _renew(self, f: SimFactory, inc: int, run: SimRun) -> None:
         if f.inc != inc or run.stop_renewing or run.fenced:
@@ -1324,7 +1324,7 @@ class Sim:
             self._refresh_lock(f, inc, run)
         # Errors are logged and the loop goes on: the lease may expire, and the epoch decides.
         if not run.stop_renewing and not run.fenced:
-            self.at(self.t + self.s.lease_renew_s, self._renew, f, inc, run)
+            self.at(self.t + self.settings.lease_renew_s, self._renew, f, inc, run)
 
     def _refresh_lock(self, f: SimFactory, inc: int, run: SimRun) -> None:
         """The lock entry is re-written after every successful lease write (start, renewals): its
@@ -1582,7 +1582,7 @@ class Sim:
     def _fence_deadline(self, f: SimFactory, run: SimRun) -> float:
         """Sim time at which ``f``'s monotonic clock says ``lease_ttl_s - margin`` have passed
         since the run's last successful lease write was sent."""
-        return run.fence_base() + (self.s.lease_ttl_s - self.margin_s) / (1.0 + f.drift)
+        return run.fence_base() + (self.settings.lease_ttl_s - self.margin_s) / (1.0 + f.drift)
 
     def _self_fence(self, f: SimFactory, inc: int, run: SimRun, armed_for: float) -> None:
         eng = run.engine
@@ -1705,7 +1705,7 @@ class Sim:
         f.draining = True
         if not f.runs:
             return self._down(f, f.inc)
-        self.at(self.t + self.s.drain_timeout_s, self._drain_deadline, f, f.inc)
+        self.at(self.t + self.settings.drain_timeout_s, self._drain_deadline, f, f.inc)
 
     def _drain_deadline(self, f: SimFactory, inc: int) -> None:
         if f.inc != inc:

@@ -126,7 +126,7 @@ async def read_events(broker: Broker, job_id: str, limit: int = 200) -> list[dic
 
 class Api:
     def __init__(self, broker: Broker, view: FleetView, scheduler, actor: str) -> None:
-        self.b = broker
+        self.broker = broker
         self.view = view
         self.sched = scheduler
         self.actor = actor
@@ -136,7 +136,7 @@ class Api:
 
     async def start(self) -> None:
         self.service = await add_service(
-            self.b.nc, name=names.API_SERVICE, version=__version__,
+            self.broker.nc, name=names.API_SERVICE, version=__version__,
             description="Gigafactory coordinator API", queue_group="gf-coordinators",
         )
         group = self.service.add_group(name=names.API_PREFIX)
@@ -189,7 +189,7 @@ class Api:
 
     async def submit(self, req: SubmitRequest) -> SubmitReply:
         results = await intake.submit(
-            self.b, [(f.path or "<api>", f.text) for f in req.files],
+            self.broker, [(f.path or "<api>", f.text) for f in req.files],
             source=req.source or "api", ready_pools=getattr(self.sched, "pools_ready", None),
         )
         self.view.changed.set()
@@ -206,7 +206,7 @@ class Api:
 
     async def _transition(self, job: str, decide, audit: dict | None = None) -> JobRecord:
         for _ in range(MAX_CAS_RETRIES):
-            e = await self.b.jobs.get(job)
+            e = await self.broker.jobs.get(job)
             if e is None:
                 raise ApiError(404, f"no job {job!r}; 'gigafactory jobs' lists them")
             rec = decode(e.value, JobRecord)
@@ -215,10 +215,10 @@ class Api:
             except IllegalTransition as ex:
                 raise ApiError(409, str(ex)) from None
             try:
-                await self.b.jobs.update(job, encode(out.record), last=e.revision)
+                await self.broker.jobs.update(job, encode(out.record), last=e.revision)
             except Conflict:
                 continue
-            await self.b.publish_event(EventRecord(
+            await self.broker.publish_event(EventRecord(
                 kind=str(out.event), at=time.time(), job=job, stage_from=str(out.stage_from),
                 stage_to=str(out.record.stage), epoch=out.record.epoch, actor=self.actor, reason=out.reason,
                 **({"data": audit} if audit else {}),
@@ -230,7 +230,7 @@ class Api:
     async def cancel(self, req: CancelRequest) -> JobReply:
         by = gate.actor(req.actor)
         job, who, reason = req.job, by.name, req.reason
-        max_chars = self.b.settings.max_reason_chars
+        max_chars = self.broker.settings.max_reason_chars
         if len(reason) > max_chars or len(who) > max_chars:
             # Both are stored on the job record, which must stay claimable and readable.
             raise ApiError(400, f"the reason is {len(reason):,} characters and the actor {len(who):,}; at most "
@@ -252,9 +252,9 @@ class Api:
         is, with the reason, and answers 409."""
         by = gate.actor(req.actor)
         job, who = req.job, by.name
-        if len(who) > self.b.settings.max_reason_chars:
-            raise ApiError(400, f"the actor is {len(who):,} characters; at most {self.b.settings.max_reason_chars:,}")
-        e = await self.b.jobs.get(job)
+        if len(who) > self.broker.settings.max_reason_chars:
+            raise ApiError(400, f"the actor is {len(who):,} characters; at most {self.broker.settings.max_reason_chars:,}")
+        e = await self.broker.jobs.get(job)
         if e is None:
             raise ApiError(404, f"no job {job!r}; 'gigafactory jobs' lists them")
         rec = decode(e.value, JobRecord)
@@ -267,7 +267,7 @@ class Api:
             return ShipReply(job=job_summary(rec))
         try:
             with tracing.span("ship", parent=rec.trace, job=job, epoch=a.epoch, ship_as=str(rec.manifest.ship_as)):
-                done = await shipping.carry_out(self.b, rec, e.revision, a.epoch, ws)
+                done = await shipping.carry_out(self.broker, rec, e.revision, a.epoch, ws)
         except shipping.ShipStopped as ex:
             raise ApiError(409, str(ex)) from None
         now = time.time()
@@ -284,20 +284,20 @@ class Api:
             held = msgspec.structs.replace(rec, attempts=protocol.with_ship_result(rec, a.epoch, done.ws),
                                            reason=why, updated_at=now)
             try:
-                await self.b.jobs.update(job, encode(held), last=done.revision)
+                await self.broker.jobs.update(job, encode(held), last=done.revision)
             except Conflict:
                 pass  # it moved meanwhile: the forge's state is the truth, a new ship reads it again
-            await self.b.publish_event(EventRecord(
+            await self.broker.publish_event(EventRecord(
                 kind="ship_blocked", at=now, job=job, stage_from=str(rec.stage), stage_to=str(rec.stage),
                 epoch=rec.epoch, actor=self.actor, reason=why))
             self.view.changed.set()
             raise ApiError(409, f"job {job}: {why}")
         try:
-            await self.b.jobs.update(job, encode(out.record), last=done.revision)
+            await self.broker.jobs.update(job, encode(out.record), last=done.revision)
         except Conflict:
             raise ApiError(409, f"job {job} changed while it was being shipped; what the forge did: "
                                 f"{done.ws.ship_detail}; see 'gigafactory status {job}'") from None
-        await self.b.publish_event(EventRecord(
+        await self.broker.publish_event(EventRecord(
             kind=str(out.event), at=now, job=job, stage_from=str(out.stage_from), stage_to=str(out.record.stage),
             epoch=out.record.epoch, actor=self.actor, reason=out.reason,
             data={**by.audit(), "ship_as": rec.manifest.ship_as, "pull_number": done.ws.pull_number,
@@ -307,16 +307,16 @@ class Api:
 
     async def status(self, req: StatusRequest) -> StatusReply:
         job = req.job
-        e = await self.b.jobs.get(job)
+        e = await self.broker.jobs.get(job)
         if e is None:
-            arch = await read_archived(self.b, job)
+            arch = await read_archived(self.broker, job)
             if arch is None:
                 raise ApiError(404, f"no job {job!r}; 'gigafactory jobs' lists them")
             return StatusReply(
                 job=job_summary(arch), revision=0, record=_with_usage(msgspec.to_builtins(arch)),
                 why=f"{arch.stage}, then archived (moved out of {names.JOBS_BUCKET} without its body): {arch.reason}",
                 info={"archived": True},
-                events=await read_events(self.b, job, limit=req.events),
+                events=await read_events(self.broker, job, limit=req.events),
             )
         poisoned = self.sched.poison.get(job) if hasattr(self.sched, "poison") else None
         poisoned = poisoned if poisoned is not None and poisoned.revision == e.revision else None
@@ -327,8 +327,8 @@ class Api:
             raise ApiError(409, f"gf_jobs/{job} revision {e.revision} is not a job record ({ex}); the coordinator "
                                 f"leaves it alone (quarantined{where}): fix it with 'nats kv put gf_jobs {job}' or "
                                 f"delete it with 'nats kv del gf_jobs {job}'") from None
-        now = await self.b.broker_now()
-        live = self.view.live_factories(now, self.b.settings.heartbeat_s)
+        now = await self.broker.broker_now()
+        live = self.view.live_factories(now, self.broker.settings.heartbeat_s)
         why = rec.reason
         serving = [f.record.id for f in live if not f.offers.missing(rec.requirements)]
         info: dict = {"serving_factories": serving}
@@ -344,7 +344,7 @@ class Api:
             if e.ts + rec.backoff_s > now:
                 info["retry_in_s"] = round(e.ts + rec.backoff_s - now, 3)
             if rec.manifest.lock:
-                lk = await self.b.locks.get(names.safe_key(rec.manifest.lock))
+                lk = await self.broker.locks.get(names.safe_key(rec.manifest.lock))
                 if lk is not None:
                     holder = decode(lk.value, LockRecord)
                     if holder.job != rec.id:
@@ -352,7 +352,7 @@ class Api:
         if rec.stage == Stage.BLOCKED:
             deps = {}
             for d in rec.deps:
-                de = await self.b.jobs.get(d)
+                de = await self.broker.jobs.get(d)
                 deps[d] = str(decode(de.value, JobRecord).stage) if de else "missing"
             info["deps"] = deps
         if rec.stage in LEASED:
@@ -366,7 +366,7 @@ class Api:
         return StatusReply(
             job=job_summary(rec), why=why, info=info,
             record=_with_usage(_with_body_cut(msgspec.to_builtins(rec), job)), revision=e.revision,
-            events=await read_events(self.b, job, limit=req.events),
+            events=await read_events(self.broker, job, limit=req.events),
         )
 
     async def list(self, req: ListRequest) -> ListReply:
@@ -377,11 +377,11 @@ class Api:
         return ListReply(jobs=[job_summary(r) for r in jobs[:req.limit]], counts=counts, total=len(self.view.jobs))
 
     async def factories(self, req: FactoriesRequest) -> FactoriesReply:
-        now = await self.b.broker_now()
+        now = await self.broker.broker_now()
         out = []
         for f in sorted(self.view.factories.values(), key=lambda f: f.record.id):
             d = msgspec.to_builtins(f.record)
-            period = f.record.heartbeat_interval_s or self.b.settings.heartbeat_s
+            period = f.record.heartbeat_interval_s or self.broker.settings.heartbeat_s
             d["heartbeat_age_s"] = round(now - f.ts, 3)
             d["live"] = f.record.status == "up" and now - f.ts <= 3 * period
             out.append(d)

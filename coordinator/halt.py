@@ -75,7 +75,7 @@ class HaltWatch:
     :param scheduler: the scheduler whose ``halt`` attribute is kept current."""
 
     def __init__(self, broker: Broker, scheduler) -> None:
-        self.b = broker
+        self.broker = broker
         self.sched = scheduler
         self.sched.halt = H.HaltState()
         self.read_failures = 0
@@ -83,7 +83,7 @@ class HaltWatch:
     async def refresh(self) -> None:
         """Read the stored state into the scheduler; on a failed read keep the last one."""
         try:
-            state, _rev = await read_state(self.b)
+            state, _rev = await read_state(self.broker)
         except H.HaltError as e:
             # Unreadable: halt everything rather than guess; an operator writes it again.
             log.error("%s", e)
@@ -117,7 +117,7 @@ async def api_halt(api, body: dict) -> dict:
     product, mode = body.get("product"), str(body.get("mode") or "drain")
     who, reason = str(body.get("actor") or "operator"), str(body.get("reason") or "")
     try:
-        state = await change_state(api.b, lambda s: H.halt(s, product=product, mode=mode, at=time.time(),
+        state = await change_state(api.broker, lambda s: H.halt(s, product=product, mode=mode, at=time.time(),
                                                             actor=who, reason=reason))
     except H.HaltError as e:
         raise ApiError(400, str(e)) from None
@@ -133,7 +133,7 @@ async def api_resume(api, body: dict) -> dict:
     :param body: the request."""
     product, who = body.get("product"), str(body.get("actor") or "operator")
     try:
-        state = await change_state(api.b, lambda s: H.resume(s, product=product))
+        state = await change_state(api.broker, lambda s: H.resume(s, product=product))
     except H.HaltError as e:
         raise ApiError(400, str(e)) from None
     await _said(api, "resumed", state, who, f"{'product ' + product if product else 'fleet'} resumed")
@@ -146,7 +146,7 @@ async def _said(api, kind: str, state: H.HaltState, who: str, reason: str) -> No
     if watch is not None:
         watch.apply(state)
     try:
-        await api.b.publish_event(EventRecord(kind=kind, at=time.time(), actor=who, reason=reason,
+        await api.broker.publish_event(EventRecord(kind=kind, at=time.time(), actor=who, reason=reason,
                                               data=state_dict(state)))
     except Exception as e:  # the state is written; the audit line is best effort
         log.warning("%s event not stored: %s", kind, e)

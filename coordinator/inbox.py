@@ -57,7 +57,7 @@ class _Trouble:
 
 class Inbox:
     def __init__(self, broker: Broker, directory: str | os.PathLike) -> None:
-        self.b = broker
+        self.broker = broker
         self.dir = Path(directory)
         self.done = self.dir / ".submitted"
         self.rejected = self.dir / ".rejected"
@@ -151,7 +151,7 @@ class Inbox:
         submitted = 0
         while pending:
             try:
-                results = await intake.submit(self.b, [(str(p), t) for p, t, _ in pending], source="inbox",
+                results = await intake.submit(self.broker, [(str(p), t) for p, t, _ in pending], source="inbox",
                                               identities=[i for _, _, i in pending])
             except intake.SubmitError as e:
                 paths = {str(p) for p, _, _ in pending}

@@ -185,9 +185,9 @@ class Retention:
     def __init__(self, broker: Broker, view: FleetView, settings: Settings, actor: str,
                  forget_pool: Callable[[str], None] | None = None) -> None:
         check_retention(settings)
-        self.b = broker
+        self.broker = broker
         self.view = view
-        self.s = settings
+        self.settings = settings
         self.actor = actor
         self.forget_pool = forget_pool
         self.idle_since: dict[str, float] = {}
@@ -219,7 +219,7 @@ class Retention:
             process's monotonic clock alike): for tests, which cannot wait days; the
             coordinator's loop never sets it."""
         report = PassReport()
-        broker_now = await self.b.broker_now() + ahead_s
+        broker_now = await self.broker.broker_now() + ahead_s
         mono_now = time.monotonic() + ahead_s
         for step in (self._limits, self._purge_markers, lambda r: self._archive(r, broker_now),
                      lambda r: self._pools(r, broker_now, mono_now), lambda r: self._factories(r, broker_now),
@@ -242,7 +242,7 @@ class Retention:
         on the next pass if it failed): a layout made by an older version, or by a factory
         with other settings, gets the caps this coordinator was configured with."""
         if not self.limits_applied:
-            report.limits_set = await self.b.apply_limits()
+            report.limits_set = await self.broker.apply_limits()
             self.limits_applied = True
 
     # -- jobs -------------------------------------------------------------------------------
@@ -250,27 +250,27 @@ class Retention:
     async def _archive(self, report: PassReport, broker_now: float) -> None:
         terminal = self.view.stage_ids(*TERMINAL)
         due = archive_candidates(self.view.jobs, self.view.dependents, terminal, broker_now,
-                                 self.s.archive_after_s, self.s.retention_batch)
+                                 self.settings.archive_after_s, self.settings.retention_batch)
         if not due:
             return
-        assert self.b.archive is not None, "ensure_layout creates gf_archive"
+        assert self.broker.archive is not None, "ensure_layout creates gf_archive"
 
         async def one(st: JobState) -> str | None:
             rec = st.record
             try:
-                await self.b.archive.put(rec.id, encode(compact(rec)))
+                await self.broker.archive.put(rec.id, encode(compact(rec)))
             except nats.js.errors.APIError as e:
                 # Most likely the archive is at its cap (it refuses new writes): the job stays.
                 log.warning("archiving %s failed (%s); it stays in gf_jobs", rec.id, e)
                 report.errors += 1
                 return None
             try:
-                await self.b.jobs.delete(rec.id, last=st.revision)
+                await self.broker.jobs.delete(rec.id, last=st.revision)
             except Conflict:
                 # Changed since the view read it (requeued?), or gone already (another
                 # coordinator archived it): gf_jobs decides. A stale copy in the archive is
                 # harmless (gf_jobs is read first) and is overwritten when it is archived again.
-                if await self.b.jobs.get(rec.id) is None:
+                if await self.broker.jobs.get(rec.id) is None:
                     self._forget(rec.id)
                 return None
             self._forget(rec.id)
@@ -280,10 +280,10 @@ class Retention:
         for i in range(0, len(due), READS_IN_FLIGHT):
             done += [j for j in await asyncio.gather(*(one(st) for st in due[i:i + READS_IN_FLIGHT])) if j]
         by_id = {st.record.id: st for st in due}
-        await _gather_logged([self.b.publish_event(EventRecord(
+        await _gather_logged([self.broker.publish_event(EventRecord(
             kind="archived", at=time.time(), job=jid, stage_from=str(by_id[jid].record.stage),
             stage_to=str(by_id[jid].record.stage), epoch=by_id[jid].record.epoch, actor=self.actor,
-            reason=(f"finished {broker_now - by_id[jid].ts:.0f}s ago (archive_after_s {self.s.archive_after_s:g}); "
+            reason=(f"finished {broker_now - by_id[jid].ts:.0f}s ago (archive_after_s {self.settings.archive_after_s:g}); "
                     f"moved to {names.ARCHIVE_BUCKET} without its body"),
             data={"bucket": names.ARCHIVE_BUCKET},
         )) for jid in done], report)
@@ -303,16 +303,16 @@ class Retention:
         """Remove the delete markers of the jobs archived by the previous pass: a marker per
         job would otherwise stay in ``KV_gf_jobs`` forever, and be replayed by every watch."""
         keys, self.to_purge = self.to_purge, []
-        stream = self.b.jobs.stream
+        stream = self.broker.jobs.stream
 
         async def purge(key: str) -> None:
             subject = f"$KV.{names.JOBS_BUCKET}.{key}"
-            last = await self.b.jobs._direct_get({"last_by_subj": subject})
+            last = await self.broker.jobs._direct_get({"last_by_subj": subject})
             if last is None or not last.headers or last.headers.get(KV_OP) not in (KV_DEL, KV_PURGE):
                 return  # purged already, or written again since: not ours to remove
             # Up to and including the marker only (``seq`` is exclusive): a write that lands
             # after it, in between, survives.
-            await self.b.js.purge_stream(stream, subject=subject, seq=int(last.headers["Nats-Sequence"]) + 1)
+            await self.broker.js.purge_stream(stream, subject=subject, seq=int(last.headers["Nats-Sequence"]) + 1)
 
         for i in range(0, len(keys), READS_IN_FLIGHT):
             got = await asyncio.gather(*(purge(k) for k in keys[i:i + READS_IN_FLIGHT]), return_exceptions=True)
@@ -322,7 +322,7 @@ class Retention:
 
     async def _pools(self, report: PassReport, broker_now: float, mono_now: float) -> None:
         records: dict[str, tuple[PoolRecord, int]] = {}
-        async for e in self.b.pools.scan():
+        async for e in self.broker.pools.scan():
             try:
                 records[e.key] = (decode(e.value, PoolRecord), e.revision)
             except msgspec.DecodeError:
@@ -333,40 +333,40 @@ class Retention:
             if st is not None:
                 busy.setdefault(st.record.pool, st.record.requirements)
         # Liveness as of the real now: ``ahead_s`` ages what is idle, not the heartbeats.
-        bound = {p for f in self.view.live_factories(broker_now - (mono_now - time.monotonic()), self.s.heartbeat_s)
+        bound = {p for f in self.view.live_factories(broker_now - (mono_now - time.monotonic()), self.settings.heartbeat_s)
                  for p in f.record.pools}
 
         # A queued job whose pool entry is gone: a submission raced a deletion (by another
         # coordinator, whose caches this one cannot reach). Recreate it; factories rebind.
         for pool, reqs in sorted(busy.items()):
-            if pool not in records and len(report.pools_restored) < self.s.retention_batch:
-                await ensure_pool(self.b, pool, reqs)
-                self.b.pools_known.add(pool)
+            if pool not in records and len(report.pools_restored) < self.settings.retention_batch:
+                await ensure_pool(self.broker, pool, reqs)
+                self.broker.pools_known.add(pool)
                 report.pools_restored.append(pool)
                 log.warning("pool %s had unfinished jobs but no gf_pools entry; recreated it", pool)
 
-        gone = idle_pools(records, set(busy), bound, self.idle_since, mono_now, self.s.pool_idle_gc_s)
-        for pool in gone[: self.s.retention_batch]:
+        gone = idle_pools(records, set(busy), bound, self.idle_since, mono_now, self.settings.pool_idle_gc_s)
+        for pool in gone[: self.settings.retention_batch]:
             rec, revision = records[pool]
             try:
                 # The entry first: factories unbind on its delete, and a submission that
                 # recreates the pool meanwhile makes this delete (or the next pass) fail.
-                await self.b.pools.delete(pool, last=revision)
+                await self.broker.pools.delete(pool, last=revision)
             except Conflict:
                 continue
             try:
-                await self.b.js.delete_consumer(names.DISPATCH_STREAM, names.pool_consumer(pool))
+                await self.broker.js.delete_consumer(names.DISPATCH_STREAM, names.pool_consumer(pool))
             except nats.js.errors.NotFoundError:
                 pass
             self.idle_since.pop(pool, None)
-            self.b.pools_known.discard(pool)
+            self.broker.pools_known.discard(pool)
             if self.forget_pool is not None:
                 self.forget_pool(pool)
             report.pools_deleted.append(pool)
-            await _gather_logged([self.b.publish_event(EventRecord(
+            await _gather_logged([self.broker.publish_event(EventRecord(
                 kind="pool_deleted", at=time.time(), actor=self.actor,
                 reason=(f"pool {pool} had no unfinished job and no live factory bound for "
-                        f"{self.s.pool_idle_gc_s:g}s; deleted its consumer and gf_pools entry "
+                        f"{self.settings.pool_idle_gc_s:g}s; deleted its consumer and gf_pools entry "
                         "(the next job for it creates it again)"),
                 data={"pool": pool, "requirements": rec.requirements},
             ))], report)
@@ -378,20 +378,20 @@ class Retention:
     async def _factories(self, report: PassReport, broker_now: float) -> None:
         """Delete the records of factories silent for ``factory_forget_s`` (re-read first, and
         deleted with a compare-and-set: a heartbeat in between keeps the record)."""
-        silent = sorted(fid for fid, f in self.view.factories.items() if broker_now - f.ts >= self.s.factory_forget_s)
-        for fid in silent[: self.s.retention_batch]:
-            e = await self.b.factories.get(fid)
-            if e is None or broker_now - e.ts < self.s.factory_forget_s:
+        silent = sorted(fid for fid, f in self.view.factories.items() if broker_now - f.ts >= self.settings.factory_forget_s)
+        for fid in silent[: self.settings.retention_batch]:
+            e = await self.broker.factories.get(fid)
+            if e is None or broker_now - e.ts < self.settings.factory_forget_s:
                 continue
             try:
-                await self.b.factories.delete(fid, last=e.revision)
+                await self.broker.factories.delete(fid, last=e.revision)
             except Conflict:
                 continue
             self.view.apply_factory(fid, None, e.ts)
             report.factories_forgotten.append(fid)
-            await _gather_logged([self.b.publish_event(EventRecord(
+            await _gather_logged([self.broker.publish_event(EventRecord(
                 kind="factory_forgotten", at=time.time(), factory=fid, actor=self.actor,
-                reason=f"no heartbeat for {broker_now - e.ts:.0f}s (factory_forget_s {self.s.factory_forget_s:g}); "
+                reason=f"no heartbeat for {broker_now - e.ts:.0f}s (factory_forget_s {self.settings.factory_forget_s:g}); "
                        "record deleted (the factory registers again if it returns)",
             ))], report)
 
@@ -401,13 +401,13 @@ class Retention:
         """Measure the broker nodes' clocks against each other; a ``clock_skew`` event (at
         most hourly) when two differ by more than ``clock_skew_warn_s`` beyond what the
         round trips explain. One stream info request per stream of the layout."""
-        streams = [self.b.jobs.stream, self.b.queue.stream, self.b.factories.stream, self.b.pools.stream,
-                   self.b.locks.stream, self.b.idempotency.stream, self.b.clock.stream,
+        streams = [self.broker.jobs.stream, self.broker.queue.stream, self.broker.factories.stream, self.broker.pools.stream,
+                   self.broker.locks.stream, self.broker.idempotency.stream, self.broker.clock.stream,
                    names.DISPATCH_STREAM, names.EVENTS_STREAM, f"OBJ_{names.ARTIFACTS_STORE}"]
-        offsets = await self.b.leader_clocks(streams)
+        offsets = await self.broker.leader_clocks(streams)
         self.last_offsets = offsets
         skew_s, uncertainty_s = clock_skew(offsets)
-        if skew_s - uncertainty_s <= self.s.clock_skew_warn_s:
+        if skew_s - uncertainty_s <= self.settings.clock_skew_warn_s:
             self.warned_at.pop("<clocks>", None)
             return
         last = self.warned_at.get("<clocks>")
@@ -415,11 +415,11 @@ class Retention:
             return
         self.warned_at["<clocks>"] = time.monotonic()
         text = (f"the broker nodes' clocks differ by {skew_s:.3f}s (+-{uncertainty_s:.3f}s), over clock_skew_warn_s "
-                f"{self.s.clock_skew_warn_s:g}s: after a leader change of {names.JOBS_BUCKET} a lease can expire "
+                f"{self.settings.clock_skew_warn_s:g}s: after a leader change of {names.JOBS_BUCKET} a lease can expire "
                 "that much early; synchronise the nodes' clocks (NTP)")
         log.warning("retention: %s", text)
         report.warnings.append(text)
-        await _gather_logged([self.b.publish_event(EventRecord(
+        await _gather_logged([self.broker.publish_event(EventRecord(
             kind="clock_skew", at=time.time(), actor=self.actor, reason=text,
             data={"skew_s": round(skew_s, 6), "uncertainty_s": round(uncertainty_s, 6),
                   "offsets_s": {k: round(v[0], 6) for k, v in offsets.items()}},
@@ -429,9 +429,9 @@ class Retention:
 
     async def _caps(self, report: PassReport) -> None:
         for cap in self.caps:
-            si = await self.b.js.stream_info(cap.stream)
+            si = await self.broker.js.stream_info(cap.stream)
             text = cap_warning(cap.stream, si.state.bytes or 0, si.config.max_bytes or 0,
-                               self.s.retention_warn_ratio, cap.setting, cap.at_cap)
+                               self.settings.retention_warn_ratio, cap.setting, cap.at_cap)
             if text is None:
                 self.warned_at.pop(cap.stream, None)
                 continue
@@ -441,7 +441,7 @@ class Retention:
             self.warned_at[cap.stream] = time.monotonic()
             log.warning("retention: %s", text)
             report.warnings.append(text)
-            await _gather_logged([self.b.publish_event(EventRecord(
+            await _gather_logged([self.broker.publish_event(EventRecord(
                 kind="retention_warning", at=time.time(), actor=self.actor, reason=text,
                 data={"stream": cap.stream, "bytes": si.state.bytes, "max_bytes": si.config.max_bytes,
                       "ratio": round((si.state.bytes or 0) / si.config.max_bytes, 4), "setting": cap.setting},

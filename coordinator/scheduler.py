@@ -132,9 +132,9 @@ def dispatch_order(queued: list, last_served: dict[str, int]) -> list:
 
 class Scheduler:
     def __init__(self, broker: Broker, view: FleetView, settings: Settings, actor: str) -> None:
-        self.b = broker
+        self.broker = broker
         self.view = view
-        self.s = settings
+        self.settings = settings
         self.actor = actor
         self.published: dict[str, decide.Offered] = {}
         """job id -> this coordinator's latest offer of it (``at_s`` on the monotonic clock)."""
@@ -196,7 +196,7 @@ class Scheduler:
     async def sync_clock(self) -> float:
         """Measure the broker's clock; returns broker now and remembers the offset."""
         t0 = time.time()
-        now = await self.b.broker_now()
+        now = await self.broker.broker_now()
         t1 = time.time()
         self.clock_offset_s = now - (t0 + t1) / 2
         return now
@@ -212,7 +212,7 @@ class Scheduler:
         now = time.time()
         blocked = list(self.view.by_stage[Stage.BLOCKED])
         # A dependency no longer in gf_jobs may have been archived (coordinator/retention.py).
-        archived = await archived_stages(self.b, {d for jid in blocked if jid in self.view.jobs
+        archived = await archived_stages(self.broker, {d for jid in blocked if jid in self.view.jobs
                                                   for d in self.view.jobs[jid].record.deps if d not in self.view.jobs})
         for jid in blocked:
             st = self.view.jobs.get(jid)
@@ -238,7 +238,7 @@ class Scheduler:
         """CAS ``out`` over ``revision``; False if the record changed meanwhile. Its event is
         published after the write; a failed publish is kept for the next pass (:meth:`_event`)."""
         try:
-            await self.b.jobs.update(rec.id, self._fits(rec.id, encode(out.record)), last=revision)
+            await self.broker.jobs.update(rec.id, self._fits(rec.id, encode(out.record)), last=revision)
         except Conflict:
             return False
         await self._event(EventRecord(
@@ -250,7 +250,7 @@ class Scheduler:
     def _fits(self, key: str, value: bytes) -> bytes:
         """``value``, if a write of it fits the broker's maximum message size; else raises
         :class:`RecordTooLarge` (before sending: the server would close the connection)."""
-        max_bytes = self.b.nc.max_payload
+        max_bytes = self.broker.nc.max_payload
         if len(value) + RECORD_HEADER_BYTES > max_bytes:
             raise RecordTooLarge(key, len(value), max_bytes)
         return value
@@ -266,7 +266,7 @@ class Scheduler:
         """Publish ``ev``; a failure is counted and the event kept (up to EVENT_RETRY_MAX) for
         the next reaper pass, never raised: a failed publish must not stop a pass."""
         try:
-            await self.b.publish_event(ev, msg_id=msg_id)
+            await self.broker.publish_event(ev, msg_id=msg_id)
             return True
         except asyncio.CancelledError:
             raise
@@ -288,7 +288,7 @@ class Scheduler:
         for _ in range(len(self._event_retry)):
             ev, msg_id = self._event_retry[0]
             try:
-                await self.b.publish_event(ev, msg_id=msg_id)
+                await self.broker.publish_event(ev, msg_id=msg_id)
             except TRANSIENT:
                 return
             except Exception as e:
@@ -341,14 +341,14 @@ class Scheduler:
         """Keep ``p``'s bytes and publish its event; if the broker fails, :meth:`flush`
         tries again on the next reaper pass (the record stays out of every pass meanwhile)."""
         try:
-            e = await self.b.jobs.get(p.key)
+            e = await self.broker.jobs.get(p.key)
             if e is None or e.revision != p.revision:
                 # Changed or deleted meanwhile: its new revision is judged afresh.
                 if self.poison.get(p.key) is p:
                     del self.poison[p.key]
                 return
             p.size_bytes = len(e.value)
-            p.object, fresh = await self.b.quarantine_record(names.JOBS_BUCKET, p.key, p.revision, e.value,
+            p.object, fresh = await self.broker.quarantine_record(names.JOBS_BUCKET, p.key, p.revision, e.value,
                                                              p.reason, found_by=self.actor)
         except asyncio.CancelledError:
             raise
@@ -419,11 +419,11 @@ class Scheduler:
             if st and not self.is_poisoned(st):  # quarantined: its holder is gone or it never had one
                 leased.append(st.record)
         plan = plan_dispatch.plan_dispatch(plan_dispatch.DispatchInput(
-            queue=self.queue, live=self.view.live_factories(broker_now, self.s.heartbeat_s), leased=leased,
+            queue=self.queue, live=self.view.live_factories(broker_now, self.settings.heartbeat_s), leased=leased,
             published=self.published, held=self.held, gap_seen=self._gap_seen, last_served=self.last_served,
             quarantined=self.is_poisoned, broker_now_s=broker_now, now_mono_s=mono,
-            redispatch_s=self.s.redispatch_s, halt=self.halt,
-            max_record_bytes=self.b.nc.max_payload - RECORD_HEADROOM_BYTES - RECORD_HEADER_BYTES,
+            redispatch_s=self.settings.redispatch_s, halt=self.halt,
+            max_record_bytes=self.broker.nc.max_payload - RECORD_HEADROOM_BYTES - RECORD_HEADER_BYTES,
             budget_hold=self.governor.decide))
         for jid in plan.forget:
             del self.published[jid]
@@ -436,7 +436,7 @@ class Scheduler:
             await self.quarantine(
                 st.record.id, st.revision, during="dispatch", size_bytes=st.size_bytes,
                 reason=f"the record is {st.size_bytes} bytes: a claim and its attempt history need up to "
-                       f"{RECORD_HEADROOM_BYTES} more, and the broker takes at most {self.b.nc.max_payload} "
+                       f"{RECORD_HEADROOM_BYTES} more, and the broker takes at most {self.broker.nc.max_payload} "
                        f"bytes per message, so no factory could ever claim it")
         return await self._offer(plan.offers, plan.holds, broker_now, mono, plan.depth, plan.capacity,
                                  plan.serving)
@@ -450,7 +450,7 @@ class Scheduler:
         for pool in {st.record.pool for st, _r, _p in offers} - self.pools_ready:
             rec = next(st.record for st, _r, _p in offers if st.record.pool == pool)
             try:
-                if await ensure_pool(self.b, pool, rec.requirements):
+                if await ensure_pool(self.broker, pool, rec.requirements):
                     self.pools_ready.add(pool)
             except Exception as e:  # the publish below fails too and is handled there
                 log.info("dispatch pool %s not ensured: %s", pool, e)
@@ -466,7 +466,7 @@ class Scheduler:
             self.held.pop(rec.id, None)
             ev = decide.dispatched_event(
                 rec, at=time.time(), actor=self.actor, broker_now_s=broker_now, redispatch=redispatch,
-                redispatch_s=self.s.redispatch_s, position=pos, queued_in_pool=depth[rec.pool],
+                redispatch_s=self.settings.redispatch_s, position=pos, queued_in_pool=depth[rec.pool],
                 pool_capacity=capacity[rec.pool], serving_factories=[f.record.id for f in serving[rec.pool]])
             ev.data.update(self.governor.trail(rec.id))  # the kickoff's budget decision and its trail
             if not redispatch:
@@ -483,10 +483,10 @@ class Scheduler:
         try:
             with tracing.span("dispatch", parent=rec.trace, kind="producer", job=rec.id, epoch=rec.epoch,
                               pool=rec.pool):
-                await self.b.js.publish(
+                await self.broker.js.publish(
                     names.dispatch_subject(rec.pool), encode(msg),
                     headers=tracing.inject({"Nats-Msg-Id": f"{rec.id}:{rec.epoch}:{self._seq}"}),
-                    timeout=self.s.request_timeout_s,
+                    timeout=self.settings.request_timeout_s,
                 )
             if rec.pool in self.publish_failing:
                 self.publish_failing.discard(rec.pool)
@@ -515,7 +515,7 @@ class Scheduler:
             # new broker timestamp would start it again.
             new = msgspec.structs.replace(rec, reason=reason, backoff_s=0.0)
             try:
-                await self.b.jobs.update(rec.id, self._fits(rec.id, encode(new)), last=st.revision)
+                await self.broker.jobs.update(rec.id, self._fits(rec.id, encode(new)), last=st.revision)
             except Conflict:
                 # The view was behind the record: forget the hold, so the next pass (on the
                 # record's change) decides again instead of believing it written.
@@ -544,24 +544,24 @@ class Scheduler:
         next dispatch pass publishes them again at once, not after ``redispatch_s``."""
         repaired: list[str] = []
         try:
-            await self.b.js.stream_info(names.DISPATCH_STREAM)
+            await self.broker.js.stream_info(names.DISPATCH_STREAM)
         except nats.js.errors.NotFoundError:
             log.warning("dispatch stream %s missing; recreating it", names.DISPATCH_STREAM)
-            await self.b.ensure_dispatch_stream()
+            await self.broker.ensure_dispatch_stream()
             self.pools_ready.clear()
             repaired.append(f"stream {names.DISPATCH_STREAM}")
-        async for e in self.b.pools.scan():
+        async for e in self.broker.pools.scan():
             try:
                 pool = decode(e.value, PoolRecord)
             except msgspec.DecodeError:
                 continue
             try:
-                await self.b.js.consumer_info(names.DISPATCH_STREAM, names.pool_consumer(pool.id))
+                await self.broker.js.consumer_info(names.DISPATCH_STREAM, names.pool_consumer(pool.id))
                 continue
             except nats.js.errors.NotFoundError:
                 pass
             log.warning("consumer for pool %s missing; recreating it", pool.id)
-            if not await ensure_pool(self.b, pool.id, pool.requirements):
+            if not await ensure_pool(self.broker, pool.id, pool.requirements):
                 continue  # the stream went again meanwhile: the next round recreates both
             repaired.append(f"consumer {names.pool_consumer(pool.id)}")
             # Everything published for that pool is gone with it: publish again.
@@ -571,7 +571,7 @@ class Scheduler:
                     del self.published[jid]
         if repaired:
             self.dispatch_repairs += len(repaired)
-            await self.b.publish_event(EventRecord(
+            await self.broker.publish_event(EventRecord(
                 kind="dispatch_repaired", at=time.time(), actor=self.actor,
                 reason="recreated " + ", ".join(repaired), data={"recreated": repaired},
             ))
@@ -580,7 +580,7 @@ class Scheduler:
     # -- queue index (poll fallback) ------------------------------------------------------------
 
     async def load_index(self) -> None:
-        self.index = {k: -1 for k in await self.b.queue.keys()}
+        self.index = {k: -1 for k in await self.broker.queue.keys()}
 
     async def sync_index(self) -> None:
         """Bring ``gf_queue`` in step with the queued jobs of the view: an entry for every job
@@ -604,13 +604,13 @@ class Scheduler:
 
         async def delete(key: str) -> None:
             try:
-                await self.b.queue.delete(key)
+                await self.broker.queue.delete(key)
             except Conflict:
                 pass
             self.index.pop(key, None)
 
         async def put(key: str, rec: JobRecord) -> None:
-            await self.b.queue.put(key, encode(QueueEntry(
+            await self.broker.queue.put(key, encode(QueueEntry(
                 job=rec.id, priority_rank=rec.priority_rank, submitted_at=rec.submitted_at, epoch=rec.epoch,
             )))
             self.index[key] = rec.epoch
@@ -624,7 +624,7 @@ class Scheduler:
         """How long a job is queued before it gets a ``gf_queue`` entry: a tenth of
         ``redispatch_s``, far below the time after which a factory judges push stalled
         and polls the index (two redispatch periods and a long poll)."""
-        return self.s.redispatch_s * INDEX_AFTER_REDISPATCH
+        return self.settings.redispatch_s * INDEX_AFTER_REDISPATCH
 
     # -- reaper -------------------------------------------------------------------------------
 
@@ -642,7 +642,7 @@ class Scheduler:
                 continue
             try:
                 # A revoked holder (`gigafactory creds revoke`) can no longer renew: its lease ends now.
-                w = decide.reap(st.record, signatures.lease_stamp(self.view, st), broker_now, self.s.lease_ttl_s)
+                w = decide.reap(st.record, signatures.lease_stamp(self.view, st), broker_now, self.settings.lease_ttl_s)
                 if w is None:
                     continue
                 with tracing.span("reclaim", parent=st.record.trace, job=jid, epoch=w.out.record.epoch,
@@ -665,8 +665,8 @@ class Scheduler:
         compare-and-set on the revision read, so a holder's rewrite in between keeps it."""
         n = 0
         broker_now = await self.sync_clock()
-        limit_s = self.s.lease_ttl_s + self.s.fence_margin_effective_s
-        async for e in self.b.locks.scan():
+        limit_s = self.settings.lease_ttl_s + self.settings.fence_margin_effective_s
+        async for e in self.broker.locks.scan():
             try:
                 lock = decode(e.value, LockRecord)
             except msgspec.DecodeError:
@@ -675,7 +675,7 @@ class Scheduler:
                 # would keep its lock from every job for good.
                 if broker_now - e.ts > limit_s:
                     try:
-                        await self.b.locks.delete(e.key, last=e.revision)
+                        await self.broker.locks.delete(e.key, last=e.revision)
                         n += 1
                         log.warning("lock entry %s is not a lock record and is %.0fs old: deleted", e.key,
                                     broker_now - e.ts)
@@ -684,23 +684,23 @@ class Scheduler:
                 continue
             st = self.view.jobs.get(lock.job)
             rec = st.record if st else None
-            verdict = protocol.lock_verdict(lock, rec, broker_now - e.ts, lease_ttl_s=self.s.lease_ttl_s,
-                                            fence_margin_s=self.s.fence_margin_effective_s)
+            verdict = protocol.lock_verdict(lock, rec, broker_now - e.ts, lease_ttl_s=self.settings.lease_ttl_s,
+                                            fence_margin_s=self.settings.fence_margin_effective_s)
             if not verdict.free and st is None:
                 # Not in the view (yet): the record itself may already show the report.
-                fresh = await self.b.jobs.get(lock.job)
+                fresh = await self.broker.jobs.get(lock.job)
                 try:
                     fresh_rec = decode(fresh.value, JobRecord) if fresh is not None else None
                 except msgspec.DecodeError:
                     fresh_rec = None  # a poisoned record tells nothing: only the entry's age can
                 if fresh_rec is not None:
                     verdict = protocol.lock_verdict(lock, fresh_rec, broker_now - e.ts,
-                                                    lease_ttl_s=self.s.lease_ttl_s,
-                                                    fence_margin_s=self.s.fence_margin_effective_s)
+                                                    lease_ttl_s=self.settings.lease_ttl_s,
+                                                    fence_margin_s=self.settings.fence_margin_effective_s)
             if not verdict.free:
                 continue
             try:
-                await self.b.locks.delete(e.key, last=e.revision)
+                await self.broker.locks.delete(e.key, last=e.revision)
                 n += 1
                 log.info("stale lock %s released: %s", lock.lock, verdict.reason)
             except Conflict:

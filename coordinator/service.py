@@ -51,20 +51,20 @@ class Coordinator:
 
     def __init__(self, broker: Broker, settings: Settings | None = None, *, inbox: str | None = None,
                  name: str | None = None) -> None:
-        self.b = broker
-        self.s = settings or broker.settings
+        self.broker = broker
+        self.settings = settings or broker.settings
         self.name = name or f"coordinator@{socket.gethostname()}"
         self.view = FleetView()
-        self.sched = Scheduler(broker, self.view, self.s, self.name)
+        self.sched = Scheduler(broker, self.view, self.settings, self.name)
         self.api = Api(broker, self.view, self.sched, self.name)
-        self.runs = RunsRecorder(broker, self.view, self.s)  # pipeline_runs (issue 13)
+        self.runs = RunsRecorder(broker, self.view, self.settings)  # pipeline_runs (issue 13)
         self.view.job_listeners.append(self.runs.on_job)
         self.merge_queue = MergeQueue()  # occupancy and refill latency (a metric)
         self.view.job_listeners.append(self.merge_queue.on_job)
         self.halt = HaltWatch(broker, self.sched)
         self.api.halt_watch = self.halt
         self.inbox = Inbox(broker, inbox) if inbox else None
-        self.retention = Retention(broker, self.view, self.s, self.name, forget_pool=self.sched.pools_ready.discard)
+        self.retention = Retention(broker, self.view, self.settings, self.name, forget_pool=self.sched.pools_ready.discard)
         self.ledger = LedgerPass(broker)
         """The spend ledger's coverage and invoice drift, for the metrics (economics/ledger.py)."""
         self.ready = asyncio.Event()
@@ -76,13 +76,13 @@ class Coordinator:
 
     async def run(self, stop: asyncio.Event) -> None:
         replay_t0 = time.monotonic()
-        follower = asyncio.create_task(follow(self.b, self.view, stop), name="view")
+        follower = asyncio.create_task(follow(self.broker, self.view, stop), name="view")
         tasks: list[asyncio.Task] = [follower]
         try:
             await self.api.start()
             await asyncio.wait_for(
                 asyncio.gather(self.view.jobs_synced.wait(), self.view.factories_synced.wait()),
-                timeout=max(60.0, self.s.request_timeout_s * 4),
+                timeout=max(60.0, self.settings.request_timeout_s * 4),
             )
             self.replay_s = time.monotonic() - replay_t0
             await self._until_done("reading the broker clock", self.sched.sync_clock, stop)
@@ -107,19 +107,19 @@ class Coordinator:
                 # after index_after_s anyway.
                 asyncio.create_task(loop("index", min(0.5, self.sched.index_after_s), self.sched.sync_index, stop),
                                     name="index"),
-                asyncio.create_task(loop("reaper", self.s.reaper_interval_s, self.sched.reap, stop), name="reaper"),
+                asyncio.create_task(loop("reaper", self.settings.reaper_interval_s, self.sched.reap, stop), name="reaper"),
                 asyncio.create_task(loop("locks", 5.0, self.sched.release_stale_locks, stop), name="locks"),
-                asyncio.create_task(loop("repair", self.s.dispatch_repair_s, self.sched.repair_dispatch, stop), name="repair"),
+                asyncio.create_task(loop("repair", self.settings.dispatch_repair_s, self.sched.repair_dispatch, stop), name="repair"),
                 asyncio.create_task(loop("clock", 5.0, clock, stop), name="clock"),
                 asyncio.create_task(loop("runs", RUNS_FLUSH_S, self.runs.flush, stop), name="runs"),
                 asyncio.create_task(loop("halt", HALT_REFRESH_S, self.halt.refresh, stop), name="halt"),
-                asyncio.create_task(loop("retention", self.s.retention_interval_s, self.retention.run_pass, stop),
+                asyncio.create_task(loop("retention", self.settings.retention_interval_s, self.retention.run_pass, stop),
                                     name="retention"),
-                asyncio.create_task(loop("refs", REF_CLEANUP_INTERVAL_S, RefCleaner(self.b, self.view).run_pass, stop),
+                asyncio.create_task(loop("refs", REF_CLEANUP_INTERVAL_S, RefCleaner(self.broker, self.view).run_pass, stop),
                                     name="refs"),
             ]
-            if self.s.spend_metrics_interval_s:
-                tasks.append(asyncio.create_task(loop("ledger", self.s.spend_metrics_interval_s, self.ledger.run_pass,
+            if self.settings.spend_metrics_interval_s:
+                tasks.append(asyncio.create_task(loop("ledger", self.settings.spend_metrics_interval_s, self.ledger.run_pass,
                                                       stop), name="ledger"))
             if self.inbox is not None:
                 tasks.append(asyncio.create_task(loop("inbox", 0.5, self.inbox.scan, stop), name="inbox"))

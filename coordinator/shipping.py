@@ -240,7 +240,7 @@ class RefCleaner:
     """
 
     def __init__(self, b: Broker, view) -> None:
-        self.b, self.view = b, view
+        self.broker, self.view = b, view
         self.failures: dict[str, int] = {}
         """Job -> failed passes so far (bounded by :data:`REF_CLEANUP_TRIES_MAX`)."""
 
@@ -248,7 +248,7 @@ class RefCleaner:
         """Clean up to :data:`REF_CLEANUPS_PER_PASS` jobs that ended at least
         ``ref_cleanup_after_s`` ago (by the broker timestamp of their terminal revision, read
         against the local clock: a skew moves the clean-up by as much); returns how many."""
-        cutoff = time.time() - self.b.settings.ref_cleanup_after_s
+        cutoff = time.time() - self.broker.settings.ref_cleanup_after_s
         due = [st for jid in sorted(self.view.stage_ids(*TERMINAL))
                if (st := self.view.jobs.get(jid)) is not None and st.ts <= cutoff and needs_ref_cleanup(st.record)]
         done = 0
@@ -259,7 +259,7 @@ class RefCleaner:
     async def _clean(self, rec: JobRecord, revision: int) -> int:
         kind = "refs_cleaned"
         try:
-            words, data = await clean_up_refs(self.b, rec)
+            words, data = await clean_up_refs(self.broker, rec)
         except (forges.ForgeError, asyncio.TimeoutError, OSError) as e:
             n = self.failures[rec.id] = self.failures.get(rec.id, 0) + 1
             log.warning("refs of %s not cleaned (try %d of %d): %s", rec.id, n, REF_CLEANUP_TRIES_MAX, e)
@@ -268,9 +268,9 @@ class RefCleaner:
             kind, words, data = "refs_not_cleaned", f"gave up after {n} tries: {e}"[:2000], {}
         self.failures.pop(rec.id, None)
         try:
-            await self.b.jobs.update(rec.id, encode(msgspec.structs.replace(rec, refs_cleaned=words)), last=revision)
+            await self.broker.jobs.update(rec.id, encode(msgspec.structs.replace(rec, refs_cleaned=words)), last=revision)
         except Conflict:
             return 0  # it changed (another coordinator cleaned it): the view shows the new revision
-        await self.b.publish_event(EventRecord(kind=kind, at=time.time(), job=rec.id, actor="coordinator",
+        await self.broker.publish_event(EventRecord(kind=kind, at=time.time(), job=rec.id, actor="coordinator",
                                                reason=words[:500], data=data))
         return 1

@@ -96,7 +96,7 @@ async def quarantine_forged(sched) -> int:
             await sched.quarantine(jid, revision, reason, during="signature")
         else:
             log.error("gf_jobs/%s revision %d: %s (overwritten since)", jid, revision, reason)
-            await sched.b.publish_event(EventRecord(
+            await sched.broker.publish_event(EventRecord(
                 kind="forged_write", at=time.time(), job=jid, epoch=st.record.epoch if st else None,
                 actor=sched.actor, reason=f"revision {revision}: {reason}"[:2000], data={"revision": revision}))
         sched.forged_total += 1

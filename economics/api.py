@@ -42,11 +42,11 @@ async def override(api, body: dict) -> dict:
     why = str(body.get("reason") or "")
     if not isinstance(job, str) or not job:
         raise OverrideError(400, "'job' (a job id) is required")
-    limit = api.b.settings.max_reason_chars
+    limit = api.broker.settings.max_reason_chars
     if len(who) > limit or len(why) > limit:
         raise OverrideError(400, f"the actor and the reason may have at most {limit:,} characters each")
     for _ in range(MAX_CAS_RETRIES):
-        e = await api.b.jobs.get(job)
+        e = await api.broker.jobs.get(job)
         if e is None:
             raise OverrideError(404, f"no job {job!r}; 'gigafactory jobs' lists them")
         rec = decode(e.value, JobRecord)
@@ -54,10 +54,10 @@ async def override(api, body: dict) -> dict:
             raise OverrideError(409, f"job {job} is {rec.stage}: only a queued job waits for its budget")
         new = msgspec.structs.replace(rec, budget_override=who, updated_at=time.time())
         try:
-            await api.b.jobs.update(job, encode(new), last=e.revision)
+            await api.broker.jobs.update(job, encode(new), last=e.revision)
         except Conflict:  # changed since read: read again
             continue
-        await api.b.publish_event(EventRecord(kind="budget_override", at=time.time(), job=job, epoch=rec.epoch,
+        await api.broker.publish_event(EventRecord(kind="budget_override", at=time.time(), job=job, epoch=rec.epoch,
                                               actor=who, reason=why or "budget overridden",
                                               data={"held_for": rec.reason}))
         api.view.changed.set()

@@ -43,7 +43,7 @@ class Governor:
 
     def __init__(self, broker, settings, actor: str, publish) -> None:
         """:param publish: ``async (EventRecord) -> bool`` (the scheduler's event publisher)."""
-        self.b, self.s, self.actor, self.publish = broker, settings, actor, publish
+        self.broker, self.settings, self.actor, self.publish = broker, settings, actor, publish
         self.policy = B.policy_from_settings(settings)
         self.budget: B.Budget | None = None
         self.read_at_mono = -1e18
@@ -56,17 +56,17 @@ class Governor:
 
     @property
     def enforcement(self) -> bool:
-        return bool(self.s.pipeline_budget_enforcement)
+        return bool(self.settings.pipeline_budget_enforcement)
 
     async def refresh(self) -> None:
         """Read the signals and the ledger again if the last reading is older than
         ``budget_signals_max_age_s``; a failed read keeps the last budget (or, with none yet, a
         budget of 0 when enforcement is on: no reading, no spend) and is logged."""
-        if time.monotonic() - self.read_at_mono < self.s.budget_signals_max_age_s and self.budget is not None:
+        if time.monotonic() - self.read_at_mono < self.settings.budget_signals_max_age_s and self.budget is not None:
             return
         self.read_at_mono = time.monotonic()
         try:
-            signals = await read_signals(self.s)
+            signals = await read_signals(self.settings)
             self.error = ""
         except B.SignalsError as e:
             self.error = str(e)
@@ -97,7 +97,7 @@ class Governor:
             return
         now = time.time()
         try:
-            records = await read_spend(self.b, since_s=now - SIMILAR_WINDOW_S)
+            records = await read_spend(self.broker, since_s=now - SIMILAR_WINDOW_S)
         except Exception as e:  # a ledger that cannot be read must not stop dispatch
             self.ledger_note = f"ledger not read: {type(e).__name__}: {e}"
             log.warning("budget: %s", self.ledger_note)

@@ -177,7 +177,7 @@ class LedgerPass:
     """
 
     def __init__(self, broker: Broker) -> None:
-        self.b = broker
+        self.broker = broker
         self.coverage_ratio: float | None = None
         self.unfunded_usd: float | None = None
         self.drift: dict[tuple[str, str], tuple[float, float | None]] = {}
@@ -189,9 +189,9 @@ class LedgerPass:
 
         from .invoices import load_lines, reconcile
 
-        records = with_deltas(await read_raw_spend(self.b, PASS_MAX_RECORDS))
+        records = with_deltas(await read_raw_spend(self.broker, PASS_MAX_RECORDS))
         cov = coverage(records)
-        lines = await load_lines(self.b)
+        lines = await load_lines(self.broker)
         rec = reconcile(lines, records)
         self.coverage_ratio, self.unfunded_usd = cov.ratio, cov.unfunded_cost_usd
         self.drift = {(d.provider, d.model): (d.drift_usd, d.drift_ratio) for d in rec.drift}

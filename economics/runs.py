@@ -219,7 +219,7 @@ class RunsRecorder:
     passes every job again, so a row missed while the coordinator was down is written then."""
 
     def __init__(self, broker, view, settings) -> None:
-        self.b, self.view, self.s = broker, view, settings
+        self.broker, self.view, self.settings = broker, view, settings
         self.db: RunsDB | None = None
         self.pending: set[str] = set()
         self.written = 0
@@ -257,7 +257,7 @@ class RunsRecorder:
             if str(rec.stage) == "shipped" and is_feature(rec):
                 runs.append(run_row(rec, jobs, ledger))
         if self.db is None:
-            self.db = await asyncio.to_thread(RunsDB, default_db_path(self.s))
+            self.db = await asyncio.to_thread(RunsDB, default_db_path(self.settings))
         new = await asyncio.to_thread(self.db.write, runs, outcomes)
         self.written += new
         if new and new == len(runs):  # all new: count them (a replay's rows are not)
@@ -270,7 +270,7 @@ class RunsRecorder:
         except ImportError:
             return {}
         try:
-            return ledger_by_job(await read_spend(self.b))
+            return ledger_by_job(await read_spend(self.broker))
         except Exception as e:  # the job records' attribution stands in
             log.warning("pipeline_runs: ledger not read (%s); using the job records' attribution", e)
             return {}
@@ -293,6 +293,8 @@ class MergeQueue:
         return len(self.members)
 
     def on_job(self, old, new) -> None:
+        if new is None and old is None:
+            return  # a key deleted that the view never held (an archived job's record): nothing moved
         jid = (new or old).record.id
         inside = new is not None and str(new.record.stage) in self.STAGES
         if inside and jid not in self.members:

@@ -119,9 +119,9 @@ class Factory(Stations, AuditQueue, Pools, Holder, Execute, Reporting, Ship, Che
         settings: Settings | None = None,
     ) -> None:
         assert stations >= 1
-        self.b = broker
-        self.s = (settings or broker.settings).validate()
-        if self.s.unsafe_unfenced_engines:
+        self.broker = broker
+        self.settings = (settings or broker.settings).validate()
+        if self.settings.unsafe_unfenced_engines:
             log.warning("UNSAFE: unsafe_unfenced_engines is on: engines are not killed when this factory dies "
                         "and are not stopped when its leases lapse; a job's side effects can happen twice. "
                         "Use this only for the chaos suite's broken-on-purpose variant.")
@@ -140,17 +140,17 @@ class Factory(Stations, AuditQueue, Pools, Holder, Execute, Reporting, Ship, Che
             id=self.id, host=desc.get("host", socket.gethostname()), os=desc.get("os", ""),
             arch=desc.get("arch", ""), capabilities=sorted(self.offers.tokens),
             stations=[Station(index=i, since=time.time()) for i in range(stations)],
-            seats=dict(seats or {}), started_at=time.time(), heartbeat_interval_s=self.s.heartbeat_s,
-            pid=os.getpid(), version=__version__, nkey=holder_signer(self.s).public_key,
+            seats=dict(seats or {}), started_at=time.time(), heartbeat_interval_s=self.settings.heartbeat_s,
+            pid=os.getpid(), version=__version__, nkey=holder_signer(self.settings).public_key,
         )
         self._make_folders(workspace, data_dir)
         self._guard_setup()
         self.halt_state = HaltState()
         """The kill switch as last read (:mod:`halting`)."""
         self.outbox = Outbox(str(self.dir / "outbox"))
-        self.spend = SpendWriter(broker, self.dir, self.id, stations, self.s, funding_windows(self.s), seats or {})
+        self.spend = SpendWriter(broker, self.dir, self.id, stations, self.settings, funding_windows(self.settings), seats or {})
         """The spend ledger's writer (:mod:`spend`): attempt records, fixed seat costs."""
-        self.git = Store(self.dir / "git", timeout_s=self.s.git_timeout_s, max_bytes=self.s.git_mirrors_max_bytes,
+        self.git = Store(self.dir / "git", timeout_s=self.settings.git_timeout_s, max_bytes=self.settings.git_mirrors_max_bytes,
                          base_dir=self.workspace)
         """This factory's git mirrors and attempt worktrees (``repo`` jobs; :mod:`ship`)."""
         self.checkouts: dict[tuple[str, int], Checkout] = {}
@@ -189,8 +189,8 @@ class Factory(Stations, AuditQueue, Pools, Holder, Execute, Reporting, Ship, Che
         """What this factory offers: the probe's tokens (or only ``engine:shell`` without it),
         the operator's, and ``factory:<id>``. Declared engines (``engines_dir``) join the
         registry first, so the probe offers them; a bad declaration is logged and skipped."""
-        engines.load_declared(self.s.engines_dir)
-        tokens = (probe_mod.probe(extra_capabilities, timeout_s=self.s.probe_timeout_s) if probe
+        engines.load_declared(self.settings.engines_dir)
+        tokens = (probe_mod.probe(extra_capabilities, timeout_s=self.settings.probe_timeout_s) if probe
                   else list(extra_capabilities) + ["engine:shell"])
         return sorted(set(tokens) | {f"factory:{self.id}"})
 
@@ -198,9 +198,9 @@ class Factory(Stations, AuditQueue, Pools, Holder, Execute, Reporting, Ship, Che
         """Issue 12: the redactor of whatever leaves this factory (its secrets and token shapes)
         and the sandbox its engines run in (``engine_sandbox``)."""
         self.redactor = factory_redactor(os.environ, cred_vars=probe_mod.CREDENTIAL_VARS,
-                                         urls=getattr(self.b, "urls", ""),
-                                         extra_vars=[n.strip() for n in self.s.redact_extra_vars.split(",")])
-        self.sandbox = factory_sandbox(self.s.engine_sandbox, self.s.engine_sandbox_user, factory_dir=self.dir,
+                                         urls=getattr(self.broker, "urls", ""),
+                                         extra_vars=[n.strip() for n in self.settings.redact_extra_vars.split(",")])
+        self.sandbox = factory_sandbox(self.settings.engine_sandbox, self.settings.engine_sandbox_user, factory_dir=self.dir,
                                        home_dir=gf_home(), creds_path=os.environ.get("GIGAFACTORY_CREDS", ""))
 
     def _make_folders(self, workspace: str | None, data_dir: str | None) -> None:
@@ -259,7 +259,7 @@ class Factory(Stations, AuditQueue, Pools, Holder, Execute, Reporting, Ship, Che
             if p.task:
                 p.task.cancel()
         await self._safe(self._heartbeat())
-        deadline = time.monotonic() + self.s.drain_timeout_s
+        deadline = time.monotonic() + self.settings.drain_timeout_s
         while self.runs and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
         for run in list(self.runs.values()):
@@ -272,17 +272,17 @@ class Factory(Stations, AuditQueue, Pools, Holder, Execute, Reporting, Ship, Che
         for t in list(self._tasks):
             t.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        await self.spend.close(self.s.request_timeout_s * 2)
+        await self.spend.close(self.settings.request_timeout_s * 2)
         self.record.status = "down"
-        await self._safe(self.b.factories.delete(self.id))
+        await self._safe(self.broker.factories.delete(self.id))
         await self._event("factory_down", reason="drained")
-        if not await self._publish_events(time.monotonic() + self.s.request_timeout_s * 2):
+        if not await self._publish_events(time.monotonic() + self.settings.request_timeout_s * 2):
             log.warning("%s: %d audit events not stored at exit", self.id, len(self._events))
         self.outbox.close()
 
     async def _safe(self, coro):
         try:
-            return await asyncio.wait_for(coro, timeout=self.s.request_timeout_s * 2)
+            return await asyncio.wait_for(coro, timeout=self.settings.request_timeout_s * 2)
         except Exception as e:
             log.info("%s: %s during drain (%s)", self.id, type(e).__name__, e)
             return None
@@ -294,13 +294,13 @@ class Factory(Stations, AuditQueue, Pools, Holder, Execute, Reporting, Ship, Che
         self.record.pools = sorted(self.pools)
         self.record.dispatch_mode = "poll" if any(p.mode == "poll" for p in self.pools.values()) else "push"
         self._refresh_idle()
-        await self.b.factories.put(self.id, encode(self.record))
+        await self.broker.factories.put(self.id, encode(self.record))
 
     async def _heartbeat_loop(self, stop: asyncio.Event) -> None:
-        self._heartbeat_reconnects = self.b.nc.stats["reconnects"]
+        self._heartbeat_reconnects = self.broker.nc.stats["reconnects"]
         while not stop.is_set():
             try:
-                await asyncio.wait_for(stop.wait(), timeout=self.s.heartbeat_s)
+                await asyncio.wait_for(stop.wait(), timeout=self.settings.heartbeat_s)
             except asyncio.TimeoutError:
                 pass
             if stop.is_set() or self.draining.is_set():
@@ -309,8 +309,8 @@ class Factory(Stations, AuditQueue, Pools, Holder, Execute, Reporting, Ship, Che
                 await self._heartbeat()
             except Exception as e:
                 log.info("%s: heartbeat failed (%s)", self.id, e)
-            if self.b.nc.stats["reconnects"] != self._heartbeat_reconnects:
-                self._heartbeat_reconnects = self.b.nc.stats["reconnects"]
+            if self.broker.nc.stats["reconnects"] != self._heartbeat_reconnects:
+                self._heartbeat_reconnects = self.broker.nc.stats["reconnects"]
                 self._pools_rescan.set()
 
 
@@ -387,4 +387,4 @@ class Factory(Stations, AuditQueue, Pools, Holder, Execute, Reporting, Ship, Che
         Here, not in :mod:`pools`, because this module's ``STALL_CHECKS_PER_REDISPATCH`` is the
         one tests and the load suite tune (``monkeypatch.setattr(agent, ...)``): it is read
         from this module at each call."""
-        return self.s.redispatch_s / STALL_CHECKS_PER_REDISPATCH
+        return self.settings.redispatch_s / STALL_CHECKS_PER_REDISPATCH

@@ -62,7 +62,7 @@ class AuditQueue:
             _raise_if_cancelled()
             ev, (msg_id, trace) = self._events[0]
             try:
-                await self.b.publish_event(ev, msg_id=msg_id, trace=trace)
+                await self.broker.publish_event(ev, msg_id=msg_id, trace=trace)
             except Exception as e:
                 failures += 1
                 if failures == 1 or failures % 20 == 0:

@@ -179,7 +179,7 @@ class Checkpoints:
         try:
             got = await asyncio.to_thread(
                 workspace.carry, co, [c for c, _ in cands], message, keep_conflict=keep_conflict,
-                author="Gigafactory", email=f"{self.id}@gigafactory.invalid", timeout_s=self.s.git_timeout_s)
+                author="Gigafactory", email=f"{self.id}@gigafactory.invalid", timeout_s=self.settings.git_timeout_s)
         except (GitError, OSError) as e:
             got = workspace.Carry(tried=[f"git failed: {e}"[:300]])
         words = dict(cands)
@@ -227,11 +227,11 @@ class Checkpoints:
         :param parsers: the run's output reader (empty once dropped); its ``session_id``, if it
             has one, is recorded with each checkpoint.
         """
-        if self.s.checkpoint_s <= 0:
+        if self.settings.checkpoint_s <= 0:
             return None
         cp = run.record.checkpoint
         try:
-            tree = await asyncio.to_thread(workspace.tree_of, co, co.start_commit, timeout_s=self.s.git_timeout_s)
+            tree = await asyncio.to_thread(workspace.tree_of, co, co.start_commit, timeout_s=self.settings.git_timeout_s)
         except (GitError, OSError) as e:
             await self._event("checkpoint_failed", job=run.job, epoch=run.epoch,
                               reason=f"no checkpoints for this attempt: {e}"[:500])
@@ -249,7 +249,7 @@ class Checkpoints:
         if st.task is None:
             return
         try:
-            await asyncio.wait_for(st.task, timeout=self.s.git_timeout_s * 3 + self.s.request_timeout_s * 4)
+            await asyncio.wait_for(st.task, timeout=self.settings.git_timeout_s * 3 + self.settings.request_timeout_s * 4)
         except Exception:
             st.task.cancel()
 
@@ -263,7 +263,7 @@ class Checkpoints:
         """
         while not st.stop.is_set():
             try:
-                await asyncio.wait_for(st.stop.wait(), timeout=self.s.checkpoint_s)
+                await asyncio.wait_for(st.stop.wait(), timeout=self.settings.checkpoint_s)
                 return
             except asyncio.TimeoutError:
                 pass
@@ -292,7 +292,7 @@ class Checkpoints:
         """
         try:
             await asyncio.wait_for(self._checkpoint_once(run, co, st),
-                                   timeout=self.s.git_timeout_s)
+                                   timeout=self.settings.git_timeout_s)
         except Exception as e:
             why = f"final checkpoint of {run.job} at drain failed: {type(e).__name__}: {e}"[:500]
             log.warning("%s: %s", self.id, why)
@@ -303,7 +303,7 @@ class Checkpoints:
         """One checkpoint (see the module's docstring); returns it, or None when nothing changed
         since the last one or the holder may not push (fenced, too little lease left)."""
         rec = run.record
-        timeout_s = self.s.git_timeout_s
+        timeout_s = self.settings.git_timeout_s
         branch = workspace.wip_branch(run.job)
         engine, model, session = st.engine, st.model, st.session()
         trailers = {
@@ -372,8 +372,8 @@ class Checkpoints:
         :param what: what is pushed, for the event.
         :param branch: where, for the event.
         """
-        ttl_s = self.s.lease_ttl_s
-        want_s = protocol.fence_min_remaining_s(ttl_s, self.s.git_push_min_remaining_s)
+        ttl_s = self.settings.lease_ttl_s
+        want_s = protocol.fence_min_remaining_s(ttl_s, self.settings.git_push_min_remaining_s)
         sent_s = time.monotonic()
         why: str | None = None
         try:

@@ -114,9 +114,9 @@ class OutputReader:
 
     def on_output(self, chunk: bytes) -> None:
         f, run = self.factory, self.run
-        if f.b.nc.is_connected:
+        if f.broker.nc.is_connected:
             try:
-                asyncio.get_running_loop().create_task(f.b.nc.publish(self.subject, chunk))
+                asyncio.get_running_loop().create_task(f.broker.nc.publish(self.subject, chunk))
             except Exception:
                 pass
         for parser in self.parsers:
@@ -153,8 +153,8 @@ class OutputReader:
         try:
             usage = parser.usage()
             crossed = budget_crossed(run.record.manifest.budget, usage)
-            if not crossed and f.s.pipeline_budget_enforcement and usage is not None:
-                crossed = cap_crossed(usage.cost_usd, f.s.max_cost_per_run_usd)  # the fleet's per-run cap
+            if not crossed and f.settings.pipeline_budget_enforcement and usage is not None:
+                crossed = cap_crossed(usage.cost_usd, f.settings.max_cost_per_run_usd)  # the fleet's per-run cap
         except Exception:
             log.exception("%s: engine %s could not say its usage; not reading it further", f.id, self.name)
             self.parsers.clear()
@@ -205,7 +205,7 @@ class Execute:
         t0_ns = time.time_ns()  # the claim span covers the read and the compare-and-set
         seat = engine  # the seat held with the station: released with it on every way out
         try:
-            e = await self.b.jobs.get(job_id)
+            e = await self.broker.jobs.get(job_id)
             if e is None:
                 self.stats["claim_skipped"] += 1
                 await self._release_station(station, seat)
@@ -218,7 +218,7 @@ class Execute:
                 return Claim(False)
             now: float | None = None
             if rec.backoff_s:
-                now = await self.b.broker_now()
+                now = await self.broker.broker_now()
                 if now < e.ts + rec.backoff_s:
                     self.stats["claim_skipped"] += 1
                     await self._release_station(station, seat)
@@ -231,10 +231,10 @@ class Execute:
                     self.stats["claim_skipped"] += 1
                     await self._release_station(station, None)
                     return Claim(False, offer_again_in_s=0.0)
-                if not choice.preferred and self.s.prefers_grace_s > 0:
+                if not choice.preferred and self.settings.prefers_grace_s > 0:
                     if now is None:
-                        now = await self.b.broker_now()
-                    wait_s = prefers_wait_s(choice, now - (e.ts + rec.backoff_s), self.s.prefers_grace_s)
+                        now = await self.broker.broker_now()
+                    wait_s = prefers_wait_s(choice, now - (e.ts + rec.backoff_s), self.settings.prefers_grace_s)
                     if wait_s > 0:
                         self.stats["claims_deferred"] = self.stats.get("claims_deferred", 0) + 1
                         await self._release_station(station, seat)
@@ -245,7 +245,7 @@ class Execute:
                 engine_version=self._engine_version(seat) if seat else None))(rec)
             self.stats["claims"] += 1
             try:
-                rev = await self.b.jobs.update(job_id, encode(out.record), last=e.revision)
+                rev = await self.broker.jobs.update(job_id, encode(out.record), last=e.revision)
             except Conflict:
                 self.stats["claim_conflicts"] += 1
                 await self._release_station(station, seat)
@@ -285,7 +285,7 @@ class Execute:
         said.add(key)
         await self._event("claim_deferred", job=rec.id, epoch=rec.epoch,
                           reason=f"{self.id} holds back: {why}; any factory may take it in {wait_s:.1f}s "
-                                 f"(prefers_grace_s={self.s.prefers_grace_s:g})",
+                                 f"(prefers_grace_s={self.settings.prefers_grace_s:g})",
                           data={"factory": self.id, "prefers": prefers_names(rec.manifest.prefers),
                                 "wait_s": round(wait_s, 3)})
 
@@ -316,10 +316,10 @@ class Execute:
                 # The lock entry may be older than the start write (a start that took retries):
                 # the engine must stop before the lock can be presumed free, too.
                 sent_s = min(sent_s, run.lock_sent_s)
-            if not self.s.unsafe_unfenced_engines:
+            if not self.settings.unsafe_unfenced_engines:
                 # Measured from when the write was *sent*: the broker stamped it later, so the
                 # reaper's clock starts later than ours (conservative).
-                run.fence = shell.FenceDeadline(self._fence_deadline_s(sent_s), self.s.fence_kill_grace_s)
+                run.fence = shell.FenceDeadline(self._fence_deadline_s(sent_s), self.settings.fence_kill_grace_s)
             await self._event("started", job=run.job, epoch=run.epoch, stage_from="assigned", stage_to="building",
                               reason=started.reason)
             renewer = asyncio.create_task(self._renew_loop(run))
@@ -343,7 +343,7 @@ class Execute:
             run.stop_renewing.set()
             if renewer is not None:
                 try:
-                    await asyncio.wait_for(renewer, timeout=self.s.request_timeout_s * 2)
+                    await asyncio.wait_for(renewer, timeout=self.settings.request_timeout_s * 2)
                 except Exception:
                     renewer.cancel()
             await self._release_lock(run)
@@ -473,18 +473,18 @@ class Execute:
                 # For `gigafactory fence` right before a push or merge request (side effects are fenced
                 # too): the lease it computes what is left of must be the one the coordinators reap by.
                 # The address only: a password in the URL is the factory's, never the job's.
-                "GIGAFACTORY_NATS_URL": strip_url_credentials(self.b.urls), "GF_LEASE_TTL_S": repr(self.s.lease_ttl_s),
-                **fence_creds_env(self.s),  # `gigafactory fence` renews as this factory (see identity.py)
+                "GIGAFACTORY_NATS_URL": strip_url_credentials(self.broker.urls), "GF_LEASE_TTL_S": repr(self.settings.lease_ttl_s),
+                **fence_creds_env(self.settings),  # `gigafactory fence` renews as this factory (see identity.py)
                 **(resume_env(resume) if resume is not None else {}),
             },
             timeout_s=m.timeout_s(),
             timeout_class=FailureClass.BUDGET_EXCEEDED if wall_binds else FailureClass.TIMEOUT,
             header=f"# gigafactory: job {run.job} attempt {rec.attempt} epoch {run.epoch} on {self.id}/{run.station}\n",
             on_output=reader.on_output, cancel=run.cancel, fence=run.fence,
-            supervised=not self.s.unsafe_unfenced_engines, kill_grace_s=5.0, parser=reader.parsers[0],
+            supervised=not self.settings.unsafe_unfenced_engines, kill_grace_s=5.0, parser=reader.parsers[0],
             env_passthrough=(*cred_variables(rec.requirements, probe.CREDENTIAL_VARS),
-                             *self.s.engine_env_passthrough_names),
-            settings=self.s, resume=resume, redactor=self.redactor, sandbox=self.sandbox,
+                             *self.settings.engine_env_passthrough_names),
+            settings=self.settings, resume=resume, redactor=self.redactor, sandbox=self.sandbox,
         )
 
     async def _after_engine(self, run: Run, a: "Attempt", eng, job: EngineJob, prepared, out, t0: float):

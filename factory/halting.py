@@ -30,7 +30,7 @@ async def refresh_halt(factory) -> None:
     """Read the halt state into ``factory.halt_state``; under ``stop``, stop the covered runs.
 
     :param factory: the factory (its broker's ``control`` bucket, its ``runs``)."""
-    control = factory.b.control
+    control = factory.broker.control
     if control is None:
         return
     try:
@@ -51,17 +51,17 @@ async def follow_halt(factory, stop: asyncio.Event) -> None:
 
     :param factory: the factory.
     :param stop: set when the factory stops."""
-    control = factory.b.control
+    control = factory.broker.control
     if control is None:
         return
     while not stop.is_set():
         w = None
         try:
-            reconnects = factory.b.nc.stats["reconnects"]
+            reconnects = factory.broker.nc.stats["reconnects"]
             w = await control.watch(H.HALT_KEY)
-            while not stop.is_set() and factory.b.nc.stats["reconnects"] == reconnects:
+            while not stop.is_set() and factory.broker.nc.stats["reconnects"] == reconnects:
                 try:
-                    e = await w.updates(timeout=factory.s.heartbeat_s)
+                    e = await w.updates(timeout=factory.settings.heartbeat_s)
                 except (nats.errors.TimeoutError, asyncio.TimeoutError):
                     continue
                 if e is not None:  # None: the end of the initial values

@@ -81,7 +81,7 @@ class Holder:
         """``decide`` whose records come out signed by this factory's identity
         (schemas/signing.py), so the coordinator can tell its writes from anyone else's; the
         record the run holds afterwards is the one stored, signature included."""
-        signer = holder_signer(self.s)
+        signer = holder_signer(self.settings)
 
         def signed(rec: JobRecord):
             out = decide(rec)
@@ -106,14 +106,14 @@ class Holder:
             while True:
                 if isinstance(act, lease.Send):
                     try:
-                        act = machine.stored(await self.b.jobs.update(run.job, act.data, last=act.last))
+                        act = machine.stored(await self.broker.jobs.update(run.job, act.data, last=act.last))
                     except Conflict:
                         act = machine.conflict()
                     except TRANSIENT:
                         act = machine.no_answer()
                 elif isinstance(act, lease.Read):
                     try:
-                        fresh = await self.b.jobs.get(run.job)
+                        fresh = await self.broker.jobs.get(run.job)
                     except TRANSIENT:
                         machine.read_unanswered()
                         raise
@@ -148,13 +148,13 @@ class Holder:
 
     def _fence_deadline_s(self, sent_s: float) -> float:
         """The self-fencing deadline for a lease write sent at ``sent_s`` (:func:`shell.fence_clock`)."""
-        return sent_s + self.s.lease_ttl_s - self.s.fence_margin_effective_s
+        return sent_s + self.settings.lease_ttl_s - self.settings.fence_margin_effective_s
 
     def _self_fence_reason(self, run: Run) -> str:
         assert run.fence is not None
-        since_s = shell.fence_clock() - (run.fence.at_s - self.s.lease_ttl_s + self.s.fence_margin_effective_s)
+        since_s = shell.fence_clock() - (run.fence.at_s - self.settings.lease_ttl_s + self.settings.fence_margin_effective_s)
         return (f"no successful lease renewal for {since_s:.1f}s (deadline lease_ttl_s - fence_margin_s = "
-                f"{self.s.lease_ttl_s - self.s.fence_margin_effective_s:g}s): engine stopped before the lease "
+                f"{self.settings.lease_ttl_s - self.settings.fence_margin_effective_s:g}s): engine stopped before the lease "
                 "could be reclaimed")
 
     async def _self_fence(self, run: Run, payload: ResultPayload) -> None:
@@ -168,8 +168,8 @@ class Holder:
         log.warning("%s: self-fenced on %s (epoch %d): %s", self.id, run.job, run.epoch, run.self_fenced)
         self._quarantine_local(run, payload, f"self-fenced: {run.self_fenced}")
         await self._event("self_fenced", job=run.job, epoch=run.epoch, reason=run.self_fenced,
-                          data={"held_epoch": run.epoch, "lease_ttl_s": self.s.lease_ttl_s,
-                                "fence_margin_s": self.s.fence_margin_effective_s})
+                          data={"held_epoch": run.epoch, "lease_ttl_s": self.settings.lease_ttl_s,
+                                "fence_margin_s": self.settings.fence_margin_effective_s})
 
     async def _renew_loop(self, run: Run) -> None:
         """Renew the lease every ``lease_renew_s``. A renewal counts (extends the self-fencing
@@ -177,7 +177,7 @@ class Holder:
         entry was rewritten too (its age is how others judge the holder stopped)."""
         while not run.stop_renewing.is_set():
             try:
-                await asyncio.wait_for(run.stop_renewing.wait(), timeout=self.s.lease_renew_s)
+                await asyncio.wait_for(run.stop_renewing.wait(), timeout=self.settings.lease_renew_s)
                 return
             except asyncio.TimeoutError:
                 pass
@@ -214,7 +214,7 @@ class Holder:
         for _ in range(2):
             try:
                 run.lock_rev = await asyncio.wait_for(
-                    self.b.locks.update(run.lock_key, run.lock_value, last=run.lock_rev), self.s.request_timeout_s)
+                    self.broker.locks.update(run.lock_key, run.lock_value, last=run.lock_rev), self.settings.request_timeout_s)
                 return True
             except Conflict:
                 pass
@@ -224,7 +224,7 @@ class Holder:
             # A rewrite whose reply was lost (or an R3 bucket refusing a CAS spuriously) leaves
             # our revision behind: an entry that is still ours is adopted and written again.
             try:
-                cur = await self.b.locks.get(run.lock_key)
+                cur = await self.broker.locks.get(run.lock_key)
             except Exception as e:
                 log.info("%s: lock %s of %s not read (%s)", self.id, run.lock_key, run.job, e)
                 return False
@@ -251,12 +251,12 @@ class Holder:
         for _ in range(MAX_CAS_RETRIES):
             sent_s = shell.fence_clock()
             try:
-                run.lock_rev = await self.b.locks.create(key, value)
+                run.lock_rev = await self.broker.locks.create(key, value)
                 run.lock_key, run.lock_sent_s = key, sent_s
                 return None
             except Conflict:
                 pass
-            cur = await self.b.locks.get(key)
+            cur = await self.broker.locks.get(key)
             if cur is None:
                 continue
             try:
@@ -264,11 +264,11 @@ class Holder:
             except msgspec.DecodeError:
                 # Not a lock entry (written by hand or by a broken client): it holds the lock
                 # until it is as old as a holder's entry that stopped being renewed.
-                if await self.b.broker_now() - cur.ts <= self.s.lease_ttl_s + self.s.fence_margin_effective_s:
+                if await self.broker.broker_now() - cur.ts <= self.settings.lease_ttl_s + self.settings.fence_margin_effective_s:
                     return f"<an unreadable entry in {names.LOCKS_BUCKET}/{key}>"
                 sent_s = shell.fence_clock()
                 try:
-                    run.lock_rev = await self.b.locks.update(key, value, last=cur.revision)
+                    run.lock_rev = await self.broker.locks.update(key, value, last=cur.revision)
                 except Conflict:
                     continue
                 run.lock_key, run.lock_sent_s = key, sent_s
@@ -278,24 +278,24 @@ class Holder:
                 # know: rewrite it, so the entry's age and our deadline count from one send.
                 sent_s = shell.fence_clock()
                 try:
-                    run.lock_rev = await self.b.locks.update(key, value, last=cur.revision)
+                    run.lock_rev = await self.broker.locks.update(key, value, last=cur.revision)
                 except Conflict:
                     continue
                 run.lock_key, run.lock_sent_s = key, sent_s
                 return None
-            he = await self.b.jobs.get(holder.job)
+            he = await self.broker.jobs.get(holder.job)
             try:
                 hrec = decode(he.value, JobRecord) if he else None
             except msgspec.DecodeError:
                 hrec = None  # a poisoned record tells nothing: only the entry's age can
-            verdict = protocol.lock_verdict(holder, hrec, await self.b.broker_now() - cur.ts,
-                                            lease_ttl_s=self.s.lease_ttl_s,
-                                            fence_margin_s=self.s.fence_margin_effective_s)
+            verdict = protocol.lock_verdict(holder, hrec, await self.broker.broker_now() - cur.ts,
+                                            lease_ttl_s=self.settings.lease_ttl_s,
+                                            fence_margin_s=self.settings.fence_margin_effective_s)
             if not verdict.free:
                 return holder.job
             sent_s = shell.fence_clock()
             try:
-                run.lock_rev = await self.b.locks.update(key, value, last=cur.revision)
+                run.lock_rev = await self.broker.locks.update(key, value, last=cur.revision)
                 run.lock_key, run.lock_sent_s = key, sent_s
                 log.info("%s: lock %r taken over for %s: %s", self.id, lock, run.job, verdict.reason)
                 return None
@@ -306,7 +306,7 @@ class Holder:
     async def _release_lock(self, run: Run) -> None:
         if run.lock_key:
             try:
-                await self.b.locks.delete(run.lock_key, last=run.lock_rev)
+                await self.broker.locks.delete(run.lock_key, last=run.lock_rev)
             except Exception as e:  # stale-lock cleanup takes it later
                 log.info("%s: lock %s not released (%s)", self.id, run.lock_key, e)
             run.lock_key = None

@@ -130,13 +130,13 @@ class Pools:
         while not stop.is_set():
             try:
                 if sub is None:
-                    sub = await self.b.nc.subscribe(f"$KV.{names.POOLS_BUCKET}.>", cb=self._on_pool_msg)
+                    sub = await self.broker.nc.subscribe(f"$KV.{names.POOLS_BUCKET}.>", cb=self._on_pool_msg)
                 self._pools_rescan.clear()
-                reconnects = self.b.nc.stats["reconnects"]
+                reconnects = self.broker.nc.stats["reconnects"]
                 if reconnects != scanned_at or self._pools_rescan_all:
                     self._pools_rescan_all = False
                     self.stats["pool_scans"] += 1
-                    async for e in self.b.pools.scan():
+                    async for e in self.broker.pools.scan():
                         self._bind_pool(e.key, e.value, stop)
                     scanned_at = reconnects
                 await self._pools_rescan.wait()
@@ -203,7 +203,7 @@ class Pools:
         if psub is None:
             return
         try:
-            await asyncio.wait_for(psub.unsubscribe(), timeout=self.s.request_timeout_s)
+            await asyncio.wait_for(psub.unsubscribe(), timeout=self.settings.request_timeout_s)
         except Exception as e:  # the connection may be gone; the subscription goes with it
             log.debug("%s: dropping the pull subscription of pool %s: %s", self.id, ps.id, e)
 
@@ -214,7 +214,7 @@ class Pools:
         a station of this factory was free says push is not delivering: the coordinator
         republishes an unclaimed offer after ``redispatch_s``, so two periods and a long poll
         are only ever exceeded when dispatch itself is broken."""
-        return 2 * self.s.redispatch_s + self.s.long_poll_s
+        return 2 * self.settings.redispatch_s + self.settings.long_poll_s
 
     async def _pull_loop(self, ps: PoolState, stop: asyncio.Event) -> None:
         """One pool's dispatch: push (a long-poll fetch on the pool consumer) while it works,
@@ -230,20 +230,20 @@ class Pools:
         pace = PullPace(errors=0, backoff_s=POLL_BACKOFF_MIN_S,
                         last_check=time.monotonic() - random.uniform(0.0, self.stall_check_s))
         while not stop.is_set() and not self.draining.is_set() and not ps.gone:
-            while not await self._wait_capacity(ps.engine, timeout_s=self.s.long_poll_s, engine_class=ps.engine_class):
+            while not await self._wait_capacity(ps.engine, timeout_s=self.settings.long_poll_s, engine_class=ps.engine_class):
                 await self._hand_back_stranded(ps)
             if self.draining.is_set():
                 return
             if ps.mode == "poll":
                 await self._poll_round(ps, pace)
                 continue
-            if not self.b.nc.is_connected:
+            if not self.broker.nc.is_connected:
                 # A pull request sent now would wait in the client's buffer and reach the
                 # broker on reconnect with every other one sent during the outage: a fleet of
                 # idle stations would return with several stale requests each on every pool
                 # consumer (past its max_waiting, for a big fleet and a long outage). Wait for
                 # the connection instead; the request goes out as soon as it is back.
-                await self.b.wait_connected(self.s.long_poll_s)
+                await self.broker.wait_connected(self.settings.long_poll_s)
                 continue
             for msg in await self._fetch_round(ps, pace):
                 await self._on_dispatch(ps, msg)
@@ -261,7 +261,7 @@ class Pools:
             pace.errors, pace.backoff_s, pace.last_check = 0, POLL_BACKOFF_MIN_S, time.monotonic()
             return
         if not claimed:
-            pace.backoff_s = min(pace.backoff_s * 2, self.s.poll_backoff_max_s)
+            pace.backoff_s = min(pace.backoff_s * 2, self.settings.poll_backoff_max_s)
             await asyncio.sleep(random.uniform(pace.backoff_s / 2, pace.backoff_s))
         else:
             pace.backoff_s = POLL_BACKOFF_MIN_S
@@ -275,18 +275,18 @@ class Pools:
         """
         try:
             if ps.psub is None:
-                ps.psub = await self.b.js.pull_subscribe_bind(
+                ps.psub = await self.broker.js.pull_subscribe_bind(
                     durable=names.pool_consumer(ps.id), stream=names.DISPATCH_STREAM,
                 )
             msgs = await asyncio.wait_for(
-                ps.psub.fetch(1, timeout=self.s.long_poll_s),
-                timeout=self.s.long_poll_s + self.s.request_timeout_s,
+                ps.psub.fetch(1, timeout=self.settings.long_poll_s),
+                timeout=self.settings.long_poll_s + self.settings.request_timeout_s,
             )
         except (asyncio.TimeoutError, nats.errors.TimeoutError):
             pace.errors = 0
             # Only with the connection up: a broker that is not answering says nothing
             # about the consumer, and a fleet checking during an outage would all fall back.
-            if time.monotonic() - pace.last_check > self.stall_check_s and self.b.nc.is_connected:
+            if time.monotonic() - pace.last_check > self.stall_check_s and self.broker.nc.is_connected:
                 pace.last_check = time.monotonic()
                 await self._check_push(ps)
             return []
@@ -304,13 +304,13 @@ class Pools:
 
         :param ps: the pool.
         """
-        reconnects = self.b.nc.stats["reconnects"]
+        reconnects = self.broker.nc.stats["reconnects"]
 
         def verdict_holds() -> bool:
             # A check the connection dropped under (its requests timed out) is no
             # verdict on the consumer: a fleet checking when the broker died would
             # all fall back at once.
-            return self.b.nc.is_connected and self.b.nc.stats["reconnects"] == reconnects
+            return self.broker.nc.is_connected and self.broker.nc.stats["reconnects"] == reconnects
 
         if await self._index_quiet(ps):
             return
@@ -337,7 +337,7 @@ class Pools:
         """
         # A deleted consumer or stream answers a fetch at once with 503 (no responders).
         await self._drop_psub(ps)
-        if not self.b.nc.is_connected:
+        if not self.broker.nc.is_connected:
             return  # the connection went, not the consumer: the loop waits for it
         pace.errors += 1
         log.info("%s: fetch on pool %s failed (%s)", self.id, ps.id, e)
@@ -393,7 +393,7 @@ class Pools:
 
     async def _consumer_ok(self, ps: PoolState) -> bool:
         try:
-            await self.b.js.consumer_info(names.DISPATCH_STREAM, names.pool_consumer(ps.id))
+            await self.broker.js.consumer_info(names.DISPATCH_STREAM, names.pool_consumer(ps.id))
             return True
         except Exception:
             return False
@@ -407,11 +407,11 @@ class Pools:
         not answering. The index is the coordinator's, so a quiet index is also what a
         fleet sees while the coordinator is down and nothing waits."""
         q = ps.index_quiet
-        if q is None or q[1] != self.b.nc.stats["reconnects"]:
+        if q is None or q[1] != self.broker.nc.stats["reconnects"]:
             return False
         self.stats["stall_probes"] += 1
         try:
-            if not await self.b.queue.written_after(f"{ps.id}.>", q[0]):
+            if not await self.broker.queue.written_after(f"{ps.id}.>", q[0]):
                 return True
         except Exception as ex:
             log.info("%s: probing the index of pool %s failed (%s)", self.id, ps.id, ex)
@@ -429,12 +429,12 @@ class Pools:
         try:
             # Read before the scan: a key written between the two is seen by the scan, one
             # written after it has a later sequence, so the next probe sees it.
-            mark, reconnects = await self.b.queue.newest_seq(f"{ps.id}.>"), self.b.nc.stats["reconnects"]
+            mark, reconnects = await self.broker.queue.newest_seq(f"{ps.id}.>"), self.broker.nc.stats["reconnects"]
             now: float | None = None
             old = []
-            async for e in self.b.queue.scan(f"{ps.id}.>"):
+            async for e in self.broker.queue.scan(f"{ps.id}.>"):
                 if now is None:
-                    now = await self.b.broker_now()
+                    now = await self.broker.broker_now()
                 if now - e.ts > self.stall_after_s:
                     old.append(e)
             ps.index_quiet = (mark, reconnects) if now is None else None
@@ -444,7 +444,7 @@ class Pools:
                     q = decode(e.value, QueueEntry)
                 except msgspec.DecodeError:
                     continue
-                je = await self.b.jobs.get(q.job)
+                je = await self.broker.jobs.get(q.job)
                 if je is None:
                     continue
                 rec = decode(je.value, JobRecord)
@@ -452,7 +452,7 @@ class Pools:
                     continue
                 # A job that prefers engines may be held back by factories without them for up
                 # to prefers_grace_s by design (see Execute._claim_and_run): not a stall until then.
-                held_s = self.s.prefers_grace_s if rec.manifest.prefers and not rec.manifest.engine else 0.0
+                held_s = self.settings.prefers_grace_s if rec.manifest.prefers and not rec.manifest.engine else 0.0
                 if now - max(e.ts, je.ts + rec.backoff_s) > self.stall_after_s + held_s:
                     return True
         except Exception as ex:  # the broker does not answer: push cannot be working either
@@ -464,7 +464,7 @@ class Pools:
         """Try to claim queued jobs of a pool straight from the index, best first."""
         try:
             entries = []
-            async for e in self.b.queue.scan(f"{ps.id}.>"):
+            async for e in self.broker.queue.scan(f"{ps.id}.>"):
                 try:
                     entries.append(decode(e.value, QueueEntry))
                 except msgspec.DecodeError:

@@ -67,22 +67,22 @@ class Reporting:
         the upload again."""
         name = names.log_object_name(run.job, run.record.attempt, run.epoch)
         where = f"{self.id}:{payload.log_path}"
-        bound_s = self.s.log_upload_timeout_s
+        bound_s = self.settings.log_upload_timeout_s
         try:
-            reader = CappedLog(payload.log_path, self.s.log_upload_max_bytes, where,
+            reader = CappedLog(payload.log_path, self.settings.log_upload_max_bytes, where,
                                deadline=time.monotonic() + bound_s, redactor=self.redactor)
         except OSError:
             return payload, {}
         try:
             desc = (f"log of job {run.job} attempt {run.record.attempt} epoch {run.epoch} on {self.id}: "
                     f"{reader.size_bytes} bytes" + (f", {reader.dropped_bytes} dropped from the middle "
-                                                    f"(cap {self.s.log_upload_max_bytes})" if reader.dropped_bytes else ""))
+                                                    f"(cap {self.settings.log_upload_max_bytes})" if reader.dropped_bytes else ""))
             # Each chunk's publish is bounded by request_timeout_s and the reader ends the
             # upload at its deadline; this outer bound only catches a hang between the two.
             await asyncio.wait_for(
-                self.b.put_object(name, reader, description=desc, headers={
+                self.broker.put_object(name, reader, description=desc, headers={
                     "Gf-Log-Bytes": str(reader.size_bytes), "Gf-Log-Dropped-Bytes": str(reader.dropped_bytes)}),
-                timeout=bound_s + 3 * self.s.request_timeout_s,
+                timeout=bound_s + 3 * self.settings.request_timeout_s,
             )
         except asyncio.CancelledError:
             raise
@@ -179,7 +179,7 @@ class Reporting:
                     pass
             self._outbox_kick.clear()
             self.stats["outbox_wakeups"] += 1
-            if self.b.nc.is_connected:
+            if self.broker.nc.is_connected:
                 try:
                     await self._flush_outbox()
                 except Exception as e:
@@ -193,7 +193,7 @@ class Reporting:
     async def _flush_item(self, item: OutboxItem) -> None:
         payload = msgspec.json.decode(item.payload, type=ResultPayload)
         self.outbox.mark_attempt(item.id)
-        e = await self.b.jobs.get(item.job)
+        e = await self.broker.jobs.get(item.job)
         rec = decode(e.value, JobRecord) if e else None
         try:
             protocol.check_fence(rec, item.job, self.id, item.epoch)

@@ -106,7 +106,7 @@ class Ship:
             "Gigafactory-Engine": engine, "Gigafactory-Model": model or "default",
         }
         message = workspace.commit_message(workspace.subject_from(rec.body, run.job), trailers)
-        timeout_s = self.s.git_timeout_s
+        timeout_s = self.settings.git_timeout_s
 
         def work() -> workspace.Stats:
             workspace.commit_all(co, message, author="Gigafactory", email=f"{self.id}@gigafactory.invalid",
@@ -141,10 +141,10 @@ class Ship:
         """
         m = run.record.manifest
         allowed = effective_scope(m, run.record.profile.scope if run.record.profile else None)
-        if allowed is None and not self.s.protected_paths:
+        if allowed is None and not self.settings.protected_paths:
             return out, ws
         try:
-            verdict = check_scope(changed, allowed, self.s.protected_paths, m.scope_mode)
+            verdict = check_scope(changed, allowed, self.settings.protected_paths, m.scope_mode)
         except ValueError as e:  # GlobError too: a glob the submit check let through (an old record)
             detail = f"the scope could not be judged: {e}"[:500]
             ws = msgspec.structs.replace(ws, scope=detail)
@@ -177,7 +177,7 @@ class Ship:
             return _replace(ws, detail=fenced), fenced
         left_s = fenced
         try:
-            await asyncio.to_thread(workspace.push, co, timeout_s=min(self.s.git_timeout_s, left_s))
+            await asyncio.to_thread(workspace.push, co, timeout_s=min(self.settings.git_timeout_s, left_s))
         except GitError as e:
             why = f"push of {co.branch} failed: {e}"
             await self._event("push_failed", job=run.job, epoch=run.epoch, reason=why[:500],
@@ -201,8 +201,8 @@ class Ship:
         :param what: ``push``, ``pull_request`` or ``merge`` (the event's name and the words).
         :param data: what the refusal event carries (the branch, the pull request).
         """
-        ttl_s = self.s.lease_ttl_s
-        want_s = protocol.fence_min_remaining_s(ttl_s, self.s.git_push_min_remaining_s)
+        ttl_s = self.settings.lease_ttl_s
+        want_s = protocol.fence_min_remaining_s(ttl_s, self.settings.git_push_min_remaining_s)
         sent_s = time.monotonic()
         try:
             held = await self._write(run, lambda r: protocol.renew(r, self.id, run.epoch, time.time()))
@@ -243,7 +243,7 @@ class Ship:
             return ws, None
         data = {"branch": co.branch, "base": co.base}
         try:
-            forge = forges.forge_for(co.url, forges.base.context_from(self.s, self.b), self.s.forge)
+            forge = forges.forge_for(co.url, forges.base.context_from(self.settings, self.broker), self.settings.forge)
         except forges.ForgeError as e:
             return await self._ship_stopped(run, ws, f"no forge: {e}", data), None
         fenced = await self._fence_side_effect(run, "pull_request", data)
@@ -279,7 +279,7 @@ class Ship:
             return await self._ship_stopped(run, ws, f"reading the checks failed: {_words(e)}", data), None
         if state in ("pending", "failure"):
             return await self._ship_stopped(run, ws, f"merge blocked: checks are {state} on {(ws.head or '')[:12]}"
-                                            + (f" after {self.s.ship_checks_wait_s:g}s (ship_checks_wait_s)"
+                                            + (f" after {self.settings.ship_checks_wait_s:g}s (ship_checks_wait_s)"
                                                if state == "pending" else ""), data), None
         fenced = await self._fence_side_effect(run, "merge", data)
         if isinstance(fenced, str):
@@ -305,15 +305,15 @@ class Ship:
         """The pull request's checks, re-read every ``ship_checks_poll_s`` while ``pending``, for
         at most ``ship_checks_wait_s`` (the lease is renewed meanwhile); stops early if the run
         is cancelled or fenced."""
-        deadline_s = time.monotonic() + self.s.ship_checks_wait_s
-        timeout_s = self.s.forge_http_timeout_s * 2 + 1
+        deadline_s = time.monotonic() + self.settings.ship_checks_wait_s
+        timeout_s = self.settings.forge_http_timeout_s * 2 + 1
         while True:
             state = await asyncio.wait_for(forge.checks(pr), timeout=timeout_s)
             left_s = deadline_s - time.monotonic()
             if state != "pending" or left_s <= 0 or run.fenced:
                 return state
             try:
-                await asyncio.wait_for(run.cancel.wait(), timeout=min(self.s.ship_checks_poll_s, left_s))
+                await asyncio.wait_for(run.cancel.wait(), timeout=min(self.settings.ship_checks_poll_s, left_s))
                 return state  # cancelled or fenced: stop waiting
             except asyncio.TimeoutError:
                 pass

@@ -116,7 +116,7 @@ class SpendWriter:
 
     def __init__(self, broker, directory: Path, factory_id: str, stations: int, settings,
                  windows: list[FundingWindow], seats: dict[str, int]) -> None:
-        self.b, self.id, self.stations, self.s = broker, factory_id, stations, settings
+        self.broker, self.id, self.stations, self.settings = broker, factory_id, stations, settings
         self.windows = list(windows)
         self.seats = dict(seats)
         self.seat_usd_per_s = parse_seat_costs(settings.seat_costs)
@@ -139,7 +139,7 @@ class SpendWriter:
         """
         rec, m = run.record, run.record.manifest
         at = time.time() if at is None else at
-        lane_kind = m.lane_kind or self.s.lane_kind
+        lane_kind = m.lane_kind or self.settings.lane_kind
         provider = provider_for(engine, m.model)
         window = choose_window(self.windows, at, m.product, provider, lane_kind)
         base = SpendRecord(
@@ -196,11 +196,11 @@ class SpendWriter:
         for engine, usd_per_s in sorted(self.seat_usd_per_s.items()):
             total = fixed_cost_usd(usd_per_s, self.seats.get(engine, 1), interval_s)
             provider = provider_for(engine, None)
-            window = choose_window(self.windows, start, FIXED_PRODUCT, provider, self.s.lane_kind)
+            window = choose_window(self.windows, start, FIXED_PRODUCT, provider, self.settings.lane_kind)
             for st in range(self.stations):
                 out.append(SpendRecord(
                     id=f"fixed.{self.id}.{engine}.{st}.{int(start * 1000)}", kind=SpendKind.FIXED.value, at=end,
-                    lane=f"{self.id}/{st}", lane_kind=self.s.lane_kind, funding_window=window, factory=self.id,
+                    lane=f"{self.id}/{st}", lane_kind=self.settings.lane_kind, funding_window=window, factory=self.id,
                     station=st, product=FIXED_PRODUCT, engine=engine, provider=provider, model=None,
                     cost_usd=total / self.stations, cost_source=CostSource.FIXED.value, interval_s=interval_s,
                     note=f"{self.seats.get(engine, 1)} seat(s) of {engine} for {interval_s:.0f}s"))
@@ -223,7 +223,7 @@ class SpendWriter:
         """Write fixed costs every ``seat_cost_interval_s`` until ``stop``; the last part at stop."""
         while not stop.is_set():
             try:
-                await asyncio.wait_for(stop.wait(), timeout=self.s.seat_cost_interval_s)
+                await asyncio.wait_for(stop.wait(), timeout=self.settings.seat_cost_interval_s)
             except asyncio.TimeoutError:
                 pass
             self.write_fixed()
@@ -249,8 +249,8 @@ class SpendWriter:
             for item in items:
                 rec = _DEC.decode(item.payload)
                 try:
-                    await self.b.js.publish(record_subject(rec), item.payload, headers={"Nats-Msg-Id": rec.id},
-                                            timeout=self.s.request_timeout_s)
+                    await self.broker.js.publish(record_subject(rec), item.payload, headers={"Nats-Msg-Id": rec.id},
+                                            timeout=self.settings.request_timeout_s)
                 except Exception as e:  # noqa: BLE001 -- kept in the outbox, tried again
                     log.info("%s: spend record %s not stored yet (%s); retrying", self.id, rec.id, e)
                     pause = random.uniform(delay / 2, delay)

@@ -42,7 +42,7 @@ class Stations:
         :param index: the station (None: the factory's reason for any free station)."""
         if self.draining.is_set():
             return IdleReason.DRAINING
-        if not self.b.nc.is_connected:
+        if not self.broker.nc.is_connected:
             return IdleReason.BROKER_DOWN
         if self.pools and all(p.mode == "poll" for p in self.pools.values()):
             return IdleReason.DISPATCH_DOWN

@@ -463,10 +463,10 @@ class Metrics:
         by SCRAPE_REFRESH_TIMEOUT_S; on failure the figures are left out, not stale."""
         self.storage = None
         coord = next(iter(self.coordinators), None)
-        if coord is None or not coord.b.nc.is_connected:
+        if coord is None or not coord.broker.nc.is_connected:
             return
         try:
-            info = await asyncio.wait_for(coord.b.js.account_info(), timeout=SCRAPE_REFRESH_TIMEOUT_S)
+            info = await asyncio.wait_for(coord.broker.js.account_info(), timeout=SCRAPE_REFRESH_TIMEOUT_S)
             self.storage = (int(info.storage or 0), int(info.limits.max_storage if info.limits else -1))
         except Exception as e:  # the broker is slow or gone: /metrics still answers
             log.debug("metrics: account info not read (%s: %s)", type(e).__name__, e)
@@ -485,11 +485,11 @@ class Metrics:
         ready (coordinator: its view replayed and its API answers; factory: registered)."""
         parts: dict[str, dict] = {}
         for c in list(self.coordinators):
-            parts[f"coordinator {c.name}"] = {"broker": c.b.nc.is_connected, "ready": c.ready.is_set()}
+            parts[f"coordinator {c.name}"] = {"broker": c.broker.nc.is_connected, "ready": c.ready.is_set()}
         for fid, f in list(self.factories.items()):
             if f.record.status == "down":
                 continue
-            parts[f"factory {fid}"] = {"broker": f.b.nc.is_connected, "ready": f.ready.is_set()}
+            parts[f"factory {fid}"] = {"broker": f.broker.nc.is_connected, "ready": f.ready.is_set()}
         ok = bool(parts) and all(p["broker"] and p["ready"] for p in parts.values())
         return ok, {"ok": ok, "parts": parts}
 
@@ -536,8 +536,8 @@ class _StateCollector:
     def _coordinator(self, c, fams) -> None:
         view, sched = c.view, c.sched
         add = lambda name, labels, v: fams[name].add_metric(labels, v)  # noqa: E731
-        add("gigafactory_broker_connected", ("coordinator", ""), 1 if c.b.nc.is_connected else 0)
-        add("gigafactory_broker_reconnects_total", ("coordinator", ""), c.b.nc.stats["reconnects"])
+        add("gigafactory_broker_connected", ("coordinator", ""), 1 if c.broker.nc.is_connected else 0)
+        add("gigafactory_broker_reconnects_total", ("coordinator", ""), c.broker.nc.stats["reconnects"])
         add("gigafactory_ready", ("coordinator", ""), 1 if c.ready.is_set() else 0)
         add("gigafactory_view_jobs", (), len(view.jobs))
         add("gigafactory_view_factories", (), len(view.factories))
@@ -566,7 +566,7 @@ class _StateCollector:
         """The fleet-as-capital figures (issue 13): lanes, idle coverage, merge queue, budget, runs."""
         from gigafactory.economics.idle import CLASSES
 
-        live = c.view.live_factories(c.sched.broker_now_estimate(), c.s.heartbeat_s)
+        live = c.view.live_factories(c.sched.broker_now_estimate(), c.settings.heartbeat_s)
         stations = [s for f in live for s in f.record.stations]
         busy = sum(1 for s in stations if str(s.state) == "busy")
         idle = [s for s in stations if str(s.state) != "busy"]
@@ -634,7 +634,7 @@ class _StateCollector:
     def _fleet(c, now: float, depth: dict[str, int], add) -> None:
         """Live factories by mode, per pool with queued jobs, and their stations."""
         view, sched = c.view, c.sched
-        live = view.live_factories(now, c.s.heartbeat_s)
+        live = view.live_factories(now, c.settings.heartbeat_s)
         reqs = sched.queue.requirements
         for pool in sorted(depth):
             want = reqs.get(pool)
@@ -658,8 +658,8 @@ class _StateCollector:
         st = f.stats
         for name, key in FACTORY_STATS.items():
             add(name, (fid,), st.get(key, 0))
-        add("gigafactory_broker_connected", ("factory", fid), 1 if f.b.nc.is_connected else 0)
-        add("gigafactory_broker_reconnects_total", ("factory", fid), f.b.nc.stats["reconnects"])
+        add("gigafactory_broker_connected", ("factory", fid), 1 if f.broker.nc.is_connected else 0)
+        add("gigafactory_broker_reconnects_total", ("factory", fid), f.broker.nc.stats["reconnects"])
         add("gigafactory_ready", ("factory", fid), 1 if f.ready.is_set() else 0)
         try:
             depth, oldest_at = f.outbox.depth_and_oldest()

@@ -255,9 +255,9 @@ def test_a_dispatch_stranded_at_a_busy_factory_is_handed_back_to_an_idle_one(nat
             [ps] = busy.pools.values()
             assert ps.psub is not None and ps.mode == "push"
             # A pull request of busy's that nothing of busy's waits on any more, first in line.
-            await busy.b.nc.publish(ps.psub._nms, json.dumps({"batch": 1, "expires": 20_000_000_000}).encode(),
+            await busy.broker.nc.publish(ps.psub._nms, json.dumps({"batch": 1, "expires": 20_000_000_000}).encode(),
                                     reply=ps.psub._deliver)
-            await busy.b.nc.flush()
+            await busy.broker.nc.flush()
             await fleet.add_factory("idle", caps=["strand"])
             t0 = time.monotonic()
             job = await fleet.submit_one(fleet.job("echo ok", capabilities=["strand"], review_policy="auto"))

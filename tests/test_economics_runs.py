@@ -89,3 +89,27 @@ def test_a_fleet_writes_a_row_per_shipped_feature_and_an_outcome_per_ended_job(n
                 {o["stage"] for o in outcomes} == {"shipped", "dead_letter"}
 
     run(main())
+
+
+def test_the_merge_queue_ignores_the_deletion_of_a_key_the_view_never_held():
+    """The view tells its listeners (None, None) when a record it never held is deleted (an
+    archived job's key): a listener that raised there stopped the coordinator's gf_jobs watch,
+    so no job was resolved any more (an archived failed dependency never failed its dependent)."""
+    from gigafactory.economics.runs import MergeQueue
+
+    q = MergeQueue()
+    q.on_job(None, None)
+    assert q.members == set()
+
+
+def test_a_listener_that_raises_does_not_stop_the_view_telling_the_others():
+    from gigafactory.coordinator.view import FleetView
+
+    view, told = FleetView(), []
+
+    def broken(old, new):
+        raise RuntimeError("a bug in one listener")
+
+    view.job_listeners += [broken, lambda old, new: told.append((old, new))]
+    view._tell(None, None)
+    assert told == [(None, None)] and view.listener_errors == 1

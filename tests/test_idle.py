@@ -28,7 +28,7 @@ from test_chaos import job_text_record
 async def _heartbeats(f: Factory, n: int) -> None:
     """Wait until ``f`` has written ``n`` more heartbeats (the visible clock of an idle factory)."""
     start = f.record.heartbeat_at
-    period = f.s.heartbeat_s
+    period = f.settings.heartbeat_s
     await eventually(lambda: f.record.heartbeat_at >= start + (n - 0.5) * period, 10 + n * period,
                      what=f"{n} heartbeats of {f.id}")
 
@@ -111,13 +111,13 @@ def test_an_idle_factory_whose_pool_has_nothing_queued_sends_no_stall_check_requ
             [ps] = f.pools.values()
 
             sent: list[str] = []
-            prefix = bytes(f.b.nc._resp_sub_prefix).decode()  # nats-py's inbox for this connection's requests
+            prefix = bytes(f.broker.nc._resp_sub_prefix).decode()  # nats-py's inbox for this connection's requests
 
             async def heard(msg) -> None:
                 if msg.reply.startswith(prefix):
                     sent.append(msg.subject)
 
-            clock_key = f"$KV.gf_clock.{names.safe_key(f.b.client_id)}"
+            clock_key = f"$KV.gf_clock.{names.safe_key(f.broker.client_id)}"
             subs = [await fleet.admin.nc.subscribe("$JS.API.>", cb=heard),
                     await fleet.admin.nc.subscribe(clock_key, cb=heard)]
             await fleet.admin.nc.flush()

@@ -154,14 +154,14 @@ def test_the_first_deadline_counts_from_the_lock_write_when_it_is_older_than_the
             f = await fleet.add_factory("worker")
             s = fleet.settings
             hold_s = s.lease_ttl_s - s.fence_margin_effective_s + 0.3
-            real_create = f.b.locks.create
+            real_create = f.broker.locks.create
 
             async def late_reply(key, value):
                 rev = await real_create(key, value)  # stored now, by broker time
                 await asyncio.sleep(hold_s)  # the injected fault: the reply arrives late
                 return rev
 
-            f.b.locks.create = late_reply
+            f.broker.locks.create = late_reply
             job = await fleet.submit_one(fleet.job(f"echo ran >> {side}\nsleep 5\n", lock="db",
                                                    retry={"max": 0}))
 

@@ -109,13 +109,13 @@ def test_a_multi_mb_log_is_stored_whole_read_in_chunks_from_a_reader(nats_server
         async with Fleet(nats_server.url, tmp_path) as fleet:
             f = await fleet.add_factory("f1")
             given: list[object] = []
-            real_put = f.b.artifacts.put
+            real_put = f.broker.artifacts.put
 
             async def observed_put(name, data, meta=None):
                 given.append(data)
                 return await real_put(name, data, meta=meta)
 
-            f.b.artifacts.put = observed_put  # observes what the factory hands the real store
+            f.broker.artifacts.put = observed_put  # observes what the factory hands the real store
             job = await fleet.submit_one(fleet.job(BIG_SCRIPT))
             rec = await fleet.wait_stage(job, "testing", "shipped", timeout_s=60)
             a = rec.attempts[-1]
@@ -140,14 +140,14 @@ def test_an_upload_slower_than_the_old_bound_keeps_the_lease_and_the_result(nats
             s = fast_settings(request_timeout_s=1.0)
             f = await fleet.add_factory("f1", settings=s)
             gate, entered = asyncio.Event(), asyncio.Event()
-            real_put = f.b.artifacts.put
+            real_put = f.broker.artifacts.put
 
             async def held_put(name, data, meta=None):
                 entered.set()
                 await gate.wait()
                 return await real_put(name, data, meta=meta)
 
-            f.b.artifacts.put = held_put
+            f.broker.artifacts.put = held_put
             job = await fleet.submit_one(fleet.job("echo slow upload"))
             await asyncio.wait_for(entered.wait(), 30)
             rec0, _ = await fleet.record(job)

@@ -95,10 +95,10 @@ def test_an_idle_factory_comes_back_from_an_outage_with_one_pull_request_not_a_p
             await eventually(lambda: _pool_waiting(fleet, rec.pool), 10, what="the idle factory waits on its pool")
 
             nats_server.kill()
-            await eventually(lambda: not f.b.nc.is_connected, 10, what="the factory notices the broker is gone")
+            await eventually(lambda: not f.broker.nc.is_connected, 10, what="the factory notices the broker is gone")
             await asyncio.sleep(6 * s.long_poll_s)  # the schedule: an outage of six long polls
             nats_server.start()
-            await eventually(lambda: f.b.nc.is_connected, 15, what="the factory reconnects")
+            await eventually(lambda: f.broker.nc.is_connected, 15, what="the factory reconnects")
             waiting = await eventually(lambda: _pool_waiting(fleet, rec.pool), 15,
                                        what="the factory's pull request reaches the restarted broker")
 
@@ -128,10 +128,10 @@ def test_an_outage_during_the_consumer_check_does_not_switch_the_pool_to_polling
             await eventually(lambda: _pool_waiting(fleet, rec.pool), 10, what="the idle factory waits on its pool")
 
             nats_server.kill()
-            await eventually(lambda: not f.b.nc.is_connected, 10, what="the factory notices the broker is gone")
+            await eventually(lambda: not f.broker.nc.is_connected, 10, what="the factory notices the broker is gone")
             await asyncio.sleep(3 * s.request_timeout_s)  # the schedule: longer than a request's bound
             nats_server.start()
-            await eventually(lambda: f.b.nc.is_connected, 15, what="the factory reconnects")
+            await eventually(lambda: f.broker.nc.is_connected, 15, what="the factory reconnects")
             await eventually(lambda: _pool_waiting(fleet, rec.pool), 15, what="the factory pulls again")
 
             assert [p.mode for p in f.pools.values()] == ["push"]

@@ -231,7 +231,7 @@ def test_an_idle_pool_is_collected_and_comes_back_with_the_next_job(nats_server,
             assert await fleet.admin.pools.get(pool) is None
             with pytest.raises(Exception):
                 await fleet.admin.js.consumer_info(names.DISPATCH_STREAM, consumer)
-            assert pool not in coord.sched.pools_ready and pool not in coord.b.pools_known
+            assert pool not in coord.sched.pools_ready and pool not in coord.broker.pools_known
 
             # Work for it again: the pool is created again, a factory binds, the job ships.
             again = await fleet.submit_one(fleet.job("echo ok", capabilities=["rare"], review_policy="auto"), "r2.md")
@@ -384,7 +384,7 @@ def test_the_pass_measures_the_broker_clocks_and_warns_of_a_skew_once(nats_serve
             async def skewed(_streams):
                 return {"n0": (0.0, 0.001), "n1": (2.0, 0.001)}
 
-            coord.b.leader_clocks = skewed  # type: ignore[method-assign]
+            coord.broker.leader_clocks = skewed  # type: ignore[method-assign]
             report = await coord.retention.run_pass()
             assert [w for w in report.warnings if "clocks differ by 2.000s" in w]
             assert not [w for w in (await coord.retention.run_pass()).warnings if "clocks" in w]  # hourly

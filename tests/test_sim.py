@@ -283,7 +283,7 @@ def test_a_write_whose_reply_never_came_is_learned_by_reading_the_record_as_the_
     claim = protocol.claim(queued, f.id, 0, 0.0)
     run = sim.SimRun("jx", claim.record.epoch, 0, s.store.update("jx", claim.record, 1, 0.0), claim.record)
     f.runs[("jx", run.epoch)] = run
-    f.partition_until, f.partition_drop = 1.5 * s.s.request_timeout_s, False
+    f.partition_until, f.partition_drop = 1.5 * s.settings.request_timeout_s, False
     got = []
 
     s._write(f, run, lambda r: protocol.start(r, f.id, run.epoch, s.t), True,
