@@ -711,6 +711,9 @@ class Broker:
         }
         for attr, bucket, opts in BUCKETS:
             setattr(self, attr, await self._kv(bucket, **opts, **limits.get(bucket, {})))
+        # The local forge's pull requests: created here because a factory (which opens them) may
+        # write the bucket but not create it.
+        await self._kv(names.PULLS_BUCKET, history=names.PULLS_HISTORY, description="local forge pull requests")
         await self.ensure_dispatch_stream()
         await self._stream(
             api.StreamConfig(

@@ -85,7 +85,8 @@ class Client:
         self.identity = identity
 
     @classmethod
-    async def connect(cls, url: str, timeout_s: float = 10.0, name: str = "gigafactory-cli") -> "Client":
+    async def connect(cls, url: str, timeout_s: float = 10.0, name: str = "gigafactory-cli",
+                      creds: str | None = None) -> "Client":
         """Connect through the one connect path every part uses (:func:`gigafactory.broker.connect`:
         connection errors are logged at debug level, never printed as tracebacks), giving up
         after a few reconnect attempts: a CLI call should fail, not hang, on a broker that is gone.
@@ -93,6 +94,7 @@ class Client:
         :param url: the broker URL(s), comma-separated.
         :param timeout_s: how long each API request may take.
         :param name: the connection's name, as the broker's monitoring shows it.
+        :param creds: the credentials file to connect with (None: :func:`gigafactory.identity.resolve_creds`).
         """
         from gigafactory.broker import connect
         from gigafactory.config import Settings
@@ -101,6 +103,10 @@ class Client:
             settings = Settings.from_env()
         except ValueError:
             settings = Settings()  # a bad setting is reported by the command that needs it
+        if creds is not None:
+            import msgspec
+
+            settings = msgspec.structs.replace(settings, creds=creds)
         from gigafactory.identity import read_creds, resolve_creds
 
         nc = await connect(url, name, settings, max_reconnect_attempts=3, connect_timeout_s=5.0)

@@ -182,6 +182,8 @@ def permissions(role: str, name: str, *, pools: tuple[str, ...] = ()) -> dict:
             f"$KV.{names.FACTORIES_BUCKET}.{name}",  # its own descriptor and heartbeat only
             f"{names.EVENTS_PREFIX}.>",
             f"{names.LOGS_PREFIX}.>",
+            f"{names.SPEND_PREFIX}.>",  # its attempts' spend records (GF_SPEND)
+            f"$KV.{names.PULLS_BUCKET}.>",  # the local forge's pull requests it opens
             f"$O.{names.ARTIFACTS_STORE}.>",
         ]
         deny = [*(api(e) for e in ALL_ENDPOINTS), f"{names.API_PREFIX}.>", *_LAYOUT_WRITES,

@@ -211,6 +211,11 @@ def test_factory_subjects_matrix(nats_server):
             kv = await js.key_value(names.JOBS_BUCKET)
             assert await kv.update("j1", b'{"stage": "assigned"}', last=rev) > rev
             assert (await js.publish(names.events_subject("j1", "claimed"), b"{}")).seq
+            # Its attempts' spend records, and the local forge's pull requests it opens (the
+            # bucket made by the layout: a factory writes it, never creates it).
+            assert (await js.publish(names.spend_subject("j1", 1), b"{}")).seq
+            pulls = await js.key_value(names.PULLS_BUCKET)
+            assert await pulls.put("r.next", b"1")
             await fa.nc.publish(names.logs_subject("j1", 1), b"line")
             await fa.nc.flush()
             await eventually(lambda: got_logs == [b"line"], 10, what="the factory's live log line")
@@ -227,6 +232,7 @@ def test_factory_subjects_matrix(nats_server):
                 f"$KV.{names.IDEMPOTENCY_BUCKET}.k",
                 "$JS.API.STREAM.CREATE.EVIL",
                 f"$JS.API.STREAM.CREATE.KV_{names.JOBS_BUCKET}",
+                f"$JS.API.STREAM.CREATE.KV_{names.PULLS_BUCKET}",
                 f"$JS.API.STREAM.DELETE.KV_{names.JOBS_BUCKET}",
                 f"$JS.API.STREAM.UPDATE.{names.EVENTS_STREAM}",
                 f"$JS.API.STREAM.PURGE.{names.EVENTS_STREAM}",
