@@ -48,7 +48,7 @@ from gigafactory.schemas.api import (
     RequeueRequest, ShipReply, ShipRequest, StatsRequest, StatusReply, StatusRequest, SubmitReply, SubmitRequest,
     SubmittedJob, decode_request, job_summary,
 )
-from gigafactory.schemas.records import EventRecord, JobRecord, LockRecord, decode, encode
+from gigafactory.schemas.records import Approval, EventRecord, JobRecord, LockRecord, decode, encode
 
 from . import gate, halt, intake, shipping
 from .retention import read_archived
@@ -259,6 +259,10 @@ class Api:
             raise ApiError(404, f"no job {job!r}; 'gigafactory jobs' lists them")
         rec = decode(e.value, JobRecord)
         gate.check_ship(rec.manifest.review_policy, by)
+        if rec.stage in (Stage.TESTING, Stage.REVIEW):
+            q = gate.quorum(rec.manifest.review_policy, by, rec.approvals, rec.epoch)
+            if not q.ships:
+                return await self._approve(job, by)
         a = protocol.shipped_attempt(rec)
         ws = a.workspace if a is not None else None
         if (rec.stage not in (Stage.TESTING, Stage.REVIEW) or a is None
@@ -304,6 +308,37 @@ class Api:
                   "pull_url": done.ws.pull_url, "merged_commit": done.ws.merged_commit}))
         self.view.changed.set()
         return ShipReply(job=job_summary(out.record), workspace=msgspec.to_builtins(done.ws))
+
+    async def _approve(self, job: str, by: gate.Actor) -> ShipReply:
+        """Record ``by``'s approval toward the job's review quorum (one per reviewer and epoch:
+        a second ship by the same reviewer changes nothing) and publish an ``approved`` event;
+        the job stays where it is. If the quorum was met meanwhile (another reviewer's approval
+        raced this one), ship it instead."""
+        for _ in range(MAX_CAS_RETRIES):
+            e = await self.broker.jobs.get(job)
+            if e is None:
+                raise ApiError(404, f"no job {job!r}; 'gigafactory jobs' lists them")
+            rec = decode(e.value, JobRecord)
+            q = gate.quorum(rec.manifest.review_policy, by, rec.approvals, rec.epoch)
+            if q.ships or rec.stage not in (Stage.TESTING, Stage.REVIEW):
+                return await self.ship(ShipRequest(job=job, actor=by.name))
+            if not q.new:
+                return ShipReply(job=job_summary(rec), approved=list(q.approved), quorum=q.needed)
+            now = time.time()
+            approvals = [*rec.approvals, Approval(identity=str(by.identity), epoch=rec.epoch, at=now)]
+            out = msgspec.structs.replace(rec, approvals=approvals, updated_at=now)
+            try:
+                await self.broker.jobs.update(job, encode(out), last=e.revision)
+            except Conflict:
+                continue
+            await self.broker.publish_event(EventRecord(
+                kind="approved", at=now, job=job, stage_from=str(rec.stage), stage_to=str(rec.stage),
+                epoch=rec.epoch, actor=self.actor,
+                reason=f"approved by {by.name} ({len(q.approved)} of {q.needed})",
+                data={**by.audit(), "approved": list(q.approved), "quorum": q.needed}))
+            self.view.changed.set()
+            return ShipReply(job=job_summary(out), approved=list(q.approved), quorum=q.needed)
+        raise ApiError(409, f"job {job} kept changing; try again")
 
     async def status(self, req: StatusRequest) -> StatusReply:
         job = req.job

@@ -67,7 +67,42 @@ def check_ship(policy, who: Actor) -> None:
     """Refuse (:class:`GateRefused`) a reviewer who is not among the job's named reviewers."""
     if not isinstance(policy, Reviewers) or who.role != "reviewer":
         return
-    allowed = {r.lstrip("@") for r in policy.reviewers}
+    allowed = policy.names()
     if who.identity not in allowed:
         raise GateRefused(f"{who.identity} is not a reviewer of this job (review-policy reviewers: "
                           f"{', '.join(policy.reviewers)}): ask one of them to ship it")
+
+
+@dataclass(frozen=True)
+class Quorum:
+    """Where a ship stands against the job's quorum (:func:`quorum`).
+
+    :param ships: the job ships now.
+    :param approved: the distinct reviewers who approved this epoch, this ship included.
+    :param new: this ship adds an approval (False: the reviewer had approved already, or no
+        quorum applies).
+    :param needed: the quorum."""
+
+    ships: bool
+    approved: tuple[str, ...]
+    new: bool
+    needed: int
+
+
+def quorum(policy, who: Actor, approvals, epoch: int) -> Quorum:
+    """Whether a ship by ``who`` ships the job now, or is one approval toward its quorum (pure).
+
+    A listed reviewer's ship counts once per epoch (a reviewer cannot approve twice); the job
+    ships when ``policy.quorum`` distinct listed reviewers approved. An admin (or any non-reviewer
+    caller :func:`check_ship` let through) ships at once.
+
+    :param policy: the job's ``review-policy``.
+    :param who: the caller (:func:`actor`), already checked by :func:`check_ship`.
+    :param approvals: the job record's approvals (``identity``, ``epoch``).
+    :param epoch: the job's epoch (approvals of other epochs do not count)."""
+    if not isinstance(policy, Reviewers) or who.role != "reviewer" or policy.quorum <= 1:
+        return Quorum(True, (), False, 1)
+    listed = policy.names()
+    before = {a.identity for a in approvals if a.epoch == epoch and a.identity in listed}
+    after = before | {who.identity}
+    return Quorum(len(after) >= policy.quorum, tuple(sorted(after)), who.identity not in before, policy.quorum)

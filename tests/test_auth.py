@@ -519,3 +519,75 @@ def test_auth_settings_refuse_a_key_without_its_certificate_and_missing_files(tm
         Settings(creds=str(tmp_path / "missing.creds")).validate()
     (tmp_path / "ok.creds").write_text("x")
     assert Settings(creds=str(tmp_path / "ok.creds")).validate().creds.endswith("ok.creds")
+
+
+def test_a_review_quorum_ships_only_when_enough_distinct_listed_reviewers_approved(nats_server, tmp_path):
+    """``review-policy: {reviewers: [...], quorum: 2}``: a listed reviewer's ship (on its own gate
+    subject) is an approval recorded on the job by identity, the same reviewer twice counts once,
+    the job ships on the second distinct reviewer's; an admin ships another such job at once."""
+    from gigafactory.client import Client
+    from gigafactory.schemas.records import JobRecord, decode
+
+    enrol(nats_server, ("reviewer", "rita", {}), ("reviewer", "sam", {}))
+
+    async def body():
+        async with Fleet(nats_server.url, tmp_path, server=nats_server) as fleet:
+            await fleet.add_factory("f1")
+            policy = {"reviewers": ["@rita", "@sam", "@tom"], "quorum": 2}
+            job = await fleet.submit_one(fleet.job("echo ok", review_policy=policy))
+            other = await fleet.submit_one(fleet.job("echo ok", review_policy=policy), path="other.md")
+            await fleet.wait_stage(job, "review", timeout_s=30)
+            await fleet.wait_stage(other, "review", timeout_s=30)
+            rita = await Conn.open(nats_server.url, nats_server.identities, "rita")
+            sam = await Conn.open(nats_server.url, nats_server.identities, "sam")
+            try:
+                as_rita = Client(rita.nc, 10, identity=("reviewer", "rita"))
+                first = await as_rita.call("ship", {"job": job})
+                assert first["job"]["stage"] == "review" and first["approved"] == ["rita"] and first["quorum"] == 2
+                again = await as_rita.call("ship", {"job": job})
+                assert again["job"]["stage"] == "review" and again["approved"] == ["rita"]
+                rec = decode((await fleet.admin.jobs.get(job)).value, JobRecord)
+                assert [(a.identity, a.epoch) for a in rec.approvals] == [("rita", rec.epoch)]
+                approved = [e for e in await fleet.events(job) if e["kind"] == "approved"]
+                assert len(approved) == 1 and approved[0]["data"]["identity"] == "rita"
+                done = await Client(sam.nc, 10, identity=("reviewer", "sam")).call("ship", {"job": job})
+                assert done["job"]["stage"] == "shipped"
+                shipped = [e for e in await fleet.events(job) if e.get("stage_to") == "shipped"]
+                assert shipped[-1]["data"]["identity"] == "sam"
+                # An admin ships at once, without approvals.
+                assert (await fleet.client.call("ship", {"job": other}))["job"]["stage"] == "shipped"
+            finally:
+                await rita.nc.close()
+                await sam.nc.close()
+    run(body(), 120)
+
+
+def test_review_quorum_rules_pure():
+    from gigafactory.coordinator import gate
+    from gigafactory.schemas.manifest import Reviewers
+    from gigafactory.schemas.records import Approval
+
+    policy = Reviewers(reviewers=["@a", "b", "@c"], quorum=2)
+    a, b, x = (gate.Actor(n, n, "reviewer") for n in ("a", "b", "x"))
+    assert gate.quorum(policy, a, [], 3) == gate.Quorum(False, ("a",), True, 2)
+    mine = [Approval("a", 3, 0.0)]
+    assert gate.quorum(policy, a, mine, 3) == gate.Quorum(False, ("a",), False, 2)  # no double count
+    assert gate.quorum(policy, b, mine, 3).ships
+    assert not gate.quorum(policy, b, [Approval("a", 2, 0.0)], 3).ships  # another epoch's approval
+    assert not gate.quorum(policy, b, [Approval("x", 3, 0.0)], 3).ships  # not a listed reviewer
+    assert gate.quorum(policy, gate.Actor("op", "admin", "admin"), [], 3).ships
+    assert gate.quorum(Reviewers(reviewers=["a"]), a, [], 1).ships
+    with pytest.raises(gate.GateRefused):
+        gate.check_ship(policy, x)
+
+
+@pytest.mark.parametrize("quorum, ok", [(0, False), (1, True), (2, True), (3, False)])
+def test_review_quorum_is_validated(quorum, ok):
+    from gigafactory.schemas.manifest import ManifestError, parse_job_text
+
+    text = f"---\nengine: shell\ncwd: /tmp\nreview-policy: {{reviewers: ['@a', 'b', '@b'], quorum: {quorum}}}\n---\necho\n"
+    if ok:
+        assert parse_job_text(text, "j.md").manifest.review_policy.quorum == quorum
+    else:
+        with pytest.raises(ManifestError, match="review-policy.quorum"):
+            parse_job_text(text, "j.md")
