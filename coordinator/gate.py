@@ -29,6 +29,12 @@ broker lets only that identity publish to), set by the API wrapper for the handl
 on the plain endpoint subject. Never read from the request body: a client cannot claim an identity."""
 
 
+PRODUCTS: contextvars.ContextVar[tuple[str, ...] | None] = contextvars.ContextVar("gigafactory_api_products",
+                                                                                 default=None)
+"""The products a submitter's subject (``gf.api.<submit|list|status>.submitter.<name>.<products>``)
+limits the request to; None: every product (any other caller). Set by the API wrapper."""
+
+
 class GateRefused(Exception):
     """The caller may not do this (403); the message says why and what to do."""
 
@@ -106,3 +112,25 @@ def quorum(policy, who: Actor, approvals, epoch: int) -> Quorum:
     before = {a.identity for a in approvals if a.epoch == epoch and a.identity in listed}
     after = before | {who.identity}
     return Quorum(len(after) >= policy.quorum, tuple(sorted(after)), who.identity not in before, policy.quorum)
+
+
+def may_see(product: str, products: tuple[str, ...] | None = None) -> bool:
+    """Whether the caller may see or touch a job of ``product`` (pure).
+
+    :param product: the job's ``product``.
+    :param products: the caller's products, else :data:`PRODUCTS`'s value (None: every product)."""
+    products = products if products is not None else PRODUCTS.get()
+    return products is None or product in products
+
+
+def check_products(jobs, products: tuple[str, ...] | None = None) -> None:
+    """Refuse (:class:`GateRefused`) a submit with a job of a product not the caller's.
+
+    :param jobs: (file, product) of each job of the batch.
+    :param products: as :func:`may_see`."""
+    products = products if products is not None else PRODUCTS.get()
+    for file, product in jobs:
+        if not may_see(product, products):
+            raise GateRefused(f"{file}: product {product!r} is not one of this submitter's products "
+                              f"({', '.join(products or ())}): ask an admin for an identity with "
+                              f"--products {product}")

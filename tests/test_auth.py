@@ -19,6 +19,7 @@ from gigafactory.identity import (
     ALL_ENDPOINTS,
     GATE_ENDPOINTS,
     READ_ENDPOINTS,
+    SUBMITTER_OWN_ENDPOINTS,
     IdentityError,
     IdentityStore,
     parse_creds,
@@ -32,7 +33,8 @@ ALLOWED_ENDPOINTS = {
     "admin": set(ALL_ENDPOINTS),
     "coordinator": set(),
     "factory": set(),
-    "submitter": {*READ_ENDPOINTS, "submit"},
+    # submit, list and status only on its own subject, naming its products: see the products test
+    "submitter": {e for e in READ_ENDPOINTS if e not in SUBMITTER_OWN_ENDPOINTS},
     "reviewer": set(READ_ENDPOINTS),  # the gate only on its own subject: see the gate tests
 }
 """The API matrix: which role may call which endpoint (everything else is refused)."""
@@ -591,3 +593,58 @@ def test_review_quorum_is_validated(quorum, ok):
     else:
         with pytest.raises(ManifestError, match="review-policy.quorum"):
             parse_job_text(text, "j.md")
+
+
+def test_a_submitter_submits_lists_and_sees_only_its_products(nats_server, tmp_path):
+    """A submitter enrolled with ``--products web`` calls submit/list/status on its own subject,
+    which names its products (the server refuses it every other, another submitter's, and its own
+    with other products); the coordinator refuses (403, naming the product) a job of another
+    product, leaves other products' jobs out of ``list`` and refuses their ``status``."""
+    from gigafactory.client import ApiError, Client
+    from gigafactory.identity import submitter_subject
+
+    enrol(nats_server, ("submitter", "alice", {"products": ["web"]}), ("submitter", "bob", {}))
+
+    async def body():
+        async with Fleet(nats_server.url, tmp_path, server=nats_server) as fleet:
+            theirs = await fleet.submit_one(fleet.job("echo theirs", product="api"), path="api.md")
+            creds = read_creds(nats_server.identities.creds_path("alice"))
+            assert creds.products == ("web",)
+            alice = await Conn.open(nats_server.url, nats_server.identities, "alice")
+            try:
+                for subject in (f"{names.API_PREFIX}.submit", f"{names.API_PREFIX}.list", f"{names.API_PREFIX}.status",
+                                submitter_subject("submit", "bob"), submitter_subject("submit", "alice"),
+                                submitter_subject("list", "alice", ["web", "api"])):
+                    assert await alice.refused_publish(subject), subject
+                    assert server_refused(nats_server.log_file, alice.key, "Publish", subject), subject
+                client = Client(alice.nc, 10, identity=("submitter", "alice"), products=creds.products)
+                mine = (await client.call("submit", {"files": [
+                    {"path": "web.md", "text": fleet.job("echo mine", product="web")}]}))["jobs"][0]["job"]
+                with pytest.raises(ApiError) as refused:
+                    await client.call("submit", {"files": [
+                        {"path": "ok.md", "text": fleet.job("echo a", product="web")},
+                        {"path": "other.md", "text": fleet.job("echo b", product="api")}]})
+                assert refused.value.code == 403 and "other.md: product 'api'" in refused.value.message
+                listed = {j["id"] for j in (await client.call("list", {"limit": 100}))["jobs"]}
+                assert listed == {mine}, listed  # the refused batch wrote nothing; api's job not shown
+                assert {j["id"] for j in (await fleet.client.call("list", {"limit": 100}))["jobs"]} == {mine, theirs}
+                assert (await client.call("status", {"job": mine}))["job"]["id"] == mine
+                with pytest.raises(ApiError) as hidden:
+                    await client.call("status", {"job": theirs})
+                assert hidden.value.code == 403 and "'api'" in hidden.value.message
+            finally:
+                await alice.nc.close()
+    run(body(), 120)
+
+
+def test_products_subject_tokens_pure():
+    from gigafactory.identity import parse_products_token, products_token, submitter_of, submitter_subject
+
+    assert products_token([]) == "all" and parse_products_token("all") is None
+    tok = products_token(["web", "a.b", "web"])
+    assert "." not in tok and parse_products_token(tok) == ("a.b", "web")
+    assert submitter_of(submitter_subject("status", "alice", ["web"])) == ("alice", ("web",))
+    assert submitter_of(submitter_subject("ship", "alice", ["web"])) is None
+    assert submitter_of(f"{names.API_PREFIX}.submit.submitter.alice.pGARBAGE!") is None
+    with pytest.raises(IdentityError, match="product"):
+        IdentityStore("/nonexistent").create("submitter", "x", products=["no spaces"])
