@@ -297,6 +297,8 @@ class Creds:
     path: str = ""
     products: tuple[str, ...] = ()
     """A submitter's products (empty: every product)."""
+    jwt: bool = False
+    """A standard NATS ``.creds`` file (a user JWT with its seed: decentralised auth)."""
 
 
 def creds_text(name: str, role: str, seed: str, products=()) -> str:
@@ -328,9 +330,10 @@ def parse_creds(text: str, path: str = "<creds>") -> Creds:
     meta = meta if isinstance(meta, dict) else {}
     name = str(meta.get("name") or "unknown")
     role = str(meta.get("role") or "unknown")
+    jwt = "-----BEGIN NATS USER JWT-----" in text
     products = meta.get("products") or []
     products = tuple(str(p) for p in products) if isinstance(products, list) else ()
-    return Creds(name=name, role=role, seed=seed, path=path, products=products)
+    return Creds(name=name, role=role, seed=seed, path=path, products=products, jwt=jwt)
 
 
 def read_creds(path: str | os.PathLike) -> Creds:
@@ -533,13 +536,19 @@ def _write_secret(path: Path, text: str) -> None:
 
 def resolve_creds(explicit: str | None = None) -> str | None:
     """The credentials file to connect with: ``explicit`` (``--creds``/``Settings.creds``), else
-    ``$GIGAFACTORY_CREDS``, else the home's ``admin`` identity if the store has one (the embedded
+    ``$GIGAFACTORY_CREDS``, else the selected NATS context's ``creds`` or ``nkey`` file
+    (:mod:`gigafactory.natscontext`), else the home's ``admin`` identity if the store has one (the embedded
     default: the CLI on the broker's machine acts as its admin), else None (no credentials)."""
     if explicit:
         return explicit
     env = os.environ.get(CREDS_ENV)
     if env:
         return env
+    from gigafactory.config import nats_context_field
+
+    ctx = nats_context_field("creds") or nats_context_field("nkey")
+    if ctx:
+        return ctx
     try:
         p = IdentityStore.at_home().creds_path("admin")
     except Exception:
