@@ -39,7 +39,7 @@ from nats.micro.request import Request
 from gigafactory import __version__, tracing
 from gigafactory.broker import Broker, Conflict
 from gigafactory.economics import api as budget_api
-from gigafactory.identity import caller_of
+from gigafactory.identity import caller_of, submitter_of
 from gigafactory.schemas import names, protocol
 from gigafactory.schemas.lifecycle import LEASED, IllegalTransition, Stage
 from gigafactory.schemas.limits import hint
@@ -48,7 +48,7 @@ from gigafactory.schemas.api import (
     RequeueRequest, ShipReply, ShipRequest, StatsRequest, StatusReply, StatusRequest, SubmitReply, SubmitRequest,
     SubmittedJob, decode_request, job_summary,
 )
-from gigafactory.schemas.records import EventRecord, JobRecord, LockRecord, decode, encode
+from gigafactory.schemas.records import Approval, EventRecord, JobRecord, LockRecord, decode, encode
 
 from . import gate, halt, intake, shipping
 from .retention import read_archived
@@ -151,6 +151,10 @@ class Api:
         for name, fn in (("cancel", self.cancel), ("requeue", self.requeue), ("ship", self.ship)):
             # The human gate on the caller's own subject (gf.api.ship.<role>.<name>): see gate.py.
             await group.add_endpoint(name=f"{name}-by", subject=f"{name}.*.*", handler=self._wrap(name, fn))
+        for name, fn in (("submit", self.submit), ("list", self.list), ("status", self.status)):
+            # A submitter's own subject, naming its products (gf.api.submit.submitter.<name>.<p>).
+            await group.add_endpoint(name=f"{name}-by-submitter", subject=f"{name}.submitter.*.*",
+                                     handler=self._wrap(name, fn))
 
     async def stop(self) -> None:
         if self.service is not None:
@@ -169,6 +173,8 @@ class Api:
             try:
                 body = decode_request(name, req.data)
                 gate.CALLER.set(caller_of(req.subject))  # only the subject names the caller
+                sub = submitter_of(req.subject)
+                gate.PRODUCTS.set(sub[1] if sub is not None else None)
                 with tracing.span(f"api {name}", parent=req.headers, kind="server"):
                     resp = await fn(body)
                 await req.respond(msgspec.json.encode(resp))
@@ -191,6 +197,7 @@ class Api:
         results = await intake.submit(
             self.broker, [(f.path or "<api>", f.text) for f in req.files],
             source=req.source or "api", ready_pools=getattr(self.sched, "pools_ready", None),
+            check=lambda parsed: gate.check_products([(jf.path, jf.manifest.product) for jf in parsed]),
         )
         self.view.changed.set()
         return SubmitReply(jobs=[SubmittedJob(file=r.file, job=r.job, status=r.status, stage=r.stage) for r in results])
@@ -259,6 +266,10 @@ class Api:
             raise ApiError(404, f"no job {job!r}; 'gigafactory jobs' lists them")
         rec = decode(e.value, JobRecord)
         gate.check_ship(rec.manifest.review_policy, by)
+        if rec.stage in (Stage.TESTING, Stage.REVIEW):
+            q = gate.quorum(rec.manifest.review_policy, by, rec.approvals, rec.epoch)
+            if not q.ships:
+                return await self._approve(job, by)
         a = protocol.shipped_attempt(rec)
         ws = a.workspace if a is not None else None
         if (rec.stage not in (Stage.TESTING, Stage.REVIEW) or a is None
@@ -305,6 +316,44 @@ class Api:
         self.view.changed.set()
         return ShipReply(job=job_summary(out.record), workspace=msgspec.to_builtins(done.ws))
 
+    async def _approve(self, job: str, by: gate.Actor) -> ShipReply:
+        """Record ``by``'s approval toward the job's review quorum (one per reviewer and epoch:
+        a second ship by the same reviewer changes nothing) and publish an ``approved`` event;
+        the job stays where it is. If the quorum was met meanwhile (another reviewer's approval
+        raced this one), ship it instead."""
+        for _ in range(MAX_CAS_RETRIES):
+            e = await self.broker.jobs.get(job)
+            if e is None:
+                raise ApiError(404, f"no job {job!r}; 'gigafactory jobs' lists them")
+            rec = decode(e.value, JobRecord)
+            q = gate.quorum(rec.manifest.review_policy, by, rec.approvals, rec.epoch)
+            if q.ships or rec.stage not in (Stage.TESTING, Stage.REVIEW):
+                return await self.ship(ShipRequest(job=job, actor=by.name))
+            if not q.new:
+                return ShipReply(job=job_summary(rec), approved=list(q.approved), quorum=q.needed)
+            now = time.time()
+            approvals = [*rec.approvals, Approval(identity=str(by.identity), epoch=rec.epoch, at=now)]
+            out = msgspec.structs.replace(rec, approvals=approvals, updated_at=now)
+            try:
+                await self.broker.jobs.update(job, encode(out), last=e.revision)
+            except Conflict:
+                continue
+            await self.broker.publish_event(EventRecord(
+                kind="approved", at=now, job=job, stage_from=str(rec.stage), stage_to=str(rec.stage),
+                epoch=rec.epoch, actor=self.actor,
+                reason=f"approved by {by.name} ({len(q.approved)} of {q.needed})",
+                data={**by.audit(), "approved": list(q.approved), "quorum": q.needed}))
+            self.view.changed.set()
+            return ShipReply(job=job_summary(out), approved=list(q.approved), quorum=q.needed)
+        raise ApiError(409, f"job {job} kept changing; try again")
+
+    @staticmethod
+    def _check_product(job: str, product: str) -> None:
+        """Refuse (403) a submitter limited to other products the job of ``product``."""
+        if not gate.may_see(product):
+            raise gate.GateRefused(f"job {job} is of product {product!r}, not one of this submitter's products "
+                                   f"({', '.join(gate.PRODUCTS.get() or ())})")
+
     async def status(self, req: StatusRequest) -> StatusReply:
         job = req.job
         e = await self.broker.jobs.get(job)
@@ -312,6 +361,7 @@ class Api:
             arch = await read_archived(self.broker, job)
             if arch is None:
                 raise ApiError(404, f"no job {job!r}; 'gigafactory jobs' lists them")
+            self._check_product(job, arch.manifest.product)
             return StatusReply(
                 job=job_summary(arch), revision=0, record=_with_usage(msgspec.to_builtins(arch)),
                 why=f"{arch.stage}, then archived (moved out of {names.JOBS_BUCKET} without its body): {arch.reason}",
@@ -323,10 +373,14 @@ class Api:
         try:
             rec = decode(e.value, JobRecord)
         except msgspec.DecodeError as ex:
+            if gate.PRODUCTS.get() is not None:  # no product to check it against: not shown
+                raise gate.GateRefused(f"job {job}: its record is unreadable, so its product cannot be "
+                                       "checked; ask an admin") from None
             where = f"; its bytes are kept as {poisoned.object} in gf_artifacts" if poisoned and poisoned.object else ""
             raise ApiError(409, f"gf_jobs/{job} revision {e.revision} is not a job record ({ex}); the coordinator "
                                 f"leaves it alone (quarantined{where}): fix it with 'nats kv put gf_jobs {job}' or "
                                 f"delete it with 'nats kv del gf_jobs {job}'") from None
+        self._check_product(job, rec.manifest.product)
         now = await self.broker.broker_now()
         live = self.view.live_factories(now, self.broker.settings.heartbeat_s)
         why = rec.reason
@@ -371,7 +425,8 @@ class Api:
 
     async def list(self, req: ListRequest) -> ListReply:
         stage = req.stage
-        jobs = [st.record for st in self.view.jobs.values() if stage is None or st.record.stage == stage]
+        jobs = [st.record for st in self.view.jobs.values()
+                if (stage is None or st.record.stage == stage) and gate.may_see(st.record.manifest.product)]
         jobs.sort(key=lambda r: (r.submitted_at, r.id), reverse=True)
         counts = {s.value: len(self.view.by_stage[s]) for s in Stage}
         return ListReply(jobs=[job_summary(r) for r in jobs[:req.limit]], counts=counts, total=len(self.view.jobs))

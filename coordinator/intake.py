@@ -186,6 +186,7 @@ async def submit(
     ready_pools: set[str] | None = None,
     identities: list[str | None] | None = None,
     planned: Callable[[], Awaitable[None]] | None = None,
+    check: Callable[[list[JobFile]], None] | None = None,
 ) -> list[SubmitResult]:
     """Submit a batch of ``(path, text)`` job files. Raises :class:`SubmitError` (nothing written).
 
@@ -199,6 +200,8 @@ async def submit(
     id derived from its identity, so submitting it again returns the job (``existing``).
     ``planned``: awaited once everything is checked, before the first write (a seam for tests
     that hold a submitter in the window where two submitters of one key both decide).
+    ``check``: called with the batch's parsed job files (profiles applied) before anything is
+    read or written; raises to refuse the batch (the caller's products: coordinator/gate.py).
 
     The decisions are :mod:`.plan_submit`'s; this function makes the reads each phase needs
     and then the writes of the plan. Errors other than :class:`SubmitError` (the broker not
@@ -206,6 +209,8 @@ async def submit(
     for keyed files and files with an identity (they are found, not created twice)."""
     lim = Limits.from_settings(broker.settings)
     parsed = _apply_profiles(plan_submit.parse_batch(files, identities, lim), broker.settings)
+    if check is not None:
+        check(parsed)
     planner = SubmitPlanner(parsed, identities, source=source, lim=lim, new_id=new_job_id)
     await _read_prior(broker, planner)
     await _resolve_deps(broker, planner)

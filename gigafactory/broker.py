@@ -287,17 +287,29 @@ def auth_options(settings: Settings | None = None) -> dict:
     never leaves this dict (never logged)."""
     from gigafactory.identity import read_creds, resolve_creds
 
+    from gigafactory.config import nats_context_field
+
     settings = settings or Settings.from_env()
     out: dict = {}
     path = resolve_creds(settings.creds)
     if path:
-        out["nkeys_seed_str"] = read_creds(path).seed
-    if settings.tls_ca or settings.tls_cert:
+        creds = read_creds(path)
+        if creds.jwt:
+            # A standard NATS .creds file (decentralised JWT auth, from a NATS context): nats-py
+            # reads the JWT and the seed itself.
+            out["user_credentials"] = str(path)
+        else:
+            out["nkeys_seed_str"] = creds.seed
+    # TLS files: --tls-* / GIGAFACTORY_TLS_*, else the selected NATS context's.
+    ca = settings.tls_ca or nats_context_field("ca")
+    cert = settings.tls_cert or nats_context_field("cert")
+    key = settings.tls_key or (nats_context_field("key") if not settings.tls_cert else "")
+    if ca or cert:
         import ssl
 
-        ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=settings.tls_ca or None)
-        if settings.tls_cert:
-            ctx.load_cert_chain(settings.tls_cert, settings.tls_key or None)
+        ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=ca or None)
+        if cert:
+            ctx.load_cert_chain(cert, key or None)
         out["tls"] = ctx
     return out
 
@@ -711,6 +723,9 @@ class Broker:
         }
         for attr, bucket, opts in BUCKETS:
             setattr(self, attr, await self._kv(bucket, **opts, **limits.get(bucket, {})))
+        # The local forge's pull requests: created here because a factory (which opens them) may
+        # write the bucket but not create it.
+        await self._kv(names.PULLS_BUCKET, history=names.PULLS_HISTORY, description="local forge pull requests")
         await self.ensure_dispatch_stream()
         await self._stream(
             api.StreamConfig(

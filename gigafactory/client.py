@@ -77,15 +77,21 @@ class Client:
     :param identity: (role, name) of the credentials ``nc`` connected with; the human gate's
         calls (ship, cancel, requeue) then go to the caller's own subject (see
         :func:`gigafactory.identity.gate_subject`), which tells the coordinator who asks.
+    :param products: a submitter's products: its submit, list and status go to its own subject
+        naming them (:func:`gigafactory.identity.submitter_subject`).
     """
 
-    def __init__(self, nc, timeout_s: float = 10.0, identity: tuple[str, str] | None = None) -> None:
+    def __init__(self, nc, timeout_s: float = 10.0, identity: tuple[str, str] | None = None,
+                 products: tuple[str, ...] = ()) -> None:
         self.nc = nc
         self.timeout_s = timeout_s
         self.identity = identity
+        self.products = tuple(products)
+        """A submitter's products (its credentials file names them): part of its API subjects."""
 
     @classmethod
-    async def connect(cls, url: str, timeout_s: float = 10.0, name: str = "gigafactory-cli") -> "Client":
+    async def connect(cls, url: str, timeout_s: float = 10.0, name: str = "gigafactory-cli",
+                      creds: str | None = None) -> "Client":
         """Connect through the one connect path every part uses (:func:`gigafactory.broker.connect`:
         connection errors are logged at debug level, never printed as tracebacks), giving up
         after a few reconnect attempts: a CLI call should fail, not hang, on a broker that is gone.
@@ -93,6 +99,7 @@ class Client:
         :param url: the broker URL(s), comma-separated.
         :param timeout_s: how long each API request may take.
         :param name: the connection's name, as the broker's monitoring shows it.
+        :param creds: the credentials file to connect with (None: :func:`gigafactory.identity.resolve_creds`).
         """
         from gigafactory.broker import connect
         from gigafactory.config import Settings
@@ -101,12 +108,17 @@ class Client:
             settings = Settings.from_env()
         except ValueError:
             settings = Settings()  # a bad setting is reported by the command that needs it
+        if creds is not None:
+            import msgspec
+
+            settings = msgspec.structs.replace(settings, creds=creds)
         from gigafactory.identity import read_creds, resolve_creds
 
         nc = await connect(url, name, settings, max_reconnect_attempts=3, connect_timeout_s=5.0)
         path = resolve_creds(settings.creds)
         creds = read_creds(path) if path else None
-        return cls(nc, timeout_s, identity=(creds.role, creds.name) if creds is not None else None)
+        return cls(nc, timeout_s, identity=(creds.role, creds.name) if creds is not None else None,
+                   products=creds.products if creds is not None else ())
 
     async def close(self) -> None:
         await self.nc.close()
@@ -120,10 +132,12 @@ class Client:
     # -- requests ---------------------------------------------------------------------------
 
     def _subject(self, endpoint: str) -> str:
-        from gigafactory.identity import GATE_ENDPOINTS, gate_subject
+        from gigafactory.identity import GATE_ENDPOINTS, SUBMITTER_OWN_ENDPOINTS, gate_subject, submitter_subject
 
         if endpoint in GATE_ENDPOINTS and self.identity is not None and self.identity[0] in ("admin", "reviewer"):
             return gate_subject(endpoint, *self.identity)
+        if endpoint in SUBMITTER_OWN_ENDPOINTS and self.identity is not None and self.identity[0] == "submitter":
+            return submitter_subject(endpoint, self.identity[1], self.products)
         return f"{names.API_PREFIX}.{endpoint}"
 
     async def _send(self, endpoint: str, payload: bytes, timeout_s: float | None) -> bytes:

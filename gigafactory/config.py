@@ -1211,6 +1211,23 @@ def running_embedded_url() -> str | None:
 
 
 def resolve_url(flag: str | None) -> str | None:
-    """``--nats`` wins, then ``GIGAFACTORY_NATS_URL``, then a running embedded broker; None
-    means there is none and the caller decides whether to start one."""
-    return flag or os.environ.get(ENV_URL) or running_embedded_url()
+    """``--nats`` wins, then ``GIGAFACTORY_NATS_URL``, then the selected NATS context's ``url``
+    (:mod:`gigafactory.natscontext`), then a running embedded broker; None means there is none
+    and the caller decides whether to start one."""
+    return flag or os.environ.get(ENV_URL) or nats_context_field("url") or running_embedded_url()
+
+
+def nats_context_field(name: str) -> str:
+    """Field ``name`` of the selected NATS context ("" when none is selected, or it lacks the
+    field). A selected context that is unreadable is reported (warning naming the file and the
+    fix) and not used: the command goes on as without one."""
+    from gigafactory.natscontext import ContextError, selected
+
+    try:
+        ctx = selected()
+    except ContextError as e:
+        import logging
+
+        logging.getLogger("gigafactory").warning("%s", e)
+        return ""
+    return getattr(ctx, name) if ctx is not None else ""

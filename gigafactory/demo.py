@@ -116,6 +116,34 @@ class Procs:
                 p.wait(timeout=5)
 
 
+def demo_identities(root: Path, factory_ids: list[str]) -> tuple[list[dict], dict[str, str]]:
+    """The demo's identity store (``root/identities``), as secure as ``gigafactory up``'s:
+    ``admin`` (the demo's own client), ``coordinator`` and one ``factory`` identity per factory
+    id (its identity's name is its factory id, the one descriptor key it may write).
+
+    :param root: the demo's data folder.
+    :param factory_ids: the factories the demo runs.
+    Returns (the broker's nkey users, name -> credentials file path)."""
+    from gigafactory.identity import IdentityStore
+
+    store = IdentityStore(root / "identities")
+    store.ensure_defaults()
+    for fid in factory_ids:
+        if store.get(fid) is None:
+            store.create("factory", fid)
+    names = ["admin", "coordinator", *factory_ids]
+    return store.users(), {n: str(store.creds_path(n)) for n in names}
+
+
+def demo_env(settings: dict[str, str]) -> dict[str, str]:
+    """The environment of the demo's processes: this one's, with the demo's settings, and no
+    broker URL or credentials of the caller's (each process gets its own ``--creds``)."""
+    env = dict(os.environ, **settings)
+    for var in ("GIGAFACTORY_NATS_URL", "GIGAFACTORY_CREDS"):
+        env.pop(var, None)
+    return env
+
+
 def text_table(rows: list[list[str]]) -> str:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)
@@ -148,26 +176,36 @@ def run_demo(*, examples_dir: str | None, workdir: str | None, timeout_s: float,
 
     srv = None
     procs = Procs()
+    factories = spec.get("factories") or [{"id": "alpha", "stations": 2, "caps": []}]
+    # Authentication on, as `gigafactory up`: every process its own identity (none on a broker
+    # given with --nats: the caller's credentials apply there, GIGAFACTORY_CREDS or --creds).
+    creds: dict[str, str] = {}
     try:
         if nats_url:
             url = nats_url
+            env = dict(os.environ, **DEMO_SETTINGS)
+            env.pop("GIGAFACTORY_NATS_URL", None)
         else:
-            srv = EmbeddedServer(store_dir=str(root / "nats"), log_file=str(root / "nats-server.log")).start()
+            users, creds = demo_identities(root, [f["id"] for f in factories])
+            srv = EmbeddedServer(store_dir=str(root / "nats"), log_file=str(root / "nats-server.log"),
+                                 users=users).start()
             url = srv.url
-        say(f"broker   {url}  (data in {root})")
-        env = dict(os.environ, **DEMO_SETTINGS)
-        env.pop("GIGAFACTORY_NATS_URL", None)
-        procs.start("coordinator", ["coordinator", "--nats", url, "--log-level", "warning"], env, root / "coordinator.log")
-        factories = spec.get("factories") or [{"id": "alpha", "stations": 2, "caps": []}]
+            env = demo_env(DEMO_SETTINGS)
+        say(f"broker   {url}  (data in {root}{', authentication on' if creds else ''})")
+        as_ = (lambda n: ["--creds", creds[n]] if n in creds else [])
+        procs.start("coordinator", ["coordinator", "--nats", url, *as_("coordinator"), "--log-level", "warning"], env,
+                    root / "coordinator.log")
         for f in factories:
-            args = ["factory", "--nats", url, "--id", f["id"], "--stations", str(f.get("stations", 2)), "--no-probe",
-                    "--workspace", str(workspace), "--data-dir", str(root / "factories"), "--log-level", "warning"]
+            args = ["factory", "--nats", url, *as_(f["id"]), "--id", f["id"], "--stations", str(f.get("stations", 2)),
+                    "--no-probe", "--workspace", str(workspace), "--data-dir", str(root / "factories"),
+                    "--log-level", "warning"]
             for c in f.get("caps", []):
                 args += ["--cap", c]
             procs.start(f["id"], args, env, root / f"factory-{f['id']}.log")
             say(f"factory  {f['id']}: {f.get('stations', 2)} stations, capabilities {' '.join(f.get('caps', [])) or '-'}")
         kills = {k["example"]: k.get("after", "checkpointed") for k in spec.get("kill") or []}
-        result = asyncio.run(_drive(url, ex, expect, len(factories), timeout_s, as_json, procs, kills))
+        result = asyncio.run(_drive(url, ex, expect, len(factories), timeout_s, as_json, procs, kills,
+                                    creds=creds.get("admin")))
     finally:
         procs.stop()
         if srv:
@@ -222,13 +260,13 @@ async def _kill_after(client: Client, procs: Procs, kills: dict[str, str], by_jo
 
 
 async def _drive(url: str, ex: Path, expect: dict[str, str], n_factories: int, timeout_s: float, as_json: bool,
-                 procs: Procs, kills: dict[str, str] | None = None) -> dict:
+                 procs: Procs, kills: dict[str, str] | None = None, creds: str | None = None) -> dict:
     t0 = time.monotonic()
     deadline = t0 + timeout_s
     client = None
     while client is None:
         try:
-            client = await Client.connect(url)
+            client = await Client.connect(url, creds=creds)
         except Exception:
             if time.monotonic() > deadline:
                 raise

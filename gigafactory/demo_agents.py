@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import shutil
 import tempfile
 import time
@@ -24,7 +23,7 @@ import yaml
 
 from gigafactory import agent_clis
 from gigafactory.client import Client
-from gigafactory.demo import DEMO_SETTINGS, Procs, text_table, make_scratch_repo
+from gigafactory.demo import DEMO_SETTINGS, Procs, demo_env, demo_identities, make_scratch_repo, text_table
 from gigafactory.embedded import EmbeddedServer
 from gigafactory.model_server import parse_script, serve_in_thread
 
@@ -92,19 +91,22 @@ def run_demo_agents(*, workdir: str | None, timeout_s: float, as_json: bool) -> 
         servers = {e: stack.enter_context(serve_in_thread(parse_script(_script(e)), log_path=root / f"model-{e}.jsonl"))
                    for e in engines}
         try:
-            srv = EmbeddedServer(store_dir=str(root / "nats"), log_file=str(root / "nats-server.log")).start()
-            say(f"broker   {srv.url}  (data in {root})")
-            env = dict(os.environ, **DEMO_SETTINGS)
-            env.pop("GIGAFACTORY_NATS_URL", None)
+            # Authentication on, as `gigafactory up` (see demo.demo_identities).
+            users, creds = demo_identities(root, ["agents"])
+            srv = EmbeddedServer(store_dir=str(root / "nats"), log_file=str(root / "nats-server.log"),
+                                 users=users).start()
+            say(f"broker   {srv.url}  (data in {root}, authentication on)")
+            env = demo_env(DEMO_SETTINGS)
             for e in engines:
                 env.update(_engine_env(e, servers[e].url))
                 say(f"model    {e}: scripted server at {servers[e].url}")
-            procs.start("coordinator", ["coordinator", "--nats", srv.url, "--log-level", "warning"], env,
+            procs.start("coordinator", ["coordinator", "--nats", srv.url, "--creds", creds["coordinator"],
+                                        "--log-level", "warning"], env,
                         root / "coordinator.log")
-            procs.start("agents", ["factory", "--nats", srv.url, "--id", "agents", "--stations", str(len(engines)),
+            procs.start("agents", ["factory", "--nats", srv.url, "--creds", creds["agents"], "--id", "agents", "--stations", str(len(engines)),
                                    "--workspace", str(workspace), "--data-dir", str(root / "factories"),
                                    "--log-level", "warning"], env, root / "factory-agents.log")
-            result = asyncio.run(_drive(srv.url, engines, repos, timeout_s, say, procs))
+            result = asyncio.run(_drive(srv.url, engines, repos, timeout_s, say, procs, creds["admin"]))
         finally:
             procs.stop()
             if srv:
@@ -142,13 +144,14 @@ def _job_text(engine: str, repo: Path) -> str:
     return "---\n" + yaml.safe_dump(front, sort_keys=False) + "---\nCreate hello.txt as scripted.\n"
 
 
-async def _drive(url: str, engines: list[str], repos: dict[str, Path], timeout_s: float, say, procs: Procs) -> dict:
+async def _drive(url: str, engines: list[str], repos: dict[str, Path], timeout_s: float, say, procs: Procs,
+                 creds: str | None = None) -> dict:
     t0 = time.monotonic()
     up_deadline = t0 + MAX_FLEET_UP_S
     client = None
     while client is None:
         try:
-            client = await Client.connect(url)
+            client = await Client.connect(url, creds=creds)
         except Exception:
             if time.monotonic() > up_deadline:
                 raise

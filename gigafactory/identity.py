@@ -65,6 +65,13 @@ GATE_ENDPOINTS = ("ship", "cancel", "requeue")
 ADMIN_ENDPOINTS = ("halt", "resume")
 """The kill switch: admin only."""
 ALL_ENDPOINTS = READ_ENDPOINTS + SUBMIT_ENDPOINTS + GATE_ENDPOINTS + ADMIN_ENDPOINTS
+SUBMITTER_OWN_ENDPOINTS = ("submit", "list", "status")
+"""Endpoints a submitter calls only on its own subject (:func:`submitter_subject`), which names
+its products: the coordinator refuses jobs of other products there, and filters what it shows."""
+MAX_PRODUCTS = 32
+"""Most products one identity may be limited to (they travel in its API subjects)."""
+PRODUCT_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._\-]{0,62}")
+"""A product name on an identity: 1-63 letters, digits, '.', '_' or '-'."""
 
 # Read-only JetStream: what a client needs to read events (an ephemeral consumer on GF_EVENTS),
 # records (direct gets) and stored logs (the object store's stream), and nothing that writes.
@@ -124,6 +131,71 @@ def gate_subject(endpoint: str, role: str, name: str) -> str:
     return f"{names.API_PREFIX}.{endpoint}.{role}.{name}"
 
 
+def products_token(products) -> str:
+    """The subject token naming a submitter's products (pure): ``all`` for none (every product),
+    else ``p`` and the base32 of the sorted names (any product name is then one valid token)."""
+    import base64
+
+    wanted = sorted(set(products))
+    if not wanted:
+        return "all"
+    return "p" + base64.b32encode(json.dumps(wanted, separators=(",", ":")).encode()).decode().rstrip("=")
+
+
+def parse_products_token(token: str) -> tuple[str, ...] | None:
+    """The products a :func:`products_token` names; None for ``all`` (pure). Raises
+    :class:`IdentityError` on a token that is neither."""
+    import base64
+
+    if token == "all":
+        return None
+    try:
+        if not token.startswith("p"):
+            raise ValueError(token)
+        raw = token[1:]
+        got = json.loads(base64.b32decode(raw + "=" * (-len(raw) % 8)))
+        if not isinstance(got, list) or not got or not all(isinstance(p, str) for p in got):
+            raise ValueError(token)
+        return tuple(got)
+    except (ValueError, UnicodeError):
+        raise IdentityError(f"subject token {token[:80]!r} names no products") from None
+
+
+def submitter_subject(endpoint: str, name: str, products=()) -> str:
+    """The subject submitter ``name`` calls ``submit``/``list``/``status`` on:
+    ``gf.api.<endpoint>.submitter.<name>.<products token>``. The server lets identity ``name``
+    publish only there (:func:`permissions`), so the coordinator learns from the subject who
+    asks and which products it may touch (:func:`submitter_of`)."""
+    return f"{names.API_PREFIX}.{endpoint}.submitter.{name}.{products_token(products)}"
+
+
+def submitter_of(subject: str) -> tuple[str, tuple[str, ...] | None] | None:
+    """(name, products: None for every product) named by a :func:`submitter_subject`; None for
+    any other subject (pure)."""
+    parts = subject.split(".")
+    prefix = names.API_PREFIX.split(".")
+    n = len(prefix)
+    if (len(parts) != n + 4 or parts[:n] != prefix or parts[n] not in SUBMITTER_OWN_ENDPOINTS
+            or parts[n + 1] != "submitter" or not IDENTITY_NAME_RE.fullmatch(parts[n + 2])):
+        return None
+    try:
+        return parts[n + 2], parse_products_token(parts[n + 3])
+    except IdentityError:
+        return None
+
+
+def check_products(products) -> list[str]:
+    """Validate an identity's ``--products`` (names, count); returns them as a list."""
+    products = list(products)
+    if len(products) > MAX_PRODUCTS:
+        raise IdentityError(f"--products names {len(products)} products, more than {MAX_PRODUCTS}; use a "
+                            "submitter per group of products")
+    for p in products:
+        if not isinstance(p, str) or not PRODUCT_NAME_RE.fullmatch(p):
+            raise IdentityError(f"product {p!r}: use 1-63 letters, digits, '.', '_' or '-'")
+    return products
+
+
 def caller_of(subject: str) -> tuple[str, str] | None:
     """(role, name) named by a :func:`gate_subject`, None for any other subject (pure)."""
     parts = subject.split(".")
@@ -147,7 +219,7 @@ def check_role(role: str) -> str:
     return role
 
 
-def permissions(role: str, name: str, *, pools: tuple[str, ...] = ()) -> dict:
+def permissions(role: str, name: str, *, pools: tuple[str, ...] = (), products: tuple[str, ...] = ()) -> dict:
     """The subject permissions of identity ``name`` with ``role`` (pure), as nats-server's
     ``permissions`` block: ``{"publish": {"allow": [...], "deny": [...]}, "subscribe": {...}}``
     (an absent list: no restriction of that kind).
@@ -155,7 +227,8 @@ def permissions(role: str, name: str, *, pools: tuple[str, ...] = ()) -> dict:
     :param role: one of :data:`ROLES`.
     :param name: the identity's name (a factory's name is its factory id).
     :param pools: a factory's dispatch pools; empty: every pool (pools are created by the
-        coordinator as jobs arrive, so an enrolment cannot always know them)."""
+        coordinator as jobs arrive, so an enrolment cannot always know them).
+    :param products: a submitter's products (empty: every product); named in its own subjects."""
     check_role(role)
     check_name(name)
     api = api_subject
@@ -182,6 +255,8 @@ def permissions(role: str, name: str, *, pools: tuple[str, ...] = ()) -> dict:
             f"$KV.{names.FACTORIES_BUCKET}.{name}",  # its own descriptor and heartbeat only
             f"{names.EVENTS_PREFIX}.>",
             f"{names.LOGS_PREFIX}.>",
+            f"{names.SPEND_PREFIX}.>",  # its attempts' spend records (GF_SPEND)
+            f"$KV.{names.PULLS_BUCKET}.>",  # the local forge's pull requests it opens
             f"$O.{names.ARTIFACTS_STORE}.>",
         ]
         deny = [*(api(e) for e in ALL_ENDPOINTS), f"{names.API_PREFIX}.>", *_LAYOUT_WRITES,
@@ -192,8 +267,14 @@ def permissions(role: str, name: str, *, pools: tuple[str, ...] = ()) -> dict:
                               "deny": [f"{names.API_PREFIX}.>", "$SRV.>"]}}
     # A reviewer calls the gate only on its own subject (gf.api.ship.reviewer.<name>): the
     # subject tells the coordinator who called, and the server vouches for it.
-    endpoints = READ_ENDPOINTS + (SUBMIT_ENDPOINTS if role == "submitter" else ())
-    own = [gate_subject(e, role, name) for e in GATE_ENDPOINTS] if role == "reviewer" else []
+    # A submitter calls submit, list and status only on its own subject, which names its products
+    # (gf.api.submit.submitter.<name>.<products>): the coordinator enforces them from it.
+    if role == "submitter":
+        endpoints = tuple(e for e in READ_ENDPOINTS if e not in SUBMITTER_OWN_ENDPOINTS)
+        own = [submitter_subject(e, name, products) for e in SUBMITTER_OWN_ENDPOINTS]
+    else:
+        endpoints = READ_ENDPOINTS
+        own = [gate_subject(e, role, name) for e in GATE_ENDPOINTS]
     denied = [api(e) for e in ALL_ENDPOINTS if e not in endpoints]
     return {"publish": {"allow": [*(api(e) for e in endpoints), *own, *_JS_READ, *_JS_READER_CONSUMERS],
                         "deny": [*denied, *_LAYOUT_WRITES]},
@@ -214,11 +295,17 @@ class Creds:
     role: str
     seed: str = field(repr=False)
     path: str = ""
+    products: tuple[str, ...] = ()
+    """A submitter's products (empty: every product)."""
+    jwt: bool = False
+    """A standard NATS ``.creds`` file (a user JWT with its seed: decentralised auth)."""
 
 
-def creds_text(name: str, role: str, seed: str) -> str:
-    """The text of a credentials file (pure): a header, a metadata line, the seed."""
-    meta = json.dumps({"name": name, "role": role}, sort_keys=True)
+def creds_text(name: str, role: str, seed: str, products=()) -> str:
+    """The text of a credentials file (pure): a header, a metadata line (name, role, products:
+    a submitter's client names them in its API subjects), the seed."""
+    meta = json.dumps({"name": name, "role": role, **({"products": sorted(products)} if products else {})},
+                      sort_keys=True)
     return ("# Gigafactory credentials (a NATS nkey seed). SECRET: whoever holds this file is\n"
             f"# identity {name!r} (role {role}). Keep it mode 0600; revoke with `gigafactory creds revoke {name}`.\n"
             f"{_META_PREFIX}{meta}\n{seed}\n")
@@ -243,7 +330,10 @@ def parse_creds(text: str, path: str = "<creds>") -> Creds:
     meta = meta if isinstance(meta, dict) else {}
     name = str(meta.get("name") or "unknown")
     role = str(meta.get("role") or "unknown")
-    return Creds(name=name, role=role, seed=seed, path=path)
+    jwt = "-----BEGIN NATS USER JWT-----" in text
+    products = meta.get("products") or []
+    products = tuple(str(p) for p in products) if isinstance(products, list) else ()
+    return Creds(name=name, role=role, seed=seed, path=path, products=products, jwt=jwt)
 
 
 def read_creds(path: str | os.PathLike) -> Creds:
@@ -318,8 +408,8 @@ class Identity:
     :param name: see :func:`check_name`.
     :param role: one of :data:`ROLES`.
     :param public_key: the nkey's public key (``U...``): what the server checks signatures with.
-    :param products: a submitter's or reviewer's products (informational until the API checks
-        them; see docs/security.md).
+    :param products: a submitter's products, enforced by the coordinator from its API subjects
+        (:func:`submitter_subject`); recorded only on a reviewer (docs/security.md).
     :param pools: a factory's dispatch pools (empty: every pool).
     :param created_at: seconds since the epoch.
     :param revoked_at: when revoked (None: active). A revoked identity stays listed, refused.
@@ -388,14 +478,15 @@ class IdentityStore:
             raise IdentityError(f"identity {name!r} exists already ({self._json(name)}); pick another name")
         if len(self.list()) >= MAX_IDENTITIES:
             raise IdentityError(f"the identity store {self.root} holds {MAX_IDENTITIES} identities already")
-        permissions(role, name, pools=tuple(pools))  # validates name and pools before writing
+        products = check_products(products)
+        permissions(role, name, pools=tuple(pools), products=tuple(products))  # validates before writing
         seed, pub = new_keypair()
         ident = Identity(name=name, role=role, public_key=pub, products=list(products), pools=list(pools),
                          created_at=time.time())
         self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
-        _write_secret(self.creds_path(name), creds_text(name, role, seed))
+        _write_secret(self.creds_path(name), creds_text(name, role, seed, products))
         if out is not None:
-            _write_secret(Path(out), creds_text(name, role, seed))
+            _write_secret(Path(out), creds_text(name, role, seed, products))
         tmp = self._json(name).with_suffix(".json.tmp")
         tmp.write_text(json.dumps(asdict(ident), indent=2, sort_keys=True), encoding="utf-8")
         os.replace(tmp, self._json(name))
@@ -425,7 +516,8 @@ class IdentityStore:
     def users(self) -> list[dict]:
         """The active identities as nats-server ``authorization.users`` entries (nkey and
         permissions), sorted by name."""
-        return [{"nkey": i.public_key, "permissions": permissions(i.role, i.name, pools=tuple(i.pools))}
+        return [{"nkey": i.public_key, "permissions": permissions(i.role, i.name, pools=tuple(i.pools),
+                                                                   products=tuple(i.products))}
                 for i in self.list() if i.active]
 
     def by_public_key(self) -> dict[str, Identity]:
@@ -444,13 +536,19 @@ def _write_secret(path: Path, text: str) -> None:
 
 def resolve_creds(explicit: str | None = None) -> str | None:
     """The credentials file to connect with: ``explicit`` (``--creds``/``Settings.creds``), else
-    ``$GIGAFACTORY_CREDS``, else the home's ``admin`` identity if the store has one (the embedded
+    ``$GIGAFACTORY_CREDS``, else the selected NATS context's ``creds`` or ``nkey`` file
+    (:mod:`gigafactory.natscontext`), else the home's ``admin`` identity if the store has one (the embedded
     default: the CLI on the broker's machine acts as its admin), else None (no credentials)."""
     if explicit:
         return explicit
     env = os.environ.get(CREDS_ENV)
     if env:
         return env
+    from gigafactory.config import nats_context_field
+
+    ctx = nats_context_field("creds") or nats_context_field("nkey")
+    if ctx:
+        return ctx
     try:
         p = IdentityStore.at_home().creds_path("admin")
     except Exception:

@@ -212,6 +212,10 @@ class ShipReply(Reply):
     job: JobSummary
     workspace: dict[str, Any] | None = None
     """What shipping at the forge did (pull request, merge commit), when it shipped there."""
+    approved: list[str] = []
+    """A quorum review: the distinct reviewers who approved so far (empty: no quorum asked)."""
+    quorum: int = 1
+    """How many approvals the job needs to ship."""
 
 
 # -- the fleet --------------------------------------------------------------------------------

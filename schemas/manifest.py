@@ -128,7 +128,17 @@ class Retry(msgspec.Struct, forbid_unknown_fields=True, omit_defaults=True):
 
 
 class Reviewers(msgspec.Struct, forbid_unknown_fields=True):
+    """``{reviewers: ['@rita', '@sam'], quorum: 2}``: only a listed reviewer's identity ships
+    (``@`` ignored), and the job ships once ``quorum`` distinct listed reviewers approved (a ship
+    by a listed reviewer is an approval, recorded on the job); an admin ships at once."""
+
     reviewers: list[str]
+    quorum: int = 1
+    """Distinct listed reviewers whose ship it takes (1 to the number of distinct reviewers)."""
+
+    def names(self) -> set[str]:
+        """The distinct reviewer names, without ``@``."""
+        return {r.lstrip("@") for r in self.reviewers}
 
 
 ReviewPolicy = Literal["auto", "manual"] | Reviewers
@@ -834,6 +844,9 @@ def _first_semantic_problem(m: Manifest) -> tuple[str, str] | None:
         return "idempotency-key", "must not be empty; leave it out for no deduplication"
     if isinstance(m.review_policy, Reviewers) and not m.review_policy.reviewers:
         return "review-policy.reviewers", "needs at least one name, like {reviewers: ['@alice']}"
+    if isinstance(m.review_policy, Reviewers) and not 1 <= m.review_policy.quorum <= len(m.review_policy.names()):
+        return ("review-policy.quorum", f"is {m.review_policy.quorum}: it must be 1 to the number of distinct "
+                                        f"reviewers listed ({len(m.review_policy.names())})")
     return None
 
 

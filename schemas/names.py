@@ -36,6 +36,11 @@ CLOCK_BUCKET = "gf_clock"
 CONTROL_BUCKET = "gf_control"
 """Fleet-wide operator controls (key ``halt``: the kill switch's state, :mod:`schemas.halt`).
 Created by the first ``gigafactory halt``; absent means nothing is halted."""
+PULLS_BUCKET = "gf_pulls"
+"""The local forge's pull requests (gigafactory/forges/local.py). Created with the layout by a
+layout role (admin, coordinator): a factory opening a pull request may write it, not create it."""
+PULLS_HISTORY = 5
+"""Revisions kept per pull request record: enough to read what it was before its merge."""
 ARTIFACTS_STORE = "gf_artifacts"
 """Object store: run logs and captured artifacts."""
 

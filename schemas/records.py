@@ -246,6 +246,18 @@ class AttemptRecord(msgspec.Struct, omit_defaults=True):
     """A ``repo`` job's branch, head commit, diff stats and push (None: no repo, or not reached)."""
 
 
+class Approval(msgspec.Struct):
+    """One listed reviewer's ship of a job whose ``review-policy`` asks a quorum.
+
+    :param identity: the reviewer's authenticated identity (from the gate subject).
+    :param epoch: the epoch it approved (a requeued job's new attempt needs new approvals).
+    :param at: when (seconds since the epoch)."""
+
+    identity: str
+    epoch: int
+    at: float
+
+
 class JobRecord(msgspec.Struct, omit_defaults=False):
     """The durable source of truth for a job (``gf_jobs``, key = job id)."""
 
@@ -297,6 +309,9 @@ class JobRecord(msgspec.Struct, omit_defaults=False):
     budget_override: str = ""
     """Who let this job start over its budget (``gigafactory budget override``; "" for nobody):
     with budget enforcement on, a job held for ``budget`` is offered once this is set."""
+    approvals: list[Approval] = msgspec.field(default_factory=list)
+    """Reviewers' approvals toward a ``review-policy`` quorum (coordinator/gate.py); one per
+    reviewer and epoch."""
     sig: str | None = None
     """The lease holder's signature over this write: ``<public nkey>:<base64 Ed25519 signature>``
     over (job, epoch, stage, content hash) (:mod:`~gigafactory.schemas.signing`). Every write by

@@ -19,6 +19,7 @@ from gigafactory.identity import (
     ALL_ENDPOINTS,
     GATE_ENDPOINTS,
     READ_ENDPOINTS,
+    SUBMITTER_OWN_ENDPOINTS,
     IdentityError,
     IdentityStore,
     parse_creds,
@@ -32,7 +33,8 @@ ALLOWED_ENDPOINTS = {
     "admin": set(ALL_ENDPOINTS),
     "coordinator": set(),
     "factory": set(),
-    "submitter": {*READ_ENDPOINTS, "submit"},
+    # submit, list and status only on its own subject, naming its products: see the products test
+    "submitter": {e for e in READ_ENDPOINTS if e not in SUBMITTER_OWN_ENDPOINTS},
     "reviewer": set(READ_ENDPOINTS),  # the gate only on its own subject: see the gate tests
 }
 """The API matrix: which role may call which endpoint (everything else is refused)."""
@@ -211,6 +213,11 @@ def test_factory_subjects_matrix(nats_server):
             kv = await js.key_value(names.JOBS_BUCKET)
             assert await kv.update("j1", b'{"stage": "assigned"}', last=rev) > rev
             assert (await js.publish(names.events_subject("j1", "claimed"), b"{}")).seq
+            # Its attempts' spend records, and the local forge's pull requests it opens (the
+            # bucket made by the layout: a factory writes it, never creates it).
+            assert (await js.publish(names.spend_subject("j1", 1), b"{}")).seq
+            pulls = await js.key_value(names.PULLS_BUCKET)
+            assert await pulls.put("r.next", b"1")
             await fa.nc.publish(names.logs_subject("j1", 1), b"line")
             await fa.nc.flush()
             await eventually(lambda: got_logs == [b"line"], 10, what="the factory's live log line")
@@ -227,6 +234,7 @@ def test_factory_subjects_matrix(nats_server):
                 f"$KV.{names.IDEMPOTENCY_BUCKET}.k",
                 "$JS.API.STREAM.CREATE.EVIL",
                 f"$JS.API.STREAM.CREATE.KV_{names.JOBS_BUCKET}",
+                f"$JS.API.STREAM.CREATE.KV_{names.PULLS_BUCKET}",
                 f"$JS.API.STREAM.DELETE.KV_{names.JOBS_BUCKET}",
                 f"$JS.API.STREAM.UPDATE.{names.EVENTS_STREAM}",
                 f"$JS.API.STREAM.PURGE.{names.EVENTS_STREAM}",
@@ -513,3 +521,130 @@ def test_auth_settings_refuse_a_key_without_its_certificate_and_missing_files(tm
         Settings(creds=str(tmp_path / "missing.creds")).validate()
     (tmp_path / "ok.creds").write_text("x")
     assert Settings(creds=str(tmp_path / "ok.creds")).validate().creds.endswith("ok.creds")
+
+
+def test_a_review_quorum_ships_only_when_enough_distinct_listed_reviewers_approved(nats_server, tmp_path):
+    """``review-policy: {reviewers: [...], quorum: 2}``: a listed reviewer's ship (on its own gate
+    subject) is an approval recorded on the job by identity, the same reviewer twice counts once,
+    the job ships on the second distinct reviewer's; an admin ships another such job at once."""
+    from gigafactory.client import Client
+    from gigafactory.schemas.records import JobRecord, decode
+
+    enrol(nats_server, ("reviewer", "rita", {}), ("reviewer", "sam", {}))
+
+    async def body():
+        async with Fleet(nats_server.url, tmp_path, server=nats_server) as fleet:
+            await fleet.add_factory("f1")
+            policy = {"reviewers": ["@rita", "@sam", "@tom"], "quorum": 2}
+            job = await fleet.submit_one(fleet.job("echo ok", review_policy=policy))
+            other = await fleet.submit_one(fleet.job("echo ok", review_policy=policy), path="other.md")
+            await fleet.wait_stage(job, "review", timeout_s=30)
+            await fleet.wait_stage(other, "review", timeout_s=30)
+            rita = await Conn.open(nats_server.url, nats_server.identities, "rita")
+            sam = await Conn.open(nats_server.url, nats_server.identities, "sam")
+            try:
+                as_rita = Client(rita.nc, 10, identity=("reviewer", "rita"))
+                first = await as_rita.call("ship", {"job": job})
+                assert first["job"]["stage"] == "review" and first["approved"] == ["rita"] and first["quorum"] == 2
+                again = await as_rita.call("ship", {"job": job})
+                assert again["job"]["stage"] == "review" and again["approved"] == ["rita"]
+                rec = decode((await fleet.admin.jobs.get(job)).value, JobRecord)
+                assert [(a.identity, a.epoch) for a in rec.approvals] == [("rita", rec.epoch)]
+                approved = [e for e in await fleet.events(job) if e["kind"] == "approved"]
+                assert len(approved) == 1 and approved[0]["data"]["identity"] == "rita"
+                done = await Client(sam.nc, 10, identity=("reviewer", "sam")).call("ship", {"job": job})
+                assert done["job"]["stage"] == "shipped"
+                shipped = [e for e in await fleet.events(job) if e.get("stage_to") == "shipped"]
+                assert shipped[-1]["data"]["identity"] == "sam"
+                # An admin ships at once, without approvals.
+                assert (await fleet.client.call("ship", {"job": other}))["job"]["stage"] == "shipped"
+            finally:
+                await rita.nc.close()
+                await sam.nc.close()
+    run(body(), 120)
+
+
+def test_review_quorum_rules_pure():
+    from gigafactory.coordinator import gate
+    from gigafactory.schemas.manifest import Reviewers
+    from gigafactory.schemas.records import Approval
+
+    policy = Reviewers(reviewers=["@a", "b", "@c"], quorum=2)
+    a, b, x = (gate.Actor(n, n, "reviewer") for n in ("a", "b", "x"))
+    assert gate.quorum(policy, a, [], 3) == gate.Quorum(False, ("a",), True, 2)
+    mine = [Approval("a", 3, 0.0)]
+    assert gate.quorum(policy, a, mine, 3) == gate.Quorum(False, ("a",), False, 2)  # no double count
+    assert gate.quorum(policy, b, mine, 3).ships
+    assert not gate.quorum(policy, b, [Approval("a", 2, 0.0)], 3).ships  # another epoch's approval
+    assert not gate.quorum(policy, b, [Approval("x", 3, 0.0)], 3).ships  # not a listed reviewer
+    assert gate.quorum(policy, gate.Actor("op", "admin", "admin"), [], 3).ships
+    assert gate.quorum(Reviewers(reviewers=["a"]), a, [], 1).ships
+    with pytest.raises(gate.GateRefused):
+        gate.check_ship(policy, x)
+
+
+@pytest.mark.parametrize("quorum, ok", [(0, False), (1, True), (2, True), (3, False)])
+def test_review_quorum_is_validated(quorum, ok):
+    from gigafactory.schemas.manifest import ManifestError, parse_job_text
+
+    text = f"---\nengine: shell\ncwd: /tmp\nreview-policy: {{reviewers: ['@a', 'b', '@b'], quorum: {quorum}}}\n---\necho\n"
+    if ok:
+        assert parse_job_text(text, "j.md").manifest.review_policy.quorum == quorum
+    else:
+        with pytest.raises(ManifestError, match="review-policy.quorum"):
+            parse_job_text(text, "j.md")
+
+
+def test_a_submitter_submits_lists_and_sees_only_its_products(nats_server, tmp_path):
+    """A submitter enrolled with ``--products web`` calls submit/list/status on its own subject,
+    which names its products (the server refuses it every other, another submitter's, and its own
+    with other products); the coordinator refuses (403, naming the product) a job of another
+    product, leaves other products' jobs out of ``list`` and refuses their ``status``."""
+    from gigafactory.client import ApiError, Client
+    from gigafactory.identity import submitter_subject
+
+    enrol(nats_server, ("submitter", "alice", {"products": ["web"]}), ("submitter", "bob", {}))
+
+    async def body():
+        async with Fleet(nats_server.url, tmp_path, server=nats_server) as fleet:
+            theirs = await fleet.submit_one(fleet.job("echo theirs", product="api"), path="api.md")
+            creds = read_creds(nats_server.identities.creds_path("alice"))
+            assert creds.products == ("web",)
+            alice = await Conn.open(nats_server.url, nats_server.identities, "alice")
+            try:
+                for subject in (f"{names.API_PREFIX}.submit", f"{names.API_PREFIX}.list", f"{names.API_PREFIX}.status",
+                                submitter_subject("submit", "bob"), submitter_subject("submit", "alice"),
+                                submitter_subject("list", "alice", ["web", "api"])):
+                    assert await alice.refused_publish(subject), subject
+                    assert server_refused(nats_server.log_file, alice.key, "Publish", subject), subject
+                client = Client(alice.nc, 10, identity=("submitter", "alice"), products=creds.products)
+                mine = (await client.call("submit", {"files": [
+                    {"path": "web.md", "text": fleet.job("echo mine", product="web")}]}))["jobs"][0]["job"]
+                with pytest.raises(ApiError) as refused:
+                    await client.call("submit", {"files": [
+                        {"path": "ok.md", "text": fleet.job("echo a", product="web")},
+                        {"path": "other.md", "text": fleet.job("echo b", product="api")}]})
+                assert refused.value.code == 403 and "other.md: product 'api'" in refused.value.message
+                listed = {j["id"] for j in (await client.call("list", {"limit": 100}))["jobs"]}
+                assert listed == {mine}, listed  # the refused batch wrote nothing; api's job not shown
+                assert {j["id"] for j in (await fleet.client.call("list", {"limit": 100}))["jobs"]} == {mine, theirs}
+                assert (await client.call("status", {"job": mine}))["job"]["id"] == mine
+                with pytest.raises(ApiError) as hidden:
+                    await client.call("status", {"job": theirs})
+                assert hidden.value.code == 403 and "'api'" in hidden.value.message
+            finally:
+                await alice.nc.close()
+    run(body(), 120)
+
+
+def test_products_subject_tokens_pure():
+    from gigafactory.identity import parse_products_token, products_token, submitter_of, submitter_subject
+
+    assert products_token([]) == "all" and parse_products_token("all") is None
+    tok = products_token(["web", "a.b", "web"])
+    assert "." not in tok and parse_products_token(tok) == ("a.b", "web")
+    assert submitter_of(submitter_subject("status", "alice", ["web"])) == ("alice", ("web",))
+    assert submitter_of(submitter_subject("ship", "alice", ["web"])) is None
+    assert submitter_of(f"{names.API_PREFIX}.submit.submitter.alice.pGARBAGE!") is None
+    with pytest.raises(IdentityError, match="product"):
+        IdentityStore("/nonexistent").create("submitter", "x", products=["no spaces"])

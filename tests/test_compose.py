@@ -189,7 +189,7 @@ def test_promtool_accepts_the_prometheus_configuration_with_its_rule_files(tmp_p
     got = promtool_check(folder)
     assert got.returncode == 0, got.stdout + got.stderr
     assert "1 rule files found" in got.stdout
-    assert "SUCCESS: 19 rules found" in got.stdout, got.stdout  # the real alert rules, all read
+    assert "SUCCESS: 20 rules found" in got.stdout, got.stdout  # the real alert rules, all read
     # Without the rule file the configuration is refused: the rules are part of the check.
     (folder / "alerts.yml").unlink()
     got = promtool_check(folder)

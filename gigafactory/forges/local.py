@@ -27,7 +27,8 @@ from pathlib import Path
 
 import msgspec
 
-from gigafactory.broker import Conflict
+from gigafactory.broker import Bucket, Conflict, connected_role
+from gigafactory.identity import LAYOUT_ROLES
 from gigafactory.forges.base import (
     BRANCHES_LISTED_MAX,
     ChecksState,
@@ -38,13 +39,14 @@ from gigafactory.forges.base import (
     MergeResult,
     PullRequest,
 )
+from gigafactory.schemas import names
 from gigafactory.schemas.names import safe_key
 
 KIND = "local"
-PULLS_BUCKET = "gf_pulls"
+PULLS_BUCKET = names.PULLS_BUCKET
 """Local pull request records (key: ``<repo key>.<branch key>``; value: :class:`LocalPull`),
 and one counter per remote (key: ``<repo key>.next``)."""
-PULLS_HISTORY = 5
+PULLS_HISTORY = names.PULLS_HISTORY
 """Revisions kept per record: enough to read what a pull request was before its merge."""
 GIT_TIMEOUT_S = 120.0
 """Bound on one git command in the remote (a merge of a large repository is the slowest)."""
@@ -126,6 +128,11 @@ class LocalForge:
     # -- the record ---------------------------------------------------------------------------
 
     async def _pulls(self):
+        if self._bucket is None and connected_role(self.store.settings) not in (None, "unknown", *LAYOUT_ROLES):
+            # A factory may write the bucket, not create it (broker permissions): the layout
+            # roles create it with the layout (Broker.ensure_layout).
+            kv = await self.store.js.key_value(PULLS_BUCKET)
+            self._bucket = Bucket(self.store.js, kv, PULLS_BUCKET, self.store.settings.request_timeout_s)
         if self._bucket is None:
             # Created on first use with the layout's options (replicas, file storage): a fleet
             # that never opens a local pull request has no such bucket. Broker._kv is the one
