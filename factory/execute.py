@@ -325,9 +325,12 @@ class Execute:
             renewer = asyncio.create_task(self._renew_loop(run))
             # The job's `gigafactory fence` asks this socket: the factory renews for it, so the
             # job never holds the factory's identity (fence_socket.py).
-            run.fence_socket = await fence_socket.serve(
-                lambda want_s: self._fence_for_job(run, want_s), job=run.job, epoch=run.epoch, factory=self.id,
-                renew_timeout_s=self.settings.request_timeout_s * 2, owner=self._fence_socket_owner())
+            try:
+                run.fence_socket = await fence_socket.serve(
+                    lambda want_s: self._fence_for_job(run, want_s), job=run.job, epoch=run.epoch, factory=self.id,
+                    renew_timeout_s=self.settings.request_timeout_s * 2, owner=self._fence_socket_owner())
+            except OSError as e:  # the job runs on; its `gigafactory fence` cannot tell (exit 4): no push
+                log.warning("%s: no fence socket for %s epoch %s (%s)", self.id, run.job, run.epoch, e)
             payload = await self._run_engine(run, engine)
             if run.self_fenced is not None:
                 await self._self_fence(run, payload)
