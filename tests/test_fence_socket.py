@@ -84,8 +84,10 @@ def test_the_socket_is_private_bounded_and_gone_when_closed(tmp_path):
 
 
 def test_a_job_whose_lease_moved_is_refused_on_its_own_socket(nats_server, tmp_path):
-    """The job ignores SIGTERM, so it still runs (within the kill grace) after its job was
-    cancelled: its fence on its own, still open socket exits 1 (fenced), never 0."""
+    """The job is cancelled under it (the record moves to a new epoch); its fence on its own,
+    still open socket exits 1 (fenced), never 0. Renewals are rare here, so the factory learns
+    of the move from the fence's own compare-and-set, not before (the job also ignores SIGTERM,
+    in case a renewal comes first: it runs on for the kill grace)."""
     d = tmp_path / "side"
     d.mkdir()
     script = (f'trap "" TERM\n'
@@ -95,7 +97,8 @@ def test_a_job_whose_lease_moved_is_refused_on_its_own_socket(nats_server, tmp_p
               f'sleep 30\n')
 
     async def main():
-        async with Fleet(nats_server.url, tmp_path, server=nats_server) as fleet:
+        settings = fast_settings(lease_ttl_s=60.0, lease_renew_s=20.0)
+        async with Fleet(nats_server.url, tmp_path, settings, server=nats_server) as fleet:
             await fleet.add_factory("f1")
             job = await fleet.submit_one(fleet.job(script, retry={"max": 0}))
             await eventually(lambda: (d / "sock").exists(), 20, what="the job started")
