@@ -27,7 +27,6 @@ import msgspec
 from gigafactory import tracing
 from gigafactory.broker import Conflict
 from gigafactory.economics.budget import cap_crossed
-from gigafactory.identity import fence_creds_env
 from gigafactory.schemas import names, protocol
 from gigafactory.schemas.lifecycle import Stage
 from gigafactory.schemas.manifest import FailureClass, parse_duration
@@ -35,12 +34,13 @@ from gigafactory.schemas.profiles import engine_prompt, prefers_names, prefers_w
 from gigafactory.schemas.records import (Attribution, IdleReason, JobRecord, Usage, WorkspaceResult, attributed, decode,
                                          encode, with_workspace)
 
-from . import engines, shell
+from . import engines, fence_socket, shell
 from . import probe
 from .checkpoint import start_point
 from .engines.base import (EngineJob, SetupFailed, budget_crossed, cred_variables, resume_env, resume_note,
                            strip_url_credentials)
 from .engines.verify import verify_gate
+from .fence_socket import FENCE_SOCKET_ENV
 from .halting import claim_refused, stop_covered_runs
 from .holder import Run
 from .spend import AttemptSpend
@@ -323,6 +323,14 @@ class Execute:
             await self._event("started", job=run.job, epoch=run.epoch, stage_from="assigned", stage_to="building",
                               reason=started.reason)
             renewer = asyncio.create_task(self._renew_loop(run))
+            # The job's `gigafactory fence` asks this socket: the factory renews for it, so the
+            # job never holds the factory's identity (fence_socket.py).
+            try:
+                run.fence_socket = await fence_socket.serve(
+                    lambda want_s: self._fence_for_job(run, want_s), job=run.job, epoch=run.epoch, factory=self.id,
+                    renew_timeout_s=self.settings.request_timeout_s * 2, owner=self._fence_socket_owner())
+            except OSError as e:  # the job runs on; its `gigafactory fence` cannot tell (exit 4): no push
+                log.warning("%s: no fence socket for %s epoch %s (%s)", self.id, run.job, run.epoch, e)
             payload = await self._run_engine(run, engine)
             if run.self_fenced is not None:
                 await self._self_fence(run, payload)
@@ -346,6 +354,9 @@ class Execute:
                     await asyncio.wait_for(renewer, timeout=self.settings.request_timeout_s * 2)
                 except Exception:
                     renewer.cancel()
+            if run.fence_socket is not None:  # the attempt is over: its socket answers no more
+                await run.fence_socket.close()
+                run.fence_socket = None
             await self._release_lock(run)
             await self._ws_release(run)  # after the report: the worktree goes, the pushed branch stays
             self.runs.pop((run.job, run.epoch), None)
@@ -438,6 +449,14 @@ class Execute:
         )
         return Attempt(run=run, log_path=log_path, cwd=cwd, co=co, attribution=attribution, setup_error=error)
 
+    def _fence_socket_owner(self) -> tuple[int, int] | None:
+        """Who the fence socket belongs to: the engines' user under the ``user`` sandbox (they
+        run as it and must connect), else None (the factory's user; mode 0600)."""
+        if self.sandbox is None or self.sandbox.mode != "user":
+            return None
+        uid, _, gid = self.sandbox.user.partition(":")
+        return int(uid), int(gid)
+
     def _engine_for(self, a: "Attempt", engine: str | None):
         """The engine to run and None, or None and why it cannot run here. Sets ``a.name`` and
         the attribution's engine."""
@@ -471,10 +490,11 @@ class Execute:
                 "GF_FACTORY": self.id, "GF_STATION": str(run.station), "GF_WORKSPACE": str(self.workspace),
                 "GF_BRANCH": f"gf/{run.job}/e{run.epoch}",
                 # For `gigafactory fence` right before a push or merge request (side effects are fenced
-                # too): the lease it computes what is left of must be the one the coordinators reap by.
-                # The address only: a password in the URL is the factory's, never the job's.
+                # too): the attempt's fence socket, on which the factory renews for the job (the job
+                # never gets the factory's credentials), and the TTL the coordinators reap by.
+                # The broker's address only: a password in the URL is the factory's, never the job's.
                 "GIGAFACTORY_NATS_URL": strip_url_credentials(self.broker.urls), "GF_LEASE_TTL_S": repr(self.settings.lease_ttl_s),
-                **fence_creds_env(self.settings),  # `gigafactory fence` renews as this factory (see identity.py)
+                **({FENCE_SOCKET_ENV: run.fence_socket.path} if run.fence_socket is not None else {}),
                 **(resume_env(resume) if resume is not None else {}),
             },
             timeout_s=m.timeout_s(),
@@ -484,7 +504,9 @@ class Execute:
             supervised=not self.settings.unsafe_unfenced_engines, kill_grace_s=5.0, parser=reader.parsers[0],
             env_passthrough=(*cred_variables(rec.requirements, probe.CREDENTIAL_VARS),
                              *self.settings.engine_env_passthrough_names),
-            settings=self.settings, resume=resume, redactor=self.redactor, sandbox=self.sandbox,
+            settings=self.settings, resume=resume, redactor=self.redactor,
+            sandbox=(self.sandbox.binding(run.fence_socket.folder)
+                     if self.sandbox is not None and run.fence_socket is not None else self.sandbox),
         )
 
     async def _after_engine(self, run: Run, a: "Attempt", eng, job: EngineJob, prepared, out, t0: float):

@@ -24,6 +24,7 @@ import dataclasses
 import logging
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import msgspec
 
@@ -71,6 +72,9 @@ class Run:
     ``unsafe_unfenced_engines``): extended after each successful renewal."""
     self_fenced: str | None = None
     """Why the run stopped its own engine (the deadline passed without a renewal), if it did."""
+    fence_socket: Any = None
+    """The attempt's :class:`~gigafactory.factory.fence_socket.FenceSocket` (``GF_FENCE_SOCKET``)
+    while its engine may run; None before the start write and after the attempt."""
 
 
 class Holder:
@@ -206,6 +210,48 @@ class Holder:
                 continue
             if run.fence is not None:
                 run.fence.extend(self._fence_deadline_s(sent_s))
+
+    async def _fence_for_job(self, run: Run, min_remaining_s: float | None) -> dict:
+        """The verdict of ``gigafactory fence`` asked by the attempt's job on its fence socket
+        (:mod:`fence_socket`): a compare-and-set renewal of ``run``'s lease, written and signed as
+        every holder write, then the lease sure to be left against ``min_remaining_s`` (None: half
+        the TTL). Never renews once the attempt is over (its result is being written) or fenced.
+
+        :param run: the attempt whose socket was asked.
+        :param min_remaining_s: the lease the job wants left after the renewal."""
+        ttl_s = self.settings.lease_ttl_s
+        try:
+            want_s = protocol.fence_min_remaining_s(ttl_s, min_remaining_s)
+        except ValueError as e:
+            return {"outcome": "usage", "reason": str(e)}
+        base = {"lease_ttl_s": ttl_s, "min_remaining_s": want_s}
+        if run.stop_renewing.is_set() or run.fenced or run.self_fenced is not None:
+            return {**base, "outcome": "fenced", "reason": f"epoch {run.epoch} of {run.job} is over on {self.id}"}
+        decided: list[JobRecord | None] = [None]
+
+        def decide(r: JobRecord) -> JobRecord | None:
+            # Under the write lock, as the renewal loop: never a renewal after the result.
+            decided[0] = None if run.stop_renewing.is_set() else protocol.renew(r, self.id, run.epoch, time.time())
+            return decided[0]
+
+        read_rev = run.revision
+        sent_s = time.monotonic()  # before the write goes out: the broker stamps it later
+        try:
+            wrote = await self._write(run, decide)
+        except Exception as e:  # cannot tell: a push must not go out on a guess
+            return {**base, "outcome": "unknown", "reason": f"the renewal failed ({type(e).__name__}: {e})"[:500]}
+        if wrote is None or decided[0] is None or run.fenced:
+            return {**base, "outcome": "fenced", "read_revision": read_rev,
+                    "reason": f"stale epoch {run.epoch}: {run.job} was reclaimed, cancelled or has ended"}
+        left_s = protocol.fence_remaining_s(ttl_s, time.monotonic() - sent_s)
+        got = {**base, "read_revision": read_rev, "revision": run.revision, "remaining_s": left_s}
+        if left_s < want_s:
+            return {**got, "outcome": "too_late",
+                    "reason": f"{self.id} holds {run.job} at epoch {run.epoch}, but only {left_s:.3f}s of lease "
+                              f"is sure to be left, less than --min-remaining-s {want_s:g}s: do not push now"}
+        return {**got, "outcome": "held",
+                "reason": f"{self.id} holds {run.job} at epoch {run.epoch}: lease renewed (revision "
+                          f"{run.revision}), at least {left_s:.3f}s left"}
 
     async def _renew_lock(self, run: Run) -> bool:
         """Rewrite the job's lock entry (CAS on its revision), so its broker timestamp says the

@@ -26,6 +26,7 @@ signal the whole process group and the self-fencing deadline holds.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import pwd
 import shutil
@@ -59,6 +60,15 @@ class Sandbox:
     shown: tuple[str, ...] = ()
     """Folders inside a hidden one the engine still reads (the git mirrors its worktree's
     objects live in): mounted read-only after the hidden ones."""
+    bound: tuple[str, ...] = ()
+    """Folders of the attempt the engine reaches read-write wherever they are (the folder of its
+    fence socket, under the private ``/tmp``): mounted last. Set per attempt by :meth:`binding`."""
+
+    def binding(self, *folders: str) -> "Sandbox":
+        """This sandbox with ``folders`` reachable read-write too (one attempt's fence socket).
+
+        :param folders: absolute paths of folders."""
+        return dataclasses.replace(self, bound=(*self.bound, *folders))
 
     def wrap(self, argv: Sequence[str], *, cwd: str, readable: Iterable[str] = ()) -> list[str]:
         """The command line that runs ``argv`` confined.
@@ -69,7 +79,7 @@ class Sandbox:
             (the shell engine's script, written next to the log).
         """
         if self.mode == "bwrap":
-            return [self.program, *bwrap_args(cwd, self.hidden, readable, self.shown), "--", *argv]
+            return [self.program, *bwrap_args(cwd, self.hidden, readable, self.shown, self.bound), "--", *argv]
         if self.mode == "user":
             uid, _, gid = self.user.partition(":")
             return [self.program, f"--reuid={uid}", f"--regid={gid}", "--init-groups", "--inh-caps=-all",
@@ -77,7 +87,8 @@ class Sandbox:
         return list(argv)
 
 
-def bwrap_args(cwd: str, hidden: Iterable[str], readable: Iterable[str] = (), shown: Iterable[str] = ()) -> list[str]:
+def bwrap_args(cwd: str, hidden: Iterable[str], readable: Iterable[str] = (), shown: Iterable[str] = (),
+               bound: Iterable[str] = ()) -> list[str]:
     """bubblewrap's arguments: the root read-only, fresh ``/dev``, ``/proc`` and ``/tmp``, the
     ``hidden`` paths empty, then ``cwd`` (and its git metadata) writable and ``readable``
     read-only (mounted after, so they show even inside a hidden or the private ``/tmp``).
@@ -86,6 +97,8 @@ def bwrap_args(cwd: str, hidden: Iterable[str], readable: Iterable[str] = (), sh
     :param hidden: paths the engine must not see.
     :param readable: files to show read-only.
     :param shown: folders inside hidden ones to show read-only (before ``cwd``).
+    :param bound: folders to show read-write, last (the attempt's fence socket folder: a
+        socket is connected to only where its folder is mounted into the sandbox).
     """
     args = ["--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc", "--tmpfs", "/tmp",
             # Dies with the supervisor, whatever kills it: nothing outlives the run.
@@ -102,6 +115,9 @@ def bwrap_args(cwd: str, hidden: Iterable[str], readable: Iterable[str] = (), sh
         args += ["--bind", path, path]
     for path in readable:
         args += ["--ro-bind", path, path]
+    for path in bound:
+        if os.path.isdir(path):
+            args += ["--bind", path, path]
     return args + ["--chdir", cwd]
 
 

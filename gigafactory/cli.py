@@ -998,6 +998,20 @@ async def _fence_renew(url: str, settings: Settings, job: str, factory_id: str, 
         await nc.close()
 
 
+def _fence_by_socket(path: str, settings: Settings, job: str, factory_id: str, epoch: int,
+                     min_remaining_s: float | None) -> dict:
+    """The verdict of the factory serving the fence socket at ``path`` (``GF_FENCE_SOCKET``);
+    ``unknown`` when it cannot be asked (the attempt is over: the socket is gone)."""
+    from gigafactory.factory import fence_socket as fs
+
+    timeout_s = fs.FENCE_REQUEST_TIMEOUT_S + settings.request_timeout_s * 2 + 1.0  # the factory's bounds, then some
+    try:
+        return asyncio.run(fs.ask(path, fs.FenceRequest(job=job, epoch=epoch, factory=factory_id,
+                                                        min_remaining_s=min_remaining_s), timeout_s))
+    except Exception as e:  # cannot tell: a push must not go out on a guess
+        return {"outcome": "unknown", "reason": f"cannot ask the fence socket {path} ({type(e).__name__}: {e})"}
+
+
 @main.command()
 @common
 @click.option("--job", envvar="GF_JOB_ID", required=True, help="Default: $GF_JOB_ID (set for job scripts).")
@@ -1017,7 +1031,11 @@ def fence(nats_url, as_json, job, epoch, factory_id, lease_ttl_s, min_remaining_
     (another epoch or holder owns the job); 2 usage; 3 renewed but too little lease left; 4
     cannot tell (broker unreachable, no answer). Only 0 means push. It proves the lease was held
     at that instant on the stream leader; it cannot stop a process paused after it returns, so
-    the receiving end should check the epoch too (the branch gf/<job>/e<epoch> against the job)."""
+    the receiving end should check the epoch too (the branch gf/<job>/e<epoch> against the job).
+
+    In a job (GF_FENCE_SOCKET set) it asks the attempt's fence socket: the factory renews for the
+    job, which holds no broker credential. Elsewhere it renews through the broker with the
+    caller's own credentials (an operator's)."""
     settings = Settings.from_env()
     ttl_s = settings.lease_ttl_s if lease_ttl_s is None else lease_ttl_s
     from gigafactory.schemas import protocol
@@ -1026,6 +1044,23 @@ def fence(nats_url, as_json, job, epoch, factory_id, lease_ttl_s, min_remaining_
         want_s = protocol.fence_min_remaining_s(ttl_s, min_remaining_s)
     except ValueError as e:
         _fail(str(e), FENCE_USAGE, as_json=as_json)
+    sock = os.environ.get("GF_FENCE_SOCKET")
+    if sock:
+        # A job: its factory renews for it on the attempt's socket (factory/fence_socket.py);
+        # the job holds no broker credential. The factory applies the same rules, on its TTL.
+        got = _fence_by_socket(sock, settings, job, factory_id, epoch, min_remaining_s)
+        out = {"job": job, "epoch": epoch, "factory": factory_id, "lease_ttl_s": ttl_s, "min_remaining_s": want_s,
+               **got}
+        code = {"held": FENCE_HELD, "too_late": FENCE_TOO_LATE, "fenced": FENCE_FENCED,
+                "usage": FENCE_USAGE}.get(got["outcome"], FENCE_UNKNOWN)
+        if code == FENCE_UNKNOWN:
+            out["reason"] = f"{got.get('reason', 'no verdict')}; treat as fenced"
+        out["held"] = code == FENCE_HELD
+        out["code"] = code
+        if as_json:
+            _emit_json(out)
+        click.echo(out["reason"], err=True)
+        sys.exit(code)
     url = _need_url(nats_url, as_json)
     try:
         got = asyncio.run(_fence_renew(url, settings, job, factory_id, epoch))

@@ -556,18 +556,6 @@ def resolve_creds(explicit: str | None = None) -> str | None:
     return str(p) if p.exists() else None
 
 
-def fence_creds_env(settings) -> dict[str, str]:
-    """What a job script needs to run ``gigafactory fence`` (renew its own lease right before a
-    push) against a broker with authentication on: the PATH of the factory's credentials file
-    (``GIGAFACTORY_CREDS``), never the seed itself. A job script is code the factory runs with
-    the factory's rights anyway (it can read the file from the factory's disk unless an engine
-    sandbox hides it); a per-job fence credential is the narrower design (docs/security.md).
-
-    :param settings: the factory's settings (``creds``)."""
-    path = resolve_creds(settings.creds)
-    return {CREDS_ENV: str(path)} if path else {}
-
-
 @dataclass
 class HolderSigner:
     """Signs the job records a factory writes (schemas/signing.py) with its identity's nkey;

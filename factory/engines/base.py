@@ -75,8 +75,8 @@ class EngineJob:
     :param cwd: the working directory, resolved (``~`` and variables expanded, relative to the
         factory's workspace); it may not exist (:meth:`Engine.prepare` checks).
     :param log_path: the attempt's log file; output is appended to it.
-    :param gf_env: the ``GF_*`` variables (and the broker URL, for ``gigafactory fence``) the
-        factory gives every engine.
+    :param gf_env: the ``GF_*`` variables (``GF_FENCE_SOCKET`` for ``gigafactory fence``, and
+        the broker's address without credentials) the factory gives every engine.
     :param timeout_s: the wall-clock limit of the engine and the verify gate together.
     :param timeout_class: how running past ``timeout_s`` is classed: ``budget_exceeded`` when
         ``budget.wall`` is what binds, else ``timeout``.
@@ -430,8 +430,10 @@ FACTORY_ONLY_PREFIXES: tuple[str, ...] = ("GIGAFACTORY_", "NATS_")
 ``passthrough``: its settings (``GIGAFACTORY_NATS_URL`` with any password in it,
 ``GIGAFACTORY_CREDS``, the credentials path, its identity) and the NATS tools' context
 (``NATS_URL``, ``NATS_CREDS``, ``NATS_NKEY``, ``NATS_PASSWORD``...). A job that runs
-``gigafactory fence`` gets the broker's address without its userinfo from the factory
-(:func:`strip_url_credentials`), never the factory's credentials."""
+``gigafactory fence`` asks its attempt's fence socket (``GF_FENCE_SOCKET``,
+:mod:`~gigafactory.factory.fence_socket`): the factory renews for it, so the job never holds the
+factory's credentials; it gets the broker's address without userinfo only
+(:func:`strip_url_credentials`)."""
 
 
 def base_environment(environ: Mapping[str, str], passthrough: Iterable[str] = ()) -> dict[str, str]:
