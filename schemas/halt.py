@@ -164,3 +164,39 @@ def decode_state(data: bytes | None) -> HaltState:
 def encode_state(state: HaltState) -> bytes:
     """The bytes stored for ``state``."""
     return msgspec.json.encode(state)
+
+
+BUDGET_HOLDS_KEY = "budget-holds"
+"""The ``gf_control`` key where the dispatching coordinator says which pools have queued jobs it
+holds for their budget (issue 13): a factory whose free stations serve one reads
+``policy-paused`` rather than ``no-work``. Written only when the set changes."""
+
+BUDGET_HOLDS_POOLS_MAX = 10_000
+"""At most this many pools in the key (a fleet has far fewer; beyond, the rest are left out)."""
+
+
+class BudgetHolds(msgspec.Struct, omit_defaults=True):
+    """The value of :data:`BUDGET_HOLDS_KEY`."""
+
+    pools: list[str] = []
+    """Pools with at least one queued job held ``budget: ...``, sorted."""
+    at: float = 0.0
+    """When the coordinator wrote it (epoch seconds)."""
+
+
+def decode_budget_holds(data: bytes | None) -> BudgetHolds:
+    """The stored budget holds (None or empty, or unreadable: none; a garbled key must not pause
+    the fleet, enforcement still holds the jobs themselves).
+
+    :param data: the KV value."""
+    if not data:
+        return BudgetHolds()
+    try:
+        return msgspec.json.decode(data, type=BudgetHolds)
+    except msgspec.DecodeError:
+        return BudgetHolds()
+
+
+def encode_budget_holds(pools: set[str], at: float) -> bytes:
+    """The bytes stored for ``pools`` held for their budget at ``at``."""
+    return msgspec.json.encode(BudgetHolds(pools=sorted(pools)[:BUDGET_HOLDS_POOLS_MAX], at=at))
