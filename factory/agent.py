@@ -163,8 +163,9 @@ class Factory(Stations, AuditQueue, Pools, Holder, Execute, Reporting, Ship, Che
         """station -> the class its last ``station`` event said (``busy`` or an idle reason)."""
         self.station_waiting: dict[int, IdleReason] = {}
         """station -> what its run only waits on now (``waiting-merge``): its class instead of busy."""
-        self.budget_held_pools: set[str] = set()
-        """Pools whose queued work the coordinator holds for its budget (the ``budget-holds`` control key)."""
+        self.policy_held_pools: set[str] = set()
+        """Pools whose queued work the coordinator holds by policy: a product halt, the budget
+        (the ``policy-holds`` control key)."""
         self.engine_running: dict[str, int] = {}
         self.deferred_said: set[tuple[str, int]] = set()
         """(job, epoch) this factory said ``claim_deferred`` for (:meth:`Execute._deferred_event`)."""

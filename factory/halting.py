@@ -10,11 +10,12 @@ change arrives well within one heartbeat); the watch is set up again after a rec
 that fails keeps the last state; a state that cannot be decoded halts everything here (a
 garbled kill switch must not mean "go").
 
-The same watch follows the ``budget-holds`` key (:data:`~gigafactory.schemas.halt.BUDGET_HOLDS_KEY`):
-the pools whose queued work the coordinator holds for its budget, so that a free station serving
-one reads ``policy-paused`` (issue 13's idle classes), not ``no-work``.
+The same watch follows the ``policy-holds`` key (:data:`~gigafactory.schemas.halt.POLICY_HOLDS_KEY`):
+the pools whose queued work the coordinator holds by policy (a halt of the job's product, its
+budget), so that a free station serving one reads ``policy-paused`` (issue 13's idle classes),
+not ``no-work``.
 
-State it uses on :class:`~gigafactory.factory.agent.Factory`: ``halt_state``, ``budget_held_pools``,
+State it uses on :class:`~gigafactory.factory.agent.Factory`: ``halt_state``, ``policy_held_pools``,
 ``runs``, ``broker``.
 """
 
@@ -45,12 +46,12 @@ async def refresh_halt(factory) -> None:
         return
     apply_halt(factory, e.value if e is not None else None)
     try:
-        b = await control.get(H.BUDGET_HOLDS_KEY)
+        b = await control.get(H.POLICY_HOLDS_KEY)
     except Exception as ex:  # the key was never written (nothing held), or a failed read: keep
         if "not found" not in str(ex).lower():
-            log.info("%s: budget holds not read (%s); keeping the last ones", factory.id, ex)
+            log.info("%s: policy holds not read (%s); keeping the last ones", factory.id, ex)
         return
-    apply_budget_holds(factory, b.value if b is not None else None)
+    apply_policy_holds(factory, b.value if b is not None else None)
 
 
 REWATCH_PAUSE_S = 1.0
@@ -70,7 +71,7 @@ async def follow_halt(factory, stop: asyncio.Event) -> None:
         w = None
         try:
             reconnects = factory.broker.nc.stats["reconnects"]
-            w = await control.watch(">")  # the halt key and the budget-holds key
+            w = await control.watch(">")  # the halt key and the policy-holds key
             while not stop.is_set() and factory.broker.nc.stats["reconnects"] == reconnects:
                 try:
                     e = await w.updates(timeout=factory.settings.heartbeat_s)
@@ -81,8 +82,8 @@ async def follow_halt(factory, stop: asyncio.Event) -> None:
                 value = None if e.operation in ("DEL", "PURGE") else e.value
                 if e.key == H.HALT_KEY:
                     apply_halt(factory, value)
-                elif e.key == H.BUDGET_HOLDS_KEY:
-                    apply_budget_holds(factory, value)
+                elif e.key == H.POLICY_HOLDS_KEY:
+                    apply_policy_holds(factory, value)
         except asyncio.CancelledError:
             raise
         except Exception as ex:
@@ -113,16 +114,17 @@ def apply_halt(factory, value: bytes | None) -> None:
     _reclassify(factory)
 
 
-def apply_budget_holds(factory, value: bytes | None) -> None:
-    """Take the stored ``value`` of the budget-holds key: the pools whose queued work the
-    coordinator holds for its budget; a free station serving one reads ``policy-paused``.
+def apply_policy_holds(factory, value: bytes | None) -> None:
+    """Take the stored ``value`` of the policy-holds key: the pools whose queued work the
+    coordinator holds by policy (a product halt, the budget); a free station serving one reads
+    ``policy-paused``.
 
     :param factory: the factory.
     :param value: the key's value (None: deleted or never written)."""
-    pools = set(H.decode_budget_holds(value).pools)
-    if pools != factory.budget_held_pools:
-        log.info("%s: pools held for their budget: %s", factory.id, sorted(pools) or "none")
-    factory.budget_held_pools = pools
+    pools = set(H.decode_policy_holds(value).pools)
+    if pools != factory.policy_held_pools:
+        log.info("%s: pools with work held by policy: %s", factory.id, sorted(pools) or "none")
+    factory.policy_held_pools = pools
     _reclassify(factory)
 
 

@@ -55,9 +55,9 @@ class Stations:
         if self.pools and not any(self._seat_free(p.engine, p.engine_class) for p in self.pools.values()):
             # A station is free but no pool this factory serves has a seat left for its jobs.
             return IdleReason.SEAT_LIMIT
-        if self.budget_held_pools & set(self.pools):
-            # The coordinator holds queued work of a pool served here for its budget (the
-            # ``budget-holds`` control key, :mod:`halting`): paused by policy, not short of work.
+        if self.policy_held_pools & set(self.pools):
+            # The coordinator holds queued work of a pool served here by policy, a product halt
+            # or the budget (the ``policy-holds`` control key, :mod:`halting`): paused, not short of work.
             return IdleReason.POLICY_PAUSED
         return IdleReason.NO_WORK
 

@@ -124,7 +124,7 @@ def test_a_halted_fleets_idle_stations_read_policy_paused_and_coverage_stays_ful
 
 def test_work_held_for_its_budget_pauses_the_stations_that_would_take_it(nats_server, tmp_path):
     """With enforcement on, a job over the per-run cap is held ``budget``; the coordinator says
-    which pools it holds (the ``budget-holds`` control key) and the factory serving that pool reads
+    which pools it holds (the ``policy-holds`` control key) and the factory serving that pool reads
     ``policy-paused``; once the job is let go, ``no-work`` again."""
     async def main():
         settings = fast_settings(pipeline_budget_enforcement=True, max_cost_per_run_usd=0.5,
@@ -135,12 +135,31 @@ def test_work_held_for_its_budget_pauses_the_stations_that_would_take_it(nats_se
             job = await fleet.submit_one(fleet.job("echo ran", review_policy="auto", budget={"usd": 2}))
             await eventually(lambda: all(st.idle_reason == "policy-paused" for st in f.record.stations), 15,
                              what="the station paused for the budget hold")
-            assert f.budget_held_pools, "the factory read the budget-holds key"
+            assert f.policy_held_pools, "the factory read the policy-holds key"
             s = await eventually(_figures_since(fleet, since, "policy-paused"), 15, what="policy-paused seconds")
             assert s.coverage == 1.0, s.to_dict()
             await fleet.client.call("budget_override", {"job": job, "actor": "alice", "reason": "worth it"})
             await fleet.wait_stage(job, "shipped", timeout_s=30)
-            await eventually(lambda: not f.budget_held_pools and all(
+            await eventually(lambda: not f.policy_held_pools and all(
                 st.idle_reason == "no-work" for st in f.record.stations), 15, what="no-work once let go")
+
+    asyncio.run(main())
+
+
+def test_a_product_halt_pauses_the_stations_whose_pool_holds_its_jobs(nats_server, tmp_path):
+    """A halt of one product holds its queued jobs; the factory serving their pool has work it may
+    not take: its free station reads ``policy-paused`` (not ``no-work``) until the resume."""
+    async def main():
+        async with Fleet(nats_server.url, tmp_path) as fleet:
+            f = await fleet.add_factory("p-1")
+            await fleet.client.call("halt", {"product": "web", "mode": "drain", "actor": "ops"})
+            job = await fleet.submit_one(fleet.job("echo ok", review_policy="auto", product="web"))
+            await eventually(lambda: f.policy_held_pools and all(
+                st.idle_reason == "policy-paused" for st in f.record.stations), 15,
+                what="the station paused by the product halt")
+            await fleet.client.call("resume", {"product": "web", "actor": "ops"})
+            await fleet.wait_stage(job, "shipped", timeout_s=30)
+            await eventually(lambda: not f.policy_held_pools and all(
+                st.idle_reason == "no-work" for st in f.record.stations), 15, what="no-work once resumed")
 
     asyncio.run(main())
