@@ -8,6 +8,7 @@ per id whatever the window, so a retried or replayed record never adds a dollar 
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 
@@ -314,8 +315,15 @@ class LedgerPass:
         self.drift: dict[tuple[str, str], tuple[float, float | None]] = {}
         """(provider, model) -> (drift in dollars, drift ratio or None)."""
         self.passes = 0
+        self._lock = asyncio.Lock()
 
     async def run_pass(self) -> None:
+        """Read what was stored since the last pass into the totals; set the figures. Passes
+        run one at a time (the periodic loop and a caller may ask at once)."""
+        async with self._lock:
+            await self._run_pass()
+
+    async def _run_pass(self) -> None:
         from .invoices import load_lines, reconcile
 
         try:
