@@ -25,6 +25,7 @@ from gigafactory.config import Settings
 from gigafactory.economics.budget import enforcement_line
 from gigafactory.economics.governor import Governor
 from gigafactory.schemas import names, protocol
+from gigafactory.schemas import halt as H
 from gigafactory.schemas.halt import HaltState
 from gigafactory.schemas.lifecycle import LEASED, IllegalTransition, Stage
 from gigafactory.schemas.records import (
@@ -139,6 +140,8 @@ class Scheduler:
         self.published: dict[str, decide.Offered] = {}
         """job id -> this coordinator's latest offer of it (``at_s`` on the monotonic clock)."""
         self.held: dict[str, str] = {}
+        self._policy_pools_said: set[str] | None = None
+        """The pools last written to the ``policy-holds`` control key (None: not yet this run)."""
         self.index: dict[str, int] = {}
         """gf_queue keys this coordinator knows to exist -> the epoch written."""
         self.pools_ready = KnownPools(settings.pool_idle_gc_s / 2)
@@ -438,8 +441,28 @@ class Scheduler:
                 reason=f"the record is {st.size_bytes} bytes: a claim and its attempt history need up to "
                        f"{RECORD_HEADROOM_BYTES} more, and the broker takes at most {self.broker.nc.max_payload} "
                        f"bytes per message, so no factory could ever claim it")
-        return await self._offer(plan.offers, plan.holds, broker_now, mono, plan.depth, plan.capacity,
+        sent = await self._offer(plan.offers, plan.holds, broker_now, mono, plan.depth, plan.capacity,
                                  plan.serving)
+        await self._say_policy_holds()
+        return sent
+
+    async def _say_policy_holds(self) -> None:
+        """Write the pools with queued jobs held by policy (a halt of their product, their budget)
+        to the ``policy-holds`` control key when the set changed: the factories serving one then
+        classify their free stations ``policy-paused``, not ``no-work`` (issue 13). A failed
+        write is tried again next pass."""
+        if self.broker.control is None:
+            return
+        pools = {st.record.pool for jid, reason in self.held.items()
+                 if reason.startswith(("budget:", "halted")) and (st := self.queue.states.get(jid)) is not None}
+        if pools == self._policy_pools_said:
+            return
+        try:
+            await self.broker.control.put(H.POLICY_HOLDS_KEY, H.encode_policy_holds(pools, time.time()))
+        except Exception as e:
+            log.info("policy holds not written (%s); trying again next pass", e)
+            return
+        self._policy_pools_said = pools
 
     async def _offer(self, offers: list, holds: list, broker_now: float, mono: float, depth: dict[str, int],
                      capacity: dict[str, int], serving: dict[str, list[FactoryState]]) -> int:

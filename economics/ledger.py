@@ -8,6 +8,7 @@ per id whatever the window, so a retried or replayed record never adds a dollar 
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 
@@ -17,7 +18,7 @@ from nats.js import api
 
 from gigafactory.broker import Broker
 from gigafactory.schemas import names
-from gigafactory.schemas.spend import SpendKind, SpendRecord, with_deltas
+from gigafactory.schemas.spend import _AMOUNTS, SpendKind, SpendRecord, with_deltas
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +50,59 @@ async def publish_spend(broker: Broker, rec: SpendRecord) -> None:
                             timeout=broker.settings.request_timeout_s)
 
 
+async def iter_raw_spend(broker: Broker, start_seq: int = 1, max_records: int = READ_MAX_RECORDS,
+                         until_seq: int | None = None):
+    """Yield ``(stream sequence, record)`` for the records of ``GF_SPEND`` from ``start_seq``
+    (the oldest still stored, if that one is gone) up to ``until_seq`` (None: the last stored
+    when the read starts), oldest first, duplicates included, at most ``max_records``; nothing
+    when the stream does not exist. A message that is not a spend record is logged and skipped
+    (its sequence is still yielded, with None).
+
+    :param broker: an open broker.
+    :param start_seq: the first stream sequence wanted.
+    :param max_records: the bound on messages read.
+    :param until_seq: the last stream sequence wanted."""
+    try:
+        info = await broker.js.stream_info(names.SPEND_STREAM)
+    except nats.js.errors.NotFoundError:
+        return
+    last_seq = info.state.last_seq if until_seq is None else min(until_seq, info.state.last_seq)
+    if info.state.messages == 0 or last_seq < start_seq:
+        return
+    psub = await broker.js.pull_subscribe(
+        f"{names.SPEND_PREFIX}.>", stream=names.SPEND_STREAM,
+        config=api.ConsumerConfig(ack_policy=api.AckPolicy.NONE, deliver_policy=api.DeliverPolicy.BY_START_SEQUENCE,
+                                  opt_start_seq=max(1, start_seq), inactive_threshold=30.0, mem_storage=True),
+    )
+    n = 0
+    try:
+        while n < max_records:
+            try:
+                msgs = await psub.fetch(min(READ_BATCH, max_records - n), timeout=READ_FETCH_TIMEOUT_S)
+            except nats.errors.TimeoutError:
+                break
+            for m in msgs:
+                seq = m.metadata.sequence.stream
+                if seq > last_seq:
+                    return
+                n += 1
+                try:
+                    yield seq, _DEC.decode(m.data)
+                except msgspec.ValidationError as e:
+                    log.warning("GF_SPEND seq %s is not a spend record (%s); skipped", seq, e)
+                    yield seq, None
+            if not msgs or msgs[-1].metadata.sequence.stream >= last_seq or msgs[-1].metadata.num_pending == 0:
+                break
+        else:
+            log.warning("the spend read stopped at %d records (its bound); the rest is read later or not counted",
+                        max_records)
+    finally:
+        try:
+            await psub.unsubscribe()
+        except Exception:  # noqa: BLE001 -- the consumer is ephemeral and goes on its own
+            pass
+
+
 async def read_raw_spend(broker: Broker, max_records: int = READ_MAX_RECORDS) -> list[SpendRecord]:
     """Every record in ``GF_SPEND`` as stored (oldest first, duplicates included), at most
     ``max_records``; [] when the stream does not exist (a layout older than the ledger).
@@ -56,41 +110,7 @@ async def read_raw_spend(broker: Broker, max_records: int = READ_MAX_RECORDS) ->
     :param broker: an open broker.
     :param max_records: the bound on records read.
     """
-    try:
-        info = await broker.js.stream_info(names.SPEND_STREAM)
-    except nats.js.errors.NotFoundError:
-        return []
-    last_seq = info.state.last_seq
-    if info.state.messages == 0:
-        return []
-    out: list[SpendRecord] = []
-    psub = await broker.js.pull_subscribe(
-        f"{names.SPEND_PREFIX}.>", stream=names.SPEND_STREAM,
-        config=api.ConsumerConfig(ack_policy=api.AckPolicy.NONE, deliver_policy=api.DeliverPolicy.ALL,
-                                  inactive_threshold=30.0, mem_storage=True),
-    )
-    try:
-        while len(out) < max_records:
-            try:
-                msgs = await psub.fetch(min(READ_BATCH, max_records - len(out)), timeout=READ_FETCH_TIMEOUT_S)
-            except nats.errors.TimeoutError:
-                break
-            for m in msgs:
-                try:
-                    out.append(_DEC.decode(m.data))
-                except msgspec.ValidationError as e:
-                    log.warning("GF_SPEND seq %s is not a spend record (%s); skipped", m.metadata.sequence.stream, e)
-            if not msgs or msgs[-1].metadata.sequence.stream >= last_seq or msgs[-1].metadata.num_pending == 0:
-                break
-        else:
-            log.warning("read_spend stopped at %d records (READ_MAX_RECORDS); older spend is not counted",
-                        max_records)
-    finally:
-        try:
-            await psub.unsubscribe()
-        except Exception:  # noqa: BLE001 -- the consumer is ephemeral and goes on its own
-            pass
-    return out
+    return [r async for _seq, r in iter_raw_spend(broker, 1, max_records) if r is not None]
 
 
 async def read_spend(broker: Broker, since_s: float | None = None,
@@ -162,40 +182,171 @@ def summarize(records: list[SpendRecord], by: str) -> dict:
 
 # -- the coordinator's ledger pass (for the metrics) -----------------------------------------------
 
-PASS_MAX_RECORDS = 200_000
-"""Records one ledger pass reads at most (its memory: some hundred bytes each); a larger ledger
-is reported from its oldest part only, and the pass logs that it stopped."""
+PASS_MAX_RECORDS = 2_000_000
+"""Records one ledger pass reads at most (a pass keeps running totals, not the records, so this
+bounds its time, not its memory): the first pass after a start reads the stream from its
+oldest record (the default stream cap holds fewer than this); later passes read only what was
+stored since. A larger backlog is read over the next passes."""
+ATTEMPTS_KEPT_MAX = 200_000
+"""Attempts whose last record the running totals keep (to turn totals into deltas and to drop a
+replayed record), least recently written first out: some hundred bytes each."""
+FIXED_IDS_KEPT_MAX = 200_000
+"""Fixed-cost record ids kept to drop a replayed one (a factory writes one per engine and station
+every ``seat_cost_interval_s``: months of a fleet's)."""
+BROKEN_KEPT_MAX = 20
+DAY_S = 86400.0
+
+
+class LedgerTotals:
+    """Running totals over the spend ledger, fed one stored record at a time (pure, no I/O):
+    the figures :func:`~gigafactory.schemas.spend.coverage` and
+    :func:`~gigafactory.economics.invoices.reconcile` give over the whole ledger, without
+    keeping the records.
+
+    - An attempt's record (its totals so far) adds what it has more than the attempt's last
+      record kept (:func:`with_deltas`); one whose ``seq`` is not above that one's is a replay
+      (or, never in practice, a record stored out of order) and adds nothing.
+    - A fixed record adds itself, once per id.
+    - For invoices, non-fixed spend is summed per provider, model, cost source and UTC day:
+      invoice periods are whole UTC days (:func:`~gigafactory.economics.invoices.parse_period`),
+      so a day's sum falls in exactly the lines its records would, and the matched dollars are
+      the same as with the records themselves.
+
+    :param attempts_max: :data:`ATTEMPTS_KEPT_MAX`.
+    :param fixed_ids_max: :data:`FIXED_IDS_KEPT_MAX`."""
+
+    def __init__(self, attempts_max: int = ATTEMPTS_KEPT_MAX, fixed_ids_max: int = FIXED_IDS_KEPT_MAX) -> None:
+        from collections import OrderedDict
+
+        self.attempts_max, self.fixed_ids_max = attempts_max, fixed_ids_max
+        self.last: OrderedDict[tuple[str, int], SpendRecord] = OrderedDict()
+        self.fixed_ids: OrderedDict[str, None] = OrderedDict()
+        self.records = self.attributed_records = 0
+        self.cost_usd = self.attributed_cost_usd = self.unfunded_cost_usd = 0.0
+        self.broken: list[dict] = []
+        self.days: dict[tuple[str, str, float, str], SpendRecord] = {}
+        """(provider, model, day start, cost source) -> one record standing for the day's spend."""
+
+    def add(self, r: SpendRecord) -> SpendRecord | None:
+        """Take stored record ``r`` in; returns what it adds (None: a replay, nothing).
+
+        :param r: a record as stored (an attempt's totals so far, or a fixed cost)."""
+        from gigafactory.schemas.spend import UNFUNDED, missing_attribution
+
+        if r.kind == SpendKind.FIXED:
+            if r.id in self.fixed_ids:
+                return None
+            self.fixed_ids[r.id] = None
+            if len(self.fixed_ids) > self.fixed_ids_max:
+                self.fixed_ids.popitem(last=False)
+            delta = r
+        else:
+            key = (r.job, r.epoch)
+            prev = self.last.get(key)
+            if prev is not None and r.seq <= prev.seq:
+                return None
+            self.last[key] = r
+            self.last.move_to_end(key)
+            if len(self.last) > self.attempts_max:
+                self.last.popitem(last=False)
+            delta = r if prev is None else msgspec.structs.replace(
+                r, **{f: max(0, getattr(r, f) - getattr(prev, f)) for f in _AMOUNTS})
+        self.records += 1
+        self.cost_usd += delta.cost_usd
+        if delta.funding_window == UNFUNDED:
+            self.unfunded_cost_usd += delta.cost_usd
+        missing = missing_attribution(delta)
+        if missing:
+            if len(self.broken) < BROKEN_KEPT_MAX:
+                self.broken.append({"id": delta.id, "missing": missing})
+        else:
+            self.attributed_records += 1
+            self.attributed_cost_usd += delta.cost_usd
+        if delta.kind != SpendKind.FIXED:
+            day = (delta.at // DAY_S) * DAY_S
+            dkey = (delta.provider or "unknown", delta.model or "", day, delta.cost_source)
+            have = self.days.get(dkey)
+            if have is None:
+                self.days[dkey] = msgspec.structs.replace(
+                    delta, id=f"day.{dkey[0]}.{dkey[1]}.{int(day)}.{dkey[3]}", at=day)
+            else:
+                self.days[dkey] = msgspec.structs.replace(
+                    have, **{f: getattr(have, f) + getattr(delta, f) for f in _AMOUNTS})
+        return delta
+
+    def coverage(self):
+        """The attribution coverage of everything added (:class:`~gigafactory.schemas.spend.Coverage`)."""
+        from gigafactory.schemas.spend import Coverage
+
+        return Coverage(records=self.records, attributed_records=self.attributed_records, cost_usd=self.cost_usd,
+                        attributed_cost_usd=self.attributed_cost_usd, unfunded_cost_usd=self.unfunded_cost_usd,
+                        broken=list(self.broken))
+
+    def day_records(self) -> list[SpendRecord]:
+        """One record per provider, model, cost source and UTC day (what :func:`reconcile` needs)."""
+        return list(self.days.values())
 
 
 class LedgerPass:
     """What the coordinator's periodic ledger pass found last, for the metrics: attribution
     coverage, dollars drawn from ``unfunded``, and invoice drift per provider and model.
-    Every ``spend_metrics_interval_s``; reads the whole ledger (bounded by
-    :data:`PASS_MAX_RECORDS`) and the invoice lines.
+
+    Every ``spend_metrics_interval_s``. Incremental: it keeps its position in ``GF_SPEND`` (the
+    last stream sequence read) and running totals (:class:`LedgerTotals`), so a pass reads only
+    what was stored since the last one. The position and totals live in memory: a coordinator
+    that starts again reads the stream once from its oldest record (bounded by
+    :data:`PASS_MAX_RECORDS` per pass), which gives the same totals. A stream that was
+    recreated (its last sequence below the position) is read again from the start. Records the
+    retention pass removed after they were read stay counted until the next start.
 
     :param broker: the coordinator's broker.
     """
 
-    def __init__(self, broker: Broker) -> None:
+    def __init__(self, broker: Broker, max_records: int = PASS_MAX_RECORDS) -> None:
         self.broker = broker
+        self.max_records = max_records
+        self.totals = LedgerTotals()
+        self.position = 0
+        """The last ``GF_SPEND`` sequence read (0: none yet)."""
+        self.read_last_pass = 0
+        """Messages the last pass read (what an incremental pass costs)."""
         self.coverage_ratio: float | None = None
         self.unfunded_usd: float | None = None
         self.drift: dict[tuple[str, str], tuple[float, float | None]] = {}
         """(provider, model) -> (drift in dollars, drift ratio or None)."""
         self.passes = 0
+        self._lock = asyncio.Lock()
 
     async def run_pass(self) -> None:
-        from gigafactory.schemas.spend import coverage
+        """Read what was stored since the last pass into the totals; set the figures. Passes
+        run one at a time (the periodic loop and a caller may ask at once)."""
+        async with self._lock:
+            await self._run_pass()
 
+    async def _run_pass(self) -> None:
         from .invoices import load_lines, reconcile
 
-        records = with_deltas(await read_raw_spend(self.broker, PASS_MAX_RECORDS))
-        cov = coverage(records)
+        try:
+            info = await self.broker.js.stream_info(names.SPEND_STREAM)
+            if info.state.last_seq < self.position:
+                log.warning("GF_SPEND was recreated (last sequence %d < %d read): reading it again from the start",
+                            info.state.last_seq, self.position)
+                self.totals, self.position = LedgerTotals(), 0
+        except nats.js.errors.NotFoundError:
+            pass
+        n = 0
+        async for seq, r in iter_raw_spend(self.broker, self.position + 1, self.max_records):
+            n += 1
+            self.position = seq
+            if r is not None:
+                self.totals.add(r)
+        self.read_last_pass = n
+        cov = self.totals.coverage()
         lines = await load_lines(self.broker)
-        rec = reconcile(lines, records)
+        rec = reconcile(lines, self.totals.day_records())
         self.coverage_ratio, self.unfunded_usd = cov.ratio, cov.unfunded_cost_usd
         self.drift = {(d.provider, d.model): (d.drift_usd, d.drift_ratio) for d in rec.drift}
         self.passes += 1
-        if cov.broken:
+        if cov.broken and n:
             log.warning("spend ledger: %d of %d records break attribution (first: %s)",
                         cov.records - cov.attributed_records, cov.records, cov.broken[0])

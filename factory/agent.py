@@ -161,6 +161,11 @@ class Factory(Stations, AuditQueue, Pools, Holder, Execute, Reporting, Ship, Che
         """station -> (idle reason a run gave on release, monotonic time it stands until)."""
         self.station_class: dict[int, str] = {}
         """station -> the class its last ``station`` event said (``busy`` or an idle reason)."""
+        self.station_waiting: dict[int, IdleReason] = {}
+        """station -> what its run only waits on now (``waiting-merge``): its class instead of busy."""
+        self.policy_held_pools: set[str] = set()
+        """Pools whose queued work the coordinator holds by policy: a product halt, the budget
+        (the ``policy-holds`` control key)."""
         self.engine_running: dict[str, int] = {}
         self.deferred_said: set[tuple[str, int]] = set()
         """(job, epoch) this factory said ``claim_deferred`` for (:meth:`Execute._deferred_event`)."""
@@ -230,7 +235,7 @@ class Factory(Stations, AuditQueue, Pools, Holder, Execute, Reporting, Ship, Che
         await refresh_halt(self)  # the kill switch, before any claim; then followed (halting.py)
         await self._heartbeat()
         for st in self.record.stations:
-            st.idle_reason = IdleReason.NO_WORK
+            st.idle_reason = self._idle_reason(st.index)  # no-work, or policy-paused under a halt
             self._note_station(st.index)
         self._spawn(self._events_loop(), "events")
         self._spawn(self._heartbeat_loop(stop), "heartbeat")

@@ -10,7 +10,13 @@ change arrives well within one heartbeat); the watch is set up again after a rec
 that fails keeps the last state; a state that cannot be decoded halts everything here (a
 garbled kill switch must not mean "go").
 
-State it uses on :class:`~gigafactory.factory.agent.Factory`: ``halt_state``, ``runs``, ``b``.
+The same watch follows the ``policy-holds`` key (:data:`~gigafactory.schemas.halt.POLICY_HOLDS_KEY`):
+the pools whose queued work the coordinator holds by policy (a halt of the job's product, its
+budget), so that a free station serving one reads ``policy-paused`` (issue 13's idle classes),
+not ``no-work``.
+
+State it uses on :class:`~gigafactory.factory.agent.Factory`: ``halt_state``, ``policy_held_pools``,
+``runs``, ``broker``.
 """
 
 from __future__ import annotations
@@ -39,6 +45,13 @@ async def refresh_halt(factory) -> None:
         log.info("%s: halt state not read (%s); keeping the last one", factory.id, ex)
         return
     apply_halt(factory, e.value if e is not None else None)
+    try:
+        b = await control.get(H.POLICY_HOLDS_KEY)
+    except Exception as ex:  # the key was never written (nothing held), or a failed read: keep
+        if "not found" not in str(ex).lower():
+            log.info("%s: policy holds not read (%s); keeping the last ones", factory.id, ex)
+        return
+    apply_policy_holds(factory, b.value if b is not None else None)
 
 
 REWATCH_PAUSE_S = 1.0
@@ -58,14 +71,19 @@ async def follow_halt(factory, stop: asyncio.Event) -> None:
         w = None
         try:
             reconnects = factory.broker.nc.stats["reconnects"]
-            w = await control.watch(H.HALT_KEY)
+            w = await control.watch(">")  # the halt key and the policy-holds key
             while not stop.is_set() and factory.broker.nc.stats["reconnects"] == reconnects:
                 try:
                     e = await w.updates(timeout=factory.settings.heartbeat_s)
                 except (nats.errors.TimeoutError, asyncio.TimeoutError):
                     continue
-                if e is not None:  # None: the end of the initial values
-                    apply_halt(factory, None if e.operation in ("DEL", "PURGE") else e.value)
+                if e is None:  # None: the end of the initial values
+                    continue
+                value = None if e.operation in ("DEL", "PURGE") else e.value
+                if e.key == H.HALT_KEY:
+                    apply_halt(factory, value)
+                elif e.key == H.POLICY_HOLDS_KEY:
+                    apply_policy_holds(factory, value)
         except asyncio.CancelledError:
             raise
         except Exception as ex:
@@ -93,6 +111,30 @@ def apply_halt(factory, value: bytes | None) -> None:
                     state.fleet.mode if state.fleet else None, sorted(state.products))
     factory.halt_state = state
     stop_covered_runs(factory)
+    _reclassify(factory)
+
+
+def apply_policy_holds(factory, value: bytes | None) -> None:
+    """Take the stored ``value`` of the policy-holds key: the pools whose queued work the
+    coordinator holds by policy (a product halt, the budget); a free station serving one reads
+    ``policy-paused``.
+
+    :param factory: the factory.
+    :param value: the key's value (None: deleted or never written)."""
+    pools = set(H.decode_policy_holds(value).pools)
+    if pools != factory.policy_held_pools:
+        log.info("%s: pools with work held by policy: %s", factory.id, sorted(pools) or "none")
+    factory.policy_held_pools = pools
+    _reclassify(factory)
+
+
+def _reclassify(factory) -> None:
+    """Work out the free stations' idle classes again now (not at the next heartbeat), so a
+    halt or a budget hold shows in the station events as it happens."""
+    refresh = getattr(factory, "_refresh_idle", None)
+    ready = getattr(factory, "ready", None)
+    if refresh is not None and ready is not None and ready.is_set():  # while starting they read prewarm
+        refresh()
 
 
 def claim_refused(factory, product: str) -> bool:

@@ -35,7 +35,7 @@ from gigafactory.forges import body
 from gigafactory.forges.local import LocalForge
 from gigafactory.schemas import protocol
 from gigafactory.schemas.manifest import FailureClass, effective_scope
-from gigafactory.schemas.records import WorkspaceResult
+from gigafactory.schemas.records import IdleReason, WorkspaceResult
 from gigafactory.schemas.scope import check_scope
 
 from . import workspace
@@ -267,7 +267,18 @@ class Ship:
 
     async def _ws_merge(self, run: Run, forge, pr, ws: WorkspaceResult, verify_passed: bool,
                         data: dict) -> tuple[WorkspaceResult, str | None]:
-        """The ``merged`` half of :meth:`_ws_ship`: checks, a bounded wait, the fenced merge."""
+        """The ``merged`` half of :meth:`_ws_ship`: checks, a bounded wait, the fenced merge.
+        The station is held meanwhile but does no work: it reads ``waiting-merge`` (issue 13's
+        idle classes) until the merge is decided."""
+        self._station_waits(run.station, IdleReason.WAITING_MERGE)
+        try:
+            return await self._ws_merge_waiting(run, forge, pr, ws, verify_passed, data)
+        finally:
+            if self.runs.get((run.job, run.epoch)) is run:  # still holds its station
+                self._station_waits(run.station, None)
+
+    async def _ws_merge_waiting(self, run: Run, forge, pr, ws: WorkspaceResult, verify_passed: bool,
+                                data: dict) -> tuple[WorkspaceResult, str | None]:
         data = {**data, "number": pr.number}
         try:
             if isinstance(forge, LocalForge):

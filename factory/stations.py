@@ -44,6 +44,9 @@ class Stations:
             return IdleReason.DRAINING
         if not self.broker.nc.is_connected:
             return IdleReason.BROKER_DOWN
+        if self.halt_state.fleet is not None:
+            # The kill switch covers every job: nothing may be claimed here, whatever is queued.
+            return IdleReason.POLICY_PAUSED
         if self.pools and all(p.mode == "poll" for p in self.pools.values()):
             return IdleReason.DISPATCH_DOWN
         sticky = self.sticky_idle.get(index) if index is not None else None
@@ -52,12 +55,17 @@ class Stations:
         if self.pools and not any(self._seat_free(p.engine, p.engine_class) for p in self.pools.values()):
             # A station is free but no pool this factory serves has a seat left for its jobs.
             return IdleReason.SEAT_LIMIT
+        if self.policy_held_pools & set(self.pools):
+            # The coordinator holds queued work of a pool served here by policy, a product halt
+            # or the budget (the ``policy-holds`` control key, :mod:`halting`): paused, not short of work.
+            return IdleReason.POLICY_PAUSED
         return IdleReason.NO_WORK
 
     def _set_station(self, index: int, job: str | None, epoch: int | None, reason: IdleReason | None = None) -> None:
         st = self.record.stations[index]
         st.state = StationState.BUSY if job else StationState.IDLE
         st.job, st.epoch = job, epoch
+        self.station_waiting.pop(index, None)
         if job or reason is None:
             self.sticky_idle.pop(index, None)
         else:
@@ -66,6 +74,18 @@ class Stations:
             self.sticky_idle[index] = (reason, time.monotonic() + STICKY_IDLE_S)
         st.idle_reason = None if job else (reason or self._idle_reason(index))
         st.since = time.time()
+        self._note_station(index)
+
+    def _station_waits(self, index: int, reason: IdleReason | None) -> None:
+        """Say that busy station ``index``'s run only waits now (``reason``, e.g. ``waiting-merge``),
+        or works again (None); a ``station`` event is sent when the class changes.
+
+        :param index: the station its run holds.
+        :param reason: what it waits on, or None."""
+        if reason is None:
+            self.station_waiting.pop(index, None)
+        else:
+            self.station_waiting[index] = reason
         self._note_station(index)
 
     def _refresh_idle(self) -> None:
@@ -80,7 +100,13 @@ class Stations:
         ``busy``, or its idle reason. ``economics.idle`` turns these into intervals (idle
         classes, coverage, lane allocation); only changes are sent, so a steady fleet sends none."""
         st = self.record.stations[index]
-        cls = "busy" if st.state == StationState.BUSY else (str(st.idle_reason) if st.idle_reason else "")
+        if st.state == StationState.BUSY:
+            # A run holding its station while it only waits (a forge's checks, the merge) is
+            # not working: it says so with ``station_waiting`` (:mod:`ship`).
+            waiting = self.station_waiting.get(index)
+            cls = str(waiting) if waiting is not None else "busy"
+        else:
+            cls = str(st.idle_reason) if st.idle_reason else ""
         if self.station_class.get(index) == cls:
             return
         self.station_class[index] = cls

@@ -164,3 +164,40 @@ def decode_state(data: bytes | None) -> HaltState:
 def encode_state(state: HaltState) -> bytes:
     """The bytes stored for ``state``."""
     return msgspec.json.encode(state)
+
+
+POLICY_HOLDS_KEY = "policy-holds"
+"""The ``gf_control`` key where the dispatching coordinator says which pools have queued jobs it
+holds by policy: a halt of their product, or their budget (issue 13). A factory whose free
+stations serve one reads ``policy-paused`` rather than ``no-work``. Written only when the set
+changes."""
+
+POLICY_HOLDS_POOLS_MAX = 10_000
+"""At most this many pools in the key (a fleet has far fewer; beyond, the rest are left out)."""
+
+
+class PolicyHolds(msgspec.Struct, omit_defaults=True):
+    """The value of :data:`POLICY_HOLDS_KEY`."""
+
+    pools: list[str] = []
+    """Pools with at least one queued job held ``halted: ...`` or ``budget: ...``, sorted."""
+    at: float = 0.0
+    """When the coordinator wrote it (epoch seconds)."""
+
+
+def decode_policy_holds(data: bytes | None) -> PolicyHolds:
+    """The stored policy holds (None or empty, or unreadable: none; a garbled key must not pause
+    the fleet, the coordinator still holds the jobs themselves).
+
+    :param data: the KV value."""
+    if not data:
+        return PolicyHolds()
+    try:
+        return msgspec.json.decode(data, type=PolicyHolds)
+    except msgspec.DecodeError:
+        return PolicyHolds()
+
+
+def encode_policy_holds(pools: set[str], at: float) -> bytes:
+    """The bytes stored for ``pools`` with work held by policy at ``at``."""
+    return msgspec.json.encode(PolicyHolds(pools=sorted(pools)[:POLICY_HOLDS_POOLS_MAX], at=at))

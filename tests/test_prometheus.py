@@ -210,7 +210,7 @@ def test_grafana_provisioning_points_the_dashboards_at_the_provisioned_datasourc
     [provider] = yaml.safe_load(PROVIDER.read_text())["providers"]
     assert provider["type"] == "file" and provider["options"]["path"]
     boards = dashboards()
-    assert {"fleet-overview.json", "factory.json", "reliability.json"} <= boards.keys()
+    assert {"fleet-overview.json", "factory.json", "reliability.json", "economics.json"} <= boards.keys()
     uids = [d["uid"] for d in boards.values()]
     assert len(set(uids)) == len(uids), uids
     for name, d in boards.items():
@@ -387,6 +387,11 @@ def live_rule_file(root: Path) -> Path:
 def live_fleet(tmp_path):
     fleet = LiveFleet(tmp_path)
     try:
+        # An invoice for the meter engine's spend, imported before the coordinator starts: its
+        # first ledger pass (at start) then exports the invoice drift gauges.
+        invoice = tmp_path / "meter-invoice.csv"
+        invoice.write_text(f"period,model,tokens,amount\n{time.strftime('%Y-%m', time.gmtime())},meter-model,1200,0.30\n")
+        fleet.cli("invoices", "import", str(invoice), "--provider", "meter")
         fleet.start_coordinator()
         fleet.start_factory()
         fleet.start_prometheus(live_rule_file(tmp_path))
@@ -457,6 +462,12 @@ def test_live_fleet_every_query_parses_and_its_metrics_exist_and_an_alert_fires_
     # (a factory's own down-time does not page: only coordinators have an up alert).
     others = {a["labels"]["alertname"] for a in prom.api("alerts")["data"]["alerts"] if a["state"] == "firing"}
     assert others <= {"GigafactoryDeadLetters"}, others
+
+    # The kill switch, briefly: the economics dashboard's security row draws gigafactory_halted.
+    fleet.cli("halt", "--drain", "--reason", "dashboard series")
+    wait_until(lambda: prom.value('max(gigafactory_halted{scope="fleet"})') == 1, WAIT_S,
+               what=f"the halt is scraped\n{fleet.logs()}")
+    fleet.cli("resume")
 
     # Every query parses on the real server.
     bad = {}

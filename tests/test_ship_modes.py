@@ -576,3 +576,35 @@ def test_an_agent_gets_the_conflicting_merge_onto_the_new_base_to_resolve_and_it
         run(main(), 120)
     finally:
         engines.unregister("prompted-agent")
+
+
+def test_a_station_waiting_on_the_forges_checks_and_merge_reads_waiting_merge(nats_server, tmp_path):
+    """While an attempt only waits on the forge (checks, the merge) its station is held but not
+    working: the station events say ``waiting-merge`` for that job, then ``busy`` again, and every
+    non-working second stays classified (issue 13)."""
+    import time
+
+    from gigafactory.economics import idle
+
+    remote = make_remote(tmp_path)
+
+    async def main():
+        async with Fleet(nats_server.url, tmp_path) as fleet:
+            since = time.time() - 1
+            await fleet.add_factory("f1")
+            job = await fleet.submit_one(repo_job("echo m > m.txt", repo=str(remote), review_policy="auto",
+                                                  ship_as="merged", verify="test -f m.txt"))
+            await fleet.wait_stage(job, "shipped", timeout_s=40)
+
+            async def said():
+                evs = [e for e in await idle.read_station_events(fleet.admin, since) if e["kind"] == "station"]
+                seq = [e["data"]["class"] for e in evs if e["data"].get("job") == job]
+                return (seq, evs) if "waiting-merge" in seq and seq[-1] != "waiting-merge" else None
+
+            seq, evs = await eventually(said, 15, what="a waiting-merge station event for the job")
+            assert seq.index("busy") < seq.index("waiting-merge"), seq
+            ivs = idle.intervals(idle.transitions_from_events(evs), since, time.time())
+            s = idle.summarise(ivs)[""]
+            assert s.coverage == 1.0 and s.by_class_s.get("waiting-merge", 0) > 0, s.to_dict()
+
+    run(main())

@@ -4,10 +4,13 @@ arithmetic; a real nats-server for the stream."""
 
 from __future__ import annotations
 
+import time
+
+import msgspec
 import pytest
 
 from gigafactory.broker import Broker
-from gigafactory.economics.ledger import publish_spend, read_raw_spend, read_spend
+from gigafactory.economics.ledger import publish_spend, read_raw_spend, read_spend, spend_subject
 from gigafactory.schemas.spend import (
     UNFUNDED,
     SeatCostError,
@@ -126,3 +129,92 @@ def test_ledger_settings_that_would_misattribute_or_drop_spend_are_refused(env, 
     with pytest.raises(SettingsError, match="invalid ledger settings") as e:
         Settings.from_env(env).validate()
     assert says in str(e.value)
+
+
+def _fixed(fid: str, cost: float, at: float) -> SpendRecord:
+    return SpendRecord(id=fid, kind="fixed", at=at, lane="f1/0", lane_kind="live", funding_window="q4", factory="f1",
+                       product="fleet", engine="claude", provider="anthropic", model="seat", cost_usd=cost,
+                       cost_source="fixed")
+
+
+DAY = 86400.0
+STORED = [  # as stored: replays, a lost middle record (j1 seq 2), two days, two models, a fixed cost, a broken record
+    rec(seq=1, cost=0.1, at=DAY * 300 + 10), rec(seq=1, cost=0.1, at=DAY * 300 + 10),
+    rec(seq=3, cost=0.5, at=DAY * 300 + 30, kind="final"),
+    rec(job="j2", seq=1, cost=0.2, at=DAY * 301 + 5, model="claude-opus-4"),
+    rec(job="j2", seq=2, cost=0.7, at=DAY * 301 + 50, model="claude-opus-4", kind="final"),
+    _fixed("fixed.f1.claude.0.1", 2.5, DAY * 300), _fixed("fixed.f1.claude.0.1", 2.5, DAY * 300),
+    rec(job="j3", seq=1, cost=0.05, at=DAY * 301 + 9, lane=""),
+]
+
+
+def _lines():
+    from gigafactory.economics.invoices import parse_invoice
+
+    month = time.strftime("%Y-%m", time.gmtime(DAY * 300))
+    day2 = time.strftime("%Y-%m-%d", time.gmtime(DAY * 301))
+    csv = (f"period,model,tokens,amount\n{month},claude-sonnet-4,,0.4\n{day2},claude-opus-4,,0.6\n"
+           f"{month},claude-opus-4,,0.3\n").encode()
+    return parse_invoice(csv, "inv.csv", "anthropic")
+
+
+def test_running_totals_give_the_whole_ledgers_coverage_and_invoice_drift():
+    """LedgerTotals, fed the stored records one at a time, gives what coverage() and reconcile()
+    give over the deduplicated deltas of the whole ledger; each split of the stream gives the same."""
+    from gigafactory.economics.invoices import reconcile
+    from gigafactory.economics.ledger import LedgerTotals
+
+    full = with_deltas(STORED)
+    want_cov, want = coverage(full), reconcile(_lines(), full)
+    for split in range(len(STORED) + 1):
+        t = LedgerTotals()
+        for r in STORED[:split]:
+            t.add(r)
+        for r in STORED[split:]:
+            t.add(r)
+        cov = t.coverage()
+        assert (cov.records, cov.attributed_records) == (want_cov.records, want_cov.attributed_records)
+        assert round(cov.cost_usd, 9) == round(want_cov.cost_usd, 9) == 3.75
+        assert round(cov.unfunded_cost_usd, 9) == round(want_cov.unfunded_cost_usd, 9)
+        assert [b["id"] for b in cov.broken] == [b["id"] for b in want_cov.broken] == ["j3.1.1"]
+        got = reconcile(_lines(), t.day_records())
+        assert [(d.provider, d.model, d.billed_usd, d.ledger_usd, d.drift_usd) for d in got.drift] == \
+               [(d.provider, d.model, d.billed_usd, d.ledger_usd, d.drift_usd) for d in want.drift]
+        assert got.matched_usd == want.matched_usd and got.unmatched_lines_count == want.unmatched_lines_count == 1
+
+
+def test_the_ledger_pass_reads_only_what_was_stored_since_and_a_restart_reads_it_all_once(nats_server):
+    from gigafactory.economics.invoices import reconcile, store_lines
+    from gigafactory.economics.ledger import LedgerPass
+
+    async def go():
+        b = await Broker.open(nats_server.url, "t", fast_settings())
+        try:
+            await b.ensure_layout()
+            await store_lines(b, _lines())
+            for r in STORED[:5]:
+                await b.js.publish(spend_subject(r), msgspec.json.encode(r))  # no Nats-Msg-Id: replays are stored
+            p = LedgerPass(b)
+            await p.run_pass()
+            assert p.read_last_pass == 5 and p.position == 5
+            await p.run_pass()
+            assert p.read_last_pass == 0, "nothing new: nothing read"
+            for r in STORED[5:]:
+                await b.js.publish(spend_subject(r), msgspec.json.encode(r))
+            await p.run_pass()
+            assert p.read_last_pass == 3, "only the records stored since the last pass"
+
+            full = with_deltas(await read_raw_spend(b))
+            cov, rec_ = coverage(full), reconcile(_lines(), full)
+            want_drift = {(d.provider, d.model): (d.drift_usd, d.drift_ratio) for d in rec_.drift}
+            assert p.coverage_ratio == cov.ratio < 1 and p.unfunded_usd == cov.unfunded_cost_usd
+            assert p.drift == want_drift and len(want_drift) == 2
+
+            again = LedgerPass(b)  # a coordinator started again: reads the stream once from the start
+            await again.run_pass()
+            assert again.read_last_pass == 8
+            assert (again.coverage_ratio, again.unfunded_usd, again.drift) == (p.coverage_ratio, p.unfunded_usd, p.drift)
+        finally:
+            await b.close()
+
+    run(go())
