@@ -12,6 +12,7 @@ import signal
 import subprocess
 from pathlib import Path
 
+import msgspec
 import pytest
 from helpers import Proc, fast_env, fast_settings, gigafactory_cmd, wait_until
 
@@ -30,9 +31,14 @@ def _env(home: Path) -> dict[str, str]:
     return env
 
 
-def _registered(url: str, factory_id: str) -> bool:
+def _registered(url: str, factory_id: str, home: Path | None = None) -> bool:
+    """Whether ``factory_id`` is registered on the broker at ``url``; with ``home``, read as that
+    home's admin (its embedded broker runs with authentication on)."""
     async def look() -> bool:
-        b = await Broker.open(url, "test-services-reader", fast_settings(), ensure=False)
+        settings = fast_settings()
+        if home is not None:
+            settings = msgspec.structs.replace(settings, creds=str(home / "identities" / "admin.creds"))
+        b = await asyncio.wait_for(Broker.open(url, "test-services-reader", settings, ensure=False), 10)
         try:
             return await b.factories.get(factory_id) is not None
         finally:
@@ -95,7 +101,7 @@ def test_a_factory_with_no_broker_configured_waits_for_the_embedded_one(tmp_path
         state = home / "server.json"
         wait_until(state.exists, 30, what="the embedded broker is up")
         url = json.loads(state.read_text())["url"]
-        wait_until(lambda: _registered(url, "local"), 60, what="the factory registered on the embedded broker")
+        wait_until(lambda: _registered(url, "local", home), 60, what="the factory registered on the embedded broker")
     finally:
         factory.close()
         if server is not None:
