@@ -64,8 +64,6 @@ class FleetView:
     job_listeners: list = field(default_factory=list)
     """Called as ``fn(old, new)`` (each a :class:`JobState` or None) on every job change, so a
     consumer (the scheduler's dispatch order) keeps its own structures without rescanning."""
-    listener_errors: int = 0
-    """Job listeners that raised (each logged with its traceback); the watch goes on."""
     poison: dict[str, PoisonNote] = field(default_factory=dict)
     """gf_jobs keys whose latest revision is not a usable job record (see :class:`PoisonNote`)."""
     heartbeats_quiet: int = 0
@@ -88,7 +86,8 @@ class FleetView:
                         del self.dependents[d]
         self.poison.pop(key, None)
         if not value:
-            self._tell(old, None)
+            if old is not None:  # a key the view never held (poison, or before the replay) changes nothing
+                self._tell(old, None)
             self.changed.set()
             return
         try:
@@ -121,12 +120,7 @@ class FleetView:
 
     def _tell(self, old: JobState | None, new: JobState | None) -> None:
         for fn in self.job_listeners:
-            try:
-                fn(old, new)
-            except Exception:  # one listener's bug must not stop the gf_jobs watch (and dispatch with it)
-                self.listener_errors += 1
-                log.exception("job listener %s failed on %s", getattr(fn, "__qualname__", fn),
-                              (new or old).record.id if (new or old) is not None else "a deleted key")
+            fn(old, new)
 
     def apply_factory(self, key: str, value: bytes | None, ts: float) -> None:
         if not value:

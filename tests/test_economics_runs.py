@@ -101,15 +101,3 @@ def test_the_merge_queue_ignores_the_deletion_of_a_key_the_view_never_held():
     q.on_job(None, None)
     assert q.members == set()
 
-
-def test_a_listener_that_raises_does_not_stop_the_view_telling_the_others():
-    from gigafactory.coordinator.view import FleetView
-
-    view, told = FleetView(), []
-
-    def broken(old, new):
-        raise RuntimeError("a bug in one listener")
-
-    view.job_listeners += [broken, lambda old, new: told.append((old, new))]
-    view._tell(None, None)
-    assert told == [(None, None)] and view.listener_errors == 1
