@@ -117,6 +117,11 @@ def test_halt_stop_stops_running_jobs_and_hands_them_back_fenced_then_resume_run
             f = await fleet.add_factory("f1")
             job = await fleet.submit_one(fleet.job(_waiter(str(flag)), review_policy="auto"))
             before = await fleet.wait_stage(job, "building")
+            logs = tmp_path / "factories" / "f1" / "logs"
+            # Building is written before the engine starts: halt once the script runs, so the
+            # log shows what the stop cut short.
+            await eventually(lambda: "started" in "".join(p.read_text() for p in logs.glob(f"{job}-*.log")), 15,
+                             what="the job's script started")
             await fleet.client.call("halt", {"mode": "stop", "actor": "ops"})
             rec = await fleet.wait_stage(job, "queued", timeout_s=15)
             assert rec.epoch > before.epoch, "handed back with a bumped epoch: the old holder is fenced"
