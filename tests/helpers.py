@@ -28,7 +28,7 @@ import yaml
 
 from gigafactory.procs import pid_alive, popen_tied  # noqa: F401 (tests import pid_alive from here)
 from gigafactory.broker import Broker
-from gigafactory.client import Client
+from gigafactory.client import SUBMIT_TIMEOUT_MIN_S, Client
 from gigafactory.config import Settings, env_text
 from gigafactory.coordinator.api import read_events
 from gigafactory.coordinator.service import Coordinator
@@ -237,7 +237,10 @@ class Fleet:
         for i, t in enumerate(texts):
             path, text = t if isinstance(t, tuple) else (f"job-{i}.md", t)
             files.append({"path": path, "text": text})
-        return (await self.client.call("submit", {"files": files}, timeout_s=timeout_s))["jobs"]
+        # A batch writes a record per file: bound it like the client's own submit does (at least
+        # SUBMIT_TIMEOUT_MIN_S), not by one request's 10 s, which a loaded CI machine can miss.
+        wait_s = timeout_s or max(self.client.timeout_s, SUBMIT_TIMEOUT_MIN_S)
+        return (await self.client.call("submit", {"files": files}, timeout_s=wait_s))["jobs"]
 
     async def submit_one(self, text: str, path: str = "job.md") -> str:
         return (await self.submit((path, text)))[0]["job"]

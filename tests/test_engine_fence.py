@@ -242,6 +242,7 @@ def test_unsafe_unfenced_engines_disables_the_supervisor(tmp_path):
         assert os.getpgid(engine_pid) == engine_pid  # the shell leads its own group: no supervisor
         parent.kill()
         parent.wait(10)
+        wait_until(lambda: (d / "ticks").exists(), 20, what="the engine's first tick")  # bg.pid comes first
         lines = len((d / "ticks").read_text().split())
         wait_until(lambda: len((d / "ticks").read_text().split()) > lines + 3, 10, what="engine still ticking")
         assert pid_alive(engine_pid)
