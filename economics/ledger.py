@@ -18,7 +18,7 @@ from nats.js import api
 
 from gigafactory.broker import Broker
 from gigafactory.schemas import names
-from gigafactory.schemas.spend import _AMOUNTS, SpendKind, SpendRecord, with_deltas
+from gigafactory.schemas.spend import SPEND_AMOUNTS, SpendKind, SpendRecord, with_deltas
 
 log = logging.getLogger(__name__)
 
@@ -250,7 +250,7 @@ class LedgerTotals:
             if len(self.last) > self.attempts_max:
                 self.last.popitem(last=False)
             delta = r if prev is None else msgspec.structs.replace(
-                r, **{f: max(0, getattr(r, f) - getattr(prev, f)) for f in _AMOUNTS})
+                r, **{f: max(0, getattr(r, f) - getattr(prev, f)) for f in SPEND_AMOUNTS})
         self.records += 1
         self.cost_usd += delta.cost_usd
         if delta.funding_window == UNFUNDED:
@@ -271,7 +271,7 @@ class LedgerTotals:
                     delta, id=f"day.{dkey[0]}.{dkey[1]}.{int(day)}.{dkey[3]}", at=day)
             else:
                 self.days[dkey] = msgspec.structs.replace(
-                    have, **{f: getattr(have, f) + getattr(delta, f) for f in _AMOUNTS})
+                    have, **{f: getattr(have, f) + getattr(delta, f) for f in SPEND_AMOUNTS})
         return delta
 
     def coverage(self):

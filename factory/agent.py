@@ -90,6 +90,14 @@ the one-request checks of a quiet pool index, ``stall_checks`` the full ones (an
 consumer lookup when something is queued)."""
 
 
+def warn_if_unsafe(settings: Settings) -> None:
+    """Say loudly that ``unsafe_unfenced_engines`` is on (the chaos suite's broken variant)."""
+    if settings.unsafe_unfenced_engines:
+        log.warning("UNSAFE: unsafe_unfenced_engines is on: engines are not killed when this factory dies "
+                    "and are not stopped when its leases lapse; a job's side effects can happen twice. "
+                    "Use this only for the chaos suite's broken-on-purpose variant.")
+
+
 class Factory(Stations, AuditQueue, Pools, Holder, Execute, Reporting, Ship, Checkpoints):
     """One factory: its state, its loops, and drain. The behaviour is in the mixins (see the
     module's docstring); this class only sets up what they share and starts them.
@@ -121,10 +129,7 @@ class Factory(Stations, AuditQueue, Pools, Holder, Execute, Reporting, Ship, Che
         assert stations >= 1
         self.broker = broker
         self.settings = (settings or broker.settings).validate()
-        if self.settings.unsafe_unfenced_engines:
-            log.warning("UNSAFE: unsafe_unfenced_engines is on: engines are not killed when this factory dies "
-                        "and are not stopped when its leases lapse; a job's side effects can happen twice. "
-                        "Use this only for the chaos suite's broken-on-purpose variant.")
+        warn_if_unsafe(self.settings)
         self.id = factory_id or socket.gethostname().split(".")[0].lower()
         assert names.is_job_id(self.id) or all(c.isalnum() or c in "-_" for c in self.id), self.id
         desc = probe_mod.describe()

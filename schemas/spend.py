@@ -162,7 +162,8 @@ def dedupe(records: list[SpendRecord]) -> list[SpendRecord]:
     return out
 
 
-_AMOUNTS = ("tokens_input", "tokens_output", "tokens_cache_read", "tokens_cache_write", "cost_usd")
+SPEND_AMOUNTS = ("tokens_input", "tokens_output", "tokens_cache_read", "tokens_cache_write", "cost_usd")
+"""The additive fields of a spend record (an attempt's records carry running totals of these)."""
 
 
 def with_deltas(records: list[SpendRecord]) -> list[SpendRecord]:
@@ -186,7 +187,7 @@ def with_deltas(records: list[SpendRecord]) -> list[SpendRecord]:
         if prev is None:
             out.append(r)
             continue
-        out.append(msgspec.structs.replace(r, **{f: max(0, getattr(r, f) - getattr(prev, f)) for f in _AMOUNTS}))
+        out.append(msgspec.structs.replace(r, **{f: max(0, getattr(r, f) - getattr(prev, f)) for f in SPEND_AMOUNTS}))
     order = {r.id: i for i, r in enumerate(uniq)}
     out.sort(key=lambda r: order[r.id])
     return out
