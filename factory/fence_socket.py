@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 
 import msgspec
 
-log = logging.getLogger("gigafactory.factory.fence_socket")
+log = logging.getLogger(__name__)
 
 FENCE_SOCKET_ENV = "GF_FENCE_SOCKET"
 """The variable a job finds its attempt's fence socket in."""

@@ -1228,6 +1228,6 @@ def nats_context_field(name: str) -> str:
     except ContextError as e:
         import logging
 
-        logging.getLogger("gigafactory").warning("%s", e)
+        logging.getLogger(__name__).warning("%s", e)
         return ""
     return getattr(ctx, name) if ctx is not None else ""

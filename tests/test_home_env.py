@@ -49,7 +49,10 @@ NOT_OURS = {"PATH", "HOME", "USER", "LANG", "TERM", "NO_COLOR", "PYTHONUNBUFFERE
             "LITELLM_LOCAL_MODEL_COST_MAP", "ANTHROPIC_API_KEY", "GIT_TERMINAL_PROMPT",
             # OpenTelemetry's standard variables (its specification defines them).
             "OTEL_SDK_DISABLED", "OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
-            "OTEL_SERVICE_NAME", "GITHUB_TOKEN", "GH_TOKEN"}
+            "OTEL_SERVICE_NAME", "GITHUB_TOKEN", "GH_TOKEN",
+            # The nats CLI's context selection and the XDG base-directory specification (where
+            # the nats CLI keeps its contexts): read to honour the operator's NATS context.
+            "NATS_CONTEXT", "XDG_CONFIG_HOME"}
 
 _READ = re.compile(r"""(?:environ|env|getenv|factory_env)(?:\.get\(|\[|\()\s*["']([A-Za-z_][A-Za-z0-9_]*)["']"""
                    r"""|envvar=["']([A-Za-z_][A-Za-z0-9_]*)["']"""

@@ -13,7 +13,7 @@ import subprocess
 from pathlib import Path
 
 import msgspec
-from nats.js.errors import BucketNotFoundError
+from nats.js.errors import BucketNotFoundError, NoKeysError
 from click.testing import CliRunner
 
 from gigafactory.cli import main as cli
@@ -33,7 +33,11 @@ async def pulls(fleet: Fleet, remote: Path) -> dict[str, LocalPull]:
         return {}
     out = {}
     prefix = repo_key(remote) + "."
-    for key in await kv.keys():
+    try:
+        keys = await kv.keys()
+    except NoKeysError:  # the layout makes the bucket; no pull request was opened yet
+        return {}
+    for key in keys:
         if key.startswith(prefix) and not key.endswith(".next"):
             rec = msgspec.json.decode((await kv.get(key)).value, type=LocalPull)
             out[rec.pr.head] = rec
