@@ -20,27 +20,16 @@ SOURCES = ("reported", "priced", "estimated", "unknown", "fixed")
 
 
 def parse_since(text: str | None, now_s: float) -> float | None:
-    """``--since``: a duration back from now (``24h``, ``7d``) or an ISO date or date-time (UTC
-    unless it says its offset); None when not given.
+    """``--since`` as the other reports read it (:func:`.reports.parse_since`), None when not
+    given (the whole ledger).
 
     :param text: the option's value.
     :param now_s: now (Unix seconds).
-    :raises click.BadParameter: neither form.
+    :raises click.BadParameter: neither a duration nor an ISO date.
     """
-    if not text:
-        return None
-    from gigafactory.schemas.manifest import parse_duration
+    from .reports import parse_since as since_of
 
-    try:
-        return now_s - parse_duration(text)
-    except ValueError:
-        pass
-    try:
-        dt = datetime.datetime.fromisoformat(text)
-    except ValueError:
-        raise click.BadParameter(f"{text!r} is neither a duration (24h, 7d) nor an ISO date (2026-11-01)",
-                                 param_hint="--since") from None
-    return (dt if dt.tzinfo else dt.replace(tzinfo=datetime.timezone.utc)).timestamp()
+    return since_of(text, 0.0, now_s) if text else None
 
 
 def _with_broker(nats_url: str | None, as_json: bool, fn):

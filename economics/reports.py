@@ -39,7 +39,7 @@ def parse_since(text: str | None, default_s: float, now_s: float | None = None) 
     try:
         dt = datetime.datetime.fromisoformat(text)
     except ValueError:
-        raise click.BadParameter(f"{text!r}: give a duration back from now (90m, 24h, 7d) or an ISO date "
+        raise click.BadParameter(f"{text!r} is neither a duration back from now (90m, 24h, 7d) nor an ISO date "
                                  "(2026-12-01 or 2026-12-01T08:00)", param_hint="--since") from None
     return (dt if dt.tzinfo else dt.replace(tzinfo=datetime.UTC)).timestamp()
 
