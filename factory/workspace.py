@@ -71,7 +71,7 @@ def branch_name(job: str, epoch: int) -> str:
 
 def git(args: Sequence[str], *, cwd: Path | None = None, git_dir: Path | None = None, timeout_s: float,
         env: Mapping[str, str] | None = None, check: bool = True,
-        input_text: str | None = None) -> subprocess.CompletedProcess:
+        input_text: str | None = None, checkout: "Checkout | None" = None) -> subprocess.CompletedProcess:
     """Run ``git <args>``; returns the completed process (text output). Raises :class:`GitError`
     when it exits non-zero (with ``check``) or runs past ``timeout_s`` (it is killed).
 
@@ -81,8 +81,14 @@ def git(args: Sequence[str], *, cwd: Path | None = None, git_dir: Path | None = 
     :param timeout_s: the bound of this one call, seconds.
     :param env: variables added to the environment (``GIT_AUTHOR_NAME`` ...).
     :param input_text: written to its standard input (else it reads nothing).
+    :param checkout: a call in this worktree: its git links are restored first (:meth:`Checkout.restore_git_links`).
     """
-    argv = ["git", *([f"--git-dir={git_dir}"] if git_dir else []), *args]
+    # No hooks and no fsmonitor, whatever a configuration says: the factory runs git on folders
+    # an engine wrote to, and never wants either.
+    argv = ["git", "-c", "core.hooksPath=/dev/null", "-c", "core.fsmonitor=false",
+            *([f"--git-dir={git_dir}"] if git_dir else []), *args]
+    if checkout is not None:
+        checkout.restore_git_links()
     full_env = {**os.environ, **_GIT_ENV, **(env or {})}
     try:
         p = subprocess.run(argv, cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout_s,
@@ -153,6 +159,25 @@ class Checkout:
     conflicted for an agent), None when none was carried."""
     conflicts: list[str] = field(default_factory=list)
     """The paths an in-progress merge of :attr:`carried` left conflicted (empty: clean)."""
+    git_dir: Path | None = None
+    """The worktree's own git folder, read when it was made (before any engine ran)."""
+    git_links: dict[str, str] = field(default_factory=dict)
+    """The worktree's ``.git`` file and its git folder's ``commondir`` file as git wrote them
+    (path -> text). An engine can rewrite both (the git folder is writable even under bwrap):
+    pointed at a repository of the engine's own, the factory's later git calls, outside any
+    sandbox, would commit there, push where its config says and run its ``core.sshCommand``.
+    :meth:`restore_git_links` writes them back before each of the factory's git calls."""
+
+    def restore_git_links(self) -> None:
+        """Put the worktree's git links back as they were made (see :attr:`git_links`)."""
+        for path, text in self.git_links.items():
+            p = Path(path)
+            try:
+                if p.is_symlink() or not p.is_file() or p.read_text() != text:
+                    p.unlink(missing_ok=True)
+                    p.write_text(text)
+            except OSError as e:
+                raise GitError(["worktree"], f"cannot restore {p} ({e})") from None
     carry_detail: str = ""
     """What was carried onto the new base after ``rebase-needed``, in words (the record's
     :attr:`WorkspaceResult.carried`)."""
@@ -280,6 +305,10 @@ class Store:
                     self._remove_worktree(mirror, path, branch)
                 git(["worktree", "add", "--force", "--no-track", "-B", branch, str(path), from_commit],
                     git_dir=mirror, timeout_s=self.timeout_s)
+                # Read now, before any engine ran in it (see Checkout.git_links).
+                git_dir = Path(git(["rev-parse", "--absolute-git-dir"], cwd=path,
+                                   timeout_s=self.timeout_s).stdout.strip())
+                links = {str(f): f.read_text() for f in (path / ".git", git_dir / "commondir") if f.is_file()}
             finally:
                 lock.release()
         except BaseException:
@@ -287,7 +316,7 @@ class Store:
             raise
         return Checkout(url=url, key=key, mirror=mirror, path=path, branch=branch, base=base,
                         base_commit=base_commit, start_commit=from_commit, resumed_from=resumed,
-                        resume_missed=missed)
+                        resume_missed=missed, git_dir=git_dir, git_links=links)
 
     def _has_commit(self, mirror: Path, commit: str) -> bool:
         return git(["cat-file", "-e", f"{commit}^{{commit}}"], git_dir=mirror, timeout_s=self.timeout_s,
@@ -453,31 +482,31 @@ def carry(co: Checkout, candidates: Sequence[str], message: str, *, keep_conflic
     merge = ["-c", "commit.gpgsign=false", "merge", "--no-ff", "--no-verify", "--no-edit", "-m", message]
     out = Carry()
     present = [c for c in dict.fromkeys(candidates)
-               if git(["cat-file", "-e", f"{c}^{{commit}}"], cwd=co.path, timeout_s=timeout_s,
+               if git(["cat-file", "-e", f"{c}^{{commit}}"], cwd=co.path, checkout=co, timeout_s=timeout_s,
                       check=False).returncode == 0]
     out.tried += [f"{c[:12]}: not in the mirror" for c in candidates if c not in present]
     for c in present:
-        p = git([*merge, c], cwd=co.path, timeout_s=timeout_s, env=ident, check=False)
+        p = git([*merge, c], cwd=co.path, checkout=co, timeout_s=timeout_s, env=ident, check=False)
         if p.returncode == 0:
-            co.start_commit = git(["rev-parse", "HEAD"], cwd=co.path, timeout_s=timeout_s).stdout.strip()
+            co.start_commit = git(["rev-parse", "HEAD"], cwd=co.path, checkout=co, timeout_s=timeout_s).stdout.strip()
             co.carried, out.commit = c, c
             out.tried.append(f"{c[:12]}: merged cleanly")
             return out
         conflicted = _conflicted(co, timeout_s)
-        git(["merge", "--abort"], cwd=co.path, timeout_s=timeout_s, check=False)
+        git(["merge", "--abort"], cwd=co.path, checkout=co, timeout_s=timeout_s, check=False)
         out.tried.append(f"{c[:12]}: conflicts in {', '.join(conflicted[:10]) or 'the merge'}")
     if keep_conflict and present:
-        git([*merge, present[0]], cwd=co.path, timeout_s=timeout_s, env=ident, check=False)
+        git([*merge, present[0]], cwd=co.path, checkout=co, timeout_s=timeout_s, env=ident, check=False)
         out.conflicts = _conflicted(co, timeout_s)
         if out.conflicts:
             co.carried, co.conflicts, out.commit = present[0], out.conflicts, present[0]
         else:  # it failed for another reason than a conflict: the worktree stays at the base
-            git(["merge", "--abort"], cwd=co.path, timeout_s=timeout_s, check=False)
+            git(["merge", "--abort"], cwd=co.path, checkout=co, timeout_s=timeout_s, check=False)
     return out
 
 
 def _conflicted(co: Checkout, timeout_s: float) -> list[str]:
-    out = git(["diff", "--name-only", "-z", "--diff-filter=U"], cwd=co.path, timeout_s=timeout_s,
+    out = git(["diff", "--name-only", "-z", "--diff-filter=U"], cwd=co.path, checkout=co, timeout_s=timeout_s,
               check=False).stdout
     return [p for p in out.split("\0") if p][:CONFLICT_PATHS_MAX]
 
@@ -526,17 +555,17 @@ def commit_all(co: Checkout, message: str, *, author: str, email: str, timeout_s
     """
     ident = {"GIT_AUTHOR_NAME": author, "GIT_AUTHOR_EMAIL": email,
              "GIT_COMMITTER_NAME": author, "GIT_COMMITTER_EMAIL": email}
-    git(["add", "-A"], cwd=co.path, timeout_s=timeout_s)
-    if git(["diff", "--cached", "--quiet"], cwd=co.path, timeout_s=timeout_s, check=False).returncode == 0:
+    git(["add", "-A"], cwd=co.path, checkout=co, timeout_s=timeout_s)
+    if git(["diff", "--cached", "--quiet"], cwd=co.path, checkout=co, timeout_s=timeout_s, check=False).returncode == 0:
         return None
     msg = co.path.parent / f".{co.path.name}.msg"
     msg.write_text(message, encoding="utf-8")
     try:
-        git(["-c", "commit.gpgsign=false", "commit", "--quiet", "--no-verify", "-F", str(msg)], cwd=co.path,
+        git(["-c", "commit.gpgsign=false", "commit", "--quiet", "--no-verify", "-F", str(msg)], cwd=co.path, checkout=co,
             timeout_s=timeout_s, env=ident)
     finally:
         msg.unlink(missing_ok=True)
-    return git(["rev-parse", "HEAD"], cwd=co.path, timeout_s=timeout_s).stdout.strip()
+    return git(["rev-parse", "HEAD"], cwd=co.path, checkout=co, timeout_s=timeout_s).stdout.strip()
 
 
 def diff_stats(co: Checkout, *, timeout_s: float, head: str | None = None) -> Stats:
@@ -549,8 +578,8 @@ def diff_stats(co: Checkout, *, timeout_s: float, head: str | None = None) -> St
     :param head: the commit to describe (default: the worktree's ``HEAD``; a checkpoint's).
     """
     if head is None:
-        head = git(["rev-parse", "HEAD"], cwd=co.path, timeout_s=timeout_s).stdout.strip()
-    out = git(["diff", "--numstat", "-z", "--no-renames", co.base_commit, head], cwd=co.path,
+        head = git(["rev-parse", "HEAD"], cwd=co.path, checkout=co, timeout_s=timeout_s).stdout.strip()
+    out = git(["diff", "--numstat", "-z", "--no-renames", co.base_commit, head], cwd=co.path, checkout=co,
               timeout_s=timeout_s).stdout
     st = Stats(head=head)
     for rec in out.split("\0"):
@@ -575,7 +604,7 @@ def push(co: Checkout, *, timeout_s: float) -> None:
     :param timeout_s: the bound of the push (the factory passes what is left of the lease).
     """
     git(["push", "--quiet", "--porcelain", "origin", f"HEAD:refs/heads/{co.branch}"],
-        cwd=co.path, timeout_s=timeout_s)
+        cwd=co.path, checkout=co, timeout_s=timeout_s)
 
 
 
@@ -616,9 +645,9 @@ def snapshot(co: Checkout, parent: str, last_tree: str | None, message: str, *, 
             # engine's own index) would have: tracked files kept even if ignored, ignored ones
             # left out. Kept for the attempt's next checkpoints: its stat data spares `add -A`
             # rehashing every unchanged file at every interval.
-            git(["read-tree", "HEAD"], cwd=co.path, timeout_s=timeout_s, env=env)
-        git(["add", "-A"], cwd=co.path, timeout_s=timeout_s, env=env)
-        tree = git(["write-tree"], cwd=co.path, timeout_s=timeout_s, env=env).stdout.strip()
+            git(["read-tree", "HEAD"], cwd=co.path, checkout=co, timeout_s=timeout_s, env=env)
+        git(["add", "-A"], cwd=co.path, checkout=co, timeout_s=timeout_s, env=env)
+        tree = git(["write-tree"], cwd=co.path, checkout=co, timeout_s=timeout_s, env=env).stdout.strip()
     except GitError:
         index.unlink(missing_ok=True)  # rebuilt from HEAD next time, whatever state it was left in
         raise
@@ -627,11 +656,11 @@ def snapshot(co: Checkout, parent: str, last_tree: str | None, message: str, *, 
     if tree == last_tree:
         return None
     parents = ["-p", parent]
-    head = git(["rev-parse", "HEAD"], cwd=co.path, timeout_s=timeout_s).stdout.strip()
-    if head != parent and git(["merge-base", "--is-ancestor", head, parent], cwd=co.path, timeout_s=timeout_s,
+    head = git(["rev-parse", "HEAD"], cwd=co.path, checkout=co, timeout_s=timeout_s).stdout.strip()
+    if head != parent and git(["merge-base", "--is-ancestor", head, parent], cwd=co.path, checkout=co, timeout_s=timeout_s,
                               check=False).returncode != 0:
         parents += ["-p", head]
-    commit = git(["-c", "commit.gpgsign=false", "commit-tree", tree, *parents, "-F", "-"], cwd=co.path,
+    commit = git(["-c", "commit.gpgsign=false", "commit-tree", tree, *parents, "-F", "-"], cwd=co.path, checkout=co,
                  timeout_s=timeout_s, env=ident, input_text=message).stdout.strip()
     return commit, tree
 
@@ -644,7 +673,7 @@ def wip_index(co: Checkout) -> Path:
 
 def tree_of(co: Checkout, commit: str, *, timeout_s: float) -> str:
     """The tree id of ``commit``."""
-    return git(["rev-parse", f"{commit}^{{tree}}"], cwd=co.path, timeout_s=timeout_s).stdout.strip()
+    return git(["rev-parse", f"{commit}^{{tree}}"], cwd=co.path, checkout=co, timeout_s=timeout_s).stdout.strip()
 
 
 class WipRaced(GitError):
@@ -672,11 +701,11 @@ def push_wip(co: Checkout, commit: str, branch: str, expected: str | None, *, ti
     ref = f"refs/heads/{branch}"
     args = ["push", "--quiet", "--porcelain", f"--force-with-lease={ref}:{expected or ''}", "origin",
             f"{commit}:{ref}"]
-    p = git(args, cwd=co.path, timeout_s=timeout_s, check=False)
+    p = git(args, cwd=co.path, checkout=co, timeout_s=timeout_s, check=False)
     if p.returncode == 0:
         return
     if "stale info" in p.stdout + p.stderr or "rejected" in p.stdout + p.stderr:
-        out = git(["ls-remote", "origin", ref], cwd=co.path, timeout_s=timeout_s).stdout.split()
+        out = git(["ls-remote", "origin", ref], cwd=co.path, checkout=co, timeout_s=timeout_s).stdout.split()
         actual = out[0] if out else None
         if actual != expected:
             raise WipRaced(args, f"{branch} is at {actual or 'nothing'}, not {expected or 'nothing'}", actual)

@@ -368,3 +368,36 @@ def test_workspace_settings_that_cannot_work_are_refused_naming_the_variable(fie
     with pytest.raises(SettingsError, match=named):
         fast_settings(**{field: value}).validate()  # lease_ttl_s is 2.0 here
     fast_settings(git_timeout_s=1.0, git_mirrors_max_bytes=0, git_push_min_remaining_s=1.5).validate()
+
+
+def test_an_engine_that_repoints_its_worktrees_git_folders_cannot_run_code_through_the_factorys_git(tmp_path):
+    """An engine may write anything in its worktree, including the ``.git`` file and (its own git
+    folder being writable under bwrap) the ``commondir`` file. Repointed at a repository of the
+    engine's own, the factory's later git calls (outside any sandbox) would run that repository's
+    hooks and ``core.fsmonitor``, and commit and push there. The factory pins the git folders it
+    read when it made the worktree, and runs no hook or fsmonitor whatever a config says."""
+    remote = make_remote(tmp_path)
+    store = Store(tmp_path / "git", timeout_s=30, max_bytes=10**9, base_dir=tmp_path)
+    co = store.checkout(str(remote), None, "j1", 1)
+    assert co.git_dir is not None and co.git_dir.is_dir()
+    # The engine's own repository, with a hook and an fsmonitor that leave a mark when run.
+    evil = tmp_path / "evil"
+    sh_git("init", "-q", str(evil))
+    mark = tmp_path / "ran.txt"
+    script = evil / "evil.sh"
+    script.write_text(f"#!/bin/sh\necho ran >> {mark}\n")
+    script.chmod(0o755)
+    for hook in ("post-commit", "pre-commit", "post-index-change", "reference-transaction"):
+        (evil / ".git" / "hooks" / hook).write_text(script.read_text())
+        (evil / ".git" / "hooks" / hook).chmod(0o755)
+    sh_git("config", "core.fsmonitor", str(script), cwd=evil)
+    (co.path / ".git").write_text(f"gitdir: {evil / '.git'}\n")  # the worktree's .git file, rewritten
+    (co.git_dir / "commondir").write_text(f"{evil / '.git'}\n")  # and its commondir
+    (co.path / "work.txt").write_text("the engine's work\n")
+
+    head = ws.commit_all(co, "the work", author="gf", email="gf@example.com", timeout_s=30)
+
+    assert not mark.exists(), "a hook or fsmonitor of the engine's repository ran"
+    assert head is not None and sh_git("rev-parse", co.branch, cwd=co.mirror).strip() == head
+    assert sh_git("show", f"{head}:work.txt", cwd=co.mirror) == "the engine's work\n"
+    assert subprocess.run(["git", "rev-parse", "--verify", "-q", "HEAD"], cwd=evil, capture_output=True).returncode != 0
