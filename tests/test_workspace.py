@@ -181,9 +181,11 @@ def test_a_repo_job_ships_its_branch_with_the_trailers_and_its_stats_in_the_reco
             kinds = [e["kind"] for e in await fleet.events(job)]
             assert kinds.index("committed") < kinds.index("pushed") < kinds.index("finished"), kinds
             # Removed after the report: no worktree, no local attempt branch.
-            await eventually(lambda: not any(f1.git.worktrees.iterdir()), 10, what="worktree removed")
+            # The folder goes first, the local branch right after it (Store._remove_worktree).
             mirror = next(f1.git.mirrors.glob("*.git"))
-            assert sh_git("for-each-ref", "refs/heads/gf/", cwd=mirror) == ""
+            await eventually(lambda: not any(f1.git.worktrees.iterdir())
+                             and sh_git("for-each-ref", "refs/heads/gf/", cwd=mirror) == "", 10,
+                             what="worktree and local attempt branch removed")
 
             # status --json and the text view show them.
             res = await asyncio.to_thread(CliRunner().invoke, cli, ["status", job, "--json", "--nats",
