@@ -65,8 +65,10 @@ def test_a_command_without_nats_or_creds_connects_with_the_selected_context(nats
             await nc.close()
 
     _save(tmp_path / "xdg", "fleet", url=nats_server.url)
-    with pytest.raises(Exception, match="(?i)authorization"):
-        run(connect_as_resolved(), 30)  # the context's url, no credentials: refused by the server
+    # The context's url, no credentials: refused by the server (nats-py reports the server's
+    # -ERR, or the closed connection when the server's close arrives first).
+    with pytest.raises(Exception, match="(?i)authorization|connection lost"):
+        run(connect_as_resolved(), 30)
     _save(tmp_path / "xdg", "fleet", url=nats_server.url, nkey=key)
     assert resolve_url(None) == nats_server.url and resolve_creds(None) == key
     run(connect_as_resolved(), 30)
