@@ -1055,12 +1055,7 @@ def fence(nats_url, as_json, job, epoch, factory_id, lease_ttl_s, min_remaining_
                 "usage": FENCE_USAGE}.get(got["outcome"], FENCE_UNKNOWN)
         if code == FENCE_UNKNOWN:
             out["reason"] = f"{got.get('reason', 'no verdict')}; treat as fenced"
-        out["held"] = code == FENCE_HELD
-        out["code"] = code
-        if as_json:
-            _emit_json(out)
-        click.echo(out["reason"], err=True)
-        sys.exit(code)
+        _fence_exit(out, code, as_json)
     url = _need_url(nats_url, as_json)
     try:
         got = asyncio.run(_fence_renew(url, settings, job, factory_id, epoch))
@@ -1081,6 +1076,12 @@ def fence(nats_url, as_json, job, epoch, factory_id, lease_ttl_s, min_remaining_
         code = FENCE_FENCED
     else:
         code, out["reason"] = FENCE_UNKNOWN, f"{got['reason']}; treat as fenced"
+    _fence_exit(out, code, as_json)
+
+
+def _fence_exit(out: dict, code: int, as_json: bool) -> None:
+    """End ``fence`` with its verdict: ``out`` (as JSON with ``--json``), the reason on stderr,
+    and ``code`` as the exit code (the same for the socket and the broker path)."""
     out["held"] = code == FENCE_HELD
     out["code"] = code
     if as_json:
