@@ -62,7 +62,7 @@ from .execute import Execute
 from .holder import MAX_CAS_RETRIES, Holder, Run
 from .halting import follow_halt, refresh_halt
 from .outbox import Outbox
-from .redact import factory_redactor
+from .redact import factory_redactor, install_log_redaction
 from .sandbox import factory_sandbox
 from .pools import POLL_BACKOFF_MIN_S, STALL_CHECKS_PER_REDISPATCH, STALL_READS_MAX, Pools, PoolState
 from .reporting import OUTBOX_RETRY_S, Reporting, ResultPayload
@@ -230,6 +230,14 @@ class Factory(Stations, AuditQueue, Pools, Holder, Execute, Reporting, Ship, Che
         (up to ``drain_timeout_s``), hand back what is left, deregister."""
         self._stop = stop
         logcontext.bind(factory=self.id)  # this task's and its tasks' log lines name this factory
+        # Its own log lines are redacted too (a git error with a token in a remote URL).
+        unredact = install_log_redaction(self.redactor)
+        try:
+            await self._run(stop)
+        finally:
+            unredact()
+
+    async def _run(self, stop: asyncio.Event) -> None:
         # Queued first (published once the events task runs): it opens this factory's station
         # timeline, and the stations' first class (``starting``, a kind of prewarm) follows it.
         await self._event("factory_up", reason=f"{len(self.record.stations)} stations",

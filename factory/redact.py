@@ -29,6 +29,7 @@ and a token of a kind not listed here. It is a safety net, not a licence to prin
 
 from __future__ import annotations
 
+import logging
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -233,3 +234,71 @@ def factory_redactor(environ: Mapping[str, str], *, cred_vars: Iterable[str], ex
     :param urls: its broker URLs.
     """
     return Redactor.build(secret_values(environ, [*cred_vars, *extra_vars], urls=urls))
+
+
+class LogRedactFilter(logging.Filter):
+    """Redacts the factory's own log lines (its stderr, or the file ``up`` sends it to): a git
+    error naming a remote URL with its token, a connection error with the broker password, an
+    exception whose message carries a job's output. Installed on the root logger's handlers
+    while the factory runs (:func:`install_log_redaction`); the message, its traceback and its
+    stack are rendered and redacted before any formatter sees them.
+
+    :param redactor: the factory's :class:`Redactor`."""
+
+    def __init__(self, redactor: Redactor) -> None:
+        super().__init__()
+        self.redactor = redactor
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        try:
+            msg = record.getMessage()
+        except Exception:  # a bad format string: logging reports it; nothing of ours to redact
+            return True
+        record.msg, record.args = self.redactor.text(msg), None
+        if record.exc_info and not record.exc_text:
+            record.exc_text = logging.Formatter().formatException(record.exc_info)
+        if record.exc_text:
+            record.exc_text = self.redactor.text(record.exc_text)
+        if record.stack_info:
+            record.stack_info = self.redactor.text(record.stack_info)
+        return True
+
+
+_LOG_FILTERS: dict[tuple[int, bytes], list] = {}
+"""(logger id, redaction pattern) -> [filter, users]: the factories of one process (a fleet
+host runs many) that share their secrets share one filter, so a log line is redacted once, not
+once per factory."""
+
+
+def install_log_redaction(redactor: Redactor, logger: logging.Logger | None = None):
+    """Put a :class:`LogRedactFilter` on every handler of ``logger`` (the root logger: where
+    every ``gigafactory`` line ends), and return the function that takes it off again (a
+    factory's run ends; a test process runs many factories). Factories of one process with the
+    same secrets share one filter.
+
+    :param redactor: the factory's :class:`Redactor`.
+    :param logger: whose handlers; the root logger by default."""
+    logger = logger or logging.getLogger()
+    key = (id(logger), redactor.pattern.pattern)
+    entry = _LOG_FILTERS.get(key)
+    if entry is None:
+        flt = LogRedactFilter(redactor)
+        handlers = list(logger.handlers)
+        for h in handlers:
+            h.addFilter(flt)
+        entry = _LOG_FILTERS[key] = [flt, 0, handlers]
+    entry[1] += 1
+    done = False
+
+    def remove() -> None:
+        nonlocal done
+        if done:
+            return
+        done = True
+        entry[1] -= 1
+        if entry[1] == 0:
+            _LOG_FILTERS.pop(key, None)
+            for h in entry[2]:
+                h.removeFilter(entry[0])
+
+    return remove

@@ -90,8 +90,9 @@ class JsonLogFormatter(logging.Formatter):
                "message": record.getMessage(), "job": getattr(record, "job", None),
                "factory": getattr(record, "factory", None), "epoch": getattr(record, "epoch", None),
                "trace_id": getattr(record, "trace_id", None)}
-        if record.exc_info:
-            out["exception"] = self.formatException(record.exc_info)
+        if record.exc_info or record.exc_text:
+            # exc_text first: it may have been rendered and redacted already (factory/redact.py).
+            out["exception"] = record.exc_text or self.formatException(record.exc_info)
         return orjson.dumps(out, default=str).decode()
 
 

@@ -114,3 +114,44 @@ def test_complete_lines_go_out_at_once_and_a_pem_block_in_progress_is_held():
     assert s.feed(body[end:].encode() + b"\nafter\n") == b"[REDACTED:private_key]\nafter\n"
     multi = Redactor.build({"X_PEM": "line-one-secret\nline-two-secret"})
     assert not multi.lines_safe and multi.stream().feed(b"line-one-secret\n") == b""
+
+
+def test_log_lines_are_redacted_with_their_arguments_traceback_and_json_form():
+    import io
+    import logging
+
+    from gigafactory.clitools import JsonLogFormatter
+    from gigafactory.factory.redact import install_log_redaction
+
+    secret = "a-credential-value-0123456789"
+    red = Redactor.build({"GH_TOKEN": secret})
+    logger = logging.getLogger("test-redact-logs")
+    logger.propagate = False
+    text_out, json_out = io.StringIO(), io.StringIO()
+    th, jh = logging.StreamHandler(text_out), logging.StreamHandler(json_out)
+    jh.setFormatter(JsonLogFormatter())
+    logger.addHandler(th)
+    logger.addHandler(jh)
+    try:
+        remove = install_log_redaction(red, logger)
+        again = install_log_redaction(red, logger)  # a second factory of the process: one filter
+        assert len(th.filters) == 1
+        logger.warning("push to %s failed", f"https://x-access-token:{secret}@github.com/o/r")
+        try:
+            raise RuntimeError(f"fatal: could not read from https://{secret}@host")
+        except RuntimeError:
+            logger.exception("git said")
+        remove()
+        assert len(th.filters) == 1, "the other factory still runs"
+        again()
+        assert not th.filters
+        logger.warning("after: %s", secret)  # the factory is gone: nothing to redact for
+    finally:
+        logger.removeHandler(th)
+        logger.removeHandler(jh)
+    text, js = text_out.getvalue(), json_out.getvalue()
+    before = text[: text.index("after:")]
+    assert secret not in before and secret not in js.split("after:")[0]
+    assert before.count("[REDACTED:GH_TOKEN]") == 2, before  # the message and the exception line
+    assert '"exception"' in js and "[REDACTED:GH_TOKEN]" in js
+    assert secret in text[text.index("after:"):], "the control: without the filter it would be there"

@@ -5,6 +5,7 @@ outside the job's folder holds them."""
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import pytest
@@ -63,6 +64,12 @@ def test_a_job_printing_credentials_leaves_none_on_the_broker_or_the_factory_dis
     monkeypatch.setenv("ANTHROPIC_API_KEY", KEY)
     needles = [KEY.encode(), GH.encode(), KEY[:20].encode(), KEY[13:].encode()]
 
+    # The factory's own log lines (its stderr, or the file `up` sends them to) are redacted
+    # too: a handler like that one, on the root logger before the factory starts.
+    stderr_log = tmp_path / "factory-stderr.log"
+    handler = logging.FileHandler(stderr_log)
+    logging.getLogger().addHandler(handler)
+
     async def main():
         live = bytearray()
         async with Fleet(nats_server.url, tmp_path) as fleet:
@@ -71,6 +78,9 @@ def test_a_job_printing_credentials_leaves_none_on_the_broker_or_the_factory_dis
 
             sub = await fleet.admin.nc.subscribe(names.logs_subject("*"), cb=heard)
             await fleet.add_factory("f1", caps=["cred:anthropic_api_key"])
+            # What a failing git push to a token-bearing remote makes the factory log.
+            logging.getLogger("gigafactory.factory.workspace").warning(
+                "push failed: fatal: unable to access 'https://x:%s@github.com/o/r'", KEY)
             ok = await fleet.submit_one(fleet.job(PRINTS, review_policy="auto",
                                                   capabilities=["cred:anthropic_api_key"]))
             bad = await fleet.submit_one(fleet.job(
@@ -97,4 +107,9 @@ def test_a_job_printing_credentials_leaves_none_on_the_broker_or_the_factory_dis
         # job's folder, where the job may write what it likes.
         assert not _scan_tree(tmp_path, fleet.repo, needles)
 
-    run(main(), 80)
+    try:
+        run(main(), 80)
+    finally:
+        logging.getLogger().removeHandler(handler)
+        handler.close()
+    assert b"https://x:[REDACTED:ANTHROPIC_API_KEY]@github.com" in stderr_log.read_bytes()
