@@ -14,6 +14,9 @@ not fit its structure is refused with a 400 naming the field:
 - ``status``    ``{"job"}``              the record, why it is where it is, and its events
 - ``list``      ``{"stage"?, "limit"?}`` job summaries, newest first
 - ``factories`` ``{}``                   factory records with liveness
+- ``logs``      ``{"job", "epoch", "offset"?, "max_bytes"?}`` a page of one attempt's stored log
+                                         (found on the job's record: a submitter limited to some
+                                         products reads only theirs)
 - ``stats``     ``{}``                   the answering coordinator's counters: per-job errors,
                                          failed events, quarantined (poison) records
 - ``halt``      ``{"product"?, "mode"?}`` the kill switch (:mod:`halt`): stop dispatching (the
@@ -45,6 +48,7 @@ from gigafactory.schemas.lifecycle import LEASED, IllegalTransition, Stage
 from gigafactory.schemas.limits import hint
 from gigafactory.schemas.api import (
     ApiError, CancelRequest, ErrorReply, FactoriesReply, FactoriesRequest, JobReply, ListReply, ListRequest,
+    LogsReply, LogsRequest,
     RequeueRequest, ShipReply, ShipRequest, StatsRequest, StatusReply, StatusRequest, SubmitReply, SubmitRequest,
     SubmittedJob, decode_request, job_summary,
 )
@@ -59,6 +63,8 @@ log = logging.getLogger(__name__)
 MAX_CAS_RETRIES = 20
 
 
+LOG_CACHE_MAX_BYTES = 64 * 1024 * 1024
+"""Stored logs the API keeps between pages, in bytes (the oldest go first)."""
 STATUS_BODY_MAX_CHARS = 64 * 1024
 """A job body longer than this is cut in ``status`` replies (a reply cannot exceed the broker's
 maximum message size, and a record may come close to it); ``nats kv get`` shows it whole."""
@@ -131,6 +137,9 @@ class Api:
         self.sched = scheduler
         self.actor = actor
         self.service = None
+        self._log_cache: dict[str, bytes] = {}
+        """Stored logs read lately (object name -> bytes; at most ``LOG_CACHE_MAX_BYTES`` in all): a long
+        log is read in pages without fetching it once per page."""
         self.halt_watch: "halt.HaltWatch | None" = None
         """The coordinator's halt state (set by the service): a halt applies here at once."""
 
@@ -143,7 +152,7 @@ class Api:
         for name, fn in (
             ("submit", self.submit), ("cancel", self.cancel), ("requeue", self.requeue), ("ship", self.ship),
             ("status", self.status), ("list", self.list), ("factories", self.factories),
-            ("stats", self.stats),
+            ("stats", self.stats), ("logs", self.logs),
             ("budget", self.budget), ("budget_override", self.budget_override),
             ("halt", lambda body: halt.api_halt(self, body)), ("resume", lambda body: halt.api_resume(self, body)),
         ):
@@ -151,7 +160,7 @@ class Api:
         for name, fn in (("cancel", self.cancel), ("requeue", self.requeue), ("ship", self.ship)):
             # The human gate on the caller's own subject (gf.api.ship.<role>.<name>): see gate.py.
             await group.add_endpoint(name=f"{name}-by", subject=f"{name}.*.*", handler=self._wrap(name, fn))
-        for name, fn in (("submit", self.submit), ("list", self.list), ("status", self.status)):
+        for name, fn in (("submit", self.submit), ("list", self.list), ("status", self.status), ("logs", self.logs)):
             # A submitter's own subject, naming its products (gf.api.submit.submitter.<name>.<p>).
             await group.add_endpoint(name=f"{name}-by-submitter", subject=f"{name}.submitter.*.*",
                                      handler=self._wrap(name, fn))
@@ -353,6 +362,43 @@ class Api:
         if not gate.may_see(product):
             raise gate.GateRefused(f"job {job} is of product {product!r}, not one of this submitter's products "
                                    f"({', '.join(gate.PRODUCTS.get() or ())})")
+
+    async def logs(self, req: LogsRequest) -> LogsReply:
+        """A page of attempt ``epoch``'s stored log, found on the job's record (live or
+        archived), after the caller's products are checked."""
+        import nats.js.errors
+
+        e = await self.broker.jobs.get(req.job)
+        if e is not None:
+            try:
+                rec = decode(e.value, JobRecord)
+            except msgspec.DecodeError:
+                raise ApiError(409, f"gf_jobs/{req.job} revision {e.revision} is not a job record; its logs "
+                                    "cannot be found through it") from None
+        else:
+            rec = await read_archived(self.broker, req.job)
+            if rec is None:
+                raise ApiError(404, f"no job {req.job!r}; 'gigafactory jobs' lists them")
+        self._check_product(req.job, rec.manifest.product)
+        att = next((a for a in rec.attempts if a.epoch == req.epoch), None)
+        if att is None or not att.log:
+            raise ApiError(404, f"job {req.job} has no stored log for epoch {req.epoch} (an attempt's log is "
+                                "stored when it ends; 'gigafactory logs --follow' shows a running one)")
+        data = self._log_cache.get(att.log)
+        if data is None:
+            store = await self.broker.js.object_store(names.ARTIFACTS_STORE)
+            try:
+                data = (await store.get(att.log)).data or b""
+            except nats.js.errors.ObjectNotFoundError:
+                raise ApiError(404, f"job {req.job} epoch {req.epoch}: its log {att.log} is no longer in "
+                                    f"{names.ARTIFACTS_STORE} (retention)") from None
+            # A log read page by page is fetched once: the last few stay (bounded in bytes).
+            if len(data) <= LOG_CACHE_MAX_BYTES:
+                while self._log_cache and sum(map(len, self._log_cache.values())) + len(data) > LOG_CACHE_MAX_BYTES:
+                    self._log_cache.pop(next(iter(self._log_cache)))
+                self._log_cache[att.log] = data
+        page = data[req.offset:req.offset + req.max_bytes]
+        return LogsReply(job=req.job, epoch=req.epoch, offset=req.offset, data=page, size=len(data))
 
     async def status(self, req: StatusRequest) -> StatusReply:
         job = req.job

@@ -107,7 +107,7 @@ class OutputReader:
 
     def __init__(self, factory, run: Run, name: str, eng) -> None:
         self.factory, self.run, self.name = factory, run, name
-        self.subject = names.logs_subject(run.job, run.epoch)
+        self.subject = names.logs_subject(run.job, run.epoch, run.record.manifest.product)
         self.parsers = [eng.parser()]
         self.budget_stop: list[str] = []  # why the run was stopped for its spend budget, once it is
         self.spend: AttemptSpend | None = None  # the attempt's ledger attribution (:mod:`spend`)

@@ -1149,33 +1149,31 @@ def pulls(nats_url, as_json, limit) -> None:
 def logs(nats_url, job, follow, raw) -> None:
     """Print a job's captured logs (every attempt), optionally following live output. The
     stored log is the engine's raw output; following an agent engine shows it readably."""
-    from gigafactory.client import RESTING
+    from gigafactory.client import RESTING, ApiError
     from gigafactory.factory import engines
     from gigafactory.factory.engines.base import render_progress
     from gigafactory.schemas import names
 
     async def fn(client):
-        import nats as _nats
-
         st = msgspec.to_builtins(await client.status(job, events=0))
-        js = client.nc.jetstream(timeout=10)
-        store = await js.object_store(names.ARTIFACTS_STORE)
         printed: set[str] = set()
         live_epochs: set[int] = set()
 
         async def print_stored(rec) -> None:
-            """Stored logs of finished attempts not yet shown (stored or live)."""
+            """Stored logs of finished attempts not yet shown (stored or live), read through
+            the API (a submitter limited to some products reads nothing around it)."""
             for a in rec["attempts"]:
                 name = a.get("log")
                 if not name or name in printed or a["epoch"] in live_epochs:
                     continue
                 printed.add(name)
                 try:
-                    obj = await store.get(name)
-                except _nats.js.errors.ObjectNotFoundError:
-                    continue
-                sys.stdout.write(obj.data.decode(errors="replace"))
-                sys.stdout.flush()
+                    async for data in client.log_pages(job, a["epoch"]):
+                        sys.stdout.write(data.decode(errors="replace"))
+                        sys.stdout.flush()
+                except ApiError as e:
+                    if e.code != 404:
+                        raise
 
         if not follow:
             await print_stored(st["record"])
@@ -1217,7 +1215,8 @@ def logs(nats_url, job, follow, raw) -> None:
                 q.put_nowait(msg)
 
         # Subscribe before reading what is stored, so no output falls between the two.
-        sub = await client.nc.subscribe(names.logs_subject(job), cb=on_msg)
+        product = (st["record"].get("manifest") or {}).get("product") or "default"
+        sub = await client.nc.subscribe(names.logs_subject(job, product=product), cb=on_msg)
         await client.nc.flush()
         try:
             await print_stored(st["record"])

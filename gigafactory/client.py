@@ -31,7 +31,7 @@ import orjson
 from gigafactory import tracing
 from gigafactory.schemas import names
 from gigafactory.schemas.api import (
-    ApiError, CancelRequest, FactoriesReply, FactoriesRequest, JobFile, JobReply, JobSummary, ListReply, ListRequest,
+    ApiError, CancelRequest, FactoriesReply, FactoriesRequest, JobFile, JobReply, JobSummary, ListReply, ListRequest, LogsReply, LogsRequest,
     Request, RequeueRequest, ShipReply, ShipRequest, StatsRequest, StatusReply, StatusRequest, SubmitRequest,
     SubmittedJob, decode_reply, job_summary,
 )
@@ -259,6 +259,30 @@ class Client:
         :param events: how many events to include (0: none).
         """
         return await self.request("status", StatusRequest(job=job, events=events))
+
+    async def logs(self, job: str, epoch: int, offset: int = 0) -> LogsReply:
+        """One page of attempt ``epoch``'s stored log, from ``offset`` (see :meth:`log_pages`).
+
+        :param job: the job's id.
+        :param epoch: the attempt's epoch.
+        :param offset: the byte to start at."""
+        return await self.request("logs", LogsRequest(job=job, epoch=epoch, offset=offset))
+
+    async def log_pages(self, job: str, epoch: int) -> AsyncIterator[bytes]:
+        """Attempt ``epoch``'s stored log, page by page, through the ``logs`` API (so a caller
+        limited to some products reads only theirs; nothing is read around the coordinator).
+
+        :param job: the job's id.
+        :param epoch: the attempt's epoch (its record's ``attempts[].epoch``).
+        """
+        offset = 0
+        while True:
+            page = await self.logs(job, epoch, offset)
+            if page.data:
+                yield page.data
+            offset += len(page.data)
+            if not page.data or offset >= page.size:
+                return
 
     async def cancel(self, job: str, reason: str = "", actor: str = "operator") -> JobReply:
         """Cancel a job (any stage but shipped, failed, dead_letter): a running one is fenced

@@ -25,8 +25,9 @@ Roles (see docs/security.md for the threat model):
   locks, clock probes; pulls only from its pools' consumers (all pools when enrolled without
   ``--pools``: pools are created by the coordinator as jobs arrive); no API call, no stream or
   bucket create/update/delete/purge, no message delete, no consumer on the dispatch stream.
-- ``submitter``: ``submit``, ``list``, ``status``, ``factories``, ``stats``; reads events, logs and
-  artifacts (read-only JetStream).
+- ``submitter``: ``submit``, ``list``, ``status``, ``logs``, ``factories``, ``stats``; reads events,
+  logs and artifacts (read-only JetStream). One limited to some products (``--products``) reads
+  nothing around the API: no JetStream at all, live logs only of its products.
 - ``reviewer``: ``ship``, ``cancel``, ``requeue`` and the read-only calls, reads like a submitter.
 """
 
@@ -57,7 +58,7 @@ MAX_IDENTITIES = 10_000
 DEFAULT_FACTORY = "factory-local"
 """The identity of the factory that ``gigafactory up`` runs on the broker's own machine."""
 
-READ_ENDPOINTS = ("list", "status", "factories", "stats")
+READ_ENDPOINTS = ("list", "status", "factories", "stats", "logs")
 """API endpoints that only read."""
 SUBMIT_ENDPOINTS = ("submit",)
 GATE_ENDPOINTS = ("ship", "cancel", "requeue")
@@ -65,7 +66,7 @@ GATE_ENDPOINTS = ("ship", "cancel", "requeue")
 ADMIN_ENDPOINTS = ("halt", "resume")
 """The kill switch: admin only."""
 ALL_ENDPOINTS = READ_ENDPOINTS + SUBMIT_ENDPOINTS + GATE_ENDPOINTS + ADMIN_ENDPOINTS
-SUBMITTER_OWN_ENDPOINTS = ("submit", "list", "status")
+SUBMITTER_OWN_ENDPOINTS = ("submit", "list", "status", "logs")
 """Endpoints a submitter calls only on its own subject (:func:`submitter_subject`), which names
 its products: the coordinator refuses jobs of other products there, and filters what it shows."""
 MAX_PRODUCTS = 32
@@ -276,6 +277,14 @@ def permissions(role: str, name: str, *, pools: tuple[str, ...] = (), products: 
         endpoints = READ_ENDPOINTS
         own = [gate_subject(e, role, name) for e in GATE_ENDPOINTS]
     denied = [api(e) for e in ALL_ENDPOINTS if e not in endpoints]
+    if role == "submitter" and products:
+        # Limited to some products: no direct JetStream read at all (records, events, stored
+        # logs and artifacts are read through its own API subject, where the coordinator checks
+        # the product), and live logs only of its products (the product is in the subject).
+        return {"publish": {"allow": [*(api(e) for e in endpoints), *own],
+                            "deny": [*denied, *_LAYOUT_WRITES, "$JS.>", "$KV.>", "$O.>"]},
+                "subscribe": {"allow": ["_INBOX.>",
+                                        *(f"{names.LOGS_PREFIX}.{names.product_token(p)}.>" for p in sorted(products))]}}
     return {"publish": {"allow": [*(api(e) for e in endpoints), *own, *_JS_READ, *_JS_READER_CONSUMERS],
                         "deny": [*denied, *_LAYOUT_WRITES]},
             "subscribe": {"allow": ["_INBOX.>", f"{names.LOGS_PREFIX}.>"]}}

@@ -163,6 +163,33 @@ class StatusRequest(Request):
     """How many of its events to include (0: none)."""
 
 
+LOG_PAGE_MAX_BYTES = 256 * 1024
+"""The most log bytes one ``logs`` reply carries (base64 in JSON: a reply stays well under the
+broker's 1 MiB message size); a longer log is read in pages."""
+
+
+class LogsRequest(Request):
+    """``logs``: one page of one attempt's stored log (``gf_artifacts``). By epoch, not by
+    object name: the coordinator finds the log on the job's own record, so a caller limited to
+    some products reads only their jobs' logs."""
+
+    job: JobId
+    epoch: Annotated[int, msgspec.Meta(ge=1)]
+    offset: Annotated[int, msgspec.Meta(ge=0)] = 0
+    max_bytes: Annotated[int, msgspec.Meta(ge=1, le=LOG_PAGE_MAX_BYTES)] = LOG_PAGE_MAX_BYTES
+
+
+class LogsReply(Reply):
+    job: str
+    epoch: int
+    offset: int
+    """Where ``data`` starts in the log."""
+    data: bytes
+    """The page (base64 in JSON)."""
+    size: int
+    """The whole log's size in bytes: read on from ``offset + len(data)`` while it is less."""
+
+
 class StatusReply(Reply):
     job: JobSummary
     why: str
@@ -257,11 +284,13 @@ class StatsRequest(Request):
 REQUESTS: dict[str, type[Request]] = {
     "submit": SubmitRequest, "status": StatusRequest, "cancel": CancelRequest, "requeue": RequeueRequest,
     "ship": ShipRequest, "list": ListRequest, "factories": FactoriesRequest, "stats": StatsRequest,
+    "logs": LogsRequest,
 }
 """Endpoint -> its request structure (the service decodes into it, the client encodes it)."""
 REPLIES: dict[str, Any] = {
     "submit": SubmitReply, "status": StatusReply, "cancel": JobReply, "requeue": JobReply,
     "ship": ShipReply, "list": ListReply, "factories": FactoriesReply, "stats": dict[str, Any],
+    "logs": LogsReply,
 }
 """Endpoint -> its reply structure (the service encodes it, the client decodes into it)."""
 

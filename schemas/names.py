@@ -94,9 +94,27 @@ def fleet_events_subject(kind: str) -> str:
     return f"{EVENTS_PREFIX}._fleet.{kind}"
 
 
-def logs_subject(job_id: str, epoch: int | str = ">") -> str:
-    """Live output of one attempt (by epoch); the default is the wildcard for every attempt."""
-    return f"{LOGS_PREFIX}.{job_id}.{epoch}"
+_PRODUCT_TOKEN_RE = re.compile(r"[A-Za-z0-9_\-]{1,64}")
+
+
+def product_token(product: str) -> str:
+    """A product's name as one subject token (pure, injective): the name itself when it is
+    letters, digits, ``-`` and ``_`` (64 at most, and not starting with ``~``, so it never meets
+    the other form), else ``~`` and the lower-case base32 of its UTF-8 bytes."""
+    import base64
+
+    if _PRODUCT_TOKEN_RE.fullmatch(product):
+        return product
+    return "~" + base64.b32encode(product.encode()).decode().rstrip("=").lower()
+
+
+def logs_subject(job_id: str, epoch: int | str = ">", product: str | None = None) -> str:
+    """Live output of one attempt: ``gf.logs.<product token>.<job>.<epoch>`` (by epoch; the
+    default is the wildcard for every attempt, and without ``product`` for any product). The
+    product is in the subject so that the broker can limit a submitter's live logs to its
+    products (``gf.logs.<token>.>``: :mod:`gigafactory.identity`)."""
+    tok = "*" if product is None else product_token(product)
+    return f"{LOGS_PREFIX}.{tok}.{job_id}.{epoch}"
 
 
 def log_object_name(job_id: str, attempt: int, epoch: int) -> str:

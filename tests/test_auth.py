@@ -660,3 +660,62 @@ def test_products_subject_tokens_pure():
     assert submitter_of(f"{names.API_PREFIX}.submit.submitter.alice.pGARBAGE!") is None
     with pytest.raises(IdentityError, match="product"):
         IdentityStore("/nonexistent").create("submitter", "x", products=["no spaces"])
+
+
+def test_a_submitter_limited_to_products_reads_only_their_logs_and_nothing_around_the_api(nats_server, tmp_path):
+    """``--products web``: the stored log of a web job comes through its own ``logs`` subject;
+    another product's is refused by the coordinator (403); every direct read of the broker
+    (records, events, the object store) is refused by the server; live logs only of its products
+    (the product is in the subject)."""
+    from gigafactory.client import ApiError, Client
+
+    enrol(nats_server, ("submitter", "alice", {"products": ["web"]}))
+
+    async def body():
+        async with Fleet(nats_server.url, tmp_path, server=nats_server) as fleet:
+            await fleet.add_factory("f1")
+            # Longer than one page of the logs API (256 KiB): read in three pages.
+            mine = await fleet.submit_one(fleet.job("head -c 600000 /dev/zero | tr '\\0' a; echo; echo web-output-line",
+                                                    product="web", review_policy="auto"), path="web.md")
+            theirs = await fleet.submit_one(fleet.job("echo api-output-line", product="api", review_policy="auto"),
+                                            path="api.md")
+            await fleet.wait_stage(mine, "shipped", timeout_s=30)
+            await fleet.wait_stage(theirs, "shipped", timeout_s=30)
+            creds = read_creds(nats_server.identities.creds_path("alice"))
+            alice = await Conn.open(nats_server.url, nats_server.identities, "alice")
+            try:
+                client = Client(alice.nc, 10, identity=("submitter", "alice"), products=creds.products)
+                pages = [p async for p in client.log_pages(mine, 1)]
+                log = b"".join(pages)
+                assert len(pages) == 3 and b"a" * 600000 in log and b"web-output-line" in log
+                rec = await fleet.wait_stage(mine, "shipped", timeout_s=5)
+                store = await fleet.admin.js.object_store(names.ARTIFACTS_STORE)
+                assert log == (await store.get(rec.attempts[-1].log)).data  # the whole log, in order
+                with pytest.raises(ApiError) as refused:
+                    [p async for p in client.log_pages(theirs, 1)]
+                assert refused.value.code == 403 and "'api'" in refused.value.message
+                for subject in (f"$JS.API.STREAM.INFO.KV_{names.JOBS_BUCKET}",
+                                f"$JS.API.DIRECT.GET.KV_{names.JOBS_BUCKET}.$KV.{names.JOBS_BUCKET}.{theirs}",
+                                f"$JS.API.STREAM.INFO.OBJ_{names.ARTIFACTS_STORE}",
+                                f"$JS.API.CONSUMER.CREATE.{names.EVENTS_STREAM}",
+                                f"{names.API_PREFIX}.logs"):
+                    assert await alice.refused_publish(subject), subject
+                    assert server_logged_refusal(nats_server.log_file, alice.key, "Publish", subject), subject
+                assert not await alice.refused_subscribe(names.logs_subject("*", product="web"))
+                for subject in (names.logs_subject(theirs, product="api"), names.logs_subject("*")):
+                    assert await alice.refused_subscribe(subject), subject
+                    assert server_logged_refusal(nats_server.log_file, alice.key, "Subscription", subject), subject
+                # Its wait still works, through status (the watch on gf_jobs is refused).
+                got = await client.wait([mine], timeout_s=10)
+                assert got[mine].stage == "shipped"
+            finally:
+                await alice.nc.close()
+    run(body(), 120)
+
+
+def test_product_tokens_in_log_subjects_are_one_token_and_injective():
+    assert names.product_token("web") == "web"
+    odd = [names.product_token(p) for p in ("a.b", "a b", "~web", "web*", "ü", "x" * 65)]
+    assert all("." not in t and "*" not in t and ">" not in t and " " not in t for t in odd)
+    assert len(set(odd + ["web"])) == 7
+    assert names.logs_subject("j1", 2, "a.b") == f"{names.LOGS_PREFIX}.{names.product_token('a.b')}.j1.2"
