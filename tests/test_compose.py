@@ -7,7 +7,8 @@
   Prometheus with its rules, Grafana with its provisioning, nats-box;
 - ``promtool check config`` accepts compose/prometheus/prometheus.yml with the rule files it
   names, and its scrape targets are the compose services and ports;
-- ``nats-server -t`` accepts each compose/nats/n<i>.conf, which are exactly what the one
+- ``nats-server -t`` accepts each compose/nats/n<i>.conf beside the secrets compose/setup
+  writes (tests/test_compose_tls.py runs them), which are exactly what the one
   template (gigafactory/natsconf.py) renders, and the lab cluster that the cluster-failover
   chaos scenario kills nodes of runs that same template: started here for real, its nodes
   answer the health check and the JetStream endpoint that compose's healthcheck and exporters
