@@ -14,8 +14,11 @@ deployment and the tests that kill its nodes run the same configuration:
   tests/test_compose.py fails when one differs from what this module renders.
 
 A lab node and a compose node differ only in their :data:`PLACEMENT` (addresses, ports, store
-folder, names) and in ``sync_interval`` (see :func:`shape`); everything else (JetStream on,
-monitoring on, the cluster block and its routes, the quoting) is this one template.
+folder, names), in ``sync_interval`` and in the site's :data:`SITE_SECURITY` (a compose node has
+TLS on clients and routes and includes the deployment's users; the lab runs without them) (see
+:func:`shape`); everything else (JetStream on, monitoring on, the cluster block and its routes,
+the quoting) is this one template. tests/test_compose_tls.py runs the compose nodes, security
+included, as a real cluster on loopback.
 
 No I/O here but :func:`main`: the callers write the text where their ``nats-server`` reads it.
 """
