@@ -21,6 +21,7 @@ import dataclasses
 import json
 import os
 import signal
+import socket
 import ssl
 import stat
 import subprocess
@@ -134,8 +135,8 @@ def test_setup_is_idempotent_and_a_revoked_identity_leaves_every_folder_and_node
     # Revoked with the CLI as documented (GIGAFACTORY_HOME=compose/secrets), then applied.
     env = {k: v for k, v in os.environ.items() if not k.startswith("GIGAFACTORY_")}
     revoked_key = IdentityStore(folder / "identities").get("factory-2").public_key
-    r = subprocess.run([*gigafactory_cmd(), "creds", "revoke", "factory-2"], env={**env, "GIGAFACTORY_HOME": str(folder)},
-                       capture_output=True, text=True, timeout=60)
+    r = subprocess.run([*gigafactory_cmd(), "creds", "revoke", "factory-2"],
+                       env={**env, "GIGAFACTORY_HOME": str(folder)}, capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
     applied = run_setup(folder, "--factories", "4")
     assert applied.returncode == 0, applied.stderr
@@ -369,8 +370,8 @@ def test_the_compose_nodes_run_on_loopback_with_tls_routes_and_refuse_a_node_of_
     conf = natsconf.NodeConf(server_name="rogue", host="127.0.0.1", port=port, store_dir=str(tmp_path / "store"),
                              cluster_name=natsconf.CLUSTER_NAME, cluster_port=route_port,
                              routes=(f"nats-route://localhost:{tls_cluster.route[0]}",),
-                             tls=natsconf.TlsConf(cert_file=rogue["cert"], key_file=rogue["key"],
-                                                  ca_file=str(tls_cluster.secrets / "n1" / "ca.pem"), verify_routes=True))
+                             tls=natsconf.TlsConf(cert_file=rogue["cert"], key_file=rogue["key"], verify_routes=True,
+                                                  ca_file=str(tls_cluster.secrets / "n1" / "ca.pem")))
     (tmp_path / "rogue.conf").write_text(natsconf.render(conf))
     seen = len(tls_cluster.log(0))
     p = Proc([find_nats_server(), "-c", str(tmp_path / "rogue.conf")], tmp_path / "rogue.log")
@@ -411,12 +412,24 @@ def test_clients_without_credentials_with_another_ca_or_without_tls_are_refused(
         with pytest.raises(Exception) as e:
             await _connect(url, tls=wrong_tls, nkeys_seed_str=seed)
         assert "CERTIFICATE_VERIFY_FAILED" in repr(e.value) or "certificate verify failed" in repr(e.value), e.value
-        # Plain TCP: the node speaks TLS only (nats-py upgrades on the server's demand, and with the
-        # system's CAs cannot verify the deployment's certificate).
-        with pytest.raises(Exception):
+        # nats-py upgrades a nats:// URL to TLS when the server demands it, and with the system's
+        # CAs cannot verify the deployment's certificate.
+        with pytest.raises(ssl.SSLCertVerificationError):
             await _connect(f"nats://127.0.0.1:{tls_cluster.client[1]}", nkeys_seed_str=seed)
 
     asyncio.run(asyncio.wait_for(body(), 60))
+    # Plain TCP, refused by the server itself: it demands TLS in its INFO and closes a connection
+    # that answers in clear text, with no PONG.
+    with socket.create_connection(("127.0.0.1", tls_cluster.client[1]), timeout=5) as s:
+        s.settimeout(5)
+        info = s.recv(4096)
+        assert info.startswith(b"INFO ") and json.loads(info[5:].split(b"\r\n")[0])["tls_required"] is True
+        s.sendall(b'CONNECT {"verbose":false,"pedantic":false}\r\nPING\r\n')
+        reply = b""
+        while chunk := s.recv(4096):
+            reply += chunk
+            assert len(reply) < 65536
+        assert b"PONG" not in reply, reply
     wait_until(lambda: "authentication error" in tls_cluster.log(0), 10, what="n1 logs the refusal")
 
 
