@@ -131,6 +131,7 @@ def ensure_ca(root: Path, report: Report) -> None:
     """The CA (``ca.pem``, ``ca.key``): kept if both exist, made if neither does."""
     cert, key = root / "ca.pem", root / "ca.key"
     if cert.exists() and key.exists():
+        os.chmod(cert, 0o644)
         report.add("kept CA ca.pem")
         return
     if cert.exists() or key.exists():
@@ -141,6 +142,7 @@ def ensure_ca(root: Path, report: Report) -> None:
              "-days", str(CA_DAYS), "-keyout", "ca.key", "-out", "ca.pem", "-subj", "/CN=gigafactory-compose-ca",
              "-addext", "basicConstraints=critical,CA:TRUE", "-addext", "keyUsage=critical,keyCertSign,cRLSign")
     os.chmod(key, 0o600)
+    os.chmod(cert, 0o644)  # public: the operator's CLI on the host verifies the nodes with it
     report.add("created CA ca.pem")
     report.certs_changed = True
 
@@ -248,6 +250,10 @@ def setup(root: str | os.PathLike, *, factories: int = DEFAULT_FACTORIES, owner_
     old_umask = os.umask(0o077)
     try:
         root.mkdir(mode=0o700, parents=True, exist_ok=True)
+        # The operator (not root) reaches admin.creds and ca.pem in it; the CA's key and the
+        # identity store stay root's (mode 0600/0700) when run with sudo.
+        if root.stat().st_uid != host_uid:
+            os.chown(root, host_uid, -1)
         report = Report()
         ensure_ca(root, report)
         store = IdentityStore(root / "identities")

@@ -123,6 +123,27 @@ def test_setup_gives_each_service_only_its_own_identity_and_prints_no_secret(tmp
     assert "created identity factory-2 (factory)" in got.stdout
 
 
+def test_setup_gives_the_services_folders_to_the_containers_user_and_the_host_copy_to_the_operator(tmp_path):
+    folder = tmp_path / "secrets"
+    if os.geteuid() != 0:
+        # Only root can give a file away: asked to, a plain user is refused before anything is written.
+        with pytest.raises(composesecrets.SetupError, match="only root can give them away"):
+            composesecrets.setup(folder, owner_uid=composesecrets.IMAGE_UID)
+        assert not folder.exists()
+        return
+    operator_uid = 23456
+    composesecrets.setup(folder, owner_uid=composesecrets.IMAGE_UID, host_uid=operator_uid)
+    owners = {str(p.relative_to(folder)): p.stat().st_uid for p in [folder, *folder.rglob("*")]}
+    for d in ("coordinator1", "coordinator2", "factories", "cli"):
+        assert {o for p, o in owners.items() if p == d or p.startswith(d + "/")} == {composesecrets.IMAGE_UID}, d
+    # The operator reaches the folder, the CA's certificate and its admin identity; not the CA's
+    # key, the identity store or the nodes' keys.
+    assert owners["."] == owners["admin.creds"] == operator_uid
+    assert stat.S_IMODE((folder / "ca.pem").stat().st_mode) == 0o644
+    assert owners["ca.key"] == owners["identities"] == owners["n1/server.key"] == 0
+    assert stat.S_IMODE((folder / "ca.key").stat().st_mode) == 0o600
+
+
 def test_setup_is_idempotent_and_a_revoked_identity_leaves_every_folder_and_node(tmp_path):
     folder = tmp_path / "secrets"
     assert run_setup(folder).returncode == 0
