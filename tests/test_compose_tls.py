@@ -458,14 +458,18 @@ def test_clients_without_credentials_with_another_ca_or_without_tls_are_refused(
 def test_a_coordinator_and_a_factory_ship_a_job_through_the_tls_cluster_with_their_own_identities(
         tls_cluster, secrets, tmp_path):
     services = compose_config()["services"]
+    seen = [len(tls_cluster.log(i)) for i in range(len(tls_cluster.procs))]
     procs = []
     try:
-        coord_cmd = services["coordinator1"]["command"]
-        assert coord_cmd[:2] == ["gigafactory", "coordinator"]
-        coord_cmd = [*gigafactory_cmd(), *coord_cmd[1:]]
-        coord_cmd[coord_cmd.index("--metrics-port") + 1] = "0"
-        procs.append(Proc(coord_cmd, tmp_path / "coordinator1.log",
-                          env=service_env("coordinator1", secrets, tls_cluster, tmp_path / "c1")))
+        # Both coordinators, each as its own identity (two may run at once: every transition is
+        # a compare-and-set).
+        for name in ("coordinator1", "coordinator2"):
+            coord_cmd = services[name]["command"]
+            assert coord_cmd[:2] == ["gigafactory", "coordinator"]
+            coord_cmd = [*gigafactory_cmd(), *coord_cmd[1:]]
+            coord_cmd[coord_cmd.index("--metrics-port") + 1] = "0"
+            procs.append(Proc(coord_cmd, tmp_path / f"{name}.log",
+                              env=service_env(name, secrets, tls_cluster, tmp_path / name)))
         # The factory service's own command: claim an identity, then run the factory with it.
         fcmd = services["factory"]["command"]
         claim, folder, gf = fcmd[:2], fcmd[2], fcmd[3:]
@@ -502,7 +506,11 @@ def test_a_coordinator_and_a_factory_ship_a_job_through_the_tls_cluster_with_the
         assert ("claimed", "factory-1") in kinds and ("finished", "factory-1") in kinds, kinds
         # Every holder write verified: nothing quarantined as forged.
         assert not [e for e in events if e["kind"] in ("poisoned", "forged_write")], events
-        assert "Authorization Violation" not in "".join(p.output() for p in procs)
+        # No service was refused anything on the way: each identity's permissions fit its role.
+        logs = "".join(p.output() for p in procs)
+        assert "Authorization Violation" not in logs and "Permissions Violation" not in logs, logs[-5000:]
+        node_logs = "".join(tls_cluster.log(i)[seen[i]:] for i in range(len(seen)))
+        assert "Violation" not in node_logs and "authentication error" not in node_logs, node_logs[-5000:]
     finally:
         for p in procs:
             p.close()
