@@ -237,6 +237,9 @@ def test_every_service_connects_over_tls_with_its_own_identity_and_sees_only_its
     everything = [v for s in services.values() for v in s.get("volumes", [])]
     assert not [v for v in everything if v.split(":")[0] in (str(secrets_dir), str(secrets_dir / "identities"))]
     assert "secrets/" in (COMPOSE / ".gitignore").read_text().split()
+    # ... nor copied into the image: its build context leaves compose/ (secrets included) out.
+    ignored = [line.strip() for line in (COMPOSE.parent / ".dockerignore").read_text().splitlines()]
+    assert "compose" in ignored
 
 
 def test_the_compose_nodes_require_tls_and_include_the_generated_users():
