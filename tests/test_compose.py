@@ -7,7 +7,8 @@
   Prometheus with its rules, Grafana with its provisioning, nats-box;
 - ``promtool check config`` accepts compose/prometheus/prometheus.yml with the rule files it
   names, and its scrape targets are the compose services and ports;
-- ``nats-server -t`` accepts each compose/nats/n<i>.conf, which are exactly what the one
+- ``nats-server -t`` accepts each compose/nats/n<i>.conf beside the secrets compose/setup
+  writes (tests/test_compose_tls.py runs them), which are exactly what the one
   template (gigafactory/natsconf.py) renders, and the lab cluster that the cluster-failover
   chaos scenario kills nodes of runs that same template: started here for real, its nodes
   answer the health check and the JetStream endpoint that compose's healthcheck and exporters
@@ -20,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import fnmatch
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -75,6 +77,16 @@ def config() -> dict:
     return compose_config()
 
 
+def gigafactory_command(service: dict) -> list[str]:
+    """The ``gigafactory ...`` command line a service runs: a factory replica runs it through
+    ``claim-identity FOLDER`` (compose/bin/claim-identity), which picks its identity first."""
+    cmd = list(service["command"])
+    if cmd[:2] == ["sh", "/usr/local/bin/claim-identity"]:
+        cmd = cmd[3:]
+    assert cmd[0] == "gigafactory", cmd
+    return cmd
+
+
 def env_of(service: dict) -> dict[str, str]:
     env = service.get("environment") or {}
     return dict(env) if isinstance(env, dict) else dict(e.split("=", 1) for e in env)
@@ -86,8 +98,8 @@ def env_of(service: dict) -> dict[str, str]:
 def test_docker_compose_accepts_the_file_and_refuses_a_broken_one(tmp_path, config):
     assert str(config["version"]) == "3.8"
     broken = tmp_path / "docker-compose.yml"
-    broken.write_text(COMPOSE_FILE.read_text().replace("    command: [\"gigafactory\", \"factory\"",
-                                                       "    comand: [\"gigafactory\", \"factory\"", 1))
+    broken.write_text(COMPOSE_FILE.read_text().replace("    command: [\"gigafactory\", \"coordinator\"",
+                                                       "    comand: [\"gigafactory\", \"coordinator\"", 1))
     assert broken.read_text() != COMPOSE_FILE.read_text()
     got = tool("docker-compose", "-f", str(broken), "config")
     assert got.returncode != 0 and "comand" in got.stderr
@@ -111,7 +123,8 @@ def test_three_jetstream_nodes_each_run_their_own_generated_configuration_on_the
 
 def test_every_gigafactory_service_is_on_all_three_nodes_at_r3_and_the_factories_scale(config):
     services = config["services"]
-    urls = ",".join(f"nats://{n}:{natsconf.CLIENT_PORT}" for n in natsconf.COMPOSE_NODES)
+    # TLS to every node (tests/test_compose_tls.py: the CA and identities each service uses).
+    urls = ",".join(f"tls://{n}:{natsconf.CLIENT_PORT}" for n in natsconf.COMPOSE_NODES)
     for name in GIGAFACTORY_SERVICES:
         s = services[name]
         env = env_of(s)
@@ -124,11 +137,11 @@ def test_every_gigafactory_service_is_on_all_three_nodes_at_r3_and_the_factories
         assert f"http://127.0.0.1:{port}/healthz" in " ".join(services[name]["healthcheck"]["test"]), name
     assert [services[c]["command"][:2] for c in ("coordinator1", "coordinator2")] == [["gigafactory", "coordinator"]] * 2
     factory = services["factory"]
-    assert factory["command"][:2] == ["gigafactory", "factory"]
+    assert gigafactory_command(factory)[:2] == ["gigafactory", "factory"]
     # `--scale factory=N`: nothing a second replica would clash on, and no --id (each replica's
     # id is its container's host name).
     assert not {"hostname", "container_name", "ports"} & set(factory), factory
-    assert "--id" not in factory["command"]
+    assert "--id" not in factory["command"]  # its id is the identity it claims (claim-identity)
     # Scaling down stops replicas: Docker must wait out a factory's drain before it kills.
     grace_s = float(factory["stop_grace_period"].removesuffix("s"))
     assert grace_s > Settings.from_env(env_of(factory)).drain_timeout_s + 5
@@ -145,9 +158,10 @@ def test_compose_uses_only_settings_and_options_the_code_has(config):
     for name in GIGAFACTORY_SERVICES:
         s = config["services"][name]
         unknown_env |= {k for k in env_of(s) if k not in known}
-        command = main.commands[s["command"][1]]
+        argv = gigafactory_command(s)
+        command = main.commands[argv[1]]
         options = {o for p in command.params if isinstance(p, click.Option) for o in p.opts}
-        unknown_options |= {a for a in s["command"][2:] if a.startswith("--") and a not in options}
+        unknown_options |= {a for a in argv[2:] if a.startswith("--") and a not in options}
     assert unknown_env <= PENDING_FROM_METRICS["env"], unknown_env
     assert unknown_options <= PENDING_FROM_METRICS["options"], unknown_options
 
@@ -225,23 +239,42 @@ def test_the_nats_confs_are_exactly_what_the_one_template_renders():
         "`python -m gigafactory.natsconf compose/nats` (and edit the template, not the files)")
 
 
+def placed_with_secrets(conf: Path, folder: Path, secrets: Path) -> Path:
+    """``conf`` as its node reads it, in ``folder``: the node's secrets folder (written by the
+    set-up) beside it as ``secrets/`` (as /etc/nats/secrets is beside /etc/nats/nats-server.conf
+    in its container), and the TLS files' absolute paths moved there; nothing else changed."""
+    folder.mkdir(parents=True)
+    (folder / "secrets").symlink_to(secrets / conf.stem)
+    placed = folder / "nats-server.conf"
+    placed.write_text(conf.read_text().replace(f'"{natsconf.COMPOSE_SECRETS_DIR}/', f'"{folder / "secrets"}/'))
+    return placed
+
+
 def test_nats_server_accepts_each_compose_conf_and_refuses_a_broken_one(tmp_path):
+    from gigafactory.composesecrets import setup
+
+    secrets = tmp_path / "secrets"
+    setup(secrets, owner_uid=os.geteuid())
     binary = find_nats_server()
     for conf in sorted((COMPOSE / "nats").glob("*.conf")):
-        got = tool(binary, "-t", "-c", str(conf))
+        got = tool(binary, "-t", "-c", str(placed_with_secrets(conf, tmp_path / conf.stem, secrets)))
         assert got.returncode == 0, f"{conf}: {got.stdout}{got.stderr}"
         assert "is valid" in got.stdout + got.stderr
-    bad = tmp_path / "bad.conf"
-    bad.write_text((COMPOSE / "nats" / "n1.conf").read_text().replace('sync_interval: "always"',
-                                                                      'sync_interval: "sometimes"'))
+    bad = tmp_path / "n1" / "nats-server.conf"
+    bad.write_text(bad.read_text().replace('sync_interval: "always"', 'sync_interval: "sometimes"'))
     got = tool(binary, "-t", "-c", str(bad))
     assert got.returncode != 0 and "sync_interval" in got.stdout + got.stderr
+    # Without the users the set-up writes, a node does not start (it never runs open).
+    (secrets / "n2" / "users.conf").unlink()
+    got = tool(binary, "-t", "-c", str(tmp_path / "n2" / "nats-server.conf"))
+    assert got.returncode != 0 and "users.conf" in got.stdout + got.stderr
 
 
 def placed_like_compose(lab: natsconf.NodeConf, compose: natsconf.NodeConf) -> natsconf.NodeConf:
     """``lab`` moved to where ``compose`` runs: its placement (addresses, ports, folders, names)
-    replaced, nothing else."""
-    return dataclasses.replace(lab, **{f: getattr(compose, f) for f in natsconf.PLACEMENT})
+    and the site's security material (TLS files, identities: the lab runs without; see
+    tests/test_compose_tls.py for the compose cluster with them) replaced, nothing else."""
+    return dataclasses.replace(lab, **{f: getattr(compose, f) for f in natsconf.PLACEMENT + natsconf.SITE_SECURITY})
 
 
 @pytest.mark.timeout(120)
