@@ -1,0 +1,194 @@
+"""The claim's round trips (issue 14): a dispatch message carries the record and its revision,
+so a factory claims with one compare-and-set and no read; a job with no lock is claimed straight
+into ``building`` (one write instead of two); a stale carried revision, a pointer-only message
+(an older coordinator) and a job with a lock still go the long way, and still claim."""
+
+from __future__ import annotations
+
+import msgspec
+import pytest
+from helpers import Fleet, eventually, fast_settings, job_text, run
+
+from gigafactory.coordinator import intake
+from gigafactory.coordinator.intake import ensure_pool
+from gigafactory.schemas import names, protocol
+from gigafactory.schemas.manifest import Manifest
+from gigafactory.schemas.lifecycle import Event, IllegalTransition, Stage, transition
+from gigafactory.schemas.records import DispatchMessage, JobRecord, decode, dispatch_message, encode
+
+DONE = ("testing", "review", "shipped")
+
+
+async def _stages(fleet: Fleet, job: str) -> list[str]:
+    """Every stored revision's stage of ``job``'s record, oldest first."""
+    return [str(decode(e.value, JobRecord).stage) for e in await fleet.admin.jobs.kv.history(job)]
+
+
+# -- pure: the lifecycle shortcut and the message ---------------------------------------------------
+
+
+def test_the_claim_started_shortcut_is_legal_only_from_queued_and_lands_in_building():
+    assert transition(Stage.QUEUED, Event.CLAIM_STARTED) == Stage.BUILDING
+    for stage in Stage:
+        if stage is not Stage.QUEUED:
+            with pytest.raises(IllegalTransition):
+                transition(stage, Event.CLAIM_STARTED)
+
+
+def _queued(job: str = "j1", body: str = "echo ok") -> JobRecord:
+    return JobRecord(id=job, manifest=Manifest(cwd="w", engine="shell"), body=body, source="test",
+                     content_hash="h", submitted_at=1.0, pool="p1", requirements=["engine:shell"])
+
+
+def test_a_started_claim_is_the_claim_and_the_start_in_one_record():
+    rec = _queued()
+    two = protocol.claim(rec, "f1", 0, 5.0)
+    started = protocol.start(two.record, "f1", two.record.epoch, 5.0)
+    one = protocol.claim(rec, "f1", 0, 5.0, start=True)
+    assert one.event is Event.CLAIM_STARTED and one.stage_from is Stage.QUEUED
+    assert one.record.stage == started.record.stage == Stage.BUILDING
+    # The same lease, epoch, attempt and attempt history as the two writes make.
+    assert (one.record.epoch, one.record.attempt, one.record.lease) == \
+        (started.record.epoch, started.record.attempt, started.record.lease)
+    assert one.record.attempts == started.record.attempts
+    # The holder's later writes are fenced exactly as after a start.
+    assert protocol.renew(one.record, "f1", one.record.epoch, 6.0).lease.renewals == 1
+    with pytest.raises(protocol.Fenced):
+        protocol.renew(one.record, "f2", one.record.epoch, 6.0)
+    with pytest.raises(protocol.NotClaimable):
+        protocol.claim(one.record, "f2", 0, 6.0, start=True)
+
+
+def test_the_dispatch_message_carries_the_record_only_within_its_size_limit():
+    rec = _queued(body="echo " + "x" * 4000)
+    size = len(encode(rec))
+    msg = decode(encode(dispatch_message(rec, 7, size)), DispatchMessage)
+    assert msg.revision == 7 and msg.carried() == rec
+    over = decode(encode(dispatch_message(rec, 7, size - 1)), DispatchMessage)
+    assert over.revision == 7 and over.carried() is None and not over.record
+    off = decode(encode(dispatch_message(rec, 7, 0)), DispatchMessage)
+    assert off.carried() is None and off.revision is None
+    # A pointer-only message (an older coordinator's) decodes, and carries nothing.
+    old = decode(encode(DispatchMessage(job=rec.id, epoch=rec.epoch, pool=rec.pool)), DispatchMessage)
+    assert old.carried() is None
+    # An older factory reads the new message as a pointer (unknown fields are ignored).
+
+    class OldDispatchMessage(msgspec.Struct):
+        job: str
+        epoch: int
+        pool: str
+
+    assert decode(encode(msg), OldDispatchMessage) == OldDispatchMessage(rec.id, rec.epoch, rec.pool)
+
+
+def test_a_carried_record_that_does_not_match_its_pointer_or_does_not_decode_is_not_used():
+    rec = _queued()
+    good = dispatch_message(rec, 3, 1 << 16)
+    assert good.carried() == rec
+    assert msgspec.structs.replace(good, job="other").carried() is None
+    assert msgspec.structs.replace(good, epoch=rec.epoch + 1).carried() is None
+    assert msgspec.structs.replace(good, revision=None).carried() is None
+    assert msgspec.structs.replace(good, record=msgspec.Raw(b'{"id": 5}')).carried() is None
+
+
+# -- against a real broker: the factory's claim paths ---------------------------------------------
+
+
+def _kinds(evs: list[dict], kind: str) -> list[dict]:
+    return [e for e in evs if e["kind"] == kind]
+
+
+async def _audit(fleet: Fleet, job: str, *kinds: str) -> list[dict]:
+    """``job``'s events, once every kind in ``kinds`` is among them (the audit queue publishes
+    after the write it describes)."""
+    async def got():
+        evs = await fleet.events(job)
+        return evs if all(_kinds(evs, k) for k in kinds) else None
+
+    return await eventually(got, 15, what=f"events {kinds} of {job}")
+
+
+@pytest.mark.timeout(90)
+def test_a_job_offered_with_its_record_is_claimed_into_building_with_one_write_and_no_read(nats_server, tmp_path):
+    async def main():
+        async with Fleet(nats_server.url, tmp_path) as fleet:
+            f = await fleet.add_factory("f1")
+            job = await fleet.submit_one(fleet.job("echo ok", review_policy="auto"))
+            rec = await fleet.wait_stage(job, *DONE, timeout_s=30)
+            assert rec.attempt == 1 and rec.attempts[-1].factory == "f1"
+            # The claim used the record the dispatch message carried: one CAS, no read.
+            assert (f.stats["claims"], f.stats["claims_unread"], f.stats["claim_reads"],
+                    f.stats["claim_rereads"], f.stats["claim_conflicts"]) == (1, 1, 0, 0, 0), dict(f.stats)
+            # That one write took the job from queued to building: no assigned revision between.
+            stages = await _stages(fleet, job)
+            assert "assigned" not in stages, stages
+            first_building = stages.index("building")
+            assert stages[first_building - 1] == "queued", stages
+            # Both events are kept, in order: the claim (it started the run), then the start.
+            evs = await _audit(fleet, job, "claimed", "started", "finished")
+            [claimed], [started] = _kinds(evs, "claimed"), _kinds(evs, "started")
+            assert (claimed["stage_from"], claimed["stage_to"], claimed["data"].get("started")) == \
+                ("queued", "building", True)
+            assert started["data"] == {"with_claim": True} and "stage_from" not in started
+            assert evs.index(claimed) < evs.index(started) < evs.index(_kinds(evs, "finished")[0])
+
+    run(main(), 90)
+
+
+@pytest.mark.timeout(90)
+def test_a_job_with_a_lock_still_goes_through_assigned(nats_server, tmp_path):
+    async def main():
+        async with Fleet(nats_server.url, tmp_path) as fleet:
+            f = await fleet.add_factory("f1")
+            job = await fleet.submit_one(fleet.job("echo ok", review_policy="auto", lock="db"))
+            await fleet.wait_stage(job, *DONE, timeout_s=30)
+            stages = await _stages(fleet, job)
+            i = stages.index("assigned")
+            assert stages[i - 1:i + 2] == ["queued", "assigned", "building"], stages
+            assert f.stats["claims"] == 1 and f.stats["claim_reads"] == 0  # the carried record still served
+            evs = await _audit(fleet, job, "claimed", "started")
+            [claimed], [started] = _kinds(evs, "claimed"), _kinds(evs, "started")
+            assert (claimed["stage_from"], claimed["stage_to"]) == ("queued", "assigned")
+            assert "started" not in claimed["data"]
+            assert (started["stage_from"], started["stage_to"]) == ("assigned", "building")
+
+    run(main(), 90)
+
+
+@pytest.mark.timeout(90)
+def test_a_stale_carried_revision_falls_back_to_a_read_and_still_claims(nats_server, tmp_path):
+    """A dispatch message whose record changed since it was offered loses its CAS; the factory
+    reads the record and claims what is there. A pointer-only message (an older coordinator's)
+    is read and claimed as before."""
+    async def main():
+        async with Fleet(nats_server.url, tmp_path, fast_settings()) as fleet:
+            f = await fleet.add_factory("f1", stations=2)
+            # No coordinator from here on: only the messages this test publishes offer the jobs.
+            await fleet.stop("<coordinator>")
+            res = await intake.submit(fleet.admin, [("a.md", fleet.job("echo a")), ("b.md", fleet.job("echo b"))])
+            stale_job, pointer_job = res[0].job, res[1].job
+            offered, offered_rev = await fleet.record(stale_job)
+            # The record moves on after the offer was made (as a coordinator's hold note would).
+            moved = msgspec.structs.replace(offered, superseded=1)  # a field the claim keeps as it finds it
+            await fleet.admin.jobs.update(stale_job, encode(moved), last=offered_rev)
+            assert await ensure_pool(fleet.admin, offered.pool, offered.requirements)
+            await eventually(lambda: offered.pool in f.pools, 15, what="the factory bound the pool")
+            subject = names.dispatch_subject(offered.pool)
+            await fleet.admin.js.publish(subject, encode(dispatch_message(offered, offered_rev, 1 << 16)))
+            await eventually(lambda: f.stats["claims"] >= 2, 15, what="the stale offer claimed after a read")
+            rec, _ = await fleet.record(stale_job)
+            assert rec.lease is not None and rec.lease.factory == "f1" and rec.epoch == 1
+            assert rec.stage in (Stage.BUILDING, Stage.TESTING, Stage.REVIEW, Stage.SHIPPED)
+            assert rec.superseded == 1  # claimed on the record as read, not as offered
+            assert (f.stats["claims_unread"], f.stats["claim_conflicts"], f.stats["claim_rereads"],
+                    f.stats["claim_reads"]) == (1, 1, 1, 1), dict(f.stats)
+
+            pointer, _ = await fleet.record(pointer_job)
+            await fleet.admin.js.publish(subject, encode(DispatchMessage(job=pointer_job, epoch=pointer.epoch,
+                                                                         pool=pointer.pool)))
+            await eventually(lambda: f.stats["claims"] >= 3, 15, what="the pointer-only offer claimed")
+            rec, _ = await fleet.record(pointer_job)
+            assert rec.lease is not None and rec.lease.factory == "f1"
+            assert (f.stats["claims_unread"], f.stats["claim_reads"]) == (1, 2), dict(f.stats)
+
+    run(main(), 90)
