@@ -470,7 +470,7 @@ class Execute:
         except SetupFailed as e:
             if e.log_line is not None:
                 Path(a.log_path).write_text(self.redactor.text(e.log_line))
-            self.spend.final(a.spend, None, str(FailureClass.SETUP_FAILED))
+            await self.spend.final(a.spend, None, str(FailureClass.SETUP_FAILED))
             return a.result(FailureClass.SETUP_FAILED, e.detail)
         t0 = time.monotonic()
         # WIP checkpoints while the engine runs (a repo job, checkpoint_s on): :mod:`checkpoint`.
@@ -490,7 +490,7 @@ class Execute:
         try:
             out = await self._after_engine(run, a, eng, job, prepared, out, t0)
         finally:
-            self.spend.final(a.spend, out.usage, str(out.failure or "passed"))
+            await self.spend.final(a.spend, out.usage, str(out.failure or "passed"))
         if out.failure == FailureClass.AUTH_FAILED and not out.self_fenced and not run.fenced:
             # Before the report: the retry it may queue must never land here with the same key.
             self._withdraw_engine(a.name, f"auth_failed on job {run.job} attempt {run.record.attempt}: "

@@ -177,7 +177,7 @@ def test_a_stale_carried_revision_falls_back_to_a_read_and_still_claims(nats_ser
             await fleet.admin.js.publish(subject, encode(dispatch_message(offered, offered_rev, 1 << 16)))
             await eventually(lambda: f.stats["claims"] >= 2, 15, what="the stale offer claimed after a read")
             rec, _ = await fleet.record(stale_job)
-            assert rec.lease is not None and rec.lease.factory == "f1" and rec.epoch == 1
+            assert [(a.factory, a.epoch) for a in rec.attempts] == [("f1", 1)]
             assert rec.stage in (Stage.BUILDING, Stage.TESTING, Stage.REVIEW, Stage.SHIPPED)
             assert rec.superseded == 1  # claimed on the record as read, not as offered
             assert (f.stats["claims_unread"], f.stats["claim_conflicts"], f.stats["claim_rereads"],
@@ -188,7 +188,63 @@ def test_a_stale_carried_revision_falls_back_to_a_read_and_still_claims(nats_ser
                                                                          pool=pointer.pool)))
             await eventually(lambda: f.stats["claims"] >= 3, 15, what="the pointer-only offer claimed")
             rec, _ = await fleet.record(pointer_job)
-            assert rec.lease is not None and rec.lease.factory == "f1"
+            assert [(a.factory, a.epoch) for a in rec.attempts] == [("f1", 1)]
             assert (f.stats["claims_unread"], f.stats["claim_reads"]) == (1, 2), dict(f.stats)
 
     run(main(), 90)
+
+
+# -- the spend outbox off the event loop ----------------------------------------------------------
+
+
+def test_published_spend_records_are_removed_together_and_only_those(tmp_path):
+    from gigafactory.factory.outbox import Outbox
+
+    box = Outbox(str(tmp_path / "o"))
+    ids = [box.put("spend", "j", 1, f"r{i}".encode()) for i in range(5)]
+    box.mark_done_many([ids[0], ids[2], ids[4], 10_000])  # an unknown id is ignored
+    assert [i.payload for i in box.pending(10)] == [b"r1", b"r3"]
+    box.mark_done_many([])
+    assert box.count() == 2
+    with pytest.raises(ValueError, match="at most"):
+        box.mark_done_many(list(range(10_001)))
+    box.close()
+
+
+def test_an_attempts_final_spend_record_is_durable_when_written_and_committed_off_the_event_loop(tmp_path):
+    """``final`` returns once the record is committed (another process opening the folder sees
+    it), and the commit (an fsync) ran on a worker thread: the event loop, which serves every
+    other run of the process, never waited for the disk."""
+    import threading
+
+    from gigafactory.factory.holder import Run
+    from gigafactory.factory.outbox import Outbox
+    from gigafactory.factory.spend import SpendWriter
+    from gigafactory.schemas.records import Usage
+
+    rec = protocol.claim(_queued("j-final"), "s-1", 0, 2.0, start=True).record
+    w = SpendWriter(None, tmp_path / "s-1", "s-1", 1, fast_settings(), [], {})
+    threads: list[int] = []
+    put = w.outbox.put
+
+    def seen_put(*args):
+        threads.append(threading.get_ident())
+        return put(*args)
+
+    w.outbox.put = seen_put
+
+    async def main():
+        a = w.begin(Run("j-final", rec.epoch, 0, 1, rec), "shell")
+        await w.final(a, Usage(cost_usd=0.25, cost_source="reported"), "passed")
+        await w.final(a, None, "passed")  # once per attempt
+        return threading.get_ident()
+
+    loop_thread = run(main())
+    assert len(threads) == 1 and threads[0] != loop_thread
+    other = Outbox(str(tmp_path / "s-1" / "spend-outbox"))
+    try:
+        [item] = other.pending(10)
+        assert item.kind == "spend" and item.job == "j-final" and b'"final"' in item.payload
+    finally:
+        other.close()
+        w.outbox.close()
