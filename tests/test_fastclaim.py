@@ -5,6 +5,8 @@ into ``building`` (one write instead of two); a stale carried revision, a pointe
 
 from __future__ import annotations
 
+import asyncio
+
 import msgspec
 import pytest
 from helpers import Fleet, eventually, fast_settings, job_text, run
@@ -248,3 +250,76 @@ def test_an_attempts_final_spend_record_is_durable_when_written_and_committed_of
     finally:
         other.close()
         w.outbox.close()
+
+
+# -- audit events: one round trip per window, each job's events in order -----------------------------
+
+
+def _ev(job: str | None, kind: str, factory: str = "f1"):
+    from gigafactory.schemas.records import EventRecord
+
+    return (EventRecord(kind=kind, at=0.0, job=job, factory=factory), (f"{job}-{kind}", ""))
+
+
+def test_an_event_window_holds_at_most_one_event_per_job_and_keeps_the_queue_order():
+    from gigafactory.factory.audit import event_window
+
+    q = [_ev("a", "claimed"), _ev("b", "claimed"), _ev(None, "station"), _ev("a", "started"), _ev("c", "claimed")]
+    assert [(e.job, e.kind) for e, _ in event_window(q, 16)] == [("a", "claimed"), ("b", "claimed"), (None, "station")]
+    assert [(e.job, e.kind) for e, _ in event_window(q, 2)] == [("a", "claimed"), ("b", "claimed")]
+    assert [(e.job, e.kind) for e, _ in event_window(q[3:], 16)] == [("a", "started"), ("c", "claimed")]
+    # Two fleet events of one factory are ordered too; of two factories, not.
+    fleet = [_ev(None, "up", "f1"), _ev(None, "up", "f2"), _ev(None, "down", "f1")]
+    assert len(event_window(fleet, 16)) == 2
+    assert event_window([], 16) == []
+    assert len(event_window(q, 1)) == 1
+
+
+class _Audit:
+    """A factory's audit queue on its own (the :class:`AuditQueue` mixin with the state it uses),
+    against a real broker."""
+
+    def __init__(self, broker, factory_id: str) -> None:
+        import collections
+
+        from gigafactory.factory.redact import Redactor
+
+        self.broker, self.id = broker, factory_id
+        self.redactor = Redactor.build({})
+        self.stats = collections.Counter()
+        self._events = collections.deque()
+        self._events_waiting = asyncio.Event()
+
+
+@pytest.mark.timeout(60)
+def test_queued_events_of_several_jobs_go_out_together_and_each_jobs_stay_in_order(nats_server):
+    """Events of four jobs queued at once are stored in windows of several jobs (not one round
+    trip per event), every event once, each job's in the order it was queued."""
+    from gigafactory.broker import Broker
+    from gigafactory.coordinator.api import read_events
+    from gigafactory.factory.audit import AuditQueue
+
+    class Audit(_Audit, AuditQueue):
+        pass
+
+    async def main():
+        b = await Broker.open(nats_server.url, "audit-test", fast_settings())
+        try:
+            q = Audit(b, "f-audit")
+            jobs = [f"audit-job-{i}" for i in range(4)]
+            for kind in ("claimed", "started", "finished"):
+                for job in jobs:
+                    await q._event(kind, job=job, epoch=1)
+            await q._event("factory_up")
+            assert len(q._events) == 13
+            assert await q._publish_events(None)
+            assert not q._events and q.stats["events_published"] == 13
+            # Four jobs (and the fleet event) at once: four windows, not thirteen round trips.
+            assert q.stats["events_window_max"] == 5
+            for job in jobs:
+                kinds = [e["kind"] for e in await read_events(b, job)]
+                assert kinds == ["claimed", "started", "finished"], (job, kinds)
+        finally:
+            await b.close()
+
+    run(main(), 60)
