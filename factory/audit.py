@@ -7,6 +7,7 @@ State it uses, set up by :class:`~gigafactory.factory.agent.Factory`: ``_events`
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import random
 import secrets
@@ -19,6 +20,11 @@ log = logging.getLogger(__name__)
 
 EVENT_QUEUE_MAX = 10_000
 """Audit events waiting to be stored (the broker away) beyond this drop the oldest, logged."""
+_EVENT_NONCE = secrets.token_hex(8)
+_EVENT_SEQ = itertools.count()
+"""An event's message id is its factory, this process's random nonce and a counter: unique
+(so ``GF_EVENTS`` stores a retried publish once, and never takes one event for another) without
+drawing random bytes from the system for every event."""
 EVENT_WINDOW_MAX = 16
 """Most audit events in flight at once (published together, their acks awaited together)."""
 EVENT_RETRY_MIN_S = 0.05
@@ -52,7 +58,7 @@ class AuditQueue:
             log.warning("%s: audit queue full (%d); event %s for %s dropped", self.id, EVENT_QUEUE_MAX,
                         lost.kind, lost.job)
         # The trace of the step that says it, taken now: the events task publishes it later.
-        self._events.append((ev, (f"{self.id}-{secrets.token_hex(8)}", tracing.traceparent())))
+        self._events.append((ev, (f"{self.id}-{_EVENT_NONCE}-{next(_EVENT_SEQ):x}", tracing.traceparent())))
         self._events_waiting.set()
 
     async def _publish_events(self, deadline: float | None = None) -> bool:

@@ -323,3 +323,62 @@ def test_queued_events_of_several_jobs_go_out_together_and_each_jobs_stay_in_ord
             await b.close()
 
     run(main(), 60)
+
+
+def test_a_holder_signer_derives_its_key_once_and_its_signatures_verify():
+    from gigafactory.identity import HolderSigner, new_keypair, verify_holder
+    from gigafactory.schemas import signing
+
+    seed, public = new_keypair()
+    signer = HolderSigner(public, seed)
+    a = signer.sign_record(_queued("j-a"))
+    key = signer._key
+    b = signer.sign_record(protocol.claim(_queued("j-b"), "f1", 0, 2.0, start=True).record)
+    assert key is not None and signer._key is key  # derived at the first signature, kept
+    assert a.sig and b.sig and a.sig != b.sig
+    assert signing.holder_verdict(b, public, verify_holder) is None
+    forged = msgspec.structs.replace(b, body="rm -rf /")
+    assert signing.holder_verdict(forged, public, verify_holder) is not None
+    assert HolderSigner().sign_record(_queued()) == _queued()  # no identity: unsigned
+
+
+def test_event_message_ids_are_unique_without_random_draws_per_event():
+    from gigafactory.factory import audit
+
+    async def main():
+        q = _Audit(None, "f-ids")
+        q.__class__ = type("A", (_Audit, audit.AuditQueue), {})
+        for i in range(1000):
+            await q._event("x", job=f"j{i % 7}")
+        return [msg_id for _ev, (msg_id, _t) in q._events]
+
+    ids = run(main())
+    assert len(set(ids)) == 1000 and all(i.startswith(f"f-ids-{audit._EVENT_NONCE}-") for i in ids)
+
+
+def test_an_attempts_fence_socket_folder_is_made_and_removed_off_the_event_loop(tmp_path, monkeypatch):
+    import os
+    import threading
+
+    from gigafactory.factory import fence_socket
+
+    seen: dict[str, int] = {}
+    make, remove = fence_socket.socket_folder, fence_socket.shutil.rmtree
+    monkeypatch.setattr(fence_socket, "socket_folder",
+                        lambda base: seen.setdefault("make", threading.get_ident()) and make(base))
+    monkeypatch.setattr(fence_socket.shutil, "rmtree",
+                        lambda p, **kw: seen.setdefault("remove", threading.get_ident()) and remove(p, **kw))
+
+    async def renew(_want_s):
+        return {"outcome": "held", "reason": "test"}
+
+    async def main():
+        sock = await fence_socket.serve(renew, job="j", epoch=1, factory="f", renew_timeout_s=1.0,
+                                        base=str(tmp_path))
+        assert os.path.exists(sock.path)
+        await sock.close()
+        assert not os.path.exists(sock.folder)
+        return threading.get_ident()
+
+    loop_thread = run(main())
+    assert set(seen) == {"make", "remove"} and loop_thread not in seen.values()
