@@ -251,9 +251,8 @@ class SpendWriter:
         is empty (True) or ``deadline`` (monotonic) passes (False)."""
         delay = RETRY_MIN_S
         while True:
-            # The outbox's reads and commits run on a worker thread: each commit is an fsync,
-            # and the event loop serves every run of this process meanwhile.
-            items = await asyncio.to_thread(self.outbox.pending, PUBLISH_BATCH)
+            # A read is no commit (no fsync): it stays on the loop; the removal's commit does not.
+            items = self.outbox.pending(PUBLISH_BATCH)
             if not items:
                 return True
             done: list[int] = []  # published: removed together, one commit per batch
@@ -281,6 +280,10 @@ class SpendWriter:
                 # duplicate window), so removing promptly is what keeps it from being counted twice.
                 if done:
                     await asyncio.shield(asyncio.to_thread(self.outbox.mark_done_many, done))
+            if len(done) == len(items) < PUBLISH_BATCH:
+                # All there was is out: a record written meanwhile set ``kick``, and
+                # :meth:`publish_loop` comes back for it (no read just to find nothing).
+                return True
 
     async def publish_loop(self) -> None:
         """Publish records as they are written (and those left by an earlier run at start)."""
