@@ -382,3 +382,31 @@ def test_an_attempts_fence_socket_folder_is_made_and_removed_off_the_event_loop(
 
     loop_thread = run(main())
     assert set(seen) == {"make", "remove"} and loop_thread not in seen.values()
+
+
+@pytest.mark.timeout(90)
+def test_a_small_log_is_handed_to_the_store_as_bytes_and_stored_redacted_byte_for_byte(nats_server, tmp_path):
+    """A log under ``LOG_INLINE_MAX_BYTES`` is read at once (no worker thread per chunk); what
+    is stored is what a chunked upload stores: the whole log, with the factory's redaction."""
+    from gigafactory.factory.reporting import LOG_INLINE_MAX_BYTES
+
+    async def main():
+        async with Fleet(nats_server.url, tmp_path) as fleet:
+            f = await fleet.add_factory("f1")
+            given: list[object] = []
+            real_put = f.broker.artifacts.put
+
+            async def observed_put(name, data, meta=None):
+                given.append(data)
+                return await real_put(name, data, meta=meta)
+
+            f.broker.artifacts.put = observed_put  # observes what the factory hands the real store
+            job = await fleet.submit_one(fleet.job("seq 1 2000"))
+            rec = await fleet.wait_stage(job, *DONE, timeout_s=30)
+            stored = (await fleet.admin.artifacts.get(rec.attempts[-1].log)).data
+            local = next((tmp_path / "factories").rglob(f"{job}-attempt-1-epoch-1.log")).read_bytes()
+            assert 8_000 < len(local) <= LOG_INLINE_MAX_BYTES and stored == local
+            assert len(given) == 1 and isinstance(given[0], bytes), given
+            assert f.stats["log_uploads_inline"] == 1
+
+    run(main(), 90)
