@@ -231,6 +231,10 @@ class Execute:
         seat = engine  # the seat held with the station: released with it on every way out
         try:
             if offered is not None and _claims_unread(offered[0], seat):
+                if self._not_claimable(offered[0]):  # the same checks as on a record read
+                    self.stats["claim_skipped"] += 1
+                    await self._release_station(station, seat)
+                    return Claim(False)
                 self.stats["claims_unread"] += 1
                 got = await self._claim_once(job_id, station, seat, offered[0], offered[1])
                 if got is not None:
@@ -244,8 +248,7 @@ class Execute:
                 await self._release_station(station, seat)
                 return Claim(False)
             rec = decode(e.value, JobRecord)
-            if rec.stage != Stage.QUEUED or self.offers.missing(rec.requirements) or \
-                    claim_refused(self, rec.manifest.product):  # the kill switch (halting.py)
+            if self._not_claimable(rec):
                 self.stats["claim_skipped"] += 1
                 await self._release_station(station, seat)
                 return Claim(False)
@@ -282,6 +285,13 @@ class Execute:
             await self._release_station(station, seat)
             return Claim(False)
         return await self._claimed(got, station, seat, via, trace, t0_ns)
+
+    def _not_claimable(self, rec: JobRecord) -> bool:
+        """Whether this factory must not claim ``rec`` (as read, or as a dispatch message
+        carried it): not queued, a requirement it does not offer, or its product halted (the
+        kill switch, :mod:`halting`)."""
+        return rec.stage != Stage.QUEUED or bool(self.offers.missing(rec.requirements)) or \
+            claim_refused(self, rec.manifest.product)
 
     async def _claim_once(self, job_id: str, station: int, seat: str | None, rec: JobRecord,
                           revision: int) -> "_Won | None":

@@ -410,3 +410,29 @@ def test_a_small_log_is_handed_to_the_store_as_bytes_and_stored_redacted_byte_fo
             assert f.stats["log_uploads_inline"] == 1
 
     run(main(), 90)
+
+
+@pytest.mark.timeout(90)
+def test_a_carried_record_of_a_halted_product_is_refused_as_a_read_one_is(nats_server, tmp_path):
+    """The kill switch holds for the shortcut too: a dispatch message already out for a halted
+    job, carrying its record, is not claimed (the factory checks the carried record as it
+    checks one it reads)."""
+    from gigafactory.schemas import halt as H
+
+    async def main():
+        async with Fleet(nats_server.url, tmp_path) as fleet:
+            f = await fleet.add_factory("f1")
+            await fleet.client.call("halt", {"product": "web", "mode": "drain"})
+            job = await fleet.submit_one(fleet.job("echo ran > ran.txt", review_policy="auto", product="web"))
+            await eventually(lambda: H.covering(f.halt_state, "web") is not None, 10, what="the factory read the halt")
+            rec, rev = await fleet.record(job)
+            assert await ensure_pool(fleet.admin, rec.pool, rec.requirements)
+            skipped = f.stats["claim_skipped"]
+            await fleet.admin.js.publish(names.dispatch_subject(rec.pool), encode(dispatch_message(rec, rev, 1 << 16)))
+            await eventually(lambda: f.stats["claim_skipped"] > skipped, 15, what="the factory looked at the offer")
+            rec, _ = await fleet.record(job)
+            assert str(rec.stage) == "queued" and not rec.attempts, (rec.stage, rec.attempts)
+            assert f.stats["claims"] == 0 and f.stats["claim_reads"] == 0
+            assert not (fleet.repo / "ran.txt").exists()
+
+    run(main(), 90)
