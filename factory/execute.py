@@ -229,6 +229,7 @@ class Execute:
         """
         t0_ns = time.time_ns()  # the claim span covers the read and the compare-and-set
         seat = engine  # the seat held with the station: released with it on every way out
+        got: _Won | None = None
         try:
             if offered is not None and _claims_unread(offered[0], seat):
                 if self._not_claimable(offered[0]):  # the same checks as on a record read
@@ -237,49 +238,49 @@ class Execute:
                     return Claim(False)
                 self.stats["claims_unread"] += 1
                 got = await self._claim_once(job_id, station, seat, offered[0], offered[1])
-                if got is not None:
-                    return await self._claimed(got, station, seat, via, trace, t0_ns)
-                # The offered revision is no longer the record's: read it, and claim what is there.
-                self.stats["claim_rereads"] += 1
-            self.stats["claim_reads"] += 1
-            e = await self.broker.jobs.get(job_id)
-            if e is None:
-                self.stats["claim_skipped"] += 1
-                await self._release_station(station, seat)
-                return Claim(False)
-            rec = decode(e.value, JobRecord)
-            if self._not_claimable(rec):
-                self.stats["claim_skipped"] += 1
-                await self._release_station(station, seat)
-                return Claim(False)
-            now: float | None = None
-            if rec.backoff_s:
-                now = await self.broker.broker_now()
-                if now < e.ts + rec.backoff_s:
+                if got is None:
+                    # The offered revision is no longer the record's: read it, and claim what is there.
+                    self.stats["claim_rereads"] += 1
+            if got is None:
+                self.stats["claim_reads"] += 1
+                e = await self.broker.jobs.get(job_id)
+                if e is None:
                     self.stats["claim_skipped"] += 1
                     await self._release_station(station, seat)
                     return Claim(False)
-            if seat is None and (rec.manifest.engine or rec.manifest.engine_class):
-                choice = await self._take_seat(rec.manifest)
-                seat = choice.engine
-                if seat is None:
-                    # No engine of the job's class has a free seat here: give it to the fleet.
+                rec = decode(e.value, JobRecord)
+                if self._not_claimable(rec):
                     self.stats["claim_skipped"] += 1
-                    await self._release_station(station, None)
-                    return Claim(False, offer_again_in_s=0.0)
-                if not choice.preferred and self.settings.prefers_grace_s > 0:
-                    if now is None:
-                        now = await self.broker.broker_now()
-                    wait_s = prefers_wait_s(choice, now - (e.ts + rec.backoff_s), self.settings.prefers_grace_s)
-                    if wait_s > 0:
-                        self.stats["claims_deferred"] = self.stats.get("claims_deferred", 0) + 1
+                    await self._release_station(station, seat)
+                    return Claim(False)
+                now: float | None = None
+                if rec.backoff_s:
+                    now = await self.broker.broker_now()
+                    if now < e.ts + rec.backoff_s:
+                        self.stats["claim_skipped"] += 1
                         await self._release_station(station, seat)
-                        await self._deferred_event(rec, choice.reason, wait_s)
-                        return Claim(False, offer_again_in_s=wait_s)
-            got = await self._claim_once(job_id, station, seat, rec, e.revision)
-            if got is None:
-                await self._release_station(station, seat)
-                return Claim(False)
+                        return Claim(False)
+                if seat is None and (rec.manifest.engine or rec.manifest.engine_class):
+                    choice = await self._take_seat(rec.manifest)
+                    seat = choice.engine
+                    if seat is None:
+                        # No engine of the job's class has a free seat here: give it to the fleet.
+                        self.stats["claim_skipped"] += 1
+                        await self._release_station(station, None)
+                        return Claim(False, offer_again_in_s=0.0)
+                    if not choice.preferred and self.settings.prefers_grace_s > 0:
+                        if now is None:
+                            now = await self.broker.broker_now()
+                        wait_s = prefers_wait_s(choice, now - (e.ts + rec.backoff_s), self.settings.prefers_grace_s)
+                        if wait_s > 0:
+                            self.stats["claims_deferred"] = self.stats.get("claims_deferred", 0) + 1
+                            await self._release_station(station, seat)
+                            await self._deferred_event(rec, choice.reason, wait_s)
+                            return Claim(False, offer_again_in_s=wait_s)
+                got = await self._claim_once(job_id, station, seat, rec, e.revision)
+                if got is None:
+                    await self._release_station(station, seat)
+                    return Claim(False)
         except Exception as ex:
             log.info("%s: claim of %s failed (%s)", self.id, job_id, ex)
             await self._release_station(station, seat)
