@@ -363,11 +363,12 @@ def test_an_attempts_fence_socket_folder_is_made_and_removed_off_the_event_loop(
     from gigafactory.factory import fence_socket
 
     seen: dict[str, int] = {}
-    make, remove = fence_socket.socket_folder, fence_socket.shutil.rmtree
+    make = fence_socket.socket_folder
     monkeypatch.setattr(fence_socket, "socket_folder",
                         lambda base: seen.setdefault("make", threading.get_ident()) and make(base))
-    monkeypatch.setattr(fence_socket.shutil, "rmtree",
-                        lambda p, **kw: seen.setdefault("remove", threading.get_ident()) and remove(p, **kw))
+    remove = fence_socket._remove_folder
+    monkeypatch.setattr(fence_socket, "_remove_folder",
+                        lambda p, d: seen.setdefault("remove", threading.get_ident()) and remove(p, d))
 
     async def renew(_want_s):
         return {"outcome": "held", "reason": "test"}
@@ -382,6 +383,13 @@ def test_an_attempts_fence_socket_folder_is_made_and_removed_off_the_event_loop(
 
     loop_thread = run(main())
     assert set(seen) == {"make", "remove"} and loop_thread not in seen.values()
+    # Something else left in the folder (an engine wrote there): the whole folder still goes.
+    folder = tmp_path / "gf-fence-x"
+    folder.mkdir()
+    (folder / "fence.sock").write_text("")
+    (folder / "left-behind").write_text("x")
+    remove(str(folder / "fence.sock"), str(folder))
+    assert not folder.exists()
 
 
 @pytest.mark.timeout(90)
