@@ -444,3 +444,13 @@ def test_a_carried_record_of_a_halted_product_is_refused_as_a_read_one_is(nats_s
             assert not (fleet.repo / "ran.txt").exists()
 
     run(main(), 90)
+
+
+def test_the_carried_record_limit_is_bounded_and_named_when_refused():
+    from gigafactory.config import Settings, SettingsError
+
+    assert Settings().dispatch_record_max_bytes == 64 * 1024
+    assert Settings.from_env({"GIGAFACTORY_DISPATCH_RECORD_MAX_BYTES": "0"}).dispatch_record_max_bytes == 0
+    for bad in ("999999999", "-1"):
+        with pytest.raises(SettingsError, match="dispatch_record_max_bytes"):
+            Settings.from_env({"GIGAFACTORY_DISPATCH_RECORD_MAX_BYTES": bad})
