@@ -919,10 +919,11 @@ class Sim:
     # -- factory: requests -------------------------------------------------------------------------------
 
     def _send(self, f: SimFactory, op: str, key: str | None, on_reply: Callable, value: JobRecord | None = None,
-              last: int = 0, audit: bool = False) -> Req:
+              last: int = 0, audit: int = 0) -> Req:
         """A request from ``f``: lands after a latency (or when a partition heals, or never), and
         its reply or its timeout reaches ``on_reply(result, slot)`` exactly once. Returns the
-        request (its ``slot`` is set if it lands as an audited write)."""
+        request (its ``slot`` is set if it lands as an audited write). ``audit``: how many
+        events say the write (0: none), reserved in the audit where it lands."""
         t = self.t
         req = Req(f, on_reply)
         timeout_at = t + self.settings.request_timeout_s
@@ -960,7 +961,9 @@ class Sim:
             result = CONFLICT if rev is None else rev
             if rev is not None and audit:
                 req.slot = len(self.events)
-                self.events.append(None)
+                # ``audit`` events say this write, in its place in the audit (a claim that
+                # started the run has two: ``claimed``, then ``started``).
+                self.events.extend([None] * int(audit))
         elif op == "follower_get":  # a replica that lags; value is (factory, epoch) asking
             lag_s = self.rng.uniform(0.0, self.fc.follower_lag_s) if self.fc.follower_lag_s else 0.0
             got = store.get_as_of(key, self.t - lag_s)
@@ -1087,11 +1090,12 @@ class Sim:
             return self._claim_skip(f, inc, station, then, "skipped")
         if rec.backoff_s and store_now < ts + rec.backoff_s:
             return self._claim_skip(f, inc, station, then, "backoff")
-        out = protocol.claim(rec, f.id, station, self.t + f.clock_offset)
+        # As production: a job with no lock to take first is claimed straight into building.
+        out = protocol.claim(rec, f.id, station, self.t + f.clock_offset, start=not rec.manifest.lock)
         sent_at = self.t
         self._send(f, "update", jid,
                    lambda r, slot: self._claimed(f, inc, jid, station, then, out, r, slot, sent_at),
-                   out.record, rev, audit=True)
+                   out.record, rev, audit=2 if out.record.stage is Stage.BUILDING else 1)
 
     def _claimed(self, f: SimFactory, inc: int, jid: str, station: int, then: Callable, out: protocol.Outcome,
                  res, slot: int | None, sent_at: float = 0.0) -> None:
@@ -1106,11 +1110,16 @@ class Sim:
         if self.granted[(jid, rec.epoch)] == 2:
             self._violation("epoch_handed_out_twice", jid,
                             f"epoch {rec.epoch} was handed out again (to {f.id}): the store lost the first claim")
+        started = rec.stage == Stage.BUILDING  # the claim started the run (no lock)
         self.emit(EventRecord(kind="claimed", at=self.t + f.clock_offset, job=jid, stage_from="queued",
-                              stage_to="assigned", epoch=rec.epoch, factory=f.id, actor=f.id, reason=out.reason,
-                              data={"station": station, "attempt": rec.attempt}), slot)
+                              stage_to=str(rec.stage), epoch=rec.epoch, factory=f.id, actor=f.id, reason=out.reason,
+                              data={"station": station, "attempt": rec.attempt,
+                                    **({"started": True} if started else {})}), slot)
         self.note(f.id, "claimed", jid, rec.epoch)
-        if rec.manifest.lock:
+        if started:
+            # No start write: the claim was it, and the lease counts from when it was sent.
+            self._started(f, inc, run, out, None if slot is None else slot + 1, with_claim=True)
+        elif rec.manifest.lock:
             lock_sent_at = self.t
             self._send(f, "lock", rec.manifest.lock, lambda r, _s: self._locked(f, inc, run, r, lock_sent_at),
                        (run.job, run.epoch, f.id))
@@ -1273,12 +1282,17 @@ class Sim:
 
     # -- factory: running a job (``Factory._execute``) --------------------------------------------------
 
-    def _started(self, f: SimFactory, inc: int, run: SimRun, res, slot: int | None) -> None:
+    def _started(self, f: SimFactory, inc: int, run: SimRun, res, slot: int | None, with_claim: bool = False) -> None:
         if not isinstance(res, protocol.Outcome):
             return self._end_run(f, run)  # fenced, or an error: production logs it and frees the station
-        self.emit(EventRecord(kind="started", at=self.t + f.clock_offset, job=run.job, stage_from="assigned",
-                              stage_to="building", epoch=run.epoch, factory=f.id, actor=f.id,
-                              reason=res.reason), slot)
+        if with_claim:  # as Execute._execute_attempt: the engine starts, the stage moved with the claim
+            self.emit(EventRecord(kind="started", at=self.t + f.clock_offset, job=run.job, epoch=run.epoch,
+                                  factory=f.id, actor=f.id, reason=f"running on {f.id}/{run.station} (started "
+                                  "with its claim)", data={"with_claim": True}), slot)
+        else:
+            self.emit(EventRecord(kind="started", at=self.t + f.clock_offset, job=run.job, stage_from="assigned",
+                                  stage_to="building", epoch=run.epoch, factory=f.id, actor=f.id,
+                                  reason=res.reason), slot)
         # Stopped while the start was in flight (a drain, a fence): production's run.cancel is
         # set before the engine is spawned, so it is killed at once.
         if run.engine_done:

@@ -29,13 +29,13 @@ from gigafactory.schemas import halt as H
 from gigafactory.schemas.halt import HaltState
 from gigafactory.schemas.lifecycle import LEASED, IllegalTransition, Stage
 from gigafactory.schemas.records import (
-    DispatchMessage,
     EventRecord,
     JobRecord,
     LockRecord,
     PoolRecord,
     QueueEntry,
     decode,
+    dispatch_message,
     encode,
 )
 
@@ -477,7 +477,7 @@ class Scheduler:
                     self.pools_ready.add(pool)
             except Exception as e:  # the publish below fails too and is handled there
                 log.info("dispatch pool %s not ensured: %s", pool, e)
-        results = await asyncio.gather(*(self._publish(st.record) for st, _r, _p in offers))
+        results = await asyncio.gather(*(self._publish(st.record, st.revision) for st, _r, _p in offers))
         events = []
         for (st, redispatch, pos), ok in zip(offers, results):
             if not ok:
@@ -500,9 +500,9 @@ class Scheduler:
         await _gather_raising([self._hold(st, reason) for st, reason in holds])
         return sent
 
-    async def _publish(self, rec: JobRecord) -> bool:
+    async def _publish(self, rec: JobRecord, revision: int | None = None) -> bool:
         self._seq += 1
-        msg = DispatchMessage(job=rec.id, epoch=rec.epoch, pool=rec.pool)
+        msg = dispatch_message(rec, revision, self.settings.dispatch_record_max_bytes)
         try:
             with tracing.span("dispatch", parent=rec.trace, kind="producer", job=rec.id, epoch=rec.epoch,
                               pool=rec.pool):

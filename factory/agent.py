@@ -83,11 +83,13 @@ __all__ = [
 
 STATS = ("claims", "claim_conflicts", "claim_skipped", "fenced_writes", "handed_back", "finished", "quarantined",
          "polled_claims", "events_published", "events_dropped", "pool_scans", "pool_records", "outbox_wakeups",
-         "stall_probes", "stall_checks", "self_fenced")
+         "stall_probes", "stall_checks", "self_fenced", "claim_reads", "claims_unread", "claim_rereads")
 """A factory's counters. ``pool_scans``/``pool_records``/``outbox_wakeups`` say how much work an
 idle factory does (none beyond its heartbeat and long polls is the goal); ``stall_probes`` counts
 the one-request checks of a quiet pool index, ``stall_checks`` the full ones (an index scan, and a
-consumer lookup when something is queued)."""
+consumer lookup when something is queued). ``claim_reads`` counts reads of a job record before a
+claim, ``claims_unread`` the claims tried on the record a dispatch message carried (no read), and
+``claim_rereads`` those of them whose revision was stale (followed by a read)."""
 
 
 def warn_if_unsafe(settings: Settings) -> None:

@@ -68,6 +68,26 @@ class Claim:
         return self.claimed
 
 
+@dataclasses.dataclass(frozen=True)
+class _Won:
+    """A won claim: the record it was built on, the outcome written, the revision stored and
+    when (:func:`shell.fence_clock`) the write was sent."""
+
+    read: JobRecord
+    out: protocol.Outcome
+    revision: int
+    sent_s: float
+
+
+def _claims_unread(rec: JobRecord, seat: str | None) -> bool:
+    """Whether a carried record can be claimed without reading it: not when the job is in
+    back-off, nor when its engine is chosen at claim time (both decisions need the broker's
+    timestamp of the stored revision, which only a read gives)."""
+    if rec.backoff_s:
+        return False
+    return not (seat is None and (rec.manifest.engine or rec.manifest.engine_class))
+
+
 @dataclasses.dataclass
 class Attempt:
     """One attempt's state through :meth:`Execute._run_engine`."""
@@ -183,7 +203,7 @@ class Execute:
     """Mixin of :class:`~gigafactory.factory.agent.Factory`: one job's lifecycle."""
 
     async def _claim_and_run(self, job_id: str, station: int, engine: str | None, *, via: str = "push",
-                             trace: dict | None = None) -> "Claim":
+                             trace: dict | None = None, offered: tuple[JobRecord, int] | None = None) -> "Claim":
         """Claim ``job_id`` on ``station``; on success the run continues in the background.
 
         The engine is decided before the claim: ``engine`` is the one the job's pool names (its
@@ -201,64 +221,116 @@ class Execute:
             index), for the ``claimed`` event.
         :param trace: the dispatch message's headers: its trace context is the claim span's
             parent (else the record's, :mod:`gigafactory.tracing`).
+        :param offered: the record the dispatch message carried and the revision it was stored
+            at (:meth:`DispatchMessage.carried`): the claim is then one compare-and-set on that
+            revision with no read. Not used for a job in back-off or whose engine is chosen here
+            (both need the broker's timestamp of the revision); a CAS it loses (the record
+            changed since it was offered) is followed by a read and one more claim, as without it.
         """
         t0_ns = time.time_ns()  # the claim span covers the read and the compare-and-set
         seat = engine  # the seat held with the station: released with it on every way out
+        got: _Won | None = None
         try:
-            e = await self.broker.jobs.get(job_id)
-            if e is None:
-                self.stats["claim_skipped"] += 1
-                await self._release_station(station, seat)
-                return Claim(False)
-            rec = decode(e.value, JobRecord)
-            if rec.stage != Stage.QUEUED or self.offers.missing(rec.requirements) or \
-                    claim_refused(self, rec.manifest.product):  # the kill switch (halting.py)
-                self.stats["claim_skipped"] += 1
-                await self._release_station(station, seat)
-                return Claim(False)
-            now: float | None = None
-            if rec.backoff_s:
-                now = await self.broker.broker_now()
-                if now < e.ts + rec.backoff_s:
+            if offered is not None and _claims_unread(offered[0], seat):
+                if self._not_claimable(offered[0]):  # the same checks as on a record read
                     self.stats["claim_skipped"] += 1
                     await self._release_station(station, seat)
                     return Claim(False)
-            if seat is None and (rec.manifest.engine or rec.manifest.engine_class):
-                choice = await self._take_seat(rec.manifest)
-                seat = choice.engine
-                if seat is None:
-                    # No engine of the job's class has a free seat here: give it to the fleet.
+                self.stats["claims_unread"] += 1
+                got = await self._claim_once(job_id, station, seat, offered[0], offered[1])
+                if got is None:
+                    # The offered revision is no longer the record's: read it, and claim what is there.
+                    self.stats["claim_rereads"] += 1
+            if got is None:
+                self.stats["claim_reads"] += 1
+                e = await self.broker.jobs.get(job_id)
+                if e is None:
                     self.stats["claim_skipped"] += 1
-                    await self._release_station(station, None)
-                    return Claim(False, offer_again_in_s=0.0)
-                if not choice.preferred and self.settings.prefers_grace_s > 0:
-                    if now is None:
-                        now = await self.broker.broker_now()
-                    wait_s = prefers_wait_s(choice, now - (e.ts + rec.backoff_s), self.settings.prefers_grace_s)
-                    if wait_s > 0:
-                        self.stats["claims_deferred"] = self.stats.get("claims_deferred", 0) + 1
+                    await self._release_station(station, seat)
+                    return Claim(False)
+                rec = decode(e.value, JobRecord)
+                if self._not_claimable(rec):
+                    self.stats["claim_skipped"] += 1
+                    await self._release_station(station, seat)
+                    return Claim(False)
+                now: float | None = None
+                if rec.backoff_s:
+                    now = await self.broker.broker_now()
+                    if now < e.ts + rec.backoff_s:
+                        self.stats["claim_skipped"] += 1
                         await self._release_station(station, seat)
-                        await self._deferred_event(rec, choice.reason, wait_s)
-                        return Claim(False, offer_again_in_s=wait_s)
-            out = self._signing(lambda r: protocol.claim(
-                r, self.id, station, time.time(), engine=seat,
-                engine_version=self._engine_version(seat) if seat else None))(rec)
-            self.stats["claims"] += 1
-            try:
-                rev = await self.broker.jobs.update(job_id, encode(out.record), last=e.revision)
-            except Conflict:
-                self.stats["claim_conflicts"] += 1
-                await self._release_station(station, seat)
-                return Claim(False)
+                        return Claim(False)
+                if seat is None and (rec.manifest.engine or rec.manifest.engine_class):
+                    choice = await self._take_seat(rec.manifest)
+                    seat = choice.engine
+                    if seat is None:
+                        # No engine of the job's class has a free seat here: give it to the fleet.
+                        self.stats["claim_skipped"] += 1
+                        await self._release_station(station, None)
+                        return Claim(False, offer_again_in_s=0.0)
+                    if not choice.preferred and self.settings.prefers_grace_s > 0:
+                        if now is None:
+                            now = await self.broker.broker_now()
+                        wait_s = prefers_wait_s(choice, now - (e.ts + rec.backoff_s), self.settings.prefers_grace_s)
+                        if wait_s > 0:
+                            self.stats["claims_deferred"] = self.stats.get("claims_deferred", 0) + 1
+                            await self._release_station(station, seat)
+                            await self._deferred_event(rec, choice.reason, wait_s)
+                            return Claim(False, offer_again_in_s=wait_s)
+                got = await self._claim_once(job_id, station, seat, rec, e.revision)
+                if got is None:
+                    await self._release_station(station, seat)
+                    return Claim(False)
         except Exception as ex:
             log.info("%s: claim of %s failed (%s)", self.id, job_id, ex)
             await self._release_station(station, seat)
             return Claim(False)
+        return await self._claimed(got, station, seat, via, trace, t0_ns)
+
+    def _not_claimable(self, rec: JobRecord) -> bool:
+        """Whether this factory must not claim ``rec`` (as read, or as a dispatch message
+        carried it): not queued, a requirement it does not offer, or its product halted (the
+        kill switch, :mod:`halting`)."""
+        return rec.stage != Stage.QUEUED or bool(self.offers.missing(rec.requirements)) or \
+            claim_refused(self, rec.manifest.product)
+
+    async def _claim_once(self, job_id: str, station: int, seat: str | None, rec: JobRecord,
+                          revision: int) -> "_Won | None":
+        """One compare-and-set claiming ``rec`` (stored at ``revision``) on ``station``: the won
+        claim, or None when the revision is no longer the record's (``claim_conflicts``). A job
+        with no lock is claimed straight into ``building`` (:func:`protocol.claim`, ``start``):
+        its engine starts at once, so the start is the claim's write, not a second one.
+
+        :param job_id: the job.
+        :param station: the station reserved for it.
+        :param seat: the engine whose seat the run takes (None: resolved at run time).
+        :param rec: the record as stored at ``revision``.
+        :param revision: the ``gf_jobs`` revision the CAS is on."""
+        start = not rec.manifest.lock  # a lock is taken between the claim and the start
+        out = self._signing(lambda r: protocol.claim(
+            r, self.id, station, time.time(), engine=seat,
+            engine_version=self._engine_version(seat) if seat else None, start=start))(rec)
+        self.stats["claims"] += 1
+        sent_s = shell.fence_clock()  # the lease counts from this write when it starts the run
+        try:
+            rev = await self.broker.jobs.update(job_id, encode(out.record), last=revision)
+        except Conflict:
+            self.stats["claim_conflicts"] += 1
+            return None
+        return _Won(rec, out, rev, sent_s)
+
+    async def _claimed(self, got: "_Won", station: int, seat: str | None, via: str, trace: dict | None,
+                       t0_ns: int) -> "Claim":
+        """Take the won claim ``got`` in and start its attempt; ``Claim(True)``."""
+        out = got.out
+        run = Run(out.record.id, out.record.epoch, station, got.revision, out.record)
+        if out.record.stage == Stage.BUILDING:
+            run.started_sent_s = got.sent_s
         # Only a won claim is a span (a skipped offer is not a step of the job); the attempt's
         # task starts inside it, so everything the attempt does is below it in the job's trace.
-        with tracing.span("claim", parent=tracing.extract(trace) or rec.trace, start_ns=t0_ns, job=job_id,
+        with tracing.span("claim", parent=tracing.extract(trace) or got.read.trace, start_ns=t0_ns, job=run.job,
                           epoch=out.record.epoch, factory=self.id, via=via, attempt=out.record.attempt, engine=seat):
-            await self._start_run(Run(job_id, out.record.epoch, station, rev, out.record), out.reason, via, seat)
+            await self._start_run(run, out.reason, via, seat)
         return Claim(True)
 
     async def _start_run(self, run: Run, reason: str, via: str, seat: str | None) -> None:
@@ -268,9 +340,12 @@ class Execute:
         self._set_station(run.station, run.job, run.epoch)
         log.info("%s: claimed %s (attempt %d, epoch %d, via %s, station %d)", self.id, run.job, run.record.attempt,
                  run.epoch, via, run.station)
-        await self._event("claimed", job=run.job, epoch=run.epoch, stage_from="queued", stage_to="assigned",
-                          reason=reason, data={"station": run.station, "attempt": run.record.attempt, "via": via,
-                                               "engine": seat})
+        # A claim that started the run says so (stage_to ``building``); its ``started`` event
+        # still follows, when the engine is about to run (:meth:`_execute_attempt`).
+        await self._event("claimed", job=run.job, epoch=run.epoch, stage_from="queued",
+                          stage_to=str(run.record.stage), reason=reason,
+                          data={"station": run.station, "attempt": run.record.attempt, "via": via, "engine": seat,
+                                **({"started": True} if run.started_sent_s is not None else {})})
         self._spawn(self._execute(run, seat), f"job-{run.job}")
 
     async def _deferred_event(self, rec: JobRecord, why: str, wait_s: float) -> None:
@@ -300,18 +375,25 @@ class Execute:
         idle_after: IdleReason | None = None  # the station's idle reason once this run ends (None: worked out)
         try:
             m = run.record.manifest
-            if m.lock:
-                holder = await self._acquire_lock(run, m.lock)
-                if holder is not None:
-                    idle_after = IdleReason.LOCK_WAIT
-                    await self._event("lock_wait", job=run.job, epoch=run.epoch,
-                                      reason=f"lock {m.lock!r} held by job {holder}")
-                    await self._hand_back(run, f"lock {m.lock!r} held by job {holder}", backoff_s=1.0)
+            if run.started_sent_s is not None:
+                # Claimed straight into building (no lock to take first): the claim's write
+                # started the run, and the lease counts from when that write was sent.
+                sent_s, started = run.started_sent_s, run.record
+                stage_from = None
+            else:
+                if m.lock:
+                    holder = await self._acquire_lock(run, m.lock)
+                    if holder is not None:
+                        idle_after = IdleReason.LOCK_WAIT
+                        await self._event("lock_wait", job=run.job, epoch=run.epoch,
+                                          reason=f"lock {m.lock!r} held by job {holder}")
+                        await self._hand_back(run, f"lock {m.lock!r} held by job {holder}", backoff_s=1.0)
+                        return
+                sent_s = shell.fence_clock()
+                started = await self._write(run, lambda r: protocol.start(r, self.id, run.epoch, time.time()))
+                if started is None:
                     return
-            sent_s = shell.fence_clock()
-            started = await self._write(run, lambda r: protocol.start(r, self.id, run.epoch, time.time()))
-            if started is None:
-                return
+                stage_from = "assigned"
             if run.lock_sent_s is not None:
                 # The lock entry may be older than the start write (a start that took retries):
                 # the engine must stop before the lock can be presumed free, too.
@@ -320,8 +402,13 @@ class Execute:
                 # Measured from when the write was *sent*: the broker stamped it later, so the
                 # reaper's clock starts later than ours (conservative).
                 run.fence = shell.FenceDeadline(self._fence_deadline_s(sent_s), self.settings.fence_kill_grace_s)
-            await self._event("started", job=run.job, epoch=run.epoch, stage_from="assigned", stage_to="building",
-                              reason=started.reason)
+            # After a claim that started the run, the stage moved with the claim (its event
+            # says ``stage_to: building``): this one says the engine starts, with no transition.
+            await self._event("started", job=run.job, epoch=run.epoch, stage_from=stage_from,
+                              stage_to="building" if stage_from else None,
+                              reason=started.reason if stage_from else
+                              f"running on {self.id}/{run.station} (started with its claim)",
+                              data={} if stage_from else {"with_claim": True})
             renewer = asyncio.create_task(self._renew_loop(run))
             # The job's `gigafactory fence` asks this socket: the factory renews for it, so the
             # job never holds the factory's identity (fence_socket.py).
@@ -394,7 +481,7 @@ class Execute:
         except SetupFailed as e:
             if e.log_line is not None:
                 Path(a.log_path).write_text(self.redactor.text(e.log_line))
-            self.spend.final(a.spend, None, str(FailureClass.SETUP_FAILED))
+            await self.spend.final(a.spend, None, str(FailureClass.SETUP_FAILED))
             return a.result(FailureClass.SETUP_FAILED, e.detail)
         t0 = time.monotonic()
         # WIP checkpoints while the engine runs (a repo job, checkpoint_s on): :mod:`checkpoint`.
@@ -414,7 +501,7 @@ class Execute:
         try:
             out = await self._after_engine(run, a, eng, job, prepared, out, t0)
         finally:
-            self.spend.final(a.spend, out.usage, str(out.failure or "passed"))
+            await self.spend.final(a.spend, out.usage, str(out.failure or "passed"))
         if out.failure == FailureClass.AUTH_FAILED and not out.self_fenced and not run.fenced:
             # Before the report: the retry it may queue must never land here with the same key.
             self._withdraw_engine(a.name, f"auth_failed on job {run.job} attempt {run.record.attempt}: "

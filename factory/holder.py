@@ -72,6 +72,10 @@ class Run:
     ``unsafe_unfenced_engines``): extended after each successful renewal."""
     self_fenced: str | None = None
     """Why the run stopped its own engine (the deadline passed without a renewal), if it did."""
+    started_sent_s: float | None = None
+    """Set when the claim itself started the run (``queued -> building``, no lock to take
+    first): when (:func:`shell.fence_clock`) that write was sent, so the self-fencing deadline
+    counts from it; None: the run starts with its own write after the claim."""
     fence_socket: Any = None
     """The attempt's :class:`~gigafactory.factory.fence_socket.FenceSocket` (``GF_FENCE_SOCKET``)
     while its engine may run; None before the start write and after the attempt."""

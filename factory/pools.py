@@ -499,7 +499,9 @@ class Pools:
             return
         claim = None
         try:
-            claim = await self._claim_and_run(d.job, station, ps.engine, via="push", trace=msg.headers)
+            carried = d.carried()  # the record as offered: claimed with one CAS and no read
+            claim = await self._claim_and_run(d.job, station, ps.engine, via="push", trace=msg.headers,
+                                              offered=None if carried is None else (carried, d.revision))
         finally:
             try:
                 if claim is not None and claim.offer_again_in_s is not None:

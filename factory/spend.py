@@ -160,13 +160,17 @@ class SpendWriter:
             return
         self._write(self._record(a, SpendKind.USAGE, usage), self._added(a, usage))
 
-    def final(self, a: AttemptSpend | None, usage: Usage | None, outcome: str) -> None:
-        """Write the attempt's last record (its totals and outcome); once per attempt."""
+    async def final(self, a: AttemptSpend | None, usage: Usage | None, outcome: str) -> None:
+        """Write the attempt's last record (its totals and outcome); once per attempt. Durable
+        when this returns, as :meth:`_write`; the outbox's commit (an fsync) runs on a worker
+        thread, so the event loop (every other run of this process) does not wait for the disk."""
         if a is None or a.finished:
             return
         a.finished = True
         rec = msgspec.structs.replace(self._record(a, SpendKind.FINAL, usage), outcome=outcome)
-        self._write(rec, self._added(a, usage))
+        data = _ENC.encode(rec)
+        await asyncio.to_thread(self.outbox.put, "spend", rec.job or "_fixed", rec.epoch, data)
+        self._count(rec, self._added(a, usage))
 
     @staticmethod
     def _added(a: AttemptSpend, usage: Usage | None) -> float:
@@ -233,6 +237,10 @@ class SpendWriter:
     def _write(self, rec: SpendRecord, added_usd: float) -> None:
         """Put ``rec`` in the spend outbox (durable when this returns) and count what it adds."""
         self.outbox.put("spend", rec.job or "_fixed", rec.epoch, _ENC.encode(rec))
+        self._count(rec, added_usd)
+
+    def _count(self, rec: SpendRecord, added_usd: float) -> None:
+        """Count ``rec`` (now durable in the outbox) and what it adds; wake the publisher."""
         self.stats["spend_records"] += 1
         key = (rec.provider or "", rec.model or "", rec.funding_window, rec.lane_kind, rec.cost_source)
         self.spend_usd[key] = self.spend_usd.get(key, 0.0) + added_usd
@@ -243,25 +251,39 @@ class SpendWriter:
         is empty (True) or ``deadline`` (monotonic) passes (False)."""
         delay = RETRY_MIN_S
         while True:
+            # A read is no commit (no fsync): it stays on the loop; the removal's commit does not.
             items = self.outbox.pending(PUBLISH_BATCH)
             if not items:
                 return True
-            for item in items:
-                rec = _DEC.decode(item.payload)
-                try:
-                    await self.broker.js.publish(record_subject(rec), item.payload, headers={"Nats-Msg-Id": rec.id},
-                                            timeout=self.settings.request_timeout_s)
-                except Exception as e:  # noqa: BLE001 -- kept in the outbox, tried again
-                    log.info("%s: spend record %s not stored yet (%s); retrying", self.id, rec.id, e)
-                    pause = random.uniform(delay / 2, delay)
-                    if deadline is not None and time.monotonic() + pause > deadline:
-                        return False
-                    await asyncio.sleep(pause)
-                    delay = min(delay * 2, RETRY_MAX_S)
-                    break
-                self.outbox.mark_done(item.id)
-                self.stats["spend_published"] += 1
-                delay = RETRY_MIN_S
+            done: list[int] = []  # published: removed together, one commit per batch
+            try:
+                for item in items:
+                    rec = _DEC.decode(item.payload)
+                    try:
+                        await self.broker.js.publish(record_subject(rec), item.payload,
+                                                     headers={"Nats-Msg-Id": rec.id},
+                                                     timeout=self.settings.request_timeout_s)
+                    except Exception as e:  # noqa: BLE001 -- kept in the outbox, tried again
+                        log.info("%s: spend record %s not stored yet (%s); retrying", self.id, rec.id, e)
+                        pause = random.uniform(delay / 2, delay)
+                        if deadline is not None and time.monotonic() + pause > deadline:
+                            return False
+                        await asyncio.sleep(pause)
+                        delay = min(delay * 2, RETRY_MAX_S)
+                        break
+                    done.append(item.id)
+                    self.stats["spend_published"] += 1
+                    delay = RETRY_MIN_S
+            finally:
+                # Also when cancelled: a record published but not yet removed would be published
+                # again at the next start, under the same id (stored once within GF_SPEND's
+                # duplicate window), so removing promptly is what keeps it from being counted twice.
+                if done:
+                    await asyncio.shield(asyncio.to_thread(self.outbox.mark_done_many, done))
+            if len(done) == len(items) < PUBLISH_BATCH:
+                # All there was is out: a record written meanwhile set ``kick``, and
+                # :meth:`publish_loop` comes back for it (no read just to find nothing).
+                return True
 
     async def publish_loop(self) -> None:
         """Publish records as they are written (and those left by an earlier run at start)."""

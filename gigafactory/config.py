@@ -49,6 +49,8 @@ HOUR_S = 3600.0
 """The longest a protocol timing (lease, renewal, heartbeat, poll) may be: past it a dead
 factory's work or a lost message waits longer than any operator would."""
 DAY_S = 86_400.0
+DISPATCH_RECORD_MAX_BYTES_CEILING = 512 * 1024
+"""Most ``dispatch_record_max_bytes`` may be: half the broker's default max payload (1 MiB)."""
 
 
 class SettingsError(ValueError):
@@ -557,6 +559,15 @@ class Settings(msgspec.Struct):
     tls_ca: str | None = None
     """``GIGAFACTORY_TLS_CA``: PEM CA bundle that clients verify the broker with (and the broker
     verifies client certificates with, when both are set). Unset with TLS on: the system CAs."""
+
+    # -- the claim's round trips (issue 14, helper fastclaim) -----------------------------------
+    dispatch_record_max_bytes: Annotated[int, Meta(ge=0, le=DISPATCH_RECORD_MAX_BYTES_CEILING)] = 64 * 1024
+    """Largest job record (encoded, in bytes) the coordinator carries inside a dispatch message,
+    with its revision, so that the factory claims it with one compare-and-set and no read
+    (default 64 KiB; 0: never carry it). A larger record (a long prompt) travels as a pointer
+    only and the factory reads it. Risk: every dispatch message and its redeliveries carry the
+    record, so a high value costs broker bytes and memory in the dispatch stream; at most 512 KiB
+    (half the broker's default max payload)."""
 
     @property
     def fence_margin_effective_s(self) -> float:

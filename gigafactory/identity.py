@@ -38,6 +38,7 @@ import os
 import re
 import time
 from dataclasses import asdict, dataclass, field
+from typing import Any
 from pathlib import Path
 
 from gigafactory.schemas import names
@@ -572,14 +573,21 @@ class HolderSigner:
 
     public_key: str | None = None
     seed: str | None = field(default=None, repr=False)
+    _key: Any = field(default=None, repr=False, compare=False)
+    """The key pair derived from ``seed`` once (deriving it is an Ed25519 scalar multiplication,
+    as costly as the signature itself; a noop run's profile showed it on every write). It holds
+    nothing the seed beside it does not."""
 
     def sign_record(self, rec):
         if self.seed is None or self.public_key is None:
             return rec
         from gigafactory.schemas import signing
 
-        seed = self.seed
-        return signing.signed(rec, self.public_key, lambda data: sign(seed, data))
+        if self._key is None:
+            import nkeys
+
+            self._key = nkeys.from_seed(bytearray(self.seed.encode()))
+        return signing.signed(rec, self.public_key, self._key.sign)
 
 
 _SIGNERS: dict[str, HolderSigner] = {}

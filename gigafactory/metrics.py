@@ -371,7 +371,10 @@ class ViewObserver:
             m.counter("gigafactory_jobs_failed_total").labels(product, _failure(rec.last_failure)).inc()
         elif stage == "dead_letter":
             m.counter("gigafactory_dead_letters_total").labels(product, _failure(rec.last_failure)).inc()
-        if stage == "assigned" and rec.attempt == 1 and len(rec.attempts) == 1:  # the first claim only
+        # The first claim only: into assigned, or straight into building (a claim that started
+        # its run, the claim_started shortcut), never the start that follows an assigned claim.
+        claimed = stage == "assigned" or (stage == "building" and str(o.stage) == "queued")
+        if claimed and rec.attempt == 1 and len(rec.attempts) == 1:
             m.histogram("gigafactory_dispatch_latency_seconds").labels(_label(rec.pool)).observe(
                 max(0.0, new.ts - rec.submitted_at))
         seen = self.entered.get(rec.id)

@@ -231,7 +231,7 @@ def timelines_from(history: dict[str, list[tuple[float, str]]]) -> dict[str, Tim
         for ts, stage in revs:
             if stage == "queued" and t.queued is None:
                 t.queued = ts
-            elif stage == "assigned" and t.claimed is None:
+            elif stage in ("assigned", "building") and t.claimed is None:  # a claim may start the run
                 t.claimed = ts
             if stage in DONE_STAGES and t.done is None:
                 t.done = ts

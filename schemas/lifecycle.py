@@ -12,7 +12,8 @@ Rules of this file (after h11's ``_state.py``):
 Theory of operation
 -------------------
 A job is born ``queued`` (or ``blocked`` while a dependency is unmet). A factory
-claims it (``assigned``), starts its engine (``building``), and its verify gate
+claims it (``assigned``), starts its engine (``building``); a claim whose engine starts at once
+(no lock to take first) goes straight to ``building`` in one write (``claim_started``), and its verify gate
 sends it to ``review`` (review policy names reviewers) or ``testing``; a human
 ``ship`` moves it to ``shipped``, or the ``auto`` review policy ships it at once.
 What ``shipped`` means for a ``repo`` job is its ``ship-as`` (branch, pull request opened,
@@ -60,6 +61,10 @@ class Event(enum.StrEnum):
     DEPS_MET = "deps_met"
     DEPS_UNMET = "deps_unmet"
     CLAIM = "claim"
+    CLAIM_STARTED = "claim_started"
+    """A claim whose engine starts at once (no lock to take first): ``queued -> building`` in
+    one compare-and-set, the shortcut of ``claim`` then ``start`` (the lease, epoch and attempt
+    are the claim's; the holder's ``started`` event still follows)."""
     START = "start"
     VERIFIED = "verified"
     NEEDS_REVIEW = "needs_review"
@@ -93,6 +98,7 @@ TRANSITIONS: dict[Stage, dict[Event, Stage]] = {
         Event.DEPS_UNMET: Stage.BLOCKED,
         Event.DEPS_MET: Stage.QUEUED,
         Event.CLAIM: Stage.ASSIGNED,
+        Event.CLAIM_STARTED: Stage.BUILDING,
         Event.FAIL: Stage.FAILED,
         Event.CANCEL: Stage.FAILED,
     },

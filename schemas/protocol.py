@@ -68,10 +68,13 @@ def _update_attempt(rec: JobRecord, epoch: int, **kw) -> list[AttemptRecord]:
 
 
 def claim(rec: JobRecord, factory: str, station: int, now: float, *, engine: str | None = None,
-          engine_version: str | None = None) -> Outcome:
+          engine_version: str | None = None, start: bool = False) -> Outcome:
     """``queued -> assigned`` with a new lease at ``epoch + 1``. Exactly one compare-and-set on the
     revision this record was read at can win; every other claimer gets a revision conflict.
-    ``engine`` (and its ``engine_version``): the engine the claimer will run, kept on the attempt."""
+    ``engine`` (and its ``engine_version``): the engine the claimer will run, kept on the attempt.
+    ``start``: the engine starts at once (the job has no lock to take first), so the claim goes
+    straight to ``building`` (``claim_started``): one write instead of the claim and
+    :func:`start`, with the same lease, epoch and attempt, and the reason :func:`start` gives."""
     if rec.stage != Stage.QUEUED:
         raise NotClaimable(f"job {rec.id} is {rec.stage}, not queued")
     epoch = rec.epoch + 1
@@ -79,7 +82,8 @@ def claim(rec: JobRecord, factory: str, station: int, now: float, *, engine: str
     attempts = [*rec.attempts, AttemptRecord(attempt=attempt, epoch=epoch, factory=factory, station=station,
                                               started_at=now, engine=engine, engine_version=engine_version)]
     return _move(
-        rec, Event.CLAIM, now, f"claimed by {factory}/{station}",
+        rec, Event.CLAIM_STARTED if start else Event.CLAIM, now,
+        f"claimed by {factory}/{station}" + (f", running on {factory}/{station}" if start else ""),
         epoch=epoch, attempt=attempt, lease=Lease(factory=factory, station=station, epoch=epoch),
         attempts=attempts[-MAX_ATTEMPTS_KEPT:], backoff_s=0.0,
     )

@@ -430,12 +430,54 @@ class QueueEntry(msgspec.Struct):
     epoch: int
 
 
-class DispatchMessage(msgspec.Struct):
-    """What travels on ``gf.dispatch.<pool>``: only a pointer; the job record is the truth."""
+class DispatchMessage(msgspec.Struct, omit_defaults=True):
+    """What travels on ``gf.dispatch.<pool>``: a pointer to the job, and (when it fits) the record
+    as the coordinator last saw it, with its ``gf_jobs`` revision. The job record in the bucket
+    stays the truth: a factory claims with a compare-and-set on ``revision``, so a carried copy
+    that is no longer current loses the CAS and the factory falls back to reading the record.
+    Carrying it saves the factory's read (one round trip per job); a message without it (an
+    older coordinator, a record over ``dispatch_record_max_bytes``) is claimed as before: read,
+    then CAS. Older factories ignore the two extra fields."""
 
     job: str
     epoch: int
     pool: str
+    revision: int | None = None
+    """The ``gf_jobs`` revision ``record`` was stored at (None: not carried)."""
+    record: msgspec.Raw = msgspec.Raw()
+    """The job record stored at ``revision``, as JSON (empty: read it from ``gf_jobs``). Kept
+    raw so that a record this factory cannot decode costs only the shortcut, never the offer."""
+
+    def carried(self) -> JobRecord | None:
+        """The carried record when it is usable for a claim without a read: present, with its
+        revision, decodable, and naming the same job and epoch as the pointer. Anything else is
+        ignored (None), and the factory reads the record as an older coordinator's message
+        makes it do."""
+        if not self.record or self.revision is None or self.revision < 1:
+            return None
+        try:
+            rec = decode(self.record, JobRecord)
+        except msgspec.DecodeError:
+            return None
+        return rec if rec.id == self.job and rec.epoch == self.epoch else None
+
+
+def dispatch_message(rec: JobRecord, revision: int | None, max_record_bytes: int) -> DispatchMessage:
+    """The dispatch message offering ``rec`` (stored at ``revision``): the record rides along
+    when its encoding is at most ``max_record_bytes`` (``dispatch_record_max_bytes``), else the
+    message is a pointer only and the factory reads the record.
+
+    :param rec: the job record as stored at ``revision``, whole (a compact or partial copy must
+        never be carried: the factory's claim is built on it).
+    :param revision: its ``gf_jobs`` revision; None: carry nothing.
+    :param max_record_bytes: the largest encoded record carried (0: never)."""
+    msg = DispatchMessage(job=rec.id, epoch=rec.epoch, pool=rec.pool)
+    if revision is None or max_record_bytes <= 0:
+        return msg
+    data = _ENC.encode(rec)
+    if len(data) > max_record_bytes:
+        return msgspec.structs.replace(msg, revision=revision)
+    return msgspec.structs.replace(msg, revision=revision, record=msgspec.Raw(data))
 
 
 class EventRecord(msgspec.Struct, omit_defaults=True):

@@ -26,6 +26,7 @@ LEGAL = {
     (Stage.QUEUED, Event.DEPS_UNMET): Stage.BLOCKED,
     (Stage.QUEUED, Event.DEPS_MET): Stage.QUEUED,
     (Stage.QUEUED, Event.CLAIM): Stage.ASSIGNED,
+    (Stage.QUEUED, Event.CLAIM_STARTED): Stage.BUILDING,  # the shortcut of a claim whose engine starts at once
     (Stage.QUEUED, Event.FAIL): Stage.FAILED,
     (Stage.QUEUED, Event.CANCEL): Stage.FAILED,
     (Stage.ASSIGNED, Event.START): Stage.BUILDING,

@@ -80,8 +80,10 @@ def test_timelines_come_from_broker_revisions_and_skip_truncated_histories():
         "d": [(1.0, "blocked"), (2.0, "queued"), (2.1, "assigned"), (2.4, "shipped")],
         "lost": [(3.0, "building"), (3.1, "shipped")],  # its first revisions aged out
         "open": [(1.0, "queued")],
+        "fast": [(1.0, "queued"), (1.4, "building"), (1.6, "shipped")],  # claimed straight into building
     })
-    assert set(tl) == {"a", "d", "open"}
+    assert set(tl) == {"a", "d", "open", "fast"}
+    assert tl["fast"].claimed == 1.4
     assert (tl["a"].submitted, tl["a"].claimed, tl["a"].done) == (1.0, 1.2, 1.5)
     assert tl["d"].queued == 2.0 and tl["d"].claimed == 2.1
     assert tl["open"].claimed is None and tl["open"].done is None
