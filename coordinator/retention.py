@@ -89,12 +89,13 @@ def archive_candidates(jobs: dict[str, JobState], dependents: dict[str, set[str]
     due = []
     for jid in terminal_ids:
         st = jobs.get(jid)
-        if st is None or st.record.stage not in TERMINAL or broker_now - st.ts < archive_after_s:
+        # Stages and ids from the states, never ``st.record``: a finished job's is packed.
+        if st is None or st.stage not in TERMINAL or broker_now - st.ts < archive_after_s:
             continue
-        if any((d := jobs.get(dep)) is not None and d.record.stage not in TERMINAL for dep in dependents.get(jid, ())):
+        if any((d := jobs.get(dep)) is not None and d.stage not in TERMINAL for dep in dependents.get(jid, ())):
             continue
         due.append(st)
-    due.sort(key=lambda st: (st.ts, st.record.id))
+    due.sort(key=lambda st: (st.ts, st.key))
     return due[:limit]
 
 

@@ -10,27 +10,112 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+import sys
+import zlib
 from dataclasses import dataclass, field
 
 import msgspec
 
 from gigafactory.broker import Broker, WatchProgress
 from gigafactory.schemas import capabilities as caps
-from gigafactory.schemas.lifecycle import Stage
+from gigafactory.schemas.lifecycle import TERMINAL, Stage
 from gigafactory.schemas.records import FactoryRecord, JobRecord, decode
 
 log = logging.getLogger(__name__)
 
 
-@dataclass(slots=True)
+class RecordPacker:
+    """Finished jobs' records, packed: zlib with a preset dictionary.
+
+    A view holds every record of ``gf_jobs``, and most of them are finished (100,000 after a
+    busy week): decoded, each is a tree of about ten containers and dozens of strings, 3-4 KB
+    of Python objects. A finished job's record is read only by rare paths (status, list,
+    clean-up, archive, a feature's run row), so the view keeps it packed and decodes it when
+    one of them asks. The dictionary is the first record this process packs: records of one
+    fleet share their field names and most values, so each packs to its differences from it.
+    The dictionary never changes afterwards (every packed record depends on it)."""
+
+    LEVEL = 1
+    """zlib's fastest level: the replay packs every finished record once, and the dictionary
+    does most of the work."""
+    ZDICT_MAX_BYTES = 32 * 1024
+    """zlib looks back 32 KiB at most: a longer dictionary would only cost memory."""
+
+    __slots__ = ("zdict",)
+
+    def __init__(self) -> None:
+        self.zdict: bytes | None = None
+
+    def pack(self, value: bytes) -> bytes:
+        if self.zdict is None:
+            self.zdict = bytes(value[-self.ZDICT_MAX_BYTES:])
+        c = zlib.compressobj(self.LEVEL, zlib.DEFLATED, -15, 9, zlib.Z_DEFAULT_STRATEGY, self.zdict)
+        return c.compress(value) + c.flush()
+
+    def unpack(self, packed: bytes) -> bytes:
+        assert self.zdict is not None, "a packed record without the dictionary it was packed with"
+        d = zlib.decompressobj(-15, self.zdict)
+        return d.decompress(packed) + d.flush()
+
+
+PACKER = RecordPacker()
+"""One per process: a packed record needs the dictionary it was packed with."""
+
+
 class JobState:
-    record: JobRecord
-    revision: int
-    ts: float
-    """Broker timestamp of ``revision``."""
-    size_bytes: int = 0
-    """Size of the stored value: a record too close to the broker's maximum message size
-    cannot take a claim and its attempt history (see ``Scheduler.dispatch``)."""
+    """One job as the view holds it: the record, its revision and the revision's broker
+    timestamp, and a few fields read from it that passes over every job need.
+
+    A finished job's record (a terminal stage) is held packed (:class:`RecordPacker`):
+    :attr:`record` decodes it on each read, so a pass over every job must read the fields
+    below, never :attr:`record`, for a job it does not act on.
+
+    :param record: the decoded record (the view packs it later with :meth:`evict`).
+    :param revision: its ``gf_jobs`` revision.
+    :param ts: the broker timestamp of ``revision``.
+    :param size_bytes: the size of the stored value.
+    """
+
+    __slots__ = ("key", "stage", "deps", "revision", "ts", "size_bytes", "product", "submitted_at", "parent",
+                 "refs_pending", "_record", "_packed")
+
+    def __init__(self, record: JobRecord, revision: int, ts: float, size_bytes: int = 0) -> None:
+        self.key = record.id
+        self.stage = record.stage
+        self.deps: tuple[str, ...] = tuple(record.deps) if record.deps else ()
+        self.revision = revision
+        self.ts = ts
+        """Broker timestamp of ``revision``."""
+        self.size_bytes = size_bytes
+        """Size of the stored value: a record too close to the broker's maximum message size
+        cannot take a claim and its attempt history (see ``Scheduler.dispatch``)."""
+        self.product = sys.intern(record.manifest.product)
+        self.submitted_at = record.submitted_at
+        self.parent = record.manifest.parent or None
+        """The manifest's ``parent`` (a feature's run row finds its children by it)."""
+        self.refs_pending = record.manifest.repo is not None and not record.refs_cleaned
+        """A ``repo`` job whose remote branches the coordinator has not cleaned up yet."""
+        self._record: JobRecord | None = record
+        self._packed: bytes | None = None
+
+    @property
+    def record(self) -> JobRecord:
+        """The full record: held, or decoded from its packed form (a new object each read)."""
+        rec = self._record
+        if rec is None:
+            assert self._packed is not None
+            rec = decode(PACKER.unpack(self._packed), JobRecord)
+        return rec
+
+    @property
+    def packed(self) -> bool:
+        """Whether the view holds the record packed (finished jobs), not decoded."""
+        return self._record is None
+
+    def evict(self, value: bytes) -> None:
+        """Hold the record as ``value`` (its stored bytes) packed, and drop the decoded one."""
+        self._packed = PACKER.pack(value)
+        self._record = None
 
 
 @dataclass(slots=True)
@@ -77,8 +162,8 @@ class FleetView:
         re-watch would replay into the same record)."""
         old = self.jobs.pop(key, None)
         if old is not None:
-            self.by_stage[old.record.stage].discard(key)
-            for d in old.record.deps:
+            self.by_stage[old.stage].discard(key)
+            for d in old.deps:
                 waiting_on_d = self.dependents.get(d)
                 if waiting_on_d is not None:
                     waiting_on_d.discard(key)
@@ -105,6 +190,10 @@ class FleetView:
             self._tell(new, None)
             self._poisoned(key, revision, f"refused by the coordinator ({type(e).__name__}: {e})", len(value), None)
             return
+        new.key = key  # the dict's own key object: one string per job, not two
+        if rec.stage in TERMINAL:
+            # Told with the decoded record above; from now on only rare paths read it.
+            new.evict(value)
         self.jobs[key] = new
         self.by_stage[rec.stage].add(key)
         for d in rec.deps:

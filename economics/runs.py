@@ -230,7 +230,7 @@ class RunsRecorder:
     def on_job(self, old, new) -> None:
         if new is None or str(new.record.stage) not in ENDED:
             return
-        if old is not None and old.record.stage == new.record.stage:
+        if old is not None and old.stage == new.stage:  # old.stage: a finished job's record is packed
             return
         if len(self.pending) < PENDING_MAX:
             self.pending.add(new.record.id)
@@ -246,13 +246,17 @@ class RunsRecorder:
             raise
 
     async def _write(self, ids: set[str]) -> None:
-        jobs = {jid: st.record for jid, st in self.view.jobs.items()}
+        # Decode only what the rows need: the ended jobs themselves and the jobs that name a
+        # parent (a feature's children); the view holds finished jobs' records packed.
+        view_jobs = self.view.jobs
+        jobs = {jid: st.record for jid, st in view_jobs.items() if st.parent is not None}
         ledger = await self._ledger()
         runs, outcomes = [], []
         for jid in ids:
-            rec = jobs.get(jid)
-            if rec is None:
+            st = view_jobs.get(jid)
+            if st is None:
                 continue
+            rec = jobs.get(jid) or st.record
             outcomes.append(outcome_row(rec, ledger))
             if str(rec.stage) == "shipped" and is_feature(rec):
                 runs.append(run_row(rec, jobs, ledger))
@@ -295,8 +299,8 @@ class MergeQueue:
     def on_job(self, old, new) -> None:
         if new is None and old is None:
             return  # a key deleted that the view never held (an archived job's record): nothing moved
-        jid = (new or old).record.id
-        inside = new is not None and str(new.record.stage) in self.STAGES
+        jid = (new or old).key  # not .record: a finished job's is packed (decoded on each read)
+        inside = new is not None and str(new.stage) in self.STAGES
         if inside and jid not in self.members:
             if not self.members and self.empty_since is not None:
                 self.last_refill_s = self.clock() - self.empty_since

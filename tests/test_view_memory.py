@@ -1,0 +1,115 @@
+"""The coordinator's memory per record: a finished job's record is not held decoded by the
+view (it is held packed, a few hundred bytes instead of a tree of Python objects), and every
+path that needs a finished job still works: status, list, requeue, the ship of a review job,
+the dependencies of a job on a shipped one. Pure view tests, then a real broker and fleet."""
+
+from __future__ import annotations
+
+import gc
+
+from helpers import Fleet, eventually, fast_settings, run
+
+from gigafactory.coordinator.view import FleetView, JobState
+from gigafactory.schemas.lifecycle import Stage
+from gigafactory.schemas.manifest import parse_job_text
+from gigafactory.schemas.records import JobRecord, encode
+
+
+def _record(jid: str, stage: Stage, deps: tuple[str, ...] = (), **manifest) -> JobRecord:
+    front = "".join(f"{k}: {v}\n" for k, v in {"engine": "shell", "cwd": "repo", **manifest}.items())
+    jf = parse_job_text(f"---\n{front}---\necho ok\n", f"{jid}.md")
+    return JobRecord(id=jid, manifest=jf.manifest, body=jf.body, source="t", content_hash=jf.content_hash,
+                     submitted_at=10.0, pool="p", requirements=[], deps=list(deps), stage=stage)
+
+
+def _holds_a_record(st: JobState) -> bool:
+    """Whether ``st`` references a decoded job record (what the view must not keep for a finished job)."""
+    return any(isinstance(o, JobRecord) for o in gc.get_referents(st))
+
+
+# -- pure: the view -------------------------------------------------------------------------------
+
+
+def test_a_finished_jobs_record_is_held_packed_and_decodes_to_the_same_record():
+    view = FleetView()
+    told: list[tuple] = []
+    view.job_listeners.append(lambda old, new: told.append((old, new and new.record.stage)))
+    shipped = _record("a", Stage.SHIPPED, product="web")
+    view.apply_job("a", encode(shipped), 3, 100.0)
+    st = view.jobs["a"]
+    assert st.packed and not _holds_a_record(st)
+    assert st.record == shipped  # decoded from its packed form, field for field
+    assert st.record is not st.record  # decoded on each read, never kept
+    assert (st.stage, st.product, st.submitted_at, st.revision, st.ts) == (Stage.SHIPPED, "web", 10.0, 3, 100.0)
+    assert told == [(None, Stage.SHIPPED)]  # listeners are told with the decoded record
+    assert view.by_stage[Stage.SHIPPED] == {"a"}
+
+
+def test_a_live_job_is_held_decoded_and_a_requeued_finished_job_is_decoded_again():
+    view = FleetView()
+    view.apply_job("dep", encode(_record("dep", Stage.FAILED)), 1, 1.0)
+    view.apply_job("b", encode(_record("b", Stage.BLOCKED, deps=("dep",))), 1, 1.0)
+    assert view.jobs["dep"].packed and not view.jobs["b"].packed and _holds_a_record(view.jobs["b"])
+    assert view.jobs["b"].deps == ("dep",) and view.dependents == {"dep": {"b"}}
+    # A requeue of the failed job: live again, held decoded; its old packed state leaves every index.
+    view.apply_job("dep", encode(_record("dep", Stage.QUEUED)), 2, 2.0)
+    st = view.jobs["dep"]
+    assert not st.packed and _holds_a_record(st) and st.revision == 2
+    assert view.by_stage[Stage.FAILED] == set() and view.by_stage[Stage.QUEUED] == {"dep"}
+    # A finished job with deps: the dependents map follows it out when it is deleted (archived).
+    view.apply_job("b", encode(_record("b", Stage.SHIPPED, deps=("dep",))), 2, 3.0)
+    assert view.jobs["b"].packed and view.dependents == {"dep": {"b"}}
+    view.apply_job("b", None, 3, 4.0)
+    assert "b" not in view.jobs and view.dependents == {}
+
+
+# -- a real broker: every path that needs a finished job ------------------------------------------
+
+
+def test_every_path_that_needs_a_finished_job_reads_it_while_the_view_holds_it_packed(nats_server, tmp_path):
+    async def main():
+        async with Fleet(nats_server.url, tmp_path, fast_settings()) as fleet:
+            coord = fleet.coordinator
+            assert coord is not None
+            view = coord.view
+            await fleet.add_factory("f1", stations=2)
+            done = await fleet.submit_one(fleet.job("echo done", review_policy="auto"), "done.md")
+            await fleet.wait_stage(done, "shipped")
+            await eventually(lambda: (st := view.jobs.get(done)) is not None and st.stage == Stage.SHIPPED,
+                             what="the view sees the job shipped")
+            st = view.jobs[done]
+            assert st.packed and not _holds_a_record(st)
+
+            status = await fleet.client.call("status", {"job": done})
+            assert status["job"]["stage"] == "shipped" and status["record"]["id"] == done
+            listed = await fleet.client.call("list", {"stage": "shipped", "limit": 10})
+            assert [j["id"] for j in listed["jobs"]] == [done] and listed["counts"]["shipped"] == 1
+            assert listed["jobs"][0]["stage"] == "shipped"
+
+            # A job submitted on a shipped dependency runs (the scheduler reads its stage).
+            child = await fleet.submit_one(fleet.job("echo child", deps=[done], review_policy="auto"), "child.md")
+            await fleet.wait_stage(child, "shipped")
+
+            # A job waiting for a human's ship (review policy manual): the ship finds it, and once
+            # shipped the view holds it packed too.
+            reviewed = await fleet.submit_one(fleet.job("echo reviewed", review_policy="manual"), "reviewed.md")
+            await fleet.wait_stage(reviewed, "testing")
+            assert (await fleet.client.call("ship", {"job": reviewed}))["job"]["stage"] == "shipped"
+            await eventually(lambda: (s := view.jobs.get(reviewed)) is not None and s.packed,
+                             what="the shipped review job held packed")
+
+            # A requeue of a finished (cancelled) job: live again, held decoded at the new revision.
+            cancelled = await fleet.submit_one(fleet.job("echo never", capabilities=["nobody-has-this"]), "c.md")
+            await fleet.client.call("cancel", {"job": cancelled, "reason": "test"})
+            await fleet.wait_stage(cancelled, "failed")
+            await eventually(lambda: (s := view.jobs.get(cancelled)) is not None and s.packed,
+                             what="the cancelled job held packed")
+            failed = view.jobs[cancelled]
+            assert (await fleet.client.call("requeue", {"job": cancelled}))["job"]["stage"] == "queued"
+            await eventually(lambda: view.jobs[cancelled].revision > failed.revision, what="the view sees the requeue")
+            assert view.jobs[cancelled].stage == Stage.QUEUED and not view.jobs[cancelled].packed
+            assert view.jobs[cancelled].record.epoch > failed.record.epoch
+            stats = await fleet.client.call("stats", {})
+            assert stats["jobs"] == len(view.jobs) == 4
+
+    run(main(), 90)
