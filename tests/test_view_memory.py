@@ -113,3 +113,46 @@ def test_every_path_that_needs_a_finished_job_reads_it_while_the_view_holds_it_p
             assert stats["jobs"] == len(view.jobs) == 4
 
     run(main(), 90)
+
+
+def test_a_restart_writes_only_the_ended_jobs_without_rows_in_bounded_chunks_decoding_only_those(tmp_path, monkeypatch):
+    """The replay after a restart passes every finished job to the runs recorder again: those
+    with rows already are skipped before their packed records are decoded, and the rest are
+    written WRITE_CHUNK_JOBS at a time (a restart with 100,000 finished jobs built every row
+    at once)."""
+    from gigafactory.coordinator import view as view_mod
+    from gigafactory.economics import runs as runs_mod
+
+    settings = fast_settings(runs_db=str(tmp_path / "runs.sqlite"))
+    n = runs_mod.WRITE_CHUNK_JOBS * 2 + 5
+    values = [(f"j{i:05d}", encode(_record(f"j{i:05d}", Stage.SHIPPED))) for i in range(n)]
+
+    def replay(values) -> tuple[FleetView, runs_mod.RunsRecorder, list[int]]:
+        view = FleetView()
+        rec = runs_mod.RunsRecorder(None, view, settings)  # no broker: the ledger falls back to the records
+        view.job_listeners.append(rec.on_job)
+        for i, (k, v) in enumerate(values):
+            view.apply_job(k, v, i + 1, 1.0)
+        sizes: list[int] = []
+        real_db = runs_mod.RunsDB(settings.runs_db)
+        real_write = real_db.write
+        rec.db = real_db
+        monkeypatch.setattr(real_db, "write", lambda runs, outcomes: (sizes.append(len(outcomes)),
+                                                                      real_write(runs, outcomes))[1])
+        return view, rec, sizes
+
+    _view, first, sizes = replay(values)
+    run(first.flush(), 30)
+    assert sizes == [runs_mod.WRITE_CHUNK_JOBS, runs_mod.WRITE_CHUNK_JOBS, 5]
+    assert {o["job"] for o in runs_mod.RunsDB(settings.runs_db).outcomes()} == {k for k, _ in values}
+
+    # The restart: the same jobs replayed, and one that ended while no coordinator ran.
+    decoded: list[bytes] = []
+    real_unpack = view_mod.RecordPacker.unpack
+    monkeypatch.setattr(view_mod.RecordPacker, "unpack", lambda self, b: (decoded.append(b), real_unpack(self, b))[1])
+    late = ("late", encode(_record("late", Stage.FAILED)))
+    _view, second, sizes = replay(values + [late])
+    decoded.clear()
+    run(second.flush(), 30)
+    assert sizes == [1] and len(decoded) == 1  # only the late job's record was decoded and written
+    assert len(runs_mod.RunsDB(settings.runs_db).outcomes()) == n + 1
