@@ -8,10 +8,12 @@ lost CAS, never a wrong state. Several coordinators may each hold their own view
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import gc
 import logging
 import sys
 import zlib
+from collections import deque
 from dataclasses import dataclass, field
 
 import msgspec
@@ -68,6 +70,20 @@ class RecordPacker:
         return d.decompress(packed) + d.flush()
 
 
+PACK_SLICE = 1000
+"""Records :meth:`FleetView.pack_deferred` packs between two turns of the event loop (~15 ms)."""
+
+
+def _trim_heap() -> None:
+    """Hand the C heap's free pages back to the system (glibc's ``malloc_trim``; elsewhere
+    nothing): a replay held every stored record for a moment, and freed memory in the middle
+    of the heap would otherwise stay in the process's resident size."""
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 PACKER = RecordPacker()
 """One per process: a packed record needs the dictionary it was packed with."""
 
@@ -87,7 +103,7 @@ class JobState:
     """
 
     __slots__ = ("key", "stage", "deps", "revision", "ts", "size_bytes", "product", "submitted_at", "parent",
-                 "refs_pending", "_record", "_packed")
+                 "refs_pending", "_record", "_packed", "_raw")
 
     def __init__(self, record: JobRecord, revision: int, ts: float, size_bytes: int = 0) -> None:
         self.key = record.id
@@ -107,14 +123,19 @@ class JobState:
         """A ``repo`` job whose remote branches the coordinator has not cleaned up yet."""
         self._record: JobRecord | None = record
         self._packed: bytes | None = None
+        self._raw: bytes | None = None
+        """The stored bytes, held until packed (a replay defers packing: see FleetView.pack_deferred)."""
 
     @property
     def record(self) -> JobRecord:
         """The full record: held, or decoded from its packed form (a new object each read)."""
         rec = self._record
         if rec is None:
-            assert self._packed is not None
-            rec = decode(PACKER.unpack(self._packed), JobRecord)
+            raw = self._raw
+            if raw is None:
+                assert self._packed is not None
+                raw = PACKER.unpack(self._packed)
+            rec = decode(raw, JobRecord)
         return rec
 
     @property
@@ -122,10 +143,23 @@ class JobState:
         """Whether the view holds the record packed (finished jobs), not decoded."""
         return self._record is None
 
-    def evict(self, value: bytes) -> None:
-        """Hold the record as ``value`` (its stored bytes) packed, and drop the decoded one."""
-        self._packed = PACKER.pack(value)
+    def evict(self, value: bytes, *, defer: bool = False) -> None:
+        """Hold the record as ``value`` (its stored bytes) packed, and drop the decoded one.
+
+        :param value: the record as stored.
+        :param defer: hold ``value`` as it is until :meth:`pack` (a replay packs afterwards).
+        """
+        if defer:
+            self._raw = value
+        else:
+            self._packed = PACKER.pack(value)
         self._record = None
+
+    def pack(self) -> None:
+        """Pack the bytes :meth:`evict` held as they were (nothing to do otherwise)."""
+        if self._raw is not None:
+            self._packed = PACKER.pack(self._raw)
+            self._raw = None
 
 
 @dataclass(slots=True)
@@ -161,6 +195,13 @@ class FleetView:
     consumer (the scheduler's dispatch order) keeps its own structures without rescanning."""
     poison: dict[str, PoisonNote] = field(default_factory=dict)
     """gf_jobs keys whose latest revision is not a usable job record (see :class:`PoisonNote`)."""
+    defer_packing: bool = False
+    """Set while a watch replays ``gf_jobs``: finished records are held as stored and packed
+    after the replay (:meth:`pack_deferred`), so the view is ready (and the first dispatch
+    pass runs) without waiting for 100,000 compressions."""
+    _unpacked: deque = field(default_factory=deque)
+    """Job states whose record :meth:`pack_deferred` is still to pack."""
+    _packing: asyncio.Task | None = None
     heartbeats_quiet: int = 0
     """Heartbeats that changed nothing dispatch depends on, so did not wake the scheduler
     (1,000 factories heartbeat 100 times a second; each would be a dispatch pass)."""
@@ -203,12 +244,33 @@ class FleetView:
         new.key = key  # the dict's own key object: one string per job, not two
         if rec.stage in TERMINAL:
             # Told with the decoded record above; from now on only rare paths read it.
-            new.evict(value)
+            new.evict(value, defer=self.defer_packing)
+            if self.defer_packing:
+                self._unpacked.append(new)
         self.jobs[key] = new
         self.by_stage[rec.stage].add(key)
         for d in rec.deps:
             self.dependents.setdefault(d, set()).add(key)
         self.changed.set()
+
+    def replay_done(self) -> None:
+        """The replay of ``gf_jobs`` is over: pack what it deferred, in the background."""
+        self.defer_packing = False
+        if self._unpacked and (self._packing is None or self._packing.done()):
+            self._packing = asyncio.get_running_loop().create_task(self.pack_deferred(), name="pack-records")
+
+    async def pack_deferred(self) -> int:
+        """Pack the finished records a replay deferred, PACK_SLICE at a time with the event loop
+        free in between (a dispatch pass never waits behind more than one slice); returns how
+        many. Then the freed bytes go back to the system (:func:`_trim_heap`)."""
+        n = 0
+        while self._unpacked:
+            for _ in range(min(PACK_SLICE, len(self._unpacked))):
+                self._unpacked.popleft().pack()
+                n += 1
+            await asyncio.sleep(0)
+        _trim_heap()
+        return n
 
     def _poisoned(self, key: str, revision: int, reason: str, size_bytes: int, old: JobState | None) -> None:
         log.error("gf_jobs/%s revision %d left out of the view: %s", key, revision, reason)
@@ -305,7 +367,7 @@ async def follow(broker: Broker, view: FleetView, stop: asyncio.Event) -> None:
     """Keep ``view`` in step with ``gf_jobs`` and ``gf_factories`` until ``stop`` is set.
     Watches are re-established (with a full replay of latest values) if they fail."""
 
-    async def run(bucket, apply, synced: asyncio.Event) -> None:
+    async def run(bucket, apply, synced: asyncio.Event, jobs: bool) -> None:
         while not stop.is_set():
             try:
                 reconnects = broker.nc.stats["reconnects"]
@@ -318,6 +380,8 @@ async def follow(broker: Broker, view: FleetView, stop: asyncio.Event) -> None:
                 progress, trailing = WatchProgress(w), False
                 replaying = True
                 _ReplayGC.hold()
+                if jobs:
+                    view.defer_packing = True
                 try:
                     while not stop.is_set():
                         if broker.nc.stats["reconnects"] != reconnects:
@@ -336,6 +400,8 @@ async def follow(broker: Broker, view: FleetView, stop: asyncio.Event) -> None:
                             if replaying and synced.is_set():
                                 replaying = False
                                 _ReplayGC.release()
+                                if jobs:
+                                    view.replay_done()
                             continue
                         # Take every update already received without awaiting each: a
                         # restart replays every record (100,000 jobs), and a timed wait per
@@ -362,9 +428,15 @@ async def follow(broker: Broker, view: FleetView, stop: asyncio.Event) -> None:
                         if replaying and synced.is_set():
                             replaying = False
                             _ReplayGC.release()
+                            if jobs:
+                                view.replay_done()
                 finally:
                     if replaying:
                         _ReplayGC.release()
+                        if jobs:
+                            view.defer_packing = False
+                            if not stop.is_set():  # a failed watch: pack what it held (it re-watches next)
+                                view.replay_done()
                     try:
                         await w.stop()
                     except Exception:
@@ -376,6 +448,6 @@ async def follow(broker: Broker, view: FleetView, stop: asyncio.Event) -> None:
                 await asyncio.sleep(1.0)
 
     await asyncio.gather(
-        run(broker.jobs, view.apply_job, view.jobs_synced),
-        run(broker.factories, lambda k, v, _r, ts: view.apply_factory(k, v, ts), view.factories_synced),
+        run(broker.jobs, view.apply_job, view.jobs_synced, True),
+        run(broker.factories, lambda k, v, _r, ts: view.apply_factory(k, v, ts), view.factories_synced, False),
     )

@@ -156,3 +156,31 @@ def test_a_restart_writes_only_the_ended_jobs_without_rows_in_bounded_chunks_dec
     run(second.flush(), 30)
     assert sizes == [1] and len(decoded) == 1  # only the late job's record was decoded and written
     assert len(runs_mod.RunsDB(settings.runs_db).outcomes()) == n + 1
+
+
+def test_a_replay_defers_packing_until_it_is_done_and_every_record_reads_the_same_meanwhile():
+    """While a watch replays gf_jobs, finished records are held as stored (the view is ready
+    sooner); once the replay is done they are packed in the background, slice by slice."""
+    from gigafactory.coordinator import view as view_mod
+
+    async def main():
+        view = FleetView()
+        view.defer_packing = True
+        recs = {f"j{i}": _record(f"j{i}", Stage.SHIPPED) for i in range(view_mod.PACK_SLICE + 3)}
+        for i, (k, r) in enumerate(recs.items()):
+            view.apply_job(k, encode(r), i + 1, 1.0)
+        view.apply_job("live", encode(_record("live", Stage.QUEUED)), 1, 1.0)
+        st = view.jobs["j0"]
+        assert st.packed and not _holds_a_record(st) and st._packed is None  # held as stored, not yet packed
+        assert st.record == recs["j0"]
+        view.replay_done()
+        assert not view.defer_packing
+        await view._packing
+        assert all(s._raw is None and s._packed is not None for k, s in view.jobs.items() if k != "live")
+        assert all(view.jobs[k].record == r for k, r in recs.items())
+        assert not view.jobs["live"].packed
+        # After the replay, a finished record is packed as it arrives.
+        view.apply_job("late", encode(_record("late", Stage.FAILED)), 1, 2.0)
+        assert view.jobs["late"]._packed is not None and view.jobs["late"]._raw is None
+
+    run(main(), 30)
