@@ -280,10 +280,10 @@ class Retention:
         done: list[str] = []
         for i in range(0, len(due), READS_IN_FLIGHT):
             done += [j for j in await asyncio.gather(*(one(st) for st in due[i:i + READS_IN_FLIGHT])) if j]
-        by_id = {st.record.id: st for st in due}
+        by_id = {st.key: st for st in due}  # st.key, st.stage: the records are packed (decoded on each read)
         await _gather_logged([self.broker.publish_event(EventRecord(
-            kind="archived", at=time.time(), job=jid, stage_from=str(by_id[jid].record.stage),
-            stage_to=str(by_id[jid].record.stage), epoch=by_id[jid].record.epoch, actor=self.actor,
+            kind="archived", at=time.time(), job=jid, stage_from=str(by_id[jid].stage),
+            stage_to=str(by_id[jid].stage), epoch=by_id[jid].record.epoch, actor=self.actor,
             reason=(f"finished {broker_now - by_id[jid].ts:.0f}s ago (archive_after_s {self.settings.archive_after_s:g}); "
                     f"moved to {names.ARCHIVE_BUCKET} without its body"),
             data={"bucket": names.ARCHIVE_BUCKET},

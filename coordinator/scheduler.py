@@ -262,7 +262,7 @@ class Scheduler:
 
     def is_poisoned(self, st: JobState) -> bool:
         """Whether ``st``'s revision is quarantined (the coordinator leaves it alone)."""
-        p = self.poison.get(st.record.id)
+        p = self.poison.get(st.key)  # st.key: a finished job's record is packed (decoded on each read)
         return p is not None and p.revision == st.revision
 
     async def _event(self, ev: EventRecord, msg_id: str | None = None) -> bool:
