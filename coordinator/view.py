@@ -447,7 +447,11 @@ async def follow(broker: Broker, view: FleetView, stop: asyncio.Event) -> None:
                 log.warning("watch on %s failed (%s); re-watching", bucket.name, ex)
                 await asyncio.sleep(1.0)
 
-    await asyncio.gather(
-        run(broker.jobs, view.apply_job, view.jobs_synced, True),
-        run(broker.factories, lambda k, v, _r, ts: view.apply_factory(k, v, ts), view.factories_synced, False),
-    )
+    try:
+        await asyncio.gather(
+            run(broker.jobs, view.apply_job, view.jobs_synced, True),
+            run(broker.factories, lambda k, v, _r, ts: view.apply_factory(k, v, ts), view.factories_synced, False),
+        )
+    finally:
+        if view._packing is not None:  # the view's background packing ends with the watches
+            view._packing.cancel()
