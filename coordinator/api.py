@@ -471,11 +471,14 @@ class Api:
 
     async def list(self, req: ListRequest) -> ListReply:
         stage = req.stage
-        jobs = [st.record for st in self.view.jobs.values()
-                if (stage is None or st.record.stage == stage) and gate.may_see(st.record.manifest.product)]
-        jobs.sort(key=lambda r: (r.submitted_at, r.id), reverse=True)
+        # Filter and sort on the states' own fields; decode only the records listed (a finished
+        # job's record is held packed: decoding all of them would cost a pass over 100,000).
+        states = [st for st in self.view.jobs.values()
+                  if (stage is None or st.stage == stage) and gate.may_see(st.product)]
+        states.sort(key=lambda st: (st.submitted_at, st.key), reverse=True)
         counts = {s.value: len(self.view.by_stage[s]) for s in Stage}
-        return ListReply(jobs=[job_summary(r) for r in jobs[:req.limit]], counts=counts, total=len(self.view.jobs))
+        return ListReply(jobs=[job_summary(st.record) for st in states[:req.limit]], counts=counts,
+                         total=len(self.view.jobs))
 
     async def factories(self, req: FactoriesRequest) -> FactoriesReply:
         now = await self.broker.broker_now()

@@ -74,8 +74,8 @@ class QueueOrder:
 
     def on_job(self, old: JobState | None, new: JobState | None) -> None:
         if old is not None:
-            self._remove(old.record.id)
-        if new is not None and new.record.stage == Stage.QUEUED:
+            self._remove(old.key)  # not old.record: a finished job's is packed (decoded on each read)
+        if new is not None and new.stage == Stage.QUEUED:
             rec = new.record
             rank, product, age = rec.priority_rank, rec.manifest.product, decide.age_key(rec)
             bisect.insort(self.by_turn[(rank, product)], age)

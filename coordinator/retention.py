@@ -89,12 +89,13 @@ def archive_candidates(jobs: dict[str, JobState], dependents: dict[str, set[str]
     due = []
     for jid in terminal_ids:
         st = jobs.get(jid)
-        if st is None or st.record.stage not in TERMINAL or broker_now - st.ts < archive_after_s:
+        # Stages and ids from the states, never ``st.record``: a finished job's is packed.
+        if st is None or st.stage not in TERMINAL or broker_now - st.ts < archive_after_s:
             continue
-        if any((d := jobs.get(dep)) is not None and d.record.stage not in TERMINAL for dep in dependents.get(jid, ())):
+        if any((d := jobs.get(dep)) is not None and d.stage not in TERMINAL for dep in dependents.get(jid, ())):
             continue
         due.append(st)
-    due.sort(key=lambda st: (st.ts, st.record.id))
+    due.sort(key=lambda st: (st.ts, st.key))
     return due[:limit]
 
 
@@ -279,10 +280,10 @@ class Retention:
         done: list[str] = []
         for i in range(0, len(due), READS_IN_FLIGHT):
             done += [j for j in await asyncio.gather(*(one(st) for st in due[i:i + READS_IN_FLIGHT])) if j]
-        by_id = {st.record.id: st for st in due}
+        by_id = {st.key: st for st in due}  # st.key, st.stage: the records are packed (decoded on each read)
         await _gather_logged([self.broker.publish_event(EventRecord(
-            kind="archived", at=time.time(), job=jid, stage_from=str(by_id[jid].record.stage),
-            stage_to=str(by_id[jid].record.stage), epoch=by_id[jid].record.epoch, actor=self.actor,
+            kind="archived", at=time.time(), job=jid, stage_from=str(by_id[jid].stage),
+            stage_to=str(by_id[jid].stage), epoch=by_id[jid].record.epoch, actor=self.actor,
             reason=(f"finished {broker_now - by_id[jid].ts:.0f}s ago (archive_after_s {self.settings.archive_after_s:g}); "
                     f"moved to {names.ARCHIVE_BUCKET} without its body"),
             data={"bucket": names.ARCHIVE_BUCKET},

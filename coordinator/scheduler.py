@@ -216,7 +216,7 @@ class Scheduler:
         blocked = list(self.view.by_stage[Stage.BLOCKED])
         # A dependency no longer in gf_jobs may have been archived (coordinator/retention.py).
         archived = await archived_stages(self.broker, {d for jid in blocked if jid in self.view.jobs
-                                                  for d in self.view.jobs[jid].record.deps if d not in self.view.jobs})
+                                                  for d in self.view.jobs[jid].deps if d not in self.view.jobs})
         for jid in blocked:
             st = self.view.jobs.get(jid)
             if st is None or self.is_poisoned(st):
@@ -235,7 +235,7 @@ class Scheduler:
     def _live_stage(self, jid: str) -> Stage | None:
         """The stage of ``jid`` in the view (None: not in ``gf_jobs`` as far as it knows)."""
         st = self.view.jobs.get(jid)
-        return st.record.stage if st is not None else None
+        return st.stage if st is not None else None  # not st.record: a finished dependency's is packed
 
     async def _write(self, rec: JobRecord, revision: int, out: protocol.Outcome, **data) -> bool:
         """CAS ``out`` over ``revision``; False if the record changed meanwhile. Its event is
@@ -262,7 +262,7 @@ class Scheduler:
 
     def is_poisoned(self, st: JobState) -> bool:
         """Whether ``st``'s revision is quarantined (the coordinator leaves it alone)."""
-        p = self.poison.get(st.record.id)
+        p = self.poison.get(st.key)  # st.key: a finished job's record is packed (decoded on each read)
         return p is not None and p.revision == st.revision
 
     async def _event(self, ev: EventRecord, msg_id: str | None = None) -> bool:

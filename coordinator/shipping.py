@@ -249,8 +249,11 @@ class RefCleaner:
         ``ref_cleanup_after_s`` ago (by the broker timestamp of their terminal revision, read
         against the local clock: a skew moves the clean-up by as much); returns how many."""
         cutoff = time.time() - self.broker.settings.ref_cleanup_after_s
+        # ``refs_pending`` first: it is read from the view's state, while ``st.record`` decodes a
+        # finished job's packed record (done only for the few that need the clean-up).
         due = [st for jid in sorted(self.view.stage_ids(*TERMINAL))
-               if (st := self.view.jobs.get(jid)) is not None and st.ts <= cutoff and needs_ref_cleanup(st.record)]
+               if (st := self.view.jobs.get(jid)) is not None and st.ts <= cutoff and st.refs_pending
+               and needs_ref_cleanup(st.record)]
         done = 0
         for st in due[:REF_CLEANUPS_PER_PASS]:
             done += await self._clean(st.record, st.revision)

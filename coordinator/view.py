@@ -8,29 +8,158 @@ lost CAS, never a wrong state. Several coordinators may each hold their own view
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import gc
 import logging
+import sys
+import zlib
+from collections import deque
 from dataclasses import dataclass, field
 
 import msgspec
 
 from gigafactory.broker import Broker, WatchProgress
 from gigafactory.schemas import capabilities as caps
-from gigafactory.schemas.lifecycle import Stage
+from gigafactory.schemas.lifecycle import TERMINAL, Stage
 from gigafactory.schemas.records import FactoryRecord, JobRecord, decode
 
 log = logging.getLogger(__name__)
 
 
-@dataclass(slots=True)
+class RecordPacker:
+    """Finished jobs' records, packed: zlib with a preset dictionary.
+
+    A view holds every record of ``gf_jobs``, and most of them are finished (100,000 after a
+    busy week): decoded, each is a tree of about ten containers and dozens of strings, 3-4 KB
+    of Python objects. A finished job's record is read only by rare paths (status, list,
+    clean-up, archive, a feature's run row), so the view keeps it packed and decodes it when
+    one of them asks. The dictionary is the first record this process packs: records of one
+    fleet share their field names and most values, so each packs to its differences from it.
+    The dictionary never changes afterwards (every packed record depends on it)."""
+
+    LEVEL = 1
+    """zlib's fastest level: the replay packs every finished record once, and the dictionary
+    does most of the work."""
+    WBITS = -12
+    """A raw deflate stream (no header: a few bytes less per record) with a 4 KiB window: room
+    for the dictionary and most of a record. zlib's default (32 KiB, memory level 9) spent
+    ~100 us per record setting up its tables, more than the whole rest of a replay's record."""
+    MEM_LEVEL = 4
+    """Smaller hash tables to set up per record; no worse on records this size (measured)."""
+    ZDICT_MAX_BYTES = 1 << -WBITS
+    """The window's size: a longer dictionary could not be reached."""
+
+    __slots__ = ("zdict", "_primed")
+
+    def __init__(self) -> None:
+        self.zdict: bytes | None = None
+        self._primed = None
+        """A compressor with the dictionary loaded: each record is packed by a copy of it."""
+
+    def pack(self, value: bytes) -> bytes:
+        if self._primed is None:
+            self.zdict = bytes(value[-self.ZDICT_MAX_BYTES:])
+            self._primed = zlib.compressobj(self.LEVEL, zlib.DEFLATED, self.WBITS, self.MEM_LEVEL,
+                                            zlib.Z_DEFAULT_STRATEGY, self.zdict)
+        c = self._primed.copy()
+        return c.compress(value) + c.flush()
+
+    def unpack(self, packed: bytes) -> bytes:
+        assert self.zdict is not None, "a packed record without the dictionary it was packed with"
+        d = zlib.decompressobj(self.WBITS, self.zdict)
+        return d.decompress(packed) + d.flush()
+
+
+PACK_SLICE = 1000
+"""Records :meth:`FleetView.pack_deferred` packs between two turns of the event loop (~15 ms)."""
+
+
+def _trim_heap() -> None:
+    """Hand the C heap's free pages back to the system (glibc's ``malloc_trim``; elsewhere
+    nothing): a replay held every stored record for a moment, and freed memory in the middle
+    of the heap would otherwise stay in the process's resident size."""
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+PACKER = RecordPacker()
+"""One per process: a packed record needs the dictionary it was packed with."""
+
+
 class JobState:
-    record: JobRecord
-    revision: int
-    ts: float
-    """Broker timestamp of ``revision``."""
-    size_bytes: int = 0
-    """Size of the stored value: a record too close to the broker's maximum message size
-    cannot take a claim and its attempt history (see ``Scheduler.dispatch``)."""
+    """One job as the view holds it: the record, its revision and the revision's broker
+    timestamp, and a few fields read from it that passes over every job need.
+
+    A finished job's record (a terminal stage) is held packed (:class:`RecordPacker`):
+    :attr:`record` decodes it on each read, so a pass over every job must read the fields
+    below, never :attr:`record`, for a job it does not act on.
+
+    :param record: the decoded record (the view packs it later with :meth:`evict`).
+    :param revision: its ``gf_jobs`` revision.
+    :param ts: the broker timestamp of ``revision``.
+    :param size_bytes: the size of the stored value.
+    """
+
+    __slots__ = ("key", "stage", "deps", "revision", "ts", "size_bytes", "product", "submitted_at", "parent",
+                 "refs_pending", "_record", "_packed", "_raw")
+
+    def __init__(self, record: JobRecord, revision: int, ts: float, size_bytes: int = 0) -> None:
+        self.key = record.id
+        self.stage = record.stage
+        self.deps: tuple[str, ...] = tuple(record.deps) if record.deps else ()
+        self.revision = revision
+        self.ts = ts
+        """Broker timestamp of ``revision``."""
+        self.size_bytes = size_bytes
+        """Size of the stored value: a record too close to the broker's maximum message size
+        cannot take a claim and its attempt history (see ``Scheduler.dispatch``)."""
+        self.product = sys.intern(record.manifest.product)
+        self.submitted_at = record.submitted_at
+        self.parent = record.manifest.parent or None
+        """The manifest's ``parent`` (a feature's run row finds its children by it)."""
+        self.refs_pending = record.manifest.repo is not None and not record.refs_cleaned
+        """A ``repo`` job whose remote branches the coordinator has not cleaned up yet."""
+        self._record: JobRecord | None = record
+        self._packed: bytes | None = None
+        self._raw: bytes | None = None
+        """The stored bytes, held until packed (a replay defers packing: see FleetView.pack_deferred)."""
+
+    @property
+    def record(self) -> JobRecord:
+        """The full record: held, or decoded from its packed form (a new object each read)."""
+        rec = self._record
+        if rec is None:
+            raw = self._raw
+            if raw is None:
+                assert self._packed is not None
+                raw = PACKER.unpack(self._packed)
+            rec = decode(raw, JobRecord)
+        return rec
+
+    @property
+    def packed(self) -> bool:
+        """Whether the view holds the record packed (finished jobs), not decoded."""
+        return self._record is None
+
+    def evict(self, value: bytes, *, defer: bool = False) -> None:
+        """Hold the record as ``value`` (its stored bytes) packed, and drop the decoded one.
+
+        :param value: the record as stored.
+        :param defer: hold ``value`` as it is until :meth:`pack` (a replay packs afterwards).
+        """
+        if defer:
+            self._raw = value
+        else:
+            self._packed = PACKER.pack(value)
+        self._record = None
+
+    def pack(self) -> None:
+        """Pack the bytes :meth:`evict` held as they were (nothing to do otherwise)."""
+        if self._raw is not None:
+            self._packed = PACKER.pack(self._raw)
+            self._raw = None
 
 
 @dataclass(slots=True)
@@ -66,6 +195,13 @@ class FleetView:
     consumer (the scheduler's dispatch order) keeps its own structures without rescanning."""
     poison: dict[str, PoisonNote] = field(default_factory=dict)
     """gf_jobs keys whose latest revision is not a usable job record (see :class:`PoisonNote`)."""
+    defer_packing: bool = False
+    """Set while a watch replays ``gf_jobs``: finished records are held as stored and packed
+    after the replay (:meth:`pack_deferred`), so the view is ready (and the first dispatch
+    pass runs) without waiting for 100,000 compressions."""
+    _unpacked: deque = field(default_factory=deque)
+    """Job states whose record :meth:`pack_deferred` is still to pack."""
+    _packing: asyncio.Task | None = None
     heartbeats_quiet: int = 0
     """Heartbeats that changed nothing dispatch depends on, so did not wake the scheduler
     (1,000 factories heartbeat 100 times a second; each would be a dispatch pass)."""
@@ -77,8 +213,8 @@ class FleetView:
         re-watch would replay into the same record)."""
         old = self.jobs.pop(key, None)
         if old is not None:
-            self.by_stage[old.record.stage].discard(key)
-            for d in old.record.deps:
+            self.by_stage[old.stage].discard(key)
+            for d in old.deps:
                 waiting_on_d = self.dependents.get(d)
                 if waiting_on_d is not None:
                     waiting_on_d.discard(key)
@@ -105,11 +241,36 @@ class FleetView:
             self._tell(new, None)
             self._poisoned(key, revision, f"refused by the coordinator ({type(e).__name__}: {e})", len(value), None)
             return
+        new.key = key  # the dict's own key object: one string per job, not two
+        if rec.stage in TERMINAL:
+            # Told with the decoded record above; from now on only rare paths read it.
+            new.evict(value, defer=self.defer_packing)
+            if self.defer_packing:
+                self._unpacked.append(new)
         self.jobs[key] = new
         self.by_stage[rec.stage].add(key)
         for d in rec.deps:
             self.dependents.setdefault(d, set()).add(key)
         self.changed.set()
+
+    def replay_done(self) -> None:
+        """The replay of ``gf_jobs`` is over: pack what it deferred, in the background."""
+        self.defer_packing = False
+        if self._unpacked and (self._packing is None or self._packing.done()):
+            self._packing = asyncio.get_running_loop().create_task(self.pack_deferred(), name="pack-records")
+
+    async def pack_deferred(self) -> int:
+        """Pack the finished records a replay deferred, PACK_SLICE at a time with the event loop
+        free in between (a dispatch pass never waits behind more than one slice); returns how
+        many. Then the freed bytes go back to the system (:func:`_trim_heap`)."""
+        n = 0
+        while self._unpacked:
+            for _ in range(min(PACK_SLICE, len(self._unpacked))):
+                self._unpacked.popleft().pack()
+                n += 1
+            await asyncio.sleep(0)
+        _trim_heap()
+        return n
 
     def _poisoned(self, key: str, revision: int, reason: str, size_bytes: int, old: JobState | None) -> None:
         log.error("gf_jobs/%s revision %d left out of the view: %s", key, revision, reason)
@@ -206,7 +367,7 @@ async def follow(broker: Broker, view: FleetView, stop: asyncio.Event) -> None:
     """Keep ``view`` in step with ``gf_jobs`` and ``gf_factories`` until ``stop`` is set.
     Watches are re-established (with a full replay of latest values) if they fail."""
 
-    async def run(bucket, apply, synced: asyncio.Event) -> None:
+    async def run(bucket, apply, synced: asyncio.Event, jobs: bool) -> None:
         while not stop.is_set():
             try:
                 reconnects = broker.nc.stats["reconnects"]
@@ -219,6 +380,8 @@ async def follow(broker: Broker, view: FleetView, stop: asyncio.Event) -> None:
                 progress, trailing = WatchProgress(w), False
                 replaying = True
                 _ReplayGC.hold()
+                if jobs:
+                    view.defer_packing = True
                 try:
                     while not stop.is_set():
                         if broker.nc.stats["reconnects"] != reconnects:
@@ -237,6 +400,8 @@ async def follow(broker: Broker, view: FleetView, stop: asyncio.Event) -> None:
                             if replaying and synced.is_set():
                                 replaying = False
                                 _ReplayGC.release()
+                                if jobs:
+                                    view.replay_done()
                             continue
                         # Take every update already received without awaiting each: a
                         # restart replays every record (100,000 jobs), and a timed wait per
@@ -263,9 +428,15 @@ async def follow(broker: Broker, view: FleetView, stop: asyncio.Event) -> None:
                         if replaying and synced.is_set():
                             replaying = False
                             _ReplayGC.release()
+                            if jobs:
+                                view.replay_done()
                 finally:
                     if replaying:
                         _ReplayGC.release()
+                        if jobs:
+                            view.defer_packing = False
+                            if not stop.is_set():  # a failed watch: pack what it held (it re-watches next)
+                                view.replay_done()
                     try:
                         await w.stop()
                     except Exception:
@@ -276,7 +447,11 @@ async def follow(broker: Broker, view: FleetView, stop: asyncio.Event) -> None:
                 log.warning("watch on %s failed (%s); re-watching", bucket.name, ex)
                 await asyncio.sleep(1.0)
 
-    await asyncio.gather(
-        run(broker.jobs, view.apply_job, view.jobs_synced),
-        run(broker.factories, lambda k, v, _r, ts: view.apply_factory(k, v, ts), view.factories_synced),
-    )
+    try:
+        await asyncio.gather(
+            run(broker.jobs, view.apply_job, view.jobs_synced, True),
+            run(broker.factories, lambda k, v, _r, ts: view.apply_factory(k, v, ts), view.factories_synced, False),
+        )
+    finally:
+        if view._packing is not None:  # the view's background packing ends with the watches
+            view._packing.cancel()

@@ -73,6 +73,11 @@ PENDING_MAX = 100_000
 replay: rows are keyed by job, so nothing is counted twice)."""
 QUERY_MAX_ROWS = 100_000
 """A report reads at most this many rows."""
+WRITE_CHUNK_JOBS = 1000
+"""Ended jobs one write handles: a coordinator's restart replays every finished job (100,000),
+and their rows built at once held ~100 MB for a moment; a chunk bounds that."""
+KNOWN_QUERY_MAX = 500
+"""Job ids per ``IN (...)`` query (SQLite's variable limit is 999 on old builds)."""
 
 
 def is_feature(rec: JobRecord) -> bool:
@@ -181,6 +186,17 @@ class RunsDB:
                            f"({', '.join('?' * len(o))})", tuple(o.values()))
         return new
 
+    def known(self, jobs: list[str]) -> set[str]:
+        """Which of ``jobs`` have their ``job_outcomes`` row already (a job's rows are written
+        in one transaction: its run row too, if it has one)."""
+        out: set[str] = set()
+        with self._connect() as db:
+            for i in range(0, len(jobs), KNOWN_QUERY_MAX):
+                part = jobs[i:i + KNOWN_QUERY_MAX]
+                out.update(r[0] for r in db.execute(
+                    f"SELECT job FROM job_outcomes WHERE job IN ({', '.join('?' * len(part))})", part))
+        return out
+
     def runs(self, since_s: float | None = None) -> list[dict]:
         q, args = "SELECT * FROM pipeline_runs", ()
         if since_s is not None:
@@ -230,7 +246,7 @@ class RunsRecorder:
     def on_job(self, old, new) -> None:
         if new is None or str(new.record.stage) not in ENDED:
             return
-        if old is not None and old.record.stage == new.record.stage:
+        if old is not None and old.stage == new.stage:  # old.stage: a finished job's record is packed
             return
         if len(self.pending) < PENDING_MAX:
             self.pending.add(new.record.id)
@@ -246,23 +262,37 @@ class RunsRecorder:
             raise
 
     async def _write(self, ids: set[str]) -> None:
-        jobs = {jid: st.record for jid, st in self.view.jobs.items()}
-        ledger = await self._ledger()
-        runs, outcomes = [], []
-        for jid in ids:
-            rec = jobs.get(jid)
-            if rec is None:
-                continue
-            outcomes.append(outcome_row(rec, ledger))
-            if str(rec.stage) == "shipped" and is_feature(rec):
-                runs.append(run_row(rec, jobs, ledger))
+        """Write the rows of the ended jobs ``ids`` that have none yet, WRITE_CHUNK_JOBS at a
+        time. A restart's replay passes every finished job again: those written before are
+        skipped before their records are decoded (the view holds them packed)."""
         if self.db is None:
             self.db = await asyncio.to_thread(RunsDB, default_db_path(self.settings))
-        new = await asyncio.to_thread(self.db.write, runs, outcomes)
-        self.written += new
-        if new and new == len(runs):  # all new: count them (a replay's rows are not)
-            self.features += new
-            self.features_cost_usd += sum(r["cost_usd"] for r in runs)
+        order = sorted(ids)
+        ledger: dict[str, tuple[int, float]] | None = None
+        jobs: dict[str, JobRecord] | None = None
+        for i in range(0, len(order), WRITE_CHUNK_JOBS):
+            part = order[i:i + WRITE_CHUNK_JOBS]
+            known = await asyncio.to_thread(self.db.known, part)
+            view_jobs = self.view.jobs
+            todo = [st for jid in part if jid not in known and (st := view_jobs.get(jid)) is not None]
+            if not todo:
+                continue
+            if ledger is None:  # read once per flush, and only when a row is written
+                ledger = await self._ledger()
+                # Only the jobs that name a parent (a feature's children) are decoded for the runs.
+                jobs = {jid: st.record for jid, st in view_jobs.items() if st.parent is not None}
+            assert jobs is not None
+            runs, outcomes = [], []
+            for st in todo:
+                rec = jobs.get(st.key) or st.record
+                outcomes.append(outcome_row(rec, ledger))
+                if str(rec.stage) == "shipped" and is_feature(rec):
+                    runs.append(run_row(rec, jobs, ledger))
+            new = await asyncio.to_thread(self.db.write, runs, outcomes)
+            self.written += new
+            if new and new == len(runs):  # all new: count them (a replay's rows are not)
+                self.features += new
+                self.features_cost_usd += sum(r["cost_usd"] for r in runs)
 
     async def _ledger(self) -> dict[str, tuple[int, float]]:
         try:
@@ -295,8 +325,8 @@ class MergeQueue:
     def on_job(self, old, new) -> None:
         if new is None and old is None:
             return  # a key deleted that the view never held (an archived job's record): nothing moved
-        jid = (new or old).record.id
-        inside = new is not None and str(new.record.stage) in self.STAGES
+        jid = (new or old).key  # not .record: a finished job's is packed (decoded on each read)
+        inside = new is not None and str(new.stage) in self.STAGES
         if inside and jid not in self.members:
             if not self.members and self.empty_since is not None:
                 self.last_refill_s = self.clock() - self.empty_since

@@ -345,7 +345,7 @@ class ViewObserver:
     def _observe(self, old, new) -> None:
         if new is None:
             if old is not None:
-                self.entered.pop(old.record.id, None)
+                self.entered.pop(old.key, None)  # not old.record: a finished job's is packed
             return
         if not self.synced() or (old is not None and old.revision == new.revision):
             return
@@ -610,9 +610,11 @@ class _StateCollector:
         oldest: dict[str, float] = {}
         held: dict[tuple[str, str], int] = defaultdict(int)
         for jid, st in view.jobs.items():
+            stage = str(st.stage)
+            by[(stage, _label(st.product))] += 1
+            if stage not in ("blocked", "queued"):
+                continue  # st.record would decode a finished job's packed record: not needed here
             rec = st.record
-            stage = str(rec.stage)
-            by[(stage, _label(rec.manifest.product))] += 1
             if stage == "blocked":
                 held[(_label(rec.pool), "deps")] += 1
             elif stage == "queued":
