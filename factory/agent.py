@@ -186,6 +186,8 @@ class Factory(Stations, AuditQueue, Pools, Holder, Execute, Reporting, Ship, Che
         """Set when the pools must be read again (after a reconnect)."""
         self._pools_rescan_all = False
         """Read every pool again even without a reconnect (an engine was offered again)."""
+        self._halt_rewatch = asyncio.Event()
+        """Set after a reconnect: the halt watch is set up again (:func:`halting.follow_halt`)."""
         self._outbox_kick = asyncio.Event()
         """Set when an item is put in the outbox: the flusher sleeps until then."""
         self._tasks: set[asyncio.Task] = set()
@@ -297,14 +299,28 @@ class Factory(Stations, AuditQueue, Pools, Holder, Execute, Reporting, Ship, Che
             log.info("%s: %s during drain (%s)", self.id, type(e).__name__, e)
             return None
 
-    async def _heartbeat(self) -> None:
+    async def _heartbeat(self, acked: bool = True) -> None:
+        """Write this factory's record with a fresh ``heartbeat_at``.
+
+        :param acked: wait for the broker to say it stored it (a KV put). The periodic
+            heartbeat of a connected factory passes False: a plain publish to the key's subject,
+            which the bucket's stream stores all the same, with no reply message, no reply
+            inbox and no timer (half the messages, and most of the client's work, of an idle
+            factory's most frequent write). Nothing waits on that ack: a heartbeat that is
+            lost is followed by the next one, and liveness allows ``LIVENESS_HEARTBEATS`` of
+            them. The first heartbeat (registration) and the last (drain) are acked."""
         self._recheck_withdrawn()
         self.record.heartbeat_at = time.time()
         self.record.outbox_pending = self.outbox.count()
         self.record.pools = sorted(self.pools)
         self.record.dispatch_mode = "poll" if any(p.mode == "poll" for p in self.pools.values()) else "push"
         self._refresh_idle()
-        await self.broker.factories.put(self.id, encode(self.record))
+        if acked or not self.broker.nc.is_connected:
+            # Disconnected: the put waits (bounded) rather than queue heartbeats in the
+            # client's buffer, to be sent stale all at once on reconnect.
+            await self.broker.factories.put(self.id, encode(self.record))
+        else:
+            await self.broker.nc.publish(f"$KV.{self.broker.factories.name}.{self.id}", encode(self.record))
 
     async def _heartbeat_loop(self, stop: asyncio.Event) -> None:
         self._heartbeat_reconnects = self.broker.nc.stats["reconnects"]
@@ -316,12 +332,13 @@ class Factory(Stations, AuditQueue, Pools, Holder, Execute, Reporting, Ship, Che
             if stop.is_set() or self.draining.is_set():
                 return
             try:
-                await self._heartbeat()
+                await self._heartbeat(acked=False)
             except Exception as e:
                 log.info("%s: heartbeat failed (%s)", self.id, e)
             if self.broker.nc.stats["reconnects"] != self._heartbeat_reconnects:
                 self._heartbeat_reconnects = self.broker.nc.stats["reconnects"]
                 self._pools_rescan.set()
+                self._halt_rewatch.set()
 
 
     # -- engines withdrawn after auth_failed ----------------------------------------------------

@@ -167,3 +167,90 @@ def test_a_job_left_waiting_in_a_quiet_index_by_a_dead_coordinator_is_found_and_
 
     assert claims == 2, "the submitted job by push, the orphaned one by polling"
     assert checks >= 2, "the entry was seen young once, then stalled"
+
+
+# -- the halt watch and the heartbeat ------------------------------------------------------------
+
+
+def test_an_idle_factory_follows_the_halt_key_without_flow_control_or_a_heartbeat_every_5s(nats_server, tmp_path):
+    """A KV watch is an ordered consumer: a heartbeat from the broker every 5 s and a
+    flow-control task waking every 0.25 s, per factory, to say that nothing changed. The halt
+    watch is a plain push consumer whose heartbeat comes every ``WATCH_HEARTBEATS`` heartbeats;
+    a halt still reaches the factory as soon as it is stored."""
+    from gigafactory.factory.halting import watch_heartbeat_s
+    from gigafactory.schemas import halt as H
+
+    settings = fast_settings()
+
+    async def main():
+        async with Fleet(nats_server.url, tmp_path, settings) as fleet:
+            f = await fleet.add_factory("calm")
+            stream = f"KV_{names.CONTROL_BUCKET}"
+            infos = await eventually(lambda: fleet.admin.js.consumers_info(stream), 10, what="the halt watch")
+            [watch] = infos
+            await fleet.client.call("halt", {"product": "web", "mode": "drain"})
+            await eventually(lambda: H.covering(f.halt_state, "web") is not None, 10, what="the factory read the halt")
+            return watch.config
+
+    config = asyncio.run(asyncio.wait_for(main(), 60))
+    assert not config.flow_control, "no flow control: no task waking four times a second per factory"
+    assert config.idle_heartbeat == watch_heartbeat_s(settings) == 3 * settings.heartbeat_s
+    assert config.ack_policy == "none" and config.mem_storage
+
+
+def test_a_halt_watch_lost_on_the_broker_is_set_up_again_and_a_later_halt_still_arrives(nats_server, tmp_path):
+    """With heartbeats this rare, a watch whose consumer vanished (deleted, or lost with the
+    server that held it) must still be noticed: it goes silent, the factory watches again, and
+    a halt written after the loss reaches it."""
+    from gigafactory.schemas import halt as H
+
+    settings = fast_settings()
+
+    async def main():
+        async with Fleet(nats_server.url, tmp_path, settings) as fleet:
+            f = await fleet.add_factory("lost")
+            stream = f"KV_{names.CONTROL_BUCKET}"
+            [watch] = await eventually(lambda: fleet.admin.js.consumers_info(stream), 10, what="the halt watch")
+            await fleet.admin.js.delete_consumer(stream, watch.name)
+            await fleet.client.call("halt", {"product": "web", "mode": "drain"})
+            await eventually(lambda: H.covering(f.halt_state, "web") is not None, 30,
+                             what="the halt reached the factory through a new watch")
+            names_now = [c.name for c in await fleet.admin.js.consumers_info(stream)]
+            return watch.name, names_now
+
+    old, now = asyncio.run(asyncio.wait_for(main(), 60))
+    assert old not in now and len(now) == 1, (old, now)
+
+
+def test_periodic_heartbeats_are_stored_without_a_reply_and_the_first_one_is_acked(nats_server, tmp_path):
+    """The periodic heartbeat is a plain publish to the key's subject (no reply inbox: half the
+    messages of the put), and the bucket still stores each one: the coordinator's view sees
+    the factory live, with a fresh ``heartbeat_at``."""
+    from gigafactory.schemas.records import FactoryRecord, decode
+
+    settings = fast_settings()
+
+    async def main():
+        async with Fleet(nats_server.url, tmp_path, settings) as fleet:
+            replies: list[str] = []
+
+            async def heard(msg) -> None:
+                replies.append(msg.reply)
+
+            sub = await fleet.admin.nc.subscribe(f"$KV.{names.FACTORIES_BUCKET}.beating", cb=heard)
+            await fleet.admin.nc.flush()
+            f = await fleet.add_factory("beating")
+            await _heartbeats(f, 3)
+            e = await fleet.admin.factories.get("beating")
+            stored = decode(e.value, FactoryRecord).heartbeat_at
+            await sub.unsubscribe()
+            return replies, stored, f.record.heartbeat_at
+
+    replies, stored, last = asyncio.run(asyncio.wait_for(main(), 60))
+    assert replies[0], "the first heartbeat (registration) is a put that waits for its ack"
+    periodic = replies[1:]
+    assert len(periodic) >= 2 and not any(periodic), replies
+    assert stored >= last - 2 * FAST_HEARTBEAT_S, "the stored record has a recent heartbeat"
+
+
+FAST_HEARTBEAT_S = fast_settings().heartbeat_s
