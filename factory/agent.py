@@ -83,10 +83,11 @@ __all__ = [
 
 STATS = ("claims", "claim_conflicts", "claim_skipped", "fenced_writes", "handed_back", "finished", "quarantined",
          "polled_claims", "events_published", "events_dropped", "pool_scans", "pool_records", "outbox_wakeups",
-         "stall_probes", "stall_checks", "self_fenced")
+         "stall_probes", "stall_listens", "stall_checks", "self_fenced")
 """A factory's counters. ``pool_scans``/``pool_records``/``outbox_wakeups`` say how much work an
 idle factory does (none beyond its heartbeat and long polls is the goal); ``stall_probes`` counts
-the one-request checks of a quiet pool index, ``stall_checks`` the full ones (an index scan, and a
+the one-request checks of a quiet pool index, ``stall_listens`` the checks of one that cost no
+request (its one-shot subscription heard no write), ``stall_checks`` the full ones (an index scan, and a
 consumer lookup when something is queued)."""
 
 

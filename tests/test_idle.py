@@ -97,9 +97,13 @@ STALL_SETTINGS = dict(redispatch_s=0.5, long_poll_s=0.5)
 
 
 def test_an_idle_factory_whose_pool_has_nothing_queued_sends_no_stall_check_requests(nats_server, tmp_path):
-    """Once a check has found the pool's queue index empty, each later check is one direct get
-    ("written since?"): no index scan (a consumer created and deleted), no consumer lookup,
-    no broker-clock probe. Attributed to the factory by the reply subjects of its requests."""
+    """Once a check has found the pool's queue index empty, later checks send nothing: the
+    check's one-shot subscription to the index would have heard a write. Only every
+    ``QUIET_PROBE_EVERY_CHECKS``-th check sends one direct get ("written since?"); none sends an
+    index scan (a consumer created and deleted), a consumer lookup or a broker-clock probe.
+    Attributed to the factory by the reply subjects of its requests."""
+    from gigafactory.factory.pools import QUIET_PROBE_EVERY_CHECKS
+
     settings = fast_settings(**STALL_SETTINGS)
 
     async def main():
@@ -107,7 +111,7 @@ def test_an_idle_factory_whose_pool_has_nothing_queued_sends_no_stall_check_requ
             f = await fleet.add_factory("quiet", caps=["quiet"])
             job = await fleet.submit_one(fleet.job(capabilities=["quiet"], review_policy="auto"))
             await fleet.wait_stage(job, "shipped")
-            await eventually(lambda: f.stats["stall_probes"] >= 1, 30, what="a probe of the quiet index")
+            await eventually(lambda: f.stats["stall_listens"] >= 1, 30, what="a check of the quiet index")
             [ps] = f.pools.values()
 
             sent: list[str] = []
@@ -121,8 +125,8 @@ def test_an_idle_factory_whose_pool_has_nothing_queued_sends_no_stall_check_requ
             subs = [await fleet.admin.nc.subscribe("$JS.API.>", cb=heard),
                     await fleet.admin.nc.subscribe(clock_key, cb=heard)]
             await fleet.admin.nc.flush()
-            checks, probes = f.stats["stall_checks"], f.stats["stall_probes"]
-            await eventually(lambda: f.stats["stall_probes"] >= probes + 3, 30, what="three more probes")
+            checks, probes, listens = f.stats["stall_checks"], f.stats["stall_probes"], f.stats["stall_listens"]
+            await eventually(lambda: f.stats["stall_listens"] >= listens + 4, 30, what="four more quiet checks")
             await fleet.admin.nc.flush()
             window_probes = f.stats["stall_probes"] - probes
             for s in subs:
@@ -132,11 +136,38 @@ def test_an_idle_factory_whose_pool_has_nothing_queued_sends_no_stall_check_requ
     ps, sent, checks, probes, polled = asyncio.run(asyncio.wait_for(main(), 80))
 
     assert checks == 0, "a full stall check ran although nothing was written to the index"
+    assert QUIET_PROBE_EVERY_CHECKS > 5 and probes <= 1, f"{probes} probes in five quiet checks"
     direct = [s for s in sent if s == "$JS.API.DIRECT.GET.KV_gf_queue"]
     others = [s for s in sent if s != "$JS.API.DIRECT.GET.KV_gf_queue"]
     assert others == [], f"an idle factory sent more than its probes: {sorted(set(others))}"
-    assert probes <= len(direct) <= probes + 1, (probes, len(direct))
+    assert len(direct) <= probes + 1, (probes, len(direct))
     assert ps.mode == "push" and polled == 0
+
+
+def test_a_write_to_a_quiet_index_is_heard_and_the_next_check_reads_it_without_a_probe(nats_server, tmp_path):
+    """The subscription, not a probe, tells the next check that the index changed: a full
+    check follows at once, and finds the entry."""
+    settings = fast_settings(**STALL_SETTINGS)
+
+    async def main():
+        async with Fleet(nats_server.url, tmp_path, settings) as fleet:
+            f = await fleet.add_factory("hears", caps=["hears"])
+            job = await fleet.submit_one(fleet.job(capabilities=["hears"], review_policy="auto"))
+            await fleet.wait_stage(job, "shipped")
+            await eventually(lambda: f.stats["stall_listens"] >= 1, 30, what="a check of the quiet index")
+            [ps] = f.pools.values()
+            probes, checks = f.stats["stall_probes"], f.stats["stall_checks"]
+            # An entry for a job that does not exist: the check reads the index, and the
+            # record read finds nothing to claim (no stall, nothing run).
+            await fleet.admin.queue.put(names.queue_key(ps.id, "ghost-0001"), encode(QueueEntry(
+                job="ghost-0001", priority_rank=2, submitted_at=0.0, epoch=0)))
+            await eventually(lambda: ps.index_heard, 10, what="the write was heard")
+            await eventually(lambda: f.stats["stall_checks"] > checks, 30, what="a full check")
+            return f.stats["stall_probes"] - probes, ps.index_quiet
+
+    probes, quiet = asyncio.run(asyncio.wait_for(main(), 80))
+    assert probes == 0, "the write was heard: no probe was needed to find it"
+    assert quiet is None, "the index holds an entry: it is not quiet"
 
 
 def test_a_job_left_waiting_in_a_quiet_index_by_a_dead_coordinator_is_found_and_polled(nats_server, tmp_path):
