@@ -187,6 +187,8 @@ class Factory(Stations, AuditQueue, Pools, Holder, Execute, Reporting, Ship, Che
         """Set when the pools must be read again (after a reconnect)."""
         self._pools_rescan_all = False
         """Read every pool again even without a reconnect (an engine was offered again)."""
+        self._outbox_counted_at = -1
+        """``outbox.changes`` when ``record.outbox_pending`` was last counted."""
         self._halt_rewatch = asyncio.Event()
         """Set after a reconnect: the halt watch is set up again (:func:`halting.follow_halt`)."""
         self._outbox_kick = asyncio.Event()
@@ -312,7 +314,11 @@ class Factory(Stations, AuditQueue, Pools, Holder, Execute, Reporting, Ship, Che
             them. The first heartbeat (registration) and the last (drain) are acked."""
         self._recheck_withdrawn()
         self.record.heartbeat_at = time.time()
-        self.record.outbox_pending = self.outbox.count()
+        if self.outbox.changes != self._outbox_counted_at:
+            # A COUNT on the outbox's database cost more than the rest of an idle heartbeat
+            # (the profile of a fleet host): counted again only when this factory changed it.
+            self._outbox_counted_at = self.outbox.changes
+            self.record.outbox_pending = self.outbox.count()
         self.record.pools = sorted(self.pools)
         self.record.dispatch_mode = "poll" if any(p.mode == "poll" for p in self.pools.values()) else "push"
         self._refresh_idle()
@@ -326,10 +332,10 @@ class Factory(Stations, AuditQueue, Pools, Holder, Execute, Reporting, Ship, Che
     async def _heartbeat_loop(self, stop: asyncio.Event) -> None:
         self._heartbeat_reconnects = self.broker.nc.stats["reconnects"]
         while not stop.is_set():
-            try:
-                await asyncio.wait_for(stop.wait(), timeout=self.settings.heartbeat_s)
-            except asyncio.TimeoutError:
-                pass
+            # A plain sleep, not a wait on ``stop`` with a timeout (a task made and cancelled
+            # per beat, per factory): a stop set meanwhile is seen when it ends, and drain
+            # cancels this task anyway.
+            await asyncio.sleep(self.settings.heartbeat_s)
             if stop.is_set() or self.draining.is_set():
                 return
             try:

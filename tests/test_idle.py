@@ -285,3 +285,38 @@ def test_periodic_heartbeats_are_stored_without_a_reply_and_the_first_one_is_ack
 
 
 FAST_HEARTBEAT_S = fast_settings().heartbeat_s
+
+
+def test_an_idle_heartbeat_counts_the_outbox_only_after_it_changed(nats_server, tmp_path):
+    """Counting the outbox (a query on its database) was the largest part of an idle
+    heartbeat: it is counted again only when the factory changed the outbox, and the
+    heartbeat still reports each change."""
+    from gigafactory.schemas.records import FactoryRecord, decode
+
+    settings = fast_settings()
+
+    async def main():
+        async with Fleet(nats_server.url, tmp_path, settings) as fleet:
+            f = await fleet.add_factory("counts")
+            calls = []
+            count = f.outbox.count
+
+            def counting() -> int:
+                calls.append(1)
+                return count()
+
+            f.outbox.count = counting
+            await _heartbeats(f, 3)
+            idle_calls = len(calls)
+            item = f.outbox.put("event", "job-1", 1, b"{}")  # not kicked: the flusher leaves it
+            await _heartbeats(f, 2)
+            e = await fleet.admin.factories.get("counts")
+            pending = decode(e.value, FactoryRecord).outbox_pending
+            f.outbox.mark_done(item)
+            await _heartbeats(f, 2)
+            e = await fleet.admin.factories.get("counts")
+            return idle_calls, pending, decode(e.value, FactoryRecord).outbox_pending
+
+    idle_calls, pending, after = asyncio.run(asyncio.wait_for(main(), 60))
+    assert idle_calls == 0, "three idle heartbeats counted the unchanged outbox"
+    assert pending == 1 and after == 0, (pending, after)
