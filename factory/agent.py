@@ -77,7 +77,7 @@ log = logging.getLogger(__name__)
 __all__ = [
     "EVENT_QUEUE_MAX", "EVENT_RETRY_MAX_S", "EVENT_RETRY_MIN_S", "MAX_CAS_RETRIES", "NOOP_ENGINE", "OUTBOX_RETRY_S",
     "POLL_BACKOFF_MIN_S", "STALL_CHECKS_PER_REDISPATCH", "STALL_READS_MAX", "Factory", "PoolState", "ResultPayload",
-    "Run",
+    "Run", "idle_traffic_model",
 ]
 
 
@@ -89,6 +89,35 @@ idle factory does (none beyond its heartbeat and long polls is the goal); ``stal
 the one-request checks of a quiet pool index, ``stall_listens`` the checks of one that cost no
 request (its one-shot subscription heard no write), ``stall_checks`` the full ones (an index scan, and a
 consumer lookup when something is queued)."""
+
+
+def idle_traffic_model(factories: int, pools: int, settings: Settings) -> dict[str, float]:
+    """The broker messages per second of an idle fleet: what the load suite prints beside what
+    it measured (issue 14: within 10%). Per factory, at ``settings``:
+
+    - in (sent to the broker): a heartbeat every ``heartbeat_s`` (a plain publish, no reply),
+      and per pool it serves a long-poll renewal every ``long_poll_s`` and a probe of the
+      pool's quiet queue index every ``QUIET_PROBE_EVERY_CHECKS`` stall checks;
+    - out (sent by the broker): each heartbeat's copy to the coordinator's view, each
+      renewal's timeout status, each probe's reply, and the halt watch's idle heartbeat every
+      :func:`halting.watch_heartbeat_s`.
+
+    Not counted: client PINGs (protocol, not messages) and the coordinator's own passes (a few
+    messages a second, whatever the fleet's size). A job queued meanwhile adds its own
+    traffic, and one full stall check per factory and pool afterwards.
+
+    :param factories: idle factories.
+    :param pools: pools each serves.
+    :param settings: their settings."""
+    from .halting import watch_heartbeat_s
+    from .pools import QUIET_PROBE_EVERY_CHECKS
+
+    stall_check_s = settings.redispatch_s / STALL_CHECKS_PER_REDISPATCH
+    beats = factories / settings.heartbeat_s
+    polls = factories * pools / settings.long_poll_s
+    probes = factories * pools / (stall_check_s * QUIET_PROBE_EVERY_CHECKS)
+    return {"in_msgs_per_s": beats + polls + probes,
+            "out_msgs_per_s": beats + polls + probes + factories / watch_heartbeat_s(settings)}
 
 
 def warn_if_unsafe(settings: Settings) -> None:

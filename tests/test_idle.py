@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 
 import msgspec
+import pytest
 
 from gigafactory.broker import PING_MIN_S, Broker, ping_interval_s
 from gigafactory.chaos.proxy import FaultProxy
@@ -320,3 +321,15 @@ def test_an_idle_heartbeat_counts_the_outbox_only_after_it_changed(nats_server, 
     idle_calls, pending, after = asyncio.run(asyncio.wait_for(main(), 60))
     assert idle_calls == 0, "three idle heartbeats counted the unchanged outbox"
     assert pending == 1 and after == 0, (pending, after)
+
+
+def test_the_idle_traffic_model_counts_heartbeats_renewals_rare_probes_and_the_halt_watch():
+    from gigafactory.factory.agent import idle_traffic_model
+    from gigafactory.factory.pools import QUIET_PROBE_EVERY_CHECKS
+
+    s = Settings()  # heartbeat 10 s, long poll 30 s, a stall check every 30 s
+    m = idle_traffic_model(1000, 1, s)
+    probes = 1000 / (30.0 * QUIET_PROBE_EVERY_CHECKS)
+    assert m["in_msgs_per_s"] == pytest.approx(100 + 1000 / 30 + probes)
+    assert m["out_msgs_per_s"] == pytest.approx(m["in_msgs_per_s"] + 1000 / 30)
+    assert idle_traffic_model(1000, 2, s)["in_msgs_per_s"] > m["in_msgs_per_s"], "each pool has its own long poll"
