@@ -57,9 +57,9 @@ async def refresh_halt(factory) -> None:
 
 REWATCH_PAUSE_S = 1.0
 """Pause before the halt key is watched again after a failed watch."""
-WATCH_HEARTBEATS = 3
+WATCH_HEARTBEATS = 2
 """The halt watch's consumer sends an idle heartbeat every this many ``heartbeat_s`` while
-nothing changes (30 s at the default 10 s; see :func:`watch_heartbeat_s`)."""
+nothing changes (40 s at the default 20 s; see :func:`watch_heartbeat_s`)."""
 WATCH_SILENT_HEARTBEATS = 2
 """A watch that has delivered nothing, not even its idle heartbeat, for this many of its
 heartbeat periods (plus ``request_timeout_s``) is presumed lost and set up again."""
@@ -77,7 +77,7 @@ def watch_heartbeat_s(settings) -> float:
     connection noticing on a cluster). A change is pushed the moment it is stored, whatever
     the heartbeat period; a reconnect sets the watch up again at once (the heartbeat loop says
     so). What the longer period risks: a watch lost without a reconnect is noticed within
-    ``WATCH_SILENT_HEARTBEATS`` periods (about a minute at the defaults), and a halt written in
+    ``WATCH_SILENT_HEARTBEATS`` periods (85 s at the defaults), and a halt written in
     that window reaches this factory when the watch is set up again (it reads the current
     values first); the coordinator holds halted jobs meanwhile regardless.
 

@@ -661,7 +661,7 @@ def _idle(ctx: Context) -> st.Table:
                       f"{QUIET_PROBE_EVERY_CHECKS}th stall check (every {QUIET_PROBE_EVERY_CHECKS * stall_check_s:g}s: "
                       "the others listen); measured "
                       f"{i['in_msgs_per_s'] / model['in_msgs_per_s']:.2f}x" if model["in_msgs_per_s"] else ""))
-    t.add(st.row("model out: in + N / (3 x heartbeat_s)", round(model["out_msgs_per_s"], 2), "msg/s",
+    t.add(st.row("model out: in + N / (2 x heartbeat_s)", round(model["out_msgs_per_s"], 2), "msg/s",
                  note="each heartbeat's copy to the coordinator, each renewal's timeout, each probe's reply, "
                       "and the halt watch's heartbeat"))
     return t

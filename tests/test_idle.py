@@ -13,7 +13,7 @@ import asyncio
 import msgspec
 import pytest
 
-from gigafactory.broker import PING_MIN_S, Broker, ping_interval_s
+from gigafactory.broker import PING_MAX_S, PING_MIN_S, Broker, ping_interval_s
 from gigafactory.chaos.proxy import FaultProxy
 from gigafactory.config import Settings
 from gigafactory.coordinator.intake import ensure_pool
@@ -85,9 +85,12 @@ def test_a_factory_reads_the_pools_again_after_a_reconnect_and_binds_one_written
     asyncio.run(main())
 
 
-def test_client_pings_follow_the_heartbeat_and_never_come_faster_than_the_floor():
-    assert ping_interval_s(Settings(heartbeat_s=10.0)) == 20.0
-    assert ping_interval_s(Settings(heartbeat_s=60.0)) == 120.0
+def test_client_pings_follow_the_heartbeat_within_a_floor_and_a_ceiling():
+    """Pings follow the heartbeat, but a longer heartbeat (the default is 20 s) does not make
+    a silent connection take longer to notice: never more than PING_MAX_S between pings."""
+    assert ping_interval_s(Settings(heartbeat_s=7.0)) == 14.0
+    assert ping_interval_s(Settings()) == PING_MAX_S == 20.0
+    assert ping_interval_s(Settings(heartbeat_s=60.0)) == PING_MAX_S
     assert ping_interval_s(Settings(heartbeat_s=0.5)) == PING_MIN_S
 
 
@@ -226,7 +229,7 @@ def test_an_idle_factory_follows_the_halt_key_without_flow_control_or_a_heartbea
 
     config = asyncio.run(asyncio.wait_for(main(), 60))
     assert not config.flow_control, "no flow control: no task waking four times a second per factory"
-    assert config.idle_heartbeat == watch_heartbeat_s(settings) == 3 * settings.heartbeat_s
+    assert config.idle_heartbeat == watch_heartbeat_s(settings) == 2 * settings.heartbeat_s
     assert config.ack_policy == "none" and config.mem_storage
 
 
@@ -327,9 +330,9 @@ def test_the_idle_traffic_model_counts_heartbeats_renewals_rare_probes_and_the_h
     from gigafactory.factory.agent import idle_traffic_model
     from gigafactory.factory.pools import QUIET_PROBE_EVERY_CHECKS
 
-    s = Settings()  # heartbeat 10 s, long poll 30 s, a stall check every 30 s
+    s = Settings()  # heartbeat 20 s, long poll 30 s, a stall check every 30 s
     m = idle_traffic_model(1000, 1, s)
     probes = 1000 / (30.0 * QUIET_PROBE_EVERY_CHECKS)
-    assert m["in_msgs_per_s"] == pytest.approx(100 + 1000 / 30 + probes)
-    assert m["out_msgs_per_s"] == pytest.approx(m["in_msgs_per_s"] + 1000 / 30)
+    assert m["in_msgs_per_s"] == pytest.approx(50 + 1000 / 30 + probes)
+    assert m["out_msgs_per_s"] == pytest.approx(m["in_msgs_per_s"] + 1000 / 40)
     assert idle_traffic_model(1000, 2, s)["in_msgs_per_s"] > m["in_msgs_per_s"], "each pool has its own long poll"
