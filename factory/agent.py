@@ -77,19 +77,50 @@ log = logging.getLogger(__name__)
 __all__ = [
     "EVENT_QUEUE_MAX", "EVENT_RETRY_MAX_S", "EVENT_RETRY_MIN_S", "MAX_CAS_RETRIES", "NOOP_ENGINE", "OUTBOX_RETRY_S",
     "POLL_BACKOFF_MIN_S", "STALL_CHECKS_PER_REDISPATCH", "STALL_READS_MAX", "Factory", "PoolState", "ResultPayload",
-    "Run",
+    "Run", "idle_traffic_model",
 ]
 
 
 STATS = ("claims", "claim_conflicts", "claim_skipped", "fenced_writes", "handed_back", "finished", "quarantined",
          "polled_claims", "events_published", "events_dropped", "pool_scans", "pool_records", "outbox_wakeups",
-         "stall_probes", "stall_checks", "self_fenced", "claim_reads", "claims_unread", "claim_rereads")
+         "stall_probes", "stall_listens", "stall_checks", "self_fenced", "claim_reads", "claims_unread",
+         "claim_rereads")
 """A factory's counters. ``pool_scans``/``pool_records``/``outbox_wakeups`` say how much work an
 idle factory does (none beyond its heartbeat and long polls is the goal); ``stall_probes`` counts
-the one-request checks of a quiet pool index, ``stall_checks`` the full ones (an index scan, and a
+the one-request checks of a quiet pool index, ``stall_listens`` the checks of one that cost no
+request (its one-shot subscription heard no write), ``stall_checks`` the full ones (an index scan, and a
 consumer lookup when something is queued). ``claim_reads`` counts reads of a job record before a
 claim, ``claims_unread`` the claims tried on the record a dispatch message carried (no read), and
 ``claim_rereads`` those of them whose revision was stale (followed by a read)."""
+
+
+def idle_traffic_model(factories: int, pools: int, settings: Settings) -> dict[str, float]:
+    """The broker messages per second of an idle fleet: what the load suite prints beside what
+    it measured (issue 14: within 10%). Per factory, at ``settings``:
+
+    - in (sent to the broker): a heartbeat every ``heartbeat_s`` (a plain publish, no reply),
+      and per pool it serves a long-poll renewal every ``long_poll_s`` and a probe of the
+      pool's quiet queue index every ``QUIET_PROBE_EVERY_CHECKS`` stall checks;
+    - out (sent by the broker): each heartbeat's copy to the coordinator's view, each
+      renewal's timeout status, each probe's reply, and the halt watch's idle heartbeat every
+      :func:`halting.watch_heartbeat_s`.
+
+    Not counted: client PINGs (protocol, not messages) and the coordinator's own passes (a few
+    messages a second, whatever the fleet's size). A job queued meanwhile adds its own
+    traffic, and one full stall check per factory and pool afterwards.
+
+    :param factories: idle factories.
+    :param pools: pools each serves.
+    :param settings: their settings."""
+    from .halting import watch_heartbeat_s
+    from .pools import QUIET_PROBE_EVERY_CHECKS
+
+    stall_check_s = settings.redispatch_s / STALL_CHECKS_PER_REDISPATCH
+    beats = factories / settings.heartbeat_s
+    polls = factories * pools / settings.long_poll_s
+    probes = factories * pools / (stall_check_s * QUIET_PROBE_EVERY_CHECKS)
+    return {"in_msgs_per_s": beats + polls + probes,
+            "out_msgs_per_s": beats + polls + probes + factories / watch_heartbeat_s(settings)}
 
 
 def warn_if_unsafe(settings: Settings) -> None:
@@ -188,6 +219,10 @@ class Factory(Stations, AuditQueue, Pools, Holder, Execute, Reporting, Ship, Che
         """Set when the pools must be read again (after a reconnect)."""
         self._pools_rescan_all = False
         """Read every pool again even without a reconnect (an engine was offered again)."""
+        self._outbox_counted_at = -1
+        """``outbox.changes`` when ``record.outbox_pending`` was last counted."""
+        self._halt_rewatch = asyncio.Event()
+        """Set after a reconnect: the halt watch is set up again (:func:`halting.follow_halt`)."""
         self._outbox_kick = asyncio.Event()
         """Set when an item is put in the outbox: the flusher sleeps until then."""
         self._tasks: set[asyncio.Task] = set()
@@ -307,31 +342,50 @@ class Factory(Stations, AuditQueue, Pools, Holder, Execute, Reporting, Ship, Che
             log.info("%s: %s during drain (%s)", self.id, type(e).__name__, e)
             return None
 
-    async def _heartbeat(self) -> None:
+    async def _heartbeat(self, acked: bool = True) -> None:
+        """Write this factory's record with a fresh ``heartbeat_at``.
+
+        :param acked: wait for the broker to say it stored it (a KV put). The periodic
+            heartbeat of a connected factory passes False: a plain publish to the key's subject,
+            which the bucket's stream stores all the same, with no reply message, no reply
+            inbox and no timer (half the messages, and most of the client's work, of an idle
+            factory's most frequent write). Nothing waits on that ack: a heartbeat that is
+            lost is followed by the next one, and liveness allows ``LIVENESS_HEARTBEATS`` of
+            them. The first heartbeat (registration) and the last (drain) are acked."""
         self._recheck_withdrawn()
         self.record.heartbeat_at = time.time()
-        self.record.outbox_pending = self.outbox.count()
+        if self.outbox.changes != self._outbox_counted_at:
+            # A COUNT on the outbox's database cost more than the rest of an idle heartbeat
+            # (the profile of a fleet host): counted again only when this factory changed it.
+            self._outbox_counted_at = self.outbox.changes
+            self.record.outbox_pending = self.outbox.count()
         self.record.pools = sorted(self.pools)
         self.record.dispatch_mode = "poll" if any(p.mode == "poll" for p in self.pools.values()) else "push"
         self._refresh_idle()
-        await self.broker.factories.put(self.id, encode(self.record))
+        if acked or not self.broker.nc.is_connected:
+            # Disconnected: the put waits (bounded) rather than queue heartbeats in the
+            # client's buffer, to be sent stale all at once on reconnect.
+            await self.broker.factories.put(self.id, encode(self.record))
+        else:
+            await self.broker.nc.publish(f"$KV.{self.broker.factories.name}.{self.id}", encode(self.record))
 
     async def _heartbeat_loop(self, stop: asyncio.Event) -> None:
         self._heartbeat_reconnects = self.broker.nc.stats["reconnects"]
         while not stop.is_set():
-            try:
-                await asyncio.wait_for(stop.wait(), timeout=self.settings.heartbeat_s)
-            except asyncio.TimeoutError:
-                pass
+            # A plain sleep, not a wait on ``stop`` with a timeout (a task made and cancelled
+            # per beat, per factory): a stop set meanwhile is seen when it ends, and drain
+            # cancels this task anyway.
+            await asyncio.sleep(self.settings.heartbeat_s)
             if stop.is_set() or self.draining.is_set():
                 return
             try:
-                await self._heartbeat()
+                await self._heartbeat(acked=False)
             except Exception as e:
                 log.info("%s: heartbeat failed (%s)", self.id, e)
             if self.broker.nc.stats["reconnects"] != self._heartbeat_reconnects:
                 self._heartbeat_reconnects = self.broker.nc.stats["reconnects"]
                 self._pools_rescan.set()
+                self._halt_rewatch.set()
 
 
     # -- engines withdrawn after auth_failed ----------------------------------------------------

@@ -5,8 +5,9 @@ The state's rules are :mod:`gigafactory.schemas.halt`; the coordinator holds que
 (:mod:`gigafactory.coordinator.halt`). A factory checks too, because dispatch messages already
 published, and the polling fallback, would otherwise still be claimed. It reads the state once
 before it claims anything (:func:`refresh_halt`), then follows it with a watch of the key
-(:func:`follow_halt`: pushed by the broker, so an idle factory sends no request for it, and a
-change arrives well within one heartbeat); the watch is set up again after a reconnect. A read
+(:func:`follow_halt`: pushed by the broker the moment it is stored, so an idle factory sends no
+request for it); the watch is set up again after a reconnect. The watch is a plain push
+consumer with a rare heartbeat, not a KV watch (see :func:`watch_heartbeat_s` for why). A read
 that fails keeps the last state; a state that cannot be decoded halts everything here (a
 garbled kill switch must not mean "go").
 
@@ -25,7 +26,7 @@ import asyncio
 import logging
 import time
 
-import nats.errors
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
 from gigafactory.schemas import halt as H
 
@@ -56,45 +57,131 @@ async def refresh_halt(factory) -> None:
 
 REWATCH_PAUSE_S = 1.0
 """Pause before the halt key is watched again after a failed watch."""
+WATCH_HEARTBEATS = 2
+"""The halt watch's consumer sends an idle heartbeat every this many ``heartbeat_s`` while
+nothing changes (40 s at the default 20 s; see :func:`watch_heartbeat_s`)."""
+WATCH_SILENT_HEARTBEATS = 2
+"""A watch that has delivered nothing, not even its idle heartbeat, for this many of its
+heartbeat periods (plus ``request_timeout_s``) is presumed lost and set up again."""
+
+
+def watch_heartbeat_s(settings) -> float:
+    """How often the halt watch's consumer says it is alive while nothing changes, seconds.
+
+    Why so rarely, and why not a KV watch: a KV watch (an ordered consumer) gets an idle
+    heartbeat every 5 s and wakes a flow-control task every 0.25 s, per factory, forever: for
+    an idle fleet of 1,000 that was 200 messages a second from the broker and 4,000 event-loop
+    wake-ups a second in the fleet, to say that nothing changed. This watch is a plain push
+    consumer (no flow control: it carries two small keys) whose heartbeat only proves that the
+    consumer still exists (a memory consumer is lost with the server that held it, without this
+    connection noticing on a cluster). A change is pushed the moment it is stored, whatever
+    the heartbeat period; a reconnect sets the watch up again at once (the heartbeat loop says
+    so). What the longer period risks: a watch lost without a reconnect is noticed within
+    ``WATCH_SILENT_HEARTBEATS`` periods (85 s at the defaults), and a halt written in
+    that window reaches this factory when the watch is set up again (it reads the current
+    values first); the coordinator holds halted jobs meanwhile regardless.
+
+    :param settings: the factory's settings (``heartbeat_s``)."""
+    return WATCH_HEARTBEATS * settings.heartbeat_s
 
 
 async def follow_halt(factory, stop: asyncio.Event) -> None:
-    """Follow the halt key until ``stop``: each change is applied as it is pushed; after a
-    reconnect (the watch's consumer may be gone) or a failure, watch again.
+    """Follow the halt key (and the policy-holds key) until ``stop``: each change is applied as
+    it is stored; after a reconnect (the heartbeat loop sets ``factory._halt_rewatch``), a gap,
+    a watch gone silent, or a failure, watch again (reading the current values first).
 
     :param factory: the factory.
     :param stop: set when the factory stops."""
     control = factory.broker.control
     if control is None:
         return
+    rewatch = getattr(factory, "_halt_rewatch", None) or asyncio.Event()
     while not stop.is_set():
-        w = None
+        watch = None
         try:
-            reconnects = factory.broker.nc.stats["reconnects"]
-            w = await control.watch(">")  # the halt key and the policy-holds key
-            while not stop.is_set() and factory.broker.nc.stats["reconnects"] == reconnects:
+            rewatch.clear()
+            watch = _KeyWatch(factory, control)
+            await watch.start()
+            silent_s = WATCH_SILENT_HEARTBEATS * watch.heartbeat_s + factory.settings.request_timeout_s
+            while not stop.is_set() and not rewatch.is_set() and not watch.lost.is_set():
+                waits = [asyncio.ensure_future(e.wait()) for e in (stop, rewatch, watch.lost)]
                 try:
-                    e = await w.updates(timeout=factory.settings.heartbeat_s)
-                except (nats.errors.TimeoutError, asyncio.TimeoutError):
-                    continue
-                if e is None:  # None: the end of the initial values
-                    continue
-                value = None if e.operation in ("DEL", "PURGE") else e.value
-                if e.key == H.HALT_KEY:
-                    apply_halt(factory, value)
-                elif e.key == H.POLICY_HOLDS_KEY:
-                    apply_policy_holds(factory, value)
+                    await asyncio.wait(waits, timeout=silent_s, return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    for w in waits:
+                        w.cancel()
+                if time.monotonic() - watch.heard_at > silent_s:
+                    log.info("%s: the halt watch went silent; watching again", factory.id)
+                    break
         except asyncio.CancelledError:
             raise
         except Exception as ex:
             log.info("%s: halt key not watched (%s); watching again", factory.id, ex)
             await asyncio.sleep(REWATCH_PAUSE_S)
         finally:
-            if w is not None:
-                try:
-                    await w.stop()
-                except Exception:
-                    pass
+            if watch is not None:
+                await watch.stop()
+
+
+class _KeyWatch:
+    """One push consumer on the control bucket (its latest value per key, then every change),
+    delivered to a subscription of this connection, applied as it arrives.
+
+    :param factory: the factory (its broker, settings, ``id``; the state it applies to).
+    :param control: the control bucket."""
+
+    def __init__(self, factory, control) -> None:
+        self.factory = factory
+        self.control = control
+        self.heartbeat_s = watch_heartbeat_s(factory.settings)
+        self.heard_at = time.monotonic()
+        """When the consumer last delivered anything, a change or its heartbeat (monotonic)."""
+        self.lost = asyncio.Event()
+        """Set on a gap in the consumer's sequence: watch again rather than miss a change."""
+        self._delivered = 0
+        self._sub = None
+        self._prefix = f"$KV.{control.name}."
+
+    async def start(self) -> None:
+        nc = self.factory.broker.nc
+        inbox = nc.new_inbox()
+        # Subscribed before the consumer exists, so its first deliveries find the subscription.
+        self._sub = await nc.subscribe(inbox, cb=self._on_msg)
+        await self.factory.broker.js.add_consumer(self.control.stream, config=ConsumerConfig(
+            deliver_subject=inbox, filter_subject=f"{self._prefix}>", deliver_policy=DeliverPolicy.LAST_PER_SUBJECT,
+            ack_policy=AckPolicy.NONE, max_deliver=1, flow_control=False, idle_heartbeat=self.heartbeat_s,
+            mem_storage=True, num_replicas=1,
+            # Deleted by the server once this subscription is gone this long (a factory that died).
+            inactive_threshold=WATCH_SILENT_HEARTBEATS * self.heartbeat_s,
+        ), timeout=self.factory.settings.request_timeout_s)
+        self.heard_at = time.monotonic()
+
+    async def stop(self) -> None:
+        sub, self._sub = self._sub, None
+        if sub is not None:
+            try:
+                await sub.unsubscribe()  # the consumer goes after its inactive threshold
+            except Exception:  # the connection may be gone; the subscription goes with it
+                pass
+
+    async def _on_msg(self, msg) -> None:
+        self.heard_at = time.monotonic()
+        if msg.headers and msg.headers.get("Status"):  # 100: an idle heartbeat
+            return
+        try:
+            delivered = msg.metadata.sequence.consumer
+        except Exception:  # not a consumer delivery: nothing this watch sent
+            return
+        if delivered != self._delivered + 1:
+            self.lost.set()  # a delivery went missing: a change may have gone with it
+            return
+        self._delivered = delivered
+        key = msg.subject[len(self._prefix):]
+        value = None if msg.headers and msg.headers.get("KV-Operation") in ("DEL", "PURGE") else msg.data
+        if key == H.HALT_KEY:
+            apply_halt(self.factory, value)
+        elif key == H.POLICY_HOLDS_KEY:
+            apply_policy_holds(self.factory, value)
 
 
 def apply_halt(factory, value: bytes | None) -> None:

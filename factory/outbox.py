@@ -164,6 +164,14 @@ class Outbox:
         with self._lock:
             return int(self._conn().execute("SELECT COUNT(*) FROM outbox").fetchone()[0])
 
+    @property
+    def changes(self) -> int:
+        """A number that changes whenever this object added, removed or updated an item (the
+        connection's change counter: no query). A caller that shows ``count()`` often (the
+        heartbeat) counts again only when it moved; a count read while it stayed is still
+        right unless another process wrote to the same folder, which only tests do."""
+        return self._conn().total_changes
+
     def depth_and_oldest(self) -> tuple[int, float]:
         """How many items are pending, and the ``created_at`` of the oldest (0.0 when none):
         the metrics' outbox depth and age, in one read."""

@@ -41,10 +41,20 @@ wait (a coordinator that is gone, say); a stall is only visible after
 ``2 * redispatch_s + long_poll_s`` anyway, so checking more often would cost for nothing.
 
 What a check costs: while the pool's queue index stays as a check last found it, empty (the
-idle fleet), one direct get that asks whether anything was written to it since (no consumer,
-no clock probe, no JetStream API request). Otherwise a full check: one scan of the pool's
+idle fleet), nothing: a one-shot subscription to the index's subjects would have heard a write
+(see :meth:`Pools._index_quiet`), and only every ``QUIET_PROBE_EVERY_CHECKS``-th check confirms
+it with one direct get that asks whether anything was written since (no consumer, no clock
+probe, no JetStream API request). Otherwise a full check: one scan of the pool's
 index and, only when something is queued, a broker-clock probe, the consumer lookup and up to
 STALL_READS_MAX record reads."""
+QUIET_PROBE_EVERY_CHECKS = 10
+"""While a pool's queue index is known empty and nothing was heard written to it (see
+:meth:`Pools._index_quiet`), only every this many stall checks sends the probe (one direct get):
+the others cost no request. The probe bounds what the subscription could miss: a write in the
+moment a cluster spreads a new subscription's interest, or a subscription the broker refused
+(a server whose permissions predate it). A stall it finds is found within this many checks
+(five minutes at the defaults) instead of one, for a pool whose coordinator is gone while
+push is silent."""
 STALL_READS_MAX = 8
 """Index entries old enough to look stalled are confirmed against their job records, at most
 this many per check (a healthy pool has none: each read costs one request)."""
@@ -101,6 +111,14 @@ class PoolState:
     newest message on its keys then had this stream sequence (on this connection, counted by
     its reconnects). While nothing is written after it, nothing of the pool waits, and an idle
     check costs one direct get (see :meth:`Factory._index_quiet`). None: not known empty."""
+    index_sub: object | None = None
+    """A one-shot subscription to the pool's queue index subjects, made by the check that
+    found it empty: the first write to the index after that check is delivered to it (and the
+    broker then drops it), setting ``index_heard``."""
+    index_heard: bool = False
+    """Something was written to the pool's queue index since ``index_sub`` was made."""
+    quiet_checks: int = 0
+    """Stall checks answered by ``index_sub`` alone since the last probe."""
 
 
 @dataclass
@@ -197,6 +215,7 @@ class Pools:
             # messages that no one takes; nats-py's connection drain then waits for them until
             # its timeout. Dropping the subscription lets the factory shut down at once.
             await self._drop_psub(ps)
+            await self._drop_index_sub(ps)
 
     async def _drop_psub(self, ps: PoolState) -> None:
         psub, ps.psub = ps.psub, None
@@ -207,6 +226,36 @@ class Pools:
         except Exception as e:  # the connection may be gone; the subscription goes with it
             log.debug("%s: dropping the pull subscription of pool %s: %s", self.id, ps.id, e)
 
+
+    async def _drop_index_sub(self, ps: PoolState) -> None:
+        sub, ps.index_sub = ps.index_sub, None
+        if sub is None:
+            return
+        try:
+            await sub.unsubscribe()
+        except Exception:  # already delivered its one message, or the connection is gone
+            pass
+
+    async def _listen_index(self, ps: PoolState) -> None:
+        """Replace the pool's one-shot index subscription by a new one, before a full check
+        reads the index: a write after this point is heard, one before it is seen by the
+        check. The broker drops the subscription after its first message (``UNSUB`` with a
+        limit), so a busy pool costs each idle factory at most one message per check.
+
+        :param ps: the pool."""
+        await self._drop_index_sub(ps)
+        ps.index_heard, ps.quiet_checks = False, 0
+
+        async def heard(_msg) -> None:
+            ps.index_heard = True
+
+        try:
+            sub = await self.broker.nc.subscribe(f"$KV.{names.QUEUE_BUCKET}.{ps.id}.>", cb=heard)
+            await sub.unsubscribe(limit=1)
+        except Exception as ex:  # no subscription: every check probes, as before it existed
+            log.info("%s: listening to the index of pool %s failed (%s)", self.id, ps.id, ex)
+            return
+        ps.index_sub = sub
 
     @property
     def stall_after_s(self) -> float:
@@ -315,6 +364,9 @@ class Pools:
         if await self._index_quiet(ps):
             return
         self.stats["stall_checks"] += 1
+        # Listen before the check reads the index: whatever is written from then on is heard
+        # (or, for the rare check that probes, has a sequence after the check's mark).
+        await self._listen_index(ps)
         stalled = await self._stalled(ps)
         if ps.index_quiet is not None:
             return  # nothing queued: nothing for push to deliver, nothing to check
@@ -400,15 +452,25 @@ class Pools:
 
     async def _index_quiet(self, ps: PoolState) -> bool:
         """Whether the pool's queue index is still as a stall check last found it, empty:
-        nothing written to its keys since (one direct get; a reply of a 404 status while
-        idle). Unknown (never checked, or checked on an earlier connection: a broker that
-        came back without its store numbers messages from 1 again), or a probe that fails,
-        is False: the caller does the full check, with its own guards for a broker that is
-        not answering. The index is the coordinator's, so a quiet index is also what a
-        fleet sees while the coordinator is down and nothing waits."""
+        nothing written to its keys since. Answered without a request while the check's
+        one-shot subscription heard nothing (``index_sub``), except every
+        ``QUIET_PROBE_EVERY_CHECKS``-th time, and always when there is no subscription: then one
+        direct get (a reply of a 404 status while idle). Unknown (never checked, or checked on
+        an earlier connection: writes while disconnected were not heard, and a broker that came
+        back without its store numbers messages from 1 again), a write heard, or a probe that
+        fails, is False: the caller does the full check, with its own guards for a broker that
+        is not answering. The index is the coordinator's, so a quiet index is also what a fleet
+        sees while the coordinator is down and nothing waits."""
         q = ps.index_quiet
-        if q is None or q[1] != self.broker.nc.stats["reconnects"]:
+        if q is None or q[1] != self.broker.nc.stats["reconnects"] or ps.index_heard:
+            ps.index_quiet = None
             return False
+        if ps.index_sub is not None:
+            ps.quiet_checks += 1
+            if ps.quiet_checks < QUIET_PROBE_EVERY_CHECKS:
+                self.stats["stall_listens"] += 1
+                return True
+            ps.quiet_checks = 0
         self.stats["stall_probes"] += 1
         try:
             if not await self.broker.queue.written_after(f"{ps.id}.>", q[0]):

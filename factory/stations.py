@@ -187,6 +187,8 @@ class Stations:
         def ok() -> bool:
             return self.draining.is_set() or self._has_capacity(engine, engine_class)
 
+        if ok():  # the idle case, at every long poll: no task and timer for a wait that is over
+            return True
         async with self.station_cv:
             try:
                 await asyncio.wait_for(self.station_cv.wait_for(ok), timeout_s)

@@ -254,8 +254,12 @@ class Bucket:
 PING_MIN_S = 10.0
 """Client pings never come more often than this (nats-py's own default is 2 minutes): a
 loaded machine that answers a ping late must not be mistaken for a dead connection."""
+PING_MAX_S = 20.0
+"""Client pings never come less often than this, whatever the heartbeat: with
+``MAX_OUTSTANDING_PINGS`` it bounds how long a silent connection goes unnoticed (about a
+minute), which a longer heartbeat period must not stretch."""
 PING_HEARTBEATS = 2
-"""A connection pings its server once every this many heartbeats."""
+"""A connection pings its server once every this many heartbeats (within the bounds above)."""
 MAX_OUTSTANDING_PINGS = 3
 """Pings without a reply before the client drops the connection as stale and reconnects."""
 
@@ -266,9 +270,9 @@ def ping_interval_s(settings: Settings) -> float:
     Pings are the only way a client notices a connection that went silent without closing
     (a partition, a blackholed route), after ``MAX_OUTSTANDING_PINGS`` unanswered ones. They
     are also traffic that is neither a heartbeat nor a long poll, so an idle fleet's traffic
-    scales with the two settings an operator tunes for it: at the default 10 s heartbeat, a
-    ping every 20 s and a silent connection noticed within about a minute."""
-    return max(PING_MIN_S, PING_HEARTBEATS * settings.heartbeat_s)
+    scales with the setting an operator tunes for it, up to a ping every ``PING_MAX_S`` (20 s,
+    at the default 20 s heartbeat): a silent connection is noticed within about a minute."""
+    return min(PING_MAX_S, max(PING_MIN_S, PING_HEARTBEATS * settings.heartbeat_s))
 
 
 def _jittered(settings: Settings) -> Callable:

@@ -84,12 +84,17 @@ class Settings(msgspec.Struct):
     """How often a holder renews its lease, in seconds; at most half of ``lease_ttl_s`` (so a
     slow or lost renewal is retried before the lease can lapse), and a renewal must come before
     the holder's self-fencing deadline (``fence_margin_s``)."""
-    heartbeat_s: Annotated[float, Meta(gt=0, le=HOUR_S)] = 10.0
-    """Factory heartbeat period. A factory silent for 3 heartbeats is not counted as live.
-    Each heartbeat is one KV write the coordinator reads: 1,000 factories at 10 s are 100
-    writes a second. Liveness only steers dispatch (leases expire on their own clock), so
-    noticing a dead factory within 30 s is enough; client pings follow it (see
-    ``broker.ping_interval_s``)."""
+    heartbeat_s: Annotated[float, Meta(gt=0, le=HOUR_S)] = 20.0
+    """Factory heartbeat period, seconds. A factory silent for 3 heartbeats is not counted as
+    live. Each heartbeat is one KV write (a plain publish) that the coordinator reads: 1,000
+    factories at 20 s are 50 writes a second, the largest part of an idle fleet's cost on
+    both sides (issue 14: it was 10 s). Liveness only steers dispatch (leases expire on their
+    own clock, and a pull request reaches only a live factory), so noticing a dead factory
+    within a minute is enough. What a longer period risks: a dead factory counted live longer
+    (a minute at 20 s), and so in ``factories``/``top`` and in the capacity the scheduler plans
+    with; a changed capability or withdrawn engine published up to one period later. Client
+    pings follow it, at most every 20 s whatever the period (see ``broker.ping_interval_s``),
+    and so does the halt watch's heartbeat (``factory.halting.watch_heartbeat_s``)."""
     reaper_interval_s: Annotated[float, Meta(gt=0, le=HOUR_S)] = 1.0
     """How often a coordinator's reaper looks for expired leases, in seconds. An expired lease
     waits up to this long past ``lease_ttl_s`` to be reclaimed; each pass reads the job view
@@ -98,7 +103,8 @@ class Settings(msgspec.Struct):
     """How long an idle station's pull request waits on the broker before it is renewed.
     With ``heartbeat_s`` this sets the broker traffic of an idle fleet: per factory, one
     heartbeat every ``heartbeat_s`` and, per pool it serves, one pull renewal every
-    ``long_poll_s`` (1,000 factories: 100 heartbeats and 33 renewals a second). A waiting
+    ``long_poll_s`` (1,000 factories: 50 heartbeats and 33 renewals a second; see
+    ``factory.agent.idle_traffic_model``). A waiting
     pull request is answered the moment a job is published, so a longer poll costs no
     dispatch latency; it only bounds how long a request outlives a factory that vanished
     without closing its connection (a dispatch message it took is redelivered after the

@@ -266,7 +266,10 @@ def permissions(role: str, name: str, *, pools: tuple[str, ...] = (), products: 
                 f"$KV.{names.POOLS_BUCKET}.>", f"$KV.{names.IDEMPOTENCY_BUCKET}.>",
                 f"$KV.{names.ARCHIVE_BUCKET}.>"]
         return {"publish": {"allow": allow, "deny": deny},
-                "subscribe": {"allow": ["_INBOX.>", f"$KV.{names.POOLS_BUCKET}.>"],
+                # The pools bucket (new pools as they are written) and the queue index (an idle
+                # pool's stall check hears a write instead of asking for one: factory/pools.py);
+                # both are readable by a factory anyway.
+                "subscribe": {"allow": ["_INBOX.>", f"$KV.{names.POOLS_BUCKET}.>", f"$KV.{names.QUEUE_BUCKET}.>"],
                               "deny": [f"{names.API_PREFIX}.>", "$SRV.>"]}}
     # A reviewer calls the gate only on its own subject (gf.api.ship.reviewer.<name>): the
     # subject tells the coordinator who called, and the server vouches for it.

@@ -20,7 +20,8 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from gigafactory.factory.agent import STALL_CHECKS_PER_REDISPATCH
+from gigafactory.factory.agent import STALL_CHECKS_PER_REDISPATCH, idle_traffic_model
+from gigafactory.factory.pools import QUIET_PROBE_EVERY_CHECKS
 from gigafactory.schemas import names
 from gigafactory.schemas.records import JobRecord, decode
 
@@ -649,14 +650,20 @@ def _idle(ctx: Context) -> st.Table:
     t.add(st.row("broker CPU", round(100 * i["cpu_s"].get("broker", 0) / i["window_s"], 3), "% of a core"))
     t.add(st.row("broker messages in", round(i["in_msgs_per_s"], 2), "msg/s"))
     t.add(st.row("broker messages out", round(i["out_msgs_per_s"], 2), "msg/s"))
-    # The stall check of an idle pool whose queue index stays empty is one direct get (see
-    # factory.agent.STALL_CHECKS_PER_REDISPATCH); client PINGs are protocol, not messages.
+    # What an idle factory sends and is sent (factory.agent.idle_traffic_model): heartbeats,
+    # long-poll renewals, rare probes of a quiet queue index, the halt watch's heartbeats;
+    # client PINGs are protocol, not messages.
+    model = idle_traffic_model(cfg.factories, i["pools"], s)
     stall_check_s = s.redispatch_s / STALL_CHECKS_PER_REDISPATCH
-    model = (cfg.factories / s.heartbeat_s + cfg.factories * i["pools"] / s.long_poll_s
-             + cfg.factories * i["pools"] / stall_check_s)
-    t.add(st.row("model: N/heartbeat_s + N x pools x (1/long_poll_s + 1/stall_check_s)", round(model, 2), "msg/s",
-                 note=f"heartbeat puts, long-poll renewals and stall probes (every {stall_check_s:g}s); each has "
-                      "a reply out, and a heartbeat a second copy out to the coordinator's view"))
+    t.add(st.row(f"model in: N/heartbeat_s + N x pools x (1/long_poll_s + 1/({QUIET_PROBE_EVERY_CHECKS} x stall_check_s))",
+                 round(model["in_msgs_per_s"], 2), "msg/s",
+                 note=f"heartbeats (plain publishes), long-poll renewals, and a probe every "
+                      f"{QUIET_PROBE_EVERY_CHECKS}th stall check (every {QUIET_PROBE_EVERY_CHECKS * stall_check_s:g}s: "
+                      "the others listen); measured "
+                      f"{i['in_msgs_per_s'] / model['in_msgs_per_s']:.2f}x" if model["in_msgs_per_s"] else ""))
+    t.add(st.row("model out: in + N / (2 x heartbeat_s)", round(model["out_msgs_per_s"], 2), "msg/s",
+                 note="each heartbeat's copy to the coordinator, each renewal's timeout, each probe's reply, "
+                      "and the halt watch's heartbeat"))
     return t
 
 

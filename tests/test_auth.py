@@ -262,6 +262,8 @@ def test_factory_subjects_matrix(nats_server):
             for subject in (f"{names.API_PREFIX}.>", names.logs_subject("j1"), "$SRV.>"):
                 assert await fa.refused_subscribe(subject), subject
                 assert server_logged_refusal(nats_server.log_file, fa.key, "Subscription", subject), subject
+            # An idle pool's stall check listens to the pool's queue index (factory/pools.py).
+            assert not await fa.refused_subscribe(f"$KV.{names.QUEUE_BUCKET}.p1.>"), fa.errors
             # A factory enrolled for pool p1 pulls from p1 only.
             nxt = f"$JS.API.CONSUMER.MSG.NEXT.{names.DISPATCH_STREAM}.{names.pool_consumer('p2')}"
             assert await fp.refused_publish(nxt)

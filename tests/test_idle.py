@@ -11,8 +11,9 @@ from __future__ import annotations
 import asyncio
 
 import msgspec
+import pytest
 
-from gigafactory.broker import PING_MIN_S, Broker, ping_interval_s
+from gigafactory.broker import PING_MAX_S, PING_MIN_S, Broker, ping_interval_s
 from gigafactory.chaos.proxy import FaultProxy
 from gigafactory.config import Settings
 from gigafactory.coordinator.intake import ensure_pool
@@ -84,9 +85,12 @@ def test_a_factory_reads_the_pools_again_after_a_reconnect_and_binds_one_written
     asyncio.run(main())
 
 
-def test_client_pings_follow_the_heartbeat_and_never_come_faster_than_the_floor():
-    assert ping_interval_s(Settings(heartbeat_s=10.0)) == 20.0
-    assert ping_interval_s(Settings(heartbeat_s=60.0)) == 120.0
+def test_client_pings_follow_the_heartbeat_within_a_floor_and_a_ceiling():
+    """Pings follow the heartbeat, but a longer heartbeat (the default is 20 s) does not make
+    a silent connection take longer to notice: never more than PING_MAX_S between pings."""
+    assert ping_interval_s(Settings(heartbeat_s=7.0)) == 14.0
+    assert ping_interval_s(Settings()) == PING_MAX_S == 20.0
+    assert ping_interval_s(Settings(heartbeat_s=60.0)) == PING_MAX_S
     assert ping_interval_s(Settings(heartbeat_s=0.5)) == PING_MIN_S
 
 
@@ -97,9 +101,13 @@ STALL_SETTINGS = dict(redispatch_s=0.5, long_poll_s=0.5)
 
 
 def test_an_idle_factory_whose_pool_has_nothing_queued_sends_no_stall_check_requests(nats_server, tmp_path):
-    """Once a check has found the pool's queue index empty, each later check is one direct get
-    ("written since?"): no index scan (a consumer created and deleted), no consumer lookup,
-    no broker-clock probe. Attributed to the factory by the reply subjects of its requests."""
+    """Once a check has found the pool's queue index empty, later checks send nothing: the
+    check's one-shot subscription to the index would have heard a write. Only every
+    ``QUIET_PROBE_EVERY_CHECKS``-th check sends one direct get ("written since?"); none sends an
+    index scan (a consumer created and deleted), a consumer lookup or a broker-clock probe.
+    Attributed to the factory by the reply subjects of its requests."""
+    from gigafactory.factory.pools import QUIET_PROBE_EVERY_CHECKS
+
     settings = fast_settings(**STALL_SETTINGS)
 
     async def main():
@@ -107,7 +115,7 @@ def test_an_idle_factory_whose_pool_has_nothing_queued_sends_no_stall_check_requ
             f = await fleet.add_factory("quiet", caps=["quiet"])
             job = await fleet.submit_one(fleet.job(capabilities=["quiet"], review_policy="auto"))
             await fleet.wait_stage(job, "shipped")
-            await eventually(lambda: f.stats["stall_probes"] >= 1, 30, what="a probe of the quiet index")
+            await eventually(lambda: f.stats["stall_listens"] >= 1, 30, what="a check of the quiet index")
             [ps] = f.pools.values()
 
             sent: list[str] = []
@@ -121,8 +129,8 @@ def test_an_idle_factory_whose_pool_has_nothing_queued_sends_no_stall_check_requ
             subs = [await fleet.admin.nc.subscribe("$JS.API.>", cb=heard),
                     await fleet.admin.nc.subscribe(clock_key, cb=heard)]
             await fleet.admin.nc.flush()
-            checks, probes = f.stats["stall_checks"], f.stats["stall_probes"]
-            await eventually(lambda: f.stats["stall_probes"] >= probes + 3, 30, what="three more probes")
+            checks, probes, listens = f.stats["stall_checks"], f.stats["stall_probes"], f.stats["stall_listens"]
+            await eventually(lambda: f.stats["stall_listens"] >= listens + 4, 30, what="four more quiet checks")
             await fleet.admin.nc.flush()
             window_probes = f.stats["stall_probes"] - probes
             for s in subs:
@@ -132,11 +140,38 @@ def test_an_idle_factory_whose_pool_has_nothing_queued_sends_no_stall_check_requ
     ps, sent, checks, probes, polled = asyncio.run(asyncio.wait_for(main(), 80))
 
     assert checks == 0, "a full stall check ran although nothing was written to the index"
+    assert QUIET_PROBE_EVERY_CHECKS > 5 and probes <= 1, f"{probes} probes in five quiet checks"
     direct = [s for s in sent if s == "$JS.API.DIRECT.GET.KV_gf_queue"]
     others = [s for s in sent if s != "$JS.API.DIRECT.GET.KV_gf_queue"]
     assert others == [], f"an idle factory sent more than its probes: {sorted(set(others))}"
-    assert probes <= len(direct) <= probes + 1, (probes, len(direct))
+    assert len(direct) <= probes + 1, (probes, len(direct))
     assert ps.mode == "push" and polled == 0
+
+
+def test_a_write_to_a_quiet_index_is_heard_and_the_next_check_reads_it_without_a_probe(nats_server, tmp_path):
+    """The subscription, not a probe, tells the next check that the index changed: a full
+    check follows at once, and finds the entry."""
+    settings = fast_settings(**STALL_SETTINGS)
+
+    async def main():
+        async with Fleet(nats_server.url, tmp_path, settings) as fleet:
+            f = await fleet.add_factory("hears", caps=["hears"])
+            job = await fleet.submit_one(fleet.job(capabilities=["hears"], review_policy="auto"))
+            await fleet.wait_stage(job, "shipped")
+            await eventually(lambda: f.stats["stall_listens"] >= 1, 30, what="a check of the quiet index")
+            [ps] = f.pools.values()
+            probes, checks = f.stats["stall_probes"], f.stats["stall_checks"]
+            # An entry for a job that does not exist: the check reads the index, and the
+            # record read finds nothing to claim (no stall, nothing run).
+            await fleet.admin.queue.put(names.queue_key(ps.id, "ghost-0001"), encode(QueueEntry(
+                job="ghost-0001", priority_rank=2, submitted_at=0.0, epoch=0)))
+            await eventually(lambda: ps.index_heard, 10, what="the write was heard")
+            await eventually(lambda: f.stats["stall_checks"] > checks, 30, what="a full check")
+            return f.stats["stall_probes"] - probes, ps.index_quiet
+
+    probes, quiet = asyncio.run(asyncio.wait_for(main(), 80))
+    assert probes == 0, "the write was heard: no probe was needed to find it"
+    assert quiet is None, "the index holds an entry: it is not quiet"
 
 
 def test_a_job_left_waiting_in_a_quiet_index_by_a_dead_coordinator_is_found_and_polled(nats_server, tmp_path):
@@ -167,3 +202,137 @@ def test_a_job_left_waiting_in_a_quiet_index_by_a_dead_coordinator_is_found_and_
 
     assert claims == 2, "the submitted job by push, the orphaned one by polling"
     assert checks >= 2, "the entry was seen young once, then stalled"
+
+
+# -- the halt watch and the heartbeat ------------------------------------------------------------
+
+
+def test_an_idle_factory_follows_the_halt_key_without_flow_control_or_a_heartbeat_every_5s(nats_server, tmp_path):
+    """A KV watch is an ordered consumer: a heartbeat from the broker every 5 s and a
+    flow-control task waking every 0.25 s, per factory, to say that nothing changed. The halt
+    watch is a plain push consumer whose heartbeat comes every ``WATCH_HEARTBEATS`` heartbeats;
+    a halt still reaches the factory as soon as it is stored."""
+    from gigafactory.factory.halting import watch_heartbeat_s
+    from gigafactory.schemas import halt as H
+
+    settings = fast_settings()
+
+    async def main():
+        async with Fleet(nats_server.url, tmp_path, settings) as fleet:
+            f = await fleet.add_factory("calm")
+            stream = f"KV_{names.CONTROL_BUCKET}"
+            infos = await eventually(lambda: fleet.admin.js.consumers_info(stream), 10, what="the halt watch")
+            [watch] = infos
+            await fleet.client.call("halt", {"product": "web", "mode": "drain"})
+            await eventually(lambda: H.covering(f.halt_state, "web") is not None, 10, what="the factory read the halt")
+            return watch.config
+
+    config = asyncio.run(asyncio.wait_for(main(), 60))
+    assert not config.flow_control, "no flow control: no task waking four times a second per factory"
+    assert config.idle_heartbeat == watch_heartbeat_s(settings) == 2 * settings.heartbeat_s
+    assert config.ack_policy == "none" and config.mem_storage
+
+
+def test_a_halt_watch_lost_on_the_broker_is_set_up_again_and_a_later_halt_still_arrives(nats_server, tmp_path):
+    """With heartbeats this rare, a watch whose consumer vanished (deleted, or lost with the
+    server that held it) must still be noticed: it goes silent, the factory watches again, and
+    a halt written after the loss reaches it."""
+    from gigafactory.schemas import halt as H
+
+    settings = fast_settings()
+
+    async def main():
+        async with Fleet(nats_server.url, tmp_path, settings) as fleet:
+            f = await fleet.add_factory("lost")
+            stream = f"KV_{names.CONTROL_BUCKET}"
+            [watch] = await eventually(lambda: fleet.admin.js.consumers_info(stream), 10, what="the halt watch")
+            await fleet.admin.js.delete_consumer(stream, watch.name)
+            await fleet.client.call("halt", {"product": "web", "mode": "drain"})
+            await eventually(lambda: H.covering(f.halt_state, "web") is not None, 30,
+                             what="the halt reached the factory through a new watch")
+            names_now = [c.name for c in await fleet.admin.js.consumers_info(stream)]
+            return watch.name, names_now
+
+    old, now = asyncio.run(asyncio.wait_for(main(), 60))
+    assert old not in now and len(now) == 1, (old, now)
+
+
+def test_periodic_heartbeats_are_stored_without_a_reply_and_the_first_one_is_acked(nats_server, tmp_path):
+    """The periodic heartbeat is a plain publish to the key's subject (no reply inbox: half the
+    messages of the put), and the bucket still stores each one: the coordinator's view sees
+    the factory live, with a fresh ``heartbeat_at``."""
+    from gigafactory.schemas.records import FactoryRecord, decode
+
+    settings = fast_settings()
+
+    async def main():
+        async with Fleet(nats_server.url, tmp_path, settings) as fleet:
+            replies: list[str] = []
+
+            async def heard(msg) -> None:
+                replies.append(msg.reply)
+
+            sub = await fleet.admin.nc.subscribe(f"$KV.{names.FACTORIES_BUCKET}.beating", cb=heard)
+            await fleet.admin.nc.flush()
+            f = await fleet.add_factory("beating")
+            await _heartbeats(f, 3)
+            e = await fleet.admin.factories.get("beating")
+            stored = decode(e.value, FactoryRecord).heartbeat_at
+            await sub.unsubscribe()
+            return replies, stored, f.record.heartbeat_at
+
+    replies, stored, last = asyncio.run(asyncio.wait_for(main(), 60))
+    assert replies[0], "the first heartbeat (registration) is a put that waits for its ack"
+    periodic = replies[1:]
+    assert len(periodic) >= 2 and not any(periodic), replies
+    assert stored >= last - 2 * FAST_HEARTBEAT_S, "the stored record has a recent heartbeat"
+
+
+FAST_HEARTBEAT_S = fast_settings().heartbeat_s
+
+
+def test_an_idle_heartbeat_counts_the_outbox_only_after_it_changed(nats_server, tmp_path):
+    """Counting the outbox (a query on its database) was the largest part of an idle
+    heartbeat: it is counted again only when the factory changed the outbox, and the
+    heartbeat still reports each change."""
+    from gigafactory.schemas.records import FactoryRecord, decode
+
+    settings = fast_settings()
+
+    async def main():
+        async with Fleet(nats_server.url, tmp_path, settings) as fleet:
+            f = await fleet.add_factory("counts")
+            calls = []
+            count = f.outbox.count
+
+            def counting() -> int:
+                calls.append(1)
+                return count()
+
+            f.outbox.count = counting
+            await _heartbeats(f, 3)
+            idle_calls = len(calls)
+            item = f.outbox.put("event", "job-1", 1, b"{}")  # not kicked: the flusher leaves it
+            await _heartbeats(f, 2)
+            e = await fleet.admin.factories.get("counts")
+            pending = decode(e.value, FactoryRecord).outbox_pending
+            f.outbox.mark_done(item)
+            await _heartbeats(f, 2)
+            e = await fleet.admin.factories.get("counts")
+            return idle_calls, pending, decode(e.value, FactoryRecord).outbox_pending
+
+    idle_calls, pending, after = asyncio.run(asyncio.wait_for(main(), 60))
+    assert idle_calls == 0, "three idle heartbeats counted the unchanged outbox"
+    assert pending == 1 and after == 0, (pending, after)
+
+
+def test_the_idle_traffic_model_counts_heartbeats_renewals_rare_probes_and_the_halt_watch():
+    from gigafactory.factory.agent import idle_traffic_model
+    from gigafactory.factory.pools import QUIET_PROBE_EVERY_CHECKS
+
+    s = Settings()  # heartbeat 20 s, long poll 30 s, a stall check every 30 s
+    m = idle_traffic_model(1000, 1, s)
+    probes = 1000 / (30.0 * QUIET_PROBE_EVERY_CHECKS)
+    assert m["in_msgs_per_s"] == pytest.approx(50 + 1000 / 30 + probes)
+    assert m["out_msgs_per_s"] == pytest.approx(m["in_msgs_per_s"] + 1000 / 40)
+    assert idle_traffic_model(1000, 2, s)["in_msgs_per_s"] > m["in_msgs_per_s"], "each pool has its own long poll"
