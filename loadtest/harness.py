@@ -177,6 +177,24 @@ def fleet_layout(factories: int, hosts: int) -> list[HostSpec]:
     return out
 
 
+def factory_ids(layout: list[HostSpec]) -> list[str]:
+    """Every factory id of the fleet, as the fleet hosts name them (``<prefix><index:04d>``)."""
+    return [f"{h.prefix}{i:04d}" for h in layout for i in range(h.count)]
+
+
+SINGLE_FACTORY = "lt-single"
+"""The id (and identity) of the lone ``gigafactory factory`` process of the restart phase."""
+
+
+def enroll_factories(store, ids: list[str]) -> None:
+    """Give every factory of the run its own ``factory`` identity in ``store`` (idempotent), as
+    ``gigafactory creds create factory <id>`` does for a real machine: the figures then include
+    the broker's permission checks and each factory's own signatures, as a real fleet pays them."""
+    for fid in ids:
+        if store.get(fid) is None:
+            store.create("factory", fid)
+
+
 # -- processes -----------------------------------------------------------------------------------
 
 
@@ -328,9 +346,11 @@ class LoadRun:
         # With auth (the default) the run's processes share its home's identity store: anything
         # started without credentials acts as the run's admin; the coordinator is `coordinator`.
         self.identities = lab_identities(self.dir / "home") if cfg.auth else None
+        self.layout = fleet_layout(cfg.factories, cfg.fleet_hosts)
         if self.identities is not None:
             self.settings = copy.copy(self.settings)
             self.settings.creds = str(self.identities.creds_path("admin"))
+            enroll_factories(self.identities, [*factory_ids(self.layout), SINGLE_FACTORY])
         self.server = EmbeddedServer(store_dir=str(self.dir / "nats-store"), host=HOST, http_port=0,
                                      sync_interval=self.settings.sync_interval,
                                      log_file=str(self.dir / "nats-server.log"),
@@ -339,7 +359,6 @@ class LoadRun:
         self.hosts: dict[str, LabProc] = {}
         self.metrics_urls: dict[str, str] = {}
         """Fleet host name -> its /metrics URL (printed by the host at start)."""
-        self.layout = fleet_layout(cfg.factories, cfg.fleet_hosts)
         self.baseline: LabProc | None = None
         self.single: LabProc | None = None
         self.admin: Broker | None = None
@@ -374,8 +393,9 @@ class LoadRun:
     def url(self) -> str:
         return self.server.url
 
-    def env(self, role: str = "admin") -> dict[str, str]:
-        """The environment of a process of the run, connecting as identity ``role`` (with auth)."""
+    def env(self, identity: str = "admin") -> dict[str, str]:
+        """The environment of a process of the run, connecting as ``identity`` (with auth): a
+        name in the run's identity store (``admin``, ``coordinator``, a factory id)."""
         env = {k: v for k, v in os.environ.items() if not k.startswith("GIGAFACTORY_")}
         for f in msgspec.structs.fields(Settings):
             v = getattr(self.settings, f.name)
@@ -386,7 +406,7 @@ class LoadRun:
         env["PYTHONUNBUFFERED"] = "1"
         env[RUN_ENV] = self.id
         if self.identities is not None:
-            env["GIGAFACTORY_CREDS"] = str(self.identities.creds_path(role))
+            env["GIGAFACTORY_CREDS"] = str(self.identities.creds_path(identity))
         return env
 
     async def close(self) -> None:
@@ -441,7 +461,7 @@ class LoadRun:
         if self.coordinator is None:
             self.coordinator = LabProc("coordinator", [sys.executable, "-m", "gigafactory", "coordinator",
                                                        "--nats", self.url, "--log-level", "info"],
-                                       self.dir / "coordinator.log", self.env(role="coordinator"))
+                                       self.dir / "coordinator.log", self.env(identity="coordinator"))
         t0 = time.monotonic()
         self.coordinator.start()
         await self.wait_until(self.api_answers, READY_TIMEOUT_S, "the coordinator's API answers",
@@ -472,6 +492,8 @@ class LoadRun:
                     str(spec.count), "--prefix", spec.prefix, "--stations", str(self.cfg.stations),
                     "--data-dir", str(self.dir / "factories"), "--workspace", str(self.dir / "work"),
                     "--metrics-port", "0"]
+            if self.identities is not None:
+                args += ["--creds-dir", str(self.identities.root)]  # each factory as itself
             for c in spec.caps:
                 args += ["--cap", c]
             proc = LabProc(f"fleet host {spec.name}", args, self.dir / f"fleet-{spec.name}.log", self.env())
@@ -688,13 +710,13 @@ class LoadRun:
 
     async def start_single_factory(self) -> LabProc:
         """One ``gigafactory factory`` process, as an operator runs it, for its memory."""
-        fid = "lt-single"
+        fid = SINGLE_FACTORY
         args = [sys.executable, "-m", "gigafactory", "factory", "--nats", self.url, "--id", fid, "--no-probe",
                 "--stations", str(self.cfg.stations), "--data-dir", str(self.dir / "single"),
                 "--workspace", str(self.dir / "work"), "--log-level", "warning"]
         for c in BASE_CAPS:
             args += ["--cap", c]
-        self.single = LabProc("single factory", args, self.dir / "single-factory.log", self.env())
+        self.single = LabProc("single factory", args, self.dir / "single-factory.log", self.env(identity=fid))
         self.single.start()
         want = len(await self.admin_().pools.keys())
 
