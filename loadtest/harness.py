@@ -60,6 +60,7 @@ from gigafactory.embedded import EmbeddedServer
 from gigafactory.schemas import names
 from gigafactory.schemas.records import FactoryRecord, JobRecord, decode, encode
 
+from . import atleastonce as alo
 from . import baseline as bl
 from .fleet import read_stats
 
@@ -104,8 +105,12 @@ class LoadConfig:
     settings: Settings = field(default_factory=Settings)
     auth: bool = True
     """Run the broker with authentication on (the default, as every deployment runs): nkey
-    identities, per-role subject permissions, the coordinator as ``coordinator``. False
-    (``--no-auth``) gives the figures without them, to compare: their cost per job."""
+    identities, per-role subject permissions, the coordinator as ``coordinator``, each factory
+    as its own ``factory`` identity. False (``--no-auth``) runs everything without them."""
+    compare_no_auth: bool = True
+    """With ``auth`` and the ``noop`` workload: run the saturated noop phase a second time on a
+    broker without authentication (its own coordinator and fleet, no identities, no signed
+    writes), so one run reports what security costs per job (``--no-compare-security`` skips it)."""
 
     def validate(self) -> None:
         """Refuse settings no run could honour, naming the option."""
@@ -140,6 +145,7 @@ class LoadConfig:
                 "workloads": list(self.workloads), "idle_s": self.idle_s, "restart_jobs": self.restart_jobs,
                 "pace_fraction": self.pace_fraction, "busy_job_s": self.busy_job_s,
                 "fleet_hosts": self.fleet_hosts, "batch": self.batch, "auth": self.auth,
+                "compare_no_auth": self.compare_no_auth,
                 "settings": {f.name: getattr(self.settings, f.name) for f in msgspec.structs.fields(Settings)}}
 
 
@@ -343,6 +349,11 @@ class LoadRun:
         self.repo = self.dir / "repo"
         self.repo.mkdir(exist_ok=True)
         self.settings = cfg.settings
+        if not cfg.auth and self.settings.creds:
+            # Without authentication nothing of the run may carry an identity: a factory with
+            # one would sign its writes, and the figures would still include the signatures.
+            self.settings = copy.copy(self.settings)
+            self.settings.creds = None
         # With auth (the default) the run's processes share its home's identity store: anything
         # started without credentials acts as the run's admin; the coordinator is `coordinator`.
         self.identities = lab_identities(self.dir / "home") if cfg.auth else None
@@ -360,6 +371,7 @@ class LoadRun:
         self.metrics_urls: dict[str, str] = {}
         """Fleet host name -> its /metrics URL (printed by the host at start)."""
         self.baseline: LabProc | None = None
+        self.atleastonce: LabProc | None = None
         self.single: LabProc | None = None
         self.admin: Broker | None = None
         self.client: Client | None = None
@@ -410,7 +422,7 @@ class LoadRun:
         return env
 
     async def close(self) -> None:
-        procs = [self.single, self.baseline, *self.hosts.values(), self.coordinator]
+        procs = [self.single, self.baseline, self.atleastonce, *self.hosts.values(), self.coordinator]
         await asyncio.gather(*(p.terminate(timeout_s=20.0) for p in procs if p is not None),
                              return_exceptions=True)
         if self.admin is not None:
@@ -568,6 +580,53 @@ class LoadRun:
         if self.baseline is not None:
             await self.baseline.terminate(timeout_s=20.0)
 
+    # -- the at-least-once baseline ------------------------------------------------------------------
+
+    async def start_atleastonce(self) -> None:
+        """Start the taskiq-style workers (:mod:`atleastonce`), one per factory of the fleet."""
+        assert self.admin is not None
+        await alo.ensure_layout(self.admin.js, workers=self.cfg.factories, replicas=self.settings.replicas)
+        log_path = self.dir / "atleastonce.log"
+        self.atleastonce = LabProc("at-least-once workers", [
+            sys.executable, "-m", "gigafactory.loadtest.atleastonce", "--nats", self.url,
+            "--connections", str(self.cfg.factories), "--long-poll-s", str(self.settings.long_poll_s),
+            "--stats-file", str(self.dir / "atleastonce.json"),
+        ], log_path, self.env())
+        before = self._log_count(log_path, "at-least-once ready:")
+        self.atleastonce.start()
+        await self.wait_until(lambda: self._log_count(log_path, "at-least-once ready:") > before,
+                              READY_TIMEOUT_S + 0.05 * self.cfg.factories, "the at-least-once workers ready",
+                              proc=self.atleastonce)
+
+    async def stop_atleastonce(self) -> None:
+        if self.atleastonce is not None:
+            await self.atleastonce.terminate(timeout_s=20.0)
+
+    async def atleastonce_stats(self) -> dict:
+        """The workers' figures, fresh (asked with SIGUSR1, bounded)."""
+        assert self.atleastonce is not None
+        sent = time.time()
+        self.atleastonce.signal(signal.SIGUSR1)
+        path = self.dir / "atleastonce.json"
+        return await self.wait_until(lambda: (s := read_stats(path)) and s.get("at", 0) >= sent and s,
+                                     STATS_TIMEOUT_S, "fresh figures from the at-least-once workers")
+
+    async def atleastonce_submit(self, ids: list[str]) -> None:
+        """The at-least-once submitter: one publish per task, each waiting for the stream's ack."""
+        js = self.admin_().js
+        for task_id in ids:
+            await alo.submit_one(js, task_id)
+
+    async def atleastonce_wait(self, timeout_s: float) -> bool:
+        """Wait (bounded) until the workers have acked every task; False if they did not."""
+        js = self.admin_().js
+        try:
+            await self.wait_until(lambda: alo.drained(js), timeout_s, "the at-least-once tasks acked",
+                                  proc=self.atleastonce, interval_s=0.02)
+        except TimeoutError:
+            return False
+        return True
+
     def pause_fleet(self) -> None:
         """SIGSTOP every fleet host: no claims, so a backlog forms by construction."""
         for p in self.hosts.values():
@@ -641,14 +700,19 @@ class LoadRun:
         out = {"broker": proc_cpu_s(self.server.proc.pid if self.server.proc else None) or 0.0}
         if self.coordinator is not None and self.coordinator.alive():
             out["coordinator"] = proc_cpu_s(self.coordinator.pid) or 0.0
-        out["factories"] = sum(proc_cpu_s(p.pid) or 0.0 for p in self.hosts.values() if p.alive())
+        if self.hosts:  # not before the fleet starts: the baselines' phases have no factories
+            out["factories"] = sum(proc_cpu_s(p.pid) or 0.0 for p in self.hosts.values() if p.alive())
         if self.baseline is not None and self.baseline.alive():
             out["baseline"] = proc_cpu_s(self.baseline.pid) or 0.0
+        if self.atleastonce is not None and self.atleastonce.alive():
+            out["atleastonce"] = proc_cpu_s(self.atleastonce.pid) or 0.0
         return out
 
     async def _counters(self, side: str) -> dict[str, int]:
         if side == "baseline":
             return dict((await self.baseline_stats())["totals"])
+        if side == "atleastonce":
+            return dict((await self.atleastonce_stats())["totals"])
         return await self.fleet_counters()
 
     @contextlib.asynccontextmanager
