@@ -589,8 +589,7 @@ class LoadRun:
         log_path = self.dir / "atleastonce.log"
         self.atleastonce = LabProc("at-least-once workers", [
             sys.executable, "-m", "gigafactory.loadtest.atleastonce", "--nats", self.url,
-            "--connections", str(self.cfg.factories), "--long-poll-s", str(self.settings.long_poll_s),
-            "--stats-file", str(self.dir / "atleastonce.json"),
+            "--connections", str(self.cfg.factories), "--stats-file", str(self.dir / "atleastonce.json"),
         ], log_path, self.env())
         before = self._log_count(log_path, "at-least-once ready:")
         self.atleastonce.start()
@@ -612,10 +611,9 @@ class LoadRun:
                                      STATS_TIMEOUT_S, "fresh figures from the at-least-once workers")
 
     async def atleastonce_submit(self, ids: list[str]) -> None:
-        """The at-least-once submitter: one publish per task, each waiting for the stream's ack."""
-        js = self.admin_().js
-        for task_id in ids:
-            await alo.submit_one(js, task_id)
+        """The at-least-once submitter: one publish per task, each acked by the stream, a
+        bounded number in flight (:data:`atleastonce.SUBMIT_IN_FLIGHT`)."""
+        await alo.submit(self.admin_().js, ids)
 
     async def atleastonce_wait(self, timeout_s: float) -> bool:
         """Wait (bounded) until the workers have acked every task; False if they did not."""
