@@ -703,15 +703,15 @@ def _security(ctx: Context, on: dict | None) -> st.Table:
         r.verdict = "missed" if "error" in off else "n/a"
         return t
     on_tp, off_tp = on["throughput_jobs_per_s"], off["throughput_jobs_per_s"]
-    t.add(st.row("saturated jobs completed", on["completed"], baseline=off["completed"]))
-    t.add(st.row("saturated throughput", on_tp, "jobs/s", baseline=off_tp))
-    t.add(st.row("wall time per job (1 / throughput)", st.ms_per_job(on_tp), "ms", baseline=st.ms_per_job(off_tp)))
+    t.add(st.row("saturated jobs completed (on / off)", on["completed"], baseline=off["completed"]))
+    t.add(st.row("saturated throughput (on / off)", on_tp, "jobs/s", baseline=off_tp))
+    t.add(st.row("wall time per job, 1 / throughput (on / off)", st.ms_per_job(on_tp), "ms", baseline=st.ms_per_job(off_tp)))
     t.add(st.row("wall time per job: difference (what security costs)",
                  st.difference(st.ms_per_job(on_tp), st.ms_per_job(off_tp)), "ms"))
     on_cpu, off_cpu = st.cpu_total_ms(on["cpu_ms_per_job"]), st.cpu_total_ms(off["cpu_ms_per_job"])
-    t.add(st.row("CPU per job, all processes", on_cpu, "ms", baseline=off_cpu))
+    t.add(st.row("CPU per job, all processes (on / off)", on_cpu, "ms", baseline=off_cpu))
     for k in ("broker", "coordinator", "factories"):
-        t.add(st.row(f"CPU per job: {k}", on["cpu_ms_per_job"].get(k), "ms", baseline=off["cpu_ms_per_job"].get(k)))
+        t.add(st.row(f"CPU per job: {k} (on / off)", on["cpu_ms_per_job"].get(k), "ms", baseline=off["cpu_ms_per_job"].get(k)))
     t.add(st.row("CPU per job: difference, all processes (what security costs)", st.difference(on_cpu, off_cpu), "ms"))
     sec = ctx.info.get("security")
     if sec:
