@@ -6,21 +6,28 @@ A run (:func:`gigafactory.loadtest.runner.run_load`), in order:
 1. an embedded ``nats-server`` with its monitoring port (``/varz``) on loopback;
 2. the baseline (:mod:`gigafactory.loadtest.baseline`) as a process of its own with as many
    workers as the fleet has stations: its saturated phase, then it stops (so its idle pulls
-   do not count in the idle fleet's traffic);
-3. ``python -m gigafactory coordinator`` and fleet hosts (:mod:`gigafactory.loadtest.fleet`,
+   do not count in the idle fleet's traffic); then the at-least-once workers
+   (:mod:`gigafactory.loadtest.atleastonce`, one per factory) likewise;
+3. with authentication on and the ``noop`` workload, the saturated noop phase on a second
+   broker without authentication, with its own coordinator and fleet and no identities, all
+   stopped before step 4 (:func:`gigafactory.loadtest.workloads.no_auth_saturated`);
+4. ``python -m gigafactory coordinator`` and fleet hosts (:mod:`gigafactory.loadtest.fleet`,
    N real factories in a few processes, with ``engine:noop``; a bulk pool, a pool of a fifth
-   of the fleet with ``gpu``, and one factory with the rare ``hsm``);
-4. the workloads (:mod:`gigafactory.loadtest.workloads`), each submitting through the API;
-5. the baseline again for its paced phase, at the rate our paced phase ran;
-6. the idle fleet over ``idle_s``: CPU of the fleet and the coordinator, broker messages/s;
-7. the restart: a single ``gigafactory factory`` process for memory, ``restart_jobs``
+   of the fleet with ``gpu``, and one factory with the rare ``hsm``), each factory connecting
+   as its own ``factory`` identity;
+5. the workloads (:mod:`gigafactory.loadtest.workloads`), each submitting through the API;
+6. the baseline again for its paced phase, at the rate our paced phase ran;
+7. the idle fleet over ``idle_s``: CPU of the fleet and the coordinator, broker messages/s;
+8. the restart: a single ``gigafactory factory`` process for memory, ``restart_jobs``
    shipped records written straight into ``gf_jobs``, the coordinator restarted and timed
    until it dispatches again.
 
 Every job's timeline comes from the broker, not from the harness's clock: the KV history
 of ``gf_jobs`` (and of the baseline's bucket) carries the server's timestamp of each
 revision, so "submitted", "claimed" and "shipped" are when those writes were stored, and
-ours and the baseline's are measured the same way. CPU and memory come from :mod:`gigafactory.osproc` (psutil).
+ours and the baseline's are measured the same way. The at-least-once tasks have no record:
+their submission is the broker's timestamp of the message, their start and end the workers'
+clock (the same host's). CPU and memory come from :mod:`gigafactory.osproc` (psutil).
 
 Processes: every one runs in a session of its own with ``GF_LOADTEST_RUN=<run id>`` in its
 environment; :meth:`LoadRun.close` stops them (SIGTERM, then SIGKILL) and kills anything
