@@ -83,6 +83,8 @@ STATS_TIMEOUT_S = 15.0
 loop may be busy)."""
 FLEET_COUNTERS = {name[:-len("_total")]: key for name, key in FACTORY_STATS.items()}
 """Factory counters a phase reports: /metrics family name -> the phase's key (claims, claim_conflicts, ...)."""
+INVARIANTS_TIMEOUT_S = 300.0
+"""Bound on the invariant checker reading and judging a run's records."""
 FILL_IN_FLIGHT = 64
 """Publishes in flight while filling ``gf_jobs`` for the restart measurement."""
 
@@ -770,6 +772,31 @@ class LoadRun:
             "connections": v1.get("connections"),
             "pools": len(pools),
         }
+
+    async def check_invariants(self) -> dict:
+        """Judge the run's records (``gf_jobs`` and ``GF_EVENTS``) with the chaos suite's
+        invariant checker, run as a process of its own (the load suite does not import the chaos
+        suite), with the fleet's keys to judge holder signatures: its report (``ok``,
+        ``by_invariant``, the first violations, ``counts``), or ``error`` if it could not judge."""
+        out = self.dir / "invariants.json"
+        out.unlink(missing_ok=True)
+        args = [sys.executable, "-m", "gigafactory.chaos.checkrecords", "--nats", self.url, "--out", str(out)]
+        if self.identities is not None:
+            args += ["--identities", str(self.identities.root)]
+        proc = await asyncio.create_subprocess_exec(*args, env=self.env(), stdout=asyncio.subprocess.PIPE,
+                                                    stderr=asyncio.subprocess.STDOUT, start_new_session=True)
+        try:
+            text, _ = await asyncio.wait_for(proc.communicate(), INVARIANTS_TIMEOUT_S)
+        except asyncio.TimeoutError:
+            proc.kill()
+            await proc.wait()
+            return {"error": f"the invariant checker did not finish within {INVARIANTS_TIMEOUT_S:g}s"}
+        (self.dir / "invariants.log").write_bytes(text)
+        if proc.returncode not in (0, 1) or not out.exists():
+            return {"error": f"the invariant checker exited {proc.returncode}: {text.decode(errors='replace')[-1000:]}"}
+        rep = orjson.loads(out.read_bytes())
+        return {"ok": rep["ok"], "by_invariant": rep["by_invariant"], "violations": rep["violations"][:20],
+                "counts": rep["counts"]}
 
     def admin_(self) -> Broker:
         assert self.admin is not None

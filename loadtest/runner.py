@@ -71,6 +71,8 @@ async def run_load(cfg: LoadConfig, progress=None) -> dict:
                 ctx.timelines[j].dispatched = ts
         say("reading the stations' classes")
         ctx.info["lanes"] = await wl.lane_figures(run.admin_(), windows)
+        say("judging the run's records with the invariant checker")
+        ctx.invariants = await run.check_invariants()
         if cfg.idle_s > 0:
             say(f"idle fleet for {cfg.idle_s:g}s")
             ctx.idle = await run.measure_idle(cfg.idle_s)

@@ -63,6 +63,8 @@ class Context:
     idle: dict | None = None
     restart: dict | None = None
     no_auth: dict | None = None
+    invariants: dict | None = None
+    """The invariant checker's report on the run's records (:meth:`LoadRun.check_invariants`)."""
     """The figures of the saturated noop phase run again without authentication or signatures
     (:func:`no_auth_saturated`), None when the run did not compare."""
     info: dict[str, Any] = field(default_factory=dict)
@@ -177,7 +179,9 @@ async def no_auth_saturated(cfg: LoadConfig, say: Callable[[str], None]) -> dict
         ph = await _ours(ctx, "noop saturated", [run.job() for _ in range(cfg.jobs)])
         ctx.timelines.update(timelines_from(await read_history(run.admin_().js, f"KV_{names.JOBS_BUCKET}",
                                                                f"$KV.{names.JOBS_BUCKET}.>")))
-        return phase_figures(ctx, ph)
+        figures = phase_figures(ctx, ph)
+        figures["invariants"] = await run.check_invariants()
+        return figures
 
 
 # -- workloads ------------------------------------------------------------------------------------
@@ -480,6 +484,8 @@ def report(ctx: Context) -> dict:
             tables.append(fn(ctx, ctx.phases[f"ours:{name}"], f))
     if ctx.no_auth is not None:
         tables.append(_security(ctx, ours))
+    if ctx.invariants is not None:
+        tables.append(_invariants(ctx))
     if ctx.info.get("lanes"):
         tables.append(_lanes(ctx))
     if ctx.idle:
@@ -490,8 +496,9 @@ def report(ctx: Context) -> dict:
     return {"tables": [{"title": x.title, "rows": [r.to_dict() for r in x.rows]} for x in tables],
             "text": st.to_text(tables), "markdown": st.to_markdown(tables), "figures": figures,
             "idle": ctx.idle, "restart": ctx.restart, "paced_rate": ctx.paced_rate, "lanes": ctx.info.get("lanes"),
-            "no_auth": ctx.no_auth, "incomplete": incomplete,
-            "ok": not incomplete and (ctx.restart or {}).get("error") is None and "error" not in (ctx.no_auth or {})}
+            "no_auth": ctx.no_auth, "invariants": ctx.invariants, "incomplete": incomplete,
+            "ok": (not incomplete and (ctx.restart or {}).get("error") is None and "error" not in (ctx.no_auth or {})
+                   and invariants_ok(ctx))}
 
 
 async def lane_figures(broker, windows: dict[str, tuple[float, float]]) -> dict[str, dict]:
@@ -718,6 +725,35 @@ def _security(ctx: Context, on: dict | None) -> st.Table:
         t.add(st.row("of which signing one holder write (timed apart)", sec["sign_ms_per_write"], "ms"))
         t.add(st.row("and verifying one (timed apart)", sec["verify_ms_per_write"], "ms"))
         t.add(st.row("signatures per job (4 holder writes, sign + verify)", sec["signatures_cpu_ms_per_job"], "ms"))
+    return t
+
+
+NO_VIOLATION = st.Target("==", 0, "none")
+
+
+def invariants_ok(ctx: Context) -> bool:
+    """Whether every judged set of records (the run's, the run without auth's) came out clean;
+    a checker that could not judge counts as not clean."""
+    reports = [r for r in (ctx.invariants, (ctx.no_auth or {}).get("invariants")) if r is not None]
+    return all(r.get("ok") is True for r in reports)
+
+
+def _invariants(ctx: Context) -> st.Table:
+    """The invariant checker's verdict on the records of the run (and of the run without auth)."""
+    t = st.Table("invariants: the run's records judged by the chaos suite's checker")
+    for label, rep in (("this run", ctx.invariants), ("the run without auth", (ctx.no_auth or {}).get("invariants"))):
+        if rep is None:
+            continue
+        if "error" in rep:
+            r = t.add(st.row(f"{label}: violations", None, note=rep["error"][-300:]))
+            r.target, r.verdict = NO_VIOLATION, "missed"
+            continue
+        counts = rep.get("counts", {})
+        by = ", ".join(f"{k} {v}" for k, v in sorted(rep["by_invariant"].items()))
+        first = "; ".join(f"[{v['invariant']}] {v.get('job') or '-'}: {v['detail']}" for v in rep["violations"][:3])
+        t.add(st.row(f"{label}: violations", sum(rep["by_invariant"].values()), target=NO_VIOLATION,
+                     note=f"{by}; {first}"[:600]))
+        t.add(st.row(f"{label}: jobs and events judged", f"{counts.get('jobs', 0):,} / {counts.get('events', 0):,}"))
     return t
 
 

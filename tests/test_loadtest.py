@@ -15,6 +15,7 @@ from types import SimpleNamespace
 
 import pytest
 
+import msgspec
 import nats
 import nats.errors
 
@@ -24,7 +25,7 @@ from gigafactory.embedded import EmbeddedServer
 from gigafactory.loadtest import atleastonce as alo
 from gigafactory.loadtest.fleet import FleetHost
 from gigafactory.schemas import names
-from gigafactory.schemas.records import FactoryRecord, decode
+from gigafactory.schemas.records import FactoryRecord, Lease, decode, encode
 from gigafactory.testing import lab_identities
 from gigafactory.factory.agent import STALL_CHECKS_PER_REDISPATCH
 from gigafactory.loadtest import stats as st
@@ -285,6 +286,39 @@ def test_each_factory_of_a_fleet_host_connects_as_its_own_factory_identity(tmp_p
         srv.stop()
 
 
+def test_the_records_checker_process_passes_a_clean_run_and_names_a_forged_write(nats_server, tmp_path):
+    """The load suite judges its records with the invariant checker run as a process (it may
+    not import the chaos suite): clean records exit 0; an unsigned write in a leased stage, as
+    a stolen credential would make, exits 1 naming the invariant and the job."""
+    def check() -> tuple[int, dict, str]:
+        out = tmp_path / "report.json"
+        out.unlink(missing_ok=True)
+        p = subprocess.run([sys.executable, "-m", "gigafactory.chaos.checkrecords", "--nats", nats_server.url,
+                            "--identities", str(nats_server.identities.root), "--out", str(out)],
+                           capture_output=True, text=True, timeout=120)
+        return p.returncode, json.loads(out.read_text()) if out.exists() else {}, p.stdout + p.stderr
+
+    async def main():
+        async with Fleet(nats_server.url, tmp_path, server=nats_server) as fleet:
+            await fleet.add_factory("chk-1", caps=["engine:noop"])
+            job = await fleet.submit_one(_noop(fleet))
+            await fleet.wait_stage(job, "shipped")
+        rc, rep, text = await asyncio.to_thread(check)
+        assert rc == 0 and rep["ok"] and rep["counts"]["jobs"] == 1, text
+        async with Fleet(nats_server.url, tmp_path / "again") as fleet:
+            rec, rev = await fleet.record(job)
+            forged = msgspec.structs.replace(rec, stage=Stage.BUILDING, sig=None,
+                                             lease=Lease(factory="chk-1", station=0, epoch=rec.epoch))
+            await fleet.admin.jobs.update(job, encode(forged), last=rev)
+        rc, rep, text = await asyncio.to_thread(check)
+        assert rc == 1 and not rep["ok"], text
+        assert rep["by_invariant"].get("holder_signed") == 1, rep["by_invariant"]
+        assert any(v["job"] == job and v["invariant"] == "holder_signed" for v in rep["violations"])
+        assert "holder_signed" in text  # the verdict is printed too
+
+    run(main(), 120)
+
+
 # -- a CI-sized run -----------------------------------------------------------------------------------
 
 
@@ -336,8 +370,11 @@ def test_a_ci_sized_run_of_every_workload_completes_and_produces_every_figure(tm
     assert r["rss_bytes"]["single_before"] > 0 and r["rss_bytes"]["single_after"] > 0
     # The table carries every row with a verdict column; the targets are reported, not asserted.
     titles = [t["title"] for t in res["tables"]]
-    assert len(titles) == 10, titles
+    assert len(titles) == 11, titles
     assert any(t.startswith("security:") for t in titles), titles
+    # The invariant checker judged the run's records, and those of the run without auth: clean.
+    assert res["invariants"]["ok"] is True and res["invariants"]["counts"]["jobs"] > 0, res["invariants"]
+    assert res["no_auth"]["invariants"]["ok"] is True, res["no_auth"]["invariants"]
     rows = {r["figure"]: r for t in res["tables"] for r in t["rows"]}
     # Every target of issue 14 has a row with a verdict (n/a where the run is smaller than the target's).
     assert rows["CPU per job, all processes"]["verdict"] in ("met", "missed")
@@ -349,6 +386,7 @@ def test_a_ci_sized_run_of_every_workload_completes_and_produces_every_figure(tm
     assert rows["broker messages in, off the model"]["verdict"] in ("met", "missed")
     assert rows["coordinator memory after the restart (view replayed)"]["verdict"] == "n/a"  # for 100,000 jobs
     assert rows["CPU per job: difference, all processes (what security costs)"]["value"] is not None
+    assert rows["this run: violations"]["value"] == 0 and rows["this run: violations"]["verdict"] == "met"
     assert res["config"]["auth"] is True and res["security"]["auth"] is True
     # Lane allocation and idle coverage per workload, from the stations' events: no dark idle.
     assert set(res["lanes"]) == set(WORKLOADS)
