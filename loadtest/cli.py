@@ -83,7 +83,8 @@ def loadtest_run(factories, jobs, stations, workload_names, idle_s, restart_jobs
                  fleet_hosts, batch, workdir, out_file, no_auth, compare_security, markdown, as_json, log_level, log_format) -> None:
     """Run the load suite: its own broker, coordinator, fleet and baseline; prints the figures
     with the issue's targets (reported, never asserted) and writes the JSON result. Exits 1 only
-    if the harness itself failed (a job did not complete, a process did not start)."""
+    if the harness itself failed (a job did not complete, a process did not start) or the
+    invariant checker found a violation in the run's records."""
     from gigafactory.config import Settings, home
 
     from .harness import LoadConfig
@@ -128,5 +129,8 @@ def loadtest_run(factories, jobs, stations, workload_names, idle_s, restart_jobs
         click.echo(result["markdown"] if markdown else result["text"])
         if result["incomplete"]:
             click.echo(f"NOT COMPLETED: {result['incomplete']} (logs in {root})", err=True)
+        for why in result["failures"]:
+            if not why.endswith("jobs not completed"):  # those were just listed
+                click.echo(f"FAILED: {why} (logs in {root})", err=True)
         click.echo(f"result: {out}", err=True)
     sys.exit(EXIT_OK if result["ok"] else EXIT_FAILED)

@@ -497,8 +497,22 @@ def report(ctx: Context) -> dict:
             "text": st.to_text(tables), "markdown": st.to_markdown(tables), "figures": figures,
             "idle": ctx.idle, "restart": ctx.restart, "paced_rate": ctx.paced_rate, "lanes": ctx.info.get("lanes"),
             "no_auth": ctx.no_auth, "invariants": ctx.invariants, "incomplete": incomplete,
-            "ok": (not incomplete and (ctx.restart or {}).get("error") is None and "error" not in (ctx.no_auth or {})
-                   and invariants_ok(ctx))}
+            "failures": (failures := run_failures(ctx, incomplete)), "ok": not failures}
+
+
+def run_failures(ctx: Context, incomplete: dict[str, int]) -> list[str]:
+    """Why the run failed (empty: it did not): jobs not completed, a phase that could not be
+    measured, or a violation found in its records."""
+    out = [f"{k}: {n} jobs not completed" for k, n in incomplete.items()]
+    if (ctx.restart or {}).get("error"):
+        out.append(f"restart: {ctx.restart['error'].splitlines()[-1][:300]}")
+    if (ctx.no_auth or {}).get("error"):
+        out.append(f"the run without auth: {ctx.no_auth['error'].splitlines()[-1][:300]}")
+    if not invariants_ok(ctx):
+        for label, rep in (("records", ctx.invariants), ("records without auth", (ctx.no_auth or {}).get("invariants"))):
+            if rep is not None and rep.get("ok") is not True:
+                out.append(f"invariants of the {label}: " + (rep.get("error") or f"violations {rep.get('by_invariant')}"))
+    return out
 
 
 async def lane_figures(broker, windows: dict[str, tuple[float, float]]) -> dict[str, dict]:

@@ -112,6 +112,22 @@ def test_the_security_table_sets_the_run_without_auth_beside_ours_with_the_diffe
     assert "fleet host bulk0 exited" in failed.rows[0].note
 
 
+def test_a_run_fails_naming_why_on_lost_jobs_a_failed_phase_or_a_violation_and_only_then():
+    clean = SimpleNamespace(restart={"first_claim_s": 3.0}, no_auth={"invariants": {"ok": True}},
+                            invariants={"ok": True})
+    assert wl.run_failures(clean, {}) == []
+    bad = SimpleNamespace(restart={"error": "TimeoutError: not within 120s: the coordinator ready"},
+                          no_auth={"invariants": {"ok": False, "by_invariant": {"settled": 1}}},
+                          invariants={"error": "the invariant checker exited 2: could not read"})
+    failures = wl.run_failures(bad, {"ours:noop saturated": 2})
+    assert failures[0] == "ours:noop saturated: 2 jobs not completed"
+    assert any(f.startswith("restart: ") and "coordinator ready" in f for f in failures)
+    assert any("records without auth" in f and "settled" in f for f in failures)
+    assert any("could not read" in f for f in failures)  # a checker that could not judge fails the run too
+    assert wl.run_failures(SimpleNamespace(restart=None, no_auth={"error": "RuntimeError: x\nfleet died"},
+                                           invariants={"ok": True}), {}) == ["the run without auth: fleet died"]
+
+
 def test_the_idle_model_counts_heartbeats_renewals_and_stall_probes():
     s = Settings(heartbeat_s=10.0, long_poll_s=30.0, redispatch_s=15.0)
     model, stall_check_s = wl.idle_model_msgs_per_s(1000, 1, s)
