@@ -31,7 +31,8 @@ def _workload_names() -> list[str]:
 
 @click.group()
 def loadtest() -> None:
-    """The load suite: our figures beside a minimal CAS work queue on the same broker."""
+    """The load suite: our figures beside a minimal CAS work queue and a taskiq-style
+    at-least-once queue on the same broker."""
 
 
 @loadtest.command("workloads")
@@ -71,15 +72,19 @@ def loadtest_workloads(as_json: bool) -> None:
 @click.option("--out", "out_file", type=click.Path(dir_okay=False), default=None,
               help="Write the JSON result here (default: $GIGAFACTORY_HOME/loadtest-results/<time>.json).")
 @click.option("--no-auth", is_flag=True, help="Run the broker without authentication (identities, permissions): "
-              "the figures to compare with the default run's, i.e. what security costs per job.")
+              "everything of the run connects without an identity.")
+@click.option("--compare-security/--no-compare-security", default=True, show_default=True,
+              help="Run the saturated noop phase a second time on a broker without authentication or "
+                   "signatures (its own coordinator and fleet) and report what security costs per job.")
 @click.option("--markdown", is_flag=True, help="Print the tables as markdown (the tables of docs/load-results.md).")
 @click.option("--json", "as_json", is_flag=True, help="Print the JSON result instead of the table.")
 @log_options("warning")
 def loadtest_run(factories, jobs, stations, workload_names, idle_s, restart_jobs, pace_fraction, busy_job_s,
-                 fleet_hosts, batch, workdir, out_file, no_auth, markdown, as_json, log_level, log_format) -> None:
+                 fleet_hosts, batch, workdir, out_file, no_auth, compare_security, markdown, as_json, log_level, log_format) -> None:
     """Run the load suite: its own broker, coordinator, fleet and baseline; prints the figures
     with the issue's targets (reported, never asserted) and writes the JSON result. Exits 1 only
-    if the harness itself failed (a job did not complete, a process did not start)."""
+    if the harness itself failed (a job did not complete, a process did not start) or the
+    invariant checker found a violation in the run's records."""
     from gigafactory.config import Settings, home
 
     from .harness import LoadConfig
@@ -93,7 +98,7 @@ def loadtest_run(factories, jobs, stations, workload_names, idle_s, restart_jobs
     cfg = LoadConfig(factories=factories, stations=stations, jobs=jobs, workloads=tuple(names_), idle_s=idle_s,
                      restart_jobs=restart_jobs, pace_fraction=pace_fraction, busy_job_s=busy_job_s,
                      fleet_hosts=fleet_hosts, batch=batch, workdir=root, settings=Settings.from_env(),
-                     auth=not no_auth)
+                     auth=not no_auth, compare_no_auth=compare_security)
     try:
         cfg.validate()
     except ValueError as e:
@@ -124,5 +129,8 @@ def loadtest_run(factories, jobs, stations, workload_names, idle_s, restart_jobs
         click.echo(result["markdown"] if markdown else result["text"])
         if result["incomplete"]:
             click.echo(f"NOT COMPLETED: {result['incomplete']} (logs in {root})", err=True)
+        for why in result["failures"]:
+            if not why.endswith("jobs not completed"):  # those were just listed
+                click.echo(f"FAILED: {why} (logs in {root})", err=True)
         click.echo(f"result: {out}", err=True)
     sys.exit(EXIT_OK if result["ok"] else EXIT_FAILED)

@@ -7,7 +7,13 @@ event loop instead. Each is the real agent (its own connection, heartbeat, pools
 subscriptions, outbox and data dir), only the interpreter is shared::
 
     python -m gigafactory.loadtest.fleet --nats URL --count 200 --prefix herd- \\
-        --data-dir DIR --workspace DIR --stats-file DIR/fleet.json --metrics-port 0
+        --data-dir DIR --workspace DIR --stats-file DIR/fleet.json --metrics-port 0 \\
+        --creds-dir HOME/identities
+
+With ``--creds-dir`` every factory connects as its own identity, ``<dir>/<factory id>.creds``
+(``gigafactory creds create factory <id>``), as a real fleet does: the broker checks each
+one's permissions and each signs its holder writes with its own key. Without it, every factory
+connects with the process's credentials (``GIGAFACTORY_CREDS``).
 
 With ``--metrics-port`` (or ``GIGAFACTORY_METRICS_PORT``) the host serves every factory's
 figures on one ``/metrics`` (each labelled ``factory``), with ``/healthz`` and ``/readyz``, and
@@ -40,6 +46,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import click
+import msgspec
 import orjson
 
 from gigafactory import osproc
@@ -86,8 +93,9 @@ class FleetHost:
 
     def __init__(self, url: str, *, count: int, prefix: str, start: int = 0, stations: int = 1,
                  caps: list[str] | None = None, data_dir: str, workspace: str, settings: Settings,
-                 concurrency: int = 32) -> None:
+                 concurrency: int = 32, creds_dir: str | None = None) -> None:
         self.url = url
+        self.creds_dir = Path(creds_dir) if creds_dir else None
         self.ids = [f"{prefix}{i:04d}" for i in range(start, start + count)]
         self.stations = stations
         self.caps = list(caps or [])
@@ -124,8 +132,9 @@ class FleetHost:
         async with sem:
             if stop.is_set():
                 return
+            settings = self.settings_of(fid)
             try:
-                b = await Broker.open(self.url, f"gigafactory-factory-{fid}", self.settings,
+                b = await Broker.open(self.url, f"gigafactory-factory-{fid}", settings,
                                       on_disconnect=self._conn_event("disconnect", fid),
                                       on_reconnect=self._conn_event("reconnect", fid))
             except Exception as e:
@@ -133,7 +142,7 @@ class FleetHost:
                 log.error("factory %s could not connect: %s", fid, e)
                 return
             f = Factory(b, factory_id=fid, stations=self.stations, extra_capabilities=self.caps, probe=False,
-                        workspace=self.workspace, data_dir=self.data_dir, settings=self.settings)
+                        workspace=self.workspace, data_dir=self.data_dir, settings=settings)
             self.brokers[fid], self.factories[fid] = b, f
             self.tasks[fid] = asyncio.create_task(f.run(stop), name=f"factory {fid}")
             ready = asyncio.create_task(f.ready.wait())
@@ -142,6 +151,13 @@ class FleetHost:
             if self.tasks[fid] in done and not f.ready.is_set():
                 exc = self.tasks[fid].exception()
                 self.start_failures.append(f"{fid}: {type(exc).__name__}: {exc}")
+
+    def settings_of(self, fid: str) -> Settings:
+        """Factory ``fid``'s settings: the host's, with its own credentials file when the host
+        has a ``creds_dir`` (a missing file fails that factory's start, naming the path)."""
+        if self.creds_dir is None:
+            return self.settings
+        return msgspec.structs.replace(self.settings, creds=str(self.creds_dir / f"{fid}.creds"))
 
     async def run(self, stop: asyncio.Event, on_ready=None) -> None:
         sem = asyncio.Semaphore(self.concurrency)
@@ -209,7 +225,8 @@ async def amain(a: SimpleNamespace) -> int:
     """
     settings = Settings.from_env(metrics_port=a.metrics_port)
     host = FleetHost(a.nats, count=a.count, prefix=a.prefix, start=a.start, stations=a.stations, caps=a.cap,
-                     data_dir=a.data_dir, workspace=a.workspace, settings=settings, concurrency=a.concurrency)
+                     data_dir=a.data_dir, workspace=a.workspace, settings=settings, concurrency=a.concurrency,
+                     creds_dir=a.creds_dir)
     logging.getLogger().addHandler(host.logs)
     stats_path = Path(a.stats_file) if a.stats_file else None
     stop = asyncio.Event()
@@ -262,6 +279,8 @@ async def amain(a: SimpleNamespace) -> int:
 @click.option("--data-dir", required=True, help="Parent of every factory's data dir (outbox, logs).")
 @click.option("--workspace", required=True, help="Working directory for jobs without cwd.")
 @click.option("--stats-file", default=None, help="Write the figures here as JSON.")
+@click.option("--creds-dir", default=None, type=click.Path(file_okay=False, exists=True),
+              help="Each factory connects as <dir>/<factory id>.creds (default: the process's credentials).")
 @click.option("--stats-interval-s", type=click.FloatRange(min=0), default=1.0, show_default=True,
               help="How often the figures are written (0: only when ready, on SIGUSR1 and at the end).")
 @click.option("--concurrency", type=click.IntRange(min=1), default=32, show_default=True,

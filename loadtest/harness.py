@@ -6,21 +6,28 @@ A run (:func:`gigafactory.loadtest.runner.run_load`), in order:
 1. an embedded ``nats-server`` with its monitoring port (``/varz``) on loopback;
 2. the baseline (:mod:`gigafactory.loadtest.baseline`) as a process of its own with as many
    workers as the fleet has stations: its saturated phase, then it stops (so its idle pulls
-   do not count in the idle fleet's traffic);
-3. ``python -m gigafactory coordinator`` and fleet hosts (:mod:`gigafactory.loadtest.fleet`,
+   do not count in the idle fleet's traffic); then the at-least-once workers
+   (:mod:`gigafactory.loadtest.atleastonce`, one per factory) likewise;
+3. with authentication on and the ``noop`` workload, the saturated noop phase on a second
+   broker without authentication, with its own coordinator and fleet and no identities, all
+   stopped before step 4 (:func:`gigafactory.loadtest.workloads.no_auth_saturated`);
+4. ``python -m gigafactory coordinator`` and fleet hosts (:mod:`gigafactory.loadtest.fleet`,
    N real factories in a few processes, with ``engine:noop``; a bulk pool, a pool of a fifth
-   of the fleet with ``gpu``, and one factory with the rare ``hsm``);
-4. the workloads (:mod:`gigafactory.loadtest.workloads`), each submitting through the API;
-5. the baseline again for its paced phase, at the rate our paced phase ran;
-6. the idle fleet over ``idle_s``: CPU of the fleet and the coordinator, broker messages/s;
-7. the restart: a single ``gigafactory factory`` process for memory, ``restart_jobs``
+   of the fleet with ``gpu``, and one factory with the rare ``hsm``), each factory connecting
+   as its own ``factory`` identity;
+5. the workloads (:mod:`gigafactory.loadtest.workloads`), each submitting through the API;
+6. the baseline again for its paced phase, at the rate our paced phase ran;
+7. the idle fleet over ``idle_s``: CPU of the fleet and the coordinator, broker messages/s;
+8. the restart: a single ``gigafactory factory`` process for memory, ``restart_jobs``
    shipped records written straight into ``gf_jobs``, the coordinator restarted and timed
    until it dispatches again.
 
 Every job's timeline comes from the broker, not from the harness's clock: the KV history
 of ``gf_jobs`` (and of the baseline's bucket) carries the server's timestamp of each
 revision, so "submitted", "claimed" and "shipped" are when those writes were stored, and
-ours and the baseline's are measured the same way. CPU and memory come from :mod:`gigafactory.osproc` (psutil).
+ours and the baseline's are measured the same way. The at-least-once tasks have no record:
+their submission is the broker's timestamp of the message, their start and end the workers'
+clock (the same host's). CPU and memory come from :mod:`gigafactory.osproc` (psutil).
 
 Processes: every one runs in a session of its own with ``GF_LOADTEST_RUN=<run id>`` in its
 environment; :meth:`LoadRun.close` stops them (SIGTERM, then SIGKILL) and kills anything
@@ -60,6 +67,7 @@ from gigafactory.embedded import EmbeddedServer
 from gigafactory.schemas import names
 from gigafactory.schemas.records import FactoryRecord, JobRecord, decode, encode
 
+from . import atleastonce as alo
 from . import baseline as bl
 from .fleet import read_stats
 
@@ -75,6 +83,8 @@ STATS_TIMEOUT_S = 15.0
 loop may be busy)."""
 FLEET_COUNTERS = {name[:-len("_total")]: key for name, key in FACTORY_STATS.items()}
 """Factory counters a phase reports: /metrics family name -> the phase's key (claims, claim_conflicts, ...)."""
+INVARIANTS_TIMEOUT_S = 300.0
+"""Bound on the invariant checker reading and judging a run's records."""
 FILL_IN_FLIGHT = 64
 """Publishes in flight while filling ``gf_jobs`` for the restart measurement."""
 
@@ -104,8 +114,12 @@ class LoadConfig:
     settings: Settings = field(default_factory=Settings)
     auth: bool = True
     """Run the broker with authentication on (the default, as every deployment runs): nkey
-    identities, per-role subject permissions, the coordinator as ``coordinator``. False
-    (``--no-auth``) gives the figures without them, to compare: their cost per job."""
+    identities, per-role subject permissions, the coordinator as ``coordinator``, each factory
+    as its own ``factory`` identity. False (``--no-auth``) runs everything without them."""
+    compare_no_auth: bool = True
+    """With ``auth`` and the ``noop`` workload: run the saturated noop phase a second time on a
+    broker without authentication (its own coordinator and fleet, no identities, no signed
+    writes), so one run reports what security costs per job (``--no-compare-security`` skips it)."""
 
     def validate(self) -> None:
         """Refuse settings no run could honour, naming the option."""
@@ -140,6 +154,7 @@ class LoadConfig:
                 "workloads": list(self.workloads), "idle_s": self.idle_s, "restart_jobs": self.restart_jobs,
                 "pace_fraction": self.pace_fraction, "busy_job_s": self.busy_job_s,
                 "fleet_hosts": self.fleet_hosts, "batch": self.batch, "auth": self.auth,
+                "compare_no_auth": self.compare_no_auth,
                 "settings": {f.name: getattr(self.settings, f.name) for f in msgspec.structs.fields(Settings)}}
 
 
@@ -175,6 +190,24 @@ def fleet_layout(factories: int, hosts: int) -> list[HostSpec]:
     if rare:
         out.append(HostSpec("rare", "lt-rare-", rare, BASE_CAPS + (GPU_CAP, RARE_CAP)))
     return out
+
+
+def factory_ids(layout: list[HostSpec]) -> list[str]:
+    """Every factory id of the fleet, as the fleet hosts name them (``<prefix><index:04d>``)."""
+    return [f"{h.prefix}{i:04d}" for h in layout for i in range(h.count)]
+
+
+SINGLE_FACTORY = "lt-single"
+"""The id (and identity) of the lone ``gigafactory factory`` process of the restart phase."""
+
+
+def enroll_factories(store, ids: list[str]) -> None:
+    """Give every factory of the run its own ``factory`` identity in ``store`` (idempotent), as
+    ``gigafactory creds create factory <id>`` does for a real machine: the figures then include
+    the broker's permission checks and each factory's own signatures, as a real fleet pays them."""
+    for fid in ids:
+        if store.get(fid) is None:
+            store.create("factory", fid)
 
 
 # -- processes -----------------------------------------------------------------------------------
@@ -325,12 +358,19 @@ class LoadRun:
         self.repo = self.dir / "repo"
         self.repo.mkdir(exist_ok=True)
         self.settings = cfg.settings
+        if not cfg.auth and self.settings.creds:
+            # Without authentication nothing of the run may carry an identity: a factory with
+            # one would sign its writes, and the figures would still include the signatures.
+            self.settings = copy.copy(self.settings)
+            self.settings.creds = None
         # With auth (the default) the run's processes share its home's identity store: anything
         # started without credentials acts as the run's admin; the coordinator is `coordinator`.
         self.identities = lab_identities(self.dir / "home") if cfg.auth else None
+        self.layout = fleet_layout(cfg.factories, cfg.fleet_hosts)
         if self.identities is not None:
             self.settings = copy.copy(self.settings)
             self.settings.creds = str(self.identities.creds_path("admin"))
+            enroll_factories(self.identities, [*factory_ids(self.layout), SINGLE_FACTORY])
         self.server = EmbeddedServer(store_dir=str(self.dir / "nats-store"), host=HOST, http_port=0,
                                      sync_interval=self.settings.sync_interval,
                                      log_file=str(self.dir / "nats-server.log"),
@@ -339,8 +379,8 @@ class LoadRun:
         self.hosts: dict[str, LabProc] = {}
         self.metrics_urls: dict[str, str] = {}
         """Fleet host name -> its /metrics URL (printed by the host at start)."""
-        self.layout = fleet_layout(cfg.factories, cfg.fleet_hosts)
         self.baseline: LabProc | None = None
+        self.atleastonce: LabProc | None = None
         self.single: LabProc | None = None
         self.admin: Broker | None = None
         self.client: Client | None = None
@@ -374,8 +414,9 @@ class LoadRun:
     def url(self) -> str:
         return self.server.url
 
-    def env(self, role: str = "admin") -> dict[str, str]:
-        """The environment of a process of the run, connecting as identity ``role`` (with auth)."""
+    def env(self, identity: str = "admin") -> dict[str, str]:
+        """The environment of a process of the run, connecting as ``identity`` (with auth): a
+        name in the run's identity store (``admin``, ``coordinator``, a factory id)."""
         env = {k: v for k, v in os.environ.items() if not k.startswith("GIGAFACTORY_")}
         for f in msgspec.structs.fields(Settings):
             v = getattr(self.settings, f.name)
@@ -386,11 +427,11 @@ class LoadRun:
         env["PYTHONUNBUFFERED"] = "1"
         env[RUN_ENV] = self.id
         if self.identities is not None:
-            env["GIGAFACTORY_CREDS"] = str(self.identities.creds_path(role))
+            env["GIGAFACTORY_CREDS"] = str(self.identities.creds_path(identity))
         return env
 
     async def close(self) -> None:
-        procs = [self.single, self.baseline, *self.hosts.values(), self.coordinator]
+        procs = [self.single, self.baseline, self.atleastonce, *self.hosts.values(), self.coordinator]
         await asyncio.gather(*(p.terminate(timeout_s=20.0) for p in procs if p is not None),
                              return_exceptions=True)
         if self.admin is not None:
@@ -441,7 +482,7 @@ class LoadRun:
         if self.coordinator is None:
             self.coordinator = LabProc("coordinator", [sys.executable, "-m", "gigafactory", "coordinator",
                                                        "--nats", self.url, "--log-level", "info"],
-                                       self.dir / "coordinator.log", self.env(role="coordinator"))
+                                       self.dir / "coordinator.log", self.env(identity="coordinator"))
         t0 = time.monotonic()
         self.coordinator.start()
         await self.wait_until(self.api_answers, READY_TIMEOUT_S, "the coordinator's API answers",
@@ -472,6 +513,8 @@ class LoadRun:
                     str(spec.count), "--prefix", spec.prefix, "--stations", str(self.cfg.stations),
                     "--data-dir", str(self.dir / "factories"), "--workspace", str(self.dir / "work"),
                     "--metrics-port", "0"]
+            if self.identities is not None:
+                args += ["--creds-dir", str(self.identities.root)]  # each factory as itself
             for c in spec.caps:
                 args += ["--cap", c]
             proc = LabProc(f"fleet host {spec.name}", args, self.dir / f"fleet-{spec.name}.log", self.env())
@@ -546,6 +589,51 @@ class LoadRun:
         if self.baseline is not None:
             await self.baseline.terminate(timeout_s=20.0)
 
+    # -- the at-least-once baseline ------------------------------------------------------------------
+
+    async def start_atleastonce(self) -> None:
+        """Start the taskiq-style workers (:mod:`atleastonce`), one per factory of the fleet."""
+        assert self.admin is not None
+        await alo.ensure_layout(self.admin.js, workers=self.cfg.factories, replicas=self.settings.replicas)
+        log_path = self.dir / "atleastonce.log"
+        self.atleastonce = LabProc("at-least-once workers", [
+            sys.executable, "-m", "gigafactory.loadtest.atleastonce", "--nats", self.url,
+            "--connections", str(self.cfg.factories), "--stats-file", str(self.dir / "atleastonce.json"),
+        ], log_path, self.env())
+        before = self._log_count(log_path, "at-least-once ready:")
+        self.atleastonce.start()
+        await self.wait_until(lambda: self._log_count(log_path, "at-least-once ready:") > before,
+                              READY_TIMEOUT_S + 0.05 * self.cfg.factories, "the at-least-once workers ready",
+                              proc=self.atleastonce)
+
+    async def stop_atleastonce(self) -> None:
+        if self.atleastonce is not None:
+            await self.atleastonce.terminate(timeout_s=20.0)
+
+    async def atleastonce_stats(self) -> dict:
+        """The workers' figures, fresh (asked with SIGUSR1, bounded)."""
+        assert self.atleastonce is not None
+        sent = time.time()
+        self.atleastonce.signal(signal.SIGUSR1)
+        path = self.dir / "atleastonce.json"
+        return await self.wait_until(lambda: (s := read_stats(path)) and s.get("at", 0) >= sent and s,
+                                     STATS_TIMEOUT_S, "fresh figures from the at-least-once workers")
+
+    async def atleastonce_submit(self, ids: list[str]) -> None:
+        """The at-least-once submitter: one publish per task, each acked by the stream, a
+        bounded number in flight (:data:`atleastonce.SUBMIT_IN_FLIGHT`)."""
+        await alo.submit(self.admin_().js, ids)
+
+    async def atleastonce_wait(self, timeout_s: float) -> bool:
+        """Wait (bounded) until the workers have acked every task; False if they did not."""
+        js = self.admin_().js
+        try:
+            await self.wait_until(lambda: alo.drained(js), timeout_s, "the at-least-once tasks acked",
+                                  proc=self.atleastonce, interval_s=0.02)
+        except TimeoutError:
+            return False
+        return True
+
     def pause_fleet(self) -> None:
         """SIGSTOP every fleet host: no claims, so a backlog forms by construction."""
         for p in self.hosts.values():
@@ -619,14 +707,19 @@ class LoadRun:
         out = {"broker": proc_cpu_s(self.server.proc.pid if self.server.proc else None) or 0.0}
         if self.coordinator is not None and self.coordinator.alive():
             out["coordinator"] = proc_cpu_s(self.coordinator.pid) or 0.0
-        out["factories"] = sum(proc_cpu_s(p.pid) or 0.0 for p in self.hosts.values() if p.alive())
+        if self.hosts:  # not before the fleet starts: the baselines' phases have no factories
+            out["factories"] = sum(proc_cpu_s(p.pid) or 0.0 for p in self.hosts.values() if p.alive())
         if self.baseline is not None and self.baseline.alive():
             out["baseline"] = proc_cpu_s(self.baseline.pid) or 0.0
+        if self.atleastonce is not None and self.atleastonce.alive():
+            out["atleastonce"] = proc_cpu_s(self.atleastonce.pid) or 0.0
         return out
 
     async def _counters(self, side: str) -> dict[str, int]:
         if side == "baseline":
             return dict((await self.baseline_stats())["totals"])
+        if side == "atleastonce":
+            return dict((await self.atleastonce_stats())["totals"])
         return await self.fleet_counters()
 
     @contextlib.asynccontextmanager
@@ -680,6 +773,31 @@ class LoadRun:
             "pools": len(pools),
         }
 
+    async def check_invariants(self) -> dict:
+        """Judge the run's records (``gf_jobs`` and ``GF_EVENTS``) with the chaos suite's
+        invariant checker, run as a process of its own (the load suite does not import the chaos
+        suite), with the fleet's keys to judge holder signatures: its report (``ok``,
+        ``by_invariant``, the first violations, ``counts``), or ``error`` if it could not judge."""
+        out = self.dir / "invariants.json"
+        out.unlink(missing_ok=True)
+        args = [sys.executable, "-m", "gigafactory.chaos.checkrecords", "--nats", self.url, "--out", str(out)]
+        if self.identities is not None:
+            args += ["--identities", str(self.identities.root)]
+        proc = await asyncio.create_subprocess_exec(*args, env=self.env(), stdout=asyncio.subprocess.PIPE,
+                                                    stderr=asyncio.subprocess.STDOUT, start_new_session=True)
+        try:
+            text, _ = await asyncio.wait_for(proc.communicate(), INVARIANTS_TIMEOUT_S)
+        except asyncio.TimeoutError:
+            proc.kill()
+            await proc.wait()
+            return {"error": f"the invariant checker did not finish within {INVARIANTS_TIMEOUT_S:g}s"}
+        (self.dir / "invariants.log").write_bytes(text)
+        if proc.returncode not in (0, 1) or not out.exists():
+            return {"error": f"the invariant checker exited {proc.returncode}: {text.decode(errors='replace')[-1000:]}"}
+        rep = orjson.loads(out.read_bytes())
+        return {"ok": rep["ok"], "by_invariant": rep["by_invariant"], "violations": rep["violations"][:20],
+                "counts": rep["counts"]}
+
     def admin_(self) -> Broker:
         assert self.admin is not None
         return self.admin
@@ -688,13 +806,13 @@ class LoadRun:
 
     async def start_single_factory(self) -> LabProc:
         """One ``gigafactory factory`` process, as an operator runs it, for its memory."""
-        fid = "lt-single"
+        fid = SINGLE_FACTORY
         args = [sys.executable, "-m", "gigafactory", "factory", "--nats", self.url, "--id", fid, "--no-probe",
                 "--stations", str(self.cfg.stations), "--data-dir", str(self.dir / "single"),
                 "--workspace", str(self.dir / "work"), "--log-level", "warning"]
         for c in BASE_CAPS:
             args += ["--cap", c]
-        self.single = LabProc("single factory", args, self.dir / "single-factory.log", self.env())
+        self.single = LabProc("single factory", args, self.dir / "single-factory.log", self.env(identity=fid))
         self.single.start()
         want = len(await self.admin_().pools.keys())
 

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from gigafactory.schemas import names
 
+from . import atleastonce as alo
 from . import baseline as bl
 from . import workloads as wl
 from .harness import LoadConfig, LoadRun, read_first_events, read_history, timelines_from
@@ -35,6 +36,17 @@ async def run_load(cfg: LoadConfig, progress=None) -> dict:
         await run.start_baseline()
         await wl.baseline_phase(ctx, "saturated", cfg.jobs, rate=None)
         await run.stop_baseline()
+        say(f"at-least-once baseline with {cfg.factories} workers (fetch {alo.FETCH_BATCH}, run, ack)")
+        await run.start_atleastonce()
+        await wl.atleastonce_phase(ctx, "saturated", cfg.jobs)
+        await run.stop_atleastonce()
+        if cfg.auth and cfg.compare_no_auth and "noop" in cfg.workloads:
+            # Before our own fleet starts, so that nothing else of the run is busy meanwhile.
+            try:
+                ctx.no_auth = await wl.no_auth_saturated(cfg, say)
+            except (RuntimeError, TimeoutError, OSError) as e:
+                # Reported (and the run marked failed), with the other figures still taken.
+                ctx.no_auth = {"error": f"{type(e).__name__}: {str(e)[-1500:]}"}
         say(f"coordinator and {cfg.factories} factories x {cfg.stations} stations in {len(run.layout)} fleet hosts")
         await run.start_coordinator()
         await run.start_fleet()
@@ -52,13 +64,15 @@ async def run_load(cfg: LoadConfig, progress=None) -> dict:
         say("reading the broker's histories")
         ours = await read_history(run.admin_().js, f"KV_{names.JOBS_BUCKET}", f"$KV.{names.JOBS_BUCKET}.>")
         base = await read_history(run.admin_().js, f"KV_{bl.BUCKET}", f"$KV.{bl.BUCKET}.>")
-        ctx.timelines = timelines_from(ours)
+        ctx.timelines.update(timelines_from(ours))  # the at-least-once timelines are in already
         ctx.timelines.update(timelines_from(base))
         for j, ts in (await read_first_events(run.admin_().js, "dispatched")).items():
             if j in ctx.timelines:
                 ctx.timelines[j].dispatched = ts
         say("reading the stations' classes")
         ctx.info["lanes"] = await wl.lane_figures(run.admin_(), windows)
+        say("judging the run's records with the invariant checker")
+        ctx.invariants = await run.check_invariants()
         if cfg.idle_s > 0:
             say(f"idle fleet for {cfg.idle_s:g}s")
             ctx.idle = await run.measure_idle(cfg.idle_s)
@@ -69,21 +83,24 @@ async def run_load(cfg: LoadConfig, progress=None) -> dict:
             except (RuntimeError, TimeoutError) as e:
                 # Reported, with the figures already taken, rather than losing the whole run.
                 ctx.restart = {"error": f"{type(e).__name__}: {str(e)[-1500:]}"}
+        ctx.info["security"] = security_cost(cfg.auth)
         result = wl.report(ctx)
     result.update({
         "command": None, "started_at": started, "elapsed_s": round(time.monotonic() - t0, 2),
         "config": cfg.to_dict(), "workdir": str(Path(cfg.workdir).resolve()),
-        "security": security_cost(cfg.auth),
+        "security": ctx.info["security"],
         "machine": {"cpus": os.cpu_count(), "loadavg_at_end": list(os.getloadavg()) if hasattr(os, "getloadavg") else None},
     })
-    sec = result["security"]
-    line = (f"== security: broker auth {'on' if sec['auth'] else 'OFF (--no-auth)'}; signed holder writes cost "
-            f"{sec['sign_ms_per_write']:.3f} ms to sign + {sec['verify_ms_per_write']:.3f} ms to verify per write, "
-            f"about {sec['signatures_cpu_ms_per_job']:.2f} ms CPU per job; permissions: compare with a "
-            f"{'--no-auth' if sec['auth'] else 'default'} run\n")
-    for key in ("text", "markdown"):
-        if isinstance(result.get(key), str):
-            result[key] += "\n" + line
+    if ctx.no_auth is None:  # no comparison in this run: say how to get one
+        sec = result["security"]
+        line = (f"== security: broker auth {'on' if sec['auth'] else 'OFF (--no-auth)'}; signed holder writes cost "
+                f"{sec['sign_ms_per_write']:.3f} ms to sign + {sec['verify_ms_per_write']:.3f} ms to verify per "
+                f"write, about {sec['signatures_cpu_ms_per_job']:.2f} ms CPU per job; permissions: "
+                + ("run with the noop workload (and without --no-compare-security) to measure them"
+                   if sec["auth"] else "compare with a default run") + "\n")
+        for key in ("text", "markdown"):
+            if isinstance(result.get(key), str):
+                result[key] += "\n" + line
     return result
 
 
@@ -119,4 +136,4 @@ def security_cost(auth: bool, writes: int = SECURITY_SAMPLE_WRITES) -> dict:
     sign_ms, verify_ms = (t1 - t0) * 1000 / writes, (t2 - t1) * 1000 / writes
     return {"auth": auth, "sign_ms_per_write": round(sign_ms, 4), "verify_ms_per_write": round(verify_ms, 4),
             "signatures_cpu_ms_per_job": round(4 * (sign_ms + verify_ms), 4),
-            "permissions": "enforced by the broker" if auth else "off (--no-auth): compare with a default run"}
+            "permissions": "enforced by the broker" if auth else "off (--no-auth)"}

@@ -67,6 +67,34 @@ def per_job(total: float | None, jobs: int) -> float | None:
     return total / jobs
 
 
+def cpu_total_ms(cpu_ms_per_job: dict[str, float | None]) -> float | None:
+    """CPU per job of all processes: the sum of the components measured (None: none was)."""
+    vals = [v for v in cpu_ms_per_job.values() if v is not None]
+    return sum(vals) if vals else None
+
+
+def ms_per_job(throughput_jobs_per_s: float | None) -> float | None:
+    """Wall time per job at a throughput (``1000 / throughput``); None for no throughput."""
+    if not throughput_jobs_per_s or throughput_jobs_per_s <= 0:
+        return None
+    return 1000.0 / throughput_jobs_per_s
+
+
+def difference(a: float | None, b: float | None) -> float | None:
+    """``a - b``; None when either is missing."""
+    if a is None or b is None:
+        return None
+    return a - b
+
+
+def deviation_pct(measured: float | None, model: float | None) -> float | None:
+    """How far ``measured`` is off ``model``, in percent of the model (signed: above is
+    positive); None without a model."""
+    if measured is None or not model:
+        return None
+    return 100.0 * (measured - model) / model
+
+
 # -- targets --------------------------------------------------------------------------------
 
 

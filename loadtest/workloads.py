@@ -13,11 +13,13 @@ resume (or from submission, if later): time in the queue while the fleet could w
 
 from __future__ import annotations
 
+import dataclasses
 import random
 import time
 from collections import defaultdict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from gigafactory.factory.agent import STALL_CHECKS_PER_REDISPATCH, idle_traffic_model
@@ -27,10 +29,17 @@ from gigafactory.schemas.records import JobRecord, decode
 
 from . import baseline as bl
 from . import stats as st
-from .harness import LoadRun, Phase, Timeline, proc_rss_bytes, read_history, timelines_from
+from .atleastonce import FETCH_BATCH as ALO_FETCH_BATCH
+from .harness import LoadConfig, LoadRun, Phase, Timeline, proc_rss_bytes, read_history, timelines_from
 
 MB = 1024 * 1024
 THROUGHPUT_RATIO_TARGET = st.Target(">=", 0.70, ">= 0.70x baseline")
+ATLEASTONCE_RATIO_TARGET = st.Target(">=", 0.50, ">= 0.50x at-least-once")
+CPU_PER_JOB_TARGET = st.Target("<=", 1.5, "<= 1.5 ms")
+COORDINATOR_MEMORY_TARGET = st.Target("<=", 150.0, "<= 150 MB (100,000 jobs)")
+IDLE_MODEL_TARGET = st.Target("<=", 10.0, "<= 10% off the model")
+RESTART_TARGET_JOBS = 100_000
+"""The restart and memory targets are stated for this many records in gf_jobs."""
 PACED_P99_TARGET = st.Target("<", 10.0, "< 10 ms (100 factories)")
 IDLE_CPU_TARGET = st.Target("<", 5.0, "< 5% (1,000 factories)")
 UTIL_TARGET = st.Target(">=", 95.0, ">= 95%")
@@ -54,6 +63,11 @@ class Context:
     paced_count: int = 0
     idle: dict | None = None
     restart: dict | None = None
+    no_auth: dict | None = None
+    invariants: dict | None = None
+    """The invariant checker's report on the run's records (:meth:`LoadRun.check_invariants`)."""
+    """The figures of the saturated noop phase run again without authentication or signatures
+    (:func:`no_auth_saturated`), None when the run did not compare."""
     info: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -131,6 +145,44 @@ async def baseline_phase(ctx: Context, name: str, count: int, rate: float | None
         await ctx.refresh()
         ctx.info["baseline_saturated_tp"] = phase_figures(ctx, ph)["throughput_jobs_per_s"]
     return ph
+
+
+async def atleastonce_phase(ctx: Context, name: str, count: int) -> Phase:
+    """``count`` tasks through the taskiq-style workers (:mod:`atleastonce`), as fast as the
+    submitter publishes them; each task's times come from the workers (there is no record)."""
+    run = ctx.run
+    async with run.phase(name, "atleastonce") as ph:
+        ids = [f"t-{name}-{i:06d}" for i in range(count)]
+        ph.ids = ids
+        await run.atleastonce_submit(ids)
+        await run.atleastonce_wait(run.done_timeout_s(count))
+    times = (await run.atleastonce_stats()).get("times", {})
+    for tid in ids:
+        if tid in times:
+            sub, taken, done = times[tid]
+            ctx.timelines[tid] = Timeline(submitted=sub, queued=sub, claimed=taken, done=done, stage="shipped")
+    ph.missing = [t for t in ids if t not in times]
+    return ctx.keep(ph)
+
+
+async def no_auth_saturated(cfg: LoadConfig, say: Callable[[str], None]) -> dict:
+    """The saturated noop phase again, on a broker of its own without authentication, with a
+    coordinator and fleet of the same shape that connect without identities (so no permission
+    checks and no signed holder writes): its figures, to set beside the run's own. Run while
+    nothing else of the run is busy; everything it starts is stopped before it returns."""
+    sub = dataclasses.replace(cfg, auth=False, workdir=Path(cfg.workdir) / "no-auth", idle_s=0.0, restart_jobs=0,
+                              workloads=("noop",))
+    async with LoadRun(sub) as run:
+        say(f"no-auth broker on {run.url}: coordinator and {cfg.factories} factories without identities")
+        await run.start_coordinator()
+        await run.start_fleet()
+        ctx = Context(run)
+        ph = await _ours(ctx, "noop saturated", [run.job() for _ in range(cfg.jobs)])
+        ctx.timelines.update(timelines_from(await read_history(run.admin_().js, f"KV_{names.JOBS_BUCKET}",
+                                                               f"$KV.{names.JOBS_BUCKET}.>")))
+        figures = phase_figures(ctx, ph)
+        figures["invariants"] = await run.check_invariants()
+        return figures
 
 
 # -- workloads ------------------------------------------------------------------------------------
@@ -333,6 +385,11 @@ def _ms(summary: dict, q: str) -> float | None:
     return summary.get(f"{q}_ms")
 
 
+def _cpu_parts(f: dict) -> str:
+    """``broker 0.95, coordinator 0.92, ...``: a phase's CPU per job by process, in ms."""
+    return ", ".join(f"{k} {v:.2f}" for k, v in f["cpu_ms_per_job"].items() if v is not None)
+
+
 def _bound_note(f: dict) -> str:
     """What bounds throughput, from the CPU each component spent per job."""
     per = {k: v for k, v in f["cpu_ms_per_job"].items() if v is not None}
@@ -354,6 +411,8 @@ def report(ctx: Context) -> dict:
     for key, ph in ctx.phases.items():
         wait_from = ph.extra.get("resumed_at")
         figures[key] = phase_figures(ctx, ph, wait_from=wait_from)
+    if ctx.no_auth is not None and "error" not in ctx.no_auth:
+        figures["no-auth:noop saturated"] = ctx.no_auth
     ours, base = figures.get("ours:noop saturated"), figures.get("baseline:saturated")
     paced, base_paced = figures.get("ours:noop paced"), figures.get("baseline:paced")
     t = st.Table(f"noop: ours vs the baseline ({cfg.factories} factories x {cfg.stations} stations)")
@@ -362,6 +421,22 @@ def report(ctx: Context) -> dict:
         t.add(st.row("saturated throughput", ours["throughput_jobs_per_s"], "jobs/s",
                      baseline=base["throughput_jobs_per_s"], target=THROUGHPUT_RATIO_TARGET, judge_on="ratio",
                      note=_bound_note(ours)))
+    alo = figures.get("atleastonce:saturated")
+    if ours and alo:
+        alo_cpu = st.cpu_total_ms(alo["cpu_ms_per_job"])
+        t.add(st.row(f"saturated throughput; baseline: at-least-once workers (fetch {ALO_FETCH_BATCH}, no claim)",
+                     ours["throughput_jobs_per_s"], "jobs/s", baseline=alo["throughput_jobs_per_s"],
+                     target=ATLEASTONCE_RATIO_TARGET, judge_on="ratio",
+                     note=f"the at-least-once workers spend {st.fmt(alo_cpu)} ms CPU per task in all "
+                          f"({_cpu_parts(alo)}) for one publish, a sixteenth of a fetch and one ack; ours "
+                          f"{st.fmt(st.cpu_total_ms(ours['cpu_ms_per_job']))} ms"))
+    if ours and base:
+        total = st.cpu_total_ms(ours["cpu_ms_per_job"])
+        t.add(st.row("CPU per job, all processes", total, "ms", baseline=st.cpu_total_ms(base["cpu_ms_per_job"]),
+                     target=CPU_PER_JOB_TARGET, note=f"{_cpu_parts(ours)} (the baseline column: the CAS baseline's)"))
+    if alo:
+        t.add(st.row("at-least-once CPU per task, all processes", st.cpu_total_ms(alo["cpu_ms_per_job"]), "ms"))
+    if ours and base:
         for label, k in (("dispatch", "dispatch"), ("completion", "completion")):
             for q in ("p50", "p95", "p99"):
                 t.add(st.row(f"saturated {label} latency {q}", _ms(ours[k], q), "ms", baseline=_ms(base[k], q)))
@@ -408,6 +483,10 @@ def report(ctx: Context) -> dict:
         f = figures.get(f"ours:{name}")
         if f:
             tables.append(fn(ctx, ctx.phases[f"ours:{name}"], f))
+    if ctx.no_auth is not None:
+        tables.append(_security(ctx, ours))
+    if ctx.invariants is not None:
+        tables.append(_invariants(ctx))
     if ctx.info.get("lanes"):
         tables.append(_lanes(ctx))
     if ctx.idle:
@@ -418,7 +497,23 @@ def report(ctx: Context) -> dict:
     return {"tables": [{"title": x.title, "rows": [r.to_dict() for r in x.rows]} for x in tables],
             "text": st.to_text(tables), "markdown": st.to_markdown(tables), "figures": figures,
             "idle": ctx.idle, "restart": ctx.restart, "paced_rate": ctx.paced_rate, "lanes": ctx.info.get("lanes"),
-            "incomplete": incomplete, "ok": not incomplete and (ctx.restart or {}).get("error") is None}
+            "no_auth": ctx.no_auth, "invariants": ctx.invariants, "incomplete": incomplete,
+            "failures": (failures := run_failures(ctx, incomplete)), "ok": not failures}
+
+
+def run_failures(ctx: Context, incomplete: dict[str, int]) -> list[str]:
+    """Why the run failed (empty: it did not): jobs not completed, a phase that could not be
+    measured, or a violation found in its records."""
+    out = [f"{k}: {n} jobs not completed" for k, n in incomplete.items()]
+    if (ctx.restart or {}).get("error"):
+        out.append(f"restart: {ctx.restart['error'].splitlines()[-1][:300]}")
+    if (ctx.no_auth or {}).get("error"):
+        out.append(f"the run without auth: {ctx.no_auth['error'].splitlines()[-1][:300]}")
+    if not invariants_ok(ctx):
+        for label, rep in (("records", ctx.invariants), ("records without auth", (ctx.no_auth or {}).get("invariants"))):
+            if rep is not None and rep.get("ok") is not True:
+                out.append(f"invariants of the {label}: " + (rep.get("error") or f"violations {rep.get('by_invariant')}"))
+    return out
 
 
 async def lane_figures(broker, windows: dict[str, tuple[float, float]]) -> dict[str, dict]:
@@ -617,6 +712,66 @@ def _herd(ctx: Context, ph: Phase, f: dict) -> st.Table:
     return t
 
 
+def _security(ctx: Context, on: dict | None) -> st.Table:
+    """The saturated noop phase with authentication, permissions and signed writes (the run's
+    own: the value column) beside the same phase on a broker without them (the baseline
+    column), and the difference per job."""
+    t = st.Table("security: saturated noop with authentication, permissions and signatures (value) and "
+                 "without (baseline column), same run")
+    off = ctx.no_auth or {}
+    if "error" in off or on is None:
+        r = t.add(st.row("the run without authentication", "failed" if "error" in off else "no noop phase",
+                         note=(off.get("error") or "").splitlines()[-1][:300] if off.get("error") else ""))
+        r.verdict = "missed" if "error" in off else "n/a"
+        return t
+    on_tp, off_tp = on["throughput_jobs_per_s"], off["throughput_jobs_per_s"]
+    t.add(st.row("saturated jobs completed (on / off)", on["completed"], baseline=off["completed"]))
+    t.add(st.row("saturated throughput (on / off)", on_tp, "jobs/s", baseline=off_tp))
+    t.add(st.row("wall time per job, 1 / throughput (on / off)", st.ms_per_job(on_tp), "ms", baseline=st.ms_per_job(off_tp)))
+    t.add(st.row("wall time per job: difference (what security costs)",
+                 st.difference(st.ms_per_job(on_tp), st.ms_per_job(off_tp)), "ms"))
+    on_cpu, off_cpu = st.cpu_total_ms(on["cpu_ms_per_job"]), st.cpu_total_ms(off["cpu_ms_per_job"])
+    t.add(st.row("CPU per job, all processes (on / off)", on_cpu, "ms", baseline=off_cpu))
+    for k in ("broker", "coordinator", "factories"):
+        t.add(st.row(f"CPU per job: {k} (on / off)", on["cpu_ms_per_job"].get(k), "ms", baseline=off["cpu_ms_per_job"].get(k)))
+    t.add(st.row("CPU per job: difference, all processes (what security costs)", st.difference(on_cpu, off_cpu), "ms"))
+    sec = ctx.info.get("security")
+    if sec:
+        t.add(st.row("of which signing one holder write (timed apart)", sec["sign_ms_per_write"], "ms"))
+        t.add(st.row("and verifying one (timed apart)", sec["verify_ms_per_write"], "ms"))
+        t.add(st.row("signatures per job (4 holder writes, sign + verify)", sec["signatures_cpu_ms_per_job"], "ms"))
+    return t
+
+
+NO_VIOLATION = st.Target("==", 0, "none")
+
+
+def invariants_ok(ctx: Context) -> bool:
+    """Whether every judged set of records (the run's, the run without auth's) came out clean;
+    a checker that could not judge counts as not clean."""
+    reports = [r for r in (ctx.invariants, (ctx.no_auth or {}).get("invariants")) if r is not None]
+    return all(r.get("ok") is True for r in reports)
+
+
+def _invariants(ctx: Context) -> st.Table:
+    """The invariant checker's verdict on the records of the run (and of the run without auth)."""
+    t = st.Table("invariants: the run's records judged by the chaos suite's checker")
+    for label, rep in (("this run", ctx.invariants), ("the run without auth", (ctx.no_auth or {}).get("invariants"))):
+        if rep is None:
+            continue
+        if "error" in rep:
+            r = t.add(st.row(f"{label}: violations", None, note=rep["error"][-300:]))
+            r.target, r.verdict = NO_VIOLATION, "missed"
+            continue
+        counts = rep.get("counts", {})
+        by = ", ".join(f"{k} {v}" for k, v in sorted(rep["by_invariant"].items()))
+        first = "; ".join(f"[{v['invariant']}] {v.get('job') or '-'}: {v['detail']}" for v in rep["violations"][:3])
+        t.add(st.row(f"{label}: violations", sum(rep["by_invariant"].values()), target=NO_VIOLATION,
+                     note=f"{by}; {first}"[:600]))
+        t.add(st.row(f"{label}: jobs and events judged", f"{counts.get('jobs', 0):,} / {counts.get('events', 0):,}"))
+    return t
+
+
 def _memory_rows(ctx: Context, t: st.Table) -> None:
     run = ctx.run
     rss = sum(proc_rss_bytes(p.pid) or 0 for p in run.hosts.values() if p.alive())
@@ -664,7 +819,25 @@ def _idle(ctx: Context) -> st.Table:
     t.add(st.row("model out: in + N / (2 x heartbeat_s)", round(model["out_msgs_per_s"], 2), "msg/s",
                  note="each heartbeat's copy to the coordinator, each renewal's timeout, each probe's reply, "
                       "and the halt watch's heartbeat"))
+    dev = st.deviation_pct(i["in_msgs_per_s"], model["in_msgs_per_s"])
+    t.add(st.row("broker messages in, off the model", None if dev is None else round(abs(dev), 2), "%",
+                 target=IDLE_MODEL_TARGET,
+                 note=f"{i['in_msgs_per_s']:.2f} msg/s in against the model's {model['in_msgs_per_s']:.2f} ("
+                      + ("-" if dev is None else f"{dev:+.1f}%") + "): what an idle factory sends beyond "
+                      "heartbeats, long-poll renewals and quiet-index probes"))
     return t
+
+
+def idle_model_msgs_per_s(factories: int, pools: int, s) -> tuple[float, float]:
+    """Messages per second an idle fleet should send the broker (the ``in`` side of
+    :func:`gigafactory.factory.agent.idle_traffic_model`, the one model), and the stall-check
+    period it assumes.
+
+    :param factories: factories in the fleet.
+    :param pools: dispatch pools each factory serves.
+    :param s: the fleet's :class:`~gigafactory.config.Settings`.
+    """
+    return idle_traffic_model(factories, pools, s)["in_msgs_per_s"], s.redispatch_s / STALL_CHECKS_PER_REDISPATCH
 
 
 def _restart(ctx: Context) -> st.Table:
@@ -679,8 +852,8 @@ def _restart(ctx: Context) -> st.Table:
     t.add(st.row("API answers", r["api_s"], "s"))
     t.add(st.row("view replayed (logged ready)", r["ready_s"], "s"))
     row = st.row("first job claimed (ready to dispatch)", r["first_claim_s"], "s", target=RESTART_TARGET)
-    if r["jobs_in_bucket"] < 100_000:
-        row.verdict, row.note = "n/a", f"target is for 100,000 jobs; this run had {r['jobs_in_bucket']:,}"
+    if r["jobs_in_bucket"] < RESTART_TARGET_JOBS:
+        row.verdict, row.note = "n/a", f"target is for {RESTART_TARGET_JOBS:,} jobs; this run had {r['jobs_in_bucket']:,}"
     else:
         row.note = "a job submitted as soon as the API answered waits for the view's replay, then one dispatch pass"
     t.add(row)
@@ -691,6 +864,11 @@ def _restart(ctx: Context) -> st.Table:
     t.add(st.row("its growth", None if grow is None else round(grow, 2), "MB", target=st.Target("<", 5.0, "< 5 MB"),
                  note="a factory reads no job it is not dispatched"))
     t.add(st.row("fleet hosts' memory growth", round((rss["fleet_after"] - rss["fleet_before"]) / MB, 2), "MB"))
-    t.add(st.row("coordinator memory after the restart", rss["coordinator_after"] / MB if rss["coordinator_after"] else None, "MB"))
+    mem = st.row("coordinator memory after the restart (view replayed)",
+                 rss["coordinator_after"] / MB if rss["coordinator_after"] else None, "MB", target=COORDINATOR_MEMORY_TARGET,
+                 note="resident memory of the coordinator once it has replayed gf_jobs and dispatched again")
+    if r["jobs_in_bucket"] < RESTART_TARGET_JOBS:
+        mem.verdict, mem.note = "n/a", f"target is for {RESTART_TARGET_JOBS:,} jobs; this run had {r['jobs_in_bucket']:,}"
+    t.add(mem)
     return t
 
