@@ -6,6 +6,8 @@ Above both, so that the workloads can use the harness and the harness never impo
 
 from __future__ import annotations
 
+import asyncio
+
 import os
 import time
 from pathlib import Path
@@ -74,8 +76,15 @@ async def run_load(cfg: LoadConfig, progress=None) -> dict:
         say("judging the run's records with the invariant checker")
         ctx.invariants = await run.check_invariants()
         if cfg.idle_s > 0:
+            settle_s = wl.idle_settle_s(run.settings) if cfg.idle_s >= wl.IDLE_SETTLE_MIN_WINDOW_S else 0.0
+            if settle_s:
+                # The last job's wake-ups (one full stall check per factory and pool, renewed long
+                # polls) are not idle traffic: the window opens once they are over.
+                say(f"letting the fleet settle for {settle_s:g}s")
+                await asyncio.sleep(settle_s)
             say(f"idle fleet for {cfg.idle_s:g}s")
             ctx.idle = await run.measure_idle(cfg.idle_s)
+            ctx.idle["settled_s"] = settle_s
         if cfg.restart_jobs > 0:
             say(f"restart with {cfg.restart_jobs} jobs in the bucket")
             try:

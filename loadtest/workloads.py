@@ -784,7 +784,8 @@ def _memory_rows(ctx: Context, t: st.Table) -> None:
 def _idle(ctx: Context) -> st.Table:
     i, cfg, s = ctx.idle, ctx.cfg, ctx.run.settings
     assert i is not None
-    t = st.Table(f"idle fleet: {cfg.factories} factories over {i['window_s']:g}s")
+    t = st.Table(f"idle fleet: {cfg.factories} factories over {i['window_s']:g}s"
+                 + (f", {i['settled_s']:g}s after the last job's wake-ups" if i.get("settled_s") else ""))
     fleet_cpu = i["cpu_s"].get("factories", 0.0) + i["cpu_s"].get("coordinator", 0.0)
     pct = 100 * fleet_cpu / i["window_s"]
     r = st.row("fleet + coordinator CPU", round(pct, 3), "% of a core", target=IDLE_CPU_TARGET,
@@ -826,6 +827,20 @@ def _idle(ctx: Context) -> st.Table:
                       + ("-" if dev is None else f"{dev:+.1f}%") + "): what an idle factory sends beyond "
                       "heartbeats, long-poll renewals and quiet-index probes"))
     return t
+
+
+IDLE_SETTLE_MIN_WINDOW_S = 30.0
+"""An idle window this long or longer waits :func:`idle_settle_s` first (a short one, the CI
+size, measures at once: its figures are not judged against the model)."""
+
+
+def idle_settle_s(s) -> float:
+    """How long after the last job the fleet's traffic is idle traffic: one stall-check period
+    (each factory checks the pool's index once after a write to it) and one long-poll period
+    (each pull renewed once since).
+
+    :param s: the fleet's :class:`~gigafactory.config.Settings`."""
+    return s.redispatch_s / STALL_CHECKS_PER_REDISPATCH + s.long_poll_s
 
 
 def idle_model_msgs_per_s(factories: int, pools: int, s) -> tuple[float, float]:

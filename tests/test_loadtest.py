@@ -427,3 +427,9 @@ def test_the_cli_lists_workloads_and_refuses_an_unknown_one(tmp_path):
                          capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "no workload 'nope'" in bad.stderr and "noop" in bad.stderr
     assert sys.executable  # the console script runs this interpreter's package
+
+
+def test_a_long_idle_window_opens_after_the_last_jobs_wake_ups_are_over():
+    s = Settings(long_poll_s=30.0, redispatch_s=15.0)
+    assert wl.idle_settle_s(s) == pytest.approx(15.0 / STALL_CHECKS_PER_REDISPATCH + 30.0)
+    assert wl.IDLE_SETTLE_MIN_WINDOW_S > 2  # the CI size (--idle-s 2) measures at once
