@@ -363,94 +363,101 @@ class _ReplayGC:
             gc.freeze()
 
 
+def _replay_over(view: FleetView, jobs: bool) -> None:
+    """The watch's replay is over: collection back on, and the job view's deferred packing runs."""
+    _ReplayGC.release()
+    if jobs:
+        view.replay_done()
+
+
+async def _take_updates(e, w, progress: "WatchProgress", synced: asyncio.Event, apply, trailing: bool) -> bool:
+    """Apply ``e`` and every update already received behind it without awaiting each (a restart
+    replays every record, 100,000 jobs, and a timed wait per record, a task and a timer each, was
+    a quarter of the replay's cost; ``_updates`` is nats-py's queue behind ``updates()``).
+    Returns whether the view still trails the watch's consumer."""
+    while True:
+        if e is None:
+            if synced.is_set() or await progress.caught_up():
+                synced.set()
+            else:
+                trailing = True
+        else:
+            progress.consumed += 1
+            deleted = e.operation in ("DEL", "PURGE")
+            ts = e.created.timestamp() if e.created else 0.0
+            apply(e.key, None if deleted else e.value, e.revision or 0, ts)
+            if trailing and e.delta == 0 and await progress.caught_up():
+                trailing = False
+                synced.set()
+        try:
+            e = w._updates.get_nowait()
+        except asyncio.QueueEmpty:
+            return trailing
+
+
+async def _follow_bucket(broker: Broker, view: FleetView, stop: asyncio.Event, bucket, apply,
+                         synced: asyncio.Event, jobs: bool) -> None:
+    """Keep ``view`` in step with one bucket (see :func:`follow`); ``jobs``: it is ``gf_jobs``."""
+    while not stop.is_set():
+        try:
+            reconnects = broker.nc.stats["reconnects"]
+            w = await bucket.watch(">")
+            # The initial load ends when the watch has delivered everything its consumer
+            # had to, not at nats-py's marker alone (see broker.caught_up): after a broker
+            # restart the marker can come first, and a view marked synced then is empty,
+            # so the coordinator would call itself ready, and sync_index delete every entry
+            # of the queue index, before a single job was loaded.
+            progress, trailing = WatchProgress(w), False
+            replaying = True
+            _ReplayGC.hold()
+            if jobs:
+                view.defer_packing = True
+            try:
+                while not stop.is_set():
+                    if broker.nc.stats["reconnects"] != reconnects:
+                        # A broker restart drops the watch's ephemeral consumer; nats-py only
+                        # notices after two missed idle heartbeats (10-20 s), and until then
+                        # the view sees no change: nothing new is dispatched. Watch again now
+                        # (a full replay of the latest values).
+                        log.info("reconnected to the broker; re-watching %s", bucket.name)
+                        break
+                    try:
+                        e = await w.updates(timeout=1.0)
+                    except (asyncio.TimeoutError, TimeoutError):
+                        if trailing and await progress.caught_up():
+                            trailing = False
+                            synced.set()
+                    else:
+                        trailing = await _take_updates(e, w, progress, synced, apply, trailing)
+                    if replaying and synced.is_set():
+                        replaying = False
+                        _replay_over(view, jobs)
+            finally:
+                if replaying:
+                    _ReplayGC.release()
+                    if jobs:
+                        view.defer_packing = False
+                        if not stop.is_set():  # a failed watch: pack what it held (it re-watches next)
+                            view.replay_done()
+                try:
+                    await w.stop()
+                except Exception:
+                    pass
+        except asyncio.CancelledError:
+            raise
+        except Exception as ex:  # connection trouble: back off and replay
+            log.warning("watch on %s failed (%s); re-watching", bucket.name, ex)
+            await asyncio.sleep(1.0)
+
+
 async def follow(broker: Broker, view: FleetView, stop: asyncio.Event) -> None:
     """Keep ``view`` in step with ``gf_jobs`` and ``gf_factories`` until ``stop`` is set.
     Watches are re-established (with a full replay of latest values) if they fail."""
-
-    async def run(bucket, apply, synced: asyncio.Event, jobs: bool) -> None:
-        while not stop.is_set():
-            try:
-                reconnects = broker.nc.stats["reconnects"]
-                w = await bucket.watch(">")
-                # The initial load ends when the watch has delivered everything its consumer
-                # had to, not at nats-py's marker alone (see broker.caught_up): after a broker
-                # restart the marker can come first, and a view marked synced then is empty,
-                # so the coordinator would call itself ready, and sync_index delete every entry
-                # of the queue index, before a single job was loaded.
-                progress, trailing = WatchProgress(w), False
-                replaying = True
-                _ReplayGC.hold()
-                if jobs:
-                    view.defer_packing = True
-                try:
-                    while not stop.is_set():
-                        if broker.nc.stats["reconnects"] != reconnects:
-                            # A broker restart drops the watch's ephemeral consumer; nats-py only
-                            # notices after two missed idle heartbeats (10-20 s), and until then
-                            # the view sees no change: nothing new is dispatched. Watch again now
-                            # (a full replay of the latest values).
-                            log.info("reconnected to the broker; re-watching %s", bucket.name)
-                            break
-                        try:
-                            e = await w.updates(timeout=1.0)
-                        except (asyncio.TimeoutError, TimeoutError):
-                            if trailing and await progress.caught_up():
-                                trailing = False
-                                synced.set()
-                            if replaying and synced.is_set():
-                                replaying = False
-                                _ReplayGC.release()
-                                if jobs:
-                                    view.replay_done()
-                            continue
-                        # Take every update already received without awaiting each: a
-                        # restart replays every record (100,000 jobs), and a timed wait per
-                        # record (a task and a timer each) was a quarter of the replay's cost.
-                        # ``_updates`` is nats-py's queue behind ``updates()``.
-                        while True:
-                            if e is None:
-                                if synced.is_set() or await progress.caught_up():
-                                    synced.set()
-                                else:
-                                    trailing = True
-                            else:
-                                progress.consumed += 1
-                                deleted = e.operation in ("DEL", "PURGE")
-                                ts = e.created.timestamp() if e.created else 0.0
-                                apply(e.key, None if deleted else e.value, e.revision or 0, ts)
-                                if trailing and e.delta == 0 and await progress.caught_up():
-                                    trailing = False
-                                    synced.set()
-                            try:
-                                e = w._updates.get_nowait()
-                            except asyncio.QueueEmpty:
-                                break
-                        if replaying and synced.is_set():
-                            replaying = False
-                            _ReplayGC.release()
-                            if jobs:
-                                view.replay_done()
-                finally:
-                    if replaying:
-                        _ReplayGC.release()
-                        if jobs:
-                            view.defer_packing = False
-                            if not stop.is_set():  # a failed watch: pack what it held (it re-watches next)
-                                view.replay_done()
-                    try:
-                        await w.stop()
-                    except Exception:
-                        pass
-            except asyncio.CancelledError:
-                raise
-            except Exception as ex:  # connection trouble: back off and replay
-                log.warning("watch on %s failed (%s); re-watching", bucket.name, ex)
-                await asyncio.sleep(1.0)
-
     try:
         await asyncio.gather(
-            run(broker.jobs, view.apply_job, view.jobs_synced, True),
-            run(broker.factories, lambda k, v, _r, ts: view.apply_factory(k, v, ts), view.factories_synced, False),
+            _follow_bucket(broker, view, stop, broker.jobs, view.apply_job, view.jobs_synced, True),
+            _follow_bucket(broker, view, stop, broker.factories, lambda k, v, _r, ts: view.apply_factory(k, v, ts),
+                           view.factories_synced, False),
         )
     finally:
         if view._packing is not None:  # the view's background packing ends with the watches

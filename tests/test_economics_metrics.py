@@ -19,7 +19,8 @@ from test_usage import usage_engine  # noqa: F401  (a fixture)
 
 
 def _st(jid, stage):
-    return NS(record=NS(id=jid, stage=stage))
+    # The view's JobState: its key and stage are fields (a finished job's record is packed).
+    return NS(key=jid, stage=stage, record=NS(id=jid, stage=stage))
 
 
 def test_the_merge_queue_counts_jobs_waiting_to_ship_and_how_long_it_stayed_empty():
