@@ -28,6 +28,7 @@ def test_thundering_herd_costs_one_claim_per_job_and_survives_a_reconnect_storm(
     f = res.figures
     n = f["factories"]
     assert n >= 200 and f["fleet_hosts"] == 2
+    assert f["own_identities"] == n  # every factory of a fleet host connected as its own identity
     # Phase A: the trickle.
     assert f["trickle_jobs"] >= 20
     assert f["claim_attempts_per_job"] <= herd.ATTEMPTS_PER_JOB_MAX

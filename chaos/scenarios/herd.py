@@ -103,9 +103,17 @@ class FleetHostProc(LabProc):
     def __init__(self, lab: Lab, name: str, *, prefix: str, start: int, count: int) -> None:
         self.stats_path = lab.workdir / f"{name}.json"
         self.ids = [f"{prefix}{i:04d}" for i in range(start, start + count)]
+        # Each factory of the host connects as its own identity, as a real fleet's machines do
+        # (not the lab's admin): enrolled here, loaded by one reload of the broker.
+        fresh = [fid for fid in self.ids if lab.identities.get(fid) is None]
+        for fid in fresh:
+            lab.identities.create("factory", fid)
+        if fresh and lab.server is not None and lab.server.alive:
+            lab.server.reload(lab.identities.users())
         args = [sys.executable, "-m", "gigafactory.loadtest.fleet", "--nats", lab.url, "--count", str(count),
                 "--prefix", prefix, "--start", str(start), "--stations", "1",
                 "--data-dir", str(lab.workdir / "factories"), "--workspace", str(lab.workdir / "work"),
+                "--creds-dir", str(lab.identities.creds_path(self.ids[0]).parent),
                 "--stats-file", str(self.stats_path), "--stats-interval-s", "1.0", "--log-level", "info"]
         super().__init__(name, args, lab.workdir / f"{name}.log", lab.env(**{**lab.factory_env, LAB_ENV: lab.id}))
         lab.hosts.append(self)  # its factories' engines are its own, not leftovers
@@ -123,6 +131,19 @@ class FleetHostProc(LabProc):
             return f if f and f["at"] >= t else None
 
         return await lab.wait_for(fresh, SNAPSHOT_TIMEOUT_S, what=f"{self.name} writes its figures", proc=self)
+
+
+async def _own_identities(lab: Lab, fids: list[str]) -> int:
+    """How many of ``fids`` have a descriptor naming their own identity's public key (the key
+    their holder writes are signed with): each connected as itself, not as the lab's admin."""
+    from gigafactory.schemas.records import FactoryRecord, decode
+
+    own = 0
+    for fid in fids:
+        e = await lab.admin_().factories.get(fid)
+        ident = lab.identities.get(fid)
+        own += e is not None and ident is not None and decode(e.value, FactoryRecord).nkey == ident.public_key
+    return own
 
 
 async def _snapshots(lab: Lab, hosts: list[FleetHostProc]) -> list[dict]:
@@ -422,6 +443,9 @@ async def thundering_herd(cfg: ScenarioConfig) -> ScenarioResult:
             ready_s = time.monotonic() - t0
             start_failures = [x for h in hosts for x in (h.figures() or {}).get("start_failures", [])]
             exp.expect(not start_failures, f"factories failed to start: {start_failures[:5]}")
+            own_identities = await _own_identities(lab, fids)
+            exp.expect(own_identities == len(fids), f"only {own_identities} of {len(fids)} factories publish their "
+                                                     "own identity's key (the rest connected as someone else)")
 
             # Every factory's own pool (factory:<id>) exists before the restart, as the first
             # job pinned to it would have made it: after the storm, a pinned job proves that the
@@ -494,6 +518,7 @@ async def thundering_herd(cfg: ScenarioConfig) -> ScenarioResult:
         figures = {
             "factories": len(fids),
             "fleet_hosts": len(hosts),
+            "own_identities": own_identities,
             "fleet_ready_s": ready_s,
             "fleet_cpu_s": sum(s["cpu_s"] for s in final),
             "fleet_rss_mb": [round(s["rss_bytes"] / 2**20) for s in final],
