@@ -34,7 +34,9 @@ The invariants (names as they appear in reports):
 ``stale_write_accepted``
     A holder's write (``started``, ``finished``, ``handed_back``) carries the epoch and the
     factory of the job's latest claim, and that lease was not ended since (by a reaper's
-    requeue, a cancel, a hand back or a result). A write from a stale epoch must have been
+    requeue, a cancel, a hand back or a result). A ``started`` of a claim straight into
+    ``building`` (``data.with_claim``) is the claim's own write: only its holder and epoch are
+    judged. A write from a stale epoch must have been
     refused; refusals appear as ``fenced`` events, which are counted, not judged.
 ``record_consistent``
     Each record is internally consistent: a lease exactly in ``assigned``/``building``, at
@@ -452,6 +454,14 @@ def _check_settled(found: _Findings, rec: JobRecord, allow_in_flight: bool) -> N
         found.add("settled", rec.id, f"{stage} (waiting for {why}) with no reason on the record")
 
 
+def _with_claim(ev: EventRecord) -> bool:
+    """A ``started`` event of a claim straight into ``building`` (``claim_started``): it names
+    no write of its own but the claim's, so it is judged with the claim (its holder and epoch),
+    not by when it was published: a factory paused between publishing ``claimed`` and
+    ``started`` publishes the second after a reaper may have ended the lease."""
+    return ev.kind == "started" and bool((ev.data or {}).get("with_claim"))
+
+
 def _check_trail(found: _Findings, counts: Counter, jid: str, evs: list[EventRecord], rec: JobRecord | None) -> None:
     """Walk one job's events in audit order."""
     claims: dict[int, str] = {}           # epoch -> holder of the claim at that epoch
@@ -491,7 +501,7 @@ def _check_trail(found: _Findings, counts: Counter, jid: str, evs: list[EventRec
             elif (ev.epoch, ev.factory) != last_claim:
                 found.add("stale_write_accepted", jid, f"{kind} by {ev.factory} at epoch {ev.epoch}, but the latest "
                                                        f"claim is epoch {last_claim[0]} by {last_claim[1]}")
-            elif not lease_open:
+            elif not lease_open and not _with_claim(ev):
                 found.add("stale_write_accepted", jid, f"{kind} by {ev.factory} at epoch {ev.epoch} after that "
                                                        f"lease was ended by {ended_by}")
             else:

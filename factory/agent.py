@@ -51,7 +51,7 @@ from gigafactory.metrics import process_metrics
 from gigafactory.schemas import capabilities as caps
 from gigafactory.schemas import names
 from gigafactory.schemas.halt import HaltState
-from gigafactory.schemas.records import EventRecord, FactoryRecord, IdleReason, Station, StationState, encode
+from gigafactory.schemas.records import EventRecord, FactoryRecord, IdleReason, Station, encode
 
 from . import engines
 from . import probe as probe_mod
@@ -193,18 +193,7 @@ class Factory(Stations, AuditQueue, Pools, Holder, Execute, Reporting, Ship, Che
         """This factory's git mirrors and attempt worktrees (``repo`` jobs; :mod:`ship`)."""
         self.checkouts: dict[tuple[str, int], Checkout] = {}
         """The worktree of each in-flight ``repo`` run, by (job, epoch), until it is released."""
-        self.free: set[int] = set(range(stations))
-        self.station_cv = asyncio.Condition()
-        self.sticky_idle: dict[int, tuple[IdleReason, float]] = {}
-        """station -> (idle reason a run gave on release, monotonic time it stands until)."""
-        self.station_class: dict[int, str] = {}
-        """station -> the class its last ``station`` event said (``busy`` or an idle reason)."""
-        self.station_waiting: dict[int, IdleReason] = {}
-        """station -> what its run only waits on now (``waiting-merge``): its class instead of busy."""
-        self.policy_held_pools: set[str] = set()
-        """Pools whose queued work the coordinator holds by policy: a product halt, the budget
-        (the ``policy-holds`` control key)."""
-        self.engine_running: dict[str, int] = {}
+        self._init_stations(stations)
         self.deferred_said: set[tuple[str, int]] = set()
         """(job, epoch) this factory said ``claim_deferred`` for (:meth:`Execute._deferred_event`)."""
         self.runs: dict[tuple[str, int], Run] = {}
@@ -231,6 +220,20 @@ class Factory(Stations, AuditQueue, Pools, Holder, Execute, Reporting, Ship, Che
         self._events_waiting = asyncio.Event()
         process_metrics().add_factory(self)  # metrics: read at scrape time, held weakly
 
+    def _init_stations(self, stations: int) -> None:
+        """The stations' bookkeeping: which are free, and what each last said it was doing."""
+        self.free: set[int] = set(range(stations))
+        self.station_cv = asyncio.Condition()
+        self.sticky_idle: dict[int, tuple[IdleReason, float]] = {}
+        """station -> (idle reason a run gave on release, monotonic time it stands until)."""
+        self.station_class: dict[int, str] = {}
+        """station -> the class its last ``station`` event said (``busy`` or an idle reason)."""
+        self.station_waiting: dict[int, IdleReason] = {}
+        """station -> what its run only waits on now (``waiting-merge``): its class instead of busy."""
+        self.policy_held_pools: set[str] = set()
+        """Pools whose queued work the coordinator holds by policy: a product halt, the budget
+        (the ``policy-holds`` control key)."""
+        self.engine_running: dict[str, int] = {}
 
     def _probe_offers(self, extra_capabilities, probe: bool) -> list[str]:
         """What this factory offers: the probe's tokens (or only ``engine:shell`` without it),

@@ -233,33 +233,21 @@ class Execute:
         try:
             if offered is not None and _claims_unread(offered[0], seat):
                 if self._not_claimable(offered[0]):  # the same checks as on a record read
-                    self.stats["claim_skipped"] += 1
-                    await self._release_station(station, seat)
-                    return Claim(False)
-                self.stats["claims_unread"] += 1
-                got = await self._claim_once(job_id, station, seat, offered[0], offered[1])
-                if got is None:
-                    # The offered revision is no longer the record's: read it, and claim what is there.
-                    self.stats["claim_rereads"] += 1
+                    return await self._skip_claim(station, seat)
+                got = await self._claim_offered(job_id, station, seat, offered)
             if got is None:
                 self.stats["claim_reads"] += 1
                 e = await self.broker.jobs.get(job_id)
                 if e is None:
-                    self.stats["claim_skipped"] += 1
-                    await self._release_station(station, seat)
-                    return Claim(False)
+                    return await self._skip_claim(station, seat)
                 rec = decode(e.value, JobRecord)
                 if self._not_claimable(rec):
-                    self.stats["claim_skipped"] += 1
-                    await self._release_station(station, seat)
-                    return Claim(False)
+                    return await self._skip_claim(station, seat)
                 now: float | None = None
                 if rec.backoff_s:
                     now = await self.broker.broker_now()
                     if now < e.ts + rec.backoff_s:
-                        self.stats["claim_skipped"] += 1
-                        await self._release_station(station, seat)
-                        return Claim(False)
+                        return await self._skip_claim(station, seat)
                 if seat is None and (rec.manifest.engine or rec.manifest.engine_class):
                     choice = await self._take_seat(rec.manifest)
                     seat = choice.engine
@@ -286,6 +274,23 @@ class Execute:
             await self._release_station(station, seat)
             return Claim(False)
         return await self._claimed(got, station, seat, via, trace, t0_ns)
+
+    async def _skip_claim(self, station: int, seat: str | None) -> "Claim":
+        """Nothing claimed: the station (and seat) go back; counted as ``claim_skipped``."""
+        self.stats["claim_skipped"] += 1
+        await self._release_station(station, seat)
+        return Claim(False)
+
+    async def _claim_offered(self, job_id: str, station: int, seat: str | None,
+                             offered: tuple[JobRecord, int]) -> "_Won | None":
+        """The claim on the record a dispatch message carried, with no read: the won claim, or
+        None when the offered revision is no longer the record's (then it is read, and what is
+        there claimed: ``claim_rereads``)."""
+        self.stats["claims_unread"] += 1
+        got = await self._claim_once(job_id, station, seat, offered[0], offered[1])
+        if got is None:
+            self.stats["claim_rereads"] += 1
+        return got
 
     def _not_claimable(self, rec: JobRecord) -> bool:
         """Whether this factory must not claim ``rec`` (as read, or as a dispatch message

@@ -52,7 +52,9 @@ NOT_OURS = {"PATH", "HOME", "USER", "LANG", "TERM", "NO_COLOR", "PYTHONUNBUFFERE
             "OTEL_SERVICE_NAME", "GITHUB_TOKEN", "GH_TOKEN",
             # The nats CLI's context selection and the XDG base-directory specification (where
             # the nats CLI keeps its contexts): read to honour the operator's NATS context.
-            "NATS_CONTEXT", "XDG_CONFIG_HOME"}
+            "NATS_CONTEXT", "XDG_CONFIG_HOME",
+            # sudo's: compose/setup run under sudo leaves the operator's files to the operator.
+            "SUDO_UID"}
 
 _READ = re.compile(r"""(?:environ|env|getenv|factory_env)(?:\.get\(|\[|\()\s*["']([A-Za-z_][A-Za-z0-9_]*)["']"""
                    r"""|envvar=["']([A-Za-z_][A-Za-z0-9_]*)["']"""

@@ -747,3 +747,16 @@ def test_a_leased_record_not_signed_by_its_holder_breaks_holder_signed():
         r = check({"j1": bad}, events, allow_in_flight=True, holder_keys={"f1": pub1})
         assert r.by_invariant().get("holder_signed") == 1, r.to_text()
     assert "holder_signed" not in check({"j1": held}, events, allow_in_flight=True).by_invariant()
+
+
+def test_the_started_event_of_a_claim_into_building_published_after_a_reclaim_is_the_claims_write():
+    """A claim straight into building (claim_started) is one write; its `started` event, published
+    after a pause that outlived the lease, names that write, not a new one. A plain `started`
+    at the same place is still a stale write, and a `with_claim` one by another holder too."""
+    failed = queued(stage=Stage.FAILED, epoch=3, reason="setup_failed: sim")
+    late = msgspec.structs.replace(started(1), stage_from=None, stage_to=None, data={"with_claim": True})
+    events = [submitted(), claimed(1), reaped(2), late]
+    assert "stale_write_accepted" not in names(check({"j1": failed}, events))
+    assert "stale_write_accepted" in names(check({"j1": failed}, [submitted(), claimed(1), reaped(2), started(1)]))
+    other = msgspec.structs.replace(late, factory="f2")
+    assert "stale_write_accepted" in names(check({"j1": failed}, [submitted(), claimed(1), reaped(2), other]))
