@@ -30,9 +30,7 @@ import asyncio
 import contextlib
 import logging
 import os
-import signal
 import time
-from pathlib import Path
 from types import SimpleNamespace
 
 import click
@@ -44,7 +42,8 @@ from nats.js import api
 
 from gigafactory.broker import auth_options
 from gigafactory.clitools import log_options, setup_logging
-from gigafactory.loadtest.fleet import cpu_seconds, rss_bytes, write_json_atomic
+from gigafactory.loadtest.fleet import cpu_seconds, rss_bytes
+from gigafactory.loadtest.baseline import serve_workers
 
 log = logging.getLogger(__spec__.name if __spec__ else __name__)  # run with -m, __name__ is "__main__"
 
@@ -176,27 +175,7 @@ async def amain(a: SimpleNamespace) -> int:
     :param a: the options of :func:`command`.
     """
     w = Workers(a.nats, a.connections, a.fetch_timeout_s)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    loop.add_signal_handler(signal.SIGTERM, stop.set)
-    loop.add_signal_handler(signal.SIGINT, stop.set)
-    path = Path(a.stats_file) if a.stats_file else None
-
-    def dump() -> None:
-        if path is not None:
-            write_json_atomic(path, w.figures())
-
-    loop.add_signal_handler(signal.SIGUSR1, dump)
-
-    def ready() -> None:
-        dump()
-        print(f"at-least-once ready: {a.connections} workers", flush=True)
-
-    try:
-        await w.run(stop, ready)
-    finally:
-        dump()
-    return 0
+    return await serve_workers(w, a.stats_file, f"at-least-once ready: {a.connections} workers")
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})

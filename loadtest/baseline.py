@@ -145,11 +145,22 @@ async def amain(a: SimpleNamespace) -> int:
     :param a: the options of :func:`command`.
     """
     w = Workers(a.nats, a.connections, a.workers, a.long_poll_s)
+    return await serve_workers(w, a.stats_file, f"baseline ready: {a.connections * a.workers} workers")
+
+
+async def serve_workers(w, stats_file: str | None, ready_line: str) -> int:
+    """Run a baseline's workers ``w`` (``run(stop, ready)``, ``figures()``) until SIGTERM/SIGINT:
+    their figures go to ``stats_file`` when ready, on SIGUSR1 and at exit, and ``ready_line``
+    is printed once they are ready (the harness waits for it).
+
+    :param w: the workers.
+    :param stats_file: where the figures go as JSON (None: nowhere).
+    :param ready_line: the line that says they are ready."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     loop.add_signal_handler(signal.SIGINT, stop.set)
-    path = Path(a.stats_file) if a.stats_file else None
+    path = Path(stats_file) if stats_file else None
 
     def dump() -> None:
         if path is not None:
@@ -159,7 +170,7 @@ async def amain(a: SimpleNamespace) -> int:
 
     def ready() -> None:
         dump()
-        print(f"baseline ready: {a.connections * a.workers} workers", flush=True)
+        print(ready_line, flush=True)
 
     try:
         await w.run(stop, ready)

@@ -40,7 +40,6 @@ import collections
 import logging
 import os
 import signal
-import sys
 import time
 from pathlib import Path
 from types import SimpleNamespace
