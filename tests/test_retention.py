@@ -289,6 +289,8 @@ def test_a_queued_job_whose_pool_entry_vanished_gets_its_pool_back(nats_server, 
             assert coord is not None
             j = await fleet.submit_one(fleet.job("echo ok", capabilities=["late"], review_policy="auto"))
             rec, _ = await fleet.record(j)
+            # The pass decides from the coordinator's view: wait (bounded) until its watch has the job.
+            await eventually(lambda: coord.view.jobs.get(j) is not None, 10, what="the view holds the job")
             e = await fleet.admin.pools.get(rec.pool)
             assert e is not None
             await fleet.admin.pools.delete(rec.pool, last=e.revision)
