@@ -288,8 +288,9 @@ def test_after_rebase_needed_the_new_attempt_carries_the_last_checkpoint_onto_th
             assert (tmp_path / "seen").read_text().split() == ["1", cp.commit, "work", "of", "e1"]
 
             # Once shipped, the coordinator deletes the superseded epoch's branch and the WIP
-            # branch, and closes the superseded pull request; the shipped ones stay.
-            assert {f"gf/{job}/e{first.epoch}", f"gf/{job}/wip"} <= set(branches(remote))
+            # branch, and closes the superseded pull request; the shipped ones stay. (With
+            # ref_cleanup_after_s=0 it may have done so already: the refs_cleaned event below
+            # names both as deleted, so they existed.)
             cleaned = await eventually(lambda: _refs_cleaned(fleet, job), 20, what="refs cleaned")
             assert set(branches(remote)) == {"main", last.workspace.branch}, branches(remote)
             prs = await pulls(fleet, remote)
