@@ -57,7 +57,11 @@ class Coordinator:
         self.view = FleetView()
         self.sched = Scheduler(broker, self.view, self.settings, self.name)
         self.api = Api(broker, self.view, self.sched, self.name)
-        self.runs = RunsRecorder(broker, self.view, self.settings)  # pipeline_runs (issue 13)
+        self.ledger = LedgerPass(broker)
+        """The spend ledger's one reader: the metrics' coverage and invoice drift, and the running
+        totals the runs recorder and the budget governor read (economics/ledger.py)."""
+        self.sched.governor.ledger = self.ledger
+        self.runs = RunsRecorder(broker, self.view, self.settings, self.ledger)  # pipeline_runs (issue 13)
         self.view.job_listeners.append(self.runs.on_job)
         self.merge_queue = MergeQueue()  # occupancy and refill latency (a metric)
         self.view.job_listeners.append(self.merge_queue.on_job)
@@ -65,8 +69,6 @@ class Coordinator:
         self.api.halt_watch = self.halt
         self.inbox = Inbox(broker, inbox) if inbox else None
         self.retention = Retention(broker, self.view, self.settings, self.name, forget_pool=self.sched.pools_ready.discard)
-        self.ledger = LedgerPass(broker)
-        """The spend ledger's coverage and invoice drift, for the metrics (economics/ledger.py)."""
         self.ready = asyncio.Event()
         self.startup_retries = 0
         """Startup reads retried after a transient broker error (see :meth:`_until_done`)."""

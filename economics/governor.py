@@ -41,9 +41,13 @@ def day_start_s(now_s: float) -> float:
 class Governor:
     """One per scheduler. ``refresh`` before a pass (async, I/O); ``decide`` in it (pure)."""
 
-    def __init__(self, broker, settings, actor: str, publish) -> None:
-        """:param publish: ``async (EventRecord) -> bool`` (the scheduler's event publisher)."""
+    def __init__(self, broker, settings, actor: str, publish, ledger=None) -> None:
+        """:param publish: ``async (EventRecord) -> bool`` (the scheduler's event publisher).
+        :param ledger: the coordinator's :class:`~gigafactory.economics.ledger.LedgerPass`, whose
+            running totals are read incrementally (None, or set later as ``ledger``: the
+            ledger's last :data:`SIMILAR_WINDOW_S` is read whole at each refresh)."""
         self.broker, self.settings, self.actor, self.publish = broker, settings, actor, publish
+        self.ledger = ledger
         self.policy = B.policy_from_settings(settings)
         self.budget: B.Budget | None = None
         self.read_at_mono = -1e18
@@ -89,13 +93,26 @@ class Governor:
         self.budget = new
 
     async def _read_ledger(self) -> None:
-        """Spend since midnight UTC and recent attempts' costs, from the ledger (``GF_SPEND``)."""
+        """Spend since midnight UTC and recent attempts' costs, from the ledger (``GF_SPEND``):
+        the coordinator's running totals when it has them (what was stored since the last
+        read), else the last :data:`SIMILAR_WINDOW_S` of the ledger, read whole."""
+        now = time.time()
+        if self.ledger is not None:
+            try:
+                totals = await self.ledger.catch_up()
+            except Exception as e:  # a ledger that cannot be read must not stop dispatch
+                self.ledger_note = f"ledger not read: {type(e).__name__}: {e}"
+                log.warning("budget: %s", self.ledger_note)
+                return
+            self.spent_today_usd = totals.spent_on_day_usd(now)
+            self.attempt_costs = totals.finished_attempts(now - SIMILAR_WINDOW_S)
+            self.ledger_note = f"{totals.records} records read (running totals)"
+            return
         try:
             from .ledger import read_spend  # the ledger helper's reader (issue 13)
         except ImportError:
             self.ledger_note = "no ledger in this build: spend today counted as 0"
             return
-        now = time.time()
         try:
             records = await read_spend(self.broker, since_s=now - SIMILAR_WINDOW_S)
         except Exception as e:  # a ledger that cannot be read must not stop dispatch

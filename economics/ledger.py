@@ -9,6 +9,7 @@ per id whatever the window, so a retried or replayed record never adds a dollar 
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import time
 
@@ -195,6 +196,10 @@ FIXED_IDS_KEPT_MAX = 200_000
 every ``seat_cost_interval_s``: months of a fleet's)."""
 BROKEN_KEPT_MAX = 20
 DAY_S = 86400.0
+DAY_COSTS_KEPT = 32
+"""UTC days whose spend :class:`LedgerTotals` keeps (the governor asks for today's)."""
+FINALS_KEPT = 20
+"""Finished attempts kept per profile and engine (the governor projects from the latest 20)."""
 
 
 class LedgerTotals:
@@ -219,13 +224,26 @@ class LedgerTotals:
         from collections import OrderedDict
 
         self.attempts_max, self.fixed_ids_max = attempts_max, fixed_ids_max
-        self.last: OrderedDict[tuple[str, int], SpendRecord] = OrderedDict()
+        self.last: OrderedDict[tuple[str, int], tuple[int, tuple, float]] = OrderedDict()
+        """(job, epoch) -> (seq, amounts, dollars added) of the attempt's last record: its
+        ``seq`` (a replay is not above it), its running totals in :data:`SPEND_AMOUNTS` order
+        (what the next record's delta is taken from) and the sum of its deltas' dollars (the
+        attempt's cost). A tuple, not the record: 100,000 attempts in a few MB."""
         self.fixed_ids: OrderedDict[str, None] = OrderedDict()
         self.records = self.attributed_records = 0
         self.cost_usd = self.attributed_cost_usd = self.unfunded_cost_usd = 0.0
         self.broken: list[dict] = []
         self.days: dict[tuple[str, str, float, str], SpendRecord] = {}
         """(provider, model, day start, cost source) -> one record standing for the day's spend."""
+        self.jobs: OrderedDict[str, tuple[int, float]] = OrderedDict()
+        """job -> (tokens, dollars) its records added (what ``pipeline_runs`` rows carry), for the
+        ``attempts_max`` most recently written jobs."""
+        self.day_cost_usd: dict[float, float] = {}
+        """UTC day start -> dollars added by that day's records, fixed costs included (the
+        governor's spend today), for the last :data:`DAY_COSTS_KEPT` days."""
+        self.finals: dict[tuple[str, str], collections.deque] = {}
+        """(profile, engine) -> (time, cost) of its latest finished attempts, newest last (at
+        most :data:`FINALS_KEPT` each): what the governor's projection looks at."""
 
     def add(self, r: SpendRecord) -> SpendRecord | None:
         """Take stored record ``r`` in; returns what it adds (None: a replay, nothing).
@@ -233,6 +251,7 @@ class LedgerTotals:
         :param r: a record as stored (an attempt's totals so far, or a fixed cost)."""
         from gigafactory.schemas.spend import UNFUNDED, missing_attribution
 
+        attempt_cost = 0.0
         if r.kind == SpendKind.FIXED:
             if r.id in self.fixed_ids:
                 return None
@@ -243,14 +262,16 @@ class LedgerTotals:
         else:
             key = (r.job, r.epoch)
             prev = self.last.get(key)
-            if prev is not None and r.seq <= prev.seq:
+            if prev is not None and r.seq <= prev[0]:
                 return None
-            self.last[key] = r
+            amounts = tuple(getattr(r, f) for f in SPEND_AMOUNTS)
+            delta = r if prev is None else msgspec.structs.replace(
+                r, **{f: max(0, a - b) for f, a, b in zip(SPEND_AMOUNTS, amounts, prev[1])})
+            attempt_cost = (prev[2] if prev is not None else 0.0) + delta.cost_usd
+            self.last[key] = (r.seq, amounts, attempt_cost)
             self.last.move_to_end(key)
             if len(self.last) > self.attempts_max:
                 self.last.popitem(last=False)
-            delta = r if prev is None else msgspec.structs.replace(
-                r, **{f: max(0, getattr(r, f) - getattr(prev, f)) for f in SPEND_AMOUNTS})
         self.records += 1
         self.cost_usd += delta.cost_usd
         if delta.funding_window == UNFUNDED:
@@ -262,8 +283,12 @@ class LedgerTotals:
         else:
             self.attributed_records += 1
             self.attributed_cost_usd += delta.cost_usd
+        day = (delta.at // DAY_S) * DAY_S
+        if day not in self.day_cost_usd:
+            while len(self.day_cost_usd) >= DAY_COSTS_KEPT:
+                del self.day_cost_usd[min(self.day_cost_usd)]
+        self.day_cost_usd[day] = self.day_cost_usd.get(day, 0.0) + delta.cost_usd
         if delta.kind != SpendKind.FIXED:
-            day = (delta.at // DAY_S) * DAY_S
             dkey = (delta.provider or "unknown", delta.model or "", day, delta.cost_source)
             have = self.days.get(dkey)
             if have is None:
@@ -272,7 +297,28 @@ class LedgerTotals:
             else:
                 self.days[dkey] = msgspec.structs.replace(
                     have, **{f: getattr(have, f) + getattr(delta, f) for f in SPEND_AMOUNTS})
+            if delta.job:
+                t, c = self.jobs.get(delta.job, (0, 0.0))
+                self.jobs[delta.job] = (t + delta.tokens_total, c + delta.cost_usd)
+                self.jobs.move_to_end(delta.job)
+                if len(self.jobs) > self.attempts_max:
+                    self.jobs.popitem(last=False)
+            if delta.kind == SpendKind.FINAL:
+                fkey = (delta.profile or "", delta.engine or "")
+                q = self.finals.get(fkey)
+                if q is None:
+                    q = self.finals[fkey] = collections.deque(maxlen=FINALS_KEPT)
+                q.append((delta.at, attempt_cost))
         return delta
+
+    def spent_on_day_usd(self, now_s: float) -> float:
+        """Dollars added by the records of ``now_s``'s UTC day (fixed costs included)."""
+        return self.day_cost_usd.get((now_s // DAY_S) * DAY_S, 0.0)
+
+    def finished_attempts(self, since_s: float) -> list[tuple[str, str, float]]:
+        """(profile, engine, cost) of the finished attempts kept whose last record is from
+        ``since_s`` on, newest last within each (profile, engine)."""
+        return [(p, e, c) for (p, e), q in self.finals.items() for at, c in q if at >= since_s]
 
     def coverage(self):
         """The attribution coverage of everything added (:class:`~gigafactory.schemas.spend.Coverage`)."""
@@ -288,8 +334,12 @@ class LedgerTotals:
 
 
 class LedgerPass:
-    """What the coordinator's periodic ledger pass found last, for the metrics: attribution
-    coverage, dollars drawn from ``unfunded``, and invoice drift per provider and model.
+    """The coordinator's one reader of the spend ledger. Its periodic pass sets the metrics'
+    figures (attribution coverage, dollars drawn from ``unfunded``, invoice drift per provider
+    and model); :meth:`catch_up` gives the same running totals to the runs recorder (tokens and
+    dollars per job) and the budget governor (spend today, recent attempts' costs), which
+    once read the whole stream from its start on every flush or refresh: a cost that grew with
+    the ledger, per job (:func:`read_spend` is still what the CLI's reports read).
 
     Every ``spend_metrics_interval_s``. Incremental: it keeps its position in ``GF_SPEND`` (the
     last stream sequence read) and running totals (:class:`LedgerTotals`), so a pass reads only
@@ -315,17 +365,28 @@ class LedgerPass:
         self.drift: dict[tuple[str, str], tuple[float, float | None]] = {}
         """(provider, model) -> (drift in dollars, drift ratio or None)."""
         self.passes = 0
+        self.reads = 0
+        """Reads of the stream so far (passes and catch-ups)."""
+        self.read_records = 0
+        """Messages read so far, all reads together: each stored record is read once."""
         self._lock = asyncio.Lock()
 
     async def run_pass(self) -> None:
         """Read what was stored since the last pass into the totals; set the figures. Passes
         run one at a time (the periodic loop and a caller may ask at once)."""
         async with self._lock:
-            await self._run_pass()
+            n = await self._catch_up()
+            await self._figures(n)
 
-    async def _run_pass(self) -> None:
-        from .invoices import load_lines, reconcile
+    async def catch_up(self) -> LedgerTotals:
+        """Read what was stored since the last read into the totals and return them (the
+        runs recorder's and the governor's ledger: what they used to read whole, each time,
+        from the start of the stream). One read at a time, shared with :meth:`run_pass`."""
+        async with self._lock:
+            await self._catch_up()
+            return self.totals
 
+    async def _catch_up(self) -> int:
         try:
             info = await self.broker.js.stream_info(names.SPEND_STREAM)
             if info.state.last_seq < self.position:
@@ -340,6 +401,13 @@ class LedgerPass:
             self.position = seq
             if r is not None:
                 self.totals.add(r)
+        self.reads += 1
+        self.read_records += n
+        return n
+
+    async def _figures(self, n: int) -> None:
+        from .invoices import load_lines, reconcile
+
         self.read_last_pass = n
         cov = self.totals.coverage()
         lines = await load_lines(self.broker)

@@ -234,8 +234,10 @@ class RunsRecorder:
     outcome) by :meth:`flush`, which the coordinator runs on a loop. The view's replay at start
     passes every job again, so a row missed while the coordinator was down is written then."""
 
-    def __init__(self, broker, view, settings) -> None:
-        self.broker, self.view, self.settings = broker, view, settings
+    def __init__(self, broker, view, settings, ledger=None) -> None:
+        """:param ledger: the coordinator's :class:`~gigafactory.economics.ledger.LedgerPass`
+        (None: the whole ledger is read at each flush that writes a row)."""
+        self.broker, self.view, self.settings, self.ledger = broker, view, settings, ledger
         self.db: RunsDB | None = None
         self.pending: set[str] = set()
         self.written = 0
@@ -268,7 +270,7 @@ class RunsRecorder:
         if self.db is None:
             self.db = await asyncio.to_thread(RunsDB, default_db_path(self.settings))
         order = sorted(ids)
-        ledger: dict[str, tuple[int, float]] | None = None
+        ledger: Mapping[str, tuple[int, float]] | None = None
         jobs: dict[str, JobRecord] | None = None
         for i in range(0, len(order), WRITE_CHUNK_JOBS):
             part = order[i:i + WRITE_CHUNK_JOBS]
@@ -279,27 +281,31 @@ class RunsRecorder:
                 continue
             if ledger is None:  # read once per flush, and only when a row is written
                 ledger = await self._ledger()
-                # Only the jobs that name a parent (a feature's children) are decoded for the runs.
-                jobs = {jid: st.record for jid, st in view_jobs.items() if st.parent is not None}
-            assert jobs is not None
             runs, outcomes = [], []
             for st in todo:
-                rec = jobs.get(st.key) or st.record
+                rec = st.record
                 outcomes.append(outcome_row(rec, ledger))
                 if str(rec.stage) == "shipped" and is_feature(rec):
-                    runs.append(run_row(rec, jobs, ledger))
+                    if jobs is None:
+                        # A feature's run needs its children: only the jobs that name a parent
+                        # are decoded, and only in a flush that writes a feature's run (a walk
+                        # over the whole view, so not on every flush).
+                        jobs = {jid: s.record for jid, s in view_jobs.items() if s.parent is not None}
+                    runs.append(run_row(jobs.get(st.key) or rec, jobs, ledger))
             new = await asyncio.to_thread(self.db.write, runs, outcomes)
             self.written += new
             if new and new == len(runs):  # all new: count them (a replay's rows are not)
                 self.features += new
                 self.features_cost_usd += sum(r["cost_usd"] for r in runs)
 
-    async def _ledger(self) -> dict[str, tuple[int, float]]:
+    async def _ledger(self) -> Mapping[str, tuple[int, float]]:
+        """job -> (tokens, dollars) from the spend ledger: the coordinator's running totals
+        (``ledger``, read incrementally) when it has them, else the whole ledger read once."""
         try:
+            if self.ledger is not None:
+                return (await self.ledger.catch_up()).jobs
             from .ledger import read_spend  # the ledger helper's reader (issue 13)
-        except ImportError:
-            return {}
-        try:
+
             return ledger_by_job(await read_spend(self.broker))
         except Exception as e:  # the job records' attribution stands in
             log.warning("pipeline_runs: ledger not read (%s); using the job records' attribution", e)

@@ -101,3 +101,52 @@ def test_the_merge_queue_ignores_the_deletion_of_a_key_the_view_never_held():
     q.on_job(None, None)
     assert q.members == set()
 
+
+
+def test_the_coordinator_reads_each_spend_record_once_however_many_flushes_write_rows(nats_server, tmp_path):
+    """The runs recorder (at each flush that writes a row) and the budget governor (at each
+    refresh) once read the whole spend ledger from its start: every job's end re-read every
+    record stored before it, a cost per job that grew with the ledger. They now share the
+    coordinator's incremental reader: each stored record reaches the coordinator once, and the
+    rows still carry the ledger's tokens and dollars."""
+    import asyncio
+
+    from gigafactory.broker import Broker
+    from gigafactory.economics.ledger import read_raw_spend
+
+    from helpers import fast_settings
+
+    async def main():
+        tap = await Broker.open(nats_server.url, "tap", fast_settings())
+        delivered: dict[str, int] = {}
+
+        async def count(m):  # a consumer's delivery of a stored record: the stream's ack subject
+            if m.subject.startswith("gf.spend.") and (m.reply or "").startswith("$JS.ACK.GF_SPEND."):
+                delivered[m.subject] = delivered.get(m.subject, 0) + 1
+
+        await tap.nc.subscribe(">", cb=count)
+        try:
+            async with Fleet(nats_server.url, tmp_path) as fleet:
+                await fleet.add_factory("r-1")
+                db = R.RunsDB(fleet.settings.runs_db)
+                jobs = []
+                for wave in range(4):  # one wave at a time: each ends in a flush of its own
+                    job = await fleet.submit_one(fleet.job("echo ok", review_policy="auto"), f"w{wave}.md")
+                    await fleet.wait_stage(job, "shipped", timeout_s=30)
+                    jobs.append(job)
+                    await eventually(lambda: len(db.outcomes()) == len(jobs), 15,
+                                     what=f"{len(jobs)} outcomes in the coordinator's database")
+                await tap.nc.flush()
+                await asyncio.sleep(0)  # deliveries already in our socket are counted
+                seen = dict(delivered)  # before this test's own read below (the tap sees it too)
+                stored = await read_raw_spend(tap)
+                assert len(stored) >= 4, "every attempt writes a spend record"
+                assert seen, "the coordinator read the ledger (its rows need it)"
+                again = {s: n for s, n in seen.items() if n > 1}
+                assert not again, f"spend records the coordinator read more than once: {again}"
+                outcome = {o["job"]: o for o in db.outcomes()}
+                assert set(outcome) == set(jobs)
+        finally:
+            await tap.close()
+
+    run(main())

@@ -218,3 +218,39 @@ def test_the_ledger_pass_reads_only_what_was_stored_since_and_a_restart_reads_it
             await b.close()
 
     run(go())
+
+
+def test_running_totals_give_the_runs_recorder_and_the_governor_what_a_whole_read_gives():
+    """Per job tokens and dollars (the runs recorder's rows), a day's spend and the finished
+    attempts' costs by profile and engine (the governor's), fed one stored record at a time,
+    equal what the whole deduplicated ledger gives, replays and a lost record included."""
+    from gigafactory.economics.ledger import LedgerTotals
+    from gigafactory.economics.runs import ledger_by_job
+
+    stored = STORED + [rec(job="j4", seq=1, cost=0.3, at=DAY * 301 + 60, profile="p", kind="final"),
+                       rec(job="j5", seq=1, cost=0.4, at=DAY * 301 + 70, profile="p", kind="final"),
+                       rec(job="j5", seq=1, cost=0.4, at=DAY * 301 + 70, profile="p", kind="final")]  # a replay
+    full = with_deltas(stored)
+    t = LedgerTotals()
+    for r in stored:
+        t.add(r)
+    assert dict(t.jobs) == ledger_by_job(full) and set(t.jobs) == {"j1", "j2", "j3", "j4", "j5"}
+    for day in (300, 301):
+        want = sum(r.cost_usd for r in full if DAY * day <= r.at < DAY * (day + 1))
+        assert round(t.spent_on_day_usd(DAY * day + 3600), 9) == round(want, 9) > 0
+    assert t.spent_on_day_usd(DAY * 302) == 0
+    finished = t.finished_attempts(since_s=0)
+    assert sorted((p, e, round(c, 9)) for p, e, c in finished) == [
+        ("", "claude", 0.5), ("", "claude", 0.7), ("p", "claude", 0.3), ("p", "claude", 0.4)]
+    assert [c for p, _e, c in finished if p == "p"] == [0.3, 0.4], "newest last"
+    assert t.finished_attempts(since_s=DAY * 301) == [(p, e, c) for p, e, c in finished if c != 0.5]
+
+
+def test_a_jobs_totals_are_kept_for_the_latest_jobs_only():
+    from gigafactory.economics.ledger import LedgerTotals
+
+    t = LedgerTotals(attempts_max=3)
+    for i in range(5):
+        t.add(rec(job=f"j{i}", seq=1, cost=1.0 + i))
+    assert list(t.jobs) == ["j2", "j3", "j4"] and t.jobs["j4"] == (0, 5.0)
+    assert len(t.last) == 3
