@@ -416,11 +416,15 @@ class Execute:
                               data={} if stage_from else {"with_claim": True})
             renewer = asyncio.create_task(self._renew_loop(run))
             # The job's `gigafactory fence` asks this socket: the factory renews for it, so the
-            # job never holds the factory's identity (fence_socket.py).
+            # job never holds the factory's identity (fence_socket.py). An engine known to start
+            # no process (noop) gets none: nothing could ask it.
+            known = engines.get(engine or run.record.manifest.engine or "")
             try:
-                run.fence_socket = await fence_socket.serve(
-                    lambda want_s: self._fence_for_job(run, want_s), job=run.job, epoch=run.epoch, factory=self.id,
-                    renew_timeout_s=self.settings.request_timeout_s * 2, owner=self._fence_socket_owner())
+                if known is None or known.starts_process:
+                    run.fence_socket = await fence_socket.serve(
+                        lambda want_s: self._fence_for_job(run, want_s), job=run.job, epoch=run.epoch,
+                        factory=self.id, renew_timeout_s=self.settings.request_timeout_s * 2,
+                        owner=self._fence_socket_owner())
             except OSError as e:  # the job runs on; its `gigafactory fence` cannot tell (exit 4): no push
                 log.warning("%s: no fence socket for %s epoch %s (%s)", self.id, run.job, run.epoch, e)
             payload = await self._run_engine(run, engine)

@@ -454,3 +454,33 @@ def test_the_carried_record_limit_is_bounded_and_named_when_refused():
     for bad in ("999999999", "-1"):
         with pytest.raises(SettingsError, match="dispatch_record_max_bytes"):
             Settings.from_env({"GIGAFACTORY_DISPATCH_RECORD_MAX_BYTES": bad})
+
+
+@pytest.mark.timeout(90)
+def test_only_an_attempt_that_starts_a_process_gets_a_fence_socket(nats_server, tmp_path, monkeypatch):
+    """The fence socket is how a job's process asks for a renewal; the noop engine starts no
+    process, so its attempts skip the socket (a folder, a listener and their clean-up were a
+    tenth of a saturated factory's CPU). A shell job still gets one and sees it in its
+    environment."""
+    from gigafactory.factory import fence_socket
+
+    served: list[str] = []
+    real = fence_socket.serve
+
+    async def counting(*a, **kw):
+        served.append(kw["job"])
+        return await real(*a, **kw)
+
+    monkeypatch.setattr(fence_socket, "serve", counting)
+
+    async def main():
+        async with Fleet(nats_server.url, tmp_path) as fleet:
+            await fleet.add_factory("f1", caps=["engine:noop"])
+            noop = await fleet.submit_one(fleet.job("noop", engine="noop", review_policy="auto"), "noop.md")
+            assert (await fleet.wait_stage(noop, *DONE, timeout_s=30)).stage == "shipped"
+            shell = await fleet.submit_one(fleet.job('test -S "$GF_FENCE_SOCKET"', review_policy="auto"), "sh.md")
+            assert (await fleet.wait_stage(shell, *DONE, timeout_s=30)).stage == "shipped", \
+                "the shell job found its fence socket"
+            assert served == [shell], served
+
+    run(main(), 90)

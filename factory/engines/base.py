@@ -317,6 +317,10 @@ class Engine(abc.ABC):
     and run only where offered (``noop``: it could swallow real work)."""
     verifies: bool = True
     """Whether the ``verify`` gate runs after this engine passed (``noop`` ran nothing)."""
+    starts_process: bool = True
+    """Whether a run starts a process (the engine's or the verify gate's): only then does the
+    attempt get a fence socket (``noop`` starts none, so its runs skip the socket's folder,
+    listener and clean-up)."""
 
     @abc.abstractmethod
     def probe(self, *, environ: Mapping[str, str], path: str, timeout_s: float) -> ProbeResult:

@@ -24,6 +24,7 @@ class NoopEngine(Engine):
     engine_class = "script"
     opt_in = True
     verifies = False
+    starts_process = False
 
     def probe(self, *, environ: Mapping[str, str], path: str, timeout_s: float) -> ProbeResult:
         """Always runnable; being opt-in, it is offered only when named with ``--cap``.
