@@ -98,7 +98,8 @@ def test_the_loader_composes_max_depth_levels_and_refuses_one_more(loader, depth
     assert (caught.value.mark.line, caught.value.mark.column) == (0, 3 + depth - 1)
 
 
-@pytest.mark.parametrize(("front", "line", "field", "words"), [c[1:] for c in INVALID], ids=[c[0] for c in INVALID])
+@pytest.mark.parametrize(("front", "line", "field", "words"), [c[1:] for c in INVALID],
+                         ids=[c[0] for c in INVALID])
 def test_every_invalid_manifest_is_refused_alike_by_either_parser(loader, front, line, field, words):
     error = refused(job(front))
 
@@ -126,17 +127,20 @@ YAML_ERRORS = [
      "or inside double quotes write it as the escape \"\\u001b\""),
     ("null byte", "engine: shell\ncwd: x\nverify: \x00\n", 4, "verify", "the character U+0000 is not allowed"),
     ("yaml 1.1 boolean", "engine: shell\ncwd: x\nyolo: on\n", 4, "yolo", "YAML 1.2"),
-    ("duplicate key after non-ASCII", "engine: ünï\ncwd: x\nengine: shell\n", 4, "engine", "given twice (first on line 2)"),
+    ("duplicate key after non-ASCII", "engine: ünï\ncwd: x\nengine: shell\n", 4, "engine",
+     "given twice (first on line 2)"),
     ("recursive alias", "engine: shell\ncwd: x\ncapabilities: &loop [*loop]\n", 4, "capabilities[0]", "expected text"),
-    ("alias bomb", 'engine: shell\ncwd: x\nmodel: &m "' + "y" * 1000 + '"\nprefers: [' + ", ".join(["*m"] * 5000) + "]\n",
-     2, None, "with its YAML aliases written out"),
-    ("deep flow lists", "engine: shell\ncwd: x\na: " + "[" * 500 + "]" * 500 + "\n", 4, "a", "nested more than 16 levels deep"),
+    ("alias bomb", 'engine: shell\ncwd: x\nmodel: &m "' + "y" * 1000 + '"\nprefers: ['
+     + ", ".join(["*m"] * 5000) + "]\n", 2, None, "with its YAML aliases written out"),
+    ("deep flow lists", "engine: shell\ncwd: x\na: " + "[" * 500 + "]" * 500 + "\n", 4, "a",
+     "nested more than 16 levels deep"),
     ("deep block mappings", "engine: shell\ncwd: x\na:\n" + "".join(" " * (i + 1) + "a:\n" for i in range(300))
      + " " * 301 + "b: 1\n", 20, ".".join(["a"] * 17), "nested more than 16 levels deep"),
 ]
 
 
-@pytest.mark.parametrize(("front", "line", "field", "words"), [c[1:] for c in YAML_ERRORS], ids=[c[0] for c in YAML_ERRORS])
+@pytest.mark.parametrize(("front", "line", "field", "words"), [c[1:] for c in YAML_ERRORS],
+                         ids=[c[0] for c in YAML_ERRORS])
 def test_yaml_errors_name_the_same_line_field_and_problem_with_either_parser(loader, front, line, field, words):
     error = refused(job(front))
 
@@ -174,6 +178,6 @@ def test_both_parsers_read_every_example_and_every_shipped_profile_alike(monkeyp
         jobs = [parse_job_text(p.read_text(encoding="utf-8"), str(p)) for p in files]
         profs = [profiles.parse_profile(text, path) for path, text in shipped]
         results[cls] = (jobs, profs)
+    assert len(results) == (2 if yaml.__with_libyaml__ else 1)
     first = results[PyYamlLoader]
     assert all(r == first for r in results.values())
-    assert {str(jf.manifest.engine) for jf in first[0]} >= {"shell"}
