@@ -4,6 +4,8 @@ line, field, message) whichever parser read the file."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -181,3 +183,24 @@ def test_both_parsers_read_every_example_and_every_shipped_profile_alike(monkeyp
     assert len(results) == (2 if yaml.__with_libyaml__ else 1)
     first = results[PyYamlLoader]
     assert all(r == first for r in results.values())
+
+
+def test_without_libyaml_the_module_falls_back_to_the_pure_python_loader():
+    # A fresh interpreter that sees PyYAML as built without libyaml (as on a platform with no
+    # wheel): the module imports, picks the pure-Python loader, and reads and refuses as ever.
+    program = (
+        "import yaml; yaml.__with_libyaml__ = False\n"
+        "from gigafactory.schemas import manifest, profiles\n"
+        "assert manifest.YamlLoader is manifest.PyYamlLoader and manifest.CYamlLoader is None\n"
+        "assert profiles.YamlLoader is manifest.PyYamlLoader\n"
+        "ok = manifest.parse_job_text('---\\nengine: shell\\ncwd: x\\n---\\necho\\n')\n"
+        "assert (ok.manifest.engine, ok.manifest.cwd) == ('shell', 'x')\n"
+        "try:\n"
+        "    manifest.parse_job_text('---\\nengine: shell\\ncwd: [x\\n---\\necho\\n', 'j.md')\n"
+        "except manifest.ManifestError as e:\n"
+        "    print(e)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, timeout=60)
+
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "j.md:3: field 'cwd': invalid YAML: expected ',' or ']' before the front matter ended"
