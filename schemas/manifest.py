@@ -380,20 +380,37 @@ class _TooDeep(Exception):
         self.mark = mark
 
 
-class YamlLoader(yaml.SafeLoader):
-    """SafeLoader reading YAML 1.2 booleans, refusing nesting deeper than ``max_depth``.
+class _Yaml12Resolver(yaml.resolver.Resolver):
+    """YAML 1.1 reads on/off/yes/no as booleans, which would turn ``retry: {on: [...]}`` into a
+    ``True`` key and ``yolo: no`` into a silent ``False``. Job files follow YAML 1.2 here: only
+    true/false are booleans, so ``yolo: yes`` is refused with a hint instead of guessed at."""
 
-    PyYAML composes nested collections recursively (one Python frame group per level): 500
+
+_Yaml12Resolver.yaml_implicit_resolvers = {
+    first: [(tag, rx) for tag, rx in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.resolver.Resolver.yaml_implicit_resolvers.items()
+}
+_Yaml12Resolver.add_implicit_resolver(
+    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
+)
+
+
+class _DepthLimitedComposer(yaml.composer.Composer):
+    """PyYAML's composer, refusing nesting deeper than ``max_depth``.
+
+    It composes nested collections recursively (one Python frame group per level): 500
     levels of ``[[[...`` end in a RecursionError, which no caller expects from a parser and
     which once left a file in the inbox forever. Counting levels as they are composed stops
-    at the limit, before the stack is at risk; scanning and parsing are iterative."""
+    at the limit, before the stack is at risk; scanning and parsing are iterative (in Python
+    and in libyaml alike), and only reach as far as the composer asks."""
 
     max_depth = 16
     _depth = 0
 
     def compose_node(self, parent, index):
-        # Levels are collections (a scalar or an alias is a leaf, never deeper).
-        if not self.check_event(yaml.CollectionStartEvent):
+        # Levels are collections (a scalar or an alias is a leaf, never deeper). Both event
+        # classes are named: libyaml's check_event matches the exact class, never a base class.
+        if not self.check_event(yaml.SequenceStartEvent, yaml.MappingStartEvent):
             return super().compose_node(parent, index)
         self._depth += 1
         try:
@@ -404,16 +421,55 @@ class YamlLoader(yaml.SafeLoader):
             self._depth -= 1
 
 
-# YAML 1.1 reads on/off/yes/no as booleans, which would turn ``retry: {on: [...]}`` into a
-# ``True`` key and ``yolo: no`` into a silent ``False``. Job files follow YAML 1.2 here: only
-# true/false are booleans, so ``yolo: yes`` is refused with a hint instead of guessed at.
-YamlLoader.yaml_implicit_resolvers = {
-    first: [(tag, rx) for tag, rx in resolvers if tag != "tag:yaml.org,2002:bool"]
-    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
-}
-YamlLoader.add_implicit_resolver(
-    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
-)
+class PyYamlLoader(
+    _DepthLimitedComposer,
+    yaml.reader.Reader,
+    yaml.scanner.Scanner,
+    yaml.parser.Parser,
+    yaml.constructor.SafeConstructor,
+    _Yaml12Resolver,
+):
+    """The loader in pure Python: ``yaml.SafeLoader`` with the depth limit and YAML 1.2
+    booleans. Used where PyYAML was built without libyaml (see :data:`YamlLoader`)."""
+
+    def __init__(self, stream: str) -> None:
+        """:param stream: the front matter's text."""
+        yaml.reader.Reader.__init__(self, stream)
+        yaml.scanner.Scanner.__init__(self)
+        yaml.parser.Parser.__init__(self)
+        _DepthLimitedComposer.__init__(self)
+        yaml.constructor.SafeConstructor.__init__(self)
+        _Yaml12Resolver.__init__(self)
+
+
+if yaml.__with_libyaml__:
+
+    class CYamlLoader(
+        _DepthLimitedComposer,
+        yaml.cyaml.CParser,
+        yaml.constructor.SafeConstructor,
+        _Yaml12Resolver,
+    ):
+        """libyaml scans and parses (in C, about a fifth of the coordinator's CPU at intake
+        when it was Python); the Python composer above still builds the nodes, so the depth
+        limit, the line of every field and the alias checks are the same as with
+        :class:`PyYamlLoader`. The composer comes first in the MRO on purpose: ``CParser``
+        has its own ``get_single_node``/``compose_*`` in C, recursive and without the limit."""
+
+        def __init__(self, stream: str) -> None:
+            """:param stream: the front matter's text."""
+            yaml.cyaml.CParser.__init__(self, stream)
+            _DepthLimitedComposer.__init__(self)
+            yaml.constructor.SafeConstructor.__init__(self)
+            _Yaml12Resolver.__init__(self)
+
+    YamlLoader: type = CYamlLoader
+    """The loader of job files and profiles: libyaml's parser where PyYAML has it."""
+else:  # pragma: no cover - PyYAML built without libyaml; tests run PyYamlLoader directly
+    CYamlLoader = None
+    YamlLoader = PyYamlLoader
+
+
 _YAML11_BOOLEANS = frozenset({"yes", "no", "on", "off", "y", "n"})
 
 # A field path as reported in errors: ``retry.on[1]``, ``budget.wall``, ``capabilities[0]``.
@@ -518,6 +574,79 @@ def _field_near(front: str, line: int) -> str | None:
     return ".".join(reversed(parts)) or None
 
 
+_LIBYAML_TOO_DEEP = "exceeded maximum nesting depth"
+
+
+def _too_deep_error(mark, front: str, path: str, lim: Limits) -> ManifestError:
+    """The refusal of front matter nested deeper than ``lim.max_manifest_depth``, on the line
+    of ``mark`` (where the first level too many opens)."""
+    line = mark.line + _FRONT_FIRST_LINE
+    return ManifestError(path, line, _field_near(front, line), (
+        f"nested more than {lim.max_manifest_depth} levels deep {_limit_hint(lim, 'max_manifest_depth')}; "
+        "a manifest needs 3 at most (retry.on is a list in a mapping)"))
+
+
+_STREAM_END = re.compile(r", but (?:got|found) '<stream end>'$")
+_UNSTARTABLE = "found character that cannot start any token"
+
+
+def _syntax_error(e: yaml.MarkedYAMLError, front: str, path: str) -> ManifestError:
+    """The refusal of front matter that is not YAML: the line and the field near it, and the
+    problem in the words of PyYAML's pure-Python parser whichever parser found it (libyaml
+    words a few the same problems differently), with a hint where one helps.
+
+    :param e: the parser's (or composer's) error; its marks count characters of ``front``
+        from 0, as both parsers do.
+    :param front: the front matter's text.
+    :param path: the job file, for the error.
+    """
+    mark = e.problem_mark or e.context_mark
+    at_end = mark is not None and mark.index >= len(front)
+    if mark is e.problem_mark and e.context_mark is not None and at_end:
+        # "got <stream end>": the closing '---' line is not where the mistake is.
+        mark = e.context_mark
+    line = mark.line + _FRONT_FIRST_LINE if mark else None
+    field = _field_near(front, line) if line is not None else None
+    problem = e.problem or str(e)
+    # libyaml's words, as PyYAML's own parser says the same.
+    if problem.startswith("did not find expected "):
+        problem = problem.removeprefix("did not find ")
+    problem = problem.replace("are not allowed in this context", "are not allowed here")
+    if problem == _UNSTARTABLE and e.problem_mark is not None and e.problem_mark.index < len(front):
+        problem = f"found character {front[e.problem_mark.index]!r} that cannot start any token"
+    if at_end and problem.startswith("expected "):
+        problem = _STREAM_END.sub("", problem) + " before the front matter ended"
+    if "'\\t'" in problem or "tab character" in problem:
+        # The tab is the mistake; libyaml's context (the scalar on the line above) would mislead.
+        problem += "; indent with spaces, YAML does not allow tabs"
+    elif (e.context and e.context_mark and e.context_mark is not mark
+            and e.context != "while scanning for the next token"):  # libyaml's; says nothing more
+        problem = f"{problem} ({e.context} on line {e.context_mark.line + _FRONT_FIRST_LINE})"
+    return ManifestError(path, line, field, f"invalid YAML: {problem}")
+
+
+_NON_PRINTABLE = yaml.reader.Reader.NON_PRINTABLE
+
+
+def _unprintable_error(e: yaml.reader.ReaderError, front: str, path: str) -> ManifestError:
+    """The refusal of front matter holding a character YAML does not allow (a control
+    character, say), on its line. Found again here: the two parsers report its position
+    differently (characters or UTF-8 bytes), and libyaml not in its words.
+
+    :param e: the reader's error.
+    :param front: the front matter's text.
+    :param path: the job file, for the error.
+    """
+    found = _NON_PRINTABLE.search(front)
+    if found is None:  # libyaml refused what PyYAML's own check allows: say what it said
+        return ManifestError(path, None, None, f"invalid YAML: {e}")
+    line = front.count("\n", 0, found.start()) + _FRONT_FIRST_LINE
+    code = ord(found.group())
+    return ManifestError(path, line, _field_near(front, line), (
+        f"invalid YAML: the character U+{code:04X} is not allowed in YAML (only printable characters "
+        f"are); remove it, or inside double quotes write it as the escape \"\\u{code:04x}\""))
+
+
 def _suggest(name: str, choices: tuple[str, ...]) -> str:
     kebab = name.replace("_", "-").lower()
     if kebab != name and kebab in choices:
@@ -571,9 +700,12 @@ def parse_job_text(text: str, path: str = "<job>", limits: Limits | None = None)
             "keep large inputs in the repository and name them in the prompt"))
 
     lines: dict[str, int] = {}
-    loader = YamlLoader(front)
-    loader.max_depth = lim.max_manifest_depth
+    loader = None
     try:
+        # Built inside the try: the pure-Python reader refuses a non-printable character as
+        # soon as it is given the text (libyaml only when it reaches it).
+        loader = YamlLoader(front)
+        loader.max_depth = lim.max_manifest_depth
         node = loader.get_single_node()
         if node is not None:
             _node_lines(node, "", lines, set(), path)
@@ -584,27 +716,20 @@ def parse_job_text(text: str, path: str = "<job>", limits: Limits | None = None)
                     "bytes (at least)", "write the values out instead of repeating an alias"))
         raw = loader.construct_document(node) if node is not None else None
     except _TooDeep as e:
-        line = e.mark.line + _FRONT_FIRST_LINE
-        raise ManifestError(path, line, _field_near(front, line), (
-            f"nested more than {lim.max_manifest_depth} levels deep {_limit_hint(lim, 'max_manifest_depth')}; "
-            "a manifest needs 3 at most (retry.on is a list in a mapping)")) from None
+        raise _too_deep_error(e.mark, front, path, lim) from None
     except yaml.MarkedYAMLError as e:
-        mark = e.problem_mark or e.context_mark
-        if mark is e.problem_mark and e.context_mark is not None and mark.index >= len(front):
-            # "got <stream end>": the closing '---' line is not where the mistake is.
-            mark = e.context_mark
-        line = mark.line + _FRONT_FIRST_LINE if mark else None
-        field = _field_near(front, line) if line is not None else None
-        problem = e.problem or str(e)
-        if "'\\t'" in problem:
-            problem += "; indent with spaces, YAML does not allow tabs"
-        if e.context and e.context_mark and e.context_mark is not mark:
-            problem = f"{problem} ({e.context} on line {e.context_mark.line + _FRONT_FIRST_LINE})"
-        raise ManifestError(path, line, field, f"invalid YAML: {problem}") from None
+        if e.problem == _LIBYAML_TOO_DEEP and e.problem_mark is not None:
+            # libyaml's own ceiling (1,000 levels), met first when they are all on one line:
+            # its scanner looks that far ahead before the composer counts a level.
+            raise _too_deep_error(e.problem_mark, front, path, lim) from None
+        raise _syntax_error(e, front, path) from None
+    except yaml.reader.ReaderError as e:
+        raise _unprintable_error(e, front, path) from None
     except yaml.YAMLError as e:
         raise ManifestError(path, None, None, f"invalid YAML: {e}") from None
     finally:
-        loader.dispose()
+        if loader is not None:
+            loader.dispose()
 
     def line_of(field: str | None) -> int | None:
         """The line of ``field``, or of the nearest enclosing field that has one."""

@@ -146,13 +146,16 @@ def parse_profile(text: str, path: str, name: str | None = None) -> Profile:
     if len(persona.encode()) > MAX_PERSONA_BYTES:
         raise ProfileError(path, None, f"the persona is {len(persona.encode()):,} bytes, more than "
                                        f"{MAX_PERSONA_BYTES:,}; it is prepended to every prompt, shorten it")
-    loader = YamlLoader(front)
+    loader = None
     try:
+        # Built inside the try: the pure-Python reader refuses a control character at once.
+        loader = YamlLoader(front)
         raw = loader.get_single_data()
     except yaml.YAMLError as e:
         raise ProfileError(path, None, f"invalid YAML: {e}") from None
     finally:
-        loader.dispose()
+        if loader is not None:
+            loader.dispose()
     if not isinstance(raw, dict):
         raise ProfileError(path, None, "the front matter must be a mapping of fields, like 'summary: ...'")
     for key in raw:
