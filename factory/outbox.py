@@ -137,22 +137,36 @@ class Outbox:
         with self._lock:
             self._conn().execute("DELETE FROM outbox WHERE id = ?", (item_id,))
 
-    def mark_done_many(self, item_ids: list[int]) -> None:
+    def mark_done_many(self, item_ids: list[int], *, durable: bool = True) -> None:
         """Remove published items in one transaction (one fsync for a batch, not one per item).
-        Unknown ids are ignored. At most :data:`_PENDING_LIMIT_MAX` ids per call."""
+        Unknown ids are ignored. At most :data:`_PENDING_LIMIT_MAX` ids per call.
+
+        :param item_ids: the items published.
+        :param durable: False: the removal is committed without an fsync (``synchronous =
+            NORMAL`` for this transaction): it survives the process dying, and only a power
+            loss or a crash of the machine may undo it, publishing the items once more at the
+            next start. For a caller whose items are idempotent by id (the spend ledger's
+            records), that costs nothing, and the fsync was most of a removal's cost. The
+            next durable commit (a ``put``) fsyncs the log, and the removal with it."""
         if len(item_ids) > _PENDING_LIMIT_MAX:
             raise ValueError(f"mark_done_many takes at most {_PENDING_LIMIT_MAX} ids, got {len(item_ids)}")
         if not item_ids:
             return
         with self._lock:
             db = self._conn()
-            db.execute("BEGIN IMMEDIATE")
+            if not durable:
+                db.execute("PRAGMA synchronous = NORMAL")
             try:
-                db.executemany("DELETE FROM outbox WHERE id = ?", [(i,) for i in item_ids])
-            except BaseException:
-                db.execute("ROLLBACK")
-                raise
-            db.execute("COMMIT")
+                db.execute("BEGIN IMMEDIATE")
+                try:
+                    db.executemany("DELETE FROM outbox WHERE id = ?", [(i,) for i in item_ids])
+                except BaseException:
+                    db.execute("ROLLBACK")
+                    raise
+                db.execute("COMMIT")
+            finally:
+                if not durable:
+                    db.execute("PRAGMA synchronous = FULL")  # every other commit stays durable
 
     def mark_attempt(self, item_id: int) -> None:
         """Count one more publish attempt for an item."""

@@ -279,7 +279,10 @@ class SpendWriter:
                 # again at the next start, under the same id (stored once within GF_SPEND's
                 # duplicate window), so removing promptly is what keeps it from being counted twice.
                 if done:
-                    await asyncio.shield(asyncio.to_thread(self.outbox.mark_done_many, done))
+                    # Not fsynced: a removal a power loss undoes publishes the records again,
+                    # under the same ids, which GF_SPEND's duplicate window and every reader
+                    # (one record per id, per attempt by seq) count once.
+                    await asyncio.shield(asyncio.to_thread(self.outbox.mark_done_many, done, durable=False))
             if len(done) == len(items) < PUBLISH_BATCH:
                 # All there was is out: a record written meanwhile set ``kick``, and
                 # :meth:`publish_loop` comes back for it (no read just to find nothing).

@@ -213,6 +213,57 @@ def test_published_spend_records_are_removed_together_and_only_those(tmp_path):
     box.close()
 
 
+def test_the_spend_outbox_removes_published_records_without_an_fsync_and_keeps_every_put_durable(
+        nats_server, tmp_path):
+    """The removal of published spend records was an fsync of its own (most of a removal's
+    cost); a removal a power loss undoes only publishes records again under their ids, which
+    count once. The writer removes them with ``synchronous = NORMAL``, and every other commit
+    (each record's put) stays ``FULL``. SQLite's own trace says which setting each ran under."""
+    from gigafactory.broker import Broker
+    from gigafactory.factory.spend import SpendWriter
+    from gigafactory.schemas.spend import SpendRecord
+
+    async def main():
+        b = await Broker.open(nats_server.url, "t", fast_settings())
+        try:
+            await b.ensure_layout()
+            w = SpendWriter(b, tmp_path, "f1", 1, b.settings, [], {})
+            assert w.outbox._db.execute("PRAGMA synchronous").fetchone()[0] == 2, "opened FULL"
+            statements: list[str] = []
+            w.outbox._db.set_trace_callback(statements.append)
+            rec = SpendRecord(id="j.1.1", kind="final", at=1.0, lane="f1/0", lane_kind="live", funding_window="w",
+                              product="p", engine="shell", provider="local", job="j", epoch=1, seq=1,
+                              cost_source="local")
+            w._write(rec, 0.0)
+            assert await asyncio.wait_for(w.publish_pending(), 10) and w.outbox.count() == 0
+            w.outbox._db.set_trace_callback(None)
+            assert w.outbox._db.execute("PRAGMA synchronous").fetchone()[0] == 2, "FULL again"
+            w.outbox.close()
+        finally:
+            await b.close()
+        return statements
+
+    statements = [s.strip() for s in run(main()) if not s.startswith("SELECT")]
+    put = next(i for i, s in enumerate(statements) if s.startswith("INSERT"))
+    delete = next(i for i, s in enumerate(statements) if s.startswith("DELETE"))
+
+    def setting_at(i):
+        pragmas = [s for s in statements[:i] if s.startswith("PRAGMA synchronous")]
+        return pragmas[-1] if pragmas else None
+    assert setting_at(put) is None, "the put ran FULL, as the outbox was opened"
+    assert setting_at(delete) == "PRAGMA synchronous = NORMAL", statements
+    assert statements[-1] == "PRAGMA synchronous = FULL", "restored after the removal"
+    # The default stays durable (the results outbox's removals).
+    from gigafactory.factory.outbox import Outbox
+
+    box = Outbox(str(tmp_path / "o"))
+    seen: list[str] = []
+    box._db.set_trace_callback(seen.append)
+    box.mark_done_many([box.put("event", "j", 1, b"x")])
+    assert not any("synchronous" in s for s in seen) and box.count() == 0
+    box.close()
+
+
 def test_an_attempts_final_spend_record_is_durable_when_written_and_committed_off_the_event_loop(tmp_path):
     """``final`` returns once the record is committed (another process opening the folder sees
     it), and the commit (an fsync) ran on a worker thread: the event loop, which serves every
