@@ -415,12 +415,10 @@ class Execute:
                               f"running on {self.id}/{run.station} (started with its claim)",
                               data={} if stage_from else {"with_claim": True})
             renewer = asyncio.create_task(self._renew_loop(run))
-            # The job's `gigafactory fence` asks this socket: the factory renews for it, so the
-            # job never holds the factory's identity (fence_socket.py). An engine known to start
-            # no process (noop) gets none: nothing could ask it.
-            known = engines.get(engine or run.record.manifest.engine or "")
+            # The job's `gigafactory fence` asks this socket (the factory renews for it: the job
+            # never holds its identity). An engine starting no process (noop) gets none.
             try:
-                if known is None or known.starts_process:
+                if getattr(engines.get(engine or run.record.manifest.engine or ""), "starts_process", True):
                     run.fence_socket = await fence_socket.serve(
                         lambda want_s: self._fence_for_job(run, want_s), job=run.job, epoch=run.epoch,
                         factory=self.id, renew_timeout_s=self.settings.request_timeout_s * 2,
