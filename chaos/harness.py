@@ -45,7 +45,6 @@ import os
 import random
 import secrets
 import shlex
-import signal
 import sqlite3
 import sys
 import time

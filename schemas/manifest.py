@@ -668,9 +668,21 @@ def parse_job_text(text: str, path: str = "<job>", limits: Limits | None = None)
     lim = limits or Limits()
     # Sizes first, before any parsing: the cheapest refusal, and the parser never sees a
     # file it could spend seconds on.
-    if len(text) > lim.max_job_file_bytes or len(text.encode()) > lim.max_job_file_bytes:
+    if len(text) > lim.max_job_file_bytes:
         raise ManifestError(path, None, None, lim.refusal(
-            "max_job_file_bytes", "the job file", len(text.encode()), "bytes",
+            "max_job_file_bytes", "the job file", len(text), "characters (at least as many bytes)",
+            "keep large inputs in the repository and name them in the prompt"))
+    try:
+        size_bytes = len(text.encode())
+    except UnicodeEncodeError as e:
+        # A lone surrogate (an API body with a broken "\ud800" escape, a file read with
+        # surrogateescape) is no text at all: refuse it here, named, not deep in a writer.
+        raise ManifestError(path, text.count("\n", 0, e.start) + 1, None,
+                            f"character {e.start + 1} is U+{ord(text[e.start]):04X}, a lone surrogate, which is "
+                            "not valid Unicode: send the job file as UTF-8 text") from None
+    if size_bytes > lim.max_job_file_bytes:
+        raise ManifestError(path, None, None, lim.refusal(
+            "max_job_file_bytes", "the job file", size_bytes, "bytes",
             "keep large inputs in the repository and name them in the prompt"))
     m = _FRONT.match(text)
     if not m:

@@ -46,6 +46,8 @@ from .manifest import (
     ReviewPolicy,
     ShipAs,
     YamlLoader,
+    _syntax_error,
+    _unprintable_error,
     parse_duration,
 )
 
@@ -63,10 +65,11 @@ _FRONT = re.compile(r"\A(?:\ufeff)?---[ \t]*\r?\n(.*?\r?\n)?---[ \t]*(?:\r?\n|\Z
 class ProfileError(ValueError):
     """A profile is invalid or unknown. ``str()`` names the file, the field and the fix."""
 
-    def __init__(self, path: str, field: str | None, message: str) -> None:
-        self.path, self.field, self.message = path, field, message
+    def __init__(self, path: str, field: str | None, message: str, line: int | None = None) -> None:
+        self.path, self.field, self.message, self.line = path, field, message, line
+        where = path if line is None else f"{path}:{line}"
         what = f" field '{field}':" if field else ""
-        super().__init__(f"{path}:{what} {message}")
+        super().__init__(f"{where}:{what} {message}")
 
 
 class ProfileFields(msgspec.Struct, rename="kebab", forbid_unknown_fields=True, omit_defaults=True):
@@ -151,6 +154,13 @@ def parse_profile(text: str, path: str, name: str | None = None) -> Profile:
         # Built inside the try: the pure-Python reader refuses a control character at once.
         loader = YamlLoader(front)
         raw = loader.get_single_data()
+    except yaml.MarkedYAMLError as e:
+        # Worded and placed as a job file's: the line counts from the start of the file.
+        found = _syntax_error(e, front, path)
+        raise ProfileError(path, found.field, found.message, found.line) from None
+    except yaml.reader.ReaderError as e:
+        found = _unprintable_error(e, front, path)
+        raise ProfileError(path, found.field, found.message, found.line) from None
     except yaml.YAMLError as e:
         raise ProfileError(path, None, f"invalid YAML: {e}") from None
     finally:

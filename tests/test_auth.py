@@ -324,7 +324,7 @@ def test_revoking_a_factory_closes_its_connection_and_refuses_it_from_then_on(na
         async def quiet(_e):
             pass
 
-        nc = await nats.connect(nats_server.url, nkeys_seed_str=creds.seed, closed_cb=on_closed, error_cb=quiet,
+        _nc = await nats.connect(nats_server.url, nkeys_seed_str=creds.seed, closed_cb=on_closed, error_cb=quiet,
                                 max_reconnect_attempts=2, reconnect_time_wait=0.1)
         nats_server.identities.revoke("fr")
         nats_server.reload(nats_server.identities.users())

@@ -475,7 +475,7 @@ def test_a_coordinator_and_a_factory_ship_a_job_through_the_tls_cluster_with_the
                               env=service_env(name, secrets, tls_cluster, tmp_path / name)))
         # The factory service's own command: claim an identity, then run the factory with it.
         fcmd = services["factory"]["command"]
-        claim, folder, gf = fcmd[:2], fcmd[2], fcmd[3:]
+        _claim, folder, gf = fcmd[:2], fcmd[2], fcmd[3:]
         gf = [*gigafactory_cmd(), *gf[1:]]
         gf[gf.index("--metrics-port") + 1] = "0"
         assert folder == SECRETS_IN_CONTAINER

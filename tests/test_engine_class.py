@@ -253,7 +253,7 @@ def test_an_engine_class_job_takes_a_free_seat_in_prefers_order_and_gives_back_t
             assert (att["engine"], att["engine_version"]) == ("fake-claude", "2.1.7")
             assert att["attribution"]["engine"] == "fake-claude"
             text = (await _cli(nats_server.url, "status", b)).stdout
-            assert f"on seats/" in text and " with fake-codex: passed" in text, text
+            assert "on seats/" in text and " with fake-codex: passed" in text, text
 
     run(main(), 150)
 

@@ -9,7 +9,7 @@ import asyncio
 
 import msgspec
 import pytest
-from helpers import Fleet, eventually, fast_settings, job_text, run
+from helpers import Fleet, eventually, fast_settings, run
 
 from gigafactory.coordinator import intake
 from gigafactory.coordinator.intake import ensure_pool

@@ -325,7 +325,7 @@ def test_three_thousand_files_of_one_name_get_three_thousand_ids(nats_server, tm
             text = fleet.job("echo lt", capabilities=UNOBTAINABLE)
             ids: list[str] = []
             for _ in range(3):
-                ids += [j["job"] for j in await fleet.submit(*((f"loads/lt-0.md", text) for _ in range(1000)))]
+                ids += [j["job"] for j in await fleet.submit(*(("loads/lt-0.md", text) for _ in range(1000)))]
             assert len(set(ids)) == 3000
             assert all(names.is_job_id(j) and j.startswith("lt-0-") for j in ids)
             # 80 random bits (16 of base 32): 3 random bytes collided in 27% of such runs.

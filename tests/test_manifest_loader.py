@@ -204,3 +204,32 @@ def test_without_libyaml_the_module_falls_back_to_the_pure_python_loader():
 
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "j.md:3: field 'cwd': invalid YAML: expected ',' or ']' before the front matter ended"
+
+
+@pytest.mark.parametrize("where, text, line", [
+    ("the prompt", "---\nengine: shell\ncwd: .\n---\nfix \ud800 this\n", 5),
+    ("a field", "---\nengine: shell\ncwd: \"a\udc80\"\n---\nhello\n", 3),
+])
+def test_a_lone_surrogate_is_a_manifest_error_naming_its_line_not_a_unicode_crash(where, text, line):
+    # A JSON body with a broken "\ud800" escape decodes to such a string; it is no text,
+    # and it used to escape as UnicodeEncodeError from the size check.
+    with pytest.raises(ManifestError) as e:
+        parse_job_text(text, "api/bad.md")
+    assert e.value.line == line, where
+    assert "lone surrogate" in str(e.value) and "api/bad.md" in str(e.value)
+
+
+@pytest.mark.parametrize("front, line, field, words", [
+    ("summary: ok\nbad: [unclosed\n", 3, "bad", "expected ',' or ']'"),
+    ("summary: ok\nmodel: x\n  effort: high\n", 4, "model.effort", "mapping values are not allowed here"),
+    ("summary: a \x07 bell\n", 2, "summary", "U+0007 is not allowed"),
+])
+def test_a_profile_s_yaml_error_names_its_line_in_the_file_and_the_field_as_a_job_file_s_does(loader, front, line,
+                                                                                             field, words):
+    # The front matter starts on the file's line 2: a line counted from the front matter
+    # was one too small.
+    with pytest.raises(profiles.ProfileError) as caught:
+        profiles.parse_profile(f"---\n{front}---\nYou are careful.\n", "p/careful.md")
+    e = caught.value
+    assert (e.line, e.field) == (line, field)
+    assert words in e.message and str(e).startswith(f"p/careful.md:{line}: field '{field}':")

@@ -6,7 +6,6 @@ and nats-server."""
 
 from __future__ import annotations
 
-import asyncio
 import datetime
 
 import pytest
