@@ -54,6 +54,7 @@ from gigafactory.schemas.halt import HaltState
 from gigafactory.schemas.records import EventRecord, FactoryRecord, IdleReason, Station, encode
 
 from . import engines
+from . import fence_socket
 from . import probe as probe_mod
 from .audit import EVENT_QUEUE_MAX, EVENT_RETRY_MAX_S, EVENT_RETRY_MIN_S, AuditQueue
 from .engines.base import credential_fingerprint
@@ -285,6 +286,9 @@ class Factory(Stations, AuditQueue, Pools, Holder, Execute, Reporting, Ship, Che
         for st in self.record.stations:
             self._note_station(st.index)
         await self._ws_clean_at_start()  # before any claim: nothing of ours uses them yet
+        swept = await asyncio.to_thread(fence_socket.sweep_stale_folders_once)
+        if swept:
+            log.info("%s: removed %d fence socket folders of factories that were killed", self.id, swept)
         await refresh_halt(self)  # the kill switch, before any claim; then followed (halting.py)
         await self._heartbeat()
         for st in self.record.stations:

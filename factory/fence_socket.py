@@ -27,7 +27,9 @@ import asyncio
 import contextlib
 import logging
 import os
+import re
 import shutil
+import socket
 import tempfile
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -109,15 +111,104 @@ Renew = Callable[[float | None], Awaitable[Verdict]]
 """The factory's renewal for the attempt: ``min_remaining_s`` in, the verdict out."""
 
 
+SWEEP_MAX_ENTRIES = 10_000
+"""Most entries of a temporary folder a factory looks through at start for the socket folders
+of dead factories (:func:`sweep_stale_folders`): a bounded start, whatever else is there."""
+
+_FOLDER = re.compile(r"gf-fence-(\d+)-")
+
+
+def _prefix() -> str:
+    """The folder name's start: it names the process that serves the socket, so that a later
+    factory can tell the folders a SIGKILLed one left behind (:func:`sweep_stale_folders`)."""
+    return f"gf-fence-{os.getpid()}-"
+
+
 def socket_folder(base: str | None = None) -> str:
     """A fresh folder (mode 0700) for one attempt's socket, under ``base`` or the temporary
     folder; ``/tmp`` when that path would make the socket's too long for the kernel.
 
     :param base: where to make it (None: :func:`tempfile.gettempdir`)."""
     base = base or tempfile.gettempdir()
-    if len(os.fsencode(os.path.join(base, "gf-fence-XXXXXXXX", "fence.sock"))) > FENCE_SOCKET_PATH_MAX_BYTES:
+    prefix = _prefix()
+    if len(os.fsencode(os.path.join(base, prefix + "XXXXXXXX", "fence.sock"))) > FENCE_SOCKET_PATH_MAX_BYTES:
         base = "/tmp"
-    return tempfile.mkdtemp(prefix="gf-fence-", dir=base)  # mkdtemp: 0700, a name nobody else has
+    return tempfile.mkdtemp(prefix=prefix, dir=base)  # mkdtemp: 0700, a name nobody else has
+
+
+def _alive(pid: int) -> bool:
+    """Whether a process ``pid`` exists here (one of another user counts as alive)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True
+    return True
+
+
+def _served(path: str) -> bool:
+    """Whether something answers on the socket at ``path``: a folder whose process looks dead
+    may be a live factory's in another pid namespace sharing this folder. Only a refused
+    connection (or no socket at all) says nobody does."""
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        s.settimeout(0.5)
+        s.connect(path)
+    except (ConnectionRefusedError, FileNotFoundError):
+        return False
+    except OSError:
+        return True  # cannot tell (permissions, a timeout): keep it
+    finally:
+        s.close()
+    return True
+
+
+_swept = False
+
+
+def sweep_stale_folders_once() -> int:
+    """:func:`sweep_stale_folders` at the first call in this process (a fleet host starts
+    many factories; one look is enough), then 0."""
+    global _swept
+    if _swept:
+        return 0
+    _swept = True
+    return sweep_stale_folders()
+
+
+def sweep_stale_folders(bases: list[str] | None = None) -> int:
+    """Remove the socket folders that factories killed without their clean-up (SIGKILL, a
+    power loss) left in ``bases``: those whose process is gone and whose socket nobody serves.
+    Harmless but never swept otherwise, they pile up in ``/tmp`` one per interrupted attempt.
+    Folders of the older naming (no process id) are left alone: nothing says whose they are.
+    Looks through at most :data:`SWEEP_MAX_ENTRIES` entries per folder. Blocking: call it off
+    the event loop.
+
+    :param bases: the folders to look in (None: the temporary folder and ``/tmp``, where
+        :func:`socket_folder` makes them).
+    :returns: how many folders were removed."""
+    removed = 0
+    for base in dict.fromkeys(bases or [tempfile.gettempdir(), "/tmp"]):
+        try:
+            entries = os.scandir(base)
+        except OSError:
+            continue
+        with entries:
+            for n, entry in enumerate(entries):
+                if n >= SWEEP_MAX_ENTRIES:
+                    break
+                m = _FOLDER.match(entry.name)
+                if m is None or int(m.group(1)) == os.getpid() or _alive(int(m.group(1))):
+                    continue
+                try:
+                    if not entry.is_dir(follow_symlinks=False) or _served(os.path.join(entry.path, "fence.sock")):
+                        continue
+                except OSError:
+                    continue
+                shutil.rmtree(entry.path, ignore_errors=True)
+                removed += not os.path.lexists(entry.path)
+    return removed
 
 
 @dataclass

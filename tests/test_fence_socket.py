@@ -6,11 +6,17 @@ from __future__ import annotations
 
 import asyncio
 import os
+import pathlib
 import shutil
+import signal
+import socket
 import stat
+import subprocess
+import sys
+import tempfile
 
 import pytest
-from helpers import Fleet, eventually, fast_settings, run
+from helpers import Fleet, Proc, eventually, fast_env, fast_settings, kill_group, run
 
 from gigafactory.factory import fence_socket as fs
 
@@ -156,5 +162,98 @@ def test_under_bwrap_a_job_fences_through_its_socket(nats_server, tmp_path):
             rec = await fleet.wait_stage(job, "shipped", "failed", "dead_letter", timeout_s=40)
             assert str(rec.stage) == "shipped", rec.attempts[-1].detail
             assert (fleet.repo / "fence.txt").read_text().split() == ["fence", "0"]
+
+    run(main(), 80)
+
+
+# -- folders left by killed factories -----------------------------------------------------------
+
+
+def _dead_pid() -> int:
+    """The id of a process that has ended (and been reaped)."""
+    p = subprocess.Popen(["true"])
+    p.wait()
+    return p.pid
+
+
+def _refusing_socket(path) -> None:
+    """A socket file nobody serves any more, as a SIGKILLed factory leaves it."""
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.bind(str(path))
+    s.close()
+
+
+@pytest.fixture
+def short_tmp():
+    """A folder with a short path (a socket's path has at most 108 bytes; pytest's are long)."""
+    d = tempfile.mkdtemp(prefix="gft-", dir="/tmp")
+    yield pathlib.Path(d)
+    shutil.rmtree(d, ignore_errors=True)
+
+
+def test_the_sweep_removes_only_folders_whose_process_is_gone_and_whose_socket_nobody_serves(short_tmp):
+    tmp_path = short_tmp
+    dead = _dead_pid()
+    stale = tmp_path / f"gf-fence-{dead}-abcd1234"
+    stale.mkdir()
+    _refusing_socket(stale / "fence.sock")
+    empty = tmp_path / f"gf-fence-{dead}-nosocket"  # killed between the folder and its socket
+    empty.mkdir()
+    alive = tmp_path / f"gf-fence-{os.getppid()}-efgh5678"  # a running process's: kept
+    alive.mkdir()
+    _refusing_socket(alive / "fence.sock")
+    old_name = tmp_path / "gf-fence-k2j4h5g6"  # the older naming says nothing of its process: kept
+    old_name.mkdir()
+    other = tmp_path / f"gf-fenced-{dead}-x"  # not ours at all
+    other.mkdir()
+    served = tmp_path / f"gf-fence-{dead}-served00"  # another pid namespace's live factory: kept
+    served.mkdir()
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(served / "fence.sock"))
+    listener.listen(1)
+    try:
+        assert fs.sweep_stale_folders([str(tmp_path)]) == 2
+    finally:
+        listener.close()
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        [alive.name, old_name.name, other.name, served.name])
+
+
+def test_a_factory_sweeps_the_socket_folder_a_sigkilled_factory_left_behind(nats_server, tmp_path, short_tmp):
+    """A factory killed mid-run cannot remove its attempt's socket folder; the next factory
+    started with the same temporary folder does."""
+    tmp = short_tmp
+    d = tmp_path / "side"
+    d.mkdir()
+
+    def factory(name: str) -> Proc:
+        return Proc([sys.executable, "-m", "gigafactory", "factory", "--nats", nats_server.url, "--id", name,
+                     "--no-probe", "--stations", "1", "--data-dir", str(tmp_path / f"{name}-data"),
+                     "--workspace", str(tmp_path / f"{name}-work")],
+                    tmp_path / f"{name}.log", env={**fast_env(), "TMPDIR": str(tmp)})
+
+    async def main():
+        async with Fleet(nats_server.url, tmp_path) as fleet:
+            victim = factory("victim")
+            heir = None
+            try:
+                await eventually(lambda: "victim" in fleet.coordinator.view.factories, 30, what="victim registered")
+                await fleet.submit_one(fleet.job(f'echo $$ > {d}/pid; echo "$GF_FENCE_SOCKET" > {d}/sock; '
+                                                 'exec sleep 60', retry={"max": 0}))
+                await eventually(lambda: (d / "sock").exists() and (d / "pid").exists(), 20, what="the job started")
+                left = os.path.dirname((d / "sock").read_text().strip())
+                assert os.path.dirname(left) == str(tmp) and os.path.basename(left).startswith(
+                    f"gf-fence-{victim.p.pid}-")
+                victim.signal(signal.SIGKILL)
+                assert victim.wait(10) == -signal.SIGKILL
+                kill_group(int((d / "pid").read_text()))
+                assert os.path.isdir(left)  # nothing removed it
+                heir = factory("heir")
+                await eventually(lambda: not os.path.exists(left), 30, what="the heir swept the folder")
+                assert "removed 1 fence socket folders" in (tmp_path / "heir.log").read_text()
+            finally:
+                victim.close()
+                if heir is not None:
+                    heir.close()
 
     run(main(), 80)
