@@ -34,9 +34,11 @@ The invariants (names as they appear in reports):
 ``stale_write_accepted``
     A holder's write (``started``, ``finished``, ``handed_back``) carries the epoch and the
     factory of the job's latest claim, and that lease was not ended since (by a reaper's
-    requeue, a cancel, a hand back or a result). A ``started`` of a claim straight into
-    ``building`` (``data.with_claim``) is the claim's own write: only its holder and epoch are
-    judged. A write from a stale epoch must have been
+    requeue, a cancel, a hand back or a result). A claim straight into ``building``
+    (``claimed`` with ``data.started``) is the run's start: it is counted as one (``started``)
+    and no ``started`` event follows it. A ``started`` with ``data.with_claim`` (what an older
+    factory published after such a claim) names the claim's own write: only its holder and
+    epoch are judged, and it is not counted again. A write from a stale epoch must have been
     refused; refusals appear as ``fenced`` events, which are counted, not judged.
 ``record_consistent``
     Each record is internally consistent: a lease exactly in ``assigned``/``building``, at
@@ -455,11 +457,20 @@ def _check_settled(found: _Findings, rec: JobRecord, allow_in_flight: bool) -> N
 
 
 def _with_claim(ev: EventRecord) -> bool:
-    """A ``started`` event of a claim straight into ``building`` (``claim_started``): it names
-    no write of its own but the claim's, so it is judged with the claim (its holder and epoch),
-    not by when it was published: a factory paused between publishing ``claimed`` and
-    ``started`` publishes the second after a reaper may have ended the lease."""
+    """A ``started`` event of a claim straight into ``building`` (``claim_started``), as an
+    older factory published it after its ``claimed``: it names no write of its own but the
+    claim's, so it is judged with the claim (its holder and epoch), not by when it was
+    published (a factory paused between publishing ``claimed`` and ``started`` publishes the
+    second after a reaper may have ended the lease), and the claim counted the start already.
+    Current factories publish no such event: the ``claimed`` is the start
+    (:func:`_claim_started`)."""
     return ev.kind == "started" and bool((ev.data or {}).get("with_claim"))
+
+
+def _claim_started(ev: EventRecord) -> bool:
+    """A ``claimed`` event whose compare-and-set moved the job straight into ``building``
+    (``data.started``): the claim is also the run's start, counted as a ``started``."""
+    return ev.kind == "claimed" and bool((ev.data or {}).get("started"))
 
 
 def _check_trail(found: _Findings, counts: Counter, jid: str, evs: list[EventRecord], rec: JobRecord | None) -> None:
@@ -489,8 +500,11 @@ def _check_trail(found: _Findings, counts: Counter, jid: str, evs: list[EventRec
             claims.setdefault(ev.epoch, holder)
             last_claim = (ev.epoch, ev.factory)
             lease_open, ended_by = True, ""
+            if _claim_started(ev):
+                counts["started"] += 1  # the claim is the start: one count per run, as before
         elif kind in HOLDER_WRITES:
-            counts[kind] += 1
+            if not _with_claim(ev):  # an older factory's echo of a started claim, counted with it
+                counts[kind] += 1
             if ev.epoch is None or ev.factory is None:
                 found.add("audit_well_formed", jid, f"{where} lacks its epoch or factory")
                 continue

@@ -961,8 +961,7 @@ class Sim:
             result = CONFLICT if rev is None else rev
             if rev is not None and audit:
                 req.slot = len(self.events)
-                # ``audit`` events say this write, in its place in the audit (a claim that
-                # started the run has two: ``claimed``, then ``started``).
+                # ``audit`` events say this write, in its place in the audit.
                 self.events.extend([None] * int(audit))
         elif op == "follower_get":  # a replica that lags; value is (factory, epoch) asking
             lag_s = self.rng.uniform(0.0, self.fc.follower_lag_s) if self.fc.follower_lag_s else 0.0
@@ -1095,7 +1094,7 @@ class Sim:
         sent_at = self.t
         self._send(f, "update", jid,
                    lambda r, slot: self._claimed(f, inc, jid, station, then, out, r, slot, sent_at),
-                   out.record, rev, audit=2 if out.record.stage is Stage.BUILDING else 1)
+                   out.record, rev, audit=1)
 
     def _claimed(self, f: SimFactory, inc: int, jid: str, station: int, then: Callable, out: protocol.Outcome,
                  res, slot: int | None, sent_at: float = 0.0) -> None:
@@ -1117,8 +1116,9 @@ class Sim:
                                     **({"started": True} if started else {})}), slot)
         self.note(f.id, "claimed", jid, rec.epoch)
         if started:
-            # No start write: the claim was it, and the lease counts from when it was sent.
-            self._started(f, inc, run, out, None if slot is None else slot + 1, with_claim=True)
+            # No start write and no ``started`` event: the claim was it (its ``claimed`` says
+            # ``started``), and the lease counts from when it was sent.
+            self._started(f, inc, run, out, None, with_claim=True)
         elif rec.manifest.lock:
             lock_sent_at = self.t
             self._send(f, "lock", rec.manifest.lock, lambda r, _s: self._locked(f, inc, run, r, lock_sent_at),
@@ -1285,11 +1285,9 @@ class Sim:
     def _started(self, f: SimFactory, inc: int, run: SimRun, res, slot: int | None, with_claim: bool = False) -> None:
         if not isinstance(res, protocol.Outcome):
             return self._end_run(f, run)  # fenced, or an error: production logs it and frees the station
-        if with_claim:  # as Execute._execute_attempt: the engine starts, the stage moved with the claim
-            self.emit(EventRecord(kind="started", at=self.t + f.clock_offset, job=run.job, epoch=run.epoch,
-                                  factory=f.id, actor=f.id, reason=f"running on {f.id}/{run.station} (started "
-                                  "with its claim)", data={"with_claim": True}), slot)
-        else:
+        # As Execute._execute_attempt: a run the claim started has no event of its own (the
+        # ``claimed`` said it); a start write has its ``started``.
+        if not with_claim:
             self.emit(EventRecord(kind="started", at=self.t + f.clock_offset, job=run.job, stage_from="assigned",
                                   stage_to="building", epoch=run.epoch, factory=f.id, actor=f.id,
                                   reason=res.reason), slot)

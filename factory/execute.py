@@ -345,8 +345,9 @@ class Execute:
         self._set_station(run.station, run.job, run.epoch)
         log.info("%s: claimed %s (attempt %d, epoch %d, via %s, station %d)", self.id, run.job, run.record.attempt,
                  run.epoch, via, run.station)
-        # A claim that started the run says so (stage_to ``building``); its ``started`` event
-        # still follows, when the engine is about to run (:meth:`_execute_attempt`).
+        # A claim that started the run says so (stage_to ``building``, ``data.started``): it is
+        # the run's start, and no ``started`` event follows (:meth:`_execute_attempt`), one
+        # audit message per job fewer for the broker, this factory and the coordinator.
         await self._event("claimed", job=run.job, epoch=run.epoch, stage_from="queued",
                           stage_to=str(run.record.stage), reason=reason,
                           data={"station": run.station, "attempt": run.record.attempt, "via": via, "engine": seat,
@@ -383,8 +384,7 @@ class Execute:
             if run.started_sent_s is not None:
                 # Claimed straight into building (no lock to take first): the claim's write
                 # started the run, and the lease counts from when that write was sent.
-                sent_s, started = run.started_sent_s, run.record
-                stage_from = None
+                sent_s, started = run.started_sent_s, None
             else:
                 if m.lock:
                     holder = await self._acquire_lock(run, m.lock)
@@ -398,7 +398,6 @@ class Execute:
                 started = await self._write(run, lambda r: protocol.start(r, self.id, run.epoch, time.time()))
                 if started is None:
                     return
-                stage_from = "assigned"
             if run.lock_sent_s is not None:
                 # The lock entry may be older than the start write (a start that took retries):
                 # the engine must stop before the lock can be presumed free, too.
@@ -407,13 +406,11 @@ class Execute:
                 # Measured from when the write was *sent*: the broker stamped it later, so the
                 # reaper's clock starts later than ours (conservative).
                 run.fence = shell.FenceDeadline(self._fence_deadline_s(sent_s), self.settings.fence_kill_grace_s)
-            # After a claim that started the run, the stage moved with the claim (its event
-            # says ``stage_to: building``): this one says the engine starts, with no transition.
-            await self._event("started", job=run.job, epoch=run.epoch, stage_from=stage_from,
-                              stage_to="building" if stage_from else None,
-                              reason=started.reason if stage_from else
-                              f"running on {self.id}/{run.station} (started with its claim)",
-                              data={} if stage_from else {"with_claim": True})
+            if started is not None:
+                # The start write's event. A claim that started the run said so itself
+                # (``claimed`` with ``data.started``): that write has no second event.
+                await self._event("started", job=run.job, epoch=run.epoch, stage_from="assigned",
+                                  stage_to="building", reason=started.reason)
             renewer = asyncio.create_task(self._renew_loop(run))
             # The job's `gigafactory fence` asks this socket (the factory renews for it: the job
             # never holds its identity). An engine starting no process (noop) gets none.

@@ -64,7 +64,8 @@ class Event(enum.StrEnum):
     CLAIM_STARTED = "claim_started"
     """A claim whose engine starts at once (no lock to take first): ``queued -> building`` in
     one compare-and-set, the shortcut of ``claim`` then ``start`` (the lease, epoch and attempt
-    are the claim's; the holder's ``started`` event still follows)."""
+    are the claim's). Its ``claimed`` event (``data.started``) is the run's start: no
+    ``started`` event follows it."""
     START = "start"
     VERIFIED = "verified"
     NEEDS_REVIEW = "needs_review"

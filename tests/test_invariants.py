@@ -760,3 +760,57 @@ def test_the_started_event_of_a_claim_into_building_published_after_a_reclaim_is
     assert "stale_write_accepted" in names(check({"j1": failed}, [submitted(), claimed(1), reaped(2), started(1)]))
     other = msgspec.structs.replace(late, factory="f2")
     assert "stale_write_accepted" in names(check({"j1": failed}, [submitted(), claimed(1), reaped(2), other]))
+
+
+def claimed_started(epoch: int, factory: str = "f1", job: str = "j1", station: int = 0) -> EventRecord:
+    """A claim straight into building, as the factory publishes it: the run's start, no
+    `started` event after it."""
+    return ev("claimed", job, epoch, factory, "queued", "building", station=station, started=True)
+
+
+def started_claim_history() -> tuple[dict[str, JobRecord], list[EventRecord]]:
+    """j1: claimed straight into building by f1 at epoch 1 (no `started`), passed, shipped."""
+    rec = p.claim(queued(), "f1", 0, T0 + 1, start=True).record
+    rec = p.finish(rec, "f1", 1, T0 + 3, failure=None).record
+    rec = p.ship(rec, T0 + 4, "alice").record
+    events = [submitted(), ev("dispatched", epoch=0, stage_from="queued", stage_to="queued"),
+              claimed_started(1), finished(1),
+              ev("ship", epoch=1, stage_from="testing", stage_to="shipped", actor="operator")]
+    return {"j1": rec}, events
+
+
+def test_a_claim_straight_into_building_is_the_start_and_the_holders_result_after_it_is_valid():
+    jobs, events = started_claim_history()
+    r = check(jobs, events, strict_audit=True)
+    assert r.ok, r.to_text()
+    # One claim, one start (the claim's), one result: as the two-write form counts them.
+    assert (r.counts["claims"], r.counts["started"], r.counts["finished"]) == (1, 1, 1)
+    two_writes = check(*shipped_history(), strict_audit=True)
+    assert {k: r.counts[k] for k in ("claims", "started", "finished")} == \
+        {k: two_writes.counts[k] for k in ("claims", "started", "finished")}
+    # A claim into assigned is not a start (its holder's `started` is).
+    assert check(jobs, [submitted(), claimed(1)], allow_in_flight=True).counts["started"] == 0
+
+
+def test_writes_after_a_claim_straight_into_building_are_judged_against_that_claim():
+    jobs, events = started_claim_history()
+    # A result by another factory, or at another epoch, is a stale write.
+    for bad in (finished(1, factory="f2"), finished(2)):
+        r = check(jobs, [*events[:3], bad, *events[4:]])
+        assert "stale_write_accepted" in names(r), r.to_text()
+    # A result after the reaper took that lease away is one too.
+    failed = queued(stage=Stage.FAILED, epoch=3, reason="setup_failed: sim")
+    assert "stale_write_accepted" in names(check({"j1": failed}, [submitted(), claimed_started(1), reaped(2),
+                                                                 finished(1)]))
+    # A second claim of the epoch is a second holder, started or not.
+    assert "unique_holder" in names(check(jobs, [*events[:3], claimed_started(1, "f2"), *events[3:]]))
+
+
+def test_an_older_factorys_started_after_its_claim_into_building_is_accepted_and_counted_once():
+    """Records written before the claim became the start: `claimed` (started) then a `started`
+    with `with_claim` naming the same write. Still valid, still one start."""
+    jobs, events = started_claim_history()
+    echo = ev("started", "j1", 1, "f1", with_claim=True)
+    r = check(jobs, [*events[:3], echo, *events[3:]], strict_audit=True)
+    assert r.ok, r.to_text()
+    assert (r.counts["claims"], r.counts["started"]) == (1, 1)

@@ -377,3 +377,29 @@ def test_the_cli_is_one_click_command_with_choices():
     assert "python -m" not in r.stdout
     r = _sim_process("--broken", "no_such_bug")
     assert r.returncode == 2 and "no broken variant 'no_such_bug'" in r.stderr and "no_fence" in r.stderr, r.stderr
+
+
+def test_the_simulated_factory_publishes_one_start_per_run_as_the_real_one_does():
+    """As Execute: a claim straight into building is the run's start (``claimed`` with
+    ``started``) and no ``started`` event follows it; a claim into ``assigned`` (a job with a
+    lock) is followed by at most its start write's ``started``. The checker counts one start
+    per run. Healthy fleets and faulty ones (where the lock jobs are)."""
+    into_building = into_assigned = 0
+    for seed in range(30):
+        res = simulate(seed, faults=FaultConfig.none() if seed % 2 else None)
+        assert res.ok, res.summary()
+        starts = Counter((e.job, e.epoch) for e in res.events if e.kind == "started")
+        assert not any(e.data.get("with_claim") for e in res.events if e.kind == "started"), seed
+        for e in res.events:
+            if e.kind != "claimed":
+                continue
+            if e.data.get("started"):
+                assert e.stage_to == "building" and starts[(e.job, e.epoch)] == 0, (seed, e)
+                into_building += 1
+            else:
+                assert e.stage_to == "assigned" and starts[(e.job, e.epoch)] <= 1, (seed, e)
+                into_assigned += 1
+        claimed_started = sum(1 for e in res.events if e.kind == "claimed" and e.data.get("started"))
+        assert res.report.counts["started"] == claimed_started + sum(starts.values()), seed
+    # Both forms happened (jobs with and without a lock).
+    assert into_building > 0 and into_assigned > 0

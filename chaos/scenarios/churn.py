@@ -198,12 +198,13 @@ async def factory_churn(cfg: ScenarioConfig) -> ScenarioResult:
                 rec = reclaims.get((job, epoch))
                 if rec is None:
                     continue
-                # A `started` of a claim straight into building is the claim's write, made
-                # before the hit: published after it when the factory was paused in between.
+                # A claim straight into building is the run's start and has no `started` of
+                # its own, so every `started` here names a start write of its own. A `claimed`
+                # published after the reclaim (paused between its write and its event) is the
+                # claim's write, made before the hit: not counted.
                 zombie_ships += sum(1 for a in by_job.get(job, ()) if a.ts > rec.ts and a.event.epoch == epoch
                                     and a.event.factory == hit.factory
-                                    and a.event.kind in ("finished", "started", "handed_back")
-                                    and not (a.event.data or {}).get("with_claim"))
+                                    and a.event.kind in ("finished", "started", "handed_back"))
         exp.expect(zombie_ships == 0, f"{zombie_ships} write(s) by a factory under an epoch it had lost")
         own_paused = {lease for h in pauses for lease in own_leases(h, lab.hits)}
         paused_leases = sum(1 for job, epoch in own_paused if (job, epoch) in reclaims)
