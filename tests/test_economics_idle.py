@@ -156,6 +156,45 @@ def test_a_station_taking_job_after_job_sends_no_station_event(nats_server, tmp_
     asyncio.run(main())
 
 
+def test_a_class_that_changed_between_the_end_event_and_the_release_is_said_at_the_release(nats_server, tmp_path):
+    """The end event says the class the station would take then; a halt that arrives before the
+    run releases its station changes it, and the release says so with a ``station`` event."""
+    import msgspec
+
+    from gigafactory.factory.holder import Run
+    from gigafactory.schemas.records import JobRecord
+
+    async def main():
+        async with Fleet(nats_server.url, tmp_path) as fleet:
+            f = await fleet.add_factory("r-1", stations=1)
+            since = time.time() - 1
+            idx = await f._take_station(None)
+            assert idx == 0
+            rec = msgspec.json.decode(msgspec.json.encode({
+                "id": "jx", "manifest": {}, "body": "", "source": "t", "content_hash": "h", "submitted_at": 0.0,
+                "pool": "p", "requirements": [], "stage": "building", "epoch": 1}), type=JobRecord)
+            run = Run("jx", 1, idx, 1, rec)
+            f.runs[("jx", 1)] = run
+            f._set_station(idx, "jx", 1)
+            said = f._station_after_run(run)
+            assert said == {"station": 0, "station_class": "no-work"}
+            assert f._station_after_run(Run("jx", 1, idx, 1, rec)) == {}, "a run not holding the station says nothing"
+            await fleet.client.call("halt", {"mode": "drain", "actor": "ops"})
+            await eventually(lambda: f.halt_state.fleet is not None, 10, what="the factory to see the halt")
+            f.runs.pop(("jx", 1))
+            await f._release_station(idx, None)
+
+            async def released():
+                evs = await idle.read_station_events(fleet.admin, since)
+                mine = [e for e in evs if e["kind"] == "station" and e["data"]["class"] == "policy-paused"]
+                return mine or None
+
+            mine = await eventually(released, 10, what="the release's policy-paused station event")
+            assert [e["data"]["station"] for e in mine] == [0]
+
+    asyncio.run(main())
+
+
 def test_every_station_second_of_a_fleet_with_churn_is_classified(nats_server, tmp_path):
     async def main():
         async with Fleet(nats_server.url, tmp_path) as fleet:
