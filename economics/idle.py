@@ -1,8 +1,21 @@
 """Idle accounting: every station, every second, has a class (no dark idle).
 
-A factory publishes a ``station`` event (``gf.events._fleet.station``) each time one of its
-stations changes class: ``busy`` while it runs a job, else its idle reason
-(:class:`~gigafactory.schemas.records.IdleReason`). The events stream is durable and bounded
+A station's class is ``busy`` while it runs a job, else its idle reason
+(:class:`~gigafactory.schemas.records.IdleReason`). A factory says each change on
+``GF_EVENTS``, in the job's own events where there is one, so that a station taking job after
+job costs no event of its own:
+
+- ``claimed`` (``data.station``): the station is ``busy`` from then;
+- a run's end event (``finished``, a drained ``handed_back``: :data:`RUN_END_KINDS`) carries
+  ``data.station`` and ``data.station_class``, the class the station takes once released;
+- a ``station`` event (``gf.events._fleet.station``, ``data.class``) for every other change:
+  the first class at start (``starting``), the idle reason changing while idle, ``waiting-merge``
+  and back to ``busy``, a release whose class differs from what the end event said (or whose
+  run's end event said none: a lock held elsewhere, a fenced run).
+
+Records written by an older factory (a ``station`` event for every change, ``busy`` too, and
+end events with no ``station_class``) give the same intervals: a transition to the class a
+station already has changes nothing. The events stream is durable and bounded
 (``events_max_age_s``, ``events_max_bytes``), so these figures survive a restart of anything
 and reach back as far as the stream keeps events.
 
@@ -15,10 +28,16 @@ This module turns those transitions into intervals and figures, without I/O
 - **Sustained logical lane allocation** = busy station-seconds / available station-seconds
   (every second a station of a live factory exists). The seed's floor is 50%.
 
-An interval starts at a station's event and ends at that station's next event, at its
-factory's ``factory_down`` (or next ``factory_up``: a factory that died without saying so
-restarts), or at the end of the window. Time before a station's first event in the window is
-not counted (nothing is known about it).
+An interval starts at a station's transition and ends at that station's next transition to
+another class, at its factory's ``factory_down`` (or next ``factory_up``: a factory that died
+without saying so restarts), or at the end of the window. Time before a station's first
+transition in the window is not counted (nothing is known about it). Transitions are ordered
+by their ``at`` (the factory's clock when it queued the event), not by stream order: a
+factory's events of different jobs may be stored out of the order it queued them.
+
+A station's busy interval ends at its run's end event, where it ended at the release (after
+the worktree's removal) when the release said it: the time a finished run still holds its
+station cleaning up counts under the class it goes to.
 """
 
 from __future__ import annotations
@@ -51,6 +70,12 @@ what the fleet itself knows (``no-work``, ``draining``, ``broker-down``, ``dispa
 ``seat-limit``); ``lock-wait`` is a kind of ``blocked``, ``starting`` a kind of ``prewarm``."""
 
 UNCLASSIFIED = "unclassified"
+
+RUN_END_KINDS = ("finished", "handed_back")
+"""The job events that may say (``data.station_class``) the class a run's station goes to."""
+
+STATION_KINDS = ("claimed", *RUN_END_KINDS)
+"""The job events :func:`transitions_from_events` reads a station's class from."""
 
 LANE_ALLOCATION_FLOOR = 0.5
 """The seed's floor for sustained logical lane allocation."""
@@ -99,20 +124,30 @@ def classify(reason: str | None) -> str:
 
 
 def transitions_from_events(events: Iterable[dict]) -> list[Transition]:
-    """The transitions in decoded ``GF_EVENTS`` entries (``station``, ``factory_up``,
-    ``factory_down``; others are ignored)."""
+    """The transitions in decoded ``GF_EVENTS`` entries: ``station`` (its ``data.class``),
+    ``claimed`` (``busy``), an end event of :data:`RUN_END_KINDS` that carries
+    ``data.station_class``, ``factory_up`` and ``factory_down``; others (and an end event
+    without ``station_class``: an older factory's, whose ``station`` event says the class) are
+    ignored. An event must name its factory and a numeric ``at``; a station event its
+    ``data.station`` (an int)."""
     out = []
     for ev in events:
         kind, fid, at = ev.get("kind"), ev.get("factory"), ev.get("at")
-        if not fid or not isinstance(at, (int, float)):
+        if not fid or not isinstance(at, (int, float)) or isinstance(at, bool):
+            continue
+        if kind in ("factory_down", "factory_up"):
+            out.append(Transition(float(at), fid, None, None))
+            continue
+        d = ev.get("data")
+        idx = d.get("station") if isinstance(d, dict) else None
+        if not isinstance(idx, int) or isinstance(idx, bool):
             continue
         if kind == "station":
-            d = ev.get("data") or {}
-            idx = d.get("station")
-            if isinstance(idx, int):
-                out.append(Transition(float(at), fid, idx, d.get("class")))
-        elif kind in ("factory_down", "factory_up"):
-            out.append(Transition(float(at), fid, None, None))
+            out.append(Transition(float(at), fid, idx, d.get("class")))
+        elif kind == "claimed":
+            out.append(Transition(float(at), fid, idx, BUSY))
+        elif kind in RUN_END_KINDS and "station_class" in d:
+            out.append(Transition(float(at), fid, idx, d.get("station_class")))
     return out
 
 
@@ -141,6 +176,9 @@ def intervals(transitions: Iterable[Transition], since_s: float, until_s: float)
             continue
         key = (t.factory, t.station)
         if key in open_:
+            if open_[key][1] == (t.cls or ""):
+                # The class it has (an older factory's ``station`` busy beside its ``claimed``).
+                continue
             close(key, t.at_s)
         open_[key] = (t.at_s, t.cls or "")
     for key in list(open_):
@@ -213,8 +251,9 @@ def summarise(ivs: Iterable[Interval], by: str | None = None) -> dict[str, IdleS
 
 async def read_station_events(broker, since_s: float | None, until_s: float | None = None,
                               limit: int = MAX_EVENTS) -> list[dict]:
-    """The fleet's ``station``, ``factory_up`` and ``factory_down`` events from ``GF_EVENTS``
-    stored at or after ``since_s`` (None: all kept), oldest first.
+    """The events from ``GF_EVENTS`` that say a station's class (``station``, ``factory_up``,
+    ``factory_down``, and the jobs' :data:`STATION_KINDS`) stored at or after ``since_s``
+    (None: all kept), oldest first.
 
     :param broker: an open :class:`~gigafactory.broker.Broker`.
     :param since_s: epoch seconds (the broker's stamp of each message decides).
@@ -225,5 +264,6 @@ async def read_station_events(broker, since_s: float | None, until_s: float | No
     from gigafactory.schemas import names
 
     subjects = [names.fleet_events_subject(k) for k in ("station", "factory_up", "factory_down")]
+    subjects += [names.events_subject("*", k) for k in STATION_KINDS]
     return await read_stream_since(broker, names.EVENTS_STREAM, subjects, since_s, until_s, limit,
                                    on_limit=TooManyEvents)

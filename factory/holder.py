@@ -366,6 +366,10 @@ class Holder:
         rec = await self._write(run, lambda r: protocol.hand_back(r, self.id, run.epoch, time.time(), reason, backoff_s))
         if rec is not None:
             self.stats["handed_back"] += 1
-            await self._event("handed_back", job=run.job, epoch=run.epoch, stage_to="queued", reason=reason)
+            # A drained or stopped run's station goes to the factory's reason (draining, a
+            # halt's policy-paused), which this event says; a run handed back for a reason of
+            # its own (a lock held elsewhere) leaves it to the release, which knows that reason.
+            await self._event("handed_back", job=run.job, epoch=run.epoch, stage_to="queued", reason=reason,
+                              data=self._station_after_run(run) if run.draining else None)
             run.fenced = True  # the lease is given up: nothing more may be written under it
 

@@ -152,7 +152,10 @@ class Reporting:
                                                    "attribution": msgspec.to_builtins(payload.attribution),
                                                    "usage": msgspec.to_builtins(payload.usage),
                                                    **({"workspace": msgspec.to_builtins(payload.workspace)}
-                                                      if payload.workspace else {}), **upload})
+                                                      if payload.workspace else {}), **upload,
+                                                   # The station's class from here on: a station
+                                                   # taking job after job sends no station event.
+                                                   **self._station_after_run(run)})
 
     def _quarantine_local(self, run: Run, payload: ResultPayload, reason: str) -> None:
         data = msgspec.json.encode(payload)

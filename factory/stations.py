@@ -74,7 +74,10 @@ class Stations:
             self.sticky_idle[index] = (reason, time.monotonic() + STICKY_IDLE_S)
         st.idle_reason = None if job else (reason or self._idle_reason(index))
         st.since = time.time()
-        self._note_station(index)
+        # A station taken by a claim is said busy by the caller's ``claimed`` event (its
+        # ``data.station``), which :mod:`economics.idle` reads as the start of a busy interval:
+        # no ``station`` event of its own.
+        self._note_station(index, said=bool(job))
 
     def _station_waits(self, index: int, reason: IdleReason | None) -> None:
         """Say that busy station ``index``'s run only waits now (``reason``, e.g. ``waiting-merge``),
@@ -95,10 +98,16 @@ class Stations:
                 st.idle_reason = self._idle_reason(st.index)
                 self._note_station(st.index)
 
-    def _note_station(self, index: int) -> None:
-        """Publish a ``station`` event when station ``index``'s class changed since the last one:
-        ``busy``, or its idle reason. ``economics.idle`` turns these into intervals (idle
-        classes, coverage, lane allocation); only changes are sent, so a steady fleet sends none."""
+    def _note_station(self, index: int, said: bool = False) -> None:
+        """Publish a ``station`` event when station ``index``'s class changed since the class
+        the audit last said for it: ``busy``, or its idle reason. ``economics.idle`` turns these
+        into intervals (idle classes, coverage, lane allocation); only changes are sent, so a
+        steady fleet sends none. A job's own events say the changes of a station taking job
+        after job (``claimed``: busy; a run's end event: :meth:`_station_after_run`), so such a
+        station sends no ``station`` event at all.
+
+        :param index: the station.
+        :param said: another event queued now says the class (``claimed``): record it, send nothing."""
         st = self.record.stations[index]
         if st.state == StationState.BUSY:
             # A run holding its station while it only waits (a forge's checks, the merge) is
@@ -110,9 +119,38 @@ class Stations:
         if self.station_class.get(index) == cls:
             return
         self.station_class[index] = cls
+        if said:
+            return
         # _event only queues (no await inside): spawned, it runs in creation order.
         self._spawn(self._event("station", reason=cls, data={"station": index, "class": cls, "job": st.job}),
                     f"station-{index}")
+
+    def _station_after_run(self, run) -> dict:
+        """The ``data`` fields a run's end event (``finished``, a drained ``handed_back``) adds
+        so that it also says what the run's station becomes: ``station`` and ``station_class``,
+        the class the station takes once the run releases it (:meth:`_release_station`). That
+        class is recorded as said, so the release sends a ``station`` event only when the class
+        it finds differs by then (a halt or a drain that came in between). Empty for a run not
+        holding its station here (a result replayed from the outbox): its release was said.
+
+        Worked out as the release will: with the run's engine seat counted free (the release
+        frees it first), and with no reason the run gives on release (those runs end without
+        these fields: their release says the class).
+
+        :param run: the run whose end event is about to be queued (it still holds its station)."""
+        if self.runs.get((run.job, run.epoch)) is not run:
+            return {}
+        seat = run.record.attempts[-1].engine if run.record.attempts else None
+        held = seat is not None and self.engine_running.get(seat, 0) > 0
+        if held:  # no await until it is given back: nothing else sees the count meanwhile
+            self.engine_running[seat] -= 1
+        try:
+            cls = str(self._idle_reason(run.station))
+        finally:
+            if held:
+                self.engine_running[seat] += 1
+        self.station_class[run.station] = cls
+        return {"station": run.station, "station_class": cls}
 
     # -- engine seats -----------------------------------------------------------------------------
 

@@ -602,8 +602,10 @@ def test_a_station_waiting_on_the_forges_checks_and_merge_reads_waiting_merge(na
             await fleet.wait_stage(job, "shipped", timeout_s=40)
 
             async def said():
-                evs = [e for e in await idle.read_station_events(fleet.admin, since) if e["kind"] == "station"]
-                seq = [e["data"]["class"] for e in evs if e["data"].get("job") == job]
+                # The job's own events (``claimed``, ``finished``) and the station events naming it.
+                evs = await idle.read_station_events(fleet.admin, since)
+                mine = [e for e in evs if job in (e.get("job"), (e.get("data") or {}).get("job"))]
+                seq = [t.cls for t in idle.transitions_from_events(sorted(mine, key=lambda e: e["at"]))]
                 return (seq, evs) if "waiting-merge" in seq and seq[-1] != "waiting-merge" else None
 
             seq, evs = await eventually(said, 15, what="a waiting-merge station event for the job")
