@@ -590,7 +590,7 @@ _STREAM_END = re.compile(r", but (?:got|found) '<stream end>'$")
 _UNSTARTABLE = "found character that cannot start any token"
 
 
-def _syntax_error(e: yaml.MarkedYAMLError, front: str, path: str) -> ManifestError:
+def yaml_syntax_error(e: yaml.MarkedYAMLError, front: str, path: str) -> ManifestError:
     """The refusal of front matter that is not YAML: the line and the field near it, and the
     problem in the words of PyYAML's pure-Python parser whichever parser found it (libyaml
     words a few the same problems differently), with a hint where one helps.
@@ -628,7 +628,7 @@ def _syntax_error(e: yaml.MarkedYAMLError, front: str, path: str) -> ManifestErr
 _NON_PRINTABLE = yaml.reader.Reader.NON_PRINTABLE
 
 
-def _unprintable_error(e: yaml.reader.ReaderError, front: str, path: str) -> ManifestError:
+def yaml_unprintable_error(e: yaml.reader.ReaderError, front: str, path: str) -> ManifestError:
     """The refusal of front matter holding a character YAML does not allow (a control
     character, say), on its line. Found again here: the two parsers report its position
     differently (characters or UTF-8 bytes), and libyaml not in its words.
@@ -734,9 +734,9 @@ def parse_job_text(text: str, path: str = "<job>", limits: Limits | None = None)
             # libyaml's own ceiling (1,000 levels), met first when they are all on one line:
             # its scanner looks that far ahead before the composer counts a level.
             raise _too_deep_error(e.problem_mark, front, path, lim) from None
-        raise _syntax_error(e, front, path) from None
+        raise yaml_syntax_error(e, front, path) from None
     except yaml.reader.ReaderError as e:
-        raise _unprintable_error(e, front, path) from None
+        raise yaml_unprintable_error(e, front, path) from None
     except yaml.YAMLError as e:
         raise ManifestError(path, None, None, f"invalid YAML: {e}") from None
     finally:

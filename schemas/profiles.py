@@ -46,8 +46,8 @@ from .manifest import (
     ReviewPolicy,
     ShipAs,
     YamlLoader,
-    _syntax_error,
-    _unprintable_error,
+    yaml_syntax_error,
+    yaml_unprintable_error,
     parse_duration,
 )
 
@@ -156,10 +156,10 @@ def parse_profile(text: str, path: str, name: str | None = None) -> Profile:
         raw = loader.get_single_data()
     except yaml.MarkedYAMLError as e:
         # Worded and placed as a job file's: the line counts from the start of the file.
-        found = _syntax_error(e, front, path)
+        found = yaml_syntax_error(e, front, path)
         raise ProfileError(path, found.field, found.message, found.line) from None
     except yaml.reader.ReaderError as e:
-        found = _unprintable_error(e, front, path)
+        found = yaml_unprintable_error(e, front, path)
         raise ProfileError(path, found.field, found.message, found.line) from None
     except yaml.YAMLError as e:
         raise ProfileError(path, None, f"invalid YAML: {e}") from None
