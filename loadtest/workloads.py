@@ -534,7 +534,7 @@ async def lane_figures(broker, windows: dict[str, tuple[float, float]]) -> dict[
 
 
 def _lanes(ctx: Context) -> st.Table:
-    t = st.Table("lanes and idle per workload (station events)")
+    t = st.Table("lanes and idle per workload (station and run events)")
     for name, f in ctx.info["lanes"].items():
         if "error" in f:
             t.add(st.row(f"{name}: lane allocation", None, "%", note=f["error"]))
