@@ -191,6 +191,12 @@ class Scheduler:
         self.visited = 0
         """Queued jobs the latest dispatch pass looked at (offers, holds, jobs passed over)."""
         self.passes = 0
+        self.passes_idle = 0
+        """Dispatch passes that found nothing queued and no offer out, so planned nothing (no
+        walk of the fleet's factories or leases)."""
+        self.clock_reads = 0
+        """Reads of the broker's clock (:meth:`sync_clock`): a reaper pass with no lease to
+        judge needs none."""
         self.governor = Governor(broker, settings, actor, self._event)
         """The budget governor (issue 13): reads the signals and ledger, decides per kickoff."""
 
@@ -199,6 +205,7 @@ class Scheduler:
     async def sync_clock(self) -> float:
         """Measure the broker's clock; returns broker now and remembers the offset."""
         t0 = time.time()
+        self.clock_reads += 1
         now = await self.broker.broker_now()
         t1 = time.time()
         self.clock_offset_s = now - (t0 + t1) / 2
@@ -412,6 +419,14 @@ class Scheduler:
         of the view and this scheduler's memory, then perform the plan: quarantine the records
         too large to claim, publish the offers and their events, write the holds. Returns how
         many jobs were published."""
+        if not self.queue.states and not self.published:
+            # Nothing queued and no offer out: the plan would be empty. An idle fleet's passes
+            # (twice a second, and on every change) skip walking every factory and lease.
+            self.visited = 0
+            self.passes += 1
+            self.passes_idle += 1
+            await self._say_policy_holds()
+            return 0
         broker_now = self.broker_now_estimate()
         mono = time.monotonic()
         if self.queue.states:
@@ -655,11 +670,14 @@ class Scheduler:
         """Requeue, fail or dead-letter every job whose lease expired (broker time). First
         :meth:`flush` (quarantines and kept events). One job's error never stops the pass:
         see :meth:`_job_failed`; only a broker that does not answer ends it early."""
-        broker_now = await self.sync_clock()
         await self.flush()
         await signatures.quarantine_forged(self)  # signed holder writes: before anything acts on one
         n = 0
-        for jid in list(self.view.stage_ids(*LEASED)):
+        leased = list(self.view.stage_ids(*LEASED))
+        # Broker time is read only when there is a lease to judge by it: an idle fleet's reaper
+        # sends no request a second (the clock loop keeps the offset for estimates).
+        broker_now = await self.sync_clock() if leased else self.broker_now_estimate()
+        for jid in leased:
             st = self.view.jobs.get(jid)
             if st is None or self.is_poisoned(st):
                 continue
