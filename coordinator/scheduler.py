@@ -705,9 +705,11 @@ class Scheduler:
         record moved to another epoch: its engine may still run. The delete is a
         compare-and-set on the revision read, so a holder's rewrite in between keeps it."""
         n = 0
-        broker_now = await self.sync_clock()
+        broker_now = None
         limit_s = self.settings.lease_ttl_s + self.settings.fence_margin_effective_s
         async for e in self.broker.locks.scan():
+            if broker_now is None:  # read once there is an entry to judge: an idle fleet has none
+                broker_now = await self.sync_clock()
             try:
                 lock = decode(e.value, LockRecord)
             except msgspec.DecodeError:
