@@ -3,12 +3,11 @@ scheduler dispatches by (issue 12). The state's rules are :mod:`gigafactory.sche
 
 The state lives in one KV key (``gf_control`` / ``halt``), so it survives a coordinator
 restart and every coordinator reads the same one: :class:`HaltWatch` reads it before the
-coordinator is ready and then follows it with a watch of the key (:meth:`HaltWatch.follow`: a
-change by another coordinator or by hand arrives as it is stored, and an idle coordinator sends
-no request for it; it read the key twice a second before). A watch that cannot be set up falls
-back to reading every :data:`HALT_REFRESH_S` until one can; a watch that goes silent (its
-consumer lost) is set up again within one ``heartbeat_s``. The answering coordinator applies
-a change at once. A read that fails keeps the last state (a halted fleet stays halted
+coordinator is ready and then follows it (:meth:`HaltWatch.follow`): a write of the key by
+another coordinator or by hand is heard as it is stored and read at once, and the key is read
+once per ``heartbeat_s`` in any case (it was read twice a second before); while the key's
+writes cannot be followed, it is read every :data:`HALT_REFRESH_S`. The answering coordinator
+applies a change at once. A read that fails keeps the last state (a halted fleet stays halted
 through a broker hiccup). The scheduler holds the jobs a halt covers (its ``halt`` attribute,
 read by :func:`~gigafactory.coordinator.plan_dispatch.plan_dispatch`); factories refuse
 claims and, under ``stop``, hand back runs (:mod:`gigafactory.factory.halting`).
@@ -22,8 +21,6 @@ import asyncio
 import logging
 import time
 
-from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
-
 from gigafactory.broker import Broker, Conflict
 from gigafactory.schemas import halt as H
 from gigafactory.schemas.api import ApiError
@@ -32,12 +29,8 @@ from gigafactory.schemas.records import EventRecord
 log = logging.getLogger(__name__)
 
 HALT_REFRESH_S = 0.5
-"""How often a coordinator reads the halt state while its watch of the key cannot be set up
-(the polling fallback), and the pause before it tries the watch again."""
-WATCH_HEARTBEATS_PER_BEAT = 2
-"""The halt watch's consumer sends an idle heartbeat this many times per ``heartbeat_s`` (every
-10 s at the default 20 s); a watch that heard nothing for two of them is set up again, so a
-lost watch costs at most one ``heartbeat_s`` (plus a request timeout) of a halt unseen."""
+"""How often a coordinator reads the halt state while it cannot follow the key's writes (the
+polling fallback), and the pause before it tries to follow them again."""
 HALT_CAS_RETRIES = 20
 """Compare-and-set tries of a halt or resume that races another."""
 
@@ -94,9 +87,12 @@ class HaltWatch:
         self.reads = 0
         """Reads of the stored state (at start, and while no watch can be set up)."""
         self.watches = 0
-        """Watches of the key set up (one, unless one was lost)."""
+        """Subscriptions to the key's writes made (one, unless making one failed)."""
         self.heard = 0
-        """Changes of the key the watch delivered."""
+        """Writes of the key heard through the subscription."""
+        self.reads_heard = 0
+        """Reads made because a write was heard (the rest: at start, one per ``heartbeat_s``,
+        and every HALT_REFRESH_S while no subscription could be made)."""
 
     async def refresh(self) -> None:
         """Read the stored state into the scheduler; on a failed read keep the last one."""
@@ -111,46 +107,63 @@ class HaltWatch:
             return
         self.apply(state)
 
-    async def follow(self, stop: asyncio.Event, heartbeat_s: float, request_timeout_s: float) -> None:
-        """Follow the stored state with a watch of the key until ``stop``; while a watch cannot
-        be set up, read the key every :data:`HALT_REFRESH_S` instead (the polling fallback).
+    async def follow(self, stop: asyncio.Event, heartbeat_s: float) -> None:
+        """Follow the stored state until ``stop``: read it when the broker says the key was
+        written, and once every ``heartbeat_s`` whatever it says; while the subscription
+        cannot be made, read it every :data:`HALT_REFRESH_S` instead (the polling fallback).
+
+        The key's writes are heard with a plain subscription to its subject (every KV write is
+        a message on ``$KV.<bucket>.<key>``), not a consumer: the control stream already holds
+        one consumer per factory (their own halt watches), and the server refuses consumers
+        past its limit of 1,000 per stream, so a coordinator's consumer would fail, or take a
+        factory's place. A subscription is at most once (a message lost to a reconnect or a
+        slow consumer is not delivered again), so the read every ``heartbeat_s`` bounds how
+        long a halt can go unseen to one heartbeat, as the issue asks. Each notice is answered
+        with a read, not applied from the message: the stored value is the truth.
 
         :param stop: set when the coordinator stops.
-        :param heartbeat_s: the fleet's heartbeat period (``Settings.heartbeat_s``): a lost
-            watch is noticed and set up again within it (plus ``request_timeout_s``).
-        :param request_timeout_s: the bound on setting up the watch."""
+        :param heartbeat_s: the fleet's heartbeat period (``Settings.heartbeat_s``)."""
         control = self.broker.control
         if control is None:
             return
-        idle_heartbeat_s = heartbeat_s / WATCH_HEARTBEATS_PER_BEAT
-        silent_s = 2 * idle_heartbeat_s + request_timeout_s
-        while not stop.is_set():
-            watch = _HaltKeyWatch(self, control)
-            try:
-                await watch.start(idle_heartbeat_s, request_timeout_s)
-                self.watches += 1
-                while not stop.is_set() and not watch.lost.is_set():
-                    waits = [asyncio.ensure_future(e.wait()) for e in (stop, watch.lost)]
+        written = asyncio.Event()
+
+        async def heard(_msg) -> None:
+            self.heard += 1
+            written.set()
+
+        sub = None
+        try:
+            while not stop.is_set():
+                if sub is None:
                     try:
-                        await asyncio.wait(waits, timeout=silent_s, return_when=asyncio.FIRST_COMPLETED)
+                        sub = await self.broker.nc.subscribe(f"$KV.{control.name}.{H.HALT_KEY}", cb=heard)
+                        self.watches += 1
+                        written.set()  # read once: a write before the subscription took effect is not heard
+                    except asyncio.CancelledError:
+                        raise
+                    except Exception as e:
+                        log.info("halt key not followed (%s); reading it every %gs until it is", e, HALT_REFRESH_S)
+                if not written.is_set():
+                    waits = [asyncio.ensure_future(e.wait()) for e in (stop, written)]
+                    try:
+                        await asyncio.wait(waits, timeout=heartbeat_s if sub is not None else HALT_REFRESH_S,
+                                           return_when=asyncio.FIRST_COMPLETED)
                     finally:
                         for w in waits:
                             w.cancel()
-                    if time.monotonic() - watch.heard_at > silent_s:
-                        log.info("the halt watch went silent; watching again")
-                        break
-                continue  # lost or silent: a new watch delivers the current value first
-            except asyncio.CancelledError:
-                raise
-            except Exception as e:
-                log.info("halt key not watched (%s); reading it every %gs until it is", e, HALT_REFRESH_S)
-            finally:
-                await watch.stop()
-            await self.refresh()
-            try:
-                await asyncio.wait_for(stop.wait(), timeout=HALT_REFRESH_S)
-            except asyncio.TimeoutError:
-                pass
+                    if stop.is_set():
+                        return
+                if written.is_set():
+                    written.clear()
+                    self.reads_heard += 1
+                await self.refresh()
+        finally:
+            if sub is not None:
+                try:
+                    await sub.unsubscribe()
+                except Exception:  # the connection may be gone; the subscription goes with it
+                    pass
 
     def apply(self, state: H.HaltState) -> None:
         """Take ``state`` as current (the answering coordinator, right after writing it)."""
@@ -164,69 +177,6 @@ def _unreadable(e: H.HaltError) -> H.HaltState:
     rather than guess; an operator writes it again."""
     log.error("%s", e)
     return H.HaltState(fleet=H.Halt(mode="drain", at=time.time(), actor="coordinator", reason=str(e)))
-
-
-class _HaltKeyWatch:
-    """One push consumer on the halt key (its latest value, then every change), delivered to a
-    subscription of the coordinator's connection and applied as it arrives. A plain push
-    consumer, not a KV watch: nats-py's ordered consumer wakes a flow-control task four times a
-    second, forever, for a key that changes a few times a year.
-
-    :param watch: the :class:`HaltWatch` it keeps current.
-    :param control: the control bucket."""
-
-    def __init__(self, watch: HaltWatch, control) -> None:
-        self.watch = watch
-        self.control = control
-        self.heard_at = time.monotonic()
-        """When the consumer last delivered anything, a change or its heartbeat (monotonic)."""
-        self.lost = asyncio.Event()
-        """Set on a gap in the consumer's sequence: watch again rather than miss a change."""
-        self._delivered = 0
-        self._sub = None
-        self._subject = f"$KV.{control.name}.{H.HALT_KEY}"
-
-    async def start(self, idle_heartbeat_s: float, request_timeout_s: float) -> None:
-        b = self.watch.broker
-        inbox = b.nc.new_inbox()
-        # Subscribed before the consumer exists, so its first delivery finds the subscription.
-        self._sub = await b.nc.subscribe(inbox, cb=self._on_msg)
-        await b.js.add_consumer(self.control.stream, config=ConsumerConfig(
-            deliver_subject=inbox, filter_subject=self._subject, deliver_policy=DeliverPolicy.LAST_PER_SUBJECT,
-            ack_policy=AckPolicy.NONE, max_deliver=1, flow_control=False, idle_heartbeat=idle_heartbeat_s,
-            mem_storage=True, num_replicas=1,
-            # Deleted by the server once this subscription is gone this long (a coordinator that died).
-            inactive_threshold=2 * idle_heartbeat_s + request_timeout_s,
-        ), timeout=request_timeout_s)
-        self.heard_at = time.monotonic()
-
-    async def stop(self) -> None:
-        sub, self._sub = self._sub, None
-        if sub is not None:
-            try:
-                await sub.unsubscribe()  # the consumer goes after its inactive threshold
-            except Exception:  # the connection may be gone; the subscription goes with it
-                pass
-
-    async def _on_msg(self, msg) -> None:
-        self.heard_at = time.monotonic()
-        if msg.headers and msg.headers.get("Status"):  # 100: an idle heartbeat
-            return
-        try:
-            delivered = msg.metadata.sequence.consumer
-        except Exception:  # not a consumer delivery: nothing this watch sent
-            return
-        if delivered != self._delivered + 1:
-            self.lost.set()  # a delivery went missing: a change may have gone with it
-            return
-        self._delivered = delivered
-        deleted = msg.headers and msg.headers.get("KV-Operation") in ("DEL", "PURGE")
-        try:
-            state = H.decode_state(msg.data) if msg.data and not deleted else H.HaltState()
-        except H.HaltError as e:
-            state = _unreadable(e)
-        self.watch.heard += 1
-        self.watch.apply(state)
 
 
 def state_dict(state: H.HaltState) -> dict:
