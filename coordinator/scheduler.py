@@ -762,8 +762,15 @@ async def _gather_raising(coros: list) -> None:
 
 
 async def loop(name: str, interval_s: float, body, stop: asyncio.Event, wake: asyncio.Event | None = None) -> None:
-    """Run ``body`` every ``interval_s`` (or sooner when ``wake`` is set) until ``stop``;
-    broker trouble is logged and retried on the next round, never fatal."""
+    """Run ``body`` every ``interval_s`` (or sooner when ``wake`` is set) until ``stop`` is set
+    or the task is cancelled; broker trouble is logged and retried on the next round, never fatal.
+
+    The wait between rounds makes no task: a plain sleep, or a timer that sets ``wake``. The
+    coordinator runs ten of these loops, several of them twice a second, forever: two tasks
+    made and cancelled per round (a wait on ``stop`` and one on ``wake``) were most of an idle
+    coordinator's fixed cost. A ``stop`` set during the wait is seen when it ends; the
+    coordinator cancels its loops when it stops, so none waits out its period."""
+    timers = asyncio.get_running_loop()
     while not stop.is_set():
         try:
             await body()
@@ -773,11 +780,14 @@ async def loop(name: str, interval_s: float, body, stop: asyncio.Event, wake: as
             log.info("%s: broker not answering (%s); next round", name, e)
         except Exception:
             log.exception("%s failed; next round", name)
-        waiters = [asyncio.ensure_future(stop.wait())]
-        if wake is not None:
-            waiters.append(asyncio.ensure_future(wake.wait()))
-        done, pending = await asyncio.wait(waiters, timeout=interval_s, return_when=asyncio.FIRST_COMPLETED)
-        for p in pending:
-            p.cancel()
-        if wake is not None:
-            wake.clear()
+        if stop.is_set():
+            return
+        if wake is None:
+            await asyncio.sleep(interval_s)
+            continue
+        timer = timers.call_later(interval_s, wake.set)
+        try:
+            await wake.wait()
+        finally:
+            timer.cancel()
+        wake.clear()

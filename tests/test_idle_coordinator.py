@@ -103,3 +103,48 @@ def test_the_ref_clean_up_pass_looks_only_at_ended_repo_jobs_whose_refs_are_not_
     put(with_repo("before", Stage.SHIPPED, refs_cleaned="deleted 2 branches"), 2)
     view.apply_job("later", None, 3, time.time())  # archived
     assert cleaner.pending == set()
+
+
+def test_a_coordinator_loop_makes_no_task_per_round_and_still_wakes_early_and_stops():
+    """Ten loops run for the coordinator's whole life, several twice a second: a round's wait
+    makes no task (before: one waiting on ``stop`` and one on ``wake``, made and cancelled per
+    round). A set ``wake`` still starts the next round before the period ends, and ``stop``
+    still ends the loop."""
+    from gigafactory.coordinator.scheduler import loop
+
+    async def main():
+        made = []
+        ev_loop = asyncio.get_running_loop()
+
+        def factory(lp, coro, **kw):
+            made.append(getattr(coro, "__qualname__", repr(coro)))
+            return asyncio.Task(coro, loop=lp, **kw)
+
+        ev_loop.set_task_factory(factory)
+        stop, wake, rounds = asyncio.Event(), asyncio.Event(), []
+
+        async def body() -> None:
+            rounds.append(1)
+            if len(rounds) >= 50:
+                stop.set()
+
+        task = asyncio.create_task(loop("test", 0.001, body, stop))
+        await asyncio.wait_for(task, 30)
+        # Woken early: a period of an hour, ended by ``wake`` each round.
+        stop2, woken = asyncio.Event(), []
+
+        async def body2() -> None:
+            woken.append(1)
+            if len(woken) >= 5:
+                stop2.set()
+
+        task2 = asyncio.create_task(loop("test-wake", 3600.0, body2, stop2, wake))
+        while not task2.done():
+            wake.set()
+            await asyncio.sleep(0)
+        ev_loop.set_task_factory(None)
+        return made, len(rounds), len(woken)
+
+    made, rounds, woken = asyncio.run(asyncio.wait_for(main(), 60))
+    assert rounds == 50 and woken == 5
+    assert made == ["loop", "loop"], made  # the two loop tasks themselves, nothing per round
