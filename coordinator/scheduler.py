@@ -191,6 +191,12 @@ class Scheduler:
         self.visited = 0
         """Queued jobs the latest dispatch pass looked at (offers, holds, jobs passed over)."""
         self.passes = 0
+        self.passes_idle = 0
+        """Dispatch passes that found nothing queued and no offer out, so planned nothing (no
+        walk of the fleet's factories or leases)."""
+        self.clock_reads = 0
+        """Reads of the broker's clock (:meth:`sync_clock`): a reaper pass with no lease to
+        judge needs none."""
         self.governor = Governor(broker, settings, actor, self._event)
         """The budget governor (issue 13): reads the signals and ledger, decides per kickoff."""
 
@@ -199,6 +205,7 @@ class Scheduler:
     async def sync_clock(self) -> float:
         """Measure the broker's clock; returns broker now and remembers the offset."""
         t0 = time.time()
+        self.clock_reads += 1
         now = await self.broker.broker_now()
         t1 = time.time()
         self.clock_offset_s = now - (t0 + t1) / 2
@@ -412,6 +419,14 @@ class Scheduler:
         of the view and this scheduler's memory, then perform the plan: quarantine the records
         too large to claim, publish the offers and their events, write the holds. Returns how
         many jobs were published."""
+        if not self.queue.states and not self.published:
+            # Nothing queued and no offer out: the plan would be empty. An idle fleet's passes
+            # (twice a second, and on every change) skip walking every factory and lease.
+            self.visited = 0
+            self.passes += 1
+            self.passes_idle += 1
+            await self._say_policy_holds()
+            return 0
         broker_now = self.broker_now_estimate()
         mono = time.monotonic()
         if self.queue.states:
@@ -655,11 +670,14 @@ class Scheduler:
         """Requeue, fail or dead-letter every job whose lease expired (broker time). First
         :meth:`flush` (quarantines and kept events). One job's error never stops the pass:
         see :meth:`_job_failed`; only a broker that does not answer ends it early."""
-        broker_now = await self.sync_clock()
         await self.flush()
         await signatures.quarantine_forged(self)  # signed holder writes: before anything acts on one
         n = 0
-        for jid in list(self.view.stage_ids(*LEASED)):
+        leased = list(self.view.stage_ids(*LEASED))
+        # Broker time is read only when there is a lease to judge by it: an idle fleet's reaper
+        # sends no request a second (the clock loop keeps the offset for estimates).
+        broker_now = await self.sync_clock() if leased else self.broker_now_estimate()
+        for jid in leased:
             st = self.view.jobs.get(jid)
             if st is None or self.is_poisoned(st):
                 continue
@@ -687,9 +705,11 @@ class Scheduler:
         record moved to another epoch: its engine may still run. The delete is a
         compare-and-set on the revision read, so a holder's rewrite in between keeps it."""
         n = 0
-        broker_now = await self.sync_clock()
+        broker_now = None
         limit_s = self.settings.lease_ttl_s + self.settings.fence_margin_effective_s
         async for e in self.broker.locks.scan():
+            if broker_now is None:  # read once there is an entry to judge: an idle fleet has none
+                broker_now = await self.sync_clock()
             try:
                 lock = decode(e.value, LockRecord)
             except msgspec.DecodeError:
@@ -742,8 +762,15 @@ async def _gather_raising(coros: list) -> None:
 
 
 async def loop(name: str, interval_s: float, body, stop: asyncio.Event, wake: asyncio.Event | None = None) -> None:
-    """Run ``body`` every ``interval_s`` (or sooner when ``wake`` is set) until ``stop``;
-    broker trouble is logged and retried on the next round, never fatal."""
+    """Run ``body`` every ``interval_s`` (or sooner when ``wake`` is set) until ``stop`` is set
+    or the task is cancelled; broker trouble is logged and retried on the next round, never fatal.
+
+    The wait between rounds makes no task: a plain sleep, or a timer that sets ``wake``. The
+    coordinator runs ten of these loops, several of them twice a second, forever: two tasks
+    made and cancelled per round (a wait on ``stop`` and one on ``wake``) were most of an idle
+    coordinator's fixed cost. A ``stop`` set during the wait is seen when it ends; the
+    coordinator cancels its loops when it stops, so none waits out its period."""
+    timers = asyncio.get_running_loop()
     while not stop.is_set():
         try:
             await body()
@@ -753,11 +780,14 @@ async def loop(name: str, interval_s: float, body, stop: asyncio.Event, wake: as
             log.info("%s: broker not answering (%s); next round", name, e)
         except Exception:
             log.exception("%s failed; next round", name)
-        waiters = [asyncio.ensure_future(stop.wait())]
-        if wake is not None:
-            waiters.append(asyncio.ensure_future(wake.wait()))
-        done, pending = await asyncio.wait(waiters, timeout=interval_s, return_when=asyncio.FIRST_COMPLETED)
-        for p in pending:
-            p.cancel()
-        if wake is not None:
-            wake.clear()
+        if stop.is_set():
+            return
+        if wake is None:
+            await asyncio.sleep(interval_s)
+            continue
+        timer = timers.call_later(interval_s, wake.set)
+        try:
+            await wake.wait()
+        finally:
+            timer.cancel()
+        wake.clear()

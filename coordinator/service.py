@@ -22,7 +22,7 @@ from gigafactory.economics.runs import MergeQueue, RunsRecorder
 from gigafactory.metrics import process_metrics
 
 from .api import Api
-from .halt import HALT_REFRESH_S, HaltWatch
+from .halt import HaltWatch
 from .inbox import Inbox
 from .retention import Retention
 from .shipping import REF_CLEANUP_INTERVAL_S, RefCleaner
@@ -114,7 +114,8 @@ class Coordinator:
                 asyncio.create_task(loop("repair", self.settings.dispatch_repair_s, self.sched.repair_dispatch, stop), name="repair"),
                 asyncio.create_task(loop("clock", 5.0, clock, stop), name="clock"),
                 asyncio.create_task(loop("runs", RUNS_FLUSH_S, self.runs.flush, stop), name="runs"),
-                asyncio.create_task(loop("halt", HALT_REFRESH_S, self.halt.refresh, stop), name="halt"),
+                # Read when a write is heard, and once a heartbeat (not twice a second).
+                asyncio.create_task(self.halt.follow(stop, self.settings.heartbeat_s), name="halt"),
                 asyncio.create_task(loop("retention", self.settings.retention_interval_s, self.retention.run_pass, stop),
                                     name="retention"),
                 asyncio.create_task(loop("refs", REF_CLEANUP_INTERVAL_S, RefCleaner(self.broker, self.view).run_pass, stop),

@@ -43,7 +43,7 @@ import time
 from pathlib import Path
 
 from gigafactory import __version__, logcontext
-from gigafactory.broker import Broker
+from gigafactory.broker import Broker, ping_interval_s, queue_ping, take_over_pings
 from gigafactory.identity import holder_signer
 from gigafactory.config import Settings, factories_dir
 from gigafactory.config import home as gf_home
@@ -56,6 +56,7 @@ from gigafactory.schemas.records import EventRecord, FactoryRecord, IdleReason, 
 from . import engines
 from . import fence_socket
 from . import probe as probe_mod
+from .beat import BeatPlan
 from .audit import EVENT_QUEUE_MAX, EVENT_RETRY_MAX_S, EVENT_RETRY_MIN_S, AuditQueue
 from .engines.base import credential_fingerprint
 from .engines.noop import NOOP_ENGINE
@@ -377,23 +378,39 @@ class Factory(Stations, AuditQueue, Pools, Holder, Execute, Reporting, Ship, Che
             await self.broker.nc.publish(f"$KV.{self.broker.factories.name}.{self.id}", encode(self.record))
 
     async def _heartbeat_loop(self, stop: asyncio.Event) -> None:
+        """Heartbeat every ``heartbeat_s`` and ping the broker every ``ping_interval_s``, on one
+        timer: the connection's own ping timer is taken over (:func:`broker.take_over_pings`),
+        so a ping that falls due with a heartbeat goes out in the heartbeat's write (at the
+        defaults, every one does: both periods are 20 s). A stale connection is still dropped
+        after ``MAX_OUTSTANDING_PINGS`` unanswered pings, as nats-py's timer does. While the
+        factory drains, the heartbeats stop (drain writes its own) and the pings go on."""
         self._heartbeat_reconnects = self.broker.nc.stats["reconnects"]
+        nc = self.broker.nc
+        take_over_pings(nc)
+        beat_s, ping_s = self.settings.heartbeat_s, ping_interval_s(self.settings)
+        plan = BeatPlan(beat_s, ping_s, time.monotonic())
         while not stop.is_set():
             # A plain sleep, not a wait on ``stop`` with a timeout (a task made and cancelled
             # per beat, per factory): a stop set meanwhile is seen when it ends, and drain
             # cancels this task anyway.
-            await asyncio.sleep(self.settings.heartbeat_s)
-            if stop.is_set() or self.draining.is_set():
+            await asyncio.sleep(plan.sleep_s(time.monotonic()))
+            if stop.is_set():
                 return
+            beat, ping = plan.due(time.monotonic())
+            beat = beat and not self.draining.is_set()
             try:
-                await self._heartbeat(acked=False)
+                if ping and not await queue_ping(nc):
+                    continue  # stale: the client drops the connection and reconnects
+                if beat:
+                    await self._heartbeat(acked=False)  # its flush carries the ping
+                elif ping:
+                    await nc._flush_pending()
             except Exception as e:
                 log.info("%s: heartbeat failed (%s)", self.id, e)
             if self.broker.nc.stats["reconnects"] != self._heartbeat_reconnects:
                 self._heartbeat_reconnects = self.broker.nc.stats["reconnects"]
                 self._pools_rescan.set()
                 self._halt_rewatch.set()
-
 
     # -- engines withdrawn after auth_failed ----------------------------------------------------
 

@@ -207,6 +207,12 @@ def test_a_job_left_waiting_in_a_quiet_index_by_a_dead_coordinator_is_found_and_
 # -- the halt watch and the heartbeat ------------------------------------------------------------
 
 
+async def _factory_watches(fleet: Fleet, stream: str) -> list:
+    """The factories' watches of the control bucket (both keys); the coordinator's watch of the
+    halt key alone (coordinator/halt.py) is left out."""
+    return [c for c in await fleet.admin.js.consumers_info(stream) if c.config.filter_subject.endswith(".>")]
+
+
 def test_an_idle_factory_follows_the_halt_key_without_flow_control_or_a_heartbeat_every_5s(nats_server, tmp_path):
     """A KV watch is an ordered consumer: a heartbeat from the broker every 5 s and a
     flow-control task waking every 0.25 s, per factory, to say that nothing changed. The halt
@@ -221,8 +227,7 @@ def test_an_idle_factory_follows_the_halt_key_without_flow_control_or_a_heartbea
         async with Fleet(nats_server.url, tmp_path, settings) as fleet:
             f = await fleet.add_factory("calm")
             stream = f"KV_{names.CONTROL_BUCKET}"
-            infos = await eventually(lambda: fleet.admin.js.consumers_info(stream), 10, what="the halt watch")
-            [watch] = infos
+            [watch] = await eventually(lambda: _factory_watches(fleet, stream), 10, what="the halt watch")
             await fleet.client.call("halt", {"product": "web", "mode": "drain"})
             await eventually(lambda: H.covering(f.halt_state, "web") is not None, 10, what="the factory read the halt")
             return watch.config
@@ -245,12 +250,12 @@ def test_a_halt_watch_lost_on_the_broker_is_set_up_again_and_a_later_halt_still_
         async with Fleet(nats_server.url, tmp_path, settings) as fleet:
             f = await fleet.add_factory("lost")
             stream = f"KV_{names.CONTROL_BUCKET}"
-            [watch] = await eventually(lambda: fleet.admin.js.consumers_info(stream), 10, what="the halt watch")
+            [watch] = await eventually(lambda: _factory_watches(fleet, stream), 10, what="the halt watch")
             await fleet.admin.js.delete_consumer(stream, watch.name)
             await fleet.client.call("halt", {"product": "web", "mode": "drain"})
             await eventually(lambda: H.covering(f.halt_state, "web") is not None, 30,
                              what="the halt reached the factory through a new watch")
-            names_now = [c.name for c in await fleet.admin.js.consumers_info(stream)]
+            names_now = [c.name for c in await _factory_watches(fleet, stream)]
             return watch.name, names_now
 
     old, now = asyncio.run(asyncio.wait_for(main(), 60))
@@ -336,3 +341,124 @@ def test_the_idle_traffic_model_counts_heartbeats_renewals_rare_probes_and_the_h
     assert m["in_msgs_per_s"] == pytest.approx(50 + 1000 / 30 + probes)
     assert m["out_msgs_per_s"] == pytest.approx(m["in_msgs_per_s"] + 1000 / 40)
     assert idle_traffic_model(1000, 2, s)["in_msgs_per_s"] > m["in_msgs_per_s"], "each pool has its own long poll"
+
+
+# -- pings ride the heartbeat ---------------------------------------------------------------------
+
+
+def _record_writes(nc) -> list[bytes]:
+    """Every write this connection makes to its socket from now on, one entry per write (the
+    bytes still go out: the transport's own methods are called)."""
+    writes: list[bytes] = []
+    t = nc._transport
+    write, writelines = t.write, t.writelines
+
+    def one(data: bytes) -> None:
+        writes.append(bytes(data))
+        write(data)
+
+    def many(lines) -> None:
+        lines = list(lines)
+        writes.append(b"".join(lines))
+        writelines(lines)
+
+    t.write, t.writelines = one, many
+    return writes
+
+
+def test_an_idle_factory_pings_in_its_heartbeats_write_and_the_pongs_come_back(nats_server, tmp_path, monkeypatch):
+    """nats-py pings on a timer of its own (a wake-up, a write and a flusher wake-up per
+    connection and period: a third of an idle fleet host's CPU). A factory takes its pings
+    over: each goes out in the same socket write as a heartbeat (here every second one: the
+    ping period is twice the heartbeat), and the broker answers every one."""
+    import gigafactory.broker as B
+
+    monkeypatch.setattr(B, "PING_MIN_S", 0.5)
+    settings = fast_settings(heartbeat_s=0.5)
+    assert ping_interval_s(settings) == 1.0
+
+    async def main():
+        async with Fleet(nats_server.url, tmp_path, settings) as fleet:
+            f = await fleet.add_factory("pinging")
+            nc = f.broker.nc
+            writes = _record_writes(nc)
+            pongs = nc._pongs_received
+            await _heartbeats(f, 7)
+            pinged = [w for w in writes if b"PING\r\n" in w]
+            assert len(pinged) >= 2, writes
+            beat_subject = f"$KV.{names.FACTORIES_BUCKET}.pinging".encode()
+            assert all(beat_subject in w for w in pinged), "a ping went out in a write of its own"
+            beats = [w for w in writes if beat_subject in w]
+            assert len(pinged) < len(beats), "one ping per two heartbeats, not one per heartbeat"
+            assert nc._ping_interval_task.done() and nc.options["ping_interval"] == B.PINGS_OFF_S
+            await eventually(lambda: nc._pongs_received >= pongs + len(pinged), 10, what="a pong for every ping")
+            assert nc._pings_outstanding == 0
+
+    asyncio.run(asyncio.wait_for(main(), 60))
+
+
+def test_a_factory_that_took_its_pings_over_still_drops_a_silent_connection_and_comes_back(nats_server, tmp_path,
+                                                                                            monkeypatch):
+    """The pings a factory sends itself still detect a connection that went silent without
+    closing (a partition): after MAX_OUTSTANDING_PINGS unanswered pings the client drops it
+    and reconnects once the path heals, and the factory heartbeats again."""
+    import gigafactory.broker as B
+
+    monkeypatch.setattr(B, "PING_MIN_S", 0.25)
+    settings = fast_settings(heartbeat_s=0.25)
+
+    async def main():
+        async with Fleet(nats_server.url, tmp_path, settings) as fleet:
+            host, port = nats_server.url.removeprefix("nats://").split(":")
+            async with FaultProxy(host, int(port)) as proxy:
+                lost, back = asyncio.Event(), asyncio.Event()
+
+                async def on_disconnect() -> None:
+                    lost.set()
+
+                async def on_reconnect() -> None:
+                    back.set()
+
+                b = await Broker.open(proxy.url, "test-factory-partitioned", settings,
+                                      on_disconnect=on_disconnect, on_reconnect=on_reconnect)
+                f = Factory(b, factory_id="partitioned", stations=1, probe=False, settings=settings,
+                            workspace=str(tmp_path / "work"), data_dir=str(tmp_path / "factories"))
+                stop = asyncio.Event()
+                task = asyncio.create_task(f.run(stop))
+                try:
+                    await asyncio.wait_for(f.ready.wait(), 30)
+                    await _heartbeats(f, 2)
+                    assert b.nc.options["ping_interval"] == B.PINGS_OFF_S
+                    proxy.blackhole()
+                    await asyncio.wait_for(lost.wait(), 20)  # only the factory's own pings can notice it
+                    proxy.heal()
+                    await asyncio.wait_for(back.wait(), 20)
+                    await _heartbeats(f, 2)
+                    e = await fleet.admin.factories.get("partitioned")
+                    assert e is not None and b.nc.is_connected
+                finally:
+                    stop.set()
+                    await asyncio.wait_for(task, 30)
+                    await b.close()
+
+    asyncio.run(asyncio.wait_for(main(), 90))
+
+
+def test_the_beat_plan_puts_a_ping_in_every_heartbeat_at_equal_periods_and_in_every_other_at_twice():
+    from gigafactory.factory.beat import BeatPlan
+
+    def ticks(beat_s: float, ping_s: float, n: int) -> list[tuple[float, bool, bool]]:
+        plan, now, out = BeatPlan(beat_s, ping_s, 100.0), 100.0, []
+        for _ in range(n):
+            now += plan.sleep_s(now)
+            out.append((round(now - 100.0, 6), *plan.due(now)))
+        return out
+
+    assert ticks(20, 20, 3) == [(20, True, True), (40, True, True), (60, True, True)]  # the defaults: one write
+    assert ticks(7, 14, 4) == [(7, True, False), (14, True, True), (21, True, False), (28, True, True)]
+    assert ticks(60, 20, 3) == [(20, False, True), (40, False, True), (60, True, True)]  # pings stay within PING_MAX_S
+    # A stalled loop does not make up missed ticks: one heartbeat and one ping, then the schedule goes on.
+    plan = BeatPlan(1.0, 1.0, 0.0)
+    assert plan.due(5.5) == (True, True) and plan.sleep_s(5.5) == 0.5
+    assert plan.due(5.6) == (False, False)  # nothing due yet, not even within the slack (a quarter period)
+    assert plan.due(5.8) == (True, True)  # due at 6.0: early by less than the slack, sent now
