@@ -96,7 +96,7 @@ claim, ``claims_unread`` the claims tried on the record a dispatch message carri
 ``claim_rereads`` those of them whose revision was stale (followed by a read)."""
 
 
-def idle_traffic_model(factories: int, pools: int, settings: Settings) -> dict[str, float]:
+def idle_traffic_model(factories: int, pools: int, settings: Settings, served: int | None = None) -> dict[str, float]:
     """The broker messages per second of an idle fleet: what the load suite prints beside what
     it measured (issue 14: within 10%). Per factory, at ``settings``:
 
@@ -112,15 +112,19 @@ def idle_traffic_model(factories: int, pools: int, settings: Settings) -> dict[s
     traffic, and one full stall check per factory and pool afterwards.
 
     :param factories: idle factories.
-    :param pools: pools each serves.
-    :param settings: their settings."""
+    :param pools: pools each serves (when every factory serves as many).
+    :param settings: their settings.
+    :param served: the (factory, pool) pairs of the fleet, when factories serve different
+        pools (a factory of the common pool does not long-poll the ``gpu`` pool); None:
+        ``factories x pools``."""
     from .halting import watch_heartbeat_s
     from .pools import QUIET_PROBE_EVERY_CHECKS
 
+    pairs = factories * pools if served is None else served
     stall_check_s = settings.redispatch_s / STALL_CHECKS_PER_REDISPATCH
     beats = factories / settings.heartbeat_s
-    polls = factories * pools / settings.long_poll_s
-    probes = factories * pools / (stall_check_s * QUIET_PROBE_EVERY_CHECKS)
+    polls = pairs / settings.long_poll_s
+    probes = pairs / (stall_check_s * QUIET_PROBE_EVERY_CHECKS)
     return {"in_msgs_per_s": beats + polls + probes,
             "out_msgs_per_s": beats + polls + probes + factories / watch_heartbeat_s(settings)}
 

@@ -65,7 +65,8 @@ from gigafactory.metrics import FACTORY_STATS
 from gigafactory.testing import lab_identities
 from gigafactory.embedded import EmbeddedServer
 from gigafactory.schemas import names
-from gigafactory.schemas.records import FactoryRecord, JobRecord, decode, encode
+from gigafactory.schemas import capabilities as caps
+from gigafactory.schemas.records import FactoryRecord, JobRecord, PoolRecord, decode, encode
 
 from . import atleastonce as alo
 from . import baseline as bl
@@ -756,12 +757,22 @@ class LoadRun:
         await asyncio.sleep(window_s)  # the measurement window itself
         v1, c1, dt = await self.varz(), self._cpu(), time.monotonic() - t0
         pools = await self.admin_().pools.keys()
-        polling = 0
+        requirements = []
+        for key in pools:
+            e = await self.admin_().pools.get(key)
+            with contextlib.suppress(msgspec.DecodeError):
+                requirements.append(decode(e.value, PoolRecord).requirements if e is not None and e.value else None)
+        polling = served = 0
         async for e in self.admin_().factories.scan():
             if not e.key.startswith("lt-"):
                 continue
             with contextlib.suppress(msgspec.DecodeError):
-                polling += decode(e.value, FactoryRecord).dispatch_mode == "poll"
+                rec = decode(e.value, FactoryRecord)
+                polling += rec.dispatch_mode == "poll"
+                # Each pool a factory serves (its offers meet the pool's requirements, as the
+                # factory itself decides) has a long poll of its own.
+                offers = caps.Offers(rec.capabilities)
+                served += sum(1 for req in requirements if req is not None and not offers.missing(req))
         return {
             "factories_polling": polling,
             "window_s": round(dt, 3),
@@ -771,6 +782,7 @@ class LoadRun:
             "in_bytes_per_s": (v1["in_bytes"] - v0["in_bytes"]) / dt,
             "connections": v1.get("connections"),
             "pools": len(pools),
+            "served": served,
         }
 
     async def check_invariants(self) -> dict:

@@ -809,9 +809,13 @@ def _idle(ctx: Context) -> st.Table:
     # What an idle factory sends and is sent (factory.agent.idle_traffic_model): heartbeats,
     # long-poll renewals, rare probes of a quiet queue index, the halt watch's heartbeats;
     # client PINGs are protocol, not messages.
-    model = idle_traffic_model(cfg.factories, i["pools"], s)
+    # Long polls and probes are per (factory, pool) served: in a run with pools of different
+    # sizes (mixed-capabilities), N x pools counted polls no factory makes.
+    served = i.get("served") or cfg.factories * i["pools"]
+    model = idle_traffic_model(cfg.factories, i["pools"], s, served=served)
     stall_check_s = s.redispatch_s / STALL_CHECKS_PER_REDISPATCH
-    t.add(st.row(f"model in: N/heartbeat_s + N x pools x (1/long_poll_s + 1/({QUIET_PROBE_EVERY_CHECKS} x stall_check_s))",
+    t.add(st.row(f"model in: N/heartbeat_s + P x (1/long_poll_s + 1/({QUIET_PROBE_EVERY_CHECKS} x stall_check_s)), "
+                 f"P = {served:,} (factory, pool) pairs served",
                  round(model["in_msgs_per_s"], 2), "msg/s",
                  note=f"heartbeats (plain publishes), long-poll renewals, and a probe every "
                       f"{QUIET_PROBE_EVERY_CHECKS}th stall check (every {QUIET_PROBE_EVERY_CHECKS * stall_check_s:g}s: "

@@ -341,6 +341,10 @@ def test_the_idle_traffic_model_counts_heartbeats_renewals_rare_probes_and_the_h
     assert m["in_msgs_per_s"] == pytest.approx(50 + 1000 / 30 + probes)
     assert m["out_msgs_per_s"] == pytest.approx(m["in_msgs_per_s"] + 1000 / 40)
     assert idle_traffic_model(1000, 2, s)["in_msgs_per_s"] > m["in_msgs_per_s"], "each pool has its own long poll"
+    # Factories serving different pools: the polls and probes are per (factory, pool) pair.
+    pairs = idle_traffic_model(100, 5, s, served=121)
+    assert pairs["in_msgs_per_s"] == pytest.approx(100 / 20 + 121 / 30 + 121 / (30.0 * QUIET_PROBE_EVERY_CHECKS))
+    assert idle_traffic_model(100, 5, s, served=500) == idle_traffic_model(100, 5, s)
 
 
 # -- pings ride the heartbeat ---------------------------------------------------------------------

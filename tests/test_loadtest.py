@@ -384,7 +384,12 @@ def test_a_ci_sized_run_of_every_workload_completes_and_produces_every_figure(tm
     assert set(figs["ours:multi-product"]["products"]) == {"prod-a", "prod-b", "prod-c"}
     assert figs["ours:dag"]["dag"]["hop"]["n"] > 0
     assert figs["ours:herd"]["attempts_per_job"] >= 1
-    assert res["idle"]["in_msgs_per_s"] > 0 and res["idle"]["window_s"] >= 2
+    # A 2 s window of an idle fleet may hold no message at all: an idle coordinator sends none,
+    # and a factory's heartbeat comes every 20 s.
+    assert res["idle"]["in_msgs_per_s"] >= 0 and res["idle"]["window_s"] >= 2
+    # The idle model counts the (factory, pool) pairs served: mixed-capabilities' gpu and hsm
+    # pools are served by a few factories, not by all 10.
+    assert 10 <= res["idle"]["served"] < 10 * res["idle"]["pools"], res["idle"]
     r = res["restart"]
     assert r["first_job_done"] and 0 < r["api_s"] <= r["ready_s"] <= r["first_claim_s"]
     assert r["rss_bytes"]["single_before"] > 0 and r["rss_bytes"]["single_after"] > 0
