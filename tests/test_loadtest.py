@@ -408,7 +408,7 @@ def test_a_ci_sized_run_of_every_workload_completes_and_produces_every_figure(tm
     assert alo_row["verdict"] in ("met", "missed") and alo_row["ratio"] > 0
     assert rows["paced dispatch latency p99"]["verdict"] == "n/a"  # the target is for 100 factories
     assert rows["fleet + coordinator CPU"]["verdict"] == "n/a"  # ... and for 1,000
-    assert rows["broker messages in, off the model"]["verdict"] in ("met", "missed")
+    assert rows["broker messages in, off the model"]["verdict"] == "n/a"  # ... and so is the model's
     assert rows["coordinator memory after the restart (view replayed)"]["verdict"] == "n/a"  # for 100,000 jobs
     assert rows["CPU per job: difference, all processes (what security costs)"]["value"] is not None
     assert rows["this run: violations"]["value"] == 0 and rows["this run: violations"]["verdict"] == "met"
