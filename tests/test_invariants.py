@@ -230,6 +230,26 @@ def test_a_job_that_ended_and_moves_on_without_a_requeue_breaks_single_terminal(
     assert "moved the job to testing after it ended failed" in report.violations[1].detail
 
 
+def test_a_submitted_event_stored_after_the_job_shipped_is_its_birth_published_late_not_a_reopen():
+    # The intake publishes `submitted` after its write returns; a fast fleet may dispatch, run
+    # and ship the job before that publish is stored (seen in a CI-sized load run).
+    jobs, events = shipped_history()
+    events = [*events[1:], msgspec.structs.replace(events[0], at=T0)]
+    for i, e in enumerate(events[:-1]):
+        events[i] = msgspec.structs.replace(e, at=T0 + 1 + i)
+
+    report = check(jobs, events, submitted={"j1"}, acknowledged={"j1"})
+
+    assert report.ok, report.to_text()
+    assert report.counts["submitted"] == 1 and report.counts["submitted_late"] == 1
+    # A `submitted` stamped after the job ended is a move out of its terminal stage.
+    late = msgspec.structs.replace(events[-1], at=T0 + 100)
+    assert names(check(jobs, [*events[:-1], late])) == ["single_terminal"]
+    # So is a second one, whenever it was stamped.
+    again = [events[-1], *events[:-1], msgspec.structs.replace(events[-1], at=T0)]
+    assert names(check(jobs, again)) == ["single_terminal"]
+
+
 def test_nothing_takes_a_job_out_of_shipped_not_even_a_requeue():
     jobs, events = shipped_history()
     events.append(ev("requeue", epoch=2, stage_from="shipped", stage_to="queued", actor="operator"))
